@@ -1,0 +1,93 @@
+"""Command line: run the relay, check a config, or administer its database."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Sequence
+
+from . import __version__
+from .config import Config, ConfigError, SECTIONS, load_config
+from .logsetup import configure_logging
+from .store import Store, StoreOpenError
+
+log = logging.getLogger("relayd")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+FLAG_KEYS = {"host": ("server", "host"), "port": ("server", "port"), "log_level": ("log", "level"),
+             "storage": ("storage", "backend"), "db": ("storage", "path")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relayd", description="Relay daemon for the Idena P2P messenger.")
+    p.add_argument("command", nargs="?", default="run", choices=("run",),
+                   help="what to do (default: run the relay)")
+    p.add_argument("--config", "-c", metavar="FILE", help="INI configuration file")
+    p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    p.add_argument("--host", help="override [server] host")
+    p.add_argument("--port", help="override [server] port")
+    p.add_argument("--log-level", help="override [log] level")
+    p.add_argument("--storage", help="override [storage] backend (sqlite or memory)")
+    p.add_argument("--db", help="override [storage] path")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any key; may repeat")
+    p.add_argument("--version", action="version", version=f"relayd {__version__}")
+    return p
+
+
+def overrides_from(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    out = [(s, k, getattr(args, flag)) for flag, (s, k) in FLAG_KEYS.items() if getattr(args, flag) is not None]
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        section, dot, key = name.partition(".")
+        if not sep or not dot or section not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {', '.join(SECTIONS)}")
+        out.append((section, key, value))
+    return out
+
+
+def make_store(config: Config) -> Store:
+    if config.storage.backend == "memory":
+        from .memory_store import MemoryStore
+        return MemoryStore()
+    from .sqlite_store import SQLiteStore
+    return SQLiteStore(config.storage.path, synchronous=config.storage.synchronous,
+                       commit_interval_ms=config.storage.commit_interval_ms)
+
+
+async def serve(config: Config, config_path: str | None) -> int:
+    from .server import RelayServer
+    server = RelayServer(config, make_store(config))
+    try:
+        await server.start()
+    except StoreOpenError as exc:
+        log.error("cannot open storage: %s", exc)
+        return EXIT_CONFIG
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.server.host, config.server.port, exc.strerror or exc)
+        await server.store.close()
+        return EXIT_FAILURE
+    await server.run_until_signalled()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, overrides=overrides_from(args))
+    except ConfigError as exc:
+        print(f"relayd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"relayd: configuration OK ({args.config or 'defaults'})")
+        return EXIT_OK
+    configure_logging(config.log.level, config.log.format)
+    try:
+        return asyncio.run(serve(config, args.config))
+    except KeyboardInterrupt:
+        return EXIT_OK

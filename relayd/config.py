@@ -1,0 +1,269 @@
+"""Configuration: defaults, then the INI file, then the environment, then flags.
+
+Each section is a frozen dataclass; a field's metadata holds its help text,
+bounds and the seed's legacy environment name where one exists. Every value
+is validated at start-up and every error names the key it is about.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+ENV_PREFIX = "RELAYD_"
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the key."""
+
+
+def opt(default: Any, help: str, *, env: str | None = None, min: float | None = None,
+        max: float | None = None, choices: tuple[str, ...] | None = None, reload: bool = False) -> Any:
+    """Declare one option. ``reload`` marks keys SIGHUP may change at run time."""
+    meta = {"help": help, "env": env, "min": min, "max": max, "choices": choices, "reload": reload}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    host: str = opt("0.0.0.0", "Interface to listen on (0.0.0.0 for all IPv4, :: for all).")
+    port: int = opt(3000, "TCP port for WebSocket and REST together.", env="PORT", min=0, max=65535)
+    public_url: str = opt("", "URL clients use to reach this relay (e.g. wss://relay.example.org); "
+                              "signed auth binds to it. Empty: derived from host and port.")
+    allowed_origins: tuple[str, ...] = opt(("*",), "CORS and WebSocket Origin allow-list: comma-separated, "
+                                                   "'*' for any, port wildcard like http://localhost:*.",
+                                           env="ALLOWED_ORIGINS", reload=True)
+    trusted_proxies: tuple[str, ...] = opt((), "Peers (IPs or CIDRs) whose X-Forwarded-For is believed.",
+                                           reload=True)
+    auth_timeout_s: float = opt(10.0, "Close connections that have not authenticated within this time.",
+                                min=0.1, max=3600, reload=True)
+    ping_interval_s: float = opt(20.0, "WebSocket protocol ping interval (0 disables pings).", min=0, max=3600)
+    ping_timeout_s: float = opt(20.0, "Close a peer that does not answer a ping within this time.",
+                                min=0.1, max=3600)
+    shutdown_timeout_s: float = opt(5.0, "Longest graceful shutdown before exit.", min=0.1, max=600)
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    rate_limit_window_ms: int = opt(60000, "REST rate-limit window per client IP.", env="RATE_LIMIT_WINDOW_MS",
+                                    min=1, max=86_400_000, reload=True)
+    rate_limit_max_requests: int = opt(1000, "REST requests allowed per client IP per window (0: unlimited).",
+                                       env="RATE_LIMIT_MAX_REQUESTS", min=0, max=10_000_000, reload=True)
+    max_message_bytes: int = opt(65536, "Largest message content (bytes of the content string).",
+                                 min=16, max=16 * 1024 * 1024, reload=True)
+    max_body_bytes: int = opt(262144, "Largest REST request body.", min=64, max=64 * 1024 * 1024, reload=True)
+
+
+@dataclass(frozen=True)
+class QueueSection:
+    max_offline_messages: int = opt(1000, "Messages held per offline recipient.", env="MAX_OFFLINE_MESSAGES",
+                                    min=1, max=10_000_000, reload=True)
+    max_offline_bytes: int = opt(16 * 1024 * 1024, "Content bytes held per offline recipient.",
+                                 min=1024, max=1 << 40, reload=True)
+    message_retention_hours: float = opt(168.0, "Queued messages older than this are removed.",
+                                         env="MESSAGE_RETENTION_HOURS", min=0.001, max=24 * 365 * 10, reload=True)
+    overflow: str = opt("reject", "When a queue is full: reject (sender gets queue_full) or drop_oldest.",
+                        choices=("reject", "drop_oldest"), reload=True)
+    expiry_interval_s: float = opt(60.0, "How often expired messages are removed.", min=0.05, max=86400)
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    backend: str = opt("sqlite", "sqlite (durable, default) or memory (lost on restart).",
+                       choices=("sqlite", "memory"))
+    path: str = opt("./relayd-data/relayd.db", "SQLite database file.")
+    synchronous: str = opt("normal", "normal survives a process crash; full also survives power loss.",
+                           choices=("normal", "full"))
+    commit_interval_ms: float = opt(2.0, "Longest a write waits to be grouped into one commit.",
+                                    min=0, max=1000)
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = opt("info", "debug, info, warning or error.", env="LOG_LEVEL",
+                     choices=("debug", "info", "warning", "warn", "error", "critical"), reload=True)
+    format: str = opt("text", "text or json.", choices=("text", "json"), reload=True)
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerSection,
+    "limits": LimitsSection,
+    "queue": QueueSection,
+    "storage": StorageSection,
+    "log": LogSection,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSection = field(default_factory=ServerSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    queue: QueueSection = field(default_factory=QueueSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    @property
+    def effective_public_url(self) -> str:
+        if self.server.public_url:
+            return self.server.public_url
+        host = self.server.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "localhost"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{self.server.port}"
+
+    def replace(self, section: str, **values: Any) -> "Config":
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
+
+
+def _convert(section: str, f: dataclasses.Field, raw: Any, source: str) -> Any:
+    name = f"[{section}] {f.name}"
+    meta = f.metadata
+    typ = f.type
+    text = raw.strip() if isinstance(raw, str) else raw
+    try:
+        if typ == "int":
+            value: Any = int(text)
+        elif typ == "float":
+            value = float(text)
+        elif typ == "bool":
+            lowered = str(text).lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            value = lowered in ("1", "true", "yes", "on")
+        elif typ.startswith("tuple"):
+            value = tuple(p.strip() for p in str(text).split(",") if p.strip())
+        else:
+            value = str(text)
+    except (TypeError, ValueError):
+        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(typ, "a value")
+        raise ConfigError(f"{name} (from {source}) must be {kind}, got {raw!r}") from None
+    if isinstance(value, float) and value != value:  # NaN
+        raise ConfigError(f"{name} (from {source}) must be a number, got {raw!r}")
+    if meta["min"] is not None and value < meta["min"]:
+        raise ConfigError(f"{name} (from {source}) must be at least {meta['min']}, got {raw!r}")
+    if meta["max"] is not None and value > meta["max"]:
+        raise ConfigError(f"{name} (from {source}) must be at most {meta['max']}, got {raw!r}")
+    if meta["choices"] and value.lower() not in meta["choices"]:
+        raise ConfigError(f"{name} (from {source}) must be one of {', '.join(meta['choices'])}, got {raw!r}")
+    if meta["choices"]:
+        value = value.lower()
+    return value
+
+
+def _fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+
+
+def env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+
+
+def _validate(config: Config) -> None:
+    for entry in config.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"[server] trusted_proxies: {entry!r} is not an IP address or network") from None
+    for origin in config.server.allowed_origins:
+        if origin != "*" and "://" not in origin:
+            raise ConfigError(f"[server] allowed_origins: {origin!r} must be '*' or a scheme://host[:port] origin")
+    if config.server.public_url and not config.server.public_url.startswith(("ws://", "wss://")):
+        raise ConfigError("[server] public_url must start with ws:// or wss://")
+
+
+def load_config(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Iterable[tuple[str, str, str]] = (),
+) -> Config:
+    """Build the configuration from every source, in precedence order.
+
+    ``overrides`` are ``(section, key, value)`` triples from command-line flags.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+
+    if path is not None:
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+        try:
+            with open(path, encoding="utf-8") as fh:
+                parser.read_file(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except configparser.Error as exc:
+            raise ConfigError(f"config file {path} is not valid INI: {exc}") from None
+        for section in parser.sections():
+            if section not in SECTIONS:
+                raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
+            known = _fields(section)
+            for key, raw in parser.items(section):
+                if key not in known:
+                    raise ConfigError(f"{path}: unknown key [{section}] {key}")
+                values[section][key] = _convert(section, known[key], raw, path)
+
+    for section in SECTIONS:
+        for key, f in _fields(section).items():
+            legacy = f.metadata["env"]
+            if legacy and legacy in environ:
+                values[section][key] = _convert(section, f, environ[legacy], f"environment {legacy}")
+            name = env_name(section, key)
+            if name in environ:
+                values[section][key] = _convert(section, f, environ[name], f"environment {name}")
+    for name in environ:
+        if name.startswith(ENV_PREFIX) and not _env_known(name):
+            raise ConfigError(f"environment {name}: unknown setting (expected {ENV_PREFIX}SECTION_KEY)")
+
+    for section, key, raw in overrides:
+        known = _fields(section) if section in SECTIONS else {}
+        if key not in known:
+            raise ConfigError(f"command line: unknown key [{section}] {key}")
+        values[section][key] = _convert(section, known[key], raw, "command line")
+
+    config = Config(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})
+    _validate(config)
+    return config
+
+
+def _env_known(name: str) -> bool:
+    return any(env_name(s, k) == name for s in SECTIONS for k in _fields(s))
+
+
+def reloadable_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """Split the differences into keys SIGHUP may apply and keys that need a restart."""
+    applied, refused = [], []
+    for section in SECTIONS:
+        for f in dataclasses.fields(SECTIONS[section]):
+            if getattr(getattr(old, section), f.name) != getattr(getattr(new, section), f.name):
+                (applied if f.metadata["reload"] else refused).append(f"[{section}] {f.name}")
+    return applied, refused
+
+
+def describe() -> str:
+    """Render every option as a commented INI file (the source of relayd.conf.example)."""
+    lines = ["# relayd configuration. Precedence: defaults < this file < environment < flags.",
+             f"# Every key also has an environment variable {ENV_PREFIX}SECTION_KEY.", ""]
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            meta = f.metadata
+            lines.append(f"# {meta['help']}")
+            extra = [f"env {env_name(section, f.name)}"]
+            if meta["env"]:
+                extra.append(f"or {meta['env']}")
+            if meta["reload"]:
+                extra.append("reloadable with SIGHUP")
+            lines.append(f"# ({'; '.join(extra)})")
+            lines.append(f"{f.name} = {default}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""Every error relayd reports, in one place.
+
+An error is a value: a stable machine-readable ``code``, a human message and,
+for the REST API, an HTTP status. WebSocket errors become ``error`` frames,
+HTTP errors become ``{"error": ..., "code": ...}`` bodies.
+"""
+
+from __future__ import annotations
+
+import enum
+from http import HTTPStatus
+from typing import Any
+
+
+class ErrorCode(str, enum.Enum):
+    """Stable error codes; clients may switch on them."""
+
+    # Frames and bodies
+    INVALID_JSON = "invalid_json"
+    INVALID_FRAME = "invalid_frame"
+    UNKNOWN_TYPE = "unknown_type"
+    MISSING_FIELD = "missing_field"
+    INVALID_FIELD = "invalid_field"
+    INVALID_ADDRESS = "invalid_address"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    # Sessions
+    NOT_AUTHENTICATED = "not_authenticated"
+    ALREADY_AUTHENTICATED = "already_authenticated"
+    AUTH_TIMEOUT = "auth_timeout"
+    AUTH_FAILED = "auth_failed"
+    AUTH_REQUIRED = "auth_required"
+    # Delivery
+    QUEUE_FULL = "queue_full"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    RATE_LIMITED = "rate_limited"
+    # HTTP
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    KEY_NOT_FOUND = "key_not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    LENGTH_REQUIRED = "length_required"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    DISABLED = "disabled"
+    INTERNAL_ERROR = "internal_error"
+
+
+_DEFAULTS: dict[ErrorCode, tuple[str, HTTPStatus]] = {
+    ErrorCode.INVALID_JSON: ("Body is not valid JSON", HTTPStatus.BAD_REQUEST),
+    ErrorCode.INVALID_FRAME: ("Frame must be a JSON object", HTTPStatus.BAD_REQUEST),
+    ErrorCode.UNKNOWN_TYPE: ("Unknown frame type", HTTPStatus.BAD_REQUEST),
+    ErrorCode.MISSING_FIELD: ("A required field is missing", HTTPStatus.BAD_REQUEST),
+    ErrorCode.INVALID_FIELD: ("A field has the wrong type or value", HTTPStatus.BAD_REQUEST),
+    ErrorCode.INVALID_ADDRESS: ("Invalid Idena address format", HTTPStatus.BAD_REQUEST),
+    ErrorCode.MESSAGE_TOO_LARGE: ("Message content is too large", HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
+    ErrorCode.NOT_AUTHENTICATED: ("Authentication required: send auth first", HTTPStatus.UNAUTHORIZED),
+    ErrorCode.ALREADY_AUTHENTICATED: ("This connection is already authenticated as another address", HTTPStatus.CONFLICT),
+    ErrorCode.AUTH_TIMEOUT: ("Authentication timed out", HTTPStatus.REQUEST_TIMEOUT),
+    ErrorCode.AUTH_FAILED: ("Authentication failed", HTTPStatus.UNAUTHORIZED),
+    ErrorCode.AUTH_REQUIRED: ("A signed authentication is required", HTTPStatus.UNAUTHORIZED),
+    ErrorCode.QUEUE_FULL: ("The recipient's offline queue is full; retry later", HTTPStatus.INSUFFICIENT_STORAGE),
+    ErrorCode.STORAGE_UNAVAILABLE: ("Storage is unavailable; the message was not stored", HTTPStatus.SERVICE_UNAVAILABLE),
+    ErrorCode.RATE_LIMITED: ("Too many requests", HTTPStatus.TOO_MANY_REQUESTS),
+    ErrorCode.BAD_REQUEST: ("Bad request", HTTPStatus.BAD_REQUEST),
+    ErrorCode.NOT_FOUND: ("Endpoint not found", HTTPStatus.NOT_FOUND),
+    ErrorCode.KEY_NOT_FOUND: ("Public key not found for this address", HTTPStatus.NOT_FOUND),
+    ErrorCode.METHOD_NOT_ALLOWED: ("Method not allowed", HTTPStatus.METHOD_NOT_ALLOWED),
+    ErrorCode.PAYLOAD_TOO_LARGE: ("Request body is too large", HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
+    ErrorCode.LENGTH_REQUIRED: ("Request body needs Content-Length or chunked encoding", HTTPStatus.LENGTH_REQUIRED),
+    ErrorCode.UNAUTHORIZED: ("A bearer token of this address is required", HTTPStatus.UNAUTHORIZED),
+    ErrorCode.FORBIDDEN: ("This token does not grant access to this address", HTTPStatus.FORBIDDEN),
+    ErrorCode.ORIGIN_NOT_ALLOWED: ("Origin not allowed", HTTPStatus.FORBIDDEN),
+    ErrorCode.DISABLED: ("This endpoint is disabled on this relay", HTTPStatus.NOT_FOUND),
+    ErrorCode.INTERNAL_ERROR: ("Internal server error", HTTPStatus.INTERNAL_SERVER_ERROR),
+}
+
+
+class RelayError(Exception):
+    """A refusal that the peer is told about, as a frame or an HTTP answer."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str | None = None,
+        *,
+        message_id: Any = None,
+        status: HTTPStatus | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        default_message, default_status = _DEFAULTS[code]
+        self.code = code
+        self.message = message or default_message
+        self.message_id = message_id
+        self.status = status or default_status
+        self.headers = headers
+        super().__init__(f"{code.value}: {self.message}")
+
+    def frame(self) -> dict[str, Any]:
+        """The WebSocket ``error`` frame for this refusal."""
+        out: dict[str, Any] = {"type": "error", "code": self.code.value, "message": self.message}
+        if self.message_id is not None:
+            out["messageId"] = self.message_id
+        return out
+
+    def body(self) -> dict[str, Any]:
+        """The REST error body for this refusal."""
+        return {"error": self.message, "code": self.code.value}
+
+
+def default_message(code: ErrorCode) -> str:
+    return _DEFAULTS[code][0]

@@ -1,0 +1,101 @@
+"""Wire frames: JSON text in, validated values out, and compact JSON back.
+
+No sockets here. The router calls these helpers so that every malformed
+frame gets the same precise ``error`` answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .addresses import normalize_address
+from .errors import ErrorCode, RelayError
+
+encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_decode = json.JSONDecoder().decode
+
+MAX_MESSAGE_ID = 256
+
+
+def decode(raw: str | bytes) -> dict[str, Any]:
+    """Parse one frame; raise ``invalid_json`` or ``invalid_frame``."""
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RelayError(ErrorCode.INVALID_JSON, "Frame is not UTF-8 text") from None
+    try:
+        frame = _decode(raw)
+    except (ValueError, RecursionError):
+        raise RelayError(ErrorCode.INVALID_JSON, "Frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise RelayError(ErrorCode.INVALID_FRAME, "Frame must be a JSON object")
+    return frame
+
+
+def message_id_of(frame: dict[str, Any]) -> Any:
+    """The frame's messageId, echoed in errors only when it is a plain scalar."""
+    mid = frame.get("messageId")
+    return mid if isinstance(mid, (str, int)) and not isinstance(mid, bool) else None
+
+
+def field_str(frame: dict[str, Any], name: str, *, max_len: int | None = None, message_id: Any = None,
+              required: bool = True, allow_empty: bool = False) -> str | None:
+    value = frame.get(name)
+    if value is None:
+        if required:
+            raise RelayError(ErrorCode.MISSING_FIELD, f"Missing field: {name}", message_id=message_id)
+        return None
+    if not isinstance(value, str):
+        raise RelayError(ErrorCode.INVALID_FIELD, f"Field {name} must be a string", message_id=message_id)
+    if not value and not allow_empty:
+        raise RelayError(ErrorCode.INVALID_FIELD, f"Field {name} must not be empty", message_id=message_id)
+    if max_len is not None and len(value) > max_len:
+        code = ErrorCode.MESSAGE_TOO_LARGE if name == "content" else ErrorCode.INVALID_FIELD
+        raise RelayError(code, f"Field {name} is longer than {max_len}", message_id=message_id)
+    return value
+
+
+def field_bool(frame: dict[str, Any], name: str, *, default: bool | None = None, message_id: Any = None) -> bool:
+    value = frame.get(name, default)
+    if value is None:
+        raise RelayError(ErrorCode.MISSING_FIELD, f"Missing field: {name}", message_id=message_id)
+    if not isinstance(value, bool):
+        raise RelayError(ErrorCode.INVALID_FIELD, f"Field {name} must be true or false", message_id=message_id)
+    return value
+
+
+def field_timestamp(frame: dict[str, Any], name: str, *, message_id: Any = None) -> int | None:
+    """An optional integer of milliseconds; the app drops messages with any other shape."""
+    value = frame.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise RelayError(ErrorCode.INVALID_FIELD, f"Field {name} must be an integer of milliseconds",
+                         message_id=message_id)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise RelayError(ErrorCode.INVALID_FIELD, f"Field {name} must be an integer of milliseconds",
+                             message_id=message_id)
+        value = int(value)
+    if not 0 <= value < 1 << 53:
+        raise RelayError(ErrorCode.INVALID_FIELD, f"Field {name} is out of range", message_id=message_id)
+    return value
+
+
+def field_address(frame: dict[str, Any], name: str, *, message_id: Any = None) -> str:
+    return normalize_address(frame.get(name), field=name, message_id=message_id)
+
+
+def field_message_id(frame: dict[str, Any], *, name: str = "messageId") -> str:
+    """messageIds are strings (uuid v4 from the app); the seed's script uses msg_<time>_<rand>."""
+    value = frame.get(name)
+    if value is None:
+        raise RelayError(ErrorCode.MISSING_FIELD, f"Missing field: {name}")
+    if not isinstance(value, str) or not value:
+        raise RelayError(ErrorCode.INVALID_FIELD, f"Field {name} must be a non-empty string",
+                         message_id=message_id_of(frame))
+    if len(value) > MAX_MESSAGE_ID:
+        raise RelayError(ErrorCode.INVALID_FIELD, f"Field {name} is longer than {MAX_MESSAGE_ID}")
+    return value

@@ -1,0 +1,63 @@
+"""Counting limits per key (a client IP or a /64), in fixed windows or token buckets."""
+
+from __future__ import annotations
+
+import math
+
+
+class FixedWindow:
+    """At most ``limit`` hits per key per ``window_s``; ``limit`` 0 means unlimited."""
+
+    __slots__ = ("limit", "window_s", "_windows")
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._windows: dict[str, list[float]] = {}
+
+    def hit(self, key: str, now: float) -> float:
+        """Count one hit; return 0 when allowed, else the seconds until the window resets."""
+        if self.limit <= 0:
+            return 0.0
+        entry = self._windows.get(key)
+        if entry is None or now - entry[0] >= self.window_s:
+            self._windows[key] = [now, 1]
+            return 0.0
+        if entry[1] >= self.limit:
+            return max(entry[0] + self.window_s - now, 0.001)
+        entry[1] += 1
+        return 0.0
+
+    def sweep(self, now: float) -> None:
+        """Forget finished windows so idle clients cost no memory."""
+        stale = [k for k, (start, _) in self._windows.items() if now - start >= self.window_s]
+        for key in stale:
+            del self._windows[key]
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+
+def retry_after_header(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``: smooth limits for frames on one connection."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens < cost:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - cost
+        return True

@@ -1,0 +1,268 @@
+"""The relay protocol: one decoded frame in, frames out and writes to the store.
+
+The router knows sessions only through ``Session.push`` and addresses only
+through ``Routes``; it never touches a socket, so it is tested with plain
+objects. Every refusal is a ``RelayError`` turned into one ``error`` frame;
+a bad frame never closes a connection here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Awaitable, Callable
+
+from .config import Config
+from .errors import ErrorCode, RelayError
+from .frames import (decode, encode, field_address, field_bool, field_message_id, field_str,
+                     field_timestamp, message_id_of)
+from .presence import Routes
+from .session import Session
+from .store import EnqueueResult, QueuedMessage, QueueLimits, Receipt, Store, StorageUnavailable
+from .telemetry import RelayMetrics
+
+log = logging.getLogger("relayd.router")
+
+FLUSH_BATCH = 256
+MAX_ACK_IDS = 1000
+RECENT_IDS = 16384
+
+Handler = Callable[[Session, dict[str, Any]], Awaitable[None]]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Router:
+    """Applies the seed protocol plus relayd's ack extension."""
+
+    def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics,
+                 authenticator: Any = None) -> None:
+        self.routes = routes
+        self.store = store
+        self.metrics = metrics
+        self.authenticator = authenticator
+        self._recent: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._handlers: dict[str, Handler] = {
+            "auth": self._on_auth,
+            "message": self._on_message,
+            "typing": self._on_typing,
+            "read_receipt": self._on_read_receipt,
+            "ping": self._on_ping,
+            "ack": self._on_ack,
+        }
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Apply (re)loaded limits; called at start and on SIGHUP."""
+        self.max_content = config.limits.max_message_bytes
+        q = config.queue
+        self.limits = QueueLimits(q.max_offline_messages, q.max_offline_bytes, q.overflow == "drop_oldest")
+
+    async def handle(self, session: Session, raw: str | bytes) -> None:
+        frame: dict[str, Any] | None = None
+        try:
+            frame = decode(raw)
+            ftype = frame.get("type")
+            handler = self._handlers.get(ftype) if isinstance(ftype, str) else None
+            if handler is None:
+                if ftype is None:
+                    raise RelayError(ErrorCode.MISSING_FIELD, "Missing field: type", message_id=message_id_of(frame))
+                raise RelayError(ErrorCode.UNKNOWN_TYPE, f"Unknown frame type: {str(ftype)[:64]}",
+                                 message_id=message_id_of(frame))
+            if session.address is None and ftype != "auth":
+                raise RelayError(ErrorCode.NOT_AUTHENTICATED, message_id=message_id_of(frame))
+            await handler(session, frame)
+            self.metrics.frame_ok.inc()
+        except RelayError as err:
+            self.metrics.frame_error.inc()
+            if err.message_id is None and frame is not None:
+                err.message_id = message_id_of(frame)
+            session.send(err.frame())
+
+    # Session lifecycle
+
+    async def _on_auth(self, session: Session, frame: dict[str, Any]) -> None:
+        address = field_address(frame, "address")
+        if session.address is not None:
+            if session.address != address:
+                raise RelayError(ErrorCode.ALREADY_AUTHENTICATED)
+            session.send({"type": "auth_success", "address": address, "timestamp": now_ms()})
+            return
+        ack = field_bool(frame, "ack", default=False)
+        extra: dict[str, Any] = {}
+        if self.authenticator is not None:
+            extra = await self.authenticator.authenticate(session, address, frame)
+        if session.closed:
+            return
+        session.address = address
+        session.ack = ack
+        self.routes.attach(session)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session %d authenticated as %s (ack=%s)", session.id, address, ack)
+        session.send({"type": "auth_success", "address": address, "timestamp": now_ms(), **extra})
+        await self.flush(session)
+
+    def closed(self, session: Session) -> None:
+        session.closed = True
+        if session.address is not None and self.routes.detach(session) and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s went offline", session.address)
+
+    async def flush(self, session: Session) -> None:
+        """Send the stored backlog in order, then mark the session ready for live traffic.
+
+        While a session is not ready, messages for it are stored, so they
+        join the backlog behind older ones instead of overtaking them.
+        """
+        address = session.address
+        assert address is not None
+        after = 0
+        try:
+            while not session.closed:
+                batch = await self.store.pending(address, FLUSH_BATCH, after)
+                if not batch:
+                    break
+                written = []
+                for msg in batch:
+                    if not session.push(encode({"type": "message", "from": msg.sender, "content": msg.content,
+                                                "messageId": msg.message_id, "timestamp": msg.timestamp,
+                                                "queued": True})):
+                        break
+                    written.append(msg.seq)
+                self.metrics.flushed.inc(len(written))
+                after = batch[-1].seq
+                if not session.ack and written:
+                    await self.store.remove(address, written)
+                if len(written) < len(batch):
+                    return
+            while not session.closed:
+                receipts = await self.store.take_receipts(address, FLUSH_BATCH)
+                for r in receipts:
+                    session.send({"type": "read", "from": r.reader, "messageId": r.message_id,
+                                  "timestamp": r.timestamp})
+                if len(receipts) < FLUSH_BATCH:
+                    break
+        except StorageUnavailable as exc:
+            log.error("cannot read the offline queue: %s; live delivery continues", exc)
+        if session.closed:
+            return
+        session.ready = True
+        if session.ack:
+            session.send({"type": "queue_empty"})
+
+    # Traffic
+
+    async def _on_message(self, session: Session, frame: dict[str, Any]) -> None:
+        mid = field_message_id(frame)
+        to = field_address(frame, "to", message_id=mid)
+        content = field_str(frame, "content", max_len=self.max_content, message_id=mid)
+        stamp = field_timestamp(frame, "timestamp", message_id=mid)
+        sender = session.address
+        assert sender is not None and content is not None
+        key = (sender, mid)
+        answer = self._recent.get(key)
+        if answer is None:
+            try:
+                answer = await self._route(sender, to, mid, content, stamp)
+            except RelayError as err:
+                self.metrics.refused.labels(code=err.code.value).inc()
+                raise
+            self._remember(key, answer)
+        session.send({"type": answer, "messageId": mid, "to": to, "timestamp": now_ms()})
+
+    async def _route(self, sender: str, to: str, mid: str, content: str, stamp: int | None) -> str:
+        """Deliver or store one message; return ``delivered`` or ``queued``."""
+        now = now_ms()
+        timestamp = now if stamp is None else stamp
+        targets = self.routes.ready_sessions(to)
+        if targets and not any(s.ack for s in targets):
+            data = encode({"type": "message", "from": sender, "content": content, "messageId": mid,
+                           "timestamp": timestamp, "queued": False})
+            if sum(s.push(data) for s in targets):
+                self.metrics.routed_live.inc()
+                return "delivered"
+        msg = QueuedMessage(to, sender, mid, content, timestamp, now)
+        try:
+            result = await self.store.enqueue(msg, self.limits)
+        except StorageUnavailable:
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, message_id=mid) from None
+        if result is EnqueueResult.FULL:
+            raise RelayError(ErrorCode.QUEUE_FULL, message_id=mid)
+        if result is EnqueueResult.DUPLICATE:
+            return "queued"
+        return await self._deliver_stored(msg)
+
+    async def _deliver_stored(self, msg: QueuedMessage) -> str:
+        """Push a just-committed message to whoever became ready meanwhile.
+
+        Ack sessions keep it stored until they ack; if only plain sessions
+        took it, it leaves the store as the original relay's semantics say.
+        """
+        targets = self.routes.ready_sessions(msg.recipient)
+        taken = [s for s in targets if s.push(encode({
+            "type": "message", "from": msg.sender, "content": msg.content, "messageId": msg.message_id,
+            "timestamp": msg.timestamp, "queued": False}))] if targets else []
+        if not taken:
+            self.metrics.queued.inc()
+            return "queued"
+        self.metrics.routed_live.inc()
+        if not any(s.ack for s in taken):
+            try:
+                await self.store.remove(msg.recipient, [msg.seq])
+            except StorageUnavailable as exc:
+                log.error("cannot remove a delivered message: %s", exc)
+        return "delivered"
+
+    def _remember(self, key: tuple[str, str], answer: str) -> None:
+        recent = self._recent
+        recent[key] = answer
+        if len(recent) > RECENT_IDS:
+            recent.popitem(last=False)
+
+    async def _on_typing(self, session: Session, frame: dict[str, Any]) -> None:
+        to = field_address(frame, "to")
+        is_typing = field_bool(frame, "isTyping")
+        targets = self.routes.ready_sessions(to)
+        if targets:
+            data = encode({"type": "typing", "from": session.address, "isTyping": is_typing})
+            for s in targets:
+                s.push(data)
+
+    async def _on_read_receipt(self, session: Session, frame: dict[str, Any]) -> None:
+        mid = field_message_id(frame)
+        to = field_address(frame, "to", message_id=mid)
+        reader = session.address
+        assert reader is not None
+        stamp = now_ms()
+        targets = self.routes.ready_sessions(to)
+        if targets:
+            data = encode({"type": "read", "from": reader, "messageId": mid, "timestamp": stamp})
+            if sum(s.push(data) for s in targets):
+                return
+        try:
+            await self.store.add_receipt(Receipt(to, reader, mid, stamp))
+        except StorageUnavailable:
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "Storage is unavailable; the receipt was not stored",
+                             message_id=mid) from None
+
+    async def _on_ping(self, session: Session, frame: dict[str, Any]) -> None:
+        session.send({"type": "pong", "timestamp": now_ms()})
+
+    async def _on_ack(self, session: Session, frame: dict[str, Any]) -> None:
+        ids = frame.get("messageIds")
+        if ids is None:
+            raise RelayError(ErrorCode.MISSING_FIELD, "Missing field: messageIds")
+        if (not isinstance(ids, list) or len(ids) > MAX_ACK_IDS
+                or not all(isinstance(i, str) and i for i in ids)):
+            raise RelayError(ErrorCode.INVALID_FIELD,
+                             f"Field messageIds must be a list of at most {MAX_ACK_IDS} non-empty strings")
+        if not ids:
+            return
+        assert session.address is not None
+        try:
+            removed = await self.store.ack(session.address, ids)
+        except StorageUnavailable:
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "Storage is unavailable; ack not recorded") from None
+        self.metrics.acked.inc(removed)

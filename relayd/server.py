@@ -1,0 +1,352 @@
+"""The I/O edge: one ``websockets`` server carries WebSocket sessions and REST.
+
+Everything here only moves bytes: handshakes become ``HttpRequest`` values
+for ``HttpApi``, WebSocket messages go to ``Router``. The one place that
+reaches into ``websockets`` internals is ``BodyReader``/``RelayConnection``
+(request bodies and non-blocking writes); ``tests/test_websockets_compat.py``
+fails loudly if a new release breaks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import itertools
+import logging
+import signal
+import ssl
+import time
+from http import HTTPStatus
+from typing import Any, Generator
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.streams import StreamReader
+
+from .clientip import ClientIpResolver
+from .config import Config
+from .errors import ErrorCode, RelayError
+from .http_api import HttpApi, HttpRequest, HttpResponse, error_response
+from .memory_store import MemoryStore
+from .origins import OriginPolicy
+from .presence import LocalPresence
+from .router import Router
+from .session import Session
+from .store import Store
+from .telemetry import RelayMetrics
+
+log = logging.getLogger("relayd.server")
+
+MAX_CHUNK_LINE = 128
+FRAME_OVERHEAD = 4096
+WRITE_LIMIT = 64 * 1024
+MAX_OUTBOUND_BUFFER = 1024 * 1024
+
+
+class BodyReader(StreamReader):
+    """A StreamReader that consumes an HTTP request body after the headers.
+
+    websockets' request parser refuses any ``Content-Length`` but 0 and any
+    ``Transfer-Encoding``. While the head is parsed, this reader hides those
+    headers from it and, at the blank line that ends the head, reads a
+    bounded body (fixed length or chunked) so REST POSTs work on the same
+    port. ``error`` records a body that must be refused.
+    """
+
+    def __init__(self, max_body: int) -> None:
+        super().__init__()
+        self.max_body = max_body
+        self.in_head = True
+        self.length: int | None = None
+        self.chunked = False
+        self.body = b""
+        self.error: ErrorCode | None = None
+
+    def read_line(self, m: int, too_long_exc_type: type[Exception] = RuntimeError
+                  ) -> Generator[None, None, bytearray]:
+        line = yield from super().read_line(m, too_long_exc_type)
+        if not self.in_head:
+            return line
+        while True:
+            name, sep, value = bytes(line).partition(b":")
+            lname = name.strip().lower()
+            if sep and lname == b"content-length":
+                self._note_length(value.strip())
+            elif sep and lname == b"transfer-encoding":
+                if value.strip().lower() == b"chunked":
+                    self.chunked = True
+                else:
+                    self.error = ErrorCode.LENGTH_REQUIRED
+            else:
+                break
+            line = yield from super().read_line(m, too_long_exc_type)
+        if line in (b"\r\n", b"\n"):
+            self.in_head = False
+            if self.error is None:
+                yield from self._read_body()
+        return line
+
+    def _note_length(self, raw: bytes) -> None:
+        try:
+            length = int(raw)
+        except ValueError:
+            length = -1
+        if length < 0 or (self.length is not None and self.length != length):
+            self.error = ErrorCode.BAD_REQUEST
+        self.length = length
+
+    def _read_body(self) -> Generator[None, None, None]:
+        if self.chunked and self.length is not None:
+            self.error = ErrorCode.BAD_REQUEST
+        elif self.chunked:
+            parts, total = [], 0
+            while True:
+                size_line = yield from super().read_line(MAX_CHUNK_LINE, RuntimeError)
+                try:
+                    size = int(bytes(size_line).split(b";")[0].strip(), 16)
+                except ValueError:
+                    self.error = ErrorCode.BAD_REQUEST
+                    return
+                total += size
+                if total > self.max_body:
+                    self.error = ErrorCode.PAYLOAD_TOO_LARGE
+                    return
+                if size == 0:
+                    break
+                chunk = yield from self.read_exact(size + 2)
+                parts.append(bytes(chunk[:-2]))
+            while (yield from super().read_line(MAX_CHUNK_LINE, RuntimeError)) not in (b"\r\n", b"\n"):
+                pass
+            self.body = b"".join(parts)
+        elif self.length:
+            if self.length > self.max_body:
+                self.error = ErrorCode.PAYLOAD_TOO_LARGE
+                return
+            self.body = bytes((yield from self.read_exact(self.length)))
+
+
+class RelayConnection(ServerConnection):
+    """A connection that can read REST bodies and write frames without awaiting."""
+
+    max_body = 262144
+    max_outbound = MAX_OUTBOUND_BUFFER
+
+    def __init__(self, protocol: Any, server: Server, **kwargs: Any) -> None:
+        super().__init__(protocol, server, **kwargs)
+        self.body_reader = BodyReader(self.max_body)
+        protocol.reader = self.body_reader
+        protocol.parser = protocol.parse()
+        next(protocol.parser)
+
+    def push(self, data: str) -> bool:
+        """Queue one text frame; False when closed or when the peer stopped reading.
+
+        A peer whose unread backlog passes ``max_outbound`` is cut off, so a
+        client that never reads cannot grow the server's memory.
+        """
+        if self.protocol.state is not State.OPEN:
+            return False
+        if self.transport.get_write_buffer_size() > self.max_outbound:
+            log.debug("closing a connection whose peer stopped reading")
+            self.transport.abort()
+            return False
+        self.protocol.send_text(data.encode())
+        self.send_data()
+        return True
+
+    def close_soon(self, code: int, reason: str) -> None:
+        self.loop.create_task(self.close(code, reason))
+
+
+def _is_upgrade(request: Request) -> bool:
+    return any(v.strip().lower() == "websocket" for v in request.headers.get_all("Upgrade"))
+
+
+def _to_response(resp: HttpResponse, head: bool) -> Response:
+    headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close")])
+    if resp.content_type:
+        headers["Content-Type"] = resp.content_type
+    headers["Content-Length"] = str(len(resp.body))
+    for name, value in resp.headers:
+        headers[name] = value
+    status = HTTPStatus(resp.status)
+    return Response(status.value, status.phrase, headers, b"" if head else resp.body)
+
+
+class RelayServer:
+    """Owns the loop-side objects and the lifecycle of one relay."""
+
+    def __init__(self, config: Config, store: Store | None = None) -> None:
+        self.config = config
+        self.store: Store = store if store is not None else MemoryStore()
+        self.metrics = RelayMetrics()
+        self.presence = LocalPresence()
+        self.router = Router(config, self.presence, self.store, self.metrics)
+        self.api = HttpApi(config, self.presence, self.store, self.metrics,
+                           connections=self.session_count, accepting=self.accepting)
+        self._ids = itertools.count(1)
+        self._sessions: dict[Session, RelayConnection] = {}
+        self._unauthenticated: dict[Session, float] = {}
+        self.server: Server | None = None
+        self._housekeeper: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.config = config
+        self.origins = OriginPolicy(config.server.allowed_origins)
+        self.ip_resolver = ClientIpResolver(config.server.trusted_proxies)
+        self.router.configure(config)
+        self.api.configure(config)
+        RelayConnection.max_body = config.limits.max_body_bytes
+
+    # Introspection used by REST and metrics
+
+    def session_count(self) -> int:
+        return sum(1 for s in self._sessions if s.address is not None)
+
+    def accepting(self) -> bool:
+        return self.server is not None and self.server.is_serving() and not self._stopping.is_set()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    # Lifecycle
+
+    async def start(self, *, sock: Any = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        await self.store.open()
+        cfg = self.config.server
+        self.metrics.bind(connections=lambda: len(self._sessions), sessions=self.session_count,
+                          online=self.presence.online_count, queue_depth=self.store.total,
+                          storage_healthy=lambda: 1 if self.store.healthy else 0)
+        ping_interval = cfg.ping_interval_s or None
+        kwargs: dict[str, Any] = {"sock": sock} if sock is not None else {"host": cfg.host, "port": cfg.port}
+        self.server = await serve(
+            self._handle_ws,
+            process_request=self._process_request,
+            create_connection=RelayConnection,
+            compression=None,
+            ping_interval=ping_interval,
+            ping_timeout=cfg.ping_timeout_s if ping_interval else None,
+            max_size=self.config.limits.max_message_bytes + FRAME_OVERHEAD,
+            max_queue=16,
+            write_limit=WRITE_LIMIT,
+            ssl=ssl_context,
+            **kwargs,
+        )
+        self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping())
+        log.info("relayd listening on %s (storage: %s)",
+                 ", ".join(str(s.getsockname()[:2]) for s in self.server.sockets), self.store.name)
+
+    async def stop(self) -> None:
+        """Stop accepting, close sessions with 1001, finish storage writes."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        log.info("shutting down")
+        if self.server is not None:
+            self.server.close(close_connections=True)
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), self.config.server.shutdown_timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("connections did not close within %.1f s", self.config.server.shutdown_timeout_s)
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+        await self.store.close()
+        log.info("stopped")
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        await done.wait()
+        await self.stop()
+
+    # REST and handshake
+
+    async def _process_request(self, conn: RelayConnection, request: Request) -> Response | None:
+        peer = conn.remote_address[0] if conn.remote_address else "unknown"
+        client_ip = self.ip_resolver.resolve(peer, request.headers.get("X-Forwarded-For"))
+        if request.method == "GET" and _is_upgrade(request):
+            origin = request.headers.get("Origin")
+            if not self.origins.allows(origin):
+                return _to_response(error_response(RelayError(ErrorCode.ORIGIN_NOT_ALLOWED,
+                                                              f"Origin not allowed: {origin}")), False)
+            conn.client_ip = client_ip  # type: ignore[attr-defined]
+            return None
+        reader = conn.body_reader
+        if reader.error is not None:
+            resp = error_response(RelayError(reader.error))
+        else:
+            req = HttpRequest.from_target(request.method, request.path, request.headers, reader.body, client_ip)
+            resp = await self.api.handle(req)
+        return _to_response(resp, request.method == "HEAD")
+
+    # WebSocket sessions
+
+    async def _handle_ws(self, conn: RelayConnection) -> None:
+        session = Session(next(self._ids), getattr(conn, "client_ip", "unknown"), time.monotonic(),
+                          conn.push, conn.close_soon)
+        self._sessions[session] = conn
+        self._unauthenticated[session] = session.opened_at + self.config.server.auth_timeout_s
+        waiting_auth = True
+        try:
+            async for message in conn:
+                await self.router.handle(session, message)
+                if waiting_auth and session.address is not None:
+                    waiting_auth = False
+                    self._unauthenticated.pop(session, None)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._unauthenticated.pop(session, None)
+            del self._sessions[session]
+            self.router.closed(session)
+
+    # One shared timer for every periodic job
+
+    async def _housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_expiry = 0.0
+        next_sweep = 0.0
+        while True:
+            tick = max(0.05, min(1.0, self.config.server.auth_timeout_s / 4))
+            planned = loop.time() + tick
+            await asyncio.sleep(tick)
+            now = loop.time()
+            self.metrics.loop_lag.observe(max(0.0, now - planned))
+            self._expire_unauthenticated(time.monotonic())
+            if now >= next_sweep:
+                self.api.limiter.sweep(time.monotonic())
+                next_sweep = now + self.api.limiter.window_s
+            if now >= next_expiry:
+                next_expiry = now + self.config.queue.expiry_interval_s
+                await self._expire_messages()
+
+    def _expire_unauthenticated(self, now: float) -> None:
+        """Deadlines are in insertion order, so stop at the first one still running."""
+        pending = self._unauthenticated
+        while pending:
+            session, deadline = next(iter(pending.items()))
+            if deadline > now:
+                break
+            del pending[session]
+            session.send(RelayError(ErrorCode.AUTH_TIMEOUT).frame())
+            session.close(1008, "authentication timeout")
+
+    async def _expire_messages(self) -> None:
+        cutoff = int(time.time() * 1000 - self.config.queue.message_retention_hours * 3_600_000)
+        try:
+            removed = await self.store.expire(cutoff)
+        except Exception as exc:
+            log.error("retention expiry failed: %s", exc)
+            return
+        if removed:
+            self.metrics.expired.inc(removed)
+            log.info("expired %d queued messages past retention", removed)

@@ -1,0 +1,59 @@
+"""relayd's metric families, created once and shared by every module.
+
+Hot paths hold a reference to a counter child and call ``inc()``; nothing is
+formatted until /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from . import __version__
+from .metrics import Registry, register_process_metrics
+
+COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class RelayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = Registry()
+        build = r.gauge("relayd_build_info", "relayd version.", ("version",))
+        build.labels(version=__version__).set(1)
+        self.connections = r.gauge("relayd_connections", "Open WebSocket connections.")
+        self.sessions = r.gauge("relayd_authenticated_sessions", "Authenticated WebSocket sessions.")
+        self.online = r.gauge("relayd_online_addresses", "Addresses with at least one session.")
+        self.routed_live = r.counter("relayd_messages_routed_live_total", "Messages delivered to an online recipient.")
+        self.queued = r.counter("relayd_messages_queued_total", "Messages stored for an offline recipient.")
+        self.flushed = r.counter("relayd_messages_delivered_from_queue_total",
+                                 "Stored messages written to a recipient on reconnect.")
+        self.acked = r.counter("relayd_messages_acknowledged_total", "Stored messages removed by a client ack.")
+        self.expired = r.counter("relayd_messages_expired_total", "Stored messages removed by retention.")
+        self.refused = r.counter("relayd_messages_refused_total", "Messages refused, by error code.", ("code",))
+        self.frames = r.counter("relayd_frames_total", "Client frames handled, by outcome.", ("outcome",))
+        self.http = r.counter("relayd_http_requests_total", "REST requests, by status class.", ("status",))
+        self.rate_limited = r.counter("relayd_rate_limit_hits_total", "Requests or frames refused by a limit.",
+                                      ("limit",))
+        self.auth_failures = r.counter("relayd_auth_failures_total", "Failed or refused authentications.",
+                                       ("reason",))
+        self.queue_depth = r.gauge("relayd_queue_messages", "Messages waiting in offline queues.")
+        self.commit_latency = r.histogram("relayd_storage_commit_seconds",
+                                          "Time from a storage write request to its commit.", buckets=COMMIT_BUCKETS)
+        self.loop_lag = r.histogram("relayd_event_loop_lag_seconds",
+                                    "How late the housekeeping timer fired.", buckets=LAG_BUCKETS)
+        self.storage_healthy = r.gauge("relayd_storage_healthy", "1 when storage accepts writes.")
+        register_process_metrics(r)
+        self.frame_ok = self.frames.labels(outcome="ok")
+        self.frame_error = self.frames.labels(outcome="error")
+
+    def bind(self, *, connections: Callable[[], float], sessions: Callable[[], float],
+             online: Callable[[], float], queue_depth: Callable[[], float],
+             storage_healthy: Callable[[], float]) -> None:
+        self.connections.set_function(connections)
+        self.sessions.set_function(sessions)
+        self.online.set_function(online)
+        self.queue_depth.set_function(queue_depth)
+        self.storage_healthy.set_function(storage_healthy)
+
+    def render(self) -> str:
+        return self.registry.render()
