@@ -1,0 +1,416 @@
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relayd import metrics
+from relayd.metrics import CONTENT_TYPE, Counter, Gauge, Histogram, Registry, format_value, register_process_metrics
+
+try:
+    from tests.prom_parser import ParseError, parse
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    from prom_parser import ParseError, parse
+
+
+def samples(text: str, family: str) -> list[tuple[str, dict, float]]:
+    return parse(text)[family]["samples"]
+
+
+def test_content_type():
+    assert CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
+
+
+def test_empty_registry_renders_nothing():
+    assert Registry().render() == ""
+    assert parse("") == {}
+
+
+def test_golden_output():
+    r = Registry()
+    c = r.counter("relayd_messages_routed_total", "Messages routed.", ["direction"])
+    c.labels("in").inc()
+    c.labels(direction="out").inc(2.5)
+    g = r.gauge("relayd_connections", "Open connections.")
+    g.set(3)
+    h = r.histogram("relayd_latency_seconds", "Latency.", buckets=[0.1, 1])
+    h.observe(0.05)
+    h.observe(0.1)
+    h.observe(5)
+    assert r.render() == (
+        "# HELP relayd_messages_routed_total Messages routed.\n"
+        "# TYPE relayd_messages_routed_total counter\n"
+        'relayd_messages_routed_total{direction="in"} 1\n'
+        'relayd_messages_routed_total{direction="out"} 2.5\n'
+        "# HELP relayd_connections Open connections.\n"
+        "# TYPE relayd_connections gauge\n"
+        "relayd_connections 3\n"
+        "# HELP relayd_latency_seconds Latency.\n"
+        "# TYPE relayd_latency_seconds histogram\n"
+        'relayd_latency_seconds_bucket{le="0.1"} 2\n'
+        'relayd_latency_seconds_bucket{le="1"} 2\n'
+        'relayd_latency_seconds_bucket{le="+Inf"} 3\n'
+        "relayd_latency_seconds_sum 5.15\n"
+        "relayd_latency_seconds_count 3\n"
+    )
+    parse(r.render())
+
+
+def test_counter():
+    r = Registry()
+    c = r.counter("relayd_frames_total", "Frames.")
+    c.inc()
+    c.inc(41)
+    assert c.value == 42
+    fam = parse(r.render())["relayd_frames_total"]
+    assert fam["type"] == "counter"
+    assert fam["help"] == "Frames."
+    assert fam["samples"] == [("relayd_frames_total", {}, 42.0)]
+    with pytest.raises(ValueError):
+        c.inc(-1)
+    with pytest.raises(ValueError, match="_total"):
+        Counter("relayd_frames", "x")
+
+
+def test_labelled_children_are_cached():
+    c = Counter("relayd_drops_total", "Drops.", ("reason", "peer"))
+    a = c.labels("full", "p1")
+    assert c.labels(reason="full", peer="p1") is a
+    assert c.labels(peer="p1", reason="full") is a
+    assert c.labels("full", "p2") is not a
+    n = Counter("relayd_n_total", "n", ["code"])
+    assert n.labels(404) is n.labels("404")
+
+
+def test_label_errors():
+    c = Counter("relayd_x_total", "x", ["a", "b"])
+    for args, kw in [((1,), {}), ((1, 2, 3), {}), ((1,), {"b": 2}), ((), {"a": 1}), ((), {"a": 1, "c": 2})]:
+        with pytest.raises(ValueError):
+            c.labels(*args, **kw)
+    with pytest.raises(ValueError, match="labels"):
+        c.inc()
+    with pytest.raises(ValueError, match="no labels"):
+        Counter("relayd_y_total", "y").labels("a")
+    with pytest.raises(ValueError):
+        Gauge("relayd_g", "g", ["a"]).set(1)
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "labels"),
+    [
+        (Gauge, "1bad", ()),
+        (Gauge, "bad-name", ()),
+        (Gauge, "ok", ("bad-label",)),
+        (Gauge, "ok", ("__reserved",)),
+        (Gauge, "ok", ("a", "a")),
+        (Histogram, "ok", ("le",)),
+    ],
+)
+def test_invalid_names(cls, name, labels):
+    with pytest.raises(ValueError):
+        cls(name, "help", labels)
+
+
+def test_gauge():
+    r = Registry()
+    g = r.gauge("relayd_queue_depth", "Queued frames.", ["peer"])
+    g.labels("a").set(10)
+    g.labels("a").inc(5)
+    g.labels("a").dec()
+    g.labels("b").set(-2.25)
+    assert samples(r.render(), "relayd_queue_depth") == [
+        ("relayd_queue_depth", {"peer": "a"}, 14.0),
+        ("relayd_queue_depth", {"peer": "b"}, -2.25),
+    ]
+    g.remove("b")
+    assert [s[1] for s in samples(r.render(), "relayd_queue_depth")] == [{"peer": "a"}]
+    g.clear()
+    fam = parse(r.render())["relayd_queue_depth"]
+    assert fam["type"] == "gauge" and fam["samples"] == []
+
+
+def test_gauge_callbacks():
+    r = Registry()
+    state = {"n": 1}
+    r.gauge("relayd_connections", "Conns.", fn=lambda: state["n"])
+    r.gauge("relayd_by_state", "By state.", ["state"], fn=lambda: {"open": 2, ("closing",): 1})
+    r.gauge("relayd_two", "Two labels.", ["a", "b"], fn=lambda: {("x", "y"): 7})
+    r.gauge("relayd_two_bad", "Wrong arity.", ["a", "b"], fn=lambda: {("x", "y"): 7, ("bad",): 1})
+    r.gauge("relayd_missing", "Unavailable.", fn=lambda: None)
+    r.gauge("relayd_broken", "Raises.", fn=lambda: 1 / 0)
+    r.gauge("relayd_not_number", "Bad value.", fn=lambda: "many")
+    r.gauge("relayd_pairs", "Pairs.", ["peer"], fn=lambda: [(("p1",), 1), ("p2", None)])
+    per_child = r.gauge("relayd_child_fn", "Child callback.", ["q"])
+    per_child.labels("in").set_function(lambda: state["n"] * 10)
+    per_child.labels("broken").set_function(lambda: 1 / 0)
+    unl = r.gauge("relayd_unlabelled_fn", "Set function.")
+    unl.set_function(lambda: 3.5)
+    state["n"] = 4
+    out = parse(r.render())
+    assert out["relayd_connections"]["samples"] == [("relayd_connections", {}, 4.0)]
+    assert out["relayd_by_state"]["samples"] == [
+        ("relayd_by_state", {"state": "closing"}, 1.0),
+        ("relayd_by_state", {"state": "open"}, 2.0),
+    ]
+    assert out["relayd_two"]["samples"] == [("relayd_two", {"a": "x", "b": "y"}, 7.0)]
+    assert out["relayd_two_bad"]["samples"] == []
+    assert out["relayd_missing"]["samples"] == []
+    assert out["relayd_broken"]["samples"] == []
+    assert out["relayd_not_number"]["samples"] == []
+    assert out["relayd_pairs"]["samples"] == [("relayd_pairs", {"peer": "p1"}, 1.0)]
+    assert out["relayd_child_fn"]["samples"] == [("relayd_child_fn", {"q": "in"}, 40.0)]
+    assert out["relayd_unlabelled_fn"]["samples"] == [("relayd_unlabelled_fn", {}, 3.5)]
+
+
+def test_counter_callback():
+    r = Registry()
+    r.counter("relayd_cb_total", "cb", fn=lambda: 12)
+    assert samples(r.render(), "relayd_cb_total") == [("relayd_cb_total", {}, 12.0)]
+
+
+def test_histogram_buckets_are_inclusive_and_cumulative():
+    r = Registry()
+    h = r.histogram("relayd_size_bytes", "Sizes.", ["kind"], buckets=(10, 100, 1000))
+    child = h.labels(kind="text")
+    for v in (1, 10, 10.5, 100, 5000, -3):
+        child.observe(v)
+    h.labels(kind="binary")
+    got = samples(r.render(), "relayd_size_bytes")
+    text = [(n, l.get("le"), v) for n, l, v in got if l["kind"] == "text"]
+    assert text == [
+        ("relayd_size_bytes_bucket", "10", 3.0),
+        ("relayd_size_bytes_bucket", "100", 5.0),
+        ("relayd_size_bytes_bucket", "1000", 5.0),
+        ("relayd_size_bytes_bucket", "+Inf", 6.0),
+        ("relayd_size_bytes_sum", None, 5118.5),
+        ("relayd_size_bytes_count", None, 6.0),
+    ]
+    binary = [v for n, l, v in got if l["kind"] == "binary"]
+    assert binary == [0, 0, 0, 0, 0, 0]
+
+
+def test_histogram_nan_and_explicit_inf():
+    h = Histogram("relayd_h", "h", buckets=[1, math.inf])
+    assert h.buckets == (1.0, math.inf)
+    h.observe(math.nan)
+    r = Registry()
+    r.register(h)
+    got = samples(r.render(), "relayd_h")
+    assert [v for _, _, v in got[:2]] == [0.0, 1.0]
+    assert math.isnan(got[2][2])
+    for bad in ([], [2, 1], [1, 1], [math.nan]):
+        with pytest.raises(ValueError):
+            Histogram("relayd_bad", "b", buckets=bad)
+
+
+def test_default_buckets():
+    h = Histogram("relayd_d", "d")
+    assert h.buckets == (*metrics.DEFAULT_BUCKETS, math.inf)
+
+
+def test_escaping():
+    r = Registry()
+    g = r.gauge("relayd_esc", 'Help with \\ backslash,\nnewline and "quotes".', ["v"])
+    g.labels('a\\b"c\nd').set(1)
+    text = r.render()
+    assert '# HELP relayd_esc Help with \\\\ backslash,\\nnewline and "quotes".\n' in text
+    assert 'relayd_esc{v="a\\\\b\\"c\\nd"} 1\n' in text
+    fam = parse(text)["relayd_esc"]
+    assert fam["help"] == 'Help with \\ backslash,\nnewline and "quotes".'
+    assert fam["samples"][0][1] == {"v": 'a\\b"c\nd'}
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0, "0"),
+        (1.0, "1"),
+        (-3.0, "-3"),
+        (0.5, "0.5"),
+        (2.0**53, "9007199254740992"),
+        (1e15 + 0.5, "1000000000000000.5"),
+        (1e20, "1e+20"),
+        (2**70, str(2**70)),
+        (1e300, "1e+300"),
+        (1e-7, "1e-07"),
+        (math.inf, "+Inf"),
+        (-math.inf, "-Inf"),
+        (math.nan, "NaN"),
+    ],
+)
+def test_format_value(value, text):
+    assert format_value(value) == text
+
+
+def test_registry_collisions():
+    r = Registry()
+    r.histogram("relayd_lat", "l")
+    for make in (
+        lambda: r.gauge("relayd_lat", "x"),
+        lambda: r.gauge("relayd_lat_count", "x"),
+        lambda: r.gauge("relayd_lat_bucket", "x"),
+    ):
+        with pytest.raises(ValueError, match="collides"):
+            make()
+    g = r.gauge("relayd_g", "g")
+    with pytest.raises(ValueError, match="collides"):
+        r.histogram("relayd_g", "x")
+    r.histogram("relayd", "h", buckets=[1])
+    r.unregister(g)
+    assert r.get("relayd_g") is None
+    assert isinstance(r.gauge("relayd_g", "again"), Gauge)
+    assert r.get("relayd_lat").name == "relayd_lat"
+
+
+_label_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(help_text=_label_text, values=st.lists(_label_text, min_size=1, max_size=5, unique=True))
+def test_escaping_round_trip(help_text, values):
+    r = Registry()
+    g = r.gauge("relayd_rt", help_text, ["v"])
+    for i, v in enumerate(values):
+        g.labels(v).set(i)
+    fam = parse(r.render())["relayd_rt"]
+    assert fam["help"] == help_text
+    assert sorted((s[1]["v"], s[2]) for s in fam["samples"]) == sorted((v, float(i)) for i, v in enumerate(values))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bounds=st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=8, unique=True).map(sorted),
+    obs=st.lists(st.floats(-2e6, 2e6) | st.sampled_from([math.inf, -math.inf]), max_size=50),
+)
+def test_histogram_matches_reference(bounds, obs):
+    r = Registry()
+    h = r.histogram("relayd_hyp", "h", buckets=bounds)
+    for v in obs:
+        h.observe(v)
+    got = samples(r.render(), "relayd_hyp")
+    buckets = [(float(l["le"]), v) for n, l, v in got if n.endswith("_bucket")]
+    assert buckets == [(b, float(sum(1 for v in obs if v <= b))) for b in (*bounds, math.inf)]
+    assert got[-1] == ("relayd_hyp_count", {}, float(len(obs)))
+
+
+def test_process_metrics():
+    r = Registry()
+    register_process_metrics(r)
+    before = time.time()
+    fams = parse(r.render())
+    assert fams["process_cpu_seconds_total"]["type"] == "counter"
+    assert fams["process_cpu_seconds_total"]["samples"][0][2] >= 0
+    start = fams["process_start_time_seconds"]["samples"][0][2]
+    assert before - 86400 * 365 < start <= before
+    if sys.platform.startswith("linux"):
+        assert fams["process_resident_memory_bytes"]["samples"][0][2] > 1_000_000
+        assert fams["process_virtual_memory_bytes"]["samples"][0][2] > 1_000_000
+        assert fams["process_open_fds"]["samples"][0][2] >= 3
+        assert fams["process_max_fds"]["samples"][0][2] >= fams["process_open_fds"]["samples"][0][2]
+        fd = os.open(os.devnull, os.O_RDONLY)
+        try:
+            assert metrics.process_open_fds() == fams["process_open_fds"]["samples"][0][2] + 1
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+def test_process_start_time_matches_proc():
+    # The kernel's start time is at most a little before this module's import.
+    assert metrics._boot_start_time() is not None
+    assert metrics._boot_start_time() <= metrics._IMPORT_TIME + 1
+
+
+def test_process_metrics_without_proc(monkeypatch, tmp_path):
+    monkeypatch.setattr(metrics, "_PROC", str(tmp_path / "noproc"))
+    monkeypatch.setattr(metrics, "_start_time", None)
+    assert metrics.process_resident_memory_bytes() is None
+    assert metrics.process_open_fds() is None
+    assert metrics.process_start_time_seconds() == metrics._IMPORT_TIME
+    r = Registry()
+    register_process_metrics(r)
+    fams = parse(r.render())
+    assert "process_resident_memory_bytes" not in fams
+    assert "process_open_fds" not in fams
+    assert {"process_cpu_seconds_total", "process_start_time_seconds"} <= set(fams)
+
+
+# --- the parser itself ---------------------------------------------------
+
+VALID = (
+    "# HELP a_total A.\n"
+    "# TYPE a_total counter\n"
+    'a_total{x="1",y="a\\\\b\\"\\n"} 1.5e3 1700000000000\n'
+    "# a comment\n"
+    "# TYPE h histogram\n"
+    'h_bucket{le="1"} 1\n'
+    'h_bucket{le="+Inf"} 2\n'
+    "h_sum 3\n"
+    "h_count 2\n"
+)
+
+
+def test_parser_accepts_valid():
+    fams = parse(VALID)
+    assert fams["a_total"]["samples"] == [("a_total", {"x": "1", "y": 'a\\b"\n'}, 1500.0)]
+    assert fams["h"]["help"] is None
+    assert len(fams["h"]["samples"]) == 4
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "# TYPE a gauge\na 1",  # no trailing newline
+        "# TYPE a gauge\n\na 1\n",  # blank line
+        "a 1\n",  # no TYPE
+        "# HELP a x\na 1\n",  # HELP but no TYPE
+        "# HELP a x\n",  # family without TYPE
+        "# TYPE a gauge\n# TYPE a gauge\na 1\n",  # duplicate TYPE
+        "# HELP a x\n# HELP a y\n# TYPE a gauge\n",  # duplicate HELP
+        "# TYPE a gauge\na 1\n# HELP a late\n",  # HELP after samples
+        "# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\n# TYPE a gauge\n",  # family split
+        "# TYPE a gauge\n# TYPE b gauge\na 1\n",  # sample not under its TYPE
+        "# TYPE a nonsense\n",
+        "# TYPE a\n",
+        "# TYPE 1a gauge\n",
+        "#TYPE a gauge\n",
+        "# TYPE a gauge\na  1\n",
+        "# TYPE a gauge\na 1 \n",
+        "# TYPE a gauge\na\t1\n",
+        "# TYPE a gauge\na one\n",
+        "# TYPE a gauge\na inf\n",
+        "# TYPE a gauge\na 1 12.5\n",
+        "# TYPE a gauge\na 1 2 3\n",
+        "# TYPE a gauge\na{x=\"1\"}1\n",
+        "# TYPE a gauge\na{x=\"1\" 1\n",
+        "# TYPE a gauge\na{x=\"1\",x=\"2\"} 1\n",
+        "# TYPE a gauge\na{x=1} 1\n",
+        "# TYPE a gauge\na{x=\"\\t\"} 1\n",  # bad escape in label
+        "# TYPE a gauge\na{x=\"a\"b\"} 1\n",  # unescaped quote
+        "# TYPE a gauge\na{x=\"a\\\"} 1\n",  # unterminated
+        "# TYPE a gauge\na{__x=\"a\"} 1\n",
+        "# TYPE a gauge\na{1x=\"a\"} 1\n",
+        "# HELP a bad \\\" escape\n# TYPE a gauge\n",  # \" is not a HELP escape
+        "# TYPE a gauge\na 1\na 2\n",  # duplicate sample
+        "# TYPE a_total counter\na_total -1\n",
+        "# TYPE a counter\na_total 1\n",  # counter sample name != family
+        "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_sum 1\nh_count 1\n",  # no +Inf
+        "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n",
+        "# TYPE h histogram\nh_bucket{le=\"2\"} 1\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n",
+        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 3\n",  # count != +Inf
+        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_count 2\n",  # no _sum
+        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\n",  # no _count
+        "# TYPE h histogram\nh_bucket 2\nh_sum 1\nh_count 2\n",  # bucket without le
+        "# TYPE h histogram\nh_bucket{le=\"x\"} 2\nh_sum 1\nh_count 2\n",
+        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum{le=\"1\"} 1\nh_count 2\n",
+        "# TYPE h histogram\nh 1\n",
+    ],
+)
+def test_parser_rejects(text):
+    with pytest.raises(ParseError):
+        parse(text)
