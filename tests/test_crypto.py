@@ -380,7 +380,8 @@ def _double_and_add(point: tuple[int, int], k: int) -> tuple[int, int] | None:
 
 @pytest.mark.parametrize(
     "k",
-    [1, 2, 3, 127, 128, 255, 256, 2**128, 2**255, N - 1, N - 2, secp256k1._LAMBDA, 0x1234567 << 200],
+    [1, 2, 3, 127, 128, 255, 256, 2**128, 2**255, N - 1, N - 2,
+     secp256k1._LAMBDA, 0x1234567 << 200],
 )
 def test_scalar_multiplication_matches_double_and_add(k: int) -> None:
     assert point_mul_g(k) == _double_and_add(secp256k1.G, k)
@@ -531,7 +532,9 @@ PRIVATE_KEYS = st.integers(min_value=1, max_value=N - 1).map(lambda d: d.to_byte
     fmt=st.sampled_from(list(SignatureFormat)),
     bit=st.integers(min_value=0, max_value=519),
 )
-def test_sign_then_recover_roundtrip(privkey: bytes, text: str, fmt: SignatureFormat, bit: int) -> None:
+def test_sign_then_recover_roundtrip(
+    privkey: bytes, text: str, fmt: SignatureFormat, bit: int
+) -> None:
     address = address_of_private(privkey)
     sig = sign_text(privkey, text, fmt)
     assert recover_address(text, sig, fmt) == address
