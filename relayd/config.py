@@ -58,6 +58,24 @@ class LimitsSection:
     max_message_bytes: int = opt(65536, "Largest message content (bytes of the content string).",
                                  min=16, max=16 * 1024 * 1024, reload=True)
     max_body_bytes: int = opt(262144, "Largest REST request body.", min=64, max=64 * 1024 * 1024, reload=True)
+    max_connections_per_ip: int = opt(64, "Concurrent WebSocket connections per client IP (IPv6: per /64; 0: no limit).",
+                                      min=0, max=10_000_000, reload=True)
+    connections_per_ip_per_s: float = opt(50.0, "New WebSocket connections per client IP per second "
+                                          "(bursts of twice this; 0: no limit).", min=0, max=1e6, reload=True)
+    auth_attempts_per_ip_per_min: int = opt(60, "Signature checks per client IP per minute (0: no limit).",
+                                            min=0, max=10_000_000, reload=True)
+    frames_per_s: float = opt(100.0, "Frames per connection per second (0: no limit).", min=0, max=1e6,
+                              reload=True)
+    frame_burst: int = opt(1000, "Frames a connection may send at once before frames_per_s applies.",
+                           min=1, max=10_000_000, reload=True)
+    rate_limited_close_after: int = opt(50, "Close a connection (1008) after this many rate_limited refusals "
+                                        "in a row.", min=1, max=1_000_000, reload=True)
+    max_preauth_frame_bytes: int = opt(4096, "Largest frame accepted before auth.", min=256, max=1 << 20,
+                                       reload=True)
+    max_outbound_bytes: int = opt(1 << 20, "Unread bytes a connection may hold before it is cut off.",
+                                  min=16384, max=1 << 30, reload=True)
+    new_queues_per_sender_per_hour: int = opt(100, "Distinct offline recipients one sender may queue for "
+                                              "per hour (0: no limit).", min=0, max=10_000_000, reload=True)
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,25 @@ class StorageSection:
 
 
 @dataclass(frozen=True)
+class AuthSection:
+    mode: str = opt("mixed", "open: the original (no proof); mixed: signatures optional, but an address that "
+                             "ever signed must always sign; signed: every session and key must be signed.",
+                    choices=("open", "mixed", "signed"))
+    crypto: str = opt("auto", "auto uses coincurve/pycryptodome/OpenSSL Keccak when present and self-tested; "
+                              "pure forces the built-in Python code.", choices=("auto", "pure"))
+    challenge_ttl_s: float = opt(120.0, "How long a sign-in nonce is valid.", min=5, max=3600)
+    token_ttl_s: float = opt(86400.0, "How long a REST bearer token is valid.", min=10, max=365 * 86400)
+    key_clock_skew_s: float = opt(600.0, "Signed key statements must be issued within this many seconds of now.",
+                                  min=10, max=86400)
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    expose_online_list: str = opt("auto", "GET /api/status/online/all: auto (on in open mode only), true, false.",
+                                  choices=("auto", "true", "false"), reload=True)
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = opt("info", "debug, info, warning or error.", env="LOG_LEVEL",
                      choices=("debug", "info", "warning", "warn", "error", "critical"), reload=True)
@@ -96,6 +133,8 @@ SECTIONS: dict[str, type] = {
     "limits": LimitsSection,
     "queue": QueueSection,
     "storage": StorageSection,
+    "auth": AuthSection,
+    "privacy": PrivacySection,
     "log": LogSection,
 }
 
@@ -106,7 +145,14 @@ class Config:
     limits: LimitsSection = field(default_factory=LimitsSection)
     queue: QueueSection = field(default_factory=QueueSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     log: LogSection = field(default_factory=LogSection)
+
+    @property
+    def expose_online_list(self) -> bool:
+        setting = self.privacy.expose_online_list
+        return self.auth.mode == "open" if setting == "auto" else setting == "true"
 
     @property
     def effective_public_url(self) -> str:

@@ -29,6 +29,7 @@ class ErrorCode(str, enum.Enum):
     AUTH_TIMEOUT = "auth_timeout"
     AUTH_FAILED = "auth_failed"
     AUTH_REQUIRED = "auth_required"
+    STALE_STATEMENT = "stale_statement"
     # Delivery
     QUEUE_FULL = "queue_full"
     STORAGE_UNAVAILABLE = "storage_unavailable"
@@ -60,6 +61,7 @@ _DEFAULTS: dict[ErrorCode, tuple[str, HTTPStatus]] = {
     ErrorCode.AUTH_TIMEOUT: ("Authentication timed out", HTTPStatus.REQUEST_TIMEOUT),
     ErrorCode.AUTH_FAILED: ("Authentication failed", HTTPStatus.UNAUTHORIZED),
     ErrorCode.AUTH_REQUIRED: ("A signed authentication is required", HTTPStatus.UNAUTHORIZED),
+    ErrorCode.STALE_STATEMENT: ("The signed statement is not newer than the stored one", HTTPStatus.CONFLICT),
     ErrorCode.QUEUE_FULL: ("The recipient's offline queue is full; retry later", HTTPStatus.INSUFFICIENT_STORAGE),
     ErrorCode.STORAGE_UNAVAILABLE: ("Storage is unavailable; the message was not stored", HTTPStatus.SERVICE_UNAVAILABLE),
     ErrorCode.RATE_LIMITED: ("Too many requests", HTTPStatus.TOO_MANY_REQUESTS),
@@ -75,6 +77,13 @@ _DEFAULTS: dict[ErrorCode, tuple[str, HTTPStatus]] = {
     ErrorCode.DISABLED: ("This endpoint is disabled on this relay", HTTPStatus.NOT_FOUND),
     ErrorCode.INTERNAL_ERROR: ("Internal server error", HTTPStatus.INTERNAL_SERVER_ERROR),
 }
+
+
+CLOSE_CODES: dict[ErrorCode, int] = {
+    ErrorCode.AUTH_FAILED: 4401,
+    ErrorCode.AUTH_REQUIRED: 4403,
+}
+"""Errors after which the WebSocket is closed, with these close codes."""
 
 
 class RelayError(Exception):

@@ -27,6 +27,7 @@ class MemoryStore:
         self._ids: dict[tuple[str, str], tuple[str, int]] = {}
         self._receipts: dict[str, list[Receipt]] = {}
         self._keys: dict[str, KeyRecord] = {}
+        self._locked: set[str] = set()
         self._seq = itertools.count(1)
         self._total = 0
 
@@ -166,3 +167,11 @@ class MemoryStore:
 
     async def key_count(self) -> int:
         return len(self._keys)
+
+    # Ownership locks
+
+    async def is_locked(self, address: str) -> bool:
+        return address in self._locked
+
+    async def lock(self, address: str) -> None:
+        self._locked.add(address)

@@ -14,10 +14,11 @@ from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
 from .config import Config
-from .errors import ErrorCode, RelayError
+from .errors import CLOSE_CODES, ErrorCode, RelayError
 from .frames import (decode, encode, field_address, field_bool, field_message_id, field_str,
                      field_timestamp, message_id_of)
 from .presence import Routes
+from .ratelimit import TokenBucket
 from .session import Session
 from .store import EnqueueResult, QueuedMessage, QueueLimits, Receipt, Store, StorageUnavailable
 from .telemetry import RelayMetrics
@@ -57,13 +58,30 @@ class Router:
 
     def configure(self, config: Config) -> None:
         """Apply (re)loaded limits; called at start and on SIGHUP."""
-        self.max_content = config.limits.max_message_bytes
+        limits = config.limits
+        self.max_content = limits.max_message_bytes
+        self.max_preauth = limits.max_preauth_frame_bytes
+        self.frame_rate = limits.frames_per_s
+        self.frame_burst = limits.frame_burst
+        self.strike_limit = limits.rate_limited_close_after
+        self.new_queues = limits.new_queues_per_sender_per_hour
+        if not hasattr(self, "_queue_window"):
+            self._queue_window: dict[str, set[str]] = {}
+            self._queue_window_start = time.monotonic()
         q = config.queue
         self.limits = QueueLimits(q.max_offline_messages, q.max_offline_bytes, q.overflow == "drop_oldest")
 
     async def handle(self, session: Session, raw: str | bytes) -> None:
         frame: dict[str, Any] | None = None
         try:
+            if session.address is None and len(raw) > self.max_preauth:
+                self.metrics.rate_limited.labels(limit="preauth_size").inc()
+                session.send(RelayError(ErrorCode.MESSAGE_TOO_LARGE,
+                                        f"Frames before auth are limited to {self.max_preauth} bytes").frame())
+                session.close(1009, "frame too large before auth")
+                return
+            if self.frame_rate and not self._admit(session):
+                return
             frame = decode(raw)
             ftype = frame.get("type")
             handler = self._handlers.get(ftype) if isinstance(ftype, str) else None
@@ -81,6 +99,28 @@ class Router:
             if err.message_id is None and frame is not None:
                 err.message_id = message_id_of(frame)
             session.send(err.frame())
+            close_code = CLOSE_CODES.get(err.code)
+            if close_code is not None:
+                session.close(close_code, err.code.value)
+
+    def _admit(self, session: Session) -> bool:
+        """Per-connection token bucket: refuse with rate_limited, close on sustained abuse."""
+        now = time.monotonic()
+        bucket = session.bucket
+        if bucket is None:
+            bucket = session.bucket = TokenBucket(self.frame_rate, self.frame_burst, now)
+        if bucket.take(now):
+            session.strikes = 0
+            return True
+        session.strikes += 1
+        self.metrics.rate_limited.labels(limit="frames").inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("frame rate limit hit by session %d", session.id)
+        if session.strikes >= self.strike_limit:
+            session.close(1008, "rate limit exceeded")
+        else:
+            session.send(RelayError(ErrorCode.RATE_LIMITED, "Too many frames; slow down").frame())
+        return False
 
     # Session lifecycle
 
@@ -183,6 +223,7 @@ class Router:
             if sum(s.push(data) for s in targets):
                 self.metrics.routed_live.inc()
                 return "delivered"
+        self._check_new_queue(sender, to, mid)
         msg = QueuedMessage(to, sender, mid, content, timestamp, now)
         try:
             result = await self.store.enqueue(msg, self.limits)
@@ -214,6 +255,23 @@ class Router:
             except StorageUnavailable as exc:
                 log.error("cannot remove a delivered message: %s", exc)
         return "delivered"
+
+    def _check_new_queue(self, sender: str, to: str, mid: str) -> None:
+        """Bound how many distinct offline recipients one sender may queue for per hour,
+        so random ``to`` addresses cannot fill the disk."""
+        if not self.new_queues:
+            return
+        if time.monotonic() - self._queue_window_start >= 3600:
+            self._queue_window.clear()
+            self._queue_window_start = time.monotonic()
+        recipients = self._queue_window.setdefault(sender, set())
+        if to in recipients:
+            return
+        if len(recipients) >= self.new_queues:
+            self.metrics.rate_limited.labels(limit="new_queues").inc()
+            raise RelayError(ErrorCode.RATE_LIMITED, "Too many distinct offline recipients this hour",
+                             message_id=mid)
+        recipients.add(to)
 
     def _remember(self, key: tuple[str, str], answer: str) -> None:
         recent = self._recent

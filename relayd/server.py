@@ -26,13 +26,16 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.streams import StreamReader
 
-from .clientip import ClientIpResolver
+from . import secp256k1, signatures
+from .auth import Authenticator
+from .clientip import ClientIpResolver, limit_key
 from .config import Config
 from .errors import ErrorCode, RelayError
 from .http_api import HttpApi, HttpRequest, HttpResponse, error_response
 from .memory_store import MemoryStore
 from .origins import OriginPolicy
 from .presence import LocalPresence
+from .ratelimit import TokenBucket
 from .router import Router
 from .session import Session
 from .store import Store
@@ -184,9 +187,12 @@ class RelayServer:
         self.store: Store = store if store is not None else MemoryStore()
         self.metrics = RelayMetrics()
         self.presence = LocalPresence()
-        self.router = Router(config, self.presence, self.store, self.metrics)
+        self.authenticator = Authenticator(config, self.store, self.metrics)
+        self.router = Router(config, self.presence, self.store, self.metrics, self.authenticator)
         self.api = HttpApi(config, self.presence, self.store, self.metrics,
-                           connections=self.session_count, accepting=self.accepting)
+                           connections=self.session_count, accepting=self.accepting, guard=self.authenticator)
+        self._per_ip: dict[str, int] = {}
+        self._arrivals: dict[str, TokenBucket] = {}
         self._ids = itertools.count(1)
         self._sessions: dict[Session, RelayConnection] = {}
         self._unauthenticated: dict[Session, float] = {}
@@ -201,7 +207,11 @@ class RelayServer:
         self.ip_resolver = ClientIpResolver(config.server.trusted_proxies)
         self.router.configure(config)
         self.api.configure(config)
+        self.authenticator.configure(config)
+        if self.server is not None and not config.server.public_url and config.server.port == 0:
+            self.authenticator.relay = config.replace("server", port=self.port).effective_public_url
         RelayConnection.max_body = config.limits.max_body_bytes
+        RelayConnection.max_outbound = config.limits.max_outbound_bytes
 
     # Introspection used by REST and metrics
 
@@ -220,6 +230,9 @@ class RelayServer:
 
     async def start(self, *, sock: Any = None, ssl_context: ssl.SSLContext | None = None) -> None:
         await self.store.open()
+        log.info("signature verification: %s", signatures.select_backend(self.config.auth.crypto))
+        if self.config.auth.mode != "open":
+            secp256k1.precompute()
         cfg = self.config.server
         self.metrics.bind(connections=lambda: len(self._sessions), sessions=self.session_count,
                           online=self.presence.online_count, queue_depth=self.store.total,
@@ -239,6 +252,8 @@ class RelayServer:
             ssl=ssl_context,
             **kwargs,
         )
+        if not cfg.public_url and cfg.port == 0:
+            self.authenticator.relay = self.config.replace("server", port=self.port).effective_public_url
         self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping())
         log.info("relayd listening on %s (storage: %s)",
                  ", ".join(str(s.getsockname()[:2]) for s in self.server.sockets), self.store.name)
@@ -257,6 +272,7 @@ class RelayServer:
                 log.warning("connections did not close within %.1f s", self.config.server.shutdown_timeout_s)
         if self._housekeeper is not None:
             self._housekeeper.cancel()
+        self.authenticator.close()
         await self.store.close()
         log.info("stopped")
 
@@ -278,6 +294,9 @@ class RelayServer:
             if not self.origins.allows(origin):
                 return _to_response(error_response(RelayError(ErrorCode.ORIGIN_NOT_ALLOWED,
                                                               f"Origin not allowed: {origin}")), False)
+            refusal = self._admit_connection(client_ip)
+            if refusal is not None:
+                return _to_response(error_response(refusal), False)
             conn.client_ip = client_ip  # type: ignore[attr-defined]
             return None
         reader = conn.body_reader
@@ -288,6 +307,28 @@ class RelayServer:
             resp = await self.api.handle(req)
         return _to_response(resp, request.method == "HEAD")
 
+    def _admit_connection(self, ip: str) -> RelayError | None:
+        """Per-IP caps on concurrent and new connections, checked before the upgrade."""
+        limits = self.config.limits
+        key = limit_key(ip)
+        if limits.max_connections_per_ip and self._per_ip.get(key, 0) >= limits.max_connections_per_ip:
+            self.metrics.rate_limited.labels(limit="connections").inc()
+            log.debug("connection cap reached for %s", ip)
+            return RelayError(ErrorCode.RATE_LIMITED, "Too many open connections from this address",
+                              headers=(("Retry-After", "5"),))
+        if limits.connections_per_ip_per_s:
+            now = time.monotonic()
+            bucket = self._arrivals.get(key)
+            if bucket is None:
+                rate = limits.connections_per_ip_per_s
+                bucket = self._arrivals[key] = TokenBucket(rate, rate * 2, now)
+            if not bucket.take(now):
+                self.metrics.rate_limited.labels(limit="connection_rate").inc()
+                log.debug("connection rate limit hit by %s", ip)
+                return RelayError(ErrorCode.RATE_LIMITED, "Too many new connections from this address",
+                                  headers=(("Retry-After", "1"),))
+        return None
+
     # WebSocket sessions
 
     async def _handle_ws(self, conn: RelayConnection) -> None:
@@ -295,6 +336,11 @@ class RelayServer:
                           conn.push, conn.close_soon)
         self._sessions[session] = conn
         self._unauthenticated[session] = session.opened_at + self.config.server.auth_timeout_s
+        key = limit_key(session.ip)
+        self._per_ip[key] = self._per_ip.get(key, 0) + 1
+        challenge = self.authenticator.challenge_for(session)
+        if challenge is not None:
+            session.send(challenge)
         waiting_auth = True
         try:
             async for message in conn:
@@ -307,6 +353,11 @@ class RelayServer:
         finally:
             self._unauthenticated.pop(session, None)
             del self._sessions[session]
+            left = self._per_ip[key] - 1
+            if left:
+                self._per_ip[key] = left
+            else:
+                del self._per_ip[key]
             self.router.closed(session)
 
     # One shared timer for every periodic job
@@ -323,11 +374,19 @@ class RelayServer:
             self.metrics.loop_lag.observe(max(0.0, now - planned))
             self._expire_unauthenticated(time.monotonic())
             if now >= next_sweep:
-                self.api.limiter.sweep(time.monotonic())
-                next_sweep = now + self.api.limiter.window_s
+                self._sweep_limits()
+                next_sweep = now + min(60.0, self.api.limiter.window_s)
             if now >= next_expiry:
                 next_expiry = now + self.config.queue.expiry_interval_s
                 await self._expire_messages()
+
+    def _sweep_limits(self) -> None:
+        now = time.monotonic()
+        self.api.limiter.sweep(now)
+        self.authenticator.sweep()
+        full = [k for k, b in self._arrivals.items() if now - b.stamp > 2 * b.burst / max(b.rate, 1e-9)]
+        for key in full:
+            del self._arrivals[key]
 
     def _expire_unauthenticated(self, now: float) -> None:
         """Deadlines are in insertion order, so stop at the first one still running."""

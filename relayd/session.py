@@ -16,7 +16,7 @@ class Session:
     """
 
     __slots__ = ("id", "ip", "opened_at", "address", "ack", "verified", "ready", "closed",
-                 "push", "_close", "extra")
+                 "push", "_close", "extra", "bucket", "strikes")
 
     def __init__(self, sid: int, ip: str, opened_at: float,
                  push: Callable[[str], bool], close: Callable[[int, str], None]) -> None:
@@ -31,6 +31,8 @@ class Session:
         self.push = push
         self._close = close
         self.extra: Any = None
+        self.bucket: Any = None
+        self.strikes = 0
 
     def send(self, frame: dict[str, Any]) -> bool:
         return self.push(encode(frame))
