@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import __version__
 from .config import Config, ConfigError, SECTIONS, load_config
@@ -60,26 +60,30 @@ def make_store(config: Config) -> Store:
                        commit_interval_ms=config.storage.commit_interval_ms)
 
 
-async def serve(config: Config, config_path: str | None) -> int:
-    from .server import RelayServer
-    server = RelayServer(config, make_store(config))
+async def serve(config: Config, load: Callable[[], Config]) -> int:
+    from .daemon import Daemon
+    daemon = Daemon(config, make_store(config), load)
     try:
-        await server.start()
+        await daemon.start()
     except StoreOpenError as exc:
         log.error("cannot open storage: %s", exc)
         return EXIT_CONFIG
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.server.host, config.server.port, exc.strerror or exc)
-        await server.store.close()
+        await daemon.server.store.close()
         return EXIT_FAILURE
-    await server.run_until_signalled()
+    await daemon.run()
     return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def load() -> Config:
+        return load_config(args.config, overrides=overrides_from(args))
+
     try:
-        config = load_config(args.config, overrides=overrides_from(args))
+        config = load()
     except ConfigError as exc:
         print(f"relayd: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -88,6 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     configure_logging(config.log.level, config.log.format)
     try:
-        return asyncio.run(serve(config, args.config))
+        return asyncio.run(serve(config, load))
     except KeyboardInterrupt:
         return EXIT_OK

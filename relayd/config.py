@@ -122,6 +122,20 @@ class PrivacySection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    enabled: bool = opt(True, "Serve Prometheus metrics at GET /metrics.")
+    listen: str = opt("", "Serve /metrics on this separate host:port instead of the main port "
+                          "(e.g. 127.0.0.1:9101), so metrics need not be public.")
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    certfile: str = opt("", "PEM certificate chain: serve wss:// and https:// on the same port. "
+                            "Empty: plain ws:// (put a reverse proxy in front for public use).", reload=True)
+    keyfile: str = opt("", "PEM private key for certfile.", reload=True)
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = opt("info", "debug, info, warning or error.", env="LOG_LEVEL",
                      choices=("debug", "info", "warning", "warn", "error", "critical"), reload=True)
@@ -135,6 +149,8 @@ SECTIONS: dict[str, type] = {
     "storage": StorageSection,
     "auth": AuthSection,
     "privacy": PrivacySection,
+    "metrics": MetricsSection,
+    "tls": TlsSection,
     "log": LogSection,
 }
 
@@ -147,6 +163,8 @@ class Config:
     storage: StorageSection = field(default_factory=StorageSection)
     auth: AuthSection = field(default_factory=AuthSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    tls: TlsSection = field(default_factory=TlsSection)
     log: LogSection = field(default_factory=LogSection)
 
     @property
@@ -163,7 +181,8 @@ class Config:
             host = "localhost"
         elif ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.server.port}"
+        scheme = "wss" if self.tls.certfile else "ws"
+        return f"{scheme}://{host}:{self.server.port}"
 
     def replace(self, section: str, **values: Any) -> "Config":
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
@@ -223,6 +242,16 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"[server] allowed_origins: {origin!r} must be '*' or a scheme://host[:port] origin")
     if config.server.public_url and not config.server.public_url.startswith(("ws://", "wss://")):
         raise ConfigError("[server] public_url must start with ws:// or wss://")
+    if bool(config.tls.certfile) != bool(config.tls.keyfile):
+        raise ConfigError("[tls] certfile and keyfile must be set together")
+    for key in ("certfile", "keyfile"):
+        path = getattr(config.tls, key)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"[tls] {key}: no such file {path!r}")
+    if config.metrics.listen:
+        host, sep, port = config.metrics.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"[metrics] listen must be host:port, got {config.metrics.listen!r}")
 
 
 def load_config(

@@ -22,6 +22,7 @@ from .clientip import limit_key
 from .config import Config
 from .errors import ErrorCode, RelayError
 from .frames import encode
+from .metrics import CONTENT_TYPE
 from .origins import OriginPolicy
 from .presence import LocalPresence
 from .ratelimit import FixedWindow, retry_after_header
@@ -71,6 +72,10 @@ def error_response(err: RelayError) -> HttpResponse:
 Handler = Callable[[HttpRequest, list[str]], Awaitable[HttpResponse]]
 
 
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
 class HttpApi:
     """Routes requests to handlers; applies CORS, the per-IP rate limit and HEAD."""
 
@@ -104,6 +109,7 @@ class HttpApi:
 
     def configure(self, config: Config) -> None:
         self.config = config
+        self.metrics_enabled = config.metrics.enabled and not config.metrics.listen
         self.origins = OriginPolicy(config.server.allowed_origins)
         limits = config.limits
         self.limiter = FixedWindow(limits.rate_limit_max_requests, limits.rate_limit_window_ms / 1000)
@@ -130,7 +136,7 @@ class HttpApi:
         except RelayError as err:
             response = error_response(err)
         except Exception:
-            log.exception("internal error on %s %s", req.method, req.path)
+            log.exception("internal error answering a %s request", req.method)
             response = error_response(RelayError(ErrorCode.INTERNAL_ERROR))
         allow = self.origins.allow_header(origin)
         if allow is not None and origin is not None:
@@ -237,7 +243,8 @@ class HttpApi:
                               "accepting": self.accepting()})
 
     async def metrics_text(self, req: HttpRequest, args: list[str]) -> HttpResponse:
-        from .metrics import CONTENT_TYPE
+        if not self.metrics_enabled:
+            raise RelayError(ErrorCode.NOT_FOUND, f"Endpoint not found: {req.path}")
         return HttpResponse(HTTPStatus.OK, self.metrics.render().encode(), content_type=CONTENT_TYPE)
 
     # Public keys
@@ -328,7 +335,7 @@ class HttpApi:
         q = self.config.queue
         return json_response(HTTPStatus.OK, {"totalUsers": stats["recipients"], "totalMessages": stats["messages"],
                                              "maxMessagesPerUser": q.max_offline_messages,
-                                             "retentionHours": q.message_retention_hours})
+                                             "retentionHours": _number(q.message_retention_hours)})
 
     # Status
 

@@ -13,11 +13,10 @@ import asyncio
 import email.utils
 import itertools
 import logging
-import signal
 import ssl
 import time
 from http import HTTPStatus
-from typing import Any, Generator
+from typing import Any, Callable, Generator
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -198,6 +197,8 @@ class RelayServer:
         self._unauthenticated: dict[Session, float] = {}
         self.server: Server | None = None
         self._housekeeper: asyncio.Task[None] | None = None
+        self._tick_callbacks: list[Callable[[float], None]] = []
+        self.max_tick = 1.0
         self._stopping = asyncio.Event()
         self.configure(config)
 
@@ -214,6 +215,13 @@ class RelayServer:
         RelayConnection.max_outbound = config.limits.max_outbound_bytes
 
     # Introspection used by REST and metrics
+
+    def connections(self) -> dict[Session, RelayConnection]:
+        return self._sessions
+
+    def on_tick(self, callback: Callable[[float], None]) -> None:
+        """Run ``callback(loop_time)`` on every housekeeping tick (watchdog, status)."""
+        self._tick_callbacks.append(callback)
 
     def session_count(self) -> int:
         return sum(1 for s in self._sessions if s.address is not None)
@@ -275,14 +283,6 @@ class RelayServer:
         self.authenticator.close()
         await self.store.close()
         log.info("stopped")
-
-    async def run_until_signalled(self) -> None:
-        loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, done.set)
-        await done.wait()
-        await self.stop()
 
     # REST and handshake
 
@@ -367,12 +367,14 @@ class RelayServer:
         next_expiry = 0.0
         next_sweep = 0.0
         while True:
-            tick = max(0.05, min(1.0, self.config.server.auth_timeout_s / 4))
+            tick = max(0.02, min(self.max_tick, self.config.server.auth_timeout_s / 4))
             planned = loop.time() + tick
             await asyncio.sleep(tick)
             now = loop.time()
             self.metrics.loop_lag.observe(max(0.0, now - planned))
             self._expire_unauthenticated(time.monotonic())
+            for callback in self._tick_callbacks:
+                callback(now)
             if now >= next_sweep:
                 self._sweep_limits()
                 next_sweep = now + min(60.0, self.api.limiter.window_s)
