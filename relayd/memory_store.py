@@ -55,13 +55,13 @@ class MemoryStore:
         if queue is None:
             queue = self._queues[msg.recipient] = _Queue()
         size = len(msg.content)
+        if size > limits.max_bytes:
+            return EnqueueResult.FULL
         while queue.messages and (len(queue.messages) >= limits.max_messages
                                   or queue.bytes + size > limits.max_bytes):
             if not limits.drop_oldest:
                 return EnqueueResult.FULL
             self._drop(queue, next(iter(queue.messages)))
-        if size > limits.max_bytes:
-            return EnqueueResult.FULL
         msg.seq = next(self._seq)
         queue.messages[msg.seq] = msg
         queue.bytes += size

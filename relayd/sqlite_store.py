@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -71,6 +70,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             format TEXT,
             signature TEXT) WITHOUT ROWID""",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID",
+    ),
+    (
+        """CREATE TABLE locks (
+            address TEXT PRIMARY KEY,
+            locked_at INTEGER NOT NULL) WITHOUT ROWID""",
+        "INSERT OR IGNORE INTO locks (address, locked_at) "
+        "SELECT address, updated_at FROM keys WHERE signature IS NOT NULL",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -182,7 +188,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
     try:
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
                      "version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
-        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
         if current > SCHEMA_VERSION:
             raise StoreOpenError(f"database has schema version {current}, newer than "
@@ -236,6 +243,14 @@ def _deliver(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None
             future.set_exception(exc)
 
 
+def _send(loop: asyncio.AbstractEventLoop,
+          outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    try:
+        loop.call_soon_threadsafe(_deliver, outcomes)
+    except RuntimeError:  # that loop is closed; nobody is waiting any more
+        pass
+
+
 class SQLiteStore:
     """A ``Store`` in one SQLite file; see the module docstring for the threading model."""
 
@@ -273,16 +288,22 @@ class SQLiteStore:
     async def open(self) -> None:
         if self._open:
             return
+        if self._thread is not None:  # a cancelled open(); its thread is on its way out
+            await asyncio.to_thread(self._thread.join)
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
-        self._thread = threading.Thread(target=self._run, args=(loop, ready),
-                                        name="relayd-sqlite", daemon=True)
-        self._thread.start()
+        self._jobs = jobs = queue.SimpleQueue()
+        self._thread = thread = threading.Thread(target=self._run, args=(loop, ready, jobs),
+                                                 name="relayd-sqlite", daemon=True)
+        thread.start()
         try:
             await ready
-        except BaseException:
-            self._thread.join()
+        except StoreOpenError:
+            thread.join()
             self._thread = None
+            raise
+        except BaseException:  # cancelled: the thread stops as soon as it has opened
+            jobs.put(_Job(None, False, loop.create_future(), loop, solo=True))
             raise
         self._open = True
 
@@ -297,7 +318,11 @@ class SQLiteStore:
         self._thread = None
 
     async def backup(self, dest_path: str) -> None:
-        """Copy the live database to ``dest_path`` while the store keeps running."""
+        """Copy the live database to ``dest_path`` without stopping the store.
+
+        The copy runs on the writer thread, so it is consistent and other jobs
+        simply wait for it (about a second per few hundred MB).
+        """
         def job(conn: sqlite3.Connection) -> tuple[None, int]:
             dest = Path(dest_path)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -340,18 +365,19 @@ class SQLiteStore:
 
     # The writer thread
 
-    def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None],
+             jobs: queue.SimpleQueue[_Job]) -> None:
         try:
             self._conn = self._connect()
         except BaseException as exc:
             if not isinstance(exc, StoreOpenError):
                 exc = StoreOpenError(f"cannot open database {self.path}: {exc}")
-            loop.call_soon_threadsafe(_deliver, [(ready, None, exc)])
+            _send(loop, [(ready, None, exc)])
             return
-        loop.call_soon_threadsafe(_deliver, [(ready, None, None)])
+        _send(loop, [(ready, None, None)])
         carry: _Job | None = None
         while True:
-            batch, carry = self._collect(carry)
+            batch, carry = self._collect(jobs, carry)
             if batch[0].fn is None:
                 break
             try:
@@ -362,12 +388,13 @@ class SQLiteStore:
         self._shutdown()
         self._post([(batch[0], None, None)])
 
-    def _collect(self, carry: _Job | None) -> tuple[list[_Job], _Job | None]:
+    def _collect(self, jobs: queue.SimpleQueue[_Job],
+                 carry: _Job | None) -> tuple[list[_Job], _Job | None]:
         """Take every waiting job; while only writes are waiting, linger for more.
 
         A solo job ends the batch and is handed back to run next, on its own.
         """
-        first = carry or self._jobs.get()
+        first = carry or jobs.get()
         if first.solo:
             return [first], None
         batch = [first]
@@ -375,13 +402,13 @@ class SQLiteStore:
         deadline = time.monotonic() + self._interval
         while len(batch) < MAX_BATCH:
             try:
-                job = self._jobs.get_nowait()
+                job = jobs.get_nowait()
             except queue.Empty:
                 remaining = deadline - time.monotonic()
                 if not linger or remaining <= 0:
                     break
                 try:
-                    job = self._jobs.get(timeout=remaining)
+                    job = jobs.get(timeout=remaining)
                 except queue.Empty:
                     break
             if job.solo:
@@ -456,10 +483,7 @@ class SQLiteStore:
         for job, value, exc in outcomes:
             by_loop.setdefault(job.loop, []).append((job.future, value, exc))
         for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that loop is closed; nobody is waiting any more
-                pass
+            _send(loop, items)
 
     def _shutdown(self) -> None:
         conn, self._conn = self._conn, None
@@ -500,7 +524,7 @@ class SQLiteStore:
     async def remove(self, recipient: str, seqs: list[int]) -> int:
         if not seqs:
             return 0
-        wanted = list(seqs)
+        wanted = list(dict.fromkeys(seqs))
 
         def job(conn: sqlite3.Connection) -> tuple[int, int]:
             removed = _delete_where(conn, recipient, "seq", wanted)
@@ -617,6 +641,40 @@ class SQLiteStore:
     async def key_count(self) -> int:
         return await self._submit(
             lambda c: (c.execute("SELECT COUNT(*) FROM keys").fetchone()[0], 0), write=False)
+
+
+    # Ownership locks
+
+    async def is_locked(self, address: str) -> bool:
+        return await self._submit(lambda c: (c.execute("SELECT 1 FROM locks WHERE address = ?",
+                                                       (address,)).fetchone() is not None, 0), write=False)
+
+    async def lock(self, address: str) -> None:
+        stamp = int(time.time() * 1000)
+
+        def job(conn: sqlite3.Connection) -> tuple[None, int]:
+            conn.execute("INSERT OR IGNORE INTO locks (address, locked_at) VALUES (?, ?)", (address, stamp))
+            return None, 0
+        await self._submit(job, write=True)
+
+
+def backup_database(path: str, dest_path: str) -> None:
+    """Copy a consistent snapshot of a live database without joining its writer.
+
+    Uses a read-only connection, so it is safe while relayd runs and never
+    stalls relayd's writes for longer than SQLite's own page copying.
+    """
+    if not Path(path).is_file():
+        raise StoreOpenError(f"no database at {path}")
+    src = sqlite3.connect(_ro_uri(Path(path)), uri=True)
+    try:
+        dest = sqlite3.connect(dest_path)
+        try:
+            src.backup(dest)
+        finally:
+            dest.close()
+    finally:
+        src.close()
 
 
 # Job bodies (run on the writer thread)

@@ -1,0 +1,119 @@
+"""Enqueue throughput of MemoryStore vs SQLiteStore, and open() time on a 1M-message file.
+
+Run from the repository root: ``python bench/store_microbench.py [--seconds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from relayd.memory_store import MemoryStore  # noqa: E402
+from relayd.sqlite_store import SQLiteStore  # noqa: E402
+from relayd.store import QueuedMessage, QueueLimits, Store  # noqa: E402
+
+LIMITS = QueueLimits(max_messages=10**9, max_bytes=10**12, drop_oldest=False)
+CONTENT = "x" * 200
+
+
+async def throughput(store: Store, producers: int, seconds: float) -> float:
+    await store.open()
+    ids = itertools.count()
+    deadline = time.perf_counter() + seconds
+    done = 0
+
+    async def produce(n: int) -> None:
+        nonlocal done
+        recipient = f"0x{n:040x}"
+        while time.perf_counter() < deadline:
+            i = next(ids)
+            now = int(time.time() * 1000)
+            await store.enqueue(QueuedMessage(recipient, "0xsender", f"m{i}", CONTENT, now, now),
+                                LIMITS)
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(produce(n) for n in range(producers)))
+    elapsed = time.perf_counter() - start
+    await store.close()
+    return done / elapsed
+
+
+def build_big(path: Path, rows: int, recipients: int) -> None:
+    asyncio.run(_init(path))
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO messages (recipient, sender, message_id, content, timestamp, queued_at, size) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        ((f"0x{i % recipients:040x}", "0xsender", f"m{i}", CONTENT, i, i, len(CONTENT))
+         for i in range(rows)))
+    conn.execute("INSERT INTO queues (recipient, count, bytes) "
+                 "SELECT recipient, COUNT(*), SUM(size) FROM messages GROUP BY recipient")
+    conn.execute("COMMIT")
+    conn.close()
+
+
+async def _init(path: Path) -> None:
+    store = SQLiteStore(str(path))
+    await store.open()
+    await store.close()
+
+
+async def time_open(path: Path) -> tuple[float, int]:
+    store = SQLiteStore(str(path))
+    start = time.perf_counter()
+    await store.open()
+    elapsed = time.perf_counter() - start
+    total = store.total()
+    await store.close()
+    return elapsed, total
+
+
+async def time_backup(path: Path, dest: Path) -> float:
+    store = SQLiteStore(str(path))
+    await store.open()
+    start = time.perf_counter()
+    await store.backup(str(dest))
+    elapsed = time.perf_counter() - start
+    await store.close()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--producers", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        memory = asyncio.run(throughput(MemoryStore(), args.producers, args.seconds))
+        print(f"{'memory':<21} {memory:9,.0f} msg/s")
+        for sync, interval in (("normal", 2.0), ("full", 2.0), ("normal", 0.0)):
+            store = SQLiteStore(f"{tmp}/{sync}{interval}.db", synchronous=sync,
+                                commit_interval_ms=interval)
+            rate = asyncio.run(throughput(store, args.producers, args.seconds))
+            label = f"sqlite {sync} {interval:g}ms"
+            print(f"{label:<21} {rate:9,.0f} msg/s   sqlite/memory = {rate / memory:.3f}")
+        big = Path(tmp) / "big.db"
+        start = time.perf_counter()
+        build_big(big, args.rows, recipients=1000)
+        print(f"built {args.rows:,} rows in {time.perf_counter() - start:.1f} s "
+              f"({big.stat().st_size / 1e6:.0f} MB)")
+        elapsed, total = asyncio.run(time_open(big))
+        print(f"open() with {total:,} queued messages: {elapsed * 1000:.0f} ms")
+        elapsed = asyncio.run(time_backup(big, Path(tmp) / "copy.db"))
+        print(f"backup() of that file: {elapsed * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

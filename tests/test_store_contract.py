@@ -1,0 +1,287 @@
+"""One contract, every backend: what the router may rely on from any Store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relayd.memory_store import MemoryStore
+from relayd.sqlite_store import SQLiteStore
+from relayd.store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, Store
+
+QUEUED, DUPLICATE, FULL = EnqueueResult.QUEUED, EnqueueResult.DUPLICATE, EnqueueResult.FULL
+ROOMY = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False)
+Body = Callable[[Store], Awaitable[Any]]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Body], Any]:
+    """Run an async test body against a freshly opened store, closing it afterwards."""
+    def run(body: Body) -> Any:
+        async def main() -> Any:
+            store: Store = (MemoryStore() if request.param == "memory"
+                            else SQLiteStore(str(tmp_path / "relay.db"), commit_interval_ms=0.5))
+            await store.open()
+            try:
+                return await body(store)
+            finally:
+                await store.close()
+        return asyncio.run(main())
+    run.kind = request.param  # type: ignore[attr-defined]
+    return run
+
+
+def msg(recipient: str, message_id: str, content: str = "hello", *, sender: str = "alice",
+        queued_at: int = 1000) -> QueuedMessage:
+    return QueuedMessage(recipient=recipient, sender=sender, message_id=message_id,
+                         content=content, timestamp=queued_at - 5, queued_at=queued_at)
+
+
+async def ids(store: Store, recipient: str) -> list[str]:
+    return [m.message_id for m in await store.pending(recipient, 10_000)]
+
+
+def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(backend):
+    async def body(store: Store) -> None:
+        sent = [msg("bob", f"m{i}", f"text {i}", queued_at=1000 + i) for i in range(5)]
+        for m in sent:
+            assert await store.enqueue(m, ROOMY) is QUEUED
+        seqs = [m.seq for m in sent]
+        assert all(s > 0 for s in seqs) and seqs == sorted(set(seqs))
+        got = await store.pending("bob", 10)
+        assert got == sent
+        assert got[0].rest() == {"from": "alice", "content": "text 0", "messageId": "m0",
+                                 "timestamp": 995, "queuedAt": 1000}
+        assert await store.pending("bob", 2) == sent[:2]
+        assert await store.pending("bob", 10, after_seq=seqs[2]) == sent[3:]
+        assert await store.pending("bob", 10, after_seq=seqs[-1]) == []
+        assert await store.pending("nobody", 10) == []
+    backend(body)
+
+
+def test_queues_are_per_recipient(backend):
+    async def body(store: Store) -> None:
+        await store.enqueue(msg("bob", "m1"), ROOMY)
+        await store.enqueue(msg("carol", "m2"), ROOMY)
+        await store.enqueue(msg("bob", "m3"), ROOMY)
+        assert await ids(store, "bob") == ["m1", "m3"]
+        assert await ids(store, "carol") == ["m2"]
+    backend(body)
+
+
+def test_duplicate_is_per_sender_and_message_id(backend):
+    async def body(store: Store) -> None:
+        first = msg("bob", "m1")
+        assert await store.enqueue(first, ROOMY) is QUEUED
+        again = msg("bob", "m1", "other text")
+        assert await store.enqueue(again, ROOMY) is DUPLICATE
+        assert again.seq == 0
+        assert await store.enqueue(msg("carol", "m1"), ROOMY) is DUPLICATE
+        assert await store.enqueue(msg("bob", "m1", sender="dave"), ROOMY) is QUEUED
+        assert await store.size("bob") == 2
+        assert await store.ack("bob", ["m1"]) == 2
+        assert await store.enqueue(msg("bob", "m1"), ROOMY) is QUEUED
+    backend(body)
+
+
+def test_full_by_count(backend):
+    async def body(store: Store) -> None:
+        limits = QueueLimits(max_messages=3, max_bytes=1000, drop_oldest=False)
+        results = [await store.enqueue(msg("bob", f"m{i}"), limits) for i in range(5)]
+        assert results == [QUEUED] * 3 + [FULL] * 2
+        assert await ids(store, "bob") == ["m0", "m1", "m2"]
+        assert await store.enqueue(msg("carol", "c0"), limits) is QUEUED
+        assert store.total() == 4
+    backend(body)
+
+
+def test_full_by_bytes(backend):
+    async def body(store: Store) -> None:
+        limits = QueueLimits(max_messages=100, max_bytes=10, drop_oldest=False)
+        assert await store.enqueue(msg("bob", "a", "12345"), limits) is QUEUED
+        assert await store.enqueue(msg("bob", "b", "1234"), limits) is QUEUED
+        assert await store.enqueue(msg("bob", "c", "12"), limits) is FULL
+        assert await store.enqueue(msg("bob", "d", "1"), limits) is QUEUED
+        assert await store.enqueue(msg("bob", "e", "1"), limits) is FULL
+        assert await store.enqueue(msg("carol", "f", "x" * 11), limits) is FULL
+        assert await ids(store, "bob") == ["a", "b", "d"]
+        assert (await store.stats())["bytes"] == 10
+    backend(body)
+
+
+def test_drop_oldest_makes_room(backend):
+    async def body(store: Store) -> None:
+        limits = QueueLimits(max_messages=3, max_bytes=10, drop_oldest=True)
+        for i in range(5):
+            assert await store.enqueue(msg("bob", f"m{i}", "ab"), limits) is QUEUED
+        assert await ids(store, "bob") == ["m2", "m3", "m4"]
+        assert await store.enqueue(msg("bob", "big", "123456789"), limits) is QUEUED
+        assert await ids(store, "bob") == ["big"]
+        assert store.total() == 1
+        assert await store.size("bob") == 1
+        assert await store.enqueue(msg("bob", "m0", "ab"), limits) is QUEUED
+        stats = await store.stats()
+        assert stats["messages"] == 1 and stats["bytes"] == 2
+    backend(body)
+
+
+def test_drop_oldest_of_a_shrunk_limit_drops_many(backend):
+    async def body(store: Store) -> None:
+        for i in range(150):
+            await store.enqueue(msg("bob", f"m{i}", "x"), ROOMY)
+        limits = QueueLimits(max_messages=10, max_bytes=1000, drop_oldest=True)
+        assert await store.enqueue(msg("bob", "new", "x"), limits) is QUEUED
+        assert await ids(store, "bob") == [f"m{i}" for i in range(141, 150)] + ["new"]
+        assert store.total() == 10
+    backend(body)
+
+
+def test_oversized_message_is_full_without_dropping(backend, request):
+
+    async def body(store: Store) -> None:
+        limits = QueueLimits(max_messages=10, max_bytes=10, drop_oldest=True)
+        await store.enqueue(msg("bob", "m1", "abc"), limits)
+        assert await store.enqueue(msg("bob", "huge", "x" * 11), limits) is FULL
+        assert await ids(store, "bob") == ["m1"]
+    backend(body)
+
+
+def test_remove_by_seq(backend):
+    async def body(store: Store) -> None:
+        sent = [msg("bob", f"m{i}") for i in range(4)]
+        for m in sent:
+            await store.enqueue(m, ROOMY)
+        other = msg("carol", "c1")
+        await store.enqueue(other, ROOMY)
+        assert await store.remove("bob", [sent[1].seq, sent[3].seq, 99_999, other.seq]) == 2
+        assert await ids(store, "bob") == ["m0", "m2"]
+        assert await ids(store, "carol") == ["c1"]
+        assert await store.remove("bob", []) == 0
+        assert await store.remove("bob", [sent[0].seq] * 600) == 1
+        assert await store.remove("nobody", [1]) == 0
+        assert store.total() == 2
+    backend(body)
+
+
+def test_ack_by_message_id(backend):
+    async def body(store: Store) -> None:
+        for i in range(4):
+            await store.enqueue(msg("bob", f"m{i}"), ROOMY)
+        await store.enqueue(msg("carol", "m9"), ROOMY)
+        assert await store.ack("bob", ["m0", "m2", "m9", "nope", "m0"]) == 2
+        assert await store.ack("bob", [f"x{i}" for i in range(1200)] + ["m3"]) == 1
+        assert await ids(store, "bob") == ["m1"]
+        assert await store.ack("nobody", ["m1"]) == 0
+        assert await store.ack("bob", []) == 0
+        assert store.total() == 2
+    backend(body)
+
+
+def test_clear(backend):
+    async def body(store: Store) -> None:
+        for i in range(3):
+            await store.enqueue(msg("bob", f"m{i}"), ROOMY)
+        await store.enqueue(msg("carol", "c"), ROOMY)
+        assert await store.clear("bob") == 3
+        assert await store.clear("bob") == 0
+        assert await store.size("bob") == 0
+        assert await ids(store, "carol") == ["c"]
+        assert store.total() == 1
+        assert await store.enqueue(msg("bob", "m0"), ROOMY) is QUEUED
+    backend(body)
+
+
+def test_size_total_and_stats(backend):
+    async def body(store: Store) -> None:
+        assert store.total() == 0
+        assert await store.stats() == {"recipients": 0, "messages": 0, "bytes": 0,
+                                       "receipts": 0, "keys": 0}
+        await store.enqueue(msg("bob", "a", "1234"), ROOMY)
+        await store.enqueue(msg("bob", "b", "12"), ROOMY)
+        await store.enqueue(msg("carol", "c", "1"), ROOMY)
+        await store.add_receipt(Receipt("bob", "carol", "x", 5))
+        await store.put_key(KeyRecord("bob", "pk", 1, 1))
+        assert await store.size("bob") == 2
+        assert await store.size("carol") == 1
+        assert await store.size("dave") == 0
+        assert store.total() == 3
+        assert await store.stats() == {"recipients": 2, "messages": 3, "bytes": 7,
+                                       "receipts": 1, "keys": 1}
+        await store.ack("carol", ["c"])
+        assert (await store.stats())["recipients"] == 1
+    backend(body)
+
+
+def test_expire_messages_and_receipts(backend):
+    async def body(store: Store) -> None:
+        for i, when in enumerate([100, 200, 300, 400]):
+            await store.enqueue(msg("bob" if i % 2 else "carol", f"m{i}", queued_at=when), ROOMY)
+        for when in (150, 250, 350):
+            await store.add_receipt(Receipt("bob", "carol", f"r{when}", when))
+        assert await store.expire(300) == 2
+        assert await ids(store, "carol") == ["m2"]
+        assert await ids(store, "bob") == ["m3"]
+        assert store.total() == 2
+        assert [r.message_id for r in await store.take_receipts("bob", 10)] == ["r350"]
+        assert await store.expire(300) == 0
+        assert await store.expire(10_000) == 2
+        assert store.total() == 0
+        assert (await store.stats())["recipients"] == 0
+    backend(body)
+
+
+def test_receipts_are_taken_oldest_first(backend):
+    async def body(store: Store) -> None:
+        added = [Receipt("bob", f"reader{i}", f"m{i}", 1000 + i) for i in range(5)]
+        for r in added:
+            await store.add_receipt(r)
+        await store.add_receipt(Receipt("carol", "x", "y", 1))
+        assert all(r.seq > 0 for r in added)
+        assert [r.seq for r in added] == sorted(r.seq for r in added)
+        assert await store.take_receipts("bob", 2) == added[:2]
+        assert await store.take_receipts("bob", 10) == added[2:]
+        assert await store.take_receipts("bob", 10) == []
+        assert await store.take_receipts("nobody", 10) == []
+        assert (await store.stats())["receipts"] == 1
+    backend(body)
+
+
+def test_keys(backend):
+    async def body(store: Store) -> None:
+        assert await store.get_key("bob") is None
+        first = KeyRecord("bob", "pk1", created_at=100, updated_at=100)
+        assert await store.put_key(first) == first
+        second = KeyRecord("bob", "pk2", created_at=500, updated_at=500, key_type="secp256k1",
+                           issued_at=490, format="hex", signature="sig")
+        stored = await store.put_key(second)
+        assert stored.created_at == 100
+        assert stored.updated_at == 500 and stored.signed
+        assert await store.get_key("bob") == stored
+        await store.put_key(KeyRecord("carol", "pkc", 7, 7))
+        assert await store.key_count() == 2
+        got = await store.get_keys(["bob", "nobody", "carol", "bob"])
+        assert set(got) == {"bob", "carol"} and got["carol"].public_key == "pkc"
+        assert await store.get_keys([]) == {}
+        assert await store.delete_key("bob") is True
+        assert await store.delete_key("bob") is False
+        assert await store.get_key("bob") is None
+        assert await store.key_count() == 1
+        fresh = await store.put_key(KeyRecord("bob", "pk3", 900, 900))
+        assert fresh.created_at == 900
+    backend(body)
+
+
+def test_ownership_locks_are_permanent(backend):
+    async def body(store: Store) -> None:
+        assert await store.is_locked("bob") is False
+        await store.lock("bob")
+        await store.lock("bob")
+        assert await store.is_locked("bob") is True
+        assert await store.is_locked("carol") is False
+        await store.delete_key("bob")
+        assert await store.is_locked("bob") is True
+    backend(body)
