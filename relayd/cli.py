@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import sqlite3
 import sys
 from typing import Callable, Sequence
 
@@ -25,8 +27,10 @@ FLAG_KEYS = {"host": ("server", "host"), "port": ("server", "port"), "log_level"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relayd", description="Relay daemon for the Idena P2P messenger.")
-    p.add_argument("command", nargs="?", default="run", choices=("run",),
-                   help="what to do (default: run the relay)")
+    p.add_argument("command", nargs="?", default="run", choices=("run", "backup", "stats"),
+                   help="run the relay (default); backup FILE: online copy of the database; "
+                        "stats: counts from the database")
+    p.add_argument("target", nargs="?", metavar="FILE", help="destination of backup")
     p.add_argument("--config", "-c", metavar="FILE", help="INI configuration file")
     p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     p.add_argument("--host", help="override [server] host")
@@ -76,6 +80,27 @@ async def serve(config: Config, load: Callable[[], Config]) -> int:
     return EXIT_OK
 
 
+def admin(command: str, target: str | None, config: Config) -> int:
+    """Offline commands on the SQLite database; safe while relayd runs."""
+    if config.storage.backend != "sqlite":
+        print(f"relayd {command}: needs [storage] backend = sqlite", file=sys.stderr)
+        return EXIT_CONFIG
+    from .sqlite_store import backup_database, read_stats
+    try:
+        if command == "backup":
+            if not target:
+                print("relayd backup: missing destination FILE", file=sys.stderr)
+                return EXIT_CONFIG
+            backup_database(config.storage.path, target)
+            print(f"relayd: backed up {config.storage.path} to {target}")
+        else:
+            print(json.dumps(read_stats(config.storage.path), indent=2, sort_keys=True))
+    except (StoreOpenError, OSError, sqlite3.Error) as exc:
+        print(f"relayd {command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -90,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(f"relayd: configuration OK ({args.config or 'defaults'})")
         return EXIT_OK
+    if args.command != "run":
+        return admin(args.command, args.target, config)
     configure_logging(config.log.level, config.log.format)
     try:
         return asyncio.run(serve(config, load))
