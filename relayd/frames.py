@@ -18,6 +18,11 @@ _decode = json.JSONDecoder().decode
 MAX_MESSAGE_ID = 256
 
 
+def utf8_len(text: str) -> int:
+    """Byte length of ``text`` in UTF-8; free for the usual ASCII (base64) content."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def decode(raw: str | bytes) -> dict[str, Any]:
     """Parse one frame; raise ``invalid_json`` or ``invalid_frame``."""
     if isinstance(raw, (bytes, bytearray, memoryview)):
@@ -51,9 +56,9 @@ def field_str(frame: dict[str, Any], name: str, *, max_len: int | None = None, m
         raise RelayError(ErrorCode.INVALID_FIELD, f"Field {name} must be a string", message_id=message_id)
     if not value and not allow_empty:
         raise RelayError(ErrorCode.INVALID_FIELD, f"Field {name} must not be empty", message_id=message_id)
-    if max_len is not None and len(value) > max_len:
+    if max_len is not None and utf8_len(value) > max_len:
         code = ErrorCode.MESSAGE_TOO_LARGE if name == "content" else ErrorCode.INVALID_FIELD
-        raise RelayError(code, f"Field {name} is longer than {max_len}", message_id=message_id)
+        raise RelayError(code, f"Field {name} is longer than {max_len} bytes", message_id=message_id)
     return value
 
 

@@ -300,9 +300,11 @@ class HttpApi:
     # Messages
 
     async def get_messages(self, req: HttpRequest, args: list[str]) -> HttpResponse:
+        """Without ``limit`` a GET drains the queue; ``limit`` and HEAD only peek."""
         address = normalize_address(args[0])
         raw_limit = req.query.get("limit")
         cap = self.config.queue.max_offline_messages
+        limit = cap
         if raw_limit:
             try:
                 limit = int(raw_limit[0])
@@ -310,12 +312,10 @@ class HttpApi:
                 limit = -1
             if limit < 0:
                 raise RelayError(ErrorCode.BAD_REQUEST, "limit must be a non-negative integer")
-            messages = await self.store.pending(address, min(limit, cap)) if limit else []
-        else:
-            await self._authorize(req, address)
-            messages = await self.store.pending(address, cap)
-            if messages:
-                await self.store.remove(address, [m.seq for m in messages])
+        await self._authorize(req, address)
+        messages = await self.store.pending(address, min(limit, cap)) if limit else []
+        if messages and not raw_limit and req.method == "GET":
+            await self.store.remove(address, [m.seq for m in messages])
         return json_response(HTTPStatus.OK, {"address": address, "count": len(messages),
                                              "messages": [m.rest() for m in messages]})
 

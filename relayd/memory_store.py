@@ -24,7 +24,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._queues: dict[str, _Queue] = {}
-        self._ids: dict[tuple[str, str], tuple[str, int]] = {}
+        self._ids: dict[tuple[str, str, str], tuple[str, int]] = {}
         self._receipts: dict[str, list[Receipt]] = {}
         self._keys: dict[str, KeyRecord] = {}
         self._locked: set[str] = set()
@@ -48,7 +48,7 @@ class MemoryStore:
     # Messages
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
-        ident = (msg.sender, msg.message_id)
+        ident = (msg.sender, msg.recipient, msg.message_id)
         if ident in self._ids:
             return EnqueueResult.DUPLICATE
         queue = self._queues.get(msg.recipient)
@@ -72,7 +72,7 @@ class MemoryStore:
     def _drop(self, queue: _Queue, seq: int) -> None:
         msg = queue.messages.pop(seq)
         queue.bytes -= len(msg.content)
-        self._ids.pop((msg.sender, msg.message_id), None)
+        self._ids.pop((msg.sender, msg.recipient, msg.message_id), None)
         self._total -= 1
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0) -> list[QueuedMessage]:

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 from .config import Config
 from .errors import CLOSE_CODES, ErrorCode, RelayError
 from .frames import (decode, encode, field_address, field_bool, field_message_id, field_str,
-                     field_timestamp, message_id_of)
+                     field_timestamp, message_id_of, utf8_len)
 from .presence import Routes
 from .ratelimit import TokenBucket
 from .session import Session
@@ -45,7 +45,7 @@ class Router:
         self.store = store
         self.metrics = metrics
         self.authenticator = authenticator
-        self._recent: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._recent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         self._handlers: dict[str, Handler] = {
             "auth": self._on_auth,
             "message": self._on_message,
@@ -74,7 +74,8 @@ class Router:
     async def handle(self, session: Session, raw: str | bytes) -> None:
         frame: dict[str, Any] | None = None
         try:
-            if session.address is None and len(raw) > self.max_preauth:
+            if session.address is None and (
+                    len(raw) if isinstance(raw, (bytes, bytearray)) else utf8_len(raw)) > self.max_preauth:
                 self.metrics.rate_limited.labels(limit="preauth_size").inc()
                 session.send(RelayError(ErrorCode.MESSAGE_TOO_LARGE,
                                         f"Frames before auth are limited to {self.max_preauth} bytes").frame())
@@ -166,6 +167,9 @@ class Router:
                     break
                 written = []
                 for msg in batch:
+                    waiter = session.congested()
+                    if waiter is not None:
+                        await waiter
                     if not session.push(encode({"type": "message", "from": msg.sender, "content": msg.content,
                                                 "messageId": msg.message_id, "timestamp": msg.timestamp,
                                                 "queued": True})):
@@ -186,6 +190,8 @@ class Router:
                     break
         except StorageUnavailable as exc:
             log.error("cannot read the offline queue: %s; live delivery continues", exc)
+        except ConnectionError:
+            return
         if session.closed:
             return
         session.ready = True
@@ -201,7 +207,7 @@ class Router:
         stamp = field_timestamp(frame, "timestamp", message_id=mid)
         sender = session.address
         assert sender is not None and content is not None
-        key = (sender, mid)
+        key = (sender, to, mid)
         answer = self._recent.get(key)
         if answer is None:
             try:
@@ -273,7 +279,7 @@ class Router:
                              message_id=mid)
         recipients.add(to)
 
-    def _remember(self, key: tuple[str, str], answer: str) -> None:
+    def _remember(self, key: tuple[str, str, str], answer: str) -> None:
         recent = self._recent
         recent[key] = answer
         if len(recent) > RECENT_IDS:

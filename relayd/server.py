@@ -44,6 +44,8 @@ log = logging.getLogger("relayd.server")
 
 MAX_CHUNK_LINE = 128
 FRAME_OVERHEAD = 4096
+JSON_ESCAPE_FACTOR = 6  # a character may take six bytes as a JSON \uXXXX escape
+CLOSE_TIMEOUT = 5.0
 WRITE_LIMIT = 64 * 1024
 MAX_OUTBOUND_BUFFER = 1024 * 1024
 
@@ -90,6 +92,14 @@ class BodyReader(StreamReader):
             if self.error is None:
                 yield from self._read_body()
         return line
+
+    def read_exact(self, n: int) -> Generator[None, None, bytearray]:
+        """After a refused body, swallow whatever follows instead of parsing it as frames."""
+        if self.error is not None and not self.in_head:
+            while True:
+                self.discard()
+                yield
+        return (yield from super().read_exact(n))
 
     def _note_length(self, raw: bytes) -> None:
         try:
@@ -158,6 +168,10 @@ class RelayConnection(ServerConnection):
         self.protocol.send_text(data.encode())
         self.send_data()
         return True
+
+    def congested(self) -> Any:
+        """While the transport is paused above ``write_limit``, the awaitable that resumes."""
+        return self.drain() if self.paused else None
 
     def close_soon(self, code: int, reason: str) -> None:
         self.loop.create_task(self.close(code, reason))
@@ -254,7 +268,8 @@ class RelayServer:
             compression=None,
             ping_interval=ping_interval,
             ping_timeout=cfg.ping_timeout_s if ping_interval else None,
-            max_size=self.config.limits.max_message_bytes + FRAME_OVERHEAD,
+            close_timeout=min(CLOSE_TIMEOUT, cfg.ping_timeout_s),
+            max_size=self.config.limits.max_message_bytes * JSON_ESCAPE_FACTOR + FRAME_OVERHEAD,
             max_queue=16,
             write_limit=WRITE_LIMIT,
             ssl=ssl_context,
@@ -333,7 +348,7 @@ class RelayServer:
 
     async def _handle_ws(self, conn: RelayConnection) -> None:
         session = Session(next(self._ids), getattr(conn, "client_ip", "unknown"), time.monotonic(),
-                          conn.push, conn.close_soon)
+                          conn.push, conn.close_soon, conn.congested)
         self._sessions[session] = conn
         self._unauthenticated[session] = session.opened_at + self.config.server.auth_timeout_s
         key = limit_key(session.ip)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from .frames import encode
 
@@ -12,14 +12,17 @@ class Session:
 
     ``push`` writes an encoded frame without waiting and returns False when
     the connection cannot take it (closed, or its peer stopped reading), so a
-    slow recipient never stalls the sender that routes to it.
+    slow recipient never stalls the sender that routes to it. ``congested``
+    returns an awaitable while the peer is behind, so a bulk sender (the
+    backlog flush) can wait for it instead of overrunning it.
     """
 
     __slots__ = ("id", "ip", "opened_at", "address", "ack", "verified", "ready", "closed",
-                 "push", "_close", "extra", "bucket", "strikes")
+                 "push", "_close", "congested", "extra", "bucket", "strikes")
 
     def __init__(self, sid: int, ip: str, opened_at: float,
-                 push: Callable[[str], bool], close: Callable[[int, str], None]) -> None:
+                 push: Callable[[str], bool], close: Callable[[int, str], None],
+                 congested: Callable[[], Awaitable[None] | None] = lambda: None) -> None:
         self.id = sid
         self.ip = ip
         self.opened_at = opened_at
@@ -30,6 +33,7 @@ class Session:
         self.closed = False
         self.push = push
         self._close = close
+        self.congested = congested
         self.extra: Any = None
         self.bucket: Any = None
         self.strikes = 0

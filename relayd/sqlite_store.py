@@ -44,7 +44,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             timestamp INTEGER NOT NULL,
             queued_at INTEGER NOT NULL,
             size INTEGER NOT NULL,
-            UNIQUE (sender, message_id))""",
+            UNIQUE (sender, recipient, message_id))""",
         "CREATE INDEX messages_recipient_seq ON messages (recipient, seq)",
         "CREATE INDEX messages_recipient_id ON messages (recipient, message_id)",
         "CREATE INDEX messages_queued_at ON messages (queued_at)",
@@ -682,8 +682,8 @@ def backup_database(path: str, dest_path: str) -> None:
 def _enqueue(conn: sqlite3.Connection, row: tuple[str, str, str, str, int, int],
              max_messages: int, max_bytes: int, drop_oldest: bool) -> tuple[tuple[EnqueueResult, int], int]:
     recipient, sender, message_id, content = row[:4]
-    if conn.execute("SELECT 1 FROM messages WHERE sender = ? AND message_id = ?",
-                    (sender, message_id)).fetchone():
+    if conn.execute("SELECT 1 FROM messages WHERE sender = ? AND recipient = ? AND message_id = ?",
+                    (sender, recipient, message_id)).fetchone():
         return (EnqueueResult.DUPLICATE, 0), 0
     size = len(content)
     if size > max_bytes:
