@@ -103,6 +103,10 @@ class Router:
             close_code = CLOSE_CODES.get(err.code)
             if close_code is not None:
                 session.close(close_code, err.code.value)
+        except Exception:
+            log.exception("internal error handling a frame")
+            self.metrics.frame_error.inc()
+            session.send(RelayError(ErrorCode.INTERNAL_ERROR, message_id=message_id_of(frame or {})).frame())
 
     def _admit(self, session: Session) -> bool:
         """Per-connection token bucket: refuse with rate_limited, close on sustained abuse."""
@@ -164,6 +168,7 @@ class Router:
             while not session.closed:
                 batch = await self.store.pending(address, FLUSH_BATCH, after)
                 if not batch:
+                    session.ready = True
                     break
                 written = []
                 for msg in batch:
@@ -190,12 +195,14 @@ class Router:
                     break
         except StorageUnavailable as exc:
             log.error("cannot read the offline queue: %s; live delivery continues", exc)
+            if not session.closed:
+                session.ready = True
+                session.send(RelayError(ErrorCode.STORAGE_UNAVAILABLE,
+                                        "Storage is unavailable; the stored backlog was not sent").frame())
+            return
         except ConnectionError:
             return
-        if session.closed:
-            return
-        session.ready = True
-        if session.ack:
+        if session.ack and not session.closed:
             session.send({"type": "queue_empty"})
 
     # Traffic

@@ -28,6 +28,7 @@ log = logging.getLogger("relayd.storage")
 APPLICATION_ID = 0x524C5944  # "RLYD": marks a file as relayd's
 SQLITE_MAGIC = b"SQLite format 3\x00"
 MAX_BATCH = 500
+FULL_CHECK_BYTES = 64 * 1024 * 1024
 EXPIRE_CHUNK = 1000
 _IN_CHUNK = 500  # stays far below SQLite's bound-parameter limit on old builds
 _DROP_CHUNK = 64
@@ -44,7 +45,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             timestamp INTEGER NOT NULL,
             queued_at INTEGER NOT NULL,
             size INTEGER NOT NULL,
-            UNIQUE (sender, recipient, message_id))""",
+            UNIQUE (sender, message_id))""",
         "CREATE INDEX messages_recipient_seq ON messages (recipient, seq)",
         "CREATE INDEX messages_recipient_id ON messages (recipient, message_id)",
         "CREATE INDEX messages_queued_at ON messages (queued_at)",
@@ -77,6 +78,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             locked_at INTEGER NOT NULL) WITHOUT ROWID""",
         "INSERT OR IGNORE INTO locks (address, locked_at) "
         "SELECT address, updated_at FROM keys WHERE signature IS NOT NULL",
+    ),
+    (   # messageIds are idempotent per sender and recipient, not per sender alone
+        """CREATE TABLE messages_v3 (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            content TEXT NOT NULL,
+            timestamp INTEGER NOT NULL,
+            queued_at INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            UNIQUE (sender, recipient, message_id))""",
+        "INSERT INTO messages_v3 SELECT seq, recipient, sender, message_id, content, timestamp, queued_at, size "
+        "FROM messages",
+        "DROP TABLE messages",
+        "ALTER TABLE messages_v3 RENAME TO messages",
+        "CREATE INDEX messages_recipient_seq ON messages (recipient, seq)",
+        "CREATE INDEX messages_recipient_id ON messages (recipient, message_id)",
+        "CREATE INDEX messages_queued_at ON messages (queued_at)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -171,6 +191,7 @@ def _inspect(path: Path) -> int | None:
                 f"{path} is a SQLite database of another application "
                 f"(application_id {app_id:#x}); refusing to touch it")
         version = ro.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        _check_integrity(ro, path)
     except sqlite3.DatabaseError as exc:
         raise StoreOpenError(f"database {path} is unreadable or corrupt: {exc}") from exc
     finally:
@@ -180,6 +201,26 @@ def _inspect(path: Path) -> int | None:
             f"database {path} has schema version {version}, newer than this relayd "
             f"understands ({SCHEMA_VERSION}); upgrade relayd")
     return version
+
+
+def _check_integrity(ro: sqlite3.Connection, path: Path) -> None:
+    """Refuse a corrupt file at start-up rather than on the first client.
+
+    A full ``quick_check`` reads every page, which is cheap for small
+    databases but would delay a start with a million queued messages, so
+    large files get a probe of both ends of every table and index instead.
+    """
+    if path.stat().st_size <= FULL_CHECK_BYTES:
+        result = ro.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if result != "ok":
+            raise StoreOpenError(f"database {path} is corrupt: {result}")
+        return
+    for name, sql in ro.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall():
+        if "WITHOUT ROWID" in (sql or "").upper():
+            ro.execute(f'SELECT * FROM "{name}" LIMIT 1').fetchall()
+            continue
+        for order in ("ASC", "DESC"):
+            ro.execute(f'SELECT * FROM "{name}" ORDER BY rowid {order} LIMIT 1').fetchall()
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
