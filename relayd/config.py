@@ -267,7 +267,8 @@ def load_config(
     values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
 
     if path is not None:
-        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"),
+                                           default_section="\0")
         try:
             with open(path, encoding="utf-8") as fh:
                 parser.read_file(fh)

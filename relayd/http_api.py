@@ -112,7 +112,12 @@ class HttpApi:
         self.metrics_enabled = config.metrics.enabled and not config.metrics.listen
         self.origins = OriginPolicy(config.server.allowed_origins)
         limits = config.limits
-        self.limiter = FixedWindow(limits.rate_limit_max_requests, limits.rate_limit_window_ms / 1000)
+        window = limits.rate_limit_window_ms / 1000
+        old = getattr(self, "limiter", None)
+        if old is None or old.window_s != window:
+            self.limiter = FixedWindow(limits.rate_limit_max_requests, window)
+        else:
+            self.limiter.limit = limits.rate_limit_max_requests
 
     def _match(self, path: str) -> tuple[dict[str, Handler], list[str]] | None:
         parts = [unquote(p) for p in path.strip("/").split("/")] if path.strip("/") else []

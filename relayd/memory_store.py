@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+from .frames import utf8_len
 from .store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt
 
 
@@ -54,7 +55,7 @@ class MemoryStore:
         queue = self._queues.get(msg.recipient)
         if queue is None:
             queue = self._queues[msg.recipient] = _Queue()
-        size = len(msg.content)
+        size = utf8_len(msg.content)
         if size > limits.max_bytes:
             return EnqueueResult.FULL
         while queue.messages and (len(queue.messages) >= limits.max_messages
@@ -71,7 +72,7 @@ class MemoryStore:
 
     def _drop(self, queue: _Queue, seq: int) -> None:
         msg = queue.messages.pop(seq)
-        queue.bytes -= len(msg.content)
+        queue.bytes -= utf8_len(msg.content)
         self._ids.pop((msg.sender, msg.recipient, msg.message_id), None)
         self._total -= 1
 
@@ -136,16 +137,20 @@ class MemoryStore:
         receipt.seq = next(self._seq)
         self._receipts.setdefault(receipt.recipient, []).append(receipt)
 
-    async def take_receipts(self, recipient: str, limit: int) -> list[Receipt]:
+    async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
+        return list(self._receipts.get(recipient, ())[:limit])
+
+    async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
         receipts = self._receipts.get(recipient)
         if not receipts:
-            return []
-        taken, rest = receipts[:limit], receipts[limit:]
-        if rest:
-            self._receipts[recipient] = rest
+            return 0
+        gone = set(seqs)
+        kept = [r for r in receipts if r.seq not in gone]
+        if kept:
+            self._receipts[recipient] = kept
         else:
             del self._receipts[recipient]
-        return taken
+        return len(receipts) - len(kept)
 
     # Keys
 

@@ -187,11 +187,16 @@ class Router:
                 if len(written) < len(batch):
                     return
             while not session.closed:
-                receipts = await self.store.take_receipts(address, FLUSH_BATCH)
+                receipts = await self.store.receipts(address, FLUSH_BATCH)
+                sent = []
                 for r in receipts:
-                    session.send({"type": "read", "from": r.reader, "messageId": r.message_id,
-                                  "timestamp": r.timestamp})
-                if len(receipts) < FLUSH_BATCH:
+                    if not session.send({"type": "read", "from": r.reader, "messageId": r.message_id,
+                                         "timestamp": r.timestamp}):
+                        break
+                    sent.append(r.seq)
+                if sent:
+                    await self.store.remove_receipts(address, sent)
+                if len(sent) < FLUSH_BATCH:
                     break
         except StorageUnavailable as exc:
             log.error("cannot read the offline queue: %s; live delivery continues", exc)

@@ -10,6 +10,7 @@ fails loudly if a new release breaks them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import itertools
 import logging
@@ -68,6 +69,7 @@ class BodyReader(StreamReader):
         self.chunked = False
         self.body = b""
         self.error: ErrorCode | None = None
+        self.upgrade = False
 
     def read_line(self, m: int, too_long_exc_type: type[Exception] = RuntimeError
                   ) -> Generator[None, None, bytearray]:
@@ -85,6 +87,8 @@ class BodyReader(StreamReader):
                 else:
                     self.error = ErrorCode.LENGTH_REQUIRED
             else:
+                if sep and lname == b"upgrade" and value.strip().lower() == b"websocket":
+                    self.upgrade = True
                 break
             line = yield from super().read_line(m, too_long_exc_type)
         if line in (b"\r\n", b"\n"):
@@ -94,8 +98,9 @@ class BodyReader(StreamReader):
         return line
 
     def read_exact(self, n: int) -> Generator[None, None, bytearray]:
-        """After a refused body, swallow whatever follows instead of parsing it as frames."""
-        if self.error is not None and not self.in_head:
+        """After a REST request (one per connection) or a refused body, swallow
+        whatever follows instead of parsing it as WebSocket frames."""
+        if not self.in_head and (self.error is not None or not self.upgrade):
             while True:
                 self.discard()
                 yield
@@ -128,7 +133,7 @@ class BodyReader(StreamReader):
                     return
                 if size == 0:
                     break
-                chunk = yield from self.read_exact(size + 2)
+                chunk = yield from super().read_exact(size + 2)
                 parts.append(bytes(chunk[:-2]))
             while (yield from super().read_line(MAX_CHUNK_LINE, RuntimeError)) not in (b"\r\n", b"\n"):
                 pass
@@ -137,7 +142,7 @@ class BodyReader(StreamReader):
             if self.length > self.max_body:
                 self.error = ErrorCode.PAYLOAD_TOO_LARGE
                 return
-            self.body = bytes((yield from self.read_exact(self.length)))
+            self.body = bytes((yield from super().read_exact(self.length)))
 
 
 class RelayConnection(ServerConnection):
@@ -204,6 +209,7 @@ class RelayServer:
         self.router = Router(config, self.presence, self.store, self.metrics, self.authenticator)
         self.api = HttpApi(config, self.presence, self.store, self.metrics,
                            connections=self.session_count, accepting=self.accepting, guard=self.authenticator)
+        self._connection_class: type[RelayConnection] = type("RelayConnection", (RelayConnection,), {})
         self._per_ip: dict[str, int] = {}
         self._arrivals: dict[str, TokenBucket] = {}
         self._ids = itertools.count(1)
@@ -225,8 +231,8 @@ class RelayServer:
         self.authenticator.configure(config)
         if self.server is not None and not config.server.public_url and config.server.port == 0:
             self.authenticator.relay = config.replace("server", port=self.port).effective_public_url
-        RelayConnection.max_body = config.limits.max_body_bytes
-        RelayConnection.max_outbound = config.limits.max_outbound_bytes
+        self._connection_class.max_body = config.limits.max_body_bytes
+        self._connection_class.max_outbound = config.limits.max_outbound_bytes
 
     # Introspection used by REST and metrics
 
@@ -251,6 +257,8 @@ class RelayServer:
     # Lifecycle
 
     async def start(self, *, sock: Any = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        if hasattr(self.store, "commit_observer"):
+            self.store.commit_observer = self.metrics.commit_latency.observe
         await self.store.open()
         log.info("signature verification: %s", signatures.select_backend(self.config.auth.crypto))
         if self.config.auth.mode != "open":
@@ -264,7 +272,7 @@ class RelayServer:
         self.server = await serve(
             self._handle_ws,
             process_request=self._process_request,
-            create_connection=RelayConnection,
+            create_connection=self._connection_class,
             compression=None,
             ping_interval=ping_interval,
             ping_timeout=cfg.ping_timeout_s if ping_interval else None,
@@ -290,9 +298,15 @@ class RelayServer:
         if self.server is not None:
             self.server.close(close_connections=True)
             try:
-                await asyncio.wait_for(self.server.wait_closed(), self.config.server.shutdown_timeout_s)
+                await asyncio.wait_for(asyncio.shield(self.server.wait_closed()),
+                                       self.config.server.shutdown_timeout_s)
             except asyncio.TimeoutError:
-                log.warning("connections did not close within %.1f s", self.config.server.shutdown_timeout_s)
+                log.warning("%d connections did not close within %.1f s; dropping them",
+                            len(self._sessions), self.config.server.shutdown_timeout_s)
+                for conn in list(self._sessions.values()):
+                    conn.transport.abort()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.server.wait_closed(), 1.0)
         if self._housekeeper is not None:
             self._housekeeper.cancel()
         self.authenticator.close()
@@ -410,6 +424,9 @@ class RelayServer:
         pending = self._unauthenticated
         while pending:
             session, deadline = next(iter(pending.items()))
+            if session.address is not None:
+                del pending[session]
+                continue
             if deadline > now:
                 break
             del pending[session]

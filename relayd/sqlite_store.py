@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .frames import utf8_len
 from .store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt,
                     StorageUnavailable, StoreOpenError)
 
@@ -292,6 +293,13 @@ def _send(loop: asyncio.AbstractEventLoop,
         pass
 
 
+def _send_call(loop: asyncio.AbstractEventLoop, fn: Callable[[float], None], value: float) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, value)
+    except RuntimeError:
+        pass
+
+
 class SQLiteStore:
     """A ``Store`` in one SQLite file; see the module docstring for the threading model."""
 
@@ -314,6 +322,8 @@ class SQLiteStore:
         self._healthy = True
         self._problem: str | None = None
         self.commits = 0
+        self.commit_observer: Callable[[float], None] | None = None
+        """Called on the event loop with each write transaction's duration (for metrics)."""
         """Committed write transactions; lets tests and metrics see group commit work."""
 
     @property
@@ -472,6 +482,7 @@ class SQLiteStore:
         writes = any(job.write for job in batch)
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         delta = 0
+        started = time.perf_counter()
         try:
             if writes:
                 conn.execute("BEGIN IMMEDIATE")
@@ -496,6 +507,8 @@ class SQLiteStore:
             if writes:
                 conn.execute("COMMIT")
                 self.commits += 1
+                if self.commit_observer is not None:
+                    _send_call(batch[0].loop, self.commit_observer, time.perf_counter() - started)
         except Exception as exc:
             return self._fail(batch, exc)
         self._total += delta
@@ -631,14 +644,23 @@ class SQLiteStore:
             return cur.lastrowid or 0, 0
         receipt.seq = await self._submit(job, write=True)
 
-    async def take_receipts(self, recipient: str, limit: int) -> list[Receipt]:
+    async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
         def job(conn: sqlite3.Connection) -> tuple[list[Receipt], int]:
             rows = conn.execute(
                 "SELECT seq, reader, message_id, timestamp FROM receipts WHERE recipient = ? "
                 "ORDER BY seq LIMIT ?", (recipient, max(limit, 0))).fetchall()
-            for part in _chunks([r[0] for r in rows]):
-                conn.execute(f"DELETE FROM receipts WHERE seq IN ({_marks(len(part))})", part)
             return [Receipt(recipient, reader, mid, ts, seq) for seq, reader, mid, ts in rows], 0
+        return await self._submit(job, write=False)
+
+    async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
+        wanted = list(dict.fromkeys(seqs))
+
+        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            removed = 0
+            for part in _chunks(wanted):
+                removed += conn.execute(f"DELETE FROM receipts WHERE recipient = ? AND seq IN "
+                                        f"({_marks(len(part))})", (recipient, *part)).rowcount
+            return removed, 0
         return await self._submit(job, write=True)
 
     # Keys
@@ -726,7 +748,7 @@ def _enqueue(conn: sqlite3.Connection, row: tuple[str, str, str, str, int, int],
     if conn.execute("SELECT 1 FROM messages WHERE sender = ? AND recipient = ? AND message_id = ?",
                     (sender, recipient, message_id)).fetchone():
         return (EnqueueResult.DUPLICATE, 0), 0
-    size = len(content)
+    size = utf8_len(content)
     if size > max_bytes:
         return (EnqueueResult.FULL, 0), 0
     counters = conn.execute("SELECT count, bytes FROM queues WHERE recipient = ?",

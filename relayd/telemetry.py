@@ -38,7 +38,7 @@ class RelayMetrics:
                                        ("reason",))
         self.queue_depth = r.gauge("relayd_queue_messages", "Messages waiting in offline queues.")
         self.commit_latency = r.histogram("relayd_storage_commit_seconds",
-                                          "Time from a storage write request to its commit.", buckets=COMMIT_BUCKETS)
+                                          "Time to run and commit one grouped write transaction.", buckets=COMMIT_BUCKETS)
         self.loop_lag = r.histogram("relayd_event_loop_lag_seconds",
                                     "How late the housekeeping timer fired.", buckets=LAG_BUCKETS)
         self.storage_healthy = r.gauge("relayd_storage_healthy", "1 when storage accepts writes.")

@@ -190,15 +190,18 @@ class ProcessRelay:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"relayd exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                http_request(self.port, "GET", "/health/live", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.05)
+            if "relayd listening" in self.log():
+                try:
+                    http_request(self.port, "GET", "/health/live", timeout=1)
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.05)
         raise TimeoutError(f"relayd did not start:\n{self.log()}")
 
     def log(self) -> str:
-        self.log_file.flush()
+        if not self.log_file.closed:
+            self.log_file.flush()
         return self.log_path.read_text()
 
     def http(self, method: str, path: str, body: Any = None, **kw: Any) -> HttpReply:

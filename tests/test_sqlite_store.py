@@ -73,14 +73,14 @@ def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:
         pending = await store.pending("bob", 10)
         assert [(m.message_id, m.content, m.timestamp, m.queued_at) for m in pending] == [
             ("m0", "text 0", 999, 1000), ("m1", "text 1", 1000, 1001)]
-        receipts = await store.take_receipts("bob", 10)
+        receipts = await store.receipts("bob", 10)
         assert [(r.reader, r.message_id, r.timestamp) for r in receipts] == [("carol", "m0", 1234)]
         assert await store.get_key("bob") == KeyRecord("bob", "pk2", 100, 200, "secp256k1", 190,
                                                        "hex", "sig")
         new = msg("m3")
         await store.enqueue(new, ROOMY)
         assert new.seq > 3, "seqs are never reused, even after the newest was removed"
-        assert await store.stats() == {"recipients": 1, "messages": 3, "bytes": 17, "receipts": 0,
+        assert await store.stats() == {"recipients": 1, "messages": 3, "bytes": 17, "receipts": 1,
                                        "keys": 1}
         await store.close()
 
@@ -468,7 +468,7 @@ def test_backup_while_running(tmp_path: Path) -> None:
         assert got[:50] == [f"m{i}" for i in range(50)]
         assert restored.total() == len(got)
         assert await restored.get_key("bob") == KeyRecord("bob", "pk", 1, 2)
-        assert len(await restored.take_receipts("bob", 10)) == 1
+        assert len(await restored.receipts("bob", 10)) == 1
         await restored.close()
     asyncio.run(main())
 
@@ -533,7 +533,9 @@ async def _apply(store: Any, op: tuple[Any, ...]) -> Any:
         return await store.expire(op[1])
     if kind == "receipt":
         return await store.add_receipt(Receipt(op[1], "reader", f"r{op[2]}", op[2]))
-    return [(r.message_id, r.timestamp) for r in await store.take_receipts(op[1], op[2])]
+    taken = await store.receipts(op[1], op[2])
+    await store.remove_receipts(op[1], [r.seq for r in taken])
+    return [(r.message_id, r.timestamp) for r in taken]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

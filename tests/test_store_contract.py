@@ -227,7 +227,7 @@ def test_expire_messages_and_receipts(backend):
         assert await ids(store, "carol") == ["m2"]
         assert await ids(store, "bob") == ["m3"]
         assert store.total() == 2
-        assert [r.message_id for r in await store.take_receipts("bob", 10)] == ["r350"]
+        assert [r.message_id for r in await store.receipts("bob", 10)] == ["r350"]
         assert await store.expire(300) == 0
         assert await store.expire(10_000) == 2
         assert store.total() == 0
@@ -235,7 +235,7 @@ def test_expire_messages_and_receipts(backend):
     backend(body)
 
 
-def test_receipts_are_taken_oldest_first(backend):
+def test_receipts_are_listed_oldest_first_and_removed_by_seq(backend):
     async def body(store: Store) -> None:
         added = [Receipt("bob", f"reader{i}", f"m{i}", 1000 + i) for i in range(5)]
         for r in added:
@@ -243,10 +243,15 @@ def test_receipts_are_taken_oldest_first(backend):
         await store.add_receipt(Receipt("carol", "x", "y", 1))
         assert all(r.seq > 0 for r in added)
         assert [r.seq for r in added] == sorted(r.seq for r in added)
-        assert await store.take_receipts("bob", 2) == added[:2]
-        assert await store.take_receipts("bob", 10) == added[2:]
-        assert await store.take_receipts("bob", 10) == []
-        assert await store.take_receipts("nobody", 10) == []
+        assert await store.receipts("bob", 2) == added[:2]
+        assert await store.receipts("bob", 2) == added[:2]
+        assert await store.remove_receipts("bob", [added[0].seq, added[1].seq, added[1].seq]) == 2
+        assert await store.receipts("bob", 10) == added[2:]
+        assert await store.remove_receipts("carol", [added[2].seq]) == 0
+        assert await store.remove_receipts("bob", [r.seq for r in added[2:]]) == 3
+        assert await store.receipts("bob", 10) == []
+        assert await store.receipts("nobody", 10) == []
+        assert await store.remove_receipts("nobody", [1]) == 0
         assert (await store.stats())["receipts"] == 1
     backend(body)
 

@@ -1,0 +1,369 @@
+"""HTTP edges: routing errors, bodies (length, chunked, too large), HEAD, trailing
+slashes, rate limiting behind proxies, CORS and the WebSocket Origin check."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+
+import pytest
+from e2e_support import (A, B, RawWs, assert_auth_success, chunked, http_head, open_relay, quiet_server_tracebacks,
+                         raw_http, start_open)
+from websockets.exceptions import InvalidStatus
+
+__all__ = ["open_relay", "quiet_server_tracebacks"]
+
+JSON = "application/json"
+
+
+def refused(reply: Any, status: int, code: str) -> dict[str, Any]:
+    assert reply.status == status, reply
+    assert reply.headers["content-type"].startswith(JSON), reply.headers
+    assert reply.headers["connection"].lower() == "close", reply.headers
+    body = reply.json
+    assert set(body) == {"error", "code"} and body["code"] == code, body
+    assert isinstance(body["error"], str) and body["error"]
+    return body
+
+
+def methods(header: str) -> set[str]:
+    return {m.strip() for m in header.split(",") if m.strip()}
+
+
+KEY_BODY = json.dumps({"address": A, "publicKey": "a2V5"}).encode()
+
+
+# Routing
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/nope"),
+    ("GET", "/api"),
+    ("GET", "/api/public-keys/" + A + "/extra"),
+    ("POST", "/api/unknown"),
+    ("DELETE", "/healthz"),
+    ("GET", "/api//public-keys"),
+])
+def test_unknown_path_is_404_not_found(open_relay, method, path):
+    refused(open_relay.http(method, path), 404, "not_found")
+
+
+@pytest.mark.parametrize("method,path,allowed", [
+    ("PUT", "/api/public-keys", {"POST", "OPTIONS"}),
+    ("GET", "/api/public-keys", {"POST", "OPTIONS"}),
+    ("POST", "/health", {"GET", "HEAD", "OPTIONS"}),
+    ("DELETE", "/health/live", {"GET", "HEAD", "OPTIONS"}),
+    ("GET", "/api/public-keys/batch", {"POST", "OPTIONS"}),
+    ("PATCH", f"/api/public-keys/{A}", {"GET", "HEAD", "DELETE", "OPTIONS"}),
+    ("POST", f"/api/messages/{A}", {"GET", "HEAD", "DELETE", "OPTIONS"}),
+    ("DELETE", f"/api/status/{A}", {"GET", "HEAD", "OPTIONS"}),
+    ("GET", "/api/status/batch", {"POST", "OPTIONS"}),
+])
+def test_wrong_method_is_405_with_allow(open_relay, method, path, allowed):
+    reply = open_relay.http(method, path)
+    refused(reply, 405, "method_not_allowed")
+    assert methods(reply.headers["allow"]) == allowed
+
+
+def test_method_not_allowed_does_not_run_any_handler(open_relay):
+    reply = open_relay.http("PUT", "/api/public-keys", {"address": A, "publicKey": "k"})
+    refused(reply, 405, "method_not_allowed")
+    refused(open_relay.http("GET", f"/api/public-keys/{A}"), 404, "key_not_found")
+
+
+@pytest.mark.parametrize("path", ["/api/public-keys/", "/api/public-keys//"])
+def test_trailing_slash_is_tolerated_on_post(open_relay, path):
+    reply = open_relay.http("POST", path, {"address": A, "publicKey": "k"})
+    assert reply.status == 200 and reply.json["address"] == A
+    assert open_relay.http("GET", f"/api/public-keys/{A}/").json["publicKey"] == "k"
+
+
+def test_trailing_slash_is_tolerated_on_get(open_relay):
+    assert open_relay.http("GET", "/health/").json["status"] == "ok"
+    body = open_relay.http("GET", f"/api/status/{A}/").json
+    assert (body["address"], body["online"]) == (A, False) and set(body) == {"address", "online", "timestamp"}
+
+
+def test_every_error_response_is_json_with_connection_close(open_relay):
+    for reply in (open_relay.http("GET", "/nope"), open_relay.http("PUT", "/health"),
+                  open_relay.http("GET", "/api/public-keys/0x1"),
+                  open_relay.http("POST", "/api/public-keys", raw_body=b"{")):
+        assert reply.headers["connection"].lower() == "close"
+        assert reply.headers["content-type"].startswith(JSON)
+        assert int(reply.headers["content-length"]) == len(reply.body)
+        assert set(reply.json) == {"error", "code"}
+
+
+def test_head_on_unknown_path_is_404_without_body(open_relay):
+    reply = raw_http(open_relay.port, http_head("HEAD", "/nope"))
+    assert reply.status == 404 and reply.body == b""
+    assert int(reply.headers["content-length"]) == len(open_relay.http("GET", "/nope").body)
+
+
+# Bodies
+
+
+def test_post_with_content_length_over_a_raw_socket(open_relay):
+    reply = raw_http(open_relay.port, http_head("POST", "/api/public-keys", {"Content-Type": JSON}, KEY_BODY))
+    assert reply.status == 200, reply
+    assert reply.json["success"] is True and reply.json["address"] == A
+
+
+@pytest.mark.parametrize("sizes", [(7, 5), (1,), (len(KEY_BODY),)])
+def test_chunked_body_is_decoded(open_relay, sizes):
+    data = http_head("POST", "/api/public-keys", {"Content-Type": JSON, "Transfer-Encoding": "chunked"})
+    reply = raw_http(open_relay.port, data + chunked(KEY_BODY, sizes))
+    assert reply.status == 200, reply
+    assert (reply.json["success"], reply.json["address"]) == (True, A)
+    assert open_relay.http("GET", f"/api/public-keys/{A}").json["publicKey"] == "a2V5"
+
+
+def test_chunked_body_split_across_tcp_writes(open_relay):
+    head = http_head("POST", "/api/public-keys", {"Content-Type": JSON, "Transfer-Encoding": "chunked"})
+    body = chunked(KEY_BODY, (3, 4, 5, 6))
+    reply = raw_http(open_relay.port, head, chunks=[body[:5], body[5:17], body[17:]])
+    assert reply.status == 200, reply
+    assert reply.json["address"] == A
+
+
+def test_chunked_body_from_http_client_like_node(open_relay):
+    conn = http.client.HTTPConnection("127.0.0.1", open_relay.port, timeout=5)
+    conn.request("POST", "/api/status/batch", body=iter([b'{"addresses": ["', A.encode(), b'"]}']),
+                 headers={"Content-Type": JSON}, encode_chunked=True)
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 200
+    assert body["statuses"] == {A: False}
+
+
+def test_unsupported_transfer_encoding_is_411(open_relay):
+    reply = raw_http(open_relay.port, http_head("POST", "/api/public-keys", {"Transfer-Encoding": "gzip"}))
+    refused(reply, 411, "length_required")
+
+
+def test_body_over_max_body_bytes_announced_by_content_length_is_413(start_relay):
+    relay = start_open(start_relay, limits={"max_body_bytes": 100})
+    # Only the head is sent; the relay must answer without reading 100 kB.
+    reply = raw_http(relay.port, http_head("POST", "/api/public-keys", {"Content-Length": "100000"}))
+    refused(reply, 413, "payload_too_large")
+
+
+def test_body_at_max_body_bytes_is_accepted(start_relay):
+    relay = start_open(start_relay, limits={"max_body_bytes": 100})
+    body = json.dumps({"address": A, "publicKey": "k"}).encode()
+    body = body[:-1] + b" " * (100 - len(body)) + b"}"
+    assert len(body) == 100
+    reply = raw_http(relay.port, http_head("POST", "/api/public-keys", {}, body))
+    assert reply.status == 200, reply
+
+
+BIG_BODY = json.dumps({"address": A, "publicKey": "k" * 200}).encode()
+REFUSED_BODIES = {
+    # kind: (head headers, body bytes, status, code)
+    "content-length": ({"Content-Length": str(len(BIG_BODY))}, BIG_BODY, 413, "payload_too_large"),
+    "chunked": ({"Transfer-Encoding": "chunked"},
+                chunked(BIG_BODY, (60, 60)), 413, "payload_too_large"),
+    "chunked+content-length": ({"Transfer-Encoding": "chunked", "Content-Length": "10"},
+                               chunked(b'{"a": "b"}'), 400, "bad_request"),
+    "bad chunk size": ({"Transfer-Encoding": "chunked"}, b"zz\r\n{}\r\n0\r\n\r\n", 400, "bad_request"),
+    "negative content-length": ({"Content-Length": "-5"}, b"{}", 400, "bad_request"),
+    "two content-lengths": ({"Content-Length": "2", "content-length": "3"}, b"{}", 400, "bad_request"),
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSED_BODIES))
+def test_refused_body_that_was_sent_still_gets_its_error_response(start_relay, quiet_server_tracebacks, kind):
+    relay = start_open(start_relay, limits={"max_body_bytes": 100})
+    headers, body, status, code = REFUSED_BODIES[kind]
+    data = http_head("POST", "/api/public-keys", headers, length=False) + body
+    try:
+        reply = raw_http(relay.port, data)
+    except (ConnectionError, AssertionError) as exc:
+        pytest.fail(f"no HTTP response: {exc!r}")
+    refused(reply, status, code)
+    assert relay.http("GET", f"/api/public-keys/{A}").status == 404  # nothing was stored
+
+
+PIPELINED = {
+    "second request in the same segment": (
+        http_head("POST", "/api/status/batch", {}, json.dumps({"addresses": [A]}).encode())
+        + http_head("GET", "/health")),
+    "extra CRLF after a POST body (old clients)": (
+        http_head("POST", "/api/status/batch", {}, json.dumps({"addresses": [A]}).encode()) + b"\r\n"),
+}
+
+
+@pytest.mark.parametrize("kind", list(PIPELINED))
+def test_bytes_after_a_complete_request_do_not_lose_its_response(open_relay, quiet_server_tracebacks, kind):
+    try:
+        reply = raw_http(open_relay.port, PIPELINED[kind])
+    except (ConnectionError, AssertionError) as exc:
+        pytest.fail(f"no HTTP response: {exc!r}")
+    assert reply.status == 200, reply
+    assert reply.headers["connection"].lower() == "close"
+    assert reply.json["statuses"] == {A: False}
+
+
+# Rate limit
+
+
+def test_rate_limit_returns_429_with_retry_after(start_relay):
+    relay = start_open(start_relay, limits={"rate_limit_max_requests": 3, "rate_limit_window_ms": 60000})
+    for _ in range(3):
+        assert relay.http("GET", f"/api/status/{A}").status == 200
+    reply = relay.http("GET", f"/api/status/{A}")
+    refused(reply, 429, "rate_limited")
+    assert reply.headers["retry-after"].isdigit()
+    assert 1 <= int(reply.headers["retry-after"]) <= 60
+    # Every route counts against the same client, errors included.
+    refused(relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}), 429, "rate_limited")
+    refused(relay.http("GET", "/nope"), 429, "rate_limited")
+
+
+def test_health_is_exempt_from_the_rate_limit(start_relay):
+    relay = start_open(start_relay, limits={"rate_limit_max_requests": 3, "rate_limit_window_ms": 60000})
+    for _ in range(3):
+        relay.http("GET", f"/api/status/{A}")
+    refused(relay.http("GET", f"/api/status/{A}"), 429, "rate_limited")
+    for path in ("/health", "/health/live", "/health/ready", "/health/"):
+        assert relay.http("GET", path).status == 200, path
+
+
+def test_websocket_upgrades_are_not_rate_limited_as_rest(start_relay):
+    relay = start_open(start_relay, limits={"rate_limit_max_requests": 1, "rate_limit_window_ms": 60000})
+    assert relay.http("GET", f"/api/status/{A}").status == 200
+    refused(relay.http("GET", f"/api/status/{A}"), 429, "rate_limited")
+    with relay.ws() as a:
+        assert_auth_success(a.auth(A), A)
+
+
+def test_trusted_proxy_forwarded_clients_are_counted_separately(start_relay):
+    relay = start_open(start_relay, server={"trusted_proxies": "127.0.0.1"},
+                       limits={"rate_limit_max_requests": 3, "rate_limit_window_ms": 60000})
+    seven = {"X-Forwarded-For": "203.0.113.7"}
+    eight = {"X-Forwarded-For": "203.0.113.8"}
+    for _ in range(3):
+        assert relay.http("GET", f"/api/status/{A}", headers=seven).status == 200
+    refused(relay.http("GET", f"/api/status/{A}", headers=seven), 429, "rate_limited")
+    for _ in range(3):
+        assert relay.http("GET", f"/api/status/{A}", headers=eight).status == 200
+    refused(relay.http("GET", f"/api/status/{A}", headers=eight), 429, "rate_limited")
+    # The proxy's own requests are a third client.
+    assert relay.http("GET", f"/api/status/{A}").status == 200
+
+
+def test_forwarded_for_is_ignored_without_trusted_proxies(start_relay):
+    relay = start_open(start_relay, limits={"rate_limit_max_requests": 3, "rate_limit_window_ms": 60000})
+    for ip in ("203.0.113.7", "203.0.113.8", "203.0.113.9"):
+        assert relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": ip}).status == 200
+    refused(relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": "203.0.113.10"}), 429,
+            "rate_limited")
+
+
+def test_spoofed_hops_left_of_a_trusted_proxy_do_not_escape_the_limit(start_relay):
+    """The right-most untrusted hop is the client; whatever it prepends is not believed."""
+    relay = start_open(start_relay, server={"trusted_proxies": "127.0.0.1"},
+                       limits={"rate_limit_max_requests": 2, "rate_limit_window_ms": 60000})
+    for fake in ("198.51.100.1", "198.51.100.2"):
+        reply = relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": f"{fake}, 203.0.113.7"})
+        assert reply.status == 200
+    reply = relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": "198.51.100.3, 203.0.113.7"})
+    refused(reply, 429, "rate_limited")
+
+
+# CORS
+
+
+def test_cors_with_wildcard_allow_list(open_relay):
+    reply = open_relay.http("GET", "/health", headers={"Origin": "https://anything.example"})
+    assert reply.status == 200
+    assert reply.headers["access-control-allow-origin"] == "*"
+    assert reply.headers["vary"] == "Origin"
+    plain = open_relay.http("GET", "/health")
+    assert "access-control-allow-origin" not in plain.headers
+
+
+def test_cors_with_an_allow_list_echoes_the_allowed_origin(start_relay):
+    relay = start_open(start_relay, server={"allowed_origins": "https://app.example, http://localhost:*"})
+    for origin in ("https://app.example", "http://localhost:5173", "HTTPS://APP.EXAMPLE"):
+        reply = relay.http("GET", f"/api/status/{A}", headers={"Origin": origin})
+        assert reply.status == 200, origin
+        assert reply.headers["access-control-allow-origin"] == origin
+        assert reply.headers["vary"] == "Origin"
+    # Errors carry CORS headers too, so the browser can read them.
+    reply = relay.http("GET", "/nope", headers={"Origin": "https://app.example"})
+    assert reply.status == 404 and reply.headers["access-control-allow-origin"] == "https://app.example"
+    # No Origin (native apps, curl): served, no CORS headers.
+    reply = relay.http("GET", f"/api/status/{A}")
+    assert reply.status == 200 and "access-control-allow-origin" not in reply.headers
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "http://localhost.evil:1", "https://app.example.evil",
+                                    "http://app.example", "null"])
+def test_cors_disallowed_origin_is_403(start_relay, origin):
+    relay = start_open(start_relay, server={"allowed_origins": "https://app.example,http://localhost:*"})
+    reply = relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}, headers={"Origin": origin})
+    refused(reply, 403, "origin_not_allowed")
+    assert "access-control-allow-origin" not in reply.headers
+    assert relay.http("GET", f"/api/public-keys/{A}").status == 404  # nothing was written
+
+
+def test_cors_preflight(start_relay):
+    relay = start_open(start_relay, server={"allowed_origins": "https://app.example"})
+    reply = relay.http("OPTIONS", "/api/public-keys", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, x-client-version"})
+    assert reply.status == 204, reply
+    assert reply.body == b""
+    assert methods(reply.headers["access-control-allow-methods"]) >= {"POST", "OPTIONS"}
+    assert reply.headers["access-control-allow-headers"] == "content-type, x-client-version"
+    assert int(reply.headers["access-control-max-age"]) > 0
+    assert reply.headers["access-control-allow-origin"] == "https://app.example"
+    assert reply.headers["vary"] == "Origin"
+    on_key = relay.http("OPTIONS", f"/api/public-keys/{A}", headers={"Origin": "https://app.example"})
+    assert on_key.status == 204
+    assert methods(on_key.headers["access-control-allow-methods"]) >= {"GET", "DELETE"}
+    assert on_key.headers["access-control-allow-headers"]
+
+
+def test_cors_preflight_from_a_disallowed_origin_is_403(start_relay):
+    relay = start_open(start_relay, server={"allowed_origins": "https://app.example"})
+    reply = relay.http("OPTIONS", "/api/public-keys", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    refused(reply, 403, "origin_not_allowed")
+
+
+# Origin on the WebSocket handshake
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "https://app.example.evil"])
+def test_websocket_from_a_disallowed_origin_is_refused_403(start_relay, origin):
+    relay = start_open(start_relay, server={"allowed_origins": "https://app.example"})
+    with pytest.raises(InvalidStatus) as info:
+        relay.ws(origin=origin)
+    response = info.value.response
+    assert response.status_code == 403
+    assert json.loads(bytes(response.body))["code"] == "origin_not_allowed"
+
+
+def test_websocket_from_the_allowed_origin_or_without_origin_is_accepted(start_relay):
+    relay = start_open(start_relay, server={"allowed_origins": "https://app.example"})
+    with relay.ws(origin="https://app.example") as a:
+        assert_auth_success(a.auth(A), A)
+    with RawWs(relay.port) as raw:  # no Origin header at all
+        assert raw.status == 101
+        raw.send_json({"type": "auth", "address": B})
+        assert_auth_success(raw.recv_json(), B)
+
+
+def test_websocket_origin_port_wildcard(start_relay):
+    relay = start_open(start_relay, server={"allowed_origins": "http://localhost:*"})
+    with relay.ws(origin="http://localhost:5173") as a:
+        assert_auth_success(a.auth(A), A)
+    with RawWs(relay.port, headers={"Origin": "http://localhost:8080"}) as raw:
+        assert raw.status == 101
+    for origin in ("http://localhost.evil:1", "http://localhost.evil", "https://localhost:5173"):
+        with RawWs(relay.port, headers={"Origin": origin}) as raw:
+            assert raw.status == 403, origin
