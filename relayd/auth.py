@@ -107,6 +107,7 @@ class Authenticator:
         self.metrics = metrics
         self.verify = verify
         self.tokens = Tokens()
+        self.on_locked: Callable[[str], None] = lambda address: None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relayd-verify")
         self.configure(config)
 
@@ -202,10 +203,12 @@ class Authenticator:
             raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "Cannot check this address's lock right now") from None
 
     async def _lock(self, address: str) -> None:
+        """Record proven ownership, and end any unsigned session that claimed the address before."""
         try:
             await self.store.lock(address)
         except StorageUnavailable as exc:
             log.error("cannot record an ownership lock: %s", exc)
+        self.on_locked(address)
 
     # REST
 
@@ -213,7 +216,7 @@ class Authenticator:
         """Private REST routes need a bearer token of ``address`` outside open mode."""
         if self.mode == "open":
             return
-        header = req.headers.get("Authorization") or ""
+        header = req.headers.get("authorization") or ""
         scheme, _, token = header.partition(" ")
         challenge = (("WWW-Authenticate", 'Bearer realm="relayd"'),)
         if scheme.lower() != "bearer" or not token.strip():

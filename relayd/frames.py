@@ -23,16 +23,34 @@ def utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
+def loads(raw: str | bytes) -> Any:
+    """Parse JSON that relayd may later re-encode as UTF-8; ValueError otherwise.
+
+    JSON can spell lone UTF-16 surrogates (``\\ud800``) that no UTF-8 text
+    holds; such a value would fail only later, on the way out, so it is
+    refused here.
+    """
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = bytes(raw).decode("utf-8")
+    try:
+        value = _decode(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if "\\u" in raw:
+        try:
+            encode(value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("JSON holds a lone UTF-16 surrogate") from None
+    return value
+
+
 def decode(raw: str | bytes) -> dict[str, Any]:
     """Parse one frame; raise ``invalid_json`` or ``invalid_frame``."""
-    if isinstance(raw, (bytes, bytearray, memoryview)):
-        try:
-            raw = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError:
-            raise RelayError(ErrorCode.INVALID_JSON, "Frame is not UTF-8 text") from None
     try:
-        frame = _decode(raw)
-    except (ValueError, RecursionError):
+        frame = loads(raw)
+    except UnicodeDecodeError:
+        raise RelayError(ErrorCode.INVALID_JSON, "Frame is not UTF-8 text") from None
+    except ValueError:
         raise RelayError(ErrorCode.INVALID_JSON, "Frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise RelayError(ErrorCode.INVALID_FRAME, "Frame must be a JSON object")

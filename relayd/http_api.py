@@ -8,7 +8,6 @@ as ``{"error": ..., "code": ...}``.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from .addresses import normalize_address
 from .clientip import limit_key
 from .config import Config
 from .errors import ErrorCode, RelayError
-from .frames import encode
+from .frames import encode, loads
 from .metrics import CONTENT_TYPE
 from .origins import OriginPolicy
 from .presence import LocalPresence
@@ -42,6 +41,7 @@ class HttpRequest:
     method: str
     path: str
     headers: Mapping[str, str]
+    """Lower-cased names; repeated headers joined with ", " (RFC 9110 5.3)."""
     body: bytes = b""
     client_ip: str = "127.0.0.1"
     query: dict[str, list[str]] = field(default_factory=dict)
@@ -135,7 +135,7 @@ class HttpApi:
         return None
 
     async def handle(self, req: HttpRequest) -> HttpResponse:
-        origin = req.headers.get("Origin")
+        origin = req.headers.get("origin")
         try:
             response = await self._dispatch(req, origin)
         except RelayError as err:
@@ -182,7 +182,7 @@ class HttpApi:
         allowed = sorted({*methods, "OPTIONS"} | ({"HEAD"} if "GET" in methods else set()))
         headers = [("Access-Control-Allow-Methods", ", ".join(allowed)),
                    ("Access-Control-Allow-Headers",
-                    req.headers.get("Access-Control-Request-Headers") or "Content-Type, Authorization"),
+                    req.headers.get("access-control-request-headers") or "Content-Type, Authorization"),
                    ("Access-Control-Max-Age", "600"), ("Allow", ", ".join(allowed))]
         return HttpResponse(HTTPStatus.NO_CONTENT, b"", headers, content_type="")
 
@@ -192,8 +192,8 @@ class HttpApi:
         if not req.body.strip():
             return {}
         try:
-            body = json.loads(req.body)
-        except (ValueError, RecursionError):
+            body = loads(req.body)
+        except ValueError:
             raise RelayError(ErrorCode.INVALID_JSON, "Request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise RelayError(ErrorCode.BAD_REQUEST, "Request body must be a JSON object")

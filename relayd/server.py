@@ -14,6 +14,7 @@ import contextlib
 import email.utils
 import itertools
 import logging
+import re
 import ssl
 import time
 from http import HTTPStatus
@@ -44,6 +45,7 @@ from .telemetry import RelayMetrics
 log = logging.getLogger("relayd.server")
 
 MAX_CHUNK_LINE = 128
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 FRAME_OVERHEAD = 4096
 JSON_ESCAPE_FACTOR = 6  # a character may take six bytes as a JSON \uXXXX escape
 CLOSE_TIMEOUT = 5.0
@@ -122,11 +124,11 @@ class BodyReader(StreamReader):
             parts, total = [], 0
             while True:
                 size_line = yield from super().read_line(MAX_CHUNK_LINE, RuntimeError)
-                try:
-                    size = int(bytes(size_line).split(b";")[0].strip(), 16)
-                except ValueError:
+                digits = bytes(size_line).split(b";")[0].strip()
+                if not _CHUNK_SIZE.fullmatch(digits):
                     self.error = ErrorCode.BAD_REQUEST
                     return
+                size = int(digits, 16)
                 total += size
                 if total > self.max_body:
                     self.error = ErrorCode.PAYLOAD_TOO_LARGE
@@ -182,6 +184,15 @@ class RelayConnection(ServerConnection):
         self.loop.create_task(self.close(code, reason))
 
 
+def _fold_headers(headers: Headers) -> dict[str, str]:
+    """Lower-cased names, repeated fields joined with ", " so no lookup can be ambiguous."""
+    folded: dict[str, str] = {}
+    for name, value in headers.raw_items():
+        key = name.lower()
+        folded[key] = f"{folded[key]}, {value}" if key in folded else value
+    return folded
+
+
 def _is_upgrade(request: Request) -> bool:
     return any(v.strip().lower() == "websocket" for v in request.headers.get_all("Upgrade"))
 
@@ -206,6 +217,7 @@ class RelayServer:
         self.metrics = RelayMetrics()
         self.presence = LocalPresence()
         self.authenticator = Authenticator(config, self.store, self.metrics)
+        self.authenticator.on_locked = self._evict_unverified
         self.router = Router(config, self.presence, self.store, self.metrics, self.authenticator)
         self.api = HttpApi(config, self.presence, self.store, self.metrics,
                            connections=self.session_count, accepting=self.accepting, guard=self.authenticator)
@@ -317,9 +329,10 @@ class RelayServer:
 
     async def _process_request(self, conn: RelayConnection, request: Request) -> Response | None:
         peer = conn.remote_address[0] if conn.remote_address else "unknown"
-        client_ip = self.ip_resolver.resolve(peer, request.headers.get("X-Forwarded-For"))
+        headers = _fold_headers(request.headers)
+        client_ip = self.ip_resolver.resolve(peer, headers.get("x-forwarded-for"))
         if request.method == "GET" and _is_upgrade(request):
-            origin = request.headers.get("Origin")
+            origin = headers.get("origin")
             if not self.origins.allows(origin):
                 return _to_response(error_response(RelayError(ErrorCode.ORIGIN_NOT_ALLOWED,
                                                               f"Origin not allowed: {origin}")), False)
@@ -332,9 +345,18 @@ class RelayServer:
         if reader.error is not None:
             resp = error_response(RelayError(reader.error))
         else:
-            req = HttpRequest.from_target(request.method, request.path, request.headers, reader.body, client_ip)
+            req = HttpRequest.from_target(request.method, request.path, headers, reader.body, client_ip)
             resp = await self.api.handle(req)
         return _to_response(resp, request.method == "HEAD")
+
+    def _evict_unverified(self, address: str) -> None:
+        """Once an address proves ownership, sessions that merely claimed it must go."""
+        refusal = RelayError(ErrorCode.AUTH_REQUIRED, "This address has proven ownership: sign in with a signature")
+        for session in self.presence.sessions(address):
+            if not session.verified:
+                session.send(refusal.frame())
+                session.close(4403, refusal.code.value)
+                self.router.closed(session)
 
     def _admit_connection(self, ip: str) -> RelayError | None:
         """Per-IP caps on concurrent and new connections, checked before the upgrade."""
