@@ -121,3 +121,12 @@ def test_sigterm_without_clients_exits_0(tmp_path):
         assert relay.proc.wait(10) == 0, relay.log()
     finally:
         relay.stop()
+
+
+def test_package_version_matches_pyproject():
+    import tomllib
+    from pathlib import Path
+
+    import relayd
+    meta = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert meta["project"]["version"] == relayd.__version__
