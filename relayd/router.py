@@ -8,6 +8,7 @@ a bad frame never closes a connection here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -28,6 +29,7 @@ log = logging.getLogger("relayd.router")
 FLUSH_BATCH = 256
 MAX_ACK_IDS = 1000
 RECENT_IDS = 16384
+MAX_IN_FLIGHT = 64
 
 Handler = Callable[[Session, dict[str, Any]], Awaitable[None]]
 
@@ -46,6 +48,7 @@ class Router:
         self.metrics = metrics
         self.authenticator = authenticator
         self._recent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        self._in_flight: set[asyncio.Future[None]] = set()
         self._handlers: dict[str, Handler] = {
             "auth": self._on_auth,
             "message": self._on_message,
@@ -222,36 +225,73 @@ class Router:
         key = (sender, to, mid)
         answer = self._recent.get(key)
         if answer is None:
-            try:
-                answer = await self._route(sender, to, mid, content, stamp)
-            except RelayError as err:
-                self.metrics.refused.labels(code=err.code.value).inc()
-                raise
+            now = now_ms()
+            timestamp = now if stamp is None else stamp
+            targets = self.routes.ready_sessions(to)
+            if targets and not session.in_flight and not any(s.ack for s in targets):
+                data = encode({"type": "message", "from": sender, "content": content, "messageId": mid,
+                               "timestamp": timestamp, "queued": False})
+                if sum(s.push(data) for s in targets):
+                    self.metrics.routed_live.inc()
+                    answer = "delivered"
+            if answer is None:
+                await self._store_later(session, key, QueuedMessage(to, sender, mid, content, timestamp, now))
+                return
             self._remember(key, answer)
         session.send({"type": answer, "messageId": mid, "to": to, "timestamp": now_ms()})
 
-    async def _route(self, sender: str, to: str, mid: str, content: str, stamp: int | None) -> str:
-        """Deliver or store one message; return ``delivered`` or ``queued``."""
-        now = now_ms()
-        timestamp = now if stamp is None else stamp
-        targets = self.routes.ready_sessions(to)
-        if targets and not any(s.ack for s in targets):
-            data = encode({"type": "message", "from": sender, "content": content, "messageId": mid,
-                           "timestamp": timestamp, "queued": False})
-            if sum(s.push(data) for s in targets):
-                self.metrics.routed_live.inc()
-                return "delivered"
-        self._check_new_queue(sender, to, mid)
-        msg = QueuedMessage(to, sender, mid, content, timestamp, now)
+    async def _store_later(self, session: Session, key: tuple[str, str, str], msg: QueuedMessage) -> None:
+        """Store a message and answer when it is committed, while the connection reads on.
+
+        Writes start in arrival order and the store commits them in that
+        order, so one connection can keep many messages in flight, which the
+        group commit turns into throughput. While a sender has writes in
+        flight its later messages take the same path, so none overtakes an
+        earlier one; past ``MAX_IN_FLIGHT`` the connection waits.
+        """
         try:
-            result = await self.store.enqueue(msg, self.limits)
-        except StorageUnavailable:
-            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, message_id=mid) from None
-        if result is EnqueueResult.FULL:
-            raise RelayError(ErrorCode.QUEUE_FULL, message_id=mid)
-        if result is EnqueueResult.DUPLICATE:
-            return "queued"
-        return await self._deliver_stored(msg)
+            self._check_new_queue(msg.sender, msg.recipient, msg.message_id)
+        except RelayError as err:
+            self.metrics.refused.labels(code=err.code.value).inc()
+            raise
+        if session.in_flight >= MAX_IN_FLIGHT:
+            await asyncio.wait([session.tail])
+        session.in_flight += 1
+        task = asyncio.ensure_future(self._store_and_answer(session, key, msg))
+        session.tail = task
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _store_and_answer(self, session: Session, key: tuple[str, str, str], msg: QueuedMessage) -> None:
+        try:
+            await self._store_and_answer_now(session, key, msg)
+        finally:
+            session.in_flight -= 1
+
+    async def _store_and_answer_now(self, session: Session, key: tuple[str, str, str], msg: QueuedMessage) -> None:
+        try:
+            try:
+                result = await self.store.enqueue(msg, self.limits)
+            except StorageUnavailable:
+                raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, message_id=msg.message_id) from None
+            if result is EnqueueResult.FULL:
+                raise RelayError(ErrorCode.QUEUE_FULL, message_id=msg.message_id)
+            answer = "queued" if result is EnqueueResult.DUPLICATE else await self._deliver_stored(msg)
+        except RelayError as err:
+            self.metrics.refused.labels(code=err.code.value).inc()
+            session.send(err.frame())
+            return
+        except Exception:
+            log.exception("internal error storing a message")
+            session.send(RelayError(ErrorCode.INTERNAL_ERROR, message_id=msg.message_id).frame())
+            return
+        self._remember(key, answer)
+        session.send({"type": answer, "messageId": msg.message_id, "to": msg.recipient, "timestamp": now_ms()})
+
+    async def settle(self) -> None:
+        """Wait for every message still being stored (tests, shutdown)."""
+        while self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
 
     async def _deliver_stored(self, msg: QueuedMessage) -> str:
         """Push a just-committed message to whoever became ready meanwhile.

@@ -321,6 +321,8 @@ class RelayServer:
                     await asyncio.wait_for(self.server.wait_closed(), 1.0)
         if self._housekeeper is not None:
             self._housekeeper.cancel()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.router.settle(), self.config.server.shutdown_timeout_s)
         self.authenticator.close()
         await self.store.close()
         log.info("stopped")

@@ -18,7 +18,8 @@ class Session:
     """
 
     __slots__ = ("id", "ip", "opened_at", "address", "ack", "verified", "ready", "closed",
-                 "push", "_close", "congested", "extra", "bucket", "strikes")
+                 "push", "_close", "congested", "extra", "bucket", "strikes",
+                 "in_flight", "tail")
 
     def __init__(self, sid: int, ip: str, opened_at: float,
                  push: Callable[[str], bool], close: Callable[[int, str], None],
@@ -37,6 +38,8 @@ class Session:
         self.extra: Any = None
         self.bucket: Any = None
         self.strikes = 0
+        self.in_flight = 0
+        self.tail: Any = None
 
     def send(self, frame: dict[str, Any]) -> bool:
         return self.push(encode(frame))

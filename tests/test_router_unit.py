@@ -59,7 +59,9 @@ class Relay:
         self.router = Router(make_config(**sections), self.presence, self.store, RelayMetrics(), authenticator)
 
     async def send(self, peer: Peer, frame: Any) -> None:
+        """Handle one frame and wait until any message it stored is answered."""
         await self.router.handle(peer.session, frame if isinstance(frame, str) else json.dumps(frame))
+        await self.router.settle()
 
     async def auth(self, peer: Peer, address: str, **extra: Any) -> dict[str, Any]:
         await self.send(peer, {"type": "auth", "address": address, **extra})
@@ -328,3 +330,41 @@ def test_frame_rate_limit_refuses_then_closes():
         assert peer.take() == []
         assert peer.closes == [(1008, "rate limit exceeded")]
     run(scenario())
+
+
+class SlowStore(MemoryStore):
+    """Commits only when released, to hold messages in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def enqueue(self, msg: Any, limits: Any) -> Any:
+        await self.gate.wait()
+        return await super().enqueue(msg, limits)
+
+
+def test_messages_in_flight_are_answered_in_order_and_never_overtaken() -> None:
+    """While a sender's writes are pending, its next messages queue behind them,
+    even to an online recipient, so nothing overtakes an earlier message."""
+    async def main() -> None:
+        store = SlowStore()
+        relay, a, b = Relay(store=store), Peer(), Peer()
+        await relay.auth(a, A)
+        a.take()
+        for mid in ("m1", "m2", "m3"):
+            await relay.router.handle(a.session, json.dumps(message(B, mid)))
+        assert a.take() == [] and a.session.in_flight == 3
+        await relay.router.handle(b.session, json.dumps({"type": "auth", "address": B}))
+        b.take()
+        await relay.router.handle(a.session, json.dumps(message(B, "m4")))
+        assert b.take() == [], "m4 must not overtake m1..m3"
+        store.gate.set()
+        await relay.router.settle()
+        assert [(f["type"], f["messageId"]) for f in a.take()] == [
+            ("delivered", "m1"), ("delivered", "m2"), ("delivered", "m3"), ("delivered", "m4")]
+        assert [(f["messageId"], f["queued"]) for f in b.take()] == [
+            ("m1", False), ("m2", False), ("m3", False), ("m4", False)]
+        assert await store.size(B) == 0
+        assert a.session.in_flight == 0
+    run(main())
