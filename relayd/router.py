@@ -145,6 +145,7 @@ class Router:
             extra = await self.authenticator.authenticate(session, address, frame)
         if session.closed:
             return
+        session.extra = None
         session.address = address
         session.ack = ack
         self.routes.attach(session)

@@ -53,62 +53,21 @@ WRITE_LIMIT = 64 * 1024
 MAX_OUTBOUND_BUFFER = 1024 * 1024
 
 
-class BodyReader(StreamReader):
-    """A StreamReader that consumes an HTTP request body after the headers.
+class RequestHead:
+    """What BodyReader learnt from one request head; dropped once it is answered."""
 
-    websockets' request parser refuses any ``Content-Length`` but 0 and any
-    ``Transfer-Encoding``. While the head is parsed, this reader hides those
-    headers from it and, at the blank line that ends the head, reads a
-    bounded body (fixed length or chunked) so REST POSTs work on the same
-    port. ``error`` records a body that must be refused.
-    """
+    __slots__ = ("max_body", "length", "chunked", "body", "error", "upgrade", "done")
 
     def __init__(self, max_body: int) -> None:
-        super().__init__()
         self.max_body = max_body
-        self.in_head = True
         self.length: int | None = None
         self.chunked = False
         self.body = b""
         self.error: ErrorCode | None = None
         self.upgrade = False
+        self.done = False
 
-    def read_line(self, m: int, too_long_exc_type: type[Exception] = RuntimeError
-                  ) -> Generator[None, None, bytearray]:
-        line = yield from super().read_line(m, too_long_exc_type)
-        if not self.in_head:
-            return line
-        while True:
-            name, sep, value = bytes(line).partition(b":")
-            lname = name.strip().lower()
-            if sep and lname == b"content-length":
-                self._note_length(value.strip())
-            elif sep and lname == b"transfer-encoding":
-                if value.strip().lower() == b"chunked":
-                    self.chunked = True
-                else:
-                    self.error = ErrorCode.LENGTH_REQUIRED
-            else:
-                if sep and lname == b"upgrade" and value.strip().lower() == b"websocket":
-                    self.upgrade = True
-                break
-            line = yield from super().read_line(m, too_long_exc_type)
-        if line in (b"\r\n", b"\n"):
-            self.in_head = False
-            if self.error is None:
-                yield from self._read_body()
-        return line
-
-    def read_exact(self, n: int) -> Generator[None, None, bytearray]:
-        """After a REST request (one per connection) or a refused body, swallow
-        whatever follows instead of parsing it as WebSocket frames."""
-        if not self.in_head and (self.error is not None or not self.upgrade):
-            while True:
-                self.discard()
-                yield
-        return (yield from super().read_exact(n))
-
-    def _note_length(self, raw: bytes) -> None:
+    def note_length(self, raw: bytes) -> None:
         try:
             length = int(raw)
         except ValueError:
@@ -117,21 +76,80 @@ class BodyReader(StreamReader):
             self.error = ErrorCode.BAD_REQUEST
         self.length = length
 
-    def _read_body(self) -> Generator[None, None, None]:
-        if self.chunked and self.length is not None:
-            self.error = ErrorCode.BAD_REQUEST
-        elif self.chunked:
+
+class BodyReader(StreamReader):
+    """A StreamReader that consumes an HTTP request body after the headers.
+
+    websockets' request parser refuses any ``Content-Length`` but 0 and any
+    ``Transfer-Encoding``. While the head is parsed, this reader hides those
+    headers from it and, at the blank line that ends the head, reads a
+    bounded body (fixed length or chunked) so REST POSTs work on the same
+    port. ``head.error`` records a body that must be refused.
+    """
+
+    def __init__(self, max_body: int) -> None:
+        super().__init__()
+        self.head: RequestHead | None = RequestHead(max_body)
+        self.swallow = False
+
+    def release(self) -> RequestHead:
+        """Hand over the parsed head, so an open WebSocket does not keep it."""
+        head, self.head = self.head, None
+        assert head is not None and head.done
+        return head
+
+    def read_line(self, m: int, too_long_exc_type: type[Exception] = RuntimeError
+                  ) -> Generator[None, None, bytearray]:
+        line = yield from super().read_line(m, too_long_exc_type)
+        head = self.head
+        if head is None or head.done:
+            return line
+        while True:
+            name, sep, value = bytes(line).partition(b":")
+            lname = name.strip().lower()
+            if sep and lname == b"content-length":
+                head.note_length(value.strip())
+            elif sep and lname == b"transfer-encoding":
+                if value.strip().lower() == b"chunked":
+                    head.chunked = True
+                else:
+                    head.error = ErrorCode.LENGTH_REQUIRED
+            else:
+                if sep and lname == b"upgrade" and value.strip().lower() == b"websocket":
+                    head.upgrade = True
+                break
+            line = yield from super().read_line(m, too_long_exc_type)
+        if line in (b"\r\n", b"\n"):
+            head.done = True
+            if head.error is None:
+                yield from self._read_body(head)
+            self.swallow = head.error is not None or not head.upgrade
+        return line
+
+    def read_exact(self, n: int) -> Generator[None, None, bytearray]:
+        """After a REST request (one per connection) or a refused body, swallow
+        whatever follows instead of parsing it as WebSocket frames."""
+        if self.swallow:
+            while True:
+                self.discard()
+                yield
+        return (yield from super().read_exact(n))
+
+    def _read_body(self, head: RequestHead) -> Generator[None, None, None]:
+        if head.chunked and head.length is not None:
+            head.error = ErrorCode.BAD_REQUEST
+        elif head.chunked:
             parts, total = [], 0
             while True:
                 size_line = yield from super().read_line(MAX_CHUNK_LINE, RuntimeError)
                 digits = bytes(size_line).split(b";")[0].strip()
                 if not _CHUNK_SIZE.fullmatch(digits):
-                    self.error = ErrorCode.BAD_REQUEST
+                    head.error = ErrorCode.BAD_REQUEST
                     return
                 size = int(digits, 16)
                 total += size
-                if total > self.max_body:
-                    self.error = ErrorCode.PAYLOAD_TOO_LARGE
+                if total > head.max_body:
+                    head.error = ErrorCode.PAYLOAD_TOO_LARGE
                     return
                 if size == 0:
                     break
@@ -139,12 +157,12 @@ class BodyReader(StreamReader):
                 parts.append(bytes(chunk[:-2]))
             while (yield from super().read_line(MAX_CHUNK_LINE, RuntimeError)) not in (b"\r\n", b"\n"):
                 pass
-            self.body = b"".join(parts)
-        elif self.length:
-            if self.length > self.max_body:
-                self.error = ErrorCode.PAYLOAD_TOO_LARGE
+            head.body = b"".join(parts)
+        elif head.length:
+            if head.length > head.max_body:
+                head.error = ErrorCode.PAYLOAD_TOO_LARGE
                 return
-            self.body = bytes((yield from super().read_exact(self.length)))
+            head.body = bytes((yield from super().read_exact(head.length)))
 
 
 class RelayConnection(ServerConnection):
@@ -155,8 +173,7 @@ class RelayConnection(ServerConnection):
 
     def __init__(self, protocol: Any, server: Server, **kwargs: Any) -> None:
         super().__init__(protocol, server, **kwargs)
-        self.body_reader = BodyReader(self.max_body)
-        protocol.reader = self.body_reader
+        protocol.reader = BodyReader(self.max_body)
         protocol.parser = protocol.parse()
         next(protocol.parser)
 
@@ -333,6 +350,9 @@ class RelayServer:
         peer = conn.remote_address[0] if conn.remote_address else "unknown"
         headers = _fold_headers(request.headers)
         client_ip = self.ip_resolver.resolve(peer, headers.get("x-forwarded-for"))
+        head = conn.protocol.reader.release()
+        if head.error is not None:
+            return _to_response(error_response(RelayError(head.error)), request.method == "HEAD")
         if request.method == "GET" and _is_upgrade(request):
             origin = headers.get("origin")
             if not self.origins.allows(origin):
@@ -343,13 +363,8 @@ class RelayServer:
                 return _to_response(error_response(refusal), False)
             conn.client_ip = client_ip  # type: ignore[attr-defined]
             return None
-        reader = conn.body_reader
-        if reader.error is not None:
-            resp = error_response(RelayError(reader.error))
-        else:
-            req = HttpRequest.from_target(request.method, request.path, headers, reader.body, client_ip)
-            resp = await self.api.handle(req)
-        return _to_response(resp, request.method == "HEAD")
+        req = HttpRequest.from_target(request.method, request.path, headers, head.body, client_ip)
+        return _to_response(await self.api.handle(req), request.method == "HEAD")
 
     def _evict_unverified(self, address: str) -> None:
         """Once an address proves ownership, sessions that merely claimed it must go."""
