@@ -150,6 +150,7 @@ class _Metric:
         help: str,
         labelnames: Iterable[str] = (),
         *,
+        fn: Callback | None = None,
         registry: Registry | None = None,
     ) -> None:
         if not _NAME_RE.match(name):
@@ -164,7 +165,7 @@ class _Metric:
         self.help = help
         self.labelnames = labelnames
         self._children: dict[LabelKey, object] = {}
-        self._fn: Callback | None = None
+        self._fn = fn
         self._default = None if labelnames else self._child(())
         if registry is not None:
             registry.register(self)
@@ -280,8 +281,7 @@ class Counter(_Metric):
     ) -> None:
         if not name.endswith("_total"):
             raise ValueError(f"counter name {name!r} must end in _total")
-        super().__init__(name, help, labelnames, registry=registry)
-        self._fn = fn
+        super().__init__(name, help, labelnames, fn=fn, registry=registry)
 
     def _new_child(self) -> _CounterChild:
         return _CounterChild()
@@ -299,18 +299,6 @@ class Gauge(_Metric):
 
     type_name = "gauge"
     __slots__ = ()
-
-    def __init__(
-        self,
-        name: str,
-        help: str,
-        labelnames: Iterable[str] = (),
-        *,
-        fn: Callback | None = None,
-        registry: Registry | None = None,
-    ) -> None:
-        super().__init__(name, help, labelnames, registry=registry)
-        self._fn = fn
 
     def _new_child(self) -> _GaugeChild:
         return _GaugeChild()

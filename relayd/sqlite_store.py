@@ -576,22 +576,18 @@ class SQLiteStore:
         return await self._submit(job, write=False)
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
-        if not seqs:
-            return 0
-        wanted = list(dict.fromkeys(seqs))
-
-        def job(conn: sqlite3.Connection) -> tuple[int, int]:
-            removed = _delete_where(conn, recipient, "seq", wanted)
-            return removed, -removed
-        return await self._submit(job, write=True)
+        return await self._delete(recipient, "seq", seqs)
 
     async def ack(self, recipient: str, message_ids: list[str]) -> int:
-        if not message_ids:
+        return await self._delete(recipient, "message_id", message_ids)
+
+    async def _delete(self, recipient: str, column: str, values: list[Any]) -> int:
+        if not values:
             return 0
-        wanted = list(dict.fromkeys(message_ids))
+        wanted = list(dict.fromkeys(values))
 
         def job(conn: sqlite3.Connection) -> tuple[int, int]:
-            removed = _delete_where(conn, recipient, "message_id", wanted)
+            removed = _delete_where(conn, recipient, column, wanted)
             return removed, -removed
         return await self._submit(job, write=True)
 
