@@ -108,6 +108,7 @@ class Authenticator:
         self.verify = verify
         self.tokens = Tokens()
         self.on_locked: Callable[[str], None] = lambda address: None
+        self.attempts = FixedWindow(config.limits.auth_attempts_per_ip_per_min, 60.0)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relayd-verify")
         self.configure(config)
 
@@ -118,9 +119,7 @@ class Authenticator:
         self.token_ttl = config.auth.token_ttl_s
         self.skew = config.auth.key_clock_skew_s
         self.expose_online_list = config.expose_online_list
-        limit = config.limits.auth_attempts_per_ip_per_min
-        if not hasattr(self, "attempts") or self.attempts.limit != limit:
-            self.attempts = FixedWindow(limit, 60.0)
+        self.attempts.limit = config.limits.auth_attempts_per_ip_per_min
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

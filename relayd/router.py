@@ -49,6 +49,8 @@ class Router:
         self.authenticator = authenticator
         self._recent: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         self._in_flight: set[asyncio.Future[None]] = set()
+        self._queue_window: dict[str, set[str]] = {}
+        self._queue_window_start = time.monotonic()
         self._handlers: dict[str, Handler] = {
             "auth": self._on_auth,
             "message": self._on_message,
@@ -68,9 +70,6 @@ class Router:
         self.frame_burst = limits.frame_burst
         self.strike_limit = limits.rate_limited_close_after
         self.new_queues = limits.new_queues_per_sender_per_hour
-        if not hasattr(self, "_queue_window"):
-            self._queue_window: dict[str, set[str]] = {}
-            self._queue_window_start = time.monotonic()
         q = config.queue
         self.limits = QueueLimits(q.max_offline_messages, q.max_offline_bytes, q.overflow == "drop_oldest")
 
