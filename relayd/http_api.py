@@ -105,6 +105,9 @@ class HttpApi:
             (("api", "status", "online", "all"), {"GET": self.online_all}),
             (("api", "status", "*"), {"GET": self.status}),
         ]
+        self._routes_by_length: dict[int, list[tuple[tuple[str, ...], dict[str, Handler]]]] = {}
+        for route in self._routes:
+            self._routes_by_length.setdefault(len(route[0]), []).append(route)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -120,10 +123,11 @@ class HttpApi:
             self.limiter.limit = limits.rate_limit_max_requests
 
     def _match(self, path: str) -> tuple[dict[str, Handler], list[str]] | None:
-        parts = [unquote(p) for p in path.strip("/").split("/")] if path.strip("/") else []
-        for pattern, methods in self._routes:
-            if len(pattern) != len(parts):
-                continue
+        stripped = path.strip("/")
+        parts = stripped.split("/") if stripped else []
+        if "%" in stripped:
+            parts = [unquote(p) for p in parts]
+        for pattern, methods in self._routes_by_length.get(len(parts), ()):
             args = []
             for want, got in zip(pattern, parts):
                 if want == "*":

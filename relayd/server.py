@@ -214,8 +214,19 @@ def _is_upgrade(request: Request) -> bool:
     return any(v.strip().lower() == "websocket" for v in request.headers.get_all("Upgrade"))
 
 
+_date_cache: list[Any] = [0, ""]
+
+
+def _http_date() -> str:
+    """The Date header, formatted once a second rather than once a request."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
 def _to_response(resp: HttpResponse, head: bool) -> Response:
-    headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close")])
+    headers = Headers([("Date", _http_date()), ("Connection", "close")])
     if resp.content_type:
         headers["Content-Type"] = resp.content_type
     headers["Content-Length"] = str(len(resp.body))

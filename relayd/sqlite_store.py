@@ -10,11 +10,13 @@ live in their own table so limit checks never count a queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ log = logging.getLogger("relayd.storage")
 APPLICATION_ID = 0x524C5944  # "RLYD": marks a file as relayd's
 SQLITE_MAGIC = b"SQLite format 3\x00"
 MAX_BATCH = 500
+KEY_CACHE_SIZE = 4096
+_MISSING = object()
 FULL_CHECK_BYTES = 64 * 1024 * 1024
 EXPIRE_CHUNK = 1000
 _IN_CHUNK = 500  # stays far below SQLite's bound-parameter limit on old builds
@@ -322,6 +326,7 @@ class SQLiteStore:
         self._healthy = True
         self._problem: str | None = None
         self.commits = 0
+        self._key_cache: OrderedDict[str, KeyRecord | None] = OrderedDict()
         self.commit_observer: Callable[[float], None] | None = None
         """Called on the event loop with each write transaction's duration (for metrics)."""
         """Committed write transactions; lets tests and metrics see group commit work."""
@@ -662,21 +667,45 @@ class SQLiteStore:
     # Keys
 
     async def get_key(self, address: str) -> KeyRecord | None:
+        cached = self._key_cache.get(address, _MISSING)
+        if cached is not _MISSING:
+            self._key_cache.move_to_end(address)
+            return cached  # type: ignore[return-value]
         return (await self.get_keys([address])).get(address)
 
     async def get_keys(self, addresses: list[str]) -> dict[str, KeyRecord]:
-        if not addresses:
-            return {}
-        wanted = list(dict.fromkeys(addresses))
+        """Lookups are served from a small cache of recent keys (hits and misses);
+        every key write passes through this store, so it never goes stale."""
+        found: dict[str, KeyRecord] = {}
+        wanted = []
+        for address in dict.fromkeys(addresses):
+            cached = self._key_cache.get(address, _MISSING)
+            if cached is _MISSING:
+                wanted.append(address)
+            elif cached is not None:
+                found[address] = cached  # type: ignore[assignment]
+        if not wanted:
+            return found
 
         def job(conn: sqlite3.Connection) -> tuple[dict[str, KeyRecord], int]:
-            found: dict[str, KeyRecord] = {}
+            rows: dict[str, KeyRecord] = {}
             for part in _chunks(wanted):
                 for row in conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys "
                                         f"WHERE address IN ({_marks(len(part))})", part):
-                    found[row[0]] = KeyRecord(*row)
-            return found, 0
-        return await self._submit(job, write=False)
+                    rows[row[0]] = KeyRecord(*row)
+            return rows, 0
+        rows = await self._submit(job, write=False)
+        for address in wanted:
+            self._cache_key(address, rows.get(address))
+        found.update(rows)
+        return found
+
+    def _cache_key(self, address: str, record: KeyRecord | None) -> None:
+        cache = self._key_cache
+        cache[address] = record
+        cache.move_to_end(address)
+        if len(cache) > KEY_CACHE_SIZE:
+            cache.popitem(last=False)
 
     async def put_key(self, record: KeyRecord) -> KeyRecord:
         """Store ``record``; an existing key keeps its original ``created_at``."""
@@ -689,13 +718,18 @@ class SQLiteStore:
             conn.execute(f"INSERT OR REPLACE INTO keys ({_KEY_COLUMNS}) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*row[:2], created_at, *row[3:]))
             return created_at, 0
+        self._key_cache.pop(record.address, None)
         record.created_at = await self._submit(job, write=True)
+        self._cache_key(record.address, dataclasses.replace(record))
         return record
 
     async def delete_key(self, address: str) -> bool:
         def job(conn: sqlite3.Connection) -> tuple[bool, int]:
             return conn.execute("DELETE FROM keys WHERE address = ?", (address,)).rowcount > 0, 0
-        return await self._submit(job, write=True)
+        self._key_cache.pop(address, None)
+        deleted = await self._submit(job, write=True)
+        self._cache_key(address, None)
+        return deleted
 
     async def key_count(self) -> int:
         return await self._submit(
