@@ -49,6 +49,7 @@ _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 FRAME_OVERHEAD = 4096
 JSON_ESCAPE_FACTOR = 6  # a character may take six bytes as a JSON \uXXXX escape
 CLOSE_TIMEOUT = 5.0
+STATS_INTERVAL_S = 15.0
 WRITE_LIMIT = 64 * 1024
 MAX_OUTBOUND_BUFFER = 1024 * 1024
 
@@ -445,6 +446,7 @@ class RelayServer:
         loop = asyncio.get_running_loop()
         next_expiry = 0.0
         next_sweep = 0.0
+        next_stats = 0.0
         while True:
             tick = max(0.02, min(self.max_tick, self.config.server.auth_timeout_s / 4))
             planned = loop.time() + tick
@@ -460,6 +462,9 @@ class RelayServer:
             if now >= next_expiry:
                 next_expiry = now + self.config.queue.expiry_interval_s
                 await self._expire_messages()
+            if now >= next_stats:
+                next_stats = now + STATS_INTERVAL_S
+                await self._refresh_queue_stats()
 
     def _sweep_limits(self) -> None:
         now = time.monotonic()
@@ -482,6 +487,16 @@ class RelayServer:
             del pending[session]
             session.send(RelayError(ErrorCode.AUTH_TIMEOUT).frame())
             session.close(1008, "authentication timeout")
+
+    async def _refresh_queue_stats(self) -> None:
+        """Byte and recipient totals take a table scan, so metrics read a recent copy."""
+        try:
+            stats = await self.store.stats()
+        except Exception as exc:
+            log.debug("queue statistics unavailable: %s", exc)
+            return
+        self.metrics.queue_bytes.set(stats["bytes"])
+        self.metrics.queue_recipients.set(stats["recipients"])
 
     async def _expire_messages(self) -> None:
         cutoff = int(time.time() * 1000 - self.config.queue.message_retention_hours * 3_600_000)

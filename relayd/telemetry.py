@@ -37,6 +37,10 @@ class RelayMetrics:
         self.auth_failures = r.counter("relayd_auth_failures_total", "Failed or refused authentications.",
                                        ("reason",))
         self.queue_depth = r.gauge("relayd_queue_messages", "Messages waiting in offline queues.")
+        self.queue_bytes = r.gauge("relayd_queue_bytes", "Content bytes waiting in offline queues "
+                                   "(refreshed every few seconds).")
+        self.queue_recipients = r.gauge("relayd_queue_recipients", "Recipients with a non-empty offline queue "
+                                        "(refreshed every few seconds).")
         self.commit_latency = r.histogram("relayd_storage_commit_seconds",
                                           "Time to run and commit one grouped write transaction.", buckets=COMMIT_BUCKETS)
         self.loop_lag = r.histogram("relayd_event_loop_lag_seconds",

@@ -295,6 +295,8 @@ TELEMETRY_FAMILIES = {
     "relayd_rate_limit_hits_total": "counter",
     "relayd_auth_failures_total": "counter",
     "relayd_queue_messages": "gauge",
+    "relayd_queue_bytes": "gauge",
+    "relayd_queue_recipients": "gauge",
     "relayd_storage_commit_seconds": "histogram",
     "relayd_event_loop_lag_seconds": "histogram",
     "relayd_storage_healthy": "gauge",
