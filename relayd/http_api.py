@@ -108,6 +108,7 @@ class HttpApi:
         self._routes_by_length: dict[int, list[tuple[tuple[str, ...], dict[str, Handler]]]] = {}
         for route in self._routes:
             self._routes_by_length.setdefault(len(route[0]), []).append(route)
+        self.limiter = FixedWindow(config.limits.rate_limit_max_requests, config.limits.rate_limit_window_ms / 1000)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -116,11 +117,9 @@ class HttpApi:
         self.origins = OriginPolicy(config.server.allowed_origins)
         limits = config.limits
         window = limits.rate_limit_window_ms / 1000
-        old = getattr(self, "limiter", None)
-        if old is None or old.window_s != window:
+        if self.limiter.window_s != window:
             self.limiter = FixedWindow(limits.rate_limit_max_requests, window)
-        else:
-            self.limiter.limit = limits.rate_limit_max_requests
+        self.limiter.limit = limits.rate_limit_max_requests
 
     def _match(self, path: str) -> tuple[dict[str, Handler], list[str]] | None:
         stripped = path.strip("/")

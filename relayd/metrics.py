@@ -264,7 +264,20 @@ class _Metric:
             out.append(f"{name}{labels} {format_value(value)}\n")
 
 
-class Counter(_Metric):
+class _Scalar(_Metric):
+    """Counters and gauges: one number per child."""
+
+    __slots__ = ()
+
+    def inc(self, n: float = 1) -> None:
+        self._unlabelled().inc(n)
+
+    @property
+    def value(self) -> float:
+        return self._unlabelled().value
+
+
+class Counter(_Scalar):
     """Monotonic count; the name must end in ``_total`` and is used as-is for TYPE."""
 
     type_name = "counter"
@@ -286,15 +299,9 @@ class Counter(_Metric):
     def _new_child(self) -> _CounterChild:
         return _CounterChild()
 
-    def inc(self, n: float = 1) -> None:
-        self._unlabelled().inc(n)
-
-    @property
-    def value(self) -> float:
-        return self._unlabelled().value
 
 
-class Gauge(_Metric):
+class Gauge(_Scalar):
     """A value that goes up and down, or is computed by ``fn`` at scrape time."""
 
     type_name = "gauge"
@@ -316,18 +323,11 @@ class Gauge(_Metric):
     def set(self, v: float) -> None:
         self._unlabelled().set(v)
 
-    def inc(self, n: float = 1) -> None:
-        self._unlabelled().inc(n)
-
     def dec(self, n: float = 1) -> None:
         self._unlabelled().dec(n)
 
     def set_function(self, fn: Callable[[], float | None] | None) -> None:
         self._unlabelled().set_function(fn)
-
-    @property
-    def value(self) -> float:
-        return self._unlabelled().value
 
 
 class Histogram(_Metric):

@@ -38,6 +38,12 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def message_data(sender: str, content: str, message_id: str, timestamp: int, *, queued: bool) -> str:
+    """The encoded ``message`` frame a recipient gets, live or from its queue."""
+    return encode({"type": "message", "from": sender, "content": content, "messageId": message_id,
+                   "timestamp": timestamp, "queued": queued})
+
+
 class Router:
     """Applies the seed protocol plus relayd's ack extension."""
 
@@ -178,9 +184,8 @@ class Router:
                     waiter = session.congested()
                     if waiter is not None:
                         await waiter
-                    if not session.push(encode({"type": "message", "from": msg.sender, "content": msg.content,
-                                                "messageId": msg.message_id, "timestamp": msg.timestamp,
-                                                "queued": True})):
+                    if not session.push(message_data(msg.sender, msg.content, msg.message_id, msg.timestamp,
+                                                     queued=True)):
                         break
                     written.append(msg.seq)
                 self.metrics.flushed.inc(len(written))
@@ -229,8 +234,7 @@ class Router:
             timestamp = now if stamp is None else stamp
             targets = self.routes.ready_sessions(to)
             if targets and not session.in_flight and not any(s.ack for s in targets):
-                data = encode({"type": "message", "from": sender, "content": content, "messageId": mid,
-                               "timestamp": timestamp, "queued": False})
+                data = message_data(sender, content, mid, timestamp, queued=False)
                 if sum(s.push(data) for s in targets):
                     self.metrics.routed_live.inc()
                     answer = "delivered"
@@ -264,12 +268,6 @@ class Router:
 
     async def _store_and_answer(self, session: Session, key: tuple[str, str, str], msg: QueuedMessage) -> None:
         try:
-            await self._store_and_answer_now(session, key, msg)
-        finally:
-            session.in_flight -= 1
-
-    async def _store_and_answer_now(self, session: Session, key: tuple[str, str, str], msg: QueuedMessage) -> None:
-        try:
             try:
                 result = await self.store.enqueue(msg, self.limits)
             except StorageUnavailable:
@@ -285,6 +283,8 @@ class Router:
             log.exception("internal error storing a message")
             session.send(RelayError(ErrorCode.INTERNAL_ERROR, message_id=msg.message_id).frame())
             return
+        finally:
+            session.in_flight -= 1
         self._remember(key, answer)
         session.send({"type": answer, "messageId": msg.message_id, "to": msg.recipient, "timestamp": now_ms()})
 
@@ -300,9 +300,10 @@ class Router:
         took it, it leaves the store as the original relay's semantics say.
         """
         targets = self.routes.ready_sessions(msg.recipient)
-        taken = [s for s in targets if s.push(encode({
-            "type": "message", "from": msg.sender, "content": msg.content, "messageId": msg.message_id,
-            "timestamp": msg.timestamp, "queued": False}))] if targets else []
+        taken: list[Session] = []
+        if targets:
+            data = message_data(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
+            taken = [s for s in targets if s.push(data)]
         if not taken:
             self.metrics.queued.inc()
             return "queued"
