@@ -494,8 +494,8 @@ def relayd_env(**extra: Any) -> dict[str, str]:
 NA_SQLITE = "n/a"  # the sqlite backend is not importable or does not open (reason under "problems")
 PROBE_CODE = """
 import asyncio, os, shutil, sys, tempfile
-from relayd.sqlite_store import SQLiteStore
-from relayd import store as S
+from relayd.storage.sqlite import SQLiteStore
+from relayd.storage import store as S
 d = tempfile.mkdtemp()
 async def go():
     s = SQLiteStore(os.path.join(d, "probe.db"))
@@ -773,7 +773,7 @@ def build_cold_db(path: Path, rows: int) -> dict[str, Any]:
     """Create relayd's schema with SQLiteStore.open(), then bulk-insert ``rows`` queued messages."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from relayd.sqlite_store import SQLiteStore
+    from relayd.storage.sqlite import SQLiteStore
 
     async def create() -> None:
         store = SQLiteStore(str(path))

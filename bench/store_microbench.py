@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relayd.memory_store import MemoryStore  # noqa: E402
-from relayd.sqlite_store import SQLiteStore  # noqa: E402
-from relayd.store import QueuedMessage, QueueLimits, Store  # noqa: E402
+from relayd.storage.memory import MemoryStore  # noqa: E402
+from relayd.storage.sqlite import SQLiteStore  # noqa: E402
+from relayd.storage.store import QueuedMessage, QueueLimits, Store  # noqa: E402
 
 LIMITS = QueueLimits(max_messages=10**9, max_bytes=10**12, drop_oldest=False)
 CONTENT = "x" * 200

@@ -11,9 +11,9 @@ import sys
 from typing import Callable, Sequence
 
 from . import __version__
-from .config import Config, ConfigError, SECTIONS, load_config
-from .logsetup import configure_logging
-from .store import Store, StoreOpenError
+from .config import SECTIONS, Config, ConfigError, load_config
+from .ops.logsetup import configure_logging
+from .storage.store import Store, StoreOpenError
 
 log = logging.getLogger("relayd")
 
@@ -57,9 +57,9 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 def make_store(config: Config) -> Store:
     if config.storage.backend == "memory":
-        from .memory_store import MemoryStore
+        from .storage.memory import MemoryStore
         return MemoryStore()
-    from .sqlite_store import SQLiteStore
+    from .storage.sqlite import SQLiteStore
     return SQLiteStore(config.storage.path, synchronous=config.storage.synchronous,
                        commit_interval_ms=config.storage.commit_interval_ms)
 
@@ -85,7 +85,7 @@ def admin(command: str, target: str | None, config: Config) -> int:
     if config.storage.backend != "sqlite":
         print(f"relayd {command}: needs [storage] backend = sqlite", file=sys.stderr)
         return EXIT_CONFIG
-    from .sqlite_store import backup_database, read_stats
+    from .storage.sqlite import backup_database, read_stats
     try:
         if command == "backup":
             if not target:

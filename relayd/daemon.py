@@ -9,10 +9,10 @@ import ssl
 from typing import Callable
 
 from .config import Config, ConfigError, reloadable_changes
-from .logsetup import configure_logging
-from .sdnotify import Notifier
+from .ops.logsetup import configure_logging
+from .ops.sdnotify import Notifier
 from .server import RelayServer
-from .store import Store
+from .storage.store import Store
 
 log = logging.getLogger("relayd.daemon")
 
@@ -127,7 +127,7 @@ class Daemon:
                 pass
             parts = request_line.split()
             if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
-                from .metrics import CONTENT_TYPE
+                from .ops.prometheus import CONTENT_TYPE
                 body, status, ctype = self.server.metrics.render().encode(), "200 OK", CONTENT_TYPE
             else:
                 body, status, ctype = b'{"error":"Endpoint not found","code":"not_found"}', "404 Not Found", \

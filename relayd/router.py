@@ -16,13 +16,29 @@ from typing import Any, Awaitable, Callable
 
 from .config import Config
 from .errors import CLOSE_CODES, ErrorCode, RelayError
-from .frames import (decode, encode, field_address, field_bool, field_message_id, field_str,
-                     field_timestamp, message_id_of, utf8_len)
+from .frames import (
+    decode,
+    encode,
+    field_address,
+    field_bool,
+    field_message_id,
+    field_str,
+    field_timestamp,
+    message_id_of,
+    utf8_len,
+)
+from .ops.metrics import RelayMetrics
 from .presence import Routes
 from .ratelimit import TokenBucket
 from .session import Session
-from .store import EnqueueResult, QueuedMessage, QueueLimits, Receipt, Store, StorageUnavailable
-from .telemetry import RelayMetrics
+from .storage.store import (
+    EnqueueResult,
+    QueuedMessage,
+    QueueLimits,
+    Receipt,
+    StorageUnavailable,
+    Store,
+)
 
 log = logging.getLogger("relayd.router")
 

@@ -27,20 +27,20 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.streams import StreamReader
 
-from . import secp256k1, signatures
-from .auth import Authenticator
-from .clientip import ClientIpResolver, limit_key
 from .config import Config
 from .errors import ErrorCode, RelayError
-from .http_api import HttpApi, HttpRequest, HttpResponse, error_response
-from .memory_store import MemoryStore
-from .origins import OriginPolicy
+from .identity import secp256k1, signatures
+from .identity.auth import Authenticator
+from .net.clientip import ClientIpResolver, limit_key
+from .net.http_api import HttpApi, HttpRequest, HttpResponse, error_response
+from .net.origins import OriginPolicy
+from .ops.metrics import RelayMetrics
 from .presence import LocalPresence
 from .ratelimit import TokenBucket
 from .router import Router
 from .session import Session
-from .store import Store
-from .telemetry import RelayMetrics
+from .storage.memory import MemoryStore
+from .storage.store import Store
 
 log = logging.getLogger("relayd.server")
 

@@ -11,8 +11,8 @@ import hashlib
 import hmac
 from typing import Iterator
 
-from relayd.secp256k1 import N, point_mul_g
-from relayd.signatures import SignatureFormat, address_of, message_hash
+from relayd.identity.secp256k1 import N, point_mul_g
+from relayd.identity.signatures import SignatureFormat, address_of, message_hash
 
 __all__ = ["address_of_private", "sign_hash", "sign_text"]
 

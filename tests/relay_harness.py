@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 
 from relayd.config import Config, load_config
 from relayd.server import RelayServer
-from relayd.store import Store
+from relayd.storage.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from relayd.auth import auth_statement, key_statement
+from relayd.identity.auth import auth_statement, key_statement
 
 try:
     from tests.idena_signer import address_of_private, sign_text

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from relayd.auth import auth_statement, key_statement
-from relayd.secp256k1 import N
-from relayd.signatures import recover_address
+from relayd.identity.auth import auth_statement, key_statement
+from relayd.identity.secp256k1 import N
+from relayd.identity.signatures import recover_address
 
 try:
     from tests.idena_signer import address_of_private, sign_text
@@ -524,11 +524,11 @@ def test_locked_address_refuses_unsigned_key_writes(relay) -> None:
 
 
 def test_lock_survives_a_restart_with_sqlite(start_relay, tmp_path) -> None:
-    from relayd.sqlite_store import SQLiteStore
+    from relayd.storage.sqlite import SQLiteStore
 
     missing = [m for m in ("is_locked", "lock") if not callable(getattr(SQLiteStore, m, None))]
     if missing:
-        pytest.skip(f"relayd.sqlite_store.SQLiteStore lacks {', '.join(missing)}: ownership locks cannot be "
+        pytest.skip(f"relayd.storage.sqlite.SQLiteStore lacks {', '.join(missing)}: ownership locks cannot be "
                     "stored in SQLite yet (see report: every unsigned auth on a SQLite relay in mixed mode "
                     "currently fails with AttributeError)")
     path = str(tmp_path / "relayd.db")

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd import secp256k1, signatures
-from relayd.keccak import _sponge, keccak256
-from relayd.secp256k1 import N, P, point_mul_g, recover_pubkey
-from relayd.signatures import (
+from relayd.identity import secp256k1, signatures
+from relayd.identity.keccak import _sponge, keccak256
+from relayd.identity.secp256k1 import N, P, point_mul_g, recover_pubkey
+from relayd.identity.signatures import (
     PURE_BACKEND,
     ZERO_ADDRESS,
     CryptoBackend,

@@ -28,8 +28,8 @@ from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed
 
 from relay_harness import ProcessRelay, WsClient
-from relayd.sqlite_store import APPLICATION_ID, MIGRATIONS, SQLiteStore
-from relayd.store import QueuedMessage, QueueLimits
+from relayd.storage.sqlite import APPLICATION_ID, MIGRATIONS, SQLiteStore
+from relayd.storage.store import QueuedMessage, QueueLimits
 
 A = "0x" + "a1" * 20
 B = "0x" + "b2" * 20

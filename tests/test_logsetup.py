@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from relayd.logsetup import JournalFormatter, TextFormatter, configure_logging, parse_level, set_level
+from relayd.ops.logsetup import JournalFormatter, TextFormatter, configure_logging, parse_level, set_level
 
 TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (?P<rest>.*)")
 

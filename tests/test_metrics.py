@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd import metrics
-from relayd.metrics import CONTENT_TYPE, Counter, Gauge, Histogram, Registry, format_value, register_process_metrics
+from relayd.ops import prometheus as metrics
+from relayd.ops.prometheus import CONTENT_TYPE, Counter, Gauge, Histogram, Registry, format_value, register_process_metrics
 
 try:
     from tests.prom_parser import ParseError, parse

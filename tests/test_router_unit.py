@@ -13,12 +13,12 @@ import pytest
 from relay_harness import make_config
 
 from relayd.errors import ErrorCode, RelayError
-from relayd.memory_store import MemoryStore
+from relayd.storage.memory import MemoryStore
 from relayd.presence import LocalPresence
 from relayd.router import Router
 from relayd.session import Session
-from relayd.store import StorageUnavailable
-from relayd.telemetry import RelayMetrics
+from relayd.storage.store import StorageUnavailable
+from relayd.ops.metrics import RelayMetrics
 
 A = "0x" + "a1" * 20
 B = "0x" + "b2" * 20

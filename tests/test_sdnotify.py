@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from relayd.sdnotify import Notifier
+from relayd.ops.sdnotify import Notifier
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets are Linux-only")
 

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relayd.memory_store import MemoryStore
-from relayd.sqlite_store import APPLICATION_ID, SCHEMA_VERSION, SQLiteStore, read_stats
-from relayd.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt,
+from relayd.storage.memory import MemoryStore
+from relayd.storage.sqlite import APPLICATION_ID, SCHEMA_VERSION, SQLiteStore, read_stats
+from relayd.storage.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt,
                           StorageUnavailable, StoreOpenError)
 
 QUEUED = EnqueueResult.QUEUED
@@ -108,7 +108,7 @@ def test_wal_application_id_and_schema_version(tmp_path: Path) -> None:
 
 def test_version_1_database_migrates_and_locks_signed_keys(tmp_path: Path) -> None:
     """A database written by schema 1 gains the locks table; its signed keys become locks."""
-    import relayd.sqlite_store as sqlite_store
+    import relayd.storage.sqlite as sqlite_store
     db = tmp_path / "relay.db"
     signed = "0x" + "ab" * 20
     unsigned = "0x" + "cd" * 20

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from relayd.memory_store import MemoryStore
-from relayd.sqlite_store import SQLiteStore
-from relayd.store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, Store
+from relayd.storage.memory import MemoryStore
+from relayd.storage.sqlite import SQLiteStore
+from relayd.storage.store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, Store
 
 QUEUED, DUPLICATE, FULL = EnqueueResult.QUEUED, EnqueueResult.DUPLICATE, EnqueueResult.FULL
 ROOMY = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False)

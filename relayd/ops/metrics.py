@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import __version__
-from .metrics import Registry, register_process_metrics
+from .. import __version__
+from .prometheus import Registry, register_process_metrics
 
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from relayd import keccak as _pure_keccak
-from relayd import secp256k1 as _pure_ec
+from . import keccak as _pure_keccak
+from . import secp256k1 as _pure_ec
 
 __all__ = [
     "SignatureFormat",

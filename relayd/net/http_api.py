@@ -15,18 +15,18 @@ from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import parse_qs, unquote
 
-from . import __version__
-from .addresses import normalize_address
+from .. import __version__
+from ..addresses import normalize_address
+from ..config import Config
+from ..errors import ErrorCode, RelayError
+from ..frames import encode, loads
+from ..ops.metrics import RelayMetrics
+from ..ops.prometheus import CONTENT_TYPE
+from ..presence import LocalPresence
+from ..ratelimit import FixedWindow, retry_after_header
+from ..storage.store import KeyRecord, StorageUnavailable, Store
 from .clientip import limit_key
-from .config import Config
-from .errors import ErrorCode, RelayError
-from .frames import encode, loads
-from .metrics import CONTENT_TYPE
 from .origins import OriginPolicy
-from .presence import LocalPresence
-from .ratelimit import FixedWindow, retry_after_header
-from .store import KeyRecord, Store, StorageUnavailable
-from .telemetry import RelayMetrics
 
 log = logging.getLogger("relayd.http")
 

@@ -20,15 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..config import Config
+from ..errors import ErrorCode, RelayError
+from ..frames import field_str
+from ..net.clientip import limit_key
+from ..ops.metrics import RelayMetrics
+from ..ratelimit import FixedWindow
+from ..session import Session
+from ..storage.store import KeyRecord, StorageUnavailable, Store
 from . import signatures
-from .clientip import limit_key
-from .config import Config
-from .errors import ErrorCode, RelayError
-from .frames import field_str
-from .ratelimit import FixedWindow
-from .session import Session
-from .store import KeyRecord, Store, StorageUnavailable
-from .telemetry import RelayMetrics
 
 log = logging.getLogger("relayd.auth")
 

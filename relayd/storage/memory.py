@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 
-from .frames import utf8_len
+from ..frames import utf8_len
 from .store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt
 
 

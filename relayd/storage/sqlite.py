@@ -22,9 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .frames import utf8_len
-from .store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt,
-                    StorageUnavailable, StoreOpenError)
+from ..frames import utf8_len
+from .store import (
+    EnqueueResult,
+    KeyRecord,
+    QueuedMessage,
+    QueueLimits,
+    Receipt,
+    StorageUnavailable,
+    StoreOpenError,
+)
 
 log = logging.getLogger("relayd.storage")
 
