@@ -199,15 +199,12 @@ def _convert(section: str, f: dataclasses.Field, raw: Any, source: str) -> Any:
         elif typ == "float":
             value = float(text)
         elif typ == "bool":
-            lowered = str(text).lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError
-            value = lowered in ("1", "true", "yes", "on")
+            value = configparser.ConfigParser.BOOLEAN_STATES[str(text).lower()]
         elif typ.startswith("tuple"):
             value = tuple(p.strip() for p in str(text).split(",") if p.strip())
         else:
             value = str(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, KeyError):
         kind = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(typ, "a value")
         raise ConfigError(f"{name} (from {source}) must be {kind}, got {raw!r}") from None
     if isinstance(value, float) and value != value:  # NaN
@@ -312,14 +309,26 @@ def _env_known(name: str) -> bool:
     return any(env_name(s, k) == name for s in SECTIONS for k in _fields(s))
 
 
-def reloadable_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
-    """Split the differences into keys SIGHUP may apply and keys that need a restart."""
-    applied, refused = [], []
+def merge_reload(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """Take from ``new`` the keys SIGHUP may change; keep the running value of the others.
+
+    Returns the merged configuration and the ``[section] key`` names that
+    were applied and that need a restart (for the log).
+    """
+    merged, applied, refused = running, [], []
     for section in SECTIONS:
+        changes = {}
         for f in dataclasses.fields(SECTIONS[section]):
-            if getattr(getattr(old, section), f.name) != getattr(getattr(new, section), f.name):
-                (applied if f.metadata["reload"] else refused).append(f"[{section}] {f.name}")
-    return applied, refused
+            value = getattr(getattr(new, section), f.name)
+            if getattr(getattr(running, section), f.name) != value:
+                if f.metadata["reload"]:
+                    changes[f.name] = value
+                    applied.append(f"[{section}] {f.name}")
+                else:
+                    refused.append(f"[{section}] {f.name}")
+        if changes:
+            merged = merged.replace(section, **changes)
+    return merged, applied, refused
 
 
 def describe() -> str:

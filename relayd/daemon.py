@@ -1,4 +1,4 @@
-"""The process around one relay: signals, reloads, systemd, TLS, metrics listener."""
+"""The process around one relay: signals, reloads, systemd notifications, TLS, the metrics listener."""
 
 from __future__ import annotations
 
@@ -6,10 +6,18 @@ import asyncio
 import logging
 import signal
 import ssl
+from http import HTTPStatus
 from typing import Callable
 
-from .config import Config, ConfigError, reloadable_changes
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from .config import Config, ConfigError, merge_reload
+from .errors import ErrorCode, RelayError
+from .net.connection import to_response
+from .net.http import HttpResponse, error_response
 from .ops.logsetup import configure_logging
+from .ops.prometheus import CONTENT_TYPE
 from .ops.sdnotify import Notifier
 from .server import RelayServer
 from .storage.store import Store
@@ -37,20 +45,24 @@ class Daemon:
         self.server = RelayServer(config, store)
         self.notifier = Notifier.from_env()
         self.ssl_context = make_ssl_context(config)
-        self._metrics_server: asyncio.Server | None = None
+        self._metrics_server: Server | None = None
         self._done = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._next_status = 0.0
+        self._next_watchdog = 0.0
 
     async def start(self) -> None:
+        housekeeping = self.server.housekeeping
         interval = self.notifier.watchdog_interval_s
         if interval is not None:
-            self.server.max_tick = min(self.server.max_tick, interval / 2)
+            housekeeping.max_tick = min(housekeeping.max_tick, interval / 2)
         await self.server.start(ssl_context=self.ssl_context)
         if self.config.metrics.enabled and self.config.metrics.listen:
             host, _, port = self.config.metrics.listen.rpartition(":")
-            self._metrics_server = await asyncio.start_server(self._serve_metrics, host.strip("[]"), int(port))
+            self._metrics_server = await serve(self._refuse_websocket, host.strip("[]"), int(port),
+                                               process_request=self._serve_metrics)
             log.info("metrics on http://%s/metrics", self.config.metrics.listen)
-        self.server.on_tick(self._tick)
+        housekeeping.tick_callbacks.append(self._tick)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._done.set)
@@ -66,15 +78,12 @@ class Daemon:
         self.notifier.close()
 
     def _status(self) -> str:
-        return (f"{self.server.session_count()} sessions, {len(self.server.connections())} connections, "
-                f"{self.server.store.total()} queued, storage {'ok' if self.server.store.healthy else 'UNAVAILABLE'}")
-
-    # Called by the server's housekeeping timer, so a stalled loop stops the watchdog.
-
-    _next_status = 0.0
-    _next_watchdog = 0.0
+        server = self.server
+        return (f"{server.session_count()} sessions, {len(server.gateway.connections)} connections, "
+                f"{server.store.total()} queued, storage {'ok' if server.store.healthy else 'UNAVAILABLE'}")
 
     def _tick(self, now: float) -> None:
+        """Called by the housekeeping timer, so a stalled loop stops the watchdog."""
         interval = self.notifier.watchdog_interval_s
         if interval is not None and now >= self._next_watchdog:
             self.notifier.watchdog()
@@ -100,13 +109,9 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.notifier.ready(self._status())
             return False
-        applied, refused = reloadable_changes(self.config, new)
+        merged, applied, refused = merge_reload(self.config, new)
         for key in refused:
             log.warning("reload: %s changed but needs a restart; keeping the running value", key)
-        merged = self.config
-        for key in applied:
-            section, name = key[1:].split("] ")
-            merged = merged.replace(section, **{name: getattr(getattr(new, section), name)})
         if self.ssl_context is not None and context is not None:
             self.ssl_context.load_cert_chain(merged.tls.certfile, merged.tls.keyfile)
         elif context is not None:
@@ -118,24 +123,14 @@ class Daemon:
         self.notifier.ready(self._status())
         return True
 
-    # Separate metrics listener
+    # The separate metrics listener
 
-    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request_line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request_line.split()
-            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
-                from .ops.prometheus import CONTENT_TYPE
-                body, status, ctype = self.server.metrics.render().encode(), "200 OK", CONTENT_TYPE
-            else:
-                body, status, ctype = b'{"error":"Endpoint not found","code":"not_found"}', "404 Not Found", \
-                    "application/json"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    def _serve_metrics(self, conn: ServerConnection, request: Request) -> Response:
+        if request.path.partition("?")[0] == "/metrics":
+            body = HttpResponse(HTTPStatus.OK, self.server.metrics.render().encode(), content_type=CONTENT_TYPE)
+        else:
+            body = error_response(RelayError(ErrorCode.NOT_FOUND, f"Endpoint not found: {request.path}"))
+        return to_response(body, request.method == "HEAD")
+
+    async def _refuse_websocket(self, conn: ServerConnection) -> None:
+        """Never called: ``_serve_metrics`` answers every request before any upgrade."""

@@ -79,11 +79,22 @@ _DEFAULTS: dict[ErrorCode, tuple[str, HTTPStatus]] = {
 }
 
 
-CLOSE_CODES: dict[ErrorCode, int] = {
-    ErrorCode.AUTH_FAILED: 4401,
-    ErrorCode.AUTH_REQUIRED: 4403,
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes relayd sends (RFC 6455 section 7.4, and 4xxx for its own)."""
+
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    AUTH_FAILED = 4401
+    AUTH_REQUIRED = 4403
+
+
+CLOSE_CODES: dict[ErrorCode, CloseCode] = {
+    ErrorCode.AUTH_FAILED: CloseCode.AUTH_FAILED,
+    ErrorCode.AUTH_REQUIRED: CloseCode.AUTH_REQUIRED,
+    ErrorCode.AUTH_TIMEOUT: CloseCode.POLICY_VIOLATION,
 }
-"""Errors after which the WebSocket is closed, with these close codes."""
+"""Errors that always end the connection, with the close code each ends it with."""
 
 
 class RelayError(Exception):
@@ -116,7 +127,3 @@ class RelayError(Exception):
     def body(self) -> dict[str, Any]:
         """The REST error body for this refusal."""
         return {"error": self.message, "code": self.code.value}
-
-
-def default_message(code: ErrorCode) -> str:
-    return _DEFAULTS[code][0]

@@ -14,15 +14,31 @@ from .session import Session
 
 
 class Presence(Protocol):
+    """Who is online, for REST status queries and metrics."""
+
     def is_online(self, address: str) -> bool: ...
     def online_addresses(self) -> list[str]: ...
     def online_count(self) -> int: ...
 
 
 class Routes(Protocol):
-    def attach(self, session: Session) -> None: ...
-    def detach(self, session: Session) -> bool: ...
-    def ready_sessions(self, address: str) -> tuple[Session, ...]: ...
+    """The sessions of an address, for routing frames to them."""
+
+    def attach(self, session: Session) -> None:
+        """An authenticated session joins its address (``session.address`` is set)."""
+        ...
+
+    def detach(self, session: Session) -> bool:
+        """The session leaves; True when it was its address's last session."""
+        ...
+
+    def ready_sessions(self, address: str) -> tuple[Session, ...]:
+        """Sessions of ``address`` that have received their backlog and take live frames."""
+        ...
+
+    def sessions(self, address: str) -> tuple[Session, ...]:
+        """Every session of ``address``, ready or not."""
+        ...
 
 
 class LocalPresence:

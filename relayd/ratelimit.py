@@ -1,7 +1,8 @@
-"""Counting limits per key (a client IP or a /64), in fixed windows or token buckets."""
+"""Counting limits: per key (a client IP or a /64) in fixed windows, per connection in token buckets."""
 
 from __future__ import annotations
 
+import enum
 import math
 
 
@@ -61,3 +62,31 @@ class TokenBucket:
             return False
         self.tokens = tokens - cost
         return True
+
+
+class Verdict(enum.Enum):
+    ALLOW = "allow"
+    REFUSE = "refuse"
+    CLOSE = "close"
+
+
+class FrameLimiter:
+    """Frames of one connection: a token bucket, and a count of refusals in a row.
+
+    ``admit`` answers ALLOW, REFUSE (tell the peer to slow down) or, after
+    ``strike_limit`` refusals in a row, CLOSE. A ``rate`` of 0 allows everything.
+    """
+
+    __slots__ = ("bucket", "strikes", "strike_limit")
+
+    def __init__(self, rate: float, burst: float, strike_limit: int, now: float) -> None:
+        self.bucket = TokenBucket(rate, burst, now) if rate else None
+        self.strikes = 0
+        self.strike_limit = strike_limit
+
+    def admit(self, now: float) -> Verdict:
+        if self.bucket is None or self.bucket.take(now):
+            self.strikes = 0
+            return Verdict.ALLOW
+        self.strikes += 1
+        return Verdict.CLOSE if self.strikes >= self.strike_limit else Verdict.REFUSE

@@ -1,53 +1,68 @@
-"""One WebSocket connection as the router sees it: who it is and how to reach it."""
+"""One WebSocket session as the protocol sees it: who it is, and the outbox that reaches it."""
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Protocol
 
 from .frames import encode
 
 
-class Session:
-    """Per-connection state, kept small: a relay may hold tens of thousands.
+class Outbox(Protocol):
+    """The connection under a session, as narrow as the protocol needs it.
 
-    ``push`` writes an encoded frame without waiting and returns False when
-    the connection cannot take it (closed, or its peer stopped reading), so a
-    slow recipient never stalls the sender that routes to it. ``congested``
-    returns an awaitable while the peer is behind, so a bulk sender (the
-    backlog flush) can wait for it instead of overrunning it.
+    Implemented by ``net.connection.RelayConnection``; tests use a recorder.
     """
 
-    __slots__ = ("id", "ip", "opened_at", "address", "ack", "verified", "ready", "closed",
-                 "push", "_close", "congested", "extra", "bucket", "strikes",
-                 "in_flight", "tail")
+    def push(self, data: str) -> bool:
+        """Queue one encoded frame without waiting.
 
-    def __init__(self, sid: int, ip: str, opened_at: float,
-                 push: Callable[[str], bool], close: Callable[[int, str], None],
-                 congested: Callable[[], Awaitable[None] | None] = lambda: None) -> None:
+        Returns False when the connection cannot take it (closed, or its peer
+        stopped reading and was cut off); the caller treats the frame as not
+        delivered.
+        """
+        ...
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Start the closing handshake and return at once."""
+        ...
+
+    def congested(self) -> Awaitable[None] | None:
+        """While the peer is behind, an awaitable that resolves when it catches up; else None."""
+        ...
+
+
+class Session:
+    """Per-connection protocol state, kept small: a relay may hold tens of thousands.
+
+    ``address`` is None until ``auth`` succeeds, then the lower-cased address.
+    ``ready`` turns True once the stored backlog has been sent; until then
+    messages for this session are stored so they queue behind the backlog.
+    """
+
+    __slots__ = ("id", "ip", "opened_at", "outbox", "address", "ack", "verified", "ready", "closed")
+
+    def __init__(self, sid: int, ip: str, opened_at: float, outbox: Outbox) -> None:
         self.id = sid
         self.ip = ip
         self.opened_at = opened_at
+        self.outbox = outbox
         self.address: str | None = None
         self.ack = False
         self.verified = False
         self.ready = False
         self.closed = False
-        self.push = push
-        self._close = close
-        self.congested = congested
-        self.extra: Any = None
-        self.bucket: Any = None
-        self.strikes = 0
-        self.in_flight = 0
-        self.tail: Any = None
+
+    def push(self, data: str) -> bool:
+        return self.outbox.push(data)
 
     def send(self, frame: dict[str, Any]) -> bool:
-        return self.push(encode(frame))
+        return self.outbox.push(encode(frame))
 
     def close(self, code: int, reason: str) -> None:
+        """Close once; later calls are no-ops, so every path may close without checking."""
         if not self.closed:
             self.closed = True
-            self._close(code, reason)
+            self.outbox.close_soon(code, reason)
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {'ready' if self.ready else 'pending'}>"

@@ -15,10 +15,13 @@ from relay_harness import make_config
 from relayd.errors import ErrorCode, RelayError
 from relayd.storage.memory import MemoryStore
 from relayd.presence import LocalPresence
+from relayd.ratelimit import FrameLimiter, Verdict
 from relayd.router import Router
 from relayd.session import Session
 from relayd.storage.store import StorageUnavailable
 from relayd.ops.metrics import RelayMetrics
+from relayd.clock import SYSTEM_CLOCK
+from relayd.identity.auth import Authenticator, SignIn
 
 A = "0x" + "a1" * 20
 B = "0x" + "b2" * 20
@@ -34,7 +37,7 @@ class Peer:
         self.frames: list[dict[str, Any]] = []
         self.closes: list[tuple[int, str]] = []
         self.accept = accept
-        self.session = Session(next(self._ids), "127.0.0.1", 0.0, self.push, self.close)
+        self.session = Session(next(self._ids), "127.0.0.1", 0.0, self)
 
     def push(self, data: str) -> bool:
         if self.accept is not None:
@@ -44,8 +47,11 @@ class Peer:
         self.frames.append(json.loads(data))
         return True
 
-    def close(self, code: int, reason: str) -> None:
+    def close_soon(self, code: int, reason: str) -> None:
         self.closes.append((code, reason))
+
+    def congested(self) -> None:
+        return None
 
     def take(self) -> list[dict[str, Any]]:
         out, self.frames = self.frames, []
@@ -56,11 +62,15 @@ class Relay:
     def __init__(self, store: Any = None, authenticator: Any = None, **sections: dict[str, Any]) -> None:
         self.presence = LocalPresence()
         self.store = store if store is not None else MemoryStore()
-        self.router = Router(make_config(**sections), self.presence, self.store, RelayMetrics(), authenticator)
+        config = make_config(**{"auth": {"mode": "open"}, **sections})
+        metrics = RelayMetrics()
+        if authenticator is None:
+            authenticator = Authenticator(config, config.effective_public_url, self.store, metrics, SYSTEM_CLOCK)
+        self.router = Router(config, self.presence, self.store, metrics, authenticator, SYSTEM_CLOCK)
 
     async def send(self, peer: Peer, frame: Any) -> None:
         """Handle one frame and wait until any message it stored is answered."""
-        await self.router.handle(peer.session, frame if isinstance(frame, str) else json.dumps(frame))
+        await self.router.received(peer.session, frame if isinstance(frame, str) else json.dumps(frame))
         await self.router.settle()
 
     async def auth(self, peer: Peer, address: str, **extra: Any) -> dict[str, Any]:
@@ -85,7 +95,7 @@ def test_auth_attaches_a_ready_session_and_answers_exactly():
     async def scenario() -> None:
         relay, peer = Relay(), Peer()
         await relay.send(peer, {"type": "auth", "address": MIXED})
-        assert [strip_ts(f) for f in peer.take()] == [{"type": "auth_success", "address": MIXED.lower()}]
+        assert [strip_ts(f) for f in peer.take()] == [{"type": "auth_success", "address": MIXED.lower(), "verified": False}]
         assert peer.session.address == MIXED.lower() and peer.session.ready is True
         assert relay.presence.is_online(MIXED.lower())
         assert relay.presence.ready_sessions(MIXED.lower()) == (peer.session,)
@@ -257,7 +267,7 @@ def test_unreadable_queue_on_auth_still_opens_live_delivery():
         relay, a, b = Relay(store), Peer(), Peer()
         await relay.auth(a, A)
         await relay.auth(b, B)
-        assert strip_ts(b.take()[0]) == {"type": "auth_success", "address": B}
+        assert strip_ts(b.take()[0]) == {"type": "auth_success", "address": B, "verified": False}
         assert b.session.ready is True
         a.take()
         await relay.send(a, message(B, "live", timestamp=1))
@@ -266,22 +276,36 @@ def test_unreadable_queue_on_auth_still_opens_live_delivery():
     run(scenario())
 
 
-class ClosingAuthenticator:
+class FakeAuthenticator:
+    def challenge(self, session_id: int) -> None:
+        return None
+
+    def forget(self, session_id: int) -> None:
+        pass
+
+
+class ClosingAuthenticator(FakeAuthenticator):
     """The connection closes while the authenticator is awaited."""
 
-    async def authenticate(self, session: Session, address: str, frame: dict[str, Any]) -> dict[str, Any]:
-        session.closed = True
-        return {}
+    def __init__(self) -> None:
+        self.peer: Peer | None = None
+
+    async def sign_in(self, session_id: int, ip: str, address: str, frame: dict[str, Any]) -> SignIn:
+        assert self.peer is not None
+        self.peer.session.closed = True
+        return SignIn({"verified": False}, proven=False)
 
 
-class RefusingAuthenticator:
-    async def authenticate(self, session: Session, address: str, frame: dict[str, Any]) -> dict[str, Any]:
+class RefusingAuthenticator(FakeAuthenticator):
+    async def sign_in(self, session_id: int, ip: str, address: str, frame: dict[str, Any]) -> SignIn:
         raise RelayError(ErrorCode.AUTH_REQUIRED, "sign the challenge")
 
 
 def test_session_closed_during_auth_is_never_attached():
     async def scenario() -> None:
-        relay, peer = Relay(authenticator=ClosingAuthenticator()), Peer()
+        auth = ClosingAuthenticator()
+        relay, peer = Relay(authenticator=auth), Peer()
+        auth.peer = peer
         await relay.send(peer, {"type": "auth", "address": A})
         assert peer.take() == []
         assert not relay.presence.is_online(A)
@@ -317,16 +341,21 @@ def test_typing_and_receipts_reach_every_ready_session_only():
 
 
 def test_frame_rate_limit_refuses_then_closes():
+    """The connection's limiter counts frames; the router decides the answer to each verdict."""
     async def scenario() -> None:
-        relay = Relay(limits={"frames_per_s": 0.001, "frame_burst": 2, "rate_limited_close_after": 2})
-        peer = Peer()
+        relay, peer = Relay(), Peer()
+        limiter = FrameLimiter(rate=0.001, burst=2, strike_limit=2, now=0.0)
         await relay.auth(peer, A)
-        await relay.send(peer, {"type": "ping"})
-        assert [f["type"] for f in peer.take()] == ["auth_success", "pong"]
-        await relay.send(peer, {"type": "ping"})
-        [frame] = peer.take()
+        assert limiter.admit(0.0) is Verdict.ALLOW  # the auth frame
+        assert limiter.admit(0.0) is Verdict.ALLOW
+        verdict = limiter.admit(0.0)
+        assert verdict is Verdict.REFUSE
+        relay.router.throttled(peer.session, verdict)
+        [_, frame] = peer.take()
         assert (frame["type"], frame["code"]) == ("error", "rate_limited")
-        await relay.send(peer, {"type": "ping"})
+        verdict = limiter.admit(0.0)
+        assert verdict is Verdict.CLOSE
+        relay.router.throttled(peer.session, verdict)
         assert peer.take() == []
         assert peer.closes == [(1008, "rate limit exceeded")]
     run(scenario())
@@ -353,11 +382,11 @@ def test_messages_in_flight_are_answered_in_order_and_never_overtaken() -> None:
         await relay.auth(a, A)
         a.take()
         for mid in ("m1", "m2", "m3"):
-            await relay.router.handle(a.session, json.dumps(message(B, mid)))
-        assert a.take() == [] and a.session.in_flight == 3
-        await relay.router.handle(b.session, json.dumps({"type": "auth", "address": B}))
+            await relay.router.received(a.session, json.dumps(message(B, mid)))
+        assert a.take() == [] and relay.router.delivery.in_flight(a.session) == 3
+        await relay.router.received(b.session, json.dumps({"type": "auth", "address": B}))
         b.take()
-        await relay.router.handle(a.session, json.dumps(message(B, "m4")))
+        await relay.router.received(a.session, json.dumps(message(B, "m4")))
         assert b.take() == [], "m4 must not overtake m1..m3"
         store.gate.set()
         await relay.router.settle()
@@ -366,5 +395,5 @@ def test_messages_in_flight_are_answered_in_order_and_never_overtaken() -> None:
         assert [(f["messageId"], f["queued"]) for f in b.take()] == [
             ("m1", False), ("m2", False), ("m3", False), ("m4", False)]
         assert await store.size(B) == 0
-        assert a.session.in_flight == 0
+        assert relay.router.delivery.in_flight(a.session) == 0
     run(main())

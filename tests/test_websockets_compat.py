@@ -1,7 +1,7 @@
 """Tripwire for the websockets internals relayd's REST support depends on.
 
 relayd serves REST and WebSocket on one port through websockets' server,
-whose HTTP parser refuses request bodies. ``relayd.server.BodyReader``
+whose HTTP parser refuses request bodies. ``relayd.net.http_framing.BodyReader``
 replaces the protocol's stream reader to read bodies, and
 ``RelayConnection`` writes frames without awaiting. If a websockets release
 changes those internals, these tests fail with a message naming the
@@ -22,7 +22,8 @@ from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
-from relayd.server import BodyReader, RelayConnection
+from relayd.net.connection import RelayConnection
+from relayd.net.http_framing import BodyReader
 
 __all__ = ["open_relay"]
 
@@ -30,7 +31,7 @@ WS = f"websockets {websockets.__version__}"
 
 
 def broken(what: str) -> str:
-    return (f"{WS} broke relayd's request-body support: {what}. relayd.server.BodyReader/RelayConnection "
+    return (f"{WS} broke relayd's request-body support: {what}. relayd.net.http_framing.BodyReader and relayd.net.connection.RelayConnection "
             f"must be adapted before upgrading (pyproject pins websockets>=17.4,<18).")
 
 

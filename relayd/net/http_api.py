@@ -1,75 +1,74 @@
-"""The REST API of the seed, as a function from a parsed request to a response.
+"""The REST API of the seed, as a function from an ``HttpRequest`` to an ``HttpResponse``.
 
-No sockets: ``server.py`` turns bytes into an ``HttpRequest`` and the
-``HttpResponse`` back into bytes. Errors are ``RelayError`` values rendered
-as ``{"error": ..., "code": ...}``.
+No sockets: ``net.gateway`` turns bytes into the request and the response
+back into bytes. Errors are ``RelayError`` values rendered as
+``{"error": ..., "code": ...}``. Handlers await the store, so this is the
+REST logic with its storage I/O, not a Sans-I/O core.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import time
-from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Mapping
-from urllib.parse import parse_qs, unquote
+from typing import Any, Awaitable, Callable, Protocol
+from urllib.parse import unquote
 
 from .. import __version__
 from ..addresses import normalize_address
+from ..clock import Clock, wall_ms
 from ..config import Config
 from ..errors import ErrorCode, RelayError
-from ..frames import encode, loads
+from ..frames import loads
+from ..identity.auth import Authenticator
+from ..identity.statements import key_statement
 from ..ops.metrics import RelayMetrics
 from ..ops.prometheus import CONTENT_TYPE
-from ..presence import LocalPresence
+from ..presence import Presence
 from ..ratelimit import FixedWindow, retry_after_header
-from ..storage.store import KeyRecord, StorageUnavailable, Store
+from ..storage.store import KeyRecord, QueuedMessage, StorageUnavailable, Store
 from .clientip import limit_key
+from .http import HttpRequest, HttpResponse, error_response, json_response
 from .origins import OriginPolicy
 
 log = logging.getLogger("relayd.http")
 
-JSON_TYPE = "application/json; charset=utf-8"
 MAX_BATCH = 1000
-ALLOWED_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
 UNLIMITED_PATHS = ("/health", "/health/live", "/health/ready", "/metrics")
 
-
-@dataclass(slots=True)
-class HttpRequest:
-    method: str
-    path: str
-    headers: Mapping[str, str]
-    """Lower-cased names; repeated headers joined with ", " (RFC 9110 5.3)."""
-    body: bytes = b""
-    client_ip: str = "127.0.0.1"
-    query: dict[str, list[str]] = field(default_factory=dict)
-
-    @classmethod
-    def from_target(cls, method: str, target: str, headers: Mapping[str, str], body: bytes,
-                    client_ip: str) -> "HttpRequest":
-        path, _, qs = target.partition("?")
-        return cls(method.upper(), path, headers, body, client_ip, parse_qs(qs, keep_blank_values=True))
-
-
-@dataclass(slots=True)
-class HttpResponse:
-    status: int
-    body: bytes = b""
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    content_type: str = JSON_TYPE
-
-
-def json_response(status: int, payload: Any, headers: list[tuple[str, str]] | None = None) -> HttpResponse:
-    return HttpResponse(status, encode(payload).encode(), headers or [])
-
-
-def error_response(err: RelayError) -> HttpResponse:
-    return json_response(err.status, err.body(), list(err.headers))
-
-
 Handler = Callable[[HttpRequest, list[str]], Awaitable[HttpResponse]]
+
+
+class RelayStatus(Protocol):
+    """What the health routes report about the running relay."""
+
+    def session_count(self) -> int: ...
+    def accepting(self) -> bool: ...
+
+
+class SessionRegistry(Protocol):
+    """What REST may do to live sessions: end unsigned ones once an address proved ownership."""
+
+    def evict_unverified(self, address: str) -> None: ...
+
+
+def key_view(record: KeyRecord) -> dict[str, Any]:
+    """A key as REST returns it: for signed keys with the exact statement, so clients can verify it."""
+    out: dict[str, Any] = {"address": record.address, "publicKey": record.public_key,
+                           "updatedAt": record.updated_at, "createdAt": record.created_at,
+                           "verified": record.signed}
+    if record.signed:
+        assert record.key_type is not None and record.issued_at is not None
+        out.update(keyType=record.key_type, issuedAt=record.issued_at, format=record.format,
+                   signature=record.signature,
+                   statement=key_statement(record.address, record.key_type, record.public_key, record.issued_at))
+    return out
+
+
+def message_view(msg: QueuedMessage) -> dict[str, Any]:
+    """A queued message in the REST listing shape of the original relay."""
+    return {"from": msg.sender, "content": msg.content, "messageId": msg.message_id,
+            "timestamp": msg.timestamp, "queuedAt": msg.queued_at}
 
 
 def _number(value: float) -> float | int:
@@ -79,16 +78,16 @@ def _number(value: float) -> float | int:
 class HttpApi:
     """Routes requests to handlers; applies CORS, the per-IP rate limit and HEAD."""
 
-    def __init__(self, config: Config, presence: LocalPresence, store: Store, metrics: RelayMetrics,
-                 *, connections: Callable[[], int], accepting: Callable[[], bool],
-                 guard: Any = None) -> None:
+    def __init__(self, config: Config, presence: Presence, store: Store, metrics: RelayMetrics,
+                 authenticator: Authenticator, sessions: SessionRegistry, relay: RelayStatus, clock: Clock) -> None:
         self.presence = presence
         self.store = store
         self.metrics = metrics
-        self.connections = connections
-        self.accepting = accepting
-        self.guard = guard
-        self.started = time.monotonic()
+        self.authenticator = authenticator
+        self.sessions = sessions
+        self.relay = relay
+        self.clock = clock
+        self.started = clock.monotonic()
         self._routes: list[tuple[tuple[str, ...], dict[str, Handler]]] = [
             (("health",), {"GET": self.health}),
             (("health", "live"), {"GET": self.live}),
@@ -137,8 +136,20 @@ class HttpApi:
                 return methods, args
         return None
 
+    def sweep(self) -> None:
+        """Forget finished rate windows, so idle clients cost no memory."""
+        self.limiter.sweep(self.clock.monotonic())
+
     async def handle(self, req: HttpRequest) -> HttpResponse:
-        origin = req.headers.get("origin")
+        """Answer one request; never raises.
+
+        Applies the Origin policy, the per-IP rate limit (health and metrics
+        exempt), routing, ``405`` with ``Allow``, ``OPTIONS`` preflight and
+        ``HEAD`` (the caller drops the body); refusals become JSON errors and
+        any unexpected exception a logged ``500``. CORS headers are added to
+        every answer for an allowed Origin.
+        """
+        origin = req.header("origin")
         try:
             response = await self._dispatch(req, origin)
         except RelayError as err:
@@ -157,7 +168,7 @@ class HttpApi:
         if not self.origins.allows(origin):
             raise RelayError(ErrorCode.ORIGIN_NOT_ALLOWED, f"Origin not allowed: {origin}")
         if req.path.rstrip("/") not in UNLIMITED_PATHS:
-            wait = self.limiter.hit(limit_key(req.client_ip), time.monotonic())
+            wait = self.limiter.hit(limit_key(req.client_ip), self.clock.monotonic())
             if wait:
                 self.metrics.rate_limited.labels(limit="http").inc()
                 if log.isEnabledFor(logging.DEBUG):
@@ -185,7 +196,7 @@ class HttpApi:
         allowed = sorted({*methods, "OPTIONS"} | ({"HEAD"} if "GET" in methods else set()))
         headers = [("Access-Control-Allow-Methods", ", ".join(allowed)),
                    ("Access-Control-Allow-Headers",
-                    req.headers.get("access-control-request-headers") or "Content-Type, Authorization"),
+                    req.header("access-control-request-headers") or "Content-Type, Authorization"),
                    ("Access-Control-Max-Age", "600"), ("Allow", ", ".join(allowed))]
         return HttpResponse(HTTPStatus.NO_CONTENT, b"", headers, content_type="")
 
@@ -216,9 +227,8 @@ class HttpApi:
                 raise RelayError(ErrorCode.INVALID_ADDRESS, f"Invalid address format: {str(a)[:64]}") from None
         return out
 
-    async def _authorize(self, req: HttpRequest, address: str) -> None:
-        if self.guard is not None:
-            await self.guard.authorize(req, address)
+    def _authorize(self, req: HttpRequest, address: str) -> None:
+        self.authenticator.authorize(req.header("authorization"), address)
 
     # Health and metrics
 
@@ -232,10 +242,11 @@ class HttpApi:
         healthy = self.store.healthy
         return json_response(HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE, {
             "status": "ok" if healthy else "degraded",
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+            "timestamp": datetime.datetime.fromtimestamp(self.clock.wall(), datetime.timezone.utc)
+            .isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
-            "uptime": round(time.monotonic() - self.started, 3),
-            "connections": self.connections(),
+            "uptime": round(self.clock.monotonic() - self.started, 3),
+            "connections": self.relay.session_count(),
             "queuedMessages": self.store.total(),
             "version": __version__,
             "storage": self._storage(),
@@ -245,10 +256,10 @@ class HttpApi:
         return json_response(HTTPStatus.OK, {"status": "ok"})
 
     async def ready(self, req: HttpRequest, args: list[str]) -> HttpResponse:
-        ok = self.store.healthy and self.accepting()
+        ok = self.store.healthy and self.relay.accepting()
         return json_response(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
                              {"status": "ready" if ok else "not_ready", "storage": self._storage(),
-                              "accepting": self.accepting()})
+                              "accepting": self.relay.accepting()})
 
     async def metrics_text(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         if not self.metrics_enabled:
@@ -256,14 +267,6 @@ class HttpApi:
         return HttpResponse(HTTPStatus.OK, self.metrics.render().encode(), content_type=CONTENT_TYPE)
 
     # Public keys
-
-    @staticmethod
-    def _key_json(record: KeyRecord) -> dict[str, Any]:
-        return {"address": record.address, "publicKey": record.public_key,
-                "updatedAt": record.updated_at, "createdAt": record.created_at}
-
-    def key_view(self, record: KeyRecord) -> dict[str, Any]:
-        return self.guard.key_view(record) if self.guard is not None else self._key_json(record)
 
     async def put_key(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         body = self._json_body(req)
@@ -273,11 +276,12 @@ class HttpApi:
             raise RelayError(ErrorCode.INVALID_FIELD, "Invalid public key: publicKey must be a non-empty string")
         if len(public_key) > 4096:
             raise RelayError(ErrorCode.INVALID_FIELD, "Invalid public key: longer than 4096 characters")
-        now = int(time.time() * 1000)
+        now = wall_ms(self.clock)
         record = KeyRecord(address, public_key, now, now)
-        if self.guard is not None:
-            record = await self.guard.check_key_write(req, body, record)
+        proven = await self.authenticator.check_key_write(body, record, req.client_ip)
         stored = await self.store.put_key(record)
+        if proven:
+            self.sessions.evict_unverified(address)
         return json_response(HTTPStatus.OK, {"success": True, "address": stored.address,
                                              "createdAt": stored.created_at, "updatedAt": stored.updated_at,
                                              "verified": stored.signed})
@@ -285,7 +289,7 @@ class HttpApi:
     async def get_keys(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         addresses = self._addresses(self._json_body(req))
         found = await self.store.get_keys(addresses)
-        keys = {a: self.key_view(r) for a, r in found.items()}
+        keys = {a: key_view(r) for a, r in found.items()}
         return json_response(HTTPStatus.OK, {"count": len(keys), "keys": keys})
 
     async def key_stats(self, req: HttpRequest, args: list[str]) -> HttpResponse:
@@ -296,11 +300,11 @@ class HttpApi:
         record = await self.store.get_key(address)
         if record is None:
             raise RelayError(ErrorCode.KEY_NOT_FOUND)
-        return json_response(HTTPStatus.OK, self.key_view(record))
+        return json_response(HTTPStatus.OK, key_view(record))
 
     async def delete_key(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         address = normalize_address(args[0])
-        await self._authorize(req, address)
+        self._authorize(req, address)
         deleted = await self.store.delete_key(address)
         return json_response(HTTPStatus.OK, {"success": deleted,
                                              "message": "Public key deleted" if deleted else "Public key not found"})
@@ -320,16 +324,16 @@ class HttpApi:
                 limit = -1
             if limit < 0:
                 raise RelayError(ErrorCode.BAD_REQUEST, "limit must be a non-negative integer")
-        await self._authorize(req, address)
+        self._authorize(req, address)
         messages = await self.store.pending(address, min(limit, cap)) if limit else []
         if messages and not raw_limit and req.method == "GET":
             await self.store.remove(address, [m.seq for m in messages])
         return json_response(HTTPStatus.OK, {"address": address, "count": len(messages),
-                                             "messages": [m.rest() for m in messages]})
+                                             "messages": [message_view(m) for m in messages]})
 
     async def clear_messages(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         address = normalize_address(args[0])
-        await self._authorize(req, address)
+        self._authorize(req, address)
         removed = await self.store.clear(address)
         return json_response(HTTPStatus.OK, {"address": address, "cleared": removed > 0, "removed": removed,
                                              "message": "Queue cleared" if removed else "No messages to clear"})
@@ -350,16 +354,16 @@ class HttpApi:
     async def status(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         address = normalize_address(args[0])
         return json_response(HTTPStatus.OK, {"address": address, "online": self.presence.is_online(address),
-                                             "timestamp": int(time.time() * 1000)})
+                                             "timestamp": wall_ms(self.clock)})
 
     async def status_batch(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         addresses = self._addresses(self._json_body(req))
-        return json_response(HTTPStatus.OK, {"timestamp": int(time.time() * 1000),
+        return json_response(HTTPStatus.OK, {"timestamp": wall_ms(self.clock),
                                              "statuses": {a: self.presence.is_online(a) for a in addresses}})
 
     async def online_all(self, req: HttpRequest, args: list[str]) -> HttpResponse:
-        if self.guard is not None and not self.guard.expose_online_list:
+        if not self.config.expose_online_list:
             raise RelayError(ErrorCode.DISABLED, "The online list is disabled on this relay")
         users = self.presence.online_addresses()
         return json_response(HTTPStatus.OK, {"count": len(users), "users": users,
-                                             "timestamp": int(time.time() * 1000)})
+                                             "timestamp": wall_ms(self.clock)})
