@@ -85,7 +85,7 @@ def admin(command: str, target: str | None, config: Config) -> int:
     if config.storage.backend != "sqlite":
         print(f"relayd {command}: needs [storage] backend = sqlite", file=sys.stderr)
         return EXIT_CONFIG
-    from .storage.sqlite import backup_database, read_stats
+    from .storage.sqlite_file import backup_database, read_stats
     try:
         if command == "backup":
             if not target:

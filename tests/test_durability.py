@@ -28,7 +28,8 @@ from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed
 
 from relay_harness import ProcessRelay, WsClient
-from relayd.storage.sqlite import APPLICATION_ID, MIGRATIONS, SQLiteStore
+from relayd.storage.sqlite import SQLiteStore
+from relayd.storage.sqlite_schema import APPLICATION_ID, MIGRATIONS
 from relayd.storage.store import QueuedMessage, QueueLimits
 
 A = "0x" + "a1" * 20

@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relayd.storage.memory import MemoryStore
-from relayd.storage.sqlite import APPLICATION_ID, SCHEMA_VERSION, SQLiteStore, read_stats
+from relayd.storage.sqlite import SQLiteStore
+from relayd.storage.sqlite_file import backup_database, read_stats
+from relayd.storage.sqlite_schema import APPLICATION_ID, SCHEMA_VERSION
 from relayd.storage.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt,
                           StorageUnavailable, StoreOpenError)
 
@@ -37,7 +39,7 @@ async def opened(path: Path, **kwargs: Any) -> SQLiteStore:
 
 async def run_job(store: SQLiteStore, sql: str, write: bool = False) -> Any:
     """Run one statement on the writer thread (test-only access to the connection)."""
-    return await store._submit(lambda c: (c.execute(sql).fetchall(), 0), write=write)
+    return await store._writer.submit(lambda c: (c.execute(sql).fetchall(), 0), write=write)
 
 
 def open_fails(path: Path) -> str:
@@ -108,7 +110,7 @@ def test_wal_application_id_and_schema_version(tmp_path: Path) -> None:
 
 def test_version_1_database_migrates_and_locks_signed_keys(tmp_path: Path) -> None:
     """A database written by schema 1 gains the locks table; its signed keys become locks."""
-    import relayd.storage.sqlite as sqlite_store
+    import relayd.storage.sqlite_schema as sqlite_store
     db = tmp_path / "relay.db"
     signed = "0x" + "ab" * 20
     unsigned = "0x" + "cd" * 20
@@ -268,7 +270,7 @@ def test_a_failing_job_fails_alone(tmp_path: Path) -> None:
             raise ZeroDivisionError("bug")
 
         results = await asyncio.gather(store.enqueue(msg("a"), ROOMY),
-                                       store._submit(bad, write=True),
+                                       store._writer.submit(bad, write=True),
                                        store.enqueue(msg("b"), ROOMY), return_exceptions=True)
         assert results[0] is QUEUED and results[2] is QUEUED
         assert isinstance(results[1], ZeroDivisionError)
@@ -370,15 +372,15 @@ class _FailingCommit:
 def test_failed_commit_fails_the_whole_batch(tmp_path: Path) -> None:
     async def main() -> None:
         store = await opened(tmp_path / "relay.db", commit_interval_ms=20)
-        real = store._conn
+        real = store._writer._conn
         assert real is not None
-        store._conn = _FailingCommit(real)  # type: ignore[assignment]
+        store._writer._conn = _FailingCommit(real)  # type: ignore[assignment]
         results = await asyncio.gather(*(store.enqueue(msg(f"m{i}"), ROOMY) for i in range(10)),
                                        return_exceptions=True)
         assert all(isinstance(r, StorageUnavailable) for r in results)
         assert store.problem == "disk I/O error"
         assert store.total() == 0
-        store._conn = real
+        store._writer._conn = real
         assert await store.size("bob") == 0
         assert await store.enqueue(msg("m0"), ROOMY) is QUEUED
         assert store.healthy and store.total() == 1
@@ -457,7 +459,9 @@ def test_backup_while_running(tmp_path: Path) -> None:
             await store.enqueue(msg(f"m{i}", f"text {i}"), ROOMY)
         await store.add_receipt(Receipt("bob", "carol", "m1", 5))
         await store.put_key(KeyRecord("bob", "pk", 1, 2))
-        results = await asyncio.gather(store.backup(str(copy)), store.enqueue(msg("during"), ROOMY))
+        copy.parent.mkdir()
+        results = await asyncio.gather(asyncio.to_thread(backup_database, str(tmp_path / "relay.db"), str(copy)),
+                                       store.enqueue(msg("during"), ROOMY))
         assert results[1] is QUEUED
         original = [m.message_id for m in await store.pending("bob", 100)]
         await store.close()
@@ -488,7 +492,7 @@ def test_read_stats_is_read_only(tmp_path: Path) -> None:
 
     asyncio.run(main())
     before = db.read_bytes()
-    assert SQLiteStore.read_stats(str(db))["messages"] == 5
+    assert read_stats(str(db))["messages"] == 5
     assert db.read_bytes() == before
     with pytest.raises(StoreOpenError, match="no database"):
         read_stats(str(tmp_path / "missing.db"))

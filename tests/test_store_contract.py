@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from relayd.net.http_api import message_view
 from relayd.storage.memory import MemoryStore
 from relayd.storage.sqlite import SQLiteStore
 from relayd.storage.store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, Store
@@ -54,7 +55,7 @@ def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(backend):
         assert all(s > 0 for s in seqs) and seqs == sorted(set(seqs))
         got = await store.pending("bob", 10)
         assert got == sent
-        assert got[0].rest() == {"from": "alice", "content": "text 0", "messageId": "m0",
+        assert message_view(got[0]) == {"from": "alice", "content": "text 0", "messageId": "m0",
                                  "timestamp": 995, "queuedAt": 1000}
         assert await store.pending("bob", 2) == sent[:2]
         assert await store.pending("bob", 10, after_seq=seqs[2]) == sent[3:]

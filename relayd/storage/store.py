@@ -1,15 +1,26 @@
-"""What relayd keeps: queued messages, pending read receipts and public keys.
+"""The storage contract: what relayd keeps (queued messages, pending read receipts, public keys,
+ownership locks) and what every backend promises about it.
 
-The router and the HTTP API see only these interfaces; ``memory_store`` and
-``sqlite_store`` implement them. A backend that cannot write raises
-``StorageUnavailable`` and never pretends a write happened.
+The protocol and the REST API see only these interfaces; ``memory``,
+``sqlite`` and further backends implement them, and
+``tests/test_store_contract.py`` is the one test every backend must pass.
+
+Rules common to every method:
+
+- A method that returns has done its work durably for that backend: an
+  awaited write is committed (SQLite: after COMMIT), never merely queued.
+- A backend that cannot read or write right now raises ``StorageUnavailable``
+  with a human reason and never pretends a write happened; the caller reports
+  ``storage_unavailable`` and may retry later. ``healthy``/``problem`` say the
+  same for health checks and recover by themselves.
+- Addresses are passed lower-cased; the store compares them as given.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 
 class StorageUnavailable(Exception):
@@ -35,6 +46,8 @@ class QueueLimits:
 
 @dataclass(slots=True)
 class QueuedMessage:
+    """A message waiting for its recipient. ``seq`` is 0 until the store assigns it."""
+
     recipient: str
     sender: str
     message_id: str
@@ -43,14 +56,11 @@ class QueuedMessage:
     queued_at: int
     seq: int = 0
 
-    def rest(self) -> dict[str, Any]:
-        """The REST listing shape of the original relay."""
-        return {"from": self.sender, "content": self.content, "messageId": self.message_id,
-                "timestamp": self.timestamp, "queuedAt": self.queued_at}
-
 
 @dataclass(slots=True)
 class Receipt:
+    """A read receipt waiting for the message's sender (``recipient`` here) to come online."""
+
     recipient: str
     reader: str
     message_id: str
@@ -60,6 +70,8 @@ class Receipt:
 
 @dataclass(slots=True)
 class KeyRecord:
+    """A published encryption key; the statement fields are set only for signed keys."""
+
     address: str
     public_key: str
     created_at: int
@@ -75,28 +87,103 @@ class KeyRecord:
 
 
 class MessageStore(Protocol):
-    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult: ...
-    async def pending(self, recipient: str, limit: int, after_seq: int = 0) -> list[QueuedMessage]: ...
-    async def remove(self, recipient: str, seqs: list[int]) -> int: ...
-    async def ack(self, recipient: str, message_ids: list[str]) -> int: ...
-    async def clear(self, recipient: str) -> int: ...
-    async def size(self, recipient: str) -> int: ...
-    def total(self) -> int: ...
-    async def stats(self) -> dict[str, int]: ...
-    async def expire(self, before_ms: int) -> int: ...
-    async def add_receipt(self, receipt: Receipt) -> None: ...
-    async def receipts(self, recipient: str, limit: int) -> list[Receipt]: ...
-    async def remove_receipts(self, recipient: str, seqs: list[int]) -> int: ...
+    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
+        """Store ``msg`` for ``msg.recipient`` within ``limits``.
+
+        Returns QUEUED (and sets ``msg.seq``), DUPLICATE when a message with
+        the same (sender, recipient, messageId) is still stored (nothing is
+        written), or FULL when the recipient's queue is at ``max_messages`` or
+        the content would pass ``max_bytes`` and ``drop_oldest`` is off. With
+        ``drop_oldest`` the oldest messages are removed to make room (a single
+        message larger than ``max_bytes`` is still FULL).
+        """
+        ...
+
+    async def pending(self, recipient: str, limit: int, after_seq: int = 0) -> list[QueuedMessage]:
+        """Up to ``limit`` stored messages of ``recipient`` with ``seq > after_seq``, oldest first.
+
+        ``seq`` grows with every enqueue across the whole store, so a caller
+        pages through a queue by passing the last ``seq`` it got; messages
+        enqueued meanwhile appear on a later page, never before older ones.
+        """
+        ...
+
+    async def remove(self, recipient: str, seqs: list[int]) -> int:
+        """Delete these messages of ``recipient`` (unknown seqs are ignored); returns how many went."""
+        ...
+
+    async def ack(self, recipient: str, message_ids: list[str]) -> int:
+        """Delete ``recipient``'s messages with these messageIds, from any sender; returns how many went."""
+        ...
+
+    async def clear(self, recipient: str) -> int:
+        """Delete every message of ``recipient``; returns how many went."""
+        ...
+
+    async def size(self, recipient: str) -> int:
+        """How many messages ``recipient`` has stored."""
+        ...
+
+    def total(self) -> int:
+        """Messages stored for all recipients, from memory: never waits and never raises."""
+        ...
+
+    async def stats(self) -> dict[str, int]:
+        """Counts ``recipients``, ``messages``, ``bytes`` (content), ``receipts``, ``keys`` (may scan)."""
+        ...
+
+    async def expire(self, before_ms: int) -> int:
+        """Delete messages queued and receipts made before ``before_ms`` (epoch ms); returns messages removed.
+
+        Works in bounded batches so other operations interleave.
+        """
+        ...
+
+    async def add_receipt(self, receipt: Receipt) -> None:
+        """Store a receipt for ``receipt.recipient``; sets ``receipt.seq``."""
+        ...
+
+    async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
+        """Up to ``limit`` stored receipts of ``recipient``, oldest first (they stay until removed)."""
+        ...
+
+    async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
+        """Delete these receipts of ``recipient``; returns how many went."""
+        ...
 
 
 class KeyStore(Protocol):
-    async def get_key(self, address: str) -> KeyRecord | None: ...
-    async def get_keys(self, addresses: list[str]) -> dict[str, KeyRecord]: ...
-    async def put_key(self, record: KeyRecord) -> KeyRecord: ...
-    async def delete_key(self, address: str) -> bool: ...
-    async def key_count(self) -> int: ...
-    async def is_locked(self, address: str) -> bool: ...
-    async def lock(self, address: str) -> None: ...
+    async def get_key(self, address: str) -> KeyRecord | None:
+        """The key published for ``address``, or None."""
+        ...
+
+    async def get_keys(self, addresses: list[str]) -> dict[str, KeyRecord]:
+        """The keys of those addresses that have one (others are absent from the result)."""
+        ...
+
+    async def put_key(self, record: KeyRecord) -> KeyRecord:
+        """Store ``record``, replacing any key of its address but keeping the first ``created_at``.
+
+        Returns the record as stored (``created_at`` updated). Whether the
+        write is allowed (signed keys, locks) is the caller's decision.
+        """
+        ...
+
+    async def delete_key(self, address: str) -> bool:
+        """Delete the key of ``address``; False when there was none."""
+        ...
+
+    async def key_count(self) -> int:
+        """How many addresses have a key."""
+        ...
+
+    async def is_locked(self, address: str) -> bool:
+        """Whether ``address`` has proven ownership once (so unsigned claims are refused)."""
+        ...
+
+    async def lock(self, address: str) -> None:
+        """Record that ``address`` proved ownership; locks are never removed."""
+        ...
 
 
 class Store(MessageStore, KeyStore, Protocol):
@@ -105,10 +192,19 @@ class Store(MessageStore, KeyStore, Protocol):
     name: str
 
     @property
-    def healthy(self) -> bool: ...
+    def healthy(self) -> bool:
+        """False while the last write failed; True again after one succeeds."""
+        ...
 
     @property
-    def problem(self) -> str | None: ...
+    def problem(self) -> str | None:
+        """The human reason storage is unhealthy, or None."""
+        ...
 
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
+    async def open(self) -> None:
+        """Open or create the store; raises ``StoreOpenError`` with a reason naming what is wrong."""
+        ...
+
+    async def close(self) -> None:
+        """Finish what was submitted, then release the store; safe to call twice."""
+        ...

@@ -1,0 +1,104 @@
+"""relayd's SQLite schema: versioned migrations, applied in one transaction at start-up.
+
+``MIGRATIONS[i]`` upgrades schema version i to i + 1. Append, never edit: a
+database records every version it went through in ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from .store import StoreOpenError
+
+APPLICATION_ID = 0x524C5944  # "RLYD": marks a file as relayd's
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE messages (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            content TEXT NOT NULL,
+            timestamp INTEGER NOT NULL,
+            queued_at INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            UNIQUE (sender, message_id))""",
+        "CREATE INDEX messages_recipient_seq ON messages (recipient, seq)",
+        "CREATE INDEX messages_recipient_id ON messages (recipient, message_id)",
+        "CREATE INDEX messages_queued_at ON messages (queued_at)",
+        """CREATE TABLE queues (
+            recipient TEXT PRIMARY KEY,
+            count INTEGER NOT NULL,
+            bytes INTEGER NOT NULL) WITHOUT ROWID""",
+        """CREATE TABLE receipts (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            recipient TEXT NOT NULL,
+            reader TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            timestamp INTEGER NOT NULL)""",
+        "CREATE INDEX receipts_recipient_seq ON receipts (recipient, seq)",
+        "CREATE INDEX receipts_timestamp ON receipts (timestamp)",
+        """CREATE TABLE keys (
+            address TEXT PRIMARY KEY,
+            public_key TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            key_type TEXT,
+            issued_at INTEGER,
+            format TEXT,
+            signature TEXT) WITHOUT ROWID""",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID",
+    ),
+    (
+        """CREATE TABLE locks (
+            address TEXT PRIMARY KEY,
+            locked_at INTEGER NOT NULL) WITHOUT ROWID""",
+        "INSERT OR IGNORE INTO locks (address, locked_at) "
+        "SELECT address, updated_at FROM keys WHERE signature IS NOT NULL",
+    ),
+    (   # messageIds are idempotent per sender and recipient, not per sender alone
+        """CREATE TABLE messages_v3 (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            content TEXT NOT NULL,
+            timestamp INTEGER NOT NULL,
+            queued_at INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            UNIQUE (sender, recipient, message_id))""",
+        "INSERT INTO messages_v3 SELECT seq, recipient, sender, message_id, content, timestamp, queued_at, size "
+        "FROM messages",
+        "DROP TABLE messages",
+        "ALTER TABLE messages_v3 RENAME TO messages",
+        "CREATE INDEX messages_recipient_seq ON messages (recipient, seq)",
+        "CREATE INDEX messages_recipient_id ON messages (recipient, message_id)",
+        "CREATE INDEX messages_queued_at ON messages (queued_at)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to SCHEMA_VERSION, one recorded step per version."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
+                     "version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
+        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise StoreOpenError(f"database has schema version {current}, newer than "
+                                 f"{SCHEMA_VERSION}; upgrade relayd")
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                         (version, int(time.time() * 1000)))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise

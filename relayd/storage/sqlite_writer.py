@@ -1,0 +1,256 @@
+"""One thread that owns the SQLite connection and runs every job, grouping writes into one commit.
+
+The event loop never touches the disk: it submits a job (a function of the
+connection) and awaits a future. The thread takes every job waiting, lingers
+up to ``interval_s`` for more writes, runs them in one transaction (each in a
+savepoint, so one failing job does not undo the others) and resolves the
+futures only after COMMIT: an awaited write is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .sqlite_file import describe_error, is_storage_error
+from .store import StorageUnavailable, StoreOpenError
+
+log = logging.getLogger("relayd.storage")
+
+MAX_BATCH = 500
+
+JobFn = Callable[[sqlite3.Connection], tuple[Any, int]]
+"""A job returns (value for the caller, change to the queued-message total)."""
+
+Connect = Callable[[], tuple[sqlite3.Connection, int]]
+"""Opens the database on the writer thread: (connection, queued-message total); raises StoreOpenError."""
+
+Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: JobFn | None  # None: stop the thread
+    write: bool
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _resolve(outcomes: list[Outcome]) -> None:
+    for future, value, exc in outcomes:
+        if future.done():
+            continue
+        if exc is None:
+            future.set_result(value)
+        else:
+            future.set_exception(exc)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # that loop is closed; nobody is waiting any more
+        pass
+
+
+class SQLiteWriter:
+    """The writer thread and its job queue; ``healthy``/``problem`` say whether the last write worked."""
+
+    def __init__(self, connect: Connect, interval_s: float, label: str) -> None:
+        self._connect = connect
+        self._interval = interval_s
+        self._label = label
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self.running = False
+        self.total = 0
+        """Queued messages, kept from the committed jobs' deltas, so reading it never waits on the disk."""
+        self.healthy = True
+        self.problem: str | None = None
+        self.commits = 0
+        """Committed write transactions; lets tests and metrics see group commit work."""
+        self.commit_observer: Callable[[float], None] | None = None
+        """Called on the event loop with each write transaction's duration (for metrics)."""
+
+    async def start(self) -> None:
+        """Open the database on a new thread; raises ``StoreOpenError`` when it cannot be opened."""
+        if self.running:
+            return
+        if self._thread is not None:  # a cancelled start(); its thread is on its way out
+            await asyncio.to_thread(self._thread.join)
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._jobs = jobs = queue.SimpleQueue()
+        self._thread = thread = threading.Thread(target=self._run, args=(loop, ready, jobs),
+                                                 name="relayd-sqlite", daemon=True)
+        thread.start()
+        try:
+            await ready
+        except StoreOpenError:
+            thread.join()
+            self._thread = None
+            raise
+        except BaseException:  # cancelled: the thread stops as soon as it has opened
+            jobs.put(_Job(None, False, loop.create_future(), loop))
+            raise
+        self.running = True
+
+    async def stop(self) -> None:
+        """Finish every job already submitted, then stop the thread and close the file."""
+        if not self.running:
+            return
+        self.running = False
+        await self._put(None, write=False)
+        assert self._thread is not None
+        self._thread.join()
+        self._thread = None
+
+    async def submit(self, fn: JobFn, *, write: bool) -> Any:
+        """Run ``fn(connection)`` on the writer thread; returns its value after COMMIT.
+
+        Raises ``StorageUnavailable`` when the store is closed or the disk
+        refused the transaction, or whatever ``fn`` itself raised.
+        """
+        if not self.running:
+            raise StorageUnavailable("store is not open")
+        return await self._put(fn, write=write)
+
+    async def _put(self, fn: JobFn | None, *, write: bool) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._jobs.put(_Job(fn, write, future, loop))
+        return await future
+
+    # On the writer thread
+
+    def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None],
+             jobs: queue.SimpleQueue[_Job]) -> None:
+        try:
+            self._conn, self.total = self._connect()
+        except BaseException as exc:
+            if not isinstance(exc, StoreOpenError):
+                exc = StoreOpenError(f"cannot open database {self._label}: {exc}")
+            _call_soon(loop, _resolve, [(ready, None, exc)])
+            return
+        _call_soon(loop, _resolve, [(ready, None, None)])
+        carry: _Job | None = None
+        while True:
+            batch, carry = self._collect(jobs, carry)
+            if batch[0].fn is None:
+                break
+            try:
+                outcomes = self._execute(batch)
+            except Exception as exc:  # keep the thread alive whatever happens
+                outcomes = self._fail(batch, exc)
+            self._post(outcomes)
+        self._close()
+        self._post([(batch[0], None, None)])
+
+    def _collect(self, jobs: queue.SimpleQueue[_Job], carry: _Job | None) -> tuple[list[_Job], _Job | None]:
+        """Take every waiting job; while only writes are waiting, linger for more.
+
+        The stop job ends the batch and is handed back to run next, alone.
+        """
+        first = carry or jobs.get()
+        if first.fn is None:
+            return [first], None
+        batch = [first]
+        linger = first.write and self._interval > 0
+        deadline = time.monotonic() + self._interval
+        while len(batch) < MAX_BATCH:
+            try:
+                job = jobs.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if not linger or remaining <= 0:
+                    break
+                try:
+                    job = jobs.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if job.fn is None:
+                return batch, job
+            batch.append(job)
+            linger = linger and job.write
+        return batch, None
+
+    def _execute(self, batch: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+        conn = self._conn
+        assert conn is not None
+        writes = any(job.write for job in batch)
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        delta = 0
+        started = time.perf_counter()
+        try:
+            if writes:
+                conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                assert job.fn is not None
+                if job.write:
+                    conn.execute("SAVEPOINT job")
+                try:
+                    value, change = job.fn(conn)
+                except Exception as exc:
+                    if is_storage_error(exc):
+                        raise
+                    if job.write:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                    outcomes.append((job, None, exc))
+                    continue
+                if job.write:
+                    conn.execute("RELEASE job")
+                outcomes.append((job, value, None))
+                delta += change
+            if writes:
+                conn.execute("COMMIT")
+                self.commits += 1
+                if self.commit_observer is not None:
+                    _call_soon(batch[0].loop, self.commit_observer, time.perf_counter() - started)
+        except Exception as exc:
+            return self._fail(batch, exc)
+        self.total += delta
+        if writes and not self.healthy:
+            log.warning("storage recovered (was: %s)", self.problem)
+            self.healthy, self.problem = True, None
+        return outcomes
+
+    def _fail(self, batch: list[_Job], exc: BaseException) -> list[tuple[_Job, Any, BaseException | None]]:
+        """Roll back and fail every job of the batch with StorageUnavailable."""
+        conn = self._conn
+        if conn is not None and conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        reason = describe_error(exc) if isinstance(exc, sqlite3.Error) else \
+            f"storage error: {type(exc).__name__}: {exc}"
+        if reason != self.problem:
+            log.error("storage unavailable: %s", reason)
+        self.healthy, self.problem = False, reason
+        return [(job, None, StorageUnavailable(reason)) for job in batch]
+
+    def _post(self, outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
+        for job, value, exc in outcomes:
+            by_loop.setdefault(job.loop, []).append((job.future, value, exc))
+        for loop, items in by_loop.items():
+            _call_soon(loop, _resolve, items)
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.execute("PRAGMA optimize")
+        except sqlite3.Error:
+            pass
+        conn.close()
