@@ -388,3 +388,28 @@ def test_connect_with_backoff_gives_up_after_its_attempts():
                                        attempts=3, base=0.01, cap=0.02, on_retry=lambda n, d, e: retries.append(n))
     run(scenario())
     assert retries == [1, 2]
+
+
+def test_connect_again_after_the_connection_was_lost(start_relay):
+    relay = start_relay(auth={"mode": "mixed"})
+    me = Identity.generate()
+
+    async def scenario() -> None:
+        plain = client(relay, Identity(me.address))
+        await plain.connect()
+        async with client(relay, me):  # proving ownership ends the plain session (4403)
+            with pytest.raises(ConnectionLost):
+                while True:
+                    await plain.recv(timeout=TIMEOUT)
+        signed = client(relay, me)
+        first = await signed.connect()
+        await signed.close()
+        assert not signed.connected
+        with pytest.raises(ConnectionLost):
+            await signed.ping()
+        again = await signed.connect()  # the same client object reconnects
+        assert again.verified is True and again.token != first.token
+        assert signed.connected
+        assert (await signed.ping())["type"] == "pong"
+        await signed.close()
+    run(scenario())
