@@ -251,6 +251,14 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"[metrics] listen must be host:port, got {config.metrics.listen!r}")
 
 
+DEFAULT_SOURCE = "default"
+COMMAND_LINE_SOURCE = "command line"
+
+Sources = dict[str, dict[str, str]]
+"""``sources[section][key]``: where that key's value came from: ``"default"``, the INI file path
+as given, ``"environment NAME"`` or ``"command line"``."""
+
+
 def load_config(
     path: str | None = None,
     environ: Mapping[str, str] | None = None,
@@ -259,9 +267,24 @@ def load_config(
     """Build the configuration from every source, in precedence order.
 
     ``overrides`` are ``(section, key, value)`` triples from command-line flags.
+    Raises ConfigError naming the key and its source.
     """
+    return load_config_with_sources(path, environ, overrides)[0]
+
+
+def load_config_with_sources(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Iterable[tuple[str, str, str]] = (),
+) -> tuple[Config, Sources]:
+    """``load_config`` that also tells, for every key, which source set its value (see ``Sources``)."""
     environ = os.environ if environ is None else environ
     values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    sources: Sources = {s: {k: DEFAULT_SOURCE for k in _fields(s)} for s in SECTIONS}
+
+    def apply(section: str, f: dataclasses.Field, raw: Any, source: str) -> None:
+        values[section][f.name] = _convert(section, f, raw, source)
+        sources[section][f.name] = source
 
     if path is not None:
         parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"),
@@ -280,16 +303,16 @@ def load_config(
             for key, raw in parser.items(section):
                 if key not in known:
                     raise ConfigError(f"{path}: unknown key [{section}] {key}")
-                values[section][key] = _convert(section, known[key], raw, path)
+                apply(section, known[key], raw, path)
 
     for section in SECTIONS:
         for key, f in _fields(section).items():
             legacy = f.metadata["env"]
             if legacy and legacy in environ:
-                values[section][key] = _convert(section, f, environ[legacy], f"environment {legacy}")
+                apply(section, f, environ[legacy], f"environment {legacy}")
             name = env_name(section, key)
             if name in environ:
-                values[section][key] = _convert(section, f, environ[name], f"environment {name}")
+                apply(section, f, environ[name], f"environment {name}")
     for name in environ:
         if name.startswith(ENV_PREFIX) and not _env_known(name):
             raise ConfigError(f"environment {name}: unknown setting (expected {ENV_PREFIX}SECTION_KEY)")
@@ -298,11 +321,11 @@ def load_config(
         known = _fields(section) if section in SECTIONS else {}
         if key not in known:
             raise ConfigError(f"command line: unknown key [{section}] {key}")
-        values[section][key] = _convert(section, known[key], raw, "command line")
+        apply(section, known[key], raw, COMMAND_LINE_SOURCE)
 
     config = Config(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})
     _validate(config)
-    return config
+    return config, sources
 
 
 def _env_known(name: str) -> bool:

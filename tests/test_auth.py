@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from relayd.identity.auth import auth_statement, key_statement
+from relayd.identity.statements import auth_statement, key_statement
 from relayd.identity.secp256k1 import N
 from relayd.identity.signatures import recover_address
 
@@ -792,3 +792,16 @@ def test_public_url_is_the_bound_relay(start_relay) -> None:
         ch = challenge_of(client)
         client.send(signed_auth_frame(KEY_A, ch))
         assert client.recv()["type"] == "auth_success"
+
+
+def test_signed_key_in_open_mode_neither_locks_nor_evicts_its_own_session(start_relay) -> None:
+    """Open mode: anyone may claim any address, so a signed key proves nothing to lock against."""
+    relay = start_relay(auth={"mode": "open"})
+    with relay.ws() as owner:
+        owner.auth(ADDR_A)
+        reply = relay.http("POST", "/api/public-keys", key_body(KEY_A, PUB_KEY, int(time.time())))
+        assert reply.status == 200 and reply.json["verified"] is True, reply
+        owner.send({"type": "ping"})
+        assert owner.recv_type("pong")["type"] == "pong"
+        with relay.ws() as other:
+            assert other.auth(ADDR_A)["verified"] is False

@@ -1,17 +1,31 @@
-"""``python relayd.py`` as a real process: --check-config, exit codes, SIGTERM."""
+"""``python relayd.py`` as a real process: strict parsing, exit codes, configuration sources, admin
+commands, the client commands against real relays, SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import http.server
+import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_support import A, B, assert_auth_success, msg, recv_closed
-from relay_harness import ROOT, ProcessRelay
+from relay_harness import ROOT, ProcessRelay, free_port
+
+from relayd.config import SECTIONS
+from relayd.identity.signing import SigningKey, load_key_file
+from relayd.storage.sqlite import SQLiteStore
+from relayd.storage.store import KeyRecord
 
 LEGACY = {"PORT", "ALLOWED_ORIGINS", "RATE_LIMIT_WINDOW_MS", "RATE_LIMIT_MAX_REQUESTS", "MAX_OFFLINE_MESSAGES",
           "MESSAGE_RETENTION_HOURS", "LOG_LEVEL"}
@@ -25,7 +39,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "relayd.py"), *args], cwd=tmp_path,
-                          env=env if env is not None else clean_env(), capture_output=True, text=True, timeout=30)
+                          env=env if env is not None else clean_env(), capture_output=True, text=True,
+                          encoding="utf-8", timeout=60)
 
 
 def conf(tmp_path: Path, text: str) -> str:
@@ -130,3 +145,314 @@ def test_package_version_matches_pyproject():
     import relayd
     meta = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert meta["project"]["version"] == relayd.__version__
+
+
+# Strict, self-describing command line
+
+
+def cli_json(result: subprocess.CompletedProcess) -> Any:
+    return json.loads(result.stdout)
+
+
+def make_database(path: Path, keys: int = 1) -> None:
+    """A relayd SQLite database (WAL mode) holding ``keys`` public keys, closed again."""
+    async def build() -> None:
+        store = SQLiteStore(str(path))
+        await store.open()
+        for i in range(keys):
+            await store.put_key(KeyRecord(f"0x{i:040x}", f"key-{i}", 1, 1))
+        await store.close()
+    asyncio.run(build())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("run", "foo"), "unrecognized arguments: foo"),
+    (("foo",), "invalid choice: 'foo'"),
+    (("backup", "a.db", "b.db"), "unrecognized arguments: b.db"),
+    (("stats", "extra"), "unrecognized arguments: extra"),
+    (("config", "x"), "unrecognized arguments: x"),
+    (("example-config", "x"), "unrecognized arguments: x"),
+    (("keygen", "x"), "unrecognized arguments: x"),
+    (("send", "--from", "0x" + "a1" * 20, "--to", "0x" + "b2" * 20, "two", "words"), "unrecognized arguments: words"),
+    (("--check-config", "backup", "x.db"), "--check-config goes with run only"),
+    (("--port", "3001", "status", "0x" + "a1" * 20), "--port: configure the relay daemon"),
+    (("--config", "x.conf", "check"), "--config: configure the relay daemon"),
+    (("listen", "--as", "0x" + "a1" * 20, "--count", "0"), "expected at least 1"),
+    (("send", "--from", "0x" + "a1" * 20, "--to", "0x1234", "hi"), "--to: not an Idena address"),
+    (("send", "--from", "0x1234", "--to", "0x" + "b2" * 20, "hi"), "neither an Idena address"),
+    (("send", "--from", "missing.key", "--to", "0x" + "b2" * 20, "hi"), "missing.key does not exist"),
+    (("status", "0x" + "a1" * 20, "--relay", "http://127.0.0.1:1"), "--relay: relay URL must be ws://"),
+    (("status", "nobody"), "ADDRESS: not an Idena address"),
+])
+def test_extra_or_misplaced_words_exit_2(tmp_path, args, needle):
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version(tmp_path, flag):
+    import relayd
+    result = run_cli(tmp_path, flag)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"relayd {relayd.__version__}"
+
+
+def test_help_lists_commands_environment_paths_and_examples(tmp_path):
+    result = run_cli(tmp_path, "--help")
+    assert result.returncode == 0
+    for word in ("run", "config", "example-config", "backup", "stats", "send", "listen", "status", "keygen",
+                 "check", "RELAYD_<SECTION>_<KEY>", *sorted(LEGACY), "./relayd-data/relayd.db",
+                 "configuration file", "examples:", "relayd check --relay"):
+        assert word in result.stdout, word
+
+
+def test_check_config_lists_every_source(tmp_path):
+    path = conf(tmp_path, "[server]\nport = 3002\n")
+    result = run_cli(tmp_path, "--check-config", "--config", path, "--db", "x.db", "--set", "limits.frame_burst=5",
+                     env=clean_env(LOG_LEVEL="debug", RELAYD_QUEUE_OVERFLOW="drop_oldest"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "configuration OK" in lines[0]
+    assert f"file {path}" in result.stdout
+    assert "environment LOG_LEVEL, RELAYD_QUEUE_OVERFLOW" in result.stdout
+    assert "command line --db x.db, --set limits.frame_burst=5" in result.stdout
+    assert "(defaults)" not in result.stdout
+
+
+def test_check_config_after_run_and_with_defaults_only(tmp_path):
+    result = run_cli(tmp_path, "run", "--check-config")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["  defaults (for every key not set below)"]
+
+
+def test_config_prints_each_value_with_its_source_and_loads_back(tmp_path):
+    path = conf(tmp_path, "[server]\nport = 3002\n[queue]\noverflow = drop_oldest\n")
+    result = run_cli(tmp_path, "config", "--config", path, "--port", "3005", "--set", "auth.mode=signed",
+                     env=clean_env(LOG_LEVEL="debug", RELAYD_LIMITS_FRAME_BURST="7"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "port = 3005  # command line --port 3005" in lines
+    assert "mode = signed  # command line --set auth.mode=signed" in lines
+    assert f"overflow = drop_oldest  # file {path}" in lines
+    assert "level = debug  # environment LOG_LEVEL" in lines
+    assert "frame_burst = 7  # environment RELAYD_LIMITS_FRAME_BURST" in lines
+    assert "host = 0.0.0.0  # default" in lines
+    assert "allowed_origins = *  # default" in lines
+    keys = [line for line in lines if " = " in line and not line.startswith("#")]
+    assert len(keys) == sum(len(dataclasses.fields(cls)) for cls in SECTIONS.values())
+
+    saved = tmp_path / "effective.conf"
+    saved.write_text(result.stdout)
+    again = run_cli(tmp_path, "config", "--config", str(saved))
+    assert again.returncode == 0, again.stderr
+    values = [line.split("  # ")[0] for line in keys]
+    assert [line.split("  # ")[0] for line in again.stdout.splitlines()
+            if " = " in line and not line.startswith("#")] == values
+
+
+def test_config_command_reports_configuration_errors_with_exit_2(tmp_path):
+    result = run_cli(tmp_path, "config", env=clean_env(RELAYD_SERVER_PORT="lots"))
+    assert result.returncode == 2
+    assert "[server] port (from environment RELAYD_SERVER_PORT)" in result.stderr
+
+
+def test_example_config_is_relayd_conf_example(tmp_path):
+    result = run_cli(tmp_path, "example-config")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (ROOT / "relayd.conf.example").read_text()
+
+
+def test_relayd_py_without_websockets_says_how_to_install(tmp_path):
+    result = subprocess.run([sys.executable, "-S", str(ROOT / "relayd.py"), "--config",
+                             str(ROOT / "relayd.conf.example")], cwd=tmp_path, env=clean_env(),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "websockets" in result.stderr and "Python 3.11" in result.stderr
+    assert "pip install -e" in result.stderr
+
+
+# Backup and stats
+
+
+def test_backup_refuses_an_existing_file_without_force(tmp_path):
+    make_database(tmp_path / "live.db", keys=2)
+    dest = tmp_path / "copy.db"
+    dest.write_bytes(b"precious")
+    result = run_cli(tmp_path, "backup", "--db", "live.db", str(dest))
+    assert result.returncode == 2
+    assert str(dest) in result.stderr and "--force" in result.stderr
+    assert dest.read_bytes() == b"precious"
+    forced = run_cli(tmp_path, "backup", "--db", "live.db", str(dest), "--force")
+    assert forced.returncode == 0, forced.stderr
+    stats = run_cli(tmp_path, "stats", "--db", str(dest))
+    assert cli_json(stats)["keys"] == 2
+    assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
+
+
+@pytest.mark.parametrize("case", ["no database", "no directory", "memory backend", "directory"])
+def test_backup_errors_name_the_paths(tmp_path, case):
+    make_database(tmp_path / "live.db")
+    args = {"no database": ("--db", "absent.db", "copy.db"),
+            "no directory": ("--db", "live.db", "nowhere/copy.db"),
+            "memory backend": ("--storage", "memory", "copy.db"),
+            "directory": ("--db", "live.db", str(tmp_path))}[case]
+    result = run_cli(tmp_path, "backup", *args)
+    expected_code = 2 if case in ("memory backend", "directory") else 1
+    assert result.returncode == expected_code, result.stderr
+    needles = {"no database": ["absent.db", "copy.db"], "no directory": ["live.db", "nowhere/copy.db"],
+               "memory backend": ["backend = sqlite"], "directory": [str(tmp_path)]}[case]
+    for needle in needles:
+        assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "copy.db").exists()
+
+
+def test_stats_on_a_backup_leaves_no_wal_or_shm(tmp_path):
+    make_database(tmp_path / "live.db", keys=3)
+    assert run_cli(tmp_path, "backup", "--db", "live.db", "copy.db").returncode == 0
+    assert (tmp_path / "copy.db").read_bytes()[18:20] == b"\x02\x02"  # the copy says WAL mode too
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli(tmp_path, "stats", "--db", "copy.db")
+    assert result.returncode == 0, result.stderr
+    assert cli_json(result)["keys"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not (tmp_path / "copy.db-wal").exists() and not (tmp_path / "copy.db-shm").exists()
+
+
+@pytest.mark.parametrize("content,needle", [(b"", "no database at"), (b"not sqlite at all" * 10, "copy.db"),
+                                            (None, "no database at")])
+def test_stats_errors_name_the_file(tmp_path, content, needle):
+    if content is not None:
+        (tmp_path / "copy.db").write_bytes(content)
+    result = run_cli(tmp_path, "stats", "--db", "copy.db")
+    assert result.returncode == 1
+    assert needle in result.stderr and "copy.db" in result.stderr
+
+
+def test_stats_and_backup_of_a_live_database(tmp_path):
+    relay = ProcessRelay(tmp_path, config_text="[auth]\nmode = open\n")
+    try:
+        assert relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}).status == 200
+        db = tmp_path / "relayd-data" / "relayd.db"
+        assert (tmp_path / "relayd-data" / "relayd.db-wal").exists()
+        deadline = time.monotonic() + 10
+        while True:
+            result = run_cli(tmp_path, "stats", "--db", str(db))
+            assert result.returncode == 0, result.stderr
+            if cli_json(result)["keys"] == 1:
+                break
+            assert time.monotonic() < deadline, result.stdout
+        backup = run_cli(tmp_path, "backup", "--db", str(db), "copy.db")
+        assert backup.returncode == 0, backup.stderr
+        assert cli_json(run_cli(tmp_path, "stats", "--db", "copy.db"))["keys"] == 1
+    finally:
+        relay.stop()
+
+
+# Keys and the client commands
+
+
+def test_keygen_writes_a_private_key_file(tmp_path):
+    result = run_cli(tmp_path, "keygen", "--out", "alice.key")
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "alice.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert cli_json(result)["address"] == load_key_file(str(path)).address
+    again = run_cli(tmp_path, "keygen", "--out", "alice.key")
+    assert again.returncode == 2 and "alice.key already exists" in again.stderr
+    printed = cli_json(run_cli(tmp_path, "keygen"))
+    assert SigningKey.from_hex(printed["privateKey"]).address == printed["address"]
+
+
+def test_send_listen_and_status(tmp_path, start_relay):
+    relay = start_relay(auth={"mode": "mixed"})
+    assert run_cli(tmp_path, "keygen", "--out", "alice.key").returncode == 0
+    alice = load_key_file(str(tmp_path / "alice.key")).address
+    sent = run_cli(tmp_path, "send", "--relay", relay.url, "--from", "alice.key", "--to", B, "hello bob")
+    assert sent.returncode == 0, sent.stderr
+    answer = cli_json(sent)
+    assert answer["type"] == "queued" and answer["to"] == B
+    status = run_cli(tmp_path, "status", B, "--relay", relay.url)
+    assert status.returncode == 0, status.stderr
+    assert cli_json(status) == {"address": B, "online": False, "queueSize": 1, "key": None}
+
+    listened = run_cli(tmp_path, "listen", "--relay", relay.url, "--as", B, "--ack", "--count", "1",
+                       "--timeout", "20")
+    assert listened.returncode == 0, listened.stderr
+    frames = [json.loads(line) for line in listened.stdout.splitlines()]
+    assert frames[0]["type"] == "message" and frames[0]["from"] == alice
+    assert frames[0]["content"] == "hello bob" and frames[0]["messageId"] == answer["messageId"]
+    assert cli_json(run_cli(tmp_path, "status", B, "--relay", relay.url))["queueSize"] == 0
+
+    waited = run_cli(tmp_path, "listen", "--relay", relay.url, "--as", B, "--count", "1", "--timeout", "0.5")
+    assert waited.returncode == 1 and "0 of 1 messages" in waited.stderr
+
+
+def test_send_exits_1_on_an_error_answer_or_an_unreachable_relay(tmp_path, start_relay):
+    relay = start_relay(limits={"max_message_bytes": 16})
+    refused = run_cli(tmp_path, "send", "--relay", relay.url, "--from", A, "--to", B, "x" * 17)
+    assert refused.returncode == 1
+    assert cli_json(refused)["code"] == "message_too_large"
+    port = free_port()
+    unreachable = run_cli(tmp_path, "send", "--relay", f"ws://127.0.0.1:{port}", "--from", A, "--to", B, "hi")
+    assert unreachable.returncode == 1
+    assert f"connection refused by 127.0.0.1:{port}" in unreachable.stderr
+
+
+def check_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line[:1] in ("✔", "✘", "–")]
+
+
+@pytest.mark.parametrize("mode", ["open", "mixed", "signed"])
+def test_check_passes_against_a_relay(tmp_path, start_relay, mode):
+    relay = start_relay(auth={"mode": mode})
+    result = run_cli(tmp_path, "check", "--relay", relay.url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = check_lines(result)
+    assert len(lines) == 8 and all(line.startswith("✔") for line in lines), result.stdout
+    assert all(re.search(r" \d+ ms ", line) for line in lines)
+    assert "8 of 8 steps passed" in result.stdout
+
+
+def test_check_plain_against_the_default_mode_passes(tmp_path, start_relay):
+    relay = start_relay()
+    result = run_cli(tmp_path, "check", "--relay", relay.url, "--plain")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "kept: deleting a key needs the token" in result.stdout
+
+
+def test_check_fails_precisely_on_a_closed_port(tmp_path):
+    port = free_port()
+    result = run_cli(tmp_path, "check", "--relay", f"ws://127.0.0.1:{port}")
+    assert result.returncode == 1
+    lines = check_lines(result)
+    assert lines[0].startswith("✘") and f"connection refused by 127.0.0.1:{port}" in lines[0]
+    assert all(line.startswith("–") and "skipped" in line for line in lines[1:])
+
+
+def test_check_fails_precisely_against_a_server_that_is_not_a_relay(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = run_cli(tmp_path, "check", "--relay", f"ws://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1
+    first = check_lines(result)[0]
+    assert first.startswith("✘") and "GET /health: HTTP 404" in first
+
+
+def test_check_plain_fails_precisely_against_a_signed_relay(tmp_path, start_relay):
+    relay = start_relay(auth={"mode": "signed"})
+    result = run_cli(tmp_path, "check", "--relay", relay.url, "--plain")
+    assert result.returncode == 1
+    lines = check_lines(result)
+    assert lines[0].startswith("✔")
+    assert lines[1].startswith("✘") and "sign-in refused: auth_required" in lines[1]
+    assert "0 of 8" not in result.stdout and "1 of 8 steps passed" in result.stdout

@@ -211,7 +211,8 @@ class Authenticator:
         """Refuse unsigned writes over proven ownership; verify and fill in signed statements.
 
         Returns True when the write proved ownership of the address (a valid
-        signed statement), so unsigned sessions of it must be evicted.
+        signed statement outside open mode), so unsigned sessions of it must
+        be evicted.
         """
         existing = await self.store.get_key(record.address)
         signature = body.get("signature")
@@ -242,6 +243,8 @@ class Authenticator:
         text = key_statement(record.address, key_type, record.public_key, issued)
         await self._check_signature(ip, text, signature, fmt, record.address)
         record.key_type, record.issued_at, record.format, record.signature = key_type, issued, fmt, signature
+        if self.mode == "open":  # anyone may claim any address: nothing to lock, nobody to evict
+            return False
         await self._lock(record.address)
         return True
 

@@ -42,7 +42,17 @@ def describe_error(exc: BaseException) -> str:
 
 
 def read_only_uri(path: Path) -> str:
-    return path.resolve().as_uri() + "?mode=ro"
+    """A read-only URI for ``path`` that leaves nothing behind.
+
+    A database in use in WAL mode has ``-wal``/``-shm`` beside it, which SQLite
+    needs to read it consistently, so it is read the usual read-only way. A
+    file nobody has open (a backup, a stopped relay's database) is opened
+    ``immutable``: SQLite then takes no locks and creates no ``-wal``/``-shm``.
+    """
+    uri = path.resolve().as_uri() + "?mode=ro"
+    if not any(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-shm")):
+        uri += "&immutable=1"
+    return uri
 
 
 def inspect(path: Path) -> int | None:
