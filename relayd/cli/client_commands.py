@@ -1,0 +1,155 @@
+"""Commands that talk to a relay over the network: send, listen, status, keygen, check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any, Awaitable
+
+from .check import RelayCheck
+from .options import DEFAULT_CLIENT_TIMEOUT, EXIT_FAILURE, EXIT_OK, UsageError
+
+# Client commands
+
+
+def _identity(spec: str, flag: str) -> Any:
+    from ..client import Identity
+    from ..identity.signing import KeyFileError
+    try:
+        return Identity.parse(spec)
+    except (ValueError, KeyFileError) as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def _client(args: argparse.Namespace, identity: Any = None, **kw: Any) -> Any:
+    from ..client import RelayClient
+    try:
+        return RelayClient(args.relay, identity, timeout=kw.pop("timeout", None) or args.timeout
+                           or DEFAULT_CLIENT_TIMEOUT, **kw)
+    except ValueError as exc:
+        raise UsageError(f"--relay: {exc}") from None
+
+
+def _address(value: str, flag: str) -> str:
+    from ..addresses import is_address
+    if not is_address(value):
+        raise UsageError(f"{flag}: not an Idena address (0x followed by 40 hex digits): {value!r}")
+    return value.lower()
+
+
+def _run_client(command: str, coro: Awaitable[int]) -> int:
+    from ..client import ClientError
+
+    async def guarded() -> int:
+        try:
+            return await coro
+        except ClientError as exc:
+            print(f"relayd {command}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    try:
+        return asyncio.run(guarded())
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _print_json(frame: Any) -> None:
+    print(json.dumps(frame, ensure_ascii=False), flush=True)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    to = _address(args.to, "--to")
+    client = _client(args, _identity(args.sender, "--from"))
+
+    async def send() -> int:
+        async with client:
+            answer = await client.send(to, args.text, message_id=args.message_id)
+        _print_json(answer)
+        return EXIT_FAILURE if answer.get("type") == "error" else EXIT_OK
+    return _run_client("send", send())
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from ..client import ClientTimeout
+    client = _client(args, _identity(args.identity, "--as"), ack=args.ack, timeout=DEFAULT_CLIENT_TIMEOUT)
+
+    async def listen() -> int:
+        messages = 0
+        loop = asyncio.get_running_loop()
+        deadline = None if args.timeout is None else loop.time() + args.timeout
+        sign_in = await client.connect()
+        print(f"relayd listen: signed in as {sign_in.address} ({'verified' if sign_in.verified else 'unverified'})",
+              file=sys.stderr, flush=True)
+        frames = aiter(client)
+        try:
+            while args.count is None or messages < args.count:
+                if deadline is None:
+                    frame = await anext(frames, None)
+                    if frame is None:
+                        print(f"relayd listen: the relay closed the connection (code {client.close_code})",
+                              file=sys.stderr)
+                        return EXIT_FAILURE
+                else:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        frame = await client.recv(remaining)
+                    except ClientTimeout:
+                        break
+                _print_json(frame)
+                if frame.get("type") == "message":
+                    messages += 1
+                    if args.ack and isinstance(frame.get("messageId"), str):
+                        await client.ack([frame["messageId"]])
+        finally:
+            await client.close()
+        if args.count is not None and messages < args.count:
+            print(f"relayd listen: timeout after {args.timeout:g} s with {messages} of {args.count} messages",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        return EXIT_OK
+    return _run_client("listen", listen())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    address = _address(args.address, "ADDRESS")
+    client = _client(args)
+
+    async def status() -> int:
+        presence = await client.status(address)
+        key = await client.get_key(address)
+        _print_json({"address": address, "online": presence.get("online"),
+                     "queueSize": await client.queue_size(address),
+                     "key": None if key is None else {k: key.get(k) for k in
+                                                      ("publicKey", "verified", "updatedAt", "keyType", "issuedAt")
+                                                      if k in key}})
+        return EXIT_OK
+    return _run_client("status", status())
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from ..identity.signing import KeyFileError, SigningKey, write_key_file
+    key = SigningKey.generate()
+    if args.out is None:
+        _print_json({"address": key.address, "privateKey": key.hex()})
+        return EXIT_OK
+    if os.path.lexists(args.out):
+        raise UsageError(f"relayd keygen: {args.out} already exists; not overwriting a key file")
+    try:
+        write_key_file(args.out, key)
+    except KeyFileError as exc:
+        print(f"relayd keygen: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    _print_json({"address": key.address, "keyFile": args.out})
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    client = _client(args)  # validates --relay before anything runs
+    return _run_client("check", RelayCheck(client.url, args.timeout or DEFAULT_CLIENT_TIMEOUT,
+                                           plain=args.plain).run())
+
+

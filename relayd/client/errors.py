@@ -1,0 +1,69 @@
+"""Every failure of the client: one ``ClientError`` family whose messages say what went wrong."""
+
+from __future__ import annotations
+
+import json
+
+
+class ClientError(Exception):
+    """Base of every error this client raises; the message is meant for a human."""
+
+
+class RelayUnreachable(ClientError):
+    """No WebSocket or HTTP conversation: refused, unresolvable, TLS failure, or not a WebSocket server.
+
+    ``status`` is the HTTP status when the server answered the upgrade with one.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ClientTimeout(ClientError, TimeoutError):
+    """Nothing came within the timeout; the message says what was awaited."""
+
+
+class ConnectionLost(ClientError):
+    """The WebSocket closed; ``code``/``reason`` are the close frame's, when one came."""
+
+    def __init__(self, message: str, code: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class AuthRefused(ClientError):
+    """The relay refused the sign-in with an ``error`` frame (``code``: auth_failed, auth_required, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"sign-in refused: {code}: {message}")
+        self.code = code
+        self.relay_message = message
+
+
+class ProtocolViolation(ClientError):
+    """The peer sent something a relay never sends (not JSON, an unexpected frame, a malformed challenge)."""
+
+
+class HttpError(ClientError):
+    """A REST answer with status >= 400; ``code`` is the relay's error code when the body has one."""
+
+    def __init__(self, method: str, path: str, status: int, body: bytes) -> None:
+        self.status = status
+        self.body = body
+        self.code: str | None = None
+        text = body.decode("utf-8", "replace").strip()
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("code"), str):
+            self.code = parsed["code"]
+        super().__init__(f"{method} {path}: HTTP {status}: {text[:300] or '(empty body)'}")
+
+
+class KeyVerificationError(ClientError):
+    """A public-key record whose statement or signature does not prove it came from its address."""
+
+
