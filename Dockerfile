@@ -13,13 +13,13 @@ ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_TRUSTED_HOST
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
-COPY relayd ./relayd
+# The context holds only what .dockerignore lets through: the package sources and deploy/ files.
+COPY . /src
 # pip and setuptools are only needed to install; the runtime venv goes without them.
 RUN python3 -m venv /opt/relayd \
  && /opt/relayd/bin/pip install --quiet "/src${EXTRAS:+[$EXTRAS]}" \
- && /opt/relayd/bin/pip uninstall --quiet --yes pip setuptools
+ && /opt/relayd/bin/pip uninstall --quiet --yes pip setuptools \
+ && cp /src/deploy/healthcheck.py /opt/relayd/healthcheck.py
 
 FROM ${BASE}
 RUN groupadd --system --gid 10001 relayd \
@@ -29,7 +29,6 @@ RUN groupadd --system --gid 10001 relayd \
  && chown relayd:relayd /var/lib/relayd \
  && chmod 0750 /var/lib/relayd
 COPY --from=build /opt/relayd /opt/relayd
-COPY deploy/healthcheck.py /opt/relayd/healthcheck.py
 COPY deploy/relayd.conf /etc/relayd/relayd.conf
 ENV PATH=/opt/relayd/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 

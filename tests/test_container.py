@@ -189,14 +189,27 @@ class IndexForwarder:
         self.server.server_close()
 
 
+def image_id(tag: str) -> str | None:
+    done = docker("image", "inspect", "--format", "{{.Id}}", tag, check=False)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def build_image(tag: str, base: str, *, index_url: str | None = None, extras: str = "") -> None:
-    """``docker build`` the repository's Dockerfile as ``tag`` (layers cached between runs)."""
-    args = ["build", "--force-rm", "--network", "host", "--tag", tag, "--build-arg", f"BASE={base}"]
+    """``docker build`` the repository's Dockerfile as ``tag``, its build stage as ``tag-build``, so the layers
+    of both are reused by the next run; the images these tags named before are removed when superseded, so
+    repeated runs do not pile up (with the vfs storage driver every layer is a full copy of the base)."""
+    args = ["build", "--force-rm", "--network", "host", "--build-arg", f"BASE={base}"]
     if index_url:
         args += ["--build-arg", f"PIP_INDEX_URL={index_url}"]
     if extras:
         args += ["--build-arg", f"EXTRAS={extras}"]
-    docker(*args, str(ROOT), timeout=900)
+    stages = ((f"{tag}-build", ("--target", "build")), (tag, ()))
+    before = {name: image_id(name) for name, _ in stages}
+    for name, target in stages:
+        docker(*args, *target, "--tag", name, str(ROOT), timeout=900)
+    for name, old in before.items():
+        if old is not None and old != image_id(name):
+            docker("rmi", old, check=False)
 
 
 def container_state(name: str, field: str) -> str:
