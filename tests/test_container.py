@@ -1,0 +1,421 @@
+"""The container image: build it, run it, smoke-test it over real sockets, stop it, run it again on its volume.
+
+Needs a working Docker daemon (``.ci/docker-daemon`` provides one on a Debian machine) and fails, never skips,
+without one. The image is built from the Dockerfile's default BASE when it can be pulled; otherwise from a
+Debian bookworm base the test builds once per machine with mmdebstrap and ``docker import`` (kept as
+``relayd-test-base:bookworm``). Containers run with ``--network host`` on free ports of 127.0.0.1. The test
+removes the containers and volumes it created and keeps the images, so later runs build from cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.server
+import os
+import re
+import secrets
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from e2e_support import msg, recv_closed, wait_until
+from relay_harness import ROOT, WsClient, free_port, http_request
+
+TEST_BASE = "relayd-test-base:bookworm"
+IMAGE = "relayd:test"
+IMAGE_REDIS = "relayd:test-redis"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+# A fixed port keeps the build argument PIP_INDEX_URL, and with it Docker's layer cache, the same from run to
+# run; when it is taken the forwarder falls back to any free port and the build runs without cache.
+INDEX_FORWARDER_PORT = 38741
+START_TIMEOUT_S = 30.0
+
+
+# Docker plumbing (candidates for a shared container-test helper module)
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``docker ARGS``; return the finished process. With ``check``, a non-zero exit or a timeout fails
+    the test with the command and its output; without, a timeout reads as exit code -1."""
+    try:
+        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        done = subprocess.CompletedProcess(["docker", *args], -1, "", f"no answer within {timeout:.0f} s")
+    if check and done.returncode != 0:
+        pytest.fail(f"docker {' '.join(args)} exited with {done.returncode}:\n{done.stdout[-3000:]}"
+                    f"\n{done.stderr[-3000:]}")
+    return done
+
+
+def require_docker() -> None:
+    """Fail (not skip) with what to do when there is no docker client or no daemon answering it."""
+    if shutil.which("docker") is None:
+        pytest.fail("the container test needs docker: run .ci/docker-daemon (installs docker.io, starts dockerd)")
+    info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
+                          timeout=30)
+    if info.returncode != 0 or not info.stdout.strip():
+        pytest.fail(f"no Docker daemon answers ({info.stderr.strip()[-500:]}); start one with .ci/docker-daemon")
+
+
+def image_exists(tag: str) -> bool:
+    return docker("image", "inspect", tag, check=False).returncode == 0
+
+
+def dockerfile_default_base() -> str:
+    """The Dockerfile's ``ARG BASE=...`` default, the image users build on."""
+    found = re.search(r"^ARG BASE=(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert found, "Dockerfile has no ARG BASE=... line"
+    return found.group(1)
+
+
+def build_debian_base(tag: str) -> None:
+    """Build a minimal Debian bookworm image with python3 and python3-venv from Debian's packages, for
+    machines that reach no image registry. Takes about half a minute; fails the test when mmdebstrap is
+    missing or the mirror cannot be reached."""
+    if shutil.which("mmdebstrap") is None:
+        pytest.fail(f"cannot pull {dockerfile_default_base()} and mmdebstrap is missing to build {tag}: "
+                    "run .ci/docker-daemon or apt-get install mmdebstrap")
+    no_docs = [f"--dpkgopt=path-{rule}" for rule in (
+        "exclude=/usr/share/man/*", "exclude=/usr/share/info/*", "exclude=/usr/share/locale/*",
+        "exclude=/usr/share/doc/*", "include=/usr/share/doc/*/copyright")]
+    with tempfile.TemporaryDirectory(prefix="relayd-base-") as tmp:
+        rootfs = Path(tmp) / "rootfs.tar"
+        done = subprocess.run(["mmdebstrap", "--variant=minbase", "--include=python3,python3-venv",
+                               "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr", *no_docs,
+                               "bookworm", str(rootfs), DEBIAN_MIRROR],
+                              capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            pytest.fail(f"mmdebstrap could not build {tag} from {DEBIAN_MIRROR}:\n{done.stderr[-3000:]}")
+        docker("import", str(rootfs), tag, timeout=300)
+
+
+def ensure_base_image() -> str:
+    """The base to build on: the Dockerfile's default when present or pullable, else this machine's own
+    Debian base (built once, then reused)."""
+    default = dockerfile_default_base()
+    if image_exists(default):
+        return default
+    if image_exists(TEST_BASE):
+        return TEST_BASE
+    if docker("pull", default, timeout=300, check=False).returncode == 0:
+        return default
+    build_debian_base(TEST_BASE)
+    return TEST_BASE
+
+
+def pip_setting(name: str) -> str | None:
+    """This machine's pip setting ``name`` (e.g. ``index-url``): the PIP_* variable, else pip's config."""
+    env = os.environ.get("PIP_" + name.upper().replace("-", "_"))
+    if env:
+        return env
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                            timeout=60)
+    for line in listed.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.rpartition(".")[2] == name:
+            return value.strip().strip("'\"")
+    return None
+
+
+class IndexForwarder:
+    """This machine's package index, as its pip reaches it, served over HTTP on 127.0.0.1 to a build.
+
+    A build container sees neither this machine's file:// indexes nor the certificate authorities its pip
+    trusts (``cert``), so it may not reach PyPI by itself. This forwards the index's pages and the files
+    they link to (absolute https links become ``/_https/HOST/PATH`` here), fetched with the host's trust;
+    pip in the build still checks every file against the page's sha256. Use as a context manager; ``url``
+    is the value for the build argument PIP_INDEX_URL (reachable with ``docker build --network host``).
+    """
+
+    def __init__(self) -> None:
+        upstream = pip_setting("index-url") or "https://pypi.org/simple"
+        parts = urllib.parse.urlsplit(upstream)
+        cafile = pip_setting("cert")
+        context = ssl.create_default_context(cafile=cafile)
+        forwarder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/_https/"):
+                    target = "https://" + self.path[len("/_https/"):]
+                else:
+                    target = f"{parts.scheme}://{parts.netloc}{self.path}"
+                request = urllib.request.Request(target, headers={"Accept": "text/html"})
+                try:
+                    with urllib.request.urlopen(request, timeout=60, context=context) as reply:
+                        status, ctype, body = reply.status, reply.headers.get("Content-Type", ""), reply.read()
+                except urllib.error.HTTPError as exc:
+                    status, ctype, body = exc.code, "text/plain", str(exc).encode()
+                except OSError as exc:
+                    status, ctype, body = 502, "text/plain", f"{target}: {exc}".encode()
+                if ctype.startswith("text/html"):
+                    body = body.replace(b'href="https://', f'href="{forwarder.origin}/_https/'.encode())
+                self.send_response(status)
+                self.send_header("Content-Type", ctype or "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        try:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", INDEX_FORWARDER_PORT), Handler)
+        except OSError:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = self.origin + parts.path
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "IndexForwarder":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def image_id(tag: str) -> str | None:
+    done = docker("image", "inspect", "--format", "{{.Id}}", tag, check=False)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def build_image(tag: str, base: str, *, index_url: str | None = None, extras: str = "") -> None:
+    """``docker build`` the repository's Dockerfile as ``tag``, its build stage as ``tag-build``, so the layers
+    of both are reused by the next run; the images these tags named before are removed when superseded, so
+    repeated runs do not pile up (with the vfs storage driver every layer is a full copy of the base)."""
+    args = ["build", "--force-rm", "--network", "host", "--build-arg", f"BASE={base}"]
+    if index_url:
+        args += ["--build-arg", f"PIP_INDEX_URL={index_url}"]
+    if extras:
+        args += ["--build-arg", f"EXTRAS={extras}"]
+    stages = ((f"{tag}-build", ("--target", "build")), (tag, ()))
+    before = {name: image_id(name) for name, _ in stages}
+    for name, target in stages:
+        docker(*args, *target, "--tag", name, str(ROOT), timeout=900)
+    for name, old in before.items():
+        if old is not None and old != image_id(name):
+            docker("rmi", old, check=False)
+
+
+def container_state(name: str, field: str) -> str:
+    return docker("inspect", "--format", "{{" + field + "}}", name).stdout.strip()
+
+
+def container_logs(name: str) -> str:
+    done = docker("logs", name, check=False)
+    return done.stdout + done.stderr
+
+
+def wait_ready(name: str, port: int) -> None:
+    """Wait until the container's relayd answers /health/ready with 200 on ``port``; fail with its logs
+    when it exits or does not get there within START_TIMEOUT_S."""
+    def ready() -> bool:
+        if container_state(name, ".State.Running") != "true":
+            pytest.fail(f"container {name} exited with {container_state(name, '.State.ExitCode')}:\n"
+                        f"{container_logs(name)}")
+        try:
+            return http_request(port, "GET", "/health/ready", timeout=1).status == 200
+        except OSError:
+            return False
+    assert wait_until(ready, timeout=START_TIMEOUT_S, interval=0.2), \
+        f"{name} not ready on port {port}:\n{container_logs(name)}"
+
+
+def wait_healthy(name: str) -> None:
+    """Wait until Docker's HEALTHCHECK reports the container healthy (run with a short --health-interval)."""
+    healthy = wait_until(lambda: container_state(name, ".State.Health.Status") == "healthy",
+                         timeout=START_TIMEOUT_S, interval=0.2)
+    assert healthy, f"{name} is {container_state(name, '.State.Health.Status')}: " \
+                    f"{docker('inspect', '--format', '{{json .State.Health.Log}}', name).stdout}"
+
+
+def expect_frame(client: WsClient, ftype: str, timeout: float = 5) -> dict[str, Any]:
+    """The client's next frame, skipping sign-in challenges; fails the test unless it is of type ``ftype``."""
+    try:
+        frame = client.recv(timeout)
+        while frame.get("type") == "challenge":
+            frame = client.recv(timeout)
+    except TimeoutError:
+        pytest.fail(f"no frame within {timeout:.0f} s; expected {ftype}")
+    assert frame.get("type") == ftype, f"expected {ftype}, got {frame}"
+    return frame
+
+
+# The protocol smoke test; `relayd check` will replace it.
+
+
+def protocol_smoke_test(port: int) -> tuple[str, dict[str, Any]]:
+    """Check a relay on 127.0.0.1:``port`` end to end: two addresses sign in, a live message is answered
+    ``delivered`` and arrives, a message to a third, offline address is answered ``queued``, a public key
+    is uploaded and looked up. Returns the offline address and the message queued for it, for the caller to
+    collect later. Fails the test at the first step that does not check out, naming it."""
+    url = f"ws://127.0.0.1:{port}"
+    alice, bob, carol = ("0x" + secrets.token_hex(20) for _ in range(3))
+
+    with WsClient(url) as a, WsClient(url) as b:
+        a.send({"type": "auth", "address": alice})
+        assert expect_frame(a, "auth_success")["address"] == alice
+        b.send({"type": "auth", "address": bob})
+        assert expect_frame(b, "auth_success")["address"] == bob
+
+        live = msg(bob, str(uuid.uuid4()), "bGl2ZQ==")
+        a.send(live)
+        assert expect_frame(a, "delivered")["messageId"] == live["messageId"]
+        got = expect_frame(b, "message")
+        assert (got["from"], got["content"], got["messageId"], got["queued"]) == \
+            (alice, live["content"], live["messageId"], False)
+
+        stored = msg(carol, str(uuid.uuid4()), "c3RvcmVk")
+        a.send(stored)
+        assert expect_frame(a, "queued")["messageId"] == stored["messageId"]
+
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    posted = http_request(port, "POST", "/api/public-keys", {"address": alice, "publicKey": key})
+    assert posted.status == 200 and posted.json["success"] is True, posted
+    fetched = http_request(port, "GET", f"/api/public-keys/{alice}")
+    assert fetched.status == 200 and fetched.json["publicKey"] == key, fetched
+    return carol, stored
+
+
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[Callable[[str], str]]:
+    """``images(extras)`` builds the image (once per extras value in this module) and returns its tag."""
+    require_docker()
+    base = ensure_base_image()
+    built: dict[str, str] = {}
+    # The default base comes from a registry, whose users reach PyPI; this machine's own base is built for
+    # machines that may reach packages only the way this machine's pip does.
+    with IndexForwarder() if base == TEST_BASE else contextlib.nullcontext() as index:
+        index_url = index.url if index is not None else None
+
+        def build(extras: str = "") -> str:
+            if extras not in built:
+                tag = IMAGE_REDIS if extras == "redis" else IMAGE
+                build_image(tag, base, index_url=index_url, extras=extras)
+                built[extras] = tag
+            return built[extras]
+
+        yield build
+
+
+class Containers:
+    """Containers and volumes one test creates, all named ``relayd-test-<random>``; ``remove()`` deletes them,
+    containers first, so their volumes are no longer in use."""
+
+    def __init__(self) -> None:
+        self.containers: list[str] = []
+        self.volumes: list[str] = []
+
+    def run(self, image: str, *, env: dict[str, str] | None = None, volumes: tuple[str, ...] = ()) -> str:
+        """Start a detached container on the host network, health-checked every second; return its name."""
+        name = f"relayd-test-{secrets.token_hex(4)}"
+        self.containers.append(name)
+        command = ["run", "--detach", "--name", name, "--network", "host", "--health-interval", "1s"]
+        for key, value in (env or {}).items():
+            command += ["--env", f"{key}={value}"]
+        for volume in volumes:
+            command += ["--volume", volume]
+        docker(*command, image)
+        return name
+
+    def volume(self) -> str:
+        """Create a named volume; return its name."""
+        name = f"relayd-test-{secrets.token_hex(4)}"
+        docker("volume", "create", name)
+        self.volumes.append(name)
+        return name
+
+    def remove(self) -> None:
+        for name in self.containers:
+            docker("rm", "--force", "--volumes", name, check=False)
+        for name in self.volumes:
+            docker("volume", "rm", "--force", name, check=False)
+
+
+@pytest.fixture
+def containers() -> Iterator[Containers]:
+    created = Containers()
+    yield created
+    created.remove()
+
+
+# Tests
+
+
+def test_container_serves_stops_gracefully_and_keeps_queued_messages_on_its_volume(
+        images: Callable[[str], str], containers: Containers) -> None:
+    image = images("")
+    port = free_port()
+    volume = containers.volume()
+    first = containers.run(image, env={"RELAYD_SERVER_PORT": str(port)}, volumes=(f"{volume}:/var/lib/relayd",))
+    wait_ready(first, port)
+
+    status = docker("exec", first, "cat", "/proc/1/status").stdout
+    uid = re.search(r"^Uid:\s+(\d+)", status, re.MULTILINE)
+    assert uid and uid.group(1) != "0", f"PID 1 runs as root:\n{status}"
+    cmdline = docker("exec", first, "cat", "/proc/1/cmdline").stdout.split("\0")
+    assert "/opt/relayd/bin/relayd" in cmdline, f"PID 1 is not relayd: {cmdline}"
+    wait_healthy(first)
+
+    offline, stored = protocol_smoke_test(port)
+
+    with WsClient(f"ws://127.0.0.1:{port}") as watcher:
+        watcher.auth("0x" + secrets.token_hex(20))
+        docker("stop", first, timeout=60)
+        closed = recv_closed(watcher)
+    assert closed is not None and closed.code == 1001, f"sessions closed with {closed}"
+    assert container_state(first, ".State.ExitCode") == "0", container_logs(first)
+    assert re.search(r"relayd\.server: stopped$", container_logs(first), re.MULTILINE), container_logs(first)
+
+    second = containers.run(image, env={"RELAYD_SERVER_PORT": str(port)}, volumes=(f"{volume}:/var/lib/relayd",))
+    wait_ready(second, port)
+    with WsClient(f"ws://127.0.0.1:{port}") as recipient:
+        recipient.send({"type": "auth", "address": offline})
+        expect_frame(recipient, "auth_success")
+        got = expect_frame(recipient, "message")
+    assert (got["messageId"], got["content"], got["queued"]) == (stored["messageId"], stored["content"], True)
+
+
+def test_mounted_config_file_is_read_and_environment_overrides_it(
+        images: Callable[[str], str], containers: Containers, tmp_path: Path) -> None:
+    file_port, env_port = free_port(), free_port()
+    config = tmp_path / "relayd.conf"
+    config.write_text(f"[server]\nhost = 127.0.0.1\nport = {file_port}\n\n[auth]\nmode = open\n\n"
+                      "[storage]\nbackend = memory\n")
+    config.chmod(0o644)
+    name = containers.run(images(""), env={"RELAYD_SERVER_PORT": str(env_port)},
+                          volumes=(f"{config}:/etc/relayd/relayd.conf:ro",))
+    wait_ready(name, env_port)
+
+    with pytest.raises(ConnectionRefusedError):
+        http_request(file_port, "GET", "/health/live", timeout=2)
+    # The online list is served in open mode only: the file's [auth] mode took effect.
+    assert http_request(env_port, "GET", "/api/status/online/all").status == 200
+    assert "storage: memory" in container_logs(name)
+    wait_healthy(name)
+
+
+def test_redis_extra_is_installed_by_build_argument(images: Callable[[str], str]) -> None:
+    probe = ("--rm", "--network", "host", "--entrypoint", "/opt/relayd/bin/python")
+    plain = docker("run", *probe, images(""), "-c", "import redis", check=False)
+    assert plain.returncode != 0 and "No module named 'redis'" in plain.stderr, plain
+    with_redis = docker("run", *probe, images("redis"), "-c", "import redis; print(redis.__version__)")
+    assert re.match(r"\d+\.", with_redis.stdout), with_redis
