@@ -47,21 +47,42 @@ class ServerSection:
     ping_timeout_s: float = opt(20.0, "Close a peer that does not answer a ping within this time.",
                                 min=0.1, max=3600)
     shutdown_timeout_s: float = opt(5.0, "Longest graceful shutdown before exit.", min=0.1, max=600)
+    head_timeout_s: float = opt(5.0, "A new connection must send its first HTTP request head within this time.",
+                                min=0.1, max=600, reload=True)
+    http_idle_timeout_s: float = opt(5.0, "Close a kept-alive REST connection idle this long.",
+                                     min=0.1, max=600, reload=True)
+    max_requests_per_connection: int = opt(1000, "REST requests answered on one kept-alive connection "
+                                           "(1: every answer closes the connection).",
+                                           min=1, max=10_000_000, reload=True)
+    stall_timeout_s: float = opt(30.0, "Cut a WebSocket whose send buffer stays full this long "
+                                 "(its peer stopped reading).", min=1, max=3600, reload=True)
 
 
 @dataclass(frozen=True)
 class LimitsSection:
     rate_limit_window_ms: int = opt(60000, "REST rate-limit window per client IP.", env="RATE_LIMIT_WINDOW_MS",
                                     min=1, max=86_400_000, reload=True)
-    rate_limit_max_requests: int = opt(1000, "REST requests allowed per client IP per window (0: unlimited).",
-                                       env="RATE_LIMIT_MAX_REQUESTS", min=0, max=10_000_000, reload=True)
-    max_message_bytes: int = opt(65536, "Largest message content (bytes of the content string).",
+    rate_limit_max_requests: int = opt(1000, "REST writes and other requests allowed per client IP per window "
+                                       "(0: unlimited).", env="RATE_LIMIT_MAX_REQUESTS", min=0, max=10_000_000,
+                                       reload=True)
+    rate_limit_max_reads: int = opt(30000, "REST key lookups and status reads allowed per client IP per window "
+                                    "(0: unlimited).", min=0, max=100_000_000, reload=True)
+    max_message_bytes: int = opt(262144, "Largest message content (bytes of the content string).",
                                  min=16, max=16 * 1024 * 1024, reload=True)
     max_body_bytes: int = opt(262144, "Largest REST request body.", min=64, max=64 * 1024 * 1024, reload=True)
-    max_connections_per_ip: int = opt(64, "Concurrent WebSocket connections per client IP (IPv6: per /64; 0: no limit).",
-                                      min=0, max=10_000_000, reload=True)
-    connections_per_ip_per_s: float = opt(50.0, "New WebSocket connections per client IP per second "
-                                          "(bursts of twice this; 0: no limit).", min=0, max=1e6, reload=True)
+    max_connections: int = opt(0, "Connections the relay holds at once (0: as many as the file-descriptor limit "
+                               "allows, keeping a reserve).", min=0, max=10_000_000, reload=True)
+    max_connections_per_ip: int = opt(2048, "Concurrent connections per client IP, counted from accept "
+                                      "(IPv6: per /64; 0: no limit).", min=0, max=10_000_000, reload=True)
+    max_pending_handshakes_per_ip: int = opt(256, "Connections per IP that have not sent their first request "
+                                             "head yet (0: no limit).", min=0, max=10_000_000, reload=True)
+    max_pending_handshakes: int = opt(2048, "Connections in total that have not sent their first request head "
+                                      "yet (0: no limit).", min=0, max=10_000_000, reload=True)
+    connections_per_ip_per_s: float = opt(100.0, "New WebSocket connections per client IP per second, "
+                                          "after the burst (0: no limit).", min=0, max=1e6, reload=True)
+    connection_burst_per_ip: int = opt(2000, "New WebSocket connections one client IP may open at once, "
+                                       "e.g. every phone behind a carrier NAT reconnecting after a restart.",
+                                       min=1, max=10_000_000, reload=True)
     auth_attempts_per_ip_per_min: int = opt(60, "Signature checks per client IP per minute (0: no limit).",
                                             min=0, max=10_000_000, reload=True)
     frames_per_s: float = opt(100.0, "Frames per connection per second (0: no limit).", min=0, max=1e6,
@@ -72,10 +93,20 @@ class LimitsSection:
                                         "in a row.", min=1, max=1_000_000, reload=True)
     max_preauth_frame_bytes: int = opt(4096, "Largest frame accepted before auth.", min=256, max=1 << 20,
                                        reload=True)
-    max_outbound_bytes: int = opt(1 << 20, "Unread bytes a connection may hold before it is cut off.",
+    max_outbound_bytes: int = opt(1 << 20, "Bytes a connection's peer may leave unread before it is cut off.",
                                   min=16384, max=1 << 30, reload=True)
-    new_queues_per_sender_per_hour: int = opt(100, "Distinct offline recipients one sender may queue for "
+    max_inbound_bytes: int = opt(1 << 20, "Bytes of received frames a connection may have waiting before "
+                                 "relayd stops reading from it.", min=16384, max=1 << 30, reload=True)
+    max_buffered_bytes_per_ip: int = opt(64 << 20, "Bytes all connections of one client IP may hold in buffers "
+                                         "(unread, unsent, being stored); past it the largest are cut "
+                                         "(0: no limit).", min=0, max=1 << 40, reload=True)
+    max_buffered_bytes: int = opt(256 << 20, "Bytes all connections together may hold in buffers "
+                                  "(0: no limit).", min=0, max=1 << 40, reload=True)
+    new_queues_per_sender_per_hour: int = opt(1000, "Distinct offline recipients one sender may queue for "
                                               "per hour (0: no limit).", min=0, max=10_000_000, reload=True)
+    new_queues_per_ip_per_hour: int = opt(20000, "Distinct offline recipients all senders of one client IP "
+                                          "may queue for per hour (0: no limit).", min=0, max=100_000_000,
+                                          reload=True)
 
 
 @dataclass(frozen=True)
@@ -173,6 +204,11 @@ class Config:
         return self.auth.mode == "open" if setting == "auto" else setting == "true"
 
     @property
+    def max_frame_bytes(self) -> int:
+        """The largest WebSocket frame accepted: the largest content twice over (JSON escapes) plus the fields."""
+        return 2 * self.limits.max_message_bytes + 16384
+
+    @property
     def effective_public_url(self) -> str:
         if self.server.public_url:
             return self.server.public_url
@@ -229,6 +265,10 @@ def env_name(section: str, key: str) -> str:
 
 
 def _validate(config: Config) -> None:
+    for key in ("max_outbound_bytes", "max_inbound_bytes"):
+        if getattr(config.limits, key) < config.max_frame_bytes:
+            raise ConfigError(f"[limits] {key} must hold the largest frame, at least {config.max_frame_bytes} "
+                              f"bytes (2 x [limits] max_message_bytes + 16384), got {getattr(config.limits, key)}")
     for entry in config.server.trusted_proxies:
         try:
             ipaddress.ip_network(entry, strict=False)

@@ -79,7 +79,7 @@ class Daemon:
 
     def _status(self) -> str:
         server = self.server
-        return (f"{server.session_count()} sessions, {len(server.gateway.connections)} connections, "
+        return (f"{server.session_count()} sessions, {len(server.gateway.sessions)} connections, "
                 f"{server.store.total()} queued, storage {'ok' if server.store.healthy else 'UNAVAILABLE'}")
 
     def _tick(self, now: float) -> None:

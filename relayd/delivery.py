@@ -85,6 +85,9 @@ class Delivery:
         pipeline = self._pipelines.get(session)
         return pipeline.in_flight if pipeline else 0
 
+    def undelivered(self, session: Session, parcels: list[Any]) -> None:
+        """Messages pushed to a plain session whose bytes never reached its peer (to be stored again)."""
+
     def closed(self, session: Session) -> None:
         """Forget a closed sender's pipeline; its writes still finish and are answered into the void."""
         self._pipelines.pop(session, None)

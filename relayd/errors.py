@@ -41,6 +41,8 @@ class ErrorCode(str, enum.Enum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     LENGTH_REQUIRED = "length_required"
+    URI_TOO_LONG = "uri_too_long"
+    HEADERS_TOO_LARGE = "headers_too_large"
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
@@ -71,6 +73,8 @@ _DEFAULTS: dict[ErrorCode, tuple[str, HTTPStatus]] = {
     ErrorCode.METHOD_NOT_ALLOWED: ("Method not allowed", HTTPStatus.METHOD_NOT_ALLOWED),
     ErrorCode.PAYLOAD_TOO_LARGE: ("Request body is too large", HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
     ErrorCode.LENGTH_REQUIRED: ("Request body needs Content-Length or chunked encoding", HTTPStatus.LENGTH_REQUIRED),
+    ErrorCode.URI_TOO_LONG: ("The request line is too long", HTTPStatus.REQUEST_URI_TOO_LONG),
+    ErrorCode.HEADERS_TOO_LARGE: ("Too many or too long header lines", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE),
     ErrorCode.UNAUTHORIZED: ("A bearer token of this address is required", HTTPStatus.UNAUTHORIZED),
     ErrorCode.FORBIDDEN: ("This token does not grant access to this address", HTTPStatus.FORBIDDEN),
     ErrorCode.ORIGIN_NOT_ALLOWED: ("Origin not allowed", HTTPStatus.FORBIDDEN),

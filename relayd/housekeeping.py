@@ -1,4 +1,4 @@
-"""The relay's one timer: auth deadlines, retention expiry, limit sweeps, queue stats, watchdog ticks.
+"""The relay's one timer: session timers, retention expiry, limit sweeps, queue stats, watchdog ticks.
 
 One task wakes every ``tick`` seconds instead of a timer per connection or
 per job, so ten thousand idle connections cost no timers at all.
@@ -13,7 +13,6 @@ from typing import Callable
 from .clock import Clock, wall_ms
 from .config import Config
 from .ops.metrics import RelayMetrics
-from .session import Session
 from .storage.store import Store
 
 log = logging.getLogger("relayd.server")
@@ -31,15 +30,13 @@ class Housekeeping:
     """
 
     def __init__(self, config: Config, store: Store, metrics: RelayMetrics, clock: Clock, *,
-                 auth_timed_out: Callable[[Session], None], sweepers: list[Callable[[], None]]) -> None:
+                 sweepers: list[Callable[[], None]]) -> None:
         self.store = store
         self.metrics = metrics
         self.clock = clock
-        self.auth_timed_out = auth_timed_out
         self.sweepers = sweepers
         self.tick_callbacks: list[Callable[[float], None]] = []
         self.max_tick = 1.0
-        self._deadlines: dict[Session, float] = {}
         self._task: asyncio.Task[None] | None = None
         self.configure(config)
 
@@ -48,13 +45,6 @@ class Housekeeping:
         self.retention_ms = int(config.queue.message_retention_hours * 3_600_000)
         self.expiry_interval = config.queue.expiry_interval_s
         self.sweep_interval = min(SWEEP_INTERVAL_S, config.limits.rate_limit_window_ms / 1000)
-
-    def awaiting_auth(self, session: Session) -> None:
-        """Start the auth deadline of a new session; it is dropped once the session has an address."""
-        self._deadlines[session] = session.opened_at + self.auth_timeout
-
-    def forget(self, session: Session) -> None:
-        self._deadlines.pop(session, None)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -72,7 +62,6 @@ class Housekeeping:
             await asyncio.sleep(tick)
             now = loop.time()
             self.metrics.loop_lag.observe(max(0.0, now - planned))
-            self._expire_auth_deadlines(self.clock.monotonic())
             for callback in self.tick_callbacks:
                 callback(now)
             if now >= next_sweep:
@@ -85,19 +74,6 @@ class Housekeeping:
             if now >= next_stats:
                 next_stats = now + STATS_INTERVAL_S
                 await self._refresh_queue_stats()
-
-    def _expire_auth_deadlines(self, now: float) -> None:
-        """Deadlines are in insertion order, so stop at the first one still running."""
-        pending = self._deadlines
-        while pending:
-            session, deadline = next(iter(pending.items()))
-            if session.address is not None or session.closed:
-                del pending[session]
-                continue
-            if deadline > now:
-                break
-            del pending[session]
-            self.auth_timed_out(session)
 
     async def _refresh_queue_stats(self) -> None:
         """Byte and recipient totals take a table scan, so metrics read a recent copy."""

@@ -126,6 +126,10 @@ class Router:
         else:
             session.send(RelayError(ErrorCode.RATE_LIMITED, "Too many frames; slow down").frame())
 
+    def undelivered(self, session: Session, parcels: list[Any]) -> None:
+        """The connection ended before these messages' bytes reached the peer: keep them for its next one."""
+        self.delivery.undelivered(session, parcels)
+
     def auth_timed_out(self, session: Session) -> None:
         """No ``auth`` within ``[server] auth_timeout_s``."""
         self._refuse(session, RelayError(ErrorCode.AUTH_TIMEOUT), CLOSE_CODES[ErrorCode.AUTH_TIMEOUT],

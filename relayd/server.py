@@ -43,10 +43,10 @@ class RelayServer:
         self.api = HttpApi(config, self.presence, self.store, self.metrics, self.authenticator,
                            sessions=self.router, relay=self, clock=clock)
         self.admission = Admission(config, self.metrics, clock)
+        self.gateway = Gateway(config, self.api, self.router, self.admission, clock)
         self.housekeeping = Housekeeping(config, self.store, self.metrics, clock,
-                                         auth_timed_out=self.router.auth_timed_out,
                                          sweepers=[self.api.sweep, self.authenticator.sweep, self.admission.sweep])
-        self.gateway = Gateway(config, self.api, self.router, self.admission, self.housekeeping, clock)
+        self.housekeeping.tick_callbacks.append(self.gateway.tick)
         self._stopping = False
 
     def configure(self, config: Config) -> None:
@@ -84,7 +84,7 @@ class RelayServer:
             self.store.commit_observer = self.metrics.commit_latency.observe
         await self.store.open()
         log.info("signature verification: %s", self.authenticator.prepare(self.config.auth.crypto))
-        self.metrics.bind(connections=lambda: len(self.gateway.connections), sessions=self.session_count,
+        self.metrics.bind(connections=lambda: len(self.gateway.sessions), sessions=self.session_count,
                           online=self.presence.online_count, queue_depth=self.store.total,
                           storage_healthy=lambda: 1 if self.store.healthy else 0)
         server = await self.gateway.start(sock=sock, ssl_context=ssl_context)
@@ -106,9 +106,9 @@ class RelayServer:
             try:
                 await asyncio.wait_for(asyncio.shield(server.wait_closed()), timeout)
             except asyncio.TimeoutError:
-                log.warning("%d connections did not close within %.1f s; dropping them",
-                            len(self.gateway.connections), timeout)
-                for conn in list(self.gateway.connections.values()):
+                log.warning("%d sessions did not close within %.1f s; dropping them",
+                            len(self.gateway.sessions), timeout)
+                for conn in list(self.gateway.sessions.values()):
                     conn.transport.abort()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 1.0)

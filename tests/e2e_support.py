@@ -208,7 +208,10 @@ def raw_http(port: int, data: bytes, *, timeout: float = 5, chunks: list[bytes] 
 def http_head(method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"",
               *, length: bool = True) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
-    for k, v in (headers or {}).items():
+    headers = dict(headers or {})
+    if not any(k.lower() == "connection" for k in headers):
+        headers["Connection"] = "close"  # one request per connection unless a test asks for keep-alive
+    for k, v in headers.items():
         lines.append(f"{k}: {v}")
     if length and body:
         lines.append(f"Content-Length: {len(body)}")

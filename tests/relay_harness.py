@@ -59,7 +59,7 @@ class HttpReply:
 def http_request(port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
                  raw_body: bytes | None = None, timeout: float = 5) -> HttpReply:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    hdrs = dict(headers or {})
+    hdrs = {"Connection": "close", **(headers or {})}
     data = raw_body
     if body is not None:
         data = json.dumps(body).encode()

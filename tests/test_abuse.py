@@ -225,7 +225,8 @@ def test_forwarded_for_from_untrusted_peer_does_not_escape_the_cap(start_relay) 
 
 
 def test_new_connection_rate_per_client_ip(start_relay) -> None:
-    relay = start_relay(limits={"connections_per_ip_per_s": 2}, server={"trusted_proxies": "127.0.0.1"})
+    relay = start_relay(limits={"connections_per_ip_per_s": 2, "connection_burst_per_ip": 4},
+                        server={"trusted_proxies": "127.0.0.1"})
     started = time.monotonic()
     accepted = 0
     refusal: InvalidStatus | None = None
@@ -239,7 +240,7 @@ def test_new_connection_rate_per_client_ip(start_relay) -> None:
     elapsed = time.monotonic() - started
     assert refusal is not None, f"{accepted} connections in {elapsed:.2f} s were all accepted"
     assert_rate_limited_response(refusal)
-    assert 4 <= accepted <= 4 + int(elapsed * 2) + 1, (accepted, elapsed)  # burst of twice the rate
+    assert 4 <= accepted <= 4 + int(elapsed * 2) + 1, (accepted, elapsed)  # the burst, then 2 per second
     # Other client IPs are not throttled by it.
     with relay.ws(**xff("10.0.0.6")) as other:
         other.auth(OTHER)
@@ -248,12 +249,19 @@ def test_new_connection_rate_per_client_ip(start_relay) -> None:
     relay.ws(**xff("10.0.0.5")).close()
 
 
-def test_rest_requests_do_not_count_as_connections(start_relay) -> None:
-    relay = start_relay(limits={"max_connections_per_ip": 1, "connections_per_ip_per_s": 1})
+def test_connections_count_from_accept_and_rest_ones_only_while_open(start_relay) -> None:
+    relay = start_relay(limits={"max_connections_per_ip": 2, "connections_per_ip_per_s": 1,
+                                "connection_burst_per_ip": 1})
     with relay.ws() as client:
         for _ in range(5):
             assert relay.http("GET", "/health").status == 200
         client.auth(SENDER)
+        idle = socket.create_connection(("127.0.0.1", relay.port))  # counted from accept, before any byte
+        try:
+            assert wait_until(lambda: relay.http("GET", "/health").status == 429)
+        finally:
+            idle.close()
+        assert wait_until(lambda: relay.http("GET", "/health").status == 200)
 
 
 # Sign-in attempts
@@ -396,7 +404,8 @@ def test_preauth_limit_counts_bytes_not_characters(relay) -> None:
 
 @pytest.mark.parametrize("ack", [True, False], ids=["ack", "plain"])
 def test_reader_that_never_reads_is_cut_off(start_relay, ack: bool) -> None:
-    relay = start_relay(limits={"max_outbound_bytes": 16384}, queue={"max_offline_bytes": 64 * 1024 * 1024})
+    relay = start_relay(limits={"max_message_bytes": BIG, "max_outbound_bytes": 2 * BIG + 16384,
+                                "max_inbound_bytes": 2 * BIG + 16384}, queue={"max_offline_bytes": 64 * 1024 * 1024})
     reader = RawWs(relay.port, rcvbuf=4096)
     try:
         assert reader.recv_json()["type"] == "challenge"

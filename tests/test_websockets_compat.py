@@ -1,29 +1,34 @@
-"""Tripwire for the websockets internals relayd's REST support depends on.
+"""Tripwire for the websockets internals relayd's one-port design depends on.
 
-relayd serves REST and WebSocket on one port through websockets' server,
-whose HTTP parser refuses request bodies. ``relayd.net.http_framing.BodyReader``
-replaces the protocol's stream reader to read bodies, and
-``RelayConnection`` writes frames without awaiting. If a websockets release
-changes those internals, these tests fail with a message naming the
-installed websockets version and what changed.
+``relayd.net.connection.RelayConnection`` replaces the protocol's handshake
+parser with ``relayd.net.http_framing.read_request`` (request bodies, kept-alive
+and pipelined requests), runs its own handshake loop, counts every frame and
+writes frames without awaiting. If a websockets release moves these seams,
+these tests fail with a message naming the installed websockets version and
+what changed.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import socket
 
 import pytest
 import websockets
 from e2e_support import A, chunked, http_head, open_relay, raw_http
 from websockets.asyncio.connection import Connection
+from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.http11 import Request, Response
+from websockets.frames import DATA_OPCODES, Frame, Opcode
+from websockets.http11 import Request, Response, parse_headers
+from websockets.protocol import Protocol
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
-from relayd.net.connection import RelayConnection
-from relayd.net.http_framing import BodyReader
+from relayd.errors import ErrorCode
+from relayd.net.connection import RelayConnection, text_frame
+from relayd.net.http_framing import BadRequest, read_request
 
 __all__ = ["open_relay"]
 
@@ -31,8 +36,21 @@ WS = f"websockets {websockets.__version__}"
 
 
 def broken(what: str) -> str:
-    return (f"{WS} broke relayd's request-body support: {what}. relayd.net.http_framing.BodyReader and relayd.net.connection.RelayConnection "
+    return (f"{WS} broke relayd's one-port support: {what}. relayd.net.connection/http_framing "
             f"must be adapted before upgrading (pyproject pins websockets>=17.4,<18).")
+
+
+def frame(reader: StreamReader, data: bytes, max_body: int = 1024) -> object:
+    """Run read_request over ``data``: the request, or the BadRequest it raised."""
+    reader.feed_data(data)
+    parser = read_request(reader, max_body)
+    try:
+        while True:
+            next(parser)
+    except StopIteration as stop:
+        return stop.value
+    except BadRequest as exc:
+        return exc
 
 
 # End to end: the behaviour relayd needs
@@ -40,11 +58,8 @@ def broken(what: str) -> str:
 
 def test_post_with_content_length_gets_the_json_answer(open_relay):
     body = json.dumps({"address": A, "publicKey": "a2V5"}).encode()
-    try:
-        reply = raw_http(open_relay.port, http_head("POST", "/api/public-keys", {"Content-Type": "application/json"},
-                                                    body))
-    except (AssertionError, ConnectionError) as exc:
-        pytest.fail(broken(f"a POST with Content-Length got no HTTP response ({exc!r})"))
+    reply = raw_http(open_relay.port, http_head("POST", "/api/public-keys", {"Content-Type": "application/json"},
+                                                body))
     assert reply.status == 200, broken(f"a POST with Content-Length was answered {reply.status_line!r}")
     assert reply.json["success"] is True and reply.json["address"] == A, broken(
         f"the JSON body did not reach the API: {reply.body!r}")
@@ -54,12 +69,31 @@ def test_chunked_post_gets_the_json_answer(open_relay):
     body = json.dumps({"addresses": [A]}).encode()
     data = http_head("POST", "/api/status/batch", {"Content-Type": "application/json",
                                                    "Transfer-Encoding": "chunked"}) + chunked(body, (5, 9))
-    try:
-        reply = raw_http(open_relay.port, data)
-    except (AssertionError, ConnectionError) as exc:
-        pytest.fail(broken(f"a chunked POST got no HTTP response ({exc!r})"))
+    reply = raw_http(open_relay.port, data)
     assert reply.status == 200, broken(f"a chunked POST was answered {reply.status_line!r}")
     assert reply.json["statuses"] == {A: False}, broken(f"the chunked body did not reach the API: {reply.body!r}")
+
+
+def test_kept_alive_rest_requests_then_an_upgrade_on_one_connection(open_relay):
+    """Two REST answers on one connection, then the same connection becomes a WebSocket."""
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    with socket.create_connection(("127.0.0.1", open_relay.port), timeout=5) as s:
+        s.sendall(http_head("GET", "/health/live", {"Connection": "keep-alive"})
+                  + http_head("GET", f"/api/status/{A}", {"Connection": "keep-alive"}))
+        data = b""
+        while data.count(b"HTTP/1.1 200 OK") < 2 or not data.endswith(b"}"):
+            block = s.recv(65536)
+            assert block, broken(f"a kept-alive connection was closed after {data!r}")
+            data += block
+        assert b'"online":false' in data, broken(f"the second pipelined answer is wrong: {data!r}")
+        s.sendall(http_head("GET", "/", {"Connection": "Upgrade", "Upgrade": "websocket",
+                                         "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            block = s.recv(65536)
+            assert block, broken("the upgrade after REST requests got no answer")
+            head += block
+        assert head.startswith(b"HTTP/1.1 101"), broken(f"the upgrade was answered {head[:80]!r}")
 
 
 def test_websocket_upgrade_still_works_on_the_same_port(open_relay):
@@ -68,94 +102,84 @@ def test_websocket_upgrade_still_works_on_the_same_port(open_relay):
         assert ws.recv()["type"] == "auth_success", broken("the WebSocket handshake no longer completes")
 
 
-# Sans-I/O: the exact substitution RelayConnection performs
+# Sans-I/O: the framing relayd puts under websockets' protocol
 
 
-def test_body_reader_substitution_parses_a_request_with_a_body():
-    protocol = ServerProtocol()
-    reader = BodyReader(1024)
-    protocol.reader = reader
-    protocol.parser = protocol.parse()
-    next(protocol.parser)
-    protocol.receive_data(b"POST /api/public-keys HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-    events = protocol.events_received()
-    assert len(events) == 1 and isinstance(events[0], Request), broken(
-        f"ServerProtocol did not produce one Request after a body (events: {events!r})")
-    assert events[0].method == "POST", broken("Request.method is missing or different")
-    head = reader.release()
-    assert head.body == b"{}" and head.error is None, broken("BodyReader did not receive the body")
-    assert "Content-Length" not in events[0].headers, broken("the hidden Content-Length reached the parser")
+def test_read_request_frames_a_body_with_websockets_request_and_headers():
+    parsed = frame(StreamReader(), b"POST /api/public-keys HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    assert not isinstance(parsed, BadRequest), parsed
+    assert isinstance(parsed.request, Request) and parsed.request.method == "POST", broken(
+        "websockets.http11.Request(path, headers, method, protocol) changed")
+    assert parsed.body == b"{}" and parsed.keep_alive and not parsed.upgrade
 
 
-def test_body_reader_substitution_parses_a_chunked_request():
-    protocol = ServerProtocol()
-    protocol.reader = reader = BodyReader(1024)
-    protocol.parser = protocol.parse()
-    next(protocol.parser)
-    protocol.receive_data(b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-    protocol.receive_data(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n")
-    events = protocol.events_received()
-    assert len(events) == 1 and isinstance(events[0], Request), broken(
-        f"ServerProtocol did not produce a Request for a chunked body (events: {events!r})")
-    body = reader.release().body
-    assert body == b"abcde", broken(f"chunked body decoded as {body!r}")
+def test_read_request_refuses_what_rfc_9112_refuses():
+    for raw in (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\n{}",
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n"):
+        result = frame(StreamReader(), raw)
+        assert isinstance(result, BadRequest) and result.code is ErrorCode.BAD_REQUEST, (raw, result)
+
+
+def test_parse_headers_counts_every_line():
+    raw = b"GET / HTTP/1.1\r\n" + b"Content-Length: 0\r\n" * 200 + b"\r\n"
+    result = frame(StreamReader(), raw)
+    assert isinstance(result, BadRequest) and result.code is ErrorCode.HEADERS_TOO_LARGE, broken(
+        f"parse_headers no longer refuses more than 128 header lines ({result!r})")
 
 
 # The internals, one by one
 
 
-def test_stream_reader_generator_methods_exist():
-    for name in ("read_line", "read_exact"):
-        method = getattr(StreamReader, name, None)
-        assert method is not None, broken(f"websockets.streams.StreamReader.{name} is gone")
-        assert inspect.isgeneratorfunction(method), broken(f"StreamReader.{name} is no longer a generator function")
-    params = list(inspect.signature(StreamReader.read_line).parameters)
-    assert params[:3] == ["self", "m", "too_long_exc_type"], broken(f"StreamReader.read_line(m, too_long_exc_type) "
-                                                                    f"is now read_line{params}")
-    assert list(inspect.signature(StreamReader.read_exact).parameters)[:2] == ["self", "n"], broken(
-        "StreamReader.read_exact(n) changed its signature")
-    assert issubclass(BodyReader, StreamReader)
+def test_stream_reader_and_parse_headers_are_generators():
+    for name in ("read_line", "read_exact", "at_eof", "discard", "feed_data"):
+        assert callable(getattr(StreamReader, name, None)), broken(f"StreamReader.{name} is gone")
+    assert inspect.isgeneratorfunction(StreamReader.read_line), broken("StreamReader.read_line is not a generator")
+    assert inspect.isgeneratorfunction(parse_headers), broken("http11.parse_headers is not a generator")
+    assert isinstance(StreamReader().buffer, bytearray), broken("StreamReader.buffer is not a bytearray")
 
 
-def test_server_protocol_parse_is_a_generator_reading_through_self_reader():
-    assert inspect.isgeneratorfunction(ServerProtocol.parse), broken("ServerProtocol.parse is not a generator "
-                                                                     "function")
+def test_protocol_seams_relay_connection_uses():
     protocol = ServerProtocol()
-    assert isinstance(getattr(protocol, "reader", None), StreamReader), broken(
-        "ServerProtocol instances have no StreamReader 'reader' attribute")
-    assert inspect.isgenerator(getattr(protocol, "parser", None)), broken(
-        "ServerProtocol instances have no running 'parser' generator attribute")
-    source = inspect.getsource(ServerProtocol.parse)
-    assert "self.reader.read_line" in source, broken("ServerProtocol.parse no longer reads the request head "
-                                                     "through self.reader.read_line")
+    assert isinstance(getattr(protocol, "reader", None), StreamReader), broken("ServerProtocol.reader is gone")
+    assert inspect.isgenerator(getattr(protocol, "parser", None)), broken("ServerProtocol.parser is gone")
+    assert isinstance(getattr(protocol, "events", None), list), broken("ServerProtocol.events is not a list")
+    assert isinstance(getattr(protocol, "writes", None), list), broken("ServerProtocol.writes is not a list")
+    for name in ("accept", "reject", "send_response", "send_eof", "discard", "send_ping", "fail",
+                 "events_received", "receive_data"):
+        assert callable(getattr(protocol, name, None)), broken(f"ServerProtocol.{name} is gone")
+    assert inspect.isgeneratorfunction(Protocol.parse), broken("Protocol.parse (the frame parser) is not a "
+                                                               "generator function")
 
 
-def test_connection_send_data_and_serve_create_connection_exist():
-    assert callable(getattr(Connection, "send_data", None)), broken("websockets.asyncio.connection."
-                                                                   "Connection.send_data is gone")
-    assert not inspect.iscoroutinefunction(Connection.send_data), broken("Connection.send_data became a coroutine")
-    assert "create_connection" in inspect.signature(serve).parameters, broken(
-        "serve() no longer accepts create_connection=")
+def test_connection_seams_relay_connection_overrides_or_calls():
     assert issubclass(RelayConnection, ServerConnection)
-    init = inspect.signature(ServerConnection.__init__).parameters
-    assert list(init)[:3] == ["self", "protocol", "server"], broken(
-        f"ServerConnection.__init__(protocol, server, ...) changed: {list(init)}")
+    assert list(inspect.signature(ServerConnection.__init__).parameters)[:3] == ["self", "protocol", "server"]
+    for name in ("handshake", "process_event", "data_received", "connection_made", "connection_lost",
+                 "pause_writing", "resume_writing", "send_data", "send_context"):
+        assert callable(getattr(ServerConnection, name, None)), broken(f"ServerConnection.{name} is gone")
+    assert inspect.iscoroutinefunction(ServerConnection.handshake), broken("handshake is no longer a coroutine")
+    assert inspect.iscoroutinefunction(Connection.drain), broken("Connection.drain is no longer a coroutine")
+    source = inspect.getsource(Connection.__init__)
+    for attr in ("self.paused", "self.max_queue_high", "self.connection_lost_waiter"):
+        assert attr in source, broken(f"Connection no longer sets {attr}")
+    assert "request_rcvd" in inspect.getsource(ServerConnection.__init__), broken("request_rcvd is gone")
+    params = inspect.signature(Assembler.__init__).parameters
+    assert {"pause", "resume"} <= set(params), broken(f"Assembler(pause=, resume=) changed: {list(params)}")
+    serve_params = inspect.signature(serve).parameters
+    for name in ("create_connection", "open_timeout", "ping_interval", "max_queue", "write_limit"):
+        assert name in serve_params, broken(f"serve() no longer accepts {name}=")
 
 
-def test_response_constructor_and_protocol_sans_io_calls_exist():
+def test_frames_and_responses_serialize_as_relayd_writes_them():
+    data = text_frame('{"type":"pong"}')
+    assert data == b"\x81\x0f" + b'{"type":"pong"}', broken(f"an unmasked text frame serializes as {data!r}")
+    assert Frame(Opcode.TEXT, b"x").opcode in DATA_OPCODES
     response = Response(200, "OK", websockets.datastructures.Headers([("Content-Length", "2")]), b"{}")
     assert response.serialize().endswith(b"\r\n\r\n{}"), broken("Response(status, reason, headers, body) changed")
-    protocol = ServerProtocol()
-    for name in ("send_text", "receive_data", "events_received", "data_to_send"):
-        assert callable(getattr(protocol, name, None)), broken(f"ServerProtocol.{name} is gone")
 
 
-def test_flow_control_internals_used_by_the_backlog_flush_exist():
-    assert callable(getattr(StreamReader, "discard", None)), broken("StreamReader.discard (used to swallow a "
-                                                                   "refused body) is gone")
-    assert inspect.iscoroutinefunction(getattr(Connection, "drain", None)), broken(
-        "Connection.drain is no longer a coroutine (RelayConnection.congested awaits it)")
-    assert "self.paused" in inspect.getsource(Connection.__init__), broken(
-        "Connection no longer keeps a 'paused' flow-control flag (RelayConnection.congested reads it)")
-    for name in ("pause_writing", "resume_writing"):
-        assert callable(getattr(Connection, name, None)), broken(f"Connection.{name} is gone")
+@pytest.mark.parametrize("name", ["pause_reading", "resume_reading", "get_write_buffer_size", "abort"])
+def test_transport_methods_relayd_calls_exist(name):
+    import asyncio
+    assert callable(getattr(asyncio.Transport, name, None))

@@ -13,7 +13,8 @@ class ClientIpResolver:
     def __init__(self, trusted: Iterable[str]) -> None:
         self.trusted: tuple[Network, ...] = tuple(ipaddress.ip_network(t, strict=False) for t in trusted)
 
-    def _is_trusted(self, ip: str) -> bool:
+    def is_trusted(self, ip: str) -> bool:
+        """Whether ``ip`` is a configured proxy, whose X-Forwarded-For names the client."""
         if not self.trusted:
             return False
         try:
@@ -25,7 +26,7 @@ class ClientIpResolver:
         return any(addr in net for net in self.trusted)
 
     def resolve(self, peer: str, forwarded_for: str | None) -> str:
-        if not forwarded_for or not self._is_trusted(peer):
+        if not forwarded_for or not self.is_trusted(peer):
             return peer
         hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
         for hop in reversed(hops):
@@ -33,7 +34,7 @@ class ClientIpResolver:
                 ipaddress.ip_address(hop)
             except ValueError:
                 return peer
-            if not self._is_trusted(hop):
+            if not self.is_trusted(hop):
                 return hop
         return hops[0] if hops else peer
 

@@ -1,9 +1,10 @@
-"""The one port: each websockets connection becomes a REST request for ``HttpApi`` or a session for ``Router``.
+"""The one port: each connection is admitted, then serves REST requests or becomes a session for ``Router``.
 
-This module only moves bytes and events. ``process_request`` answers REST
-requests (returning None only for admitted WebSocket upgrades); the handler
-feeds a session's frames to the router, through the connection's frame
-limiter, and reports its close.
+This module only moves bytes and events. It is the context every
+``RelayConnection`` reports to (accept, head, budget, release), it answers
+REST requests in ``process_request`` (returning None only for admitted
+WebSocket upgrades), and it feeds a session's frames to the router and
+reports its close.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from websockets.http11 import Request, Response
 from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
-from ..housekeeping import Housekeeping
-from ..ratelimit import FrameLimiter, Verdict
+from ..ratelimit import FrameLimiter
 from ..router import Router
 from ..session import Session
 from .admission import Admission
 from .clientip import ClientIpResolver
-from .connection import ConnectionLimits, RelayConnection, is_upgrade, to_response
+from .connection import ConnectionLimits, RelayConnection, to_response
 from .http import HttpRequest, error_response, header_value
 from .http_api import HttpApi
 from .origins import OriginPolicy
@@ -35,8 +35,6 @@ from .origins import OriginPolicy
 log = logging.getLogger("relayd.server")
 
 CLOSE_TIMEOUT = 5.0
-FRAME_OVERHEAD = 4096
-JSON_ESCAPE_FACTOR = 6  # a character may take six bytes as a JSON \uXXXX escape
 WRITE_LIMIT = 64 * 1024
 MAX_QUEUE = 16
 
@@ -44,40 +42,41 @@ MAX_QUEUE = 16
 class Gateway:
     """Serves WebSocket sessions and REST on one listening socket."""
 
-    def __init__(self, config: Config, api: HttpApi, router: Router, admission: Admission,
-                 housekeeping: Housekeeping, clock: Clock) -> None:
+    def __init__(self, config: Config, api: HttpApi, router: Router, admission: Admission, clock: Clock) -> None:
         self.api = api
         self.router = router
         self.admission = admission
-        self.housekeeping = housekeeping
         self.clock = clock
-        self.connections: dict[Session, RelayConnection] = {}
+        self.sessions: dict[Session, RelayConnection] = {}
         self.server: Server | None = None
         self._ids = itertools.count(1)
-        self._limits = ConnectionLimits(config.limits.max_body_bytes, config.limits.max_outbound_bytes)
+        self.connection_limits = ConnectionLimits(0, 0, 0, 0.0, 0.0, 0)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         self.config = config
         self.origins = OriginPolicy(config.server.allowed_origins)
         self.ip_resolver = ClientIpResolver(config.server.trusted_proxies)
-        self._limits.max_body = config.limits.max_body_bytes
-        self._limits.max_outbound = config.limits.max_outbound_bytes
+        limits, server, cl = config.limits, config.server, self.connection_limits
+        cl.max_body, cl.max_outbound, cl.max_inbound = (limits.max_body_bytes, limits.max_outbound_bytes,
+                                                        limits.max_inbound_bytes)
+        cl.head_timeout, cl.idle_timeout = server.head_timeout_s, server.http_idle_timeout_s
+        cl.max_requests = server.max_requests_per_connection
 
     async def start(self, *, sock: Any = None, ssl_context: ssl.SSLContext | None = None) -> Server:
         """Listen on ``sock`` or on ``[server] host:port``; returns the websockets server."""
         cfg = self.config.server
-        ping_interval = cfg.ping_interval_s or None
         where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": cfg.host, "port": cfg.port}
         self.server = await serve(
             self._handle_session,
             process_request=self._process_request,
-            create_connection=partial(RelayConnection, limits=self._limits),
+            create_connection=partial(RelayConnection, context=self),
             compression=None,
-            ping_interval=ping_interval,
-            ping_timeout=cfg.ping_timeout_s if ping_interval else None,
+            open_timeout=None,  # RelayConnection times the head and idle keep-alive itself
+            ping_interval=None,  # one shared timer pings quiet peers: see check_liveness
+            ping_timeout=None,
             close_timeout=min(CLOSE_TIMEOUT, cfg.ping_timeout_s),
-            max_size=self.config.limits.max_message_bytes * JSON_ESCAPE_FACTOR + FRAME_OVERHEAD,
+            max_size=self.config.max_frame_bytes,
             max_queue=MAX_QUEUE,
             write_limit=WRITE_LIMIT,
             ssl=ssl_context,
@@ -86,47 +85,80 @@ class Gateway:
         return self.server
 
     def session_count(self) -> int:
-        return sum(1 for s in self.connections if s.address is not None)
+        return sum(1 for s in self.sessions if s.address is not None)
+
+    def tick(self, now: float) -> None:
+        """Per-session timers in one pass (housekeeping calls it): auth deadlines, pings, stalls."""
+        server = self.config.server
+        auth_deadline = self.clock.monotonic() - server.auth_timeout_s
+        for session, conn in list(self.sessions.items()):
+            if session.address is None and not session.closed and session.opened_at <= auth_deadline:
+                self.router.auth_timed_out(session)
+                continue
+            conn.check_liveness(now, server.ping_interval_s, server.ping_timeout_s, server.stall_timeout_s)
+
+    # The connection context
+
+    def accepted(self, conn: RelayConnection) -> RelayError | None:
+        conn.trusted_peer = self.ip_resolver.is_trusted(conn.peer_ip)
+        refusal = self.admission.accept(conn.peer_ip, conn.trusted_peer)
+        if refusal is None:
+            self.admission.track(conn.client_ip, conn)
+        return refusal
+
+    def may_linger(self, conn: RelayConnection) -> bool:
+        return self.admission.start_lingering()
+
+    def lingered(self, conn: RelayConnection) -> None:
+        self.admission.stop_lingering()
+
+    def head_done(self, conn: RelayConnection) -> None:
+        self.admission.head_done(conn.peer_ip)
+
+    def charge(self, conn: RelayConnection, delta: int) -> None:
+        self.admission.charge(conn.client_ip, delta)
+
+    def released(self, conn: RelayConnection) -> None:
+        self.admission.untrack(conn.client_ip, conn)
+        self.admission.closed(conn.peer_ip, conn.in_head)
+
+    # REST and the handshake
 
     async def _process_request(self, conn: RelayConnection, request: Request) -> Response | None:
-        peer = conn.remote_address[0] if conn.remote_address else "unknown"
-        client_ip = self.ip_resolver.resolve(peer, header_value(request.headers, "x-forwarded-for"))
-        head = conn.protocol.reader.release()
-        if head.error is not None:
-            return to_response(error_response(RelayError(head.error)), request.method == "HEAD")
-        if request.method == "GET" and is_upgrade(request):
+        client_ip = self.ip_resolver.resolve(conn.peer_ip, header_value(request.headers, "x-forwarded-for"))
+        if client_ip != conn.client_ip:
+            self.admission.untrack(conn.client_ip, conn)
+            conn.client_ip = client_ip
+            self.admission.track(client_ip, conn)
+        if request.method == "GET" and any(v.strip().lower() == "websocket"
+                                           for v in request.headers.get_all("Upgrade")):
             origin = header_value(request.headers, "origin")
             if not self.origins.allows(origin):
                 return to_response(error_response(RelayError(ErrorCode.ORIGIN_NOT_ALLOWED,
                                                              f"Origin not allowed: {origin}")), False)
-            refusal = self.admission.admit(client_ip)
+            refusal = self.admission.admit_upgrade(client_ip)
             if refusal is not None:
                 return to_response(error_response(refusal), False)
-            conn.client_ip = client_ip
             return None
-        req = HttpRequest.from_target(request.method, request.path, request.headers, head.body, client_ip)
+        req = HttpRequest.from_target(request.method, request.path, request.headers, conn.request_body, client_ip)
         return to_response(await self.api.handle(req), request.method == "HEAD")
 
     async def _handle_session(self, conn: RelayConnection) -> None:
         session = Session(next(self._ids), conn.client_ip, self.clock.monotonic(), conn)
         limits = self.config.limits
-        limiter = FrameLimiter(limits.frames_per_s, limits.frame_burst, limits.rate_limited_close_after,
-                               session.opened_at)
-        self.connections[session] = conn
-        self.admission.opened(session.ip)
-        self.housekeeping.awaiting_auth(session)
+        conn.limiter = FrameLimiter(limits.frames_per_s, limits.frame_burst, limits.rate_limited_close_after,
+                                    conn.loop.time())
+        conn.on_refused = partial(self.router.throttled, session)
+        conn.on_undelivered = partial(self.router.undelivered, session)
+        self.sessions[session] = conn
         self.router.opened(session)
         try:
             async for message in conn:
-                verdict = limiter.admit(self.clock.monotonic())
-                if verdict is Verdict.ALLOW:
-                    await self.router.received(session, message)
-                else:
-                    self.router.throttled(session, verdict)
+                conn.consumed()
+                await self.router.received(session, message)
         except ConnectionClosed:
             pass
         finally:
-            self.housekeeping.forget(session)
-            del self.connections[session]
-            self.admission.closed(session.ip)
+            del self.sessions[session]
+            self.admission.socket_closed(conn.client_ip)
             self.router.closed(session)

@@ -1,132 +1,146 @@
-"""HTTP/1.1 request framing on the shared port: bodies that websockets' handshake parser does not read.
+"""Strict HTTP/1.1 request framing on the shared port (RFC 9112), Sans-I/O.
 
-websockets parses the request line and headers of every request, but
-refuses ``Content-Length`` other than 0 and any ``Transfer-Encoding``. The
-``BodyReader`` sits under its parser: while the head is parsed it hides those
-headers from it, and at the blank line that ends the head it reads a bounded
-body (fixed length or chunked), so REST POSTs work on the same port.
+``read_request`` is a generator-based coroutine over websockets'
+``StreamReader``: fed bytes, it yields until one whole request (head and
+body) has arrived, then returns it. Header lines are parsed by websockets'
+own ``parse_headers`` (every line counts against its limit of 128; a name
+with whitespace before the colon, or an obs-fold continuation line, is not a
+token and is refused). Bodies are read here, which websockets' handshake
+parser does not do: ``Content-Length`` of plain digits, or ``chunked`` with
+strict chunk-size lines and CRLF after every chunk. Anything else raises
+``BadRequest`` with the HTTP status to answer with.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Generator
+from dataclasses import dataclass
+from typing import Callable, Generator
 
+from websockets.datastructures import Headers
+from websockets.exceptions import SecurityError
+from websockets.http11 import MAX_LINE_LENGTH, Request, parse_headers
 from websockets.streams import StreamReader
 
 from ..errors import ErrorCode
 
 MAX_CHUNK_LINE = 128
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+_DIGITS = re.compile(r"[0-9]{1,16}")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(;[^\r\n]*)?")
 
 
-class RequestHead:
-    """What BodyReader learnt from one request head; dropped once it is answered."""
+class BadRequest(Exception):
+    """A request that cannot be framed; ``code`` picks the HTTP answer (400, 413, 414, 431, 411)."""
 
-    __slots__ = ("max_body", "length", "chunked", "body", "error", "upgrade", "done")
-
-    def __init__(self, max_body: int) -> None:
-        self.max_body = max_body
-        self.length: int | None = None
-        self.chunked = False
-        self.body = b""
-        self.error: ErrorCode | None = None
-        self.upgrade = False
-        self.done = False
-
-    def note_length(self, raw: bytes) -> None:
-        try:
-            length = int(raw)
-        except ValueError:
-            length = -1
-        if length < 0 or (self.length is not None and self.length != length):
-            self.error = ErrorCode.BAD_REQUEST
-        self.length = length
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-class BodyReader(StreamReader):
-    """A StreamReader that consumes an HTTP request body after the headers.
+@dataclass(slots=True)
+class ParsedRequest:
+    """One request as framed: websockets' ``Request`` (for ``process_request``) and its body."""
 
-    websockets' request parser refuses any ``Content-Length`` but 0 and any
-    ``Transfer-Encoding``. While the head is parsed, this reader hides those
-    headers from it and, at the blank line that ends the head, reads a
-    bounded body (fixed length or chunked) so REST POSTs work on the same
-    port. ``head.error`` records a body that must be refused.
+    request: Request
+    body: bytes
+    keep_alive: bool
+    upgrade: bool
+
+
+def _line(reader: StreamReader, limit: int, too_long: ErrorCode, what: str) -> Generator[None, None, bytes]:
+    try:
+        line = yield from reader.read_line(limit)
+    except RuntimeError:  # StreamReader's own "line too long"
+        raise BadRequest(too_long, f"{what} is longer than {limit} bytes") from None
+    if not line.endswith(b"\r\n"):
+        raise BadRequest(ErrorCode.BAD_REQUEST, f"{what} does not end with CRLF")
+    return bytes(line[:-2])
+
+
+def _headers(reader: StreamReader) -> Generator[None, None, Headers]:
+    try:
+        return (yield from parse_headers(reader.read_line))
+    except EOFError:
+        if reader.eof:
+            raise
+        raise BadRequest(ErrorCode.BAD_REQUEST, "a header line does not end with CRLF") from None
+    except SecurityError as exc:
+        raise BadRequest(ErrorCode.HEADERS_TOO_LARGE, str(exc)) from None
+    except ValueError as exc:
+        raise BadRequest(ErrorCode.BAD_REQUEST, str(exc)) from None
+
+
+def read_request(reader: StreamReader, max_body: int,
+                 on_continue: Callable[[], None] | None = None) -> Generator[None, None, ParsedRequest]:
+    """Frame one request from ``reader``; raises ``BadRequest``, or ``EOFError`` when the peer left.
+
+    ``on_continue`` is called when the head asks ``Expect: 100-continue`` and
+    a body follows, so the caller can send the interim answer.
     """
+    start = b""
+    for _ in range(4):  # RFC 9112 2.2: ignore empty lines before a request line (after a previous body)
+        start = yield from _line(reader, MAX_LINE_LENGTH, ErrorCode.URI_TOO_LONG, "the request line")
+        if start:
+            break
+    parts = start.split(b" ")
+    if len(parts) != 3 or not _METHOD.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
+        raise BadRequest(ErrorCode.BAD_REQUEST, "malformed request line")
+    method, target, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise BadRequest(ErrorCode.BAD_REQUEST, "only HTTP/1.1 and HTTP/1.0 are spoken here")
+    headers = yield from _headers(reader)
+    if (on_continue is not None and version == b"HTTP/1.1" and not reader.buffer
+            and any(v.strip().lower() == "100-continue" for v in headers.get_all("Expect"))
+            and (headers.get_all("Transfer-Encoding") or any(v.strip() not in ("", "0")
+                                                             for v in headers.get_all("Content-Length")))):
+        on_continue()
+    body = yield from _read_body(reader, headers, max_body)
+    request = Request(target.decode("ascii"), headers, method.decode("ascii"), version.decode("ascii"))
+    tokens = {t.strip().lower() for v in headers.get_all("Connection") for t in v.split(",")}
+    keep_alive = "close" not in tokens if version == b"HTTP/1.1" else "keep-alive" in tokens
+    upgrade = any(v.strip().lower() == "websocket" for v in headers.get_all("Upgrade"))
+    return ParsedRequest(request, body, keep_alive, upgrade)
 
-    def __init__(self, max_body: int) -> None:
-        super().__init__()
-        self.head: RequestHead | None = RequestHead(max_body)
-        self.swallow = False
 
-    def release(self) -> RequestHead:
-        """Hand over the parsed head, so an open WebSocket does not keep it."""
-        head, self.head = self.head, None
-        assert head is not None and head.done
-        return head
+def _read_body(reader: StreamReader, headers: Headers, max_body: int) -> Generator[None, None, bytes]:
+    codings = headers.get_all("Transfer-Encoding")
+    lengths = headers.get_all("Content-Length")
+    if codings:
+        if lengths:
+            raise BadRequest(ErrorCode.BAD_REQUEST, "Content-Length and Transfer-Encoding together")
+        if [c.strip().lower() for c in ",".join(codings).split(",")] != ["chunked"]:
+            raise BadRequest(ErrorCode.LENGTH_REQUIRED, "only Transfer-Encoding: chunked is supported")
+        return (yield from _read_chunked(reader, max_body))
+    if not lengths:
+        return b""
+    values = {v.strip() for value in lengths for v in value.split(",")}
+    if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+        raise BadRequest(ErrorCode.BAD_REQUEST, "Content-Length must be one plain decimal number")
+    length = int(values.pop())
+    if length > max_body:
+        raise BadRequest(ErrorCode.PAYLOAD_TOO_LARGE, f"the body is larger than {max_body} bytes")
+    return bytes((yield from reader.read_exact(length))) if length else b""
 
-    def read_line(self, m: int, too_long_exc_type: type[Exception] = RuntimeError
-                  ) -> Generator[None, None, bytearray]:
-        line = yield from super().read_line(m, too_long_exc_type)
-        head = self.head
-        if head is None or head.done:
-            return line
-        while True:
-            name, sep, value = bytes(line).partition(b":")
-            lname = name.strip().lower()
-            if sep and lname == b"content-length":
-                head.note_length(value.strip())
-            elif sep and lname == b"transfer-encoding":
-                if value.strip().lower() == b"chunked":
-                    head.chunked = True
-                else:
-                    head.error = ErrorCode.LENGTH_REQUIRED
-            else:
-                if sep and lname == b"upgrade" and value.strip().lower() == b"websocket":
-                    head.upgrade = True
-                break
-            line = yield from super().read_line(m, too_long_exc_type)
-        if line in (b"\r\n", b"\n"):
-            head.done = True
-            if head.error is None:
-                yield from self._read_body(head)
-            self.swallow = head.error is not None or not head.upgrade
-        return line
 
-    def read_exact(self, n: int) -> Generator[None, None, bytearray]:
-        """After a REST request (one per connection) or a refused body, swallow
-        whatever follows instead of parsing it as WebSocket frames."""
-        if self.swallow:
-            while True:
-                self.discard()
-                yield
-        return (yield from super().read_exact(n))
-
-    def _read_body(self, head: RequestHead) -> Generator[None, None, None]:
-        if head.chunked and head.length is not None:
-            head.error = ErrorCode.BAD_REQUEST
-        elif head.chunked:
-            parts, total = [], 0
-            while True:
-                size_line = yield from super().read_line(MAX_CHUNK_LINE, RuntimeError)
-                digits = bytes(size_line).split(b";")[0].strip()
-                if not _CHUNK_SIZE.fullmatch(digits):
-                    head.error = ErrorCode.BAD_REQUEST
-                    return
-                size = int(digits, 16)
-                total += size
-                if total > head.max_body:
-                    head.error = ErrorCode.PAYLOAD_TOO_LARGE
-                    return
-                if size == 0:
-                    break
-                chunk = yield from super().read_exact(size + 2)
-                parts.append(bytes(chunk[:-2]))
-            while (yield from super().read_line(MAX_CHUNK_LINE, RuntimeError)) not in (b"\r\n", b"\n"):
-                pass
-            head.body = b"".join(parts)
-        elif head.length:
-            if head.length > head.max_body:
-                head.error = ErrorCode.PAYLOAD_TOO_LARGE
-                return
-            head.body = bytes((yield from super().read_exact(head.length)))
+def _read_chunked(reader: StreamReader, max_body: int) -> Generator[None, None, bytes]:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        size_line = yield from _line(reader, MAX_CHUNK_LINE, ErrorCode.BAD_REQUEST, "a chunk-size line")
+        match = _CHUNK_SIZE.fullmatch(size_line)
+        if match is None:
+            raise BadRequest(ErrorCode.BAD_REQUEST, "malformed chunk-size line")
+        size = int(match.group(1), 16)
+        total += size
+        if total > max_body:
+            raise BadRequest(ErrorCode.PAYLOAD_TOO_LARGE, f"the body is larger than {max_body} bytes")
+        if size == 0:
+            break
+        chunk = yield from reader.read_exact(size + 2)
+        if chunk[-2:] != b"\r\n":
+            raise BadRequest(ErrorCode.BAD_REQUEST, "chunk data is not followed by CRLF")
+        parts.append(bytes(chunk[:-2]))
+    yield from _headers(reader)  # trailer fields, read and ignored
+    return b"".join(parts)
