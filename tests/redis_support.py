@@ -84,13 +84,17 @@ class RedisServer:
     def start(self, timeout: float = 10) -> None:
         self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      cwd=self.workdir)
-        wait_for(self.ready, timeout, f"redis-server on port {self.port} (log: {self.log()[-500:]})")
+        try:
+            wait_for(self.ready, timeout, f"redis-server on port {self.port}")
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
     def ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log()[-2000:]}")
         try:
-            return self.cli("PING", timeout=2) == "PONG"
+            return self.cli("PING", timeout=2).startswith(("PONG", "NOAUTH"))
         except (subprocess.SubprocessError, OSError):
             return False
 

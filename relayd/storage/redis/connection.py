@@ -97,7 +97,8 @@ class RedisLink:
 
     def connect(self) -> None:
         """Build the client; it connects lazily, so this never waits on the network."""
-        common: dict[str, Any] = {"socket_timeout": self.socket_timeout_s,
+        wait_s = self.wait_timeout_ms / 1000 if self.min_replicas else 0.0
+        common: dict[str, Any] = {"socket_timeout": self.socket_timeout_s + wait_s,  # WAIT blocks that long
                                   "socket_connect_timeout": self.socket_timeout_s,
                                   "decode_responses": True}
         if self.cluster:
