@@ -95,6 +95,7 @@ class RedisStore:
         self.link.on_failure = self._known_slots.clear
         self._tails: dict[str, asyncio.Future[None]] = {}
         self._total = 0
+        self._changes = 0
         self._prober: asyncio.Task[None] | None = None
 
     @property
@@ -180,7 +181,15 @@ class RedisStore:
         await self.link.write(scripts.PROBE, [self.layout.probe(self.node_id)], [_now_ms(), PROBE_TTL_MS])
 
     async def refresh_total(self) -> None:
-        self._total = (await self.stats())["messages"]
+        """Take the cluster-wide count, unless this instance changed it meanwhile (then next time)."""
+        changes = self._changes
+        messages = (await self.stats())["messages"]
+        if changes == self._changes:
+            self._total = messages
+
+    def _count(self, delta: int) -> None:
+        self._total += delta
+        self._changes += 1
 
     # Helpers
 
@@ -234,7 +243,7 @@ class RedisStore:
                 ledger, ledger_ttl_ms)
             if outcome == "queued":
                 msg.seq = int(seq)
-                self._total += 1 - int(dropped)
+                self._count(1 - int(dropped))
             return outcome
         return await self._in_order(msg.recipient, work)
 
@@ -265,7 +274,7 @@ class RedisStore:
         for part in _chunks(items, ID_CHUNK):
             args = [] if mode == "all" else list(part)
             count = int(await self._recipient_write(scripts.REMOVE, recipient, mode, *args))
-            self._total -= count
+            self._count(-count)
             removed += count
         return removed
 
@@ -318,7 +327,7 @@ class RedisStore:
         removed = 0
         while True:
             messages, receipts = await self._recipient_write(scripts.EXPIRE, address, before_ms, self.expire_chunk)
-            self._total -= int(messages)
+            self._count(-int(messages))
             removed += int(messages)
             if int(messages) < self.expire_chunk and int(receipts) < self.expire_chunk:
                 return removed
