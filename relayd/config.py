@@ -11,6 +11,7 @@ import configparser
 import dataclasses
 import ipaddress
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -124,13 +125,48 @@ class QueueSection:
 
 @dataclass(frozen=True)
 class StorageSection:
-    backend: str = opt("sqlite", "sqlite (durable, default) or memory (lost on restart).",
-                       choices=("sqlite", "memory"))
+    backend: str = opt("sqlite", "sqlite (durable, default), redis (shared by several relayd instances; "
+                                 "needs the extra relayd[redis] and [redis] url) or memory (lost on restart).",
+                       choices=("sqlite", "memory", "redis"))
     path: str = opt("./relayd-data/relayd.db", "SQLite database file.")
     synchronous: str = opt("normal", "normal survives a process crash; full also survives power loss.",
                            choices=("normal", "full"))
     commit_interval_ms: float = opt(2.0, "Longest a write waits to be grouped into one commit.",
                                     min=0, max=1000)
+
+
+@dataclass(frozen=True)
+class RedisSection:
+    url: str = opt("redis://127.0.0.1:6379/0", "Redis server for backend = redis: redis://[:PASSWORD@]HOST:PORT/DB, "
+                                               "or rediss:// for TLS. With cluster = true, any one node of the "
+                                               "cluster (database 0).")
+    key_prefix: str = opt("relayd:", "Prefix of every key relayd writes, so several relays or other "
+                                     "applications can share one Redis. No { or }.")
+    cluster: bool = opt(False, "true: url names a Redis Cluster node; keys are spread over the cluster's "
+                               "masters, one address's keys in one hash slot.")
+    min_replicas: int = opt(0, "Answer a write (e.g. queued) only after this many replicas have it too "
+                               "(Redis WAIT); fewer within wait_timeout_ms is storage_unavailable. 0: the "
+                               "primary's acknowledgement is enough.", min=0, max=64)
+    wait_timeout_ms: int = opt(500, "Longest wait for min_replicas acknowledgements per write.",
+                               min=1, max=60_000)
+    socket_timeout_s: float = opt(2.0, "Longest wait for a Redis connection or answer; past it the operation "
+                                       "is storage_unavailable, never a hang.", min=0.05, max=60)
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    node_id: str = opt("", "This instance's name among several relayd sharing one Redis. "
+                           "Empty: hostname:port at start.")
+    heartbeat_s: float = opt(5.0, "How often this instance renews its presence records "
+                                  "(used by the cross-instance presence).", min=0.5, max=3600)
+    presence_ttl_s: float = opt(15.0, "When an instance's presence records lapse without a heartbeat "
+                                      "(used by the cross-instance presence); above heartbeat_s.",
+                                min=1, max=86400)
+
+    def resolved_node_id(self, port: int) -> str:
+        """``node_id``, or hostname:port when it is empty."""
+        import socket
+        return self.node_id or f"{socket.gethostname()}:{port}"
 
 
 @dataclass(frozen=True)
@@ -178,6 +214,8 @@ SECTIONS: dict[str, type] = {
     "limits": LimitsSection,
     "queue": QueueSection,
     "storage": StorageSection,
+    "redis": RedisSection,
+    "cluster": ClusterSection,
     "auth": AuthSection,
     "privacy": PrivacySection,
     "metrics": MetricsSection,
@@ -192,6 +230,8 @@ class Config:
     limits: LimitsSection = field(default_factory=LimitsSection)
     queue: QueueSection = field(default_factory=QueueSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    redis: RedisSection = field(default_factory=RedisSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     auth: AuthSection = field(default_factory=AuthSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
@@ -285,6 +325,7 @@ def _validate(config: Config) -> None:
         path = getattr(config.tls, key)
         if path and not os.path.isfile(path):
             raise ConfigError(f"[tls] {key}: no such file {path!r}")
+    _validate_redis(config)
     if config.metrics.listen:
         host, sep, port = config.metrics.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -297,6 +338,36 @@ COMMAND_LINE_SOURCE = "command line"
 Sources = dict[str, dict[str, str]]
 """``sources[section][key]``: where that key's value came from: ``"default"``, the INI file path
 as given, ``"environment NAME"`` or ``"command line"``."""
+
+
+def _validate_redis(config: Config) -> None:
+    """The URL's scheme and shape, without echoing it (it may hold a password)."""
+    url = config.redis.url
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("redis", "rediss"):
+        raise ConfigError(f"[redis] url must start with redis:// or rediss:// (got scheme {scheme.lower()!r})"
+                          if sep else "[redis] url must start with redis:// or rediss://")
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port
+    except ValueError as exc:
+        raise ConfigError(f"[redis] url is not a valid URL: {exc}") from None
+    if not parsed.hostname:
+        raise ConfigError("[redis] url has no host (expected redis://HOST:PORT/DB)")
+    db = parsed.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"[redis] url: the database must be a number after the last /, got {db!r}")
+    if config.redis.cluster and db not in ("", "0"):
+        raise ConfigError("[redis] url: a Redis Cluster has only database 0")
+    prefix = config.redis.key_prefix
+    if not prefix or any(c in prefix for c in "{} \t\r\n"):
+        raise ConfigError(f"[redis] key_prefix must be non-empty, without braces or spaces, got {prefix!r}")
+    node_id = config.cluster.node_id
+    if node_id and (len(node_id) > 200 or any(c.isspace() or c in "{}" for c in node_id)):
+        raise ConfigError(f"[cluster] node_id must be at most 200 characters, without spaces or braces, "
+                          f"got {node_id!r}")
+    if config.cluster.presence_ttl_s <= config.cluster.heartbeat_s:
+        raise ConfigError("[cluster] presence_ttl_s must be greater than [cluster] heartbeat_s")
 
 
 def load_config(

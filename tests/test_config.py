@@ -118,7 +118,7 @@ def test_unrelated_environment_variables_are_ignored():
     ("[queue]\nmax_offline_messages = 0\n", "[queue] max_offline_messages"),
     ("[queue]\noverflow = maybe\n", "[queue] overflow"),
     ("[log]\nlevel = loud\n", "[log] level"),
-    ("[storage]\nbackend = redis\n", "[storage] backend"),
+    ("[storage]\nbackend = mongo\n", "[storage] backend"),
     ("[server]\nnope = 1\n", "[server] nope"),
     ("[limits]\nport = 3000\n", "[limits] port"),
     ("[bogus]\nport = 3000\n", "[bogus]"),

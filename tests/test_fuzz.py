@@ -514,9 +514,25 @@ TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def check_http_response(data: bytes, method: str) -> int | None:
-    """A closed connection (no bytes) or exactly one well-formed HTTP/1.1 response."""
+    """A closed connection (no bytes) or well-formed HTTP/1.1 responses, one per request the bytes held
+    (kept-alive connections answer pipelined ones in turn); returns the first one's status."""
     if not data:
         return None
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = int(value)
+    if method == "HEAD" or not length:
+        length = 0
+    if rest[length:].startswith(b"HTTP/1.1 "):
+        check_http_response(rest[length:], "GET")
+        data = data[:len(head) + len(sep) + length]
+    return _check_one_response(data, method)
+
+
+def _check_one_response(data: bytes, method: str) -> int | None:
     head, sep, body = data.partition(b"\r\n\r\n")
     assert sep, f"response head never ends: {data[:300]!r}"
     lines = head.split(b"\r\n")

@@ -19,13 +19,24 @@ ROOMY = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False)
 Body = Callable[[Store], Awaitable[Any]]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """A new, unopened store of one backend; Redis ones get a key prefix of their own."""
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SQLiteStore(str(tmp_path / "relay.db"), commit_interval_ms=0.5)
+    from relayd.storage.redis import RedisStore
+    server = request.getfixturevalue("redis_cluster" if kind == "redis-cluster" else "redis_server")
+    return RedisStore(server.url, key_prefix=request.getfixturevalue("redis_prefix"),
+                      cluster=kind == "redis-cluster")
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Body], Any]:
     """Run an async test body against a freshly opened store, closing it afterwards."""
     def run(body: Body) -> Any:
         async def main() -> Any:
-            store: Store = (MemoryStore() if request.param == "memory"
-                            else SQLiteStore(str(tmp_path / "relay.db"), commit_interval_ms=0.5))
+            store = make_store(request.param, request, tmp_path)
             await store.open()
             try:
                 return await body(store)

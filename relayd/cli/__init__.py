@@ -14,7 +14,14 @@ import sys
 from typing import Callable, Sequence
 
 from ..config import ConfigError
-from .admin import cmd_backup, cmd_config, cmd_example_config, cmd_run, cmd_stats
+from .admin import (
+    cmd_backup,
+    cmd_config,
+    cmd_example_config,
+    cmd_migrate,
+    cmd_run,
+    cmd_stats,
+)
 from .client_commands import cmd_check, cmd_keygen, cmd_listen, cmd_send, cmd_status
 from .options import (
     CONFIG_COMMANDS,
@@ -28,7 +35,7 @@ from .options import (
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "config": cmd_config, "example-config": cmd_example_config, "backup": cmd_backup,
     "stats": cmd_stats, "send": cmd_send, "listen": cmd_listen, "status": cmd_status, "keygen": cmd_keygen,
-    "check": cmd_check,
+    "check": cmd_check, "migrate": cmd_migrate,
 }
 
 

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import sys
 import tempfile
+import time
 from typing import Any, Callable
 
 from ..config import (
@@ -23,7 +24,7 @@ from ..config import (
     load_config_with_sources,
 )
 from ..ops.logsetup import configure_logging
-from ..storage.backends import make_store
+from ..storage.backends import MISSING_REDIS_EXTRA, make_redis_store, make_store
 from ..storage.store import StoreOpenError
 from .options import (
     EXIT_CONFIG,
@@ -187,3 +188,39 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``relayd migrate --from sqlite:PATH --to redis://...``: exit 0 done, 1 failed, 2 bad usage."""
+    from ..storage.store import StorageUnavailable
+    config = load_config_with_sources(args.config, overrides=[*overrides_from(args), ("redis", "url", args.dest)])[0]
+    try:
+        from ..storage.redis import migrate as migration
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "redis":
+            raise
+        raise UsageError(f"relayd migrate: {MISSING_REDIS_EXTRA}") from None
+    try:
+        path = migration.sqlite_source(args.source)
+    except ValueError as exc:
+        raise UsageError(f"relayd migrate: {exc}") from None
+
+    async def run() -> dict[str, int]:
+        source = migration.open_source(path)
+        store = make_redis_store(config)
+        try:
+            await store.open()
+            if not store.healthy:
+                raise StorageUnavailable(store.problem or "Redis is unavailable")
+            retention = config.queue.message_retention_hours
+            cutoff = int(time.time() * 1000 - retention * 3_600_000)
+            return await migration.migrate(source, store, cutoff_ms=cutoff,
+                                           ledger_ttl=migration.ledger_ttl_ms(retention))
+        finally:
+            source.close()
+            await store.close()
+    try:
+        counts = asyncio.run(run())
+    except (StoreOpenError, StorageUnavailable, OSError, sqlite3.Error) as exc:
+        print(f"relayd migrate: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(counts, indent=2))
+    return EXIT_OK

@@ -25,7 +25,7 @@ DEFAULT_CLIENT_TIMEOUT = 10.0
 
 FLAG_KEYS = {"host": ("server", "host"), "port": ("server", "port"), "log_level": ("log", "level"),
              "storage": ("storage", "backend"), "db": ("storage", "path")}
-CONFIG_COMMANDS = ("run", "config", "backup", "stats")
+CONFIG_COMMANDS = ("run", "config", "backup", "stats", "migrate")
 """Commands that read relayd's configuration; the others talk to a relay or need nothing."""
 
 
@@ -44,7 +44,7 @@ def _config_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
     parser.add_argument("--host", default=default, help="override [server] host")
     parser.add_argument("--port", default=default, help="override [server] port")
     parser.add_argument("--log-level", default=default, help="override [log] level")
-    parser.add_argument("--storage", default=default, help="override [storage] backend (sqlite or memory)")
+    parser.add_argument("--storage", default=default, help="override [storage] backend (sqlite, redis or memory)")
     parser.add_argument("--db", metavar="FILE", default=default, help="override [storage] path")
     parser.add_argument("--set", action="append", default=argparse.SUPPRESS if inherit else [],
                         metavar="SECTION.KEY=VALUE", help="override any key; may repeat")
@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stats", parents=[inherited], help="counts from the database (read-only)",
                    description="Counts from the database ([storage] path, or --db FILE), opened read-only; "
                                "a database not in use (e.g. a backup) gets no -wal/-shm files.")
+    migrate = sub.add_parser("migrate", parents=[inherited], help="copy a SQLite relay's data into Redis",
+                             description="Copy a SQLite relay's queues (in order, with their queuedAt), stored "
+                                         "receipts, keys and ownership locks into Redis ([redis] key_prefix and "
+                                         "cluster apply). Safe to re-run: nothing is copied twice.")
+    migrate.add_argument("--from", dest="source", metavar="sqlite:PATH", required=True,
+                         help="the SQLite database to copy (read-only)")
+    migrate.add_argument("--to", dest="dest", metavar="URL", required=True, help="redis:// or rediss:// URL")
 
     send = sub.add_parser("send", help="send one message and print the relay's answer",
                           description="Sign in as --from, send TEXT to --to and print the answer frame "

@@ -1,0 +1,100 @@
+"""Where relayd's data lives in Redis: key names and hash slots.
+
+Every key starts with the configured prefix. One address's keys share the hash
+tag ``{address}``, so they sit in one hash slot and one Lua script may touch
+them all, on a single Redis as on a Cluster. What spans addresses (per-slot
+statistics and the retention index) is kept per hash slot, under a tag chosen
+to hash to that same slot, so the scripts keep it exact; a small set lists the
+slots that hold any data. Needs no Redis client: stdlib CRC16 only.
+"""
+
+from __future__ import annotations
+
+import binascii
+import itertools
+from dataclasses import dataclass
+
+SLOTS = 16384
+
+_slot_tags: dict[int, str] = {}
+_candidates = itertools.count()
+
+
+def key_slot(key: str) -> int:
+    """The Redis Cluster hash slot of ``key`` (CRC16 of its hash tag, as the server computes it)."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1:end]
+    return binascii.crc_hqx(raw, 0) % SLOTS
+
+
+def slot_tag(slot: int) -> str:
+    """A short tag that hashes to ``slot``; the same on every instance (the first ``~N`` that does)."""
+    while slot not in _slot_tags:
+        tag = f"~{next(_candidates)}"
+        _slot_tags.setdefault(key_slot("{%s}" % tag), tag)
+    return _slot_tags[slot]
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientKeys:
+    """The keys one message/receipt script works on, in the order the scripts declare them."""
+
+    queue: str      # ZSET seq -> seq: delivery order
+    times: str      # ZSET seq -> queued_at: retention order
+    messages: str   # HASH seq -> record
+    ids: str        # HASH messageId -> [[sender, seq], ...]: idempotency and ack
+    counters: str   # HASH count, bytes, last (message seq), rlast (receipt seq)
+    receipt_queue: str  # ZSET seq -> seq
+    receipt_times: str  # ZSET seq -> timestamp
+    receipts: str   # HASH seq -> [reader, messageId, timestamp]
+    expiry: str     # per slot: ZSET address -> oldest queued_at or receipt timestamp
+    stats: str      # per slot: HASH recipients, messages, bytes, receipts, keys
+    migrated: str   # SET of items copied by ``relayd migrate`` (so a re-run copies nothing twice)
+
+    def all(self) -> list[str]:
+        return [self.queue, self.times, self.messages, self.ids, self.counters, self.receipt_queue,
+                self.receipt_times, self.receipts, self.expiry, self.stats, self.migrated]
+
+
+class Layout:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError("key prefix must be non-empty and free of braces")
+        self.prefix = prefix
+        self.slots = f"{prefix}slots"
+        """SET of slot numbers that hold per-slot data (bounded by 16384)."""
+
+    def _own(self, address: str, name: str) -> str:
+        return f"{self.prefix}{{{address}}}:{name}"
+
+    def slot_of(self, address: str) -> int:
+        return key_slot(self._own(address, "q"))
+
+    def slot_keys(self, slot: int) -> tuple[str, str]:
+        """(expiry index, statistics) of one hash slot."""
+        tag = slot_tag(slot)
+        return f"{self.prefix}{{{tag}}}:expiry", f"{self.prefix}{{{tag}}}:stats"
+
+    def recipient(self, address: str) -> RecipientKeys:
+        expiry, stats = self.slot_keys(self.slot_of(address))
+        own = self._own
+        return RecipientKeys(own(address, "q"), own(address, "t"), own(address, "m"), own(address, "i"),
+                             own(address, "n"), own(address, "rq"), own(address, "rt"), own(address, "rm"),
+                             expiry, stats, own(address, "mig"))
+
+    def key(self, address: str) -> tuple[str, str, str]:
+        """(public key record, slot statistics, migration ledger) of one address."""
+        return self._own(address, "key"), self.slot_keys(self.slot_of(address))[1], self._own(address, "mig")
+
+    def lock(self, address: str) -> str:
+        return self._own(address, "lock")
+
+    def probe(self, node_id: str) -> str:
+        """A short-lived key the health probe writes, so refused writes show up without traffic."""
+        return f"{self.prefix}probe:{node_id}"

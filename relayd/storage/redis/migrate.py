@@ -1,0 +1,127 @@
+"""``relayd migrate``: copy a single-node relay's SQLite database into Redis.
+
+The SQLite file is opened read-only (it may belong to a running relay). Queues
+keep their per-recipient order and original ``queued_at``; receipts, keys
+(signed fields included, ``created_at`` kept) and ownership locks come along.
+Every copied item is remembered in Redis for ``ledger_ttl_ms``, so a re-run
+copies nothing twice, even what the Redis relays delivered and deleted since.
+Messages already past retention are not copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from ..sqlite_file import inspect, read_only_uri
+from ..store import KeyRecord, QueuedMessage, Receipt, StoreOpenError
+from .store import RedisStore
+
+IN_FLIGHT = 64
+"""Copies started at once; the store keeps each recipient's copies in source order."""
+MIN_LEDGER_TTL_MS = 30 * 86_400_000
+
+
+def sqlite_source(text: str) -> str:
+    """The path in ``sqlite:PATH``; ValueError for anything else."""
+    scheme, sep, path = text.partition(":")
+    if scheme != "sqlite" or not sep or not path:
+        raise ValueError(f"--from must be sqlite:PATH (a relayd SQLite database), got {text!r}")
+    return path
+
+
+def ledger_ttl_ms(retention_hours: float) -> int:
+    """How long copies are remembered: twice the retention, at least 30 days."""
+    return max(MIN_LEDGER_TTL_MS, int(2 * retention_hours * 3_600_000))
+
+
+def open_source(path: str) -> sqlite3.Connection:
+    """The database read-only, after checking it is relayd's. Raises StoreOpenError."""
+    version = inspect(Path(path))
+    if version is None:
+        raise StoreOpenError(f"no database at {path}")
+    if version == 0:
+        raise StoreOpenError(f"{path} is an empty database: nothing to migrate")
+    try:
+        return sqlite3.connect(read_only_uri(Path(path)), uri=True)
+    except sqlite3.Error as exc:
+        raise StoreOpenError(f"cannot open database {path}: {exc}") from exc
+
+
+class _Window:
+    """At most IN_FLIGHT copies at once; the first failure is raised by ``drain``."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def add(self, coro: Any, on_done: Any) -> None:
+        if len(self.tasks) >= IN_FLIGHT:
+            done, self.tasks = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() or on_done(t.result()))
+        self.tasks.add(task)
+
+    async def drain(self) -> None:
+        tasks, self.tasks = self.tasks, set()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+
+async def migrate(conn: sqlite3.Connection, store: RedisStore, *, cutoff_ms: int,
+                  ledger_ttl: int) -> dict[str, int]:
+    """Copy everything; returns counts by outcome. Raises StorageUnavailable when Redis fails."""
+    counts = dict.fromkeys(("messages_copied", "messages_already_copied", "messages_expired", "messages_refused",
+                            "receipts_copied", "receipts_already_copied", "keys_copied",
+                            "keys_already_copied", "keys_newer_in_redis", "locks"), 0)
+
+    def count_message(outcome: str) -> None:
+        name = {"queued": "messages_copied", "full": "messages_refused"}.get(outcome, "messages_already_copied")
+        counts[name] += 1
+
+    def count_receipt(copied: bool) -> None:
+        counts["receipts_copied" if copied else "receipts_already_copied"] += 1
+
+    def count_key(outcome: str) -> None:
+        counts[{"stored": "keys_copied", "newer": "keys_newer_in_redis"}.get(outcome, "keys_already_copied")] += 1
+
+    window = _Window()
+    try:
+        await _copy(conn, store, window, cutoff_ms, ledger_ttl, counts, count_message, count_receipt, count_key)
+    finally:
+        window.cancel()
+    return counts
+
+
+async def _copy(conn: sqlite3.Connection, store: RedisStore, window: _Window, cutoff_ms: int, ledger_ttl: int,
+                counts: dict[str, int], count_message: Any, count_receipt: Any, count_key: Any) -> None:
+    rows = conn.execute("SELECT recipient, sender, message_id, content, timestamp, queued_at FROM messages "
+                        "ORDER BY recipient, seq")
+    for recipient, sender, message_id, content, timestamp, queued_at in rows:
+        if queued_at < cutoff_ms:
+            counts["messages_expired"] += 1
+            continue
+        msg = QueuedMessage(recipient, sender, message_id, content, timestamp, queued_at)
+        await window.add(store.migrate_message(msg, ledger_ttl), count_message)
+    rows = conn.execute("SELECT seq, recipient, reader, message_id, timestamp FROM receipts ORDER BY recipient, seq")
+    for seq, recipient, reader, message_id, timestamp in rows:
+        await window.add(store.migrate_receipt(Receipt(recipient, reader, message_id, timestamp), seq, ledger_ttl),
+                         count_receipt)
+    rows = conn.execute("SELECT address, public_key, created_at, updated_at, key_type, issued_at, format, "
+                        "signature FROM keys")
+    for row in rows:
+        await window.add(store.migrate_key(KeyRecord(*row), ledger_ttl), count_key)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "locks" in tables:
+        for (address,) in conn.execute("SELECT address FROM locks"):
+            await window.add(store.lock(address), lambda _: None)
+            counts["locks"] += 1
+    await window.drain()

@@ -1,0 +1,367 @@
+"""The Redis store against real redis-server processes: durability, faults, layout, expiry, clusters."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_py
+from redis_support import RedisServer, wait_for
+from relay_harness import free_port
+
+from relayd.storage.redis import RedisStore
+from relayd.storage.redis import scripts
+from relayd.storage.redis.layout import key_slot
+from relayd.storage.store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, StorageUnavailable
+
+ROOMY = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False)
+BOB = "0x" + "b0" * 20
+CAROL = "0x" + "c0" * 20
+
+
+def msg(recipient: str, message_id: str, content: str = "hello", *, sender: str = "0x" + "a0" * 20,
+        queued_at: int | None = None) -> QueuedMessage:
+    stamp = queued_at if queued_at is not None else int(time.time() * 1000)
+    return QueuedMessage(recipient, sender, message_id, content, stamp - 5, stamp)
+
+
+def with_store(url: str, body: Callable[[RedisStore], Awaitable[Any]], **options: Any) -> Any:
+    """Open a RedisStore on ``url``, run ``body`` on it, close it."""
+    async def main() -> Any:
+        store = RedisStore(url, **{"probe_interval_s": 0.05, **options})
+        await store.open()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+    return asyncio.run(main())
+
+
+async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 10, what: str = "") -> None:
+    """Poll an async predicate until it holds (exceptions count as not yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if await predicate():
+                return
+        except StorageUnavailable:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+async def enqueue_succeeds(store: RedisStore, message_id: str) -> bool:
+    return await store.enqueue(msg(BOB, message_id), ROOMY) is EnqueueResult.QUEUED
+
+
+def test_acknowledged_messages_survive_a_redis_crash_with_appendonly(durable_redis):
+    async def write(store: RedisStore) -> list[int]:
+        sent = [msg(BOB, f"m{i}", f"text {i}") for i in range(50)]
+        for m in sent:
+            assert await store.enqueue(m, ROOMY) is EnqueueResult.QUEUED
+        await store.add_receipt(Receipt(BOB, CAROL, "m1", 5))
+        await store.put_key(KeyRecord(BOB, "pk", 1, 2))
+        return [m.seq for m in sent]
+    seqs = with_store(durable_redis.url, write)
+    durable_redis.stop(signal.SIGKILL)
+    durable_redis.start()
+
+    async def read(store: RedisStore) -> None:
+        got = await store.pending(BOB, 100)
+        assert [m.message_id for m in got] == [f"m{i}" for i in range(50)]
+        assert [m.seq for m in got] == seqs
+        assert [r.message_id for r in await store.receipts(BOB, 10)] == ["m1"]
+        assert (await store.get_key(BOB)) == KeyRecord(BOB, "pk", 1, 2)
+        assert store.total() == 50
+    with_store(durable_redis.url, read)
+
+
+def test_redis_down_is_storage_unavailable_and_the_same_store_recovers(fresh_redis):
+    async def body(store: RedisStore) -> None:
+        assert await enqueue_succeeds(store, "before")
+        assert store.healthy and store.problem is None
+        fresh_redis.stop()
+        with pytest.raises(StorageUnavailable, match="Redis is unreachable"):
+            await store.enqueue(msg(BOB, "during"), ROOMY)
+        assert not store.healthy
+        assert "unreachable" in (store.problem or "")
+        with pytest.raises(StorageUnavailable):
+            await store.pending(BOB, 10)
+        fresh_redis.start()
+        await eventually(lambda: enqueue_succeeds(store, "after"), what="a write after Redis came back")
+        assert store.healthy and store.problem is None
+    with_store(fresh_redis.url, body)
+
+
+def test_health_follows_redis_without_traffic(fresh_redis):
+    async def body(store: RedisStore) -> None:
+        fresh_redis.stop()
+        await eventually(lambda: _is(not store.healthy), what="the probe to notice Redis is gone")
+        fresh_redis.start()
+        await eventually(lambda: _is(store.healthy), what="the probe to notice Redis is back")
+    with_store(fresh_redis.url, body)
+
+
+async def _is(value: bool) -> bool:
+    return value
+
+
+def test_a_store_opened_while_redis_is_down_starts_unhealthy_and_recovers(tmp_path):
+    server = RedisServer(tmp_path / "late")
+    server.stop()
+
+    async def body(store: RedisStore) -> None:
+        assert not store.healthy and "unreachable" in (store.problem or "")
+        server.start()
+        await eventually(lambda: enqueue_succeeds(store, "m1"), what="the first write")
+        assert store.healthy
+    try:
+        with_store(server.url, body)
+    finally:
+        server.stop()
+
+
+def test_a_hung_redis_times_out_instead_of_hanging(fresh_redis):
+    async def body(store: RedisStore) -> None:
+        assert fresh_redis.proc is not None
+        os.kill(fresh_redis.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StorageUnavailable, match="did not answer"):
+                await store.enqueue(msg(BOB, "m1"), ROOMY)
+        finally:
+            os.kill(fresh_redis.proc.pid, signal.SIGCONT)
+        await eventually(lambda: enqueue_succeeds(store, "m2"), what="a write after SIGCONT")
+    with_store(fresh_redis.url, body, socket_timeout_s=0.2, probe_interval_s=3600)
+
+
+def test_out_of_memory_refusal_and_recovery(fresh_redis):
+    async def body(store: RedisStore) -> None:
+        assert await enqueue_succeeds(store, "m0")
+        fresh_redis.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        fresh_redis.cli("CONFIG", "SET", "maxmemory", "1mb")
+        with pytest.raises(StorageUnavailable, match=r"out of memory \(.*OOM\)"):
+            for i in range(1000):  # fill past the limit if the empty server is still under it
+                await store.enqueue(msg(BOB, f"fill{i}", "x" * 4096), ROOMY)
+        assert not store.healthy and "OOM" in (store.problem or "")
+        fresh_redis.cli("CONFIG", "SET", "maxmemory", "0")
+        await eventually(lambda: enqueue_succeeds(store, "m1"), what="a write after maxmemory 0")
+        assert store.healthy
+    with_store(fresh_redis.url, body, probe_interval_s=3600)
+
+
+def test_read_only_replica_refusal_and_recovery(fresh_redis):
+    async def body(store: RedisStore) -> None:
+        assert await enqueue_succeeds(store, "m0")
+        fresh_redis.cli("REPLICAOF", "127.0.0.1", str(free_port()))  # nothing listens there
+        with pytest.raises(StorageUnavailable, match="read-only replica"):
+            await store.enqueue(msg(BOB, "m1"), ROOMY)
+        assert not store.healthy
+        fresh_redis.cli("REPLICAOF", "NO", "ONE")
+        await eventually(lambda: enqueue_succeeds(store, "m2"), what="a write after REPLICAOF NO ONE")
+        assert [m.message_id for m in await store.pending(BOB, 10)] == ["m0", "m2"]
+    with_store(fresh_redis.url, body, probe_interval_s=3600)
+
+
+def test_failed_snapshot_refusal_and_recovery(tmp_path):
+    server = RedisServer(tmp_path / "misconf", extra=("--enable-protected-configs", "yes"))
+    gone = tmp_path / "vanishing"
+    gone.mkdir()
+
+    async def body(store: RedisStore) -> None:
+        assert await enqueue_succeeds(store, "m0")
+        server.cli("CONFIG", "SET", "save", "3600 1")
+        server.cli("CONFIG", "SET", "dir", str(gone))
+        shutil.rmtree(gone)
+        server.cli("BGSAVE")
+        wait_for(lambda: server.info("persistence").get("rdb_last_bgsave_status") == "err", 10,
+                 "the snapshot to fail")
+        with pytest.raises(StorageUnavailable, match=r"cannot save its snapshot.*MISCONF"):
+            await store.enqueue(msg(BOB, "m1"), ROOMY)
+        assert not store.healthy
+        server.cli("CONFIG", "SET", "dir", str(server.workdir))
+        server.cli("BGSAVE")
+        wait_for(lambda: server.info("persistence").get("rdb_last_bgsave_status") == "ok", 10,
+                 "the snapshot to succeed")
+        await eventually(lambda: enqueue_succeeds(store, "m2"), what="a write after a good snapshot")
+        assert store.healthy
+    try:
+        with_store(server.url, body, probe_interval_s=3600)
+    finally:
+        server.stop()
+
+
+def test_min_replicas_without_a_replica_is_storage_unavailable(fresh_redis):
+    async def body(store: RedisStore) -> None:
+        with pytest.raises(StorageUnavailable, match=r"only 0 of \[redis\] min_replicas = 1"):
+            await store.enqueue(msg(BOB, "m1"), ROOMY)
+        assert not store.healthy
+    with_store(fresh_redis.url, body, min_replicas=1, wait_timeout_ms=50, probe_interval_s=3600)
+
+
+def test_min_replicas_on_a_cluster_without_replicas_is_storage_unavailable(redis_cluster, redis_prefix):
+    async def body(store: RedisStore) -> None:
+        with pytest.raises(StorageUnavailable, match=r"only 0 of \[redis\] min_replicas = 1"):
+            await store.lock(BOB)
+    with_store(redis_cluster.url, body, cluster=True, key_prefix=redis_prefix, min_replicas=1,
+               wait_timeout_ms=50, probe_interval_s=3600)
+
+
+def test_min_replicas_with_a_replica_acknowledges(fresh_redis, tmp_path):
+    replica = RedisServer(tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(fresh_redis.port)))
+    try:
+        wait_for(lambda: replica.info("replication").get("master_link_status") == "up", 10, "the replica")
+
+        async def body(store: RedisStore) -> None:
+            assert await enqueue_succeeds(store, "m1")
+            assert store.healthy
+        with_store(fresh_redis.url, body, min_replicas=1, wait_timeout_ms=5000, probe_interval_s=3600)
+        assert replica.cli("HGET", f"relayd:{{{BOB}}}:n", "count") == "1"
+    finally:
+        replica.stop()
+
+
+def test_scripts_reload_after_script_flush(fresh_redis):
+    async def body(store: RedisStore) -> None:
+        assert await enqueue_succeeds(store, "m1")
+        fresh_redis.cli("SCRIPT", "FLUSH")
+        assert await enqueue_succeeds(store, "m2")
+        assert fresh_redis.cli("SCRIPT", "EXISTS", scripts.ENQUEUE.sha) == "1"
+    with_store(fresh_redis.url, body)
+
+
+def test_every_key_is_under_the_prefix_and_one_address_is_one_slot(fresh_redis):
+    async def body(store: RedisStore) -> None:
+        for who in (BOB, CAROL):
+            await store.enqueue(msg(who, "m1"), ROOMY)
+            await store.add_receipt(Receipt(who, "0x" + "d0" * 20, "m1", int(time.time() * 1000)))
+            await store.put_key(KeyRecord(who, "pk", 1, 1))
+            await store.lock(who)
+    with_store(fresh_redis.url, body, key_prefix="relay-one:")
+    keys = fresh_redis.cli("--scan").split()
+    assert keys and all(k.startswith("relay-one:") for k in keys), keys
+    for who in (BOB, CAROL):
+        own = [k for k in keys if f"{{{who}}}" in k]
+        assert {k.rsplit(":", 1)[1] for k in own} >= {"q", "t", "m", "i", "n", "rq", "rt", "rm", "key", "lock"}
+        slot = key_slot(own[0])
+        assert {key_slot(k) for k in own} == {slot}
+        slot_keys = [k for k in keys if "{~" in k and key_slot(k) == slot]
+        assert {k.rsplit(":", 1)[1] for k in slot_keys} == {"expiry", "stats"}
+    assert key_slot(f"{{{BOB}}}") != key_slot(f"{{{CAROL}}}")
+
+
+def test_cluster_keys_of_one_address_live_on_one_node(redis_cluster, redis_prefix):
+    async def body(store: RedisStore) -> None:
+        for i in range(20):
+            who = f"0x{i:040x}"
+            await store.enqueue(msg(who, "m1"), ROOMY)
+            await store.add_receipt(Receipt(who, BOB, "m1", int(time.time() * 1000)))
+    with_store(redis_cluster.url, body, cluster=True, key_prefix=redis_prefix)
+    holders: dict[str, set[int]] = {}
+    for index, node in enumerate(redis_cluster.nodes):
+        for key in node.cli("--scan", "--pattern", f"{redis_prefix}*").split():
+            assert int(node.cli("CLUSTER", "KEYSLOT", key)) == key_slot(key)
+            holders.setdefault(key.split("}")[0], set()).add(index)
+    addresses = [h for h in holders if "{0x" in h]
+    assert len(addresses) == 20
+    assert all(len(nodes) == 1 for nodes in holders.values())
+    assert len(set().union(*holders.values())) == 3, "twenty addresses should spread over all three masters"
+
+
+def test_expiry_touches_only_old_recipients_in_bounded_batches(fresh_redis):
+    now = int(time.time() * 1000)
+    fresh_redis.cli("SCRIPT", "LOAD", scripts.EXPIRE.source)
+
+    async def body(store: RedisStore) -> None:
+        for i in range(35):
+            await store.enqueue(msg(BOB, f"old{i}", queued_at=now - 10_000 + i), ROOMY)
+        for i in range(5):
+            await store.enqueue(msg(BOB, f"new{i}", queued_at=now + i), ROOMY)
+        for i in range(200):
+            await store.enqueue(msg(f"0x{i:040x}", "m", queued_at=now), ROOMY)
+        before = _script_calls(fresh_redis)
+        assert await store.expire(now - 1) == 35
+        assert _script_calls(fresh_redis) - before == 4  # 10 + 10 + 10 + 5
+        assert [m.message_id for m in await store.pending(BOB, 100)] == [f"new{i}" for i in range(5)]
+        assert store.total() == 205
+        assert (await store.stats())["messages"] == 205
+        before = _script_calls(fresh_redis)
+        assert await store.expire(now - 1) == 0
+        assert _script_calls(fresh_redis) == before
+    with_store(fresh_redis.url, body, expire_chunk=10, probe_interval_s=3600)
+
+
+def _script_calls(server: RedisServer) -> int:
+    stats = server.info("commandstats")
+    return sum(int(dict(p.split("=") for p in stats.get(f"cmdstat_{c}", "calls=0").split(","))["calls"])
+               for c in ("evalsha", "eval"))
+
+
+def test_instances_share_queues_idempotency_caps_and_totals(redis_server, redis_prefix):
+    """Two stores on one Redis behave as one relay (phase 1 of several relayd instances)."""
+    async def body(first: RedisStore) -> None:
+        second = RedisStore(redis_server.url, key_prefix=redis_prefix, probe_interval_s=0.05,
+                            refresh_interval_s=0.05)
+        await second.open()
+        try:
+            limits = QueueLimits(max_messages=2, max_bytes=1000, drop_oldest=False)
+            assert await first.enqueue(msg(BOB, "m1"), limits) is EnqueueResult.QUEUED
+            assert await second.enqueue(msg(BOB, "m1"), limits) is EnqueueResult.DUPLICATE
+            assert await second.enqueue(msg(BOB, "m2"), limits) is EnqueueResult.QUEUED
+            assert await first.enqueue(msg(BOB, "m3"), limits) is EnqueueResult.FULL
+            assert [m.message_id for m in await second.pending(BOB, 10)] == ["m1", "m2"]
+            await eventually(lambda: _is(second.total() == 2), what="the other instance's total")
+            await second.put_key(KeyRecord(CAROL, "pk", 7, 7))
+            assert (await first.get_key(CAROL)) == KeyRecord(CAROL, "pk", 7, 7)
+            await second.lock(CAROL)
+            assert await first.is_locked(CAROL)
+            assert await first.ack(BOB, ["m1", "m2"]) == 2
+            assert await second.pending(BOB, 10) == []
+        finally:
+            await second.close()
+    with_store(redis_server.url, body, key_prefix=redis_prefix)
+
+
+def test_concurrent_writes_for_one_recipient_keep_call_order(redis_server, redis_prefix):
+    async def body(store: RedisStore) -> None:
+        sent = [msg(BOB, f"m{i}", "x" * (i % 7 * 500)) for i in range(200)]
+        results = await asyncio.gather(*(store.enqueue(m, ROOMY) for m in sent))
+        assert set(results) == {EnqueueResult.QUEUED}
+        assert [m.message_id for m in await store.pending(BOB, 1000)] == [m.message_id for m in sent]
+    with_store(redis_server.url, body, key_prefix=redis_prefix)
+
+
+def test_wrong_password_stops_start_up(tmp_path):
+    from relayd.storage.store import StoreOpenError
+    server = RedisServer(tmp_path / "locked", extra=("--requirepass", "s3cret"))
+    try:
+        for url in (server.url, f"redis://:wrong@127.0.0.1:{server.port}/0"):
+            with pytest.raises(StoreOpenError) as caught:
+                with_store(url, lambda store: asyncio.sleep(0))
+            assert "wrong" not in str(caught.value) and ("password" in str(caught.value)
+                                                         or "credentials" in str(caught.value))
+        assert with_store(f"redis://:s3cret@127.0.0.1:{server.port}/0",
+                          lambda store: enqueue_succeeds(store, "m1"))
+    finally:
+        server.stop()
+
+
+def test_sync_client_sees_the_documented_record_layout(redis_server, redis_prefix):
+    """Operators may inspect a queue with redis-cli; the README documents these keys."""
+    async def body(store: RedisStore) -> None:
+        await store.enqueue(msg(BOB, "m1", "ciphertext"), ROOMY)
+    with_store(redis_server.url, body, key_prefix=redis_prefix)
+    client = redis_py.Redis(port=redis_server.port, decode_responses=True)
+    try:
+        assert client.hget(f"{redis_prefix}{{{BOB}}}:n", "count") == "1"
+        seq = client.zrange(f"{redis_prefix}{{{BOB}}}:q", 0, -1)
+        record = client.hget(f"{redis_prefix}{{{BOB}}}:m", seq[0])
+        assert record is not None and record.endswith("\nciphertext")
+    finally:
+        client.close()
