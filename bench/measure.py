@@ -98,6 +98,9 @@ def perf_available() -> str:
     if r.returncode != 0 or len(counts) != len(syscall_event_list()):
         last = (r.stderr.strip().splitlines() or ["?"])[-1]
         return f"perf stat cannot count syscall tracepoints ({last[:120]}); needs root or perf_event_paranoid <= -1"
+    usage = subprocess.run([perf, "stat", "-h"], capture_output=True, text=True, timeout=30)
+    if "--control" not in usage.stdout + usage.stderr:
+        return "this perf has no 'perf stat --control' (perf >= 5.9 has)"
     return ""
 
 
@@ -337,6 +340,9 @@ def run_loadgen(server: Server, proc_args: list[list[str]], timeout: float, *,
                                 p.stdin.flush()
                     elif text.startswith("RESULT "):
                         results[i] = json.loads(text[7:])
+                        if not results[i].get("ok"):  # the others may wait at a mark for it: stop now
+                            raise BenchError(f"loadgen {proc_args[i][0]} failed: {results[i].get('error')}\n"
+                                             f"{err_paths[i].read_text(errors='replace')[-1000:]}")
         for p in procs:
             p.wait(10)
     finally:

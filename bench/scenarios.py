@@ -113,7 +113,7 @@ def s1_live(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
             probes.append(SyscallCounter(srv.pid, ["max", "paced"], srv.tmp))
         if srv.kind == "relayd":
             probes.append(LagProbe(srv.port, ["load"]))
-        run = run_loadgen(srv, args, 2 * p["max_duration"] + 120, windows=windows, probes=probes, cores=ctx.cores)
+        run = run_loadgen(srv, args, 3 * p["max_duration"] + 120, windows=windows, probes=probes, cores=ctx.cores)
         f: dict[str, Any] = {"_windows": run.windows}
         for phase in ("max", "paced"):
             rs = [r[phase] for r in run.results]
@@ -254,7 +254,7 @@ def s4_flush(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
         return {"all_s": f["all_s"], "first_ms": 1000 * f["first_s"], "cpu_us": 1e6 * run.windows["flush"]["cpu_s"] / n,
                 "fill_rate": n / r["fill"]["s"], "_windows": run.windows}
 
-    rounds = run_rounds(ctx, "4", ctx.variants(labels, queue_max=FLUSH_QUEUE_MAX), one)
+    rounds = run_rounds(ctx, "4", ctx.variants(labels, queue_max=max(FLUSH_QUEUE_MAX, 2 * n)), one)
     rep.raw["4_flush"] = dataclasses.asdict(rounds)
     sec = rep.section(f"4. reconnect flush (one recipient, {n:,} queued messages from 4 senders x 32 in flight; "
                       f"{ctx.rounds_text()})", labels,
@@ -456,9 +456,10 @@ def s7_acks(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     forms = [f for f, _ in ACK_FORMS]
 
     def one(srv: Server, procs: int) -> dict[str, Any]:
-        args = [["acks", "--forms", ",".join(forms), "--messages", str(n), "--conns", str(conns)]]
+        args = [["acks", "--forms", ",".join(forms), "--messages", str(n), "--conns", str(conns),
+                 "--timeout", str(60 + n / 20)]]  # each wait allows down to 20 acks/s
         windows = {f: (f"{f}_start", f"{f}_end") for f in forms}
-        run = run_loadgen(srv, args, 4 * (60 + n / 20), windows=windows, cores=ctx.cores)
+        run = run_loadgen(srv, args, 6 * (60 + n / 20), windows=windows, cores=ctx.cores)
         r = run.results[0]
         out: dict[str, Any] = {"_windows": run.windows}
         for f in forms:
@@ -505,9 +506,10 @@ def s8_receipts(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     n, conns = p["receipts"], p["conns"]
 
     def one(srv: Server, procs: int) -> dict[str, Any]:
-        args = [["receipts", "--forms", "one,many", "--receipts", str(n), "--conns", str(conns)]]
+        args = [["receipts", "--forms", "one,many", "--receipts", str(n), "--conns", str(conns),
+                 "--timeout", str(60 + n / 20)]]  # each wait allows down to 20 receipts/s
         windows = {f: (f"{f}_start", f"{f}_end") for f in ("one", "many")}
-        run = run_loadgen(srv, args, 2 * (60 + n / 20), windows=windows, cores=ctx.cores)
+        run = run_loadgen(srv, args, 3 * (60 + n / 20), windows=windows, cores=ctx.cores)
         r = run.results[0]
         out: dict[str, Any] = {"_windows": run.windows}
         for f in ("one", "many"):
