@@ -130,6 +130,6 @@ class Report:
         for s in self.sections:
             for metric, cells, rcells, note in s.rows:
                 out.append({"section": s.title, "metric": metric, "cells": dict(zip(s.columns, cells)),
-                            "ratios": {f"{a}/{b}": c for (a, b), c in zip(s.ratios, rcells)}, "note": note,
+                            "ratios": {f"{a} / {b}": c for (a, b), c in zip(s.ratios, rcells)}, "note": note,
                             "values": s.raw.get(metric, {})})
         return out

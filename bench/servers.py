@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -217,6 +218,10 @@ def relayd_schema() -> dict[str, dict[str, dict[str, Any]]]:
     return json.loads(r.stdout)
 
 
+# "0: no limit", "0: unlimited", "0 = off", "0 disables it", ... in a key's help text.
+NO_LIMIT = re.compile(r"\b0\s*(?::|=|means)?\s*(?:no limit|unlimited|off|disables?)\b", re.IGNORECASE)
+
+
 def unlimited_overrides(schema: dict[str, dict[str, dict[str, Any]]]) -> dict[str, str]:
     """Every [limits] key documented as '0: no limit' / '0: unlimited', set to 0.
 
@@ -225,8 +230,7 @@ def unlimited_overrides(schema: dict[str, dict[str, dict[str, Any]]]) -> dict[st
     """
     out = {}
     for key, meta in schema.get("limits", {}).items():
-        text = meta["help"].lower()
-        if meta["min"] == 0 and ("0: no limit" in text or "0: unlimited" in text):
+        if meta["min"] == 0 and NO_LIMIT.search(meta["help"] or ""):
             out[f"RELAYD_LIMITS_{key.upper()}"] = "0"
     return out
 
