@@ -5,9 +5,13 @@ A bare ``websockets`` (new asyncio API) forwarder with relayd's transport
 settings (compression off, ping_interval 20 s, ping_timeout 20 s). It
 accepts ``auth`` (address shape checked, ``auth_success`` back), keeps a dict
 address -> connection, forwards ``message`` frames to the recipient and
-answers ``delivered``, or ``queued`` into a plain dict of lists when the
-recipient is offline, flushed on auth. ``GET /health/live`` answers 200.
-Nothing else: no validation beyond the address shape, no limits, no store.
+answers ``delivered``, or ``queued`` into a plain dict when the recipient is
+offline, flushed on auth. ``read_receipt`` goes to the online recipient or
+into a list flushed on auth; ``ping`` answers ``pong``. With ``"ack": true``
+in ``auth`` the flushed messages stay stored until an ``ack`` frame names
+them, then ``queue_empty`` follows the flush: the least relayd's ack
+extension can cost. ``GET /health/live`` answers 200. Nothing else: no
+validation beyond the address shape, no limits, no store, no durability.
 
 Usage: python bench/baseline.py PORT   (listens on 127.0.0.1 only)
 """
@@ -28,7 +32,8 @@ from websockets.exceptions import ConnectionClosed
 ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 online: dict[str, object] = {}
-offline: dict[str, list[str]] = {}
+offline: dict[str, dict[str, list[str]]] = {}  # recipient -> {messageId: [frames]}, in arrival order
+receipts: dict[str, list[str]] = {}
 
 
 def now_ms() -> int:
@@ -41,6 +46,17 @@ def health(conn, request):
     if request.headers.get("Upgrade", "").lower() != "websocket":
         return conn.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
     return None
+
+
+async def flush(ws, address: str, ack: bool) -> None:
+    stored = offline.get(address) if ack else offline.pop(address, None)
+    for frames in list((stored or {}).values()):
+        for data in frames:
+            await ws.send(data)
+    for data in receipts.pop(address, ()):
+        await ws.send(data)
+    if ack:
+        await ws.send('{"type":"queue_empty"}')
 
 
 async def handler(ws) -> None:
@@ -69,8 +85,26 @@ async def handler(ws) -> None:
                         pass
                 if answer == "queued":
                     out["queued"] = True
-                    offline.setdefault(to, []).append(json.dumps(out))
+                    offline.setdefault(to, {}).setdefault(str(mid), []).append(json.dumps(out))
                 await ws.send(json.dumps({"type": answer, "messageId": mid, "to": to, "timestamp": now_ms()}))
+            elif ftype == "read_receipt" and address is not None:
+                to = str(frame.get("to", "")).lower()
+                out = json.dumps({"type": "read", "from": address, "messageId": frame.get("messageId"),
+                                  "timestamp": now_ms()})
+                peer = online.get(to)
+                try:
+                    if peer is not None:
+                        await peer.send(out)
+                        continue
+                except ConnectionClosed:
+                    pass
+                receipts.setdefault(to, []).append(out)
+            elif ftype == "ack" and address is not None:
+                stored = offline.get(address, {})
+                for mid in frame.get("messageIds") or ():
+                    stored.pop(str(mid), None)
+            elif ftype == "ping":
+                await ws.send(json.dumps({"type": "pong", "timestamp": now_ms()}))
             elif ftype == "auth":
                 addr = frame.get("address")
                 if not isinstance(addr, str) or not ADDRESS.fullmatch(addr):
@@ -79,8 +113,7 @@ async def handler(ws) -> None:
                 address = addr.lower()
                 online[address] = ws
                 await ws.send(json.dumps({"type": "auth_success", "address": address, "timestamp": now_ms()}))
-                for data in offline.pop(address, ()):
-                    await ws.send(data)
+                await flush(ws, address, frame.get("ack") is True)
     except ConnectionClosed:
         pass
     finally:

@@ -1,15 +1,23 @@
 #!/usr/bin/env python3
 """Load generator for relayd benchmarks: one process, asyncio, websockets' asyncio client.
 
-Run by ``bench/run.py`` as a separate process from the server under test.
-Each subcommand drives one scenario against ``--port`` on 127.0.0.1 and
-prints exactly one line ``RESULT {json}`` at the end.
+Run by ``bench/run.py`` as one or more processes separate from the server
+under test. Each subcommand drives one scenario against ``--port`` on
+127.0.0.1 and prints exactly one line ``RESULT {json}`` at the end.
 
 Phase marks: at each phase boundary the load generator prints
 ``MARK <name>`` and (with ``--marks``, as run.py uses it) blocks until one
-line arrives on stdin. run.py samples the server's CPU time and RSS from
-/proc when it sees the mark, then answers; the load generator never reads
-the server's /proc itself. Without ``--marks`` the marks are only printed.
+line arrives on stdin. run.py waits until every load process has printed
+the same mark, samples the server (CPU, RSS, I/O counters) and answers them
+all, so several processes start each phase together; the load generator
+never reads the server's /proc itself. Without ``--marks`` the marks are
+only printed.
+
+The protocol is the one relayd, the bench baseline and the Node original
+share: ``auth`` (with ``"ack": true`` where the scenario needs the ack
+extension), ``message``, ``read_receipt``, ``ack``, ``ping``. Frames of
+types a scenario does not expect (``challenge``, ``queue_empty``, ...) are
+skipped, so a server that sends more, or less, still works.
 
 Every loop is bounded in count and time: each phase has a deadline and a
 count cap, every connect and every wait has a timeout, and the whole run is
@@ -34,7 +42,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 HOST = "127.0.0.1"
 CONNECT_TIMEOUT = 10.0
-MARK_TIMEOUT = 60.0
+MARK_TIMEOUT = 120.0
+MAX_ACK_IDS = 1000  # the ack extension's per-frame limit
 
 _marks_enabled = False
 loads = json.loads
@@ -86,16 +95,19 @@ async def open_ws(url: str, **kw: Any) -> ClientConnection:
         CONNECT_TIMEOUT + 1)
 
 
-async def auth(ws: ClientConnection, address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+async def auth(ws: ClientConnection, address: str, timeout: float = CONNECT_TIMEOUT, ack: bool = False) -> None:
     """Authenticate; skip frames of other types (a relay may send a challenge first)."""
-    await asyncio.wait_for(ws.send(dumps({"type": "auth", "address": address})), timeout)
+    frame: dict[str, Any] = {"type": "auth", "address": address}
+    if ack:
+        frame["ack"] = True
+    await asyncio.wait_for(ws.send(dumps(frame)), timeout)
     async with asyncio.timeout(timeout):
         while True:
-            frame = loads(await ws.recv())
-            if frame.get("type") == "auth_success":
+            answer = loads(await ws.recv())
+            if answer.get("type") == "auth_success":
                 return
-            if frame.get("type") == "error":
-                raise RuntimeError(f"auth refused: {frame}")
+            if answer.get("type") == "error":
+                raise RuntimeError(f"auth refused: {answer}")
 
 
 async def open_authed(url: str, addresses: list[str], concurrency: int, **kw: Any) -> list[ClientConnection]:
@@ -137,6 +149,51 @@ async def wait_until(pred: Any, timeout: float, step: float = 0.005) -> bool:
             return False
         await asyncio.sleep(step)
     return True
+
+
+async def ping_barrier(ws: ClientConnection, timeout: float, on_frame: Any = None) -> None:
+    """Send ``ping`` and read until ``pong``; every earlier frame goes to ``on_frame``.
+
+    The relays handle one connection's frames in order, so the pong proves
+    that every frame sent before the ping has been handled.
+    """
+    await asyncio.wait_for(ws.send(dumps({"type": "ping"})), timeout)
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = loads(await ws.recv())
+            if frame.get("type") == "pong":
+                return
+            if on_frame is not None:
+                on_frame(frame)
+
+
+async def fill_queues(url: str, sender: str, targets: list[tuple[str, str]], window: int, content: str,
+                      timeout: float) -> Counter[str]:
+    """Send (recipient, messageId) messages from one connection, ``window`` in flight; count the answers."""
+    ws = (await open_authed(url, [sender], 1))[0]
+    answers: Counter[str] = Counter()
+    try:
+        inflight = sent = 0
+        async with asyncio.timeout(timeout):
+            while sent < len(targets) or inflight:
+                while sent < len(targets) and inflight < window:
+                    to, mid = targets[sent]
+                    sent += 1
+                    inflight += 1
+                    await ws.send(dumps({"type": "message", "to": to, "content": content, "messageId": mid,
+                                         "timestamp": int(time.time() * 1000)}))
+                frame = loads(await ws.recv())
+                ftype = frame.get("type")
+                if ftype in ("queued", "delivered"):
+                    answers[ftype] += 1
+                elif ftype == "error":
+                    answers["error:" + str(frame.get("code"))] += 1
+                else:
+                    continue
+                inflight -= 1
+    finally:
+        abort_all([ws])
+    return answers
 
 
 # Scenario 1: live routing
@@ -227,8 +284,8 @@ async def live(args: argparse.Namespace) -> dict[str, Any]:
         elapsed = max(1e-9, st.last_rx - t0)
         return {"sent": total_sent(), "received": st.received, "elapsed_s": round(elapsed, 4),
                 "rate": round(st.received / elapsed, 1), "p50_ms": ms(pct(st.lat, 50)),
-                "p90_ms": ms(pct(st.lat, 90)), "p99_ms": ms(pct(st.lat, 99)), "max_ms": ms(max(st.lat, default=None)),
-                "latency_samples": len(st.lat),
+                "p99_ms": ms(pct(st.lat, 99)), "max_ms": ms(max(st.lat, default=None)),
+                "lat_us": [x // 1000 for x in st.lat],
                 "acks": dict(st.acks), "errors": dict(st.errors), "queued_rx": st.queued_rx, "complete": complete}
 
     def reset() -> None:
@@ -241,43 +298,45 @@ async def live(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {"pairs": P, "window": W, "content_bytes": args.content_bytes}
     try:
-        # Warm-up: a little traffic so first-use costs stay out of the figures.
-        st.mode, st.limit, st.deadline = "closed", 5, time.monotonic() + 5
+        # Warm-up at full speed, not measured: first-use costs (and a JIT's compilation) stay out.
+        st.mode, st.limit, st.deadline = "closed", max(1, args.warmup), time.monotonic() + args.max_duration
         for p in pairs:
-            await send(p)
-        await wait_until(lambda: total_sent() >= 5 * P and drained(), 10)
+            for _ in range(min(W, st.limit)):
+                await send(p)
+        await wait_until(lambda: total_sent() >= st.limit * P and drained(), args.max_duration + 10)
         reset()
 
-        # Max rate: every sender keeps W messages in flight.
+        # Max rate: every sender keeps W messages in flight until it has sent --count.
         st.mode, st.limit = "closed", args.count
         mark("max_start")
         t0 = time.monotonic()
-        st.deadline = t0 + args.duration
+        st.deadline = t0 + args.max_duration
         for p in pairs:
-            for _ in range(W):
+            for _ in range(min(W, args.count)):
                 await send(p)
         await wait_until(lambda: time.monotonic() >= st.deadline or total_sent() >= args.count * P,
-                         args.duration + 1, 0.01)
-        complete = await wait_until(drained, args.drain_timeout)
+                         args.max_duration + 1, 0.005)
+        complete = await wait_until(drained, args.drain_timeout, 0.002)
         mark("max_end")
         out["max"] = phase_result(t0, complete)
 
-        # Paced: an open-loop pacer at a fixed total rate, round-robin over the senders.
+        # Paced: an open-loop pacer at a fixed rate, round-robin over the senders, as many messages.
         rate = args.paced_rate or out["max"]["rate"] / 2
         reset()
         st.mode = "paced"
-        n_total = int(rate * args.paced_duration)
+        n_total = int(min(args.count * P, rate * args.max_duration))
         mark("paced_start")
         t0 = time.monotonic()
-        st.record_after = time.perf_counter_ns() + int(args.paced_warmup * 1e9)
+        # The first seconds (at most a fifth of the phase) are the pacer's own warm-up: not kept.
+        st.record_after = time.perf_counter_ns() + int(min(args.paced_warmup, 0.2 * n_total / rate) * 1e9)
         n = 0
-        while n < n_total and time.monotonic() < t0 + args.paced_duration + 2:
+        while n < n_total and time.monotonic() < t0 + args.max_duration + 2:
             due = min(n_total, int((time.monotonic() - t0) * rate) + 1)
             while n < due:
                 await send(pairs[n % P])
                 n += 1
             await asyncio.sleep(0.001)
-        complete = await wait_until(drained, args.drain_timeout)
+        complete = await wait_until(drained, args.drain_timeout, 0.002)
         mark("paced_end")
         out["paced"] = phase_result(t0, complete)
         out["paced"]["target_rate"] = round(rate, 1)
@@ -352,11 +411,12 @@ async def offline(args: argparse.Namespace) -> dict[str, Any]:
 
     tasks = [asyncio.create_task(reader(i)) for i in range(S)]
     try:
-        # Warm-up (also creates the first rows / tables' pages).
-        state.update(limit=2, deadline=time.monotonic() + 5)
+        # Warm-up, not measured: creates the first rows and tables' pages (and lets a JIT compile).
+        state.update(limit=args.warmup, deadline=time.monotonic() + 10)
         for i in range(S):
-            await send(i)
-        await wait_until(lambda: sum(acked) >= sum(sent) and sum(sent) >= 2 * S, 10)
+            for _ in range(min(W, args.warmup)):
+                await send(i)
+        await wait_until(lambda: sum(acked) >= sum(sent) and sum(sent) >= args.warmup * S, 15)
         acks.clear()
         errors.clear()
         for i in range(S):
@@ -460,67 +520,313 @@ async def flush(args: argparse.Namespace) -> dict[str, Any]:
 
 # Scenario 5: REST
 
-async def http_once(port: int, request: bytes, timeout: float) -> int:
-    """One request on a fresh connection; read to EOF (the server closes: Connection: close)."""
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(HOST, port)
-        try:
-            writer.write(request)
-            data = await reader.read()
-        finally:
-            writer.close()
-    if not data.startswith(b"HTTP/1.1 "):
-        return 0
-    return int(data[9:12])
+class HttpClient:
+    """One HTTP/1.1 client that reuses its TCP connection while the server keeps it open.
+
+    ``request`` sends one request and reads one response (Content-Length,
+    chunked, or to EOF). The connection is kept when the answer allows it
+    (HTTP/1.1 without ``Connection: close``) and dropped otherwise, after
+    reading to EOF so the server, which closed first, holds the TIME_WAIT.
+    A kept connection that the server closed while idle is reopened once
+    and counted in ``stale``.
+    """
+
+    def __init__(self, port: int, timeout: float) -> None:
+        self.port = port
+        self.timeout = timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.connections = 0
+        self.stale = 0
+
+    async def request(self, raw: bytes) -> int:
+        async with asyncio.timeout(self.timeout):
+            for _ in range(2):
+                fresh = self.writer is None
+                if fresh:
+                    self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+                    self.connections += 1
+                assert self.reader is not None and self.writer is not None
+                self.writer.write(raw)
+                try:
+                    status, keep = await self._response(self.reader)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    self.close()
+                    if fresh:
+                        raise
+                    self.stale += 1
+                    continue
+                if not keep:
+                    await self.reader.read()
+                    self.close()
+                return status
+        raise ConnectionError("kept connection failed twice")
+
+    @staticmethod
+    async def _response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        status = int(rest[:3])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip().lower()
+        conn = headers.get("connection", "")
+        keep = ("close" not in conn) if version == "HTTP/1.1" else ("keep-alive" in conn)
+        if "content-length" in headers:
+            await reader.readexactly(int(headers["content-length"]))
+        elif "chunked" in headers.get("transfer-encoding", ""):
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        else:
+            keep = False
+        return status, keep
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
 
 
-def http_request(method: str, path: str, body: bytes = b"") -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n"
+def http_request(method: str, path: str, body: bytes = b"", keep_alive: bool = False) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: {'keep-alive' if keep_alive else 'close'}\r\n"
     if body:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + body
 
 
 async def rest(args: argparse.Namespace) -> dict[str, Any]:
+    """Each phase is ``name`` or ``name:close``: an endpoint with keep-alive requested, or one request
+    per connection."""
     tag = random.getrandbits(24)
     address = make_address(8, tag, 0)
     out: dict[str, Any] = {"concurrency": args.concurrency}
-    if "public-keys" in args.endpoints:
+    if any(p.split(":")[0] == "public-keys" for p in args.phases):
         body = json.dumps({"address": address, "publicKey": "0x04" + "ab" * 64}).encode()
-        status = await http_once(args.port, http_request("POST", "/api/public-keys", body), 10)
+        status = await HttpClient(args.port, 10).request(http_request("POST", "/api/public-keys", body))
         if status != 200:
             raise RuntimeError(f"POST /api/public-keys answered {status}")
     paths = {"status": f"/api/status/{address}", "public-keys": f"/api/public-keys/{address}",
              "live": "/health/live", "health": "/health"}
-    for name in args.endpoints:
-        request = http_request("GET", paths[name])
+    for phase in args.phases:
+        name, _, mode = phase.partition(":")
+        request = http_request("GET", paths[name], keep_alive=mode != "close")
         statuses: Counter[int] = Counter()
         errors: Counter[str] = Counter()
+        clients = [HttpClient(args.port, 5) for _ in range(args.concurrency)]
         done = 0
 
-        async def worker(deadline: float) -> None:
+        async def worker(client: HttpClient, deadline: float) -> None:
             nonlocal done
             while time.monotonic() < deadline and done < args.count:
                 done += 1
                 try:
-                    statuses[await http_once(args.port, request, 5)] += 1
-                except (OSError, asyncio.TimeoutError) as exc:
+                    statuses[await client.request(request)] += 1
+                except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
                     errors[type(exc).__name__] += 1
+                    client.close()
+            client.close()
 
-        mark(f"{name}_start")
+        # Warm-up, not measured: the same requests for a moment (a JIT compiles, caches fill).
+        await asyncio.wait_for(asyncio.gather(*(worker(c, time.monotonic() + args.warmup) for c in clients)),
+                               args.warmup + 10)
+        statuses.clear()
+        errors.clear()
+        done = 0
+        for c in clients:
+            c.connections = c.stale = 0
+        mark(f"{phase}_start")
         t0 = time.monotonic()
-        await asyncio.wait_for(asyncio.gather(*(worker(t0 + args.duration) for _ in range(args.concurrency))),
+        await asyncio.wait_for(asyncio.gather(*(worker(c, t0 + args.duration) for c in clients)),
                                args.duration + 10)
         elapsed = time.monotonic() - t0
-        mark(f"{name}_end")
-        out[name] = {"path": paths[name].replace(address, ":address"), "requests": sum(statuses.values()),
-                     "ok": statuses.get(200, 0), "statuses": {str(k): v for k, v in statuses.items()},
-                     "errors": dict(errors), "elapsed_s": round(elapsed, 4),
-                     "rate": round(statuses.get(200, 0) / elapsed, 1)}
+        mark(f"{phase}_end")
+        out[phase] = {"path": paths[name].replace(address, ":address"), "requests": sum(statuses.values()),
+                      "ok": statuses.get(200, 0), "statuses": {str(k): v for k, v in statuses.items()},
+                      "errors": dict(errors), "elapsed_s": round(elapsed, 4),
+                      "connections": sum(c.connections for c in clients), "stale": sum(c.stale for c in clients),
+                      "rate": round(statuses.get(200, 0) / elapsed, 1)}
+    return out
+
+
+# Scenario 7: acknowledged delivery
+
+async def ack_drain(url: str, address: str, expected: int, mode: str, timeout: float) -> dict[str, Any]:
+    """Authenticate with ``"ack": true``, receive ``expected`` stored messages and ack them.
+
+    mode ``single``: one ``ack`` frame per message as it arrives; ``batch``:
+    frames of up to MAX_ACK_IDS ids as they fill up; ``none``: no acks (the
+    delivery-only reference). Acks go out from a separate task, so receiving
+    never waits on sending (a phone's client buffers its writes too). Ends
+    with a ping barrier: the pong proves every ack was handled.
+    """
+    ws = await open_ws(url, max_queue=4096)
+    outbox: asyncio.Queue[str | None] = asyncio.Queue()
+    errors: Counter[str] = Counter()
+
+    async def writer() -> None:
+        while (data := await outbox.get()) is not None:
+            await ws.send(data)
+
+    task = asyncio.create_task(writer())
+    got = 0
+    try:
+        async with asyncio.timeout(timeout):
+            await ws.send(dumps({"type": "auth", "address": address, "ack": True}))
+            batch: list[str] = []
+            while got < expected:
+                frame = loads(await ws.recv())
+                ftype = frame.get("type")
+                if ftype == "error":
+                    errors[str(frame.get("code"))] += 1
+                if ftype != "message":
+                    continue
+                got += 1
+                if mode == "single":
+                    outbox.put_nowait(dumps({"type": "ack", "messageIds": [frame["messageId"]]}))
+                elif mode == "batch":
+                    batch.append(frame["messageId"])
+                    if len(batch) >= MAX_ACK_IDS:
+                        outbox.put_nowait(dumps({"type": "ack", "messageIds": batch}))
+                        batch = []
+            if batch:
+                outbox.put_nowait(dumps({"type": "ack", "messageIds": batch}))
+            outbox.put_nowait(None)
+            await task
+
+        def note(frame: dict[str, Any]) -> None:
+            if frame.get("type") == "error":
+                errors[str(frame.get("code"))] += 1
+        await ping_barrier(ws, timeout, note)
+        await asyncio.wait_for(ws.close(), 5)  # a clean close, as an app going to the background
+    finally:
+        task.cancel()
+        abort_all([ws])
+    return {"received": got, "errors": dict(errors)}
+
+
+async def count_redelivered(url: str, address: str, timeout: float, kinds: tuple[str, ...] = ("message",)) -> int:
+    """Reconnect as ``address`` (ack mode) and count frames of ``kinds`` the server sends before a pong."""
+    ws = await open_ws(url, max_queue=4096)
+    seen = 0
+
+    def note(frame: dict[str, Any]) -> None:
+        nonlocal seen
+        seen += frame.get("type") in kinds
+    try:
+        await ws.send(dumps({"type": "auth", "address": address, "ack": True}))
+        await ping_barrier(ws, timeout, note)
+    finally:
+        abort_all([ws])
+    return seen
+
+
+async def acks(args: argparse.Namespace) -> dict[str, Any]:
+    """Forms: ``one`` (one recipient, single-id acks), ``many`` (--conns recipients in parallel,
+    single-id acks), ``batch`` (one recipient, acks of up to 1000 ids), ``none`` (one recipient,
+    no acks: the delivery-only reference). Each form fills its own recipients first (not measured)."""
+    url = f"ws://{HOST}:{args.port}"
+    tag = random.getrandbits(24)
+    pad = padding(args.content_bytes)
+    out: dict[str, Any] = {"messages": args.messages}
+    if args.warmup:  # not measured: every code path once (and a JIT's compilation) before the first form
+        r = make_address(0x0E, tag, 0)
+        await fill_queues(url, make_address(0x0E, tag, 1), [(r, f"w-{i}") for i in range(args.warmup)], 32, pad,
+                          args.timeout)
+        await ack_drain(url, r, args.warmup, "single", args.timeout)
+        await count_redelivered(url, r, args.timeout)
+    for fi, form in enumerate(args.forms):
+        k = args.conns if form == "many" else 1
+        recipients = [make_address(0x10 + fi, tag, i) for i in range(k)]
+        targets = [(recipients[i % k], f"a{fi}-{i}") for i in range(args.messages)]
+        answers = await fill_queues(url, make_address(0x0F, tag, fi), targets, 32, pad, args.timeout)
+        per = [sum(1 for to, _ in targets if to == r) for r in recipients]
+        await asyncio.sleep(args.settle)
+        mode = {"one": "single", "many": "single", "batch": "batch", "none": "none"}[form]
+        mark(f"{form}_start")
+        t0 = time.perf_counter()
+        drained = await asyncio.gather(*(ack_drain(url, r, n, mode, args.timeout)
+                                         for r, n in zip(recipients, per)))
+        elapsed = time.perf_counter() - t0
+        mark(f"{form}_end")
+        redelivered = None
+        if mode != "none":
+            counts = await asyncio.gather(*(count_redelivered(url, r, args.timeout) for r in recipients))
+            redelivered = sum(counts)
+        errors: Counter[str] = Counter()
+        for d in drained:
+            errors.update(d["errors"])
+        received = sum(d["received"] for d in drained)
+        out[form] = {"connections": k, "fill": dict(answers), "received": received, "errors": dict(errors),
+                     "elapsed_s": round(elapsed, 4), "rate": round(received / max(1e-9, elapsed), 1),
+                     "redelivered": redelivered}
+    return out
+
+
+# Scenario 8: read receipts to an offline recipient
+
+async def receipts(args: argparse.Namespace) -> dict[str, Any]:
+    """Forms: ``one`` (one reader connection), ``many`` (--conns readers in parallel); every
+    receipt is its own ``read_receipt`` frame to one offline address. A pong ends each reader's
+    stream; then the offline address connects and counts the ``read`` frames it gets (stored
+    receipts, not measured)."""
+    url = f"ws://{HOST}:{args.port}"
+    tag = random.getrandbits(24)
+    out: dict[str, Any] = {"receipts": args.receipts}
+    if args.warmup:  # not measured: every code path once (and a JIT's compilation) before the first form
+        target, reader = make_address(0x1E, tag, 0), make_address(0x1E, tag, 1)
+        ws = (await open_authed(url, [reader], 1))[0]
+        try:
+            for n in range(args.warmup):
+                await ws.send(dumps({"type": "read_receipt", "to": target, "messageId": f"w{n}"}))
+            await ping_barrier(ws, args.timeout)
+        finally:
+            abort_all([ws])
+        await count_redelivered(url, target, args.timeout, ("read",))
+    for fi, form in enumerate(args.forms):
+        k = args.conns if form == "many" else 1
+        target = make_address(0x20 + fi, tag, 0)
+        readers = [make_address(0x28 + fi, tag, i) for i in range(k)]
+        conns = await open_authed(url, readers, 50)
+        per = [args.receipts // k + (1 if i < args.receipts % k else 0) for i in range(k)]
+        errors: Counter[str] = Counter()
+
+        def note(frame: dict[str, Any]) -> None:
+            if frame.get("type") == "error":
+                errors[str(frame.get("code"))] += 1
+
+        async def read_all(i: int) -> None:
+            ws = conns[i]
+            async with asyncio.timeout(args.timeout):
+                for n in range(per[i]):
+                    await ws.send(dumps({"type": "read_receipt", "to": target, "messageId": f"r{i}-{n}"}))
+            await ping_barrier(ws, args.timeout, note)
+
+        try:
+            mark(f"{form}_start")
+            t0 = time.perf_counter()
+            await asyncio.gather(*(read_all(i) for i in range(k)))
+            elapsed = time.perf_counter() - t0
+            mark(f"{form}_end")
+        finally:
+            abort_all(conns)
+        stored = await count_redelivered(url, target, args.timeout, ("read",))
+        sent = sum(per)
+        out[form] = {"connections": k, "sent": sent, "errors": dict(errors), "elapsed_s": round(elapsed, 4),
+                     "rate": round(sent / max(1e-9, elapsed), 1), "stored_delivered": stored}
     return out
 
 
 # Command line
+
+def csv_list(value: str) -> list[str]:
+    return [x for x in value.split(",") if x]
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -530,14 +836,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="scenario", required=True)
 
     s = sub.add_parser("live", help="scenario 1: live routing between online pairs")
-    s.add_argument("--pairs", type=int, default=50)
-    s.add_argument("--window", type=int, default=8, help="messages in flight per sender")
-    s.add_argument("--count", type=int, default=2000, help="messages per pair, at most")
-    s.add_argument("--duration", type=float, default=4, help="max-rate phase length, seconds, at most")
-    s.add_argument("--paced-rate", type=float, default=0, help="total msg/s in the paced phase (0: half the max)")
-    s.add_argument("--paced-duration", type=float, default=3)
+    s.add_argument("--pairs", type=int, default=20)
+    s.add_argument("--window", type=int, default=16, help="messages in flight per sender")
+    s.add_argument("--count", type=int, default=1000, help="messages per pair in each measured phase")
+    s.add_argument("--warmup", type=int, default=100, help="messages per pair before measuring")
+    s.add_argument("--max-duration", type=float, default=30, help="cap on each phase, seconds")
+    s.add_argument("--paced-rate", type=float, default=0, help="msg/s of this process in the paced phase "
+                                                                "(0: half its own max)")
     s.add_argument("--paced-warmup", type=float, default=0.5,
-                   help="latencies of messages sent in the paced phase's first seconds are not kept")
+                   help="latencies of messages sent in the paced phase's first seconds (at most a fifth "
+                        "of it) are not kept")
     s.add_argument("--content-bytes", type=int, default=200)
     s.add_argument("--drain-timeout", type=float, default=15)
     s.add_argument("--trace", metavar="FILE", help="write every receipt's time and latency (diagnosis)")
@@ -552,6 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=int, default=16)
     s.add_argument("--recipients", type=int, default=5000)
     s.add_argument("--count", type=int, default=5000, help="messages per sender, at most")
+    s.add_argument("--warmup", type=int, default=50, help="messages per sender before measuring")
     s.add_argument("--duration", type=float, default=3)
     s.add_argument("--content-bytes", type=int, default=200)
     s.add_argument("--drain-timeout", type=float, default=15)
@@ -565,16 +874,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--flush-timeout", type=float, default=120)
     s.add_argument("--settle", type=float, default=0.5)
 
-    s = sub.add_parser("rest", help="scenario 5: REST requests on fresh connections")
-    s.add_argument("--endpoints", default="status,public-keys",
-                   type=lambda v: [x for x in v.split(",") if x], help="status,public-keys,live,health")
+    s = sub.add_parser("rest", help="scenario 5: REST requests, keep-alive requested or one per connection")
+    s.add_argument("--phases", default="public-keys,public-keys:close", type=csv_list,
+                   help="endpoint[:close] list; endpoints: status, public-keys, live, health")
     s.add_argument("--concurrency", type=int, default=4)
     s.add_argument("--duration", type=float, default=2)
-    s.add_argument("--count", type=int, default=100000, help="requests per endpoint, at most")
+    s.add_argument("--warmup", type=float, default=0.3, help="seconds of the same requests before each phase")
+    s.add_argument("--count", type=int, default=1_000_000, help="requests per phase, at most")
+
+    s = sub.add_parser("acks", help="scenario 7: ack-mode recipients acking stored messages")
+    s.add_argument("--forms", default="one,many,batch,none", type=csv_list, help="one, many, batch, none")
+    s.add_argument("--messages", type=int, default=2000, help="stored messages per form")
+    s.add_argument("--conns", type=int, default=20, help="recipients in parallel for the 'many' form")
+    s.add_argument("--warmup", type=int, default=200, help="messages stored and acked before the first form")
+    s.add_argument("--content-bytes", type=int, default=200)
+    s.add_argument("--settle", type=float, default=0.3)
+    s.add_argument("--timeout", type=float, default=120)
+
+    s = sub.add_parser("receipts", help="scenario 8: read receipts to an offline recipient")
+    s.add_argument("--forms", default="one,many", type=csv_list, help="one, many")
+    s.add_argument("--receipts", type=int, default=2000, help="receipts per form")
+    s.add_argument("--conns", type=int, default=20, help="reader connections for the 'many' form")
+    s.add_argument("--warmup", type=int, default=200, help="receipts sent before the first form")
+    s.add_argument("--timeout", type=float, default=120)
     return p
 
 
-SCENARIOS = {"live": live, "idle": idle, "offline": offline, "flush": flush, "rest": rest}
+SCENARIOS = {"live": live, "idle": idle, "offline": offline, "flush": flush, "rest": rest, "acks": acks,
+             "receipts": receipts}
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
