@@ -121,6 +121,14 @@ class QueueSection:
     overflow: str = opt("reject", "When a queue is full: reject (sender gets queue_full) or drop_oldest.",
                         choices=("reject", "drop_oldest"), reload=True)
     expiry_interval_s: float = opt(60.0, "How often expired messages are removed.", min=0.05, max=86400)
+    max_receipts_per_recipient: int = opt(10000, "Read receipts held per offline recipient; past it the oldest "
+                                          "go.", min=1, max=10_000_000, reload=True)
+    flush_delay_ms: int = opt(1500, "A session without ack gets its stored messages once it sends a frame, "
+                              "shortly after a key upload for its address, or after this delay (the app "
+                              "listens only after its key upload).", min=0, max=600_000, reload=True)
+    flush_after_key_upload_ms: int = opt(200, "After a key upload for an address, its waiting sessions get "
+                                         "their stored messages this much later.", min=0, max=600_000,
+                                         reload=True)
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,10 @@ class StorageSection:
                            choices=("normal", "full"))
     commit_interval_ms: float = opt(2.0, "Longest a write waits to be grouped into one commit.",
                                     min=0, max=1000)
+    max_bytes: int = opt(-1, "Content bytes all offline queues together may hold; past it new offline "
+                             "messages get storage_unavailable (-1: half the free disk space at start-up for "
+                             "SQLite, no budget for the others; 0: no budget).", min=-1, max=1 << 50,
+                         reload=True)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ class Housekeeping:
             return
         self.metrics.queue_bytes.set(stats["bytes"])
         self.metrics.queue_recipients.set(stats["recipients"])
+        self.metrics.queue_receipts.set(stats["receipts"])
 
     async def _expire_messages(self) -> None:
         cutoff = wall_ms(self.clock) - self.retention_ms

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Awaitable, Callable, Protocol
 
+from .backlog import Backlog
 from .clock import Clock, wall_ms
 from .config import Config
 from .delivery import Delivery
@@ -23,11 +24,13 @@ from .ops.metrics import RelayMetrics
 from .presence import Routes
 from .ratelimit import Verdict
 from .session import Session
-from .storage.store import Store
+from .storage.store import StorageUnavailable, Store
+from .writes import AddressWrites
 
 log = logging.getLogger("relayd.router")
 
-Handler = Callable[[Session, dict[str, Any]], Awaitable[None]]
+Handler = Callable[[Session, dict[str, Any]], Awaitable[None] | None]
+"""Applies one decoded frame; returns an awaitable when it must wait (sign-in, storing), else None."""
 
 
 class SignInService(Protocol):
@@ -55,14 +58,17 @@ class Router:
         self.metrics = metrics
         self.authenticator = authenticator
         self.clock = clock
-        self.delivery = Delivery(config, routes, store, metrics, clock)
+        writes = AddressWrites()
+        self.delivery = Delivery(config, routes, store, metrics, clock, writes)
+        self.backlog = Backlog(config, routes, store, metrics, clock, writes)
+        self.delivery.on_stored = self.backlog.stored
         self._handlers: dict[str, Handler] = {
             "auth": self._on_auth,
             "message": self.delivery.message,
             "typing": self._on_typing,
             "read_receipt": self.delivery.read_receipt,
             "ping": self._on_ping,
-            "ack": self.delivery.ack,
+            "ack": self.backlog.ack,
         }
         self.configure(config)
 
@@ -70,6 +76,7 @@ class Router:
         """Apply (re)loaded limits; called at start and on SIGHUP."""
         self.max_preauth = config.limits.max_preauth_frame_bytes
         self.delivery.configure(config)
+        self.backlog.configure(config)
 
     # Events from the connection layer
 
@@ -102,9 +109,14 @@ class Router:
                 if ftype is None:
                     raise RelayError(ErrorCode.MISSING_FIELD, "Missing field: type")
                 raise RelayError(ErrorCode.UNKNOWN_TYPE, f"Unknown frame type: {str(ftype)[:64]}")
-            if session.address is None and ftype != "auth":
-                raise RelayError(ErrorCode.NOT_AUTHENTICATED)
-            await handler(session, frame)
+            if session.address is None:
+                if ftype != "auth":
+                    raise RelayError(ErrorCode.NOT_AUTHENTICATED)
+            elif not session.ready:
+                self.backlog.listening(session)
+            pending = handler(session, frame)
+            if pending is not None:
+                await pending
             self.metrics.frame_ok.inc()
         except RelayError as err:
             self.metrics.frame_error.inc()
@@ -140,6 +152,7 @@ class Router:
         session.closed = True
         self.authenticator.forget(session.id)
         self.delivery.closed(session)
+        self.backlog.closed(session)
         if session.address is not None and self.routes.detach(session) and log.isEnabledFor(logging.DEBUG):
             log.debug("%s went offline", session.address)
 
@@ -151,9 +164,14 @@ class Router:
                 self._refuse(session, refusal, CLOSE_CODES[ErrorCode.AUTH_REQUIRED])
                 self.closed(session)
 
+    def key_uploaded(self, address: str) -> None:
+        """A key was published for ``address`` over REST: its app is about to listen."""
+        self.backlog.key_uploaded(address)
+
     async def settle(self) -> None:
-        """Wait until every message being stored has been answered (shutdown, tests)."""
+        """Wait until every message, receipt and ack being stored has landed (shutdown, tests)."""
         await self.delivery.settle()
+        await self.backlog.settle()
 
     def _refuse(self, session: Session, err: RelayError, close: CloseCode | None, reason: str | None = None) -> None:
         session.send(err.frame())
@@ -167,13 +185,15 @@ class Router:
         if session.address is not None:
             if session.address != address:
                 raise RelayError(ErrorCode.ALREADY_AUTHENTICATED)
-            session.send({"type": "auth_success", "address": address, "timestamp": wall_ms(self.clock)})
+            session.send({"type": "auth_success", "address": address, "timestamp": wall_ms(self.clock),
+                          "verified": session.verified})
             return
         ack = field_bool(frame, "ack", default=False)
         result = await self.authenticator.sign_in(session.id, session.ip, address, frame)
         if session.closed:
             return
         session.address = address
+        session.spelling = frame["address"]
         session.ack = ack
         session.verified = result.proven
         self.routes.attach(session)
@@ -181,14 +201,29 @@ class Router:
             self.evict_unverified(address)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("session %d authenticated as %s (ack=%s)", session.id, address, ack)
+        try:
+            empty = await self.backlog.prepare(session)
+        except StorageUnavailable as exc:
+            log.error("cannot read the offline queue: %s; live delivery continues", exc)
+            session.send({"type": "auth_success", "address": address, "timestamp": wall_ms(self.clock),
+                          **result.fields})
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE,
+                             "Storage is unavailable; the stored backlog was not sent") from None
+        if session.closed:
+            return
         session.send({"type": "auth_success", "address": address, "timestamp": wall_ms(self.clock),
                       **result.fields})
-        await self.delivery.flush(session)
+        if not empty:
+            flushing = self.backlog.start(session)
+            if flushing is not None:
+                await flushing
+        elif session.ack:
+            session.send({"type": "queue_empty"})
 
-    async def _on_typing(self, session: Session, frame: dict[str, Any]) -> None:
+    def _on_typing(self, session: Session, frame: dict[str, Any]) -> None:
         to = field_address(frame, "to")
         is_typing = field_bool(frame, "isTyping")
-        self.delivery.forward({"type": "typing", "from": session.address, "isTyping": is_typing}, to)
+        self.delivery.forward({"type": "typing", "from": session.spelling, "isTyping": is_typing}, to)
 
-    async def _on_ping(self, session: Session, frame: dict[str, Any]) -> None:
+    def _on_ping(self, session: Session, frame: dict[str, Any]) -> None:
         session.send({"type": "pong", "timestamp": wall_ms(self.clock)})

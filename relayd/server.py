@@ -23,6 +23,7 @@ from .net.http_api import HttpApi
 from .ops.metrics import RelayMetrics
 from .presence import LocalPresence
 from .router import Router
+from .storage.backends import automatic_budget
 from .storage.memory import MemoryStore
 from .storage.store import Store
 
@@ -83,9 +84,14 @@ class RelayServer:
         if hasattr(self.store, "commit_observer"):
             self.store.commit_observer = self.metrics.commit_latency.observe
         await self.store.open()
+        self.router.delivery.storage_budget = automatic_budget(self.config, self.store)
+        self.router.configure(self.config)
         log.info("signature verification: %s", self.authenticator.prepare(self.config.auth.crypto))
+        delivery = self.router.delivery
         self.metrics.bind(connections=lambda: len(self.gateway.sessions), sessions=self.session_count,
                           online=self.presence.online_count, queue_depth=self.store.total,
+                          storage_bytes=self.store.stored_bytes,
+                          storage_budget=lambda: delivery.limits.max_total_bytes,
                           storage_healthy=lambda: 1 if self.store.healthy else 0)
         server = await self.gateway.start(sock=sock, ssl_context=ssl_context)
         self.authenticator.configure(self.config, self.public_url)

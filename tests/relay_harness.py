@@ -36,7 +36,10 @@ def free_port() -> int:
 
 def make_config(**sections: dict[str, Any]) -> Config:
     """``make_config(server={"auth_timeout_s": "1"})``: defaults plus overrides, memory storage."""
-    overrides = [("storage", "backend", "memory"), ("server", "host", "127.0.0.1"), ("server", "port", "0")]
+    # A session that has not sent a frame gets its backlog after [queue] flush_delay_ms (the app listens late);
+    # tests that are not about that hold start with it off, so a fresh session takes live messages at once.
+    overrides = [("storage", "backend", "memory"), ("server", "host", "127.0.0.1"), ("server", "port", "0"),
+                 ("queue", "flush_delay_ms", "0")]
     for section, values in sections.items():
         overrides += [(section, k, str(v)) for k, v in values.items()]
     return load_config(None, environ={}, overrides=overrides)
@@ -176,6 +179,7 @@ class ProcessRelay:
         self.log_path = tmp / f"relayd-{self.port}-{time.monotonic_ns()}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
         full_env.update({"RELAYD_SERVER_HOST": "127.0.0.1", "RELAYD_SERVER_PORT": str(self.port),
+                         "RELAYD_QUEUE_FLUSH_DELAY_MS": "0",
                          "PYTHONUNBUFFERED": "1"})
         full_env.update(env or {})
         self.log_file = open(self.log_path, "w")

@@ -39,7 +39,12 @@ class Peer:
         self.accept = accept
         self.session = Session(next(self._ids), "127.0.0.1", 0.0, self)
 
-    def push(self, data: str) -> bool:
+    closing = False
+
+    def hold(self, delta: int) -> None:
+        pass
+
+    def push(self, data: str, parcel: Any = None) -> bool:
         if self.accept is not None:
             if self.accept <= 0:
                 return False
@@ -231,15 +236,20 @@ class FailingStore(MemoryStore):
             raise StorageUnavailable("disk full")
         return await super().enqueue(msg, limits)
 
-    async def add_receipt(self, receipt: Any) -> None:
+    async def add_receipts(self, receipts: Any, max_per_recipient: int) -> int:
         if self.failing:
             raise StorageUnavailable("disk full")
-        await super().add_receipt(receipt)
+        return await super().add_receipts(receipts, max_per_recipient)
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0) -> Any:
         if self.failing:
             raise StorageUnavailable("disk full")
         return await super().pending(recipient, limit, after_seq)
+
+    async def backlog_size(self, recipient: str) -> Any:
+        if self.failing:
+            raise StorageUnavailable("disk full")
+        return await super().backlog_size(recipient)
 
 
 def test_storage_failure_refuses_the_message_and_is_not_remembered():

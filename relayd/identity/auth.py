@@ -26,12 +26,13 @@ from ..ratelimit import FixedWindow
 from ..storage.store import KeyRecord, StorageUnavailable, Store
 from . import secp256k1, signatures
 from .statements import auth_statement, canonical_x25519, key_statement
-from .tokens import Tokens
+from .tokens import new_token, token_hash
 
 log = logging.getLogger("relayd.auth")
 
 FORMATS = (signatures.SignatureFormat.DOUBLE_HASH.value, signatures.SignatureFormat.PREFIX.value)
 KEY_TYPES = ("x25519",)
+MAX_TOKENS_PER_ADDRESS = 16
 
 Verifier = Callable[[str, str, str, str], bool]
 """``verify(text, signature_hex, format, address) -> bool``; ``signatures.verify`` in production."""
@@ -70,7 +71,6 @@ class Authenticator:
         self.metrics = metrics
         self.clock = clock
         self.verify = verify
-        self.tokens = Tokens()
         self.attempts = FixedWindow(config.limits.auth_attempts_per_ip_per_min, 60.0)
         self._challenges: dict[int, Challenge] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relayd-verify")
@@ -138,9 +138,13 @@ class Authenticator:
         text = auth_statement(self.relay, address, challenge.nonce, challenge.issued_at)
         await self._check_signature(ip, text, signature, fmt, address)
         await self._lock(address)
-        token = self.tokens.issue(address, self.token_ttl, self.clock.monotonic())
-        return SignIn({"verified": True, "token": token, "tokenExpiresAt": int((now + self.token_ttl) * 1000)},
-                      proven=True)
+        token, expires = new_token(), int((now + self.token_ttl) * 1000)
+        try:
+            await self.store.save_token(token_hash(token), address, expires, MAX_TOKENS_PER_ADDRESS)
+        except StorageUnavailable:
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "Signed in, but the REST token cannot be stored right "
+                             "now; sign in again later") from None
+        return SignIn({"verified": True, "token": token, "tokenExpiresAt": expires}, proven=True)
 
     async def _check_unsigned(self, address: str) -> None:
         if self.mode == "signed":
@@ -184,15 +188,21 @@ class Authenticator:
             raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "Cannot check this address's lock right now") from None
 
     async def _lock(self, address: str) -> None:
-        """Record proven ownership, so unsigned claims of the address are refused from now on."""
+        """Record proven ownership, so unsigned claims of the address are refused from now on.
+
+        A lock that cannot be recorded fails the sign-in or key write: the
+        address must never stay claimable by anyone after proving ownership.
+        """
         try:
             await self.store.lock(address)
         except StorageUnavailable as exc:
             log.error("cannot record an ownership lock: %s", exc)
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "Ownership cannot be recorded right now; "
+                             "retry later") from None
 
     # REST
 
-    def authorize(self, authorization: str | None, address: str) -> None:
+    async def authorize(self, authorization: str | None, address: str) -> None:
         """Private REST routes need ``Authorization: Bearer <token of address>`` outside open mode."""
         if self.mode == "open":
             return
@@ -201,7 +211,10 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token.strip():
             raise RelayError(ErrorCode.UNAUTHORIZED, "This route needs Authorization: Bearer <token> from a "
                              "signed WebSocket auth", headers=challenge)
-        owner = self.tokens.address_of(token.strip(), self.clock.monotonic())
+        try:
+            owner = await self.store.token_address(token_hash(token.strip()), int(self.clock.wall() * 1000))
+        except StorageUnavailable:
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "Cannot check the token right now") from None
         if owner is None:
             raise RelayError(ErrorCode.UNAUTHORIZED, "Bearer token unknown or expired", headers=challenge)
         if owner != address:
@@ -236,9 +249,10 @@ class Authenticator:
             raise RelayError(ErrorCode.INVALID_FIELD, "Field issuedAt must be an integer of unix seconds")
         if abs(self.clock.wall() - issued) > self.skew:
             raise RelayError(ErrorCode.INVALID_FIELD, f"Field issuedAt must be within {int(self.skew)} s of now")
-        if existing is not None and existing.signed and issued <= (existing.issued_at or 0):
-            raise RelayError(ErrorCode.STALE_STATEMENT,
-                             "issuedAt must be newer than the stored signed key's (no rollback)")
+        floor = await self.store.key_floor(record.address)
+        if floor is not None and issued <= floor:
+            raise RelayError(ErrorCode.STALE_STATEMENT, "issuedAt must be newer than every signed key ever "
+                             "stored for this address, deleted ones included (no rollback, no replay)")
         fmt = self._format(body.get("format"))
         text = key_statement(record.address, key_type, record.public_key, issued)
         await self._check_signature(ip, text, signature, fmt, record.address)
@@ -249,7 +263,5 @@ class Authenticator:
         return True
 
     def sweep(self) -> None:
-        """Forget expired tokens and finished rate windows."""
-        now = self.clock.monotonic()
-        self.tokens.sweep(now)
-        self.attempts.sweep(now)
+        """Forget finished rate windows (expired tokens leave the store with retention expiry)."""
+        self.attempts.sweep(self.clock.monotonic())

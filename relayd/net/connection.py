@@ -102,6 +102,7 @@ class RelayConnection(ServerConnection):
         self._written = 0
         self._parcels: collections.deque[tuple[int, Any]] | None = None
         self._inbound = 0
+        self._kept = 0
         self._inbound_sizes: list[int] = []
         self._message_size = 0
         self._frames_paused = False
@@ -366,6 +367,14 @@ class RelayConnection(ServerConnection):
             self.prune()
         self._recharge()
 
+    @property
+    def closing(self) -> bool:
+        return self.protocol.state is not OPEN
+
+    def hold(self, delta: int) -> None:
+        self._kept += delta
+        self._recharge()
+
     def congested(self) -> Awaitable[None] | None:
         """While the transport is paused above the write limit, the awaitable that resumes."""
         return self.drain() if self.paused else None
@@ -450,7 +459,7 @@ class RelayConnection(ServerConnection):
 
     def _recharge(self) -> None:
         """Report this connection's buffered bytes to its client's budget."""
-        held = (len(self.protocol.reader.buffer) + self._inbound + self._pending_bytes
+        held = (len(self.protocol.reader.buffer) + self._inbound + self._pending_bytes + self._kept
                 + self.transport.get_write_buffer_size())
         if held != self.held:
             delta, self.held = held - self.held, held

@@ -47,9 +47,10 @@ class RelayStatus(Protocol):
 
 
 class SessionRegistry(Protocol):
-    """What REST may do to live sessions: end unsigned ones once an address proved ownership."""
+    """What REST tells live sessions: an address proved ownership (unsigned sessions go), or published a key."""
 
     def evict_unverified(self, address: str) -> None: ...
+    def key_uploaded(self, address: str) -> None: ...
 
 
 def key_view(record: KeyRecord) -> dict[str, Any]:
@@ -227,8 +228,8 @@ class HttpApi:
                 raise RelayError(ErrorCode.INVALID_ADDRESS, f"Invalid address format: {str(a)[:64]}") from None
         return out
 
-    def _authorize(self, req: HttpRequest, address: str) -> None:
-        self.authenticator.authorize(req.header("authorization"), address)
+    async def _authorize(self, req: HttpRequest, address: str) -> None:
+        await self.authenticator.authorize(req.header("authorization"), address)
 
     # Health and metrics
 
@@ -282,6 +283,7 @@ class HttpApi:
         stored = await self.store.put_key(record)
         if proven:
             self.sessions.evict_unverified(address)
+        self.sessions.key_uploaded(address)
         return json_response(HTTPStatus.OK, {"success": True, "address": stored.address,
                                              "createdAt": stored.created_at, "updatedAt": stored.updated_at,
                                              "verified": stored.signed})
@@ -304,7 +306,7 @@ class HttpApi:
 
     async def delete_key(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         address = normalize_address(args[0])
-        self._authorize(req, address)
+        await self._authorize(req, address)
         deleted = await self.store.delete_key(address)
         return json_response(HTTPStatus.OK, {"success": deleted,
                                              "message": "Public key deleted" if deleted else "Public key not found"})
@@ -324,7 +326,7 @@ class HttpApi:
                 limit = -1
             if limit < 0:
                 raise RelayError(ErrorCode.BAD_REQUEST, "limit must be a non-negative integer")
-        self._authorize(req, address)
+        await self._authorize(req, address)
         messages = await self.store.pending(address, min(limit, cap)) if limit else []
         if messages and not raw_limit and req.method == "GET":
             await self.store.remove(address, [m.seq for m in messages])
@@ -333,7 +335,7 @@ class HttpApi:
 
     async def clear_messages(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         address = normalize_address(args[0])
-        self._authorize(req, address)
+        await self._authorize(req, address)
         removed = await self.store.clear(address)
         return json_response(HTTPStatus.OK, {"address": address, "cleared": removed > 0, "removed": removed,
                                              "message": "Queue cleared" if removed else "No messages to clear"})

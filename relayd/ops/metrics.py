@@ -29,6 +29,12 @@ class RelayMetrics:
                                  "Stored messages written to a recipient on reconnect.")
         self.acked = r.counter("relayd_messages_acknowledged_total", "Stored messages removed by a client ack.")
         self.expired = r.counter("relayd_messages_expired_total", "Stored messages removed by retention.")
+        self.restored = r.counter("relayd_messages_kept_total", "Messages written to a connection that ended "
+                                  "before they reached the peer, stored again for its next connection.")
+        self.receipts_stored = r.counter("relayd_receipts_stored_total", "Read receipts stored for an offline "
+                                         "sender.")
+        self.receipts_dropped = r.counter("relayd_receipts_dropped_total", "Stored read receipts dropped over "
+                                          "the per-recipient cap.")
         self.refused = r.counter("relayd_messages_refused_total", "Messages refused, by error code.", ("code",))
         self.frames = r.counter("relayd_frames_total", "Client frames handled, by outcome.", ("outcome",))
         self.http = r.counter("relayd_http_requests_total", "REST requests, by status class.", ("status",))
@@ -45,14 +51,21 @@ class RelayMetrics:
                                           "Time to run and commit one grouped write transaction.", buckets=COMMIT_BUCKETS)
         self.loop_lag = r.histogram("relayd_event_loop_lag_seconds",
                                     "How late the housekeeping timer fired.", buckets=LAG_BUCKETS)
+        self.queue_receipts = r.gauge("relayd_queue_receipts", "Read receipts waiting for offline senders "
+                                      "(refreshed every few seconds).")
+        self.storage_bytes = r.gauge("relayd_storage_bytes", "Content bytes held by all offline queues.")
+        self.storage_budget = r.gauge("relayd_storage_budget_bytes", "Content bytes the offline queues may hold "
+                                      "(0: no budget).")
         self.storage_healthy = r.gauge("relayd_storage_healthy", "1 when storage accepts writes.")
         register_process_metrics(r)
         self.frame_ok = self.frames.labels(outcome="ok")
         self.frame_error = self.frames.labels(outcome="error")
 
     def bind(self, *, connections: Callable[[], float], sessions: Callable[[], float],
-             online: Callable[[], float], queue_depth: Callable[[], float],
-             storage_healthy: Callable[[], float]) -> None:
+             online: Callable[[], float], queue_depth: Callable[[], float], storage_bytes: Callable[[], float],
+             storage_budget: Callable[[], float], storage_healthy: Callable[[], float]) -> None:
+        self.storage_bytes.set_function(storage_bytes)
+        self.storage_budget.set_function(storage_budget)
         self.connections.set_function(connections)
         self.sessions.set_function(sessions)
         self.online.set_function(online)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from ..config import Config, ConfigError
 from .store import Store
 
@@ -32,3 +35,16 @@ def make_redis_store(config: Config) -> Store:
                       node_id=config.cluster.resolved_node_id(config.server.port),
                       socket_timeout_s=r.socket_timeout_s, min_replicas=r.min_replicas,
                       wait_timeout_ms=r.wait_timeout_ms)
+
+
+def automatic_budget(config: Config, store: Store) -> int:
+    """The storage budget ``[storage] max_bytes = -1`` stands for, measured once the store is open.
+
+    SQLite: what the queues hold now plus half the free space of the
+    database's file system, so the disk never fills up with messages. Other
+    backends: no budget (Redis has its own ``maxmemory``).
+    """
+    if config.storage.backend != "sqlite":
+        return 0
+    folder = os.path.dirname(os.path.abspath(config.storage.path))
+    return store.stored_bytes() + shutil.disk_usage(folder).free // 2

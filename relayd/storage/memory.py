@@ -1,22 +1,31 @@
 """The in-memory backend: the original relay's behaviour, lost on restart.
 
 For tests and throwaway relays. Same contract as the SQLite backend,
-including idempotent messageIds and per-recipient limits.
+including idempotent messageIds, per-recipient limits and the storage
+budget; acks are O(1) per id through an index by messageId.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from ..frames import utf8_len
 from .store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt
 
+Ident = tuple[str, str, str]
+
+
+def _ident(msg: QueuedMessage) -> Ident:
+    return (msg.sender.lower(), msg.recipient, msg.message_id)
+
 
 class _Queue:
-    __slots__ = ("messages", "bytes")
+    __slots__ = ("messages", "by_id", "bytes")
 
     def __init__(self) -> None:
         self.messages: dict[int, QueuedMessage] = {}
+        self.by_id: dict[str, set[int]] = {}
         self.bytes = 0
 
 
@@ -25,12 +34,15 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._queues: dict[str, _Queue] = {}
-        self._ids: dict[tuple[str, str, str], tuple[str, int]] = {}
+        self._ids: set[Ident] = set()
         self._receipts: dict[str, list[Receipt]] = {}
         self._keys: dict[str, KeyRecord] = {}
+        self._floors: dict[str, int] = {}
         self._locked: set[str] = set()
+        self._tokens: dict[str, tuple[str, int]] = {}
         self._seq = itertools.count(1)
         self._total = 0
+        self._bytes = 0
 
     @property
     def healthy(self) -> bool:
@@ -49,32 +61,64 @@ class MemoryStore:
     # Messages
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
-        ident = (msg.sender, msg.recipient, msg.message_id)
-        if ident in self._ids:
+        if _ident(msg) in self._ids:
             return EnqueueResult.DUPLICATE
+        size = utf8_len(msg.content)
+        if limits.max_total_bytes and self._bytes + size > limits.max_total_bytes:
+            return EnqueueResult.NO_SPACE
+        if size > limits.max_bytes:
+            return EnqueueResult.FULL
         queue = self._queues.get(msg.recipient)
         if queue is None:
             queue = self._queues[msg.recipient] = _Queue()
-        size = utf8_len(msg.content)
-        if size > limits.max_bytes:
-            return EnqueueResult.FULL
         while queue.messages and (len(queue.messages) >= limits.max_messages
                                   or queue.bytes + size > limits.max_bytes):
             if not limits.drop_oldest:
                 return EnqueueResult.FULL
             self._drop(queue, next(iter(queue.messages)))
         msg.seq = next(self._seq)
-        queue.messages[msg.seq] = msg
-        queue.bytes += size
-        self._ids[ident] = (msg.recipient, msg.seq)
-        self._total += 1
+        self._add(queue, msg, size)
         return EnqueueResult.QUEUED
+
+    def _add(self, queue: _Queue, msg: QueuedMessage, size: int) -> None:
+        queue.messages[msg.seq] = msg
+        queue.by_id.setdefault(msg.message_id, set()).add(msg.seq)
+        queue.bytes += size
+        self._ids.add(_ident(msg))
+        self._total += 1
+        self._bytes += size
 
     def _drop(self, queue: _Queue, seq: int) -> None:
         msg = queue.messages.pop(seq)
-        queue.bytes -= utf8_len(msg.content)
-        self._ids.pop((msg.sender, msg.recipient, msg.message_id), None)
+        size = utf8_len(msg.content)
+        queue.bytes -= size
+        same = queue.by_id[msg.message_id]
+        same.discard(seq)
+        if not same:
+            del queue.by_id[msg.message_id]
+        self._ids.discard(_ident(msg))
         self._total -= 1
+        self._bytes -= size
+
+    async def restore(self, messages: list[QueuedMessage]) -> int:
+        restored = 0
+        touched: set[str] = set()
+        for msg in messages:
+            if _ident(msg) in self._ids:
+                continue
+            queue = self._queues.get(msg.recipient)
+            if queue is None:
+                queue = self._queues[msg.recipient] = _Queue()
+            if msg.seq <= 0:
+                msg.seq = next(self._seq)
+            elif queue.messages and msg.seq < next(reversed(queue.messages)):
+                touched.add(msg.recipient)
+            self._add(queue, msg, utf8_len(msg.content))
+            restored += 1
+        for recipient in touched:  # an older seq came back: keep the queue in seq order
+            queue = self._queues[recipient]
+            queue.messages = dict(sorted(queue.messages.items()))
+        return restored
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0) -> list[QueuedMessage]:
         queue = self._queues.get(recipient)
@@ -100,8 +144,7 @@ class MemoryStore:
         queue = self._queues.get(recipient)
         if queue is None:
             return 0
-        wanted = set(message_ids)
-        seqs = [seq for seq, m in queue.messages.items() if m.message_id in wanted]
+        seqs = [seq for mid in message_ids for seq in queue.by_id.get(mid, ())]
         return await self.remove(recipient, seqs)
 
     async def clear(self, recipient: str) -> int:
@@ -112,12 +155,18 @@ class MemoryStore:
         queue = self._queues.get(recipient)
         return len(queue.messages) if queue else 0
 
+    async def backlog_size(self, recipient: str) -> tuple[int, int]:
+        queue = self._queues.get(recipient)
+        return (len(queue.messages) if queue else 0), len(self._receipts.get(recipient, ()))
+
     def total(self) -> int:
         return self._total
 
+    def stored_bytes(self) -> int:
+        return self._bytes
+
     async def stats(self) -> dict[str, int]:
-        return {"recipients": len(self._queues), "messages": self._total,
-                "bytes": sum(q.bytes for q in self._queues.values()),
+        return {"recipients": len(self._queues), "messages": self._total, "bytes": self._bytes,
                 "receipts": sum(len(r) for r in self._receipts.values()), "keys": len(self._keys)}
 
     async def expire(self, before_ms: int) -> int:
@@ -131,11 +180,36 @@ class MemoryStore:
                 self._receipts[recipient] = kept
             else:
                 del self._receipts[recipient]
+        for token, (_, expires) in list(self._tokens.items()):
+            if expires <= before_ms:
+                del self._tokens[token]
         return removed
 
-    async def add_receipt(self, receipt: Receipt) -> None:
-        receipt.seq = next(self._seq)
-        self._receipts.setdefault(receipt.recipient, []).append(receipt)
+    async def shift_times(self, before_ms: int, delta_ms: int) -> int:
+        moved = 0
+        for queue in self._queues.values():
+            for msg in queue.messages.values():
+                if msg.queued_at < before_ms:
+                    msg.queued_at += delta_ms
+                    moved += 1
+        for receipts in self._receipts.values():
+            for receipt in receipts:
+                if receipt.timestamp < before_ms:
+                    receipt.timestamp += delta_ms
+                    moved += 1
+        return moved
+
+    async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
+        dropped = 0
+        for receipt in receipts:
+            receipt.seq = next(self._seq)
+            stored = self._receipts.setdefault(receipt.recipient, [])
+            stored.append(receipt)
+            if len(stored) > max_per_recipient:
+                excess = len(stored) - max_per_recipient
+                del stored[:excess]
+                dropped += excess
+        return dropped
 
     async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
         return list(self._receipts.get(recipient, ())[:limit])
@@ -164,19 +238,34 @@ class MemoryStore:
         old = self._keys.get(record.address)
         if old is not None:
             record.created_at = old.created_at
-        self._keys[record.address] = record
+        if record.issued_at is not None and record.signed:
+            self._floors[record.address] = max(self._floors.get(record.address, 0), record.issued_at)
+        self._keys[record.address] = dataclasses.replace(record)
         return record
 
     async def delete_key(self, address: str) -> bool:
         return self._keys.pop(address, None) is not None
 
+    async def key_floor(self, address: str) -> int | None:
+        return self._floors.get(address)
+
     async def key_count(self) -> int:
         return len(self._keys)
 
-    # Ownership locks
+    # Ownership locks and tokens
 
     async def is_locked(self, address: str) -> bool:
         return address in self._locked
 
     async def lock(self, address: str) -> None:
         self._locked.add(address)
+
+    async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
+        self._tokens[token_hash] = (address, expires_at_ms)
+        owned = sorted((expires, token) for token, (owner, expires) in self._tokens.items() if owner == address)
+        for _, token in owned[:-max_per_address]:
+            del self._tokens[token]
+
+    async def token_address(self, token_hash: str, now_ms: int) -> str | None:
+        entry = self._tokens.get(token_hash)
+        return entry[0] if entry is not None and entry[1] > now_ms else None

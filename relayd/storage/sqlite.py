@@ -17,7 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from .sqlite_file import count_stats, describe_error, inspect
-from .sqlite_queue import chunks, delete_rows, delete_where, enqueue_row, marks
+from .sqlite_queue import (
+    EXPIRE_CHUNK,
+    NONE,
+    Delta,
+    SeqCounter,
+    add_receipt_rows,
+    chunks,
+    delete_rows,
+    delete_where,
+    enqueue_row,
+    expire_chunk,
+    marks,
+    remove_receipt_rows,
+    restore_rows,
+)
 from .sqlite_schema import migrate
 from .sqlite_writer import SQLiteWriter
 from .store import (
@@ -31,7 +45,6 @@ from .store import (
 
 KEY_CACHE_SIZE = 4096
 _MISSING = object()
-EXPIRE_CHUNK = 1000
 _SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
 _MESSAGE_COLUMNS = "seq, recipient, sender, message_id, content, timestamp, queued_at"
 _KEY_COLUMNS = ("address, public_key, created_at, updated_at, key_type, issued_at, "
@@ -51,6 +64,7 @@ class SQLiteStore:
         self._busy_timeout_ms = int(busy_timeout_ms)
         self._writer = SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path)
         self._key_cache: OrderedDict[str, KeyRecord | None] = OrderedDict()
+        self._seqs = SeqCounter(0)  # set from the database on the writer thread when it opens
 
     @property
     def healthy(self) -> bool:
@@ -78,18 +92,16 @@ class SQLiteStore:
     async def close(self) -> None:
         await self._writer.stop()
 
-    def _connect(self) -> tuple[sqlite3.Connection, int]:
-        """Runs on the writer thread: check the file, open it in WAL mode, migrate, read the total."""
+    def _connect(self) -> tuple[sqlite3.Connection, int, int]:
+        """Runs on the writer thread: check the file, open it in WAL mode, migrate, read the totals."""
         path = Path(self.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreOpenError(f"cannot create directory {path.parent}: "
-                                 f"{exc.strerror or exc}") from exc
+            raise StoreOpenError(f"cannot create directory {path.parent}: {exc.strerror or exc}") from exc
         inspect(path)
         try:
-            conn = sqlite3.connect(path, isolation_level=None,
-                                   timeout=self._busy_timeout_ms / 1000)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=self._busy_timeout_ms / 1000)
         except sqlite3.Error as exc:
             raise StoreOpenError(f"cannot open database {path}: {exc}") from exc
         try:
@@ -99,32 +111,40 @@ class SQLiteStore:
                 raise StoreOpenError(f"cannot switch {path} to WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             migrate(conn)
-            total = conn.execute("SELECT COALESCE(SUM(count), 0) FROM queues").fetchone()[0]
+            total, nbytes = conn.execute("SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) "
+                                         "FROM queues").fetchone()
+            self._seqs = SeqCounter(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0])
         except StoreOpenError:
             conn.close()
             raise
         except sqlite3.Error as exc:
             conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc).lower():
+                raise StoreOpenError(f"database {path} is read-only: relayd needs to write it "
+                                     f"(check its permissions and those of {path.parent})") from exc
             raise StoreOpenError(f"cannot open database {path}: {describe_error(exc)}") from exc
-        return conn, total
-
+        return conn, total, nbytes
 
     # Messages
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
-        row = (msg.recipient, msg.sender, msg.message_id, msg.content, msg.timestamp, msg.queued_at)
-        limit = (limits.max_messages, limits.max_bytes, limits.drop_oldest)
-        result, seq = await self._writer.submit(lambda c: enqueue_row(c, row, *limit), write=True)
+        result, seq = await self._writer.submit(
+            lambda c: enqueue_row(c, msg, limits, self._seqs, self._writer.bytes), write=True)
         if result is EnqueueResult.QUEUED:
             msg.seq = seq
         return result
 
+    async def restore(self, messages: list[QueuedMessage]) -> int:
+        if not messages:
+            return 0
+        return await self._writer.submit(lambda c: restore_rows(c, messages, self._seqs), write=True)
+
     async def pending(self, recipient: str, limit: int, after_seq: int = 0) -> list[QueuedMessage]:
-        def job(conn: sqlite3.Connection) -> tuple[list[QueuedMessage], int]:
+        def job(conn: sqlite3.Connection) -> tuple[list[QueuedMessage], Delta]:
             rows = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND seq > ? "
                 "ORDER BY seq LIMIT ?", (recipient, after_seq, max(limit, 0)))
-            return [QueuedMessage(r, s, m, c, t, q, seq) for seq, r, s, m, c, t, q in rows], 0
+            return [QueuedMessage(r, s, m, c, t, q, seq) for seq, r, s, m, c, t, q in rows], NONE
         return await self._writer.submit(job, write=False)
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
@@ -137,78 +157,70 @@ class SQLiteStore:
         if not values:
             return 0
         wanted = list(dict.fromkeys(values))
-
-        def job(conn: sqlite3.Connection) -> tuple[int, int]:
-            removed = delete_where(conn, recipient, column, wanted)
-            return removed, -removed
-        return await self._writer.submit(job, write=True)
+        return await self._writer.submit(lambda c: delete_where(c, recipient, column, wanted), write=True)
 
     async def clear(self, recipient: str) -> int:
-        def job(conn: sqlite3.Connection) -> tuple[int, int]:
-            removed = conn.execute("DELETE FROM messages WHERE recipient = ?", (recipient,)).rowcount
-            conn.execute("DELETE FROM queues WHERE recipient = ?", (recipient,))
-            return removed, -removed
+        def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
+            rows = conn.execute("SELECT seq, recipient, size FROM messages WHERE recipient = ?",
+                                (recipient,)).fetchall()
+            return delete_rows(conn, rows)
         return await self._writer.submit(job, write=True)
 
     async def size(self, recipient: str) -> int:
-        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+        def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
             row = conn.execute("SELECT count FROM queues WHERE recipient = ?", (recipient,)).fetchone()
-            return (row[0] if row else 0), 0
+            return (row[0] if row else 0), NONE
+        return await self._writer.submit(job, write=False)
+
+    async def backlog_size(self, recipient: str) -> tuple[int, int]:
+        def job(conn: sqlite3.Connection) -> tuple[tuple[int, int], Delta]:
+            row = conn.execute("SELECT count, receipts FROM queues WHERE recipient = ?", (recipient,)).fetchone()
+            return (row[0], row[1]) if row else (0, 0), NONE
         return await self._writer.submit(job, write=False)
 
     def total(self) -> int:
         return self._writer.total
 
+    def stored_bytes(self) -> int:
+        return self._writer.bytes
+
     async def stats(self) -> dict[str, int]:
-        return await self._writer.submit(lambda c: (count_stats(c), 0), write=False)
+        return await self._writer.submit(lambda c: (count_stats(c), NONE), write=False)
 
     async def expire(self, before_ms: int) -> int:
-        """Delete old messages and receipts a chunk per transaction, so other jobs interleave."""
-        def job(conn: sqlite3.Connection) -> tuple[tuple[int, int], int]:
-            rows = conn.execute(
-                "SELECT seq, recipient, size FROM messages WHERE queued_at < ? "
-                "ORDER BY queued_at LIMIT ?", (before_ms, EXPIRE_CHUNK)).fetchall()
-            delete_rows(conn, rows)
-            receipts = conn.execute(
-                "DELETE FROM receipts WHERE seq IN (SELECT seq FROM receipts "
-                "WHERE timestamp < ? ORDER BY timestamp LIMIT ?)",
-                (before_ms, EXPIRE_CHUNK)).rowcount
-            return (len(rows), receipts), -len(rows)
-
+        """Delete old messages, receipts and tokens a chunk per transaction, so other jobs interleave."""
         removed = 0
         while True:
-            messages, receipts = await self._writer.submit(job, write=True)
+            messages, receipts = await self._writer.submit(lambda c: expire_chunk(c, before_ms), write=True)
             removed += messages
             if messages < EXPIRE_CHUNK and receipts < EXPIRE_CHUNK:
                 return removed
 
-    async def add_receipt(self, receipt: Receipt) -> None:
-        row = (receipt.recipient, receipt.reader, receipt.message_id, receipt.timestamp)
+    async def shift_times(self, before_ms: int, delta_ms: int) -> int:
+        def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
+            moved = conn.execute("UPDATE messages SET queued_at = queued_at + ? WHERE queued_at < ?",
+                                 (delta_ms, before_ms)).rowcount
+            moved += conn.execute("UPDATE receipts SET timestamp = timestamp + ? WHERE timestamp < ?",
+                                  (delta_ms, before_ms)).rowcount
+            return moved, NONE
+        return await self._writer.submit(job, write=True)
 
-        def job(conn: sqlite3.Connection) -> tuple[int, int]:
-            cur = conn.execute("INSERT INTO receipts (recipient, reader, message_id, timestamp) "
-                               "VALUES (?, ?, ?, ?)", row)
-            return cur.lastrowid or 0, 0
-        receipt.seq = await self._writer.submit(job, write=True)
+    async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
+        if not receipts:
+            return 0
+        return await self._writer.submit(lambda c: add_receipt_rows(c, receipts, max_per_recipient), write=True)
 
     async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
-        def job(conn: sqlite3.Connection) -> tuple[list[Receipt], int]:
+        def job(conn: sqlite3.Connection) -> tuple[list[Receipt], Delta]:
             rows = conn.execute(
                 "SELECT seq, reader, message_id, timestamp FROM receipts WHERE recipient = ? "
                 "ORDER BY seq LIMIT ?", (recipient, max(limit, 0))).fetchall()
-            return [Receipt(recipient, reader, mid, ts, seq) for seq, reader, mid, ts in rows], 0
+            return [Receipt(recipient, reader, mid, ts, seq) for seq, reader, mid, ts in rows], NONE
         return await self._writer.submit(job, write=False)
 
     async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
         wanted = list(dict.fromkeys(seqs))
-
-        def job(conn: sqlite3.Connection) -> tuple[int, int]:
-            removed = 0
-            for part in chunks(wanted):
-                removed += conn.execute(f"DELETE FROM receipts WHERE recipient = ? AND seq IN "
-                                        f"({marks(len(part))})", (recipient, *part)).rowcount
-            return removed, 0
-        return await self._writer.submit(job, write=True)
+        return await self._writer.submit(lambda c: remove_receipt_rows(c, recipient, wanted), write=True)
 
     # Keys
 
@@ -233,13 +245,13 @@ class SQLiteStore:
         if not wanted:
             return found
 
-        def job(conn: sqlite3.Connection) -> tuple[dict[str, KeyRecord], int]:
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, KeyRecord], Delta]:
             rows: dict[str, KeyRecord] = {}
             for part in chunks(wanted):
-                for row in conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys "
-                                        f"WHERE address IN ({marks(len(part))})", part):
+                for row in conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE address IN ({marks(len(part))})",
+                                        part):
                     rows[row[0]] = KeyRecord(*row)
-            return rows, 0
+            return rows, NONE
         rows = await self._writer.submit(job, write=False)
         for address in wanted:
             self._cache_key(address, rows.get(address))
@@ -254,44 +266,70 @@ class SQLiteStore:
             cache.popitem(last=False)
 
     async def put_key(self, record: KeyRecord) -> KeyRecord:
-        """Store ``record``; an existing key keeps its original ``created_at``."""
+        """Store ``record``; an existing key keeps its original ``created_at``; a signed one raises the floor."""
         row = (record.address, record.public_key, record.created_at, record.updated_at,
                record.key_type, record.issued_at, record.format, record.signature)
 
-        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+        def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
             old = conn.execute("SELECT created_at FROM keys WHERE address = ?", (row[0],)).fetchone()
             created_at = old[0] if old else row[2]
-            conn.execute(f"INSERT OR REPLACE INTO keys ({_KEY_COLUMNS}) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*row[:2], created_at, *row[3:]))
-            return created_at, 0
+            conn.execute(f"INSERT OR REPLACE INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (*row[:2], created_at, *row[3:]))
+            if record.signed and record.issued_at is not None:
+                conn.execute("INSERT INTO key_floors (address, issued_at) VALUES (?, ?) ON CONFLICT (address) "
+                             "DO UPDATE SET issued_at = max(issued_at, excluded.issued_at)",
+                             (record.address, record.issued_at))
+            return created_at, NONE
         self._key_cache.pop(record.address, None)
         record.created_at = await self._writer.submit(job, write=True)
         self._cache_key(record.address, dataclasses.replace(record))
         return record
 
     async def delete_key(self, address: str) -> bool:
-        def job(conn: sqlite3.Connection) -> tuple[bool, int]:
-            return conn.execute("DELETE FROM keys WHERE address = ?", (address,)).rowcount > 0, 0
+        def job(conn: sqlite3.Connection) -> tuple[bool, Delta]:
+            return conn.execute("DELETE FROM keys WHERE address = ?", (address,)).rowcount > 0, NONE
         self._key_cache.pop(address, None)
         deleted = await self._writer.submit(job, write=True)
         self._cache_key(address, None)
         return deleted
 
+    async def key_floor(self, address: str) -> int | None:
+        def job(conn: sqlite3.Connection) -> tuple[int | None, Delta]:
+            row = conn.execute("SELECT issued_at FROM key_floors WHERE address = ?", (address,)).fetchone()
+            return (row[0] if row else None), NONE
+        return await self._writer.submit(job, write=False)
+
     async def key_count(self) -> int:
-        return await self._writer.submit(
-            lambda c: (c.execute("SELECT COUNT(*) FROM keys").fetchone()[0], 0), write=False)
+        return await self._writer.submit(lambda c: (c.execute("SELECT COUNT(*) FROM keys").fetchone()[0], NONE),
+                                         write=False)
 
-
-    # Ownership locks
+    # Ownership locks and tokens
 
     async def is_locked(self, address: str) -> bool:
         return await self._writer.submit(lambda c: (c.execute("SELECT 1 FROM locks WHERE address = ?",
-                                                       (address,)).fetchone() is not None, 0), write=False)
+                                                              (address,)).fetchone() is not None, NONE),
+                                         write=False)
 
     async def lock(self, address: str) -> None:
         stamp = int(time.time() * 1000)
 
-        def job(conn: sqlite3.Connection) -> tuple[None, int]:
+        def job(conn: sqlite3.Connection) -> tuple[None, Delta]:
             conn.execute("INSERT OR IGNORE INTO locks (address, locked_at) VALUES (?, ?)", (address, stamp))
-            return None, 0
+            return None, NONE
         await self._writer.submit(job, write=True)
+
+    async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
+        def job(conn: sqlite3.Connection) -> tuple[None, Delta]:
+            conn.execute("INSERT OR REPLACE INTO tokens (hash, address, expires_at) VALUES (?, ?, ?)",
+                         (token_hash, address, expires_at_ms))
+            conn.execute("DELETE FROM tokens WHERE address = ? AND hash NOT IN (SELECT hash FROM tokens "
+                         "WHERE address = ? ORDER BY expires_at DESC LIMIT ?)", (address, address, max_per_address))
+            return None, NONE
+        await self._writer.submit(job, write=True)
+
+    async def token_address(self, token_hash: str, now_ms: int) -> str | None:
+        def job(conn: sqlite3.Connection) -> tuple[str | None, Delta]:
+            row = conn.execute("SELECT address FROM tokens WHERE hash = ? AND expires_at > ?",
+                               (token_hash, now_ms)).fetchone()
+            return (row[0] if row else None), NONE
+        return await self._writer.submit(job, write=False)

@@ -122,7 +122,7 @@ def _check_integrity(ro: sqlite3.Connection, path: Path) -> None:
 
 def count_stats(conn: sqlite3.Connection) -> dict[str, int]:
     recipients, messages, nbytes = conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) FROM queues").fetchone()
+        "SELECT COUNT(*), COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) FROM queues WHERE count > 0").fetchone()
     receipts = conn.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
     keys = conn.execute("SELECT COUNT(*) FROM keys").fetchone()[0]
     return {"recipients": recipients, "messages": messages, "bytes": nbytes,

@@ -77,6 +77,38 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX messages_recipient_id ON messages (recipient, message_id)",
         "CREATE INDEX messages_queued_at ON messages (queued_at)",
     ),
+    (   # leaner messages: seqs from the writer (no AUTOINCREMENT), one unique index that also finds acks and is
+        # blind to the sender's spelling; receipts counted per queue; floors of signed keys; bearer tokens
+        """CREATE TABLE messages_v4 (
+            seq INTEGER PRIMARY KEY,
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            content TEXT NOT NULL,
+            timestamp INTEGER NOT NULL,
+            queued_at INTEGER NOT NULL,
+            size INTEGER NOT NULL)""",
+        "INSERT INTO messages_v4 SELECT seq, recipient, sender, message_id, content, timestamp, queued_at, size "
+        "FROM messages ORDER BY seq",
+        "DROP TABLE messages",
+        "ALTER TABLE messages_v4 RENAME TO messages",
+        "CREATE UNIQUE INDEX messages_ident ON messages (recipient, message_id, lower(sender))",
+        "CREATE INDEX messages_recipient_seq ON messages (recipient, seq)",
+        "CREATE INDEX messages_queued_at ON messages (queued_at)",
+        "ALTER TABLE queues ADD COLUMN receipts INTEGER NOT NULL DEFAULT 0",
+        "INSERT INTO queues (recipient, count, bytes, receipts) "
+        "SELECT recipient, 0, 0, COUNT(*) FROM receipts WHERE true GROUP BY recipient "
+        "ON CONFLICT (recipient) DO UPDATE SET receipts = excluded.receipts",
+        """CREATE TABLE key_floors (
+            address TEXT PRIMARY KEY,
+            issued_at INTEGER NOT NULL) WITHOUT ROWID""",
+        "INSERT INTO key_floors (address, issued_at) SELECT address, issued_at FROM keys WHERE signature IS NOT NULL",
+        """CREATE TABLE tokens (
+            hash TEXT PRIMARY KEY,
+            address TEXT NOT NULL,
+            expires_at INTEGER NOT NULL) WITHOUT ROWID""",
+        "CREATE INDEX tokens_address ON tokens (address, expires_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

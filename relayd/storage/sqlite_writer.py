@@ -26,11 +26,11 @@ log = logging.getLogger("relayd.storage")
 
 MAX_BATCH = 500
 
-JobFn = Callable[[sqlite3.Connection], tuple[Any, int]]
-"""A job returns (value for the caller, change to the queued-message total)."""
+JobFn = Callable[[sqlite3.Connection], tuple[Any, tuple[int, int]]]
+"""A job returns (value for the caller, change to the (messages, content bytes) totals)."""
 
-Connect = Callable[[], tuple[sqlite3.Connection, int]]
-"""Opens the database on the writer thread: (connection, queued-message total); raises StoreOpenError."""
+Connect = Callable[[], tuple[sqlite3.Connection, int, int]]
+"""Opens the database on the writer thread: (connection, messages, content bytes); raises StoreOpenError."""
 
 Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
 
@@ -73,6 +73,8 @@ class SQLiteWriter:
         self.running = False
         self.total = 0
         """Queued messages, kept from the committed jobs' deltas, so reading it never waits on the disk."""
+        self.bytes = 0
+        """Their content bytes, kept the same way (the storage budget reads it)."""
         self.healthy = True
         self.problem: str | None = None
         self.commits = 0
@@ -134,7 +136,7 @@ class SQLiteWriter:
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None],
              jobs: queue.SimpleQueue[_Job]) -> None:
         try:
-            self._conn, self.total = self._connect()
+            self._conn, self.total, self.bytes = self._connect()
         except BaseException as exc:
             if not isinstance(exc, StoreOpenError):
                 exc = StoreOpenError(f"cannot open database {self._label}: {exc}")
@@ -187,7 +189,7 @@ class SQLiteWriter:
         assert conn is not None
         writes = any(job.write for job in batch)
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
-        delta = 0
+        messages = nbytes = 0
         started = time.perf_counter()
         try:
             if writes:
@@ -209,7 +211,8 @@ class SQLiteWriter:
                 if job.write:
                     conn.execute("RELEASE job")
                 outcomes.append((job, value, None))
-                delta += change
+                messages += change[0]
+                nbytes += change[1]
             if writes:
                 conn.execute("COMMIT")
                 self.commits += 1
@@ -217,7 +220,8 @@ class SQLiteWriter:
                     _call_soon(batch[0].loop, self.commit_observer, time.perf_counter() - started)
         except Exception as exc:
             return self._fail(batch, exc)
-        self.total += delta
+        self.total += messages
+        self.bytes += nbytes
         if writes and not self.healthy:
             log.warning("storage recovered (was: %s)", self.problem)
             self.healthy, self.problem = True, None

@@ -13,7 +13,10 @@ Rules common to every method:
   with a human reason and never pretends a write happened; the caller reports
   ``storage_unavailable`` and may retry later. ``healthy``/``problem`` say the
   same for health checks and recover by themselves.
-- Addresses are passed lower-cased; the store compares them as given.
+- Addresses are passed lower-cased and compared as given, except a message's
+  ``sender`` and a receipt's ``reader``, which keep the spelling the client
+  signed in with (the app compares them case-sensitively): the store compares
+  those case-insensitively.
 """
 
 from __future__ import annotations
@@ -35,13 +38,17 @@ class EnqueueResult(enum.Enum):
     QUEUED = "queued"
     DUPLICATE = "duplicate"
     FULL = "full"
+    NO_SPACE = "no_space"
 
 
 @dataclass(slots=True)
 class QueueLimits:
+    """Per-recipient caps, and the storage budget over all queues (``max_total_bytes``, 0: none)."""
+
     max_messages: int
     max_bytes: int
     drop_oldest: bool
+    max_total_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -92,19 +99,32 @@ class MessageStore(Protocol):
 
         Returns QUEUED (and sets ``msg.seq``), DUPLICATE when a message with
         the same (sender, recipient, messageId) is still stored (nothing is
-        written), or FULL when the recipient's queue is at ``max_messages`` or
-        the content would pass ``max_bytes`` and ``drop_oldest`` is off. With
-        ``drop_oldest`` the oldest messages are removed to make room (a single
-        message larger than ``max_bytes`` is still FULL).
+        written), NO_SPACE when the content would take the store past
+        ``max_total_bytes``, or FULL when the recipient's queue is at
+        ``max_messages`` or the content would pass ``max_bytes`` and
+        ``drop_oldest`` is off. With ``drop_oldest`` the oldest messages are
+        removed to make room (a single message larger than ``max_bytes`` is
+        still FULL).
+        """
+        ...
+
+    async def restore(self, messages: list[QueuedMessage]) -> int:
+        """Put back messages that left the store (or never entered it) but did not reach their recipient.
+
+        A message with ``seq > 0`` gets that seq back, so it keeps its place
+        before newer ones; one with ``seq == 0`` gets a new seq. Per-queue caps
+        do not apply (the sender was already answered); a message still
+        stored is skipped. Returns how many were stored.
         """
         ...
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0) -> list[QueuedMessage]:
         """Up to ``limit`` stored messages of ``recipient`` with ``seq > after_seq``, oldest first.
 
-        ``seq`` grows with every enqueue across the whole store, so a caller
-        pages through a queue by passing the last ``seq`` it got; messages
-        enqueued meanwhile appear on a later page, never before older ones.
+        ``seq`` grows with every enqueue across the whole store (after a
+        reopen, from the largest one stored), so a caller pages through a
+        queue by passing the last ``seq`` it got; messages enqueued meanwhile
+        appear on a later page, never before older ones.
         """
         ...
 
@@ -124,8 +144,16 @@ class MessageStore(Protocol):
         """How many messages ``recipient`` has stored."""
         ...
 
+    async def backlog_size(self, recipient: str) -> tuple[int, int]:
+        """How many messages and how many receipts ``recipient`` has stored, read together."""
+        ...
+
     def total(self) -> int:
         """Messages stored for all recipients, from memory: never waits and never raises."""
+        ...
+
+    def stored_bytes(self) -> int:
+        """Content bytes stored for all recipients, from memory, as ``max_total_bytes`` counts them."""
         ...
 
     async def stats(self) -> dict[str, int]:
@@ -133,14 +161,26 @@ class MessageStore(Protocol):
         ...
 
     async def expire(self, before_ms: int) -> int:
-        """Delete messages queued and receipts made before ``before_ms`` (epoch ms); returns messages removed.
+        """Delete messages queued, receipts made and tokens expiring before ``before_ms`` (epoch ms).
 
-        Works in bounded batches so other operations interleave.
+        Returns how many messages were removed. Works in bounded batches so
+        other operations interleave.
         """
         ...
 
-    async def add_receipt(self, receipt: Receipt) -> None:
-        """Store a receipt for ``receipt.recipient``; sets ``receipt.seq``."""
+    async def shift_times(self, before_ms: int, delta_ms: int) -> int:
+        """The wall clock stepped by ``delta_ms``: move the times of what was stored before ``before_ms``.
+
+        Messages and receipts keep their age across the step instead of
+        expiring at once (or living on). Returns how many records moved.
+        """
+        ...
+
+    async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
+        """Store receipts (setting each ``seq``); past ``max_per_recipient`` a recipient's oldest go.
+
+        Returns how many receipts were dropped to stay within the cap.
+        """
         ...
 
     async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
@@ -170,7 +210,15 @@ class KeyStore(Protocol):
         ...
 
     async def delete_key(self, address: str) -> bool:
-        """Delete the key of ``address``; False when there was none."""
+        """Delete the key of ``address``; False when there was none.
+
+        A signed key leaves its ``issued_at`` behind (see ``key_floor``), so
+        its old statement can never be published again.
+        """
+        ...
+
+    async def key_floor(self, address: str) -> int | None:
+        """The newest ``issued_at`` of any signed key ever stored for ``address`` (deleted or not)."""
         ...
 
     async def key_count(self) -> int:
@@ -186,7 +234,20 @@ class KeyStore(Protocol):
         ...
 
 
-class Store(MessageStore, KeyStore, Protocol):
+class TokenStore(Protocol):
+    async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
+        """Remember a bearer token (by its hash) for ``address`` until ``expires_at_ms`` (epoch ms).
+
+        An address keeps at most ``max_per_address`` tokens: the ones expiring first are forgotten.
+        """
+        ...
+
+    async def token_address(self, token_hash: str, now_ms: int) -> str | None:
+        """The address a token was issued to, or None when unknown or expired at ``now_ms``."""
+        ...
+
+
+class Store(MessageStore, KeyStore, TokenStore, Protocol):
     """One backend holds both, so one transaction can cover both."""
 
     name: str

@@ -1,0 +1,277 @@
+"""A recipient's stored backlog: sent when its session is listening, acknowledged in batches.
+
+After ``auth_success`` a session is not ``ready``: live messages for it are
+stored, so they queue behind the backlog. Ack sessions get the backlog at
+once. A plain session gets it once it shows it is listening (the real app
+subscribes to messages only after its key upload): at its first frame after
+``auth``, shortly after a key upload for its address, or after
+``[queue] flush_delay_ms``, whichever comes first. Before reading the store,
+the flush waits for writes still landing for the address (acks, receipts,
+kept messages) and for the address's other sessions that are closing to
+finish the frames they received, so a client that acked and closed never
+sees those messages again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable
+
+from .clock import Clock
+from .config import Config
+from .delivery import message_text
+from .errors import ErrorCode, RelayError
+from .ops.metrics import RelayMetrics
+from .presence import Routes
+from .session import Session
+from .storage.store import StorageUnavailable, Store
+from .writes import AddressWrites
+
+log = logging.getLogger("relayd.router")
+
+FLUSH_BATCH = 256
+MAX_ACK_IDS = 1000
+DRAIN_WAIT_S = 2.0
+"""Longest a new session waits for its address's closing sessions to finish their last frames."""
+
+
+class Backlog:
+    """Flushes stored messages and receipts to new sessions; applies acks."""
+
+    def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics, clock: Clock,
+                 writes: AddressWrites) -> None:
+        self.routes = routes
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.writes = writes
+        self._waiting: dict[Session, asyncio.Future[None]] = {}
+        self._released: dict[Session, asyncio.Future[None]] = {}
+        self._stored_meanwhile: dict[Session, bool] = {}
+        self._acks: dict[str, list[tuple[Session, list[str]]]] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.flush_delay = config.queue.flush_delay_ms / 1000
+        self.key_upload_margin = config.queue.flush_after_key_upload_ms / 1000
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settle(self) -> None:
+        self._submit_acks()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # Session events
+
+    async def prepare(self, session: Session) -> bool:
+        """Called during ``auth``, after the session joined its address: is there a backlog?
+
+        First lets the address's closing sessions apply their last frames and
+        its pending writes land. With nothing stored the session is ready at
+        once (True): a fresh connection takes live messages from its first
+        moment. Otherwise ``start`` sends the backlog after ``auth_success``.
+        Raises StorageUnavailable (the session is then made ready, for live
+        traffic only).
+        """
+        address = session.address
+        assert address is not None
+        await self._earlier_sessions_done(session, address)
+        await self.writes.landed(address)
+        self._stored_meanwhile[session] = False
+        try:
+            messages, receipts = await self.store.backlog_size(address)
+        except StorageUnavailable:
+            session.ready = True
+            raise
+        finally:
+            stored = self._stored_meanwhile.pop(session)
+        session.ready = empty = not (messages or receipts or stored)
+        return empty
+
+    def stored(self, recipient: str) -> None:
+        """A message for ``recipient`` was stored because no session of it was ready: a preparing one must
+        flush, even if its size read came back empty (that read may have been served before the write)."""
+        for session in self.routes.sessions(recipient):
+            if session in self._stored_meanwhile:
+                self._stored_meanwhile[session] = True
+
+    def start(self, session: Session) -> Awaitable[None] | None:
+        """The session has a backlog: send it now (ack) or once the session is listening (plain).
+
+        Ack sessions are flushed by a task, so their acks are read while the
+        backlog goes out. A plain session with no hold (``flush_delay_ms = 0``)
+        is flushed before its next frame is read: the returned awaitable is
+        the flush, for the caller to await.
+        """
+        if not session.ack:
+            if not self.flush_delay:
+                return self.flush(session)
+            self._waiting[session] = asyncio.get_running_loop().create_future()
+        self._track(asyncio.ensure_future(self._flush_when_listening(session)))
+        return None
+
+    def listening(self, session: Session) -> None:
+        """The session sent a frame after ``auth``: it is listening."""
+        self._start_waiting(session, 0.0)
+
+    def key_uploaded(self, address: str) -> None:
+        """A key was published for ``address``: its app subscribes right after the upload's answer."""
+        for session in self.routes.sessions(address):
+            self._start_waiting(session, self.key_upload_margin)
+
+    def _start_waiting(self, session: Session, delay: float) -> None:
+        waiter = self._waiting.get(session)
+        if waiter is None or waiter.done():
+            return
+        if delay:
+            asyncio.get_running_loop().call_later(delay, _resolve, waiter)
+        else:
+            waiter.set_result(None)
+
+    def closed(self, session: Session) -> None:
+        waiter = self._waiting.pop(session, None)
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
+        released = self._released.pop(session, None)
+        if released is not None and not released.done():
+            released.set_result(None)
+
+    # The flush
+
+    async def _flush_when_listening(self, session: Session) -> None:
+        waiter = self._waiting.get(session)
+        if waiter is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), self.flush_delay)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+            self._waiting.pop(session, None)
+        if session.closed:
+            return
+        assert session.address is not None
+        await self.writes.landed(session.address)
+        await self.flush(session)
+
+    async def _earlier_sessions_done(self, session: Session, address: str) -> None:
+        """Wait (boundedly) for the address's sessions whose connection is closing to apply their last frames."""
+        loop = asyncio.get_running_loop()
+        closing = []
+        for other in self.routes.sessions(address):
+            if other is not session and not other.closed and other.outbox.closing:
+                released = self._released.get(other)
+                if released is None:
+                    released = self._released[other] = loop.create_future()
+                closing.append(released)
+        if closing:
+            await asyncio.wait(closing, timeout=DRAIN_WAIT_S)
+        self._submit_acks()
+
+    async def flush(self, session: Session) -> None:
+        """Send the stored backlog in order, then mark the session ready for live traffic.
+
+        Plain sessions have what was written to them removed (and kept again
+        if their connection ends before the bytes reached the peer); ack
+        sessions keep it until acked and get ``queue_empty`` at the end.
+        """
+        address = session.address
+        assert address is not None
+        try:
+            if not await self._flush_messages(session, address):
+                return
+            await self._flush_receipts(session, address)
+        except StorageUnavailable as exc:
+            log.error("cannot read the offline queue: %s; live delivery continues", exc)
+            if not session.closed:
+                session.ready = True
+                session.send(RelayError(ErrorCode.STORAGE_UNAVAILABLE,
+                                        "Storage is unavailable; the stored backlog was not sent").frame())
+            return
+        except ConnectionError:
+            return
+        if session.ack and not session.closed:
+            session.send({"type": "queue_empty"})
+
+    async def _flush_messages(self, session: Session, address: str) -> bool:
+        """True once the whole backlog was written and the session is ready."""
+        after = 0
+        while not session.closed:
+            batch = await self.store.pending(address, FLUSH_BATCH, after)
+            if not batch:
+                session.ready = True
+                return True
+            written = []
+            for msg in batch:
+                waiter = session.outbox.congested()
+                if waiter is not None:
+                    await waiter
+                if not session.push(message_text(msg.sender, msg.content, msg.message_id, msg.timestamp,
+                                                 queued=True), None if session.ack else msg):
+                    break
+                written.append(msg.seq)
+            self.metrics.flushed.inc(len(written))
+            after = batch[-1].seq
+            if not session.ack and written:
+                await self.store.remove(address, written)
+            if len(written) < len(batch):
+                return False
+        return False
+
+    async def _flush_receipts(self, session: Session, address: str) -> None:
+        while not session.closed:
+            receipts = await self.store.receipts(address, FLUSH_BATCH)
+            sent = []
+            for r in receipts:
+                if not session.send({"type": "read", "from": r.reader, "messageId": r.message_id,
+                                     "timestamp": r.timestamp}):
+                    break
+                sent.append(r.seq)
+            if sent:
+                await self.store.remove_receipts(address, sent)
+            if len(sent) < FLUSH_BATCH:
+                return
+
+    # Acks
+
+    def ack(self, session: Session, frame: dict[str, Any]) -> None:
+        """Queue an ack frame's messageIds; every ack received in one loop iteration is applied in one write."""
+        ids = frame.get("messageIds")
+        if ids is None:
+            raise RelayError(ErrorCode.MISSING_FIELD, "Missing field: messageIds")
+        if (not isinstance(ids, list) or len(ids) > MAX_ACK_IDS
+                or not all(isinstance(i, str) and i for i in ids)):
+            raise RelayError(ErrorCode.INVALID_FIELD,
+                             f"Field messageIds must be a list of at most {MAX_ACK_IDS} non-empty strings")
+        if not ids:
+            return
+        assert session.address is not None
+        if not self._acks:
+            asyncio.get_running_loop().call_soon(self._submit_acks)
+        self._acks.setdefault(session.address, []).append((session, ids))
+
+    def _submit_acks(self) -> None:
+        pending, self._acks = self._acks, {}
+        for address, acks in pending.items():
+            task = asyncio.ensure_future(self._apply_acks(address, acks))
+            self.writes.note(address, task)
+            self._track(task)
+
+    async def _apply_acks(self, address: str, acks: list[tuple[Session, list[str]]]) -> None:
+        ids = [mid for _, batch in acks for mid in batch]
+        try:
+            removed = await self.store.ack(address, ids)
+        except StorageUnavailable:
+            for session in {s for s, _ in acks}:
+                session.send(RelayError(ErrorCode.STORAGE_UNAVAILABLE,
+                                        "Storage is unavailable; ack not recorded").frame())
+            return
+        self.metrics.acked.inc(removed)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
