@@ -234,8 +234,12 @@ class RawReply:
 def raw_http(port: int, data: bytes, *, timeout: float = 5, chunks: list[bytes] | None = None) -> RawReply:
     """Send ``data`` (then each of ``chunks`` as its own write) on a fresh socket; read until the server closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=scaled(timeout)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.sendall(data)
         for part in chunks or ():
+            # Not an ordering of events but the traffic under test: a client whose request trickles in,
+            # so the relay most likely reads each part on its own.
+            time.sleep(0.01)
             s.sendall(part)
         out = b""
         while block := s.recv(65536):
@@ -368,6 +372,23 @@ def assert_closed_with(ws: WsClient, code: int, timeout: float = 5) -> list[dict
     assert close is not None, f"connection dropped without a close frame; frames: {frames}"
     assert close.code == code, f"close code {close.code} ({close.reason}), expected {code}; frames: {frames}"
     return frames
+
+
+def unauthenticated_probe(relay: Any) -> WsClient:
+    """A connection that never signs in; its first answer proves the relay holds its session and auth deadline."""
+    probe = relay.ws()
+    probe.send({"type": "ping", "messageId": "probe"})
+    frame = probe.recv()
+    if frame.get("type") == "challenge":
+        frame = probe.recv()
+    assert_error(frame, "not_authenticated", "probe")
+    return probe
+
+
+def assert_auth_timed_out(client: WsClient) -> None:
+    """The next frame is the ``auth_timeout`` error, then the relay closes with 1008."""
+    assert_error(client.recv(), "auth_timeout")
+    assert assert_closed_with(client, 1008) == []
 
 
 def assert_exchange(sender: WsClient, receiver: WsClient, to: str, mid: str, content: str = "still here") -> None:
@@ -507,6 +528,12 @@ class ThreadRelay(_Endpoints):
             self.call(self.server.stop(), timeout=15)
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(scaled(10))
+
+
+def start_open(start_relay: Callable[..., ThreadRelay], **sections: Any) -> ThreadRelay:
+    """``start_relay`` in ``[auth] mode = open`` plus the given sections (and ``store``/``clock``)."""
+    auth = {"mode": "open", **sections.pop("auth", {})}
+    return start_relay(auth=auth, **sections)
 
 
 class ProcessRelay(_Endpoints):
@@ -678,11 +705,13 @@ def ids_of(frames: list[dict[str, Any]]) -> list[str]:
 
 # REST checks
 
+JSON = "application/json"
+
 
 def assert_refused(reply: Any, status: int, code: str) -> dict[str, Any]:
     """An error response: ``status``, JSON ``{"error": <text>, "code": code}``, Connection: close."""
     assert reply.status == status, reply
-    assert reply.headers["content-type"].startswith("application/json"), reply.headers
+    assert reply.headers["content-type"].startswith(JSON), reply.headers
     assert reply.headers["connection"].lower() == "close", reply.headers
     body = reply.json
     assert set(body) == {"error", "code"} and body["code"] == code, body

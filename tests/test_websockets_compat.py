@@ -15,7 +15,7 @@ import json
 
 import pytest
 import websockets
-from e2e_support import A, chunked, http_head, open_relay, raw_http
+from support import A, chunked, http_head, raw_http
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
@@ -24,8 +24,6 @@ from websockets.streams import StreamReader
 
 from relayd.net.connection import RelayConnection
 from relayd.net.http_framing import BodyReader
-
-__all__ = ["open_relay"]
 
 WS = f"websockets {websockets.__version__}"
 
