@@ -106,6 +106,15 @@ def new_mid() -> str:
     return str(uuid.uuid4())
 
 
+def backlog_bytes() -> int:
+    """More than the kernel can buffer between a relay and a reader that stops reading (send buffer max + 2 MB)."""
+    try:
+        wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        wmem_max = 4 * 1024 * 1024
+    return min(max(6_000_000, wmem_max + 2_000_000), 40_000_000)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

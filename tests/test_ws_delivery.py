@@ -4,7 +4,7 @@ devices per address, idempotent messageIds, queue limits and the ack extension."
 from __future__ import annotations
 
 import pytest
-from support import (A, B, C, RawWs, assert_auth_success, assert_auth_timed_out, assert_error, assert_ms, assert_read,
+from support import (A, B, C, RawWs, assert_auth_success, backlog_bytes, assert_auth_timed_out, assert_error, assert_ms, assert_read,
                      connect, connections, message_frame, msg, online, pong_next, queue_size, start_open, status_frame,
                      unauthenticated_probe, wait_until)
 
@@ -72,18 +72,9 @@ def test_live_messages_after_the_flush_are_not_queued(open_relay):
         assert queue_size(open_relay, B) == 0
 
 
-def _backlog_bytes() -> int:
-    """More than the kernel can buffer between relay and a slow reader (send buffer max + 2 MB)."""
-    try:
-        wmem_max = int(open("/proc/sys/net/ipv4/tcp_wmem").read().split()[2])
-    except (OSError, ValueError, IndexError):
-        wmem_max = 4 * 1024 * 1024
-    return min(max(6_000_000, wmem_max + 2_000_000), 40_000_000)
-
-
 def test_slow_reader_with_a_large_backlog_is_not_timed_out_after_auth(start_relay, manual_clock):
     size = 60_000
-    count = -(-_backlog_bytes() // size)
+    count = -(-backlog_bytes() // size)
     relay = start_open(start_relay, server={"auth_timeout_s": 0.3}, clock=manual_clock,
                        queue={"max_offline_messages": count, "max_offline_bytes": count * size + 1024})
     content = "x" * size
