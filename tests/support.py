@@ -350,6 +350,19 @@ def pong_next(ws: WsClient) -> None:
     assert frames_until_pong(ws) == []
 
 
+def read_backlog(ws: WsClient, timeout: float = 15) -> list[dict[str, Any]]:
+    """An ack-mode session's stored messages, up to ``queue_empty`` (exactly); anything else fails."""
+    deadline = time.monotonic() + scaled(timeout)
+    frames = []
+    while True:
+        frame = json.loads(ws.ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+        if frame["type"] == "queue_empty":
+            assert set(frame) == {"type"}, frame
+            return frames
+        assert frame["type"] == "message", frame
+        frames.append(frame)
+
+
 def connect(relay: Any, address: str, **extra: Any) -> WsClient:
     """An open, unsigned session of ``address`` (``extra`` goes into the auth frame, e.g. ``ack=True``)."""
     ws = relay.ws()

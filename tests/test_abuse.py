@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from support import (KEY_A, KEY_B, RawWs, addr, assert_error, assert_exchange, backlog_bytes, key_body, online,
-                     pong_next, queue_size, read_until_closed, signed_auth_frame, wait_until)
+                     pong_next, queue_size, read_backlog, read_until_closed, signed_auth_frame, wait_until)
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 SENDER = "0x" + "51" * 20
@@ -283,10 +283,7 @@ def test_reader_that_never_reads_is_cut_off(start_relay, ack: bool) -> None:
         assert queue_size(relay, READER) == len(kept)
         with relay.ws() as again:
             again.auth(READER, ack=True)
-            frames = []
-            while (frame := again.recv(timeout=10))["type"] != "queue_empty":
-                frames.append(frame)
-            assert [(f["messageId"], f["queued"]) for f in frames] == [(mid, True) for mid in kept]
+            assert [(f["messageId"], f["queued"]) for f in read_backlog(again)] == [(mid, True) for mid in kept]
     finally:
         reader.close()
 
