@@ -8,12 +8,15 @@ machine (see ``support.TIMEOUT_FACTOR``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import http.server
 import logging
 import secrets
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -96,6 +99,19 @@ def bystanders(fuzz_relay: ThreadRelay) -> Iterator[dict[str, WsClient]]:
     yield clients
     for client in clients.values():
         client.close()
+
+
+@pytest.fixture
+def not_a_relay_url(tmp_path: Path) -> Iterator[str]:
+    """``ws://`` URL of a plain HTTP/1.0 file server (an empty directory listing, 404 elsewhere): not a relay."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    yield f"ws://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
 
 
 # Child processes

@@ -5,42 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import http.server
 import json
-import os
 import re
 import signal
 import stat
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import A, B, assert_auth_success, msg, recv_closed
-from relay_harness import ROOT, ProcessRelay, free_port
+from support import (LEGACY_ENV, ROOT, A, B, assert_auth_success, assert_closed_with, clean_env, free_port, msg,
+                     run_cli, scaled, wait_until)
 
 from relayd.config import SECTIONS
 from relayd.identity.signing import SigningKey, load_key_file
 from relayd.storage.sqlite import SQLiteStore
 from relayd.storage.store import KeyRecord
-
-LEGACY = {"PORT", "ALLOWED_ORIGINS", "RATE_LIMIT_WINDOW_MS", "RATE_LIMIT_MAX_REQUESTS", "MAX_OFFLINE_MESSAGES",
-          "MESSAGE_RETENTION_HOURS", "LOG_LEVEL"}
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_") and k not in LEGACY}
-    env.update(extra)
-    return env
-
-
-def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "relayd.py"), *args], cwd=tmp_path,
-                          env=env if env is not None else clean_env(), capture_output=True, text=True,
-                          encoding="utf-8", timeout=60)
 
 
 def conf(tmp_path: Path, text: str) -> str:
@@ -109,33 +90,25 @@ def test_bad_command_line_override_exits_2_naming_the_key(tmp_path, args, needle
     assert needle in result.stderr
 
 
-def test_sigterm_closes_clients_with_1001_and_exits_0(tmp_path):
-    relay = ProcessRelay(tmp_path, config_text="[storage]\nbackend = memory\n[auth]\nmode = open\n")
-    try:
-        with relay.ws() as a, relay.ws() as b:
-            assert_auth_success(a.auth(A), A)
-            assert_auth_success(b.auth(B), B)
-            a.send(msg(B, "before-term", "x", timestamp=1))
-            assert a.recv()["type"] == "delivered"
-            assert b.recv()["messageId"] == "before-term"
-            started = time.monotonic()
-            relay.signal(signal.SIGTERM)
-            assert recv_closed(a, timeout=10).code == 1001
-            assert recv_closed(b, timeout=10).code == 1001
-            assert relay.proc.wait(10) == 0, relay.log()
-            assert time.monotonic() - started < 10
-    finally:
-        relay.stop()
-
-
-def test_sigterm_without_clients_exits_0(tmp_path):
-    relay = ProcessRelay(tmp_path, config_text="[storage]\nbackend = memory\n")
-    try:
-        assert relay.http("GET", "/health").status == 200
+def test_sigterm_closes_clients_with_1001_and_exits_0(tmp_path, process_relays):
+    relay = process_relays(tmp_path, config_text="[storage]\nbackend = memory\n[auth]\nmode = open\n")
+    with relay.ws() as a, relay.ws() as b:
+        assert_auth_success(a.auth(A), A)
+        assert_auth_success(b.auth(B), B)
+        a.send(msg(B, "before-term", "x", timestamp=1))
+        assert a.recv()["type"] == "delivered"
+        assert b.recv()["messageId"] == "before-term"
         relay.signal(signal.SIGTERM)
+        assert_closed_with(a, 1001, timeout=10)
+        assert_closed_with(b, 1001, timeout=10)
         assert relay.proc.wait(10) == 0, relay.log()
-    finally:
-        relay.stop()
+
+
+def test_sigterm_without_clients_exits_0(tmp_path, process_relays):
+    relay = process_relays(tmp_path, config_text="[storage]\nbackend = memory\n")
+    assert relay.http("GET", "/health").status == 200
+    relay.signal(signal.SIGTERM)
+    assert relay.proc.wait(10) == 0, relay.log()
 
 
 def test_package_version_matches_pyproject():
@@ -204,7 +177,7 @@ def test_help_lists_commands_environment_paths_and_examples(tmp_path):
     result = run_cli(tmp_path, "--help")
     assert result.returncode == 0
     for word in ("run", "config", "example-config", "backup", "stats", "send", "listen", "status", "keygen",
-                 "check", "RELAYD_<SECTION>_<KEY>", *sorted(LEGACY), "./relayd-data/relayd.db",
+                 "check", "RELAYD_<SECTION>_<KEY>", *LEGACY_ENV, "./relayd-data/relayd.db",
                  "configuration file", "examples:", "relayd check --relay"):
         assert word in result.stdout, word
 
@@ -268,7 +241,7 @@ def test_example_config_is_relayd_conf_example(tmp_path):
 def test_relayd_py_without_websockets_says_how_to_install(tmp_path):
     result = subprocess.run([sys.executable, "-S", str(ROOT / "relayd.py"), "--config",
                              str(ROOT / "relayd.conf.example")], cwd=tmp_path, env=clean_env(),
-                            capture_output=True, text=True, timeout=30)
+                            capture_output=True, text=True, timeout=scaled(30))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "websockets" in result.stderr and "Python 3.11" in result.stderr
@@ -333,24 +306,20 @@ def test_stats_errors_name_the_file(tmp_path, content, needle):
     assert needle in result.stderr and "copy.db" in result.stderr
 
 
-def test_stats_and_backup_of_a_live_database(tmp_path):
-    relay = ProcessRelay(tmp_path, config_text="[auth]\nmode = open\n")
-    try:
-        assert relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}).status == 200
-        db = tmp_path / "relayd-data" / "relayd.db"
-        assert (tmp_path / "relayd-data" / "relayd.db-wal").exists()
-        deadline = time.monotonic() + 10
-        while True:
-            result = run_cli(tmp_path, "stats", "--db", str(db))
-            assert result.returncode == 0, result.stderr
-            if cli_json(result)["keys"] == 1:
-                break
-            assert time.monotonic() < deadline, result.stdout
-        backup = run_cli(tmp_path, "backup", "--db", str(db), "copy.db")
-        assert backup.returncode == 0, backup.stderr
-        assert cli_json(run_cli(tmp_path, "stats", "--db", "copy.db"))["keys"] == 1
-    finally:
-        relay.stop()
+def test_stats_and_backup_of_a_live_database(tmp_path, process_relays):
+    relay = process_relays(tmp_path, config_text="[auth]\nmode = open\n")
+    assert relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}).status == 200
+    db = tmp_path / "relayd-data" / "relayd.db"
+    assert (tmp_path / "relayd-data" / "relayd.db-wal").exists()
+
+    def stats_see_the_key() -> bool:
+        result = run_cli(tmp_path, "stats", "--db", str(db))
+        assert result.returncode == 0, result.stderr
+        return cli_json(result)["keys"] == 1
+    wait_until(stats_see_the_key, "stats to count the key", timeout=10)
+    backup = run_cli(tmp_path, "backup", "--db", str(db), "copy.db")
+    assert backup.returncode == 0, backup.stderr
+    assert cli_json(run_cli(tmp_path, "stats", "--db", "copy.db"))["keys"] == 1
 
 
 # Keys and the client commands
@@ -388,7 +357,7 @@ def test_send_listen_and_status(tmp_path, start_relay):
     assert frames[0]["content"] == "hello bob" and frames[0]["messageId"] == answer["messageId"]
     assert cli_json(run_cli(tmp_path, "status", B, "--relay", relay.url))["queueSize"] == 0
 
-    waited = run_cli(tmp_path, "listen", "--relay", relay.url, "--as", B, "--count", "1", "--timeout", "0.5")
+    waited = run_cli(tmp_path, "listen", "--relay", relay.url, "--as", B, "--count", "1", "--timeout", "0.2")
     assert waited.returncode == 1 and "0 of 1 messages" in waited.stderr
 
 
@@ -434,15 +403,8 @@ def test_check_fails_precisely_on_a_closed_port(tmp_path):
     assert all(line.startswith("–") and "skipped" in line for line in lines[1:])
 
 
-def test_check_fails_precisely_against_a_server_that_is_not_a_relay(tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        result = run_cli(tmp_path, "check", "--relay", f"ws://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_check_fails_precisely_against_a_server_that_is_not_a_relay(tmp_path, not_a_relay_url):
+    result = run_cli(tmp_path, "check", "--relay", not_a_relay_url)
     assert result.returncode == 1
     first = check_lines(result)[0]
     assert first.startswith("✘") and "GET /health: HTTP 404" in first
