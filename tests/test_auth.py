@@ -2,7 +2,7 @@
 
 Every test drives a real relay (``start_relay``/``relay`` fixtures) with real
 WebSocket clients and HTTP requests; signatures come from the deterministic
-RFC 6979 signer in ``idena_signer`` with keys from the vectors file.
+RFC 6979 signer in ``relayd.identity.signing`` with keys from the vectors file.
 """
 
 from __future__ import annotations

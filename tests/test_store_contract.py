@@ -2,38 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
-
-import pytest
-
 from relayd.net.http_api import message_view
-from relayd.storage.memory import MemoryStore
-from relayd.storage.sqlite import SQLiteStore
 from relayd.storage.store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, Store
 
 QUEUED, DUPLICATE, FULL = EnqueueResult.QUEUED, EnqueueResult.DUPLICATE, EnqueueResult.FULL
 ROOMY = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False)
-Body = Callable[[Store], Awaitable[Any]]
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Body], Any]:
-    """Run an async test body against a freshly opened store, closing it afterwards."""
-    def run(body: Body) -> Any:
-        async def main() -> Any:
-            store: Store = (MemoryStore() if request.param == "memory"
-                            else SQLiteStore(str(tmp_path / "relay.db"), commit_interval_ms=0.5))
-            await store.open()
-            try:
-                return await body(store)
-            finally:
-                await store.close()
-        return asyncio.run(main())
-    run.kind = request.param  # type: ignore[attr-defined]
-    return run
 
 
 def msg(recipient: str, message_id: str, content: str = "hello", *, sender: str = "alice",
@@ -46,7 +19,7 @@ async def ids(store: Store, recipient: str) -> list[str]:
     return [m.message_id for m in await store.pending(recipient, 10_000)]
 
 
-def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(backend):
+def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(store_backend):
     async def body(store: Store) -> None:
         sent = [msg("bob", f"m{i}", f"text {i}", queued_at=1000 + i) for i in range(5)]
         for m in sent:
@@ -61,20 +34,20 @@ def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(backend):
         assert await store.pending("bob", 10, after_seq=seqs[2]) == sent[3:]
         assert await store.pending("bob", 10, after_seq=seqs[-1]) == []
         assert await store.pending("nobody", 10) == []
-    backend(body)
+    store_backend(body)
 
 
-def test_queues_are_per_recipient(backend):
+def test_queues_are_per_recipient(store_backend):
     async def body(store: Store) -> None:
         await store.enqueue(msg("bob", "m1"), ROOMY)
         await store.enqueue(msg("carol", "m2"), ROOMY)
         await store.enqueue(msg("bob", "m3"), ROOMY)
         assert await ids(store, "bob") == ["m1", "m3"]
         assert await ids(store, "carol") == ["m2"]
-    backend(body)
+    store_backend(body)
 
 
-def test_duplicate_is_per_sender_recipient_and_message_id(backend):
+def test_duplicate_is_per_sender_recipient_and_message_id(store_backend):
     async def body(store: Store) -> None:
         first = msg("bob", "m1")
         assert await store.enqueue(first, ROOMY) is QUEUED
@@ -87,10 +60,10 @@ def test_duplicate_is_per_sender_recipient_and_message_id(backend):
         assert await store.size("carol") == 1
         assert await store.ack("bob", ["m1"]) == 2
         assert await store.enqueue(msg("bob", "m1"), ROOMY) is QUEUED
-    backend(body)
+    store_backend(body)
 
 
-def test_full_by_count(backend):
+def test_full_by_count(store_backend):
     async def body(store: Store) -> None:
         limits = QueueLimits(max_messages=3, max_bytes=1000, drop_oldest=False)
         results = [await store.enqueue(msg("bob", f"m{i}"), limits) for i in range(5)]
@@ -98,10 +71,10 @@ def test_full_by_count(backend):
         assert await ids(store, "bob") == ["m0", "m1", "m2"]
         assert await store.enqueue(msg("carol", "c0"), limits) is QUEUED
         assert store.total() == 4
-    backend(body)
+    store_backend(body)
 
 
-def test_full_by_bytes(backend):
+def test_full_by_bytes(store_backend):
     async def body(store: Store) -> None:
         limits = QueueLimits(max_messages=100, max_bytes=10, drop_oldest=False)
         assert await store.enqueue(msg("bob", "a", "12345"), limits) is QUEUED
@@ -112,10 +85,10 @@ def test_full_by_bytes(backend):
         assert await store.enqueue(msg("carol", "f", "x" * 11), limits) is FULL
         assert await ids(store, "bob") == ["a", "b", "d"]
         assert (await store.stats())["bytes"] == 10
-    backend(body)
+    store_backend(body)
 
 
-def test_drop_oldest_makes_room(backend):
+def test_drop_oldest_makes_room(store_backend):
     async def body(store: Store) -> None:
         limits = QueueLimits(max_messages=3, max_bytes=10, drop_oldest=True)
         for i in range(5):
@@ -128,10 +101,10 @@ def test_drop_oldest_makes_room(backend):
         assert await store.enqueue(msg("bob", "m0", "ab"), limits) is QUEUED
         stats = await store.stats()
         assert stats["messages"] == 1 and stats["bytes"] == 2
-    backend(body)
+    store_backend(body)
 
 
-def test_drop_oldest_of_a_shrunk_limit_drops_many(backend):
+def test_drop_oldest_of_a_shrunk_limit_drops_many(store_backend):
     async def body(store: Store) -> None:
         for i in range(150):
             await store.enqueue(msg("bob", f"m{i}", "x"), ROOMY)
@@ -139,20 +112,20 @@ def test_drop_oldest_of_a_shrunk_limit_drops_many(backend):
         assert await store.enqueue(msg("bob", "new", "x"), limits) is QUEUED
         assert await ids(store, "bob") == [f"m{i}" for i in range(141, 150)] + ["new"]
         assert store.total() == 10
-    backend(body)
+    store_backend(body)
 
 
-def test_oversized_message_is_full_without_dropping(backend, request):
+def test_oversized_message_is_full_without_dropping(store_backend, request):
 
     async def body(store: Store) -> None:
         limits = QueueLimits(max_messages=10, max_bytes=10, drop_oldest=True)
         await store.enqueue(msg("bob", "m1", "abc"), limits)
         assert await store.enqueue(msg("bob", "huge", "x" * 11), limits) is FULL
         assert await ids(store, "bob") == ["m1"]
-    backend(body)
+    store_backend(body)
 
 
-def test_remove_by_seq(backend):
+def test_remove_by_seq(store_backend):
     async def body(store: Store) -> None:
         sent = [msg("bob", f"m{i}") for i in range(4)]
         for m in sent:
@@ -166,10 +139,10 @@ def test_remove_by_seq(backend):
         assert await store.remove("bob", [sent[0].seq] * 600) == 1
         assert await store.remove("nobody", [1]) == 0
         assert store.total() == 2
-    backend(body)
+    store_backend(body)
 
 
-def test_ack_by_message_id(backend):
+def test_ack_by_message_id(store_backend):
     async def body(store: Store) -> None:
         for i in range(4):
             await store.enqueue(msg("bob", f"m{i}"), ROOMY)
@@ -180,10 +153,10 @@ def test_ack_by_message_id(backend):
         assert await store.ack("nobody", ["m1"]) == 0
         assert await store.ack("bob", []) == 0
         assert store.total() == 2
-    backend(body)
+    store_backend(body)
 
 
-def test_clear(backend):
+def test_clear(store_backend):
     async def body(store: Store) -> None:
         for i in range(3):
             await store.enqueue(msg("bob", f"m{i}"), ROOMY)
@@ -194,10 +167,10 @@ def test_clear(backend):
         assert await ids(store, "carol") == ["c"]
         assert store.total() == 1
         assert await store.enqueue(msg("bob", "m0"), ROOMY) is QUEUED
-    backend(body)
+    store_backend(body)
 
 
-def test_size_total_and_stats(backend):
+def test_size_total_and_stats(store_backend):
     async def body(store: Store) -> None:
         assert store.total() == 0
         assert await store.stats() == {"recipients": 0, "messages": 0, "bytes": 0,
@@ -215,10 +188,10 @@ def test_size_total_and_stats(backend):
                                        "receipts": 1, "keys": 1}
         await store.ack("carol", ["c"])
         assert (await store.stats())["recipients"] == 1
-    backend(body)
+    store_backend(body)
 
 
-def test_expire_messages_and_receipts(backend):
+def test_expire_messages_and_receipts(store_backend):
     async def body(store: Store) -> None:
         for i, when in enumerate([100, 200, 300, 400]):
             await store.enqueue(msg("bob" if i % 2 else "carol", f"m{i}", queued_at=when), ROOMY)
@@ -233,10 +206,10 @@ def test_expire_messages_and_receipts(backend):
         assert await store.expire(10_000) == 2
         assert store.total() == 0
         assert (await store.stats())["recipients"] == 0
-    backend(body)
+    store_backend(body)
 
 
-def test_receipts_are_listed_oldest_first_and_removed_by_seq(backend):
+def test_receipts_are_listed_oldest_first_and_removed_by_seq(store_backend):
     async def body(store: Store) -> None:
         added = [Receipt("bob", f"reader{i}", f"m{i}", 1000 + i) for i in range(5)]
         for r in added:
@@ -254,10 +227,10 @@ def test_receipts_are_listed_oldest_first_and_removed_by_seq(backend):
         assert await store.receipts("nobody", 10) == []
         assert await store.remove_receipts("nobody", [1]) == 0
         assert (await store.stats())["receipts"] == 1
-    backend(body)
+    store_backend(body)
 
 
-def test_keys(backend):
+def test_keys(store_backend):
     async def body(store: Store) -> None:
         assert await store.get_key("bob") is None
         first = KeyRecord("bob", "pk1", created_at=100, updated_at=100)
@@ -279,10 +252,10 @@ def test_keys(backend):
         assert await store.key_count() == 1
         fresh = await store.put_key(KeyRecord("bob", "pk3", 900, 900))
         assert fresh.created_at == 900
-    backend(body)
+    store_backend(body)
 
 
-def test_ownership_locks_are_permanent(backend):
+def test_ownership_locks_are_permanent(store_backend):
     async def body(store: Store) -> None:
         assert await store.is_locked("bob") is False
         await store.lock("bob")
@@ -291,4 +264,4 @@ def test_ownership_locks_are_permanent(backend):
         assert await store.is_locked("carol") is False
         await store.delete_key("bob")
         assert await store.is_locked("bob") is True
-    backend(body)
+    store_backend(body)
