@@ -23,6 +23,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -215,6 +216,13 @@ def run_cli(cwd: Path, *args: str, env: dict[str, str] | None = None,
                           encoding="utf-8", timeout=scaled(timeout))
 
 
+def cli_ok(cwd: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    """``run_cli`` that must exit 0 (the failure shows its output)."""
+    result = run_cli(cwd, *args, **kwargs)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
 # HTTP
 
 
@@ -300,7 +308,7 @@ def http_head(method: str, path: str, headers: dict[str, str] | None = None, bod
 
 
 def chunked(body: bytes, sizes: tuple[int, ...] = (7, 5)) -> bytes:
-    """Encode ``body`` with Transfer-Encoding: chunked, in pieces of the given sizes (the rest last, with an extension)."""
+    """``body`` with Transfer-Encoding: chunked, in pieces of ``sizes`` (the rest last, with a chunk extension)."""
     out, pos = b"", 0
     for size in sizes:
         piece = body[pos:pos + size]
@@ -719,6 +727,12 @@ def status_frame(frame: dict[str, Any], ftype: str, mid: str, to: str) -> None:
     assert_ms(frame["timestamp"])
 
 
+def assert_answered(ws: WsClient, frame: dict[str, Any], answer: str) -> None:
+    """Send a ``message`` frame; the next frame is its ``answer`` (delivered/queued), checked exactly."""
+    ws.send(frame)
+    status_frame(ws.recv(), answer, frame["messageId"], frame["to"])
+
+
 def assert_error(frame: dict[str, Any], code: str, mid: Any = None) -> None:
     """``{"type":"error","code":code,"message":<str>[,"messageId":mid]}`` exactly."""
     expected_keys = {"type", "code", "message"} | ({"messageId"} if mid is not None else set())
@@ -830,6 +844,36 @@ def key_body(key: bytes, public_key: str, issued: int, *, key_type: Any = "x2551
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+# SQLite files
+
+
+def sqlite_file(path: Path, *statements: str) -> None:
+    """Run ``statements`` on the SQLite database at ``path`` (created if missing) and commit."""
+    conn = sqlite3.connect(path)
+    try:
+        for statement in statements:
+            conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+class WriteLock:
+    """Another process's write transaction on a database (``with WriteLock(db):``), as a backup tool would hold."""
+
+    def __init__(self, db: Path) -> None:
+        self.conn = sqlite3.connect(db, isolation_level=None, timeout=0)
+
+    def __enter__(self) -> "WriteLock":
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        self.conn.close()
 
 
 # Logs

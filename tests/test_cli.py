@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (LEGACY_ENV, ROOT, A, B, assert_auth_success, assert_closed_with, clean_env, free_port, msg,
+from support import (A, B, LEGACY_ENV, ROOT, assert_auth_success, assert_closed_with, clean_env, cli_ok, free_port, msg,
                      run_cli, scaled, wait_until)
 
 from relayd.config import SECTIONS
@@ -30,17 +30,19 @@ def conf(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-def test_check_config_ok_exits_0(tmp_path):
-    path = conf(tmp_path, "[server]\nport = 3002\n[storage]\nbackend = memory\n")
-    result = run_cli(tmp_path, "--config", path, "--check-config")
-    assert result.returncode == 0, result.stderr
+@pytest.mark.parametrize("text", [
+    "[server]\nport = 3002\n[storage]\nbackend = memory\n",
+    "[auth]\nmode = open\n[limits]\nrate_limit_max_requests = 5\n[log]\nformat = json\n",
+])
+def test_check_config_ok_exits_0(tmp_path, text):
+    path = conf(tmp_path, text)
+    result = cli_ok(tmp_path, "--config", path, "--check-config")
     assert "configuration OK" in result.stdout
     assert result.stderr == ""
 
 
 def test_check_config_with_defaults_only_exits_0(tmp_path):
-    result = run_cli(tmp_path, "--check-config")
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "--check-config")
     assert "configuration OK" in result.stdout
 
 
@@ -50,6 +52,8 @@ def test_check_config_with_defaults_only_exits_0(tmp_path):
     ("[queue]\noverflow = maybe\n", "[queue] overflow"),
     ("[server]\nwhatever = 1\n", "[server] whatever"),
     ("[mystery]\nx = 1\n", "[mystery]"),
+    ("[limits]\nrate_limit_max_requests = lots\n", "[limits] rate_limit_max_requests"),
+    ("[tls]\ncertfile = /nonexistent/cert.pem\nkeyfile = /nonexistent/key.pem\n", "[tls] certfile"),
 ])
 def test_bad_config_file_exits_2_naming_the_key(tmp_path, text, needle):
     path = conf(tmp_path, text)
@@ -184,9 +188,8 @@ def test_help_lists_commands_environment_paths_and_examples(tmp_path):
 
 def test_check_config_lists_every_source(tmp_path):
     path = conf(tmp_path, "[server]\nport = 3002\n")
-    result = run_cli(tmp_path, "--check-config", "--config", path, "--db", "x.db", "--set", "limits.frame_burst=5",
-                     env=clean_env(LOG_LEVEL="debug", RELAYD_QUEUE_OVERFLOW="drop_oldest"))
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "--check-config", "--config", path, "--db", "x.db", "--set", "limits.frame_burst=5",
+                    env=clean_env(LOG_LEVEL="debug", RELAYD_QUEUE_OVERFLOW="drop_oldest"))
     lines = result.stdout.splitlines()
     assert "configuration OK" in lines[0]
     assert f"file {path}" in result.stdout
@@ -196,16 +199,14 @@ def test_check_config_lists_every_source(tmp_path):
 
 
 def test_check_config_after_run_and_with_defaults_only(tmp_path):
-    result = run_cli(tmp_path, "run", "--check-config")
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "run", "--check-config")
     assert result.stdout.splitlines()[1:] == ["  defaults (for every key not set below)"]
 
 
 def test_config_prints_each_value_with_its_source_and_loads_back(tmp_path):
     path = conf(tmp_path, "[server]\nport = 3002\n[queue]\noverflow = drop_oldest\n")
-    result = run_cli(tmp_path, "config", "--config", path, "--port", "3005", "--set", "auth.mode=signed",
-                     env=clean_env(LOG_LEVEL="debug", RELAYD_LIMITS_FRAME_BURST="7"))
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "config", "--config", path, "--port", "3005", "--set", "auth.mode=signed",
+                    env=clean_env(LOG_LEVEL="debug", RELAYD_LIMITS_FRAME_BURST="7"))
     lines = result.stdout.splitlines()
     assert "port = 3005  # command line --port 3005" in lines
     assert "mode = signed  # command line --set auth.mode=signed" in lines
@@ -219,8 +220,7 @@ def test_config_prints_each_value_with_its_source_and_loads_back(tmp_path):
 
     saved = tmp_path / "effective.conf"
     saved.write_text(result.stdout)
-    again = run_cli(tmp_path, "config", "--config", str(saved))
-    assert again.returncode == 0, again.stderr
+    again = cli_ok(tmp_path, "config", "--config", str(saved))
     values = [line.split("  # ")[0] for line in keys]
     assert [line.split("  # ")[0] for line in again.stdout.splitlines()
             if " = " in line and not line.startswith("#")] == values
@@ -233,8 +233,7 @@ def test_config_command_reports_configuration_errors_with_exit_2(tmp_path):
 
 
 def test_example_config_is_relayd_conf_example(tmp_path):
-    result = run_cli(tmp_path, "example-config")
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "example-config")
     assert result.stdout == (ROOT / "relayd.conf.example").read_text()
 
 
@@ -259,8 +258,7 @@ def test_backup_refuses_an_existing_file_without_force(tmp_path):
     assert result.returncode == 2
     assert str(dest) in result.stderr and "--force" in result.stderr
     assert dest.read_bytes() == b"precious"
-    forced = run_cli(tmp_path, "backup", "--db", "live.db", str(dest), "--force")
-    assert forced.returncode == 0, forced.stderr
+    cli_ok(tmp_path, "backup", "--db", "live.db", str(dest), "--force")
     stats = run_cli(tmp_path, "stats", "--db", str(dest))
     assert cli_json(stats)["keys"] == 2
     assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
@@ -289,8 +287,7 @@ def test_stats_on_a_backup_leaves_no_wal_or_shm(tmp_path):
     assert run_cli(tmp_path, "backup", "--db", "live.db", "copy.db").returncode == 0
     assert (tmp_path / "copy.db").read_bytes()[18:20] == b"\x02\x02"  # the copy says WAL mode too
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = run_cli(tmp_path, "stats", "--db", "copy.db")
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "stats", "--db", "copy.db")
     assert cli_json(result)["keys"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert not (tmp_path / "copy.db-wal").exists() and not (tmp_path / "copy.db-shm").exists()
@@ -313,12 +310,9 @@ def test_stats_and_backup_of_a_live_database(tmp_path, process_relays):
     assert (tmp_path / "relayd-data" / "relayd.db-wal").exists()
 
     def stats_see_the_key() -> bool:
-        result = run_cli(tmp_path, "stats", "--db", str(db))
-        assert result.returncode == 0, result.stderr
-        return cli_json(result)["keys"] == 1
+        return cli_json(cli_ok(tmp_path, "stats", "--db", str(db)))["keys"] == 1
     wait_until(stats_see_the_key, "stats to count the key", timeout=10)
-    backup = run_cli(tmp_path, "backup", "--db", str(db), "copy.db")
-    assert backup.returncode == 0, backup.stderr
+    cli_ok(tmp_path, "backup", "--db", str(db), "copy.db")
     assert cli_json(run_cli(tmp_path, "stats", "--db", "copy.db"))["keys"] == 1
 
 
@@ -326,8 +320,7 @@ def test_stats_and_backup_of_a_live_database(tmp_path, process_relays):
 
 
 def test_keygen_writes_a_private_key_file(tmp_path):
-    result = run_cli(tmp_path, "keygen", "--out", "alice.key")
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "keygen", "--out", "alice.key")
     path = tmp_path / "alice.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert cli_json(result)["address"] == load_key_file(str(path)).address
@@ -341,17 +334,14 @@ def test_send_listen_and_status(tmp_path, start_relay):
     relay = start_relay(auth={"mode": "mixed"})
     assert run_cli(tmp_path, "keygen", "--out", "alice.key").returncode == 0
     alice = load_key_file(str(tmp_path / "alice.key")).address
-    sent = run_cli(tmp_path, "send", "--relay", relay.url, "--from", "alice.key", "--to", B, "hello bob")
-    assert sent.returncode == 0, sent.stderr
+    sent = cli_ok(tmp_path, "send", "--relay", relay.url, "--from", "alice.key", "--to", B, "hello bob")
     answer = cli_json(sent)
     assert answer["type"] == "queued" and answer["to"] == B
-    status = run_cli(tmp_path, "status", B, "--relay", relay.url)
-    assert status.returncode == 0, status.stderr
+    status = cli_ok(tmp_path, "status", B, "--relay", relay.url)
     assert cli_json(status) == {"address": B, "online": False, "queueSize": 1, "key": None}
 
-    listened = run_cli(tmp_path, "listen", "--relay", relay.url, "--as", B, "--ack", "--count", "1",
-                       "--timeout", "20")
-    assert listened.returncode == 0, listened.stderr
+    listened = cli_ok(tmp_path, "listen", "--relay", relay.url, "--as", B, "--ack", "--count", "1",
+                      "--timeout", "20")
     frames = [json.loads(line) for line in listened.stdout.splitlines()]
     assert frames[0]["type"] == "message" and frames[0]["from"] == alice
     assert frames[0]["content"] == "hello bob" and frames[0]["messageId"] == answer["messageId"]

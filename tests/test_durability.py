@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from support import (A, B, C, D, E, ProcessRelay, WsClient, assert_error, connect, frames_until_pong, ids_of, msg,
-                     now_ms, pong_next, queue_size, read_backlog, start_open, status_frame, wait_until)
+from support import (A, B, C, D, E, ProcessRelay, WriteLock, WsClient, assert_error, connect, frames_until_pong, ids_of,
+                     msg, now_ms, pong_next, queue_size, read_backlog, sqlite_file, start_open, status_frame,
+                     wait_until)
 from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -497,9 +498,7 @@ def test_locked_database_refuses_offline_messages_keeps_live_delivery_and_recove
     with connect(relay, A) as a, connect(relay, E) as e, connect(relay, C) as c:
         pong_next(c)
         assert_queued(send(a, B, "before"), "before", B)
-        other = sqlite3.connect(db, isolation_level=None, timeout=0)
-        try:
-            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with WriteLock(db):  # another process holds the write lock
             a.send(message(B, "while-locked"))
             pong_next(a)  # handled: its write is with the writer, which waits for the lock
             # While relayd waits for the lock (busy timeout 2 s), live traffic is not held up.
@@ -515,35 +514,12 @@ def test_locked_database_refuses_offline_messages_keeps_live_delivery_and_recove
             assert "locked" in health.json["storage"]["problem"], health.json
             assert relay.http("GET", "/health/ready").status == 503
             assert relay.proc.poll() is None
-        finally:
-            if other.in_transaction:
-                other.execute("ROLLBACK")
-            other.close()
         assert_queued(send(a, B, "while-locked"), "while-locked", B)
         assert relay.http("GET", "/health").status == 200
         assert relay.http("GET", "/health/ready").status == 200
     assert any(" ERROR " in line and "database is locked" in line for line in relay.log().splitlines())
     with connect(relay, B, ack=True) as b:
         assert ids_of(read_backlog(b)) == ["before", "while-locked"]
-
-
-class WriteLock:
-    """Another process's write transaction on relayd's database; relayd's writer waits 2 s, then fails."""
-
-    def __init__(self, db: Path) -> None:
-        self.conn = sqlite3.connect(db, isolation_level=None, timeout=0)
-
-    def __enter__(self) -> "WriteLock":
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self
-
-    def release(self) -> None:
-        if self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-        self.conn.close()
 
 
 def test_message_stored_while_the_recipient_finishes_its_flush_still_reaches_it(tmp_path: Path,
@@ -606,32 +582,21 @@ def _text_file(path: Path) -> None:
 
 
 def _foreign_sqlite(path: Path) -> None:
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA application_id = 1234")
-    conn.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, body TEXT)")
-    conn.execute("INSERT INTO messages (body) VALUES ('keep me')")
-    conn.commit()
-    conn.close()
+    sqlite_file(path, "PRAGMA application_id = 1234", "CREATE TABLE messages (id INTEGER PRIMARY KEY, body TEXT)",
+                "INSERT INTO messages (body) VALUES ('keep me')")
 
 
 def _foreign_sqlite_without_id(path: Path) -> None:
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE notes (body TEXT)")
-    conn.execute("INSERT INTO notes VALUES ('keep me')")
-    conn.commit()
-    conn.close()
+    sqlite_file(path, "CREATE TABLE notes (body TEXT)", "INSERT INTO notes VALUES ('keep me')")
 
 
 def _corrupt_header_relayd_db(path: Path) -> None:
     """A file with relayd's application_id whose every page after the first is garbage."""
-    conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
-    conn.execute("INSERT INTO schema_version VALUES (1, 0)")
-    conn.execute("CREATE TABLE messages (seq INTEGER PRIMARY KEY, body TEXT)")
-    conn.executemany("INSERT INTO messages (body) VALUES (?)", [("x" * 500,)] * 50)
-    conn.commit()
-    conn.close()
+    sqlite_file(path, f"PRAGMA application_id = {APPLICATION_ID}",
+                "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+                "INSERT INTO schema_version VALUES (1, 0)",
+                "CREATE TABLE messages (seq INTEGER PRIMARY KEY, body TEXT)",
+                *[f"INSERT INTO messages (body) VALUES ('{'x' * 500}')"] * 50)
     data = bytearray(path.read_bytes())
     page = int.from_bytes(data[16:18], "big")
     data[page:] = _garbage(len(data) - page)

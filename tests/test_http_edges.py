@@ -7,8 +7,7 @@ import http.client
 import json
 
 import pytest
-from support import (A, B, JSON, RawWs, assert_auth_success, assert_refused, chunked, http_head, raw_http,
-                     start_open)
+from support import A, B, JSON, RawWs, assert_auth_success, assert_refused, chunked, http_head, raw_http, start_open
 from websockets.exceptions import InvalidStatus
 
 

@@ -3,7 +3,7 @@
 systemd notify and watchdog, /metrics, SIGHUP reload, graceful shutdown,
 TLS, log privacy and formats, admin commands and health endpoints. Every
 relay is a child process on 127.0.0.1 (``ProcessRelay``), driven with real
-sockets, and stopped by the ``relays`` fixture whatever happens.
+sockets, and stopped by the ``process_relays`` fixture whatever happens.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (ProcessRelay, RawWs, WsClient, assert_closed_with, free_port, frames_until_pong, http_request,
-                     msg, new_address, new_mid, online, pong_next, run_cli, wait_until)
+from support import (ProcessRelay, RawWs, WsClient, assert_closed_with, cli_ok, frames_until_pong, free_port,
+                     http_request, msg, new_address, new_mid, online, pong_next, run_cli, wait_until)
 
 import prom_parser
 from relayd import __version__
@@ -409,7 +409,8 @@ def test_tls_wss_and_https_and_certificate_reload(process_relays, tmp_path):
     served_cert, served_key = certs / "served.crt", certs / "served.key"
     shutil.copy(cert, served_cert)
     shutil.copy(key, served_key)
-    relay = process_relays(tmp_path, config_text=OPEN + f"[tls]\ncertfile = {served_cert}\nkeyfile = {served_key}\n", wait=False)
+    relay = process_relays(tmp_path, config_text=OPEN + f"[tls]\ncertfile = {served_cert}\nkeyfile = {served_key}\n",
+                           wait=False)
     ctx1 = client_context(cert)
 
     def up() -> bool:
@@ -618,12 +619,9 @@ def test_backup_and_stats_while_running_and_restore(process_relays, tmp_path):
         pong_next(a)
 
         backup = tmp_path / "backup.db"
-        result = run_cli(first, "--config", str(relay.config_path), "backup", str(backup))
-        assert result.returncode == 0, result.stderr
+        cli_ok(first, "--config", str(relay.config_path), "backup", str(backup))
         assert backup.is_file()
-        result = run_cli(first, "--config", str(relay.config_path), "stats")
-        assert result.returncode == 0, result.stderr
-        stats = json.loads(result.stdout)
+        stats = json.loads(cli_ok(first, "--config", str(relay.config_path), "stats").stdout)
         assert {k: stats[k] for k in ("recipients", "messages", "bytes", "receipts", "keys")} == {
             "recipients": 1, "messages": 3, "bytes": sum(map(len, contents)), "receipts": 1, "keys": 1}
         assert stats["schema_version"] >= 1
@@ -645,21 +643,6 @@ def test_backup_and_stats_while_running_and_restore(process_relays, tmp_path):
     stats = json.loads(run_cli(tmp_path, "--config", str(restored.config_path), "--db", str(backup),
                                "stats").stdout)
     assert stats["messages"] == 0 and stats["keys"] == 1
-
-
-def test_check_config(tmp_path):
-    good = tmp_path / "good.conf"
-    good.write_text(OPEN + "[limits]\nrate_limit_max_requests = 5\n[log]\nformat = json\n")
-    result = run_cli(tmp_path, "--config", str(good), "--check-config")
-    assert result.returncode == 0, result.stderr
-    bad = tmp_path / "bad.conf"
-    bad.write_text(OPEN + "[limits]\nrate_limit_max_requests = lots\n")
-    result = run_cli(tmp_path, "--config", str(bad), "--check-config")
-    assert result.returncode == 2, result.stdout
-    assert "[limits] rate_limit_max_requests" in result.stderr
-    bad.write_text(OPEN + "[tls]\ncertfile = /nonexistent/cert.pem\nkeyfile = /nonexistent/key.pem\n")
-    result = run_cli(tmp_path, "--config", str(bad), "--check-config")
-    assert result.returncode == 2 and "[tls] certfile" in result.stderr, result.stderr
 
 
 # Health

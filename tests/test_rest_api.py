@@ -10,8 +10,8 @@ import datetime
 from typing import Any
 
 import pytest
-from support import (A, B, C, JSON, MIXED, MIXED_LOWER, assert_auth_success, assert_ms, assert_refused, connections,
-                     http_head, msg, online, queue_size, raw_http, status_frame, wait_until)
+from support import (A, B, C, JSON, MIXED, MIXED_LOWER, assert_answered, assert_auth_success, assert_ms, assert_refused,
+                     connect, connections, http_head, msg, online, queue_size, raw_http, wait_until)
 
 import relayd
 
@@ -25,11 +25,9 @@ def ok(reply: Any, status: int = 200) -> Any:
 
 
 def queue_for(relay: Any, to: str, *contents: str, prefix: str = "m") -> None:
-    with relay.ws() as a:
-        a.auth(A)
+    with connect(relay, A) as a:
         for i, content in enumerate(contents):
-            a.send(msg(to, f"{prefix}{i}", content, timestamp=1000 + i))
-            status_frame(a.recv_type("queued"), "queued", f"{prefix}{i}", to)
+            assert_answered(a, msg(to, f"{prefix}{i}", content, timestamp=1000 + i), "queued")
 
 
 # Health
@@ -321,8 +319,7 @@ def test_default_mode_accepts_the_apps_unsigned_flow(relay):
                 if frame["type"] == "auth_success":
                     assert_auth_success(frame, addr)
                     break
-        b.send(msg(MIXED, "app-1", "Y2lwaGVy", timestamp=1705234567890))
-        status_frame(b.recv(), "delivered", "app-1", MIXED_LOWER)
+        assert_answered(b, msg(MIXED, "app-1", "Y2lwaGVy", timestamp=1705234567890), "delivered")
         assert m.recv() == {"type": "message", "from": B, "content": "Y2lwaGVy", "messageId": "app-1",
                             "timestamp": 1705234567890, "queued": False}
 

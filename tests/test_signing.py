@@ -7,8 +7,8 @@ import os
 import stat
 
 import pytest
-from support import (V2_ADDRESS, V2_HASH, V2_KEY, V2_SIG, V2_TEXT, V3_HASH, V3_SIG, V5_KEYS, V5_SIG, V5_TEXT, V6_CASES, V7_ADDRESS,
-                     V7_HASH, V7_KEY, V7_R, V7_S)
+from support import (V2_ADDRESS, V2_HASH, V2_KEY, V2_SIG, V2_TEXT, V3_HASH, V3_SIG, V5_KEYS, V5_SIG, V5_TEXT, V6_CASES,
+                     V7_ADDRESS, V7_HASH, V7_KEY, V7_R, V7_S)
 
 from relayd.identity.keccak import keccak256
 from relayd.identity.secp256k1 import N

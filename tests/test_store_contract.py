@@ -15,15 +15,25 @@ def msg(recipient: str, message_id: str, content: str = "hello", *, sender: str 
                          content=content, timestamp=queued_at - 5, queued_at=queued_at)
 
 
+async def enqueue_all(store: Store, *messages: QueuedMessage) -> list[QueuedMessage]:
+    """Queue every message, with room for all; returns them, their seqs assigned."""
+    for m in messages:
+        assert await store.enqueue(m, ROOMY) is QUEUED
+    return list(messages)
+
+
+def bobs(count: int, content: str = "hello") -> list[QueuedMessage]:
+    """Messages m0, m1, ... for bob."""
+    return [msg("bob", f"m{i}", content) for i in range(count)]
+
+
 async def ids(store: Store, recipient: str) -> list[str]:
     return [m.message_id for m in await store.pending(recipient, 10_000)]
 
 
 def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(store_backend):
     async def body(store: Store) -> None:
-        sent = [msg("bob", f"m{i}", f"text {i}", queued_at=1000 + i) for i in range(5)]
-        for m in sent:
-            assert await store.enqueue(m, ROOMY) is QUEUED
+        sent = await enqueue_all(store, *(msg("bob", f"m{i}", f"text {i}", queued_at=1000 + i) for i in range(5)))
         seqs = [m.seq for m in sent]
         assert all(s > 0 for s in seqs) and seqs == sorted(set(seqs))
         got = await store.pending("bob", 10)
@@ -39,9 +49,7 @@ def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(store_backend):
 
 def test_queues_are_per_recipient(store_backend):
     async def body(store: Store) -> None:
-        await store.enqueue(msg("bob", "m1"), ROOMY)
-        await store.enqueue(msg("carol", "m2"), ROOMY)
-        await store.enqueue(msg("bob", "m3"), ROOMY)
+        await enqueue_all(store, msg("bob", "m1"), msg("carol", "m2"), msg("bob", "m3"))
         assert await ids(store, "bob") == ["m1", "m3"]
         assert await ids(store, "carol") == ["m2"]
     store_backend(body)
@@ -106,8 +114,7 @@ def test_drop_oldest_makes_room(store_backend):
 
 def test_drop_oldest_of_a_shrunk_limit_drops_many(store_backend):
     async def body(store: Store) -> None:
-        for i in range(150):
-            await store.enqueue(msg("bob", f"m{i}", "x"), ROOMY)
+        await enqueue_all(store, *bobs(150, "x"))
         limits = QueueLimits(max_messages=10, max_bytes=1000, drop_oldest=True)
         assert await store.enqueue(msg("bob", "new", "x"), limits) is QUEUED
         assert await ids(store, "bob") == [f"m{i}" for i in range(141, 150)] + ["new"]
@@ -127,11 +134,7 @@ def test_oversized_message_is_full_without_dropping(store_backend, request):
 
 def test_remove_by_seq(store_backend):
     async def body(store: Store) -> None:
-        sent = [msg("bob", f"m{i}") for i in range(4)]
-        for m in sent:
-            await store.enqueue(m, ROOMY)
-        other = msg("carol", "c1")
-        await store.enqueue(other, ROOMY)
+        *sent, other = await enqueue_all(store, *bobs(4), msg("carol", "c1"))
         assert await store.remove("bob", [sent[1].seq, sent[3].seq, 99_999, other.seq]) == 2
         assert await ids(store, "bob") == ["m0", "m2"]
         assert await ids(store, "carol") == ["c1"]
@@ -144,9 +147,7 @@ def test_remove_by_seq(store_backend):
 
 def test_ack_by_message_id(store_backend):
     async def body(store: Store) -> None:
-        for i in range(4):
-            await store.enqueue(msg("bob", f"m{i}"), ROOMY)
-        await store.enqueue(msg("carol", "m9"), ROOMY)
+        await enqueue_all(store, *bobs(4), msg("carol", "m9"))
         assert await store.ack("bob", ["m0", "m2", "m9", "nope", "m0"]) == 2
         assert await store.ack("bob", [f"x{i}" for i in range(1200)] + ["m3"]) == 1
         assert await ids(store, "bob") == ["m1"]
@@ -158,9 +159,7 @@ def test_ack_by_message_id(store_backend):
 
 def test_clear(store_backend):
     async def body(store: Store) -> None:
-        for i in range(3):
-            await store.enqueue(msg("bob", f"m{i}"), ROOMY)
-        await store.enqueue(msg("carol", "c"), ROOMY)
+        await enqueue_all(store, *bobs(3), msg("carol", "c"))
         assert await store.clear("bob") == 3
         assert await store.clear("bob") == 0
         assert await store.size("bob") == 0
@@ -175,9 +174,7 @@ def test_size_total_and_stats(store_backend):
         assert store.total() == 0
         assert await store.stats() == {"recipients": 0, "messages": 0, "bytes": 0,
                                        "receipts": 0, "keys": 0}
-        await store.enqueue(msg("bob", "a", "1234"), ROOMY)
-        await store.enqueue(msg("bob", "b", "12"), ROOMY)
-        await store.enqueue(msg("carol", "c", "1"), ROOMY)
+        await enqueue_all(store, msg("bob", "a", "1234"), msg("bob", "b", "12"), msg("carol", "c", "1"))
         await store.add_receipt(Receipt("bob", "carol", "x", 5))
         await store.put_key(KeyRecord("bob", "pk", 1, 1))
         assert await store.size("bob") == 2
@@ -193,8 +190,8 @@ def test_size_total_and_stats(store_backend):
 
 def test_expire_messages_and_receipts(store_backend):
     async def body(store: Store) -> None:
-        for i, when in enumerate([100, 200, 300, 400]):
-            await store.enqueue(msg("bob" if i % 2 else "carol", f"m{i}", queued_at=when), ROOMY)
+        await enqueue_all(store, *(msg("bob" if i % 2 else "carol", f"m{i}", queued_at=when)
+                                   for i, when in enumerate([100, 200, 300, 400])))
         for when in (150, 250, 350):
             await store.add_receipt(Receipt("bob", "carol", f"r{when}", when))
         assert await store.expire(300) == 2

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import (A, B, MIXED, MIXED_LOWER, RawWs, WsClient, assert_auth_success, assert_auth_timed_out,
-                     assert_closed_with, assert_error, assert_exchange, assert_ms, message_frame, msg, now_ms, online,
-                     pong_next, queue_size, start_open, status_frame, unauthenticated_probe, wait_until)
+from support import (A, B, MIXED, MIXED_LOWER, RawWs, WsClient, assert_answered, assert_auth_success,
+                     assert_auth_timed_out, assert_closed_with, assert_error, assert_exchange, assert_ms, connect,
+                     message_frame, msg, now_ms, online, pong_next, queue_size, start_open, status_frame,
+                     unauthenticated_probe, wait_until)
 from websockets.frames import Close, Opcode
 
 
@@ -34,8 +35,7 @@ def test_eip55_mixed_case_address_is_accepted_and_reported_lower_case(open_relay
         assert frame["address"] == MIXED_LOWER
         b.auth(B)
         # The mixed-case spelling routes to the same user as the lower-case one.
-        b.send(msg(MIXED, "m-eip55", "hello", timestamp=7))
-        status_frame(b.recv(), "delivered", "m-eip55", MIXED_LOWER)
+        assert_answered(b, msg(MIXED, "m-eip55", "hello", timestamp=7), "delivered")
         assert a.recv() == message_frame(B, "hello", "m-eip55", 7, False)
         assert open_relay.http("GET", f"/api/status/{MIXED}").json["online"] is True
 
@@ -87,8 +87,7 @@ def test_second_auth_with_another_address_is_refused_and_the_session_keeps_its_i
         a.send({"type": "auth", "address": B})
         assert_error(a.recv(), "already_authenticated")
         # Still A: messages from this connection come from A, and B stays reachable.
-        a.send(msg(B, "after-refusal", "x", timestamp=1))
-        status_frame(a.recv(), "delivered", "after-refusal", B)
+        assert_answered(a, msg(B, "after-refusal", "x", timestamp=1), "delivered")
         assert b.recv() == message_frame(A, "x", "after-refusal", 1, False)
         assert open_relay.http("GET", "/api/status/online/all").json["users"].count(A) == 1
 
@@ -158,8 +157,7 @@ def test_live_message_exact_frames_with_sender_timestamp(open_relay):
     with open_relay.ws() as a, open_relay.ws() as b:
         a.auth(A)
         b.auth(B)
-        a.send(msg(B, "uuid-1", "ZW5jcnlwdGVk", timestamp=1705234567890))
-        status_frame(a.recv(), "delivered", "uuid-1", B)
+        assert_answered(a, msg(B, "uuid-1", "ZW5jcnlwdGVk", timestamp=1705234567890), "delivered")
         assert b.recv() == message_frame(A, "ZW5jcnlwdGVk", "uuid-1", 1705234567890, False)
         pong_next(a)
         pong_next(b)
@@ -170,8 +168,7 @@ def test_live_message_without_timestamp_gets_the_servers_ms(open_relay):
         a.auth(A)
         b.auth(B)
         before = now_ms()
-        a.send(msg(B, "no-ts", "x"))
-        status_frame(a.recv(), "delivered", "no-ts", B)
+        assert_answered(a, msg(B, "no-ts", "x"), "delivered")
         frame = b.recv()
         after = now_ms()
         assert frame == message_frame(A, "x", "no-ts", frame["timestamp"], False)
@@ -193,8 +190,7 @@ def test_integral_float_timestamp_is_delivered_as_an_integer(open_relay):
 def test_message_to_a_mixed_case_recipient_reports_it_lower_case(open_relay):
     with open_relay.ws() as a:
         a.auth(A)
-        a.send(msg(MIXED, "to-mixed"))
-        status_frame(a.recv(), "queued", "to-mixed", MIXED_LOWER)
+        assert_answered(a, msg(MIXED, "to-mixed"), "queued")
     assert queue_size(open_relay, MIXED_LOWER) == 1
 
 
@@ -277,8 +273,7 @@ def test_content_over_max_message_bytes_is_message_too_large(start_relay):
         b.auth(B)
         a.send(msg(B, "big", "x" * 17))
         assert_error(a.recv(), "message_too_large", "big")
-        a.send(msg(B, "fits", "x" * 16, timestamp=3))
-        status_frame(a.recv(), "delivered", "fits", B)
+        assert_answered(a, msg(B, "fits", "x" * 16, timestamp=3), "delivered")
         assert b.recv() == message_frame(A, "x" * 16, "fits", 3, False)
         assert_exchange(a, b, B, "after-too-large")
 
@@ -299,8 +294,7 @@ def test_content_at_the_limit_is_delivered_even_when_json_escaping_inflates_the_
         a.auth(A)
         b.auth(B)
         content = "\x01" * 1024  # 1024 bytes of content; 6144 bytes once JSON-escaped
-        a.send(msg(B, "escaped", content, timestamp=9))
-        status_frame(a.recv(), "delivered", "escaped", B)
+        assert_answered(a, msg(B, "escaped", content, timestamp=9), "delivered")
         assert b.recv() == message_frame(A, content, "escaped", 9, False)
 
 
@@ -343,9 +337,7 @@ def test_typing_to_an_offline_user_is_silent_and_never_stored(open_relay):
         a.send({"type": "typing", "to": B, "isTyping": True})
         pong_next(a)
     assert queue_size(open_relay, B) == 0
-    with open_relay.ws() as b:
-        b.send({"type": "auth", "address": B})
-        assert_auth_success(b.recv(), B)
+    with connect(open_relay, B) as b:
         pong_next(b)
 
 
