@@ -462,12 +462,12 @@ class RawWs:
     frozen or slow peer. Frames are written with ``websockets.frames.Frame``
     and parsed with ``Frame.parse``; the handshake answer with
     ``websockets.http11.Response.parse``. ``status`` is the handshake's HTTP
-    status (101 when it upgraded). A close frame, EOF or a reset raises
-    ConnectionError from the receive methods.
+    status (101 when it upgraded). EOF or a reset raises ConnectionError;
+    ``recv_json`` raises it on a close frame too.
     """
 
-    def __init__(self, port: int, *, path: str = "/", headers: dict[str, str] | None = None,
-                 timeout: float = 5, rcvbuf: int | None = None) -> None:
+    def __init__(self, port: int, *, headers: dict[str, str] | None = None, timeout: float = 5,
+                 rcvbuf: int | None = None) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:  # a small window makes a slow reader with little data
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -475,7 +475,7 @@ class RawWs:
         self.sock.connect(("127.0.0.1", port))
         self.reader = StreamReader()
         key = generate_key()
-        lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+        lines = ["GET / HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
                  f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
