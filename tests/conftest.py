@@ -1,6 +1,22 @@
+"""Every fixture of the suite; the helpers they use live in ``support.py``.
+
+Set ``RELAYD_TEST_TIMEOUT_FACTOR`` (default 1) to multiply every timeout and
+deadline of the toolkit, e.g. ``RELAYD_TEST_TIMEOUT_FACTOR=3`` on a slow CI
+machine (see ``support.TIMEOUT_FACTOR``).
+"""
+
 from __future__ import annotations
 
+import asyncio
+import functools
+import hashlib
+import http.server
+import logging
+import secrets
+import shutil
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -9,16 +25,25 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay_harness import ThreadRelay, make_config  # noqa: E402
+from support import (ErrorLog, ManualClock, NotifySocket, ProcessRelays, ThreadRelay, WsClient,  # noqa: E402
+                     make_config)
+
+from relayd.clock import SYSTEM_CLOCK, Clock  # noqa: E402
+from relayd.identity.signatures import select_backend  # noqa: E402
+from relayd.storage.memory import MemoryStore  # noqa: E402
+from relayd.storage.sqlite import SQLiteStore  # noqa: E402
+from relayd.storage.store import Store  # noqa: E402
+
+# In-process relays
 
 
 @pytest.fixture
 def start_relay() -> Iterator[Callable[..., ThreadRelay]]:
-    """Start in-process relays with config overrides; all are stopped after the test."""
+    """``start_relay(store=None, clock=None, **sections)``: in-process relays, all stopped after the test."""
     relays: list[ThreadRelay] = []
 
-    def start(store: Any = None, **sections: dict[str, Any]) -> ThreadRelay:
-        relay = ThreadRelay(make_config(**sections), store)
+    def start(store: Any = None, clock: Clock | None = None, **sections: dict[str, Any]) -> ThreadRelay:
+        relay = ThreadRelay(make_config(**sections), store, clock or SYSTEM_CLOCK)
         relays.append(relay)
         return relay
 
@@ -29,7 +54,209 @@ def start_relay() -> Iterator[Callable[..., ThreadRelay]]:
 
 @pytest.fixture
 def relay(start_relay: Callable[..., ThreadRelay]) -> ThreadRelay:
+    """A relay in the default mode (mixed: a challenge first, signatures optional)."""
     return start_relay()
+
+
+@pytest.fixture
+def open_relay(start_relay: Callable[..., ThreadRelay]) -> ThreadRelay:
+    """A relay in ``[auth] mode = open``: the seed protocol, no sign-in challenge."""
+    return start_relay(auth={"mode": "open"})
+
+
+@pytest.fixture
+def manual_clock() -> ManualClock:
+    """A clock the test moves: ``start_relay(clock=manual_clock)``, then ``manual_clock.advance(s)``."""
+    return ManualClock()
+
+
+@pytest.fixture(params=["default", "open"])
+def flow_relay(request: pytest.FixtureRequest, start_relay: Callable[..., ThreadRelay]) -> ThreadRelay:
+    """The relay a stock relayd serves, and one in the seed's open mode."""
+    return start_relay() if request.param == "default" else start_relay(auth={"mode": "open"})
+
+
+# One relay for a whole module (the fuzz tests): no limits, no timeouts, no pings.
+
+
+@pytest.fixture(scope="module")
+def fuzz_relay() -> Iterator[ThreadRelay]:
+    relay = ThreadRelay(make_config(
+        limits={"frames_per_s": 0, "new_queues_per_sender_per_hour": 0, "rate_limit_max_requests": 0,
+                "connections_per_ip_per_s": 0, "max_connections_per_ip": 0, "auth_attempts_per_ip_per_min": 0},
+        server={"auth_timeout_s": 3600, "ping_interval_s": 0}))  # pings draw from `random`: see bystanders
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture(scope="module")
+def bystanders(fuzz_relay: ThreadRelay) -> Iterator[dict[str, WsClient]]:
+    """Two clients (by address) on ``fuzz_relay``, signed in before any fuzzing, used only after it."""
+    clients = {}
+    for address in ("0x" + "a1" * 20, "0x" + "a2" * 20):
+        clients[address] = fuzz_relay.ws(ping_interval=None)  # pings draw from `random`
+        clients[address].auth(address)
+    yield clients
+    for client in clients.values():
+        client.close()
+
+
+@pytest.fixture
+def not_a_relay_url(tmp_path: Path) -> Iterator[str]:
+    """``ws://`` URL of a plain HTTP/1.0 file server (an empty directory listing, 404 elsewhere): not a relay."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    yield f"ws://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+# Child processes
+
+
+@pytest.fixture
+def process_relays() -> Iterator[ProcessRelays]:
+    """``process_relays(tmp, **ProcessRelay kwargs)`` starts ``python relayd.py``; every one is stopped afterwards."""
+    relays = ProcessRelays()
+    yield relays
+    relays.stop_all()
+
+
+# Logging
+
+
+@pytest.fixture
+def quiet_loggers() -> Iterator[None]:
+    """Silence relayd's, websockets' and asyncio's loggers while a test provokes a server-side exception.
+
+    On CPython 3.11, formatting a traceback (which the relay thread's logging
+    does) runs ast.parse, which is not thread-safe against pytest building a
+    failure report in the main thread at the same moment ("AST constructor
+    recursion depth mismatch" INTERNALERROR). A level above CRITICAL on the
+    parents keeps every child logger from formatting anything.
+    """
+    loggers = [logging.getLogger(name) for name in ("relayd", "websockets", "asyncio")]
+    saved = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    yield
+    for logger, level in zip(loggers, saved):
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def error_log() -> Iterator[ErrorLog]:
+    """ERROR records of relayd and websockets while the test runs (a crashed handler logs one)."""
+    handler = ErrorLog()
+    loggers = [logging.getLogger("relayd"), logging.getLogger("websockets")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Undo what ``configure_logging`` did to the root and relayd loggers."""
+    root = logging.getLogger()
+    relayd = logging.getLogger("relayd")
+    handlers, root_level, relayd_level = list(root.handlers), root.level, relayd.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(root_level)
+    relayd.setLevel(relayd_level)
+
+
+# systemd's notify socket
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    """A notify socket at a path (in a short temporary directory when tmp_path is too long for sun_path)."""
+    path = tmp_path / "notify.sock"
+    short_dir = None
+    if len(str(path)) > 100:  # sun_path holds 108 bytes
+        short_dir = tempfile.mkdtemp(prefix="rdn")
+        path = Path(short_dir) / "notify.sock"
+    ns = NotifySocket(str(path), str(path))
+    yield ns
+    ns.close()
+    if short_dir:
+        shutil.rmtree(short_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def notify_abstract() -> Iterator[NotifySocket]:
+    """A notify socket in Linux's abstract namespace (NOTIFY_SOCKET=@name)."""
+    name = f"relayd-test-{secrets.token_hex(8)}"
+    ns = NotifySocket("\0" + name, "@" + name)
+    yield ns
+    ns.close()
+
+
+# Backends
+
+
+@pytest.fixture(params=["pure", "auto"])
+def crypto_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Signature checks with both backend selection modes (pure Python, and the best one installed)."""
+    yield select_backend(request.param)
+    select_backend("pure")
+
+
+@pytest.fixture
+def no_optional_backends(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """Neither coincurve nor pycryptodome nor hashlib's Keccak is importable; the test may install fakes."""
+    monkeypatch.setattr(hashlib, "algorithms_available", set())
+    for name in ("coincurve", "Crypto", "Cryptodome"):
+        monkeypatch.setitem(sys.modules, name, None)
+    yield monkeypatch
+    select_backend("pure")
+
+
+StoreBody = Callable[[Store], Any]
+
+
+STORE_BACKENDS = ["memory", "sqlite"]
+"""Every backend must pass the store contract; Redis ("redis", "redis-cluster") joins again once it implements
+the contract's newest methods (restore, receipts in batches with a cap, key floors, tokens, clock shifts, the
+storage budget)."""
+
+
+def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """A new, unopened store of one backend; Redis ones get a key prefix of their own."""
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SQLiteStore(str(tmp_path / "relay.db"), commit_interval_ms=0.5)
+    from relayd.storage.redis import RedisStore
+    server = request.getfixturevalue("redis_cluster" if kind == "redis-cluster" else "redis_server")
+    return RedisStore(server.url, key_prefix=request.getfixturevalue("redis_prefix"), cluster=kind == "redis-cluster")
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[StoreBody], Any]:
+    """``store_backend(body)`` runs the async ``body(store)`` against a freshly opened store, then closes it.
+
+    ``store_backend.kind`` names the backend.
+    """
+    def run(body: StoreBody) -> Any:
+        async def main() -> Any:
+            store = make_store(request.param, request, tmp_path)
+            await store.open()
+            try:
+                return await body(store)
+            finally:
+                await store.close()
+        return asyncio.run(main())
+    run.kind = request.param  # type: ignore[attr-defined]
+    return run
 
 
 # Real Redis servers (helpers in redis_support.py). A missing redis-server fails the test with the

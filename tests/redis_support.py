@@ -13,11 +13,9 @@ import shutil
 import socket
 import signal
 import subprocess
-import time
 from pathlib import Path
-from typing import Any
 
-from relay_harness import free_port
+from support import free_port, wait_until
 
 INSTALL_HINT = "redis-server not found on PATH: install it with `apt-get install redis-server` (Debian package)"
 
@@ -29,16 +27,6 @@ def redis_binary(name: str = "redis-server") -> str:
         raise RuntimeError(INSTALL_HINT if name == "redis-server" else
                            f"{name} not found on PATH: install it with `apt-get install redis-server`")
     return path
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:
-    """Poll ``predicate`` until it is true; TimeoutError naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def free_cluster_port() -> int:
@@ -85,7 +73,7 @@ class RedisServer:
         self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      cwd=self.workdir)
         try:
-            wait_for(self.ready, timeout, f"redis-server on port {self.port}")
+            wait_until(self.ready, f"redis-server on port {self.port}", timeout=timeout)
         except BaseException:
             self.stop(signal.SIGKILL)
             raise
@@ -140,7 +128,7 @@ class RedisCluster:
                                      capture_output=True, text=True, timeout=60)
             if created.returncode != 0:
                 raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout}{created.stderr}")
-            wait_for(self.state_ok, 30, "cluster_state:ok on every node", interval=0.1)
+            wait_until(self.state_ok, "cluster_state:ok on every node", timeout=30, interval=0.1)
         except BaseException:
             self.stop()
             raise

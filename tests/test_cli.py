@@ -5,42 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import http.server
 import json
-import os
 import re
 import signal
 import stat
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import A, B, assert_auth_success, msg, recv_closed
-from relay_harness import ROOT, ProcessRelay, free_port
+from support import (A, B, LEGACY_ENV, ROOT, assert_auth_success, assert_closed_with, clean_env, cli_ok, free_port, msg,
+                     run_cli, scaled, wait_until)
 
 from relayd.config import SECTIONS
 from relayd.identity.signing import SigningKey, load_key_file
 from relayd.storage.sqlite import SQLiteStore
 from relayd.storage.store import KeyRecord
-
-LEGACY = {"PORT", "ALLOWED_ORIGINS", "RATE_LIMIT_WINDOW_MS", "RATE_LIMIT_MAX_REQUESTS", "MAX_OFFLINE_MESSAGES",
-          "MESSAGE_RETENTION_HOURS", "LOG_LEVEL"}
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_") and k not in LEGACY}
-    env.update(extra)
-    return env
-
-
-def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "relayd.py"), *args], cwd=tmp_path,
-                          env=env if env is not None else clean_env(), capture_output=True, text=True,
-                          encoding="utf-8", timeout=60)
 
 
 def conf(tmp_path: Path, text: str) -> str:
@@ -49,17 +30,19 @@ def conf(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-def test_check_config_ok_exits_0(tmp_path):
-    path = conf(tmp_path, "[server]\nport = 3002\n[storage]\nbackend = memory\n")
-    result = run_cli(tmp_path, "--config", path, "--check-config")
-    assert result.returncode == 0, result.stderr
+@pytest.mark.parametrize("text", [
+    "[server]\nport = 3002\n[storage]\nbackend = memory\n",
+    "[auth]\nmode = open\n[limits]\nrate_limit_max_requests = 5\n[log]\nformat = json\n",
+])
+def test_check_config_ok_exits_0(tmp_path, text):
+    path = conf(tmp_path, text)
+    result = cli_ok(tmp_path, "--config", path, "--check-config")
     assert "configuration OK" in result.stdout
     assert result.stderr == ""
 
 
 def test_check_config_with_defaults_only_exits_0(tmp_path):
-    result = run_cli(tmp_path, "--check-config")
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "--check-config")
     assert "configuration OK" in result.stdout
 
 
@@ -69,6 +52,8 @@ def test_check_config_with_defaults_only_exits_0(tmp_path):
     ("[queue]\noverflow = maybe\n", "[queue] overflow"),
     ("[server]\nwhatever = 1\n", "[server] whatever"),
     ("[mystery]\nx = 1\n", "[mystery]"),
+    ("[limits]\nrate_limit_max_requests = lots\n", "[limits] rate_limit_max_requests"),
+    ("[tls]\ncertfile = /nonexistent/cert.pem\nkeyfile = /nonexistent/key.pem\n", "[tls] certfile"),
 ])
 def test_bad_config_file_exits_2_naming_the_key(tmp_path, text, needle):
     path = conf(tmp_path, text)
@@ -109,33 +94,25 @@ def test_bad_command_line_override_exits_2_naming_the_key(tmp_path, args, needle
     assert needle in result.stderr
 
 
-def test_sigterm_closes_clients_with_1001_and_exits_0(tmp_path):
-    relay = ProcessRelay(tmp_path, config_text="[storage]\nbackend = memory\n[auth]\nmode = open\n")
-    try:
-        with relay.ws() as a, relay.ws() as b:
-            assert_auth_success(a.auth(A), A)
-            assert_auth_success(b.auth(B), B)
-            a.send(msg(B, "before-term", "x", timestamp=1))
-            assert a.recv()["type"] == "delivered"
-            assert b.recv()["messageId"] == "before-term"
-            started = time.monotonic()
-            relay.signal(signal.SIGTERM)
-            assert recv_closed(a, timeout=10).code == 1001
-            assert recv_closed(b, timeout=10).code == 1001
-            assert relay.proc.wait(10) == 0, relay.log()
-            assert time.monotonic() - started < 10
-    finally:
-        relay.stop()
-
-
-def test_sigterm_without_clients_exits_0(tmp_path):
-    relay = ProcessRelay(tmp_path, config_text="[storage]\nbackend = memory\n")
-    try:
-        assert relay.http("GET", "/health").status == 200
+def test_sigterm_closes_clients_with_1001_and_exits_0(tmp_path, process_relays):
+    relay = process_relays(tmp_path, config_text="[storage]\nbackend = memory\n[auth]\nmode = open\n")
+    with relay.ws() as a, relay.ws() as b:
+        assert_auth_success(a.auth(A), A)
+        assert_auth_success(b.auth(B), B)
+        a.send(msg(B, "before-term", "x", timestamp=1))
+        assert a.recv()["type"] == "delivered"
+        assert b.recv()["messageId"] == "before-term"
         relay.signal(signal.SIGTERM)
+        assert_closed_with(a, 1001, timeout=10)
+        assert_closed_with(b, 1001, timeout=10)
         assert relay.proc.wait(10) == 0, relay.log()
-    finally:
-        relay.stop()
+
+
+def test_sigterm_without_clients_exits_0(tmp_path, process_relays):
+    relay = process_relays(tmp_path, config_text="[storage]\nbackend = memory\n")
+    assert relay.http("GET", "/health").status == 200
+    relay.signal(signal.SIGTERM)
+    assert relay.proc.wait(10) == 0, relay.log()
 
 
 def test_package_version_matches_pyproject():
@@ -204,16 +181,15 @@ def test_help_lists_commands_environment_paths_and_examples(tmp_path):
     result = run_cli(tmp_path, "--help")
     assert result.returncode == 0
     for word in ("run", "config", "example-config", "backup", "stats", "send", "listen", "status", "keygen",
-                 "check", "RELAYD_<SECTION>_<KEY>", *sorted(LEGACY), "./relayd-data/relayd.db",
+                 "check", "RELAYD_<SECTION>_<KEY>", *LEGACY_ENV, "./relayd-data/relayd.db",
                  "configuration file", "examples:", "relayd check --relay"):
         assert word in result.stdout, word
 
 
 def test_check_config_lists_every_source(tmp_path):
     path = conf(tmp_path, "[server]\nport = 3002\n")
-    result = run_cli(tmp_path, "--check-config", "--config", path, "--db", "x.db", "--set", "limits.frame_burst=5",
-                     env=clean_env(LOG_LEVEL="debug", RELAYD_QUEUE_OVERFLOW="drop_oldest"))
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "--check-config", "--config", path, "--db", "x.db", "--set", "limits.frame_burst=5",
+                    env=clean_env(LOG_LEVEL="debug", RELAYD_QUEUE_OVERFLOW="drop_oldest"))
     lines = result.stdout.splitlines()
     assert "configuration OK" in lines[0]
     assert f"file {path}" in result.stdout
@@ -223,16 +199,14 @@ def test_check_config_lists_every_source(tmp_path):
 
 
 def test_check_config_after_run_and_with_defaults_only(tmp_path):
-    result = run_cli(tmp_path, "run", "--check-config")
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "run", "--check-config")
     assert result.stdout.splitlines()[1:] == ["  defaults (for every key not set below)"]
 
 
 def test_config_prints_each_value_with_its_source_and_loads_back(tmp_path):
     path = conf(tmp_path, "[server]\nport = 3002\n[queue]\noverflow = drop_oldest\n")
-    result = run_cli(tmp_path, "config", "--config", path, "--port", "3005", "--set", "auth.mode=signed",
-                     env=clean_env(LOG_LEVEL="debug", RELAYD_LIMITS_FRAME_BURST="7"))
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "config", "--config", path, "--port", "3005", "--set", "auth.mode=signed",
+                    env=clean_env(LOG_LEVEL="debug", RELAYD_LIMITS_FRAME_BURST="7"))
     lines = result.stdout.splitlines()
     assert "port = 3005  # command line --port 3005" in lines
     assert "mode = signed  # command line --set auth.mode=signed" in lines
@@ -246,8 +220,7 @@ def test_config_prints_each_value_with_its_source_and_loads_back(tmp_path):
 
     saved = tmp_path / "effective.conf"
     saved.write_text(result.stdout)
-    again = run_cli(tmp_path, "config", "--config", str(saved))
-    assert again.returncode == 0, again.stderr
+    again = cli_ok(tmp_path, "config", "--config", str(saved))
     values = [line.split("  # ")[0] for line in keys]
     assert [line.split("  # ")[0] for line in again.stdout.splitlines()
             if " = " in line and not line.startswith("#")] == values
@@ -260,15 +233,14 @@ def test_config_command_reports_configuration_errors_with_exit_2(tmp_path):
 
 
 def test_example_config_is_relayd_conf_example(tmp_path):
-    result = run_cli(tmp_path, "example-config")
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "example-config")
     assert result.stdout == (ROOT / "relayd.conf.example").read_text()
 
 
 def test_relayd_py_without_websockets_says_how_to_install(tmp_path):
     result = subprocess.run([sys.executable, "-S", str(ROOT / "relayd.py"), "--config",
                              str(ROOT / "relayd.conf.example")], cwd=tmp_path, env=clean_env(),
-                            capture_output=True, text=True, timeout=30)
+                            capture_output=True, text=True, timeout=scaled(30))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "websockets" in result.stderr and "Python 3.11" in result.stderr
@@ -286,8 +258,7 @@ def test_backup_refuses_an_existing_file_without_force(tmp_path):
     assert result.returncode == 2
     assert str(dest) in result.stderr and "--force" in result.stderr
     assert dest.read_bytes() == b"precious"
-    forced = run_cli(tmp_path, "backup", "--db", "live.db", str(dest), "--force")
-    assert forced.returncode == 0, forced.stderr
+    cli_ok(tmp_path, "backup", "--db", "live.db", str(dest), "--force")
     stats = run_cli(tmp_path, "stats", "--db", str(dest))
     assert cli_json(stats)["keys"] == 2
     assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
@@ -316,8 +287,7 @@ def test_stats_on_a_backup_leaves_no_wal_or_shm(tmp_path):
     assert run_cli(tmp_path, "backup", "--db", "live.db", "copy.db").returncode == 0
     assert (tmp_path / "copy.db").read_bytes()[18:20] == b"\x02\x02"  # the copy says WAL mode too
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = run_cli(tmp_path, "stats", "--db", "copy.db")
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "stats", "--db", "copy.db")
     assert cli_json(result)["keys"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert not (tmp_path / "copy.db-wal").exists() and not (tmp_path / "copy.db-shm").exists()
@@ -333,32 +303,24 @@ def test_stats_errors_name_the_file(tmp_path, content, needle):
     assert needle in result.stderr and "copy.db" in result.stderr
 
 
-def test_stats_and_backup_of_a_live_database(tmp_path):
-    relay = ProcessRelay(tmp_path, config_text="[auth]\nmode = open\n")
-    try:
-        assert relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}).status == 200
-        db = tmp_path / "relayd-data" / "relayd.db"
-        assert (tmp_path / "relayd-data" / "relayd.db-wal").exists()
-        deadline = time.monotonic() + 10
-        while True:
-            result = run_cli(tmp_path, "stats", "--db", str(db))
-            assert result.returncode == 0, result.stderr
-            if cli_json(result)["keys"] == 1:
-                break
-            assert time.monotonic() < deadline, result.stdout
-        backup = run_cli(tmp_path, "backup", "--db", str(db), "copy.db")
-        assert backup.returncode == 0, backup.stderr
-        assert cli_json(run_cli(tmp_path, "stats", "--db", "copy.db"))["keys"] == 1
-    finally:
-        relay.stop()
+def test_stats_and_backup_of_a_live_database(tmp_path, process_relays):
+    relay = process_relays(tmp_path, config_text="[auth]\nmode = open\n")
+    assert relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}).status == 200
+    db = tmp_path / "relayd-data" / "relayd.db"
+    assert (tmp_path / "relayd-data" / "relayd.db-wal").exists()
+
+    def stats_see_the_key() -> bool:
+        return cli_json(cli_ok(tmp_path, "stats", "--db", str(db)))["keys"] == 1
+    wait_until(stats_see_the_key, "stats to count the key", timeout=10)
+    cli_ok(tmp_path, "backup", "--db", str(db), "copy.db")
+    assert cli_json(run_cli(tmp_path, "stats", "--db", "copy.db"))["keys"] == 1
 
 
 # Keys and the client commands
 
 
 def test_keygen_writes_a_private_key_file(tmp_path):
-    result = run_cli(tmp_path, "keygen", "--out", "alice.key")
-    assert result.returncode == 0, result.stderr
+    result = cli_ok(tmp_path, "keygen", "--out", "alice.key")
     path = tmp_path / "alice.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert cli_json(result)["address"] == load_key_file(str(path)).address
@@ -372,23 +334,20 @@ def test_send_listen_and_status(tmp_path, start_relay):
     relay = start_relay(auth={"mode": "mixed"})
     assert run_cli(tmp_path, "keygen", "--out", "alice.key").returncode == 0
     alice = load_key_file(str(tmp_path / "alice.key")).address
-    sent = run_cli(tmp_path, "send", "--relay", relay.url, "--from", "alice.key", "--to", B, "hello bob")
-    assert sent.returncode == 0, sent.stderr
+    sent = cli_ok(tmp_path, "send", "--relay", relay.url, "--from", "alice.key", "--to", B, "hello bob")
     answer = cli_json(sent)
     assert answer["type"] == "queued" and answer["to"] == B
-    status = run_cli(tmp_path, "status", B, "--relay", relay.url)
-    assert status.returncode == 0, status.stderr
+    status = cli_ok(tmp_path, "status", B, "--relay", relay.url)
     assert cli_json(status) == {"address": B, "online": False, "queueSize": 1, "key": None}
 
-    listened = run_cli(tmp_path, "listen", "--relay", relay.url, "--as", B, "--ack", "--count", "1",
-                       "--timeout", "20")
-    assert listened.returncode == 0, listened.stderr
+    listened = cli_ok(tmp_path, "listen", "--relay", relay.url, "--as", B, "--ack", "--count", "1",
+                      "--timeout", "20")
     frames = [json.loads(line) for line in listened.stdout.splitlines()]
     assert frames[0]["type"] == "message" and frames[0]["from"] == alice
     assert frames[0]["content"] == "hello bob" and frames[0]["messageId"] == answer["messageId"]
     assert cli_json(run_cli(tmp_path, "status", B, "--relay", relay.url))["queueSize"] == 0
 
-    waited = run_cli(tmp_path, "listen", "--relay", relay.url, "--as", B, "--count", "1", "--timeout", "0.5")
+    waited = run_cli(tmp_path, "listen", "--relay", relay.url, "--as", B, "--count", "1", "--timeout", "0.2")
     assert waited.returncode == 1 and "0 of 1 messages" in waited.stderr
 
 
@@ -434,15 +393,8 @@ def test_check_fails_precisely_on_a_closed_port(tmp_path):
     assert all(line.startswith("–") and "skipped" in line for line in lines[1:])
 
 
-def test_check_fails_precisely_against_a_server_that_is_not_a_relay(tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        result = run_cli(tmp_path, "check", "--relay", f"ws://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_check_fails_precisely_against_a_server_that_is_not_a_relay(tmp_path, not_a_relay_url):
+    result = run_cli(tmp_path, "check", "--relay", not_a_relay_url)
     assert result.returncode == 1
     first = check_lines(result)[0]
     assert first.startswith("✘") and "GET /health: HTTP 404" in first

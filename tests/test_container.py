@@ -30,8 +30,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from e2e_support import msg, recv_closed, wait_until
-from relay_harness import ROOT, WsClient, free_port, http_request
+from support import ROOT, WsClient, free_port, http_request, msg, read_until_closed, wait_until
 
 TEST_BASE = "relayd-test-base:bookworm"
 IMAGE = "relayd:test"
@@ -232,16 +231,17 @@ def wait_ready(name: str, port: int) -> None:
             return http_request(port, "GET", "/health/ready", timeout=1).status == 200
         except OSError:
             return False
-    assert wait_until(ready, timeout=START_TIMEOUT_S, interval=0.2), \
-        f"{name} not ready on port {port}:\n{container_logs(name)}"
+    wait_until(ready, f"{name} ready on port {port}", timeout=START_TIMEOUT_S, interval=0.2)
 
 
 def wait_healthy(name: str) -> None:
     """Wait until Docker's HEALTHCHECK reports the container healthy (run with a short --health-interval)."""
-    healthy = wait_until(lambda: container_state(name, ".State.Health.Status") == "healthy",
-                         timeout=START_TIMEOUT_S, interval=0.2)
-    assert healthy, f"{name} is {container_state(name, '.State.Health.Status')}: " \
-                    f"{docker('inspect', '--format', '{{json .State.Health.Log}}', name).stdout}"
+    try:
+        wait_until(lambda: container_state(name, ".State.Health.Status") == "healthy", f"{name} healthy",
+                   timeout=START_TIMEOUT_S, interval=0.2)
+    except AssertionError:
+        pytest.fail(f"{name} is {container_state(name, '.State.Health.Status')}: "
+                    f"{docker('inspect', '--format', '{{json .State.Health.Log}}', name).stdout}")
 
 
 def expect_frame(client: WsClient, ftype: str, timeout: float = 5) -> dict[str, Any]:
@@ -380,7 +380,7 @@ def test_container_serves_stops_gracefully_and_keeps_queued_messages_on_its_volu
     with WsClient(f"ws://127.0.0.1:{port}") as watcher:
         watcher.auth("0x" + secrets.token_hex(20))
         docker("stop", first, timeout=60)
-        closed = recv_closed(watcher)
+        closed, _ = read_until_closed(watcher)
     assert closed is not None and closed.code == 1001, f"sessions closed with {closed}"
     assert container_state(first, ".State.ExitCode") == "0", container_logs(first)
     assert re.search(r"relayd\.server: stopped$", container_logs(first), re.MULTILINE), container_logs(first)

@@ -9,6 +9,8 @@ import types
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import (V2_ADDRESS, V2_HASH, V2_KEY, V2_SIG, V2_TEXT, V3_HASH, V3_SIG, V5_KEYS, V5_SIG, V5_TEXT, V6_CASES,
+                     V7_ADDRESS, V7_HASH, V7_KEY, V7_R, V7_S)
 
 from relayd.identity import secp256k1, signatures
 from relayd.identity.keccak import _sponge, keccak256
@@ -24,11 +26,7 @@ from relayd.identity.signatures import (
     select_backend,
     verify,
 )
-
-try:
-    from tests.idena_signer import address_of_private, sign_hash, sign_text
-except ImportError:
-    from idena_signer import address_of_private, sign_hash, sign_text
+from relayd.identity.signing import address_of_private, sign_hash, sign_text
 
 DOUBLE = SignatureFormat.DOUBLE_HASH
 PREFIX = SignatureFormat.PREFIX
@@ -36,21 +34,6 @@ PREFIX = SignatureFormat.PREFIX
 V1_ABC = "4e03657aea45a94fc7d47ba826c8d667c0d1e6e33a64a036ec44f58fa12d6c45"
 V1_EMPTY = "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"
 V1_SHA3_ABC = "3a985da74fe225b2045c172d6bd390bd855f086e3e9d525b46bfe24511431532"
-
-V2_KEY = bytes.fromhex("c6fccb1b926e774d7e3a1716eddeba55ae7d40db4fb7c22d2705835f48d5be1b")
-V2_ADDRESS = "0xa79b11814a162129a6dC136885C1c92EE1336Ffc"
-V2_TEXT = "salt-0x010203-50"
-V2_HASH = "e640350d786814f43742f18bee7333c5d1d44bfcd9f5f2e65ffdfe0a3c2278c0"
-V2_SIG = (
-    "4adf3bb775e94b56ce0acbbbcede83cd6382841e4152a1956bff2b73105adc0c"
-    "0292f84193648f83e0f2b66b7095055ded4a062330199970e26613dc392336eb01"
-)
-
-V3_HASH = "0cf72780b2992a8fa8bf1055046ab6826ee7d1f1dfd9d67a9ddb6a9cea3f049b"
-V3_SIG = (
-    "8f18c02c8e6724dcb117cbcf7c9450c004b9e4ef0a8d62bc14c62c7fe6734639"
-    "4a2f4bc415f65cb02169620d1aae198b9dbbd751e194fee223476c6f0e76432a01"
-)
 
 V4_HASH = "ce0677bb30baa8cf067c88db9811f4333d131bf8bcf12fe7065d211dce971008"
 V4_SIG = (
@@ -62,35 +45,6 @@ V4_PUBKEY = (
     "0a2b2667f7e725ceea70c673093bf67663e0312623c8e091b13cf2c0f11ef652"
 )
 V4_ADDRESS = "0xa19d069d48d2e9392ec2bb41ecab0a72119d633b"
-
-V5_KEYS = [
-    ("289c2857d4598e37fb9647507e47a309d6133539bf21a8b9cb6df88fd5232032",
-     "0x970e8128ab834e8eac17ab8e3812f010678cf791"),
-    ("58d23b55bc9cdce1f18c2500f40ff4ab7245df9a89505e9b1fa4851f623d241d",
-     "0xdc544d1aa88ff8bbd2f2aec754b1f1e99e1812fd"),
-]
-V5_TEXT = "signin-0652c409-17ef-4ad6-b580-3faaefcc204d"
-V5_SIG = (
-    "ca5f6ac5ee526685de07b60eec8c1e02e9f2ce09cecf887fa4adca654a2f82ac"
-    "7e25c4e90eb4f5537e2e60c8478ae1e8ee7ec35435701a624549599cb7441d6b00"
-)
-
-V6_CASES = [
-    ("9c0257114eb9399a2985f8e75dad7600c5d89fe3824ffa99ec1c3eb8bf3b0501",
-     "0x328809bc894f92807417d2dad6b7c998c1afdac6",
-     "b20e2ea5d3cbaa83c1e0372f110cf12535648613b479b64c1a8c1a20c5021f38"
-     "0434d07ec5795e3f789794351658e80b7faf47a46328f41e019d7b853745cdfd01"),
-    ("38e47a7b719dce63662aeaf43440326f551b8a7ee198cee35cb5d517f2d296a2",
-     "0x1d96f2f6bef1202e4ce1ff6dad0c2cb002861d3e",
-     "5c48ea4f0f2257fa23bd25e6fcb0b75bbe2ff9bbda0167118dab2bb6e31ba76e"
-     "691dbdaf2a231fc9958cd8edd99507121f8184042e075cf10f98ba88abff1f3601"),
-]
-
-V7_KEY = bytes.fromhex("3c9229289a6125f7fdf1885a77bb12c37a8d3b4962d936f7e3084dece32a3ca1")
-V7_HASH = "82ff40c0a986c6a5cfad4ddf4c3aa6996f1a7837f9c398e17e5de5cbd5a12b28"
-V7_R = "99e71a99cb2270b8cac5254f9e99b6210c6c10224a1579cf389ef88b20a1abe9"
-V7_S = "129ff05af364204442bdb53ab6f18a99ab48acc9326fa689f228040429e3ca66"
-V7_ADDRESS = "0xed54a7c1d8634bb589f24bb7f05a5554b36f9618"
 
 V8_OTHER_TEXT = "salt-0x010203-51"
 V8_DOCS_SIG = (
@@ -110,16 +64,9 @@ def _split(sig_hex: str) -> tuple[bytes, int, int, int]:
     return raw, int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big"), raw[64]
 
 
-@pytest.fixture(params=["pure", "auto"])
-def backend(request: pytest.FixtureRequest):
-    """Run the vector tests against both selection modes."""
-    yield select_backend(request.param)
-    select_backend("pure")
-
-
 # V1 ------------------------------------------------------------------------
 
-def test_v1_keccak_known_answers(backend: str) -> None:
+def test_v1_keccak_known_answers(crypto_backend: str) -> None:
     assert keccak256(b"abc").hex() == V1_ABC
     assert keccak256(b"").hex() == V1_EMPTY
     assert signatures.keccak256(b"abc").hex() == V1_ABC
@@ -140,19 +87,19 @@ def test_permutation_matches_sha3_with_fips_padding(length: int) -> None:
 # V2 / V3 -------------------------------------------------------------------
 
 def test_v2_address_of_private_key() -> None:
-    assert address_of_private(V2_KEY) == V2_ADDRESS.lower()
+    assert address_of_private(bytes.fromhex(V2_KEY)) == V2_ADDRESS.lower()
 
 
-def test_v2_double_hash_digest(backend: str) -> None:
+def test_v2_double_hash_digest(crypto_backend: str) -> None:
     assert message_hash(V2_TEXT, DOUBLE).hex() == V2_HASH
     assert message_hash(V2_TEXT, "doubleHash").hex() == V2_HASH
 
 
 def test_v2_signer_reproduces_signature() -> None:
-    assert sign_text(V2_KEY, V2_TEXT, DOUBLE) == "0x" + V2_SIG
+    assert sign_text(bytes.fromhex(V2_KEY), V2_TEXT, DOUBLE) == "0x" + V2_SIG
 
 
-def test_v2_recovery(backend: str) -> None:
+def test_v2_recovery(crypto_backend: str) -> None:
     assert recover_address(V2_TEXT, "0x" + V2_SIG, DOUBLE) == V2_ADDRESS.lower()
     assert recover_address(V2_TEXT, V2_SIG, DOUBLE) == V2_ADDRESS.lower()
     assert recover_address(V2_TEXT, "0x" + V2_SIG.upper(), DOUBLE) == V2_ADDRESS.lower()
@@ -160,32 +107,32 @@ def test_v2_recovery(backend: str) -> None:
     assert verify(V2_TEXT, "0x" + V2_SIG, DOUBLE, V2_ADDRESS.upper().replace("0X", "0x"))
 
 
-def test_v2_v28_form_is_normalised(backend: str) -> None:
+def test_v2_v28_form_is_normalised(crypto_backend: str) -> None:
     assert recover_address(V2_TEXT, "0x" + V2_SIG[:-2] + "1c", DOUBLE) == V2_ADDRESS.lower()
 
 
-def test_v3_prefix_digest(backend: str) -> None:
+def test_v3_prefix_digest(crypto_backend: str) -> None:
     assert message_hash(V2_TEXT, PREFIX).hex() == V3_HASH
     assert message_hash(V2_TEXT, "prefix").hex() == V3_HASH
 
 
 def test_v3_signer_reproduces_signature() -> None:
-    assert sign_text(V2_KEY, V2_TEXT, PREFIX) == "0x" + V3_SIG
+    assert sign_text(bytes.fromhex(V2_KEY), V2_TEXT, PREFIX) == "0x" + V3_SIG
 
 
-def test_v3_recovery(backend: str) -> None:
+def test_v3_recovery(crypto_backend: str) -> None:
     assert recover_address(V2_TEXT, "0x" + V3_SIG, PREFIX) == V2_ADDRESS.lower()
     assert verify(V2_TEXT, "0x" + V3_SIG, PREFIX, V2_ADDRESS)
 
 
-def test_formats_are_not_interchangeable(backend: str) -> None:
+def test_formats_are_not_interchangeable(crypto_backend: str) -> None:
     assert not verify(V2_TEXT, "0x" + V3_SIG, DOUBLE, V2_ADDRESS)
     assert not verify(V2_TEXT, "0x" + V2_SIG, PREFIX, V2_ADDRESS)
 
 
 # V4 / V5 / V6 / V7 ---------------------------------------------------------
 
-def test_v4_recover_pubkey_from_hash(backend: str) -> None:
+def test_v4_recover_pubkey_from_hash(crypto_backend: str) -> None:
     _, r, s, v = _split(V4_SIG)
     pubkey = recover_pubkey(bytes.fromhex(V4_HASH), r, s, v)
     assert pubkey is not None and pubkey.hex() == V4_PUBKEY
@@ -202,7 +149,7 @@ def test_v5_signer_reproduces_signin_signature() -> None:
     assert sign_text(bytes.fromhex(V5_KEYS[0][0]), V5_TEXT, DOUBLE) == "0x" + V5_SIG
 
 
-def test_v5_signin_recovery(backend: str) -> None:
+def test_v5_signin_recovery(crypto_backend: str) -> None:
     assert recover_address(V5_TEXT, "0x" + V5_SIG, DOUBLE) == V5_KEYS[0][1]
     assert verify(V5_TEXT, "0x" + V5_SIG, "doubleHash", V5_KEYS[0][1])
 
@@ -214,20 +161,20 @@ def test_v6_signer_reproduces_signature(key_hex: str, address: str, sig_hex: str
 
 
 @pytest.mark.parametrize(("key_hex", "address", "sig_hex"), V6_CASES)
-def test_v6_recovery(backend: str, key_hex: str, address: str, sig_hex: str) -> None:
+def test_v6_recovery(crypto_backend: str, key_hex: str, address: str, sig_hex: str) -> None:
     _, r, s, v = _split(sig_hex)
     pubkey = signatures.current_backend().recover(keccak256(b"message"), r, s, v)
     assert pubkey is not None and address_of(pubkey) == address
 
 
 def test_v7_signer_reproduces_r_and_s() -> None:
-    sig = sign_hash(V7_KEY, bytes.fromhex(V7_HASH))
+    sig = sign_hash(bytes.fromhex(V7_KEY), bytes.fromhex(V7_HASH))
     assert sig[:32].hex() == V7_R and sig[32:64].hex() == V7_S
     assert sig[64] + 27 == 27
-    assert address_of_private(V7_KEY) == V7_ADDRESS
+    assert address_of_private(bytes.fromhex(V7_KEY)) == V7_ADDRESS
 
 
-def test_v7_v27_form_recovers(backend: str) -> None:
+def test_v7_v27_form_recovers(crypto_backend: str) -> None:
     parsed = signatures._parse_signature("0x" + V7_R + V7_S + "1b")
     assert parsed is not None and parsed[2] == 0
     pubkey = signatures.current_backend().recover(bytes.fromhex(V7_HASH), *parsed)
@@ -251,14 +198,14 @@ def test_v8_flipped_bit_never_recovers_signer(bit: int) -> None:
     assert not verify(V2_TEXT, "0x" + raw.hex(), DOUBLE, V2_ADDRESS)
 
 
-def test_v8_other_text_recovers_another_address(backend: str) -> None:
+def test_v8_other_text_recovers_another_address(crypto_backend: str) -> None:
     other = recover_address(V8_OTHER_TEXT, "0x" + V2_SIG, DOUBLE)
     assert other is not None and other != V2_ADDRESS.lower()
     assert not verify(V8_OTHER_TEXT, "0x" + V2_SIG, DOUBLE, V2_ADDRESS)
 
 
 @pytest.mark.parametrize("v", [2, 3, 4, 5, 26, 29, 0x80, 0xFF])
-def test_v8_bad_recovery_id(backend: str, v: int) -> None:
+def test_v8_bad_recovery_id(crypto_backend: str, v: int) -> None:
     sig = "0x" + V2_SIG[:-2] + f"{v:02x}"
     assert recover_address(V2_TEXT, sig, DOUBLE) is None
     assert not verify(V2_TEXT, sig, DOUBLE, V2_ADDRESS)
@@ -275,7 +222,7 @@ def test_v8_bad_recovery_id(backend: str, v: int) -> None:
     ],
     ids=["64-bytes", "66-bytes", "odd-length", "all-zero", "zero-r-s"],
 )
-def test_v8_wrong_length_or_zero_signature(backend: str, sig: str) -> None:
+def test_v8_wrong_length_or_zero_signature(crypto_backend: str, sig: str) -> None:
     assert recover_address(V2_TEXT, sig, DOUBLE) is None
     assert not verify(V2_TEXT, sig, DOUBLE, V2_ADDRESS)
 
@@ -288,7 +235,7 @@ _, _V2_R, _V2_S, _ = _split(V2_SIG)
     [(0, _V2_S), (_V2_R, 0), (N, _V2_S), (_V2_R, N), (N + 1, _V2_S), (_V2_R, 2**256 - 1)],
     ids=["r=0", "s=0", "r=n", "s=n", "r>n", "s=max"],
 )
-def test_v8_r_or_s_out_of_range(backend: str, r: int, s: int) -> None:
+def test_v8_r_or_s_out_of_range(crypto_backend: str, r: int, s: int) -> None:
     sig = "0x" + _hex(r) + _hex(s) + "01"
     assert recover_address(V2_TEXT, sig, DOUBLE) is None
     assert recover_pubkey(bytes.fromhex(V2_HASH), r, s, 1) is None
@@ -304,12 +251,12 @@ def test_v8_zero_address_is_never_accepted(monkeypatch: pytest.MonkeyPatch) -> N
     assert not verify(V2_TEXT, "0x" + V2_SIG, DOUBLE, ZERO_ADDRESS)
 
 
-def test_v8_zero_address_never_verifies(backend: str) -> None:
+def test_v8_zero_address_never_verifies(crypto_backend: str) -> None:
     for sig in ("0x" + V2_SIG, "0x" + "00" * 65):
         assert not verify(V2_TEXT, sig, DOUBLE, ZERO_ADDRESS)
 
 
-def test_v8_idena_docs_example_recovers_other_address(backend: str) -> None:
+def test_v8_idena_docs_example_recovers_other_address(crypto_backend: str) -> None:
     assert recover_address(V5_TEXT, "0x" + V8_DOCS_SIG, DOUBLE) == V8_DOCS_RECOVERS_TO
     assert not verify(V5_TEXT, "0x" + V8_DOCS_SIG, DOUBLE, V8_DOCS_CLAIMED)
 
@@ -447,15 +394,6 @@ def _install_fake_coincurve(monkeypatch: pytest.MonkeyPatch, recover, calls: lis
     module = types.ModuleType("coincurve")
     module.PublicKey = PublicKey  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "coincurve", module)
-
-
-@pytest.fixture
-def no_optional_backends(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(hashlib, "algorithms_available", set())
-    for name in ("coincurve", "Crypto", "Cryptodome"):
-        monkeypatch.setitem(sys.modules, name, None)
-    yield monkeypatch
-    select_backend("pure")
 
 
 def test_select_backend_pure() -> None:

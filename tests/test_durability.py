@@ -21,22 +21,19 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
+from support import (A, B, C, D, E, ProcessRelay, WriteLock, WsClient, assert_error, connect, frames_until_pong, ids_of,
+                     msg, now_ms, online, pong_next, queue_size, read_backlog, sqlite_file, start_open, status_frame,
+                     wait_until)
 from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed
 
-from relay_harness import ProcessRelay, WsClient
 from relayd.storage.sqlite import SQLiteStore
 from relayd.storage.sqlite_schema import APPLICATION_ID, MIGRATIONS
 from relayd.storage.store import QueuedMessage, QueueLimits
 
-A = "0x" + "a1" * 20
-B = "0x" + "b2" * 20
-C = "0x" + "c3" * 20
-D = "0x" + "d4" * 20
-E = "0x" + "e5" * 20
 SENDERS = ["0x" + f"{k:02x}" * 20 for k in (0x11, 0x22, 0x33, 0x44)]
 
 CONFIG = """\
@@ -60,60 +57,12 @@ max_bytes = 0
 STATUS_TYPES = ("queued", "delivered", "error")
 
 
-# Fixtures and helpers
-
-
-@pytest.fixture
-def relays() -> Iterator[Callable[..., ProcessRelay]]:
-    """``relays(tmp, **ProcessRelay kwargs)`` starts a child relayd; every one is stopped afterwards."""
-    started: list[ProcessRelay] = []
-
-    def start(tmp: Path, **kwargs: Any) -> ProcessRelay:
-        relay = ProcessRelay(tmp, **kwargs)
-        started.append(relay)
-        return relay
-
-    start.started = started  # type: ignore[attr-defined]
-    yield start
-    for relay in started:
-        relay.stop(timeout=5)
-
-
-def log_text(relay: ProcessRelay) -> str:
-    """The child's combined stdout/stderr, also after ``stop()`` closed the harness's handle."""
-    if not relay.log_file.closed:
-        relay.log_file.flush()
-    return relay.log_path.read_text()
-
-
-def restart(relays: Callable[..., ProcessRelay], tmp: Path, relay: ProcessRelay, *, kill: bool) -> ProcessRelay:
-    """Stop ``relay`` (SIGKILL or SIGTERM) and start a new one on the same data dir and port."""
-    if relay.proc.poll() is not None:
-        pass  # already dead (killed by the test)
-    elif kill:
-        relay.kill9()
-        assert relay.proc.returncode == -9
-    else:
-        assert relay.stop() == 0, log_text(relay)
-    return relays(tmp, port=relay.port)
-
-
-def connect(relay: ProcessRelay, address: str, **extra: Any) -> WsClient:
-    """An authenticated client; with ``ack=True`` it reads with acknowledged delivery."""
-    ws = relay.ws()
-    try:
-        ws.send({"type": "auth", "address": address, **extra})
-        frame = ws.recv()
-        assert frame["type"] == "auth_success" and frame["address"] == address, frame
-    except BaseException:
-        ws.close()
-        raise
-    return ws
+# Helpers
 
 
 def message(to: str, mid: str, content: str | None = None) -> dict[str, Any]:
-    return {"type": "message", "to": to, "content": content if content is not None else f"c:{mid}",
-            "messageId": mid, "timestamp": int(time.time() * 1000)}
+    """A message with the sender's timestamp; its content names it unless given."""
+    return msg(to, mid, content if content is not None else f"c:{mid}", timestamp=now_ms())
 
 
 def answer(ws: WsClient, mid: str, timeout: float = 10) -> dict[str, Any]:
@@ -129,56 +78,14 @@ def send(ws: WsClient, to: str, mid: str, content: str | None = None, timeout: f
 
 
 def assert_queued(frame: dict[str, Any], mid: str, to: str) -> None:
-    assert (frame["type"], frame["messageId"], frame["to"]) == ("queued", mid, to), frame
-
-
-def wait_for_online(relay: ProcessRelay, address: str) -> bool:
-    """The relay has attached a session of ``address`` (its auth frame was read)."""
-    wait_for(lambda: relay.http("GET", f"/api/status/{address}").json["online"], what=f"{address} online")
-    return True
-
-
-def sync(ws: WsClient) -> None:
-    """Ping and wait for the pong: every frame sent before has been handled (and committed)."""
-    ws.send({"type": "ping"})
-    frame = ws.recv(10)
-    assert frame["type"] == "pong", frame
-
-
-def read_backlog(ws: WsClient, timeout: float = 15) -> list[dict[str, Any]]:
-    """Message frames up to ``queue_empty`` (ack mode); anything else fails the test."""
-    deadline = time.monotonic() + timeout
-    frames = []
-    while True:
-        frame = ws.recv(max(0.01, deadline - time.monotonic()))
-        if frame["type"] == "queue_empty":
-            assert set(frame) == {"type"}, frame
-            return frames
-        assert frame["type"] == "message", frame
-        frames.append(frame)
+    status_frame(frame, "queued", mid, to)
 
 
 def ack(ws: WsClient, ids: list[str]) -> None:
+    """Acknowledge ``ids`` (in frames of 1000) and wait until the relay has handled them."""
     for start in range(0, len(ids), 1000):
         ws.send({"type": "ack", "messageIds": ids[start:start + 1000]})
-    sync(ws)
-
-
-def ids_of(frames: list[dict[str, Any]]) -> list[str]:
-    return [f["messageId"] for f in frames]
-
-
-def queue_size(relay: ProcessRelay, address: str) -> int:
-    reply = relay.http("GET", f"/api/messages/{address}/queue-size")
-    assert reply.status == 200, reply
-    return reply.json["queueSize"]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+    pong_next(ws)
 
 
 def assert_nothing_stored_for(relay: ProcessRelay, address: str) -> None:
@@ -186,7 +93,7 @@ def assert_nothing_stored_for(relay: ProcessRelay, address: str) -> None:
     assert queue_size(relay, address) == 0
     with connect(relay, address, ack=True) as ws:
         assert ws.recv() == {"type": "queue_empty"}
-        assert ws.no_frame(0.2)
+        pong_next(ws)
 
 
 # 1. kill -9 in the middle of a burst
@@ -259,12 +166,12 @@ class Burst(threading.Thread):
                 self.unexpected.append(frame)
 
 
-def test_kill9_mid_burst_loses_no_queued_message_and_duplicates_none(tmp_path: Path, relays: Any) -> None:
+def test_kill9_mid_burst_loses_no_queued_message_and_duplicates_none(tmp_path: Path, process_relays) -> None:
     per_sender, total = 500, 500 * len(SENDERS)
-    relay = relays(tmp_path, config_text=CONFIG)
+    relay = process_relays(tmp_path, config_text=CONFIG)
     burst = Burst(relay.url, SENDERS, per_sender, B)
     burst.start()
-    wait_for(lambda: len(burst.queued) >= 300 or not burst.is_alive(), timeout=20, what="300 queued answers")
+    wait_until(lambda: len(burst.queued) >= 300 or not burst.is_alive(), "300 queued answers", timeout=20)
     relay.kill9()
     burst.join(15)
     assert not burst.is_alive()
@@ -275,7 +182,7 @@ def test_kill9_mid_burst_loses_no_queued_message_and_duplicates_none(tmp_path: P
     unanswered = set(sent) - set(burst.answers)
     assert unanswered, "every message was answered before the kill"
 
-    relay = restart(relays, tmp_path, relay, kill=True)
+    relay = process_relays.restart(tmp_path, relay, kill=True)
     with connect(relay, B, ack=True) as b:
         frames = read_backlog(b)
         got = ids_of(frames)
@@ -295,15 +202,15 @@ def test_kill9_mid_burst_loses_no_queued_message_and_duplicates_none(tmp_path: P
         ack(b, got)
     assert_nothing_stored_for(relay, B)
 
-    relay = restart(relays, tmp_path, relay, kill=False)
+    relay = process_relays.restart(tmp_path, relay, kill=False)
     assert_nothing_stored_for(relay, B)
 
 
 # 2. Unacknowledged messages come back after a restart, acknowledged ones never
 
 
-def test_unacked_messages_are_redelivered_in_order_after_a_restart(tmp_path: Path, relays: Any) -> None:
-    relay = relays(tmp_path, config_text=CONFIG)
+def test_unacked_messages_are_redelivered_in_order_after_a_restart(tmp_path: Path, process_relays) -> None:
+    relay = process_relays(tmp_path, config_text=CONFIG)
     stored = [f"m{i}" for i in range(6)]
     with connect(relay, A) as a:
         for mid in stored:
@@ -319,7 +226,7 @@ def test_unacked_messages_are_redelivered_in_order_after_a_restart(tmp_path: Pat
             ack(b, ["m0", "m2", "m4"])
             assert queue_size(relay, B) == 4
 
-    relay = restart(relays, tmp_path, relay, kill=False)
+    relay = process_relays.restart(tmp_path, relay, kill=False)
     with connect(relay, B, ack=True) as b:
         frames = read_backlog(b)
         assert ids_of(frames) == ["m1", "m3", "m5", "live"]
@@ -337,8 +244,8 @@ def test_unacked_messages_are_redelivered_in_order_after_a_restart(tmp_path: Pat
 # 3. A retried messageId is stored once, also across a restart
 
 
-def test_retried_message_id_is_stored_once_across_a_restart(tmp_path: Path, relays: Any) -> None:
-    relay = relays(tmp_path, config_text=CONFIG)
+def test_retried_message_id_is_stored_once_across_a_restart(tmp_path: Path, process_relays) -> None:
+    relay = process_relays(tmp_path, config_text=CONFIG)
     with connect(relay, A) as a:
         assert_queued(send(a, B, "dup"), "dup", B)
         assert_queued(send(a, B, "dup"), "dup", B)
@@ -346,13 +253,13 @@ def test_retried_message_id_is_stored_once_across_a_restart(tmp_path: Path, rela
         assert_queued(send(a, B, "dup"), "dup", B)
     assert queue_size(relay, B) == 1
 
-    relay = restart(relays, tmp_path, relay, kill=True)
+    relay = process_relays.restart(tmp_path, relay, kill=True)
     with connect(relay, A) as a:
         assert_queued(send(a, B, "dup"), "dup", B)
         assert_queued(send(a, B, "other"), "other", B)
     assert queue_size(relay, B) == 2
 
-    relay = restart(relays, tmp_path, relay, kill=False)
+    relay = process_relays.restart(tmp_path, relay, kill=False)
     with connect(relay, A) as a:
         assert_queued(send(a, B, "dup"), "dup", B)
     assert queue_size(relay, B) == 2
@@ -368,8 +275,8 @@ def test_retried_message_id_is_stored_once_across_a_restart(tmp_path: Path, rela
 
 
 @pytest.mark.parametrize("overflow", ["reject", "drop_oldest"])
-def test_full_queue_rejects_or_drops_oldest(tmp_path: Path, relays: Any, overflow: str) -> None:
-    relay = relays(tmp_path, config_text=CONFIG.replace("max_offline_messages = 10000",
+def test_full_queue_rejects_or_drops_oldest(tmp_path: Path, process_relays, overflow: str) -> None:
+    relay = process_relays(tmp_path, config_text=CONFIG.replace("max_offline_messages = 10000",
                                                         f"max_offline_messages = 3\noverflow = {overflow}"))
     with connect(relay, A) as a:
         for mid in ("q0", "q1", "q2"):
@@ -384,7 +291,7 @@ def test_full_queue_rejects_or_drops_oldest(tmp_path: Path, relays: Any, overflo
             expected = ["q2", "q3", "q4"]
     assert queue_size(relay, B) == 3
 
-    relay = restart(relays, tmp_path, relay, kill=True)
+    relay = process_relays.restart(tmp_path, relay, kill=True)
     assert queue_size(relay, B) == 3
     with connect(relay, B, ack=True) as b:
         frames = read_backlog(b)
@@ -397,31 +304,31 @@ def test_full_queue_rejects_or_drops_oldest(tmp_path: Path, relays: Any, overflo
 
 
 def test_read_receipt_for_an_offline_user_survives_kill9_and_typing_is_not_stored(tmp_path: Path,
-                                                                                   relays: Any) -> None:
-    relay = relays(tmp_path, config_text=CONFIG)
+                                                                                   process_relays) -> None:
+    relay = process_relays(tmp_path, config_text=CONFIG)
     with connect(relay, B) as b:
         b.send({"type": "typing", "to": A, "isTyping": True})
         b.send({"type": "read_receipt", "to": A, "messageId": "seen-1"})
-        sync(b)  # the receipt is committed before the pong
+        pong_next(b)  # the receipt is committed before the pong
     assert queue_size(relay, A) == 0
 
-    relay = restart(relays, tmp_path, relay, kill=True)
+    relay = process_relays.restart(tmp_path, relay, kill=True)
     assert queue_size(relay, A) == 0
     with connect(relay, A) as a:
         frame = a.recv()
         assert set(frame) == {"type", "from", "messageId", "timestamp"}, frame
         assert (frame["type"], frame["from"], frame["messageId"]) == ("read", B, "seen-1"), frame
-        assert type(frame["timestamp"]) is int and abs(frame["timestamp"] - time.time() * 1000) < 600_000
-        assert a.no_frame(0.3), "typing was stored, or the receipt came twice"
+        assert type(frame["timestamp"]) is int and abs(frame["timestamp"] - now_ms()) < 600_000
+        pong_next(a)  # typing was not stored, and the receipt came once
     with connect(relay, A) as a:
-        assert a.no_frame(0.3), "a delivered receipt came back"
+        pong_next(a)  # a delivered receipt does not come back
 
 
 # 6. Keys survive a restart unchanged
 
 
-def test_public_keys_survive_kill9_with_the_same_timestamps(tmp_path: Path, relays: Any) -> None:
-    relay = relays(tmp_path, config_text=CONFIG)
+def test_public_keys_survive_kill9_with_the_same_timestamps(tmp_path: Path, process_relays) -> None:
+    relay = process_relays(tmp_path, config_text=CONFIG)
     posted = relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "key-of-a"})
     assert posted.status == 200, posted
     before = relay.http("GET", f"/api/public-keys/{A}")
@@ -429,13 +336,13 @@ def test_public_keys_survive_kill9_with_the_same_timestamps(tmp_path: Path, rela
     assert (before.json["createdAt"], before.json["updatedAt"]) == (posted.json["createdAt"],
                                                                      posted.json["updatedAt"])
 
-    relay = restart(relays, tmp_path, relay, kill=True)
+    relay = process_relays.restart(tmp_path, relay, kill=True)
     after = relay.http("GET", f"/api/public-keys/{A}")
     assert after.status == 200, after
     assert after.json == before.json
     assert relay.http("GET", "/api/public-keys/stats/all").json == {"totalKeys": 1}
 
-    relay = restart(relays, tmp_path, relay, kill=False)
+    relay = process_relays.restart(tmp_path, relay, kill=False)
     assert relay.http("GET", f"/api/public-keys/{A}").json == before.json
 
 
@@ -498,26 +405,25 @@ class FileSizeLimit:
 
 
 def assert_storage_unavailable(frame: dict[str, Any], mid: str) -> None:
-    assert (frame["type"], frame.get("code"), frame.get("messageId")) == ("error", "storage_unavailable", mid), frame
+    assert_error(frame, "storage_unavailable", mid)
 
 
 @pytest.mark.parametrize("fault", [TmpfsFull, FileSizeLimit], ids=lambda f: f.name)
-def test_full_disk_refuses_offline_messages_keeps_live_delivery_and_recovers(tmp_path: Path, relays: Any,
+def test_full_disk_refuses_offline_messages_keeps_live_delivery_and_recovers(tmp_path: Path, process_relays,
                                                                              fault: Any) -> None:
     disk = fault(tmp_path)
     try:
-        _full_disk_scenario(tmp_path, relays, disk)
+        _full_disk_scenario(tmp_path, process_relays, disk)
     finally:
-        for relay in relays.started:
-            relay.stop(timeout=5)
+        process_relays.stop_all()
         disk.cleanup()
 
 
-def _full_disk_scenario(tmp_path: Path, relays: Any, disk: Any) -> None:
-    relay = relays(tmp_path, config_text=CONFIG)
+def _full_disk_scenario(tmp_path: Path, process_relays: Any, disk: Any) -> None:
+    relay = process_relays(tmp_path, config_text=CONFIG)
     big = "x" * 30_000
     with connect(relay, A) as a, connect(relay, C) as c:
-        sync(c)  # C's backlog flush is over: C takes live traffic (see the flush race test)
+        pong_next(c)  # C's backlog flush is over: C takes live traffic (see the flush race test)
         assert send(a, C, "live-before")["type"] == "delivered"
         assert c.recv()["messageId"] == "live-before"
         disk.arm(relay)
@@ -561,9 +467,9 @@ def _full_disk_scenario(tmp_path: Path, relays: Any, disk: Any) -> None:
         assert ready.json["storage"]["status"] == "unavailable", ready.json
         assert relay.http("GET", "/health/live").status == 200
         assert relay.proc.poll() is None, "relayd died of the full disk"
-        errors = [line for line in log_text(relay).splitlines() if " ERROR " in line and "storage" in line]
-        assert errors and storage["problem"] in errors[0], log_text(relay)
-        assert B not in log_text(relay) and failed not in log_text(relay), "info logs must not carry ids"
+        errors = [line for line in relay.log().splitlines() if " ERROR " in line and "storage" in line]
+        assert errors and storage["problem"] in errors[0], relay.log()
+        assert B not in relay.log() and failed not in relay.log(), "info logs must not carry ids"
 
         # The fault goes away: the same retry is now stored, and health says ok.
         disk.disarm(relay)
@@ -573,7 +479,7 @@ def _full_disk_scenario(tmp_path: Path, relays: Any, disk: Any) -> None:
         assert health.status == 200, health
         assert health.json["storage"] == {"backend": "sqlite", "status": "ok"}
         assert relay.http("GET", "/health/ready").status == 200
-        assert "storage recovered" in log_text(relay)
+        assert "storage recovered" in relay.log()
         assert send(a, C, "live-after")["type"] == "delivered"
         assert c.recv()["messageId"] == "live-after"
 
@@ -588,17 +494,15 @@ def _full_disk_scenario(tmp_path: Path, relays: Any, disk: Any) -> None:
 
 
 def test_locked_database_refuses_offline_messages_keeps_live_delivery_and_recovers(tmp_path: Path,
-                                                                                   relays: Any) -> None:
-    relay = relays(tmp_path, config_text=CONFIG)
+                                                                                   process_relays) -> None:
+    relay = process_relays(tmp_path, config_text=CONFIG)
     db = tmp_path / "relayd-data" / "relayd.db"
     with connect(relay, A) as a, connect(relay, E) as e, connect(relay, C) as c:
-        sync(c)
+        pong_next(c)
         assert_queued(send(a, B, "before"), "before", B)
-        other = sqlite3.connect(db, isolation_level=None, timeout=0)
-        try:
-            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with WriteLock(db):  # another process holds the write lock
             a.send(message(B, "while-locked"))
-            time.sleep(0.1)
+            pong_next(a)  # handled: its write is with the writer, which waits for the lock
             # While relayd waits for the lock (busy timeout 2 s), live traffic is not held up.
             started = time.monotonic()
             live = send(e, C, "live-locked")
@@ -612,51 +516,28 @@ def test_locked_database_refuses_offline_messages_keeps_live_delivery_and_recove
             assert "locked" in health.json["storage"]["problem"], health.json
             assert relay.http("GET", "/health/ready").status == 503
             assert relay.proc.poll() is None
-        finally:
-            if other.in_transaction:
-                other.execute("ROLLBACK")
-            other.close()
         assert_queued(send(a, B, "while-locked"), "while-locked", B)
         assert relay.http("GET", "/health").status == 200
         assert relay.http("GET", "/health/ready").status == 200
-    assert any(" ERROR " in line and "database is locked" in line for line in log_text(relay).splitlines())
+    assert any(" ERROR " in line and "database is locked" in line for line in relay.log().splitlines())
     with connect(relay, B, ack=True) as b:
         assert ids_of(read_backlog(b)) == ["before", "while-locked"]
 
 
-class WriteLock:
-    """Another process's write transaction on relayd's database; relayd's writer waits 2 s, then fails."""
-
-    def __init__(self, db: Path) -> None:
-        self.conn = sqlite3.connect(db, isolation_level=None, timeout=0)
-
-    def __enter__(self) -> "WriteLock":
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self
-
-    def release(self) -> None:
-        if self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-        self.conn.close()
-
-
 def test_message_stored_while_the_recipient_finishes_its_flush_still_reaches_it(tmp_path: Path,
-                                                                                 relays: Any) -> None:
-    relay = relays(tmp_path, config_text=CONFIG)
+                                                                                 process_relays) -> None:
+    relay = process_relays(tmp_path, config_text=CONFIG)
     with connect(relay, A) as a, connect(relay, E) as e:
-        sync(a)
-        sync(e)
+        pong_next(a)
+        pong_next(e)
         with WriteLock(tmp_path / "relayd-data" / "relayd.db"):
-            e.send(message(D, "stall"))  # the writer thread now waits for the lock
-            time.sleep(0.2)
+            e.send(message(D, "stall"))
+            pong_next(e)  # handled: the writer now waits for the lock with it
             c = relay.ws()
-            c.send({"type": "auth", "address": C})  # C's backlog read is queued behind it
-            assert wait_for_online(relay, C)
+            c.send({"type": "auth", "address": C})  # C's backlog read is queued behind it (auth waits for it)
+            wait_until(lambda: online(relay, C), what="C attached")
             a.send(message(C, "racing"))  # C is not ready yet, so this is stored, right after that read
-            time.sleep(0.2)
+            pong_next(a)  # handled: the write is queued
         with c:
             assert c.recv()["type"] == "auth_success"
             assert_queued(answer(e, "stall"), "stall", D)
@@ -668,34 +549,33 @@ def test_message_stored_while_the_recipient_finishes_its_flush_still_reaches_it(
             assert (frame["type"], frame["from"], frame["messageId"]) == ("message", A, "racing"), frame
 
 
-def test_ack_session_is_not_told_queue_empty_when_its_backlog_could_not_be_read(tmp_path: Path,
-                                                                                 relays: Any) -> None:
-    relay = relays(tmp_path, config_text=CONFIG)
+def test_ack_session_is_not_told_queue_empty_when_its_backlog_could_not_be_read(tmp_path: Path, start_relay,
+                                                                                 caplog) -> None:
+    """In-process, so SQLite's busy timeout can be short: each locked batch fails after 0.3 s, not relayd's 2 s."""
+    db = tmp_path / "relayd.db"
+    relay = start_open(start_relay, store=SQLiteStore(str(db), busy_timeout_ms=300),
+                       limits={"frames_per_s": 0, "new_queues_per_sender_per_hour": 0})
     with connect(relay, A) as a, connect(relay, E) as e:
-        sync(a)
-        sync(e)
+        pong_next(a)
+        pong_next(e)
         for mid in ("s0", "s1"):
             assert_queued(send(a, B, mid), mid, B)
-        with WriteLock(tmp_path / "relayd-data" / "relayd.db"):
-            e.send(message(D, "stall-1"))  # the writer waits for the lock, then fails
-            time.sleep(0.2)
+        with WriteLock(db):
+            e.send(message(D, "stall-1"))
+            pong_next(e)  # handled: the writer waits for the lock with it, then fails
             b = relay.ws()
             b.send({"type": "auth", "address": B, "ack": True})  # B's backlog read is queued behind it ...
-            wait_for_online(relay, B)
+            wait_until(lambda: online(relay, B), what="B attached")
             a.send(message(D, "stall-2"))  # ... in one batch with a write, which needs the lock too
             assert_storage_unavailable(answer(e, "stall-1"), "stall-1")
             assert_storage_unavailable(answer(a, "stall-2"), "stall-2")
-            frames = [b.recv(10)]
-            assert frames[0]["type"] == "auth_success", frames
-            try:
-                while True:
-                    frames.append(b.recv(0.5))
-            except TimeoutError:
-                pass
-        b.close()
-        # The backlog could not be read: the session is told so, and never told queue_empty.
-        assert [f["code"] for f in frames[1:]] == ["storage_unavailable"], frames
-    assert "storage" in log_text(relay)
+        with b:
+            # B signs in, is told that its backlog was not sent, and never that it has everything.
+            assert b.recv()["type"] == "auth_success"
+            frames = frames_until_pong(b)
+            assert len(frames) == 1, frames
+            assert_error(frames[0], "storage_unavailable")
+    assert "storage unavailable" in caplog.text
     # Nothing was lost: the backlog is still stored and comes on the next connection.
     assert queue_size(relay, B) == 2
     with connect(relay, B, ack=True) as b:
@@ -710,32 +590,21 @@ def _text_file(path: Path) -> None:
 
 
 def _foreign_sqlite(path: Path) -> None:
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA application_id = 1234")
-    conn.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, body TEXT)")
-    conn.execute("INSERT INTO messages (body) VALUES ('keep me')")
-    conn.commit()
-    conn.close()
+    sqlite_file(path, "PRAGMA application_id = 1234", "CREATE TABLE messages (id INTEGER PRIMARY KEY, body TEXT)",
+                "INSERT INTO messages (body) VALUES ('keep me')")
 
 
 def _foreign_sqlite_without_id(path: Path) -> None:
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE notes (body TEXT)")
-    conn.execute("INSERT INTO notes VALUES ('keep me')")
-    conn.commit()
-    conn.close()
+    sqlite_file(path, "CREATE TABLE notes (body TEXT)", "INSERT INTO notes VALUES ('keep me')")
 
 
 def _corrupt_header_relayd_db(path: Path) -> None:
     """A file with relayd's application_id whose every page after the first is garbage."""
-    conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
-    conn.execute("INSERT INTO schema_version VALUES (1, 0)")
-    conn.execute("CREATE TABLE messages (seq INTEGER PRIMARY KEY, body TEXT)")
-    conn.executemany("INSERT INTO messages (body) VALUES (?)", [("x" * 500,)] * 50)
-    conn.commit()
-    conn.close()
+    sqlite_file(path, f"PRAGMA application_id = {APPLICATION_ID}",
+                "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+                "INSERT INTO schema_version VALUES (1, 0)",
+                "CREATE TABLE messages (seq INTEGER PRIMARY KEY, body TEXT)",
+                *[f"INSERT INTO messages (body) VALUES ('{'x' * 500}')"] * 50)
     data = bytearray(path.read_bytes())
     page = int.from_bytes(data[16:18], "big")
     data[page:] = _garbage(len(data) - page)
@@ -774,7 +643,7 @@ def _relayd_db_with_a_corrupt_table(table: str) -> Callable[[Path], None]:
     pytest.param(_relayd_db_with_a_corrupt_table("queues"), id="corrupt-queues-table"),
     pytest.param(_relayd_db_with_a_corrupt_table("messages"), id="corrupt-messages-table"),
 ])
-def test_foreign_or_corrupt_database_stops_start_up_with_exit_2_and_is_untouched(tmp_path: Path, relays: Any,
+def test_foreign_or_corrupt_database_stops_start_up_with_exit_2_and_is_untouched(tmp_path: Path, process_relays,
                                                                                   make: Any) -> None:
     data = tmp_path / "relayd-data"
     data.mkdir()
@@ -783,17 +652,16 @@ def test_foreign_or_corrupt_database_stops_start_up_with_exit_2_and_is_untouched
     assert sorted(p.name for p in data.iterdir()) == ["relayd.db"]
     before = db.read_bytes()
     stat = db.stat()
-    relay = relays(tmp_path, config_text=CONFIG, wait=False)
-    deadline = time.monotonic() + 10
-    while relay.proc.poll() is None:
+    relay = process_relays(tmp_path, config_text=CONFIG, wait=False)
+
+    def exited() -> bool:
         try:
             relay.http("GET", "/health/live", timeout=0.5)
         except OSError:
-            assert time.monotonic() < deadline, "relayd neither exited nor started"
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"relayd started on a database it cannot use:\n{log_text(relay)}")
-    out = log_text(relay)
+            return relay.proc.poll() is not None
+        pytest.fail(f"relayd started on a database it cannot use:\n{relay.log()}")
+    wait_until(exited, "relayd to exit", timeout=10)
+    out = relay.log()
     assert relay.proc.returncode == 2, out
     assert "database" in out.lower() and "relayd.db" in out, out
     assert "Traceback" not in out, out
@@ -828,11 +696,11 @@ def _schema_v2_db(path: Path) -> None:
 
 
 def test_database_of_the_previous_schema_keeps_its_messages_and_takes_a_message_id_per_recipient(
-        tmp_path: Path, relays: Any) -> None:
+        tmp_path: Path, process_relays) -> None:
     data = tmp_path / "relayd-data"
     data.mkdir()
     _schema_v2_db(data / "relayd.db")
-    relay = relays(tmp_path, config_text=CONFIG)
+    relay = process_relays(tmp_path, config_text=CONFIG)
     with connect(relay, B, ack=True) as b:
         frames = read_backlog(b)
         assert [(f["from"], f["messageId"], f["content"]) for f in frames] == [(A, "old-1", "c:old-1")]
@@ -844,27 +712,27 @@ def test_database_of_the_previous_schema_keeps_its_messages_and_takes_a_message_
     for recipient in (C, D):
         with connect(relay, recipient, ack=True) as ws:
             assert ids_of(read_backlog(ws)) == ["same"]
-    assert "Traceback" not in log_text(relay)
+    assert "Traceback" not in relay.log()
 
 
 # 9. Without ack mode, stored messages are gone once written to the socket
 
 
-def test_plain_client_gets_stored_messages_once_and_they_are_deleted(tmp_path: Path, relays: Any) -> None:
-    relay = relays(tmp_path, config_text=CONFIG)
+def test_plain_client_gets_stored_messages_once_and_they_are_deleted(tmp_path: Path, process_relays) -> None:
+    relay = process_relays(tmp_path, config_text=CONFIG)
     with connect(relay, A) as a:
         for mid in ("p0", "p1", "p2"):
             assert_queued(send(a, B, mid), mid, B)
-    relay = restart(relays, tmp_path, relay, kill=True)
+    relay = process_relays.restart(tmp_path, relay, kill=True)
     with connect(relay, B) as b:
         frames = [b.recv() for _ in range(3)]
         assert [(f["type"], f["from"], f["messageId"], f["queued"]) for f in frames] == [
             ("message", A, mid, True) for mid in ("p0", "p1", "p2")]
-        assert b.no_frame(0.3), "a plain client must not get queue_empty or anything else"
-    wait_for(lambda: queue_size(relay, B) == 0, what="the flushed messages to be deleted")
+        pong_next(b)  # a plain client gets no queue_empty, nor anything else
+    wait_until(lambda: queue_size(relay, B) == 0, "the flushed messages to be deleted")
     with connect(relay, B) as b:
-        assert b.no_frame(0.3)
-    relay = restart(relays, tmp_path, relay, kill=True)
+        pong_next(b)
+    relay = process_relays.restart(tmp_path, relay, kill=True)
     assert queue_size(relay, B) == 0
     with connect(relay, B) as b:
-        assert b.no_frame(0.3)
+        pong_next(b)

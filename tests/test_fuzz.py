@@ -12,23 +12,19 @@ UTF-16 surrogates stand at the end.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import socket
 import string
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import WsClient, assert_exchange
 from websockets.exceptions import ConnectionClosed
 
-from relay_harness import ThreadRelay, WsClient, make_config  # tests/ is on sys.path (conftest)
-
 FUZZER = "0x" + "f1" * 20
-BYSTANDER_P = "0x" + "a1" * 20
-BYSTANDER_Q = "0x" + "a2" * 20
 MAX_CONTENT = 65536
 MAX_MESSAGE_ID = 256
 MAX_ACK_IDS = 1000
@@ -39,86 +35,16 @@ FUZZ_SETTINGS = settings(max_examples=150, deadline=None,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
 
-
-# The relay and two bystanders for the whole module
-
-
-class ErrorLog(logging.Handler):
-    """Collects ERROR records of relayd and websockets (a handler crash logs one)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def take(self) -> list[str]:
-        out = [f"{r.name}: {r.getMessage()} {r.exc_info[1]!r}" if r.exc_info else f"{r.name}: {r.getMessage()}"
-               for r in self.records]
-        self.records.clear()
-        return out
-
-
-@pytest.fixture(scope="module")
-def fuzz_relay() -> Iterator[ThreadRelay]:
-    relay = ThreadRelay(make_config(
-        limits={"frames_per_s": 0, "new_queues_per_sender_per_hour": 0, "rate_limit_max_requests": 0,
-                "connections_per_ip_per_s": 0, "max_connections_per_ip": 0, "auth_attempts_per_ip_per_min": 0},
-        server={"auth_timeout_s": 3600, "ping_interval_s": 0}))  # pings draw from `random`: see bystanders
-    yield relay
-    relay.stop()
-
-
-@pytest.fixture(scope="module")
-def bystanders(fuzz_relay: ThreadRelay) -> Iterator[tuple[WsClient, WsClient]]:
-    """Two clients signed in before any fuzzing, used only after it."""
-    p, q = fuzz_relay.ws(ping_interval=None), fuzz_relay.ws(ping_interval=None)  # pings draw from `random`
-    p.auth(BYSTANDER_P)
-    q.auth(BYSTANDER_Q)
-    yield p, q
-    p.close()
-    q.close()
-
-
-@pytest.fixture
-def error_log() -> Iterator[ErrorLog]:
-    handler = ErrorLog()
-    loggers = [logging.getLogger("relayd"), logging.getLogger("websockets")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    yield handler
-    for logger in loggers:
-        logger.removeHandler(handler)
-
-
-@pytest.fixture
-def quiet_relay_logs() -> Iterator[None]:
-    """For the known-bug tests. The relay thread logs tracebacks there, and formatting one runs
-    ast.parse (3.11's caret anchors) while pytest renders the expected failure with ast.parse in
-    this thread: CPython 3.11 shares the ast recursion counter between threads, which then fails
-    with "AST constructor recursion depth mismatch". So those loggers are muted meanwhile."""
-    loggers = [logging.getLogger("websockets"), logging.getLogger("relayd")]
-    saved = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL + 1)
-    yield
-    for logger, level in zip(loggers, saved):
-        logger.setLevel(level)
-
+# The relay (``fuzz_relay``) and its two ``bystanders`` serve the whole module (see conftest.py).
 
 _exchanges = iter(range(1_000_000))
 
 
-def assert_bystanders_still_talk(p: WsClient, q: WsClient) -> None:
+def assert_bystanders_still_talk(bystanders: dict[str, WsClient]) -> None:
     n = next(_exchanges)
-    for sender, receiver, to in ((p, q, BYSTANDER_Q), (q, p, BYSTANDER_P)):
-        mid = f"after-fuzz-{n}-{to[-4:]}"
-        sender.send({"type": "message", "to": to, "content": "still here", "messageId": mid})
-        answer = sender.recv_type("delivered", timeout=5)
-        assert answer["messageId"] == mid
-        got = receiver.recv_type("message", timeout=5)
-        assert got["messageId"] == mid and got["content"] == "still here"
+    (p_address, p), (q_address, q) = bystanders.items()
+    for sender, receiver, to in ((p, q, q_address), (q, p, p_address)):
+        assert_exchange(sender, receiver, to, f"after-fuzz-{n}-{to[-4:]}")
 
 
 # Strategies: JSON-ish values and frames
@@ -362,7 +288,7 @@ def test_ws_frames_after_auth_get_one_error_or_a_proper_answer(fuzz_relay, bysta
             assert error_log.take() == []
 
     run()
-    assert_bystanders_still_talk(*bystanders)
+    assert_bystanders_still_talk(bystanders)
     assert error_log.take() == []
 
 
@@ -391,7 +317,7 @@ def test_ws_frames_before_auth_get_one_error_and_keep_the_connection(fuzz_relay,
             assert error_log.take() == []
 
     run()
-    assert_bystanders_still_talk(*bystanders)
+    assert_bystanders_still_talk(bystanders)
 
 
 # Property: raw HTTP requests
@@ -586,7 +512,7 @@ def test_raw_http_requests_get_a_response_or_a_close(fuzz_relay, error_log) -> N
 
 def test_fuzzed_relay_still_serves_everyone(fuzz_relay, bystanders) -> None:
     assert fuzz_relay.http("GET", "/health").status == 200
-    assert_bystanders_still_talk(*bystanders)
+    assert_bystanders_still_talk(bystanders)
     with fuzz_relay.ws() as late:
         assert late.auth("0x" + "a3" * 20)["type"] == "auth_success"
 
@@ -604,7 +530,7 @@ LONE_SURROGATE_FRAMES = {
 
 
 @pytest.mark.parametrize("raw", list(LONE_SURROGATE_FRAMES.values()), ids=list(LONE_SURROGATE_FRAMES))
-def test_lone_surrogate_frame_gets_an_answer_not_a_crash(fuzz_relay, quiet_relay_logs, raw: str) -> None:
+def test_lone_surrogate_frame_gets_an_answer_not_a_crash(fuzz_relay, quiet_loggers, raw: str) -> None:
     with fuzz_relay.ws() as client:
         client.auth(FUZZER)
         client.send(raw)
@@ -615,7 +541,7 @@ def test_lone_surrogate_frame_gets_an_answer_not_a_crash(fuzz_relay, quiet_relay
         assert not [a for a in answers if a.get("code") == "internal_error"], answers
 
 
-def test_lone_surrogate_cannot_poison_a_recipients_queue(fuzz_relay, quiet_relay_logs) -> None:
+def test_lone_surrogate_cannot_poison_a_recipients_queue(fuzz_relay, quiet_loggers) -> None:
     victim = "0x" + "b2" * 20
     with fuzz_relay.ws() as sender:
         sender.auth(FUZZER)
@@ -630,7 +556,7 @@ def test_lone_surrogate_cannot_poison_a_recipients_queue(fuzz_relay, quiet_relay
             ids.append(client.recv_type("message", timeout=2)["messageId"])
 
 
-def test_lone_surrogate_cannot_poison_key_lookups(fuzz_relay, quiet_relay_logs) -> None:
+def test_lone_surrogate_cannot_poison_key_lookups(fuzz_relay, quiet_loggers) -> None:
     poisoned, fine = "0x" + "b3" * 20, "0x" + "b4" * 20
     fuzz_relay.http("POST", "/api/public-keys", raw_body=('{"address":"%s","publicKey":"\\ud800"}'
                                                           % poisoned).encode(),
@@ -647,7 +573,7 @@ def test_lone_surrogate_cannot_poison_key_lookups(fuzz_relay, quiet_relay_logs) 
     ("Authorization", "DELETE", "/api/messages/0x" + "b5" * 20),
     ("Access-Control-Request-Headers", "OPTIONS", "/health"),
 ])
-def test_repeated_singleton_header_is_not_a_server_error(fuzz_relay, quiet_relay_logs, header: str, method: str,
+def test_repeated_singleton_header_is_not_a_server_error(fuzz_relay, quiet_loggers, header: str, method: str,
                                                          path: str) -> None:
     value = {"X-Forwarded-For": "10.0.0.1", "Origin": "http://a.example", "Authorization": "Bearer x",
              "Access-Control-Request-Headers": "content-type"}[header]
@@ -656,7 +582,7 @@ def test_repeated_singleton_header_is_not_a_server_error(fuzz_relay, quiet_relay
     assert status is not None and status < 500
 
 
-def test_negative_chunk_sizes_cannot_bypass_the_body_limit(start_relay, quiet_relay_logs) -> None:
+def test_negative_chunk_sizes_cannot_bypass_the_body_limit(start_relay, quiet_loggers) -> None:
     relay = start_relay(limits={"max_body_bytes": 64})
     body = json.dumps({"addresses": ["0x" + f"{i:040x}" for i in range(3)]}).encode()
     assert len(body) > 64
@@ -672,7 +598,7 @@ def test_negative_chunk_sizes_cannot_bypass_the_body_limit(start_relay, quiet_re
     b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n\r\nGET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     b"Connection: close\r\n\r\n",
 ], ids=["crlf_after_post_body", "crlf_between_pipelined_gets"])
-def test_bytes_after_a_request_do_not_drop_its_response(fuzz_relay, quiet_relay_logs, raw: bytes) -> None:
+def test_bytes_after_a_request_do_not_drop_its_response(fuzz_relay, quiet_loggers, raw: bytes) -> None:
     """Found by the HTTP property: trailing bytes were parsed as WebSocket frames and the REST
     response was never sent (websockets hit an AssertionError in send_eof)."""
     data = exchange_raw(fuzz_relay.port, raw)

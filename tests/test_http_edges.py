@@ -5,26 +5,10 @@ from __future__ import annotations
 
 import http.client
 import json
-from typing import Any
 
 import pytest
-from e2e_support import (A, B, RawWs, assert_auth_success, chunked, http_head, open_relay, quiet_server_tracebacks,
-                         raw_http, start_open)
+from support import A, B, JSON, RawWs, assert_auth_success, assert_refused, chunked, http_head, raw_http, start_open
 from websockets.exceptions import InvalidStatus
-
-__all__ = ["open_relay", "quiet_server_tracebacks"]
-
-JSON = "application/json"
-
-
-def refused(reply: Any, status: int, code: str) -> dict[str, Any]:
-    assert reply.status == status, reply
-    assert reply.headers["content-type"].startswith(JSON), reply.headers
-    assert reply.headers["connection"].lower() == "close", reply.headers
-    body = reply.json
-    assert set(body) == {"error", "code"} and body["code"] == code, body
-    assert isinstance(body["error"], str) and body["error"]
-    return body
 
 
 def methods(header: str) -> set[str]:
@@ -46,7 +30,7 @@ KEY_BODY = json.dumps({"address": A, "publicKey": "a2V5"}).encode()
     ("GET", "/api//public-keys"),
 ])
 def test_unknown_path_is_404_not_found(open_relay, method, path):
-    refused(open_relay.http(method, path), 404, "not_found")
+    assert_refused(open_relay.http(method, path), 404, "not_found")
 
 
 @pytest.mark.parametrize("method,path,allowed", [
@@ -62,14 +46,14 @@ def test_unknown_path_is_404_not_found(open_relay, method, path):
 ])
 def test_wrong_method_is_405_with_allow(open_relay, method, path, allowed):
     reply = open_relay.http(method, path)
-    refused(reply, 405, "method_not_allowed")
+    assert_refused(reply, 405, "method_not_allowed")
     assert methods(reply.headers["allow"]) == allowed
 
 
 def test_method_not_allowed_does_not_run_any_handler(open_relay):
     reply = open_relay.http("PUT", "/api/public-keys", {"address": A, "publicKey": "k"})
-    refused(reply, 405, "method_not_allowed")
-    refused(open_relay.http("GET", f"/api/public-keys/{A}"), 404, "key_not_found")
+    assert_refused(reply, 405, "method_not_allowed")
+    assert_refused(open_relay.http("GET", f"/api/public-keys/{A}"), 404, "key_not_found")
 
 
 @pytest.mark.parametrize("path", ["/api/public-keys/", "/api/public-keys//"])
@@ -140,14 +124,14 @@ def test_chunked_body_from_http_client_like_node(open_relay):
 
 def test_unsupported_transfer_encoding_is_411(open_relay):
     reply = raw_http(open_relay.port, http_head("POST", "/api/public-keys", {"Transfer-Encoding": "gzip"}))
-    refused(reply, 411, "length_required")
+    assert_refused(reply, 411, "length_required")
 
 
 def test_body_over_max_body_bytes_announced_by_content_length_is_413(start_relay):
     relay = start_open(start_relay, limits={"max_body_bytes": 100})
     # Only the head is sent; the relay must answer without reading 100 kB.
     reply = raw_http(relay.port, http_head("POST", "/api/public-keys", {"Content-Length": "100000"}))
-    refused(reply, 413, "payload_too_large")
+    assert_refused(reply, 413, "payload_too_large")
 
 
 def test_body_at_max_body_bytes_is_accepted(start_relay):
@@ -174,7 +158,7 @@ REFUSED_BODIES = {
 
 
 @pytest.mark.parametrize("kind", list(REFUSED_BODIES))
-def test_refused_body_that_was_sent_still_gets_its_error_response(start_relay, quiet_server_tracebacks, kind):
+def test_refused_body_that_was_sent_still_gets_its_error_response(start_relay, quiet_loggers, kind):
     relay = start_open(start_relay, limits={"max_body_bytes": 100})
     headers, body, status, code = REFUSED_BODIES[kind]
     data = http_head("POST", "/api/public-keys", headers, length=False) + body
@@ -182,7 +166,7 @@ def test_refused_body_that_was_sent_still_gets_its_error_response(start_relay, q
         reply = raw_http(relay.port, data)
     except (ConnectionError, AssertionError) as exc:
         pytest.fail(f"no HTTP response: {exc!r}")
-    refused(reply, status, code)
+    assert_refused(reply, status, code)
     assert relay.http("GET", f"/api/public-keys/{A}").status == 404  # nothing was stored
 
 
@@ -196,7 +180,7 @@ PIPELINED = {
 
 
 @pytest.mark.parametrize("kind", list(PIPELINED))
-def test_bytes_after_a_complete_request_do_not_lose_its_response(open_relay, quiet_server_tracebacks, kind):
+def test_bytes_after_a_complete_request_do_not_lose_its_response(open_relay, quiet_loggers, kind):
     try:
         reply = raw_http(open_relay.port, PIPELINED[kind])
     except (ConnectionError, AssertionError) as exc:
@@ -214,19 +198,19 @@ def test_rate_limit_returns_429_with_retry_after(start_relay):
     for _ in range(3):
         assert relay.http("GET", f"/api/status/{A}").status == 200
     reply = relay.http("GET", f"/api/status/{A}")
-    refused(reply, 429, "rate_limited")
+    assert_refused(reply, 429, "rate_limited")
     assert reply.headers["retry-after"].isdigit()
     assert 1 <= int(reply.headers["retry-after"]) <= 60
     # Every route counts against the same client, errors included.
-    refused(relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}), 429, "rate_limited")
-    refused(relay.http("GET", "/nope"), 429, "rate_limited")
+    assert_refused(relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}), 429, "rate_limited")
+    assert_refused(relay.http("GET", "/nope"), 429, "rate_limited")
 
 
 def test_health_is_exempt_from_the_rate_limit(start_relay):
     relay = start_open(start_relay, limits={"rate_limit_max_requests": 3, "rate_limit_window_ms": 60000})
     for _ in range(3):
         relay.http("GET", f"/api/status/{A}")
-    refused(relay.http("GET", f"/api/status/{A}"), 429, "rate_limited")
+    assert_refused(relay.http("GET", f"/api/status/{A}"), 429, "rate_limited")
     for path in ("/health", "/health/live", "/health/ready", "/health/"):
         assert relay.http("GET", path).status == 200, path
 
@@ -234,7 +218,7 @@ def test_health_is_exempt_from_the_rate_limit(start_relay):
 def test_websocket_upgrades_are_not_rate_limited_as_rest(start_relay):
     relay = start_open(start_relay, limits={"rate_limit_max_requests": 1, "rate_limit_window_ms": 60000})
     assert relay.http("GET", f"/api/status/{A}").status == 200
-    refused(relay.http("GET", f"/api/status/{A}"), 429, "rate_limited")
+    assert_refused(relay.http("GET", f"/api/status/{A}"), 429, "rate_limited")
     with relay.ws() as a:
         assert_auth_success(a.auth(A), A)
 
@@ -246,10 +230,10 @@ def test_trusted_proxy_forwarded_clients_are_counted_separately(start_relay):
     eight = {"X-Forwarded-For": "203.0.113.8"}
     for _ in range(3):
         assert relay.http("GET", f"/api/status/{A}", headers=seven).status == 200
-    refused(relay.http("GET", f"/api/status/{A}", headers=seven), 429, "rate_limited")
+    assert_refused(relay.http("GET", f"/api/status/{A}", headers=seven), 429, "rate_limited")
     for _ in range(3):
         assert relay.http("GET", f"/api/status/{A}", headers=eight).status == 200
-    refused(relay.http("GET", f"/api/status/{A}", headers=eight), 429, "rate_limited")
+    assert_refused(relay.http("GET", f"/api/status/{A}", headers=eight), 429, "rate_limited")
     # The proxy's own requests are a third client.
     assert relay.http("GET", f"/api/status/{A}").status == 200
 
@@ -258,7 +242,7 @@ def test_forwarded_for_is_ignored_without_trusted_proxies(start_relay):
     relay = start_open(start_relay, limits={"rate_limit_max_requests": 3, "rate_limit_window_ms": 60000})
     for ip in ("203.0.113.7", "203.0.113.8", "203.0.113.9"):
         assert relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": ip}).status == 200
-    refused(relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": "203.0.113.10"}), 429,
+    assert_refused(relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": "203.0.113.10"}), 429,
             "rate_limited")
 
 
@@ -270,7 +254,7 @@ def test_spoofed_hops_left_of_a_trusted_proxy_do_not_escape_the_limit(start_rela
         reply = relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": f"{fake}, 203.0.113.7"})
         assert reply.status == 200
     reply = relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": "198.51.100.3, 203.0.113.7"})
-    refused(reply, 429, "rate_limited")
+    assert_refused(reply, 429, "rate_limited")
 
 
 # CORS
@@ -305,7 +289,7 @@ def test_cors_with_an_allow_list_echoes_the_allowed_origin(start_relay):
 def test_cors_disallowed_origin_is_403(start_relay, origin):
     relay = start_open(start_relay, server={"allowed_origins": "https://app.example,http://localhost:*"})
     reply = relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}, headers={"Origin": origin})
-    refused(reply, 403, "origin_not_allowed")
+    assert_refused(reply, 403, "origin_not_allowed")
     assert "access-control-allow-origin" not in reply.headers
     assert relay.http("GET", f"/api/public-keys/{A}").status == 404  # nothing was written
 
@@ -332,7 +316,7 @@ def test_cors_preflight_from_a_disallowed_origin_is_403(start_relay):
     relay = start_open(start_relay, server={"allowed_origins": "https://app.example"})
     reply = relay.http("OPTIONS", "/api/public-keys", headers={
         "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
-    refused(reply, 403, "origin_not_allowed")
+    assert_refused(reply, 403, "origin_not_allowed")
 
 
 # Origin on the WebSocket handshake

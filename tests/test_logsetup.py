@@ -13,17 +13,7 @@ from relayd.ops.logsetup import JournalFormatter, TextFormatter, configure_loggi
 TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (?P<rest>.*)")
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    root = logging.getLogger()
-    relayd = logging.getLogger("relayd")
-    handlers, root_level, relayd_level = list(root.handlers), root.level, relayd.level
-    yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-    root.setLevel(root_level)
-    relayd.setLevel(relayd_level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def lines(stream: io.StringIO) -> list[str]:

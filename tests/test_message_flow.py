@@ -17,8 +17,7 @@ import string
 import time
 from typing import Any
 
-import pytest
-from e2e_support import assert_auth_success, assert_ms, status_frame, wait_until
+from support import assert_auth_success, assert_ms, status_frame, wait_until
 
 ALICE = {"address": "0x1234567890123456789012345678901234567890", "publicKey": "alice_public_key_base64_encoded_mock"}
 BOB = {"address": "0x9876543210987654321098765432109876543210", "publicKey": "bob_public_key_base64_encoded_mock"}
@@ -89,11 +88,6 @@ class TestClient:
         return [(f["type"], f["messageId"]) for f in self.frames if f["type"] in ("delivered", "queued", "read")]
 
 
-@pytest.fixture(params=["default", "open"])
-def flow_relay(request, start_relay):
-    return start_relay() if request.param == "default" else start_relay(auth={"mode": "open"})
-
-
 def expect_message(client: TestClient, sender: dict[str, str], content: str, mid: str, timestamp: int,
                    queued: bool) -> None:
     assert client.next() == {"type": "message", "from": sender["address"], "content": content, "messageId": mid,
@@ -152,7 +146,7 @@ def test_message_flow(flow_relay):
 
     # TEST 7: offline queue
     bob.disconnect()
-    assert wait_until(lambda: node_request(port, f"/api/status/{BOB['address']}")[1]["online"] is False)
+    wait_until(lambda: node_request(port, f"/api/status/{BOB['address']}")[1]["online"] is False, "Bob offline")
     offline, ts4 = alice.send_message(BOB["address"], "Bob, are you there? (sent while offline)")
     status_frame(alice.next(), "queued", offline, BOB["address"])
     assert node_request(port, f"/api/messages/{BOB['address']}/queue-size")[1] == {"address": BOB["address"],
@@ -182,4 +176,4 @@ def test_message_flow(flow_relay):
 
     alice.disconnect()
     bob.disconnect()
-    assert wait_until(lambda: node_request(port, "/health")[1]["connections"] == 0)
+    wait_until(lambda: node_request(port, "/health")[1]["connections"] == 0, "both sessions to end")

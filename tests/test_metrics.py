@@ -9,14 +9,10 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prom_parser import ParseError, parse
 
 from relayd.ops import prometheus
 from relayd.ops.prometheus import CONTENT_TYPE, Histogram, Registry, format_value, register_process_metrics
-
-try:
-    from tests.prom_parser import ParseError, parse
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from prom_parser import ParseError, parse
 
 
 def samples(text: str, family: str) -> list[tuple[str, dict, float]]:

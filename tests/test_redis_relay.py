@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -11,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import A, B, C, msg, wait_until
-from relay_harness import ROOT, ProcessRelay
+from support import A, B, C, ProcessRelay, clean_env, free_port, msg, run_cli, wait_until
 from test_auth import ADDR_A, KEY_A, PUB_KEY, key_body
 
 BLOCK_REDIS = '''
@@ -35,13 +33,6 @@ def redis_env(url: str, **extra: str) -> dict[str, str]:
 def start_redis_relay(tmp: Path, url: str, **extra: str) -> ProcessRelay:
     tmp.mkdir(parents=True, exist_ok=True)
     return ProcessRelay(tmp, env=redis_env(url, **extra))
-
-
-def run_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
-    full.update(env or {})
-    return subprocess.run([sys.executable, str(ROOT / "relayd.py"), *args], cwd=cwd, env=full,
-                          capture_output=True, text=True, timeout=60)
 
 
 def send_expect(client: Any, frame: dict[str, Any], answer: str) -> dict[str, Any]:
@@ -82,13 +73,13 @@ def test_redis_outage_readiness_and_recovery_without_restarting_relayd(tmp_path,
             send_expect(sender, msg(B, "kept", "a2VwdA=="), "queued")
             assert relay.http("GET", "/health/ready").status == 200
             durable_redis.stop()
-            assert wait_until(lambda: relay.http("GET", "/health/ready").status == 503, timeout=10)
+            wait_until(lambda: relay.http("GET", "/health/ready").status == 503, "not ready", timeout=10)
             health = relay.http("GET", "/health")
             assert health.status == 503 and "unreachable" in health.json["storage"]["problem"]
             refused = send_expect(sender, msg(B, "lost", "bG9zdA=="), "error")
             assert refused["code"] == "storage_unavailable" and refused["messageId"] == "lost"
             durable_redis.start()
-            assert wait_until(lambda: relay.http("GET", "/health/ready").status == 200, timeout=10)
+            wait_until(lambda: relay.http("GET", "/health/ready").status == 200, "ready", timeout=10)
             send_expect(sender, msg(B, "after", "YWZ0ZXI="), "queued")
         assert relay.proc.poll() is None
         with relay.ws() as receiver:
@@ -112,7 +103,7 @@ def test_relayd_on_a_redis_cluster(tmp_path, redis_cluster, redis_prefix):
         with relay.ws() as receiver:
             receiver.auth(B)
             assert [m["messageId"] for m in receive_messages(receiver, 2)] == ["m1", "m3"]
-        assert wait_until(lambda: relay.http("GET", "/api/messages/stats/all").json["totalMessages"] == 3)
+        wait_until(lambda: relay.http("GET", "/api/messages/stats/all").json["totalMessages"] == 3, "3 stored")
     finally:
         relay.stop()
 
@@ -123,7 +114,7 @@ def test_relayd_starts_while_redis_is_down_and_becomes_ready(tmp_path, fresh_red
     try:
         assert relay.http("GET", "/health/ready").status == 503
         fresh_redis.start()
-        assert wait_until(lambda: relay.http("GET", "/health/ready").status == 200, timeout=10)
+        wait_until(lambda: relay.http("GET", "/health/ready").status == 200, "ready", timeout=10)
     finally:
         relay.stop()
 
@@ -143,7 +134,7 @@ def make_sqlite_relay_data(tmp: Path) -> tuple[Path, dict[str, Any]]:
             receive_messages(reader, 5)
             reader.send({"type": "read_receipt", "to": A, "messageId": "m0"})
             # the messages were flushed and deleted; queue new ones for B while it is offline
-        assert wait_until(lambda: relay.http("GET", f"/api/messages/{B}/queue-size").json["queueSize"] == 0)
+        wait_until(lambda: relay.http("GET", f"/api/messages/{B}/queue-size").json["queueSize"] == 0, "B's queue empty")
         with relay.ws() as sender:  # not A, which would receive the stored receipt
             sender.auth(C)
             for i in range(3):
@@ -152,7 +143,7 @@ def make_sqlite_relay_data(tmp: Path) -> tuple[Path, dict[str, Any]]:
         reply = relay.http("POST", "/api/public-keys", key_body(KEY_A, PUB_KEY, issued))
         assert reply.status == 200, reply
         assert reply.json["createdAt"] == relay.http("GET", f"/api/public-keys/{ADDR_A}").json["createdAt"]
-        assert wait_until(lambda: relay.http("GET", "/api/messages/stats/all").json["totalMessages"] == 3)
+        wait_until(lambda: relay.http("GET", "/api/messages/stats/all").json["totalMessages"] == 3, "3 stored")
         key = relay.http("GET", f"/api/public-keys/{ADDR_A}").json
     finally:
         assert relay.stop() == 0
@@ -183,7 +174,7 @@ def test_migrate_from_a_sqlite_relay_then_serve_from_redis(tmp_path, fresh_redis
                 (C, f"q{i}", f"cXVldWVk{i}", 1_700_000_001_000 + i) for i in range(3)]
             receiver.recv_type("queue_empty")
             receiver.send({"type": "ack", "messageIds": ["q0", "q1", "q2"]})
-            assert wait_until(lambda: relay.http("GET", f"/api/messages/{B}/queue-size").json["queueSize"] == 0)
+            wait_until(lambda: relay.http("GET", f"/api/messages/{B}/queue-size").json["queueSize"] == 0, "B's queue empty")
         with relay.ws() as locked:  # the signed key locked its address: an unsigned auth is refused
             locked.send({"type": "auth", "address": ADDR_A})
             assert locked.recv_type("error")["code"] == "auth_required"
@@ -216,7 +207,6 @@ def test_migrate_usage_errors(tmp_path, args, code, needle):
 
 def test_migrate_to_an_unreachable_redis_fails_with_exit_1(tmp_path):
     db, _ = make_sqlite_relay_data(tmp_path / "sqlite")
-    from relay_harness import free_port
     result = run_cli(tmp_path, "migrate", "--from", f"sqlite:{db}", "--to", f"redis://127.0.0.1:{free_port()}/0")
     assert result.returncode == 1
     assert "Redis is unreachable" in result.stderr
@@ -232,7 +222,7 @@ def test_migrate_to_an_unreachable_redis_fails_with_exit_1(tmp_path):
     ({"RELAYD_STORAGE_BACKEND": "mongo"}, "[storage] backend"),
 ])
 def test_bad_redis_settings_exit_2_naming_the_key(tmp_path, env, needle):
-    result = run_cli(tmp_path, "--check-config", env=env)
+    result = run_cli(tmp_path, "--check-config", env=clean_env(**env))
     assert result.returncode == 2
     assert needle in result.stderr
     assert "pw" not in result.stderr
@@ -246,10 +236,10 @@ def test_without_the_redis_extra_relayd_says_so_and_still_runs_on_sqlite(tmp_pat
     probe = subprocess.run([sys.executable, "-c", "import redis"], env=env, capture_output=True, text=True,
                            timeout=30)
     assert probe.returncode != 0 and "No module named 'redis'" in probe.stderr
-    refused = run_cli(tmp_path, env={**env, **redis_env(fresh_redis.url), "RELAYD_SERVER_PORT": "0"})
+    refused = run_cli(tmp_path, env=clean_env(**{**env, **redis_env(fresh_redis.url), "RELAYD_SERVER_PORT": "0"}))
     assert refused.returncode == 2
     assert "the Redis backend needs the optional extra: pip install 'relayd[redis]'" in refused.stderr
-    migrate = run_cli(tmp_path, "migrate", "--from", "sqlite:x.db", "--to", fresh_redis.url, env=env)
+    migrate = run_cli(tmp_path, "migrate", "--from", "sqlite:x.db", "--to", fresh_redis.url, env=clean_env(**env))
     assert migrate.returncode == 2 and "pip install 'relayd[redis]'" in migrate.stderr
     relay = ProcessRelay(tmp_path, env={**env, "RELAYD_STORAGE_PATH": str(tmp_path / "relayd.db")})
     try:

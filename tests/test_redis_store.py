@@ -8,13 +8,12 @@ import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as redis_py
-from redis_support import RedisServer, wait_for
-from relay_harness import free_port
+from redis_support import RedisServer
+from support import free_port, wait_until
 
 from relayd.storage.redis import RedisStore
 from relayd.storage.redis import scripts
@@ -180,15 +179,13 @@ def test_failed_snapshot_refusal_and_recovery(tmp_path):
         server.cli("CONFIG", "SET", "dir", str(gone))
         shutil.rmtree(gone)
         server.cli("BGSAVE")
-        wait_for(lambda: server.info("persistence").get("rdb_last_bgsave_status") == "err", 10,
-                 "the snapshot to fail")
+        wait_until(lambda: server.info("persistence").get("rdb_last_bgsave_status") == "err", "the snapshot to fail", timeout=10)
         with pytest.raises(StorageUnavailable, match=r"cannot save its snapshot.*MISCONF"):
             await store.enqueue(msg(BOB, "m1"), ROOMY)
         assert not store.healthy
         server.cli("CONFIG", "SET", "dir", str(server.workdir))
         server.cli("BGSAVE")
-        wait_for(lambda: server.info("persistence").get("rdb_last_bgsave_status") == "ok", 10,
-                 "the snapshot to succeed")
+        wait_until(lambda: server.info("persistence").get("rdb_last_bgsave_status") == "ok", "the snapshot to succeed", timeout=10)
         await eventually(lambda: enqueue_succeeds(store, "m2"), what="a write after a good snapshot")
         assert store.healthy
     try:
@@ -216,7 +213,7 @@ def test_min_replicas_on_a_cluster_without_replicas_is_storage_unavailable(redis
 def test_min_replicas_with_a_replica_acknowledges(fresh_redis, tmp_path):
     replica = RedisServer(tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(fresh_redis.port)))
     try:
-        wait_for(lambda: replica.info("replication").get("master_link_status") == "up", 10, "the replica")
+        wait_until(lambda: replica.info("replication").get("master_link_status") == "up", "the replica", timeout=10)
 
         async def body(store: RedisStore) -> None:
             assert await enqueue_succeeds(store, "m1")

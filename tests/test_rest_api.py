@@ -10,37 +10,24 @@ import datetime
 from typing import Any
 
 import pytest
-from e2e_support import (A, B, C, MIXED, MIXED_LOWER, assert_auth_success, assert_ms, http_head, msg, open_relay,
-                         queue_size, raw_http, status_frame, wait_until)
+from support import (A, B, C, JSON, MIXED, MIXED_LOWER, assert_answered, assert_auth_success, assert_ms, assert_refused,
+                     connect, connections, http_head, msg, online, queue_size, raw_http, wait_until)
 
 import relayd
 
-__all__ = ["open_relay"]
-
-JSON = "application/json"
-
 
 def ok(reply: Any, status: int = 200) -> Any:
+    """A JSON answer with ``status`` and Connection: close; returns its body."""
     assert reply.status == status, reply
     assert reply.headers["content-type"].startswith(JSON), reply.headers
     assert reply.headers["connection"].lower() == "close", reply.headers
     return reply.json
 
 
-def refused(reply: Any, status: int, code: str) -> None:
-    assert reply.status == status, reply
-    assert reply.headers["content-type"].startswith(JSON), reply.headers
-    body = reply.json
-    assert set(body) == {"error", "code"} and body["code"] == code, body
-    assert isinstance(body["error"], str) and body["error"], body
-
-
 def queue_for(relay: Any, to: str, *contents: str, prefix: str = "m") -> None:
-    with relay.ws() as a:
-        a.auth(A)
+    with connect(relay, A) as a:
         for i, content in enumerate(contents):
-            a.send(msg(to, f"{prefix}{i}", content, timestamp=1000 + i))
-            status_frame(a.recv_type("queued"), "queued", f"{prefix}{i}", to)
+            assert_answered(a, msg(to, f"{prefix}{i}", content, timestamp=1000 + i), "queued")
 
 
 # Health
@@ -72,7 +59,7 @@ def test_health_counts_authenticated_sessions_and_queued_messages(open_relay):
         a.recv()
         body = ok(open_relay.http("GET", "/health"))
         assert (body["connections"], body["queuedMessages"]) == (1, 2)
-    assert wait_until(lambda: open_relay.http("GET", "/health").json["connections"] == 0)
+    wait_until(lambda: connections(open_relay) == 0, "the sessions to end")
 
 
 def test_liveness_and_readiness(open_relay):
@@ -122,8 +109,8 @@ def test_get_public_key_accepts_mixed_case(open_relay):
     ({"address": A, "publicKey": ["k"]}, "invalid_field"),
 ])
 def test_store_public_key_refusals(open_relay, body, code):
-    refused(open_relay.http("POST", "/api/public-keys", body), 400, code)
-    refused(open_relay.http("GET", f"/api/public-keys/{A}"), 404, "key_not_found")
+    assert_refused(open_relay.http("POST", "/api/public-keys", body), 400, code)
+    assert_refused(open_relay.http("GET", f"/api/public-keys/{A}"), 404, "key_not_found")
 
 
 @pytest.mark.parametrize("raw,code", [
@@ -136,12 +123,12 @@ def test_store_public_key_refusals(open_relay, body, code):
 ])
 def test_store_public_key_body_must_be_a_json_object(open_relay, raw, code):
     reply = open_relay.http("POST", "/api/public-keys", raw_body=raw, headers={"Content-Type": JSON})
-    refused(reply, 400, code)
+    assert_refused(reply, 400, code)
 
 
 def test_get_public_key_unknown_and_bad_address(open_relay):
-    refused(open_relay.http("GET", f"/api/public-keys/{B}"), 404, "key_not_found")
-    refused(open_relay.http("GET", "/api/public-keys/0xnothex"), 400, "invalid_address")
+    assert_refused(open_relay.http("GET", f"/api/public-keys/{B}"), 404, "key_not_found")
+    assert_refused(open_relay.http("GET", "/api/public-keys/0xnothex"), 400, "invalid_address")
 
 
 def test_head_public_key_has_headers_and_no_body(open_relay):
@@ -164,10 +151,10 @@ def test_delete_public_key(open_relay):
     deleted = ok(open_relay.http("DELETE", f"/api/public-keys/{A.upper().replace('0X', '0x')}"))
     assert set(deleted) == {"success", "message"} and deleted["success"] is True
     assert isinstance(deleted["message"], str) and deleted["message"]
-    refused(open_relay.http("GET", f"/api/public-keys/{A}"), 404, "key_not_found")
+    assert_refused(open_relay.http("GET", f"/api/public-keys/{A}"), 404, "key_not_found")
     again = ok(open_relay.http("DELETE", f"/api/public-keys/{A}"))
     assert set(again) == {"success", "message"} and again["success"] is False
-    refused(open_relay.http("DELETE", "/api/public-keys/0x12"), 400, "invalid_address")
+    assert_refused(open_relay.http("DELETE", "/api/public-keys/0x12"), 400, "invalid_address")
 
 
 def test_batch_public_keys_returns_only_found_ones(open_relay):
@@ -191,7 +178,7 @@ def test_batch_public_keys_returns_only_found_ones(open_relay):
     ({"addresses": [A, None]}, "invalid_address"),
 ])
 def test_batch_public_keys_refusals(open_relay, body, code):
-    refused(open_relay.http("POST", "/api/public-keys/batch", body), 400, code)
+    assert_refused(open_relay.http("POST", "/api/public-keys/batch", body), 400, code)
 
 
 # Message queue
@@ -228,7 +215,7 @@ def test_get_messages_with_limit_peeks_without_removing(open_relay):
 @pytest.mark.parametrize("query", ["abc", "-1", "1.5", ""])
 def test_get_messages_bad_limit_is_400(open_relay, query):
     queue_for(open_relay, B, "x")
-    refused(open_relay.http("GET", f"/api/messages/{B}?limit={query}"), 400, "bad_request")
+    assert_refused(open_relay.http("GET", f"/api/messages/{B}?limit={query}"), 400, "bad_request")
     assert queue_size(open_relay, B) == 1
 
 
@@ -245,7 +232,7 @@ def test_queue_size_shape(open_relay):
     assert ok(open_relay.http("GET", f"/api/messages/{MIXED}/queue-size")) == {"address": MIXED_LOWER,
                                                                               "queueSize": 0}
     assert ok(open_relay.http("GET", f"/api/messages/{B}/queue-size")) == {"address": B, "queueSize": 2}
-    refused(open_relay.http("GET", "/api/messages/0x12/queue-size"), 400, "invalid_address")
+    assert_refused(open_relay.http("GET", "/api/messages/0x12/queue-size"), 400, "invalid_address")
 
 
 def test_delete_messages_clears_the_queue(open_relay):
@@ -257,7 +244,7 @@ def test_delete_messages_clears_the_queue(open_relay):
     again = ok(open_relay.http("DELETE", f"/api/messages/{B}"))
     assert (again["address"], again["cleared"], again["removed"]) == (B, False, 0)
     assert queue_size(open_relay, B) == 0
-    refused(open_relay.http("DELETE", "/api/messages/0x12"), 400, "invalid_address")
+    assert_refused(open_relay.http("DELETE", "/api/messages/0x12"), 400, "invalid_address")
 
 
 def test_queue_stats(start_relay):
@@ -282,8 +269,8 @@ def test_status_of_offline_and_online_users(open_relay):
         m.auth(MIXED)
         body = ok(open_relay.http("GET", f"/api/status/{MIXED_LOWER}"))
         assert (body["address"], body["online"]) == (MIXED_LOWER, True)
-    assert wait_until(lambda: open_relay.http("GET", f"/api/status/{MIXED}").json["online"] is False)
-    refused(open_relay.http("GET", "/api/status/0x12"), 400, "invalid_address")
+    wait_until(lambda: not online(open_relay, MIXED), "the mixed-case address offline")
+    assert_refused(open_relay.http("GET", "/api/status/0x12"), 400, "invalid_address")
 
 
 def test_status_batch(open_relay):
@@ -293,9 +280,9 @@ def test_status_batch(open_relay):
     assert set(body) == {"timestamp", "statuses"}
     assert_ms(body["timestamp"])
     assert body["statuses"] == {A: True, MIXED_LOWER: False, B: False}
-    refused(open_relay.http("POST", "/api/status/batch", {"addresses": []}), 400, "bad_request")
-    refused(open_relay.http("POST", "/api/status/batch", {"addresses": "x"}), 400, "bad_request")
-    refused(open_relay.http("POST", "/api/status/batch", {"addresses": ["0x1"]}), 400, "invalid_address")
+    assert_refused(open_relay.http("POST", "/api/status/batch", {"addresses": []}), 400, "bad_request")
+    assert_refused(open_relay.http("POST", "/api/status/batch", {"addresses": "x"}), 400, "bad_request")
+    assert_refused(open_relay.http("POST", "/api/status/batch", {"addresses": ["0x1"]}), 400, "invalid_address")
 
 
 def test_online_all(open_relay):
@@ -332,8 +319,7 @@ def test_default_mode_accepts_the_apps_unsigned_flow(relay):
                 if frame["type"] == "auth_success":
                     assert_auth_success(frame, addr)
                     break
-        b.send(msg(MIXED, "app-1", "Y2lwaGVy", timestamp=1705234567890))
-        status_frame(b.recv(), "delivered", "app-1", MIXED_LOWER)
+        assert_answered(b, msg(MIXED, "app-1", "Y2lwaGVy", timestamp=1705234567890), "delivered")
         assert m.recv() == {"type": "message", "from": B, "content": "Y2lwaGVy", "messageId": "app-1",
                             "timestamp": 1705234567890, "queued": False}
 
@@ -341,4 +327,4 @@ def test_default_mode_accepts_the_apps_unsigned_flow(relay):
 def test_default_mode_peeking_a_queue_needs_the_owners_token(relay):
     queue_for(relay, B, "private")
     reply = relay.http("GET", f"/api/messages/{B}?limit=10")
-    refused(reply, 401, "unauthorized")
+    assert_refused(reply, 401, "unauthorized")

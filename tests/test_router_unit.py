@@ -9,8 +9,7 @@ import asyncio
 import json
 from typing import Any
 
-import pytest
-from relay_harness import make_config
+from support import A, B, MIXED, make_config
 
 from relayd.errors import ErrorCode, RelayError
 from relayd.storage.memory import MemoryStore
@@ -22,10 +21,6 @@ from relayd.storage.store import StorageUnavailable
 from relayd.ops.metrics import RelayMetrics
 from relayd.clock import SYSTEM_CLOCK
 from relayd.identity.auth import Authenticator, SignIn
-
-A = "0x" + "a1" * 20
-B = "0x" + "b2" * 20
-MIXED = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 
 
 class Peer:

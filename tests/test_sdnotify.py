@@ -5,50 +5,17 @@ import os
 import socket
 import sys
 import time
-import uuid
 
 import pytest
+from support import NotifySocket, parse_datagram
 
 from relayd.ops.sdnotify import Notifier
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets are Linux-only")
 
 
-def _recv_all(sock: socket.socket) -> list[str]:
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(4096).decode())
-        except BlockingIOError:
-            return out
-
-
-def _fields(datagram: str) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in datagram.split("\n"))
-
-
-@pytest.fixture
-def path_socket(tmp_path):
-    path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.setblocking(False)
-    yield str(path), sock
-    sock.close()
-
-
-@pytest.fixture
-def abstract_socket():
-    name = f"relayd-test-{uuid.uuid4().hex}"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind("\0" + name)
-    sock.setblocking(False)
-    yield "@" + name, sock
-    sock.close()
-
-
-def _check_protocol(env_value: str, sock: socket.socket) -> None:
-    n = Notifier.from_env({"NOTIFY_SOCKET": env_value})
+def _check_protocol(ns: NotifySocket) -> None:
+    n = Notifier.from_env({"NOTIFY_SOCKET": ns.env_value})
     assert n.enabled
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     assert n.ready()
@@ -59,43 +26,41 @@ def _check_protocol(env_value: str, sock: socket.socket) -> None:
     assert n.stopping()
     n.close()
 
-    got = _recv_all(sock)
+    got = ns.pending()
     assert got[0] == "READY=1"
     assert got[1] == "STATUS=serving 3 peers"
-    reload = _fields(got[2])
+    reload = parse_datagram(got[2].encode())
     assert set(reload) == {"RELOADING", "MONOTONIC_USEC"}
     assert reload["RELOADING"] == "1"
     assert before <= int(reload["MONOTONIC_USEC"]) <= after
     assert got[3:] == ["READY=1\nSTATUS=reloaded", "STOPPING=1"]
 
 
-def test_path_socket_datagrams(path_socket):
-    path, sock = path_socket
-    _check_protocol(path, sock)
+def test_path_socket_datagrams(notify_socket):
+    _check_protocol(notify_socket)
 
 
 @linux_only
-def test_abstract_socket_datagrams(abstract_socket):
-    name, sock = abstract_socket
-    _check_protocol(name, sock)
+def test_abstract_socket_datagrams(notify_abstract):
+    _check_protocol(notify_abstract)
 
 
-def test_watchdog_ping(path_socket):
-    path, sock = path_socket
+def test_watchdog_ping(notify_socket):
+    path = notify_socket.env_value
     n = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())})
     assert n.watchdog_interval_s == 15.0
     assert n.watchdog()
     n.close()
-    assert _recv_all(sock) == ["WATCHDOG=1"]
+    assert notify_socket.pending() == ["WATCHDOG=1"]
 
 
-def test_notify_fields_and_send(path_socket):
-    path, sock = path_socket
+def test_notify_fields_and_send(notify_socket):
+    path = notify_socket.env_value
     n = Notifier.from_env({"NOTIFY_SOCKET": path})
     assert n.notify(status="a\nb", errno=5)
     assert n.send("FDSTORE=1")
     n.close()
-    assert _recv_all(sock) == ["STATUS=a b\nERRNO=5", "FDSTORE=1"]
+    assert notify_socket.pending() == ["STATUS=a b\nERRNO=5", "FDSTORE=1"]
 
 
 @pytest.mark.parametrize(
@@ -117,15 +82,15 @@ def test_watchdog_interval(env, expected):
     assert n.watchdog_interval_s == expected
 
 
-def test_watchdog_pid_mismatch_disables_watchdog(path_socket):
-    path, sock = path_socket
+def test_watchdog_pid_mismatch_disables_watchdog(notify_socket):
+    path = notify_socket.env_value
     n = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid() + 1)})
     assert n.enabled
     assert n.watchdog_interval_s is None
     assert not n.watchdog()
     assert n.ready()
     n.close()
-    assert _recv_all(sock) == ["READY=1"]
+    assert notify_socket.pending() == ["READY=1"]
 
 
 def test_watchdog_without_socket_is_disabled():
@@ -164,8 +129,8 @@ def test_missing_socket_path_does_not_raise(tmp_path, caplog):
     n.close()
 
 
-def test_full_receiver_does_not_block_or_raise(path_socket):
-    path, sock = path_socket
+def test_full_receiver_does_not_block_or_raise(notify_socket):
+    path = notify_socket.env_value
     n = Notifier.from_env({"NOTIFY_SOCKET": path})
     results = [n.status("x" * 1024) for _ in range(10_000)]
     assert results[0]

@@ -7,6 +7,8 @@ import os
 import stat
 
 import pytest
+from support import (V2_ADDRESS, V2_HASH, V2_KEY, V2_SIG, V2_TEXT, V3_HASH, V3_SIG, V5_KEYS, V5_SIG, V5_TEXT, V6_CASES,
+                     V7_ADDRESS, V7_HASH, V7_KEY, V7_R, V7_S)
 
 from relayd.identity.keccak import keccak256
 from relayd.identity.secp256k1 import N
@@ -21,43 +23,6 @@ from relayd.identity.signing import (
     sign_text,
     write_key_file,
 )
-
-# V2 / V3: idena-web dnaSign test key, doubleHash and prefix over the same text.
-V2_KEY = "c6fccb1b926e774d7e3a1716eddeba55ae7d40db4fb7c22d2705835f48d5be1b"
-V2_ADDRESS = "0xa79b11814a162129a6dC136885C1c92EE1336Ffc"
-V2_TEXT = "salt-0x010203-50"
-V2_HASH = "e640350d786814f43742f18bee7333c5d1d44bfcd9f5f2e65ffdfe0a3c2278c0"
-V2_SIG = ("4adf3bb775e94b56ce0acbbbcede83cd6382841e4152a1956bff2b73105adc0c"
-          "0292f84193648f83e0f2b66b7095055ded4a062330199970e26613dc392336eb01")
-V3_HASH = "0cf72780b2992a8fa8bf1055046ab6826ee7d1f1dfd9d67a9ddb6a9cea3f049b"
-V3_SIG = ("8f18c02c8e6724dcb117cbcf7c9450c004b9e4ef0a8d62bc14c62c7fe6734639"
-          "4a2f4bc415f65cb02169620d1aae198b9dbbd751e194fee223476c6f0e76432a01")
-# V5: key to address, and a sign-in nonce signed by the first key.
-V5_KEYS = [("289c2857d4598e37fb9647507e47a309d6133539bf21a8b9cb6df88fd5232032",
-            "0x970e8128ab834e8eac17ab8e3812f010678cf791"),
-           ("58d23b55bc9cdce1f18c2500f40ff4ab7245df9a89505e9b1fa4851f623d241d",
-            "0xdc544d1aa88ff8bbd2f2aec754b1f1e99e1812fd")]
-V5_TEXT = "signin-0652c409-17ef-4ad6-b580-3faaefcc204d"
-V5_SIG = ("ca5f6ac5ee526685de07b60eec8c1e02e9f2ce09cecf887fa4adca654a2f82ac"
-          "7e25c4e90eb4f5537e2e60c8478ae1e8ee7ec35435701a624549599cb7441d6b00")
-# V6: eth-keys signatures over keccak256(b"message").
-V6_CASES = [
-    ("9c0257114eb9399a2985f8e75dad7600c5d89fe3824ffa99ec1c3eb8bf3b0501",
-     "0x328809bc894f92807417d2dad6b7c998c1afdac6",
-     "b20e2ea5d3cbaa83c1e0372f110cf12535648613b479b64c1a8c1a20c5021f38"
-     "0434d07ec5795e3f789794351658e80b7faf47a46328f41e019d7b853745cdfd01"),
-    ("38e47a7b719dce63662aeaf43440326f551b8a7ee198cee35cb5d517f2d296a2",
-     "0x1d96f2f6bef1202e4ce1ff6dad0c2cb002861d3e",
-     "5c48ea4f0f2257fa23bd25e6fcb0b75bbe2ff9bbda0167118dab2bb6e31ba76e"
-     "691dbdaf2a231fc9958cd8edd99507121f8184042e075cf10f98ba88abff1f3601"),
-]
-# V7: ethereumjs-util, v = 27 (recovery id 0).
-V7_KEY = "3c9229289a6125f7fdf1885a77bb12c37a8d3b4962d936f7e3084dece32a3ca1"
-V7_HASH = "82ff40c0a986c6a5cfad4ddf4c3aa6996f1a7837f9c398e17e5de5cbd5a12b28"
-V7_R = "99e71a99cb2270b8cac5254f9e99b6210c6c10224a1579cf389ef88b20a1abe9"
-V7_S = "129ff05af364204442bdb53ab6f18a99ab48acc9326fa689f228040429e3ca66"
-V7_ADDRESS = "0xed54a7c1d8634bb589f24bb7f05a5554b36f9618"
-
 
 def key(hex_text: str) -> bytes:
     return bytes.fromhex(hex_text)

@@ -1,5 +1,4 @@
-A = "0x1234567890123456789012345678901234567890"
-B = "0x9876543210987654321098765432109876543210"
+from support import A, B
 
 
 def test_message_between_two_online_users(relay):

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import WriteLock, sqlite_file
 
 from relayd.storage.memory import MemoryStore
 from relayd.storage.sqlite import SQLiteStore
@@ -168,11 +169,7 @@ def test_text_file_is_refused_and_untouched(tmp_path: Path) -> None:
 
 def test_foreign_sqlite_database_is_refused_and_untouched(tmp_path: Path) -> None:
     db = tmp_path / "other.db"
-    conn = sqlite3.connect(db)
-    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
-    conn.execute("INSERT INTO users (name) VALUES ('x')")
-    conn.commit()
-    conn.close()
+    sqlite_file(db, "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)", "INSERT INTO users (name) VALUES ('x')")
     before = db.read_bytes()
     assert "another application" in open_fails(db)
     _assert_untouched(db, before)
@@ -187,10 +184,7 @@ def test_foreign_sqlite_database_is_refused_and_untouched(tmp_path: Path) -> Non
 ])
 def test_other_foreign_shapes_are_refused(tmp_path: Path, setup: str) -> None:
     db = tmp_path / "other.db"
-    conn = sqlite3.connect(db)
-    conn.execute(setup)
-    conn.commit()
-    conn.close()
+    sqlite_file(db, setup)
     before = db.read_bytes()
     assert "another application" in open_fails(db)
     _assert_untouched(db, before)
@@ -219,11 +213,7 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     async def create() -> None:
         await (await opened(db)).close()
     asyncio.run(create())
-    conn = sqlite3.connect(db)
-    conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, 0)",
-                 (SCHEMA_VERSION + 1,))
-    conn.commit()
-    conn.close()
+    sqlite_file(db, f"INSERT INTO schema_version (version, applied_at) VALUES ({SCHEMA_VERSION + 1}, 0)")
     before = db.read_bytes()
     assert "newer" in open_fails(db)
     assert db.read_bytes() == before
@@ -339,13 +329,10 @@ def test_locked_database_fails_fast_and_recovers(tmp_path: Path) -> None:
 
     async def main() -> None:
         store = await opened(db, busy_timeout_ms=50)
-        other = sqlite3.connect(db, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        with pytest.raises(StorageUnavailable, match="locked"):
-            await store.enqueue(msg("a"), ROOMY)
-        assert store.problem == "database is locked"
-        other.execute("ROLLBACK")
-        other.close()
+        with WriteLock(db):
+            with pytest.raises(StorageUnavailable, match="locked"):
+                await store.enqueue(msg("a"), ROOMY)
+            assert store.problem == "database is locked"
         assert await store.enqueue(msg("a"), ROOMY) is QUEUED
         assert store.healthy
         await store.close()

@@ -2,55 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
-
-import pytest
-
 from relayd.net.http_api import message_view
-from relayd.storage.memory import MemoryStore
-from relayd.storage.sqlite import SQLiteStore
 from relayd.storage.store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, Store
 
 QUEUED, DUPLICATE, FULL, NO_SPACE = (EnqueueResult.QUEUED, EnqueueResult.DUPLICATE, EnqueueResult.FULL,
                                      EnqueueResult.NO_SPACE)
 ROOMY = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False)
-Body = Callable[[Store], Awaitable[Any]]
-
-
-def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    """A new, unopened store of one backend; Redis ones get a key prefix of their own."""
-    if kind == "memory":
-        return MemoryStore()
-    if kind == "sqlite":
-        return SQLiteStore(str(tmp_path / "relay.db"), commit_interval_ms=0.5)
-    from relayd.storage.redis import RedisStore
-    server = request.getfixturevalue("redis_cluster" if kind == "redis-cluster" else "redis_server")
-    return RedisStore(server.url, key_prefix=request.getfixturevalue("redis_prefix"),
-                      cluster=kind == "redis-cluster")
-
-
-BACKENDS = ["memory", "sqlite"]
-"""Every backend must pass this module; Redis joins again once it implements the contract's newest methods
-(restore, receipts in batches with a cap, key floors, tokens, clock shifts, the storage budget)."""
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Body], Any]:
-    """Run an async test body against a freshly opened store, closing it afterwards."""
-    def run(body: Body) -> Any:
-        async def main() -> Any:
-            store = make_store(request.param, request, tmp_path)
-            await store.open()
-            try:
-                return await body(store)
-            finally:
-                await store.close()
-        return asyncio.run(main())
-    run.kind = request.param  # type: ignore[attr-defined]
-    return run
 
 
 def msg(recipient: str, message_id: str, content: str = "hello", *, sender: str = "alice",
@@ -59,15 +16,25 @@ def msg(recipient: str, message_id: str, content: str = "hello", *, sender: str 
                          content=content, timestamp=queued_at - 5, queued_at=queued_at)
 
 
+async def enqueue_all(store: Store, *messages: QueuedMessage) -> list[QueuedMessage]:
+    """Queue every message, with room for all; returns them, their seqs assigned."""
+    for m in messages:
+        assert await store.enqueue(m, ROOMY) is QUEUED
+    return list(messages)
+
+
+def bobs(count: int, content: str = "hello") -> list[QueuedMessage]:
+    """Messages m0, m1, ... for bob."""
+    return [msg("bob", f"m{i}", content) for i in range(count)]
+
+
 async def ids(store: Store, recipient: str) -> list[str]:
     return [m.message_id for m in await store.pending(recipient, 10_000)]
 
 
-def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(backend):
+def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(store_backend):
     async def body(store: Store) -> None:
-        sent = [msg("bob", f"m{i}", f"text {i}", queued_at=1000 + i) for i in range(5)]
-        for m in sent:
-            assert await store.enqueue(m, ROOMY) is QUEUED
+        sent = await enqueue_all(store, *(msg("bob", f"m{i}", f"text {i}", queued_at=1000 + i) for i in range(5)))
         seqs = [m.seq for m in sent]
         assert all(s > 0 for s in seqs) and seqs == sorted(set(seqs))
         got = await store.pending("bob", 10)
@@ -78,20 +45,18 @@ def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(backend):
         assert await store.pending("bob", 10, after_seq=seqs[2]) == sent[3:]
         assert await store.pending("bob", 10, after_seq=seqs[-1]) == []
         assert await store.pending("nobody", 10) == []
-    backend(body)
+    store_backend(body)
 
 
-def test_queues_are_per_recipient(backend):
+def test_queues_are_per_recipient(store_backend):
     async def body(store: Store) -> None:
-        await store.enqueue(msg("bob", "m1"), ROOMY)
-        await store.enqueue(msg("carol", "m2"), ROOMY)
-        await store.enqueue(msg("bob", "m3"), ROOMY)
+        await enqueue_all(store, msg("bob", "m1"), msg("carol", "m2"), msg("bob", "m3"))
         assert await ids(store, "bob") == ["m1", "m3"]
         assert await ids(store, "carol") == ["m2"]
-    backend(body)
+    store_backend(body)
 
 
-def test_duplicate_is_per_sender_recipient_and_message_id(backend):
+def test_duplicate_is_per_sender_recipient_and_message_id(store_backend):
     async def body(store: Store) -> None:
         first = msg("bob", "m1")
         assert await store.enqueue(first, ROOMY) is QUEUED
@@ -104,10 +69,10 @@ def test_duplicate_is_per_sender_recipient_and_message_id(backend):
         assert await store.size("carol") == 1
         assert await store.ack("bob", ["m1"]) == 2
         assert await store.enqueue(msg("bob", "m1"), ROOMY) is QUEUED
-    backend(body)
+    store_backend(body)
 
 
-def test_full_by_count(backend):
+def test_full_by_count(store_backend):
     async def body(store: Store) -> None:
         limits = QueueLimits(max_messages=3, max_bytes=1000, drop_oldest=False)
         results = [await store.enqueue(msg("bob", f"m{i}"), limits) for i in range(5)]
@@ -115,10 +80,10 @@ def test_full_by_count(backend):
         assert await ids(store, "bob") == ["m0", "m1", "m2"]
         assert await store.enqueue(msg("carol", "c0"), limits) is QUEUED
         assert store.total() == 4
-    backend(body)
+    store_backend(body)
 
 
-def test_full_by_bytes(backend):
+def test_full_by_bytes(store_backend):
     async def body(store: Store) -> None:
         limits = QueueLimits(max_messages=100, max_bytes=10, drop_oldest=False)
         assert await store.enqueue(msg("bob", "a", "12345"), limits) is QUEUED
@@ -129,10 +94,10 @@ def test_full_by_bytes(backend):
         assert await store.enqueue(msg("carol", "f", "x" * 11), limits) is FULL
         assert await ids(store, "bob") == ["a", "b", "d"]
         assert (await store.stats())["bytes"] == 10
-    backend(body)
+    store_backend(body)
 
 
-def test_drop_oldest_makes_room(backend):
+def test_drop_oldest_makes_room(store_backend):
     async def body(store: Store) -> None:
         limits = QueueLimits(max_messages=3, max_bytes=10, drop_oldest=True)
         for i in range(5):
@@ -145,37 +110,32 @@ def test_drop_oldest_makes_room(backend):
         assert await store.enqueue(msg("bob", "m0", "ab"), limits) is QUEUED
         stats = await store.stats()
         assert stats["messages"] == 1 and stats["bytes"] == 2
-    backend(body)
+    store_backend(body)
 
 
-def test_drop_oldest_of_a_shrunk_limit_drops_many(backend):
+def test_drop_oldest_of_a_shrunk_limit_drops_many(store_backend):
     async def body(store: Store) -> None:
-        for i in range(150):
-            await store.enqueue(msg("bob", f"m{i}", "x"), ROOMY)
+        await enqueue_all(store, *bobs(150, "x"))
         limits = QueueLimits(max_messages=10, max_bytes=1000, drop_oldest=True)
         assert await store.enqueue(msg("bob", "new", "x"), limits) is QUEUED
         assert await ids(store, "bob") == [f"m{i}" for i in range(141, 150)] + ["new"]
         assert store.total() == 10
-    backend(body)
+    store_backend(body)
 
 
-def test_oversized_message_is_full_without_dropping(backend, request):
+def test_oversized_message_is_full_without_dropping(store_backend, request):
 
     async def body(store: Store) -> None:
         limits = QueueLimits(max_messages=10, max_bytes=10, drop_oldest=True)
         await store.enqueue(msg("bob", "m1", "abc"), limits)
         assert await store.enqueue(msg("bob", "huge", "x" * 11), limits) is FULL
         assert await ids(store, "bob") == ["m1"]
-    backend(body)
+    store_backend(body)
 
 
-def test_remove_by_seq(backend):
+def test_remove_by_seq(store_backend):
     async def body(store: Store) -> None:
-        sent = [msg("bob", f"m{i}") for i in range(4)]
-        for m in sent:
-            await store.enqueue(m, ROOMY)
-        other = msg("carol", "c1")
-        await store.enqueue(other, ROOMY)
+        *sent, other = await enqueue_all(store, *bobs(4), msg("carol", "c1"))
         assert await store.remove("bob", [sent[1].seq, sent[3].seq, 99_999, other.seq]) == 2
         assert await ids(store, "bob") == ["m0", "m2"]
         assert await ids(store, "carol") == ["c1"]
@@ -183,45 +143,39 @@ def test_remove_by_seq(backend):
         assert await store.remove("bob", [sent[0].seq] * 600) == 1
         assert await store.remove("nobody", [1]) == 0
         assert store.total() == 2
-    backend(body)
+    store_backend(body)
 
 
-def test_ack_by_message_id(backend):
+def test_ack_by_message_id(store_backend):
     async def body(store: Store) -> None:
-        for i in range(4):
-            await store.enqueue(msg("bob", f"m{i}"), ROOMY)
-        await store.enqueue(msg("carol", "m9"), ROOMY)
+        await enqueue_all(store, *bobs(4), msg("carol", "m9"))
         assert await store.ack("bob", ["m0", "m2", "m9", "nope", "m0"]) == 2
         assert await store.ack("bob", [f"x{i}" for i in range(1200)] + ["m3"]) == 1
         assert await ids(store, "bob") == ["m1"]
         assert await store.ack("nobody", ["m1"]) == 0
         assert await store.ack("bob", []) == 0
         assert store.total() == 2
-    backend(body)
+    store_backend(body)
 
 
-def test_clear(backend):
+def test_clear(store_backend):
     async def body(store: Store) -> None:
-        for i in range(3):
-            await store.enqueue(msg("bob", f"m{i}"), ROOMY)
-        await store.enqueue(msg("carol", "c"), ROOMY)
+        await enqueue_all(store, *bobs(3), msg("carol", "c"))
         assert await store.clear("bob") == 3
         assert await store.clear("bob") == 0
         assert await store.size("bob") == 0
         assert await ids(store, "carol") == ["c"]
         assert store.total() == 1
         assert await store.enqueue(msg("bob", "m0"), ROOMY) is QUEUED
-    backend(body)
+    store_backend(body)
 
 
-def test_size_total_and_stats(backend):
+def test_size_total_and_stats(store_backend):
     async def body(store: Store) -> None:
         assert store.total() == 0
         assert await store.stats() == {"recipients": 0, "messages": 0, "bytes": 0,
                                        "receipts": 0, "keys": 0}
-        await store.enqueue(msg("bob", "a", "1234"), ROOMY)
-        await store.enqueue(msg("bob", "b", "12"), ROOMY)
-        await store.enqueue(msg("carol", "c", "1"), ROOMY)
+        await enqueue_all(store, msg("bob", "a", "1234"), msg("bob", "b", "12"), msg("carol", "c", "1"))
         await store.add_receipts([Receipt("bob", "carol", "x", 5)], 10_000)
         await store.put_key(KeyRecord("bob", "pk", 1, 1))
         assert await store.size("bob") == 2
@@ -232,13 +186,13 @@ def test_size_total_and_stats(backend):
                                        "receipts": 1, "keys": 1}
         await store.ack("carol", ["c"])
         assert (await store.stats())["recipients"] == 1
-    backend(body)
+    store_backend(body)
 
 
-def test_expire_messages_and_receipts(backend):
+def test_expire_messages_and_receipts(store_backend):
     async def body(store: Store) -> None:
-        for i, when in enumerate([100, 200, 300, 400]):
-            await store.enqueue(msg("bob" if i % 2 else "carol", f"m{i}", queued_at=when), ROOMY)
+        await enqueue_all(store, *(msg("bob" if i % 2 else "carol", f"m{i}", queued_at=when)
+                                   for i, when in enumerate([100, 200, 300, 400])))
         for when in (150, 250, 350):
             await store.add_receipts([Receipt("bob", "carol", f"r{when}", when)], 10_000)
         assert await store.expire(300) == 2
@@ -250,10 +204,10 @@ def test_expire_messages_and_receipts(backend):
         assert await store.expire(10_000) == 2
         assert store.total() == 0
         assert (await store.stats())["recipients"] == 0
-    backend(body)
+    store_backend(body)
 
 
-def test_receipts_are_listed_oldest_first_and_removed_by_seq(backend):
+def test_receipts_are_listed_oldest_first_and_removed_by_seq(store_backend):
     async def body(store: Store) -> None:
         added = [Receipt("bob", f"reader{i}", f"m{i}", 1000 + i) for i in range(5)]
         for r in added:
@@ -271,10 +225,10 @@ def test_receipts_are_listed_oldest_first_and_removed_by_seq(backend):
         assert await store.receipts("nobody", 10) == []
         assert await store.remove_receipts("nobody", [1]) == 0
         assert (await store.stats())["receipts"] == 1
-    backend(body)
+    store_backend(body)
 
 
-def test_keys(backend):
+def test_keys(store_backend):
     async def body(store: Store) -> None:
         assert await store.get_key("bob") is None
         first = KeyRecord("bob", "pk1", created_at=100, updated_at=100)
@@ -296,10 +250,10 @@ def test_keys(backend):
         assert await store.key_count() == 1
         fresh = await store.put_key(KeyRecord("bob", "pk3", 900, 900))
         assert fresh.created_at == 900
-    backend(body)
+    store_backend(body)
 
 
-def test_ownership_locks_are_permanent(backend):
+def test_ownership_locks_are_permanent(store_backend):
     async def body(store: Store) -> None:
         assert await store.is_locked("bob") is False
         await store.lock("bob")
@@ -308,100 +262,4 @@ def test_ownership_locks_are_permanent(backend):
         assert await store.is_locked("carol") is False
         await store.delete_key("bob")
         assert await store.is_locked("bob") is True
-    backend(body)
-
-
-def test_sender_spelling_is_kept_but_idempotency_ignores_it(backend):
-    async def body(store: Store) -> None:
-        first = msg("bob", "m1", sender="0xAbCd")
-        assert await store.enqueue(first, ROOMY) is QUEUED
-        assert await store.enqueue(msg("bob", "m1", sender="0xabcd"), ROOMY) is DUPLICATE
-        assert [m.sender for m in await store.pending("bob", 10)] == ["0xAbCd"]
-        assert await store.ack("bob", ["m1"]) == 1
-    backend(body)
-
-
-def test_storage_budget_refuses_past_max_total_bytes(backend):
-    async def body(store: Store) -> None:
-        limits = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False, max_total_bytes=10)
-        assert await store.enqueue(msg("bob", "m1", "12345678"), limits) is QUEUED
-        assert store.stored_bytes() == 8
-        assert await store.enqueue(msg("carol", "m2", "123"), limits) is NO_SPACE
-        assert await store.enqueue(msg("bob", "m1", "12345678"), limits) is DUPLICATE
-        assert await store.enqueue(msg("carol", "m3", "12"), limits) is QUEUED
-        assert store.stored_bytes() == 10
-        await store.remove("bob", [m.seq for m in await store.pending("bob", 10)])
-        assert store.stored_bytes() == 2
-    backend(body)
-
-
-def test_restore_puts_messages_back_in_their_place(backend):
-    async def body(store: Store) -> None:
-        sent = [msg("bob", f"m{i}", queued_at=1000 + i) for i in range(4)]
-        for m in sent:
-            await store.enqueue(m, ROOMY)
-        taken = sent[:2]
-        assert await store.remove("bob", [m.seq for m in taken]) == 2
-        live = msg("bob", "live", queued_at=2000)
-        tight = QueueLimits(max_messages=2, max_bytes=1_000_000, drop_oldest=False)
-        assert await store.enqueue(msg("bob", "over", queued_at=2001), tight) is FULL
-        assert await store.restore([*taken, live]) == 3  # past the cap: the sender was already answered
-        assert live.seq > sent[-1].seq
-        assert await ids(store, "bob") == ["m0", "m1", "m2", "m3", "live"]
-        assert await store.restore([sent[0]]) == 0  # still stored: skipped
-        assert store.total() == 5 and await store.size("bob") == 5
-        assert await store.backlog_size("bob") == (5, 0)
-    backend(body)
-
-
-def test_receipts_are_capped_per_recipient_oldest_first(backend):
-    async def body(store: Store) -> None:
-        batch = [Receipt("bob", "carol", f"r{i}", 1000 + i) for i in range(5)]
-        assert await store.add_receipts(batch, 3) == 2
-        assert [r.message_id for r in await store.receipts("bob", 10)] == ["r2", "r3", "r4"]
-        assert await store.add_receipts([Receipt("bob", "dave", "r5", 2000)], 3) == 1
-        assert [r.message_id for r in await store.receipts("bob", 10)] == ["r3", "r4", "r5"]
-        assert await store.backlog_size("bob") == (0, 3)
-        assert (await store.stats())["receipts"] == 3
-    backend(body)
-
-
-def test_key_floor_outlives_a_deleted_signed_key(backend):
-    async def body(store: Store) -> None:
-        assert await store.key_floor("bob") is None
-        await store.put_key(KeyRecord("bob", "k", 1, 1))
-        assert await store.key_floor("bob") is None
-        await store.put_key(KeyRecord("bob", "k2", 1, 2, "x25519", 50, "doubleHash", "0xsig"))
-        await store.put_key(KeyRecord("bob", "k3", 1, 3, "x25519", 40, "doubleHash", "0xsig"))
-        assert await store.key_floor("bob") == 50
-        assert await store.delete_key("bob") is True
-        assert await store.get_key("bob") is None
-        assert await store.key_floor("bob") == 50
-    backend(body)
-
-
-def test_tokens_expire_and_are_bounded_per_address(backend):
-    async def body(store: Store) -> None:
-        for i in range(4):
-            await store.save_token(f"h{i}", "bob", 10_000 + i, 3)
-        assert await store.token_address("h0", 5_000) is None  # the one expiring first went
-        assert await store.token_address("h3", 5_000) == "bob"
-        assert await store.token_address("h3", 10_003) is None
-        assert await store.token_address("nope", 0) is None
-        await store.expire(10_002)
-        assert await store.token_address("h2", 5_000) is None
-        assert await store.token_address("h3", 5_000) == "bob"
-    backend(body)
-
-
-def test_shift_times_moves_what_was_stored_before_a_clock_step(backend):
-    async def body(store: Store) -> None:
-        await store.enqueue(msg("bob", "old", queued_at=1000), ROOMY)
-        await store.enqueue(msg("bob", "new", queued_at=5000), ROOMY)
-        await store.add_receipts([Receipt("bob", "carol", "r", 1500)], 10)
-        assert await store.shift_times(2000, 100_000) == 2
-        assert [m.queued_at for m in await store.pending("bob", 10)] == [101_000, 5000]
-        assert [r.timestamp for r in await store.receipts("bob", 10)] == [101_500]
-        assert await store.expire(50_000) == 1
-        assert await ids(store, "bob") == ["old"]
-    backend(body)
+    store_backend(body)

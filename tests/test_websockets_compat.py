@@ -16,7 +16,7 @@ import socket
 
 import pytest
 import websockets
-from e2e_support import A, chunked, http_head, open_relay, raw_http
+from support import A, chunked, http_head, raw_http
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import ServerConnection, serve
@@ -29,8 +29,6 @@ from websockets.streams import StreamReader
 from relayd.errors import ErrorCode
 from relayd.net.connection import RelayConnection, text_frame
 from relayd.net.http_framing import BadRequest, read_request
-
-__all__ = ["open_relay"]
 
 WS = f"websockets {websockets.__version__}"
 

@@ -3,33 +3,10 @@ devices per address, idempotent messageIds, queue limits and the ack extension."
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 import pytest
-from e2e_support import (A, B, C, RawWs, assert_auth_success, assert_error, assert_ms, message_frame, msg, online,
-                         open_relay, queue_size, start_open, status_frame, wait_until)
-
-__all__ = ["open_relay"]
-
-
-def pong_next(ws: Any) -> None:
-    ws.send({"type": "ping"})
-    frame = ws.recv()
-    assert frame["type"] == "pong", frame
-
-
-def connect(relay: Any, address: str, **extra: Any) -> Any:
-    ws = relay.ws()
-    ws.send({"type": "auth", "address": address, **extra})
-    assert_auth_success(ws.recv(), address)
-    return ws
-
-
-def assert_read(frame: dict[str, Any], reader: str, mid: str) -> None:
-    assert set(frame) == {"type", "from", "messageId", "timestamp"}, frame
-    assert (frame["type"], frame["from"], frame["messageId"]) == ("read", reader, mid), frame
-    assert_ms(frame["timestamp"])
+from support import (A, B, C, RawWs, assert_answered, assert_auth_success, assert_auth_timed_out, assert_error,
+                     assert_ms, assert_read, backlog_bytes, connect, connections, message_frame, msg, online, pong_next,
+                     queue_size, start_open, unauthenticated_probe, wait_until)
 
 
 # The offline queue
@@ -38,13 +15,10 @@ def assert_read(frame: dict[str, Any], reader: str, mid: str) -> None:
 def test_offline_messages_are_queued_then_flushed_in_order_after_auth_success(open_relay):
     with connect(open_relay, A) as a:
         for i, ts in enumerate((1000, 2000, 3000)):
-            a.send(msg(B, f"q{i}", f"content-{i}", timestamp=ts))
-            status_frame(a.recv(), "queued", f"q{i}", B)
+            assert_answered(a, msg(B, f"q{i}", f"content-{i}", timestamp=ts), "queued")
     assert queue_size(open_relay, B) == 3
     assert open_relay.http("GET", "/health").json["queuedMessages"] == 3
-    with open_relay.ws() as b:
-        b.send({"type": "auth", "address": B})
-        assert_auth_success(b.recv(), B)  # first, before any stored frame
+    with connect(open_relay, B) as b:  # first, before any stored frame
         assert [b.recv() for _ in range(3)] == [
             message_frame(A, "content-0", "q0", 1000, True),
             message_frame(A, "content-1", "q1", 2000, True),
@@ -53,16 +27,13 @@ def test_offline_messages_are_queued_then_flushed_in_order_after_auth_success(op
         pong_next(b)
         assert queue_size(open_relay, B) == 0
     # Delivered once: a reconnect gets nothing more.
-    with open_relay.ws() as b:
-        b.send({"type": "auth", "address": B})
-        assert_auth_success(b.recv(), B)
+    with connect(open_relay, B) as b:
         pong_next(b)
 
 
 def test_queued_message_without_timestamp_keeps_the_servers_ms(open_relay):
     with connect(open_relay, A) as a:
-        a.send(msg(B, "no-ts", "x"))
-        status_frame(a.recv(), "queued", "no-ts", B)
+        assert_answered(a, msg(B, "no-ts", "x"), "queued")
     with connect(open_relay, B) as b:
         frame = b.recv()
         assert frame == message_frame(A, "x", "no-ts", frame["timestamp"], True)
@@ -71,12 +42,9 @@ def test_queued_message_without_timestamp_keeps_the_servers_ms(open_relay):
 
 def test_messages_from_several_senders_flush_in_arrival_order(open_relay):
     with connect(open_relay, A) as a, connect(open_relay, C) as c:
-        a.send(msg(B, "1", "a1", timestamp=1))
-        status_frame(a.recv(), "queued", "1", B)
-        c.send(msg(B, "1", "c1", timestamp=2))  # same id, another sender: a different message
-        status_frame(c.recv(), "queued", "1", B)
-        a.send(msg(B, "2", "a2", timestamp=3))
-        status_frame(a.recv(), "queued", "2", B)
+        assert_answered(a, msg(B, "1", "a1", timestamp=1), "queued")
+        assert_answered(c, msg(B, "1", "c1", timestamp=2), "queued")  # same id, another sender: another message
+        assert_answered(a, msg(B, "2", "a2", timestamp=3), "queued")
     with connect(open_relay, B) as b:
         assert [b.recv() for _ in range(3)] == [message_frame(A, "a1", "1", 1, True),
                                                message_frame(C, "c1", "1", 2, True),
@@ -85,29 +53,18 @@ def test_messages_from_several_senders_flush_in_arrival_order(open_relay):
 
 def test_live_messages_after_the_flush_are_not_queued(open_relay):
     with connect(open_relay, A) as a:
-        a.send(msg(B, "old", "o", timestamp=1))
-        status_frame(a.recv(), "queued", "old", B)
+        assert_answered(a, msg(B, "old", "o", timestamp=1), "queued")
         with connect(open_relay, B) as b:
             assert b.recv() == message_frame(A, "o", "old", 1, True)
-            a.send(msg(B, "new", "n", timestamp=2))
-            status_frame(a.recv(), "delivered", "new", B)
+            assert_answered(a, msg(B, "new", "n", timestamp=2), "delivered")
             assert b.recv() == message_frame(A, "n", "new", 2, False)
         assert queue_size(open_relay, B) == 0
 
 
-def _backlog_bytes() -> int:
-    """More than the kernel can buffer between relay and a slow reader (send buffer max + 2 MB)."""
-    try:
-        wmem_max = int(open("/proc/sys/net/ipv4/tcp_wmem").read().split()[2])
-    except (OSError, ValueError, IndexError):
-        wmem_max = 4 * 1024 * 1024
-    return min(max(6_000_000, wmem_max + 2_000_000), 40_000_000)
-
-
-def test_slow_reader_with_a_large_backlog_is_not_timed_out_after_auth(start_relay):
+def test_slow_reader_with_a_large_backlog_is_not_timed_out_after_auth(start_relay, manual_clock):
     size = 60_000
-    count = -(-_backlog_bytes() // size)
-    relay = start_open(start_relay, server={"auth_timeout_s": 0.3},
+    count = -(-backlog_bytes() // size)
+    relay = start_open(start_relay, server={"auth_timeout_s": 0.3}, clock=manual_clock,
                        queue={"max_offline_messages": count, "max_offline_bytes": count * size + 1024})
     content = "x" * size
     with connect(relay, A) as a:
@@ -115,9 +72,12 @@ def test_slow_reader_with_a_large_backlog_is_not_timed_out_after_auth(start_rela
             a.send(msg(B, f"big{i}", content, timestamp=i))
         for i in range(count):
             assert a.recv()["type"] == "queued"
-    with RawWs(relay.port, rcvbuf=4096) as b:
+    with RawWs(relay.port, rcvbuf=4096) as b, unauthenticated_probe(relay) as probe:
         b.send_json({"type": "auth", "address": B})
-        time.sleep(1.2)  # the peer is slow: it reads nothing for four auth timeouts
+        wait_until(lambda: online(relay, B), "B's auth to be handled")
+        # The peer is slow: it reads nothing for four auth timeouts, while the relay is stuck flushing to it.
+        manual_clock.advance(1.2)
+        assert_auth_timed_out(probe)  # the timer has run past B's deadline too
         assert_auth_success(b.recv_json(), B)
         for i in range(count):
             frame = b.recv_json()
@@ -127,13 +87,26 @@ def test_slow_reader_with_a_large_backlog_is_not_timed_out_after_auth(start_rela
     assert queue_size(relay, B) == 0
 
 
+def test_messages_past_retention_are_expired(start_relay, manual_clock):
+    relay = start_open(start_relay, clock=manual_clock, server={"auth_timeout_s": 0.2},  # a 50 ms housekeeping tick
+                       queue={"message_retention_hours": 0.05, "expiry_interval_s": 0.05})  # 180 s
+    with connect(relay, A) as a:
+        assert_answered(a, msg(B, "old", "o", timestamp=1), "queued")
+        manual_clock.advance(120)
+        assert_answered(a, msg(B, "new", "n", timestamp=2), "queued")
+    manual_clock.advance(90)  # "old" is 210 s old, "new" 90 s
+    wait_until(lambda: queue_size(relay, B) == 1, "the message past retention to be expired")
+    with connect(relay, B) as b:
+        assert b.recv() == message_frame(A, "n", "new", 2, True)
+        pong_next(b)
+
+
 # Read receipts
 
 
 def test_read_receipt_for_an_offline_sender_is_stored_and_delivered_after_auth(open_relay):
     with connect(open_relay, A) as a:
-        a.send(msg(B, "m1", "hi", timestamp=5))
-        status_frame(a.recv(), "queued", "m1", B)
+        assert_answered(a, msg(B, "m1", "hi", timestamp=5), "queued")
     with connect(open_relay, B) as b:
         assert b.recv() == message_frame(A, "hi", "m1", 5, True)
         b.send({"type": "read_receipt", "to": A, "messageId": "m1"})
@@ -142,9 +115,7 @@ def test_read_receipt_for_an_offline_sender_is_stored_and_delivered_after_auth(o
     assert queue_size(open_relay, A) == 0
     listed = open_relay.http("GET", f"/api/messages/{A}?limit=10")
     assert listed.status == 200 and listed.json == {"address": A, "count": 0, "messages": []}
-    with open_relay.ws() as a:
-        a.send({"type": "auth", "address": A})
-        assert_auth_success(a.recv(), A)
+    with connect(open_relay, A) as a:
         assert_read(a.recv(), B, "m1")
         pong_next(a)
     with connect(open_relay, A) as a:  # taken once
@@ -153,13 +124,10 @@ def test_read_receipt_for_an_offline_sender_is_stored_and_delivered_after_auth(o
 
 def test_stored_receipts_follow_stored_messages(open_relay):
     with connect(open_relay, B) as b:
-        b.send(msg(A, "from-b", "x", timestamp=1))
-        status_frame(b.recv(), "queued", "from-b", A)
+        assert_answered(b, msg(A, "from-b", "x", timestamp=1), "queued")
         b.send({"type": "read_receipt", "to": A, "messageId": "earlier"})
         pong_next(b)
-    with open_relay.ws() as a:
-        a.send({"type": "auth", "address": A})
-        assert_auth_success(a.recv(), A)
+    with connect(open_relay, A) as a:
         assert a.recv() == message_frame(B, "x", "from-b", 1, True)
         assert_read(a.recv(), B, "earlier")
         pong_next(a)
@@ -181,8 +149,7 @@ def test_read_receipt_is_not_listed_by_the_drain_endpoint(open_relay):
 
 def test_two_devices_both_get_messages_typing_and_receipts(open_relay):
     with connect(open_relay, B) as b1, connect(open_relay, B) as b2, connect(open_relay, A) as a:
-        a.send(msg(B, "multi", "both", timestamp=8))
-        status_frame(a.recv(), "delivered", "multi", B)
+        assert_answered(a, msg(B, "multi", "both", timestamp=8), "delivered")
         for dev in (b1, b2):
             assert dev.recv() == message_frame(A, "both", "multi", 8, False)
         a.send({"type": "typing", "to": B, "isTyping": True})
@@ -197,33 +164,18 @@ def test_two_devices_both_get_messages_typing_and_receipts(open_relay):
         assert sorted(users["users"]) == sorted([A, B]) and users["count"] == 2
 
 
-def test_closing_the_older_device_keeps_the_newer_one_online_and_receiving(open_relay):
-    old = connect(open_relay, B)
-    new = connect(open_relay, B)
-    old.close()
-    assert wait_until(lambda: open_relay.http("GET", "/health").json["connections"] == 1)
+@pytest.mark.parametrize("closing", ["older", "newer"])
+def test_closing_one_device_keeps_the_other_online_and_receiving(open_relay, closing):
+    devices = {"older": connect(open_relay, B), "newer": connect(open_relay, B)}
+    devices.pop(closing).close()
+    (kept,) = devices.values()
+    wait_until(lambda: connections(open_relay) == 1, f"the {closing} device's session to end")
     assert online(open_relay, B) is True
     with connect(open_relay, A) as a:
-        a.send(msg(B, "to-new", "still here", timestamp=4))
-        status_frame(a.recv(), "delivered", "to-new", B)
-        assert new.recv() == message_frame(A, "still here", "to-new", 4, False)
-    new.close()
-    assert wait_until(lambda: not online(open_relay, B))
-    assert open_relay.http("GET", f"/api/status/{B}").json["online"] is False
-
-
-def test_closing_the_newer_device_keeps_the_older_one_online(open_relay):
-    old = connect(open_relay, B)
-    new = connect(open_relay, B)
-    new.close()
-    assert wait_until(lambda: open_relay.http("GET", "/health").json["connections"] == 1)
-    assert online(open_relay, B) is True
-    with connect(open_relay, A) as a:
-        a.send(msg(B, "to-old", "x", timestamp=4))
-        status_frame(a.recv(), "delivered", "to-old", B)
-        assert old.recv() == message_frame(A, "x", "to-old", 4, False)
-    old.close()
-    assert wait_until(lambda: not online(open_relay, B))
+        assert_answered(a, msg(B, "to-kept", "still here", timestamp=4), "delivered")
+        assert kept.recv() == message_frame(A, "still here", "to-kept", 4, False)
+    kept.close()
+    wait_until(lambda: not online(open_relay, B), "B offline once its last device closed")
 
 
 def test_reconnect_before_the_old_socket_closes_is_not_lost(open_relay):
@@ -232,10 +184,9 @@ def test_reconnect_before_the_old_socket_closes_is_not_lost(open_relay):
     fresh = connect(open_relay, B)
     with connect(open_relay, A) as a:
         stale.close()
-        assert wait_until(lambda: open_relay.http("GET", "/health").json["connections"] == 2)
+        wait_until(lambda: connections(open_relay) == 2, "the stale device's session to end")
         for i in range(3):
-            a.send(msg(B, f"r{i}", str(i), timestamp=i + 1))
-            status_frame(a.recv(), "delivered", f"r{i}", B)
+            assert_answered(a, msg(B, f"r{i}", str(i), timestamp=i + 1), "delivered")
         assert [fresh.recv() for _ in range(3)] == [message_frame(A, str(i), f"r{i}", i + 1, False)
                                                     for i in range(3)]
     fresh.close()
@@ -247,8 +198,7 @@ def test_reconnect_before_the_old_socket_closes_is_not_lost(open_relay):
 def test_resending_a_delivered_message_id_answers_delivered_and_delivers_once(open_relay):
     with connect(open_relay, A) as a, connect(open_relay, B) as b:
         for _ in range(3):
-            a.send(msg(B, "same", "once", timestamp=6))
-            status_frame(a.recv(), "delivered", "same", B)
+            assert_answered(a, msg(B, "same", "once", timestamp=6), "delivered")
         assert b.recv() == message_frame(A, "once", "same", 6, False)
         pong_next(b)
 
@@ -256,8 +206,7 @@ def test_resending_a_delivered_message_id_answers_delivered_and_delivers_once(op
 def test_resending_a_queued_message_id_answers_queued_and_stores_once(open_relay):
     with connect(open_relay, A) as a:
         for _ in range(3):
-            a.send(msg(B, "same", "once", timestamp=6))
-            status_frame(a.recv(), "queued", "same", B)
+            assert_answered(a, msg(B, "same", "once", timestamp=6), "queued")
     assert queue_size(open_relay, B) == 1
     with connect(open_relay, B) as b:
         assert b.recv() == message_frame(A, "once", "same", 6, True)
@@ -266,24 +215,17 @@ def test_resending_a_queued_message_id_answers_queued_and_stores_once(open_relay
 
 def test_resend_from_another_device_of_the_sender_is_also_deduplicated(open_relay):
     with connect(open_relay, A) as a1, connect(open_relay, A) as a2, connect(open_relay, B) as b:
-        a1.send(msg(B, "dev", "x", timestamp=1))
-        status_frame(a1.recv(), "delivered", "dev", B)
-        a2.send(msg(B, "dev", "x", timestamp=1))
-        status_frame(a2.recv(), "delivered", "dev", B)
+        assert_answered(a1, msg(B, "dev", "x", timestamp=1), "delivered")
+        assert_answered(a2, msg(B, "dev", "x", timestamp=1), "delivered")
         assert b.recv() == message_frame(A, "x", "dev", 1, False)
         pong_next(b)
 
 
 def test_reusing_a_message_id_for_another_recipient_is_never_a_false_success(open_relay):
     with connect(open_relay, A) as a:
-        a.send(msg(B, "reused", "for B", timestamp=1))
-        status_frame(a.recv(), "queued", "reused", B)
-        a.send(msg(C, "reused", "for C", timestamp=2))
-        answer = a.recv()
-    if answer["type"] == "error":  # refusing the reuse is a correct answer too
-        assert answer["messageId"] == "reused"
-        return
-    status_frame(answer, "queued", "reused", C)
+        assert_answered(a, msg(B, "reused", "for B", timestamp=1), "queued")
+        # README: messageId is idempotent per sender *and recipient*, so this is another message.
+        assert_answered(a, msg(C, "reused", "for C", timestamp=2), "queued")
     assert queue_size(open_relay, C) == 1, "the relay answered 'queued' for C but stored nothing"
     with connect(open_relay, C) as c:
         assert c.recv() == message_frame(A, "for C", "reused", 2, True)
@@ -296,15 +238,13 @@ def test_full_queue_refuses_with_queue_full(start_relay):
     relay = start_open(start_relay, queue={"max_offline_messages": 2})
     with connect(relay, A) as a:
         for mid in ("1", "2"):
-            a.send(msg(B, mid, mid, timestamp=int(mid)))
-            status_frame(a.recv(), "queued", mid, B)
+            assert_answered(a, msg(B, mid, mid, timestamp=int(mid)), "queued")
         a.send(msg(B, "3", "3", timestamp=3))
         assert_error(a.recv(), "queue_full", "3")
         assert queue_size(relay, B) == 2
         # Not remembered as an answer: once there is room the same id is accepted.
         relay.http("DELETE", f"/api/messages/{B}")
-        a.send(msg(B, "3", "3", timestamp=3))
-        status_frame(a.recv(), "queued", "3", B)
+        assert_answered(a, msg(B, "3", "3", timestamp=3), "queued")
     with connect(relay, B) as b:
         assert b.recv() == message_frame(A, "3", "3", 3, True)
         pong_next(b)
@@ -314,8 +254,7 @@ def test_full_queue_with_drop_oldest_drops_the_oldest(start_relay):
     relay = start_open(start_relay, queue={"max_offline_messages": 2, "overflow": "drop_oldest"})
     with connect(relay, A) as a:
         for mid in ("1", "2", "3"):
-            a.send(msg(B, mid, mid, timestamp=int(mid)))
-            status_frame(a.recv(), "queued", mid, B)
+            assert_answered(a, msg(B, mid, mid, timestamp=int(mid)), "queued")
     assert queue_size(relay, B) == 2
     with connect(relay, B) as b:
         assert [b.recv() for _ in range(2)] == [message_frame(A, "2", "2", 2, True),
@@ -326,20 +265,17 @@ def test_full_queue_with_drop_oldest_drops_the_oldest(start_relay):
 def test_offline_byte_cap_refuses_with_queue_full(start_relay):
     relay = start_open(start_relay, queue={"max_offline_bytes": 1024})
     with connect(relay, A) as a:
-        a.send(msg(B, "y", "x" * 600))
-        status_frame(a.recv(), "queued", "y", B)
+        assert_answered(a, msg(B, "y", "x" * 600), "queued")
         a.send(msg(B, "z", "x" * 600))
         assert_error(a.recv(), "queue_full", "z")
-        a.send(msg(B, "small", "x" * 400))
-        status_frame(a.recv(), "queued", "small", B)
+        assert_answered(a, msg(B, "small", "x" * 400), "queued")
     assert queue_size(relay, B) == 2
 
 
 def test_offline_byte_cap_counts_utf8_bytes(start_relay):
     relay = start_open(start_relay, queue={"max_offline_bytes": 1024})
     with connect(relay, A) as a:
-        a.send(msg(B, "u0", "é" * 400))  # 800 bytes
-        status_frame(a.recv(), "queued", "u0", B)
+        assert_answered(a, msg(B, "u0", "é" * 400), "queued")  # 800 bytes
         a.send(msg(B, "u1", "é" * 400))  # 1600 bytes held would exceed 1024
         assert_error(a.recv(), "queue_full", "u1")
 
@@ -347,10 +283,8 @@ def test_offline_byte_cap_counts_utf8_bytes(start_relay):
 def test_queue_limit_is_per_recipient(start_relay):
     relay = start_open(start_relay, queue={"max_offline_messages": 1})
     with connect(relay, A) as a:
-        a.send(msg(B, "b", "x"))
-        status_frame(a.recv(), "queued", "b", B)
-        a.send(msg(C, "c", "x"))
-        status_frame(a.recv(), "queued", "c", C)
+        assert_answered(a, msg(B, "b", "x"), "queued")
+        assert_answered(a, msg(C, "c", "x"), "queued")
 
 
 # The ack extension
@@ -359,20 +293,15 @@ def test_queue_limit_is_per_recipient(start_relay):
 def test_ack_session_gets_stored_messages_then_queue_empty_and_they_stay_until_acked(open_relay):
     with connect(open_relay, A) as a:
         for i in range(3):
-            a.send(msg(B, f"k{i}", f"c{i}", timestamp=i + 10))
-            status_frame(a.recv(), "queued", f"k{i}", B)
+            assert_answered(a, msg(B, f"k{i}", f"c{i}", timestamp=i + 10), "queued")
     expected = [message_frame(A, f"c{i}", f"k{i}", i + 10, True) for i in range(3)]
-    with open_relay.ws() as b:
-        b.send({"type": "auth", "address": B, "ack": True})
-        assert_auth_success(b.recv(), B)
+    with connect(open_relay, B, ack=True) as b:
         assert [b.recv() for _ in range(3)] == expected
         assert b.recv() == {"type": "queue_empty"}
         pong_next(b)
         assert queue_size(open_relay, B) == 3
     # Reconnecting without acking delivers them again, in order.
-    with open_relay.ws() as b:
-        b.send({"type": "auth", "address": B, "ack": True})
-        assert_auth_success(b.recv(), B)
+    with connect(open_relay, B, ack=True) as b:
         assert [b.recv() for _ in range(3)] == expected
         assert b.recv() == {"type": "queue_empty"}
         b.send({"type": "ack", "messageIds": ["k0", "k2", "unknown-id"]})
@@ -390,9 +319,7 @@ def test_ack_session_gets_stored_messages_then_queue_empty_and_they_stay_until_a
 
 
 def test_ack_session_with_nothing_stored_gets_only_queue_empty(open_relay):
-    with open_relay.ws() as b:
-        b.send({"type": "auth", "address": B, "ack": True})
-        assert_auth_success(b.recv(), B)
+    with connect(open_relay, B, ack=True) as b:
         assert b.recv() == {"type": "queue_empty"}
         pong_next(b)
 
@@ -400,8 +327,7 @@ def test_ack_session_with_nothing_stored_gets_only_queue_empty(open_relay):
 def test_live_messages_to_an_ack_session_stay_stored_until_acked(open_relay):
     with connect(open_relay, B, ack=True) as b, connect(open_relay, A) as a:
         assert b.recv() == {"type": "queue_empty"}
-        a.send(msg(B, "live", "x", timestamp=2))
-        status_frame(a.recv(), "delivered", "live", B)
+        assert_answered(a, msg(B, "live", "x", timestamp=2), "delivered")
         assert b.recv() == message_frame(A, "x", "live", 2, False)
         assert queue_size(open_relay, B) == 1
     with connect(open_relay, B, ack=True) as b:
@@ -429,8 +355,7 @@ def test_empty_ack_is_accepted(open_relay):
 ])
 def test_bad_ack_frames_are_refused_and_ack_nothing(open_relay, frame, code):
     with connect(open_relay, A) as a:
-        a.send(msg(B, "k0", "x", timestamp=1))
-        status_frame(a.recv(), "queued", "k0", B)
+        assert_answered(a, msg(B, "k0", "x", timestamp=1), "queued")
     with connect(open_relay, B, ack=True) as b:
         assert b.recv() == message_frame(A, "x", "k0", 1, True)
         assert b.recv() == {"type": "queue_empty"}

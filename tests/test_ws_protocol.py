@@ -9,31 +9,13 @@ connection are ordered, so this needs no sleeping.
 from __future__ import annotations
 
 import json
-import time
-from typing import Any
 
 import pytest
-from e2e_support import (A, B, MIXED, MIXED_LOWER, RawWs, assert_auth_success, assert_error, assert_ms,
-                         message_frame, msg, online, open_relay, queue_size, recv_closed, start_open,
-                         status_frame, wait_until)
-
-__all__ = ["open_relay"]
-
-
-def pong_next(ws: Any) -> None:
-    """Barrier: the next frame after a ping must be the pong (so nothing else was queued before it)."""
-    ws.send({"type": "ping"})
-    frame = ws.recv()
-    assert set(frame) == {"type", "timestamp"} and frame["type"] == "pong", frame
-    assert_ms(frame["timestamp"])
-
-
-def check_works(sender: Any, recipient: Any, to: str, mid: str) -> None:
-    """The connection still routes: a valid message is delivered and received."""
-    sender.send(msg(to, mid, "still-ok", timestamp=42))
-    status_frame(sender.recv(), "delivered", mid, to)
-    frame = recipient.recv()
-    assert frame["messageId"] == mid and frame["content"] == "still-ok", frame
+from support import (A, B, MIXED, MIXED_LOWER, RawWs, WsClient, assert_answered, assert_auth_success,
+                     assert_auth_timed_out, assert_closed_with, assert_error, assert_exchange, assert_ms, connect,
+                     message_frame, msg, now_ms, online, pong_next, queue_size, start_open, status_frame,
+                     unauthenticated_probe, wait_until)
+from websockets.frames import Close, Opcode
 
 
 # Authentication
@@ -53,8 +35,7 @@ def test_eip55_mixed_case_address_is_accepted_and_reported_lower_case(open_relay
         assert frame["address"] == MIXED_LOWER
         b.auth(B)
         # The mixed-case spelling routes to the same user as the lower-case one.
-        b.send(msg(MIXED, "m-eip55", "hello", timestamp=7))
-        status_frame(b.recv(), "delivered", "m-eip55", MIXED_LOWER)
+        assert_answered(b, msg(MIXED, "m-eip55", "hello", timestamp=7), "delivered")
         assert a.recv() == message_frame(B, "hello", "m-eip55", 7, False)
         assert open_relay.http("GET", f"/api/status/{MIXED}").json["online"] is True
 
@@ -106,8 +87,7 @@ def test_second_auth_with_another_address_is_refused_and_the_session_keeps_its_i
         a.send({"type": "auth", "address": B})
         assert_error(a.recv(), "already_authenticated")
         # Still A: messages from this connection come from A, and B stays reachable.
-        a.send(msg(B, "after-refusal", "x", timestamp=1))
-        status_frame(a.recv(), "delivered", "after-refusal", B)
+        assert_answered(a, msg(B, "after-refusal", "x", timestamp=1), "delivered")
         assert b.recv() == message_frame(A, "x", "after-refusal", 1, False)
         assert open_relay.http("GET", "/api/status/online/all").json["users"].count(A) == 1
 
@@ -136,32 +116,36 @@ def test_frames_before_auth_are_not_authenticated_with_message_id_echoed(open_re
 def test_no_unsolicited_frame_in_open_mode(open_relay):
     """The seed protocol: the server speaks only when spoken to (no challenge frame)."""
     with open_relay.ws() as a:
-        assert a.no_frame(0.3)
+        # Frames on a connection are ordered: a challenge sent on open would come first.
+        a.send({"type": "ping", "messageId": "first"})
+        assert_error(a.recv(), "not_authenticated", "first")
         a.send({"type": "auth", "address": A})
         assert_auth_success(a.recv(), A)
 
 
 def test_auth_timeout_sends_error_then_closes_1008(start_relay):
+    """A silent peer, on the real clock: the relay's own timer acts."""
     relay = start_open(start_relay, server={"auth_timeout_s": 0.3})
     with relay.ws() as a:
         assert_error(a.recv(timeout=5), "auth_timeout")
-        assert recv_closed(a).code == 1008
+        assert assert_closed_with(a, 1008) == []
 
 
-def test_auth_timeout_also_applies_after_a_failed_auth(start_relay):
-    relay = start_open(start_relay, server={"auth_timeout_s": 0.3})
+def test_auth_timeout_also_applies_after_a_failed_auth(start_relay, manual_clock):
+    relay = start_open(start_relay, server={"auth_timeout_s": 0.3}, clock=manual_clock)
     with relay.ws() as a:
         a.send({"type": "auth", "address": "0xnope"})
         assert_error(a.recv(), "invalid_address")
-        assert_error(a.recv(timeout=5), "auth_timeout")
-        assert recv_closed(a).code == 1008
+        manual_clock.advance(0.3)
+        assert_auth_timed_out(a)
 
 
-def test_authenticated_sessions_are_not_timed_out(start_relay):
-    relay = start_open(start_relay, server={"auth_timeout_s": 0.3})
-    with relay.ws() as a:
+def test_authenticated_sessions_are_not_timed_out(start_relay, manual_clock):
+    relay = start_open(start_relay, server={"auth_timeout_s": 0.3}, clock=manual_clock)
+    with relay.ws() as a, unauthenticated_probe(relay) as probe:
         a.auth(A)
-        time.sleep(0.9)  # three auth timeouts
+        manual_clock.advance(0.9)  # three auth timeouts
+        assert_auth_timed_out(probe)  # the timer has run past A's deadline too
         pong_next(a)
         assert online(relay, A) is True
 
@@ -173,8 +157,7 @@ def test_live_message_exact_frames_with_sender_timestamp(open_relay):
     with open_relay.ws() as a, open_relay.ws() as b:
         a.auth(A)
         b.auth(B)
-        a.send(msg(B, "uuid-1", "ZW5jcnlwdGVk", timestamp=1705234567890))
-        status_frame(a.recv(), "delivered", "uuid-1", B)
+        assert_answered(a, msg(B, "uuid-1", "ZW5jcnlwdGVk", timestamp=1705234567890), "delivered")
         assert b.recv() == message_frame(A, "ZW5jcnlwdGVk", "uuid-1", 1705234567890, False)
         pong_next(a)
         pong_next(b)
@@ -184,11 +167,10 @@ def test_live_message_without_timestamp_gets_the_servers_ms(open_relay):
     with open_relay.ws() as a, open_relay.ws() as b:
         a.auth(A)
         b.auth(B)
-        before = int(time.time() * 1000)
-        a.send(msg(B, "no-ts", "x"))
-        status_frame(a.recv(), "delivered", "no-ts", B)
+        before = now_ms()
+        assert_answered(a, msg(B, "no-ts", "x"), "delivered")
         frame = b.recv()
-        after = int(time.time() * 1000)
+        after = now_ms()
         assert frame == message_frame(A, "x", "no-ts", frame["timestamp"], False)
         assert_ms(frame["timestamp"])
         assert before - 1000 <= frame["timestamp"] <= after + 1000
@@ -208,8 +190,7 @@ def test_integral_float_timestamp_is_delivered_as_an_integer(open_relay):
 def test_message_to_a_mixed_case_recipient_reports_it_lower_case(open_relay):
     with open_relay.ws() as a:
         a.auth(A)
-        a.send(msg(MIXED, "to-mixed"))
-        status_frame(a.recv(), "queued", "to-mixed", MIXED_LOWER)
+        assert_answered(a, msg(MIXED, "to-mixed"), "queued")
     assert queue_size(open_relay, MIXED_LOWER) == 1
 
 
@@ -259,7 +240,7 @@ def test_bad_frame_gets_exact_error_and_never_closes_the_connection(open_relay, 
         b.auth(B)
         a.send(raw)
         assert_error(a.recv(), code, mid)
-        check_works(a, b, B, "after-bad-frame")
+        assert_exchange(a, b, B, "after-bad-frame")
         # The refused frame routed nothing to B.
         pong_next(b)
 
@@ -274,7 +255,7 @@ def test_non_string_message_id_is_invalid_field(open_relay):
             assert frame["type"] == "error" and frame["code"] == "invalid_field", frame
             # Echoing a scalar id back is allowed; an unhashable or empty one must not be invented.
             assert frame.get("messageId", bad_id) == bad_id, frame
-        check_works(a, b, B, "after-bad-ids")
+        assert_exchange(a, b, B, "after-bad-ids")
 
 
 def test_bad_frames_before_auth_get_their_own_codes(open_relay):
@@ -292,10 +273,9 @@ def test_content_over_max_message_bytes_is_message_too_large(start_relay):
         b.auth(B)
         a.send(msg(B, "big", "x" * 17))
         assert_error(a.recv(), "message_too_large", "big")
-        a.send(msg(B, "fits", "x" * 16, timestamp=3))
-        status_frame(a.recv(), "delivered", "fits", B)
+        assert_answered(a, msg(B, "fits", "x" * 16, timestamp=3), "delivered")
         assert b.recv() == message_frame(A, "x" * 16, "fits", 3, False)
-        check_works(a, b, B, "after-too-large")
+        assert_exchange(a, b, B, "after-too-large")
 
 
 def test_max_message_bytes_counts_utf8_bytes(start_relay):
@@ -314,8 +294,7 @@ def test_content_at_the_limit_is_delivered_even_when_json_escaping_inflates_the_
         a.auth(A)
         b.auth(B)
         content = "\x01" * 1024  # 1024 bytes of content; 6144 bytes once JSON-escaped
-        a.send(msg(B, "escaped", content, timestamp=9))
-        status_frame(a.recv(), "delivered", "escaped", B)
+        assert_answered(a, msg(B, "escaped", content, timestamp=9), "delivered")
         assert b.recv() == message_frame(A, content, "escaped", 9, False)
 
 
@@ -334,7 +313,6 @@ def test_binary_frames_with_json_are_accepted_like_text(open_relay):
 
 
 def test_any_path_is_a_websocket_endpoint(open_relay):
-    from relay_harness import WsClient
     with WsClient(open_relay.url + "/some/deep/path?x=1") as a:
         assert_auth_success(a.auth(A), A)
 
@@ -359,9 +337,7 @@ def test_typing_to_an_offline_user_is_silent_and_never_stored(open_relay):
         a.send({"type": "typing", "to": B, "isTyping": True})
         pong_next(a)
     assert queue_size(open_relay, B) == 0
-    with open_relay.ws() as b:
-        b.send({"type": "auth", "address": B})
-        assert_auth_success(b.recv(), B)
+    with connect(open_relay, B) as b:
         pong_next(b)
 
 
@@ -396,14 +372,12 @@ def test_peer_that_never_answers_pings_is_closed_1011(start_relay):
         assert_auth_success(dead.recv_json(), A)
         alive.auth(B)
         frames = []
-        with pytest.raises(EOFError):
+        with pytest.raises(ConnectionError):
             while True:
                 frames.append(dead.recv_frame(timeout=5))
-        opcodes = [op for op, _ in frames]
-        assert 0x9 in opcodes, f"no ping was sent: {frames}"
-        assert frames[-1][0] == 0x8, frames
-        assert int.from_bytes(frames[-1][1][:2], "big") == 1011
-        assert frames[-1][1][2:] == b"keepalive ping timeout"
+        assert Opcode.PING in [f.opcode for f in frames], f"no ping was sent: {frames}"
+        assert frames[-1].opcode is Opcode.CLOSE, frames
+        assert Close.parse(frames[-1].data) == Close(1011, "keepalive ping timeout")
         # The sync client answers pings in its background thread: it is still served.
         pong_next(alive)
         assert online(relay, B) is True
@@ -416,5 +390,5 @@ def test_presence_of_a_peer_that_never_answers_pings_ends(start_relay):
         assert_auth_success(dead.recv_json(), A)
         assert online(relay, A) is True
         # The peer is frozen: it neither reads nor answers, nor closes its socket.
-        assert wait_until(lambda: not online(relay, A), timeout=4), "still online 4 s after a 0.5 s ping timeout"
+        wait_until(lambda: not online(relay, A), "A offline after its 0.3 s ping timeout", timeout=4)
         assert relay.http("GET", "/health").json["connections"] == 0

@@ -103,7 +103,8 @@ class RelayConnection(ServerConnection):
         self._parcels: collections.deque[tuple[int, Any]] | None = None
         self._inbound = 0
         self._kept = 0
-        self._inbound_sizes: list[int] = []
+        self._inbound_sizes: list[tuple[int, Verdict]] = []
+        self._verdict = Verdict.ALLOW
         self._message_size = 0
         self._frames_paused = False
         self._bytes_paused = False
@@ -196,32 +197,34 @@ class RelayConnection(ServerConnection):
                 self.request_rcvd.set_result(None)
 
     def _frame(self, frame: Frame) -> None:
-        limiter = self.limiter
-        if limiter is not None:
-            verdict = limiter.admit(self.loop.time())
-            if verdict is not Verdict.ALLOW and not (frame.opcode is Opcode.CONT or self._message_size):
-                if self.on_refused is not None:
-                    self.on_refused(verdict)
-                return
+        """Count every frame against the limiter; queue data frames with their verdict, in order."""
+        verdict = Verdict.ALLOW if self.limiter is None else self.limiter.admit(self.loop.time())
         if frame.opcode in DATA_OPCODES:
+            if frame.opcode is not Opcode.CONT:
+                self._verdict = verdict
             self._message_size += len(frame.data)
             self.recv_messages.put(frame)
             if frame.fin:
                 self._inbound += self._message_size
-                self._inbound_sizes.append(self._message_size)
+                self._inbound_sizes.append((self._message_size, self._verdict))
                 self._message_size = 0
                 if self._inbound > self.limits.max_inbound and not self._bytes_paused:
                     self._bytes_paused = True
                     self._update_reading()
+        elif verdict is Verdict.CLOSE and self.on_refused is not None:  # a flood of pings or pongs
+            self.on_refused(verdict)
 
-    def consumed(self) -> None:
-        """The handler took one message out of the queue."""
+    def consumed(self) -> Verdict:
+        """The handler took one message out of the queue: the frame limiter's verdict on it."""
+        verdict = Verdict.ALLOW
         if self._inbound_sizes:
-            self._inbound -= self._inbound_sizes.pop(0)
+            size, verdict = self._inbound_sizes.pop(0)
+            self._inbound -= size
         if self._bytes_paused and self._inbound <= self.limits.max_inbound // 2:
             self._bytes_paused = False
             self._update_reading()
         self._recharge()
+        return verdict
 
     def _pause_for_frames(self) -> None:
         self._frames_paused = True

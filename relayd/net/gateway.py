@@ -22,7 +22,7 @@ from websockets.http11 import Request, Response
 from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
-from ..ratelimit import FrameLimiter
+from ..ratelimit import FrameLimiter, Verdict
 from ..router import Router
 from ..session import Session
 from .admission import Admission
@@ -154,8 +154,11 @@ class Gateway:
         self.router.opened(session)
         try:
             async for message in conn:
-                conn.consumed()
-                await self.router.received(session, message)
+                verdict = conn.consumed()
+                if verdict is Verdict.ALLOW:
+                    await self.router.received(session, message)
+                else:
+                    self.router.throttled(session, verdict)
         except ConnectionClosed:
             pass
         finally:

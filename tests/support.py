@@ -1,0 +1,963 @@
+"""The suite's one toolkit: real relays, clients, raw wire helpers, waits and exact-shape checks.
+
+Fixtures live in ``conftest.py``; everything they and the tests share is here,
+one home per helper. Every relay listens on 127.0.0.1 on an ephemeral port and
+is driven with real sockets.
+
+Timeouts: every ``timeout`` a helper here takes is in seconds *on a normal
+machine* and is multiplied by ``TIMEOUT_FACTOR``, read from the environment
+variable ``RELAYD_TEST_TIMEOUT_FACTOR`` (default 1), so a slow CI machine can
+be given more time without editing a test (like websockets' ``MS``). Tests
+never sleep to order events: they wait on something observable with
+``wait_until``, send a ``ping`` and read up to its ``pong`` (frames on one
+connection are ordered), or move a ``ManualClock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Response
+from websockets.streams import StreamReader
+from websockets.sync.client import connect as ws_connect
+from websockets.utils import accept_key, generate_key
+
+from relayd.clock import SYSTEM_CLOCK, Clock
+from relayd.config import Config, load_config
+from relayd.identity.signing import address_of_private, sign_text
+from relayd.identity.statements import auth_statement, key_statement
+from relayd.server import RelayServer
+from relayd.storage.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_FACTOR = float(os.environ.get("RELAYD_TEST_TIMEOUT_FACTOR", "1"))
+
+T = TypeVar("T")
+
+
+def scaled(timeout: float) -> float:
+    """``timeout`` seconds on this machine (see the module docstring)."""
+    return timeout * TIMEOUT_FACTOR
+
+
+def wait_until(predicate: Callable[[], T], what: str, timeout: float = 5, interval: float = 0.01) -> T:
+    """Poll ``predicate`` until it returns something true and return that.
+
+    Raises AssertionError naming ``what`` when ``timeout`` runs out.
+    """
+    deadline = time.monotonic() + scaled(timeout)
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {scaled(timeout):g} s waiting for {what}")
+        time.sleep(interval)
+
+
+# Addresses, keys and ids
+
+A = "0x" + "a1" * 20
+B = "0x" + "b2" * 20
+C = "0x" + "c3" * 20
+D = "0x" + "d4" * 20
+E = "0x" + "e5" * 20
+# An EIP-55 address from the EIP-55 specification, and its lower-case form.
+MIXED = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+MIXED_LOWER = MIXED.lower()
+
+# Signing vectors of /work/shared/auth-test-vectors.md; keys in hex, as the file gives them.
+# V2 / V3: idena-web dnaSign test key, doubleHash and prefix over the same text.
+V2_KEY = "c6fccb1b926e774d7e3a1716eddeba55ae7d40db4fb7c22d2705835f48d5be1b"
+V2_ADDRESS = "0xa79b11814a162129a6dC136885C1c92EE1336Ffc"
+V2_TEXT = "salt-0x010203-50"
+V2_HASH = "e640350d786814f43742f18bee7333c5d1d44bfcd9f5f2e65ffdfe0a3c2278c0"
+V2_SIG = ("4adf3bb775e94b56ce0acbbbcede83cd6382841e4152a1956bff2b73105adc0c"
+          "0292f84193648f83e0f2b66b7095055ded4a062330199970e26613dc392336eb01")
+V3_HASH = "0cf72780b2992a8fa8bf1055046ab6826ee7d1f1dfd9d67a9ddb6a9cea3f049b"
+V3_SIG = ("8f18c02c8e6724dcb117cbcf7c9450c004b9e4ef0a8d62bc14c62c7fe6734639"
+          "4a2f4bc415f65cb02169620d1aae198b9dbbd751e194fee223476c6f0e76432a01")
+# V5: key to address, and a sign-in nonce signed by the first key.
+V5_KEYS = [("289c2857d4598e37fb9647507e47a309d6133539bf21a8b9cb6df88fd5232032",
+            "0x970e8128ab834e8eac17ab8e3812f010678cf791"),
+           ("58d23b55bc9cdce1f18c2500f40ff4ab7245df9a89505e9b1fa4851f623d241d",
+            "0xdc544d1aa88ff8bbd2f2aec754b1f1e99e1812fd")]
+V5_TEXT = "signin-0652c409-17ef-4ad6-b580-3faaefcc204d"
+V5_SIG = ("ca5f6ac5ee526685de07b60eec8c1e02e9f2ce09cecf887fa4adca654a2f82ac"
+          "7e25c4e90eb4f5537e2e60c8478ae1e8ee7ec35435701a624549599cb7441d6b00")
+# V6: eth-keys signatures over keccak256(b"message").
+V6_CASES = [
+    ("9c0257114eb9399a2985f8e75dad7600c5d89fe3824ffa99ec1c3eb8bf3b0501",
+     "0x328809bc894f92807417d2dad6b7c998c1afdac6",
+     "b20e2ea5d3cbaa83c1e0372f110cf12535648613b479b64c1a8c1a20c5021f38"
+     "0434d07ec5795e3f789794351658e80b7faf47a46328f41e019d7b853745cdfd01"),
+    ("38e47a7b719dce63662aeaf43440326f551b8a7ee198cee35cb5d517f2d296a2",
+     "0x1d96f2f6bef1202e4ce1ff6dad0c2cb002861d3e",
+     "5c48ea4f0f2257fa23bd25e6fcb0b75bbe2ff9bbda0167118dab2bb6e31ba76e"
+     "691dbdaf2a231fc9958cd8edd99507121f8184042e075cf10f98ba88abff1f3601"),
+]
+# V7: ethereumjs-util, v = 27 (recovery id 0).
+V7_KEY = "3c9229289a6125f7fdf1885a77bb12c37a8d3b4962d936f7e3084dece32a3ca1"
+V7_HASH = "82ff40c0a986c6a5cfad4ddf4c3aa6996f1a7837f9c398e17e5de5cbd5a12b28"
+V7_R = "99e71a99cb2270b8cac5254f9e99b6210c6c10224a1579cf389ef88b20a1abe9"
+V7_S = "129ff05af364204442bdb53ab6f18a99ab48acc9326fa689f228040429e3ca66"
+V7_ADDRESS = "0xed54a7c1d8634bb589f24bb7f05a5554b36f9618"
+
+# The vectors' keys (V2, V5) as signers for sign-in tests.
+KEY_A, ADDR_A, ADDR_A_EIP55 = bytes.fromhex(V2_KEY), V2_ADDRESS.lower(), V2_ADDRESS
+KEY_B, ADDR_B = bytes.fromhex(V5_KEYS[0][0]), V5_KEYS[0][1]
+KEY_C, ADDR_C = bytes.fromhex(V5_KEYS[1][0]), V5_KEYS[1][1]
+
+
+def addr(n: int) -> str:
+    """The ``n``-th of a family of distinct, valid test addresses."""
+    return "0x" + f"{n:040x}"
+
+
+def new_address() -> str:
+    """A random address, so tests on one long-lived relay never meet each other's state."""
+    return "0x" + secrets.token_hex(20)
+
+
+def new_mid() -> str:
+    return str(uuid.uuid4())
+
+
+def backlog_bytes() -> int:
+    """More than the kernel can buffer between a relay and a reader that stops reading (send buffer max + 2 MB)."""
+    try:
+        wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        wmem_max = 4 * 1024 * 1024
+    return min(max(6_000_000, wmem_max + 2_000_000), 40_000_000)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ManualClock:
+    """A relayd ``Clock`` that moves only when the test calls ``advance``.
+
+    Pass it to a relay (``start_relay(clock=...)``) to expire challenges,
+    tokens, auth deadlines, rate windows and retention without sleeping.
+    The relay's housekeeping still wakes on the event loop's real timer, so
+    after ``advance`` wait on the effect (a frame, a REST answer), not on time.
+    """
+
+    def __init__(self) -> None:
+        self._wall = time.time()
+        self._monotonic = time.monotonic()
+
+    def wall(self) -> float:
+        return self._wall
+
+    def monotonic(self) -> float:
+        return self._monotonic
+
+    def advance(self, seconds: float) -> None:
+        self._wall += seconds
+        self._monotonic += seconds
+
+
+# Configuration and processes
+
+
+def make_config(**sections: dict[str, Any]) -> Config:
+    """``make_config(server={"auth_timeout_s": "1"})``: defaults plus overrides, memory storage, 127.0.0.1:0."""
+    # A session that has not sent a frame gets its backlog after [queue] flush_delay_ms (the app listens late);
+    # tests that are not about that hold start with it off, so a fresh session takes its backlog at once.
+    overrides = [("storage", "backend", "memory"), ("server", "host", "127.0.0.1"), ("server", "port", "0"),
+                 ("queue", "flush_delay_ms", "0")]
+    for section, values in sections.items():
+        overrides += [(section, k, str(v)) for k, v in values.items()]
+    return load_config(None, environ={}, overrides=overrides)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Variables a child relayd must not inherit from the test's environment.
+LEGACY_ENV = ("PORT", "ALLOWED_ORIGINS", "RATE_LIMIT_WINDOW_MS", "RATE_LIMIT_MAX_REQUESTS", "MAX_OFFLINE_MESSAGES",
+              "MESSAGE_RETENTION_HOURS", "LOG_LEVEL")
+SERVICE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without relayd's, the legacy and the systemd variables, plus ``extra``."""
+    dropped = set(LEGACY_ENV) | set(SERVICE_ENV)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_") and k not in dropped}
+    env.update(extra)
+    return env
+
+
+def run_cli(cwd: Path, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python relayd.py ARGS`` in ``cwd`` with a clean environment; returns the finished process."""
+    return subprocess.run([sys.executable, str(ROOT / "relayd.py"), *args], cwd=cwd,
+                          env=env if env is not None else clean_env(), capture_output=True, text=True,
+                          encoding="utf-8", timeout=scaled(timeout))
+
+
+def cli_ok(cwd: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    """``run_cli`` that must exit 0 (the failure shows its output)."""
+    result = run_cli(cwd, *args, **kwargs)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+# HTTP
+
+
+class HttpReply:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<HttpReply {self.status} {self.body[:200]!r}>"
+
+
+def http_request(port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+                 raw_body: bytes | None = None, timeout: float = 5) -> HttpReply:
+    """One request with http.client; ``body`` is sent as JSON, ``raw_body`` as is. Header names come back lower-case."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(timeout))
+    hdrs = {"Connection": "close", **(headers or {})}  # one request per connection unless a test asks
+    data = raw_body
+    if body is not None:
+        data = json.dumps(body).encode()
+        hdrs.setdefault("Content-Type", "application/json")
+    try:
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        payload = resp.read()
+        return HttpReply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload)
+    finally:
+        conn.close()
+
+
+class RawReply:
+    """An HTTP response read off a raw socket; ``headers`` keeps the last of a repeated name."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        head, sep, self.body = raw.partition(b"\r\n\r\n")
+        assert sep, f"no complete HTTP response head in {raw[:300]!r}"
+        lines = head.decode("iso-8859-1").split("\r\n")
+        self.status_line = lines[0]
+        self.status = int(lines[0].split(" ", 2)[1])
+        self.headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<RawReply {self.raw[:300]!r}>"
+
+
+def raw_http(port: int, data: bytes, *, timeout: float = 5, chunks: list[bytes] | None = None) -> RawReply:
+    """Send ``data`` (then each of ``chunks`` as its own write) on a fresh socket; read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(timeout)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(data)
+        for part in chunks or ():
+            # Not an ordering of events but the traffic under test: a client whose request trickles in,
+            # so the relay most likely reads each part on its own.
+            time.sleep(0.01)
+            s.sendall(part)
+        out = b""
+        while block := s.recv(65536):
+            out += block
+    return RawReply(out)
+
+
+def http_head(method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"",
+              *, length: bool = True) -> bytes:
+    """A request as bytes: request line, Host, ``headers``, Content-Length of ``body`` unless ``length`` is off."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    headers = dict(headers or {})
+    if not any(k.lower() == "connection" for k in headers):
+        headers["Connection"] = "close"  # one request per connection unless a test asks for keep-alive
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    if length and body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def chunked(body: bytes, sizes: tuple[int, ...] = (7, 5)) -> bytes:
+    """``body`` with Transfer-Encoding: chunked, in pieces of ``sizes`` (the rest last, with a chunk extension)."""
+    out, pos = b"", 0
+    for size in sizes:
+        piece = body[pos:pos + size]
+        if not piece:
+            break
+        out += b"%x\r\n" % len(piece) + piece + b"\r\n"
+        pos += len(piece)
+    if pos < len(body):
+        out += b"%x;ext=1\r\n" % (len(body) - pos) + body[pos:] + b"\r\n"
+    return out + b"0\r\n\r\n"
+
+
+# WebSocket clients
+
+
+class WsClient:
+    """A blocking WebSocket client (websockets' sync client) that speaks JSON frames."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        self._cm = ws_connect(url, compression=None, open_timeout=scaled(5), **kwargs)
+        self.ws = self._cm.__enter__()
+
+    def send(self, frame: Any) -> None:
+        self.ws.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
+
+    def recv(self, timeout: float = 3) -> dict[str, Any]:
+        return json.loads(self.ws.recv(timeout=scaled(timeout)))
+
+    def recv_type(self, ftype: str, timeout: float = 3) -> dict[str, Any]:
+        """Skip frames of other types until one of ``ftype`` arrives."""
+        deadline = time.monotonic() + scaled(timeout)
+        while True:
+            frame = json.loads(self.ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+            if frame.get("type") == ftype:
+                return frame
+
+    def auth(self, address: str, **extra: Any) -> dict[str, Any]:
+        """Send an unsigned ``auth``; return ``auth_success``, which must be the next frame after any challenge."""
+        self.send({"type": "auth", "address": address, **extra})
+        frame = self.recv()
+        if frame.get("type") == "challenge":
+            frame = self.recv()
+        assert frame.get("type") == "auth_success", frame
+        return frame
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+    def __enter__(self) -> "WsClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def frames_until_pong(ws: WsClient, timeout: float = 3) -> list[dict[str, Any]]:
+    """Send a ``ping``; return every frame that arrives before its ``pong`` (checked exactly).
+
+    Frames on one connection are handled in order, so the pong proves every
+    frame sent before it was handled (and its answers sent).
+    """
+    ws.send({"type": "ping"})
+    frames = []
+    while (frame := ws.recv(timeout))["type"] != "pong":
+        frames.append(frame)
+    assert set(frame) == {"type", "timestamp"}, frame
+    assert_ms(frame["timestamp"])
+    return frames
+
+
+def pong_next(ws: WsClient) -> None:
+    """Barrier: nothing but the pong follows a ping (so nothing else was pending on the connection)."""
+    assert frames_until_pong(ws) == []
+
+
+def read_backlog(ws: WsClient, timeout: float = 15) -> list[dict[str, Any]]:
+    """An ack-mode session's stored messages, up to ``queue_empty`` (exactly); anything else fails."""
+    deadline = time.monotonic() + scaled(timeout)
+    frames = []
+    while True:
+        frame = json.loads(ws.ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+        if frame["type"] == "queue_empty":
+            assert set(frame) == {"type"}, frame
+            return frames
+        assert frame["type"] == "message", frame
+        frames.append(frame)
+
+
+def connect(relay: Any, address: str, **extra: Any) -> WsClient:
+    """An open, unsigned session of ``address`` (``extra`` goes into the auth frame, e.g. ``ack=True``)."""
+    ws = relay.ws()
+    try:
+        assert_auth_success(ws.auth(address, **extra), address)
+    except BaseException:
+        ws.close()
+        raise
+    return ws
+
+
+def read_until_closed(ws: WsClient, timeout: float = 5) -> tuple[Close | None, list[dict[str, Any]]]:
+    """Read until the server closes; return its Close frame (None: dropped without one) and the frames read."""
+    frames = []
+    deadline = time.monotonic() + scaled(timeout)
+    try:
+        while True:
+            frames.append(json.loads(ws.ws.recv(timeout=max(0.01, deadline - time.monotonic()))))
+    except ConnectionClosed as exc:
+        return exc.rcvd, frames
+    except TimeoutError:
+        raise AssertionError(f"the connection was not closed within {scaled(timeout):g} s; got {frames[-5:]}") \
+            from None
+
+
+def assert_closed_with(ws: WsClient, code: int, timeout: float = 5) -> list[dict[str, Any]]:
+    """The server closes ``ws`` with ``code``; returns the frames read before the close."""
+    close, frames = read_until_closed(ws, timeout)
+    assert close is not None, f"connection dropped without a close frame; frames: {frames}"
+    assert close.code == code, f"close code {close.code} ({close.reason}), expected {code}; frames: {frames}"
+    return frames
+
+
+def unauthenticated_probe(relay: Any) -> WsClient:
+    """A connection that never signs in; its first answer proves the relay holds its session and auth deadline."""
+    probe = relay.ws()
+    probe.send({"type": "ping", "messageId": "probe"})
+    frame = probe.recv()
+    if frame.get("type") == "challenge":
+        frame = probe.recv()
+    assert_error(frame, "not_authenticated", "probe")
+    return probe
+
+
+def assert_auth_timed_out(client: WsClient) -> None:
+    """The next frame is the ``auth_timeout`` error, then the relay closes with 1008."""
+    assert_error(client.recv(), "auth_timeout")
+    assert assert_closed_with(client, 1008) == []
+
+
+def assert_exchange(sender: WsClient, receiver: WsClient, to: str, mid: str, content: str = "still here") -> None:
+    """The pair still talks: ``sender``'s message to ``to`` is answered ``delivered`` and reaches ``receiver``."""
+    sender.send(msg(to, mid, content))
+    status_frame(sender.recv(), "delivered", mid, to)
+    got = receiver.recv()
+    assert (got["type"], got["messageId"], got["content"], got["queued"]) == ("message", mid, content, False), got
+
+
+class RawWs:
+    """A client-side WebSocket on a plain socket, for peers that misbehave on purpose.
+
+    It reads only when told to and never answers pings, so it models a dead,
+    frozen or slow peer. Frames are written with ``websockets.frames.Frame``
+    and parsed with ``Frame.parse``; the handshake answer with
+    ``websockets.http11.Response.parse``. ``status`` is the handshake's HTTP
+    status (101 when it upgraded). EOF or a reset raises ConnectionError;
+    ``recv_json`` raises it on a close frame too.
+    """
+
+    def __init__(self, port: int, *, headers: dict[str, str] | None = None, timeout: float = 5,
+                 rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:  # a small window makes a slow reader with little data
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(scaled(timeout))
+        self.sock.connect(("127.0.0.1", port))
+        self.reader = StreamReader()
+        key = generate_key()
+        lines = ["GET / HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        reader = self.reader
+        self.response: Response = self._drive(Response.parse(reader.read_line, reader.read_exact, reader.read_to_eof))
+        self.status = self.response.status_code
+        if self.status == 101:
+            assert self.response.headers["Sec-WebSocket-Accept"] == accept_key(key), self.response.headers
+
+    def _drive(self, parser: Any) -> Any:
+        """Run a websockets sans-I/O parser, feeding it from the socket until it returns."""
+        while True:
+            try:
+                next(parser)
+            except StopIteration as done:
+                return done.value
+            except EOFError as exc:
+                raise ConnectionError(f"server closed the TCP connection: {exc}") from None
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError as exc:
+                raise ConnectionError("connection reset by the server") from exc
+            if data:
+                self.reader.feed_data(data)
+            else:
+                self.reader.feed_eof()
+
+    def send_frame(self, opcode: Opcode, payload: bytes) -> None:
+        self.sock.sendall(Frame(opcode, payload).serialize(mask=True, extensions=[]))
+
+    def send_json(self, frame: Any) -> None:
+        self.send_frame(Opcode.TEXT, json.dumps(frame).encode())
+
+    def recv_frame(self, timeout: float = 5) -> Frame:
+        """The next frame, control frames included; nothing is answered automatically."""
+        self.sock.settimeout(scaled(timeout))
+        return self._drive(Frame.parse(self.reader.read_exact, mask=False))
+
+    def recv_json(self, timeout: float = 5) -> Any:
+        """The next data frame, decoded; control frames are skipped, a close frame raises ConnectionError."""
+        while True:
+            frame = self.recv_frame(timeout)
+            if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                return json.loads(frame.data)
+            if frame.opcode is Opcode.CLOSE:
+                raise ConnectionError(f"close frame {Close.parse(frame.data)}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "RawWs":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# Real relays
+
+
+class _Endpoints:
+    port: int
+    url: str
+
+    def http(self, method: str, path: str, body: Any = None, **kw: Any) -> HttpReply:
+        return http_request(self.port, method, path, body, **kw)
+
+    def ws(self, **kwargs: Any) -> WsClient:
+        return WsClient(self.url, **kwargs)
+
+
+class ThreadRelay(_Endpoints):
+    """A RelayServer on its own event loop in a daemon thread (start with the ``start_relay`` fixture)."""
+
+    def __init__(self, config: Config, store: Store | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = RelayServer(config, store, clock)
+        started = threading.Event()
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(self.server.start())
+            except BaseException as exc:  # surfaced to the test
+                self.error = exc
+                started.set()
+                return
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(scaled(10)), "the relay thread did not start"
+        if self.error:
+            raise self.error
+        self.port = self.server.port
+        self.url = f"ws://127.0.0.1:{self.port}"
+
+    def call(self, coro: Any, timeout: float = 10) -> Any:
+        """Run ``coro`` on the relay's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(scaled(timeout))
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.call(self.server.stop(), timeout=15)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(scaled(10))
+
+
+def start_open(start_relay: Callable[..., ThreadRelay], **sections: Any) -> ThreadRelay:
+    """``start_relay`` in ``[auth] mode = open`` plus the given sections (and ``store``/``clock``)."""
+    auth = {"mode": "open", **sections.pop("auth", {})}
+    return start_relay(auth=auth, **sections)
+
+
+class ProcessRelay(_Endpoints):
+    """``python relayd.py --config tmp/relayd.conf`` as a child process, for signals, crashes and restarts.
+
+    The config file is (re)written when ``config_text`` is given or none
+    exists yet, so a restart on the same ``tmp`` keeps it. stdout and stderr
+    go to a log file (``log()``). ``journal_stream=True`` sets JOURNAL_STREAM
+    to that log file's device:inode, as systemd does; a string sets it as is.
+    """
+
+    def __init__(self, tmp: Path, *, config_text: str = "", env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = (), port: int | None = None, wait: bool = True,
+                 journal_stream: bool | str = False) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.config_path = tmp / "relayd.conf"
+        if not self.config_path.exists() or config_text:
+            self.config_path.write_text(config_text)
+        self.log_path = tmp / f"relayd-{self.port}-{time.monotonic_ns()}.log"
+        self.log_file = open(self.log_path, "w")
+        full_env = clean_env(RELAYD_SERVER_HOST="127.0.0.1", RELAYD_SERVER_PORT=str(self.port), PYTHONUNBUFFERED="1",
+                             RELAYD_QUEUE_FLUSH_DELAY_MS="0")
+        if journal_stream:
+            st = os.fstat(self.log_file.fileno())
+            full_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}" if journal_stream is True else journal_stream
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "relayd.py"), "--config", str(self.config_path),
+                                      *args], cwd=tmp, env=full_env, stdout=self.log_file, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        """Until this child logged that it listens and answers /health/live (not another run's relay on the port)."""
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relayd exited with {self.proc.returncode}:\n{self.log()}")
+            if "relayd listening" not in self.log():
+                return False
+            try:
+                return http_request(self.port, "GET", "/health/live", timeout=1).status == 200
+            except OSError:
+                return False
+        wait_until(up, f"relayd to start; its log:\n{self.log()}", timeout)
+
+    def log(self) -> str:
+        """The child's output so far (also after ``stop()``)."""
+        if not self.log_file.closed:
+            self.log_file.flush()
+        return self.log_path.read_text()
+
+    def wait_log(self, needle: str, count: int = 1, timeout: float = 5) -> str:
+        """Until ``needle`` appears ``count`` times in the log; returns the log."""
+        return wait_until(lambda: (log := self.log()).count(needle) >= count and log,
+                          f"{count}x {needle!r} in the log", timeout)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(scaled(10))
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM (SIGKILL after ``timeout``); returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(scaled(timeout))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(scaled(5))
+        self.log_file.close()
+        return self.proc.returncode
+
+
+class ProcessRelays:
+    """Starts ``ProcessRelay``s (``process_relays(tmp, **kwargs)``) and stops every one in ``stop_all``."""
+
+    def __init__(self) -> None:
+        self.started: list[ProcessRelay] = []
+
+    def __call__(self, tmp: Path, **kwargs: Any) -> ProcessRelay:
+        relay = ProcessRelay(tmp, **kwargs)
+        self.started.append(relay)
+        return relay
+
+    def restart(self, tmp: Path, relay: ProcessRelay, *, kill: bool) -> ProcessRelay:
+        """Stop ``relay`` (SIGKILL or SIGTERM, which must exit 0) and start a new one on the same data and port."""
+        if relay.proc.poll() is not None:
+            pass  # already dead (killed by the test)
+        elif kill:
+            relay.kill9()
+            assert relay.proc.returncode == -9
+        else:
+            assert relay.stop() == 0, relay.log()
+        return self(tmp, port=relay.port)
+
+    def stop_all(self) -> None:
+        for relay in self.started:
+            relay.stop(timeout=5)
+
+
+# Frames and shape checks
+
+
+# auth_success may carry relayd's sign-in extension fields; an unsigned auth reports verified: false and nothing else.
+UNSIGNED_AUTH_EXTRAS = ({}, {"verified": False})
+
+
+def assert_ms(value: Any, *, near: bool = True) -> None:
+    """An integer of milliseconds (never a bool or float); near now when ``near``.
+
+    "Near" is a generous ten minutes: it catches seconds-instead-of-ms and
+    zero without depending on how fast the machine is.
+    """
+    assert type(value) is int, f"expected an int of ms, got {value!r}"
+    if near:
+        assert abs(value - now_ms()) < 600_000, f"{value} is not a current time in ms"
+
+
+def assert_auth_success(frame: dict[str, Any], address: str) -> None:
+    """``{"type":"auth_success","address":<lower>,"timestamp":<int ms>}`` (+ verified:false)."""
+    base = {k: frame[k] for k in ("type", "address") if k in frame}
+    assert base == {"type": "auth_success", "address": address.lower()}, frame
+    assert_ms(frame.get("timestamp"))
+    extras = {k: v for k, v in frame.items() if k not in ("type", "address", "timestamp")}
+    assert extras in UNSIGNED_AUTH_EXTRAS, f"unexpected auth_success fields: {extras}"
+
+
+def status_frame(frame: dict[str, Any], ftype: str, mid: str, to: str) -> None:
+    """Assert a ``delivered``/``queued`` frame exactly (timestamp: an int of ms)."""
+    assert set(frame) == {"type", "messageId", "to", "timestamp"}, frame
+    assert (frame["type"], frame["messageId"], frame["to"]) == (ftype, mid, to.lower()), frame
+    assert_ms(frame["timestamp"])
+
+
+def assert_answered(ws: WsClient, frame: dict[str, Any], answer: str) -> None:
+    """Send a ``message`` frame; the next frame is its ``answer`` (delivered/queued), checked exactly."""
+    ws.send(frame)
+    status_frame(ws.recv(), answer, frame["messageId"], frame["to"])
+
+
+def assert_error(frame: dict[str, Any], code: str, mid: Any = None) -> None:
+    """``{"type":"error","code":code,"message":<str>[,"messageId":mid]}`` exactly."""
+    expected_keys = {"type", "code", "message"} | ({"messageId"} if mid is not None else set())
+    assert set(frame) == expected_keys, frame
+    assert frame["type"] == "error" and frame["code"] == code, frame
+    assert isinstance(frame["message"], str) and frame["message"], frame
+    if mid is not None:
+        assert frame["messageId"] == mid, frame
+
+
+def assert_read(frame: dict[str, Any], reader: str, mid: str) -> None:
+    """A ``read`` receipt from ``reader`` for ``mid``, exactly."""
+    assert set(frame) == {"type", "from", "messageId", "timestamp"}, frame
+    assert (frame["type"], frame["from"], frame["messageId"]) == ("read", reader, mid), frame
+    assert_ms(frame["timestamp"])
+
+
+def message_frame(frm: str, content: str, mid: str, timestamp: int, queued: bool) -> dict[str, Any]:
+    """The ``message`` frame a recipient gets."""
+    return {"type": "message", "from": frm, "content": content, "messageId": mid, "timestamp": timestamp,
+            "queued": queued}
+
+
+def msg(to: str, mid: str, content: str = "Y2lwaGVydGV4dA==", **extra: Any) -> dict[str, Any]:
+    """The ``message`` frame a sender sends (``extra``: e.g. ``timestamp``)."""
+    return {"type": "message", "to": to, "content": content, "messageId": mid, **extra}
+
+
+def ids_of(frames: list[dict[str, Any]]) -> list[str]:
+    return [f["messageId"] for f in frames]
+
+
+# REST checks
+
+JSON = "application/json"
+
+
+def assert_refused(reply: Any, status: int, code: str) -> dict[str, Any]:
+    """An error response: ``status``, JSON ``{"error": <text>, "code": code}``, Connection: close."""
+    assert reply.status == status, reply
+    assert reply.headers["content-type"].startswith(JSON), reply.headers
+    assert reply.headers["connection"].lower() == "close", reply.headers
+    body = reply.json
+    assert set(body) == {"error", "code"} and body["code"] == code, body
+    assert isinstance(body["error"], str) and body["error"], body
+    return body
+
+
+def queue_size(relay: Any, address: str) -> int:
+    """``GET /api/messages/{address}/queue-size``, its shape checked."""
+    reply = relay.http("GET", f"/api/messages/{address}/queue-size")
+    assert reply.status == 200, reply
+    body = reply.json
+    assert set(body) == {"address", "queueSize"} and body["address"] == address.lower(), body
+    assert type(body["queueSize"]) is int, body
+    return body["queueSize"]
+
+
+def online(relay: Any, address: str) -> bool:
+    """``GET /api/status/{address}``'s ``online``, its type checked."""
+    reply = relay.http("GET", f"/api/status/{address}")
+    assert reply.status == 200, reply
+    assert type(reply.json["online"]) is bool, reply
+    return reply.json["online"]
+
+
+def connections(relay: Any) -> int:
+    """Authenticated sessions, as ``GET /health`` counts them."""
+    return relay.http("GET", "/health").json["connections"]
+
+
+# Sign-in
+
+
+def challenge_of(client: WsClient) -> dict[str, Any]:
+    """The next frame, which must be the sign-in challenge."""
+    frame = client.recv()
+    assert frame["type"] == "challenge", frame
+    return frame
+
+
+def auth_text(ch: dict[str, Any], address: str, *, relay: str | None = None, nonce: str | None = None,
+              issued: int | None = None) -> str:
+    """The statement a client signs for challenge ``ch``; each part may be replaced to forge a wrong one."""
+    return auth_statement(relay if relay is not None else ch["relay"], address.lower(),
+                          nonce if nonce is not None else ch["nonce"],
+                          issued if issued is not None else ch["issuedAt"])
+
+
+def signed_auth_frame(key: bytes, ch: dict[str, Any], *, address: str | None = None, fmt: str = "doubleHash",
+                      **text_overrides: Any) -> dict[str, Any]:
+    """A signed ``auth`` frame answering ``ch`` with ``key`` (``text_overrides``: see ``auth_text``)."""
+    address = address or address_of_private(key)
+    return {"type": "auth", "address": address, "nonce": ch["nonce"],
+            "signature": sign_text(key, auth_text(ch, address, **text_overrides), fmt), "format": fmt}
+
+
+def key_body(key: bytes, public_key: str, issued: int, *, key_type: Any = "x25519", fmt: str = "doubleHash",
+             address: str | None = None, signer: bytes | None = None) -> dict[str, Any]:
+    """A signed ``POST /api/public-keys`` body (``key_type=None`` leaves keyType out)."""
+    address = (address or address_of_private(key)).lower()
+    text = key_statement(address, key_type, public_key, issued)
+    body: dict[str, Any] = {"address": address, "publicKey": public_key, "issuedAt": issued, "format": fmt,
+                            "signature": sign_text(signer or key, text, fmt)}
+    if key_type is not None:
+        body["keyType"] = key_type
+    return body
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# SQLite files
+
+
+def sqlite_file(path: Path, *statements: str) -> None:
+    """Run ``statements`` on the SQLite database at ``path`` (created if missing) and commit."""
+    conn = sqlite3.connect(path)
+    try:
+        for statement in statements:
+            conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+class WriteLock:
+    """Another process's write transaction on a database (``with WriteLock(db):``), as a backup tool would hold."""
+
+    def __init__(self, db: Path) -> None:
+        self.conn = sqlite3.connect(db, isolation_level=None, timeout=0)
+
+    def __enter__(self) -> "WriteLock":
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+# Logs
+
+
+class ErrorLog(logging.Handler):
+    """Collects ERROR records (a crashed handler logs one); ``take`` returns them as text and forgets them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def take(self) -> list[str]:
+        out = [f"{r.name}: {r.getMessage()} {r.exc_info[1]!r}" if r.exc_info else f"{r.name}: {r.getMessage()}"
+               for r in self.records]
+        self.records.clear()
+        return out
+
+
+# systemd's notify socket
+
+
+def parse_datagram(data: bytes) -> dict[str, str]:
+    """One sd_notify datagram as its ``KEY=value`` fields."""
+    fields = {}
+    for line in data.decode().split("\n"):
+        key, sep, value = line.partition("=")
+        assert sep, f"malformed notify line {line!r} in {data!r}"
+        fields[key] = value
+    return fields
+
+
+class NotifySocket:
+    """The service manager's end: an AF_UNIX datagram socket; ``env_value`` is what NOTIFY_SOCKET names."""
+
+    def __init__(self, address: str, env_value: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.env_value = env_value
+        self.seen: list[dict[str, str]] = []
+
+    def until(self, predicate: Callable[[list[dict[str, str]]], bool], what: str,
+              timeout: float = 5) -> list[dict[str, str]]:
+        """Datagrams received until ``predicate`` holds for all received by this call."""
+        got: list[dict[str, str]] = []
+        deadline = time.monotonic() + scaled(timeout)
+        while not predicate(got):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {what} within {scaled(timeout):g} s; got {got} (before: {self.seen[-5:]})")
+            self.sock.settimeout(remaining)
+            try:
+                fields = parse_datagram(self.sock.recv(4096))
+            except TimeoutError:
+                continue
+            got.append(fields)
+            self.seen.append(fields)
+        return got
+
+    def until_field(self, name: str, timeout: float = 5) -> list[dict[str, str]]:
+        """Datagrams received up to and including the first one carrying ``name``."""
+        return self.until(lambda got: bool(got) and name in got[-1], f"{name} notification", timeout)
+
+    def pending(self) -> list[str]:
+        """The datagrams already waiting, as text, without blocking."""
+        out = []
+        self.sock.setblocking(False)
+        try:
+            while True:
+                out.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
+        finally:
+            self.sock.setblocking(True)
+
+    def close(self) -> None:
+        self.sock.close()
