@@ -31,6 +31,8 @@ from .writes import AddressWrites
 log = logging.getLogger("relayd.router")
 
 FLUSH_BATCH = 256
+FLUSH_PAGE_BYTES = 256 * 1024
+"""Content read from the store per flush page: what one session may hold beyond its socket's buffers."""
 MAX_ACK_IDS = 1000
 DRAIN_WAIT_S = 2.0
 """Longest a new session waits for its address's closing sessions to finish their last frames."""
@@ -200,7 +202,7 @@ class Backlog:
         """True once the whole backlog was written and the session is ready."""
         after = 0
         while not session.closed:
-            batch = await self.store.pending(address, FLUSH_BATCH, after)
+            batch = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
             if not batch:
                 session.ready = True
                 return True

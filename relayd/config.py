@@ -417,6 +417,9 @@ def load_config_with_sources(
                 parser.read_file(fh)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at "
+                              f"offset {exc.start}") from None
         except configparser.Error as exc:
             raise ConfigError(f"config file {path} is not valid INI: {exc}") from None
         for section in parser.sections():

@@ -7,15 +7,17 @@ import logging
 import signal
 import ssl
 from http import HTTPStatus
-from typing import Callable
+from typing import Any, Callable
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from .config import Config, ConfigError, merge_reload
 from .errors import ErrorCode, RelayError
+from .net.admission import raise_descriptor_limit
 from .net.connection import to_response
 from .net.http import HttpResponse, error_response
+from .ops.allocator import tune_allocator
 from .ops.logsetup import configure_logging
 from .ops.prometheus import CONTENT_TYPE
 from .ops.sdnotify import Notifier
@@ -25,6 +27,28 @@ from .storage.store import Store
 log = logging.getLogger("relayd.daemon")
 
 STATUS_INTERVAL_S = 10.0
+ACCEPT_ERROR_INTERVAL_S = 60.0
+
+
+class AcceptErrors:
+    """The loop's exception handler: accept() failures (out of descriptors or memory) are logged once a minute
+    with a count, instead of one traceback per failed accept; anything else goes to asyncio's default handler."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.last_logged = float("-inf")
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if "accept" not in str(context.get("message", "")):
+            loop.default_exception_handler(context)
+            return
+        self.failures += 1
+        now = loop.time()
+        if now - self.last_logged >= ACCEPT_ERROR_INTERVAL_S:
+            exc = context.get("exception")
+            log.error("cannot accept connections (%s): %d failures since the last report; the listening socket "
+                      "retries by itself", exc or context.get("message"), self.failures)
+            self.failures, self.last_logged = 0, now
 
 
 def make_ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -42,6 +66,8 @@ class Daemon:
     def __init__(self, config: Config, store: Store, load: Callable[[], Config]) -> None:
         self.config = config
         self.load = load
+        self.descriptors = raise_descriptor_limit()
+        tune_allocator()
         self.server = RelayServer(config, store)
         self.notifier = Notifier.from_env()
         self.ssl_context = make_ssl_context(config)
@@ -56,6 +82,7 @@ class Daemon:
         interval = self.notifier.watchdog_interval_s
         if interval is not None:
             housekeeping.max_tick = min(housekeeping.max_tick, interval / 2)
+        asyncio.get_running_loop().set_exception_handler(AcceptErrors())
         await self.server.start(ssl_context=self.ssl_context)
         if self.config.metrics.enabled and self.config.metrics.listen:
             host, _, port = self.config.metrics.listen.rpartition(":")
@@ -107,6 +134,10 @@ class Daemon:
             context = make_ssl_context(new) if new.tls.certfile else None
         except (ConfigError, OSError, ssl.SSLError) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
+            self.notifier.ready(self._status())
+            return False
+        except Exception:  # whatever went wrong, systemd must hear READY=1 again
+            log.exception("reload refused, keeping the running configuration")
             self.notifier.ready(self._status())
             return False
         merged, applied, refused = merge_reload(self.config, new)

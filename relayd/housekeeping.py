@@ -1,4 +1,4 @@
-"""The relay's one timer: session timers, retention expiry, limit sweeps, queue stats, watchdog ticks.
+"""The relay's one timer: session timers, clock steps, retention expiry, limit sweeps, queue stats, watchdog ticks.
 
 One task wakes every ``tick`` seconds instead of a timer per connection or
 per job, so ten thousand idle connections cost no timers at all.
@@ -12,12 +12,16 @@ from typing import Callable
 
 from .clock import Clock, wall_ms
 from .config import Config
+from .ops.allocator import release_free_memory
 from .ops.metrics import RelayMetrics
 from .storage.store import Store
 
 log = logging.getLogger("relayd.server")
 
 STATS_INTERVAL_S = 15.0
+CLOCK_STEP_S = 60.0
+"""A wall clock that moves this much more or less than the monotonic clock between two ticks has stepped
+(NTP's first sync on a Raspberry Pi without a hardware clock, an operator's date command); slewing is slower."""
 SWEEP_INTERVAL_S = 60.0
 MIN_TICK_S = 0.02
 
@@ -38,6 +42,7 @@ class Housekeeping:
         self.tick_callbacks: list[Callable[[float], None]] = []
         self.max_tick = 1.0
         self._task: asyncio.Task[None] | None = None
+        self._wall_offset = clock.wall() - clock.monotonic()
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -62,6 +67,7 @@ class Housekeeping:
             await asyncio.sleep(tick)
             now = loop.time()
             self.metrics.loop_lag.observe(max(0.0, now - planned))
+            await self._follow_clock_steps()
             for callback in self.tick_callbacks:
                 callback(now)
             if now >= next_sweep:
@@ -74,6 +80,36 @@ class Housekeeping:
             if now >= next_stats:
                 next_stats = now + STATS_INTERVAL_S
                 await self._refresh_queue_stats()
+                release_free_memory()
+
+    async def _follow_clock_steps(self) -> None:
+        """Keep what is stored as old as it really is when the wall clock steps.
+
+        Retention compares stored times with the wall clock, so a clock that
+        jumps 30 days forward would expire everything at once. The step is
+        measured against the monotonic clock, and the times stored before it
+        move forward by as much. A step back is not undone: what was stored
+        before it is kept longer than its retention, by at most the step.
+        """
+        offset = self.clock.wall() - self.clock.monotonic()
+        step = offset - self._wall_offset
+        if abs(step) < CLOCK_STEP_S:
+            self._wall_offset = offset  # slewing and drift: follow along
+            return
+        if step < 0:
+            log.warning("the wall clock stepped back by %.0f s; what was stored before is kept that much longer",
+                        -step)
+            self._wall_offset = offset
+            return
+        now = wall_ms(self.clock)
+        log.warning("the wall clock stepped forward by %.0f s; stored messages keep their age", step)
+        try:
+            moved = await self.store.shift_times(now - int(step * 1000), int(step * 1000))
+        except Exception as exc:
+            log.error("cannot move stored times after a clock step: %s", exc)
+            return
+        self._wall_offset = offset
+        log.info("moved the stored times of %d messages and receipts by %+.0f s", moved, step)
 
     async def _refresh_queue_stats(self) -> None:
         """Byte and recipient totals take a table scan, so metrics read a recent copy."""

@@ -20,6 +20,7 @@ import http.client
 import json
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -473,10 +474,12 @@ class RawWs:
     """
 
     def __init__(self, port: int, *, headers: dict[str, str] | None = None, timeout: float = 5,
-                 rcvbuf: int | None = None) -> None:
+                 rcvbuf: int | None = None, source: str | None = None) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:  # a small window makes a slow reader with little data
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source is not None:  # another loopback address: another client IP
+            self.sock.bind((source, 0))
         self.sock.settimeout(scaled(timeout))
         self.sock.connect(("127.0.0.1", port))
         self.reader = StreamReader()
@@ -609,7 +612,7 @@ class ProcessRelay(_Endpoints):
 
     def __init__(self, tmp: Path, *, config_text: str = "", env: dict[str, str] | None = None,
                  args: tuple[str, ...] = (), port: int | None = None, wait: bool = True,
-                 journal_stream: bool | str = False) -> None:
+                 journal_stream: bool | str = False, nofile: int | None = None) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
@@ -624,8 +627,12 @@ class ProcessRelay(_Endpoints):
             st = os.fstat(self.log_file.fileno())
             full_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}" if journal_stream is True else journal_stream
         full_env.update(env or {})
+        def limit_descriptors() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "relayd.py"), "--config", str(self.config_path),
-                                      *args], cwd=tmp, env=full_env, stdout=self.log_file, stderr=subprocess.STDOUT)
+                                      *args], cwd=tmp, env=full_env, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     preexec_fn=limit_descriptors)
         if wait:
             self.wait_ready()
 
@@ -655,6 +662,15 @@ class ProcessRelay(_Endpoints):
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    def rss(self) -> int:
+        """The child's resident memory in bytes (VmRSS)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    def descriptors(self) -> int:
+        """How many file descriptors the child has open."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def kill9(self) -> None:
         self.proc.kill()

@@ -100,6 +100,7 @@ class RelayConnection(ServerConnection):
         self._pending_bytes = 0
         self._flush_scheduled = False
         self._written = 0
+        self._acked_seen = 0
         self._parcels: collections.deque[tuple[int, Any]] | None = None
         self._inbound = 0
         self._kept = 0
@@ -147,13 +148,8 @@ class RelayConnection(ServerConnection):
         if self.counted:
             self.context.released(self)
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.stalled_since = self.loop.time()
-
     def resume_writing(self) -> None:
         super().resume_writing()
-        self.stalled_since = None
         self._recharge()
 
     # Reading: HTTP requests, then frames
@@ -392,9 +388,15 @@ class RelayConnection(ServerConnection):
         """Ping a quiet peer, cut one that did not answer or whose send buffer stayed full too long."""
         if self.protocol.state is not OPEN:
             return
-        if self.stalled_since is not None and now - self.stalled_since > stall_timeout:
-            self.cut(f"its send buffer stayed full for {stall_timeout:g} s")
-            return
+        if self._acked_seen < self._written:  # bytes on their way: is the peer taking any?
+            acked = self._acked_bytes()
+            if acked > self._acked_seen:
+                self._acked_seen, self.stalled_since = acked, None
+            elif self.stalled_since is None:
+                self.stalled_since = now
+            elif now - self.stalled_since > stall_timeout:
+                self.cut(f"its peer took none of its bytes for {stall_timeout:g} s")
+                return
         if self.ping_sent_at is not None:
             if self.last_heard > self.ping_sent_at:
                 self.ping_sent_at = None
@@ -429,11 +431,14 @@ class RelayConnection(ServerConnection):
             parcels.popleft()
 
     def _acked_bytes(self) -> int:
-        """Bytes of this connection's frames the peer has acknowledged (TCP), as far as can be told."""
+        """Bytes of this connection's frames the peer has acknowledged (TCP), as far as can be told.
+
+        With TLS the record layer hides the mapping: what left the transport's buffer counts.
+        """
         sent = self._written - self.transport.get_write_buffer_size()
         sock = self.transport.get_extra_info("socket")
         if sock is None or self.transport.get_extra_info("sslcontext") is not None:
-            return sent if sent == self._written else 0
+            return sent
         try:
             unacked = _OUTQ.unpack(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
         except OSError:

@@ -120,12 +120,21 @@ class MemoryStore:
             queue.messages = dict(sorted(queue.messages.items()))
         return restored
 
-    async def pending(self, recipient: str, limit: int, after_seq: int = 0) -> list[QueuedMessage]:
+    async def pending(self, recipient: str, limit: int, after_seq: int = 0,
+                      max_bytes: int | None = None) -> list[QueuedMessage]:
         queue = self._queues.get(recipient)
         if queue is None:
             return []
-        found = (m for seq, m in queue.messages.items() if seq > after_seq)
-        return list(itertools.islice(found, limit))
+        found = list(itertools.islice((m for seq, m in queue.messages.items() if seq > after_seq), limit))
+        if max_bytes is None:
+            return found
+        page, total = [], 0
+        for msg in found:
+            if page and total >= max_bytes:
+                break
+            page.append(msg)
+            total += utf8_len(msg.content)
+        return page
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
         queue = self._queues.get(recipient)

@@ -139,11 +139,18 @@ class SQLiteStore:
             return 0
         return await self._writer.submit(lambda c: restore_rows(c, messages, self._seqs), write=True)
 
-    async def pending(self, recipient: str, limit: int, after_seq: int = 0) -> list[QueuedMessage]:
+    async def pending(self, recipient: str, limit: int, after_seq: int = 0,
+                      max_bytes: int | None = None) -> list[QueuedMessage]:
         def job(conn: sqlite3.Connection) -> tuple[list[QueuedMessage], Delta]:
-            rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND seq > ? "
-                "ORDER BY seq LIMIT ?", (recipient, after_seq, max(limit, 0)))
+            if max_bytes is None:
+                rows = conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND seq > ? "
+                                    "ORDER BY seq LIMIT ?", (recipient, after_seq, max(limit, 0)))
+            else:  # the running total of sizes picks the page before any content is read
+                rows = conn.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE seq IN (SELECT seq FROM (SELECT seq, size, "
+                    "SUM(size) OVER (ORDER BY seq) AS running FROM messages WHERE recipient = ? AND seq > ? "
+                    "ORDER BY seq LIMIT ?) WHERE running - size < ?) ORDER BY seq",
+                    (recipient, after_seq, max(limit, 0), max(max_bytes, 1)))
             return [QueuedMessage(r, s, m, c, t, q, seq) for seq, r, s, m, c, t, q in rows], NONE
         return await self._writer.submit(job, write=False)
 

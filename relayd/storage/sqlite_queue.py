@@ -23,7 +23,7 @@ T = TypeVar("T")
 Delta = tuple[int, int]
 """(messages, content bytes) added to (or, negative, removed from) the store-wide totals."""
 NONE: Delta = (0, 0)
-_INSERT = ("INSERT OR IGNORE INTO messages (seq, recipient, sender, message_id, content, timestamp, queued_at, size) "
+_INSERT = ("INSERT OR IGNORE INTO messages (seq, recipient, sender, message_id, timestamp, queued_at, size, content) "
            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _COUNT = ("INSERT INTO queues (recipient, count, bytes, receipts) VALUES (?, ?, ?, 0) "
           "ON CONFLICT (recipient) DO UPDATE SET count = count + excluded.count, bytes = bytes + excluded.bytes")
@@ -69,8 +69,8 @@ def enqueue_row(conn: sqlite3.Connection, msg: QueuedMessage, limits: QueueLimit
         if not limits.drop_oldest:
             return (EnqueueResult.FULL, 0), NONE
     seq = seqs.take()
-    if conn.execute(_INSERT, (seq, msg.recipient, msg.sender, msg.message_id, msg.content, msg.timestamp,
-                              msg.queued_at, size)).rowcount == 0:
+    if conn.execute(_INSERT, (seq, msg.recipient, msg.sender, msg.message_id, msg.timestamp, msg.queued_at, size,
+                              msg.content)).rowcount == 0:
         seqs.last -= 1
         return (EnqueueResult.DUPLICATE, 0), NONE
     dropped, freed = _drop_oldest(conn, msg.recipient, count, used, size, limits) if count else (0, 0)
@@ -110,8 +110,8 @@ def restore_rows(conn: sqlite3.Connection, messages: list[QueuedMessage], seqs: 
         if msg.seq <= 0:
             msg.seq = seqs.take()
         size = utf8_len(msg.content)
-        if conn.execute(_INSERT, (msg.seq, msg.recipient, msg.sender, msg.message_id, msg.content,
-                                  msg.timestamp, msg.queued_at, size)).rowcount:
+        if conn.execute(_INSERT, (msg.seq, msg.recipient, msg.sender, msg.message_id, msg.timestamp,
+                                  msg.queued_at, size, msg.content)).rowcount:
             conn.execute(_COUNT, (msg.recipient, 1, size))
             restored, added = restored + 1, added + size
     return restored, (restored, added)

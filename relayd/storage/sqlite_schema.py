@@ -78,17 +78,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX messages_queued_at ON messages (queued_at)",
     ),
     (   # leaner messages: seqs from the writer (no AUTOINCREMENT), one unique index that also finds acks and is
-        # blind to the sender's spelling; receipts counted per queue; floors of signed keys; bearer tokens
+        # blind to the sender's spelling, the content last (small columns are read without its overflow pages);
+        # receipts counted per queue; floors of signed keys; bearer tokens
         """CREATE TABLE messages_v4 (
             seq INTEGER PRIMARY KEY,
             recipient TEXT NOT NULL,
             sender TEXT NOT NULL,
             message_id TEXT NOT NULL,
-            content TEXT NOT NULL,
             timestamp INTEGER NOT NULL,
             queued_at INTEGER NOT NULL,
-            size INTEGER NOT NULL)""",
-        "INSERT INTO messages_v4 SELECT seq, recipient, sender, message_id, content, timestamp, queued_at, size "
+            size INTEGER NOT NULL,
+            content TEXT NOT NULL)""",
+        "INSERT INTO messages_v4 SELECT seq, recipient, sender, message_id, timestamp, queued_at, size, content "
         "FROM messages ORDER BY seq",
         "DROP TABLE messages",
         "ALTER TABLE messages_v4 RENAME TO messages",

@@ -118,8 +118,13 @@ class MessageStore(Protocol):
         """
         ...
 
-    async def pending(self, recipient: str, limit: int, after_seq: int = 0) -> list[QueuedMessage]:
+    async def pending(self, recipient: str, limit: int, after_seq: int = 0,
+                      max_bytes: int | None = None) -> list[QueuedMessage]:
         """Up to ``limit`` stored messages of ``recipient`` with ``seq > after_seq``, oldest first.
+
+        With ``max_bytes``, the page ends once its content reaches that many
+        bytes (it holds at least one message), so a reader of large messages
+        never holds more than it can send.
 
         ``seq`` grows with every enqueue across the whole store (after a
         reopen, from the largest one stored), so a caller pages through a

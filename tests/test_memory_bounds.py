@@ -1,0 +1,240 @@
+"""Memory stays bounded per connection and per client IP, whatever a client sends or refuses to read.
+
+Each test reproduces an attack against a real relayd process with its default limits (unless the test is about
+one limit) and measures the process's resident memory (VmRSS) before and after. The bounds asserted come from the
+limits, as the README's "Worst-case memory" section derives them.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from support import (
+    A,
+    B,
+    C,
+    ProcessRelay,
+    RawWs,
+    assert_exchange,
+    connect,
+    http_head,
+    online,
+    queue_size,
+    raw_http,
+    wait_until,
+)
+from websockets.frames import Frame, Opcode
+
+MiB = 1 << 20
+BIG = 200_000  # characters of one large message, below the 256 KiB default content limit
+CONFIG = "[auth]\nmode = open\n"
+
+
+@pytest.fixture
+def relay(tmp_path: Path, request: pytest.FixtureRequest):
+    """A relayd process on defaults (open mode); ``extra`` config lines from the test's marker."""
+    marker = request.node.get_closest_marker("config")
+    relay = ProcessRelay(tmp_path, config_text=CONFIG + (marker.args[0] if marker else ""),
+                         nofile=marker.kwargs.get("nofile") if marker else None)
+    yield relay
+    relay.stop()
+
+
+def flood(sock: socket.socket, data: bytes, limit: int, seconds: float = 20) -> float:
+    """Send ``data`` repeatedly until the relay stops taking it (reset, or no progress for 2 s), at most ``limit``
+    bytes or ``seconds``; returns the seconds it took."""
+    started = time.monotonic()
+    sent = 0
+    sock.settimeout(2)
+    try:
+        while sent < limit and time.monotonic() - started < seconds:
+            sock.sendall(data)
+            sent += len(data)
+    except (ConnectionError, TimeoutError, OSError):
+        pass
+    return time.monotonic() - started
+
+
+def is_cut(sock: socket.socket) -> bool:
+    """The relay closed or reset the connection (reading ends in EOF or an error)."""
+    sock.settimeout(5)
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    return True
+
+
+def closed(socks: list[socket.socket]) -> int:
+    """How many of ``socks`` the relay has closed or reset (read without blocking)."""
+    count = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            if s.recv(4096, socket.MSG_PEEK) == b"" or s.recv(4096).startswith(b"HTTP/1.1 4"):
+                count += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            count += 1
+    return count
+
+
+# 1. Ping floods
+
+
+@pytest.mark.parametrize("authenticated", [False, True], ids=["before_auth", "after_auth"])
+def test_ping_flood_from_a_peer_that_never_reads_is_cut_with_memory_bounded(relay, authenticated) -> None:
+    before = relay.rss()
+    ws = RawWs(relay.port, rcvbuf=4096)
+    if authenticated:
+        ws.send_json({"type": "auth", "address": A})
+    ping = Frame(Opcode.PING, b"x" * 125).serialize(mask=True, extensions=[])
+    took = flood(ws.sock, ping * 64, 2000 * MiB)
+    # The frame limit closes it (1008) within close_timeout: unread, the close frame cannot end it sooner.
+    assert took < 12, f"the relay took pings for {took:.1f} s without cutting the connection"
+    assert is_cut(ws.sock)
+    ws.close()
+    assert relay.rss() - before < 16 * MiB, f"RSS grew by {(relay.rss() - before) >> 20} MiB"
+    with connect(relay, B) as b, connect(relay, C) as c:  # everyone else is served
+        assert_exchange(b, c, C, "after-ping-flood")
+
+
+@pytest.mark.config("[limits]\nframes_per_s = 0\n")
+def test_pongs_count_against_the_outbound_cap_without_a_frame_limit(relay) -> None:
+    """With the frame limiter off, the unread pongs themselves reach max_outbound_bytes and cut the peer."""
+    before = relay.rss()
+    ws = RawWs(relay.port, rcvbuf=4096)
+    ping = Frame(Opcode.PING, b"x" * 125).serialize(mask=True, extensions=[])
+    took = flood(ws.sock, ping * 64, 2000 * MiB)
+    assert took < 10, f"the relay took pings for {took:.1f} s without cutting the connection"
+    assert is_cut(ws.sock)
+    ws.close()
+    assert relay.rss() - before < 16 * MiB, f"RSS grew by {(relay.rss() - before) >> 20} MiB"
+
+
+@pytest.mark.config("[server]\nstall_timeout_s = 1\n")
+def test_a_send_buffer_full_past_the_stall_timeout_is_cut_and_its_messages_kept(relay) -> None:
+    """Below max_outbound_bytes, but the peer stopped reading: cut after stall_timeout_s, keepalive or not,
+    and what it never received is stored for its next connection."""
+    reader = RawWs(relay.port, rcvbuf=4096)
+    reader.send_json({"type": "auth", "address": A})
+    assert reader.recv_json()["type"] == "auth_success"
+    with connect(relay, B) as b:
+        for i in range(3):  # 600 KB: fills the socket buffers, stays under the 1 MiB cap
+            b.send({"type": "message", "to": A, "content": "s" * BIG, "messageId": f"stall-{i}"})
+            assert b.recv_type("delivered")["messageId"] == f"stall-{i}"
+        wait_until(lambda: not online(relay, A), "the stalled reader to be cut", timeout=10)
+    assert is_cut(reader.sock)
+    reader.close()
+    wait_until(lambda: queue_size(relay, A) == 3, "the three undelivered messages kept")
+
+
+# 2. Never-reading sessions and the inbound queue
+
+
+def test_never_reading_ack_sessions_on_a_big_backlog_hold_bounded_memory_and_release_it(relay) -> None:
+    with connect(relay, B) as b:
+        for i in range(60):  # 12 MB of backlog for A
+            b.send({"type": "message", "to": A, "content": "q" * BIG, "messageId": f"q-{i}"})
+            assert b.recv_type("queued")["messageId"] == f"q-{i}"
+    before = relay.rss()
+    readers = []
+    for _ in range(30):
+        r = RawWs(relay.port, rcvbuf=4096)
+        r.send_json({"type": "auth", "address": A, "ack": True})
+        readers.append(r)
+    wait_until(lambda: online(relay, A), "the readers to sign in")
+    peak = max(relay.rss() for _ in range(20))
+    # Per connection at most max_outbound_bytes (1 MiB) plus one frame is buffered; all of one IP at most
+    # max_buffered_bytes_per_ip (64 MiB): far below 30 readers x 12 MB of backlog.
+    assert peak - before < 48 * MiB, f"30 never-reading readers grew RSS by {(peak - before) >> 20} MiB"
+    for r in readers:
+        r.close()
+    wait_until(lambda: not online(relay, A), "the readers to be gone")
+    wait_until(lambda: relay.rss() - before < 16 * MiB, "memory to come back after they closed", timeout=10)
+    assert queue_size(relay, A) == 60  # ack mode: nothing was acked, nothing lost
+
+
+@pytest.mark.config("[limits]\nmax_inbound_bytes = 1048576\nmax_buffered_bytes_per_ip = 8388608\n")
+def test_frames_piling_up_unread_are_bounded_in_bytes_per_connection_and_per_ip(relay, tmp_path) -> None:
+    """Messages to an offline recipient while the database is locked: the sender's writes stall, its frames
+    pile up; reading from it pauses at max_inbound_bytes, and one IP's connections together are cut past
+    max_buffered_bytes_per_ip."""
+    from support import WriteLock
+    before = relay.rss()
+    senders = []
+    for _ in range(8):
+        ws = RawWs(relay.port)
+        ws.send_json({"type": "auth", "address": B})
+        senders.append(ws)
+    frame = Frame(Opcode.TEXT, b'{"type":"message","to":"' + A.encode() + b'","content":"' + b"i" * BIG
+        + b'","messageId":"m"}').serialize(mask=True, extensions=[])
+    with WriteLock(tmp_path / "relayd-data" / "relayd.db"):
+        threads = [threading.Thread(target=flood, args=(ws.sock, frame, 40 * MiB)) for ws in senders]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        peak = relay.rss()
+    assert peak - before < 40 * MiB, f"8 flooding senders grew RSS by {(peak - before) >> 20} MiB"
+    for ws in senders:
+        ws.close()
+
+
+# 3. Connection floods before the handshake
+
+
+def test_half_sent_requests_are_bounded_per_ip_and_timed_out_while_others_get_in(relay) -> None:
+    held: list[socket.socket] = []
+    try:
+        for _ in range(1000):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", relay.port))
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finished
+            held.append(s)
+        # Past max_pending_handshakes_per_ip (256) the relay refuses them: closed at once, or after a short wait
+        # for a request head that would get the 429.
+        wait_until(lambda: closed(held) >= 1000 - 256 - 10, "the connections past the per-IP cap to be closed")
+        # A client from another IP is served at once during the flood.
+        reply = raw_http(relay.port, http_head("GET", "/health/live"), timeout=5)
+        assert reply.status == 200
+        with connect(relay, B) as b, connect(relay, C) as c:
+            assert_exchange(b, c, C, "during-flood")
+        # The held ones are closed after head_timeout_s (5 s).
+        for s in held[:20]:
+            assert is_cut(s)
+    finally:
+        for s in held:
+            s.close()
+    assert "Traceback" not in relay.log()
+
+
+@pytest.mark.config("[server]\nhead_timeout_s = 30\n", nofile=256)
+def test_a_descriptor_reserve_keeps_accept_working_and_the_log_quiet(relay) -> None:
+    """With 256 descriptors and clients from many IPs holding connections, the relay refuses past its capacity
+    instead of running out: no accept() errors, and a new client gets in once others leave."""
+    held: list[socket.socket] = []
+    try:
+        for i in range(400):
+            s = socket.socket()
+            s.bind((f"127.0.{1 + i // 200}.{1 + i % 200}", 0))
+            s.settimeout(5)
+            s.connect(("127.0.0.1", relay.port))
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            held.append(s)
+        assert relay.descriptors() < 256
+    finally:
+        for s in held:
+            s.close()
+    wait_until(lambda: relay.descriptors() < 64, "the held connections to be released")
+    with connect(relay, B) as b, connect(relay, C) as c:
+        assert_exchange(b, c, C, "after-fd-flood")
+    log = relay.log()
+    assert "out of system resource" not in log and "Traceback" not in log, log[-2000:]
