@@ -104,7 +104,7 @@ class Housekeeping:
         now = wall_ms(self.clock)
         log.warning("the wall clock stepped forward by %.0f s; stored messages keep their age", step)
         try:
-            moved = await self.store.shift_times(now - int(step * 1000), int(step * 1000))
+            moved = await self.store.shift_times(now - int(step * 1000) + 1, int(step * 1000))
         except Exception as exc:
             log.error("cannot move stored times after a clock step: %s", exc)
             return

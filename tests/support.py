@@ -177,6 +177,10 @@ class ManualClock:
         self._wall += seconds
         self._monotonic += seconds
 
+    def step_wall(self, seconds: float) -> None:
+        """Set the wall clock forward (or back) without time passing: what NTP's first sync does."""
+        self._wall += seconds
+
 
 # Configuration and processes
 

@@ -9,6 +9,7 @@ live in their own table so limit checks never count a queue. See
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 import time
 from collections import OrderedDict
@@ -100,6 +101,11 @@ class SQLiteStore:
         except OSError as exc:
             raise StoreOpenError(f"cannot create directory {path.parent}: {exc.strerror or exc}") from exc
         inspect(path)
+        for place in (path, path.parent):
+            if place.exists() and not os.access(place, os.W_OK):
+                raise StoreOpenError(f"database {path} is read-only: relayd needs to write "
+                                     f"{'it' if place == path else f'its directory {place}'} (permissions, or a "
+                                     "read-only file system)")
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=self._busy_timeout_ms / 1000)
         except sqlite3.Error as exc:
