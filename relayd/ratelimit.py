@@ -16,17 +16,23 @@ class FixedWindow:
         self.window_s = window_s
         self._windows: dict[str, list[float]] = {}
 
-    def hit(self, key: str, now: float) -> float:
-        """Count one hit; return 0 when allowed, else the seconds until the window resets."""
+    def hit(self, key: str, now: float, cost: int = 1) -> float:
+        """Count ``cost`` hits; return 0 when allowed, else the seconds until the window resets.
+
+        A hit is refused once the window's count has reached the limit; one
+        that costs more than what is left still passes and fills the window,
+        so a request larger than the whole budget is slowed to one per
+        window rather than refused for ever.
+        """
         if self.limit <= 0:
             return 0.0
         entry = self._windows.get(key)
         if entry is None or now - entry[0] >= self.window_s:
-            self._windows[key] = [now, 1]
+            self._windows[key] = [now, cost]
             return 0.0
         if entry[1] >= self.limit:
             return max(entry[0] + self.window_s - now, 0.001)
-        entry[1] += 1
+        entry[1] += cost
         return 0.0
 
     def sweep(self, now: float) -> None:

@@ -16,6 +16,7 @@ connection are ordered), or move a ``ManualClock``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import json
 import logging
@@ -33,7 +34,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import connect as async_connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
 from websockets.streams import StreamReader
@@ -42,6 +44,7 @@ from websockets.utils import accept_key, generate_key
 
 from relayd.clock import SYSTEM_CLOCK, Clock
 from relayd.config import Config, load_config
+from relayd.identity.signatures import keccak256
 from relayd.identity.signing import address_of_private, sign_text
 from relayd.identity.statements import auth_statement, key_statement
 from relayd.server import RelayServer
@@ -135,6 +138,21 @@ def addr(n: int) -> str:
 def new_address() -> str:
     """A random address, so tests on one long-lived relay never meet each other's state."""
     return "0x" + secrets.token_hex(20)
+
+
+def eip55(address: str) -> str:
+    """``address`` in EIP-55 mixed case, as the app spells its own and its contacts' addresses."""
+    digits = address[2:].lower()
+    digest = keccak256(digits.encode()).hex()
+    return "0x" + "".join(c.upper() if int(h, 16) >= 8 else c for c, h in zip(digits, digest))
+
+
+def app_address() -> str:
+    """A random address spelled as the app spells it (EIP-55), with letters in both cases."""
+    while True:
+        spelled = eip55(new_address())
+        if spelled[2:] not in (spelled[2:].lower(), spelled[2:].upper()):
+            return spelled
 
 
 def new_mid() -> str:
@@ -612,11 +630,13 @@ class ProcessRelay(_Endpoints):
     exists yet, so a restart on the same ``tmp`` keeps it. stdout and stderr
     go to a log file (``log()``). ``journal_stream=True`` sets JOURNAL_STREAM
     to that log file's device:inode, as systemd does; a string sets it as is.
+    ``defaults=True`` runs on relayd's own defaults, without the suite's
+    ``flush_delay_ms = 0``.
     """
 
     def __init__(self, tmp: Path, *, config_text: str = "", env: dict[str, str] | None = None,
                  args: tuple[str, ...] = (), port: int | None = None, wait: bool = True,
-                 journal_stream: bool | str = False, nofile: int | None = None) -> None:
+                 journal_stream: bool | str = False, nofile: int | None = None, defaults: bool = False) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
@@ -625,8 +645,9 @@ class ProcessRelay(_Endpoints):
             self.config_path.write_text(config_text)
         self.log_path = tmp / f"relayd-{self.port}-{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "w")
-        full_env = clean_env(RELAYD_SERVER_HOST="127.0.0.1", RELAYD_SERVER_PORT=str(self.port), PYTHONUNBUFFERED="1",
-                             RELAYD_QUEUE_FLUSH_DELAY_MS="0")
+        full_env = clean_env(RELAYD_SERVER_HOST="127.0.0.1", RELAYD_SERVER_PORT=str(self.port), PYTHONUNBUFFERED="1")
+        if not defaults:
+            full_env["RELAYD_QUEUE_FLUSH_DELAY_MS"] = "0"  # see make_config
         if journal_stream:
             st = os.fstat(self.log_file.fileno())
             full_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}" if journal_stream is True else journal_stream
@@ -704,7 +725,7 @@ class ProcessRelays:
         self.started.append(relay)
         return relay
 
-    def restart(self, tmp: Path, relay: ProcessRelay, *, kill: bool) -> ProcessRelay:
+    def restart(self, tmp: Path, relay: ProcessRelay, *, kill: bool, **kwargs: Any) -> ProcessRelay:
         """Stop ``relay`` (SIGKILL or SIGTERM, which must exit 0) and start a new one on the same data and port."""
         if relay.proc.poll() is not None:
             pass  # already dead (killed by the test)
@@ -713,7 +734,7 @@ class ProcessRelays:
             assert relay.proc.returncode == -9
         else:
             assert relay.stop() == 0, relay.log()
-        return self(tmp, port=relay.port)
+        return self(tmp, port=relay.port, **kwargs)
 
     def stop_all(self) -> None:
         for relay in self.started:
@@ -981,3 +1002,157 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# The Idena P2P app, emulated (asyncio, so a test can run a thousand of them)
+
+APP_RECONNECT_S = 3.0
+"""The app reconnects this long after any close, forever, with no backoff."""
+APP_SUBSCRIBE_DELAY_S = 0.010
+"""The app subscribes to messages this long after its key upload answered (5-15 ms on a phone)."""
+
+
+async def app_http(port: int, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str], bytes]:
+    """One REST call as the app's ``http`` package makes it: a fresh connection, closed after the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        data = b"" if body is None else json.dumps(body).encode()
+        head = f"{method} {path} HTTP/1.1\r\nHost: localhost:{port}\r\nUser-Agent: Dart/3.5 (dart:io)\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(data)}\r\n"
+        writer.write(head.encode() + b"\r\n" + data)
+        status = int((await reader.readline()).split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers, await reader.readexactly(int(headers.get("content-length", "0")))
+    finally:
+        writer.close()
+
+
+class App:
+    """One Idena P2P app as ``../shared/real-client-notes.md`` describes it.
+
+    ``run()`` connects to ``ws://host:port`` (no Origin, permessage-deflate
+    offered), sends ``auth`` with the EIP-55 address at once and takes the
+    first status frame as the answer. On its first connection it uploads a
+    fresh unsigned key and subscribes ``APP_SUBSCRIBE_DELAY_S`` after the
+    upload answered: messages, typing and receipts read before that are
+    ``dropped``, as the app's event stream drops events nobody listens to. Each of ``listeners``
+    fetches the sender's key for each message; a message whose lookup is
+    refused is ``lost``, one whose lookups all succeed is in ``inbox``.
+    A refused handshake is counted in ``refusals`` (its status; 0 when the
+    relay closed without answering). ``APP_RECONNECT_S`` after any close it connects again, forever, until
+    ``stop()``; its listeners stay subscribed.
+    """
+
+    def __init__(self, port: int, address: str, *, listeners: int = 1) -> None:
+        self.port = port
+        self.address = address
+        self.listeners = listeners
+        self.subscribed = False
+        self.auths = 0
+        self.refusals: list[int] = []
+        self.upload_status: int | None = None
+        self.inbox: list[dict[str, Any]] = []
+        self.frames: list[dict[str, Any]] = []
+        self.dropped: list[dict[str, Any]] = []
+        self.lost: list[dict[str, Any]] = []
+        self.lookups: dict[int, int] = {}
+        self.ws: Any = None
+        self._stopped = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self) -> None:
+        while not self._stopped:
+            try:
+                async with async_connect(f"ws://127.0.0.1:{self.port}", open_timeout=scaled(10),
+                                         ping_interval=None, max_size=None) as ws:
+                    self.ws = ws
+                    await ws.send(json.dumps({"type": "auth", "address": self.address}))
+                    await self._session(ws)
+            except InvalidStatus as exc:
+                self.refusals.append(exc.response.status_code)
+            except InvalidHandshake:
+                self.refusals.append(0)  # closed without an answer
+            except (OSError, ConnectionClosed, asyncio.TimeoutError):
+                pass
+            self.ws = None
+            if not self._stopped:
+                await asyncio.sleep(APP_RECONNECT_S)
+
+    async def _session(self, ws: Any) -> None:
+        answered = False
+        async for raw in ws:
+            frame = json.loads(raw)
+            if not answered and frame.get("type") in ("auth_success", "error"):
+                answered = True
+                if frame["type"] == "auth_success":
+                    self.auths += 1
+                    if not self.subscribed:
+                        self._spawn(self._init())
+                continue
+            if not self.subscribed:
+                if frame.get("type") in ("message", "typing", "read"):
+                    self.dropped.append(frame)
+                continue
+            self.frames.append(frame)
+            if frame.get("type") == "message":
+                self._spawn(self._receive(frame))
+
+    async def _init(self) -> None:
+        """Upload a fresh key (the app makes one on every start), then subscribe a moment later."""
+        self.upload_status, _, _ = await app_http(self.port, "POST", "/api/public-keys", {
+            "address": self.address, "publicKey": base64_key()})
+        await asyncio.sleep(APP_SUBSCRIBE_DELAY_S)
+        self.subscribed = True
+
+    async def _receive(self, frame: dict[str, Any]) -> None:
+        statuses = await asyncio.gather(*(self.lookup(frame["from"]) for _ in range(self.listeners)))
+        (self.inbox if all(s == 200 for s in statuses) else self.lost).append(frame)
+
+    async def lookup(self, address: str) -> int:
+        """``GET /api/public-keys/<address as given>``, counted by status."""
+        status, _, _ = await app_http(self.port, "GET", f"/api/public-keys/{address}")
+        self.lookups[status] = self.lookups.get(status, 0) + 1
+        return status
+
+    async def send(self, to: str, content: str) -> str:
+        """Look up the recipient's key as typed (a 404 aborts), then send; returns the messageId."""
+        if await self.lookup(to) != 200:
+            raise AssertionError(f"the app aborts the send: no key for {to}")
+        mid = str(uuid.uuid4())
+        await self.ws.send(json.dumps({"type": "message", "to": to, "content": content, "messageId": mid,
+                                       "timestamp": now_ms()}))
+        return mid
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settle(self) -> None:
+        """Until every key lookup and upload started so far has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self.ws is not None:
+            await self.ws.close()
+
+
+def base64_key() -> str:
+    """A fresh X25519-sized public key as the app uploads it (base64 of 32 bytes)."""
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+async def wait_for_state(predicate: Callable[[], T], what: str, timeout: float = 10) -> T:
+    """``wait_until`` for asyncio tests: polls ``predicate`` without blocking the loop."""
+    deadline = time.monotonic() + scaled(timeout)
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+    return value

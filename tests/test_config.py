@@ -18,14 +18,15 @@ def ini(tmp_path: Path, text: str) -> str:
 # Defaults and precedence
 
 
-def test_defaults_follow_the_seed():
+def test_defaults_follow_the_seed_except_where_the_app_needs_more():
     config = load_config(None, environ={})
     assert isinstance(config, Config)
     assert config.server.port == 3000
     assert config.server.allowed_origins == ("*",)
     assert config.server.trusted_proxies == ()
     assert config.limits.rate_limit_window_ms == 60000
-    assert config.queue.max_offline_messages == 1000
+    assert config.queue.max_offline_messages == 5000  # the seed's 1000 is a busy week away
+    assert config.limits.max_message_bytes == 262144  # the app has no length limit
     assert config.queue.message_retention_hours == 168
     assert config.queue.overflow == "reject"
     assert config.log.level == "info"

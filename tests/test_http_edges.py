@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+from typing import Any
 
 import pytest
 from support import A, B, JSON, RawWs, assert_auth_success, assert_refused, chunked, http_head, raw_http, start_open
@@ -190,33 +192,124 @@ def test_bytes_after_a_complete_request_do_not_lose_its_response(open_relay, qui
     assert reply.json["statuses"] == {A: False}
 
 
+# Keep-alive
+
+
+def kept_alive(relay) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=5)
+    conn.connect()
+    return conn
+
+
+def exchange(conn: http.client.HTTPConnection, method: str, path: str, body: Any = None,
+             headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+    conn.request(method, path, body=None if body is None else json.dumps(body),
+                 headers={"Content-Type": JSON, **(headers or {})} if body is not None else (headers or {}))
+    reply = conn.getresponse()
+    reply.data = reply.read()
+    return reply
+
+
+def test_one_kept_alive_connection_serves_requests_errors_and_304s(open_relay):
+    conn = kept_alive(open_relay)
+    sock = conn.sock
+    try:
+        assert exchange(conn, "POST", "/api/public-keys", {"address": A, "publicKey": "pk"}).status == 200
+        first = exchange(conn, "GET", f"/api/public-keys/{A}")
+        assert first.status == 200 and first.getheader("connection") is None  # HTTP/1.1: kept alive
+        cached = exchange(conn, "GET", f"/api/public-keys/{A}", headers={"If-None-Match": first.getheader("etag")})
+        assert cached.status == 304 and cached.data == b""
+        assert exchange(conn, "GET", f"/api/public-keys/{B}").status == 404
+        assert exchange(conn, "HEAD", f"/api/public-keys/{A}").status == 200
+        assert exchange(conn, "GET", f"/api/status/{A}").status == 200
+        assert conn.sock is sock, "http.client had to reconnect: the relay closed a kept-alive connection"
+    finally:
+        conn.close()
+
+
+def test_the_last_request_allowed_on_a_connection_is_answered_with_close(start_relay):
+    relay = start_open(start_relay, server={"max_requests_per_connection": 3})
+    conn = kept_alive(relay)
+    try:
+        replies = [exchange(conn, "GET", f"/api/status/{A}") for _ in range(3)]
+        assert [r.getheader("connection") for r in replies] == [None, None, "close"]
+        assert conn.sock is None or conn.sock.recv(1) == b""
+    finally:
+        conn.close()
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(start_relay):
+    relay = start_open(start_relay, server={"http_idle_timeout_s": 0.2})
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+        s.sendall(http_head("GET", "/health/live", {"Connection": "keep-alive"}))
+        data = b""
+        while block := s.recv(65536):  # the answer, then EOF once the connection idled 0.2 s
+            data += block
+    assert data.startswith(b"HTTP/1.1 200 ") and data.count(b"HTTP/1.1") == 1, data
+
+
 # Rate limit
 
 
-def test_rate_limit_returns_429_with_retry_after(start_relay):
-    relay = start_open(start_relay, limits={"rate_limit_max_requests": 3, "rate_limit_window_ms": 60000})
+def test_writes_and_reads_spend_separate_budgets(start_relay):
+    relay = start_open(start_relay, limits={"rate_limit_max_requests": 3, "rate_limit_max_reads": 5,
+                                            "rate_limit_window_ms": 60000})
     for _ in range(3):
-        assert relay.http("GET", f"/api/status/{A}").status == 200
-    reply = relay.http("GET", f"/api/status/{A}")
+        assert relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}).status == 200
+    reply = relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"})
     assert_refused(reply, 429, "rate_limited")
-    assert reply.headers["retry-after"].isdigit()
     assert 1 <= int(reply.headers["retry-after"]) <= 60
-    # Every route counts against the same client, errors included.
-    assert_refused(relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "k"}), 429, "rate_limited")
-    assert_refused(relay.http("GET", "/nope"), 429, "rate_limited")
+    # Unknown paths, listings, drains and clears are writes too, errors included.
+    for method, path in (("GET", "/nope"), ("GET", "/api/public-keys/stats/all"), ("GET", f"/api/messages/{A}"),
+                         ("DELETE", f"/api/public-keys/{A}"), ("PUT", "/api/public-keys")):
+        assert_refused(relay.http(method, path), 429, "rate_limited")
+    # Reads still have their own budget: lookups, HEAD, queue sizes, preflights.
+    assert relay.http("GET", f"/api/public-keys/{A}").status == 200
+    assert relay.http("HEAD", f"/api/public-keys/{B}").status == 404
+    assert relay.http("GET", f"/api/status/{A}").status == 200
+    assert relay.http("GET", f"/api/messages/{A}/queue-size").status == 200
+    assert relay.http("OPTIONS", f"/api/public-keys/{A}").status == 204
+    reply = relay.http("GET", f"/api/public-keys/{A}")
+    assert_refused(reply, 429, "rate_limited")
+    assert 1 <= int(reply.headers["retry-after"]) <= 60
+    metrics = relay.http("GET", "/metrics").body.decode()
+    assert 'relayd_rate_limit_hits_total{limit="http"} 6' in metrics
+    assert 'relayd_rate_limit_hits_total{limit="http_reads"} 1' in metrics
 
 
-def test_health_is_exempt_from_the_rate_limit(start_relay):
-    relay = start_open(start_relay, limits={"rate_limit_max_requests": 3, "rate_limit_window_ms": 60000})
-    for _ in range(3):
-        relay.http("GET", f"/api/status/{A}")
+def test_a_batch_spends_one_read_per_address(start_relay):
+    relay = start_open(start_relay, limits={"rate_limit_max_reads": 10, "rate_limit_window_ms": 60000})
+    eight = [f"0x{i:040x}" for i in range(1, 9)]
+    assert relay.http("POST", "/api/status/batch", {"addresses": eight}).status == 200
+    assert relay.http("POST", "/api/public-keys/batch", {"addresses": eight[:1]}).status == 200
+    assert relay.http("GET", f"/api/status/{A}").status == 200
     assert_refused(relay.http("GET", f"/api/status/{A}"), 429, "rate_limited")
-    for path in ("/health", "/health/live", "/health/ready", "/health/"):
-        assert relay.http("GET", path).status == 200, path
+    assert_refused(relay.http("POST", "/api/public-keys/batch", {"addresses": eight[:1]}), 429, "rate_limited")
+
+
+def test_a_batch_larger_than_what_is_left_passes_and_fills_the_window(start_relay):
+    relay = start_open(start_relay, limits={"rate_limit_max_reads": 5, "rate_limit_window_ms": 60000})
+    twenty = [f"0x{i:040x}" for i in range(1, 21)]
+    assert relay.http("GET", f"/api/status/{A}").status == 200
+    assert relay.http("POST", "/api/status/batch", {"addresses": twenty}).status == 200
+    assert_refused(relay.http("POST", "/api/status/batch", {"addresses": twenty}), 429, "rate_limited")
+    assert_refused(relay.http("GET", f"/api/status/{A}"), 429, "rate_limited")
+
+
+def test_health_and_metrics_are_exempt_from_both_budgets(start_relay):
+    relay = start_open(start_relay, limits={"rate_limit_max_requests": 1, "rate_limit_max_reads": 1,
+                                            "rate_limit_window_ms": 60000})
+    relay.http("GET", "/nope")
+    relay.http("GET", f"/api/status/{A}")
+    assert_refused(relay.http("GET", "/nope"), 429, "rate_limited")
+    assert_refused(relay.http("GET", f"/api/status/{A}"), 429, "rate_limited")
+    for method, path in (("GET", "/health"), ("GET", "/health/live"), ("GET", "/health/ready"),
+                         ("GET", "/health/"), ("HEAD", "/health"), ("GET", "/metrics"), ("OPTIONS", "/health")):
+        assert relay.http(method, path).status in (200, 204), (method, path)
 
 
 def test_websocket_upgrades_are_not_rate_limited_as_rest(start_relay):
-    relay = start_open(start_relay, limits={"rate_limit_max_requests": 1, "rate_limit_window_ms": 60000})
+    relay = start_open(start_relay, limits={"rate_limit_max_reads": 1, "rate_limit_window_ms": 60000})
     assert relay.http("GET", f"/api/status/{A}").status == 200
     assert_refused(relay.http("GET", f"/api/status/{A}"), 429, "rate_limited")
     with relay.ws() as a:
@@ -225,7 +318,7 @@ def test_websocket_upgrades_are_not_rate_limited_as_rest(start_relay):
 
 def test_trusted_proxy_forwarded_clients_are_counted_separately(start_relay):
     relay = start_open(start_relay, server={"trusted_proxies": "127.0.0.1"},
-                       limits={"rate_limit_max_requests": 3, "rate_limit_window_ms": 60000})
+                       limits={"rate_limit_max_reads": 3, "rate_limit_window_ms": 60000})
     seven = {"X-Forwarded-For": "203.0.113.7"}
     eight = {"X-Forwarded-For": "203.0.113.8"}
     for _ in range(3):
@@ -239,7 +332,7 @@ def test_trusted_proxy_forwarded_clients_are_counted_separately(start_relay):
 
 
 def test_forwarded_for_is_ignored_without_trusted_proxies(start_relay):
-    relay = start_open(start_relay, limits={"rate_limit_max_requests": 3, "rate_limit_window_ms": 60000})
+    relay = start_open(start_relay, limits={"rate_limit_max_reads": 3, "rate_limit_window_ms": 60000})
     for ip in ("203.0.113.7", "203.0.113.8", "203.0.113.9"):
         assert relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": ip}).status == 200
     assert_refused(relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": "203.0.113.10"}), 429,
@@ -249,7 +342,7 @@ def test_forwarded_for_is_ignored_without_trusted_proxies(start_relay):
 def test_spoofed_hops_left_of_a_trusted_proxy_do_not_escape_the_limit(start_relay):
     """The right-most untrusted hop is the client; whatever it prepends is not believed."""
     relay = start_open(start_relay, server={"trusted_proxies": "127.0.0.1"},
-                       limits={"rate_limit_max_requests": 2, "rate_limit_window_ms": 60000})
+                       limits={"rate_limit_max_reads": 2, "rate_limit_window_ms": 60000})
     for fake in ("198.51.100.1", "198.51.100.2"):
         reply = relay.http("GET", f"/api/status/{A}", headers={"X-Forwarded-For": f"{fake}, 203.0.113.7"})
         assert reply.status == 200

@@ -146,6 +146,46 @@ def test_head_public_key_has_headers_and_no_body(open_relay):
     assert bad.status == 400 and bad.body == b"", bad
 
 
+def test_key_lookups_carry_an_etag_and_answer_304_when_it_still_matches(open_relay):
+    ok(open_relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "pk1"}))
+    first = open_relay.http("GET", f"/api/public-keys/{A}")
+    ok(first)
+    etag = first.headers["etag"]
+    assert etag.startswith('"') and etag.endswith('"') and len(etag) == 26, etag
+    assert first.headers["cache-control"] == "max-age=5"
+    for tag in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+        same = open_relay.http("GET", f"/api/public-keys/{A}", headers={"If-None-Match": tag})
+        assert same.status == 304 and same.body == b"", (tag, same)
+        assert same.headers["etag"] == etag and same.headers["cache-control"] == "max-age=5"
+        assert "content-length" not in same.headers
+    head = raw_http(open_relay.port, http_head("HEAD", f"/api/public-keys/{A}", {"If-None-Match": etag}))
+    assert head.status == 304 and head.body == b"", head
+    stale = open_relay.http("GET", f"/api/public-keys/{A}", headers={"If-None-Match": '"other"'})
+    assert stale.status == 200 and stale.headers["etag"] == etag and stale.body == first.body
+    # A new key (the app uploads one on every start) is a new answer with a new tag.
+    ok(open_relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "pk2"}))
+    fresh = open_relay.http("GET", f"/api/public-keys/{A}", headers={"If-None-Match": etag})
+    assert fresh.status == 200 and fresh.json["publicKey"] == "pk2"
+    assert fresh.headers["etag"] != etag
+
+
+def test_answers_other_than_key_lookups_are_not_cacheable(open_relay):
+    ok(open_relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "pk"}))
+    for method, path in (("GET", f"/api/status/{A}"), ("GET", f"/api/public-keys/{B}"), ("GET", "/health"),
+                         ("GET", f"/api/messages/{A}/queue-size"), ("POST", "/api/public-keys")):
+        reply = open_relay.http(method, path)
+        assert reply.headers["cache-control"] == "no-store", (method, path, reply.headers)
+        assert "etag" not in reply.headers
+
+
+def test_key_cache_max_age_zero_asks_clients_to_revalidate(start_relay):
+    relay = start_relay(auth={"mode": "open"}, server={"key_cache_max_age_s": 0})
+    ok(relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "pk"}))
+    first = relay.http("GET", f"/api/public-keys/{A}")
+    assert first.headers["cache-control"] == "no-cache"
+    assert relay.http("GET", f"/api/public-keys/{A}", headers={"If-None-Match": first.headers["etag"]}).status == 304
+
+
 def test_delete_public_key(open_relay):
     ok(open_relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "pk"}))
     deleted = ok(open_relay.http("DELETE", f"/api/public-keys/{A.upper().replace('0X', '0x')}"))

@@ -73,9 +73,11 @@ def test_auth_without_address_is_missing_field(open_relay, frame):
 
 def test_second_auth_with_the_same_address_succeeds_again(open_relay):
     with open_relay.ws() as a:
-        a.auth(A)
+        first = a.auth(A)
         a.send({"type": "auth", "address": A.upper().replace("0X", "0x")})
-        assert_auth_success(a.recv(), A)
+        again = a.recv()
+        assert_auth_success(again, A)
+        assert set(again) == set(first) and again.get("verified") == first.get("verified"), (first, again)
         pong_next(a)
         assert open_relay.http("GET", "/health").json["connections"] == 1
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs
 
 from websockets.datastructures import Headers
 
-from ..errors import RelayError
-from ..frames import encode
+from ..addresses import normalize_address
+from ..errors import ErrorCode, RelayError
+from ..frames import encode, loads
+from .rest_limits import Budget
 
 JSON_TYPE = "application/json; charset=utf-8"
+MAX_BATCH = 1000
 
 
 def header_value(headers: Headers, name: str) -> str | None:
@@ -48,6 +53,19 @@ class HttpResponse:
     content_type: str = JSON_TYPE
 
 
+Handler = Callable[[HttpRequest, list[str]], Awaitable[HttpResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One method on one path pattern (a ``*`` segment matches any one segment) and the budget it spends."""
+
+    path: str
+    method: str
+    handler: Handler
+    budget: Budget
+
+
 def json_response(status: int, payload: Any, headers: list[tuple[str, str]] | None = None) -> HttpResponse:
     return HttpResponse(status, encode(payload).encode(), headers or [])
 
@@ -55,3 +73,50 @@ def json_response(status: int, payload: Any, headers: list[tuple[str, str]] | No
 def error_response(err: RelayError) -> HttpResponse:
     """The REST answer for a refusal: its status, ``{"error", "code"}`` and its headers (Retry-After, Allow...)."""
     return json_response(err.status, err.body(), list(err.headers))
+
+
+def cached_json_response(req: HttpRequest, payload: Any, cache_control: str) -> HttpResponse:
+    """A ``200`` with an ``ETag`` of its body, or ``304`` when ``If-None-Match`` already names it.
+
+    The ETag is a digest of the exact body, so any change to the answer
+    (a new key, a new ``updatedAt``) changes it. ``If-None-Match`` is
+    compared weakly (RFC 9110 13.1.2), ``*`` matching any current answer.
+    """
+    body = encode(payload).encode()
+    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    headers = [("ETag", etag), ("Cache-Control", cache_control)]
+    wanted = req.header("if-none-match")
+    if wanted is not None:
+        tags = {t.strip().removeprefix("W/") for t in wanted.split(",")}
+        if etag in tags or "*" in tags:
+            return HttpResponse(HTTPStatus.NOT_MODIFIED, b"", headers, content_type="")
+    return HttpResponse(HTTPStatus.OK, body, headers)
+
+
+def json_body(req: HttpRequest) -> dict[str, Any]:
+    """The request's JSON object (``{}`` for an empty body); ``invalid_json`` or ``bad_request`` otherwise."""
+    if not req.body.strip():
+        return {}
+    try:
+        body = loads(req.body)
+    except ValueError:
+        raise RelayError(ErrorCode.INVALID_JSON, "Request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RelayError(ErrorCode.BAD_REQUEST, "Request body must be a JSON object")
+    return body
+
+
+def address_batch(body: dict[str, Any]) -> list[str]:
+    """The lower-cased ``addresses`` of a batch body: 1 to ``MAX_BATCH`` valid addresses."""
+    addresses = body.get("addresses")
+    if not isinstance(addresses, list) or not addresses:
+        raise RelayError(ErrorCode.BAD_REQUEST, "addresses must be a non-empty array")
+    if len(addresses) > MAX_BATCH:
+        raise RelayError(ErrorCode.BAD_REQUEST, f"addresses may hold at most {MAX_BATCH} entries")
+    out = []
+    for a in addresses:
+        try:
+            out.append(normalize_address(a))
+        except RelayError:
+            raise RelayError(ErrorCode.INVALID_ADDRESS, f"Invalid address format: {str(a)[:64]}") from None
+    return out
