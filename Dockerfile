@@ -43,4 +43,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
 # relayd stops accepting, closes sessions with 1001, commits and exits within [server] shutdown_timeout_s (5 s),
 # inside docker stop's default 10 s. The exec form makes relayd PID 1, so it receives the signal itself.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["/opt/relayd/bin/relayd", "--config", "/etc/relayd/relayd.conf"]
+# RELAYD_CONFIG names the file for every command that reads one, so `docker run IMAGE check --relay URL`,
+# `... stats` and `... config` work on the same entry point as the relay itself.
+ENV RELAYD_CONFIG=/etc/relayd/relayd.conf
+ENTRYPOINT ["/opt/relayd/bin/relayd"]

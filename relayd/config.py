@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 ENV_PREFIX = "RELAYD_"
+CONFIG_FILE_ENV = "RELAYD_CONFIG"
+"""The configuration file of the commands that read one, when --config is not given (the container sets it)."""
 
 
 class ConfigError(Exception):
@@ -34,7 +36,9 @@ def opt(default: Any, help: str, *, env: str | None = None, min: float | None = 
 @dataclass(frozen=True)
 class ServerSection:
     host: str = opt("0.0.0.0", "Interface to listen on (0.0.0.0 for all IPv4, :: for all).")
-    port: int = opt(3000, "TCP port for WebSocket and REST together.", env="PORT", min=0, max=65535)
+    port: int = opt(3000, "TCP port for WebSocket and REST together (the original's default). The Idena P2P "
+                          "app connects to ws://localhost:3002: use port = 3002 for it.", env="PORT", min=0,
+                    max=65535)
     public_url: str = opt("", "URL clients use to reach this relay (e.g. wss://relay.example.org); "
                               "signed auth binds to it. Empty: derived from host and port.")
     allowed_origins: tuple[str, ...] = opt(("*",), "CORS and WebSocket Origin allow-list: comma-separated, "
@@ -52,6 +56,10 @@ class ServerSection:
                                 min=0.1, max=600, reload=True)
     http_idle_timeout_s: float = opt(5.0, "Close a kept-alive REST connection idle this long.",
                                      min=0.1, max=600, reload=True)
+    status_page: bool = opt(True, "Answer GET / with a small HTML status page (version, uptime, counts; never an "
+                                  "address).", reload=True)
+    key_cache_max_age_s: int = opt(5, "Seconds clients may reuse a key lookup (Cache-Control max-age; "
+                                   "0: revalidate with If-None-Match every time).", min=0, max=86400, reload=True)
     max_requests_per_connection: int = opt(1000, "REST requests answered on one kept-alive connection "
                                            "(1: every answer closes the connection).",
                                            min=1, max=10_000_000, reload=True)
@@ -63,10 +71,12 @@ class ServerSection:
 class LimitsSection:
     rate_limit_window_ms: int = opt(60000, "REST rate-limit window per client IP.", env="RATE_LIMIT_WINDOW_MS",
                                     min=1, max=86_400_000, reload=True)
-    rate_limit_max_requests: int = opt(1000, "REST writes and other requests allowed per client IP per window "
+    rate_limit_max_requests: int = opt(3000, "REST writes (key uploads and deletions, queue reads and "
+                                       "clears), listings and unknown paths allowed per client IP per window "
                                        "(0: unlimited).", env="RATE_LIMIT_MAX_REQUESTS", min=0, max=10_000_000,
                                        reload=True)
-    rate_limit_max_reads: int = opt(30000, "REST key lookups and status reads allowed per client IP per window "
+    rate_limit_max_reads: int = opt(30000, "REST reads (key and status lookups, queue sizes, HEAD, "
+                                    "OPTIONS; a batch counts each address) allowed per client IP per window "
                                     "(0: unlimited).", min=0, max=100_000_000, reload=True)
     max_message_bytes: int = opt(262144, "Largest message content (bytes of the content string).",
                                  min=16, max=16 * 1024 * 1024, reload=True)
@@ -75,7 +85,7 @@ class LimitsSection:
                                "allows, keeping a reserve).", min=0, max=10_000_000, reload=True)
     max_connections_per_ip: int = opt(2048, "Concurrent connections per client IP, counted from accept "
                                       "(IPv6: per /64; 0: no limit).", min=0, max=10_000_000, reload=True)
-    max_pending_handshakes_per_ip: int = opt(256, "Connections per IP that have not sent their first request "
+    max_pending_handshakes_per_ip: int = opt(1024, "Connections per IP that have not sent their first request "
                                              "head yet (0: no limit).", min=0, max=10_000_000, reload=True)
     max_pending_handshakes: int = opt(2048, "Connections in total that have not sent their first request head "
                                       "yet (0: no limit).", min=0, max=10_000_000, reload=True)
@@ -112,9 +122,9 @@ class LimitsSection:
 
 @dataclass(frozen=True)
 class QueueSection:
-    max_offline_messages: int = opt(1000, "Messages held per offline recipient.", env="MAX_OFFLINE_MESSAGES",
+    max_offline_messages: int = opt(5000, "Messages held per offline recipient.", env="MAX_OFFLINE_MESSAGES",
                                     min=1, max=10_000_000, reload=True)
-    max_offline_bytes: int = opt(16 * 1024 * 1024, "Content bytes held per offline recipient.",
+    max_offline_bytes: int = opt(64 * 1024 * 1024, "Content bytes held per offline recipient.",
                                  min=1024, max=1 << 40, reload=True)
     message_retention_hours: float = opt(168.0, "Queued messages older than this are removed.",
                                          env="MESSAGE_RETENTION_HOURS", min=0.001, max=24 * 365 * 10, reload=True)
@@ -126,7 +136,7 @@ class QueueSection:
     flush_delay_ms: int = opt(1500, "A session without ack gets its stored messages once it sends a frame, "
                               "shortly after a key upload for its address, or after this delay (the app "
                               "listens only after its key upload).", min=0, max=600_000, reload=True)
-    flush_after_key_upload_ms: int = opt(200, "After a key upload for an address, its waiting sessions get "
+    flush_after_key_upload_ms: int = opt(500, "After a key upload for an address, its waiting sessions get "
                                          "their stored messages this much later.", min=0, max=600_000,
                                          reload=True)
 
@@ -219,6 +229,9 @@ class LogSection:
     level: str = opt("info", "debug, info, warning or error.", env="LOG_LEVEL",
                      choices=("debug", "info", "warning", "warn", "error", "critical"), reload=True)
     format: str = opt("text", "text or json.", choices=("text", "json"), reload=True)
+    summary_interval_s: float = opt(300.0, "Log one info line of activity counts (sessions, messages, refusals "
+                                    "by reason; never addresses) this often (0: never).", min=0, max=86400,
+                                    reload=True)
 
 
 SECTIONS: dict[str, type] = {
@@ -455,7 +468,7 @@ def load_config_with_sources(
 
 
 def _env_known(name: str) -> bool:
-    return any(env_name(s, k) == name for s in SECTIONS for k in _fields(s))
+    return name == CONFIG_FILE_ENV or any(env_name(s, k) == name for s in SECTIONS for k in _fields(s))
 
 
 def merge_reload(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:

@@ -21,6 +21,7 @@ from .ops.allocator import tune_allocator
 from .ops.logsetup import configure_logging
 from .ops.prometheus import CONTENT_TYPE
 from .ops.sdnotify import Notifier
+from .ops.startup import startup_report
 from .server import RelayServer
 from .storage.store import Store
 
@@ -63,9 +64,11 @@ def make_ssl_context(config: Config) -> ssl.SSLContext | None:
 class Daemon:
     """Runs a RelayServer until SIGTERM/SIGINT; SIGHUP reloads what can change safely."""
 
-    def __init__(self, config: Config, store: Store, load: Callable[[], Config]) -> None:
+    def __init__(self, config: Config, store: Store, load: Callable[[], Config], sources: list[str]) -> None:
+        """``load`` re-reads the configuration on SIGHUP; ``sources`` names what set it, for the start-up log."""
         self.config = config
         self.load = load
+        self.sources = sources
         self.descriptors = raise_descriptor_limit()
         tune_allocator()
         self.server = RelayServer(config, store)
@@ -84,6 +87,10 @@ class Daemon:
             housekeeping.max_tick = min(housekeeping.max_tick, interval / 2)
         asyncio.get_running_loop().set_exception_handler(AcceptErrors())
         await self.server.start(ssl_context=self.ssl_context)
+        for level, line in startup_report(self.config, self.sources, self.server.addresses,
+                                          crypto=self.server.crypto,
+                                          budget=self.server.router.delivery.limits.max_total_bytes):
+            log.log(level, "%s", line)
         if self.config.metrics.enabled and self.config.metrics.listen:
             host, _, port = self.config.metrics.listen.rpartition(":")
             self._metrics_server = await serve(self._refuse_websocket, host.strip("[]"), int(port),

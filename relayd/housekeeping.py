@@ -1,4 +1,5 @@
-"""The relay's one timer: session timers, clock steps, retention expiry, limit sweeps, queue stats, watchdog ticks.
+"""The relay's one timer: session timers, clock steps, retention expiry, limit sweeps, queue stats, the activity
+summary, watchdog ticks.
 
 One task wakes every ``tick`` seconds instead of a timer per connection or
 per job, so ten thousand idle connections cost no timers at all.
@@ -14,6 +15,7 @@ from .clock import Clock, wall_ms
 from .config import Config
 from .ops.allocator import release_free_memory
 from .ops.metrics import RelayMetrics
+from .ops.summary import ActivitySummary
 from .storage.store import Store
 
 log = logging.getLogger("relayd.server")
@@ -39,6 +41,7 @@ class Housekeeping:
         self.metrics = metrics
         self.clock = clock
         self.sweepers = sweepers
+        self.summary = ActivitySummary(metrics)
         self.tick_callbacks: list[Callable[[float], None]] = []
         self.max_tick = 1.0
         self._task: asyncio.Task[None] | None = None
@@ -50,6 +53,7 @@ class Housekeeping:
         self.retention_ms = int(config.queue.message_retention_hours * 3_600_000)
         self.expiry_interval = config.queue.expiry_interval_s
         self.sweep_interval = min(SWEEP_INTERVAL_S, config.limits.rate_limit_window_ms / 1000)
+        self.summary_interval = config.log.summary_interval_s
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -61,6 +65,7 @@ class Housekeeping:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_expiry = next_sweep = next_stats = 0.0
+        last_summary = loop.time()
         while True:
             tick = max(MIN_TICK_S, min(self.max_tick, self.auth_timeout / 4))
             planned = loop.time() + tick
@@ -81,6 +86,9 @@ class Housekeeping:
                 next_stats = now + STATS_INTERVAL_S
                 await self._refresh_queue_stats()
                 release_free_memory()
+            if self.summary_interval and now - last_summary >= self.summary_interval:
+                log.info("%s", self.summary.line(now - last_summary))
+                last_summary = now
 
     async def _follow_clock_steps(self) -> None:
         """Keep what is stored as old as it really is when the wall clock steps.

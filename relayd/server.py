@@ -49,6 +49,7 @@ class RelayServer:
                                          sweepers=[self.api.sweep, self.authenticator.sweep, self.admission.sweep])
         self.housekeeping.tick_callbacks.append(self.gateway.tick)
         self._stopping = False
+        self.crypto = ""
 
     def configure(self, config: Config) -> None:
         """Apply a (re)loaded configuration to every part; SIGHUP calls this."""
@@ -86,18 +87,22 @@ class RelayServer:
         await self.store.open()
         self.router.delivery.storage_budget = automatic_budget(self.config, self.store)
         self.router.configure(self.config)
-        log.info("signature verification: %s", self.authenticator.prepare(self.config.auth.crypto))
+        self.crypto = self.authenticator.prepare(self.config.auth.crypto)
         delivery = self.router.delivery
         self.metrics.bind(connections=lambda: len(self.gateway.sessions), sessions=self.session_count,
                           online=self.presence.online_count, queue_depth=self.store.total,
                           storage_bytes=self.store.stored_bytes,
                           storage_budget=lambda: delivery.limits.max_total_bytes,
                           storage_healthy=lambda: 1 if self.store.healthy else 0)
-        server = await self.gateway.start(sock=sock, ssl_context=ssl_context)
+        await self.gateway.start(sock=sock, ssl_context=ssl_context)
         self.authenticator.configure(self.config, self.public_url)
         self.housekeeping.start()
-        log.info("relayd listening on %s (storage: %s)",
-                 ", ".join(str(s.getsockname()[:2]) for s in server.sockets), self.store.name)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (host, port) of every listening socket."""
+        assert self.gateway.server is not None
+        return [s.getsockname()[:2] for s in self.gateway.server.sockets]
 
     async def stop(self) -> None:
         """Stop accepting, close sessions with 1001, finish storage writes, close the store."""

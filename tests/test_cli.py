@@ -24,8 +24,8 @@ from relayd.storage.sqlite import SQLiteStore
 from relayd.storage.store import KeyRecord
 
 
-def conf(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "relayd.conf"
+def conf(tmp_path: Path, text: str, name: str = "relayd.conf") -> str:
+    path = tmp_path / name
     path.write_text(text)
     return str(path)
 
@@ -224,6 +224,18 @@ def test_config_prints_each_value_with_its_source_and_loads_back(tmp_path):
     values = [line.split("  # ")[0] for line in keys]
     assert [line.split("  # ")[0] for line in again.stdout.splitlines()
             if " = " in line and not line.startswith("#")] == values
+
+
+def test_relayd_config_names_the_file_of_commands_that_read_one_and_a_flag_wins(tmp_path):
+    path = conf(tmp_path, "[server]\nport = 3002\n")
+    other = conf(tmp_path, "[server]\nport = 3004\n", name="other.conf")
+    env = clean_env(RELAYD_CONFIG=path)
+    assert "port = 3002  # file " + path in cli_ok(tmp_path, "config", env=env).stdout.splitlines()
+    assert f"file {path}" in cli_ok(tmp_path, "--check-config", env=env).stdout
+    assert "port = 3004  # file " + other in cli_ok(tmp_path, "config", "--config", other, env=env).stdout.splitlines()
+    # Client commands read no configuration: the variable does not make them refuse to run.
+    result = run_cli(tmp_path, "keygen", "--out", str(tmp_path / "k.key"), env=env)
+    assert result.returncode == 0, result.stderr
 
 
 def test_config_command_reports_configuration_errors_with_exit_2(tmp_path):

@@ -9,7 +9,6 @@ removes the containers and volumes it created and keeps the images, so later run
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import http.server
 import os
@@ -256,40 +255,28 @@ def expect_frame(client: WsClient, ftype: str, timeout: float = 5) -> dict[str, 
     return frame
 
 
-# The protocol smoke test; `relayd check` will replace it.
+# The protocol smoke test: relayd's own client, run from the image
 
 
-def protocol_smoke_test(port: int) -> tuple[str, dict[str, Any]]:
-    """Check a relay on 127.0.0.1:``port`` end to end: two addresses sign in, a live message is answered
-    ``delivered`` and arrives, a message to a third, offline address is answered ``queued``, a public key
-    is uploaded and looked up. Returns the offline address and the message queued for it, for the caller to
-    collect later. Fails the test at the first step that does not check out, naming it."""
-    url = f"ws://127.0.0.1:{port}"
-    alice, bob, carol = ("0x" + secrets.token_hex(20) for _ in range(3))
+def relayd_check(image: str, port: int) -> str:
+    """``relayd check`` from ``image`` against the relay on 127.0.0.1:``port`` (two throwaway identities, a live
+    and a queued message, a key round trip); fails the test with its report unless every step passed."""
+    done = docker("run", "--rm", "--network", "host", image, "check", "--relay", f"ws://127.0.0.1:{port}",
+                  check=False)
+    assert done.returncode == 0, f"relayd check failed:\n{done.stdout}{done.stderr}"
+    return done.stdout
 
-    with WsClient(url) as a, WsClient(url) as b:
-        a.send({"type": "auth", "address": alice})
-        assert expect_frame(a, "auth_success")["address"] == alice
-        b.send({"type": "auth", "address": bob})
-        assert expect_frame(b, "auth_success")["address"] == bob
 
-        live = msg(bob, str(uuid.uuid4()), "bGl2ZQ==")
-        a.send(live)
-        assert expect_frame(a, "delivered")["messageId"] == live["messageId"]
-        got = expect_frame(b, "message")
-        assert (got["from"], got["content"], got["messageId"], got["queued"]) == \
-            (alice, live["content"], live["messageId"], False)
-
-        stored = msg(carol, str(uuid.uuid4()), "c3RvcmVk")
-        a.send(stored)
-        assert expect_frame(a, "queued")["messageId"] == stored["messageId"]
-
-    key = base64.b64encode(secrets.token_bytes(32)).decode()
-    posted = http_request(port, "POST", "/api/public-keys", {"address": alice, "publicKey": key})
-    assert posted.status == 200 and posted.json["success"] is True, posted
-    fetched = http_request(port, "GET", f"/api/public-keys/{alice}")
-    assert fetched.status == 200 and fetched.json["publicKey"] == key, fetched
-    return carol, stored
+def queue_one(port: int) -> tuple[str, dict[str, Any]]:
+    """Queue a message for a fresh offline address; return the address and the message."""
+    offline = "0x" + secrets.token_hex(20)
+    stored = msg(offline, str(uuid.uuid4()), "c3RvcmVk")
+    with WsClient(f"ws://127.0.0.1:{port}") as sender:
+        sender.send({"type": "auth", "address": "0x" + secrets.token_hex(20)})
+        expect_frame(sender, "auth_success")
+        sender.send(stored)
+        assert expect_frame(sender, "queued")["messageId"] == stored["messageId"]
+    return offline, stored
 
 
 # Fixtures
@@ -375,7 +362,9 @@ def test_container_serves_stops_gracefully_and_keeps_queued_messages_on_its_volu
     assert "/opt/relayd/bin/relayd" in cmdline, f"PID 1 is not relayd: {cmdline}"
     wait_healthy(first)
 
-    offline, stored = protocol_smoke_test(port)
+    report = relayd_check(image, port)
+    assert re.fullmatch(r"relayd check: (\d+) of \1 steps passed", report.splitlines()[-1]), report
+    offline, stored = queue_one(port)
 
     with WsClient(f"ws://127.0.0.1:{port}") as watcher:
         watcher.auth("0x" + secrets.token_hex(20))
@@ -411,6 +400,10 @@ def test_mounted_config_file_is_read_and_environment_overrides_it(
     assert http_request(env_port, "GET", "/api/status/online/all").status == 200
     assert "storage: memory" in container_logs(name)
     wait_healthy(name)
+    # Every command that reads a configuration finds the mounted file by RELAYD_CONFIG, as the relay did.
+    effective = docker("run", "--rm", "--network", "host", "--volume", f"{config}:/etc/relayd/relayd.conf:ro",
+                       images(""), "config").stdout.splitlines()
+    assert f"port = {file_port}  # file /etc/relayd/relayd.conf" in effective, effective
 
 
 def test_redis_extra_is_installed_by_build_argument(images: Callable[[str], str]) -> None:

@@ -17,12 +17,13 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (ProcessRelay, RawWs, WsClient, assert_closed_with, cli_ok, frames_until_pong, free_port,
+from support import (ROOT, ProcessRelay, RawWs, WsClient, assert_closed_with, cli_ok, frames_until_pong, free_port,
                      http_request, msg, new_address, new_mid, online, pong_next, run_cli, wait_until)
 
 import prom_parser
@@ -669,3 +670,98 @@ def test_health_endpoints(process_relays, tmp_path):
     with relay.ws() as a:
         auth(a, new_address())
         assert relay.http("GET", "/health").json["connections"] == 1
+
+
+# Activity summary
+
+
+def test_the_activity_summary_counts_refusals_by_reason_without_addresses(process_relays, tmp_path):
+    relay = process_relays(tmp_path, config_text=OPEN + "[log]\nsummary_interval_s = 1\n[queue]\nmax_offline_messages = 1\n"
+                                                        "[limits]\nrate_limit_max_reads = 1\n")
+    alice, bob, carol = new_address(), new_address(), new_address()
+    with relay.ws() as a, relay.ws() as b:
+        auth(a, alice)
+        auth(b, bob)
+        a.send(msg(bob, new_mid()))
+        assert a.recv()["type"] == "delivered"
+        a.send(msg(carol, new_mid()))
+        assert a.recv()["type"] == "queued"
+        a.send(msg(carol, "over"))
+        assert a.recv()["code"] == "queue_full"
+        assert relay.http("GET", f"/api/status/{carol}").status == 200
+        assert relay.http("GET", f"/api/status/{carol}").status == 429
+        line = wait_until(lambda: next((line for line in relay.log().splitlines()
+                                        if "activity in the last" in line and "queue_full" in line), None),
+                          "a summary line with the refusal", timeout=5)
+    assert "2 sessions (2 addresses online)" in line, line
+    assert "messages: 1 live, 1 stored, 0 delivered from storage, 0 expired" in line, line
+    assert "refused: 1 messages (queue_full 1), 1 by limits (http_reads 1)" in line, line
+    assert line.endswith("; 1 messages stored"), line
+    summaries = [line for line in relay.log().splitlines() if "activity in the last" in line]
+    assert not any(a in line for line in summaries for a in (alice, bob, carol))
+
+
+# Start-up block
+
+
+def start_lines(relay: ProcessRelay) -> list[str]:
+    """The log lines up to and including the ready line, without timestamps."""
+    lines = [line.split(" ", 1)[1] for line in relay.log().splitlines() if line.strip()]
+    return lines[:next(i for i, line in enumerate(lines) if "relayd listening" in line) + 8]
+
+
+def test_start_up_says_version_urls_sources_storage_and_auth(process_relays, tmp_path):
+    relay = process_relays(tmp_path, config_text="[storage]\nsynchronous = full\n[log]\nsummary_interval_s = 0\n",
+                           args=("--log-level", "info"))
+    text = "\n".join(start_lines(relay))
+    port = relay.port
+    assert f"INFO relayd.daemon: relayd {__version__} (Python " in text
+    assert (f"INFO relayd.daemon: relayd listening on ws://127.0.0.1:{port}, http://127.0.0.1:{port} "
+            "(WebSocket and REST on one port)") in text
+    assert "INFO relayd.daemon: serving status page at /, metrics at /metrics" in text
+    assert (f"INFO relayd.daemon: configuration: defaults (for every key not set below); file {relay.config_path}; "
+            "environment RELAYD_QUEUE_FLUSH_DELAY_MS, RELAYD_SERVER_HOST, RELAYD_SERVER_PORT; "
+            "command line --log-level") in text
+    assert f"INFO relayd.daemon: storage: sqlite {tmp_path / 'relayd-data' / 'relayd.db'} (synchronous = full); " \
+           "queued content may take " in text
+    assert "INFO relayd.daemon: auth: mixed (signatures optional; an address that ever signed must always sign); " \
+           "signature verification: " in text
+    assert "WARNING" not in text
+
+
+@pytest.mark.parametrize("extra,warned", [("", True), ("trusted_proxies = 127.0.0.1\n", False)])
+def test_start_up_warns_when_exposed_on_all_interfaces_without_tls(process_relays, tmp_path, extra, warned):
+    relay = process_relays(tmp_path, config_text=f"[server]\n{extra}", env={"RELAYD_SERVER_HOST": "0.0.0.0"})
+    text = "\n".join(start_lines(relay))
+    assert f"relayd listening on ws://0.0.0.0:{relay.port}, http://0.0.0.0:{relay.port}" in text
+    assert ("WARNING relayd.daemon: listening on all interfaces (0.0.0.0) without TLS and without trusted_proxies"
+            in text) is warned, text
+
+
+# The systemd unit
+
+
+def unit_lines() -> list[str]:
+    return [line.strip() for line in (ROOT / "relayd.service").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_the_unit_runs_the_installed_entry_point_and_takes_every_setting_from_the_config_file():
+    lines = unit_lines()
+    assert "ExecStart=/opt/relayd/bin/relayd --config /etc/relayd/relayd.conf" in lines
+    assert [line for line in lines if line.startswith("Environment=") and "RELAYD_" in line] == []
+    assert "RestartPreventExitStatus=2" in lines and "Restart=on-failure" in lines
+    readme = (ROOT / "README.md").read_text()
+    assert "sudo python3 -m venv /opt/relayd && sudo /opt/relayd/bin/pip install ." in readme
+
+
+def test_systemd_accepts_the_unit_with_this_checkouts_entry_point(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze not found on PATH: install it with `apt-get install systemd` (Debian package)"
+    entry = Path(sys.executable).parent / "relayd"
+    assert entry.exists(), f"{entry}: the relayd entry point is missing; pip install -e . first"
+    unit = tmp_path / "relayd.service"
+    unit.write_text((ROOT / "relayd.service").read_text().replace("/opt/relayd/bin/relayd", str(entry)))
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+

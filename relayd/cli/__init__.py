@@ -10,10 +10,11 @@ the chosen command are refused too.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
-from ..config import ConfigError
+from ..config import CONFIG_FILE_ENV, ConfigError
 from .admin import (
     cmd_backup,
     cmd_config,
@@ -43,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = args.command or "run"
+    if command in CONFIG_COMMANDS and args.config is None:
+        args.config = os.environ.get(CONFIG_FILE_ENV) or None
     if command not in CONFIG_COMMANDS:
         misplaced = given_config_flags(args)
         if misplaced:

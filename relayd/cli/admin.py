@@ -96,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     configure_logging(config.log.level, config.log.format)
     try:
-        return asyncio.run(serve(config, lambda: load_from(args)[0]))
+        return asyncio.run(serve(config, lambda: load_from(args)[0], applied_sources(sources, args)))
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -112,9 +112,9 @@ def cmd_example_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def serve(config: Config, load: Callable[[], Config]) -> int:
+async def serve(config: Config, load: Callable[[], Config], sources: list[str]) -> int:
     from ..daemon import Daemon
-    daemon = Daemon(config, make_store(config), load)
+    daemon = Daemon(config, make_store(config), load, sources)
     try:
         await daemon.start()
     except StoreOpenError as exc:

@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import (
+    CONFIG_FILE_ENV,
     ENV_PREFIX,
     SECTIONS,
     Config,
@@ -89,11 +90,12 @@ def _epilog() -> str:
         "environment variables (override the file, overridden by flags):",
         f"  {ENV_PREFIX}<SECTION>_<KEY>      any key, e.g. {env_name('server', 'port')}=3002, "
         f"{env_name('storage', 'path')}=/var/lib/relayd/relayd.db",
+        f"  {CONFIG_FILE_ENV}                  the configuration file when --config is not given",
         "  the original relay's names work too:",
         *legacy,
         "",
         "default paths:",
-        "  configuration file        none: built-in defaults unless --config FILE is given",
+        f"  configuration file        none: built-in defaults unless --config FILE (or {CONFIG_FILE_ENV}) is given",
         f"  database                  {default_db} (relative to the working directory; [storage] path)",
         "",
         "examples:",

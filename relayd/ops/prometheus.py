@@ -116,6 +116,14 @@ class Family:
     def value(self) -> float:
         return self._only().value
 
+    def current(self) -> float:
+        """The sample of an unlabelled family as a scrape would read it (0 when its callback fails)."""
+        return self._only().read(self.name) or 0.0
+
+    def by_label(self) -> dict[str, float]:
+        """The samples of a one-label family, by that label's value."""
+        return {key[0]: child.value for key, child in self._children.items() if key}
+
     def render(self, out: list[str]) -> None:
         out.append(f"# HELP {self.name} {_escape_help(self.help)}\n# TYPE {self.name} {self.kind}\n")
         for key, child in sorted(self._children.items()):
