@@ -20,8 +20,8 @@ from typing import Any, Awaitable
 
 from .clock import Clock
 from .config import Config
-from .delivery import message_text
 from .errors import ErrorCode, RelayError
+from .frames import message_text
 from .ops.metrics import RelayMetrics
 from .presence import Routes
 from .session import Session

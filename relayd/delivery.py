@@ -7,8 +7,9 @@ frame's bytes reached its peer, the message is stored after all
 ``queued`` only after the store has committed it; meanwhile the sender's
 connection reads on (up to ``MAX_IN_FLIGHT`` writes or ``MAX_IN_FLIGHT_BYTES``),
 and its later messages follow the same path so that none overtakes an
-earlier one. Receipts for offline senders are stored in batches, one
-commit per loop iteration.
+earlier one. The messages to store are written in batches, one store call
+per loop iteration. Receipts live in ``receipts``, the hourly bound on new
+offline queues in ``new_queues``.
 """
 
 from __future__ import annotations
@@ -16,21 +17,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from .clock import Clock, wall_ms
 from .config import Config
 from .errors import ErrorCode, RelayError
-from .frames import encode, field_address, field_message_id, field_str, field_timestamp
-from .net.clientip import limit_key
+from .frames import answer_text, encode, field_address, field_message_id, field_str, field_timestamp, message_text
+from .new_queues import NewQueueBudget
 from .ops.metrics import RelayMetrics
 from .presence import Routes
+from .receipts import Receipts
 from .session import Session
 from .storage.store import (
     EnqueueResult,
     QueuedMessage,
     QueueLimits,
-    Receipt,
     StorageUnavailable,
     Store,
 )
@@ -41,20 +43,13 @@ log = logging.getLogger("relayd.router")
 RECENT_IDS = 16384
 MAX_IN_FLIGHT = 64
 MAX_IN_FLIGHT_BYTES = 1 << 20
-NEW_QUEUE_WINDOW_S = 3600.0
 
 Ident = tuple[str, str, str]
 """(sender, recipient, messageId), addresses lower-cased: what makes a message the same message."""
 
 
-def message_text(sender: str, content: str, message_id: str, timestamp: int, *, queued: bool) -> str:
-    """The encoded ``message`` frame a recipient gets, live or from its queue."""
-    return encode({"type": "message", "from": sender, "content": content, "messageId": message_id,
-                   "timestamp": timestamp, "queued": queued})
-
-
 class _Pipeline:
-    """One sender's stored-but-unanswered messages: how many, how large, and the last one's task."""
+    """One sender's stored-but-unanswered messages: how many, how large, and when the last one is answered."""
 
     __slots__ = ("in_flight", "bytes", "tail")
 
@@ -64,8 +59,26 @@ class _Pipeline:
         self.tail: asyncio.Future[None] | None = None
 
 
+@dataclass(slots=True)
+class _Storing:
+    """A message on its way to the store, with what its answer needs."""
+
+    session: Session
+    pipeline: _Pipeline
+    ident: Ident
+    msg: QueuedMessage
+    size: int
+
+
+_REFUSALS = {
+    EnqueueResult.FULL: RelayError(ErrorCode.QUEUE_FULL),
+    EnqueueResult.NO_SPACE: RelayError(ErrorCode.STORAGE_UNAVAILABLE, "The relay's storage budget is used up; "
+                                       "nothing was queued, retry later"),
+}
+
+
 class Delivery:
-    """The message path of the protocol: live routing, storing and answering, receipts."""
+    """The message path of the protocol: live routing, storing and answering (receipts in ``receipts``)."""
 
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics, clock: Clock,
                  writes: AddressWrites) -> None:
@@ -77,9 +90,10 @@ class Delivery:
         self._recent: OrderedDict[Ident, str] = OrderedDict()
         self._pipelines: dict[Session, _Pipeline] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._new_queues: dict[str, set[str]] = {}
-        self._new_queues_since = clock.monotonic()
-        self._receipts: list[tuple[Session, Receipt]] = []
+        self.new_queues = NewQueueBudget(config, clock.monotonic())
+        self.receipts = Receipts(config, self.forward, store, metrics, clock, writes, self._track)
+        self._to_store: list[_Storing] = []
+        self._stored: asyncio.Future[None] | None = None
         self.storage_budget = 0
         """The store-wide byte budget when ``[storage] max_bytes`` is auto, as the server measured it."""
         self.on_stored: Callable[[str], None] = lambda recipient: None
@@ -89,12 +103,11 @@ class Delivery:
     def configure(self, config: Config) -> None:
         limits = config.limits
         self.max_content = limits.max_message_bytes
-        self.new_queue_budget = limits.new_queues_per_sender_per_hour
-        self.new_queue_budget_per_ip = limits.new_queues_per_ip_per_hour
         q = config.queue
         budget = config.storage.max_bytes if config.storage.max_bytes >= 0 else self.storage_budget
         self.limits = QueueLimits(q.max_offline_messages, q.max_offline_bytes, q.overflow == "drop_oldest", budget)
-        self.max_receipts = q.max_receipts_per_recipient
+        self.new_queues.configure(config)
+        self.receipts.configure(config)
 
     def in_flight(self, session: Session) -> int:
         """How many of ``session``'s messages are being stored and not yet answered."""
@@ -107,7 +120,9 @@ class Delivery:
 
     async def settle(self) -> None:
         """Wait for every message and receipt still being stored (tests, shutdown)."""
-        self._store_receipts()
+        self.receipts.store_waiting()
+        if self._to_store:
+            self._store_batch()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -125,8 +140,16 @@ class Delivery:
 
     # Messages
 
-    async def message(self, session: Session, frame: dict[str, Any]) -> None:
-        """Route one ``message`` frame; answer ``delivered``, ``queued`` or an error, in send order."""
+    def message(self, session: Session, frame: dict[str, Any]) -> Awaitable[None] | None:
+        """Route one ``message`` frame; answer ``delivered``, ``queued`` or an error, in send order.
+
+        A live delivery or a repeated ``messageId`` is answered at once. A
+        message to store goes into the sender's write pipeline and is
+        answered once committed; the return value is then None, or, while
+        the pipeline is full, an awaitable that resolves once the message
+        has found room (the caller reads the sender's next frame after it).
+        Raises ``RelayError`` for a frame that cannot be routed.
+        """
         mid = field_message_id(frame)
         to = field_address(frame, "to", message_id=mid)
         content = field_str(frame, "content", max_len=self.max_content, message_id=mid)
@@ -135,77 +158,105 @@ class Delivery:
         assert sender is not None and content is not None
         ident = (sender, to, mid)
         answer = self._recent.get(ident)
+        now = wall_ms(self.clock)
         if answer is None:
-            now = wall_ms(self.clock)
             msg = QueuedMessage(to, session.spelling, mid, content, now if stamp is None else stamp, now)
             targets = self.routes.ready_sessions(to)
             pipeline = self._pipelines.get(session)
             if targets and not (pipeline and pipeline.in_flight) and not any(s.ack for s in targets):
                 data = message_text(msg.sender, content, mid, msg.timestamp, queued=False)
-                if sum(s.push(data, msg) for s in targets):
+                pushed = 0
+                for target in targets:
+                    pushed += target.push(data, msg)
+                if pushed:
                     self.metrics.routed_live.inc()
                     answer = "delivered"
             if answer is None:
-                await self._store_then_answer(session, ident, msg)
-                return
+                return self._store_then_answer(session, ident, msg)
             self._remember(ident, answer)
-        session.send({"type": answer, "messageId": mid, "to": to, "timestamp": wall_ms(self.clock)})
+        session.push(answer_text(answer, mid, to, now))
+        return None
 
-    async def _store_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage) -> None:
-        """Start storing ``msg`` and return; the answer goes out once the store has committed it.
+    def _store_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
+        """Start storing ``msg``; the answer goes out once the store has committed it.
 
         Past ``MAX_IN_FLIGHT`` unanswered writes (or ``MAX_IN_FLIGHT_BYTES``)
         the sender waits for its oldest, which bounds what one connection pins.
         """
         try:
-            self._spend_new_queue(session, msg.recipient, msg.message_id)
+            self.new_queues.spend(session.address or "", session.ip, msg.recipient, self.clock.monotonic(),
+                                  msg.message_id)
         except RelayError as err:
+            self.metrics.rate_limited.labels(limit="new_queues").inc()
             self.metrics.refused.labels(code=err.code.value).inc()
             raise
         pipeline = self._pipelines.get(session)
         if pipeline is None:
             pipeline = self._pipelines[session] = _Pipeline()
-        while ((pipeline.in_flight >= MAX_IN_FLIGHT or pipeline.bytes >= MAX_IN_FLIGHT_BYTES)
-               and pipeline.tail is not None and not pipeline.tail.done()):
+        if self._pipeline_full(pipeline):
+            return self._store_when_room(session, pipeline, ident, msg)
+        self._start_storing(session, pipeline, ident, msg)
+        return None
+
+    @staticmethod
+    def _pipeline_full(pipeline: _Pipeline) -> bool:
+        return ((pipeline.in_flight >= MAX_IN_FLIGHT or pipeline.bytes >= MAX_IN_FLIGHT_BYTES)
+                and pipeline.tail is not None and not pipeline.tail.done())
+
+    async def _store_when_room(self, session: Session, pipeline: _Pipeline, ident: Ident,
+                               msg: QueuedMessage) -> None:
+        while self._pipeline_full(pipeline):
+            assert pipeline.tail is not None
             await asyncio.wait([pipeline.tail])
+        self._start_storing(session, pipeline, ident, msg)
+
+    def _start_storing(self, session: Session, pipeline: _Pipeline, ident: Ident, msg: QueuedMessage) -> None:
+        """Add ``msg`` to the batch stored at the end of this loop iteration (one write for all of them)."""
         size = len(msg.content)
         pipeline.in_flight += 1
         pipeline.bytes += size
         session.outbox.hold(size)
-        task = asyncio.ensure_future(self._store_and_answer(session, pipeline, ident, msg, size))
-        pipeline.tail = task
+        if not self._to_store:
+            self._stored = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._store_batch)
+        self._to_store.append(_Storing(session, pipeline, ident, msg, size))
+        pipeline.tail = self._stored
+
+    def _store_batch(self) -> None:
+        if not self._to_store:  # settle() took it already
+            return
+        batch, self._to_store = self._to_store, []
+        stored, self._stored = self._stored, None
+        task = asyncio.ensure_future(self._store_and_answer(batch))
+        if stored is not None:
+            task.add_done_callback(lambda _: stored.done() or stored.set_result(None))
         self._track(task)
 
-    async def _store_and_answer(self, session: Session, pipeline: _Pipeline, ident: Ident,
-                                msg: QueuedMessage, size: int) -> None:
+    async def _store_and_answer(self, batch: list[_Storing]) -> None:
+        """Store a batch, then answer each message in order: ``queued``, ``delivered`` or an error."""
+        refusal: RelayError | None = None
         try:
-            try:
-                result = await self.store.enqueue(msg, self.limits)
-            except StorageUnavailable:
-                raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, message_id=msg.message_id) from None
-            if result is EnqueueResult.FULL:
-                raise RelayError(ErrorCode.QUEUE_FULL, message_id=msg.message_id)
-            if result is EnqueueResult.NO_SPACE:
-                raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "The relay's storage budget is used up; "
-                                 "nothing was queued, retry later", message_id=msg.message_id)
-            answer = "queued" if result is EnqueueResult.DUPLICATE else await self._deliver_stored(msg)
-        except RelayError as err:
-            self.metrics.refused.labels(code=err.code.value).inc()
-            session.send(err.frame())
-            return
+            results = await self.store.enqueue_many([item.msg for item in batch], self.limits)
+        except StorageUnavailable:
+            results, refusal = [], RelayError(ErrorCode.STORAGE_UNAVAILABLE)
         except Exception:
-            log.exception("internal error storing a message")
-            session.send(RelayError(ErrorCode.INTERNAL_ERROR, message_id=msg.message_id).frame())
-            return
-        finally:
-            pipeline.in_flight -= 1
-            pipeline.bytes -= size
-            session.outbox.hold(-size)
-        self._remember(ident, answer)
-        session.send({"type": answer, "messageId": msg.message_id, "to": msg.recipient,
-                      "timestamp": wall_ms(self.clock)})
+            log.exception("internal error storing messages")
+            results, refusal = [], RelayError(ErrorCode.INTERNAL_ERROR)
+        for i, item in enumerate(batch):
+            item.pipeline.in_flight -= 1
+            item.pipeline.bytes -= item.size
+            item.session.outbox.hold(-item.size)
+            result = results[i] if refusal is None else None
+            err = refusal or _REFUSALS.get(result)
+            if err is not None:
+                self.metrics.refused.labels(code=err.code.value).inc()
+                item.session.send(RelayError(err.code, err.message, message_id=item.msg.message_id).frame())
+                continue
+            answer = "queued" if result is EnqueueResult.DUPLICATE else self._deliver_stored(item.msg)
+            self._remember(item.ident, answer)
+            item.session.push(answer_text(answer, item.msg.message_id, item.msg.recipient, wall_ms(self.clock)))
 
-    async def _deliver_stored(self, msg: QueuedMessage) -> str:
+    def _deliver_stored(self, msg: QueuedMessage) -> str:
         """Push a just-committed message to whoever became ready meanwhile.
 
         Ack sessions keep it stored until they ack; if only plain sessions
@@ -222,11 +273,16 @@ class Delivery:
             return "queued"
         self.metrics.routed_live.inc()
         if not any(s.ack for s in taken):
-            try:
-                await self.store.remove(msg.recipient, [msg.seq])
-            except StorageUnavailable as exc:
-                log.error("cannot remove a delivered message: %s", exc)
+            task = asyncio.ensure_future(self._remove_delivered(msg))
+            self.writes.note(msg.recipient, task)
+            self._track(task)
         return "delivered"
+
+    async def _remove_delivered(self, msg: QueuedMessage) -> None:
+        try:
+            await self.store.remove(msg.recipient, [msg.seq])
+        except StorageUnavailable as exc:
+            log.error("cannot remove a delivered message: %s", exc)
 
     def undelivered(self, session: Session, messages: list[QueuedMessage]) -> None:
         """A plain session's connection ended before these messages' bytes reached its peer: store them again."""
@@ -242,63 +298,8 @@ class Delivery:
         except StorageUnavailable as exc:
             log.error("cannot keep %d undelivered messages: %s", len(messages), exc)
 
-    def _spend_new_queue(self, session: Session, to: str, mid: str) -> None:
-        """Bound how many distinct offline recipients one sender, and one client IP, may queue for per hour,
-        so random ``to`` or sender addresses cannot fill the disk."""
-        if not (self.new_queue_budget or self.new_queue_budget_per_ip):
-            return
-        now = self.clock.monotonic()
-        if now - self._new_queues_since >= NEW_QUEUE_WINDOW_S:
-            self._new_queues.clear()
-            self._new_queues_since = now
-        assert session.address is not None
-        for key, budget in ((session.address, self.new_queue_budget),
-                            ("ip " + limit_key(session.ip), self.new_queue_budget_per_ip)):
-            recipients = self._new_queues.get(key)
-            if budget and recipients is not None and to not in recipients and len(recipients) >= budget:
-                self.metrics.rate_limited.labels(limit="new_queues").inc()
-                raise RelayError(ErrorCode.RATE_LIMITED, "Too many distinct offline recipients this hour",
-                                 message_id=mid)
-        for key, budget in ((session.address, self.new_queue_budget),
-                            ("ip " + limit_key(session.ip), self.new_queue_budget_per_ip)):
-            if budget:
-                self._new_queues.setdefault(key, set()).add(to)
-
     def _remember(self, ident: Ident, answer: str) -> None:
         recent = self._recent
         recent[ident] = answer
         if len(recent) > RECENT_IDS:
             recent.popitem(last=False)
-
-    # Read receipts
-
-    def read_receipt(self, session: Session, frame: dict[str, Any]) -> None:
-        """Forward a read receipt to the sender's ready sessions, or store it (in a batch) for its next one."""
-        mid = field_message_id(frame)
-        to = field_address(frame, "to", message_id=mid)
-        stamp = wall_ms(self.clock)
-        if self.forward({"type": "read", "from": session.spelling, "messageId": mid, "timestamp": stamp}, to):
-            return
-        if not self._receipts:
-            asyncio.get_running_loop().call_soon(self._store_receipts)
-        self._receipts.append((session, Receipt(to, session.spelling, mid, stamp)))
-
-    def _store_receipts(self) -> None:
-        batch, self._receipts = self._receipts, []
-        if batch:
-            task = asyncio.ensure_future(self._store_receipt_batch(batch))
-            for recipient in {r.recipient for _, r in batch}:
-                self.writes.note(recipient, task)
-            self._track(task)
-
-    async def _store_receipt_batch(self, batch: list[tuple[Session, Receipt]]) -> None:
-        try:
-            dropped = await self.store.add_receipts([r for _, r in batch], self.max_receipts)
-        except StorageUnavailable:
-            for session, receipt in batch:
-                session.send(RelayError(ErrorCode.STORAGE_UNAVAILABLE, "Storage is unavailable; the receipt "
-                                        "was not stored", message_id=receipt.message_id).frame())
-            return
-        self.metrics.receipts_stored.inc(len(batch))
-        if dropped:
-            self.metrics.receipts_dropped.inc(dropped)

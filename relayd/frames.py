@@ -14,6 +14,24 @@ from .errors import ErrorCode, RelayError
 
 encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _decode = json.JSONDecoder().decode
+_string = json.encoder.encode_basestring  # the C escaper ``encode`` uses for str
+
+
+def message_text(sender: str, content: str, message_id: str, timestamp: int, *, queued: bool) -> str:
+    """The ``message`` frame a recipient gets, live or stored; the same text ``encode`` makes of it, faster.
+
+    It is built on the hot path of every routed message, where ``encode``'s
+    per-call set-up costs as much as the escaping itself.
+    """
+    return (f'{{"type":"message","from":{_string(sender)},"content":{_string(content)},'
+            f'"messageId":{_string(message_id)},"timestamp":{int(timestamp)},'
+            f'"queued":{"true" if queued else "false"}}}')
+
+
+def answer_text(answer: str, message_id: str, to: str, timestamp: int) -> str:
+    """A sender's ``delivered`` or ``queued`` frame, as ``message_text`` builds the message."""
+    return (f'{{"type":{_string(answer)},"messageId":{_string(message_id)},"to":{_string(to)},'
+            f'"timestamp":{int(timestamp)}}}')
 
 MAX_MESSAGE_ID = 256
 

@@ -66,7 +66,7 @@ class Router:
             "auth": self._on_auth,
             "message": self.delivery.message,
             "typing": self._on_typing,
-            "read_receipt": self.delivery.read_receipt,
+            "read_receipt": self.delivery.receipts.read_receipt,
             "ping": self._on_ping,
             "ack": self.backlog.ack,
         }
@@ -86,12 +86,15 @@ class Router:
         if challenge is not None:
             session.send(challenge)
 
-    async def received(self, session: Session, raw: str | bytes) -> None:
-        """Apply one frame from ``session``: answer it, route it, or refuse it.
+    def receive(self, session: Session, raw: str | bytes) -> Awaitable[None] | None:
+        """Apply one frame from ``session``: answer it, route it, or refuse it. Never raises.
 
-        Returns once the frame has been applied, except for messages that
-        must be stored: those are answered later, in order, while the caller
-        reads on (see ``Delivery.message``). Never raises.
+        Returns None once the frame has been applied (live routing, pings,
+        typing, errors: no I/O to wait for), else an awaitable that the
+        caller must await before it hands over the session's next frame
+        (sign-in, a full write pipeline). Messages that must be stored are
+        answered later, in order, while the caller reads on (see
+        ``Delivery.message``).
         """
         frame: dict[str, Any] | None = None
         try:
@@ -101,7 +104,7 @@ class Router:
                 self._refuse(session, RelayError(ErrorCode.MESSAGE_TOO_LARGE,
                                                  f"Frames before auth are limited to {self.max_preauth} bytes"),
                              CloseCode.MESSAGE_TOO_BIG)
-                return
+                return None
             frame = decode(raw)
             ftype = frame.get("type")
             handler = self._handlers.get(ftype) if isinstance(ftype, str) else None
@@ -116,17 +119,29 @@ class Router:
                 self.backlog.listening(session)
             pending = handler(session, frame)
             if pending is not None:
-                await pending
+                return self._finish(session, frame, pending)
             self.metrics.frame_ok.inc()
-        except RelayError as err:
-            self.metrics.frame_error.inc()
-            if err.message_id is None and frame is not None:
-                err.message_id = message_id_of(frame)
-            self._refuse(session, err, CLOSE_CODES.get(err.code))
-        except Exception:
-            log.exception("internal error handling a frame")
-            self.metrics.frame_error.inc()
-            session.send(RelayError(ErrorCode.INTERNAL_ERROR, message_id=message_id_of(frame or {})).frame())
+        except Exception as exc:
+            self._failed(session, frame, exc)
+        return None
+
+    async def _finish(self, session: Session, frame: dict[str, Any], pending: Awaitable[None]) -> None:
+        try:
+            await pending
+            self.metrics.frame_ok.inc()
+        except Exception as exc:
+            self._failed(session, frame, exc)
+
+    def _failed(self, session: Session, frame: dict[str, Any] | None, exc: Exception) -> None:
+        """A frame was refused (``RelayError``: its error frame and close code) or broke a handler (logged)."""
+        self.metrics.frame_error.inc()
+        if isinstance(exc, RelayError):
+            if exc.message_id is None and frame is not None:
+                exc.message_id = message_id_of(frame)
+            self._refuse(session, exc, CLOSE_CODES.get(exc.code))
+            return
+        log.error("internal error handling a frame", exc_info=exc)
+        session.send(RelayError(ErrorCode.INTERNAL_ERROR, message_id=message_id_of(frame or {})).frame())
 
     def throttled(self, session: Session, verdict: Verdict) -> None:
         """The session sent frames faster than ``frames_per_s`` allows; the frame was dropped."""

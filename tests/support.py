@@ -215,8 +215,9 @@ def make_config(**sections: dict[str, Any]) -> Config:
 
 
 def free_port() -> int:
+    """A port free on every interface, so a relay may bind it on 127.0.0.1 or on 0.0.0.0."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
 
 

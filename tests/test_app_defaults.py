@@ -107,7 +107,7 @@ def test_a_600_message_backlog_read_by_an_app_opened_three_times_loses_nothing(a
         await wait_for_state(lambda: len(reopened.inbox) + len(reopened.lost) == 600, "the backlog to be read", 60)
         await reopened.settle()
         await stop([reopened, sender], tasks)
-        assert reopened.dropped == [] and reopened.lost == []
+        assert reopened.dropped == [] and reopened.lost == [], reopened.lookups
         assert reopened.lookups == {200: 1800}
         assert [f["messageId"] for f in reopened.frames if f["type"] == "message"] == sent
         assert sorted(m["messageId"] for m in reopened.inbox) == sorted(sent)

@@ -68,9 +68,15 @@ class Relay:
             authenticator = Authenticator(config, config.effective_public_url, self.store, metrics, SYSTEM_CLOCK)
         self.router = Router(config, self.presence, self.store, metrics, authenticator, SYSTEM_CLOCK)
 
+    async def receive(self, peer: Peer, frame: Any) -> None:
+        """Hand one frame to the router as the connection does: await what it returns before the next."""
+        pending = self.router.receive(peer.session, frame if isinstance(frame, str) else json.dumps(frame))
+        if pending is not None:
+            await pending
+
     async def send(self, peer: Peer, frame: Any) -> None:
         """Handle one frame and wait until any message it stored is answered."""
-        await self.router.received(peer.session, frame if isinstance(frame, str) else json.dumps(frame))
+        await self.receive(peer, frame)
         await self.router.settle()
 
     async def auth(self, peer: Peer, address: str, **extra: Any) -> dict[str, Any]:
@@ -226,10 +232,10 @@ class FailingStore(MemoryStore):
         super().__init__()
         self.failing = True
 
-    async def enqueue(self, msg: Any, limits: Any) -> Any:
+    async def enqueue_many(self, messages: Any, limits: Any) -> Any:
         if self.failing:
             raise StorageUnavailable("disk full")
-        return await super().enqueue(msg, limits)
+        return await super().enqueue_many(messages, limits)
 
     async def add_receipts(self, receipts: Any, max_per_recipient: int) -> int:
         if self.failing:
@@ -373,9 +379,9 @@ class SlowStore(MemoryStore):
         super().__init__()
         self.gate = asyncio.Event()
 
-    async def enqueue(self, msg: Any, limits: Any) -> Any:
+    async def enqueue_many(self, messages: Any, limits: Any) -> Any:
         await self.gate.wait()
-        return await super().enqueue(msg, limits)
+        return await super().enqueue_many(messages, limits)
 
 
 def test_messages_in_flight_are_answered_in_order_and_never_overtaken() -> None:
@@ -387,11 +393,11 @@ def test_messages_in_flight_are_answered_in_order_and_never_overtaken() -> None:
         await relay.auth(a, A)
         a.take()
         for mid in ("m1", "m2", "m3"):
-            await relay.router.received(a.session, json.dumps(message(B, mid)))
+            await relay.receive(a, message(B, mid))
         assert a.take() == [] and relay.router.delivery.in_flight(a.session) == 3
-        await relay.router.received(b.session, json.dumps({"type": "auth", "address": B}))
+        await relay.receive(b, {"type": "auth", "address": B})
         b.take()
-        await relay.router.received(a.session, json.dumps(message(B, "m4")))
+        await relay.receive(a, message(B, "m4"))
         assert b.take() == [], "m4 must not overtake m1..m3"
         store.gate.set()
         await relay.router.settle()

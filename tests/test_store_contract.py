@@ -48,6 +48,19 @@ def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(store_backend):
     store_backend(body)
 
 
+def test_enqueue_many_is_enqueue_for_each_in_order(store_backend):
+    async def body(store: Store) -> None:
+        tight = QueueLimits(max_messages=2, max_bytes=1_000_000, drop_oldest=False)
+        batch = [msg("bob", "m1"), msg("carol", "m2"), msg("bob", "m1"), msg("bob", "m3"), msg("bob", "m4")]
+        assert await store.enqueue_many(batch, tight) == [QUEUED, QUEUED, DUPLICATE, QUEUED, FULL]
+        assert [m.seq > 0 for m in batch] == [True, True, False, True, False]
+        assert batch[0].seq < batch[1].seq < batch[3].seq
+        assert await ids(store, "bob") == ["m1", "m3"] and await ids(store, "carol") == ["m2"]
+        assert store.total() == 3
+        assert await store.enqueue_many([], tight) == []
+    store_backend(body)
+
+
 def test_queues_are_per_recipient(store_backend):
     async def body(store: Store) -> None:
         await enqueue_all(store, msg("bob", "m1"), msg("carol", "m2"), msg("bob", "m3"))

@@ -27,8 +27,9 @@ from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
 from relayd.errors import ErrorCode
-from relayd.net.connection import RelayConnection, text_frame
+from relayd.net.connection import RelayConnection
 from relayd.net.http_framing import BadRequest, read_request
+from relayd.net.outbox import text_frame
 
 WS = f"websockets {websockets.__version__}"
 
@@ -167,6 +168,13 @@ def test_connection_seams_relay_connection_overrides_or_calls():
     serve_params = inspect.signature(serve).parameters
     for name in ("create_connection", "open_timeout", "ping_interval", "max_queue", "write_limit"):
         assert name in serve_params, broken(f"serve() no longer accepts {name}=")
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 300_000])
+def test_relayd_builds_text_frames_as_websockets_does(size):
+    text = "é" * (size // 2) + "x" * (size % 2)
+    expected = Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
+    assert text_frame(text) == expected, broken(f"a {size}-byte unmasked text frame no longer serializes alike")
 
 
 def test_frames_and_responses_serialize_as_relayd_writes_them():

@@ -27,8 +27,9 @@ from .clientip import limit_key
 
 log = logging.getLogger("relayd.server")
 
-FD_RESERVE_MIN = 64
-"""Descriptors kept free for the database, logs and the listening socket: never used by clients."""
+FD_RESERVE_MIN = 160
+"""Descriptors kept free, never used by clients: asyncio accepts up to 100 connections per loop turn before
+relayd can refuse any (each holds a descriptor until it is closed), plus the database, logs and listeners."""
 MAX_LINGERING = 256
 """Refused connections answered with a 429/503 before closing; past this many, refusals just close."""
 

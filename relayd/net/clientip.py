@@ -3,6 +3,7 @@ right-most untrusted X-Forwarded-For hop when the peer is a trusted proxy."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Iterable
 
@@ -40,7 +41,14 @@ class ClientIpResolver:
 
 
 def limit_key(ip: str) -> str:
-    """IPv6 clients are limited per /64: one host usually owns the whole prefix."""
+    """IPv6 clients are limited per /64: one host usually owns the whole prefix. IPv4 addresses are their own key."""
+    if ":" not in ip:
+        return ip
+    return _ipv6_key(ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6_key(ip: str) -> str:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

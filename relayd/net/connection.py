@@ -15,13 +15,9 @@ websockets release moves these seams.
 from __future__ import annotations
 
 import asyncio
-import collections
 import email.utils
-import fcntl
 import http
 import logging
-import struct
-import termios
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generator
 
@@ -37,15 +33,9 @@ from ..errors import RelayError
 from ..ratelimit import FrameLimiter, Verdict
 from .http import HttpResponse, error_response
 from .http_framing import BadRequest, ParsedRequest, read_request
+from .outbox import COALESCE_BYTES, SentBytes, begin_batch, defer_flush, end_batch, text_frame
 
 log = logging.getLogger("relayd.server")
-
-COALESCE_BYTES = 64 * 1024
-"""Frames pushed in one loop iteration are written together, or at once past this size."""
-PRUNE_AFTER = 256
-"""Tracked deliveries kept before asking the kernel how much the peer acknowledged."""
-_OUTQ = struct.Struct("i")
-
 
 @dataclass(slots=True)
 class ConnectionLimits:
@@ -57,20 +47,6 @@ class ConnectionLimits:
     head_timeout: float
     idle_timeout: float
     max_requests: int
-
-
-_last: tuple[str | None, bytes] = (None, b"")
-
-
-def text_frame(text: str) -> bytes:
-    """``text`` as one unmasked WebSocket text frame; fan-out reuses the last one built."""
-    global _last
-    last = _last
-    if last[0] is text:
-        return last[1]
-    frame = Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
-    _last = (text, frame)
-    return frame
 
 
 class RelayConnection(ServerConnection):
@@ -89,19 +65,19 @@ class RelayConnection(ServerConnection):
         self.held = 0
         self.limiter: FrameLimiter | None = None
         self.on_refused: Callable[[Verdict], None] | None = None
+        self.on_message: Callable[[str | bytes], Awaitable[None] | None] | None = None
+        self.handling = False
+        self._busy: asyncio.Future[None] | None = None
         self.on_undelivered: Callable[[list[Any]], None] | None = None
         self.request_body = b""
         self.last_heard = 0.0
         self.ping_sent_at: float | None = None
-        self.stalled_since: float | None = None
         self._requests: list[ParsedRequest | BadRequest] = []
         self._want_next = False
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flush_scheduled = False
-        self._written = 0
-        self._acked_seen = 0
-        self._parcels: collections.deque[tuple[int, Any]] | None = None
+        self.sent: SentBytes | None = None
         self._inbound = 0
         self._kept = 0
         self._inbound_sizes: list[tuple[int, Verdict]] = []
@@ -116,6 +92,7 @@ class RelayConnection(ServerConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.sent = SentBytes(transport)
         self.recv_messages = Assembler(self.max_queue_high, self.max_queue_low,
                                        pause=self._pause_for_frames, resume=self._resume_for_frames)
         peer = transport.get_extra_info("peername")
@@ -131,18 +108,19 @@ class RelayConnection(ServerConnection):
 
     def data_received(self, data: bytes) -> None:
         self.last_heard = self.loop.time()
-        super().data_received(data)
+        opened = begin_batch()
+        try:
+            super().data_received(data)
+        finally:
+            if opened:
+                end_batch()
         if self.protocol.state is OPEN and self.transport.get_write_buffer_size() > self.limits.max_outbound:
             self.cut("its peer sends without reading (control frames pile up)")
             return
         self._recharge()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._parcels:
-            lost = self._unacknowledged()
-            if lost and self.on_undelivered is not None:
-                self.on_undelivered(lost)
-        self._parcels = None
+        self._hand_back()
         self._pending.clear()
         super().connection_lost(exc)
         if self.counted:
@@ -193,9 +171,22 @@ class RelayConnection(ServerConnection):
                 self.request_rcvd.set_result(None)
 
     def _frame(self, frame: Frame) -> None:
-        """Count every frame against the limiter; queue data frames with their verdict, in order."""
+        """Count every frame against the limiter; apply a whole allowed message at once when nothing is
+        ahead of it, else queue data frames with their verdict, in order, for the session loop."""
         verdict = Verdict.ALLOW if self.limiter is None else self.limiter.admit(self.loop.time())
         if frame.opcode in DATA_OPCODES:
+            if (frame.fin and verdict is Verdict.ALLOW and frame.opcode is not Opcode.CONT and not self.handling
+                    and self._busy is None and not self._inbound_sizes and self.on_message is not None):
+                try:  # text must be UTF-8; websockets fails a connection that sends other (1007) on the queue path
+                    data: str | bytes = frame.data.decode() if frame.opcode is Opcode.TEXT else frame.data
+                except UnicodeDecodeError:
+                    data = b""
+                if data:
+                    pending = self.on_message(data)
+                    if pending is not None:
+                        self._busy = asyncio.ensure_future(pending)
+                        self._busy.add_done_callback(self._applied)
+                    return
             if frame.opcode is not Opcode.CONT:
                 self._verdict = verdict
             self._message_size += len(frame.data)
@@ -209,6 +200,14 @@ class RelayConnection(ServerConnection):
                     self._update_reading()
         elif verdict is Verdict.CLOSE and self.on_refused is not None:  # a flood of pings or pongs
             self.on_refused(verdict)
+
+    def _applied(self, task: asyncio.Future[None]) -> None:
+        self._busy = None
+
+    async def wait_applied(self) -> None:
+        """Until the message applied straight from ``data_received`` (if any) has been applied in full."""
+        if self._busy is not None:
+            await self._busy
 
     def consumed(self) -> Verdict:
         """The handler took one message out of the queue: the frame limiter's verdict on it."""
@@ -342,28 +341,26 @@ class RelayConnection(ServerConnection):
         self._pending.append(frame)
         self._pending_bytes += size
         if parcel is not None:
-            if self._parcels is None:
-                self._parcels = collections.deque()
-            self._parcels.append((self._written + self._pending_bytes, parcel))
+            self.sent.track(self.sent.written + self._pending_bytes, parcel)
         if self._pending_bytes >= COALESCE_BYTES:
-            self._flush()
+            self.flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            if not defer_flush(self):
+                self.loop.call_soon(self.flush)
         return True
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write every frame pushed so far in one write."""
         self._flush_scheduled = False
         pending = self._pending
         if not pending or self.transport.is_closing():
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
-        self._written += self._pending_bytes
-        self._pending_bytes = 0
         self.transport.write(data)
-        if self._parcels is not None and len(self._parcels) > PRUNE_AFTER:
-            self.prune()
+        self.sent.wrote(self._pending_bytes)
+        self._pending_bytes = 0
         self._recharge()
 
     @property
@@ -379,7 +376,7 @@ class RelayConnection(ServerConnection):
         return self.drain() if self.paused else None
 
     def close_soon(self, code: int, reason: str) -> None:
-        self._flush()
+        self.flush()
         self.loop.create_task(self.close(code, reason))
 
     # Liveness, on the housekeeping timer
@@ -388,15 +385,9 @@ class RelayConnection(ServerConnection):
         """Ping a quiet peer, cut one that did not answer or whose send buffer stayed full too long."""
         if self.protocol.state is not OPEN:
             return
-        if self._acked_seen < self._written:  # bytes on their way: is the peer taking any?
-            acked = self._acked_bytes()
-            if acked > self._acked_seen:
-                self._acked_seen, self.stalled_since = acked, None
-            elif self.stalled_since is None:
-                self.stalled_since = now
-            elif now - self.stalled_since > stall_timeout:
-                self.cut(f"its peer took none of its bytes for {stall_timeout:g} s")
-                return
+        if self.sent.stalled(now) > stall_timeout:
+            self.cut(f"its peer took none of its bytes for {stall_timeout:g} s")
+            return
         if self.ping_sent_at is not None:
             if self.last_heard > self.ping_sent_at:
                 self.ping_sent_at = None
@@ -408,8 +399,7 @@ class RelayConnection(ServerConnection):
             self.protocol.send_ping(b"")
             self.send_data()
             self.ping_sent_at = now
-        if self._parcels:
-            self.prune()
+        self.sent.prune()
 
     async def _fail(self, code: int, reason: str) -> None:
         """Send a close frame and give the peer ``close_timeout`` to close, as websockets' keepalive does."""
@@ -419,48 +409,21 @@ class RelayConnection(ServerConnection):
         except ConnectionClosed:
             pass
 
-    # Delivery tracking and cutting off
+    # Cutting off
 
-    def prune(self) -> None:
-        """Forget tracked deliveries the peer's TCP stack has acknowledged."""
-        parcels = self._parcels
-        if not parcels:
-            return
-        acked = self._acked_bytes()
-        while parcels and parcels[0][0] <= acked:
-            parcels.popleft()
-
-    def _acked_bytes(self) -> int:
-        """Bytes of this connection's frames the peer has acknowledged (TCP), as far as can be told.
-
-        With TLS the record layer hides the mapping: what left the transport's buffer counts.
-        """
-        sent = self._written - self.transport.get_write_buffer_size()
-        sock = self.transport.get_extra_info("socket")
-        if sock is None or self.transport.get_extra_info("sslcontext") is not None:
-            return sent
-        try:
-            unacked = _OUTQ.unpack(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-        except OSError:
-            return 0
-        return sent - unacked
-
-    def _unacknowledged(self) -> list[Any]:
-        parcels = self._parcels
-        if not parcels:
-            return []
-        acked = self._acked_bytes()
-        return [parcel for end, parcel in parcels if end > acked]
+    def _hand_back(self) -> None:
+        """Give the messages the peer never acknowledged to ``on_undelivered``, once."""
+        if self.sent is not None and self.sent.tracking:
+            lost = self.sent.release()
+            if lost and self.on_undelivered is not None:
+                self.on_undelivered(lost)
 
     def cut(self, reason: str) -> None:
         """End the connection at once (no closing handshake): it broke a limit it cannot recover from."""
         if self.transport.is_closing():
             return
         log.debug("cutting a connection from %s: %s", self.client_ip, reason)
-        lost = self._unacknowledged()
-        self._parcels = None
-        if lost and self.on_undelivered is not None:
-            self.on_undelivered(lost)
+        self._hand_back()
         self.transport.abort()
 
     # Accounting

@@ -9,6 +9,7 @@ reports its close.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import ssl
@@ -152,16 +153,27 @@ class Gateway:
         conn.on_undelivered = partial(self.router.undelivered, session)
         self.sessions[session] = conn
         self.router.opened(session)
+        conn.on_message = partial(self.router.receive, session)
         try:
+            # Messages arriving with nothing ahead of them were applied by the connection as they came in;
+            # the others queue here, behind whatever is still being applied.
             async for message in conn:
+                conn.handling = True
+                await conn.wait_applied()
                 verdict = conn.consumed()
                 if verdict is Verdict.ALLOW:
-                    await self.router.received(session, message)
+                    pending = self.router.receive(session, message)
+                    if pending is not None:
+                        await pending
                 else:
                     self.router.throttled(session, verdict)
+                conn.handling = False
         except ConnectionClosed:
             pass
         finally:
+            conn.on_message = None
+            with contextlib.suppress(Exception):
+                await conn.wait_applied()
             del self.sessions[session]
             self.admission.socket_closed(conn.client_ip)
             self.router.closed(session)

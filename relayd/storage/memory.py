@@ -60,7 +60,13 @@ class MemoryStore:
 
     # Messages
 
+    async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
+        return [self._enqueue(msg, limits) for msg in messages]
+
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
+        return self._enqueue(msg, limits)
+
+    def _enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
         if _ident(msg) in self._ids:
             return EnqueueResult.DUPLICATE
         size = utf8_len(msg.content)

@@ -134,11 +134,22 @@ class SQLiteStore:
     # Messages
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
-        result, seq = await self._writer.submit(
-            lambda c: enqueue_row(c, msg, limits, self._seqs, self._writer.bytes), write=True)
-        if result is EnqueueResult.QUEUED:
-            msg.seq = seq
-        return result
+        return (await self.enqueue_many([msg], limits))[0]
+
+    async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
+        def job(conn: sqlite3.Connection) -> tuple[list[tuple[EnqueueResult, int]], Delta]:
+            out, added, added_bytes = [], 0, 0
+            for msg in messages:
+                outcome, (n, nbytes) = enqueue_row(conn, msg, limits, self._seqs, self._writer.bytes + added_bytes)
+                out.append(outcome)
+                added, added_bytes = added + n, added_bytes + nbytes
+            return out, (added, added_bytes)
+
+        results = await self._writer.submit(job, write=True)
+        for msg, (result, seq) in zip(messages, results):
+            if result is EnqueueResult.QUEUED:
+                msg.seq = seq
+        return [result for result, _ in results]
 
     async def restore(self, messages: list[QueuedMessage]) -> int:
         if not messages:

@@ -108,6 +108,16 @@ class MessageStore(Protocol):
         """
         ...
 
+    async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
+        """``enqueue`` each of ``messages``, in order, in as few round trips as the storage allows.
+
+        Returns the results in order. Raises ``StorageUnavailable`` when the
+        batch could not be stored (SQLite: none of it was; Redis: some may
+        have been); the caller reports none of it as queued, and a retry with
+        the same messageIds is answered DUPLICATE for whatever did land.
+        """
+        ...
+
     async def restore(self, messages: list[QueuedMessage]) -> int:
         """Put back messages that left the store (or never entered it) but did not reach their recipient.
 

@@ -231,6 +231,10 @@ class RedisStore:
         outcome = await self._enqueue(msg, limits, "", 0)
         return _RESULTS[outcome]
 
+    async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
+        outcomes = await asyncio.gather(*(self._enqueue(msg, limits, "", 0) for msg in messages))
+        return [_RESULTS[outcome] for outcome in outcomes]
+
     async def _enqueue(self, msg: QueuedMessage, limits: QueueLimits, ledger: str, ledger_ttl_ms: int) -> str:
         size = utf8_len(msg.content)
         record = _encode_message(msg, size)

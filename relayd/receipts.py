@@ -1,0 +1,67 @@
+"""Read receipts: forwarded to the sender's ready sessions, or stored for its next one, a batch per loop turn."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from .clock import Clock, wall_ms
+from .config import Config
+from .errors import ErrorCode, RelayError
+from .frames import field_address, field_message_id
+from .ops.metrics import RelayMetrics
+from .session import Session
+from .storage.store import Receipt, StorageUnavailable, Store
+from .writes import AddressWrites
+
+
+class Receipts:
+    """Handles ``read_receipt`` frames; ``forward`` pushes a frame to a recipient's ready sessions (how many took it)."""
+
+    def __init__(self, config: Config, forward: Callable[[dict[str, Any], str], int], store: Store,
+                 metrics: RelayMetrics, clock: Clock, writes: AddressWrites,
+                 track: Callable[[asyncio.Future[Any]], None]) -> None:
+        self.forward = forward
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.writes = writes
+        self._track = track
+        self._waiting: list[tuple[Session, Receipt]] = []
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.max_per_recipient = config.queue.max_receipts_per_recipient
+
+    def read_receipt(self, session: Session, frame: dict[str, Any]) -> None:
+        """Forward a read receipt to the sender's ready sessions, or store it (in a batch) for its next one."""
+        mid = field_message_id(frame)
+        to = field_address(frame, "to", message_id=mid)
+        stamp = wall_ms(self.clock)
+        if self.forward({"type": "read", "from": session.spelling, "messageId": mid, "timestamp": stamp}, to):
+            return
+        if not self._waiting:
+            asyncio.get_running_loop().call_soon(self.store_waiting)
+        self._waiting.append((session, Receipt(to, session.spelling, mid, stamp)))
+
+    def store_waiting(self) -> None:
+        """Start storing the receipts gathered so far, in one write."""
+        batch, self._waiting = self._waiting, []
+        if batch:
+            task = asyncio.ensure_future(self._store(batch))
+            for recipient in {r.recipient for _, r in batch}:
+                self.writes.note(recipient, task)
+            self._track(task)
+
+    async def _store(self, batch: list[tuple[Session, Receipt]]) -> None:
+        try:
+            dropped = await self.store.add_receipts([r for _, r in batch], self.max_per_recipient)
+        except StorageUnavailable:
+            for session, receipt in batch:
+                session.send(RelayError(ErrorCode.STORAGE_UNAVAILABLE, "Storage is unavailable; the receipt "
+                                        "was not stored", message_id=receipt.message_id).frame())
+            return
+        self.metrics.receipts_stored.inc(len(batch))
+        if dropped:
+            self.metrics.receipts_dropped.inc(dropped)
