@@ -214,6 +214,21 @@ def make_config(**sections: dict[str, Any]) -> Config:
     return load_config(None, environ={}, overrides=overrides)
 
 
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux 4.2+
+
+
+def client_socket(source: str) -> socket.socket:
+    """A TCP socket bound to the loopback address ``source`` (another client IP), its port chosen at connect.
+
+    A plain ``bind((source, 0))`` searches for a free port at bind time,
+    which takes milliseconds once thousands of sockets exist.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    sock.bind((source, 0))
+    return sock
+
+
 def free_port() -> int:
     """A port free on every interface, so a relay may bind it on 127.0.0.1 or on 0.0.0.0."""
     with socket.socket() as s:
@@ -498,11 +513,10 @@ class RawWs:
 
     def __init__(self, port: int, *, headers: dict[str, str] | None = None, timeout: float = 5,
                  rcvbuf: int | None = None, source: str | None = None) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # another loopback address: another client IP
+        self.sock = client_socket(source) if source is not None else socket.socket()
         if rcvbuf is not None:  # a small window makes a slow reader with little data
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        if source is not None:  # another loopback address: another client IP
-            self.sock.bind((source, 0))
         self.sock.settimeout(scaled(timeout))
         self.sock.connect(("127.0.0.1", port))
         self.reader = StreamReader()

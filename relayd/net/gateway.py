@@ -36,6 +36,10 @@ from .origins import OriginPolicy
 log = logging.getLogger("relayd.server")
 
 CLOSE_TIMEOUT = 5.0
+LISTEN_BACKLOG = 4096
+"""Connections the kernel completes before relayd accepts them (capped by net.core.somaxconn). asyncio listens
+with 100, which drops the SYNs of a reconnect storm (each dropped client waits a second or more to retry);
+asyncio's own batches of up to 100 accepts per loop turn, which the descriptor reserve covers, stay as they are."""
 WRITE_LIMIT = 64 * 1024
 MAX_QUEUE = 16
 
@@ -83,6 +87,9 @@ class Gateway:
             ssl=ssl_context,
             **where,
         )
+        for listening in self.server.sockets:
+            with listening.dup() as sock:  # the same socket: a longer kernel queue, same accept batches
+                sock.listen(LISTEN_BACKLOG)
         return self.server
 
     def session_count(self) -> int:
