@@ -16,8 +16,8 @@ from websockets.http11 import Request, Response
 from .config import Config, ConfigError, merge_reload
 from .errors import ErrorCode, RelayError
 from .net.admission import raise_descriptor_limit
-from .net.connection import to_response
 from .net.http import HttpResponse, error_response
+from .net.http_connection import to_response
 from .ops.allocator import tune_allocator
 from .ops.logsetup import configure_logging
 from .ops.prometheus import CONTENT_TYPE

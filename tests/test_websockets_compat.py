@@ -1,6 +1,6 @@
 """Tripwire for the websockets internals relayd's one-port design depends on.
 
-``relayd.net.connection.RelayConnection`` replaces the protocol's handshake
+``relayd.net.http_connection.HttpConnection`` replaces the protocol's handshake
 parser with ``relayd.net.http_framing.read_request`` (request bodies, kept-alive
 and pipelined requests), runs its own handshake loop, counts every frame and
 writes frames without awaiting. If a websockets release moves these seams,
@@ -35,7 +35,7 @@ WS = f"websockets {websockets.__version__}"
 
 
 def broken(what: str) -> str:
-    return (f"{WS} broke relayd's one-port support: {what}. relayd.net.connection/http_framing "
+    return (f"{WS} broke relayd's one-port support: {what}. relayd.net.http_connection, connection and http_framing "
             f"must be adapted before upgrading (pyproject pins websockets>=17.4,<18).")
 
 

@@ -1,67 +1,39 @@
-"""One TCP connection on the shared port: HTTP requests (kept alive), then maybe a WebSocket.
+"""The WebSocket side of a connection on the shared port: frames in and out, liveness, budgets, cutting off.
 
-``RelayConnection`` specialises websockets' ``ServerConnection`` at its
-seams: it replaces the protocol's handshake parser by ``http_framing``'s
-strict one (bodies, keep-alive, pipelining), runs the handshake loop that
-answers REST requests through ``process_request`` until one upgrades, and
-writes frames without awaiting (``Outbox``). It accounts every byte it
-buffers (unread input, unsent output) to the client's budget, counts every
-frame (control frames too) against the frame limiter, and can be cut off,
-handing back the messages whose bytes never reached the peer.
-``tests/test_websockets_compat.py`` fails loudly, naming the version, if a
-websockets release moves these seams.
+``RelayConnection`` extends ``HttpConnection`` (REST and the handshake). A
+whole frame with nothing queued ahead of it is applied as it arrives
+(``on_message``); others queue for the session loop with the frame limiter's
+verdict. Frames out are written without awaiting (the session's ``Outbox``),
+coalesced per received chunk. It accounts every byte it buffers (unread
+input, unsent output) to the client's budget, counts every frame (control
+frames too) against the frame limiter, and can be cut off, handing back the
+messages whose bytes never reached the peer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import http
 import logging
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from websockets.asyncio.messages import Assembler
-from websockets.asyncio.server import Server, ServerConnection
-from websockets.datastructures import Headers
+from websockets.asyncio.server import Server
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import DATA_OPCODES, CloseCode, Frame, Opcode
-from websockets.http11 import Response
-from websockets.protocol import OPEN, Protocol, State
+from websockets.protocol import OPEN
 
-from ..errors import RelayError
 from ..ratelimit import FrameLimiter, Verdict
-from .http import HttpResponse, error_response
-from .http_framing import BadRequest, ParsedRequest, read_request
+from .http_connection import HttpConnection
 from .outbox import COALESCE_BYTES, SentBytes, begin_batch, defer_flush, end_batch, text_frame
 
 log = logging.getLogger("relayd.server")
 
-@dataclass(slots=True)
-class ConnectionLimits:
-    """Per-connection limits, shared by every connection so that a reload reaches open ones too."""
-
-    max_body: int
-    max_outbound: int
-    max_inbound: int
-    head_timeout: float
-    idle_timeout: float
-    max_requests: int
-
-
-class RelayConnection(ServerConnection):
-    """See the module docstring. ``context`` is the gateway: admission, budgets, limits, time."""
+class RelayConnection(HttpConnection):
+    """See the module docstring. ``context`` is the gateway: admission, budgets, limits."""
 
     def __init__(self, protocol: Any, server: Server, *, context: Any, **kwargs: Any) -> None:
-        super().__init__(protocol, server, **kwargs)
-        self.context = context
-        self.limits: ConnectionLimits = context.connection_limits
-        self.peer_ip = "unknown"
-        self.client_ip = "unknown"
-        self.trusted_peer = False
-        self.counted = False
-        self.refusal: RelayError | None = None
-        self.in_head = True
+        super().__init__(protocol, server, context=context, **kwargs)
         self.held = 0
         self.limiter: FrameLimiter | None = None
         self.on_refused: Callable[[Verdict], None] | None = None
@@ -69,11 +41,8 @@ class RelayConnection(ServerConnection):
         self.handling = False
         self._busy: asyncio.Future[None] | None = None
         self.on_undelivered: Callable[[list[Any]], None] | None = None
-        self.request_body = b""
         self.last_heard = 0.0
         self.ping_sent_at: float | None = None
-        self._requests: list[ParsedRequest | BadRequest] = []
-        self._want_next = False
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flush_scheduled = False
@@ -85,26 +54,15 @@ class RelayConnection(ServerConnection):
         self._message_size = 0
         self._frames_paused = False
         self._bytes_paused = False
-        protocol.parser = self._parse_requests()
-        next(protocol.parser)
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
         self.sent = SentBytes(transport)
+        self.last_heard = asyncio.get_running_loop().time()
+        super().connection_made(transport)
         self.recv_messages = Assembler(self.max_queue_high, self.max_queue_low,
                                        pause=self._pause_for_frames, resume=self._resume_for_frames)
-        peer = transport.get_extra_info("peername")
-        self.peer_ip = self.client_ip = peer[0] if peer else "unknown"
-        self.last_heard = self.loop.time()
-        refusal = self.context.accepted(self)
-        if refusal is None:
-            self.counted = True
-        elif self.context.may_linger(self):
-            self.refusal = refusal  # answered at once by handshake(), then closed the lingering way
-        else:
-            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.last_heard = self.loop.time()
@@ -123,54 +81,12 @@ class RelayConnection(ServerConnection):
         self._hand_back()
         self._pending.clear()
         super().connection_lost(exc)
-        if self.counted:
-            self.context.released(self)
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._recharge()
 
-    # Reading: HTTP requests, then frames
-
-    def _parse_requests(self) -> Generator[None, None, None]:
-        """The protocol's parser: requests one at a time, frames after an upgrade."""
-        protocol = self.protocol
-        while True:
-            try:
-                parsed = yield from read_request(protocol.reader, self.limits.max_body, self._continue)
-            except EOFError:
-                protocol.send_eof()
-                protocol.parser = protocol.discard()
-                next(protocol.parser)
-                yield
-                return
-            except BadRequest as exc:
-                protocol.events.append(exc)
-                while True:  # until the answer replaces this parser by discard()
-                    yield
-            protocol.events.append(parsed)
-            if parsed.upgrade:
-                yield from Protocol.parse(protocol)
-                return
-            while not self._want_next:
-                if len(protocol.reader.buffer) > self.limits.max_body + 65536:
-                    self.transport.pause_reading()
-                yield
-            self._want_next = False
-
-    def _continue(self) -> None:
-        """``Expect: 100-continue``: tell the client to send its body."""
-        self.protocol.writes.append(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def process_event(self, event: Any) -> None:
-        if isinstance(event, Frame):
-            self._frame(event)
-        else:
-            self._requests.append(event)
-            if not self.request_rcvd.done():
-                self.request_rcvd.set_result(None)
-
-    def _frame(self, frame: Frame) -> None:
+    def frame_received(self, frame: Frame) -> None:
         """Count every frame against the limiter; apply a whole allowed message at once when nothing is
         ahead of it, else queue data frames with their verdict, in order, for the session loop."""
         verdict = Verdict.ALLOW if self.limiter is None else self.limiter.admit(self.loop.time())
@@ -236,91 +152,6 @@ class RelayConnection(ServerConnection):
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
-
-    # The handshake: REST requests until one upgrades
-
-    async def handshake(self, process_request: Any, process_response: Any = None,
-                        server_header: str | None = None) -> None:
-        """Answer requests in order until one opens a WebSocket or the connection ends.
-
-        Kept-alive requests are answered by writing the response and parsing
-        the next request; the last answer is sent the websockets way (with
-        EOF, waiting for the client to close). The first head must arrive
-        within ``head_timeout``, later ones within ``idle_timeout``.
-        """
-        if self.refusal is not None:  # answer its first request (clients read no answer before sending)
-            try:
-                if await self._next_request(min(1.0, self.limits.head_timeout)) is not None:
-                    await self._answer_last(to_response(error_response(self.refusal), False))
-            finally:
-                self.context.lingered(self)
-            return
-        served = 0
-        timeout = self.limits.head_timeout
-        while not self.transport.is_closing():
-            item = await self._next_request(timeout)
-            if item is None:
-                return
-            if self.in_head:
-                self.in_head = False
-                self.context.head_done(self)
-            if isinstance(item, BadRequest):
-                await self._answer_last(to_response(error_response(RelayError(item.code, str(item))), False))
-                return
-            self.request = item.request
-            self.request_body = item.body
-            response = await process_request(self, item.request)
-            self.request_body = b""
-            if response is None:
-                await self._accept_websocket(server_header)
-                return
-            served += 1
-            if (not item.keep_alive or served >= self.limits.max_requests or not self.server.is_serving()
-                    or self.transport.is_closing()):
-                await self._answer_last(response)
-                return
-            del response.headers["Connection"]
-            self.transport.write(response.serialize())
-            self.request = None
-            self._want_next = True
-            self.transport.resume_reading()
-            next(self.protocol.parser)
-            for event in self.protocol.events_received():
-                self.process_event(event)
-            if self.paused:
-                await self.drain()
-            timeout = self.limits.idle_timeout
-
-    async def _next_request(self, timeout: float) -> ParsedRequest | BadRequest | None:
-        if not self._requests:
-            self.request_rcvd = self.loop.create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await asyncio.wait([self.request_rcvd, self.connection_lost_waiter],
-                                       return_when=asyncio.FIRST_COMPLETED)
-            except TimeoutError:
-                self.transport.abort() if self.in_head else self.transport.close()
-                return None
-        return self._requests.pop(0) if self._requests else None
-
-    async def _answer_last(self, response: Response) -> None:
-        """The connection's last answer: sent with EOF, then the client is given time to close."""
-        if self.protocol.state is State.CONNECTING:
-            async with self.send_context(expected_state=State.CONNECTING):
-                self.protocol.send_response(response)
-
-    async def _accept_websocket(self, server_header: str | None) -> None:
-        assert self.request is not None
-        response = self.protocol.accept(self.request)
-        if server_header is not None:
-            response.headers["Server"] = server_header
-        if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS and not self.server.is_serving():
-            response = self.protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n")
-        if self.state is State.CONNECTING:
-            async with self.send_context(expected_state=State.CONNECTING):
-                self.protocol.send_response(response)
-        self.request = None  # an idle connection keeps neither the request nor the response
-        self.response = None
 
     # Writing: the session's Outbox
 
@@ -435,16 +266,3 @@ class RelayConnection(ServerConnection):
         if held != self.held:
             delta, self.held = held - self.held, held
             self.context.charge(self, delta)
-
-
-def to_response(resp: HttpResponse, head: bool) -> Response:
-    """The websockets ``Response`` for a REST answer (no body for HEAD)."""
-    headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close")])
-    if resp.content_type:
-        headers["Content-Type"] = resp.content_type
-    if resp.status not in (204, 304):
-        headers["Content-Length"] = str(len(resp.body))
-    for name, value in resp.headers:
-        headers[name] = value
-    status = http.HTTPStatus(resp.status)
-    return Response(status.value, status.phrase, headers, b"" if head else resp.body)

@@ -28,9 +28,10 @@ from ..router import Router
 from ..session import Session
 from .admission import Admission
 from .clientip import ClientIpResolver
-from .connection import ConnectionLimits, RelayConnection, to_response
+from .connection import RelayConnection
 from .http import HttpRequest, error_response, header_value
 from .http_api import HttpApi
+from .http_connection import ConnectionLimits, to_response
 from .origins import OriginPolicy
 
 log = logging.getLogger("relayd.server")

@@ -1,0 +1,222 @@
+"""The HTTP side of a connection on the shared port: REST requests (kept alive, pipelined), then maybe an upgrade.
+
+``HttpConnection`` specialises websockets' ``ServerConnection`` at its
+seams: it replaces the protocol's handshake parser by ``http_framing``'s
+strict one (bodies, keep-alive, pipelining) and runs the handshake loop that
+answers REST requests through ``process_request`` until one upgrades. Every
+connection is counted from accept by the gateway (``context``); a refused one
+gets its answer (429/503) once its first request head arrives, or is closed.
+``RelayConnection`` adds the WebSocket side. ``tests/test_websockets_compat.py``
+fails loudly, naming the version, if a websockets release moves these seams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import http
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.datastructures import Headers
+from websockets.frames import Frame
+from websockets.http11 import Response
+from websockets.protocol import Protocol, State
+
+from ..errors import RelayError
+from .http import HttpResponse, error_response
+from .http_framing import BadRequest, ParsedRequest, read_request
+
+
+@dataclass(slots=True)
+class ConnectionLimits:
+    """Per-connection limits, shared by every connection so that a reload reaches open ones too."""
+
+    max_body: int
+    max_outbound: int
+    max_inbound: int
+    head_timeout: float
+    idle_timeout: float
+    max_requests: int
+
+
+class HttpConnection(ServerConnection):
+    """See the module docstring. ``context`` is the gateway: admission, budgets, limits."""
+
+    def __init__(self, protocol: Any, server: Server, *, context: Any, **kwargs: Any) -> None:
+        super().__init__(protocol, server, **kwargs)
+        self.context = context
+        self.limits: ConnectionLimits = context.connection_limits
+        self.peer_ip = "unknown"
+        self.client_ip = "unknown"
+        self.trusted_peer = False
+        self.counted = False
+        self.refusal: RelayError | None = None
+        self.in_head = True
+        self.request_body = b""
+        self._requests: list[ParsedRequest | BadRequest] = []
+        self._want_next = False
+        protocol.parser = self._parse_requests()
+        next(protocol.parser)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = self.client_ip = peer[0] if peer else "unknown"
+        refusal = self.context.accepted(self)
+        if refusal is None:
+            self.counted = True
+        elif self.context.may_linger(self):
+            self.refusal = refusal  # answered at once by handshake(), then closed the lingering way
+        else:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.counted:
+            self.context.released(self)
+
+    def frame_received(self, frame: Frame) -> None:
+        """A WebSocket frame after the upgrade; the WebSocket side applies it."""
+
+    # Reading requests
+
+    # Reading: HTTP requests, then frames
+
+    def _parse_requests(self) -> Generator[None, None, None]:
+        """The protocol's parser: requests one at a time, frames after an upgrade."""
+        protocol = self.protocol
+        while True:
+            try:
+                parsed = yield from read_request(protocol.reader, self.limits.max_body, self._continue)
+            except EOFError:
+                protocol.send_eof()
+                protocol.parser = protocol.discard()
+                next(protocol.parser)
+                yield
+                return
+            except BadRequest as exc:
+                protocol.events.append(exc)
+                while True:  # until the answer replaces this parser by discard()
+                    yield
+            protocol.events.append(parsed)
+            if parsed.upgrade:
+                yield from Protocol.parse(protocol)
+                return
+            while not self._want_next:
+                if len(protocol.reader.buffer) > self.limits.max_body + 65536:
+                    self.transport.pause_reading()
+                yield
+            self._want_next = False
+
+    def _continue(self) -> None:
+        """``Expect: 100-continue``: tell the client to send its body."""
+        self.protocol.writes.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def process_event(self, event: Any) -> None:
+        if isinstance(event, Frame):
+            self.frame_received(event)
+        else:
+            self._requests.append(event)
+            if not self.request_rcvd.done():
+                self.request_rcvd.set_result(None)
+
+    # The handshake: REST requests until one upgrades
+
+    async def handshake(self, process_request: Any, process_response: Any = None,
+                        server_header: str | None = None) -> None:
+        """Answer requests in order until one opens a WebSocket or the connection ends.
+
+        Kept-alive requests are answered by writing the response and parsing
+        the next request; the last answer is sent the websockets way (with
+        EOF, waiting for the client to close). The first head must arrive
+        within ``head_timeout``, later ones within ``idle_timeout``.
+        """
+        if self.refusal is not None:  # answer its first request (clients read no answer before sending)
+            try:
+                if await self._next_request(min(1.0, self.limits.head_timeout)) is not None:
+                    await self._answer_last(to_response(error_response(self.refusal), False))
+            finally:
+                self.context.lingered(self)
+            return
+        served = 0
+        timeout = self.limits.head_timeout
+        while not self.transport.is_closing():
+            item = await self._next_request(timeout)
+            if item is None:
+                return
+            if self.in_head:
+                self.in_head = False
+                self.context.head_done(self)
+            if isinstance(item, BadRequest):
+                await self._answer_last(to_response(error_response(RelayError(item.code, str(item))), False))
+                return
+            self.request = item.request
+            self.request_body = item.body
+            response = await process_request(self, item.request)
+            self.request_body = b""
+            if response is None:
+                await self._accept_websocket(server_header)
+                return
+            served += 1
+            if (not item.keep_alive or served >= self.limits.max_requests or not self.server.is_serving()
+                    or self.transport.is_closing()):
+                await self._answer_last(response)
+                return
+            del response.headers["Connection"]
+            self.transport.write(response.serialize())
+            self.request = None
+            self._want_next = True
+            self.transport.resume_reading()
+            next(self.protocol.parser)
+            for event in self.protocol.events_received():
+                self.process_event(event)
+            if self.paused:
+                await self.drain()
+            timeout = self.limits.idle_timeout
+
+    async def _next_request(self, timeout: float) -> ParsedRequest | BadRequest | None:
+        if not self._requests:
+            self.request_rcvd = self.loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.wait([self.request_rcvd, self.connection_lost_waiter],
+                                       return_when=asyncio.FIRST_COMPLETED)
+            except TimeoutError:
+                self.transport.abort() if self.in_head else self.transport.close()
+                return None
+        return self._requests.pop(0) if self._requests else None
+
+    async def _answer_last(self, response: Response) -> None:
+        """The connection's last answer: sent with EOF, then the client is given time to close."""
+        if self.protocol.state is State.CONNECTING:
+            async with self.send_context(expected_state=State.CONNECTING):
+                self.protocol.send_response(response)
+
+    async def _accept_websocket(self, server_header: str | None) -> None:
+        assert self.request is not None
+        response = self.protocol.accept(self.request)
+        if server_header is not None:
+            response.headers["Server"] = server_header
+        if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS and not self.server.is_serving():
+            response = self.protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n")
+        if self.state is State.CONNECTING:
+            async with self.send_context(expected_state=State.CONNECTING):
+                self.protocol.send_response(response)
+        self.request = None  # an idle connection keeps neither the request nor the response
+        self.response = None
+
+
+def to_response(resp: HttpResponse, head: bool) -> Response:
+    """The websockets ``Response`` for a REST answer (no body for HEAD)."""
+    headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close")])
+    if resp.content_type:
+        headers["Content-Type"] = resp.content_type
+    if resp.status not in (204, 304):
+        headers["Content-Length"] = str(len(resp.body))
+    for name, value in resp.headers:
+        headers[name] = value
+    status = http.HTTPStatus(resp.status)
+    return Response(status.value, status.phrase, headers, b"" if head else resp.body)
