@@ -1,0 +1,142 @@
+"""The key directory on SQLite: published keys (with a cache of recent lookups), floors, ownership locks, tokens.
+
+``SQLiteStore`` is a ``KeyDirectory``: these are its key and ownership
+methods, kept apart from the message queues. Every key write passes through
+this class, so the cache never goes stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import time
+from collections import OrderedDict
+
+from .sqlite_queue import NONE, Delta, chunks, marks
+from .sqlite_writer import SQLiteWriter
+from .store import KeyRecord
+
+KEY_CACHE_SIZE = 4096
+_MISSING = object()
+_KEY_COLUMNS = ("address, public_key, created_at, updated_at, key_type, issued_at, "
+                "format, signature")
+
+
+class KeyDirectory:
+    """The key and ownership part of the ``Store`` contract, run as jobs of ``writer``."""
+
+    def __init__(self, writer: SQLiteWriter) -> None:
+        self._writer = writer
+        self._key_cache: OrderedDict[str, KeyRecord | None] = OrderedDict()
+
+    # Keys
+
+    async def get_key(self, address: str) -> KeyRecord | None:
+        cached = self._key_cache.get(address, _MISSING)
+        if cached is not _MISSING:
+            self._key_cache.move_to_end(address)
+            return cached  # type: ignore[return-value]
+        return (await self.get_keys([address])).get(address)
+
+    async def get_keys(self, addresses: list[str]) -> dict[str, KeyRecord]:
+        """Lookups are served from a small cache of recent keys (hits and misses);
+        every key write passes through this store, so it never goes stale."""
+        found: dict[str, KeyRecord] = {}
+        wanted = []
+        for address in dict.fromkeys(addresses):
+            cached = self._key_cache.get(address, _MISSING)
+            if cached is _MISSING:
+                wanted.append(address)
+            elif cached is not None:
+                found[address] = cached  # type: ignore[assignment]
+        if not wanted:
+            return found
+
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, KeyRecord], Delta]:
+            rows: dict[str, KeyRecord] = {}
+            for part in chunks(wanted):
+                for row in conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE address IN ({marks(len(part))})",
+                                        part):
+                    rows[row[0]] = KeyRecord(*row)
+            return rows, NONE
+        rows = await self._writer.submit(job, write=False)
+        for address in wanted:
+            self._cache_key(address, rows.get(address))
+        found.update(rows)
+        return found
+
+    def _cache_key(self, address: str, record: KeyRecord | None) -> None:
+        cache = self._key_cache
+        cache[address] = record
+        cache.move_to_end(address)
+        if len(cache) > KEY_CACHE_SIZE:
+            cache.popitem(last=False)
+
+    async def put_key(self, record: KeyRecord) -> KeyRecord:
+        """Store ``record``; an existing key keeps its original ``created_at``; a signed one raises the floor."""
+        row = (record.address, record.public_key, record.created_at, record.updated_at,
+               record.key_type, record.issued_at, record.format, record.signature)
+
+        def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
+            old = conn.execute("SELECT created_at FROM keys WHERE address = ?", (row[0],)).fetchone()
+            created_at = old[0] if old else row[2]
+            conn.execute(f"INSERT OR REPLACE INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (*row[:2], created_at, *row[3:]))
+            if record.signed and record.issued_at is not None:
+                conn.execute("INSERT INTO key_floors (address, issued_at) VALUES (?, ?) ON CONFLICT (address) "
+                             "DO UPDATE SET issued_at = max(issued_at, excluded.issued_at)",
+                             (record.address, record.issued_at))
+            return created_at, NONE
+        self._key_cache.pop(record.address, None)
+        record.created_at = await self._writer.submit(job, write=True)
+        self._cache_key(record.address, dataclasses.replace(record))
+        return record
+
+    async def delete_key(self, address: str) -> bool:
+        def job(conn: sqlite3.Connection) -> tuple[bool, Delta]:
+            return conn.execute("DELETE FROM keys WHERE address = ?", (address,)).rowcount > 0, NONE
+        self._key_cache.pop(address, None)
+        deleted = await self._writer.submit(job, write=True)
+        self._cache_key(address, None)
+        return deleted
+
+    async def key_floor(self, address: str) -> int | None:
+        def job(conn: sqlite3.Connection) -> tuple[int | None, Delta]:
+            row = conn.execute("SELECT issued_at FROM key_floors WHERE address = ?", (address,)).fetchone()
+            return (row[0] if row else None), NONE
+        return await self._writer.submit(job, write=False)
+
+    async def key_count(self) -> int:
+        return await self._writer.submit(lambda c: (c.execute("SELECT COUNT(*) FROM keys").fetchone()[0], NONE),
+                                         write=False)
+
+    # Ownership locks and tokens
+
+    async def is_locked(self, address: str) -> bool:
+        return await self._writer.submit(lambda c: (c.execute("SELECT 1 FROM locks WHERE address = ?",
+                                                              (address,)).fetchone() is not None, NONE),
+                                         write=False)
+
+    async def lock(self, address: str) -> None:
+        stamp = int(time.time() * 1000)
+
+        def job(conn: sqlite3.Connection) -> tuple[None, Delta]:
+            conn.execute("INSERT OR IGNORE INTO locks (address, locked_at) VALUES (?, ?)", (address, stamp))
+            return None, NONE
+        await self._writer.submit(job, write=True)
+
+    async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
+        def job(conn: sqlite3.Connection) -> tuple[None, Delta]:
+            conn.execute("INSERT OR REPLACE INTO tokens (hash, address, expires_at) VALUES (?, ?, ?)",
+                         (token_hash, address, expires_at_ms))
+            conn.execute("DELETE FROM tokens WHERE address = ? AND hash NOT IN (SELECT hash FROM tokens "
+                         "WHERE address = ? ORDER BY expires_at DESC LIMIT ?)", (address, address, max_per_address))
+            return None, NONE
+        await self._writer.submit(job, write=True)
+
+    async def token_address(self, token_hash: str, now_ms: int) -> str | None:
+        def job(conn: sqlite3.Connection) -> tuple[str | None, Delta]:
+            row = conn.execute("SELECT address FROM tokens WHERE hash = ? AND expires_at > ?",
+                               (token_hash, now_ms)).fetchone()
+            return (row[0] if row else None), NONE
+        return await self._writer.submit(job, write=False)
