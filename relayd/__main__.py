@@ -1,3 +1,5 @@
+"""``python -m relayd``: the same command line as ``relayd``."""
+
 import sys
 
 from .cli import main

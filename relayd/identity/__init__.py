@@ -1,1 +1,1 @@
-"""identity"""
+"""Who is who: sign-in and ownership proofs, Idena signatures, signed statements, REST tokens."""
