@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from support import (ErrorLog, ManualClock, NotifySocket, ProcessRelays, ThreadRelay, WsClient,  # noqa: E402
-                     make_config)
+                     cluster_env, make_config)
 
 from relayd.clock import SYSTEM_CLOCK, Clock  # noqa: E402
 from relayd.identity.signatures import select_backend  # noqa: E402
@@ -123,6 +123,20 @@ def process_relays() -> Iterator[ProcessRelays]:
     relays = ProcessRelays()
     yield relays
     relays.stop_all()
+
+
+@pytest.fixture
+def relay_cluster(tmp_path: Path, process_relays: ProcessRelays, redis_prefix: str) -> Callable[..., list[Any]]:
+    """``relay_cluster(redis, count=2, **env)``: ``count`` relayd processes (``ProcessRelay``) sharing the Redis
+    ``redis`` (a ``RedisServer`` or a ``RedisCluster``) under this test's key prefix, node ids ``node0``, ...;
+    ``env`` (``RELAYD_...`` variables) goes to every one. All are stopped after the test."""
+    from redis_support import RedisCluster
+
+    def start(redis: Any, count: int = 2, **env: str) -> list[Any]:
+        return [process_relays(tmp_path / f"node{i}", env=cluster_env(
+            redis.url, redis_prefix, f"node{i}", redis_cluster=isinstance(redis, RedisCluster), **env))
+            for i in range(count)]
+    return start
 
 
 # Logging

@@ -58,10 +58,12 @@ class RecipientKeys:
                     # of messages or bytes, so a reader keeps the newest per-slot totals)
     migrated: str   # SET of items copied by ``relayd migrate`` (so a re-run copies nothing twice)
     presence: str   # HASH instance -> session kind, written by relayd.cluster (read here: who to tell)
+    watchers: str   # SET of instances that cached the presence (relayd.cluster tells them when it changes)
 
     def all(self) -> list[str]:
         return [self.queue, self.times, self.messages, self.ids, self.counters, self.receipt_queue,
-                self.receipt_times, self.receipts, self.expiry, self.stats, self.migrated, self.presence]
+                self.receipt_times, self.receipts, self.expiry, self.stats, self.migrated, self.presence,
+                self.watchers]
 
 
 class Layout:
@@ -90,7 +92,7 @@ class Layout:
         own = self._own
         return RecipientKeys(own(address, "q"), own(address, "t"), own(address, "m"), own(address, "i"),
                              own(address, "n"), own(address, "rq"), own(address, "rt"), own(address, "rm"),
-                             expiry, stats, own(address, "mig"), own(address, "on"))
+                             expiry, stats, own(address, "mig"), own(address, "on"), own(address, "w"))
 
     def key(self, address: str) -> tuple[str, str, str, str]:
         """(public key record, slot statistics, migration ledger, key floor) of one address."""

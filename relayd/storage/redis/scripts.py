@@ -36,11 +36,12 @@ class Script:
 
 
 # KEYS (RecipientKeys.all()): 1 queue, 2 times, 3 messages, 4 ids, 5 counters, 6 receipt_queue,
-# 7 receipt_times, 8 receipts, 9 expiry (slot), 10 stats (slot), 11 migrated, 12 presence. ARGV[1]: the address.
+# 7 receipt_times, 8 receipts, 9 expiry (slot), 10 stats (slot), 11 migrated, 12 presence, 13 watchers.
+# ARGV[1]: the address.
 # A message record is "[sender, messageId, size, timestamp, queued_at]\n" followed by the content; the ids
 # index maps a messageId to [[sender as the client spelled it, seq], ...] and compares senders lower-cased.
 _RECIPIENT_PRELUDE = r"""
-local Q, T, M, I, N, RQ, RT, RM, EXP, STATS, MIG, ON = unpack(KEYS)
+local Q, T, M, I, N, RQ, RT, RM, EXP, STATS, MIG, ON, W = unpack(KEYS)
 local who = ARGV[1]
 
 local function fmt(n) return string.format('%.0f', n) end
@@ -146,6 +147,14 @@ local function presence()
   return redis.call('HGETALL', ON)
 end
 
+-- An instance that caches the presence it is about to read asks to be told when it changes.
+local function watch(instance, ttl_ms)
+  if instance ~= '' then
+    redis.call('SADD', W, instance)
+    redis.call('PEXPIRE', W, ttl_ms)
+  end
+end
+
 local function already_migrated(member)
   return member ~= '' and redis.call('SISMEMBER', MIG, member) == 1
 end
@@ -159,22 +168,24 @@ end
 """
 
 # ARGV: who, sender, messageId, record, size, queued_at, max_messages, max_bytes, drop_oldest (1/0),
-# drop chunk, over the storage budget (1/0), migration member ('' when not migrating), ledger ttl ms.
+# drop chunk, over the storage budget (1/0), migration member ('' when not migrating), ledger ttl ms,
+# watcher instance ('' for none), watch ttl ms.
 # Returns {outcome, seq, dropped, slot totals or {}, presence}; outcome is queued, duplicate, no_space, full
 # or migrated.
 ENQUEUE = Script("enqueue", _RECIPIENT_PRELUDE + r"""
+watch(ARGV[14], ARGV[15])
 local sender, mid, record = ARGV[2], ARGV[3], ARGV[4]
 local size, queued_at = tonumber(ARGV[5]), ARGV[6]
 local max_messages, max_bytes = tonumber(ARGV[7]), tonumber(ARGV[8])
 local drop_oldest, chunk = ARGV[9] == '1', tonumber(ARGV[10])
-if already_migrated(ARGV[12]) then return {'migrated', '0', 0, {}, {}} end
-if stored_as(mid, string.lower(sender)) then return {'duplicate', '0', 0, {}, {}} end
-if ARGV[11] == '1' then return {'no_space', '0', 0, {}, {}} end
-if size > max_bytes then return {'full', '0', 0, {}, {}} end
+if already_migrated(ARGV[12]) then return {'migrated', '0', 0, {}, presence()} end
+if stored_as(mid, string.lower(sender)) then return {'duplicate', '0', 0, {}, presence()} end
+if ARGV[11] == '1' then return {'no_space', '0', 0, {}, presence()} end
+if size > max_bytes then return {'full', '0', 0, {}, presence()} end
 local c0, b0 = counters()
 local count, used, dropped = c0, b0, 0
 while count > 0 and (count >= max_messages or used + size > max_bytes) do
-  if not drop_oldest then return {'full', '0', 0, {}, {}} end
+  if not drop_oldest then return {'full', '0', 0, {}, presence()} end
   local progress = false
   for _, v in ipairs(redis.call('ZRANGE', Q, 0, chunk - 1)) do
     if not (count > 0 and (count >= max_messages or used + size > max_bytes)) then break end

@@ -245,9 +245,9 @@ class RedisStore:
         """A non-transactional pipeline; a Cluster's splits itself per node."""
         return client.pipeline() if self.link.cluster else client.pipeline(transaction=False)
 
-    def _note_slot(self, slot: int) -> asyncio.Future[Any] | None:
-        """Record a slot in the set expiry and statistics walk (once per expiry run): queued, not awaited, so
-        it shares the round trip of the write that follows it."""
+    def note_slot(self, slot: int) -> asyncio.Future[Any] | None:
+        """Record a slot in the set expiry, statistics and the cluster's presence walk (once per process, and
+        again after a failure): queued, not awaited, so it shares the round trip of the write that follows."""
         if slot in self._known_slots:
             return None
         self._known_slots.add(slot)
@@ -255,7 +255,8 @@ class RedisStore:
         noted.add_done_callback(lambda f: (f.cancelled() or f.exception()) and self._known_slots.discard(slot))
         return noted
 
-    async def _slots(self) -> list[int]:
+    async def slots(self) -> list[int]:
+        """The hash slots that hold relayd data (noted by ``note_slot``). Raises StorageUnavailable."""
         members = await self.link.read(lambda c: c.smembers(self.layout.slots))
         return sorted(int(m) for m in members)
 
@@ -270,25 +271,28 @@ class RedisStore:
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
         return (await self.enqueue_routed(msg, limits))[0]
 
-    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, Presence]:
-        """``enqueue``, and the recipient's presence read in the same atomic step (empty unless QUEUED).
+    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
+                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, Presence]:
+        """``enqueue``, and the recipient's presence read in the same atomic step.
 
         An instance that registers a session for the recipient after this
         write reads its backlog after it; one registered before is in the
         returned presence: either way the message reaches that session.
+        ``watcher`` (an instance of ``relayd.cluster``) is told when that
+        presence next changes, for ``watch_ttl_ms``.
         """
-        outcome, presence = await self._enqueue(msg, limits, "", 0)
+        outcome, presence = await self._enqueue(msg, limits, "", 0, watcher, watch_ttl_ms)
         return _RESULTS[outcome], presence
 
-    async def _enqueue(self, msg: QueuedMessage, limits: QueueLimits, ledger: str,
-                       ledger_ttl_ms: int) -> tuple[str, Presence]:
+    async def _enqueue(self, msg: QueuedMessage, limits: QueueLimits, ledger: str, ledger_ttl_ms: int,
+                       watcher: str = "", watch_ttl_ms: int = 0) -> tuple[str, Presence]:
         size = utf8_len(msg.content)
         over = bool(limits.max_total_bytes) and self._totals.bytes + size > limits.max_total_bytes
-        self._note_slot(self.layout.slot_of(msg.recipient))
+        self.note_slot(self.layout.slot_of(msg.recipient))
         outcome, seq, _dropped, totals, presence = await self._recipient_write(
             scripts.ENQUEUE, msg.recipient, msg.sender, msg.message_id, _encode_message(msg, size), size,
             msg.queued_at, limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK,
-            1 if over else 0, ledger, ledger_ttl_ms)
+            1 if over else 0, ledger, ledger_ttl_ms, watcher, watch_ttl_ms)
         if outcome == "queued":
             msg.seq = int(seq)
             self._count(msg.recipient, totals)
@@ -302,7 +306,7 @@ class RedisStore:
         restored = 0
         presence: dict[str, Presence] = {}
         for recipient, group in _by_recipient(messages, lambda m: m.recipient).items():
-            self._note_slot(self.layout.slot_of(recipient))
+            self.note_slot(self.layout.slot_of(recipient))
             for part in _chunks(group, RESTORE_CHUNK):
                 args: list[Any] = []
                 for m in part:
@@ -375,7 +379,7 @@ class RedisStore:
     async def stats(self) -> dict[str, int]:
         sums = dict.fromkeys(STAT_FIELDS, 0)
         force, self._totals.trust_next_read = self._totals.trust_next_read, False
-        slots = await self._slots()
+        slots = await self.slots()
         for part in _chunks(slots, SLOT_BATCH):
             async def work(client: Any, part: Sequence[int] = part) -> list[Any]:
                 pipe = self._pipeline(client)
@@ -392,8 +396,7 @@ class RedisStore:
         """Remove what is older than ``before_ms``: only recipients the per-slot retention indexes
         list as old, each in scripts of at most ``expire_chunk`` messages and receipts; then tokens
         that expired by ``before_ms``."""
-        self._known_slots.clear()
-        slots = await self._slots()
+        slots = await self.slots()
         removed = 0
         todo = list(slots)
         while todo:
@@ -420,7 +423,7 @@ class RedisStore:
     async def _all_old_addresses(self, before_ms: int) -> list[str]:
         """Every address the retention indexes list as holding something older than ``before_ms``."""
         found: list[str] = []
-        offsets = dict.fromkeys(await self._slots(), 0)
+        offsets = dict.fromkeys(await self.slots(), 0)
         while offsets:
             part = list(offsets)[:SLOT_BATCH]
             for slot, names in zip(part, await self._index_pages(part, before_ms, offsets)):
@@ -489,7 +492,7 @@ class RedisStore:
         args: list[Any] = []
         for r in receipts:
             args += [json.dumps([r.reader, r.message_id, r.timestamp], separators=(",", ":")), r.timestamp]
-        self._note_slot(self.layout.slot_of(recipient))
+        self.note_slot(self.layout.slot_of(recipient))
         reply = await self._recipient_write(scripts.ADD_RECEIPTS, recipient, cap, ledger, ledger_ttl_ms, *args)
         if int(reply[0]) < 0:
             return -1
@@ -552,7 +555,7 @@ class RedisStore:
             if value is not None:
                 fields += [name, value]
         signed_issued = record.issued_at if record.signed and record.issued_at is not None else ""
-        self._note_slot(self.layout.slot_of(record.address))
+        self.note_slot(self.layout.slot_of(record.address))
         outcome, created_at = await self.link.write(
             scripts.PUT_KEY, list(self.layout.key(record.address)),
             [mode, record.created_at, ledger, ledger_ttl_ms, record.updated_at, signed_issued, *fields])
@@ -592,7 +595,7 @@ class RedisStore:
 
     async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
         slot = self.layout.token_slot(token_hash)
-        self._note_slot(slot)
+        self.note_slot(slot)
         saved = self.link.post(scripts.SAVE_TOKEN, list(self.layout.token_slot_keys(slot)),
                                [token_hash, address, expires_at_ms])
         gone = await self.link.write(scripts.OWN_TOKEN, [self.layout.tokens_of(address)],
