@@ -223,25 +223,12 @@ class Delivery:
                                                                         pipeline.answered)))
                     return
             if remote.instances:
-                await self._store_then_answer(session, ident, msg, offer=remote)
+                await self._offer_then_answer(session, ident, msg, remote)
                 return
         await self._store_then_answer(session, ident, msg)
 
-    async def _store_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage,
-                                 offer: Remote | None = None) -> None:
-        """Start storing ``msg`` and return; the answer goes out once the store has committed it.
-
-        Past ``MAX_IN_FLIGHT`` unanswered writes (or ``MAX_IN_FLIGHT_BYTES``)
-        the sender waits for its oldest, which bounds what one connection pins.
-        With ``offer`` (other instances only), the message is first offered
-        to the recipient's sessions on those instances.
-        """
-        if self.far is None:
-            try:
-                self._spend_new_queue(session, msg.recipient, msg.message_id)
-            except RelayError as err:
-                self.metrics.refused.labels(code=err.code.value).inc()
-                raise
+    async def _in_flight(self, session: Session, msg: QueuedMessage) -> tuple[_Pipeline, int]:
+        """Count ``msg`` in its sender's pipeline, first waiting (for the oldest) while the pipeline is full."""
         pipeline = self._pipelines.get(session)
         if pipeline is None:
             pipeline = self._pipelines[session] = _Pipeline()
@@ -252,17 +239,67 @@ class Delivery:
         pipeline.in_flight += 1
         pipeline.bytes += size
         session.outbox.hold(size)
+        return pipeline, size
+
+    def _out_of_flight(self, session: Session, pipeline: _Pipeline, size: int) -> None:
+        pipeline.in_flight -= 1
+        pipeline.bytes -= size
+        session.outbox.hold(-size)
+
+    async def _offer_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage, remote: Remote) -> None:
+        """Offer ``msg`` to the recipient's sessions on other instances and return; answered ``delivered`` when
+        one took it, else stored (after this sender's earlier offers settled) and answered then.
+
+        Callbacks rather than a task: this is the cluster's common live path.
+        """
+        assert self.far is not None
+        pipeline, size = await self._in_flight(session, msg)
+        loop = asyncio.get_running_loop()
+        barrier = pipeline.offer if pipeline.offer is not None and not pipeline.offer.done() else None
+        previous, answered = pipeline.answered, loop.create_future()
+        settled: asyncio.Future[None] = loop.create_future()
+        pipeline.answered = answered
+        pipeline.offer = pipeline.tail = settled
+
+        def done(taken: Taken) -> None:
+            if not taken.count:  # nobody took it: store it, in its place, and answer then
+                task = asyncio.ensure_future(self._far_store_and_answer(
+                    session, pipeline, ident, msg, size, barrier, previous, answered, silent=taken.silent))
+                task.add_done_callback(lambda _: settled.set_result(None))
+                self._track(task)
+                return
+            self._out_of_flight(session, pipeline, size)
+            self.metrics.routed_live.inc()
+            answer = self._answered(ident, msg, "delivered")
+            settled.set_result(None)
+            if previous is None or previous.done():
+                session.send(answer)
+                answered.set_result(None)
+            else:
+                self._track(asyncio.ensure_future(_answer_after(session, answer, previous, answered)))
+        self.far.offer_soon(remote, msg, done)
+
+    async def _store_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage) -> None:
+        """Start storing ``msg`` and return; the answer goes out once the store has committed it.
+
+        Past ``MAX_IN_FLIGHT`` unanswered writes (or ``MAX_IN_FLIGHT_BYTES``)
+        the sender waits for its oldest, which bounds what one connection pins.
+        """
+        if self.far is None:
+            try:
+                self._spend_new_queue(session, msg.recipient, msg.message_id)
+            except RelayError as err:
+                self.metrics.refused.labels(code=err.code.value).inc()
+                raise
+        pipeline, size = await self._in_flight(session, msg)
         if self.far is None:
             task = asyncio.ensure_future(self._store_and_answer(session, pipeline, ident, msg, size))
         else:
             barrier = pipeline.offer if pipeline.offer is not None and not pipeline.offer.done() else None
             previous, pipeline.answered = pipeline.answered, asyncio.get_running_loop().create_future()
-            if offer is None:
-                pipeline.stores += 1
+            pipeline.stores += 1
             task = asyncio.ensure_future(self._far_store_and_answer(
-                session, pipeline, ident, msg, size, offer, barrier, previous, pipeline.answered))
-            if offer is not None:
-                pipeline.offer = task
+                session, pipeline, ident, msg, size, barrier, previous, pipeline.answered, store=True))
         pipeline.tail = task
         self._track(task)
 
@@ -288,22 +325,22 @@ class Delivery:
             session.send(RelayError(ErrorCode.INTERNAL_ERROR, message_id=msg.message_id).frame())
             return
         finally:
-            pipeline.in_flight -= 1
-            pipeline.bytes -= size
-            session.outbox.hold(-size)
+            self._out_of_flight(session, pipeline, size)
         self._remember(ident, answer)
         session.send({"type": answer, "messageId": msg.message_id, "to": msg.recipient,
                       "timestamp": wall_ms(self.clock)})
 
     async def _far_store_and_answer(self, session: Session, pipeline: _Pipeline, ident: Ident, msg: QueuedMessage,
-                                    size: int, offer: Remote | None, barrier: asyncio.Future[None] | None,
-                                    previous: asyncio.Future[None] | None, answered: asyncio.Future[None]) -> None:
-        """``_store_and_answer`` with other instances: the offer first (if any), the cluster-wide new-queue
-        budget, the store (which also says where the recipient is now), then the answer after the previous
-        message's (each step is bounded, so these waits are too)."""
+                                    size: int, barrier: asyncio.Future[None] | None,
+                                    previous: asyncio.Future[None] | None, answered: asyncio.Future[None], *,
+                                    store: bool = False, silent: tuple[str, ...] = ()) -> None:
+        """``_store_and_answer`` with other instances: after the sender's previous offer settled, the
+        cluster-wide new-queue budget, the store (which also says where the recipient is now, ``silent``
+        instances left out), then the answer after the previous message's (each step is bounded, so these
+        waits are too). ``store``: counted as a store (not an offer that fell back to storing)."""
         answer: dict[str, Any] | None = None
         try:
-            answer = await self._far_deliver(session, ident, msg, offer, barrier)
+            answer = await self._far_deliver(session, ident, msg, barrier, silent)
         except RelayError as err:
             self.metrics.refused.labels(code=err.code.value).inc()
             answer = err.frame()
@@ -311,33 +348,22 @@ class Delivery:
             log.exception("internal error storing a message")
             answer = RelayError(ErrorCode.INTERNAL_ERROR, message_id=msg.message_id).frame()
         finally:
-            pipeline.in_flight -= 1
-            pipeline.bytes -= size
-            if offer is None:
+            self._out_of_flight(session, pipeline, size)
+            if store:
                 pipeline.stores -= 1
-            session.outbox.hold(-size)
             if previous is not None and not previous.done():
                 await asyncio.wait([previous])
             if answer is not None:
                 session.send(answer)
             answered.set_result(None)
 
-    async def _far_deliver(self, session: Session, ident: Ident, msg: QueuedMessage, offer: Remote | None,
-                           barrier: asyncio.Future[None] | None) -> dict[str, Any]:
-        """Offer, or store and offer; returns the answer frame. Raises RelayError for refusals.
-
-        Offers of one sender go out back to back (the channel keeps their
-        order); storing waits for the sender's previous offer to be settled,
-        so a message that falls back to storing is stored before later ones.
-        """
+    async def _far_deliver(self, session: Session, ident: Ident, msg: QueuedMessage,
+                           barrier: asyncio.Future[None] | None, silent: tuple[str, ...]) -> dict[str, Any]:
+        """Store, then offer to whoever holds the recipient; returns the answer frame. Raises RelayError for
+        refusals. Offers of one sender go out back to back (the channel keeps their order); storing waits for
+        the sender's previous offer to be settled, so a message that falls back to storing is stored before
+        later ones."""
         assert self.far is not None
-        silent: tuple[str, ...] = ()
-        if offer is not None:
-            taken = await self.far.offer(offer, msg, stored=False)
-            if taken.count:
-                self.metrics.routed_live.inc()
-                return self._answered(ident, msg, "delivered")
-            silent = taken.silent
         if barrier is not None and not barrier.done():
             await asyncio.wait([barrier])
         await self._spend_far(session, msg.recipient, msg.message_id)

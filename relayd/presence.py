@@ -10,6 +10,7 @@ cluster path, at no cost). ``relayd.cluster`` implements all three.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -99,6 +100,11 @@ class Elsewhere(Protocol):
         session may take it; otherwise an instance with an ack session
         takes nothing and says so (the sender must store it first).
         """
+        ...
+
+    def offer_soon(self, remote: Remote, msg: QueuedMessage, then: Callable[[Taken], None]) -> None:
+        """``offer`` of an unstored message without a coroutine: ``then`` gets the outcome, from the event loop,
+        within ``[cluster] reply_timeout_ms`` (the live path's cheap form)."""
         ...
 
     def push(self, remote: Remote, msg: QueuedMessage) -> None:

@@ -81,7 +81,7 @@ class ClusterPresence:
         its entries again (messages may have been stored for them meanwhile)."""
         self._kinds: dict[str, str] = {}
         self._unsynced: set[str] = set()
-        self._cache: OrderedDict[str, tuple[Entries, float]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Entries, float, Remote, frozenset[str]]] = OrderedDict()
         self._lapsed: frozenset[str] = frozenset()
         self._beats: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -159,11 +159,14 @@ class ClusterPresence:
         entry = self._cache.get(address)
         if entry is None:
             return None
-        found, expires = entry
+        found, expires, remote, lapsed = entry
         if expires < time.monotonic():
             del self._cache[address]
             return None
-        return self._remote(found)
+        if lapsed is not self._lapsed:  # an instance lapsed or came back since: compute it again
+            remote = self._remote(found)
+            self._cache[address] = (found, expires, remote, self._lapsed)
+        return remote
 
     async def lookup(self, address: str) -> Remote:
         presence, watchers = self._keys(address)[:2]
@@ -187,7 +190,7 @@ class ClusterPresence:
         return Remote(instances, any(found[i] == "a" for i in instances))
 
     def _fill(self, address: str, found: Entries) -> None:
-        self._cache[address] = (found, time.monotonic() + CACHE_TTL_S)
+        self._cache[address] = (found, time.monotonic() + CACHE_TTL_S, self._remote(found), self._lapsed)
         self._cache.move_to_end(address)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -267,7 +270,8 @@ class ClusterPresence:
             return
         age, _live, lapsed, dead = await self.link.write(
             scripts.HEARTBEAT, [self.registry], [self.instance, self.ttl_ms, int(FORGET_AFTER_S * 1000)])
-        self._lapsed = frozenset(lapsed)
+        if frozenset(lapsed) != self._lapsed:
+            self._lapsed = frozenset(lapsed)
         lapsed = age == "" or int(age) > self.ttl_ms
         if lapsed and self._kinds:
             log.warning("this instance's presence had lapsed (%s); writing it again",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..presence import NOWHERE, Remote, Taken
@@ -121,6 +122,10 @@ class ClusterRoutes:
                                                                     "m": _pack(msg), "s": 1 if stored else 0})
         return self._taken(msg.recipient, replies, silent)
 
+    def offer_soon(self, remote: Remote, msg: QueuedMessage, then: Callable[[Taken], None]) -> None:
+        self.bus.ask(remote.instances, {"k": "offer", "to": msg.recipient, "m": _pack(msg), "s": 0},
+                     lambda replies, silent: then(self._taken(msg.recipient, replies, silent)))
+
     def push(self, remote: Remote, msg: QueuedMessage) -> None:
         for instance in remote.instances:
             self.bus.send(instance, {"k": "push", "to": msg.recipient, "m": _pack(msg), "s": 0})
@@ -186,7 +191,7 @@ class ClusterRoutes:
         if kind in ("offer", "push"):
             taken, ack = here.offered(_unpack(to, message["m"]), stored=bool(message.get("s")))
             if kind == "offer":
-                self.bus.reply(message, {"n": taken, "a": ack})
+                self.bus.reply(message, {"n": taken, "a": 1 if ack else 0})
         elif kind == "frame":
             taken = here.forward_here(dict(message["f"]), to)
             self.bus.reply(message, {"n": taken})

@@ -15,6 +15,8 @@ round trip. A write waits at most ``queue_deadline_s`` for its turn: past that
 it leaves the queue unsent (``StorageUnavailable``), so nothing waits without
 bound. Write batches are never retried by the client library: a batch whose
 connection broke may have been applied, and resending it would apply it twice.
+On a single server they go over one connection of their own, sent and read
+without per-command timers (the batch's deadline covers it).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis import exceptions as rx
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -38,7 +41,6 @@ log = logging.getLogger("relayd.storage")
 
 T = TypeVar("T")
 MAX_CONNECTIONS = 64
-WRITE_CONNECTIONS = 4
 MAX_BATCH = 256
 """Writes sent in one pipeline at most; what came later waits for the next one."""
 
@@ -151,10 +153,17 @@ class RedisLink:
             self.url, max_connections=MAX_CONNECTIONS, timeout=self.socket_timeout_s,
             retry=Retry(NoBackoff(), 1, (rx.ConnectionError,)), **common)
         self.client = Redis(connection_pool=pool)
-        writes = BlockingConnectionPool.from_url(
-            self.url, max_connections=WRITE_CONNECTIONS, timeout=self.socket_timeout_s,
-            retry=Retry(NoBackoff(), 0), **common)
-        self._writer = Redis(connection_pool=writes)
+        self._writer = self.connection(socket_timeout=None)
+
+    def connection(self, url: str | None = None, **options: Any) -> Any:
+        """A connection of its own to the server (or to ``url``, e.g. one Cluster node), outside every pool:
+        redis-py connects it lazily and again after a failure; ``options`` override the link's settings (e.g.
+        ``protocol=2`` for a subscriber)."""
+        wait_s = self.wait_timeout_ms / 1000 if self.min_replicas else 0.0
+        settings: dict[str, Any] = {"socket_timeout": self.socket_timeout_s + wait_s,
+                                    "socket_connect_timeout": self.socket_timeout_s, "decode_responses": True,
+                                    "retry": Retry(NoBackoff(), 0), **options}
+        return ConnectionPool.from_url(url or self.url, **settings).make_connection()
 
     async def close(self) -> None:
         """Let queued writes finish (bounded), then close every connection."""
@@ -164,15 +173,15 @@ class RedisLink:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
         self._fail_queued(StorageUnavailable("store is closed"))
-        for name in ("_writer", "client"):
-            client = getattr(self, name)
-            setattr(self, name, None)
-            if client is not None:
-                try:
-                    async with asyncio.timeout(self.deadline_s):
-                        await (client.aclose() if self.cluster else client.aclose(close_connection_pool=True))
-                except (rx.RedisError, OSError, TimeoutError) as exc:
-                    log.debug("closing a Redis client: %s", describe(exc))
+        writer, client, self._writer, self.client = self._writer, self.client, None, None
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                if writer is not None:
+                    await writer.disconnect()
+                if client is not None:
+                    await (client.aclose() if self.cluster else client.aclose(close_connection_pool=True))
+        except (rx.RedisError, OSError, TimeoutError) as exc:
+            log.debug("closing a Redis client: %s", describe(exc))
 
     # Health
 
@@ -321,12 +330,18 @@ class RedisLink:
         self._deliver(batch, results)
 
     async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = self._writer.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
+        """Send the commands (and WAIT) in one write on the writes' connection, then read every reply; a
+        refusal is that command's result. Raises what breaks the connection (redis-py then closes it)."""
+        conn = self._writer
         if self.min_replicas:
-            pipe.execute_command("WAIT", self.min_replicas, self.wait_timeout_ms)
-        results = list(await pipe.execute(raise_on_error=False))
+            commands = [*commands, ("WAIT", self.min_replicas, self.wait_timeout_ms)]
+        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        results: list[Any] = []
+        for _ in commands:
+            try:
+                results.append(await conn.read_response(timeout=math.inf))
+            except rx.ResponseError as exc:
+                results.append(exc)
         if self.min_replicas:
             self._waited(results.pop())
         return results
