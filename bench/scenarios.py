@@ -588,6 +588,7 @@ def s9_redis(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     try:
         _s9_live(ctx, rep, p, redis)
         _s9_queued(ctx, rep, p, redis)
+        _s9_sign_ins(ctx, rep, p, redis)
     finally:
         redis.stop()
 
@@ -715,6 +716,42 @@ def _s9_queued(ctx: Any, rep: Report, p: dict[str, Any], redis: RedisProcess) ->
     discarded_note(sec, rounds)
 
 
+def _s9_sign_ins(ctx: Any, rep: Report, p: dict[str, Any], redis: RedisProcess) -> None:
+    """What a session costs on Redis: connect + auth (the presence write, the backlog read) and an idle
+    connection's memory, against the memory backend (no Redis at all)."""
+    labels = ["relayd/redis", "relayd/memory"]
+    variants = [_s9_variant("relayd/redis", redis), *ctx.variants(["relayd/memory"])]
+    n = p["connections"]
+
+    def one(srv: Server, procs: int) -> dict[str, Any]:
+        on_redis = srv.variant.backend == "redis"
+        if on_redis:
+            redis.flush()
+        probe = PeerProbe({}, redis if on_redis else None, ["idle"])
+        run = run_loadgen(srv, [["idle", "--connections", str(n)]], 120 + n / 50,
+                          windows={"idle": ("before", "after")}, probes=[probe], cores=ctx.cores)
+        win = run.windows["idle"]
+        before, after = run.marks["before"]["rss_kb"], run.marks["after"]["rss_kb"]
+        commands = win.get("redis_calls_by_command") or {}
+        return {"cpu_us": per(win["cpu_s"], n, 1e6), "per_conn_kb": (after - before) / n,
+                "connects_s": run.results[0]["connects_per_s"], "_windows": run.windows,
+                "redis_calls": per(win.get("redis_calls"), n), "redis_reads": per(sum(
+                    v for k, v in commands.items() if k in ("hget", "zcard")), n) if on_redis else None,
+                "redis_cpu_us": per(win.get("redis_cpu_s"), n, 1e6), "redis_bytes": per(win.get("redis_net_bytes"), n)}
+
+    rounds = run_rounds(ctx, "9c", variants, one)
+    rep.raw["9_sign_ins"] = dataclasses.asdict(rounds)
+    sec = rep.section(f"9c. sessions on Redis: {n:,} connections that sign in (unsigned) and stay idle, 100 "
+                      f"handshakes in flight; {ctx.rounds_text()}", labels, [("relayd/redis", "relayd/memory")])
+    sec.rounds_row("server CPU us per connect+auth", rounds, "cpu_us", note="lower is better")
+    sec.rounds_row("connects+auth per s", rounds, "connects_s")
+    sec.rounds_row("RSS growth per connection (KiB)", rounds, "per_conn_kb", digits=2)
+    _redis_rows(sec, rounds, "", "", "sign-in")
+    sec.rounds_row("  Redis reads / sign-in (HGET + ZCARD: the backlog size)", rounds, "redis_reads", digits=2,
+                   ratios=False, note="a script's own reads count here too")
+    share_rows(sec, rounds, "idle", "while connecting: ")
+
+
 # The table
 
 @dataclasses.dataclass(frozen=True)
@@ -754,8 +791,9 @@ SCENARIOS: list[Scenario] = [
              full={"receipts": 10000, "conns": 50}, scaled=("receipts",)),
     Scenario(9, "several instances on Redis", s9_redis,
              quick={"pairs": 20, "window": 16, "count": 1000, "warmup": 100, "content_bytes": 200, "max_duration": 30,
-                    "senders": 20, "duration": 2.0, "recipients": 5000, "queued_count": 100000},
+                    "senders": 20, "duration": 2.0, "recipients": 5000, "queued_count": 100000, "connections": 2000},
              full={"pairs": 20, "window": 16, "count": 2000, "warmup": 200, "content_bytes": 200, "max_duration": 60,
-                   "senders": 50, "duration": 10.0, "recipients": 50000, "queued_count": 1000000},
-             scaled=("count", "duration")),
+                   "senders": 50, "duration": 10.0, "recipients": 50000, "queued_count": 1000000,
+                   "connections": 10000},
+             scaled=("count", "duration", "connections")),
 ]

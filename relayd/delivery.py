@@ -388,6 +388,8 @@ class Delivery:
     async def _spend_far(self, session: Session, to: str, mid: str) -> None:
         """The new-queue budgets for the whole cluster: recipients seen this hour here need no Redis call."""
         assert self.far is not None and session.address is not None
+        if not (self.new_queue_budget or self.new_queue_budget_per_ip):
+            return
         now = self.clock.monotonic()
         if now - self._new_queues_since >= NEW_QUEUE_WINDOW_S:
             self._new_queues.clear()

@@ -13,10 +13,12 @@ Needs no Redis client: stdlib CRC16 only.
 from __future__ import annotations
 
 import binascii
+import functools
 import itertools
 from dataclasses import dataclass
 
 SLOTS = 16384
+CACHED_ADDRESSES = 16384
 
 _slot_tags: dict[int, str] = {}
 _candidates = itertools.count()
@@ -75,6 +77,9 @@ class Layout:
         self.prefix = prefix
         self.slots = f"{prefix}slots"
         """SET of slot numbers that hold per-slot data (bounded by 16384)."""
+        # Every write names its address's keys and slot: recently used ones are kept, not rebuilt.
+        self.slot_of = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.slot_of)  # type: ignore[method-assign]
+        self.recipient = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.recipient)  # type: ignore[method-assign]
 
     def _own(self, address: str, name: str) -> str:
         return f"{self.prefix}{{{address}}}:{name}"
