@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from support import (ErrorLog, ManualClock, NotifySocket, ProcessRelays, ThreadRelay, WsClient,  # noqa: E402
-                     cluster_env, make_config)
+                     cluster_env, make_config, scaled)
 
 from relayd.clock import SYSTEM_CLOCK, Clock  # noqa: E402
 from relayd.identity.signatures import select_backend  # noqa: E402
@@ -261,11 +261,12 @@ def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[S
     def run(body: StoreBody) -> Any:
         async def main() -> Any:
             store = make_store(request.param, request, tmp_path)
-            await store.open()
-            try:
-                return await body(store)
-            finally:
-                await store.close()
+            async with asyncio.timeout(scaled(60)):  # a hang fails the test
+                await store.open()
+                try:
+                    return await body(store)
+                finally:
+                    await store.close()
         return asyncio.run(main())
     run.kind = request.param  # type: ignore[attr-defined]
     return run

@@ -179,6 +179,22 @@ def test_queue_caps_and_new_queue_budgets_hold_for_the_whole_cluster(relay_clust
         assert_error(a.recv(), "rate_limited", "r3")
 
 
+def test_the_storage_budget_holds_for_the_whole_cluster(relay_cluster, redis_server):
+    """Each instance checks the budget against per-slot totals it reads from Redis every 5 s (exact for its own
+    writes): once it has read what the other stored, it refuses too."""
+    x, y = relay_cluster(redis_server, 2, RELAYD_STORAGE_MAX_BYTES="300")
+    content = "x" * 100
+    with connect(x, A) as a:
+        for i in range(3):
+            send_answered(a, new_address(), f"fill{i}", "queued", content)
+        a.send(msg(new_address(), "over", content))
+        assert_error(a.recv(), "storage_unavailable", "over")
+    wait_until(lambda: y.http("GET", "/health").json["queuedMessages"] == 3, "y's totals refreshed", timeout=15)
+    with connect(y, B) as b:
+        b.send(msg(new_address(), "over-y", content))
+        assert_error(b.recv(), "storage_unavailable", "over-y")
+
+
 def test_stored_read_receipts_are_shared(relay_cluster, redis_server):
     x, y = relay_cluster(redis_server, 2)
     a = new_address()

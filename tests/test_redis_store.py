@@ -42,7 +42,11 @@ def with_store(url: str, body: Callable[[RedisStore], Awaitable[Any]], *, timeou
                 return await body(store)
         finally:
             await store.close()
-    return asyncio.run(main())
+
+    async def bounded() -> Any:  # opening and closing too
+        async with asyncio.timeout(scaled(timeout + 30)):
+            return await main()
+    return asyncio.run(bounded())
 
 
 async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 10, what: str = "") -> None:
