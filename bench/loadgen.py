@@ -226,7 +226,7 @@ async def live(args: argparse.Namespace) -> dict[str, Any]:
     P, W = args.pairs, args.window
     senders = [make_address(1, tag, i) for i in range(P)]
     receivers = [make_address(2, tag, i) for i in range(P)]
-    r_ws = await open_authed(url, receivers, 50)
+    r_ws = await open_authed(f"ws://{HOST}:{args.receiver_port or args.port}", receivers, 50)
     s_ws = await open_authed(url, senders, 50)
     pairs = [Pair(i, s_ws[i], r_ws[i], senders[i], receivers[i]) for i in range(P)]
     st = LiveState()
@@ -849,6 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--content-bytes", type=int, default=200)
     s.add_argument("--drain-timeout", type=float, default=15)
     s.add_argument("--trace", metavar="FILE", help="write every receipt's time and latency (diagnosis)")
+    s.add_argument("--receiver-port", type=int, default=0,
+                   help="receivers connect to this port (another instance of a cluster); 0: --port")
 
     s = sub.add_parser("idle", help="scenario 2: idle authenticated connections")
     s.add_argument("--connections", type=int, default=2000)

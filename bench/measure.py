@@ -253,6 +253,57 @@ class LagProbe:
         return self.result
 
 
+REDIS_TOP_LEVEL = ("evalsha", "eval", "spublish", "publish")
+"""Commands relayd sends on its live and queued paths; INFO's command statistics also count the commands a
+script runs inside it, so only these are taken as round trips."""
+
+
+class PeerProbe:
+    """Other processes of a run (a second relayd instance, redis-server): CPU, and Redis's own counters.
+
+    ``peers`` maps a name to a PID; per window it adds ``{name}_cpu_s`` and,
+    with ``redis``, ``redis_cpu_s`` (server CPU), ``redis_calls`` (top-level
+    commands, see REDIS_TOP_LEVEL), ``redis_calls_by_command`` and
+    ``redis_net_bytes`` (in + out).
+    """
+
+    def __init__(self, peers: dict[str, int], redis: Any, windows: list[str]) -> None:
+        self.peers = peers
+        self.redis = redis
+        self.windows = windows
+        self.before: dict[str, dict[str, Any]] = {}
+        self.result: dict[str, dict[str, Any]] = {}
+
+    def _sample(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: cpu_sample(pid) for name, pid in self.peers.items()}
+        if self.redis is not None:
+            info = self.redis.info()
+            out["redis_cpu"] = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+            out["redis_net"] = int(info["total_net_input_bytes"]) + int(info["total_net_output_bytes"])
+            out["redis_calls"] = {name[len("cmdstat_"):]: int(dict(kv.split("=", 1) for kv in value.split(","))["calls"])
+                                  for name, value in info.items() if name.startswith("cmdstat_")}
+        return out
+
+    def start(self, window: str) -> None:
+        if window in self.windows:
+            self.before[window] = self._sample()
+
+    def stop(self, window: str) -> None:
+        if window not in self.windows or window not in self.before:
+            return
+        a, b = self.before[window], self._sample()
+        fig: dict[str, Any] = {f"{name}_cpu_s": cpu_delta(a[name], b[name]) for name in self.peers}
+        if self.redis is not None:
+            calls = {k: v - a["redis_calls"].get(k, 0) for k, v in b["redis_calls"].items()}
+            fig.update(redis_cpu_s=b["redis_cpu"] - a["redis_cpu"], redis_net_bytes=b["redis_net"] - a["redis_net"],
+                       redis_calls=sum(calls.get(k, 0) for k in REDIS_TOP_LEVEL),
+                       redis_calls_by_command={k: v for k, v in calls.items() if v})
+        self.result[window] = fig
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        return self.result
+
+
 # Load processes
 
 @dataclasses.dataclass

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from measure import (LagProbe, Rounds, SyscallCounter, paired_ratios, run_loadgen, run_rounds, split, summary,
-                     wait_for_quiet)
+from measure import (LagProbe, PeerProbe, Rounds, SyscallCounter, paired_ratios, run_loadgen, run_rounds, split,
+                     summary, wait_for_quiet)
 from report import Report, Section
-from servers import ROOT, BenchError, Server, http_get, http_json, rss_kb
+from servers import ROOT, BenchError, RedisProcess, Server, Variant, http_get, http_json, rss_kb
 
 COLD_TARGET_ROWS = 1_000_000
 COLD_PER_RECIPIENT = 100
@@ -574,6 +574,184 @@ def s8_receipts(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     discarded_note(sec, rounds)
 
 
+# 9. Several instances on one Redis
+
+def s9_redis(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
+    """Live routing across two relayd instances on one Redis against the same load on one instance, and the
+    queued path on Redis against SQLite. Redis is a redis-server of the run's own (no persistence, FLUSHALL
+    before each run); CPU per message counts every relayd instance, Redis's CPU is reported apart."""
+    missing = RedisProcess.missing()
+    if missing:
+        rep.problems.append(f"9: not measured ({missing})")
+        return
+    redis = RedisProcess(ctx.tmpdir("redis")).start()
+    try:
+        _s9_live(ctx, rep, p, redis)
+        _s9_queued(ctx, rep, p, redis)
+        _s9_sign_ins(ctx, rep, p, redis)
+    finally:
+        redis.stop()
+
+
+def _s9_variant(label: str, redis: RedisProcess, **settings: Any) -> Variant:
+    env = (("RELAYD_REDIS_URL", redis.url), ("RELAYD_REDIS_KEY_PREFIX", "bench:"))
+    return Variant(label, "relayd", "redis", tuple(sorted({"relayd_env": env, **settings}.items())))
+
+
+def _redis_rows(sec: Section, rounds: Rounds, label: str, key: str, per_what: str, verdict: Any = None) -> None:
+    sec.rounds_row(f"{label}Redis round trips / {per_what}", rounds, f"{key}redis_calls", digits=2, verdict=verdict,
+                   note="EVALSHA + EVAL + SPUBLISH + PUBLISH counted by redis-server; pipelined ones each count")
+    sec.rounds_row(f"{label}Redis CPU us / {per_what}", rounds, f"{key}redis_cpu_us", digits=1,
+                   note="used_cpu_sys + used_cpu_user")
+    sec.rounds_row(f"{label}Redis bytes in+out / {per_what}", rounds, f"{key}redis_bytes", digits=0)
+
+
+def _redis_figures(win: dict[str, Any], count: int) -> dict[str, Any]:
+    return {"redis_calls": per(win.get("redis_calls"), count), "redis_cpu_us": per(win.get("redis_cpu_s"), count, 1e6),
+            "redis_bytes": per(win.get("redis_net_bytes"), count), "redis_commands": win.get("redis_calls_by_command")}
+
+
+def _s9_live(ctx: Any, rep: Report, p: dict[str, Any], redis: RedisProcess) -> None:
+    one_label, two_label = "one instance", "two instances"
+    variants = [_s9_variant(one_label, redis), _s9_variant(two_label, redis)]
+    P, W = p["pairs"], p["window"]
+
+    def one(srv: Server, procs: int) -> dict[str, Any]:
+        redis.flush()
+        peer = ctx.server(srv.variant) if srv.label == two_label else None
+        try:
+            extra = ["--receiver-port", str(peer.port)] if peer is not None else []
+            args = [["live", "--pairs", str(n), "--window", str(W), "--count", str(p["count"]),
+                     "--warmup", str(p["warmup"]), "--content-bytes", str(p["content_bytes"]),
+                     "--max-duration", str(p["max_duration"]), *extra] for n in split(P, procs)]
+            probe = PeerProbe({"peer": peer.pid} if peer is not None else {}, redis, ["max", "paced"])
+            run = run_loadgen(srv, args, 3 * p["max_duration"] + 120,
+                              windows={"max": ("max_start", "max_end"), "paced": ("paced_start", "paced_end")},
+                              probes=[probe], cores=ctx.cores)
+        finally:
+            if peer is not None:
+                peer.stop()
+        f: dict[str, Any] = {"_windows": run.windows}
+        for phase in ("max", "paced"):
+            rs = [r[phase] for r in run.results]
+            received, sent = sum(r["received"] for r in rs), sum(r["sent"] for r in rs)
+            lat = [x for r in rs for x in r["lat_us"]]
+            win = run.windows[phase]
+            mine, theirs = win["cpu_s"], win.get("peer_cpu_s", 0.0)
+            f[f"{phase}_rate"] = received / max(1e-9, max(r["elapsed_s"] for r in rs))
+            f[f"{phase}_cpu_us"] = per(mine + theirs, received, 1e6)
+            f[f"{phase}_cpu_sender_us"] = per(mine, received, 1e6)
+            f[f"{phase}_cpu_receiver_us"] = per(theirs, received, 1e6) if peer is not None else None
+            f[f"{phase}_p50_ms"] = None if not lat else pct(lat, 50) / 1000
+            f[f"{phase}_p99_ms"] = None if not lat else pct(lat, 99) / 1000
+            f.update({f"{phase}_{k}": v for k, v in _redis_figures(win, received).items()})
+            f[f"{phase}_delivered"] = per(sum(r["acks"].get("delivered", 0) for r in rs), sent)
+            errors = [r["errors"] for r in rs if r["errors"]]
+            problem_if(ctx, errors or received != sent or not all(r["complete"] for r in rs),
+                       f"9/{srv.label}/{phase}: sent {sent}, received {received}, errors {errors}")
+        return f
+
+    rounds = run_rounds(ctx, "9a", variants, one, saturation_window="max", max_procs=ctx.max_procs)
+    rep.raw["9_live"] = dataclasses.asdict(rounds)
+    labels = [one_label, two_label]
+    sec = rep.section(f"9a. live routing on Redis: senders on one relayd instance, receivers on the same one or on a "
+                      f"second one ({P} pairs x {p['count']:,} messages, {W} in flight per sender, "
+                      f"{p['content_bytes']} B; one redis-server; {ctx.rounds_text()})",
+                      labels, [(two_label, one_label)])
+    sec.rounds_row("routed messages/s at max rate", rounds, "max_rate", note="higher is better")
+    sec.rounds_row("relayd CPU us / message, max rate (all instances)", rounds, "max_cpu_us",
+                   verdict=ratio_target(two_label, one_label, lambda r: r <= 2.0, "two instances <= 2 x one"))
+    sec.rounds_row("  of which the sender's instance", rounds, "max_cpu_sender_us", ratios=False)
+    sec.rounds_row("  of which the receiver's instance", rounds, "max_cpu_receiver_us", ratios=False)
+    sec.rounds_row("relayd CPU us / message, half rate (all instances)", rounds, "paced_cpu_us",
+                   verdict=ratio_target(two_label, one_label, lambda r: r <= 2.0, "two instances <= 2 x one"))
+    sec.rounds_row("p50 latency at max rate (ms)", rounds, "max_p50_ms", digits=2)
+    sec.rounds_row("p99 latency at max rate (ms)", rounds, "max_p99_ms", digits=2)
+    sec.rounds_row("p50 latency at half rate (ms)", rounds, "paced_p50_ms", digits=2)
+    sec.rounds_row("p99 latency at half rate (ms)", rounds, "paced_p99_ms", digits=2)
+    _redis_rows(sec, rounds, "max rate: ", "max_", "message",
+                verdict=target(two_label, lambda v: v <= 2.0, "two instances <= 2 per live message"))
+    _redis_rows(sec, rounds, "half rate: ", "paced_", "message")
+    sec.rounds_row("answered delivered (share)", rounds, "max_delivered", digits=3, ratios=False)
+    load_rows(sec, rounds, "max")
+    sec.note("one instance on Redis routes live messages in memory (Redis sees only heartbeats and probes); "
+             "across instances each message is one SPUBLISH to the receiver's instance and one back")
+    discarded_note(sec, rounds)
+
+
+def _s9_queued(ctx: Any, rep: Report, p: dict[str, Any], redis: RedisProcess) -> None:
+    labels = ["relayd/redis", "relayd/sqlite"]
+    variants = [_s9_variant("relayd/redis", redis, queue_max=10_000_000)]
+    variants += [v for v in ctx.variants(["relayd/sqlite"], queue_max=10_000_000)]
+
+    def one(srv: Server, procs: int) -> dict[str, Any]:
+        if srv.variant.backend == "redis":
+            redis.flush()
+        senders, recipients = split(p["senders"], procs), split(p["recipients"], procs)
+        args = [["offline", "--senders", str(s), "--window", str(p["window"]), "--duration", str(p["duration"]),
+                 "--count", str(p["queued_count"]), "--recipients", str(r)] for s, r in zip(senders, recipients)]
+        probe = PeerProbe({}, redis if srv.variant.backend == "redis" else None, ["load"])
+        run = run_loadgen(srv, args, p["duration"] + 90, windows={"load": ("start", "end")}, probes=[probe],
+                          cores=ctx.cores)
+        queued = sum(r["acks"].get("queued", 0) for r in run.results)
+        errors = [r["errors"] for r in run.results if r["errors"]]
+        problem_if(ctx, errors or not all(r["complete"] for r in run.results),
+                   f"9b/{srv.label}: errors {errors}, complete {[r['complete'] for r in run.results]}")
+        win = run.windows["load"]
+        return {"rate": queued / max(1e-9, max(r["elapsed_s"] for r in run.results)),
+                "cpu_us": per(win["cpu_s"], queued, 1e6), "_windows": run.windows, **_redis_figures(win, queued)}
+
+    rounds = run_rounds(ctx, "9b", variants, one, saturation_window="load", max_procs=ctx.max_procs)
+    rep.raw["9_queued"] = dataclasses.asdict(rounds)
+    sec = rep.section(f"9b. queued path on Redis and on SQLite ({p['senders']} senders x {p['window']} in flight to "
+                      f"{p['recipients']:,} distinct offline recipients, {p['duration']:g} s; {ctx.rounds_text()})",
+                      labels, [("relayd/redis", "relayd/sqlite")], ctx.absent(labels))
+    sec.rounds_row("queued/s", rounds, "rate", note="higher is better")
+    sec.rounds_row("relayd CPU us / queued message", rounds, "cpu_us", note="sqlite: incl. its writer thread")
+    _redis_rows(sec, rounds, "", "", "queued message",
+                verdict=target("relayd/redis", lambda v: v <= 3.0, "<= 3 per queued message"))
+    load_rows(sec, rounds, "load")
+    sec.note("new-queue budgets are off here (the runner switches every limit off): with them, the first message "
+             "to a recipient within the hour also costs one round trip for both budgets together")
+    discarded_note(sec, rounds)
+
+
+def _s9_sign_ins(ctx: Any, rep: Report, p: dict[str, Any], redis: RedisProcess) -> None:
+    """What a session costs on Redis: connect + auth (the presence write, the backlog read) and an idle
+    connection's memory, against the memory backend (no Redis at all)."""
+    labels = ["relayd/redis", "relayd/memory"]
+    variants = [_s9_variant("relayd/redis", redis), *ctx.variants(["relayd/memory"])]
+    n = p["connections"]
+
+    def one(srv: Server, procs: int) -> dict[str, Any]:
+        on_redis = srv.variant.backend == "redis"
+        if on_redis:
+            redis.flush()
+        probe = PeerProbe({}, redis if on_redis else None, ["idle"])
+        run = run_loadgen(srv, [["idle", "--connections", str(n)]], 120 + n / 50,
+                          windows={"idle": ("before", "after")}, probes=[probe], cores=ctx.cores)
+        win = run.windows["idle"]
+        before, after = run.marks["before"]["rss_kb"], run.marks["after"]["rss_kb"]
+        commands = win.get("redis_calls_by_command") or {}
+        return {"cpu_us": per(win["cpu_s"], n, 1e6), "per_conn_kb": (after - before) / n,
+                "connects_s": run.results[0]["connects_per_s"], "_windows": run.windows,
+                "redis_calls": per(win.get("redis_calls"), n), "redis_reads": per(sum(
+                    v for k, v in commands.items() if k in ("hget", "zcard")), n) if on_redis else None,
+                "redis_cpu_us": per(win.get("redis_cpu_s"), n, 1e6), "redis_bytes": per(win.get("redis_net_bytes"), n)}
+
+    rounds = run_rounds(ctx, "9c", variants, one)
+    rep.raw["9_sign_ins"] = dataclasses.asdict(rounds)
+    sec = rep.section(f"9c. sessions on Redis: {n:,} connections that sign in (unsigned) and stay idle, 100 "
+                      f"handshakes in flight; {ctx.rounds_text()}", labels, [("relayd/redis", "relayd/memory")])
+    sec.rounds_row("server CPU us per connect+auth", rounds, "cpu_us", note="lower is better")
+    sec.rounds_row("connects+auth per s", rounds, "connects_s")
+    sec.rounds_row("RSS growth per connection (KiB)", rounds, "per_conn_kb", digits=2)
+    _redis_rows(sec, rounds, "", "", "sign-in")
+    sec.rounds_row("  Redis reads / sign-in (HGET + ZCARD: the backlog size)", rounds, "redis_reads", digits=2,
+                   ratios=False, note="a script's own reads count here too")
+    share_rows(sec, rounds, "idle", "while connecting: ")
+
+
 # The table
 
 @dataclasses.dataclass(frozen=True)
@@ -611,4 +789,11 @@ SCENARIOS: list[Scenario] = [
              scaled=("messages",)),
     Scenario(8, "read receipts", s8_receipts, quick={"receipts": 1000, "conns": 20},
              full={"receipts": 10000, "conns": 50}, scaled=("receipts",)),
+    Scenario(9, "several instances on Redis", s9_redis,
+             quick={"pairs": 20, "window": 16, "count": 1000, "warmup": 100, "content_bytes": 200, "max_duration": 30,
+                    "senders": 20, "duration": 2.0, "recipients": 5000, "queued_count": 100000, "connections": 2000},
+             full={"pairs": 20, "window": 16, "count": 2000, "warmup": 200, "content_bytes": 200, "max_duration": 60,
+                   "senders": 50, "duration": 10.0, "recipients": 50000, "queued_count": 1000000,
+                   "connections": 10000},
+             scaled=("count", "duration", "connections")),
 ]

@@ -197,6 +197,96 @@ def http_json(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
         return status, None
 
 
+# Redis (scenario 9): a redis-server of the benchmark's own, spoken to in RESP over a raw socket
+
+def resp_call(port: int, *args: str, timeout: float = 5.0) -> Any:
+    """One Redis command; its reply (bulk and simple strings decoded, integers as int). Raises BenchError."""
+    payload = f"*{len(args)}\r\n".encode() + b"".join(
+        f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args)
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as s:
+            s.sendall(payload)
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise BenchError(f"redis on port {port} closed the connection")
+                data += chunk
+            head, _, rest = data.partition(b"\r\n")
+            kind, value = head[:1], head[1:].decode()
+            if kind == b"$":
+                size = int(value)
+                while len(rest) < size + 2:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        raise BenchError(f"redis on port {port} closed the connection")
+                    rest += chunk
+                return rest[:size].decode()
+    except OSError as exc:
+        raise BenchError(f"redis on port {port}: {exc}") from None
+    if kind == b"-":
+        raise BenchError(f"redis: {value}")
+    return int(value) if kind == b":" else value
+
+
+class RedisProcess:
+    """A redis-server (no persistence) on a free 127.0.0.1 port, stopped by PID."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def missing() -> str:
+        """'' when a Redis scenario can run here, else why not."""
+        if shutil.which("redis-server") is None:
+            return "redis-server is not installed (Debian: redis-server)"
+        r = subprocess.run([PY, "-c", "import redis"], cwd=ROOT, capture_output=True, timeout=60)
+        return "" if r.returncode == 0 else "relayd's Redis extra is not installed (pip install -e '.[redis]')"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> "RedisProcess":
+        self.port = free_port()
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", HOST, "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.tmp), "--protected-mode", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if resp_call(self.port, "PING", timeout=0.5) == "PONG":
+                    return self
+            except BenchError:
+                time.sleep(0.02)
+        self.stop()
+        raise BenchError("redis-server did not answer within 10 s")
+
+    def info(self) -> dict[str, str]:
+        text = resp_call(self.port, "INFO", "all")
+        return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
+
+    def flush(self) -> None:
+        resp_call(self.port, "FLUSHALL")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
 # relayd's configuration schema
 
 SCHEMA_CODE = """

@@ -9,7 +9,9 @@ subscribes to messages only after its key upload): at its first frame after
 the flush waits for writes still landing for the address (acks, receipts,
 kept messages) and for the address's other sessions that are closing to
 finish the frames they received, so a client that acked and closed never
-sees those messages again.
+sees those messages again. With other instances (``far``), the instances
+that hold sessions of the address do the same for theirs before the read
+(bounded by ``[cluster] reply_timeout_ms``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .config import Config
 from .errors import ErrorCode, RelayError
 from .frames import message_text
 from .ops.metrics import RelayMetrics
-from .presence import Routes
+from .presence import Elsewhere, Routes
 from .session import Session
 from .storage.store import StorageUnavailable, Store
 from .writes import AddressWrites
@@ -42,8 +44,9 @@ class Backlog:
     """Flushes stored messages and receipts to new sessions; applies acks."""
 
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics, clock: Clock,
-                 writes: AddressWrites) -> None:
+                 writes: AddressWrites, far: Elsewhere | None = None) -> None:
         self.routes = routes
+        self.far = far
         self.store = store
         self.metrics = metrics
         self.clock = clock
@@ -84,6 +87,8 @@ class Backlog:
         assert address is not None
         await self._earlier_sessions_done(session, address)
         await self.writes.landed(address)
+        if self.far is not None:
+            await self.far.drain(address)
         self._stored_meanwhile[session] = False
         try:
             messages, receipts = await self.store.backlog_size(address)
@@ -159,7 +164,21 @@ class Backlog:
         await self.writes.landed(session.address)
         await self.flush(session)
 
-    async def _earlier_sessions_done(self, session: Session, address: str) -> None:
+    async def drained(self, address: str) -> None:
+        """Another instance is about to read the address's backlog: return once the address's closing sessions
+        here applied their last frames and its pending writes landed (bounded)."""
+        await self._earlier_sessions_done(None, address)
+        await self.writes.landed(address)
+
+    def catch_up(self, address: str) -> None:
+        """Messages were stored for ``address`` after its ready sessions here read their backlog (kept by
+        another instance for a connection that ended): flush them to its ready plain sessions. Ack sessions
+        get them on their next connection, as every unacknowledged message."""
+        for session in self.routes.ready_sessions(address):
+            if not session.ack and session not in self._waiting:
+                self._track(asyncio.ensure_future(self.flush(session)))
+
+    async def _earlier_sessions_done(self, session: Session | None, address: str) -> None:
         """Wait (boundedly) for the address's sessions whose connection is closing to apply their last frames."""
         loop = asyncio.get_running_loop()
         closing = []

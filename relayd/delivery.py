@@ -48,7 +48,7 @@ Ident = tuple[str, str, str]
 """(sender, recipient, messageId), addresses lower-cased: what makes a message the same message."""
 
 
-class _Pipeline:
+class Pipeline:
     """One sender's stored-but-unanswered messages: how many, how large, and when the last one is answered."""
 
     __slots__ = ("in_flight", "bytes", "tail")
@@ -64,7 +64,7 @@ class _Storing:
     """A message on its way to the store, with what its answer needs."""
 
     session: Session
-    pipeline: _Pipeline
+    pipeline: Pipeline
     ident: Ident
     msg: QueuedMessage
     size: int
@@ -75,6 +75,11 @@ _REFUSALS = {
     EnqueueResult.NO_SPACE: RelayError(ErrorCode.STORAGE_UNAVAILABLE, "The relay's storage budget is used up; "
                                        "nothing was queued, retry later"),
 }
+
+
+def refusal_of(result: EnqueueResult | None) -> RelayError | None:
+    """The error a sender gets for a store result that is a refusal (its code and message), else None."""
+    return _REFUSALS.get(result) if result is not None else None
 
 
 class Delivery:
@@ -88,7 +93,7 @@ class Delivery:
         self.clock = clock
         self.writes = writes
         self._recent: OrderedDict[Ident, str] = OrderedDict()
-        self._pipelines: dict[Session, _Pipeline] = {}
+        self._pipelines: dict[Session, Pipeline] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
         self.new_queues = NewQueueBudget(config, clock.monotonic())
         self.receipts = Receipts(config, self.forward, store, metrics, clock, writes, self._track)
@@ -159,23 +164,27 @@ class Delivery:
         ident = (sender, to, mid)
         answer = self._recent.get(ident)
         now = wall_ms(self.clock)
-        if answer is None:
-            msg = QueuedMessage(to, session.spelling, mid, content, now if stamp is None else stamp, now)
-            targets = self.routes.ready_sessions(to)
-            pipeline = self._pipelines.get(session)
-            if targets and not (pipeline and pipeline.in_flight) and not any(s.ack for s in targets):
-                data = message_text(msg.sender, content, mid, msg.timestamp, queued=False)
-                pushed = 0
-                for target in targets:
-                    pushed += target.push(data, msg)
-                if pushed:
-                    self.metrics.routed_live.inc()
-                    answer = "delivered"
-            if answer is None:
-                return self._store_then_answer(session, ident, msg)
-            self._remember(ident, answer)
-        session.push(answer_text(answer, mid, to, now))
-        return None
+        if answer is not None:
+            session.push(answer_text(answer, mid, to, now))
+            return None
+        msg = QueuedMessage(to, session.spelling, mid, content, now if stamp is None else stamp, now)
+        return self._route(session, ident, msg)
+
+    def _route(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
+        """A new message: live when a ready session here takes it, else stored (see ``message``)."""
+        targets = self.routes.ready_sessions(msg.recipient)
+        pipeline = self._pipelines.get(session)
+        if targets and not (pipeline and pipeline.in_flight) and not any(s.ack for s in targets):
+            data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
+            pushed = 0
+            for target in targets:
+                pushed += target.push(data, msg)
+            if pushed:
+                self.metrics.routed_live.inc()
+                self._remember(ident, "delivered")
+                session.push(answer_text("delivered", msg.message_id, msg.recipient, msg.queued_at))
+                return None
+        return self._store_then_answer(session, ident, msg)
 
     def _store_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
         """Start storing ``msg``; the answer goes out once the store has committed it.
@@ -192,25 +201,25 @@ class Delivery:
             raise
         pipeline = self._pipelines.get(session)
         if pipeline is None:
-            pipeline = self._pipelines[session] = _Pipeline()
+            pipeline = self._pipelines[session] = Pipeline()
         if self._pipeline_full(pipeline):
             return self._store_when_room(session, pipeline, ident, msg)
         self._start_storing(session, pipeline, ident, msg)
         return None
 
     @staticmethod
-    def _pipeline_full(pipeline: _Pipeline) -> bool:
+    def _pipeline_full(pipeline: Pipeline) -> bool:
         return ((pipeline.in_flight >= MAX_IN_FLIGHT or pipeline.bytes >= MAX_IN_FLIGHT_BYTES)
                 and pipeline.tail is not None and not pipeline.tail.done())
 
-    async def _store_when_room(self, session: Session, pipeline: _Pipeline, ident: Ident,
+    async def _store_when_room(self, session: Session, pipeline: Pipeline, ident: Ident,
                                msg: QueuedMessage) -> None:
         while self._pipeline_full(pipeline):
             assert pipeline.tail is not None
             await asyncio.wait([pipeline.tail])
         self._start_storing(session, pipeline, ident, msg)
 
-    def _start_storing(self, session: Session, pipeline: _Pipeline, ident: Ident, msg: QueuedMessage) -> None:
+    def _start_storing(self, session: Session, pipeline: Pipeline, ident: Ident, msg: QueuedMessage) -> None:
         """Add ``msg`` to the batch stored at the end of this loop iteration (one write for all of them)."""
         size = len(msg.content)
         pipeline.in_flight += 1
@@ -247,7 +256,7 @@ class Delivery:
             item.pipeline.bytes -= item.size
             item.session.outbox.hold(-item.size)
             result = results[i] if refusal is None else None
-            err = refusal or _REFUSALS.get(result)
+            err = refusal or refusal_of(result)
             if err is not None:
                 self.metrics.refused.labels(code=err.code.value).inc()
                 item.session.send(RelayError(err.code, err.message, message_id=item.msg.message_id).frame())
@@ -273,10 +282,14 @@ class Delivery:
             return "queued"
         self.metrics.routed_live.inc()
         if not any(s.ack for s in taken):
-            task = asyncio.ensure_future(self._remove_delivered(msg))
-            self.writes.note(msg.recipient, task)
-            self._track(task)
+            self._remove_soon(msg)
         return "delivered"
+
+    def _remove_soon(self, msg: QueuedMessage) -> None:
+        """Remove a stored message that only plain sessions took (it comes back if their bytes are lost)."""
+        task = asyncio.ensure_future(self._remove_delivered(msg))
+        self.writes.note(msg.recipient, task)
+        self._track(task)
 
     async def _remove_delivered(self, msg: QueuedMessage) -> None:
         try:

@@ -1,28 +1,43 @@
 """Who is online, and how frames reach them.
 
-Two narrow interfaces: ``Presence`` answers "is this address online?" and
-``Routes`` delivers an encoded frame to an address's ready sessions. The
-in-process ``LocalPresence`` implements both; a cross-instance backend (for
-example Redis pub/sub) implements the same two without touching the router.
+Narrow interfaces: ``Presence`` answers "is this address online?",
+``Routes`` delivers an encoded frame to an address's ready sessions on this
+instance, and ``Elsewhere`` reaches its sessions on other relayd instances
+sharing one Redis. The in-process ``LocalPresence`` implements the first two;
+a single instance has no ``Elsewhere`` at all (the protocol then takes no
+cluster path, at no cost). ``relayd.cluster`` implements all three.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .session import Session
+
+if TYPE_CHECKING:
+    from .storage.store import EnqueueResult, QueuedMessage, QueueLimits
 
 
 class Presence(Protocol):
     """Who is online, for REST status queries and metrics."""
 
-    def is_online(self, address: str) -> bool: ...
-    def online_addresses(self) -> list[str]: ...
-    def online_count(self) -> int: ...
+    async def statuses(self, addresses: list[str]) -> dict[str, bool]:
+        """Whether each address has a session (on any instance). Raises StorageUnavailable (cluster)."""
+        ...
+
+    async def online_list(self) -> list[str]:
+        """Every address with a session (on any instance). Raises StorageUnavailable (cluster)."""
+        ...
+
+    def online_count(self) -> int:
+        """Addresses with a session on this instance (a gauge per instance)."""
+        ...
 
 
 class Routes(Protocol):
-    """The sessions of an address, for routing frames to them."""
+    """The sessions of an address on this instance, for routing frames to them."""
 
     def attach(self, session: Session) -> None:
         """An authenticated session joins its address (``session.address`` is set)."""
@@ -38,6 +53,95 @@ class Routes(Protocol):
 
     def sessions(self, address: str) -> tuple[Session, ...]:
         """Every session of ``address``, ready or not."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Remote:
+    """An address's sessions on other instances: the instances, and whether a session there acks."""
+
+    instances: tuple[str, ...] = ()
+    ack: bool = False
+
+
+NOWHERE = Remote()
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What other instances did with an offer: how many sessions took it, whether one of them acks, and the
+    instances that did not answer in time (they took nothing, as far as the sender knows)."""
+
+    count: int = 0
+    ack: bool = False
+    silent: tuple[str, ...] = ()
+
+
+class Elsewhere(Protocol):
+    """An address's sessions on the other relayd instances that share one Redis (``relayd.cluster``).
+
+    Every coroutine is bounded in time: an instance that does not answer
+    within ``[cluster] reply_timeout_ms`` counts as having taken nothing.
+    Those that need Redis raise StorageUnavailable.
+    """
+
+    def cached(self, address: str) -> Remote | None:
+        """Where ``address`` has sessions elsewhere, when known without asking Redis; None: call ``lookup``."""
+        ...
+
+    async def lookup(self, address: str) -> Remote:
+        """Ask Redis, and keep the answer until the address's presence changes."""
+        ...
+
+    async def offer(self, remote: Remote, msg: QueuedMessage, *, stored: bool) -> Taken:
+        """Offer a message to the recipient's ready sessions on ``remote``'s instances and wait for their answers.
+
+        ``stored``: the message is committed (``msg.seq`` set), so an ack
+        session may take it; otherwise an instance with an ack session
+        takes nothing and says so (the sender must store it first).
+        """
+        ...
+
+    def offer_soon(self, remote: Remote, msg: QueuedMessage, then: Callable[[Taken], None]) -> None:
+        """``offer`` of an unstored message without a coroutine: ``then`` gets the outcome, from the event loop,
+        within ``[cluster] reply_timeout_ms`` (the live path's cheap form)."""
+        ...
+
+    def push(self, remote: Remote, msg: QueuedMessage) -> None:
+        """Send a message delivered here to the recipient's other devices too, without waiting."""
+        ...
+
+    async def relay_frame(self, remote: Remote, to: str, frame: dict[str, Any]) -> Taken:
+        """Push a frame (a read receipt) to the ready sessions of ``to`` there; how many took it."""
+        ...
+
+    def forward(self, remote: Remote, to: str, frame: dict[str, Any]) -> None:
+        """Push a frame that is never stored (typing) to the ready sessions of ``to`` there, without waiting."""
+        ...
+
+    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, Remote]:
+        """Store a message, and read where its recipient has sessions elsewhere in the same atomic step."""
+        ...
+
+    async def restore(self, messages: list[QueuedMessage]) -> None:
+        """Put back messages a connection never received, and have the recipients' other instances send them."""
+        ...
+
+    async def spend(self, key: str, recipient: str, budget: int) -> bool:
+        """Record ``recipient`` in the cluster-wide hourly budget ``key``; False when the budget is spent."""
+        ...
+
+    async def drain(self, address: str) -> None:
+        """Before reading a backlog: the other instances finish what the address's closing sessions there
+        sent them (acks, kept messages)."""
+        ...
+
+    def evict_unverified(self, address: str) -> None:
+        """The address proved ownership: its unsigned sessions on other instances must go."""
+        ...
+
+    def key_uploaded(self, address: str) -> None:
+        """A key was published for the address: its waiting sessions elsewhere get their backlog."""
         ...
 
 
@@ -81,3 +185,9 @@ class LocalPresence:
 
     def online_count(self) -> int:
         return len(self._by_address)
+
+    async def statuses(self, addresses: list[str]) -> dict[str, bool]:
+        return {a: a in self._by_address for a in addresses}
+
+    async def online_list(self) -> list[str]:
+        return list(self._by_address)

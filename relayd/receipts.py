@@ -38,12 +38,19 @@ class Receipts:
         """Forward a read receipt to the sender's ready sessions, or store it (in a batch) for its next one."""
         mid = field_message_id(frame)
         to = field_address(frame, "to", message_id=mid)
-        stamp = wall_ms(self.clock)
-        if self.forward({"type": "read", "from": session.spelling, "messageId": mid, "timestamp": stamp}, to):
-            return
+        self.route(session, to, {"type": "read", "from": session.spelling, "messageId": mid,
+                                 "timestamp": wall_ms(self.clock)})
+
+    def route(self, session: Session, to: str, read: dict[str, Any]) -> None:
+        """The ``read`` frame to the sender's ready sessions, or kept for its next one."""
+        if not self.forward(read, to):
+            self.keep(session, to, read)
+
+    def keep(self, session: Session, to: str, read: dict[str, Any]) -> None:
+        """Store a receipt nobody took, with the others of this loop iteration."""
         if not self._waiting:
             asyncio.get_running_loop().call_soon(self.store_waiting)
-        self._waiting.append((session, Receipt(to, session.spelling, mid, stamp)))
+        self._waiting.append((session, Receipt(to, session.spelling, read["messageId"], read["timestamp"])))
 
     def store_waiting(self) -> None:
         """Start storing the receipts gathered so far, in one write."""

@@ -17,14 +17,15 @@ from .backlog import Backlog
 from .clock import Clock, wall_ms
 from .config import Config
 from .delivery import Delivery
+from .far_delivery import FarDelivery
 from .errors import CLOSE_CODES, CloseCode, ErrorCode, RelayError
 from .frames import decode, field_address, field_bool, message_id_of, utf8_len
 from .identity.auth import SignIn
 from .ops.metrics import RelayMetrics
-from .presence import Routes
+from .presence import Elsewhere, Routes
 from .ratelimit import Verdict
 from .session import Session
-from .storage.store import StorageUnavailable, Store
+from .storage.store import QueuedMessage, StorageUnavailable, Store
 from .writes import AddressWrites
 
 log = logging.getLogger("relayd.router")
@@ -53,14 +54,19 @@ class Router:
     """Applies the seed protocol plus relayd's sign-in and ack extensions to sessions."""
 
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics,
-                 authenticator: SignInService, clock: Clock) -> None:
+                 authenticator: SignInService, clock: Clock, *, far: Elsewhere | None = None,
+                 writes: AddressWrites | None = None) -> None:
+        """``far``: the other instances sharing this relay's Redis (None: a single instance); ``writes``: the
+        pending writes per address, shared with the cluster's presence (whose writes a backlog read awaits)."""
         self.routes = routes
+        self.far = far
         self.metrics = metrics
         self.authenticator = authenticator
         self.clock = clock
-        writes = AddressWrites()
-        self.delivery = Delivery(config, routes, store, metrics, clock, writes)
-        self.backlog = Backlog(config, routes, store, metrics, clock, writes)
+        writes = writes if writes is not None else AddressWrites()
+        self.delivery = (Delivery(config, routes, store, metrics, clock, writes) if far is None
+                         else FarDelivery(config, routes, store, metrics, clock, writes, far))
+        self.backlog = Backlog(config, routes, store, metrics, clock, writes, far)
         self.delivery.on_stored = self.backlog.stored
         self._handlers: dict[str, Handler] = {
             "auth": self._on_auth,
@@ -172,7 +178,13 @@ class Router:
             log.debug("%s went offline", session.address)
 
     def evict_unverified(self, address: str) -> None:
-        """Once an address proves ownership, sessions that merely claimed it must go."""
+        """Once an address proves ownership, sessions that merely claimed it must go, on every instance."""
+        self.evict_here(address)
+        if self.far is not None:
+            self.far.evict_unverified(address)
+
+    def evict_here(self, address: str) -> None:
+        """The unsigned sessions of ``address`` on this instance go."""
         refusal = RelayError(ErrorCode.AUTH_REQUIRED, "This address has proven ownership: sign in with a signature")
         for session in self.routes.sessions(address):
             if not session.verified:
@@ -180,7 +192,27 @@ class Router:
                 self.closed(session)
 
     def key_uploaded(self, address: str) -> None:
-        """A key was published for ``address`` over REST: its app is about to listen."""
+        """A key was published for ``address`` over REST: its app is about to listen (on any instance)."""
+        self.backlog.key_uploaded(address)
+        if self.far is not None:
+            self.far.key_uploaded(address)
+
+    # What other instances ask of this one (``cluster.routes.Here``)
+
+    def offered(self, msg: QueuedMessage, *, stored: bool) -> tuple[int, bool]:
+        assert isinstance(self.delivery, FarDelivery)
+        return self.delivery.offered(msg, stored=stored)
+
+    def forward_here(self, frame: dict[str, Any], to: str) -> int:
+        return self.delivery.forward(frame, to)
+
+    def catch_up(self, address: str) -> None:
+        self.backlog.catch_up(address)
+
+    async def drained(self, address: str) -> None:
+        await self.backlog.drained(address)
+
+    def key_uploaded_here(self, address: str) -> None:
         self.backlog.key_uploaded(address)
 
     async def settle(self) -> None:
@@ -238,7 +270,10 @@ class Router:
     def _on_typing(self, session: Session, frame: dict[str, Any]) -> None:
         to = field_address(frame, "to")
         is_typing = field_bool(frame, "isTyping")
-        self.delivery.forward({"type": "typing", "from": session.spelling, "isTyping": is_typing}, to)
+        typing = {"type": "typing", "from": session.spelling, "isTyping": is_typing}
+        self.delivery.forward(typing, to)
+        if isinstance(self.delivery, FarDelivery):
+            self.delivery.forward_far(typing, to)
 
     def _on_ping(self, session: Session, frame: dict[str, Any]) -> None:
         session.send({"type": "pong", "timestamp": wall_ms(self.clock)})

@@ -21,11 +21,12 @@ from .net.admission import Admission
 from .net.gateway import Gateway
 from .net.http_api import HttpApi
 from .ops.metrics import RelayMetrics
-from .presence import LocalPresence
+from .presence import LocalPresence, Presence, Routes
 from .router import Router
 from .storage.backends import automatic_budget
 from .storage.memory import MemoryStore
 from .storage.store import Store
+from .writes import AddressWrites
 
 log = logging.getLogger("relayd.server")
 
@@ -38,9 +39,22 @@ class RelayServer:
         self.clock = clock
         self.store: Store = store if store is not None else MemoryStore()
         self.metrics = RelayMetrics()
-        self.presence = LocalPresence()
+        writes = AddressWrites()
+        self.cluster: Any = None
+        """The other instances on the same Redis (``relayd.cluster``, imported only for a Redis store)."""
+        self.presence: Presence
+        routes: Routes
+        if self.store.name == "redis":
+            from .cluster import Cluster
+            self.cluster = Cluster(config, self.store, writes)  # type: ignore[arg-type]
+            self.presence = routes = self.cluster.presence
+        else:
+            self.presence = routes = LocalPresence()
         self.authenticator = Authenticator(config, config.effective_public_url, self.store, self.metrics, clock)
-        self.router = Router(config, self.presence, self.store, self.metrics, self.authenticator, clock)
+        self.router = Router(config, routes, self.store, self.metrics, self.authenticator, clock,
+                             far=self.cluster.routes if self.cluster is not None else None, writes=writes)
+        if self.cluster is not None:
+            self.cluster.bind(self.router)
         self.api = HttpApi(config, self.presence, self.store, self.metrics, self.authenticator,
                            sessions=self.router, relay=self, clock=clock)
         self.admission = Admission(config, self.metrics, clock)
@@ -85,6 +99,8 @@ class RelayServer:
         if hasattr(self.store, "commit_observer"):
             self.store.commit_observer = self.metrics.commit_latency.observe
         await self.store.open()
+        if self.cluster is not None:
+            await self.cluster.start()
         self.router.delivery.storage_budget = automatic_budget(self.config, self.store)
         self.router.configure(self.config)
         self.crypto = self.authenticator.prepare(self.config.auth.crypto)
@@ -126,6 +142,9 @@ class RelayServer:
         self.housekeeping.stop()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.router.settle(), timeout)
+        if self.cluster is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.cluster.stop(), timeout)
         self.authenticator.close()
         await self.store.close()
         log.info("stopped")

@@ -99,6 +99,14 @@ class RedisServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def command_calls(self) -> dict[str, int]:
+        """Calls per command since start (``INFO commandstats``), e.g. ``{"evalsha": 12, ...}``."""
+        calls = {}
+        for name, value in self.info("commandstats").items():
+            fields = dict(part.split("=", 1) for part in value.split(","))
+            calls[name.removeprefix("cmdstat_")] = int(fields["calls"])
+        return calls
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
         """Stop the server by its PID (SIGTERM lets it finish its AOF; SIGKILL is a crash)."""
         proc, self.proc = self.proc, None

@@ -729,6 +729,18 @@ class ProcessRelay(_Endpoints):
         return self.proc.returncode
 
 
+def cluster_env(url: str, prefix: str, node_id: str, *, redis_cluster: bool = False,
+                **extra: str) -> dict[str, str]:
+    """The environment of one relayd instance among several on the Redis at ``url`` (keys under ``prefix``):
+    a short heartbeat (0.2 s) and presence TTL (1 s) so a dead instance goes offline quickly, plus ``extra``."""
+    env = {"RELAYD_STORAGE_BACKEND": "redis", "RELAYD_REDIS_URL": url, "RELAYD_REDIS_KEY_PREFIX": prefix,
+           "RELAYD_CLUSTER_NODE_ID": node_id, "RELAYD_CLUSTER_HEARTBEAT_S": "0.2",
+           "RELAYD_CLUSTER_PRESENCE_TTL_S": "1", "RELAYD_REDIS_SOCKET_TIMEOUT_S": "1"}
+    if redis_cluster:
+        env["RELAYD_REDIS_CLUSTER"] = "true"
+    return {**env, **extra}
+
+
 class ProcessRelays:
     """Starts ``ProcessRelay``s (``process_relays(tmp, **kwargs)``) and stops every one in ``stop_all``."""
 

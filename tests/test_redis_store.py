@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis as redis_py
 from redis_support import RedisServer
-from support import free_port, wait_until
+from support import connect, free_port, msg as frame_to, scaled, wait_until
 
 from relayd.storage.redis import RedisStore
 from relayd.storage.redis import scripts
@@ -31,16 +31,22 @@ def msg(recipient: str, message_id: str, content: str = "hello", *, sender: str 
     return QueuedMessage(recipient, sender, message_id, content, stamp - 5, stamp)
 
 
-def with_store(url: str, body: Callable[[RedisStore], Awaitable[Any]], **options: Any) -> Any:
-    """Open a RedisStore on ``url``, run ``body`` on it, close it."""
+def with_store(url: str, body: Callable[[RedisStore], Awaitable[Any]], *, timeout: float = 60,
+               **options: Any) -> Any:
+    """Open a RedisStore on ``url``, run ``body`` on it (failing after ``timeout`` seconds), close it."""
     async def main() -> Any:
         store = RedisStore(url, **{"probe_interval_s": 0.05, **options})
         await store.open()
         try:
-            return await body(store)
+            async with asyncio.timeout(scaled(timeout)):
+                return await body(store)
         finally:
             await store.close()
-    return asyncio.run(main())
+
+    async def bounded() -> Any:  # opening and closing too
+        async with asyncio.timeout(scaled(timeout + 30)):
+            return await main()
+    return asyncio.run(bounded())
 
 
 async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 10, what: str = "") -> None:
@@ -65,7 +71,7 @@ def test_acknowledged_messages_survive_a_redis_crash_with_appendonly(durable_red
         sent = [msg(BOB, f"m{i}", f"text {i}") for i in range(50)]
         for m in sent:
             assert await store.enqueue(m, ROOMY) is EnqueueResult.QUEUED
-        await store.add_receipt(Receipt(BOB, CAROL, "m1", 5))
+        await store.add_receipts([Receipt(BOB, CAROL, "m1", 5)], 10_000)
         await store.put_key(KeyRecord(BOB, "pk", 1, 2))
         return [m.seq for m in sent]
     seqs = with_store(durable_redis.url, write)
@@ -237,7 +243,7 @@ def test_every_key_is_under_the_prefix_and_one_address_is_one_slot(fresh_redis):
     async def body(store: RedisStore) -> None:
         for who in (BOB, CAROL):
             await store.enqueue(msg(who, "m1"), ROOMY)
-            await store.add_receipt(Receipt(who, "0x" + "d0" * 20, "m1", int(time.time() * 1000)))
+            await store.add_receipts([Receipt(who, "0x" + "d0" * 20, "m1", int(time.time() * 1000))], 10_000)
             await store.put_key(KeyRecord(who, "pk", 1, 1))
             await store.lock(who)
     with_store(fresh_redis.url, body, key_prefix="relay-one:")
@@ -258,7 +264,7 @@ def test_cluster_keys_of_one_address_live_on_one_node(redis_cluster, redis_prefi
         for i in range(20):
             who = f"0x{i:040x}"
             await store.enqueue(msg(who, "m1"), ROOMY)
-            await store.add_receipt(Receipt(who, BOB, "m1", int(time.time() * 1000)))
+            await store.add_receipts([Receipt(who, BOB, "m1", int(time.time() * 1000))], 10_000)
     with_store(redis_cluster.url, body, cluster=True, key_prefix=redis_prefix)
     holders: dict[str, set[int]] = {}
     for index, node in enumerate(redis_cluster.nodes):
@@ -295,9 +301,8 @@ def test_expiry_touches_only_old_recipients_in_bounded_batches(fresh_redis):
 
 
 def _script_calls(server: RedisServer) -> int:
-    stats = server.info("commandstats")
-    return sum(int(dict(p.split("=") for p in stats.get(f"cmdstat_{c}", "calls=0").split(","))["calls"])
-               for c in ("evalsha", "eval"))
+    calls = server.command_calls()
+    return calls.get("evalsha", 0) + calls.get("eval", 0)
 
 
 def test_instances_share_queues_idempotency_caps_and_totals(redis_server, redis_prefix):
@@ -331,7 +336,50 @@ def test_concurrent_writes_for_one_recipient_keep_call_order(redis_server, redis
         results = await asyncio.gather(*(store.enqueue(m, ROOMY) for m in sent))
         assert set(results) == {EnqueueResult.QUEUED}
         assert [m.message_id for m in await store.pending(BOB, 1000)] == [m.message_id for m in sent]
+        assert store.link.batches < 100, "writes submitted together should share round trips"
     with_store(redis_server.url, body, key_prefix=redis_prefix)
+
+
+def test_a_write_that_cannot_get_its_turn_is_refused_unsent(fresh_redis):
+    """A Redis that stops answering fails every queued write within a bound; nothing waits for ever."""
+    async def body(store: RedisStore) -> None:
+        assert fresh_redis.proc is not None
+        os.kill(fresh_redis.proc.pid, signal.SIGSTOP)
+        try:
+            outcomes = await asyncio.gather(*(store.enqueue(msg(BOB, f"m{i}"), ROOMY) for i in range(600)),
+                                            return_exceptions=True)
+        finally:
+            os.kill(fresh_redis.proc.pid, signal.SIGCONT)
+        assert {type(o) for o in outcomes} == {StorageUnavailable}
+        await eventually(lambda: enqueue_succeeds(store, "after"), what="a write after SIGCONT")
+        assert "after" in [m.message_id for m in await store.pending(BOB, 1000)]
+    with_store(fresh_redis.url, body, socket_timeout_s=0.1, probe_interval_s=3600)
+
+
+def test_queued_path_costs_at_most_three_redis_round_trips_per_message(fresh_redis, start_relay):
+    """The issue's target for the queued path: at most 3 Redis round trips per message.
+
+    Messages go one at a time, so each round trip (a batch of writes, or a read) belongs to one message. The
+    first message to a recipient also spends the cluster-wide new-queue budgets (sender and client IP, in one
+    round trip) and notes the recipient's hash slot; later ones cost one script each.
+    """
+    store = RedisStore(fresh_redis.url, probe_interval_s=3600, refresh_interval_s=3600)
+    relay = start_relay(store=store, auth={"mode": "open"})
+    count = 100
+
+    def send_all(sender: Any, tag: str) -> tuple[int, int]:
+        """(round trips, scripts Redis ran) for ``count`` messages sent one by one."""
+        scripts_before, trips_before = _script_calls(fresh_redis), store.link.batches + store.link.reads
+        for i in range(count):
+            sender.send(frame_to(f"0x{i:040x}", f"{tag}{i}"))
+            assert sender.recv_type("queued")["messageId"] == f"{tag}{i}"
+        return store.link.batches + store.link.reads - trips_before, _script_calls(fresh_redis) - scripts_before
+
+    with connect(relay, "0x" + "a1" * 20) as sender:
+        trips, scripts_run = send_all(sender, "first")
+        assert trips <= 3 * count and scripts_run <= 5 * count, (trips, scripts_run)
+        trips, scripts_run = send_all(sender, "again")
+        assert trips == count and scripts_run == count, (trips, scripts_run)
 
 
 def test_wrong_password_stops_start_up(tmp_path):

@@ -276,3 +276,96 @@ def test_ownership_locks_are_permanent(store_backend):
         await store.delete_key("bob")
         assert await store.is_locked("bob") is True
     store_backend(body)
+
+
+def test_sender_spelling_is_kept_but_idempotency_ignores_it(store_backend):
+    async def body(store: Store) -> None:
+        first = msg("bob", "m1", sender="0xAbCd")
+        assert await store.enqueue(first, ROOMY) is QUEUED
+        assert await store.enqueue(msg("bob", "m1", sender="0xabcd"), ROOMY) is DUPLICATE
+        assert [m.sender for m in await store.pending("bob", 10)] == ["0xAbCd"]
+        assert await store.ack("bob", ["m1"]) == 1
+    store_backend(body)
+
+
+def test_storage_budget_refuses_past_max_total_bytes(store_backend):
+    async def body(store: Store) -> None:
+        limits = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False, max_total_bytes=10)
+        assert await store.enqueue(msg("bob", "m1", "12345678"), limits) is QUEUED
+        assert store.stored_bytes() == 8
+        assert await store.enqueue(msg("carol", "m2", "123"), limits) is NO_SPACE
+        assert await store.enqueue(msg("bob", "m1", "12345678"), limits) is DUPLICATE
+        assert await store.enqueue(msg("carol", "m3", "12"), limits) is QUEUED
+        assert store.stored_bytes() == 10
+        await store.remove("bob", [m.seq for m in await store.pending("bob", 10)])
+        assert store.stored_bytes() == 2
+    store_backend(body)
+
+
+def test_restore_puts_messages_back_in_their_place(store_backend):
+    async def body(store: Store) -> None:
+        sent = await enqueue_all(store, *(msg("bob", f"m{i}", queued_at=1000 + i) for i in range(4)))
+        taken = sent[:2]
+        assert await store.remove("bob", [m.seq for m in taken]) == 2
+        live = msg("bob", "live", queued_at=2000)
+        tight = QueueLimits(max_messages=2, max_bytes=1_000_000, drop_oldest=False)
+        assert await store.enqueue(msg("bob", "over", queued_at=2001), tight) is FULL
+        assert await store.restore([*taken, live]) == 3  # past the cap: the sender was already answered
+        assert live.seq > sent[-1].seq
+        assert await ids(store, "bob") == ["m0", "m1", "m2", "m3", "live"]
+        assert await store.restore([sent[0]]) == 0  # still stored: skipped
+        assert store.total() == 5 and await store.size("bob") == 5
+        assert await store.backlog_size("bob") == (5, 0)
+    store_backend(body)
+
+
+def test_receipts_are_capped_per_recipient_oldest_first(store_backend):
+    async def body(store: Store) -> None:
+        batch = [Receipt("bob", "carol", f"r{i}", 1000 + i) for i in range(5)]
+        assert await store.add_receipts(batch, 3) == 2
+        assert [r.message_id for r in await store.receipts("bob", 10)] == ["r2", "r3", "r4"]
+        assert await store.add_receipts([Receipt("bob", "dave", "r5", 2000)], 3) == 1
+        assert [r.message_id for r in await store.receipts("bob", 10)] == ["r3", "r4", "r5"]
+        assert await store.backlog_size("bob") == (0, 3)
+        assert (await store.stats())["receipts"] == 3
+    store_backend(body)
+
+
+def test_key_floor_outlives_a_deleted_signed_key(store_backend):
+    async def body(store: Store) -> None:
+        assert await store.key_floor("bob") is None
+        await store.put_key(KeyRecord("bob", "k", 1, 1))
+        assert await store.key_floor("bob") is None
+        await store.put_key(KeyRecord("bob", "k2", 1, 2, "x25519", 50, "doubleHash", "0xsig"))
+        await store.put_key(KeyRecord("bob", "k3", 1, 3, "x25519", 40, "doubleHash", "0xsig"))
+        assert await store.key_floor("bob") == 50
+        assert await store.delete_key("bob") is True
+        assert await store.get_key("bob") is None
+        assert await store.key_floor("bob") == 50
+    store_backend(body)
+
+
+def test_tokens_expire_and_are_bounded_per_address(store_backend):
+    async def body(store: Store) -> None:
+        for i in range(4):
+            await store.save_token(f"h{i}", "bob", 10_000 + i, 3)
+        assert await store.token_address("h0", 5_000) is None  # the one expiring first went
+        assert await store.token_address("h3", 5_000) == "bob"
+        assert await store.token_address("h3", 10_003) is None
+        assert await store.token_address("nope", 0) is None
+        await store.expire(10_002)
+        assert await store.token_address("h2", 5_000) is None
+        assert await store.token_address("h3", 5_000) == "bob"
+    store_backend(body)
+
+
+def test_shift_times_moves_what_was_stored_before_a_clock_step(store_backend):
+    async def body(store: Store) -> None:
+        await enqueue_all(store, msg("bob", "old", queued_at=1000), msg("bob", "new", queued_at=5000))
+        await store.add_receipts([Receipt("bob", "carol", "r", 1500)], 10)
+        assert await store.shift_times(2000, 100_000) == 2
+        assert [m.queued_at for m in await store.pending("bob", 10)] == [101_000, 5000]
+        assert [r.timestamp for r in await store.receipts("bob", 10)] == [101_500]
+        assert await store.expire(50_000) == 1
+        assert await ids(store, "bob") == ["old"]
+    store_backend(body)

@@ -173,13 +173,15 @@ class RedisSection:
 
 @dataclass(frozen=True)
 class ClusterSection:
-    node_id: str = opt("", "This instance's name among several relayd sharing one Redis. "
+    node_id: str = opt("", "This instance's name among several relayd sharing one Redis (backend = redis). "
                            "Empty: hostname:port at start.")
-    heartbeat_s: float = opt(5.0, "How often this instance renews its presence records "
-                                  "(used by the cross-instance presence).", min=0.5, max=3600)
-    presence_ttl_s: float = opt(15.0, "When an instance's presence records lapse without a heartbeat "
-                                      "(used by the cross-instance presence); above heartbeat_s.",
-                                min=1, max=86400)
+    heartbeat_s: float = opt(1.0, "How often this instance renews its heartbeat in Redis.", min=0.1, max=3600)
+    presence_ttl_s: float = opt(4.0, "An instance whose heartbeat is older than this counts as gone: its "
+                                     "sessions are offline everywhere within presence_ttl_s + heartbeat_s "
+                                     "(e.g. after a kill -9). Above heartbeat_s.", min=0.2, max=86400)
+    reply_timeout_ms: int = opt(1000, "Longest wait for another instance to answer an offer of a message; "
+                                      "no answer counts as not delivered there (the message is stored).",
+                                min=10, max=60_000)
 
     def resolved_node_id(self, port: int) -> str:
         """``node_id``, or hostname:port when it is empty."""

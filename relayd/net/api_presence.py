@@ -30,19 +30,19 @@ class PresenceRoutes:
 
     async def status(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         address = normalize_address(args[0])
-        return json_response(HTTPStatus.OK, {"address": address, "online": self.presence.is_online(address),
-                                             "timestamp": wall_ms(self.clock)})
+        online = (await self.presence.statuses([address]))[address]
+        return json_response(HTTPStatus.OK, {"address": address, "online": online, "timestamp": wall_ms(self.clock)})
 
     async def status_batch(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         """A batch costs one read per address (the request itself paid the first)."""
         addresses = address_batch(json_body(req))
         self.limits.charge(Budget.READ, req.client_ip, self.clock.monotonic(), len(addresses) - 1)
         return json_response(HTTPStatus.OK, {"timestamp": wall_ms(self.clock),
-                                             "statuses": {a: self.presence.is_online(a) for a in addresses}})
+                                             "statuses": await self.presence.statuses(addresses)})
 
     async def online_all(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         if not self.expose_online_list:
             raise RelayError(ErrorCode.DISABLED, "The online list is disabled on this relay")
-        users = self.presence.online_addresses()
+        users = await self.presence.online_list()
         return json_response(HTTPStatus.OK, {"count": len(users), "users": users,
                                              "timestamp": wall_ms(self.clock)})

@@ -5,16 +5,20 @@ tag ``{address}``, so they sit in one hash slot and one Lua script may touch
 them all, on a single Redis as on a Cluster. What spans addresses (per-slot
 statistics and the retention index) is kept per hash slot, under a tag chosen
 to hash to that same slot, so the scripts keep it exact; a small set lists the
-slots that hold any data. Needs no Redis client: stdlib CRC16 only.
+slots that hold any data. Bearer tokens are found by their hash: each lives in
+the slot of that hash (``token_slot_keys``) and in its address's own list.
+Needs no Redis client: stdlib CRC16 only.
 """
 
 from __future__ import annotations
 
 import binascii
+import functools
 import itertools
 from dataclasses import dataclass
 
 SLOTS = 16384
+CACHED_ADDRESSES = 16384
 
 _slot_tags: dict[int, str] = {}
 _candidates = itertools.count()
@@ -52,12 +56,16 @@ class RecipientKeys:
     receipt_times: str  # ZSET seq -> timestamp
     receipts: str   # HASH seq -> [reader, messageId, timestamp]
     expiry: str     # per slot: ZSET address -> oldest queued_at or receipt timestamp
-    stats: str      # per slot: HASH recipients, messages, bytes, receipts, keys
+    stats: str      # per slot: HASH recipients, messages, bytes, receipts, keys, ver (bumped by every change
+                    # of messages or bytes, so a reader keeps the newest per-slot totals)
     migrated: str   # SET of items copied by ``relayd migrate`` (so a re-run copies nothing twice)
+    presence: str   # HASH instance -> session kind, written by relayd.cluster (read here: who to tell)
+    watchers: str   # SET of instances that cached the presence (relayd.cluster tells them when it changes)
 
     def all(self) -> list[str]:
         return [self.queue, self.times, self.messages, self.ids, self.counters, self.receipt_queue,
-                self.receipt_times, self.receipts, self.expiry, self.stats, self.migrated]
+                self.receipt_times, self.receipts, self.expiry, self.stats, self.migrated, self.presence,
+                self.watchers]
 
 
 class Layout:
@@ -69,6 +77,9 @@ class Layout:
         self.prefix = prefix
         self.slots = f"{prefix}slots"
         """SET of slot numbers that hold per-slot data (bounded by 16384)."""
+        # Every write names its address's keys and slot: recently used ones are kept, not rebuilt.
+        self.slot_of = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.slot_of)  # type: ignore[method-assign]
+        self.recipient = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.recipient)  # type: ignore[method-assign]
 
     def _own(self, address: str, name: str) -> str:
         return f"{self.prefix}{{{address}}}:{name}"
@@ -86,11 +97,24 @@ class Layout:
         own = self._own
         return RecipientKeys(own(address, "q"), own(address, "t"), own(address, "m"), own(address, "i"),
                              own(address, "n"), own(address, "rq"), own(address, "rt"), own(address, "rm"),
-                             expiry, stats, own(address, "mig"))
+                             expiry, stats, own(address, "mig"), own(address, "on"), own(address, "w"))
 
-    def key(self, address: str) -> tuple[str, str, str]:
-        """(public key record, slot statistics, migration ledger) of one address."""
-        return self._own(address, "key"), self.slot_keys(self.slot_of(address))[1], self._own(address, "mig")
+    def key(self, address: str) -> tuple[str, str, str, str]:
+        """(public key record, slot statistics, migration ledger, key floor) of one address."""
+        return (self._own(address, "key"), self.slot_keys(self.slot_of(address))[1], self._own(address, "mig"),
+                self._own(address, "kf"))
+
+    def tokens_of(self, address: str) -> str:
+        """ZSET token hash -> expiry (ms) of one address: the per-address cap keeps it short."""
+        return self._own(address, "tok")
+
+    def token_slot(self, token_hash: str) -> int:
+        return key_slot(token_hash)
+
+    def token_slot_keys(self, slot: int) -> tuple[str, str]:
+        """(HASH token hash -> "address expires_ms", ZSET token hash -> expires_ms) of one hash slot."""
+        tag = slot_tag(slot)
+        return f"{self.prefix}{{{tag}}}:tok", f"{self.prefix}{{{tag}}}:tokx"
 
     def lock(self, address: str) -> str:
         return self._own(address, "lock")

@@ -2,7 +2,9 @@
 
 The SQLite file is opened read-only (it may belong to a running relay). Queues
 keep their per-recipient order and original ``queued_at``; receipts, keys
-(signed fields included, ``created_at`` kept) and ownership locks come along.
+(signed fields included, ``created_at`` kept), ownership locks, the floors of
+signed keys (so a deleted key's statement stays unpublishable) and unexpired
+REST tokens come along.
 Every copied item is remembered in Redis for ``ledger_ttl_ms``, so a re-run
 copies nothing twice, even what the Redis relays delivered and deleted since.
 Messages already past retention are not copied.
@@ -12,16 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 from ..sqlite_file import inspect, read_only_uri
+from ...identity.auth import MAX_TOKENS_PER_ADDRESS
 from ..store import KeyRecord, QueuedMessage, Receipt, StoreOpenError
 from .store import RedisStore
 
 IN_FLIGHT = 64
 """Copies started at once; the store keeps each recipient's copies in source order."""
 MIN_LEDGER_TTL_MS = 30 * 86_400_000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def sqlite_source(text: str) -> str:
@@ -81,7 +89,7 @@ async def migrate(conn: sqlite3.Connection, store: RedisStore, *, cutoff_ms: int
     """Copy everything; returns counts by outcome. Raises StorageUnavailable when Redis fails."""
     counts = dict.fromkeys(("messages_copied", "messages_already_copied", "messages_expired", "messages_refused",
                             "receipts_copied", "receipts_already_copied", "keys_copied",
-                            "keys_already_copied", "keys_newer_in_redis", "locks"), 0)
+                            "keys_already_copied", "keys_newer_in_redis", "locks", "key_floors", "tokens"), 0)
 
     def count_message(outcome: str) -> None:
         name = {"queued": "messages_copied", "full": "messages_refused"}.get(outcome, "messages_already_copied")
@@ -124,4 +132,15 @@ async def _copy(conn: sqlite3.Connection, store: RedisStore, window: _Window, cu
         for (address,) in conn.execute("SELECT address FROM locks"):
             await window.add(store.lock(address), lambda _: None)
             counts["locks"] += 1
+    if "key_floors" in tables:
+        for address, issued_at in conn.execute("SELECT address, issued_at FROM key_floors"):
+            await window.add(store.migrate_floor(address, issued_at), lambda _: None)
+            counts["key_floors"] += 1
+    if "tokens" in tables:
+        for token_hash, address, expires_at in conn.execute("SELECT hash, address, expires_at FROM tokens "
+                                                            "WHERE expires_at > ? ORDER BY expires_at",
+                                                            (now_ms(),)):
+            await window.add(store.save_token(token_hash, address, expires_at, MAX_TOKENS_PER_ADDRESS),
+                             lambda _: None)
+            counts["tokens"] += 1
     await window.drain()

@@ -8,6 +8,13 @@ in the address's own counters. They only need to order one address's queue
 based they are also distinct across addresses in practice, and they never go
 backwards for one address, not even when the server clock does or a replica
 with another clock takes over.
+
+Scripts that change a slot's message or byte totals bump its ``ver`` and
+return ``{messages, bytes, ver}`` of the slot, so each instance keeps exact
+per-slot totals from its own writes and the newest ones from periodic reads.
+Scripts that store something for an address also return the address's
+presence (``instance, kind, ...`` as ``relayd.cluster`` wrote it), read in the
+same atomic step, so a caller knows exactly which instances to tell.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ class Script:
 
 
 # KEYS (RecipientKeys.all()): 1 queue, 2 times, 3 messages, 4 ids, 5 counters, 6 receipt_queue,
-# 7 receipt_times, 8 receipts, 9 expiry (slot), 10 stats (slot), 11 migrated. ARGV[1]: the address.
-# A message record is "[sender, messageId, size, timestamp, queued_at]\n" followed by the content.
+# 7 receipt_times, 8 receipts, 9 expiry (slot), 10 stats (slot), 11 migrated, 12 presence, 13 watchers.
+# ARGV[1]: the address.
+# A message record is "[sender, messageId, size, timestamp, queued_at]\n" followed by the content; the ids
+# index maps a messageId to [[sender as the client spelled it, seq], ...] and compares senders lower-cased.
 _RECIPIENT_PRELUDE = r"""
-local Q, T, M, I, N, RQ, RT, RM, EXP, STATS, MIG = unpack(KEYS)
+local Q, T, M, I, N, RQ, RT, RM, EXP, STATS, MIG, ON, W = unpack(KEYS)
 local who = ARGV[1]
 
 local function fmt(n) return string.format('%.0f', n) end
@@ -50,6 +59,23 @@ end
 local function counters()
   local v = redis.call('HMGET', N, 'count', 'bytes')
   return tonumber(v[1] or '0'), tonumber(v[2] or '0')
+end
+
+local function stored_as(mid, lsender)
+  local raw = redis.call('HGET', I, mid)
+  if raw then
+    for _, e in ipairs(cjson.decode(raw)) do
+      if string.lower(e[1]) == lsender then return e[2] end
+    end
+  end
+  return nil
+end
+
+local function index(mid, sender, s)
+  local raw = redis.call('HGET', I, mid)
+  local list = raw and cjson.decode(raw) or {}
+  list[#list + 1] = {sender, s}
+  redis.call('HSET', I, mid, cjson.encode(list))
 end
 
 local function unindex(mid, s)
@@ -81,12 +107,22 @@ local function drop_receipt(s)
   return true
 end
 
+-- A record's last field is its time (queued_at of a message, timestamp of a receipt): replace it without
+-- re-encoding the rest (cjson would round large numbers).
+local function retime(rec, when)
+  local cut = string.find(rec, '\n', 1, true)
+  local meta, rest = rec, ''
+  if cut then meta, rest = string.sub(rec, 1, cut - 1), string.sub(rec, cut) end
+  return string.match(meta, '^(.*),[^,]*%]$') .. ',' .. fmt(when) .. ']' .. rest
+end
+
 -- After a change: the address's counters, its slot's statistics and retention index.
 local function settle(c0, b0, c1, b1, receipts_delta)
   if c1 ~= c0 or b1 ~= b0 then
     if c1 > 0 then redis.call('HSET', N, 'count', c1, 'bytes', b1) else redis.call('HDEL', N, 'count', 'bytes') end
     redis.call('HINCRBY', STATS, 'messages', c1 - c0)
     redis.call('HINCRBY', STATS, 'bytes', b1 - b0)
+    redis.call('HINCRBY', STATS, 'ver', 1)
     if c0 == 0 and c1 > 0 then redis.call('HINCRBY', STATS, 'recipients', 1) end
     if c0 > 0 and c1 == 0 then redis.call('HINCRBY', STATS, 'recipients', -1) end
   end
@@ -103,6 +139,22 @@ local function settle(c0, b0, c1, b1, receipts_delta)
   end
 end
 
+local function slot_totals()
+  return redis.call('HMGET', STATS, 'messages', 'bytes', 'ver')
+end
+
+local function presence()
+  return redis.call('HGETALL', ON)
+end
+
+-- An instance that caches the presence it is about to read asks to be told when it changes.
+local function watch(instance, ttl_ms)
+  if instance ~= '' then
+    redis.call('SADD', W, instance)
+    redis.call('PEXPIRE', W, ttl_ms)
+  end
+end
+
 local function already_migrated(member)
   return member ~= '' and redis.call('SISMEMBER', MIG, member) == 1
 end
@@ -116,25 +168,24 @@ end
 """
 
 # ARGV: who, sender, messageId, record, size, queued_at, max_messages, max_bytes, drop_oldest (1/0),
-# drop chunk, migration member ('' when not migrating), migration ledger ttl ms.
-# Returns {outcome, seq, dropped}; outcome is queued, duplicate, full or migrated.
+# drop chunk, over the storage budget (1/0), migration member ('' when not migrating), ledger ttl ms,
+# watcher instance ('' for none), watch ttl ms.
+# Returns {outcome, seq, dropped, slot totals or {}, presence}; outcome is queued, duplicate, no_space, full
+# or migrated.
 ENQUEUE = Script("enqueue", _RECIPIENT_PRELUDE + r"""
+watch(ARGV[14], ARGV[15])
 local sender, mid, record = ARGV[2], ARGV[3], ARGV[4]
 local size, queued_at = tonumber(ARGV[5]), ARGV[6]
 local max_messages, max_bytes = tonumber(ARGV[7]), tonumber(ARGV[8])
 local drop_oldest, chunk = ARGV[9] == '1', tonumber(ARGV[10])
-if already_migrated(ARGV[11]) then return {'migrated', '0', 0} end
-local raw = redis.call('HGET', I, mid)
-if raw then
-  for _, e in ipairs(cjson.decode(raw)) do
-    if e[1] == sender then return {'duplicate', '0', 0} end
-  end
-end
-if size > max_bytes then return {'full', '0', 0} end
+if already_migrated(ARGV[12]) then return {'migrated', '0', 0, {}, presence()} end
+if stored_as(mid, string.lower(sender)) then return {'duplicate', '0', 0, {}, presence()} end
+if ARGV[11] == '1' then return {'no_space', '0', 0, {}, presence()} end
+if size > max_bytes then return {'full', '0', 0, {}, presence()} end
 local c0, b0 = counters()
 local count, used, dropped = c0, b0, 0
 while count > 0 and (count >= max_messages or used + size > max_bytes) do
-  if not drop_oldest then return {'full', '0', 0} end
+  if not drop_oldest then return {'full', '0', 0, {}, presence()} end
   local progress = false
   for _, v in ipairs(redis.call('ZRANGE', Q, 0, chunk - 1)) do
     if not (count > 0 and (count >= max_messages or used + size > max_bytes)) then break end
@@ -149,16 +200,45 @@ local s = next_seq('last')
 redis.call('ZADD', Q, s, s)
 redis.call('ZADD', T, queued_at, s)
 redis.call('HSET', M, s, record)
-raw = redis.call('HGET', I, mid)
-local list = raw and cjson.decode(raw) or {}
-list[#list + 1] = {sender, s}
-redis.call('HSET', I, mid, cjson.encode(list))
-remember_migrated(ARGV[11], ARGV[12])
+index(mid, sender, s)
+remember_migrated(ARGV[12], ARGV[13])
 settle(c0, b0, count + 1, used + size, 0)
-return {'queued', s, dropped}
+return {'queued', s, dropped, slot_totals(), presence()}
 """)
 
-# ARGV: who, mode (seq | id | all), then seqs or messageIds. Returns the number of messages removed.
+# ARGV: who, then per message: seq ('0': a new one), sender, messageId, size, queued_at, record.
+# Puts back what is not stored already (same sender, case-insensitively, and messageId), past the caps.
+# Returns {restored, {seq or '0' per message}, slot totals or {}, presence}.
+RESTORE = Script("restore", _RECIPIENT_PRELUDE + r"""
+local c0, b0 = counters()
+local count, used, restored, seqs = c0, b0, 0, {}
+local last = tonumber(redis.call('HGET', N, 'last') or '0')
+for k = 2, #ARGV, 6 do
+  local s, sender, mid, size = ARGV[k], ARGV[k + 1], ARGV[k + 2], tonumber(ARGV[k + 3])
+  if stored_as(mid, string.lower(sender)) or (s ~= '0' and redis.call('HEXISTS', M, s) == 1) then
+    seqs[#seqs + 1] = '0'
+  else
+    if s == '0' then
+      s = next_seq('last')
+    elseif tonumber(s) > last then
+      last = tonumber(s)
+      redis.call('HSET', N, 'last', s)
+    end
+    redis.call('ZADD', Q, s, s)
+    redis.call('ZADD', T, ARGV[k + 4], s)
+    redis.call('HSET', M, s, ARGV[k + 5])
+    index(mid, sender, s)
+    count, used, restored = count + 1, used + size, restored + 1
+    seqs[#seqs + 1] = s
+  end
+end
+settle(c0, b0, count, used, 0)
+local totals = {}
+if restored > 0 then totals = slot_totals() end
+return {restored, seqs, totals, presence()}
+""")
+
+# ARGV: who, mode (seq | id | all), then seqs or messageIds. Returns {removed, slot totals or {}}.
 REMOVE = Script("remove", _RECIPIENT_PRELUDE + r"""
 local c0, b0 = counters()
 local count, used, removed = c0, b0, 0
@@ -181,12 +261,13 @@ elseif mode == 'all' then
   redis.call('UNLINK', Q, T, M, I)
   count, used = 0, 0
 end
+if removed == 0 then return {0, {}} end
 settle(c0, b0, count, used, 0)
-return removed
+return {removed, slot_totals()}
 """)
 
 # ARGV: who, before (ms), limit. Removes up to limit messages and limit receipts older than before.
-# Returns {messages removed, receipts removed}.
+# Returns {messages removed, receipts removed, slot totals or {}}.
 EXPIRE = Script("expire", _RECIPIENT_PRELUDE + r"""
 local before, limit = '(' .. ARGV[2], tonumber(ARGV[3])
 local c0, b0 = counters()
@@ -199,21 +280,62 @@ for _, s in ipairs(redis.call('ZRANGEBYSCORE', RT, '-inf', before, 'LIMIT', 0, l
   if drop_receipt(s) then gone = gone + 1 end
 end
 settle(c0, b0, count, used, -gone)
-return {removed, gone}
+local totals = {}
+if removed > 0 then totals = slot_totals() end
+return {removed, gone, totals}
 """)
 
-# ARGV: who, record "[reader, messageId, timestamp]", timestamp, migration member, ledger ttl ms.
-# Returns the receipt's seq, or '' when it was migrated before.
-ADD_RECEIPT = Script("add_receipt", _RECIPIENT_PRELUDE + r"""
-if already_migrated(ARGV[4]) then return '' end
+# ARGV: who, what (m: messages, r: receipts), before (ms), delta (ms), after seq, limit.
+# Moves the time of up to limit records with seq > after whose time is before ``before``.
+# Returns {moved, last seq looked at ('' when none was left)}.
+SHIFT_TIMES = Script("shift_times", _RECIPIENT_PRELUDE + r"""
+local before, delta, limit = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6])
+local order, times, records = Q, T, M
+if ARGV[2] == 'r' then order, times, records = RQ, RT, RM end
+local moved, last = 0, ''
+for _, s in ipairs(redis.call('ZRANGEBYSCORE', order, '(' .. ARGV[5], '+inf', 'LIMIT', 0, limit)) do
+  last = s
+  local t = tonumber(redis.call('ZSCORE', times, s))
+  local rec = redis.call('HGET', records, s)
+  if t and rec and t < before then
+    redis.call('ZADD', times, fmt(t + delta), s)
+    redis.call('HSET', records, s, retime(rec, t + delta))
+    moved = moved + 1
+  end
+end
+if moved > 0 then
+  local c0, b0 = counters()
+  settle(c0, b0, c0, b0, 0)
+end
+return {moved, last}
+""")
+
+# ARGV: who, cap, migration member, ledger ttl ms, then per receipt: record "[reader, messageId, timestamp]",
+# timestamp. Past ``cap`` the recipient's oldest receipts go. Returns {dropped, seq per receipt}, or {-1} when
+# the migration member was copied before.
+ADD_RECEIPTS = Script("add_receipts", _RECIPIENT_PRELUDE + r"""
+if already_migrated(ARGV[3]) then return {-1} end
+local cap = tonumber(ARGV[2])
 local c0, b0 = counters()
-local s = next_seq('rlast')
-redis.call('HSET', RM, s, ARGV[2])
-redis.call('ZADD', RQ, s, s)
-redis.call('ZADD', RT, ARGV[3], s)
-remember_migrated(ARGV[4], ARGV[5])
-settle(c0, b0, c0, b0, 1)
-return s
+local out = {0}
+for k = 5, #ARGV, 2 do
+  local s = next_seq('rlast')
+  redis.call('HSET', RM, s, ARGV[k])
+  redis.call('ZADD', RQ, s, s)
+  redis.call('ZADD', RT, ARGV[k + 1], s)
+  out[#out + 1] = s
+end
+local added, dropped = #out - 1, 0
+local n = redis.call('ZCARD', RQ)
+if n > cap then
+  for _, s in ipairs(redis.call('ZRANGE', RQ, 0, n - cap - 1)) do
+    if drop_receipt(s) then dropped = dropped + 1 end
+  end
+end
+out[1] = dropped
+remember_migrated(ARGV[3], ARGV[4])
+settle(c0, b0, c0, b0, added - dropped)
+return out
 """)
 
 # ARGV: who, seqs... Returns the number of receipts removed.
@@ -227,15 +349,20 @@ if gone > 0 then settle(c0, b0, c0, b0, -gone) end
 return gone
 """)
 
-# KEYS: key record, slot stats, migration ledger.
-# ARGV: mode (put | migrate), created_at, migration member, ledger ttl ms, updated_at, then field/value pairs
-# (created_at excluded). A migrated key never replaces one that is as new or newer.
+# KEYS: key record, slot stats, migration ledger, key floor.
+# ARGV: mode (put | migrate), created_at, migration member, ledger ttl ms, updated_at, issued_at of a signed key
+# ('' when unsigned), then field/value pairs (created_at excluded). A signed key raises the floor (never lowers
+# it); a migrated key never replaces one that is as new or newer.
 # Returns {outcome, created_at}; outcome is stored, migrated or newer.
 PUT_KEY = Script("put_key", r"""
-local K, STATS, MIG = KEYS[1], KEYS[2], KEYS[3]
+local K, STATS, MIG, FLOOR = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, created = ARGV[1], ARGV[2]
+if mode == 'migrate' and redis.call('SISMEMBER', MIG, ARGV[3]) == 1 then return {'migrated', ''} end
+if ARGV[6] ~= '' then
+  local floor = redis.call('GET', FLOOR)
+  if not floor or tonumber(ARGV[6]) > tonumber(floor) then redis.call('SET', FLOOR, ARGV[6]) end
+end
 if mode == 'migrate' then
-  if redis.call('SISMEMBER', MIG, ARGV[3]) == 1 then return {'migrated', ''} end
   local current = redis.call('HGET', K, 'updated_at')
   if current and tonumber(current) >= tonumber(ARGV[5]) then return {'newer', current} end
 end
@@ -243,7 +370,7 @@ local old = redis.call('HGET', K, 'created_at')
 if old then created = old else redis.call('HINCRBY', STATS, 'keys', 1) end
 redis.call('DEL', K)
 local fields = {'created_at', created}
-for k = 6, #ARGV do fields[#fields + 1] = ARGV[k] end
+for k = 7, #ARGV do fields[#fields + 1] = ARGV[k] end
 redis.call('HSET', K, unpack(fields))
 if mode == 'migrate' then
   redis.call('SADD', MIG, ARGV[3])
@@ -252,7 +379,14 @@ end
 return {'stored', created}
 """)
 
-# KEYS: key record, slot stats. Returns 1 when a key was deleted.
+# KEYS: key floor. ARGV: issued_at. Raises the floor (``relayd migrate`` copies floors of deleted keys).
+RAISE_FLOOR = Script("raise_floor", r"""
+local floor = redis.call('GET', KEYS[1])
+if not floor or tonumber(ARGV[1]) > tonumber(floor) then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+""")
+
+# KEYS: key record, slot stats. Returns 1 when a key was deleted (its floor stays).
 DELETE_KEY = Script("delete_key", r"""
 if redis.call('DEL', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[2], 'keys', -1)
@@ -264,10 +398,52 @@ return 0
 # KEYS: lock. ARGV: locked_at. Locks are permanent; the first stamp stays.
 LOCK = Script("lock", "redis.call('SET', KEYS[1], ARGV[1], 'NX') return 1")
 
+# KEYS: the token hash's slot: HASH hash -> "address expires", ZSET hash -> expires. ARGV: hash, address, expires.
+SAVE_TOKEN = Script("save_token", r"""
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+""")
+
+# KEYS: the address's ZSET hash -> expires. ARGV: hash, expires, max per address.
+# Returns the hashes forgotten to stay within the cap (those expiring first).
+OWN_TOKEN = Script("own_token", r"""
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local n, cap = redis.call('ZCARD', KEYS[1]), tonumber(ARGV[3])
+if n <= cap then return {} end
+local gone = redis.call('ZRANGE', KEYS[1], 0, n - cap - 1)
+redis.call('ZREM', KEYS[1], unpack(gone))
+return gone
+""")
+
+# KEYS: a slot's token HASH and ZSET. ARGV: hashes to forget.
+DROP_TOKENS = Script("drop_tokens", r"""
+for k = 1, #ARGV do
+  redis.call('HDEL', KEYS[1], ARGV[k])
+  redis.call('ZREM', KEYS[2], ARGV[k])
+end
+return 1
+""")
+
+# KEYS: a slot's token HASH and ZSET. ARGV: before (ms, inclusive), limit.
+# Forgets up to limit tokens expiring at or before ``before``; returns {hash, address, ...} of each.
+EXPIRE_TOKENS = Script("expire_tokens", r"""
+local out = {}
+for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))) do
+  local v = redis.call('HGET', KEYS[1], h)
+  redis.call('HDEL', KEYS[1], h)
+  redis.call('ZREM', KEYS[2], h)
+  out[#out + 1] = h
+  out[#out + 1] = v and string.match(v, '^(%S+)') or ''
+end
+return out
+""")
+
 # KEYS: the set of slots holding data. ARGV: slot numbers.
 ADD_SLOTS = Script("add_slots", "return redis.call('SADD', KEYS[1], unpack(ARGV))")
 
 # KEYS: this instance's probe key. ARGV: value, ttl ms. A write, so refused writes show up without traffic.
 PROBE = Script("probe", "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1")
 
-ALL = (ENQUEUE, REMOVE, EXPIRE, ADD_RECEIPT, REMOVE_RECEIPTS, PUT_KEY, DELETE_KEY, LOCK, ADD_SLOTS, PROBE)
+ALL = (ENQUEUE, RESTORE, REMOVE, EXPIRE, SHIFT_TIMES, ADD_RECEIPTS, REMOVE_RECEIPTS, PUT_KEY, RAISE_FLOOR,
+       DELETE_KEY, LOCK, SAVE_TOKEN, OWN_TOKEN, DROP_TOKENS, EXPIRE_TOKENS, ADD_SLOTS, PROBE)

@@ -4,8 +4,14 @@ Several relayd instances may share one Redis: every change that spans keys is
 one Lua script on one address's hash slot (see ``layout`` and ``scripts``), so
 queue caps, idempotency and counters hold for the whole cluster. An awaited
 write has been acknowledged by Redis (and by ``min_replicas`` replicas when
-configured). Writes for one recipient start in call order, so one connection's
-messages keep their order although the client pipelines over many sockets.
+configured). Writes go out in the order they were made (``RedisLink``), so one
+connection's messages keep their order although many share a round trip.
+
+Totals (``total()``, ``stored_bytes()``) are kept per hash slot: exact for this
+instance's own writes (each script returns its slot's new totals) and for the
+others' as of the last refresh (every ``refresh_interval_s``). The storage
+budget (``max_total_bytes``) is checked against that sum, so on a cluster of
+instances it may be overshot by what the others stored since the last refresh.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from redis import exceptions as rx
@@ -37,15 +43,22 @@ log = logging.getLogger("relayd.storage")
 
 T = TypeVar("T")
 MIN_VERSION = (5, 0)
-EXPIRE_CHUNK = 1000      # messages (and receipts) one expiry script removes at most
+EXPIRE_CHUNK = 1000      # messages (and receipts, tokens) one expiry script removes at most
 EXPIRE_SCAN = 100        # recipients read from one slot's retention index at a time
 ID_CHUNK = 1000          # seqs or messageIds per removal script
+RESTORE_CHUNK = 200      # messages per restore script
+RECEIPT_CHUNK = 500      # receipts per add_receipts script
 SLOT_BATCH = 500         # per-slot keys read in one pipeline
 DROP_CHUNK = 64
+PENDING_CHUNK = 16       # messages read at a time for a page bounded in bytes
 PROBE_TTL_MS = 60_000
 STAT_FIELDS = ("recipients", "messages", "bytes", "receipts", "keys")
-_RESULTS = {"queued": EnqueueResult.QUEUED, "duplicate": EnqueueResult.DUPLICATE, "full": EnqueueResult.FULL}
+_RESULTS = {"queued": EnqueueResult.QUEUED, "duplicate": EnqueueResult.DUPLICATE, "full": EnqueueResult.FULL,
+            "no_space": EnqueueResult.NO_SPACE}
 _KEY_OPTIONAL = ("key_type", "issued_at", "format", "signature")
+
+Presence = dict[str, str]
+"""An address's presence as ``relayd.cluster`` records it: instance -> kind of its sessions there."""
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
@@ -55,6 +68,10 @@ def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _pairs(flat: Sequence[Any]) -> Presence:
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
 
 
 def _encode_message(msg: QueuedMessage, size: int) -> str:
@@ -75,6 +92,42 @@ def _decode_key(address: str, fields: dict[str, str]) -> KeyRecord:
                      fields.get("format"), fields.get("signature"))
 
 
+def _by_recipient(items: Iterable[T], recipient: Any) -> dict[str, list[T]]:
+    """Items grouped by recipient, each group in the given order."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(recipient(item), []).append(item)
+    return groups
+
+
+class SlotTotals:
+    """Messages and content bytes per hash slot, and their sums, never older than what was last seen.
+
+    Every change of a slot's totals bumps its ``ver`` in Redis; a value is
+    taken only when its version is newer than the one held, so a slow
+    periodic read never overwrites what a later write of this instance
+    returned. After a failure (Redis may have restarted with other data) the
+    next full read is taken as it is.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[int, tuple[int, int, int]] = {}
+        self.messages = 0
+        self.bytes = 0
+        self.trust_next_read = False
+
+    def apply(self, slot: int, totals: Sequence[Any], *, force: bool = False) -> None:
+        if len(totals) < 3:
+            return
+        messages, nbytes, ver = (int(v or 0) for v in totals[:3])
+        old = self._slots.get(slot)
+        if old is not None and ver <= old[2] and not force:
+            return
+        self._slots[slot] = (messages, nbytes, ver)
+        self.messages += messages - (old[0] if old else 0)
+        self.bytes += nbytes - (old[1] if old else 0)
+
+
 class RedisStore:
     """A ``Store`` in Redis; see the module docstring."""
 
@@ -91,11 +144,10 @@ class RedisStore:
         self.probe_interval_s = probe_interval_s
         self.refresh_interval_s = refresh_interval_s
         self.expire_chunk = expire_chunk
+        self.server_version: tuple[int, ...] = ()
         self._known_slots: set[int] = set()
-        self.link.on_failure = self._known_slots.clear
-        self._tails: dict[str, asyncio.Future[None]] = {}
-        self._total = 0
-        self._changes = 0
+        self._totals = SlotTotals()
+        self.link.on_failure = self._forget_assumptions
         self._prober: asyncio.Task[None] | None = None
 
     @property
@@ -105,6 +157,10 @@ class RedisStore:
     @property
     def problem(self) -> str | None:
         return self.link.problem
+
+    def _forget_assumptions(self) -> None:
+        self._known_slots.clear()
+        self._totals.trust_next_read = True
 
     # Lifecycle
 
@@ -128,9 +184,6 @@ class RedisStore:
         if prober is not None:
             prober.cancel()
             await asyncio.gather(prober, return_exceptions=True)
-        tails = list(self._tails.values())
-        if tails:
-            await asyncio.wait(tails, timeout=self.link.deadline_s)
         await self.link.close()
 
     async def _check_server(self) -> None:
@@ -150,10 +203,13 @@ class RedisStore:
                 next(iter(info.values()), None), dict) else [info.get("redis_version", "0")]
         else:
             versions = [info.get("redis_version", "0")]
+        parsed = []
         for version in versions:
             parts = tuple(int(p) for p in str(version).split(".")[:2] if p.isdigit())
             if parts < MIN_VERSION:
                 raise StoreOpenError(f"Redis {version} is too old: relayd needs Redis 5.0 or newer")
+            parsed.append(parts)
+        self.server_version = min(parsed)
         await self.probe()
         await self.refresh_total()
 
@@ -181,15 +237,8 @@ class RedisStore:
         await self.link.write(scripts.PROBE, [self.layout.probe(self.node_id)], [_now_ms(), PROBE_TTL_MS])
 
     async def refresh_total(self) -> None:
-        """Take the cluster-wide count, unless this instance changed it meanwhile (then next time)."""
-        changes = self._changes
-        messages = (await self.stats())["messages"]
-        if changes == self._changes:
-            self._total = messages
-
-    def _count(self, delta: int) -> None:
-        self._total += delta
-        self._changes += 1
+        """Read every slot's totals, so the sums include what other instances stored."""
+        await self.stats()
 
     # Helpers
 
@@ -197,71 +246,108 @@ class RedisStore:
         """A non-transactional pipeline; a Cluster's splits itself per node."""
         return client.pipeline() if self.link.cluster else client.pipeline(transaction=False)
 
-    async def _in_order(self, address: str, work: Callable[[], Awaitable[T]]) -> T:
-        """Start writes for one address in call order; each waits for the previous one."""
-        previous = self._tails.get(address)
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tails[address] = mine
-        try:
-            if previous is not None:
-                await asyncio.wait([previous])
-            return await work()
-        finally:
-            mine.set_result(None)
-            if self._tails.get(address) is mine:
-                del self._tails[address]
+    def note_slot(self, slot: int) -> asyncio.Future[Any] | None:
+        """Record a slot in the set expiry, statistics and the cluster's presence walk (once per process, and
+        again after a failure): queued, not awaited, so it shares the round trip of the write that follows."""
+        if slot in self._known_slots:
+            return None
+        self._known_slots.add(slot)
+        noted = self.link.post(scripts.ADD_SLOTS, [self.layout.slots], [slot])
+        noted.add_done_callback(lambda f: (f.cancelled() or f.exception()) and self._known_slots.discard(slot))
+        return noted
 
-    async def _note_slot(self, address: str) -> None:
-        """Record the address's slot in the set expiry and statistics walk (once per expiry run)."""
-        slot = self.layout.slot_of(address)
-        if slot not in self._known_slots:
-            await self.link.write(scripts.ADD_SLOTS, [self.layout.slots], [slot])
-            self._known_slots.add(slot)
-
-    async def _slots(self) -> list[int]:
+    async def slots(self) -> list[int]:
+        """The hash slots that hold relayd data (noted by ``note_slot``). Raises StorageUnavailable."""
         members = await self.link.read(lambda c: c.smembers(self.layout.slots))
         return sorted(int(m) for m in members)
 
     async def _recipient_write(self, script: scripts.Script, address: str, *args: Any) -> Any:
         return await self.link.write(script, self.layout.recipient(address).all(), [address, *args])
 
+    def _count(self, address: str, totals: Sequence[Any]) -> None:
+        self._totals.apply(self.layout.slot_of(address), totals)
+
     # Messages
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
-        outcome = await self._enqueue(msg, limits, "", 0)
-        return _RESULTS[outcome]
+        return (await self.enqueue_routed(msg, limits))[0]
 
     async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
         outcomes = await asyncio.gather(*(self._enqueue(msg, limits, "", 0) for msg in messages))
-        return [_RESULTS[outcome] for outcome in outcomes]
+        return [_RESULTS[outcome] for outcome, _ in outcomes]
 
-    async def _enqueue(self, msg: QueuedMessage, limits: QueueLimits, ledger: str, ledger_ttl_ms: int) -> str:
+    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
+                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, Presence]:
+        """``enqueue``, and the recipient's presence read in the same atomic step.
+
+        An instance that registers a session for the recipient after this
+        write reads its backlog after it; one registered before is in the
+        returned presence: either way the message reaches that session.
+        ``watcher`` (an instance of ``relayd.cluster``) is told when that
+        presence next changes, for ``watch_ttl_ms``.
+        """
+        outcome, presence = await self._enqueue(msg, limits, "", 0, watcher, watch_ttl_ms)
+        return _RESULTS[outcome], presence
+
+    async def _enqueue(self, msg: QueuedMessage, limits: QueueLimits, ledger: str, ledger_ttl_ms: int,
+                       watcher: str = "", watch_ttl_ms: int = 0) -> tuple[str, Presence]:
         size = utf8_len(msg.content)
-        record = _encode_message(msg, size)
+        over = bool(limits.max_total_bytes) and self._totals.bytes + size > limits.max_total_bytes
+        self.note_slot(self.layout.slot_of(msg.recipient))
+        outcome, seq, _dropped, totals, presence = await self._recipient_write(
+            scripts.ENQUEUE, msg.recipient, msg.sender, msg.message_id, _encode_message(msg, size), size,
+            msg.queued_at, limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK,
+            1 if over else 0, ledger, ledger_ttl_ms, watcher, watch_ttl_ms)
+        if outcome == "queued":
+            msg.seq = int(seq)
+            self._count(msg.recipient, totals)
+        return outcome, _pairs(presence)
 
-        async def work() -> str:
-            await self._note_slot(msg.recipient)
-            outcome, seq, dropped = await self._recipient_write(
-                scripts.ENQUEUE, msg.recipient, msg.sender, msg.message_id, record, size, msg.queued_at,
-                limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK,
-                ledger, ledger_ttl_ms)
-            if outcome == "queued":
-                msg.seq = int(seq)
-                self._count(1 - int(dropped))
-            return outcome
-        return await self._in_order(msg.recipient, work)
+    async def restore(self, messages: list[QueuedMessage]) -> int:
+        return (await self.restore_routed(messages))[0]
 
-    async def pending(self, recipient: str, limit: int, after_seq: int = 0) -> list[QueuedMessage]:
+    async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, Presence]]:
+        """``restore``, and each recipient's presence read in the same atomic step (see ``enqueue_routed``)."""
+        restored = 0
+        presence: dict[str, Presence] = {}
+        for recipient, group in _by_recipient(messages, lambda m: m.recipient).items():
+            self.note_slot(self.layout.slot_of(recipient))
+            for part in _chunks(group, RESTORE_CHUNK):
+                args: list[Any] = []
+                for m in part:
+                    size = utf8_len(m.content)
+                    args += [max(m.seq, 0), m.sender, m.message_id, size, m.queued_at, _encode_message(m, size)]
+                count, seqs, totals, found = await self._recipient_write(scripts.RESTORE, recipient, *args)
+                for m, seq in zip(part, seqs):
+                    if seq != "0":
+                        m.seq = int(seq)
+                self._count(recipient, totals)
+                restored += int(count)
+                presence[recipient] = _pairs(found)
+        return restored, presence
+
+    async def pending(self, recipient: str, limit: int, after_seq: int = 0,
+                      max_bytes: int | None = None) -> list[QueuedMessage]:
         if limit <= 0:
             return []
         keys = self.layout.recipient(recipient)
 
         async def work(client: Any) -> list[QueuedMessage]:
             seqs = await client.zrangebyscore(keys.queue, f"({after_seq}", "+inf", start=0, num=limit)
-            if not seqs:
-                return []
-            records = await client.hmget(keys.messages, seqs)
-            return [_decode_message(recipient, s, r) for s, r in zip(seqs, records) if r is not None]
+            page: list[QueuedMessage] = []
+            used = 0
+            # Records are fetched a few at a time, so a page of large messages never holds more than max_bytes
+            # and one message.
+            for part in _chunks(seqs, PENDING_CHUNK if max_bytes is not None else max(len(seqs), 1)):
+                for seq, record in zip(part, await client.hmget(keys.messages, part)):
+                    if record is None:
+                        continue
+                    if max_bytes is not None and page and used >= max_bytes:
+                        return page
+                    msg = _decode_message(recipient, seq, record)
+                    page.append(msg)
+                    used += utf8_len(msg.content)
+            return page
         return await self.link.read(work)
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
@@ -277,82 +363,158 @@ class RedisStore:
         removed = 0
         for part in _chunks(items, ID_CHUNK):
             args = [] if mode == "all" else list(part)
-            count = int(await self._recipient_write(scripts.REMOVE, recipient, mode, *args))
-            self._count(-count)
-            removed += count
+            count, totals = await self._recipient_write(scripts.REMOVE, recipient, mode, *args)
+            self._count(recipient, totals)
+            removed += int(count)
         return removed
 
     async def size(self, recipient: str) -> int:
         count = await self.link.read(lambda c: c.hget(self.layout.recipient(recipient).counters, "count"))
         return int(count or 0)
 
+    async def backlog_size(self, recipient: str) -> tuple[int, int]:
+        keys = self.layout.recipient(recipient)
+
+        async def work(client: Any) -> tuple[int, int]:
+            pipe = client.pipeline(transaction=False) if not self.link.cluster else client.pipeline()
+            pipe.hget(keys.counters, "count")
+            pipe.zcard(keys.receipt_queue)
+            count, receipts = await pipe.execute()
+            return int(count or 0), int(receipts or 0)
+        return await self.link.read(work)
+
     def total(self) -> int:
-        """Queued messages in all queues: kept from this instance's writes and refreshed from Redis
-        every ``refresh_interval_s``, so /health never waits on Redis."""
-        return max(self._total, 0)
+        """Queued messages in all queues: exact for this instance's writes, refreshed from Redis every
+        ``refresh_interval_s`` for the others', so /health never waits on Redis."""
+        return max(self._totals.messages, 0)
+
+    def stored_bytes(self) -> int:
+        """Content bytes in all queues, kept like ``total()``."""
+        return max(self._totals.bytes, 0)
 
     async def stats(self) -> dict[str, int]:
         sums = dict.fromkeys(STAT_FIELDS, 0)
-        slots = await self._slots()
+        force, self._totals.trust_next_read = self._totals.trust_next_read, False
+        slots = await self.slots()
         for part in _chunks(slots, SLOT_BATCH):
             async def work(client: Any, part: Sequence[int] = part) -> list[Any]:
                 pipe = self._pipeline(client)
                 for slot in part:
-                    pipe.hmget(self.layout.slot_keys(slot)[1], STAT_FIELDS)
+                    pipe.hmget(self.layout.slot_keys(slot)[1], [*STAT_FIELDS, "ver"])
                 return await pipe.execute()
-            for row in await self.link.read(work):
+            for slot, row in zip(part, await self.link.read(work)):
                 for name, value in zip(STAT_FIELDS, row):
                     sums[name] += int(value or 0)
+                self._totals.apply(slot, (row[1], row[2], row[5]), force=force)
         return sums
 
     async def expire(self, before_ms: int) -> int:
         """Remove what is older than ``before_ms``: only recipients the per-slot retention indexes
-        list as old, each in scripts of at most ``expire_chunk`` messages and receipts."""
-        self._known_slots.clear()
-        todo = await self._slots()
+        list as old, each in scripts of at most ``expire_chunk`` messages and receipts; then tokens
+        that expired by ``before_ms``."""
+        slots = await self.slots()
         removed = 0
+        todo = list(slots)
         while todo:
             part, todo = todo[:SLOT_BATCH], todo[SLOT_BATCH:]
-
-            async def work(client: Any, part: Sequence[int] = part) -> list[Any]:
-                pipe = self._pipeline(client)
-                for slot in part:
-                    pipe.zrangebyscore(self.layout.slot_keys(slot)[0], "-inf", f"({before_ms}",
-                                       start=0, num=EXPIRE_SCAN)
-                return await pipe.execute()
-            for slot, names in zip(part, await self.link.read(work)):
+            for slot, names in zip(part, await self._index_pages(part, before_ms, dict.fromkeys(part, 0))):
                 for address in names:
                     removed += await self._expire_recipient(address, before_ms)
-                if len(names) == EXPIRE_SCAN:
+                if len(names) == EXPIRE_SCAN:  # expired addresses left the index: read it from the start again
                     todo.append(slot)
+        await self._expire_tokens(slots, before_ms)
         return removed
+
+    async def _index_pages(self, slots: Sequence[int], before_ms: int, offsets: dict[int, int]) -> list[Any]:
+        """One page (``EXPIRE_SCAN`` addresses from each slot's offset) of the retention indexes: the
+        addresses holding something older than ``before_ms``, per slot."""
+        async def work(client: Any) -> list[Any]:
+            pipe = self._pipeline(client)
+            for slot in slots:
+                pipe.zrangebyscore(self.layout.slot_keys(slot)[0], "-inf", f"({before_ms}",
+                                   start=offsets[slot], num=EXPIRE_SCAN)
+            return await pipe.execute()
+        return await self.link.read(work)
+
+    async def _all_old_addresses(self, before_ms: int) -> list[str]:
+        """Every address the retention indexes list as holding something older than ``before_ms``."""
+        found: list[str] = []
+        offsets = dict.fromkeys(await self.slots(), 0)
+        while offsets:
+            part = list(offsets)[:SLOT_BATCH]
+            for slot, names in zip(part, await self._index_pages(part, before_ms, offsets)):
+                found += names
+                if len(names) == EXPIRE_SCAN:
+                    offsets[slot] += EXPIRE_SCAN
+                else:
+                    del offsets[slot]
+        return found
 
     async def _expire_recipient(self, address: str, before_ms: int) -> int:
         removed = 0
         while True:
-            messages, receipts = await self._recipient_write(scripts.EXPIRE, address, before_ms, self.expire_chunk)
-            self._count(-int(messages))
+            messages, receipts, totals = await self._recipient_write(scripts.EXPIRE, address, before_ms,
+                                                                     self.expire_chunk)
+            self._count(address, totals)
             removed += int(messages)
             if int(messages) < self.expire_chunk and int(receipts) < self.expire_chunk:
                 return removed
 
+    async def _expire_tokens(self, slots: list[int], before_ms: int) -> None:
+        for part in _chunks(slots, SLOT_BATCH):
+            async def work(client: Any, part: Sequence[int] = part) -> list[Any]:
+                pipe = self._pipeline(client)
+                for slot in part:
+                    pipe.zcount(self.layout.token_slot_keys(slot)[1], "-inf", before_ms)
+                return await pipe.execute()
+            for slot, due in zip(part, await self.link.read(work)):
+                while int(due or 0) > 0:
+                    gone = await self.link.write(scripts.EXPIRE_TOKENS, list(self.layout.token_slot_keys(slot)),
+                                                 [before_ms, self.expire_chunk])
+                    for i in range(0, len(gone) - 1, 2):
+                        if gone[i + 1]:
+                            self.link.post_command("ZREM", self.layout.tokens_of(gone[i + 1]), gone[i],
+                                                   key=self.layout.tokens_of(gone[i + 1]))
+                    due = 0 if len(gone) < 2 * self.expire_chunk else due
+
+    async def shift_times(self, before_ms: int, delta_ms: int) -> int:
+        """Move the times of what was stored before ``before_ms``: every address the retention indexes
+        list as old (read in full first, since shifting reorders them), each in bounded scripts."""
+        moved = 0
+        for address in await self._all_old_addresses(before_ms):
+            for what in ("m", "r"):
+                after = "0"
+                while True:
+                    count, last = await self._recipient_write(scripts.SHIFT_TIMES, address, what, before_ms,
+                                                              delta_ms, after, self.expire_chunk)
+                    moved += int(count)
+                    if not last:
+                        break
+                    after = last
+        return moved
+
     # Read receipts
 
-    async def add_receipt(self, receipt: Receipt) -> None:
-        await self._add_receipt(receipt, "", 0)
+    async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
+        dropped = 0
+        for recipient, group in _by_recipient(receipts, lambda r: r.recipient).items():
+            for part in _chunks(group, RECEIPT_CHUNK):
+                dropped += await self._add_receipts(recipient, part, max_per_recipient, "", 0)
+        return dropped
 
-    async def _add_receipt(self, receipt: Receipt, ledger: str, ledger_ttl_ms: int) -> bool:
-        record = json.dumps([receipt.reader, receipt.message_id, receipt.timestamp], separators=(",", ":"))
-
-        async def work() -> bool:
-            await self._note_slot(receipt.recipient)
-            seq = await self._recipient_write(scripts.ADD_RECEIPT, receipt.recipient, record, receipt.timestamp,
-                                              ledger, ledger_ttl_ms)
-            if seq == "":
-                return False
-            receipt.seq = int(seq)
-            return True
-        return await self._in_order(receipt.recipient, work)
+    async def _add_receipts(self, recipient: str, receipts: Sequence[Receipt], cap: int, ledger: str,
+                            ledger_ttl_ms: int) -> int:
+        """Store one recipient's receipts; returns how many were dropped, or -1 when migrated before."""
+        args: list[Any] = []
+        for r in receipts:
+            args += [json.dumps([r.reader, r.message_id, r.timestamp], separators=(",", ":")), r.timestamp]
+        self.note_slot(self.layout.slot_of(recipient))
+        reply = await self._recipient_write(scripts.ADD_RECEIPTS, recipient, cap, ledger, ledger_ttl_ms, *args)
+        if int(reply[0]) < 0:
+            return -1
+        for r, seq in zip(receipts, reply[1:]):
+            r.seq = int(seq)
+        return int(reply[0])
 
     async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
         if limit <= 0:
@@ -398,7 +560,7 @@ class RedisStore:
         return found
 
     async def put_key(self, record: KeyRecord) -> KeyRecord:
-        """Store ``record``; an existing key keeps its original ``created_at``."""
+        """Store ``record``; an existing key keeps its original ``created_at``; a signed one raises the floor."""
         await self._put_key(record, "put", "", 0)
         return record
 
@@ -408,17 +570,31 @@ class RedisStore:
             value = getattr(record, name)
             if value is not None:
                 fields += [name, value]
-        await self._note_slot(record.address)
+        signed_issued = record.issued_at if record.signed and record.issued_at is not None else ""
+        self.note_slot(self.layout.slot_of(record.address))
         outcome, created_at = await self.link.write(
             scripts.PUT_KEY, list(self.layout.key(record.address)),
-            [mode, record.created_at, ledger, ledger_ttl_ms, record.updated_at, *fields])
+            [mode, record.created_at, ledger, ledger_ttl_ms, record.updated_at, signed_issued, *fields])
         if outcome == "stored":
             record.created_at = int(created_at)
         return str(outcome)
 
     async def delete_key(self, address: str) -> bool:
-        key, stats, _ = self.layout.key(address)
+        key, stats, _, _ = self.layout.key(address)
         return int(await self.link.write(scripts.DELETE_KEY, [key, stats], [])) == 1
+
+    async def key_floor(self, address: str) -> int | None:
+        """The floor key, or (for keys stored before floors existed) the stored signed key's ``issued_at``."""
+        key, _, _, floor_key = self.layout.key(address)
+
+        async def work(client: Any) -> list[Any]:
+            pipe = self._pipeline(client)
+            pipe.get(floor_key)
+            pipe.hmget(key, ["signature", "issued_at"])
+            return await pipe.execute()
+        floor, (signature, issued) = await self.link.read(work)
+        found = [int(v) for v in (floor, issued if signature is not None else None) if v is not None]
+        return max(found) if found else None
 
     async def key_count(self) -> int:
         return (await self.stats())["keys"]
@@ -431,19 +607,49 @@ class RedisStore:
     async def lock(self, address: str) -> None:
         await self.link.write(scripts.LOCK, [self.layout.lock(address)], [_now_ms()])
 
+    # Bearer tokens: found by hash in the hash's slot, listed (and capped) in the address's own slot.
+
+    async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
+        slot = self.layout.token_slot(token_hash)
+        self.note_slot(slot)
+        saved = self.link.post(scripts.SAVE_TOKEN, list(self.layout.token_slot_keys(slot)),
+                               [token_hash, address, expires_at_ms])
+        gone = await self.link.write(scripts.OWN_TOKEN, [self.layout.tokens_of(address)],
+                                     [token_hash, expires_at_ms, max_per_address])
+        await saved
+        for part in _by_recipient(gone, self.layout.token_slot).items():
+            await self.link.write(scripts.DROP_TOKENS, list(self.layout.token_slot_keys(part[0])), part[1])
+
+    async def token_address(self, token_hash: str, now_ms: int) -> str | None:
+        """The lookup by hash, confirmed by the address's own list (a token over the cap is gone from it)."""
+        found = await self.link.read(lambda c: c.hget(self.layout.token_slot_keys(
+            self.layout.token_slot(token_hash))[0], token_hash))
+        if not found:
+            return None
+        address, _, expires = found.partition(" ")
+        if int(expires) <= now_ms:
+            return None
+        listed = await self.link.read(lambda c: c.zscore(self.layout.tokens_of(address), token_hash))
+        return address if listed is not None else None
+
     # Migration (``relayd migrate``): each copy is remembered for ``ledger_ttl_ms``, so a re-run copies
     # nothing twice, not even what was delivered and deleted since.
 
     async def migrate_message(self, msg: QueuedMessage, ledger_ttl_ms: int) -> str:
         """Returns queued, duplicate, full or migrated (copied by an earlier run)."""
         roomy = QueueLimits(max_messages=1 << 62, max_bytes=1 << 62, drop_oldest=False)
-        return await self._enqueue(msg, roomy, f"m\n{msg.sender}\n{msg.message_id}", ledger_ttl_ms)
+        outcome, _ = await self._enqueue(msg, roomy, f"m\n{msg.sender.lower()}\n{msg.message_id}", ledger_ttl_ms)
+        return outcome
 
     async def migrate_receipt(self, receipt: Receipt, source_seq: int, ledger_ttl_ms: int) -> bool:
         """True when copied, False when an earlier run did."""
         member = f"r\n{receipt.reader}\n{receipt.message_id}\n{receipt.timestamp}\n{source_seq}"
-        return await self._add_receipt(receipt, member, ledger_ttl_ms)
+        return await self._add_receipts(receipt.recipient, [receipt], 1 << 62, member, ledger_ttl_ms) >= 0
 
     async def migrate_key(self, record: KeyRecord, ledger_ttl_ms: int) -> str:
         """Returns stored, migrated (copied by an earlier run) or newer (Redis holds a newer key)."""
         return await self._put_key(record, "migrate", f"k\n{record.updated_at}", ledger_ttl_ms)
+
+    async def migrate_floor(self, address: str, issued_at: int) -> None:
+        """Raise the key floor of ``address`` (floors outlive deleted keys)."""
+        await self.link.write(scripts.RAISE_FLOOR, [self.layout.key(address)[3]], [issued_at])

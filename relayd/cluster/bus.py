@@ -1,0 +1,302 @@
+"""Per-instance inboxes on Redis Pub/Sub, and requests whose replies are awaited for a bounded time.
+
+Each instance subscribes to one channel, ``PREFIX{INSTANCE}:inbox``, and the
+others publish to it. On Redis 7 and later these are shard channels
+(``SSUBSCRIBE``/``SPUBLISH``): on a Cluster a message travels to the one shard
+that owns the inbox's slot instead of being broadcast to every node; older
+servers get plain ``SUBSCRIBE``/``PUBLISH``. Publishes go through the store's
+ordered write queue (``RedisLink``), so one instance's messages to another
+arrive in the order they were sent and share round trips with its writes.
+
+Everything sent to one instance in one loop iteration travels as one publish
+(``{"f": sender instance, "b": [messages]}``), so a busy pair of instances
+pays one round trip for many messages. A publish that reached no subscriber (the instance is gone
+or resubscribing) counts as an instance that took nothing, at once; one that
+reached it but got no reply within ``reply_timeout_s`` counts the same after
+that time. Messages are JSON objects with a kind ``k``; requests carry ``rid``
+and ``from``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import math
+import urllib.parse
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from redis import exceptions as rx
+
+from ..storage.redis.connection import RedisLink, describe
+from ..storage.store import StorageUnavailable
+
+log = logging.getLogger("relayd.cluster")
+
+MAX_BACKOFF_S = 2.0
+SWEEPS = 10
+"""Checks for unanswered requests per reply timeout."""
+Message = dict[str, Any]
+
+
+Replies = Callable[[dict[str, Message], tuple[str, ...]], None]
+"""Called with (replies by instance, instances that did not reply) once every instance replied or the time is up."""
+
+
+class _Pending:
+    """One request: the instances asked and still to answer, the answers, its deadline (loop time), and what to
+    call when done."""
+
+    __slots__ = ("asked", "waiting", "replies", "then", "deadline", "finished")
+
+    def __init__(self, instances: list[str], deadline: float, then: Replies) -> None:
+        self.asked = instances
+        self.waiting = set(instances)
+        self.replies: dict[str, Message] = {}
+        self.then = then
+        self.deadline = deadline
+        self.finished = False
+
+    def answered(self, instance: str, reply: Message | None) -> None:
+        if instance in self.waiting:
+            self.waiting.discard(instance)
+            if reply is not None:
+                self.replies[instance] = reply
+            if not self.waiting:
+                self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.then(self.replies, tuple(i for i in self.asked if i not in self.replies))
+
+
+class Bus:
+    """This instance's inbox, and messages and requests to the others' (see the module docstring)."""
+
+    def __init__(self, link: RedisLink, prefix: str, instance: str, reply_timeout_s: float) -> None:
+        self.link = link
+        self.prefix = prefix
+        self.instance = instance
+        self.reply_timeout_s = reply_timeout_s
+        self.channel = self.inbox(instance)
+        self.sharded = True
+        self.handler: Callable[[Message], None] = lambda message: None
+        """Called with every message that is not a reply (set by the cluster's routes)."""
+        self.heard = 0.0
+        """Loop time of the last message received (the heartbeat's own ping proves the inbox works)."""
+        self._pending: dict[str, _Pending] = {}
+        """Requests waiting for replies, oldest first (so the sweep stops at the first one not yet due)."""
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._outbox: dict[str, list[tuple[Message, Callable[[], None] | None]]] = {}
+        self._ids = itertools.count(1)
+        self._subscribed = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    def inbox(self, instance: str) -> str:
+        return f"{self.prefix}{{{instance}}}:inbox"
+
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed.is_set()
+
+    # Lifecycle
+
+    async def start(self, sharded: bool) -> None:
+        """Subscribe in the background; waits (bounded) for the first subscription, never raises."""
+        self.sharded = sharded
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+        try:
+            async with asyncio.timeout(self.link.deadline_s):
+                await self._subscribed.wait()
+        except TimeoutError:
+            log.warning("the cluster inbox is not subscribed yet; relayd keeps trying")
+
+    async def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+    def resubscribe(self) -> None:
+        """Drop the subscription and make a new one (the inbox went quiet: the connection may be stale)."""
+        if self._listener is not None and not self._listener.done():
+            self._listener.cancel()
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    # Sending
+
+    def send(self, instance: str, body: Message, unheard: Callable[[], None] | None = None) -> None:
+        """Queue ``body`` for an instance's inbox; it goes out at the end of this loop iteration, with whatever
+        else is sent there meanwhile. ``unheard`` is called if the publish fails or reaches no subscriber."""
+        batch = self._outbox.get(instance)
+        if batch is None:
+            if not self._outbox:
+                asyncio.get_running_loop().call_soon(self._publish)
+            batch = self._outbox[instance] = []
+        batch.append((body, unheard))
+
+    def _publish(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for instance, batch in outbox.items():
+            channel = self.inbox(instance)
+            data = json.dumps({"f": self.instance, "b": [body for body, _ in batch]}, separators=(",", ":"))
+            callbacks = [unheard for _, unheard in batch if unheard is not None]
+            try:
+                sent = self.link.post_command("SPUBLISH" if self.sharded else "PUBLISH", channel, data, key=channel)
+            except StorageUnavailable:
+                for unheard in callbacks:
+                    unheard()
+                continue
+            if callbacks:
+                sent.add_done_callback(lambda f, cbs=callbacks: _unheard(f) and [cb() for cb in cbs])
+
+    def ask(self, instances: Iterable[str], body: Message, then: Replies) -> None:
+        """Send ``body`` to each instance; ``then`` gets their replies once all replied or ``reply_timeout_s``
+        passed (never later), from the event loop."""
+        rid = f"{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        pending = _Pending(list(dict.fromkeys(instances)), loop.time() + self.reply_timeout_s,
+                           lambda replies, silent: self._done(rid, then, replies, silent))
+        self._pending[rid] = pending
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.reply_timeout_s / SWEEPS, self._sweep)
+        for instance in pending.asked:
+            self.send(instance, {**body, "rid": rid},
+                      lambda i=instance: pending.answered(i, None))
+        if not pending.asked:
+            pending._finish()
+
+    def _done(self, rid: str, then: Replies, replies: dict[str, Message], silent: tuple[str, ...]) -> None:
+        self._pending.pop(rid, None)
+        then(replies, silent)
+
+    def _sweep(self) -> None:
+        """End the requests past their deadline (one timer for all: at most ``reply_timeout_s / SWEEPS`` late)."""
+        now = asyncio.get_running_loop().time()
+        due = []
+        for pending in self._pending.values():
+            if pending.deadline > now:
+                break
+            due.append(pending)
+        for pending in due:
+            pending._finish()
+        self._sweeper = (asyncio.get_running_loop().call_later(self.reply_timeout_s / SWEEPS, self._sweep)
+                         if self._pending else None)
+
+    async def request(self, instances: Iterable[str], body: Message) -> tuple[dict[str, Message], tuple[str, ...]]:
+        """``ask``, awaited: (replies by instance, instances that did not reply). Never raises for a missing one."""
+        done: asyncio.Future[tuple[dict[str, Message], tuple[str, ...]]] = asyncio.get_running_loop().create_future()
+        self.ask(instances, body, lambda replies, silent: done.done() or done.set_result((replies, silent)))
+        return await done
+
+    def reply(self, request: Message, body: Message) -> None:
+        """Answer a request received through the inbox."""
+        if "rid" in request and "from" in request:
+            self.send(request["from"], {**body, "k": "re", "rid": request["rid"]})
+
+    # Receiving
+
+    def _dispatch(self, data: str) -> None:
+        self.heard = asyncio.get_running_loop().time()
+        try:
+            envelope = json.loads(data)
+            sender, messages = str(envelope["f"]), envelope["b"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed cluster message")
+            return
+        for message in messages if isinstance(messages, list) else ():
+            if isinstance(message, dict):
+                message["from"] = sender
+                self._apply(message)
+
+    def _apply(self, message: Message) -> None:
+        if message.get("k") == "re":
+            pending = self._pending.get(str(message.get("rid")))
+            if pending is not None:
+                pending.answered(str(message.get("from")), message)
+            return
+        try:
+            self.handler(message)
+        except Exception:
+            log.exception("cluster message %r failed", message.get("k"))
+
+    async def _listen(self) -> None:
+        backoff = 0.05
+        while True:
+            conn = None
+            try:
+                conn = await self._subscriber()
+                command = "SSUBSCRIBE" if self.sharded else "SUBSCRIBE"
+                async with asyncio.timeout(self.link.deadline_s):
+                    await conn.send_command(command, self.channel)
+                    confirmed = await conn.read_response(timeout=math.inf)
+                if not (isinstance(confirmed, list) and confirmed and confirmed[0] == command.lower()):
+                    raise rx.ResponseError(f"unexpected answer to {command}: {str(confirmed)[:100]}")
+                self.heard = asyncio.get_running_loop().time()
+                self._subscribed.set()
+                backoff = 0.05
+                while True:
+                    message = await conn.read_response(timeout=1.0)  # None: nothing within 1 s
+                    if not isinstance(message, list) or not message:
+                        continue
+                    if message[0] in ("message", "smessage"):
+                        self._dispatch(message[2])
+                    elif message[0] in ("sunsubscribe", "unsubscribe"):  # the slot moved: subscribe again
+                        break
+            except asyncio.CancelledError:
+                raise
+            except rx.ResponseError as exc:
+                if self.sharded and "unknown command" in str(exc).lower():
+                    log.warning("Redis has no sharded Pub/Sub (Redis 7): the cluster uses plain Pub/Sub")
+                    self.sharded = False
+                    continue
+                log.warning("cluster inbox: %s", describe(exc))
+            except (rx.RedisError, OSError, TimeoutError, StorageUnavailable) as exc:
+                log.warning("cluster inbox lost (%s); subscribing again",
+                            exc if isinstance(exc, StorageUnavailable) else describe(exc))
+            except Exception:
+                log.exception("cluster inbox failed; subscribing again")
+            finally:
+                self._subscribed.clear()
+                if conn is not None:
+                    await _close_quietly(conn, self.link.deadline_s)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _subscriber(self) -> Any:
+        """A connection of its own (RESP2: messages are plain arrays) to the server, or to the Cluster node that
+        owns the inbox's slot."""
+        url = None
+        if self.link.cluster:
+            await self.link.read(lambda c: c.initialize())
+            node = self.link.client.get_node_from_key(self.channel)
+            parts = urllib.parse.urlsplit(self.link.url)
+            auth = parts.netloc.rpartition("@")[0]
+            host = f"[{node.host}]" if ":" in node.host else node.host
+            url = urllib.parse.urlunsplit(parts._replace(netloc=f"{auth + '@' if auth else ''}{host}:{node.port}"))
+        conn = self.link.connection(url, protocol=2, socket_timeout=None)
+        async with asyncio.timeout(self.link.deadline_s):
+            await conn.connect()
+        return conn
+
+
+def _unheard(sent: asyncio.Future[Any]) -> bool:
+    """A publish that failed, or that no subscriber received."""
+    if sent.cancelled() or sent.exception() is not None:
+        return True
+    try:
+        return int(sent.result()) == 0
+    except (TypeError, ValueError):
+        return False
+
+
+async def _close_quietly(conn: Any, timeout: float) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await conn.disconnect()
+    except (rx.RedisError, OSError, TimeoutError):
+        pass

@@ -1,0 +1,312 @@
+"""Presence across instances: sessions here, every instance's entries in Redis, a heartbeat, a watched cache.
+
+Sessions live in this process (``LocalPresence``). Redis holds, per address,
+which instances have sessions of it and whether one of them acks
+(``{address}:on``: instance -> ``p`` or ``a``), plus, per hash slot, each
+instance's set of addresses (so a dead instance's entries can be found). An
+instance writes its entry when its first session of an address attaches (or
+the kind changes) and removes it when its last one detaches: one write per
+address and instance, not per session.
+
+Every instance renews its heartbeat in a registry every ``heartbeat_s`` (by
+the Redis clock, so instances need not agree on time). Everyone ignores the
+entries of an instance whose heartbeat is older than ``presence_ttl_s`` (an
+instance it has not heard of yet is taken as live: it just started): after
+a ``kill -9`` its sessions are offline everywhere within ``presence_ttl_s +
+heartbeat_s``. A survivor removes the dead instance's entries after
+``FORGET_AFTER_S``. An instance that finds its own heartbeat lapsed (it
+stalled, or Redis lost its data) writes its entries again and has its ready
+sessions catch up with what was stored for them meanwhile.
+
+Where an address has sessions elsewhere is cached here. The lookup *watches*
+the address in Redis, and the instance that next changes the address's
+presence tells every watcher (through the bus) and waits (bounded) until they
+dropped their copy before its session reads its backlog, so once a session has
+its ``auth_success``, every instance routes to it. A message routed in the
+instant before that is stored and still delivered (``Elsewhere.enqueue`` reads
+the presence atomically with the write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..presence import LocalPresence, Remote
+from ..session import Session
+from ..storage.redis.layout import slot_tag
+from ..storage.redis.store import Presence as Entries
+from ..storage.redis.store import RedisStore
+from ..storage.store import StorageUnavailable
+from ..writes import AddressWrites
+from . import scripts
+from .bus import Bus
+
+log = logging.getLogger("relayd.cluster")
+
+CACHE_TTL_S = 30.0
+WATCH_TTL_MS = 60_000
+"""A watch outlives the cache entry it protects (twice as long), so an entry is never used unwatched."""
+CACHE_SIZE = 100_000
+FORGET_AFTER_S = 60.0
+FORGET_CHUNK = 100
+SLOT_BATCH = 500
+
+
+def entries(flat: Sequence[Any]) -> Entries:
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+class ClusterPresence:
+    """``Routes`` and ``Presence`` of one instance among several on one Redis (see the module docstring)."""
+
+    def __init__(self, store: RedisStore, bus: Bus, instance: str, writes: AddressWrites, *, heartbeat_s: float,
+                 presence_ttl_s: float) -> None:
+        self.store = store
+        self.link = store.link
+        self.layout = store.layout
+        self.bus = bus
+        self.instance = instance
+        self.writes = writes
+        self.heartbeat_s = heartbeat_s
+        self.ttl_ms = int(presence_ttl_s * 1000)
+        self.local = LocalPresence()
+        self.registry = f"{self.layout.prefix}cluster:nodes"
+        self.on_lapse: Callable[[str], None] = lambda address: None
+        """Called for each address with sessions here after this instance found its heartbeat lapsed and wrote
+        its entries again (messages may have been stored for them meanwhile)."""
+        self._kinds: dict[str, str] = {}
+        self._unsynced: set[str] = set()
+        self._cache: OrderedDict[str, tuple[Entries, float, Remote, frozenset[str]]] = OrderedDict()
+        self._lapsed: frozenset[str] = frozenset()
+        self._beats: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    # Keys
+
+    def _keys(self, address: str) -> tuple[str, str, str]:
+        """(presence HASH, watchers SET, this instance's SET of addresses in that slot)."""
+        keys = self.layout.recipient(address)
+        return keys.presence, keys.watchers, self._mine(self.layout.slot_of(address), self.instance)
+
+    def _mine(self, slot: int, instance: str) -> str:
+        return f"{self.layout.prefix}{{{slot_tag(slot)}}}:on:{instance}"
+
+    # Routes: sessions of this instance, each address's entry kept in Redis
+
+    def attach(self, session: Session) -> None:
+        self.local.attach(session)
+        self._register(session.address)  # type: ignore[arg-type]
+
+    def detach(self, session: Session) -> bool:
+        last = self.local.detach(session)
+        if session.address is not None:
+            self._register(session.address)
+        return last
+
+    def ready_sessions(self, address: str) -> tuple[Session, ...]:
+        return self.local.ready_sessions(address)
+
+    def sessions(self, address: str) -> tuple[Session, ...]:
+        return self.local.sessions(address)
+
+    def _kind(self, address: str) -> str:
+        sessions = self.local.sessions(address)
+        if not sessions:
+            return ""
+        return "a" if any(s.ack for s in sessions) else "p"
+
+    def _register(self, address: str) -> None:
+        """Write this instance's entry for ``address`` when it changed; a backlog read of the address waits for
+        the write and for the watchers' acknowledgements."""
+        kind = self._kind(address)
+        if self._kinds.get(address, "") == kind and address not in self._unsynced:
+            return
+        if kind:
+            self._kinds[address] = kind
+        else:
+            self._kinds.pop(address, None)
+        self._unsynced.discard(address)
+        self.store.note_slot(self.layout.slot_of(address))
+        try:
+            joined = self.link.post(scripts.JOIN, self._keys(address), [address, self.instance, kind, WATCH_TTL_MS])
+        except StorageUnavailable:
+            self._unsynced.add(address)
+            return
+        task = asyncio.ensure_future(self._joined(address, joined))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self.writes.note(address, task)
+
+    async def _joined(self, address: str, joined: asyncio.Future[Any]) -> None:
+        try:
+            watchers, found = await joined
+        except StorageUnavailable:
+            self._unsynced.add(address)  # written again by the next heartbeat once Redis is back
+            return
+        self._fill(address, entries(found))
+        others = [w for w in watchers if w != self.instance]
+        if others:
+            await self.bus.request(others, {"k": "inv", "a": address})
+
+    # Where an address has sessions elsewhere
+
+    def cached(self, address: str) -> Remote | None:
+        entry = self._cache.get(address)
+        if entry is None:
+            return None
+        found, expires, remote, lapsed = entry
+        if expires < time.monotonic():
+            del self._cache[address]
+            return None
+        if lapsed is not self._lapsed:  # an instance lapsed or came back since: compute it again
+            remote = self._remote(found)
+            self._cache[address] = (found, expires, remote, self._lapsed)
+        return remote
+
+    async def lookup(self, address: str) -> Remote:
+        presence, watchers = self._keys(address)[:2]
+        found = entries(await self.link.write(scripts.LOOKUP, [presence, watchers], [self.instance, WATCH_TTL_MS]))
+        self._fill(address, found)
+        return self._remote(found)
+
+    def remote(self, found: Entries) -> Remote:
+        """The live instances other than this one in an address's entries."""
+        return self._remote(found)
+
+    def fill(self, address: str, found: Entries) -> None:
+        """Cache entries read by a write that also watched the address for this instance."""
+        self._fill(address, found)
+
+    def invalidate(self, address: str) -> None:
+        self._cache.pop(address, None)
+
+    def _remote(self, found: Entries) -> Remote:
+        instances = tuple(i for i in found if i != self.instance and i not in self._lapsed)
+        return Remote(instances, any(found[i] == "a" for i in instances))
+
+    def _fill(self, address: str, found: Entries) -> None:
+        self._cache[address] = (found, time.monotonic() + CACHE_TTL_S, self._remote(found), self._lapsed)
+        self._cache.move_to_end(address)
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    # Presence (REST)
+
+    def online_count(self) -> int:
+        return self.local.online_count()
+
+    async def statuses(self, addresses: list[str]) -> dict[str, bool]:
+        out = {a: True for a in addresses if self.local.sessions(a)}
+        rest = [a for a in dict.fromkeys(addresses) if a not in out]
+        if rest:
+            async def work(client: Any) -> list[Any]:
+                pipe = client.pipeline() if self.link.cluster else client.pipeline(transaction=False)
+                for address in rest:
+                    pipe.hgetall(self._keys(address)[0])
+                return await pipe.execute()
+            for address, found in zip(rest, await self.link.read(work)):
+                out[address] = bool(self._remote(dict(found or {})).instances)
+        return {a: out.get(a, False) for a in addresses}
+
+    async def online_list(self) -> list[str]:
+        found = dict.fromkeys(self.local.online_addresses())
+        registered = await self.link.read(lambda c: c.zrange(self.registry, 0, -1))
+        others = [i for i in registered if i != self.instance and i not in self._lapsed]
+        if others:
+            slots = [s for s in await self.store.slots()]
+            pairs = [(s, i) for s in slots for i in others]
+            for start in range(0, len(pairs), SLOT_BATCH):
+                part = pairs[start:start + SLOT_BATCH]
+
+                async def work(client: Any, part: list[tuple[int, str]] = part) -> list[Any]:
+                    pipe = client.pipeline() if self.link.cluster else client.pipeline(transaction=False)
+                    for slot, instance in part:
+                        pipe.smembers(self._mine(slot, instance))
+                    return await pipe.execute()
+                for members in await self.link.read(work):
+                    found.update(dict.fromkeys(sorted(members)))
+        return list(found)
+
+    # Heartbeat
+
+    async def start(self) -> None:
+        """The first heartbeat (bounded; a Redis that is down is retried by the loop), then the loop."""
+        try:
+            await self.beat()
+        except StorageUnavailable as exc:
+            log.warning("cluster heartbeat failed (%s); relayd keeps trying", exc)
+        self._beats = asyncio.get_running_loop().create_task(self._beat_loop())
+
+    async def stop(self) -> None:
+        """Leave the registry at once, so the others stop routing here (entries go as sessions detach)."""
+        beats, self._beats = self._beats, None
+        if beats is not None:
+            beats.cancel()
+            await asyncio.gather(beats, return_exceptions=True)
+        try:
+            await self.link.write(scripts.LEAVE_REGISTRY, [self.registry], [self.instance])
+        except StorageUnavailable:
+            pass
+
+    async def _beat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await self.beat()
+            except StorageUnavailable:
+                pass
+            except Exception:
+                log.exception("cluster heartbeat failed")
+
+    async def beat(self) -> None:
+        """Renew this instance's heartbeat (only while its inbox listens), learn which instances live, write
+        entries again after a lapse, check the inbox, and forget long-dead instances."""
+        if not self.bus.subscribed:
+            return
+        age, _live, lapsed, dead = await self.link.write(
+            scripts.HEARTBEAT, [self.registry], [self.instance, self.ttl_ms, int(FORGET_AFTER_S * 1000)])
+        if frozenset(lapsed) != self._lapsed:
+            self._lapsed = frozenset(lapsed)
+        lapsed = age == "" or int(age) > self.ttl_ms
+        if lapsed and self._kinds:
+            log.warning("this instance's presence had lapsed (%s); writing it again",
+                        "not registered" if age == "" else f"last heartbeat {int(age)} ms ago")
+            self._unsynced.update(self._kinds)
+        for address in list(self._unsynced):
+            self._register(address)
+        if lapsed and self._kinds:
+            for address in self.local.online_addresses():
+                self.on_lapse(address)
+        loop = asyncio.get_running_loop()
+        if loop.time() - self.bus.heard > 3 * self.heartbeat_s + self.bus.reply_timeout_s:
+            log.warning("the cluster inbox heard nothing, not even its own heartbeat; subscribing again")
+            self.bus.resubscribe()
+        self.bus.send(self.instance, {"k": "ping"})
+        for instance in dead:
+            if instance != self.instance:
+                await self._forget(instance)
+
+    async def _forget(self, instance: str) -> None:
+        """Remove a long-dead instance's entries, slot by slot, and tell their watchers; then its heartbeat."""
+        log.info("removing the presence entries of instance %s (no heartbeat for %.0f s)", instance,
+                 FORGET_AFTER_S)
+        for slot in await self.store.slots():
+            mine = self._mine(slot, instance)
+            members = sorted(await self.link.read(lambda c: c.smembers(mine)))
+            for start in range(0, len(members), FORGET_CHUNK):
+                part = members[start:start + FORGET_CHUNK]
+                keys = [mine]
+                for address in part:
+                    keys += self._keys(address)[:2]
+                for watcher in set(await self.link.write(scripts.FORGET, keys, [instance, *part])):
+                    if watcher != self.instance:
+                        for address in part:
+                            self.bus.send(watcher, {"k": "inv", "a": address})
+                for address in part:
+                    self.invalidate(address)
+        await self.link.write(scripts.LEAVE_REGISTRY, [self.registry], [instance])

@@ -1,0 +1,366 @@
+"""The message path with other instances on the same Redis (``relayd.cluster``): their sessions count too.
+
+A message is offered to the recipient's sessions on other instances and
+answered ``delivered`` if any session anywhere took it, else stored and
+answered ``queued``; a message stored while the recipient has sessions
+elsewhere is offered to them once committed. A sender's later messages wait
+behind an offer still unanswered, and answers go out in send order. Storing
+goes one message at a time through ``Elsewhere.enqueue``, which also says
+where the recipient is now. Everything else is ``Delivery``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .clock import Clock
+from .config import Config
+from .delivery import Delivery, Ident, Pipeline, refusal_of
+from .errors import ErrorCode, RelayError
+from .frames import answer_text, encode, message_text
+from .net.clientip import limit_key
+from .new_queues import WINDOW_S
+from .ops.metrics import RelayMetrics
+from .presence import NOWHERE, Elsewhere, Remote, Routes, Taken
+from .receipts import Receipts
+from .session import Session
+from .storage.store import EnqueueResult, QueuedMessage, StorageUnavailable, Store
+from .writes import AddressWrites
+
+log = logging.getLogger("relayd.router")
+
+REFUSAL_HOLD_S = 1.0
+"""After refusing an offer from a sender for a recipient, later unstored offers of that pair are refused this
+long (they are stored behind the refused one instead of overtaking it)."""
+RECENT_REFUSALS = 16384
+
+
+class _FarPipeline(Pipeline):
+    """A sender's pipeline with other instances: ``stores`` counts the messages being stored (not offered),
+    ``offer`` is the last message offered to other instances (a message stored after it waits for it, so an
+    offer that falls back to storing keeps its place), ``answered`` the last answer (answers keep send order)."""
+
+    __slots__ = ("answered", "offer", "stores")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stores = 0
+        self.offer: asyncio.Future[None] | None = None
+        self.answered: asyncio.Future[None] | None = None
+
+
+async def _answer_after(session: Session, answer: str, previous: asyncio.Future[None],
+                        answered: asyncio.Future[None]) -> None:
+    """Send ``answer`` once the previous answer to the same sender went out (that one is bounded in time)."""
+    try:
+        await asyncio.wait([previous])
+        session.push(answer)
+    finally:
+        answered.set_result(None)
+
+
+class FarDelivery(Delivery):
+    """``Delivery`` across instances; ``far`` reaches the others (``presence.Elsewhere``)."""
+
+    def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics, clock: Clock,
+                 writes: AddressWrites, far: Elsewhere) -> None:
+        super().__init__(config, routes, store, metrics, clock, writes)
+        self.far = far
+        self.receipts = FarReceipts(config, self.forward, store, metrics, clock, writes, self._track, far)
+        self._refused: dict[tuple[str, str], float] = {}
+        self._budget_seen: dict[str, set[str]] = {}
+        self._budget_since = clock.monotonic()
+
+    # Messages from this instance's senders
+
+    def _route(self, session: Session, ident: Ident, msg: QueuedMessage) -> asyncio.Future[None] | Any:
+        return self._route_far(session, ident, msg)
+
+    async def _route_far(self, session: Session, ident: Ident, msg: QueuedMessage) -> None:
+        """Live here when a ready session here takes it (a copy goes to the recipient's other instances); else
+        offered to those instances first (stored if none takes it); else stored, then offered to whoever holds
+        the recipient once committed. Ack sessions anywhere, or unanswered messages of this sender, mean
+        storing first, as in a single instance. A recipient not known here is stored at once: the write reads
+        (and watches) its presence, so no separate lookup is needed."""
+        targets = self.routes.ready_sessions(msg.recipient)
+        pipeline = self._pipelines.get(session)
+        remote = self.far.cached(msg.recipient)
+        if remote is None and not targets:
+            await self._store_far(session, ident, msg)
+            return
+        if remote is None:
+            try:
+                remote = await self.far.lookup(msg.recipient)
+            except StorageUnavailable:
+                remote = NOWHERE  # live delivery here still works; storing will say what Redis says
+        stores = isinstance(pipeline, _FarPipeline) and pipeline.stores
+        if not stores and not remote.ack and not any(s.ack for s in targets):
+            if targets:
+                data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
+                if sum(s.push(data, msg) for s in targets):
+                    if remote.instances:
+                        self.far.push(remote, msg)
+                    self.metrics.routed_live.inc()
+                    answer = self._answered(ident, msg, "delivered")
+                    previous = pipeline.answered if isinstance(pipeline, _FarPipeline) else None
+                    if previous is None or previous.done():
+                        session.push(answer)
+                    else:  # after the answers to this sender's earlier messages, still on their way
+                        assert isinstance(pipeline, _FarPipeline)
+                        pipeline.answered = asyncio.get_running_loop().create_future()
+                        self._track(asyncio.ensure_future(_answer_after(session, answer, previous,
+                                                                        pipeline.answered)))
+                    return
+            if remote.instances:
+                await self._offer_then_answer(session, ident, msg, remote)
+                return
+        await self._store_far(session, ident, msg)
+
+    async def _in_flight(self, session: Session, msg: QueuedMessage) -> tuple[_FarPipeline, int]:
+        """Count ``msg`` in its sender's pipeline, first waiting (for the oldest) while the pipeline is full."""
+        pipeline = self._pipelines.get(session)
+        if not isinstance(pipeline, _FarPipeline):
+            pipeline = self._pipelines[session] = _FarPipeline()
+        while self._pipeline_full(pipeline):
+            assert pipeline.tail is not None
+            await asyncio.wait([pipeline.tail])
+        size = len(msg.content)
+        pipeline.in_flight += 1
+        pipeline.bytes += size
+        session.outbox.hold(size)
+        return pipeline, size
+
+    @staticmethod
+    def _out_of_flight(session: Session, pipeline: Pipeline, size: int) -> None:
+        pipeline.in_flight -= 1
+        pipeline.bytes -= size
+        session.outbox.hold(-size)
+
+    async def _offer_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage, remote: Remote) -> None:
+        """Offer ``msg`` to the recipient's sessions on other instances and return; answered ``delivered`` when
+        one took it, else stored (after this sender's earlier offers settled) and answered then.
+
+        Callbacks rather than a task: this is the cluster's common live path.
+        """
+        pipeline, size = await self._in_flight(session, msg)
+        loop = asyncio.get_running_loop()
+        barrier = pipeline.offer if pipeline.offer is not None and not pipeline.offer.done() else None
+        previous, answered = pipeline.answered, loop.create_future()
+        settled: asyncio.Future[None] = loop.create_future()
+        pipeline.answered = answered
+        pipeline.offer = pipeline.tail = settled
+
+        def done(taken: Taken) -> None:
+            if not taken.count:  # nobody took it: store it, in its place, and answer then
+                task = asyncio.ensure_future(self._store_and_answer_far(
+                    session, pipeline, ident, msg, size, barrier, previous, answered, silent=taken.silent))
+                task.add_done_callback(lambda _: settled.set_result(None))
+                self._track(task)
+                return
+            self._out_of_flight(session, pipeline, size)
+            self.metrics.routed_live.inc()
+            answer = self._answered(ident, msg, "delivered")
+            settled.set_result(None)
+            if previous is None or previous.done():
+                session.push(answer)
+                answered.set_result(None)
+            else:
+                self._track(asyncio.ensure_future(_answer_after(session, answer, previous, answered)))
+        self.far.offer_soon(remote, msg, done)
+
+    async def _store_far(self, session: Session, ident: Ident, msg: QueuedMessage) -> None:
+        """Start storing ``msg`` and return (waiting first while the sender's pipeline is full)."""
+        pipeline, size = await self._in_flight(session, msg)
+        barrier = pipeline.offer if pipeline.offer is not None and not pipeline.offer.done() else None
+        previous, pipeline.answered = pipeline.answered, asyncio.get_running_loop().create_future()
+        pipeline.stores += 1
+        task = asyncio.ensure_future(self._store_and_answer_far(
+            session, pipeline, ident, msg, size, barrier, previous, pipeline.answered, store=True))
+        pipeline.tail = task
+        self._track(task)
+
+    async def _store_and_answer_far(self, session: Session, pipeline: _FarPipeline, ident: Ident,
+                                    msg: QueuedMessage, size: int, barrier: asyncio.Future[None] | None,
+                                    previous: asyncio.Future[None] | None, answered: asyncio.Future[None], *,
+                                    store: bool = False, silent: tuple[str, ...] = ()) -> None:
+        """After the sender's previous offer settled: the cluster-wide new-queue budget, the store (which also
+        says where the recipient is now, ``silent`` instances left out), then the answer after the previous
+        message's (each step is bounded, so these waits are too). ``store``: counted as a store (not an offer
+        that fell back to storing)."""
+        answer: str | None = None
+        try:
+            answer = await self._deliver_far(session, ident, msg, barrier, silent)
+        except RelayError as err:
+            self.metrics.refused.labels(code=err.code.value).inc()
+            answer = encode(err.frame())
+        except Exception:
+            log.exception("internal error storing a message")
+            answer = encode(RelayError(ErrorCode.INTERNAL_ERROR, message_id=msg.message_id).frame())
+        finally:
+            self._out_of_flight(session, pipeline, size)
+            if store:
+                pipeline.stores -= 1
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
+            if answer is not None:
+                session.push(answer)
+            answered.set_result(None)
+
+    async def _deliver_far(self, session: Session, ident: Ident, msg: QueuedMessage,
+                           barrier: asyncio.Future[None] | None, silent: tuple[str, ...]) -> str:
+        """Store, then offer to whoever holds the recipient; returns the answer frame. Raises RelayError for
+        refusals. Offers of one sender go out back to back (the channel keeps their order); storing waits for
+        the sender's previous offer to be settled, so a message that falls back to storing is stored before
+        later ones."""
+        if barrier is not None and not barrier.done():
+            await asyncio.wait([barrier])
+        await self._spend_far(session, msg.recipient, msg.message_id)
+        try:
+            result, remote = await self.far.enqueue(msg, self.limits)
+        except StorageUnavailable:
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, message_id=msg.message_id) from None
+        refusal = refusal_of(result)
+        if refusal is not None:
+            raise RelayError(refusal.code, refusal.message, message_id=msg.message_id)
+        if result is EnqueueResult.DUPLICATE:
+            return self._answered(ident, msg, "queued")
+        remote = Remote(tuple(i for i in remote.instances if i not in silent), remote.ack)
+        return self._answered(ident, msg, await self._deliver_stored_far(msg, remote))
+
+    def _answered(self, ident: Ident, msg: QueuedMessage, answer: str) -> str:
+        self._remember(ident, answer)
+        return answer_text(answer, msg.message_id, msg.recipient, msg.queued_at)
+
+    async def _spend_far(self, session: Session, to: str, mid: str) -> None:
+        """The new-queue budgets for the whole cluster: recipients seen this hour here need no Redis call."""
+        assert session.address is not None
+        per_sender, per_ip = self.new_queues.per_sender, self.new_queues.per_ip
+        if not (per_sender or per_ip):
+            return
+        now = self.clock.monotonic()
+        if now - self._budget_since >= WINDOW_S:
+            self._budget_seen.clear()
+            self._budget_since = now
+        spends = [(key, budget) for key, budget in ((session.address, per_sender),
+                                                    ("ip " + limit_key(session.ip), per_ip))
+                  if budget and to not in self._budget_seen.get(key, ())]
+        if not spends:
+            return
+        try:  # together: one round trip
+            allowed = await asyncio.gather(*(self.far.spend(key, to, budget) for key, budget in spends))
+        except StorageUnavailable:
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, message_id=mid) from None
+        if not all(allowed):
+            self.metrics.rate_limited.labels(limit="new_queues").inc()
+            raise RelayError(ErrorCode.RATE_LIMITED, "Too many distinct offline recipients this hour",
+                             message_id=mid)
+        for key, _ in spends:
+            self._budget_seen.setdefault(key, set()).add(to)
+
+    async def _deliver_stored_far(self, msg: QueuedMessage, remote: Remote) -> str:
+        """``_deliver_stored``, offering the committed message to the recipient's other instances too."""
+        targets = self.routes.ready_sessions(msg.recipient)
+        taken: list[Session] = []
+        if targets:
+            data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
+            taken = [s for s in targets if s.push(data, None if s.ack else msg)]
+        far = Taken()
+        if remote.instances:
+            far = await self.far.offer(remote, msg, stored=True)
+        if not taken and not far.count:
+            self.metrics.queued.inc()
+            self.on_stored(msg.recipient)
+            return "queued"
+        self.metrics.routed_live.inc()
+        if not any(s.ack for s in taken) and not far.ack and not remote.ack:
+            self._remove_soon(msg)
+        return "delivered"
+
+    async def _restore(self, messages: list[QueuedMessage]) -> None:
+        try:
+            await self.far.restore(messages)
+        except StorageUnavailable as exc:
+            log.error("cannot keep %d undelivered messages: %s", len(messages), exc)
+
+    # What other instances ask of this one
+
+    def offered(self, msg: QueuedMessage, *, stored: bool) -> tuple[int, bool]:
+        """Another instance offers a message for a recipient with sessions here: (sessions that took it, whether
+        one of them acks). Unstored, it is refused when a session acks (it must be stored first); a messageId
+        already delivered here counts as taken (the sender resent it through another instance)."""
+        ident = (msg.sender.lower(), msg.recipient, msg.message_id)
+        if not stored and self._recent.get(ident) == "delivered":
+            return 1, False
+        targets = self.routes.ready_sessions(msg.recipient)
+        ack = any(s.ack for s in targets)
+        if not stored:
+            refused = self._refused.get(ident[:2])
+            if refused is not None and self.clock.monotonic() - refused < REFUSAL_HOLD_S:
+                return 0, ack
+            if ack:
+                return self._refuse_offer(ident, ack)
+        data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
+        taken = [s for s in targets if s.push(data, None if s.ack else msg)]
+        if taken:
+            self.metrics.routed_live.inc()
+            self._remember(ident, "delivered")
+        elif stored:
+            self.on_stored(msg.recipient)
+        else:
+            return self._refuse_offer(ident, ack)
+        return len(taken), any(s.ack for s in taken)
+
+    def _refuse_offer(self, ident: Ident, ack: bool) -> tuple[int, bool]:
+        """Refuse an unstored offer, and the same sender's next ones for this recipient for a while."""
+        now = self.clock.monotonic()
+        if len(self._refused) >= RECENT_REFUSALS:
+            self._refused = {k: t for k, t in self._refused.items() if now - t < REFUSAL_HOLD_S}
+        self._refused[ident[:2]] = now
+        return 0, ack
+
+    def forward_far(self, frame: dict[str, Any], to: str) -> None:
+        """Push a frame that is never stored (typing) to the ready sessions of ``to`` on other instances."""
+        remote = self.far.cached(to)
+        if remote is not None:
+            if remote.instances:
+                self.far.forward(remote, to, frame)
+            return
+        self._track(asyncio.ensure_future(self._forward_far(frame, to)))
+
+    async def _forward_far(self, frame: dict[str, Any], to: str) -> None:
+        try:
+            remote = await self.far.lookup(to)
+        except StorageUnavailable:
+            return
+        if remote.instances:
+            self.far.forward(remote, to, frame)
+
+
+class FarReceipts(Receipts):
+    """Read receipts with other instances: to the sender's ready sessions here and there, else stored."""
+
+    def __init__(self, config: Config, forward: Any, store: Store, metrics: RelayMetrics, clock: Clock,
+                 writes: AddressWrites, track: Any, far: Elsewhere) -> None:
+        super().__init__(config, forward, store, metrics, clock, writes, track)
+        self.far = far
+
+    def route(self, session: Session, to: str, read: dict[str, Any]) -> None:
+        self._track(asyncio.ensure_future(self._route_far(session, to, read)))
+
+    async def _route_far(self, session: Session, to: str, read: dict[str, Any]) -> None:
+        here = self.forward(read, to)
+        remote = self.far.cached(to)
+        if remote is None:
+            try:
+                remote = await self.far.lookup(to)
+            except StorageUnavailable:
+                remote = NOWHERE
+        if here:
+            if remote.instances:
+                self.far.forward(remote, to, read)
+            return
+        if remote.instances and (await self.far.relay_frame(remote, to, read)).count:
+            return
+        self.keep(session, to, read)
