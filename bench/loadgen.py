@@ -498,6 +498,9 @@ async def flush(args: argparse.Namespace) -> dict[str, Any]:
                 ftype = frame.get("type")
                 if ftype == "auth_success":
                     auth_at = time.perf_counter()
+                    # A client that listens says so: relayd holds a plain session's backlog until its first
+                    # frame after auth (or a key upload, or [queue] flush_delay_ms); the others ignore the ping.
+                    await ws.send(dumps({"type": "ping"}))
                 elif ftype == "message":
                     if first is None:
                         first = time.perf_counter()

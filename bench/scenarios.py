@@ -265,6 +265,8 @@ def s4_flush(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     sec.rounds_row("server CPU us / flushed message", rounds, "cpu_us")
     sec.rounds_row("fill rate (queued/s, one recipient)", rounds, "fill_rate", note="not the offline-path figure")
     share_rows(sec, rounds, "flush", "during the flush: ")
+    sec.note("the recipient sends a ping right after auth_success, as a client that listens: relayd holds a plain "
+             "session's backlog until then (or a key upload, or [queue] flush_delay_ms)")
 
 
 # 5. REST
