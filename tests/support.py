@@ -250,6 +250,28 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+BLOCK_MODULES = '''
+import importlib.abc, sys
+
+class _Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {names!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, _Blocked())
+'''
+
+
+def without_modules(tmp: Path, *names: str) -> dict[str, str]:
+    """Environment for a child Python in which ``names`` (and their submodules) cannot be imported, as on a
+    machine without that optional extra."""
+    blocker = tmp / "blocked-modules"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "sitecustomize.py").write_text(BLOCK_MODULES.format(names=set(names)))
+    return {"PYTHONPATH": str(blocker)}
+
+
 def run_cli(cwd: Path, *args: str, env: dict[str, str] | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess:
     """``python relayd.py ARGS`` in ``cwd`` with a clean environment; returns the finished process."""

@@ -11,20 +11,8 @@ from typing import Any
 
 import pytest
 from support import (A, ADDR_A, B, C, KEY_A, ProcessRelay, clean_env, free_port, key_body, msg, pong_next, run_cli,
-                     wait_until)
+                     wait_until, without_modules)
 from test_auth import PUB_KEY
-
-BLOCK_REDIS = '''
-import importlib.abc, sys
-
-class _NoRedis(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "redis" or name.startswith("redis."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, _NoRedis())
-'''
 
 
 def redis_env(url: str, **extra: str) -> dict[str, str]:
@@ -230,10 +218,7 @@ def test_bad_redis_settings_exit_2_naming_the_key(tmp_path, env, needle):
 
 
 def test_without_the_redis_extra_relayd_says_so_and_still_runs_on_sqlite(tmp_path, fresh_redis):
-    blocker = tmp_path / "no-redis"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(BLOCK_REDIS)
-    env = {"PYTHONPATH": str(blocker)}
+    env = without_modules(tmp_path, "redis")
     probe = subprocess.run([sys.executable, "-c", "import redis"], env=env, capture_output=True, text=True,
                            timeout=30)
     assert probe.returncode != 0 and "No module named 'redis'" in probe.stderr
