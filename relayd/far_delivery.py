@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .clock import Clock
@@ -75,26 +76,34 @@ class FarDelivery(Delivery):
 
     # Messages from this instance's senders
 
-    def _route(self, session: Session, ident: Ident, msg: QueuedMessage) -> asyncio.Future[None] | Any:
-        return self._route_far(session, ident, msg)
-
-    async def _route_far(self, session: Session, ident: Ident, msg: QueuedMessage) -> None:
+    def _route(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
         """Live here when a ready session here takes it (a copy goes to the recipient's other instances); else
         offered to those instances first (stored if none takes it); else stored, then offered to whoever holds
         the recipient once committed. Ack sessions anywhere, or unanswered messages of this sender, mean
         storing first, as in a single instance. A recipient not known here is stored at once: the write reads
-        (and watches) its presence, so no separate lookup is needed."""
+        (and watches) its presence, so no separate lookup is needed. Synchronous (no task per message) unless
+        the recipient must be looked up or the sender's pipeline is full."""
         targets = self.routes.ready_sessions(msg.recipient)
-        pipeline = self._pipelines.get(session)
         remote = self.far.cached(msg.recipient)
         if remote is None and not targets:
-            await self._store_far(session, ident, msg)
-            return
+            return self._store_far(session, ident, msg)
         if remote is None:
-            try:
-                remote = await self.far.lookup(msg.recipient)
-            except StorageUnavailable:
-                remote = NOWHERE  # live delivery here still works; storing will say what Redis says
+            return self._route_after_lookup(session, ident, msg, targets)
+        return self._route_known(session, ident, msg, targets, remote)
+
+    async def _route_after_lookup(self, session: Session, ident: Ident, msg: QueuedMessage,
+                                  targets: tuple[Session, ...]) -> None:
+        try:
+            remote = await self.far.lookup(msg.recipient)
+        except StorageUnavailable:
+            remote = NOWHERE  # live delivery here still works; storing will say what Redis says
+        pending = self._route_known(session, ident, msg, targets, remote)
+        if pending is not None:
+            await pending
+
+    def _route_known(self, session: Session, ident: Ident, msg: QueuedMessage, targets: tuple[Session, ...],
+                     remote: Remote) -> Awaitable[None] | None:
+        pipeline = self._pipelines.get(session)
         stores = isinstance(pipeline, _FarPipeline) and pipeline.stores
         if not stores and not remote.ack and not any(s.ack for s in targets):
             if targets:
@@ -112,25 +121,34 @@ class FarDelivery(Delivery):
                         pipeline.answered = asyncio.get_running_loop().create_future()
                         self._track(asyncio.ensure_future(_answer_after(session, answer, previous,
                                                                         pipeline.answered)))
-                    return
+                    return None
             if remote.instances:
-                await self._offer_then_answer(session, ident, msg, remote)
-                return
-        await self._store_far(session, ident, msg)
+                return self._offer_then_answer(session, ident, msg, remote)
+        return self._store_far(session, ident, msg)
 
-    async def _in_flight(self, session: Session, msg: QueuedMessage) -> tuple[_FarPipeline, int]:
-        """Count ``msg`` in its sender's pipeline, first waiting (for the oldest) while the pipeline is full."""
+    def _far_pipeline(self, session: Session) -> _FarPipeline:
         pipeline = self._pipelines.get(session)
         if not isinstance(pipeline, _FarPipeline):
             pipeline = self._pipelines[session] = _FarPipeline()
+        return pipeline
+
+    async def _when_room(self, pipeline: _FarPipeline, then: Callable[[], Awaitable[None] | None]) -> None:
+        """Wait (for the oldest) while the sender's pipeline is full, then go on."""
         while self._pipeline_full(pipeline):
             assert pipeline.tail is not None
             await asyncio.wait([pipeline.tail])
+        pending = then()
+        if pending is not None:
+            await pending
+
+    @staticmethod
+    def _in_flight(session: Session, pipeline: _FarPipeline, msg: QueuedMessage) -> int:
+        """Count ``msg`` in its sender's pipeline (which has room); returns its size."""
         size = len(msg.content)
         pipeline.in_flight += 1
         pipeline.bytes += size
         session.outbox.hold(size)
-        return pipeline, size
+        return size
 
     @staticmethod
     def _out_of_flight(session: Session, pipeline: Pipeline, size: int) -> None:
@@ -138,13 +156,17 @@ class FarDelivery(Delivery):
         pipeline.bytes -= size
         session.outbox.hold(-size)
 
-    async def _offer_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage, remote: Remote) -> None:
+    def _offer_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage,
+                           remote: Remote) -> Awaitable[None] | None:
         """Offer ``msg`` to the recipient's sessions on other instances and return; answered ``delivered`` when
         one took it, else stored (after this sender's earlier offers settled) and answered then.
 
         Callbacks rather than a task: this is the cluster's common live path.
         """
-        pipeline, size = await self._in_flight(session, msg)
+        pipeline = self._far_pipeline(session)
+        if self._pipeline_full(pipeline):
+            return self._when_room(pipeline, lambda: self._offer_then_answer(session, ident, msg, remote))
+        size = self._in_flight(session, pipeline, msg)
         loop = asyncio.get_running_loop()
         barrier = pipeline.offer if pipeline.offer is not None and not pipeline.offer.done() else None
         previous, answered = pipeline.answered, loop.create_future()
@@ -169,10 +191,14 @@ class FarDelivery(Delivery):
             else:
                 self._track(asyncio.ensure_future(_answer_after(session, answer, previous, answered)))
         self.far.offer_soon(remote, msg, done)
+        return None
 
-    async def _store_far(self, session: Session, ident: Ident, msg: QueuedMessage) -> None:
-        """Start storing ``msg`` and return (waiting first while the sender's pipeline is full)."""
-        pipeline, size = await self._in_flight(session, msg)
+    def _store_far(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
+        """Start storing ``msg`` and return (a wait first while the sender's pipeline is full)."""
+        pipeline = self._far_pipeline(session)
+        if self._pipeline_full(pipeline):
+            return self._when_room(pipeline, lambda: self._store_far(session, ident, msg))
+        size = self._in_flight(session, pipeline, msg)
         barrier = pipeline.offer if pipeline.offer is not None and not pipeline.offer.done() else None
         previous, pipeline.answered = pipeline.answered, asyncio.get_running_loop().create_future()
         pipeline.stores += 1
@@ -180,6 +206,7 @@ class FarDelivery(Delivery):
             session, pipeline, ident, msg, size, barrier, previous, pipeline.answered, store=True))
         pipeline.tail = task
         self._track(task)
+        return None
 
     async def _store_and_answer_far(self, session: Session, pipeline: _FarPipeline, ident: Ident,
                                     msg: QueuedMessage, size: int, barrier: asyncio.Future[None] | None,
