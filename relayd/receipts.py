@@ -1,4 +1,5 @@
-"""Read receipts: forwarded to the sender's ready sessions, or stored for its next one, a batch per loop turn."""
+"""Read receipts: forwarded to the sender's ready sessions (with other instances, there too), or stored for its
+next one, a batch per loop turn."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .config import Config
 from .errors import ErrorCode, RelayError
 from .frames import field_address, field_message_id
 from .ops.metrics import RelayMetrics
+from .presence import NOWHERE, Elsewhere
 from .session import Session
 from .storage.store import Receipt, StorageUnavailable, Store
 from .writes import AddressWrites
@@ -72,3 +74,32 @@ class Receipts:
         self.metrics.receipts_stored.inc(len(batch))
         if dropped:
             self.metrics.receipts_dropped.inc(dropped)
+
+
+class FarReceipts(Receipts):
+    """Read receipts with other instances: to the sender's ready sessions here and there, else stored."""
+
+    def __init__(self, config: Config, forward: Callable[[dict[str, Any], str], int], store: Store,
+                 metrics: RelayMetrics, clock: Clock, writes: AddressWrites,
+                 track: Callable[[asyncio.Future[Any]], None], far: Elsewhere) -> None:
+        super().__init__(config, forward, store, metrics, clock, writes, track)
+        self.far = far
+
+    def route(self, session: Session, to: str, read: dict[str, Any]) -> None:
+        self._track(asyncio.ensure_future(self._route_far(session, to, read)))
+
+    async def _route_far(self, session: Session, to: str, read: dict[str, Any]) -> None:
+        here = self.forward(read, to)
+        remote = self.far.cached(to)
+        if remote is None:
+            try:
+                remote = await self.far.lookup(to)
+            except StorageUnavailable:
+                remote = NOWHERE
+        if here:
+            if remote.instances:
+                self.far.forward(remote, to, read)
+            return
+        if remote.instances and (await self.far.relay_frame(remote, to, read)).count:
+            return
+        self.keep(session, to, read)

@@ -39,7 +39,7 @@ from typing import Any
 from ..presence import LocalPresence, Remote
 from ..session import Session
 from ..storage.redis.layout import slot_tag
-from ..storage.redis.store import Presence as Entries
+from ..storage.redis.records import Presence as Entries
 from ..storage.redis.store import RedisStore
 from ..storage.store import StorageUnavailable
 from ..writes import AddressWrites
