@@ -4,9 +4,10 @@ A message is offered to the recipient's sessions on other instances and
 answered ``delivered`` if any session anywhere took it, else stored and
 answered ``queued``; a message stored while the recipient has sessions
 elsewhere is offered to them once committed. A sender's later messages wait
-behind an offer still unanswered, and answers go out in send order. Storing
-goes one message at a time through ``Elsewhere.enqueue``, which also says
-where the recipient is now. Everything else is ``Delivery``'s.
+behind an offer still unanswered and behind one that fell back to storing, and
+answers go out in send order. Storing goes one message at a time through
+``Elsewhere.enqueue``, which also says where the recipient is now. Everything
+else is ``Delivery``'s.
 """
 
 from __future__ import annotations
@@ -25,21 +26,25 @@ from .net.clientip import limit_key
 from .new_queues import WINDOW_S
 from .ops.metrics import RelayMetrics
 from .presence import NOWHERE, Elsewhere, Remote, Routes, Taken
-from .receipts import Receipts
+from .receipts import FarReceipts
 from .session import Session
 from .storage.store import EnqueueResult, QueuedMessage, StorageUnavailable, Store
 from .writes import AddressWrites
 
 log = logging.getLogger("relayd.router")
 
-REFUSAL_HOLD_S = 1.0
-"""After refusing an offer from a sender for a recipient, later unstored offers of that pair are refused this
-long (they are stored behind the refused one instead of overtaking it)."""
+REFUSAL_HOLD_S = 10.0
+"""After refusing an offer from a sender for a recipient, later unstored offers of that pair are refused (and
+so stored behind the refused one instead of overtaking it) until a stored message of the pair arrives: the
+sender's instance offers nothing unstored while its fallback stores are under way, and its channel keeps
+order, so every offer sent before it heard of the refusal arrives before that. The hold lapses after this
+long in case no stored message follows (its fallback was refused too)."""
 RECENT_REFUSALS = 16384
 
 
 class _FarPipeline(Pipeline):
-    """A sender's pipeline with other instances: ``stores`` counts the messages being stored (not offered),
+    """A sender's pipeline with other instances: ``stores`` counts the messages being stored (offers that fell
+    back to storing too: while any is, later messages are stored behind them rather than offered past them),
     ``offer`` is the last message offered to other instances (a message stored after it waits for it, so an
     offer that falls back to storing keeps its place), ``answered`` the last answer (answers keep send order)."""
 
@@ -176,6 +181,7 @@ class FarDelivery(Delivery):
 
         def done(taken: Taken) -> None:
             if not taken.count:  # nobody took it: store it, in its place, and answer then
+                pipeline.stores += 1  # the sender's next messages are stored behind it, not offered past it
                 task = asyncio.ensure_future(self._store_and_answer_far(
                     session, pipeline, ident, msg, size, barrier, previous, answered, silent=taken.silent))
                 task.add_done_callback(lambda _: settled.set_result(None))
@@ -203,7 +209,7 @@ class FarDelivery(Delivery):
         previous, pipeline.answered = pipeline.answered, asyncio.get_running_loop().create_future()
         pipeline.stores += 1
         task = asyncio.ensure_future(self._store_and_answer_far(
-            session, pipeline, ident, msg, size, barrier, previous, pipeline.answered, store=True))
+            session, pipeline, ident, msg, size, barrier, previous, pipeline.answered))
         pipeline.tail = task
         self._track(task)
         return None
@@ -211,11 +217,10 @@ class FarDelivery(Delivery):
     async def _store_and_answer_far(self, session: Session, pipeline: _FarPipeline, ident: Ident,
                                     msg: QueuedMessage, size: int, barrier: asyncio.Future[None] | None,
                                     previous: asyncio.Future[None] | None, answered: asyncio.Future[None], *,
-                                    store: bool = False, silent: tuple[str, ...] = ()) -> None:
+                                    silent: tuple[str, ...] = ()) -> None:
         """After the sender's previous offer settled: the cluster-wide new-queue budget, the store (which also
         says where the recipient is now, ``silent`` instances left out), then the answer after the previous
-        message's (each step is bounded, so these waits are too). ``store``: counted as a store (not an offer
-        that fell back to storing)."""
+        message's (each step is bounded, so these waits are too). The caller counted it in ``stores``."""
         answer: str | None = None
         try:
             answer = await self._deliver_far(session, ident, msg, barrier, silent)
@@ -227,8 +232,7 @@ class FarDelivery(Delivery):
             answer = encode(RelayError(ErrorCode.INTERNAL_ERROR, message_id=msg.message_id).frame())
         finally:
             self._out_of_flight(session, pipeline, size)
-            if store:
-                pipeline.stores -= 1
+            pipeline.stores -= 1
             if previous is not None and not previous.done():
                 await asyncio.wait([previous])
             if answer is not None:
@@ -322,7 +326,9 @@ class FarDelivery(Delivery):
             return 1, False
         targets = self.routes.ready_sessions(msg.recipient)
         ack = any(s.ack for s in targets)
-        if not stored:
+        if stored:
+            self._refused.pop(ident[:2], None)
+        else:
             refused = self._refused.get(ident[:2])
             if refused is not None and self.clock.monotonic() - refused < REFUSAL_HOLD_S:
                 return 0, ack
@@ -340,7 +346,8 @@ class FarDelivery(Delivery):
         return len(taken), any(s.ack for s in taken)
 
     def _refuse_offer(self, ident: Ident, ack: bool) -> tuple[int, bool]:
-        """Refuse an unstored offer, and the same sender's next ones for this recipient for a while."""
+        """Refuse an unstored offer, and the same sender's next unstored ones for this recipient (see
+        ``REFUSAL_HOLD_S``)."""
         now = self.clock.monotonic()
         if len(self._refused) >= RECENT_REFUSALS:
             self._refused = {k: t for k, t in self._refused.items() if now - t < REFUSAL_HOLD_S}
@@ -363,31 +370,3 @@ class FarDelivery(Delivery):
             return
         if remote.instances:
             self.far.forward(remote, to, frame)
-
-
-class FarReceipts(Receipts):
-    """Read receipts with other instances: to the sender's ready sessions here and there, else stored."""
-
-    def __init__(self, config: Config, forward: Any, store: Store, metrics: RelayMetrics, clock: Clock,
-                 writes: AddressWrites, track: Any, far: Elsewhere) -> None:
-        super().__init__(config, forward, store, metrics, clock, writes, track)
-        self.far = far
-
-    def route(self, session: Session, to: str, read: dict[str, Any]) -> None:
-        self._track(asyncio.ensure_future(self._route_far(session, to, read)))
-
-    async def _route_far(self, session: Session, to: str, read: dict[str, Any]) -> None:
-        here = self.forward(read, to)
-        remote = self.far.cached(to)
-        if remote is None:
-            try:
-                remote = await self.far.lookup(to)
-            except StorageUnavailable:
-                remote = NOWHERE
-        if here:
-            if remote.instances:
-                self.far.forward(remote, to, read)
-            return
-        if remote.instances and (await self.far.relay_frame(remote, to, read)).count:
-            return
-        self.keep(session, to, read)
