@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from servers import BENCH, PY, BenchError, Server, cpu_delta, cpu_sample, die_with_parent, http_body, machine_busy_seconds
+from servers import (BENCH, PY, BenchError, Server, cpu_delta, cpu_sample, die_with_parent, end_process, http_body,
+                     machine_busy_seconds)
 
 QUIET_CORES = 0.5  # background load below which a measurement may start
 QUIET = {"max_wait": 10.0, "budget": 30.0}  # seconds per wait, and in all for the run (set by --quiet-budget)
@@ -163,13 +164,7 @@ class SyscallCounter:
     def finish(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for w, (proc, ctl_fd, ack_fd, path) in self.procs.items():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+            end_process(proc, signal.SIGINT)
             os.close(ctl_fd)
             os.close(ack_fd)
             counts = parse_perf(path.read_text(errors="replace") if path.exists() else "")

@@ -97,6 +97,20 @@ def problem_if(ctx: Any, cond: bool, text: str) -> None:
 
 # 1. Live routing
 
+def live_phase(ctx: Any, run: Any, phase: str, tag: str) -> tuple[dict[str, Any], list[dict[str, Any]], int, int]:
+    """The figures every live-routing phase reports (rate, latency), a problem if any message went missing;
+    returns them with the phase's loadgen results, messages received and sent."""
+    rs = [r[phase] for r in run.results]
+    received, sent = sum(r["received"] for r in rs), sum(r["sent"] for r in rs)
+    lat = [x for r in rs for x in r["lat_us"]]
+    errors = [r["errors"] for r in rs if r["errors"]]
+    problem_if(ctx, errors or received != sent or not all(r["complete"] for r in rs),
+               f"{tag}/{phase}: sent {sent}, received {received}, errors {errors}")
+    return {f"{phase}_rate": received / max(1e-9, max(r["elapsed_s"] for r in rs)),
+            f"{phase}_p50_ms": None if not lat else pct(lat, 50) / 1000,
+            f"{phase}_p99_ms": None if not lat else pct(lat, 99) / 1000}, rs, received, sent
+
+
 def s1_live(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     labels = ["relayd/memory", "baseline", "node"]
     variants = ctx.variants(labels)
@@ -116,20 +130,13 @@ def s1_live(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
         run = run_loadgen(srv, args, 3 * p["max_duration"] + 120, windows=windows, probes=probes, cores=ctx.cores)
         f: dict[str, Any] = {"_windows": run.windows}
         for phase in ("max", "paced"):
-            rs = [r[phase] for r in run.results]
-            received, sent = sum(r["received"] for r in rs), sum(r["sent"] for r in rs)
-            lat = [x for r in rs for x in r["lat_us"]]
+            figures, _, received, _ = live_phase(ctx, run, phase, f"1/{srv.label}")
+            f.update(figures)
             win = run.windows[phase]
-            f[f"{phase}_rate"] = received / max(1e-9, max(r["elapsed_s"] for r in rs))
             f[f"{phase}_cpu_us"] = per(win["cpu_s"], received, 1e6)
-            f[f"{phase}_p50_ms"] = None if not lat else pct(lat, 50) / 1000
-            f[f"{phase}_p99_ms"] = None if not lat else pct(lat, 99) / 1000
             f[f"{phase}_syscw"] = per(win["syscw"], received)
             f[f"{phase}_writes"] = per(win.get("syscalls_write"), received)
             f[f"{phase}_syscalls"] = per(win.get("syscalls_all"), received)
-            errors = [r["errors"] for r in rs if r["errors"]]
-            problem_if(ctx, errors or received != sent or not all(r["complete"] for r in rs),
-                       f"1/{srv.label}/{phase}: sent {sent}, received {received}, errors {errors}")
         lag = run.windows["load"]
         f["lag_p50_ms"], f["lag_p99_ms"], f["lag_samples"] = lag.get("lag_p50_ms"), lag.get("lag_p99_ms"), \
             lag.get("lag_samples")
@@ -635,22 +642,15 @@ def _s9_live(ctx: Any, rep: Report, p: dict[str, Any], redis: RedisProcess) -> N
                 peer.stop()
         f: dict[str, Any] = {"_windows": run.windows}
         for phase in ("max", "paced"):
-            rs = [r[phase] for r in run.results]
-            received, sent = sum(r["received"] for r in rs), sum(r["sent"] for r in rs)
-            lat = [x for r in rs for x in r["lat_us"]]
+            figures, rs, received, sent = live_phase(ctx, run, phase, f"9/{srv.label}")
+            f.update(figures)
             win = run.windows[phase]
             mine, theirs = win["cpu_s"], win.get("peer_cpu_s", 0.0)
-            f[f"{phase}_rate"] = received / max(1e-9, max(r["elapsed_s"] for r in rs))
             f[f"{phase}_cpu_us"] = per(mine + theirs, received, 1e6)
             f[f"{phase}_cpu_sender_us"] = per(mine, received, 1e6)
             f[f"{phase}_cpu_receiver_us"] = per(theirs, received, 1e6) if peer is not None else None
-            f[f"{phase}_p50_ms"] = None if not lat else pct(lat, 50) / 1000
-            f[f"{phase}_p99_ms"] = None if not lat else pct(lat, 99) / 1000
             f.update({f"{phase}_{k}": v for k, v in _redis_figures(win, received).items()})
             f[f"{phase}_delivered"] = per(sum(r["acks"].get("delivered", 0) for r in rs), sent)
-            errors = [r["errors"] for r in rs if r["errors"]]
-            problem_if(ctx, errors or received != sent or not all(r["complete"] for r in rs),
-                       f"9/{srv.label}/{phase}: sent {sent}, received {received}, errors {errors}")
         return f
 
     rounds = run_rounds(ctx, "9a", variants, one, saturation_window="max", max_procs=ctx.max_procs)

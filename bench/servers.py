@@ -155,6 +155,27 @@ def die_with_parent() -> None:
 
 # HTTP, for readiness and checks (raw sockets: cheap and dependency-free)
 
+def end_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10.0) -> bool:
+    """Send ``sig`` to a child we started (by PID), then SIGKILL it if it has not exited within ``timeout``;
+    returns whether it had to be killed."""
+    if proc.poll() is not None:
+        return False
+    try:
+        os.kill(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout)
+        return False
+    except subprocess.TimeoutExpired:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+        return True
+
+
 def http_get(port: int, path: str, timeout: float = 1.0) -> int:
     """Status of one GET (0 when nothing answers)."""
     try:
@@ -278,13 +299,8 @@ class RedisProcess:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        if proc is not None:
+            end_process(proc)
 
 
 # relayd's configuration schema
@@ -556,22 +572,10 @@ class Server:
             if self.stop_note is None and proc.returncode != 0:
                 self.stop_note = f"{self.label} had exited by itself with {proc.returncode}:\n{self.log_tail()}"
             return proc.returncode
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if end_process(proc, timeout=timeout):
             self.stop_note = f"{self.label} did not exit within {timeout:.0f} s of SIGTERM; killed"
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(5)
-        else:
-            if proc.returncode != 0:
-                self.stop_note = f"{self.label} exited with {proc.returncode} after SIGTERM:\n{self.log_tail()}"
+        elif proc.returncode != 0:
+            self.stop_note = f"{self.label} exited with {proc.returncode} after SIGTERM:\n{self.log_tail()}"
         return proc.returncode
 
     def __enter__(self) -> "Server":
