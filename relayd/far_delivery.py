@@ -21,9 +21,9 @@ from .clock import Clock
 from .config import Config
 from .delivery import Delivery, Ident, Pipeline, refusal_of
 from .errors import ErrorCode, RelayError
+from .far_offers import FarOffers
 from .frames import answer_text, encode, message_text
-from .net.clientip import limit_key
-from .new_queues import WINDOW_S
+from .new_queues import SharedNewQueueBudget
 from .ops.metrics import RelayMetrics
 from .presence import NOWHERE, Elsewhere, Remote, Routes, Taken
 from .receipts import FarReceipts
@@ -33,13 +33,6 @@ from .writes import AddressWrites
 
 log = logging.getLogger("relayd.router")
 
-REFUSAL_HOLD_S = 10.0
-"""After refusing an offer from a sender for a recipient, later unstored offers of that pair are refused (and
-so stored behind the refused one instead of overtaking it) until a stored message of the pair arrives: the
-sender's instance offers nothing unstored while its fallback stores are under way, and its channel keeps
-order, so every offer sent before it heard of the refusal arrives before that. The hold lapses after this
-long in case no stored message follows (its fallback was refused too)."""
-RECENT_REFUSALS = 16384
 
 
 class _FarPipeline(Pipeline):
@@ -67,7 +60,7 @@ async def _answer_after(session: Session, answer: str, previous: asyncio.Future[
         answered.set_result(None)
 
 
-class FarDelivery(Delivery):
+class FarDelivery(FarOffers, Delivery):
     """``Delivery`` across instances; ``far`` reaches the others (``presence.Elsewhere``)."""
 
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics, clock: Clock,
@@ -76,8 +69,7 @@ class FarDelivery(Delivery):
         self.far = far
         self.receipts = FarReceipts(config, self.forward, store, metrics, clock, writes, self._track, far)
         self._refused: dict[tuple[str, str], float] = {}
-        self._budget_seen: dict[str, set[str]] = {}
-        self._budget_since = clock.monotonic()
+        self.shared_new_queues = SharedNewQueueBudget(self.new_queues, far.spend, clock.monotonic())
 
     # Messages from this instance's senders
 
@@ -247,7 +239,13 @@ class FarDelivery(Delivery):
         later ones."""
         if barrier is not None and not barrier.done():
             await asyncio.wait([barrier])
-        await self._spend_far(session, msg.recipient, msg.message_id)
+        try:
+            await self.shared_new_queues.spend(session.address or "", session.ip, msg.recipient,
+                                               self.clock.monotonic(), msg.message_id)
+        except RelayError as err:
+            if err.code is ErrorCode.RATE_LIMITED:
+                self.metrics.rate_limited.labels(limit="new_queues").inc()
+            raise
         try:
             result, remote = await self.far.enqueue(msg, self.limits)
         except StorageUnavailable:
@@ -263,32 +261,6 @@ class FarDelivery(Delivery):
     def _answered(self, ident: Ident, msg: QueuedMessage, answer: str) -> str:
         self._remember(ident, answer)
         return answer_text(answer, msg.message_id, msg.recipient, msg.queued_at)
-
-    async def _spend_far(self, session: Session, to: str, mid: str) -> None:
-        """The new-queue budgets for the whole cluster: recipients seen this hour here need no Redis call."""
-        assert session.address is not None
-        per_sender, per_ip = self.new_queues.per_sender, self.new_queues.per_ip
-        if not (per_sender or per_ip):
-            return
-        now = self.clock.monotonic()
-        if now - self._budget_since >= WINDOW_S:
-            self._budget_seen.clear()
-            self._budget_since = now
-        spends = [(key, budget) for key, budget in ((session.address, per_sender),
-                                                    ("ip " + limit_key(session.ip), per_ip))
-                  if budget and to not in self._budget_seen.get(key, ())]
-        if not spends:
-            return
-        try:  # together: one round trip
-            allowed = await asyncio.gather(*(self.far.spend(key, to, budget) for key, budget in spends))
-        except StorageUnavailable:
-            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, message_id=mid) from None
-        if not all(allowed):
-            self.metrics.rate_limited.labels(limit="new_queues").inc()
-            raise RelayError(ErrorCode.RATE_LIMITED, "Too many distinct offline recipients this hour",
-                             message_id=mid)
-        for key, _ in spends:
-            self._budget_seen.setdefault(key, set()).add(to)
 
     async def _deliver_stored_far(self, msg: QueuedMessage, remote: Remote) -> str:
         """``_deliver_stored``, offering the committed message to the recipient's other instances too."""
@@ -314,45 +286,6 @@ class FarDelivery(Delivery):
             await self.far.restore(messages)
         except StorageUnavailable as exc:
             log.error("cannot keep %d undelivered messages: %s", len(messages), exc)
-
-    # What other instances ask of this one
-
-    def offered(self, msg: QueuedMessage, *, stored: bool) -> tuple[int, bool]:
-        """Another instance offers a message for a recipient with sessions here: (sessions that took it, whether
-        one of them acks). Unstored, it is refused when a session acks (it must be stored first); a messageId
-        already delivered here counts as taken (the sender resent it through another instance)."""
-        ident = (msg.sender.lower(), msg.recipient, msg.message_id)
-        if not stored and self._recent.get(ident) == "delivered":
-            return 1, False
-        targets = self.routes.ready_sessions(msg.recipient)
-        ack = any(s.ack for s in targets)
-        if stored:
-            self._refused.pop(ident[:2], None)
-        else:
-            refused = self._refused.get(ident[:2])
-            if refused is not None and self.clock.monotonic() - refused < REFUSAL_HOLD_S:
-                return 0, ack
-            if ack:
-                return self._refuse_offer(ident, ack)
-        data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
-        taken = [s for s in targets if s.push(data, None if s.ack else msg)]
-        if taken:
-            self.metrics.routed_live.inc()
-            self._remember(ident, "delivered")
-        elif stored:
-            self.on_stored(msg.recipient)
-        else:
-            return self._refuse_offer(ident, ack)
-        return len(taken), any(s.ack for s in taken)
-
-    def _refuse_offer(self, ident: Ident, ack: bool) -> tuple[int, bool]:
-        """Refuse an unstored offer, and the same sender's next unstored ones for this recipient (see
-        ``REFUSAL_HOLD_S``)."""
-        now = self.clock.monotonic()
-        if len(self._refused) >= RECENT_REFUSALS:
-            self._refused = {k: t for k, t in self._refused.items() if now - t < REFUSAL_HOLD_S}
-        self._refused[ident[:2]] = now
-        return 0, ack
 
     def forward_far(self, frame: dict[str, Any], to: str) -> None:
         """Push a frame that is never stored (typing) to the ready sessions of ``to`` on other instances."""

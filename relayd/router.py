@@ -17,8 +17,8 @@ from .backlog import Backlog
 from .clock import Clock, wall_ms
 from .config import Config
 from .delivery import Delivery
-from .far_delivery import FarDelivery
 from .errors import CLOSE_CODES, CloseCode, ErrorCode, RelayError
+from .far_delivery import FarDelivery
 from .frames import decode, field_address, field_bool, message_id_of, utf8_len
 from .identity.auth import SignIn
 from .ops.metrics import RelayMetrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+
 from .errors import ClientError
 from .values import MAX_ACK_IDS, Frame
 

@@ -30,7 +30,8 @@ from typing import Any
 
 from redis import exceptions as rx
 
-from ..storage.redis.connection import RedisLink, describe
+from ..storage.redis.connection import RedisLink
+from ..storage.redis.reasons import describe
 from ..storage.store import StorageUnavailable
 
 log = logging.getLogger("relayd.cluster")

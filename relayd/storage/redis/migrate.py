@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..sqlite_file import inspect, read_only_uri
 from ...identity.auth import MAX_TOKENS_PER_ADDRESS
+from ..sqlite_file import inspect, read_only_uri
 from ..store import KeyRecord, QueuedMessage, Receipt, StoreOpenError
 from .store import RedisStore
 

@@ -21,8 +21,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from redis import exceptions as rx
-
 from ...frames import utf8_len
 from ..store import (
     EnqueueResult,
@@ -30,13 +28,12 @@ from ..store import (
     QueuedMessage,
     QueueLimits,
     Receipt,
-    StorageUnavailable,
-    StoreOpenError,
 )
 from . import scripts
-from .connection import RedisLink, describe
+from .connection import RedisLink
 from .keys import RedisKeys
 from .layout import Layout
+from .lifecycle import RedisLifecycle
 from .receipts import RedisReceipts
 from .records import (
     Presence,
@@ -45,28 +42,24 @@ from .records import (
     chunks,
     decode_message,
     encode_message,
-    now_ms,
     pairs,
 )
 from .retention import RedisRetention
 
 log = logging.getLogger("relayd.storage")
 
-MIN_VERSION = (5, 0)
 EXPIRE_CHUNK = 1000      # messages (and receipts, tokens) one expiry script removes at most
 ID_CHUNK = 1000          # seqs or messageIds per removal script
 RESTORE_CHUNK = 200      # messages per restore script
 SLOT_BATCH = 500         # per-slot keys read in one pipeline
 DROP_CHUNK = 64
 PENDING_CHUNK = 16       # messages read at a time for a page bounded in bytes
-PROBE_TTL_MS = 60_000
 STAT_FIELDS = ("recipients", "messages", "bytes", "receipts", "keys")
 _RESULTS = {"queued": EnqueueResult.QUEUED, "duplicate": EnqueueResult.DUPLICATE, "full": EnqueueResult.FULL,
             "no_space": EnqueueResult.NO_SPACE}
 
 
-
-class RedisStore(RedisKeys, RedisReceipts, RedisRetention):
+class RedisStore(RedisLifecycle, RedisKeys, RedisReceipts, RedisRetention):
     """A ``Store`` in Redis; see the module docstring."""
 
     name = "redis"
@@ -99,84 +92,6 @@ class RedisStore(RedisKeys, RedisReceipts, RedisRetention):
     def _forget_assumptions(self) -> None:
         self._known_slots.clear()
         self._totals.trust_next_read = True
-
-    # Lifecycle
-
-    async def open(self) -> None:
-        """Connect and check the server. Wrong credentials or a too old server stop relayd
-        (StoreOpenError); an unreachable Redis does not: relayd starts unhealthy and recovers."""
-        if self._prober is not None:
-            return
-        self.link.connect()
-        try:
-            await self._check_server()
-        except StoreOpenError:
-            await self.link.close()
-            raise
-        except StorageUnavailable as exc:
-            log.warning("Redis is not usable yet (%s); relayd starts and keeps trying", exc)
-        self._prober = asyncio.get_running_loop().create_task(self._probe_loop())
-
-    async def close(self) -> None:
-        prober, self._prober = self._prober, None
-        if prober is not None:
-            prober.cancel()
-            await asyncio.gather(prober, return_exceptions=True)
-        await self.link.close()
-
-    async def _check_server(self) -> None:
-        try:
-            async with asyncio.timeout(self.link.deadline_s):
-                if self.link.cluster:
-                    await self.link.client.initialize()
-                info = await self.link.client.info("server")
-        except (rx.RedisError, OSError, TimeoutError) as exc:
-            reason = describe(exc)
-            if isinstance(exc, (rx.AuthenticationError, rx.NoPermissionError)) or "credentials" in reason \
-                    or "password" in reason:
-                raise StoreOpenError(f"cannot use Redis: {reason}") from None
-            raise self.link.fail(reason) from None
-        if self.link.cluster:  # one answer per node; all must qualify
-            versions = [v.get("redis_version", "0") for v in info.values()] if isinstance(
-                next(iter(info.values()), None), dict) else [info.get("redis_version", "0")]
-        else:
-            versions = [info.get("redis_version", "0")]
-        parsed = []
-        for version in versions:
-            parts = tuple(int(p) for p in str(version).split(".")[:2] if p.isdigit())
-            if parts < MIN_VERSION:
-                raise StoreOpenError(f"Redis {version} is too old: relayd needs Redis 5.0 or newer")
-            parsed.append(parts)
-        self.server_version = min(parsed)
-        await self.probe()
-        await self.refresh_total()
-
-    async def _probe_loop(self) -> None:
-        """Write a probe key now and then, so health follows Redis even without traffic."""
-        next_refresh = 0.0
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.probe_interval_s)
-            try:
-                await self.probe()
-                if loop.time() >= next_refresh:
-                    next_refresh = loop.time() + self.refresh_interval_s
-                    await self.refresh_total()
-            except StorageUnavailable:
-                pass
-            except Exception:  # keep probing whatever happens
-                log.exception("Redis health probe failed")
-
-    async def probe(self) -> None:
-        """One write round trip (and WAIT); marks the store healthy or unhealthy. Raises StorageUnavailable."""
-        if self.link.cluster:
-            from redis.asyncio.cluster import RedisCluster
-            await self.link.read(lambda c: c.ping(target_nodes=RedisCluster.PRIMARIES))
-        await self.link.write(scripts.PROBE, [self.layout.probe(self.node_id)], [now_ms(), PROBE_TTL_MS])
-
-    async def refresh_total(self) -> None:
-        """Read every slot's totals, so the sums include what other instances stored."""
-        await self.stats()
 
     # Helpers
 
@@ -316,7 +231,7 @@ class RedisStore(RedisKeys, RedisReceipts, RedisRetention):
         keys = self.layout.recipient(recipient)
 
         async def work(client: Any) -> tuple[int, int]:
-            pipe = client.pipeline(transaction=False) if not self.link.cluster else client.pipeline()
+            pipe = self.pipeline(client)
             pipe.hget(keys.counters, "count")
             pipe.zcard(keys.receipt_queue)
             count, receipts = await pipe.execute()
