@@ -189,3 +189,17 @@ def test_frames_and_responses_serialize_as_relayd_writes_them():
 def test_transport_methods_relayd_calls_exist(name):
     import asyncio
     assert callable(getattr(asyncio.Transport, name, None))
+
+
+def test_the_containers_relayd_replaces_are_used_only_as_it_assumes():
+    # RelayConnection swaps two per-connection deques for lists (an idle connection's cost): the frames queue of
+    # the Assembler's SimpleQueue (append, popleft, extendleft) and drain_waiters (append, remove, iteration).
+    import re
+
+    from websockets.asyncio import messages
+    queue_calls = set(re.findall(r"self\.queue\.(\w+)", inspect.getsource(messages.SimpleQueue)))
+    assert queue_calls <= {"append", "popleft", "extendleft"}, broken(f"SimpleQueue calls queue.{queue_calls}")
+    source = inspect.getsource(Connection)
+    waiter_calls = set(re.findall(r"self\.drain_waiters\.(\w+)", source))
+    assert waiter_calls <= {"append", "remove"}, broken(f"Connection calls drain_waiters.{waiter_calls}")
+    assert "self.drain_waiters[" not in source, broken("Connection indexes drain_waiters")

@@ -2,8 +2,8 @@
 
 ``RelayConnection`` extends ``HttpConnection`` (REST and the handshake). A
 whole frame with nothing queued ahead of it is applied as it arrives
-(``on_message``); others queue for the session loop with the frame limiter's
-verdict. Frames out are written without awaiting (the session's ``Outbox``),
+(``SessionEvents.receive``); others queue for the session loop with the frame
+limiter's verdict. Frames out are written without awaiting (the session's ``Outbox``),
 coalesced per received chunk. It accounts every byte it buffers (unread
 input, unsent output) to the client's budget, counts every frame (control
 frames too) against the frame limiter, and can be cut off, handing back the
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Iterable
+from typing import Any, Protocol
 
 from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import Server
@@ -29,18 +29,49 @@ from .outbox import COALESCE_BYTES, SentBytes, begin_batch, defer_flush, end_bat
 
 log = logging.getLogger("relayd.server")
 
+class SessionEvents(Protocol):
+    """What a connection tells its session's owner (the gateway binds these to the router and the session)."""
+
+    def receive(self, message: str | bytes) -> Awaitable[None] | None:
+        """Apply a whole message; an awaitable when it is not applied in full yet (later ones wait for it)."""
+
+    def throttled(self, verdict: Verdict) -> None:
+        """The frame limiter refused a frame (``verdict`` says whether to warn or to close)."""
+
+    def undelivered(self, parcels: list[Any]) -> None:
+        """Messages whose bytes never reached the peer, handed back once as the connection ends."""
+
+
+class _Frames(list):  # type: ignore[type-arg]
+    """The queue of frames waiting for the session loop, as a list: an idle connection's is empty, and an empty
+    list costs a tenth of the deque websockets allocates for it. Holds at most ``max_queue`` frames."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Frame:
+        return self.pop(0)
+
+    def extendleft(self, frames: Iterable[Frame]) -> None:
+        self[:0] = list(frames)[::-1]
+
+
 class RelayConnection(HttpConnection):
     """See the module docstring. ``context`` is the gateway: admission, budgets, limits."""
 
+    __slots__ = ("held", "limiter", "events", "direct", "handling", "_busy", "last_heard", "ping_sent_at",
+                 "_pending", "_pending_bytes", "_flush_scheduled", "sent", "_inbound", "_kept", "_inbound_sizes",
+                 "_verdict", "_message_size", "_frames_paused", "_bytes_paused")
+
     def __init__(self, protocol: Any, server: Server, *, context: Any, **kwargs: Any) -> None:
         super().__init__(protocol, server, context=context, **kwargs)
+        self.drain_waiters = []  # type: ignore[assignment]  # appended, removed and iterated only: a list will do
         self.held = 0
         self.limiter: FrameLimiter | None = None
-        self.on_refused: Callable[[Verdict], None] | None = None
-        self.on_message: Callable[[str | bytes], Awaitable[None] | None] | None = None
+        self.events: SessionEvents | None = None
+        self.direct = False
+        """Whole messages are applied from ``data_received`` (through ``events.receive``) while this is set."""
         self.handling = False
         self._busy: asyncio.Future[None] | None = None
-        self.on_undelivered: Callable[[list[Any]], None] | None = None
         self.last_heard = 0.0
         self.ping_sent_at: float | None = None
         self._pending: list[bytes] = []
@@ -63,6 +94,7 @@ class RelayConnection(HttpConnection):
         super().connection_made(transport)
         self.recv_messages = Assembler(self.max_queue_high, self.max_queue_low,
                                        pause=self._pause_for_frames, resume=self._resume_for_frames)
+        self.recv_messages.frames.queue = _Frames()  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.last_heard = self.loop.time()
@@ -92,13 +124,14 @@ class RelayConnection(HttpConnection):
         verdict = Verdict.ALLOW if self.limiter is None else self.limiter.admit(self.loop.time())
         if frame.opcode in DATA_OPCODES:
             if (frame.fin and verdict is Verdict.ALLOW and frame.opcode is not Opcode.CONT and not self.handling
-                    and self._busy is None and not self._inbound_sizes and self.on_message is not None):
+                    and self._busy is None and not self._inbound_sizes and self.direct
+                    and self.events is not None):
                 try:  # text must be UTF-8; websockets fails a connection that sends other (1007) on the queue path
                     data: str | bytes = frame.data.decode() if frame.opcode is Opcode.TEXT else frame.data
                 except UnicodeDecodeError:
                     data = b""
                 if data:
-                    pending = self.on_message(data)
+                    pending = self.events.receive(data)
                     if pending is not None:
                         self._busy = asyncio.ensure_future(pending)
                         self._busy.add_done_callback(self._applied)
@@ -114,8 +147,8 @@ class RelayConnection(HttpConnection):
                 if self._inbound > self.limits.max_inbound and not self._bytes_paused:
                     self._bytes_paused = True
                     self._update_reading()
-        elif verdict is Verdict.CLOSE and self.on_refused is not None:  # a flood of pings or pongs
-            self.on_refused(verdict)
+        elif verdict is Verdict.CLOSE and self.events is not None:  # a flood of pings or pongs
+            self.events.throttled(verdict)
 
     def _applied(self, task: asyncio.Future[None]) -> None:
         self._busy = None
@@ -158,7 +191,7 @@ class RelayConnection(HttpConnection):
     def push(self, data: str, parcel: Any = None) -> bool:
         """Queue one text frame; False when closed or when the peer stopped reading (then it is cut off).
 
-        ``parcel`` (a message) is handed back through ``on_undelivered`` if
+        ``parcel`` (a message) is handed back through ``events.undelivered`` if
         the connection ends before the peer's TCP stack acknowledged the
         frame's bytes.
         """
@@ -243,11 +276,11 @@ class RelayConnection(HttpConnection):
     # Cutting off
 
     def _hand_back(self) -> None:
-        """Give the messages the peer never acknowledged to ``on_undelivered``, once."""
+        """Give the messages the peer never acknowledged to ``events.undelivered``, once."""
         if self.sent is not None and self.sent.tracking:
             lost = self.sent.release()
-            if lost and self.on_undelivered is not None:
-                self.on_undelivered(lost)
+            if lost and self.events is not None:
+                self.events.undelivered(lost)
 
     def cut(self, reason: str) -> None:
         """End the connection at once (no closing handshake): it broke a limit it cannot recover from."""

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import ssl
+from collections.abc import Awaitable
 from functools import partial
 from typing import Any
 
@@ -43,6 +44,25 @@ with 100, which drops the SYNs of a reconnect storm (each dropped client waits a
 asyncio's own batches of up to 100 accepts per loop turn, which the descriptor reserve covers, stay as they are."""
 WRITE_LIMIT = 64 * 1024
 MAX_QUEUE = 16
+
+
+class RoutedSession:
+    """A connection's ``SessionEvents``, handed to the router with the session they are about."""
+
+    __slots__ = ("router", "session")
+
+    def __init__(self, router: Router, session: Session) -> None:
+        self.router = router
+        self.session = session
+
+    def receive(self, message: str | bytes) -> Awaitable[None] | None:
+        return self.router.receive(self.session, message)
+
+    def throttled(self, verdict: Verdict) -> None:
+        self.router.throttled(self.session, verdict)
+
+    def undelivered(self, parcels: list[Any]) -> None:
+        self.router.undelivered(self.session, parcels)
 
 
 class Gateway:
@@ -157,11 +177,10 @@ class Gateway:
         limits = self.config.limits
         conn.limiter = FrameLimiter(limits.frames_per_s, limits.frame_burst, limits.rate_limited_close_after,
                                     conn.loop.time())
-        conn.on_refused = partial(self.router.throttled, session)
-        conn.on_undelivered = partial(self.router.undelivered, session)
+        conn.events = RoutedSession(self.router, session)
         self.sessions[session] = conn
         self.router.opened(session)
-        conn.on_message = partial(self.router.receive, session)
+        conn.direct = True
         try:
             # Messages arriving with nothing ahead of them were applied by the connection as they came in;
             # the others queue here, behind whatever is still being applied.
@@ -179,7 +198,7 @@ class Gateway:
         except ConnectionClosed:
             pass
         finally:
-            conn.on_message = None
+            conn.direct = False
             with contextlib.suppress(Exception):
                 await conn.wait_applied()
             del self.sessions[session]

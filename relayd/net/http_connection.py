@@ -45,6 +45,11 @@ class ConnectionLimits:
 class HttpConnection(ServerConnection):
     """See the module docstring. ``context`` is the gateway: admission, budgets, limits."""
 
+    # Slots keep relayd's fields out of the instance dict, which then holds few enough keys (websockets' own)
+    # to stay a small shared-key dict: about 1 KiB less per idle connection.
+    __slots__ = ("context", "limits", "peer_ip", "client_ip", "trusted_peer", "counted", "refusal", "in_head",
+                 "request_body", "_requests", "_want_next")
+
     def __init__(self, protocol: Any, server: Server, *, context: Any, **kwargs: Any) -> None:
         super().__init__(protocol, server, **kwargs)
         self.context = context
@@ -81,8 +86,6 @@ class HttpConnection(ServerConnection):
     def frame_received(self, frame: Frame) -> None:
         """A WebSocket frame after the upgrade; the WebSocket side applies it."""
 
-    # Reading requests
-
     # Reading: HTTP requests, then frames
 
     def _parse_requests(self) -> Generator[None, None, None]:
@@ -103,6 +106,7 @@ class HttpConnection(ServerConnection):
                     yield
             protocol.events.append(parsed)
             if parsed.upgrade:
+                del parsed  # this frame lives as long as the connection: it keeps no handshake request
                 yield from Protocol.parse(protocol)
                 return
             while not self._want_next:
