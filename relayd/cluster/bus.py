@@ -30,6 +30,7 @@ from typing import Any
 
 from redis import exceptions as rx
 
+from .. import tasks
 from ..storage.redis.connection import RedisLink
 from ..storage.redis.reasons import describe
 from ..storage.store import StorageUnavailable
@@ -119,8 +120,7 @@ class Bus:
     async def close(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
+            await tasks.stop(listener, self.link.deadline_s)
 
     def resubscribe(self) -> None:
         """Drop the subscription and make a new one (the inbox went quiet: the connection may be stale)."""

@@ -36,6 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .. import tasks
 from ..presence import LocalPresence, Remote
 from ..session import Session
 from ..storage.redis.layout import slot_tag
@@ -205,7 +206,7 @@ class ClusterPresence:
         rest = [a for a in dict.fromkeys(addresses) if a not in out]
         if rest:
             async def work(client: Any) -> list[Any]:
-                pipe = client.pipeline() if self.link.cluster else client.pipeline(transaction=False)
+                pipe = self.store.pipeline(client)
                 for address in rest:
                     pipe.hgetall(self._keys(address)[0])
                 return await pipe.execute()
@@ -224,7 +225,7 @@ class ClusterPresence:
                 part = pairs[start:start + SLOT_BATCH]
 
                 async def work(client: Any, part: list[tuple[int, str]] = part) -> list[Any]:
-                    pipe = client.pipeline() if self.link.cluster else client.pipeline(transaction=False)
+                    pipe = self.store.pipeline(client)
                     for slot, instance in part:
                         pipe.smembers(self._mine(slot, instance))
                     return await pipe.execute()
@@ -246,8 +247,7 @@ class ClusterPresence:
         """Leave the registry at once, so the others stop routing here (entries go as sessions detach)."""
         beats, self._beats = self._beats, None
         if beats is not None:
-            beats.cancel()
-            await asyncio.gather(beats, return_exceptions=True)
+            await tasks.stop(beats, self.link.deadline_s)
         try:
             await self.link.write(scripts.LEAVE_REGISTRY, [self.registry], [self.instance])
         except StorageUnavailable:

@@ -22,6 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ... import tasks
 from ..store import StorageUnavailable
 from .reasons import describe
 from .write_queue import OrderedWrites, Write
@@ -98,8 +99,7 @@ class RedisLink(OrderedWrites):
         flusher = self._flusher
         if flusher is not None and not flusher.done():
             await asyncio.wait([flusher], timeout=self.queue_deadline_s)
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
+            await tasks.stop(flusher, self.deadline_s)
         self._fail_queued(StorageUnavailable("store is closed"))
         writer, client, self._writer, self.client = self._writer, self.client, None, None
         try:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from redis import exceptions as rx
 
+from ... import tasks
 from ..store import StorageUnavailable, StoreOpenError
 from . import scripts
 from .connection import RedisLink
@@ -53,8 +54,7 @@ class RedisLifecycle:
     async def close(self) -> None:
         prober, self._prober = self._prober, None
         if prober is not None:
-            prober.cancel()
-            await asyncio.gather(prober, return_exceptions=True)
+            await tasks.stop(prober, self.link.deadline_s)
         await self.link.close()
 
     async def _check_server(self) -> None:

@@ -1,0 +1,41 @@
+"""Stopping relayd's background tasks, bounded even when a library loses a cancellation.
+
+redis-py's ``BlockingConnectionPool.get_connection`` (8.1) can swallow a
+cancellation that lands while it opens a connection: the task goes on as if
+nothing happened, and a loop that was told to stop runs forever (seen as a
+store's ``close()`` that never returned). ``stop`` cancels again until the
+task ends, and gives up after a deadline with a warning rather than hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+log = logging.getLogger("relayd.server")
+
+RECANCEL_S = 0.05
+"""How long to wait for a cancelled task before cancelling it again."""
+
+
+async def stop(task: asyncio.Task[Any] | None, timeout: float) -> bool:
+    """Cancel ``task`` and wait until it ends, at most ``timeout`` seconds; returns whether it ended.
+
+    Never raises for the task's own outcome (a cancellation or an error it ended with). Raises
+    CancelledError only when the caller itself is cancelled.
+    """
+    if task is None:
+        return True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not task.done():
+        left = deadline - loop.time()
+        if left <= 0:
+            log.warning("background task %s did not stop within %.1f s; left running", task.get_name(), timeout)
+            return False
+        task.cancel()
+        await asyncio.wait([task], timeout=min(RECANCEL_S, left))
+    if not task.cancelled():
+        task.exception()  # retrieved: an error it ended with was logged where it happened
+    return True
