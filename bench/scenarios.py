@@ -111,6 +111,18 @@ def live_phase(ctx: Any, run: Any, phase: str, tag: str) -> tuple[dict[str, Any]
             f"{phase}_p99_ms": None if not lat else pct(lat, 99) / 1000}, rs, received, sent
 
 
+def queued_phase(ctx: Any, run: Any, tag: str) -> tuple[dict[str, Any], int]:
+    """The figures of an offline-path run (``queued`` per second, CPU per queued message), a problem if a load
+    process failed; returns them with the number of messages answered ``queued``."""
+    queued = sum(r["acks"].get("queued", 0) for r in run.results)
+    errors = [r["errors"] for r in run.results if r["errors"]]
+    problem_if(ctx, errors or not all(r["complete"] for r in run.results),
+               f"{tag}: errors {errors}, complete {[r['complete'] for r in run.results]}")
+    win = run.windows["load"]
+    return {"rate": queued / max(1e-9, max(r["elapsed_s"] for r in run.results)),
+            "cpu_us": per(win["cpu_s"], queued, 1e6), "_windows": run.windows}, queued
+
+
 def s1_live(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     labels = ["relayd/memory", "baseline", "node"]
     variants = ctx.variants(labels)
@@ -223,13 +235,7 @@ def s3_offline(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
         args = [["offline", "--senders", str(s), "--window", str(p["window"]), "--duration", str(p["duration"]),
                  "--count", str(p["count"]), "--recipients", str(r)] for s, r in zip(senders, recipients)]
         run = run_loadgen(srv, args, p["duration"] + 90, windows={"load": ("start", "end")}, cores=ctx.cores)
-        queued = sum(r["acks"].get("queued", 0) for r in run.results)
-        errors = [r["errors"] for r in run.results if r["errors"]]
-        problem_if(ctx, errors or not all(r["complete"] for r in run.results),
-                   f"3/{srv.label}: errors {errors}, complete {[r['complete'] for r in run.results]}")
-        win = run.windows["load"]
-        return {"rate": queued / max(1e-9, max(r["elapsed_s"] for r in run.results)),
-                "cpu_us": per(win["cpu_s"], queued, 1e6), "_windows": run.windows}
+        return queued_phase(ctx, run, f"3/{srv.label}")[0]
 
     rounds = run_rounds(ctx, "3", variants, one, saturation_window="load", max_procs=ctx.max_procs)
     rep.raw["3_offline"] = dataclasses.asdict(rounds)
@@ -695,13 +701,8 @@ def _s9_queued(ctx: Any, rep: Report, p: dict[str, Any], redis: RedisProcess) ->
         probe = PeerProbe({}, redis if srv.variant.backend == "redis" else None, ["load"])
         run = run_loadgen(srv, args, p["duration"] + 90, windows={"load": ("start", "end")}, probes=[probe],
                           cores=ctx.cores)
-        queued = sum(r["acks"].get("queued", 0) for r in run.results)
-        errors = [r["errors"] for r in run.results if r["errors"]]
-        problem_if(ctx, errors or not all(r["complete"] for r in run.results),
-                   f"9b/{srv.label}: errors {errors}, complete {[r['complete'] for r in run.results]}")
-        win = run.windows["load"]
-        return {"rate": queued / max(1e-9, max(r["elapsed_s"] for r in run.results)),
-                "cpu_us": per(win["cpu_s"], queued, 1e6), "_windows": run.windows, **_redis_figures(win, queued)}
+        figures, queued = queued_phase(ctx, run, f"9b/{srv.label}")
+        return {**figures, **_redis_figures(run.windows["load"], queued)}
 
     rounds = run_rounds(ctx, "9b", variants, one, saturation_window="load", max_procs=ctx.max_procs)
     rep.raw["9_queued"] = dataclasses.asdict(rounds)
