@@ -34,7 +34,6 @@ from .writes import AddressWrites
 log = logging.getLogger("relayd.router")
 
 
-
 class _FarPipeline(Pipeline):
     """A sender's pipeline with other instances: ``stores`` counts the messages being stored (offers that fell
     back to storing too: while any is, later messages are stored behind them rather than offered past them),
@@ -69,7 +68,7 @@ class FarDelivery(FarOffers, Delivery):
         self.far = far
         self.receipts = FarReceipts(config, self.forward, store, metrics, clock, writes, self._track, far)
         self._refused: dict[tuple[str, str], float] = {}
-        self.shared_new_queues = SharedNewQueueBudget(self.new_queues, far.spend, clock.monotonic())
+        self.new_queues: SharedNewQueueBudget = SharedNewQueueBudget(config, clock.monotonic(), far.spend)
 
     # Messages from this instance's senders
 
@@ -240,7 +239,7 @@ class FarDelivery(FarOffers, Delivery):
         if barrier is not None and not barrier.done():
             await asyncio.wait([barrier])
         try:
-            await self.shared_new_queues.spend(session.address or "", session.ip, msg.recipient,
+            await self.new_queues.spend_shared(session.address or "", session.ip, msg.recipient,
                                                self.clock.monotonic(), msg.message_id)
         except RelayError as err:
             if err.code is ErrorCode.RATE_LIMITED:

@@ -33,44 +33,35 @@ class NewQueueBudget:
 
     def spend(self, sender: str, ip: str, to: str, now: float, message_id: str) -> None:
         """Count a message for offline ``to``; raise ``RATE_LIMITED`` when it would start one queue too many."""
-        if not (self.per_sender or self.per_ip):
-            return
+        budgets = self._budgets(sender, ip, now)
+        for key, budget in budgets:
+            recipients = self._recipients.get(key)
+            if recipients is not None and to not in recipients and len(recipients) >= budget:
+                raise _spent(message_id)
+        for key, _ in budgets:
+            self._recipients.setdefault(key, set()).add(to)
+
+    def _budgets(self, sender: str, ip: str, now: float) -> list[tuple[str, int]]:
+        """The budgets that apply, as (key, recipients per hour); the count starts again each hour."""
         if now - self._since >= WINDOW_S:
             self._recipients.clear()
             self._since = now
-        budgets = ((sender, self.per_sender), ("ip " + limit_key(ip), self.per_ip))
-        for key, budget in budgets:
-            recipients = self._recipients.get(key)
-            if budget and recipients is not None and to not in recipients and len(recipients) >= budget:
-                raise RelayError(ErrorCode.RATE_LIMITED, "Too many distinct offline recipients this hour",
-                                 message_id=message_id)
-        for key, budget in budgets:
-            if budget:
-                self._recipients.setdefault(key, set()).add(to)
+        return [(key, budget) for key, budget in ((sender, self.per_sender), ("ip " + limit_key(ip), self.per_ip))
+                if budget]
 
 
-class SharedNewQueueBudget:
-    """The same budgets for the whole cluster: ``spend_far(key, recipient, budget)`` records a recipient in
-    a budget kept in Redis (False when it is spent); recipients already counted this hour here need no call."""
+class SharedNewQueueBudget(NewQueueBudget):
+    """The same budgets for the whole cluster, counted in Redis: ``spend_far(key, recipient, budget)`` records a
+    recipient in a budget (False when it is spent). Recipients already counted this hour here need no call."""
 
-    def __init__(self, budget: NewQueueBudget, spend_far: Callable[[str, str, int], Awaitable[bool]],
-                 now: float) -> None:
-        self.budget = budget
+    def __init__(self, config: Config, now: float, spend_far: Callable[[str, str, int], Awaitable[bool]]) -> None:
+        super().__init__(config, now)
         self.spend_far = spend_far
-        self._seen: dict[str, set[str]] = {}
-        self._since = now
 
-    async def spend(self, sender: str, ip: str, to: str, now: float, message_id: str) -> None:
-        """Count a message for offline ``to``; raise ``RATE_LIMITED`` when it would start one queue too many,
-        ``STORAGE_UNAVAILABLE`` when Redis cannot say."""
-        per_sender, per_ip = self.budget.per_sender, self.budget.per_ip
-        if not (per_sender or per_ip):
-            return
-        if now - self._since >= WINDOW_S:
-            self._seen.clear()
-            self._since = now
-        spends = [(key, budget) for key, budget in ((sender, per_sender), ("ip " + limit_key(ip), per_ip))
-                  if budget and to not in self._seen.get(key, ())]
+    async def spend_shared(self, sender: str, ip: str, to: str, now: float, message_id: str) -> None:
+        """``spend`` for the cluster; also raises ``STORAGE_UNAVAILABLE`` when Redis cannot say."""
+        spends = [(key, budget) for key, budget in self._budgets(sender, ip, now)
+                  if to not in self._recipients.get(key, ())]
         if not spends:
             return
         try:  # together: one round trip
@@ -78,7 +69,10 @@ class SharedNewQueueBudget:
         except StorageUnavailable:
             raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, message_id=message_id) from None
         if not all(allowed):
-            raise RelayError(ErrorCode.RATE_LIMITED, "Too many distinct offline recipients this hour",
-                             message_id=message_id)
+            raise _spent(message_id)
         for key, _ in spends:
-            self._seen.setdefault(key, set()).add(to)
+            self._recipients.setdefault(key, set()).add(to)
+
+
+def _spent(message_id: str) -> RelayError:
+    return RelayError(ErrorCode.RATE_LIMITED, "Too many distinct offline recipients this hour", message_id=message_id)
