@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 
 
 class ClientError(Exception):
@@ -18,6 +19,15 @@ class RelayUnreachable(ClientError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+def unreachable(where: str, exc: OSError, doing: str) -> RelayUnreachable:
+    """Why the relay at ``where`` could not be reached while ``doing`` something ("cannot connect to X")."""
+    if isinstance(exc, ConnectionRefusedError):
+        return RelayUnreachable(f"connection refused by {where} (nothing listening?)")
+    if isinstance(exc, ssl.SSLError):
+        return RelayUnreachable(f"TLS with {where} failed: {exc.reason or exc}")
+    return RelayUnreachable(f"{doing}: {exc.strerror or exc}")
 
 
 class ClientTimeout(ClientError, TimeoutError):

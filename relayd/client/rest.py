@@ -17,6 +17,7 @@ from .errors import (
     HttpError,
     ProtocolViolation,
     RelayUnreachable,
+    unreachable,
 )
 from .values import Frame, verify_key_record
 
@@ -62,13 +63,10 @@ class RestCalls:
             return response.status, response.read()
         except TimeoutError:
             raise ClientTimeout(f"timeout on {method} {path} at {where} after {timeout:g} s") from None
-        except ConnectionRefusedError:
-            raise RelayUnreachable(f"connection refused by {where} (nothing listening?)") from None
-        except ssl_module.SSLError as exc:
-            raise RelayUnreachable(f"TLS with {where} failed: {exc.reason or exc}") from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise RelayUnreachable(f"{method} {path} at {where} failed: "
-                                   f"{getattr(exc, 'strerror', None) or exc!r}") from None
+        except OSError as exc:
+            raise unreachable(where, exc, f"{method} {path} at {where} failed") from None
+        except http.client.HTTPException as exc:
+            raise RelayUnreachable(f"{method} {path} at {where} failed: {exc!r}") from None
         finally:
             conn.close()
 

@@ -19,6 +19,7 @@ from .errors import (
     ClientTimeout,
     ProtocolViolation,
     RelayUnreachable,
+    unreachable,
 )
 from .values import (
     MAX_FRAME_BYTES,
@@ -50,12 +51,8 @@ class SignInSteps:
                                    f"{exc}{cause}") from None
         except TimeoutError:
             raise ClientTimeout(f"timeout opening a WebSocket to {where} after {self.timeout:g} s") from None
-        except ConnectionRefusedError:
-            raise RelayUnreachable(f"connection refused by {where} (nothing listening?)") from None
-        except ssl_module.SSLError as exc:
-            raise RelayUnreachable(f"TLS with {where} failed: {exc.reason or exc}") from None
         except OSError as exc:
-            raise RelayUnreachable(f"cannot connect to {where}: {exc.strerror or exc}") from None
+            raise unreachable(where, exc, f"cannot connect to {where}") from None
 
     async def _sign_in(self, ws: ClientConnection, deadline: float) -> SignIn:
         """Answer the challenge if the relay sends one, then authenticate.
