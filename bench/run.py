@@ -70,7 +70,7 @@ def raise_nofile(want: int) -> int:
 
 PROBE_CODE = """
 import asyncio, os, shutil, sys, tempfile
-from relayd.storage.sqlite import SQLiteStore
+from relayd.storage.sqlite.store import SQLiteStore
 from relayd.storage import store as S
 d = tempfile.mkdtemp()
 async def go():

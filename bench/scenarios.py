@@ -343,7 +343,7 @@ def build_cold_db(path: Path, rows: int) -> dict[str, Any]:
     """Create relayd's schema with SQLiteStore.open(), then bulk-insert ``rows`` queued messages."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from relayd.storage.sqlite import SQLiteStore
+    from relayd.storage.sqlite.store import SQLiteStore
 
     async def create() -> None:
         store = SQLiteStore(str(path))

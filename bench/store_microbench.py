@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from relayd.storage.memory import MemoryStore  # noqa: E402
-from relayd.storage.sqlite import SQLiteStore  # noqa: E402
-from relayd.storage.sqlite_file import backup_database  # noqa: E402
+from relayd.storage.sqlite.store import SQLiteStore  # noqa: E402
+from relayd.storage.sqlite.file import backup_database  # noqa: E402
 from relayd.storage.store import QueuedMessage, QueueLimits, Store  # noqa: E402
 
 LIMITS = QueueLimits(max_messages=10**9, max_bytes=10**12, drop_oldest=False)

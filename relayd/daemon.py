@@ -16,7 +16,7 @@ from websockets.http11 import Request, Response
 from .config import Config, ConfigError, merge_reload
 from .errors import ErrorCode, RelayError
 from .net.admission import raise_descriptor_limit
-from .net.http import HttpResponse, error_response
+from .api.http import HttpResponse, error_response
 from .net.http_connection import to_response
 from .ops.allocator import tune_allocator
 from .ops.logsetup import configure_logging

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import functools
+import ipaddress
 import math
 
 
@@ -96,3 +98,23 @@ class FrameLimiter:
             return Verdict.ALLOW
         self.strikes += 1
         return Verdict.CLOSE if self.strikes >= self.strike_limit else Verdict.REFUSE
+
+
+def limit_key(ip: str) -> str:
+    """IPv6 clients are limited per /64: one host usually owns the whole prefix. IPv4 addresses are their own key."""
+    if ":" not in ip:
+        return ip
+    return _ipv6_key(ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6_key(ip: str) -> str:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
+    return ip

@@ -19,14 +19,14 @@ from .housekeeping import Housekeeping
 from .identity.auth import Authenticator
 from .net.admission import Admission
 from .net.gateway import Gateway
-from .net.http_api import HttpApi
+from .api.rest import HttpApi
 from .ops.metrics import RelayMetrics
-from .presence import LocalPresence, Presence, Routes
-from .router import Router
+from .protocol.presence import LocalPresence, Presence, Routes
+from .protocol.router import Router
 from .storage.backends import automatic_budget
 from .storage.memory import MemoryStore
 from .storage.store import Store
-from .writes import AddressWrites
+from .protocol.writes import AddressWrites
 
 log = logging.getLogger("relayd.server")
 
@@ -51,8 +51,13 @@ class RelayServer:
         else:
             self.presence = routes = LocalPresence()
         self.authenticator = Authenticator(config, config.effective_public_url, self.store, self.metrics, clock)
+        delivery = None
+        if self.cluster is not None:
+            from .cluster.delivery import FarDelivery
+            delivery = FarDelivery(config, routes, self.store, self.metrics, clock, writes, self.cluster.routes)
         self.router = Router(config, routes, self.store, self.metrics, self.authenticator, clock,
-                             far=self.cluster.routes if self.cluster is not None else None, writes=writes)
+                             far=self.cluster.routes if self.cluster is not None else None, writes=writes,
+                             delivery=delivery)
         if self.cluster is not None:
             self.cluster.bind(self.router)
         self.api = HttpApi(config, self.presence, self.store, self.metrics, self.authenticator,

@@ -31,7 +31,7 @@ from support import (ErrorLog, ManualClock, NotifySocket, ProcessRelays, ThreadR
 from relayd.clock import SYSTEM_CLOCK, Clock  # noqa: E402
 from relayd.identity.signatures import select_backend  # noqa: E402
 from relayd.storage.memory import MemoryStore  # noqa: E402
-from relayd.storage.sqlite import SQLiteStore  # noqa: E402
+from relayd.storage.sqlite.store import SQLiteStore  # noqa: E402
 from relayd.storage.store import Store  # noqa: E402
 
 # In-process relays
@@ -229,6 +229,8 @@ def no_optional_backends(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.Mon
     """Neither coincurve nor pycryptodome nor hashlib's Keccak is importable; the test may install fakes."""
     monkeypatch.setattr(hashlib, "algorithms_available", set())
     for name in ("coincurve", "Crypto", "Cryptodome"):
+        for loaded in [m for m in sys.modules if m.startswith(name + ".")]:  # imported by an earlier test
+            monkeypatch.setitem(sys.modules, loaded, None)
         monkeypatch.setitem(sys.modules, name, None)
     yield monkeypatch
     select_backend("pure")

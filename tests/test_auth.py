@@ -470,7 +470,7 @@ def test_locked_address_refuses_unsigned_key_writes(relay) -> None:
 
 
 def test_lock_survives_a_restart_with_sqlite(start_relay, tmp_path) -> None:
-    from relayd.storage.sqlite import SQLiteStore
+    from relayd.storage.sqlite.store import SQLiteStore
 
     path = str(tmp_path / "relayd.db")
     first = start_relay(SQLiteStore(path))

@@ -20,7 +20,7 @@ from support import (A, B, LEGACY_ENV, ROOT, assert_auth_success, assert_closed_
 
 from relayd.config import SECTIONS
 from relayd.identity.signing import SigningKey, load_key_file
-from relayd.storage.sqlite import SQLiteStore
+from relayd.storage.sqlite.store import SQLiteStore
 from relayd.storage.store import KeyRecord
 
 

@@ -30,8 +30,8 @@ from support import (A, B, C, D, E, ProcessRelay, WriteLock, WsClient, assert_er
 from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed
 
-from relayd.storage.sqlite import SQLiteStore
-from relayd.storage.sqlite_schema import APPLICATION_ID, MIGRATIONS
+from relayd.storage.sqlite.store import SQLiteStore
+from relayd.storage.sqlite.schema import APPLICATION_ID, MIGRATIONS
 from relayd.storage.store import QueuedMessage, QueueLimits
 
 SENDERS = ["0x" + f"{k:02x}" * 20 for k in (0x11, 0x22, 0x33, 0x44)]

@@ -97,7 +97,7 @@ def test_journal_stream_checked_against_real_fd(tmp_path):
 def test_json_format():
     out = io.StringIO()
     configure_logging("info", "json", stream=out, environ={"JOURNAL_STREAM": "8:1"})
-    log = logging.getLogger("relayd.router")
+    log = logging.getLogger("relayd.protocol.router")
     log.info("routed %d", 3, extra={"fields": {"peer": "p1", "bytes": 12, "obj": object(), "msg": "nope"}})
     try:
         1 / 0
@@ -108,7 +108,7 @@ def test_json_format():
     first, second = (json.loads(line) for line in got)
     assert TEXT_LINE.fullmatch(first["ts"] + " x")
     assert first["level"] == "INFO"
-    assert first["logger"] == "relayd.router"
+    assert first["logger"] == "relayd.protocol.router"
     assert first["msg"] == "routed 3"
     assert first["peer"] == "p1" and first["bytes"] == 12
     assert first["obj"].startswith("<object object")

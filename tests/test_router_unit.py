@@ -1,4 +1,4 @@
-"""``relayd.router.Router`` driven directly: fake sessions, the real presence,
+"""``relayd.protocol.router.Router`` driven directly: fake sessions, the real presence,
 store and metrics, no sockets. Covers the cases a socket cannot provoke on
 demand: a peer that stops reading mid-flush, storage failures, sessions that
 close while an await is pending."""
@@ -13,10 +13,10 @@ from support import A, B, MIXED, make_config
 
 from relayd.errors import ErrorCode, RelayError
 from relayd.storage.memory import MemoryStore
-from relayd.presence import LocalPresence
+from relayd.protocol.presence import LocalPresence
 from relayd.ratelimit import FrameLimiter, Verdict
-from relayd.router import Router
-from relayd.session import Session
+from relayd.protocol.router import Router
+from relayd.protocol.session import Session
 from relayd.storage.store import StorageUnavailable
 from relayd.ops.metrics import RelayMetrics
 from relayd.clock import SYSTEM_CLOCK

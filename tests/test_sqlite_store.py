@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from support import WriteLock, sqlite_file
 
 from relayd.storage.memory import MemoryStore
-from relayd.storage.sqlite import SQLiteStore
-from relayd.storage.sqlite_file import backup_database, read_stats
-from relayd.storage.sqlite_schema import APPLICATION_ID, SCHEMA_VERSION
+from relayd.storage.sqlite.store import SQLiteStore
+from relayd.storage.sqlite.file import backup_database, read_stats
+from relayd.storage.sqlite.schema import APPLICATION_ID, SCHEMA_VERSION
 from relayd.storage.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt,
                           StorageUnavailable, StoreOpenError)
 
@@ -111,7 +111,7 @@ def test_wal_application_id_and_schema_version(tmp_path: Path) -> None:
 
 def test_version_1_database_migrates_and_locks_signed_keys(tmp_path: Path) -> None:
     """A database written by schema 1 gains the locks table; its signed keys become locks."""
-    import relayd.storage.sqlite_schema as sqlite_store
+    import relayd.storage.sqlite.schema as sqlite_store
     db = tmp_path / "relay.db"
     signed = "0x" + "ab" * 20
     unsigned = "0x" + "cd" * 20

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relayd.net.api_messages import message_view
+from relayd.api.messages import message_view
 from relayd.storage.store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, Store
 
 QUEUED, DUPLICATE, FULL, NO_SPACE = (EnqueueResult.QUEUED, EnqueueResult.DUPLICATE, EnqueueResult.FULL,

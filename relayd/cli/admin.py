@@ -23,6 +23,7 @@ from ..config import (
     describe,
     load_config_with_sources,
 )
+from ..identity.auth import MAX_TOKENS_PER_ADDRESS
 from ..ops.logsetup import configure_logging
 from ..storage.backends import MISSING_REDIS_EXTRA, make_redis_store, make_store
 from ..storage.store import StoreOpenError
@@ -139,7 +140,7 @@ def _sqlite_path(config: Config, command: str) -> str:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     """Back up into a temporary file beside FILE, then move it into place: FILE is never left half written."""
-    from ..storage.sqlite_file import backup_database
+    from ..storage.sqlite.file import backup_database
     config, _ = load_from(args)
     source = _sqlite_path(config, "backup")
     dest = args.file
@@ -176,7 +177,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from ..storage.sqlite_file import read_stats
+    from ..storage.sqlite.file import read_stats
     config, _ = load_from(args)
     path = _sqlite_path(config, "stats")
     try:
@@ -213,7 +214,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             retention = config.queue.message_retention_hours
             cutoff = int(time.time() * 1000 - retention * 3_600_000)
             return await migration.migrate(source, store, cutoff_ms=cutoff,
-                                           ledger_ttl=migration.ledger_ttl_ms(retention))
+                                           ledger_ttl=migration.ledger_ttl_ms(retention),
+                                           max_tokens_per_address=MAX_TOKENS_PER_ADDRESS)
         finally:
             source.close()
             await store.close()

@@ -14,10 +14,10 @@ import secrets
 
 from ..config import Config
 from ..storage.redis.store import RedisStore
-from ..writes import AddressWrites
+from ..protocol.writes import AddressWrites
 from .bus import Bus
 from .presence import ClusterPresence
-from .routes import ClusterRoutes, Here
+from .peers import ClusterRoutes, Here
 
 __all__ = ["Cluster"]
 

@@ -37,13 +37,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import tasks
-from ..presence import LocalPresence, Remote
-from ..session import Session
+from ..protocol.presence import LocalPresence, Remote
+from ..protocol.session import Session
 from ..storage.redis.layout import slot_tag
 from ..storage.redis.records import Presence as Entries
 from ..storage.redis.store import RedisStore
 from ..storage.store import StorageUnavailable
-from ..writes import AddressWrites
+from ..protocol.writes import AddressWrites
 from . import scripts
 from .bus import Bus
 

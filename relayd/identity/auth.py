@@ -20,9 +20,8 @@ from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..frames import field_str
-from ..net.clientip import limit_key
 from ..ops.metrics import RelayMetrics
-from ..ratelimit import FixedWindow
+from ..ratelimit import FixedWindow, limit_key
 from ..storage.store import KeyRecord, StorageUnavailable, Store
 from . import secp256k1, signatures
 from .statements import auth_statement, canonical_x25519, key_statement

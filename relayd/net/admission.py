@@ -22,8 +22,7 @@ from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..ops.metrics import RelayMetrics
-from ..ratelimit import TokenBucket
-from .clientip import limit_key
+from ..ratelimit import TokenBucket, limit_key
 
 log = logging.getLogger("relayd.server")
 

@@ -3,7 +3,6 @@ right-most untrusted X-Forwarded-For hop when the peer is a trusted proxy."""
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from typing import Iterable
 
@@ -38,23 +37,3 @@ class ClientIpResolver:
             if not self.is_trusted(hop):
                 return hop
         return hops[0] if hops else peer
-
-
-def limit_key(ip: str) -> str:
-    """IPv6 clients are limited per /64: one host usually owns the whole prefix. IPv4 addresses are their own key."""
-    if ":" not in ip:
-        return ip
-    return _ipv6_key(ip)
-
-
-@functools.lru_cache(maxsize=4096)
-def _ipv6_key(ip: str) -> str:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
-    return ip

@@ -25,13 +25,13 @@ from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..ratelimit import FrameLimiter, Verdict
-from ..router import Router
-from ..session import Session
+from ..protocol.router import Router
+from ..protocol.session import Session
 from .admission import Admission
 from .clientip import ClientIpResolver
 from .connection import RelayConnection
-from .http import HttpRequest, error_response, header_value
-from .http_api import HttpApi
+from ..api.http import HttpRequest, error_response, header_value
+from ..api.rest import HttpApi
 from .http_connection import ConnectionLimits, to_response
 from .origins import OriginPolicy
 

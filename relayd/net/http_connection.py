@@ -26,7 +26,7 @@ from websockets.http11 import Response
 from websockets.protocol import Protocol, State
 
 from ..errors import RelayError
-from .http import HttpResponse, error_response
+from ..api.http import HttpResponse, error_response
 from .http_framing import BadRequest, ParsedRequest, read_request
 
 

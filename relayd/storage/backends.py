@@ -18,7 +18,7 @@ def make_store(config: Config) -> Store:
         return MemoryStore()
     if config.storage.backend == "redis":
         return make_redis_store(config)
-    from .sqlite import SQLiteStore
+    from .sqlite.store import SQLiteStore
     return SQLiteStore(config.storage.path, synchronous=config.storage.synchronous,
                        commit_interval_ms=config.storage.commit_interval_ms)
 

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...identity.auth import MAX_TOKENS_PER_ADDRESS
-from ..sqlite_file import inspect, read_only_uri
+from ..sqlite.file import inspect, read_only_uri
 from ..store import KeyRecord, QueuedMessage, Receipt, StoreOpenError
 from .store import RedisStore
 
@@ -85,8 +84,11 @@ class _Window:
 
 
 async def migrate(conn: sqlite3.Connection, store: RedisStore, *, cutoff_ms: int,
-                  ledger_ttl: int) -> dict[str, int]:
-    """Copy everything; returns counts by outcome. Raises StorageUnavailable when Redis fails."""
+                  ledger_ttl: int, max_tokens_per_address: int) -> dict[str, int]:
+    """Copy everything; returns counts by outcome. Raises StorageUnavailable when Redis fails.
+
+    ``max_tokens_per_address``: the sign-in's cap on bearer tokens per address, kept as tokens are copied.
+    """
     counts = dict.fromkeys(("messages_copied", "messages_already_copied", "messages_expired", "messages_refused",
                             "receipts_copied", "receipts_already_copied", "keys_copied",
                             "keys_already_copied", "keys_newer_in_redis", "locks", "key_floors", "tokens"), 0)
@@ -103,13 +105,14 @@ async def migrate(conn: sqlite3.Connection, store: RedisStore, *, cutoff_ms: int
 
     window = _Window()
     try:
-        await _copy(conn, store, window, cutoff_ms, ledger_ttl, counts, count_message, count_receipt, count_key)
+        await _copy(conn, store, window, cutoff_ms, ledger_ttl, max_tokens_per_address, counts, count_message, count_receipt, count_key)
     finally:
         window.cancel()
     return counts
 
 
 async def _copy(conn: sqlite3.Connection, store: RedisStore, window: _Window, cutoff_ms: int, ledger_ttl: int,
+                max_tokens: int,
                 counts: dict[str, int], count_message: Any, count_receipt: Any, count_key: Any) -> None:
     rows = conn.execute("SELECT recipient, sender, message_id, content, timestamp, queued_at FROM messages "
                         "ORDER BY recipient, seq")
@@ -140,7 +143,7 @@ async def _copy(conn: sqlite3.Connection, store: RedisStore, window: _Window, cu
         for token_hash, address, expires_at in conn.execute("SELECT hash, address, expires_at FROM tokens "
                                                             "WHERE expires_at > ? ORDER BY expires_at",
                                                             (now_ms(),)):
-            await window.add(store.save_token(token_hash, address, expires_at, MAX_TOKENS_PER_ADDRESS),
+            await window.add(store.save_token(token_hash, address, expires_at, max_tokens),
                              lambda _: None)
             counts["tokens"] += 1
     await window.drain()

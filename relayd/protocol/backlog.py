@@ -20,17 +20,17 @@ import asyncio
 import logging
 from typing import Any, Awaitable
 
-from .clock import Clock
-from .config import Config
-from .errors import ErrorCode, RelayError
-from .frames import message_text
-from .ops.metrics import RelayMetrics
+from ..clock import Clock
+from ..config import Config
+from ..errors import ErrorCode, RelayError
+from ..frames import message_text
+from ..ops.metrics import RelayMetrics
 from .presence import Elsewhere, Routes
 from .session import Session
-from .storage.store import StorageUnavailable, Store
+from ..storage.store import StorageUnavailable, Store
 from .writes import AddressWrites
 
-log = logging.getLogger("relayd.router")
+log = logging.getLogger("relayd.protocol.router")
 
 FLUSH_BATCH = 256
 FLUSH_PAGE_BYTES = 256 * 1024

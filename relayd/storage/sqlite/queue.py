@@ -12,8 +12,8 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from ..frames import utf8_len
-from .store import EnqueueResult, QueuedMessage, QueueLimits, Receipt
+from ...frames import utf8_len
+from ..store import EnqueueResult, QueuedMessage, QueueLimits, Receipt
 
 IN_CHUNK = 500  # stays far below SQLite's bound-parameter limit on old builds
 DROP_CHUNK = 64

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .session import Session
 
 if TYPE_CHECKING:
-    from .storage.store import EnqueueResult, QueuedMessage, QueueLimits
+    from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits
 
 
 class Presence(Protocol):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from .sqlite_schema import APPLICATION_ID, SCHEMA_VERSION
-from .store import StoreOpenError
+from .schema import APPLICATION_ID, SCHEMA_VERSION
+from ..store import StoreOpenError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 FULL_CHECK_BYTES = 64 * 1024 * 1024

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .sqlite_file import count_stats, describe_error, inspect
-from .sqlite_keys import KeyDirectory
-from .sqlite_queue import (
+from .file import count_stats, describe_error, inspect
+from .keys import KeyDirectory
+from .queue import (
     EXPIRE_CHUNK,
     NONE,
     Delta,
@@ -29,9 +29,9 @@ from .sqlite_queue import (
     remove_receipt_rows,
     restore_rows,
 )
-from .sqlite_schema import migrate
-from .sqlite_writer import SQLiteWriter
-from .store import (
+from .schema import migrate
+from .writer import SQLiteWriter
+from ..store import (
     EnqueueResult,
     QueuedMessage,
     QueueLimits,

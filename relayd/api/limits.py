@@ -15,7 +15,7 @@ from ..config import LimitsSection
 from ..errors import ErrorCode, RelayError
 from ..ops.metrics import RelayMetrics
 from ..ratelimit import FixedWindow, retry_after_header
-from .clientip import limit_key
+from ..ratelimit import limit_key
 
 log = logging.getLogger("relayd.http")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Protocol
 
-from .frames import encode
+from ..frames import encode
 
 
 class Outbox(Protocol):

@@ -12,9 +12,9 @@ import sqlite3
 import time
 from collections import OrderedDict
 
-from .sqlite_queue import NONE, Delta, chunks, marks
-from .sqlite_writer import SQLiteWriter
-from .store import KeyRecord
+from .queue import NONE, Delta, chunks, marks
+from .writer import SQLiteWriter
+from ..store import KeyRecord
 
 KEY_CACHE_SIZE = 4096
 _MISSING = object()

@@ -13,7 +13,7 @@ from ..identity.auth import Authenticator
 from ..identity.statements import key_statement
 from ..storage.store import KeyRecord, Store
 from .http import HttpRequest, HttpResponse, Route, address_batch, cached_json_response, json_body, json_response
-from .rest_limits import Budget, RestLimits
+from .limits import Budget, RestLimits
 
 MAX_PUBLIC_KEY_CHARS = 4096
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from .config import Config
-from .errors import ErrorCode, RelayError
-from .net.clientip import limit_key
-from .storage.store import StorageUnavailable
+from ..config import Config
+from ..ratelimit import limit_key
+from ..errors import ErrorCode, RelayError
+from ..storage.store import StorageUnavailable
 
 WINDOW_S = 3600.0
 

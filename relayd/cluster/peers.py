@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..presence import NOWHERE, Remote, Taken
+from ..protocol.presence import NOWHERE, Remote, Taken
 from ..storage.redis.store import RedisStore
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from . import scripts

@@ -16,7 +16,7 @@ from ..ops.metrics import RelayMetrics
 from ..ops.prometheus import CONTENT_TYPE
 from ..storage.store import Store
 from .http import HttpRequest, HttpResponse, Route, json_response
-from .rest_limits import Budget
+from .limits import Budget
 
 
 class RelayStatus(Protocol):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from .store import StoreOpenError
+from ..store import StoreOpenError
 
 APPLICATION_ID = 0x524C5944  # "RLYD": marks a file as relayd's
 

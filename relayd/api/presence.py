@@ -8,9 +8,9 @@ from ..addresses import normalize_address
 from ..clock import Clock, wall_ms
 from ..config import Config
 from ..errors import ErrorCode, RelayError
-from ..presence import Presence
+from ..protocol.presence import Presence
 from .http import HttpRequest, HttpResponse, Route, address_batch, json_body, json_response
-from .rest_limits import Budget, RestLimits
+from .limits import Budget, RestLimits
 
 
 class PresenceRoutes:

@@ -7,14 +7,14 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from .clock import Clock, wall_ms
-from .config import Config
-from .errors import ErrorCode, RelayError
-from .frames import field_address, field_message_id
-from .ops.metrics import RelayMetrics
+from ..clock import Clock, wall_ms
+from ..config import Config
+from ..errors import ErrorCode, RelayError
+from ..frames import field_address, field_message_id
+from ..ops.metrics import RelayMetrics
 from .presence import NOWHERE, Elsewhere
 from .session import Session
-from .storage.store import Receipt, StorageUnavailable, Store
+from ..storage.store import Receipt, StorageUnavailable, Store
 from .writes import AddressWrites
 
 

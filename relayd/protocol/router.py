@@ -14,21 +14,20 @@ import logging
 from typing import Any, Awaitable, Callable, Protocol
 
 from .backlog import Backlog
-from .clock import Clock, wall_ms
-from .config import Config
+from ..clock import Clock, wall_ms
+from ..config import Config
 from .delivery import Delivery
-from .errors import CLOSE_CODES, CloseCode, ErrorCode, RelayError
-from .far_delivery import FarDelivery
-from .frames import decode, field_address, field_bool, message_id_of, utf8_len
-from .identity.auth import SignIn
-from .ops.metrics import RelayMetrics
+from ..errors import CLOSE_CODES, CloseCode, ErrorCode, RelayError
+from ..frames import decode, field_address, field_bool, message_id_of, utf8_len
+from ..identity.auth import SignIn
+from ..ops.metrics import RelayMetrics
 from .presence import Elsewhere, Routes
-from .ratelimit import Verdict
+from ..ratelimit import Verdict
 from .session import Session
-from .storage.store import QueuedMessage, StorageUnavailable, Store
+from ..storage.store import QueuedMessage, StorageUnavailable, Store
 from .writes import AddressWrites
 
-log = logging.getLogger("relayd.router")
+log = logging.getLogger("relayd.protocol.router")
 
 Handler = Callable[[Session, dict[str, Any]], Awaitable[None] | None]
 """Applies one decoded frame; returns an awaitable when it must wait (sign-in, storing), else None."""
@@ -55,7 +54,7 @@ class Router:
 
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics,
                  authenticator: SignInService, clock: Clock, *, far: Elsewhere | None = None,
-                 writes: AddressWrites | None = None) -> None:
+                 writes: AddressWrites | None = None, delivery: Delivery | None = None) -> None:
         """``far``: the other instances sharing this relay's Redis (None: a single instance); ``writes``: the
         pending writes per address, shared with the cluster's presence (whose writes a backlog read awaits)."""
         self.routes = routes
@@ -64,8 +63,7 @@ class Router:
         self.authenticator = authenticator
         self.clock = clock
         writes = writes if writes is not None else AddressWrites()
-        self.delivery = (Delivery(config, routes, store, metrics, clock, writes) if far is None
-                         else FarDelivery(config, routes, store, metrics, clock, writes, far))
+        self.delivery = delivery if delivery is not None else Delivery(config, routes, store, metrics, clock, writes)
         self.backlog = Backlog(config, routes, store, metrics, clock, writes, far)
         self.delivery.on_stored = self.backlog.stored
         self._handlers: dict[str, Handler] = {
@@ -200,8 +198,7 @@ class Router:
     # What other instances ask of this one (``cluster.routes.Here``)
 
     def offered(self, msg: QueuedMessage, *, stored: bool) -> tuple[int, bool]:
-        assert isinstance(self.delivery, FarDelivery)
-        return self.delivery.offered(msg, stored=stored)
+        return self.delivery.offered(msg, stored=stored)  # type: ignore[attr-defined]
 
     def forward_here(self, frame: dict[str, Any], to: str) -> int:
         return self.delivery.forward(frame, to)
@@ -272,8 +269,8 @@ class Router:
         is_typing = field_bool(frame, "isTyping")
         typing = {"type": "typing", "from": session.spelling, "isTyping": is_typing}
         self.delivery.forward(typing, to)
-        if isinstance(self.delivery, FarDelivery):
-            self.delivery.forward_far(typing, to)
+        if self.far is not None:
+            self.delivery.forward_far(typing, to)  # type: ignore[attr-defined]
 
     def _on_ping(self, session: Session, frame: dict[str, Any]) -> None:
         session.send({"type": "pong", "timestamp": wall_ms(self.clock)})

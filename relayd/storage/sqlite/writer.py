@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .sqlite_file import describe_error, is_storage_error
-from .store import StorageUnavailable, StoreOpenError
+from .file import describe_error, is_storage_error
+from ..store import StorageUnavailable, StoreOpenError
 
 log = logging.getLogger("relayd.storage")
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .clock import Clock
-from .delivery import Ident
-from .frames import message_text
-from .ops.metrics import RelayMetrics
-from .presence import Routes
-from .storage.store import QueuedMessage
+from ..clock import Clock
+from ..protocol.delivery import Ident
+from ..frames import message_text
+from ..ops.metrics import RelayMetrics
+from ..protocol.presence import Routes
+from ..storage.store import QueuedMessage
 
 REFUSAL_HOLD_S = 10.0
 """After refusing an offer from a sender for a recipient, later unstored offers of that pair are refused (and

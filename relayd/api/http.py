@@ -13,7 +13,7 @@ from websockets.datastructures import Headers
 from ..addresses import normalize_address
 from ..errors import ErrorCode, RelayError
 from ..frames import encode, loads
-from .rest_limits import Budget
+from .limits import Budget
 
 JSON_TYPE = "application/json; charset=utf-8"
 MAX_BATCH = 1000

@@ -11,7 +11,7 @@ from ..errors import ErrorCode, RelayError
 from ..identity.auth import Authenticator
 from ..storage.store import QueuedMessage, Store
 from .http import HttpRequest, HttpResponse, Route, json_response
-from .rest_limits import Budget
+from .limits import Budget
 
 MAX_LISTING_BYTES = 4 << 20
 

@@ -17,21 +17,21 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .clock import Clock
-from .config import Config
-from .delivery import Delivery, Ident, Pipeline, refusal_of
-from .errors import ErrorCode, RelayError
-from .far_offers import FarOffers
-from .frames import answer_text, encode, message_text
-from .new_queues import SharedNewQueueBudget
-from .ops.metrics import RelayMetrics
-from .presence import NOWHERE, Elsewhere, Remote, Routes, Taken
-from .receipts import FarReceipts
-from .session import Session
-from .storage.store import EnqueueResult, QueuedMessage, StorageUnavailable, Store
-from .writes import AddressWrites
+from ..clock import Clock
+from ..config import Config
+from ..protocol.delivery import Delivery, Ident, Pipeline, refusal_of
+from ..errors import ErrorCode, RelayError
+from .offers import FarOffers
+from ..frames import answer_text, encode, message_text
+from ..protocol.budgets import SharedNewQueueBudget
+from ..ops.metrics import RelayMetrics
+from ..protocol.presence import NOWHERE, Elsewhere, Remote, Routes, Taken
+from ..protocol.receipts import FarReceipts
+from ..protocol.session import Session
+from ..storage.store import EnqueueResult, QueuedMessage, StorageUnavailable, Store
+from ..protocol.writes import AddressWrites
 
-log = logging.getLogger("relayd.router")
+log = logging.getLogger("relayd.protocol.router")
 
 
 class _FarPipeline(Pipeline):

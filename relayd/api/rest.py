@@ -18,15 +18,15 @@ from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..identity.auth import Authenticator
 from ..ops.metrics import RelayMetrics
-from ..presence import Presence
+from ..protocol.presence import Presence
 from ..storage.store import StorageUnavailable, Store
-from .api_health import HealthRoutes, RelayStatus
-from .api_keys import KeyRoutes, SessionRegistry
-from .api_messages import MessageRoutes
-from .api_presence import PresenceRoutes
+from .health import HealthRoutes, RelayStatus
+from .keys import KeyRoutes, SessionRegistry
+from .messages import MessageRoutes
+from .presence import PresenceRoutes
 from .http import HttpRequest, HttpResponse, Route, error_response
-from .origins import OriginPolicy
-from .rest_limits import Budget, RestLimits
+from ..net.origins import OriginPolicy
+from .limits import Budget, RestLimits
 
 log = logging.getLogger("relayd.http")
 

@@ -20,16 +20,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from .clock import Clock, wall_ms
-from .config import Config
-from .errors import ErrorCode, RelayError
-from .frames import answer_text, encode, field_address, field_message_id, field_str, field_timestamp, message_text
-from .new_queues import NewQueueBudget
-from .ops.metrics import RelayMetrics
+from ..clock import Clock, wall_ms
+from ..config import Config
+from ..errors import ErrorCode, RelayError
+from ..frames import answer_text, encode, field_address, field_message_id, field_str, field_timestamp, message_text
+from .budgets import NewQueueBudget
+from ..ops.metrics import RelayMetrics
 from .presence import Routes
 from .receipts import Receipts
 from .session import Session
-from .storage.store import (
+from ..storage.store import (
     EnqueueResult,
     QueuedMessage,
     QueueLimits,
@@ -38,7 +38,7 @@ from .storage.store import (
 )
 from .writes import AddressWrites
 
-log = logging.getLogger("relayd.router")
+log = logging.getLogger("relayd.protocol.router")
 
 RECENT_IDS = 16384
 MAX_IN_FLIGHT = 64
