@@ -27,7 +27,12 @@ from typing import Protocol
 
 
 class StorageUnavailable(Exception):
-    """The store cannot read or write right now (disk full, read-only, locked...)."""
+    """The store cannot read or write right now (disk full, read-only, locked...): nothing was written."""
+
+
+class StorageOutcomeUnknown(StorageUnavailable):
+    """A write was sent but not confirmed in time (a timeout after sending, a connection lost mid-reply): it
+    may have been applied. The sender is told so, and to resend with the same messageId (which is idempotent)."""
 
 
 class StoreOpenError(Exception):
@@ -37,6 +42,9 @@ class StoreOpenError(Exception):
 class EnqueueResult(enum.Enum):
     QUEUED = "queued"
     DUPLICATE = "duplicate"
+    """The same message is still stored (``msg.seq`` is set to its seq)."""
+    DELIVERED = "delivered"
+    """The same message was delivered within the retention period (removed, acked or recorded delivered)."""
     FULL = "full"
     NO_SPACE = "no_space"
 
@@ -99,7 +107,9 @@ class MessageStore(Protocol):
 
         Returns QUEUED (and sets ``msg.seq``), DUPLICATE when a message with
         the same (sender, recipient, messageId) is still stored (nothing is
-        written), NO_SPACE when the content would take the store past
+        written; ``msg.seq`` is set to the stored one's), DELIVERED when it
+        left the store as delivered (``remove``, ``ack``, ``record_delivered``)
+        within the retention period (nothing is written), NO_SPACE when the content would take the store past
         ``max_total_bytes``, or FULL when the recipient's queue is at
         ``max_messages`` or the content would pass ``max_bytes`` and
         ``drop_oldest`` is off. With ``drop_oldest`` the oldest messages are
@@ -124,7 +134,8 @@ class MessageStore(Protocol):
         A message with ``seq > 0`` gets that seq back, so it keeps its place
         before newer ones; one with ``seq == 0`` gets a new seq. Per-queue caps
         do not apply (the sender was already answered); a message still
-        stored is skipped. Returns how many were stored.
+        stored is skipped, and one known as delivered is stored again (its
+        delivery did not happen after all). Returns how many were stored.
         """
         ...
 
@@ -144,11 +155,22 @@ class MessageStore(Protocol):
         ...
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
-        """Delete these messages of ``recipient`` (unknown seqs are ignored); returns how many went."""
+        """Delete these messages of ``recipient`` as delivered (unknown seqs are ignored); returns how many went.
+
+        Their (sender, recipient, messageId) stay known as delivered until they expire, so a resend is
+        answered DELIVERED instead of being stored again (``restore`` undoes this).
+        """
         ...
 
     async def ack(self, recipient: str, message_ids: list[str]) -> int:
-        """Delete ``recipient``'s messages with these messageIds, from any sender; returns how many went."""
+        """Delete ``recipient``'s messages with these messageIds, from any sender, as delivered (see ``remove``);
+        returns how many went."""
+        ...
+
+    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
+        """Remember messages delivered live (never stored) as delivered, as ``remove`` does for stored ones, so
+        a resend through any instance within the retention period is answered DELIVERED. Uses ``queued_at``
+        as the time they expire from."""
         ...
 
     async def clear(self, recipient: str) -> int:
@@ -176,7 +198,8 @@ class MessageStore(Protocol):
         ...
 
     async def expire(self, before_ms: int) -> int:
-        """Delete messages queued, receipts made and tokens expiring before ``before_ms`` (epoch ms).
+        """Delete messages queued, receipts made, delivered messageIds recorded and tokens expiring before
+        ``before_ms`` (epoch ms).
 
         Returns how many messages were removed. Works in bounded batches so
         other operations interleave.
@@ -263,7 +286,7 @@ class TokenStore(Protocol):
 
 
 class Store(MessageStore, KeyStore, TokenStore, Protocol):
-    """One backend holds both, so one transaction can cover both."""
+    """Messages, keys and tokens in one backend."""
 
     name: str
 
