@@ -33,6 +33,7 @@ class ErrorCode(str, enum.Enum):
     # Delivery
     QUEUE_FULL = "queue_full"
     STORAGE_UNAVAILABLE = "storage_unavailable"
+    STORAGE_TIMEOUT = "storage_timeout"
     RATE_LIMITED = "rate_limited"
     # HTTP
     BAD_REQUEST = "bad_request"
@@ -66,6 +67,8 @@ _DEFAULTS: dict[ErrorCode, tuple[str, HTTPStatus]] = {
     ErrorCode.STALE_STATEMENT: ("The signed statement is not newer than the stored one", HTTPStatus.CONFLICT),
     ErrorCode.QUEUE_FULL: ("The recipient's offline queue is full; retry later", HTTPStatus.INSUFFICIENT_STORAGE),
     ErrorCode.STORAGE_UNAVAILABLE: ("Storage is unavailable; the message was not stored", HTTPStatus.SERVICE_UNAVAILABLE),
+    ErrorCode.STORAGE_TIMEOUT: ("Storage did not confirm the write in time; the message may have been stored: "
+                                "resend it with the same messageId", HTTPStatus.SERVICE_UNAVAILABLE),
     ErrorCode.RATE_LIMITED: ("Too many requests", HTTPStatus.TOO_MANY_REQUESTS),
     ErrorCode.BAD_REQUEST: ("Bad request", HTTPStatus.BAD_REQUEST),
     ErrorCode.NOT_FOUND: ("Endpoint not found", HTTPStatus.NOT_FOUND),

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Config
@@ -21,12 +21,17 @@ from .net.admission import Admission
 from .net.gateway import Gateway
 from .api.rest import HttpApi
 from .ops.metrics import RelayMetrics
-from .protocol.presence import LocalPresence, Presence, Routes
+from .protocol.delivery import Delivery
+from .protocol.presence import LocalPresence
 from .protocol.router import Router
+from .protocol.seams import NO_PEERS, MessagePath, Peers, Presence, Routes
 from .storage.backends import automatic_budget
 from .storage.memory import MemoryStore
 from .storage.store import Store
 from .protocol.writes import AddressWrites
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 log = logging.getLogger("relayd.server")
 
@@ -40,26 +45,28 @@ class RelayServer:
         self.store: Store = store if store is not None else MemoryStore()
         self.metrics = RelayMetrics()
         writes = AddressWrites()
-        self.cluster: Any = None
-        """The other instances on the same Redis (``relayd.cluster``, imported only for a Redis store)."""
+        self.cluster: Cluster | None = None
+        """The peers on the same Redis (``relayd.cluster``, imported only for a Redis store)."""
         self.presence: Presence
         routes: Routes
-        if self.store.name == "redis":
+        peers: Peers = NO_PEERS
+        if self.store.name == "redis":  # the cluster and the Redis store need the redis extra: imported here
             from .cluster import Cluster
-            self.cluster = Cluster(config, self.store, writes)  # type: ignore[arg-type]
+            from .storage.redis.store import RedisStore
+            assert isinstance(self.store, RedisStore)
+            self.cluster = Cluster(config, self.store, writes, clock)
             self.presence = routes = self.cluster.presence
+            peers = self.cluster.peers
         else:
             self.presence = routes = LocalPresence()
         self.authenticator = Authenticator(config, config.effective_public_url, self.store, self.metrics, clock)
-        delivery = None
-        if self.cluster is not None:
-            from .cluster.delivery import FarDelivery
-            delivery = FarDelivery(config, routes, self.store, self.metrics, clock, writes, self.cluster.routes)
+        local = Delivery(config, routes, self.store, self.metrics, clock, writes)
+        delivery: MessagePath = local if self.cluster is None else self.cluster.delivery(local)
+        self.delivery = delivery
         self.router = Router(config, routes, self.store, self.metrics, self.authenticator, clock,
-                             far=self.cluster.routes if self.cluster is not None else None, writes=writes,
-                             delivery=delivery)
+                             delivery=delivery, peers=peers, writes=writes)
         if self.cluster is not None:
-            self.cluster.bind(self.router)
+            self.cluster.bind(self.router, local)
         self.api = HttpApi(config, self.presence, self.store, self.metrics, self.authenticator,
                            sessions=self.router, relay=self, clock=clock)
         self.admission = Admission(config, self.metrics, clock)
@@ -106,10 +113,10 @@ class RelayServer:
         await self.store.open()
         if self.cluster is not None:
             await self.cluster.start()
-        self.router.delivery.storage_budget = automatic_budget(self.config, self.store)
+        self.delivery.storage_budget = automatic_budget(self.config, self.store)
         self.router.configure(self.config)
         self.crypto = self.authenticator.prepare(self.config.auth.crypto)
-        delivery = self.router.delivery
+        delivery = self.delivery
         self.metrics.bind(connections=lambda: len(self.gateway.sessions), sessions=self.session_count,
                           online=self.presence.online_count, queue_depth=self.store.total,
                           storage_bytes=self.store.stored_bytes,

@@ -1,4 +1,5 @@
-"""Stopping relayd's background tasks, bounded even when a library loses a cancellation.
+"""Background tasks: a set that can be waited for, and stopping one, bounded even when a library loses a
+cancellation.
 
 redis-py's ``BlockingConnectionPool.get_connection`` (8.1) can swallow a
 cancellation that lands while it opens a connection: the task goes on as if
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 log = logging.getLogger("relayd.server")
@@ -39,3 +41,29 @@ async def stop(task: asyncio.Task[Any] | None, timeout: float) -> bool:
     if not task.cancelled():
         task.exception()  # retrieved: an error it ended with was logged where it happened
     return True
+
+
+class TaskSet:
+    """Tasks started for work that must finish before shutdown (writes, notices): kept until done, and
+    awaitable as a whole (``settle``) so a stop waits for them instead of dropping them."""
+
+    __slots__ = ("_tasks",)
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def track(self, task: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        return self.track(asyncio.ensure_future(coro))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def settle(self) -> None:
+        """Return once every task, including those started meanwhile, has ended (their errors are theirs)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

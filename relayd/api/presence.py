@@ -8,7 +8,7 @@ from ..addresses import normalize_address
 from ..clock import Clock, wall_ms
 from ..config import Config
 from ..errors import ErrorCode, RelayError
-from ..protocol.presence import Presence
+from ..protocol.seams import Presence
 from .http import HttpRequest, HttpResponse, Route, address_batch, json_body, json_response
 from .limits import Budget, RestLimits
 

@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..identity.auth import Authenticator
 from ..ops.metrics import RelayMetrics
-from ..protocol.presence import Presence
+from ..protocol.seams import Presence
 from ..storage.store import StorageUnavailable, Store
 from .health import HealthRoutes, RelayStatus
 from .keys import KeyRoutes, SessionRegistry

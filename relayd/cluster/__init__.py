@@ -3,43 +3,97 @@
 Imported only for the Redis backend (it needs the ``relayd[redis]`` extra).
 ``bus``: each instance's inbox channel (sharded Pub/Sub) and bounded
 request/reply; ``presence``: who is online on which instance (a heartbeat with
-a TTL, a watched cache); ``routes``: what the protocol asks of the other
-instances (``presence.Elsewhere``) and what they ask of this one;
-``scripts``: their Lua. ``Cluster`` builds the three for the server.
+a TTL, a watched cache); ``peers``: what this instance asks of its peers and
+what they ask of it; ``delivery``: the message path with peers (this
+instance's senders), ``offers``: peers' messages for sessions here and the
+ordering rules, ``refresh``: reading a stored queue again for open sessions;
+``receipts`` and ``budgets``: read receipts and new-queue budgets across
+instances; ``scripts``: their Lua. ``Cluster`` builds them for the server.
 """
 
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
+from ..clock import Clock
 from ..config import Config
-from ..storage.redis.store import RedisStore
+from ..protocol.delivery import Delivery
+from ..protocol.router import Router
 from ..protocol.writes import AddressWrites
+from ..storage.redis.store import RedisStore
+from ..storage.store import QueuedMessage
 from .bus import Bus
+from .delivery import ClusterDelivery
+from .offers import Offers
+from .peers import ClusterPeers
 from .presence import ClusterPresence
-from .peers import ClusterRoutes, Here
+from .refresh import Refresh
 
 __all__ = ["Cluster"]
 
 
-class Cluster:
-    """This instance's part of the cluster: its inbox, its presence (``Routes`` and ``Presence``) and its
-    routes to the others (``Elsewhere``). ``instance`` is ``[cluster] node_id`` plus a random suffix of this
-    run, so a restarted instance never inherits what a dead one left in Redis."""
+class _ThisInstance:
+    """``peers.ThisInstance``: what peers ask of this instance, answered by the protocol's parts."""
 
-    def __init__(self, config: Config, store: RedisStore, writes: AddressWrites) -> None:
+    def __init__(self, router: Router, local: Delivery, offers: Offers, refresh: Refresh) -> None:
+        self.router = router
+        self.local = local
+        self.offers = offers
+        self._refresh = refresh
+
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int) -> tuple[int, bool]:
+        return self.offers.offered(msg, stored=stored, after=after)
+
+    def forward_here(self, frame: dict[str, Any], to: str) -> int:
+        return self.local.forward(frame, to)
+
+    def refresh(self, address: str, since: int, seqs: tuple[int, ...]) -> None:
+        self._refresh.request(address, since, seqs)
+
+    async def drained(self, address: str) -> None:
+        await self.router.backlog.drained(address)
+
+    def evict_here(self, address: str) -> None:
+        self.router.evict_here(address)
+
+    def key_uploaded_here(self, address: str) -> None:
+        self.router.backlog.key_uploaded(address)
+
+
+class Cluster:
+    """This instance's part of the cluster: its inbox, its presence (``Routes`` and ``Presence``) and its link
+    to its peers. ``instance`` is ``[cluster] node_id`` plus a random suffix of this run, so a restarted
+    instance never inherits what a dead one left in Redis."""
+
+    def __init__(self, config: Config, store: RedisStore, writes: AddressWrites, clock: Clock) -> None:
         c = config.cluster
+        self.config = config
+        self.clock = clock
         self.instance = f"{c.resolved_node_id(config.server.port)}#{secrets.token_hex(4)}"
         self.store = store
+        self.writes = writes
         self.bus = Bus(store.link, store.layout.prefix, self.instance, c.reply_timeout_ms / 1000)
-        self.presence = ClusterPresence(store, self.bus, self.instance, writes, heartbeat_s=c.heartbeat_s,
+        self.presence = ClusterPresence(store, self.bus, self.instance, writes, clock, heartbeat_s=c.heartbeat_s,
                                         presence_ttl_s=c.presence_ttl_s)
-        self.routes = ClusterRoutes(store, self.presence, self.bus)
+        self.peers = ClusterPeers(store, self.presence, self.bus)
+        self.refresh: Refresh | None = None
 
-    def bind(self, here: Here) -> None:
-        """Connect incoming messages to this instance's protocol."""
-        self.routes.bind(here)
-        self.presence.on_lapse = here.catch_up
+    def delivery(self, local: Delivery) -> ClusterDelivery:
+        """The message path with peers, built on this instance's ``local`` one."""
+        self.refresh = Refresh(self.presence, self.presence.local.online_addresses, self.store, self.writes,
+                               local.metrics)
+        return ClusterDelivery(self.config, local, self.peers, self.refresh, self.clock)
+
+    def bind(self, router: Router, local: Delivery) -> None:
+        """Connect what peers ask, and the events that may have lost a notice, to this instance's protocol."""
+        assert self.refresh is not None, "delivery() first"
+        offers = Offers(self.presence, local, self.refresh, local.metrics, self.clock)
+        offers.on_stored = router.backlog.stored
+        router.backlog.on_flushed = self.refresh.flushed
+        self.peers.bind(_ThisInstance(router, local, offers, self.refresh))
+        self.presence.on_lapse = self.refresh.refresh_all
+        self.bus.on_subscribed = self.refresh.refresh_all
 
     async def start(self) -> None:
         """Subscribe the inbox and send the first heartbeat (each bounded; Redis down is retried later)."""
@@ -48,6 +102,8 @@ class Cluster:
 
     async def stop(self) -> None:
         """Finish pending notices, leave the registry, close the inbox (the store closes afterwards)."""
-        await self.routes.settle()
+        await self.peers.settle()
+        if self.refresh is not None:
+            await self.refresh.settle()
         await self.presence.stop()
         await self.bus.close()

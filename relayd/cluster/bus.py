@@ -37,7 +37,7 @@ from ..storage.store import StorageUnavailable
 
 log = logging.getLogger("relayd.cluster")
 
-MAX_BACKOFF_S = 2.0
+MAX_BACKOFF_S = 0.5
 SWEEPS = 10
 """Checks for unanswered requests per reply timeout."""
 Message = dict[str, Any]
@@ -88,6 +88,9 @@ class Bus:
         self.sharded = True
         self.handler: Callable[[Message], None] = lambda message: None
         """Called with every message that is not a reply (set by the cluster's routes)."""
+        self.on_subscribed: Callable[[], None] = lambda: None
+        """Called after every subscription, the first and each one after a loss (what was published to the inbox
+        meanwhile reached nobody)."""
         self.heard = 0.0
         """Loop time of the last message received (the heartbeat's own ping proves the inbox works)."""
         self._pending: dict[str, _Pending] = {}
@@ -239,6 +242,7 @@ class Bus:
                     raise rx.ResponseError(f"unexpected answer to {command}: {str(confirmed)[:100]}")
                 self.heard = asyncio.get_running_loop().time()
                 self._subscribed.set()
+                self.on_subscribed()
                 backoff = 0.05
                 while True:
                     message = await conn.read_response(timeout=1.0)  # None: nothing within 1 s

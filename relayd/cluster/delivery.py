@@ -1,52 +1,44 @@
-"""The message path with other instances on the same Redis (``relayd.cluster``): their sessions count too.
+"""The message path with peers (``seams.MessagePath`` for several instances): their sessions count too.
 
-A message is offered to the recipient's sessions on other instances and
-answered ``delivered`` if any session anywhere took it, else stored and
-answered ``queued``; a message stored while the recipient has sessions
-elsewhere is offered to them once committed. A sender's later messages wait
-behind an offer still unanswered and behind one that fell back to storing, and
-answers go out in send order. Storing goes one message at a time through
-``Elsewhere.enqueue``, which also says where the recipient is now. Everything
-else is ``Delivery``'s.
+A message is pushed to the recipient's ready sessions here, or offered to
+its sessions on peers and answered ``delivered`` if any session anywhere
+took it, else stored and answered ``queued``; a message stored while the
+recipient has sessions on peers is offered to them once committed, and
+every offer names the sender's previous stored message to that recipient
+(``offers``, rule 3), so a peer that missed it reads its queue first. A
+sender's later messages wait behind an offer still unanswered and behind one
+that fell back to storing, and answers go out in send order. Storing goes one
+message at a time through ``PeerLink.enqueue``, which also says where the
+recipient is now. Validation, answers, pipelines and the local pushes are
+``protocol.delivery.Delivery``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..clock import Clock
 from ..config import Config
-from ..protocol.delivery import Delivery, Ident, Pipeline, refusal_of
 from ..errors import ErrorCode, RelayError
-from .offers import FarOffers
-from ..frames import answer_text, encode, message_text
-from ..protocol.budgets import SharedNewQueueBudget
-from ..ops.metrics import RelayMetrics
-from ..protocol.presence import NOWHERE, Elsewhere, Remote, Routes, Taken
-from ..protocol.receipts import FarReceipts
+from ..frames import encode
+from ..protocol.delivery import Delivery, refusal_of, storage_error
+from ..protocol.senders import Ident, Pipeline
 from ..protocol.session import Session
-from ..storage.store import EnqueueResult, QueuedMessage, StorageUnavailable, Store
-from ..protocol.writes import AddressWrites
+from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
+from .budgets import ClusterBudget
+from .peers import NO_PEER_SESSIONS, PeerLink, Taken
+from .presence import PeerSessions
+from .receipts import ClusterReceipts
+from .refresh import Refresh
 
-log = logging.getLogger("relayd.protocol.router")
+log = logging.getLogger("relayd.cluster")
 
-
-class _FarPipeline(Pipeline):
-    """A sender's pipeline with other instances: ``stores`` counts the messages being stored (offers that fell
-    back to storing too: while any is, later messages are stored behind them rather than offered past them),
-    ``offer`` is the last message offered to other instances (a message stored after it waits for it, so an
-    offer that falls back to storing keeps its place), ``answered`` the last answer (answers keep send order)."""
-
-    __slots__ = ("answered", "offer", "stores")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stores = 0
-        self.offer: asyncio.Future[None] | None = None
-        self.answered: asyncio.Future[None] | None = None
+MAX_TAILS = 100_000
+"""(sender, recipient) pairs whose last stored seq is remembered for offers' ``after``."""
 
 
 async def _answer_after(session: Session, answer: str, previous: asyncio.Future[None],
@@ -59,110 +51,180 @@ async def _answer_after(session: Session, answer: str, previous: asyncio.Future[
         answered.set_result(None)
 
 
-class FarDelivery(FarOffers, Delivery):
-    """``Delivery`` across instances; ``far`` reaches the others (``presence.Elsewhere``)."""
+class ClusterDelivery:
+    """``seams.MessagePath`` across instances (see the module docstring)."""
 
-    def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics, clock: Clock,
-                 writes: AddressWrites, far: Elsewhere) -> None:
-        super().__init__(config, routes, store, metrics, clock, writes)
-        self.far = far
-        self.receipts = FarReceipts(config, self.forward, store, metrics, clock, writes, self._track, far)
-        self._refused: dict[tuple[str, str], float] = {}
-        self.new_queues: SharedNewQueueBudget = SharedNewQueueBudget(config, clock.monotonic(), far.spend)
+    def __init__(self, config: Config, local: Delivery, peers: PeerLink, refresh: Refresh, clock: Clock) -> None:
+        self.local = local
+        self.peers = peers
+        self.refresh = refresh
+        self.routes = local.routes
+        self.metrics = local.metrics
+        self.clock = clock
+        self.budget = ClusterBudget(config, clock, peers.spend)
+        self.receipts = ClusterReceipts(local.receipts, peers, local.tasks)
+        self._tails: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    # The parts of MessagePath that are the local path's
+
+    @property
+    def limits(self) -> QueueLimits:
+        return self.local.limits
+
+    @limits.setter
+    def limits(self, limits: QueueLimits) -> None:
+        self.local.limits = limits
+
+    @property
+    def storage_budget(self) -> int:
+        return self.local.storage_budget
+
+    @storage_budget.setter
+    def storage_budget(self, budget: int) -> None:
+        self.local.storage_budget = budget
+
+    @property
+    def on_stored(self) -> Callable[[str], None]:
+        return self.local.on_stored
+
+    @on_stored.setter
+    def on_stored(self, callback: Callable[[str], None]) -> None:
+        self.local.on_stored = callback
+
+    def configure(self, config: Config) -> None:
+        self.local.configure(config)
+        self.budget.configure(config)
+
+    def in_flight(self, session: Session) -> int:
+        return self.local.in_flight(session)
+
+    def closed(self, session: Session) -> None:
+        self.local.closed(session)
+        address = session.address
+        if address is not None and all(s.closed for s in self.routes.sessions(address)):
+            self.refresh.gone(address)
+
+    async def settle(self) -> None:
+        await self.local.settle()
+        await self.refresh.settle()
+
+    def read_receipt(self, session: Session, frame: dict[str, Any]) -> None:
+        self.receipts.read_receipt(session, frame)
+
+    def typing(self, frame: dict[str, Any], to: str) -> None:
+        self.local.forward(frame, to)
+        where = self.peers.cached(to)
+        if where is None:
+            self.local.tasks.spawn(self._typing_after_lookup(frame, to))
+        elif where.instances:
+            self.peers.forward(where, to, frame)
+
+    async def _typing_after_lookup(self, frame: dict[str, Any], to: str) -> None:
+        try:
+            where = await self.peers.lookup(to)
+        except StorageUnavailable:
+            return
+        if where.instances:
+            self.peers.forward(where, to, frame)
+
+    def undelivered(self, session: Session, messages: list[QueuedMessage]) -> None:
+        """A plain session's connection ended before these messages' bytes reached its peer: store them again,
+        and have the recipients' sessions here and on peers read them."""
+        self.metrics.restored.inc(len(messages))
+        task = self.local.tasks.spawn(self._restore(messages))
+        self.local.writes.note(messages[0].recipient, task)
+
+    async def _restore(self, messages: list[QueuedMessage]) -> None:
+        try:
+            await self.peers.restore(messages)
+        except StorageUnavailable as exc:
+            log.error("cannot keep %d undelivered messages: %s", len(messages), exc)
+            return
+        for recipient in {m.recipient for m in messages}:
+            seqs = tuple(m.seq for m in messages if m.recipient == recipient and m.seq > 0)
+            self.refresh.request(recipient, min(seqs) - 1 if seqs else -1, seqs)
 
     # Messages from this instance's senders
 
-    def _route(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
-        """Live here when a ready session here takes it (a copy goes to the recipient's other instances); else
-        offered to those instances first (stored if none takes it); else stored, then offered to whoever holds
-        the recipient once committed. Ack sessions anywhere, or unanswered messages of this sender, mean
-        storing first, as in a single instance. A recipient not known here is stored at once: the write reads
-        (and watches) its presence, so no separate lookup is needed. Synchronous (no task per message) unless
-        the recipient must be looked up or the sender's pipeline is full."""
+    def _tail(self, msg: QueuedMessage) -> int:
+        """The seq of the sender's last message to this recipient stored from here (0: none known)."""
+        return self._tails.get((msg.sender.lower(), msg.recipient), 0)
+
+    def _stored(self, msg: QueuedMessage) -> None:
+        key = (msg.sender.lower(), msg.recipient)
+        if msg.seq > self._tails.get(key, 0):
+            self._tails[key] = msg.seq
+            self._tails.move_to_end(key)
+            if len(self._tails) > MAX_TAILS:
+                self._tails.popitem(last=False)
+
+    def message(self, session: Session, frame: dict[str, Any]) -> Awaitable[None] | None:
+        """Route one ``message`` frame (``Delivery.message``'s contract). Synchronous (no task per message)
+        unless the recipient must be looked up or the sender's pipeline is full."""
+        accepted = self.local.accept(session, frame)
+        if accepted is None:
+            return None
+        ident, msg = accepted
         targets = self.routes.ready_sessions(msg.recipient)
-        remote = self.far.cached(msg.recipient)
-        if remote is None and not targets:
-            return self._store_far(session, ident, msg)
-        if remote is None:
+        where = self.peers.cached(msg.recipient)
+        if where is None and not targets:
+            return self._store(session, ident, msg)  # the write reads (and watches) its presence
+        if where is None:
             return self._route_after_lookup(session, ident, msg, targets)
-        return self._route_known(session, ident, msg, targets, remote)
+        return self._route_known(session, ident, msg, targets, where)
 
     async def _route_after_lookup(self, session: Session, ident: Ident, msg: QueuedMessage,
                                   targets: tuple[Session, ...]) -> None:
         try:
-            remote = await self.far.lookup(msg.recipient)
+            where = await self.peers.lookup(msg.recipient)
         except StorageUnavailable:
-            remote = NOWHERE  # live delivery here still works; storing will say what Redis says
-        pending = self._route_known(session, ident, msg, targets, remote)
+            where = NO_PEER_SESSIONS  # live delivery here still works; storing will say what Redis says
+        pending = self._route_known(session, ident, msg, targets, where)
         if pending is not None:
             await pending
 
     def _route_known(self, session: Session, ident: Ident, msg: QueuedMessage, targets: tuple[Session, ...],
-                     remote: Remote) -> Awaitable[None] | None:
-        pipeline = self._pipelines.get(session)
-        stores = isinstance(pipeline, _FarPipeline) and pipeline.stores
-        if not stores and not remote.ack and not any(s.ack for s in targets):
-            if targets:
-                data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
-                if sum(s.push(data, msg) for s in targets):
-                    if remote.instances:
-                        self.far.push(remote, msg)
-                    self.metrics.routed_live.inc()
-                    answer = self._answered(ident, msg, "delivered")
-                    previous = pipeline.answered if isinstance(pipeline, _FarPipeline) else None
-                    if previous is None or previous.done():
-                        session.push(answer)
-                    else:  # after the answers to this sender's earlier messages, still on their way
-                        assert isinstance(pipeline, _FarPipeline)
-                        pipeline.answered = asyncio.get_running_loop().create_future()
-                        self._track(asyncio.ensure_future(_answer_after(session, answer, previous,
-                                                                        pipeline.answered)))
-                    return None
-            if remote.instances:
-                return self._offer_then_answer(session, ident, msg, remote)
-        return self._store_far(session, ident, msg)
+                     where: PeerSessions) -> Awaitable[None] | None:
+        """Live here when a ready session here takes it (a copy goes to the recipient's peers); else offered to
+        those peers first (stored if none takes it); else stored. Ack sessions anywhere, or messages of this
+        sender being stored, mean storing first."""
+        pipeline = self.local.pipelines.get(session)
+        if not (pipeline and pipeline.stores) and not where.ack and not any(s.ack for s in targets):
+            if targets and self.local.push_live(targets, msg):
+                if where.instances:
+                    self.peers.push(where, msg)
+                self._answer_in_order(session, pipeline, self.local.answer_text(ident, msg, "delivered"))
+                return None
+            if where.instances:
+                return self._offer_then_answer(session, ident, msg, where)
+        return self._store(session, ident, msg)
 
-    def _far_pipeline(self, session: Session) -> _FarPipeline:
-        pipeline = self._pipelines.get(session)
-        if not isinstance(pipeline, _FarPipeline):
-            pipeline = self._pipelines[session] = _FarPipeline()
-        return pipeline
+    def _answer_in_order(self, session: Session, pipeline: Pipeline | None, answer: str) -> None:
+        """Send an answer now, or after the answers to this sender's earlier messages still on their way."""
+        previous = pipeline.answered if pipeline is not None else None
+        if previous is None or previous.done():
+            session.push(answer)
+            return
+        assert pipeline is not None
+        pipeline.answered = asyncio.get_running_loop().create_future()
+        self.local.tasks.spawn(_answer_after(session, answer, previous, pipeline.answered))
 
-    async def _when_room(self, pipeline: _FarPipeline, then: Callable[[], Awaitable[None] | None]) -> None:
-        """Wait (for the oldest) while the sender's pipeline is full, then go on."""
-        while self._pipeline_full(pipeline):
-            assert pipeline.tail is not None
-            await asyncio.wait([pipeline.tail])
+    async def _when_room(self, pipeline: Pipeline, then: Callable[[], Awaitable[None] | None]) -> None:
+        await pipeline.room()
         pending = then()
         if pending is not None:
             await pending
 
-    @staticmethod
-    def _in_flight(session: Session, pipeline: _FarPipeline, msg: QueuedMessage) -> int:
-        """Count ``msg`` in its sender's pipeline (which has room); returns its size."""
-        size = len(msg.content)
-        pipeline.in_flight += 1
-        pipeline.bytes += size
-        session.outbox.hold(size)
-        return size
-
-    @staticmethod
-    def _out_of_flight(session: Session, pipeline: Pipeline, size: int) -> None:
-        pipeline.in_flight -= 1
-        pipeline.bytes -= size
-        session.outbox.hold(-size)
-
     def _offer_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage,
-                           remote: Remote) -> Awaitable[None] | None:
-        """Offer ``msg`` to the recipient's sessions on other instances and return; answered ``delivered`` when
-        one took it, else stored (after this sender's earlier offers settled) and answered then.
-
-        Callbacks rather than a task: this is the cluster's common live path.
-        """
-        pipeline = self._far_pipeline(session)
-        if self._pipeline_full(pipeline):
-            return self._when_room(pipeline, lambda: self._offer_then_answer(session, ident, msg, remote))
-        size = self._in_flight(session, pipeline, msg)
+                           where: PeerSessions) -> Awaitable[None] | None:
+        """Offer ``msg`` to the recipient's sessions on peers and return; answered ``delivered`` when one took
+        it, else stored (after this sender's earlier offers settled) and answered then. Callbacks rather than a
+        task: this is the cluster's common live path."""
+        pipeline = self.local.pipelines.of(session)
+        if pipeline.full:
+            return self._when_room(pipeline, lambda: self._offer_then_answer(session, ident, msg, where))
+        size = len(msg.content)
+        pipeline.hold(session, size)
         loop = asyncio.get_running_loop()
         barrier = pipeline.offer if pipeline.offer is not None and not pipeline.offer.done() else None
         previous, answered = pipeline.answered, loop.create_future()
@@ -173,48 +235,47 @@ class FarDelivery(FarOffers, Delivery):
         def done(taken: Taken) -> None:
             if not taken.count:  # nobody took it: store it, in its place, and answer then
                 pipeline.stores += 1  # the sender's next messages are stored behind it, not offered past it
-                task = asyncio.ensure_future(self._store_and_answer_far(
+                task = self.local.tasks.spawn(self._store_and_answer(
                     session, pipeline, ident, msg, size, barrier, previous, answered, silent=taken.silent))
                 task.add_done_callback(lambda _: settled.set_result(None))
-                self._track(task)
                 return
-            self._out_of_flight(session, pipeline, size)
+            pipeline.release(session, size)
             self.metrics.routed_live.inc()
-            answer = self._answered(ident, msg, "delivered")
+            answer = self.local.answer_text(ident, msg, "delivered")
             settled.set_result(None)
             if previous is None or previous.done():
                 session.push(answer)
                 answered.set_result(None)
             else:
-                self._track(asyncio.ensure_future(_answer_after(session, answer, previous, answered)))
-        self.far.offer_soon(remote, msg, done)
+                self.local.tasks.spawn(_answer_after(session, answer, previous, answered))
+        self.peers.offer_soon(where, msg, self._tail(msg), done)
         return None
 
-    def _store_far(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
+    def _store(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
         """Start storing ``msg`` and return (a wait first while the sender's pipeline is full)."""
-        pipeline = self._far_pipeline(session)
-        if self._pipeline_full(pipeline):
-            return self._when_room(pipeline, lambda: self._store_far(session, ident, msg))
-        size = self._in_flight(session, pipeline, msg)
+        pipeline = self.local.pipelines.of(session)
+        if pipeline.full:
+            return self._when_room(pipeline, lambda: self._store(session, ident, msg))
+        size = len(msg.content)
+        pipeline.hold(session, size)
         barrier = pipeline.offer if pipeline.offer is not None and not pipeline.offer.done() else None
         previous, pipeline.answered = pipeline.answered, asyncio.get_running_loop().create_future()
         pipeline.stores += 1
-        task = asyncio.ensure_future(self._store_and_answer_far(
+        task = self.local.tasks.spawn(self._store_and_answer(
             session, pipeline, ident, msg, size, barrier, previous, pipeline.answered))
         pipeline.tail = task
-        self._track(task)
         return None
 
-    async def _store_and_answer_far(self, session: Session, pipeline: _FarPipeline, ident: Ident,
-                                    msg: QueuedMessage, size: int, barrier: asyncio.Future[None] | None,
-                                    previous: asyncio.Future[None] | None, answered: asyncio.Future[None], *,
-                                    silent: tuple[str, ...] = ()) -> None:
+    async def _store_and_answer(self, session: Session, pipeline: Pipeline, ident: Ident, msg: QueuedMessage,
+                                size: int, barrier: asyncio.Future[None] | None,
+                                previous: asyncio.Future[None] | None, answered: asyncio.Future[None], *,
+                                silent: tuple[str, ...] = ()) -> None:
         """After the sender's previous offer settled: the cluster-wide new-queue budget, the store (which also
-        says where the recipient is now, ``silent`` instances left out), then the answer after the previous
+        says where the recipient is now, ``silent`` peers left out), then the answer after the previous
         message's (each step is bounded, so these waits are too). The caller counted it in ``stores``."""
         answer: str | None = None
         try:
-            answer = await self._deliver_far(session, ident, msg, barrier, silent)
+            answer = await self._deliver(session, ident, msg, barrier, silent)
         except RelayError as err:
             self.metrics.refused.labels(code=err.code.value).inc()
             answer = encode(err.frame())
@@ -222,7 +283,7 @@ class FarDelivery(FarOffers, Delivery):
             log.exception("internal error storing a message")
             answer = encode(RelayError(ErrorCode.INTERNAL_ERROR, message_id=msg.message_id).frame())
         finally:
-            self._out_of_flight(session, pipeline, size)
+            pipeline.release(session, size)
             pipeline.stores -= 1
             if previous is not None and not previous.done():
                 await asyncio.wait([previous])
@@ -230,75 +291,52 @@ class FarDelivery(FarOffers, Delivery):
                 session.push(answer)
             answered.set_result(None)
 
-    async def _deliver_far(self, session: Session, ident: Ident, msg: QueuedMessage,
-                           barrier: asyncio.Future[None] | None, silent: tuple[str, ...]) -> str:
+    async def _deliver(self, session: Session, ident: Ident, msg: QueuedMessage,
+                       barrier: asyncio.Future[None] | None, silent: tuple[str, ...]) -> str:
         """Store, then offer to whoever holds the recipient; returns the answer frame. Raises RelayError for
-        refusals. Offers of one sender go out back to back (the channel keeps their order); storing waits for
-        the sender's previous offer to be settled, so a message that falls back to storing is stored before
-        later ones."""
+        refusals. Storing waits for the sender's previous offer to be settled, so a message that falls back to
+        storing is stored before later ones."""
         if barrier is not None and not barrier.done():
             await asyncio.wait([barrier])
         try:
-            await self.new_queues.spend_shared(session.address or "", session.ip, msg.recipient,
-                                               self.clock.monotonic(), msg.message_id)
+            await self.budget.spend(session.address or "", session.ip, msg.recipient, msg.message_id)
         except RelayError as err:
             if err.code is ErrorCode.RATE_LIMITED:
                 self.metrics.rate_limited.labels(limit="new_queues").inc()
             raise
         try:
-            result, remote = await self.far.enqueue(msg, self.limits)
-        except StorageUnavailable:
-            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, message_id=msg.message_id) from None
+            result, where = await self.peers.enqueue(msg, self.local.limits)
+        except StorageUnavailable as exc:
+            raise storage_error(exc, msg.message_id) from None
         refusal = refusal_of(result)
         if refusal is not None:
             raise RelayError(refusal.code, refusal.message, message_id=msg.message_id)
+        if result is EnqueueResult.DELIVERED:
+            return self.local.answer_text(ident, msg, "delivered")
+        after = self._tail(msg)
+        self._stored(msg)
         if result is EnqueueResult.DUPLICATE:
-            return self._answered(ident, msg, "queued")
-        remote = Remote(tuple(i for i in remote.instances if i not in silent), remote.ack)
-        return self._answered(ident, msg, await self._deliver_stored_far(msg, remote))
+            # A resend of a stored message: its first notice may be lost (its instance died after the write).
+            self.refresh.request(msg.recipient)
+            if where.instances:
+                self.peers.hint(where, msg.recipient)
+            return self.local.answer_text(ident, msg, "queued")
+        where = PeerSessions(tuple(i for i in where.instances if i not in silent), where.ack)
+        return self.local.answer_text(ident, msg, await self._deliver_stored(msg, where, after))
 
-    def _answered(self, ident: Ident, msg: QueuedMessage, answer: str) -> str:
-        self._remember(ident, answer)
-        return answer_text(answer, msg.message_id, msg.recipient, msg.queued_at)
-
-    async def _deliver_stored_far(self, msg: QueuedMessage, remote: Remote) -> str:
-        """``_deliver_stored``, offering the committed message to the recipient's other instances too."""
-        targets = self.routes.ready_sessions(msg.recipient)
-        taken: list[Session] = []
-        if targets:
-            data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
-            taken = [s for s in targets if s.push(data, None if s.ack else msg)]
+    async def _deliver_stored(self, msg: QueuedMessage, where: PeerSessions, after: int) -> str:
+        """Push a committed message to the recipient's ready sessions here and offer it to its peers."""
+        taken = self.local.push_stored(self.routes.ready_sessions(msg.recipient), msg)
+        if taken:
+            self.refresh.pushed(msg.recipient, msg.seq)
         far = Taken()
-        if remote.instances:
-            far = await self.far.offer(remote, msg, stored=True)
+        if where.instances:
+            far = await self.peers.offer(where, msg, stored=True, after=after)
         if not taken and not far.count:
             self.metrics.queued.inc()
-            self.on_stored(msg.recipient)
+            self.local.on_stored(msg.recipient)
             return "queued"
         self.metrics.routed_live.inc()
-        if not any(s.ack for s in taken) and not far.ack and not remote.ack:
-            self._remove_soon(msg)
+        if not any(s.ack for s in taken) and not far.ack and not where.ack:
+            self.local.remove_soon(msg)
         return "delivered"
-
-    async def _restore(self, messages: list[QueuedMessage]) -> None:
-        try:
-            await self.far.restore(messages)
-        except StorageUnavailable as exc:
-            log.error("cannot keep %d undelivered messages: %s", len(messages), exc)
-
-    def forward_far(self, frame: dict[str, Any], to: str) -> None:
-        """Push a frame that is never stored (typing) to the ready sessions of ``to`` on other instances."""
-        remote = self.far.cached(to)
-        if remote is not None:
-            if remote.instances:
-                self.far.forward(remote, to, frame)
-            return
-        self._track(asyncio.ensure_future(self._forward_far(frame, to)))
-
-    async def _forward_far(self, frame: dict[str, Any], to: str) -> None:
-        try:
-            remote = await self.far.lookup(to)
-        except StorageUnavailable:
-            return
-        if remote.instances:
-            self.far.forward(remote, to, frame)

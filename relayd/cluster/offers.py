@@ -1,77 +1,95 @@
-"""What other instances offer this one (``relayd.cluster``): messages for recipients with sessions here.
+"""What peers offer this instance: messages for recipients with sessions here, and the rules that keep a
+sender's messages in order across instances.
 
-A part of ``FarDelivery``. An unstored offer is taken only when a ready
-session here takes it and none of them acks (it must be stored first);
-otherwise it is refused and the sender's instance stores it. A refusal holds
-the sender's later unstored offers to the same recipient back (see
-``REFUSAL_HOLD_S``), so none overtakes the refused one.
+The ordering rules, each tested in ``tests/test_cluster_ordering.py``:
+
+1. An unstored offer is taken only when a ready session here takes it and
+   none of them acks (an ack session must get stored messages only);
+   otherwise it is refused and the sender's instance stores it.
+2. Refusal hold: after refusing an unstored offer from a sender for a
+   recipient, later unstored offers of that pair are refused too (and so
+   stored behind the refused one instead of overtaking it) until a stored
+   message of the pair arrives, or ``REFUSAL_HOLD_S`` passed. The sender's
+   instance offers nothing unstored while its fallback stores are under way,
+   and the bus keeps one instance's messages in order.
+3. Watermark: every offer names the seq of the sender's previous stored
+   message to the recipient (``after``). If that message has not reached the
+   sessions here (its hint may be lost), the offer is not pushed: an unstored
+   one is refused (stored behind it), a stored one is left in the queue, and
+   the queue is read again (``refresh``), which delivers both in seq order.
+4. A messageId delivered here counts as taken when offered again unstored
+   (a resend through another instance is never delivered twice).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 from ..clock import Clock
-from ..protocol.delivery import Ident
-from ..frames import message_text
 from ..ops.metrics import RelayMetrics
-from ..protocol.presence import Routes
+from ..protocol.delivery import Delivery
+from ..protocol.seams import Routes
 from ..storage.store import QueuedMessage
+from .refresh import Refresh
 
 REFUSAL_HOLD_S = 10.0
-"""After refusing an offer from a sender for a recipient, later unstored offers of that pair are refused (and
-so stored behind the refused one instead of overtaking it) until a stored message of the pair arrives: the
-sender's instance offers nothing unstored while its fallback stores are under way, and its channel keeps
-order, so every offer sent before it heard of the refusal arrives before that. The hold lapses after this
-long in case no stored message follows (its fallback was refused too)."""
+"""How long a refusal holds a pair's later unstored offers back when no stored message of the pair follows
+(its fallback was refused too)."""
 RECENT_REFUSALS = 16384
 
 
-class FarOffers:
-    """``offered``, for ``FarDelivery``; the attributes below are the delivery's."""
+class Offers:
+    """Applies peers' offers to the sessions here (see the module docstring)."""
 
-    routes: Routes
-    metrics: RelayMetrics
-    clock: Clock
-    on_stored: Callable[[str], None]
-    _recent: OrderedDict[Ident, str]
-    _refused: dict[tuple[str, str], float]
-    _remember: Callable[[Ident, str], None]
+    def __init__(self, routes: Routes, local: Delivery, refresh: Refresh, metrics: RelayMetrics,
+                 clock: Clock) -> None:
+        self.routes = routes
+        self.local = local
+        self.refresh = refresh
+        self.metrics = metrics
+        self.clock = clock
+        self.on_stored: Callable[[str], None] = lambda recipient: None
+        """Told the recipient of a stored offer no session here took (a session being prepared must flush)."""
+        self._refused: dict[tuple[str, str], float] = {}
 
-    def offered(self, msg: QueuedMessage, *, stored: bool) -> tuple[int, bool]:
-        """Another instance offers a message for a recipient with sessions here: (sessions that took it, whether
-        one of them acks). Unstored, it is refused when a session acks (it must be stored first); a messageId
-        already delivered here counts as taken (the sender resent it through another instance)."""
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int) -> tuple[int, bool]:
+        """(sessions here that took it, whether one of them acks)."""
         ident = (msg.sender.lower(), msg.recipient, msg.message_id)
-        if not stored and self._recent.get(ident) == "delivered":
+        pair = ident[0], ident[1]
+        if not stored and self.local.answers.get(ident) == "delivered":
             return 1, False
         targets = self.routes.ready_sessions(msg.recipient)
         ack = any(s.ack for s in targets)
         if stored:
-            self._refused.pop(ident[:2], None)
+            self._refused.pop(pair, None)
         else:
-            refused = self._refused.get(ident[:2])
+            refused = self._refused.get(pair)
             if refused is not None and self.clock.monotonic() - refused < REFUSAL_HOLD_S:
                 return 0, ack
-            if ack:
-                return self._refuse_offer(ident, ack)
-        data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
-        taken = [s for s in targets if s.push(data, None if s.ack else msg)]
-        if taken:
-            self.metrics.routed_live.inc()
-            self._remember(ident, "delivered")
-        elif stored:
+            if ack or not targets:
+                return self._refuse(pair, ack)
+        if targets and not self.refresh.caught_up(msg.recipient, after):
+            self.refresh.request(msg.recipient)
+            return (0, ack) if stored else self._refuse(pair, ack)
+        if not stored:
+            taken = self.local.push_live(targets, msg)
+            if not taken:
+                return self._refuse(pair, ack)
+            self.local.answers.remember(ident, "delivered")
+            return taken, False
+        sessions = self.local.push_stored(targets, msg)
+        if not sessions:
             self.on_stored(msg.recipient)
-        else:
-            return self._refuse_offer(ident, ack)
-        return len(taken), any(s.ack for s in taken)
+            return 0, ack
+        self.metrics.routed_live.inc()
+        self.refresh.pushed(msg.recipient, msg.seq)
+        self.local.answers.remember(ident, "delivered")
+        return len(sessions), any(s.ack for s in sessions)
 
-    def _refuse_offer(self, ident: Ident, ack: bool) -> tuple[int, bool]:
-        """Refuse an unstored offer, and the same sender's next unstored ones for this recipient (see
-        ``REFUSAL_HOLD_S``)."""
+    def _refuse(self, pair: tuple[str, str], ack: bool) -> tuple[int, bool]:
+        """Refuse an unstored offer, and the same sender's next unstored ones for this recipient (rule 2)."""
         now = self.clock.monotonic()
         if len(self._refused) >= RECENT_REFUSALS:
             self._refused = {k: t for k, t in self._refused.items() if now - t < REFUSAL_HOLD_S}
-        self._refused[ident[:2]] = now
+        self._refused[pair] = now
         return 0, ack

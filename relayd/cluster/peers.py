@@ -1,54 +1,129 @@
-"""What the protocol asks of the other instances (``presence.Elsewhere``), and what they ask of this one.
+"""This instance's link to its peers (the other relayd instances on the same Redis): what it asks of them, and
+what they ask of it.
 
 Outgoing: offers of messages (request and reply), copies of live frames,
-stored messages' notifications, evictions, key uploads and drains, each
+hints that stored messages wait, evictions, key uploads and drains, each
 addressed to the instances the recipient's presence names. Incoming: the same
-kinds from the bus, applied to this instance's sessions through ``Here``.
+kinds from the bus, applied to this instance through ``ThisInstance``.
 
 Messages on the bus (JSON, ``k`` is the kind; ``to`` the address):
 ``offer``/``push`` a message (``m``: sender, messageId, content, timestamp,
-queued_at, seq; ``s``: stored) with or without a reply (``n`` sessions took
-it, ``a`` one of them acks); ``frame`` (``f``: a typing or read frame, a reply
-when asked); ``pull`` (stored messages arrived: send them); ``drain`` (reply
-once the address's closing sessions here are done); ``evict``; ``key``;
-``inv`` (``a``: drop the cached presence of that address); ``ping``.
+queued_at, seq; ``s``: stored; ``w``: the seq of the sender's previous
+stored message to that recipient, see ``offers``) with or without a reply
+(``n`` sessions took it, ``a`` one of them acks); ``frame`` (``f``: a typing
+or read frame, a reply when asked); ``pull`` (stored messages may wait for
+the address: read its queue; ``since``: from that seq, ``seqs``: messages put
+back); ``drain`` (reply once the address's closing sessions here are done);
+``evict``; ``key``; ``inv`` (``a``: drop the cached presence of that address);
+``ping``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..protocol.presence import NOWHERE, Remote, Taken
 from ..storage.redis.store import RedisStore
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
+from ..tasks import TaskSet
 from . import scripts
 from .bus import Bus, Message
-from .presence import WATCH_TTL_MS, ClusterPresence
+from .presence import WATCH_TTL_MS, ClusterPresence, PeerSessions
 
 log = logging.getLogger("relayd.cluster")
 
 BUDGET_WINDOW_MS = 3_600_000
 
 
-class Here(Protocol):
-    """What other instances may ask of this instance's protocol (``router.Router`` in production)."""
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What peers did with an offer: how many sessions took it, whether one of them acks, and the instances
+    that did not answer in time (they took nothing, as far as the sender knows)."""
 
-    def offered(self, msg: QueuedMessage, *, stored: bool) -> tuple[int, bool]:
-        """Push a message to its recipient's ready sessions here: (how many took it, whether one of them acks).
+    count: int = 0
+    ack: bool = False
+    silent: tuple[str, ...] = ()
 
-        An unstored message is not pushed when a session of the recipient acks (0, True): it must be stored first.
+
+NO_PEER_SESSIONS = PeerSessions()
+
+
+class PeerLink(Protocol):
+    """The peers as this instance's senders reach them (``ClusterPeers``; a fake in the unit tests).
+
+    Every coroutine is bounded in time: a peer that does not answer within
+    ``[cluster] reply_timeout_ms`` counts as having taken nothing. Those that
+    need Redis raise StorageUnavailable.
+    """
+
+    def cached(self, address: str) -> PeerSessions | None:
+        """Where ``address`` has sessions on peers, when known without asking Redis; None: call ``lookup``."""
+        ...
+
+    async def lookup(self, address: str) -> PeerSessions:
+        """Ask Redis, and keep the answer until the address's presence changes."""
+        ...
+
+    async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int) -> Taken:
+        """Offer a message to the recipient's ready sessions on those peers and wait for their answers.
+
+        ``stored``: the message is committed (``msg.seq`` set), so an ack
+        session may take it. ``after``: the seq of the sender's previous
+        stored message to the recipient (0: none known), which a peer must
+        have delivered before it takes this one (see ``offers``).
         """
+        ...
+
+    def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, then: Callable[[Taken], None]) -> None:
+        """``offer`` of an unstored message without a coroutine: ``then`` gets the outcome from the event loop
+        within ``[cluster] reply_timeout_ms`` (the live path's cheap form)."""
+        ...
+
+    def push(self, where: PeerSessions, msg: QueuedMessage) -> None:
+        """Send a message delivered here to the recipient's other devices too, without waiting."""
+        ...
+
+    def hint(self, where: PeerSessions, address: str, since: int = -1, seqs: tuple[int, ...] = ()) -> None:
+        """Tell those peers that stored messages may wait for ``address``: they read its queue (from ``since``
+        when >= 0; ``seqs`` were put back and must be sent again). A hint may be lost: it only saves time."""
+        ...
+
+    async def relay_frame(self, where: PeerSessions, to: str, frame: dict[str, Any]) -> Taken:
+        """Push a frame (a read receipt) to the ready sessions of ``to`` there; how many took it."""
+        ...
+
+    def forward(self, where: PeerSessions, to: str, frame: dict[str, Any]) -> None:
+        """Push a frame that is never stored (typing) to the ready sessions of ``to`` there, without waiting."""
+        ...
+
+    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, PeerSessions]:
+        """Store a message, and read where its recipient has sessions on peers in the same atomic step."""
+        ...
+
+    async def restore(self, messages: list[QueuedMessage]) -> None:
+        """Put back messages a connection never received, and hint the recipients' peers."""
+        ...
+
+    async def spend(self, key: str, recipient: str, budget: int) -> bool:
+        """Record ``recipient`` in the cluster-wide hourly budget ``key``; False when the budget is spent."""
+        ...
+
+
+class ThisInstance(Protocol):
+    """What peers may ask of this instance (``relayd.cluster.Cluster`` wires it to the protocol's parts)."""
+
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int) -> tuple[int, bool]:
+        """Push a message to its recipient's ready sessions here: (how many took it, whether one of them acks)."""
         ...
 
     def forward_here(self, frame: dict[str, Any], to: str) -> int:
         """Push a frame to the ready sessions of ``to`` here; how many took it."""
         ...
 
-    def catch_up(self, address: str) -> None:
-        """Messages were stored for ``address`` after its ready sessions here read their backlog: send them."""
+    def refresh(self, address: str, since: int, seqs: tuple[int, ...]) -> None:
+        """Stored messages may wait for ``address``: read its queue for its ready sessions here."""
         ...
 
     async def drained(self, address: str) -> None:
@@ -74,102 +149,106 @@ def _unpack(recipient: str, packed: list[Any]) -> QueuedMessage:
                          int(seq))
 
 
-class ClusterRoutes:
-    """``presence.Elsewhere`` over the bus and Redis, and the handler of the bus's incoming messages."""
+class ClusterPeers:
+    """``PeerLink`` over the bus and Redis (also the protocol's ``seams.Peers``), and the handler of the bus's
+    incoming messages."""
 
     def __init__(self, store: RedisStore, presence: ClusterPresence, bus: Bus) -> None:
         self.store = store
         self.presence = presence
         self.bus = bus
-        self.here: Here | None = None
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self.here: ThisInstance | None = None
+        self.tasks = TaskSet()
         bus.handler = self.handle
 
-    def bind(self, here: Here) -> None:
-        """The protocol of this instance, which incoming messages reach (the server binds it once built)."""
+    def bind(self, here: ThisInstance) -> None:
+        """This instance's protocol, which incoming messages reach (the server binds it once built)."""
         self.here = here
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def settle(self) -> None:
         """Wait for the evictions, key notices and drains still on their way (shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.tasks.settle()
 
-    # presence.Elsewhere
+    # PeerLink
 
-    def cached(self, address: str) -> Remote | None:
+    def cached(self, address: str) -> PeerSessions | None:
         return self.presence.cached(address)
 
-    async def lookup(self, address: str) -> Remote:
+    async def lookup(self, address: str) -> PeerSessions:
         return await self.presence.lookup(address)
 
-    async def _where(self, address: str) -> Remote:
+    async def _where(self, address: str) -> PeerSessions:
         """Cached or looked up; nowhere when Redis cannot say."""
-        remote = self.presence.cached(address)
-        if remote is not None:
-            return remote
+        where = self.presence.cached(address)
+        if where is not None:
+            return where
         try:
             return await self.presence.lookup(address)
         except StorageUnavailable:
-            return NOWHERE
+            return NO_PEER_SESSIONS
 
-    async def offer(self, remote: Remote, msg: QueuedMessage, *, stored: bool) -> Taken:
-        replies, silent = await self.bus.request(remote.instances, {"k": "offer", "to": msg.recipient,
-                                                                    "m": _pack(msg), "s": 1 if stored else 0})
+    async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int) -> Taken:
+        replies, silent = await self.bus.request(where.instances, {
+            "k": "offer", "to": msg.recipient, "m": _pack(msg), "s": 1 if stored else 0, "w": after})
         return self._taken(msg.recipient, replies, silent)
 
-    def offer_soon(self, remote: Remote, msg: QueuedMessage, then: Callable[[Taken], None]) -> None:
-        self.bus.ask(remote.instances, {"k": "offer", "to": msg.recipient, "m": _pack(msg), "s": 0},
+    def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, then: Callable[[Taken], None]) -> None:
+        self.bus.ask(where.instances, {"k": "offer", "to": msg.recipient, "m": _pack(msg), "s": 0, "w": after},
                      lambda replies, silent: then(self._taken(msg.recipient, replies, silent)))
 
-    def push(self, remote: Remote, msg: QueuedMessage) -> None:
-        for instance in remote.instances:
+    def push(self, where: PeerSessions, msg: QueuedMessage) -> None:
+        for instance in where.instances:
             self.bus.send(instance, {"k": "push", "to": msg.recipient, "m": _pack(msg), "s": 0})
 
-    async def relay_frame(self, remote: Remote, to: str, frame: dict[str, Any]) -> Taken:
-        replies, silent = await self.bus.request(remote.instances, {"k": "frame", "to": to, "f": frame})
+    def hint(self, where: PeerSessions, address: str, since: int = -1, seqs: tuple[int, ...] = ()) -> None:
+        body: Message = {"k": "pull", "to": address, "since": since}
+        if seqs:
+            body["seqs"] = list(seqs)
+        for instance in where.instances:
+            self.bus.send(instance, body)
+
+    async def relay_frame(self, where: PeerSessions, to: str, frame: dict[str, Any]) -> Taken:
+        replies, silent = await self.bus.request(where.instances, {"k": "frame", "to": to, "f": frame})
         return self._taken(to, replies, silent)
 
-    def forward(self, remote: Remote, to: str, frame: dict[str, Any]) -> None:
-        for instance in remote.instances:
+    def forward(self, where: PeerSessions, to: str, frame: dict[str, Any]) -> None:
+        for instance in where.instances:
             self.bus.send(instance, {"k": "frame", "to": to, "f": frame})
 
     def _taken(self, address: str, replies: dict[str, Message], silent: tuple[str, ...]) -> Taken:
         count = sum(int(r.get("n", 0)) for r in replies.values())
         if silent or any(int(r.get("n", 0)) == 0 and not r.get("a") for r in replies.values()):
-            self.presence.invalidate(address)  # an instance had nobody for it: ask Redis next time
+            self.presence.invalidate(address)  # a peer had nobody for it: ask Redis next time
         return Taken(count, any(bool(r.get("a")) for r in replies.values()), silent)
 
-    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, Remote]:
+    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, PeerSessions]:
         result, found = await self.store.enqueue_routed(msg, limits, watcher=self.presence.instance,
                                                         watch_ttl_ms=WATCH_TTL_MS)
         self.presence.fill(msg.recipient, found)
-        return result, self.presence.remote(found)
+        return result, self.presence.peer_sessions(found)
 
     async def restore(self, messages: list[QueuedMessage]) -> None:
         _, found = await self.store.restore_routed(messages)
         for recipient, entries in found.items():
-            for instance in self.presence.remote(entries).instances:
-                self.bus.send(instance, {"k": "pull", "to": recipient})
+            seqs = tuple(m.seq for m in messages if m.recipient == recipient and m.seq > 0)
+            self.hint(self.presence.peer_sessions(entries), recipient, min(seqs, default=0) - 1 if seqs else -1, seqs)
 
     async def spend(self, key: str, recipient: str, budget: int) -> bool:
         name = f"{self.store.layout.prefix}{{nq:{key}}}"
         return int(await self.store.link.write(scripts.SPEND, [name], [recipient, budget, BUDGET_WINDOW_MS])) == 1
 
+    # seams.Peers
+
     async def drain(self, address: str) -> None:
-        remote = self.presence.cached(address)  # the sign-in's own presence write filled it
-        if remote is not None and remote.instances:
-            await self.bus.request(remote.instances, {"k": "drain", "to": address})
+        where = self.presence.cached(address)  # the sign-in's own presence write filled it
+        if where is not None and where.instances:
+            await self.bus.request(where.instances, {"k": "drain", "to": address})
 
     def evict_unverified(self, address: str) -> None:
-        self._spawn(self._tell(address, "evict"))
+        self.tasks.spawn(self._tell(address, "evict"))
 
     def key_uploaded(self, address: str) -> None:
-        self._spawn(self._tell(address, "key"))
+        self.tasks.spawn(self._tell(address, "key"))
 
     async def _tell(self, address: str, kind: str) -> None:
         for instance in (await self._where(address)).instances:
@@ -178,7 +257,7 @@ class ClusterRoutes:
     # Incoming
 
     def handle(self, message: Message) -> None:
-        """Apply one message from another instance (the bus logs what raises)."""
+        """Apply one message from a peer (the bus logs what raises)."""
         kind, to, here = message.get("k"), message.get("to"), self.here
         if kind == "ping":
             return
@@ -189,22 +268,23 @@ class ClusterRoutes:
         if here is None or not isinstance(to, str):
             return
         if kind in ("offer", "push"):
-            taken, ack = here.offered(_unpack(to, message["m"]), stored=bool(message.get("s")))
+            taken, ack = here.offered(_unpack(to, message["m"]), stored=bool(message.get("s")),
+                                      after=int(message.get("w", 0)))
             if kind == "offer":
                 self.bus.reply(message, {"n": taken, "a": 1 if ack else 0})
         elif kind == "frame":
             taken = here.forward_here(dict(message["f"]), to)
             self.bus.reply(message, {"n": taken})
         elif kind == "pull":
-            here.catch_up(to)
+            here.refresh(to, int(message.get("since", -1)), tuple(int(s) for s in message.get("seqs", ())))
         elif kind == "drain":
-            self._spawn(self._drain(here, message, to))
+            self.tasks.spawn(self._drain(here, message, to))
         elif kind == "evict":
             here.evict_here(to)
         elif kind == "key":
             here.key_uploaded_here(to)
 
-    async def _drain(self, here: Here, message: Message, address: str) -> None:
+    async def _drain(self, here: ThisInstance, message: Message, address: str) -> None:
         try:
             await here.drained(address)
         finally:

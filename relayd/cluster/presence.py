@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .. import tasks
-from ..protocol.presence import LocalPresence, Remote
+from ..clock import Clock
+from ..protocol.presence import LocalPresence
 from ..protocol.session import Session
 from ..storage.redis.layout import slot_tag
 from ..storage.redis.records import Presence as Entries
@@ -58,6 +59,14 @@ FORGET_CHUNK = 100
 SLOT_BATCH = 500
 
 
+@dataclass(frozen=True, slots=True)
+class PeerSessions:
+    """Where an address has sessions on peers: the instances, and whether a session there acks."""
+
+    instances: tuple[str, ...] = ()
+    ack: bool = False
+
+
 def entries(flat: Sequence[Any]) -> Entries:
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
 
@@ -65,24 +74,25 @@ def entries(flat: Sequence[Any]) -> Entries:
 class ClusterPresence:
     """``Routes`` and ``Presence`` of one instance among several on one Redis (see the module docstring)."""
 
-    def __init__(self, store: RedisStore, bus: Bus, instance: str, writes: AddressWrites, *, heartbeat_s: float,
-                 presence_ttl_s: float) -> None:
+    def __init__(self, store: RedisStore, bus: Bus, instance: str, writes: AddressWrites, clock: Clock, *,
+                 heartbeat_s: float, presence_ttl_s: float) -> None:
         self.store = store
         self.link = store.link
         self.layout = store.layout
         self.bus = bus
         self.instance = instance
         self.writes = writes
+        self.clock = clock
         self.heartbeat_s = heartbeat_s
         self.ttl_ms = int(presence_ttl_s * 1000)
         self.local = LocalPresence()
         self.registry = f"{self.layout.prefix}cluster:nodes"
-        self.on_lapse: Callable[[str], None] = lambda address: None
-        """Called for each address with sessions here after this instance found its heartbeat lapsed and wrote
-        its entries again (messages may have been stored for them meanwhile)."""
+        self.on_lapse: Callable[[], None] = lambda: None
+        """Called when an instance's heartbeat lapsed or came back, this one's included (after writing its
+        entries again): notices between instances may have been lost meanwhile."""
         self._kinds: dict[str, str] = {}
         self._unsynced: set[str] = set()
-        self._cache: OrderedDict[str, tuple[Entries, float, Remote, frozenset[str]]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Entries, float, PeerSessions, frozenset[str]]] = OrderedDict()
         self._lapsed: frozenset[str] = frozenset()
         self._beats: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -156,28 +166,28 @@ class ClusterPresence:
 
     # Where an address has sessions elsewhere
 
-    def cached(self, address: str) -> Remote | None:
+    def cached(self, address: str) -> PeerSessions | None:
         entry = self._cache.get(address)
         if entry is None:
             return None
         found, expires, remote, lapsed = entry
-        if expires < time.monotonic():
+        if expires < self.clock.monotonic():
             del self._cache[address]
             return None
         if lapsed is not self._lapsed:  # an instance lapsed or came back since: compute it again
-            remote = self._remote(found)
+            remote = self._peer_sessions(found)
             self._cache[address] = (found, expires, remote, self._lapsed)
         return remote
 
-    async def lookup(self, address: str) -> Remote:
+    async def lookup(self, address: str) -> PeerSessions:
         presence, watchers = self._keys(address)[:2]
         found = entries(await self.link.write(scripts.LOOKUP, [presence, watchers], [self.instance, WATCH_TTL_MS]))
         self._fill(address, found)
-        return self._remote(found)
+        return self._peer_sessions(found)
 
-    def remote(self, found: Entries) -> Remote:
+    def peer_sessions(self, found: Entries) -> PeerSessions:
         """The live instances other than this one in an address's entries."""
-        return self._remote(found)
+        return self._peer_sessions(found)
 
     def fill(self, address: str, found: Entries) -> None:
         """Cache entries read by a write that also watched the address for this instance."""
@@ -186,12 +196,12 @@ class ClusterPresence:
     def invalidate(self, address: str) -> None:
         self._cache.pop(address, None)
 
-    def _remote(self, found: Entries) -> Remote:
+    def _peer_sessions(self, found: Entries) -> PeerSessions:
         instances = tuple(i for i in found if i != self.instance and i not in self._lapsed)
-        return Remote(instances, any(found[i] == "a" for i in instances))
+        return PeerSessions(instances, any(found[i] == "a" for i in instances))
 
     def _fill(self, address: str, found: Entries) -> None:
-        self._cache[address] = (found, time.monotonic() + CACHE_TTL_S, self._remote(found), self._lapsed)
+        self._cache[address] = (found, self.clock.monotonic() + CACHE_TTL_S, self._peer_sessions(found), self._lapsed)
         self._cache.move_to_end(address)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -211,7 +221,7 @@ class ClusterPresence:
                     pipe.hgetall(self._keys(address)[0])
                 return await pipe.execute()
             for address, found in zip(rest, await self.link.read(work)):
-                out[address] = bool(self._remote(dict(found or {})).instances)
+                out[address] = bool(self._peer_sessions(dict(found or {})).instances)
         return {a: out.get(a, False) for a in addresses}
 
     async def online_list(self) -> list[str]:
@@ -270,18 +280,18 @@ class ClusterPresence:
             return
         age, _live, lapsed, dead = await self.link.write(
             scripts.HEARTBEAT, [self.registry], [self.instance, self.ttl_ms, int(FORGET_AFTER_S * 1000)])
-        if frozenset(lapsed) != self._lapsed:
+        peers_changed = frozenset(lapsed) != self._lapsed
+        if peers_changed:
             self._lapsed = frozenset(lapsed)
-        lapsed = age == "" or int(age) > self.ttl_ms
-        if lapsed and self._kinds:
+        own_lapse = age == "" or int(age) > self.ttl_ms
+        if own_lapse and self._kinds:
             log.warning("this instance's presence had lapsed (%s); writing it again",
                         "not registered" if age == "" else f"last heartbeat {int(age)} ms ago")
             self._unsynced.update(self._kinds)
         for address in list(self._unsynced):
             self._register(address)
-        if lapsed and self._kinds:
-            for address in self.local.online_addresses():
-                self.on_lapse(address)
+        if (own_lapse or peers_changed) and self._kinds:
+            self.on_lapse()
         loop = asyncio.get_running_loop()
         if loop.time() - self.bus.heard > 3 * self.heartbeat_s + self.bus.reply_timeout_s:
             log.warning("the cluster inbox heard nothing, not even its own heartbeat; subscribing again")

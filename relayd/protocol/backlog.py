@@ -9,25 +9,27 @@ subscribes to messages only after its key upload): at its first frame after
 the flush waits for writes still landing for the address (acks, receipts,
 kept messages) and for the address's other sessions that are closing to
 finish the frames they received, so a client that acked and closed never
-sees those messages again. With other instances (``far``), the instances
+sees those messages again. With other instances (``peers``), the instances
 that hold sessions of the address do the same for theirs before the read
-(bounded by ``[cluster] reply_timeout_ms``).
+(bounded in time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..frames import message_text
 from ..ops.metrics import RelayMetrics
-from .presence import Elsewhere, Routes
+from .seams import NO_PEERS, Peers, Routes
 from .session import Session
 from ..storage.store import StorageUnavailable, Store
+from ..tasks import TaskSet
 from .writes import AddressWrites
 
 log = logging.getLogger("relayd.protocol.router")
@@ -44,9 +46,9 @@ class Backlog:
     """Flushes stored messages and receipts to new sessions; applies acks."""
 
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics, clock: Clock,
-                 writes: AddressWrites, far: Elsewhere | None = None) -> None:
+                 writes: AddressWrites, peers: Peers = NO_PEERS) -> None:
         self.routes = routes
-        self.far = far
+        self.peers = peers
         self.store = store
         self.metrics = metrics
         self.clock = clock
@@ -55,21 +57,21 @@ class Backlog:
         self._released: dict[Session, asyncio.Future[None]] = {}
         self._stored_meanwhile: dict[Session, bool] = {}
         self._acks: dict[str, list[tuple[Session, list[str]]]] = {}
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self.tasks = TaskSet()
+        self.on_flushed: Callable[[Session, int], None] = lambda session, last_seq: None
+        """Told when a session has received its whole backlog and is ready, with the last seq it read (0:
+        none): from there on, what is stored for it reaches it only live or through ``relayd.cluster``."""
+        self.flush_delay = 0.0
+        self.key_upload_margin = 0.0
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         self.flush_delay = config.queue.flush_delay_ms / 1000
         self.key_upload_margin = config.queue.flush_after_key_upload_ms / 1000
 
-    def _track(self, task: asyncio.Future[Any]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def settle(self) -> None:
         self._submit_acks()
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.tasks.settle()
 
     # Session events
 
@@ -87,8 +89,7 @@ class Backlog:
         assert address is not None
         await self._earlier_sessions_done(session, address)
         await self.writes.landed(address)
-        if self.far is not None:
-            await self.far.drain(address)
+        await self.peers.drain(address)
         self._stored_meanwhile[session] = False
         try:
             messages, receipts = await self.store.backlog_size(address)
@@ -119,7 +120,7 @@ class Backlog:
             if not self.flush_delay:
                 return self.flush(session)
             self._waiting[session] = asyncio.get_running_loop().create_future()
-        self._track(asyncio.ensure_future(self._flush_when_listening(session)))
+        self.tasks.spawn(self._flush_when_listening(session))
         return None
 
     def listening(self, session: Session) -> None:
@@ -170,14 +171,6 @@ class Backlog:
         await self._earlier_sessions_done(None, address)
         await self.writes.landed(address)
 
-    def catch_up(self, address: str) -> None:
-        """Messages were stored for ``address`` after its ready sessions here read their backlog (kept by
-        another instance for a connection that ended): flush them to its ready plain sessions. Ack sessions
-        get them on their next connection, as every unacknowledged message."""
-        for session in self.routes.ready_sessions(address):
-            if not session.ack and session not in self._waiting:
-                self._track(asyncio.ensure_future(self.flush(session)))
-
     async def _earlier_sessions_done(self, session: Session | None, address: str) -> None:
         """Wait (boundedly) for the address's sessions whose connection is closing to apply their last frames."""
         loop = asyncio.get_running_loop()
@@ -224,6 +217,7 @@ class Backlog:
             batch = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
             if not batch:
                 session.ready = True
+                self.on_flushed(session, after)
                 return True
             written = []
             for msg in batch:
@@ -277,9 +271,8 @@ class Backlog:
     def _submit_acks(self) -> None:
         pending, self._acks = self._acks, {}
         for address, acks in pending.items():
-            task = asyncio.ensure_future(self._apply_acks(address, acks))
+            task = self.tasks.spawn(self._apply_acks(address, acks))
             self.writes.note(address, task)
-            self._track(task)
 
     async def _apply_acks(self, address: str, acks: list[tuple[Session, list[str]]]) -> None:
         ids = [mid for _, batch in acks for mid in batch]

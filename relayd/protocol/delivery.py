@@ -1,62 +1,48 @@
-"""Getting messages and receipts to their recipients: live when a ready session takes them, else stored.
+"""Getting messages to their recipients on one instance: live when a ready session takes them, else stored.
 
 A message to a recipient with a ready session is pushed and answered
 ``delivered`` at once; if that session's connection then ends before the
 frame's bytes reached its peer, the message is stored after all
 (``undelivered``). Otherwise it is stored, and the sender is answered
 ``queued`` only after the store has committed it; meanwhile the sender's
-connection reads on (up to ``MAX_IN_FLIGHT`` writes or ``MAX_IN_FLIGHT_BYTES``),
-and its later messages follow the same path so that none overtakes an
-earlier one. The messages to store are written in batches, one store call
-per loop iteration. Receipts live in ``receipts``, the hourly bound on new
-offline queues in ``new_queues``.
+connection reads on (within its ``senders.Pipeline``), and its later messages
+follow the same path so that none overtakes an earlier one. The messages to
+store are written in batches, one store call per loop iteration. A messageId
+seen again is answered as the first one was, from memory or from the store
+(which remembers delivered messages for the retention period). Receipts live
+in ``receipts``, the hourly bound on new offline queues in ``budgets``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from ..clock import Clock, wall_ms
 from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..frames import answer_text, encode, field_address, field_message_id, field_str, field_timestamp, message_text
-from .budgets import NewQueueBudget
 from ..ops.metrics import RelayMetrics
-from .presence import Routes
-from .receipts import Receipts
-from .session import Session
 from ..storage.store import (
     EnqueueResult,
     QueuedMessage,
     QueueLimits,
+    StorageOutcomeUnknown,
     StorageUnavailable,
     Store,
 )
+from ..tasks import TaskSet
+from .budgets import NewQueueBudget
+from .receipts import Receipts
+from .seams import Routes
+from .senders import Answers, Ident, Pipeline, Pipelines
+from .session import Session
 from .writes import AddressWrites
 
-log = logging.getLogger("relayd.protocol.router")
-
-RECENT_IDS = 16384
-MAX_IN_FLIGHT = 64
-MAX_IN_FLIGHT_BYTES = 1 << 20
-
-Ident = tuple[str, str, str]
-"""(sender, recipient, messageId), addresses lower-cased: what makes a message the same message."""
-
-
-class Pipeline:
-    """One sender's stored-but-unanswered messages: how many, how large, and when the last one is answered."""
-
-    __slots__ = ("in_flight", "bytes", "tail")
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.bytes = 0
-        self.tail: asyncio.Future[None] | None = None
+log = logging.getLogger("relayd.protocol.delivery")
 
 
 @dataclass(slots=True)
@@ -82,8 +68,15 @@ def refusal_of(result: EnqueueResult | None) -> RelayError | None:
     return _REFUSALS.get(result) if result is not None else None
 
 
+def storage_error(exc: StorageUnavailable, message_id: str | None = None) -> RelayError:
+    """What a sender is told when storing failed: nothing stored, or (a write sent but not confirmed) maybe
+    stored, resend the same messageId."""
+    code = ErrorCode.STORAGE_TIMEOUT if isinstance(exc, StorageOutcomeUnknown) else ErrorCode.STORAGE_UNAVAILABLE
+    return RelayError(code, message_id=message_id)
+
+
 class Delivery:
-    """The message path of the protocol: live routing, storing and answering (receipts in ``receipts``)."""
+    """The message path of one instance (``seams.MessagePath``); ``relayd.cluster`` builds on its parts."""
 
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics, clock: Clock,
                  writes: AddressWrites) -> None:
@@ -92,17 +85,18 @@ class Delivery:
         self.metrics = metrics
         self.clock = clock
         self.writes = writes
-        self._recent: OrderedDict[Ident, str] = OrderedDict()
-        self._pipelines: dict[Session, Pipeline] = {}
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self.answers = Answers()
+        self.pipelines = Pipelines()
+        self.tasks = TaskSet()
         self.new_queues = NewQueueBudget(config, clock.monotonic())
-        self.receipts = Receipts(config, self.forward, store, metrics, clock, writes, self._track)
+        self.receipts = Receipts(config, self.forward, store, metrics, clock, writes, self.tasks)
         self._to_store: list[_Storing] = []
         self._stored: asyncio.Future[None] | None = None
+        self._delivered: list[QueuedMessage] = []
         self.storage_budget = 0
-        """The store-wide byte budget when ``[storage] max_bytes`` is auto, as the server measured it."""
         self.on_stored: Callable[[str], None] = lambda recipient: None
-        """Told the recipient of each message stored because none of its sessions was ready."""
+        self.limits = QueueLimits(0, 0, False)
+        self.max_content = 0
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -115,33 +109,31 @@ class Delivery:
         self.receipts.configure(config)
 
     def in_flight(self, session: Session) -> int:
-        """How many of ``session``'s messages are being stored and not yet answered."""
-        pipeline = self._pipelines.get(session)
-        return pipeline.in_flight if pipeline else 0
+        return self.pipelines.in_flight(session)
 
     def closed(self, session: Session) -> None:
-        """Forget a closed sender's pipeline; its writes still finish and are answered into the void."""
-        self._pipelines.pop(session, None)
+        self.pipelines.closed(session)
 
     async def settle(self) -> None:
-        """Wait for every message and receipt still being stored (tests, shutdown)."""
         self.receipts.store_waiting()
         if self._to_store:
             self._store_batch()
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    def _track(self, task: asyncio.Future[Any]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._record_delivered()
+        await self.tasks.settle()
 
     def forward(self, frame: dict[str, Any], to: str) -> int:
-        """Push a frame that is never stored (typing) to every ready session of ``to``; how many took it."""
+        """Push a frame that is never stored to every ready session of ``to``; how many took it."""
         targets = self.routes.ready_sessions(to)
         if not targets:
             return 0
         data = encode(frame)
         return sum(s.push(data) for s in targets)
+
+    def typing(self, frame: dict[str, Any], to: str) -> None:
+        self.forward(frame, to)
+
+    def read_receipt(self, session: Session, frame: dict[str, Any]) -> None:
+        self.receipts.read_receipt(session, frame)
 
     # Messages
 
@@ -155,6 +147,21 @@ class Delivery:
         has found room (the caller reads the sender's next frame after it).
         Raises ``RelayError`` for a frame that cannot be routed.
         """
+        accepted = self.accept(session, frame)
+        if accepted is None:
+            return None
+        ident, msg = accepted
+        targets = self.routes.ready_sessions(msg.recipient)
+        pipeline = self.pipelines.get(session)
+        if targets and not (pipeline and pipeline.in_flight) and not any(s.ack for s in targets):
+            if self.push_live(targets, msg):
+                self.answer(session, ident, msg, "delivered")
+                return None
+        return self._store_then_answer(session, ident, msg)
+
+    def accept(self, session: Session, frame: dict[str, Any]) -> tuple[Ident, QueuedMessage] | None:
+        """Validate a ``message`` frame into the message to route; None when its messageId was answered recently
+        (answered again here, the same way). Raises ``RelayError``."""
         mid = field_message_id(frame)
         to = field_address(frame, "to", message_id=mid)
         content = field_str(frame, "content", max_len=self.max_content, message_id=mid)
@@ -162,36 +169,54 @@ class Delivery:
         sender = session.address
         assert sender is not None and content is not None
         ident = (sender, to, mid)
-        answer = self._recent.get(ident)
+        answer = self.answers.get(ident)
         now = wall_ms(self.clock)
         if answer is not None:
             session.push(answer_text(answer, mid, to, now))
             return None
-        msg = QueuedMessage(to, session.spelling, mid, content, now if stamp is None else stamp, now)
-        return self._route(session, ident, msg)
+        return ident, QueuedMessage(to, session.spelling, mid, content, now if stamp is None else stamp, now)
 
-    def _route(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
-        """A new message: live when a ready session here takes it, else stored (see ``message``)."""
-        targets = self.routes.ready_sessions(msg.recipient)
-        pipeline = self._pipelines.get(session)
-        if targets and not (pipeline and pipeline.in_flight) and not any(s.ack for s in targets):
-            data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
-            pushed = 0
-            for target in targets:
-                pushed += target.push(data, msg)
-            if pushed:
-                self.metrics.routed_live.inc()
-                self._remember(ident, "delivered")
-                session.push(answer_text("delivered", msg.message_id, msg.recipient, msg.queued_at))
-                return None
-        return self._store_then_answer(session, ident, msg)
+    def answer(self, session: Session, ident: Ident, msg: QueuedMessage, answer: str) -> None:
+        """Remember ``answer`` for the message and send it to the sender."""
+        self.answers.remember(ident, answer)
+        session.push(self.answer_text(ident, msg, answer))
 
-    def _store_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
-        """Start storing ``msg``; the answer goes out once the store has committed it.
+    def answer_text(self, ident: Ident, msg: QueuedMessage, answer: str) -> str:
+        """Remember ``answer`` for the message; the frame to send (for a caller that sends it later)."""
+        self.answers.remember(ident, answer)
+        return answer_text(answer, msg.message_id, msg.recipient, msg.queued_at)
 
-        Past ``MAX_IN_FLIGHT`` unanswered writes (or ``MAX_IN_FLIGHT_BYTES``)
-        the sender waits for its oldest, which bounds what one connection pins.
-        """
+    def push_live(self, targets: tuple[Session, ...], msg: QueuedMessage) -> int:
+        """Push a message that is not stored to ``targets``; how many took it (then it counts as delivered)."""
+        data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
+        pushed = 0
+        for target in targets:
+            pushed += target.push(data, msg)
+        if pushed:
+            self.metrics.routed_live.inc()
+            self.delivered_live(msg)
+        return pushed
+
+    def delivered_live(self, msg: QueuedMessage) -> None:
+        """Record a message delivered without being stored, so a resend within the retention period is answered
+        ``delivered`` by the store too (one write per loop iteration, after the answer)."""
+        if not self._delivered:
+            asyncio.get_running_loop().call_soon(self._record_delivered)
+        self._delivered.append(msg)
+
+    def _record_delivered(self) -> None:
+        batch, self._delivered = self._delivered, []
+        if batch:
+            self.tasks.spawn(self._write_delivered(batch))
+
+    async def _write_delivered(self, batch: list[QueuedMessage]) -> None:
+        try:
+            await self.store.record_delivered(batch)
+        except StorageUnavailable as exc:  # the in-memory answers still catch a prompt resend
+            log.warning("cannot record %d delivered messageIds: %s", len(batch), exc)
+
+    def spend_new_queue(self, session: Session, msg: QueuedMessage) -> None:
+        """Count a message for an offline recipient in the hourly new-queue budgets; raises ``RATE_LIMITED``."""
         try:
             self.new_queues.spend(session.address or "", session.ip, msg.recipient, self.clock.monotonic(),
                                   msg.message_id)
@@ -199,32 +224,25 @@ class Delivery:
             self.metrics.rate_limited.labels(limit="new_queues").inc()
             self.metrics.refused.labels(code=err.code.value).inc()
             raise
-        pipeline = self._pipelines.get(session)
-        if pipeline is None:
-            pipeline = self._pipelines[session] = Pipeline()
-        if self._pipeline_full(pipeline):
+
+    def _store_then_answer(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
+        """Start storing ``msg``; the answer goes out once the store has committed it."""
+        self.spend_new_queue(session, msg)
+        pipeline = self.pipelines.of(session)
+        if pipeline.full:
             return self._store_when_room(session, pipeline, ident, msg)
         self._start_storing(session, pipeline, ident, msg)
         return None
 
-    @staticmethod
-    def _pipeline_full(pipeline: Pipeline) -> bool:
-        return ((pipeline.in_flight >= MAX_IN_FLIGHT or pipeline.bytes >= MAX_IN_FLIGHT_BYTES)
-                and pipeline.tail is not None and not pipeline.tail.done())
-
     async def _store_when_room(self, session: Session, pipeline: Pipeline, ident: Ident,
                                msg: QueuedMessage) -> None:
-        while self._pipeline_full(pipeline):
-            assert pipeline.tail is not None
-            await asyncio.wait([pipeline.tail])
+        await pipeline.room()
         self._start_storing(session, pipeline, ident, msg)
 
     def _start_storing(self, session: Session, pipeline: Pipeline, ident: Ident, msg: QueuedMessage) -> None:
         """Add ``msg`` to the batch stored at the end of this loop iteration (one write for all of them)."""
         size = len(msg.content)
-        pipeline.in_flight += 1
-        pipeline.bytes += size
-        session.outbox.hold(size)
+        pipeline.hold(session, size)
         if not self._to_store:
             self._stored = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_soon(self._store_batch)
@@ -236,33 +254,35 @@ class Delivery:
             return
         batch, self._to_store = self._to_store, []
         stored, self._stored = self._stored, None
-        task = asyncio.ensure_future(self._store_and_answer(batch))
+        task = self.tasks.spawn(self._store_and_answer(batch))
         if stored is not None:
-            task.add_done_callback(lambda _: stored.done() or stored.set_result(None))
-        self._track(task)
+            task.add_done_callback(lambda _: _resolve(stored))
 
     async def _store_and_answer(self, batch: list[_Storing]) -> None:
         """Store a batch, then answer each message in order: ``queued``, ``delivered`` or an error."""
         refusal: RelayError | None = None
         try:
             results = await self.store.enqueue_many([item.msg for item in batch], self.limits)
-        except StorageUnavailable:
-            results, refusal = [], RelayError(ErrorCode.STORAGE_UNAVAILABLE)
+        except StorageUnavailable as exc:
+            results, refusal = [], storage_error(exc)
         except Exception:
             log.exception("internal error storing messages")
             results, refusal = [], RelayError(ErrorCode.INTERNAL_ERROR)
         for i, item in enumerate(batch):
-            item.pipeline.in_flight -= 1
-            item.pipeline.bytes -= item.size
-            item.session.outbox.hold(-item.size)
+            item.pipeline.release(item.session, item.size)
             result = results[i] if refusal is None else None
             err = refusal or refusal_of(result)
             if err is not None:
                 self.metrics.refused.labels(code=err.code.value).inc()
                 item.session.send(RelayError(err.code, err.message, message_id=item.msg.message_id).frame())
                 continue
-            answer = "queued" if result is EnqueueResult.DUPLICATE else self._deliver_stored(item.msg)
-            self._remember(item.ident, answer)
+            if result is EnqueueResult.DUPLICATE:
+                answer = "queued"
+            elif result is EnqueueResult.DELIVERED:
+                answer = "delivered"
+            else:
+                answer = self._deliver_stored(item.msg)
+            self.answers.remember(item.ident, answer)
             item.session.push(answer_text(answer, item.msg.message_id, item.msg.recipient, wall_ms(self.clock)))
 
     def _deliver_stored(self, msg: QueuedMessage) -> str:
@@ -271,25 +291,29 @@ class Delivery:
         Ack sessions keep it stored until they ack; if only plain sessions
         took it, it leaves the store (and comes back if their bytes are lost).
         """
-        targets = self.routes.ready_sessions(msg.recipient)
-        taken: list[Session] = []
-        if targets:
-            data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
-            taken = [s for s in targets if s.push(data, None if s.ack else msg)]
+        taken = self.push_stored(self.routes.ready_sessions(msg.recipient), msg)
         if not taken:
             self.metrics.queued.inc()
             self.on_stored(msg.recipient)
             return "queued"
         self.metrics.routed_live.inc()
         if not any(s.ack for s in taken):
-            self._remove_soon(msg)
+            self.remove_soon(msg)
         return "delivered"
 
-    def _remove_soon(self, msg: QueuedMessage) -> None:
+    @staticmethod
+    def push_stored(targets: tuple[Session, ...], msg: QueuedMessage) -> list[Session]:
+        """Push a committed message to ``targets``: the sessions that took it (plain ones hand it back through
+        ``undelivered`` if their connection ends first)."""
+        if not targets:
+            return []
+        data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
+        return [s for s in targets if s.push(data, None if s.ack else msg)]
+
+    def remove_soon(self, msg: QueuedMessage) -> None:
         """Remove a stored message that only plain sessions took (it comes back if their bytes are lost)."""
-        task = asyncio.ensure_future(self._remove_delivered(msg))
+        task = self.tasks.spawn(self._remove_delivered(msg))
         self.writes.note(msg.recipient, task)
-        self._track(task)
 
     async def _remove_delivered(self, msg: QueuedMessage) -> None:
         try:
@@ -301,9 +325,8 @@ class Delivery:
         """A plain session's connection ended before these messages' bytes reached its peer: store them again."""
         self.metrics.restored.inc(len(messages))
         log.debug("keeping %d messages a closed connection never received", len(messages))
-        task = asyncio.ensure_future(self._restore(messages))
+        task = self.tasks.spawn(self._restore(messages))
         self.writes.note(messages[0].recipient, task)
-        self._track(task)
 
     async def _restore(self, messages: list[QueuedMessage]) -> None:
         try:
@@ -311,8 +334,7 @@ class Delivery:
         except StorageUnavailable as exc:
             log.error("cannot keep %d undelivered messages: %s", len(messages), exc)
 
-    def _remember(self, ident: Ident, answer: str) -> None:
-        recent = self._recent
-        recent[ident] = answer
-        if len(recent) > RECENT_IDS:
-            recent.popitem(last=False)
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

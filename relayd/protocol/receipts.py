@@ -1,5 +1,5 @@
-"""Read receipts: forwarded to the sender's ready sessions (with other instances, there too), or stored for its
-next one, a batch per loop turn."""
+"""Read receipts: forwarded to the sender's ready sessions, or stored for its next one, a batch per loop turn
+(``relayd.cluster.receipts`` adds the sender's sessions on other instances)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..frames import field_address, field_message_id
 from ..ops.metrics import RelayMetrics
-from .presence import NOWHERE, Elsewhere
 from .session import Session
 from ..storage.store import Receipt, StorageUnavailable, Store
+from ..tasks import TaskSet
 from .writes import AddressWrites
 
 
@@ -23,13 +23,13 @@ class Receipts:
 
     def __init__(self, config: Config, forward: Callable[[dict[str, Any], str], int], store: Store,
                  metrics: RelayMetrics, clock: Clock, writes: AddressWrites,
-                 track: Callable[[asyncio.Future[Any]], None]) -> None:
+                 tasks: TaskSet) -> None:
         self.forward = forward
         self.store = store
         self.metrics = metrics
         self.clock = clock
         self.writes = writes
-        self._track = track
+        self.tasks = tasks
         self._waiting: list[tuple[Session, Receipt]] = []
         self.configure(config)
 
@@ -38,10 +38,14 @@ class Receipts:
 
     def read_receipt(self, session: Session, frame: dict[str, Any]) -> None:
         """Forward a read receipt to the sender's ready sessions, or store it (in a batch) for its next one."""
+        to, read = self.read_frame(session, frame)
+        self.route(session, to, read)
+
+    def read_frame(self, session: Session, frame: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The message's sender and the ``read`` frame it gets, from a ``read_receipt`` frame (or ``RelayError``)."""
         mid = field_message_id(frame)
         to = field_address(frame, "to", message_id=mid)
-        self.route(session, to, {"type": "read", "from": session.spelling, "messageId": mid,
-                                 "timestamp": wall_ms(self.clock)})
+        return to, {"type": "read", "from": session.spelling, "messageId": mid, "timestamp": wall_ms(self.clock)}
 
     def route(self, session: Session, to: str, read: dict[str, Any]) -> None:
         """The ``read`` frame to the sender's ready sessions, or kept for its next one."""
@@ -58,10 +62,9 @@ class Receipts:
         """Start storing the receipts gathered so far, in one write."""
         batch, self._waiting = self._waiting, []
         if batch:
-            task = asyncio.ensure_future(self._store(batch))
+            task = self.tasks.spawn(self._store(batch))
             for recipient in {r.recipient for _, r in batch}:
                 self.writes.note(recipient, task)
-            self._track(task)
 
     async def _store(self, batch: list[tuple[Session, Receipt]]) -> None:
         try:
@@ -74,32 +77,3 @@ class Receipts:
         self.metrics.receipts_stored.inc(len(batch))
         if dropped:
             self.metrics.receipts_dropped.inc(dropped)
-
-
-class FarReceipts(Receipts):
-    """Read receipts with other instances: to the sender's ready sessions here and there, else stored."""
-
-    def __init__(self, config: Config, forward: Callable[[dict[str, Any], str], int], store: Store,
-                 metrics: RelayMetrics, clock: Clock, writes: AddressWrites,
-                 track: Callable[[asyncio.Future[Any]], None], far: Elsewhere) -> None:
-        super().__init__(config, forward, store, metrics, clock, writes, track)
-        self.far = far
-
-    def route(self, session: Session, to: str, read: dict[str, Any]) -> None:
-        self._track(asyncio.ensure_future(self._route_far(session, to, read)))
-
-    async def _route_far(self, session: Session, to: str, read: dict[str, Any]) -> None:
-        here = self.forward(read, to)
-        remote = self.far.cached(to)
-        if remote is None:
-            try:
-                remote = await self.far.lookup(to)
-            except StorageUnavailable:
-                remote = NOWHERE
-        if here:
-            if remote.instances:
-                self.far.forward(remote, to, read)
-            return
-        if remote.instances and (await self.far.relay_frame(remote, to, read)).count:
-            return
-        self.keep(session, to, read)

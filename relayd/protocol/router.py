@@ -11,7 +11,8 @@ connection: it gets exactly one ``error`` frame.
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .backlog import Backlog
 from ..clock import Clock, wall_ms
@@ -21,7 +22,7 @@ from ..errors import CLOSE_CODES, CloseCode, ErrorCode, RelayError
 from ..frames import decode, field_address, field_bool, message_id_of, utf8_len
 from ..identity.auth import SignIn
 from ..ops.metrics import RelayMetrics
-from .presence import Elsewhere, Routes
+from .seams import NO_PEERS, MessagePath, Peers, Routes, SignInService
 from ..ratelimit import Verdict
 from .session import Session
 from ..storage.store import QueuedMessage, StorageUnavailable, Store
@@ -33,44 +34,31 @@ Handler = Callable[[Session, dict[str, Any]], Awaitable[None] | None]
 """Applies one decoded frame; returns an awaitable when it must wait (sign-in, storing), else None."""
 
 
-class SignInService(Protocol):
-    """What the protocol needs from sign-in; ``identity.auth.Authenticator`` in production."""
-
-    def challenge(self, session_id: int) -> dict[str, Any] | None:
-        """The frame to send when a connection opens, or None."""
-        ...
-
-    async def sign_in(self, session_id: int, ip: str, address: str, frame: dict[str, Any]) -> SignIn:
-        """Accept an ``auth`` frame or raise the refusal as a ``RelayError``."""
-        ...
-
-    def forget(self, session_id: int) -> None:
-        """The session closed."""
-        ...
-
-
 class Router:
     """Applies the seed protocol plus relayd's sign-in and ack extensions to sessions."""
 
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics,
-                 authenticator: SignInService, clock: Clock, *, far: Elsewhere | None = None,
-                 writes: AddressWrites | None = None, delivery: Delivery | None = None) -> None:
-        """``far``: the other instances sharing this relay's Redis (None: a single instance); ``writes``: the
-        pending writes per address, shared with the cluster's presence (whose writes a backlog read awaits)."""
+                 authenticator: SignInService, clock: Clock, *, delivery: MessagePath | None = None,
+                 peers: Peers = NO_PEERS, writes: AddressWrites | None = None) -> None:
+        """``delivery``: the message path (``Delivery`` on this instance when None); ``peers``: the other
+        instances sharing the store; ``writes``: the pending writes per address, shared with whatever else
+        writes for an address (a backlog read awaits them)."""
         self.routes = routes
-        self.far = far
+        self.peers = peers
         self.metrics = metrics
         self.authenticator = authenticator
         self.clock = clock
         writes = writes if writes is not None else AddressWrites()
-        self.delivery = delivery if delivery is not None else Delivery(config, routes, store, metrics, clock, writes)
-        self.backlog = Backlog(config, routes, store, metrics, clock, writes, far)
+        self.delivery: MessagePath = (delivery if delivery is not None
+                                      else Delivery(config, routes, store, metrics, clock, writes))
+        self.backlog = Backlog(config, routes, store, metrics, clock, writes, peers)
         self.delivery.on_stored = self.backlog.stored
+        self.max_preauth = 0
         self._handlers: dict[str, Handler] = {
             "auth": self._on_auth,
             "message": self.delivery.message,
             "typing": self._on_typing,
-            "read_receipt": self.delivery.receipts.read_receipt,
+            "read_receipt": self.delivery.read_receipt,
             "ping": self._on_ping,
             "ack": self.backlog.ack,
         }
@@ -178,8 +166,7 @@ class Router:
     def evict_unverified(self, address: str) -> None:
         """Once an address proves ownership, sessions that merely claimed it must go, on every instance."""
         self.evict_here(address)
-        if self.far is not None:
-            self.far.evict_unverified(address)
+        self.peers.evict_unverified(address)
 
     def evict_here(self, address: str) -> None:
         """The unsigned sessions of ``address`` on this instance go."""
@@ -192,25 +179,7 @@ class Router:
     def key_uploaded(self, address: str) -> None:
         """A key was published for ``address`` over REST: its app is about to listen (on any instance)."""
         self.backlog.key_uploaded(address)
-        if self.far is not None:
-            self.far.key_uploaded(address)
-
-    # What other instances ask of this one (``cluster.routes.Here``)
-
-    def offered(self, msg: QueuedMessage, *, stored: bool) -> tuple[int, bool]:
-        return self.delivery.offered(msg, stored=stored)  # type: ignore[attr-defined]
-
-    def forward_here(self, frame: dict[str, Any], to: str) -> int:
-        return self.delivery.forward(frame, to)
-
-    def catch_up(self, address: str) -> None:
-        self.backlog.catch_up(address)
-
-    async def drained(self, address: str) -> None:
-        await self.backlog.drained(address)
-
-    def key_uploaded_here(self, address: str) -> None:
-        self.backlog.key_uploaded(address)
+        self.peers.key_uploaded(address)
 
     async def settle(self) -> None:
         """Wait until every message, receipt and ack being stored has landed (shutdown, tests)."""
@@ -268,9 +237,7 @@ class Router:
         to = field_address(frame, "to")
         is_typing = field_bool(frame, "isTyping")
         typing = {"type": "typing", "from": session.spelling, "isTyping": is_typing}
-        self.delivery.forward(typing, to)
-        if self.far is not None:
-            self.delivery.forward_far(typing, to)  # type: ignore[attr-defined]
+        self.delivery.typing(typing, to)
 
     def _on_ping(self, session: Session, frame: dict[str, Any]) -> None:
         session.send({"type": "pong", "timestamp": wall_ms(self.clock)})

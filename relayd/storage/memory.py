@@ -142,6 +142,9 @@ class MemoryStore:
             total += utf8_len(msg.content)
         return page
 
+    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
+        return None  # placeholder until the storage branches land
+
     async def remove(self, recipient: str, seqs: list[int]) -> int:
         queue = self._queues.get(recipient)
         if queue is None:

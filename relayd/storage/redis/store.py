@@ -205,6 +205,9 @@ class RedisStore(RedisLifecycle, RedisKeys, RedisReceipts, RedisRetention):
             return page
         return await self.link.read(work)
 
+    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
+        return None  # placeholder until the storage branches land
+
     async def remove(self, recipient: str, seqs: list[int]) -> int:
         return await self._remove(recipient, "seq", [str(s) for s in dict.fromkeys(seqs)])
 

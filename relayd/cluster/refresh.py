@@ -1,0 +1,185 @@
+"""Reading an address's stored queue again for its ready sessions here: the one way a stored message reaches a
+session that is already open, whatever notices were lost.
+
+A peer that stores a message for an address with sessions here hints this
+instance (an offer of the stored message, or a ``pull``). A hint may be lost
+(the inbox was resubscribing after a Redis blip, the storing peer died between
+its write and its hint, heartbeats lapsed), so a hint only saves time: the
+queue is read again, in seq order, whenever one may have been missed. That
+is, when asked by a peer; when an offer names an earlier stored message of its
+sender (``after``) that has not reached the sessions here (``caught_up``);
+after the inbox subscribed again; and whenever any instance's heartbeat lapsed
+or came back (``refresh_all``).
+
+Per address this keeps ``floor`` (every stored message up to that seq has
+reached the address's sessions here, or left the store) and ``pushed`` (seqs
+above the floor pushed to them since): a read starts at the floor and skips
+what was pushed, so an ack session never gets a message twice from here.
+Plain sessions have what they took removed from the store, as in a flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from ..ops.metrics import RelayMetrics
+from ..protocol.backlog import FLUSH_BATCH, FLUSH_PAGE_BYTES
+from ..protocol.seams import Routes
+from ..protocol.session import Session
+from ..protocol.writes import AddressWrites
+from ..frames import message_text
+from ..storage.store import QueuedMessage, StorageUnavailable, Store
+from ..tasks import TaskSet
+
+log = logging.getLogger("relayd.cluster")
+
+MAX_PUSHED = 1024
+"""Seqs pushed above the floor before a read is made to raise the floor (and forget them)."""
+PARALLEL_READS = 32
+"""Addresses read at once by ``refresh_all`` (after a blip every open address is read)."""
+
+
+class _Address:
+    """What this instance knows of one address's stored queue (see the module docstring)."""
+
+    __slots__ = ("floor", "pushed", "running", "again")
+
+    def __init__(self) -> None:
+        self.floor = 0
+        self.pushed: set[int] = set()
+        self.running = False
+        self.again: int | None = None
+        """Another read was asked for while one ran: from this seq."""
+
+
+class Refresh:
+    """Reads stored queues again for the ready sessions of this instance (see the module docstring)."""
+
+    def __init__(self, routes: Routes, online: Callable[[], Iterable[str]], store: Store, writes: AddressWrites,
+                 metrics: RelayMetrics) -> None:
+        """``online``: the addresses with sessions here."""
+        self.routes = routes
+        self.online = online
+        self.store = store
+        self.writes = writes
+        self.metrics = metrics
+        self.tasks = TaskSet()
+        self._addresses: dict[str, _Address] = {}
+        self._reads = asyncio.Semaphore(PARALLEL_READS)
+
+    def _of(self, address: str) -> _Address:
+        state = self._addresses.get(address)
+        if state is None:
+            state = self._addresses[address] = _Address()
+        return state
+
+    # What happened to the sessions here
+
+    def flushed(self, session: Session, last_seq: int) -> None:
+        """A session read its whole backlog, up to ``last_seq``."""
+        assert session.address is not None
+        state = self._of(session.address)
+        if last_seq > state.floor:
+            state.floor = last_seq
+            state.pushed = {s for s in state.pushed if s > last_seq}
+
+    def pushed(self, address: str, seq: int) -> None:
+        """A stored message was pushed to the address's ready sessions here (a peer's offer)."""
+        state = self._of(address)
+        if seq > state.floor:
+            state.pushed.add(seq)
+            if len(state.pushed) > MAX_PUSHED:
+                self.request(address)
+
+    def put_back(self, address: str, seqs: tuple[int, ...]) -> None:
+        """These messages were put back in the store (a connection never received them): send them again."""
+        state = self._addresses.get(address)
+        if state is not None:
+            state.pushed.difference_update(seqs)
+
+    def gone(self, address: str) -> None:
+        """The address has no session here any more."""
+        state = self._addresses.get(address)
+        if state is not None and not state.running:
+            del self._addresses[address]
+
+    def caught_up(self, address: str, seq: int) -> bool:
+        """Whether the stored message ``seq`` (0: none) has reached the address's sessions here, or left the
+        store, as far as this instance knows."""
+        if seq <= 0:
+            return True
+        state = self._addresses.get(address)
+        return state is not None and (seq <= state.floor or seq in state.pushed)
+
+    # Reading
+
+    def request(self, address: str, since: int = -1, seqs: tuple[int, ...] = ()) -> None:
+        """Read the address's queue for its ready sessions here (from ``since`` when >= 0, else the floor)."""
+        if not self.routes.ready_sessions(address):
+            return
+        state = self._of(address)
+        if seqs:
+            state.pushed.difference_update(seqs)
+        start = state.floor if since < 0 else min(since, state.floor)
+        if state.running:
+            state.again = start if state.again is None else min(start, state.again)
+            return
+        state.running = True
+        self.tasks.spawn(self._run(address, state, start))
+
+    def refresh_all(self) -> None:
+        """Read the queue of every address with ready sessions here (notices may have been lost)."""
+        for address in list(self.online()):
+            self.request(address)
+
+    async def _run(self, address: str, state: _Address, start: int) -> None:
+        try:
+            while True:
+                async with self._reads:
+                    await self.writes.landed(address)
+                    try:
+                        await self._read(address, state, start)
+                    except StorageUnavailable as exc:
+                        log.warning("cannot read the queue of an open session: %s; read again on the next hint",
+                                    exc)
+                        return
+                if state.again is None:
+                    return
+                start, state.again = state.again, None
+        finally:
+            state.running = False
+            if not self.routes.sessions(address):
+                self._addresses.pop(address, None)
+
+    async def _read(self, address: str, state: _Address, after: int) -> None:
+        """Push what is stored after ``after`` and was not pushed yet, in order; raise the floor."""
+        while True:
+            targets = self.routes.ready_sessions(address)
+            if not targets:
+                return
+            page = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
+            if not page:
+                if after > state.floor:
+                    state.floor = after
+                    state.pushed = {s for s in state.pushed if s > after}
+                return
+            removed: list[int] = []
+            for msg in page:
+                if msg.seq not in state.pushed and self._push(targets, msg):
+                    state.pushed.add(msg.seq)
+                    if not any(s.ack for s in targets):
+                        removed.append(msg.seq)
+            after = page[-1].seq
+            self.metrics.flushed.inc(len(removed))
+            if removed:
+                await self.store.remove(address, removed)
+
+    @staticmethod
+    def _push(targets: tuple[Session, ...], msg: QueuedMessage) -> int:
+        data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=True)
+        return sum(s.push(data, None if s.ack else msg) for s in targets)
+
+    async def settle(self) -> None:
+        await self.tasks.settle()

@@ -1,0 +1,103 @@
+"""What the relay keeps per sender: its recent answers (so a resent messageId is answered as the first one was)
+and its write pipeline (so its stored messages are answered in send order, with a bound on what it pins)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+from .session import Session
+
+RECENT_IDS = 16384
+MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT_BYTES = 1 << 20
+
+Ident = tuple[str, str, str]
+"""(sender, recipient, messageId), addresses lower-cased: what makes a message the same message."""
+
+
+class Answers:
+    """The answers (``delivered``/``queued``) given to the most recent messages, by ``Ident``."""
+
+    __slots__ = ("_recent",)
+
+    def __init__(self) -> None:
+        self._recent: OrderedDict[Ident, str] = OrderedDict()
+
+    def get(self, ident: Ident) -> str | None:
+        return self._recent.get(ident)
+
+    def remember(self, ident: Ident, answer: str) -> None:
+        recent = self._recent
+        recent[ident] = answer
+        if len(recent) > RECENT_IDS:
+            recent.popitem(last=False)
+
+
+class Pipeline:
+    """One sender's stored-but-unanswered messages: how many, how large, and when the last one is answered.
+
+    With other instances it also counts ``stores`` (messages being stored: later ones are stored behind them
+    rather than offered past them), the last ``offer`` to other instances (a message stored after it waits for
+    it, so an offer that falls back to storing keeps its place) and the last ``answered`` (answers keep send
+    order)."""
+
+    __slots__ = ("in_flight", "bytes", "tail", "stores", "offer", "answered")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.bytes = 0
+        self.tail: asyncio.Future[None] | None = None
+        self.stores = 0
+        self.offer: asyncio.Future[None] | None = None
+        self.answered: asyncio.Future[None] | None = None
+
+    @property
+    def full(self) -> bool:
+        """Past ``MAX_IN_FLIGHT`` unanswered writes (or ``MAX_IN_FLIGHT_BYTES``) the sender waits for its oldest,
+        which bounds what one connection pins."""
+        return ((self.in_flight >= MAX_IN_FLIGHT or self.bytes >= MAX_IN_FLIGHT_BYTES)
+                and self.tail is not None and not self.tail.done())
+
+    async def room(self) -> None:
+        """Return once the pipeline has room (waiting for its oldest write each time)."""
+        while self.full:
+            assert self.tail is not None
+            await asyncio.wait([self.tail])
+
+    def hold(self, session: Session, size: int) -> None:
+        """Count one message of ``size`` bytes in flight, and in its connection's budget."""
+        self.in_flight += 1
+        self.bytes += size
+        session.outbox.hold(size)
+
+    def release(self, session: Session, size: int) -> None:
+        self.in_flight -= 1
+        self.bytes -= size
+        session.outbox.hold(-size)
+
+
+class Pipelines:
+    """The pipeline of each sending session."""
+
+    __slots__ = ("_by_session",)
+
+    def __init__(self) -> None:
+        self._by_session: dict[Session, Pipeline] = {}
+
+    def get(self, session: Session) -> Pipeline | None:
+        return self._by_session.get(session)
+
+    def of(self, session: Session) -> Pipeline:
+        pipeline = self._by_session.get(session)
+        if pipeline is None:
+            pipeline = self._by_session[session] = Pipeline()
+        return pipeline
+
+    def in_flight(self, session: Session) -> int:
+        pipeline = self._by_session.get(session)
+        return pipeline.in_flight if pipeline else 0
+
+    def closed(self, session: Session) -> None:
+        """Forget a closed sender's pipeline; its writes still finish and are answered into the void."""
+        self._by_session.pop(session, None)
