@@ -47,6 +47,7 @@ from relayd.config import Config, load_config
 from relayd.identity.signatures import keccak256
 from relayd.identity.signing import address_of_private, sign_text
 from relayd.identity.statements import auth_statement, key_statement
+from relayd.protocol.session import Session
 from relayd.server import RelayServer
 from relayd.storage.store import Store
 
@@ -198,6 +199,44 @@ class ManualClock:
     def step_wall(self, seconds: float) -> None:
         """Set the wall clock forward (or back) without time passing: what NTP's first sync does."""
         self._wall += seconds
+
+
+class FakeConnection:
+    """A connection for protocol unit tests: its ``session`` records the frames (and parcels) pushed to it;
+    ``accept`` limits how many it takes before it stops reading."""
+
+    _ids = iter(range(1, 10_000))
+
+    def __init__(self, accept: int | None = None) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.closes: list[tuple[int, str]] = []
+        self.accept = accept
+        self.session = Session(next(self._ids), "127.0.0.1", 0.0, self)
+        self.parcels: list[Any] = []
+
+    closing = False
+
+    def hold(self, delta: int) -> None:
+        pass
+
+    def push(self, data: str, parcel: Any = None) -> bool:
+        if self.accept is not None:
+            if self.accept <= 0:
+                return False
+            self.accept -= 1
+        self.frames.append(json.loads(data))
+        self.parcels.append(parcel)
+        return True
+
+    def close_soon(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
+
+    def congested(self) -> None:
+        return None
+
+    def take(self) -> list[dict[str, Any]]:
+        out, self.frames = self.frames, []
+        return out
 
 
 # Configuration and processes

@@ -9,7 +9,7 @@ import asyncio
 import json
 from typing import Any
 
-from support import A, B, MIXED, make_config
+from support import A, B, MIXED, FakeConnection as Peer, make_config
 
 from relayd.errors import ErrorCode, RelayError
 from relayd.storage.memory import MemoryStore
@@ -21,41 +21,6 @@ from relayd.storage.store import StorageUnavailable
 from relayd.ops.metrics import RelayMetrics
 from relayd.clock import SYSTEM_CLOCK
 from relayd.identity.auth import Authenticator, SignIn
-
-
-class Peer:
-    """A fake connection: records frames; ``accept`` limits how many it takes before it stops reading."""
-
-    _ids = iter(range(1, 10_000))
-
-    def __init__(self, accept: int | None = None) -> None:
-        self.frames: list[dict[str, Any]] = []
-        self.closes: list[tuple[int, str]] = []
-        self.accept = accept
-        self.session = Session(next(self._ids), "127.0.0.1", 0.0, self)
-
-    closing = False
-
-    def hold(self, delta: int) -> None:
-        pass
-
-    def push(self, data: str, parcel: Any = None) -> bool:
-        if self.accept is not None:
-            if self.accept <= 0:
-                return False
-            self.accept -= 1
-        self.frames.append(json.loads(data))
-        return True
-
-    def close_soon(self, code: int, reason: str) -> None:
-        self.closes.append((code, reason))
-
-    def congested(self) -> None:
-        return None
-
-    def take(self) -> list[dict[str, Any]]:
-        out, self.frames = self.frames, []
-        return out
 
 
 class Relay:

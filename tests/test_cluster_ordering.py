@@ -1,0 +1,309 @@
+"""The cluster's ordering rules (``relayd.cluster.offers``) and its sender side, driven deterministically: the
+real offers, refresh and cluster delivery over the memory store, a manual clock, and a fake peer link whose
+answers the test gives when it chooses. No Redis, no sockets, no timing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from support import A, B, FakeConnection, ManualClock, make_config
+
+from relayd.cluster.delivery import ClusterDelivery
+from relayd.cluster.offers import REFUSAL_HOLD_S, Offers
+from relayd.cluster.peers import Taken
+from relayd.cluster.presence import PeerSessions
+from relayd.cluster.refresh import Refresh
+from relayd.ops.metrics import RelayMetrics
+from relayd.protocol.delivery import Delivery
+from relayd.protocol.presence import LocalPresence
+from relayd.protocol.writes import AddressWrites
+from relayd.storage.memory import MemoryStore
+from relayd.storage.store import EnqueueResult, QueuedMessage, QueueLimits
+
+C = "0x" + "c3" * 20
+ELSEWHERE = PeerSessions(("peer#1",))
+LIMITS = QueueLimits(100, 1 << 20, False)
+
+
+class FakePeers:
+    """A ``PeerLink`` whose offers wait until the test answers them (``answer``), recorded in order."""
+
+    def __init__(self, store: MemoryStore, where: PeerSessions = ELSEWHERE) -> None:
+        self.store = store
+        self.where = where
+        self.offers: list[tuple[str, bool, int, Callable[[Taken], None] | asyncio.Future[Taken]]] = []
+        self.hints: list[str] = []
+        self.pushed: list[str] = []
+
+    def cached(self, address: str) -> PeerSessions | None:
+        return self.where
+
+    async def lookup(self, address: str) -> PeerSessions:
+        return self.where
+
+    async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int) -> Taken:
+        reply: asyncio.Future[Taken] = asyncio.get_running_loop().create_future()
+        self.offers.append((msg.message_id, stored, after, reply))
+        return await reply
+
+    def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, then: Callable[[Taken], None]) -> None:
+        self.offers.append((msg.message_id, False, after, then))
+
+    def answer(self, index: int, count: int) -> None:
+        reply = self.offers[index][3]
+        if isinstance(reply, asyncio.Future):
+            reply.set_result(Taken(count))
+        else:
+            reply(Taken(count))
+
+    def push(self, where: PeerSessions, msg: QueuedMessage) -> None:
+        self.pushed.append(msg.message_id)
+
+    def hint(self, where: PeerSessions, address: str, since: int = -1, seqs: tuple[int, ...] = ()) -> None:
+        self.hints.append(address)
+
+    async def relay_frame(self, where: PeerSessions, to: str, frame: dict[str, Any]) -> Taken:
+        return Taken()
+
+    def forward(self, where: PeerSessions, to: str, frame: dict[str, Any]) -> None:
+        pass
+
+    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, PeerSessions]:
+        return await self.store.enqueue(msg, limits), self.where
+
+    async def restore(self, messages: list[QueuedMessage]) -> None:
+        await self.store.restore(messages)
+
+    async def spend(self, key: str, recipient: str, budget: int) -> bool:
+        return True
+
+
+class Instance:
+    """One instance's protocol parts with ``relayd.cluster``'s message path, over a shared memory store."""
+
+    def __init__(self, store: MemoryStore | None = None) -> None:
+        self.config = make_config(auth={"mode": "open"})
+        self.clock = ManualClock()
+        self.store = store or MemoryStore()
+        self.routes = LocalPresence()
+        self.metrics = RelayMetrics()
+        writes = AddressWrites()
+        self.local = Delivery(self.config, self.routes, self.store, self.metrics, self.clock, writes)
+        self.refresh = Refresh(self.routes, self.routes.online_addresses, self.store, writes, self.metrics)
+        self.offers = Offers(self.routes, self.local, self.refresh, self.metrics, self.clock)
+        self.peers = FakePeers(self.store)
+        self.delivery = ClusterDelivery(self.config, self.local, self.peers, self.refresh, self.clock)
+
+    def session(self, address: str, *, ack: bool = False, ready: bool = True) -> FakeConnection:
+        conn = FakeConnection()
+        conn.session.address, conn.session.spelling = address, address
+        conn.session.ack, conn.session.ready = ack, ready
+        self.routes.attach(conn.session)
+        return conn
+
+    async def send(self, sender: FakeConnection, to: str, mid: str) -> None:
+        pending = self.delivery.message(sender.session, {"type": "message", "to": to, "messageId": mid,
+                                                         "content": mid})
+        if pending is not None:
+            await pending
+
+    async def settle(self) -> None:
+        await self.delivery.settle()
+
+
+def stored_msg(mid: str, sender: str = A, to: str = B) -> QueuedMessage:
+    return QueuedMessage(to, sender, mid, mid, 1, 1)
+
+
+def received(conn: FakeConnection) -> list[str]:
+    return [f["messageId"] for f in conn.take() if f.get("type") == "message"]
+
+
+def answers(conn: FakeConnection) -> list[tuple[str, str]]:
+    return [(f["type"], f.get("messageId", "")) for f in conn.take()]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# Offers: what peers offer this instance
+
+
+def test_rule_1_an_unstored_offer_to_an_ack_session_is_refused_and_to_a_plain_one_taken():
+    async def scenario() -> None:
+        here = Instance()
+        acking = here.session(B, ack=True)
+        assert here.offers.offered(stored_msg("m1"), stored=False, after=0) == (0, True)
+        assert received(acking) == []
+        plain = here.session(C)
+        assert here.offers.offered(stored_msg("m2", to=C), stored=False, after=0) == (1, False)
+        assert received(plain) == ["m2"]
+    run(scenario())
+
+
+def test_rule_2_a_refusal_holds_the_pairs_later_unstored_offers_until_a_stored_one_arrives():
+    async def scenario() -> None:
+        here = Instance()
+        waiting = here.session(B, ready=False)
+        assert here.offers.offered(stored_msg("m1"), stored=False, after=0)[0] == 0  # not ready: refused
+        waiting.session.ready = True
+        assert here.offers.offered(stored_msg("m2"), stored=False, after=0)[0] == 0  # held: m1 is being stored
+        assert here.offers.offered(stored_msg("x1", sender=C), stored=False, after=0)[0] == 1  # another pair
+        m1 = stored_msg("m1")
+        await here.store.enqueue(m1, LIMITS)
+        assert here.offers.offered(m1, stored=True, after=0)[0] == 1  # the fallback arrives: the hold ends
+        assert here.offers.offered(stored_msg("m3"), stored=False, after=m1.seq)[0] == 1
+        assert received(waiting) == ["x1", "m1", "m3"]
+    run(scenario())
+
+
+def test_rule_2_the_hold_lapses_when_no_stored_message_follows():
+    async def scenario() -> None:
+        here = Instance()
+        waiting = here.session(B, ready=False)
+        assert here.offers.offered(stored_msg("m1"), stored=False, after=0)[0] == 0
+        waiting.session.ready = True
+        here.clock.advance(REFUSAL_HOLD_S - 0.1)
+        assert here.offers.offered(stored_msg("m2"), stored=False, after=0)[0] == 0
+        here.clock.advance(0.2)
+        assert here.offers.offered(stored_msg("m3"), stored=False, after=0)[0] == 1
+    run(scenario())
+
+
+def test_rule_3_an_offer_after_a_stored_message_that_never_arrived_reads_the_queue_first():
+    """The lost notice: m1 was stored for B (its hint never came), then m2 is offered live naming m1."""
+    async def scenario() -> None:
+        here = Instance()
+        plain = here.session(B)
+        m1 = stored_msg("m1")
+        await here.store.enqueue(m1, LIMITS)
+        assert here.offers.offered(stored_msg("m2"), stored=False, after=m1.seq)[0] == 0  # refused, not pushed
+        await here.refresh.settle()  # the queue read it started delivers m1
+        assert received(plain) == ["m1"]
+        m2 = stored_msg("m2")
+        await here.store.enqueue(m2, LIMITS)  # the sender's fallback
+        assert here.offers.offered(m2, stored=True, after=m1.seq)[0] == 1
+        assert received(plain) == ["m2"]
+        await here.local.settle()
+        assert await here.store.size(B) == 1  # m2 leaves the store by its sender's instance (it got delivered)
+    run(scenario())
+
+
+def test_rule_3_a_stored_offer_after_a_missing_one_is_left_for_the_queue_read_in_seq_order():
+    async def scenario() -> None:
+        here = Instance()
+        acking = here.session(B, ack=True)
+        m1, m2 = stored_msg("m1"), stored_msg("m2")
+        await here.store.enqueue(m1, LIMITS)
+        await here.store.enqueue(m2, LIMITS)
+        assert here.offers.offered(m2, stored=True, after=m1.seq) == (0, True)
+        await here.refresh.settle()
+        assert received(acking) == ["m1", "m2"]
+        here.refresh.refresh_all()  # a later blip: nothing is pushed twice to an ack session
+        await here.refresh.settle()
+        assert received(acking) == []
+        assert await here.store.size(B) == 2  # kept until acked
+    run(scenario())
+
+
+def test_rule_4_a_message_delivered_here_counts_as_taken_when_offered_again():
+    async def scenario() -> None:
+        here = Instance()
+        plain = here.session(B)
+        assert here.offers.offered(stored_msg("m1"), stored=False, after=0)[0] == 1
+        assert here.offers.offered(stored_msg("m1"), stored=False, after=0) == (1, False)
+        assert received(plain) == ["m1"]
+    run(scenario())
+
+
+def test_a_read_after_a_lost_notice_delivers_to_an_open_plain_session_and_removes():
+    async def scenario() -> None:
+        here = Instance()
+        plain = here.session(B)
+        for mid in ("m1", "m2", "m3"):
+            await here.store.enqueue(stored_msg(mid), LIMITS)
+        here.refresh.refresh_all()  # what a resubscription or a peer's lapse does
+        await here.refresh.settle()
+        assert received(plain) == ["m1", "m2", "m3"]
+        assert await here.store.size(B) == 0
+    run(scenario())
+
+
+def test_put_back_messages_are_sent_again_by_the_next_read():
+    async def scenario() -> None:
+        here = Instance()
+        acking = here.session(B, ack=True)
+        m1 = stored_msg("m1")
+        await here.store.enqueue(m1, LIMITS)
+        here.refresh.request(B)
+        await here.refresh.settle()
+        assert received(acking) == ["m1"]
+        here.refresh.request(B, since=m1.seq - 1, seqs=(m1.seq,))
+        await here.refresh.settle()
+        assert received(acking) == ["m1"]
+    run(scenario())
+
+
+# The sender side: this instance's senders with peers
+
+
+def test_an_offer_that_falls_back_to_storing_keeps_its_place_and_answers_keep_send_order():
+    async def scenario() -> None:
+        here = Instance()
+        sender = here.session(A)
+        await here.send(sender, B, "m1")
+        await here.send(sender, B, "m2")
+        assert [(mid, stored) for mid, stored, _, _ in here.peers.offers] == [("m1", False), ("m2", False)]
+        here.peers.answer(1, 1)  # m2 taken at once
+        here.peers.answer(0, 0)  # m1 refused: stored
+        await asyncio.sleep(0)
+        await here.send(sender, B, "m3")  # while m1 is being stored, m3 is stored behind it, not offered
+        for _ in range(50):
+            if len(here.peers.offers) >= 4:
+                break
+            await asyncio.sleep(0)
+        m1_seq = (await here.store.pending(B, 10))[0].seq
+        # Both go out stored, m3 naming m1: a peer that missed m1 reads the queue before taking m3.
+        assert [offer[:3] for offer in here.peers.offers[2:]] == [("m1", True, 0), ("m3", True, m1_seq)]
+        here.peers.answer(2, 0)
+        here.peers.answer(3, 0)
+        await here.settle()
+        assert answers(sender) == [("queued", "m1"), ("delivered", "m2"), ("queued", "m3")]
+        assert [m.message_id for m in await here.store.pending(B, 10)] == ["m1", "m3"]
+    run(scenario())
+
+
+def test_offers_name_the_senders_last_stored_message_to_that_recipient():
+    async def scenario() -> None:
+        here = Instance()
+        sender = here.session(A)
+        await here.send(sender, B, "m1")
+        here.peers.answer(0, 0)
+        for _ in range(50):
+            if len(here.peers.offers) >= 2:
+                break
+            await asyncio.sleep(0)
+        here.peers.answer(1, 0)
+        await here.settle()
+        seq = (await here.store.pending(B, 10))[0].seq
+        await here.send(sender, B, "m2")
+        await here.send(sender, C, "x1")
+        assert [(mid, after) for mid, _, after, _ in here.peers.offers[2:]] == [("m2", seq), ("x1", 0)]
+    run(scenario())
+
+
+def test_a_resend_of_a_stored_message_hints_the_recipients_instances():
+    """Its first notice may be lost (the instance that stored it died before sending it)."""
+    async def scenario() -> None:
+        here = Instance()
+        here.peers.where = PeerSessions(("peer#1",), ack=True)  # ack sessions elsewhere: stored first
+        sender = here.session(A)
+        await here.store.enqueue(stored_msg("m1"), LIMITS)
+        await here.send(sender, B, "m1")
+        await here.settle()
+        assert answers(sender) == [("queued", "m1")]
+        assert here.peers.hints == [B] and here.peers.offers == []
+    run(scenario())
