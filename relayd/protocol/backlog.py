@@ -9,9 +9,9 @@ subscribes to messages only after its key upload): at its first frame after
 the flush waits for writes still landing for the address (acks, receipts,
 kept messages) and for the address's other sessions that are closing to
 finish the frames they received, so a client that acked and closed never
-sees those messages again. With other instances (``peers``), the instances
-that hold sessions of the address do the same for theirs before the read
-(bounded in time).
+sees those messages again. The peers (other relayd instances on the same
+storage) that hold sessions of the address do the same for theirs before the
+read (bounded in time).
 """
 
 from __future__ import annotations

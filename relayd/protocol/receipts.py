@@ -1,5 +1,5 @@
 """Read receipts: forwarded to the sender's ready sessions, or stored for its next one, a batch per loop turn
-(``relayd.cluster.receipts`` adds the sender's sessions on other instances)."""
+(``relayd.cluster.receipts`` adds the sender's sessions on peers)."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ class MessagePath(Protocol):
 
 
 class Peers(Protocol):
-    """What the protocol tells the other relayd instances sharing its storage (nothing on one instance)."""
+    """What the protocol tells its peers, the other relayd instances sharing its storage (nothing on one instance)."""
 
     async def drain(self, address: str) -> None:
         """Before reading a backlog: the instances holding the address's closing sessions finish what those
@@ -119,11 +119,11 @@ class Peers(Protocol):
         ...
 
     def evict_unverified(self, address: str) -> None:
-        """The address proved ownership: its unsigned sessions on other instances must go."""
+        """The address proved ownership: its unsigned sessions on peers must go."""
         ...
 
     def key_uploaded(self, address: str) -> None:
-        """A key was published for the address: its waiting sessions elsewhere get their backlog."""
+        """A key was published for the address: its waiting sessions on peers get their backlog."""
         ...
 
 

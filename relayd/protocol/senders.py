@@ -37,8 +37,8 @@ class Answers:
 class Pipeline:
     """One sender's stored-but-unanswered messages: how many, how large, and when the last one is answered.
 
-    With other instances it also counts ``stores`` (messages being stored: later ones are stored behind them
-    rather than offered past them), the last ``offer`` to other instances (a message stored after it waits for
+    With peers it also counts ``stores`` (messages being stored: later ones are stored behind them
+    rather than offered past them), the last ``offer`` to peers (a message stored after it waits for
     it, so an offer that falls back to storing keeps its place) and the last ``answered`` (answers keep send
     order)."""
 
