@@ -307,3 +307,17 @@ def test_a_resend_of_a_stored_message_hints_the_recipients_instances():
         assert answers(sender) == [("queued", "m1")]
         assert here.peers.hints == [B] and here.peers.offers == []
     run(scenario())
+
+
+def test_rule_4_a_stored_offer_of_what_a_queue_read_pushed_already_is_not_pushed_again():
+    async def scenario() -> None:
+        here = Instance()
+        plain = here.session(B)
+        m1 = stored_msg("m1")
+        await here.store.enqueue(m1, LIMITS)
+        here.refresh.refresh_all()
+        await here.refresh.settle()
+        assert received(plain) == ["m1"]
+        assert here.offers.offered(m1, stored=True, after=0) == (1, False)
+        assert received(plain) == []
+    run(scenario())

@@ -326,9 +326,13 @@ class ClusterDelivery:
 
     async def _deliver_stored(self, msg: QueuedMessage, where: PeerSessions, after: int) -> str:
         """Push a committed message to the recipient's ready sessions here and offer it to its peers."""
-        taken = self.local.push_stored(self.routes.ready_sessions(msg.recipient), msg)
-        if taken:
-            self.refresh.pushed(msg.recipient, msg.seq)
+        targets = self.routes.ready_sessions(msg.recipient)
+        if self.refresh.caught_up(msg.recipient, msg.seq):
+            taken = list(targets)  # a read of the queue here pushed it already
+        else:
+            taken = self.local.push_stored(targets, msg)
+            if taken:
+                self.refresh.pushed(msg.recipient, msg.seq)
         far = Taken()
         if where.instances:
             far = await self.peers.offer(where, msg, stored=True, after=after)

@@ -17,8 +17,9 @@ The ordering rules, each tested in ``tests/test_cluster_ordering.py``:
    sessions here (its hint may be lost), the offer is not pushed: an unstored
    one is refused (stored behind it), a stored one is left in the queue, and
    the queue is read again (``refresh``), which delivers both in seq order.
-4. A messageId delivered here counts as taken when offered again unstored
-   (a resend through another instance is never delivered twice).
+4. A message delivered here counts as taken when offered again: unstored,
+   by its messageId (a resend through another instance); stored, by its seq
+   (a read of the queue here may have pushed it before its offer came).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class Offers:
                 return 0, ack
             if ack or not targets:
                 return self._refuse(pair, ack)
+        if stored and targets and self.refresh.caught_up(msg.recipient, msg.seq):
+            return len(targets), ack  # a read of the queue here pushed it already
         if targets and not self.refresh.caught_up(msg.recipient, after):
             self.refresh.request(msg.recipient)
             return (0, ack) if stored else self._refuse(pair, ack)
