@@ -28,7 +28,7 @@ from ..frames import message_text
 from ..ops.metrics import RelayMetrics
 from .seams import NO_PEERS, Peers, Routes
 from .session import Session
-from ..storage.store import StorageUnavailable, Store
+from ..storage.store import StorageOutcomeUnknown, StorageUnavailable, Store
 from ..tasks import TaskSet
 from .writes import AddressWrites
 
@@ -278,6 +278,11 @@ class Backlog:
         ids = [mid for _, batch in acks for mid in batch]
         try:
             removed = await self.store.ack(address, ids)
+        except StorageOutcomeUnknown:
+            for session in {s for s, _ in acks}:
+                session.send(RelayError(ErrorCode.STORAGE_TIMEOUT, "Storage did not confirm the ack in time; "
+                                        "it may not be recorded: send it again").frame())
+            return
         except StorageUnavailable:
             for session in {s for s, _ in acks}:
                 session.send(RelayError(ErrorCode.STORAGE_UNAVAILABLE,
