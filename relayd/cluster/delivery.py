@@ -24,7 +24,7 @@ from typing import Any
 from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
-from ..frames import encode
+from ..frames import encode, utf8_len
 from ..protocol.delivery import Delivery, refusal_of, storage_error
 from ..protocol.senders import Ident, Pipeline
 from ..protocol.session import Session
@@ -61,7 +61,7 @@ class ClusterDelivery:
         self.routes = local.routes
         self.metrics = local.metrics
         self.clock = clock
-        self.budget = ClusterBudget(config, clock, peers.spend)
+        self.budget = ClusterBudget(config, clock, local.metrics, peers.spend, peers.spend_bytes)
         self.receipts = ClusterReceipts(local.receipts, peers, local.tasks)
         self._tails: OrderedDict[tuple[str, str], int] = OrderedDict()
 
@@ -298,12 +298,8 @@ class ClusterDelivery:
         storing is stored before later ones."""
         if barrier is not None and not barrier.done():
             await asyncio.wait([barrier])
-        try:
-            await self.budget.spend(session.address or "", session.ip, msg.recipient, msg.message_id)
-        except RelayError as err:
-            if err.code is ErrorCode.RATE_LIMITED:
-                self.metrics.rate_limited.labels(limit="new_queues").inc()
-            raise
+        await self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
+                                msg.message_id)
         try:
             result, where = await self.peers.enqueue(msg, self.local.limits)
         except StorageUnavailable as exc:

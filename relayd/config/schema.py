@@ -114,6 +114,14 @@ class LimitsSection:
     new_queues_per_ip_per_hour: int = opt(20000, "Distinct offline recipients all senders of one client IP "
                                           "may queue for per hour (0: no limit).", min=0, max=100_000_000,
                                           reload=True)
+    offline_bytes_per_sender_per_hour: int = opt(64 << 20, "Bytes of content one sender may queue for offline "
+                                                 "recipients per hour (0: no limit): whoever fills the storage "
+                                                 "is refused before everyone else.", min=0, max=1 << 40,
+                                                 reload=True)
+    offline_bytes_per_ip_per_hour: int = opt(512 << 20, "Bytes of content all senders of one client IP may queue "
+                                             "for offline recipients per hour (0: no limit; sized for many "
+                                             "phones behind one carrier NAT address).", min=0, max=1 << 44,
+                                             reload=True)
 
 
 @dataclass(frozen=True)

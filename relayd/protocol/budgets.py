@@ -1,10 +1,12 @@
-"""How many distinct offline recipients one sender, and one client IP, may start queues for per hour.
+"""What one sender, and one client IP, may queue for offline recipients per hour: distinct recipients, and bytes.
 
-Storing for an offline recipient costs disk; without a bound, random ``to``
-addresses (or random sender addresses from one IP) would fill it.
-``NewQueueBudget`` counts on one instance and is Sans-I/O (the caller passes
-the time); ``relayd.cluster.budgets`` counts the same budgets for several
-instances, with this one as its cache.
+Storing for an offline recipient costs disk (or Redis memory); without a
+bound, random ``to`` addresses (or random sender addresses from one IP) would
+fill it, and one sender of large messages would fill the storage budget that
+every user's offline messages share. ``NewQueueBudget`` counts recipients and
+``OfflineBytes`` bytes on one instance, Sans-I/O (the caller passes the
+time); ``relayd.cluster.budgets`` counts the same budgets for several
+instances.
 """
 
 from __future__ import annotations
@@ -55,6 +57,47 @@ class NewQueueBudget:
         """Count ``to`` in these budgets."""
         for key in keys:
             self._recipients.setdefault(key, set()).add(to)
+
+
+class OfflineBytes:
+    """Counts, per sender address and per client IP, the content bytes queued for offline recipients this hour."""
+
+    def __init__(self, config: Config, now: float) -> None:
+        self._used: dict[str, int] = {}
+        self._since = now
+        self.per_sender = 0
+        self.per_ip = 0
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.per_sender = config.limits.offline_bytes_per_sender_per_hour
+        self.per_ip = config.limits.offline_bytes_per_ip_per_hour
+
+    def budgets(self, sender: str, ip: str, now: float) -> list[tuple[str, int]]:
+        """The budgets that apply, as (key, bytes per hour); the count starts again each hour."""
+        if now - self._since >= WINDOW_S:
+            self._used.clear()
+            self._since = now
+        return [(key, budget) for key, budget in (("b " + sender, self.per_sender),
+                                                  ("b ip " + limit_key(ip), self.per_ip)) if budget]
+
+    def check(self, sender: str, ip: str, size: int, now: float, message_id: str) -> list[str]:
+        """Raise ``RATE_LIMITED`` when ``size`` more bytes would pass a budget; else the keys to ``add`` to."""
+        budgets = self.budgets(sender, ip, now)
+        for key, budget in budgets:
+            if self._used.get(key, 0) + size > budget:
+                raise bytes_spent(message_id)
+        return [key for key, _ in budgets]
+
+    def add(self, keys: list[str], size: int) -> None:
+        for key in keys:
+            self._used[key] = self._used.get(key, 0) + size
+
+
+def bytes_spent(message_id: str) -> RelayError:
+    """The refusal of a message that would pass its sender's (or its IP's) hourly offline byte budget."""
+    return RelayError(ErrorCode.RATE_LIMITED, "Too many bytes queued for offline recipients this hour",
+                      message_id=message_id)
 
 
 def spent(message_id: str) -> RelayError:

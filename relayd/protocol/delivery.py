@@ -24,7 +24,16 @@ from typing import Any
 from ..clock import Clock, wall_ms
 from ..config import Config
 from ..errors import ErrorCode, RelayError
-from ..frames import answer_text, encode, field_address, field_message_id, field_str, field_timestamp, message_text
+from ..frames import (
+    answer_text,
+    encode,
+    field_address,
+    field_message_id,
+    field_str,
+    field_timestamp,
+    message_text,
+    utf8_len,
+)
 from ..ops.metrics import RelayMetrics
 from ..storage.store import (
     EnqueueResult,
@@ -35,7 +44,7 @@ from ..storage.store import (
     Store,
 )
 from ..tasks import TaskSet
-from .budgets import NewQueueBudget
+from .budgets import NewQueueBudget, OfflineBytes
 from .receipts import Receipts
 from .seams import Routes
 from .senders import Answers, Ident, Pipeline, Pipelines
@@ -89,6 +98,7 @@ class Delivery:
         self.pipelines = Pipelines()
         self.tasks = TaskSet()
         self.new_queues = NewQueueBudget(config, clock.monotonic())
+        self.offline_bytes = OfflineBytes(config, clock.monotonic())
         self.receipts = Receipts(config, self.forward, store, metrics, clock, writes, self.tasks)
         self._to_store: list[_Storing] = []
         self._stored: asyncio.Future[None] | None = None
@@ -106,6 +116,7 @@ class Delivery:
         budget = config.storage.max_bytes if config.storage.max_bytes >= 0 else self.storage_budget
         self.limits = QueueLimits(q.max_offline_messages, q.max_offline_bytes, q.overflow == "drop_oldest", budget)
         self.new_queues.configure(config)
+        self.offline_bytes.configure(config)
         self.receipts.configure(config)
 
     def in_flight(self, session: Session) -> int:
@@ -216,12 +227,17 @@ class Delivery:
             log.warning("cannot record %d delivered messageIds: %s", len(batch), exc)
 
     def spend_new_queue(self, session: Session, msg: QueuedMessage) -> None:
-        """Count a message for an offline recipient in the hourly new-queue budgets; raises ``RATE_LIMITED``."""
+        """Count a message for an offline recipient in the hourly budgets (recipients, bytes); raises
+        ``RATE_LIMITED``."""
+        now, sender, size = self.clock.monotonic(), session.address or "", utf8_len(msg.content)
+        limit = "offline_bytes"
         try:
-            self.new_queues.spend(session.address or "", session.ip, msg.recipient, self.clock.monotonic(),
-                                  msg.message_id)
+            keys = self.offline_bytes.check(sender, session.ip, size, now, msg.message_id)
+            limit = "new_queues"
+            self.new_queues.spend(sender, session.ip, msg.recipient, now, msg.message_id)
+            self.offline_bytes.add(keys, size)
         except RelayError as err:
-            self.metrics.rate_limited.labels(limit="new_queues").inc()
+            self.metrics.rate_limited.labels(limit=limit).inc()
             self.metrics.refused.labels(code=err.code.value).inc()
             raise
 
