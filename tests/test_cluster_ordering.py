@@ -324,3 +324,19 @@ def test_rule_4_a_stored_offer_of_what_a_queue_read_pushed_already_is_not_pushed
         assert here.offers.offered(m1, stored=True, after=0) == (1, False)
         assert received(plain) == []
     run(scenario())
+
+
+def test_rule_3_once_the_named_message_is_known_gone_offers_are_taken_live_again():
+    """The named message was delivered elsewhere (another device flushed it): one read, then the live path."""
+    async def scenario() -> None:
+        here = Instance()
+        plain = here.session(B)
+        m1 = stored_msg("m1")
+        await here.store.enqueue(m1, LIMITS)
+        await here.store.remove(B, [m1.seq])  # delivered by another instance
+        assert here.offers.offered(stored_msg("m2"), stored=False, after=m1.seq)[0] == 0
+        await here.refresh.settle()
+        here.clock.advance(REFUSAL_HOLD_S + 1)  # m2's fallback was refused elsewhere: the hold lapses
+        assert here.offers.offered(stored_msg("m3"), stored=False, after=m1.seq)[0] == 1
+        assert received(plain) == ["m3"]
+    run(scenario())

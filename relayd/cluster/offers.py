@@ -72,7 +72,7 @@ class Offers:
         if stored and targets and self.refresh.caught_up(msg.recipient, msg.seq):
             return len(targets), ack  # a read of the queue here pushed it already
         if targets and not self.refresh.caught_up(msg.recipient, after):
-            self.refresh.request(msg.recipient)
+            self.refresh.request(msg.recipient, seen=after)
             return (0, ack) if stored else self._refuse(pair, ack)
         if not stored:
             taken = self.local.push_live(targets, msg)

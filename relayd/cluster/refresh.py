@@ -44,7 +44,7 @@ PARALLEL_READS = 32
 class _Address:
     """What this instance knows of one address's stored queue (see the module docstring)."""
 
-    __slots__ = ("floor", "pushed", "running", "again")
+    __slots__ = ("floor", "pushed", "running", "again", "seen")
 
     def __init__(self) -> None:
         self.floor = 0
@@ -52,6 +52,9 @@ class _Address:
         self.running = False
         self.again: int | None = None
         """Another read was asked for while one ran: from this seq."""
+        self.seen = 0
+        """The newest seq a request named as stored before it was made: a read that starts after the request
+        finds it if it is still stored, so once the read is done the floor may rise to it."""
 
 
 class Refresh:
@@ -115,11 +118,13 @@ class Refresh:
 
     # Reading
 
-    def request(self, address: str, since: int = -1, seqs: tuple[int, ...] = ()) -> None:
-        """Read the address's queue for its ready sessions here (from ``since`` when >= 0, else the floor)."""
+    def request(self, address: str, since: int = -1, seqs: tuple[int, ...] = (), seen: int = 0) -> None:
+        """Read the address's queue for its ready sessions here (from ``since`` when >= 0, else the floor).
+        ``seen``: a seq the asker knows was stored before it asked (an offer's ``after``)."""
         if not self.routes.ready_sessions(address):
             return
         state = self._of(address)
+        state.seen = max(state.seen, seen)
         if seqs:
             state.pushed.difference_update(seqs)
         start = state.floor if since < 0 else min(since, state.floor)
@@ -139,8 +144,9 @@ class Refresh:
             while True:
                 async with self._reads:
                     await self.writes.landed(address)
+                    seen = state.seen
                     try:
-                        await self._read(address, state, start)
+                        await self._read(address, state, start, seen)
                     except StorageUnavailable as exc:
                         log.warning("cannot read the queue of an open session: %s; read again on the next hint",
                                     exc)
@@ -153,17 +159,19 @@ class Refresh:
             if not self.routes.sessions(address):
                 self._addresses.pop(address, None)
 
-    async def _read(self, address: str, state: _Address, after: int) -> None:
-        """Push what is stored after ``after`` and was not pushed yet, in order; raise the floor."""
+    async def _read(self, address: str, state: _Address, after: int, seen: int) -> None:
+        """Push what is stored after ``after`` and was not pushed yet, in order; raise the floor to what the
+        read went past, or to ``seen`` (stored before the read began: pushed by it, or gone)."""
         while True:
             targets = self.routes.ready_sessions(address)
             if not targets:
                 return
             page = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
             if not page:
-                if after > state.floor:
-                    state.floor = after
-                    state.pushed = {s for s in state.pushed if s > after}
+                floor = max(after, seen)
+                if floor > state.floor:
+                    state.floor = floor
+                    state.pushed = {s for s in state.pushed if s > floor}
                 return
             removed: list[int] = []
             for msg in page:
