@@ -9,7 +9,8 @@ from ..clock import Clock, wall_ms
 from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..protocol.presence import Presence
-from .http import HttpRequest, HttpResponse, Route, address_batch, json_body, json_response
+from .http import Route, address_batch, json_body, json_response
+from ..net.http_values import HttpRequest, HttpResponse
 from .limits import Budget, RestLimits
 
 
