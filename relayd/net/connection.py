@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import Server
@@ -92,7 +92,7 @@ class RelayConnection(HttpConnection):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.sent = SentBytes(transport)
+        self.sent = SentBytes(cast(asyncio.Transport, transport))  # a stream server's transport
         self.last_heard = asyncio.get_running_loop().time()
         super().connection_made(transport)
         self.recv_messages = Assembler(self.max_queue_high, self.max_queue_low,
