@@ -3,8 +3,8 @@
 Every TCP connection is counted from the moment it is accepted, per peer
 address (an IPv4 address or an IPv6 /64), so that half-sent requests count
 as much as open WebSockets. Three bounds apply at accept: the connections
-the process can hold (a reserve of file descriptors is kept so accept never
-fails), connections still in their HTTP head (per peer and in total), and
+the process can hold (a reserve of file descriptors is kept for accept's
+batches, the database, logs and listeners), connections still in their HTTP head (per peer and in total), and
 connections per peer. WebSocket upgrades additionally pass a rate per
 client IP. Buffered bytes (unread input, unsent output, messages being
 stored) are charged to the client's IP and to the process; past either

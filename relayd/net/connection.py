@@ -3,11 +3,12 @@
 ``RelayConnection`` extends ``HttpConnection`` (REST and the handshake). A
 whole frame with nothing queued ahead of it is applied as it arrives
 (``SessionEvents.receive``); others queue for the session loop with the frame
-limiter's verdict. Frames out are written without awaiting (the session's ``Outbox``),
-coalesced per received chunk. It accounts every byte it buffers (unread
-input, unsent output) to the client's budget, counts every frame (control
-frames too) against the frame limiter, and can be cut off, handing back the
-messages whose bytes never reached the peer.
+limiter's verdict (the limiter reads the injected clock). Frames out are
+written without awaiting (the session's ``Outbox``), coalesced per received
+chunk. It accounts every byte it buffers (unread input, unsent output,
+messages the protocol is storing for it) to the client's budget, counts every
+frame (control frames too) against the frame limiter, and can be cut off,
+handing back the messages whose bytes never reached the peer.
 """
 
 from __future__ import annotations
