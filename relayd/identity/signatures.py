@@ -220,7 +220,7 @@ def _pycryptodome_keccak(module: ModuleType, data: bytes) -> bytes:
 
 def _recover_candidates() -> Iterator[tuple[str, RecoverFn]]:
     try:
-        import coincurve  # type: ignore[import-not-found]
+        import coincurve
     except Exception:
         return
 
