@@ -1,10 +1,19 @@
-"""Time as relayd reads it: one injectable clock, so tests can move it instead of sleeping.
+"""Time as relayd decides by it: one injectable clock, so tests can move it instead of sleeping.
 
 Two kinds of time are kept apart. *Wall* time (unix epoch) is what clients
 see in timestamps and what signed statements carry. *Monotonic* time measures
-durations: timeouts, rate windows, token lifetimes. Code that needs either
-takes a ``Clock``; nothing else in relayd calls ``time.time()`` or
-``time.monotonic()`` for protocol decisions.
+durations. The server hands one ``Clock`` to the parts whose decisions a test
+must be able to move: message timestamps, sign-in challenges and tokens,
+the auth deadline, retention, the new-queue budgets, the REST and connection
+rate windows, and the per-connection frame limiter (which binds
+``monotonic`` once and reads it for every frame).
+
+Not on this clock: timers that only pace I/O run on the event loop's clock
+(HTTP head and idle timeouts, keepalive pings and stalls, the housekeeping
+tick, the cluster's heartbeats and replies), so a test that moves a
+``Clock`` still waits for them in real time; the cluster's presence cache
+reads ``time.monotonic()`` and the storage backends stamp some records with
+``time.time()`` themselves.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from websockets.http11 import Request, Response
 from .config import Config, ConfigError, merge_reload
 from .errors import ErrorCode, RelayError
 from .net.admission import raise_descriptor_limit
-from .api.http import HttpResponse, error_response
+from .net.http_values import HttpResponse, error_response
 from .net.http_connection import to_response
 from .ops.allocator import tune_allocator
 from .ops.logsetup import configure_logging
@@ -77,7 +77,7 @@ class Daemon:
         self.ssl_context = make_ssl_context(config)
         self._metrics_server: Server | None = None
         self._done = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[bool]] = set()
         self._next_status = 0.0
         self._next_watchdog = 0.0
 

@@ -1,4 +1,7 @@
-"""Counting limits: per key (a client IP or a /64) in fixed windows, per connection in token buckets."""
+"""Counting limits: fixed windows per key (a client IP or a /64), token buckets for smooth rates (frames per
+connection, connection arrivals per client).
+
+Every call takes ``now`` from its caller's injected clock; nothing here reads time itself."""
 
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def retry_after_header(seconds: float) -> str:
 
 
 class TokenBucket:
-    """``rate`` tokens per second up to ``burst``: smooth limits for frames on one connection."""
+    """``rate`` tokens per second up to ``burst``: a smooth limit (frames on one connection, arrivals per client)."""
 
     __slots__ = ("rate", "burst", "tokens", "stamp")
 

@@ -1,8 +1,12 @@
 """The composition root: builds one relay from its parts, and starts and stops it.
 
 Data flows down from here: the server creates the store's users (sign-in,
-protocol, REST, the port) and hands each the collaborators it needs. Events
-flow up one path: connection -> gateway -> router.
+protocol, REST, the port) and hands each the collaborators it needs, as the
+narrow interfaces they declare (the gateway's ``RequestHandler`` and
+``SessionHandler`` are the REST API and the router). Events come up from
+three sources: the port (connection -> gateway -> router, or -> REST API,
+whose key uploads tell the router), the cluster's bus (other instances ->
+router), and the housekeeping timer (-> gateway and the sweepers).
 """
 
 from __future__ import annotations

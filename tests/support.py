@@ -940,6 +940,16 @@ def connections(relay: Any) -> int:
     return relay.http("GET", "/health").json["connections"]
 
 
+def metric_families(text: str) -> dict[str, dict[str, Any]]:
+    """A Prometheus exposition read by prometheus_client: each family as ``{"type", "help", "samples": [(name,
+    labels, value)]}``, by the name relayd gives it (a counter's with the ``_total`` prometheus_client drops)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {fam.name + ("_total" if fam.type == "counter" else ""):
+            {"type": fam.type, "help": fam.documentation, "samples": [(s.name, s.labels, s.value) for s in fam.samples]}
+            for fam in text_string_to_metric_families(text)}
+
+
 # Sign-in
 
 

@@ -185,8 +185,9 @@ def test_frame_flood_is_refused_then_closed_while_others_flow(start_relay, manua
         assert_exchange(sender, receiver, PEER, "flood-1")
         close, frames = read_until_closed(flooder)
         assert close is not None and close.code == 1008, close
-        # The clock stands still: the burst of 5 (auth took one) is all it gets. Strikes reset only on an
-        # admitted frame; the 10th refusal in a row closes without a frame.
+        # The relay's clock stands still (the frame limiter reads it, however long the flood takes in real time):
+        # the burst of 5 (auth took one) is all it gets. Strikes reset only on an admitted frame; the 10th refusal
+        # in a row closes without a frame.
         assert [f["type"] for f in frames] == ["pong"] * 4 + ["error"] * 9, frames
         assert all(f["code"] == "rate_limited" for f in frames[4:]), frames
         assert sent > len(frames)
@@ -204,12 +205,31 @@ def test_rate_limited_frames_are_not_processed(start_relay, manual_clock) -> Non
         for i in range(6):
             sender.send({"type": "message", "to": PEER, "content": "x", "messageId": f"rl-{i}"})
         answers = [sender.recv() for _ in range(6)]
-        # Burst 3, one taken by auth, and the clock stands still.
+        # Burst 3, one taken by auth, and the relay's clock stands still however slowly these arrive.
         assert [(a["type"], a["messageId"]) for a in answers[:2]] == [("delivered", "rl-0"), ("delivered", "rl-1")]
         for answer in answers[2:]:
             assert_error(answer, "rate_limited")
         assert [receiver.recv()["messageId"] for _ in range(2)] == ["rl-0", "rl-1"]
         pong_next(receiver)
+
+
+def test_the_frame_limiter_takes_its_time_from_the_relays_clock(start_relay, manual_clock) -> None:
+    """Frames spaced out in real time but not on the relay's clock are limited; moving the clock refills."""
+    relay = start_relay(limits={"frames_per_s": 100, "frame_burst": 2, "rate_limited_close_after": 100},
+                        clock=manual_clock)
+    with relay.ws() as client:
+        client.auth(SENDER)  # the first token
+        client.send({"type": "ping"})
+        assert client.recv()["type"] == "pong"  # the second: the bucket is empty
+        # Real time must pass here, that is the point: at 100 frames/s the loop's clock would refill it 20 times.
+        spaced = time.monotonic() + 0.2
+        wait_until(lambda: time.monotonic() >= spaced, "real time to pass")
+        client.send({"type": "ping"})
+        assert_error(client.recv(), "rate_limited")
+        manual_clock.advance(1)  # refills the burst of 2
+        for answer in ("pong", "pong", "error"):
+            client.send({"type": "ping"})
+            assert client.recv()["type"] == answer
 
 
 # Oversize frames before auth

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from prom_parser import parse
 from support import (
     ADDR_A,
     KEY_A,
@@ -32,6 +31,7 @@ from support import (
     challenge_of,
     connect,
     key_body,
+    metric_families,
     pong_next,
     queue_size,
     raw_http,
@@ -49,14 +49,14 @@ PUB_KEY_2 = base64.b64encode(bytes(range(100, 132))).decode()
 
 def counter(relay, family: str, **labels: str) -> float:
     """One sample of a metric family, from a real scrape."""
-    for _, sample_labels, value in parse(relay.http("GET", "/metrics").body.decode())[family]["samples"]:
+    for _, sample_labels, value in metric_families(relay.http("GET", "/metrics").body.decode())[family]["samples"]:
         if all(sample_labels.get(k) == v for k, v in labels.items()):
             return value
     return 0.0
 
 
 def commits(relay) -> float:
-    samples = parse(relay.http("GET", "/metrics").body.decode())["relayd_storage_commit_seconds"]["samples"]
+    samples = metric_families(relay.http("GET", "/metrics").body.decode())["relayd_storage_commit_seconds"]["samples"]
     return next(value for name, _, value in samples if name.endswith("_count"))
 
 

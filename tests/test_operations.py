@@ -24,9 +24,8 @@ from typing import Any
 
 import pytest
 from support import (ROOT, ProcessRelay, RawWs, WsClient, assert_closed_with, cli_ok, frames_until_pong, free_port,
-                     http_request, msg, new_address, new_mid, online, pong_next, run_cli, wait_until)
+                     http_request, metric_families, msg, new_address, new_mid, online, pong_next, run_cli, wait_until)
 
-import prom_parser
 from relayd import __version__
 
 OPEN = "[auth]\nmode = open\n"
@@ -152,7 +151,7 @@ def scrape(port: int) -> dict[str, dict]:
     reply = http_request(port, "GET", "/metrics")
     assert reply.status == 200, reply
     assert reply.headers["content-type"].startswith("text/plain; version=0.0.4"), reply.headers
-    return prom_parser.parse(reply.body.decode())
+    return metric_families(reply.body.decode())
 
 
 def sample(families: dict[str, dict], name: str, **labels: str) -> float:

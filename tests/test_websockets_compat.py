@@ -3,24 +3,28 @@
 ``relayd.net.http_connection.HttpConnection`` replaces the protocol's handshake
 parser with ``relayd.net.http_framing.read_request`` (request bodies, kept-alive
 and pipelined requests), runs its own handshake loop, counts every frame and
-writes frames without awaiting. If a websockets release moves these seams,
+writes frames without awaiting. Every seam is listed, with the test here that
+guards it, in ``relayd/net/__init__.py``. If a websockets release moves one,
 these tests fail with a message naming the installed websockets version and
 what changed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
+import re
 import socket
 
 import pytest
 import websockets
 from support import A, chunked, http_head, raw_http
 from websockets.asyncio.connection import Connection
-from websockets.asyncio.messages import Assembler
+from websockets.asyncio.messages import Assembler, SimpleQueue
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import DATA_OPCODES, Frame, Opcode
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response, parse_headers
 from websockets.protocol import Protocol
 from websockets.server import ServerProtocol
@@ -35,8 +39,8 @@ WS = f"websockets {websockets.__version__}"
 
 
 def broken(what: str) -> str:
-    return (f"{WS} broke relayd's one-port support: {what}. relayd.net.http_connection, connection and http_framing "
-            f"must be adapted before upgrading (pyproject pins websockets>=17.4,<18).")
+    return (f"{WS} broke relayd's one-port support: {what}. The seams listed in relayd/net/__init__.py must be "
+            f"adapted before upgrading (pyproject pins websockets>=17.4,<18).")
 
 
 def frame(reader: StreamReader, data: bytes, max_body: int = 1024) -> object:
@@ -194,8 +198,6 @@ def test_transport_methods_relayd_calls_exist(name):
 def test_the_containers_relayd_replaces_are_used_only_as_it_assumes():
     # RelayConnection swaps two per-connection deques for lists (an idle connection's cost): the frames queue of
     # the Assembler's SimpleQueue (append, popleft, extendleft) and drain_waiters (append, remove, iteration).
-    import re
-
     from websockets.asyncio import messages
     queue_calls = set(re.findall(r"self\.queue\.(\w+)", inspect.getsource(messages.SimpleQueue)))
     assert queue_calls <= {"append", "popleft", "extendleft"}, broken(f"SimpleQueue calls queue.{queue_calls}")
@@ -203,3 +205,91 @@ def test_the_containers_relayd_replaces_are_used_only_as_it_assumes():
     waiter_calls = set(re.findall(r"self\.drain_waiters\.(\w+)", source))
     assert waiter_calls <= {"append", "remove"}, broken(f"Connection calls drain_waiters.{waiter_calls}")
     assert "self.drain_waiters[" not in source, broken("Connection indexes drain_waiters")
+
+
+def test_events_received_hands_over_the_list_relayd_appends_to():
+    protocol = ServerProtocol()
+    own = object()
+    protocol.events.append(own)  # what HttpConnection._parse_requests does with a framed request
+    events = protocol.events_received()
+    assert events == [own], broken(f"events_received() returned {events!r} for an appended event")
+    assert protocol.events == [] and protocol.events is not events, broken(
+        "events_received() no longer hands over the events list and starts a new one")
+
+
+def test_received_events_go_through_process_event():
+    for name in ("data_received", "eof_received"):
+        source = inspect.getsource(getattr(Connection, name))
+        assert "self.process_event(event)" in source, broken(f"Connection.{name} no longer calls process_event")
+
+
+def test_a_refusal_sends_eof_and_discards_the_rest():
+    """A malformed request's parser waits for the answer to replace it by discard() (after EOF)."""
+    protocol = ServerProtocol()
+    before = protocol.parser
+    protocol.send_response(Response(400, "Bad Request", Headers([("Content-Length", "0")]), b""))
+    assert protocol.parser is not before and protocol.parser.gi_code.co_name == "discard", broken(
+        "send_response of a non-101 answer no longer replaces the parser by discard()")
+    sent = protocol.data_to_send()
+    assert sent[0].startswith(b"HTTP/1.1 400") and sent[-1] == b"", broken(
+        f"send_response of a non-101 answer no longer sends the answer then EOF: {sent!r}")
+
+
+def test_handshake_is_called_as_relayd_overrides_it():
+    params = list(inspect.signature(ServerConnection.handshake).parameters)
+    assert params == ["self", "process_request", "process_response", "server_header"], broken(
+        f"ServerConnection.handshake takes {params}")
+    from websockets.asyncio import server
+    call = r"connection\.handshake\(\s*process_request,\s*process_response,\s*server_header,?\s*\)"
+    assert re.search(call, inspect.getsource(server)), broken(
+        "serve() no longer calls handshake(process_request, process_response, server_header)")
+    assert "expected_state" in inspect.signature(Connection.send_context).parameters, broken(
+        "send_context() no longer takes expected_state=")
+    source = inspect.getsource(ServerConnection.__init__) + inspect.getsource(Connection.__init__)
+    for name in ("request", "response"):
+        assert re.search(rf"self\.{name}\b(: [^=]+)? =", source), broken(f"the connection no longer sets {name}")
+
+
+def test_the_assembler_relayd_rebuilds_is_as_it_assumes():
+    source = inspect.getsource(Connection.__init__)
+    for attr in ("self.max_queue_low", "self.drain_waiters"):
+        assert attr in source, broken(f"Connection no longer sets {attr}")
+    assert "self.recv_messages = Assembler(" in inspect.getsource(Connection.connection_made), broken(
+        "Connection.connection_made no longer builds the Assembler (RelayConnection replaces it after)")
+
+    async def build() -> None:
+        assembler = Assembler(4, 2, pause=lambda: None, resume=lambda: None)
+        assert isinstance(assembler.frames, SimpleQueue), broken("Assembler.frames is not a SimpleQueue")
+        assert type(assembler.frames.queue).__name__ == "deque", broken(
+            f"Assembler.frames.queue is a {type(assembler.frames.queue)}")
+
+    asyncio.run(build())
+
+
+def test_stream_reader_tells_its_end():
+    reader = StreamReader()
+    assert reader.eof is False
+    reader.feed_eof()
+    assert reader.eof is True, broken("StreamReader.eof no longer tells the end of the stream")
+
+
+def test_expect_100_continue_is_answered_before_the_body(open_relay):
+    """The interim answer goes out through protocol.writes, before the client sends its body."""
+    body = json.dumps({"addresses": [A]}).encode()
+    head = http_head("POST", "/api/status/batch", {"Content-Type": "application/json",
+                                                   "Content-Length": str(len(body)), "Expect": "100-continue"})
+    with socket.create_connection(("127.0.0.1", open_relay.port), timeout=5) as s:
+        s.sendall(head)
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            block = s.recv(65536)
+            assert block, broken("the connection closed instead of answering 100 Continue")
+            interim += block
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), broken(f"Expect got {interim[:80]!r}")
+        s.sendall(body)
+        data = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+        while b'"statuses"' not in data:
+            block = s.recv(65536)
+            assert block, broken(f"no answer after the body: {data!r}")
+            data += block
+        assert data.startswith(b"HTTP/1.1 200"), broken(f"the body after 100 Continue was answered {data[:80]!r}")

@@ -15,7 +15,8 @@ from ..errors import ErrorCode, RelayError
 from ..ops.metrics import RelayMetrics
 from ..ops.prometheus import CONTENT_TYPE
 from ..storage.store import Store
-from .http import HttpRequest, HttpResponse, Route, json_response
+from .http import Route, json_response
+from ..net.http_values import HttpRequest, HttpResponse
 from .limits import Budget
 
 

@@ -12,7 +12,8 @@ from ..errors import ErrorCode, RelayError
 from ..identity.auth import Authenticator
 from ..identity.statements import key_statement
 from ..storage.store import KeyRecord, Store
-from .http import HttpRequest, HttpResponse, Route, address_batch, cached_json_response, json_body, json_response
+from .http import Route, address_batch, cached_json_response, json_body, json_response
+from ..net.http_values import HttpRequest, HttpResponse
 from .limits import Budget, RestLimits
 
 MAX_PUBLIC_KEY_CHARS = 4096

@@ -10,7 +10,8 @@ from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..identity.auth import Authenticator
 from ..storage.store import QueuedMessage, Store
-from .http import HttpRequest, HttpResponse, Route, json_response
+from .http import Route, json_response
+from ..net.http_values import HttpRequest, HttpResponse
 from .limits import Budget
 
 MAX_LISTING_BYTES = 4 << 20

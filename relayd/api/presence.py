@@ -8,8 +8,9 @@ from ..addresses import normalize_address
 from ..clock import Clock, wall_ms
 from ..config import Config
 from ..errors import ErrorCode, RelayError
+from ..net.http_values import HttpRequest, HttpResponse
 from ..protocol.seams import Presence
-from .http import HttpRequest, HttpResponse, Route, address_batch, json_body, json_response
+from .http import Route, address_batch, json_body, json_response
 from .limits import Budget, RestLimits
 
 

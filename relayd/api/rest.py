@@ -1,10 +1,11 @@
 """The REST API of the seed, as a function from an ``HttpRequest`` to an ``HttpResponse``.
 
-No sockets: ``net.gateway`` turns bytes into the request and the response
-back into bytes. This module routes and applies what every route shares
+No sockets: the transport (``relayd.net``) turns bytes into the request and
+the response back into bytes, and calls ``HttpApi.handle`` as its
+``RequestHandler``. This module routes and applies what every route shares
 (Origin policy, per-IP budgets, ``HEAD``, ``OPTIONS``, ``405``, errors as
-``{"error": ..., "code": ...}``); the routes live in ``api_keys``,
-``api_messages``, ``api_presence`` and ``api_health``.
+``{"error": ..., "code": ...}``); the routes live in ``keys``, ``messages``,
+``presence`` and ``health``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from .health import HealthRoutes, RelayStatus
 from .keys import KeyRoutes, SessionRegistry
 from .messages import MessageRoutes
 from .presence import PresenceRoutes
-from .http import HttpRequest, HttpResponse, Route, error_response
+from .http import Route
+from ..net.http_values import HttpRequest, HttpResponse, error_response
 from ..net.origins import OriginPolicy
 from .limits import Budget, RestLimits
 

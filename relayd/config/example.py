@@ -14,7 +14,7 @@ def describe() -> str:
     for section, cls in SECTIONS.items():
         lines.append(f"[{section}]")
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             if isinstance(default, tuple):
                 default = ",".join(default)
             meta = f.metadata

@@ -20,7 +20,7 @@ from .schema import CONFIG_FILE_ENV, ENV_PREFIX, SECTIONS, Config, ConfigError, 
 def _convert(section: str, f: dataclasses.Field, raw: Any, source: str) -> Any:
     name = f"[{section}] {f.name}"
     meta = f.metadata
-    typ = f.type
+    typ = str(f.type)  # the schema's annotations are strings (``from __future__ import annotations``)
     text = raw.strip() if isinstance(raw, str) else raw
     try:
         if typ == "int":

@@ -14,6 +14,8 @@ import hashlib
 import importlib
 import re
 from dataclasses import dataclass
+from functools import partial
+from types import ModuleType
 from typing import Callable, Iterator
 
 from . import keccak as _pure_keccak
@@ -197,22 +199,28 @@ def _recover_self_test(fn: RecoverFn) -> bool:
 def _keccak_candidates() -> Iterator[tuple[str, KeccakFn]]:
     for name in sorted(hashlib.algorithms_available):
         if name.lower() == "keccak-256":
-            yield "hashlib", lambda data, _name=name: hashlib.new(_name, data).digest()
+            yield "hashlib", partial(_hashlib_keccak, name)
             break
     for package in ("Crypto", "Cryptodome"):
         try:
             module = importlib.import_module(f"{package}.Hash.keccak")
         except Exception:
             continue
-        yield (
-            "pycryptodome",
-            lambda data, _m=module: _m.new(digest_bits=256, data=data).digest(),
-        )
+        yield "pycryptodome", partial(_pycryptodome_keccak, module)
+
+
+def _hashlib_keccak(name: str, data: bytes) -> bytes:
+    return hashlib.new(name, data).digest()
+
+
+def _pycryptodome_keccak(module: ModuleType, data: bytes) -> bytes:
+    digest: bytes = module.new(digest_bits=256, data=data).digest()
+    return digest
 
 
 def _recover_candidates() -> Iterator[tuple[str, RecoverFn]]:
     try:
-        import coincurve  # type: ignore[import-not-found]
+        import coincurve
     except Exception:
         return
 
@@ -241,14 +249,14 @@ def select_backend(mode: str = "auto") -> str:
     if mode != "auto":
         raise ValueError(f"unknown crypto backend mode: {mode!r}")
     keccak_name, keccak_fn = PURE_BACKEND.keccak_name, PURE_BACKEND.keccak
-    for name, fn in _keccak_candidates():
-        if _keccak_self_test(fn):
-            keccak_name, keccak_fn = name, fn
+    for name, keccak in _keccak_candidates():
+        if _keccak_self_test(keccak):
+            keccak_name, keccak_fn = name, keccak
             break
     recover_name, recover_fn = PURE_BACKEND.recover_name, PURE_BACKEND.recover
-    for name, fn in _recover_candidates():
-        if _recover_self_test(fn):
-            recover_name, recover_fn = name, fn
+    for name, recover in _recover_candidates():
+        if _recover_self_test(recover):
+            recover_name, recover_fn = name, recover
             break
     _backend = CryptoBackend(keccak_name, keccak_fn, recover_name, recover_fn)
     return _backend.description

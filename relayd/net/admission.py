@@ -3,8 +3,8 @@
 Every TCP connection is counted from the moment it is accepted, per peer
 address (an IPv4 address or an IPv6 /64), so that half-sent requests count
 as much as open WebSockets. Three bounds apply at accept: the connections
-the process can hold (a reserve of file descriptors is kept so accept never
-fails), connections still in their HTTP head (per peer and in total), and
+the process can hold (a reserve of file descriptors is kept for accept's
+batches, the database, logs and listeners), connections still in their HTTP head (per peer and in total), and
 connections per peer. WebSocket upgrades additionally pass a rate per
 client IP. Buffered bytes (unread input, unsent output, messages being
 stored) are charged to the client's IP and to the process; past either
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import resource
+from collections.abc import Iterable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Protocol
 
 from ..clock import Clock
@@ -108,11 +110,11 @@ class Admission:
         if self.open >= self.max_open:
             self.metrics.rate_limited.labels(limit="capacity").inc()
             return RelayError(ErrorCode.RATE_LIMITED, "The relay is at capacity; retry later",
-                              status=503, headers=(("Retry-After", "5"),))
+                              status=HTTPStatus.SERVICE_UNAVAILABLE, headers=(("Retry-After", "5"),))
         if self.max_head and self.in_head >= self.max_head:
             self.metrics.rate_limited.labels(limit="handshakes").inc()
             return RelayError(ErrorCode.RATE_LIMITED, "Too many connections are opening; retry later",
-                              status=503, headers=(("Retry-After", "2"),))
+                              status=HTTPStatus.SERVICE_UNAVAILABLE, headers=(("Retry-After", "2"),))
         key = limit_key(peer)
         entry = self._peers.get(key)
         if not trusted and entry is not None:
@@ -226,9 +228,9 @@ class Admission:
             within = self._shed(everyone, self.held - self.budget, "buffered_total") and within
         return within
 
-    def _shed(self, holders: object, excess: int, limit: str) -> bool:
+    def _shed(self, holders: Iterable[Holder], excess: int, limit: str) -> bool:
         """Cut the connections holding the most until ``excess`` bytes are freed."""
-        victims = sorted(holders, key=lambda h: h.held, reverse=True)  # type: ignore[arg-type]
+        victims = sorted(holders, key=lambda h: h.held, reverse=True)
         for holder in victims:
             if excess <= 0:
                 break

@@ -3,31 +3,31 @@
 ``RelayConnection`` extends ``HttpConnection`` (REST and the handshake). A
 whole frame with nothing queued ahead of it is applied as it arrives
 (``SessionEvents.receive``); others queue for the session loop with the frame
-limiter's verdict. Frames out are written without awaiting (the session's ``Outbox``),
-coalesced per received chunk. It accounts every byte it buffers (unread
-input, unsent output) to the client's budget, counts every frame (control
-frames too) against the frame limiter, and can be cut off, handing back the
-messages whose bytes never reached the peer.
+limiter's verdict (the limiter reads the injected clock). Frames out are
+written without awaiting (the session's ``Outbox``), coalesced per received
+chunk. It accounts every byte it buffers (unread input, unsent output,
+messages the protocol is storing for it) to the client's budget, counts every
+frame (control frames too) against the frame limiter, and can be cut off,
+handing back the messages whose bytes never reached the peer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Iterable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol, cast
 
 from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import Server
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import DATA_OPCODES, CloseCode, Frame, Opcode
 from websockets.protocol import OPEN
+from websockets.server import ServerProtocol
 
 from ..ratelimit import FrameLimiter, Verdict
-from .http_connection import HttpConnection
+from .http_connection import ConnectionContext, HttpConnection
 from .outbox import COALESCE_BYTES, SentBytes, begin_batch, defer_flush, end_batch, text_frame
 
-log = logging.getLogger("relayd.server")
 
 class SessionEvents(Protocol):
     """What a connection tells its session's owner (the gateway binds these to the router and the session)."""
@@ -38,11 +38,11 @@ class SessionEvents(Protocol):
     def throttled(self, verdict: Verdict) -> None:
         """The frame limiter refused a frame (``verdict`` says whether to warn or to close)."""
 
-    def undelivered(self, parcels: list[Any]) -> None:
+    def undelivered(self, parcels: list[object]) -> None:
         """Messages whose bytes never reached the peer, handed back once as the connection ends."""
 
 
-class _Frames(list):  # type: ignore[type-arg]
+class _Frames(list[Frame]):
     """The queue of frames waiting for the session loop, as a list: an idle connection's is empty, and an empty
     list costs a tenth of the deque websockets allocates for it. Holds at most ``max_queue`` frames."""
 
@@ -56,17 +56,22 @@ class _Frames(list):  # type: ignore[type-arg]
 
 
 class RelayConnection(HttpConnection):
-    """See the module docstring. ``context`` is the gateway: admission, budgets, limits."""
+    """See the module docstring. ``context`` is the gateway: admission, budgets, limits, the clock."""
 
-    __slots__ = ("held", "limiter", "events", "direct", "handling", "_busy", "last_heard", "ping_sent_at",
+    __slots__ = ("limiter", "_monotonic", "events", "direct", "handling", "_busy", "last_heard", "ping_sent_at",
                  "_pending", "_pending_bytes", "_flush_scheduled", "sent", "_inbound", "_kept", "_inbound_sizes",
                  "_verdict", "_message_size", "_frames_paused", "_bytes_paused")
 
-    def __init__(self, protocol: Any, server: Server, *, context: Any, **kwargs: Any) -> None:
+    sent: SentBytes
+    """Set once the transport exists (``connection_made``)."""
+
+    def __init__(self, protocol: ServerProtocol, server: Server, *, context: ConnectionContext,
+                 **kwargs: Any) -> None:
         super().__init__(protocol, server, context=context, **kwargs)
         self.drain_waiters = []  # type: ignore[assignment]  # appended, removed and iterated only: a list will do
-        self.held = 0
         self.limiter: FrameLimiter | None = None
+        self._monotonic: Callable[[], float] = context.clock.monotonic
+        """The frame limiter's time: the injected clock's, bound once (it is read for every frame)."""
         self.events: SessionEvents | None = None
         self.direct = False
         """Whole messages are applied from ``data_received`` (through ``events.receive``) while this is set."""
@@ -77,7 +82,6 @@ class RelayConnection(HttpConnection):
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flush_scheduled = False
-        self.sent: SentBytes | None = None
         self._inbound = 0
         self._kept = 0
         self._inbound_sizes: list[tuple[int, Verdict]] = []
@@ -89,7 +93,7 @@ class RelayConnection(HttpConnection):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.sent = SentBytes(transport)
+        self.sent = SentBytes(cast(asyncio.Transport, transport))  # a stream server's transport
         self.last_heard = asyncio.get_running_loop().time()
         super().connection_made(transport)
         self.recv_messages = Assembler(self.max_queue_high, self.max_queue_low,
@@ -121,13 +125,16 @@ class RelayConnection(HttpConnection):
     def frame_received(self, frame: Frame) -> None:
         """Count every frame against the limiter; apply a whole allowed message at once when nothing is
         ahead of it, else queue data frames with their verdict, in order, for the session loop."""
-        verdict = Verdict.ALLOW if self.limiter is None else self.limiter.admit(self.loop.time())
+        verdict = Verdict.ALLOW if self.limiter is None else self.limiter.admit(self._monotonic())
         if frame.opcode in DATA_OPCODES:
             if (frame.fin and verdict is Verdict.ALLOW and frame.opcode is not Opcode.CONT and not self.handling
                     and self._busy is None and not self._inbound_sizes and self.direct
                     and self.events is not None):
                 try:  # text must be UTF-8; websockets fails a connection that sends other (1007) on the queue path
-                    data: str | bytes = frame.data.decode() if frame.opcode is Opcode.TEXT else frame.data
+                    # websockets' parser makes ``bytes`` (``Frame.data`` is typed for any bytes-like); no conversion
+                    # on the path of every frame
+                    data: str | bytes = (frame.data.decode()  # type: ignore[union-attr]
+                                         if frame.opcode is Opcode.TEXT else frame.data)  # type: ignore[assignment]
                 except UnicodeDecodeError:
                     data = b""
                 if data:
@@ -188,7 +195,7 @@ class RelayConnection(HttpConnection):
 
     # Writing: the session's Outbox
 
-    def push(self, data: str, parcel: Any = None) -> bool:
+    def push(self, data: str, parcel: object = None) -> bool:
         """Queue one text frame; False when closed or when the peer stopped reading (then it is cut off).
 
         ``parcel`` (a message) is handed back through ``events.undelivered`` if
@@ -277,18 +284,16 @@ class RelayConnection(HttpConnection):
 
     def _hand_back(self) -> None:
         """Give the messages the peer never acknowledged to ``events.undelivered``, once."""
-        if self.sent is not None and self.sent.tracking:
+        if self.sent.tracking:
             lost = self.sent.release()
             if lost and self.events is not None:
                 self.events.undelivered(lost)
 
     def cut(self, reason: str) -> None:
-        """End the connection at once (no closing handshake): it broke a limit it cannot recover from."""
-        if self.transport.is_closing():
-            return
-        log.debug("cutting a connection from %s: %s", self.client_ip, reason)
-        self._hand_back()
-        self.transport.abort()
+        """End the connection at once, handing back the messages its peer never acknowledged."""
+        if not self.transport.is_closing():
+            self._hand_back()
+        super().cut(reason)
 
     # Accounting
 

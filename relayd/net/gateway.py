@@ -1,10 +1,12 @@
-"""The one port: each connection is admitted, then serves REST requests or becomes a session for ``Router``.
+"""The one port: each connection is admitted, then serves REST requests or becomes a session.
 
 This module only moves bytes and events. It is the context every
 ``RelayConnection`` reports to (accept, head, budget, release), it answers
-REST requests in ``process_request`` (returning None only for admitted
-WebSocket upgrades), and it feeds a session's frames to the router and
-reports its close.
+REST requests in ``process_request`` through its ``RequestHandler`` (returning
+None only for admitted WebSocket upgrades), and it hands a session's frames
+and its close to its ``SessionHandler``. The composition root
+(``relayd.server``) passes the REST API and the router as these two: the
+transport imports neither.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from websockets.asyncio.server import Server, serve
 from websockets.exceptions import ConnectionClosed
@@ -24,15 +27,13 @@ from websockets.http11 import Request, Response
 from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
-from ..ratelimit import FrameLimiter, Verdict
-from ..protocol.router import Router
 from ..protocol.session import Session
+from ..ratelimit import FrameLimiter, Verdict
 from .admission import Admission
 from .clientip import ClientIpResolver
 from .connection import RelayConnection
-from ..api.http import HttpRequest, error_response, header_value
-from ..api.rest import HttpApi
-from .http_connection import ConnectionLimits, to_response
+from .http_connection import ConnectionLimits, HttpConnection, to_response
+from .http_values import HttpRequest, HttpResponse, error_response, header_value
 from .origins import OriginPolicy
 
 log = logging.getLogger("relayd.server")
@@ -46,31 +47,58 @@ WRITE_LIMIT = 64 * 1024
 MAX_QUEUE = 16
 
 
+class RequestHandler(Protocol):
+    """Answers REST requests (``relayd.api.rest.HttpApi``)."""
+
+    async def handle(self, req: HttpRequest) -> HttpResponse:
+        """The answer to ``req``; never raises (refusals are answers too)."""
+        ...
+
+
+class SessionHandler(Protocol):
+    """What happens to sessions (``relayd.protocol.router.Router``): opened, frames, refusals, close."""
+
+    def opened(self, session: Session) -> None: ...
+
+    def receive(self, session: Session, raw: str | bytes) -> Awaitable[None] | None:
+        """Apply a whole message; an awaitable when it is not applied in full yet (later ones wait for it)."""
+        ...
+
+    def throttled(self, session: Session, verdict: Verdict) -> None: ...
+
+    def undelivered(self, session: Session, parcels: list[object]) -> None: ...
+
+    def auth_timed_out(self, session: Session) -> None: ...
+
+    def closed(self, session: Session) -> None: ...
+
+
 class RoutedSession:
-    """A connection's ``SessionEvents``, handed to the router with the session they are about."""
+    """A connection's ``SessionEvents``, handed to the session handler with the session they are about."""
 
-    __slots__ = ("router", "session")
+    __slots__ = ("handler", "session")
 
-    def __init__(self, router: Router, session: Session) -> None:
-        self.router = router
+    def __init__(self, handler: SessionHandler, session: Session) -> None:
+        self.handler = handler
         self.session = session
 
     def receive(self, message: str | bytes) -> Awaitable[None] | None:
-        return self.router.receive(self.session, message)
+        return self.handler.receive(self.session, message)
 
     def throttled(self, verdict: Verdict) -> None:
-        self.router.throttled(self.session, verdict)
+        self.handler.throttled(self.session, verdict)
 
-    def undelivered(self, parcels: list[Any]) -> None:
-        self.router.undelivered(self.session, parcels)
+    def undelivered(self, parcels: list[object]) -> None:
+        self.handler.undelivered(self.session, parcels)
 
 
 class Gateway:
     """Serves WebSocket sessions and REST on one listening socket."""
 
-    def __init__(self, config: Config, api: HttpApi, router: Router, admission: Admission, clock: Clock) -> None:
-        self.api = api
-        self.router = router
+    def __init__(self, config: Config, requests: RequestHandler, sessions: SessionHandler, admission: Admission,
+                 clock: Clock) -> None:
+        self.requests = requests
+        self.session_handler = sessions
         self.admission = admission
         self.clock = clock
         self.sessions: dict[Session, RelayConnection] = {}
@@ -89,14 +117,16 @@ class Gateway:
         cl.head_timeout, cl.idle_timeout = server.head_timeout_s, server.http_idle_timeout_s
         cl.max_requests = server.max_requests_per_connection
 
-    async def start(self, *, sock: Any = None, ssl_context: ssl.SSLContext | None = None) -> Server:
+    async def start(self, *, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None) -> Server:
         """Listen on ``sock`` or on ``[server] host:port``; returns the websockets server."""
         cfg = self.config.server
         where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": cfg.host, "port": cfg.port}
+        # websockets types these for its own ServerConnection class; it only calls create_connection to make the
+        # connections it then hands to the other two, so they get RelayConnections.
         self.server = await serve(
-            self._handle_session,
-            process_request=self._process_request,
-            create_connection=partial(RelayConnection, context=self),
+            self._handle_session,  # type: ignore[arg-type]
+            process_request=self._process_request,  # type: ignore[arg-type]
+            create_connection=partial(RelayConnection, context=self),  # type: ignore[arg-type]
             compression=None,
             open_timeout=None,  # RelayConnection times the head and idle keep-alive itself
             ping_interval=None,  # one shared timer pings quiet peers: see check_liveness
@@ -122,38 +152,38 @@ class Gateway:
         auth_deadline = self.clock.monotonic() - server.auth_timeout_s
         for session, conn in list(self.sessions.items()):
             if session.address is None and not session.closed and session.opened_at <= auth_deadline:
-                self.router.auth_timed_out(session)
+                self.session_handler.auth_timed_out(session)
                 continue
             conn.check_liveness(now, server.ping_interval_s, server.ping_timeout_s, server.stall_timeout_s)
 
     # The connection context
 
-    def accepted(self, conn: RelayConnection) -> RelayError | None:
+    def accepted(self, conn: HttpConnection) -> RelayError | None:
         conn.trusted_peer = self.ip_resolver.is_trusted(conn.peer_ip)
         refusal = self.admission.accept(conn.peer_ip, conn.trusted_peer)
         if refusal is None:
             self.admission.track(conn.client_ip, conn)
         return refusal
 
-    def may_linger(self, conn: RelayConnection) -> bool:
+    def may_linger(self, conn: HttpConnection) -> bool:
         return self.admission.start_lingering()
 
-    def lingered(self, conn: RelayConnection) -> None:
+    def lingered(self, conn: HttpConnection) -> None:
         self.admission.stop_lingering()
 
-    def head_done(self, conn: RelayConnection) -> None:
+    def head_done(self, conn: HttpConnection) -> None:
         self.admission.head_done(conn.peer_ip)
 
-    def charge(self, conn: RelayConnection, delta: int) -> None:
+    def charge(self, conn: HttpConnection, delta: int) -> None:
         self.admission.charge(conn.client_ip, delta)
 
-    def released(self, conn: RelayConnection) -> None:
+    def released(self, conn: HttpConnection) -> None:
         self.admission.untrack(conn.client_ip, conn)
         self.admission.closed(conn.peer_ip, conn.in_head)
 
     # REST and the handshake
 
-    async def _process_request(self, conn: RelayConnection, request: Request) -> Response | None:
+    async def _process_request(self, conn: HttpConnection, request: Request) -> Response | None:
         client_ip = self.ip_resolver.resolve(conn.peer_ip, header_value(request.headers, "x-forwarded-for"))
         if client_ip != conn.client_ip:
             self.admission.untrack(conn.client_ip, conn)
@@ -170,16 +200,16 @@ class Gateway:
                 return to_response(error_response(refusal), False)
             return None
         req = HttpRequest.from_target(request.method, request.path, request.headers, conn.request_body, client_ip)
-        return to_response(await self.api.handle(req), request.method == "HEAD")
+        return to_response(await self.requests.handle(req), request.method == "HEAD")
 
     async def _handle_session(self, conn: RelayConnection) -> None:
         session = Session(next(self._ids), conn.client_ip, self.clock.monotonic(), conn)
         limits = self.config.limits
         conn.limiter = FrameLimiter(limits.frames_per_s, limits.frame_burst, limits.rate_limited_close_after,
-                                    conn.loop.time())
-        conn.events = RoutedSession(self.router, session)
+                                    self.clock.monotonic())
+        conn.events = RoutedSession(self.session_handler, session)
         self.sessions[session] = conn
-        self.router.opened(session)
+        self.session_handler.opened(session)
         conn.direct = True
         try:
             # Messages arriving with nothing ahead of them were applied by the connection as they came in;
@@ -189,11 +219,11 @@ class Gateway:
                 await conn.wait_applied()
                 verdict = conn.consumed()
                 if verdict is Verdict.ALLOW:
-                    pending = self.router.receive(session, message)
+                    pending = self.session_handler.receive(session, message)
                     if pending is not None:
                         await pending
                 else:
-                    self.router.throttled(session, verdict)
+                    self.session_handler.throttled(session, verdict)
                 conn.handling = False
         except ConnectionClosed:
             pass
@@ -203,4 +233,4 @@ class Gateway:
                 await conn.wait_applied()
             del self.sessions[session]
             self.admission.socket_closed(conn.client_ip)
-            self.router.closed(session)
+            self.session_handler.closed(session)

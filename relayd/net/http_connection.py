@@ -4,10 +4,10 @@
 seams: it replaces the protocol's handshake parser by ``http_framing``'s
 strict one (bodies, keep-alive, pipelining) and runs the handshake loop that
 answers REST requests through ``process_request`` until one upgrades. Every
-connection is counted from accept by the gateway (``context``); a refused one
-gets its answer (429/503) once its first request head arrives, or is closed.
-``RelayConnection`` adds the WebSocket side. ``tests/test_websockets_compat.py``
-fails loudly, naming the version, if a websockets release moves these seams.
+connection is counted from accept by its ``ConnectionContext`` (the
+gateway); a refused one gets its answer (429/503) once its first request head
+arrives, or is closed. ``RelayConnection`` adds the WebSocket side. The
+websockets internals used here are listed in ``relayd.net``'s docstring.
 """
 
 from __future__ import annotations
@@ -15,19 +15,24 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import http
-from collections.abc import Generator
+import logging
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.datastructures import Headers
 from websockets.frames import Frame
-from websockets.http11 import Response
-from websockets.protocol import Protocol, State
+from websockets.http11 import Request, Response
+from websockets.protocol import Protocol as WsProtocol, State
+from websockets.server import ServerProtocol
 
+from ..clock import Clock
 from ..errors import RelayError
-from ..api.http import HttpResponse, error_response
 from .http_framing import BadRequest, ParsedRequest, read_request
+from .http_values import HttpResponse, error_response
+
+log = logging.getLogger("relayd.server")
 
 
 @dataclass(slots=True)
@@ -42,15 +47,49 @@ class ConnectionLimits:
     max_requests: int
 
 
+class ConnectionContext(Protocol):
+    """What a connection reports to from accept to release (the gateway): admission, budgets, limits."""
+
+    connection_limits: ConnectionLimits
+    clock: Clock
+
+    def accepted(self, conn: HttpConnection) -> RelayError | None:
+        """A TCP connection was accepted; the refusal to answer when it must not stay."""
+        ...
+
+    def may_linger(self, conn: HttpConnection) -> bool:
+        """May a refused connection stay to be answered (it holds a descriptor meanwhile)?"""
+        ...
+
+    def lingered(self, conn: HttpConnection) -> None:
+        """A refused connection got its answer."""
+        ...
+
+    def head_done(self, conn: HttpConnection) -> None:
+        """The connection's first request head arrived."""
+        ...
+
+    def charge(self, conn: HttpConnection, delta: int) -> None:
+        """The connection buffers ``delta`` more bytes (or fewer, when negative)."""
+        ...
+
+    def released(self, conn: HttpConnection) -> None:
+        """A counted connection is gone."""
+        ...
+
+
 class HttpConnection(ServerConnection):
-    """See the module docstring. ``context`` is the gateway: admission, budgets, limits."""
+    """See the module docstring."""
 
     # Slots keep relayd's fields out of the instance dict, which then holds few enough keys (websockets' own)
     # to stay a small shared-key dict: about 1 KiB less per idle connection.
     __slots__ = ("context", "limits", "peer_ip", "client_ip", "trusted_peer", "counted", "refusal", "in_head",
-                 "request_body", "_requests", "_want_next")
+                 "held", "request_body", "_requests", "_want_next")
 
-    def __init__(self, protocol: Any, server: Server, *, context: Any, **kwargs: Any) -> None:
+    protocol: ServerProtocol
+
+    def __init__(self, protocol: ServerProtocol, server: Server, *, context: ConnectionContext,
+                 **kwargs: Any) -> None:
         super().__init__(protocol, server, **kwargs)
         self.context = context
         self.limits: ConnectionLimits = context.connection_limits
@@ -60,6 +99,8 @@ class HttpConnection(ServerConnection):
         self.counted = False
         self.refusal: RelayError | None = None
         self.in_head = True
+        self.held = 0
+        """Bytes this connection buffers, as last charged to its client's budget (the WebSocket side counts)."""
         self.request_body = b""
         self._requests: list[ParsedRequest | BadRequest] = []
         self._want_next = False
@@ -86,6 +127,13 @@ class HttpConnection(ServerConnection):
     def frame_received(self, frame: Frame) -> None:
         """A WebSocket frame after the upgrade; the WebSocket side applies it."""
 
+    def cut(self, reason: str) -> None:
+        """End the connection at once (no closing handshake): it broke a limit it cannot recover from."""
+        if self.transport.is_closing():
+            return
+        log.debug("cutting a connection from %s: %s", self.client_ip, reason)
+        self.transport.abort()
+
     # Reading: HTTP requests, then frames
 
     def _parse_requests(self) -> Generator[None, None, None]:
@@ -101,13 +149,15 @@ class HttpConnection(ServerConnection):
                 yield
                 return
             except BadRequest as exc:
-                protocol.events.append(exc)
+                # Until the upgrade the protocol's events are relayd's (requests as framed here), not websockets'
+                # Request. events_received() swaps the list: look it up at each append.
+                protocol.events.append(exc)  # type: ignore[arg-type]
                 while True:  # until the answer replaces this parser by discard()
                     yield
-            protocol.events.append(parsed)
+            protocol.events.append(parsed)  # type: ignore[arg-type]
             if parsed.upgrade:
                 del parsed  # this frame lives as long as the connection: it keeps no handshake request
-                yield from Protocol.parse(protocol)
+                yield from WsProtocol.parse(protocol)
                 return
             while not self._want_next:
                 if len(protocol.reader.buffer) > self.limits.max_body + 65536:
@@ -119,18 +169,24 @@ class HttpConnection(ServerConnection):
         """``Expect: 100-continue``: tell the client to send its body."""
         self.protocol.writes.append(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def process_event(self, event: Any) -> None:
+    def process_event(self, event: object) -> None:
         if isinstance(event, Frame):
             self.frame_received(event)
-        else:
+        elif isinstance(event, (ParsedRequest, BadRequest)):
             self._requests.append(event)
             if not self.request_rcvd.done():
                 self.request_rcvd.set_result(None)
 
     # The handshake: REST requests until one upgrades
 
-    async def handshake(self, process_request: Any, process_response: Any = None,
-                        server_header: str | None = None) -> None:
+    async def handshake(
+        self,
+        process_request: Callable[[ServerConnection, Request], Awaitable[Response | None] | Response | None]
+        | None = None,
+        process_response: Callable[[ServerConnection, Request, Response], Awaitable[Response | None] | Response
+                                   | None] | None = None,
+        server_header: str | None = None,
+    ) -> None:
         """Answer requests in order until one opens a WebSocket or the connection ends.
 
         Kept-alive requests are answered by writing the response and parsing
@@ -159,7 +215,9 @@ class HttpConnection(ServerConnection):
                 return
             self.request = item.request
             self.request_body = item.body
-            response = await process_request(self, item.request)
+            response = process_request(self, item.request) if process_request is not None else None
+            if isinstance(response, Awaitable):
+                response = await response
             self.request_body = b""
             if response is None:
                 await self._accept_websocket(server_header)

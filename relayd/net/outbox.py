@@ -13,7 +13,8 @@ import collections
 import fcntl
 import struct
 import termios
-from typing import Any
+from asyncio import WriteTransport
+from typing import Protocol
 
 COALESCE_BYTES = 64 * 1024
 """Frames pushed while one received chunk is applied (or in one loop iteration) are written together, or at once
@@ -50,7 +51,13 @@ def text_frame(text: str) -> bytes:
     return frame
 
 
-_batch: list[Any] | None = None
+class Flushable(Protocol):
+    """A connection that queues frames and writes them in one go (``RelayConnection``)."""
+
+    def flush(self) -> None: ...
+
+
+_batch: list[Flushable] | None = None
 
 
 def begin_batch() -> bool:
@@ -74,7 +81,7 @@ def end_batch() -> None:
         conn.flush()
 
 
-def defer_flush(conn: Any) -> bool:
+def defer_flush(conn: Flushable) -> bool:
     """Add ``conn`` to the open batch; False when none is open (the caller flushes on the next loop turn)."""
     if _batch is None:
         return False
@@ -92,15 +99,15 @@ class SentBytes:
 
     __slots__ = ("_parcels", "_prune_at", "_seen", "stalled_since", "transport", "written")
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: WriteTransport) -> None:
         self.transport = transport
         self.written = 0
         self.stalled_since: float | None = None
         self._seen = 0
-        self._parcels: collections.deque[tuple[int, Any]] | None = None
+        self._parcels: collections.deque[tuple[int, object]] | None = None
         self._prune_at = PRUNE_AFTER
 
-    def track(self, end: int, parcel: Any) -> None:
+    def track(self, end: int, parcel: object) -> None:
         """``parcel``'s frame ends at byte ``end`` of the connection's output."""
         if self._parcels is None:
             self._parcels = collections.deque()
@@ -148,7 +155,7 @@ class SentBytes:
             self.stalled_since = now
         return now - self.stalled_since
 
-    def release(self) -> list[Any]:
+    def release(self) -> list[object]:
         """The tracked messages the peer never acknowledged; tracking ends."""
         parcels, self._parcels = self._parcels, None
         if not parcels:
