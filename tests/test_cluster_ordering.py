@@ -79,9 +79,6 @@ class FakePeers:
     async def spend(self, key: str, recipient: str, budget: int) -> bool:
         return True
 
-    async def spend_bytes(self, key: str, size: int, budget: int) -> bool:
-        return True
-
 
 class Instance:
     """One instance's protocol parts with ``relayd.cluster``'s message path, over a shared memory store."""

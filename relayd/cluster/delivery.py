@@ -61,7 +61,7 @@ class ClusterDelivery:
         self.routes = local.routes
         self.metrics = local.metrics
         self.clock = clock
-        self.budget = ClusterBudget(config, clock, local.metrics, peers.spend, peers.spend_bytes)
+        self.budget = ClusterBudget(config, clock, local.metrics, peers.spend)
         self.receipts = ClusterReceipts(local.receipts, peers, local.tasks)
         self._tails: OrderedDict[tuple[str, str], int] = OrderedDict()
 

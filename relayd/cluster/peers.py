@@ -110,11 +110,6 @@ class PeerLink(Protocol):
         """Record ``recipient`` in the cluster-wide hourly budget ``key``; False when the budget is spent."""
         ...
 
-    async def spend_bytes(self, key: str, size: int, budget: int) -> bool:
-        """Add ``size`` bytes to the cluster-wide hourly byte budget ``key``; False (nothing added) when that
-        would pass ``budget``."""
-        ...
-
 
 class ThisInstance(Protocol):
     """What peers may ask of this instance (``relayd.cluster.Cluster`` wires it to the protocol's parts)."""
@@ -241,10 +236,6 @@ class ClusterPeers:
     async def spend(self, key: str, recipient: str, budget: int) -> bool:
         name = f"{self.store.layout.prefix}{{nq:{key}}}"
         return int(await self.store.link.write(scripts.SPEND, [name], [recipient, budget, BUDGET_WINDOW_MS])) == 1
-
-    async def spend_bytes(self, key: str, size: int, budget: int) -> bool:
-        name = f"{self.store.layout.prefix}{{nq:{key}}}"
-        return int(await self.store.link.write(scripts.SPEND_BYTES, [name], [size, budget, BUDGET_WINDOW_MS])) == 1
 
     # seams.Peers
 

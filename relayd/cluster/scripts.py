@@ -79,14 +79,3 @@ redis.call('SADD', KEYS[1], ARGV[1])
 if n == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 1
 """)
-
-# KEYS: a cluster-wide hourly byte budget (a counter). ARGV: bytes, budget, window ms.
-# Adds the bytes unless that would pass the budget; the counter expires a window after its first bytes.
-# Returns 1 (added) or 0 (spent).
-SPEND_BYTES = Script("spend_bytes", r"""
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-if used + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
-local v = redis.call('INCRBY', KEYS[1], ARGV[1])
-if v == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-return 1
-""")
