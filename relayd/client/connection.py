@@ -161,9 +161,9 @@ class RelayClient:
                 frame = parse_object(raw)
                 if not self.waiters.resolve(frame):
                     await inbox.put(frame, len(raw))
-            end = stream.lost(None, "reading")
-        except ConnectionClosed as exc:
-            end = stream.lost(exc, "reading")
+            end = stream.lost("reading")
+        except ConnectionClosed:
+            end = stream.lost("reading")
         except ProtocolViolation as exc:
             end = exc
             await stream.close(CloseCode.INVALID_DATA, "invalid JSON")

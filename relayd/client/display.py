@@ -8,6 +8,7 @@ whole lines through ``terminal_line`` before printing them.
 
 from __future__ import annotations
 
+import json
 import re
 
 SHOWN_CHARS = 200
@@ -53,3 +54,13 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
 def terminal_line(line: str, limit: int = LINE_CHARS) -> str:
     """One line of output safe for a terminal: escaped, and cut at ``limit`` characters."""
     return shown(line, limit)
+
+
+def json_line(value: object) -> str:
+    """``value`` as one line of JSON that is safe for a terminal and still the same JSON.
+
+    ``json.dumps`` escapes C0 controls; C1 controls, invisible format
+    characters and lone surrogates stay raw with ``ensure_ascii=False`` and
+    are written as ``\\uXXXX`` here (they can only occur inside strings).
+    """
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, ensure_ascii=False))

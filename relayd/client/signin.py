@@ -46,8 +46,10 @@ class SignInExchange:
             if first.get("type") == "challenge":
                 challenge = self._check_challenge(first)
                 probing = True
+            elif first.get("type") == "error" and first.get("code") != "not_authenticated":
+                raise AuthRefused(str(first.get("code")), str(first.get("message", "")))  # e.g. rate_limited
             elif not (first.get("type") == "pong"  # the original relay answers pings before auth
-                      or first.get("type") == "error" and first.get("code") == "not_authenticated"):
+                      or first.get("type") == "error"):
                 raise ProtocolViolation(f"expected a challenge or not_authenticated before auth, "
                                         f"got {shown(json.dumps(first))}")
         auth: Frame = {"type": "auth", "address": identity.address}

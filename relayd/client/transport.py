@@ -30,6 +30,28 @@ from .values import Deadline, Frame, Limits
 
 # Frames websockets buffers beyond those the client has read: with max_frame_bytes, what a relay can make it hold.
 _MAX_QUEUE = 4
+_REFUSALS = (CloseCode.MESSAGE_TOO_BIG, CloseCode.INVALID_DATA, CloseCode.PROTOCOL_ERROR)
+
+
+def _refused_by_client(ws: ClientConnection) -> bool:
+    """Whether the client closed ``ws`` because the relay sent a frame over the limit or broke the protocol."""
+    protocol = ws.protocol
+    sent, rcvd = protocol.close_sent, protocol.close_rcvd
+    return sent is not None and sent.code in _REFUSALS and not (rcvd is not None and protocol.close_rcvd_then_sent)
+
+
+class _DroppingConnection(ClientConnection):
+    """A connection dropped as soon as the client refuses what the relay sent.
+
+    websockets would otherwise wait up to its close timeout for the relay to
+    finish the closing handshake, while a hostile relay keeps sending; the
+    calls waiting on the connection learn why at once instead.
+    """
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if _refused_by_client(self):
+            self.transport.abort()
 
 
 class FrameStream:
@@ -50,7 +72,7 @@ class FrameStream:
         try:
             ws = await ws_connect(endpoint.url, compression=None, open_timeout=deadline.remaining(),
                                   close_timeout=limits.timeout, max_size=limits.max_frame_bytes,
-                                  max_queue=_MAX_QUEUE, proxy=None, **extra)
+                                  max_queue=_MAX_QUEUE, proxy=None, create_connection=_DroppingConnection, **extra)
         except InvalidStatus as exc:
             response = exc.response
             body = shown(response.body.strip()) if response.body else ""
@@ -76,16 +98,15 @@ class FrameStream:
     def close_reason(self) -> str:
         return shown(self.ws.close_reason or "", 123)
 
-    def lost(self, exc: ConnectionClosed | None, doing: str) -> ConnectionLost | ProtocolViolation:
-        """The error for a connection that closed while ``doing`` something.
+    def lost(self, doing: str) -> ConnectionLost | ProtocolViolation:
+        """The error for a connection that closed (or is closing) while ``doing`` something.
 
-        When the client itself closed it because a frame was over
-        ``max_frame_bytes`` (1009), or was not valid UTF-8 (1007), that is the
-        relay's fault and said so.
+        When the client itself ended it because a frame was over
+        ``max_frame_bytes`` (1009) or broke the protocol (1007, 1002), that is
+        the relay's fault and said so.
         """
-        sent = exc.sent if exc is not None else None
-        client_first = exc is not None and not (exc.rcvd is not None and exc.rcvd_then_sent)
-        if sent is not None and client_first:
+        sent = self.ws.protocol.close_sent
+        if sent is not None and _refused_by_client(self.ws):
             if sent.code == CloseCode.MESSAGE_TOO_BIG:
                 return ProtocolViolation(f"the relay sent a frame larger than the client's limit of "
                                          f"{self.limits.max_frame_bytes} bytes (max_frame_bytes) while {doing}")
@@ -98,11 +119,13 @@ class FrameStream:
 
     async def send(self, frame: Frame, deadline: Deadline) -> None:
         what = str(frame.get("type"))
+        if _refused_by_client(self.ws):
+            raise self.lost(f"sending {what}")
         try:
             async with asyncio.timeout_at(deadline.at):
                 await self.ws.send(json.dumps(frame))
-        except ConnectionClosed as exc:
-            raise self.lost(exc, f"sending {what}") from None
+        except ConnectionClosed:
+            raise self.lost(f"sending {what}") from None
         except TimeoutError:
             raise ClientTimeout(f"timeout sending {what} after {deadline.seconds:g} s (the relay does not read)") \
                 from None
@@ -114,8 +137,8 @@ class FrameStream:
                 raw = await self.ws.recv()
         except TimeoutError:
             raise ClientTimeout(f"timeout waiting for {what} after {deadline.seconds:g} s") from None
-        except ConnectionClosed as exc:
-            raise self.lost(exc, f"waiting for {what}") from None
+        except ConnectionClosed:
+            raise self.lost(f"waiting for {what}") from None
         return parse_object(raw)
 
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "",
