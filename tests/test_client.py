@@ -421,6 +421,7 @@ def test_connect_again_after_the_connection_was_lost(start_relay):
 # answers HTTP requests and WebSocket upgrades (a real handshake, then raw frames) as the scenario says.
 
 MiB = 1 << 20
+A_ADDRESS = "0x" + "a1" * 20
 HOSTILE_TIMEOUT = scaled(1.5)
 ESCAPES = "\x1b[2J\x1b]0;pwned\x07\x9b31m\u202e"
 
@@ -638,7 +639,12 @@ def test_relay_text_is_shown_cut_and_escaped():
 
 def test_invalid_json_reasons_are_precise():
     for raw, reason in [(b"[" * 65 + b"]" * 65, "nesting too deep"), (b'{"a": }', "Expecting value at line 1"),
-                        (b"\xff", "not UTF-8"), (b"1" * 5000, "Exceeds the limit")]:
+                        (b"\xff", "not UTF-8"), (b"1" * 5000, "Exceeds the limit"),
+                        (b"[" + b"{}," * 100000 + b"{}]", "too many values")]:
         with pytest.raises(ProtocolViolation, match=f"invalid JSON from the relay: {reason}"):
             parse_json(raw)
     assert parse_json(b'"' + b"[" * 1000 + b'"') == "[" * 1000  # brackets in strings are not nesting
+    assert parse_json(json.dumps(["a,b:{" * 100000])) == ["a,b:{" * 100000]  # nor are separators values
+    listing = {"messages": [{"messageId": str(i), "from": A_ADDRESS, "to": A_ADDRESS, "content": "x",
+                             "timestamp": 1, "queued": True} for i in range(10000)]}
+    assert parse_json(json.dumps(listing)) == listing
