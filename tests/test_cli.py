@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from support import (A, B, LEGACY_ENV, ROOT, assert_auth_success, assert_closed_with, clean_env, cli_ok, free_port, msg,
                      run_cli, scaled, wait_until)
+from test_client import hostile_relay  # noqa: F401 (a fixture)
 
 from relayd.config import SECTIONS
 from relayd.identity.signing import SigningKey, load_key_file
@@ -420,3 +421,60 @@ def test_check_plain_fails_precisely_against_a_signed_relay(tmp_path, start_rela
     assert lines[0].startswith("✔")
     assert lines[1].startswith("✘") and "sign-in refused: auth_required" in lines[1]
     assert "0 of 8" not in result.stdout and "1 of 8 steps passed" in result.stdout
+
+
+# A hostile relay against ``relayd check`` and ``relayd send`` (the servers are test_client's ``HostileRelay``)
+
+HOSTILE_CLI_TIMEOUT = 1.0
+PEAK_RSS = ("import atexit, os, resource, runpy, sys\n"
+            "atexit.register(lambda: print('peak-rss-kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+            "file=sys.stderr))\n"
+            "sys.argv = sys.argv[1:]\n"
+            "sys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def run_cli_with_peak_rss(cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess, int]:
+    """``run_cli`` that also gives the command's peak RSS in bytes."""
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(ROOT / "relayd.py"), *args], cwd=cwd,
+                            env=clean_env(), capture_output=True, text=True, encoding="utf-8", timeout=scaled(60))
+    peak = re.search(r"peak-rss-kib (\d+)", result.stderr)
+    assert peak, result.stderr[-2000:]
+    return result, int(peak.group(1)) * 1024
+
+
+def hostile_cli(tmp_path: Path, command: str, url: str) -> tuple[subprocess.CompletedProcess, str, int]:
+    """``relayd check`` or ``relayd send`` against ``url``: the process, its failure line, its peak RSS."""
+    if command == "check":
+        args = ("check", "--relay", url, "--timeout", str(HOSTILE_CLI_TIMEOUT))
+    else:
+        args = ("send", "--relay", url, "--from", A, "--to", B, "hi", "--timeout", str(HOSTILE_CLI_TIMEOUT))
+    result, peak = run_cli_with_peak_rss(tmp_path, *args)
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]
+    if command == "check":
+        lines = check_lines(result)
+        assert lines[0].startswith("✘") and all("skipped" in line for line in lines[1:]), result.stdout[-2000:]
+        return result, lines[0], peak
+    return result, result.stderr.splitlines()[0], peak
+
+
+@pytest.mark.parametrize("command", ["check", "send"])
+@pytest.mark.parametrize("scenario, expected", [
+    ("trickle", {"check": "timeout on GET /health", "send": "timeout waiting for auth_success after 1 s"}),
+    ("huge", {"check": "limit of 8388608 bytes (max_body_bytes)", "send": "limit of 4194304 bytes (max_frame_bytes)"}),
+    ("long_error", {"check": "in all)", "send": "sign-in refused: auth_failed: mmmm"}),
+    ("escapes", {"check": "\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\u202e", "send": "\\x1b[2J\\x1b]0;pwned\\x07"}),
+    ("nested", {"check": "invalid JSON from the relay: nesting too deep",
+                "send": "invalid JSON from the relay: nesting too deep"}),
+])
+def test_a_hostile_relay_fails_check_and_send_precisely_briefly_and_safely(tmp_path, hostile_relay, command,
+                                                                          scenario, expected):
+    relay = hostile_relay(scenario)
+    _, baseline = run_cli_with_peak_rss(tmp_path, "send", "--relay", f"ws://127.0.0.1:{free_port()}",
+                                        "--from", A, "--to", B, "hi")
+    result, line, peak = hostile_cli(tmp_path, command, relay.url)
+    assert expected[command] in line, line[:2000]
+    output = result.stdout + result.stderr
+    assert not any(ch in output for ch in "\x1b\x07\x9b\u202e"), repr(output[:2000])
+    assert max(len(text) for text in output.splitlines()) < 1200, "a line of the relay's text was printed whole"
+    assert peak - baseline < 50 * 1024 * 1024, f"peak RSS {peak >> 20} MiB, {baseline >> 20} MiB without the relay"

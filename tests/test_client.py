@@ -7,20 +7,27 @@ while the relay serves from its own thread.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
+import re
 import socket
 import threading
-from typing import Any, Awaitable, Callable
+import time
+from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 from support import ThreadRelay, free_port, make_config, scaled
 
 from relayd.client import (
     AuthRefused,
+    ClientError,
     ClientTimeout,
     ConnectionLost,
     HttpError,
     Identity,
     KeyVerificationError,
+    ProtocolViolation,
     RelayClient,
     RelayUnreachable,
     backoff_delays,
@@ -28,6 +35,8 @@ from relayd.client import (
     random_public_key,
     verify_key_record,
 )
+from relayd.client.decoding import parse_json
+from relayd.client.display import json_line, shown
 
 TIMEOUT = scaled(5)
 
@@ -405,3 +414,237 @@ def test_connect_again_after_the_connection_was_lost(start_relay):
         assert (await signed.ping())["type"] == "pong"
         await signed.close()
     run(scenario())
+
+
+# A hostile relay: whatever it sends, a call fails by its deadline with a precise, short, escaped reason,
+# and memory stays bounded. ``HostileRelay`` is a small asyncio server on 127.0.0.1 in its own thread that
+# answers HTTP requests and WebSocket upgrades (a real handshake, then raw frames) as the scenario says.
+
+MiB = 1 << 20
+A_ADDRESS = "0x" + "a1" * 20
+HOSTILE_TIMEOUT = scaled(1.5)
+ESCAPES = "\x1b[2J\x1b]0;pwned\x07\x9b31m\u202e"
+
+
+def _ws_frame_head(length: int) -> bytes:
+    """The head of one unmasked text frame of ``length`` bytes (server to client)."""
+    if length < 126:
+        return bytes([0x81, length])
+    if length < 1 << 16:
+        return bytes([0x81, 126]) + length.to_bytes(2, "big")
+    return bytes([0x81, 127]) + length.to_bytes(8, "big")
+
+
+class HostileRelay:
+    """Serves one hostile ``scenario`` to every connection: trickle, huge, long_error, escapes, nested.
+
+    ``url`` is its ws:// URL; REST calls get the HTTP side of the scenario, WebSocket upgrades the frame side.
+    """
+
+    def __init__(self, scenario: str) -> None:
+        self.scenario = scenario
+        self.sent = 0  # bytes of huge payloads written, to show the client stopped reading early
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(scaled(10)), "the hostile relay did not start"
+        self.url = f"ws://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self.loop.run_forever()
+
+    def stop(self) -> None:
+        async def shut() -> None:
+            self.server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(scaled(10))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(scaled(10))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            key = re.search(r"(?im)^sec-websocket-key:\s*(\S+)", head)
+            if key:
+                accept = base64.b64encode(hashlib.sha1((key.group(1) + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
+                                                       .encode()).digest()).decode()
+                writer.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                              f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
+                await getattr(self, f"_ws_{self.scenario}")(writer)
+            else:
+                await getattr(self, f"_http_{self.scenario}")(writer)
+            await reader.read()  # until the client goes away
+        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    async def _trickle(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        for i in range(len(data)):
+            writer.write(data[i:i + 1])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    async def _flood(self, writer: asyncio.StreamWriter, total: int) -> None:
+        chunk = b"[" + b"0," * (MiB // 2)
+        while self.sent < total:
+            writer.write(chunk)
+            await writer.drain()
+            self.sent += len(chunk)
+
+    @staticmethod
+    def _http(writer: asyncio.StreamWriter, status: str, body: bytes) -> None:
+        writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + body)
+
+    async def _http_trickle(self, writer: asyncio.StreamWriter) -> None:
+        await self._trickle(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b" " * 100000)
+
+    async def _ws_trickle(self, writer: asyncio.StreamWriter) -> None:
+        frame = json.dumps({"type": "auth_success", "padding": " " * 1000}).encode()
+        await self._trickle(writer, _ws_frame_head(len(frame)) + frame)
+
+    async def _http_huge(self, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+        await self._flood(writer, 700 * MiB)  # no Content-Length: read until the connection closes
+
+    async def _ws_huge(self, writer: asyncio.StreamWriter) -> None:
+        writer.write(_ws_frame_head(700 * MiB))
+        await self._flood(writer, 700 * MiB)
+
+    async def _http_long_error(self, writer: asyncio.StreamWriter) -> None:
+        self._http(writer, "500 Internal Server Error", json.dumps({"code": "x", "error": "e" * 3 * MiB}).encode())
+
+    async def _ws_long_error(self, writer: asyncio.StreamWriter) -> None:
+        frame = json.dumps({"type": "error", "code": "auth_failed", "message": "m" * 3 * MiB}).encode()
+        writer.write(_ws_frame_head(len(frame)) + frame)
+
+    async def _http_escapes(self, writer: asyncio.StreamWriter) -> None:
+        self._http(writer, "500 Internal Server Error", ESCAPES.encode())
+
+    async def _ws_escapes(self, writer: asyncio.StreamWriter) -> None:
+        frame = json.dumps({"type": "error", "code": "auth_failed\x1b[31m", "message": ESCAPES}).encode()
+        writer.write(_ws_frame_head(len(frame)) + frame)
+
+    async def _http_nested(self, writer: asyncio.StreamWriter) -> None:
+        self._http(writer, "200 OK", b"[" * 100000 + b"]" * 100000)
+
+    async def _ws_nested(self, writer: asyncio.StreamWriter) -> None:
+        frame = b'{"type":' + b"[" * 100000 + b"]" * 100000 + b"}"
+        writer.write(_ws_frame_head(len(frame)) + frame)
+
+
+@pytest.fixture
+def hostile_relay() -> Iterator[Callable[[str], HostileRelay]]:
+    relays: list[HostileRelay] = []
+
+    def start(scenario: str) -> HostileRelay:
+        relays.append(HostileRelay(scenario))
+        return relays[-1]
+    yield start
+    for relay in relays:
+        relay.stop()
+
+
+def peak_rss_growth(call: Callable[[], Any]) -> tuple[Any, int]:
+    """What ``call()`` returned and how far this process's peak RSS rose above its RSS before (bytes)."""
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the current RSS
+    before = status("VmRSS")
+    result = call()
+    return result, status("VmHWM") - before
+
+
+def hostile_call(relay: HostileRelay, websocket: bool, **kw: Any) -> ClientError:
+    """The error one REST call (``health``) or one sign-in against ``relay`` fails with, by its deadline."""
+    async def scenario() -> ClientError:
+        c = RelayClient(relay.url, Identity.generate(), timeout=HOSTILE_TIMEOUT, **kw)
+        try:
+            await (c.connect() if websocket else c.health())
+        except ClientError as exc:
+            return exc
+        finally:
+            await c.close()
+        raise AssertionError("the hostile relay's answer was accepted")
+    return run(scenario())
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["rest", "websocket"])
+def test_a_trickling_relay_fails_the_call_by_its_deadline(hostile_relay, websocket):
+    relay = hostile_relay("trickle")
+    started = time.monotonic()
+    error = hostile_call(relay, websocket)
+    took = time.monotonic() - started
+    assert isinstance(error, ClientTimeout), error
+    assert f"after {HOSTILE_TIMEOUT:g} s" in str(error)
+    assert took < HOSTILE_TIMEOUT + scaled(3), f"the call took {took:.1f} s"
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["rest", "websocket"])
+def test_a_huge_answer_or_frame_is_refused_and_memory_stays_bounded(hostile_relay, websocket):
+    relay = hostile_relay("huge")
+    error, growth = peak_rss_growth(lambda: hostile_call(relay, websocket, max_frame_bytes=MiB, max_body_bytes=MiB))
+    assert isinstance(error, ProtocolViolation), error
+    limit = "max_frame_bytes" if websocket else "max_body_bytes"
+    assert f"larger than the client's limit of {MiB} bytes ({limit})" in str(error)
+    assert growth < 50 * MiB, f"peak RSS grew by {growth / MiB:.0f} MiB"
+    assert relay.sent < 100 * MiB, f"the client read {relay.sent / MiB:.0f} MiB before refusing"
+
+
+def test_the_default_limits_refuse_a_huge_frame(hostile_relay):
+    error, growth = peak_rss_growth(lambda: hostile_call(hostile_relay("huge"), True))
+    assert f"limit of {4 * MiB} bytes (max_frame_bytes)" in str(error)
+    assert growth < 50 * MiB, f"peak RSS grew by {growth / MiB:.0f} MiB"
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["rest", "websocket"])
+def test_a_long_error_is_cut(hostile_relay, websocket):
+    error = hostile_call(hostile_relay("long_error"), websocket)
+    assert isinstance(error, AuthRefused if websocket else HttpError), error
+    assert "in all)" in str(error) and len(str(error)) < 400, str(error)[:1000]
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["rest", "websocket"])
+def test_escape_sequences_from_the_relay_are_escaped(hostile_relay, websocket):
+    error = hostile_call(hostile_relay("escapes"), websocket)
+    text = str(error)
+    assert not any(ch in text for ch in "\x1b\x07\x9b\u202e"), repr(text)
+    assert "\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\u202e" in text
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["rest", "websocket"])
+def test_deeply_nested_json_fails_with_a_precise_reason(hostile_relay, websocket):
+    error = hostile_call(hostile_relay("nested"), websocket)
+    assert isinstance(error, ProtocolViolation), error
+    assert "invalid JSON from the relay: nesting too deep" in str(error)
+
+
+def test_relay_text_is_shown_cut_and_escaped():
+    assert shown("a\x1bb\nc\u202e") == "a\\x1bb\\nc\\u202e"
+    assert shown("x" * 500, 10) == "x" * 10 + "... (500 characters in all)"
+    assert shown(b"\xff\x1b" * 300, 5).startswith("\ufffd\\x1b\ufffd\\x1b\ufffd... (600 bytes in all)")
+    assert json.loads(json_line({"m": "\x1b\x9b\ud800"})) == {"m": "\x1b\x9b\ud800"}
+    assert "\x9b" not in json_line({"m": "\x9b"})
+
+
+def test_invalid_json_reasons_are_precise():
+    for raw, reason in [(b"[" * 65 + b"]" * 65, "nesting too deep"), (b'{"a": }', "Expecting value at line 1"),
+                        (b"\xff", "not UTF-8"), (b"1" * 5000, "Exceeds the limit"),
+                        (b"[" + b"{}," * 100000 + b"{}]", "too many values")]:
+        with pytest.raises(ProtocolViolation, match=f"invalid JSON from the relay: {reason}"):
+            parse_json(raw)
+    assert parse_json(b'"' + b"[" * 1000 + b'"') == "[" * 1000  # brackets in strings are not nesting
+    assert parse_json(json.dumps(["a,b:{" * 100000])) == ["a,b:{" * 100000]  # nor are separators values
+    listing = {"messages": [{"messageId": str(i), "from": A_ADDRESS, "to": A_ADDRESS, "content": "x",
+                             "timestamp": 1, "queued": True} for i in range(10000)]}
+    assert parse_json(json.dumps(listing)) == listing

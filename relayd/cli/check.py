@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any, Awaitable, Callable
 
+from ..client.display import shown, terminal_line
 from .options import EXIT_FAILURE, EXIT_OK
 
 
@@ -62,7 +63,7 @@ class RelayCheck:
                     detail, ok = _reason(exc), False
                 ms = (time.perf_counter() - started) * 1000
                 self.results[name] = ok
-                self.out(f"{self.marks[0 if ok else 1]} {title:<34} {ms:>5.0f} ms  {detail}")
+                self.out(f"{self.marks[0 if ok else 1]} {title:<34} {ms:>5.0f} ms  {terminal_line(detail)}")
         finally:
             await self.a.close()
             await self.b.close()
@@ -73,11 +74,13 @@ class RelayCheck:
     async def health(self) -> str:
         reply = await self.a.health()
         if not isinstance(reply, dict) or "status" not in reply:
-            raise ValueError(f"GET /health answered {str(reply)[:200]} without a status: not a relay?")
+            raise ValueError(f"GET /health answered {shown(json.dumps(reply))} without a status: not a relay?")
         if reply["status"] != "ok":
-            raise ValueError(f"the relay reports status {reply['status']!r}: {json.dumps(reply)[:300]}")
-        storage = reply.get("storage") or {}
-        return f"status ok, version {reply.get('version', '?')}, storage {storage.get('backend', '?')}"
+            raise ValueError(f"the relay reports status {shown(json.dumps(reply['status']), 60)}: "
+                             f"{shown(json.dumps(reply))}")
+        storage = reply.get("storage")
+        backend = storage.get("backend", "?") if isinstance(storage, dict) else "?"
+        return f"status ok, version {shown(reply.get('version', '?'), 60)}, storage {shown(backend, 60)}"
 
     async def sign_in(self, client: Any) -> str:
         result = await client.connect()
@@ -98,7 +101,7 @@ class RelayCheck:
         if record is None:
             raise ValueError("the key just published is not found (404)")
         if record.get("publicKey") != key:
-            raise ValueError(f"B got publicKey {record.get('publicKey')!r}, A published {key!r}")
+            raise ValueError(f"B got publicKey {shown(json.dumps(record.get('publicKey')), 60)}, A published {key!r}")
         if signed:
             return "signed, published, fetched, signature verified locally"
         return "unsigned, published, fetched" + ("" if self.plain else " (the relay verifies no sign-in: open mode)")
@@ -106,12 +109,12 @@ class RelayCheck:
     async def live_message(self) -> str:
         answer = await self.a.send(self.b_id.address, "relayd-check-live")
         if answer.get("type") != "delivered":
-            raise ValueError(f"expected delivered, got {json.dumps(answer)}")
+            raise ValueError(f"expected delivered, got {shown(json.dumps(answer))}")
         mid = answer["messageId"]
         frame = await self.b.recv_matching(lambda f: f.get("type") == "message" and f.get("messageId") == mid,
                                            "the live message at B")
         if frame.get("from") != self.a_id.address or frame.get("content") != "relayd-check-live":
-            raise ValueError(f"B received a different message: {json.dumps(frame)}")
+            raise ValueError(f"B received a different message: {shown(json.dumps(frame))}")
         self.live_id = mid
         return "delivered and received"
 
@@ -131,7 +134,7 @@ class RelayCheck:
             await asyncio.sleep(0.05)
         answer = await self.a.send(self.b_id.address, "relayd-check-queued")
         if answer.get("type") != "queued":
-            raise ValueError(f"expected queued, got {json.dumps(answer)}")
+            raise ValueError(f"expected queued, got {shown(json.dumps(answer))}")
         mid = answer["messageId"]
         from ..client import RelayClient
         self.b = RelayClient(self.url, self.b_id, ack=True, timeout=self.timeout)
@@ -139,7 +142,7 @@ class RelayCheck:
         frame = await self.b.recv_matching(lambda f: f.get("type") == "message" and f.get("messageId") == mid,
                                            "the queued message at B after reconnecting")
         if frame.get("queued") is not True:
-            raise ValueError(f"the stored message came without queued: true: {json.dumps(frame)}")
+            raise ValueError(f"the stored message came without queued: true: {shown(json.dumps(frame))}")
         await self.b.ack([mid])
         await self.b.recv_matching(lambda f: f.get("type") == "queue_empty", "queue_empty at B")
         return "queued, delivered on reconnect, acknowledged"
@@ -153,7 +156,7 @@ class RelayCheck:
                 return "kept: deleting a key needs the token of a signed sign-in on this relay"
             raise
         if reply.get("success") is not True:
-            raise ValueError(f"the key was not deleted: {json.dumps(reply)}")
+            raise ValueError(f"the key was not deleted: {shown(json.dumps(reply))}")
         return "deleted"
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from typing import Any, Awaitable
 
+from ..client.display import json_line, shown, terminal_line
 from .check import RelayCheck
 from .options import DEFAULT_CLIENT_TIMEOUT, EXIT_FAILURE, EXIT_OK, UsageError
 
@@ -47,7 +47,7 @@ def _run_client(command: str, coro: Awaitable[int]) -> int:
         try:
             return await coro
         except ClientError as exc:
-            print(f"relayd {command}: {exc}", file=sys.stderr)
+            print(terminal_line(f"relayd {command}: {exc}"), file=sys.stderr)
             return EXIT_FAILURE
     try:
         return asyncio.run(guarded())
@@ -56,7 +56,7 @@ def _run_client(command: str, coro: Awaitable[int]) -> int:
 
 
 def _print_json(frame: Any) -> None:
-    print(json.dumps(frame, ensure_ascii=False), flush=True)
+    print(json_line(frame), flush=True)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -80,8 +80,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         deadline = None if args.timeout is None else loop.time() + args.timeout
         sign_in = await client.connect()
-        print(f"relayd listen: signed in as {sign_in.address} ({'verified' if sign_in.verified else 'unverified'})",
-              file=sys.stderr, flush=True)
+        how = "verified" if sign_in.verified else "unverified"
+        print(f"relayd listen: signed in as {shown(sign_in.address, 60)} ({how})", file=sys.stderr, flush=True)
         frames = aiter(client)
         try:
             while args.count is None or messages < args.count:

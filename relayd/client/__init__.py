@@ -1,8 +1,11 @@
 """An asyncio client for relayd (and the original relay): the reference for app developers.
 
-``RelayClient`` (in ``connection``) signs in, sends and receives; its REST
-calls live in ``rest``; ``backoff`` shows how to reconnect. Everything public
-is importable from ``relayd.client``.
+``RelayClient`` (in ``connection``) is made of parts, each in its own module:
+``transport`` (the WebSocket), ``signin``, ``messaging`` (calls and their
+answers), ``inbox`` (unread frames), ``rest`` over ``http_exchange``.
+``decoding`` and ``display`` keep a hostile relay's JSON and text in bounds;
+``backoff`` shows how to reconnect. Everything public is importable from
+``relayd.client``.
 """
 
 from .backoff import backoff_delays, connect_with_backoff

@@ -4,11 +4,13 @@
 key: the relay's challenge is answered as README "Signing in" says), sends
 messages and gets each one's answer frame, receives frames, acknowledges them,
 sends typing indicators and read receipts, and talks to the REST API on the
-same host and port with the standard library only. ``connect_with_backoff``
-shows how to reconnect: exponential backoff with jitter, capped.
+same host and port. ``connect_with_backoff`` shows how to reconnect:
+exponential backoff with jitter, capped.
 
-Every wait is bounded by a timeout, and every failure is one of the
-``ClientError`` subclasses below, whose message says what went wrong.
+Every call is bounded by one deadline as a whole, every frame and REST answer
+by a size, and every failure is one of the ``ClientError`` subclasses, whose
+message says what went wrong (relay text in it cut and escaped): a hostile
+or broken relay can make a call fail, never hang or exhaust the client.
 
     identity = Identity.from_key(load_key_file("alice.key"))
     async with RelayClient("ws://localhost:3000", identity, ack=True) as client:
@@ -21,92 +23,101 @@ Every wait is bounded by a timeout, and every failure is one of the
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
 import ssl as ssl_module
-import urllib.parse
 from typing import Any, AsyncIterator, Callable
 
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import (
-    ConnectionClosed,
-)
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 
 from ..identity.signatures import SignatureFormat
-from .errors import (
-    ClientError,
-    ClientTimeout,
-    ConnectionLost,
-    ProtocolViolation,
-)
-from .messaging import MessagingCalls
-from .rest import RestCalls
-from .signin import SignInSteps
+from .decoding import parse_object
+from .endpoint import Endpoint
+from .errors import ClientError, ConnectionLost, ProtocolViolation
+from .inbox import Inbox, closed_inbox
+from .messaging import AnswerWaiters, Messaging
+from .rest import RestApi
+from .signin import SignInExchange
+from .transport import FrameStream
 from .values import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_INCOMING,
+    DEFAULT_MAX_INCOMING_BYTES,
     DEFAULT_TIMEOUT,
+    Deadline,
     Frame,
     Identity,
+    Limits,
     SignIn,
 )
 
 
-def _close_text(ws: ClientConnection) -> tuple[int | None, str]:
-    """The close code and reason (1006 when the connection dropped without a close frame)."""
-    return ws.close_code, ws.close_reason or ""
-
-
-_CLOSED = object()
-
-
-class RelayClient(MessagingCalls, RestCalls, SignInSteps):
+class RelayClient:
     """One connection to a relay, plus its REST API on the same host and port.
 
     ``url`` is ``ws://host:port`` or ``wss://host:port`` (REST goes to http://
     or https:// of the same host and port). ``identity`` may be None for REST
     calls only. ``ack`` opts in to acknowledged delivery. ``timeout`` bounds
-    every single wait (connecting, signing in, each answer, each REST call).
+    each call as a whole (connecting and signing in, each send with its
+    answer, each REST call). ``max_frame_bytes`` bounds one incoming frame,
+    ``max_body_bytes`` one REST answer; past ``max_incoming`` frames or
+    ``max_incoming_bytes`` unread the client stops reading the socket.
     ``connect()`` may be called again after the connection was lost.
     """
 
     def __init__(self, url: str, identity: Identity | None = None, *, ack: bool = False,
                  timeout: float = DEFAULT_TIMEOUT, signature_format: str = SignatureFormat.DOUBLE_HASH.value,
-                 ssl: ssl_module.SSLContext | None = None, max_incoming: int = 1024) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError(f"relay URL must be ws://HOST[:PORT] or wss://HOST[:PORT], got {url!r}")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"relay URL has an invalid port: {url!r}") from None
+                 ssl: ssl_module.SSLContext | None = None, max_incoming: int = DEFAULT_MAX_INCOMING,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 max_incoming_bytes: int = DEFAULT_MAX_INCOMING_BYTES) -> None:
         if signature_format not in [f.value for f in SignatureFormat]:
             raise ValueError(f"signature format must be doubleHash or prefix, got {signature_format!r}")
-        self.url = url
+        self.endpoint = Endpoint.parse(url, ssl)
+        self.limits = Limits(timeout, max_frame_bytes, max_body_bytes, max_incoming, max_incoming_bytes)
         self.identity = identity
         self.ack_mode = ack
-        self.timeout = timeout
         self.signature_format = signature_format
-        self.tls = parts.scheme == "wss"
-        self.host = parts.hostname
-        self.port = port or (443 if self.tls else 80)
-        self.http_base = urllib.parse.urlunsplit(("https" if self.tls else "http", parts.netloc, "", "", ""))
-        self._ssl = ssl
-        self._max_incoming = max_incoming
-        self._ws: ClientConnection | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._incoming: asyncio.Queue[Any] = asyncio.Queue()
-        self._room = asyncio.Event()
-        self._pending: dict[str, asyncio.Future[Frame]] = {}
-        self._pongs: collections.deque[asyncio.Future[Frame]] = collections.deque()
-        self._eof = False
+        self.waiters = AnswerWaiters()
+        self.messaging = Messaging(self._send_frame, self.waiters, timeout)
+        self.rest = RestApi(self.endpoint, self.limits, identity, signature_format, lambda: self.token)
         self.sign_in: SignIn | None = None
         self.close_code: int | None = None
         self.close_reason = ""
+        self._stream: FrameStream | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._inbox = closed_inbox(ConnectionLost("not connected"))
+
+    # Where and how
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.host
+
+    @property
+    def port(self) -> int:
+        return self.endpoint.port
+
+    @property
+    def tls(self) -> bool:
+        return self.endpoint.tls
+
+    @property
+    def http_base(self) -> str:
+        return self.endpoint.http_base
+
+    @property
+    def timeout(self) -> float:
+        return self.limits.timeout
 
     # Connection
 
     @property
     def connected(self) -> bool:
-        return self._ws is not None and not self._eof
+        return self._stream is not None and not self._inbox.ended
 
     @property
     def token(self) -> str | None:
@@ -114,7 +125,7 @@ class RelayClient(MessagingCalls, RestCalls, SignInSteps):
         return self.sign_in.token if self.sign_in else None
 
     async def connect(self) -> SignIn:
-        """Open the WebSocket and sign in as ``identity``.
+        """Open the WebSocket and sign in as ``identity``, both within one ``timeout``.
 
         Raises RelayUnreachable, ClientTimeout, AuthRefused, ConnectionLost or
         ProtocolViolation; the connection is closed again on any of them.
@@ -123,98 +134,52 @@ class RelayClient(MessagingCalls, RestCalls, SignInSteps):
             raise ClientError("this client has no identity: it can only make REST calls")
         if self.connected:
             raise ClientError("already connected")
-        await self._discard_connection()
-        ws = await self._open()
+        await self.close()
+        deadline = Deadline(self.limits.timeout)
+        stream = await FrameStream.open(self.endpoint, self.limits, deadline)
+        exchange = SignInExchange(self.identity, ack=self.ack_mode, signature_format=self.signature_format)
         try:
-            self.sign_in = await self._sign_in(ws, asyncio.get_running_loop().time() + self.timeout)
+            self.sign_in = await exchange.run(stream, deadline)
         except BaseException:
-            await self._abort(ws)
+            await stream.close(deadline=deadline)
             raise
-        self._ws = ws
-        self._eof = False
-        self._incoming = asyncio.Queue()
+        self._stream = stream
+        self._inbox = Inbox(self.limits.max_incoming, self.limits.max_incoming_bytes)
         self.close_code, self.close_reason = None, ""
-        self._reader = asyncio.create_task(self._read_loop(ws))
+        self._reader = asyncio.create_task(self._read_loop(stream, self._inbox))
         return self.sign_in
 
-    async def _send_on(self, ws: ClientConnection, frame: Frame) -> None:
-        try:
-            await asyncio.wait_for(ws.send(json.dumps(frame)), self.timeout)
-        except ConnectionClosed:
-            code, reason = _close_text(ws)
-            raise ConnectionLost(f"connection closed while sending {frame.get('type')}"
-                                 + (f" (code {code} {reason})".rstrip() if code else ""), code, reason) from None
-        except TimeoutError:
-            raise ClientTimeout(f"timeout sending {frame.get('type')} (the relay does not read)") from None
+    async def _read_loop(self, stream: FrameStream, inbox: Inbox) -> None:
+        """Route answers to the waiting ``send``/``ping``; put everything else in the inbox.
 
-    async def _read_on(self, ws: ClientConnection, deadline: float, what: str) -> Frame:
-        remaining = deadline - asyncio.get_running_loop().time()
-        try:
-            raw = await asyncio.wait_for(ws.recv(), max(0.0, remaining))
-        except TimeoutError:
-            raise ClientTimeout(f"timeout waiting for {what} after {self.timeout:g} s") from None
-        except ConnectionClosed:
-            code, reason = _close_text(ws)
-            raise ConnectionLost(f"connection closed while waiting for {what}"
-                                 + (f" (code {code} {reason})".rstrip() if code else ""), code, reason) from None
-        return self._decode(raw)
-
-    @staticmethod
-    def _decode(raw: str | bytes) -> Frame:
-        try:
-            frame = json.loads(raw)
-        except ValueError:
-            raise ProtocolViolation(f"the relay sent a frame that is not JSON: {raw[:100]!r}") from None
-        if not isinstance(frame, dict):
-            raise ProtocolViolation(f"the relay sent a frame that is not a JSON object: {raw[:100]!r}")
-        return frame
-
-    async def _read_loop(self, ws: ClientConnection) -> None:
-        """Route answers to the waiting ``send``/``ping``; queue everything else for ``recv``.
-
-        Past ``max_incoming`` unread frames it stops reading the socket, so a
-        slow consumer pushes back on the relay instead of filling memory.
+        A frame that is not a JSON object ends the connection: the waiting
+        calls and the reader of the inbox get the ProtocolViolation that says why.
         """
+        end: ClientError = ConnectionLost("connection closed")
         try:
-            async for raw in ws:
-                try:
-                    frame = self._decode(raw)
-                except ProtocolViolation as exc:
-                    frame = {"type": "client_error", "message": str(exc)}
-                ftype = frame.get("type")
-                mid = frame.get("messageId")
-                if ftype in ("delivered", "queued", "error") and isinstance(mid, str) and mid in self._pending:
-                    future = self._pending.pop(mid)
-                    if not future.done():
-                        future.set_result(frame)
-                    continue
-                if ftype == "pong" and self._pongs:
-                    future = self._pongs.popleft()
-                    if not future.done():
-                        future.set_result(frame)
-                    continue
-                if self._incoming.qsize() >= self._max_incoming:
-                    self._room.clear()
-                    await self._room.wait()
-                self._incoming.put_nowait(frame)
+            async for raw in stream.ws:
+                frame = parse_object(raw)
+                if not self.waiters.resolve(frame):
+                    await inbox.put(frame, len(raw))
+            end = stream.lost("reading")
         except ConnectionClosed:
-            pass
+            end = stream.lost("reading")
+        except ProtocolViolation as exc:
+            end = exc
+            await stream.close(CloseCode.INVALID_DATA, "invalid JSON")
         finally:
-            self.close_code, self.close_reason = _close_text(ws)
-            lost = ConnectionLost(f"connection closed (code {self.close_code} {self.close_reason})".rstrip()
-                                  if self.close_code else "connection closed", self.close_code, self.close_reason)
-            for future in [*self._pending.values(), *self._pongs]:
-                if not future.done():
-                    future.set_exception(lost)
-            self._pending.clear()
-            self._pongs.clear()
-            self._incoming.put_nowait(_CLOSED)
+            self.close_code, self.close_reason = stream.close_code, stream.close_reason
+            if isinstance(end, ConnectionLost):
+                detail = f" (code {self.close_code} {self.close_reason})".rstrip() if self.close_code else ""
+                end = ConnectionLost(f"connection closed{detail}", self.close_code, self.close_reason)
+            self.waiters.fail_all(end)
+            inbox.end(end)
 
     async def close(self) -> None:
         """Close the connection (bounded by the timeout); safe to call twice."""
-        ws, self._ws = self._ws, None
-        if ws is not None:
-            await self._abort(ws)
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -222,17 +187,9 @@ class RelayClient(MessagingCalls, RestCalls, SignInSteps):
             except (asyncio.CancelledError, Exception):
                 pass
             self._reader = None
-        self._eof = True
-
-    async def _discard_connection(self) -> None:
-        if self._ws is not None:
-            await self.close()
-
-    async def _abort(self, ws: ClientConnection) -> None:
-        try:
-            await asyncio.wait_for(ws.close(), self.timeout)
-        except (TimeoutError, OSError, ConnectionClosed):
-            pass
+        if stream is not None:
+            self.close_code, self.close_reason = stream.close_code, stream.close_reason
+        self._inbox = closed_inbox(ConnectionLost("connection closed", self.close_code, self.close_reason))
 
     async def __aenter__(self) -> "RelayClient":
         await self.connect()
@@ -243,66 +200,91 @@ class RelayClient(MessagingCalls, RestCalls, SignInSteps):
 
     # Frames
 
-    def _live(self) -> ClientConnection:
-        if self._ws is None or self._eof:
+    async def _send_frame(self, frame: Frame, deadline: Deadline) -> None:
+        stream = self._stream
+        if stream is None or self._inbox.ended:
             raise ConnectionLost("not connected", self.close_code, self.close_reason)
-        return self._ws
+        await stream.send(frame, deadline)
 
     async def send_frame(self, frame: Frame) -> None:
         """Send any frame as JSON (the typed helpers below are preferred)."""
-        await self._send_on(self._live(), frame)
-
-    async def _wait(self, future: asyncio.Future[Frame], what: str, timeout: float | None) -> Frame:
-        limit = self.timeout if timeout is None else timeout
-        try:
-            return await asyncio.wait_for(future, limit)
-        except TimeoutError:
-            raise ClientTimeout(f"timeout waiting for {what} after {limit:g} s") from None
+        await self._send_frame(frame, Deadline(self.limits.timeout))
 
     async def recv(self, timeout: float | None = None) -> Frame:
         """The next incoming frame that is not an answer to ``send``/``ping``.
 
         Raises ClientTimeout after ``timeout`` (default: the client's), and
-        ConnectionLost once the connection has closed and every frame was read.
+        ConnectionLost (or the ProtocolViolation that ended it) once the
+        connection has closed and every frame was read.
         """
-        if self._eof:
-            raise ConnectionLost("connection closed", self.close_code, self.close_reason)
-        limit = self.timeout if timeout is None else timeout
-        try:
-            item = await asyncio.wait_for(self._incoming.get(), limit)
-            self._room.set()
-        except TimeoutError:
-            raise ClientTimeout(f"timeout waiting for a frame after {limit:g} s") from None
-        if item is _CLOSED:
-            self._eof = True
-            detail = f" (code {self.close_code} {self.close_reason})".rstrip() if self.close_code else ""
-            raise ConnectionLost(f"connection closed{detail}", self.close_code, self.close_reason)
-        return item
+        return await self._inbox.get(Deadline(self.limits.timeout if timeout is None else timeout))
 
     async def recv_matching(self, match: Callable[[Frame], bool], what: str,
                             timeout: float | None = None) -> Frame:
         """The first incoming frame ``match`` accepts, discarding others; bounded by one timeout overall."""
-        limit = self.timeout if timeout is None else timeout
-        deadline = asyncio.get_running_loop().time() + limit
-        while True:
-            remaining = deadline - asyncio.get_running_loop().time()
-            try:
-                frame = await self.recv(max(0.0, remaining))
-            except ClientTimeout:
-                raise ClientTimeout(f"timeout waiting for {what} after {limit:g} s") from None
-            if match(frame):
-                return frame
+        deadline = Deadline(self.limits.timeout if timeout is None else timeout)
+        return await self._inbox.get_matching(match, what, deadline)
 
     def __aiter__(self) -> AsyncIterator[Frame]:
-        return self._frames()
-
-    async def _frames(self) -> AsyncIterator[Frame]:
         """Incoming frames until the connection closes (liveness is kept by WebSocket pings)."""
-        while not self._eof:
-            item = await self._incoming.get()
-            self._room.set()
-            if item is _CLOSED:
-                self._eof = True
-                return
-            yield item
+        return self._inbox.frames()
 
+    # Messages (``messaging``)
+
+    async def send(self, to: str, content: str, *, message_id: str | None = None,
+                   timestamp: int | None = None, timeout: float | None = None) -> Frame:
+        """Send a message and return the relay's answer: ``delivered``, ``queued`` or ``error``.
+
+        Resending the same ``message_id`` after a lost answer is safe: the relay
+        answers again and delivers once. Raises ClientTimeout or ConnectionLost.
+        """
+        return await self.messaging.send(to, content, message_id=message_id, timestamp=timestamp,
+                                         timeout=timeout)
+
+    async def ping(self, timeout: float | None = None) -> Frame:
+        """Application-level ping; returns the ``pong`` frame."""
+        return await self.messaging.ping(timeout)
+
+    async def ack(self, message_ids: list[str]) -> None:
+        """Acknowledge received messages (ack mode), in frames of at most 1000 ids."""
+        await self.messaging.ack(message_ids)
+
+    async def typing(self, to: str, is_typing: bool = True) -> None:
+        await self.messaging.typing(to, is_typing)
+
+    async def read_receipt(self, to: str, message_id: str) -> None:
+        """Tell ``to`` (the sender) that its message ``message_id`` was read."""
+        await self.messaging.read_receipt(to, message_id)
+
+    # REST (``rest``)
+
+    async def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,
+                      timeout: float | None = None) -> Any:
+        """One REST call; returns the parsed JSON answer (see ``RestApi.request``)."""
+        return await self.rest.request(method, path, body, token=token, timeout=timeout)
+
+    async def health(self) -> Frame:
+        return await self.rest.health()
+
+    async def status(self, address: str) -> Frame:
+        """``{"address", "online", "timestamp"}`` of any address."""
+        return await self.rest.status(address)
+
+    async def queue_size(self, address: str) -> int:
+        return await self.rest.queue_size(address)
+
+    async def get_key(self, address: str, *, verify: bool = False) -> Frame | None:
+        """The published key record of ``address``, or None; with ``verify`` checked locally."""
+        return await self.rest.get_key(address, verify=verify)
+
+    async def put_key(self, public_key: str, *, signed: bool | None = None, issued_at: int | None = None) -> Frame:
+        """Publish this identity's encryption key; signed (README "Signed keys") by default when it has a key."""
+        return await self.rest.put_key(public_key, signed=signed, issued_at=issued_at)
+
+    async def delete_key(self) -> Frame:
+        """Remove this identity's key (needs the sign-in token outside open mode)."""
+        return await self.rest.delete_key()
+
+    async def messages(self, limit: int | None = None) -> Frame:
+        """This identity's stored messages over REST; with ``limit`` a peek, without it they are removed."""
+        return await self.rest.messages(limit)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import ssl
 
+from .display import shown
+
 
 class ClientError(Exception):
     """Base of every error this client raises; the message is meant for a human."""
@@ -47,13 +49,14 @@ class AuthRefused(ClientError):
     """The relay refused the sign-in with an ``error`` frame (``code``: auth_failed, auth_required, ...)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"sign-in refused: {code}: {message}")
+        super().__init__(f"sign-in refused: {shown(code, 50)}: {shown(message)}")
         self.code = code
         self.relay_message = message
 
 
 class ProtocolViolation(ClientError):
-    """The peer sent something a relay never sends (not JSON, an unexpected frame, a malformed challenge)."""
+    """The peer sent something a relay never sends: not JSON, JSON nested too deep, a frame or answer over the
+    client's size limits, an unexpected frame, a malformed challenge."""
 
 
 class HttpError(ClientError):
@@ -63,17 +66,14 @@ class HttpError(ClientError):
         self.status = status
         self.body = body
         self.code: str | None = None
-        text = body.decode("utf-8", "replace").strip()
         try:
-            parsed = json.loads(text)
-        except ValueError:
+            parsed = json.loads(body)
+        except (ValueError, RecursionError):
             parsed = None
         if isinstance(parsed, dict) and isinstance(parsed.get("code"), str):
             self.code = parsed["code"]
-        super().__init__(f"{method} {path}: HTTP {status}: {text[:300] or '(empty body)'}")
+        super().__init__(f"{method} {path}: HTTP {status}: {shown(body.strip()) or '(empty body)'}")
 
 
 class KeyVerificationError(ClientError):
     """A public-key record whose statement or signature does not prove it came from its address."""
-
-

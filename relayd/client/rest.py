@@ -1,55 +1,53 @@
-"""The REST half of the client: standard-library HTTP to the relay's API on the WebSocket's host and port."""
+"""The REST half of the client: the relay's HTTP API on the WebSocket's host and port, each call bounded."""
 
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
-import ssl as ssl_module
 import time
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 from ..identity.statements import key_statement
+from .decoding import parse_json
+from .display import shown
+from .endpoint import Endpoint
 from .errors import (
     ClientError,
     ClientTimeout,
     HttpError,
     ProtocolViolation,
-    RelayUnreachable,
     unreachable,
 )
-from .values import Frame, verify_key_record
+from .http_exchange import exchange
+from .values import Frame, Identity, Limits, verify_key_record
 
 
-class RestCalls:
-    """REST calls of ``RelayClient``; needs ``host``, ``port``, ``tls``, ``timeout``, ``identity``, ``token``."""
+class RestApi:
+    """The REST calls of one identity (or none, for public routes) against one relay.
+
+    ``token`` gives the bearer token of the current signed sign-in, if any,
+    for the private routes; ``signature_format`` signs published keys.
+    """
+
+    def __init__(self, endpoint: Endpoint, limits: Limits, identity: Identity | None, signature_format: str,
+                 token: Callable[[], str | None]) -> None:
+        self.endpoint = endpoint
+        self.limits = limits
+        self.identity = identity
+        self.signature_format = signature_format
+        self._token = token
 
     async def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,
                       timeout: float | None = None) -> Any:
-        """One REST call; returns the parsed JSON answer.
+        """One REST call, bounded as a whole by ``timeout`` (default: the client's); returns the parsed JSON.
 
         Raises HttpError for a status >= 400, RelayUnreachable when no HTTP
-        conversation happened, ClientTimeout, or ProtocolViolation for a
-        successful answer that is not JSON.
+        conversation happened, ClientTimeout, or ProtocolViolation for an
+        answer over ``max_body_bytes`` or a successful one that is not JSON.
         """
-        limit = self.timeout if timeout is None else timeout
-        status, payload = await asyncio.to_thread(self._http, method, path, body, token, limit)
-        if status >= 400:
-            raise HttpError(method, path, status, payload)
-        try:
-            return json.loads(payload)
-        except ValueError:
-            raise ProtocolViolation(f"{method} {path}: HTTP {status} with a body that is not JSON: "
-                                    f"{payload[:100]!r}") from None
-
-    def _http(self, method: str, path: str, body: Any, token: str | None, timeout: float) -> tuple[int, bytes]:
-        where = f"{self.host}:{self.port}"
-        if self.tls:
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self.host, self.port, timeout=timeout, context=self._ssl or ssl_module.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        limit = self.limits.timeout if timeout is None else timeout
+        where = self.endpoint.where
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
@@ -58,17 +56,27 @@ class RestCalls:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
-            conn.request(method, path, body=data, headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read()
+            async with asyncio.timeout(limit):
+                answer = await exchange(self.endpoint, method, path, data, headers, self.limits.max_body_bytes)
         except TimeoutError:
-            raise ClientTimeout(f"timeout on {method} {path} at {where} after {timeout:g} s") from None
+            raise ClientTimeout(f"timeout on {method} {path} at {where} after {limit:g} s") from None
         except OSError as exc:
             raise unreachable(where, exc, f"{method} {path} at {where} failed") from None
-        except http.client.HTTPException as exc:
-            raise RelayUnreachable(f"{method} {path} at {where} failed: {exc!r}") from None
-        finally:
-            conn.close()
+        except ProtocolViolation as exc:
+            raise ProtocolViolation(f"{method} {path}: {exc}") from None
+        if answer.status >= 400:
+            raise HttpError(method, path, answer.status, answer.body)
+        try:
+            return parse_json(answer.body)
+        except ProtocolViolation as exc:
+            raise ProtocolViolation(f"{method} {path}: HTTP {answer.status}: {exc}") from None
+
+    async def _object(self, method: str, path: str, body: Any = None, *, token: str | None = None) -> Frame:
+        reply = await self.request(method, path, body, token=token)
+        if not isinstance(reply, dict):
+            raise ProtocolViolation(f"{method} {path}: the relay answered JSON that is not an object: "
+                                    f"{shown(json.dumps(reply))}")
+        return reply
 
     def _own_address(self) -> str:
         if self.identity is None:
@@ -76,15 +84,19 @@ class RestCalls:
         return self.identity.address
 
     async def health(self) -> Frame:
-        return await self.request("GET", "/health")
+        return await self._object("GET", "/health")
 
     async def status(self, address: str) -> Frame:
         """``{"address", "online", "timestamp"}`` of any address."""
-        return await self.request("GET", f"/api/status/{urllib.parse.quote(address)}")
+        return await self._object("GET", f"/api/status/{urllib.parse.quote(address)}")
 
     async def queue_size(self, address: str) -> int:
-        reply = await self.request("GET", f"/api/messages/{urllib.parse.quote(address)}/queue-size")
-        return int(reply["queueSize"])
+        path = f"/api/messages/{urllib.parse.quote(address)}/queue-size"
+        reply = await self._object("GET", path)
+        size = reply.get("queueSize")
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ProtocolViolation(f"GET {path}: queueSize is not an integer: {shown(json.dumps(reply))}")
+        return size
 
     async def get_key(self, address: str, *, verify: bool = False) -> Frame | None:
         """The published key record of ``address``, or None when it has none.
@@ -93,7 +105,7 @@ class RestCalls:
         (``verify_key_record``), or KeyVerificationError is raised.
         """
         try:
-            record = await self.request("GET", f"/api/public-keys/{urllib.parse.quote(address)}")
+            record = await self._object("GET", f"/api/public-keys/{urllib.parse.quote(address)}")
         except HttpError as exc:
             if exc.status == 404 and exc.code in ("key_not_found", None):
                 return None
@@ -116,15 +128,13 @@ class RestCalls:
             statement = key_statement(identity.address, "x25519", public_key, issued)
             body.update(keyType="x25519", issuedAt=issued, format=self.signature_format,
                         signature=identity.key.sign(statement, self.signature_format))
-        return await self.request("POST", "/api/public-keys", body)
+        return await self._object("POST", "/api/public-keys", body)
 
     async def delete_key(self) -> Frame:
         """Remove this identity's key (needs the sign-in token outside open mode)."""
-        return await self.request("DELETE", f"/api/public-keys/{self._own_address()}", token=self.token)
+        return await self._object("DELETE", f"/api/public-keys/{self._own_address()}", token=self._token())
 
     async def messages(self, limit: int | None = None) -> Frame:
         """This identity's stored messages over REST; with ``limit`` a peek, without it they are removed."""
         query = "" if limit is None else f"?limit={int(limit)}"
-        return await self.request("GET", f"/api/messages/{self._own_address()}{query}", token=self.token)
-
-
+        return await self._object("GET", f"/api/messages/{self._own_address()}{query}", token=self._token())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import secrets
@@ -15,13 +16,53 @@ from ..identity.statements import key_statement
 from .errors import KeyVerificationError
 
 DEFAULT_TIMEOUT = 10.0
-MAX_FRAME_BYTES = 32 * 1024 * 1024
+# A relay's frames are at most twice its largest message (256 KiB by default) and a REST listing about 4 MiB:
+# these defaults leave room for relays configured larger and still bound what a hostile relay can cost.
+DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_INCOMING = 1024
+DEFAULT_MAX_INCOMING_BYTES = 8 * 1024 * 1024
 MAX_ACK_IDS = 1000
 Frame = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one client spends on a relay at most: time per call, bytes per frame, answer and unread backlog.
+
+    ``timeout`` bounds each call as a whole (a relay that trickles one byte a
+    second still fails it in time); ``max_frame_bytes`` bounds one WebSocket
+    message and ``max_body_bytes`` one REST answer; ``max_incoming`` frames or
+    ``max_incoming_bytes`` unread make the client stop reading the socket.
+    """
+
+    timeout: float = DEFAULT_TIMEOUT
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_incoming: int = DEFAULT_MAX_INCOMING
+    max_incoming_bytes: int = DEFAULT_MAX_INCOMING_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout!r}")
+        for name in ("max_frame_bytes", "max_body_bytes", "max_incoming", "max_incoming_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
 
 
+class Deadline:
+    """The moment one call must be over by, on the running loop's clock."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = asyncio.get_running_loop().time() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - asyncio.get_running_loop().time())
+
+    @property
+    def passed(self) -> bool:
+        return self.remaining() <= 0.0
 
 @dataclass(frozen=True)
 class Identity:
