@@ -25,7 +25,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from support import (ErrorLog, ManualClock, NotifySocket, ProcessRelays, ThreadRelay, WsClient,  # noqa: E402
+from support import (HostileRelay, ErrorLog, ManualClock, NotifySocket, ProcessRelays, ThreadRelay, WsClient,  # noqa: E402
                      cluster_env, make_config, scaled)
 
 from relayd.clock import SYSTEM_CLOCK, Clock  # noqa: E402
@@ -137,6 +137,18 @@ def relay_cluster(tmp_path: Path, process_relays: ProcessRelays, redis_prefix: s
             redis.url, redis_prefix, f"node{i}", redis_cluster=isinstance(redis, RedisCluster), **env))
             for i in range(count)]
     return start
+
+
+@pytest.fixture
+def hostile_relay() -> Iterator[Callable[[str], HostileRelay]]:
+    relays: list[HostileRelay] = []
+
+    def start(scenario: str) -> HostileRelay:
+        relays.append(HostileRelay(scenario))
+        return relays[-1]
+    yield start
+    for relay in relays:
+        relay.stop()
 
 
 # Logging

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from support import (A, B, LEGACY_ENV, ROOT, assert_auth_success, assert_closed_with, clean_env, cli_ok, free_port, msg,
                      run_cli, scaled, wait_until)
-from test_client import hostile_relay  # noqa: F401 (a fixture)
+
 
 from relayd.config import SECTIONS
 from relayd.identity.signing import SigningKey, load_key_file
@@ -423,7 +423,7 @@ def test_check_plain_fails_precisely_against_a_signed_relay(tmp_path, start_rela
     assert "0 of 8" not in result.stdout and "1 of 8 steps passed" in result.stdout
 
 
-# A hostile relay against ``relayd check`` and ``relayd send`` (the servers are test_client's ``HostileRelay``)
+# A hostile relay against ``relayd check`` and ``relayd send`` (the servers are support's ``HostileRelay``)
 
 HOSTILE_CLI_TIMEOUT = 1.0
 PEAK_RSS = ("import atexit, os, resource, runpy, sys\n"

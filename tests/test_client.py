@@ -7,17 +7,14 @@ while the relay serves from its own thread.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
-import re
 import socket
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable
 
 import pytest
-from support import ThreadRelay, free_port, make_config, scaled
+from support import HostileRelay, ThreadRelay, free_port, make_config, scaled
 
 from relayd.client import (
     AuthRefused,
@@ -423,136 +420,6 @@ def test_connect_again_after_the_connection_was_lost(start_relay):
 MiB = 1 << 20
 A_ADDRESS = "0x" + "a1" * 20
 HOSTILE_TIMEOUT = scaled(1.5)
-ESCAPES = "\x1b[2J\x1b]0;pwned\x07\x9b31m\u202e"
-
-
-def _ws_frame_head(length: int) -> bytes:
-    """The head of one unmasked text frame of ``length`` bytes (server to client)."""
-    if length < 126:
-        return bytes([0x81, length])
-    if length < 1 << 16:
-        return bytes([0x81, 126]) + length.to_bytes(2, "big")
-    return bytes([0x81, 127]) + length.to_bytes(8, "big")
-
-
-class HostileRelay:
-    """Serves one hostile ``scenario`` to every connection: trickle, huge, long_error, escapes, nested.
-
-    ``url`` is its ws:// URL; REST calls get the HTTP side of the scenario, WebSocket upgrades the frame side.
-    """
-
-    def __init__(self, scenario: str) -> None:
-        self.scenario = scenario
-        self.sent = 0  # bytes of huge payloads written, to show the client stopped reading early
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(scaled(10)), "the hostile relay did not start"
-        self.url = f"ws://127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self.loop.run_forever()
-
-    def stop(self) -> None:
-        async def shut() -> None:
-            self.server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(scaled(10))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(scaled(10))
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-            key = re.search(r"(?im)^sec-websocket-key:\s*(\S+)", head)
-            if key:
-                accept = base64.b64encode(hashlib.sha1((key.group(1) + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
-                                                       .encode()).digest()).decode()
-                writer.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                              f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
-                await getattr(self, f"_ws_{self.scenario}")(writer)
-            else:
-                await getattr(self, f"_http_{self.scenario}")(writer)
-            await reader.read()  # until the client goes away
-        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.transport.abort()
-
-    async def _trickle(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        for i in range(len(data)):
-            writer.write(data[i:i + 1])
-            await writer.drain()
-            await asyncio.sleep(0.05)
-
-    async def _flood(self, writer: asyncio.StreamWriter, total: int) -> None:
-        chunk = b"[" + b"0," * (MiB // 2)
-        while self.sent < total:
-            writer.write(chunk)
-            await writer.drain()
-            self.sent += len(chunk)
-
-    @staticmethod
-    def _http(writer: asyncio.StreamWriter, status: str, body: bytes) -> None:
-        writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                     f"Connection: close\r\n\r\n".encode() + body)
-
-    async def _http_trickle(self, writer: asyncio.StreamWriter) -> None:
-        await self._trickle(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b" " * 100000)
-
-    async def _ws_trickle(self, writer: asyncio.StreamWriter) -> None:
-        frame = json.dumps({"type": "auth_success", "padding": " " * 1000}).encode()
-        await self._trickle(writer, _ws_frame_head(len(frame)) + frame)
-
-    async def _http_huge(self, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
-        await self._flood(writer, 700 * MiB)  # no Content-Length: read until the connection closes
-
-    async def _ws_huge(self, writer: asyncio.StreamWriter) -> None:
-        writer.write(_ws_frame_head(700 * MiB))
-        await self._flood(writer, 700 * MiB)
-
-    async def _http_long_error(self, writer: asyncio.StreamWriter) -> None:
-        self._http(writer, "500 Internal Server Error", json.dumps({"code": "x", "error": "e" * 3 * MiB}).encode())
-
-    async def _ws_long_error(self, writer: asyncio.StreamWriter) -> None:
-        frame = json.dumps({"type": "error", "code": "auth_failed", "message": "m" * 3 * MiB}).encode()
-        writer.write(_ws_frame_head(len(frame)) + frame)
-
-    async def _http_escapes(self, writer: asyncio.StreamWriter) -> None:
-        self._http(writer, "500 Internal Server Error", ESCAPES.encode())
-
-    async def _ws_escapes(self, writer: asyncio.StreamWriter) -> None:
-        frame = json.dumps({"type": "error", "code": "auth_failed\x1b[31m", "message": ESCAPES}).encode()
-        writer.write(_ws_frame_head(len(frame)) + frame)
-
-    async def _http_nested(self, writer: asyncio.StreamWriter) -> None:
-        self._http(writer, "200 OK", b"[" * 100000 + b"]" * 100000)
-
-    async def _ws_nested(self, writer: asyncio.StreamWriter) -> None:
-        frame = b'{"type":' + b"[" * 100000 + b"]" * 100000 + b"}"
-        writer.write(_ws_frame_head(len(frame)) + frame)
-
-
-@pytest.fixture
-def hostile_relay() -> Iterator[Callable[[str], HostileRelay]]:
-    relays: list[HostileRelay] = []
-
-    def start(scenario: str) -> HostileRelay:
-        relays.append(HostileRelay(scenario))
-        return relays[-1]
-    yield start
-    for relay in relays:
-        relay.stop()
-
-
 def peak_rss_growth(call: Callable[[], Any]) -> tuple[Any, int]:
     """What ``call()`` returned and how far this process's peak RSS rose above its RSS before (bytes)."""
     def status(field: str) -> int:
