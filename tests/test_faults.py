@@ -63,10 +63,11 @@ class Cluster:
         self.redis = redis
         self.proxy: TcpProxy | None = None
         if isinstance(redis, ReplicatedRedisCluster):  # cluster clients follow redirects: no proxy
-            self.envs = [cluster_env(redis.url, prefix, f"node{i}", redis_cluster=True, **env) for i in range(count)]
+            self.envs = [{**cluster_env(redis.url, prefix, f"node{i}", redis_cluster=True), **env}
+                         for i in range(count)]
         else:
             self.proxy = TcpProxy(redis.port)
-            self.envs = [cluster_env(self.proxy.url if i == 0 else redis.url, prefix, f"node{i}", **env)
+            self.envs = [{**cluster_env(self.proxy.url if i == 0 else redis.url, prefix, f"node{i}"), **env}
                          for i in range(count)]
         self.nodes: list[ProcessRelay] = [relays(tmp / f"node{i}", env=self.envs[i], wait=False)
                                           for i in range(count)]
@@ -455,96 +456,161 @@ def test_no_guarantee_breaks_under_the_fault(fault: str, round: int, tmp_path: P
     assert not findings, f"{fault} round {round}: {stats(history)}\n{summary(findings)}"
 
 
-# The lost notice: a deterministic case of a stored message left behind an open session
+# Deterministic cases: clients pinned to instances
+
+
+class Reader:
+    """One recipient session pinned to an instance, read in a thread into ``history`` (acks confirmed by a pong)."""
+
+    def __init__(self, history: History, sid: int, url: str, instance: int, address: str, *, ack: bool) -> None:
+        self.history = history
+        self.sid = sid
+        self.ack = ack
+        self.stopping = threading.Event()
+        self.ws = _pinned(url, address, ack=ack)
+        history.open_session(sid, address, instance, ack)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        unconfirmed: list[Any] = []
+        while not self.stopping.is_set():
+            try:
+                frame = json.loads(self.ws.recv(timeout=0.05))
+            except TimeoutError:
+                continue
+            except (ConnectionClosed, OSError):
+                break
+            if frame.get("type") == "message":
+                receipt = self.history.receive(self.sid, frame["from"], frame["messageId"], bool(frame.get("queued")))
+                if self.ack:
+                    self.ws.send(json.dumps({"type": "ack", "messageIds": [frame["messageId"]]}))
+                    self.ws.send(json.dumps({"type": "ping"}))
+                    unconfirmed.append(receipt)
+            elif frame.get("type") == "pong" and unconfirmed:
+                self.history.acked([unconfirmed.pop(0)])
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(scaled(2))
+        self.history.close_session(self.sid)
+        _close(self.ws)
+
+
+def _pinned(url: str, address: str, *, ack: bool = False) -> ClientConnection:
+    ws = ws_connect(url, compression=None, open_timeout=scaled(3), legacy=True)
+    ws.send(json.dumps({"type": "auth", "address": address, **({"ack": True} if ack else {})}))
+    while json.loads(ws.recv(timeout=scaled(3)))["type"] != "auth_success":
+        pass
+    return ws
+
+
+def _send(history: History, ws: ClientConnection, instance: int, sender: str, to: str, mid: str) -> str:
+    attempt = history.send(sender, to, mid, instance)
+    answer = _send_and_wait(ws, to, mid)
+    history.answer(attempt, answer)
+    return answer
+
+
+def _pick_up(history: History, sid: int, url: str, instance: int, address: str) -> None:
+    """A new session of ``address`` reads what is left for it (for the lost and duplicate checks)."""
+    reader = Reader(history, sid, url, instance, address, ack=False)
+    try:
+        wait_until(lambda: not [s for s in history.missing() if s.recipient == address.lower()],
+                   "what is left for the recipient", timeout=2)
+    except AssertionError:
+        pass
+    _hold(0.3)  # anything more (a duplicate) has a moment to show up too
+    reader.close()
+
+
+def _judge(what: str, history: History) -> None:
+    findings = check(history, slack_s=scaled(1.0))
+    print(f"{what}: {stats(history)}; {counts(findings)}")
+    assert not findings, f"{what}: {stats(history)}\n{summary(findings)}"
 
 
 @pytest.mark.parametrize("round", [1, 2])
 def test_a_message_sent_while_the_recipients_instance_is_cut_from_redis_reaches_its_open_session(
         round: int, tmp_path: Path, process_relays: ProcessRelays, redis_prefix: str, hard_timeout: None) -> None:
-    """The recipient's instance (node0) loses its Redis link for 0.6 s while a sender on node1 writes to it:
-    whatever node0 missed meanwhile (a notice, a publish), the messages reach the recipient's open session within
-    1 s of the heal, with no reconnect, in order."""
+    """The lost notice. The recipient's instance (node0) loses its Redis link for 0.6 s while a sender on node1
+    writes to it: whatever node0 missed meanwhile (a notice, a publish), the messages reach the recipient's open
+    session within 1 s of the heal, with no reconnect, in order (round 1: a plain session, round 2: ack)."""
     redis = RedisServer(tmp_path / "redis")
-    cluster = None
     history = History()
     try:
         cluster = Cluster(tmp_path, process_relays, redis, redis_prefix)
         recipient, sender = new_address(), new_address()
-        stop = threading.Event()
-        rws = ws_connect(cluster.url(0), compression=None, open_timeout=scaled(3), legacy=True)
-        rws.send(json.dumps({"type": "auth", "address": recipient, **({"ack": True} if round == 2 else {})}))
-        while json.loads(rws.recv(timeout=scaled(3)))["type"] != "auth_success":
-            pass
-        history.open_session(1, recipient, 0, round == 2)
-
-        def read() -> None:
-            unconfirmed: list[Any] = []
-            while not stop.is_set():
-                try:
-                    frame = json.loads(rws.recv(timeout=0.05))
-                except TimeoutError:
-                    continue
-                except ConnectionClosed:
-                    break
-                if frame.get("type") == "message":
-                    receipt = history.receive(1, frame["from"], frame["messageId"], bool(frame.get("queued")))
-                    if round == 2:
-                        rws.send(json.dumps({"type": "ack", "messageIds": [frame["messageId"]]}))
-                        rws.send(json.dumps({"type": "ping"}))
-                        unconfirmed.append(receipt)
-                elif frame.get("type") == "pong" and unconfirmed:
-                    history.acked([unconfirmed.pop(0)])
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        sws = ws_connect(cluster.url(1), compression=None, open_timeout=scaled(3), legacy=True)
-        sws.send(json.dumps({"type": "auth", "address": sender}))
-        while json.loads(sws.recv(timeout=scaled(3)))["type"] != "auth_success":
-            pass
+        reader = Reader(history, 1, cluster.url(0), 0, recipient, ack=round == 2)
+        sws = _pinned(cluster.url(1), sender)
         wait_until(lambda: http_request(cluster.nodes[1].port, "GET", f"/api/status/{recipient}").json.get(
             "online"), "node1 sees the recipient online")
-        mid = new_mid()
-        history.answer(history.send(sender, recipient, mid, 1), _send_and_wait(sws, recipient, mid))
+        _send(history, sws, 1, sender, recipient, new_mid())
         fault = history.fault("node0-redis link cut 0.6 s")
         cluster.link.cut()
         cut_at = time.monotonic()
         for _ in range(3):
-            mid = new_mid()
-            history.answer(history.send(sender, recipient, mid, 1), _send_and_wait(sws, recipient, mid))
+            _send(history, sws, 1, sender, recipient, new_mid())
         _hold(max(0.0, 0.6 - (time.monotonic() - cut_at)))
         cluster.link.heal()
         history.heal(fault)
-        mid = new_mid()
-        history.answer(history.send(sender, recipient, mid, 1), _send_and_wait(sws, recipient, mid))
+        _send(history, sws, 1, sender, recipient, new_mid())
         try:
             wait_until(lambda: not history.missing(), "every message on the open session", timeout=3)
         except AssertionError:
             pass
-        stop.set()
-        reader.join(scaled(2))
-        history.close_session(1)
-        _close(rws)
+        reader.close()
         _close(sws)
-        # A reconnect (to another instance) picks up anything left behind, for the lost check.
-        late = ws_connect(cluster.url(2), compression=None, open_timeout=scaled(3), legacy=True)
-        late.send(json.dumps({"type": "auth", "address": recipient}))
-        history.open_session(2, recipient, 2, False)
-        end = time.monotonic() + scaled(2)
-        while time.monotonic() < end and history.missing():
-            try:
-                frame = json.loads(late.recv(timeout=0.1))
-            except TimeoutError:
-                continue
-            if frame.get("type") == "message":
-                history.receive(2, frame["from"], frame["messageId"], bool(frame.get("queued")))
-        _close(late)
+        _pick_up(history, 2, cluster.url(2), 2, recipient)
     finally:
         process_relays.stop_all()
-        if cluster is not None:
-            cluster.stop()
         redis.stop()
-    findings = check(history, slack_s=scaled(1.0))
-    print(f"lost notice round {round}: {stats(history)}; {counts(findings)}")
-    assert not findings, f"{stats(history)}\n{summary(findings)}"
+    _judge(f"lost notice round {round}", history)
+
+
+def test_replies_stalled_and_every_message_resent_through_another_instance(
+        tmp_path: Path, process_relays: ProcessRelays, redis_prefix: str, hard_timeout: None) -> None:
+    """A sender on node0 while node0's Redis replies are stalled for 1.5 s (its writes reach Redis): no
+    storage_unavailable for a write that was applied. Then, as a client that lost its answers, the sender resends
+    every messageId through node1, and also resends one already delivered live: each arrives exactly once."""
+    redis = RedisServer(tmp_path / "redis")
+    history = History()
+    try:
+        cluster = Cluster(tmp_path, process_relays, redis, redis_prefix)
+        online_, offline, sender = new_address(), new_address(), new_address()
+        reader = Reader(history, 1, cluster.url(2), 2, online_, ack=False)
+        first = _pinned(cluster.url(0), sender)
+        wait_until(lambda: http_request(cluster.nodes[0].port, "GET", f"/api/status/{online_}").json.get(
+            "online"), "node0 sees the recipient online")
+        live = new_mid()
+        _send(history, first, 0, sender, online_, live)
+        history.answer_bound_s = SOCKET_TIMEOUT_S + scaled(1.0)  # a stalled link is a hung Redis to node0
+        fault = history.fault("node0-redis replies stalled 1.5 s")
+        cluster.link.stall("server->client")
+
+        def heal() -> None:
+            cluster.link.heal()
+            history.heal(fault)
+        healer = threading.Timer(1.5, heal)
+        healer.start()
+        mids = [(to, new_mid()) for to in (offline, online_, offline)]
+        for to, mid in mids:
+            if _send(history, first, 0, sender, to, mid) in ("no_answer", "connection_lost"):
+                break
+        healer.join(scaled(3))
+        _close(first)
+        second = _pinned(cluster.url(1), sender)
+        for to, mid in [(online_, live), *mids]:
+            _send(history, second, 1, sender, to, mid)
+        _close(second)
+        _hold(0.5)  # a second copy, if any, has a moment to arrive
+        reader.close()
+        _pick_up(history, 2, cluster.url(1), 1, offline)
+        _pick_up(history, 3, cluster.url(0), 0, online_)
+    finally:
+        process_relays.stop_all()
+        redis.stop()
+    _judge("stalled replies and resends", history)
 
 
 # Redis Cluster failover
