@@ -232,7 +232,11 @@ class Workload:
                             unconfirmed.append([receipt])
                     elif frame.get("type") == "pong" and unconfirmed:
                         self.history.acked(unconfirmed.pop(0))
-            except (ConnectionClosed, OSError):
+                while True:  # what already arrived before the close still counts as received (unacknowledged)
+                    frame = json.loads(ws.recv(timeout=0))
+                    if frame.get("type") == "message":
+                        self.history.receive(sid, frame["from"], frame["messageId"], bool(frame.get("queued")))
+            except (ConnectionClosed, OSError, TimeoutError):
                 pass
             self.history.close_session(sid)
             _close(ws)
@@ -778,3 +782,55 @@ def test_checker_finds_slow_answers_and_a_ready_probe_that_never_said_503() -> N
     assert counts(check(h)) == {"slow_answer": 1, "ready_stayed_up": 1}
     h.probe(0, 503, at=3)
     assert counts(check(h)) == {"slow_answer": 1}
+
+
+# The proxy itself
+
+
+def _closed(c: Any) -> bool:
+    try:
+        return bool(c.recv(16) == b"")
+    except ConnectionResetError:
+        return True
+
+
+def test_the_proxy_forwards_cuts_stalls_one_direction_and_heals() -> None:
+    import socket
+    server = socket.create_server(("127.0.0.1", 0))
+    stopping = threading.Event()
+
+    def echo() -> None:
+        while not stopping.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=conn: [c.sendall(d) for d in iter(lambda: c.recv(1024), b"")],
+                             daemon=True).start()
+    threading.Thread(target=echo, daemon=True).start()
+    proxy = TcpProxy(server.getsockname()[1])
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=scaled(2)) as c:
+            c.sendall(b"one")
+            assert c.recv(16) == b"one"
+            for direction in ("client->server", "server->client"):
+                proxy.stall(direction)
+                c.sendall(b"two")
+                c.settimeout(0.3)
+                with pytest.raises(TimeoutError):
+                    c.recv(16)
+                proxy.heal()
+                c.settimeout(scaled(2))
+                assert c.recv(16) == b"two"  # the connection stayed open and nothing was lost
+            proxy.cut()
+            assert _closed(c)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=scaled(2)) as c:
+            assert _closed(c)  # refused until the heal
+        proxy.heal()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=scaled(2)) as c:
+            c.sendall(b"three")
+            assert c.recv(16) == b"three"
+    finally:
+        proxy.stop()
+        stopping.set()
+        server.close()
