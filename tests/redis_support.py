@@ -151,3 +151,48 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class ReplicatedRedisCluster:
+    """Three masters with one replica each (``--cluster-replicas 1``), for failover: ``kill(node)`` is a crash
+    (SIGKILL) and the master's replica takes over after the node timeout (1 s here)."""
+
+    def __init__(self, workdir: Path, masters: int = 3, *, node_timeout_ms: int = 1000) -> None:
+        self.nodes: list[RedisServer] = []
+        try:
+            for i in range(2 * masters):
+                self.nodes.append(RedisServer(workdir / f"node{i}", port=free_cluster_port(), extra=(
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", str(node_timeout_ms), "--appendonly", "no")))
+            addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+            created = subprocess.run([redis_binary("redis-cli"), "--cluster", "create", *addresses,
+                                      "--cluster-replicas", "1", "--cluster-yes"],
+                                     capture_output=True, text=True, timeout=60)
+            if created.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout}{created.stderr}")
+            wait_until(self.state_ok, "cluster_state:ok on every node", timeout=30, interval=0.1)
+            wait_until(lambda: all(n.info("replication").get("connected_slaves") == "1" for n in self.masters()),
+                       "a connected replica for every master", timeout=30, interval=0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def live(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None]
+
+    def masters(self) -> list[RedisServer]:
+        return [n for n in self.live() if n.info("replication").get("role") == "master"]
+
+    def state_ok(self) -> bool:
+        return all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.live())
+
+    def kill(self, node: RedisServer) -> None:
+        node.stop(signal.SIGKILL)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
