@@ -159,6 +159,10 @@ class RedisLink:
         """``WriteQueue.write``: one write script, in order, answered within ``socket_timeout_s``."""
         return await self.writes.write(script, keys, args)
 
+    async def write_many(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """``WriteQueue.write_many``: several write scripts in one round trip."""
+        return await self.writes.write_many(calls)
+
     async def command(self, *args: Any, key: str) -> Any:
         """``WriteQueue.command``: one write command, in the same order as scripts."""
         return await self.writes.command(*args, key=key)

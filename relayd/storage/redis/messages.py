@@ -75,13 +75,14 @@ class RedisMessages:
 
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
         """One script per recipient, all submitted together: one round trip (per Cluster node)."""
-        writes = []
+        calls: list[tuple[scripts.Script, list[str], list[Any]]] = []
         for recipient, group in by_recipient(messages, lambda m: m.recipient).items():
             self.core.note_slot(self.core.layout.slot_of(recipient))
             for part in chunks(group, DELIVERED_CHUNK):
-                args = [v for m in part for v in (m.sender, m.message_id, m.queued_at)]
-                writes.append(self.core.recipient_write(scripts.RECORD_DELIVERED, recipient, *args))
-        await asyncio.gather(*writes)
+                args = [recipient, *(v for m in part for v in (m.sender, m.message_id, m.queued_at))]
+                calls.append((scripts.RECORD_DELIVERED, self.core.layout.recipient(recipient).all(), args))
+        if calls:
+            await self.core.link.write_many(calls)
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
