@@ -658,3 +658,33 @@ def test_waitaof_is_detected_as_the_installed_redis_has_it(durable_redis):
         assert (store.link.writes.acks.command or ("",))[0] == ("WAITAOF" if version >= (7, 2) else "")
         assert await enqueue_succeeds(store, "m1")
     with_store(durable_redis.url, body, probe_interval_s=3600)
+
+
+# The cluster inbox (relayd.cluster.bus) on redis-py's PubSub
+
+def test_the_inbox_resubscribes_after_a_redis_restart_and_says_so(fresh_redis):
+    from relayd.cluster.bus import Bus
+
+    async def body(store: RedisStore) -> None:
+        bus = Bus(store.link, "relayd:", "i1", reply_timeout_s=1.0)
+        confirmed: list[float] = []
+        heard: list[dict[str, Any]] = []
+        bus.on_subscribed = lambda: confirmed.append(time.monotonic())
+        bus.handler = heard.append
+        await bus.start(sharded=store.server_version >= (7, 0))
+        try:
+            assert bus.subscribed and len(confirmed) == 1
+            bus.send("i1", {"k": "hello"})
+            await eventually(lambda: _is(len(heard) == 1), what="the message to arrive")
+            assert heard[0]["k"] == "hello" and heard[0]["from"] == "i1"
+            fresh_redis.stop()
+            await eventually(lambda: _is(not bus.subscribed), what="the inbox to notice Redis is gone")
+            fresh_redis.start()
+            back = time.monotonic()
+            await eventually(lambda: _is(len(confirmed) == 2 and bus.subscribed), what="the inbox to subscribe again")
+            assert confirmed[1] - back < scaled(3), "a lost inbox should be back within about a second"
+            bus.send("i1", {"k": "again"})
+            await eventually(lambda: _is(len(heard) == 2), what="a message after the restart")
+        finally:
+            await bus.close()
+    with_store(fresh_redis.url, body, probe_interval_s=3600)

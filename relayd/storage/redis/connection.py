@@ -94,9 +94,10 @@ class RedisLink:
 
     def connect(self) -> None:
         """Build the clients; they connect lazily, so this never waits on the network."""
-        if self.cluster:
+        if self.cluster:  # its node pipelines carry the writes: room for WAIT, or WAITAOF on everysec
             self.client = self.writes.client = RedisCluster.from_url(
-                self.url, max_connections=MAX_CONNECTIONS, **self._settings())
+                self.url, max_connections=MAX_CONNECTIONS, **self._settings(
+                    socket_timeout=self.socket_timeout_s + self.wait_timeout_ms / 1000 + 1.0))
             return
         pool: BlockingConnectionPool[Any] = BlockingConnectionPool.from_url(
             self.url, max_connections=MAX_CONNECTIONS, timeout=self.socket_timeout_s,

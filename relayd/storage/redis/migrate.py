@@ -105,7 +105,8 @@ async def migrate(conn: sqlite3.Connection, store: RedisStore, *, cutoff_ms: int
 
     window = _Window()
     try:
-        await _copy(conn, store, window, cutoff_ms, ledger_ttl, max_tokens_per_address, counts, count_message, count_receipt, count_key)
+        await _copy(conn, store, window, cutoff_ms, ledger_ttl, max_tokens_per_address, counts, count_message,
+                    count_receipt, count_key)
     finally:
         window.cancel()
     return counts

@@ -252,7 +252,10 @@ class WriteQueue:
     async def _flush(self) -> None:
         """Send queued writes, a batch at a time, until the queue is empty."""
         while self._queue:
+            self._refuse_stale()
             batch = self._batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            if not batch:
+                break
             try:
                 async with asyncio.timeout(self.answer_s):
                     await (self._send_cluster(batch) if self.cluster else self._send(batch))
@@ -269,6 +272,17 @@ class WriteQueue:
             finally:
                 self._batch = []
             self.batches += 1
+
+    def _refuse_stale(self) -> None:
+        """Refuse, unsent, the writes that waited longer than ``answer_s`` for their turn (posted ones have no
+        caller to time them out)."""
+        stale: list[Write] = []
+        now = time.monotonic()
+        while self._queue and now - self._queue[0].submitted > self.answer_s:
+            stale.append(self._queue.popleft())
+        if stale:
+            self._settle(stale, self.health.fail("Redis writes are backed up: a write could not be sent within "
+                                                 "[redis] socket_timeout_s"))
 
     async def _lost(self, batch: Sequence[Write], reason: str, *, unknown: bool = False) -> None:
         """The batch failed as a whole: its sent writes' outcome is unknown; the writes' connection (whose
