@@ -688,3 +688,20 @@ def test_the_inbox_resubscribes_after_a_redis_restart_and_says_so(fresh_redis):
         finally:
             await bus.close()
     with_store(fresh_redis.url, body, probe_interval_s=3600)
+
+
+def test_acknowledgements_wait_and_waitaof_and_their_shortfalls():
+    from relayd.storage.redis.write_queue import Acks
+    assert Acks().command is None and Acks().wait_s == 0
+    wait = Acks(replicas=2, timeout_ms=300)
+    assert wait.command == ("WAIT", 2, 300) and wait.wait_s == 0.3
+    assert wait.shortfall(2) is None
+    assert "only 1 of [redis] min_replicas = 2" in str(wait.shortfall(1))
+    aof = Acks(replicas=1, timeout_ms=1500, aof=True)
+    assert aof.command == ("WAITAOF", 1, 1, 1500)
+    assert aof.shortfall([1, 1]) is None
+    assert isinstance(aof.shortfall([0, 1]), StorageOutcomeUnknown) and "AOF" in str(aof.shortfall([0, 1]))
+    assert isinstance(aof.shortfall([1, 0]), StorageOutcomeUnknown)
+    refused = RuntimeError("boom")
+    assert aof.apply([1, 0], [refused, "ok"])[0] is refused
+    assert isinstance(aof.apply([1, 0], [refused, "ok"])[1], StorageOutcomeUnknown)
