@@ -80,7 +80,7 @@ class RedisLink:
         return self.writes.batches
 
     def use_waitaof(self, everysec: bool) -> None:
-        """Acknowledge every batch with WAITAOF (the local AOF fsync, and ``min_replicas`` replicas'); with
+        """Acknowledge the store's writes with WAITAOF (the local AOF fsync, and ``min_replicas`` replicas'); with
         ``appendfsync everysec`` the fsync may take up to a second longer than ``wait_timeout_ms``."""
         acks = self.writes.acks
         acks.aof = True

@@ -4,9 +4,9 @@ that keeps health current.
 A part of ``RedisStore``. At open one log line says how durable a ``queued``
 answer is on this Redis (memory only, AOF and its fsync policy, replicas
 awaited), with a WARNING when it means memory only. On Redis >= 7.2 with the
-AOF fsynced ``always`` or ``everysec``, every write batch is acknowledged
-with WAITAOF (the local fsync, and ``min_replicas`` replicas'), so ``queued``
-means on disk.
+AOF fsynced ``always`` or ``everysec``, every batch of the store's writes is
+acknowledged with WAITAOF (the local fsync, and ``min_replicas`` replicas')
+instead of WAIT, so ``queued`` means on disk.
 """
 
 from __future__ import annotations

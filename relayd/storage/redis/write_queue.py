@@ -103,8 +103,10 @@ class Write:
 
 @dataclass(slots=True)
 class Acks:
-    """What every batch waits for after its writes: ``replicas`` replicas (WAIT), or with ``aof`` the local AOF
-    fsync and ``replicas`` replicas' (WAITAOF 1 replicas), for at most ``timeout_ms``."""
+    """What a batch with scripts (the store's writes) waits for after them: ``replicas`` replicas (WAIT), or with
+    ``aof`` the local AOF fsync and ``replicas`` replicas' (WAITAOF 1 replicas), for at most ``timeout_ms``.
+    Plain commands (the cluster's publishes) are not made to wait: with ``appendfsync everysec`` WAITAOF may
+    take up to a second."""
 
     replicas: int = 0
     timeout_ms: int = 0
@@ -341,11 +343,12 @@ class WriteQueue:
 
     async def _pipeline(self, writes: list[Write], commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send the commands (and the acknowledgement) in one write on the writes' connection, then read every
-        reply; a refusal is that command's result. Raises what breaks the connection."""
+        reply; a refusal is that command's result. Raises what breaks the connection. A plain command's result
+        is handed over as soon as it is read: only scripts wait for the acknowledgement."""
         conn = self.writer
         if conn is None:
             raise StorageUnavailable("store is not open")
-        acks = self.acks.command
+        acks = self.acks.command if any(w.script is not None for w in writes) else None
         if acks is not None:
             commands = [*commands, acks]
         if conn.is_connected:  # a connection the server closed meanwhile would take the batch, then fail
@@ -361,11 +364,16 @@ class WriteQueue:
             write.sent = True
         await conn.send_packed_command(packed, check_health=False)
         results: list[Any] = []
-        for _ in commands:
+        for i in range(len(commands)):
+            reply: Any
             try:
-                results.append(await conn.read_response(timeout=math.inf))
+                reply = await conn.read_response(timeout=math.inf)
             except rx.ResponseError as exc:
-                results.append(exc)
+                reply = exc
+            results.append(reply)
+            if acks is not None and i < len(writes) and writes[i].script is None and not isinstance(
+                    reply, BaseException) and not writes[i].future.done():
+                writes[i].future.set_result(reply)
         if acks is not None:
             results = self.acks.apply(results.pop(), results)
         return results
@@ -402,11 +410,10 @@ class WriteQueue:
                 results[i] = StorageUnavailable("the Redis Cluster has no node for a key's slot")
                 continue
             by_node.setdefault(node, []).append(i)
-        acks = self.acks.command
-
         async def run(node: ClusterNode, part: list[int]) -> None:
             commands = [PipelineCommand(n, *(batch[i].eval_args() if eval_source else batch[i].args))
                         for n, i in enumerate(part)]
+            acks = self.acks.command if any(batch[i].script is not None for i in part) else None
             if acks is not None:
                 commands.append(PipelineCommand(len(part), *acks))
             for i in part:
