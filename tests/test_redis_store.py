@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis as redis_py
-from redis_support import RedisServer
+from redis_support import RedisServer, redis_binary
 from support import connect, free_port, msg as frame_to, scaled, wait_until
 
 from relayd.storage.redis import RedisStore
@@ -560,7 +560,7 @@ def test_a_write_sent_to_a_sleeping_redis_has_an_unknown_outcome_within_socket_t
 
     async def body(store: RedisStore) -> None:
         assert await enqueue_succeeds(store, "m0")
-        sleeper = subprocess.Popen(["redis-cli", "-p", str(server.port), "DEBUG", "SLEEP", "5"],
+        sleeper = subprocess.Popen([redis_binary("redis-cli"), "-p", str(server.port), "DEBUG", "SLEEP", "5"],
                                    stdout=subprocess.DEVNULL)
         try:
             wait_until(lambda: not _answers(server.port, 0.2), "DEBUG SLEEP to start", timeout=5)
