@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 import redis as redis_py
-from redis_support import RedisServer
+from redis_support import RedisServer, redis_binary
 from support import connect, free_port, msg as frame_to, scaled, wait_until
 
 from relayd.storage.redis import RedisStore
 from relayd.storage.redis import scripts
 from relayd.storage.redis.layout import key_slot
-from relayd.storage.store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, StorageUnavailable
+from relayd.storage.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, StorageOutcomeUnknown,
+                                  StorageUnavailable)
 
 ROOMY = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False)
 BOB = "0x" + "b0" * 20
@@ -341,7 +344,8 @@ def test_concurrent_writes_for_one_recipient_keep_call_order(redis_server, redis
 
 
 def test_a_write_that_cannot_get_its_turn_is_refused_unsent(fresh_redis):
-    """A Redis that stops answering fails every queued write within a bound; nothing waits for ever."""
+    """A Redis that stops answering fails every queued write within a bound; nothing waits for ever. The batch
+    on its way has an unknown outcome; the writes queued behind it were never sent."""
     async def body(store: RedisStore) -> None:
         assert fresh_redis.proc is not None
         os.kill(fresh_redis.proc.pid, signal.SIGSTOP)
@@ -350,7 +354,7 @@ def test_a_write_that_cannot_get_its_turn_is_refused_unsent(fresh_redis):
                                             return_exceptions=True)
         finally:
             os.kill(fresh_redis.proc.pid, signal.SIGCONT)
-        assert {type(o) for o in outcomes} == {StorageUnavailable}
+        assert {type(o) for o in outcomes} == {StorageUnavailable, StorageOutcomeUnknown}
         await eventually(lambda: enqueue_succeeds(store, "after"), what="a write after SIGCONT")
         assert "after" in [m.message_id for m in await store.pending(BOB, 1000)]
     with_store(fresh_redis.url, body, socket_timeout_s=0.1, probe_interval_s=3600)
@@ -378,7 +382,7 @@ def test_close_ends_the_probe_loop_even_when_redis_py_loses_its_cancellation(red
     async def main() -> None:
         store = RedisStore(redis_server.url, key_prefix=redis_prefix, probe_interval_s=0.01, refresh_interval_s=0)
         await store.open()
-        prober = store._prober
+        prober = store.lifecycle.prober
         monkeypatch.setattr(BlockingConnectionPool, "get_connection", losing)
         async with asyncio.timeout(scaled(10)):
             await inside.wait()  # the probe loop waits in the pool, where close() will cancel it
@@ -441,3 +445,263 @@ def test_sync_client_sees_the_documented_record_layout(redis_server, redis_prefi
         assert record is not None and record.endswith("\nciphertext")
     finally:
         client.close()
+
+
+# Packing
+
+def test_pack_matches_redis_py_and_refuses_what_redis_would_misread():
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from relayd.storage.redis.write_queue import pack
+    conn = Connection(decode_responses=True)
+    commands = [("EVALSHA", "ab" * 20, 1, "k\u00e9y", b"raw\r\n", 0, -7, 1.5, 10**18, ""), ("PING",)]
+    assert pack(commands, conn.encoder) == b"".join(conn.pack_commands(commands))
+    for bad in (True, None, object()):
+        with pytest.raises(DataError):
+            pack([("SET", "k", bad)], conn.encoder)
+
+
+# Idempotency for the retention period
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def any_redis(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """(url, cluster) of the shared single server or the local three-master Cluster."""
+    cluster = request.param == "redis-cluster"
+    return request.getfixturevalue("redis_cluster" if cluster else "redis_server").url, cluster
+
+
+def test_messages_stay_known_as_delivered_until_they_expire(any_redis, redis_prefix):
+    url, cluster = any_redis
+    now = int(time.time() * 1000)
+
+    async def body(store: RedisStore) -> None:
+        first = msg(BOB, "m1", queued_at=now)
+        assert await store.enqueue(first, ROOMY) is EnqueueResult.QUEUED
+        again = msg(BOB, "m1", "other", sender=("0x" + "a0" * 20).upper().replace("0X", "0x"), queued_at=now)
+        assert await store.enqueue(again, ROOMY) is EnqueueResult.DUPLICATE
+        assert again.seq == first.seq
+        assert await store.remove(BOB, [first.seq]) == 1
+        assert await store.enqueue(msg(BOB, "m1", queued_at=now), ROOMY) is EnqueueResult.DELIVERED
+        assert await store.enqueue(msg(BOB, "m1", sender=CAROL, queued_at=now), ROOMY) is EnqueueResult.QUEUED
+
+        assert await store.enqueue(msg(BOB, "m2", queued_at=now), ROOMY) is EnqueueResult.QUEUED
+        assert await store.ack(BOB, ["m2"]) == 1
+        routed, _ = await store.enqueue_routed(msg(BOB, "m2", queued_at=now), ROOMY)
+        assert routed is EnqueueResult.DELIVERED
+        assert await store.enqueue_many([msg(BOB, "m2", queued_at=now), msg(BOB, "m3", queued_at=now)],
+                                        ROOMY) == [EnqueueResult.DELIVERED, EnqueueResult.QUEUED]
+
+        assert await store.enqueue(msg(BOB, "m4", queued_at=now), ROOMY) is EnqueueResult.QUEUED
+        assert await store.clear(BOB) == 3  # m1 from carol, m3, m4: cleared, not delivered
+        assert await store.enqueue(msg(BOB, "m4", queued_at=now), ROOMY) is EnqueueResult.QUEUED
+        assert await store.size(BOB) == 1
+
+        assert await store.expire(now - 1) == 0  # not old yet: still known
+        assert await store.enqueue(msg(BOB, "m1", queued_at=now), ROOMY) is EnqueueResult.DELIVERED
+        await store.clear(BOB)
+        await store.expire(now + 1)
+        for mid in ("m1", "m2"):
+            assert await store.enqueue(msg(BOB, mid, queued_at=now), ROOMY) is EnqueueResult.QUEUED
+    with_store(url, body, cluster=cluster, key_prefix=redis_prefix)
+
+
+def test_record_delivered_is_one_round_trip_and_restore_stores_again(any_redis, redis_prefix):
+    url, cluster = any_redis
+    now = int(time.time() * 1000)
+
+    async def body(store: RedisStore) -> None:
+        live = [msg(BOB, "l1", queued_at=now), msg(CAROL, "l2", queued_at=now), msg(BOB, "l3", queued_at=now)]
+        batches = store.link.batches
+        await store.record_delivered(live)
+        assert store.link.batches - batches == 1
+        for m in live:
+            assert await store.enqueue(msg(m.recipient, m.message_id, queued_at=now), ROOMY) is \
+                EnqueueResult.DELIVERED
+        assert await store.size(BOB) == 0 and await store.size(CAROL) == 0
+        assert await store.restore([live[0]]) == 1
+        assert await store.enqueue(msg(BOB, "l1", queued_at=now), ROOMY) is EnqueueResult.DUPLICATE
+        assert [m.message_id for m in await store.pending(BOB, 10)] == ["l1"]
+        assert await store.expire(now + 1) == 1
+        assert await store.enqueue(msg(BOB, "l3", queued_at=now), ROOMY) is EnqueueResult.QUEUED
+        assert await store.enqueue(msg(CAROL, "l2", queued_at=now), ROOMY) is EnqueueResult.QUEUED
+    with_store(url, body, cluster=cluster, key_prefix=redis_prefix)
+
+
+def test_a_clock_step_moves_delivered_records_too(redis_server, redis_prefix):
+    now = int(time.time() * 1000)
+
+    async def body(store: RedisStore) -> None:
+        await store.record_delivered([msg(BOB, f"d{i}", queued_at=now - i) for i in range(25)])
+        await store.shift_times(now + 1, 60_000)
+        assert await store.expire(now + 30_000) == 0
+        assert await store.enqueue(msg(BOB, "d0", queued_at=now), ROOMY) is EnqueueResult.DELIVERED
+        assert await store.enqueue(msg(BOB, "d24", queued_at=now), ROOMY) is EnqueueResult.DELIVERED
+        await store.expire(now + 70_000)
+        assert await store.enqueue(msg(BOB, "d24", queued_at=now), ROOMY) is EnqueueResult.QUEUED
+    with_store(redis_server.url, body, key_prefix=redis_prefix, expire_chunk=10)
+
+
+# Honest outcomes, bounded writes, health during a hang
+
+def _answers(port: int, within_s: float) -> bool:
+    """Whether the server answers a PING within ``within_s`` (False: it hangs)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=within_s) as s:
+        s.sendall(b"PING\r\n")
+        try:
+            return s.recv(16).startswith(b"+PONG")
+        except TimeoutError:
+            return False
+
+
+def test_a_write_sent_to_a_sleeping_redis_has_an_unknown_outcome_within_socket_timeout(tmp_path):
+    server = RedisServer(tmp_path / "sleepy", extra=("--enable-debug-command", "yes"))
+
+    async def body(store: RedisStore) -> None:
+        assert await enqueue_succeeds(store, "m0")
+        sleeper = subprocess.Popen([redis_binary("redis-cli"), "-p", str(server.port), "DEBUG", "SLEEP", "5"],
+                                   stdout=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: not _answers(server.port, 0.2), "DEBUG SLEEP to start", timeout=5)
+            started = time.monotonic()
+            with pytest.raises(StorageOutcomeUnknown, match="did not answer a write"):
+                await store.enqueue(msg(BOB, "m1"), ROOMY)
+            assert time.monotonic() - started < 4, "the write should be answered before Redis wakes up"
+            assert not store.healthy
+        finally:
+            sleeper.wait(30)
+        await eventually(lambda: enqueue_succeeds(store, "m2"), what="a write after DEBUG SLEEP")
+        assert store.healthy
+    try:
+        with_store(server.url, body, socket_timeout_s=0.5, probe_interval_s=3600)
+    finally:
+        server.stop()
+
+
+def test_a_write_that_never_left_is_plain_storage_unavailable(fresh_redis):
+    async def body(store: RedisStore) -> None:
+        fresh_redis.stop()
+        with pytest.raises(StorageUnavailable) as caught:
+            await store.enqueue(msg(BOB, "m1"), ROOMY)
+        assert not isinstance(caught.value, StorageOutcomeUnknown)
+    with_store(fresh_redis.url, body, probe_interval_s=3600)
+
+
+def test_client_pause_makes_the_store_unhealthy_within_a_second_and_writes_bounded(fresh_redis):
+    """Under CLIENT PAUSE WRITE the probe is overdue after about a second (before socket_timeout_s = 2 s), a
+    client's write gets its answer (outcome unknown) within socket_timeout_s, and health returns after."""
+    async def body(store: RedisStore) -> None:
+        assert store.healthy
+        fresh_redis.cli("CLIENT", "PAUSE", "6000", "WRITE")
+        await eventually(lambda: _is(not store.healthy), what="the overdue probe to make the store unhealthy")
+        assert "waited" in (store.problem or "") or "did not answer" in (store.problem or "")
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            await store.enqueue(msg(BOB, "m1"), ROOMY)
+        assert time.monotonic() - started < 5, "the write should be answered before the pause ends"
+        fresh_redis.cli("CLIENT", "UNPAUSE")
+        await eventually(lambda: _is(store.healthy), what="the store to be healthy after the pause")
+        assert await enqueue_succeeds(store, "m2")
+    with_store(fresh_redis.url, body, socket_timeout_s=2.0, probe_interval_s=0.2)
+
+
+def test_ready_is_503_while_redis_is_paused(fresh_redis, start_relay):
+    store = RedisStore(fresh_redis.url, probe_interval_s=0.2, socket_timeout_s=2.0)
+    relay = start_relay(store=store, auth={"mode": "open"})
+    wait_until(lambda: relay.http("GET", "/health/ready").status == 200, "ready")
+    fresh_redis.cli("CLIENT", "PAUSE", "6000", "WRITE")
+    try:
+        wait_until(lambda: relay.http("GET", "/health/ready").status == 503, "not ready during the pause",
+                   timeout=scaled(5))
+    finally:
+        fresh_redis.cli("CLIENT", "UNPAUSE")
+    wait_until(lambda: relay.http("GET", "/health/ready").status == 200, "ready after the pause", timeout=scaled(10))
+
+
+# Durability at open
+
+def test_open_says_queued_means_memory_only_without_appendonly(fresh_redis, caplog):
+    caplog.set_level(logging.INFO, logger="relayd.storage")
+    with_store(fresh_redis.url, lambda store: asyncio.sleep(0), probe_interval_s=3600)
+    lines = [r for r in caplog.records if "Redis durability" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert "queued = in memory only (appendonly no)" in lines[0].getMessage()
+
+
+def test_open_says_queued_means_the_aof(durable_redis, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="relayd.storage")
+    with_store(durable_redis.url, lambda store: asyncio.sleep(0), probe_interval_s=3600)
+    lines = [r for r in caplog.records if "Redis durability" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    assert "queued = in the AOF, fsynced before Redis answers (appendfsync always)" in lines[0].getMessage()
+
+    everysec = RedisServer(tmp_path / "everysec", appendonly=True, extra=("--appendfsync", "everysec"))
+    caplog.clear()
+    try:
+        with_store(everysec.url, lambda store: asyncio.sleep(0), probe_interval_s=3600, min_replicas=1,
+                   wait_timeout_ms=50)
+    finally:
+        everysec.stop()
+    line = next(r.getMessage() for r in caplog.records if "Redis durability" in r.getMessage())
+    assert "appendfsync everysec" in line and "acknowledged by 1 replica(s)" in line and "0 connected" in line
+
+
+def test_waitaof_is_detected_as_the_installed_redis_has_it(durable_redis):
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    version = tuple(int(p) for p in out.split("v=")[1].split()[0].split(".")[:2])
+
+    async def body(store: RedisStore) -> None:
+        assert store.durability is not None
+        assert store.durability.waitaof is (version >= (7, 2))
+        assert store.link.writes.acks.aof is (version >= (7, 2))  # appendonly yes, appendfsync always
+        assert (store.link.writes.acks.command or ("",))[0] == ("WAITAOF" if version >= (7, 2) else "")
+        assert await enqueue_succeeds(store, "m1")
+    with_store(durable_redis.url, body, probe_interval_s=3600)
+
+
+# The cluster inbox (relayd.cluster.bus) on redis-py's PubSub
+
+def test_the_inbox_resubscribes_after_a_redis_restart_and_says_so(fresh_redis):
+    from relayd.cluster.bus import Bus
+
+    async def body(store: RedisStore) -> None:
+        bus = Bus(store.link, "relayd:", "i1", reply_timeout_s=1.0)
+        confirmed: list[float] = []
+        heard: list[dict[str, Any]] = []
+        bus.on_subscribed = lambda: confirmed.append(time.monotonic())
+        bus.handler = heard.append
+        await bus.start(sharded=store.server_version >= (7, 0))
+        try:
+            assert bus.subscribed and len(confirmed) == 1
+            bus.send("i1", {"k": "hello"})
+            await eventually(lambda: _is(len(heard) == 1), what="the message to arrive")
+            assert heard[0]["k"] == "hello" and heard[0]["from"] == "i1"
+            fresh_redis.stop()
+            await eventually(lambda: _is(not bus.subscribed), what="the inbox to notice Redis is gone")
+            fresh_redis.start()
+            back = time.monotonic()
+            await eventually(lambda: _is(len(confirmed) == 2 and bus.subscribed), what="the inbox to subscribe again")
+            assert confirmed[1] - back < scaled(3), "a lost inbox should be back within about a second"
+            bus.send("i1", {"k": "again"})
+            await eventually(lambda: _is(len(heard) == 2), what="a message after the restart")
+        finally:
+            await bus.close()
+    with_store(fresh_redis.url, body, probe_interval_s=3600)
+
+
+def test_acknowledgements_wait_and_waitaof_and_their_shortfalls():
+    from relayd.storage.redis.write_queue import Acks
+    assert Acks().command is None and Acks().wait_s == 0
+    wait = Acks(replicas=2, timeout_ms=300)
+    assert wait.command == ("WAIT", 2, 300) and wait.wait_s == 0.3
+    assert wait.shortfall(2) is None
+    assert "only 1 of [redis] min_replicas = 2" in str(wait.shortfall(1))
+    aof = Acks(replicas=1, timeout_ms=1500, aof=True)
+    assert aof.command == ("WAITAOF", 1, 1, 1500)
+    assert aof.shortfall([1, 1]) is None
+    assert isinstance(aof.shortfall([0, 1]), StorageOutcomeUnknown) and "AOF" in str(aof.shortfall([0, 1]))
+    assert isinstance(aof.shortfall([1, 0]), StorageOutcomeUnknown)
+    refused = RuntimeError("boom")
+    assert aof.apply([1, 0], [refused, "ok"])[0] is refused
+    assert isinstance(aof.apply([1, 0], [refused, "ok"])[1], StorageOutcomeUnknown)

@@ -7,6 +7,10 @@ that owns the inbox's slot instead of being broadcast to every node; older
 servers get plain ``SUBSCRIBE``/``PUBLISH``. Publishes go through the store's
 ordered write queue (``RedisLink``), so one instance's messages to another
 arrive in the order they were sent and share round trips with its writes.
+The inbox is read with redis-py's PubSub on a connection of its own; when it
+is lost it is subscribed again within about a second of Redis answering, and
+``on_subscribed`` is called after every (re)subscription, since whatever was
+published meanwhile is gone.
 
 Everything sent to one instance in one loop iteration travels as one publish
 (``{"f": sender instance, "b": [messages]}``), so a busy pair of instances
@@ -23,12 +27,14 @@ import asyncio
 import itertools
 import json
 import logging
-import math
 import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis import exceptions as rx
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 
 from .. import tasks
 from ..storage.redis.connection import RedisLink
@@ -37,6 +43,7 @@ from ..storage.store import StorageUnavailable
 
 log = logging.getLogger("relayd.cluster")
 
+MIN_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 0.5
 SWEEPS = 10
 """Checks for unanswered requests per reply timeout."""
@@ -88,11 +95,11 @@ class Bus:
         self.sharded = True
         self.handler: Callable[[Message], None] = lambda message: None
         """Called with every message that is not a reply (set by the cluster's routes)."""
-        self.on_subscribed: Callable[[], None] = lambda: None
-        """Called after every subscription, the first and each one after a loss (what was published to the inbox
-        meanwhile reached nobody)."""
         self.heard = 0.0
         """Loop time of the last message received (the heartbeat's own ping proves the inbox works)."""
+        self.on_subscribed: Callable[[], None] = lambda: None
+        """Called after every successful (re)subscribe: what was published meanwhile is lost, so the owner
+        re-reads what it stored (e.g. queues) then."""
         self._pending: dict[str, _Pending] = {}
         """Requests waiting for replies, oldest first (so the sweep stops at the first one not yet due)."""
         self._sweeper: asyncio.TimerHandle | None = None
@@ -229,28 +236,32 @@ class Bus:
             log.exception("cluster message %r failed", message.get("k"))
 
     async def _listen(self) -> None:
-        backoff = 0.05
+        """Subscribe with redis-py's PubSub and read until the connection fails or the inbox's slot moves; then
+        again after a short backoff (at most ``MAX_BACKOFF_S``, so a lost inbox is back within about a second of
+        Redis)."""
+        backoff = MIN_BACKOFF_S
         while True:
-            conn = None
+            client: Redis[str] | None = None
+            pubsub: PubSub | None = None
             try:
-                conn = await self._subscriber()
-                command = "SSUBSCRIBE" if self.sharded else "SUBSCRIBE"
+                client = await self._subscriber()
+                pubsub = client.pubsub()
                 async with asyncio.timeout(self.link.deadline_s):
-                    await conn.send_command(command, self.channel)
-                    confirmed = await conn.read_response(timeout=math.inf)
-                if not (isinstance(confirmed, list) and confirmed and confirmed[0] == command.lower()):
-                    raise rx.ResponseError(f"unexpected answer to {command}: {str(confirmed)[:100]}")
-                self.heard = asyncio.get_running_loop().time()
-                self._subscribed.set()
-                self.on_subscribed()
-                backoff = 0.05
+                    if self.sharded:  # ssubscribe: redis-py >= 5 (not in the types-redis stubs)
+                        await pubsub.ssubscribe(self.channel)  # type: ignore[attr-defined]
+                    else:
+                        await pubsub.subscribe(self.channel)
                 while True:
-                    message = await conn.read_response(timeout=1.0)  # None: nothing within 1 s
-                    if not isinstance(message, list) or not message:
+                    message = await pubsub.get_message(timeout=1.0)  # None: nothing within 1 s
+                    if message is None:
                         continue
-                    if message[0] in ("message", "smessage"):
-                        self._dispatch(message[2])
-                    elif message[0] in ("sunsubscribe", "unsubscribe"):  # the slot moved: subscribe again
+                    kind = message.get("type")
+                    if kind in ("message", "smessage"):
+                        self._dispatch(message["data"])
+                    elif kind in ("subscribe", "ssubscribe"):
+                        backoff = MIN_BACKOFF_S
+                        self._confirmed()
+                    elif kind in ("sunsubscribe", "unsubscribe"):  # the slot moved: subscribe again
                         break
             except asyncio.CancelledError:
                 raise
@@ -267,26 +278,34 @@ class Bus:
                 log.exception("cluster inbox failed; subscribing again")
             finally:
                 self._subscribed.clear()
-                if conn is not None:
-                    await _close_quietly(conn, self.link.deadline_s)
+                await _close_quietly(pubsub, client, self.link.deadline_s)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    async def _subscriber(self) -> Any:
-        """A connection of its own (RESP2: messages are plain arrays) to the server, or to the Cluster node that
-        owns the inbox's slot."""
+    def _confirmed(self) -> None:
+        self.heard = asyncio.get_running_loop().time()
+        self._subscribed.set()
+        try:
+            self.on_subscribed()
+        except Exception:
+            log.exception("the cluster inbox's on_subscribed hook failed")
+
+    async def _subscriber(self) -> Redis[str]:
+        """A client of its own to the server, or to the Cluster node that owns the inbox's slot."""
         url = None
-        if self.link.cluster:
-            await self.link.read(lambda c: c.initialize())
-            node = self.link.client.get_node_from_key(self.channel)
+        client = self.link.client
+        if isinstance(client, RedisCluster):
+            async def initialize(_: Any) -> None:
+                await client.initialize()
+            await self.link.read(initialize)
+            node = client.get_node_from_key(self.channel)
+            if node is None:
+                raise StorageUnavailable("the Redis Cluster has no node for the inbox's slot")
             parts = urllib.parse.urlsplit(self.link.url)
             auth = parts.netloc.rpartition("@")[0]
             host = f"[{node.host}]" if ":" in node.host else node.host
             url = urllib.parse.urlunsplit(parts._replace(netloc=f"{auth + '@' if auth else ''}{host}:{node.port}"))
-        conn = self.link.connection(url, protocol=2, socket_timeout=None)
-        async with asyncio.timeout(self.link.deadline_s):
-            await conn.connect()
-        return conn
+        return self.link.subscriber(url)
 
 
 def _unheard(sent: asyncio.Future[Any]) -> bool:
@@ -299,9 +318,12 @@ def _unheard(sent: asyncio.Future[Any]) -> bool:
         return False
 
 
-async def _close_quietly(conn: Any, timeout: float) -> None:
+async def _close_quietly(pubsub: PubSub | None, client: Redis[str] | None, timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
-            await conn.disconnect()
+            if pubsub is not None:
+                await pubsub.aclose()  # type: ignore[attr-defined]  # redis-py >= 5; not in the types-redis stubs
+            if client is not None:
+                await client.aclose(close_connection_pool=True)  # type: ignore[attr-defined]
     except (rx.RedisError, OSError, TimeoutError):
         pass

@@ -2,10 +2,12 @@
 
 Importing this package imports redis-py; nothing else in relayd does, so relayd
 without the extra runs on SQLite. Modules: ``layout`` (key names, hash slots),
-``scripts`` (the Lua scripts), ``connection`` (client, health), ``write_queue``
-(durable writes, batched in order), ``reasons`` (what a failure means),
-``store`` (the Store contract) with its parts ``lifecycle``, ``keys``,
-``receipts``, ``retention`` and ``records``, ``migrate`` (SQLite to Redis).
+``scripts`` (the Lua scripts), ``connection`` (the client), ``health``,
+``write_queue`` (writes batched in order, each answered in bounded time),
+``reasons`` (what a failure means), ``store`` (the Store contract: a facade)
+over its parts ``messages``, ``receipts``, ``keys``, ``retention`` and
+``lifecycle``, which share one ``core``; ``records`` (value formats, per-slot
+totals), ``migrate`` (SQLite to Redis).
 """
 
 from .store import RedisStore

@@ -1,20 +1,20 @@
-"""One Redis client (a single server or a Cluster) and its health.
+"""One Redis client (a single server or a Cluster), its health, and the ordered writes that go through it.
 
 Every operation runs under a deadline (socket and connect timeouts, plus an
 overall one), so a hung Redis never hangs relayd. Every failure becomes
-``StorageUnavailable`` with a reason an operator can act on, and marks the
-link unhealthy; the next write that Redis acknowledges (a client's, or the
-periodic probe's) marks it healthy again. redis-py reconnects by itself.
+``StorageUnavailable`` (``StorageOutcomeUnknown`` for a write that was sent but
+not answered) with a reason an operator can act on, and marks the link
+unhealthy (``health``); the next write that Redis acknowledges (a client's, or
+the periodic probe's) marks it healthy again. redis-py reconnects by itself.
 Writes go through the ordered queue of ``write_queue``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeAlias, TypeVar, cast
 
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
@@ -22,19 +22,32 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ... import tasks
 from ..store import StorageUnavailable
+from .health import Health
 from .reasons import describe
-from .write_queue import OrderedWrites, Write
+from .scripts import Script
+from .write_queue import Acks, Client, WriteQueue
 
 log = logging.getLogger("relayd.storage")
 
 T = TypeVar("T")
 MAX_CONNECTIONS = 64
+OVERDUE_S = 1.0
+"""A write unanswered for longer (plus the WAIT/WAITAOF budget) makes the link unhealthy at once."""
 
 
-class RedisLink(OrderedWrites):
-    """The client and its health; writes go through ``OrderedWrites`` (batched, in order, then WAIT if
+Commands: TypeAlias = "Redis[str]"
+"""The commands reads use: a single server's client, or a Cluster's (see ``commands``)."""
+
+
+def commands(client: Client) -> Commands:
+    """The client as the commands it runs: redis-py's Cluster client has the same ones, routed by key (the
+    types-redis stubs just do not list them)."""
+    return cast("Redis[str]", client)
+
+
+class RedisLink:
+    """The client, its ``health`` and its ordered ``writes`` (batched, in order, then WAIT/WAITAOF if
     configured)."""
 
     def __init__(self, url: str, *, cluster: bool = False, socket_timeout_s: float = 2.0,
@@ -45,95 +58,92 @@ class RedisLink(OrderedWrites):
         self.min_replicas = min_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.deadline_s = 3 * socket_timeout_s + (wait_timeout_ms / 1000 if min_replicas else 0)
-        self.queue_deadline_s = 2 * self.deadline_s
-        """Longest a write waits for its turn in the queue (then it is refused, unsent)."""
-        self.client: Any = None
-        self._writer: Any = None
-        self._healthy = True
-        self._problem: str | None = None
-        self._queue: collections.deque[Write] = collections.deque()
-        self._flusher: asyncio.Task[None] | None = None
-        self._refresh_nodes = False
-        self.batches = 0
-        """Write batches sent (each one pipeline per node): for tests and benchmarks."""
+        """Longest a read (or opening, closing) may take."""
+        self.client: Client | None = None
+        self.health = Health(min(OVERDUE_S, socket_timeout_s))
+        acks = Acks(replicas=min_replicas, timeout_ms=wait_timeout_ms if min_replicas else 0)
+        self.writes = WriteQueue(self.health, cluster=cluster, socket_timeout_s=socket_timeout_s, acks=acks)
         self.reads = 0
         """Reads run (each a command or a pipeline): for tests and benchmarks."""
-        self.on_failure: Callable[[], None] | None = None
-        """Called after every failure (the store forgets what it assumed Redis holds)."""
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        return self.health.healthy
 
     @property
     def problem(self) -> str | None:
-        return self._problem
+        return self.health.problem
+
+    @property
+    def batches(self) -> int:
+        """Write batches sent: for tests and benchmarks."""
+        return self.writes.batches
+
+    def use_waitaof(self, everysec: bool) -> None:
+        """Acknowledge the store's writes with WAITAOF (the local AOF fsync, and ``min_replicas`` replicas'); with
+        ``appendfsync everysec`` the fsync may take up to a second longer than ``wait_timeout_ms``."""
+        acks = self.writes.acks
+        acks.aof = True
+        acks.timeout_ms = self.wait_timeout_ms + (1000 if everysec else 0)
+        self.health.overdue_s = min(OVERDUE_S, self.socket_timeout_s) + acks.wait_s
+
+    def _settings(self, **options: Any) -> dict[str, Any]:
+        wait_s = self.writes.acks.wait_s  # WAIT/WAITAOF blocks that long
+        return {"socket_timeout": self.socket_timeout_s + wait_s, "socket_connect_timeout": self.socket_timeout_s,
+                "decode_responses": True, **options}
 
     def connect(self) -> None:
         """Build the clients; they connect lazily, so this never waits on the network."""
-        wait_s = self.wait_timeout_ms / 1000 if self.min_replicas else 0.0
-        common: dict[str, Any] = {"socket_timeout": self.socket_timeout_s + wait_s,  # WAIT blocks that long
-                                  "socket_connect_timeout": self.socket_timeout_s,
-                                  "decode_responses": True}
-        if self.cluster:
-            self.client = RedisCluster.from_url(self.url, max_connections=MAX_CONNECTIONS, **common)
+        if self.cluster:  # its node pipelines carry the writes: room for WAIT, or WAITAOF on everysec
+            self.client = self.writes.client = RedisCluster.from_url(
+                self.url, max_connections=MAX_CONNECTIONS, **self._settings(
+                    socket_timeout=self.socket_timeout_s + self.wait_timeout_ms / 1000 + 1.0))
             return
-        pool = BlockingConnectionPool.from_url(
+        pool: BlockingConnectionPool[Any] = BlockingConnectionPool.from_url(
             self.url, max_connections=MAX_CONNECTIONS, timeout=self.socket_timeout_s,
-            retry=Retry(NoBackoff(), 1, (rx.ConnectionError,)), **common)
-        self.client = Redis(connection_pool=pool)
-        self._writer = self.connection(socket_timeout=None)
+            retry=Retry(NoBackoff(), 1, (rx.ConnectionError,)), **self._settings())
+        self.client = self.writes.client = Redis(connection_pool=pool, decode_responses=True)
+        self.writes.writer = ConnectionPool.from_url(
+            self.url, **self._settings(socket_timeout=None, retry=Retry(NoBackoff(), 0))).make_connection()
 
-    def connection(self, url: str | None = None, **options: Any) -> Any:
-        """A connection of its own to the server (or to ``url``, e.g. one Cluster node), outside every pool:
-        redis-py connects it lazily and again after a failure; ``options`` override the link's settings (e.g.
-        ``protocol=2`` for a subscriber)."""
-        wait_s = self.wait_timeout_ms / 1000 if self.min_replicas else 0.0
-        settings: dict[str, Any] = {"socket_timeout": self.socket_timeout_s + wait_s,
-                                    "socket_connect_timeout": self.socket_timeout_s, "decode_responses": True,
-                                    "retry": Retry(NoBackoff(), 0), **options}
-        return ConnectionPool.from_url(url or self.url, **settings).make_connection()
+    def subscriber(self, url: str | None = None) -> Redis[str]:
+        """A client of its own for Pub/Sub to the server (or to ``url``, e.g. one Cluster node), outside every
+        pool, never retrying by itself; RESP2, without a read timeout (the subscriber polls)."""
+        pool: ConnectionPool[Any] = ConnectionPool.from_url(url or self.url, **self._settings(
+            socket_timeout=None, protocol=2, retry=Retry(NoBackoff(), 0), max_connections=2))
+        return Redis(connection_pool=pool, decode_responses=True)
 
     async def close(self) -> None:
         """Let queued writes finish (bounded), then close every connection."""
-        flusher = self._flusher
-        if flusher is not None and not flusher.done():
-            await asyncio.wait([flusher], timeout=self.queue_deadline_s)
-            await tasks.stop(flusher, self.deadline_s)
-        self._fail_queued(StorageUnavailable("store is closed"))
-        writer, client, self._writer, self.client = self._writer, self.client, None, None
+        await self.writes.drain(self.writes.answer_s, self.deadline_s)
+        writer, client = self.writes.writer, self.client
+        self.writes.writer = self.writes.client = self.client = None
         try:
             async with asyncio.timeout(self.deadline_s):
                 if writer is not None:
                     await writer.disconnect()
-                if client is not None:
-                    await (client.aclose() if self.cluster else client.aclose(close_connection_pool=True))
+                # aclose: redis-py >= 5 (the types-redis 4.6 stubs predate it)
+                if isinstance(client, RedisCluster):
+                    await client.aclose()  # type: ignore[attr-defined]
+                elif client is not None:
+                    await client.aclose(close_connection_pool=True)  # type: ignore[attr-defined]
         except (rx.RedisError, OSError, TimeoutError) as exc:
             log.debug("closing a Redis client: %s", describe(exc))
 
     # Health
 
     def fail(self, reason: str) -> StorageUnavailable:
-        if reason != self._problem:
-            log.error("storage unavailable: %s", reason)
-        self._healthy, self._problem = False, reason
-        if self.on_failure is not None:
-            self.on_failure()
-        return StorageUnavailable(reason)
+        return self.health.fail(reason)
 
-    def succeeded(self) -> None:
-        if not self._healthy:
-            log.warning("storage recovered (was: %s)", self._problem)
-        self._healthy, self._problem = True, None
-
-    async def _guarded(self, work: Callable[[], Awaitable[T]]) -> T:
-        if self.client is None:
+    async def _guarded(self, work: Callable[[Commands], Awaitable[T]]) -> T:
+        client = self.client
+        if client is None:
             raise StorageUnavailable("store is not open")
         try:
             async with asyncio.timeout(self.deadline_s):
-                if self.cluster:
-                    await self.client.initialize()
-                return await work()
+                if isinstance(client, RedisCluster):
+                    await client.initialize()
+                return await work(commands(client))
         except StorageUnavailable as exc:
             raise self.fail(str(exc)) from None
         except (rx.RedisError, OSError, TimeoutError) as exc:
@@ -141,7 +151,27 @@ class RedisLink(OrderedWrites):
 
     # Operations
 
-    async def read(self, work: Callable[[Any], Awaitable[T]]) -> T:
+    async def read(self, work: Callable[[Commands], Awaitable[T]]) -> T:
         """Run reads on the client; a failure makes the link unhealthy, success leaves it as it is."""
         self.reads += 1
-        return await self._guarded(lambda: work(self.client))
+        return await self._guarded(work)
+
+    async def write(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """``WriteQueue.write``: one write script, in order, answered within ``socket_timeout_s``."""
+        return await self.writes.write(script, keys, args)
+
+    async def write_many(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """``WriteQueue.write_many``: several write scripts in one round trip."""
+        return await self.writes.write_many(calls)
+
+    async def command(self, *args: Any, key: str) -> Any:
+        """``WriteQueue.command``: one write command, in the same order as scripts."""
+        return await self.writes.command(*args, key=key)
+
+    def post(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """``WriteQueue.post``: a write script queued without waiting."""
+        return self.writes.post(script, keys, args)
+
+    def post_command(self, *args: Any, key: str) -> asyncio.Future[Any]:
+        """``WriteQueue.post_command``: a write command queued without waiting."""
+        return self.writes.post_command(*args, key=key)

@@ -1,6 +1,5 @@
 """The key directory, ownership locks and bearer tokens in Redis: a part of ``RedisStore``.
 
-Needs of the store: ``link``, ``layout``, ``note_slot`` and ``pipeline``.
 Bearer tokens are found by hash in the hash's slot, and listed (and capped)
 in the address's own slot.
 """
@@ -12,12 +11,18 @@ from typing import Any
 
 from ..store import KeyRecord
 from . import scripts
+from .connection import Commands
+from .core import StoreCore
 from .records import KEY_OPTIONAL, by_recipient, chunks, decode_key, now_ms
 
 SLOT_BATCH = 500  # keys read in one pipeline
 
 
 class RedisKeys:
+    def __init__(self, core: StoreCore) -> None:
+        self.core = core
+        self.link = core.link
+        self.layout = core.layout
 
     async def get_key(self, address: str) -> KeyRecord | None:
         return (await self.get_keys([address])).get(address)
@@ -26,11 +31,11 @@ class RedisKeys:
         wanted = list(dict.fromkeys(addresses))
         found: dict[str, KeyRecord] = {}
         for part in chunks(wanted, SLOT_BATCH):
-            async def work(client: Any, part: Sequence[str] = part) -> list[Any]:
-                pipe = self.pipeline(client)
+            async def work(client: Commands, part: Sequence[str] = part) -> list[Any]:
+                pipe = self.core.pipeline(client)
                 for address in part:
                     pipe.hgetall(self.layout.key(address)[0])
-                return await pipe.execute()
+                return list(await pipe.execute())
             for address, fields in zip(part, await self.link.read(work)):
                 if fields:
                     found[address] = decode_key(address, fields)
@@ -38,17 +43,18 @@ class RedisKeys:
 
     async def put_key(self, record: KeyRecord) -> KeyRecord:
         """Store ``record``; an existing key keeps its original ``created_at``; a signed one raises the floor."""
-        await self._put_key(record, "put", "", 0)
+        await self.write_key(record, "put", "", 0)
         return record
 
-    async def _put_key(self, record: KeyRecord, mode: str, ledger: str, ledger_ttl_ms: int) -> str:
+    async def write_key(self, record: KeyRecord, mode: str, ledger: str, ledger_ttl_ms: int) -> str:
+        """``put`` or ``migrate`` (remembered in the ledger) ``record``; returns stored, migrated or newer."""
         fields: list[Any] = ["public_key", record.public_key, "updated_at", record.updated_at]
         for name in KEY_OPTIONAL:
             value = getattr(record, name)
             if value is not None:
                 fields += [name, value]
         signed_issued = record.issued_at if record.signed and record.issued_at is not None else ""
-        self.note_slot(self.layout.slot_of(record.address))
+        self.core.note_slot(self.layout.slot_of(record.address))
         outcome, created_at = await self.link.write(
             scripts.PUT_KEY, list(self.layout.key(record.address)),
             [mode, record.created_at, ledger, ledger_ttl_ms, record.updated_at, signed_issued, *fields])
@@ -64,22 +70,24 @@ class RedisKeys:
         """The floor key, or (for keys stored before floors existed) the stored signed key's ``issued_at``."""
         key, _, _, floor_key = self.layout.key(address)
 
-        async def work(client: Any) -> list[Any]:
-            pipe = self.pipeline(client)
+        async def work(client: Commands) -> list[Any]:
+            pipe = self.core.pipeline(client)
             pipe.get(floor_key)
             pipe.hmget(key, ["signature", "issued_at"])
-            return await pipe.execute()
+            return list(await pipe.execute())
         floor, (signature, issued) = await self.link.read(work)
         found = [int(v) for v in (floor, issued if signature is not None else None) if v is not None]
         return max(found) if found else None
 
     async def key_count(self) -> int:
-        return (await self.stats())["keys"]
+        return (await self.core.stats())["keys"]
 
     # Ownership locks
 
     async def is_locked(self, address: str) -> bool:
-        return bool(await self.link.read(lambda c: c.exists(self.layout.lock(address))))
+        async def work(client: Commands) -> int:
+            return await client.exists(self.layout.lock(address))
+        return bool(await self.link.read(work))
 
     async def lock(self, address: str) -> None:
         await self.link.write(scripts.LOCK, [self.layout.lock(address)], [now_ms()])
@@ -88,23 +96,28 @@ class RedisKeys:
 
     async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
         slot = self.layout.token_slot(token_hash)
-        self.note_slot(slot)
+        self.core.note_slot(slot)
         saved = self.link.post(scripts.SAVE_TOKEN, list(self.layout.token_slot_keys(slot)),
                                [token_hash, address, expires_at_ms])
         gone = await self.link.write(scripts.OWN_TOKEN, [self.layout.tokens_of(address)],
                                      [token_hash, expires_at_ms, max_per_address])
         await saved
-        for part in by_recipient(gone, self.layout.token_slot).items():
-            await self.link.write(scripts.DROP_TOKENS, list(self.layout.token_slot_keys(part[0])), part[1])
+        for slot, hashes in by_recipient(gone, self.layout.token_slot).items():
+            await self.link.write(scripts.DROP_TOKENS, list(self.layout.token_slot_keys(slot)), hashes)
 
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:
         """The lookup by hash, confirmed by the address's own list (a token over the cap is gone from it)."""
-        found = await self.link.read(lambda c: c.hget(self.layout.token_slot_keys(
-            self.layout.token_slot(token_hash))[0], token_hash))
+        tokens = self.layout.token_slot_keys(self.layout.token_slot(token_hash))[0]
+
+        async def find(client: Commands) -> str | None:
+            return await client.hget(tokens, token_hash)
+        found = await self.link.read(find)
         if not found:
             return None
         address, _, expires = found.partition(" ")
         if int(expires) <= now_ms:
             return None
-        listed = await self.link.read(lambda c: c.zscore(self.layout.tokens_of(address), token_hash))
-        return address if listed is not None else None
+
+        async def listed(client: Commands) -> float | None:
+            return await client.zscore(self.layout.tokens_of(address), token_hash)
+        return address if await self.link.read(listed) is not None else None

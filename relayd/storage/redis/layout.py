@@ -61,11 +61,12 @@ class RecipientKeys:
     migrated: str   # SET of items copied by ``relayd migrate`` (so a re-run copies nothing twice)
     presence: str   # HASH instance -> session kind, written by relayd.cluster (read here: who to tell)
     watchers: str   # SET of instances that cached the presence (relayd.cluster tells them when it changes)
+    delivered: str  # ZSET "lower-cased sender\nmessageId" -> queued_at of what left as delivered (idempotency)
 
     def all(self) -> list[str]:
         return [self.queue, self.times, self.messages, self.ids, self.counters, self.receipt_queue,
                 self.receipt_times, self.receipts, self.expiry, self.stats, self.migrated, self.presence,
-                self.watchers]
+                self.watchers, self.delivered]
 
 
 class Layout:
@@ -97,7 +98,8 @@ class Layout:
         own = self._own
         return RecipientKeys(own(address, "q"), own(address, "t"), own(address, "m"), own(address, "i"),
                              own(address, "n"), own(address, "rq"), own(address, "rt"), own(address, "rm"),
-                             expiry, stats, own(address, "mig"), own(address, "on"), own(address, "w"))
+                             expiry, stats, own(address, "mig"), own(address, "on"), own(address, "w"),
+                             own(address, "d"))
 
     def key(self, address: str) -> tuple[str, str, str, str]:
         """(public key record, slot statistics, migration ledger, key floor) of one address."""

@@ -15,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..sqlite.file import inspect, read_only_uri
 from ..store import KeyRecord, QueuedMessage, Receipt, StoreOpenError
 from .store import RedisStore
 
+T = TypeVar("T")
 IN_FLIGHT = 64
 """Copies started at once; the store keeps each recipient's copies in source order."""
 MIN_LEDGER_TTL_MS = 30 * 86_400_000
@@ -63,13 +65,17 @@ class _Window:
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task[Any]] = set()
 
-    async def add(self, coro: Any, on_done: Any) -> None:
+    async def add(self, coro: Coroutine[Any, Any, T], on_done: Callable[[T], object]) -> None:
         if len(self.tasks) >= IN_FLIGHT:
             done, self.tasks = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
         task = asyncio.ensure_future(coro)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception() or on_done(t.result()))
+
+        def finished(t: asyncio.Task[T]) -> None:
+            if not t.cancelled() and t.exception() is None:
+                on_done(t.result())
+        task.add_done_callback(finished)
         self.tasks.add(task)
 
     async def drain(self) -> None:
@@ -105,7 +111,8 @@ async def migrate(conn: sqlite3.Connection, store: RedisStore, *, cutoff_ms: int
 
     window = _Window()
     try:
-        await _copy(conn, store, window, cutoff_ms, ledger_ttl, max_tokens_per_address, counts, count_message, count_receipt, count_key)
+        await _copy(conn, store, window, cutoff_ms, ledger_ttl, max_tokens_per_address, counts, count_message,
+                    count_receipt, count_key)
     finally:
         window.cancel()
     return counts
@@ -113,7 +120,8 @@ async def migrate(conn: sqlite3.Connection, store: RedisStore, *, cutoff_ms: int
 
 async def _copy(conn: sqlite3.Connection, store: RedisStore, window: _Window, cutoff_ms: int, ledger_ttl: int,
                 max_tokens: int,
-                counts: dict[str, int], count_message: Any, count_receipt: Any, count_key: Any) -> None:
+                counts: dict[str, int], count_message: Callable[[str], None], count_receipt: Callable[[bool], None],
+                count_key: Callable[[str], None]) -> None:
     rows = conn.execute("SELECT recipient, sender, message_id, content, timestamp, queued_at FROM messages "
                         "ORDER BY recipient, seq")
     for recipient, sender, message_id, content, timestamp, queued_at in rows:

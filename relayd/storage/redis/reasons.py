@@ -26,7 +26,7 @@ def describe(exc: BaseException) -> str:
     code = text.split(" ", 1)[0].upper() if text else ""
     if code in _REFUSALS:
         return _REFUSALS[code]
-    if isinstance(exc, rx.OutOfMemoryError):
+    if isinstance(exc, rx.OutOfMemoryError):  # type: ignore[attr-defined]  # not in the types-redis 4.6 stubs
         return _REFUSALS["OOM"]
     if isinstance(exc, rx.ReadOnlyError):
         return _REFUSALS["READONLY"]

@@ -1,7 +1,4 @@
-"""Read receipts waiting in Redis for their message's sender: a part of ``RedisStore``.
-
-Needs of the store: ``link``, ``layout``, ``note_slot`` and ``recipient_write``.
-"""
+"""Read receipts waiting in Redis for their message's sender: a part of ``RedisStore``."""
 
 from __future__ import annotations
 
@@ -11,6 +8,8 @@ from typing import Any
 
 from ..store import Receipt
 from . import scripts
+from .connection import Commands
+from .core import StoreCore
 from .records import by_recipient, chunks
 
 RECEIPT_CHUNK = 500  # receipts per add_receipts script
@@ -18,6 +17,8 @@ ID_CHUNK = 1000      # seqs per removal script
 
 
 class RedisReceipts:
+    def __init__(self, core: StoreCore) -> None:
+        self.core = core
 
     async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
         dropped = 0
@@ -27,13 +28,13 @@ class RedisReceipts:
         return dropped
 
     async def write_receipts(self, recipient: str, receipts: Sequence[Receipt], cap: int, ledger: str,
-                            ledger_ttl_ms: int) -> int:
+                             ledger_ttl_ms: int) -> int:
         """Store one recipient's receipts; returns how many were dropped, or -1 when migrated before."""
         args: list[Any] = []
         for r in receipts:
             args += [json.dumps([r.reader, r.message_id, r.timestamp], separators=(",", ":")), r.timestamp]
-        self.note_slot(self.layout.slot_of(recipient))
-        reply = await self.recipient_write(scripts.ADD_RECEIPTS, recipient, cap, ledger, ledger_ttl_ms, *args)
+        self.core.note_slot(self.core.layout.slot_of(recipient))
+        reply = await self.core.recipient_write(scripts.ADD_RECEIPTS, recipient, cap, ledger, ledger_ttl_ms, *args)
         if int(reply[0]) < 0:
             return -1
         for r, seq in zip(receipts, reply[1:]):
@@ -43,9 +44,9 @@ class RedisReceipts:
     async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
         if limit <= 0:
             return []
-        keys = self.layout.recipient(recipient)
+        keys = self.core.layout.recipient(recipient)
 
-        async def work(client: Any) -> list[Receipt]:
+        async def work(client: Commands) -> list[Receipt]:
             seqs = await client.zrange(keys.receipt_queue, 0, limit - 1)
             if not seqs:
                 return []
@@ -56,10 +57,10 @@ class RedisReceipts:
                     reader, message_id, timestamp = json.loads(record)
                     found.append(Receipt(recipient, reader, message_id, timestamp, int(seq)))
             return found
-        return await self.link.read(work)
+        return await self.core.link.read(work)
 
     async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
         removed = 0
         for part in chunks([str(s) for s in dict.fromkeys(seqs)], ID_CHUNK):
-            removed += int(await self.recipient_write(scripts.REMOVE_RECEIPTS, recipient, *part))
+            removed += int(await self.core.recipient_write(scripts.REMOVE_RECEIPTS, recipient, *part))
         return removed

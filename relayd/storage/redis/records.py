@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from ..store import KeyRecord, QueuedMessage
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 KEY_OPTIONAL = ("key_type", "issued_at", "format", "signature")
 
 Presence = dict[str, str]
@@ -47,9 +48,9 @@ def decode_key(address: str, fields: dict[str, str]) -> KeyRecord:
                      fields.get("format"), fields.get("signature"))
 
 
-def by_recipient(items: Iterable[T], recipient: Any) -> dict[str, list[T]]:
-    """Items grouped by recipient, each group in the given order."""
-    groups: dict[str, list[T]] = {}
+def by_recipient(items: Iterable[T], recipient: Callable[[T], K]) -> dict[K, list[T]]:
+    """Items grouped by recipient (or any other key), each group in the given order."""
+    groups: dict[K, list[T]] = {}
     for item in items:
         groups.setdefault(recipient(item), []).append(item)
     return groups

@@ -1,7 +1,9 @@
 """Retention in Redis: expiry by the per-slot retention indexes, and times moved after a clock step.
 
-A part of ``RedisStore``; needs its ``link``, ``layout``, ``slots``,
-``pipeline``, ``recipient_write``, ``apply_totals`` and ``expire_chunk``.
+A part of ``RedisStore``. The retention index of a slot lists each address by
+the oldest time it holds (a message's queued_at, a receipt's timestamp, a
+delivered record's queued_at), so expiry reads only addresses that hold
+something old.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import scripts
+from .connection import Commands
+from .core import StoreCore
 from .records import chunks
 
 EXPIRE_SCAN = 100   # recipients read from one slot's retention index at a time
@@ -17,11 +21,16 @@ SLOT_BATCH = 500    # per-slot keys read in one pipeline
 
 
 class RedisRetention:
+    def __init__(self, core: StoreCore, expire_chunk: int) -> None:
+        self.core = core
+        self.expire_chunk = expire_chunk
+        """Messages (and receipts, delivered records, tokens) one expiry script removes at most."""
+
     async def expire(self, before_ms: int) -> int:
         """Remove what is older than ``before_ms``: only recipients the per-slot retention indexes
-        list as old, each in scripts of at most ``expire_chunk`` messages and receipts; then tokens
-        that expired by ``before_ms``."""
-        slots = await self.slots()
+        list as old, each in scripts of at most ``expire_chunk`` messages, receipts and delivered
+        records; then tokens that expired by ``before_ms``."""
+        slots = await self.core.slots()
         removed = 0
         todo = list(slots)
         while todo:
@@ -37,18 +46,18 @@ class RedisRetention:
     async def _index_pages(self, slots: Sequence[int], before_ms: int, offsets: dict[int, int]) -> list[Any]:
         """One page (``EXPIRE_SCAN`` addresses from each slot's offset) of the retention indexes: the
         addresses holding something older than ``before_ms``, per slot."""
-        async def work(client: Any) -> list[Any]:
-            pipe = self.pipeline(client)
+        async def work(client: Commands) -> list[Any]:
+            pipe = self.core.pipeline(client)
             for slot in slots:
-                pipe.zrangebyscore(self.layout.slot_keys(slot)[0], "-inf", f"({before_ms}",
+                pipe.zrangebyscore(self.core.layout.slot_keys(slot)[0], "-inf", f"({before_ms}",
                                    start=offsets[slot], num=EXPIRE_SCAN)
-            return await pipe.execute()
-        return await self.link.read(work)
+            return list(await pipe.execute())
+        return await self.core.link.read(work)
 
     async def _all_old_addresses(self, before_ms: int) -> list[str]:
         """Every address the retention indexes list as holding something older than ``before_ms``."""
         found: list[str] = []
-        offsets = dict.fromkeys(await self.slots(), 0)
+        offsets = dict.fromkeys(await self.core.slots(), 0)
         while offsets:
             part = list(offsets)[:SLOT_BATCH]
             for slot, names in zip(part, await self._index_pages(part, before_ms, offsets)):
@@ -62,28 +71,29 @@ class RedisRetention:
     async def _expire_recipient(self, address: str, before_ms: int) -> int:
         removed = 0
         while True:
-            messages, receipts, totals = await self.recipient_write(scripts.EXPIRE, address, before_ms,
-                                                                     self.expire_chunk)
-            self.apply_totals(address, totals)
+            messages, receipts, totals, forgotten = await self.core.recipient_write(
+                scripts.EXPIRE, address, before_ms, self.expire_chunk)
+            self.core.apply_totals(address, totals)
             removed += int(messages)
-            if int(messages) < self.expire_chunk and int(receipts) < self.expire_chunk:
+            if max(int(messages), int(receipts), int(forgotten)) < self.expire_chunk:
                 return removed
 
     async def _expire_tokens(self, slots: list[int], before_ms: int) -> None:
+        link, layout = self.core.link, self.core.layout
         for part in chunks(slots, SLOT_BATCH):
-            async def work(client: Any, part: Sequence[int] = part) -> list[Any]:
-                pipe = self.pipeline(client)
+            async def work(client: Commands, part: Sequence[int] = part) -> list[Any]:
+                pipe = self.core.pipeline(client)
                 for slot in part:
-                    pipe.zcount(self.layout.token_slot_keys(slot)[1], "-inf", before_ms)
-                return await pipe.execute()
-            for slot, due in zip(part, await self.link.read(work)):
+                    pipe.zcount(layout.token_slot_keys(slot)[1], "-inf", before_ms)
+                return list(await pipe.execute())
+            for slot, due in zip(part, await link.read(work)):
                 while int(due or 0) > 0:
-                    gone = await self.link.write(scripts.EXPIRE_TOKENS, list(self.layout.token_slot_keys(slot)),
-                                                 [before_ms, self.expire_chunk])
+                    gone = await link.write(scripts.EXPIRE_TOKENS, list(layout.token_slot_keys(slot)),
+                                            [before_ms, self.expire_chunk])
                     for i in range(0, len(gone) - 1, 2):
                         if gone[i + 1]:
-                            self.link.post_command("ZREM", self.layout.tokens_of(gone[i + 1]), gone[i],
-                                                   key=self.layout.tokens_of(gone[i + 1]))
+                            link.post_command("ZREM", layout.tokens_of(gone[i + 1]), gone[i],
+                                              key=layout.tokens_of(gone[i + 1]))
                     due = 0 if len(gone) < 2 * self.expire_chunk else due
 
     async def shift_times(self, before_ms: int, delta_ms: int) -> int:
@@ -91,12 +101,12 @@ class RedisRetention:
         list as old (read in full first, since shifting reorders them), each in bounded scripts."""
         moved = 0
         for address in await self._all_old_addresses(before_ms):
-            for what in ("m", "r"):
+            for what in ("m", "r", "d"):
                 after = "0"
                 while True:
-                    count, last = await self.recipient_write(scripts.SHIFT_TIMES, address, what, before_ms,
-                                                              delta_ms, after, self.expire_chunk)
-                    moved += int(count)
+                    count, last = await self.core.recipient_write(scripts.SHIFT_TIMES, address, what, before_ms,
+                                                                   delta_ms, after, self.expire_chunk)
+                    moved += int(count) if what != "d" else 0
                     if not last:
                         break
                     after = last

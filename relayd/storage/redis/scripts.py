@@ -36,12 +36,15 @@ class Script:
 
 
 # KEYS (RecipientKeys.all()): 1 queue, 2 times, 3 messages, 4 ids, 5 counters, 6 receipt_queue,
-# 7 receipt_times, 8 receipts, 9 expiry (slot), 10 stats (slot), 11 migrated, 12 presence, 13 watchers.
+# 7 receipt_times, 8 receipts, 9 expiry (slot), 10 stats (slot), 11 migrated, 12 presence, 13 watchers,
+# 14 delivered.
 # ARGV[1]: the address.
 # A message record is "[sender, messageId, size, timestamp, queued_at]\n" followed by the content; the ids
 # index maps a messageId to [[sender as the client spelled it, seq], ...] and compares senders lower-cased.
+# The delivered index holds "lower-cased sender\nmessageId" of messages that left as delivered, scored by their
+# queued_at, until expiry forgets them: a resend meanwhile is answered 'delivered'.
 _RECIPIENT_PRELUDE = r"""
-local Q, T, M, I, N, RQ, RT, RM, EXP, STATS, MIG, ON, W = unpack(KEYS)
+local Q, T, M, I, N, RQ, RT, RM, EXP, STATS, MIG, ON, W, D = unpack(KEYS)
 local who = ARGV[1]
 
 local function fmt(n) return string.format('%.0f', n) end
@@ -71,6 +74,12 @@ local function stored_as(mid, lsender)
   return nil
 end
 
+local function delivered_id(lsender, mid) return lsender .. '\n' .. mid end
+
+local function was_delivered(mid, lsender)
+  return redis.call('ZSCORE', D, delivered_id(lsender, mid)) ~= false
+end
+
 local function index(mid, sender, s)
   local raw = redis.call('HGET', I, mid)
   local list = raw and cjson.decode(raw) or {}
@@ -88,15 +97,20 @@ local function unindex(mid, s)
   if #kept == 0 then redis.call('HDEL', I, mid) else redis.call('HSET', I, mid, cjson.encode(kept)) end
 end
 
--- Deletes one message; returns its content size, or nil when there is no such message.
-local function drop_message(s)
+-- Deletes one message (remembered as delivered when ``delivered``); returns its content size, or nil when
+-- there is no such message.
+local function drop_message(s, delivered)
   local rec = redis.call('HGET', M, s)
   if not rec then return nil end
   local meta = cjson.decode(string.sub(rec, 1, string.find(rec, '\n', 1, true) - 1))
+  local queued_at = redis.call('ZSCORE', T, s)
   redis.call('HDEL', M, s)
   redis.call('ZREM', Q, s)
   redis.call('ZREM', T, s)
   unindex(meta[2], s)
+  if delivered then
+    redis.call('ZADD', D, queued_at or fmt(meta[5]), delivered_id(string.lower(meta[1]), meta[2]))
+  end
   return meta[3]
 end
 
@@ -127,10 +141,11 @@ local function settle(c0, b0, c1, b1, receipts_delta)
     if c0 > 0 and c1 == 0 then redis.call('HINCRBY', STATS, 'recipients', -1) end
   end
   if receipts_delta ~= 0 then redis.call('HINCRBY', STATS, 'receipts', receipts_delta) end
-  local a = redis.call('ZRANGE', T, 0, 0, 'WITHSCORES')
-  local b = redis.call('ZRANGE', RT, 0, 0, 'WITHSCORES')
-  local oldest = a[2] and tonumber(a[2]) or nil
-  if b[2] and (oldest == nil or tonumber(b[2]) < oldest) then oldest = tonumber(b[2]) end
+  local oldest = nil
+  for _, times in ipairs({T, RT, D}) do
+    local first = redis.call('ZRANGE', times, 0, 0, 'WITHSCORES')
+    if first[2] and (oldest == nil or tonumber(first[2]) < oldest) then oldest = tonumber(first[2]) end
+  end
   if oldest == nil then
     redis.call('ZREM', EXP, who)
     redis.call('DEL', N)
@@ -170,8 +185,8 @@ end
 # ARGV: who, sender, messageId, record, size, queued_at, max_messages, max_bytes, drop_oldest (1/0),
 # drop chunk, over the storage budget (1/0), migration member ('' when not migrating), ledger ttl ms,
 # watcher instance ('' for none), watch ttl ms.
-# Returns {outcome, seq, dropped, slot totals or {}, presence}; outcome is queued, duplicate, no_space, full
-# or migrated.
+# Returns {outcome, seq, dropped, slot totals or {}, presence}; outcome is queued, duplicate (seq: the stored
+# one's), delivered, no_space, full or migrated.
 ENQUEUE = Script("enqueue", _RECIPIENT_PRELUDE + r"""
 watch(ARGV[14], ARGV[15])
 local sender, mid, record = ARGV[2], ARGV[3], ARGV[4]
@@ -179,7 +194,9 @@ local size, queued_at = tonumber(ARGV[5]), ARGV[6]
 local max_messages, max_bytes = tonumber(ARGV[7]), tonumber(ARGV[8])
 local drop_oldest, chunk = ARGV[9] == '1', tonumber(ARGV[10])
 if already_migrated(ARGV[12]) then return {'migrated', '0', 0, {}, presence()} end
-if stored_as(mid, string.lower(sender)) then return {'duplicate', '0', 0, {}, presence()} end
+local stored = stored_as(mid, string.lower(sender))
+if stored then return {'duplicate', stored, 0, {}, presence()} end
+if was_delivered(mid, string.lower(sender)) then return {'delivered', '0', 0, {}, presence()} end
 if ARGV[11] == '1' then return {'no_space', '0', 0, {}, presence()} end
 if size > max_bytes then return {'full', '0', 0, {}, presence()} end
 local c0, b0 = counters()
@@ -189,7 +206,7 @@ while count > 0 and (count >= max_messages or used + size > max_bytes) do
   local progress = false
   for _, v in ipairs(redis.call('ZRANGE', Q, 0, chunk - 1)) do
     if not (count > 0 and (count >= max_messages or used + size > max_bytes)) then break end
-    local vsize = drop_message(v)
+    local vsize = drop_message(v, false)
     if vsize then
       count, used, dropped, progress = count - 1, used - vsize, dropped + 1, true
     end
@@ -207,7 +224,8 @@ return {'queued', s, dropped, slot_totals(), presence()}
 """)
 
 # ARGV: who, then per message: seq ('0': a new one), sender, messageId, size, queued_at, record.
-# Puts back what is not stored already (same sender, case-insensitively, and messageId), past the caps.
+# Puts back what is not stored already (same sender, case-insensitively, and messageId), past the caps; one
+# known as delivered is stored again (its delivery did not happen after all).
 # Returns {restored, {seq or '0' per message}, slot totals or {}, presence}.
 RESTORE = Script("restore", _RECIPIENT_PRELUDE + r"""
 local c0, b0 = counters()
@@ -227,6 +245,7 @@ for k = 2, #ARGV, 6 do
     redis.call('ZADD', Q, s, s)
     redis.call('ZADD', T, ARGV[k + 4], s)
     redis.call('HSET', M, s, ARGV[k + 5])
+    redis.call('ZREM', D, delivered_id(string.lower(sender), mid))
     index(mid, sender, s)
     count, used, restored = count + 1, used + size, restored + 1
     seqs[#seqs + 1] = s
@@ -238,12 +257,13 @@ if restored > 0 then totals = slot_totals() end
 return {restored, seqs, totals, presence()}
 """)
 
-# ARGV: who, mode (seq | id | all), then seqs or messageIds. Returns {removed, slot totals or {}}.
+# ARGV: who, mode (seq | id: as delivered; all: not), then seqs or messageIds. Returns {removed, slot totals
+# or {}}.
 REMOVE = Script("remove", _RECIPIENT_PRELUDE + r"""
 local c0, b0 = counters()
 local count, used, removed = c0, b0, 0
 local function take(s)
-  local size = drop_message(s)
+  local size = drop_message(s, true)
   if size then count, used, removed = count - 1, used - size, removed + 1 end
 end
 local mode = ARGV[2]
@@ -266,30 +286,56 @@ settle(c0, b0, count, used, 0)
 return {removed, slot_totals()}
 """)
 
-# ARGV: who, before (ms), limit. Removes up to limit messages and limit receipts older than before.
-# Returns {messages removed, receipts removed, slot totals or {}}.
+# ARGV: who, before (ms), limit. Removes up to limit messages, limit receipts and limit delivered records older
+# than before. Returns {messages removed, receipts removed, slot totals or {}, delivered records forgotten}.
 EXPIRE = Script("expire", _RECIPIENT_PRELUDE + r"""
 local before, limit = '(' .. ARGV[2], tonumber(ARGV[3])
 local c0, b0 = counters()
 local count, used, removed, gone = c0, b0, 0, 0
 for _, s in ipairs(redis.call('ZRANGEBYSCORE', T, '-inf', before, 'LIMIT', 0, limit)) do
-  local size = drop_message(s)
+  local size = drop_message(s, false)
   if size then count, used, removed = count - 1, used - size, removed + 1 end
 end
 for _, s in ipairs(redis.call('ZRANGEBYSCORE', RT, '-inf', before, 'LIMIT', 0, limit)) do
   if drop_receipt(s) then gone = gone + 1 end
 end
+local forgotten = redis.call('ZRANGEBYSCORE', D, '-inf', before, 'LIMIT', 0, limit)
+if #forgotten > 0 then redis.call('ZREM', D, unpack(forgotten)) end
 settle(c0, b0, count, used, -gone)
 local totals = {}
 if removed > 0 then totals = slot_totals() end
-return {removed, gone, totals}
+return {removed, gone, totals, #forgotten}
 """)
 
-# ARGV: who, what (m: messages, r: receipts), before (ms), delta (ms), after seq, limit.
-# Moves the time of up to limit records with seq > after whose time is before ``before``.
-# Returns {moved, last seq looked at ('' when none was left)}.
+# ARGV: who, what (m: messages, r: receipts, d: delivered records), before (ms), delta (ms), after, limit.
+# Moves the time of up to limit records whose time is before ``before``: for m and r those with seq > after;
+# for d the page at offset ``after`` in time order (latest first when delta > 0), which moving keeps in place.
+# Returns {moved, where to go on ('' when none was left)}.
 SHIFT_TIMES = Script("shift_times", _RECIPIENT_PRELUDE + r"""
 local before, delta, limit = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6])
+if ARGV[2] == 'd' then
+  local offset = tonumber(ARGV[5])
+  local page
+  if delta > 0 then
+    page = redis.call('ZREVRANGE', D, offset, offset + limit - 1, 'WITHSCORES')
+  else
+    page = redis.call('ZRANGE', D, offset, offset + limit - 1, 'WITHSCORES')
+  end
+  local moved = 0
+  for k = 1, #page, 2 do
+    local t = tonumber(page[k + 1])
+    if delta ~= 0 and t < before then
+      redis.call('ZADD', D, fmt(t + delta), page[k])
+      moved = moved + 1
+    end
+  end
+  if moved > 0 then
+    local c0, b0 = counters()
+    settle(c0, b0, c0, b0, 0)
+  end
+  if #page < 2 * limit then return {moved, ''} end
+  return {moved, tostring(offset + limit)}
+end
 local order, times, records = Q, T, M
 if ARGV[2] == 'r' then order, times, records = RQ, RT, RM end
 local moved, last = 0, ''
@@ -308,6 +354,24 @@ if moved > 0 then
   settle(c0, b0, c0, b0, 0)
 end
 return {moved, last}
+""")
+
+# ARGV: who, then per message: sender, messageId, queued_at. Remembers messages delivered without being stored
+# as delivered (one still stored is left alone). Returns how many were recorded.
+RECORD_DELIVERED = Script("record_delivered", _RECIPIENT_PRELUDE + r"""
+local recorded = 0
+for k = 2, #ARGV, 3 do
+  local lsender = string.lower(ARGV[k])
+  if not stored_as(ARGV[k + 1], lsender) then
+    redis.call('ZADD', D, ARGV[k + 2], delivered_id(lsender, ARGV[k + 1]))
+    recorded = recorded + 1
+  end
+end
+if recorded > 0 then
+  local c0, b0 = counters()
+  settle(c0, b0, c0, b0, 0)
+end
+return recorded
 """)
 
 # ARGV: who, cap, migration member, ledger ttl ms, then per receipt: record "[reader, messageId, timestamp]",
@@ -445,5 +509,5 @@ ADD_SLOTS = Script("add_slots", "return redis.call('SADD', KEYS[1], unpack(ARGV)
 # KEYS: this instance's probe key. ARGV: value, ttl ms. A write, so refused writes show up without traffic.
 PROBE = Script("probe", "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1")
 
-ALL = (ENQUEUE, RESTORE, REMOVE, EXPIRE, SHIFT_TIMES, ADD_RECEIPTS, REMOVE_RECEIPTS, PUT_KEY, RAISE_FLOOR,
-       DELETE_KEY, LOCK, SAVE_TOKEN, OWN_TOKEN, DROP_TOKENS, EXPIRE_TOKENS, ADD_SLOTS, PROBE)
+ALL = (ENQUEUE, RESTORE, REMOVE, RECORD_DELIVERED, EXPIRE, SHIFT_TIMES, ADD_RECEIPTS, REMOVE_RECEIPTS, PUT_KEY,
+       RAISE_FLOOR, DELETE_KEY, LOCK, SAVE_TOKEN, OWN_TOKEN, DROP_TOKENS, EXPIRE_TOKENS, ADD_SLOTS, PROBE)

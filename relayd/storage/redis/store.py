@@ -3,63 +3,44 @@
 Several relayd instances may share one Redis: every change that spans keys is
 one Lua script on one address's hash slot (see ``layout`` and ``scripts``), so
 queue caps, idempotency and counters hold for the whole cluster. An awaited
-write has been acknowledged by Redis (and by ``min_replicas`` replicas when
-configured). Writes go out in the order they were made (``RedisLink``), so one
-connection's messages keep their order although many share a round trip.
+write has been acknowledged by Redis (and, as configured, by ``min_replicas``
+replicas and the AOF fsync: see ``lifecycle``); one sent but not answered
+within ``socket_timeout_s`` is ``StorageOutcomeUnknown``. Writes go out in the
+order they were made (``write_queue``), so one connection's messages keep
+their order although many share a round trip.
 
 Totals (``total()``, ``stored_bytes()``) are kept per hash slot: exact for this
 instance's own writes (each script returns its slot's new totals) and for the
 others' as of the last refresh (every ``refresh_interval_s``). The storage
 budget (``max_total_bytes``) is checked against that sum, so on a cluster of
 instances it may be overshot by what the others stored since the last refresh.
+
+``RedisStore`` is a facade: its parts (``messages``, ``receipts``, ``keys``,
+``retention``, ``lifecycle``) each hold the shared ``core`` (link, layout,
+slot bookkeeping) and do the work.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Sequence
 from typing import Any
 
-from ...frames import utf8_len
-from ..store import (
-    EnqueueResult,
-    KeyRecord,
-    QueuedMessage,
-    QueueLimits,
-    Receipt,
-)
+from ..store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt
 from . import scripts
-from .connection import RedisLink
+from .connection import Commands, RedisLink
+from .core import Pipe, StoreCore
 from .keys import RedisKeys
 from .layout import Layout
-from .lifecycle import RedisLifecycle
+from .lifecycle import Durability, RedisLifecycle
+from .messages import RESULTS, RedisMessages
 from .receipts import RedisReceipts
-from .records import (
-    Presence,
-    SlotTotals,
-    by_recipient,
-    chunks,
-    decode_message,
-    encode_message,
-    pairs,
-)
+from .records import Presence
 from .retention import RedisRetention
 
-log = logging.getLogger("relayd.storage")
-
-EXPIRE_CHUNK = 1000      # messages (and receipts, tokens) one expiry script removes at most
-ID_CHUNK = 1000          # seqs or messageIds per removal script
-RESTORE_CHUNK = 200      # messages per restore script
-SLOT_BATCH = 500         # per-slot keys read in one pipeline
-DROP_CHUNK = 64
-PENDING_CHUNK = 16       # messages read at a time for a page bounded in bytes
-STAT_FIELDS = ("recipients", "messages", "bytes", "receipts", "keys")
-_RESULTS = {"queued": EnqueueResult.QUEUED, "duplicate": EnqueueResult.DUPLICATE, "full": EnqueueResult.FULL,
-            "no_space": EnqueueResult.NO_SPACE}
+EXPIRE_CHUNK = 1000      # messages (and receipts, delivered records, tokens) one expiry script removes at most
 
 
-class RedisStore(RedisLifecycle, RedisKeys, RedisReceipts, RedisRetention):
+class RedisStore:
     """A ``Store`` in Redis; see the module docstring."""
 
     name = "redis"
@@ -71,65 +52,34 @@ class RedisStore(RedisLifecycle, RedisKeys, RedisReceipts, RedisRetention):
         self.layout = Layout(key_prefix)
         self.link = RedisLink(url, cluster=cluster, socket_timeout_s=socket_timeout_s,
                               min_replicas=min_replicas, wait_timeout_ms=wait_timeout_ms)
-        self.node_id = node_id
-        self.probe_interval_s = probe_interval_s
-        self.refresh_interval_s = refresh_interval_s
-        self.expire_chunk = expire_chunk
-        self.server_version: tuple[int, ...] = ()
-        self._known_slots: set[int] = set()
-        self._totals = SlotTotals()
-        self.link.on_failure = self._forget_assumptions
-        self._prober: asyncio.Task[None] | None = None
+        self.core = StoreCore(self.link, self.layout)
+        self.messages = RedisMessages(self.core)
+        self.receipt_store = RedisReceipts(self.core)
+        self.keys = RedisKeys(self.core)
+        self.retention = RedisRetention(self.core, expire_chunk)
+        self.lifecycle = RedisLifecycle(self.core, node_id=node_id, probe_interval_s=probe_interval_s,
+                                        refresh_interval_s=refresh_interval_s)
+
+    # For relayd.cluster
 
     @property
-    def healthy(self) -> bool:
-        return self.link.healthy
+    def server_version(self) -> tuple[int, ...]:
+        """The oldest primary's (major, minor); () until the server was reached."""
+        return self.lifecycle.server_version
 
     @property
-    def problem(self) -> str | None:
-        return self.link.problem
+    def durability(self) -> Durability | None:
+        """What ``queued`` means on this Redis (read at open)."""
+        return self.lifecycle.durability
 
-    def _forget_assumptions(self) -> None:
-        self._known_slots.clear()
-        self._totals.trust_next_read = True
-
-    # Helpers
-
-    def pipeline(self, client: Any) -> Any:
-        """A non-transactional pipeline; a Cluster's splits itself per node."""
-        return client.pipeline() if self.link.cluster else client.pipeline(transaction=False)
+    def pipeline(self, client: Commands) -> Pipe:
+        return self.core.pipeline(client)
 
     def note_slot(self, slot: int) -> asyncio.Future[Any] | None:
-        """Record a slot in the set expiry, statistics and the cluster's presence walk (once per process, and
-        again after a failure): queued, not awaited, so it shares the round trip of the write that follows."""
-        if slot in self._known_slots:
-            return None
-        self._known_slots.add(slot)
-        noted = self.link.post(scripts.ADD_SLOTS, [self.layout.slots], [slot])
-        noted.add_done_callback(lambda f: (f.cancelled() or f.exception()) and self._known_slots.discard(slot))
-        return noted
+        return self.core.note_slot(slot)
 
     async def slots(self) -> list[int]:
-        """The hash slots that hold relayd data (noted by ``note_slot``). Raises StorageUnavailable."""
-        members = await self.link.read(lambda c: c.smembers(self.layout.slots))
-        return sorted(int(m) for m in members)
-
-    async def recipient_write(self, script: scripts.Script, address: str, *args: Any) -> Any:
-        """Run ``script`` on ``address``'s keys (one hash slot), in write order."""
-        return await self.link.write(script, self.layout.recipient(address).all(), [address, *args])
-
-    def apply_totals(self, address: str, totals: Sequence[Any]) -> None:
-        """Take the totals a script returned for ``address``'s slot."""
-        self._totals.apply(self.layout.slot_of(address), totals)
-
-    # Messages
-
-    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
-        return (await self.enqueue_routed(msg, limits))[0]
-
-    async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
-        outcomes = await asyncio.gather(*(self._enqueue(msg, limits, "", 0) for msg in messages))
-        return [_RESULTS[outcome] for outcome, _ in outcomes]
+        return await self.core.slots()
 
     async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
                              watch_ttl_ms: int = 0) -> tuple[EnqueueResult, Presence]:
@@ -141,148 +91,142 @@ class RedisStore(RedisLifecycle, RedisKeys, RedisReceipts, RedisRetention):
         ``watcher`` (an instance of ``relayd.cluster``) is told when that
         presence next changes, for ``watch_ttl_ms``.
         """
-        outcome, presence = await self._enqueue(msg, limits, "", 0, watcher, watch_ttl_ms)
-        return _RESULTS[outcome], presence
-
-    async def _enqueue(self, msg: QueuedMessage, limits: QueueLimits, ledger: str, ledger_ttl_ms: int,
-                       watcher: str = "", watch_ttl_ms: int = 0) -> tuple[str, Presence]:
-        size = utf8_len(msg.content)
-        over = bool(limits.max_total_bytes) and self._totals.bytes + size > limits.max_total_bytes
-        self.note_slot(self.layout.slot_of(msg.recipient))
-        outcome, seq, _dropped, totals, presence = await self.recipient_write(
-            scripts.ENQUEUE, msg.recipient, msg.sender, msg.message_id, encode_message(msg, size), size,
-            msg.queued_at, limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK,
-            1 if over else 0, ledger, ledger_ttl_ms, watcher, watch_ttl_ms)
-        if outcome == "queued":
-            msg.seq = int(seq)
-            self.apply_totals(msg.recipient, totals)
-        return outcome, pairs(presence)
-
-    async def restore(self, messages: list[QueuedMessage]) -> int:
-        return (await self.restore_routed(messages))[0]
+        outcome, presence = await self.messages.enqueue(msg, limits, "", 0, watcher, watch_ttl_ms)
+        return RESULTS[outcome], presence
 
     async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, Presence]]:
         """``restore``, and each recipient's presence read in the same atomic step (see ``enqueue_routed``)."""
-        restored = 0
-        presence: dict[str, Presence] = {}
-        for recipient, group in by_recipient(messages, lambda m: m.recipient).items():
-            self.note_slot(self.layout.slot_of(recipient))
-            for part in chunks(group, RESTORE_CHUNK):
-                args: list[Any] = []
-                for m in part:
-                    size = utf8_len(m.content)
-                    args += [max(m.seq, 0), m.sender, m.message_id, size, m.queued_at, encode_message(m, size)]
-                count, seqs, totals, found = await self.recipient_write(scripts.RESTORE, recipient, *args)
-                for m, seq in zip(part, seqs):
-                    if seq != "0":
-                        m.seq = int(seq)
-                self.apply_totals(recipient, totals)
-                restored += int(count)
-                presence[recipient] = pairs(found)
-        return restored, presence
+        return await self.messages.restore(messages)
+
+    # Lifecycle and health
+
+    @property
+    def healthy(self) -> bool:
+        return self.link.healthy
+
+    @property
+    def problem(self) -> str | None:
+        return self.link.problem
+
+    async def open(self) -> None:
+        await self.lifecycle.open()
+
+    async def close(self) -> None:
+        await self.lifecycle.close()
+
+    # Messages
+
+    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
+        return (await self.enqueue_routed(msg, limits))[0]
+
+    async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
+        return await self.messages.enqueue_many(messages, limits)
+
+    async def restore(self, messages: list[QueuedMessage]) -> int:
+        return (await self.messages.restore(messages))[0]
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
-        if limit <= 0:
-            return []
-        keys = self.layout.recipient(recipient)
-
-        async def work(client: Any) -> list[QueuedMessage]:
-            seqs = await client.zrangebyscore(keys.queue, f"({after_seq}", "+inf", start=0, num=limit)
-            page: list[QueuedMessage] = []
-            used = 0
-            # Records are fetched a few at a time, so a page of large messages never holds more than max_bytes
-            # and one message.
-            for part in chunks(seqs, PENDING_CHUNK if max_bytes is not None else max(len(seqs), 1)):
-                for seq, record in zip(part, await client.hmget(keys.messages, part)):
-                    if record is None:
-                        continue
-                    if max_bytes is not None and page and used >= max_bytes:
-                        return page
-                    msg = decode_message(recipient, seq, record)
-                    page.append(msg)
-                    used += utf8_len(msg.content)
-            return page
-        return await self.link.read(work)
-
-    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
-        return None  # placeholder until the storage branches land
+        return await self.messages.pending(recipient, limit, after_seq, max_bytes)
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
-        return await self._remove(recipient, "seq", [str(s) for s in dict.fromkeys(seqs)])
+        return await self.messages.remove(recipient, "seq", [str(s) for s in dict.fromkeys(seqs)])
 
     async def ack(self, recipient: str, message_ids: list[str]) -> int:
-        return await self._remove(recipient, "id", list(dict.fromkeys(message_ids)))
+        return await self.messages.remove(recipient, "id", list(dict.fromkeys(message_ids)))
+
+    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
+        await self.messages.record_delivered(messages)
 
     async def clear(self, recipient: str) -> int:
-        return await self._remove(recipient, "all", [None])
-
-    async def _remove(self, recipient: str, mode: str, items: list[Any]) -> int:
-        removed = 0
-        for part in chunks(items, ID_CHUNK):
-            args = [] if mode == "all" else list(part)
-            count, totals = await self.recipient_write(scripts.REMOVE, recipient, mode, *args)
-            self.apply_totals(recipient, totals)
-            removed += int(count)
-        return removed
+        return await self.messages.remove(recipient, "all", [])
 
     async def size(self, recipient: str) -> int:
-        count = await self.link.read(lambda c: c.hget(self.layout.recipient(recipient).counters, "count"))
-        return int(count or 0)
+        return await self.messages.size(recipient)
 
     async def backlog_size(self, recipient: str) -> tuple[int, int]:
-        keys = self.layout.recipient(recipient)
-
-        async def work(client: Any) -> tuple[int, int]:
-            pipe = self.pipeline(client)
-            pipe.hget(keys.counters, "count")
-            pipe.zcard(keys.receipt_queue)
-            count, receipts = await pipe.execute()
-            return int(count or 0), int(receipts or 0)
-        return await self.link.read(work)
+        return await self.messages.backlog_size(recipient)
 
     def total(self) -> int:
         """Queued messages in all queues: exact for this instance's writes, refreshed from Redis every
         ``refresh_interval_s`` for the others', so /health never waits on Redis."""
-        return max(self._totals.messages, 0)
+        return max(self.core.totals.messages, 0)
 
     def stored_bytes(self) -> int:
         """Content bytes in all queues, kept like ``total()``."""
-        return max(self._totals.bytes, 0)
+        return max(self.core.totals.bytes, 0)
 
     async def stats(self) -> dict[str, int]:
-        sums = dict.fromkeys(STAT_FIELDS, 0)
-        force, self._totals.trust_next_read = self._totals.trust_next_read, False
-        slots = await self.slots()
-        for part in chunks(slots, SLOT_BATCH):
-            async def work(client: Any, part: Sequence[int] = part) -> list[Any]:
-                pipe = self.pipeline(client)
-                for slot in part:
-                    pipe.hmget(self.layout.slot_keys(slot)[1], [*STAT_FIELDS, "ver"])
-                return await pipe.execute()
-            for slot, row in zip(part, await self.link.read(work)):
-                for name, value in zip(STAT_FIELDS, row):
-                    sums[name] += int(value or 0)
-                self._totals.apply(slot, (row[1], row[2], row[5]), force=force)
-        return sums
+        return await self.core.stats()
+
+    async def expire(self, before_ms: int) -> int:
+        return await self.retention.expire(before_ms)
+
+    async def shift_times(self, before_ms: int, delta_ms: int) -> int:
+        return await self.retention.shift_times(before_ms, delta_ms)
+
+    # Receipts
+
+    async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
+        return await self.receipt_store.add_receipts(receipts, max_per_recipient)
+
+    async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
+        return await self.receipt_store.receipts(recipient, limit)
+
+    async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
+        return await self.receipt_store.remove_receipts(recipient, seqs)
+
+    # Keys, locks, tokens
+
+    async def get_key(self, address: str) -> KeyRecord | None:
+        return await self.keys.get_key(address)
+
+    async def get_keys(self, addresses: list[str]) -> dict[str, KeyRecord]:
+        return await self.keys.get_keys(addresses)
+
+    async def put_key(self, record: KeyRecord) -> KeyRecord:
+        return await self.keys.put_key(record)
+
+    async def delete_key(self, address: str) -> bool:
+        return await self.keys.delete_key(address)
+
+    async def key_floor(self, address: str) -> int | None:
+        return await self.keys.key_floor(address)
+
+    async def key_count(self) -> int:
+        return await self.keys.key_count()
+
+    async def is_locked(self, address: str) -> bool:
+        return await self.keys.is_locked(address)
+
+    async def lock(self, address: str) -> None:
+        await self.keys.lock(address)
+
+    async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
+        await self.keys.save_token(token_hash, address, expires_at_ms, max_per_address)
+
+    async def token_address(self, token_hash: str, now_ms: int) -> str | None:
+        return await self.keys.token_address(token_hash, now_ms)
 
     # Migration (``relayd migrate``): each copy is remembered for ``ledger_ttl_ms``, so a re-run copies
     # nothing twice, not even what was delivered and deleted since.
 
     async def migrate_message(self, msg: QueuedMessage, ledger_ttl_ms: int) -> str:
-        """Returns queued, duplicate, full or migrated (copied by an earlier run)."""
+        """Returns queued, duplicate, delivered, full or migrated (copied by an earlier run)."""
         roomy = QueueLimits(max_messages=1 << 62, max_bytes=1 << 62, drop_oldest=False)
-        outcome, _ = await self._enqueue(msg, roomy, f"m\n{msg.sender.lower()}\n{msg.message_id}", ledger_ttl_ms)
+        outcome, _ = await self.messages.enqueue(msg, roomy, f"m\n{msg.sender.lower()}\n{msg.message_id}",
+                                                 ledger_ttl_ms)
         return outcome
 
     async def migrate_receipt(self, receipt: Receipt, source_seq: int, ledger_ttl_ms: int) -> bool:
         """True when copied, False when an earlier run did."""
         member = f"r\n{receipt.reader}\n{receipt.message_id}\n{receipt.timestamp}\n{source_seq}"
-        return await self.write_receipts(receipt.recipient, [receipt], 1 << 62, member, ledger_ttl_ms) >= 0
+        return await self.receipt_store.write_receipts(receipt.recipient, [receipt], 1 << 62, member,
+                                                       ledger_ttl_ms) >= 0
 
     async def migrate_key(self, record: KeyRecord, ledger_ttl_ms: int) -> str:
         """Returns stored, migrated (copied by an earlier run) or newer (Redis holds a newer key)."""
-        return await self._put_key(record, "migrate", f"k\n{record.updated_at}", ledger_ttl_ms)
+        return await self.keys.write_key(record, "migrate", f"k\n{record.updated_at}", ledger_ttl_ms)
 
     async def migrate_floor(self, address: str, issued_at: int) -> None:
         """Raise the key floor of ``address`` (floors outlive deleted keys)."""

@@ -1,16 +1,20 @@
-"""The ordered write queue every Redis write goes through: batched, in order, then WAIT if configured.
+"""The ordered write queue every Redis write goes through: batched, in order, then WAIT/WAITAOF if configured.
 
 Writes (scripts and single commands) go through one queue: everything
 submitted while a batch is on its way is sent as the next batch, one pipeline
 per Redis node, and only one batch is in flight at a time. Redis runs a
 connection's pipeline in order, so writes keep the order they were submitted
 in (for one address, and so for one connection's messages) while many share a
-round trip. A write waits at most ``queue_deadline_s`` for its turn: past that
-it leaves the queue unsent (``StorageUnavailable``), so nothing waits without
-bound. Write batches are never retried by the client library: a batch whose
-connection broke may have been applied, and resending it would apply it twice.
-On a single server they go over one connection of their own, sent and read
-without per-command timers (the batch's deadline covers it).
+round trip.
+
+Every write is answered within ``answer_s`` (``socket_timeout_s``, plus the
+WAIT/WAITAOF budget when configured) of being submitted, however Redis
+behaves: one that was never sent is refused (``StorageUnavailable``), one that
+was sent but not answered in time (a timeout, a connection lost mid-reply) is
+``StorageOutcomeUnknown``, since Redis may have applied it. Write batches are
+never retried by the client library for the same reason. On a single server
+they go over one connection of their own, packed by ``pack`` and read without
+per-command timers (the batch's deadline covers it).
 """
 
 from __future__ import annotations
@@ -19,12 +23,19 @@ import asyncio
 import collections
 import logging
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, Union
 
 from redis import exceptions as rx
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.asyncio.connection import Connection, Encoder
 
-from ..store import StorageUnavailable
+from ... import tasks
+from ..store import StorageOutcomeUnknown, StorageUnavailable
+from .health import Health
 from .reasons import describe
 from .scripts import Script
 
@@ -33,15 +44,34 @@ log = logging.getLogger("relayd.storage")
 MAX_BATCH = 256
 """Writes sent in one pipeline at most; what came later waits for the next one."""
 
+Client: TypeAlias = Union["Redis[str]", "RedisCluster[str]"]
+"""The redis-py client of a single server or of a Cluster (decoding replies to str)."""
 
-def pack(commands: Sequence[Sequence[Any]]) -> bytes:
-    """Commands in RESP, as one buffer (redis-py's general packer costs more per argument than the scripts'
-    many short arguments are worth). Arguments are bytes, str or numbers."""
+
+def pack(commands: Sequence[Sequence[Any]], encoder: Encoder) -> bytes:
+    """Commands in RESP, as one buffer, exactly as redis-py's ``pack_commands`` packs them.
+
+    str, bytes, int and float (all the store sends) are packed here; anything
+    else goes to redis-py's own ``encoder``, which refuses what Redis would
+    misread (a bool, None, other objects) with ``DataError``. Kept because
+    bench/redis_pack_bench.py measured redis-py's packer at 20 us of CPU per
+    enqueue command (27 arguments) against 8 us here: 68 against 60 us of
+    client CPU per queued message in batches of 256 (125 against 99 us one
+    at a time).
+    """
     out: list[bytes] = []
     for args in commands:
         out.append(b"*%d\r\n" % len(args))
         for arg in args:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            kind = type(arg)
+            if kind is str:
+                data = arg.encode()
+            elif kind is bytes:
+                data = arg
+            elif kind is int or kind is float:
+                data = repr(arg).encode()
+            else:
+                data = bytes(encoder.encode(arg))
             out += (b"$%d\r\n" % len(data), data, b"\r\n")
     return b"".join(out)
 
@@ -54,7 +84,7 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
 class Write:
     """One queued write: the command, the key that routes it, and who waits for its result."""
 
-    __slots__ = ("args", "key", "script", "future", "sent")
+    __slots__ = ("args", "key", "script", "future", "sent", "submitted")
 
     def __init__(self, args: tuple[Any, ...], key: str, script: Script | None,
                  future: asyncio.Future[Any]) -> None:
@@ -63,6 +93,7 @@ class Write:
         self.script = script
         self.future = future
         self.sent = False
+        self.submitted = time.monotonic()
 
     def eval_args(self) -> tuple[Any, ...]:
         """The same script call as EVAL with its source (after NOSCRIPT)."""
@@ -70,29 +101,106 @@ class Write:
         return ("EVAL", self.script.source, *self.args[2:])
 
 
-class OrderedWrites:
-    """The write half of ``RedisLink``: what it needs from the link is declared here, set up by the link."""
+@dataclass(slots=True)
+class Acks:
+    """What a batch with scripts (the store's writes) waits for after them: ``replicas`` replicas (WAIT), or with
+    ``aof`` the local AOF fsync and ``replicas`` replicas' (WAITAOF 1 replicas), for at most ``timeout_ms``.
+    Plain commands (the cluster's publishes) are not made to wait: with ``appendfsync everysec`` WAITAOF may
+    take up to a second."""
 
-    client: Any
-    cluster: bool
-    min_replicas: int
-    wait_timeout_ms: int
-    deadline_s: float
-    queue_deadline_s: float
-    _writer: Any
-    _queue: collections.deque[Write]
-    _flusher: asyncio.Task[None] | None
-    _refresh_nodes: bool
-    batches: int
-    fail: Callable[[str], StorageUnavailable]
-    succeeded: Callable[[], None]
+    replicas: int = 0
+    timeout_ms: int = 0
+    aof: bool = False
+
+    @property
+    def command(self) -> tuple[Any, ...] | None:
+        if self.aof:
+            return ("WAITAOF", 1, self.replicas, self.timeout_ms)
+        if self.replicas:
+            return ("WAIT", self.replicas, self.timeout_ms)
+        return None
+
+    @property
+    def wait_s(self) -> float:
+        """How long the acknowledgement may legitimately block."""
+        return self.timeout_ms / 1000 if self.command is not None else 0.0
+
+    def shortfall(self, reply: Any) -> BaseException | None:
+        """Why the acknowledgement ``reply`` falls short, or None."""
+        if isinstance(reply, BaseException):
+            return reply
+        local, replicas = (int(reply[0]), int(reply[1])) if self.aof else (1, int(reply))
+        if local < 1:
+            return StorageOutcomeUnknown(f"Redis did not fsync its AOF within {self.timeout_ms} ms (WAITAOF)")
+        if replicas < self.replicas:
+            return StorageOutcomeUnknown(
+                f"only {replicas} of [redis] min_replicas = {self.replicas} replicas acknowledged a write "
+                f"within {self.timeout_ms} ms")
+        return None
+
+    def apply(self, reply: Any, results: list[Any]) -> list[Any]:
+        """The writes' results given the acknowledgement ``reply``: on a shortfall every write that Redis applied
+        gets ``StorageOutcomeUnknown`` (applied, not made durable as configured; a resend with the same
+        messageId is idempotent)."""
+        short = self.shortfall(reply)
+        if short is None:
+            return results
+        if not isinstance(short, StorageOutcomeUnknown):
+            short = StorageOutcomeUnknown(describe(short))
+        return [r if isinstance(r, BaseException) else short for r in results]
+
+
+class WriteQueue:
+    """Writes in submission order, in batches, each answered within ``answer_s`` (see the module docstring)."""
+
+    def __init__(self, health: Health, *, cluster: bool, socket_timeout_s: float, acks: Acks) -> None:
+        self.health = health
+        self.cluster = cluster
+        self.socket_timeout_s = socket_timeout_s
+        self.acks = acks
+        self.client: Client | None = None
+        self.writer: Connection | None = None
+        """The writes' own connection to a single server (None on a Cluster: one pipeline per node)."""
+        self._queue: collections.deque[Write] = collections.deque()
+        self._batch: list[Write] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._refresh_nodes = False
+        self.batches = 0
+        """Write batches sent (each one pipeline per node): for tests and benchmarks."""
+        health.oldest_write = self.oldest_write
+
+    @property
+    def answer_s(self) -> float:
+        """Longest a caller waits for a write's answer."""
+        return self.socket_timeout_s + self.acks.wait_s
+
+    def oldest_write(self) -> float | None:
+        """When the oldest write not yet answered was submitted (monotonic), or None."""
+        for write in self._batch:
+            if not write.future.done():
+                return write.submitted
+        return self._queue[0].submitted if self._queue else None
+
+    # Submitting
 
     async def write(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run one write script; returns once Redis (and ``min_replicas`` replicas) acknowledged it.
+        """Run one write script; returns once Redis (and what ``acks`` asks for) acknowledged it.
 
-        Raises StorageUnavailable (Redis refused, failed, or the write did not get its turn in time).
+        Raises StorageUnavailable (Redis refused, failed, or the write could not be sent in time) or
+        StorageOutcomeUnknown (sent, but not answered in time).
         """
         return await self._submit(("EVALSHA", script.sha, len(keys), *keys, *args), keys[0], script)
+
+    async def write_many(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Run several write scripts, queued at once so they share a round trip; their results in order.
+        Raises the first failure (as ``write`` does) once all were answered."""
+        writes = [self._enqueue(("EVALSHA", script.sha, len(keys), *keys, *args), keys[0], script)
+                  for script, keys, args in calls]
+        outcomes = await asyncio.gather(*(self._answer(w) for w in writes), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes
 
     async def command(self, *args: Any, key: str) -> Any:
         """Run one write command (routed by ``key`` on a Cluster) in the same ordered queue as scripts."""
@@ -100,8 +208,8 @@ class OrderedWrites:
 
     def post(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue a write script without waiting: it goes out in order with the writes queued after it, often
-        in the same round trip. The future holds its result or ``StorageUnavailable``; raises
-        StorageUnavailable at once when the store is not open."""
+        in the same round trip. The future holds its result or the error; raises StorageUnavailable at once
+        when the store is not open."""
         return self._enqueue(("EVALSHA", script.sha, len(keys), *keys, *args), keys[0], script).future
 
     def post_command(self, *args: Any, key: str) -> asyncio.Future[Any]:
@@ -111,59 +219,101 @@ class OrderedWrites:
     def _enqueue(self, args: tuple[Any, ...], key: str, script: Script | None) -> Write:
         if self.client is None:
             raise StorageUnavailable("store is not open")
-        write = Write(args, key, script, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        write = Write(args, key, script, loop.create_future())
         write.future.add_done_callback(_retrieved)  # a posted write nobody awaits must not warn when it fails
         self._queue.append(write)
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+            self._flusher = loop.create_task(self._flush())
         return write
 
     async def _submit(self, args: tuple[Any, ...], key: str, script: Script | None) -> Any:
-        write = self._enqueue(args, key, script)
+        return await self._answer(self._enqueue(args, key, script))
+
+    async def _answer(self, write: Write) -> Any:
+        """The write's result, or its failure, within ``answer_s``."""
         try:
-            async with asyncio.timeout(self.queue_deadline_s):
+            async with asyncio.timeout(self.answer_s):
                 return await asyncio.shield(write.future)
         except TimeoutError:
+            if write.future.done():  # settled as the timer fired
+                return write.future.result()
             if not write.sent:
                 try:
                     self._queue.remove(write)
                 except ValueError:
                     pass
                 write.future.cancel()
-                raise self.fail("Redis writes are backed up: a write waited longer than 2 x the Redis "
-                                "deadline for its turn") from None
-            async with asyncio.timeout(self.deadline_s):  # on its way: its batch has a deadline of its own
-                return await asyncio.shield(write.future)
+                raise self.health.fail("Redis writes are backed up: a write could not be sent within [redis] "
+                                       "socket_timeout_s") from None
+            raise self.health.fail("Redis did not answer a write within [redis] socket_timeout_s (it may have "
+                                   "been applied)", unknown=True) from None
+
+    # Sending
 
     async def _flush(self) -> None:
         """Send queued writes, a batch at a time, until the queue is empty."""
         while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-            for write in batch:
-                write.sent = True
+            self._refuse_stale()
+            batch = self._batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            if not batch:
+                break
             try:
-                async with asyncio.timeout(self.deadline_s):
+                async with asyncio.timeout(self.answer_s):
                     await (self._send_cluster(batch) if self.cluster else self._send(batch))
             except asyncio.CancelledError:
                 self._settle(batch, StorageUnavailable("store is closed"))
                 raise
             except (rx.RedisError, OSError, TimeoutError) as exc:
-                self._settle(batch, self.fail(describe(exc)))
+                await self._lost(batch, describe(exc))
             except StorageUnavailable as exc:
-                self._settle(batch, self.fail(str(exc)))
+                await self._lost(batch, str(exc), unknown=isinstance(exc, StorageOutcomeUnknown))
             except Exception as exc:  # a bug must not leave writers waiting
                 log.exception("Redis write batch failed unexpectedly")
-                self._settle(batch, StorageUnavailable(f"Redis error: {type(exc).__name__}"))
+                self._settle(batch, StorageOutcomeUnknown(f"Redis error: {type(exc).__name__}"))
+            finally:
+                self._batch = []
             self.batches += 1
+
+    def _refuse_stale(self) -> None:
+        """Refuse, unsent, the writes that waited longer than ``answer_s`` for their turn (posted ones have no
+        caller to time them out)."""
+        stale: list[Write] = []
+        now = time.monotonic()
+        while self._queue and now - self._queue[0].submitted > self.answer_s:
+            stale.append(self._queue.popleft())
+        if stale:
+            self._settle(stale, self.health.fail("Redis writes are backed up: a write could not be sent within "
+                                                 "[redis] socket_timeout_s"))
+
+    async def _lost(self, batch: Sequence[Write], reason: str, *, unknown: bool = False) -> None:
+        """The batch failed as a whole: its sent writes' outcome is unknown; the writes' connection (whose
+        replies may be out of step) is dropped."""
+        sent = [w for w in batch if w.sent]
+        unsent = [w for w in batch if not w.sent]
+        if sent or unknown:
+            self._settle(sent or batch, self.health.fail(reason, unknown=True))
+        if unsent and not unknown:
+            self._settle(unsent, self.health.fail(reason))
+        if sent and self.writer is not None:
+            try:
+                await self.writer.disconnect(nowait=True)
+            except (rx.RedisError, OSError):
+                pass
 
     def _settle(self, batch: Sequence[Write], outcome: BaseException) -> None:
         for write in batch:
             if not write.future.done():
                 write.future.set_exception(outcome)
 
-    def _fail_queued(self, outcome: BaseException) -> None:
+    async def drain(self, wait_s: float, stop_s: float) -> None:
+        """Let queued writes finish (for at most ``wait_s``), then refuse what is left unsent."""
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            await asyncio.wait([flusher], timeout=wait_s)
+            await tasks.stop(flusher, stop_s)
         queued, self._queue = list(self._queue), collections.deque()
-        self._settle(queued, outcome)
+        self._settle(queued, StorageUnavailable("store is closed"))
 
     def _deliver(self, batch: Sequence[Write], results: Sequence[Any]) -> None:
         """Hand each write its result; a refusal fails that write and marks the link unhealthy."""
@@ -173,89 +323,123 @@ class OrderedWrites:
                 continue
             if isinstance(result, BaseException):
                 failed = True
+                unknown = isinstance(result, StorageOutcomeUnknown)
                 reason = str(result) if isinstance(result, StorageUnavailable) else describe(result)
-                write.future.set_exception(self.fail(reason))
+                write.future.set_exception(self.health.fail(reason, unknown=unknown))
             else:
                 write.future.set_result(result)
         if not failed:
-            self.succeeded()
-
-    def _waited(self, acks: Any) -> None:
-        if isinstance(acks, BaseException):
-            raise acks
-        if int(acks) < self.min_replicas:
-            raise StorageUnavailable(
-                f"only {acks} of [redis] min_replicas = {self.min_replicas} replicas acknowledged a write "
-                f"within {self.wait_timeout_ms} ms")
+            self.health.succeeded()
 
     async def _send(self, batch: list[Write]) -> None:
         """One pipeline on a single Redis (then the NOSCRIPT ones again as EVAL)."""
-        results = await self._pipeline([w.args for w in batch])
+        results = await self._pipeline(batch, [w.args for w in batch])
         again = [i for i, r in enumerate(results) if isinstance(r, rx.NoScriptError)]
         if again:
-            retried = await self._pipeline([batch[i].eval_args() for i in again])
+            retried = await self._pipeline([batch[i] for i in again], [batch[i].eval_args() for i in again])
             for i, result in zip(again, retried):
                 results[i] = result
         self._deliver(batch, results)
 
-    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send the commands (and WAIT) in one write on the writes' connection, then read every reply; a
-        refusal is that command's result. Raises what breaks the connection (redis-py then closes it)."""
-        conn = self._writer
-        if self.min_replicas:
-            commands = [*commands, ("WAIT", self.min_replicas, self.wait_timeout_ms)]
-        await conn.send_packed_command(pack(commands), check_health=False)
-        results: list[Any] = []
-        for _ in commands:
+    async def _pipeline(self, writes: list[Write], commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send the commands (and the acknowledgement) in one write on the writes' connection, then read every
+        reply; a refusal is that command's result. Raises what breaks the connection. A plain command's result
+        is handed over as soon as it is read: only scripts wait for the acknowledgement."""
+        conn = self.writer
+        if conn is None:
+            raise StorageUnavailable("store is not open")
+        acks = self.acks.command if any(w.script is not None for w in writes) else None
+        if acks is not None:
+            commands = [*commands, acks]
+        if conn.is_connected:  # a connection the server closed meanwhile would take the batch, then fail
+            await asyncio.sleep(0)  # let the loop take in an end of stream that already arrived
             try:
-                results.append(await conn.read_response(timeout=math.inf))
+                if await conn.can_read():  # type: ignore[attr-defined]  # redis-py 8; not in types-redis
+                    raise rx.ConnectionError("unexpected data on the writes' connection")
+            except (rx.ConnectionError, OSError):
+                await conn.disconnect(nowait=True)
+        await conn.connect()  # a failure here: nothing was sent
+        packed = pack(commands, conn.encoder)
+        for write in writes:
+            write.sent = True
+        await conn.send_packed_command(packed, check_health=False)
+        results: list[Any] = []
+        for i in range(len(commands)):
+            reply: Any
+            try:
+                reply = await conn.read_response(timeout=math.inf)
             except rx.ResponseError as exc:
-                results.append(exc)
-        if self.min_replicas:
-            self._waited(results.pop())
+                reply = exc
+            results.append(reply)
+            if acks is not None and i < len(writes) and writes[i].script is None and not isinstance(
+                    reply, BaseException) and not writes[i].future.done():
+                writes[i].future.set_result(reply)
+        if acks is not None:
+            results = self.acks.apply(results.pop(), results)
         return results
 
     async def _send_cluster(self, batch: list[Write]) -> None:
         """One pipeline per master node, concurrently; writes a slot move redirected go once more."""
-        await self.client.initialize()
+        client = self.client
+        if not isinstance(client, RedisCluster):
+            raise StorageUnavailable("store is not open")
+        await client.initialize()
         if self._refresh_nodes:
             self._refresh_nodes = False
-            await self.client.nodes_manager.initialize()
+            await client.nodes_manager.initialize()
         results: list[Any] = [None] * len(batch)
         todo = list(range(len(batch)))
         for attempt in (1, 2):
-            await self._node_pipelines(batch, todo, results, eval_source=False)
+            await self._node_pipelines(client, batch, todo, results, eval_source=False)
             noscript = [i for i in todo if isinstance(results[i], rx.NoScriptError)]
             if noscript:
-                await self._node_pipelines(batch, noscript, results, eval_source=True)
+                await self._node_pipelines(client, batch, noscript, results, eval_source=True)
             moved = [i for i in todo if isinstance(results[i], (rx.MovedError, rx.AskError, rx.TryAgainError))]
             if not moved or attempt == 2:
                 break
-            await self.client.nodes_manager.initialize()
+            await client.nodes_manager.initialize()
             todo = moved
         self._deliver(batch, results)
 
-    async def _node_pipelines(self, batch: list[Write], indexes: list[int], results: list[Any], *,
-                              eval_source: bool) -> None:
-        from redis.asyncio.cluster import PipelineCommand
-        by_node: dict[Any, list[int]] = {}
+    async def _node_pipelines(self, client: RedisCluster[str], batch: list[Write], indexes: list[int],
+                              results: list[Any], *, eval_source: bool) -> None:
+        by_node: dict[ClusterNode, list[int]] = {}
         for i in indexes:
-            by_node.setdefault(self.client.get_node_from_key(batch[i].key), []).append(i)
-
-        async def run(node: Any, part: list[int]) -> None:
+            node = client.get_node_from_key(batch[i].key)
+            if node is None:
+                results[i] = StorageUnavailable("the Redis Cluster has no node for a key's slot")
+                continue
+            by_node.setdefault(node, []).append(i)
+        async def run(node: ClusterNode, part: list[int]) -> None:
             commands = [PipelineCommand(n, *(batch[i].eval_args() if eval_source else batch[i].args))
                         for n, i in enumerate(part)]
-            if self.min_replicas:
-                commands.append(PipelineCommand(len(part), "WAIT", self.min_replicas, self.wait_timeout_ms))
+            acks = self.acks.command if any(batch[i].script is not None for i in part) else None
+            if acks is not None:
+                commands.append(PipelineCommand(len(part), *acks))
+            for i in part:
+                batch[i].sent = True
             try:
                 await node.execute_pipeline(commands)
-                if self.min_replicas:
-                    self._waited(commands.pop().result)
-            except (rx.RedisError, OSError, StorageUnavailable) as exc:
+            except (rx.RedisError, OSError) as exc:
                 self._refresh_nodes = isinstance(exc, (rx.ConnectionError, OSError))
+                outcome: BaseException = exc
+                if _unsent(exc):
+                    for i in part:
+                        batch[i].sent = False
+                else:
+                    outcome = StorageOutcomeUnknown(describe(exc))
                 for i in part:
-                    results[i] = exc
+                    results[i] = outcome
                 return
-            for i, command in zip(part, commands):
-                results[i] = command.result
+            replies = [command.result for command in commands]
+            if acks is not None:
+                replies = self.acks.apply(replies.pop(), replies)
+            for i, reply in zip(part, replies):
+                results[i] = reply
         await asyncio.gather(*(run(node, part) for node, part in by_node.items()))
+
+
+def _unsent(exc: BaseException) -> bool:
+    """A Cluster pipeline that failed before anything left: the node could not be connected to."""
+    return isinstance(exc, (rx.ConnectionError, OSError)) and ("connecting" in str(exc).lower()
+                                                              or isinstance(exc, ConnectionRefusedError))

@@ -1,0 +1,89 @@
+"""What every part of the Redis store works with: the link, the key layout, and the per-slot bookkeeping.
+
+The parts (``messages``, ``keys``, ``receipts``, ``retention``, ``lifecycle``)
+each hold this one object; ``RedisStore`` holds them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+
+from redis.asyncio.client import Pipeline
+
+from . import scripts
+from .connection import Commands, RedisLink
+from .layout import Layout
+from .records import SlotTotals, chunks
+
+SLOT_BATCH = 500         # per-slot keys read in one pipeline
+STAT_FIELDS = ("recipients", "messages", "bytes", "receipts", "keys")
+
+Pipe: TypeAlias = "Pipeline[str]"
+
+
+class StoreCore:
+    """The link and layout, the slots known to hold data, and the per-slot totals."""
+
+    def __init__(self, link: RedisLink, layout: Layout) -> None:
+        self.link = link
+        self.layout = layout
+        self.totals = SlotTotals()
+        self._known_slots: set[int] = set()
+        link.health.on_failure = self.forget_assumptions
+
+    def forget_assumptions(self) -> None:
+        """After a failure Redis may have restarted with other data: note slots again, trust the next read."""
+        self._known_slots.clear()
+        self.totals.trust_next_read = True
+
+    def pipeline(self, client: Commands) -> Pipe:
+        """A non-transactional pipeline; a Cluster's splits itself per node (and has the same commands)."""
+        return client.pipeline() if self.link.cluster else client.pipeline(transaction=False)
+
+    def note_slot(self, slot: int) -> asyncio.Future[Any] | None:
+        """Record a slot in the set expiry, statistics and the cluster's presence walk (once per process, and
+        again after a failure): queued, not awaited, so it shares the round trip of the write that follows."""
+        if slot in self._known_slots:
+            return None
+        self._known_slots.add(slot)
+        noted = self.link.post(scripts.ADD_SLOTS, [self.layout.slots], [slot])
+
+        def forget(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                self._known_slots.discard(slot)
+        noted.add_done_callback(forget)
+        return noted
+
+    async def slots(self) -> list[int]:
+        """The hash slots that hold relayd data (noted by ``note_slot``). Raises StorageUnavailable."""
+        async def work(client: Commands) -> list[int]:
+            return sorted(int(m) for m in await client.smembers(self.layout.slots))
+        return await self.link.read(work)
+
+    async def recipient_write(self, script: scripts.Script, address: str, *args: Any) -> Any:
+        """Run ``script`` on ``address``'s keys (one hash slot), in write order."""
+        return await self.link.write(script, self.layout.recipient(address).all(), [address, *args])
+
+    def apply_totals(self, address: str, totals: Sequence[Any]) -> None:
+        """Take the totals a script returned for ``address``'s slot."""
+        self.totals.apply(self.layout.slot_of(address), totals)
+
+    async def stats(self) -> dict[str, int]:
+        """Sum every slot's statistics (and take its totals, so they include other instances' writes)."""
+        sums = dict.fromkeys(STAT_FIELDS, 0)
+        force, self.totals.trust_next_read = self.totals.trust_next_read, False
+        slots = await self.slots()
+        for part in chunks(slots, SLOT_BATCH):
+            async def work(client: Commands, part: Sequence[int] = part) -> list[Any]:
+                pipe = self.pipeline(client)
+                for slot in part:
+                    pipe.hmget(self.layout.slot_keys(slot)[1], [*STAT_FIELDS, "ver"])
+                return list(await pipe.execute())
+            for slot, row in zip(part, await self.link.read(work)):
+                for name, value in zip(STAT_FIELDS, row):
+                    sums[name] += int(value or 0)
+                self.totals.apply(slot, (row[1], row[2], row[5]), force=force)
+        return sums

@@ -1,0 +1,58 @@
+"""Whether Redis takes writes right now: the last failure, and writes that wait longer than they should.
+
+Health is what /health/ready reports. A failure (a refusal, a timeout, a lost
+connection) makes it unhealthy with a reason until a write succeeds. A hang is
+noticed before any timeout fires: a write (the periodic probe's or a client's)
+in flight longer than ``overdue_s`` makes it unhealthy at once, so readiness
+turns 503 within about a second of Redis freezing rather than after
+``socket_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from ..store import StorageOutcomeUnknown, StorageUnavailable
+
+log = logging.getLogger("relayd.storage")
+
+
+class Health:
+    """The link's health; ``oldest_write`` tells when the oldest unanswered write was submitted (monotonic)."""
+
+    def __init__(self, overdue_s: float) -> None:
+        self.overdue_s = overdue_s
+        self._problem: str | None = None
+        self.on_failure: Callable[[], None] | None = None
+        """Called after every failure (the store forgets what it assumed Redis holds)."""
+        self.oldest_write: Callable[[], float | None] = lambda: None
+
+    @property
+    def healthy(self) -> bool:
+        return self.problem is None
+
+    @property
+    def problem(self) -> str | None:
+        if self._problem is not None:
+            return self._problem
+        since = self.oldest_write()
+        if since is not None and time.monotonic() - since > self.overdue_s:
+            return f"a Redis write has waited {time.monotonic() - since:.1f} s for an answer (Redis hangs?)"
+        return None
+
+    def fail(self, reason: str, *, unknown: bool = False) -> StorageUnavailable:
+        """Mark the link unhealthy; returns the error to raise: ``StorageOutcomeUnknown`` when the write was sent
+        (it may have been applied), else ``StorageUnavailable``."""
+        if reason != self._problem:
+            log.error("storage unavailable: %s", reason)
+        self._problem = reason
+        if self.on_failure is not None:
+            self.on_failure()
+        return StorageOutcomeUnknown(reason) if unknown else StorageUnavailable(reason)
+
+    def succeeded(self) -> None:
+        if self._problem is not None:
+            log.warning("storage recovered (was: %s)", self._problem)
+        self._problem = None

@@ -1,0 +1,136 @@
+"""Queued messages in Redis: enqueue (with idempotency for the retention period), restore, pages, removal.
+
+A part of ``RedisStore``. Each change is one script on the recipient's hash
+slot. A message that leaves as delivered (``remove``, ``ack``,
+``record_delivered``) stays known by (sender, messageId) until expiry forgets
+it, so a resend is answered DELIVERED instead of being stored again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ...frames import utf8_len
+from ..store import EnqueueResult, QueuedMessage, QueueLimits
+from . import scripts
+from .connection import Commands
+from .core import StoreCore
+from .records import Presence, by_recipient, chunks, decode_message, encode_message, pairs
+
+ID_CHUNK = 1000          # seqs or messageIds per removal script
+RESTORE_CHUNK = 200      # messages per restore script
+DELIVERED_CHUNK = 500    # messages per record_delivered script
+DROP_CHUNK = 64
+PENDING_CHUNK = 16       # messages read at a time for a page bounded in bytes
+RESULTS = {"queued": EnqueueResult.QUEUED, "duplicate": EnqueueResult.DUPLICATE,
+           "delivered": EnqueueResult.DELIVERED, "full": EnqueueResult.FULL, "no_space": EnqueueResult.NO_SPACE}
+
+
+class RedisMessages:
+    def __init__(self, core: StoreCore) -> None:
+        self.core = core
+
+    async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
+        """All submitted at once, so they share round trips and keep their order."""
+        outcomes = await asyncio.gather(*(self.enqueue(msg, limits, "", 0) for msg in messages))
+        return [RESULTS[outcome] for outcome, _ in outcomes]
+
+    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits, ledger: str, ledger_ttl_ms: int,
+                      watcher: str = "", watch_ttl_ms: int = 0) -> tuple[str, Presence]:
+        """The script's outcome (a key of ``RESULTS``, or ``migrated``) and the recipient's presence."""
+        core = self.core
+        size = utf8_len(msg.content)
+        over = bool(limits.max_total_bytes) and core.totals.bytes + size > limits.max_total_bytes
+        core.note_slot(core.layout.slot_of(msg.recipient))
+        outcome, seq, _dropped, totals, presence = await core.recipient_write(
+            scripts.ENQUEUE, msg.recipient, msg.sender, msg.message_id, encode_message(msg, size), size,
+            msg.queued_at, limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK,
+            1 if over else 0, ledger, ledger_ttl_ms, watcher, watch_ttl_ms)
+        if outcome in ("queued", "duplicate"):
+            msg.seq = int(seq)
+        if outcome == "queued":
+            core.apply_totals(msg.recipient, totals)
+        return str(outcome), pairs(presence)
+
+    async def restore(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, Presence]]:
+        core = self.core
+        restored = 0
+        presence: dict[str, Presence] = {}
+        for recipient, group in by_recipient(messages, lambda m: m.recipient).items():
+            core.note_slot(core.layout.slot_of(recipient))
+            for part in chunks(group, RESTORE_CHUNK):
+                args: list[Any] = []
+                for m in part:
+                    size = utf8_len(m.content)
+                    args += [max(m.seq, 0), m.sender, m.message_id, size, m.queued_at, encode_message(m, size)]
+                count, seqs, totals, found = await core.recipient_write(scripts.RESTORE, recipient, *args)
+                for m, seq in zip(part, seqs):
+                    if seq != "0":
+                        m.seq = int(seq)
+                core.apply_totals(recipient, totals)
+                restored += int(count)
+                presence[recipient] = pairs(found)
+        return restored, presence
+
+    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
+        """One script per recipient, all submitted together: one round trip (per Cluster node)."""
+        calls: list[tuple[scripts.Script, list[str], list[Any]]] = []
+        for recipient, group in by_recipient(messages, lambda m: m.recipient).items():
+            self.core.note_slot(self.core.layout.slot_of(recipient))
+            for part in chunks(group, DELIVERED_CHUNK):
+                args = [recipient, *(v for m in part for v in (m.sender, m.message_id, m.queued_at))]
+                calls.append((scripts.RECORD_DELIVERED, self.core.layout.recipient(recipient).all(), args))
+        if calls:
+            await self.core.link.write_many(calls)
+
+    async def pending(self, recipient: str, limit: int, after_seq: int = 0,
+                      max_bytes: int | None = None) -> list[QueuedMessage]:
+        if limit <= 0:
+            return []
+        keys = self.core.layout.recipient(recipient)
+
+        async def work(client: Commands) -> list[QueuedMessage]:
+            seqs = await client.zrangebyscore(keys.queue, f"({after_seq}", "+inf", start=0, num=limit)
+            page: list[QueuedMessage] = []
+            used = 0
+            # Records are fetched a few at a time, so a page of large messages never holds more than max_bytes
+            # and one message.
+            for part in chunks(seqs, PENDING_CHUNK if max_bytes is not None else max(len(seqs), 1)):
+                for seq, record in zip(part, await client.hmget(keys.messages, part)):
+                    if record is None:
+                        continue
+                    if max_bytes is not None and page and used >= max_bytes:
+                        return page
+                    msg = decode_message(recipient, seq, record)
+                    page.append(msg)
+                    used += utf8_len(msg.content)
+            return page
+        return await self.core.link.read(work)
+
+    async def remove(self, recipient: str, mode: str, items: list[str]) -> int:
+        """Remove by ``seq`` or ``id`` (as delivered), or ``all`` (not)."""
+        removed = 0
+        for part in chunks(items, ID_CHUNK) if mode != "all" else [[]]:
+            count, totals = await self.core.recipient_write(scripts.REMOVE, recipient, mode, *part)
+            self.core.apply_totals(recipient, totals)
+            removed += int(count)
+        return removed
+
+    async def size(self, recipient: str) -> int:
+        counters = self.core.layout.recipient(recipient).counters
+
+        async def work(client: Commands) -> str | None:
+            return await client.hget(counters, "count")
+        return int(await self.core.link.read(work) or 0)
+
+    async def backlog_size(self, recipient: str) -> tuple[int, int]:
+        keys = self.core.layout.recipient(recipient)
+
+        async def work(client: Commands) -> tuple[int, int]:
+            pipe = self.core.pipeline(client)
+            pipe.hget(keys.counters, "count")
+            pipe.zcard(keys.receipt_queue)
+            count, receipts = await pipe.execute()
+            return int(count or 0), int(receipts or 0)
+        return await self.core.link.read(work)
