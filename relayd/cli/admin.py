@@ -206,7 +206,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     async def run() -> dict[str, int]:
         source = migration.open_source(path)
+        from ..storage.redis.store import RedisStore
         store = make_redis_store(config)
+        assert isinstance(store, RedisStore)
         try:
             await store.open()
             if not store.healthy:

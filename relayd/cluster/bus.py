@@ -24,6 +24,7 @@ and ``from``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -163,7 +164,7 @@ class Bus:
                     unheard()
                 continue
             if callbacks:
-                sent.add_done_callback(lambda f, cbs=callbacks: _unheard(f) and [cb() for cb in cbs])
+                sent.add_done_callback(functools.partial(_tell_unheard, callbacks=callbacks))
 
     def ask(self, instances: Iterable[str], body: Message, then: Replies) -> None:
         """Send ``body`` to each instance; ``then`` gets their replies once all replied or ``reply_timeout_s``
@@ -171,13 +172,12 @@ class Bus:
         rid = f"{next(self._ids)}"
         loop = asyncio.get_running_loop()
         pending = _Pending(list(dict.fromkeys(instances)), loop.time() + self.reply_timeout_s,
-                           lambda replies, silent: self._done(rid, then, replies, silent))
+                           functools.partial(self._done, rid, then))
         self._pending[rid] = pending
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.reply_timeout_s / SWEEPS, self._sweep)
         for instance in pending.asked:
-            self.send(instance, {**body, "rid": rid},
-                      lambda i=instance: pending.answered(i, None))
+            self.send(instance, {**body, "rid": rid}, functools.partial(pending.answered, instance, None))
         if not pending.asked:
             pending._finish()
 
@@ -201,7 +201,10 @@ class Bus:
     async def request(self, instances: Iterable[str], body: Message) -> tuple[dict[str, Message], tuple[str, ...]]:
         """``ask``, awaited: (replies by instance, instances that did not reply). Never raises for a missing one."""
         done: asyncio.Future[tuple[dict[str, Message], tuple[str, ...]]] = asyncio.get_running_loop().create_future()
-        self.ask(instances, body, lambda replies, silent: done.done() or done.set_result((replies, silent)))
+        def then(replies: dict[str, Message], silent: tuple[str, ...]) -> None:
+            if not done.done():
+                done.set_result((replies, silent))
+        self.ask(instances, body, then)
         return await done
 
     def reply(self, request: Message, body: Message) -> None:
@@ -306,6 +309,12 @@ class Bus:
             host = f"[{node.host}]" if ":" in node.host else node.host
             url = urllib.parse.urlunsplit(parts._replace(netloc=f"{auth + '@' if auth else ''}{host}:{node.port}"))
         return self.link.subscriber(url)
+
+
+def _tell_unheard(sent: asyncio.Future[Any], *, callbacks: list[Callable[[], None]]) -> None:
+    if _unheard(sent):
+        for callback in callbacks:
+            callback()
 
 
 def _unheard(sent: asyncio.Future[Any]) -> bool:

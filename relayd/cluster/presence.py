@@ -219,7 +219,7 @@ class ClusterPresence:
                 pipe = self.store.pipeline(client)
                 for address in rest:
                     pipe.hgetall(self._keys(address)[0])
-                return await pipe.execute()
+                return list(await pipe.execute())
             for address, found in zip(rest, await self.link.read(work)):
                 out[address] = bool(self._peer_sessions(dict(found or {})).instances)
         return {a: out.get(a, False) for a in addresses}
@@ -238,7 +238,7 @@ class ClusterPresence:
                     pipe = self.store.pipeline(client)
                     for slot, instance in part:
                         pipe.smembers(self._mine(slot, instance))
-                    return await pipe.execute()
+                    return list(await pipe.execute())
                 for members in await self.link.read(work):
                     found.update(dict.fromkeys(sorted(members)))
         return list(found)
