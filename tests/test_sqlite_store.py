@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sqlite3
 import tempfile
 import time
@@ -18,6 +20,7 @@ from support import WriteLock, sqlite_file
 from relayd.storage.memory import MemoryStore
 from relayd.storage.sqlite.store import SQLiteStore
 from relayd.storage.sqlite.file import backup_database, read_stats
+from relayd.storage.sqlite.owner import lock_path
 from relayd.storage.sqlite.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from relayd.storage.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt,
                           StorageUnavailable, StoreOpenError)
@@ -44,10 +47,12 @@ async def run_job(store: SQLiteStore, sql: str, write: bool = False) -> Any:
 
 
 def open_fails(path: Path) -> str:
-    async def main() -> None:
-        await SQLiteStore(str(path)).open()
+    return asyncio.run(open_fails_async(path))
+
+
+async def open_fails_async(path: Path) -> str:
     with pytest.raises(StoreOpenError) as info:
-        asyncio.run(main())
+        await SQLiteStore(str(path)).open()
     return str(info.value)
 
 
@@ -462,6 +467,42 @@ def test_delivered_lookup_uses_the_indexes(tmp_path: Path) -> None:
                              .replace("?3", "'s'"))
         details = " | ".join(row[-1] for row in plan)
         assert "SCAN" not in details.replace("SCAN CONSTANT ROW", ""), details
+        await store.close()
+    asyncio.run(main())
+
+
+# One relayd per database
+
+def test_a_second_store_on_an_open_database_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+
+    async def main() -> None:
+        first = await opened(db)
+        assert await first.enqueue(msg("m1"), ROOMY) is QUEUED
+        reason = await open_fails_async(db)
+        assert "in use by another relayd" in reason and f"PID {os.getpid()}" in reason, reason
+        assert socket.gethostname() in reason and str(db) in reason
+        assert read_stats(str(db))["messages"] == 1, "read-only tools work beside it"
+        await first.close()
+        second = await opened(db)
+        assert [m.message_id for m in await second.pending("bob", 10)] == ["m1"]
+        await second.close()
+    asyncio.run(main())
+    assert lock_path(db).read_text().startswith(f"pid {os.getpid()} host ")
+
+
+def test_an_open_that_fails_releases_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import relayd.storage.sqlite.store as store_module
+    db = tmp_path / "relay.db"
+
+    def broken(conn: sqlite3.Connection) -> None:
+        raise StoreOpenError("migration failed")
+
+    async def main() -> None:
+        with monkeypatch.context() as patch:
+            patch.setattr(store_module, "migrate", broken)
+            assert "migration failed" in await open_fails_async(db)
+        store = await opened(db)
         await store.close()
     asyncio.run(main())
 

@@ -1,10 +1,10 @@
-"""The durable backend: one SQLite file in WAL mode, written by one thread.
+"""The durable backend: one SQLite file in WAL mode, written by one thread, owned by one relayd.
 
 Every operation becomes a job for ``SQLiteWriter``, whose futures resolve
 after COMMIT, so an awaited ``enqueue`` is on disk. Per-recipient counters
 live in their own table so limit checks never count a queue. The message
 queue is here (its SQL in ``queue``); keys, locks and tokens are the
-``KeyDirectory``'s. See
+``KeyDirectory``'s; ``OwnerLock`` keeps a second relayd off the file. See
 ``storage.store`` for the contract every method follows.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .file import count_stats, describe_error, inspect
 from .keys import KeyDirectory
+from .owner import OwnerLock
 from .queue import (
     EXPIRE_CHUNK,
     SeqCounter,
@@ -57,6 +58,7 @@ class SQLiteStore:
         self.path = path
         self._synchronous = _SYNC_MODES[synchronous.lower()]
         self._busy_timeout_ms = int(busy_timeout_ms)
+        self._owner = OwnerLock(Path(path))
         self._writer = SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path)
         self._keys = KeyDirectory(self._writer)
         self._seqs = SeqCounter(0)  # set from the database on the writer thread when it opens
@@ -86,9 +88,13 @@ class SQLiteStore:
 
     async def close(self) -> None:
         await self._writer.stop()
+        self._owner.release()
 
     def _connect(self) -> tuple[sqlite3.Connection, int, int]:
-        """Runs on the writer thread: check the file, open it in WAL mode, migrate, read the totals."""
+        """Runs on the writer thread: check the file, lock it, open it in WAL mode, migrate, read the totals.
+
+        The lock comes after the checks, so a file that is not relayd's is left without one beside it.
+        """
         path = Path(self.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +106,14 @@ class SQLiteStore:
                 raise StoreOpenError(f"database {path} is read-only: relayd needs to write "
                                      f"{'it' if place == path else f'its directory {place}'} (permissions, or a "
                                      "read-only file system)")
+        self._owner.acquire()
+        try:
+            return self._open_locked(path)
+        except BaseException:
+            self._owner.release()
+            raise
+
+    def _open_locked(self, path: Path) -> tuple[sqlite3.Connection, int, int]:
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=self._busy_timeout_ms / 1000)
         except sqlite3.Error as exc:
