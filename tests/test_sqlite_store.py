@@ -483,12 +483,24 @@ def test_a_second_store_on_an_open_database_is_refused_naming_the_holder(tmp_pat
         assert "in use by another relayd" in reason and f"PID {os.getpid()}" in reason, reason
         assert socket.gethostname() in reason and str(db) in reason
         assert read_stats(str(db))["messages"] == 1, "read-only tools work beside it"
+        assert lock_path(db).read_text().startswith(f"pid {os.getpid()} host ")
         await first.close()
+        assert not lock_path(db).exists(), "a clean close leaves only the database"
         second = await opened(db)
         assert [m.message_id for m in await second.pending("bob", 10)] == ["m1"]
         await second.close()
     asyncio.run(main())
-    assert lock_path(db).read_text().startswith(f"pid {os.getpid()} host ")
+
+
+def test_a_lock_file_left_by_a_killed_relayd_is_reused(tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+    lock_path(db).write_text("pid 999999 host elsewhere since 0\n")
+
+    async def main() -> None:
+        store = await opened(db)
+        assert lock_path(db).read_text().startswith(f"pid {os.getpid()} ")
+        await store.close()
+    asyncio.run(main())
 
 
 def test_an_open_that_fails_releases_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,9 +5,11 @@ each keep their own seq counter and totals and silently lose answered
 messages. So the writer holds ``flock`` on ``<database>.lock`` while the
 database is open; the file names the holder (PID, host) for the message a
 second relay exits with. The kernel releases the lock with the holder's last
-descriptor, so ``kill -9`` never leaves a stale lock, and the file itself may
-stay behind. Read-only tools (``relayd stats``, ``relayd backup``) do not
-take the lock.
+descriptor, so ``kill -9`` never leaves a stale lock (only, maybe, the file,
+which the next owner reuses). A clean close deletes the file while still
+holding the lock; a relay that locked a file just deleted sees so and starts
+over on the new one. Read-only tools (``relayd stats``, ``relayd backup``) do
+not take the lock.
 """
 
 from __future__ import annotations
@@ -40,8 +42,23 @@ class OwnerLock:
 
     def acquire(self) -> None:
         """Take the lock (again holding it is fine); raises ``StoreOpenError`` naming the holder when taken."""
-        if self._fd is not None:
-            return
+        while self._fd is None:
+            fd = self._open_locked()
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # its holder deleted it on close after we opened it: lock the file there now
+                os.close(fd)
+                continue
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} host {socket.gethostname()} since {int(time.time())}\n".encode(), 0)
+            except OSError:
+                pass  # the lock holds without its note; a second relay is refused all the same
+            self._fd = fd
+
+    def _open_locked(self) -> int:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -54,20 +71,21 @@ class OwnerLock:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise StoreOpenError(
-                    f"database {self.database} is in use by another relayd ({holder}); one database "
-                    f"takes one relayd: stop that one, or give this one another [storage] path") from None
+                    f"database {self.database} is in use by another relayd ({holder}); one database takes one "
+                    f"relayd: stop that one, or give this one another [storage] path") from None
             raise StoreOpenError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} host {socket.gethostname()} since {int(time.time())}\n".encode(), 0)
-        except OSError:
-            pass  # the lock holds without its note; a second relay is refused all the same
-        self._fd = fd
+        return fd
 
     def release(self) -> None:
+        """Delete the lock file, then drop the lock (closing its descriptor)."""
         fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # drops the flock
+        if fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass  # already gone, or the directory became read-only: the next owner reuses the file
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> str:
