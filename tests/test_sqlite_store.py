@@ -458,15 +458,20 @@ def test_schema_4_database_learns_delivered_message_ids(tmp_path: Path) -> None:
     assert read_stats(str(db))["schema_version"] == SCHEMA_VERSION == 5
 
 
-def test_delivered_lookup_uses_the_indexes(tmp_path: Path) -> None:
-    from relayd.storage.sqlite.queue import _PROBE
+def test_enqueue_lookups_use_the_indexes(tmp_path: Path) -> None:
+    from relayd.storage.sqlite.queue import _PROBE, _STORED
+
+    async def plan(store: SQLiteStore, sql: str, *args: str) -> str:
+        for i, arg in enumerate(args, 1):
+            sql = sql.replace(f"?{i}", arg, 1) if f"?{i}" in sql else sql.replace("?", arg, 1)
+        return " | ".join(row[-1] for row in await run_job(store, "EXPLAIN QUERY PLAN " + sql))
 
     async def main() -> None:
         store = await opened(tmp_path / "relay.db")
-        plan = await run_job(store, "EXPLAIN QUERY PLAN " + _PROBE.replace("?1", "'b'").replace("?2", "'m'")
-                             .replace("?3", "'s'"))
-        details = " | ".join(row[-1] for row in plan)
-        assert "SCAN" not in details.replace("SCAN CONSTANT ROW", ""), details
+        probe = await plan(store, _PROBE.replace("?1", "'b'").replace("?2", "'m'").replace("?3", "'s'"))
+        assert "SEARCH delivered USING PRIMARY KEY" in probe and "SEARCH q USING PRIMARY KEY" in probe, probe
+        stored = await plan(store, _STORED, "'b'", "'m'", "'s'")
+        assert "SEARCH messages USING INDEX messages_ident" in stored, stored
         await store.close()
     asyncio.run(main())
 

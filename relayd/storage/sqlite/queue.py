@@ -4,9 +4,10 @@ and the messageIds known as delivered.
 Every function takes the writer's connection inside its transaction and
 returns ``(value, Delta)``: the change to the store-wide message and byte
 totals, applied by the writer only if the transaction commits. Seqs come
-from ``SeqCounter``, so the insert needs no AUTOINCREMENT bookkeeping; a seq
-that is taken anyway is an error, never mistaken for a duplicate (only the
-(recipient, messageId, sender) probe finds those).
+from ``SeqCounter``, so the insert needs no AUTOINCREMENT bookkeeping. The
+insert finds a stored duplicate by the unique ``messages_ident`` index; a
+refused insert that is not the same message stored is a taken seq, an
+error, never mistaken for a duplicate.
 
 Senders are compared case-insensitively by SQLite's ``lower()`` on both
 sides, as the ``messages_ident`` index and the ``delivered`` table store them.
@@ -34,11 +35,10 @@ _INSERT = ("INSERT INTO messages (seq, recipient, sender, message_id, timestamp,
            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _COUNT = ("INSERT INTO queues (recipient, count, bytes, receipts) VALUES (?, ?, ?, 0) "
           "ON CONFLICT (recipient) DO UPDATE SET count = count + excluded.count, bytes = bytes + excluded.bytes")
-_PROBE = ("SELECT (SELECT seq FROM messages WHERE recipient = ?1 AND message_id = ?2 AND lower(sender) = lower(?3)), "
-          "EXISTS (SELECT 1 FROM delivered WHERE recipient = ?1 AND message_id = ?2 AND sender = lower(?3)), "
-          "(SELECT count FROM queues WHERE recipient = ?1), (SELECT bytes FROM queues WHERE recipient = ?1)")
-"""One statement for what an enqueue must know: the stored seq of the same message, whether it was delivered,
-and the recipient's counters."""
+_PROBE = ("SELECT EXISTS (SELECT 1 FROM delivered WHERE recipient = ?1 AND message_id = ?2 AND sender = lower(?3)), "
+          "q.count, q.bytes FROM (SELECT 1) LEFT JOIN queues q ON q.recipient = ?1")
+"""One statement for what an enqueue must know first: was the same message delivered, and the recipient's
+counters. Whether it is stored, the insert finds out (the ``messages_ident`` index refuses it)."""
 _STORED = "SELECT seq FROM messages WHERE recipient = ? AND message_id = ? AND lower(sender) = lower(?)"
 _FORGET_DELIVERED = "DELETE FROM delivered WHERE recipient = ? AND message_id = ? AND sender = lower(?)"
 _RECORD_DELIVERED = ("INSERT INTO delivered (recipient, message_id, sender, queued_at) VALUES (?, ?, lower(?), ?) "
@@ -77,40 +77,53 @@ def marks(n: int) -> str:
 
 def enqueue_row(conn: sqlite3.Connection, msg: QueuedMessage, limits: QueueLimits, seqs: SeqCounter,
                 stored_bytes: int) -> tuple[tuple[EnqueueResult, int], Delta]:
-    """Insert ``msg`` within ``limits``: one probe (same message stored or delivered? the counters), the insert.
+    """Insert ``msg`` within ``limits``: one probe (delivered? the counters), the insert, the counter update.
 
-    Returns ((result, seq), delta); the seq is the new one (QUEUED) or the stored one (DUPLICATE).
+    Returns ((result, seq), delta); the seq is the new one (QUEUED) or the stored one (DUPLICATE). A refusal
+    (DELIVERED, NO_SPACE, FULL) first looks for the same message stored, which is DUPLICATE instead.
     """
-    stored, delivered, count, used = conn.execute(_PROBE, (msg.recipient, msg.message_id, msg.sender)).fetchone()
+    delivered, count, used = conn.execute(_PROBE, (msg.recipient, msg.message_id, msg.sender)).fetchone()
+    size = utf8_len(msg.content)
+    count, used = count or 0, used or 0
+    refusal = None
+    if delivered:
+        refusal = EnqueueResult.DELIVERED
+    elif limits.max_total_bytes and stored_bytes + size > limits.max_total_bytes:
+        refusal = EnqueueResult.NO_SPACE
+    elif size > limits.max_bytes or ((count >= limits.max_messages or used + size > limits.max_bytes)
+                                     and not limits.drop_oldest):
+        refusal = EnqueueResult.FULL
+    if refusal is not None:
+        stored = _stored_seq(conn, msg)
+        return ((refusal, 0) if stored is None else (EnqueueResult.DUPLICATE, stored)), NONE
+    seq = seqs.take()
+    stored = _insert(conn, msg, seq, size, seqs)
     if stored is not None:
         return (EnqueueResult.DUPLICATE, stored), NONE
-    if delivered:
-        return (EnqueueResult.DELIVERED, 0), NONE
-    size = utf8_len(msg.content)
-    if limits.max_total_bytes and stored_bytes + size > limits.max_total_bytes:
-        return (EnqueueResult.NO_SPACE, 0), NONE
-    if size > limits.max_bytes:
-        return (EnqueueResult.FULL, 0), NONE
-    count, used = count or 0, used or 0
-    if (count >= limits.max_messages or used + size > limits.max_bytes) and not limits.drop_oldest:
-        return (EnqueueResult.FULL, 0), NONE
-    seq = seqs.take()
-    _insert(conn, msg, seq, size, seqs)
     dropped, freed = _drop_oldest(conn, msg.recipient, count, used, size, limits) if count else (0, 0)
     conn.execute(_COUNT, (msg.recipient, 1 - dropped, size - freed))
     return (EnqueueResult.QUEUED, seq), (1 - dropped, size - freed)
 
 
-def _insert(conn: sqlite3.Connection, msg: QueuedMessage, seq: int, size: int, seqs: SeqCounter) -> None:
-    """Insert ``msg`` as ``seq``, which must be free: the caller has ruled out the same message being stored.
+def _stored_seq(conn: sqlite3.Connection, msg: QueuedMessage) -> int | None:
+    row = conn.execute(_STORED, (msg.recipient, msg.message_id, msg.sender)).fetchone()
+    return None if row is None else int(row[0])
 
-    A taken seq means something else numbered messages in this file: the job fails with StorageUnavailable
-    (nothing of it is written) and the counter moves past every stored seq, so a retry works.
+
+def _insert(conn: sqlite3.Connection, msg: QueuedMessage, seq: int, size: int, seqs: SeqCounter) -> int | None:
+    """Insert ``msg`` as ``seq``; returns None, or the seq of the same message when it is stored already.
+
+    A seq taken by another message means something else numbered messages in this file: the job fails with
+    StorageUnavailable (nothing of it is written) and the counter moves past every stored seq, so a retry works.
     """
     try:
         conn.execute(_INSERT, (seq, msg.recipient, msg.sender, msg.message_id, msg.timestamp, msg.queued_at, size,
                                msg.content))
+        return None
     except sqlite3.IntegrityError as exc:
+        stored = _stored_seq(conn, msg)
+        if stored is not None:
+            return stored
         seqs.resync(conn)
         log.error("message seq %d is already taken (%s): something else numbered messages in this database; "
                   "the write failed and new messages now start at seq %d", seq, exc, seqs.last + 1)
@@ -142,18 +155,21 @@ def restore_rows(conn: sqlite3.Connection, messages: list[QueuedMessage], seqs: 
     skipped, those known as delivered are no longer (their delivery did not happen after all)."""
     restored = added = 0
     for msg in messages:
-        if conn.execute(_STORED, (msg.recipient, msg.message_id, msg.sender)).fetchone() is not None:
-            continue
-        conn.execute(_FORGET_DELIVERED, (msg.recipient, msg.message_id, msg.sender))
-        if msg.seq <= 0:
-            msg.seq = seqs.take()
-        elif conn.execute("SELECT 1 FROM messages WHERE seq = ?", (msg.seq,)).fetchone() is not None:
-            log.warning("a message put back had seq %d, which another message holds; it gets a new one", msg.seq)
-            msg.seq = seqs.take()
+        seq = msg.seq
+        if seq <= 0:
+            seq = seqs.take()
+        elif conn.execute("SELECT 1 FROM messages WHERE seq = ?", (seq,)).fetchone() is not None:
+            if _stored_seq(conn, msg) is not None:
+                continue
+            log.warning("a message put back had seq %d, which another message holds; it gets a new one", seq)
+            seq = seqs.take()
         else:
-            seqs.see(msg.seq)
+            seqs.see(seq)
         size = utf8_len(msg.content)
-        _insert(conn, msg, msg.seq, size, seqs)
+        if _insert(conn, msg, seq, size, seqs) is not None:
+            continue
+        msg.seq = seq
+        conn.execute(_FORGET_DELIVERED, (msg.recipient, msg.message_id, msg.sender))
         conn.execute(_COUNT, (msg.recipient, 1, size))
         restored, added = restored + 1, added + size
     return restored, (restored, added)
