@@ -447,6 +447,20 @@ def test_record_delivered_remembers_live_deliveries(store_backend, redis_pending
     store_backend(body)
 
 
+def test_a_message_known_as_delivered_twice_is_remembered_from_the_later_time(store_backend, redis_pending):
+    async def body(store: Store) -> None:
+        stored, = await enqueue_all(store, msg("bob", "m", queued_at=1000))
+        await store.record_delivered([msg("bob", "m", queued_at=5000)])  # delivered live by another instance
+        again = msg("bob", "m")
+        assert await store.enqueue(again, ROOMY) is DUPLICATE and again.seq == stored.seq  # stored comes first
+        assert await store.remove("bob", [stored.seq]) == 1
+        assert await store.expire(2000) == 0
+        assert await store.enqueue(msg("bob", "m"), ROOMY) is DELIVERED
+        assert await store.expire(5001) == 0
+        assert await store.enqueue(msg("bob", "m", queued_at=9000), ROOMY) is QUEUED
+    store_backend(body)
+
+
 def test_delivered_and_duplicate_take_no_room(store_backend, redis_pending):
     async def body(store: Store) -> None:
         await store.record_delivered([msg("bob", "seen")])

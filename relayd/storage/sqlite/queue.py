@@ -41,8 +41,11 @@ _PROBE = ("SELECT EXISTS (SELECT 1 FROM delivered WHERE recipient = ?1 AND messa
 counters. Whether it is stored, the insert finds out (the ``messages_ident`` index refuses it)."""
 _STORED = "SELECT seq FROM messages WHERE recipient = ? AND message_id = ? AND lower(sender) = lower(?)"
 _FORGET_DELIVERED = "DELETE FROM delivered WHERE recipient = ? AND message_id = ? AND sender = lower(?)"
+_LATER_DELIVERY = ("ON CONFLICT (recipient, message_id, sender) DO UPDATE SET "
+                   "queued_at = max(queued_at, excluded.queued_at)")
+"""A message recorded as delivered twice is remembered from the later ``queued_at``."""
 _RECORD_DELIVERED = ("INSERT INTO delivered (recipient, message_id, sender, queued_at) VALUES (?, ?, lower(?), ?) "
-                     "ON CONFLICT (recipient, message_id, sender) DO UPDATE SET queued_at = max(queued_at, excluded.queued_at)")
+                     + _LATER_DELIVERY)
 
 
 class SeqCounter:
@@ -204,9 +207,9 @@ def delete_rows(conn: sqlite3.Connection, rows: list[tuple[int, str, int]], *,
         freed += size
     for part in chunks([r[0] for r in rows]):
         if delivered:
-            conn.execute(f"INSERT OR REPLACE INTO delivered (recipient, message_id, sender, queued_at) "
+            conn.execute(f"INSERT INTO delivered (recipient, message_id, sender, queued_at) "
                          f"SELECT recipient, message_id, lower(sender), queued_at FROM messages "
-                         f"WHERE seq IN ({marks(len(part))})", part)
+                         f"WHERE seq IN ({marks(len(part))}) {_LATER_DELIVERY}", part)
         conn.execute(f"DELETE FROM messages WHERE seq IN ({marks(len(part))})", part)
     for recipient, (count, size) in per_recipient.items():
         conn.execute("UPDATE queues SET count = count - ?, bytes = bytes - ? WHERE recipient = ?",
