@@ -508,6 +508,24 @@ def test_a_lock_file_left_by_a_killed_relayd_is_reused(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_file_system_without_locks_starts_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    caplog.set_level(logging.WARNING, logger="relayd.storage")
+
+    async def main() -> None:
+        store = await opened(tmp_path / "relay.db")
+        assert await store.enqueue(msg("m"), ROOMY) is QUEUED
+        await store.close()
+    asyncio.run(main())
+    assert "no locks" in caplog.text and "only one" in caplog.text
+
+
 def test_an_open_that_fails_releases_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import relayd.storage.sqlite.store as store_module
     db = tmp_path / "relay.db"

@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import socket
 import time
 from pathlib import Path
 
 from ..store import StoreOpenError
+
+log = logging.getLogger("relayd.storage")
+
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+"""flock errors of file systems without locks: relayd starts anyway, with a warning."""
 
 
 def lock_path(database: Path) -> Path:
@@ -35,10 +41,6 @@ class OwnerLock:
         self.database = database
         self.path = lock_path(database)
         self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
     def acquire(self) -> None:
         """Take the lock (again holding it is fine); raises ``StoreOpenError`` naming the holder when taken."""
@@ -67,6 +69,10 @@ class OwnerLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in _NO_LOCKS:
+                log.warning("cannot lock %s (%s): this file system has no locks, so nothing keeps a second relayd "
+                            "off this database; make sure only one uses it", self.path, exc.strerror or exc)
+                return fd
             holder = _read_holder(fd)
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
