@@ -44,9 +44,6 @@ class _Delivered:
         self._order: list[tuple[int, Ident]] = []
         """A heap by queued_at; entries of idents forgotten or recorded again meanwhile are skipped."""
 
-    def __contains__(self, ident: Ident) -> bool:
-        return ident in self.since
-
     def record(self, ident: Ident, queued_at: int) -> None:
         when = max(queued_at, self.since.get(ident, queued_at))
         self.since[ident] = when
