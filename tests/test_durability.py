@@ -2,8 +2,10 @@
 
 What relayd promised survives ``kill -9`` and restarts: every message answered
 ``queued``, unacknowledged messages of ack-mode clients, messageId idempotency,
-stored read receipts and public keys. Storage faults that are real at the OS
-level (a full tmpfs, ``RLIMIT_FSIZE``, a lock held by another process) never
+stored read receipts and public keys. One relayd per database file: a second
+exits 2 naming the first, ``kill -9`` leaves no stale lock, and ``relayd
+stats`` and ``relayd backup`` read it beside the running one. Storage faults
+that are real at the OS level (a full tmpfs, ``RLIMIT_FSIZE``, a lock held by another process) never
 crash relayd and never make it say ``queued`` for what it did not store; live
 delivery goes on, health says what is wrong, and it recovers by itself. A
 corrupt or foreign file stops start-up with exit 2 and is left unchanged.
@@ -25,8 +27,8 @@ from typing import Any, Callable
 
 import pytest
 from support import (A, B, C, D, E, ProcessRelay, WriteLock, WsClient, assert_error, connect, frames_until_pong, ids_of,
-                     msg, now_ms, online, pong_next, queue_size, read_backlog, sqlite_file, start_open, status_frame,
-                     wait_until)
+                     msg, now_ms, online, pong_next, queue_size, read_backlog, run_cli, scaled, sqlite_file, start_open,
+                     status_frame, wait_until)
 from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -736,3 +738,44 @@ def test_plain_client_gets_stored_messages_once_and_they_are_deleted(tmp_path: P
     assert queue_size(relay, B) == 0
     with connect(relay, B) as b:
         pong_next(b)
+
+
+# 10. One relayd per database: a second one exits 2 naming the first; kill -9 leaves no stale lock
+
+
+def test_second_relayd_on_a_database_in_use_exits_2_naming_the_holder(tmp_path: Path, process_relays) -> None:
+    first = process_relays(tmp_path, config_text=CONFIG)
+    with connect(first, A) as a:
+        assert_queued(send(a, B, "kept"), "kept", B)
+    second = process_relays(tmp_path, wait=False)
+    assert second.proc.wait(scaled(15)) == 2, second.log()
+    out = second.log()
+    assert f"PID {first.proc.pid}" in out and "in use by another relayd" in out and "relayd.db" in out, out
+    assert "Traceback" not in out, out
+    with connect(first, A) as a:  # the first one never noticed
+        assert_queued(send(a, B, "after"), "after", B)
+    assert queue_size(first, B) == 2
+
+    first.kill9()
+    third = process_relays(tmp_path, port=first.port)  # the kernel dropped the dead one's lock
+    with connect(third, B, ack=True) as b:
+        assert ids_of(read_backlog(b)) == ["kept", "after"]
+
+
+def test_stats_and_backup_work_beside_a_running_relayd(tmp_path: Path, process_relays) -> None:
+    relay = process_relays(tmp_path, config_text=CONFIG)
+    with connect(relay, A) as a:
+        for mid in ("s0", "s1", "s2"):
+            assert_queued(send(a, B, mid), mid, B)
+    db = "relayd-data/relayd.db"
+    stats = run_cli(tmp_path, "stats", "--db", db)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["messages"] == 3
+    backup = run_cli(tmp_path, "backup", "--db", db, "copy.db")
+    assert backup.returncode == 0, backup.stderr
+    copy = sqlite3.connect(f"file:{tmp_path / 'copy.db'}?mode=ro", uri=True)
+    assert copy.execute("SELECT message_id FROM messages ORDER BY seq").fetchall() == [("s0",), ("s1",), ("s2",)]
+    copy.close()
+    with connect(relay, A) as a:  # and the relay goes on writing
+        assert_queued(send(a, B, "s3"), "s3", B)
+    assert queue_size(relay, B) == 4

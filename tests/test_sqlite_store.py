@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sqlite3
 import tempfile
 import time
@@ -18,7 +20,8 @@ from support import WriteLock, sqlite_file
 from relayd.storage.memory import MemoryStore
 from relayd.storage.sqlite.store import SQLiteStore
 from relayd.storage.sqlite.file import backup_database, read_stats
-from relayd.storage.sqlite.schema import APPLICATION_ID, SCHEMA_VERSION
+from relayd.storage.sqlite.owner import lock_path
+from relayd.storage.sqlite.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from relayd.storage.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt,
                           StorageUnavailable, StoreOpenError)
 
@@ -44,10 +47,12 @@ async def run_job(store: SQLiteStore, sql: str, write: bool = False) -> Any:
 
 
 def open_fails(path: Path) -> str:
-    async def main() -> None:
-        await SQLiteStore(str(path)).open()
+    return asyncio.run(open_fails_async(path))
+
+
+async def open_fails_async(path: Path) -> str:
     with pytest.raises(StoreOpenError) as info:
-        asyncio.run(main())
+        await SQLiteStore(str(path)).open()
     return str(info.value)
 
 
@@ -373,6 +378,170 @@ def test_failed_commit_fails_the_whole_batch(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+# Numbering: a taken seq is an error, never a duplicate
+
+def _plant(seq: int, message_id: str) -> str:
+    """SQL for a message row numbered ``seq`` by something other than the store's counter."""
+    return (f"INSERT INTO messages (seq, recipient, sender, message_id, timestamp, queued_at, size, content) "
+            f"VALUES ({seq}, 'bob', 'mallory', '{message_id}', 1, 1, 1, 'x')")
+
+
+def test_a_taken_seq_fails_the_write_is_logged_and_numbering_moves_past_it(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="relayd.storage")
+
+    async def main() -> None:
+        store = await opened(tmp_path / "relay.db", commit_interval_ms=0)
+        first = msg("m1")
+        assert await store.enqueue(first, ROOMY) is QUEUED
+        await run_job(store, _plant(first.seq + 1, "planted"), write=True)
+        with pytest.raises(StorageUnavailable, match="numbering"):
+            await store.enqueue(msg("m2"), ROOMY)
+        assert "seq" in caplog.text and "already taken" in caplog.text
+        assert store.healthy, "one failed job, not a failing disk"
+        await run_job(store, _plant(first.seq + 10, "planted2"), write=True)
+        store._seqs.last = first.seq + 9  # behind again: a whole batch fails, none of it is stored
+        batch = [msg("m2"), msg("m3")]
+        with pytest.raises(StorageUnavailable):
+            await store.enqueue_many(batch, ROOMY)
+        assert [m.message_id for m in await store.pending("bob", 10)] == ["m1", "planted", "planted2"]
+        assert await store.enqueue_many(batch, ROOMY) == [QUEUED, QUEUED]
+        assert batch[0].seq > first.seq + 10
+        again = msg("m1")
+        assert await store.enqueue(again, ROOMY) is EnqueueResult.DUPLICATE and again.seq == first.seq
+        await store.close()
+    asyncio.run(main())
+
+
+def test_restore_renumbers_a_message_whose_seq_another_holds(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await opened(tmp_path / "relay.db")
+        sent = [msg(f"m{i}") for i in range(2)]
+        assert await store.enqueue_many(sent, ROOMY) == [QUEUED, QUEUED]
+        assert await store.remove("bob", [sent[0].seq]) == 1
+        stranger = msg("stranger", recipient="carol")
+        stranger.seq = sent[1].seq  # numbered elsewhere
+        far = msg("far", recipient="carol")
+        far.seq = sent[1].seq + 100
+        assert await store.restore([sent[0], stranger, far]) == 3
+        assert sent[0].seq == 1 and stranger.seq not in (sent[1].seq, far.seq)
+        assert [m.message_id for m in await store.pending("carol", 10)] == ["stranger", "far"]
+        assert [m.message_id for m in await store.pending("bob", 10)] == ["m0", "m1"]
+        later = msg("later")
+        assert await store.enqueue(later, ROOMY) is QUEUED and later.seq > far.seq
+        await store.close()
+    asyncio.run(main())
+
+
+def test_schema_4_database_learns_delivered_message_ids(tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    for version, statements in enumerate(MIGRATIONS[:4], 1):
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
+    conn.execute(_plant(7, "old"))
+    conn.execute("INSERT INTO queues (recipient, count, bytes, receipts) VALUES ('bob', 1, 1, 0)")
+    conn.close()
+
+    async def main() -> None:
+        store = await opened(db)
+        assert store.total() == 1
+        assert await store.ack("bob", ["old"]) == 1
+        assert await store.enqueue(msg("old", sender="MALLORY"), ROOMY) is EnqueueResult.DELIVERED
+        new = msg("new")
+        assert await store.enqueue(new, ROOMY) is QUEUED and new.seq == 8
+        await store.close()
+    asyncio.run(main())
+    assert read_stats(str(db))["schema_version"] == SCHEMA_VERSION == 5
+
+
+def test_enqueue_lookups_use_the_indexes(tmp_path: Path) -> None:
+    from relayd.storage.sqlite.queue import _PROBE, _STORED
+
+    async def plan(store: SQLiteStore, sql: str, *args: str) -> str:
+        for i, arg in enumerate(args, 1):
+            sql = sql.replace(f"?{i}", arg, 1) if f"?{i}" in sql else sql.replace("?", arg, 1)
+        return " | ".join(row[-1] for row in await run_job(store, "EXPLAIN QUERY PLAN " + sql))
+
+    async def main() -> None:
+        store = await opened(tmp_path / "relay.db")
+        probe = await plan(store, _PROBE.replace("?1", "'b'").replace("?2", "'m'").replace("?3", "'s'"))
+        assert "SEARCH delivered USING PRIMARY KEY" in probe and "SEARCH q USING PRIMARY KEY" in probe, probe
+        stored = await plan(store, _STORED, "'b'", "'m'", "'s'")
+        assert "SEARCH messages USING INDEX messages_ident" in stored, stored
+        await store.close()
+    asyncio.run(main())
+
+
+# One relayd per database
+
+def test_a_second_store_on_an_open_database_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+
+    async def main() -> None:
+        first = await opened(db)
+        assert await first.enqueue(msg("m1"), ROOMY) is QUEUED
+        reason = await open_fails_async(db)
+        assert "in use by another relayd" in reason and f"PID {os.getpid()}" in reason, reason
+        assert socket.gethostname() in reason and str(db) in reason
+        assert read_stats(str(db))["messages"] == 1, "read-only tools work beside it"
+        assert lock_path(db).read_text().startswith(f"pid {os.getpid()} host ")
+        await first.close()
+        assert not lock_path(db).exists(), "a clean close leaves only the database"
+        second = await opened(db)
+        assert [m.message_id for m in await second.pending("bob", 10)] == ["m1"]
+        await second.close()
+    asyncio.run(main())
+
+
+def test_a_lock_file_left_by_a_killed_relayd_is_reused(tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+    lock_path(db).write_text("pid 999999 host elsewhere since 0\n")
+
+    async def main() -> None:
+        store = await opened(db)
+        assert lock_path(db).read_text().startswith(f"pid {os.getpid()} ")
+        await store.close()
+    asyncio.run(main())
+
+
+def test_a_file_system_without_locks_starts_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    caplog.set_level(logging.WARNING, logger="relayd.storage")
+
+    async def main() -> None:
+        store = await opened(tmp_path / "relay.db")
+        assert await store.enqueue(msg("m"), ROOMY) is QUEUED
+        await store.close()
+    asyncio.run(main())
+    assert "no locks" in caplog.text and "only one" in caplog.text
+
+
+def test_an_open_that_fails_releases_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import relayd.storage.sqlite.store as store_module
+    db = tmp_path / "relay.db"
+
+    def broken(conn: sqlite3.Connection) -> None:
+        raise StoreOpenError("migration failed")
+
+    async def main() -> None:
+        with monkeypatch.context() as patch:
+            patch.setattr(store_module, "migrate", broken)
+            assert "migration failed" in await open_fails_async(db)
+        store = await opened(db)
+        await store.close()
+    asyncio.run(main())
+
+
 # Counters, expiry, backup, offline stats
 
 def test_total_stays_exact(tmp_path: Path) -> None:
@@ -486,8 +655,9 @@ def test_read_stats_is_read_only(tmp_path: Path) -> None:
 # The SQLite store behaves like the reference MemoryStore
 
 _RECIPIENTS = st.sampled_from(["bob", "carol", "dave"])
+_SENDERS = st.sampled_from(["alice", "Alice", "eve"])
 _OPS = st.one_of(
-    st.tuples(st.just("enqueue"), _RECIPIENTS, st.sampled_from(["alice", "eve"]),
+    st.tuples(st.just("enqueue"), _RECIPIENTS, _SENDERS,
               st.integers(0, 9), st.integers(0, 5), st.integers(0, 20),
               st.sampled_from([(3, 8, False), (3, 8, True), (100, 1000, False), (1, 5, True)])),
     st.tuples(st.just("pending"), _RECIPIENTS, st.integers(0, 4), st.integers(0, 3)),
@@ -497,6 +667,9 @@ _OPS = st.one_of(
     st.tuples(st.just("expire"), st.integers(0, 21)),
     st.tuples(st.just("receipt"), _RECIPIENTS, st.integers(0, 20)),
     st.tuples(st.just("take"), _RECIPIENTS, st.integers(0, 3)),
+    st.tuples(st.just("delivered"), _RECIPIENTS, _SENDERS, st.integers(0, 9), st.integers(0, 20)),
+    st.tuples(st.just("restore"), _RECIPIENTS, _SENDERS, st.integers(0, 9), st.integers(0, 20)),
+    st.tuples(st.just("shift"), st.integers(0, 21), st.integers(-5, 5)),
 )
 
 
@@ -522,12 +695,18 @@ async def _apply(store: Any, op: tuple[Any, ...]) -> Any:
         return await store.expire(op[1])
     if kind == "receipt":
         return await store.add_receipts([Receipt(op[1], "reader", f"r{op[2]}", op[2])], 10_000)
+    if kind in ("delivered", "restore"):
+        _, recipient, sender, n, when = op
+        m = QueuedMessage(recipient, sender, f"id{n}", "x", when, when)
+        return await (store.record_delivered([m]) if kind == "delivered" else store.restore([m]))
+    if kind == "shift":
+        return await store.shift_times(op[1], op[2])
     taken = await store.receipts(op[1], op[2])
     await store.remove_receipts(op[1], [r.seq for r in taken])
     return [(r.message_id, r.timestamp) for r in taken]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_OPS, max_size=25))
 def test_matches_memory_store(ops: list[tuple[Any, ...]]) -> None:
     async def main(path: str) -> None:

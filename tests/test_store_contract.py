@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from relayd.api.messages import message_view
-from relayd.storage.store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, Store
+from typing import Any
 
-QUEUED, DUPLICATE, FULL, NO_SPACE = (EnqueueResult.QUEUED, EnqueueResult.DUPLICATE, EnqueueResult.FULL,
-                                     EnqueueResult.NO_SPACE)
+import pytest
+
+from relayd.api.messages import message_view
+from relayd.storage.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, StorageUnavailable,
+                                  Store)
+
+QUEUED, DUPLICATE, DELIVERED, FULL, NO_SPACE = (EnqueueResult.QUEUED, EnqueueResult.DUPLICATE,
+                                                EnqueueResult.DELIVERED, EnqueueResult.FULL, EnqueueResult.NO_SPACE)
 ROOMY = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False)
 
 
@@ -32,6 +37,14 @@ async def ids(store: Store, recipient: str) -> list[str]:
     return [m.message_id for m in await store.pending(recipient, 10_000)]
 
 
+@pytest.fixture
+def redis_pending(store_backend: Any, request: pytest.FixtureRequest) -> None:
+    """Marks the Redis runs of a test of the delivered-messageId contract as expected to fail: the Redis backend
+    implements it on another branch. The lead removes this fixture when merging both."""
+    if store_backend.kind.startswith("redis"):
+        request.applymarker(pytest.mark.xfail(strict=False, reason="redis helper implements"))
+
+
 def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(store_backend):
     async def body(store: Store) -> None:
         sent = await enqueue_all(store, *(msg("bob", f"m{i}", f"text {i}", queued_at=1000 + i) for i in range(5)))
@@ -48,13 +61,13 @@ def test_enqueue_assigns_increasing_seqs_and_pending_keeps_order(store_backend):
     store_backend(body)
 
 
-def test_enqueue_many_is_enqueue_for_each_in_order(store_backend):
+def test_enqueue_many_is_enqueue_for_each_in_order(store_backend, redis_pending):
     async def body(store: Store) -> None:
         tight = QueueLimits(max_messages=2, max_bytes=1_000_000, drop_oldest=False)
         batch = [msg("bob", "m1"), msg("carol", "m2"), msg("bob", "m1"), msg("bob", "m3"), msg("bob", "m4")]
         assert await store.enqueue_many(batch, tight) == [QUEUED, QUEUED, DUPLICATE, QUEUED, FULL]
-        assert [m.seq > 0 for m in batch] == [True, True, False, True, False]
-        assert batch[0].seq < batch[1].seq < batch[3].seq
+        assert [m.seq > 0 for m in batch] == [True, True, True, True, False]
+        assert batch[0].seq < batch[1].seq < batch[3].seq and batch[2].seq == batch[0].seq
         assert await ids(store, "bob") == ["m1", "m3"] and await ids(store, "carol") == ["m2"]
         assert store.total() == 3
         assert await store.enqueue_many([], tight) == []
@@ -69,19 +82,20 @@ def test_queues_are_per_recipient(store_backend):
     store_backend(body)
 
 
-def test_duplicate_is_per_sender_recipient_and_message_id(store_backend):
+def test_duplicate_is_per_sender_recipient_and_message_id(store_backend, redis_pending):
     async def body(store: Store) -> None:
         first = msg("bob", "m1")
         assert await store.enqueue(first, ROOMY) is QUEUED
         again = msg("bob", "m1", "other text")
         assert await store.enqueue(again, ROOMY) is DUPLICATE
-        assert again.seq == 0
+        assert again.seq == first.seq, "DUPLICATE gives the stored message's seq"
         assert await store.enqueue(msg("carol", "m1"), ROOMY) is QUEUED
         assert await store.enqueue(msg("bob", "m1", sender="dave"), ROOMY) is QUEUED
         assert await store.size("bob") == 2
         assert await store.size("carol") == 1
+        assert [m.content for m in await store.pending("bob", 10)] == ["hello", "hello"]
         assert await store.ack("bob", ["m1"]) == 2
-        assert await store.enqueue(msg("bob", "m1"), ROOMY) is QUEUED
+        assert await store.enqueue(msg("bob", "m1"), ROOMY) is DELIVERED
     store_backend(body)
 
 
@@ -368,4 +382,152 @@ def test_shift_times_moves_what_was_stored_before_a_clock_step(store_backend):
         assert [r.timestamp for r in await store.receipts("bob", 10)] == [101_500]
         assert await store.expire(50_000) == 1
         assert await ids(store, "bob") == ["old"]
+    store_backend(body)
+
+
+# Delivered messageIds: a resend within the retention period is answered DELIVERED, not stored again
+
+
+def test_removed_or_acked_message_is_known_as_delivered_until_it_expires(store_backend, redis_pending):
+    async def body(store: Store) -> None:
+        first, second, third = await enqueue_all(store, msg("bob", "m1", queued_at=1000),
+                                                 msg("bob", "m2", queued_at=2000), msg("bob", "m3", queued_at=3000))
+        assert await store.remove("bob", [first.seq]) == 1
+        assert await store.ack("bob", ["m2"]) == 1
+        for mid in ("m1", "m2"):
+            again = msg("bob", mid, "resent")
+            assert await store.enqueue(again, ROOMY) is DELIVERED
+            assert again.seq == 0
+        assert await store.enqueue(msg("bob", "m1", sender="ALICE"), ROOMY) is DELIVERED  # sender: any case
+        assert await store.enqueue_many([msg("bob", "m2"), msg("bob", "m3")], ROOMY) == [DELIVERED, DUPLICATE]
+        assert await ids(store, "bob") == ["m3"]
+        assert store.total() == 1 and await store.size("bob") == 1
+        assert await store.enqueue(msg("carol", "m1", queued_at=9000), ROOMY) is QUEUED  # another recipient
+        assert await store.enqueue(msg("bob", "m1", sender="dave", queued_at=9000), ROOMY) is QUEUED  # another sender
+        assert await store.expire(1000) == 0
+        assert await store.enqueue(msg("bob", "m1"), ROOMY) is DELIVERED  # its queued_at is not before 1000
+        assert await store.expire(1001) == 0
+        assert await store.enqueue(msg("bob", "m1", "new", queued_at=9000), ROOMY) is QUEUED  # forgotten: new
+        assert await store.enqueue(msg("bob", "m2"), ROOMY) is DELIVERED
+        assert await store.expire(2001) == 0
+        assert await store.enqueue(msg("bob", "m2"), ROOMY) is QUEUED
+    store_backend(body)
+
+
+def test_cleared_expired_and_dropped_messages_are_not_delivered(store_backend, redis_pending):
+    async def body(store: Store) -> None:
+        await enqueue_all(store, msg("bob", "cleared"), msg("carol", "old", queued_at=10))
+        assert await store.clear("bob") == 1
+        assert await store.expire(11) == 1
+        dropping = QueueLimits(max_messages=1, max_bytes=1000, drop_oldest=True)
+        assert await store.enqueue(msg("dave", "dropped"), dropping) is QUEUED
+        assert await store.enqueue(msg("dave", "newer"), dropping) is QUEUED
+        assert await ids(store, "dave") == ["newer"]
+        assert await store.enqueue(msg("bob", "cleared"), ROOMY) is QUEUED
+        assert await store.enqueue(msg("carol", "old", queued_at=20), ROOMY) is QUEUED
+        assert await store.enqueue(msg("dave", "dropped"), ROOMY) is QUEUED
+    store_backend(body)
+
+
+def test_record_delivered_remembers_live_deliveries(store_backend, redis_pending):
+    async def body(store: Store) -> None:
+        await store.record_delivered([])
+        await store.record_delivered([msg("bob", "live1", queued_at=1000), msg("carol", "live2", sender="0xAbC",
+                                                                               queued_at=3000)])
+        assert await store.enqueue(msg("bob", "live1"), ROOMY) is DELIVERED
+        assert await store.enqueue_many([msg("carol", "live2", sender="0xabc"), msg("carol", "live3", queued_at=9000)],
+                                        ROOMY) == [DELIVERED, QUEUED]
+        assert await store.enqueue(msg("bob", "live2", sender="0xabc", queued_at=9000), ROOMY) is QUEUED
+        assert store.total() == 2
+        assert (await store.stats())["messages"] == 2
+        await store.record_delivered([msg("bob", "live1", queued_at=500)])  # recorded again, with an older time
+        assert await store.expire(2000) == 0
+        assert await store.enqueue(msg("bob", "live1"), ROOMY) is QUEUED
+        assert await store.enqueue(msg("carol", "live2", sender="0xabc"), ROOMY) is DELIVERED
+    store_backend(body)
+
+
+def test_a_message_known_as_delivered_twice_is_remembered_from_the_later_time(store_backend, redis_pending):
+    async def body(store: Store) -> None:
+        stored, = await enqueue_all(store, msg("bob", "m", queued_at=1000))
+        await store.record_delivered([msg("bob", "m", queued_at=5000)])  # delivered live by another instance
+        again = msg("bob", "m")
+        assert await store.enqueue(again, ROOMY) is DUPLICATE and again.seq == stored.seq  # stored comes first
+        assert await store.remove("bob", [stored.seq]) == 1
+        assert await store.expire(2000) == 0
+        assert await store.enqueue(msg("bob", "m"), ROOMY) is DELIVERED
+        assert await store.expire(5001) == 0
+        assert await store.enqueue(msg("bob", "m", queued_at=9000), ROOMY) is QUEUED
+    store_backend(body)
+
+
+def test_delivered_and_duplicate_take_no_room(store_backend, redis_pending):
+    async def body(store: Store) -> None:
+        await store.record_delivered([msg("bob", "seen")])
+        stored = msg("bob", "kept", "12345")
+        assert await store.enqueue(stored, ROOMY) is QUEUED
+        full = QueueLimits(max_messages=1, max_bytes=5, drop_oldest=False, max_total_bytes=5)
+        assert await store.enqueue(msg("bob", "seen", "12345"), full) is DELIVERED
+        again = msg("bob", "kept", "12345")
+        assert await store.enqueue(again, full) is DUPLICATE and again.seq == stored.seq
+        assert await store.enqueue(msg("bob", "other", "1"), full) is NO_SPACE
+        dropping = QueueLimits(max_messages=1, max_bytes=5, drop_oldest=True)
+        assert await store.enqueue(msg("bob", "seen", "x"), dropping) is DELIVERED
+        assert await ids(store, "bob") == ["kept"], "a resend of a delivered message dropped nothing"
+    store_backend(body)
+
+
+def test_restore_stores_a_delivered_message_again(store_backend, redis_pending):
+    async def body(store: Store) -> None:
+        sent = await enqueue_all(store, *bobs(3))
+        assert await store.remove("bob", [sent[0].seq, sent[1].seq]) == 2
+        live = msg("bob", "live")
+        await store.record_delivered([live])
+        assert await store.restore([sent[0], live]) == 2  # their deliveries did not happen after all
+        assert await ids(store, "bob") == ["m0", "m2", "live"]
+        assert await store.pending("bob", 1) == [sent[0]], "it keeps its seq"
+        assert await store.enqueue(msg("bob", "m0"), ROOMY) is DUPLICATE
+        assert await store.enqueue(msg("bob", "live"), ROOMY) is DUPLICATE
+        assert await store.enqueue(msg("bob", "m1"), ROOMY) is DELIVERED  # not restored: still delivered
+        assert await store.ack("bob", ["m0", "live"]) == 2
+        assert await store.enqueue_many([msg("bob", "m0"), msg("bob", "live")], ROOMY) == [DELIVERED, DELIVERED]
+        assert store.total() == 1
+    store_backend(body)
+
+
+def test_shift_times_moves_delivered_records_too(store_backend, redis_pending):
+    async def body(store: Store) -> None:
+        await store.record_delivered([msg("bob", "old", queued_at=1000), msg("bob", "new", queued_at=5000)])
+        assert await store.shift_times(2000, 100_000) == 1
+        assert await store.expire(50_000) == 0
+        assert await store.enqueue(msg("bob", "old"), ROOMY) is DELIVERED
+        assert await store.enqueue(msg("bob", "new"), ROOMY) is QUEUED
+    store_backend(body)
+
+
+# A numbering collision is an error, never a duplicate
+
+
+def next_seq_is(store: Any, kind: str, seq: int) -> None:
+    """Make the store number its next message ``seq`` (test-only access), as if something else had numbered
+    messages behind its back."""
+    if kind == "memory":
+        store._last_seq = seq - 1
+    elif kind == "sqlite":
+        store._seqs.last = seq - 1
+    else:
+        raise NotImplementedError(f"{kind}: set the recipient's message seq counter back")
+
+
+def test_a_numbering_collision_is_an_error_never_a_duplicate(store_backend, redis_pending):
+    async def body(store: Store) -> None:
+        first, second = await enqueue_all(store, msg("bob", "m1", "one"), msg("bob", "m2", "two"))
+        next_seq_is(store, store_backend.kind, first.seq)
+        with pytest.raises(StorageUnavailable):
+            await store.enqueue(msg("bob", "m3", "three"), ROOMY)
+        assert await store.pending("bob", 10) == [first, second], "nothing was overwritten"
+        assert [m.content for m in await store.pending("bob", 10)] == ["one", "two"]
+        assert store.total() == 2
+        again = msg("bob", "m2", "two")
+        assert await store.enqueue(again, ROOMY) is DUPLICATE and again.seq == second.seq
     store_backend(body)

@@ -1,17 +1,22 @@
 """The in-memory backend: the original relay's behaviour, lost on restart.
 
 For tests and throwaway relays. Same contract as the SQLite backend,
-including idempotent messageIds, per-recipient limits and the storage
-budget; acks are O(1) per id through an index by messageId.
+including idempotent messageIds (also of delivered messages, until they
+expire), per-recipient limits and the storage budget; acks are O(1) per id
+through an index by messageId.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
+import logging
 
 from ..frames import utf8_len
-from .store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt
+from .store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, StorageUnavailable
+
+log = logging.getLogger("relayd.storage")
 
 Ident = tuple[str, str, str]
 
@@ -29,18 +34,56 @@ class _Queue:
         self.bytes = 0
 
 
+class _Delivered:
+    """Idents of messages delivered, each until the ``queued_at`` it carries expires."""
+
+    __slots__ = ("since", "_order")
+
+    def __init__(self) -> None:
+        self.since: dict[Ident, int] = {}
+        self._order: list[tuple[int, Ident]] = []
+        """A heap by queued_at; entries of idents forgotten or recorded again meanwhile are skipped."""
+
+    def record(self, ident: Ident, queued_at: int) -> None:
+        when = max(queued_at, self.since.get(ident, queued_at))
+        self.since[ident] = when
+        heapq.heappush(self._order, (when, ident))
+
+    def forget(self, ident: Ident) -> None:
+        self.since.pop(ident, None)
+
+    def expire(self, before_ms: int) -> None:
+        order = self._order
+        while order and order[0][0] < before_ms:
+            when, ident = heapq.heappop(order)
+            if self.since.get(ident) == when:
+                del self.since[ident]
+
+    def shift(self, before_ms: int, delta_ms: int) -> int:
+        moved = 0
+        for ident, when in self.since.items():
+            if when < before_ms:
+                self.since[ident] = when + delta_ms
+                moved += 1
+        self._order = [(when, ident) for ident, when in self.since.items()]
+        heapq.heapify(self._order)
+        return moved
+
+
 class MemoryStore:
     name = "memory"
 
     def __init__(self) -> None:
         self._queues: dict[str, _Queue] = {}
-        self._ids: set[Ident] = set()
+        self._stored: dict[Ident, int] = {}
+        """The seq of every stored message, by (sender lower-cased, recipient, messageId)."""
+        self._delivered = _Delivered()
         self._receipts: dict[str, list[Receipt]] = {}
         self._keys: dict[str, KeyRecord] = {}
         self._floors: dict[str, int] = {}
         self._locked: set[str] = set()
         self._tokens: dict[str, tuple[str, int]] = {}
-        self._seq = itertools.count(1)
+        self._last_seq = 0
         self._total = 0
         self._bytes = 0
 
@@ -58,6 +101,10 @@ class MemoryStore:
     async def close(self) -> None:
         pass
 
+    def _next_seq(self) -> int:
+        self._last_seq += 1
+        return self._last_seq
+
     # Messages
 
     async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
@@ -67,8 +114,13 @@ class MemoryStore:
         return self._enqueue(msg, limits)
 
     def _enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
-        if _ident(msg) in self._ids:
+        ident = (msg.sender.lower(), msg.recipient, msg.message_id)
+        stored = self._stored.get(ident)
+        if stored is not None:
+            msg.seq = stored
             return EnqueueResult.DUPLICATE
+        if ident in self._delivered.since:
+            return EnqueueResult.DELIVERED
         size = utf8_len(msg.content)
         if limits.max_total_bytes and self._bytes + size > limits.max_total_bytes:
             return EnqueueResult.NO_SPACE
@@ -77,24 +129,31 @@ class MemoryStore:
         queue = self._queues.get(msg.recipient)
         if queue is None:
             queue = self._queues[msg.recipient] = _Queue()
+        elif (len(queue.messages) >= limits.max_messages or queue.bytes + size > limits.max_bytes) \
+                and not limits.drop_oldest:
+            return EnqueueResult.FULL
+        self._last_seq = seq = self._last_seq + 1
+        if seq in queue.messages:
+            self._last_seq = max(self._last_seq, *(max(q.messages, default=0) for q in self._queues.values()))
+            log.error("message seq %d is already taken: the write failed and new messages now start at seq %d",
+                      seq, self._last_seq + 1)
+            raise StorageUnavailable("message numbering collided with a stored message; nothing was written")
         while queue.messages and (len(queue.messages) >= limits.max_messages
                                   or queue.bytes + size > limits.max_bytes):
-            if not limits.drop_oldest:
-                return EnqueueResult.FULL
             self._drop(queue, next(iter(queue.messages)))
-        msg.seq = next(self._seq)
-        self._add(queue, msg, size)
+        msg.seq = seq
+        self._add(queue, msg, ident, size)
         return EnqueueResult.QUEUED
 
-    def _add(self, queue: _Queue, msg: QueuedMessage, size: int) -> None:
+    def _add(self, queue: _Queue, msg: QueuedMessage, ident: Ident, size: int) -> None:
         queue.messages[msg.seq] = msg
         queue.by_id.setdefault(msg.message_id, set()).add(msg.seq)
         queue.bytes += size
-        self._ids.add(_ident(msg))
+        self._stored[ident] = msg.seq
         self._total += 1
         self._bytes += size
 
-    def _drop(self, queue: _Queue, seq: int) -> None:
+    def _drop(self, queue: _Queue, seq: int, *, delivered: bool = False) -> None:
         msg = queue.messages.pop(seq)
         size = utf8_len(msg.content)
         queue.bytes -= size
@@ -102,7 +161,10 @@ class MemoryStore:
         same.discard(seq)
         if not same:
             del queue.by_id[msg.message_id]
-        self._ids.discard(_ident(msg))
+        ident = _ident(msg)
+        del self._stored[ident]
+        if delivered:
+            self._delivered.record(ident, msg.queued_at)
         self._total -= 1
         self._bytes -= size
 
@@ -110,21 +172,33 @@ class MemoryStore:
         restored = 0
         touched: set[str] = set()
         for msg in messages:
-            if _ident(msg) in self._ids:
+            ident = _ident(msg)
+            if ident in self._stored:
                 continue
+            self._delivered.forget(ident)
             queue = self._queues.get(msg.recipient)
             if queue is None:
                 queue = self._queues[msg.recipient] = _Queue()
             if msg.seq <= 0:
-                msg.seq = next(self._seq)
-            elif queue.messages and msg.seq < next(reversed(queue.messages)):
-                touched.add(msg.recipient)
-            self._add(queue, msg, utf8_len(msg.content))
+                msg.seq = self._next_seq()
+            elif msg.seq in queue.messages:
+                log.warning("a message put back had seq %d, which another message holds; it gets a new one",
+                            msg.seq)
+                msg.seq = self._next_seq()
+            else:
+                self._last_seq = max(self._last_seq, msg.seq)
+                if queue.messages and msg.seq < next(reversed(queue.messages)):
+                    touched.add(msg.recipient)
+            self._add(queue, msg, ident, utf8_len(msg.content))
             restored += 1
         for recipient in touched:  # an older seq came back: keep the queue in seq order
             queue = self._queues[recipient]
             queue.messages = dict(sorted(queue.messages.items()))
         return restored
+
+    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
+        for msg in messages:
+            self._delivered.record(_ident(msg), msg.queued_at)
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
@@ -134,7 +208,8 @@ class MemoryStore:
         found = list(itertools.islice((m for seq, m in queue.messages.items() if seq > after_seq), limit))
         if max_bytes is None:
             return found
-        page, total = [], 0
+        page: list[QueuedMessage] = []
+        total = 0
         for msg in found:
             if page and total >= max_bytes:
                 break
@@ -146,13 +221,16 @@ class MemoryStore:
         return None  # placeholder until the storage branches land
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
+        return self._remove(recipient, seqs, delivered=True)
+
+    def _remove(self, recipient: str, seqs: list[int], *, delivered: bool) -> int:
         queue = self._queues.get(recipient)
         if queue is None:
             return 0
         removed = 0
         for seq in seqs:
             if seq in queue.messages:
-                self._drop(queue, seq)
+                self._drop(queue, seq, delivered=delivered)
                 removed += 1
         if not queue.messages:
             del self._queues[recipient]
@@ -163,11 +241,11 @@ class MemoryStore:
         if queue is None:
             return 0
         seqs = [seq for mid in message_ids for seq in queue.by_id.get(mid, ())]
-        return await self.remove(recipient, seqs)
+        return self._remove(recipient, seqs, delivered=True)
 
     async def clear(self, recipient: str) -> int:
         queue = self._queues.get(recipient)
-        return await self.remove(recipient, list(queue.messages)) if queue else 0
+        return self._remove(recipient, list(queue.messages), delivered=False) if queue else 0
 
     async def size(self, recipient: str) -> int:
         queue = self._queues.get(recipient)
@@ -191,7 +269,8 @@ class MemoryStore:
         removed = 0
         for recipient, queue in list(self._queues.items()):
             old = [seq for seq, m in queue.messages.items() if m.queued_at < before_ms]
-            removed += await self.remove(recipient, old)
+            removed += self._remove(recipient, old, delivered=False)
+        self._delivered.expire(before_ms)
         for recipient, receipts in list(self._receipts.items()):
             kept = [r for r in receipts if r.timestamp >= before_ms]
             if kept:
@@ -215,12 +294,12 @@ class MemoryStore:
                 if receipt.timestamp < before_ms:
                     receipt.timestamp += delta_ms
                     moved += 1
-        return moved
+        return moved + self._delivered.shift(before_ms, delta_ms)
 
     async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
         dropped = 0
         for receipt in receipts:
-            receipt.seq = next(self._seq)
+            receipt.seq = self._next_seq()
             stored = self._receipts.setdefault(receipt.recipient, [])
             stored.append(receipt)
             if len(stored) > max_per_recipient:

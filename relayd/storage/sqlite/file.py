@@ -87,7 +87,7 @@ def inspect(path: Path) -> int | None:
             raise StoreOpenError(
                 f"{path} is a SQLite database of another application "
                 f"(application_id {app_id:#x}); refusing to touch it")
-        version = ro.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        version = int(ro.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
         _check_integrity(ro, path)
     except sqlite3.DatabaseError as exc:
         raise StoreOpenError(f"database {path} is unreadable or corrupt: {exc}") from exc

@@ -1,8 +1,8 @@
 """The key directory on SQLite: published keys (with a cache of recent lookups), floors, ownership locks, tokens.
 
-``SQLiteStore`` is a ``KeyDirectory``: these are its key and ownership
-methods, kept apart from the message queues. Every key write passes through
-this class, so the cache never goes stale.
+``SQLiteStore`` holds one ``KeyDirectory`` on its writer and hands it the
+key, ownership and token part of the ``Store`` contract. Every key write
+passes through this class, so the cache never goes stale.
 """
 
 from __future__ import annotations
@@ -12,18 +12,17 @@ import sqlite3
 import time
 from collections import OrderedDict
 
-from .queue import NONE, Delta, chunks, marks
-from .writer import SQLiteWriter
+from .queue import chunks, marks
+from .writer import NONE, Delta, SQLiteWriter
 from ..store import KeyRecord
 
 KEY_CACHE_SIZE = 4096
-_MISSING = object()
 _KEY_COLUMNS = ("address, public_key, created_at, updated_at, key_type, issued_at, "
                 "format, signature")
 
 
 class KeyDirectory:
-    """The key and ownership part of the ``Store`` contract, run as jobs of ``writer``."""
+    """The key, ownership and token part of the ``Store`` contract, run as jobs of ``writer``."""
 
     def __init__(self, writer: SQLiteWriter) -> None:
         self._writer = writer
@@ -32,10 +31,9 @@ class KeyDirectory:
     # Keys
 
     async def get_key(self, address: str) -> KeyRecord | None:
-        cached = self._key_cache.get(address, _MISSING)
-        if cached is not _MISSING:
+        if address in self._key_cache:
             self._key_cache.move_to_end(address)
-            return cached  # type: ignore[return-value]
+            return self._key_cache[address]
         return (await self.get_keys([address])).get(address)
 
     async def get_keys(self, addresses: list[str]) -> dict[str, KeyRecord]:
@@ -44,11 +42,10 @@ class KeyDirectory:
         found: dict[str, KeyRecord] = {}
         wanted = []
         for address in dict.fromkeys(addresses):
-            cached = self._key_cache.get(address, _MISSING)
-            if cached is _MISSING:
+            if address not in self._key_cache:
                 wanted.append(address)
-            elif cached is not None:
-                found[address] = cached  # type: ignore[assignment]
+            elif (cached := self._key_cache[address]) is not None:
+                found[address] = cached
         if not wanted:
             return found
 
@@ -79,7 +76,7 @@ class KeyDirectory:
 
         def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
             old = conn.execute("SELECT created_at FROM keys WHERE address = ?", (row[0],)).fetchone()
-            created_at = old[0] if old else row[2]
+            created_at = int(old[0]) if old else record.created_at
             conn.execute(f"INSERT OR REPLACE INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          (*row[:2], created_at, *row[3:]))
             if record.signed and record.issued_at is not None:
@@ -103,19 +100,20 @@ class KeyDirectory:
     async def key_floor(self, address: str) -> int | None:
         def job(conn: sqlite3.Connection) -> tuple[int | None, Delta]:
             row = conn.execute("SELECT issued_at FROM key_floors WHERE address = ?", (address,)).fetchone()
-            return (row[0] if row else None), NONE
+            return (int(row[0]) if row else None), NONE
         return await self._writer.submit(job, write=False)
 
     async def key_count(self) -> int:
-        return await self._writer.submit(lambda c: (c.execute("SELECT COUNT(*) FROM keys").fetchone()[0], NONE),
-                                         write=False)
+        def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
+            return int(conn.execute("SELECT COUNT(*) FROM keys").fetchone()[0]), NONE
+        return await self._writer.submit(job, write=False)
 
     # Ownership locks and tokens
 
     async def is_locked(self, address: str) -> bool:
-        return await self._writer.submit(lambda c: (c.execute("SELECT 1 FROM locks WHERE address = ?",
-                                                              (address,)).fetchone() is not None, NONE),
-                                         write=False)
+        def job(conn: sqlite3.Connection) -> tuple[bool, Delta]:
+            return conn.execute("SELECT 1 FROM locks WHERE address = ?", (address,)).fetchone() is not None, NONE
+        return await self._writer.submit(job, write=False)
 
     async def lock(self, address: str) -> None:
         stamp = int(time.time() * 1000)
@@ -138,5 +136,5 @@ class KeyDirectory:
         def job(conn: sqlite3.Connection) -> tuple[str | None, Delta]:
             row = conn.execute("SELECT address FROM tokens WHERE hash = ? AND expires_at > ?",
                                (token_hash, now_ms)).fetchone()
-            return (row[0] if row else None), NONE
+            return (str(row[0]) if row else None), NONE
         return await self._writer.submit(job, write=False)

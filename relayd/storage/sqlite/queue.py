@@ -1,32 +1,51 @@
-"""The offline queue's SQL, run on the writer thread: enqueue within the limits, deletes that keep counters exact.
+"""The offline queue's SQL, run on the writer thread: enqueue within the limits, deletes that keep counters exact,
+and the messageIds known as delivered.
 
 Every function takes the writer's connection inside its transaction and
 returns ``(value, Delta)``: the change to the store-wide message and byte
 totals, applied by the writer only if the transaction commits. Seqs come
-from ``SeqCounter``, so the insert needs no AUTOINCREMENT bookkeeping.
+from ``SeqCounter``, so the insert needs no AUTOINCREMENT bookkeeping. The
+insert finds a stored duplicate by the unique ``messages_ident`` index; a
+refused insert that is not the same message stored is a taken seq, an
+error, never mistaken for a duplicate.
+
+Senders are compared case-insensitively by SQLite's ``lower()`` on both
+sides, as the ``messages_ident`` index and the ``delivered`` table store them.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from ...frames import utf8_len
-from ..store import EnqueueResult, QueuedMessage, QueueLimits, Receipt
+from ..store import EnqueueResult, QueuedMessage, QueueLimits, Receipt, StorageUnavailable
+from .writer import NONE, Delta
+
+log = logging.getLogger("relayd.storage")
 
 IN_CHUNK = 500  # stays far below SQLite's bound-parameter limit on old builds
 DROP_CHUNK = 64
 EXPIRE_CHUNK = 1000
 
 T = TypeVar("T")
-Delta = tuple[int, int]
-"""(messages, content bytes) added to (or, negative, removed from) the store-wide totals."""
-NONE: Delta = (0, 0)
-_INSERT = ("INSERT OR IGNORE INTO messages (seq, recipient, sender, message_id, timestamp, queued_at, size, content) "
+_INSERT = ("INSERT INTO messages (seq, recipient, sender, message_id, timestamp, queued_at, size, content) "
            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _COUNT = ("INSERT INTO queues (recipient, count, bytes, receipts) VALUES (?, ?, ?, 0) "
           "ON CONFLICT (recipient) DO UPDATE SET count = count + excluded.count, bytes = bytes + excluded.bytes")
+_PROBE = ("SELECT EXISTS (SELECT 1 FROM delivered WHERE recipient = ?1 AND message_id = ?2 AND sender = lower(?3)), "
+          "q.count, q.bytes FROM (SELECT 1) LEFT JOIN queues q ON q.recipient = ?1")
+"""One statement for what an enqueue must know first: was the same message delivered, and the recipient's
+counters. Whether it is stored, the insert finds out (the ``messages_ident`` index refuses it)."""
+_STORED = "SELECT seq FROM messages WHERE recipient = ? AND message_id = ? AND lower(sender) = lower(?)"
+_FORGET_DELIVERED = "DELETE FROM delivered WHERE recipient = ? AND message_id = ? AND sender = lower(?)"
+_LATER_DELIVERY = ("ON CONFLICT (recipient, message_id, sender) DO UPDATE SET "
+                   "queued_at = max(queued_at, excluded.queued_at)")
+"""A message recorded as delivered twice is remembered from the later ``queued_at``."""
+_RECORD_DELIVERED = ("INSERT INTO delivered (recipient, message_id, sender, queued_at) VALUES (?, ?, lower(?), ?) "
+                     + _LATER_DELIVERY)
 
 
 class SeqCounter:
@@ -41,6 +60,14 @@ class SeqCounter:
         self.last += 1
         return self.last
 
+    def see(self, seq: int) -> None:
+        """A seq given back by ``restore``: never hand it out again."""
+        self.last = max(self.last, seq)
+
+    def resync(self, conn: sqlite3.Connection) -> None:
+        """Move past every stored seq (after a collision: something else numbered messages)."""
+        self.see(int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0]))
+
 
 def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
@@ -53,34 +80,57 @@ def marks(n: int) -> str:
 
 def enqueue_row(conn: sqlite3.Connection, msg: QueuedMessage, limits: QueueLimits, seqs: SeqCounter,
                 stored_bytes: int) -> tuple[tuple[EnqueueResult, int], Delta]:
-    """Insert ``msg`` within ``limits``: one counter read, the insert (the unique index finds duplicates)."""
+    """Insert ``msg`` within ``limits``: one probe (delivered? the counters), the insert, the counter update.
+
+    Returns ((result, seq), delta); the seq is the new one (QUEUED) or the stored one (DUPLICATE). A refusal
+    (DELIVERED, NO_SPACE, FULL) first looks for the same message stored, which is DUPLICATE instead.
+    """
+    delivered, count, used = conn.execute(_PROBE, (msg.recipient, msg.message_id, msg.sender)).fetchone()
     size = utf8_len(msg.content)
-    if limits.max_total_bytes and stored_bytes + size > limits.max_total_bytes:
-        if _is_stored(conn, msg):
-            return (EnqueueResult.DUPLICATE, 0), NONE
-        return (EnqueueResult.NO_SPACE, 0), NONE
-    if size > limits.max_bytes:
-        return (EnqueueResult.FULL, 0), NONE
-    counters = conn.execute("SELECT count, bytes FROM queues WHERE recipient = ?", (msg.recipient,)).fetchone()
-    count, used = counters or (0, 0)
-    if count >= limits.max_messages or used + size > limits.max_bytes:
-        if _is_stored(conn, msg):
-            return (EnqueueResult.DUPLICATE, 0), NONE
-        if not limits.drop_oldest:
-            return (EnqueueResult.FULL, 0), NONE
+    count, used = count or 0, used or 0
+    refusal = None
+    if delivered:
+        refusal = EnqueueResult.DELIVERED
+    elif limits.max_total_bytes and stored_bytes + size > limits.max_total_bytes:
+        refusal = EnqueueResult.NO_SPACE
+    elif size > limits.max_bytes or ((count >= limits.max_messages or used + size > limits.max_bytes)
+                                     and not limits.drop_oldest):
+        refusal = EnqueueResult.FULL
+    if refusal is not None:
+        stored = _stored_seq(conn, msg)
+        return ((refusal, 0) if stored is None else (EnqueueResult.DUPLICATE, stored)), NONE
     seq = seqs.take()
-    if conn.execute(_INSERT, (seq, msg.recipient, msg.sender, msg.message_id, msg.timestamp, msg.queued_at, size,
-                              msg.content)).rowcount == 0:
-        seqs.last -= 1
-        return (EnqueueResult.DUPLICATE, 0), NONE
+    stored = _insert(conn, msg, seq, size, seqs)
+    if stored is not None:
+        return (EnqueueResult.DUPLICATE, stored), NONE
     dropped, freed = _drop_oldest(conn, msg.recipient, count, used, size, limits) if count else (0, 0)
     conn.execute(_COUNT, (msg.recipient, 1 - dropped, size - freed))
     return (EnqueueResult.QUEUED, seq), (1 - dropped, size - freed)
 
 
-def _is_stored(conn: sqlite3.Connection, msg: QueuedMessage) -> bool:
-    return conn.execute("SELECT 1 FROM messages WHERE recipient = ? AND message_id = ? AND lower(sender) = ?",
-                        (msg.recipient, msg.message_id, msg.sender.lower())).fetchone() is not None
+def _stored_seq(conn: sqlite3.Connection, msg: QueuedMessage) -> int | None:
+    row = conn.execute(_STORED, (msg.recipient, msg.message_id, msg.sender)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _insert(conn: sqlite3.Connection, msg: QueuedMessage, seq: int, size: int, seqs: SeqCounter) -> int | None:
+    """Insert ``msg`` as ``seq``; returns None, or the seq of the same message when it is stored already.
+
+    A seq taken by another message means something else numbered messages in this file: the job fails with
+    StorageUnavailable (nothing of it is written) and the counter moves past every stored seq, so a retry works.
+    """
+    try:
+        conn.execute(_INSERT, (seq, msg.recipient, msg.sender, msg.message_id, msg.timestamp, msg.queued_at, size,
+                               msg.content))
+        return None
+    except sqlite3.IntegrityError as exc:
+        stored = _stored_seq(conn, msg)
+        if stored is not None:
+            return stored
+        seqs.resync(conn)
+        log.error("message seq %d is already taken (%s): something else numbered messages in this database; "
+                  "the write failed and new messages now start at seq %d", seq, exc, seqs.last + 1)
+        raise StorageUnavailable("message numbering collided with a stored message; nothing was written") from exc
 
 
 def _drop_oldest(conn: sqlite3.Connection, recipient: str, count: int, used: int, size: int,
@@ -104,29 +154,50 @@ def _drop_oldest(conn: sqlite3.Connection, recipient: str, count: int, used: int
 
 
 def restore_rows(conn: sqlite3.Connection, messages: list[QueuedMessage], seqs: SeqCounter) -> tuple[int, Delta]:
-    """Put messages back (their seq kept when they had one), past the per-queue caps; duplicates skipped."""
+    """Put messages back past the per-queue caps, each with its seq when it had one; those still stored are
+    skipped, those known as delivered are no longer (their delivery did not happen after all)."""
     restored = added = 0
     for msg in messages:
-        if msg.seq <= 0:
-            msg.seq = seqs.take()
+        seq = msg.seq
+        if seq <= 0:
+            seq = seqs.take()
+        elif conn.execute("SELECT 1 FROM messages WHERE seq = ?", (seq,)).fetchone() is not None:
+            if _stored_seq(conn, msg) is not None:
+                continue
+            log.warning("a message put back had seq %d, which another message holds; it gets a new one", seq)
+            seq = seqs.take()
+        else:
+            seqs.see(seq)
         size = utf8_len(msg.content)
-        if conn.execute(_INSERT, (msg.seq, msg.recipient, msg.sender, msg.message_id, msg.timestamp,
-                                  msg.queued_at, size, msg.content)).rowcount:
-            conn.execute(_COUNT, (msg.recipient, 1, size))
-            restored, added = restored + 1, added + size
+        if _insert(conn, msg, seq, size, seqs) is not None:
+            continue
+        msg.seq = seq
+        conn.execute(_FORGET_DELIVERED, (msg.recipient, msg.message_id, msg.sender))
+        conn.execute(_COUNT, (msg.recipient, 1, size))
+        restored, added = restored + 1, added + size
     return restored, (restored, added)
 
 
-def delete_where(conn: sqlite3.Connection, recipient: str, column: str, values: list[Any]) -> tuple[int, Delta]:
+def record_delivered_rows(conn: sqlite3.Connection, messages: list[QueuedMessage]) -> tuple[None, Delta]:
+    """Remember messages as delivered (a second record of one keeps the later ``queued_at``)."""
+    conn.executemany(_RECORD_DELIVERED, [(m.recipient, m.message_id, m.sender, m.queued_at) for m in messages])
+    return None, NONE
+
+
+def delete_where(conn: sqlite3.Connection, recipient: str, column: str,
+                 values: Sequence[int | str]) -> tuple[int, Delta]:
+    """Delete ``recipient``'s messages whose ``column`` is one of ``values``, as delivered."""
     rows: list[tuple[int, str, int]] = []
     for part in chunks(values):
         rows += conn.execute(f"SELECT seq, recipient, size FROM messages WHERE recipient = ? "
                              f"AND {column} IN ({marks(len(part))})", (recipient, *part)).fetchall()
-    return delete_rows(conn, rows)
+    return delete_rows(conn, rows, delivered=True)
 
 
-def delete_rows(conn: sqlite3.Connection, rows: list[tuple[int, str, int]]) -> tuple[int, Delta]:
-    """Delete messages given as (seq, recipient, size) and keep the counters exact."""
+def delete_rows(conn: sqlite3.Connection, rows: list[tuple[int, str, int]], *,
+                delivered: bool = False) -> tuple[int, Delta]:
+    """Delete messages given as (seq, recipient, size) and keep the counters exact; ``delivered``: remember
+    their (recipient, messageId, sender) as delivered."""
     per_recipient: dict[str, list[int]] = {}
     freed = 0
     for _, recipient, size in rows:
@@ -135,6 +206,10 @@ def delete_rows(conn: sqlite3.Connection, rows: list[tuple[int, str, int]]) -> t
         counts[1] += size
         freed += size
     for part in chunks([r[0] for r in rows]):
+        if delivered:
+            conn.execute(f"INSERT INTO delivered (recipient, message_id, sender, queued_at) "
+                         f"SELECT recipient, message_id, lower(sender), queued_at FROM messages "
+                         f"WHERE seq IN ({marks(len(part))}) {_LATER_DELIVERY}", part)
         conn.execute(f"DELETE FROM messages WHERE seq IN ({marks(len(part))})", part)
     for recipient, (count, size) in per_recipient.items():
         conn.execute("UPDATE queues SET count = count - ?, bytes = bytes - ? WHERE recipient = ?",
@@ -147,10 +222,11 @@ def _forget_empty_queue(conn: sqlite3.Connection, recipient: str) -> None:
     conn.execute("DELETE FROM queues WHERE recipient = ? AND count <= 0 AND receipts <= 0", (recipient,))
 
 
-def expire_chunk(conn: sqlite3.Connection, before_ms: int) -> tuple[tuple[int, int], Delta]:
-    """Delete up to a chunk of messages and of receipts older than ``before_ms``, and expired tokens.
+def expire_chunk(conn: sqlite3.Connection, before_ms: int) -> tuple[tuple[int, int, int], Delta]:
+    """Delete up to a chunk each of messages, receipts and delivered records older than ``before_ms``, and
+    expired tokens.
 
-    Returns ((messages, receipts) removed, delta).
+    Returns ((messages, receipts, delivered records) removed, delta).
     """
     old = conn.execute("SELECT seq, recipient, size FROM messages WHERE queued_at < ? ORDER BY queued_at LIMIT ?",
                        (before_ms, EXPIRE_CHUNK)).fetchall()
@@ -158,8 +234,21 @@ def expire_chunk(conn: sqlite3.Connection, before_ms: int) -> tuple[tuple[int, i
     gone = conn.execute("SELECT seq, recipient FROM receipts WHERE timestamp < ? ORDER BY timestamp LIMIT ?",
                         (before_ms, EXPIRE_CHUNK)).fetchall()
     _delete_receipts(conn, gone)
+    forgotten = conn.execute(
+        "DELETE FROM delivered WHERE (recipient, message_id, sender) IN (SELECT recipient, message_id, sender "
+        "FROM delivered WHERE queued_at < ? ORDER BY queued_at LIMIT ?)", (before_ms, EXPIRE_CHUNK)).rowcount
     conn.execute("DELETE FROM tokens WHERE expires_at <= ?", (before_ms,))
-    return (removed, len(gone)), delta
+    return (removed, len(gone), forgotten), delta
+
+
+def shift_rows(conn: sqlite3.Connection, before_ms: int, delta_ms: int) -> tuple[int, Delta]:
+    """Move the times of messages, receipts and delivered records older than ``before_ms`` by ``delta_ms``."""
+    moved = 0
+    for sql in ("UPDATE messages SET queued_at = queued_at + ? WHERE queued_at < ?",
+                "UPDATE receipts SET timestamp = timestamp + ? WHERE timestamp < ?",
+                "UPDATE delivered SET queued_at = queued_at + ? WHERE queued_at < ?"):
+        moved += conn.execute(sql, (delta_ms, before_ms)).rowcount
+    return moved, NONE
 
 
 def add_receipt_rows(conn: sqlite3.Connection, receipts: list[Receipt], cap: int) -> tuple[int, Delta]:

@@ -110,6 +110,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             expires_at INTEGER NOT NULL) WITHOUT ROWID""",
         "CREATE INDEX tokens_address ON tokens (address, expires_at)",
     ),
+    (   # messageIds stay known as delivered for the retention period, so a resend is answered "delivered" instead
+        # of being stored and delivered again; the sender is kept lower-cased (compared case-insensitively)
+        """CREATE TABLE delivered (
+            recipient TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            queued_at INTEGER NOT NULL,
+            PRIMARY KEY (recipient, message_id, sender)) WITHOUT ROWID""",
+        "CREATE INDEX delivered_queued_at ON delivered (queued_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,8 +1,10 @@
-"""The durable backend: one SQLite file in WAL mode, written by one thread.
+"""The durable backend: one SQLite file in WAL mode, written by one thread, owned by one relayd.
 
 Every operation becomes a job for ``SQLiteWriter``, whose futures resolve
 after COMMIT, so an awaited ``enqueue`` is on disk. Per-recipient counters
-live in their own table so limit checks never count a queue. See
+live in their own table so limit checks never count a queue. The message
+queue is here (its SQL in ``queue``); keys, locks and tokens are the
+``KeyDirectory``'s; ``OwnerLock`` keeps a second relayd off the file. See
 ``storage.store`` for the contract every method follows.
 """
 
@@ -12,27 +14,28 @@ import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from .file import count_stats, describe_error, inspect
 from .keys import KeyDirectory
+from .owner import OwnerLock
 from .queue import (
     EXPIRE_CHUNK,
-    NONE,
-    Delta,
     SeqCounter,
     add_receipt_rows,
     delete_rows,
     delete_where,
     enqueue_row,
     expire_chunk,
+    record_delivered_rows,
     remove_receipt_rows,
     restore_rows,
+    shift_rows,
 )
 from .schema import migrate
-from .writer import SQLiteWriter
+from .writer import NONE, Delta, SQLiteWriter
 from ..store import (
     EnqueueResult,
+    KeyRecord,
     QueuedMessage,
     QueueLimits,
     Receipt,
@@ -42,8 +45,9 @@ from ..store import (
 _SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
 _MESSAGE_COLUMNS = "seq, recipient, sender, message_id, content, timestamp, queued_at"
 
-class SQLiteStore(KeyDirectory):
-    """A ``Store`` in one SQLite file; see the module docstring for the threading model (keys: ``sqlite_keys``)."""
+
+class SQLiteStore:
+    """A ``Store`` in one SQLite file; see the module docstring for the threading model."""
 
     name = "sqlite"
 
@@ -54,7 +58,9 @@ class SQLiteStore(KeyDirectory):
         self.path = path
         self._synchronous = _SYNC_MODES[synchronous.lower()]
         self._busy_timeout_ms = int(busy_timeout_ms)
-        super().__init__(SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path))
+        self._owner = OwnerLock(Path(path))
+        self._writer = SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path)
+        self._keys = KeyDirectory(self._writer)
         self._seqs = SeqCounter(0)  # set from the database on the writer thread when it opens
 
     @property
@@ -82,9 +88,13 @@ class SQLiteStore(KeyDirectory):
 
     async def close(self) -> None:
         await self._writer.stop()
+        self._owner.release()
 
     def _connect(self) -> tuple[sqlite3.Connection, int, int]:
-        """Runs on the writer thread: check the file, open it in WAL mode, migrate, read the totals."""
+        """Runs on the writer thread: check the file, lock it, open it in WAL mode, migrate, read the totals.
+
+        The lock comes after the checks, so a file that is not relayd's is left without one beside it.
+        """
         path = Path(self.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +106,14 @@ class SQLiteStore(KeyDirectory):
                 raise StoreOpenError(f"database {path} is read-only: relayd needs to write "
                                      f"{'it' if place == path else f'its directory {place}'} (permissions, or a "
                                      "read-only file system)")
+        self._owner.acquire()
+        try:
+            return self._open_locked(path)
+        except BaseException:
+            self._owner.release()
+            raise
+
+    def _open_locked(self, path: Path) -> tuple[sqlite3.Connection, int, int]:
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=self._busy_timeout_ms / 1000)
         except sqlite3.Error as exc:
@@ -109,7 +127,8 @@ class SQLiteStore(KeyDirectory):
             migrate(conn)
             total, nbytes = conn.execute("SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) "
                                          "FROM queues").fetchone()
-            self._seqs = SeqCounter(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0])
+            self._seqs = SeqCounter(0)
+            self._seqs.resync(conn)
         except StoreOpenError:
             conn.close()
             raise
@@ -119,7 +138,7 @@ class SQLiteStore(KeyDirectory):
                 raise StoreOpenError(f"database {path} is read-only: relayd needs to write it "
                                      f"(check its permissions and those of {path.parent})") from exc
             raise StoreOpenError(f"cannot open database {path}: {describe_error(exc)}") from exc
-        return conn, total, nbytes
+        return conn, int(total), int(nbytes)
 
     # Messages
 
@@ -137,7 +156,7 @@ class SQLiteStore(KeyDirectory):
 
         results = await self._writer.submit(job, write=True)
         for msg, (result, seq) in zip(messages, results):
-            if result is EnqueueResult.QUEUED:
+            if result is EnqueueResult.QUEUED or result is EnqueueResult.DUPLICATE:
                 msg.seq = seq
         return [result for result, _ in results]
 
@@ -145,6 +164,10 @@ class SQLiteStore(KeyDirectory):
         if not messages:
             return 0
         return await self._writer.submit(lambda c: restore_rows(c, messages, self._seqs), write=True)
+
+    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
+        if messages:
+            await self._writer.submit(lambda c: record_delivered_rows(c, messages), write=True)
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
@@ -165,16 +188,15 @@ class SQLiteStore(KeyDirectory):
         return None  # placeholder until the storage branches land
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
-        return await self._delete(recipient, "seq", seqs)
+        return await self._delete(recipient, "seq", list(dict.fromkeys(seqs)))
 
     async def ack(self, recipient: str, message_ids: list[str]) -> int:
-        return await self._delete(recipient, "message_id", message_ids)
+        return await self._delete(recipient, "message_id", list(dict.fromkeys(message_ids)))
 
-    async def _delete(self, recipient: str, column: str, values: list[Any]) -> int:
+    async def _delete(self, recipient: str, column: str, values: list[int] | list[str]) -> int:
         if not values:
             return 0
-        wanted = list(dict.fromkeys(values))
-        return await self._writer.submit(lambda c: delete_where(c, recipient, column, wanted), write=True)
+        return await self._writer.submit(lambda c: delete_where(c, recipient, column, values), write=True)
 
     async def clear(self, recipient: str) -> int:
         def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
@@ -186,13 +208,13 @@ class SQLiteStore(KeyDirectory):
     async def size(self, recipient: str) -> int:
         def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
             row = conn.execute("SELECT count FROM queues WHERE recipient = ?", (recipient,)).fetchone()
-            return (row[0] if row else 0), NONE
+            return (int(row[0]) if row else 0), NONE
         return await self._writer.submit(job, write=False)
 
     async def backlog_size(self, recipient: str) -> tuple[int, int]:
         def job(conn: sqlite3.Connection) -> tuple[tuple[int, int], Delta]:
             row = conn.execute("SELECT count, receipts FROM queues WHERE recipient = ?", (recipient,)).fetchone()
-            return (row[0], row[1]) if row else (0, 0), NONE
+            return (int(row[0]), int(row[1])) if row else (0, 0), NONE
         return await self._writer.submit(job, write=False)
 
     def total(self) -> int:
@@ -202,25 +224,22 @@ class SQLiteStore(KeyDirectory):
         return self._writer.bytes
 
     async def stats(self) -> dict[str, int]:
-        return await self._writer.submit(lambda c: (count_stats(c), NONE), write=False)
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, int], Delta]:
+            return count_stats(conn), NONE
+        return await self._writer.submit(job, write=False)
 
     async def expire(self, before_ms: int) -> int:
-        """Delete old messages, receipts and tokens a chunk per transaction, so other jobs interleave."""
+        """Delete old messages, receipts, delivered records and tokens a chunk per transaction, so other jobs
+        interleave."""
         removed = 0
         while True:
-            messages, receipts = await self._writer.submit(lambda c: expire_chunk(c, before_ms), write=True)
-            removed += messages
-            if messages < EXPIRE_CHUNK and receipts < EXPIRE_CHUNK:
+            counts = await self._writer.submit(lambda c: expire_chunk(c, before_ms), write=True)
+            removed += counts[0]
+            if max(counts) < EXPIRE_CHUNK:
                 return removed
 
     async def shift_times(self, before_ms: int, delta_ms: int) -> int:
-        def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
-            moved = conn.execute("UPDATE messages SET queued_at = queued_at + ? WHERE queued_at < ?",
-                                 (delta_ms, before_ms)).rowcount
-            moved += conn.execute("UPDATE receipts SET timestamp = timestamp + ? WHERE timestamp < ?",
-                                  (delta_ms, before_ms)).rowcount
-            return moved, NONE
-        return await self._writer.submit(job, write=True)
+        return await self._writer.submit(lambda c: shift_rows(c, before_ms, delta_ms), write=True)
 
     async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
         if not receipts:
@@ -238,3 +257,35 @@ class SQLiteStore(KeyDirectory):
     async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
         wanted = list(dict.fromkeys(seqs))
         return await self._writer.submit(lambda c: remove_receipt_rows(c, recipient, wanted), write=True)
+
+    # Keys, ownership locks and tokens: the key directory's
+
+    async def get_key(self, address: str) -> KeyRecord | None:
+        return await self._keys.get_key(address)
+
+    async def get_keys(self, addresses: list[str]) -> dict[str, KeyRecord]:
+        return await self._keys.get_keys(addresses)
+
+    async def put_key(self, record: KeyRecord) -> KeyRecord:
+        return await self._keys.put_key(record)
+
+    async def delete_key(self, address: str) -> bool:
+        return await self._keys.delete_key(address)
+
+    async def key_floor(self, address: str) -> int | None:
+        return await self._keys.key_floor(address)
+
+    async def key_count(self) -> int:
+        return await self._keys.key_count()
+
+    async def is_locked(self, address: str) -> bool:
+        return await self._keys.is_locked(address)
+
+    async def lock(self, address: str) -> None:
+        await self._keys.lock(address)
+
+    async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
+        await self._keys.save_token(token_hash, address, expires_at_ms, max_per_address)
+
+    async def token_address(self, token_hash: str, now_ms: int) -> str | None:
+        return await self._keys.token_address(token_hash, now_ms)

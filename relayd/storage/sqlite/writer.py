@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .file import describe_error, is_storage_error
 from ..store import StorageUnavailable, StoreOpenError
@@ -26,7 +26,12 @@ log = logging.getLogger("relayd.storage")
 
 MAX_BATCH = 500
 
-JobFn = Callable[[sqlite3.Connection], tuple[Any, tuple[int, int]]]
+T = TypeVar("T")
+Delta = tuple[int, int]
+"""(messages, content bytes) added to (or, negative, removed from) the store-wide totals."""
+NONE: Delta = (0, 0)
+
+JobFn = Callable[[sqlite3.Connection], tuple[T, Delta]]
 """A job returns (value for the caller, change to the (messages, content bytes) totals)."""
 
 Connect = Callable[[], tuple[sqlite3.Connection, int, int]]
@@ -36,11 +41,14 @@ Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
 @dataclass(slots=True)
-class _Job:
-    fn: JobFn | None  # None: stop the thread
+class _Job(Generic[T]):
+    fn: JobFn[T] | None  # None: stop the thread
     write: bool
-    future: asyncio.Future[Any]
+    future: asyncio.Future[T]
     loop: asyncio.AbstractEventLoop
+
+
+_JobOutcome = tuple[_Job[Any], Any, BaseException | None]
 
 
 def _resolve(outcomes: list[Outcome]) -> None:
@@ -67,7 +75,7 @@ class SQLiteWriter:
         self._connect = connect
         self._interval = interval_s
         self._label = label
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job[Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self.running = False
@@ -90,7 +98,7 @@ class SQLiteWriter:
             await asyncio.to_thread(self._thread.join)
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
-        self._jobs = jobs = queue.SimpleQueue()
+        self._jobs = jobs = queue.SimpleQueue[_Job[Any]]()
         self._thread = thread = threading.Thread(target=self._run, args=(loop, ready, jobs),
                                                  name="relayd-sqlite", daemon=True)
         thread.start()
@@ -115,7 +123,7 @@ class SQLiteWriter:
         self._thread.join()
         self._thread = None
 
-    async def submit(self, fn: JobFn, *, write: bool) -> Any:
+    async def submit(self, fn: JobFn[T], *, write: bool) -> T:
         """Run ``fn(connection)`` on the writer thread; returns its value after COMMIT.
 
         Raises ``StorageUnavailable`` when the store is closed or the disk
@@ -125,16 +133,16 @@ class SQLiteWriter:
             raise StorageUnavailable("store is not open")
         return await self._put(fn, write=write)
 
-    async def _put(self, fn: JobFn | None, *, write: bool) -> Any:
+    async def _put(self, fn: JobFn[T] | None, *, write: bool) -> T:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[T] = loop.create_future()
         self._jobs.put(_Job(fn, write, future, loop))
         return await future
 
     # On the writer thread
 
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None],
-             jobs: queue.SimpleQueue[_Job]) -> None:
+             jobs: queue.SimpleQueue[_Job[Any]]) -> None:
         try:
             self._conn, self.total, self.bytes = self._connect()
         except BaseException as exc:
@@ -143,7 +151,7 @@ class SQLiteWriter:
             _call_soon(loop, _resolve, [(ready, None, exc)])
             return
         _call_soon(loop, _resolve, [(ready, None, None)])
-        carry: _Job | None = None
+        carry: _Job[Any] | None = None
         while True:
             batch, carry = self._collect(jobs, carry)
             if batch[0].fn is None:
@@ -156,7 +164,8 @@ class SQLiteWriter:
         self._close()
         self._post([(batch[0], None, None)])
 
-    def _collect(self, jobs: queue.SimpleQueue[_Job], carry: _Job | None) -> tuple[list[_Job], _Job | None]:
+    def _collect(self, jobs: queue.SimpleQueue[_Job[Any]],
+                 carry: _Job[Any] | None) -> tuple[list[_Job[Any]], _Job[Any] | None]:
         """Take every waiting job; while only writes are waiting, linger for more.
 
         The stop job ends the batch and is handed back to run next, alone.
@@ -184,11 +193,11 @@ class SQLiteWriter:
             linger = linger and job.write
         return batch, None
 
-    def _execute(self, batch: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+    def _execute(self, batch: list[_Job[Any]]) -> list[_JobOutcome]:
         conn = self._conn
         assert conn is not None
         writes = any(job.write for job in batch)
-        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        outcomes: list[_JobOutcome] = []
         messages = nbytes = 0
         started = time.perf_counter()
         try:
@@ -227,7 +236,7 @@ class SQLiteWriter:
             self.healthy, self.problem = True, None
         return outcomes
 
-    def _fail(self, batch: list[_Job], exc: BaseException) -> list[tuple[_Job, Any, BaseException | None]]:
+    def _fail(self, batch: list[_Job[Any]], exc: BaseException) -> list[_JobOutcome]:
         """Roll back and fail every job of the batch with StorageUnavailable."""
         conn = self._conn
         if conn is not None and conn.in_transaction:
@@ -242,7 +251,7 @@ class SQLiteWriter:
         self.healthy, self.problem = False, reason
         return [(job, None, StorageUnavailable(reason)) for job in batch]
 
-    def _post(self, outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
+    def _post(self, outcomes: list[_JobOutcome]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
         for job, value, exc in outcomes:
             by_loop.setdefault(job.loop, []).append((job.future, value, exc))
