@@ -217,9 +217,6 @@ class MemoryStore:
             total += utf8_len(msg.content)
         return page
 
-    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
-        return None  # placeholder until the storage branches land
-
     async def remove(self, recipient: str, seqs: list[int]) -> int:
         return self._remove(recipient, seqs, delivered=True)
 

@@ -106,7 +106,7 @@ class RedisRetention:
                 while True:
                     count, last = await self.core.recipient_write(scripts.SHIFT_TIMES, address, what, before_ms,
                                                                    delta_ms, after, self.expire_chunk)
-                    moved += int(count) if what != "d" else 0
+                    moved += int(count)
                     if not last:
                         break
                     after = last

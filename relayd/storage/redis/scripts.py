@@ -80,6 +80,13 @@ local function was_delivered(mid, lsender)
   return redis.call('ZSCORE', D, delivered_id(lsender, mid)) ~= false
 end
 
+-- Remembers a message as delivered from ``at`` (ms), or from a later time it is already remembered from.
+local function remember_delivered(lsender, mid, at)
+  local id = delivered_id(lsender, mid)
+  local known = redis.call('ZSCORE', D, id)
+  if not known or tonumber(known) < tonumber(at) then redis.call('ZADD', D, at, id) end
+end
+
 local function index(mid, sender, s)
   local raw = redis.call('HGET', I, mid)
   local list = raw and cjson.decode(raw) or {}
@@ -109,7 +116,7 @@ local function drop_message(s, delivered)
   redis.call('ZREM', T, s)
   unindex(meta[2], s)
   if delivered then
-    redis.call('ZADD', D, queued_at or fmt(meta[5]), delivered_id(string.lower(meta[1]), meta[2]))
+    remember_delivered(string.lower(meta[1]), meta[2], queued_at or fmt(meta[5]))
   end
   return meta[3]
 end
@@ -357,15 +364,13 @@ return {moved, last}
 """)
 
 # ARGV: who, then per message: sender, messageId, queued_at. Remembers messages delivered without being stored
-# as delivered (one still stored is left alone). Returns how many were recorded.
+# as delivered (a copy still stored answers 'duplicate' first, and is remembered from the later time once it
+# leaves as delivered). Returns how many were recorded.
 RECORD_DELIVERED = Script("record_delivered", _RECIPIENT_PRELUDE + r"""
 local recorded = 0
 for k = 2, #ARGV, 3 do
-  local lsender = string.lower(ARGV[k])
-  if not stored_as(ARGV[k + 1], lsender) then
-    redis.call('ZADD', D, ARGV[k + 2], delivered_id(lsender, ARGV[k + 1]))
-    recorded = recorded + 1
-  end
+  remember_delivered(string.lower(ARGV[k]), ARGV[k + 1], ARGV[k + 2])
+  recorded = recorded + 1
 end
 if recorded > 0 then
   local c0, b0 = counters()

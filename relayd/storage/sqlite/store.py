@@ -184,9 +184,6 @@ class SQLiteStore:
             return [QueuedMessage(r, s, m, c, t, q, seq) for seq, r, s, m, c, t, q in rows], NONE
         return await self._writer.submit(job, write=False)
 
-    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
-        return None  # placeholder until the storage branches land
-
     async def remove(self, recipient: str, seqs: list[int]) -> int:
         return await self._delete(recipient, "seq", list(dict.fromkeys(seqs)))
 
