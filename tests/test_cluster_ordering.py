@@ -5,6 +5,7 @@ answers the test gives when it chooses. No Redis, no sockets, no timing."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -91,8 +92,9 @@ class Instance:
         self.metrics = RelayMetrics()
         writes = AddressWrites()
         self.local = Delivery(self.config, self.routes, self.store, self.metrics, self.clock, writes)
-        self.refresh = Refresh(self.routes, self.routes.online_addresses, self.store, writes, self.metrics)
-        self.offers = Offers(self.routes, self.local, self.refresh, self.metrics, self.clock)
+        self.refresh = Refresh(self.routes, self.routes.online_addresses, self.store, writes, self.metrics,
+                               self.local.answers)
+        self.offers = Offers(self.routes, self.local, self.refresh, self.metrics, self.clock, max_offer_age_ms=500)
         self.peers = FakePeers(self.store)
         self.delivery = ClusterDelivery(self.config, self.local, self.peers, self.refresh, self.clock)
 
@@ -113,8 +115,11 @@ class Instance:
         await self.delivery.settle()
 
 
-def stored_msg(mid: str, sender: str = A, to: str = B) -> QueuedMessage:
-    return QueuedMessage(to, sender, mid, mid, 1, 1)
+def stored_msg(mid: str, sender: str = A, to: str = B, age_ms: int = 0,
+               clock: ManualClock | None = None) -> QueuedMessage:
+    """A message for ``to`` that reached its sender's instance ``age_ms`` ago (by ``clock``, else now)."""
+    now = int((clock.wall() if clock is not None else time.time()) * 1000)
+    return QueuedMessage(to, sender, mid, mid, now, now - age_ms)
 
 
 def received(conn: FakeConnection) -> list[str]:
@@ -169,7 +174,7 @@ def test_rule_2_the_hold_lapses_when_no_stored_message_follows():
         here.clock.advance(REFUSAL_HOLD_S - 0.1)
         assert here.offers.offered(stored_msg("m2"), stored=False, after=0)[0] == 0
         here.clock.advance(0.2)
-        assert here.offers.offered(stored_msg("m3"), stored=False, after=0)[0] == 1
+        assert here.offers.offered(stored_msg("m3", clock=here.clock), stored=False, after=0)[0] == 1
     run(scenario())
 
 
@@ -334,6 +339,33 @@ def test_rule_3_once_the_named_message_is_known_gone_offers_are_taken_live_again
         assert here.offers.offered(stored_msg("m2"), stored=False, after=m1.seq)[0] == 0
         await here.refresh.settle()
         here.clock.advance(REFUSAL_HOLD_S + 1)  # m2's fallback was refused elsewhere: the hold lapses
-        assert here.offers.offered(stored_msg("m3"), stored=False, after=m1.seq)[0] == 1
+        assert here.offers.offered(stored_msg("m3", clock=here.clock), stored=False, after=m1.seq)[0] == 1
         assert received(plain) == ["m3"]
+    run(scenario())
+
+
+def test_rule_4_the_stored_fallback_of_a_live_copy_taken_here_is_not_sent_again():
+    """The sender's instance gave up waiting for the answer to an offer that was taken here, and stored it."""
+    async def scenario() -> None:
+        here = Instance()
+        plain = here.session(B)
+        assert here.offers.offered(stored_msg("m1"), stored=False, after=0)[0] == 1
+        fallback = stored_msg("m1")
+        await here.store.enqueue(fallback, LIMITS)
+        here.refresh.refresh_all()
+        await here.refresh.settle()
+        assert here.offers.offered(fallback, stored=True, after=0) == (1, False)
+        await here.local.settle()
+        assert received(plain) == ["m1"]
+        assert await here.store.size(B) == 0
+    run(scenario())
+
+
+def test_rule_5_a_stale_unstored_offer_is_refused():
+    async def scenario() -> None:
+        here = Instance()
+        plain = here.session(B)
+        assert here.offers.offered(stored_msg("m1", age_ms=600), stored=False, after=0)[0] == 0
+        assert here.offers.offered(stored_msg("m2", sender=C, age_ms=100), stored=False, after=0)[0] == 1
+        assert received(plain) == ["m2"]
     run(scenario())

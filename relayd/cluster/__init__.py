@@ -82,13 +82,14 @@ class Cluster:
     def delivery(self, local: Delivery) -> ClusterDelivery:
         """The message path with peers, built on this instance's ``local`` one."""
         self.refresh = Refresh(self.presence, self.presence.local.online_addresses, self.store, self.writes,
-                               local.metrics)
+                               local.metrics, local.answers)
         return ClusterDelivery(self.config, local, self.peers, self.refresh, self.clock)
 
     def bind(self, router: Router, local: Delivery) -> None:
         """Connect what peers ask, and the events that may have lost a notice, to this instance's protocol."""
         assert self.refresh is not None, "delivery() first"
-        offers = Offers(self.presence, local, self.refresh, local.metrics, self.clock)
+        offers = Offers(self.presence, local, self.refresh, local.metrics, self.clock,
+                        max_offer_age_ms=self.config.cluster.reply_timeout_ms // 2)
         offers.on_stored = router.backlog.stored
         router.backlog.on_flushed = self.refresh.flushed
         self.peers.bind(_ThisInstance(router, local, offers, self.refresh))

@@ -301,8 +301,12 @@ class ClusterDelivery:
         await self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
                                 msg.message_id)
         try:
+            if not self.local.store.healthy:  # answer now rather than after another timeout
+                raise StorageUnavailable(self.local.store.problem or "storage is unavailable")
             result, where = await self.peers.enqueue(msg, self.local.limits)
         except StorageUnavailable as exc:
+            if silent:  # a peer that did not answer the offer in time may have taken it after all
+                raise RelayError(ErrorCode.STORAGE_TIMEOUT, message_id=msg.message_id) from None
             raise storage_error(exc, msg.message_id) from None
         refusal = refusal_of(result)
         if refusal is not None:

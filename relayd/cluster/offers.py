@@ -17,16 +17,23 @@ The ordering rules, each tested in ``tests/test_cluster_ordering.py``:
    sessions here (its hint may be lost), the offer is not pushed: an unstored
    one is refused (stored behind it), a stored one is left in the queue, and
    the queue is read again (``refresh``), which delivers both in seq order.
-4. A message delivered here counts as taken when offered again: unstored,
-   by its messageId (a resend through another instance); stored, by its seq
-   (a read of the queue here may have pushed it before its offer came).
+4. A message delivered here counts as taken when offered again: by its
+   messageId (a resend through another instance, or the stored fallback of
+   an unstored offer taken here whose answer came too late), and stored, by
+   its seq (a read of the queue here may have pushed it before its offer).
+5. A stale unstored offer is refused: one that arrives more than half of
+   ``[cluster] reply_timeout_ms`` after its message reached the sender's
+   instance (by the instances' wall clocks) may already count as not taken
+   there, and its sender may have sent later messages by other ways since.
+   Instances whose clocks disagree by more than that only lose the live path
+   between them (their messages go through storage).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..clock import Clock
+from ..clock import Clock, wall_ms
 from ..ops.metrics import RelayMetrics
 from ..protocol.delivery import Delivery
 from ..protocol.seams import Routes
@@ -43,8 +50,9 @@ class Offers:
     """Applies peers' offers to the sessions here (see the module docstring)."""
 
     def __init__(self, routes: Routes, local: Delivery, refresh: Refresh, metrics: RelayMetrics,
-                 clock: Clock) -> None:
+                 clock: Clock, *, max_offer_age_ms: int) -> None:
         self.routes = routes
+        self.max_offer_age_ms = max_offer_age_ms
         self.local = local
         self.refresh = refresh
         self.metrics = metrics
@@ -57,7 +65,9 @@ class Offers:
         """(sessions here that took it, whether one of them acks)."""
         ident = (msg.sender.lower(), msg.recipient, msg.message_id)
         pair = ident[0], ident[1]
-        if not stored and self.local.answers.get(ident) == "delivered":
+        if self.local.answers.get(ident) == "delivered":
+            if stored:
+                self.local.remove_soon(msg)  # its live copy was taken here
             return 1, False
         targets = self.routes.ready_sessions(msg.recipient)
         ack = any(s.ack for s in targets)
@@ -67,7 +77,7 @@ class Offers:
             refused = self._refused.get(pair)
             if refused is not None and self.clock.monotonic() - refused < REFUSAL_HOLD_S:
                 return 0, ack
-            if ack or not targets:
+            if ack or not targets or wall_ms(self.clock) - msg.queued_at > self.max_offer_age_ms:
                 return self._refuse(pair, ack)
         if stored and targets and self.refresh.caught_up(msg.recipient, msg.seq):
             return len(targets), ack  # a read of the queue here pushed it already

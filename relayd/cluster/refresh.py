@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from ..ops.metrics import RelayMetrics
 from ..protocol.backlog import FLUSH_BATCH, FLUSH_PAGE_BYTES
 from ..protocol.seams import Routes
+from ..protocol.senders import Answers
 from ..protocol.session import Session
 from ..protocol.writes import AddressWrites
 from ..frames import message_text
@@ -61,9 +62,11 @@ class Refresh:
     """Reads stored queues again for the ready sessions of this instance (see the module docstring)."""
 
     def __init__(self, routes: Routes, online: Callable[[], Iterable[str]], store: Store, writes: AddressWrites,
-                 metrics: RelayMetrics) -> None:
-        """``online``: the addresses with sessions here."""
+                 metrics: RelayMetrics, answers: Answers) -> None:
+        """``online``: the addresses with sessions here; ``answers``: what was answered to (and so delivered
+        live by) this instance, so a stored copy of a message its sessions took live is not sent again."""
         self.routes = routes
+        self.answers = answers
         self.online = online
         self.store = store
         self.writes = writes
@@ -175,7 +178,11 @@ class Refresh:
                 return
             removed: list[int] = []
             for msg in page:
-                if msg.seq not in state.pushed and self._push(targets, msg):
+                if msg.seq in state.pushed:
+                    continue
+                if self.answers.get((msg.sender.lower(), address, msg.message_id)) == "delivered":
+                    removed.append(msg.seq)  # the stored fallback of a live copy taken here
+                elif self._push(targets, msg):
                     state.pushed.add(msg.seq)
                     if not any(s.ack for s in targets):
                         removed.append(msg.seq)
