@@ -133,6 +133,14 @@ class History:
             for receipt in receipts:
                 receipt.acked_at = time.monotonic() if at is None else at
 
+    def ack_failed(self, sid: int, within_s: float = 5.0) -> None:
+        """The relay said an ack write of session ``sid`` failed: its recent acks are not confirmed after all."""
+        now = time.monotonic()
+        with self.lock:
+            for receipt in self.receipts:
+                if receipt.sid == sid and receipt.acked_at is not None and now - receipt.acked_at < within_s:
+                    receipt.acked_at = None
+
     def fault(self, name: str, at: float | None = None) -> Fault:
         with self.lock:
             self.faults.append(fault := Fault(name, time.monotonic() if at is None else at))

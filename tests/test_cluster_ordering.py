@@ -44,7 +44,8 @@ class FakePeers:
     async def lookup(self, address: str) -> PeerSessions:
         return self.where
 
-    async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int) -> Taken:
+    async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int,
+                    keep: bool = False) -> Taken:
         reply: asyncio.Future[Taken] = asyncio.get_running_loop().create_future()
         self.offers.append((msg.message_id, stored, after, reply))
         return await reply
@@ -368,4 +369,21 @@ def test_rule_5_a_stale_unstored_offer_is_refused():
         assert here.offers.offered(stored_msg("m1", age_ms=600), stored=False, after=0)[0] == 0
         assert here.offers.offered(stored_msg("m2", sender=C, age_ms=100), stored=False, after=0)[0] == 1
         assert received(plain) == ["m2"]
+    run(scenario())
+
+
+def test_a_stored_offer_taken_only_by_plain_sessions_here_is_removed_here_unless_kept():
+    """The instance that pushed it knows whether its bytes arrived (and puts it back if not); ``keep`` means an
+    ack session of the recipient takes it on another instance."""
+    async def scenario() -> None:
+        here = Instance()
+        plain = here.session(B)
+        m1, m2 = stored_msg("m1"), stored_msg("m2")
+        await here.store.enqueue(m1, LIMITS)
+        await here.store.enqueue(m2, LIMITS)
+        assert here.offers.offered(m1, stored=True, after=0, keep=False) == (1, False)
+        assert here.offers.offered(m2, stored=True, after=m1.seq, keep=True) == (1, False)
+        await here.local.settle()
+        assert received(plain) == ["m1", "m2"]
+        assert [m.message_id for m in await here.store.pending(B, 10)] == ["m2"]
     run(scenario())

@@ -42,8 +42,8 @@ class _ThisInstance:
         self.offers = offers
         self._refresh = refresh
 
-    def offered(self, msg: QueuedMessage, *, stored: bool, after: int) -> tuple[int, bool]:
-        return self.offers.offered(msg, stored=stored, after=after)
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int, keep: bool) -> tuple[int, bool]:
+        return self.offers.offered(msg, stored=stored, after=after, keep=keep)
 
     def forward_here(self, frame: dict[str, Any], to: str) -> int:
         return self.local.forward(frame, to)

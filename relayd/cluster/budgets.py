@@ -9,10 +9,9 @@ from collections.abc import Awaitable, Callable
 
 from ..clock import Clock
 from ..config import Config
-from ..errors import ErrorCode, RelayError
+from ..errors import RelayError
 from ..ops.metrics import RelayMetrics
 from ..protocol.budgets import NewQueueBudget, OfflineBytes, bytes_spent, spent
-from ..storage.store import StorageUnavailable
 
 Spend = Callable[[str, str, int], Awaitable[bool]]
 """``spend(key, recipient, budget)``: record ``recipient`` in a cluster-wide budget; False when it is spent."""
@@ -34,7 +33,7 @@ class ClusterBudget:
 
     async def spend(self, sender: str, ip: str, to: str, size: int, message_id: str) -> None:
         """Count a message of ``size`` bytes for offline ``to``; raises ``RATE_LIMITED`` (its message says which
-        budget), or ``STORAGE_UNAVAILABLE`` when Redis cannot say. Recipients already counted this hour here need
+        budget), or ``StorageUnavailable`` when Redis cannot say. Recipients already counted this hour here need
         no round trip."""
         now = self.clock.monotonic()
         try:
@@ -45,10 +44,7 @@ class ClusterBudget:
         spends = [(key, budget) for key, budget in self.local.budgets(sender, ip, now)
                   if not self.local.counted(key, to)]
         if spends:
-            try:  # together: one round trip
-                allowed = await asyncio.gather(*(self._spend(key, to, budget) for key, budget in spends))
-            except StorageUnavailable:
-                raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, message_id=message_id) from None
+            allowed = await asyncio.gather(*(self._spend(key, to, budget) for key, budget in spends))  # one trip
             if not all(allowed):
                 self.metrics.rate_limited.labels(limit="new_queues").inc()
                 raise spent(message_id)

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..clock import Clock
+from ..clock import Clock, wall_ms
 from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..frames import encode, utf8_len
@@ -55,6 +55,8 @@ class ClusterDelivery:
     """``seams.MessagePath`` across instances (see the module docstring)."""
 
     def __init__(self, config: Config, local: Delivery, peers: PeerLink, refresh: Refresh, clock: Clock) -> None:
+        self.answer_within_s = config.redis.socket_timeout_s
+        """Storing answers within this long of the message's arrival, even while Redis hangs."""
         self.local = local
         self.peers = peers
         self.refresh = refresh
@@ -298,16 +300,23 @@ class ClusterDelivery:
         storing is stored before later ones."""
         if barrier is not None and not barrier.done():
             await asyncio.wait([barrier])
-        await self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
-                                msg.message_id)
+        sent = False
         try:
-            if not self.local.store.healthy:  # answer now rather than after another timeout
-                raise StorageUnavailable(self.local.store.problem or "storage is unavailable")
-            result, where = await self.peers.enqueue(msg, self.local.limits)
-        except StorageUnavailable as exc:
-            if silent:  # a peer that did not answer the offer in time may have taken it after all
+            left = self.answer_within_s - (wall_ms(self.clock) - msg.queued_at) / 1000
+            if left <= 0 or not self.local.store.healthy:  # answer now rather than after another timeout
+                raise StorageUnavailable(self.local.store.problem or "storage is not answering in time")
+            async with asyncio.timeout(left):
+                await self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
+                                        msg.message_id)
+                sent = True
+                result, where = await self.peers.enqueue(msg, self.local.limits)
+        except (StorageUnavailable, TimeoutError) as exc:
+            if silent or (sent and not isinstance(exc, StorageUnavailable)):
+                # a peer that did not answer the offer may have taken it; a store cut short may have landed
                 raise RelayError(ErrorCode.STORAGE_TIMEOUT, message_id=msg.message_id) from None
-            raise storage_error(exc, msg.message_id) from None
+            if isinstance(exc, StorageUnavailable):
+                raise storage_error(exc, msg.message_id) from None
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, message_id=msg.message_id) from None
         refusal = refusal_of(result)
         if refusal is not None:
             raise RelayError(refusal.code, refusal.message, message_id=msg.message_id)
@@ -333,14 +342,15 @@ class ClusterDelivery:
             taken = self.local.push_stored(targets, msg)
             if taken:
                 self.refresh.pushed(msg.recipient, msg.seq)
+        keep = where.ack or any(s.ack for s in taken)
         far = Taken()
         if where.instances:
-            far = await self.peers.offer(where, msg, stored=True, after=after)
+            far = await self.peers.offer(where, msg, stored=True, after=after, keep=keep)
         if not taken and not far.count:
             self.metrics.queued.inc()
             self.local.on_stored(msg.recipient)
             return "queued"
         self.metrics.routed_live.inc()
-        if not any(s.ack for s in taken) and not far.ack and not where.ack:
+        if taken and not keep and not far.ack:  # a peer removes what only its plain sessions took
             self.local.remove_soon(msg)
         return "delivered"

@@ -61,8 +61,9 @@ class Offers:
         """Told the recipient of a stored offer no session here took (a session being prepared must flush)."""
         self._refused: dict[tuple[str, str], float] = {}
 
-    def offered(self, msg: QueuedMessage, *, stored: bool, after: int) -> tuple[int, bool]:
-        """(sessions here that took it, whether one of them acks)."""
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int, keep: bool = True) -> tuple[int, bool]:
+        """(sessions here that took it, whether one of them acks). ``keep``: a stored message stays stored when
+        only plain sessions here take it (an ack session takes it elsewhere)."""
         ident = (msg.sender.lower(), msg.recipient, msg.message_id)
         pair = ident[0], ident[1]
         if self.local.answers.get(ident) == "delivered":
@@ -97,6 +98,8 @@ class Offers:
         self.metrics.routed_live.inc()
         self.refresh.pushed(msg.recipient, msg.seq)
         self.local.answers.remember(ident, "delivered")
+        if not keep and not any(s.ack for s in sessions):
+            self.local.remove_soon(msg)  # here, where its bytes come back if they never reach the peer
         return len(sessions), any(s.ack for s in sessions)
 
     def _refuse(self, pair: tuple[str, str], ack: bool) -> tuple[int, bool]:

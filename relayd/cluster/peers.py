@@ -9,7 +9,8 @@ kinds from the bus, applied to this instance through ``ThisInstance``.
 Messages on the bus (JSON, ``k`` is the kind; ``to`` the address):
 ``offer``/``push`` a message (``m``: sender, messageId, content, timestamp,
 queued_at, seq; ``s``: stored; ``w``: the seq of the sender's previous
-stored message to that recipient, see ``offers``) with or without a reply
+stored message to that recipient, see ``offers``; ``keep``: an ack session
+takes it somewhere, so it stays stored) with or without a reply
 (``n`` sessions took it, ``a`` one of them acks); ``frame`` (``f``: a typing
 or read frame, a reply when asked); ``pull`` (stored messages may wait for
 the address: read its queue; ``since``: from that seq, ``seqs``: messages put
@@ -66,13 +67,17 @@ class PeerLink(Protocol):
         """Ask Redis, and keep the answer until the address's presence changes."""
         ...
 
-    async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int) -> Taken:
+    async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int,
+                    keep: bool = False) -> Taken:
         """Offer a message to the recipient's ready sessions on those peers and wait for their answers.
 
         ``stored``: the message is committed (``msg.seq`` set), so an ack
         session may take it. ``after``: the seq of the sender's previous
         stored message to the recipient (0: none known), which a peer must
-        have delivered before it takes this one (see ``offers``).
+        have delivered before it takes this one (see ``offers``). ``keep``:
+        an ack session of the recipient takes it somewhere, so a peer whose
+        plain sessions took a stored message leaves it stored (else it
+        removes it, as the one that knows whether their bytes arrived).
         """
         ...
 
@@ -114,7 +119,7 @@ class PeerLink(Protocol):
 class ThisInstance(Protocol):
     """What peers may ask of this instance (``relayd.cluster.Cluster`` wires it to the protocol's parts)."""
 
-    def offered(self, msg: QueuedMessage, *, stored: bool, after: int) -> tuple[int, bool]:
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int, keep: bool) -> tuple[int, bool]:
         """Push a message to its recipient's ready sessions here: (how many took it, whether one of them acks)."""
         ...
 
@@ -187,9 +192,11 @@ class ClusterPeers:
         except StorageUnavailable:
             return NO_PEER_SESSIONS
 
-    async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int) -> Taken:
+    async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int,
+                    keep: bool = False) -> Taken:
         replies, silent = await self.bus.request(where.instances, {
-            "k": "offer", "to": msg.recipient, "m": _pack(msg), "s": 1 if stored else 0, "w": after})
+            "k": "offer", "to": msg.recipient, "m": _pack(msg), "s": 1 if stored else 0, "w": after,
+            "keep": 1 if keep else 0})
         return self._taken(msg.recipient, replies, silent)
 
     def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, then: Callable[[Taken], None]) -> None:
@@ -269,7 +276,7 @@ class ClusterPeers:
             return
         if kind in ("offer", "push"):
             taken, ack = here.offered(_unpack(to, message["m"]), stored=bool(message.get("s")),
-                                      after=int(message.get("w", 0)))
+                                      after=int(message.get("w", 0)), keep=bool(message.get("keep", 1)))
             if kind == "offer":
                 self.bus.reply(message, {"n": taken, "a": 1 if ack else 0})
         elif kind == "frame":
