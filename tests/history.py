@@ -197,22 +197,42 @@ def _lost(h: History) -> list[Finding]:
 
 
 def _order(h: History) -> list[Finding]:
-    """Per session and sender, the send order of received messages never goes backwards (repeats skipped)."""
+    """Per session and sender, the send order of received messages never goes backwards (repeats skipped).
+
+    A message's place is that of its first attempt that may have taken effect: an attempt refused with
+    ``storage_unavailable`` stored nothing, so a resend after later messages is a later message."""
     findings = []
+    rank = _effective_order(h)
     highest: dict[tuple[int, str], tuple[int, str]] = {}
     seen: set[tuple[int, str, str]] = set()
     for r in sorted(h.receipts, key=lambda r: r.at):
-        send = h.sends.get((r.sender, h.sessions[r.sid].address, r.mid))
-        if send is None or (r.sid, r.sender, r.mid) in seen:
+        key = (r.sender, h.sessions[r.sid].address, r.mid)
+        if key not in h.sends or (r.sid, r.sender, r.mid) in seen:
             continue
         seen.add((r.sid, r.sender, r.mid))
+        place = rank[key]
         top = highest.get((r.sid, r.sender))
-        if top is not None and send.seq < top[0]:
-            findings.append(Finding("order", f"session {r.sid}: {r.mid} (#{send.seq}) from {r.sender[:8]} "
+        if top is not None and place < top[0]:
+            findings.append(Finding("order", f"session {r.sid}: {r.mid} (#{place}) from {r.sender[:8]} "
                                              f"after {top[1]} (#{top[0]})"))
         else:
-            highest[(r.sid, r.sender)] = (send.seq, r.mid)
+            highest[(r.sid, r.sender)] = (place, r.mid)
     return findings
+
+
+def _effective_order(h: History) -> dict[tuple[str, str, str], int]:
+    """Each message's place among its sender's messages to its recipient, by its first attempt that was not
+    refused outright (the first send when every attempt was)."""
+    by_pair: dict[tuple[str, str], list[tuple[float, int, tuple[str, str, str]]]] = {}
+    for key, send in h.sends.items():
+        took = [a.sent_at for a in send.attempts if a.answer != "error:storage_unavailable"]
+        first = min(took) if took else send.attempts[0].sent_at
+        by_pair.setdefault(key[:2], []).append((first, send.seq, key))
+    rank: dict[tuple[str, str, str], int] = {}
+    for entries in by_pair.values():
+        for place, (_, _, key) in enumerate(sorted(entries), 1):
+            rank[key] = place
+    return rank
 
 
 def _duplicates(h: History) -> list[Finding]:

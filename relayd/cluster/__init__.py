@@ -14,6 +14,7 @@ instances; ``scripts``: their Lua. ``Cluster`` builds them for the server.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable
 from typing import Any
 
 from ..clock import Clock
@@ -42,7 +43,8 @@ class _ThisInstance:
         self.offers = offers
         self._refresh = refresh
 
-    def offered(self, msg: QueuedMessage, *, stored: bool, after: int, keep: bool) -> tuple[int, bool]:
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int,
+                keep: bool) -> tuple[int, bool] | Awaitable[tuple[int, bool]]:
         return self.offers.offered(msg, stored=stored, after=after, keep=keep)
 
     def forward_here(self, frame: dict[str, Any], to: str) -> int:

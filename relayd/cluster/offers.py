@@ -15,8 +15,9 @@ The ordering rules, each tested in ``tests/test_cluster_ordering.py``:
 3. Watermark: every offer names the seq of the sender's previous stored
    message to the recipient (``after``). If that message has not reached the
    sessions here (its hint may be lost), the offer is not pushed: an unstored
-   one is refused (stored behind it), a stored one is left in the queue, and
-   the queue is read again (``refresh``), which delivers both in seq order.
+   one is refused (stored behind it), and for a stored one the queue is read
+   again first (``refresh``), which delivers both in seq order, and the
+   answer follows the read.
 4. A message delivered here counts as taken when offered again: by its
    messageId (a resend through another instance, or the stored fallback of
    an unstored offer taken here whose answer came too late), and stored, by
@@ -31,7 +32,7 @@ The ordering rules, each tested in ``tests/test_cluster_ordering.py``:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..clock import Clock, wall_ms
 from ..ops.metrics import RelayMetrics
@@ -61,9 +62,11 @@ class Offers:
         """Told the recipient of a stored offer no session here took (a session being prepared must flush)."""
         self._refused: dict[tuple[str, str], float] = {}
 
-    def offered(self, msg: QueuedMessage, *, stored: bool, after: int, keep: bool = True) -> tuple[int, bool]:
-        """(sessions here that took it, whether one of them acks). ``keep``: a stored message stays stored when
-        only plain sessions here take it (an ack session takes it elsewhere)."""
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int,
+                keep: bool = True) -> tuple[int, bool] | Awaitable[tuple[int, bool]]:
+        """(sessions here that took it, whether one of them acks), or an awaitable of it when the queue must be
+        read first (rule 3). ``keep``: a stored message stays stored when only plain sessions here take it (an
+        ack session takes it elsewhere)."""
         ident = (msg.sender.lower(), msg.recipient, msg.message_id)
         pair = ident[0], ident[1]
         if self.local.answers.get(ident) == "delivered":
@@ -83,8 +86,10 @@ class Offers:
         if stored and targets and self.refresh.caught_up(msg.recipient, msg.seq):
             return len(targets), ack  # a read of the queue here pushed it already
         if targets and not self.refresh.caught_up(msg.recipient, after):
+            if stored:  # read the queue first: it delivers the missing one and this one, in order
+                return self._after_read(msg, ident, after)
             self.refresh.request(msg.recipient, seen=after)
-            return (0, ack) if stored else self._refuse(pair, ack)
+            return self._refuse(pair, ack)
         if not stored:
             taken = self.local.push_live(targets, msg)
             if not taken:
@@ -101,6 +106,17 @@ class Offers:
         if not keep and not any(s.ack for s in sessions):
             self.local.remove_soon(msg)  # here, where its bytes come back if they never reach the peer
         return len(sessions), any(s.ack for s in sessions)
+
+    async def _after_read(self, msg: QueuedMessage, ident: tuple[str, str, str], after: int) -> tuple[int, bool]:
+        """A stored offer after a message that has not reached the sessions here: read the queue (bounded by
+        the store's deadline), which pushes both in seq order; taken if the read pushed it."""
+        await self.refresh.read(msg.recipient, seen=after)
+        targets = self.routes.ready_sessions(msg.recipient)
+        ack = any(s.ack for s in targets)
+        if targets and self.refresh.caught_up(msg.recipient, msg.seq):
+            self.local.answers.remember(ident, "delivered")
+            return len(targets), ack
+        return 0, ack
 
     def _refuse(self, pair: tuple[str, str], ack: bool) -> tuple[int, bool]:
         """Refuse an unstored offer, and the same sender's next unstored ones for this recipient (rule 2)."""

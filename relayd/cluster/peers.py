@@ -22,7 +22,7 @@ back); ``drain`` (reply once the address's closing sessions here are done);
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -119,8 +119,10 @@ class PeerLink(Protocol):
 class ThisInstance(Protocol):
     """What peers may ask of this instance (``relayd.cluster.Cluster`` wires it to the protocol's parts)."""
 
-    def offered(self, msg: QueuedMessage, *, stored: bool, after: int, keep: bool) -> tuple[int, bool]:
-        """Push a message to its recipient's ready sessions here: (how many took it, whether one of them acks)."""
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int,
+                keep: bool) -> tuple[int, bool] | Awaitable[tuple[int, bool]]:
+        """Push a message to its recipient's ready sessions here: (how many took it, whether one of them acks),
+        or an awaitable of that when the queue is read first."""
         ...
 
     def forward_here(self, frame: dict[str, Any], to: str) -> int:
@@ -275,10 +277,13 @@ class ClusterPeers:
         if here is None or not isinstance(to, str):
             return
         if kind in ("offer", "push"):
-            taken, ack = here.offered(_unpack(to, message["m"]), stored=bool(message.get("s")),
-                                      after=int(message.get("w", 0)), keep=bool(message.get("keep", 1)))
-            if kind == "offer":
-                self.bus.reply(message, {"n": taken, "a": 1 if ack else 0})
+            outcome = here.offered(_unpack(to, message["m"]), stored=bool(message.get("s")),
+                                   after=int(message.get("w", 0)), keep=bool(message.get("keep", 1)))
+            if isinstance(outcome, tuple):
+                if kind == "offer":
+                    self._reply_taken(message, outcome)
+            else:
+                self.tasks.spawn(self._taken_later(message, kind, outcome))
         elif kind == "frame":
             taken = here.forward_here(dict(message["f"]), to)
             self.bus.reply(message, {"n": taken})
@@ -290,6 +295,19 @@ class ClusterPeers:
             here.evict_here(to)
         elif kind == "key":
             here.key_uploaded_here(to)
+
+    def _reply_taken(self, message: Message, outcome: tuple[int, bool]) -> None:
+        taken, ack = outcome
+        self.bus.reply(message, {"n": taken, "a": 1 if ack else 0})
+
+    async def _taken_later(self, message: Message, kind: Any, outcome: Awaitable[tuple[int, bool]]) -> None:
+        try:
+            taken = await outcome
+        except Exception:
+            log.exception("an offer failed")
+            taken = (0, False)
+        if kind == "offer":
+            self._reply_taken(message, taken)
 
     async def _drain(self, here: ThisInstance, message: Message, address: str) -> None:
         try:

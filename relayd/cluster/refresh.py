@@ -45,7 +45,7 @@ PARALLEL_READS = 32
 class _Address:
     """What this instance knows of one address's stored queue (see the module docstring)."""
 
-    __slots__ = ("floor", "pushed", "running", "again", "seen")
+    __slots__ = ("floor", "pushed", "running", "again", "seen", "waiting", "next_waiting")
 
     def __init__(self) -> None:
         self.floor = 0
@@ -56,6 +56,10 @@ class _Address:
         self.seen = 0
         """The newest seq a request named as stored before it was made: a read that starts after the request
         finds it if it is still stored, so once the read is done the floor may rise to it."""
+        self.waiting: list[asyncio.Future[None]] = []
+        """Told when the read under way ends."""
+        self.next_waiting: list[asyncio.Future[None]] = []
+        """Told when the read after it ends (asked for while one ran)."""
 
 
 class Refresh:
@@ -121,10 +125,20 @@ class Refresh:
 
     # Reading
 
-    def request(self, address: str, since: int = -1, seqs: tuple[int, ...] = (), seen: int = 0) -> None:
+    async def read(self, address: str, seen: int = 0) -> None:
+        """``request``, and return once a read that began after the call has ended."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.request(address, seen=seen, done=done)
+        await done
+
+    def request(self, address: str, since: int = -1, seqs: tuple[int, ...] = (), seen: int = 0,
+                done: asyncio.Future[None] | None = None) -> None:
         """Read the address's queue for its ready sessions here (from ``since`` when >= 0, else the floor).
-        ``seen``: a seq the asker knows was stored before it asked (an offer's ``after``)."""
+        ``seen``: a seq the asker knows was stored before it asked (an offer's ``after``); ``done`` is resolved
+        when a read that began after this request has ended."""
         if not self.routes.ready_sessions(address):
+            if done is not None:
+                done.set_result(None)
             return
         state = self._of(address)
         state.seen = max(state.seen, seen)
@@ -133,8 +147,12 @@ class Refresh:
         start = state.floor if since < 0 else min(since, state.floor)
         if state.running:
             state.again = start if state.again is None else min(start, state.again)
+            if done is not None:
+                state.next_waiting.append(done)
             return
         state.running = True
+        if done is not None:
+            state.waiting.append(done)
         self.tasks.spawn(self._run(address, state, start))
 
     def refresh_all(self) -> None:
@@ -154,10 +172,15 @@ class Refresh:
                         log.warning("cannot read the queue of an open session: %s; read again on the next hint",
                                     exc)
                         return
+                _resolve(state.waiting)
+                state.waiting, state.next_waiting = state.next_waiting, []
                 if state.again is None:
                     return
                 start, state.again = state.again, None
         finally:
+            _resolve(state.waiting)
+            _resolve(state.next_waiting)
+            state.waiting, state.next_waiting = [], []
             state.running = False
             if not self.routes.sessions(address):
                 self._addresses.pop(address, None)
@@ -193,8 +216,16 @@ class Refresh:
 
     @staticmethod
     def _push(targets: tuple[Session, ...], msg: QueuedMessage) -> int:
-        data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=True)
+        """To open sessions, as a message stored while they are ready is pushed on one instance (``queued``
+        false: it is not their backlog)."""
+        data = message_text(msg.sender, msg.content, msg.message_id, msg.timestamp, queued=False)
         return sum(s.push(data, None if s.ack else msg) for s in targets)
 
     async def settle(self) -> None:
         await self.tasks.settle()
+
+
+def _resolve(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
