@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Config
@@ -110,7 +111,7 @@ class RelayServer:
         server = self.gateway.server
         return server is not None and server.is_serving() and not self._stopping
 
-    async def start(self, *, sock: Any = None, ssl_context: ssl.SSLContext | None = None) -> None:
+    async def start(self, *, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         """Open the store, then listen; raises ``StoreOpenError`` or ``OSError`` when either fails."""
         if hasattr(self.store, "commit_observer"):
             self.store.commit_observer = self.metrics.commit_latency.observe

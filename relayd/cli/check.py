@@ -6,10 +6,13 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..client.display import shown, terminal_line
 from .options import EXIT_FAILURE, EXIT_OK
+
+if TYPE_CHECKING:
+    from ..client import RelayClient
 
 
 class RelayCheck:
@@ -82,7 +85,7 @@ class RelayCheck:
         backend = storage.get("backend", "?") if isinstance(storage, dict) else "?"
         return f"status ok, version {shown(reply.get('version', '?'), 60)}, storage {shown(backend, 60)}"
 
-    async def sign_in(self, client: Any) -> str:
+    async def sign_in(self, client: RelayClient) -> str:
         result = await client.connect()
         if self.plain:
             return "plain sign-in accepted (unverified)"

@@ -41,7 +41,7 @@ from ..clock import Clock
 from ..protocol.presence import LocalPresence
 from ..protocol.session import Session
 from ..storage.redis.layout import slot_tag
-from ..storage.redis.records import Presence as Entries
+from ..storage.redis.records import PresenceEntries
 from ..storage.redis.store import RedisStore
 from ..storage.store import StorageUnavailable
 from ..protocol.writes import AddressWrites
@@ -67,7 +67,7 @@ class PeerSessions:
     ack: bool = False
 
 
-def entries(flat: Sequence[Any]) -> Entries:
+def entries(flat: Sequence[Any]) -> PresenceEntries:
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
 
 
@@ -92,7 +92,7 @@ class ClusterPresence:
         entries again): notices between instances may have been lost meanwhile."""
         self._kinds: dict[str, str] = {}
         self._unsynced: set[str] = set()
-        self._cache: OrderedDict[str, tuple[Entries, float, PeerSessions, frozenset[str]]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[PresenceEntries, float, PeerSessions, frozenset[str]]] = OrderedDict()
         self._lapsed: frozenset[str] = frozenset()
         self._beats: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -185,22 +185,22 @@ class ClusterPresence:
         self._fill(address, found)
         return self._peer_sessions(found)
 
-    def peer_sessions(self, found: Entries) -> PeerSessions:
+    def peer_sessions(self, found: PresenceEntries) -> PeerSessions:
         """The live instances other than this one in an address's entries."""
         return self._peer_sessions(found)
 
-    def fill(self, address: str, found: Entries) -> None:
+    def fill(self, address: str, found: PresenceEntries) -> None:
         """Cache entries read by a write that also watched the address for this instance."""
         self._fill(address, found)
 
     def invalidate(self, address: str) -> None:
         self._cache.pop(address, None)
 
-    def _peer_sessions(self, found: Entries) -> PeerSessions:
+    def _peer_sessions(self, found: PresenceEntries) -> PeerSessions:
         instances = tuple(i for i in found if i != self.instance and i not in self._lapsed)
         return PeerSessions(instances, any(found[i] == "a" for i in instances))
 
-    def _fill(self, address: str, found: Entries) -> None:
+    def _fill(self, address: str, found: PresenceEntries) -> None:
         self._cache[address] = (found, self.clock.monotonic() + CACHE_TTL_S, self._peer_sessions(found), self._lapsed)
         self._cache.move_to_end(address)
         if len(self._cache) > CACHE_SIZE:

@@ -16,7 +16,7 @@ from ..store import EnqueueResult, QueuedMessage, QueueLimits
 from . import scripts
 from .connection import Commands
 from .core import StoreCore
-from .records import Presence, by_recipient, chunks, decode_message, encode_message, pairs
+from .records import PresenceEntries, by_recipient, chunks, decode_message, encode_message, pairs
 
 ID_CHUNK = 1000          # seqs or messageIds per removal script
 RESTORE_CHUNK = 200      # messages per restore script
@@ -37,7 +37,7 @@ class RedisMessages:
         return [RESULTS[outcome] for outcome, _ in outcomes]
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits, ledger: str, ledger_ttl_ms: int,
-                      watcher: str = "", watch_ttl_ms: int = 0) -> tuple[str, Presence]:
+                      watcher: str = "", watch_ttl_ms: int = 0) -> tuple[str, PresenceEntries]:
         """The script's outcome (a key of ``RESULTS``, or ``migrated``) and the recipient's presence."""
         core = self.core
         size = utf8_len(msg.content)
@@ -53,10 +53,10 @@ class RedisMessages:
             core.apply_totals(msg.recipient, totals)
         return str(outcome), pairs(presence)
 
-    async def restore(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, Presence]]:
+    async def restore(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, PresenceEntries]]:
         core = self.core
         restored = 0
-        presence: dict[str, Presence] = {}
+        presence: dict[str, PresenceEntries] = {}
         for recipient, group in by_recipient(messages, lambda m: m.recipient).items():
             core.note_slot(core.layout.slot_of(recipient))
             for part in chunks(group, RESTORE_CHUNK):

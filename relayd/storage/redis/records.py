@@ -13,7 +13,7 @@ T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
 KEY_OPTIONAL = ("key_type", "issued_at", "format", "signature")
 
-Presence = dict[str, str]
+PresenceEntries = dict[str, str]
 """An address's presence as ``relayd.cluster`` records it: instance -> kind of its sessions there."""
 
 
@@ -26,7 +26,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def pairs(flat: Sequence[Any]) -> Presence:
+def pairs(flat: Sequence[Any]) -> PresenceEntries:
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
 
 

@@ -34,7 +34,7 @@ from .layout import Layout
 from .lifecycle import Durability, RedisLifecycle
 from .messages import RESULTS, RedisMessages
 from .receipts import RedisReceipts
-from .records import Presence
+from .records import PresenceEntries
 from .retention import RedisRetention
 
 EXPIRE_CHUNK = 1000      # messages (and receipts, delivered records, tokens) one expiry script removes at most
@@ -82,7 +82,7 @@ class RedisStore:
         return await self.core.slots()
 
     async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
-                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, Presence]:
+                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, PresenceEntries]:
         """``enqueue``, and the recipient's presence read in the same atomic step.
 
         An instance that registers a session for the recipient after this
@@ -94,7 +94,7 @@ class RedisStore:
         outcome, presence = await self.messages.enqueue(msg, limits, "", 0, watcher, watch_ttl_ms)
         return RESULTS[outcome], presence
 
-    async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, Presence]]:
+    async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, PresenceEntries]]:
         """``restore``, and each recipient's presence read in the same atomic step (see ``enqueue_routed``)."""
         return await self.messages.restore(messages)
 
