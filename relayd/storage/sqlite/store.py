@@ -167,7 +167,7 @@ class SQLiteStore:
 
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
         if messages:
-            await self._writer.submit(lambda c: record_delivered_rows(c, messages), write=True)
+            await self._writer.submit(lambda c: record_delivered_rows(c, messages), write=True, health=False)
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:

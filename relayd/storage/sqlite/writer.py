@@ -46,6 +46,8 @@ class _Job(Generic[T]):
     write: bool
     future: asyncio.Future[T]
     loop: asyncio.AbstractEventLoop
+    health: bool = True
+    """Whether this write's outcome says whether storage works (a best-effort record's does not)."""
 
 
 _JobOutcome = tuple[_Job[Any], Any, BaseException | None]
@@ -123,20 +125,23 @@ class SQLiteWriter:
         self._thread.join()
         self._thread = None
 
-    async def submit(self, fn: JobFn[T], *, write: bool) -> T:
+    async def submit(self, fn: JobFn[T], *, write: bool, health: bool = True) -> T:
         """Run ``fn(connection)`` on the writer thread; returns its value after COMMIT.
 
         Raises ``StorageUnavailable`` when the store is closed or the disk
-        refused the transaction, or whatever ``fn`` itself raised.
+        refused the transaction, or whatever ``fn`` itself raised. ``health``
+        False: a small best-effort write, whose success on a nearly full
+        disk must not report storage as recovered (nor its failure alone as
+        lost).
         """
         if not self.running:
             raise StorageUnavailable("store is not open")
-        return await self._put(fn, write=write)
+        return await self._put(fn, write=write, health=health)
 
-    async def _put(self, fn: JobFn[T] | None, *, write: bool) -> T:
+    async def _put(self, fn: JobFn[T] | None, *, write: bool, health: bool = True) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put(_Job(fn, write, future, loop))
+        self._jobs.put(_Job(fn, write, future, loop, health))
         return await future
 
     # On the writer thread
@@ -231,7 +236,7 @@ class SQLiteWriter:
             return self._fail(batch, exc)
         self.total += messages
         self.bytes += nbytes
-        if writes and not self.healthy:
+        if not self.healthy and any(job.write and job.health for job in batch):
             log.warning("storage recovered (was: %s)", self.problem)
             self.healthy, self.problem = True, None
         return outcomes
@@ -246,9 +251,10 @@ class SQLiteWriter:
                 pass
         reason = describe_error(exc) if isinstance(exc, sqlite3.Error) else \
             f"storage error: {type(exc).__name__}: {exc}"
-        if reason != self.problem:
-            log.error("storage unavailable: %s", reason)
-        self.healthy, self.problem = False, reason
+        if any(job.health for job in batch):
+            if reason != self.problem:
+                log.error("storage unavailable: %s", reason)
+            self.healthy, self.problem = False, reason
         return [(job, None, StorageUnavailable(reason)) for job in batch]
 
     def _post(self, outcomes: list[_JobOutcome]) -> None:
