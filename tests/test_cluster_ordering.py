@@ -94,7 +94,7 @@ class Instance:
         writes = AddressWrites()
         self.local = Delivery(self.config, self.routes, self.store, self.metrics, self.clock, writes)
         self.refresh = Refresh(self.routes, self.routes.online_addresses, self.store, writes, self.metrics,
-                               self.local.answers)
+                               self.local.answers, self.local.remove_delivered)
         self.offers = Offers(self.routes, self.local, self.refresh, self.metrics, self.clock, max_offer_age_ms=500)
         self.peers = FakePeers(self.store)
         self.delivery = ClusterDelivery(self.config, self.local, self.peers, self.refresh, self.clock)

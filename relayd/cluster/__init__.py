@@ -84,7 +84,7 @@ class Cluster:
     def delivery(self, local: Delivery) -> ClusterDelivery:
         """The message path with peers, built on this instance's ``local`` one."""
         self.refresh = Refresh(self.presence, self.presence.local.online_addresses, self.store, self.writes,
-                               local.metrics, local.answers)
+                               local.metrics, local.answers, local.remove_delivered)
         return ClusterDelivery(self.config, local, self.peers, self.refresh, self.clock)
 
     def bind(self, router: Router, local: Delivery) -> None:

@@ -66,10 +66,12 @@ class Refresh:
     """Reads stored queues again for the ready sessions of this instance (see the module docstring)."""
 
     def __init__(self, routes: Routes, online: Callable[[], Iterable[str]], store: Store, writes: AddressWrites,
-                 metrics: RelayMetrics, answers: Answers) -> None:
+                 metrics: RelayMetrics, answers: Answers, remove: Callable[[str, list[int]], None]) -> None:
         """``online``: the addresses with sessions here; ``answers``: what was answered to (and so delivered
-        live by) this instance, so a stored copy of a message its sessions took live is not sent again."""
+        live by) this instance, so a stored copy of a message its sessions took live is not sent again;
+        ``remove``: removes what plain sessions took (``Delivery.remove_delivered``)."""
         self.routes = routes
+        self.remove = remove
         self.answers = answers
         self.online = online
         self.store = store
@@ -212,7 +214,7 @@ class Refresh:
             after = page[-1].seq
             self.metrics.flushed.inc(len(removed))
             if removed:
-                await self.store.remove(address, removed)
+                self.remove(address, removed)
 
     @staticmethod
     def _push(targets: tuple[Session, ...], msg: QueuedMessage) -> int:

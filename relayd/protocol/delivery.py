@@ -53,6 +53,10 @@ from .writes import AddressWrites
 
 log = logging.getLogger("relayd.protocol.delivery")
 
+REMOVE_RETRIES = 30
+REMOVE_RETRY_S = 1.0
+"""A delivered message the store could not remove is tried again every second for half a minute."""
+
 
 @dataclass(slots=True)
 class _Storing:
@@ -97,6 +101,9 @@ class Delivery:
         self.answers = Answers()
         self.pipelines = Pipelines()
         self.tasks = TaskSet()
+        self.retries = TaskSet()
+        """Removals tried again while the store refuses them: not waited for by ``settle`` (a stop does not
+        wait for storage to come back)."""
         self.new_queues = NewQueueBudget(config, clock.monotonic())
         self.offline_bytes = OfflineBytes(config, clock.monotonic())
         self.receipts = Receipts(config, self.forward, store, metrics, clock, writes, self.tasks)
@@ -328,14 +335,31 @@ class Delivery:
 
     def remove_soon(self, msg: QueuedMessage) -> None:
         """Remove a stored message that only plain sessions took (it comes back if their bytes are lost)."""
-        task = self.tasks.spawn(self._remove_delivered(msg))
-        self.writes.note(msg.recipient, task)
+        self.remove_delivered(msg.recipient, [msg.seq])
 
-    async def _remove_delivered(self, msg: QueuedMessage) -> None:
+    def remove_delivered(self, recipient: str, seqs: list[int]) -> None:
+        """Remove stored messages that plain sessions took; a removal the store refused is tried again for a
+        while (else the recipient's next session would get them a second time)."""
+        task = self.tasks.spawn(self._remove_delivered(recipient, seqs))
+        self.writes.note(recipient, task)
+
+    async def _remove_delivered(self, recipient: str, seqs: list[int]) -> None:
         try:
-            await self.store.remove(msg.recipient, [msg.seq])
+            await self.store.remove(recipient, seqs)
         except StorageUnavailable as exc:
-            log.error("cannot remove a delivered message: %s", exc)
+            log.warning("cannot remove %d delivered messages yet (%s); trying again", len(seqs), exc)
+            self.retries.spawn(self._remove_later(recipient, seqs))
+
+    async def _remove_later(self, recipient: str, seqs: list[int]) -> None:
+        for _ in range(REMOVE_RETRIES):
+            await asyncio.sleep(REMOVE_RETRY_S)
+            try:
+                await self.store.remove(recipient, seqs)
+                return
+            except StorageUnavailable:
+                continue
+        log.error("could not remove %d delivered messages; the recipient's next session may get them again",
+                  len(seqs))
 
     def undelivered(self, session: Session, messages: list[QueuedMessage]) -> None:
         """A plain session's connection ended before these messages' bytes reached its peer: store them again."""
