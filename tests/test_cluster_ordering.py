@@ -388,3 +388,16 @@ def test_a_stored_offer_taken_only_by_plain_sessions_here_is_removed_here_unless
         assert received(plain) == ["m1", "m2"]
         assert [m.message_id for m in await here.store.pending(B, 10)] == ["m2"]
     run(scenario())
+
+
+def test_a_read_asked_for_while_one_runs_starts_where_that_one_ended():
+    """Two hints at once (a duplicate's and a resubscription's): an ack session gets the message once."""
+    async def scenario() -> None:
+        here = Instance()
+        acking = here.session(B, ack=True)
+        await here.store.enqueue(stored_msg("m1"), LIMITS)
+        here.refresh.request(B)
+        here.refresh.request(B)  # while the first read runs
+        await here.refresh.settle()
+        assert received(acking) == ["m1"]
+    run(scenario())

@@ -52,7 +52,7 @@ class _Address:
         self.pushed: set[int] = set()
         self.running = False
         self.again: int | None = None
-        """Another read was asked for while one ran: from this seq."""
+        """Another read was asked for while one ran: from this seq (-1: from the floor when it starts)."""
         self.seen = 0
         """The newest seq a request named as stored before it was made: a read that starts after the request
         finds it if it is still stored, so once the read is done the floor may rise to it."""
@@ -146,28 +146,30 @@ class Refresh:
         state.seen = max(state.seen, seen)
         if seqs:
             state.pushed.difference_update(seqs)
-        start = state.floor if since < 0 else min(since, state.floor)
         if state.running:
-            state.again = start if state.again is None else min(start, state.again)
+            state.again = since if state.again is None else _earliest(state.again, since)
             if done is not None:
                 state.next_waiting.append(done)
             return
         state.running = True
         if done is not None:
             state.waiting.append(done)
-        self.tasks.spawn(self._run(address, state, start))
+        self.tasks.spawn(self._run(address, state, since))
 
     def refresh_all(self) -> None:
         """Read the queue of every address with ready sessions here (notices may have been lost)."""
         for address in list(self.online()):
             self.request(address)
 
-    async def _run(self, address: str, state: _Address, start: int) -> None:
+    async def _run(self, address: str, state: _Address, since: int) -> None:
+        """Read until no further read was asked for; each starts at the floor as it is then (a read just done
+        raised it past what it pushed), or earlier at ``since``."""
         try:
             while True:
                 async with self._reads:
                     await self.writes.landed(address)
                     seen = state.seen
+                    start = state.floor if since < 0 else min(since, state.floor)
                     try:
                         await self._read(address, state, start, seen)
                     except StorageUnavailable as exc:
@@ -178,7 +180,7 @@ class Refresh:
                 state.waiting, state.next_waiting = state.next_waiting, []
                 if state.again is None:
                     return
-                start, state.again = state.again, None
+                since, state.again = state.again, None
         finally:
             _resolve(state.waiting)
             _resolve(state.next_waiting)
@@ -231,3 +233,12 @@ def _resolve(waiters: list[asyncio.Future[None]]) -> None:
     for waiter in waiters:
         if not waiter.done():
             waiter.set_result(None)
+
+
+def _earliest(a: int, b: int) -> int:
+    """Of two read starts (-1: the floor), the one that reads more."""
+    if a < 0:
+        return b
+    if b < 0:
+        return a
+    return min(a, b)
