@@ -225,7 +225,14 @@ class RelayConnection(HttpConnection):
         """Write every frame pushed so far in one write."""
         self._flush_scheduled = False
         pending = self._pending
-        if not pending or self.transport.is_closing():
+        if not pending:
+            return
+        if self.transport.is_closing() or self.protocol.state is not OPEN:
+            # The closing handshake began after these frames were pushed: no data frame may follow a close
+            # frame (nor the EOF websockets writes after it). Their messages were never written, so they come
+            # back through ``undelivered`` when the connection ends.
+            pending.clear()
+            self._pending_bytes = 0
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
