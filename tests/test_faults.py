@@ -378,31 +378,25 @@ def client_pause(w: Workload, h: History) -> None:
     h.heal(fault)
 
 
-def proxy_cut(w: Workload, h: History) -> None:
-    c = w.cluster
-    fault = h.fault("node0-redis link cut 1 s")
-    c.link.cut()
-    _hold(1.0)
-    c.link.heal()
+def _link_fault(w: Workload, h: History, name: str, start: Callable[[], None], seconds: float) -> None:
+    """One fault on node0's link to Redis (through the proxy), healed after ``seconds``."""
+    fault = h.fault(f"node0-redis link: {name} {seconds:g} s")
+    start()
+    _hold(seconds)
+    w.cluster.link.heal()
     h.heal(fault)
+
+
+def proxy_cut(w: Workload, h: History) -> None:
+    _link_fault(w, h, "cut", w.cluster.link.cut, 1.0)
 
 
 def stall_replies(w: Workload, h: History) -> None:
-    c = w.cluster
-    fault = h.fault("node0-redis link: replies stalled 1.5 s")
-    c.link.stall("server->client")
-    _hold(1.5)
-    c.link.heal()
-    h.heal(fault)
+    _link_fault(w, h, "replies stalled", lambda: w.cluster.link.stall("server->client"), 1.5)
 
 
 def stall_requests(w: Workload, h: History) -> None:
-    c = w.cluster
-    fault = h.fault("node0-redis link: requests stalled 1.5 s")
-    c.link.stall("client->server")
-    _hold(1.5)
-    c.link.heal()
-    h.heal(fault)
+    _link_fault(w, h, "requests stalled", lambda: w.cluster.link.stall("client->server"), 1.5)
 
 
 def rolling_restart(w: Workload, h: History) -> None:
