@@ -200,14 +200,17 @@ def _order(h: History) -> list[Finding]:
     """Per session and sender, the send order of received messages never goes backwards (repeats skipped).
 
     A message's place is that of its first attempt that may have taken effect: an attempt refused with
-    ``storage_unavailable`` stored nothing, so a resend after later messages is a later message."""
+    ``storage_unavailable`` stored nothing, so a resend after later messages is a later message. A message
+    whose first such attempt had an unknown outcome (``storage_timeout``, no answer, a lost connection) may take
+    effect at any time until it is answered, as an indeterminate operation does: it is not placed."""
     findings = []
     rank = _effective_order(h)
+    floating = {key for key, send in h.sends.items() if _indeterminate(send)}
     highest: dict[tuple[int, str], tuple[int, str]] = {}
     seen: set[tuple[int, str, str]] = set()
     for r in sorted(h.receipts, key=lambda r: r.at):
         key = (r.sender, h.sessions[r.sid].address, r.mid)
-        if key not in h.sends or (r.sid, r.sender, r.mid) in seen:
+        if key not in h.sends or key in floating or (r.sid, r.sender, r.mid) in seen:
             continue
         seen.add((r.sid, r.sender, r.mid))
         place = rank[key]
@@ -218,6 +221,12 @@ def _order(h: History) -> list[Finding]:
         else:
             highest[(r.sid, r.sender)] = (place, r.mid)
     return findings
+
+
+def _indeterminate(send: Send) -> bool:
+    """Whether the first attempt of ``send`` that was not refused outright has an unknown outcome."""
+    took = [a for a in send.attempts if a.answer != "error:storage_unavailable"]
+    return bool(took) and min(took, key=lambda a: a.sent_at).answer in UNKNOWN
 
 
 def _effective_order(h: History) -> dict[tuple[str, str, str], int]:
