@@ -53,9 +53,9 @@ from .writes import AddressWrites
 
 log = logging.getLogger("relayd.protocol.delivery")
 
-REMOVE_RETRIES = 30
-REMOVE_RETRY_S = 1.0
-"""A delivered message the store could not remove is tried again every second for half a minute."""
+REMOVE_RETRY_S = (0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+"""When a delivered message could not be removed, it is tried again after these pauses (about 7 s in all); the
+recipient's next backlog read waits for that, as for any pending write of its address."""
 
 
 @dataclass(slots=True)
@@ -348,11 +348,11 @@ class Delivery:
             await self.store.remove(recipient, seqs)
         except StorageUnavailable as exc:
             log.warning("cannot remove %d delivered messages yet (%s); trying again", len(seqs), exc)
-            self.retries.spawn(self._remove_later(recipient, seqs))
+            self.writes.note(recipient, self.retries.spawn(self._remove_later(recipient, seqs)))
 
     async def _remove_later(self, recipient: str, seqs: list[int]) -> None:
-        for _ in range(REMOVE_RETRIES):
-            await asyncio.sleep(REMOVE_RETRY_S)
+        for pause in REMOVE_RETRY_S:
+            await asyncio.sleep(pause)
             try:
                 await self.store.remove(recipient, seqs)
                 return
