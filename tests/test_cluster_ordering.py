@@ -50,7 +50,8 @@ class FakePeers:
         self.offers.append((msg.message_id, stored, after, reply))
         return await reply
 
-    def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, then: Callable[[Taken], None]) -> None:
+    def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, number: int,
+                   then: Callable[[Taken], None]) -> None:
         self.offers.append((msg.message_id, False, after, then))
 
     def answer(self, index: int, count: int) -> None:
@@ -363,7 +364,7 @@ def test_rule_4_the_stored_fallback_of_a_live_copy_taken_here_is_not_sent_again(
     run(scenario())
 
 
-def test_rule_5_a_stale_unstored_offer_is_refused():
+def test_rule_6_a_stale_unstored_offer_is_refused():
     async def scenario() -> None:
         here = Instance()
         plain = here.session(B)
@@ -400,4 +401,22 @@ def test_a_read_asked_for_while_one_runs_starts_where_that_one_ended():
         here.refresh.request(B)  # while the first read runs
         await here.refresh.settle()
         assert received(acking) == ["m1"]
+    run(scenario())
+
+
+def test_rule_5_an_offer_after_a_lost_one_is_refused_and_holds_the_pair_back():
+    """Offer 1 never arrived (the inbox was cut while it was published): offer 2 must not overtake it."""
+    async def scenario() -> None:
+        here = Instance()
+        plain = here.session(B)
+        assert here.offers.offered(stored_msg("m2"), stored=False, after=0, origin="peer#1", number=2)[0] == 0
+        assert here.offers.offered(stored_msg("m3"), stored=False, after=0, origin="peer#1", number=3)[0] == 0
+        m1 = stored_msg("m1")  # the lost offer's fallback, then the others', in order
+        await here.store.enqueue(m1, LIMITS)
+        assert here.offers.offered(m1, stored=True, after=0) == (1, False)
+        assert here.offers.offered(stored_msg("m4"), stored=False, after=m1.seq, origin="peer#1",
+                                   number=4)[0] == 1
+        assert here.offers.offered(stored_msg("x1", sender=C), stored=False, after=0, origin="peer#1",
+                                   number=1)[0] == 1
+        assert received(plain) == ["m1", "m4", "x1"]
     run(scenario())

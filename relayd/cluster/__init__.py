@@ -43,9 +43,9 @@ class _ThisInstance:
         self.offers = offers
         self._refresh = refresh
 
-    def offered(self, msg: QueuedMessage, *, stored: bool, after: int,
-                keep: bool) -> tuple[int, bool] | Awaitable[tuple[int, bool]]:
-        return self.offers.offered(msg, stored=stored, after=after, keep=keep)
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int, keep: bool,
+                origin: str = "", number: int = 0) -> tuple[int, bool] | Awaitable[tuple[int, bool]]:
+        return self.offers.offered(msg, stored=stored, after=after, keep=keep, origin=origin, number=number)
 
     def forward_here(self, frame: dict[str, Any], to: str) -> int:
         return self.local.forward(frame, to)

@@ -66,6 +66,7 @@ class ClusterDelivery:
         self.budget = ClusterBudget(config, clock, local.metrics, peers.spend)
         self.receipts = ClusterReceipts(local.receipts, peers, local.tasks)
         self._tails: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._offers: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     # The parts of MessagePath that are the local path's
 
@@ -151,6 +152,16 @@ class ClusterDelivery:
     def _tail(self, msg: QueuedMessage) -> int:
         """The seq of the sender's last message to this recipient stored from here (0: none known)."""
         return self._tails.get((msg.sender.lower(), msg.recipient), 0)
+
+    def _count_offer(self, msg: QueuedMessage) -> int:
+        """This instance's number for its next unstored offer of the (sender, recipient) pair (from 1)."""
+        key = (msg.sender.lower(), msg.recipient)
+        number = self._offers.get(key, 0) + 1
+        self._offers[key] = number
+        self._offers.move_to_end(key)
+        if len(self._offers) > MAX_TAILS:
+            self._offers.popitem(last=False)
+        return number
 
     def _stored(self, msg: QueuedMessage) -> None:
         key = (msg.sender.lower(), msg.recipient)
@@ -250,7 +261,7 @@ class ClusterDelivery:
                 answered.set_result(None)
             else:
                 self.local.tasks.spawn(_answer_after(session, answer, previous, answered))
-        self.peers.offer_soon(where, msg, self._tail(msg), done)
+        self.peers.offer_soon(where, msg, self._tail(msg), self._count_offer(msg), done)
         return None
 
     def _store(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:

@@ -22,7 +22,12 @@ The ordering rules, each tested in ``tests/test_cluster_ordering.py``:
    messageId (a resend through another instance, or the stored fallback of
    an unstored offer taken here whose answer came too late), and stored, by
    its seq (a read of the queue here may have pushed it before its offer).
-5. A stale unstored offer is refused: one that arrives more than half of
+5. A lost unstored offer holds the pair's later ones back: each sending
+   instance numbers its unstored offers per pair, and an offer whose number
+   does not follow the last one seen from that instance (one went missing
+   on the way: a cut inbox, a publish that reached nobody) is refused with a
+   hold, as in rule 2, so it is stored behind the missing one's fallback.
+6. A stale unstored offer is refused: one that arrives more than half of
    ``[cluster] reply_timeout_ms`` after its message reached the sender's
    instance (by the instances' wall clocks) may already count as not taken
    there, and its sender may have sent later messages by other ways since.
@@ -32,6 +37,7 @@ The ordering rules, each tested in ``tests/test_cluster_ordering.py``:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from ..clock import Clock, wall_ms
@@ -61,9 +67,10 @@ class Offers:
         self.on_stored: Callable[[str], None] = lambda recipient: None
         """Told the recipient of a stored offer no session here took (a session being prepared must flush)."""
         self._refused: dict[tuple[str, str], float] = {}
+        self._numbers: OrderedDict[tuple[str, str, str], int] = OrderedDict()
 
-    def offered(self, msg: QueuedMessage, *, stored: bool, after: int,
-                keep: bool = True) -> tuple[int, bool] | Awaitable[tuple[int, bool]]:
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int, keep: bool = True, origin: str = "",
+                number: int = 0) -> tuple[int, bool] | Awaitable[tuple[int, bool]]:
         """(sessions here that took it, whether one of them acks), or an awaitable of it when the queue must be
         read first (rule 3). ``keep``: a stored message stays stored when only plain sessions here take it (an
         ack session takes it elsewhere)."""
@@ -78,9 +85,10 @@ class Offers:
         if stored:
             self._refused.pop(pair, None)
         else:
+            gap = number > 0 and not self._follows(origin, pair, number)
             refused = self._refused.get(pair)
-            if refused is not None and self.clock.monotonic() - refused < REFUSAL_HOLD_S:
-                return 0, ack
+            if gap or (refused is not None and self.clock.monotonic() - refused < REFUSAL_HOLD_S):
+                return self._refuse(pair, ack) if gap else (0, ack)
             if ack or not targets or wall_ms(self.clock) - msg.queued_at > self.max_offer_age_ms:
                 return self._refuse(pair, ack)
         if stored and targets and self.refresh.caught_up(msg.recipient, msg.seq):
@@ -117,6 +125,16 @@ class Offers:
             self.local.answers.remember(ident, "delivered")
             return len(targets), ack
         return 0, ack
+
+    def _follows(self, origin: str, pair: tuple[str, str], number: int) -> bool:
+        """Record unstored offer ``number`` of ``pair`` from ``origin``; whether it follows the last one seen
+        (none seen: only the first does, since an earlier one may have been lost)."""
+        key = (origin, pair[0], pair[1])
+        last = self._numbers.pop(key, 0)
+        self._numbers[key] = number
+        if len(self._numbers) > RECENT_REFUSALS:
+            self._numbers.popitem(last=False)
+        return number == last + 1
 
     def _refuse(self, pair: tuple[str, str], ack: bool) -> tuple[int, bool]:
         """Refuse an unstored offer, and the same sender's next unstored ones for this recipient (rule 2)."""

@@ -8,7 +8,8 @@ kinds from the bus, applied to this instance through ``ThisInstance``.
 
 Messages on the bus (JSON, ``k`` is the kind; ``to`` the address):
 ``offer``/``push`` a message (``m``: sender, messageId, content, timestamp,
-queued_at, seq; ``s``: stored; ``w``: the seq of the sender's previous
+queued_at, seq; ``s``: stored; ``o``: the sending instance's count of
+unstored offers for the pair; ``w``: the seq of the sender's previous
 stored message to that recipient, see ``offers``; ``keep``: an ack session
 takes it somewhere, so it stays stored) with or without a reply
 (``n`` sessions took it, ``a`` one of them acks); ``frame`` (``f``: a typing
@@ -81,9 +82,11 @@ class PeerLink(Protocol):
         """
         ...
 
-    def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, then: Callable[[Taken], None]) -> None:
+    def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, number: int,
+                   then: Callable[[Taken], None]) -> None:
         """``offer`` of an unstored message without a coroutine: ``then`` gets the outcome from the event loop
-        within ``[cluster] reply_timeout_ms`` (the live path's cheap form)."""
+        within ``[cluster] reply_timeout_ms`` (the live path's cheap form). ``number``: this instance's count
+        of unstored offers for the (sender, recipient) pair, so a peer sees when one was lost (``offers``)."""
         ...
 
     def push(self, where: PeerSessions, msg: QueuedMessage) -> None:
@@ -119,8 +122,8 @@ class PeerLink(Protocol):
 class ThisInstance(Protocol):
     """What peers may ask of this instance (``relayd.cluster.Cluster`` wires it to the protocol's parts)."""
 
-    def offered(self, msg: QueuedMessage, *, stored: bool, after: int,
-                keep: bool) -> tuple[int, bool] | Awaitable[tuple[int, bool]]:
+    def offered(self, msg: QueuedMessage, *, stored: bool, after: int, keep: bool,
+                origin: str = "", number: int = 0) -> tuple[int, bool] | Awaitable[tuple[int, bool]]:
         """Push a message to its recipient's ready sessions here: (how many took it, whether one of them acks),
         or an awaitable of that when the queue is read first."""
         ...
@@ -201,8 +204,10 @@ class ClusterPeers:
             "keep": 1 if keep else 0})
         return self._taken(msg.recipient, replies, silent)
 
-    def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, then: Callable[[Taken], None]) -> None:
-        self.bus.ask(where.instances, {"k": "offer", "to": msg.recipient, "m": _pack(msg), "s": 0, "w": after},
+    def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, number: int,
+                   then: Callable[[Taken], None]) -> None:
+        self.bus.ask(where.instances, {"k": "offer", "to": msg.recipient, "m": _pack(msg), "s": 0, "w": after,
+                                       "o": number},
                      lambda replies, silent: then(self._taken(msg.recipient, replies, silent)))
 
     def push(self, where: PeerSessions, msg: QueuedMessage) -> None:
@@ -278,7 +283,8 @@ class ClusterPeers:
             return
         if kind in ("offer", "push"):
             outcome = here.offered(_unpack(to, message["m"]), stored=bool(message.get("s")),
-                                   after=int(message.get("w", 0)), keep=bool(message.get("keep", 1)))
+                                   after=int(message.get("w", 0)), keep=bool(message.get("keep", 1)),
+                                   origin=str(message.get("from", "")), number=int(message.get("o", 0)))
             if isinstance(outcome, tuple):
                 if kind == "offer":
                     self._reply_taken(message, outcome)
