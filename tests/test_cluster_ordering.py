@@ -420,3 +420,19 @@ def test_rule_5_an_offer_after_a_lost_one_is_refused_and_holds_the_pair_back():
                                    number=1)[0] == 1
         assert received(plain) == ["m1", "m4", "x1"]
     run(scenario())
+
+
+def test_rule_3_nothing_is_taken_live_while_a_queue_read_is_under_way():
+    """After a blip every open address's queue is read: a message of a sender that just moved here (naming no
+    stored message) must not overtake what that read delivers."""
+    async def scenario() -> None:
+        here = Instance()
+        plain = here.session(B)
+        earlier = stored_msg("m1")  # stored through another instance while this one's inbox was cut
+        await here.store.enqueue(earlier, LIMITS)
+        here.refresh.refresh_all()  # what the resubscription starts
+        assert here.refresh.reading(B)
+        assert here.offers.offered(stored_msg("m2"), stored=False, after=0)[0] == 0
+        await here.refresh.settle()
+        assert received(plain) == ["m1"]
+    run(scenario())

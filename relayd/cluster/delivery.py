@@ -203,7 +203,7 @@ class ClusterDelivery:
         sender being stored, mean storing first."""
         pipeline = self.local.pipelines.get(session)
         if not (pipeline and pipeline.stores) and not where.ack and not any(s.ack for s in targets):
-            if targets and self.local.push_live(targets, msg):
+            if targets and not self.refresh.reading(msg.recipient) and self.local.push_live(targets, msg):
                 if where.instances:
                     self.peers.push(where, msg)
                 self._answer_in_order(session, pipeline, self.local.answer_text(ident, msg, "delivered"))

@@ -17,7 +17,9 @@ The ordering rules, each tested in ``tests/test_cluster_ordering.py``:
    sessions here (its hint may be lost), the offer is not pushed: an unstored
    one is refused (stored behind it), and for a stored one the queue is read
    again first (``refresh``), which delivers both in seq order, and the
-   answer follows the read.
+   answer follows the read. The same holds while a read of the queue is
+   under way for any reason (after a blip or a lapse, messages whose notices
+   were lost may be waiting, of any sender, one that just moved here too).
 4. A message delivered here counts as taken when offered again: by its
    messageId (a resend through another instance, or the stored fallback of
    an unstored offer taken here whose answer came too late), and stored, by
@@ -93,7 +95,7 @@ class Offers:
                 return self._refuse(pair, ack)
         if stored and targets and self.refresh.caught_up(msg.recipient, msg.seq):
             return len(targets), ack  # a read of the queue here pushed it already
-        if targets and not self.refresh.caught_up(msg.recipient, after):
+        if targets and (self.refresh.reading(msg.recipient) or not self.refresh.caught_up(msg.recipient, after)):
             if stored:  # read the queue first: it delivers the missing one and this one, in order
                 return self._after_read(msg, ident, after)
             self.refresh.request(msg.recipient, seen=after)

@@ -117,6 +117,12 @@ class Refresh:
         if state is not None and not state.running:
             del self._addresses[address]
 
+    def reading(self, address: str) -> bool:
+        """Whether a read of the address's queue is under way (after a blip, a lapse or a hint): until it is
+        done, nothing of the address is pushed live past what it may find."""
+        state = self._addresses.get(address)
+        return state is not None and state.running
+
     def caught_up(self, address: str, seq: int) -> bool:
         """Whether the stored message ``seq`` (0: none) has reached the address's sessions here, or left the
         store, as far as this instance knows."""
