@@ -97,6 +97,7 @@ class Cluster:
         self.peers.bind(_ThisInstance(router, local, offers, self.refresh))
         self.presence.on_lapse = self.refresh.refresh_all
         self.bus.on_subscribed = self.refresh.refresh_all
+        self.store.link.health.on_recovery = self.refresh.refresh_all
 
     async def start(self) -> None:
         """Subscribe the inbox and send the first heartbeat (each bounded; Redis down is retried later)."""

@@ -8,8 +8,9 @@ its write and its hint, heartbeats lapsed), so a hint only saves time: the
 queue is read again, in seq order, whenever one may have been missed. That
 is, when asked by a peer; when an offer names an earlier stored message of its
 sender (``after``) that has not reached the sessions here (``caught_up``);
-after the inbox subscribed again; and whenever any instance's heartbeat lapsed
-or came back (``refresh_all``).
+after the inbox subscribed again; when the link to Redis recovers from a
+failure; and whenever any instance's heartbeat lapsed or came back
+(``refresh_all``).
 
 Per address this keeps ``floor`` (every stored message up to that seq has
 reached the address's sessions here, or left the store) and ``pushed`` (seqs

@@ -27,6 +27,9 @@ class Health:
         self._problem: str | None = None
         self.on_failure: Callable[[], None] | None = None
         """Called after every failure (the store forgets what it assumed Redis holds)."""
+        self.on_recovery: Callable[[], None] | None = None
+        """Called when a write succeeds after a failure (``relayd.cluster`` reads its open queues again:
+        notices may have been lost meanwhile)."""
         self.oldest_write: Callable[[], float | None] = lambda: None
 
     @property
@@ -53,6 +56,9 @@ class Health:
         return StorageOutcomeUnknown(reason) if unknown else StorageUnavailable(reason)
 
     def succeeded(self) -> None:
-        if self._problem is not None:
-            log.warning("storage recovered (was: %s)", self._problem)
+        if self._problem is None:
+            return
+        log.warning("storage recovered (was: %s)", self._problem)
         self._problem = None
+        if self.on_recovery is not None:
+            self.on_recovery()
