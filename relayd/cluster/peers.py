@@ -239,6 +239,9 @@ class ClusterPeers:
         result, found = await self.store.enqueue_routed(msg, limits, watcher=self.presence.instance,
                                                         watch_ttl_ms=WATCH_TTL_MS)
         self.presence.fill(msg.recipient, found)
+        lapsed = self.presence.lapsed_holders(found)
+        if lapsed and result is EnqueueResult.QUEUED:  # only slow, perhaps: it reads the queue when it hears this
+            self.hint(PeerSessions(lapsed), msg.recipient)
         return result, self.presence.peer_sessions(found)
 
     async def restore(self, messages: list[QueuedMessage]) -> None:

@@ -185,6 +185,10 @@ class ClusterPresence:
         self._fill(address, found)
         return self._peer_sessions(found)
 
+    def lapsed_holders(self, found: PresenceEntries) -> tuple[str, ...]:
+        """The instances in an address's entries whose heartbeat lapsed (they may be only slow, not dead)."""
+        return tuple(i for i in found if i != self.instance and i in self._lapsed)
+
     def peer_sessions(self, found: PresenceEntries) -> PeerSessions:
         """The live instances other than this one in an address's entries."""
         return self._peer_sessions(found)
