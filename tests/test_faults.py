@@ -236,7 +236,7 @@ class Workload:
                                                        bool(frame.get("queued")))
                         if ack:
                             ws.send(json.dumps({"type": "ack", "messageIds": [frame["messageId"]]}))
-                            ws.send(json.dumps({"type": "ping"}))  # its pong confirms the ack was handled
+                            ws.send(json.dumps({"type": "ping"}))  # its pong confirms the ack was stored
                             unconfirmed.append([receipt])
                     elif frame.get("type") == "pong" and unconfirmed:
                         self.history.acked(unconfirmed.pop(0))

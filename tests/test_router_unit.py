@@ -373,3 +373,32 @@ def test_messages_in_flight_are_answered_in_order_and_never_overtaken() -> None:
         assert await store.size(B) == 0
         assert relay.router.delivery.in_flight(a.session) == 0
     run(main())
+
+
+def test_an_ack_sessions_pong_comes_once_its_earlier_acks_are_stored():
+    """So a client can tell its acks are durable: ack, then ping; the pong confirms them."""
+    class SlowAcks(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = asyncio.Event()
+
+        async def ack(self, recipient: str, message_ids: list[str]) -> int:
+            await self.release.wait()
+            return await super().ack(recipient, message_ids)
+
+    async def scenario() -> None:
+        store = SlowAcks()
+        relay, a, b = Relay(store=store), Peer(), Peer()
+        await relay.auth(a, A)
+        await relay.auth(b, B, ack=True)
+        await relay.send(a, message(B, "m1"))
+        a.take(), b.take()
+        await relay.receive(b, {"type": "ack", "messageIds": ["m1"]})
+        pinged = asyncio.ensure_future(relay.receive(b, {"type": "ping"}))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert b.take() == [] and await store.size(B) == 1  # the ack is not stored yet: no pong
+        store.release.set()
+        await pinged
+        assert [f["type"] for f in b.take()] == ["pong"] and await store.size(B) == 0
+    run(scenario())

@@ -268,6 +268,16 @@ class Backlog:
             asyncio.get_running_loop().call_soon(self._submit_acks)
         self._acks.setdefault(session.address, []).append((session, ids))
 
+    def acks_pending(self, address: str) -> bool:
+        """Whether acks of ``address`` (or other writes of it) are still on their way to the store."""
+        return address in self._acks or self.writes.pending(address)
+
+    async def acks_written(self, address: str) -> None:
+        """Return once every ack received so far for ``address`` was written (or refused, which its session
+        was told)."""
+        self._submit_acks()
+        await self.writes.landed(address)
+
     def _submit_acks(self) -> None:
         pending, self._acks = self._acks, {}
         for address, acks in pending.items():

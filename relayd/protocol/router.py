@@ -239,5 +239,13 @@ class Router:
         typing = {"type": "typing", "from": session.spelling, "isTyping": is_typing}
         self.delivery.typing(typing, to)
 
-    def _on_ping(self, session: Session, frame: dict[str, Any]) -> None:
+    def _on_ping(self, session: Session, frame: dict[str, Any]) -> Awaitable[None] | None:
+        """A pong; an ack session's comes once its earlier acks are stored, so it confirms them."""
+        if session.ack and session.address is not None and self.backlog.acks_pending(session.address):
+            return self._pong_after_acks(session, session.address)
+        session.send({"type": "pong", "timestamp": wall_ms(self.clock)})
+        return None
+
+    async def _pong_after_acks(self, session: Session, address: str) -> None:
+        await self.backlog.acks_written(address)
         session.send({"type": "pong", "timestamp": wall_ms(self.clock)})

@@ -24,6 +24,10 @@ class AddressWrites:
         if self._newest.get(address) is done:
             del self._newest[address]
 
+    def pending(self, address: str) -> bool:
+        """Whether a write noted for ``address`` is still on its way."""
+        return address in self._newest
+
     async def landed(self, address: str) -> None:
         """Return once every write noted for ``address`` so far has finished (failed ones too)."""
         write = self._newest.get(address)
