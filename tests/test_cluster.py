@@ -293,7 +293,7 @@ def test_an_instance_killed_under_load_loses_nothing_it_answered_and_its_presenc
             frame = a.recv(timeout=10)
             if frame["type"] in ("delivered", "queued"):
                 answered.append(frame["messageId"])
-            else:
+            elif frame.get("code") != "storage_timeout":  # an offer the dying instance never answered
                 assert_error(frame, "storage_unavailable", frame.get("messageId"))
     reader.join(scaled(10))
     assert y.proc.returncode == -9 and len(answered) > 100
