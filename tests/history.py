@@ -245,12 +245,17 @@ def _effective_order(h: History) -> dict[tuple[str, str, str], int]:
 
 
 def _duplicates(h: History) -> list[Finding]:
-    """A message received again, unless the earlier copy was on an ack session whose ack was never confirmed."""
+    """A message received again, unless the earlier copy was on an ack session whose ack was never confirmed,
+    or was pushed by an instance that died before answering its sender (its record of the delivery, written
+    just after the push, may have died with it; the README states this bound)."""
     findings = []
     for (sender, recipient, mid), receipts in _receipts_by_message(h).items():
         receipts.sort(key=lambda r: r.at)
+        send = h.sends.get((sender, recipient, mid))
+        died = {a.instance for a in send.attempts if a.answer == "connection_lost"} if send else set()
         for i, later in enumerate(receipts[1:], 1):
-            earlier = [r for r in receipts[:i] if not (h.sessions[r.sid].ack and r.acked_at is None)]
+            earlier = [r for r in receipts[:i] if not (h.sessions[r.sid].ack and r.acked_at is None)
+                       and h.sessions[r.sid].instance not in died]
             if earlier:
                 copies = ", ".join(f"{r.sid}{' ack' if h.sessions[r.sid].ack else ''}"
                                    f"{' queued' if r.queued else ' live'}@{r.at:.2f}" for r in receipts)
