@@ -350,20 +350,19 @@ def stop_instance(w: Workload, h: History) -> None:
     h.heal(fault)
 
 
-def redis_restart(w: Workload, h: History) -> None:
-    c = w.cluster
-    fault = h.fault("redis SIGTERM + start")
-    c.redis.stop(signal.SIGTERM)
-    c.redis.start()
+def _redis_stop_and_start(w: Workload, h: History, sig: signal.Signals, name: str) -> None:
+    fault = h.fault(f"redis {name} + start")
+    w.cluster.redis.stop(sig)
+    w.cluster.redis.start()
     h.heal(fault)
+
+
+def redis_restart(w: Workload, h: History) -> None:
+    _redis_stop_and_start(w, h, signal.SIGTERM, "SIGTERM")
 
 
 def redis_kill(w: Workload, h: History) -> None:
-    c = w.cluster
-    fault = h.fault("redis kill -9 + start")
-    c.redis.stop(signal.SIGKILL)
-    c.redis.start()
-    h.heal(fault)
+    _redis_stop_and_start(w, h, signal.SIGKILL, "kill -9")
 
 
 def debug_sleep(w: Workload, h: History) -> None:

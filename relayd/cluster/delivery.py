@@ -41,6 +41,14 @@ MAX_TAILS = 100_000
 """(sender, recipient) pairs whose last stored seq is remembered for offers' ``after``."""
 
 
+def _keep_recent(table: OrderedDict[tuple[str, str], int], key: tuple[str, str], value: int) -> None:
+    """Set ``table[key]`` as its newest entry, forgetting the oldest past ``MAX_TAILS`` pairs."""
+    table[key] = value
+    table.move_to_end(key)
+    if len(table) > MAX_TAILS:
+        table.popitem(last=False)
+
+
 async def _answer_after(session: Session, answer: str, previous: asyncio.Future[None],
                         answered: asyncio.Future[None]) -> None:
     """Send ``answer`` once the previous answer to the same sender went out (that one is bounded in time)."""
@@ -158,19 +166,13 @@ class ClusterDelivery:
         """This instance's number for its next unstored offer of the (sender, recipient) pair (from 1)."""
         key = (msg.sender.lower(), msg.recipient)
         number = self._offers.get(key, 0) + 1
-        self._offers[key] = number
-        self._offers.move_to_end(key)
-        if len(self._offers) > MAX_TAILS:
-            self._offers.popitem(last=False)
+        _keep_recent(self._offers, key, number)
         return number
 
     def _stored(self, msg: QueuedMessage) -> None:
         key = (msg.sender.lower(), msg.recipient)
         if msg.seq > self._tails.get(key, 0):
-            self._tails[key] = msg.seq
-            self._tails.move_to_end(key)
-            if len(self._tails) > MAX_TAILS:
-                self._tails.popitem(last=False)
+            _keep_recent(self._tails, key, msg.seq)
 
     def message(self, session: Session, frame: dict[str, Any]) -> Awaitable[None] | None:
         """Route one ``message`` frame (``Delivery.message``'s contract). Synchronous (no task per message)
