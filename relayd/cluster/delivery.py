@@ -25,7 +25,7 @@ from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..frames import encode, utf8_len
-from ..protocol.delivery import Delivery, refusal_of, storage_error
+from ..protocol.delivery import Delivery, keep_trying, refusal_of, storage_error
 from ..protocol.senders import Ident, Pipeline
 from ..protocol.session import Session
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
@@ -147,10 +147,7 @@ class ClusterDelivery:
         self.local.writes.note(messages[0].recipient, task)
 
     async def _restore(self, messages: list[QueuedMessage]) -> None:
-        try:
-            await self.peers.restore(messages)
-        except StorageUnavailable as exc:
-            log.error("cannot keep %d undelivered messages: %s", len(messages), exc)
+        if not await keep_trying(lambda: self.peers.restore(messages), f"keep {len(messages)} undelivered messages"):
             return
         for recipient in {m.recipient for m in messages}:
             seqs = tuple(m.seq for m in messages if m.recipient == recipient and m.seq > 0)

@@ -369,10 +369,22 @@ class Delivery:
         self.writes.note(messages[0].recipient, task)
 
     async def _restore(self, messages: list[QueuedMessage]) -> None:
+        await keep_trying(lambda: self.store.restore(messages), f"keep {len(messages)} undelivered messages")
+
+
+async def keep_trying(write: Callable[[], Awaitable[Any]], what: str) -> bool:
+    """Run an idempotent ``write`` until the store takes it, pausing as ``REMOVE_RETRY_S`` says; whether it
+    did (a message put back must not be lost to a Redis blip)."""
+    for pause in (0.0, *REMOVE_RETRY_S):
+        if pause:
+            await asyncio.sleep(pause)
         try:
-            await self.store.restore(messages)
+            await write()
+            return True
         except StorageUnavailable as exc:
-            log.error("cannot keep %d undelivered messages: %s", len(messages), exc)
+            problem = exc
+    log.error("could not %s: %s", what, problem)
+    return False
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
