@@ -340,6 +340,8 @@ class ClusterDelivery:
             if where.instances:
                 self.peers.hint(where, msg.recipient)
             return self.local.answer_text(ident, msg, "queued")
+        if silent:  # they did not answer the unstored offer (it may be lost): they read the queue instead
+            self.peers.hint(PeerSessions(silent), msg.recipient)
         where = PeerSessions(tuple(i for i in where.instances if i not in silent), where.ack)
         return self.local.answer_text(ident, msg, await self._deliver_stored(msg, where, after))
 
@@ -356,6 +358,8 @@ class ClusterDelivery:
         far = Taken()
         if where.instances:
             far = await self.peers.offer(where, msg, stored=True, after=after, keep=keep)
+            if far.silent:  # the offer or its answer was lost: make sure those sessions' instances read the queue
+                self.peers.hint(PeerSessions(far.silent), msg.recipient)
         if not taken and not far.count:
             self.metrics.queued.inc()
             self.local.on_stored(msg.recipient)
