@@ -750,8 +750,8 @@ def test_the_unit_runs_the_installed_entry_point_and_takes_every_setting_from_th
     assert "ExecStart=/opt/relayd/bin/relayd --config /etc/relayd/relayd.conf" in lines
     assert [line for line in lines if line.startswith("Environment=") and "RELAYD_" in line] == []
     assert "RestartPreventExitStatus=2" in lines and "Restart=on-failure" in lines
-    readme = (ROOT / "README.md").read_text()
-    assert "sudo python3 -m venv /opt/relayd && sudo /opt/relayd/bin/pip install ." in readme
+    deploying = (ROOT / "docs" / "deploying.md").read_text()
+    assert "sudo python3 -m venv /opt/relayd && sudo /opt/relayd/bin/pip install ." in deploying
 
 
 def test_systemd_accepts_the_unit_with_this_checkouts_entry_point(tmp_path):

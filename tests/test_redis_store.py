@@ -433,7 +433,7 @@ def test_wrong_password_stops_start_up(tmp_path):
 
 
 def test_sync_client_sees_the_documented_record_layout(redis_server, redis_prefix):
-    """Operators may inspect a queue with redis-cli; the README documents these keys."""
+    """Operators may inspect a queue with redis-cli; docs/scaling.md ("Key layout") documents these keys."""
     async def body(store: RedisStore) -> None:
         await store.enqueue(msg(BOB, "m1", "ciphertext"), ROOMY)
     with_store(redis_server.url, body, key_prefix=redis_prefix)

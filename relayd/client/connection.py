@@ -1,7 +1,7 @@
 """An asyncio client for relayd (and the original relay): the reference for app developers.
 
 ``RelayClient`` opens one WebSocket, signs in (plain, or signed with a private
-key: the relay's challenge is answered as README "Signing in" says), sends
+key: the relay's challenge is answered as docs/protocol.md, "Signing in", says), sends
 messages and gets each one's answer frame, receives frames, acknowledges them,
 sends typing indicators and read receipts, and talks to the REST API on the
 same host and port. ``connect_with_backoff`` shows how to reconnect:
@@ -278,7 +278,7 @@ class RelayClient:
         return await self.rest.get_key(address, verify=verify)
 
     async def put_key(self, public_key: str, *, signed: bool | None = None, issued_at: int | None = None) -> Frame:
-        """Publish this identity's encryption key; signed (README "Signed keys") by default when it has a key."""
+        """Publish this identity's encryption key; signed (docs/protocol.md, "Signed keys") by default when it has a key."""
         return await self.rest.put_key(public_key, signed=signed, issued_at=issued_at)
 
     async def delete_key(self) -> Frame:

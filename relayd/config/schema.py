@@ -148,7 +148,8 @@ class QueueSection:
 @dataclass(frozen=True)
 class StorageSection:
     backend: str = opt("sqlite", "sqlite (durable, default), redis (shared by several relayd instances; "
-                                 "needs the extra relayd[redis] and [redis] url) or memory (lost on restart).",
+                                 "needs the optional extra redis, pip install '.[redis]' from a checkout, and [redis] url) "
+                                 "or memory (lost on restart).",
                        choices=("sqlite", "memory", "redis"))
     path: str = opt("./relayd-data/relayd.db", "SQLite database file.")
     synchronous: str = opt("normal", "normal survives a process crash; full also survives power loss.",

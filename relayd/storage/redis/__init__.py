@@ -1,4 +1,4 @@
-"""The Redis storage backend (optional extra ``relayd[redis]``).
+"""The Redis storage backend (the optional extra ``redis``: ``pip install '.[redis]'`` from a checkout).
 
 Importing this package imports redis-py; nothing else in relayd does, so relayd
 without the extra runs on SQLite. Modules: ``layout`` (key names, hash slots),
