@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 from push_receivers import ApnsService, FcmService, PushCA, WebPushService, unb64url
 from support import (ADDR_A, ADDR_B, KEY_A, assert_answered, assert_error, cli_ok, connect, frames_until_pong, http_request,
-                     metric_families, msg, new_address, now_ms, run_cli, scaled, signed_login, wait_until,
+                     metric_families, msg, new_address, now_ms, online, run_cli, scaled, signed_login, wait_until,
                      without_modules)
 
 from relayd.push.subscriptions import is_public
@@ -370,3 +370,24 @@ def test_bad_push_settings_exit_2_naming_the_key(tmp_path, setting, needle):
     done = run_cli(tmp_path, "--set", "push.enabled=true", "--set", f"push.vapid_subject={SUBJECT}",
                    "--set", setting, "--set", "storage.backend=memory", "--check-config")
     assert done.returncode == 2 and needle in done.stderr, done.stderr
+
+
+def test_two_instances_on_redis_send_exactly_one_push_per_message(relay_cluster, redis_server, ca, webpush,
+                                                                   tmp_path):
+    env = {f"RELAYD_PUSH_{k.upper()}": v for k, v in push_section(ca, tmp_path, min_interval_s="0").items()}
+    nodes = relay_cluster(redis_server, **env)
+    keys = {http_request(n.port, "GET", "/api/push/vapid-public-key").json["publicKey"] for n in nodes}
+    assert len(keys) == 1  # one key file, whichever instance made it
+    ws, _ = signed_login(nodes[0], KEY_A)
+    with ws:
+        subscribe(ws, {"subscription": webpush.device().subscription()})
+        with connect(nodes[1], ADDR_B) as b:  # online on the other instance: delivered, no push
+            assert_answered(b, msg(ADDR_A, "live"), "delivered")
+        ws.recv_type("message")
+    wait_until(lambda: all(not online(n, ADDR_A) for n in nodes), "A to be offline everywhere")
+    for i in range(4):
+        send_from_b(nodes[i % 2], 1)
+        got = webpush.wait_for(i + 1, scaled(10))
+        assert got[-1]["payload"] == {"type": "wake", "queued": i + 1}
+    sent = [pushes(n).get(("webpush", "sent"), 0) for n in nodes]
+    assert sent == [2, 2] and len(webpush.received) == 4
