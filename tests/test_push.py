@@ -5,6 +5,7 @@ HTTP/2. Relays run in-process (``ThreadRelay``) or as processes sharing Redis; e
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import stat
@@ -391,3 +392,51 @@ def test_two_instances_on_redis_send_exactly_one_push_per_message(relay_cluster,
         assert got[-1]["payload"] == {"type": "wake", "queued": i + 1}
     sent = [pushes(n).get(("webpush", "sent"), 0) for n in nodes]
     assert sent == [2, 2] and len(webpush.received) == 4
+
+
+# The client library and the command line
+
+
+def test_the_client_library_subscribes_and_unsubscribes(start_relay, ca, webpush, tmp_path):
+    from relayd.client import Identity, RelayClient
+    relay = start_relay(push=push_section(ca, tmp_path))
+    device = webpush.device()
+
+    async def body() -> None:
+        async with RelayClient(relay.url, Identity.generate(), timeout=scaled(10)) as client:
+            key = await client.vapid_public_key()
+            assert key == http_request(relay.port, "GET", "/api/push/vapid-public-key").json["publicKey"]
+            answer = await client.push_subscribe(device.subscription())
+            assert answer["type"] == "push_subscribed"
+            refused = await client.push_subscribe(provider="apns", token="ab" * 32)
+            assert refused["type"] == "error" and refused["code"] == "push_provider_unavailable"
+            assert (await client.push_unsubscribe(answer["id"]))["type"] == "push_unsubscribed"
+            assert (await client.push_unsubscribe(answer["id"]))["code"] == "subscription_not_found"
+    asyncio.run(body())
+
+
+def test_relayd_listen_subscribes_a_web_push_endpoint(start_relay, ca, webpush, tmp_path):
+    relay = start_relay(push=push_section(ca, tmp_path))
+    key_file = tmp_path / "listener.key"
+    address = json.loads(cli_ok(tmp_path, "keygen", "--out", str(key_file)).stdout)["address"].lower()
+    device = webpush.device()
+    done = cli_ok(tmp_path, "listen", "--relay", relay.url, "--as", str(key_file), "--timeout", "1",
+                  "--push", json.dumps(device.subscription()))
+    first = json.loads(done.stdout.splitlines()[0])
+    assert first["type"] == "push_subscribed"
+    assert [s.id for s in stored_subscriptions(relay, address)] == [first["id"]]
+    send_from_b(relay, 1, to=address)
+    assert webpush.wait_for(1, scaled(10))[0]["payload"] == {"type": "wake", "queued": 1}
+
+
+def test_relayd_push_test_sends_one_push_with_the_configuration(ca, webpush, tmp_path):
+    device = webpush.device()
+    settings = [a for k, v in push_section(ca, tmp_path).items() for a in ("--set", f"push.{k}={v}")]
+    done = cli_ok(tmp_path, "push-test", "--set", "storage.backend=memory", *settings,
+                  "--subscription", json.dumps(device.subscription()))
+    assert json.loads(done.stdout)["status"] == 201
+    assert webpush.wait_for(1, scaled(10))[0]["payload"] == {"type": "wake", "queued": 0}
+    strict = [*settings, "--set", "push.allow_private_endpoints=false"]
+    refused = run_cli(tmp_path, "push-test", "--set", "storage.backend=memory", *strict,
+                      "--subscription", json.dumps(device.subscription()))
+    assert refused.returncode == 1 and "endpoint_not_allowed" in refused.stderr

@@ -39,6 +39,36 @@ def _ssl_context(config: Config) -> ssl.SSLContext:
     return context
 
 
+def build_providers(config: Config) -> tuple[VapidKey, dict[str, Provider]]:
+    """The VAPID key and the providers ``[push]`` enables; raises ConfigError for unusable keys."""
+    push = config.push
+    timeout_s, max_bytes = push.timeout_s, push.max_response_bytes
+    try:
+        vapid = VapidKey.load_or_create(vapid_key_path(config), push.vapid_subject)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"[push] vapid_key_file: {exc}") from None
+    providers: dict[str, Provider] = {
+        "webpush": WebPush(vapid, allow_private=push.allow_private_endpoints,
+                           ssl_context=_ssl_context(config), timeout_s=timeout_s, max_bytes=max_bytes)}
+    if push.fcm_project:
+        from .fcm import Fcm, ServiceAccount
+        try:
+            account = ServiceAccount.load(push.fcm_key_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"[push] fcm_key_file: {exc}") from None
+        providers["fcm"] = Fcm(push.fcm_project, account, push.fcm_url, ssl_context=_ssl_context(config),
+                               timeout_s=timeout_s, max_bytes=max_bytes)
+    if push.apns_key_file:
+        from .apns import Apns, load_key
+        try:
+            key = load_key(push.apns_key_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"[push] apns_key_file: {exc}") from None
+        providers["apns"] = Apns(key, push.apns_key_id, push.apns_team_id, push.apns_topic, push.apns_url,
+                                 ssl_context=_ssl_context(config), timeout_s=timeout_s, max_bytes=max_bytes)
+    return vapid, providers
+
+
 class PushService:
     """Owns the providers the configuration enables and the sender; raises ConfigError for unusable keys."""
 
@@ -47,30 +77,7 @@ class PushService:
         self.clock = clock
         self.tasks = TaskSet()
         push = config.push
-        timeout_s, max_bytes = push.timeout_s, push.max_response_bytes
-        try:
-            self.vapid = VapidKey.load_or_create(vapid_key_path(config), push.vapid_subject)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"[push] vapid_key_file: {exc}") from None
-        providers: dict[str, Provider] = {
-            "webpush": WebPush(self.vapid, allow_private=push.allow_private_endpoints,
-                               ssl_context=_ssl_context(config), timeout_s=timeout_s, max_bytes=max_bytes)}
-        if push.fcm_project:
-            from .fcm import Fcm, ServiceAccount
-            try:
-                account = ServiceAccount.load(push.fcm_key_file)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"[push] fcm_key_file: {exc}") from None
-            providers["fcm"] = Fcm(push.fcm_project, account, push.fcm_url, ssl_context=_ssl_context(config),
-                                   timeout_s=timeout_s, max_bytes=max_bytes)
-        if push.apns_key_file:
-            from .apns import Apns, load_key
-            try:
-                key = load_key(push.apns_key_file)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"[push] apns_key_file: {exc}") from None
-            providers["apns"] = Apns(key, push.apns_key_id, push.apns_team_id, push.apns_topic, push.apns_url,
-                                     ssl_context=_ssl_context(config), timeout_s=timeout_s, max_bytes=max_bytes)
+        self.vapid, providers = build_providers(config)
         self.providers = providers
         self.sender = PushSender(push, store, providers, metrics, clock)
         self.configure(config)
