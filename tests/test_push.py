@@ -76,9 +76,13 @@ def subscribed_offline(relay: Any, frame: dict[str, Any]) -> str:
 
 
 def send_from_b(relay: Any, count: int, to: str = ADDR_A, answer: str = "queued") -> None:
-    with connect(relay, ADDR_B) as b:
+    with relay.ws() as b:
+        b.auth(ADDR_B)
         for i in range(count):
-            assert_answered(b, msg(to, f"m{i}-{time.monotonic_ns()}", "c2VjcmV0IGNvbnRlbnQ="), answer)
+            frame = msg(to, f"m{i}-{time.monotonic_ns()}", "c2VjcmV0IGNvbnRlbnQ=")
+            b.send(frame)
+            got = b.recv()  # (its timestamp is the relay's clock, which some tests move)
+            assert (got["type"], got["messageId"]) == (answer, frame["messageId"]), got
 
 
 def pushes(relay: Any) -> dict[tuple[str, str], float]:
@@ -440,3 +444,25 @@ def test_relayd_push_test_sends_one_push_with_the_configuration(ca, webpush, tmp
     refused = run_cli(tmp_path, "push-test", "--set", "storage.backend=memory", *strict,
                       "--subscription", json.dumps(device.subscription()))
     assert refused.returncode == 1 and "endpoint_not_allowed" in refused.stderr
+
+
+def test_subscriptions_expire_unless_their_address_signs_in(start_relay, ca, webpush, tmp_path, manual_clock):
+    day = 86400
+    relay = start_relay(clock=manual_clock, push=push_section(ca, tmp_path, subscription_days="1"))
+    subscribed_offline(relay, {"subscription": webpush.device().subscription()})
+
+    def expiry() -> list[int]:
+        return [s.expires_at for s in relay.call(relay.server.store.push_subscriptions(
+            ADDR_A, int(manual_clock.wall() * 1000)))]
+    first = expiry()
+    manual_clock.advance(0.6 * day)
+    ws, _ = signed_login(relay, KEY_A)
+    ws.close()
+    wait_until(lambda: expiry() != first, "the sign-in to extend the subscription")
+    manual_clock.advance(0.6 * day)  # 1.2 days after subscribing, 0.6 after the sign-in
+    send_from_b(relay, 1)
+    assert webpush.wait_for(1, scaled(10))[0]["payload"]["type"] == "wake"
+    manual_clock.advance(0.5 * day)
+    assert expiry() == []
+    wait_until(lambda: relay.call(relay.server.store.push_subscriptions(ADDR_A, 0)) == [], "the sweep to delete it",
+               timeout=scaled(30))

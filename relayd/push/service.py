@@ -79,6 +79,7 @@ class PushService:
         push = config.push
         self.vapid, providers = build_providers(config)
         self.providers = providers
+        log.info("push notifications on: %s", ", ".join(providers))
         self.sender = PushSender(push, store, providers, metrics, clock)
         self.configure(config)
 
@@ -122,8 +123,12 @@ class PushService:
         self.tasks.spawn(self._extend(address, wall_ms(self.clock) + int(self.config.subscription_days * DAY_MS)))
 
     async def _extend(self, address: str, until: int) -> None:
+        """A read first: most addresses have no subscription, and one extended today needs no write."""
         try:
-            await self.store.extend_push_subscriptions(address, until)
+            subs = await self.store.push_subscriptions(address, wall_ms(self.clock))
+            lifetime = int(self.config.subscription_days * DAY_MS)
+            if subs and until - min(s.expires_at for s in subs) >= min(DAY_MS, lifetime // 2):
+                await self.store.extend_push_subscriptions(address, until)
         except StorageUnavailable as exc:
             log.warning("push subscriptions not extended: %s", exc)
 
