@@ -466,3 +466,14 @@ def test_subscriptions_expire_unless_their_address_signs_in(start_relay, ca, web
     assert expiry() == []
     wait_until(lambda: relay.call(relay.server.store.push_subscriptions(ADDR_A, 0)) == [], "the sweep to delete it",
                timeout=scaled(30))
+
+
+def test_subscriptions_per_client_ip_are_limited(start_relay, ca, webpush, tmp_path):
+    relay = start_relay(push=push_section(ca, tmp_path, subscribes_per_ip_per_hour="2"))
+    ws, _ = signed_login(relay, KEY_A)
+    with ws:
+        subscribe(ws, {"subscription": webpush.device().subscription()})
+        subscribe(ws, {"subscription": webpush.device().subscription()})
+        ws.send({"type": "push_subscribe", "subscription": webpush.device().subscription()})
+        assert_error(ws.recv(), "rate_limited")
+    assert len(stored_subscriptions(relay)) == 2

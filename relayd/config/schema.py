@@ -260,6 +260,9 @@ class PushSection:
                                          "in for this many days.", min=0.001, max=3650)
     max_subscriptions_per_address: int = opt(10, "Subscriptions kept per address; past it the oldest go.",
                                              min=1, max=1000)
+    subscribes_per_ip_per_hour: int = opt(5000, "push_subscribe frames one client IP may send per hour (each is "
+                                                "stored; sized for many phones behind one carrier NAT address; "
+                                                "0: no limit).", min=0, max=100_000_000, reload=True)
     queue_size: int = opt(10000, "Pushes waiting to be sent, in memory; past it the oldest are dropped "
                                  "(counted in relayd_push_dropped_total).", min=1, max=10_000_000)
     concurrency: int = opt(8, "Pushes sent at once.", min=1, max=1000)

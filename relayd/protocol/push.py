@@ -31,7 +31,7 @@ class PushFrames:
         return session.address
 
     async def subscribe(self, session: Session, frame: dict[str, Any]) -> None:
-        sub_id = await self.registry.subscribe(self._address(session), frame)
+        sub_id = await self.registry.subscribe(self._address(session), session.ip, frame)
         session.send({"type": "push_subscribed", "id": sub_id})
 
     async def unsubscribe(self, session: Session, frame: dict[str, Any]) -> None:

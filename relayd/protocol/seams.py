@@ -148,8 +148,9 @@ NO_PEERS: Peers = _NoPeers()
 class PushRegistry(Protocol):
     """Push subscriptions of addresses: ``relayd.push.service.PushService`` when ``[push] enabled``."""
 
-    async def subscribe(self, address: str, frame: dict[str, Any]) -> str:
-        """Register the subscription a ``push_subscribe`` frame describes; returns its id. Raises RelayError."""
+    async def subscribe(self, address: str, ip: str, frame: dict[str, Any]) -> str:
+        """Register the subscription a ``push_subscribe`` frame from ``ip`` describes; returns its id. Raises
+        RelayError."""
         ...
 
     async def unsubscribe(self, address: str, sub_id: str) -> bool:
@@ -164,7 +165,7 @@ class PushRegistry(Protocol):
 class _NoPush:
     """``PushRegistry`` of a relay without push notifications."""
 
-    async def subscribe(self, address: str, frame: dict[str, Any]) -> str:
+    async def subscribe(self, address: str, ip: str, frame: dict[str, Any]) -> str:
         raise RelayError(ErrorCode.PUSH_DISABLED)
 
     async def unsubscribe(self, address: str, sub_id: str) -> bool:

@@ -14,6 +14,7 @@ from ..config.schema import ConfigError
 from ..errors import ErrorCode, RelayError
 from ..ops.metrics import RelayMetrics
 from ..storage.store import PushSubscription, StorageUnavailable, Store
+from ..ratelimit import FixedWindow, limit_key
 from ..tasks import TaskSet
 from .sender import Provider, PushSender
 from .subscriptions import check_url, parse_request, resolve, subscription_id
@@ -79,6 +80,8 @@ class PushService:
         push = config.push
         self.vapid, providers = build_providers(config)
         self.providers = providers
+        self.subscribes = FixedWindow(push.subscribes_per_ip_per_hour, 3600.0)
+        """Subscriptions per client IP per hour: each one is stored, so each is paid for."""
         log.info("push notifications on: %s", ", ".join(providers))
         self.sender = PushSender(push, store, providers, metrics, clock)
         self.configure(config)
@@ -86,6 +89,7 @@ class PushService:
     def configure(self, config: Config) -> None:
         self.config = config.push
         self.sender.configure(config.push)
+        self.subscribes.limit = config.push.subscribes_per_ip_per_hour
 
     @property
     def vapid_public_key(self) -> str:
@@ -96,7 +100,11 @@ class PushService:
 
     # What the protocol asks (``protocol.seams.PushRegistry``)
 
-    async def subscribe(self, address: str, frame: dict[str, Any]) -> str:
+    async def subscribe(self, address: str, ip: str, frame: dict[str, Any]) -> str:
+        wait = self.subscribes.hit(limit_key(ip), self.clock.monotonic())
+        if wait:
+            raise RelayError(ErrorCode.RATE_LIMITED, f"Too many push subscriptions from this address; retry in "
+                                                     f"{wait:.0f} s")
         request = parse_request(frame)
         if request.provider not in self.providers:
             raise RelayError(ErrorCode.PUSH_PROVIDER_UNAVAILABLE, f"{request.provider} pushes are not configured "
@@ -145,6 +153,7 @@ class PushService:
         """From the housekeeping timer: forget passed intervals; delete expired subscriptions now and then."""
         self.sender.sweep()
         now = self.clock.monotonic()
+        self.subscribes.sweep(now)
         if not self._expiring and now - self._expired_at >= EXPIRY_INTERVAL_S:
             self._expiring, self._expired_at = True, now
             self.tasks.spawn(self._expire())
