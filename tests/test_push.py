@@ -15,9 +15,9 @@ from typing import Any, Iterator
 
 import pytest
 from push_receivers import ApnsService, FcmService, PushCA, WebPushService, unb64url
-from support import (ADDR_A, ADDR_B, KEY_A, assert_answered, assert_error, cli_ok, connect, frames_until_pong, http_request,
-                     metric_families, msg, new_address, now_ms, online, run_cli, scaled, signed_login, wait_until,
-                     without_modules)
+from support import (ADDR_A, ADDR_B, KEY_A, ProcessRelay, assert_answered, assert_error, clean_env, cli_ok, connect,
+                     frames_until_pong, http_request, metric_families, msg, new_address, now_ms, online, run_cli,
+                     scaled, signed_login, wait_until, without_modules)
 
 from relayd.push.subscriptions import is_public
 from relayd.storage.sqlite.store import SQLiteStore
@@ -358,12 +358,22 @@ def test_a_restart_keeps_subscriptions_and_the_vapid_key(start_relay, ca, webpus
     assert webpush.wait_for(1, scaled(10))[0]["payload"] == {"type": "wake", "queued": 1}
 
 
-def test_push_enabled_without_the_extra_is_a_configuration_error(tmp_path):
-    env = without_modules(tmp_path, "cryptography")
-    done = run_cli(tmp_path, "--set", "push.enabled=true", "--set", f"push.vapid_subject={SUBJECT}",
-                   "--set", "storage.backend=memory", "--check-config", env=env)
-    assert done.returncode == 2, done.stderr
-    assert "relayd[push]" in done.stderr and "cryptography" in done.stderr
+def test_without_the_extra_push_enabled_is_a_configuration_error_and_the_relay_runs_without_push(tmp_path):
+    env = without_modules(tmp_path, "cryptography", "h2")
+    for check in (("--check-config",), ()):
+        done = run_cli(tmp_path, "--set", "push.enabled=true", "--set", f"push.vapid_subject={SUBJECT}",
+                       "--set", "storage.backend=memory", "--port", "0", *check, env=clean_env(**env))
+        assert done.returncode == 2, done.stderr
+        assert "pip install 'relayd[push]'" in done.stderr and "cryptography" in done.stderr
+    relay = ProcessRelay(tmp_path, env={**env, "RELAYD_STORAGE_PATH": str(tmp_path / "relayd.db")})
+    try:
+        reply = relay.http("GET", "/api/push/vapid-public-key")
+        assert reply.status == 404 and reply.json["code"] == "push_disabled"
+        with relay.ws() as ws:
+            ws.auth(ADDR_B)
+            assert_answered(ws, msg(ADDR_A, "m1"), "queued")
+    finally:
+        assert relay.stop() == 0
 
 
 @pytest.mark.parametrize("setting,needle", [
