@@ -1098,6 +1098,16 @@ def signed_auth_frame(key: bytes, ch: dict[str, Any], *, address: str | None = N
             "signature": sign_text(key, auth_text(ch, address, **text_overrides), fmt), "format": fmt}
 
 
+def signed_login(relay: Any, key: bytes, *, fmt: str = "doubleHash", **extra: Any) -> tuple[Any, dict[str, Any]]:
+    """Open a connection and sign in with ``key``; return (client, auth_success)."""
+    client = relay.ws()
+    ch = challenge_of(client)
+    client.send({**signed_auth_frame(key, ch, fmt=fmt), **extra})
+    reply = client.recv()
+    assert reply["type"] == "auth_success", reply
+    return client, reply
+
+
 def key_body(key: bytes, public_key: str, issued: int, *, key_type: Any = "x25519", fmt: str = "doubleHash",
              address: str | None = None, signer: bytes | None = None) -> dict[str, Any]:
     """A signed ``POST /api/public-keys`` body (``key_type=None`` leaves keyType out)."""

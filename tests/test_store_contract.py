@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from relayd.api.messages import message_view
-from relayd.storage.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, StorageUnavailable,
-                                  Store)
+from relayd.storage.store import (EnqueueResult, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt,
+                                  StorageUnavailable, Store)
 
 QUEUED, DUPLICATE, DELIVERED, FULL, NO_SPACE = (EnqueueResult.QUEUED, EnqueueResult.DUPLICATE,
                                                 EnqueueResult.DELIVERED, EnqueueResult.FULL, EnqueueResult.NO_SPACE)
@@ -526,4 +527,50 @@ def test_a_numbering_collision_is_an_error_never_a_duplicate(store_backend):
         assert store.total() == 2
         again = msg("bob", "m2", "two")
         assert await store.enqueue(again, ROOMY) is DUPLICATE and again.seq == second.seq
+    store_backend(body)
+
+
+def push_sub(sub_id: str, address: str = "bob", *, created_at: int = 1, expires_at: int = 0) -> PushSubscription:
+    return PushSubscription(sub_id, address, "webpush", f"https://push.example/{sub_id}", "p256dh-" + sub_id,
+                            "auth-" + sub_id, created_at, expires_at)
+
+
+def test_push_subscriptions_are_kept_per_address_capped_and_replaced_by_id(store_backend):
+    async def body(store: Store) -> None:
+        now = int(time.time() * 1000)
+        later = now + 60_000
+        for i in range(4):
+            stored = await store.put_push_subscription(push_sub(f"s{i}", created_at=now + i, expires_at=later), 3)
+            assert stored.created_at == now + i
+        await store.put_push_subscription(push_sub("c0", "carol", created_at=now, expires_at=later), 3)
+        assert [s.id for s in await store.push_subscriptions("bob", now)] == ["s1", "s2", "s3"]
+        again = await store.put_push_subscription(push_sub("s1", created_at=now + 50, expires_at=later + 1), 3)
+        assert again.created_at == now + 1  # the first subscription's time is kept
+        got = await store.push_subscriptions("bob", now)
+        assert [s.id for s in got] == ["s1", "s2", "s3"] and {s.expires_at for s in got} == {later + 1}
+        assert got[0] == PushSubscription("s1", "bob", "webpush", "https://push.example/s1", "p256dh-s1", "auth-s1",
+                                          now + 1, later + 1)
+        assert await store.delete_push_subscription("bob", "s2") is True
+        assert await store.delete_push_subscription("bob", "s2") is False
+        assert await store.delete_push_subscription("carol", "s1") is False
+        assert [s.id for s in await store.push_subscriptions("bob", now)] == ["s1", "s3"]
+        assert [s.id for s in await store.push_subscriptions("carol", now)] == ["c0"]
+        assert await store.push_subscriptions("nobody", now) == []
+    store_backend(body)
+
+
+def test_push_subscriptions_expire_unless_their_address_signs_in(store_backend):
+    async def body(store: Store) -> None:
+        now = int(time.time() * 1000)
+        await store.put_push_subscription(push_sub("s1", created_at=now, expires_at=now + 60_000), 5)
+        await store.put_push_subscription(push_sub("c1", "carol", created_at=now, expires_at=now + 60_000), 5)
+        await store.extend_push_subscriptions("carol", now + 600_000)
+        await store.extend_push_subscriptions("nobody", now + 600_000)
+        assert await store.push_subscriptions("bob", now + 60_000) == []
+        assert [s.expires_at for s in await store.push_subscriptions("carol", now + 60_000)] == [now + 600_000]
+        await store.expire_push_subscriptions(now + 120_000)
+        assert await store.push_subscriptions("bob", now) in ([], [push_sub("s1", created_at=now,
+                                                                            expires_at=now + 60_000)])
+        assert [s.id for s in await store.push_subscriptions("carol", now + 120_000)] == ["c1"]
+        assert await store.push_subscriptions("nobody", now) == []
     store_backend(body)

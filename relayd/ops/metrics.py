@@ -57,6 +57,10 @@ class RelayMetrics:
         self.storage_budget = r.gauge("relayd_storage_budget_bytes", "Content bytes the offline queues may hold "
                                       "(0: no budget).")
         self.storage_healthy = r.gauge("relayd_storage_healthy", "1 when storage accepts writes.")
+        self.pushes = r.counter("relayd_push_total", "Push notifications, by provider and outcome (sent, "
+                                "collapsed, gone, retry, failed, refused).", ("provider", "outcome"))
+        self.push_dropped = r.counter("relayd_push_dropped_total", "Pushes dropped because the outgoing push "
+                                      "queue was full (the oldest go).")
         register_process_metrics(r)
         self.frame_ok = self.frames.labels(outcome="ok")
         self.frame_error = self.frames.labels(outcome="error")

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-from pathlib import Path
 
 from ..config import Config, ConfigError
+from ..extras import install_hint
 from .store import Store
 
 
 
-def _install_redis_extra() -> str:
-    """The command that adds the extra to this very environment; relayd is on no package index, so it names the
-    checkout (this one when relayd runs from a checkout)."""
-    checkout = Path(__file__).resolve().parents[2]
-    target = str(checkout) if (checkout / "pyproject.toml").is_file() else "CHECKOUT"
-    where = "" if target != "CHECKOUT" else " (CHECKOUT: the directory of your relayd checkout)"
-    return f"{sys.executable} -m pip install '{target}[redis]'{where}"
-
-
-MISSING_REDIS_EXTRA = f"the Redis backend needs the optional extra redis: {_install_redis_extra()}"
+MISSING_REDIS_EXTRA = f"the Redis backend needs the optional extra redis: {install_hint('redis')}"
 
 
 def make_store(config: Config) -> Store:

@@ -14,7 +14,8 @@ import itertools
 import logging
 
 from ..frames import utf8_len
-from .store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, StorageUnavailable
+from .store import (EnqueueResult, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt,
+                    StorageUnavailable)
 
 log = logging.getLogger("relayd.storage")
 
@@ -83,6 +84,7 @@ class MemoryStore:
         self._floors: dict[str, int] = {}
         self._locked: set[str] = set()
         self._tokens: dict[str, tuple[str, int]] = {}
+        self._push: dict[str, dict[str, PushSubscription]] = {}
         self._last_seq = 0
         self._total = 0
         self._bytes = 0
@@ -363,3 +365,43 @@ class MemoryStore:
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:
         entry = self._tokens.get(token_hash)
         return entry[0] if entry is not None and entry[1] > now_ms else None
+
+    # Push subscriptions
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        subs = self._push.setdefault(sub.address, {})
+        old = subs.get(sub.id)
+        stored = dataclasses.replace(sub, created_at=old.created_at if old is not None else sub.created_at)
+        subs[sub.id] = stored
+        for gone in sorted(subs.values(), key=lambda s: (s.created_at, s.id))[:-max_per_address]:
+            del subs[gone.id]
+        for each in subs.values():
+            each.expires_at = sub.expires_at
+        return dataclasses.replace(stored)
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        subs = self._push.get(address, {}).values()
+        return [dataclasses.replace(s) for s in sorted(subs, key=lambda s: (s.created_at, s.id))
+                if s.expires_at > now_ms]
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        subs = self._push.get(address, {})
+        gone = subs.pop(sub_id, None) is not None
+        if not subs:
+            self._push.pop(address, None)
+        return gone
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        for sub in self._push.get(address, {}).values():
+            sub.expires_at = expires_at_ms
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        removed = 0
+        for address, subs in list(self._push.items()):
+            for sub_id, sub in list(subs.items()):
+                if sub.expires_at <= now_ms:
+                    del subs[sub_id]
+                    removed += 1
+            if not subs:
+                del self._push[address]
+        return removed

@@ -1,5 +1,5 @@
 """The storage contract: what relayd keeps (queued messages, pending read receipts, public keys,
-ownership locks) and what every backend promises about it.
+ownership locks, push subscriptions) and what every backend promises about it.
 
 The protocol and the REST API see only these interfaces; ``memory``,
 ``sqlite`` and further backends implement them, and
@@ -99,6 +99,29 @@ class KeyRecord:
     @property
     def signed(self) -> bool:
         return self.signature is not None
+
+
+@dataclass(slots=True)
+class PushSubscription:
+    """Where to wake an address's device: a Web Push endpoint (with its keys) or an FCM/APNs device token.
+
+    ``target`` is the endpoint URL (``webpush``) or the device token (``fcm``, ``apns``); ``p256dh`` and
+    ``auth`` are the subscription's base64url keys (Web Push only). ``expires_at`` (epoch ms) moves forward
+    whenever a session of ``address`` signs in."""
+
+    id: str
+    address: str
+    provider: str
+    target: str
+    p256dh: str = ""
+    auth: str = ""
+    created_at: int = 0
+    expires_at: int = 0
+
+    def size(self) -> int:
+        """Bytes it takes, roughly, as the storage budget counts them."""
+        return len(self.id) + len(self.address) + len(self.provider) + len(self.target) + len(self.p256dh) \
+            + len(self.auth) + 16
 
 
 class MessageStore(Protocol):
@@ -285,8 +308,34 @@ class TokenStore(Protocol):
         ...
 
 
-class Store(MessageStore, KeyStore, TokenStore, Protocol):
-    """Messages, keys and tokens in one backend."""
+class PushStore(Protocol):
+    """Push subscriptions by address. Few per address (the caller's cap), each found by (address, id)."""
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        """Store ``sub``; one of the same address, provider and target is replaced and keeps its ``id`` and
+        ``created_at``. Past ``max_per_address`` the address's oldest (by ``created_at``) go. Every
+        subscription of the address gets ``sub.expires_at``. Returns the subscription as stored."""
+        ...
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        """The subscriptions of ``address`` not expired at ``now_ms``, oldest first."""
+        ...
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        """Delete one subscription of ``address``; False when it had none with that id."""
+        ...
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        """A session of ``address`` signed in: its subscriptions live until ``expires_at_ms``."""
+        ...
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        """Delete subscriptions expired at ``now_ms`` (bounded work per call); returns how many went."""
+        ...
+
+
+class Store(MessageStore, KeyStore, TokenStore, PushStore, Protocol):
+    """Messages, keys, tokens and push subscriptions in one backend."""
 
     name: str
 

@@ -118,6 +118,10 @@ class Layout:
         tag = slot_tag(slot)
         return f"{self.prefix}{{{tag}}}:tok", f"{self.prefix}{{{tag}}}:tokx"
 
+    def push(self, address: str) -> tuple[str, str, str]:
+        """(HASH id -> subscription record, ZSET id -> created_at, expires_at) of one address."""
+        return self._own(address, "push"), self._own(address, "pushc"), self._own(address, "pushx")
+
     def lock(self, address: str) -> str:
         return self._own(address, "lock")
 

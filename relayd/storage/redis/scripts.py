@@ -514,5 +514,38 @@ ADD_SLOTS = Script("add_slots", "return redis.call('SADD', KEYS[1], unpack(ARGV)
 # KEYS: this instance's probe key. ARGV: value, ttl ms. A write, so refused writes show up without traffic.
 PROBE = Script("probe", "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1")
 
+# KEYS: the address's HASH id -> record, ZSET id -> created_at, STRING expires_at. ARGV: id, record, created_at,
+# max per address, expires_at. Returns the created_at kept. Past the cap the oldest go; all three keys expire
+# together at expires_at (moved by every sign-in of the address).
+PUT_PUSH = Script("put_push", r"""
+local created = redis.call('ZSCORE', KEYS[2], ARGV[1]) or ARGV[3]
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], created, ARGV[1])
+local n, cap = redis.call('ZCARD', KEYS[2]), tonumber(ARGV[4])
+if n > cap then
+  local gone = redis.call('ZREVRANGE', KEYS[2], cap, -1)
+  redis.call('ZREM', KEYS[2], unpack(gone))
+  redis.call('HDEL', KEYS[1], unpack(gone))
+end
+redis.call('SET', KEYS[3], ARGV[5])
+for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], ARGV[5]) end
+return created
+""")
+
+# KEYS: as PUT_PUSH. ARGV: id. Returns 1 when it was there.
+DELETE_PUSH = Script("delete_push", r"""
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('HDEL', KEYS[1], ARGV[1])
+""")
+
+# KEYS: as PUT_PUSH. ARGV: expires_at.
+EXTEND_PUSH = Script("extend_push", r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[3], ARGV[1])
+for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], ARGV[1]) end
+return 1
+""")
+
 ALL = (ENQUEUE, RESTORE, REMOVE, RECORD_DELIVERED, EXPIRE, SHIFT_TIMES, ADD_RECEIPTS, REMOVE_RECEIPTS, PUT_KEY,
-       RAISE_FLOOR, DELETE_KEY, LOCK, SAVE_TOKEN, OWN_TOKEN, DROP_TOKENS, EXPIRE_TOKENS, ADD_SLOTS, PROBE)
+       RAISE_FLOOR, DELETE_KEY, LOCK, SAVE_TOKEN, OWN_TOKEN, DROP_TOKENS, EXPIRE_TOKENS, ADD_SLOTS, PROBE,
+       PUT_PUSH, DELETE_PUSH, EXTEND_PUSH)

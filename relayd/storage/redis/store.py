@@ -25,11 +25,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt
+from ..store import EnqueueResult, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt
 from . import scripts
 from .connection import Commands, RedisLink
 from .core import Pipe, StoreCore
 from .keys import RedisKeys
+from .push import RedisPush
 from .layout import Layout
 from .lifecycle import Durability, RedisLifecycle
 from .messages import RESULTS, RedisMessages
@@ -56,6 +57,7 @@ class RedisStore:
         self.messages = RedisMessages(self.core)
         self.receipt_store = RedisReceipts(self.core)
         self.keys = RedisKeys(self.core)
+        self.push = RedisPush(self.core)
         self.retention = RedisRetention(self.core, expire_chunk)
         self.lifecycle = RedisLifecycle(self.core, node_id=node_id, probe_interval_s=probe_interval_s,
                                         refresh_interval_s=refresh_interval_s)
@@ -207,6 +209,22 @@ class RedisStore:
 
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:
         return await self.keys.token_address(token_hash, now_ms)
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        return await self.push.put(sub, max_per_address)
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        return await self.push.of(address, now_ms)
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        return await self.push.delete(address, sub_id)
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        await self.push.extend(address, expires_at_ms)
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        """Redis expires them itself (see ``push``)."""
+        return 0
 
     # Migration (``relayd migrate``): each copy is remembered for ``ledger_ttl_ms``, so a re-run copies
     # nothing twice, not even what was delivered and deleted since.

@@ -18,6 +18,7 @@ from pathlib import Path
 from .file import count_stats, describe_error, inspect
 from .keys import KeyDirectory
 from .owner import OwnerLock
+from .push import PushTable
 from .queue import (
     EXPIRE_CHUNK,
     SeqCounter,
@@ -36,6 +37,7 @@ from .writer import NONE, Delta, SQLiteWriter
 from ..store import (
     EnqueueResult,
     KeyRecord,
+    PushSubscription,
     QueuedMessage,
     QueueLimits,
     Receipt,
@@ -61,6 +63,7 @@ class SQLiteStore:
         self._owner = OwnerLock(Path(path))
         self._writer = SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path)
         self._keys = KeyDirectory(self._writer)
+        self._push = PushTable(self._writer)
         self._seqs = SeqCounter(0)  # set from the database on the writer thread when it opens
 
     @property
@@ -286,3 +289,18 @@ class SQLiteStore:
 
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:
         return await self._keys.token_address(token_hash, now_ms)
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        return await self._push.put(sub, max_per_address)
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        return await self._push.of(address, now_ms)
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        return await self._push.delete(address, sub_id)
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        await self._push.extend(address, expires_at_ms)
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        return await self._push.expire(now_ms)
