@@ -120,6 +120,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (recipient, message_id, sender)) WITHOUT ROWID""",
         "CREATE INDEX delivered_queued_at ON delivered (queued_at)",
     ),
+    (   # unsigned keys nobody uploaded or looked up for a long time expire: when one was last looked up
+        "ALTER TABLE keys ADD COLUMN used_at INTEGER",
+        "CREATE INDEX keys_unsigned_last_use ON keys (max(updated_at, COALESCE(used_at, 0))) "
+        "WHERE signature IS NULL",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
