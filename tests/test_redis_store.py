@@ -258,7 +258,7 @@ def test_every_key_is_under_the_prefix_and_one_address_is_one_slot(fresh_redis):
         slot = key_slot(own[0])
         assert {key_slot(k) for k in own} == {slot}
         slot_keys = [k for k in keys if "{~" in k and key_slot(k) == slot]
-        assert {k.rsplit(":", 1)[1] for k in slot_keys} == {"expiry", "stats"}
+        assert {k.rsplit(":", 1)[1] for k in slot_keys} == {"expiry", "stats", "ukeys"}
     assert key_slot(f"{{{BOB}}}") != key_slot(f"{{{CAROL}}}")
 
 
