@@ -98,11 +98,13 @@ class OfflineBytes:
     def check(self, sender: str, ip: str, size: int, now: float, message_id: str,
               room: int | None = None) -> list[str]:
         """Raise ``RATE_LIMITED`` when ``size`` more bytes would pass a budget (0: none), or, with ``room`` (see
-        ``low_room``), 1/SHARE_OF_ROOM of it; else the keys to ``add`` to."""
+        ``low_room``) that ``size`` fits in, 1/SHARE_OF_ROOM of the room; else the keys to ``add`` to. (What does
+        not fit at all is the storage budget's refusal, ``storage_unavailable``, for everyone alike.)"""
+        share = room // SHARE_OF_ROOM if room is not None and size <= room else None
         budgets = self.budgets(sender, ip, now)
         for key, budget in budgets:
             used = self._used.get(key, 0) + size
-            if (budget and used > budget) or (room is not None and used > room // SHARE_OF_ROOM):
+            if (budget and used > budget) or (share is not None and used > share):
                 raise bytes_spent(message_id)
         return [key for key, _ in budgets]
 

@@ -81,9 +81,9 @@ class RedisKeys:
 
     async def _forget(self, script: scripts.Script, key: str, stats: str, index: str, *args: Any) -> bool:
         """Run a script that may delete a key; whether it did (what the key counted leaves the budget)."""
-        size = int(await self.link.write(script, [key, stats, index], list(args)))
-        self.core.other_bytes -= size
-        return size > 0
+        deleted, size = await self.link.write(script, [key, stats, index], list(args))
+        self.core.other_bytes -= int(size)
+        return int(deleted) == 1
 
     async def expire_keys(self, before_ms: int, now_ms: int) -> int:
         """Lookups are written first (a script per slot); then each slot's index of unsigned keys is read

@@ -420,7 +420,9 @@ if gone > 0 then settle(c0, b0, c0, b0, -gone) end
 return gone
 """)
 
-# KEYS: key record, slot stats, migration ledger, key floor, the slot's unsigned keys.
+# KEYS: key record, slot stats, migration ledger, key floor, the slot's unsigned keys. The record's field b holds
+# what it counts in the storage budget (records stored before it existed count 0, and come into the count when
+# written again).
 # ARGV: mode (put | migrate), created_at, migration member, ledger ttl ms, updated_at, issued_at of a signed key
 # ('' when unsigned), then field/value pairs (created_at excluded). A signed key raises the floor (never lowers
 # it); a migrated key never replaces one that is as new or newer.
@@ -438,18 +440,15 @@ if mode == 'migrate' then
   if current and tonumber(current) >= tonumber(ARGV[5]) then return {'newer', current} end
 end
 local old = redis.call('HGET', K, 'created_at')
-local size = 0
-if old then
-  created = old
-  size = -(redis.call('HSTRLEN', K, 'public_key') + redis.call('HSTRLEN', K, 'signature') + KEY_OVERHEAD)
-else
-  redis.call('HINCRBY', STATS, 'keys', 1)
-end
+local size = -tonumber(redis.call('HGET', K, 'b') or '0')
+if old then created = old else redis.call('HINCRBY', STATS, 'keys', 1) end
 redis.call('DEL', K)
 local fields = {'created_at', created}
 for k = 7, #ARGV do fields[#fields + 1] = ARGV[k] end
 redis.call('HSET', K, unpack(fields))
-size = size + redis.call('HSTRLEN', K, 'public_key') + redis.call('HSTRLEN', K, 'signature') + KEY_OVERHEAD
+local counted = redis.call('HSTRLEN', K, 'public_key') + redis.call('HSTRLEN', K, 'signature') + KEY_OVERHEAD
+redis.call('HSET', K, 'b', counted)
+size = size + counted
 if size ~= 0 then redis.call('HINCRBY', STATS, 'kbytes', size) end
 if redis.call('HEXISTS', K, 'signature') == 1 then
   redis.call('ZREM', KEYS[5], K)
@@ -472,22 +471,22 @@ return 1
 
 _FORGET_KEY = r"""
 local function forget_key()
-  local size = redis.call('HSTRLEN', KEYS[1], 'public_key') + redis.call('HSTRLEN', KEYS[1], 'signature')
+  local size = tonumber(redis.call('HGET', KEYS[1], 'b') or '0')
   redis.call('ZREM', KEYS[3], KEYS[1])
-  if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+  if redis.call('DEL', KEYS[1]) == 0 then return {0, 0} end
   redis.call('HINCRBY', KEYS[2], 'keys', -1)
-  redis.call('HINCRBY', KEYS[2], 'kbytes', -(size + KEY_OVERHEAD))
-  return size + KEY_OVERHEAD
+  if size > 0 then redis.call('HINCRBY', KEYS[2], 'kbytes', -size) end
+  return {1, size}
 end
-""".replace("KEY_OVERHEAD", str(KEY_OVERHEAD_BYTES))
+"""
 
-# The three scripts below return what the key counted in the storage budget when they deleted it, else 0.
+# The three scripts below return {1, what the key counted in the storage budget} when they deleted it, else {0, 0}.
 # KEYS: key record, slot stats, the slot's unsigned keys. Deletes the key (its floor stays).
 DELETE_KEY = Script("delete_key", _FORGET_KEY + "return forget_key()")
 
 # KEYS: key record, slot stats, the slot's unsigned keys. Deletes the key when it is unsigned.
 DROP_UNSIGNED_KEY = Script("drop_unsigned_key", _FORGET_KEY + r"""
-if redis.call('HEXISTS', KEYS[1], 'signature') == 1 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'signature') == 1 then return {0, 0} end
 return forget_key()
 """)
 
@@ -495,10 +494,10 @@ return forget_key()
 # and was last uploaded or looked up before ``before``. Its entry in the index goes either way.
 EXPIRE_KEY = Script("expire_key", _FORGET_KEY + r"""
 local last = redis.call('ZSCORE', KEYS[3], KEYS[1])
-if not last or tonumber(last) >= tonumber(ARGV[1]) then return 0 end
+if not last or tonumber(last) >= tonumber(ARGV[1]) then return {0, 0} end
 if redis.call('HEXISTS', KEYS[1], 'signature') == 1 then
   redis.call('ZREM', KEYS[3], KEYS[1])
-  return 0
+  return {0, 0}
 end
 return forget_key()
 """)
