@@ -25,9 +25,9 @@ BIG = "x" * (256 << 10)
 @pytest.fixture(params=["sqlite", "redis"])
 def start_on(request: pytest.FixtureRequest, start_relay: Callable[..., ThreadRelay],
              tmp_path: Any) -> Callable[..., ThreadRelay]:
-    """``start_on(**sections)``: a relay on a SQLite file of this test's own, or on the session's redis-server
-    under a key prefix of its own."""
-    def start(**sections: dict[str, Any]) -> ThreadRelay:
+    """``start_on(clock=None, **sections)``: a relay on a SQLite file of this test's own, or on the session's
+    redis-server under a key prefix of its own."""
+    def start(clock: Any = None, **sections: dict[str, Any]) -> ThreadRelay:
         storage: dict[str, Any] = {"backend": request.param, **sections.pop("storage", {})}
         if request.param == "sqlite":
             storage.setdefault("path", str(tmp_path / "relayd.db"))
@@ -35,7 +35,7 @@ def start_on(request: pytest.FixtureRequest, start_relay: Callable[..., ThreadRe
             sections["redis"] = {"url": request.getfixturevalue("redis_server").url,
                                  "key_prefix": request.getfixturevalue("redis_prefix")}
         sections["storage"] = storage
-        return start_relay(store=make_store(make_config(**sections)), **sections)
+        return start_relay(store=make_store(make_config(**sections)), clock=clock, **sections)
     return start
 
 
@@ -113,6 +113,24 @@ def test_a_key_planted_before_the_first_signed_sign_in_stops_being_served(start_
         owner.send(signed_auth_frame(KEY_A, challenge_of(owner)))
         assert owner.recv_type("auth_success")["verified"] is True
     assert relay.http("GET", f"/api/public-keys/{ADDR_A}").json["publicKey"] == own
+
+
+def test_unsigned_keys_nobody_uploads_or_looks_up_expire(start_on, manual_clock) -> None:
+    """Was: keys never expired, so one IP's uploads of random addresses' keys stayed for ever."""
+    relay = start_on(clock=manual_clock, auth={"mode": "open"}, storage={"unsigned_key_ttl_days": 1},
+                     queue={"expiry_interval_s": 0.05})
+    for n in (1, 2):
+        assert put_key(relay, addr(n), base64_key()).status == 200
+    signed = relay.http("POST", "/api/public-keys", key_body(KEY_A, base64_key(), int(manual_clock.wall())))
+    assert signed.status == 200
+    manual_clock.advance(0.6 * 86400)
+    assert relay.http("GET", f"/api/public-keys/{addr(2)}").status == 200  # someone still looks this one up
+    manual_clock.advance(0.6 * 86400)  # (a lookup of addr(1) now would keep it: the count is watched instead)
+    wait_until(lambda: relay.http("GET", "/api/public-keys/stats/all").json["totalKeys"] == 2, "the unused key expired")
+    assert stored(relay) == key_bytes(base64_key(), None) + key_bytes(base64_key(), "0x" + "00" * 65)  # 65-byte signature
+    assert relay.http("GET", f"/api/public-keys/{addr(1)}").status == 404
+    assert relay.http("GET", f"/api/public-keys/{addr(2)}").status == 200
+    assert relay.http("GET", f"/api/public-keys/{ADDR_A}").json["verified"] is True  # signed keys stay
 
 
 # Read receipts
