@@ -100,6 +100,8 @@ class RelayServer:
         self.housekeeping.tick_callbacks.append(self.gateway.tick)
         self._stopping = False
         self.crypto = ""
+        self.budget_how = ""
+        """How the automatic storage budget was found (for the start-up log)."""
 
     def configure(self, config: Config) -> None:
         """Apply a (re)loaded configuration to every part; SIGHUP calls this."""
@@ -128,6 +130,9 @@ class RelayServer:
     def session_count(self) -> int:
         return self.gateway.session_count()
 
+    def storage_budget(self) -> int:
+        return self.delivery.limits.max_total_bytes
+
     def accepting(self) -> bool:
         server = self.gateway.server
         return server is not None and server.is_serving() and not self._stopping
@@ -139,7 +144,8 @@ class RelayServer:
         await self.store.open()
         if self.cluster is not None:
             await self.cluster.start()
-        self.delivery.storage_budget = automatic_budget(self.config, self.store)
+        budget = automatic_budget(self.config, self.store)
+        self.delivery.storage_budget, self.budget_how = budget.bytes, budget.how
         self.router.configure(self.config)
         self.crypto = self.authenticator.prepare(self.config.auth.crypto)
         delivery = self.delivery

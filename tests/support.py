@@ -466,9 +466,11 @@ class HttpReply:
 
 
 def http_request(port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                 raw_body: bytes | None = None, timeout: float = 5) -> HttpReply:
-    """One request with http.client; ``body`` is sent as JSON, ``raw_body`` as is. Header names come back lower-case."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(timeout))
+                 raw_body: bytes | None = None, timeout: float = 5, source: str | None = None) -> HttpReply:
+    """One request with http.client; ``body`` is sent as JSON, ``raw_body`` as is. Header names come back lower-case.
+    ``source``: the loopback address to send from (another client IP)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(timeout),
+                                      source_address=(source, 0) if source else None)
     hdrs = {"Connection": "close", **(headers or {})}  # one request per connection unless a test asks
     data = raw_body
     if body is not None:

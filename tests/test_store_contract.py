@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from relayd.api.messages import message_view
-from relayd.storage.store import (EnqueueResult, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt,
-                                  StorageUnavailable, Store)
+from relayd.storage.store import (RECEIPT_BYTES, EnqueueResult, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt,
+                                  StorageUnavailable, Store, key_bytes)
 
 QUEUED, DUPLICATE, DELIVERED, FULL, NO_SPACE = (EnqueueResult.QUEUED, EnqueueResult.DUPLICATE,
                                                 EnqueueResult.DELIVERED, EnqueueResult.FULL, EnqueueResult.NO_SPACE)
@@ -573,4 +573,77 @@ def test_push_subscriptions_expire_unless_their_address_signs_in(store_backend):
                                                                             expires_at=now + 60_000)])
         assert [s.id for s in await store.push_subscriptions("carol", now + 120_000)] == ["c1"]
         assert await store.push_subscriptions("nobody", now) == []
+    store_backend(body)
+
+
+# What the storage budget counts; unsigned keys that go (issue 20)
+
+def key(address: str, public_key: str, updated_at: int = 1000, *, signed: bool = False) -> KeyRecord:
+    if not signed:
+        return KeyRecord(address, public_key, updated_at, updated_at)
+    return KeyRecord(address, public_key, updated_at, updated_at, "x25519", updated_at // 1000, "doubleHash",
+                     "0x" + "ab" * 65)
+
+
+def test_stored_bytes_counts_keys_and_receipts_as_the_budget_does(store_backend):
+    async def body(store: Store) -> None:
+        await store.put_key(key("carol", "k" * 100))
+        assert store.stored_bytes() == key_bytes("k" * 100, None)
+        await store.put_key(key("carol", "k" * 50, 2000))  # a replaced key counts once, at its new size
+        signed = key("dave", "s" * 44, signed=True)
+        await store.put_key(signed)
+        keys = key_bytes("k" * 50, None) + key_bytes("s" * 44, signed.signature)
+        assert store.stored_bytes() == keys
+        await store.add_receipts([Receipt("erin", "reader", f"m{i}", 1000) for i in range(3)], 2)
+        assert store.stored_bytes() == keys + 2 * RECEIPT_BYTES  # the receipt past the cap went
+        [first, _] = await store.receipts("erin", 10)
+        assert await store.remove_receipts("erin", [first.seq]) == 1
+        assert await store.delete_key("carol") is True
+        assert store.stored_bytes() == key_bytes("s" * 44, signed.signature) + RECEIPT_BYTES
+        await store.stats()  # a backend that refreshes its sums from storage agrees with itself
+        counted = store.stored_bytes()
+        assert counted == key_bytes("s" * 44, signed.signature) + RECEIPT_BYTES
+        limits = QueueLimits(max_messages=10, max_bytes=1000, drop_oldest=False, max_total_bytes=counted + 5)
+        assert await store.enqueue(msg("bob", "m1", "123456"), limits) is NO_SPACE  # keys and receipts left 5
+        assert await store.enqueue(msg("bob", "m2", "12345"), limits) is QUEUED
+        assert await store.expire(2000) == 1  # the message and the receipt, both older
+        assert store.stored_bytes() == key_bytes("s" * 44, signed.signature)
+    store_backend(body)
+
+
+def test_drop_unsigned_key_leaves_a_signed_one(store_backend):
+    async def body(store: Store) -> None:
+        signed = key("dave", "s" * 44, signed=True)
+        await store.put_key(key("carol", "planted"))
+        await store.put_key(signed)
+        assert await store.drop_unsigned_key("carol") is True
+        assert await store.drop_unsigned_key("dave") is False
+        assert await store.drop_unsigned_key("nobody") is False
+        assert await store.get_key("carol") is None
+        assert (await store.get_key("dave")) == signed
+        assert store.stored_bytes() == key_bytes("s" * 44, signed.signature)
+        assert await store.key_count() == 1
+    store_backend(body)
+
+
+def test_expire_keys_removes_unsigned_keys_nobody_uploaded_or_looked_up(store_backend):
+    async def body(store: Store) -> None:
+        await store.put_key(key("old", "a"))
+        await store.put_key(key("looked-up", "b"))
+        await store.put_key(key("fresh", "c", 10_000))
+        await store.put_key(key("signed", "d", signed=True))
+        assert (await store.get_keys(["looked-up", "nobody"])).keys() == {"looked-up"}
+        assert await store.expire_keys(5000, 8000) == 1
+        assert await store.get_key("old") is None
+        assert set(await store.get_keys(["looked-up", "fresh", "signed"])) == {"looked-up", "fresh", "signed"}
+        # Nobody looked "looked-up" up since 8000 (the lookup just above counts from the next call on).
+        assert await store.expire_keys(8500, 9500) == 0
+        assert await store.expire_keys(9600, 9700) == 1  # the lookup above made it used at 9500, not after
+        assert set(await store.get_keys(["looked-up", "fresh", "signed"])) == {"fresh", "signed"}
+        assert await store.key_count() == 2
+        assert store.stored_bytes() == key_bytes("c", None) + key_bytes("d", "0x" + "ab" * 65)
+        await store.put_key(key("fresh", "c2", 20_000))  # uploading again keeps it
+        assert await store.expire_keys(15_000, 20_000) == 0
+        assert await store.expire_keys(10**12, 10**12) == 1  # but not for ever; the signed key stays
+        assert await store.key_count() == 1
     store_backend(body)

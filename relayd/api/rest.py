@@ -58,7 +58,7 @@ class HttpApi:
         self.clock = clock
         self.limits = RestLimits(config.limits, metrics)
         self.groups = (HealthRoutes(config, store, metrics, relay, clock),
-                       KeyRoutes(config, store, authenticator, sessions, self.limits, clock),
+                       KeyRoutes(config, store, authenticator, sessions, self.limits, clock, relay.storage_budget),
                        MessageRoutes(config, store, authenticator),
                        PresenceRoutes(config, presence, self.limits, clock),
                        PushRoutes(config, vapid_public_key))

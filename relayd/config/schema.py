@@ -118,6 +118,10 @@ class LimitsSection:
                                                  "recipients per hour (0: no limit): whoever fills the storage "
                                                  "is refused before everyone else.", min=0, max=1 << 40,
                                                  reload=True)
+    key_bytes_per_ip_per_hour: int = opt(16 << 20, "Bytes of keys one client IP may upload per hour, counted "
+                                         "as they count in the storage budget (0: no limit; a signed key is "
+                                         "about 300 bytes, so many phones behind one carrier NAT address "
+                                         "fit).", min=0, max=1 << 40, reload=True)
     offline_bytes_per_ip_per_hour: int = opt(512 << 20, "Bytes of content all senders of one client IP may queue "
                                              "for offline recipients per hour (0: no limit; sized for many "
                                              "phones behind one carrier NAT address).", min=0, max=1 << 44,
@@ -156,10 +160,16 @@ class StorageSection:
                            choices=("normal", "full"))
     commit_interval_ms: float = opt(2.0, "Longest a write waits to be grouped into one commit.",
                                     min=0, max=1000)
-    max_bytes: int = opt(-1, "Content bytes all offline queues together may hold; past it new offline "
-                             "messages get storage_unavailable (-1: half the free disk space at start-up for "
-                             "SQLite, no budget for the others; 0: no budget).", min=-1, max=1 << 50,
+    max_bytes: int = opt(-1, "Bytes that queued content, stored read receipts and keys together may take; "
+                             "past it new offline messages, receipts and keys get storage_unavailable (-1: "
+                             "SQLite half the size of the database's file system, at most what relayd holds "
+                             "plus the free space less 5 % of the file system, so restarts do not move it; "
+                             "Redis half of maxmemory, or 1 GiB without maxmemory; memory none. 0: no "
+                             "budget).", min=-1, max=1 << 50,
                          reload=True)
+    unsigned_key_ttl_days: float = opt(90.0, "An unsigned key nobody uploaded again or looked up for this long "
+                                             "is deleted (0: never); signed keys stay, they are their owners'.",
+                                       min=0, max=36500, reload=True)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,23 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+RECEIPT_BYTES = 256
+"""What one stored read receipt counts in the storage budget: two addresses, a messageId of up to 128
+characters, times, and the store's own overhead."""
+KEY_OVERHEAD_BYTES = 128
+"""What a stored key counts beyond its public key and signature (address, times, the store's overhead)."""
+
+
+KEY_LOOKUPS_REMEMBERED = 100_000
+"""Addresses whose unsigned key was looked up, remembered in memory between two ``expire_keys`` calls (past it,
+further lookups until the next call do not count as use)."""
+
+
+def key_bytes(public_key: str, signature: str | None) -> int:
+    """What a key counts in the storage budget."""
+    return len(public_key) + len(signature or "") + KEY_OVERHEAD_BYTES
+
+
 class StorageUnavailable(Exception):
     """The store cannot read or write right now (disk full, read-only, locked...): nothing was written."""
 
@@ -51,7 +68,8 @@ class EnqueueResult(enum.Enum):
 
 @dataclass(slots=True)
 class QueueLimits:
-    """Per-recipient caps, and the storage budget over all queues (``max_total_bytes``, 0: none)."""
+    """Per-recipient caps, and the storage budget (``max_total_bytes``, 0: none) over what ``stored_bytes``
+    counts."""
 
     max_messages: int
     max_bytes: int
@@ -132,8 +150,8 @@ class MessageStore(Protocol):
         the same (sender, recipient, messageId) is still stored (nothing is
         written; ``msg.seq`` is set to the stored one's), DELIVERED when it
         left the store as delivered (``remove``, ``ack``, ``record_delivered``)
-        within the retention period (nothing is written), NO_SPACE when the content would take the store past
-        ``max_total_bytes``, or FULL when the recipient's queue is at
+        within the retention period (nothing is written), NO_SPACE when the content would take ``stored_bytes``
+        past ``max_total_bytes``, or FULL when the recipient's queue is at
         ``max_messages`` or the content would pass ``max_bytes`` and
         ``drop_oldest`` is off. With ``drop_oldest`` the oldest messages are
         removed to make room (a single message larger than ``max_bytes`` is
@@ -213,7 +231,9 @@ class MessageStore(Protocol):
         ...
 
     def stored_bytes(self) -> int:
-        """Content bytes stored for all recipients, from memory, as ``max_total_bytes`` counts them."""
+        """The bytes ``max_total_bytes`` counts, from memory: content of every queue, ``RECEIPT_BYTES`` per
+        stored receipt and ``key_bytes`` per key. Never waits and never raises (on several instances, other
+        instances' writes are included as of the backend's last refresh)."""
         ...
 
     async def stats(self) -> dict[str, int]:
@@ -275,6 +295,22 @@ class KeyStore(Protocol):
 
         A signed key leaves its ``issued_at`` behind (see ``key_floor``), so
         its old statement can never be published again.
+        """
+        ...
+
+    async def drop_unsigned_key(self, address: str) -> bool:
+        """Delete the key of ``address`` if it is unsigned (a signed key stays, whatever happens meanwhile);
+        whether one went. When an address is locked by its first signed sign-in, a key anyone may have planted
+        before stops being served."""
+        ...
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        """Delete unsigned keys neither uploaded nor looked up since ``before_ms``; how many went.
+
+        A lookup (``get_key``, ``get_keys``) of an unsigned key is remembered in
+        memory (up to ``KEY_LOOKUPS_REMEMBERED`` addresses) and written here as a
+        use at ``now_ms``, so lookups never write. Signed keys stay: they are
+        their owners'. Works in bounded batches.
         """
         ...
 

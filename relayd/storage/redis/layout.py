@@ -106,6 +106,14 @@ class Layout:
         return (self._own(address, "key"), self.slot_keys(self.slot_of(address))[1], self._own(address, "mig"),
                 self._own(address, "kf"))
 
+    def unsigned_keys(self, slot: int) -> str:
+        """ZSET key record name -> when it was last uploaded or looked up (ms), of the slot's unsigned keys."""
+        return f"{self.prefix}{{{slot_tag(slot)}}}:ukeys"
+
+    def address_of_key(self, name: str) -> str:
+        """The address of a key record's name (``key``'s first element)."""
+        return name[len(self.prefix) + 1:-len("}:key")]
+
     def tokens_of(self, address: str) -> str:
         """ZSET token hash -> expiry (ms) of one address: the per-address cap keeps it short."""
         return self._own(address, "tok")

@@ -74,6 +74,12 @@ class RedisStore:
         """What ``queued`` means on this Redis (read at open)."""
         return self.lifecycle.durability
 
+    @property
+    def maxmemory(self) -> int | None:
+        """Redis's ``maxmemory`` (the smallest primary's; 0: none), or None until the server was reached: what
+        the automatic storage budget is derived from."""
+        return self.lifecycle.durability.maxmemory if self.lifecycle.durability else None
+
     def pipeline(self, client: Commands) -> Pipe:
         return self.core.pipeline(client)
 
@@ -155,8 +161,9 @@ class RedisStore:
         return max(self.core.totals.messages, 0)
 
     def stored_bytes(self) -> int:
-        """Content bytes in all queues, kept like ``total()``."""
-        return max(self.core.totals.bytes, 0)
+        """Content bytes in all queues, kept like ``total()``, and what receipts and keys count (from the
+        statistics read every ``refresh_interval_s``, plus this instance's writes since)."""
+        return max(self.core.totals.bytes + self.core.other_bytes, 0)
 
     async def stats(self) -> dict[str, int]:
         return await self.core.stats()
@@ -191,6 +198,12 @@ class RedisStore:
 
     async def delete_key(self, address: str) -> bool:
         return await self.keys.delete_key(address)
+
+    async def drop_unsigned_key(self, address: str) -> bool:
+        return await self.keys.drop_unsigned_key(address)
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        return await self.keys.expire_keys(before_ms, now_ms)
 
     async def key_floor(self, address: str) -> int | None:
         return await self.keys.key_floor(address)

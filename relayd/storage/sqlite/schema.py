@@ -133,6 +133,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (address, id)) WITHOUT ROWID""",
         "CREATE INDEX push_subscriptions_expires_at ON push_subscriptions (expires_at)",
     ),
+    (   # unsigned keys nobody uploaded or looked up for a long time expire: when one was last looked up
+        "ALTER TABLE keys ADD COLUMN used_at INTEGER",
+        "CREATE INDEX keys_unsigned_last_use ON keys (max(updated_at, COALESCE(used_at, 0))) "
+        "WHERE signature IS NULL",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

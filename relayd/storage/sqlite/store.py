@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .file import count_stats, describe_error, inspect
-from .keys import KeyDirectory
+from .keys import KEY_BYTES_SQL, KeyDirectory
 from .owner import OwnerLock
 from .push import PushTable
 from .queue import (
@@ -35,6 +35,7 @@ from .queue import (
 from .schema import migrate
 from .writer import NONE, Delta, SQLiteWriter
 from ..store import (
+    RECEIPT_BYTES,
     EnqueueResult,
     KeyRecord,
     PushSubscription,
@@ -128,8 +129,11 @@ class SQLiteStore:
                 raise StoreOpenError(f"cannot switch {path} to WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             migrate(conn)
-            total, nbytes = conn.execute("SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) "
-                                         "FROM queues").fetchone()
+            total, nbytes, receipts = conn.execute(
+                "SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0), COALESCE(SUM(receipts), 0) "
+                "FROM queues").fetchone()
+            nbytes += receipts * RECEIPT_BYTES + conn.execute(
+                f"SELECT COALESCE(SUM({KEY_BYTES_SQL}), 0) FROM keys").fetchone()[0]
             self._seqs = SeqCounter(0)
             self._seqs.resync(conn)
         except StoreOpenError:
@@ -271,6 +275,12 @@ class SQLiteStore:
 
     async def delete_key(self, address: str) -> bool:
         return await self._keys.delete_key(address)
+
+    async def drop_unsigned_key(self, address: str) -> bool:
+        return await self._keys.drop_unsigned_key(address)
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        return await self._keys.expire_keys(before_ms, now_ms)
 
     async def key_floor(self, address: str) -> int | None:
         return await self._keys.key_floor(address)
