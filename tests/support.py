@@ -6,7 +6,7 @@ is driven with real sockets.
 
 Timeouts: every ``timeout`` a helper here takes is in seconds *on a normal
 machine* and is multiplied by ``TIMEOUT_FACTOR``, read from the environment
-variable ``RELAYD_TEST_TIMEOUT_FACTOR`` (default 1), so a slow CI machine can
+variable ``RELAYDTEST_TIMEOUT_FACTOR`` (default 1), so a slow CI machine can
 be given more time without editing a test (like websockets' ``MS``). Tests
 never sleep to order events: they wait on something observable with
 ``wait_until``, send a ``ping`` and read up to its ``pong`` (frames on one
@@ -27,6 +27,7 @@ import resource
 import secrets
 import signal
 import socket
+import ssl
 import sqlite3
 import subprocess
 import sys
@@ -54,7 +55,9 @@ from relayd.server import RelayServer
 from relayd.storage.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT_FACTOR = float(os.environ.get("RELAYD_TEST_TIMEOUT_FACTOR", "1"))
+TIMEOUT_FACTOR = float(os.environ.get("RELAYDTEST_TIMEOUT_FACTOR")
+                       or os.environ.get("RELAYD_TEST_TIMEOUT_FACTOR", "1"))
+"""``RELAYD_TEST_TIMEOUT_FACTOR`` is the old name, still read (the daemon ignores ``RELAYD_TEST_*``)."""
 
 T = TypeVar("T")
 
@@ -446,6 +449,26 @@ def cli_ok(cwd: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     result = run_cli(cwd, *args, **kwargs)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
+
+
+# TLS
+
+
+def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (needs the openssl CLI): the (cert, key) paths."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+def client_context(cert: Path) -> ssl.SSLContext:
+    """A client TLS context trusting only ``cert``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(cert))
+    return ctx
 
 
 # HTTP

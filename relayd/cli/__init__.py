@@ -28,6 +28,8 @@ from .options import (
     CONFIG_COMMANDS,
     EXIT_CONFIG,
     EXIT_USAGE,
+    LISTENING_FLAGS,
+    OFFLINE_COMMANDS,
     UsageError,
     build_parser,
     given_config_flags,
@@ -50,6 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         misplaced = given_config_flags(args)
         if misplaced:
             parser.error(f"{', '.join(misplaced)}: configure the relay daemon and do not apply to "
+                         f"`relayd {command}`")
+    if command in OFFLINE_COMMANDS:
+        listening = [f"--{flag}" for flag in LISTENING_FLAGS if getattr(args, flag, None) is not None]
+        if listening:
+            parser.error(f"{', '.join(listening)}: say where the daemon listens and mean nothing to "
                          f"`relayd {command}`")
     if args.check_config and command != "run":
         parser.error(f"--check-config goes with run only, not with `relayd {command}` "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import ssl
 import sys
 from typing import Any, Awaitable
 
@@ -24,11 +25,21 @@ def _identity(spec: str, flag: str) -> Any:
         raise UsageError(f"{flag}: {exc}") from None
 
 
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context of ``--cafile``, or None for the system's trust store."""
+    if not args.cafile:
+        return None
+    try:
+        return ssl.create_default_context(cafile=args.cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--cafile {args.cafile}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def _client(args: argparse.Namespace, identity: Any = None, **kw: Any) -> Any:
     from ..client import RelayClient
     try:
         return RelayClient(args.relay, identity, timeout=kw.pop("timeout", None) or args.timeout
-                           or DEFAULT_CLIENT_TIMEOUT, **kw)
+                           or DEFAULT_CLIENT_TIMEOUT, ssl=_tls(args), **kw)
     except ValueError as exc:
         raise UsageError(f"--relay: {exc}") from None
 
@@ -150,6 +161,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     client = _client(args)  # validates --relay before anything runs
     return _run_client("check", RelayCheck(client.url, args.timeout or DEFAULT_CLIENT_TIMEOUT,
-                                           plain=args.plain).run())
+                                           plain=args.plain, tls=client.endpoint.ssl).run())
 
 

@@ -28,6 +28,9 @@ FLAG_KEYS = {"host": ("server", "host"), "port": ("server", "port"), "log_level"
              "storage": ("storage", "backend"), "db": ("storage", "path")}
 CONFIG_COMMANDS = ("run", "config", "backup", "stats", "migrate")
 """Commands that read relayd's configuration; the others talk to a relay or need nothing."""
+LISTENING_FLAGS = ("host", "port")
+"""Flags that only say where the daemon listens: meaningless to the database commands."""
+OFFLINE_COMMANDS = ("backup", "stats", "migrate")
 
 
 class UsageError(Exception):
@@ -54,6 +57,9 @@ def _config_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
 def _client_options(parser: argparse.ArgumentParser, *, timeout_help: str | None = None) -> None:
     parser.add_argument("--relay", metavar="URL", default=DEFAULT_RELAY,
                         help=f"ws:// or wss:// URL of the relay (default {DEFAULT_RELAY})")
+    parser.add_argument("--cafile", metavar="FILE",
+                        help="PEM certificates to trust for wss:// instead of the system's (a self-signed or "
+                             "private CA's certificate)")
     parser.add_argument("--timeout", metavar="S", type=_positive_float, default=None,
                         help=timeout_help or f"longest wait for any answer, in seconds "
                                              f"(default {DEFAULT_CLIENT_TIMEOUT:g})")

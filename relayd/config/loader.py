@@ -14,7 +14,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .schema import CONFIG_FILE_ENV, ENV_PREFIX, SECTIONS, Config, ConfigError, env_name
+from .schema import CONFIG_FILE_ENV, ENV_PREFIX, IGNORED_ENV_PREFIXES, SECTIONS, Config, ConfigError, env_name
 
 
 def _convert(section: str, f: dataclasses.Field, raw: Any, source: str) -> Any:
@@ -177,7 +177,7 @@ def load_config_with_sources(
             if name in environ:
                 apply(section, f, environ[name], f"environment {name}")
     for name in environ:
-        if name.startswith(ENV_PREFIX) and not _env_known(name):
+        if name.startswith(ENV_PREFIX) and not name.startswith(IGNORED_ENV_PREFIXES) and not _env_known(name):
             raise ConfigError(f"environment {name}: unknown setting (expected {ENV_PREFIX}SECTION_KEY)")
 
     for section, key, raw in overrides:

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "RELAYD_"
+IGNORED_ENV_PREFIXES = ("RELAYD_TEST_", "RELAYD_BENCH_", "RELAYD_CI_")
+"""Not the daemon's: the test suite's, benchmarks' and CI's variables (now ``RELAYDTEST_*``, ``RELAYDBENCH_*``;
+the old names are ignored rather than refused, so a shell that exports them can still start relayd)."""
 CONFIG_FILE_ENV = "RELAYD_CONFIG"
 """The configuration file of the commands that read one, when --config is not given (the container sets it)."""
 
