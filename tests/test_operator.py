@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,98 @@ def test_the_container_uid_is_told_how_to_fix_a_bind_mount(monkeypatch, tmp_path
     from relayd.storage.sqlite.file import CONTAINER_UID, permission_hint
     monkeypatch.setattr(os, "getuid", lambda: CONTAINER_UID)
     assert f"chown -R {CONTAINER_UID}:{CONTAINER_UID}" in permission_hint(Path(tmp_path))
+
+
+# Secrets
+
+
+def test_relayd_config_and_check_config_redact_the_redis_password(tmp_path):
+    conf = tmp_path / "relayd.conf"
+    conf.write_text("[redis]\nurl = redis://relayd:hunter2@127.0.0.1:6379/0\n")
+    shown = cli_ok(tmp_path, "config", "--config", str(conf), "--set", "redis.url=redis://:s3cret@10.0.0.1:6380/1",
+                   env=clean_env(RELAYD_REDIS_URL="redis://:fromenv@127.0.0.1/0"))
+    assert "url = redis://:***@10.0.0.1:6380/1  # command line --set redis.url=redis://:***@10.0.0.1:6380/1, " \
+           "secret redacted" in shown.stdout
+    checked = cli_ok(tmp_path, "--check-config", "--config", str(conf), "--storage", "memory")
+    for out in (shown.stdout + shown.stderr, checked.stdout + checked.stderr):
+        for secret in ("hunter2", "s3cret", "fromenv"):
+            assert secret not in out
+
+
+def test_redact_url_keeps_everything_but_the_password():
+    from relayd.config import redact_url, redacted
+    assert redact_url("rediss://user:pw@h:1/2") == "rediss://user:***@h:1/2"
+    assert redact_url("redis://:pw@h/0") == "redis://:***@h/0"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert redact_url("redis://user@h/0") == "redis://user@h/0"
+    assert redacted("redis", "url", "redis://:pw@h/0") == "redis://:***@h/0"
+    assert redacted("server", "port", 3000) == 3000
+
+
+# --check-config checks what a start checks
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--host", "relay.invalid"), "[server] host: 'relay.invalid' does not resolve"),
+    (("--host", "0.0.0.0:3000"), "without brackets or port"),
+    (("--host", "[::1]"), "without brackets or port"),
+    (("--host", "127.0.0.1,::1", "--port", "0"), "port = 0"),
+    (("--set", "server.host=,"), "[server] host must name at least one address"),
+    (("--db", "relayd.conf"), "is not a SQLite database"),
+])
+def test_check_config_refuses_what_a_start_would(tmp_path, args, needle):
+    (tmp_path / "relayd.conf").write_text("[auth]\nmode = open\n")
+    checked = run_cli(tmp_path, "--check-config", *args)
+    assert checked.returncode == 2, checked.stdout
+    assert needle in checked.stderr, checked.stderr
+    started = run_cli(tmp_path, *args)  # a start fails too (a name that does not resolve: at bind, with exit 1)
+    assert started.returncode in (1, 2) and "relayd listening" not in started.stderr, started.stderr
+
+
+def test_check_config_refuses_the_redis_backend_without_its_extra(tmp_path):
+    from support import without_modules
+    env = clean_env(**without_modules(tmp_path, "redis"), RELAYD_STORAGE_BACKEND="redis")
+    result = run_cli(tmp_path, "--check-config", env=env)
+    assert result.returncode == 2, result.stdout
+    assert "[storage] backend = redis" in result.stderr and "extra" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a test certificate")
+def test_check_config_loads_the_certificate_and_key_together(tmp_path):
+    one, _ = make_cert(tmp_path, "one")
+    _, other_key = make_cert(tmp_path, "two")
+    result = run_cli(tmp_path, "--check-config", "--set", f"tls.certfile={one}", "--set", f"tls.keyfile={other_key}")
+    assert result.returncode == 2
+    assert "[tls] certfile/keyfile do not load" in result.stderr, result.stderr
+    ok = cli_ok(tmp_path, "--check-config", "--set", f"tls.certfile={one}", "--set", f"tls.keyfile={tmp_path / 'one.key'}")
+    assert "TLS certificate and key: load and match" in ok.stdout
+
+
+# Listening
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def live_on(host: str, port: int) -> bool:
+    with socket.create_connection((host, port), timeout=scaled(2)) as s:
+        s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return s.recv(64).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="needs IPv6 on the loopback interface")
+@pytest.mark.parametrize("host", ["::", "127.0.0.1,::1"])
+def test_double_colon_is_dual_stack_and_host_takes_a_list(process_relays, tmp_path, host):
+    relay = process_relays(tmp_path, config_text=OPEN, env={"RELAYD_SERVER_HOST": host})  # ready on 127.0.0.1
+    assert live_on("127.0.0.1", relay.port) and live_on("::1", relay.port)
+    with relay.ws() as ipv4:
+        ipv4.send({"type": "auth", "address": new_address()})
+        assert ipv4.recv_type("auth_success")
+    help_text = cli_ok(tmp_path, "example-config").stdout
+    assert ":: for every interface, IPv6 and IPv4 together" in help_text

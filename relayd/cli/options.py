@@ -14,6 +14,7 @@ from ..config import (
     Config,
     ConfigError,
     env_name,
+    redacted,
 )
 
 EXIT_OK = 0
@@ -213,13 +214,15 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 
 def flag_of(args: argparse.Namespace) -> dict[tuple[str, str], str]:
-    """Which flag set each key given on the command line (the last one wins, as in the loader)."""
+    """Which flag set each key given on the command line (the last one wins, as in the loader), secrets
+    redacted: this is printed and logged."""
     flags = {key: f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
              if getattr(args, flag) is not None}
     for item in args.set:
-        name = item.partition("=")[0]
+        name, _, value = item.partition("=")
         section, _, key = name.partition(".")
-        flags[(section, key)] = f"--set {item}"
+        known = section in SECTIONS and key in {f.name for f in dataclasses.fields(SECTIONS[section])}
+        flags[(section, key)] = f"--set {name}={redacted(section, key, value) if known else value}"
     return flags
 
 

@@ -23,9 +23,12 @@ class ConfigError(Exception):
 
 
 def opt(default: Any, help: str, *, env: str | None = None, min: float | None = None,
-        max: float | None = None, choices: tuple[str, ...] | None = None, reload: bool = False) -> Any:
-    """Declare one option. ``reload`` marks keys SIGHUP may change at run time."""
-    meta = {"help": help, "env": env, "min": min, "max": max, "choices": choices, "reload": reload}
+        max: float | None = None, choices: tuple[str, ...] | None = None, reload: bool = False,
+        secret: bool = False) -> Any:
+    """Declare one option. ``reload`` marks keys SIGHUP may change at run time; ``secret`` keys (or a URL's
+    password in them) are redacted wherever values are printed or logged (``relayd.config.redact``)."""
+    meta = {"help": help, "env": env, "min": min, "max": max, "choices": choices, "reload": reload,
+            "secret": secret}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -33,7 +36,9 @@ def opt(default: Any, help: str, *, env: str | None = None, min: float | None = 
 
 @dataclass(frozen=True)
 class ServerSection:
-    host: str = opt("0.0.0.0", "Interface to listen on (0.0.0.0 for all IPv4, :: for all).")
+    host: tuple[str, ...] = opt(("0.0.0.0",), "Addresses to listen on, comma-separated: 0.0.0.0 for every IPv4 "
+                                              "interface, :: for every interface, IPv6 and IPv4 together (one "
+                                              "dual-stack socket), e.g. 127.0.0.1,::1 for both loopbacks.")
     port: int = opt(3000, "TCP port for WebSocket and REST together (the original's default). The Idena P2P "
                           "app connects to ws://localhost:3002: use port = 3002 for it.", env="PORT", min=0,
                     max=65535)
@@ -169,7 +174,8 @@ class StorageSection:
 class RedisSection:
     url: str = opt("redis://127.0.0.1:6379/0", "Redis server for backend = redis: redis://[:PASSWORD@]HOST:PORT/DB, "
                                                "or rediss:// for TLS. With cluster = true, any one node of the "
-                                               "cluster (database 0).")
+                                               "cluster (database 0). The password is redacted "
+                                               "wherever relayd prints the URL.", secret=True)
     key_prefix: str = opt("relayd:", "Prefix of every key relayd writes, so several relays or other "
                                      "applications can share one Redis. No { or }.")
     cluster: bool = opt(False, "true: url names a Redis Cluster node; keys are spread over the cluster's "
@@ -287,7 +293,7 @@ class Config:
     def effective_public_url(self) -> str:
         if self.server.public_url:
             return self.server.public_url
-        host = self.server.host
+        host = self.server.host[0] if self.server.host else ""
         if host in ("0.0.0.0", "::", ""):
             host = "localhost"
         elif ":" in host:
@@ -297,6 +303,21 @@ class Config:
 
     def replace(self, section: str, **values: Any) -> "Config":
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
+
+
+ALL_IPV6 = "::"
+ALL_IPV4 = "0.0.0.0"
+
+
+def listen_hosts(hosts: tuple[str, ...]) -> tuple[str, ...]:
+    """The hosts to bind for ``[server] host``: ``::`` brings ``0.0.0.0`` with it (asyncio makes every IPv6
+    listening socket IPv6-only); duplicates go."""
+    out: list[str] = []
+    for host in hosts:
+        for one in (host, ALL_IPV4) if host == ALL_IPV6 else (host,):
+            if one not in out:
+                out.append(one)
+    return tuple(out)
 
 
 def env_name(section: str, key: str) -> str:

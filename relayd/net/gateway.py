@@ -34,6 +34,7 @@ from .clientip import ClientIpResolver
 from .connection import RelayConnection
 from .http_connection import ConnectionLimits, HttpConnection, to_response
 from .http_values import HttpRequest, HttpResponse, error_response, header_value
+from .listen import plan
 from .origins import OriginPolicy
 
 log = logging.getLogger("relayd.server")
@@ -120,7 +121,11 @@ class Gateway:
     async def start(self, *, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None) -> Server:
         """Listen on ``sock`` or on ``[server] host:port``; returns the websockets server."""
         cfg = self.config.server
-        where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": cfg.host, "port": cfg.port}
+        where: dict[str, Any] = {"sock": sock}
+        if sock is None:
+            chosen = plan(cfg.host, cfg.port)
+            where = ({"sock": chosen.sock} if chosen.sock is not None
+                     else {"host": list(chosen.hosts), "port": chosen.port})
         # websockets types these for its own ServerConnection class; it only calls create_connection to make the
         # connections it then hands to the other two, so they get RelayConnections.
         self.server = await serve(
