@@ -13,6 +13,7 @@ from .schema import (
     CONFIG_FILE_ENV,
     ENV_PREFIX,
     SECTIONS,
+    AccessSection,
     AuthSection,
     ClusterSection,
     Config,
@@ -30,7 +31,7 @@ from .schema import (
 )
 
 __all__ = [
-    "COMMAND_LINE_SOURCE", "CONFIG_FILE_ENV", "DEFAULT_SOURCE", "ENV_PREFIX", "SECTIONS", "AuthSection",
+    "COMMAND_LINE_SOURCE", "CONFIG_FILE_ENV", "DEFAULT_SOURCE", "ENV_PREFIX", "SECTIONS", "AccessSection", "AuthSection",
     "ClusterSection", "Config", "ConfigError", "LimitsSection", "LogSection", "MetricsSection", "PrivacySection",
     "QueueSection", "RedisSection", "ServerSection", "Sources", "StorageSection", "TlsSection", "describe",
     "env_name", "load_config", "load_config_with_sources", "merge_reload", "redact_url", "redacted",

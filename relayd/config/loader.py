@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..access import parse_entry
 from .schema import (
     CONFIG_FILE_ENV,
     ENV_PREFIX,
@@ -69,6 +70,11 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"[limits] {key} must hold the largest frame, at least {config.max_frame_bytes} "
                               f"bytes (2 x [limits] max_message_bytes + 16384), got {getattr(config.limits, key)}")
     _validate_hosts(config.server.host, config.server.port)
+    for entry in config.access.deny:
+        try:
+            parse_entry(entry)
+        except ValueError as exc:
+            raise ConfigError(f"[access] deny: {exc}") from None
     for entry in config.server.trusted_proxies:
         try:
             ipaddress.ip_network(entry, strict=False)

@@ -241,6 +241,19 @@ class TlsSection:
 
 
 @dataclass(frozen=True)
+class AccessSection:
+    deny: tuple[str, ...] = opt((), "Clients refused, comma-separated: IPs (203.0.113.7), networks (198.51.100.0/24, "
+                                    "2001:db8::/32) and Idena addresses (0x...). A denied IP gets HTTP 403 "
+                                    "access_denied on every request; a denied address is refused at sign-in "
+                                    "(error access_denied, close 4003) and on key writes. Behind a reverse proxy, "
+                                    "IPs are the clients' only with [server] trusted_proxies. Reloading closes "
+                                    "the sessions it newly denies.", reload=True)
+    status_token: str = opt("", "Bearer token that opens GET /health/instances (connection counts per instance "
+                                "on Redis) and `relayd instances`. Empty: that route is off.", reload=True,
+                            secret=True)
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = opt("info", "debug, info, warning or error.", env="LOG_LEVEL",
                      choices=("debug", "info", "warning", "warn", "error", "critical"), reload=True)
@@ -261,6 +274,7 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacySection,
     "metrics": MetricsSection,
     "tls": TlsSection,
+    "access": AccessSection,
     "log": LogSection,
 }
 
@@ -277,6 +291,7 @@ class Config:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    access: AccessSection = field(default_factory=AccessSection)
     log: LogSection = field(default_factory=LogSection)
 
     @property

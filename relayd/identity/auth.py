@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..access import DenyList, denied
 from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
@@ -83,6 +84,12 @@ class Authenticator:
         self.token_ttl = config.auth.token_ttl_s
         self.skew = config.auth.key_clock_skew_s
         self.attempts.limit = config.limits.auth_attempts_per_ip_per_min
+        self.deny = DenyList(config.access.deny)
+
+    def _check_denied(self, address: str) -> None:
+        if self.deny.denies_address(address):
+            self.metrics.access_denied.labels(kind="address").inc()
+            raise denied("address")
 
     def prepare(self, crypto: str) -> str:
         """Pick the verification backend (``auto`` or ``pure``) and warm it up; returns its description."""
@@ -120,6 +127,7 @@ class Authenticator:
         Unsigned frames are judged by the mode and the address's lock; signed
         ones against this session's challenge, which is used up either way.
         """
+        self._check_denied(address)
         signature = frame.get("signature")
         if signature is None or self.mode == "open":
             await self._check_unsigned(address)
@@ -226,6 +234,7 @@ class Authenticator:
         signed statement outside open mode), so unsigned sessions of it must
         be evicted.
         """
+        self._check_denied(record.address)
         existing = await self.store.get_key(record.address)
         signature = body.get("signature")
         if signature is None:

@@ -26,7 +26,8 @@ from websockets.http11 import Request, Response
 
 from ..clock import Clock
 from ..config import Config
-from ..errors import ErrorCode, RelayError
+from ..access import denied
+from ..errors import CloseCode, ErrorCode, RelayError
 from ..protocol.session import Session
 from ..ratelimit import FrameLimiter, Verdict
 from .admission import Admission
@@ -117,7 +118,22 @@ class Gateway:
                                                         limits.max_inbound_bytes)
         cl.head_timeout, cl.idle_timeout = server.head_timeout_s, server.http_idle_timeout_s
         cl.max_requests = server.max_requests_per_connection
+        self.close_denied()
 
+    def close_denied(self) -> None:
+        """Close the sessions a (re)loaded deny list names, by client IP or signed-in address."""
+        deny = self.admission.deny
+        if not deny:
+            return
+        for session, conn in list(self.sessions.items()):
+            kind = ("ip" if deny.denies_ip(conn.client_ip)
+                    else "address" if session.address is not None and deny.denies_address(session.address)
+                    else None)
+            if kind is not None and not session.closed:
+                self.admission.metrics.access_denied.labels(kind=kind).inc()
+                refusal = denied("IP address" if kind == "ip" else "address")
+                session.send(refusal.frame())
+                session.close(CloseCode.ACCESS_DENIED, refusal.code.value)
     async def start(self, *, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None) -> Server:
         """Listen on ``sock`` or on ``[server] host:port``; returns the websockets server."""
         cfg = self.config.server
@@ -194,6 +210,9 @@ class Gateway:
             self.admission.untrack(conn.client_ip, conn)
             conn.client_ip = client_ip
             self.admission.track(client_ip, conn)
+        refusal = self.admission.refuses(client_ip)
+        if refusal is not None:
+            return to_response(error_response(refusal), request.method == "HEAD")
         if request.method == "GET" and any(v.strip().lower() == "websocket"
                                            for v in request.headers.get_all("Upgrade")):
             origin = header_value(request.headers, "origin")
