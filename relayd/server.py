@@ -25,6 +25,7 @@ from .identity.auth import Authenticator
 from .net.admission import Admission
 from .net.gateway import Gateway
 from .api.rest import HttpApi
+from .ops.history import ActivityHistory
 from .ops.metrics import RelayMetrics
 from .protocol.delivery import Delivery
 from .protocol.presence import LocalPresence
@@ -76,9 +77,12 @@ class RelayServer:
                            sessions=self.router, relay=self, clock=clock)
         self.admission = Admission(config, self.metrics, clock)
         self.gateway = Gateway(config, self.api, self.router, self.admission, clock)
+        self.history = ActivityHistory(self.metrics, self.session_count, clock.monotonic())
+        """The status page's last hour (counts only), ticked by the housekeeping timer."""
         self.housekeeping = Housekeeping(config, self.store, self.metrics, clock,
                                          sweepers=[self.api.sweep, self.authenticator.sweep, self.admission.sweep])
         self.housekeeping.tick_callbacks.append(self.gateway.tick)
+        self.housekeeping.tick_callbacks.append(lambda now: self.history.tick(self.clock.monotonic()))
         self._stopping = False
         self.crypto = ""
 

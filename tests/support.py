@@ -20,11 +20,13 @@ import re
 import hashlib
 import base64
 import http.client
+import itertools
 import json
 import logging
 import os
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -1399,3 +1401,66 @@ async def wait_for_state(predicate: Callable[[], T], what: str, timeout: float =
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
     return value
+
+
+# A real browser
+
+
+class DevToolsPage:
+    """A page in headless Chromium (Debian's ``chromium``), driven over the DevTools protocol: ``evaluate`` runs
+    JavaScript in it and returns the value, so a test can watch a live page change. Close it when done."""
+
+    def __init__(self, url: str, tmp: Path) -> None:
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        assert binary, "chromium not found on PATH: install it with `apt-get install chromium` (Debian package)"
+        self.log_path = tmp / "chromium.log"
+        self.log_file = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+             f"--user-data-dir={tmp / 'chromium-profile'}", url],
+            stdout=subprocess.DEVNULL, stderr=self.log_file)
+        try:
+            port = wait_until(self._port, "chromium to open its DevTools port", timeout=30)
+            page = wait_until(lambda: self._page(port, url), "chromium to open the page", timeout=30)
+            self.ws: WsClient | None = WsClient(page["webSocketDebuggerUrl"], max_size=None)
+        except BaseException:
+            self.close()
+            raise
+        self._ids = itertools.count(1)
+
+    def _port(self) -> int | None:
+        assert self.proc.poll() is None, f"chromium exited: {self.log_path.read_text()[-2000:]}"
+        found = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", self.log_path.read_text())
+        return int(found.group(1)) if found else None
+
+    @staticmethod
+    def _page(port: int, url: str) -> dict[str, Any] | None:
+        reply = http_request(port, "GET", "/json/list")
+        return next((t for t in reply.json if t.get("type") == "page" and t.get("url", "").startswith(url)), None)
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of ``expression`` (awaited when it is a promise) in the page."""
+        call_id = next(self._ids)
+        assert self.ws is not None
+        self.ws.send({"id": call_id, "method": "Runtime.evaluate", "params": {
+            "expression": expression, "returnByValue": True, "awaitPromise": True}})
+        while True:
+            reply = self.ws.recv(timeout=10)
+            if reply.get("id") == call_id:
+                result = reply["result"]
+                assert "exceptionDetails" not in result, result["exceptionDetails"]
+                return result["result"].get("value")
+
+    def close(self) -> None:
+        if getattr(self, "ws", None) is not None:
+            self.ws.close()
+            self.ws = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(scaled(10))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(scaled(5))
+        self.log_file.close()

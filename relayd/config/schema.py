@@ -61,6 +61,8 @@ class ServerSection:
                                      min=0.1, max=600, reload=True)
     status_page: bool = opt(True, "Answer GET / with a small HTML status page (version, uptime, counts; never an "
                                   "address).", reload=True)
+    status_refresh_s: float = opt(5.0, "How often the status page's figures and charts refresh in the browser.",
+                                  min=0.2, max=3600, reload=True)
     key_cache_max_age_s: int = opt(5, "Seconds clients may reuse a key lookup (Cache-Control max-age; "
                                    "0: revalidate with If-None-Match every time).", min=0, max=86400, reload=True)
     max_requests_per_connection: int = opt(1000, "REST requests answered on one kept-alive connection "
