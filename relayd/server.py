@@ -73,6 +73,7 @@ class RelayServer:
                              delivery=delivery, peers=peers, writes=writes)
         if self.cluster is not None:
             self.cluster.bind(self.router, local)
+            self.cluster.presence.counts = self.counts
         self.api = HttpApi(config, self.presence, self.store, self.metrics, self.authenticator,
                            sessions=self.router, relay=self, clock=clock)
         self.admission = Admission(config, self.metrics, clock)
@@ -110,6 +111,16 @@ class RelayServer:
 
     def session_count(self) -> int:
         return self.gateway.session_count()
+
+    def counts(self) -> dict[str, int]:
+        """This instance's connection counts, as ``/health/instances`` reports them."""
+        return {"connections": len(self.gateway.sessions), "sessions": self.session_count()}
+
+    async def instances(self) -> dict[str, dict[str, int]]:
+        """Connection counts per instance: every live one on the same Redis, or just this one."""
+        if self.cluster is None:
+            return {"this": self.counts()}
+        return await self.cluster.presence.instance_counts()
 
     def accepting(self) -> bool:
         server = self.gateway.server

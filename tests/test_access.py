@@ -7,7 +7,7 @@ import signal
 
 import pytest
 from support import (assert_closed_with, assert_refused, base64_key, metric_families, new_address, pong_next,
-                     run_cli, start_open)
+                     run_cli, start_open, wait_until)
 
 from relayd.access import DenyList
 from relayd.config import ConfigError, load_config
@@ -79,3 +79,43 @@ def test_sighup_applies_the_deny_list_and_closes_newly_denied_sessions(process_r
     assert denied_count(relay, "address") == 1
     shown = run_cli(tmp_path, "config", "--config", str(relay.config_path))
     assert f"deny = {bad},192.0.2.0/24" in shown.stdout
+
+
+# Connection counts per instance, behind a token
+
+
+def test_instances_route_needs_the_status_token(start_relay):
+    off = start_open(start_relay)
+    assert_refused(off.http("GET", "/health/instances"), 404, "disabled")
+    relay = start_open(start_relay, access={"status_token": "t0ken-of-the-operator"})
+    assert_refused(relay.http("GET", "/health/instances"), 401, "unauthorized")
+    assert_refused(relay.http("GET", "/health/instances", headers={"Authorization": "Bearer wrong"}), 401,
+                   "unauthorized")
+    with relay.ws() as ws:
+        ws.send({"type": "auth", "address": new_address()})
+        ws.recv_type("auth_success")
+        reply = relay.http("GET", "/health/instances", headers={"Authorization": "Bearer t0ken-of-the-operator"})
+    assert reply.status == 200, reply
+    assert reply.json == {"instances": {"this": {"connections": 1, "sessions": 1}},
+                          "total": {"connections": 1, "sessions": 1}}
+
+
+def test_instances_route_counts_every_instance_on_redis(relay_cluster, redis_server):
+    token = {"Authorization": "Bearer s3cret-status"}
+    x, y = relay_cluster(redis_server, 2, RELAYD_AUTH_MODE="open", RELAYD_ACCESS_STATUS_TOKEN="s3cret-status")
+    with x.ws() as a, y.ws() as b, y.ws() as c:
+        for ws in (a, b, c):
+            ws.send({"type": "auth", "address": new_address()})
+            ws.recv_type("auth_success")
+
+        def counted():
+            reply = x.http("GET", "/health/instances", headers=token).json
+            by_node = {name.partition("#")[0]: counts for name, counts in reply["instances"].items()}
+            return by_node == {"node0": {"connections": 1, "sessions": 1},
+                               "node1": {"connections": 2, "sessions": 2}} and reply
+        reply = wait_until(counted, "both instances' counts", timeout=10)
+        assert reply["total"] == {"connections": 3, "sessions": 3}
+    y.stop()
+    wait_until(lambda: [n.partition("#")[0] for n in x.http("GET", "/health/instances", headers=token)
+                        .json["instances"]] == ["node0"], "the stopped instance to leave", timeout=10)
+    assert "s3cret-status" not in x.log()

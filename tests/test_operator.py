@@ -144,6 +144,7 @@ def test_redact_url_keeps_everything_but_the_password():
     assert redact_url("redis://user@h/0") == "redis://user@h/0"
     assert redacted("redis", "url", "redis://:pw@h/0") == "redis://:***@h/0"
     assert redacted("server", "port", 3000) == 3000
+    assert redacted("access", "status_token", "t0ken") == "***" and redacted("access", "status_token", "") == ""
 
 
 # --check-config checks what a start checks

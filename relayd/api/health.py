@@ -4,6 +4,7 @@ the HTML status page at ``/`` with its script and figures (``/status.js``, ``/st
 from __future__ import annotations
 
 import datetime
+import hmac
 import html
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ class RelayStatus(Protocol):
 
     def session_count(self) -> int: ...
     def accepting(self) -> bool: ...
+    async def instances(self) -> dict[str, dict[str, int]]: ...
 
 
 class HealthRoutes:
@@ -46,6 +48,7 @@ class HealthRoutes:
         self.auth_mode = config.auth.mode
         self.public_url = config.server.public_url
         self.tls = bool(config.tls.certfile)
+        self.status_token = config.access.status_token
 
     def routes(self) -> list[Route]:
         return [Route("/", "GET", self.status_page, Budget.READ),
@@ -54,6 +57,7 @@ class HealthRoutes:
                 Route("/health", "GET", self.health, Budget.EXEMPT),
                 Route("/health/live", "GET", self.live, Budget.EXEMPT),
                 Route("/health/ready", "GET", self.ready, Budget.EXEMPT),
+                Route("/health/instances", "GET", self.instances, Budget.READ),
                 Route("/metrics", "GET", self.metrics_text, Budget.EXEMPT)]
 
     def _storage(self) -> dict[str, Any]:
@@ -84,6 +88,19 @@ class HealthRoutes:
         return json_response(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
                              {"status": "ready" if ok else "not_ready", "storage": self._storage(),
                               "accepting": self.relay.accepting()})
+
+    async def instances(self, req: HttpRequest, args: list[str]) -> HttpResponse:
+        """Connection counts per instance (on Redis, every live one), for ``Authorization: Bearer
+        <[access] status_token>``; off (404) while no token is configured."""
+        if not self.status_token:
+            raise RelayError(ErrorCode.DISABLED, "Set [access] status_token to open /health/instances")
+        scheme, _, token = (req.header("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.status_token.encode()):
+            raise RelayError(ErrorCode.UNAUTHORIZED, "This route needs Authorization: Bearer <[access] status_token>",
+                             headers=(("WWW-Authenticate", 'Bearer realm="relayd status"'),))
+        counts = await self.relay.instances()
+        total = {key: sum(c.get(key, 0) for c in counts.values()) for key in ("connections", "sessions")}
+        return json_response(HTTPStatus.OK, {"instances": counts, "total": total})
 
     async def metrics_text(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         if not self.metrics_enabled:

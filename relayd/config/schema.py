@@ -251,7 +251,7 @@ class AccessSection:
                                     "IPs are the clients' only with [server] trusted_proxies. Reloading closes "
                                     "the sessions it newly denies.", reload=True)
     status_token: str = opt("", "Bearer token that opens GET /health/instances (connection counts per instance "
-                                "on Redis) and `relayd instances`. Empty: that route is off.", reload=True,
+                                "on Redis). Empty: that route is off.", reload=True,
                             secret=True)
 
 
