@@ -122,6 +122,13 @@ class RelayServer:
             return {"this": self.counts()}
         return await self.cluster.presence.instance_counts()
 
+    def readiness_problem(self) -> str | None:
+        """Why this instance cannot do all of its work although storage answers (None: nothing)."""
+        if self.cluster is not None and not self.cluster.bus.subscribed:
+            return f"the cluster inbox is not subscribed, messages cannot cross instances: " \
+                   f"{self.cluster.bus.problem or 'subscribing'} ({self.cluster.bus.failures} failed attempts)"
+        return None
+
     def accepting(self) -> bool:
         server = self.gateway.server
         return server is not None and server.is_serving() and not self._stopping

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
-from support import (client_context, clean_env, cli_ok, make_cert, new_address, run_cli, scaled, wait_until)
+from support import (base64_key, client_context, clean_env, cli_ok, make_cert, new_address, run_cli, scaled, wait_until)
 
 from relayd.client import ConnectionLost, Identity, RelayClient
 from relayd.client.errors import close_detail
@@ -214,3 +216,49 @@ def test_double_colon_is_dual_stack_and_host_takes_a_list(process_relays, tmp_pa
         assert ipv4.recv_type("auth_success")
     help_text = cli_ok(tmp_path, "example-config").stdout
     assert ":: for every interface, IPv6 and IPv4 together" in help_text
+
+
+# A Redis password Redis does not expect
+
+
+def test_an_unexpected_redis_password_is_not_ready_with_the_reason_and_warned_once(process_relays, tmp_path,
+                                                                                 redis_server, redis_prefix):
+    from support import cluster_env, http_request
+    url = redis_server.url.replace("redis://", "redis://:not-expected@", 1)
+    relay = process_relays(tmp_path, config_text=OPEN, env=cluster_env(url, redis_prefix, "node0"))
+
+    def not_ready():
+        reply = http_request(relay.port, "GET", "/health/ready")
+        return reply.status == 503 and reply.json
+    answer = wait_until(not_ready, "/health/ready to say not ready", timeout=15)
+    assert answer["status"] == "not_ready" and "credentials" in answer["problem"], answer
+    assert "cluster inbox" in answer["problem"] and "not-expected" not in answer["problem"]
+    attempts = re.compile(r"\((\d+) failed attempts\)")
+    wait_until(lambda: int(attempts.search(http_request(relay.port, "GET", "/health/ready").json["problem"])[1]) >= 6,
+               "several more attempts to subscribe", timeout=15)
+    # Many attempts (every 0.5 s at most), one warning until the reason changes or five minutes pass.
+    assert relay.log().count("cluster inbox lost") == 1, relay.log()
+    assert "not-expected" not in relay.log()
+
+
+# relayd check leaves no ownership locks behind
+
+
+def test_a_signed_check_locks_nothing_while_ordinary_signed_identities_are_locked(start_relay, tmp_path):
+    relay = start_relay()  # mixed: a signed sign-in or key locks the address against unsigned claims
+    result = cli_ok(tmp_path, "check", "--relay", relay.url, "--timeout", "10")
+    assert "key round trip" in result.stdout and "signed" in result.stdout
+    assert relay.server.store._locked == set()  # the memory store's locks
+
+    async def sign_in_and_publish(identity: Identity) -> None:
+        async with RelayClient(relay.url, identity, timeout=scaled(5)) as client:
+            await client.put_key(base64_key())
+
+    throwaway, kept = Identity.generate(throwaway=True), Identity.generate()
+    asyncio.run(sign_in_and_publish(throwaway))
+    asyncio.run(sign_in_and_publish(kept))
+    assert relay.server.store._locked == {kept.address}
+    with relay.ws() as ws:
+        ws.recv_type("challenge")
+        ws.send({"type": "auth", "address": throwaway.address})  # an unsigned claim is still welcome
+        assert ws.recv_type("auth_success")["verified"] is False

@@ -29,6 +29,7 @@ class RelayStatus(Protocol):
 
     def session_count(self) -> int: ...
     def accepting(self) -> bool: ...
+    def readiness_problem(self) -> str | None: ...
     async def instances(self) -> dict[str, dict[str, int]]: ...
 
 
@@ -84,10 +85,13 @@ class HealthRoutes:
         return json_response(HTTPStatus.OK, {"status": "ok"})
 
     async def ready(self, req: HttpRequest, args: list[str]) -> HttpResponse:
-        ok = self.store.healthy and self.relay.accepting()
-        return json_response(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
-                             {"status": "ready" if ok else "not_ready", "storage": self._storage(),
-                              "accepting": self.relay.accepting()})
+        problem = self.relay.readiness_problem()
+        ok = self.store.healthy and self.relay.accepting() and problem is None
+        answer = {"status": "ready" if ok else "not_ready", "storage": self._storage(),
+                  "accepting": self.relay.accepting()}
+        if problem is not None:
+            answer["problem"] = problem
+        return json_response(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, answer)
 
     async def instances(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         """Connection counts per instance (on Redis, every live one), for ``Authorization: Bearer

@@ -33,7 +33,8 @@ class RelayCheck:
         self.tls = tls
         self.out = out
         self.marks = _marks()
-        make = (lambda: Identity(Identity.generate().address)) if plain else Identity.generate
+        make = (lambda: Identity(Identity.generate().address)) if plain else (
+            lambda: Identity.generate(throwaway=True))
         self.a_id, self.b_id = make(), make()
         self.a = RelayClient(url, self.a_id, timeout=timeout, ssl=tls)
         self.b = RelayClient(url, self.b_id, timeout=timeout, ssl=tls)

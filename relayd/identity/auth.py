@@ -144,7 +144,8 @@ class Authenticator:
         del self._challenges[session_id]
         text = auth_statement(self.relay, address, challenge.nonce, challenge.issued_at)
         await self._check_signature(ip, text, signature, fmt, address)
-        await self._lock(address)
+        if not _throwaway(frame):
+            await self._lock(address)
         token, expires = new_token(), int((now + self.token_ttl) * 1000)
         try:
             await self.store.save_token(token_hash(token), address, expires, MAX_TOKENS_PER_ADDRESS)
@@ -267,9 +268,20 @@ class Authenticator:
         record.key_type, record.issued_at, record.format, record.signature = key_type, issued, fmt, signature
         if self.mode == "open":  # anyone may claim any address: nothing to lock, nobody to evict
             return False
-        await self._lock(record.address)
+        if not _throwaway(body):
+            await self._lock(record.address)
         return True
 
     def sweep(self) -> None:
         """Forget finished rate windows (expired tokens leave the store with retention expiry)."""
         self.attempts.sweep(self.clock.monotonic())
+
+
+def _throwaway(frame: dict[str, Any]) -> bool:
+    """``throwaway: true`` on a signed sign-in or key: proof for this session or key only, no ownership lock
+    recorded (an identity used once, like relayd check's: otherwise each check would lock addresses for ever).
+    Only the key's holder can send it, and it never removes a lock another proof recorded."""
+    value = frame.get("throwaway", False)
+    if not isinstance(value, bool):
+        raise RelayError(ErrorCode.INVALID_FIELD, "Field throwaway must be true or false")
+    return value
