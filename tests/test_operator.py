@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -262,3 +264,61 @@ def test_a_signed_check_locks_nothing_while_ordinary_signed_identities_are_locke
         ws.recv_type("challenge")
         ws.send({"type": "auth", "address": throwaway.address})  # an unsigned claim is still welcome
         assert ws.recv_type("auth_success")["verified"] is False
+
+
+# TLS on port 443 without a reverse proxy
+
+
+def free_low_port() -> int:
+    for port in range(990, 900, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.skip("no free port below 1024")
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run relayd as an unprivileged user with and without the capability")
+def test_a_port_below_1024_needs_the_capability_the_drop_in_grants(tmp_path):
+    from support import ROOT, http_request
+    port = free_low_port()
+    command = [sys.executable, str(ROOT / "relayd.py"), "--storage", "memory", "--host", "127.0.0.1", "--port",
+               str(port)]
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    refused = subprocess.run([*as_nobody, "--inh-caps=-all", *command], cwd=tmp_path, env=clean_env(),
+                             capture_output=True, text=True, timeout=scaled(30))
+    assert refused.returncode == 1
+    assert "permission denied" in refused.stderr.lower() and "relayd-low-port.conf" in refused.stderr
+
+    drop_in = (ROOT / "deploy" / "relayd-low-port.conf").read_text()
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in drop_in
+    granted = subprocess.Popen([*as_nobody, "--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service",
+                                *command], cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        def live() -> bool:
+            assert granted.poll() is None
+            try:
+                return http_request(port, "GET", "/health/live", timeout=1).status == 200
+            except OSError:
+                return False
+        wait_until(live, f"relayd with CAP_NET_BIND_SERVICE to listen on port {port}", timeout=15)
+    finally:
+        granted.terminate()
+        granted.wait(scaled(10))
+
+
+def test_systemd_accepts_the_unit_with_the_low_port_drop_in(tmp_path):
+    from support import ROOT
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze not found on PATH: install it with `apt-get install systemd` (Debian package)"
+    entry = Path(sys.executable).parent / "relayd"
+    unit = tmp_path / "relayd.service"
+    # The drop-in's [Service] lines after the unit's own: what systemd makes of the two files together.
+    unit.write_text((ROOT / "relayd.service").read_text().replace("/opt/relayd/bin/relayd", str(entry))
+                    + (ROOT / "deploy" / "relayd-low-port.conf").read_text())
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr

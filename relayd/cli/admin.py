@@ -132,8 +132,12 @@ async def serve(config: Config, load: Callable[[], Config], sources: list[str]) 
         log.error("cannot open storage: %s", exc)
         return EXIT_CONFIG
     except OSError as exc:
-        log.error("cannot listen on %s port %s: %s", ",".join(config.server.host), config.server.port,
-                  exc.strerror or exc)
+        hint = ""
+        if isinstance(exc, PermissionError) and 0 < config.server.port < 1024:
+            hint = ("; a port below 1024 needs CAP_NET_BIND_SERVICE (under systemd: the drop-in "
+                    "deploy/relayd-low-port.conf), or use a port from 1024 up behind a reverse proxy")
+        log.error("cannot listen on %s port %s: %s%s", ",".join(config.server.host), config.server.port,
+                  exc.strerror or exc, hint)
         await daemon.server.store.close()
         return EXIT_FAILURE
     await daemon.run()
