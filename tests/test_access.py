@@ -3,11 +3,12 @@ in a metric, and reloaded with SIGHUP (closing the sessions it newly denies)."""
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
 from support import (assert_closed_with, assert_refused, base64_key, metric_families, new_address, pong_next,
-                     run_cli, start_open, wait_until)
+                     cli_ok, run_cli, start_open, wait_until)
 
 from relayd.access import DenyList
 from relayd.config import ConfigError, load_config
@@ -84,7 +85,7 @@ def test_sighup_applies_the_deny_list_and_closes_newly_denied_sessions(process_r
 # Connection counts per instance, behind a token
 
 
-def test_instances_route_needs_the_status_token(start_relay):
+def test_instances_route_and_command_need_the_status_token(start_relay, tmp_path):
     off = start_open(start_relay)
     assert_refused(off.http("GET", "/health/instances"), 404, "disabled")
     relay = start_open(start_relay, access={"status_token": "t0ken-of-the-operator"})
@@ -95,9 +96,16 @@ def test_instances_route_needs_the_status_token(start_relay):
         ws.send({"type": "auth", "address": new_address()})
         ws.recv_type("auth_success")
         reply = relay.http("GET", "/health/instances", headers={"Authorization": "Bearer t0ken-of-the-operator"})
-    assert reply.status == 200, reply
-    assert reply.json == {"instances": {"this": {"connections": 1, "sessions": 1}},
-                          "total": {"connections": 1, "sessions": 1}}
+        assert reply.status == 200, reply
+        assert reply.json == {"instances": {"this": {"connections": 1, "sessions": 1}},
+                              "total": {"connections": 1, "sessions": 1}}
+        token_file = tmp_path / "status.token"
+        token_file.write_text("t0ken-of-the-operator\n")
+        shown = cli_ok(tmp_path, "instances", "--relay", relay.url, "--token-file", str(token_file))
+        assert json.loads(shown.stdout) == reply.json
+    token_file.write_text("wrong")
+    refused = run_cli(tmp_path, "instances", "--relay", relay.url, "--token-file", str(token_file))
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr and "wrong" not in refused.stderr
 
 
 def test_instances_route_counts_every_instance_on_redis(relay_cluster, redis_server):

@@ -141,6 +141,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _run_client("status", status())
 
 
+def cmd_instances(args: argparse.Namespace) -> int:
+    """Connection counts per instance from ``/health/instances``; the token is read from a file, never argv."""
+    try:
+        with open(args.token_file, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except OSError as exc:
+        raise UsageError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+    if not token:
+        raise UsageError(f"--token-file {args.token_file}: the file is empty")
+    client = _client(args)
+
+    async def instances() -> int:
+        _print_json(await client.request("GET", "/health/instances", token=token))
+        return EXIT_OK
+    return _run_client("instances", instances())
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from ..identity.signing import KeyFileError, SigningKey, write_key_file
     key = SigningKey.generate()

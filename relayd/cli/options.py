@@ -117,6 +117,7 @@ def _epilog() -> str:
         "  relayd send --relay ws://localhost:3000 --from alice.key --to 0xADDRESS 'hello'",
         "  relayd listen --relay ws://localhost:3000 --as alice.key --ack --count 1 --timeout 60",
         "  relayd status 0xADDRESS --relay ws://localhost:3000",
+        "  relayd instances --relay wss://relay.example.org --token-file status.token",
     ])
 
 
@@ -179,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Ask the relay's REST API about ADDRESS.")
     status.add_argument("address", metavar="ADDRESS")
     _client_options(status)
+
+    instances = sub.add_parser("instances", help="connection counts per instance (needs [access] status_token)",
+                               description="Print GET /health/instances: the connections and sessions of every "
+                                           "live instance on the relay's Redis (or of the one instance).")
+    instances.add_argument("--token-file", metavar="FILE", required=True,
+                           help="a file holding the relay's [access] status_token")
+    _client_options(instances)
 
     keygen = sub.add_parser("keygen", help="create a signing key",
                             description="Create a random private key; print it, or write it to --out "

@@ -251,8 +251,8 @@ class AccessSection:
                                     "IPs are the clients' only with [server] trusted_proxies. Reloading closes "
                                     "the sessions it newly denies.", reload=True)
     status_token: str = opt("", "Bearer token that opens GET /health/instances (connection counts per instance "
-                                "on Redis). Empty: that route is off.", reload=True,
-                            secret=True)
+                                "on Redis; `relayd instances --token-file FILE`). Empty: that route is off.",
+                            reload=True, secret=True)
 
 
 @dataclass(frozen=True)
