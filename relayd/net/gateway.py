@@ -24,9 +24,9 @@ from websockets.asyncio.server import Server, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ..access import denied
 from ..clock import Clock
 from ..config import Config
-from ..access import denied
 from ..errors import CloseCode, ErrorCode, RelayError
 from ..protocol.session import Session
 from ..ratelimit import FrameLimiter, Verdict
@@ -134,6 +134,7 @@ class Gateway:
                 refusal = denied("IP address" if kind == "ip" else "address")
                 session.send(refusal.frame())
                 session.close(CloseCode.ACCESS_DENIED, refusal.code.value)
+
     async def start(self, *, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None) -> Server:
         """Listen on ``sock`` or on ``[server] host:port``; returns the websockets server."""
         cfg = self.config.server
