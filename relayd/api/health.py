@@ -32,6 +32,10 @@ class RelayStatus(Protocol):
     def readiness_problem(self) -> str | None: ...
     async def instances(self) -> dict[str, dict[str, int]]: ...
 
+    def storage_budget(self) -> int:
+        """The bytes ``Store.stored_bytes`` may reach (0: no budget)."""
+        ...
+
 
 class HealthRoutes:
     def __init__(self, config: Config, store: Store, metrics: RelayMetrics, relay: RelayStatus, clock: Clock) -> None:
