@@ -162,7 +162,7 @@ class Daemon:
         self.config = merged
         configure_logging(merged.log.level, merged.log.format)
         self.server.configure(merged)
-        log.info("configuration reloaded (%d change%s applied)", len(applied), "" if len(applied) == 1 else "s")
+        log.info("configuration reloaded: %s", f"applied {', '.join(applied)}" if applied else "nothing changed")
         self.notifier.ready(self._status())
         return True
 

@@ -54,6 +54,7 @@ class ErrorCode(str, enum.Enum):
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    ACCESS_DENIED = "access_denied"
     DISABLED = "disabled"
     INTERNAL_ERROR = "internal_error"
 
@@ -97,6 +98,7 @@ _DEFAULTS: dict[ErrorCode, tuple[str, HTTPStatus]] = {
     ErrorCode.UNAUTHORIZED: ("A bearer token of this address is required", HTTPStatus.UNAUTHORIZED),
     ErrorCode.FORBIDDEN: ("This token does not grant access to this address", HTTPStatus.FORBIDDEN),
     ErrorCode.ORIGIN_NOT_ALLOWED: ("Origin not allowed", HTTPStatus.FORBIDDEN),
+    ErrorCode.ACCESS_DENIED: ("Access denied by this relay's operator", HTTPStatus.FORBIDDEN),
     ErrorCode.DISABLED: ("This endpoint is disabled on this relay", HTTPStatus.NOT_FOUND),
     ErrorCode.INTERNAL_ERROR: ("Internal server error", HTTPStatus.INTERNAL_SERVER_ERROR),
 }
@@ -108,6 +110,8 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
+    ACCESS_DENIED = 4003
+    """The operator's deny list (``[access] deny``) names this client's IP or address."""
     AUTH_FAILED = 4401
     AUTH_REQUIRED = 4403
 
@@ -116,6 +120,7 @@ CLOSE_CODES: dict[ErrorCode, CloseCode] = {
     ErrorCode.AUTH_FAILED: CloseCode.AUTH_FAILED,
     ErrorCode.AUTH_REQUIRED: CloseCode.AUTH_REQUIRED,
     ErrorCode.AUTH_TIMEOUT: CloseCode.POLICY_VIOLATION,
+    ErrorCode.ACCESS_DENIED: CloseCode.ACCESS_DENIED,
 }
 """Errors that always end the connection, with the close code each ends it with."""
 

@@ -25,6 +25,7 @@ from .identity.auth import Authenticator
 from .net.admission import Admission
 from .net.gateway import Gateway
 from .api.rest import HttpApi
+from .ops.history import ActivityHistory
 from .ops.metrics import RelayMetrics
 from .protocol.delivery import Delivery
 from .protocol.presence import LocalPresence
@@ -88,16 +89,20 @@ class RelayServer:
             delivery.on_stored = stored
         if self.cluster is not None:
             self.cluster.bind(self.router, local)
+            self.cluster.presence.counts = self.counts
         self.api = HttpApi(config, self.presence, self.store, self.metrics, self.authenticator,
                            sessions=self.router, relay=self, clock=clock,
                            vapid_public_key=self.push.vapid_public_key if self.push is not None else None)
         self.admission = Admission(config, self.metrics, clock)
         self.gateway = Gateway(config, self.api, self.router, self.admission, clock)
+        self.history = ActivityHistory(self.metrics, self.session_count, clock.monotonic())
+        """The status page's last hour (counts only), ticked by the housekeeping timer."""
         sweepers = [self.api.sweep, self.authenticator.sweep, self.admission.sweep]
         if self.push is not None:
             sweepers.append(self.push.sweep)
         self.housekeeping = Housekeeping(config, self.store, self.metrics, clock, sweepers=sweepers)
         self.housekeeping.tick_callbacks.append(self.gateway.tick)
+        self.housekeeping.tick_callbacks.append(lambda now: self.history.tick(self.clock.monotonic()))
         self._stopping = False
         self.crypto = ""
         self.budget_how = ""
@@ -129,6 +134,23 @@ class RelayServer:
 
     def session_count(self) -> int:
         return self.gateway.session_count()
+
+    def counts(self) -> dict[str, int]:
+        """This instance's connection counts, as ``/health/instances`` reports them."""
+        return {"connections": len(self.gateway.sessions), "sessions": self.session_count()}
+
+    async def instances(self) -> dict[str, dict[str, int]]:
+        """Connection counts per instance: every live one on the same Redis, or just this one."""
+        if self.cluster is None:
+            return {"this": self.counts()}
+        return await self.cluster.presence.instance_counts()
+
+    def readiness_problem(self) -> str | None:
+        """Why this instance cannot do all of its work although storage answers (None: nothing)."""
+        if self.cluster is not None and not self.cluster.bus.subscribed:
+            return f"the cluster inbox is not subscribed, messages cannot cross instances: " \
+                   f"{self.cluster.bus.problem or 'subscribing'} ({self.cluster.bus.failures} failed attempts)"
+        return None
 
     def storage_budget(self) -> int:
         return self.delivery.limits.max_total_bytes

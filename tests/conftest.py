@@ -1,7 +1,7 @@
 """Every fixture of the suite; the helpers they use live in ``support.py``.
 
-Set ``RELAYD_TEST_TIMEOUT_FACTOR`` (default 1) to multiply every timeout and
-deadline of the toolkit, e.g. ``RELAYD_TEST_TIMEOUT_FACTOR=3`` on a slow CI
+Set ``RELAYDTEST_TIMEOUT_FACTOR`` (default 1) to multiply every timeout and
+deadline of the toolkit, e.g. ``RELAYDTEST_TIMEOUT_FACTOR=3`` on a slow CI
 machine (see ``support.TIMEOUT_FACTOR``).
 """
 

@@ -6,7 +6,7 @@ is driven with real sockets.
 
 Timeouts: every ``timeout`` a helper here takes is in seconds *on a normal
 machine* and is multiplied by ``TIMEOUT_FACTOR``, read from the environment
-variable ``RELAYD_TEST_TIMEOUT_FACTOR`` (default 1), so a slow CI machine can
+variable ``RELAYDTEST_TIMEOUT_FACTOR`` (default 1), so a slow CI machine can
 be given more time without editing a test (like websockets' ``MS``). Tests
 never sleep to order events: they wait on something observable with
 ``wait_until``, send a ``ping`` and read up to its ``pong`` (frames on one
@@ -20,13 +20,16 @@ import re
 import hashlib
 import base64
 import http.client
+import itertools
 import json
 import logging
 import os
 import resource
 import secrets
+import shutil
 import signal
 import socket
+import ssl
 import sqlite3
 import subprocess
 import sys
@@ -54,7 +57,9 @@ from relayd.server import RelayServer
 from relayd.storage.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT_FACTOR = float(os.environ.get("RELAYD_TEST_TIMEOUT_FACTOR", "1"))
+TIMEOUT_FACTOR = float(os.environ.get("RELAYDTEST_TIMEOUT_FACTOR")
+                       or os.environ.get("RELAYD_TEST_TIMEOUT_FACTOR", "1"))
+"""``RELAYD_TEST_TIMEOUT_FACTOR`` is the old name, still read (the daemon ignores ``RELAYD_TEST_*``)."""
 
 T = TypeVar("T")
 
@@ -446,6 +451,26 @@ def cli_ok(cwd: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     result = run_cli(cwd, *args, **kwargs)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
+
+
+# TLS
+
+
+def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (needs the openssl CLI): the (cert, key) paths."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+def client_context(cert: Path) -> ssl.SSLContext:
+    """A client TLS context trusting only ``cert``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(cert))
+    return ctx
 
 
 # HTTP
@@ -1388,3 +1413,66 @@ async def wait_for_state(predicate: Callable[[], T], what: str, timeout: float =
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
     return value
+
+
+# A real browser
+
+
+class DevToolsPage:
+    """A page in headless Chromium (Debian's ``chromium``), driven over the DevTools protocol: ``evaluate`` runs
+    JavaScript in it and returns the value, so a test can watch a live page change. Close it when done."""
+
+    def __init__(self, url: str, tmp: Path) -> None:
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        assert binary, "chromium not found on PATH: install it with `apt-get install chromium` (Debian package)"
+        self.log_path = tmp / "chromium.log"
+        self.log_file = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+             f"--user-data-dir={tmp / 'chromium-profile'}", url],
+            stdout=subprocess.DEVNULL, stderr=self.log_file)
+        try:
+            port = wait_until(self._port, "chromium to open its DevTools port", timeout=30)
+            page = wait_until(lambda: self._page(port, url), "chromium to open the page", timeout=30)
+            self.ws: WsClient | None = WsClient(page["webSocketDebuggerUrl"], max_size=None)
+        except BaseException:
+            self.close()
+            raise
+        self._ids = itertools.count(1)
+
+    def _port(self) -> int | None:
+        assert self.proc.poll() is None, f"chromium exited: {self.log_path.read_text()[-2000:]}"
+        found = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", self.log_path.read_text())
+        return int(found.group(1)) if found else None
+
+    @staticmethod
+    def _page(port: int, url: str) -> dict[str, Any] | None:
+        reply = http_request(port, "GET", "/json/list")
+        return next((t for t in reply.json if t.get("type") == "page" and t.get("url", "").startswith(url)), None)
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of ``expression`` (awaited when it is a promise) in the page."""
+        call_id = next(self._ids)
+        assert self.ws is not None
+        self.ws.send({"id": call_id, "method": "Runtime.evaluate", "params": {
+            "expression": expression, "returnByValue": True, "awaitPromise": True}})
+        while True:
+            reply = self.ws.recv(timeout=10)
+            if reply.get("id") == call_id:
+                result = reply["result"]
+                assert "exceptionDetails" not in result, result["exceptionDetails"]
+                return result["result"].get("value")
+
+    def close(self) -> None:
+        if getattr(self, "ws", None) is not None:
+            self.ws.close()
+            self.ws = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(scaled(10))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(scaled(5))
+        self.log_file.close()

@@ -22,6 +22,7 @@ from ..config import (
     Sources,
     describe,
     load_config_with_sources,
+    redacted,
 )
 from ..identity.auth import MAX_TOKENS_PER_ADDRESS
 from ..ops.logsetup import configure_logging
@@ -56,7 +57,8 @@ def format_value(value: Any) -> str:
 
 
 def render_config(config: Config, sources: Sources, args: argparse.Namespace) -> str:
-    """Every key in INI form, with its source as a trailing comment (loadable again with --config)."""
+    """Every key in INI form, with its source as a trailing comment (loadable again with --config, once the
+    redacted secrets are filled in)."""
     flags = flag_of(args)
     lines = ["# relayd: effective configuration. Sources, later wins: default < file < environment < command line."]
     for section in SECTIONS:
@@ -67,7 +69,10 @@ def render_config(config: Config, sources: Sources, args: argparse.Namespace) ->
                 source = f"{source} {flags.get((section, f.name), '')}".rstrip()
             elif source not in (DEFAULT_SOURCE,) and not source.startswith("environment "):
                 source = f"file {source}"
-            lines.append(f"{f.name} = {format_value(getattr(getattr(config, section), f.name))}  # {source}")
+            value = getattr(getattr(config, section), f.name)
+            shown = redacted(section, f.name, value)
+            note = ", secret redacted" if shown != value else ""
+            lines.append(f"{f.name} = {format_value(shown)}  # {source}{note}")
     return "\n".join(lines)
 
 
@@ -91,8 +96,13 @@ def applied_sources(sources: Sources, args: argparse.Namespace) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     config, sources = load_from(args)
     if args.check_config:
+        from ..preflight import preflight
+        checked = preflight(config)
         print("relayd: configuration OK; sources:")
         for line in applied_sources(sources, args):
+            print(f"  {line}")
+        print("checked as a start would, short of opening sockets:")
+        for line in checked:
             print(f"  {line}")
         return EXIT_OK
     configure_logging(config.log.level, config.log.format)
@@ -122,7 +132,12 @@ async def serve(config: Config, load: Callable[[], Config], sources: list[str]) 
         log.error("cannot open storage: %s", exc)
         return EXIT_CONFIG
     except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", config.server.host, config.server.port, exc.strerror or exc)
+        hint = ""
+        if isinstance(exc, PermissionError) and 0 < config.server.port < 1024:
+            hint = ("; a port below 1024 needs CAP_NET_BIND_SERVICE (under systemd: the drop-in "
+                    "deploy/relayd-low-port.conf), or use a port from 1024 up behind a reverse proxy")
+        log.error("cannot listen on %s port %s: %s%s", ",".join(config.server.host), config.server.port,
+                  exc.strerror or exc, hint)
         await daemon.server.store.close()
         return EXIT_FAILURE
     await daemon.run()

@@ -14,6 +14,7 @@ from ..config import (
     Config,
     ConfigError,
     env_name,
+    redacted,
 )
 
 EXIT_OK = 0
@@ -28,6 +29,9 @@ FLAG_KEYS = {"host": ("server", "host"), "port": ("server", "port"), "log_level"
              "storage": ("storage", "backend"), "db": ("storage", "path")}
 CONFIG_COMMANDS = ("run", "config", "backup", "stats", "migrate", "push-test")
 """Commands that read relayd's configuration; the others talk to a relay or need nothing."""
+LISTENING_FLAGS = ("host", "port")
+"""Flags that only say where the daemon listens: meaningless to the database commands."""
+OFFLINE_COMMANDS = ("backup", "stats", "migrate")
 
 
 class UsageError(Exception):
@@ -54,6 +58,9 @@ def _config_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
 def _client_options(parser: argparse.ArgumentParser, *, timeout_help: str | None = None) -> None:
     parser.add_argument("--relay", metavar="URL", default=DEFAULT_RELAY,
                         help=f"ws:// or wss:// URL of the relay (default {DEFAULT_RELAY})")
+    parser.add_argument("--cafile", metavar="FILE",
+                        help="PEM certificates to trust for wss:// instead of the system's (a self-signed or "
+                             "private CA's certificate)")
     parser.add_argument("--timeout", metavar="S", type=_positive_float, default=None,
                         help=timeout_help or f"longest wait for any answer, in seconds "
                                              f"(default {DEFAULT_CLIENT_TIMEOUT:g})")
@@ -110,6 +117,7 @@ def _epilog() -> str:
         "  relayd send --relay ws://localhost:3000 --from alice.key --to 0xADDRESS 'hello'",
         "  relayd listen --relay ws://localhost:3000 --as alice.key --ack --count 1 --timeout 60",
         "  relayd status 0xADDRESS --relay ws://localhost:3000",
+        "  relayd instances --relay wss://relay.example.org --token-file status.token",
     ])
 
 
@@ -183,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("address", metavar="ADDRESS")
     _client_options(status)
 
+    instances = sub.add_parser("instances", help="connection counts per instance (needs [access] status_token)",
+                               description="Print GET /health/instances: the connections and sessions of every "
+                                           "live instance on the relay's Redis (or of the one instance).")
+    instances.add_argument("--token-file", metavar="FILE", required=True,
+                           help="a file holding the relay's [access] status_token")
+    _client_options(instances)
+
     keygen = sub.add_parser("keygen", help="create a signing key",
                             description="Create a random private key; print it, or write it to --out "
                                         "(mode 0600, never overwriting) and print its address.")
@@ -217,13 +232,15 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 
 def flag_of(args: argparse.Namespace) -> dict[tuple[str, str], str]:
-    """Which flag set each key given on the command line (the last one wins, as in the loader)."""
+    """Which flag set each key given on the command line (the last one wins, as in the loader), secrets
+    redacted: this is printed and logged."""
     flags = {key: f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
              if getattr(args, flag) is not None}
     for item in args.set:
-        name = item.partition("=")[0]
+        name, _, value = item.partition("=")
         section, _, key = name.partition(".")
-        flags[(section, key)] = f"--set {item}"
+        known = section in SECTIONS and key in {f.name for f in dataclasses.fields(SECTIONS[section])}
+        flags[(section, key)] = f"--set {name}={redacted(section, key, value) if known else value}"
     return flags
 
 

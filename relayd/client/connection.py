@@ -32,7 +32,7 @@ from websockets.frames import CloseCode
 from ..identity.signatures import SignatureFormat
 from .decoding import parse_object
 from .endpoint import Endpoint
-from .errors import ClientError, ConnectionLost, ProtocolViolation
+from .errors import ClientError, ConnectionLost, ProtocolViolation, close_detail
 from .inbox import Inbox, closed_inbox
 from .messaging import AnswerWaiters, Messaging
 from .rest import RestApi
@@ -170,8 +170,8 @@ class RelayClient:
         finally:
             self.close_code, self.close_reason = stream.close_code, stream.close_reason
             if isinstance(end, ConnectionLost):
-                detail = f" (code {self.close_code} {self.close_reason})".rstrip() if self.close_code else ""
-                end = ConnectionLost(f"connection closed{detail}", self.close_code, self.close_reason)
+                end = ConnectionLost(f"connection closed{close_detail(self.close_code, self.close_reason)}",
+                                     self.close_code, self.close_reason)
             self.waiters.fail_all(end)
             inbox.end(end)
 

@@ -11,12 +11,23 @@ import dataclasses
 import importlib.util
 import ipaddress
 import os
+import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..access import parse_entry
 from ..extras import install_hint
-from .schema import CONFIG_FILE_ENV, ENV_PREFIX, SECTIONS, Config, ConfigError, env_name
+from .schema import (
+    CONFIG_FILE_ENV,
+    ENV_PREFIX,
+    IGNORED_ENV_PREFIXES,
+    SECTIONS,
+    Config,
+    ConfigError,
+    env_name,
+    listen_hosts,
+)
 
 
 def _convert(section: str, f: dataclasses.Field, raw: Any, source: str) -> Any:
@@ -60,6 +71,12 @@ def _validate(config: Config) -> None:
         if getattr(config.limits, key) < config.max_frame_bytes:
             raise ConfigError(f"[limits] {key} must hold the largest frame, at least {config.max_frame_bytes} "
                               f"bytes (2 x [limits] max_message_bytes + 16384), got {getattr(config.limits, key)}")
+    _validate_hosts(config.server.host, config.server.port)
+    for entry in config.access.deny:
+        try:
+            parse_entry(entry)
+        except ValueError as exc:
+            raise ConfigError(f"[access] deny: {exc}") from None
     for entry in config.server.trusted_proxies:
         try:
             ipaddress.ip_network(entry, strict=False)
@@ -82,6 +99,30 @@ def _validate(config: Config) -> None:
         host, sep, port = config.metrics.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(f"[metrics] listen must be host:port, got {config.metrics.listen!r}")
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _validate_hosts(hosts: tuple[str, ...], port: int) -> None:
+    """Each host an IP address or a host name (no port, no brackets); port 0 only for one socket."""
+    if not hosts:
+        raise ConfigError("[server] host must name at least one address (0.0.0.0 for every IPv4 interface, "
+                          ":: for every interface)")
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+            continue
+        except ValueError:
+            pass
+        if host.startswith("[") or host.count(":") == 1:
+            raise ConfigError(f"[server] host: {host!r} must be an address without brackets or port "
+                              f"(the port is [server] port)")
+        if not _HOSTNAME.fullmatch(host):
+            raise ConfigError(f"[server] host: {host!r} is not an IP address or host name")
+    if port == 0 and hosts != ("::",) and len(listen_hosts(hosts)) > 1:
+        raise ConfigError("[server] port = 0 (any free port) needs a single host: each host would get its own "
+                          "port")
 
 
 DEFAULT_SOURCE = "default"
@@ -215,7 +256,7 @@ def load_config_with_sources(
             if name in environ:
                 apply(section, f, environ[name], f"environment {name}")
     for name in environ:
-        if name.startswith(ENV_PREFIX) and not _env_known(name):
+        if name.startswith(ENV_PREFIX) and not name.startswith(IGNORED_ENV_PREFIXES) and not _env_known(name):
             raise ConfigError(f"environment {name}: unknown setting (expected {ENV_PREFIX}SECTION_KEY)")
 
     for section, key, raw in overrides:

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "RELAYD_"
+IGNORED_ENV_PREFIXES = ("RELAYD_TEST_", "RELAYD_BENCH_", "RELAYD_CI_")
+"""Not the daemon's: the test suite's, benchmarks' and CI's variables (now ``RELAYDTEST_*``, ``RELAYDBENCH_*``;
+the old names are ignored rather than refused, so a shell that exports them can still start relayd)."""
 CONFIG_FILE_ENV = "RELAYD_CONFIG"
 """The configuration file of the commands that read one, when --config is not given (the container sets it)."""
 
@@ -20,9 +23,12 @@ class ConfigError(Exception):
 
 
 def opt(default: Any, help: str, *, env: str | None = None, min: float | None = None,
-        max: float | None = None, choices: tuple[str, ...] | None = None, reload: bool = False) -> Any:
-    """Declare one option. ``reload`` marks keys SIGHUP may change at run time."""
-    meta = {"help": help, "env": env, "min": min, "max": max, "choices": choices, "reload": reload}
+        max: float | None = None, choices: tuple[str, ...] | None = None, reload: bool = False,
+        secret: bool = False) -> Any:
+    """Declare one option. ``reload`` marks keys SIGHUP may change at run time; ``secret`` keys (or a URL's
+    password in them) are redacted wherever values are printed or logged (``relayd.config.redact``)."""
+    meta = {"help": help, "env": env, "min": min, "max": max, "choices": choices, "reload": reload,
+            "secret": secret}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -30,7 +36,9 @@ def opt(default: Any, help: str, *, env: str | None = None, min: float | None = 
 
 @dataclass(frozen=True)
 class ServerSection:
-    host: str = opt("0.0.0.0", "Interface to listen on (0.0.0.0 for all IPv4, :: for all).")
+    host: tuple[str, ...] = opt(("0.0.0.0",), "Addresses to listen on, comma-separated: 0.0.0.0 for every IPv4 "
+                                              "interface, :: for every interface, IPv6 and IPv4 together (one "
+                                              "dual-stack socket), e.g. 127.0.0.1,::1 for both loopbacks.")
     port: int = opt(3000, "TCP port for WebSocket and REST together (the original's default). The Idena P2P "
                           "app connects to ws://localhost:3002: use port = 3002 for it.", env="PORT", min=0,
                     max=65535)
@@ -53,6 +61,8 @@ class ServerSection:
                                      min=0.1, max=600, reload=True)
     status_page: bool = opt(True, "Answer GET / with a small HTML status page (version, uptime, counts; never an "
                                   "address).", reload=True)
+    status_refresh_s: float = opt(5.0, "How often the status page's figures and charts refresh in the browser.",
+                                  min=0.2, max=3600, reload=True)
     key_cache_max_age_s: int = opt(5, "Seconds clients may reuse a key lookup (Cache-Control max-age; "
                                    "0: revalidate with If-None-Match every time).", min=0, max=86400, reload=True)
     max_requests_per_connection: int = opt(1000, "REST requests answered on one kept-alive connection "
@@ -176,7 +186,8 @@ class StorageSection:
 class RedisSection:
     url: str = opt("redis://127.0.0.1:6379/0", "Redis server for backend = redis: redis://[:PASSWORD@]HOST:PORT/DB, "
                                                "or rediss:// for TLS. With cluster = true, any one node of the "
-                                               "cluster (database 0).")
+                                               "cluster (database 0). The password is redacted "
+                                               "wherever relayd prints the URL.", secret=True)
     key_prefix: str = opt("relayd:", "Prefix of every key relayd writes, so several relays or other "
                                      "applications can share one Redis. No { or }.")
     cluster: bool = opt(False, "true: url names a Redis Cluster node; keys are spread over the cluster's "
@@ -239,6 +250,19 @@ class TlsSection:
     certfile: str = opt("", "PEM certificate chain: serve wss:// and https:// on the same port. "
                             "Empty: plain ws:// (put a reverse proxy in front for public use).", reload=True)
     keyfile: str = opt("", "PEM private key for certfile.", reload=True)
+
+
+@dataclass(frozen=True)
+class AccessSection:
+    deny: tuple[str, ...] = opt((), "Clients refused, comma-separated: IPs (203.0.113.7), networks (198.51.100.0/24, "
+                                    "2001:db8::/32) and Idena addresses (0x...). A denied IP gets HTTP 403 "
+                                    "access_denied on every request; a denied address is refused at sign-in "
+                                    "(error access_denied, close 4003) and on key writes. Behind a reverse proxy, "
+                                    "IPs are the clients' only with [server] trusted_proxies. Reloading closes "
+                                    "the sessions it newly denies.", reload=True)
+    status_token: str = opt("", "Bearer token that opens GET /health/instances (connection counts per instance "
+                                "on Redis; `relayd instances --token-file FILE`). Empty: that route is off.",
+                            reload=True, secret=True)
 
 
 @dataclass(frozen=True)
@@ -307,6 +331,7 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacySection,
     "metrics": MetricsSection,
     "tls": TlsSection,
+    "access": AccessSection,
     "log": LogSection,
     "push": PushSection,
 }
@@ -324,6 +349,7 @@ class Config:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    access: AccessSection = field(default_factory=AccessSection)
     log: LogSection = field(default_factory=LogSection)
     push: PushSection = field(default_factory=PushSection)
 
@@ -341,7 +367,7 @@ class Config:
     def effective_public_url(self) -> str:
         if self.server.public_url:
             return self.server.public_url
-        host = self.server.host
+        host = self.server.host[0] if self.server.host else ""
         if host in ("0.0.0.0", "::", ""):
             host = "localhost"
         elif ":" in host:
@@ -351,6 +377,21 @@ class Config:
 
     def replace(self, section: str, **values: Any) -> "Config":
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
+
+
+ALL_IPV6 = "::"
+ALL_IPV4 = "0.0.0.0"
+
+
+def listen_hosts(hosts: tuple[str, ...]) -> tuple[str, ...]:
+    """The hosts to bind for ``[server] host``: ``::`` brings ``0.0.0.0`` with it (asyncio makes every IPv6
+    listening socket IPv6-only); duplicates go."""
+    out: list[str] = []
+    for host in hosts:
+        for one in (host, ALL_IPV4) if host == ALL_IPV6 else (host,):
+            if one not in out:
+                out.append(one)
+    return tuple(out)
 
 
 def env_name(section: str, key: str) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol
 
+from ..access import DenyList, denied
 from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
@@ -97,6 +98,14 @@ class Admission:
         self.budget_per_ip = limits.max_buffered_bytes_per_ip
         self.budget = limits.max_buffered_bytes
         self.max_open = min(limits.max_connections or self.capacity, self.capacity)
+        self.deny = DenyList(config.access.deny)
+
+    def refuses(self, client_ip: str) -> RelayError | None:
+        """The 403 for a client IP on the operator's deny list, else None (checked on every request)."""
+        if self.deny.denies_ip(client_ip):
+            self.metrics.access_denied.labels(kind="ip").inc()
+            return denied("IP address")
+        return None
 
     # From accept
 

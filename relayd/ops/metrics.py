@@ -42,6 +42,9 @@ class RelayMetrics:
                                       ("limit",))
         self.auth_failures = r.counter("relayd_auth_failures_total", "Failed or refused authentications.",
                                        ("reason",))
+        self.access_denied = r.counter("relayd_access_denied_total", "Requests, upgrades, sign-ins and key "
+                                       "writes refused by [access] deny, by what matched (ip or address).",
+                                       ("kind",))
         self.queue_depth = r.gauge("relayd_queue_messages", "Messages waiting in offline queues.")
         self.queue_bytes = r.gauge("relayd_queue_bytes", "Content bytes waiting in offline queues "
                                    "(refreshed every few seconds).")

@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-from .file import count_stats, describe_error, inspect
+from .file import count_stats, describe_error, inspect, permission_hint
 from .keys import KEY_BYTES_SQL, KeyDirectory
 from .owner import OwnerLock
 from .push import PushTable
@@ -103,13 +103,14 @@ class SQLiteStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreOpenError(f"cannot create directory {path.parent}: {exc.strerror or exc}") from exc
+            hint = f"; {permission_hint(path.parent)}" if isinstance(exc, PermissionError) else ""
+            raise StoreOpenError(f"cannot create directory {path.parent}: {exc.strerror or exc}{hint}") from exc
         inspect(path)
         for place in (path, path.parent):
             if place.exists() and not os.access(place, os.W_OK):
                 raise StoreOpenError(f"database {path} is read-only: relayd needs to write "
                                      f"{'it' if place == path else f'its directory {place}'} (permissions, or a "
-                                     "read-only file system)")
+                                     f"read-only file system); {permission_hint(path.parent)}")
         self._owner.acquire()
         try:
             return self._open_locked(path)
