@@ -1062,6 +1062,16 @@ def connections(relay: Any) -> int:
     return relay.http("GET", "/health").json["connections"]
 
 
+def make_cert(directory: Path, name: str, days: int = 1) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 valid for ``days`` and its key, made by the openssl CLI."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-days", str(days), "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
 def metric_families(text: str) -> dict[str, dict[str, Any]]:
     """A Prometheus exposition read by prometheus_client: each family as ``{"type", "help", "samples": [(name,
     labels, value)]}``, by the name relayd gives it (a counter's with the ``_total`` prometheus_client drops)."""

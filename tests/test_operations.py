@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 from support import (ROOT, ProcessRelay, RawWs, WsClient, assert_closed_with, cli_ok, frames_until_pong, free_port,
-                     http_request, metric_families, msg, new_address, new_mid, online, pong_next, run_cli, wait_until)
+                     http_request, make_cert, metric_families, msg, new_address, new_mid, online, pong_next, run_cli,
+                     wait_until)
 
 from relayd import __version__
 
@@ -382,15 +383,6 @@ def test_sigterm_exits_within_shutdown_timeout_despite_an_unresponsive_peer(proc
 
 
 # TLS
-
-
-def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=30)
-    return cert, key
 
 
 def client_context(cert: Path) -> ssl.SSLContext:
