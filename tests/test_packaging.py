@@ -194,6 +194,21 @@ def test_deb_upgrade_keeps_queued_messages_and_the_edited_configuration(debian: 
     debian.stop_relayd()
 
 
+def test_deb_takes_over_from_the_readmes_install_by_hand(debian: Debian, debs: dict[str, Path]) -> None:
+    """The README's systemd set-up (a user, a venv in /opt/relayd, a database) followed by the package."""
+    debian.sh("useradd --system --home /var/lib/relayd --shell /usr/sbin/nologin relayd && "
+              "python3 -m venv /opt/relayd && install -d -o relayd -g relayd -m 0750 /var/lib/relayd && "
+              "echo made-by-hand >/var/lib/relayd/marker")
+    output = debian.install(debs[VERSION])
+    assert "moved the environment installed by hand in /opt/relayd to /opt/relayd.before-package" in output, output
+    assert debian.sh("relayd -V").stdout.strip() == f"relayd {relayd.__version__}"
+    assert debian.sh("cat /var/lib/relayd/marker").stdout.strip() == "made-by-hand"
+    assert debian.sh("test -f /opt/relayd.before-package/pyvenv.cfg && echo kept").stdout.strip() == "kept"
+    port = free_port()
+    debian.start_relayd(port)
+    debian.stop_relayd()
+
+
 def test_wheel_and_sdist_build_with_the_package_and_its_metadata(tmp_path: Path) -> None:
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info",
