@@ -207,6 +207,8 @@ def test_deb_takes_over_from_the_readmes_install_by_hand(debian: Debian, debs: d
     port = free_port()
     debian.start_relayd(port)
     debian.stop_relayd()
+    debian.sh("dpkg --purge relayd")
+    assert debian.sh("ls -d /opt/relayd* /var/lib/relayd 2>/dev/null || true").stdout.strip() == ""
 
 
 def test_wheel_and_sdist_build_with_the_package_and_its_metadata(tmp_path: Path) -> None:
