@@ -175,7 +175,8 @@ class RelayServer:
                           online=self.presence.online_count, queue_depth=self.store.total,
                           storage_bytes=self.store.stored_bytes,
                           storage_budget=lambda: delivery.limits.max_total_bytes,
-                          storage_healthy=lambda: 1 if self.store.healthy else 0)
+                          storage_healthy=lambda: 1 if self.store.healthy else 0,
+                          ready=lambda: 1 if self.store.healthy and self.accepting() else 0)
         if self.push is not None:
             self.push.start()
         await self.gateway.start(sock=sock, ssl_context=ssl_context)

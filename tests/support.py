@@ -456,16 +456,6 @@ def cli_ok(cwd: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
 # TLS
 
 
-def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (needs the openssl CLI): the (cert, key) paths."""
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=30)
-    return cert, key
-
-
 def client_context(cert: Path) -> ssl.SSLContext:
     """A client TLS context trusting only ``cert``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -1087,6 +1077,16 @@ def online(relay: Any, address: str) -> bool:
 def connections(relay: Any) -> int:
     """Authenticated sessions, as ``GET /health`` counts them."""
     return relay.http("GET", "/health").json["connections"]
+
+
+def make_cert(directory: Path, name: str, days: int = 1) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 valid for ``days`` and its key, made by the openssl CLI."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-days", str(days), "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=30)
+    return cert, key
 
 
 def metric_families(text: str) -> dict[str, dict[str, Any]]:

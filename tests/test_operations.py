@@ -140,6 +140,7 @@ TELEMETRY_FAMILIES = {
     "relayd_storage_commit_seconds": "histogram",
     "relayd_event_loop_lag_seconds": "histogram",
     "relayd_storage_healthy": "gauge",
+    "relayd_ready": "gauge",
     "process_cpu_seconds_total": "counter",
     "process_start_time_seconds": "gauge",
     "process_resident_memory_bytes": "gauge",
@@ -171,6 +172,7 @@ def test_metrics_families_and_counters_follow_traffic(process_relays, tmp_path):
         assert m0[name]["help"], f"{name} has no HELP text"
     assert sample(m0, "relayd_build_info", version=relay.http("GET", "/health").json["version"]) == 1
     assert sample(m0, "relayd_storage_healthy") == 1
+    assert sample(m0, "relayd_ready") == 1
     assert sample(m0, "process_resident_memory_bytes") > 0
 
     a_addr, b_addr = new_address(), new_address()

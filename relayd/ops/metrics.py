@@ -61,6 +61,12 @@ class RelayMetrics:
         self.storage_budget = r.gauge("relayd_storage_budget_bytes", "Bytes queued content, stored read receipts "
                                       "and keys may take together (0: no budget).")
         self.storage_healthy = r.gauge("relayd_storage_healthy", "1 when storage accepts writes.")
+        self.ready = r.gauge("relayd_ready", "1 when /health/ready answers 200: storage accepts writes and the "
+                             "listener accepts connections.")
+        self.certificate_expiry = r.gauge("relayd_tls_certificate_expiry_timestamp_seconds",
+                                          "When the certificate relayd serves TLS with stops being valid "
+                                          "(notAfter, Unix time); absent without [tls] certfile.")
+        self.certificate_expiry.set_function(lambda: None)
         self.pushes = r.counter("relayd_push_total", "Push notifications, by provider and outcome (sent, "
                                 "collapsed, gone, retry, failed, refused).", ("provider", "outcome"))
         self.push_dropped = r.counter("relayd_push_dropped_total", "Pushes dropped because the outgoing push "
@@ -71,7 +77,9 @@ class RelayMetrics:
 
     def bind(self, *, connections: Callable[[], float], sessions: Callable[[], float],
              online: Callable[[], float], queue_depth: Callable[[], float], storage_bytes: Callable[[], float],
-             storage_budget: Callable[[], float], storage_healthy: Callable[[], float]) -> None:
+             storage_budget: Callable[[], float], storage_healthy: Callable[[], float],
+             ready: Callable[[], float]) -> None:
+        self.ready.set_function(ready)
         self.storage_bytes.set_function(storage_bytes)
         self.storage_budget.set_function(storage_budget)
         self.connections.set_function(connections)
