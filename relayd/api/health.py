@@ -1,5 +1,5 @@
-"""Routes for operators and load balancers: health, liveness, readiness and metrics (never rate-limited), and
-the HTML status page at ``/``."""
+"""Routes for operators and load balancers: health, liveness, readiness and metrics (on a per-IP budget of their
+own), and the HTML status page at ``/``."""
 
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ class HealthRoutes:
 
     def routes(self) -> list[Route]:
         return [Route("/", "GET", self.status_page, Budget.READ),
-                Route("/health", "GET", self.health, Budget.EXEMPT),
-                Route("/health/live", "GET", self.live, Budget.EXEMPT),
-                Route("/health/ready", "GET", self.ready, Budget.EXEMPT),
-                Route("/metrics", "GET", self.metrics_text, Budget.EXEMPT)]
+                Route("/health", "GET", self.health, Budget.PROBE),
+                Route("/health/live", "GET", self.live, Budget.PROBE),
+                Route("/health/ready", "GET", self.ready, Budget.PROBE),
+                Route("/metrics", "GET", self.metrics_text, Budget.PROBE)]
 
     def _storage(self) -> dict[str, Any]:
         state = {"backend": self.store.name, "status": "ok" if self.store.healthy else "unavailable"}

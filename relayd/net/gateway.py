@@ -104,7 +104,7 @@ class Gateway:
         self.sessions: dict[Session, RelayConnection] = {}
         self.server: Server | None = None
         self._ids = itertools.count(1)
-        self.connection_limits = ConnectionLimits(0, 0, 0, 0.0, 0.0, 0)
+        self.connection_limits = ConnectionLimits(0, 0, 0, 0.0, 0.0, 0, 0.0, 0)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -116,6 +116,7 @@ class Gateway:
                                                         limits.max_inbound_bytes)
         cl.head_timeout, cl.idle_timeout = server.head_timeout_s, server.http_idle_timeout_s
         cl.max_requests = server.max_requests_per_connection
+        cl.stall_timeout, cl.refused_close_after = server.stall_timeout_s, limits.rate_limited_close_after
 
     async def start(self, *, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None) -> Server:
         """Listen on ``sock`` or on ``[server] host:port``; returns the websockets server."""
