@@ -82,12 +82,16 @@ class LimitsSection:
     max_connections: int = opt(0, "Connections the relay holds at once (0: as many as the file-descriptor limit "
                                "allows, keeping a reserve).", min=0, max=10_000_000, reload=True)
     max_connections_per_ip: int = opt(2048, "Concurrent connections per client IP, counted from accept "
-                                      "(IPv6: per /64; 0: no limit).", min=0, max=10_000_000, reload=True)
+                                      "(IPv6: per /64; never more than half the descriptor capacity; 0: that "
+                                      "half).", min=0, max=10_000_000, reload=True)
     max_pending_handshakes_per_ip: int = opt(2048, "Connections per IP that have not sent their first request "
                                              "head yet: a burst of the app's key lookups, one connection each, can "
-                                             "have them all in their head at once (0: no limit).", min=0, max=10_000_000, reload=True)
+                                             "have them all in their head at once (never more than a quarter of "
+                                             "the descriptor capacity; 0: that quarter).", min=0, max=10_000_000,
+                                             reload=True)
     max_pending_handshakes: int = opt(4096, "Connections in total that have not sent their first request head "
-                                      "yet (0: no limit).", min=0, max=10_000_000, reload=True)
+                                      "yet (never more than half the descriptor capacity; 0: that half).", min=0,
+                                      max=10_000_000, reload=True)
     connections_per_ip_per_s: float = opt(100.0, "New WebSocket connections per client IP per second, "
                                           "after the burst (0: no limit).", min=0, max=1e6, reload=True)
     connection_burst_per_ip: int = opt(2000, "New WebSocket connections one client IP may open at once, "
