@@ -28,7 +28,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import support  # noqa: E402
-from support import PipelineFlood, ProcessRelay, client_socket, live_latency  # noqa: E402
+from support import PipelineFlood, ProcessRelay, UnreadPipelines, client_socket, live_latency  # noqa: E402
 
 CONFIG = "[auth]\nmode = open\n"
 PROBE_TIMEOUT = 10.0
@@ -49,33 +49,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / 100  # utime + stime in clock ticks (USER_HZ = 100)
-
-
-class Unread:
-    """``connections`` sockets from 127.0.0.1, each pipelining ``requests`` ``GET /metrics``, never read."""
-
-    def __init__(self, port: int, connections: int = 300, requests: int = 1000) -> None:
-        self.port, self.connections = port, connections
-        self.batch = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * requests
-        self.socks: list[socket.socket] = []
-        self.statuses: dict[int, int] = {}
-
-    def __enter__(self) -> "Unread":
-        for _ in range(self.connections):
-            s = client_socket("127.0.0.1")
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect(("127.0.0.1", self.port))
-            s.setblocking(False)
-            try:
-                s.send(self.batch)
-            except OSError:
-                pass
-            self.socks.append(s)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s in self.socks:
-            s.close()
 
 
 class HalfOpen:
@@ -113,7 +86,7 @@ SCENARIOS: dict[str, tuple[str, Attack, int | None]] = {
     "pipeline": ("", lambda port: PipelineFlood(port, "127.0.0.1", connections=20, requests=1000), None),
     "pipeline_unbudgeted": ("[limits]\nrate_limit_max_probes = 0\n",
                             lambda port: PipelineFlood(port, "127.0.0.1", connections=20, requests=1000), None),
-    "unread": ("", Unread, None),
+    "unread": ("", UnreadPipelines, None),
     "half_open": ("[server]\nhead_timeout_s = 30\n", HalfOpen, 2048),
 }
 

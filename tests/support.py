@@ -1435,6 +1435,34 @@ class PipelineFlood:
             t.join(scaled(10))
 
 
+class UnreadPipelines:
+    """``connections`` sockets from ``source``, each pipelining ``requests`` ``GET path`` and never reading."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1", *, connections: int = 300, requests: int = 1000,
+                 path: str = "/metrics") -> None:
+        self.port, self.source, self.connections = port, source, connections
+        self.batch = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * requests
+        self.socks: list[socket.socket] = []
+        self.statuses: dict[int, int] = {}  # never read: always empty
+
+    def __enter__(self) -> "UnreadPipelines":
+        for _ in range(self.connections):
+            s = client_socket(self.source)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", self.port))
+            s.setblocking(False)
+            try:
+                s.send(self.batch)
+            except OSError:
+                pass
+            self.socks.append(s)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s in self.socks:
+            s.close()
+
+
 def live_latency(port: int, source: str, timeout: float = 10) -> float:
     """Seconds ``GET /health/live`` from ``source`` takes on a new connection (``timeout`` when unanswered)."""
     started = time.monotonic()

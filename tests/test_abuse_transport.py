@@ -20,6 +20,7 @@ from support import (
     PipelineFlood,
     ProcessRelay,
     RawWs,
+    UnreadPipelines,
     addr,
     client_socket,
     http_head,
@@ -231,6 +232,15 @@ def test_another_ip_is_served_while_one_ip_pipelines_metrics_on_20_connections(r
         wait_until(lambda: flood.closes > 0, "a connection that keeps getting 429 to be closed", timeout=10)
     assert max(latencies) < scaled(2), f"another IP's /health/live took {max(latencies):.2f} s"
     assert flood.statuses.get(429, 0) > 0 and flood.statuses.get(200, 0) <= 600, flood.statuses
+
+
+def test_another_ip_is_served_while_300_connections_of_one_ip_pipeline_metrics_unread(relay) -> None:
+    """300 connections x 1,000 pipelined ``/metrics`` never read (another IP's /health/live timed out for 20 s):
+    one IP starts a few answers per loop iteration, so the others' wait is short."""
+    with UnreadPipelines(relay.port, "127.0.0.1", connections=300, requests=1000):
+        latencies = [live_latency(relay.port, "127.0.0.2") for _ in range(10)]
+    assert max(latencies) < scaled(2), f"another IP's /health/live took {max(latencies):.2f} s"
+    assert relay.http("GET", "/health/live").status == 200
 
 
 def test_probes_have_a_budget_of_their_own(relay) -> None:

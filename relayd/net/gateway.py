@@ -35,6 +35,7 @@ from .connection import RelayConnection
 from .http_connection import ConnectionLimits, HttpConnection, to_response
 from .http_values import HttpRequest, HttpResponse, error_response, header_value
 from .origins import OriginPolicy
+from .turns import Turns
 
 log = logging.getLogger("relayd.server")
 
@@ -105,6 +106,7 @@ class Gateway:
         self.server: Server | None = None
         self._ids = itertools.count(1)
         self.connection_limits = ConnectionLimits(0, 0, 0, 0.0, 0.0, 0, 0.0, 0)
+        self.turns = Turns()
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -201,6 +203,7 @@ class Gateway:
                 return to_response(error_response(refusal), False)
             return None
         req = HttpRequest.from_target(request.method, request.path, request.headers, conn.request_body, client_ip)
+        await self.turns.take(client_ip)
         return to_response(await self.requests.handle(req), request.method == "HEAD")
 
     async def _handle_session(self, conn: RelayConnection) -> None:
