@@ -43,12 +43,28 @@ def loop(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def start(request: pytest.FixtureRequest, tmp_path: Path, env: dict[str, str] | None = None) -> ProcessRelay:
+    marker = request.node.get_closest_marker("config")
+    return ProcessRelay(tmp_path, config_text=CONFIG + (marker.args[0] if marker else ""), env=env,
+                        nofile=marker.kwargs.get("nofile") if marker else None)
+
+
 @pytest.fixture
 def relay(tmp_path: Path, request: pytest.FixtureRequest, loop: str) -> Iterator[ProcessRelay]:
-    """A relayd process on defaults (open mode); ``config`` marker lines and ``nofile`` from the test."""
-    marker = request.node.get_closest_marker("config")
-    relay = ProcessRelay(tmp_path, config_text=CONFIG + (marker.args[0] if marker else ""),
-                         nofile=marker.kwargs.get("nofile") if marker else None)
+    """A relayd process on defaults (open mode, SQLite); ``config`` marker lines and ``nofile`` from the test."""
+    relay = start(request, tmp_path)
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend_relay(tmp_path: Path, request: pytest.FixtureRequest, loop: str) -> Iterator[ProcessRelay]:
+    """``relay`` on SQLite and on Redis, for attacks whose answers come from the store."""
+    env = None
+    if request.param == "redis":
+        env = {"RELAYD_STORAGE_BACKEND": "redis", "RELAYD_REDIS_URL": request.getfixturevalue("redis_server").url,
+               "RELAYD_REDIS_KEY_PREFIX": request.getfixturevalue("redis_prefix")}
+    relay = start(request, tmp_path, env)
     yield relay
     relay.stop()
 
@@ -167,10 +183,11 @@ def unread_lookups(relay: ProcessRelay, addresses: list[str], count: int = 28) -
 
 
 @pytest.mark.config(READS + "max_buffered_bytes_per_ip = 8388608\n")
-def test_unread_rest_answers_count_against_the_per_ip_buffer_budget(relay) -> None:
+def test_unread_rest_answers_count_against_the_per_ip_buffer_budget(backend_relay) -> None:
     """28 kept-alive connections each ask for a 4.4 MB batch of keys and never read (+156 MiB before): the
     answers' unsent bytes are charged to the IP's buffer budget (8 MiB here), so the connections holding the most
     are cut and memory stays bounded."""
+    relay = backend_relay
     addresses = [addr(i) for i in range(BATCH)]
     upload_keys(relay, addresses)
     relay.http("POST", "/api/public-keys/batch", {"addresses": addresses})  # warm the caches
@@ -203,9 +220,10 @@ def test_a_rest_connection_whose_reader_stalls_is_cut(relay) -> None:
 
 
 @pytest.mark.config(READS)
-def test_memory_returns_after_unread_kept_alive_answers_close(relay) -> None:
+def test_memory_returns_after_unread_kept_alive_answers_close(backend_relay) -> None:
     """Four rounds of 28 never-reading kept-alive lookups, each closed by the client: memory comes back after
     every round instead of growing (it grew 157, 273, 389, 476 MiB)."""
+    relay = backend_relay
     addresses = [addr(i) for i in range(BATCH)]
     upload_keys(relay, addresses)
     relay.http("POST", "/api/public-keys/batch", {"addresses": addresses})

@@ -203,8 +203,8 @@ class Gateway:
                 return to_response(error_response(refusal), False)
             return None
         req = HttpRequest.from_target(request.method, request.path, request.headers, conn.request_body, client_ip)
-        await self.turns.take(client_ip)
-        return to_response(await self.requests.handle(req), request.method == "HEAD")
+        async with self.turns.turn(client_ip):
+            return to_response(await self.requests.handle(req), request.method == "HEAD")
 
     async def _handle_session(self, conn: RelayConnection) -> None:
         session = Session(next(self._ids), conn.client_ip, self.clock.monotonic(), conn)
