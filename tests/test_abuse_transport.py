@@ -1,8 +1,8 @@
 """Issue 20's transport and REST attacks, each against a real relayd process: what one client can make the relay
 spend in memory for REST answers, in CPU, per connection and in descriptors, and the bound that holds it.
 
-Memory bounds are read from the child's VmRSS on relayd's default asyncio loop; ``loop`` is a fixture so a test
-can later run on another loop as a parameter. Timing goals live in ``bench/abuse_transport.py``; here the
+Memory bounds are read from the child's VmRSS on relayd's default asyncio loop; ``loop`` is a fixture so every
+test can later run on another loop as a parameter. Timing goals live in ``bench/abuse_transport.py``; here the
 timings are only generous correctness limits.
 """
 
@@ -39,7 +39,8 @@ BATCH = 1000  # addresses per batch lookup: a 4.4 MB answer
 
 @pytest.fixture(params=["asyncio"])
 def loop(request: pytest.FixtureRequest) -> str:
-    """The event loop the relay runs on (relayd's default; other loops can join as parameters)."""
+    """The event loop the relay runs on: relayd's default asyncio loop only, for now. Every memory-bound test takes
+    it, so another loop (uvloop) joins as a parameter once relayd can be told to run on it."""
     return str(request.param)
 
 
@@ -206,16 +207,17 @@ def test_unread_rest_answers_count_against_the_per_ip_buffer_budget(backend_rela
     assert relay.http("GET", "/health/live").status == 200
 
 
-@pytest.mark.config("[server]\nstall_timeout_s = 2\n")
+@pytest.mark.config("[server]\nstall_timeout_s = 2\nhttp_idle_timeout_s = 600\n[log]\nlevel = debug\n")
 def test_a_rest_connection_whose_reader_stalls_is_cut(relay) -> None:
+    """A kept-alive answer its reader takes none of is cut after stall_timeout_s (it was held for ever)."""
     addresses = [addr(i) for i in range(BATCH)]
     upload_keys(relay, addresses)
     s = never_reading()
     s.connect(("127.0.0.1", relay.port))
     try:
         s.sendall(batch_lookup(addresses))
-        time.sleep(0)  # the answer is written while the reader stalls
-        assert is_cut(s, timeout=10), "a REST connection whose reader took nothing for 2 s was not cut"
+        relay.wait_log("took none of its answers for 2 s", timeout=10)
+        assert is_cut(s)
     finally:
         s.close()
 
@@ -356,8 +358,9 @@ def test_another_ip_is_served_while_one_ip_holds_3000_half_open_connections(rela
             except OSError:
                 pass
         wait_until(lambda: relay.descriptors() > 300, "the relay to take the flood")
-        latencies = [live_latency(relay.port, f"127.0.0.{2 + i % 2 * 2}") for i in range(4)]
-        assert max(latencies) < scaled(1.5), f"another IP's /health/live took {latencies}"
+        latencies = [live_latency(relay.port, f"127.0.0.{2 + i % 2 * 2}") for i in range(5)]
+        # The first may wait behind the flood in the kernel's accept queue (about 1 s on 2 cores).
+        assert latencies[0] < scaled(3) and max(latencies[1:]) < scaled(1), f"another IP's took {latencies}"
         assert relay.descriptors() < 2048 - 100, "the flood took the relay's descriptor reserve"
     finally:
         for s in held:
