@@ -1476,3 +1476,103 @@ class DevToolsPage:
                 self.proc.kill()
                 self.proc.wait(scaled(5))
         self.log_file.close()
+
+
+class PipelineFlood:
+    """Issue 20's CPU attack: ``connections`` threads from ``source`` each pipeline ``requests`` kept-alive
+    ``GET path`` on one connection, read what comes back (answers and 429s) and start over when it closes.
+
+    ``statuses`` counts the answers by status, ``closes`` the connections the relay ended before their last
+    request was answered.
+    """
+
+    def __init__(self, port: int, source: str = "127.0.0.1", *, connections: int = 20, requests: int = 1000,
+                 path: str = "/metrics") -> None:
+        self.port, self.source = port, source
+        self.batch = (f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n" * requests).encode()
+        self.requests = requests
+        self.statuses: dict[int, int] = {}
+        self.closes = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(connections)]
+
+    def _run(self) -> None:
+        status = re.compile(rb"HTTP/1\.1 (\d{3}) ")
+        while not self._stop.is_set():
+            answered = 0
+            counts: dict[int, int] = {}
+            try:
+                with client_socket(self.source) as s:
+                    s.settimeout(2)
+                    s.connect(("127.0.0.1", self.port))
+                    s.sendall(self.batch)
+                    tail = b""
+                    while not self._stop.is_set() and (block := s.recv(1 << 16)):
+                        data = tail + block
+                        end = 0
+                        for m in status.finditer(data):
+                            counts[int(m.group(1))] = counts.get(int(m.group(1)), 0) + 1
+                            answered += 1
+                            end = m.end()
+                        tail = data[max(end, len(data) - 16):]  # a status line cut in two is counted once
+            except OSError:
+                pass
+            with self._lock:
+                for code, n in counts.items():
+                    self.statuses[code] = self.statuses.get(code, 0) + n
+                if answered < self.requests and not self._stop.is_set():
+                    self.closes += 1
+
+    def __enter__(self) -> "PipelineFlood":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(scaled(10))
+
+
+class UnreadPipelines:
+    """``connections`` sockets from ``source``, each pipelining ``requests`` ``GET path`` and never reading."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1", *, connections: int = 300, requests: int = 1000,
+                 path: str = "/metrics") -> None:
+        self.port, self.source, self.connections = port, source, connections
+        self.batch = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * requests
+        self.socks: list[socket.socket] = []
+        self.statuses: dict[int, int] = {}  # never read: always empty
+
+    def __enter__(self) -> "UnreadPipelines":
+        for _ in range(self.connections):
+            s = client_socket(self.source)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", self.port))
+            s.setblocking(False)
+            try:
+                s.send(self.batch)
+            except OSError:
+                pass
+            self.socks.append(s)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def live_latency(port: int, source: str, timeout: float = 10) -> float:
+    """Seconds ``GET /health/live`` from ``source`` takes on a new connection (``timeout`` when unanswered)."""
+    started = time.monotonic()
+    try:
+        with client_socket(source) as s:
+            s.settimeout(timeout)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            if not s.recv(64).startswith(b"HTTP/1.1 200"):
+                return timeout
+    except OSError:
+        return timeout
+    return time.monotonic() - started

@@ -1,5 +1,5 @@
-"""Routes for operators and load balancers: health, liveness, readiness and metrics (never rate-limited), and
-the HTML status page at ``/`` with its script and figures (``/status.js``, ``/status.json``)."""
+"""Routes for operators and load balancers: health, liveness, readiness and metrics (on a per-IP budget of their
+own), and the HTML status page at ``/`` with its script and figures (``/status.js``, ``/status.json``)."""
 
 from __future__ import annotations
 
@@ -59,11 +59,11 @@ class HealthRoutes:
         return [Route("/", "GET", self.status_page, Budget.READ),
                 Route("/status.json", "GET", self.status_json, Budget.READ),
                 Route("/status.js", "GET", self.status_script, Budget.READ),
-                Route("/health", "GET", self.health, Budget.EXEMPT),
-                Route("/health/live", "GET", self.live, Budget.EXEMPT),
-                Route("/health/ready", "GET", self.ready, Budget.EXEMPT),
+                Route("/health", "GET", self.health, Budget.PROBE),
+                Route("/health/live", "GET", self.live, Budget.PROBE),
+                Route("/health/ready", "GET", self.ready, Budget.PROBE),
                 Route("/health/instances", "GET", self.instances, Budget.READ),
-                Route("/metrics", "GET", self.metrics_text, Budget.EXEMPT)]
+                Route("/metrics", "GET", self.metrics_text, Budget.PROBE)]
 
     def _storage(self) -> dict[str, Any]:
         state = {"backend": self.store.name, "status": "ok" if self.store.healthy else "unavailable"}

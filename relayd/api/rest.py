@@ -126,8 +126,9 @@ class HttpApi:
         methods, args = found
         route = methods.get("GET" if req.method == "HEAD" else req.method)
         if req.method in ("HEAD", "OPTIONS"):
-            exempt = all(r.budget is Budget.EXEMPT for r in methods.values())
-            budget = Budget.EXEMPT if exempt else Budget.READ
+            budgets = {r.budget for r in methods.values()}  # a probe's HEAD is a probe too
+            own = len(budgets) == 1 and budgets <= {Budget.EXEMPT, Budget.PROBE}
+            budget = budgets.pop() if own else Budget.READ
         else:
             budget = route.budget if route is not None else Budget.WRITE
         self.limits.charge(budget, req.client_ip, now)

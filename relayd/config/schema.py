@@ -68,8 +68,8 @@ class ServerSection:
     max_requests_per_connection: int = opt(1000, "REST requests answered on one kept-alive connection "
                                            "(1: every answer closes the connection).",
                                            min=1, max=10_000_000, reload=True)
-    stall_timeout_s: float = opt(30.0, "Cut a WebSocket whose send buffer stays full this long "
-                                 "(its peer stopped reading).", min=1, max=3600, reload=True)
+    stall_timeout_s: float = opt(30.0, "Cut a WebSocket, or a kept-alive REST connection, whose send buffer "
+                                 "stays full this long (its peer stopped reading).", min=1, max=3600, reload=True)
 
 
 @dataclass(frozen=True)
@@ -83,18 +83,25 @@ class LimitsSection:
     rate_limit_max_reads: int = opt(30000, "REST reads (key and status lookups, queue sizes, HEAD, "
                                     "OPTIONS; a batch counts each address) allowed per client IP per window "
                                     "(0: unlimited).", min=0, max=100_000_000, reload=True)
+    rate_limit_max_probes: int = opt(600, "Health checks and metrics (/health, /health/live, /health/ready, "
+                                     "/metrics) allowed per client IP per window, a budget of their own "
+                                     "(0: unlimited).", min=0, max=100_000_000, reload=True)
     max_message_bytes: int = opt(262144, "Largest message content (bytes of the content string).",
                                  min=16, max=16 * 1024 * 1024, reload=True)
     max_body_bytes: int = opt(262144, "Largest REST request body.", min=64, max=64 * 1024 * 1024, reload=True)
     max_connections: int = opt(0, "Connections the relay holds at once (0: as many as the file-descriptor limit "
                                "allows, keeping a reserve).", min=0, max=10_000_000, reload=True)
     max_connections_per_ip: int = opt(2048, "Concurrent connections per client IP, counted from accept "
-                                      "(IPv6: per /64; 0: no limit).", min=0, max=10_000_000, reload=True)
+                                      "(IPv6: per /64; never more than half the descriptor capacity; 0: that "
+                                      "half).", min=0, max=10_000_000, reload=True)
     max_pending_handshakes_per_ip: int = opt(2048, "Connections per IP that have not sent their first request "
                                              "head yet: a burst of the app's key lookups, one connection each, can "
-                                             "have them all in their head at once (0: no limit).", min=0, max=10_000_000, reload=True)
+                                             "have them all in their head at once (never more than a quarter of "
+                                             "the descriptor capacity; 0: that quarter).", min=0, max=10_000_000,
+                                             reload=True)
     max_pending_handshakes: int = opt(4096, "Connections in total that have not sent their first request head "
-                                      "yet (0: no limit).", min=0, max=10_000_000, reload=True)
+                                      "yet (never more than half the descriptor capacity; 0: that half).", min=0,
+                                      max=10_000_000, reload=True)
     connections_per_ip_per_s: float = opt(100.0, "New WebSocket connections per client IP per second, "
                                           "after the burst (0: no limit).", min=0, max=1e6, reload=True)
     connection_burst_per_ip: int = opt(2000, "New WebSocket connections one client IP may open at once, "
@@ -107,7 +114,8 @@ class LimitsSection:
     frame_burst: int = opt(1000, "Frames a connection may send at once before frames_per_s applies.",
                            min=1, max=10_000_000, reload=True)
     rate_limited_close_after: int = opt(50, "Close a connection (1008) after this many rate_limited refusals "
-                                        "in a row.", min=1, max=1_000_000, reload=True)
+                                        "in a row (a REST connection: after this many 429 answers in a row).",
+                                        min=1, max=1_000_000, reload=True)
     max_preauth_frame_bytes: int = opt(4096, "Largest frame accepted before auth.", min=256, max=1 << 20,
                                        reload=True)
     max_outbound_bytes: int = opt(1 << 20, "Bytes a connection's peer may leave unread before it is cut off.",

@@ -58,6 +58,11 @@ def descriptor_capacity() -> int:
     return max(16, soft - max(FD_RESERVE_MIN, soft // 20))
 
 
+def _within(limit: int, share: int) -> int:
+    """``limit`` (0: none) but at most ``share`` of the descriptor capacity."""
+    return min(limit, share) if limit else share
+
+
 def raise_descriptor_limit() -> int:
     """Raise the soft file-descriptor limit to the hard one, as daemons do; returns the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -89,10 +94,12 @@ class Admission:
         self.configure(config)
 
     def configure(self, config: Config) -> None:
+        """Apply ``[limits]``; whatever they say, one IP holds at most half the descriptor capacity, and at most a
+        quarter in connections that have not sent a request head (all IPs: half), so another IP always gets in."""
         limits = config.limits
-        self.max_per_ip = limits.max_connections_per_ip
-        self.max_head_per_ip = limits.max_pending_handshakes_per_ip
-        self.max_head = limits.max_pending_handshakes
+        self.max_per_ip = _within(limits.max_connections_per_ip, self.capacity // 2)
+        self.max_head_per_ip = _within(limits.max_pending_handshakes_per_ip, self.capacity // 4)
+        self.max_head = _within(limits.max_pending_handshakes, self.capacity // 2)
         self.rate = limits.connections_per_ip_per_s
         self.burst = limits.connection_burst_per_ip
         self.budget_per_ip = limits.max_buffered_bytes_per_ip

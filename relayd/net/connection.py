@@ -21,7 +21,7 @@ from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import Server
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import DATA_OPCODES, CloseCode, Frame, Opcode
-from websockets.protocol import OPEN
+from websockets.protocol import CONNECTING, OPEN
 from websockets.server import ServerProtocol
 
 from ..ratelimit import FrameLimiter, Verdict
@@ -108,7 +108,8 @@ class RelayConnection(HttpConnection):
         finally:
             if opened:
                 end_batch()
-        if self.protocol.state is OPEN and self.transport.get_write_buffer_size() > self.limits.max_outbound:
+        if (self.protocol.state is not CONNECTING  # open or closing: pongs pile up until the peer reads
+                and self.transport.get_write_buffer_size() > self.limits.max_outbound):
             self.cut("its peer sends without reading (control frames pile up)")
             return
         self._recharge()
@@ -117,10 +118,6 @@ class RelayConnection(HttpConnection):
         self._hand_back()
         self._pending.clear()
         super().connection_lost(exc)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._recharge()
 
     def frame_received(self, frame: Frame) -> None:
         """Count every frame against the limiter; apply a whole allowed message at once when nothing is
@@ -304,10 +301,7 @@ class RelayConnection(HttpConnection):
 
     # Accounting
 
-    def _recharge(self) -> None:
-        """Report this connection's buffered bytes to its client's budget."""
-        held = (len(self.protocol.reader.buffer) + self._inbound + self._pending_bytes + self._kept
-                + self.transport.get_write_buffer_size())
-        if held != self.held:
-            delta, self.held = held - self.held, held
-            self.context.charge(self, delta)
+    def _buffered(self) -> int:
+        """Besides unread input and unsent output: frames waiting to be applied, frames not written yet, and
+        messages the protocol is storing for this connection."""
+        return super()._buffered() + self._inbound + self._pending_bytes + self._kept

@@ -37,6 +37,7 @@ from .http_connection import ConnectionLimits, HttpConnection, to_response
 from .http_values import HttpRequest, HttpResponse, error_response, header_value
 from .listen import plan
 from .origins import OriginPolicy
+from .turns import Turns
 
 log = logging.getLogger("relayd.server")
 
@@ -106,7 +107,8 @@ class Gateway:
         self.sessions: dict[Session, RelayConnection] = {}
         self.server: Server | None = None
         self._ids = itertools.count(1)
-        self.connection_limits = ConnectionLimits(0, 0, 0, 0.0, 0.0, 0)
+        self.connection_limits = ConnectionLimits(0, 0, 0, 0.0, 0.0, 0, 0.0, 0)
+        self.turns = Turns()
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -118,6 +120,7 @@ class Gateway:
                                                         limits.max_inbound_bytes)
         cl.head_timeout, cl.idle_timeout = server.head_timeout_s, server.http_idle_timeout_s
         cl.max_requests = server.max_requests_per_connection
+        cl.stall_timeout, cl.refused_close_after = server.stall_timeout_s, limits.rate_limited_close_after
         self.close_denied()
 
     def close_denied(self) -> None:
@@ -225,7 +228,8 @@ class Gateway:
                 return to_response(error_response(refusal), False)
             return None
         req = HttpRequest.from_target(request.method, request.path, request.headers, conn.request_body, client_ip)
-        return to_response(await self.requests.handle(req), request.method == "HEAD")
+        async with self.turns.turn(client_ip):
+            return to_response(await self.requests.handle(req), request.method == "HEAD")
 
     async def _handle_session(self, conn: RelayConnection) -> None:
         session = Session(next(self._ids), conn.client_ip, self.clock.monotonic(), conn)
