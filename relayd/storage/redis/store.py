@@ -236,8 +236,7 @@ class RedisStore:
         await self.push.extend(address, expires_at_ms)
 
     async def expire_push_subscriptions(self, now_ms: int) -> int:
-        """Redis expires them itself (see ``push``)."""
-        return 0
+        return await self.push.expire(now_ms)
 
     # Migration (``relayd migrate``): each copy is remembered for ``ledger_ttl_ms``, so a re-run copies
     # nothing twice, not even what was delivered and deleted since.
