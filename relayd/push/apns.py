@@ -67,6 +67,11 @@ class Apns:
             self._token_at = now
         return self._token
 
+    def gone(self, answer: Response) -> bool:
+        """410 ``Unregistered``: the token is no longer active for the topic. (A 404 is a bad path, and a 400
+        ``BadDeviceToken`` may be a token of the other environment: neither says the device is gone.)"""
+        return answer.status == 410
+
     async def send(self, sub: PushSubscription, payload: dict[str, Any], collapse: str) -> Response:
         body = json.dumps({"aps": {"content-available": 1}, **payload}, separators=(",", ":")).encode()
         authority = self.host if self.port == 443 else f"{self.host}:{self.port}"
