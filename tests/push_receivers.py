@@ -342,7 +342,9 @@ class FcmService(Receiver):
 
 
 class ApnsService(Receiver):
-    """APNs over HTTP/2 (TLS with ALPN h2, as Apple's): checks the provider token and the headers."""
+    """APNs over HTTP/2 (TLS with ALPN h2, as Apple's): checks the provider token and the headers, answers any
+    number of requests on a connection, counts connections (``connections``) and can close the open ones
+    (``hang_up``), as Apple does with connections idle for long."""
 
     topic = "org.idena.messenger"
     team_id = "TEAM123456"
@@ -355,12 +357,29 @@ class ApnsService(Receiver):
         self.key_file.write_bytes(self.team_key.private_bytes(serialization.Encoding.PEM,
                                                               serialization.PrivateFormat.PKCS8,
                                                               serialization.NoEncryption()))
+        self.connections = 0
+        self._open: set[asyncio.StreamWriter] = set()
+
+    def hang_up(self) -> None:
+        """Close every open connection (from the test's thread)."""
+        def close() -> None:
+            for writer in self._open:
+                writer.close()
+        self.loop.call_soon_threadsafe(close)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ssl_object = writer.get_extra_info("ssl_object")
         if ssl_object.selected_alpn_protocol() != "h2":
             self.refusals.append("no h2 ALPN")
             return
+        self.connections += 1
+        self._open.add(writer)
+        try:
+            await self._serve_h2(reader, writer)
+        finally:
+            self._open.discard(writer)
+
+    async def _serve_h2(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         conn.initiate_connection()
         writer.write(conn.data_to_send())

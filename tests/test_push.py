@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import socket
+import ssl
 import stat
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from support import (ADDR_A, ADDR_B, KEY_A, ProcessRelay, assert_answered, asser
                      frames_until_pong, http_request, metric_families, msg, new_address, now_ms, online, run_cli,
                      scaled, signed_login, wait_until, without_modules)
 
+from relayd.push.http2 import Http2Client
 from relayd.push.subscriptions import is_public
 from relayd.storage.sqlite.store import SQLiteStore
 from relayd.storage.store import PushSubscription, push_bytes
@@ -369,6 +371,45 @@ def test_apns_gets_a_background_push_over_http2(start_relay, ca, apns, tmp_path)
     apns.answer(410)
     send_from_b(relay, 1)
     wait_until(lambda: stored_subscriptions(relay) == [], "the unregistered token to go", timeout=scaled(10))
+
+
+def test_apns_pushes_share_one_http2_connection_and_a_closed_one_is_replaced(start_relay, ca, apns, tmp_path):
+    relay = start_relay(push=push_section(ca, tmp_path, min_interval_s="0", apns_key_file=str(apns.key_file),
+                                          apns_key_id=apns.key_id, apns_team_id=apns.team_id,
+                                          apns_topic=apns.topic, apns_url=apns.origin))
+    subscribed_offline(relay, {"provider": "apns", "token": "cd" * 32})
+    for n in (1, 2):
+        send_from_b(relay, 1)
+        apns.wait_for(n, scaled(10))
+        settled(relay)
+    assert apns.connections == 1
+    apns.hang_up()  # as Apple does with a connection idle for long: the next push opens a new one
+    wait_until(lambda: not relay.server.push.providers["apns"].client.connected, "the relay to see the hang-up",
+               timeout=scaled(10))
+    send_from_b(relay, 1)
+    apns.wait_for(3, scaled(10))
+    settled(relay)
+    assert apns.connections == 2 and len(apns.received) == 3
+    assert pushes(relay) == {("apns", "sent"): 3}
+
+
+def test_an_idle_http2_connection_is_closed_and_the_next_request_opens_another(ca, apns):
+    async def main() -> None:
+        client = Http2Client("127.0.0.1", apns.port, ssl.create_default_context(cafile=str(ca.ca_file)), idle_s=0.3)
+        ping = [(":method", "POST"), (":scheme", "https"), (":path", "/"), (":authority", f"127.0.0.1:{apns.port}")]
+        try:
+            answers = await asyncio.gather(*(client.request(ping, b"", timeout_s=scaled(5), max_bytes=64)
+                                             for _ in range(3)))  # concurrent: three streams on one connection
+            assert [a.status for a in answers] == [404] * 3 and client.opened == 1
+            async with asyncio.timeout(scaled(10)):
+                while client.connected:
+                    await asyncio.sleep(0.02)
+            assert (await client.request(ping, b"", timeout_s=scaled(5), max_bytes=64)).status == 404
+            assert client.opened == 2
+        finally:
+            await client.close()
+    asyncio.run(main())
+    assert apns.connections == 2
 
 
 # Durability, several instances, start-up

@@ -114,6 +114,9 @@ class Fcm:
                   for v in d["fieldViolations"] if isinstance(v, dict)}
         return "message.token" in fields or ("INVALID_ARGUMENT" in codes and "registration token" in message)
 
+    async def close(self) -> None:
+        """Nothing stays open: each push is one request on its own connection."""
+
     async def send(self, sub: PushSubscription, payload: dict[str, Any], collapse: str) -> Response:
         message = {"message": {"token": sub.target, "data": {k: str(v) for k, v in payload.items()},
                                "android": {"priority": "HIGH", "collapse_key": collapse, "ttl": "86400s"}}}

@@ -46,6 +46,10 @@ class Provider(Protocol):
         """Whether ``answer`` says the subscription will never receive a push again (it is then deleted)."""
         ...
 
+    async def close(self) -> None:
+        """Close what it keeps open between pushes."""
+        ...
+
 
 @dataclass(slots=True)
 class _Retry:

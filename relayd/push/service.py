@@ -172,6 +172,8 @@ class PushService:
     async def stop(self) -> None:
         await self.sender.stop()
         await self.tasks.settle()
+        for provider in self.providers.values():
+            await provider.close()
 
     def sweep(self) -> None:
         """From the housekeeping timer: forget passed intervals; delete expired subscriptions now and then."""
