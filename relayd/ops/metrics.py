@@ -54,9 +54,9 @@ class RelayMetrics:
         self.queue_receipts = r.gauge("relayd_queue_receipts", "Read receipts waiting for offline senders "
                                       "(refreshed every few seconds).")
         self.storage_bytes = r.gauge("relayd_storage_bytes", "Bytes the storage budget counts: queued content, "
-                                     "stored read receipts and keys.")
-        self.storage_budget = r.gauge("relayd_storage_budget_bytes", "Bytes queued content, stored read receipts "
-                                      "and keys may take together (0: no budget).")
+                                     "stored read receipts, keys and push subscriptions.")
+        self.storage_budget = r.gauge("relayd_storage_budget_bytes", "Bytes queued content, stored read receipts, "
+                                      "keys and push subscriptions may take together (0: no budget).")
         self.storage_healthy = r.gauge("relayd_storage_healthy", "1 when storage accepts writes.")
         self.pushes = r.counter("relayd_push_total", "Push notifications, by provider and outcome (sent, "
                                 "collapsed, gone, retry, failed, refused).", ("provider", "outcome"))

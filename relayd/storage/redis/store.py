@@ -161,8 +161,8 @@ class RedisStore:
         return max(self.core.totals.messages, 0)
 
     def stored_bytes(self) -> int:
-        """Content bytes in all queues, kept like ``total()``, and what receipts and keys count (from the
-        statistics read every ``refresh_interval_s``, plus this instance's writes since)."""
+        """Content bytes in all queues, kept like ``total()``, and what receipts, keys and push subscriptions
+        count (from the statistics read every ``refresh_interval_s``, plus this instance's writes since)."""
         return max(self.core.totals.bytes + self.core.other_bytes, 0)
 
     async def stats(self) -> dict[str, int]:
