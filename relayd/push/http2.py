@@ -66,8 +66,8 @@ class _Connection:
             stream_id = self.h2.get_next_available_stream_id()
             self.h2.send_headers(stream_id, headers)
             self.h2.send_data(stream_id, body, end_stream=True)
-        except h2.exceptions.ProtocolError as exc:
-            raise ConnectionClosed(f"no new stream: {exc!r}") from None
+        except h2.exceptions.ProtocolError as exc:  # e.g. as many streams open as the server allows
+            raise OSError(f"no new stream: {exc!r}") from None
         stream = self.streams[stream_id] = _Stream(loop.create_future(), max_bytes)
         self.last_used = loop.time()
         try:
@@ -163,13 +163,14 @@ class Http2Client:
                       max_bytes: int) -> Response:
         """One request and its answer within ``timeout_s``; raises OSError or TimeoutError."""
         async with asyncio.timeout(timeout_s):
-            while True:
+            for attempt in (1, 2):
                 conn, reused = await self._connection()
                 try:
                     return await conn.exchange(headers, body, max_bytes)
                 except ConnectionClosed:
-                    if not reused:
+                    if not reused or attempt == 2:
                         raise
+        raise AssertionError("unreachable")
 
     async def _connection(self) -> tuple[_Connection, bool]:
         """The open connection (reused: True), or a new one."""
