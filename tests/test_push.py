@@ -357,7 +357,7 @@ def test_tokens_fcm_calls_unregistered_or_invalid_are_removed_and_no_other_error
     assert [s.target for s in stored_subscriptions(misconfigured)] == [kept]
 
 
-def test_apns_gets_a_background_push_over_http2(start_relay, ca, apns, tmp_path):
+def test_apns_gets_a_background_push_over_http2(ca, apns, start_relay, tmp_path):  # the relay stops first
     relay = start_relay(push=push_section(ca, tmp_path, min_interval_s="0", apns_key_file=str(apns.key_file),
                                           apns_key_id=apns.key_id, apns_team_id=apns.team_id,
                                           apns_topic=apns.topic, apns_url=apns.origin))
@@ -373,7 +373,7 @@ def test_apns_gets_a_background_push_over_http2(start_relay, ca, apns, tmp_path)
     wait_until(lambda: stored_subscriptions(relay) == [], "the unregistered token to go", timeout=scaled(10))
 
 
-def test_apns_pushes_share_one_http2_connection_and_a_closed_one_is_replaced(start_relay, ca, apns, tmp_path):
+def test_apns_pushes_share_one_http2_connection_and_a_closed_one_is_replaced(ca, apns, start_relay, tmp_path):
     relay = start_relay(push=push_section(ca, tmp_path, min_interval_s="0", apns_key_file=str(apns.key_file),
                                           apns_key_id=apns.key_id, apns_team_id=apns.team_id,
                                           apns_topic=apns.topic, apns_url=apns.origin))

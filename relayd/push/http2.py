@@ -22,6 +22,8 @@ import h2.exceptions
 from .http import Response
 
 READ_CHUNK = 65536
+CLOSE_WAIT_S = 1.0
+"""How long a closing connection waits for the server's side of the TLS close before it is cut."""
 
 
 class ConnectionClosed(OSError):
@@ -110,9 +112,14 @@ class _Connection:
             for stream in self.streams.values():
                 if not stream.answer.done():
                     stream.answer.set_exception(ConnectionClosed(why))
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection()  # GOAWAY: we are done with it
+                self._flush()
             self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+            try:  # a server that never finishes the TLS close must not hold a relay's shutdown
+                await asyncio.wait_for(self.writer.wait_closed(), CLOSE_WAIT_S)
+            except Exception:
+                self.writer.transport.abort()
 
     def _on(self, event: h2.events.Event) -> None:
         stream = self.streams.get(getattr(event, "stream_id", 0) or 0)

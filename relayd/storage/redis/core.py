@@ -35,8 +35,8 @@ class StoreCore:
         self.layout = layout
         self.totals = SlotTotals()
         self.other_bytes = 0
-        """What receipts, keys and push subscriptions count in the storage budget: as of the last ``stats``, plus this instance's
-        writes since."""
+        """What receipts, keys and push subscriptions count in the storage budget: as of the last ``stats``,
+        plus this instance's writes since."""
         self._known_slots: set[int] = set()
         link.health.on_failure = self.forget_assumptions
 
