@@ -16,9 +16,9 @@ from typing import Any, Iterator
 
 import pytest
 from push_receivers import ApnsService, FcmService, PushCA, WebPushService, unb64url
-from support import (ADDR_A, ADDR_B, KEY_A, ProcessRelay, assert_answered, assert_error, clean_env, cli_ok, connect,
-                     frames_until_pong, http_request, metric_families, msg, new_address, now_ms, online, run_cli,
-                     scaled, signed_login, wait_until, without_modules)
+from support import (ADDR_A, ADDR_B, KEY_A, KEY_B, ProcessRelay, assert_answered, assert_error, clean_env, cli_ok,
+                     connect, frames_until_pong, http_request, metric_families, msg, new_address, now_ms, online,
+                     run_cli, scaled, signed_login, wait_until, without_modules)
 
 from relayd.push.http2 import Http2Client
 from relayd.push.subscriptions import is_public
@@ -591,6 +591,25 @@ def test_subscriptions_count_in_the_storage_budget_until_they_expire(start_on, c
     manual_clock.advance(1.5 * day)
     wait_until(lambda: stored_bytes(again) == 0, "housekeeping to expire them and uncount them", timeout=scaled(30))
     assert again.call(again.server.store.push_subscriptions(ADDR_A, 0)) == []
+
+
+def test_a_full_store_still_takes_a_subscription_that_pushes_out_an_as_large_one(start_relay, ca, webpush, tmp_path):
+    subs = [webpush.device().subscription() for _ in range(3)]
+    each = push_bytes(subs[0]["endpoint"], subs[0]["keys"]["p256dh"], subs[0]["keys"]["auth"])
+    relay = start_relay(storage={"max_bytes": 2 * each + each // 2},
+                        push=push_section(ca, tmp_path, max_subscriptions_per_address="2"))
+    ws, _ = signed_login(relay, KEY_A)
+    with ws:
+        earlier = {subscribe(ws, {"subscription": sub}) for sub in subs[:2]}
+        third = subscribe(ws, {"subscription": subs[2]})  # the address is at its cap: its oldest goes
+    kept = {s.id for s in stored_subscriptions(relay)}
+    assert len(kept) == 2 and third in kept and len(kept & earlier) == 1
+    assert stored_bytes(relay) == 2 * each
+    ws, _ = signed_login(relay, KEY_B)
+    with ws:  # another address has nothing to push out
+        ws.send({"type": "push_subscribe", "subscription": webpush.device().subscription()})
+        assert_error(ws.recv(), "storage_unavailable")
+    assert stored_bytes(relay) == 2 * each
 
 
 def stored_bytes(relay: Any) -> int:
