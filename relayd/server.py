@@ -75,7 +75,7 @@ class RelayServer:
         registry: PushRegistry = NO_PUSH
         if config.push.enabled:
             from .push.service import PushService
-            self.push = registry = PushService(config, self.store, self.metrics, clock)
+            self.push = registry = PushService(config, self.store, self.metrics, clock, self.storage_budget)
         self.router = Router(config, routes, self.store, self.metrics, self.authenticator, clock,
                              delivery=delivery, peers=peers, writes=writes, push=registry)
         if self.push is not None:

@@ -52,6 +52,25 @@ def start_relay() -> Iterator[Callable[..., ThreadRelay]]:
         relay.stop()
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def start_on(request: pytest.FixtureRequest, start_relay: Callable[..., ThreadRelay],
+             tmp_path: Path) -> Callable[..., ThreadRelay]:
+    """``start_on(clock=None, **sections)``: a relay on a SQLite file of this test's own, or on the session's
+    redis-server under a key prefix of its own (the same file or prefix for every relay the test starts)."""
+    from relayd.storage.backends import make_store
+
+    def start(clock: Any = None, **sections: dict[str, Any]) -> ThreadRelay:
+        storage: dict[str, Any] = {"backend": request.param, **sections.pop("storage", {})}
+        if request.param == "sqlite":
+            storage.setdefault("path", str(tmp_path / "relayd.db"))
+        else:
+            sections["redis"] = {"url": request.getfixturevalue("redis_server").url,
+                                 "key_prefix": request.getfixturevalue("redis_prefix")}
+        sections["storage"] = storage
+        return start_relay(store=make_store(make_config(**sections)), clock=clock, **sections)
+    return start
+
+
 @pytest.fixture
 def relay(start_relay: Callable[..., ThreadRelay]) -> ThreadRelay:
     """A relay in the default mode (mixed: a challenge first, signatures optional)."""

@@ -248,8 +248,32 @@ class WebPushService(Receiver):
         return status, extra, b""
 
 
+FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+
+
+def fcm_error(code: int, status: str, message: str, *details: dict[str, Any]) -> bytes:
+    """An FCM v1 error body, as Google's documentation of its error codes shows them."""
+    return json.dumps({"error": {"code": code, "message": message, "status": status,
+                                 "details": list(details)}}).encode()
+
+
+FCM_UNREGISTERED = fcm_error(404, "NOT_FOUND", "Requested entity was not found.",
+                             {"@type": FCM_ERROR, "errorCode": "UNREGISTERED"})
+FCM_INVALID_TOKEN = fcm_error(400, "INVALID_ARGUMENT", "The registration token is not a valid FCM registration token",
+                              {"@type": FCM_ERROR, "errorCode": "INVALID_ARGUMENT"})
+FCM_BAD_PAYLOAD = fcm_error(400, "INVALID_ARGUMENT", "Invalid value at 'message.data[0].value' (TYPE_STRING), 12",
+                            {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [
+                                {"field": "message.data[0].value",
+                                 "description": "Invalid value at 'message.data[0].value' (TYPE_STRING), 12"}]})
+
+
 class FcmService(Receiver):
-    """Google's OAuth2 token endpoint and FCM HTTP v1, for one project and one generated service account."""
+    """Google's OAuth2 token endpoint and FCM HTTP v1, for one project and one generated service account.
+
+    A token in ``unregistered`` (the app was uninstalled) is answered 404 ``UNREGISTERED``, one in ``invalid``
+    400 ``INVALID_ARGUMENT`` about the registration token, as FCM does; a queued 404 is ``UNREGISTERED`` too,
+    a queued 400 the error FCM gives a payload it refuses (a ``BadRequest`` naming the field), and a wrong
+    project in the path a plain 404."""
 
     project = "relayd-test"
 
@@ -266,6 +290,8 @@ class FcmService(Receiver):
             "client_email": f"relayd@{self.project}.iam.gserviceaccount.com", "token_uri": self.token_uri}))
         self.tokens: set[str] = set()
         self.grants = 0
+        self.unregistered: set[str] = set()
+        self.invalid: set[str] = set()
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         if path == "/token":
@@ -285,12 +311,14 @@ class FcmService(Receiver):
             return (*self.refuse(f"not a data-only message with string values: {message}"), b"")
         if android.get("priority") != "HIGH" or not android.get("collapse_key"):
             return (*self.refuse(f"android options {android}"), b"")
+        if token in self.invalid:
+            return 400, {}, FCM_INVALID_TOKEN
+        if token in self.unregistered:
+            return 404, {}, FCM_UNREGISTERED
         if 200 <= status < 300:
             self.received.append({"token": token, "data": data, "collapse_key": android["collapse_key"]})
             return status, extra, json.dumps({"name": f"projects/{self.project}/messages/1"}).encode()
-        if status == 404:
-            return status, extra, b'{"error": {"status": "NOT_FOUND", "details": [{"errorCode": "UNREGISTERED"}]}}'
-        return status, extra, b""
+        return status, extra, {404: FCM_UNREGISTERED, 400: FCM_BAD_PAYLOAD}.get(status, b"")
 
     def _grant(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
@@ -314,7 +342,9 @@ class FcmService(Receiver):
 
 
 class ApnsService(Receiver):
-    """APNs over HTTP/2 (TLS with ALPN h2, as Apple's): checks the provider token and the headers."""
+    """APNs over HTTP/2 (TLS with ALPN h2, as Apple's): checks the provider token and the headers, answers any
+    number of requests on a connection, counts connections (``connections``) and can close the open ones
+    (``hang_up``), as Apple does with connections idle for long."""
 
     topic = "org.idena.messenger"
     team_id = "TEAM123456"
@@ -327,12 +357,29 @@ class ApnsService(Receiver):
         self.key_file.write_bytes(self.team_key.private_bytes(serialization.Encoding.PEM,
                                                               serialization.PrivateFormat.PKCS8,
                                                               serialization.NoEncryption()))
+        self.connections = 0
+        self._open: set[asyncio.StreamWriter] = set()
+
+    def hang_up(self) -> None:
+        """Close every open connection (from the test's thread)."""
+        def close() -> None:
+            for writer in self._open:
+                writer.close()
+        self.loop.call_soon_threadsafe(close)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ssl_object = writer.get_extra_info("ssl_object")
         if ssl_object.selected_alpn_protocol() != "h2":
             self.refusals.append("no h2 ALPN")
             return
+        self.connections += 1
+        self._open.add(writer)
+        try:
+            await self._serve_h2(reader, writer)
+        finally:
+            self._open.discard(writer)
+
+    async def _serve_h2(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         conn.initiate_connection()
         writer.write(conn.data_to_send())

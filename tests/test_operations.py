@@ -710,7 +710,7 @@ def test_start_up_says_version_urls_sources_storage_and_auth(process_relays, tmp
             "environment RELAYD_QUEUE_FLUSH_DELAY_MS, RELAYD_SERVER_HOST, RELAYD_SERVER_PORT; "
             "command line --log-level") in text
     assert f"INFO relayd.daemon: storage: sqlite {tmp_path / 'relayd-data' / 'relayd.db'} (synchronous = full); " \
-           "queued content, receipts and keys may take " in text
+           "queued content, receipts, keys and push subscriptions may take " in text
     assert "([storage] max_bytes = -1: " in text
     assert "INFO relayd.daemon: auth: mixed (signatures optional; an address that ever signed must always sign); " \
            "signature verification: " in text

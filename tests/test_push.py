@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import socket
+import ssl
 import stat
 import time
 from pathlib import Path
@@ -15,13 +16,14 @@ from typing import Any, Iterator
 
 import pytest
 from push_receivers import ApnsService, FcmService, PushCA, WebPushService, unb64url
-from support import (ADDR_A, ADDR_B, KEY_A, ProcessRelay, assert_answered, assert_error, clean_env, cli_ok, connect,
-                     frames_until_pong, http_request, metric_families, msg, new_address, now_ms, online, run_cli,
-                     scaled, signed_login, wait_until, without_modules)
+from support import (ADDR_A, ADDR_B, KEY_A, KEY_B, ProcessRelay, assert_answered, assert_error, clean_env, cli_ok,
+                     connect, frames_until_pong, http_request, metric_families, msg, new_address, now_ms, online,
+                     run_cli, scaled, signed_login, wait_until, without_modules)
 
+from relayd.push.http2 import Http2Client
 from relayd.push.subscriptions import is_public
 from relayd.storage.sqlite.store import SQLiteStore
-from relayd.storage.store import PushSubscription
+from relayd.storage.store import PushSubscription, push_bytes
 
 SUBJECT = "mailto:ops@relay.example"
 
@@ -326,7 +328,36 @@ def test_fcm_gets_a_data_only_message_with_a_cached_oauth_token(start_relay, ca,
     wait_until(lambda: stored_subscriptions(relay) == [], "the unregistered token to go", timeout=scaled(10))
 
 
-def test_apns_gets_a_background_push_over_http2(start_relay, ca, apns, tmp_path):
+def test_tokens_fcm_calls_unregistered_or_invalid_are_removed_and_no_other_error_removes_one(start_relay, ca, fcm,
+                                                                                                tmp_path):
+    section = push_section(ca, tmp_path, min_interval_s="0", fcm_project=fcm.project, fcm_key_file=str(fcm.key_file),
+                           fcm_url=fcm.origin)
+    relay = start_relay(push=section)
+    uninstalled, invalid, kept = (f"tok{n}:APA91b" + "x" * 140 for n in range(3))
+    fcm.unregistered.add(uninstalled)
+    fcm.invalid.add(invalid)
+    ws, _ = signed_login(relay, KEY_A)
+    with ws:
+        for token in (uninstalled, invalid, kept):
+            subscribe(ws, {"provider": "fcm", "token": token})
+    send_from_b(relay, 1)
+    wait_until(lambda: [s.target for s in stored_subscriptions(relay)] == [kept], "the two dead tokens to go",
+               timeout=scaled(10))
+    settled(relay)
+    assert [r["token"] for r in fcm.received] == [kept] and pushes(relay)[("fcm", "gone")] == 2
+    fcm.answer(400)  # a payload FCM refuses (a BadRequest naming a data field): the token is not to blame
+    send_from_b(relay, 1)
+    settled(relay)
+    assert pushes(relay)[("fcm", "failed")] == 1 and [s.target for s in stored_subscriptions(relay)] == [kept]
+    misconfigured = start_relay(push={**section, "fcm_project": "another-project"})  # its URL answers a plain 404
+    subscribed_offline(misconfigured, {"provider": "fcm", "token": kept})
+    send_from_b(misconfigured, 1)
+    settled(misconfigured)
+    assert pushes(misconfigured)[("fcm", "failed")] == 1
+    assert [s.target for s in stored_subscriptions(misconfigured)] == [kept]
+
+
+def test_apns_gets_a_background_push_over_http2(ca, apns, start_relay, tmp_path):  # the relay stops first
     relay = start_relay(push=push_section(ca, tmp_path, min_interval_s="0", apns_key_file=str(apns.key_file),
                                           apns_key_id=apns.key_id, apns_team_id=apns.team_id,
                                           apns_topic=apns.topic, apns_url=apns.origin))
@@ -340,6 +371,45 @@ def test_apns_gets_a_background_push_over_http2(start_relay, ca, apns, tmp_path)
     apns.answer(410)
     send_from_b(relay, 1)
     wait_until(lambda: stored_subscriptions(relay) == [], "the unregistered token to go", timeout=scaled(10))
+
+
+def test_apns_pushes_share_one_http2_connection_and_a_closed_one_is_replaced(ca, apns, start_relay, tmp_path):
+    relay = start_relay(push=push_section(ca, tmp_path, min_interval_s="0", apns_key_file=str(apns.key_file),
+                                          apns_key_id=apns.key_id, apns_team_id=apns.team_id,
+                                          apns_topic=apns.topic, apns_url=apns.origin))
+    subscribed_offline(relay, {"provider": "apns", "token": "cd" * 32})
+    for n in (1, 2):
+        send_from_b(relay, 1)
+        apns.wait_for(n, scaled(10))
+        settled(relay)
+    assert apns.connections == 1
+    apns.hang_up()  # as Apple does with a connection idle for long: the next push opens a new one
+    wait_until(lambda: not relay.server.push.providers["apns"].client.connected, "the relay to see the hang-up",
+               timeout=scaled(10))
+    send_from_b(relay, 1)
+    apns.wait_for(3, scaled(10))
+    settled(relay)
+    assert apns.connections == 2 and len(apns.received) == 3
+    assert pushes(relay) == {("apns", "sent"): 3}
+
+
+def test_an_idle_http2_connection_is_closed_and_the_next_request_opens_another(ca, apns):
+    async def main() -> None:
+        client = Http2Client("127.0.0.1", apns.port, ssl.create_default_context(cafile=str(ca.ca_file)), idle_s=0.3)
+        ping = [(":method", "POST"), (":scheme", "https"), (":path", "/"), (":authority", f"127.0.0.1:{apns.port}")]
+        try:
+            answers = await asyncio.gather(*(client.request(ping, b"", timeout_s=scaled(5), max_bytes=64)
+                                             for _ in range(3)))  # concurrent: three streams on one connection
+            assert [a.status for a in answers] == [404] * 3 and client.opened == 1
+            async with asyncio.timeout(scaled(10)):
+                while client.connected:
+                    await asyncio.sleep(0.02)
+            assert (await client.request(ping, b"", timeout_s=scaled(5), max_bytes=64)).status == 404
+            assert client.opened == 2
+        finally:
+            await client.close()
+    asyncio.run(main())
+    assert apns.connections == 2
 
 
 # Durability, several instances, start-up
@@ -487,3 +557,60 @@ def test_subscriptions_per_client_ip_are_limited(start_relay, ca, webpush, tmp_p
         ws.send({"type": "push_subscribe", "subscription": webpush.device().subscription()})
         assert_error(ws.recv(), "rate_limited")
     assert len(stored_subscriptions(relay)) == 2
+
+
+def test_subscriptions_count_in_the_storage_budget_until_they_expire(start_on, ca, webpush, tmp_path, manual_clock):
+    """Was: subscriptions (up to 2.3 KB each, 5000 subscribes per IP per hour) were outside [storage] max_bytes,
+    and on Redis they expired by TTL, which no counter could follow."""
+    budget, day = 4096, 86400
+    section = push_section(ca, tmp_path, max_subscriptions_per_address="100", subscription_days="1")
+    relay = start_on(clock=manual_clock, storage={"max_bytes": budget}, push=section)
+    subs = [webpush.device().subscription() for _ in range(16)]
+    each = push_bytes(subs[0]["endpoint"], subs[0]["keys"]["p256dh"], subs[0]["keys"]["auth"])
+    fits = budget // each
+    assert stored_bytes(relay) == 0
+    ws, _ = signed_login(relay, KEY_A)
+    with ws:
+        answers = []
+        for sub in subs:
+            ws.send({"type": "push_subscribe", "subscription": sub})
+            answers.append(ws.recv())
+        assert [a["type"] for a in answers] == ["push_subscribed"] * fits + ["error"] * (len(subs) - fits)
+        assert_error(answers[-1], "storage_unavailable")
+        assert "budget" in answers[-1]["message"]
+        assert stored_bytes(relay) == fits * each
+        assert subscribe(ws, {"subscription": subs[0]}) == answers[0]["id"]  # the same device renews when full
+        ws.send({"type": "push_unsubscribe", "id": answers[1]["id"]})
+        assert ws.recv()["type"] == "push_unsubscribed"
+        assert stored_bytes(relay) == (fits - 1) * each
+        subscribe(ws, {"subscription": subs[-1]})
+        assert stored_bytes(relay) == fits * each
+    relay.stop()
+    again = start_on(clock=manual_clock, storage={"max_bytes": budget}, push=section)
+    wait_until(lambda: stored_bytes(again) == fits * each, "the count to be read back", timeout=scaled(15))
+    manual_clock.advance(1.5 * day)
+    wait_until(lambda: stored_bytes(again) == 0, "housekeeping to expire them and uncount them", timeout=scaled(30))
+    assert again.call(again.server.store.push_subscriptions(ADDR_A, 0)) == []
+
+
+def test_a_full_store_still_takes_a_subscription_that_pushes_out_an_as_large_one(start_relay, ca, webpush, tmp_path):
+    subs = [webpush.device().subscription() for _ in range(3)]
+    each = push_bytes(subs[0]["endpoint"], subs[0]["keys"]["p256dh"], subs[0]["keys"]["auth"])
+    relay = start_relay(storage={"max_bytes": 2 * each + each // 2},
+                        push=push_section(ca, tmp_path, max_subscriptions_per_address="2"))
+    ws, _ = signed_login(relay, KEY_A)
+    with ws:
+        earlier = {subscribe(ws, {"subscription": sub}) for sub in subs[:2]}
+        third = subscribe(ws, {"subscription": subs[2]})  # the address is at its cap: its oldest goes
+    kept = {s.id for s in stored_subscriptions(relay)}
+    assert len(kept) == 2 and third in kept and len(kept & earlier) == 1
+    assert stored_bytes(relay) == 2 * each
+    ws, _ = signed_login(relay, KEY_B)
+    with ws:  # another address has nothing to push out
+        ws.send({"type": "push_subscribe", "subscription": webpush.device().subscription()})
+        assert_error(ws.recv(), "storage_unavailable")
+    assert stored_bytes(relay) == 2 * each
+
+
+def stored_bytes(relay: Any) -> int:
+    return int(relay.server.store.stored_bytes())

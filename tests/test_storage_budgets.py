@@ -6,10 +6,7 @@ served; the automatic budget does not move over restarts; on Redis a budget appl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from relayd.storage.backends import REDIS_DEFAULT_BUDGET, automatic_budget, make_store
 from relayd.storage.memory import MemoryStore
@@ -20,23 +17,6 @@ from support import (ADDR_A, KEY_A, ThreadRelay, WsClient, addr, assert_error, b
 BIG_KEY = "k" * 4096  # the longest publicKey accepted
 BIG_KEY_BYTES = key_bytes(BIG_KEY, None)
 BIG = "x" * (256 << 10)
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def start_on(request: pytest.FixtureRequest, start_relay: Callable[..., ThreadRelay],
-             tmp_path: Any) -> Callable[..., ThreadRelay]:
-    """``start_on(clock=None, **sections)``: a relay on a SQLite file of this test's own, or on the session's
-    redis-server under a key prefix of its own."""
-    def start(clock: Any = None, **sections: dict[str, Any]) -> ThreadRelay:
-        storage: dict[str, Any] = {"backend": request.param, **sections.pop("storage", {})}
-        if request.param == "sqlite":
-            storage.setdefault("path", str(tmp_path / "relayd.db"))
-        else:
-            sections["redis"] = {"url": request.getfixturevalue("redis_server").url,
-                                 "key_prefix": request.getfixturevalue("redis_prefix")}
-        sections["storage"] = storage
-        return start_relay(store=make_store(make_config(**sections)), clock=clock, **sections)
-    return start
 
 
 def ws_from(relay: ThreadRelay, source: str) -> WsClient:

@@ -75,4 +75,10 @@ def cmd_push_test(args: argparse.Namespace) -> int:
         print(json.dumps({"provider": request.provider, "status": answer.status,
                           "body": answer.body[:500].decode("utf-8", "replace")}))
         return EXIT_OK if 200 <= answer.status < 300 else EXIT_FAILURE
-    return asyncio.run(send())
+
+    async def send_once() -> int:
+        try:
+            return await send()
+        finally:
+            await provider.close()
+    return asyncio.run(send_once())

@@ -178,8 +178,9 @@ class StorageSection:
                            choices=("normal", "full"))
     commit_interval_ms: float = opt(2.0, "Longest a write waits to be grouped into one commit.",
                                     min=0, max=1000)
-    max_bytes: int = opt(-1, "Bytes that queued content, stored read receipts and keys together may take; "
-                             "past it new offline messages, receipts and keys get storage_unavailable (-1: "
+    max_bytes: int = opt(-1, "Bytes that queued content, stored read receipts, keys and push subscriptions "
+                             "together may take; past it new offline messages, receipts, keys and push "
+                             "subscriptions get storage_unavailable (-1: "
                              "SQLite half the size of the database's file system, at most what relayd holds "
                              "plus the free space less 5 % of the file system, so restarts do not move it; "
                              "Redis half of maxmemory, or 1 GiB without maxmemory; memory none. 0: no "

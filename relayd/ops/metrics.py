@@ -57,9 +57,9 @@ class RelayMetrics:
         self.queue_receipts = r.gauge("relayd_queue_receipts", "Read receipts waiting for offline senders "
                                       "(refreshed every few seconds).")
         self.storage_bytes = r.gauge("relayd_storage_bytes", "Bytes the storage budget counts: queued content, "
-                                     "stored read receipts and keys.")
-        self.storage_budget = r.gauge("relayd_storage_budget_bytes", "Bytes queued content, stored read receipts "
-                                      "and keys may take together (0: no budget).")
+                                     "stored read receipts, keys and push subscriptions.")
+        self.storage_budget = r.gauge("relayd_storage_budget_bytes", "Bytes queued content, stored read receipts, "
+                                      "keys and push subscriptions may take together (0: no budget).")
         self.storage_healthy = r.gauge("relayd_storage_healthy", "1 when storage accepts writes.")
         self.ready = r.gauge("relayd_ready", "1 when /health/ready answers 200: storage accepts writes and the "
                              "listener accepts connections.")

@@ -64,8 +64,8 @@ def storage_line(config: Config, budget: int, budget_how: str = "") -> str:
         where = f"redis {redis_location(config.redis.url)}"
     else:
         where = "memory (everything is lost on restart)"
-    limit = (f"queued content, receipts and keys may take {size_text(budget)}" if budget
-             else "no budget for queued content, receipts and keys")
+    limit = (f"queued content, receipts, keys and push subscriptions may take {size_text(budget)}" if budget
+             else "no budget for queued content, receipts, keys and push subscriptions")
     if config.storage.max_bytes >= 0:
         limit += " ([storage] max_bytes)"
     elif budget_how:

@@ -94,6 +94,29 @@ class Fcm:
             self._token, self._token_until = token, time.monotonic() + lifetime
             return token
 
+    def gone(self, answer: Response) -> bool:
+        """What Firebase documents as a stale or invalid token: 404 with the FCM error ``UNREGISTERED``, or 400
+        ``INVALID_ARGUMENT`` about the registration token (the same status for a bad payload carries a
+        ``BadRequest`` naming another field: the token then stays). A 404 without ``UNREGISTERED`` (a wrong
+        project in the URL) removes nothing."""
+        if answer.status not in (400, 404):
+            return False
+        try:
+            error = json.loads(answer.body)["error"]
+            details = [d for d in error.get("details", []) if isinstance(d, dict)]
+            message = str(error.get("message", ""))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return False
+        codes = {d.get("errorCode") for d in details}  # only FCM's own FcmError detail has an errorCode
+        if answer.status == 404:
+            return "UNREGISTERED" in codes
+        fields = {v.get("field") for d in details if isinstance(d.get("fieldViolations"), list)
+                  for v in d["fieldViolations"] if isinstance(v, dict)}
+        return "message.token" in fields or ("INVALID_ARGUMENT" in codes and "registration token" in message)
+
+    async def close(self) -> None:
+        """Nothing stays open: each push is one request on its own connection."""
+
     async def send(self, sub: PushSubscription, payload: dict[str, Any], collapse: str) -> Response:
         message = {"message": {"token": sub.target, "data": {k: str(v) for k, v in payload.items()},
                                "android": {"priority": "HIGH", "collapse_key": collapse, "ttl": "86400s"}}}

@@ -4,9 +4,11 @@ The message path only calls ``notify(address)``, which never waits: the address 
 ``[push] queue_size`` the oldest waiting entry is dropped and counted), and a worker later reads the
 address's subscriptions and queue size and sends each subscription one wake-up. A subscription pushed less
 than ``min_interval_s`` ago, or told by its service to wait (``Retry-After``), is skipped: a burst of messages
-is one notification. Answers: 2xx sent; 404/410 the subscription is deleted; 429/503 retried after
-``Retry-After``; other 5xx, timeouts and network errors retried with exponential backoff, at most
-``max_attempts`` attempts, never waiting more than ``max_backoff_s``; any other 4xx failed.
+is one notification. Answers: 2xx sent; an answer its provider documents as "this target is gone for good"
+(``Provider.gone``: Web Push 404/410, FCM ``UNREGISTERED`` or an invalid token, APNs 410) deletes the
+subscription; 429/503 retried after ``Retry-After``; other 5xx, timeouts and network errors retried with
+exponential backoff, at most ``max_attempts`` attempts, never waiting more than ``max_backoff_s``; any other
+4xx failed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ class Provider(Protocol):
 
     async def send(self, sub: PushSubscription, payload: dict[str, Any], collapse: str) -> Response:
         """Send one push; raises OSError/TimeoutError when no answer came, RelayError when the target is refused."""
+        ...
+
+    def gone(self, answer: Response) -> bool:
+        """Whether ``answer`` says the subscription will never receive a push again (it is then deleted)."""
+        ...
+
+    async def close(self) -> None:
+        """Close what it keeps open between pushes."""
         ...
 
 
@@ -173,7 +183,7 @@ class PushSender:
             log.info("push to a %s endpoint failed (attempt %d): %s", sub.provider, attempt, exc or type(exc).__name__)
             outcome = "retry"
         else:
-            outcome = self._outcome(answer.status)
+            outcome = "gone" if provider.gone(answer) else self._outcome(answer.status)
             if outcome == "retry":
                 wait = retry_after(answer.headers, self.clock.wall())
                 if answer.status in (429, 503) and wait is not None:
@@ -195,8 +205,6 @@ class PushSender:
     def _outcome(status: int) -> str:
         if 200 <= status < 300:
             return "sent"
-        if status in (404, 410):
-            return "gone"
         if status == 429 or status >= 500:
             return "retry"
         return "failed"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from ..clock import Clock, wall_ms
@@ -73,9 +74,12 @@ def build_providers(config: Config) -> tuple[VapidKey, dict[str, Provider]]:
 class PushService:
     """Owns the providers the configuration enables and the sender; raises ConfigError for unusable keys."""
 
-    def __init__(self, config: Config, store: Store, metrics: RelayMetrics, clock: Clock) -> None:
+    def __init__(self, config: Config, store: Store, metrics: RelayMetrics, clock: Clock,
+                 budget: Callable[[], int]) -> None:
         self.store = store
         self.clock = clock
+        self.budget = budget
+        """The storage budget in force (0: none); subscriptions count in it (``store.push_bytes``)."""
         self.tasks = TaskSet()
         push = config.push
         self.vapid, providers = build_providers(config)
@@ -120,8 +124,28 @@ class PushService:
         sub = PushSubscription(subscription_id(address, request.provider, request.target), address,
                                request.provider, request.target, request.p256dh, request.auth, now,
                                now + int(self.config.subscription_days * DAY_MS))
+        await self._check_room(sub)
         await self.store.put_push_subscription(sub, self.config.max_subscriptions_per_address)
         return sub.id
+
+    async def _check_room(self, sub: PushSubscription) -> None:
+        """Refuse a subscription that would take the store past its budget, unless it frees at least as much as
+        it takes: it replaces one no smaller (the same device again), or the address is at its cap and its
+        oldest, which then goes, is no smaller. So devices keep renewing theirs when the store is full."""
+        budget, size = self.budget(), sub.size()
+        if not budget or self.store.stored_bytes() + size <= budget:
+            return
+        held = await self.store.push_subscriptions(sub.address, 0)
+        same = [s for s in held if s.id == sub.id]
+        if same:
+            freed = same[0].size()
+        elif len(held) >= self.config.max_subscriptions_per_address:
+            freed = held[0].size()
+        else:
+            freed = 0
+        if freed < size:
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "The relay's storage budget is used up; the push "
+                                                            "subscription was not stored, retry later")
 
     async def unsubscribe(self, address: str, sub_id: str) -> bool:
         return await self.store.delete_push_subscription(address, sub_id)
@@ -148,6 +172,8 @@ class PushService:
     async def stop(self) -> None:
         await self.sender.stop()
         await self.tasks.settle()
+        for provider in self.providers.values():
+            await provider.close()
 
     def sweep(self) -> None:
         """From the housekeeping timer: forget passed intervals; delete expired subscriptions now and then."""

@@ -106,6 +106,13 @@ class WebPush:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
 
+    def gone(self, answer: Response) -> bool:
+        """RFC 8030: 404 or 410, the subscription expired or was unsubscribed."""
+        return answer.status in (404, 410)
+
+    async def close(self) -> None:
+        """Nothing stays open: each push is one request on its own connection."""
+
     async def send(self, sub: PushSubscription, payload: dict[str, Any], collapse: str) -> Response:
         """The endpoint is checked again, and the request goes to the address that passed the check."""
         endpoint = check_url(sub.target, self.allow_private)

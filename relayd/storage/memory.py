@@ -102,7 +102,7 @@ class MemoryStore:
         self._total = 0
         self._bytes = 0
         self._other_bytes = 0
-        """What receipts and keys count in the storage budget."""
+        """What receipts, keys and push subscriptions count in the storage budget."""
 
     @property
     def healthy(self) -> bool:
@@ -416,12 +416,21 @@ class MemoryStore:
         subs = self._push.setdefault(sub.address, {})
         old = subs.get(sub.id)
         stored = dataclasses.replace(sub, created_at=old.created_at if old is not None else sub.created_at)
+        if old is not None:
+            self._other_bytes -= old.size()
+        self._other_bytes += stored.size()
         subs[sub.id] = stored
         for gone in sorted(subs.values(), key=lambda s: (s.created_at, s.id))[:-max_per_address]:
-            del subs[gone.id]
+            self._forget_push(subs, gone.id)
         for each in subs.values():
             each.expires_at = sub.expires_at
         return dataclasses.replace(stored)
+
+    def _forget_push(self, subs: dict[str, PushSubscription], sub_id: str) -> bool:
+        gone = subs.pop(sub_id, None)
+        if gone is not None:
+            self._other_bytes -= gone.size()
+        return gone is not None
 
     async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
         subs = self._push.get(address, {}).values()
@@ -430,7 +439,7 @@ class MemoryStore:
 
     async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
         subs = self._push.get(address, {})
-        gone = subs.pop(sub_id, None) is not None
+        gone = self._forget_push(subs, sub_id)
         if not subs:
             self._push.pop(address, None)
         return gone
@@ -444,8 +453,7 @@ class MemoryStore:
         for address, subs in list(self._push.items()):
             for sub_id, sub in list(subs.items()):
                 if sub.expires_at <= now_ms:
-                    del subs[sub_id]
-                    removed += 1
+                    removed += self._forget_push(subs, sub_id)
             if not subs:
                 del self._push[address]
         return removed

@@ -31,6 +31,9 @@ RECEIPT_BYTES = 256
 characters, times, and the store's own overhead."""
 KEY_OVERHEAD_BYTES = 128
 """What a stored key counts beyond its public key and signature (address, times, the store's overhead)."""
+PUSH_OVERHEAD_BYTES = 160
+"""What a push subscription counts beyond its target and keys (its id, address, provider, times, the store's
+overhead and expiry index)."""
 
 
 KEY_LOOKUPS_REMEMBERED = 100_000
@@ -41,6 +44,12 @@ further lookups until the next call do not count as use)."""
 def key_bytes(public_key: str, signature: str | None) -> int:
     """What a key counts in the storage budget."""
     return len(public_key) + len(signature or "") + KEY_OVERHEAD_BYTES
+
+
+def push_bytes(target: str, p256dh: str, auth: str) -> int:
+    """What a push subscription counts in the storage budget (at most about 2.3 KB: an endpoint URL of 2048
+    characters and Web Push keys)."""
+    return len(target) + len(p256dh) + len(auth) + PUSH_OVERHEAD_BYTES
 
 
 class StorageUnavailable(Exception):
@@ -137,9 +146,8 @@ class PushSubscription:
     expires_at: int = 0
 
     def size(self) -> int:
-        """Bytes it takes, roughly, as the storage budget counts them."""
-        return len(self.id) + len(self.address) + len(self.provider) + len(self.target) + len(self.p256dh) \
-            + len(self.auth) + 16
+        """What it counts in the storage budget (``push_bytes``)."""
+        return push_bytes(self.target, self.p256dh, self.auth)
 
 
 class MessageStore(Protocol):
@@ -232,8 +240,8 @@ class MessageStore(Protocol):
 
     def stored_bytes(self) -> int:
         """The bytes ``max_total_bytes`` counts, from memory: content of every queue, ``RECEIPT_BYTES`` per
-        stored receipt and ``key_bytes`` per key. Never waits and never raises (on several instances, other
-        instances' writes are included as of the backend's last refresh)."""
+        stored receipt, ``key_bytes`` per key and ``push_bytes`` per push subscription. Never waits and never
+        raises (on several instances, other instances' writes are included as of the backend's last refresh)."""
         ...
 
     async def stats(self) -> dict[str, int]:
@@ -345,7 +353,8 @@ class TokenStore(Protocol):
 
 
 class PushStore(Protocol):
-    """Push subscriptions by address. Few per address (the caller's cap), each found by (address, id)."""
+    """Push subscriptions by address. Few per address (the caller's cap), each found by (address, id); each
+    counts ``push_bytes`` in ``stored_bytes`` from the moment it is stored until it is deleted or expired."""
 
     async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
         """Store ``sub``; one of the same address, provider and target is replaced and keeps its ``id`` and
@@ -366,7 +375,8 @@ class PushStore(Protocol):
         ...
 
     async def expire_push_subscriptions(self, now_ms: int) -> int:
-        """Delete subscriptions expired at ``now_ms`` (bounded work per call); returns how many went."""
+        """Delete subscriptions expired at ``now_ms`` (bounded work per call: the caller repeats it until it
+        returns 0); returns how many went. Only this removes expired ones, so ``stored_bytes`` stays exact."""
         ...
 
 

@@ -126,9 +126,16 @@ class Layout:
         tag = slot_tag(slot)
         return f"{self.prefix}{{{tag}}}:tok", f"{self.prefix}{{{tag}}}:tokx"
 
-    def push(self, address: str) -> tuple[str, str, str]:
-        """(HASH id -> subscription record, ZSET id -> created_at, expires_at) of one address."""
-        return self._own(address, "push"), self._own(address, "pushc"), self._own(address, "pushx")
+    def push(self, address: str) -> tuple[str, str, str, str, str]:
+        """(HASH id -> subscription record, ZSET id -> created_at, expires_at) of one address, then (slot
+        statistics, the slot's push expiry index): the keys every push script declares, in that order."""
+        slot = self.slot_of(address)
+        return (self._own(address, "push"), self._own(address, "pushc"), self._own(address, "pushx"),
+                self.slot_keys(slot)[1], self.push_expiry(slot))
+
+    def push_expiry(self, slot: int) -> str:
+        """ZSET address -> expires_at (ms), of the slot's addresses with push subscriptions."""
+        return f"{self.prefix}{{{slot_tag(slot)}}}:pushx"
 
     def lock(self, address: str) -> str:
         return self._own(address, "lock")

@@ -561,38 +561,87 @@ ADD_SLOTS = Script("add_slots", "return redis.call('SADD', KEYS[1], unpack(ARGV)
 # KEYS: this instance's probe key. ARGV: value, ttl ms. A write, so refused writes show up without traffic.
 PROBE = Script("probe", "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1")
 
-# KEYS: the address's HASH id -> record, ZSET id -> created_at, STRING expires_at. ARGV: id, record, created_at,
-# max per address, expires_at. Returns the created_at kept. Past the cap the oldest go; all three keys expire
-# together at expires_at (moved by every sign-in of the address).
-PUT_PUSH = Script("put_push", r"""
-local created = redis.call('ZSCORE', KEYS[2], ARGV[1]) or ARGV[3]
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], created, ARGV[1])
-local n, cap = redis.call('ZCARD', KEYS[2]), tonumber(ARGV[4])
-if n > cap then
-  local gone = redis.call('ZREVRANGE', KEYS[2], cap, -1)
-  redis.call('ZREM', KEYS[2], unpack(gone))
-  redis.call('HDEL', KEYS[1], unpack(gone))
+# Push subscriptions. KEYS (``Layout.push``): the address's HASH id -> record, ZSET id -> created_at, STRING
+# expires_at, then the slot's stats and push expiry index (ZSET address -> expires_at). A record is
+# [provider, target, p256dh, auth, bytes], bytes being what it counts in the slot's pbytes (records stored
+# before it existed count 0). Nothing expires by Redis TTL: ``EXPIRE_PUSH``, run by the relay's housekeeping,
+# deletes them and takes them out of pbytes, so the count stays exact.
+_PUSH_PRELUDE = r"""
+local R, C, X, STATS, IDX = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local function counted(raw)
+  if not raw then return 0 end
+  return tonumber(cjson.decode(raw)[5] or 0)
 end
-redis.call('SET', KEYS[3], ARGV[5])
-for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], ARGV[5]) end
-return created
+local function keep_until(expires, who)
+  redis.call('SET', X, expires)
+  for i = 1, 3 do redis.call('PERSIST', KEYS[i]) end
+  redis.call('ZADD', IDX, expires, who)
+end
+local function counts(grown)
+  if grown ~= 0 then redis.call('HINCRBY', STATS, 'pbytes', grown) end
+end
+"""
+
+# ARGV: id, record, created_at, max per address, expires_at, bytes, address. Past the cap the oldest go.
+# Returns {the created_at kept, the change of the slot's pbytes}.
+PUT_PUSH = Script("put_push", _PUSH_PRELUDE + r"""
+local created = redis.call('ZSCORE', C, ARGV[1]) or ARGV[3]
+local grown = tonumber(ARGV[6]) - counted(redis.call('HGET', R, ARGV[1]))
+redis.call('HSET', R, ARGV[1], ARGV[2])
+redis.call('ZADD', C, created, ARGV[1])
+local n, cap = redis.call('ZCARD', C), tonumber(ARGV[4])
+if n > cap then
+  local gone = redis.call('ZREVRANGE', C, cap, -1)
+  for _, id in ipairs(gone) do grown = grown - counted(redis.call('HGET', R, id)) end
+  redis.call('ZREM', C, unpack(gone))
+  redis.call('HDEL', R, unpack(gone))
+end
+keep_until(ARGV[5], ARGV[7])
+counts(grown)
+return {created, grown}
 """)
 
-# KEYS: as PUT_PUSH. ARGV: id. Returns 1 when it was there.
-DELETE_PUSH = Script("delete_push", r"""
-redis.call('ZREM', KEYS[2], ARGV[1])
-return redis.call('HDEL', KEYS[1], ARGV[1])
+# ARGV: id, address. Returns {1 when it was there, what it counted}.
+DELETE_PUSH = Script("delete_push", _PUSH_PRELUDE + r"""
+local raw = redis.call('HGET', R, ARGV[1])
+redis.call('ZREM', C, ARGV[1])
+if not raw then return {0, 0} end
+redis.call('HDEL', R, ARGV[1])
+if redis.call('HLEN', R) == 0 then
+  redis.call('DEL', C, X)
+  redis.call('ZREM', IDX, ARGV[2])
+end
+local size = counted(raw)
+counts(-size)
+return {1, size}
 """)
 
-# KEYS: as PUT_PUSH. ARGV: expires_at.
-EXTEND_PUSH = Script("extend_push", r"""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('SET', KEYS[3], ARGV[1])
-for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], ARGV[1]) end
+# ARGV: expires_at, address.
+EXTEND_PUSH = Script("extend_push", _PUSH_PRELUDE + r"""
+if redis.call('EXISTS', R) == 0 then return 0 end
+keep_until(ARGV[1], ARGV[2])
 return 1
+""")
+
+# ARGV: now (ms), address. Deletes every subscription of the address when they expired at ``now`` (else the
+# index learns their expiry). Returns {how many went, what they counted}.
+EXPIRE_PUSH = Script("expire_push", _PUSH_PRELUDE + r"""
+local expires = redis.call('GET', X)
+if expires and tonumber(expires) > tonumber(ARGV[1]) and redis.call('EXISTS', R) == 1 then
+  redis.call('ZADD', IDX, expires, ARGV[2])
+  return {0, 0}
+end
+local n, size = 0, 0
+for _, raw in ipairs(redis.call('HVALS', R)) do
+  n = n + 1
+  size = size + counted(raw)
+end
+redis.call('DEL', R, C, X)
+redis.call('ZREM', IDX, ARGV[2])
+counts(-size)
+return {n, size}
 """)
 
 ALL = (ENQUEUE, RESTORE, REMOVE, RECORD_DELIVERED, EXPIRE, SHIFT_TIMES, ADD_RECEIPTS, REMOVE_RECEIPTS, PUT_KEY,
        RAISE_FLOOR, DELETE_KEY, LOCK, SAVE_TOKEN, OWN_TOKEN, DROP_TOKENS, EXPIRE_TOKENS, ADD_SLOTS, PROBE,
-       PUT_PUSH, DELETE_PUSH, EXTEND_PUSH)
+       PUT_PUSH, DELETE_PUSH, EXTEND_PUSH, EXPIRE_PUSH)

@@ -161,8 +161,8 @@ class RedisStore:
         return max(self.core.totals.messages, 0)
 
     def stored_bytes(self) -> int:
-        """Content bytes in all queues, kept like ``total()``, and what receipts and keys count (from the
-        statistics read every ``refresh_interval_s``, plus this instance's writes since)."""
+        """Content bytes in all queues, kept like ``total()``, and what receipts, keys and push subscriptions
+        count (from the statistics read every ``refresh_interval_s``, plus this instance's writes since)."""
         return max(self.core.totals.bytes + self.core.other_bytes, 0)
 
     async def stats(self) -> dict[str, int]:
@@ -236,8 +236,7 @@ class RedisStore:
         await self.push.extend(address, expires_at_ms)
 
     async def expire_push_subscriptions(self, now_ms: int) -> int:
-        """Redis expires them itself (see ``push``)."""
-        return 0
+        return await self.push.expire(now_ms)
 
     # Migration (``relayd migrate``): each copy is remembered for ``ledger_ttl_ms``, so a re-run copies
     # nothing twice, not even what was delivered and deleted since.

@@ -18,7 +18,7 @@ from pathlib import Path
 from .file import count_stats, describe_error, inspect, permission_hint
 from .keys import KEY_BYTES_SQL, KeyDirectory
 from .owner import OwnerLock
-from .push import PushTable
+from .push import PushTable, push_bytes_total
 from .queue import (
     EXPIRE_CHUNK,
     SeqCounter,
@@ -134,7 +134,7 @@ class SQLiteStore:
                 "SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0), COALESCE(SUM(receipts), 0) "
                 "FROM queues").fetchone()
             nbytes += receipts * RECEIPT_BYTES + conn.execute(
-                f"SELECT COALESCE(SUM({KEY_BYTES_SQL}), 0) FROM keys").fetchone()[0]
+                f"SELECT COALESCE(SUM({KEY_BYTES_SQL}), 0) FROM keys").fetchone()[0] + push_bytes_total(conn)
             self._seqs = SeqCounter(0)
             self._seqs.resync(conn)
         except StoreOpenError:
