@@ -500,13 +500,17 @@ def test_shift_times_moves_delivered_records_too(store_backend):
 # A numbering collision is an error, never a duplicate
 
 
-def next_seq_is(store: Any, kind: str, seq: int) -> None:
+async def next_seq_is(store: Any, kind: str, seq: int) -> None:
     """Make the store number its next message ``seq`` (test-only access), as if something else had numbered
     messages behind its back."""
     if kind == "memory":
         store._last_seq = seq - 1
     elif kind == "sqlite":
         store._seqs.last = seq - 1
+    elif kind == "postgres":
+        async def rewind(conn: Any) -> None:
+            await conn.execute("SELECT setval('message_seq', $1, false)", seq)
+        await store.link.run(rewind, write=True)
     else:
         raise NotImplementedError(f"{kind}: set the recipient's message seq counter back")
 
@@ -518,7 +522,7 @@ def test_a_numbering_collision_is_an_error_never_a_duplicate(store_backend):
 
     async def body(store: Store) -> None:
         first, second = await enqueue_all(store, msg("bob", "m1", "one"), msg("bob", "m2", "two"))
-        next_seq_is(store, store_backend.kind, first.seq)
+        await next_seq_is(store, store_backend.kind, first.seq)
         with pytest.raises(StorageUnavailable):
             await store.enqueue(msg("bob", "m3", "three"), ROOMY)
         assert await store.pending("bob", 10) == [first, second], "nothing was overwritten"

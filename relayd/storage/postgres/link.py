@@ -1,0 +1,249 @@
+"""The link to PostgreSQL: a bounded asyncpg pool, each failure turned into the contract's errors, and health.
+
+Every operation of the store is a job run on one pooled connection. What
+went wrong decides the error: nothing could be sent (no connection, the pool
+exhausted past ``connect_timeout_s``, the server refusing or shutting down,
+a transaction rolled back) is ``StorageUnavailable``; a write whose commit or
+single statement was sent but never answered (a timeout, the connection lost
+mid-reply) is ``StorageOutcomeUnknown``. A failure makes the link unhealthy
+with a reason until an operation succeeds; a probe runs every
+``probe_interval_s`` so health (and ``/health/ready``) follows the server
+within about a second either way, without a restart.
+
+The URL goes to asyncpg as it is, so libpq's ``PG*`` variables and
+``~/.pgpass`` (or ``PGPASSFILE``) fill in what it leaves out. The URL is never
+logged or put in an error: ``redacted_url`` drops its password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ..store import StorageOutcomeUnknown, StorageUnavailable, StoreOpenError
+from .schema import migrate
+
+log = logging.getLogger("relayd.storage")
+
+T = TypeVar("T")
+Job = Callable[[Any], Awaitable[T]]
+
+# SQLSTATE classes that mean the server cannot serve right now, not that the request was wrong
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "58", "40")
+_UNAVAILABLE_STATES = ("25006",)  # read-only transaction (a standby, or default_transaction_read_only)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password (in the user part or as a ``password=`` parameter)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "postgresql://(unparsable URL)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            user = user.split(":", 1)[0] + ":***"
+        netloc = f"{user}@{host}"
+    query = "&".join("password=***" if pair.lower().startswith("password=") else pair
+                     for pair in parts.query.split("&")) if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def describe(exc: BaseException) -> str:
+    """A human reason for an operator; never the URL's password, never message data."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "PostgreSQL did not answer in time"
+    if isinstance(exc, ConnectionRefusedError):
+        return "PostgreSQL refuses connections (is it running?)"
+    if isinstance(exc, OSError) and not sqlstate:
+        return f"cannot reach PostgreSQL: {exc.strerror or exc}"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"PostgreSQL: {text}" + (f" ({sqlstate})" if sqlstate else "")
+
+
+def server_cannot_serve(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server or the link failed (as opposed to a bug in a statement)."""
+    import asyncpg
+    if isinstance(exc, (OSError, asyncio.TimeoutError, TimeoutError, asyncpg.InterfaceError,
+                        asyncpg.exceptions.ConnectionDoesNotExistError)):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and (sqlstate[:2] in _UNAVAILABLE_CLASSES
+                                                         or sqlstate in _UNAVAILABLE_STATES)
+
+
+class PgLink:
+    """A pool of at most ``pool_size`` connections, its health, and the probe that keeps health current."""
+
+    def __init__(self, url: str, *, pool_min: int = 1, pool_size: int = 10, connect_timeout_s: float = 5.0,
+                 command_timeout_s: float = 5.0, probe_interval_s: float = 1.0) -> None:
+        self.url = url
+        self.pool_min = max(0, min(pool_min, pool_size))
+        self.pool_size = max(1, pool_size)
+        self.connect_timeout_s = connect_timeout_s
+        self.command_timeout_s = command_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self._pool: Any = None
+        self._problem: str | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self.on_failure: Callable[[], None] | None = None
+        self.on_recovery: Callable[[], None] | None = None
+        """Called when an operation succeeds after a failure (the store reads its totals again)."""
+
+    @property
+    def healthy(self) -> bool:
+        return self._problem is None
+
+    @property
+    def problem(self) -> str | None:
+        return self._problem
+
+    async def open(self) -> None:
+        """Connect, migrate the schema and start the probe; raises StoreOpenError naming what is wrong."""
+        try:
+            import asyncpg
+        except ImportError:
+            raise StoreOpenError("the PostgreSQL backend needs the optional extra: pip install "
+                                 "'relayd[postgres]'") from None
+        where = redacted_url(self.url)
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url or None, min_size=self.pool_min, max_size=self.pool_size,
+                timeout=self.connect_timeout_s, command_timeout=self.command_timeout_s,
+                server_settings={"application_name": "relayd"})
+            async with self._pool.acquire(timeout=self.connect_timeout_s) as conn:
+                await migrate(conn)
+        except StoreOpenError:
+            await self._close_pool()
+            raise
+        except Exception as exc:
+            await self._close_pool()
+            raise StoreOpenError(f"cannot open PostgreSQL database {where}: {describe(exc)}") from None
+        self._probe = asyncio.get_running_loop().create_task(self._probe_loop(), name="relayd-pg-probe")
+
+    async def close(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            try:
+                await probe
+            except asyncio.CancelledError:
+                pass
+        await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout=self.connect_timeout_s)
+        except Exception:
+            pool.terminate()
+
+    async def run(self, job: Job[T], *, write: bool, transaction: bool = False) -> T:
+        """Run ``job(connection)``; in one transaction when ``transaction``, else each statement commits alone.
+
+        Raises StorageUnavailable when nothing was applied, StorageOutcomeUnknown when a write may have been.
+        """
+        if self._pool is None:
+            raise StorageUnavailable("the PostgreSQL store is closed")
+        try:
+            conn = await self._pool.acquire(timeout=self.connect_timeout_s)
+        except Exception as exc:
+            if not server_cannot_serve(exc):
+                raise
+            raise self._fail(exc, unknown=False) from None
+        try:
+            result = await (self._in_transaction(conn, job, write) if transaction else
+                            self._alone(conn, job, write))
+        finally:
+            try:
+                await self._pool.release(conn, timeout=self.connect_timeout_s)
+            except Exception:
+                conn.terminate()
+        self._succeeded()
+        return result
+
+    async def _alone(self, conn: Any, job: Job[T], write: bool) -> T:
+        try:
+            return await job(conn)
+        except Exception as exc:
+            if not server_cannot_serve(exc):
+                raise
+            raise self._fail(exc, unknown=write and _was_sent(exc)) from None
+
+    async def _in_transaction(self, conn: Any, job: Job[T], write: bool) -> T:
+        tr = conn.transaction()
+        try:
+            await tr.start()
+            result = await job(conn)
+        except BaseException as exc:
+            await _rollback(tr)
+            if isinstance(exc, Exception) and server_cannot_serve(exc):
+                raise self._fail(exc, unknown=False) from None
+            raise
+        try:
+            await tr.commit()
+        except Exception as exc:
+            if not server_cannot_serve(exc):
+                raise
+            raise self._fail(exc, unknown=write and _was_sent(exc)) from None
+        return result
+
+    def _fail(self, exc: BaseException, *, unknown: bool) -> StorageUnavailable:
+        reason = describe(exc)
+        if reason != self._problem:
+            log.error("storage unavailable: %s", reason)
+        self._problem = reason
+        if self.on_failure is not None:
+            self.on_failure()
+        return StorageOutcomeUnknown(reason) if unknown else StorageUnavailable(reason)
+
+    def _succeeded(self) -> None:
+        if self._problem is None:
+            return
+        log.warning("storage recovered (was: %s)", self._problem)
+        self._problem = None
+        if self.on_recovery is not None:
+            self.on_recovery()
+
+    async def _probe_loop(self) -> None:
+        """One trivial query a tick: a server that went away (or came back) shows in health within a tick."""
+        while True:
+            started = time.monotonic()
+            try:
+                await self.run(_select_one, write=False)
+            except StorageUnavailable:
+                pass
+            except Exception:
+                log.exception("PostgreSQL health probe failed")
+            await asyncio.sleep(max(0.05, self.probe_interval_s - (time.monotonic() - started)))
+
+
+async def _select_one(conn: Any) -> None:
+    await conn.fetchval("SELECT 1")
+
+
+async def _rollback(tr: Any) -> None:
+    try:
+        await tr.rollback()
+    except Exception:
+        pass  # the connection is gone: the server rolled back for us
+
+
+def _was_sent(exc: BaseException) -> bool:
+    """False only for errors raised before anything reached the server (a connection already closed)."""
+    import asyncpg
+    if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc) and "middle" not in str(exc):
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        return False  # the server answered with an error: the statement or transaction was not applied
+    return True
