@@ -150,6 +150,18 @@ class PgServer:
         self.psql(f"CREATE DATABASE {name}")
         return self.database_url(name)
 
+    def require_password(self, role: str, password: str, database: str) -> None:
+        """Create a login ``role`` that must give ``password`` (scram-sha-256) for TCP connections; the rest of the
+        server stays on trust. Reloads the server's configuration (SIGHUP to its PID)."""
+        self.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        self.psql(f"GRANT ALL ON DATABASE {database} TO {role}; ALTER DATABASE {database} OWNER TO {role}")
+        hba = self.data / "pg_hba.conf"
+        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGHUP)
+        wait_until(lambda: "scram" in self.psql(f"SELECT string_agg(auth_method, ',') FROM pg_hba_file_rules "
+                                                f"WHERE '{role}' = ANY(user_name)"), "pg_hba.conf reloaded")
+
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> None:
         """Stop by PID: SIGINT is ``pg_ctl stop -m fast`` (clients cut, a clean checkpoint), SIGKILL a crash."""
         proc, self.proc = self.proc, None

@@ -23,6 +23,7 @@ from ..config import (
     describe,
     load_config_with_sources,
 )
+from ..config.schema import redacted_url
 from ..identity.auth import MAX_TOKENS_PER_ADDRESS
 from ..ops.logsetup import configure_logging
 from ..storage.backends import MISSING_REDIS_EXTRA, make_redis_store, make_store
@@ -67,7 +68,10 @@ def render_config(config: Config, sources: Sources, args: argparse.Namespace) ->
                 source = f"{source} {flags.get((section, f.name), '')}".rstrip()
             elif source not in (DEFAULT_SOURCE,) and not source.startswith("environment "):
                 source = f"file {source}"
-            lines.append(f"{f.name} = {format_value(getattr(getattr(config, section), f.name))}  # {source}")
+            value = format_value(getattr(getattr(config, section), f.name))
+            if f.metadata.get("secret_url"):
+                value = redacted_url(value)
+            lines.append(f"{f.name} = {value}  # {source}")
     return "\n".join(lines)
 
 

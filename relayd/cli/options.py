@@ -45,7 +45,7 @@ def _config_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
     parser.add_argument("--host", default=default, help="override [server] host")
     parser.add_argument("--port", default=default, help="override [server] port")
     parser.add_argument("--log-level", default=default, help="override [log] level")
-    parser.add_argument("--storage", default=default, help="override [storage] backend (sqlite, redis or memory)")
+    parser.add_argument("--storage", default=default, help="override [storage] backend (sqlite, redis, postgres or memory)")
     parser.add_argument("--db", metavar="FILE", default=default, help="override [storage] path")
     parser.add_argument("--set", action="append", default=argparse.SUPPRESS if inherit else [],
                         metavar="SECTION.KEY=VALUE", help="override any key; may repeat")

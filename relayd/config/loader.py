@@ -75,6 +75,7 @@ def _validate(config: Config) -> None:
         if path and not os.path.isfile(path):
             raise ConfigError(f"[tls] {key}: no such file {path!r}")
     _validate_redis(config)
+    _validate_postgres(config)
     if config.metrics.listen:
         host, sep, port = config.metrics.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -87,6 +88,17 @@ COMMAND_LINE_SOURCE = "command line"
 Sources = dict[str, dict[str, str]]
 """``sources[section][key]``: where that key's value came from: ``"default"``, the INI file path
 as given, ``"environment NAME"`` or ``"command line"``."""
+
+
+def _validate_postgres(config: Config) -> None:
+    """The URL's scheme (empty: libpq's PG* variables), without echoing it (it may hold a password)."""
+    url = config.postgres.url
+    scheme, sep, _ = url.partition("://")
+    if url and (not sep or scheme.lower() not in ("postgresql", "postgres")):
+        raise ConfigError("[postgres] url must start with postgresql:// (or be empty: libpq's PG* variables)")
+    if config.postgres.pool_min > config.postgres.pool_size:
+        raise ConfigError(f"[postgres] pool_min ({config.postgres.pool_min}) must not exceed pool_size "
+                          f"({config.postgres.pool_size})")
 
 
 def _validate_redis(config: Config) -> None:

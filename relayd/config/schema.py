@@ -20,9 +20,12 @@ class ConfigError(Exception):
 
 
 def opt(default: Any, help: str, *, env: str | None = None, min: float | None = None,
-        max: float | None = None, choices: tuple[str, ...] | None = None, reload: bool = False) -> Any:
-    """Declare one option. ``reload`` marks keys SIGHUP may change at run time."""
-    meta = {"help": help, "env": env, "min": min, "max": max, "choices": choices, "reload": reload}
+        max: float | None = None, choices: tuple[str, ...] | None = None, reload: bool = False,
+        secret_url: bool = False) -> Any:
+    """Declare one option. ``reload`` marks keys SIGHUP may change at run time; ``secret_url`` a URL that may hold
+    a password (shown only through ``redacted_url``)."""
+    meta = {"help": help, "env": env, "min": min, "max": max, "choices": choices, "reload": reload,
+            "secret_url": secret_url}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -148,8 +151,10 @@ class QueueSection:
 @dataclass(frozen=True)
 class StorageSection:
     backend: str = opt("sqlite", "sqlite (durable, default), redis (shared by several relayd instances; "
-                                 "needs the extra relayd[redis] and [redis] url) or memory (lost on restart).",
-                       choices=("sqlite", "memory", "redis"))
+                                 "needs the extra relayd[redis] and [redis] url), postgres (durable, on a "
+                                 "PostgreSQL server; needs the extra relayd[postgres] and [postgres] url) or memory "
+                                 "(lost on restart).",
+                       choices=("sqlite", "memory", "redis", "postgres"))
     path: str = opt("./relayd-data/relayd.db", "SQLite database file.")
     synchronous: str = opt("normal", "normal survives a process crash; full also survives power loss.",
                            choices=("normal", "full"))
@@ -165,7 +170,7 @@ class StorageSection:
 class RedisSection:
     url: str = opt("redis://127.0.0.1:6379/0", "Redis server for backend = redis: redis://[:PASSWORD@]HOST:PORT/DB, "
                                                "or rediss:// for TLS. With cluster = true, any one node of the "
-                                               "cluster (database 0).")
+                                               "cluster (database 0).", secret_url=True)
     key_prefix: str = opt("relayd:", "Prefix of every key relayd writes, so several relays or other "
                                      "applications can share one Redis. No { or }.")
     cluster: bool = opt(False, "true: url names a Redis Cluster node; keys are spread over the cluster's "
@@ -177,6 +182,41 @@ class RedisSection:
                                min=1, max=60_000)
     socket_timeout_s: float = opt(2.0, "Longest wait for a Redis connection or answer; past it the operation "
                                        "is storage_unavailable, never a hang.", min=0.05, max=60)
+
+
+@dataclass(frozen=True)
+class PostgresSection:
+    url: str = opt("postgresql://relayd@localhost:5432/relayd",
+                   "PostgreSQL database for backend = postgres: postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE "
+                   "(a libpq URL; ?sslmode=... and the other libpq parameters work). Empty: libpq's PG* "
+                   "environment variables say everything. A password left out comes from PGPASSWORD or "
+                   "~/.pgpass (PGPASSFILE). Give relayd a database of its own.", secret_url=True)
+    pool_size: int = opt(10, "Most connections this instance opens to PostgreSQL; operations past it wait up to "
+                             "connect_timeout_s for one.", min=1, max=1000)
+    pool_min: int = opt(1, "Connections kept open while idle.", min=0, max=1000)
+    connect_timeout_s: float = opt(5.0, "Longest wait for a connection (a new one, or a free one from the pool); "
+                                        "past it the operation is storage_unavailable.", min=0.1, max=300)
+    command_timeout_s: float = opt(5.0, "Longest wait for PostgreSQL to answer one statement; past it a write is "
+                                        "storage_timeout (it may have been applied), never a hang.",
+                                   min=0.1, max=300)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password (in the user part or as a ``password=`` parameter), for logs and listings."""
+    import urllib.parse
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "(unparsable URL)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            user = user.split(":", 1)[0] + ":***"
+        netloc = f"{user}@{host}"
+    query = "&".join("password=***" if pair.lower().startswith("password=") else pair
+                     for pair in parts.query.split("&")) if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 @dataclass(frozen=True)
@@ -246,6 +286,7 @@ SECTIONS: dict[str, type] = {
     "queue": QueueSection,
     "storage": StorageSection,
     "redis": RedisSection,
+    "postgres": PostgresSection,
     "cluster": ClusterSection,
     "auth": AuthSection,
     "privacy": PrivacySection,
@@ -262,6 +303,7 @@ class Config:
     queue: QueueSection = field(default_factory=QueueSection)
     storage: StorageSection = field(default_factory=StorageSection)
     redis: RedisSection = field(default_factory=RedisSection)
+    postgres: PostgresSection = field(default_factory=PostgresSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     auth: AuthSection = field(default_factory=AuthSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)

@@ -9,6 +9,7 @@ from ..config import Config, ConfigError
 from .store import Store
 
 MISSING_REDIS_EXTRA = "the Redis backend needs the optional extra: pip install 'relayd[redis]'"
+MISSING_POSTGRES_EXTRA = "the PostgreSQL backend needs the optional extra: pip install 'relayd[postgres]'"
 
 
 def make_store(config: Config) -> Store:
@@ -18,6 +19,8 @@ def make_store(config: Config) -> Store:
         return MemoryStore()
     if config.storage.backend == "redis":
         return make_redis_store(config)
+    if config.storage.backend == "postgres":
+        return make_postgres_store(config)
     from .sqlite.store import SQLiteStore
     return SQLiteStore(config.storage.path, synchronous=config.storage.synchronous,
                        commit_interval_ms=config.storage.commit_interval_ms)
@@ -35,6 +38,18 @@ def make_redis_store(config: Config) -> Store:
                       node_id=config.cluster.resolved_node_id(config.server.port),
                       socket_timeout_s=r.socket_timeout_s, min_replicas=r.min_replicas,
                       wait_timeout_ms=r.wait_timeout_ms)
+
+
+def make_postgres_store(config: Config) -> Store:
+    """The PostgreSQL store; raises ConfigError when the optional extra (asyncpg) is missing."""
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"[storage] backend = postgres: {MISSING_POSTGRES_EXTRA}") from None
+    from .postgres import PostgresStore
+    p = config.postgres
+    return PostgresStore(p.url, pool_min=p.pool_min, pool_size=p.pool_size, connect_timeout_s=p.connect_timeout_s,
+                         command_timeout_s=p.command_timeout_s)
 
 
 def automatic_budget(config: Config, store: Store) -> int:

@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from ...config.schema import redacted_url
 from ..store import StorageOutcomeUnknown, StorageUnavailable, StoreOpenError
 from .schema import migrate
 
 log = logging.getLogger("relayd.storage")
+# While the server is away, asyncpg's pool logs a warning with a traceback each time it fails to reopen its
+# minimum of connections; the link logs the reason once (and the recovery), so only its errors are kept.
+logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 T = TypeVar("T")
 Job = Callable[[Any], Awaitable[T]]
@@ -35,23 +38,6 @@ Job = Callable[[Any], Awaitable[T]]
 # SQLSTATE classes that mean the server cannot serve right now, not that the request was wrong
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58", "40")
 _UNAVAILABLE_STATES = ("25006",)  # read-only transaction (a standby, or default_transaction_read_only)
-
-
-def redacted_url(url: str) -> str:
-    """``url`` without its password (in the user part or as a ``password=`` parameter)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "postgresql://(unparsable URL)"
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        if ":" in user:
-            user = user.split(":", 1)[0] + ":***"
-        netloc = f"{user}@{host}"
-    query = "&".join("password=***" if pair.lower().startswith("password=") else pair
-                     for pair in parts.query.split("&")) if parts.query else ""
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def describe(exc: BaseException) -> str:
@@ -71,7 +57,7 @@ def server_cannot_serve(exc: BaseException) -> bool:
     """Whether ``exc`` says the server or the link failed (as opposed to a bug in a statement)."""
     import asyncpg
     if isinstance(exc, (OSError, asyncio.TimeoutError, TimeoutError, asyncpg.InterfaceError,
-                        asyncpg.exceptions.ConnectionDoesNotExistError)):
+                        asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.InternalClientError)):
         return True
     sqlstate = getattr(exc, "sqlstate", None) or ""
     return isinstance(exc, asyncpg.PostgresError) and (sqlstate[:2] in _UNAVAILABLE_CLASSES
@@ -105,27 +91,41 @@ class PgLink:
         return self._problem
 
     async def open(self) -> None:
-        """Connect, migrate the schema and start the probe; raises StoreOpenError naming what is wrong."""
+        """Connect, migrate the schema and start the probe; raises StoreOpenError naming what is wrong.
+
+        A server that cannot be reached yet is not an error: the store starts unhealthy and the probe connects
+        (and migrates) as soon as it answers, as relayd on Redis does.
+        """
         try:
-            import asyncpg
+            import asyncpg  # noqa: F401
         except ImportError:
             raise StoreOpenError("the PostgreSQL backend needs the optional extra: pip install "
                                  "'relayd[postgres]'") from None
-        where = redacted_url(self.url)
         try:
-            self._pool = await asyncpg.create_pool(
-                self.url or None, min_size=self.pool_min, max_size=self.pool_size,
-                timeout=self.connect_timeout_s, command_timeout=self.command_timeout_s,
-                server_settings={"application_name": "relayd"})
-            async with self._pool.acquire(timeout=self.connect_timeout_s) as conn:
-                await migrate(conn)
+            await self._connect()
         except StoreOpenError:
-            await self._close_pool()
             raise
         except Exception as exc:
-            await self._close_pool()
-            raise StoreOpenError(f"cannot open PostgreSQL database {where}: {describe(exc)}") from None
+            if not server_cannot_serve(exc):
+                raise StoreOpenError(f"cannot open PostgreSQL database {redacted_url(self.url)}: "
+                                     f"{describe(exc)}") from None
+            self._fail(exc, unknown=False)
         self._probe = asyncio.get_running_loop().create_task(self._probe_loop(), name="relayd-pg-probe")
+
+    async def _connect(self) -> None:
+        """Create the pool and bring the schema up to date; the pool is kept only when both worked."""
+        import asyncpg
+        pool = await asyncpg.create_pool(
+            self.url or None, min_size=self.pool_min, max_size=self.pool_size,
+            timeout=self.connect_timeout_s, command_timeout=self.command_timeout_s,
+            server_settings={"application_name": "relayd"})
+        try:
+            async with pool.acquire(timeout=self.connect_timeout_s) as conn:
+                await migrate(conn)
+        except BaseException:
+            pool.terminate()
+            raise
+        self._pool = pool
 
     async def close(self) -> None:
         probe, self._probe = self._probe, None
@@ -152,7 +152,7 @@ class PgLink:
         Raises StorageUnavailable when nothing was applied, StorageOutcomeUnknown when a write may have been.
         """
         if self._pool is None:
-            raise StorageUnavailable("the PostgreSQL store is closed")
+            raise StorageUnavailable(self._problem or "the PostgreSQL store is closed")
         try:
             conn = await self._pool.acquire(timeout=self.connect_timeout_s)
         except Exception as exc:
@@ -166,7 +166,7 @@ class PgLink:
             try:
                 await self._pool.release(conn, timeout=self.connect_timeout_s)
             except Exception:
-                conn.terminate()
+                pass  # a connection that cannot be reset is closed by the pool, which opens a new one when needed
         self._succeeded()
         return result
 
@@ -218,12 +218,33 @@ class PgLink:
         while True:
             started = time.monotonic()
             try:
-                await self.run(_select_one, write=False)
+                if self._pool is None:
+                    await self._connect_later()
+                else:
+                    await self.run(_select_one, write=False)
             except StorageUnavailable:
                 pass
             except Exception:
                 log.exception("PostgreSQL health probe failed")
             await asyncio.sleep(max(0.05, self.probe_interval_s - (time.monotonic() - started)))
+
+
+    async def _connect_later(self) -> None:
+        """The server could not be reached at start-up: try again (a success counts as a recovery)."""
+        try:
+            await self._connect()
+        except StoreOpenError as exc:
+            self._problem = str(exc)
+            log.error("PostgreSQL store cannot open: %s", exc)
+            return
+        except Exception as exc:
+            if not server_cannot_serve(exc):
+                self._problem = f"cannot open PostgreSQL database {redacted_url(self.url)}: {describe(exc)}"
+                log.error("%s", self._problem)
+                return
+            self._fail(exc, unknown=False)
+            return
+        self._succeeded()
 
 
 async def _select_one(conn: Any) -> None:
@@ -246,4 +267,6 @@ def _was_sent(exc: BaseException) -> bool:
         return False
     if isinstance(exc, asyncpg.PostgresError):
         return False  # the server answered with an error: the statement or transaction was not applied
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        return False  # the connection broke (the server's shutdown notice) before the statement could be sent
     return True

@@ -67,7 +67,10 @@ class PostgresStore:
 
     async def open(self) -> None:
         await self._link.open()
-        await self._read_totals()
+        if self._link.healthy:
+            await self._read_totals()
+        else:
+            self._stale = True
 
     async def close(self) -> None:
         await self._link.close()
