@@ -8,12 +8,13 @@ what it answered queued across its restart, and PostgreSQL going away and coming
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (A, B, ProcessRelay, clean_env, frames_until_pong, msg, pong_next, run_cli, scaled,
+from support import (ADDR_A, A, B, C, ProcessRelay, clean_env, frames_until_pong, msg, pong_next, run_cli, scaled,
                      wait_until)
 
 pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
@@ -257,3 +258,52 @@ def test_pool_size_bounds_the_connections_of_one_instance(tmp_path, pg_database,
     finally:
         relay.stop()
 
+
+
+# relayd migrate to and from PostgreSQL
+
+
+def test_migrate_sqlite_to_postgres_and_on_to_sqlite_and_redis_copies_everything_once(tmp_path, pg_database,
+                                                                                     fresh_redis):
+    from test_redis_relay import make_sqlite_relay_data, receive_messages
+    db, sqlite_key = make_sqlite_relay_data(tmp_path / "sqlite")
+    first = run_cli(tmp_path, "migrate", "--from", f"sqlite:{db}", "--to", pg_database)
+    assert first.returncode == 0, first.stderr
+    counts = json.loads(first.stdout)
+    assert (counts["messages_copied"], counts["receipts_copied"], counts["keys_copied"], counts["locks"],
+            counts["key_floors"]) == (3, 1, 1, 1, 1)
+    again = json.loads(run_cli(tmp_path, "migrate", "--from", f"sqlite:{db}", "--to", pg_database).stdout)
+    assert (again["messages_copied"], again["messages_already_copied"], again["receipts_copied"],
+            again["keys_copied"]) == (0, 3, 0, 0)
+
+    copy = tmp_path / "copy.db"  # PostgreSQL as the source, while nothing else changed
+    back = run_cli(tmp_path, "migrate", "--from", pg_database, "--to", f"sqlite:{copy}")
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout)["messages_copied"] == 3 and json.loads(back.stdout)["receipts_copied"] == 1
+    to_redis = run_cli(tmp_path, "migrate", "--from", pg_database, "--to", fresh_redis.url)
+    assert to_redis.returncode == 0 and json.loads(to_redis.stdout)["messages_copied"] == 3, to_redis.stderr
+
+    relay = start_pg_relay(tmp_path / "pg", pg_database)
+    try:
+        assert relay.http("GET", f"/api/public-keys/{ADDR_A}").json == sqlite_key
+        with relay.ws() as receiver:
+            receiver.auth(B, ack=True)
+            got = receive_messages(receiver, 3)
+            assert [(m["from"], m["messageId"]) for m in got] == [(C, f"q{i}") for i in range(3)]
+            receiver.recv_type("queue_empty")
+            receiver.send({"type": "ack", "messageIds": ["q0", "q1", "q2"]})
+            wait_until(lambda: relay.http("GET", f"/api/messages/{B}/queue-size").json["queueSize"] == 0, "acked")
+        with relay.ws() as locked:  # the lock came along: an unsigned auth of the signed address is refused
+            locked.send({"type": "auth", "address": ADDR_A})
+            assert locked.recv_type("error")["code"] == "auth_required"
+    finally:
+        relay.stop()
+    third = json.loads(run_cli(tmp_path, "migrate", "--from", f"sqlite:{db}", "--to", pg_database).stdout)
+    assert third["messages_copied"] == 0 and third["receipts_copied"] == 0, "delivered ones are not copied again"
+
+
+@pytest.mark.parametrize("source,needle", [("mysql:x", "--from must be sqlite:PATH"),
+                                           ("sqlite:missing.db", "no database at")])
+def test_migrate_into_postgres_usage_errors(tmp_path, pg_database, source, needle):
+    result = run_cli(tmp_path, "migrate", "--from", source, "--to", pg_database)
+    assert result.returncode in (1, 2) and needle in result.stderr, result.stderr

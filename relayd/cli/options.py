@@ -142,13 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stats", parents=[inherited], help="counts from the database (read-only)",
                    description="Counts from the database ([storage] path, or --db FILE), opened read-only; "
                                "a database not in use (e.g. a backup) gets no -wal/-shm files.")
-    migrate = sub.add_parser("migrate", parents=[inherited], help="copy a SQLite relay's data into Redis",
-                             description="Copy a SQLite relay's queues (in order, with their queuedAt), stored "
-                                         "receipts, keys and ownership locks into Redis ([redis] key_prefix and "
-                                         "cluster apply). Safe to re-run: nothing is copied twice.")
-    migrate.add_argument("--from", dest="source", metavar="sqlite:PATH", required=True,
-                         help="the SQLite database to copy (read-only)")
-    migrate.add_argument("--to", dest="dest", metavar="URL", required=True, help="redis:// or rediss:// URL")
+    migrate = sub.add_parser("migrate", parents=[inherited], help="copy a relay's data into another backend",
+                             description="Copy a relay's queues (in order, with their queuedAt), stored "
+                                         "receipts, keys, ownership locks, key floors and tokens from SQLite or "
+                                         "PostgreSQL into Redis ([redis] key_prefix and cluster apply), PostgreSQL "
+                                         "or SQLite. Safe to re-run: nothing is copied twice.")
+    migrate.add_argument("--from", dest="source", metavar="SOURCE", required=True,
+                         help="sqlite:PATH or a postgresql:// URL (read without disturbing its relay)")
+    migrate.add_argument("--to", dest="dest", metavar="DEST", required=True,
+                         help="a redis:// or rediss:// URL, a postgresql:// URL, or sqlite:PATH")
 
     send = sub.add_parser("send", help="send one message and print the relay's answer",
                           description="Sign in as --from, send TEXT to --to and print the answer frame "

@@ -11,6 +11,8 @@ from typing import Any
 from ..store import KeyRecord
 from .link import PgLink
 
+_RAISE_FLOOR = ("INSERT INTO key_floors AS f (address, issued_at) VALUES ($1, $2) ON CONFLICT (address) "
+                "DO UPDATE SET issued_at = GREATEST(f.issued_at, excluded.issued_at)")
 _KEY_COLUMNS = "address, public_key, created_at, updated_at, key_type, issued_at, format, signature"
 
 
@@ -50,9 +52,7 @@ class PgKeyDirectory:
                 record.address, record.public_key, record.created_at, record.updated_at, record.key_type,
                 record.issued_at, record.format, record.signature)
             if record.signed and record.issued_at is not None:
-                await conn.execute("INSERT INTO key_floors AS f (address, issued_at) VALUES ($1, $2) ON CONFLICT "
-                                   "(address) DO UPDATE SET issued_at = GREATEST(f.issued_at, excluded.issued_at)",
-                                   record.address, record.issued_at)
+                await conn.execute(_RAISE_FLOOR, record.address, record.issued_at)
             return int(created_at)
         record.created_at = await self._link.run(job, write=True, transaction=True)
         return record
@@ -61,6 +61,12 @@ class PgKeyDirectory:
         async def job(conn: Any) -> bool:
             return str(await conn.execute("DELETE FROM keys WHERE address = $1", address)) != "DELETE 0"
         return await self._link.run(job, write=True)
+
+    async def raise_key_floor(self, address: str, issued_at: int) -> None:
+        """Raise the floor of ``address`` to at least ``issued_at`` (``relayd migrate`` copies floors)."""
+        async def job(conn: Any) -> None:
+            await conn.execute(_RAISE_FLOOR, address, issued_at)
+        await self._link.run(job, write=True)
 
     async def key_floor(self, address: str) -> int | None:
         async def job(conn: Any) -> int | None:

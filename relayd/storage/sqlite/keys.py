@@ -97,6 +97,14 @@ class KeyDirectory:
         self._cache_key(address, None)
         return deleted
 
+    async def raise_key_floor(self, address: str, issued_at: int) -> None:
+        """Raise the floor of ``address`` to at least ``issued_at`` (``relayd migrate`` copies floors)."""
+        def job(conn: sqlite3.Connection) -> tuple[None, Delta]:
+            conn.execute("INSERT INTO key_floors (address, issued_at) VALUES (?, ?) ON CONFLICT (address) "
+                         "DO UPDATE SET issued_at = max(issued_at, excluded.issued_at)", (address, issued_at))
+            return None, NONE
+        await self._writer.submit(job, write=True)
+
     async def key_floor(self, address: str) -> int | None:
         def job(conn: sqlite3.Connection) -> tuple[int | None, Delta]:
             row = conn.execute("SELECT issued_at FROM key_floors WHERE address = ?", (address,)).fetchone()
