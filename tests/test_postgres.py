@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from support import (ADDR_A, A, B, C, ProcessRelay, clean_env, frames_until_pong, msg, pong_next, run_cli, scaled,
-                     wait_until)
+                     wait_until, without_modules)
 
 pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
 
@@ -127,11 +127,25 @@ def test_libpq_variables_and_password_file_are_honoured(tmp_path, pg_server):
         relay.stop()
 
 
-@pytest.mark.parametrize("url,needle", [("mysql://x@y/z", "[postgres] url must start with postgresql://"),
-                                        ("nonsense", "[postgres] url must start with postgresql://")])
-def test_bad_postgres_settings_exit_2_naming_the_key(tmp_path, url, needle):
-    result = run_cli(tmp_path, "run", env=clean_env(**pg_env(url)))
+@pytest.mark.parametrize("env,needle", [
+    ({"RELAYD_POSTGRES_URL": "mysql://x@y/z"}, "[postgres] url must start with postgresql://"),
+    ({"RELAYD_POSTGRES_URL": "nonsense"}, "[postgres] url must start with postgresql://"),
+    ({"RELAYD_POSTGRES_POOL_MIN": "5", "RELAYD_POSTGRES_POOL_SIZE": "2"}, "[postgres] pool_min (5) must not exceed"),
+    ({"RELAYD_POSTGRES_POOL_SIZE": "0"}, "[postgres] pool_size"),
+    ({"RELAYD_POSTGRES_COMMAND_TIMEOUT_S": "0"}, "[postgres] command_timeout_s"),
+])
+def test_bad_postgres_settings_exit_2_naming_the_key(tmp_path, env, needle):
+    result = run_cli(tmp_path, "--check-config", env=clean_env(**{**pg_env("postgresql://h/d"), **env}))
     assert result.returncode == 2 and needle in result.stderr, result.stderr
+
+
+def test_without_the_postgres_extra_relayd_says_so(tmp_path, pg_database):
+    env = without_modules(tmp_path, "asyncpg")
+    refused = run_cli(tmp_path, env=clean_env(**{**env, **pg_env(pg_database), "RELAYD_SERVER_PORT": "0"}))
+    assert refused.returncode == 2
+    assert "the PostgreSQL backend needs the optional extra: pip install 'relayd[postgres]'" in refused.stderr
+    migrate = run_cli(tmp_path, "migrate", "--from", pg_database, "--to", "sqlite:x.db", env=clean_env(**env))
+    assert migrate.returncode == 1 and "pip install 'relayd[postgres]'" in migrate.stderr
 
 
 def test_an_unknown_database_is_a_clear_error_at_start_up(tmp_path, pg_server):

@@ -37,7 +37,13 @@ Job = Callable[[Any], Awaitable[T]]
 
 # SQLSTATE classes that mean the server cannot serve right now, not that the request was wrong
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58", "40")
-_UNAVAILABLE_STATES = ("25006",)  # read-only transaction (a standby, or default_transaction_read_only)
+_UNAVAILABLE_STATES = ("25006",)
+_RETRYABLE = ("40P01", "40001")  # deadlock victim, serialization failure: rolled back, safe to run again
+_DEADLOCK_RETRIES = 3
+
+
+class _Retry(Exception):
+    """The transaction was rolled back by the server for a reason that a second run may not meet."""  # read-only transaction (a standby, or default_transaction_read_only)
 
 
 def describe(exc: BaseException) -> str:
@@ -155,13 +161,25 @@ class PgLink:
             raise StorageUnavailable(self._problem or "the PostgreSQL store is closed")
         try:
             conn = await self._pool.acquire(timeout=self.connect_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise self._fail_reason(f"no PostgreSQL connection within {self.connect_timeout_s:g} s (pool_size "
+                                    f"{self.pool_size} busy, or the server does not answer)", unknown=False) from None
         except Exception as exc:
             if not server_cannot_serve(exc):
                 raise
             raise self._fail(exc, unknown=False) from None
         try:
-            result = await (self._in_transaction(conn, job, write) if transaction else
-                            self._alone(conn, job, write))
+            for attempt in range(_DEADLOCK_RETRIES):
+                try:
+                    result = await (self._in_transaction(conn, job, write) if transaction else
+                                    self._alone(conn, job, write))
+                    break
+                except _Retry:
+                    log.warning("a PostgreSQL transaction was rolled back as a deadlock victim; retrying (%d)",
+                                attempt + 1)
+            else:
+                raise self._fail_reason("PostgreSQL kept rolling back a transaction as a deadlock victim",
+                                        unknown=False)
         finally:
             try:
                 await self._pool.release(conn, timeout=self.connect_timeout_s)
@@ -185,6 +203,8 @@ class PgLink:
             result = await job(conn)
         except BaseException as exc:
             await _rollback(tr)
+            if getattr(exc, "sqlstate", None) in _RETRYABLE:
+                raise _Retry() from exc
             if isinstance(exc, Exception) and server_cannot_serve(exc):
                 raise self._fail(exc, unknown=False) from None
             raise
@@ -197,7 +217,9 @@ class PgLink:
         return result
 
     def _fail(self, exc: BaseException, *, unknown: bool) -> StorageUnavailable:
-        reason = describe(exc)
+        return self._fail_reason(describe(exc), unknown=unknown)
+
+    def _fail_reason(self, reason: str, *, unknown: bool) -> StorageUnavailable:
         if reason != self._problem:
             log.error("storage unavailable: %s", reason)
         self._problem = reason

@@ -29,6 +29,9 @@ ENQUEUE = "SELECT o_result, o_seq, o_added, o_added_bytes FROM relayd_enqueue($1
 MESSAGE_COLUMNS = "seq, recipient, sender, message_id, content, timestamp, queued_at"
 _LOCK_QUEUE = ("INSERT INTO queues AS q (recipient, count, bytes, receipts) VALUES ($1, 0, 0, 0) "
                "ON CONFLICT (recipient) DO UPDATE SET count = q.count")
+LOCK_QUEUES = ("INSERT INTO queues AS q (recipient, count, bytes, receipts) SELECT r, 0, 0, 0 FROM unnest($1::text[]) "
+               "AS u(r) ORDER BY r ON CONFLICT (recipient) DO UPDATE SET count = q.count")
+"""Lock the ``queues`` rows of several recipients at once, in address order (the order every writer keeps)."""
 _STORED = "SELECT seq FROM messages WHERE recipient = $1 AND message_id = $2 AND lower(sender) = lower($3)"
 _LATER_DELIVERY = ("ON CONFLICT (recipient, message_id, sender) DO UPDATE SET "
                    "queued_at = GREATEST(delivered.queued_at, excluded.queued_at)")
@@ -70,8 +73,8 @@ async def restore_rows(conn: Any, messages: list[QueuedMessage]) -> tuple[int, D
     """Put messages back past the per-queue caps, each with its seq when it had one (and it is free); those
     still stored are skipped, those known as delivered are no longer."""
     restored = added = 0
+    await conn.execute(LOCK_QUEUES, sorted({m.recipient for m in messages}))
     for msg in messages:
-        await conn.execute(_LOCK_QUEUE, msg.recipient)
         if await conn.fetchval(_STORED, msg.recipient, msg.message_id, msg.sender) is not None:
             continue
         seq = msg.seq

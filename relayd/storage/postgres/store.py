@@ -19,6 +19,7 @@ from .keys import PgKeyDirectory
 from .link import PgLink
 from .queue import (
     EXPIRE_CHUNK,
+    LOCK_QUEUES,
     MESSAGE_COLUMNS,
     Delta,
     NumberingCollision,
@@ -100,7 +101,11 @@ class PostgresStore:
         if self._stale:
             await self._read_totals()
 
+        recipients = sorted({m.recipient for m in messages})
+
         async def job(conn: Any) -> tuple[list[tuple[EnqueueResult, int]], Delta]:
+            if len(recipients) > 1:  # every writer locks queues in address order: no deadlock between batches
+                await conn.execute(LOCK_QUEUES, recipients)
             out, added, added_bytes = [], 0, 0
             for msg in messages:
                 outcome, (n, nbytes) = await enqueue_row(conn, msg, limits, self._bytes + added_bytes)
