@@ -174,6 +174,43 @@ class PgServer:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
 
+    def crash(self) -> None:
+        """kill -9 of the postmaster and every process it started, as a power cut would end them; ``start()``
+        then runs crash recovery from the WAL."""
+        assert self.proc is not None
+        children = [pid for pid in _children(self.proc.pid)]
+        self.stop(signal.SIGKILL)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in children),
+                   "the server's processes gone", timeout=10)
+
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _children(parent: int) -> list[int]:
+    """PIDs whose parent is ``parent`` (a postmaster's backends and helpers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

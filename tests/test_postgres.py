@@ -189,10 +189,11 @@ def test_relayd_starts_while_postgres_is_down_and_becomes_ready(tmp_path, fresh_
         relay.stop()
 
 
-def test_postgres_stopped_and_started_under_load_loses_nothing_answered_queued(tmp_path, fresh_pg):
-    """A sender keeps sending while PostgreSQL stops (pg_ctl stop -m fast) and starts again: readiness turns 503
-    and back without a relayd restart, every answer is queued or a clear storage error, and every message
-    answered queued is delivered once."""
+@pytest.mark.parametrize("how", ["stop -m fast", "kill -9"])
+def test_postgres_stopped_and_started_under_load_loses_nothing_answered_queued(tmp_path, fresh_pg, how):
+    """A sender keeps sending while PostgreSQL stops (pg_ctl stop -m fast, or every process of it killed as by a
+    power cut) and starts again: readiness turns 503 and back without a relayd restart, every answer is queued or
+    a clear storage error, and every message answered queued is delivered once."""
     relay = start_pg_relay(tmp_path, fresh_pg.url)
     answers: dict[str, str] = {}
     stop = threading.Event()
@@ -214,7 +215,10 @@ def test_postgres_stopped_and_started_under_load_loses_nothing_answered_queued(t
     try:
         worker.start()
         wait_until(lambda: len(answers) >= 20, "20 answers before the outage", timeout=scaled(20))
-        fresh_pg.stop()  # SIGINT: pg_ctl stop -m fast
+        if how == "kill -9":
+            fresh_pg.crash()
+        else:
+            fresh_pg.stop()  # SIGINT: pg_ctl stop -m fast
         wait_until(lambda: relay.http("GET", "/health/ready").status == 503, "not ready", timeout=scaled(10))
         problem = relay.http("GET", "/health").json["storage"]["problem"]
         assert "PostgreSQL" in problem

@@ -294,6 +294,25 @@ def test_sender_spelling_is_kept_but_idempotency_ignores_it(store_backend):
     store_backend(body)
 
 
+def test_any_text_a_client_may_send_is_stored_exactly(store_backend):
+    """JSON text may hold NUL and noncharacters (PostgreSQL's text type holds no NUL): content and messageIds
+    round-trip exactly, stay idempotent, are acked and counted by their UTF-8 size."""
+    odd = ["nul\x00inside", "\uffff0", "\uffff\uffff\x00", "\x00", "é\x00\U0001f600"]
+
+    async def body(store: Store) -> None:
+        sent = await enqueue_all(store, *(msg("bob", f"id{i}\x00{t}", t) for i, t in enumerate(odd)))
+        assert await store.pending("bob", 10) == sent
+        assert await store.enqueue(msg("bob", f"id0\x00{odd[0]}", "x"), ROOMY) is DUPLICATE
+        assert (await store.stats())["bytes"] == sum(len(t.encode()) for t in odd)
+        await store.add_receipts([Receipt("alice", "bob", "r\x00\uffff", 7)], 10)
+        assert [r.message_id for r in await store.receipts("alice", 10)] == ["r\x00\uffff"]
+        assert await store.ack("bob", [f"id1\x00{odd[1]}"]) == 1
+        assert await store.enqueue(msg("bob", f"id1\x00{odd[1]}"), ROOMY) is DELIVERED
+        assert await store.remove("bob", [sent[2].seq]) == 1
+        assert await ids(store, "bob") == [f"id{i}\x00{odd[i]}" for i in (0, 3, 4)]
+    store_backend(body)
+
+
 def test_storage_budget_refuses_past_max_total_bytes(store_backend):
     async def body(store: Store) -> None:
         limits = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False, max_total_bytes=10)

@@ -13,6 +13,7 @@ compared case-insensitively by ``lower()`` on both sides, as the
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from ...frames import utf8_len
@@ -25,7 +26,24 @@ NONE: Delta = (0, 0)
 EXPIRE_CHUNK = 1000
 
 _RESULTS = {r.value: r for r in EnqueueResult}
-ENQUEUE = "SELECT o_result, o_seq, o_added, o_added_bytes FROM relayd_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+ENQUEUE = ("SELECT o_result, o_seq, o_added, o_added_bytes FROM relayd_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+           "$10, $11, $12)")
+_ESC = "\uffff"
+
+
+def to_pg(text: str) -> str:
+    """``text`` as PostgreSQL can store it: its text type holds no NUL, so NUL becomes U+FFFF "0" (and U+FFFF
+    itself U+FFFF U+FFFF, so the mapping stays one to one). Message contents and messageIds may hold either."""
+    if "\0" not in text and _ESC not in text:
+        return text
+    return text.replace(_ESC, _ESC + _ESC).replace("\0", _ESC + "0")
+
+
+def from_pg(text: str) -> str:
+    """The inverse of ``to_pg``."""
+    if _ESC not in text:
+        return text
+    return re.sub("\uffff(.)", lambda m: "\0" if m.group(1) == "0" else m.group(1), text, flags=re.S)
 MESSAGE_COLUMNS = "seq, recipient, sender, message_id, content, timestamp, queued_at"
 _LOCK_QUEUE = ("INSERT INTO queues AS q (recipient, count, bytes, receipts) VALUES ($1, 0, 0, 0) "
                "ON CONFLICT (recipient) DO UPDATE SET count = q.count")
@@ -48,9 +66,9 @@ async def enqueue_row(conn: Any, msg: QueuedMessage, limits: QueueLimits,
     """
     import asyncpg
     try:
-        row = await conn.fetchrow(ENQUEUE, msg.recipient, msg.sender, msg.message_id, msg.timestamp, msg.queued_at,
-                                  msg.content, limits.max_messages, limits.max_bytes, limits.drop_oldest,
-                                  limits.max_total_bytes, stored_total)
+        row = await conn.fetchrow(ENQUEUE, msg.recipient, msg.sender, to_pg(msg.message_id), msg.timestamp,
+                                  msg.queued_at, to_pg(msg.content), utf8_len(msg.content), limits.max_messages,
+                                  limits.max_bytes, limits.drop_oldest, limits.max_total_bytes, stored_total)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name != "messages_pkey":
             raise
@@ -75,7 +93,7 @@ async def restore_rows(conn: Any, messages: list[QueuedMessage]) -> tuple[int, D
     restored = added = 0
     await conn.execute(LOCK_QUEUES, sorted({m.recipient for m in messages}))
     for msg in messages:
-        if await conn.fetchval(_STORED, msg.recipient, msg.message_id, msg.sender) is not None:
+        if await conn.fetchval(_STORED, msg.recipient, to_pg(msg.message_id), msg.sender) is not None:
             continue
         seq = msg.seq
         if seq <= 0 or await conn.fetchval("SELECT 1 FROM messages WHERE seq = $1", seq) is not None:
@@ -88,10 +106,10 @@ async def restore_rows(conn: Any, messages: list[QueuedMessage]) -> tuple[int, D
         size = utf8_len(msg.content)
         await conn.execute("INSERT INTO messages (seq, recipient, sender, message_id, timestamp, queued_at, size, "
                            "content) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", seq, msg.recipient, msg.sender,
-                           msg.message_id, msg.timestamp, msg.queued_at, size, msg.content)
+                           to_pg(msg.message_id), msg.timestamp, msg.queued_at, size, to_pg(msg.content))
         msg.seq = seq
         await conn.execute("DELETE FROM delivered WHERE recipient = $1 AND message_id = $2 AND sender = lower($3)",
-                           msg.recipient, msg.message_id, msg.sender)
+                           msg.recipient, to_pg(msg.message_id), msg.sender)
         await conn.execute("UPDATE queues SET count = count + 1, bytes = bytes + $2 WHERE recipient = $1",
                            msg.recipient, size)
         restored, added = restored + 1, added + size
@@ -102,7 +120,7 @@ async def record_delivered_rows(conn: Any, messages: list[QueuedMessage]) -> Non
     """Remember messages as delivered (a second record of one keeps the later ``queued_at``)."""
     latest: dict[tuple[str, str, str], int] = {}
     for m in messages:
-        key = (m.recipient, m.message_id, m.sender.lower())
+        key = (m.recipient, to_pg(m.message_id), m.sender.lower())
         latest[key] = max(latest.get(key, m.queued_at), m.queued_at)
     keys = list(latest)
     await conn.execute(
@@ -186,7 +204,7 @@ async def add_receipt_rows(conn: Any, receipts: list[Receipt], cap: int) -> int:
         seqs = await conn.fetch(
             "INSERT INTO receipts (recipient, reader, message_id, timestamp) SELECT $1, r, m, t FROM "
             "unnest($2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(r, m, t, n) ORDER BY n RETURNING seq",
-            recipient, [r.reader for r in batch], [r.message_id for r in batch], [r.timestamp for r in batch])
+            recipient, [r.reader for r in batch], [to_pg(r.message_id) for r in batch], [r.timestamp for r in batch])
         for r, row in zip(batch, sorted(int(s["seq"]) for s in seqs)):
             r.seq = row
         if stored > cap:
@@ -217,5 +235,5 @@ async def delete_receipts(conn: Any, rows: list[tuple[int, str]]) -> None:
 
 
 def message_from(row: Any) -> QueuedMessage:
-    return QueuedMessage(row["recipient"], row["sender"], row["message_id"], row["content"], int(row["timestamp"]),
-                         int(row["queued_at"]), int(row["seq"]))
+    return QueuedMessage(row["recipient"], row["sender"], from_pg(row["message_id"]), from_pg(row["content"]),
+                         int(row["timestamp"]), int(row["queued_at"]), int(row["seq"]))

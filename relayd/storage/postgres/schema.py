@@ -24,14 +24,14 @@ LOCK_ID = 0x524C5944  # "RLYD": the advisory lock migrations hold
 
 _ENQUEUE = r"""
 CREATE FUNCTION relayd_enqueue(p_recipient text, p_sender text, p_message_id text, p_timestamp bigint,
-    p_queued_at bigint, p_content text, p_max_messages bigint, p_max_bytes bigint, p_drop_oldest boolean,
+    p_queued_at bigint, p_content text, p_size bigint, p_max_messages bigint, p_max_bytes bigint, p_drop_oldest boolean,
     p_max_total bigint, p_stored_total bigint,
     OUT o_result text, OUT o_seq bigint, OUT o_added bigint, OUT o_added_bytes bigint)
 LANGUAGE plpgsql AS $fn$
 DECLARE
     q_count bigint;
     q_bytes bigint;
-    m_size bigint := octet_length(p_content);
+    m_size bigint := p_size;
     victim record;
 BEGIN
     o_seq := 0; o_added := 0; o_added_bytes := 0;

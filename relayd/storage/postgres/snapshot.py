@@ -8,6 +8,7 @@ from typing import Any
 from ...config.schema import redacted_url
 from ..store import KeyRecord, QueuedMessage, Receipt, StoreOpenError
 from .link import describe
+from .queue import from_pg
 from .schema import SCHEMA_VERSION
 
 _PREFETCH = 1000
@@ -54,13 +55,13 @@ class PgSnapshot:
     async def messages(self) -> AsyncIterator[QueuedMessage]:
         async for r in self._rows("SELECT recipient, sender, message_id, content, timestamp, queued_at FROM messages "
                                   "ORDER BY recipient, seq"):
-            yield QueuedMessage(r["recipient"], r["sender"], r["message_id"], r["content"], int(r["timestamp"]),
-                                int(r["queued_at"]))
+            yield QueuedMessage(r["recipient"], r["sender"], from_pg(r["message_id"]), from_pg(r["content"]),
+                                int(r["timestamp"]), int(r["queued_at"]))
 
     async def receipts(self) -> AsyncIterator[tuple[Receipt, int]]:
         async for r in self._rows("SELECT seq, recipient, reader, message_id, timestamp FROM receipts "
                                   "ORDER BY recipient, seq"):
-            yield Receipt(r["recipient"], r["reader"], r["message_id"], int(r["timestamp"])), int(r["seq"])
+            yield Receipt(r["recipient"], r["reader"], from_pg(r["message_id"]), int(r["timestamp"])), int(r["seq"])
 
     async def keys(self) -> AsyncIterator[KeyRecord]:
         async for r in self._rows("SELECT address, public_key, created_at, updated_at, key_type, issued_at, format, "

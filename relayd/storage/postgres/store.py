@@ -26,6 +26,8 @@ from .queue import (
     add_receipt_rows,
     delete_messages,
     enqueue_row,
+    from_pg,
+    to_pg,
     expire_chunk,
     message_from,
     record_delivered_rows,
@@ -159,8 +161,8 @@ class PostgresStore:
     async def ack(self, recipient: str, message_ids: list[str]) -> int:
         if not message_ids:
             return 0
-        return await self._delete(recipient, "message_id = ANY($2::text[])", list(dict.fromkeys(message_ids)),
-                                  delivered=True)
+        return await self._delete(recipient, "message_id = ANY($2::text[])",
+                                  list(dict.fromkeys(to_pg(m) for m in message_ids)), delivered=True)
 
     async def clear(self, recipient: str) -> int:
         return await self._delete(recipient, "$2::int IS NULL", None, delivered=False)
@@ -221,7 +223,7 @@ class PostgresStore:
         async def job(conn: Any) -> list[Receipt]:
             rows = await conn.fetch("SELECT seq, reader, message_id, timestamp FROM receipts WHERE recipient = $1 "
                                     "ORDER BY seq LIMIT $2", recipient, max(limit, 0))
-            return [Receipt(recipient, r["reader"], r["message_id"], int(r["timestamp"]), int(r["seq"]))
+            return [Receipt(recipient, r["reader"], from_pg(r["message_id"]), int(r["timestamp"]), int(r["seq"]))
                     for r in rows]
         return await self._link.run(job, write=False)
 
