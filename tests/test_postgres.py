@@ -194,7 +194,7 @@ def test_postgres_stopped_and_started_under_load_loses_nothing_answered_queued(t
     """A sender keeps sending while PostgreSQL stops (pg_ctl stop -m fast, or every process of it killed as by a
     power cut) and starts again: readiness turns 503 and back without a relayd restart, every answer is queued or
     a clear storage error, and every message answered queued is delivered once."""
-    relay = start_pg_relay(tmp_path, fresh_pg.url)
+    relay = start_pg_relay(tmp_path, fresh_pg.url, RELAYD_LIMITS_FRAMES_PER_S="0")  # errors come back fast
     answers: dict[str, str] = {}
     stop = threading.Event()
 
@@ -325,3 +325,24 @@ def test_migrate_sqlite_to_postgres_and_on_to_sqlite_and_redis_copies_everything
 def test_migrate_into_postgres_usage_errors(tmp_path, pg_database, source, needle):
     result = run_cli(tmp_path, "migrate", "--from", source, "--to", pg_database)
     assert result.returncode in (1, 2) and needle in result.stderr, result.stderr
+
+
+def test_one_relayd_per_database_until_its_holder_dies(tmp_path, pg_database):
+    """A second relayd on the same database exits 2 naming the first (cross-instance delivery on PostgreSQL is not
+    built yet); the lock dies with its holder, so after a kill -9 a new relayd starts at once."""
+    first = start_pg_relay(tmp_path / "first", pg_database)
+    try:
+        second = run_cli(tmp_path, "run", env=clean_env(**pg_env(pg_database), RELAYD_SERVER_PORT="0"), timeout=30)
+        assert second.returncode == 2, second.stderr
+        assert f"in use by relayd PID {first.proc.pid}" in second.stderr and "one instance per database" in \
+            second.stderr
+        migrate = run_cli(tmp_path, "migrate", "--from", f"sqlite:{tmp_path / 'none.db'}", "--to", pg_database)
+        assert migrate.returncode == 1
+        first.kill9()
+        replacement = start_pg_relay(tmp_path / "replacement", pg_database)
+        try:
+            assert replacement.http("GET", "/health/ready").status == 200
+        finally:
+            replacement.stop()
+    finally:
+        first.stop()

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from ...config.schema import redacted_url
 from ..store import StorageOutcomeUnknown, StorageUnavailable, StoreOpenError
+from .owner import AnotherOwner, PgOwner
 from .schema import migrate
 
 log = logging.getLogger("relayd.storage")
@@ -84,6 +85,7 @@ class PgLink:
         self._pool: Any = None
         self._problem: str | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._owner = PgOwner()
         self.on_failure: Callable[[], None] | None = None
         self.on_recovery: Callable[[], None] | None = None
         """Called when an operation succeeds after a failure (the store reads its totals again)."""
@@ -128,12 +130,21 @@ class PgLink:
         try:
             async with pool.acquire(timeout=self.connect_timeout_s) as conn:
                 await migrate(conn)
+            await self._owner.acquire(self._connect_one)
         except BaseException:
             pool.terminate()
             raise
         self._pool = pool
 
+    async def _connect_one(self) -> Any:
+        """A connection outside the pool (the owner lock's)."""
+        import asyncpg
+        return await asyncpg.connect(self.url or None, timeout=self.connect_timeout_s,
+                                     command_timeout=self.command_timeout_s,
+                                     server_settings={"application_name": "relayd"})
+
     async def close(self) -> None:
+        await self._owner.release()
         probe, self._probe = self._probe, None
         if probe is not None:
             probe.cancel()
@@ -159,6 +170,9 @@ class PgLink:
         """
         if self._pool is None:
             raise StorageUnavailable(self._problem or "the PostgreSQL store is closed")
+        if not self._owner.held:
+            raise StorageUnavailable(self._problem or "the connection holding this relay's database lock was lost; "
+                                     "taking it again")
         try:
             conn = await self._pool.acquire(timeout=self.connect_timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
@@ -242,6 +256,8 @@ class PgLink:
             try:
                 if self._pool is None:
                     await self._connect_later()
+                elif not self._owner.held:
+                    await self._take_lock_again()
                 else:
                     await self.run(_select_one, write=False)
             except StorageUnavailable:
@@ -250,6 +266,22 @@ class PgLink:
                 log.exception("PostgreSQL health probe failed")
             await asyncio.sleep(max(0.05, self.probe_interval_s - (time.monotonic() - started)))
 
+
+    async def _take_lock_again(self) -> None:
+        """The owner lock's connection dropped (an outage): take the lock again before anything is written."""
+        try:
+            await self._owner.acquire(self._connect_one)
+        except AnotherOwner as exc:
+            if str(exc) != self._problem:
+                log.error("%s; this relay writes nothing to it until restarted", exc)
+            self._problem = str(exc)
+            return
+        except Exception as exc:
+            if not server_cannot_serve(exc):
+                raise
+            self._fail(exc, unknown=False)
+            return
+        self._succeeded()
 
     async def _connect_later(self) -> None:
         """The server could not be reached at start-up: try again (a success counts as a recovery)."""

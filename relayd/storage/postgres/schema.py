@@ -124,6 +124,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE locks (address TEXT PRIMARY KEY, locked_at BIGINT NOT NULL)",
         "CREATE TABLE tokens (hash TEXT PRIMARY KEY, address TEXT NOT NULL, expires_at BIGINT NOT NULL)",
         "CREATE INDEX tokens_address ON tokens (address, expires_at)",
+        """CREATE TABLE relayd_owner (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            since BIGINT NOT NULL)""",
         _ENQUEUE,
     ),
 )
