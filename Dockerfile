@@ -1,4 +1,4 @@
-# relayd in a container: docker build -t relayd .   (see README.md, "Running in a container")
+# relayd in a container: docker build -t relayd .   (see docs/deploying.md, "Running in a container")
 #
 # Build arguments:
 #   BASE                 any image with Python >= 3.11 and its venv module (python3 on PATH)

@@ -93,7 +93,8 @@ class Daemon:
         gc.freeze()
         for level, line in startup_report(self.config, self.sources, self.server.addresses,
                                           crypto=self.server.crypto,
-                                          budget=self.server.router.delivery.limits.max_total_bytes):
+                                          budget=self.server.router.delivery.limits.max_total_bytes,
+                                          budget_how=self.server.budget_how):
             log.log(level, "%s", line)
         if self.config.metrics.enabled and self.config.metrics.listen:
             host, _, port = self.config.metrics.listen.rpartition(":")

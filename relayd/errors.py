@@ -35,6 +35,13 @@ class ErrorCode(str, enum.Enum):
     STORAGE_UNAVAILABLE = "storage_unavailable"
     STORAGE_TIMEOUT = "storage_timeout"
     RATE_LIMITED = "rate_limited"
+    # Push subscriptions
+    PUSH_DISABLED = "push_disabled"
+    PUSH_PROVIDER_UNAVAILABLE = "push_provider_unavailable"
+    PUSH_VERIFIED_ONLY = "push_verified_only"
+    INVALID_SUBSCRIPTION = "invalid_subscription"
+    ENDPOINT_NOT_ALLOWED = "endpoint_not_allowed"
+    SUBSCRIPTION_NOT_FOUND = "subscription_not_found"
     # HTTP
     BAD_REQUEST = "bad_request"
     NOT_FOUND = "not_found"
@@ -70,6 +77,15 @@ _DEFAULTS: dict[ErrorCode, tuple[str, HTTPStatus]] = {
     ErrorCode.STORAGE_TIMEOUT: ("Storage did not confirm the write in time; the message may have been stored: "
                                 "resend it with the same messageId", HTTPStatus.SERVICE_UNAVAILABLE),
     ErrorCode.RATE_LIMITED: ("Too many requests", HTTPStatus.TOO_MANY_REQUESTS),
+    ErrorCode.PUSH_DISABLED: ("Push notifications are not enabled on this relay", HTTPStatus.NOT_FOUND),
+    ErrorCode.PUSH_PROVIDER_UNAVAILABLE: ("This push provider is not configured on this relay",
+                                          HTTPStatus.NOT_FOUND),
+    ErrorCode.PUSH_VERIFIED_ONLY: ("Only a signed-in (verified) session may subscribe to pushes",
+                                   HTTPStatus.FORBIDDEN),
+    ErrorCode.INVALID_SUBSCRIPTION: ("The push subscription is malformed", HTTPStatus.BAD_REQUEST),
+    ErrorCode.ENDPOINT_NOT_ALLOWED: ("The push endpoint is not allowed: https on a public address only",
+                                     HTTPStatus.BAD_REQUEST),
+    ErrorCode.SUBSCRIPTION_NOT_FOUND: ("No push subscription with this id", HTTPStatus.NOT_FOUND),
     ErrorCode.BAD_REQUEST: ("Bad request", HTTPStatus.BAD_REQUEST),
     ErrorCode.NOT_FOUND: ("Endpoint not found", HTTPStatus.NOT_FOUND),
     ErrorCode.KEY_NOT_FOUND: ("Public key not found for this address", HTTPStatus.NOT_FOUND),

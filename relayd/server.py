@@ -29,7 +29,7 @@ from .ops.metrics import RelayMetrics
 from .protocol.delivery import Delivery
 from .protocol.presence import LocalPresence
 from .protocol.router import Router
-from .protocol.seams import NO_PEERS, MessagePath, Peers, Presence, Routes
+from .protocol.seams import NO_PEERS, NO_PUSH, MessagePath, Peers, Presence, PushRegistry, Routes
 from .storage.backends import automatic_budget
 from .storage.memory import MemoryStore
 from .storage.store import Store
@@ -37,6 +37,7 @@ from .protocol.writes import AddressWrites
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .push.service import PushService
 
 log = logging.getLogger("relayd.server")
 
@@ -68,19 +69,39 @@ class RelayServer:
         local = Delivery(config, routes, self.store, self.metrics, clock, writes)
         delivery: MessagePath = local if self.cluster is None else self.cluster.delivery(local)
         self.delivery = delivery
+        self.push: PushService | None = None
+        """Push notifications (``relayd.push``, imported only when ``[push] enabled``: it needs relayd[push])."""
+        registry: PushRegistry = NO_PUSH
+        if config.push.enabled:
+            from .push.service import PushService
+            self.push = registry = PushService(config, self.store, self.metrics, clock)
         self.router = Router(config, routes, self.store, self.metrics, self.authenticator, clock,
-                             delivery=delivery, peers=peers, writes=writes)
+                             delivery=delivery, peers=peers, writes=writes, push=registry)
+        if self.push is not None:
+            # Only the instance that stored a message calls on_stored, and only when no session of the
+            # recipient was ready on any instance: one push per event, and the message path never waits.
+            backlog_stored, notify = delivery.on_stored, self.push.notify
+
+            def stored(recipient: str) -> None:
+                backlog_stored(recipient)
+                notify(recipient)
+            delivery.on_stored = stored
         if self.cluster is not None:
             self.cluster.bind(self.router, local)
         self.api = HttpApi(config, self.presence, self.store, self.metrics, self.authenticator,
-                           sessions=self.router, relay=self, clock=clock)
+                           sessions=self.router, relay=self, clock=clock,
+                           vapid_public_key=self.push.vapid_public_key if self.push is not None else None)
         self.admission = Admission(config, self.metrics, clock)
         self.gateway = Gateway(config, self.api, self.router, self.admission, clock)
-        self.housekeeping = Housekeeping(config, self.store, self.metrics, clock,
-                                         sweepers=[self.api.sweep, self.authenticator.sweep, self.admission.sweep])
+        sweepers = [self.api.sweep, self.authenticator.sweep, self.admission.sweep]
+        if self.push is not None:
+            sweepers.append(self.push.sweep)
+        self.housekeeping = Housekeeping(config, self.store, self.metrics, clock, sweepers=sweepers)
         self.housekeeping.tick_callbacks.append(self.gateway.tick)
         self._stopping = False
         self.crypto = ""
+        self.budget_how = ""
+        """How the automatic storage budget was found (for the start-up log)."""
 
     def configure(self, config: Config) -> None:
         """Apply a (re)loaded configuration to every part; SIGHUP calls this."""
@@ -91,6 +112,8 @@ class RelayServer:
         self.admission.configure(config)
         self.housekeeping.configure(config)
         self.gateway.configure(config)
+        if self.push is not None:
+            self.push.configure(config)
 
     @property
     def public_url(self) -> str:
@@ -107,6 +130,9 @@ class RelayServer:
     def session_count(self) -> int:
         return self.gateway.session_count()
 
+    def storage_budget(self) -> int:
+        return self.delivery.limits.max_total_bytes
+
     def accepting(self) -> bool:
         server = self.gateway.server
         return server is not None and server.is_serving() and not self._stopping
@@ -118,7 +144,8 @@ class RelayServer:
         await self.store.open()
         if self.cluster is not None:
             await self.cluster.start()
-        self.delivery.storage_budget = automatic_budget(self.config, self.store)
+        budget = automatic_budget(self.config, self.store)
+        self.delivery.storage_budget, self.budget_how = budget.bytes, budget.how
         self.router.configure(self.config)
         self.crypto = self.authenticator.prepare(self.config.auth.crypto)
         delivery = self.delivery
@@ -127,6 +154,8 @@ class RelayServer:
                           storage_bytes=self.store.stored_bytes,
                           storage_budget=lambda: delivery.limits.max_total_bytes,
                           storage_healthy=lambda: 1 if self.store.healthy else 0)
+        if self.push is not None:
+            self.push.start()
         await self.gateway.start(sock=sock, ssl_context=ssl_context)
         self.authenticator.configure(self.config, self.public_url)
         self.housekeeping.start()
@@ -159,6 +188,9 @@ class RelayServer:
         self.housekeeping.stop()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.router.settle(), timeout)
+        if self.push is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.push.stop(), timeout)
         if self.cluster is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.cluster.stop(), timeout)

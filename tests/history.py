@@ -94,6 +94,15 @@ class History:
 
     # Writers
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled without its lock, to keep a failed run's history for study."""
+        with self.lock:
+            return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+
     def send(self, sender: str, recipient: str, mid: str, instance: int, at: float | None = None) -> Attempt:
         """Record one send attempt (the first one fixes the message's place in the sender's order)."""
         key = (sender.lower(), recipient.lower(), mid)

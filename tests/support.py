@@ -466,9 +466,11 @@ class HttpReply:
 
 
 def http_request(port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                 raw_body: bytes | None = None, timeout: float = 5) -> HttpReply:
-    """One request with http.client; ``body`` is sent as JSON, ``raw_body`` as is. Header names come back lower-case."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(timeout))
+                 raw_body: bytes | None = None, timeout: float = 5, source: str | None = None) -> HttpReply:
+    """One request with http.client; ``body`` is sent as JSON, ``raw_body`` as is. Header names come back lower-case.
+    ``source``: the loopback address to send from (another client IP)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(timeout),
+                                      source_address=(source, 0) if source else None)
     hdrs = {"Connection": "close", **(headers or {})}  # one request per connection unless a test asks
     data = raw_body
     if body is not None:
@@ -1096,6 +1098,16 @@ def signed_auth_frame(key: bytes, ch: dict[str, Any], *, address: str | None = N
     address = address or address_of_private(key)
     return {"type": "auth", "address": address, "nonce": ch["nonce"],
             "signature": sign_text(key, auth_text(ch, address, **text_overrides), fmt), "format": fmt}
+
+
+def signed_login(relay: Any, key: bytes, *, fmt: str = "doubleHash", **extra: Any) -> tuple[Any, dict[str, Any]]:
+    """Open a connection and sign in with ``key``; return (client, auth_success)."""
+    client = relay.ws()
+    ch = challenge_of(client)
+    client.send({**signed_auth_frame(key, ch, fmt=fmt), **extra})
+    reply = client.recv()
+    assert reply["type"] == "auth_success", reply
+    return client, reply
 
 
 def key_body(key: bytes, public_key: str, issued: int, *, key_type: Any = "x25519", fmt: str = "doubleHash",

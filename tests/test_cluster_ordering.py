@@ -13,7 +13,7 @@ from support import A, B, FakeConnection, ManualClock, make_config
 
 from relayd.cluster.delivery import ClusterDelivery
 from relayd.cluster.offers import REFUSAL_HOLD_S, Offers
-from relayd.cluster.peers import Taken
+from relayd.cluster.peers import ClusterPeers, Taken
 from relayd.cluster.presence import PeerSessions
 from relayd.cluster.refresh import Refresh
 from relayd.ops.metrics import RelayMetrics
@@ -54,12 +54,14 @@ class FakePeers:
                    then: Callable[[Taken], None]) -> None:
         self.offers.append((msg.message_id, False, after, then))
 
-    def answer(self, index: int, count: int) -> None:
+    def answer(self, index: int, count: int, *, silent: bool = False) -> None:
+        """Answer offer ``index``: ``count`` sessions took it; ``silent``: the peer did not answer in time."""
+        taken = Taken(count, silent=self.where.instances if silent else ())
         reply = self.offers[index][3]
         if isinstance(reply, asyncio.Future):
-            reply.set_result(Taken(count))
+            reply.set_result(taken)
         else:
-            reply(Taken(count))
+            reply(taken)
 
     def push(self, where: PeerSessions, msg: QueuedMessage) -> None:
         self.pushed.append(msg.message_id)
@@ -317,6 +319,31 @@ def test_a_resend_of_a_stored_message_hints_the_recipients_instances():
     run(scenario())
 
 
+def test_a_peer_that_did_not_answer_an_offer_is_hinted_to_read_the_queue():
+    """Its inbox may have missed the offer (this instance's publish failed during a Redis blip, after the peer
+    had subscribed again): nothing else would make it read the message stored for its open session."""
+    async def scenario() -> None:
+        here = Instance()
+        sender = here.session(A)
+        await here.send(sender, B, "m1")
+        here.peers.answer(0, 0, silent=True)  # the unstored offer: no answer; stored, and the peer hinted
+        for _ in range(50):
+            if here.peers.hints:
+                break
+            await asyncio.sleep(0)
+        assert here.peers.hints == [B]
+        await here.send(sender, B, "m2")
+        for _ in range(50):
+            if len(here.peers.offers) >= 2:
+                break
+            await asyncio.sleep(0)
+        here.peers.answer(1, 0, silent=True)  # m2 stored behind m1 and offered stored: no answer either
+        await here.settle()
+        assert here.peers.hints == [B, B]
+        assert answers(sender) == [("queued", "m1"), ("queued", "m2")]
+    run(scenario())
+
+
 def test_rule_4_a_stored_offer_of_what_a_queue_read_pushed_already_is_not_pushed_again():
     async def scenario() -> None:
         here = Instance()
@@ -435,4 +462,33 @@ def test_rule_3_nothing_is_taken_live_while_a_queue_read_is_under_way():
         assert here.offers.offered(stored_msg("m2"), stored=False, after=0)[0] == 0
         await here.refresh.settle()
         assert received(plain) == ["m1"]
+    run(scenario())
+
+
+class LossyBus:
+    """A ``Bus`` whose first ``lost`` publishes fail (this instance's link to Redis is down)."""
+
+    def __init__(self, lost: int) -> None:
+        self.lost = lost
+        self.heard: list[dict[str, Any]] = []
+        self.handler: Callable[[dict[str, Any]], None] = lambda message: None
+
+    def send(self, instance: str, body: dict[str, Any], unheard: Callable[[], None] | None = None) -> None:
+        if self.lost > 0:
+            self.lost -= 1
+            if unheard is not None:
+                unheard()
+            return
+        self.heard.append(body)
+
+
+def test_a_hint_whose_publish_failed_is_sent_again_until_heard():
+    async def scenario() -> None:
+        bus = LossyBus(lost=2)
+        peers = ClusterPeers(None, None, bus)  # type: ignore[arg-type]  # hints need only the bus
+        peers.hint(ELSEWHERE, B)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not bus.heard and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert bus.heard == [{"k": "pull", "to": B, "since": -1}] and bus.lost == 0
     run(scenario())

@@ -708,7 +708,7 @@ def test_database_of_the_previous_schema_keeps_its_messages_and_takes_a_message_
         assert [(f["from"], f["messageId"], f["content"]) for f in frames] == [(A, "old-1", "c:old-1")]
         ack(b, ["old-1"])
     with connect(relay, A) as a:
-        # README: messageId is idempotent per sender and recipient.
+        # docs/protocol.md: messageId is idempotent per sender and recipient.
         assert_queued(send(a, C, "same"), "same", C)
         assert_queued(send(a, D, "same"), "same", D)
     for recipient in (C, D):

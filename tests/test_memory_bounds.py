@@ -2,7 +2,7 @@
 
 Each test reproduces an attack against a real relayd process with its default limits (unless the test is about
 one limit) and measures the process's resident memory (VmRSS) before and after. The bounds asserted come from the
-limits, as the README's "Worst-case memory" section derives them.
+limits, as docs/operating.md's "Memory: the worst case" derives them.
 """
 
 from __future__ import annotations

@@ -722,7 +722,8 @@ def test_start_up_says_version_urls_sources_storage_and_auth(process_relays, tmp
             "environment RELAYD_QUEUE_FLUSH_DELAY_MS, RELAYD_SERVER_HOST, RELAYD_SERVER_PORT; "
             "command line --log-level") in text
     assert f"INFO relayd.daemon: storage: sqlite {tmp_path / 'relayd-data' / 'relayd.db'} (synchronous = full); " \
-           "queued content may take " in text
+           "queued content, receipts and keys may take " in text
+    assert "([storage] max_bytes = -1: " in text
     assert "INFO relayd.daemon: auth: mixed (signatures optional; an address that ever signed must always sign); " \
            "signature verification: " in text
     assert "WARNING" not in text
@@ -750,8 +751,8 @@ def test_the_unit_runs_the_installed_entry_point_and_takes_every_setting_from_th
     assert "ExecStart=/opt/relayd/bin/relayd --config /etc/relayd/relayd.conf" in lines
     assert [line for line in lines if line.startswith("Environment=") and "RELAYD_" in line] == []
     assert "RestartPreventExitStatus=2" in lines and "Restart=on-failure" in lines
-    readme = (ROOT / "README.md").read_text()
-    assert "sudo python3 -m venv /opt/relayd && sudo /opt/relayd/bin/pip install ." in readme
+    deploying = (ROOT / "docs" / "deploying.md").read_text()
+    assert "sudo python3 -m venv /opt/relayd && sudo /opt/relayd/bin/pip install ." in deploying
 
 
 def test_systemd_accepts_the_unit_with_this_checkouts_entry_point(tmp_path):

@@ -143,9 +143,10 @@ def test_without_the_postgres_extra_relayd_says_so(tmp_path, pg_database):
     env = without_modules(tmp_path, "asyncpg")
     refused = run_cli(tmp_path, env=clean_env(**{**env, **pg_env(pg_database), "RELAYD_SERVER_PORT": "0"}))
     assert refused.returncode == 2
-    assert "the PostgreSQL backend needs the optional extra: pip install 'relayd[postgres]'" in refused.stderr
+    assert "the PostgreSQL backend needs the optional extra postgres:" in refused.stderr
+    assert "[postgres]'" in refused.stderr
     migrate = run_cli(tmp_path, "migrate", "--from", pg_database, "--to", "sqlite:x.db", env=clean_env(**env))
-    assert migrate.returncode == 1 and "pip install 'relayd[postgres]'" in migrate.stderr
+    assert migrate.returncode == 1 and "optional extra postgres" in migrate.stderr
 
 
 def test_an_unknown_database_is_a_clear_error_at_start_up(tmp_path, pg_server):

@@ -224,7 +224,7 @@ def test_resend_from_another_device_of_the_sender_is_also_deduplicated(open_rela
 def test_reusing_a_message_id_for_another_recipient_is_never_a_false_success(open_relay):
     with connect(open_relay, A) as a:
         assert_answered(a, msg(B, "reused", "for B", timestamp=1), "queued")
-        # README: messageId is idempotent per sender *and recipient*, so this is another message.
+        # docs/protocol.md: messageId is idempotent per sender *and recipient*, so this is another message.
         assert_answered(a, msg(C, "reused", "for C", timestamp=2), "queued")
     assert queue_size(open_relay, C) == 1, "the relay answered 'queued' for C but stored nothing"
     with connect(open_relay, C) as c:

@@ -25,6 +25,9 @@ class RelayStatus(Protocol):
 
     def session_count(self) -> int: ...
     def accepting(self) -> bool: ...
+    def storage_budget(self) -> int:
+        """The bytes ``Store.stored_bytes`` may reach (0: no budget)."""
+        ...
 
 
 class HealthRoutes:

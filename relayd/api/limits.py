@@ -19,6 +19,8 @@ from ..ratelimit import limit_key
 
 log = logging.getLogger("relayd.http")
 
+KEY_BYTES_WINDOW_S = 3600.0
+
 
 class Budget(enum.Enum):
     """Which per-IP budget a request spends; the value is the metric label of its refusals."""
@@ -36,6 +38,9 @@ class RestLimits:
         window = limits.rate_limit_window_ms / 1000
         self._windows = {Budget.READ: FixedWindow(limits.rate_limit_max_reads, window),
                          Budget.WRITE: FixedWindow(limits.rate_limit_max_requests, window)}
+        self.key_bytes = FixedWindow(limits.key_bytes_per_ip_per_hour, KEY_BYTES_WINDOW_S)
+        """Bytes of keys uploaded per IP per hour, as the storage budget counts them: uploads of random
+        addresses' keys cannot fill the store."""
         self.configure(limits)
 
     def configure(self, limits: LimitsSection) -> None:
@@ -46,6 +51,7 @@ class RestLimits:
             if self._windows[budget].window_s != window:
                 self._windows[budget] = FixedWindow(limit, window)
             self._windows[budget].limit = limit
+        self.key_bytes.limit = limits.key_bytes_per_ip_per_hour
 
     def charge(self, budget: Budget, client_ip: str, now: float, cost: int = 1) -> None:
         """Spend ``cost`` of ``client_ip``'s ``budget``, or raise ``RelayError(RATE_LIMITED)``."""
@@ -61,5 +67,13 @@ class RestLimits:
 
     def sweep(self, now: float) -> None:
         """Forget finished windows, so idle clients cost no memory."""
-        for window in self._windows.values():
+        for window in (*self._windows.values(), self.key_bytes):
             window.sweep(now)
+
+    def charge_key_bytes(self, client_ip: str, now: float, size: int) -> None:
+        """Count an uploaded key's bytes for ``client_ip`` this hour, or raise ``RelayError(RATE_LIMITED)``."""
+        wait = self.key_bytes.hit(limit_key(client_ip), now, size)
+        if wait:
+            self.metrics.rate_limited.labels(limit="key_bytes").inc()
+            raise RelayError(ErrorCode.RATE_LIMITED, "Too many bytes of keys uploaded from this address this hour; "
+                             "retry later", headers=(("Retry-After", retry_after_header(wait)),))

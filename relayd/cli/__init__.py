@@ -24,6 +24,7 @@ from .admin import (
     cmd_stats,
 )
 from .client_commands import cmd_check, cmd_keygen, cmd_listen, cmd_send, cmd_status
+from .push_command import cmd_push_test
 from .options import (
     CONFIG_COMMANDS,
     EXIT_CONFIG,
@@ -36,7 +37,7 @@ from .options import (
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "config": cmd_config, "example-config": cmd_example_config, "backup": cmd_backup,
     "stats": cmd_stats, "send": cmd_send, "listen": cmd_listen, "status": cmd_status, "keygen": cmd_keygen,
-    "check": cmd_check, "migrate": cmd_migrate,
+    "check": cmd_check, "migrate": cmd_migrate, "push-test": cmd_push_test,
 }
 
 

@@ -73,6 +73,10 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_listen(args: argparse.Namespace) -> int:
     from ..client import ClientTimeout
+    push = None
+    if args.push is not None:
+        from .push_command import as_frame, read_subscription
+        push = as_frame(read_subscription(args.push, "--push"))
     client = _client(args, _identity(args.identity, "--as"), ack=args.ack, timeout=DEFAULT_CLIENT_TIMEOUT)
 
     async def listen() -> int:
@@ -82,6 +86,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
         sign_in = await client.connect()
         how = "verified" if sign_in.verified else "unverified"
         print(f"relayd listen: signed in as {shown(sign_in.address, 60)} ({how})", file=sys.stderr, flush=True)
+        if push is not None:
+            answer = await client.push_subscribe(**push)
+            _print_json(answer)
+            if answer.get("type") != "push_subscribed":
+                await client.close()
+                return EXIT_FAILURE
         frames = aiter(client)
         try:
             while args.count is None or messages < args.count:

@@ -26,7 +26,7 @@ DEFAULT_CLIENT_TIMEOUT = 10.0
 
 FLAG_KEYS = {"host": ("server", "host"), "port": ("server", "port"), "log_level": ("log", "level"),
              "storage": ("storage", "backend"), "db": ("storage", "path")}
-CONFIG_COMMANDS = ("run", "config", "backup", "stats", "migrate")
+CONFIG_COMMANDS = ("run", "config", "backup", "stats", "migrate", "push-test")
 """Commands that read relayd's configuration; the others talk to a relay or need nothing."""
 
 
@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stats", parents=[inherited], help="counts from the database (read-only)",
                    description="Counts from the database ([storage] path, or --db FILE), opened read-only; "
                                "a database not in use (e.g. a backup) gets no -wal/-shm files.")
+    push_test = sub.add_parser("push-test", parents=[inherited], help="send a test push to a subscription",
+                               description="Send one wake-up ({type: wake, queued: 0}) to SUBSCRIPTION with this "
+                                           "relay's [push] configuration (VAPID key, FCM and APNs keys) and print "
+                                           "the push service's answer; exit 0 when it accepted the push.")
+    push_test.add_argument("--subscription", metavar="JSON|FILE", required=True,
+                           help="a Web Push PushSubscription JSON, or {\"provider\": \"fcm\"|\"apns\", "
+                                "\"token\": ...}, inline or in a file")
     migrate = sub.add_parser("migrate", parents=[inherited], help="copy a relay's data into another backend",
                              description="Copy a relay's queues (in order, with their queuedAt), stored "
                                          "receipts, keys, ownership locks, key floors and tokens from SQLite or "
@@ -169,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a key file (signed sign-in) or an address (plain sign-in)")
     listen.add_argument("--ack", action="store_true", help="use acknowledged delivery and ack what is printed")
     listen.add_argument("--count", type=_positive_int, metavar="N", help="stop after N messages")
+    listen.add_argument("--push", metavar="JSON|FILE", help="after signing in, subscribe this address to pushes: a "
+                        "Web Push PushSubscription JSON, or {\"provider\": \"fcm\"|\"apns\", \"token\": ...}, "
+                        "inline or in a file")
 
     status = sub.add_parser("status", help="presence, queue size and key of an address",
                             description="Ask the relay's REST API about ADDRESS.")

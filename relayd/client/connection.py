@@ -1,7 +1,7 @@
 """An asyncio client for relayd (and the original relay): the reference for app developers.
 
 ``RelayClient`` opens one WebSocket, signs in (plain, or signed with a private
-key: the relay's challenge is answered as README "Signing in" says), sends
+key: the relay's challenge is answered as docs/protocol.md, "Signing in", says), sends
 messages and gets each one's answer frame, receives frames, acknowledges them,
 sends typing indicators and read receipts, and talks to the REST API on the
 same host and port. ``connect_with_backoff`` shows how to reconnect:
@@ -256,6 +256,29 @@ class RelayClient:
         """Tell ``to`` (the sender) that its message ``message_id`` was read."""
         await self.messaging.read_receipt(to, message_id)
 
+    # Push notifications (``messaging``): see docs/push.md
+
+    async def push_subscribe(self, subscription: Frame | None = None, *, provider: str | None = None,
+                             token: str | None = None, timeout: float | None = None) -> Frame:
+        """Subscribe this address to pushes: a Web Push ``PushSubscription`` JSON, or ``provider`` fcm/apns
+        with its device ``token``. Returns ``{"type": "push_subscribed", "id"}`` or the error frame."""
+        frame: Frame = {"type": "push_subscribe"}
+        if subscription is not None:
+            frame["subscription"] = subscription
+        if provider is not None:
+            frame["provider"] = provider
+        if token is not None:
+            frame["token"] = token
+        return await self.messaging.push(frame, timeout)
+
+    async def push_unsubscribe(self, subscription_id: str, timeout: float | None = None) -> Frame:
+        """Remove one subscription; returns ``push_unsubscribed`` or the error frame."""
+        return await self.messaging.push({"type": "push_unsubscribe", "id": subscription_id}, timeout)
+
+    async def vapid_public_key(self) -> str:
+        """The relay's Web Push key (``applicationServerKey``); raises when push is off on the relay."""
+        return str((await self.rest.request("GET", "/api/push/vapid-public-key"))["publicKey"])
+
     # REST (``rest``)
 
     async def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,
@@ -278,7 +301,7 @@ class RelayClient:
         return await self.rest.get_key(address, verify=verify)
 
     async def put_key(self, public_key: str, *, signed: bool | None = None, issued_at: int | None = None) -> Frame:
-        """Publish this identity's encryption key; signed (README "Signed keys") by default when it has a key."""
+        """Publish this identity's encryption key; signed (docs/protocol.md, "Signed keys") by default when it has a key."""
         return await self.rest.put_key(public_key, signed=signed, issued_at=issued_at)
 
     async def delete_key(self) -> Frame:

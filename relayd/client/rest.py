@@ -115,7 +115,7 @@ class RestApi:
         return record
 
     async def put_key(self, public_key: str, *, signed: bool | None = None, issued_at: int | None = None) -> Frame:
-        """Publish this identity's encryption key; signed (README "Signed keys") by default when it has a key."""
+        """Publish this identity's encryption key; signed (docs/protocol.md, "Signed keys") by default when it has a key."""
         identity = self.identity
         if identity is None:
             raise ClientError("publishing a key needs an identity")

@@ -1,6 +1,6 @@
 """Several relayd instances on one Redis acting as one relay (``[storage] backend = redis``).
 
-Imported only for the Redis backend (it needs the ``relayd[redis]`` extra).
+Imported only for the Redis backend (it needs the optional extra ``redis``).
 ``bus``: each instance's inbox channel (sharded Pub/Sub) and bounded
 request/reply; ``presence``: who is online on which instance (a heartbeat with
 a TTL, a watched cache); ``peers``: what this instance asks of its peers and

@@ -25,6 +25,7 @@ from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..frames import encode, utf8_len
+from ..protocol.budgets import low_room
 from ..protocol.delivery import Delivery, keep_trying, refusal_of, storage_error
 from ..protocol.senders import Ident, Pipeline
 from ..protocol.session import Session
@@ -72,7 +73,7 @@ class ClusterDelivery:
         self.routes = local.routes
         self.metrics = local.metrics
         self.clock = clock
-        self.budget = ClusterBudget(config, clock, local.metrics, peers.spend)
+        self.budget = ClusterBudget(config, clock, local.metrics, peers.spend, local.offline_bytes)
         self.receipts = ClusterReceipts(local.receipts, peers, local.tasks)
         self._tails: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._offers: OrderedDict[tuple[str, str], int] = OrderedDict()
@@ -317,7 +318,8 @@ class ClusterDelivery:
                 raise StorageUnavailable(self.local.store.problem or "storage is unavailable")
             async with asyncio.timeout(self.answer_within_s):
                 await self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
-                                        msg.message_id)
+                                        msg.message_id, low_room(self.local.limits.max_total_bytes,
+                                                                 self.local.store.stored_bytes()))
                 sent = True
                 result, where = await self.peers.enqueue(msg, self.local.limits)
         except (StorageUnavailable, TimeoutError) as exc:
@@ -340,6 +342,8 @@ class ClusterDelivery:
             if where.instances:
                 self.peers.hint(where, msg.recipient)
             return self.local.answer_text(ident, msg, "queued")
+        if silent:  # they did not answer the unstored offer (it may be lost): they read the queue instead
+            self.peers.hint(PeerSessions(silent), msg.recipient)
         where = PeerSessions(tuple(i for i in where.instances if i not in silent), where.ack)
         return self.local.answer_text(ident, msg, await self._deliver_stored(msg, where, after))
 
@@ -356,6 +360,8 @@ class ClusterDelivery:
         far = Taken()
         if where.instances:
             far = await self.peers.offer(where, msg, stored=True, after=after, keep=keep)
+            if far.silent:  # the offer or its answer was lost: make sure those sessions' instances read the queue
+                self.peers.hint(PeerSessions(far.silent), msg.recipient)
         if not taken and not far.count:
             self.metrics.queued.inc()
             self.local.on_stored(msg.recipient)

@@ -22,6 +22,7 @@ back); ``drain`` (reply once the address's closing sessions here are done);
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,6 +38,11 @@ from .presence import WATCH_TTL_MS, ClusterPresence, PeerSessions
 log = logging.getLogger("relayd.cluster")
 
 BUDGET_WINDOW_MS = 3_600_000
+HINT_RETRY_S = 0.2
+"""A hint that reached no subscriber, or whose publish failed, is sent again after this long..."""
+HINT_RETRIES = 50
+"""...this many times (about 10 s): past that, the holder's inbox or this instance's link has been down long
+enough that the holder reads every open queue itself when its inbox or its lapsed peers come back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +101,9 @@ class PeerLink(Protocol):
 
     def hint(self, where: PeerSessions, address: str, since: int = -1, seqs: tuple[int, ...] = ()) -> None:
         """Tell those peers that stored messages may wait for ``address``: they read its queue (from ``since``
-        when >= 0; ``seqs`` were put back and must be sent again). A hint may be lost: it only saves time."""
+        when >= 0; ``seqs`` were put back and must be sent again). A hint whose publish failed or reached no
+        subscriber is sent again (bounded): the holder may have resubscribed before this instance could publish,
+        and then nothing else would make it read."""
         ...
 
     async def relay_frame(self, where: PeerSessions, to: str, frame: dict[str, Any]) -> Taken:
@@ -169,6 +177,8 @@ class ClusterPeers:
         self.bus = bus
         self.here: ThisInstance | None = None
         self.tasks = TaskSet()
+        self.closing = False
+        """Set at shutdown: hints are no longer sent again."""
         bus.handler = self.handle
 
     def bind(self, here: ThisInstance) -> None:
@@ -177,6 +187,7 @@ class ClusterPeers:
 
     async def settle(self) -> None:
         """Wait for the evictions, key notices and drains still on their way (shutdown)."""
+        self.closing = True
         await self.tasks.settle()
 
     # PeerLink
@@ -219,7 +230,13 @@ class ClusterPeers:
         if seqs:
             body["seqs"] = list(seqs)
         for instance in where.instances:
-            self.bus.send(instance, body)
+            self._hint(instance, body, HINT_RETRIES)
+
+    def _hint(self, instance: str, body: Message, retries: int) -> None:
+        def unheard() -> None:
+            if retries > 0 and not self.closing:
+                asyncio.get_running_loop().call_later(HINT_RETRY_S, self._hint, instance, body, retries - 1)
+        self.bus.send(instance, body, unheard)
 
     async def relay_frame(self, where: PeerSessions, to: str, frame: dict[str, Any]) -> Taken:
         replies, silent = await self.bus.request(where.instances, {"k": "frame", "to": to, "f": frame})

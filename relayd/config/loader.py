@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..extras import install_hint
 from .schema import CONFIG_FILE_ENV, ENV_PREFIX, SECTIONS, Config, ConfigError, env_name
 
 
@@ -76,6 +78,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"[tls] {key}: no such file {path!r}")
     _validate_redis(config)
     _validate_postgres(config)
+    _validate_push(config)
     if config.metrics.listen:
         host, sep, port = config.metrics.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -99,6 +102,41 @@ def _validate_postgres(config: Config) -> None:
     if config.postgres.pool_min > config.postgres.pool_size:
         raise ConfigError(f"[postgres] pool_min ({config.postgres.pool_min}) must not exceed pool_size "
                           f"({config.postgres.pool_size})")
+
+
+MISSING_PUSH_EXTRA = f"push notifications need the optional extra push: {install_hint('push')}"
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _validate_push(config: Config) -> None:
+    push = config.push
+    if not push.enabled:
+        return
+    if not _importable("cryptography"):
+        raise ConfigError(f"[push] enabled = true: {MISSING_PUSH_EXTRA} (cryptography is missing)")
+    if not push.vapid_subject.startswith(("mailto:", "https://")) or len(push.vapid_subject) < 10:
+        raise ConfigError("[push] vapid_subject must be a mailto: or https: URL where push services can reach the "
+                          f"operator (RFC 8292), got {push.vapid_subject!r}")
+    if bool(push.fcm_project) != bool(push.fcm_key_file):
+        raise ConfigError("[push] fcm_project and fcm_key_file must be set together")
+    apns = (push.apns_key_file, push.apns_key_id, push.apns_team_id, push.apns_topic)
+    if any(apns) and not all(apns):
+        raise ConfigError("[push] apns_key_file, apns_key_id, apns_team_id and apns_topic must be set together")
+    if push.apns_key_file and not _importable("h2"):
+        raise ConfigError(f"[push] APNs: {MISSING_PUSH_EXTRA} (h2 is missing)")
+    for key in ("fcm_key_file", "apns_key_file", "ca_file"):
+        path = getattr(push, key)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"[push] {key}: no such file {path!r}")
+    for key in ("fcm_url", "apns_url"):
+        if not getattr(push, key).startswith("https://"):
+            raise ConfigError(f"[push] {key} must be an https:// URL")
 
 
 def _validate_redis(config: Config) -> None:

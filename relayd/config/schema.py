@@ -121,6 +121,10 @@ class LimitsSection:
                                                  "recipients per hour (0: no limit): whoever fills the storage "
                                                  "is refused before everyone else.", min=0, max=1 << 40,
                                                  reload=True)
+    key_bytes_per_ip_per_hour: int = opt(16 << 20, "Bytes of keys one client IP may upload per hour, counted "
+                                         "as they count in the storage budget (0: no limit; a signed key is "
+                                         "about 300 bytes, so many phones behind one carrier NAT address "
+                                         "fit).", min=0, max=1 << 40, reload=True)
     offline_bytes_per_ip_per_hour: int = opt(512 << 20, "Bytes of content all senders of one client IP may queue "
                                              "for offline recipients per hour (0: no limit; sized for many "
                                              "phones behind one carrier NAT address).", min=0, max=1 << 44,
@@ -151,19 +155,25 @@ class QueueSection:
 @dataclass(frozen=True)
 class StorageSection:
     backend: str = opt("sqlite", "sqlite (durable, default), redis (shared by several relayd instances; "
-                                 "needs the extra relayd[redis] and [redis] url), postgres (durable, on a "
-                                 "PostgreSQL server; needs the extra relayd[postgres] and [postgres] url) or memory "
-                                 "(lost on restart).",
+                                 "needs the optional extra redis, pip install '.[redis]' from a checkout, and [redis] url), "
+                                 "postgres (durable, on a PostgreSQL server; needs the optional extra postgres and "
+                                 "[postgres] url) or memory (lost on restart).",
                        choices=("sqlite", "memory", "redis", "postgres"))
     path: str = opt("./relayd-data/relayd.db", "SQLite database file.")
     synchronous: str = opt("normal", "normal survives a process crash; full also survives power loss.",
                            choices=("normal", "full"))
     commit_interval_ms: float = opt(2.0, "Longest a write waits to be grouped into one commit.",
                                     min=0, max=1000)
-    max_bytes: int = opt(-1, "Content bytes all offline queues together may hold; past it new offline "
-                             "messages get storage_unavailable (-1: half the free disk space at start-up for "
-                             "SQLite, no budget for the others; 0: no budget).", min=-1, max=1 << 50,
+    max_bytes: int = opt(-1, "Bytes that queued content, stored read receipts and keys together may take; "
+                             "past it new offline messages, receipts and keys get storage_unavailable (-1: "
+                             "SQLite half the size of the database's file system, at most what relayd holds "
+                             "plus the free space less 5 % of the file system, so restarts do not move it; "
+                             "Redis half of maxmemory, or 1 GiB without maxmemory; memory none. 0: no "
+                             "budget).", min=-1, max=1 << 50,
                          reload=True)
+    unsigned_key_ttl_days: float = opt(90.0, "An unsigned key nobody uploaded again or looked up for this long "
+                                             "is deleted (0: never); signed keys stay, they are their owners'.",
+                                       min=0, max=36500, reload=True)
 
 
 @dataclass(frozen=True)
@@ -280,6 +290,51 @@ class LogSection:
                                     reload=True)
 
 
+@dataclass(frozen=True)
+class PushSection:
+    enabled: bool = opt(False, "Wake offline devices with push notifications (Web Push, FCM, APNs); needs the "
+                               "optional extra relayd[push]. A push carries only {type: wake, queued: N}.")
+    require_verified: bool = opt(True, "Only a signed-in (verified) session may subscribe its address to pushes; "
+                                       "false lets anyone claiming an address learn when its owner gets messages.",
+                                 reload=True)
+    vapid_subject: str = opt("", "Web Push contact of the operator (RFC 8292): a mailto: or https: URL; required "
+                                 "when enabled.")
+    vapid_key_file: str = opt("", "PEM P-256 private key signing Web Push requests. Empty: vapid.pem next to the "
+                                  "SQLite database, made at first start (mode 0600).")
+    allow_private_endpoints: bool = opt(False, "Accept Web Push endpoints on loopback, private and link-local "
+                                               "addresses, and http: ones (a distributor on the same host or "
+                                               "network; tests). Off: https: on public addresses only.")
+    min_interval_s: float = opt(30.0, "At most one push per subscription this often: a burst of messages wakes "
+                                      "a device once.", min=0, max=86400, reload=True)
+    subscription_days: float = opt(60.0, "A subscription is forgotten once no session of its address has signed "
+                                         "in for this many days.", min=0.001, max=3650)
+    max_subscriptions_per_address: int = opt(10, "Subscriptions kept per address; past it the oldest go.",
+                                             min=1, max=1000)
+    subscribes_per_ip_per_hour: int = opt(5000, "push_subscribe frames one client IP may send per hour (each is "
+                                                "stored; sized for many phones behind one carrier NAT address; "
+                                                "0: no limit).", min=0, max=100_000_000, reload=True)
+    queue_size: int = opt(10000, "Pushes waiting to be sent, in memory; past it the oldest are dropped "
+                                 "(counted in relayd_push_dropped_total).", min=1, max=10_000_000)
+    concurrency: int = opt(8, "Pushes sent at once.", min=1, max=1000)
+    timeout_s: float = opt(10.0, "Longest a push service may take to answer one request.", min=0.1, max=300)
+    max_response_bytes: int = opt(65536, "Largest answer read from a push service.", min=1024, max=1 << 24)
+    max_attempts: int = opt(5, "Attempts per push (retries back off exponentially, or as Retry-After says).",
+                            min=1, max=100)
+    max_backoff_s: float = opt(600.0, "Longest wait before a retry, whatever Retry-After asks.", min=0.01,
+                               max=86400)
+    ca_file: str = opt("", "Extra PEM CA certificates trusted for push services (a TLS-inspecting proxy, "
+                           "tests). Empty: the system's.")
+    fcm_project: str = opt("", "Firebase project id: enables FCM (Android) subscriptions.")
+    fcm_key_file: str = opt("", "Service-account key file (JSON) of the Firebase project.")
+    fcm_url: str = opt("https://fcm.googleapis.com", "FCM HTTP v1 API base URL.")
+    apns_key_file: str = opt("", "APNs authentication key (.p8, PEM P-256): enables APNs (iOS) subscriptions.")
+    apns_key_id: str = opt("", "Key ID of the APNs authentication key.")
+    apns_team_id: str = opt("", "Apple developer team ID.")
+    apns_topic: str = opt("", "The app's bundle ID (apns-topic).")
+    apns_url: str = opt("https://api.push.apple.com", "APNs base URL (https://api.sandbox.push.apple.com for "
+                                                      "development builds).")
+
+
 SECTIONS: dict[str, type] = {
     "server": ServerSection,
     "limits": LimitsSection,
@@ -293,6 +348,7 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsSection,
     "tls": TlsSection,
     "log": LogSection,
+    "push": PushSection,
 }
 
 
@@ -310,6 +366,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     tls: TlsSection = field(default_factory=TlsSection)
     log: LogSection = field(default_factory=LogSection)
+    push: PushSection = field(default_factory=PushSection)
 
     @property
     def expose_online_list(self) -> bool:

@@ -137,6 +137,7 @@ class Authenticator:
         text = auth_statement(self.relay, address, challenge.nonce, challenge.issued_at)
         await self._check_signature(ip, text, signature, fmt, address)
         await self._lock(address)
+        await self._drop_planted_key(address)
         token, expires = new_token(), int((now + self.token_ttl) * 1000)
         try:
             await self.store.save_token(token_hash(token), address, expires, MAX_TOKENS_PER_ADDRESS)
@@ -198,6 +199,17 @@ class Authenticator:
             log.error("cannot record an ownership lock: %s", exc)
             raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "Ownership cannot be recorded right now; "
                              "retry later") from None
+
+    async def _drop_planted_key(self, address: str) -> None:
+        """The address is locked: an unsigned key of it (which anyone may have uploaded before) stops being
+        served; its owner publishes a signed one. Tried at every signed sign-in, so one that fails now is done
+        by the next."""
+        try:
+            if await self.store.drop_unsigned_key(address):
+                log.info("an unsigned key of an address that signed in was deleted: only its owner's signed "
+                         "key is served now")
+        except StorageUnavailable as exc:
+            log.warning("cannot delete the unsigned key of an address that signed in: %s", exc)
 
     # REST
 

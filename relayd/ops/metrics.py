@@ -53,10 +53,15 @@ class RelayMetrics:
                                     "How late the housekeeping timer fired.", buckets=LAG_BUCKETS)
         self.queue_receipts = r.gauge("relayd_queue_receipts", "Read receipts waiting for offline senders "
                                       "(refreshed every few seconds).")
-        self.storage_bytes = r.gauge("relayd_storage_bytes", "Content bytes held by all offline queues.")
-        self.storage_budget = r.gauge("relayd_storage_budget_bytes", "Content bytes the offline queues may hold "
-                                      "(0: no budget).")
+        self.storage_bytes = r.gauge("relayd_storage_bytes", "Bytes the storage budget counts: queued content, "
+                                     "stored read receipts and keys.")
+        self.storage_budget = r.gauge("relayd_storage_budget_bytes", "Bytes queued content, stored read receipts "
+                                      "and keys may take together (0: no budget).")
         self.storage_healthy = r.gauge("relayd_storage_healthy", "1 when storage accepts writes.")
+        self.pushes = r.counter("relayd_push_total", "Push notifications, by provider and outcome (sent, "
+                                "collapsed, gone, retry, failed, refused).", ("provider", "outcome"))
+        self.push_dropped = r.counter("relayd_push_dropped_total", "Pushes dropped because the outgoing push "
+                                      "queue was full (the oldest go).")
         register_process_metrics(r)
         self.frame_ok = self.frames.labels(outcome="ok")
         self.frame_error = self.frames.labels(outcome="error")

@@ -57,7 +57,7 @@ def size_text(n: int) -> str:
     return f"{n} bytes"
 
 
-def storage_line(config: Config, budget: int) -> str:
+def storage_line(config: Config, budget: int, budget_how: str = "") -> str:
     storage = config.storage
     if storage.backend == "sqlite":
         where = f"sqlite {os.path.abspath(storage.path)} (synchronous = {storage.synchronous})"
@@ -67,12 +67,17 @@ def storage_line(config: Config, budget: int) -> str:
         where = f"postgres {redacted_url(config.postgres.url) or '(from the PG* environment variables)'}"
     else:
         where = "memory (everything is lost on restart)"
-    limit = f"queued content may take {size_text(budget)}" if budget else "no budget for queued content"
+    limit = (f"queued content, receipts and keys may take {size_text(budget)}" if budget
+             else "no budget for queued content, receipts and keys")
+    if config.storage.max_bytes >= 0:
+        limit += " ([storage] max_bytes)"
+    elif budget_how:
+        limit += f" ([storage] max_bytes = -1: {budget_how})"
     return f"storage: {where}; {limit}"
 
 
 def startup_report(config: Config, sources: list[str], addresses: list[tuple[str, int]], *, crypto: str,
-                   budget: int) -> list[tuple[int, str]]:
+                   budget: int, budget_how: str = "") -> list[tuple[int, str]]:
     """The block's lines with their log levels, in order."""
     tls = bool(config.tls.certfile)
     urls = listen_urls(addresses, tls)
@@ -92,7 +97,7 @@ def startup_report(config: Config, sources: list[str], addresses: list[tuple[str
     if extras:
         lines.append((logging.INFO, "serving " + ", ".join(extras)))
     lines.append((logging.INFO, "configuration: " + "; ".join(sources or ["defaults"])))
-    lines.append((logging.INFO, storage_line(config, budget)))
+    lines.append((logging.INFO, storage_line(config, budget, budget_how)))
     lines.append((logging.INFO, f"auth: {AUTH_MODES[config.auth.mode]}; signature verification: {crypto}"))
     exposed = [host for host, _ in addresses if host in ALL_INTERFACES]
     if exposed and not tls and not config.server.trusted_proxies:

@@ -22,7 +22,8 @@ from ..errors import CLOSE_CODES, CloseCode, ErrorCode, RelayError
 from ..frames import decode, field_address, field_bool, message_id_of, utf8_len
 from ..identity.auth import SignIn
 from ..ops.metrics import RelayMetrics
-from .seams import NO_PEERS, MessagePath, Peers, Routes, SignInService
+from .push import PushFrames
+from .seams import NO_PEERS, NO_PUSH, MessagePath, Peers, PushRegistry, Routes, SignInService
 from ..ratelimit import Verdict
 from .session import Session
 from ..storage.store import QueuedMessage, StorageUnavailable, Store
@@ -39,10 +40,11 @@ class Router:
 
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics,
                  authenticator: SignInService, clock: Clock, *, delivery: MessagePath | None = None,
-                 peers: Peers = NO_PEERS, writes: AddressWrites | None = None) -> None:
+                 peers: Peers = NO_PEERS, writes: AddressWrites | None = None,
+                 push: PushRegistry = NO_PUSH) -> None:
         """``delivery``: the message path (``Delivery`` on this instance when None); ``peers``: the other
         instances sharing the store; ``writes``: the pending writes per address, shared with whatever else
-        writes for an address (a backlog read awaits them)."""
+        writes for an address (a backlog read awaits them); ``push``: push subscriptions."""
         self.routes = routes
         self.peers = peers
         self.metrics = metrics
@@ -53,6 +55,7 @@ class Router:
                                       else Delivery(config, routes, store, metrics, clock, writes))
         self.backlog = Backlog(config, routes, store, metrics, clock, writes, peers)
         self.delivery.on_stored = self.backlog.stored
+        self.push = PushFrames(config, push)
         self.max_preauth = 0
         self._handlers: dict[str, Handler] = {
             "auth": self._on_auth,
@@ -61,6 +64,8 @@ class Router:
             "read_receipt": self.delivery.read_receipt,
             "ping": self._on_ping,
             "ack": self.backlog.ack,
+            "push_subscribe": self.push.subscribe,
+            "push_unsubscribe": self.push.unsubscribe,
         }
         self.configure(config)
 
@@ -69,6 +74,7 @@ class Router:
         self.max_preauth = config.limits.max_preauth_frame_bytes
         self.delivery.configure(config)
         self.backlog.configure(config)
+        self.push.configure(config)
 
     # Events from the connection layer
 
@@ -210,6 +216,7 @@ class Router:
         session.ack = ack
         session.verified = result.proven
         self.routes.attach(session)
+        self.push.registry.signed_in(address)
         if result.proven:
             self.evict_unverified(address)
         if log.isEnabledFor(logging.DEBUG):

@@ -1,15 +1,23 @@
 """The key directory on PostgreSQL: published keys, their floors, ownership locks and bearer tokens.
 
-No cache: several instances may write the same database, so every lookup asks it.
+No cache: every lookup asks the database. Unsigned keys looked up are
+remembered in memory and written as a use by ``expire_keys``, so lookups
+never write. Every change of a key's size is reported to ``on_bytes`` (the
+store's budget counts keys).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-from ..store import KeyRecord
+from ..store import KEY_LOOKUPS_REMEMBERED, KEY_OVERHEAD_BYTES, KeyRecord
 from .link import PgLink
+
+EXPIRE_KEYS_CHUNK = 1000
+KEY_BYTES_SQL = f"(length(public_key) + COALESCE(length(signature), 0) + {KEY_OVERHEAD_BYTES})"
+LAST_USE_SQL = "GREATEST(updated_at, COALESCE(used_at, 0))"
 
 _RAISE_FLOOR = ("INSERT INTO key_floors AS f (address, issued_at) VALUES ($1, $2) ON CONFLICT (address) "
                 "DO UPDATE SET issued_at = GREATEST(f.issued_at, excluded.issued_at)")
@@ -25,8 +33,11 @@ def _record(row: Any) -> KeyRecord:
 class PgKeyDirectory:
     """The key, ownership and token part of the ``Store`` contract, run on ``link``."""
 
-    def __init__(self, link: PgLink) -> None:
+    def __init__(self, link: PgLink, on_bytes: Callable[[int], None]) -> None:
         self._link = link
+        self._on_bytes = on_bytes
+        self._looked_up: set[str] = set()
+        """Unsigned keys looked up since the last ``expire_keys``."""
 
     async def get_key(self, address: str) -> KeyRecord | None:
         return (await self.get_keys([address])).get(address)
@@ -39,28 +50,70 @@ class PgKeyDirectory:
         async def job(conn: Any) -> dict[str, KeyRecord]:
             rows = await conn.fetch(f"SELECT {_KEY_COLUMNS} FROM keys WHERE address = ANY($1::text[])", wanted)
             return {row["address"]: _record(row) for row in rows}
-        return await self._link.run(job, write=False)
+        found = await self._link.run(job, write=False)
+        for address, record in found.items():
+            if not record.signed and len(self._looked_up) < KEY_LOOKUPS_REMEMBERED:
+                self._looked_up.add(address)
+        return found
 
     async def put_key(self, record: KeyRecord) -> KeyRecord:
         """Store ``record``; an existing key keeps its original ``created_at``; a signed one raises the floor."""
-        async def job(conn: Any) -> int:
-            created_at = await conn.fetchval(
+        async def job(conn: Any) -> tuple[int, int]:
+            old = await conn.fetchval(f"SELECT {KEY_BYTES_SQL} FROM keys WHERE address = $1 FOR UPDATE",
+                                      record.address)
+            row = await conn.fetchrow(
                 f"INSERT INTO keys AS k ({_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
                 "ON CONFLICT (address) DO UPDATE SET public_key = excluded.public_key, updated_at = "
                 "excluded.updated_at, key_type = excluded.key_type, issued_at = excluded.issued_at, format = "
-                "excluded.format, signature = excluded.signature RETURNING k.created_at",
+                "excluded.format, signature = excluded.signature "
+                f"RETURNING created_at, {KEY_BYTES_SQL} AS size",
                 record.address, record.public_key, record.created_at, record.updated_at, record.key_type,
                 record.issued_at, record.format, record.signature)
             if record.signed and record.issued_at is not None:
                 await conn.execute(_RAISE_FLOOR, record.address, record.issued_at)
-            return int(created_at)
-        record.created_at = await self._link.run(job, write=True, transaction=True)
+            return int(row["created_at"]), int(row["size"]) - int(old or 0)
+        record.created_at, delta = await self._link.run(job, write=True, transaction=True)
+        self._on_bytes(delta)
         return record
 
     async def delete_key(self, address: str) -> bool:
-        async def job(conn: Any) -> bool:
-            return str(await conn.execute("DELETE FROM keys WHERE address = $1", address)) != "DELETE 0"
-        return await self._link.run(job, write=True)
+        return await self._delete(address, "")
+
+    async def drop_unsigned_key(self, address: str) -> bool:
+        return await self._delete(address, " AND signature IS NULL")
+
+    async def _delete(self, address: str, condition: str) -> bool:
+        async def job(conn: Any) -> int | None:
+            size = await conn.fetchval(f"DELETE FROM keys WHERE address = $1{condition} RETURNING {KEY_BYTES_SQL}",
+                                       address)
+            return None if size is None else int(size)
+        size = await self._link.run(job, write=True)
+        if size is not None:
+            self._on_bytes(-size)
+        return size is not None
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        looked_up, self._looked_up = list(self._looked_up), set()
+
+        async def mark(conn: Any) -> None:
+            await conn.execute("UPDATE keys SET used_at = $2 WHERE signature IS NULL AND address = ANY($1::text[])",
+                               looked_up, now_ms)
+
+        async def chunk(conn: Any) -> tuple[int, int]:
+            row = await conn.fetchrow(
+                f"WITH gone AS (DELETE FROM keys WHERE address IN (SELECT address FROM keys WHERE signature IS NULL "
+                f"AND {LAST_USE_SQL} < $1 LIMIT $2) RETURNING {KEY_BYTES_SQL} AS size) "
+                "SELECT count(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM gone", before_ms, EXPIRE_KEYS_CHUNK)
+            return int(row["n"]), int(row["bytes"])
+        if looked_up:
+            await self._link.run(mark, write=True)
+        removed = 0
+        while True:
+            gone, freed = await self._link.run(chunk, write=True)
+            self._on_bytes(-freed)
+            removed += gone
+            if gone < EXPIRE_KEYS_CHUNK:
+                return removed
 
     async def raise_key_floor(self, address: str, issued_at: int) -> None:
         """Raise the floor of ``address`` to at least ``issued_at`` (``relayd migrate`` copies floors)."""

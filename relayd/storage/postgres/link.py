@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ...config.schema import redacted_url
+from ...extras import install_hint
 from ..store import StorageOutcomeUnknown, StorageUnavailable, StoreOpenError
 from .owner import AnotherOwner, PgOwner
 from .schema import migrate
@@ -107,8 +108,8 @@ class PgLink:
         try:
             import asyncpg  # noqa: F401
         except ImportError:
-            raise StoreOpenError("the PostgreSQL backend needs the optional extra: pip install "
-                                 "'relayd[postgres]'") from None
+            raise StoreOpenError("the PostgreSQL backend needs the optional extra postgres: "
+                                 f"{install_hint('postgres')}") from None
         try:
             await self._connect()
         except StoreOpenError:

@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from ...frames import utf8_len
-from ..store import EnqueueResult, QueuedMessage, QueueLimits, Receipt, StorageUnavailable
+from ..store import RECEIPT_BYTES, EnqueueResult, QueuedMessage, QueueLimits, Receipt, StorageUnavailable
 
 log = logging.getLogger("relayd.storage")
 
@@ -171,6 +171,7 @@ async def expire_chunk(conn: Any, before_ms: int) -> tuple[tuple[int, int, int],
     gone = await conn.fetch("SELECT seq, recipient FROM receipts WHERE timestamp < $1 ORDER BY timestamp LIMIT $2",
                             before_ms, EXPIRE_CHUNK)
     await delete_receipts(conn, [(int(r["seq"]), r["recipient"]) for r in gone])
+    nbytes -= len(gone) * RECEIPT_BYTES
     forgotten = await conn.fetchval(
         "WITH gone AS (DELETE FROM delivered WHERE ctid IN (SELECT ctid FROM delivered WHERE queued_at < $1 "
         "ORDER BY queued_at LIMIT $2) RETURNING 1) SELECT count(*) FROM gone", before_ms, EXPIRE_CHUNK)

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ...config.schema import redacted_url
+from ...extras import install_hint
 from ..store import KeyRecord, QueuedMessage, Receipt, StoreOpenError
 from .link import describe
 from .queue import from_pg
@@ -27,7 +28,7 @@ class PgSnapshot:
         try:
             import asyncpg
         except ImportError:
-            raise StoreOpenError("reading PostgreSQL needs the optional extra: pip install 'relayd[postgres]'") \
+            raise StoreOpenError(f"reading PostgreSQL needs the optional extra postgres: {install_hint('postgres')}") \
                 from None
         try:
             conn = await asyncpg.connect(url, timeout=10)

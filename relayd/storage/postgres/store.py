@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .keys import PgKeyDirectory
+from .keys import KEY_BYTES_SQL, PgKeyDirectory
 from .link import PgLink
+from .push import PgPushTable
 from .queue import (
     EXPIRE_CHUNK,
     LOCK_QUEUES,
@@ -36,7 +37,7 @@ from .queue import (
     resync_numbering,
     shift_rows,
 )
-from ..store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt
+from ..store import RECEIPT_BYTES, EnqueueResult, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt
 
 log = logging.getLogger("relayd.storage")
 
@@ -51,7 +52,8 @@ class PostgresStore:
         self._link = PgLink(url, pool_min=pool_min, pool_size=pool_size, connect_timeout_s=connect_timeout_s,
                             command_timeout_s=command_timeout_s, probe_interval_s=probe_interval_s)
         self._link.on_recovery = self._totals_stale
-        self._keys = PgKeyDirectory(self._link)
+        self._keys = PgKeyDirectory(self._link, self._add_bytes)
+        self._push = PgPushTable(self._link)
         self._total = 0
         self._bytes = 0
         self._stale = False
@@ -83,10 +85,15 @@ class PostgresStore:
 
     async def _read_totals(self) -> None:
         async def job(conn: Any) -> tuple[int, int]:
-            row = await conn.fetchrow("SELECT COALESCE(SUM(count), 0) AS n, COALESCE(SUM(bytes), 0) AS b FROM queues")
-            return int(row["n"]), int(row["b"])
+            row = await conn.fetchrow(
+                "SELECT COALESCE(SUM(count), 0) AS n, COALESCE(SUM(bytes), 0) AS b, COALESCE(SUM(receipts), 0) AS r, "
+                f"(SELECT COALESCE(SUM({KEY_BYTES_SQL}), 0) FROM keys) AS k FROM queues")
+            return int(row["n"]), int(row["b"]) + int(row["r"]) * RECEIPT_BYTES + int(row["k"])
         self._total, self._bytes = await self._link.run(job, write=False)
         self._stale = False
+
+    def _add_bytes(self, nbytes: int) -> None:
+        self._bytes += nbytes
 
     def _apply(self, delta: Delta) -> None:
         self._total += delta[0]
@@ -197,7 +204,7 @@ class PostgresStore:
                 "(SELECT COALESCE(SUM(receipts), 0) FROM queues) AS receipts, (SELECT count(*) FROM keys) AS keys")
             return {name: int(row[name]) for name in ("recipients", "messages", "bytes", "receipts", "keys")}
         counts = await self._link.run(job, write=False)
-        self._total, self._bytes = counts["messages"], counts["bytes"]
+        await self._read_totals()
         return counts
 
     async def expire(self, before_ms: int) -> int:
@@ -216,8 +223,10 @@ class PostgresStore:
     async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
         if not receipts:
             return 0
-        return await self._link.run(lambda c: add_receipt_rows(c, receipts, max_per_recipient), write=True,
-                                    transaction=True)
+        dropped = await self._link.run(lambda c: add_receipt_rows(c, receipts, max_per_recipient), write=True,
+                                       transaction=True)
+        self._bytes += (len(receipts) - dropped) * RECEIPT_BYTES
+        return dropped
 
     async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
         async def job(conn: Any) -> list[Receipt]:
@@ -231,8 +240,10 @@ class PostgresStore:
         if not seqs:
             return 0
         wanted = list(dict.fromkeys(seqs))
-        return await self._link.run(lambda c: remove_receipt_rows(c, recipient, wanted), write=True,
-                                    transaction=True)
+        removed = await self._link.run(lambda c: remove_receipt_rows(c, recipient, wanted), write=True,
+                                       transaction=True)
+        self._bytes -= removed * RECEIPT_BYTES
+        return removed
 
     # Keys, ownership locks and tokens: the key directory's
 
@@ -247,6 +258,12 @@ class PostgresStore:
 
     async def delete_key(self, address: str) -> bool:
         return await self._keys.delete_key(address)
+
+    async def drop_unsigned_key(self, address: str) -> bool:
+        return await self._keys.drop_unsigned_key(address)
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        return await self._keys.expire_keys(before_ms, now_ms)
 
     async def key_floor(self, address: str) -> int | None:
         return await self._keys.key_floor(address)
@@ -268,3 +285,20 @@ class PostgresStore:
 
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:
         return await self._keys.token_address(token_hash, now_ms)
+
+    # Push subscriptions
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        return await self._push.put(sub, max_per_address)
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        return await self._push.of(address, now_ms)
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        return await self._push.delete(address, sub_id)
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        await self._push.extend(address, expires_at_ms)
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        return await self._push.expire(now_ms)

@@ -17,9 +17,11 @@ from . import scripts
 from .connection import Commands, RedisLink
 from .layout import Layout
 from .records import SlotTotals, chunks
+from ..store import RECEIPT_BYTES
 
 SLOT_BATCH = 500         # per-slot keys read in one pipeline
-STAT_FIELDS = ("recipients", "messages", "bytes", "receipts", "keys")
+STAT_FIELDS = ("recipients", "messages", "bytes", "receipts", "keys", "kbytes")
+"""Per-slot statistics; ``kbytes`` is what the slot's keys count in the storage budget (``store.key_bytes``)."""
 
 Pipe: TypeAlias = "Pipeline[str]"
 
@@ -31,6 +33,9 @@ class StoreCore:
         self.link = link
         self.layout = layout
         self.totals = SlotTotals()
+        self.other_bytes = 0
+        """What receipts and keys count in the storage budget: as of the last ``stats``, plus this instance's
+        writes since."""
         self._known_slots: set[int] = set()
         link.health.on_failure = self.forget_assumptions
 
@@ -85,5 +90,6 @@ class StoreCore:
             for slot, row in zip(part, await self.link.read(work)):
                 for name, value in zip(STAT_FIELDS, row):
                     sums[name] += int(value or 0)
-                self.totals.apply(slot, (row[1], row[2], row[5]), force=force)
+                self.totals.apply(slot, (row[1], row[2], row[len(STAT_FIELDS)]), force=force)
+        self.other_bytes = sums["receipts"] * RECEIPT_BYTES + sums.pop("kbytes")
         return sums

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .file import count_stats, describe_error, inspect
-from .keys import KeyDirectory
+from .keys import KEY_BYTES_SQL, KeyDirectory
 from .owner import OwnerLock
+from .push import PushTable
 from .queue import (
     EXPIRE_CHUNK,
     SeqCounter,
@@ -34,8 +35,10 @@ from .queue import (
 from .schema import migrate
 from .writer import NONE, Delta, SQLiteWriter
 from ..store import (
+    RECEIPT_BYTES,
     EnqueueResult,
     KeyRecord,
+    PushSubscription,
     QueuedMessage,
     QueueLimits,
     Receipt,
@@ -61,6 +64,7 @@ class SQLiteStore:
         self._owner = OwnerLock(Path(path))
         self._writer = SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path)
         self._keys = KeyDirectory(self._writer)
+        self._push = PushTable(self._writer)
         self._seqs = SeqCounter(0)  # set from the database on the writer thread when it opens
 
     @property
@@ -125,8 +129,11 @@ class SQLiteStore:
                 raise StoreOpenError(f"cannot switch {path} to WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             migrate(conn)
-            total, nbytes = conn.execute("SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) "
-                                         "FROM queues").fetchone()
+            total, nbytes, receipts = conn.execute(
+                "SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0), COALESCE(SUM(receipts), 0) "
+                "FROM queues").fetchone()
+            nbytes += receipts * RECEIPT_BYTES + conn.execute(
+                f"SELECT COALESCE(SUM({KEY_BYTES_SQL}), 0) FROM keys").fetchone()[0]
             self._seqs = SeqCounter(0)
             self._seqs.resync(conn)
         except StoreOpenError:
@@ -269,6 +276,12 @@ class SQLiteStore:
     async def delete_key(self, address: str) -> bool:
         return await self._keys.delete_key(address)
 
+    async def drop_unsigned_key(self, address: str) -> bool:
+        return await self._keys.drop_unsigned_key(address)
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        return await self._keys.expire_keys(before_ms, now_ms)
+
     async def key_floor(self, address: str) -> int | None:
         return await self._keys.key_floor(address)
 
@@ -289,3 +302,18 @@ class SQLiteStore:
 
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:
         return await self._keys.token_address(token_hash, now_ms)
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        return await self._push.put(sub, max_per_address)
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        return await self._push.of(address, now_ms)
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        return await self._push.delete(address, sub_id)
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        await self._push.extend(address, expires_at_ms)
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        return await self._push.expire(now_ms)

@@ -1,0 +1,69 @@
+"""Push subscriptions on PostgreSQL: the ``PushStore`` part of the contract, run on the store's link."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..store import PushSubscription
+from .link import PgLink
+
+EXPIRE_BATCH = 1000
+_COLUMNS = "id, address, provider, target, p256dh, auth, created_at, expires_at"
+
+
+def _sub(row: Any) -> PushSubscription:
+    return PushSubscription(row["id"], row["address"], row["provider"], row["target"], row["p256dh"], row["auth"],
+                            int(row["created_at"]), int(row["expires_at"]))
+
+
+class PgPushTable:
+    """The ``push_subscriptions`` table."""
+
+    def __init__(self, link: PgLink) -> None:
+        self._link = link
+
+    async def put(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        async def job(conn: Any) -> int:
+            created_at = await conn.fetchval(
+                f"INSERT INTO push_subscriptions AS p ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+                "ON CONFLICT (address, id) DO UPDATE SET provider = excluded.provider, target = excluded.target, "
+                "p256dh = excluded.p256dh, auth = excluded.auth, expires_at = excluded.expires_at "
+                "RETURNING p.created_at", sub.id, sub.address, sub.provider, sub.target, sub.p256dh, sub.auth,
+                sub.created_at, sub.expires_at)
+            await conn.execute("DELETE FROM push_subscriptions WHERE address = $1 AND id IN (SELECT id FROM "
+                               "push_subscriptions WHERE address = $1 ORDER BY created_at DESC, id DESC OFFSET $2)",
+                               sub.address, max_per_address)
+            await conn.execute("UPDATE push_subscriptions SET expires_at = $2 WHERE address = $1", sub.address,
+                               sub.expires_at)
+            return int(created_at)
+        created_at = await self._link.run(job, write=True, transaction=True)
+        return PushSubscription(sub.id, sub.address, sub.provider, sub.target, sub.p256dh, sub.auth, created_at,
+                                sub.expires_at)
+
+    async def of(self, address: str, now_ms: int) -> list[PushSubscription]:
+        async def job(conn: Any) -> list[PushSubscription]:
+            rows = await conn.fetch(f"SELECT {_COLUMNS} FROM push_subscriptions WHERE address = $1 AND expires_at > $2 "
+                                    "ORDER BY created_at, id", address, now_ms)
+            return [_sub(r) for r in rows]
+        return await self._link.run(job, write=False)
+
+    async def delete(self, address: str, sub_id: str) -> bool:
+        async def job(conn: Any) -> bool:
+            status = await conn.execute("DELETE FROM push_subscriptions WHERE address = $1 AND id = $2", address,
+                                        sub_id)
+            return str(status) != "DELETE 0"
+        return await self._link.run(job, write=True)
+
+    async def extend(self, address: str, expires_at_ms: int) -> None:
+        async def job(conn: Any) -> None:
+            await conn.execute("UPDATE push_subscriptions SET expires_at = $2 WHERE address = $1", address,
+                               expires_at_ms)
+        await self._link.run(job, write=True)
+
+    async def expire(self, now_ms: int) -> int:
+        async def job(conn: Any) -> int:
+            status = await conn.execute("DELETE FROM push_subscriptions WHERE (address, id) IN (SELECT address, id "
+                                        "FROM push_subscriptions WHERE expires_at <= $1 LIMIT $2)", now_ms,
+                                        EXPIRE_BATCH)
+            return int(str(status).rsplit(" ", 1)[-1])
+        return await self._link.run(job, write=True)
