@@ -347,3 +347,19 @@ def test_one_relayd_per_database_until_its_holder_dies(tmp_path, pg_database):
             replacement.stop()
     finally:
         first.stop()
+
+
+def test_totals_read_while_a_write_is_in_flight_are_not_taken():
+    """A write counted after its commit must not be counted twice by a read of the totals that saw the commit."""
+    from relayd.storage.postgres.totals import Totals
+    totals = Totals()
+    totals.begin()
+    assert totals.mark() is None  # a write is in flight: a read now would race it
+    totals.end(1, 100)
+    mark = totals.mark()
+    totals.begin()  # another write starts while the read runs (and may be in what it reads)
+    assert not totals.refresh(mark, 2, 200)
+    totals.end(1, 100)
+    assert (totals.messages, totals.bytes) == (2, 200)
+    mark = totals.mark()
+    assert totals.refresh(mark, 5, 500) and (totals.messages, totals.bytes) == (5, 500)

@@ -2,18 +2,19 @@
 
 No cache: every lookup asks the database. Unsigned keys looked up are
 remembered in memory and written as a use by ``expire_keys``, so lookups
-never write. Every change of a key's size is reported to ``on_bytes`` (the
-store's budget counts keys).
+never write. Every change of the keys' size goes into the store's ``Totals``
+(the budget counts keys).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable
 from typing import Any
 
 from ..store import KEY_LOOKUPS_REMEMBERED, KEY_OVERHEAD_BYTES, KeyRecord
 from .link import PgLink
+from .totals import Totals
 
 EXPIRE_KEYS_CHUNK = 1000
 KEY_BYTES_SQL = f"(length(public_key) + COALESCE(length(signature), 0) + {KEY_OVERHEAD_BYTES})"
@@ -33,9 +34,9 @@ def _record(row: Any) -> KeyRecord:
 class PgKeyDirectory:
     """The key, ownership and token part of the ``Store`` contract, run on ``link``."""
 
-    def __init__(self, link: PgLink, on_bytes: Callable[[int], None]) -> None:
+    def __init__(self, link: PgLink, totals: Totals) -> None:
         self._link = link
-        self._on_bytes = on_bytes
+        self._totals = totals
         self._looked_up: set[str] = set()
         """Unsigned keys looked up since the last ``expire_keys``."""
 
@@ -72,9 +73,18 @@ class PgKeyDirectory:
             if record.signed and record.issued_at is not None:
                 await conn.execute(_RAISE_FLOOR, record.address, record.issued_at)
             return int(row["created_at"]), int(row["size"]) - int(old or 0)
-        record.created_at, delta = await self._link.run(job, write=True, transaction=True)
-        self._on_bytes(delta)
+        record.created_at = await self._sized(self._link.run(job, write=True, transaction=True))
         return record
+
+    async def _sized(self, run: Awaitable[tuple[Any, int]]) -> Any:
+        """Await a key write returning (value, change of the keys' bytes); count the change once."""
+        self._totals.begin()
+        delta = 0
+        try:
+            value, delta = await run
+            return value
+        finally:
+            self._totals.end(0, delta)
 
     async def delete_key(self, address: str) -> bool:
         return await self._delete(address, "")
@@ -83,14 +93,11 @@ class PgKeyDirectory:
         return await self._delete(address, " AND signature IS NULL")
 
     async def _delete(self, address: str, condition: str) -> bool:
-        async def job(conn: Any) -> int | None:
+        async def job(conn: Any) -> tuple[bool, int]:
             size = await conn.fetchval(f"DELETE FROM keys WHERE address = $1{condition} RETURNING {KEY_BYTES_SQL}",
                                        address)
-            return None if size is None else int(size)
-        size = await self._link.run(job, write=True)
-        if size is not None:
-            self._on_bytes(-size)
-        return size is not None
+            return size is not None, -int(size or 0)
+        return bool(await self._sized(self._link.run(job, write=True)))
 
     async def expire_keys(self, before_ms: int, now_ms: int) -> int:
         looked_up, self._looked_up = list(self._looked_up), set()
@@ -99,18 +106,17 @@ class PgKeyDirectory:
             await conn.execute("UPDATE keys SET used_at = $2 WHERE signature IS NULL AND address = ANY($1::text[])",
                                looked_up, now_ms)
 
-        async def chunk(conn: Any) -> tuple[int, int]:
+        async def chunk(conn: Any) -> tuple[int, int]:  # (keys gone, change of bytes)
             row = await conn.fetchrow(
                 f"WITH gone AS (DELETE FROM keys WHERE address IN (SELECT address FROM keys WHERE signature IS NULL "
                 f"AND {LAST_USE_SQL} < $1 LIMIT $2) RETURNING {KEY_BYTES_SQL} AS size) "
                 "SELECT count(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM gone", before_ms, EXPIRE_KEYS_CHUNK)
-            return int(row["n"]), int(row["bytes"])
+            return int(row["n"]), -int(row["bytes"])
         if looked_up:
             await self._link.run(mark, write=True)
         removed = 0
         while True:
-            gone, freed = await self._link.run(chunk, write=True)
-            self._on_bytes(-freed)
+            gone = int(await self._sized(self._link.run(chunk, write=True)))
             removed += gone
             if gone < EXPIRE_KEYS_CHUNK:
                 return removed

@@ -13,11 +13,13 @@ others' writes until then.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from .keys import KEY_BYTES_SQL, PgKeyDirectory
 from .link import PgLink
 from .push import PgPushTable
+from .totals import Totals
 from .queue import (
     EXPIRE_CHUNK,
     LOCK_QUEUES,
@@ -40,6 +42,7 @@ from .queue import (
 from ..store import RECEIPT_BYTES, EnqueueResult, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt
 
 log = logging.getLogger("relayd.storage")
+T = TypeVar("T")
 
 
 class PostgresStore:
@@ -52,11 +55,9 @@ class PostgresStore:
         self._link = PgLink(url, pool_min=pool_min, pool_size=pool_size, connect_timeout_s=connect_timeout_s,
                             command_timeout_s=command_timeout_s, probe_interval_s=probe_interval_s)
         self._link.on_recovery = self._totals_stale
-        self._keys = PgKeyDirectory(self._link, self._add_bytes)
+        self._totals = Totals()
+        self._keys = PgKeyDirectory(self._link, self._totals)
         self._push = PgPushTable(self._link)
-        self._total = 0
-        self._bytes = 0
-        self._stale = False
 
     @property
     def link(self) -> PgLink:
@@ -75,13 +76,13 @@ class PostgresStore:
         if self._link.healthy:
             await self._read_totals()
         else:
-            self._stale = True
+            self._totals.stale = True
 
     async def close(self) -> None:
         await self._link.close()
 
     def _totals_stale(self) -> None:
-        self._stale = True
+        self._totals.stale = True
 
     async def _read_totals(self) -> None:
         async def job(conn: Any) -> tuple[int, int]:
@@ -89,15 +90,19 @@ class PostgresStore:
                 "SELECT COALESCE(SUM(count), 0) AS n, COALESCE(SUM(bytes), 0) AS b, COALESCE(SUM(receipts), 0) AS r, "
                 f"(SELECT COALESCE(SUM({KEY_BYTES_SQL}), 0) FROM keys) AS k FROM queues")
             return int(row["n"]), int(row["b"]) + int(row["r"]) * RECEIPT_BYTES + int(row["k"])
-        self._total, self._bytes = await self._link.run(job, write=False)
-        self._stale = False
+        mark = self._totals.mark()
+        messages, nbytes = await self._link.run(job, write=False)
+        self._totals.refresh(mark, messages, nbytes)
 
-    def _add_bytes(self, nbytes: int) -> None:
-        self._bytes += nbytes
-
-    def _apply(self, delta: Delta) -> None:
-        self._total += delta[0]
-        self._bytes += delta[1]
+    async def _tracked(self, run: Awaitable[tuple[T, Delta]]) -> T:
+        """Await a write that returns (value, delta) and count its delta once (see ``totals``)."""
+        self._totals.begin()
+        delta: Delta = (0, 0)
+        try:
+            value, delta = await run
+            return value
+        finally:
+            self._totals.end(*delta)
 
     # Messages
 
@@ -107,7 +112,7 @@ class PostgresStore:
     async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
         if not messages:
             return []
-        if self._stale:
+        if self._totals.stale:
             await self._read_totals()
 
         recipients = sorted({m.recipient for m in messages})
@@ -117,18 +122,17 @@ class PostgresStore:
                 await conn.execute(LOCK_QUEUES, recipients)
             out, added, added_bytes = [], 0, 0
             for msg in messages:
-                outcome, (n, nbytes) = await enqueue_row(conn, msg, limits, self._bytes + added_bytes)
+                outcome, (n, nbytes) = await enqueue_row(conn, msg, limits, self._totals.bytes + added_bytes)
                 out.append(outcome)
                 added, added_bytes = added + n, added_bytes + nbytes
             return out, (added, added_bytes)
         try:
-            results, delta = await self._link.run(job, write=True, transaction=len(messages) > 1)
+            results = await self._tracked(self._link.run(job, write=True, transaction=len(messages) > 1))
         except NumberingCollision:
             last = await self._link.run(resync_numbering, write=True)
             log.error("a message seq was already taken: something else numbered messages in this database; the "
                       "write failed and new messages now start after seq %d", last)
             raise
-        self._apply(delta)
         for msg, (result, seq) in zip(messages, results):
             if result is EnqueueResult.QUEUED or result is EnqueueResult.DUPLICATE:
                 msg.seq = seq
@@ -137,9 +141,7 @@ class PostgresStore:
     async def restore(self, messages: list[QueuedMessage]) -> int:
         if not messages:
             return 0
-        restored, delta = await self._link.run(lambda c: restore_rows(c, messages), write=True, transaction=True)
-        self._apply(delta)
-        return restored
+        return await self._tracked(self._link.run(lambda c: restore_rows(c, messages), write=True, transaction=True))
 
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
         if messages:
@@ -175,10 +177,8 @@ class PostgresStore:
         return await self._delete(recipient, "$2::int IS NULL", None, delivered=False)
 
     async def _delete(self, recipient: str, where: str, values: Any, *, delivered: bool) -> int:
-        removed, delta = await self._link.run(
-            lambda c: delete_messages(c, recipient, where, values, delivered=delivered), write=True, transaction=True)
-        self._apply(delta)
-        return removed
+        return await self._tracked(self._link.run(
+            lambda c: delete_messages(c, recipient, where, values, delivered=delivered), write=True, transaction=True))
 
     async def size(self, recipient: str) -> int:
         return (await self.backlog_size(recipient))[0]
@@ -190,10 +190,10 @@ class PostgresStore:
         return await self._link.run(job, write=False)
 
     def total(self) -> int:
-        return self._total
+        return self._totals.messages
 
     def stored_bytes(self) -> int:
-        return self._bytes
+        return self._totals.bytes
 
     async def stats(self) -> dict[str, int]:
         async def job(conn: Any) -> dict[str, int]:
@@ -211,8 +211,8 @@ class PostgresStore:
         """Delete old messages, receipts, delivered records and tokens a chunk per transaction."""
         removed = 0
         while True:
-            counts, delta = await self._link.run(lambda c: expire_chunk(c, before_ms), write=True, transaction=True)
-            self._apply(delta)
+            counts = await self._tracked(self._link.run(lambda c: expire_chunk(c, before_ms), write=True,
+                                                        transaction=True))
             removed += counts[0]
             if max(counts) < EXPIRE_CHUNK:
                 return removed
@@ -223,10 +223,10 @@ class PostgresStore:
     async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
         if not receipts:
             return 0
-        dropped = await self._link.run(lambda c: add_receipt_rows(c, receipts, max_per_recipient), write=True,
-                                       transaction=True)
-        self._bytes += (len(receipts) - dropped) * RECEIPT_BYTES
-        return dropped
+        async def job(conn: Any) -> tuple[int, Delta]:
+            dropped = await add_receipt_rows(conn, receipts, max_per_recipient)
+            return dropped, (0, (len(receipts) - dropped) * RECEIPT_BYTES)
+        return await self._tracked(self._link.run(job, write=True, transaction=True))
 
     async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
         async def job(conn: Any) -> list[Receipt]:
@@ -240,10 +240,10 @@ class PostgresStore:
         if not seqs:
             return 0
         wanted = list(dict.fromkeys(seqs))
-        removed = await self._link.run(lambda c: remove_receipt_rows(c, recipient, wanted), write=True,
-                                       transaction=True)
-        self._bytes -= removed * RECEIPT_BYTES
-        return removed
+        async def job(conn: Any) -> tuple[int, Delta]:
+            removed = await remove_receipt_rows(conn, recipient, wanted)
+            return removed, (0, -removed * RECEIPT_BYTES)
+        return await self._tracked(self._link.run(job, write=True, transaction=True))
 
     # Keys, ownership locks and tokens: the key directory's
 
