@@ -77,6 +77,29 @@ async def enqueue_row(conn: Any, msg: QueuedMessage, limits: QueueLimits,
     return (result, int(row["o_seq"])), (int(row["o_added"]), int(row["o_added_bytes"]))
 
 
+ENQUEUE_MANY = ("SELECT o_result, o_seq, o_added, o_added_bytes FROM relayd_enqueue_many($1::text[], $2::text[], "
+                "$3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[], $8, $9, $10, $11, $12)")
+
+
+async def enqueue_rows(conn: Any, messages: list[QueuedMessage], limits: QueueLimits,
+                       stored_total: int) -> tuple[list[tuple[EnqueueResult, int]], Delta]:
+    """``enqueue_row`` for each message, in order, in one call of ``relayd_enqueue_many`` (one round trip; a
+    single statement, so all or nothing)."""
+    import asyncpg
+    try:
+        rows = await conn.fetch(ENQUEUE_MANY, [m.recipient for m in messages], [m.sender for m in messages],
+                                [to_pg(m.message_id) for m in messages], [m.timestamp for m in messages],
+                                [m.queued_at for m in messages], [to_pg(m.content) for m in messages],
+                                [utf8_len(m.content) for m in messages], limits.max_messages, limits.max_bytes,
+                                limits.drop_oldest, limits.max_total_bytes, stored_total)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != "messages_pkey":
+            raise
+        raise NumberingCollision("message numbering collided with a stored message; nothing was written") from exc
+    return ([(_RESULTS[r["o_result"]], int(r["o_seq"])) for r in rows],
+            (sum(int(r["o_added"]) for r in rows), sum(int(r["o_added_bytes"]) for r in rows)))
+
+
 class NumberingCollision(StorageUnavailable):
     """A message seq was already taken: something else numbered messages in this database; nothing was written."""
 

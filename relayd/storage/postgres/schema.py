@@ -6,7 +6,7 @@ Several instances starting together take the same advisory lock, so one
 migrates and the others find the work done.
 
 An enqueue is one call of ``relayd_enqueue`` (one round trip, committed on
-return). It first locks the recipient's row in ``queues``, so the enqueues of
+return), a batch one call of ``relayd_enqueue_many``. It first locks the recipient's row in ``queues``, so the enqueues of
 one recipient are serialised: seqs are taken and committed in the same order,
 and a reader paging by seq never skips a message that commits late. The
 duplicate, delivered, budget and cap checks then run under that lock, as the
@@ -73,6 +73,31 @@ BEGIN
     END IF;
     UPDATE queues SET count = count + o_added, bytes = bytes + o_added_bytes WHERE recipient = p_recipient;
     o_result := 'queued';
+END
+$fn$"""
+
+_ENQUEUE_MANY = r"""
+CREATE FUNCTION relayd_enqueue_many(p_recipients text[], p_senders text[], p_message_ids text[], p_timestamps bigint[],
+    p_queued_ats bigint[], p_contents text[], p_sizes bigint[], p_max_messages bigint, p_max_bytes bigint,
+    p_drop_oldest boolean, p_max_total bigint, p_stored_total bigint)
+RETURNS TABLE (o_result text, o_seq bigint, o_added bigint, o_added_bytes bigint)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    one record;
+    stored_total bigint := p_stored_total;
+BEGIN
+    -- every writer locks several queues in address order, so two batches never wait on each other in a cycle
+    INSERT INTO queues AS q (recipient, count, bytes, receipts)
+        SELECT DISTINCT r, 0, 0, 0 FROM unnest(p_recipients) AS u(r) ORDER BY 1
+        ON CONFLICT (recipient) DO UPDATE SET count = q.count;
+    FOR i IN 1 .. coalesce(array_length(p_recipients, 1), 0) LOOP
+        SELECT * INTO one FROM relayd_enqueue(p_recipients[i], p_senders[i], p_message_ids[i], p_timestamps[i],
+            p_queued_ats[i], p_contents[i], p_sizes[i], p_max_messages, p_max_bytes, p_drop_oldest, p_max_total,
+            stored_total);
+        stored_total := stored_total + one.o_added_bytes;
+        o_result := one.o_result; o_seq := one.o_seq; o_added := one.o_added; o_added_bytes := one.o_added_bytes;
+        RETURN NEXT;
+    END LOOP;
 END
 $fn$"""
 
@@ -144,6 +169,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             pid INTEGER NOT NULL,
             since BIGINT NOT NULL)""",
         _ENQUEUE,
+        _ENQUEUE_MANY,
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

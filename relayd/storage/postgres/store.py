@@ -1,13 +1,11 @@
-"""The PostgreSQL backend: the whole ``Store`` contract on one database, shared safely by several relayd instances.
+"""The PostgreSQL backend: the whole ``Store`` contract on one database (one relayd per database for now, ``owner``).
 
 Each operation is a job on the link's pool (``link``); an awaited write has
 committed. An enqueue is one call of the ``relayd_enqueue`` function (one
-round trip, see ``schema``); a batch runs in one transaction (none of it is
-stored when it fails). The queue's SQL is in ``queue``, keys, locks and
-tokens in ``keys``. ``total()`` and ``stored_bytes()`` are this instance's
-view, kept from the changes it makes and read again from the database at
-open, after an outage and by ``stats``; with several instances they lag the
-others' writes until then.
+round trip, see ``schema``), a batch one call of ``relayd_enqueue_many`` (one
+statement: none of it is stored when it fails). The queue's SQL is in
+``queue``, keys, locks and tokens in ``keys``, push subscriptions in
+``push``. ``total()`` and ``stored_bytes()`` are kept in ``totals``.
 """
 
 from __future__ import annotations
@@ -22,13 +20,13 @@ from .push import PgPushTable
 from .totals import Totals
 from .queue import (
     EXPIRE_CHUNK,
-    LOCK_QUEUES,
     MESSAGE_COLUMNS,
     Delta,
     NumberingCollision,
     add_receipt_rows,
     delete_messages,
     enqueue_row,
+    enqueue_rows,
     from_pg,
     to_pg,
     expire_chunk,
@@ -115,19 +113,13 @@ class PostgresStore:
         if self._totals.stale:
             await self._read_totals()
 
-        recipients = sorted({m.recipient for m in messages})
-
         async def job(conn: Any) -> tuple[list[tuple[EnqueueResult, int]], Delta]:
-            if len(recipients) > 1:  # every writer locks queues in address order: no deadlock between batches
-                await conn.execute(LOCK_QUEUES, recipients)
-            out, added, added_bytes = [], 0, 0
-            for msg in messages:
-                outcome, (n, nbytes) = await enqueue_row(conn, msg, limits, self._totals.bytes + added_bytes)
-                out.append(outcome)
-                added, added_bytes = added + n, added_bytes + nbytes
-            return out, (added, added_bytes)
+            if len(messages) == 1:
+                outcome, delta = await enqueue_row(conn, messages[0], limits, self._totals.bytes)
+                return [outcome], delta
+            return await enqueue_rows(conn, messages, limits, self._totals.bytes)
         try:
-            results = await self._tracked(self._link.run(job, write=True, transaction=len(messages) > 1))
+            results = await self._tracked(self._link.run(job, write=True))
         except NumberingCollision:
             last = await self._link.run(resync_numbering, write=True)
             log.error("a message seq was already taken: something else numbered messages in this database; the "
