@@ -859,8 +859,8 @@ def _s10_queued(ctx: Any, rep: Report, p: dict[str, Any], pg: Any, redis: RedisP
     sec.rounds_row("database server CPU us / queued message", rounds, "db_cpu_us",
                    note="PostgreSQL: the postmaster and its backends; Redis: redis-server; SQLite: in relayd")
     load_rows(sec, rounds, "load")
-    sec.note("PostgreSQL with fsync on and synchronous_commit on (each enqueue one committed call of "
-             "relayd_enqueue); SQLite with synchronous = normal and group commit; Redis without persistence. "
+    sec.note("PostgreSQL with fsync on and synchronous_commit on (each batch of messages one committed call of "
+             "relayd_enqueue_many); SQLite with synchronous = normal and group commit; Redis without persistence. "
              "Cross-instance routing on PostgreSQL alone is not built yet, so there is no cross-instance figure")
     discarded_note(sec, rounds)
 
