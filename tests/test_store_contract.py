@@ -296,6 +296,25 @@ def test_sender_spelling_is_kept_but_idempotency_ignores_it(store_backend):
     store_backend(body)
 
 
+def test_any_text_a_client_may_send_is_stored_exactly(store_backend):
+    """JSON text may hold NUL and noncharacters (PostgreSQL's text type holds no NUL): content and messageIds
+    round-trip exactly, stay idempotent, are acked and counted by their UTF-8 size."""
+    odd = ["nul\x00inside", "\uffff0", "\uffff\uffff\x00", "\x00", "é\x00\U0001f600"]
+
+    async def body(store: Store) -> None:
+        sent = await enqueue_all(store, *(msg("bob", f"id{i}\x00{t}", t) for i, t in enumerate(odd)))
+        assert await store.pending("bob", 10) == sent
+        assert await store.enqueue(msg("bob", f"id0\x00{odd[0]}", "x"), ROOMY) is DUPLICATE
+        assert (await store.stats())["bytes"] == sum(len(t.encode()) for t in odd)
+        await store.add_receipts([Receipt("alice", "bob", "r\x00\uffff", 7)], 10)
+        assert [r.message_id for r in await store.receipts("alice", 10)] == ["r\x00\uffff"]
+        assert await store.ack("bob", [f"id1\x00{odd[1]}"]) == 1
+        assert await store.enqueue(msg("bob", f"id1\x00{odd[1]}"), ROOMY) is DELIVERED
+        assert await store.remove("bob", [sent[2].seq]) == 1
+        assert await ids(store, "bob") == [f"id{i}\x00{odd[i]}" for i in (0, 3, 4)]
+    store_backend(body)
+
+
 def test_storage_budget_refuses_past_max_total_bytes(store_backend):
     async def body(store: Store) -> None:
         limits = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False, max_total_bytes=10)
@@ -502,13 +521,17 @@ def test_shift_times_moves_delivered_records_too(store_backend):
 # A numbering collision is an error, never a duplicate
 
 
-def next_seq_is(store: Any, kind: str, seq: int) -> None:
+async def next_seq_is(store: Any, kind: str, seq: int) -> None:
     """Make the store number its next message ``seq`` (test-only access), as if something else had numbered
     messages behind its back."""
     if kind == "memory":
         store._last_seq = seq - 1
     elif kind == "sqlite":
         store._seqs.last = seq - 1
+    elif kind == "postgres":
+        async def rewind(conn: Any) -> None:
+            await conn.execute("SELECT setval('message_seq', $1, false)", seq)
+        await store.link.run(rewind, write=True)
     else:
         raise NotImplementedError(f"{kind}: set the recipient's message seq counter back")
 
@@ -520,7 +543,7 @@ def test_a_numbering_collision_is_an_error_never_a_duplicate(store_backend):
 
     async def body(store: Store) -> None:
         first, second = await enqueue_all(store, msg("bob", "m1", "one"), msg("bob", "m2", "two"))
-        next_seq_is(store, store_backend.kind, first.seq)
+        await next_seq_is(store, store_backend.kind, first.seq)
         with pytest.raises(StorageUnavailable):
             await store.enqueue(msg("bob", "m3", "three"), ROOMY)
         assert await store.pending("bob", 10) == [first, second], "nothing was overwritten"

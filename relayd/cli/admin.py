@@ -205,7 +205,69 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    """``relayd migrate --from sqlite:PATH --to redis://...``: exit 0 done, 1 failed, 2 bad usage."""
+    """``relayd migrate --from SOURCE --to DEST``: exit 0 done, 1 failed, 2 bad usage.
+
+    SOURCE is ``sqlite:PATH`` or a ``postgresql://`` URL; DEST a ``redis://``/``rediss://`` URL (copied with
+    Redis's own ledger), a ``postgresql://`` URL or ``sqlite:PATH`` (copied through the store contract).
+    """
+    from ..storage.snapshot import open_snapshot, parse_source
+    try:
+        parse_source(args.source)
+    except ValueError as exc:
+        raise UsageError(f"relayd migrate: {exc}") from None
+    if args.dest == args.source:
+        raise UsageError("relayd migrate: --from and --to name the same database")
+    if args.dest.startswith(("postgresql://", "postgres://", "sqlite:")):
+        return _migrate_into_store(args, open_snapshot)
+    return _migrate_into_redis(args, open_snapshot)
+
+
+def _print_counts(run: Callable[[], Any]) -> int:
+    from ..storage.store import StorageUnavailable
+    try:
+        counts = asyncio.run(run())
+    except (StoreOpenError, StorageUnavailable, OSError, sqlite3.Error) as exc:
+        print(f"relayd migrate: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(counts, indent=2))
+    return EXIT_OK
+
+
+def _cutoff_ms(config: Config) -> int:
+    return int(time.time() * 1000 - config.queue.message_retention_hours * 3_600_000)
+
+
+def _migrate_into_store(args: argparse.Namespace, open_snapshot: Callable[[str], Any]) -> int:
+    from ..storage.copy import MigrationTarget, copy_into
+    from ..storage.store import StorageUnavailable
+    if args.dest.startswith("sqlite:"):
+        path = args.dest.partition(":")[2]
+        if not path:
+            raise UsageError("relayd migrate: --to sqlite:PATH needs a path")
+        overrides = [("storage", "backend", "sqlite"), ("storage", "path", path)]
+    else:
+        overrides = [("storage", "backend", "postgres"), ("postgres", "url", args.dest)]
+    config = load_config_with_sources(args.config, overrides=[*overrides_from(args), *overrides])[0]
+    store = make_store(config)
+
+    async def run() -> dict[str, int]:
+        snapshot = await open_snapshot(args.source)
+        try:
+            await store.open()
+            try:
+                if not store.healthy:
+                    raise StorageUnavailable(store.problem or "the destination is unavailable")
+                target: MigrationTarget = store  # type: ignore[assignment]  # SQLiteStore or PostgresStore
+                return await copy_into(snapshot, target, cutoff_ms=_cutoff_ms(config),
+                                       max_tokens_per_address=MAX_TOKENS_PER_ADDRESS)
+            finally:
+                await store.close()
+        finally:
+            await snapshot.close()
+    return _print_counts(run)
+
+
+def _migrate_into_redis(args: argparse.Namespace, open_snapshot: Callable[[str], Any]) -> int:
     from ..storage.store import StorageUnavailable
     config = load_config_with_sources(args.config, overrides=[*overrides_from(args), ("redis", "url", args.dest)])[0]
     try:
@@ -214,13 +276,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if (exc.name or "").partition(".")[0] != "redis":
             raise
         raise UsageError(f"relayd migrate: {MISSING_REDIS_EXTRA}") from None
-    try:
-        path = migration.sqlite_source(args.source)
-    except ValueError as exc:
-        raise UsageError(f"relayd migrate: {exc}") from None
 
     async def run() -> dict[str, int]:
-        source = migration.open_source(path)
+        source = await open_snapshot(args.source)
         from ..storage.redis.store import RedisStore
         store = make_redis_store(config)
         assert isinstance(store, RedisStore)
@@ -229,17 +287,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if not store.healthy:
                 raise StorageUnavailable(store.problem or "Redis is unavailable")
             retention = config.queue.message_retention_hours
-            cutoff = int(time.time() * 1000 - retention * 3_600_000)
-            return await migration.migrate(source, store, cutoff_ms=cutoff,
+            return await migration.migrate(source, store, cutoff_ms=_cutoff_ms(config),
                                            ledger_ttl=migration.ledger_ttl_ms(retention),
                                            max_tokens_per_address=MAX_TOKENS_PER_ADDRESS)
         finally:
-            source.close()
+            await source.close()
             await store.close()
-    try:
-        counts = asyncio.run(run())
-    except (StoreOpenError, StorageUnavailable, OSError, sqlite3.Error) as exc:
-        print(f"relayd migrate: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(json.dumps(counts, indent=2))
-    return EXIT_OK
+    return _print_counts(run)

@@ -49,7 +49,7 @@ def _config_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
     parser.add_argument("--host", default=default, help="override [server] host")
     parser.add_argument("--port", default=default, help="override [server] port")
     parser.add_argument("--log-level", default=default, help="override [log] level")
-    parser.add_argument("--storage", default=default, help="override [storage] backend (sqlite, redis or memory)")
+    parser.add_argument("--storage", default=default, help="override [storage] backend (sqlite, redis, postgres or memory)")
     parser.add_argument("--db", metavar="FILE", default=default, help="override [storage] path")
     parser.add_argument("--set", action="append", default=argparse.SUPPRESS if inherit else [],
                         metavar="SECTION.KEY=VALUE", help="override any key; may repeat")
@@ -157,13 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     push_test.add_argument("--subscription", metavar="JSON|FILE", required=True,
                            help="a Web Push PushSubscription JSON, or {\"provider\": \"fcm\"|\"apns\", "
                                 "\"token\": ...}, inline or in a file")
-    migrate = sub.add_parser("migrate", parents=[inherited], help="copy a SQLite relay's data into Redis",
-                             description="Copy a SQLite relay's queues (in order, with their queuedAt), stored "
-                                         "receipts, keys and ownership locks into Redis ([redis] key_prefix and "
-                                         "cluster apply). Safe to re-run: nothing is copied twice.")
-    migrate.add_argument("--from", dest="source", metavar="sqlite:PATH", required=True,
-                         help="the SQLite database to copy (read-only)")
-    migrate.add_argument("--to", dest="dest", metavar="URL", required=True, help="redis:// or rediss:// URL")
+    migrate = sub.add_parser("migrate", parents=[inherited], help="copy a relay's data into another backend",
+                             description="Copy a relay's queues (in order, with their queuedAt), stored "
+                                         "receipts, keys, ownership locks, key floors and tokens from SQLite or "
+                                         "PostgreSQL into Redis ([redis] key_prefix and cluster apply), PostgreSQL "
+                                         "or SQLite. Safe to re-run: nothing is copied twice.")
+    migrate.add_argument("--from", dest="source", metavar="SOURCE", required=True,
+                         help="sqlite:PATH or a postgresql:// URL (read without disturbing its relay)")
+    migrate.add_argument("--to", dest="dest", metavar="DEST", required=True,
+                         help="a redis:// or rediss:// URL, a postgresql:// URL, or sqlite:PATH")
 
     send = sub.add_parser("send", help="send one message and print the relay's answer",
                           description="Sign in as --from, send TEXT to --to and print the answer frame "

@@ -94,6 +94,7 @@ def _validate(config: Config) -> None:
         if path and not os.path.isfile(path):
             raise ConfigError(f"[tls] {key}: no such file {path!r}")
     _validate_redis(config)
+    _validate_postgres(config)
     _validate_push(config)
     if config.metrics.listen:
         host, sep, port = config.metrics.listen.rpartition(":")
@@ -131,6 +132,17 @@ COMMAND_LINE_SOURCE = "command line"
 Sources = dict[str, dict[str, str]]
 """``sources[section][key]``: where that key's value came from: ``"default"``, the INI file path
 as given, ``"environment NAME"`` or ``"command line"``."""
+
+
+def _validate_postgres(config: Config) -> None:
+    """The URL's scheme (empty: libpq's PG* variables), without echoing it (it may hold a password)."""
+    url = config.postgres.url
+    scheme, sep, _ = url.partition("://")
+    if url and (not sep or scheme.lower() not in ("postgresql", "postgres")):
+        raise ConfigError("[postgres] url must start with postgresql:// (or be empty: libpq's PG* variables)")
+    if config.postgres.pool_min > config.postgres.pool_size:
+        raise ConfigError(f"[postgres] pool_min ({config.postgres.pool_min}) must not exceed pool_size "
+                          f"({config.postgres.pool_size})")
 
 
 MISSING_PUSH_EXTRA = f"push notifications need the optional extra push: {install_hint('push')}"

@@ -17,18 +17,21 @@ REDACTED = "***"
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (and nothing else) replaced by ``***``; unparseable URLs are hidden whole."""
+    """``url`` with its password (in the user part, or a libpq ``password=`` parameter) and nothing else replaced
+    by ``***``; unparseable URLs are hidden whole."""
     try:
         parts = urllib.parse.urlsplit(url)
         password = parts.password
     except ValueError:
         return REDACTED
+    query = "&".join(f"password={REDACTED}" if pair.lower().startswith("password=") else pair
+                     for pair in parts.query.split("&")) if parts.query else ""
     if password is None and "@" not in parts.netloc:
-        return url
+        return urllib.parse.urlunsplit(parts._replace(query=query))
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user = userinfo.partition(":")[0]
     hidden = f"{user}:{REDACTED}" if password is not None else user
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{hidden}@{hostport}"))
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{hidden}@{hostport}", query=query))
 
 
 def is_secret(section: str, key: str) -> bool:

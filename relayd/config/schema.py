@@ -170,9 +170,10 @@ class QueueSection:
 @dataclass(frozen=True)
 class StorageSection:
     backend: str = opt("sqlite", "sqlite (durable, default), redis (shared by several relayd instances; "
-                                 "needs the optional extra redis, pip install '.[redis]' from a checkout, and [redis] url) "
-                                 "or memory (lost on restart).",
-                       choices=("sqlite", "memory", "redis"))
+                                 "needs the optional extra redis, pip install '.[redis]' from a checkout, and [redis] url), "
+                                 "postgres (durable, on a PostgreSQL server; needs the optional extra postgres and "
+                                 "[postgres] url) or memory (lost on restart).",
+                       choices=("sqlite", "memory", "redis", "postgres"))
     path: str = opt("./relayd-data/relayd.db", "SQLite database file.")
     synchronous: str = opt("normal", "normal survives a process crash; full also survives power loss.",
                            choices=("normal", "full"))
@@ -208,6 +209,23 @@ class RedisSection:
                                min=1, max=60_000)
     socket_timeout_s: float = opt(2.0, "Longest wait for a Redis connection or answer; past it the operation "
                                        "is storage_unavailable, never a hang.", min=0.05, max=60)
+
+
+@dataclass(frozen=True)
+class PostgresSection:
+    url: str = opt("postgresql://relayd@localhost:5432/relayd",
+                   "PostgreSQL database for backend = postgres: postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE "
+                   "(a libpq URL; ?sslmode=... and the other libpq parameters work). Empty: libpq's PG* "
+                   "environment variables say everything. A password left out comes from PGPASSWORD or "
+                   "~/.pgpass (PGPASSFILE). Give relayd a database of its own.", secret=True)
+    pool_size: int = opt(10, "Most connections this instance opens to PostgreSQL; operations past it wait up to "
+                             "connect_timeout_s for one.", min=1, max=1000)
+    pool_min: int = opt(1, "Connections kept open while idle.", min=0, max=1000)
+    connect_timeout_s: float = opt(5.0, "Longest wait for a connection (a new one, or a free one from the pool); "
+                                        "past it the operation is storage_unavailable.", min=0.1, max=300)
+    command_timeout_s: float = opt(5.0, "Longest wait for PostgreSQL to answer one statement; past it a write is "
+                                        "storage_timeout (it may have been applied), never a hang.",
+                                   min=0.1, max=300)
 
 
 @dataclass(frozen=True)
@@ -335,6 +353,7 @@ SECTIONS: dict[str, type] = {
     "queue": QueueSection,
     "storage": StorageSection,
     "redis": RedisSection,
+    "postgres": PostgresSection,
     "cluster": ClusterSection,
     "auth": AuthSection,
     "privacy": PrivacySection,
@@ -353,6 +372,7 @@ class Config:
     queue: QueueSection = field(default_factory=QueueSection)
     storage: StorageSection = field(default_factory=StorageSection)
     redis: RedisSection = field(default_factory=RedisSection)
+    postgres: PostgresSection = field(default_factory=PostgresSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     auth: AuthSection = field(default_factory=AuthSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)

@@ -17,6 +17,7 @@ import websockets
 
 from .. import __version__
 from ..config import Config
+from ..config.redact import redact_url
 
 ALL_INTERFACES = ("0.0.0.0", "::", "")
 
@@ -62,6 +63,8 @@ def storage_line(config: Config, budget: int, budget_how: str = "") -> str:
         where = f"sqlite {os.path.abspath(storage.path)} (synchronous = {storage.synchronous})"
     elif storage.backend == "redis":
         where = f"redis {redis_location(config.redis.url)}"
+    elif storage.backend == "postgres":
+        where = f"postgres {redact_url(config.postgres.url) or '(from the PG* environment variables)'}"
     else:
         where = "memory (everything is lost on restart)"
     limit = (f"queued content, receipts, keys and push subscriptions may take {size_text(budget)}" if budget

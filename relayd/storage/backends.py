@@ -23,6 +23,7 @@ class DiskUsage(Protocol):
 
 
 MISSING_REDIS_EXTRA = f"the Redis backend needs the optional extra redis: {install_hint('redis')}"
+MISSING_POSTGRES_EXTRA = f"the PostgreSQL backend needs the optional extra postgres: {install_hint('postgres')}"
 
 
 def make_store(config: Config) -> Store:
@@ -32,6 +33,8 @@ def make_store(config: Config) -> Store:
         return MemoryStore()
     if config.storage.backend == "redis":
         return make_redis_store(config)
+    if config.storage.backend == "postgres":
+        return make_postgres_store(config)
     from .sqlite.store import SQLiteStore
     return SQLiteStore(config.storage.path, synchronous=config.storage.synchronous,
                        commit_interval_ms=config.storage.commit_interval_ms)
@@ -49,6 +52,18 @@ def make_redis_store(config: Config) -> Store:
                       node_id=config.cluster.resolved_node_id(config.server.port),
                       socket_timeout_s=r.socket_timeout_s, min_replicas=r.min_replicas,
                       wait_timeout_ms=r.wait_timeout_ms)
+
+
+def make_postgres_store(config: Config) -> Store:
+    """The PostgreSQL store; raises ConfigError when the optional extra (asyncpg) is missing."""
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"[storage] backend = postgres: {MISSING_POSTGRES_EXTRA}") from None
+    from .postgres import PostgresStore
+    p = config.postgres
+    return PostgresStore(p.url, pool_min=p.pool_min, pool_size=p.pool_size, connect_timeout_s=p.connect_timeout_s,
+                         command_timeout_s=p.command_timeout_s)
 
 
 SIZE_SHARE = 2
@@ -88,6 +103,8 @@ def automatic_budget(config: Config, store: Store,
             return Budget(budget, f"1/{REDIS_MAXMEMORY_SHARE} of Redis maxmemory {size_text(maxmemory)}")
         why = "Redis has no maxmemory" if maxmemory == 0 else "Redis maxmemory could not be read"
         return Budget(REDIS_DEFAULT_BUDGET, f"the default for Redis: {why}")
+    if config.storage.backend == "postgres":
+        return Budget(0, "no automatic budget on PostgreSQL: set [storage] max_bytes to have one")
     if config.storage.backend != "sqlite":
         return Budget(0, "memory storage")
     folder = os.path.dirname(os.path.abspath(config.storage.path))

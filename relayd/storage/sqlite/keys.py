@@ -116,6 +116,14 @@ class KeyDirectory:
         self._cache_key(address, None)
         return deleted
 
+    async def raise_key_floor(self, address: str, issued_at: int) -> None:
+        """Raise the floor of ``address`` to at least ``issued_at`` (``relayd migrate`` copies floors)."""
+        def job(conn: sqlite3.Connection) -> tuple[None, Delta]:
+            conn.execute("INSERT INTO key_floors (address, issued_at) VALUES (?, ?) ON CONFLICT (address) "
+                         "DO UPDATE SET issued_at = max(issued_at, excluded.issued_at)", (address, issued_at))
+            return None, NONE
+        await self._writer.submit(job, write=True)
+
     async def drop_unsigned_key(self, address: str) -> bool:
         def job(conn: sqlite3.Connection) -> tuple[bool, Delta]:
             gone = conn.execute(f"DELETE FROM keys WHERE address = ? AND signature IS NULL RETURNING {KEY_BYTES_SQL}",

@@ -286,6 +286,9 @@ class SQLiteStore:
     async def key_floor(self, address: str) -> int | None:
         return await self._keys.key_floor(address)
 
+    async def raise_key_floor(self, address: str, issued_at: int) -> None:
+        await self._keys.raise_key_floor(address, issued_at)
+
     async def key_count(self) -> int:
         return await self._keys.key_count()
 
