@@ -21,8 +21,9 @@ LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def ready_url(config: Config) -> str:
-    """The URL of /health/ready on the address relayd listens on, wildcards replaced by loopback."""
-    host = LOOPBACK.get(config.server.host, config.server.host)
+    """The URL of /health/ready on the first address relayd listens on, wildcards replaced by loopback."""
+    first = config.server.host[0] if config.server.host else ""
+    host = LOOPBACK.get(first, first)
     if ":" in host:
         host = f"[{host}]"
     scheme = "https" if config.tls.certfile else "http"

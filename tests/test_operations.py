@@ -9,6 +9,7 @@ sockets, and stopped by the ``process_relays`` fixture whatever happens.
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import math
 import os
@@ -24,8 +25,8 @@ from typing import Any
 
 import pytest
 from support import (ROOT, ProcessRelay, RawWs, WsClient, assert_closed_with, cli_ok, client_context, frames_until_pong,
-                     free_port, http_request, make_cert, metric_families, msg, new_address, new_mid, online, pong_next,
-                     run_cli, wait_until)
+                     free_port, http_request, make_cert, make_config, metric_families, msg, new_address, new_mid, online,
+                     pong_next, run_cli, wait_until)
 
 from relayd import __version__
 
@@ -753,3 +754,16 @@ def test_systemd_accepts_the_unit_with_this_checkouts_entry_point(tmp_path):
     result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
+
+
+def test_the_container_healthcheck_probes_the_first_address_relayd_listens_on():
+    spec = importlib.util.spec_from_file_location("healthcheck", ROOT / "deploy" / "healthcheck.py")
+    assert spec is not None and spec.loader is not None
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    assert healthcheck.ready_url(make_config(server={"host": "0.0.0.0", "port": 3002})) == \
+        "http://127.0.0.1:3002/health/ready"
+    assert healthcheck.ready_url(make_config(server={"host": "::, 0.0.0.0", "port": 8080})) == \
+        "http://[::1]:8080/health/ready"
+    assert healthcheck.ready_url(make_config(server={"host": "10.0.0.5", "port": 1})) == \
+        "http://10.0.0.5:1/health/ready"
