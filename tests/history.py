@@ -183,7 +183,7 @@ class History:
 def check(history: History, *, deliver_within_s: float = 1.0, slack_s: float = 1.0) -> list[Finding]:
     """Every guarantee the relay gives, checked on ``history``; one Finding per violation."""
     with history.lock:
-        return (_lost(history) + _order(history) + _duplicates(history) + _error_but_applied(history)
+        return (_lost(history, slack_s) + _order(history) + _duplicates(history) + _error_but_applied(history)
                 + _late(history, deliver_within_s + slack_s) + _slow(history) + _ready(history, slack_s))
 
 
@@ -198,11 +198,27 @@ def _answers(send: Send) -> str:
     return ",".join(f"{a.answer}@node{a.instance}" for a in send.attempts)
 
 
-def _lost(h: History) -> list[Finding]:
+def _lost(h: History, slack_s: float) -> list[Finding]:
     got = _receipts_by_message(h)
     return [Finding("lost", f"{s.mid} {s.sender[:8]}->{s.recipient[:8]} answered {_answers(s)}, never received")
             for s in h.sends.values() if any(a.answer in APPLIED for a in s.attempts)
-            and (s.sender, s.recipient, s.mid) not in got]
+            and (s.sender, s.recipient, s.mid) not in got and not _dropped_by_a_closing_app(h, s, slack_s)]
+
+
+def _dropped_by_a_closing_app(h: History, s: Send, slack_s: float) -> bool:
+    """A message delivered live just as the recipient's only session, a plain one, stopped reading and closed:
+    its bytes reached the client's TCP stack, which is all a plain session promises (docs/protocol.md), and the
+    client dropped them while closing, as an app that closes its socket does. An ``ack`` session would have got
+    it again."""
+    answered = [a.answered_at for a in s.attempts if a.answer == "delivered" and a.answered_at is not None]
+    if not answered:
+        return False
+    at = min(answered)
+    sessions = [x for x in h.sessions.values() if x.address == s.recipient and x.opened_at <= at]
+    closing = [x for x in sessions if not x.ack and x.closed_at is not None
+               and x.closed_at - 0.1 * slack_s <= at <= x.closed_at + slack_s]
+    still_open = [x for x in sessions if x.closed_at is None or x.closed_at > at]
+    return bool(closing) and all(x in closing for x in still_open)
 
 
 def _order(h: History) -> list[Finding]:

@@ -742,6 +742,24 @@ def test_checker_finds_a_lost_message_but_not_an_unanswered_one() -> None:
     assert "lost" in check(h)[0].detail
 
 
+def test_a_message_a_closing_plain_session_dropped_is_not_lost_but_one_an_ack_session_dropped_is() -> None:
+    """A plain session promises only the client's TCP stack: an app that closes while a message is on its way
+    drops it (docs/protocol.md). An ack session gets it again, so there a drop is a loss."""
+    for ack, expected in ((False, {}), (True, {"lost": 1})):
+        h = _h()
+        h.open_session(1, R, 0, ack, at=0)
+        _sent(h, "m0", "delivered", at=1)
+        h.receive(1, S, "m0", False, at=1.02)
+        h.close_session(1, at=2.0)
+        _sent(h, "in-flight", "delivered", at=1.995)  # pushed as the client stopped reading
+        assert counts(check(h)) == expected, ack
+    h = _h()
+    h.open_session(1, R, 0, False, at=0)
+    h.close_session(1, at=2.0)
+    _sent(h, "long after", "delivered", at=4.0)  # no closing session to blame
+    assert counts(check(h)) == {"lost": 1}
+
+
 def test_checker_finds_order_violations_per_session_only() -> None:
     h = _h()
     h.open_session(1, R, 0, False, at=0)
