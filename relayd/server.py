@@ -32,6 +32,7 @@ from .protocol.router import Router
 from .protocol.seams import NO_PEERS, MessagePath, Peers, Presence, Routes
 from .storage.backends import automatic_budget
 from .storage.memory import MemoryStore
+from .storage.sealed import SealedStore
 from .storage.store import Store
 from .protocol.writes import AddressWrites
 
@@ -58,8 +59,13 @@ class RelayServer:
         if self.store.name == "redis":  # the cluster and the Redis store need the redis extra: imported here
             from .cluster import Cluster
             from .storage.redis.store import RedisStore
-            assert isinstance(self.store, RedisStore)
-            self.cluster = Cluster(config, self.store, writes, clock)
+            if isinstance(self.store, SealedStore):
+                assert isinstance(self.store.inner, RedisStore)
+                self.cluster = Cluster(config, self.store.inner, writes, clock, sealed=self.store,
+                                       queue_key=self.store.queue)
+            else:
+                assert isinstance(self.store, RedisStore)
+                self.cluster = Cluster(config, self.store, writes, clock)
             self.presence = routes = self.cluster.presence
             peers = self.cluster.peers
         else:
@@ -113,8 +119,9 @@ class RelayServer:
 
     async def start(self, *, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         """Open the store, then listen; raises ``StoreOpenError`` or ``OSError`` when either fails."""
-        if hasattr(self.store, "commit_observer"):
-            self.store.commit_observer = self.metrics.commit_latency.observe
+        backing = self.store.inner if isinstance(self.store, SealedStore) else self.store
+        if hasattr(backing, "commit_observer"):
+            backing.commit_observer = self.metrics.commit_latency.observe
         await self.store.open()
         if self.cluster is not None:
             await self.cluster.start()

@@ -228,3 +228,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(json.dumps(counts, indent=2))
     return EXIT_OK
+
+
+def cmd_reseal(args: argparse.Namespace) -> int:
+    """``relayd reseal``: exit 0 done (counts printed), 1 failed, 2 no key configured."""
+    from ..storage.sealed import SealedStore
+    from ..storage.store import StorageUnavailable
+    config, _ = load_from(args)
+    if not config.storage.encryption_key_file:
+        raise UsageError("relayd reseal: needs [storage] encryption_key_file (the key to seal with first)")
+    store = make_store(config)
+    assert isinstance(store, SealedStore)
+    try:
+        counts = asyncio.run(store.reseal())
+    except (StoreOpenError, StorageUnavailable, OSError, sqlite3.Error) as exc:
+        print(f"relayd reseal: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(counts, indent=2))
+    return EXIT_FAILURE if counts["unreadable"] else EXIT_OK

@@ -160,6 +160,12 @@ class StorageSection:
                              "messages get storage_unavailable (-1: half the free disk space at start-up for "
                              "SQLite, no budget for the others; 0: no budget).", min=-1, max=1 << 50,
                          reload=True)
+    encryption_key_file: tuple[str, ...] = opt((), "Encryption at rest: file(s) of 32 random bytes (relayd keygen "
+                                               "--storage-key PATH), comma-separated; the first seals new "
+                                               "records, the others still open old ones (relayd reseal moves "
+                                               "them to the first). Addresses, messageIds, contents and "
+                                               "receipts are stored unreadable without it; needs the optional "
+                                               "extra encryption. Empty: stored as sent.")
 
 
 @dataclass(frozen=True)

@@ -320,6 +320,9 @@ class MemoryStore:
             del self._receipts[recipient]
         return len(receipts) - len(kept)
 
+    async def queue_keys(self) -> list[str]:
+        return list(dict.fromkeys([*self._queues, *self._receipts]))
+
     # Keys
 
     async def get_key(self, address: str) -> KeyRecord | None:

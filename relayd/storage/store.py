@@ -229,6 +229,13 @@ class MessageStore(Protocol):
         """Delete these receipts of ``recipient``; returns how many went."""
         ...
 
+    async def queue_keys(self) -> list[str]:
+        """Every recipient that has stored messages or receipts, each once, in no particular order.
+
+        For maintenance that must visit every record (``relayd reseal``); may scan the whole store.
+        """
+        ...
+
 
 class KeyStore(Protocol):
     async def get_key(self, address: str) -> KeyRecord | None:

@@ -176,6 +176,17 @@ class RedisStore:
     async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
         return await self.receipt_store.remove_receipts(recipient, seqs)
 
+    async def queue_keys(self) -> list[str]:
+        """The members of every slot's expiry index (it lists each address with messages or receipts)."""
+        found: dict[str, None] = {}
+        for slot in await self.core.slots():
+            expiry = self.layout.slot_keys(slot)[0]
+
+            async def work(client: Commands, key: str = expiry) -> list[Any]:
+                return list(await client.zrange(key, 0, -1))
+            found.update(dict.fromkeys(m if isinstance(m, str) else m.decode() for m in await self.link.read(work)))
+        return list(found)
+
     # Keys, locks, tokens
 
     async def get_key(self, address: str) -> KeyRecord | None:

@@ -255,6 +255,12 @@ class SQLiteStore:
         wanted = list(dict.fromkeys(seqs))
         return await self._writer.submit(lambda c: remove_receipt_rows(c, recipient, wanted), write=True)
 
+    async def queue_keys(self) -> list[str]:
+        def job(conn: sqlite3.Connection) -> tuple[list[str], Delta]:
+            rows = conn.execute("SELECT recipient FROM queues WHERE count > 0 OR receipts > 0")
+            return [r for (r,) in rows], NONE
+        return await self._writer.submit(job, write=False)
+
     # Keys, ownership locks and tokens: the key directory's
 
     async def get_key(self, address: str) -> KeyRecord | None:

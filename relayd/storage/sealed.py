@@ -1,0 +1,574 @@
+"""Encryption at rest: a ``Store`` wrapped so that what it keeps about messages is unreadable without the key.
+
+``[storage] encryption_key_file`` names one or several files of 32 random
+bytes (``relayd keygen --storage-key PATH``). ``SealedStore`` wraps any
+backend and hands it only:
+
+- queue keys (recipient addresses) replaced by a keyed HMAC-SHA256 (a blind
+  index), so queues still work and a dump shows no address;
+- a message's sender and messageId replaced by keyed HMACs of (recipient,
+  sender) and (recipient, messageId), so idempotency and acks still work by
+  equality while a dump links nothing across queues;
+- the content sealed with AES-256-GCM together with the clear recipient,
+  sender and messageId (bound to its queue key), and a stored receipt's reader
+  and messageId sealed the same way.
+
+Timestamps, sizes and seqs stay clear (the store orders and expires by them).
+Published public keys, ownership locks and bearer tokens stay clear too: a
+public key is public (it is served by address to anyone), and locks and
+tokens must be found by address.
+
+Rotation: new writes use the first key file; reads try each configured key's
+blind index and open each sealed value with the key its first byte names;
+``reseal`` rewrites older records (and records written before encryption was
+turned on) with the first key. A check value sealed with each key that may
+have written records is kept in the store (a key record under an address no
+client can ask for), so a missing or wrong key file stops the relay at
+start-up with a clear error and nothing changed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..frames import utf8_len
+from .store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, Store, StoreOpenError)
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+log = logging.getLogger("relayd.storage")
+
+KEY_BYTES = 32
+CHECK_ADDRESS = "~relayd-storage-check"
+"""The key record holding the check values: never an address, so no client can read, write or count it."""
+_CHECK_TEXT = "relayd storage check v1"
+_SEALED = "~"
+"""Sealed values start with this (base64url never does), so a clear record left from before is told apart."""
+_INDEX_CHARS = 32
+_NONCE = 12
+
+
+class StorageKeyError(Exception):
+    """A storage key file cannot be used (missing, wrong size, unreadable, the extra missing)."""
+
+
+class SealError(Exception):
+    """A sealed value cannot be opened with any configured key."""
+
+
+def generate_key_file(path: str) -> None:
+    """Write 32 random bytes to a new file with mode 0600 (never overwriting)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(os.urandom(KEY_BYTES))
+
+
+@dataclass(frozen=True, slots=True)
+class StorageKey:
+    """One key file: its id byte (in every value it seals), its AEAD and its blind-index key."""
+
+    ident: int
+    aead: AESGCM
+    index_key: bytes
+    path: str
+
+
+def _derive(raw: bytes, label: bytes) -> bytes:
+    return hmac.new(raw, b"relayd storage " + label, hashlib.sha256).digest()
+
+
+def load_keys(paths: Iterable[str]) -> list[StorageKey]:
+    """The keys of these files, the writing key first; raises ``StorageKeyError`` naming what is wrong."""
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError:
+        raise StorageKeyError(f"[storage] encryption_key_file needs the optional extra encryption: {_install_hint()}")\
+            from None
+    keys: list[StorageKey] = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(KEY_BYTES + 1)
+        except OSError as exc:
+            raise StorageKeyError(f"[storage] encryption_key_file {path}: {exc.strerror or exc}") from None
+        if len(raw) != KEY_BYTES:
+            raise StorageKeyError(f"[storage] encryption_key_file {path}: holds {len(raw)} bytes, not {KEY_BYTES} "
+                                  f"random bytes (create one with relayd keygen --storage-key {path})")
+        ident = hashlib.sha256(b"relayd storage key id " + raw).digest()[0]
+        twin = next((k for k in keys if k.ident == ident), None)
+        if twin is not None:
+            same = "is the same key as" if _derive(raw, b"index") == twin.index_key else "has the same key id as"
+            raise StorageKeyError(f"[storage] encryption_key_file {path} {same} {twin.path}; "
+                                  "list each key once (or create another key)")
+        keys.append(StorageKey(ident, AESGCM(_derive(raw, b"seal")), _derive(raw, b"index"), path))
+    if not keys:
+        raise StorageKeyError("[storage] encryption_key_file: no key file named")
+    return keys
+
+
+def _install_hint() -> str:
+    import sys
+    from pathlib import Path
+    checkout = Path(__file__).resolve().parents[2]
+    target = str(checkout) if (checkout / "pyproject.toml").is_file() else "CHECKOUT"
+    return f"{sys.executable} -m pip install '{target}[encryption]'"
+
+
+class Sealer:
+    """Blind indexes and sealed values with a set of keys (the first writes)."""
+
+    def __init__(self, keys: list[StorageKey]) -> None:
+        self.keys = keys
+        self.writer = keys[0]
+        self._by_id = {k.ident: k for k in keys}
+
+    @staticmethod
+    def index(key: StorageKey, *parts: str) -> str:
+        digest = hmac.new(key.index_key, "\n".join(parts).encode(), hashlib.sha256).hexdigest()
+        return digest[:_INDEX_CHARS]
+
+    def seal(self, fields: list[str], bound_to: str) -> str:
+        nonce = os.urandom(_NONCE)
+        body = self.writer.aead.encrypt(nonce, _pack(fields), bound_to.encode())
+        return _SEALED + base64.urlsafe_b64encode(bytes([self.writer.ident]) + nonce + body).decode()
+
+    def key_of(self, value: str) -> int | None:
+        """The id of the key that sealed ``value``; None when it is not sealed (written before encryption)."""
+        if not value.startswith(_SEALED) or len(value) < 4:
+            return None
+        try:
+            return base64.urlsafe_b64decode(value[1:5] + "==")[0]
+        except ValueError:
+            return None
+
+    def open(self, value: str, bound_to: str) -> list[str]:
+        from cryptography.exceptions import InvalidTag
+        if not value.startswith(_SEALED):
+            raise SealError("the record is not sealed (written before encryption was turned on: run relayd reseal)")
+        try:
+            raw = base64.urlsafe_b64decode(value[1:])
+        except ValueError:
+            raise SealError("the sealed value is damaged") from None
+        key = self._by_id.get(raw[0]) if raw else None
+        if key is None:
+            raise SealError(f"the record was sealed with key id {raw[0] if raw else '?'}, which no configured key "
+                            "file has")
+        try:
+            return _unpack(key.aead.decrypt(raw[1:1 + _NONCE], raw[1 + _NONCE:], bound_to.encode()))
+        except (InvalidTag, ValueError, struct.error):
+            raise SealError(f"the record does not open with {key.path} (damaged or moved)") from None
+
+
+def _pack(fields: list[str]) -> bytes:
+    """Length-prefixed UTF-8: a content grows by 4 bytes, never by escaping."""
+    out = bytearray()
+    for field in fields:
+        raw = field.encode()
+        out += struct.pack(">I", len(raw)) + raw
+    return bytes(out)
+
+
+def _unpack(raw: bytes) -> list[str]:
+    fields, at = [], 0
+    while at < len(raw):
+        (size,) = struct.unpack_from(">I", raw, at)
+        at += 4
+        if at + size > len(raw):
+            raise ValueError("truncated")
+        fields.append(raw[at:at + size].decode())
+        at += size
+    return fields
+
+
+class _Routed(Protocol):
+    """What ``relayd.cluster`` asks of the Redis store beyond the contract (the recipient's presence read in
+    the same atomic step as the write)."""
+
+    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
+                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, Any]: ...
+
+    async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, Any]]: ...
+
+
+class SealedStore:
+    """A ``Store`` whose message records are sealed and whose queues are found by blind index (see the module
+    docstring); everything else goes to ``inner`` unchanged."""
+
+    def __init__(self, inner: Store, keys: list[StorageKey]) -> None:
+        self.inner = inner
+        self.sealer = Sealer(keys)
+        self.name = inner.name
+        self._hidden_keys = 0
+        """1 while the check record exists (it is not counted among published keys)."""
+
+    # Blind indexes: ``queue`` of a recipient with a key; the writing key for new records.
+
+    def queue(self, recipient: str, key: StorageKey | None = None) -> str:
+        """The queue key ``recipient`` is stored under with ``key`` (the writing key by default)."""
+        return Sealer.index(key or self.sealer.writer, "q", recipient)
+
+    def _queues(self, recipient: str) -> list[str]:
+        return [self.queue(recipient, k) for k in self.sealer.keys]
+
+    def _seal_message(self, msg: QueuedMessage) -> QueuedMessage:
+        key = self.sealer.writer
+        queue = self.queue(msg.recipient)
+        return QueuedMessage(queue, Sealer.index(key, "s", msg.recipient, msg.sender.lower()),
+                             Sealer.index(key, "m", msg.recipient, msg.message_id),
+                             self.sealer.seal([msg.recipient, msg.sender, msg.message_id, msg.content], queue),
+                             msg.timestamp, msg.queued_at, msg.seq)
+
+    def _open_message(self, stored: QueuedMessage) -> QueuedMessage:
+        recipient, sender, message_id, content = self.sealer.open(stored.content, stored.recipient)
+        return QueuedMessage(recipient, sender, message_id, content, stored.timestamp, stored.queued_at, stored.seq)
+
+    def _open_page(self, page: list[QueuedMessage]) -> list[QueuedMessage]:
+        opened = []
+        for stored in page:
+            try:
+                opened.append(self._open_message(stored))
+            except SealError as exc:  # start-up checked the keys: only a damaged record gets here
+                log.error("stored message seq %d cannot be read: %s; it stays stored until it expires",
+                          stored.seq, exc)
+        return opened
+
+    def _inner_limits(self, limits: QueueLimits) -> QueueLimits:
+        """Per-queue bytes count sealed sizes: a content of ``max_bytes`` still fits once sealed (a larger one
+        is refused here, before it is sealed)."""
+        return replace(limits, max_bytes=sealed_size(limits.max_bytes))
+
+    # Lifecycle
+
+    @property
+    def healthy(self) -> bool:
+        return self.inner.healthy
+
+    @property
+    def problem(self) -> str | None:
+        return self.inner.problem
+
+    async def open(self) -> None:
+        await self.inner.open()
+        try:
+            await self._check_keys()
+        except BaseException:
+            await self.inner.close()
+            raise
+
+    async def _check_keys(self) -> None:
+        """Refuse to start unless every key that may have sealed stored records is configured; record the
+        writing key's check value before it writes anything."""
+        record = await self.inner.get_key(CHECK_ADDRESS)
+        checks = self._checks(record)
+        if record is None and (self.inner.total() or (await self.inner.stats()).get("receipts")):
+            raise StoreOpenError("[storage] encryption_key_file is set but the store holds records written "
+                                 "without encryption: run relayd reseal with this configuration to seal them "
+                                 "(nothing was changed)")
+        for ident, value in checks.items():
+            try:
+                if self.sealer.open(value, CHECK_ADDRESS) != [_CHECK_TEXT]:
+                    raise SealError("the check value is wrong")
+            except SealError as exc:
+                raise StoreOpenError(f"[storage] encryption_key_file: the store holds records sealed with key id "
+                                     f"{ident}, which none of the configured key files "
+                                     f"({', '.join(k.path for k in self.sealer.keys)}) opens ({exc}); start with "
+                                     "the key file(s) it was written with (nothing was changed)") from None
+        if self.sealer.writer.ident not in checks:
+            checks[self.sealer.writer.ident] = self.sealer.seal([_CHECK_TEXT], CHECK_ADDRESS)
+            await self._write_checks(checks)
+        self._hidden_keys = 1
+
+    @staticmethod
+    def _checks(record: KeyRecord | None) -> dict[int, str]:
+        if record is None:
+            return {}
+        try:
+            return {int(k): str(v) for k, v in json.loads(record.public_key).items()}
+        except (ValueError, AttributeError):
+            raise StoreOpenError("the store's encryption check record is damaged; restore it from a backup") \
+                from None
+
+    async def _write_checks(self, checks: dict[int, str]) -> None:
+        await self.inner.put_key(KeyRecord(CHECK_ADDRESS, json.dumps({str(k): v for k, v in checks.items()}),
+                                           0, 0))
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    # Messages
+
+    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
+        if utf8_len(msg.content) > limits.max_bytes:
+            return EnqueueResult.FULL
+        sealed = self._seal_message(msg)
+        result = await self.inner.enqueue(sealed, self._inner_limits(limits))
+        msg.seq = sealed.seq
+        return result
+
+    async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
+        fits = [m for m in messages if utf8_len(m.content) <= limits.max_bytes]
+        sealed = [self._seal_message(m) for m in fits]
+        results = iter(await self.inner.enqueue_many(sealed, self._inner_limits(limits)))
+        for msg, stored in zip(fits, sealed):
+            msg.seq = stored.seq
+        return [next(results) if utf8_len(m.content) <= limits.max_bytes else EnqueueResult.FULL
+                for m in messages]
+
+    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
+                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, Any]:
+        """The Redis store's ``enqueue_routed`` (the cluster's), sealed: presence is kept under the same queue
+        key (``relayd.cluster`` is given ``queue`` as its index)."""
+        routed: _Routed = self.inner  # type: ignore[assignment]
+        inner_limits = self._inner_limits(limits)
+        if utf8_len(msg.content) > limits.max_bytes:  # FULL, with the presence read all the same
+            inner_limits.max_bytes = 0
+        sealed = self._seal_message(msg)
+        result = await routed.enqueue_routed(sealed, inner_limits, watcher=watcher,
+                                             watch_ttl_ms=watch_ttl_ms)
+        msg.seq = sealed.seq
+        return result
+
+    async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, Any]]:
+        routed: _Routed = self.inner  # type: ignore[assignment]
+        sealed = [self._seal_message(m) for m in messages]
+        count, found = await routed.restore_routed(sealed)
+        for msg, stored in zip(messages, sealed):
+            msg.seq = stored.seq
+        clear = {self.queue(m.recipient): m.recipient for m in messages}
+        return count, {clear.get(q, q): entries for q, entries in found.items()}
+
+    async def restore(self, messages: list[QueuedMessage]) -> int:
+        sealed = [self._seal_message(m) for m in messages]
+        count = await self.inner.restore(sealed)
+        for msg, stored in zip(messages, sealed):
+            msg.seq = stored.seq
+        return count
+
+    async def pending(self, recipient: str, limit: int, after_seq: int = 0,
+                      max_bytes: int | None = None) -> list[QueuedMessage]:
+        inner_bytes = None if max_bytes is None else sealed_size(max_bytes)
+        pages = [await self.inner.pending(q, limit, after_seq, inner_bytes) for q in self._queues(recipient)]
+        if len(pages) == 1:
+            return self._open_page(pages[0])
+        merged = sorted((m for page in pages for m in page), key=lambda m: m.seq)[:limit]
+        if inner_bytes is not None:  # each page was bounded alone: bound the merged one the same way
+            total = 0
+            for i, m in enumerate(merged):
+                if i and total >= inner_bytes:
+                    merged = merged[:i]
+                    break
+                total += len(m.content)
+        return self._open_page(merged)
+
+    async def remove(self, recipient: str, seqs: list[int]) -> int:
+        return sum([await self.inner.remove(q, seqs) for q in self._queues(recipient)])
+
+    async def ack(self, recipient: str, message_ids: list[str]) -> int:
+        removed = 0
+        for key in self.sealer.keys:
+            removed += await self.inner.ack(self.queue(recipient, key),
+                                            [Sealer.index(key, "m", recipient, mid) for mid in message_ids])
+        return removed
+
+    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
+        key = self.sealer.writer
+        await self.inner.record_delivered([
+            QueuedMessage(self.queue(m.recipient), Sealer.index(key, "s", m.recipient, m.sender.lower()),
+                          Sealer.index(key, "m", m.recipient, m.message_id), "", m.timestamp, m.queued_at, m.seq)
+            for m in messages])
+
+    async def clear(self, recipient: str) -> int:
+        return sum([await self.inner.clear(q) for q in self._queues(recipient)])
+
+    async def size(self, recipient: str) -> int:
+        return sum([await self.inner.size(q) for q in self._queues(recipient)])
+
+    async def backlog_size(self, recipient: str) -> tuple[int, int]:
+        sizes = [await self.inner.backlog_size(q) for q in self._queues(recipient)]
+        return sum(s[0] for s in sizes), sum(s[1] for s in sizes)
+
+    def total(self) -> int:
+        return self.inner.total()
+
+    def stored_bytes(self) -> int:
+        return self.inner.stored_bytes()
+
+    async def stats(self) -> dict[str, int]:
+        stats = dict(await self.inner.stats())
+        if "keys" in stats:
+            stats["keys"] -= self._hidden_keys
+        return stats
+
+    async def expire(self, before_ms: int) -> int:
+        return await self.inner.expire(before_ms)
+
+    async def shift_times(self, before_ms: int, delta_ms: int) -> int:
+        return await self.inner.shift_times(before_ms, delta_ms)
+
+    async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
+        sealed = [self._seal_receipt(r) for r in receipts]
+        dropped = await self.inner.add_receipts(sealed, max_per_recipient)
+        for receipt, stored in zip(receipts, sealed):
+            receipt.seq = stored.seq
+        return dropped
+
+    def _seal_receipt(self, r: Receipt) -> Receipt:
+        queue = self.queue(r.recipient)
+        return Receipt(queue, self.sealer.seal([r.recipient, r.reader, r.message_id], queue), "", r.timestamp,
+                       r.seq)
+
+    async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
+        found: list[Receipt] = []
+        for q in self._queues(recipient):
+            for stored in await self.inner.receipts(q, limit):
+                try:
+                    _, reader, message_id = self.sealer.open(stored.reader, stored.recipient)
+                except (SealError, ValueError) as exc:
+                    log.error("stored receipt seq %d cannot be read: %s", stored.seq, exc)
+                    continue
+                found.append(Receipt(recipient, reader, message_id, stored.timestamp, stored.seq))
+        return sorted(found, key=lambda r: r.seq)[:limit]
+
+    async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
+        return sum([await self.inner.remove_receipts(q, seqs) for q in self._queues(recipient)])
+
+    async def queue_keys(self) -> list[str]:
+        """The backend's queue keys: blind indexes (and clear addresses of records not sealed yet)."""
+        return await self.inner.queue_keys()
+
+    # Rotation
+
+    async def reseal(self, page: int = 500) -> dict[str, int]:
+        """Rewrite every record not sealed with the writing key (an older key's, or one stored before
+        encryption was turned on) with it, then keep only the writing key's check value.
+
+        Opens ``inner`` itself (``open`` would refuse clear records). Each record is written anew before the old
+        one goes, so an interrupted run loses nothing (a copy may be delivered twice: same messageId) and a
+        second run finishes the job. A record that opens with no configured key is left as it is and counted
+        as ``unreadable``; the old keys' check values then stay, so start-up still asks for those keys.
+        """
+        await self.inner.open()
+        try:
+            checks = self._checks(await self.inner.get_key(CHECK_ADDRESS))
+            for ident, value in checks.items():
+                try:
+                    self.sealer.open(value, CHECK_ADDRESS)
+                except SealError as exc:
+                    raise StoreOpenError(f"records are sealed with key id {ident}, which no configured key file "
+                                         f"opens ({exc}); list that key file after the new one") from None
+            writer = self.sealer.writer.ident
+            checks[writer] = checks.get(writer) or self.sealer.seal([_CHECK_TEXT], CHECK_ADDRESS)
+            await self._write_checks(checks)  # before the first sealed write: start-up knows the key
+            counts = {"queues": 0, "messages": 0, "receipts": 0, "unreadable": 0}
+            for queue in await self.inner.queue_keys():
+                moved = await self._reseal_messages(queue, page, counts)
+                moved += await self._reseal_receipts(queue, counts)
+                counts["queues"] += 1 if moved else 0
+            if not counts["unreadable"]:
+                await self._write_checks({writer: checks[writer]})
+            return counts
+        finally:
+            await self.inner.close()
+
+    def _open_old(self, stored: QueuedMessage) -> QueuedMessage:
+        if self.sealer.key_of(stored.content) is None:  # stored before encryption: ``queue`` is the address
+            return replace(stored)
+        return self._open_message(stored)
+
+    async def _reseal_messages(self, queue: str, page: int, counts: dict[str, int]) -> int:
+        moved, after = 0, 0
+        while True:
+            found = await self.inner.pending(queue, page, after)
+            if not found:
+                return moved
+            after = found[-1].seq
+            old = [m for m in found if self.sealer.key_of(m.content) != self.sealer.writer.ident]
+            fresh, gone = [], []
+            for stored in old:
+                try:
+                    fresh.append(self._seal_message(self._open_old(stored)))
+                    gone.append(stored.seq)
+                except SealError as exc:
+                    log.error("reseal: message seq %d cannot be read: %s; left as it is", stored.seq, exc)
+                    counts["unreadable"] += 1
+            if fresh:
+                await self.inner.restore(fresh)
+                await self.inner.remove(queue, gone)
+                counts["messages"] += len(fresh)
+                moved += len(fresh)
+
+    async def _reseal_receipts(self, queue: str, counts: dict[str, int]) -> int:
+        fresh, gone = [], []
+        for stored in await self.inner.receipts(queue, 1 << 30):
+            if self.sealer.key_of(stored.reader) == self.sealer.writer.ident:
+                continue
+            try:
+                if self.sealer.key_of(stored.reader) is None:
+                    clear = replace(stored, seq=0)
+                else:
+                    recipient, reader, message_id = self.sealer.open(stored.reader, stored.recipient)
+                    clear = Receipt(recipient, reader, message_id, stored.timestamp)
+            except (SealError, ValueError) as exc:
+                log.error("reseal: receipt seq %d cannot be read: %s; left as it is", stored.seq, exc)
+                counts["unreadable"] += 1
+                continue
+            fresh.append(self._seal_receipt(clear))
+            gone.append(stored.seq)
+        if fresh:
+            await self.inner.add_receipts(fresh, 1 << 30)
+            await self.inner.remove_receipts(queue, gone)
+            counts["receipts"] += len(fresh)
+        return len(fresh)
+
+    # Keys, locks and tokens: clear (see the module docstring)
+
+    async def get_key(self, address: str) -> KeyRecord | None:
+        return await self.inner.get_key(address)
+
+    async def get_keys(self, addresses: list[str]) -> dict[str, KeyRecord]:
+        return await self.inner.get_keys(addresses)
+
+    async def put_key(self, record: KeyRecord) -> KeyRecord:
+        return await self.inner.put_key(record)
+
+    async def delete_key(self, address: str) -> bool:
+        return await self.inner.delete_key(address)
+
+    async def key_floor(self, address: str) -> int | None:
+        return await self.inner.key_floor(address)
+
+    async def key_count(self) -> int:
+        return await self.inner.key_count() - self._hidden_keys
+
+    async def is_locked(self, address: str) -> bool:
+        return await self.inner.is_locked(address)
+
+    async def lock(self, address: str) -> None:
+        await self.inner.lock(address)
+
+    async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
+        await self.inner.save_token(token_hash, address, expires_at_ms, max_per_address)
+
+    async def token_address(self, token_hash: str, now_ms: int) -> str | None:
+        return await self.inner.token_address(token_hash, now_ms)
+
+
+_FIELDS_BYTES = 4 * 4 + 2 * 64 + 2 * 256
+"""Room for the length prefixes, the recipient and sender (addresses) and the messageId, with margin."""
+
+
+def sealed_size(content_bytes: int) -> int:
+    """What a content of ``content_bytes`` UTF-8 bytes takes at most once sealed: a queue's byte cap and a
+    page's byte bound are compared with this (the storage budget counts sealed bytes as they are)."""
+    body = 1 + _NONCE + _FIELDS_BYTES + content_bytes + 16
+    return 1 + 4 * ((body + 2) // 3)
