@@ -32,8 +32,8 @@ from .protocol.router import Router
 from .protocol.seams import NO_PEERS, MessagePath, Peers, Presence, Routes
 from .storage.backends import automatic_budget
 from .storage.memory import MemoryStore
-from .storage.sealed import SealedStore
-from .storage.store import Store
+from .storage.sealed import CHECK_ADDRESS, SealedStore
+from .storage.store import StorageUnavailable, Store, StoreOpenError
 from .protocol.writes import AddressWrites
 
 if TYPE_CHECKING:
@@ -123,6 +123,10 @@ class RelayServer:
         if hasattr(backing, "commit_observer"):
             backing.commit_observer = self.metrics.commit_latency.observe
         await self.store.open()
+        if not isinstance(self.store, SealedStore) and await self._sealed_without_key():
+            await self.store.close()
+            raise StoreOpenError("the store is sealed (encryption at rest) but [storage] encryption_key_file is "
+                                 "not set: start with the key file(s) it was written with (nothing was changed)")
         if self.cluster is not None:
             await self.cluster.start()
         self.delivery.storage_budget = automatic_budget(self.config, self.store)
@@ -137,6 +141,12 @@ class RelayServer:
         await self.gateway.start(sock=sock, ssl_context=ssl_context)
         self.authenticator.configure(self.config, self.public_url)
         self.housekeeping.start()
+
+    async def _sealed_without_key(self) -> bool:
+        try:
+            return await self.store.get_key(CHECK_ADDRESS) is not None
+        except StorageUnavailable:  # Redis down at start-up: relayd starts and recovers; the check waits
+            return False
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

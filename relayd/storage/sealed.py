@@ -307,22 +307,47 @@ class SealedStore:
 
     # Messages
 
+    async def _stored_earlier(self, msg: QueuedMessage) -> EnqueueResult | None:
+        """During a rotation: DUPLICATE (``msg.seq`` set) or DELIVERED when an older key holds the same message.
+
+        Asks each older key's queue with an enqueue that can never write (every backend answers DUPLICATE and
+        DELIVERED before it finds a one-byte content over a cap of 0 bytes: FULL)."""
+        never = QueueLimits(max_messages=0, max_bytes=0, drop_oldest=False)
+        for key in self.sealer.keys[1:]:
+            probe = QueuedMessage(self.queue(msg.recipient, key),
+                                  Sealer.index(key, "s", msg.recipient, msg.sender.lower()),
+                                  Sealer.index(key, "m", msg.recipient, msg.message_id), "x", msg.timestamp,
+                                  msg.queued_at)
+            result = await self.inner.enqueue(probe, never)
+            if result in (EnqueueResult.DUPLICATE, EnqueueResult.DELIVERED):
+                msg.seq = probe.seq
+                return result
+        return None
+
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
         if utf8_len(msg.content) > limits.max_bytes:
             return EnqueueResult.FULL
+        earlier = await self._stored_earlier(msg) if len(self.sealer.keys) > 1 else None
+        if earlier is not None:
+            return earlier
         sealed = self._seal_message(msg)
         result = await self.inner.enqueue(sealed, self._inner_limits(limits))
         msg.seq = sealed.seq
         return result
 
     async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
-        fits = [m for m in messages if utf8_len(m.content) <= limits.max_bytes]
+        answers: dict[int, EnqueueResult] = {}
+        for i, m in enumerate(messages):
+            if utf8_len(m.content) > limits.max_bytes:
+                answers[i] = EnqueueResult.FULL
+            elif len(self.sealer.keys) > 1 and (earlier := await self._stored_earlier(m)) is not None:
+                answers[i] = earlier
+        fits = [m for i, m in enumerate(messages) if i not in answers]
         sealed = [self._seal_message(m) for m in fits]
         results = iter(await self.inner.enqueue_many(sealed, self._inner_limits(limits)))
         for msg, stored in zip(fits, sealed):
             msg.seq = stored.seq
-        return [next(results) if utf8_len(m.content) <= limits.max_bytes else EnqueueResult.FULL
-                for m in messages]
+        return [answers[i] if i in answers else next(results) for i in range(len(messages))]
 
     async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
                              watch_ttl_ms: int = 0) -> tuple[EnqueueResult, Any]:
@@ -332,11 +357,16 @@ class SealedStore:
         inner_limits = self._inner_limits(limits)
         if utf8_len(msg.content) > limits.max_bytes:  # FULL, with the presence read all the same
             inner_limits.max_bytes = 0
+        earlier = await self._stored_earlier(msg) if len(self.sealer.keys) > 1 else None
+        if earlier is not None:  # the presence read comes with a write that cannot store (a cap of 0 bytes)
+            inner_limits.max_bytes = 0
         sealed = self._seal_message(msg)
-        result = await routed.enqueue_routed(sealed, inner_limits, watcher=watcher,
-                                             watch_ttl_ms=watch_ttl_ms)
+        result, presence = await routed.enqueue_routed(sealed, inner_limits, watcher=watcher,
+                                                       watch_ttl_ms=watch_ttl_ms)
+        if earlier is not None:
+            return earlier, presence
         msg.seq = sealed.seq
-        return result
+        return result, presence
 
     async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, Any]]:
         routed: _Routed = self.inner  # type: ignore[assignment]
@@ -486,26 +516,30 @@ class SealedStore:
         return self._open_message(stored)
 
     async def _reseal_messages(self, queue: str, page: int, counts: dict[str, int]) -> int:
-        moved, after = 0, 0
+        """A queue holds records of one key only (its blind index is that key's), or clear ones (its key is
+        the address): copy them all under the writing key, then clear the old queue (``clear`` leaves no
+        delivered record behind, which ``remove`` would). The copies get new seqs, in the old order: messages
+        written after the rotation but before the reseal come before them."""
+        moved, after, unreadable = 0, 0, 0
         while True:
             found = await self.inner.pending(queue, page, after)
-            if not found:
-                return moved
+            if not found or self.sealer.key_of(found[0].content) == self.sealer.writer.ident:
+                break
             after = found[-1].seq
-            old = [m for m in found if self.sealer.key_of(m.content) != self.sealer.writer.ident]
-            fresh, gone = [], []
-            for stored in old:
+            fresh = []
+            for stored in found:
                 try:
-                    fresh.append(self._seal_message(self._open_old(stored)))
-                    gone.append(stored.seq)
+                    fresh.append(self._seal_message(replace(self._open_old(stored), seq=0)))
                 except SealError as exc:
                     log.error("reseal: message seq %d cannot be read: %s; left as it is", stored.seq, exc)
-                    counts["unreadable"] += 1
-            if fresh:
-                await self.inner.restore(fresh)
-                await self.inner.remove(queue, gone)
-                counts["messages"] += len(fresh)
-                moved += len(fresh)
+                    unreadable += 1
+            await self.inner.restore(fresh)
+            moved += len(fresh)
+        if moved and not unreadable:
+            await self.inner.clear(queue)
+        counts["messages"] += moved
+        counts["unreadable"] += unreadable
+        return moved
 
     async def _reseal_receipts(self, queue: str, counts: dict[str, int]) -> int:
         fresh, gone = [], []
