@@ -33,7 +33,7 @@ from .protocol.seams import NO_PEERS, MessagePath, Peers, Presence, Routes
 from .storage.backends import automatic_budget
 from .storage.memory import MemoryStore
 from .storage.sealed import CHECK_ADDRESS, SealedStore
-from .storage.store import StorageUnavailable, Store, StoreOpenError
+from .storage.store import HistoryStore, StorageUnavailable, Store, StoreOpenError
 from .protocol.writes import AddressWrites
 
 if TYPE_CHECKING:
@@ -93,6 +93,8 @@ class RelayServer:
         self.config = config
         self.authenticator.configure(config, self.public_url)
         self.router.configure(config)
+        with contextlib.suppress(StoreOpenError):  # a reload cannot turn history on where start-up refused it
+            self._keep_history(config)
         self.api.configure(config)
         self.admission.configure(config)
         self.housekeeping.configure(config)
@@ -122,6 +124,7 @@ class RelayServer:
         backing = self.store.inner if isinstance(self.store, SealedStore) else self.store
         if hasattr(backing, "commit_observer"):
             backing.commit_observer = self.metrics.commit_latency.observe
+        self._keep_history(self.config)
         await self.store.open()
         if not isinstance(self.store, SealedStore) and await self._sealed_without_key():
             await self.store.close()
@@ -141,6 +144,16 @@ class RelayServer:
         await self.gateway.start(sock=sock, ssl_context=ssl_context)
         self.authenticator.configure(self.config, self.public_url)
         self.housekeeping.start()
+
+    def _keep_history(self, config: Config) -> None:
+        """Tell the store how long to keep delivered messages; raises ``StoreOpenError`` on a backend without
+        history (Redis, for now)."""
+        ms = config.history.days * 86_400_000
+        if isinstance(self.store, HistoryStore):
+            self.store.keep_history(ms)
+        elif ms:
+            raise StoreOpenError(f"[history] days = {config.history.days}: the {self.store.name} backend keeps "
+                                 "no message history yet (use sqlite, or days = 0)")
 
     async def _sealed_without_key(self) -> bool:
         try:

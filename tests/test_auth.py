@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import pytest
-from support import (ADDR_A, ADDR_A_EIP55, ADDR_B, ADDR_C, KEY_A, KEY_B, KEY_C, assert_closed_with, assert_error,
+from support import (signed_login, ADDR_A, ADDR_A_EIP55, ADDR_B, ADDR_C, KEY_A, KEY_B, KEY_C, assert_closed_with, assert_error,
                      auth_text, bearer, challenge_of, key_body, signed_auth_frame)
 
 from relayd.identity.secp256k1 import N
@@ -41,16 +41,6 @@ PRIVATE_ROUTES = [
 
 
 # Helpers
-
-
-def signed_login(relay: Any, key: bytes, *, fmt: str = "doubleHash", **extra: Any) -> tuple[Any, dict[str, Any]]:
-    """Open a connection and sign in with ``key``; return (client, auth_success)."""
-    client = relay.ws()
-    ch = challenge_of(client)
-    client.send({**signed_auth_frame(key, ch, fmt=fmt), **extra})
-    reply = client.recv()
-    assert reply["type"] == "auth_success", reply
-    return client, reply
 
 
 def token_of(relay: Any, key: bytes) -> str:

@@ -169,6 +169,14 @@ class StorageSection:
 
 
 @dataclass(frozen=True)
+class HistorySection:
+    days: int = opt(0, "Message history: keep each delivered message, as stored (ciphertext and metadata), this many "
+                       "days, so a signed-in session (another device of the address) can page through what it "
+                       "received and delete it. 0 (default): nothing is kept after delivery. Counted in "
+                       "[storage] max_bytes; SQLite and memory backends.", min=0, max=3650, reload=True)
+
+
+@dataclass(frozen=True)
 class RedisSection:
     url: str = opt("redis://127.0.0.1:6379/0", "Redis server for backend = redis: redis://[:PASSWORD@]HOST:PORT/DB, "
                                                "or rediss:// for TLS. With cluster = true, any one node of the "
@@ -252,6 +260,7 @@ SECTIONS: dict[str, type] = {
     "limits": LimitsSection,
     "queue": QueueSection,
     "storage": StorageSection,
+    "history": HistorySection,
     "redis": RedisSection,
     "cluster": ClusterSection,
     "auth": AuthSection,
@@ -268,6 +277,7 @@ class Config:
     limits: LimitsSection = field(default_factory=LimitsSection)
     queue: QueueSection = field(default_factory=QueueSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    history: HistorySection = field(default_factory=HistorySection)
     redis: RedisSection = field(default_factory=RedisSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     auth: AuthSection = field(default_factory=AuthSection)

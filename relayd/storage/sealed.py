@@ -41,7 +41,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..frames import utf8_len
-from .store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, Store, StoreOpenError)
+from .store import (EnqueueResult, HistoryPage, HistoryStore, KeyRecord, QueuedMessage, QueueLimits, Receipt,
+                    StorageUnavailable, Store, StoreOpenError)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -210,6 +211,8 @@ class SealedStore:
         self.name = inner.name
         self._hidden_keys = 0
         """1 while the check record exists (it is not counted among published keys)."""
+        self._keeping = False
+        """History is on: messages recorded as delivered live are kept whole."""
 
     # Blind indexes: ``queue`` of a recipient with a key; the writing key for new records.
 
@@ -411,6 +414,9 @@ class SealedStore:
         return removed
 
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
+        if self._keeping:  # history keeps them: sealed whole
+            await self.inner.record_delivered([self._seal_message(m) for m in messages])
+            return
         key = self.sealer.writer
         await self.inner.record_delivered([
             QueuedMessage(self.queue(m.recipient), Sealer.index(key, "s", m.recipient, m.sender.lower()),
@@ -471,6 +477,52 @@ class SealedStore:
 
     async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
         return sum([await self.inner.remove_receipts(q, seqs) for q in self._queues(recipient)])
+
+    # History: kept as stored (sealed), found by the same blind indexes
+
+    def keep_history(self, ms: int) -> None:
+        if not isinstance(self.inner, HistoryStore):
+            if ms:
+                raise StoreOpenError(f"[history] days: the {self.inner.name} backend keeps no history")
+            return
+        self.inner.keep_history(ms)
+        self._keeping = ms > 0
+
+    def _history(self) -> HistoryStore:
+        if not isinstance(self.inner, HistoryStore):
+            raise StorageUnavailable(f"the {self.inner.name} backend keeps no history")
+        return self.inner
+
+    async def history(self, recipient: str, limit: int, before_ms: int | None = None,
+                      sender: str | None = None) -> HistoryPage:
+        found: list[tuple[QueuedMessage, bool]] = []
+        more = False
+        for key in self.sealer.keys:
+            page = await self._history().history(
+                self.queue(recipient, key), limit, before_ms,
+                None if sender is None else Sealer.index(key, "s", recipient, sender.lower()))
+            found += zip(page.messages, page.live)
+            more = more or page.more
+        found.sort(key=lambda e: (e[0].timestamp, e[0].seq), reverse=True)
+        more = more or len(found) > limit
+        opened, live = [], []
+        for stored, was_live in found[:limit]:
+            try:
+                opened.append(self._open_message(stored))
+                live.append(was_live)
+            except SealError as exc:
+                log.error("a kept message cannot be read: %s", exc)
+        return HistoryPage(opened, more, live)
+
+    async def delete_history(self, recipient: str, message_ids: list[str] | None) -> int:
+        deleted = 0
+        for key in self.sealer.keys:
+            ids = None if message_ids is None else [Sealer.index(key, "m", recipient, m) for m in message_ids]
+            deleted += await self._history().delete_history(self.queue(recipient, key), ids)
+        return deleted
+
+    async def expire_history(self, now_ms: int) -> int:
+        return await self.inner.expire_history(now_ms) if isinstance(self.inner, HistoryStore) else 0
 
     async def queue_keys(self) -> list[str]:
         """The backend's queue keys: blind indexes (and clear addresses of records not sealed yet)."""

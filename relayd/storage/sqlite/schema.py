@@ -120,6 +120,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (recipient, message_id, sender)) WITHOUT ROWID""",
         "CREATE INDEX delivered_queued_at ON delivered (queued_at)",
     ),
+    (   # message history ([history] days): delivered messages kept as stored, once per message, for their
+        # recipient; ``live``: delivered without being stored
+        """CREATE TABLE history (
+            recipient TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            sender_key TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            content TEXT NOT NULL,
+            timestamp INTEGER NOT NULL,
+            queued_at INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            live INTEGER NOT NULL,
+            kept_until INTEGER NOT NULL,
+            size INTEGER NOT NULL)""",
+        "CREATE UNIQUE INDEX history_ident ON history (recipient, message_id, sender_key)",
+        "CREATE INDEX history_page ON history (recipient, timestamp, seq)",
+        "CREATE INDEX history_kept_until ON history (kept_until)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,10 +32,12 @@ from .queue import (
     restore_rows,
     shift_rows,
 )
+from . import history
 from .schema import migrate
 from .writer import NONE, Delta, SQLiteWriter
 from ..store import (
     EnqueueResult,
+    HistoryPage,
     KeyRecord,
     QueuedMessage,
     QueueLimits,
@@ -62,6 +65,7 @@ class SQLiteStore:
         self._writer = SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path)
         self._keys = KeyDirectory(self._writer)
         self._seqs = SeqCounter(0)  # set from the database on the writer thread when it opens
+        self._history_ms = 0
 
     @property
     def healthy(self) -> bool:
@@ -127,6 +131,7 @@ class SQLiteStore:
             migrate(conn)
             total, nbytes = conn.execute("SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) "
                                          "FROM queues").fetchone()
+            nbytes += history.stored_bytes(conn)
             self._seqs = SeqCounter(0)
             self._seqs.resync(conn)
         except StoreOpenError:
@@ -167,7 +172,9 @@ class SQLiteStore:
 
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
         if messages:
-            await self._writer.submit(lambda c: record_delivered_rows(c, messages), write=True, health=False)
+            until = self._keep_until()
+            await self._writer.submit(lambda c: record_delivered_rows(c, messages, until), write=True,
+                                      health=False)
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
@@ -193,7 +200,8 @@ class SQLiteStore:
     async def _delete(self, recipient: str, column: str, values: list[int] | list[str]) -> int:
         if not values:
             return 0
-        return await self._writer.submit(lambda c: delete_where(c, recipient, column, values), write=True)
+        until = self._keep_until()
+        return await self._writer.submit(lambda c: delete_where(c, recipient, column, values, until), write=True)
 
     async def clear(self, recipient: str) -> int:
         def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
@@ -254,6 +262,30 @@ class SQLiteStore:
     async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
         wanted = list(dict.fromkeys(seqs))
         return await self._writer.submit(lambda c: remove_receipt_rows(c, recipient, wanted), write=True)
+
+    # History
+
+    def keep_history(self, ms: int) -> None:
+        self._history_ms = ms
+
+    def _keep_until(self) -> int:
+        return int(time.time() * 1000) + self._history_ms if self._history_ms else 0
+
+    async def history(self, recipient: str, limit: int, before_ms: int | None = None,
+                      sender: str | None = None) -> HistoryPage:
+        return await self._writer.submit(lambda c: history.page(c, recipient, limit, before_ms, sender),
+                                         write=False)
+
+    async def delete_history(self, recipient: str, message_ids: list[str] | None) -> int:
+        return await self._writer.submit(lambda c: history.delete(c, recipient, message_ids), write=True)
+
+    async def expire_history(self, now_ms: int) -> int:
+        removed = 0
+        while True:
+            gone = await self._writer.submit(lambda c: history.expire(c, now_ms, EXPIRE_CHUNK), write=True)
+            removed += gone
+            if gone < EXPIRE_CHUNK:
+                return removed
 
     async def queue_keys(self) -> list[str]:
         def job(conn: sqlite3.Connection) -> tuple[list[str], Delta]:

@@ -1,0 +1,154 @@
+"""Message history (``[history] days``): a verified session pages through what its address received and deletes
+it; off by default; refused on a backend without it; counted in the storage budget."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import (ADDR_B, KEY_B, assert_error, clean_env, connect, frames_until_pong, msg, new_address,
+                     run_cli, signed_login, status_frame, wait_until)
+
+from relayd.storage.memory import MemoryStore
+from relayd.storage.sealed import SealedStore, generate_key_file, load_keys
+from relayd.storage.sqlite.store import SQLiteStore
+from relayd.storage.store import QueuedMessage, QueueLimits, Store
+
+ROOMY = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False)
+HISTORY_BACKENDS = ["memory", "sqlite", "sealed-sqlite"]
+
+
+def new_store(kind: str, tmp: Path) -> Store:
+    if kind == "memory":
+        return MemoryStore()
+    plain = SQLiteStore(str(tmp / "relay.db"), commit_interval_ms=0.5)
+    if kind == "sqlite":
+        return plain
+    generate_key_file(str(tmp / "storage.key"))
+    return SealedStore(plain, load_keys([str(tmp / "storage.key")]))
+
+
+def page(ws: Any, **query: Any) -> dict[str, Any]:
+    ws.send({"type": "history", **query})
+    frame = ws.recv()
+    assert frame["type"] == "history" and set(frame) == {"type", "messages", "more"}, frame
+    return frame
+
+
+@pytest.mark.parametrize("kind", HISTORY_BACKENDS)
+def test_a_second_device_pages_through_what_the_address_received(kind, tmp_path, start_relay):
+    store = new_store(kind, tmp_path)
+    relay = start_relay(store=store, history={"days": 7})
+    alice, carol = new_address(), new_address()
+    got: dict[str, dict[str, Any]] = {}
+    """The frames the first device got: history gives them back exactly."""
+    with connect(relay, alice) as a:
+        a.send(msg(ADDR_B, "m1", "stored first", timestamp=1000))
+        status_frame(a.recv(), "queued", "m1", ADDR_B)
+        first, _ = signed_login(relay, KEY_B)  # a plain session: the flush delivers m1, which history keeps
+        got["m1"] = first.recv_type("message")
+        a.send(msg(ADDR_B, "m2", "then live", timestamp=2000))
+        assert a.recv()["type"] in ("delivered", "queued")  # SQLite stores first, then pushes
+        got["m2"] = first.recv_type("message")
+    with connect(relay, carol) as c:
+        c.send(msg(ADDR_B, "m3", "from carol", timestamp=3000))
+        assert c.recv()["type"] in ("delivered", "queued")
+        got["m3"] = first.recv_type("message")
+    assert got["m1"] == {"type": "message", "from": alice, "content": "stored first", "messageId": "m1",
+                         "timestamp": 1000, "queued": True}
+    second, _ = signed_login(relay, KEY_B)  # the second device
+    try:
+        wait_until(lambda: len(page(second)["messages"]) == 3, "the delivered messages to be kept")
+        everything = page(second)
+        assert everything["messages"] == [got["m3"], got["m2"], got["m1"]] and everything["more"] is False
+        assert [m["messageId"] for m in page(second, **{"with": alice})["messages"]] == ["m2", "m1"]
+        newest = page(second, limit=1)
+        assert newest["messages"] == [got["m3"]] and newest["more"] is True
+        older = page(second, limit=1, before=3000)
+        assert [m["messageId"] for m in older["messages"]] == ["m2"] and older["more"] is True
+        assert page(second, limit=5, before=2000)["more"] is False
+        kept_bytes = len("stored first") + len("then live") + len("from carol")
+        assert relay.server.store.total() == 0
+        if kind != "sealed-sqlite":
+            assert relay.server.store.stored_bytes() == kept_bytes  # counted in the storage budget
+        else:
+            assert relay.server.store.stored_bytes() > kept_bytes  # sealed bytes
+
+        second.send({"type": "history_delete", "messageIds": ["m2", "unknown"]})
+        assert second.recv() == {"type": "history_delete", "deleted": 1}
+        assert [m["messageId"] for m in page(second)["messages"]] == ["m3", "m1"]
+        second.send({"type": "history_delete", "all": True})
+        assert second.recv() == {"type": "history_delete", "deleted": 2}
+        assert page(second) == {"type": "history", "messages": [], "more": False}
+        assert relay.server.store.stored_bytes() == 0
+    finally:
+        second.close()
+        first.close()
+
+
+def test_bad_history_frames_get_precise_errors(start_relay):
+    relay = start_relay(history={"days": 1})
+    ws, _ = signed_login(relay, KEY_B)
+    with ws:
+        for query, code in (({"limit": 0}, "invalid_field"), ({"limit": 501}, "invalid_field"),
+                            ({"limit": "10"}, "invalid_field"), ({"limit": True}, "invalid_field"),
+                            ({"before": "yesterday"}, "invalid_field"), ({"before": -1}, "invalid_field"),
+                            ({"with": "bob"}, "invalid_address"), ({"with": 5}, "invalid_address")):
+            ws.send({"type": "history", **query})
+            assert_error(ws.recv(), code)
+        for frame in ({}, {"all": True, "messageIds": ["x"]}, {"messageIds": []}, {"messageIds": "x"},
+                      {"messageIds": ["x"] * 1001}, {"messageIds": [""]}, {"messageIds": [7]},
+                      {"all": "yes"}, {"messageIds": ["x" * 257]}):
+            ws.send({"type": "history_delete", **frame})
+            assert_error(ws.recv(), "invalid_field")
+        assert frames_until_pong(ws) == []  # the session lives on
+
+
+def test_an_unsigned_session_gets_not_verified_and_history_is_off_by_default(start_relay):
+    on = start_relay(history={"days": 1})
+    with connect(on, ADDR_B) as ws:
+        for frame in ({"type": "history"}, {"type": "history_delete", "all": True}):
+            ws.send(frame)
+            assert_error(ws.recv(), "not_verified")
+    off = start_relay()
+    ws, _ = signed_login(off, KEY_B)
+    with ws, connect(off, new_address()) as a:
+        a.send(msg(ADDR_B, "live", "not kept"))
+        assert a.recv()["type"] == "delivered"
+        ws.recv_type("message")
+        ws.send({"type": "history"})
+        assert_error(ws.recv(), "disabled")
+        frames_until_pong(a)
+        assert off.call(off.server.store.history(ADDR_B, 10)).messages == []
+
+
+def test_history_on_a_backend_without_it_refuses_to_start(tmp_path):
+    env = clean_env(RELAYD_STORAGE_BACKEND="redis", RELAYD_REDIS_URL="redis://127.0.0.1:9/0",
+                    RELAYD_HISTORY_DAYS="3", RELAYD_SERVER_PORT="0")
+    result = run_cli(tmp_path, env=env)
+    assert result.returncode == 2 and "keeps no message history" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("kind", HISTORY_BACKENDS)
+def test_kept_messages_expire_and_a_restored_message_is_no_longer_kept(kind, tmp_path):
+    async def body() -> None:
+        store = new_store(kind, tmp_path)
+        store.keep_history(60_000)  # type: ignore[attr-defined]
+        await store.open()
+        try:
+            kept, back = (QueuedMessage("0xb0b", "0xA11ce", mid, "text", 5, 5) for mid in ("kept", "back"))
+            for m in (kept, back):
+                await store.enqueue(m, ROOMY)
+            assert await store.remove("0xb0b", [kept.seq, back.seq]) == 2
+            assert len((await store.history("0xb0b", 10)).messages) == 2  # type: ignore[attr-defined]
+            await store.restore([back])  # its delivery did not happen after all
+            page = await store.history("0xb0b", 10, sender="0xa11ce")  # type: ignore[attr-defined]
+            assert [(m.message_id, m.sender) for m in page.messages] == [("kept", "0xA11ce")]
+            assert await store.expire_history(2**50) == 1  # type: ignore[attr-defined]
+            assert (await store.history("0xb0b", 10)).messages == []  # type: ignore[attr-defined]
+            assert store.total() == 1
+        finally:
+            await store.close()
+    asyncio.run(body())
