@@ -1,9 +1,11 @@
-"""Encryption at rest: stored messages per second and CPU per message with ``SealedStore`` vs the same backend
-without it, in the same run (memory, SQLite, and Redis when redis-server is on PATH).
+"""Encryption at rest and message history: stored messages per second and CPU per message with ``SealedStore``,
+and with ``[history] days`` on, vs the same backend with neither, in the same run (memory, SQLite, and Redis
+when redis-server is on PATH; Redis keeps no history yet).
 
 Each round, for each backend, plain and sealed in turn (the order alternates by round): N messages of
 ``--content`` bytes for 1000 recipients, enqueued in batches of ``--batch`` as the relay's delivery does
-(``enqueue_many`` once per loop turn), then each recipient's queue read and removed (a flush). Reported:
+(``enqueue_many`` once per loop turn), then each recipient's queue read and removed (a flush: with history
+on, the removal keeps a copy of each message). Reported:
 queued/s and CPU of this process per message (the sealing work is here; Redis's own CPU is not counted), for
 the writes and for the reads; every figure is the median over the rounds.
 
@@ -93,12 +95,15 @@ def main() -> int:
         figures: dict[str, dict[str, list[float]]] = {}
         for r in range(args.rounds):
             for name, make in backends.items():
-                order = ["plain", "sealed"] if r % 2 == 0 else ["sealed", "plain"]
+                variants = ["plain", "sealed", "history"] if name != "redis" else ["plain", "sealed"]
+                order = variants if r % 2 == 0 else variants[::-1]
                 for variant in order:
                     tag = f"{name}-{variant}-{r}"
                     store = make(tag)
                     if variant == "sealed":
                         store = SealedStore(store, keys)
+                    if variant == "history":
+                        store.keep_history(7 * 86_400_000)  # type: ignore[attr-defined]
                     result = asyncio.run(one_run(store, args.messages, args.batch, content))
                     for metric, value in result.items():
                         figures.setdefault(f"{name} {variant}", {}).setdefault(metric, []).append(value)
@@ -115,11 +120,17 @@ def main() -> int:
         print(f"{'':16}" + "".join(f"{m:>18}" for m in metrics))
         for label, values in figures.items():
             print(f"{label:16}" + "".join(f"{statistics.median(values[m]):>18.1f}" for m in metrics))
+        def med(label: str, metric: str) -> float:
+            return statistics.median(figures[label][metric])
         for name in backends:
-            plain, sealed = figures[f"{name} plain"], figures[f"{name} sealed"]
-            print(f"{name} sealed/plain: queued/s x{statistics.median(sealed['queued/s']) / statistics.median(plain['queued/s']):.2f}, "
-                  f"write cpu +{statistics.median(sealed['write cpu us/msg']) - statistics.median(plain['write cpu us/msg']):.1f} us/msg, "
-                  f"read cpu +{statistics.median(sealed['read cpu us/msg']) - statistics.median(plain['read cpu us/msg']):.1f} us/msg")
+            for variant in ("sealed", "history"):
+                if f"{name} {variant}" not in figures:
+                    continue
+                on, off = f"{name} {variant}", f"{name} plain"
+                print(f"{name} {variant}/plain: queued/s x{med(on, 'queued/s') / med(off, 'queued/s'):.2f}, "
+                      f"write cpu {med(on, 'write cpu us/msg') - med(off, 'write cpu us/msg'):+.1f} us/msg, "
+                      f"flushed/s x{med(on, 'flushed/s') / med(off, 'flushed/s'):.2f}, "
+                      f"read cpu {med(on, 'read cpu us/msg') - med(off, 'read cpu us/msg'):+.1f} us/msg")
         return 0
     finally:
         if redis is not None:
