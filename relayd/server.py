@@ -147,7 +147,7 @@ class RelayServer:
 
     def _keep_history(self, config: Config) -> None:
         """Tell the store how long to keep delivered messages; raises ``StoreOpenError`` on a backend without
-        history (Redis, for now)."""
+        history (one that does not implement ``HistoryStore``)."""
         ms = config.history.days * 86_400_000
         if isinstance(self.store, HistoryStore):
             self.store.keep_history(ms)

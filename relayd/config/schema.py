@@ -173,7 +173,7 @@ class HistorySection:
     days: int = opt(0, "Message history: keep each delivered message, as stored (ciphertext and metadata), this many "
                        "days, so a signed-in session (another device of the address) can page through what it "
                        "received and delete it. 0 (default): nothing is kept after delivery. Counted in "
-                       "[storage] max_bytes; SQLite and memory backends.", min=0, max=3650, reload=True)
+                       "[storage] max_bytes.", min=0, max=3650, reload=True)
 
 
 @dataclass(frozen=True)

@@ -221,9 +221,9 @@ class MemoryStore:
         key = (msg.sender.lower(), msg.message_id)
         if key not in kept:
             self._bytes += utf8_len(msg.content)
-        else:
-            live = kept[key][2]
-        kept[key] = (msg, int(time.time() * 1000) + self._history_ms, live)
+            kept[key] = (msg, int(time.time() * 1000) + self._history_ms, live)
+        elif live:  # delivered live: its stored fallback was removed unsent
+            kept[key] = (kept[key][0], kept[key][1], True)
 
     async def history(self, recipient: str, limit: int, before_ms: int | None = None,
                       sender: str | None = None) -> HistoryPage:

@@ -25,10 +25,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..store import EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt
-from . import scripts
+from ..store import EnqueueResult, HistoryPage, KeyRecord, QueuedMessage, QueueLimits, Receipt
+from . import records, scripts
 from .connection import Commands, RedisLink
 from .core import Pipe, StoreCore
+from .history import RedisHistory
 from .keys import RedisKeys
 from .layout import Layout
 from .lifecycle import Durability, RedisLifecycle
@@ -57,6 +58,8 @@ class RedisStore:
         self.receipt_store = RedisReceipts(self.core)
         self.keys = RedisKeys(self.core)
         self.retention = RedisRetention(self.core, expire_chunk)
+        self.kept = RedisHistory(self.core)
+        self._history_ms = 0
         self.lifecycle = RedisLifecycle(self.core, node_id=node_id, probe_interval_s=probe_interval_s,
                                         refresh_interval_s=refresh_interval_s)
 
@@ -130,13 +133,14 @@ class RedisStore:
         return await self.messages.pending(recipient, limit, after_seq, max_bytes)
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
-        return await self.messages.remove(recipient, "seq", [str(s) for s in dict.fromkeys(seqs)])
+        return await self.messages.remove(recipient, "seq", [str(s) for s in dict.fromkeys(seqs)],
+                                          self._keep_until())
 
     async def ack(self, recipient: str, message_ids: list[str]) -> int:
-        return await self.messages.remove(recipient, "id", list(dict.fromkeys(message_ids)))
+        return await self.messages.remove(recipient, "id", list(dict.fromkeys(message_ids)), self._keep_until())
 
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
-        await self.messages.record_delivered(messages)
+        await self.messages.record_delivered(messages, self._keep_until())
 
     async def clear(self, recipient: str) -> int:
         return await self.messages.remove(recipient, "all", [])
@@ -175,6 +179,24 @@ class RedisStore:
 
     async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
         return await self.receipt_store.remove_receipts(recipient, seqs)
+
+    # History
+
+    def keep_history(self, ms: int) -> None:
+        self._history_ms = ms
+
+    def _keep_until(self) -> int:
+        return records.now_ms() + self._history_ms if self._history_ms else 0
+
+    async def history(self, recipient: str, limit: int, before_ms: int | None = None,
+                      sender: str | None = None) -> HistoryPage:
+        return await self.kept.page(recipient, limit, before_ms, sender)
+
+    async def delete_history(self, recipient: str, message_ids: list[str] | None) -> int:
+        return await self.kept.delete(recipient, message_ids)
+
+    async def expire_history(self, now_ms: int) -> int:
+        return await self.kept.expire(now_ms)
 
     async def queue_keys(self) -> list[str]:
         """The members of every slot's expiry index (it lists each address with messages or receipts)."""

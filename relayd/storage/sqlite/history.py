@@ -4,7 +4,8 @@ page of them, deletion by their recipient and expiry.
 Like ``queue``, each function returns ``(value, Delta)``; history counts in
 the byte total (the storage budget) and never in the message total. A message
 is kept once per (recipient, messageId, lower-cased sender): a second
-delivery of the same message keeps the first copy.
+delivery of the same message keeps the first copy (marked live when either
+delivery was live).
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ def keep_live(conn: sqlite3.Connection, messages: list[QueuedMessage], until: in
     added = 0
     for m in messages:
         size = utf8_len(m.content)
-        cur = conn.execute("INSERT OR IGNORE INTO history (recipient, message_id, sender_key, sender, content, "
-                           "timestamp, queued_at, seq, live, kept_until, size) VALUES (?, ?, lower(?), ?, ?, ?, ?, "
-                           "?, 1, ?, ?)", (m.recipient, m.message_id, m.sender, m.sender, m.content, m.timestamp,
-                                           m.queued_at, m.seq, until, size))
-        added += size if cur.rowcount > 0 else 0
+        known = conn.execute("UPDATE history SET live = 1 WHERE recipient = ? AND message_id = ? AND "
+                             "sender_key = lower(?)", (m.recipient, m.message_id, m.sender)).rowcount
+        if known:  # kept when its stored fallback was removed unsent: it was delivered live
+            continue
+        conn.execute("INSERT INTO history (recipient, message_id, sender_key, sender, content, timestamp, queued_at, "
+                     "seq, live, kept_until, size) VALUES (?, ?, lower(?), ?, ?, ?, ?, ?, 1, ?, ?)",
+                     (m.recipient, m.message_id, m.sender, m.sender, m.content, m.timestamp, m.queued_at, m.seq,
+                      until, size))
+        added += size
     return None, (0, added)
 
 

@@ -1,0 +1,80 @@
+"""Message history in Redis (``[history] days``): pages of an address's kept messages, deletion, expiry.
+
+A part of ``RedisStore``. Messages are kept by the removal and
+record-delivered scripts (``scripts.keep``); a page is a read (newest first by
+timestamp, filtered by sender while it reads), deletion and expiry are scripts
+on the address's slot. A per-slot index (``history_expiry``) lists the
+addresses whose kept messages expire first, so expiry visits only those.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..store import HistoryPage, QueuedMessage
+from . import scripts
+from .connection import Commands
+from .core import StoreCore
+from .records import chunks, decode_message
+
+PAGE_SCAN = 200   # kept messages read at a time while a sender filter skips others
+EXPIRE_CHUNK = 500
+
+
+class RedisHistory:
+    def __init__(self, core: StoreCore) -> None:
+        self.core = core
+
+    async def page(self, recipient: str, limit: int, before_ms: int | None, sender: str | None) -> HistoryPage:
+        keys = self.core.layout.recipient(recipient)
+        prefix = None if sender is None else sender.lower() + "\n"
+        top = "+inf" if before_ms is None else f"({before_ms}"
+
+        async def work(client: Commands) -> tuple[list[tuple[QueuedMessage, bool]], bool]:
+            found: list[tuple[QueuedMessage, bool]] = []
+            offset = 0
+            while True:
+                ids = await client.zrevrangebyscore(keys.history_order, top, "-inf", start=offset, num=PAGE_SCAN)
+                wanted = [i for i in ids if prefix is None or _text(i).startswith(prefix)]
+                for raw in (await client.hmget(keys.history, wanted)) if wanted else []:
+                    if raw is None:
+                        continue
+                    seq, live, record = _text(raw).split(" ", 2)
+                    found.append((decode_message(recipient, seq, record), live == "1"))
+                    if len(found) > limit:
+                        return found[:limit], True
+                if len(ids) < PAGE_SCAN:
+                    return found, False
+                offset += PAGE_SCAN
+        kept, more = await self.core.link.read(work)
+        return HistoryPage([m for m, _ in kept], more, [live for _, live in kept])
+
+    async def delete(self, recipient: str, message_ids: list[str] | None) -> int:
+        deleted = 0
+        for part in [[]] if message_ids is None else chunks(message_ids, 1000):
+            mode = "all" if message_ids is None else "id"
+            count, totals = await self.core.recipient_write(scripts.DELETE_HISTORY, recipient, mode, *part)
+            self.core.apply_totals(recipient, totals)
+            deleted += int(count)
+        return deleted
+
+    async def expire(self, now_ms: int) -> int:
+        removed = 0
+        for slot in await self.core.slots():
+            index = self.core.layout.history_expiry(slot)
+
+            async def due(client: Commands, key: str = index) -> list[Any]:
+                return list(await client.zrangebyscore(key, "-inf", now_ms))
+            for address in [_text(a) for a in await self.core.link.read(due)]:
+                while True:
+                    count, totals = await self.core.recipient_write(scripts.EXPIRE_HISTORY, address, now_ms,
+                                                                    EXPIRE_CHUNK)
+                    self.core.apply_totals(address, totals)
+                    removed += int(count)
+                    if int(count) < EXPIRE_CHUNK:
+                        break
+        return removed
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode()
