@@ -1,6 +1,6 @@
 """Encryption at rest and message history: stored messages per second and CPU per message with ``SealedStore``,
 and with ``[history] days`` on, vs the same backend with neither, in the same run (memory, SQLite, and Redis
-when redis-server is on PATH; Redis keeps no history yet).
+when redis-server is on PATH).
 
 Each round, for each backend, plain and sealed in turn (the order alternates by round): N messages of
 ``--content`` bytes for 1000 recipients, enqueued in batches of ``--batch`` as the relay's delivery does
@@ -95,7 +95,7 @@ def main() -> int:
         figures: dict[str, dict[str, list[float]]] = {}
         for r in range(args.rounds):
             for name, make in backends.items():
-                variants = ["plain", "sealed", "history"] if name != "redis" else ["plain", "sealed"]
+                variants = ["plain", "sealed", "history"]
                 order = variants if r % 2 == 0 else variants[::-1]
                 for variant in order:
                     tag = f"{name}-{variant}-{r}"
