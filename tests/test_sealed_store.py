@@ -192,7 +192,7 @@ def test_rotation_reads_old_records_writes_new_ones_and_reseal_loses_nothing(tmp
         with pytest.raises(StoreOpenError, match="none of the configured key files"):
             await sealed(db, new).open()  # old records, old key missing: refused
         counts = await sealed(db, new, old).reseal()
-        assert counts == {"queues": 2, "messages": 4, "receipts": 1, "unreadable": 0}
+        assert counts == {"queues": 2, "messages": 4, "receipts": 1, "unreadable": 0, "history_left": 0}
         assert (await sealed(db, new, old).reseal())["messages"] == 0  # re-runnable: nothing left
 
         store = sealed(db, new)  # the old key may go now
@@ -204,6 +204,35 @@ def test_rotation_reads_old_records_writes_new_ones_and_reseal_loses_nothing(tmp
         await store.close()
         with pytest.raises(StoreOpenError):
             await sealed(db, old).open()
+    asyncio.run(body())
+
+
+def test_history_kept_under_an_old_key_stays_readable_and_keeps_that_key_required(tmp_path):
+    db, old, new = tmp_path / "h.db", key_file(tmp_path, "old.key"), key_file(tmp_path, "new.key")
+
+    async def body() -> None:
+        store = sealed(db, old)
+        store.keep_history(60_000)
+        await store.open()
+        kept = message("bob", "kept-1")
+        await store.enqueue(kept, ROOMY)
+        await store.remove("bob", [kept.seq])  # delivered: history keeps it, sealed with the old key
+        await store.close()
+        counts = await sealed(db, new, old).reseal()
+        assert counts["history_left"] == 1 and counts["messages"] == 0
+        with pytest.raises(StoreOpenError, match="none of the configured key files"):
+            await sealed(db, new).open()  # the old key still opens kept history: still required
+        store = sealed(db, new, old)
+        store.keep_history(60_000)
+        await store.open()
+        page = await store.history("bob", 10)
+        assert [(m.message_id, m.sender, m.content) for m in page.messages] == [("kept-1", "0xAbC", "hello")]
+        assert await store.delete_history("bob", ["kept-1"]) == 1
+        await store.close()
+        assert (await sealed(db, new, old).reseal())["history_left"] == 0
+        store = sealed(db, new)  # nothing needs the old key any more
+        await store.open()
+        await store.close()
     asyncio.run(body())
 
 

@@ -385,7 +385,7 @@ class MemoryStore:
         return len(receipts) - len(kept)
 
     async def queue_keys(self) -> list[str]:
-        return list(dict.fromkeys([*self._queues, *self._receipts]))
+        return list(dict.fromkeys([*self._queues, *self._receipts, *self._history]))
 
     # Keys
 

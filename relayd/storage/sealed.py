@@ -537,7 +537,9 @@ class SealedStore:
         Opens ``inner`` itself (``open`` would refuse clear records). Each record is written anew before the old
         one goes, so an interrupted run loses nothing (a copy may be delivered twice: same messageId) and a
         second run finishes the job. A record that opens with no configured key is left as it is and counted
-        as ``unreadable``; the old keys' check values then stay, so start-up still asks for those keys.
+        as ``unreadable``; kept history is not rewritten (it keeps its delivery flag and expiry): what an older
+        key (or no key) sealed is counted as ``history_left`` and stays until it expires. While either count
+        is not 0 the old keys' check values stay, so start-up still asks for those keys.
         """
         await self.inner.open()
         try:
@@ -551,16 +553,24 @@ class SealedStore:
             writer = self.sealer.writer.ident
             checks[writer] = checks.get(writer) or self.sealer.seal([_CHECK_TEXT], CHECK_ADDRESS)
             await self._write_checks(checks)  # before the first sealed write: start-up knows the key
-            counts = {"queues": 0, "messages": 0, "receipts": 0, "unreadable": 0}
+            counts = {"queues": 0, "messages": 0, "receipts": 0, "unreadable": 0, "history_left": 0}
             for queue in await self.inner.queue_keys():
                 moved = await self._reseal_messages(queue, page, counts)
                 moved += await self._reseal_receipts(queue, counts)
                 counts["queues"] += 1 if moved else 0
-            if not counts["unreadable"]:
+                counts["history_left"] += await self._old_history(queue)
+            if not counts["unreadable"] and not counts["history_left"]:
                 await self._write_checks({writer: checks[writer]})
             return counts
         finally:
             await self.inner.close()
+
+    async def _old_history(self, queue: str) -> int:
+        """How many of the kept messages under ``queue`` are not sealed with the writing key."""
+        if not isinstance(self.inner, HistoryStore):
+            return 0
+        kept = (await self.inner.history(queue, 1 << 30)).messages
+        return sum(1 for m in kept if self.sealer.key_of(m.content) != self.sealer.writer.ident)
 
     def _open_old(self, stored: QueuedMessage) -> QueuedMessage:
         if self.sealer.key_of(stored.content) is None:  # stored before encryption: ``queue`` is the address

@@ -230,7 +230,7 @@ class MessageStore(Protocol):
         ...
 
     async def queue_keys(self) -> list[str]:
-        """Every recipient that has stored messages or receipts, each once, in no particular order.
+        """Every recipient that has stored messages, receipts or kept history, each once, in no particular order.
 
         For maintenance that must visit every record (``relayd reseal``); may scan the whole store.
         """

@@ -199,14 +199,16 @@ class RedisStore:
         return await self.kept.expire(now_ms)
 
     async def queue_keys(self) -> list[str]:
-        """The members of every slot's expiry index (it lists each address with messages or receipts)."""
+        """The members of every slot's expiry indexes (they list each address with messages, receipts or kept
+        history)."""
         found: dict[str, None] = {}
         for slot in await self.core.slots():
-            expiry = self.layout.slot_keys(slot)[0]
+            for index in (self.layout.slot_keys(slot)[0], self.layout.history_expiry(slot)):
 
-            async def work(client: Commands, key: str = expiry) -> list[Any]:
-                return list(await client.zrange(key, 0, -1))
-            found.update(dict.fromkeys(m if isinstance(m, str) else m.decode() for m in await self.link.read(work)))
+                async def work(client: Commands, key: str = index) -> list[Any]:
+                    return list(await client.zrange(key, 0, -1))
+                found.update(dict.fromkeys(m if isinstance(m, str) else m.decode()
+                                           for m in await self.link.read(work)))
         return list(found)
 
     # Keys, locks, tokens

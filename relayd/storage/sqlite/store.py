@@ -289,7 +289,8 @@ class SQLiteStore:
 
     async def queue_keys(self) -> list[str]:
         def job(conn: sqlite3.Connection) -> tuple[list[str], Delta]:
-            rows = conn.execute("SELECT recipient FROM queues WHERE count > 0 OR receipts > 0")
+            rows = conn.execute("SELECT recipient FROM queues WHERE count > 0 OR receipts > 0 "
+                                "UNION SELECT DISTINCT recipient FROM history")
             return [r for (r,) in rows], NONE
         return await self._writer.submit(job, write=False)
 
