@@ -135,3 +135,20 @@ def test_kept_messages_expire_and_a_restored_message_is_no_longer_kept(kind, tmp
         finally:
             await store.close()
     asyncio.run(body())
+
+
+def test_several_instances_on_redis_share_one_history(fresh_redis, relay_cluster):
+    one, two = relay_cluster(fresh_redis, RELAYD_HISTORY_DAYS="1")
+    alice = new_address()
+    with connect(one, alice) as a:
+        a.send(msg(ADDR_B, "stored", "while away", timestamp=1000))
+        status_frame(a.recv(), "queued", "stored", ADDR_B)
+        phone, _ = signed_login(two, KEY_B)  # on the other instance
+        with phone:
+            got = [phone.recv_type("message", timeout=10)]
+            a.send(msg(ADDR_B, "live", "across instances", timestamp=2000))
+            assert a.recv()["type"] in ("delivered", "queued")
+            got.insert(0, phone.recv_type("message", timeout=10))
+    laptop, _ = signed_login(one, KEY_B)
+    with laptop:
+        wait_until(lambda: page(laptop)["messages"] == got, "both messages in the shared history", timeout=10)

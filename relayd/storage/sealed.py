@@ -273,7 +273,7 @@ class SealedStore:
         writing key's check value before it writes anything."""
         record = await self.inner.get_key(CHECK_ADDRESS)
         checks = self._checks(record)
-        if record is None and (self.inner.total() or (await self.inner.stats()).get("receipts")):
+        if record is None and await self.inner.queue_keys():
             raise StoreOpenError("[storage] encryption_key_file is set but the store holds records written "
                                  "without encryption: run relayd reseal with this configuration to seal them "
                                  "(nothing was changed)")
