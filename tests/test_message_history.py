@@ -113,7 +113,7 @@ def test_an_unsigned_session_gets_not_verified_and_history_is_off_by_default(sta
         assert off.call(off.server.store.history(ADDR_B, 10)).messages == []
 
 
-@pytest.mark.parametrize("kind", HISTORY_BACKENDS)
+@pytest.mark.parametrize("kind", [*HISTORY_BACKENDS, "redis-cluster"])
 def test_kept_messages_expire_and_a_restored_message_is_no_longer_kept(kind, tmp_path, request):
     store = make_store(kind, request, tmp_path)
 

@@ -9,12 +9,13 @@ addresses whose kept messages expire first, so expiry visits only those.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..store import HistoryPage, QueuedMessage
 from . import scripts
 from .connection import Commands
-from .core import StoreCore
+from .core import SLOT_BATCH, StoreCore
 from .records import chunks, decode_message
 
 PAGE_SCAN = 200   # kept messages read at a time while a sender filter skips others
@@ -59,20 +60,24 @@ class RedisHistory:
         return deleted
 
     async def expire(self, now_ms: int) -> int:
+        """Read the per-slot indexes in pipelines of ``SLOT_BATCH`` slots, then expire each address listed."""
         removed = 0
-        for slot in await self.core.slots():
-            index = self.core.layout.history_expiry(slot)
-
-            async def due(client: Commands, key: str = index) -> list[Any]:
-                return list(await client.zrangebyscore(key, "-inf", now_ms))
-            for address in [_text(a) for a in await self.core.link.read(due)]:
-                while True:
-                    count, totals = await self.core.recipient_write(scripts.EXPIRE_HISTORY, address, now_ms,
-                                                                    EXPIRE_CHUNK)
-                    self.core.apply_totals(address, totals)
-                    removed += int(count)
-                    if int(count) < EXPIRE_CHUNK:
-                        break
+        due: list[str] = []
+        for part in chunks(await self.core.slots(), SLOT_BATCH):
+            async def work(client: Commands, part: Sequence[int] = part) -> list[Any]:
+                pipe = self.core.pipeline(client)
+                for slot in part:
+                    pipe.zrangebyscore(self.core.layout.history_expiry(slot), "-inf", now_ms)
+                return list(await pipe.execute())
+            due += [_text(a) for names in await self.core.link.read(work) for a in names]
+        for address in due:
+            while True:
+                count, totals = await self.core.recipient_write(scripts.EXPIRE_HISTORY, address, now_ms,
+                                                                EXPIRE_CHUNK)
+                self.core.apply_totals(address, totals)
+                removed += int(count)
+                if int(count) < EXPIRE_CHUNK:
+                    break
         return removed
 
 
