@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from redis_pack_bench import start_redis  # noqa: E402
 
 from relayd.storage.memory import MemoryStore  # noqa: E402
-from relayd.storage.sealed import SealedStore, generate_key_file, load_keys  # noqa: E402
+from relayd.storage.sealed import SealedStore  # noqa: E402
+from relayd.storage.sealing import generate_key_file, load_keys  # noqa: E402
 from relayd.storage.sqlite.store import SQLiteStore  # noqa: E402
 from relayd.storage.store import EnqueueResult, QueuedMessage, QueueLimits, Store  # noqa: E402
 

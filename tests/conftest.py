@@ -259,7 +259,8 @@ must the encryption-at-rest layer over SQLite and Redis."""
 def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     """A new, unopened store of one backend; Redis ones get a key prefix of their own."""
     if kind.startswith("sealed-"):
-        from relayd.storage.sealed import SealedStore, generate_key_file, load_keys
+        from relayd.storage.sealed import SealedStore
+        from relayd.storage.sealing import generate_key_file, load_keys
         key = tmp_path / "storage.key"
         if not key.exists():
             generate_key_file(str(key))

@@ -19,7 +19,8 @@ import pytest
 from support import (ProcessRelay, assert_read, clean_env, cli_ok, connect, frames_until_pong, ids_of, msg, new_address, now_ms,
                      read_backlog, run_cli, status_frame, wait_until, without_modules)
 
-from relayd.storage.sealed import CHECK_ADDRESS, SealedStore, generate_key_file, load_keys
+from relayd.storage.sealed import CHECK_ADDRESS, SealedStore
+from relayd.storage.sealing import generate_key_file, load_keys
 from relayd.storage.sqlite.store import SQLiteStore
 from relayd.storage.store import EnqueueResult, QueuedMessage, QueueLimits, Receipt, StoreOpenError
 

@@ -150,7 +150,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _storage_keygen(path: str) -> int:
-    from ..storage.sealed import generate_key_file
+    from ..storage.sealing import generate_key_file
     if os.path.lexists(path):
         raise UsageError(f"relayd keygen: {path} already exists; not overwriting a key file")
     try:

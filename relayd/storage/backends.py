@@ -30,7 +30,8 @@ def make_store(config: Config) -> Store:
     store = _backend(config)
     if not config.storage.encryption_key_file:
         return store
-    from .sealed import SealedStore, StorageKeyError, load_keys
+    from .sealed import SealedStore
+    from .sealing import StorageKeyError, load_keys
     try:
         return SealedStore(store, load_keys(config.storage.encryption_key_file))
     except StorageKeyError as exc:
