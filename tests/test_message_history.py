@@ -152,3 +152,20 @@ def test_several_instances_on_redis_share_one_history(fresh_redis, relay_cluster
     laptop, _ = signed_login(one, KEY_B)
     with laptop:
         wait_until(lambda: page(laptop)["messages"] == got, "both messages in the shared history", timeout=10)
+
+
+def test_a_page_of_large_messages_ends_at_one_mebibyte(start_relay):
+    relay = start_relay(history={"days": 1}, limits={"max_message_bytes": 400_000})
+    phone, _ = signed_login(relay, KEY_B)
+    with phone, connect(relay, new_address()) as a:
+        for i in range(4):
+            a.send(msg(ADDR_B, f"big{i}", str(i) * 300_000, timestamp=1000 + i))
+            assert a.recv()["type"] == "delivered"
+            phone.recv_type("message")
+        laptop, _ = signed_login(relay, KEY_B)
+        with laptop:
+            wait_until(lambda: len(page(laptop, limit=1, before=1001)["messages"]) == 1, "all four kept")
+            first = page(laptop)
+            assert [m["messageId"] for m in first["messages"]] == ["big3", "big2", "big1"] and first["more"]
+            rest = page(laptop, before=first["messages"][-1]["timestamp"])
+            assert [m["messageId"] for m in rest["messages"]] == ["big0"] and rest["more"] is False

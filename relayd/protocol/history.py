@@ -3,7 +3,8 @@
 ``{"type": "history", "limit": N, "before": <ms>, "with": "<address>"}``
 answers ``{"type": "history", "messages": [<message frames as delivered>],
 "more": bool}``, newest first (``before`` and ``with`` optional: only
-messages with an earlier ``timestamp``, only from that sender).
+messages with an earlier ``timestamp``, only from that sender), at most
+``PAGE_BYTES`` of them.
 ``{"type": "history_delete", "messageIds": [...]}`` or ``{"type":
 "history_delete", "all": true}`` answers ``{"type": "history_delete",
 "deleted": N}``. Off (``disabled``) unless ``[history] days > 0``; a session
@@ -26,6 +27,9 @@ MAX_LIMIT = 500
 """Messages in one page at most (a page of large messages is still bounded by the frame size the client takes)."""
 DEFAULT_LIMIT = 100
 MAX_DELETE_IDS = 1000
+PAGE_BYTES = 1 << 20
+"""A page ends once its frames reach this many bytes (it holds at least one message; ``more`` is then true), so
+a page fits the 1 MiB frames most WebSocket clients take."""
 
 
 class History:
@@ -61,9 +65,16 @@ class History:
             found = await kept.history(session.address, limit, before, sender)
         except StorageUnavailable as exc:
             raise storage_error(exc) from None
-        frames = ",".join(message_text(m.sender, m.content, m.message_id, m.timestamp, queued=not live)
-                          for m, live in zip(found.messages, found.live))
-        session.push(f'{{"type":"history","messages":[{frames}],"more":{"true" if found.more else "false"}}}')
+        frames: list[str] = []
+        size, more = 0, found.more
+        for m, live in zip(found.messages, found.live):
+            text = message_text(m.sender, m.content, m.message_id, m.timestamp, queued=not live)
+            if frames and size + len(text) > PAGE_BYTES:
+                more = True
+                break
+            frames.append(text)
+            size += len(text) + 1
+        session.push(f'{{"type":"history","messages":[{",".join(frames)}],"more":{"true" if more else "false"}}}')
 
     async def delete(self, session: Session, frame: dict[str, Any]) -> None:
         kept = self._kept(session)
