@@ -1,8 +1,8 @@
 """Message history frames: a verified session pages through the messages its address received, and deletes them.
 
 ``{"type": "history", "limit": N, "before": <ms>, "with": "<address>"}``
-answers ``{"type": "history", "messages": [<message frames as delivered>],
-"more": bool}``, newest first (``before`` and ``with`` optional: only
+answers ``{"type": "history", "messages": [<message frames as delivered, with
+"queued": true: they come from the store>], "more": bool}``, newest first (``before`` and ``with`` optional: only
 messages with an earlier ``timestamp``, only from that sender), at most
 ``PAGE_BYTES`` of them.
 ``{"type": "history_delete", "messageIds": [...]}`` or ``{"type":
@@ -67,8 +67,8 @@ class History:
             raise storage_error(exc) from None
         frames: list[str] = []
         size, more = 0, found.more
-        for m, live in zip(found.messages, found.live):
-            text = message_text(m.sender, m.content, m.message_id, m.timestamp, queued=not live)
+        for m in found.messages:
+            text = message_text(m.sender, m.content, m.message_id, m.timestamp, queued=True)
             if frames and size + len(text) > PAGE_BYTES:
                 more = True
                 break

@@ -89,8 +89,8 @@ class MemoryStore:
         self._total = 0
         self._bytes = 0
         self._history_ms = 0
-        self._history: dict[str, dict[tuple[str, str], tuple[QueuedMessage, int, bool]]] = {}
-        """Per recipient, by (sender lower-cased, messageId): (the message, kept until (epoch ms), live)."""
+        self._history: dict[str, dict[tuple[str, str], tuple[QueuedMessage, int]]] = {}
+        """Per recipient, by (sender lower-cased, messageId): (the message, kept until (epoch ms))."""
 
     @property
     def healthy(self) -> bool:
@@ -170,7 +170,7 @@ class MemoryStore:
         del self._stored[ident]
         if delivered:
             self._delivered.record(ident, msg.queued_at)
-            self._keep(msg, live=False)
+            self._keep(msg)
         self._total -= 1
         self._bytes -= size
 
@@ -207,23 +207,21 @@ class MemoryStore:
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
         for msg in messages:
             self._delivered.record(_ident(msg), msg.queued_at)
-            self._keep(dataclasses.replace(msg, seq=msg.seq or self._next_seq()), live=True)
+            self._keep(dataclasses.replace(msg, seq=msg.seq or self._next_seq()))
 
     # History
 
     def keep_history(self, ms: int) -> None:
         self._history_ms = ms
 
-    def _keep(self, msg: QueuedMessage, *, live: bool) -> None:
+    def _keep(self, msg: QueuedMessage) -> None:
         if not self._history_ms:
             return
         kept = self._history.setdefault(msg.recipient, {})
         key = (msg.sender.lower(), msg.message_id)
         if key not in kept:
             self._bytes += utf8_len(msg.content)
-            kept[key] = (msg, int(time.time() * 1000) + self._history_ms, live)
-        elif live:  # delivered live: its stored fallback was removed unsent
-            kept[key] = (kept[key][0], kept[key][1], True)
+            kept[key] = (msg, int(time.time() * 1000) + self._history_ms)
 
     async def history(self, recipient: str, limit: int, before_ms: int | None = None,
                       sender: str | None = None) -> HistoryPage:
@@ -232,9 +230,7 @@ class MemoryStore:
                         if (before_ms is None or entry[0].timestamp < before_ms)
                         and (sender is None or key[0] == sender.lower())),
                        key=lambda e: (e[0].timestamp, e[0].seq), reverse=True)
-        page = found[:limit]
-        return HistoryPage([dataclasses.replace(m) for m, _, _ in page], len(found) > limit,
-                           [live for _, _, live in page])
+        return HistoryPage([dataclasses.replace(m) for m, _ in found[:limit]], len(found) > limit)
 
     async def delete_history(self, recipient: str, message_ids: list[str] | None) -> int:
         kept = self._history.get(recipient, {})
@@ -255,7 +251,7 @@ class MemoryStore:
     async def expire_history(self, now_ms: int) -> int:
         removed = 0
         for recipient, kept in list(self._history.items()):
-            for key, (msg, until, _) in list(kept.items()):
+            for key, (msg, until) in list(kept.items()):
                 if until <= now_ms:
                     del kept[key]
                     self._bytes -= utf8_len(msg.content)

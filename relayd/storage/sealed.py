@@ -351,24 +351,23 @@ class SealedStore:
 
     async def history(self, recipient: str, limit: int, before_ms: int | None = None,
                       sender: str | None = None) -> HistoryPage:
-        found: list[tuple[QueuedMessage, bool]] = []
+        found: list[QueuedMessage] = []
         more = False
         for key in self.sealer.keys:
             page = await self._history().history(
                 self.queue(recipient, key), limit, before_ms,
                 None if sender is None else Sealer.index(key, "s", recipient, sender.lower()))
-            found += zip(page.messages, page.live)
+            found += page.messages
             more = more or page.more
-        found.sort(key=lambda e: (e[0].timestamp, e[0].seq), reverse=True)
+        found.sort(key=lambda m: (m.timestamp, m.seq), reverse=True)
         more = more or len(found) > limit
-        opened, live = [], []
-        for stored, was_live in found[:limit]:
+        opened = []
+        for stored in found[:limit]:
             try:
                 opened.append(self._open_message(stored))
-                live.append(was_live)
             except SealError as exc:
                 log.error("a kept message cannot be read: %s", exc)
-        return HistoryPage(opened, more, live)
+        return HistoryPage(opened, more)
 
     async def delete_history(self, recipient: str, message_ids: list[str] | None) -> int:
         deleted = 0

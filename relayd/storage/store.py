@@ -243,8 +243,6 @@ class HistoryPage:
 
     messages: list[QueuedMessage]
     more: bool
-    live: list[bool]
-    """Per message: it was delivered live (never stored), so its frame said ``queued: false``."""
 
 
 @runtime_checkable

@@ -31,8 +31,8 @@ class RedisHistory:
         prefix = None if sender is None else sender.lower() + "\n"
         top = "+inf" if before_ms is None else f"({before_ms}"
 
-        async def work(client: Commands) -> tuple[list[tuple[QueuedMessage, bool]], bool]:
-            found: list[tuple[QueuedMessage, bool]] = []
+        async def work(client: Commands) -> tuple[list[QueuedMessage], bool]:
+            found: list[QueuedMessage] = []
             offset = 0
             while True:
                 ids = await client.zrevrangebyscore(keys.history_order, top, "-inf", start=offset, num=PAGE_SCAN)
@@ -40,15 +40,15 @@ class RedisHistory:
                 for raw in (await client.hmget(keys.history, wanted)) if wanted else []:
                     if raw is None:
                         continue
-                    seq, live, record = _text(raw).split(" ", 2)
-                    found.append((decode_message(recipient, seq, record), live == "1"))
+                    seq, record = _text(raw).split(" ", 1)
+                    found.append(decode_message(recipient, seq, record))
                     if len(found) > limit:
                         return found[:limit], True
                 if len(ids) < PAGE_SCAN:
                     return found, False
                 offset += PAGE_SCAN
         kept, more = await self.core.link.read(work)
-        return HistoryPage([m for m, _ in kept], more, [live for _, live in kept])
+        return HistoryPage(kept, more)
 
     async def delete(self, recipient: str, message_ids: list[str] | None) -> int:
         deleted = 0

@@ -40,7 +40,7 @@ class Script:
 # 14 delivered, 15 history, 16 history order, 17 history until, 18 history expiry (slot).
 # ARGV[1]: the address.
 # History (``[history] days``) keeps a message that leaves as delivered under "lower-cased sender\nmessageId":
-# "seq live record" (live 1: delivered without being stored), ordered by its timestamp, until a time in ms; its
+# "seq record", ordered by its timestamp, until a time in ms; its
 # bytes count in the slot's ``bytes`` (the storage budget) but not in the address's queue counters.
 # A message record is "[sender, messageId, size, timestamp, queued_at]\n" followed by the content; the ids
 # index maps a messageId to [[sender as the client spelled it, seq], ...] and compares senders lower-cased.
@@ -107,17 +107,9 @@ local function unindex(mid, s)
   if #kept == 0 then redis.call('HDEL', I, mid) else redis.call('HSET', I, mid, cjson.encode(kept)) end
 end
 
--- Keeps a delivered message's record in history until ``keep_to``; returns the bytes it adds (0: kept already;
--- a live delivery marks the kept copy live: its stored fallback was removed unsent).
-local function keep(id, s, live, rec, size, timestamp, keep_to)
-  if redis.call('HSETNX', H, id, s .. ' ' .. live .. ' ' .. rec) == 0 then
-    if live == '1' then
-      local raw = redis.call('HGET', H, id)
-      local cut = string.find(raw, ' ', 1, true)
-      redis.call('HSET', H, id, string.sub(raw, 1, cut) .. '1' .. string.sub(raw, cut + 2))
-    end
-    return 0
-  end
+-- Keeps a delivered message's record in history until ``keep_to``; returns the bytes it adds (0: kept already).
+local function keep(id, s, rec, size, timestamp, keep_to)
+  if redis.call('HSETNX', H, id, s .. ' ' .. rec) == 0 then return 0 end
   redis.call('ZADD', HO, timestamp, id)
   redis.call('ZADD', HU, keep_to, id)
   return size
@@ -129,7 +121,7 @@ local function unkeep(ids)
   for _, id in ipairs(ids) do
     local raw = redis.call('HGET', H, id)
     if raw then
-      local rec = string.sub(raw, string.find(raw, ' ', string.find(raw, ' ', 1, true) + 1, true) + 1)
+      local rec = string.sub(raw, string.find(raw, ' ', 1, true) + 1)
       local meta = cjson.decode(string.sub(rec, 1, string.find(rec, '\n', 1, true) - 1))
       freed = freed + tonumber(meta[3])
       redis.call('HDEL', H, id)
@@ -165,7 +157,7 @@ local function drop_message(s, delivered, keep_to)
   if delivered then
     remember_delivered(string.lower(meta[1]), meta[2], queued_at or fmt(meta[5]))
     if keep_to and keep_to ~= '0' then
-      kept = keep(delivered_id(string.lower(meta[1]), meta[2]), s, '0', rec, meta[3], fmt(meta[4]), keep_to)
+      kept = keep(delivered_id(string.lower(meta[1]), meta[2]), s, rec, meta[3], fmt(meta[4]), keep_to)
     end
   end
   return meta[3], kept
@@ -427,7 +419,7 @@ for k = 3, #ARGV, 6 do
   local lsender = string.lower(ARGV[k])
   remember_delivered(lsender, ARGV[k + 1], ARGV[k + 2])
   if keep_to ~= '0' then
-    kept = kept + keep(delivered_id(lsender, ARGV[k + 1]), '0', '1', ARGV[k + 5], tonumber(ARGV[k + 4]),
+    kept = kept + keep(delivered_id(lsender, ARGV[k + 1]), '0', ARGV[k + 5], tonumber(ARGV[k + 4]),
                        ARGV[k + 3], keep_to)
   end
   recorded = recorded + 1

@@ -4,8 +4,7 @@ page of them, deletion by their recipient and expiry.
 Like ``queue``, each function returns ``(value, Delta)``; history counts in
 the byte total (the storage budget) and never in the message total. A message
 is kept once per (recipient, messageId, lower-cased sender): a second
-delivery of the same message keeps the first copy (marked live when either
-delivery was live).
+delivery of the same message keeps the first copy.
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ def keep_stored(conn: sqlite3.Connection, seqs: Sequence[int], marks: str, until
     added = conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM messages m WHERE seq IN ({marks}) AND {_NEW}",
                          seqs).fetchone()[0]
     conn.execute(f"INSERT OR IGNORE INTO history (recipient, message_id, sender_key, sender, content, timestamp, "
-                 f"queued_at, seq, live, kept_until, size) SELECT recipient, message_id, lower(sender), sender, "
-                 f"content, timestamp, queued_at, seq, 0, ?, size FROM messages WHERE seq IN ({marks})",
+                 f"queued_at, seq, kept_until, size) SELECT recipient, message_id, lower(sender), sender, "
+                 f"content, timestamp, queued_at, seq, ?, size FROM messages WHERE seq IN ({marks})",
                  (until, *seqs))
     return int(added)
 
@@ -37,15 +36,11 @@ def keep_live(conn: sqlite3.Connection, messages: list[QueuedMessage], until: in
     added = 0
     for m in messages:
         size = utf8_len(m.content)
-        known = conn.execute("UPDATE history SET live = 1 WHERE recipient = ? AND message_id = ? AND "
-                             "sender_key = lower(?)", (m.recipient, m.message_id, m.sender)).rowcount
-        if known:  # kept when its stored fallback was removed unsent: it was delivered live
-            continue
-        conn.execute("INSERT INTO history (recipient, message_id, sender_key, sender, content, timestamp, queued_at, "
-                     "seq, live, kept_until, size) VALUES (?, ?, lower(?), ?, ?, ?, ?, ?, 1, ?, ?)",
-                     (m.recipient, m.message_id, m.sender, m.sender, m.content, m.timestamp, m.queued_at, m.seq,
-                      until, size))
-        added += size
+        cur = conn.execute("INSERT OR IGNORE INTO history (recipient, message_id, sender_key, sender, content, "
+                           "timestamp, queued_at, seq, kept_until, size) VALUES (?, ?, lower(?), ?, ?, ?, ?, ?, ?, ?)",
+                           (m.recipient, m.message_id, m.sender, m.sender, m.content, m.timestamp, m.queued_at,
+                            m.seq, until, size))
+        added += size if cur.rowcount > 0 else 0
     return None, (0, added)
 
 
@@ -69,12 +64,10 @@ def page(conn: sqlite3.Connection, recipient: str, limit: int, before_ms: int | 
     if sender is not None:
         where.append("sender_key = lower(?)")
         args.append(sender)
-    rows = conn.execute(f"SELECT recipient, sender, message_id, content, timestamp, queued_at, seq, live FROM history "
+    rows = conn.execute(f"SELECT recipient, sender, message_id, content, timestamp, queued_at, seq FROM history "
                         f"WHERE {' AND '.join(where)} ORDER BY timestamp DESC, seq DESC LIMIT ?",
                         (*args, limit + 1)).fetchall()
-    kept = rows[:limit]
-    return HistoryPage([QueuedMessage(r, s, mid, c, t, q, seq) for r, s, mid, c, t, q, seq, _ in kept],
-                       len(rows) > limit, [bool(row[7]) for row in kept]), NONE
+    return HistoryPage([QueuedMessage(*row) for row in rows[:limit]], len(rows) > limit), NONE
 
 
 def delete(conn: sqlite3.Connection, recipient: str, message_ids: list[str] | None) -> tuple[int, Delta]:

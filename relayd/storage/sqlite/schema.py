@@ -121,7 +121,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX delivered_queued_at ON delivered (queued_at)",
     ),
     (   # message history ([history] days): delivered messages kept as stored, once per message, for their
-        # recipient; ``live``: delivered without being stored
+        # recipient
         """CREATE TABLE history (
             recipient TEXT NOT NULL,
             message_id TEXT NOT NULL,
@@ -131,7 +131,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             timestamp INTEGER NOT NULL,
             queued_at INTEGER NOT NULL,
             seq INTEGER NOT NULL,
-            live INTEGER NOT NULL,
             kept_until INTEGER NOT NULL,
             size INTEGER NOT NULL)""",
         "CREATE UNIQUE INDEX history_ident ON history (recipient, message_id, sender_key)",
