@@ -171,3 +171,25 @@ def test_a_page_of_large_messages_ends_at_one_mebibyte(start_relay):
             assert [m["messageId"] for m in first["messages"]] == ["big3", "big2", "big1"] and first["more"]
             rest = page(laptop, before=first["messages"][-1]["timestamp"])
             assert [m["messageId"] for m in rest["messages"]] == ["big0"] and rest["more"] is False
+
+
+def test_paging_never_skips_messages_that_share_a_timestamp(start_relay):
+    relay = start_relay(history={"days": 1})
+    phone, _ = signed_login(relay, KEY_B)
+    with phone, connect(relay, new_address()) as a:
+        for mid, ts in (("a", 1000), ("b", 2000), ("c", 2000), ("d", 2000), ("e", 3000)):
+            a.send(msg(ADDR_B, mid, mid, timestamp=ts))
+            assert a.recv()["type"] == "delivered"
+            phone.recv_type("message")
+        laptop, _ = signed_login(relay, KEY_B)
+        with laptop:
+            wait_until(lambda: len(page(laptop)["messages"]) == 5, "all five kept")
+            seen: list[str] = []
+            query: dict[str, Any] = {"limit": 2}
+            while True:
+                got = page(laptop, **query)
+                seen += [m["messageId"] for m in got["messages"]]
+                if not got["more"]:
+                    break
+                query["before"] = got["messages"][-1]["timestamp"]
+            assert sorted(seen) == ["a", "b", "c", "d", "e"] and len(seen) == 5

@@ -4,7 +4,10 @@
 answers ``{"type": "history", "messages": [<message frames as delivered, with
 "queued": true: they come from the store>], "more": bool}``, newest first (``before`` and ``with`` optional: only
 messages with an earlier ``timestamp``, only from that sender), at most
-``PAGE_BYTES`` of them.
+``PAGE_BYTES`` of them. A page never ends between two messages of the same
+timestamp (a run longer than ``limit`` is one page, up to ``MAX_LIMIT`` and
+``PAGE_BYTES``), so ``before`` = the last one's timestamp pages on without
+skipping any.
 ``{"type": "history_delete", "messageIds": [...]}`` or ``{"type":
 "history_delete", "all": true}`` answers ``{"type": "history_delete",
 "deleted": N}``. Off (``disabled``) unless ``[history] days > 0``; a session
@@ -62,19 +65,30 @@ class History:
         sender = field_address(frame, "with") if frame.get("with") is not None else None
         assert session.address is not None
         try:
-            found = await kept.history(session.address, limit, before, sender)
+            found = await kept.history(session.address, limit + 1, before, sender)
+            messages = found.messages
+            if len(messages) > limit and messages[0].timestamp == messages[limit].timestamp:
+                # a run of equal timestamps longer than the page: the page is the whole run (bounded)
+                found = await kept.history(session.address, MAX_LIMIT + 1, before, sender)
+                messages = found.messages
+                limit = sum(1 for m in messages[:MAX_LIMIT] if m.timestamp == messages[0].timestamp)
         except StorageUnavailable as exc:
             raise storage_error(exc) from None
         frames: list[str] = []
-        size, more = 0, found.more
-        for m in found.messages:
+        size = 0
+        for m in messages[:limit]:
             text = message_text(m.sender, m.content, m.message_id, m.timestamp, queued=True)
             if frames and size + len(text) > PAGE_BYTES:
-                more = True
                 break
             frames.append(text)
             size += len(text) + 1
-        session.push(f'{{"type":"history","messages":[{",".join(frames)}],"more":{"true" if more else "false"}}}')
+        shown = len(frames)
+        more = found.more or len(messages) > shown
+        if more:  # never end a page inside a run of equal timestamps: the next page starts "before" the last one
+            while shown > 1 and messages[shown - 1].timestamp == messages[shown].timestamp:
+                shown -= 1
+        session.push(f'{{"type":"history","messages":[{",".join(frames[:shown])}],'
+                     f'"more":{"true" if more else "false"}}}')
 
     async def delete(self, session: Session, frame: dict[str, Any]) -> None:
         kept = self._kept(session)
