@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated scenario numbers, e.g. 1,3")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per scenario (default 3); every figure is "
                                                           "the median over them")
-    ap.add_argument("--node-relay", metavar="DIR", default=os.environ.get("RELAYD_BENCH_NODE_RELAY"),
-                    help="a checkout of idena-p2p's relay-server folder (or env RELAYD_BENCH_NODE_RELAY)")
+    ap.add_argument("--node-relay", metavar="DIR", default=os.environ.get("RELAYDBENCH_NODE_RELAY"),
+                    help="a checkout of idena-p2p's relay-server folder (or env RELAYDBENCH_NODE_RELAY)")
     ap.add_argument("--max-loadgen-procs", type=int, default=os.cpu_count() or 1,
                     help="most load processes per run (default: the number of CPUs)")
     ap.add_argument("--json", metavar="FILE", help="also write every raw figure as JSON")

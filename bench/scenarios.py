@@ -755,6 +755,116 @@ def _s9_sign_ins(ctx: Any, rep: Report, p: dict[str, Any], redis: RedisProcess) 
     share_rows(sec, rounds, "idle", "while connecting: ")
 
 
+# 10. PostgreSQL
+
+class PgCpuProbe:
+    """A PostgreSQL server's CPU per window: the postmaster and every process it started (its connections'
+    backends live as long as relayd's pooled connections, so none of their CPU is lost to an exit)."""
+
+    def __init__(self, postmaster: int, windows: list[str]) -> None:
+        self.postmaster = postmaster
+        self.windows = windows
+        self.before: dict[str, float] = {}
+        self.result: dict[str, dict[str, Any]] = {}
+
+    def _cpu(self) -> float:
+        total = 0.0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(entry) == self.postmaster or int(fields[1]) == self.postmaster:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def start(self, window: str) -> None:
+        if window in self.windows:
+            self.before[window] = self._cpu()
+
+    def stop(self, window: str) -> None:
+        if window in self.before:
+            self.result[window] = {"pg_cpu_s": self._cpu() - self.before[window]}
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        return self.result
+
+
+def s10_postgres(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
+    """The queued path on PostgreSQL against SQLite and Redis, in the same run and under the same load: queued
+    per second, relayd CPU per queued message, and the database server's own CPU per queued message (PostgreSQL:
+    a server of the run's own, fsync on, started as in the tests; Redis: no persistence)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pg_support import PgServer, pg_bindir
+    missing = "" if pg_bindir() is not None else "PostgreSQL server binaries are not installed (Debian: postgresql)"
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        missing = missing or "relayd's PostgreSQL extra is not installed (pip install -e '.[postgres]')"
+    if missing:
+        rep.problems.append(f"10: not measured ({missing})")
+        return
+    pg = PgServer(fsync=True)
+    redis = None if RedisProcess.missing() else RedisProcess(ctx.tmpdir("redis")).start()
+    try:
+        _s10_queued(ctx, rep, p, pg, redis)
+    finally:
+        pg.destroy()
+        if redis is not None:
+            redis.stop()
+
+
+def _s10_queued(ctx: Any, rep: Report, p: dict[str, Any], pg: Any, redis: RedisProcess | None) -> None:
+    labels = ["relayd/postgres", "relayd/sqlite", "relayd/redis"]
+    pg_env = (("RELAYD_POSTGRES_URL", pg.url),)
+    variants = [Variant("relayd/postgres", "relayd", "postgres",
+                        tuple(sorted({"relayd_env": pg_env, "queue_max": 10_000_000}.items())))]
+    variants += ctx.variants(["relayd/sqlite"], queue_max=10_000_000)
+    if redis is not None:
+        variants.append(_s9_variant("relayd/redis", redis, queue_max=10_000_000))
+
+    def one(srv: Server, procs: int) -> dict[str, Any]:
+        backend = srv.variant.backend
+        if backend == "postgres":
+            pg.psql("TRUNCATE messages, queues, delivered, receipts")
+        elif backend == "redis" and redis is not None:
+            redis.flush()
+        senders, recipients = split(p["senders"], procs), split(p["recipients"], procs)
+        args = [["offline", "--senders", str(s), "--window", str(p["window"]), "--duration", str(p["duration"]),
+                 "--count", str(p["queued_count"]), "--recipients", str(r)] for s, r in zip(senders, recipients)]
+        probes: list[Any] = [PeerProbe({}, redis if backend == "redis" else None, ["load"])]
+        if backend == "postgres":
+            probes.append(PgCpuProbe(pg.proc.pid, ["load"]))
+        run = run_loadgen(srv, args, p["duration"] + 90, windows={"load": ("start", "end")}, probes=probes,
+                          cores=ctx.cores)
+        figures, queued = queued_phase(ctx, run, f"10/{srv.label}")
+        win = run.windows["load"]
+        db_cpu = win.get("pg_cpu_s") if backend == "postgres" else win.get("redis_cpu_s")
+        return {**figures, "db_cpu_us": per(db_cpu, queued, 1e6)}
+
+    rounds = run_rounds(ctx, "10", variants, one, saturation_window="load", max_procs=ctx.max_procs)
+    rep.raw["10_queued"] = dataclasses.asdict(rounds)
+    absent = ctx.absent(labels)
+    if redis is None:
+        absent["relayd/redis"] = "n/a"
+    sec = rep.section(f"10. queued path on PostgreSQL, SQLite and Redis ({p['senders']} senders x {p['window']} in "
+                      f"flight to {p['recipients']:,} distinct offline recipients, {p['duration']:g} s; one instance "
+                      f"each; {ctx.rounds_text()})", labels,
+                      [("relayd/postgres", "relayd/sqlite"), ("relayd/postgres", "relayd/redis")], absent)
+    sec.rounds_row("queued/s", rounds, "rate", note="higher is better")
+    sec.rounds_row("relayd CPU us / queued message", rounds, "cpu_us", note="sqlite: incl. its writer thread")
+    sec.rounds_row("database server CPU us / queued message", rounds, "db_cpu_us",
+                   note="PostgreSQL: the postmaster and its backends; Redis: redis-server; SQLite: in relayd")
+    load_rows(sec, rounds, "load")
+    sec.note("PostgreSQL with fsync on and synchronous_commit on (each batch of messages one committed call of "
+             "relayd_enqueue_many); SQLite with synchronous = normal and group commit; Redis without persistence. "
+             "Cross-instance routing on PostgreSQL alone is not built yet, so there is no cross-instance figure")
+    discarded_note(sec, rounds)
+
+
 # The table
 
 @dataclasses.dataclass(frozen=True)
@@ -799,4 +909,8 @@ SCENARIOS: list[Scenario] = [
                    "senders": 50, "duration": 10.0, "recipients": 50000, "queued_count": 1000000,
                    "connections": 10000},
              scaled=("count", "duration", "connections")),
+    Scenario(10, "PostgreSQL", s10_postgres,
+             quick={"senders": 20, "window": 16, "duration": 2.0, "recipients": 5000, "queued_count": 100000},
+             full={"senders": 50, "window": 16, "duration": 10.0, "recipients": 50000, "queued_count": 1000000},
+             scaled=("duration",)),
 ]

@@ -382,7 +382,7 @@ class NodeRelay:
     @classmethod
     def prepare(cls, directory: str | None) -> "NodeRelay":
         if not directory:
-            return cls(None, reason="no checkout given (--node-relay DIR or RELAYD_BENCH_NODE_RELAY)")
+            return cls(None, reason="no checkout given (--node-relay DIR or RELAYDBENCH_NODE_RELAY)")
         d = Path(directory).expanduser().resolve()
         relay = cls(d)
         relay.node = shutil.which("node")

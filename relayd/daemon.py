@@ -19,6 +19,7 @@ from .net.admission import raise_descriptor_limit
 from .net.http_values import HttpResponse, error_response
 from .net.http_connection import to_response
 from .ops.allocator import tune_allocator
+from .ops.certificate import CertificateError, certificate_not_after
 from .ops.logsetup import configure_logging
 from .ops.prometheus import CONTENT_TYPE
 from .ops.sdnotify import Notifier
@@ -75,6 +76,7 @@ class Daemon:
         self.server = RelayServer(config, store)
         self.notifier = Notifier.from_env()
         self.ssl_context = make_ssl_context(config)
+        self._watch_certificate(config.tls.certfile if self.ssl_context is not None else "")
         self._metrics_server: Server | None = None
         self._done = asyncio.Event()
         self._tasks: set[asyncio.Task[bool]] = set()
@@ -93,7 +95,8 @@ class Daemon:
         gc.freeze()
         for level, line in startup_report(self.config, self.sources, self.server.addresses,
                                           crypto=self.server.crypto,
-                                          budget=self.server.router.delivery.limits.max_total_bytes):
+                                          budget=self.server.router.delivery.limits.max_total_bytes,
+                                          budget_how=self.server.budget_how):
             log.log(level, "%s", line)
         if self.config.metrics.enabled and self.config.metrics.listen:
             host, _, port = self.config.metrics.listen.rpartition(":")
@@ -156,14 +159,25 @@ class Daemon:
             log.warning("reload: %s changed but needs a restart; keeping the running value", key)
         if self.ssl_context is not None and context is not None:
             self.ssl_context.load_cert_chain(merged.tls.certfile, merged.tls.keyfile)
+            self._watch_certificate(merged.tls.certfile)
         elif context is not None:
             log.warning("reload: TLS cannot be switched on without a restart")
         self.config = merged
         configure_logging(merged.log.level, merged.log.format)
         self.server.configure(merged)
-        log.info("configuration reloaded (%d change%s applied)", len(applied), "" if len(applied) == 1 else "s")
+        log.info("configuration reloaded: %s", f"applied {', '.join(applied)}" if applied else "nothing changed")
         self.notifier.ready(self._status())
         return True
+
+    def _watch_certificate(self, certfile: str) -> None:
+        """Publish the served certificate's expiry (a renewal is loaded on SIGHUP, so it is read again then)."""
+        expiry: float | None = None
+        if certfile:
+            try:
+                expiry = certificate_not_after(certfile)
+            except (OSError, CertificateError) as exc:
+                log.warning("cannot read when the TLS certificate expires, so the metric is absent: %s", exc)
+        self.server.metrics.certificate_expiry.set_function(lambda: expiry)
 
     # The separate metrics listener
 

@@ -36,6 +36,13 @@ class ErrorCode(str, enum.Enum):
     STORAGE_UNAVAILABLE = "storage_unavailable"
     STORAGE_TIMEOUT = "storage_timeout"
     RATE_LIMITED = "rate_limited"
+    # Push subscriptions
+    PUSH_DISABLED = "push_disabled"
+    PUSH_PROVIDER_UNAVAILABLE = "push_provider_unavailable"
+    PUSH_VERIFIED_ONLY = "push_verified_only"
+    INVALID_SUBSCRIPTION = "invalid_subscription"
+    ENDPOINT_NOT_ALLOWED = "endpoint_not_allowed"
+    SUBSCRIPTION_NOT_FOUND = "subscription_not_found"
     # HTTP
     BAD_REQUEST = "bad_request"
     NOT_FOUND = "not_found"
@@ -48,6 +55,7 @@ class ErrorCode(str, enum.Enum):
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    ACCESS_DENIED = "access_denied"
     DISABLED = "disabled"
     INTERNAL_ERROR = "internal_error"
 
@@ -71,6 +79,15 @@ _DEFAULTS: dict[ErrorCode, tuple[str, HTTPStatus]] = {
     ErrorCode.STORAGE_TIMEOUT: ("Storage did not confirm the write in time; the message may have been stored: "
                                 "resend it with the same messageId", HTTPStatus.SERVICE_UNAVAILABLE),
     ErrorCode.RATE_LIMITED: ("Too many requests", HTTPStatus.TOO_MANY_REQUESTS),
+    ErrorCode.PUSH_DISABLED: ("Push notifications are not enabled on this relay", HTTPStatus.NOT_FOUND),
+    ErrorCode.PUSH_PROVIDER_UNAVAILABLE: ("This push provider is not configured on this relay",
+                                          HTTPStatus.NOT_FOUND),
+    ErrorCode.PUSH_VERIFIED_ONLY: ("Only a signed-in (verified) session may subscribe to pushes",
+                                   HTTPStatus.FORBIDDEN),
+    ErrorCode.INVALID_SUBSCRIPTION: ("The push subscription is malformed", HTTPStatus.BAD_REQUEST),
+    ErrorCode.ENDPOINT_NOT_ALLOWED: ("The push endpoint is not allowed: https on a public address only",
+                                     HTTPStatus.BAD_REQUEST),
+    ErrorCode.SUBSCRIPTION_NOT_FOUND: ("No push subscription with this id", HTTPStatus.NOT_FOUND),
     ErrorCode.BAD_REQUEST: ("Bad request", HTTPStatus.BAD_REQUEST),
     ErrorCode.NOT_FOUND: ("Endpoint not found", HTTPStatus.NOT_FOUND),
     ErrorCode.KEY_NOT_FOUND: ("Public key not found for this address", HTTPStatus.NOT_FOUND),
@@ -82,6 +99,7 @@ _DEFAULTS: dict[ErrorCode, tuple[str, HTTPStatus]] = {
     ErrorCode.UNAUTHORIZED: ("A bearer token of this address is required", HTTPStatus.UNAUTHORIZED),
     ErrorCode.FORBIDDEN: ("This token does not grant access to this address", HTTPStatus.FORBIDDEN),
     ErrorCode.ORIGIN_NOT_ALLOWED: ("Origin not allowed", HTTPStatus.FORBIDDEN),
+    ErrorCode.ACCESS_DENIED: ("Access denied by this relay's operator", HTTPStatus.FORBIDDEN),
     ErrorCode.DISABLED: ("This endpoint is disabled on this relay", HTTPStatus.NOT_FOUND),
     ErrorCode.NOT_VERIFIED: ("Sign in with a signature first: only a verified session reads or deletes its "
                              "history", HTTPStatus.FORBIDDEN),
@@ -95,6 +113,8 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
+    ACCESS_DENIED = 4003
+    """The operator's deny list (``[access] deny``) names this client's IP or address."""
     AUTH_FAILED = 4401
     AUTH_REQUIRED = 4403
 
@@ -103,6 +123,7 @@ CLOSE_CODES: dict[ErrorCode, CloseCode] = {
     ErrorCode.AUTH_FAILED: CloseCode.AUTH_FAILED,
     ErrorCode.AUTH_REQUIRED: CloseCode.AUTH_REQUIRED,
     ErrorCode.AUTH_TIMEOUT: CloseCode.POLICY_VIOLATION,
+    ErrorCode.ACCESS_DENIED: CloseCode.ACCESS_DENIED,
 }
 """Errors that always end the connection, with the close code each ends it with."""
 

@@ -51,6 +51,7 @@ class Housekeeping:
     def configure(self, config: Config) -> None:
         self.auth_timeout = config.server.auth_timeout_s
         self.retention_ms = int(config.queue.message_retention_hours * 3_600_000)
+        self.unsigned_key_ttl_ms = int(config.storage.unsigned_key_ttl_days * 86_400_000)
         self.expiry_interval = config.queue.expiry_interval_s
         self.sweep_interval = min(SWEEP_INTERVAL_S, config.limits.rate_limit_window_ms / 1000)
         self.summary_interval = config.log.summary_interval_s
@@ -153,3 +154,16 @@ class Housekeeping:
         if removed:
             self.metrics.expired.inc(removed)
             log.info("expired %d queued messages past retention", removed)
+        if self.unsigned_key_ttl_ms:
+            await self._expire_keys()
+
+    async def _expire_keys(self) -> None:
+        now = wall_ms(self.clock)
+        try:
+            removed = await self.store.expire_keys(now - self.unsigned_key_ttl_ms, now)
+        except Exception as exc:
+            log.error("expiry of unused unsigned keys failed: %s", exc)
+            return
+        if removed:
+            log.info("expired %d unsigned keys nobody uploaded or looked up for %g days", removed,
+                     self.unsigned_key_ttl_ms / 86_400_000)

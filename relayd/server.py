@@ -25,11 +25,12 @@ from .identity.auth import Authenticator
 from .net.admission import Admission
 from .net.gateway import Gateway
 from .api.rest import HttpApi
+from .ops.history import ActivityHistory
 from .ops.metrics import RelayMetrics
 from .protocol.delivery import Delivery
 from .protocol.presence import LocalPresence
 from .protocol.router import Router
-from .protocol.seams import NO_PEERS, MessagePath, Peers, Presence, Routes
+from .protocol.seams import NO_PEERS, NO_PUSH, MessagePath, Peers, Presence, PushRegistry, Routes
 from .storage.backends import automatic_budget
 from .storage.memory import MemoryStore
 from .storage.sealed import CHECK_ADDRESS, SealedStore
@@ -38,6 +39,7 @@ from .protocol.writes import AddressWrites
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .push.service import PushService
 
 log = logging.getLogger("relayd.server")
 
@@ -74,19 +76,43 @@ class RelayServer:
         local = Delivery(config, routes, self.store, self.metrics, clock, writes)
         delivery: MessagePath = local if self.cluster is None else self.cluster.delivery(local)
         self.delivery = delivery
+        self.push: PushService | None = None
+        """Push notifications (``relayd.push``, imported only when ``[push] enabled``: it needs relayd[push])."""
+        registry: PushRegistry = NO_PUSH
+        if config.push.enabled:
+            from .push.service import PushService
+            self.push = registry = PushService(config, self.store, self.metrics, clock, self.storage_budget)
         self.router = Router(config, routes, self.store, self.metrics, self.authenticator, clock,
-                             delivery=delivery, peers=peers, writes=writes)
+                             delivery=delivery, peers=peers, writes=writes, push=registry)
+        if self.push is not None:
+            # Only the instance that stored a message calls on_stored, and only when no session of the
+            # recipient was ready on any instance: one push per event, and the message path never waits.
+            backlog_stored, notify = delivery.on_stored, self.push.notify
+
+            def stored(recipient: str) -> None:
+                backlog_stored(recipient)
+                notify(recipient)
+            delivery.on_stored = stored
         if self.cluster is not None:
             self.cluster.bind(self.router, local)
+            self.cluster.presence.counts = self.counts
         self.api = HttpApi(config, self.presence, self.store, self.metrics, self.authenticator,
-                           sessions=self.router, relay=self, clock=clock)
+                           sessions=self.router, relay=self, clock=clock,
+                           vapid_public_key=self.push.vapid_public_key if self.push is not None else None)
         self.admission = Admission(config, self.metrics, clock)
         self.gateway = Gateway(config, self.api, self.router, self.admission, clock)
-        self.housekeeping = Housekeeping(config, self.store, self.metrics, clock,
-                                         sweepers=[self.api.sweep, self.authenticator.sweep, self.admission.sweep])
+        self.history = ActivityHistory(self.metrics, self.session_count, clock.monotonic())
+        """The status page's last hour (counts only), ticked by the housekeeping timer."""
+        sweepers = [self.api.sweep, self.authenticator.sweep, self.admission.sweep]
+        if self.push is not None:
+            sweepers.append(self.push.sweep)
+        self.housekeeping = Housekeeping(config, self.store, self.metrics, clock, sweepers=sweepers)
         self.housekeeping.tick_callbacks.append(self.gateway.tick)
+        self.housekeeping.tick_callbacks.append(lambda now: self.history.tick(self.clock.monotonic()))
         self._stopping = False
         self.crypto = ""
+        self.budget_how = ""
+        """How the automatic storage budget was found (for the start-up log)."""
 
     def configure(self, config: Config) -> None:
         """Apply a (re)loaded configuration to every part; SIGHUP calls this."""
@@ -99,6 +125,8 @@ class RelayServer:
         self.admission.configure(config)
         self.housekeeping.configure(config)
         self.gateway.configure(config)
+        if self.push is not None:
+            self.push.configure(config)
 
     @property
     def public_url(self) -> str:
@@ -114,6 +142,26 @@ class RelayServer:
 
     def session_count(self) -> int:
         return self.gateway.session_count()
+
+    def counts(self) -> dict[str, int]:
+        """This instance's connection counts, as ``/health/instances`` reports them."""
+        return {"connections": len(self.gateway.sessions), "sessions": self.session_count()}
+
+    async def instances(self) -> dict[str, dict[str, int]]:
+        """Connection counts per instance: every live one on the same Redis, or just this one."""
+        if self.cluster is None:
+            return {"this": self.counts()}
+        return await self.cluster.presence.instance_counts()
+
+    def readiness_problem(self) -> str | None:
+        """Why this instance cannot do all of its work although storage answers (None: nothing)."""
+        if self.cluster is not None and not self.cluster.bus.subscribed:
+            return f"the cluster inbox is not subscribed, messages cannot cross instances: " \
+                   f"{self.cluster.bus.problem or 'subscribing'} ({self.cluster.bus.failures} failed attempts)"
+        return None
+
+    def storage_budget(self) -> int:
+        return self.delivery.limits.max_total_bytes
 
     def accepting(self) -> bool:
         server = self.gateway.server
@@ -132,7 +180,8 @@ class RelayServer:
                                  "not set: start with the key file(s) it was written with (nothing was changed)")
         if self.cluster is not None:
             await self.cluster.start()
-        self.delivery.storage_budget = automatic_budget(self.config, self.store)
+        budget = automatic_budget(self.config, self.store)
+        self.delivery.storage_budget, self.budget_how = budget.bytes, budget.how
         self.router.configure(self.config)
         self.crypto = self.authenticator.prepare(self.config.auth.crypto)
         delivery = self.delivery
@@ -140,7 +189,10 @@ class RelayServer:
                           online=self.presence.online_count, queue_depth=self.store.total,
                           storage_bytes=self.store.stored_bytes,
                           storage_budget=lambda: delivery.limits.max_total_bytes,
-                          storage_healthy=lambda: 1 if self.store.healthy else 0)
+                          storage_healthy=lambda: 1 if self.store.healthy else 0,
+                          ready=lambda: 1 if self.store.healthy and self.accepting() else 0)
+        if self.push is not None:
+            self.push.start()
         await self.gateway.start(sock=sock, ssl_context=ssl_context)
         self.authenticator.configure(self.config, self.public_url)
         self.housekeeping.start()
@@ -189,6 +241,9 @@ class RelayServer:
         self.housekeeping.stop()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.router.settle(), timeout)
+        if self.push is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.push.stop(), timeout)
         if self.cluster is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.cluster.stop(), timeout)

@@ -1,7 +1,7 @@
 """Every fixture of the suite; the helpers they use live in ``support.py``.
 
-Set ``RELAYD_TEST_TIMEOUT_FACTOR`` (default 1) to multiply every timeout and
-deadline of the toolkit, e.g. ``RELAYD_TEST_TIMEOUT_FACTOR=3`` on a slow CI
+Set ``RELAYDTEST_TIMEOUT_FACTOR`` (default 1) to multiply every timeout and
+deadline of the toolkit, e.g. ``RELAYDTEST_TIMEOUT_FACTOR=3`` on a slow CI
 machine (see ``support.TIMEOUT_FACTOR``).
 """
 
@@ -50,6 +50,28 @@ def start_relay() -> Iterator[Callable[..., ThreadRelay]]:
     yield start
     for relay in relays:
         relay.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
+def start_on(request: pytest.FixtureRequest, start_relay: Callable[..., ThreadRelay],
+             tmp_path: Path) -> Callable[..., ThreadRelay]:
+    """``start_on(clock=None, **sections)``: a relay on a SQLite file of this test's own, on the session's
+    redis-server under a key prefix of its own, or on a database of its own on the session's PostgreSQL (the same
+    file, prefix or database for every relay the test starts)."""
+    from relayd.storage.backends import make_store
+
+    def start(clock: Any = None, **sections: dict[str, Any]) -> ThreadRelay:
+        storage: dict[str, Any] = {"backend": request.param, **sections.pop("storage", {})}
+        if request.param == "sqlite":
+            storage.setdefault("path", str(tmp_path / "relayd.db"))
+        elif request.param == "postgres":
+            sections["postgres"] = {"url": request.getfixturevalue("pg_database")}
+        else:
+            sections["redis"] = {"url": request.getfixturevalue("redis_server").url,
+                                 "key_prefix": request.getfixturevalue("redis_prefix")}
+        sections["storage"] = storage
+        return start_relay(store=make_store(make_config(**sections)), clock=clock, **sections)
+    return start
 
 
 @pytest.fixture
@@ -251,9 +273,10 @@ def no_optional_backends(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.Mon
 StoreBody = Callable[[Store], Any]
 
 
-STORE_BACKENDS = ["memory", "sqlite", "redis", "redis-cluster", "sealed-sqlite", "sealed-redis"]
+STORE_BACKENDS = ["memory", "sqlite", "redis", "redis-cluster", "postgres", "sealed-sqlite", "sealed-redis",
+                  "sealed-postgres"]
 """Every backend must pass the store contract (Redis on one server and on a local three-master Cluster), and so
-must the encryption-at-rest layer over SQLite and Redis."""
+must the encryption-at-rest layer over SQLite, Redis and PostgreSQL."""
 
 
 def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
@@ -269,6 +292,9 @@ def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Sto
         return MemoryStore()
     if kind == "sqlite":
         return SQLiteStore(str(tmp_path / "relay.db"), commit_interval_ms=0.5)
+    if kind == "postgres":
+        from relayd.storage.postgres import PostgresStore
+        return PostgresStore(request.getfixturevalue("pg_database"), pool_size=4)
     from relayd.storage.redis import RedisStore
     server = request.getfixturevalue("redis_cluster" if kind == "redis-cluster" else "redis_server")
     return RedisStore(server.url, key_prefix=request.getfixturevalue("redis_prefix"), cluster=kind == "redis-cluster")
@@ -331,6 +357,36 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
     yield cluster
     cluster.stop()
+
+
+# Real PostgreSQL servers (helpers in pg_support.py), skipped only when the server binaries are missing.
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One PostgreSQL server (fsync off) shared by the session; tests isolate by database."""
+    from pg_support import INSTALL_HINT, PgServer, pg_bindir
+    if pg_bindir() is None:
+        pytest.skip(INSTALL_HINT)
+    server = PgServer(fsync=False)
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_database(pg_server: Any) -> str:
+    """The URL of a new database of this test's own on the shared server."""
+    return str(pg_server.new_database())
+
+
+@pytest.fixture
+def fresh_pg() -> Iterator[Any]:
+    """A PostgreSQL server of this test's own (fsync on), which it may stop, restart or kill."""
+    from pg_support import INSTALL_HINT, PgServer, pg_bindir
+    if pg_bindir() is None:
+        pytest.skip(INSTALL_HINT)
+    server = PgServer()
+    yield server
+    server.destroy()
 
 
 @pytest.fixture

@@ -190,6 +190,11 @@ class ReplicatedRedisCluster:
     def state_ok(self) -> bool:
         return all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.live())
 
+    def failed_over(self, masters: int) -> bool:
+        """A replica took the killed master's place: ``masters`` live masters again, and the cluster is ok (right
+        after a kill the state still says ok: the failure is not detected yet)."""
+        return len(self.masters()) == masters and self.state_ok()
+
     def kill(self, node: RedisServer) -> None:
         node.stop(signal.SIGKILL)
 

@@ -6,7 +6,7 @@ is driven with real sockets.
 
 Timeouts: every ``timeout`` a helper here takes is in seconds *on a normal
 machine* and is multiplied by ``TIMEOUT_FACTOR``, read from the environment
-variable ``RELAYD_TEST_TIMEOUT_FACTOR`` (default 1), so a slow CI machine can
+variable ``RELAYDTEST_TIMEOUT_FACTOR`` (default 1), so a slow CI machine can
 be given more time without editing a test (like websockets' ``MS``). Tests
 never sleep to order events: they wait on something observable with
 ``wait_until``, send a ``ping`` and read up to its ``pong`` (frames on one
@@ -20,13 +20,16 @@ import re
 import hashlib
 import base64
 import http.client
+import itertools
 import json
 import logging
 import os
 import resource
 import secrets
+import shutil
 import signal
 import socket
+import ssl
 import sqlite3
 import subprocess
 import sys
@@ -54,7 +57,9 @@ from relayd.server import RelayServer
 from relayd.storage.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT_FACTOR = float(os.environ.get("RELAYD_TEST_TIMEOUT_FACTOR", "1"))
+TIMEOUT_FACTOR = float(os.environ.get("RELAYDTEST_TIMEOUT_FACTOR")
+                       or os.environ.get("RELAYD_TEST_TIMEOUT_FACTOR", "1"))
+"""``RELAYD_TEST_TIMEOUT_FACTOR`` is the old name, still read (the daemon ignores ``RELAYD_TEST_*``)."""
 
 T = TypeVar("T")
 
@@ -448,6 +453,16 @@ def cli_ok(cwd: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     return result
 
 
+# TLS
+
+
+def client_context(cert: Path) -> ssl.SSLContext:
+    """A client TLS context trusting only ``cert``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(cert))
+    return ctx
+
+
 # HTTP
 
 
@@ -466,9 +481,11 @@ class HttpReply:
 
 
 def http_request(port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                 raw_body: bytes | None = None, timeout: float = 5) -> HttpReply:
-    """One request with http.client; ``body`` is sent as JSON, ``raw_body`` as is. Header names come back lower-case."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(timeout))
+                 raw_body: bytes | None = None, timeout: float = 5, source: str | None = None) -> HttpReply:
+    """One request with http.client; ``body`` is sent as JSON, ``raw_body`` as is. Header names come back lower-case.
+    ``source``: the loopback address to send from (another client IP)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(timeout),
+                                      source_address=(source, 0) if source else None)
     hdrs = {"Connection": "close", **(headers or {})}  # one request per connection unless a test asks
     data = raw_body
     if body is not None:
@@ -1062,6 +1079,16 @@ def connections(relay: Any) -> int:
     return relay.http("GET", "/health").json["connections"]
 
 
+def make_cert(directory: Path, name: str, days: int = 1) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 valid for ``days`` and its key, made by the openssl CLI."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-days", str(days), "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
 def metric_families(text: str) -> dict[str, dict[str, Any]]:
     """A Prometheus exposition read by prometheus_client: each family as ``{"type", "help", "samples": [(name,
     labels, value)]}``, by the name relayd gives it (a counter's with the ``_total`` prometheus_client drops)."""
@@ -1106,6 +1133,16 @@ def signed_auth_frame(key: bytes, ch: dict[str, Any], *, address: str | None = N
     address = address or address_of_private(key)
     return {"type": "auth", "address": address, "nonce": ch["nonce"],
             "signature": sign_text(key, auth_text(ch, address, **text_overrides), fmt), "format": fmt}
+
+
+def signed_login(relay: Any, key: bytes, *, fmt: str = "doubleHash", **extra: Any) -> tuple[Any, dict[str, Any]]:
+    """Open a connection and sign in with ``key``; return (client, auth_success)."""
+    client = relay.ws()
+    ch = challenge_of(client)
+    client.send({**signed_auth_frame(key, ch, fmt=fmt), **extra})
+    reply = client.recv()
+    assert reply["type"] == "auth_success", reply
+    return client, reply
 
 
 def key_body(key: bytes, public_key: str, issued: int, *, key_type: Any = "x25519", fmt: str = "doubleHash",
@@ -1386,3 +1423,166 @@ async def wait_for_state(predicate: Callable[[], T], what: str, timeout: float =
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
     return value
+
+
+# A real browser
+
+
+class DevToolsPage:
+    """A page in headless Chromium (Debian's ``chromium``), driven over the DevTools protocol: ``evaluate`` runs
+    JavaScript in it and returns the value, so a test can watch a live page change. Close it when done."""
+
+    def __init__(self, url: str, tmp: Path) -> None:
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        assert binary, "chromium not found on PATH: install it with `apt-get install chromium` (Debian package)"
+        self.log_path = tmp / "chromium.log"
+        self.log_file = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+             f"--user-data-dir={tmp / 'chromium-profile'}", url],
+            stdout=subprocess.DEVNULL, stderr=self.log_file)
+        try:
+            port = wait_until(self._port, "chromium to open its DevTools port", timeout=30)
+            page = wait_until(lambda: self._page(port, url), "chromium to open the page", timeout=30)
+            self.ws: WsClient | None = WsClient(page["webSocketDebuggerUrl"], max_size=None)
+        except BaseException:
+            self.close()
+            raise
+        self._ids = itertools.count(1)
+
+    def _port(self) -> int | None:
+        assert self.proc.poll() is None, f"chromium exited: {self.log_path.read_text()[-2000:]}"
+        found = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", self.log_path.read_text())
+        return int(found.group(1)) if found else None
+
+    @staticmethod
+    def _page(port: int, url: str) -> dict[str, Any] | None:
+        reply = http_request(port, "GET", "/json/list")
+        return next((t for t in reply.json if t.get("type") == "page" and t.get("url", "").startswith(url)), None)
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of ``expression`` (awaited when it is a promise) in the page."""
+        call_id = next(self._ids)
+        assert self.ws is not None
+        self.ws.send({"id": call_id, "method": "Runtime.evaluate", "params": {
+            "expression": expression, "returnByValue": True, "awaitPromise": True}})
+        while True:
+            reply = self.ws.recv(timeout=10)
+            if reply.get("id") == call_id:
+                result = reply["result"]
+                assert "exceptionDetails" not in result, result["exceptionDetails"]
+                return result["result"].get("value")
+
+    def close(self) -> None:
+        if getattr(self, "ws", None) is not None:
+            self.ws.close()
+            self.ws = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(scaled(10))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(scaled(5))
+        self.log_file.close()
+
+
+class PipelineFlood:
+    """Issue 20's CPU attack: ``connections`` threads from ``source`` each pipeline ``requests`` kept-alive
+    ``GET path`` on one connection, read what comes back (answers and 429s) and start over when it closes.
+
+    ``statuses`` counts the answers by status, ``closes`` the connections the relay ended before their last
+    request was answered.
+    """
+
+    def __init__(self, port: int, source: str = "127.0.0.1", *, connections: int = 20, requests: int = 1000,
+                 path: str = "/metrics") -> None:
+        self.port, self.source = port, source
+        self.batch = (f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n" * requests).encode()
+        self.requests = requests
+        self.statuses: dict[int, int] = {}
+        self.closes = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(connections)]
+
+    def _run(self) -> None:
+        status = re.compile(rb"HTTP/1\.1 (\d{3}) ")
+        while not self._stop.is_set():
+            answered = 0
+            counts: dict[int, int] = {}
+            try:
+                with client_socket(self.source) as s:
+                    s.settimeout(2)
+                    s.connect(("127.0.0.1", self.port))
+                    s.sendall(self.batch)
+                    tail = b""
+                    while not self._stop.is_set() and (block := s.recv(1 << 16)):
+                        data = tail + block
+                        end = 0
+                        for m in status.finditer(data):
+                            counts[int(m.group(1))] = counts.get(int(m.group(1)), 0) + 1
+                            answered += 1
+                            end = m.end()
+                        tail = data[max(end, len(data) - 16):]  # a status line cut in two is counted once
+            except OSError:
+                pass
+            with self._lock:
+                for code, n in counts.items():
+                    self.statuses[code] = self.statuses.get(code, 0) + n
+                if answered < self.requests and not self._stop.is_set():
+                    self.closes += 1
+
+    def __enter__(self) -> "PipelineFlood":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(scaled(10))
+
+
+class UnreadPipelines:
+    """``connections`` sockets from ``source``, each pipelining ``requests`` ``GET path`` and never reading."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1", *, connections: int = 300, requests: int = 1000,
+                 path: str = "/metrics") -> None:
+        self.port, self.source, self.connections = port, source, connections
+        self.batch = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * requests
+        self.socks: list[socket.socket] = []
+        self.statuses: dict[int, int] = {}  # never read: always empty
+
+    def __enter__(self) -> "UnreadPipelines":
+        for _ in range(self.connections):
+            s = client_socket(self.source)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", self.port))
+            s.setblocking(False)
+            try:
+                s.send(self.batch)
+            except OSError:
+                pass
+            self.socks.append(s)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def live_latency(port: int, source: str, timeout: float = 10) -> float:
+    """Seconds ``GET /health/live`` from ``source`` takes on a new connection (``timeout`` when unanswered)."""
+    started = time.monotonic()
+    try:
+        with client_socket(source) as s:
+            s.settimeout(timeout)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            if not s.recv(64).startswith(b"HTTP/1.1 200"):
+                return timeout
+    except OSError:
+        return timeout
+    return time.monotonic() - started

@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 import pytest
-from support import (signed_login, ADDR_A, ADDR_A_EIP55, ADDR_B, ADDR_C, KEY_A, KEY_B, KEY_C, assert_closed_with, assert_error,
-                     auth_text, bearer, challenge_of, key_body, signed_auth_frame)
+from support import (ADDR_A, ADDR_A_EIP55, ADDR_B, ADDR_C, KEY_A, KEY_B, KEY_C, assert_closed_with, assert_error,
+                     auth_text, bearer, challenge_of, key_body, signed_auth_frame, signed_login)
 
 from relayd.identity.secp256k1 import N
 from relayd.identity.signatures import recover_address

@@ -14,103 +14,30 @@ import http.server
 import os
 import re
 import secrets
-import shutil
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from support import ROOT, WsClient, free_port, http_request, msg, read_until_closed, wait_until
+from container_support import TEST_BASE, docker, ensure_base_image, expect_frame, queue_one, require_docker
+from support import ROOT, WsClient, free_port, http_request, read_until_closed, wait_until
 
-TEST_BASE = "relayd-test-base:bookworm"
 IMAGE = "relayd:test"
 IMAGE_REDIS = "relayd:test-redis"
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
 # A fixed port keeps the build argument PIP_INDEX_URL, and with it Docker's layer cache, the same from run to
 # run; when it is taken the forwarder falls back to any free port and the build runs without cache.
 INDEX_FORWARDER_PORT = 38741
 START_TIMEOUT_S = 30.0
 
 
-# Docker plumbing (candidates for a shared container-test helper module)
-
-
-def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``docker ARGS``; return the finished process. With ``check``, a non-zero exit or a timeout fails
-    the test with the command and its output; without, a timeout reads as exit code -1."""
-    try:
-        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        done = subprocess.CompletedProcess(["docker", *args], -1, "", f"no answer within {timeout:.0f} s")
-    if check and done.returncode != 0:
-        pytest.fail(f"docker {' '.join(args)} exited with {done.returncode}:\n{done.stdout[-3000:]}"
-                    f"\n{done.stderr[-3000:]}")
-    return done
-
-
-def require_docker() -> None:
-    """Fail (not skip) with what to do when there is no docker client or no daemon answering it."""
-    if shutil.which("docker") is None:
-        pytest.fail("the container test needs docker: run .ci/docker-daemon (installs docker.io, starts dockerd)")
-    info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
-                          timeout=30)
-    if info.returncode != 0 or not info.stdout.strip():
-        pytest.fail(f"no Docker daemon answers ({info.stderr.strip()[-500:]}); start one with .ci/docker-daemon")
-
-
-def image_exists(tag: str) -> bool:
-    return docker("image", "inspect", tag, check=False).returncode == 0
-
-
-def dockerfile_default_base() -> str:
-    """The Dockerfile's ``ARG BASE=...`` default, the image users build on."""
-    found = re.search(r"^ARG BASE=(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
-    assert found, "Dockerfile has no ARG BASE=... line"
-    return found.group(1)
-
-
-def build_debian_base(tag: str) -> None:
-    """Build a minimal Debian bookworm image with python3 and python3-venv from Debian's packages, for
-    machines that reach no image registry. Takes about half a minute; fails the test when mmdebstrap is
-    missing or the mirror cannot be reached."""
-    if shutil.which("mmdebstrap") is None:
-        pytest.fail(f"cannot pull {dockerfile_default_base()} and mmdebstrap is missing to build {tag}: "
-                    "run .ci/docker-daemon or apt-get install mmdebstrap")
-    no_docs = [f"--dpkgopt=path-{rule}" for rule in (
-        "exclude=/usr/share/man/*", "exclude=/usr/share/info/*", "exclude=/usr/share/locale/*",
-        "exclude=/usr/share/doc/*", "include=/usr/share/doc/*/copyright")]
-    with tempfile.TemporaryDirectory(prefix="relayd-base-") as tmp:
-        rootfs = Path(tmp) / "rootfs.tar"
-        done = subprocess.run(["mmdebstrap", "--variant=minbase", "--include=python3,python3-venv",
-                               "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr", *no_docs,
-                               "bookworm", str(rootfs), DEBIAN_MIRROR],
-                              capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            pytest.fail(f"mmdebstrap could not build {tag} from {DEBIAN_MIRROR}:\n{done.stderr[-3000:]}")
-        docker("import", str(rootfs), tag, timeout=300)
-
-
-def ensure_base_image() -> str:
-    """The base to build on: the Dockerfile's default when present or pullable, else this machine's own
-    Debian base (built once, then reused)."""
-    default = dockerfile_default_base()
-    if image_exists(default):
-        return default
-    if image_exists(TEST_BASE):
-        return TEST_BASE
-    if docker("pull", default, timeout=300, check=False).returncode == 0:
-        return default
-    build_debian_base(TEST_BASE)
-    return TEST_BASE
+# Docker plumbing for the image (the rest is in container_support.py)
 
 
 def pip_setting(name: str) -> str | None:
@@ -243,18 +170,6 @@ def wait_healthy(name: str) -> None:
                     f"{docker('inspect', '--format', '{{json .State.Health.Log}}', name).stdout}")
 
 
-def expect_frame(client: WsClient, ftype: str, timeout: float = 5) -> dict[str, Any]:
-    """The client's next frame, skipping sign-in challenges; fails the test unless it is of type ``ftype``."""
-    try:
-        frame = client.recv(timeout)
-        while frame.get("type") == "challenge":
-            frame = client.recv(timeout)
-    except TimeoutError:
-        pytest.fail(f"no frame within {timeout:.0f} s; expected {ftype}")
-    assert frame.get("type") == ftype, f"expected {ftype}, got {frame}"
-    return frame
-
-
 # The protocol smoke test: relayd's own client, run from the image
 
 
@@ -265,18 +180,6 @@ def relayd_check(image: str, port: int) -> str:
                   check=False)
     assert done.returncode == 0, f"relayd check failed:\n{done.stdout}{done.stderr}"
     return done.stdout
-
-
-def queue_one(port: int) -> tuple[str, dict[str, Any]]:
-    """Queue a message for a fresh offline address; return the address and the message."""
-    offline = "0x" + secrets.token_hex(20)
-    stored = msg(offline, str(uuid.uuid4()), "c3RvcmVk")
-    with WsClient(f"ws://127.0.0.1:{port}") as sender:
-        sender.send({"type": "auth", "address": "0x" + secrets.token_hex(20)})
-        expect_frame(sender, "auth_success")
-        sender.send(stored)
-        assert expect_frame(sender, "queued")["messageId"] == stored["messageId"]
-    return offline, stored
 
 
 # Fixtures

@@ -657,11 +657,11 @@ def test_foreign_or_corrupt_database_stops_start_up_with_exit_2_and_is_untouched
     relay = process_relays(tmp_path, config_text=CONFIG, wait=False)
 
     def exited() -> bool:
-        try:
-            relay.http("GET", "/health/live", timeout=0.5)
-        except OSError:
-            return relay.proc.poll() is not None
-        pytest.fail(f"relayd started on a database it cannot use:\n{relay.log()}")
+        if relay.proc.poll() is not None:
+            return True
+        if "relayd listening" in relay.log():  # an answer on the port alone may come from another run's relay
+            pytest.fail(f"relayd started on a database it cannot use:\n{relay.log()}")
+        return False
     wait_until(exited, "relayd to exit", timeout=10)
     out = relay.log()
     assert relay.proc.returncode == 2, out

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from history import APPLIED, History, check, counts, stats, summary
+from history import APPLIED, Finding, History, check, counts, stats, summary
 from redis_support import RedisServer, ReplicatedRedisCluster
 from support import ProcessRelay, ProcessRelays, cluster_env, http_request, new_address, new_mid, scaled, wait_until
 from tcp_proxy import TcpProxy
@@ -37,7 +37,6 @@ from websockets.sync.client import connect as ws_connect
 SOCKET_TIMEOUT_S = 1.0  # cluster_env's [redis] socket_timeout_s
 ANSWER_WAIT_S = 4.0  # a sender's patience before it resends through another instance
 HARD_TIMEOUT_S = 60
-FAILOVER_DELIVERY_S = 3.0
 
 
 def _ack_failed(frame: dict[str, Any]) -> bool:
@@ -463,6 +462,12 @@ FAULT_PARAMS = [pytest.param(name, r, id=f"{name}-{r}",
                 for name, (_, _, rounds) in FAULTS.items() for r in range(1, rounds + 1)]
 
 
+def _keep_if_failed(tmp: Path, history: History, findings: list[Finding]) -> None:
+    """Keep a failed run's history in pytest's basetemp, for study (``pickle.load``)."""
+    if findings:
+        (tmp / "history.pickle").write_bytes(pickle.dumps(history))
+
+
 @pytest.mark.parametrize(("fault", "round"), FAULT_PARAMS)
 def test_no_guarantee_breaks_under_the_fault(fault: str, round: int, tmp_path: Path, process_relays: ProcessRelays,
                                             redis_prefix: str, hard_timeout: None) -> None:
@@ -471,8 +476,7 @@ def test_no_guarantee_breaks_under_the_fault(fault: str, round: int, tmp_path: P
     assert applied >= 50, f"too little load to judge: {applied} messages answered delivered/queued"
     findings = check(history, slack_s=scaled(1.0))
     print(f"{fault} round {round}: {stats(history)}; {counts(findings)}")
-    if findings:
-        (tmp_path / "history.pickle").write_bytes(pickle.dumps(history))  # kept in pytest's basetemp for study
+    _keep_if_failed(tmp_path, history, findings)
     assert not findings, f"{fault} round {round}: {stats(history)}\n{summary(findings)}"
 
 
@@ -660,8 +664,9 @@ def test_no_queued_message_is_lost_when_a_redis_cluster_master_fails_over(
         _hold(2.0)
         victim = next(n for n in redis.masters() if n is not redis.nodes[0])  # not the instances' seed node
         fault = history.fault(f"kill -9 of the master on port {victim.port}")
+        masters = len(redis.masters())
         redis.kill(victim)
-        wait_until(redis.state_ok, "the replica took over (cluster_state:ok)", timeout=20, interval=0.1)
+        wait_until(lambda: redis.failed_over(masters), "the replica took over", timeout=20, interval=0.1)
         history.heal(fault)
         _hold(2.5)
         workload.drain()
@@ -672,11 +677,9 @@ def test_no_queued_message_is_lost_when_a_redis_cluster_master_fails_over(
         redis.stop()
     applied = len(history.applied())
     assert applied >= 50, f"too little load to judge: {applied} messages answered delivered/queued"
-    # A missed target, measured and documented (README, Failover): after a Cluster failover a stored message can
-    # take up to about 2.3 s, not 1 s, to reach an open session whose instance's inbox lived on the failed master
-    # (the inbox's new shard is learned on resubscription). Everything else is held to the same bounds.
-    findings = check(history, deliver_within_s=FAILOVER_DELIVERY_S, slack_s=scaled(1.0))
+    findings = check(history, slack_s=scaled(1.0))
     print(f"cluster failover: {stats(history)}; {counts(findings)}; {_outage(history, fault.start)}")
+    _keep_if_failed(tmp_path, history, findings)
     assert not findings, f"cluster failover: {stats(history)}\n{summary(findings)}"
 
 

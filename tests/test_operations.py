@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (ROOT, ProcessRelay, RawWs, WsClient, assert_closed_with, cli_ok, frames_until_pong, free_port,
-                     http_request, metric_families, msg, new_address, new_mid, online, pong_next, run_cli, wait_until)
+from support import (ROOT, ProcessRelay, RawWs, WsClient, assert_closed_with, cli_ok, client_context, frames_until_pong,
+                     free_port, http_request, make_cert, metric_families, msg, new_address, new_mid, online, pong_next,
+                     run_cli, wait_until)
 
 from relayd import __version__
 
@@ -139,6 +140,7 @@ TELEMETRY_FAMILIES = {
     "relayd_storage_commit_seconds": "histogram",
     "relayd_event_loop_lag_seconds": "histogram",
     "relayd_storage_healthy": "gauge",
+    "relayd_ready": "gauge",
     "process_cpu_seconds_total": "counter",
     "process_start_time_seconds": "gauge",
     "process_resident_memory_bytes": "gauge",
@@ -170,6 +172,7 @@ def test_metrics_families_and_counters_follow_traffic(process_relays, tmp_path):
         assert m0[name]["help"], f"{name} has no HELP text"
     assert sample(m0, "relayd_build_info", version=relay.http("GET", "/health").json["version"]) == 1
     assert sample(m0, "relayd_storage_healthy") == 1
+    assert sample(m0, "relayd_ready") == 1
     assert sample(m0, "process_resident_memory_bytes") > 0
 
     a_addr, b_addr = new_address(), new_address()
@@ -298,7 +301,7 @@ def test_sighup_reloads_reloadable_keys_and_refuses_broken_config(process_relays
         relay.config_path.write_text(RELOAD_BASE.format(level="debug", limit=2))
         relay.signal(signal.SIGHUP)
         log = relay.wait_log("configuration reloaded")
-        assert "configuration reloaded (2 changes applied)" in log
+        assert "configuration reloaded: applied [limits] rate_limit_max_requests, [log] level" in log
         pong_next(client)
         # The three requests before the reload still count: the window is kept, the new limit applies.
         limited = relay.http("GET", "/api/public-keys/stats/all")
@@ -335,7 +338,7 @@ def test_sighup_reloads_reloadable_keys_and_refuses_broken_config(process_relays
         log = relay.wait_log("configuration reloaded", count=2)
         assert "[metrics] enabled changed but needs a restart" in log
         assert "[queue] expiry_interval_s changed but needs a restart" in log
-        assert "configuration reloaded (0 changes applied)" in log
+        assert "configuration reloaded: nothing changed" in log
         assert relay.http("GET", "/metrics").status == 200
         pong_next(client)
     finally:
@@ -380,21 +383,6 @@ def test_sigterm_exits_within_shutdown_timeout_despite_an_unresponsive_peer(proc
 
 
 # TLS
-
-
-def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=30)
-    return cert, key
-
-
-def client_context(cert: Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(str(cert))
-    return ctx
 
 
 def https_get(port: int, path: str, ctx: ssl.SSLContext) -> tuple[int, bytes]:
@@ -722,7 +710,8 @@ def test_start_up_says_version_urls_sources_storage_and_auth(process_relays, tmp
             "environment RELAYD_QUEUE_FLUSH_DELAY_MS, RELAYD_SERVER_HOST, RELAYD_SERVER_PORT; "
             "command line --log-level") in text
     assert f"INFO relayd.daemon: storage: sqlite {tmp_path / 'relayd-data' / 'relayd.db'} (synchronous = full); " \
-           "queued content may take " in text
+           "queued content, receipts, keys and push subscriptions may take " in text
+    assert "([storage] max_bytes = -1: " in text
     assert "INFO relayd.daemon: auth: mixed (signatures optional; an address that ever signed must always sign); " \
            "signature verification: " in text
     assert "WARNING" not in text

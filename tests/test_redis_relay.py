@@ -62,7 +62,9 @@ def test_redis_outage_readiness_and_recovery_without_restarting_relayd(tmp_path,
             send_expect(sender, msg(B, "kept", "a2VwdA=="), "queued")
             assert relay.http("GET", "/health/ready").status == 200
             durable_redis.stop()
-            wait_until(lambda: relay.http("GET", "/health/ready").status == 503, "not ready", timeout=10)
+            # The cluster inbox may notice first (not ready, storage still ok): wait for the storage probe too.
+            wait_until(lambda: relay.http("GET", "/health/ready").status == 503
+                       and relay.http("GET", "/health").status == 503, "not ready, storage unavailable", timeout=10)
             health = relay.http("GET", "/health")
             assert health.status == 503 and "unreachable" in health.json["storage"]["problem"]
             refused = send_expect(sender, msg(B, "lost", "bG9zdA=="), "error")

@@ -20,8 +20,8 @@ from support import connect, free_port, msg as frame_to, scaled, wait_until
 from relayd.storage.redis import RedisStore
 from relayd.storage.redis import scripts
 from relayd.storage.redis.layout import key_slot
-from relayd.storage.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, StorageOutcomeUnknown,
-                                  StorageUnavailable)
+from relayd.storage.store import (KEY_OVERHEAD_BYTES, EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt,
+                                  StorageOutcomeUnknown, StorageUnavailable)
 
 ROOMY = QueueLimits(max_messages=1000, max_bytes=1_000_000, drop_oldest=False)
 BOB = "0x" + "b0" * 20
@@ -258,7 +258,7 @@ def test_every_key_is_under_the_prefix_and_one_address_is_one_slot(fresh_redis):
         slot = key_slot(own[0])
         assert {key_slot(k) for k in own} == {slot}
         slot_keys = [k for k in keys if "{~" in k and key_slot(k) == slot]
-        assert {k.rsplit(":", 1)[1] for k in slot_keys} == {"expiry", "stats"}
+        assert {k.rsplit(":", 1)[1] for k in slot_keys} == {"expiry", "stats", "ukeys"}
     assert key_slot(f"{{{BOB}}}") != key_slot(f"{{{CAROL}}}")
 
 
@@ -705,3 +705,23 @@ def test_acknowledgements_wait_and_waitaof_and_their_shortfalls():
     refused = RuntimeError("boom")
     assert aof.apply([1, 0], [refused, "ok"])[0] is refused
     assert isinstance(aof.apply([1, 0], [refused, "ok"])[1], StorageOutcomeUnknown)
+
+
+def test_keys_stored_before_the_budget_counted_them_count_nothing_until_written_again(fresh_redis):
+    """A key record without its counted size (field b, written since keys count in the storage budget) adds
+    nothing to the budget, and deleting or replacing it takes nothing away."""
+    async def body(store: RedisStore) -> None:
+        await store.put_key(KeyRecord("bob", "pk", 1, 1))
+        legacy, stats, _, _ = store.layout.key("carol")
+        fresh_redis.cli("HSET", legacy, "public_key", "x" * 500, "created_at", "1", "updated_at", "1")
+        fresh_redis.cli("HINCRBY", stats, "keys", "1")
+        counted = 2 + KEY_OVERHEAD_BYTES
+        await store.stats()
+        assert store.stored_bytes() == counted
+        assert (await store.get_key("carol")) == KeyRecord("carol", "x" * 500, 1, 1)
+        await store.put_key(KeyRecord("carol", "y" * 100, 2, 2))  # written again: counted from now on
+        assert store.stored_bytes() == counted + 100 + KEY_OVERHEAD_BYTES
+        assert await store.delete_key("carol") is True
+        await store.stats()
+        assert store.stored_bytes() == counted
+    with_store(fresh_redis.url, body)

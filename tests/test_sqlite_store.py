@@ -22,8 +22,8 @@ from relayd.storage.sqlite.store import SQLiteStore
 from relayd.storage.sqlite.file import backup_database, read_stats
 from relayd.storage.sqlite.owner import lock_path
 from relayd.storage.sqlite.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
-from relayd.storage.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt,
-                          StorageUnavailable, StoreOpenError)
+from relayd.storage.store import (KEY_OVERHEAD_BYTES, RECEIPT_BYTES, EnqueueResult, KeyRecord, QueuedMessage,
+                                  QueueLimits, Receipt, StorageUnavailable, StoreOpenError)
 
 QUEUED = EnqueueResult.QUEUED
 ROOMY = QueueLimits(max_messages=100_000, max_bytes=10**9, drop_oldest=False)
@@ -455,7 +455,7 @@ def test_schema_4_database_learns_delivered_message_ids(tmp_path: Path) -> None:
         assert await store.enqueue(new, ROOMY) is QUEUED and new.seq == 8
         await store.close()
     asyncio.run(main())
-    assert read_stats(str(db))["schema_version"] == SCHEMA_VERSION == 6
+    assert read_stats(str(db))["schema_version"] == SCHEMA_VERSION == 8
 
 
 def test_enqueue_lookups_use_the_indexes(tmp_path: Path) -> None:
@@ -722,3 +722,21 @@ def test_matches_memory_store(ops: list[tuple[Any, ...]]) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(main(f"{tmp}/relay.db"))
+
+
+def test_what_the_budget_counts_is_read_back_at_open(tmp_path: Path) -> None:
+    """Keys and receipts count in the storage budget after a restart too (issue 20: they were outside it)."""
+    db = tmp_path / "relay.db"
+
+    async def main() -> None:
+        store = await opened(db)
+        await store.put_key(KeyRecord("carol", "k" * 300, 1, 1))
+        await store.add_receipts([Receipt("bob", "reader", f"m{i}", 1000) for i in range(4)], 100)
+        assert await store.enqueue(QueuedMessage("bob", "alice", "m1", "hello", 1, 1), ROOMY) is QUEUED
+        counted = store.stored_bytes()
+        assert counted == 300 + KEY_OVERHEAD_BYTES + 4 * RECEIPT_BYTES + 5
+        await store.close()
+        again = await opened(db)
+        assert again.stored_bytes() == counted
+        await again.close()
+    asyncio.run(main())

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from relayd.api.messages import message_view
-from relayd.storage.store import (EnqueueResult, KeyRecord, QueuedMessage, QueueLimits, Receipt, StorageUnavailable,
-                                  Store)
+from relayd.storage.store import (PUSH_OVERHEAD_BYTES, RECEIPT_BYTES, EnqueueResult, KeyRecord, PushSubscription,
+                                  QueuedMessage, QueueLimits, Receipt, StorageUnavailable, Store, key_bytes,
+                                  push_bytes)
 
 QUEUED, DUPLICATE, DELIVERED, FULL, NO_SPACE = (EnqueueResult.QUEUED, EnqueueResult.DUPLICATE,
                                                 EnqueueResult.DELIVERED, EnqueueResult.FULL, EnqueueResult.NO_SPACE)
@@ -304,6 +306,25 @@ def test_sender_spelling_is_kept_but_idempotency_ignores_it(store_backend):
     store_backend(body)
 
 
+def test_any_text_a_client_may_send_is_stored_exactly(store_backend):
+    """JSON text may hold NUL and noncharacters (PostgreSQL's text type holds no NUL): content and messageIds
+    round-trip exactly, stay idempotent, are acked and counted by their UTF-8 size."""
+    odd = ["nul\x00inside", "\uffff0", "\uffff\uffff\x00", "\x00", "é\x00\U0001f600"]
+
+    async def body(store: Store) -> None:
+        sent = await enqueue_all(store, *(msg("bob", f"id{i}\x00{t}", t) for i, t in enumerate(odd)))
+        assert await store.pending("bob", 10) == sent
+        assert await store.enqueue(msg("bob", f"id0\x00{odd[0]}", "x"), ROOMY) is DUPLICATE
+        assert (await store.stats())["bytes"] == sum(len(t.encode()) for t in odd)
+        await store.add_receipts([Receipt("alice", "bob", "r\x00\uffff", 7)], 10)
+        assert [r.message_id for r in await store.receipts("alice", 10)] == ["r\x00\uffff"]
+        assert await store.ack("bob", [f"id1\x00{odd[1]}"]) == 1
+        assert await store.enqueue(msg("bob", f"id1\x00{odd[1]}"), ROOMY) is DELIVERED
+        assert await store.remove("bob", [sent[2].seq]) == 1
+        assert await ids(store, "bob") == [f"id{i}\x00{odd[i]}" for i in (0, 3, 4)]
+    store_backend(body)
+
+
 def test_storage_budget_refuses_past_max_total_bytes(store_backend):
     counts_content_bytes(store_backend)
     async def body(store: Store) -> None:
@@ -511,7 +532,7 @@ def test_shift_times_moves_delivered_records_too(store_backend):
 # A numbering collision is an error, never a duplicate
 
 
-def next_seq_is(store: Any, kind: str, seq: int) -> None:
+async def next_seq_is(store: Any, kind: str, seq: int) -> None:
     """Make the store number its next message ``seq`` (test-only access), as if something else had numbered
     messages behind its back."""
     if kind.startswith("sealed-"):
@@ -520,6 +541,10 @@ def next_seq_is(store: Any, kind: str, seq: int) -> None:
         store._last_seq = seq - 1
     elif kind == "sqlite":
         store._seqs.last = seq - 1
+    elif kind == "postgres":
+        async def rewind(conn: Any) -> None:
+            await conn.execute("SELECT setval('message_seq', $1, false)", seq)
+        await store.link.run(rewind, write=True)
     else:
         raise NotImplementedError(f"{kind}: set the recipient's message seq counter back")
 
@@ -531,7 +556,7 @@ def test_a_numbering_collision_is_an_error_never_a_duplicate(store_backend):
 
     async def body(store: Store) -> None:
         first, second = await enqueue_all(store, msg("bob", "m1", "one"), msg("bob", "m2", "two"))
-        next_seq_is(store, store_backend.kind, first.seq)
+        await next_seq_is(store, store_backend.kind, first.seq)
         with pytest.raises(StorageUnavailable):
             await store.enqueue(msg("bob", "m3", "three"), ROOMY)
         assert await store.pending("bob", 10) == [first, second], "nothing was overwritten"
@@ -539,4 +564,171 @@ def test_a_numbering_collision_is_an_error_never_a_duplicate(store_backend):
         assert store.total() == 2
         again = msg("bob", "m2", "two")
         assert await store.enqueue(again, ROOMY) is DUPLICATE and again.seq == second.seq
+    store_backend(body)
+
+
+def push_sub(sub_id: str, address: str = "bob", *, created_at: int = 1, expires_at: int = 0) -> PushSubscription:
+    return PushSubscription(sub_id, address, "webpush", f"https://push.example/{sub_id}", "p256dh-" + sub_id,
+                            "auth-" + sub_id, created_at, expires_at)
+
+
+def test_push_subscriptions_are_kept_per_address_capped_and_replaced_by_id(store_backend):
+    async def body(store: Store) -> None:
+        now = int(time.time() * 1000)
+        later = now + 60_000
+        for i in range(4):
+            stored = await store.put_push_subscription(push_sub(f"s{i}", created_at=now + i, expires_at=later), 3)
+            assert stored.created_at == now + i
+        await store.put_push_subscription(push_sub("c0", "carol", created_at=now, expires_at=later), 3)
+        assert [s.id for s in await store.push_subscriptions("bob", now)] == ["s1", "s2", "s3"]
+        again = await store.put_push_subscription(push_sub("s1", created_at=now + 50, expires_at=later + 1), 3)
+        assert again.created_at == now + 1  # the first subscription's time is kept
+        got = await store.push_subscriptions("bob", now)
+        assert [s.id for s in got] == ["s1", "s2", "s3"] and {s.expires_at for s in got} == {later + 1}
+        assert got[0] == PushSubscription("s1", "bob", "webpush", "https://push.example/s1", "p256dh-s1", "auth-s1",
+                                          now + 1, later + 1)
+        assert await store.delete_push_subscription("bob", "s2") is True
+        assert await store.delete_push_subscription("bob", "s2") is False
+        assert await store.delete_push_subscription("carol", "s1") is False
+        assert [s.id for s in await store.push_subscriptions("bob", now)] == ["s1", "s3"]
+        assert [s.id for s in await store.push_subscriptions("carol", now)] == ["c0"]
+        assert await store.push_subscriptions("nobody", now) == []
+    store_backend(body)
+
+
+def test_push_subscriptions_expire_unless_their_address_signs_in(store_backend):
+    async def body(store: Store) -> None:
+        now = int(time.time() * 1000)
+        await store.put_push_subscription(push_sub("s1", created_at=now, expires_at=now + 60_000), 5)
+        await store.put_push_subscription(push_sub("c1", "carol", created_at=now, expires_at=now + 60_000), 5)
+        await store.extend_push_subscriptions("carol", now + 600_000)
+        await store.extend_push_subscriptions("nobody", now + 600_000)
+        assert await store.push_subscriptions("bob", now + 60_000) == []
+        assert [s.expires_at for s in await store.push_subscriptions("carol", now + 60_000)] == [now + 600_000]
+        assert await store.expire_push_subscriptions(now + 120_000) == 1
+        assert await store.push_subscriptions("bob", now) == []
+        assert [s.id for s in await store.push_subscriptions("carol", now + 120_000)] == ["c1"]
+        assert await store.push_subscriptions("nobody", now) == []
+    store_backend(body)
+
+
+def test_push_subscriptions_count_in_stored_bytes_until_they_go(store_backend):
+    async def body(store: Store) -> None:
+        now = int(time.time() * 1000)
+        later = now + 60_000
+        subs = [push_sub(f"s{i}", created_at=now + i, expires_at=later) for i in range(3)]
+        for sub in subs:
+            await store.put_push_subscription(sub, 2)  # the third pushes the first out
+        each = push_bytes("https://push.example/s1", "p256dh-s1", "auth-s1")
+        assert each == len("https://push.example/s1") + len("p256dh-s1") + len("auth-s1") + PUSH_OVERHEAD_BYTES
+        assert subs[0].size() == each
+        assert store.stored_bytes() == 2 * each
+        bigger = PushSubscription("s1", "bob", "fcm", "t" * 300, created_at=now + 9, expires_at=later)
+        await store.put_push_subscription(bigger, 2)  # a replacement counts once, at its new size
+        assert store.stored_bytes() == each + push_bytes("t" * 300, "", "")
+        await store.put_push_subscription(push_sub("c0", "carol", created_at=now, expires_at=now + 1000), 2)
+        assert await store.delete_push_subscription("bob", "s2") is True
+        assert await store.delete_push_subscription("bob", "s2") is False
+        assert store.stored_bytes() == push_bytes("t" * 300, "", "") + push_bytes("https://push.example/c0",
+                                                                                  "p256dh-c0", "auth-c0")
+        await store.stats()  # a backend that refreshes its sums from storage agrees with itself
+        assert store.stored_bytes() == push_bytes("t" * 300, "", "") + each
+        assert await store.expire_push_subscriptions(now + 1000) == 1  # carol's went, bob's stay
+        assert await store.expire_push_subscriptions(now + 1000) == 0
+        assert store.stored_bytes() == push_bytes("t" * 300, "", "")
+        await store.extend_push_subscriptions("bob", later + 60_000)
+        assert await store.expire_push_subscriptions(later) == 0  # the sign-in moved bob's expiry
+        assert await store.expire_push_subscriptions(later + 60_000) == 1
+        assert store.stored_bytes() == 0
+        await store.stats()
+        assert store.stored_bytes() == 0
+        assert await store.push_subscriptions("bob", now) == []
+    store_backend(body)
+
+
+def test_many_expired_push_subscriptions_go_in_bounded_calls(store_backend):
+    async def body(store: Store) -> None:
+        now = int(time.time() * 1000)
+        for i in range(150):
+            await store.put_push_subscription(push_sub("s", f"addr{i}", created_at=now, expires_at=now + i), 5)
+        assert store.stored_bytes() == 150 * push_sub("s").size()
+        removed = 0
+        while gone := await store.expire_push_subscriptions(now + 200):
+            removed += gone
+        assert removed == 150 and store.stored_bytes() == 0
+        await store.stats()
+        assert store.stored_bytes() == 0
+    store_backend(body)
+
+
+# What the storage budget counts; unsigned keys that go (issue 20)
+
+def key(address: str, public_key: str, updated_at: int = 1000, *, signed: bool = False) -> KeyRecord:
+    if not signed:
+        return KeyRecord(address, public_key, updated_at, updated_at)
+    return KeyRecord(address, public_key, updated_at, updated_at, "x25519", updated_at // 1000, "doubleHash",
+                     "0x" + "ab" * 65)
+
+
+def test_stored_bytes_counts_keys_and_receipts_as_the_budget_does(store_backend):
+    async def body(store: Store) -> None:
+        await store.put_key(key("carol", "k" * 100))
+        assert store.stored_bytes() == key_bytes("k" * 100, None)
+        await store.put_key(key("carol", "k" * 50, 2000))  # a replaced key counts once, at its new size
+        signed = key("dave", "s" * 44, signed=True)
+        await store.put_key(signed)
+        keys = key_bytes("k" * 50, None) + key_bytes("s" * 44, signed.signature)
+        assert store.stored_bytes() == keys
+        await store.add_receipts([Receipt("erin", "reader", f"m{i}", 1000) for i in range(3)], 2)
+        assert store.stored_bytes() == keys + 2 * RECEIPT_BYTES  # the receipt past the cap went
+        [first, _] = await store.receipts("erin", 10)
+        assert await store.remove_receipts("erin", [first.seq]) == 1
+        assert await store.delete_key("carol") is True
+        assert store.stored_bytes() == key_bytes("s" * 44, signed.signature) + RECEIPT_BYTES
+        await store.stats()  # a backend that refreshes its sums from storage agrees with itself
+        counted = store.stored_bytes()
+        assert counted == key_bytes("s" * 44, signed.signature) + RECEIPT_BYTES
+        limits = QueueLimits(max_messages=10, max_bytes=1000, drop_oldest=False, max_total_bytes=counted + 5)
+        assert await store.enqueue(msg("bob", "m1", "123456"), limits) is NO_SPACE  # keys and receipts left 5
+        assert await store.enqueue(msg("bob", "m2", "12345"), limits) is QUEUED
+        assert await store.expire(2000) == 1  # the message and the receipt, both older
+        assert store.stored_bytes() == key_bytes("s" * 44, signed.signature)
+    store_backend(body)
+
+
+def test_drop_unsigned_key_leaves_a_signed_one(store_backend):
+    async def body(store: Store) -> None:
+        signed = key("dave", "s" * 44, signed=True)
+        await store.put_key(key("carol", "planted"))
+        await store.put_key(signed)
+        assert await store.drop_unsigned_key("carol") is True
+        assert await store.drop_unsigned_key("dave") is False
+        assert await store.drop_unsigned_key("nobody") is False
+        assert await store.get_key("carol") is None
+        assert (await store.get_key("dave")) == signed
+        assert store.stored_bytes() == key_bytes("s" * 44, signed.signature)
+        assert await store.key_count() == 1
+    store_backend(body)
+
+
+def test_expire_keys_removes_unsigned_keys_nobody_uploaded_or_looked_up(store_backend):
+    async def body(store: Store) -> None:
+        await store.put_key(key("old", "a"))
+        await store.put_key(key("looked-up", "b"))
+        await store.put_key(key("fresh", "c", 10_000))
+        await store.put_key(key("signed", "d", signed=True))
+        assert (await store.get_keys(["looked-up", "nobody"])).keys() == {"looked-up"}
+        assert await store.expire_keys(5000, 8000) == 1
+        assert await store.get_key("old") is None
+        assert set(await store.get_keys(["looked-up", "fresh", "signed"])) == {"looked-up", "fresh", "signed"}
+        # Nobody looked "looked-up" up since 8000 (the lookup just above counts from the next call on).
+        assert await store.expire_keys(8500, 9500) == 0
+        assert await store.expire_keys(9600, 9700) == 1  # the lookup above made it used at 9500, not after
+        assert set(await store.get_keys(["looked-up", "fresh", "signed"])) == {"fresh", "signed"}
+        assert await store.key_count() == 2
+        assert store.stored_bytes() == key_bytes("c", None) + key_bytes("d", "0x" + "ab" * 65)
+        await store.put_key(key("fresh", "c2", 20_000))  # uploading again keeps it
+        assert await store.expire_keys(15_000, 20_000) == 0
+        assert await store.expire_keys(10**12, 10**12) == 1  # but not for ever; the signed key stays
+        assert await store.key_count() == 1
     store_backend(body)

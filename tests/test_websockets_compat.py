@@ -155,6 +155,16 @@ def test_protocol_seams_relay_connection_uses():
                                                                "generator function")
 
 
+def test_websockets_writes_only_through_send_data():
+    """relayd counts what websockets writes in its ``send_data`` override: no other write may bypass it."""
+    import websockets.asyncio.connection as connection_module
+    import websockets.asyncio.server as server_module
+    writes = [line.strip() for module in (connection_module, server_module)
+              for line in inspect.getsource(module).splitlines() if "transport.write(" in line]
+    assert writes == ["self.transport.write(data)"], broken(f"websockets writes to its transport elsewhere: {writes}")
+    assert "self.transport.write(data)" in inspect.getsource(Connection.send_data), broken("send_data moved")
+
+
 def test_connection_seams_relay_connection_overrides_or_calls():
     assert issubclass(RelayConnection, ServerConnection)
     assert list(inspect.signature(ServerConnection.__init__).parameters)[:3] == ["self", "protocol", "server"]

@@ -1,2 +1,2 @@
 """The REST API beside the WebSocket: a request value in, a response value out (keys, messages, presence,
-health, metrics and the status page), with its per-IP budgets."""
+the push key, health, metrics and the status page), with its per-IP budgets."""

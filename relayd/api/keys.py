@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -11,7 +12,7 @@ from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..identity.auth import Authenticator
 from ..identity.statements import key_statement
-from ..storage.store import KeyRecord, Store
+from ..storage.store import KeyRecord, Store, key_bytes
 from .http import Route, address_batch, cached_json_response, json_body, json_response
 from ..net.http_values import HttpRequest, HttpResponse
 from .limits import Budget, RestLimits
@@ -46,8 +47,10 @@ def key_cache_control(max_age_s: int) -> str:
 
 class KeyRoutes:
     def __init__(self, config: Config, store: Store, authenticator: Authenticator, sessions: SessionRegistry,
-                 limits: RestLimits, clock: Clock) -> None:
+                 limits: RestLimits, clock: Clock, budget: Callable[[], int]) -> None:
         self.store = store
+        self.budget = budget
+        """The storage budget in force (0: none)."""
         self.authenticator = authenticator
         self.sessions = sessions
         self.limits = limits
@@ -76,6 +79,9 @@ class KeyRoutes:
         now = wall_ms(self.clock)
         record = KeyRecord(address, public_key, now, now)
         proven = await self.authenticator.check_key_write(body, record, req.client_ip)
+        size = key_bytes(record.public_key, record.signature)
+        self.limits.charge_key_bytes(req.client_ip, self.clock.monotonic(), size)
+        await self._check_room(record.address, size)
         stored = await self.store.put_key(record)
         if proven:
             self.sessions.evict_unverified(address)
@@ -83,6 +89,17 @@ class KeyRoutes:
         return json_response(HTTPStatus.OK, {"success": True, "address": stored.address,
                                              "createdAt": stored.created_at, "updatedAt": stored.updated_at,
                                              "verified": stored.signed})
+
+    async def _check_room(self, address: str, size: int) -> None:
+        """Refuse a key that would take the store past its budget; replacing a key no smaller always passes,
+        so owners keep refreshing theirs when the store is full."""
+        budget = self.budget()
+        if not budget or self.store.stored_bytes() + size <= budget:
+            return
+        old = await self.store.get_key(address)
+        if old is None or key_bytes(old.public_key, old.signature) < size:
+            raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "The relay's storage budget is used up; the key was "
+                             "not stored, retry later")
 
     async def get_keys(self, req: HttpRequest, args: list[str]) -> HttpResponse:
         """A batch costs one read per address (the request itself paid the first)."""

@@ -5,7 +5,7 @@ the response back into bytes, and calls ``HttpApi.handle`` as its
 ``RequestHandler``. This module routes and applies what every route shares
 (Origin policy, per-IP budgets, ``HEAD``, ``OPTIONS``, ``405``, errors as
 ``{"error": ..., "code": ...}``); the routes live in ``keys``, ``messages``,
-``presence`` and ``health``.
+``presence``, ``push`` and ``health``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .health import HealthRoutes, RelayStatus
 from .keys import KeyRoutes, SessionRegistry
 from .messages import MessageRoutes
 from .presence import PresenceRoutes
+from .push import PushRoutes
 from .http import Route
 from ..net.http_values import HttpRequest, HttpResponse, error_response
 from ..net.origins import OriginPolicy
@@ -50,14 +51,17 @@ class HttpApi:
     """
 
     def __init__(self, config: Config, presence: Presence, store: Store, metrics: RelayMetrics,
-                 authenticator: Authenticator, sessions: SessionRegistry, relay: RelayStatus, clock: Clock) -> None:
+                 authenticator: Authenticator, sessions: SessionRegistry, relay: RelayStatus, clock: Clock,
+                 vapid_public_key: str | None = None) -> None:
+        """``vapid_public_key``: the relay's Web Push key when push notifications are on."""
         self.metrics = metrics
         self.clock = clock
         self.limits = RestLimits(config.limits, metrics)
         self.groups = (HealthRoutes(config, store, metrics, relay, clock),
-                       KeyRoutes(config, store, authenticator, sessions, self.limits, clock),
+                       KeyRoutes(config, store, authenticator, sessions, self.limits, clock, relay.storage_budget),
                        MessageRoutes(config, store, authenticator),
-                       PresenceRoutes(config, presence, self.limits, clock))
+                       PresenceRoutes(config, presence, self.limits, clock),
+                       PushRoutes(config, vapid_public_key))
         self._table: dict[int, dict[Pattern, dict[str, Route]]] = {}
         for group in self.groups:
             for route in group.routes():
@@ -122,8 +126,9 @@ class HttpApi:
         methods, args = found
         route = methods.get("GET" if req.method == "HEAD" else req.method)
         if req.method in ("HEAD", "OPTIONS"):
-            exempt = all(r.budget is Budget.EXEMPT for r in methods.values())
-            budget = Budget.EXEMPT if exempt else Budget.READ
+            budgets = {r.budget for r in methods.values()}  # a probe's HEAD is a probe too
+            own = len(budgets) == 1 and budgets <= {Budget.EXEMPT, Budget.PROBE}
+            budget = budgets.pop() if own else Budget.READ
         else:
             budget = route.budget if route is not None else Budget.WRITE
         self.limits.charge(budget, req.client_ip, now)

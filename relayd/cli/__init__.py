@@ -24,11 +24,14 @@ from .admin import (
     cmd_run,
     cmd_stats,
 )
-from .client_commands import cmd_check, cmd_keygen, cmd_listen, cmd_send, cmd_status
+from .client_commands import cmd_check, cmd_instances, cmd_keygen, cmd_listen, cmd_send, cmd_status
+from .push_command import cmd_push_test
 from .options import (
     CONFIG_COMMANDS,
     EXIT_CONFIG,
     EXIT_USAGE,
+    LISTENING_FLAGS,
+    OFFLINE_COMMANDS,
     UsageError,
     build_parser,
     given_config_flags,
@@ -37,7 +40,8 @@ from .options import (
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "config": cmd_config, "example-config": cmd_example_config, "backup": cmd_backup,
     "stats": cmd_stats, "send": cmd_send, "listen": cmd_listen, "status": cmd_status, "keygen": cmd_keygen,
-    "check": cmd_check, "migrate": cmd_migrate, "reseal": cmd_reseal,
+    "check": cmd_check, "migrate": cmd_migrate, "reseal": cmd_reseal, "instances": cmd_instances,
+    "push-test": cmd_push_test,
 }
 
 
@@ -51,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         misplaced = given_config_flags(args)
         if misplaced:
             parser.error(f"{', '.join(misplaced)}: configure the relay daemon and do not apply to "
+                         f"`relayd {command}`")
+    if command in OFFLINE_COMMANDS:
+        listening = [f"--{flag}" for flag in LISTENING_FLAGS if getattr(args, flag, None) is not None]
+        if listening:
+            parser.error(f"{', '.join(listening)}: say where the daemon listens and mean nothing to "
                          f"`relayd {command}`")
     if args.check_config and command != "run":
         parser.error(f"--check-config goes with run only, not with `relayd {command}` "

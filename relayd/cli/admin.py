@@ -22,6 +22,7 @@ from ..config import (
     Sources,
     describe,
     load_config_with_sources,
+    redacted,
 )
 from ..identity.auth import MAX_TOKENS_PER_ADDRESS
 from ..ops.logsetup import configure_logging
@@ -56,7 +57,8 @@ def format_value(value: Any) -> str:
 
 
 def render_config(config: Config, sources: Sources, args: argparse.Namespace) -> str:
-    """Every key in INI form, with its source as a trailing comment (loadable again with --config)."""
+    """Every key in INI form, with its source as a trailing comment (loadable again with --config, once the
+    redacted secrets are filled in)."""
     flags = flag_of(args)
     lines = ["# relayd: effective configuration. Sources, later wins: default < file < environment < command line."]
     for section in SECTIONS:
@@ -67,7 +69,10 @@ def render_config(config: Config, sources: Sources, args: argparse.Namespace) ->
                 source = f"{source} {flags.get((section, f.name), '')}".rstrip()
             elif source not in (DEFAULT_SOURCE,) and not source.startswith("environment "):
                 source = f"file {source}"
-            lines.append(f"{f.name} = {format_value(getattr(getattr(config, section), f.name))}  # {source}")
+            value = getattr(getattr(config, section), f.name)
+            shown = redacted(section, f.name, value)
+            note = ", secret redacted" if shown != value else ""
+            lines.append(f"{f.name} = {format_value(shown)}  # {source}{note}")
     return "\n".join(lines)
 
 
@@ -91,8 +96,13 @@ def applied_sources(sources: Sources, args: argparse.Namespace) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     config, sources = load_from(args)
     if args.check_config:
+        from ..preflight import preflight
+        checked = preflight(config)
         print("relayd: configuration OK; sources:")
         for line in applied_sources(sources, args):
+            print(f"  {line}")
+        print("checked as a start would, short of opening sockets:")
+        for line in checked:
             print(f"  {line}")
         return EXIT_OK
     configure_logging(config.log.level, config.log.format)
@@ -122,7 +132,12 @@ async def serve(config: Config, load: Callable[[], Config], sources: list[str]) 
         log.error("cannot open storage: %s", exc)
         return EXIT_CONFIG
     except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", config.server.host, config.server.port, exc.strerror or exc)
+        hint = ""
+        if isinstance(exc, PermissionError) and 0 < config.server.port < 1024:
+            hint = ("; a port below 1024 needs CAP_NET_BIND_SERVICE (under systemd: the drop-in "
+                    "deploy/relayd-low-port.conf), or use a port from 1024 up behind a reverse proxy")
+        log.error("cannot listen on %s port %s: %s%s", ",".join(config.server.host), config.server.port,
+                  exc.strerror or exc, hint)
         await daemon.server.store.close()
         return EXIT_FAILURE
     await daemon.run()
@@ -190,7 +205,69 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    """``relayd migrate --from sqlite:PATH --to redis://...``: exit 0 done, 1 failed, 2 bad usage."""
+    """``relayd migrate --from SOURCE --to DEST``: exit 0 done, 1 failed, 2 bad usage.
+
+    SOURCE is ``sqlite:PATH`` or a ``postgresql://`` URL; DEST a ``redis://``/``rediss://`` URL (copied with
+    Redis's own ledger), a ``postgresql://`` URL or ``sqlite:PATH`` (copied through the store contract).
+    """
+    from ..storage.snapshot import open_snapshot, parse_source
+    try:
+        parse_source(args.source)
+    except ValueError as exc:
+        raise UsageError(f"relayd migrate: {exc}") from None
+    if args.dest == args.source:
+        raise UsageError("relayd migrate: --from and --to name the same database")
+    if args.dest.startswith(("postgresql://", "postgres://", "sqlite:")):
+        return _migrate_into_store(args, open_snapshot)
+    return _migrate_into_redis(args, open_snapshot)
+
+
+def _print_counts(run: Callable[[], Any]) -> int:
+    from ..storage.store import StorageUnavailable
+    try:
+        counts = asyncio.run(run())
+    except (StoreOpenError, StorageUnavailable, OSError, sqlite3.Error) as exc:
+        print(f"relayd migrate: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(counts, indent=2))
+    return EXIT_OK
+
+
+def _cutoff_ms(config: Config) -> int:
+    return int(time.time() * 1000 - config.queue.message_retention_hours * 3_600_000)
+
+
+def _migrate_into_store(args: argparse.Namespace, open_snapshot: Callable[[str], Any]) -> int:
+    from ..storage.copy import MigrationTarget, copy_into
+    from ..storage.store import StorageUnavailable
+    if args.dest.startswith("sqlite:"):
+        path = args.dest.partition(":")[2]
+        if not path:
+            raise UsageError("relayd migrate: --to sqlite:PATH needs a path")
+        overrides = [("storage", "backend", "sqlite"), ("storage", "path", path)]
+    else:
+        overrides = [("storage", "backend", "postgres"), ("postgres", "url", args.dest)]
+    config = load_config_with_sources(args.config, overrides=[*overrides_from(args), *overrides])[0]
+    store = make_store(config)
+
+    async def run() -> dict[str, int]:
+        snapshot = await open_snapshot(args.source)
+        try:
+            await store.open()
+            try:
+                if not store.healthy:
+                    raise StorageUnavailable(store.problem or "the destination is unavailable")
+                target: MigrationTarget = store  # type: ignore[assignment]  # SQLiteStore or PostgresStore
+                return await copy_into(snapshot, target, cutoff_ms=_cutoff_ms(config),
+                                       max_tokens_per_address=MAX_TOKENS_PER_ADDRESS)
+            finally:
+                await store.close()
+        finally:
+            await snapshot.close()
+    return _print_counts(run)
+
+
+def _migrate_into_redis(args: argparse.Namespace, open_snapshot: Callable[[str], Any]) -> int:
     from ..storage.store import StorageUnavailable
     config = load_config_with_sources(args.config, overrides=[*overrides_from(args), ("redis", "url", args.dest)])[0]
     try:
@@ -199,13 +276,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if (exc.name or "").partition(".")[0] != "redis":
             raise
         raise UsageError(f"relayd migrate: {MISSING_REDIS_EXTRA}") from None
-    try:
-        path = migration.sqlite_source(args.source)
-    except ValueError as exc:
-        raise UsageError(f"relayd migrate: {exc}") from None
 
     async def run() -> dict[str, int]:
-        source = migration.open_source(path)
+        source = await open_snapshot(args.source)
         from ..storage.redis.store import RedisStore
         store = make_redis_store(config)
         assert isinstance(store, RedisStore)
@@ -214,20 +287,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if not store.healthy:
                 raise StorageUnavailable(store.problem or "Redis is unavailable")
             retention = config.queue.message_retention_hours
-            cutoff = int(time.time() * 1000 - retention * 3_600_000)
-            return await migration.migrate(source, store, cutoff_ms=cutoff,
+            return await migration.migrate(source, store, cutoff_ms=_cutoff_ms(config),
                                            ledger_ttl=migration.ledger_ttl_ms(retention),
                                            max_tokens_per_address=MAX_TOKENS_PER_ADDRESS)
         finally:
-            source.close()
+            await source.close()
             await store.close()
-    try:
-        counts = asyncio.run(run())
-    except (StoreOpenError, StorageUnavailable, OSError, sqlite3.Error) as exc:
-        print(f"relayd migrate: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(json.dumps(counts, indent=2))
-    return EXIT_OK
+    return _print_counts(run)
 
 
 def cmd_reseal(args: argparse.Namespace) -> int:

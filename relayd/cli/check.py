@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -23,18 +24,20 @@ class RelayCheck:
     pass is skipped rather than run into the same failure again.
     """
 
-    def __init__(self, url: str, timeout: float, *, plain: bool = False,
+    def __init__(self, url: str, timeout: float, *, plain: bool = False, tls: ssl.SSLContext | None = None,
                  out: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
         from ..client import Identity, RelayClient
         self.url = url
         self.timeout = timeout
         self.plain = plain
+        self.tls = tls
         self.out = out
         self.marks = _marks()
-        make = (lambda: Identity(Identity.generate().address)) if plain else Identity.generate
+        make = (lambda: Identity(Identity.generate().address)) if plain else (
+            lambda: Identity.generate(throwaway=True))
         self.a_id, self.b_id = make(), make()
-        self.a = RelayClient(url, self.a_id, timeout=timeout)
-        self.b = RelayClient(url, self.b_id, timeout=timeout)
+        self.a = RelayClient(url, self.a_id, timeout=timeout, ssl=tls)
+        self.b = RelayClient(url, self.b_id, timeout=timeout, ssl=tls)
         self.results: dict[str, bool] = {}
 
     async def run(self) -> int:
@@ -140,7 +143,7 @@ class RelayCheck:
             raise ValueError(f"expected queued, got {shown(json.dumps(answer))}")
         mid = answer["messageId"]
         from ..client import RelayClient
-        self.b = RelayClient(self.url, self.b_id, ack=True, timeout=self.timeout)
+        self.b = RelayClient(self.url, self.b_id, ack=True, timeout=self.timeout, ssl=self.tls)
         await self.b.connect()
         frame = await self.b.recv_matching(lambda f: f.get("type") == "message" and f.get("messageId") == mid,
                                            "the queued message at B after reconnecting")

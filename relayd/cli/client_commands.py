@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import ssl
 import sys
 from typing import Any, Awaitable
 
@@ -24,11 +25,21 @@ def _identity(spec: str, flag: str) -> Any:
         raise UsageError(f"{flag}: {exc}") from None
 
 
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context of ``--cafile``, or None for the system's trust store."""
+    if not args.cafile:
+        return None
+    try:
+        return ssl.create_default_context(cafile=args.cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--cafile {args.cafile}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def _client(args: argparse.Namespace, identity: Any = None, **kw: Any) -> Any:
     from ..client import RelayClient
     try:
         return RelayClient(args.relay, identity, timeout=kw.pop("timeout", None) or args.timeout
-                           or DEFAULT_CLIENT_TIMEOUT, **kw)
+                           or DEFAULT_CLIENT_TIMEOUT, ssl=_tls(args), **kw)
     except ValueError as exc:
         raise UsageError(f"--relay: {exc}") from None
 
@@ -73,6 +84,10 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_listen(args: argparse.Namespace) -> int:
     from ..client import ClientTimeout
+    push = None
+    if args.push is not None:
+        from .push_command import as_frame, read_subscription
+        push = as_frame(read_subscription(args.push, "--push"))
     client = _client(args, _identity(args.identity, "--as"), ack=args.ack, timeout=DEFAULT_CLIENT_TIMEOUT)
 
     async def listen() -> int:
@@ -82,6 +97,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
         sign_in = await client.connect()
         how = "verified" if sign_in.verified else "unverified"
         print(f"relayd listen: signed in as {shown(sign_in.address, 60)} ({how})", file=sys.stderr, flush=True)
+        if push is not None:
+            answer = await client.push_subscribe(**push)
+            _print_json(answer)
+            if answer.get("type") != "push_subscribed":
+                await client.close()
+                return EXIT_FAILURE
         frames = aiter(client)
         try:
             while args.count is None or messages < args.count:
@@ -130,6 +151,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _run_client("status", status())
 
 
+def cmd_instances(args: argparse.Namespace) -> int:
+    """Connection counts per instance from ``/health/instances``; the token is read from a file, never argv."""
+    try:
+        with open(args.token_file, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except OSError as exc:
+        raise UsageError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+    if not token:
+        raise UsageError(f"--token-file {args.token_file}: the file is empty")
+    client = _client(args)
+
+    async def instances() -> int:
+        _print_json(await client.request("GET", "/health/instances", token=token))
+        return EXIT_OK
+    return _run_client("instances", instances())
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     if args.storage_key is not None:
         return _storage_keygen(args.storage_key)
@@ -165,6 +203,6 @@ def _storage_keygen(path: str) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     client = _client(args)  # validates --relay before anything runs
     return _run_client("check", RelayCheck(client.url, args.timeout or DEFAULT_CLIENT_TIMEOUT,
-                                           plain=args.plain).run())
+                                           plain=args.plain, tls=client.endpoint.ssl).run())
 
 

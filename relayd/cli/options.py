@@ -14,6 +14,7 @@ from ..config import (
     Config,
     ConfigError,
     env_name,
+    redacted,
 )
 
 EXIT_OK = 0
@@ -26,8 +27,11 @@ DEFAULT_CLIENT_TIMEOUT = 10.0
 
 FLAG_KEYS = {"host": ("server", "host"), "port": ("server", "port"), "log_level": ("log", "level"),
              "storage": ("storage", "backend"), "db": ("storage", "path")}
-CONFIG_COMMANDS = ("run", "config", "backup", "stats", "migrate", "reseal")
+CONFIG_COMMANDS = ("run", "config", "backup", "stats", "migrate", "push-test", "reseal")
 """Commands that read relayd's configuration; the others talk to a relay or need nothing."""
+LISTENING_FLAGS = ("host", "port")
+"""Flags that only say where the daemon listens: meaningless to the database commands."""
+OFFLINE_COMMANDS = ("backup", "stats", "migrate", "reseal")
 
 
 class UsageError(Exception):
@@ -45,7 +49,7 @@ def _config_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
     parser.add_argument("--host", default=default, help="override [server] host")
     parser.add_argument("--port", default=default, help="override [server] port")
     parser.add_argument("--log-level", default=default, help="override [log] level")
-    parser.add_argument("--storage", default=default, help="override [storage] backend (sqlite, redis or memory)")
+    parser.add_argument("--storage", default=default, help="override [storage] backend (sqlite, redis, postgres or memory)")
     parser.add_argument("--db", metavar="FILE", default=default, help="override [storage] path")
     parser.add_argument("--set", action="append", default=argparse.SUPPRESS if inherit else [],
                         metavar="SECTION.KEY=VALUE", help="override any key; may repeat")
@@ -54,6 +58,9 @@ def _config_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
 def _client_options(parser: argparse.ArgumentParser, *, timeout_help: str | None = None) -> None:
     parser.add_argument("--relay", metavar="URL", default=DEFAULT_RELAY,
                         help=f"ws:// or wss:// URL of the relay (default {DEFAULT_RELAY})")
+    parser.add_argument("--cafile", metavar="FILE",
+                        help="PEM certificates to trust for wss:// instead of the system's (a self-signed or "
+                             "private CA's certificate)")
     parser.add_argument("--timeout", metavar="S", type=_positive_float, default=None,
                         help=timeout_help or f"longest wait for any answer, in seconds "
                                              f"(default {DEFAULT_CLIENT_TIMEOUT:g})")
@@ -110,6 +117,7 @@ def _epilog() -> str:
         "  relayd send --relay ws://localhost:3000 --from alice.key --to 0xADDRESS 'hello'",
         "  relayd listen --relay ws://localhost:3000 --as alice.key --ack --count 1 --timeout 60",
         "  relayd status 0xADDRESS --relay ws://localhost:3000",
+        "  relayd instances --relay wss://relay.example.org --token-file status.token",
     ])
 
 
@@ -142,13 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stats", parents=[inherited], help="counts from the database (read-only)",
                    description="Counts from the database ([storage] path, or --db FILE), opened read-only; "
                                "a database not in use (e.g. a backup) gets no -wal/-shm files.")
-    migrate = sub.add_parser("migrate", parents=[inherited], help="copy a SQLite relay's data into Redis",
-                             description="Copy a SQLite relay's queues (in order, with their queuedAt), stored "
-                                         "receipts, keys and ownership locks into Redis ([redis] key_prefix and "
-                                         "cluster apply). Safe to re-run: nothing is copied twice.")
-    migrate.add_argument("--from", dest="source", metavar="sqlite:PATH", required=True,
-                         help="the SQLite database to copy (read-only)")
-    migrate.add_argument("--to", dest="dest", metavar="URL", required=True, help="redis:// or rediss:// URL")
+    push_test = sub.add_parser("push-test", parents=[inherited], help="send a test push to a subscription",
+                               description="Send one wake-up ({type: wake, queued: 0}) to SUBSCRIPTION with this "
+                                           "relay's [push] configuration (VAPID key, FCM and APNs keys) and print "
+                                           "the push service's answer; exit 0 when it accepted the push.")
+    push_test.add_argument("--subscription", metavar="JSON|FILE", required=True,
+                           help="a Web Push PushSubscription JSON, or {\"provider\": \"fcm\"|\"apns\", "
+                                "\"token\": ...}, inline or in a file")
+    migrate = sub.add_parser("migrate", parents=[inherited], help="copy a relay's data into another backend",
+                             description="Copy a relay's queues (in order, with their queuedAt), stored "
+                                         "receipts, keys, ownership locks, key floors and tokens from SQLite or "
+                                         "PostgreSQL into Redis ([redis] key_prefix and cluster apply), PostgreSQL "
+                                         "or SQLite. Safe to re-run: nothing is copied twice.")
+    migrate.add_argument("--from", dest="source", metavar="SOURCE", required=True,
+                         help="sqlite:PATH or a postgresql:// URL (read without disturbing its relay)")
+    migrate.add_argument("--to", dest="dest", metavar="DEST", required=True,
+                         help="a redis:// or rediss:// URL, a postgresql:// URL, or sqlite:PATH")
 
     send = sub.add_parser("send", help="send one message and print the relay's answer",
                           description="Sign in as --from, send TEXT to --to and print the answer frame "
@@ -167,11 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a key file (signed sign-in) or an address (plain sign-in)")
     listen.add_argument("--ack", action="store_true", help="use acknowledged delivery and ack what is printed")
     listen.add_argument("--count", type=_positive_int, metavar="N", help="stop after N messages")
+    listen.add_argument("--push", metavar="JSON|FILE", help="after signing in, subscribe this address to pushes: a "
+                        "Web Push PushSubscription JSON, or {\"provider\": \"fcm\"|\"apns\", \"token\": ...}, "
+                        "inline or in a file")
 
     status = sub.add_parser("status", help="presence, queue size and key of an address",
                             description="Ask the relay's REST API about ADDRESS.")
     status.add_argument("address", metavar="ADDRESS")
     _client_options(status)
+
+    instances = sub.add_parser("instances", help="connection counts per instance (needs [access] status_token)",
+                               description="Print GET /health/instances: the connections and sessions of every "
+                                           "live instance on the relay's Redis (or of the one instance).")
+    instances.add_argument("--token-file", metavar="FILE", required=True,
+                           help="a file holding the relay's [access] status_token")
+    _client_options(instances)
 
     keygen = sub.add_parser("keygen", help="create a signing key (or a storage encryption key)",
                             description="Create a random private key; print it, or write it to --out "
@@ -217,13 +244,15 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 
 def flag_of(args: argparse.Namespace) -> dict[tuple[str, str], str]:
-    """Which flag set each key given on the command line (the last one wins, as in the loader)."""
+    """Which flag set each key given on the command line (the last one wins, as in the loader), secrets
+    redacted: this is printed and logged."""
     flags = {key: f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
              if getattr(args, flag) is not None}
     for item in args.set:
-        name = item.partition("=")[0]
+        name, _, value = item.partition("=")
         section, _, key = name.partition(".")
-        flags[(section, key)] = f"--set {item}"
+        known = section in SECTIONS and key in {f.name for f in dataclasses.fields(SECTIONS[section])}
+        flags[(section, key)] = f"--set {name}={redacted(section, key, value) if known else value}"
     return flags
 
 

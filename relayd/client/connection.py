@@ -32,7 +32,7 @@ from websockets.frames import CloseCode
 from ..identity.signatures import SignatureFormat
 from .decoding import parse_object
 from .endpoint import Endpoint
-from .errors import ClientError, ConnectionLost, ProtocolViolation
+from .errors import ClientError, ConnectionLost, ProtocolViolation, close_detail
 from .inbox import Inbox, closed_inbox
 from .messaging import AnswerWaiters, Messaging
 from .rest import RestApi
@@ -170,8 +170,8 @@ class RelayClient:
         finally:
             self.close_code, self.close_reason = stream.close_code, stream.close_reason
             if isinstance(end, ConnectionLost):
-                detail = f" (code {self.close_code} {self.close_reason})".rstrip() if self.close_code else ""
-                end = ConnectionLost(f"connection closed{detail}", self.close_code, self.close_reason)
+                end = ConnectionLost(f"connection closed{close_detail(self.close_code, self.close_reason)}",
+                                     self.close_code, self.close_reason)
             self.waiters.fail_all(end)
             inbox.end(end)
 
@@ -255,6 +255,29 @@ class RelayClient:
     async def read_receipt(self, to: str, message_id: str) -> None:
         """Tell ``to`` (the sender) that its message ``message_id`` was read."""
         await self.messaging.read_receipt(to, message_id)
+
+    # Push notifications (``messaging``): see docs/push.md
+
+    async def push_subscribe(self, subscription: Frame | None = None, *, provider: str | None = None,
+                             token: str | None = None, timeout: float | None = None) -> Frame:
+        """Subscribe this address to pushes: a Web Push ``PushSubscription`` JSON, or ``provider`` fcm/apns
+        with its device ``token``. Returns ``{"type": "push_subscribed", "id"}`` or the error frame."""
+        frame: Frame = {"type": "push_subscribe"}
+        if subscription is not None:
+            frame["subscription"] = subscription
+        if provider is not None:
+            frame["provider"] = provider
+        if token is not None:
+            frame["token"] = token
+        return await self.messaging.push(frame, timeout)
+
+    async def push_unsubscribe(self, subscription_id: str, timeout: float | None = None) -> Frame:
+        """Remove one subscription; returns ``push_unsubscribed`` or the error frame."""
+        return await self.messaging.push({"type": "push_unsubscribe", "id": subscription_id}, timeout)
+
+    async def vapid_public_key(self) -> str:
+        """The relay's Web Push key (``applicationServerKey``); raises when push is off on the relay."""
+        return str((await self.rest.request("GET", "/api/push/vapid-public-key"))["publicKey"])
 
     # REST (``rest``)
 

@@ -23,12 +23,23 @@ class RelayUnreachable(ClientError):
         self.status = status
 
 
+def close_detail(code: int | None, reason: str) -> str:
+    """`` (code 1001 going away)``, `` (code 1001)`` without a reason, or nothing without a close frame."""
+    if not code:
+        return ""
+    return f" (code {code} {shown(reason)})" if reason else f" (code {code})"
+
+
 def unreachable(where: str, exc: OSError, doing: str) -> RelayUnreachable:
     """Why the relay at ``where`` could not be reached while ``doing`` something ("cannot connect to X")."""
     if isinstance(exc, ConnectionRefusedError):
         return RelayUnreachable(f"connection refused by {where} (nothing listening?)")
     if isinstance(exc, ssl.SSLError):
-        return RelayUnreachable(f"TLS with {where} failed: {exc.reason or exc}")
+        hint = ""
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            hint = ("; the server does not speak TLS on that port: use ws:// (relayd without [tls] certfile), "
+                    "or wss:// through a reverse proxy or with [tls] set")
+        return RelayUnreachable(f"TLS with {where} failed: {exc.reason or exc}{hint}")
     return RelayUnreachable(f"{doing}: {exc.strerror or exc}")
 
 

@@ -18,8 +18,15 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+PUSH_ANSWERS = ("push_subscribed", "push_unsubscribed")
+PUSH_REFUSALS = frozenset({"push_disabled", "push_provider_unavailable", "push_verified_only", "invalid_subscription",
+                           "endpoint_not_allowed", "subscription_not_found", "missing_field", "invalid_field",
+                           "storage_unavailable", "internal_error"})
+"""Error codes that answer a push frame (the relay answers push frames in order, without a messageId)."""
+
+
 class AnswerWaiters:
-    """Calls awaiting their answer frame: a ``send`` by its messageId, a ``ping`` in order.
+    """Calls awaiting their answer frame: a ``send`` by its messageId, a ``ping`` or a push frame in order.
 
     The connection's reader offers every frame to ``resolve``; when the
     connection ends, ``fail_all`` gives each waiter the reason.
@@ -28,6 +35,16 @@ class AnswerWaiters:
     def __init__(self) -> None:
         self._pending: dict[str, asyncio.Future[Frame]] = {}
         self._pongs: collections.deque[asyncio.Future[Frame]] = collections.deque()
+        self._push: collections.deque[asyncio.Future[Frame]] = collections.deque()
+
+    def expect_push(self) -> asyncio.Future[Frame]:
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._push.append(future)
+        return future
+
+    def forget_push(self, future: asyncio.Future[Frame]) -> None:
+        if future in self._push:
+            self._push.remove(future)
 
     def expect_answer(self, message_id: str) -> asyncio.Future[Frame]:
         if message_id in self._pending:
@@ -56,6 +73,9 @@ class AnswerWaiters:
             future = self._pending.pop(mid)
         elif ftype == "pong" and self._pongs:
             future = self._pongs.popleft()
+        elif self._push and (ftype in PUSH_ANSWERS or (ftype == "error" and mid is None
+                                                        and frame.get("code") in PUSH_REFUSALS)):
+            future = self._push.popleft()
         else:
             return False
         if not future.done():
@@ -63,11 +83,12 @@ class AnswerWaiters:
         return True
 
     def fail_all(self, error: ClientError) -> None:
-        for future in [*self._pending.values(), *self._pongs]:
+        for future in [*self._pending.values(), *self._pongs, *self._push]:
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
         self._pongs.clear()
+        self._push.clear()
 
 
 class Messaging:
@@ -132,3 +153,13 @@ class Messaging:
     async def read_receipt(self, to: str, message_id: str) -> None:
         """Tell ``to`` (the sender) that its message ``message_id`` was read."""
         await self._send_frame({"type": "read_receipt", "to": to, "messageId": message_id}, self.deadline())
+
+    async def push(self, frame: Frame, timeout: float | None = None) -> Frame:
+        """Send a ``push_subscribe``/``push_unsubscribe`` frame; returns its answer or the error frame."""
+        deadline = self.deadline(timeout)
+        future = self.waiters.expect_push()
+        try:
+            await self._send_frame(frame, deadline)
+            return await self._answer(future, f"the answer to {frame.get('type')}", deadline)
+        finally:
+            self.waiters.forget_push(future)

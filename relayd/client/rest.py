@@ -128,6 +128,8 @@ class RestApi:
             statement = key_statement(identity.address, "x25519", public_key, issued)
             body.update(keyType="x25519", issuedAt=issued, format=self.signature_format,
                         signature=identity.key.sign(statement, self.signature_format))
+            if identity.throwaway:
+                body["throwaway"] = True
         return await self._object("POST", "/api/public-keys", body)
 
     async def delete_key(self) -> Frame:

@@ -59,6 +59,8 @@ class SignInExchange:
             text = auth_statement(challenge["relay"], identity.address, challenge["nonce"], challenge["issuedAt"])
             auth.update(nonce=challenge["nonce"], signature=identity.key.sign(text, self.signature_format),
                         format=self.signature_format)
+            if identity.throwaway:
+                auth["throwaway"] = True
         await stream.send(auth, deadline)
         while True:
             frame = await stream.read(deadline, "auth_success")

@@ -24,6 +24,7 @@ from .errors import (
     ConnectionLost,
     ProtocolViolation,
     RelayUnreachable,
+    close_detail,
     unreachable,
 )
 from .values import Deadline, Frame, Limits
@@ -114,8 +115,7 @@ class FrameStream:
                 return ProtocolViolation(f"the relay broke the WebSocket protocol while {doing}: "
                                          f"{shown(sent.reason)}")
         code, reason = self.close_code, self.close_reason
-        detail = f" (code {code} {reason})".rstrip() if code else ""
-        return ConnectionLost(f"connection closed while {doing}{detail}", code, reason)
+        return ConnectionLost(f"connection closed while {doing}{close_detail(code, reason)}", code, reason)
 
     async def send(self, frame: Frame, deadline: Deadline) -> None:
         what = str(frame.get("type"))

@@ -70,6 +70,9 @@ class Identity:
 
     address: str
     key: SigningKey | None = field(default=None, repr=False)
+    throwaway: bool = False
+    """Signed proofs carry ``throwaway: true``: the relay records no ownership lock for this address (relayd
+    check's identities, used once), so nothing of it outlives the check."""
 
     def __post_init__(self) -> None:
         if not is_address(self.address):
@@ -83,9 +86,10 @@ class Identity:
         return cls(key.address, key)
 
     @classmethod
-    def generate(cls) -> "Identity":
-        """A throwaway signed identity (a fresh random key)."""
-        return cls.from_key(SigningKey.generate())
+    def generate(cls, *, throwaway: bool = False) -> "Identity":
+        """A signed identity with a fresh random key (``throwaway``: see the field)."""
+        key = SigningKey.generate()
+        return cls(key.address, key, throwaway)
 
     @classmethod
     def parse(cls, spec: str) -> "Identity":

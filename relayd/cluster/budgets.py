@@ -20,10 +20,12 @@ Spend = Callable[[str, str, int], Awaitable[bool]]
 class ClusterBudget:
     """Recipients already counted this hour on this instance need no round trip; others are counted in Redis."""
 
-    def __init__(self, config: Config, clock: Clock, metrics: RelayMetrics, spend: Spend) -> None:
+    def __init__(self, config: Config, clock: Clock, metrics: RelayMetrics, spend: Spend,
+                 offline_bytes: OfflineBytes) -> None:
         self.metrics = metrics
         self.local = NewQueueBudget(config, clock.monotonic())
-        self.bytes = OfflineBytes(config, clock.monotonic())
+        self.bytes = offline_bytes
+        """The instance's byte budgets, shared with the receipts it stores."""
         self.clock = clock
         self._spend = spend
 
@@ -31,13 +33,14 @@ class ClusterBudget:
         self.local.configure(config)
         self.bytes.configure(config)
 
-    async def spend(self, sender: str, ip: str, to: str, size: int, message_id: str) -> None:
+    async def spend(self, sender: str, ip: str, to: str, size: int, message_id: str,
+                    room: int | None = None) -> None:
         """Count a message of ``size`` bytes for offline ``to``; raises ``RATE_LIMITED`` (its message says which
         budget), or ``StorageUnavailable`` when Redis cannot say. Recipients already counted this hour here need
-        no round trip."""
+        no round trip. ``room``: see ``protocol.budgets.low_room``."""
         now = self.clock.monotonic()
         try:
-            byte_keys = self.bytes.check(sender, ip, size, now, message_id)
+            byte_keys = self.bytes.check(sender, ip, size, now, message_id, room)
         except RelayError:
             self.metrics.rate_limited.labels(limit="offline_bytes").inc()
             raise

@@ -46,6 +46,8 @@ log = logging.getLogger("relayd.cluster")
 
 MIN_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 0.5
+REPEAT_WARNING_S = 300.0
+"""A subscription that keeps failing for the same reason is logged again at most this often (with a count)."""
 SWEEPS = 10
 """Checks for unanswered requests per reply timeout."""
 Message = dict[str, Any]
@@ -107,6 +109,11 @@ class Bus:
         self._outbox: dict[str, list[tuple[Message, Callable[[], None] | None]]] = {}
         self._ids = itertools.count(1)
         self._subscribed = asyncio.Event()
+        self.problem: str | None = None
+        """Why the inbox is not subscribed, while it is not (for readiness), e.g. refused credentials."""
+        self.failures = 0
+        """Subscription attempts that failed in a row."""
+        self._warned_at = float("-inf")
         self._listener: asyncio.Task[None] | None = None
 
     def inbox(self, instance: str) -> str:
@@ -273,20 +280,35 @@ class Bus:
                     log.warning("Redis has no sharded Pub/Sub (Redis 7): the cluster uses plain Pub/Sub")
                     self.sharded = False
                     continue
-                log.warning("cluster inbox: %s", describe(exc))
+                self._failed(describe(exc))
             except (rx.RedisError, OSError, TimeoutError, StorageUnavailable) as exc:
-                log.warning("cluster inbox lost (%s); subscribing again",
-                            exc if isinstance(exc, StorageUnavailable) else describe(exc))
+                self._failed(str(exc) if isinstance(exc, StorageUnavailable) else describe(exc))
             except Exception:
                 log.exception("cluster inbox failed; subscribing again")
+                self.problem = "the cluster inbox failed (see the log)"
             finally:
                 self._subscribed.clear()
                 await _close_quietly(pubsub, client, self.link.deadline_s)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
+    def _failed(self, reason: str) -> None:
+        """Log a failed subscription when its reason changes, else at most every ``REPEAT_WARNING_S``."""
+        now = asyncio.get_running_loop().time()
+        self.failures += 1
+        if reason != self.problem or now - self._warned_at >= REPEAT_WARNING_S:
+            repeated = f" ({self.failures} attempts so far)" if self.failures > 1 else ""
+            log.warning("cluster inbox lost (%s); subscribing again%s; /health/ready says not ready until it "
+                        "is back", reason, repeated)
+            self._warned_at = now
+        self.problem = reason
+
     def _confirmed(self) -> None:
         self.heard = asyncio.get_running_loop().time()
+        if self.failures:
+            log.info("cluster inbox subscribed again after %d failed attempt%s", self.failures,
+                     "" if self.failures == 1 else "s")
+        self.failures, self.problem, self._warned_at = 0, None, float("-inf")
         self._subscribed.set()
         try:
             self.on_subscribed()

@@ -25,6 +25,7 @@ from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
 from ..frames import encode, utf8_len
+from ..protocol.budgets import low_room
 from ..protocol.delivery import Delivery, keep_trying, refusal_of, storage_error
 from ..protocol.senders import Ident, Pipeline
 from ..protocol.session import Session
@@ -72,7 +73,7 @@ class ClusterDelivery:
         self.routes = local.routes
         self.metrics = local.metrics
         self.clock = clock
-        self.budget = ClusterBudget(config, clock, local.metrics, peers.spend)
+        self.budget = ClusterBudget(config, clock, local.metrics, peers.spend, local.offline_bytes)
         self.receipts = ClusterReceipts(local.receipts, peers, local.tasks)
         self._tails: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._offers: OrderedDict[tuple[str, str], int] = OrderedDict()
@@ -317,7 +318,8 @@ class ClusterDelivery:
                 raise StorageUnavailable(self.local.store.problem or "storage is unavailable")
             async with asyncio.timeout(self.answer_within_s):
                 await self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
-                                        msg.message_id)
+                                        msg.message_id, low_room(self.local.limits.max_total_bytes,
+                                                                 self.local.store.stored_bytes()))
                 sent = True
                 result, where = await self.peers.enqueue(msg, self.local.limits)
         except (StorageUnavailable, TimeoutError) as exc:

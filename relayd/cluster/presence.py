@@ -30,6 +30,7 @@ the presence atomically with the write).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -90,6 +91,11 @@ class ClusterPresence:
         self.ttl_ms = int(presence_ttl_s * 1000)
         self.local = LocalPresence()
         self.registry = f"{self.layout.prefix}cluster:nodes"
+        self.counts_key = f"{self.layout.prefix}cluster:counts"
+        """HASH instance -> its connection counts (JSON), written with each heartbeat, for operators."""
+        self.counts: Callable[[], dict[str, int]] = dict
+        """This instance's counts to publish (the composition root sets it: connections, sessions)."""
+        self._live: tuple[str, ...] = ()
         self.on_lapse: Callable[[], None] = lambda: None
         """Called when an instance's heartbeat lapsed or came back, this one's included (after writing its
         entries again): notices between instances may have been lost meanwhile."""
@@ -268,8 +274,24 @@ class ClusterPresence:
             await tasks.stop(beats, self.link.deadline_s)
         try:
             await self.link.write(scripts.LEAVE_REGISTRY, [self.registry], [self.instance])
+            await self.link.command("HDEL", self.counts_key, self.instance, key=self.counts_key)
         except StorageUnavailable:
             pass
+
+    async def instance_counts(self) -> dict[str, dict[str, int]]:
+        """Each live instance's counts as of its last heartbeat (this one's as of now). Raises
+        StorageUnavailable."""
+        stored = await self.link.read(lambda c: c.hgetall(self.counts_key))
+        out: dict[str, dict[str, int]] = {}
+        for instance in sorted(set(self._live) | {self.instance}):
+            if instance == self.instance:
+                out[instance] = self.counts()
+                continue
+            try:
+                out[instance] = {k: int(v) for k, v in json.loads(stored.get(instance) or "{}").items()}
+            except (ValueError, TypeError, AttributeError):
+                out[instance] = {}
+        return out
 
     async def _beat_loop(self) -> None:
         while True:
@@ -286,8 +308,11 @@ class ClusterPresence:
         entries again after a lapse, check the inbox, and forget long-dead instances."""
         if not self.bus.subscribed:
             return
-        age, _live, lapsed, dead = await self.link.write(
+        age, live, lapsed, dead = await self.link.write(
             scripts.HEARTBEAT, [self.registry], [self.instance, self.ttl_ms, int(FORGET_AFTER_S * 1000)])
+        self._live = tuple(live)
+        await self.link.command("HSET", self.counts_key, self.instance, json.dumps(self.counts()),
+                                key=self.counts_key)
         peers_changed = frozenset(lapsed) != self._lapsed
         if peers_changed:
             self._lapsed = frozenset(lapsed)
@@ -328,3 +353,4 @@ class ClusterPresence:
                 for address in part:
                     self.invalidate(address)
         await self.link.write(scripts.LEAVE_REGISTRY, [self.registry], [instance])
+        await self.link.command("HDEL", self.counts_key, instance, key=self.counts_key)

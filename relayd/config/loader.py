@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import importlib.util
 import ipaddress
 import os
+import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .schema import CONFIG_FILE_ENV, ENV_PREFIX, SECTIONS, Config, ConfigError, env_name
+from ..access import parse_entry
+from ..extras import install_hint
+from .schema import (
+    CONFIG_FILE_ENV,
+    ENV_PREFIX,
+    IGNORED_ENV_PREFIXES,
+    SECTIONS,
+    Config,
+    ConfigError,
+    env_name,
+    listen_hosts,
+)
 
 
 def _convert(section: str, f: dataclasses.Field, raw: Any, source: str) -> Any:
@@ -58,6 +71,12 @@ def _validate(config: Config) -> None:
         if getattr(config.limits, key) < config.max_frame_bytes:
             raise ConfigError(f"[limits] {key} must hold the largest frame, at least {config.max_frame_bytes} "
                               f"bytes (2 x [limits] max_message_bytes + 16384), got {getattr(config.limits, key)}")
+    _validate_hosts(config.server.host, config.server.port)
+    for entry in config.access.deny:
+        try:
+            parse_entry(entry)
+        except ValueError as exc:
+            raise ConfigError(f"[access] deny: {exc}") from None
     for entry in config.server.trusted_proxies:
         try:
             ipaddress.ip_network(entry, strict=False)
@@ -75,10 +94,36 @@ def _validate(config: Config) -> None:
         if path and not os.path.isfile(path):
             raise ConfigError(f"[tls] {key}: no such file {path!r}")
     _validate_redis(config)
+    _validate_postgres(config)
+    _validate_push(config)
     if config.metrics.listen:
         host, sep, port = config.metrics.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(f"[metrics] listen must be host:port, got {config.metrics.listen!r}")
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _validate_hosts(hosts: tuple[str, ...], port: int) -> None:
+    """Each host an IP address or a host name (no port, no brackets); port 0 only for one socket."""
+    if not hosts:
+        raise ConfigError("[server] host must name at least one address (0.0.0.0 for every IPv4 interface, "
+                          ":: for every interface)")
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+            continue
+        except ValueError:
+            pass
+        if host.startswith("[") or host.count(":") == 1:
+            raise ConfigError(f"[server] host: {host!r} must be an address without brackets or port "
+                              f"(the port is [server] port)")
+        if not _HOSTNAME.fullmatch(host):
+            raise ConfigError(f"[server] host: {host!r} is not an IP address or host name")
+    if port == 0 and hosts != ("::",) and len(listen_hosts(hosts)) > 1:
+        raise ConfigError("[server] port = 0 (any free port) needs a single host: each host would get its own "
+                          "port")
 
 
 DEFAULT_SOURCE = "default"
@@ -87,6 +132,52 @@ COMMAND_LINE_SOURCE = "command line"
 Sources = dict[str, dict[str, str]]
 """``sources[section][key]``: where that key's value came from: ``"default"``, the INI file path
 as given, ``"environment NAME"`` or ``"command line"``."""
+
+
+def _validate_postgres(config: Config) -> None:
+    """The URL's scheme (empty: libpq's PG* variables), without echoing it (it may hold a password)."""
+    url = config.postgres.url
+    scheme, sep, _ = url.partition("://")
+    if url and (not sep or scheme.lower() not in ("postgresql", "postgres")):
+        raise ConfigError("[postgres] url must start with postgresql:// (or be empty: libpq's PG* variables)")
+    if config.postgres.pool_min > config.postgres.pool_size:
+        raise ConfigError(f"[postgres] pool_min ({config.postgres.pool_min}) must not exceed pool_size "
+                          f"({config.postgres.pool_size})")
+
+
+MISSING_PUSH_EXTRA = f"push notifications need the optional extra push: {install_hint('push')}"
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _validate_push(config: Config) -> None:
+    push = config.push
+    if not push.enabled:
+        return
+    if not _importable("cryptography"):
+        raise ConfigError(f"[push] enabled = true: {MISSING_PUSH_EXTRA} (cryptography is missing)")
+    if not push.vapid_subject.startswith(("mailto:", "https://")) or len(push.vapid_subject) < 10:
+        raise ConfigError("[push] vapid_subject must be a mailto: or https: URL where push services can reach the "
+                          f"operator (RFC 8292), got {push.vapid_subject!r}")
+    if bool(push.fcm_project) != bool(push.fcm_key_file):
+        raise ConfigError("[push] fcm_project and fcm_key_file must be set together")
+    apns = (push.apns_key_file, push.apns_key_id, push.apns_team_id, push.apns_topic)
+    if any(apns) and not all(apns):
+        raise ConfigError("[push] apns_key_file, apns_key_id, apns_team_id and apns_topic must be set together")
+    if push.apns_key_file and not _importable("h2"):
+        raise ConfigError(f"[push] APNs: {MISSING_PUSH_EXTRA} (h2 is missing)")
+    for key in ("fcm_key_file", "apns_key_file", "ca_file"):
+        path = getattr(push, key)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"[push] {key}: no such file {path!r}")
+    for key in ("fcm_url", "apns_url"):
+        if not getattr(push, key).startswith("https://"):
+            raise ConfigError(f"[push] {key} must be an https:// URL")
 
 
 def _validate_redis(config: Config) -> None:
@@ -177,7 +268,7 @@ def load_config_with_sources(
             if name in environ:
                 apply(section, f, environ[name], f"environment {name}")
     for name in environ:
-        if name.startswith(ENV_PREFIX) and not _env_known(name):
+        if name.startswith(ENV_PREFIX) and not name.startswith(IGNORED_ENV_PREFIXES) and not _env_known(name):
             raise ConfigError(f"environment {name}: unknown setting (expected {ENV_PREFIX}SECTION_KEY)")
 
     for section, key, raw in overrides:

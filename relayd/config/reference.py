@@ -22,6 +22,7 @@ _SECTION_ROLES = {
     "privacy": "what the REST API may reveal",
     "metrics": "Prometheus metrics",
     "tls": "serving wss:// and https:// without a reverse proxy",
+    "access": "the operator's deny list and the token of the per-instance counts",
     "log": "log level, format and the activity line",
 }
 

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..access import DenyList, denied
 from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
@@ -83,6 +84,12 @@ class Authenticator:
         self.token_ttl = config.auth.token_ttl_s
         self.skew = config.auth.key_clock_skew_s
         self.attempts.limit = config.limits.auth_attempts_per_ip_per_min
+        self.deny = DenyList(config.access.deny)
+
+    def _check_denied(self, address: str) -> None:
+        if self.deny.denies_address(address):
+            self.metrics.access_denied.labels(kind="address").inc()
+            raise denied("address")
 
     def prepare(self, crypto: str) -> str:
         """Pick the verification backend (``auto`` or ``pure``) and warm it up; returns its description."""
@@ -120,6 +127,7 @@ class Authenticator:
         Unsigned frames are judged by the mode and the address's lock; signed
         ones against this session's challenge, which is used up either way.
         """
+        self._check_denied(address)
         signature = frame.get("signature")
         if signature is None or self.mode == "open":
             await self._check_unsigned(address)
@@ -136,7 +144,9 @@ class Authenticator:
         del self._challenges[session_id]
         text = auth_statement(self.relay, address, challenge.nonce, challenge.issued_at)
         await self._check_signature(ip, text, signature, fmt, address)
-        await self._lock(address)
+        if not _throwaway(frame):
+            await self._lock(address)
+        await self._drop_planted_key(address)
         token, expires = new_token(), int((now + self.token_ttl) * 1000)
         try:
             await self.store.save_token(token_hash(token), address, expires, MAX_TOKENS_PER_ADDRESS)
@@ -199,6 +209,17 @@ class Authenticator:
             raise RelayError(ErrorCode.STORAGE_UNAVAILABLE, "Ownership cannot be recorded right now; "
                              "retry later") from None
 
+    async def _drop_planted_key(self, address: str) -> None:
+        """The address is locked: an unsigned key of it (which anyone may have uploaded before) stops being
+        served; its owner publishes a signed one. Tried at every signed sign-in, so one that fails now is done
+        by the next."""
+        try:
+            if await self.store.drop_unsigned_key(address):
+                log.info("an unsigned key of an address that signed in was deleted: only its owner's signed "
+                         "key is served now")
+        except StorageUnavailable as exc:
+            log.warning("cannot delete the unsigned key of an address that signed in: %s", exc)
+
     # REST
 
     async def authorize(self, authorization: str | None, address: str) -> None:
@@ -226,6 +247,7 @@ class Authenticator:
         signed statement outside open mode), so unsigned sessions of it must
         be evicted.
         """
+        self._check_denied(record.address)
         existing = await self.store.get_key(record.address)
         signature = body.get("signature")
         if signature is None:
@@ -258,9 +280,20 @@ class Authenticator:
         record.key_type, record.issued_at, record.format, record.signature = key_type, issued, fmt, signature
         if self.mode == "open":  # anyone may claim any address: nothing to lock, nobody to evict
             return False
-        await self._lock(record.address)
+        if not _throwaway(body):
+            await self._lock(record.address)
         return True
 
     def sweep(self) -> None:
         """Forget finished rate windows (expired tokens leave the store with retention expiry)."""
         self.attempts.sweep(self.clock.monotonic())
+
+
+def _throwaway(frame: dict[str, Any]) -> bool:
+    """``throwaway: true`` on a signed sign-in or key: proof for this session or key only, no ownership lock
+    recorded (an identity used once, like relayd check's: otherwise each check would lock addresses for ever).
+    Only the key's holder can send it, and it never removes a lock another proof recorded."""
+    value = frame.get("throwaway", False)
+    if not isinstance(value, bool):
+        raise RelayError(ErrorCode.INVALID_FIELD, "Field throwaway must be true or false")
+    return value

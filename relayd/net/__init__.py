@@ -88,6 +88,12 @@ The WebSocket side (``connection.RelayConnection``)
   ``data_received``, ``connection_made``, ``connection_lost``,
   ``resume_writing`` extended. Tripwire:
   ``test_connection_seams_relay_connection_overrides_or_calls``.
+- ``Connection.send_data``: overridden to count every byte websockets
+  writes (the handshake answer, pongs, the close frame) with the frames
+  pushed by relayd, which the kernel's count of unacknowledged bytes is
+  set against; relies on it being the only place websockets' connection
+  writes to its transport. Tripwire:
+  ``test_websockets_writes_only_through_send_data``.
 - Frames out bypass websockets' send path: ``outbox.text_frame`` packs
   unmasked text frames itself and ``RelayConnection.flush`` writes them to
   the transport. Tripwires: ``test_relayd_builds_text_frames_as_websockets_does``,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol
 
+from ..access import DenyList, denied
 from ..clock import Clock
 from ..config import Config
 from ..errors import ErrorCode, RelayError
@@ -57,6 +58,11 @@ def descriptor_capacity() -> int:
     return max(16, soft - max(FD_RESERVE_MIN, soft // 20))
 
 
+def _within(limit: int, share: int) -> int:
+    """``limit`` (0: none) but at most ``share`` of the descriptor capacity."""
+    return min(limit, share) if limit else share
+
+
 def raise_descriptor_limit() -> int:
     """Raise the soft file-descriptor limit to the hard one, as daemons do; returns the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -88,15 +94,25 @@ class Admission:
         self.configure(config)
 
     def configure(self, config: Config) -> None:
+        """Apply ``[limits]``; whatever they say, one IP holds at most half the descriptor capacity, and at most a
+        quarter in connections that have not sent a request head (all IPs: half), so another IP always gets in."""
         limits = config.limits
-        self.max_per_ip = limits.max_connections_per_ip
-        self.max_head_per_ip = limits.max_pending_handshakes_per_ip
-        self.max_head = limits.max_pending_handshakes
+        self.max_per_ip = _within(limits.max_connections_per_ip, self.capacity // 2)
+        self.max_head_per_ip = _within(limits.max_pending_handshakes_per_ip, self.capacity // 4)
+        self.max_head = _within(limits.max_pending_handshakes, self.capacity // 2)
         self.rate = limits.connections_per_ip_per_s
         self.burst = limits.connection_burst_per_ip
         self.budget_per_ip = limits.max_buffered_bytes_per_ip
         self.budget = limits.max_buffered_bytes
         self.max_open = min(limits.max_connections or self.capacity, self.capacity)
+        self.deny = DenyList(config.access.deny)
+
+    def refuses(self, client_ip: str) -> RelayError | None:
+        """The 403 for a client IP on the operator's deny list, else None (checked on every request)."""
+        if self.deny.denies_ip(client_ip):
+            self.metrics.access_denied.labels(kind="ip").inc()
+            return denied("IP address")
+        return None
 
     # From accept
 

@@ -21,12 +21,12 @@ from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import Server
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import DATA_OPCODES, CloseCode, Frame, Opcode
-from websockets.protocol import OPEN
+from websockets.protocol import CONNECTING, OPEN
 from websockets.server import ServerProtocol
 
 from ..ratelimit import FrameLimiter, Verdict
 from .http_connection import ConnectionContext, HttpConnection
-from .outbox import COALESCE_BYTES, SentBytes, begin_batch, defer_flush, end_batch, text_frame
+from .outbox import COALESCE_BYTES, NEVER_WRITTEN, SentBytes, begin_batch, defer_flush, end_batch, text_frame
 
 
 class SessionEvents(Protocol):
@@ -59,7 +59,7 @@ class RelayConnection(HttpConnection):
     """See the module docstring. ``context`` is the gateway: admission, budgets, limits, the clock."""
 
     __slots__ = ("limiter", "_monotonic", "events", "direct", "handling", "_busy", "last_heard", "ping_sent_at",
-                 "_pending", "_pending_bytes", "_flush_scheduled", "sent", "_inbound", "_kept", "_inbound_sizes",
+                 "_pending", "_pending_bytes", "_pending_parcels", "_flush_scheduled", "sent", "_inbound", "_kept", "_inbound_sizes",
                  "_verdict", "_message_size", "_frames_paused", "_bytes_paused")
 
     sent: SentBytes
@@ -80,6 +80,8 @@ class RelayConnection(HttpConnection):
         self.last_heard = 0.0
         self.ping_sent_at: float | None = None
         self._pending: list[bytes] = []
+        self._pending_parcels: list[tuple[int, object]] = []
+        """Messages among the pending frames, with where their frame ends within them."""
         self._pending_bytes = 0
         self._flush_scheduled = False
         self._inbound = 0
@@ -108,19 +110,31 @@ class RelayConnection(HttpConnection):
         finally:
             if opened:
                 end_batch()
-        if self.protocol.state is OPEN and self.transport.get_write_buffer_size() > self.limits.max_outbound:
+        if (self.protocol.state is not CONNECTING  # open or closing: pongs pile up until the peer reads
+                and self.transport.get_write_buffer_size() > self.limits.max_outbound):
             self.cut("its peer sends without reading (control frames pile up)")
             return
         self._recharge()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._hand_back()
-        self._pending.clear()
         super().connection_lost(exc)
 
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._recharge()
+    def send_data(self) -> None:
+        """Write what websockets has to send (the handshake answer, pongs, the close frame), counted with the
+        frames pushed here: the kernel's count of unacknowledged bytes is set against everything written, so a
+        close frame still on its way cannot make a message before it look unreceived."""
+        for data in self.protocol.data_to_send():
+            if data:
+                self.transport.write(data)
+                self.sent.wrote(len(data))
+            elif self.transport.can_write_eof():  # half-close after the closing handshake, as websockets does
+                try:
+                    self.transport.write_eof()
+                except Exception:  # noqa: BLE001  # undocumented; uvloop raises RuntimeError
+                    pass
+            else:
+                self.transport.close()
 
     def frame_received(self, frame: Frame) -> None:
         """Count every frame against the limiter; apply a whole allowed message at once when nothing is
@@ -212,7 +226,7 @@ class RelayConnection(HttpConnection):
         self._pending.append(frame)
         self._pending_bytes += size
         if parcel is not None:
-            self.sent.track(self.sent.written + self._pending_bytes, parcel)
+            self._pending_parcels.append((self._pending_bytes, parcel))
         if self._pending_bytes >= COALESCE_BYTES:
             self.flush()
         elif not self._flush_scheduled:
@@ -231,11 +245,14 @@ class RelayConnection(HttpConnection):
             # The closing handshake began after these frames were pushed: no data frame may follow a close
             # frame (nor the EOF websockets writes after it). Their messages were never written, so they come
             # back through ``undelivered`` when the connection ends.
-            pending.clear()
-            self._pending_bytes = 0
+            self._abandon_pending()
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
+        start = self.sent.written
+        for end, parcel in self._pending_parcels:
+            self.sent.track(start + end, parcel)
+        self._pending_parcels.clear()
         self.transport.write(data)
         self.sent.wrote(self._pending_bytes)
         self._pending_bytes = 0
@@ -289,8 +306,18 @@ class RelayConnection(HttpConnection):
 
     # Cutting off
 
+    def _abandon_pending(self) -> None:
+        """Drop the frames not written yet; their messages are tracked as never sent."""
+        for _, parcel in self._pending_parcels:
+            self.sent.track(NEVER_WRITTEN, parcel)
+        self._pending_parcels.clear()
+        self._pending.clear()
+        self._pending_bytes = 0
+
     def _hand_back(self) -> None:
-        """Give the messages the peer never acknowledged to ``events.undelivered``, once."""
+        """Give the messages the peer never acknowledged (or that were never written) to ``events.undelivered``,
+        once."""
+        self._abandon_pending()
         if self.sent.tracking:
             lost = self.sent.release()
             if lost and self.events is not None:
@@ -304,10 +331,7 @@ class RelayConnection(HttpConnection):
 
     # Accounting
 
-    def _recharge(self) -> None:
-        """Report this connection's buffered bytes to its client's budget."""
-        held = (len(self.protocol.reader.buffer) + self._inbound + self._pending_bytes + self._kept
-                + self.transport.get_write_buffer_size())
-        if held != self.held:
-            delta, self.held = held - self.held, held
-            self.context.charge(self, delta)
+    def _buffered(self) -> int:
+        """Besides unread input and unsent output: frames waiting to be applied, frames not written yet, and
+        messages the protocol is storing for this connection."""
+        return super()._buffered() + self._inbound + self._pending_bytes + self._kept

@@ -24,9 +24,10 @@ from websockets.asyncio.server import Server, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ..access import denied
 from ..clock import Clock
 from ..config import Config
-from ..errors import ErrorCode, RelayError
+from ..errors import CloseCode, ErrorCode, RelayError
 from ..protocol.session import Session
 from ..ratelimit import FrameLimiter, Verdict
 from .admission import Admission
@@ -34,7 +35,9 @@ from .clientip import ClientIpResolver
 from .connection import RelayConnection
 from .http_connection import ConnectionLimits, HttpConnection, to_response
 from .http_values import HttpRequest, HttpResponse, error_response, header_value
+from .listen import plan
 from .origins import OriginPolicy
+from .turns import Turns
 
 log = logging.getLogger("relayd.server")
 
@@ -104,7 +107,8 @@ class Gateway:
         self.sessions: dict[Session, RelayConnection] = {}
         self.server: Server | None = None
         self._ids = itertools.count(1)
-        self.connection_limits = ConnectionLimits(0, 0, 0, 0.0, 0.0, 0)
+        self.connection_limits = ConnectionLimits(0, 0, 0, 0.0, 0.0, 0, 0.0, 0)
+        self.turns = Turns()
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -116,11 +120,32 @@ class Gateway:
                                                         limits.max_inbound_bytes)
         cl.head_timeout, cl.idle_timeout = server.head_timeout_s, server.http_idle_timeout_s
         cl.max_requests = server.max_requests_per_connection
+        cl.stall_timeout, cl.refused_close_after = server.stall_timeout_s, limits.rate_limited_close_after
+        self.close_denied()
+
+    def close_denied(self) -> None:
+        """Close the sessions a (re)loaded deny list names, by client IP or signed-in address."""
+        deny = self.admission.deny
+        if not deny:
+            return
+        for session, conn in list(self.sessions.items()):
+            kind = ("ip" if deny.denies_ip(conn.client_ip)
+                    else "address" if session.address is not None and deny.denies_address(session.address)
+                    else None)
+            if kind is not None and not session.closed:
+                self.admission.metrics.access_denied.labels(kind=kind).inc()
+                refusal = denied("IP address" if kind == "ip" else "address")
+                session.send(refusal.frame())
+                session.close(CloseCode.ACCESS_DENIED, refusal.code.value)
 
     async def start(self, *, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None) -> Server:
         """Listen on ``sock`` or on ``[server] host:port``; returns the websockets server."""
         cfg = self.config.server
-        where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": cfg.host, "port": cfg.port}
+        where: dict[str, Any] = {"sock": sock}
+        if sock is None:
+            chosen = plan(cfg.host, cfg.port)
+            where = ({"sock": chosen.sock} if chosen.sock is not None
+                     else {"host": list(chosen.hosts), "port": chosen.port})
         # websockets types these for its own ServerConnection class; it only calls create_connection to make the
         # connections it then hands to the other two, so they get RelayConnections.
         self.server = await serve(
@@ -189,6 +214,9 @@ class Gateway:
             self.admission.untrack(conn.client_ip, conn)
             conn.client_ip = client_ip
             self.admission.track(client_ip, conn)
+        refusal = self.admission.refuses(client_ip)
+        if refusal is not None:
+            return to_response(error_response(refusal), request.method == "HEAD")
         if request.method == "GET" and any(v.strip().lower() == "websocket"
                                            for v in request.headers.get_all("Upgrade")):
             origin = header_value(request.headers, "origin")
@@ -200,7 +228,8 @@ class Gateway:
                 return to_response(error_response(refusal), False)
             return None
         req = HttpRequest.from_target(request.method, request.path, request.headers, conn.request_body, client_ip)
-        return to_response(await self.requests.handle(req), request.method == "HEAD")
+        async with self.turns.turn(client_ip):
+            return to_response(await self.requests.handle(req), request.method == "HEAD")
 
     async def _handle_session(self, conn: RelayConnection) -> None:
         session = Session(next(self._ids), conn.client_ip, self.clock.monotonic(), conn)

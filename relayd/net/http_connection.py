@@ -45,6 +45,10 @@ class ConnectionLimits:
     head_timeout: float
     idle_timeout: float
     max_requests: int
+    stall_timeout: float
+    """A kept-alive REST connection whose peer takes none of its answers for this long is cut."""
+    refused_close_after: int
+    """Answers refused with 429 in a row after which the connection is closed."""
 
 
 class ConnectionContext(Protocol):
@@ -84,7 +88,7 @@ class HttpConnection(ServerConnection):
     # Slots keep relayd's fields out of the instance dict, which then holds few enough keys (websockets' own)
     # to stay a small shared-key dict: about 1 KiB less per idle connection.
     __slots__ = ("context", "limits", "peer_ip", "client_ip", "trusted_peer", "counted", "refusal", "in_head",
-                 "held", "request_body", "_requests", "_want_next")
+                 "held", "request_body", "_requests", "_want_next", "_upgraded")
 
     protocol: ServerProtocol
 
@@ -104,6 +108,7 @@ class HttpConnection(ServerConnection):
         self.request_body = b""
         self._requests: list[ParsedRequest | BadRequest] = []
         self._want_next = False
+        self._upgraded = False
         protocol.parser = self._parse_requests()
         next(protocol.parser)
 
@@ -126,6 +131,21 @@ class HttpConnection(ServerConnection):
 
     def frame_received(self, frame: Frame) -> None:
         """A WebSocket frame after the upgrade; the WebSocket side applies it."""
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._recharge()
+
+    def _recharge(self) -> None:
+        """Report the bytes this connection buffers to its client's budget."""
+        held = self._buffered()
+        if held != self.held:
+            delta, self.held = held - self.held, held
+            self.context.charge(self, delta)
+
+    def _buffered(self) -> int:
+        """Unread request bytes and answers the peer has not taken yet."""
+        return len(self.protocol.reader.buffer) + self.transport.get_write_buffer_size()
 
     def cut(self, reason: str) -> None:
         """End the connection at once (no closing handshake): it broke a limit it cannot recover from."""
@@ -155,14 +175,15 @@ class HttpConnection(ServerConnection):
                 while True:  # until the answer replaces this parser by discard()
                     yield
             protocol.events.append(parsed)  # type: ignore[arg-type]
-            if parsed.upgrade:
-                del parsed  # this frame lives as long as the connection: it keeps no handshake request
-                yield from WsProtocol.parse(protocol)
-                return
-            while not self._want_next:
+            del parsed  # this frame lives as long as the connection: it keeps no handshake request
+            # Until the request is answered: only an accepted upgrade switches to frames, whatever it carried.
+            while not self._want_next and not self._upgraded:
                 if len(protocol.reader.buffer) > self.limits.max_body + 65536:
                     self.transport.pause_reading()
                 yield
+            if self._upgraded:
+                yield from WsProtocol.parse(protocol)
+                return
             self._want_next = False
 
     def _continue(self) -> None:
@@ -201,7 +222,7 @@ class HttpConnection(ServerConnection):
             finally:
                 self.context.lingered(self)
             return
-        served = 0
+        served = refused = 0
         timeout = self.limits.head_timeout
         while not self.transport.is_closing():
             item = await self._next_request(timeout)
@@ -223,21 +244,49 @@ class HttpConnection(ServerConnection):
                 await self._accept_websocket(server_header)
                 return
             served += 1
+            refused = refused + 1 if response.status_code == http.HTTPStatus.TOO_MANY_REQUESTS else 0
             if (not item.keep_alive or served >= self.limits.max_requests or not self.server.is_serving()
-                    or self.transport.is_closing()):
+                    or self.transport.is_closing() or refused >= self.limits.refused_close_after):
                 await self._answer_last(response)
                 return
-            del response.headers["Connection"]
-            self.transport.write(response.serialize())
-            self.request = None
-            self._want_next = True
-            self.transport.resume_reading()
-            next(self.protocol.parser)
-            for event in self.protocol.events_received():
-                self.process_event(event)
+            self._answer_kept_alive(response)
+            del response, item  # while its bytes wait for the peer, nothing else of the answer stays referenced
             if self.paused:
-                await self.drain()
+                if not await self._drained():
+                    return
+            elif self._requests:
+                await asyncio.sleep(0)  # pipelined requests take turns with every other connection's
             timeout = self.limits.idle_timeout
+
+    def _answer_kept_alive(self, response: Response) -> None:
+        """Write an answer that keeps the connection open, charge its bytes, and frame the next request."""
+        del response.headers["Connection"]
+        self.transport.write(response.serialize())
+        self.request = None
+        self._want_next = True
+        self.transport.resume_reading()
+        self._advance_parser()
+        self._recharge()
+
+    async def _drained(self) -> bool:
+        """Until the peer took the answers down to the write limit; False once it is gone or was cut for taking
+        none of them for ``stall_timeout``."""
+        while self.paused and not self.transport.is_closing():
+            left = self.transport.get_write_buffer_size()
+            try:
+                async with asyncio.timeout(self.limits.stall_timeout):
+                    await self.drain()
+            except TimeoutError:
+                if self.transport.get_write_buffer_size() >= left:
+                    self.cut(f"its peer took none of its answers for {self.limits.stall_timeout:g} s")
+            self._recharge()
+        return not self.transport.is_closing()
+
+    def _advance_parser(self) -> None:
+        """Let the parser go on with what was received meanwhile, and take the events it makes."""
+        next(self.protocol.parser)
+        for event in self.protocol.events_received():
+            self.process_event(event)
 
     async def _next_request(self, timeout: float) -> ParsedRequest | BadRequest | None:
         if not self._requests:
@@ -267,6 +316,10 @@ class HttpConnection(ServerConnection):
         if self.state is State.CONNECTING:
             async with self.send_context(expected_state=State.CONNECTING):
                 self.protocol.send_response(response)
+        if self.protocol.state is State.OPEN:  # frames that came with the request are parsed now
+            self._upgraded = True
+            self._advance_parser()
+            self.send_data()
         self.request = None  # an idle connection keeps neither the request nor the response
         self.response = None
 

@@ -100,7 +100,7 @@ def read_request(reader: StreamReader, max_body: int,
     request = Request(target.decode("ascii"), headers, method.decode("ascii"), version.decode("ascii"))
     tokens = {t.strip().lower() for v in headers.get_all("Connection") for t in v.split(",")}
     keep_alive = "close" not in tokens if version == b"HTTP/1.1" else "keep-alive" in tokens
-    upgrade = any(v.strip().lower() == "websocket" for v in headers.get_all("Upgrade"))
+    upgrade = method == b"GET" and any(v.strip().lower() == "websocket" for v in headers.get_all("Upgrade"))
     return ParsedRequest(request, body, keep_alive, upgrade)
 
 

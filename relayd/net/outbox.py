@@ -19,6 +19,8 @@ from typing import Protocol
 COALESCE_BYTES = 64 * 1024
 """Frames pushed while one received chunk is applied (or in one loop iteration) are written together, or at once
 past this size."""
+NEVER_WRITTEN = 1 << 62
+"""The end offset of a message whose frame was never written: never acknowledged."""
 PRUNE_AFTER = 256
 """Tracked deliveries kept before asking the kernel how much the peer acknowledged."""
 _OUTQ = struct.Struct("i")
@@ -114,7 +116,8 @@ class SentBytes:
         self._parcels.append((end, parcel))
 
     def wrote(self, n: int) -> None:
-        """``n`` more bytes went to the transport; every ``PRUNE_AFTER`` tracked messages, forget acknowledged
+        """``n`` more bytes went to the transport (every byte written must be counted: the kernel's count of
+        unacknowledged bytes is set against the total); every ``PRUNE_AFTER`` tracked messages, forget acknowledged
         ones (one system call, however slowly the peer acknowledges)."""
         self.written += n
         if self._parcels is not None and len(self._parcels) > self._prune_at:

@@ -42,6 +42,9 @@ class RelayMetrics:
                                       ("limit",))
         self.auth_failures = r.counter("relayd_auth_failures_total", "Failed or refused authentications.",
                                        ("reason",))
+        self.access_denied = r.counter("relayd_access_denied_total", "Requests, upgrades, sign-ins and key "
+                                       "writes refused by [access] deny, by what matched (ip or address).",
+                                       ("kind",))
         self.queue_depth = r.gauge("relayd_queue_messages", "Messages waiting in offline queues.")
         self.queue_bytes = r.gauge("relayd_queue_bytes", "Content bytes waiting in offline queues "
                                    "(refreshed every few seconds).")
@@ -53,17 +56,30 @@ class RelayMetrics:
                                     "How late the housekeeping timer fired.", buckets=LAG_BUCKETS)
         self.queue_receipts = r.gauge("relayd_queue_receipts", "Read receipts waiting for offline senders "
                                       "(refreshed every few seconds).")
-        self.storage_bytes = r.gauge("relayd_storage_bytes", "Content bytes held by all offline queues.")
-        self.storage_budget = r.gauge("relayd_storage_budget_bytes", "Content bytes the offline queues may hold "
-                                      "(0: no budget).")
+        self.storage_bytes = r.gauge("relayd_storage_bytes", "Bytes the storage budget counts: queued content, "
+                                     "stored read receipts, keys and push subscriptions.")
+        self.storage_budget = r.gauge("relayd_storage_budget_bytes", "Bytes queued content, stored read receipts, "
+                                      "keys and push subscriptions may take together (0: no budget).")
         self.storage_healthy = r.gauge("relayd_storage_healthy", "1 when storage accepts writes.")
+        self.ready = r.gauge("relayd_ready", "1 when /health/ready answers 200: storage accepts writes and the "
+                             "listener accepts connections.")
+        self.certificate_expiry = r.gauge("relayd_tls_certificate_expiry_timestamp_seconds",
+                                          "When the certificate relayd serves TLS with stops being valid "
+                                          "(notAfter, Unix time); absent without [tls] certfile.")
+        self.certificate_expiry.set_function(lambda: None)
+        self.pushes = r.counter("relayd_push_total", "Push notifications, by provider and outcome (sent, "
+                                "collapsed, gone, retry, failed, refused).", ("provider", "outcome"))
+        self.push_dropped = r.counter("relayd_push_dropped_total", "Pushes dropped because the outgoing push "
+                                      "queue was full (the oldest go).")
         register_process_metrics(r)
         self.frame_ok = self.frames.labels(outcome="ok")
         self.frame_error = self.frames.labels(outcome="error")
 
     def bind(self, *, connections: Callable[[], float], sessions: Callable[[], float],
              online: Callable[[], float], queue_depth: Callable[[], float], storage_bytes: Callable[[], float],
-             storage_budget: Callable[[], float], storage_healthy: Callable[[], float]) -> None:
+             storage_budget: Callable[[], float], storage_healthy: Callable[[], float],
+             ready: Callable[[], float]) -> None:
+        self.ready.set_function(ready)
         self.storage_bytes.set_function(storage_bytes)
         self.storage_budget.set_function(storage_budget)
         self.connections.set_function(connections)

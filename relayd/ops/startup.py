@@ -17,6 +17,7 @@ import websockets
 
 from .. import __version__
 from ..config import Config
+from ..config.redact import redact_url
 
 ALL_INTERFACES = ("0.0.0.0", "::", "")
 
@@ -56,20 +57,27 @@ def size_text(n: int) -> str:
     return f"{n} bytes"
 
 
-def storage_line(config: Config, budget: int) -> str:
+def storage_line(config: Config, budget: int, budget_how: str = "") -> str:
     storage = config.storage
     if storage.backend == "sqlite":
         where = f"sqlite {os.path.abspath(storage.path)} (synchronous = {storage.synchronous})"
     elif storage.backend == "redis":
         where = f"redis {redis_location(config.redis.url)}"
+    elif storage.backend == "postgres":
+        where = f"postgres {redact_url(config.postgres.url) or '(from the PG* environment variables)'}"
     else:
         where = "memory (everything is lost on restart)"
-    limit = f"queued content may take {size_text(budget)}" if budget else "no budget for queued content"
+    limit = (f"queued content, receipts, keys and push subscriptions may take {size_text(budget)}" if budget
+             else "no budget for queued content, receipts, keys and push subscriptions")
+    if config.storage.max_bytes >= 0:
+        limit += " ([storage] max_bytes)"
+    elif budget_how:
+        limit += f" ([storage] max_bytes = -1: {budget_how})"
     return f"storage: {where}; {limit}"
 
 
 def startup_report(config: Config, sources: list[str], addresses: list[tuple[str, int]], *, crypto: str,
-                   budget: int) -> list[tuple[int, str]]:
+                   budget: int, budget_how: str = "") -> list[tuple[int, str]]:
     """The block's lines with their log levels, in order."""
     tls = bool(config.tls.certfile)
     urls = listen_urls(addresses, tls)
@@ -89,7 +97,7 @@ def startup_report(config: Config, sources: list[str], addresses: list[tuple[str
     if extras:
         lines.append((logging.INFO, "serving " + ", ".join(extras)))
     lines.append((logging.INFO, "configuration: " + "; ".join(sources or ["defaults"])))
-    lines.append((logging.INFO, storage_line(config, budget)))
+    lines.append((logging.INFO, storage_line(config, budget, budget_how)))
     lines.append((logging.INFO, f"auth: {AUTH_MODES[config.auth.mode]}; signature verification: {crypto}"))
     exposed = [host for host, _ in addresses if host in ALL_INTERFACES]
     if exposed and not tls and not config.server.trusted_proxies:

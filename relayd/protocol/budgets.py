@@ -7,6 +7,11 @@ every user's offline messages share. ``NewQueueBudget`` counts recipients and
 ``OfflineBytes`` bytes on one instance, Sans-I/O (the caller passes the
 time); ``relayd.cluster.budgets`` counts the same budgets for several
 instances.
+
+When the storage budget runs low (less than 1/LOW_ROOM of it free), a sender
+or IP may have queued at most 1/SHARE_OF_ROOM of what is left this hour:
+whoever is filling the store is refused first, and everyone else's offline
+messages keep being queued in the room that stays.
 """
 
 from __future__ import annotations
@@ -16,6 +21,16 @@ from ..errors import ErrorCode, RelayError
 from ..ratelimit import limit_key
 
 WINDOW_S = 3600.0
+LOW_ROOM = 4
+SHARE_OF_ROOM = 8
+
+
+def low_room(budget: int, stored: int) -> int | None:
+    """The bytes left in the storage budget when less than 1/LOW_ROOM of it is, else None (also without a
+    budget)."""
+    if not budget or stored < budget - budget // LOW_ROOM:
+        return None
+    return max(budget - stored, 0)
 
 
 class NewQueueBudget:
@@ -78,14 +93,18 @@ class OfflineBytes:
         if now - self._since >= WINDOW_S:
             self._used.clear()
             self._since = now
-        return [(key, budget) for key, budget in (("b " + sender, self.per_sender),
-                                                  ("b ip " + limit_key(ip), self.per_ip)) if budget]
+        return [("b " + sender, self.per_sender), ("b ip " + limit_key(ip), self.per_ip)]
 
-    def check(self, sender: str, ip: str, size: int, now: float, message_id: str) -> list[str]:
-        """Raise ``RATE_LIMITED`` when ``size`` more bytes would pass a budget; else the keys to ``add`` to."""
+    def check(self, sender: str, ip: str, size: int, now: float, message_id: str,
+              room: int | None = None) -> list[str]:
+        """Raise ``RATE_LIMITED`` when ``size`` more bytes would pass a budget (0: none), or, with ``room`` (see
+        ``low_room``) that ``size`` fits in, 1/SHARE_OF_ROOM of the room; else the keys to ``add`` to. (What does
+        not fit at all is the storage budget's refusal, ``storage_unavailable``, for everyone alike.)"""
+        share = room // SHARE_OF_ROOM if room is not None and size <= room else None
         budgets = self.budgets(sender, ip, now)
         for key, budget in budgets:
-            if self._used.get(key, 0) + size > budget:
+            used = self._used.get(key, 0) + size
+            if (budget and used > budget) or (share is not None and used > share):
                 raise bytes_spent(message_id)
         return [key for key, _ in budgets]
 
@@ -95,7 +114,8 @@ class OfflineBytes:
 
 
 def bytes_spent(message_id: str) -> RelayError:
-    """The refusal of a message that would pass its sender's (or its IP's) hourly offline byte budget."""
+    """The refusal of a message that would pass its sender's (or its IP's) hourly offline byte budget, or its
+    share of the storage budget's last room."""
     return RelayError(ErrorCode.RATE_LIMITED, "Too many bytes queued for offline recipients this hour",
                       message_id=message_id)
 

@@ -44,7 +44,7 @@ from ..storage.store import (
     Store,
 )
 from ..tasks import TaskSet
-from .budgets import NewQueueBudget, OfflineBytes
+from .budgets import NewQueueBudget, OfflineBytes, low_room
 from .receipts import Receipts
 from .seams import Routes
 from .senders import Answers, Ident, Pipeline, Pipelines
@@ -106,13 +106,14 @@ class Delivery:
         wait for storage to come back)."""
         self.new_queues = NewQueueBudget(config, clock.monotonic())
         self.offline_bytes = OfflineBytes(config, clock.monotonic())
-        self.receipts = Receipts(config, self.forward, store, metrics, clock, writes, self.tasks)
+        self.limits = QueueLimits(0, 0, False)
+        self.receipts = Receipts(config, self.forward, store, metrics, clock, writes, self.tasks, self.offline_bytes,
+                                 lambda: self.limits.max_total_bytes)
         self._to_store: list[_Storing] = []
         self._stored: asyncio.Future[None] | None = None
         self._delivered: list[QueuedMessage] = []
         self.storage_budget = 0
         self.on_stored: Callable[[str], None] = lambda recipient: None
-        self.limits = QueueLimits(0, 0, False)
         self.max_content = 0
         self.configure(config)
 
@@ -239,7 +240,8 @@ class Delivery:
         now, sender, size = self.clock.monotonic(), session.address or "", utf8_len(msg.content)
         limit = "offline_bytes"
         try:
-            keys = self.offline_bytes.check(sender, session.ip, size, now, msg.message_id)
+            room = low_room(self.limits.max_total_bytes, self.store.stored_bytes())
+            keys = self.offline_bytes.check(sender, session.ip, size, now, msg.message_id, room)
             limit = "new_queues"
             self.new_queues.spend(sender, session.ip, msg.recipient, now, msg.message_id)
             self.offline_bytes.add(keys, size)

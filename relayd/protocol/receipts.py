@@ -1,5 +1,10 @@
 """Read receipts: forwarded to the sender's ready sessions, or stored for its next one, a batch per loop turn
-(``relayd.cluster.receipts`` adds the sender's sessions on peers)."""
+(``relayd.cluster.receipts`` adds the sender's sessions on peers).
+
+A stored receipt counts ``RECEIPT_BYTES`` in the storage budget and in the
+reader's (and its IP's) hourly byte budget for offline content, like a
+message: receipts to random offline addresses cannot fill the store.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from ..errors import ErrorCode, RelayError
 from ..frames import field_address, field_message_id
 from ..ops.metrics import RelayMetrics
 from .session import Session
-from ..storage.store import Receipt, StorageUnavailable, Store
+from ..storage.store import RECEIPT_BYTES, Receipt, StorageUnavailable, Store
+from .budgets import OfflineBytes, low_room
 from ..tasks import TaskSet
 from .writes import AddressWrites
 
@@ -23,8 +29,11 @@ class Receipts:
 
     def __init__(self, config: Config, forward: Callable[[dict[str, Any], str], int], store: Store,
                  metrics: RelayMetrics, clock: Clock, writes: AddressWrites,
-                 tasks: TaskSet) -> None:
+                 tasks: TaskSet, offline_bytes: OfflineBytes, budget: Callable[[], int]) -> None:
         self.forward = forward
+        self.offline_bytes = offline_bytes
+        self.budget = budget
+        """The storage budget in force (0: none)."""
         self.store = store
         self.metrics = metrics
         self.clock = clock
@@ -53,7 +62,22 @@ class Receipts:
             self.keep(session, to, read)
 
     def keep(self, session: Session, to: str, read: dict[str, Any]) -> None:
-        """Store a receipt nobody took, with the others of this loop iteration."""
+        """Store a receipt nobody took, with the others of this loop iteration; the reader gets an error
+        instead when the storage budget, or its hourly byte budget, is used up."""
+        mid = read["messageId"]
+        budget = self.budget()
+        if budget and self.store.stored_bytes() + (len(self._waiting) + 1) * RECEIPT_BYTES > budget:
+            session.send(RelayError(ErrorCode.STORAGE_UNAVAILABLE, "The relay's storage budget is used up; the "
+                                    "receipt was not stored", message_id=mid).frame())
+            return
+        try:
+            keys = self.offline_bytes.check(session.address or "", session.ip, RECEIPT_BYTES,
+                                            self.clock.monotonic(), mid, low_room(budget, self.store.stored_bytes()))
+        except RelayError as err:
+            self.metrics.rate_limited.labels(limit="offline_bytes").inc()
+            session.send(err.frame())
+            return
+        self.offline_bytes.add(keys, RECEIPT_BYTES)
         if not self._waiting:
             asyncio.get_running_loop().call_soon(self.store_waiting)
         self._waiting.append((session, Receipt(to, session.spelling, read["messageId"], read["timestamp"])))

@@ -23,7 +23,8 @@ from ..errors import CLOSE_CODES, CloseCode, ErrorCode, RelayError
 from ..frames import decode, field_address, field_bool, message_id_of, utf8_len
 from ..identity.auth import SignIn
 from ..ops.metrics import RelayMetrics
-from .seams import NO_PEERS, MessagePath, Peers, Routes, SignInService
+from .push import PushFrames
+from .seams import NO_PEERS, NO_PUSH, MessagePath, Peers, PushRegistry, Routes, SignInService
 from ..ratelimit import Verdict
 from .session import Session
 from ..storage.store import QueuedMessage, StorageUnavailable, Store
@@ -40,10 +41,11 @@ class Router:
 
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics,
                  authenticator: SignInService, clock: Clock, *, delivery: MessagePath | None = None,
-                 peers: Peers = NO_PEERS, writes: AddressWrites | None = None) -> None:
+                 peers: Peers = NO_PEERS, writes: AddressWrites | None = None,
+                 push: PushRegistry = NO_PUSH) -> None:
         """``delivery``: the message path (``Delivery`` on this instance when None); ``peers``: the other
         instances sharing the store; ``writes``: the pending writes per address, shared with whatever else
-        writes for an address (a backlog read awaits them)."""
+        writes for an address (a backlog read awaits them); ``push``: push subscriptions."""
         self.routes = routes
         self.peers = peers
         self.metrics = metrics
@@ -55,6 +57,7 @@ class Router:
         self.backlog = Backlog(config, routes, store, metrics, clock, writes, peers)
         self.delivery.on_stored = self.backlog.stored
         self.history = History(config, store)
+        self.push = PushFrames(config, push)
         self.max_preauth = 0
         self._handlers: dict[str, Handler] = {
             "auth": self._on_auth,
@@ -65,6 +68,8 @@ class Router:
             "ack": self.backlog.ack,
             "history": self.history.page,
             "history_delete": self.history.delete,
+            "push_subscribe": self.push.subscribe,
+            "push_unsubscribe": self.push.unsubscribe,
         }
         self.configure(config)
 
@@ -74,6 +79,7 @@ class Router:
         self.delivery.configure(config)
         self.backlog.configure(config)
         self.history.configure(config)
+        self.push.configure(config)
 
     # Events from the connection layer
 
@@ -215,6 +221,7 @@ class Router:
         session.ack = ack
         session.verified = result.proven
         self.routes.attach(session)
+        self.push.registry.signed_in(address)
         if result.proven:
             self.evict_unverified(address)
         if log.isEnabledFor(logging.DEBUG):

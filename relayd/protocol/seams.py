@@ -2,8 +2,9 @@
 
 ``Routes`` reaches the sessions of an address on this instance, ``Presence``
 answers who is online (REST), ``SignInService`` accepts ``auth`` frames,
-``MessagePath`` carries messages, receipts and typing to recipients, and
-``Peers`` is what the protocol tells the other relayd instances, if any. One
+``MessagePath`` carries messages, receipts and typing to recipients,
+``Peers`` is what the protocol tells the other relayd instances, if any, and
+``PushRegistry`` keeps push subscriptions (``relayd.push``, or ``NO_PUSH``). One
 instance gets ``protocol.presence.LocalPresence``, ``protocol.delivery.Delivery``
 and ``NO_PEERS``; several instances get ``relayd.cluster``'s implementations
 from ``server.py``. The protocol depends on these and never on the cluster.
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ..config import Config
+from ..errors import ErrorCode, RelayError
 from ..identity.auth import SignIn
 from ..storage.store import QueuedMessage, QueueLimits
 from .session import Session
@@ -141,3 +143,36 @@ class _NoPeers:
 
 
 NO_PEERS: Peers = _NoPeers()
+
+
+class PushRegistry(Protocol):
+    """Push subscriptions of addresses: ``relayd.push.service.PushService`` when ``[push] enabled``."""
+
+    async def subscribe(self, address: str, ip: str, frame: dict[str, Any]) -> str:
+        """Register the subscription a ``push_subscribe`` frame from ``ip`` describes; returns its id. Raises
+        RelayError."""
+        ...
+
+    async def unsubscribe(self, address: str, sub_id: str) -> bool:
+        """Remove one subscription of ``address``; False when it has none with that id."""
+        ...
+
+    def signed_in(self, address: str) -> None:
+        """A session of ``address`` signed in (its subscriptions stay alive). Never waits."""
+        ...
+
+
+class _NoPush:
+    """``PushRegistry`` of a relay without push notifications."""
+
+    async def subscribe(self, address: str, ip: str, frame: dict[str, Any]) -> str:
+        raise RelayError(ErrorCode.PUSH_DISABLED)
+
+    async def unsubscribe(self, address: str, sub_id: str) -> bool:
+        raise RelayError(ErrorCode.PUSH_DISABLED)
+
+    def signed_in(self, address: str) -> None:
+        return None
+
+
+NO_PUSH: PushRegistry = _NoPush()

@@ -15,8 +15,19 @@ import logging
 import time
 
 from ..frames import utf8_len
-from .store import (EnqueueResult, HistoryPage, KeyRecord, QueuedMessage, QueueLimits, Receipt,
-                    StorageUnavailable)
+from .store import (
+    KEY_LOOKUPS_REMEMBERED,
+    RECEIPT_BYTES,
+    EnqueueResult,
+    HistoryPage,
+    KeyRecord,
+    PushSubscription,
+    QueuedMessage,
+    QueueLimits,
+    Receipt,
+    StorageUnavailable,
+    key_bytes,
+)
 
 log = logging.getLogger("relayd.storage")
 
@@ -83,14 +94,20 @@ class MemoryStore:
         self._receipts: dict[str, list[Receipt]] = {}
         self._keys: dict[str, KeyRecord] = {}
         self._floors: dict[str, int] = {}
+        self._key_used: dict[str, int] = {}
+        """When an unsigned key was last looked up, as written by ``expire_keys``."""
+        self._looked_up: set[str] = set()
         self._locked: set[str] = set()
         self._tokens: dict[str, tuple[str, int]] = {}
+        self._push: dict[str, dict[str, PushSubscription]] = {}
         self._last_seq = 0
         self._total = 0
         self._bytes = 0
         self._history_ms = 0
         self._history: dict[str, dict[tuple[str, str], tuple[QueuedMessage, int]]] = {}
         """Per recipient, by (sender lower-cased, messageId): (the message, kept until (epoch ms))."""
+        self._other_bytes = 0
+        """What receipts, keys and push subscriptions count in the storage budget."""
 
     @property
     def healthy(self) -> bool:
@@ -127,7 +144,7 @@ class MemoryStore:
         if ident in self._delivered.since:
             return EnqueueResult.DELIVERED
         size = utf8_len(msg.content)
-        if limits.max_total_bytes and self._bytes + size > limits.max_total_bytes:
+        if limits.max_total_bytes and self.stored_bytes() + size > limits.max_total_bytes:
             return EnqueueResult.NO_SPACE
         if size > limits.max_bytes:
             return EnqueueResult.FULL
@@ -316,7 +333,7 @@ class MemoryStore:
         return self._total
 
     def stored_bytes(self) -> int:
-        return self._bytes
+        return self._bytes + self._other_bytes
 
     async def stats(self) -> dict[str, int]:
         return {"recipients": len(self._queues), "messages": self._total, "bytes": self._bytes,
@@ -330,6 +347,7 @@ class MemoryStore:
         self._delivered.expire(before_ms)
         for recipient, receipts in list(self._receipts.items()):
             kept = [r for r in receipts if r.timestamp >= before_ms]
+            self._other_bytes -= (len(receipts) - len(kept)) * RECEIPT_BYTES
             if kept:
                 self._receipts[recipient] = kept
             else:
@@ -363,6 +381,7 @@ class MemoryStore:
                 excess = len(stored) - max_per_recipient
                 del stored[:excess]
                 dropped += excess
+        self._other_bytes += (len(receipts) - dropped) * RECEIPT_BYTES
         return dropped
 
     async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
@@ -374,6 +393,7 @@ class MemoryStore:
             return 0
         gone = set(seqs)
         kept = [r for r in receipts if r.seq not in gone]
+        self._other_bytes -= (len(receipts) - len(kept)) * RECEIPT_BYTES
         if kept:
             self._receipts[recipient] = kept
         else:
@@ -386,22 +406,48 @@ class MemoryStore:
     # Keys
 
     async def get_key(self, address: str) -> KeyRecord | None:
-        return self._keys.get(address)
+        return (await self.get_keys([address])).get(address)
 
     async def get_keys(self, addresses: list[str]) -> dict[str, KeyRecord]:
-        return {a: self._keys[a] for a in addresses if a in self._keys}
+        found = {a: self._keys[a] for a in addresses if a in self._keys}
+        for address, record in found.items():
+            if not record.signed and len(self._looked_up) < KEY_LOOKUPS_REMEMBERED:
+                self._looked_up.add(address)
+        return found
 
     async def put_key(self, record: KeyRecord) -> KeyRecord:
         old = self._keys.get(record.address)
         if old is not None:
             record.created_at = old.created_at
+            self._other_bytes -= key_bytes(old.public_key, old.signature)
+        self._other_bytes += key_bytes(record.public_key, record.signature)
+        self._key_used.pop(record.address, None)
         if record.issued_at is not None and record.signed:
             self._floors[record.address] = max(self._floors.get(record.address, 0), record.issued_at)
         self._keys[record.address] = dataclasses.replace(record)
         return record
 
     async def delete_key(self, address: str) -> bool:
-        return self._keys.pop(address, None) is not None
+        old = self._keys.pop(address, None)
+        self._key_used.pop(address, None)
+        if old is not None:
+            self._other_bytes -= key_bytes(old.public_key, old.signature)
+        return old is not None
+
+    async def drop_unsigned_key(self, address: str) -> bool:
+        old = self._keys.get(address)
+        return old is not None and not old.signed and await self.delete_key(address)
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        looked_up, self._looked_up = self._looked_up, set()
+        for address in looked_up:
+            if address in self._keys:
+                self._key_used[address] = now_ms
+        old = [a for a, r in self._keys.items()
+               if not r.signed and max(r.updated_at, self._key_used.get(a, 0)) < before_ms]
+        for address in old:
+            await self.delete_key(address)
+        return len(old)
 
     async def key_floor(self, address: str) -> int | None:
         return self._floors.get(address)
@@ -426,3 +472,51 @@ class MemoryStore:
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:
         entry = self._tokens.get(token_hash)
         return entry[0] if entry is not None and entry[1] > now_ms else None
+
+    # Push subscriptions
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        subs = self._push.setdefault(sub.address, {})
+        old = subs.get(sub.id)
+        stored = dataclasses.replace(sub, created_at=old.created_at if old is not None else sub.created_at)
+        if old is not None:
+            self._other_bytes -= old.size()
+        self._other_bytes += stored.size()
+        subs[sub.id] = stored
+        for gone in sorted(subs.values(), key=lambda s: (s.created_at, s.id))[:-max_per_address]:
+            self._forget_push(subs, gone.id)
+        for each in subs.values():
+            each.expires_at = sub.expires_at
+        return dataclasses.replace(stored)
+
+    def _forget_push(self, subs: dict[str, PushSubscription], sub_id: str) -> bool:
+        gone = subs.pop(sub_id, None)
+        if gone is not None:
+            self._other_bytes -= gone.size()
+        return gone is not None
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        subs = self._push.get(address, {}).values()
+        return [dataclasses.replace(s) for s in sorted(subs, key=lambda s: (s.created_at, s.id))
+                if s.expires_at > now_ms]
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        subs = self._push.get(address, {})
+        gone = self._forget_push(subs, sub_id)
+        if not subs:
+            self._push.pop(address, None)
+        return gone
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        for sub in self._push.get(address, {}).values():
+            sub.expires_at = expires_at_ms
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        removed = 0
+        for address, subs in list(self._push.items()):
+            for sub_id, sub in list(subs.items()):
+                if sub.expires_at <= now_ms:
+                    removed += self._forget_push(subs, sub_id)
+            if not subs:
+                del self._push[address]
+        return removed

@@ -14,9 +14,10 @@ backend and hands it only:
   and messageId sealed the same way.
 
 Timestamps, sizes and seqs stay clear (the store orders and expires by them).
-Published public keys, ownership locks and bearer tokens stay clear too: a
-public key is public (it is served by address to anyone), and locks and
-tokens must be found by address.
+Published public keys, ownership locks, bearer tokens and push subscriptions
+stay clear too: a public key is public (it is served by address to anyone),
+and locks, tokens and push subscriptions must be found by address (a push
+subscription says where to wake a device, never who wrote).
 
 Keys, blind indexes and sealed values are ``sealing``'s. Rotation: new
 writes use the first key file; reads try each configured key's blind index
@@ -37,13 +38,16 @@ from typing import Any, Protocol
 
 from ..frames import utf8_len
 from .sealing import SealError, Sealer, StorageKey, sealed_size
-from .store import (EnqueueResult, HistoryPage, HistoryStore, KeyRecord, QueuedMessage, QueueLimits, Receipt,
-                    StorageUnavailable, Store, StoreOpenError)
+from .store import (EnqueueResult, HistoryPage, HistoryStore, KeyRecord, PushSubscription, QueuedMessage,
+                    QueueLimits, Receipt, StorageUnavailable, Store, StoreOpenError)
 
 log = logging.getLogger("relayd.storage")
 
 CHECK_ADDRESS = "~relayd-storage-check"
 """The key record holding the check values: never an address, so no client can read, write or count it."""
+CHECK_SIGNATURE = "relayd"
+"""The check record is stored as a signed key so that unsigned-key expiry ([storage] unsigned_key_ttl_days)
+never deletes it."""
 _CHECK_TEXT = "relayd storage check v1"
 
 
@@ -159,7 +163,7 @@ class SealedStore:
 
     async def _write_checks(self, checks: dict[int, str]) -> None:
         await self.inner.put_key(KeyRecord(CHECK_ADDRESS, json.dumps({str(k): v for k, v in checks.items()}),
-                                           0, 0))
+                                           0, 0, signature=CHECK_SIGNATURE))
 
     async def close(self) -> None:
         await self.inner.close()
@@ -512,3 +516,26 @@ class SealedStore:
 
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:
         return await self.inner.token_address(token_hash, now_ms)
+
+    async def drop_unsigned_key(self, address: str) -> bool:
+        return await self.inner.drop_unsigned_key(address)
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        return await self.inner.expire_keys(before_ms, now_ms)
+
+    # Push subscriptions: clear, like tokens (found by address to wake its devices; they hold no message)
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        return await self.inner.put_push_subscription(sub, max_per_address)
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        return await self.inner.push_subscriptions(address, now_ms)
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        return await self.inner.delete_push_subscription(address, sub_id)
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        await self.inner.extend_push_subscriptions(address, expires_at_ms)
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        return await self.inner.expire_push_subscriptions(now_ms)

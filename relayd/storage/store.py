@@ -1,5 +1,5 @@
 """The storage contract: what relayd keeps (queued messages, pending read receipts, public keys,
-ownership locks) and what every backend promises about it.
+ownership locks, push subscriptions) and what every backend promises about it.
 
 The protocol and the REST API see only these interfaces; ``memory``,
 ``sqlite`` and further backends implement them, and
@@ -24,6 +24,32 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+
+RECEIPT_BYTES = 256
+"""What one stored read receipt counts in the storage budget: two addresses, a messageId of up to 128
+characters, times, and the store's own overhead."""
+KEY_OVERHEAD_BYTES = 128
+"""What a stored key counts beyond its public key and signature (address, times, the store's overhead)."""
+PUSH_OVERHEAD_BYTES = 160
+"""What a push subscription counts beyond its target and keys (its id, address, provider, times, the store's
+overhead and expiry index)."""
+
+
+KEY_LOOKUPS_REMEMBERED = 100_000
+"""Addresses whose unsigned key was looked up, remembered in memory between two ``expire_keys`` calls (past it,
+further lookups until the next call do not count as use)."""
+
+
+def key_bytes(public_key: str, signature: str | None) -> int:
+    """What a key counts in the storage budget."""
+    return len(public_key) + len(signature or "") + KEY_OVERHEAD_BYTES
+
+
+def push_bytes(target: str, p256dh: str, auth: str) -> int:
+    """What a push subscription counts in the storage budget (at most about 2.3 KB: an endpoint URL of 2048
+    characters and Web Push keys)."""
+    return len(target) + len(p256dh) + len(auth) + PUSH_OVERHEAD_BYTES
 
 
 class StorageUnavailable(Exception):
@@ -51,7 +77,8 @@ class EnqueueResult(enum.Enum):
 
 @dataclass(slots=True)
 class QueueLimits:
-    """Per-recipient caps, and the storage budget over all queues (``max_total_bytes``, 0: none)."""
+    """Per-recipient caps, and the storage budget (``max_total_bytes``, 0: none) over what ``stored_bytes``
+    counts."""
 
     max_messages: int
     max_bytes: int
@@ -101,6 +128,28 @@ class KeyRecord:
         return self.signature is not None
 
 
+@dataclass(slots=True)
+class PushSubscription:
+    """Where to wake an address's device: a Web Push endpoint (with its keys) or an FCM/APNs device token.
+
+    ``target`` is the endpoint URL (``webpush``) or the device token (``fcm``, ``apns``); ``p256dh`` and
+    ``auth`` are the subscription's base64url keys (Web Push only). ``expires_at`` (epoch ms) moves forward
+    whenever a session of ``address`` signs in."""
+
+    id: str
+    address: str
+    provider: str
+    target: str
+    p256dh: str = ""
+    auth: str = ""
+    created_at: int = 0
+    expires_at: int = 0
+
+    def size(self) -> int:
+        """What it counts in the storage budget (``push_bytes``)."""
+        return push_bytes(self.target, self.p256dh, self.auth)
+
+
 class MessageStore(Protocol):
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
         """Store ``msg`` for ``msg.recipient`` within ``limits``.
@@ -109,8 +158,8 @@ class MessageStore(Protocol):
         the same (sender, recipient, messageId) is still stored (nothing is
         written; ``msg.seq`` is set to the stored one's), DELIVERED when it
         left the store as delivered (``remove``, ``ack``, ``record_delivered``)
-        within the retention period (nothing is written), NO_SPACE when the content would take the store past
-        ``max_total_bytes``, or FULL when the recipient's queue is at
+        within the retention period (nothing is written), NO_SPACE when the content would take ``stored_bytes``
+        past ``max_total_bytes``, or FULL when the recipient's queue is at
         ``max_messages`` or the content would pass ``max_bytes`` and
         ``drop_oldest`` is off. With ``drop_oldest`` the oldest messages are
         removed to make room (a single message larger than ``max_bytes`` is
@@ -190,7 +239,9 @@ class MessageStore(Protocol):
         ...
 
     def stored_bytes(self) -> int:
-        """Content bytes stored for all recipients, from memory, as ``max_total_bytes`` counts them."""
+        """The bytes ``max_total_bytes`` counts, from memory: content of every queue, ``RECEIPT_BYTES`` per
+        stored receipt, ``key_bytes`` per key and ``push_bytes`` per push subscription. Never waits and never
+        raises (on several instances, other instances' writes are included as of the backend's last refresh)."""
         ...
 
     async def stats(self) -> dict[str, int]:
@@ -296,6 +347,22 @@ class KeyStore(Protocol):
         """
         ...
 
+    async def drop_unsigned_key(self, address: str) -> bool:
+        """Delete the key of ``address`` if it is unsigned (a signed key stays, whatever happens meanwhile);
+        whether one went. When an address is locked by its first signed sign-in, a key anyone may have planted
+        before stops being served."""
+        ...
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        """Delete unsigned keys neither uploaded nor looked up since ``before_ms``; how many went.
+
+        A lookup (``get_key``, ``get_keys``) of an unsigned key is remembered in
+        memory (up to ``KEY_LOOKUPS_REMEMBERED`` addresses) and written here as a
+        use at ``now_ms``, so lookups never write. Signed keys stay: they are
+        their owners'. Works in bounded batches.
+        """
+        ...
+
     async def key_floor(self, address: str) -> int | None:
         """The newest ``issued_at`` of any signed key ever stored for ``address`` (deleted or not)."""
         ...
@@ -326,8 +393,36 @@ class TokenStore(Protocol):
         ...
 
 
-class Store(MessageStore, KeyStore, TokenStore, Protocol):
-    """Messages, keys and tokens in one backend."""
+class PushStore(Protocol):
+    """Push subscriptions by address. Few per address (the caller's cap), each found by (address, id); each
+    counts ``push_bytes`` in ``stored_bytes`` from the moment it is stored until it is deleted or expired."""
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        """Store ``sub``; one of the same address, provider and target is replaced and keeps its ``id`` and
+        ``created_at``. Past ``max_per_address`` the address's oldest (by ``created_at``) go. Every
+        subscription of the address gets ``sub.expires_at``. Returns the subscription as stored."""
+        ...
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        """The subscriptions of ``address`` not expired at ``now_ms``, oldest first."""
+        ...
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        """Delete one subscription of ``address``; False when it had none with that id."""
+        ...
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        """A session of ``address`` signed in: its subscriptions live until ``expires_at_ms``."""
+        ...
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        """Delete subscriptions expired at ``now_ms`` (bounded work per call: the caller repeats it until it
+        returns 0); returns how many went. Only this removes expired ones, so ``stored_bytes`` stays exact."""
+        ...
+
+
+class Store(MessageStore, KeyStore, TokenStore, PushStore, Protocol):
+    """Messages, keys, tokens and push subscriptions in one backend."""
 
     name: str
 

@@ -5,7 +5,7 @@ without the extra runs on SQLite. Modules: ``layout`` (key names, hash slots),
 ``scripts`` (the Lua scripts), ``connection`` (the client), ``health``,
 ``write_queue`` (writes batched in order, each answered in bounded time),
 ``reasons`` (what a failure means), ``store`` (the Store contract: a facade)
-over its parts ``messages``, ``receipts``, ``keys``, ``retention`` and
+over its parts ``messages``, ``receipts``, ``keys``, ``push``, ``retention`` and
 ``lifecycle``, which share one ``core``; ``records`` (value formats, per-slot
 totals), ``migrate`` (SQLite to Redis).
 """

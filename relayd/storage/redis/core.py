@@ -17,9 +17,12 @@ from . import scripts
 from .connection import Commands, RedisLink
 from .layout import Layout
 from .records import SlotTotals, chunks
+from ..store import RECEIPT_BYTES
 
 SLOT_BATCH = 500         # per-slot keys read in one pipeline
-STAT_FIELDS = ("recipients", "messages", "bytes", "receipts", "keys")
+STAT_FIELDS = ("recipients", "messages", "bytes", "receipts", "keys", "kbytes", "pbytes")
+"""Per-slot statistics; ``kbytes`` and ``pbytes`` are what the slot's keys and push subscriptions count in the
+storage budget (``store.key_bytes``, ``store.push_bytes``)."""
 
 Pipe: TypeAlias = "Pipeline[str]"
 
@@ -31,6 +34,9 @@ class StoreCore:
         self.link = link
         self.layout = layout
         self.totals = SlotTotals()
+        self.other_bytes = 0
+        """What receipts, keys and push subscriptions count in the storage budget: as of the last ``stats``,
+        plus this instance's writes since."""
         self._known_slots: set[int] = set()
         link.health.on_failure = self.forget_assumptions
 
@@ -85,5 +91,6 @@ class StoreCore:
             for slot, row in zip(part, await self.link.read(work)):
                 for name, value in zip(STAT_FIELDS, row):
                     sums[name] += int(value or 0)
-                self.totals.apply(slot, (row[1], row[2], row[5]), force=force)
+                self.totals.apply(slot, (row[1], row[2], row[len(STAT_FIELDS)]), force=force)
+        self.other_bytes = sums["receipts"] * RECEIPT_BYTES + sums.pop("kbytes") + sums.pop("pbytes")
         return sums

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..store import KeyRecord
+from ..store import KEY_LOOKUPS_REMEMBERED, KeyRecord
 from . import scripts
 from .connection import Commands
 from .core import StoreCore
 from .records import KEY_OPTIONAL, by_recipient, chunks, decode_key, now_ms
 
 SLOT_BATCH = 500  # keys read in one pipeline
+EXPIRE_KEYS_SCAN = 100  # expired unsigned keys read from one slot's index at a time
 
 
 class RedisKeys:
@@ -23,6 +24,8 @@ class RedisKeys:
         self.core = core
         self.link = core.link
         self.layout = core.layout
+        self._looked_up: set[str] = set()
+        """Unsigned keys looked up since the last ``expire_keys``."""
 
     async def get_key(self, address: str) -> KeyRecord | None:
         return (await self.get_keys([address])).get(address)
@@ -38,7 +41,9 @@ class RedisKeys:
                 return list(await pipe.execute())
             for address, fields in zip(part, await self.link.read(work)):
                 if fields:
-                    found[address] = decode_key(address, fields)
+                    found[address] = record = decode_key(address, fields)
+                    if not record.signed and len(self._looked_up) < KEY_LOOKUPS_REMEMBERED:
+                        self._looked_up.add(address)
         return found
 
     async def put_key(self, record: KeyRecord) -> KeyRecord:
@@ -55,16 +60,52 @@ class RedisKeys:
                 fields += [name, value]
         signed_issued = record.issued_at if record.signed and record.issued_at is not None else ""
         self.core.note_slot(self.layout.slot_of(record.address))
-        outcome, created_at = await self.link.write(
-            scripts.PUT_KEY, list(self.layout.key(record.address)),
+        outcome, created_at, *grown = await self.link.write(
+            scripts.PUT_KEY, [*self.layout.key(record.address), self._index_of(record.address)],
             [mode, record.created_at, ledger, ledger_ttl_ms, record.updated_at, signed_issued, *fields])
         if outcome == "stored":
             record.created_at = int(created_at)
+            self.core.other_bytes += int(grown[0])
         return str(outcome)
+
+    def _index_of(self, address: str) -> str:
+        return self.layout.unsigned_keys(self.layout.slot_of(address))
 
     async def delete_key(self, address: str) -> bool:
         key, stats, _, _ = self.layout.key(address)
-        return int(await self.link.write(scripts.DELETE_KEY, [key, stats], [])) == 1
+        return await self._forget(scripts.DELETE_KEY, key, stats, self._index_of(address))
+
+    async def drop_unsigned_key(self, address: str) -> bool:
+        key, stats, _, _ = self.layout.key(address)
+        return await self._forget(scripts.DROP_UNSIGNED_KEY, key, stats, self._index_of(address))
+
+    async def _forget(self, script: scripts.Script, key: str, stats: str, index: str, *args: Any) -> bool:
+        """Run a script that may delete a key; whether it did (what the key counted leaves the budget)."""
+        deleted, size = await self.link.write(script, [key, stats, index], list(args))
+        self.core.other_bytes -= int(size)
+        return int(deleted) == 1
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        """Lookups are written first (a script per slot); then each slot's index of unsigned keys is read
+        from its oldest, and each key older than ``before_ms`` goes in a script of its own."""
+        looked_up, self._looked_up = self._looked_up, set()
+        for slot, names in by_recipient([self.layout.key(a)[0] for a in looked_up],
+                                        lambda name: self.layout.slot_of(self.layout.address_of_key(name))).items():
+            for part in chunks(names, SLOT_BATCH):
+                await self.link.write(scripts.TOUCH_KEYS, [self.layout.unsigned_keys(slot)], [now_ms, *part])
+        removed = 0
+        for slot in await self.core.slots():
+            index = self.layout.unsigned_keys(slot)
+            while True:
+                async def work(client: Commands) -> list[str]:
+                    return await client.zrangebyscore(index, "-inf", f"({before_ms}", start=0, num=EXPIRE_KEYS_SCAN)
+                names = await self.link.read(work)
+                for name in names:
+                    stats = self.layout.key(self.layout.address_of_key(name))[1]
+                    removed += await self._forget(scripts.EXPIRE_KEY, name, stats, index, before_ms)
+                if len(names) < EXPIRE_KEYS_SCAN:
+                    break
+        return removed
 
     async def key_floor(self, address: str) -> int | None:
         """The floor key, or (for keys stored before floors existed) the stored signed key's ``issued_at``."""

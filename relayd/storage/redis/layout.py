@@ -116,6 +116,14 @@ class Layout:
         return (self._own(address, "key"), self.slot_keys(self.slot_of(address))[1], self._own(address, "mig"),
                 self._own(address, "kf"))
 
+    def unsigned_keys(self, slot: int) -> str:
+        """ZSET key record name -> when it was last uploaded or looked up (ms), of the slot's unsigned keys."""
+        return f"{self.prefix}{{{slot_tag(slot)}}}:ukeys"
+
+    def address_of_key(self, name: str) -> str:
+        """The address of a key record's name (``key``'s first element)."""
+        return name[len(self.prefix) + 1:-len("}:key")]
+
     def tokens_of(self, address: str) -> str:
         """ZSET token hash -> expiry (ms) of one address: the per-address cap keeps it short."""
         return self._own(address, "tok")
@@ -127,6 +135,17 @@ class Layout:
         """(HASH token hash -> "address expires_ms", ZSET token hash -> expires_ms) of one hash slot."""
         tag = slot_tag(slot)
         return f"{self.prefix}{{{tag}}}:tok", f"{self.prefix}{{{tag}}}:tokx"
+
+    def push(self, address: str) -> tuple[str, str, str, str, str]:
+        """(HASH id -> subscription record, ZSET id -> created_at, expires_at) of one address, then (slot
+        statistics, the slot's push expiry index): the keys every push script declares, in that order."""
+        slot = self.slot_of(address)
+        return (self._own(address, "push"), self._own(address, "pushc"), self._own(address, "pushx"),
+                self.slot_keys(slot)[1], self.push_expiry(slot))
+
+    def push_expiry(self, slot: int) -> str:
+        """ZSET address -> expires_at (ms), of the slot's addresses with push subscriptions."""
+        return f"{self.prefix}{{{slot_tag(slot)}}}:pushx"
 
     def lock(self, address: str) -> str:
         return self._own(address, "lock")

@@ -45,6 +45,8 @@ class Durability:
     waitaof: bool = False
     """The server has WAITAOF (Redis >= 7.2)."""
     versions: list[tuple[int, ...]] = field(default_factory=list)
+    maxmemory: int | None = None
+    """The smallest primary's ``maxmemory`` (0: none set; None: INFO memory did not say)."""
 
     def uses_waitaof(self) -> bool:
         return self.waitaof and self.appendonly and self.appendfsync in ("always", "everysec")
@@ -123,6 +125,10 @@ class RedisLifecycle:
         persistence = await self._each_primary("INFO", "persistence")
         replication = await self._each_primary("INFO", "replication")
         server = await self._each_primary("INFO", "server")
+        memory = [int(info["maxmemory"]) for info in await self._each_primary("INFO", "memory")
+                  if str(info.get("maxmemory", "")).isdigit()]
+        bounded = [m for m in memory if m]
+        found.maxmemory = min(bounded) if bounded else (0 if memory else None)
         for info in server:
             version = str(info.get("redis_version", "0"))
             parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())

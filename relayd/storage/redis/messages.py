@@ -41,7 +41,7 @@ class RedisMessages:
         """The script's outcome (a key of ``RESULTS``, or ``migrated``) and the recipient's presence."""
         core = self.core
         size = utf8_len(msg.content)
-        over = bool(limits.max_total_bytes) and core.totals.bytes + size > limits.max_total_bytes
+        over = bool(limits.max_total_bytes) and core.totals.bytes + core.other_bytes + size > limits.max_total_bytes
         core.note_slot(core.layout.slot_of(msg.recipient))
         outcome, seq, _dropped, totals, presence = await core.recipient_write(
             scripts.ENQUEUE, msg.recipient, msg.sender, msg.message_id, encode_message(msg, size), size,

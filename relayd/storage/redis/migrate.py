@@ -1,6 +1,6 @@
-"""``relayd migrate``: copy a single-node relay's SQLite database into Redis.
+"""``relayd migrate`` into Redis: copy a relay's snapshot (a SQLite file or a PostgreSQL database) into Redis.
 
-The SQLite file is opened read-only (it may belong to a running relay). Queues
+The source is read without disturbing its relay (``storage.snapshot``). Queues
 keep their per-recipient order and original ``queued_at``; receipts, keys
 (signed fields included, ``created_at`` kept), ownership locks, the floors of
 signed keys (so a deleted key's statement stays unpublishable) and unexpired
@@ -13,14 +13,11 @@ Messages already past retention are not copied.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
-from ..sqlite.file import inspect, read_only_uri
-from ..store import KeyRecord, QueuedMessage, Receipt, StoreOpenError
+from ..snapshot import Snapshot
 from .store import RedisStore
 
 T = TypeVar("T")
@@ -33,30 +30,9 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def sqlite_source(text: str) -> str:
-    """The path in ``sqlite:PATH``; ValueError for anything else."""
-    scheme, sep, path = text.partition(":")
-    if scheme != "sqlite" or not sep or not path:
-        raise ValueError(f"--from must be sqlite:PATH (a relayd SQLite database), got {text!r}")
-    return path
-
-
 def ledger_ttl_ms(retention_hours: float) -> int:
     """How long copies are remembered: twice the retention, at least 30 days."""
     return max(MIN_LEDGER_TTL_MS, int(2 * retention_hours * 3_600_000))
-
-
-def open_source(path: str) -> sqlite3.Connection:
-    """The database read-only, after checking it is relayd's. Raises StoreOpenError."""
-    version = inspect(Path(path))
-    if version is None:
-        raise StoreOpenError(f"no database at {path}")
-    if version == 0:
-        raise StoreOpenError(f"{path} is an empty database: nothing to migrate")
-    try:
-        return sqlite3.connect(read_only_uri(Path(path)), uri=True)
-    except sqlite3.Error as exc:
-        raise StoreOpenError(f"cannot open database {path}: {exc}") from exc
 
 
 class _Window:
@@ -89,7 +65,7 @@ class _Window:
             task.cancel()
 
 
-async def migrate(conn: sqlite3.Connection, store: RedisStore, *, cutoff_ms: int,
+async def migrate(snapshot: Snapshot, store: RedisStore, *, cutoff_ms: int,
                   ledger_ttl: int, max_tokens_per_address: int) -> dict[str, int]:
     """Copy everything; returns counts by outcome. Raises StorageUnavailable when Redis fails.
 
@@ -111,47 +87,33 @@ async def migrate(conn: sqlite3.Connection, store: RedisStore, *, cutoff_ms: int
 
     window = _Window()
     try:
-        await _copy(conn, store, window, cutoff_ms, ledger_ttl, max_tokens_per_address, counts, count_message,
+        await _copy(snapshot, store, window, cutoff_ms, ledger_ttl, max_tokens_per_address, counts, count_message,
                     count_receipt, count_key)
     finally:
         window.cancel()
     return counts
 
 
-async def _copy(conn: sqlite3.Connection, store: RedisStore, window: _Window, cutoff_ms: int, ledger_ttl: int,
+async def _copy(snapshot: Snapshot, store: RedisStore, window: _Window, cutoff_ms: int, ledger_ttl: int,
                 max_tokens: int,
                 counts: dict[str, int], count_message: Callable[[str], None], count_receipt: Callable[[bool], None],
                 count_key: Callable[[str], None]) -> None:
-    rows = conn.execute("SELECT recipient, sender, message_id, content, timestamp, queued_at FROM messages "
-                        "ORDER BY recipient, seq")
-    for recipient, sender, message_id, content, timestamp, queued_at in rows:
-        if queued_at < cutoff_ms:
+    async for msg in snapshot.messages():
+        if msg.queued_at < cutoff_ms:
             counts["messages_expired"] += 1
             continue
-        msg = QueuedMessage(recipient, sender, message_id, content, timestamp, queued_at)
         await window.add(store.migrate_message(msg, ledger_ttl), count_message)
-    rows = conn.execute("SELECT seq, recipient, reader, message_id, timestamp FROM receipts ORDER BY recipient, seq")
-    for seq, recipient, reader, message_id, timestamp in rows:
-        await window.add(store.migrate_receipt(Receipt(recipient, reader, message_id, timestamp), seq, ledger_ttl),
-                         count_receipt)
-    rows = conn.execute("SELECT address, public_key, created_at, updated_at, key_type, issued_at, format, "
-                        "signature FROM keys")
-    for row in rows:
-        await window.add(store.migrate_key(KeyRecord(*row), ledger_ttl), count_key)
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if "locks" in tables:
-        for (address,) in conn.execute("SELECT address FROM locks"):
-            await window.add(store.lock(address), lambda _: None)
-            counts["locks"] += 1
-    if "key_floors" in tables:
-        for address, issued_at in conn.execute("SELECT address, issued_at FROM key_floors"):
-            await window.add(store.migrate_floor(address, issued_at), lambda _: None)
-            counts["key_floors"] += 1
-    if "tokens" in tables:
-        for token_hash, address, expires_at in conn.execute("SELECT hash, address, expires_at FROM tokens "
-                                                            "WHERE expires_at > ? ORDER BY expires_at",
-                                                            (now_ms(),)):
-            await window.add(store.save_token(token_hash, address, expires_at, max_tokens),
-                             lambda _: None)
-            counts["tokens"] += 1
+    async for receipt, seq in snapshot.receipts():
+        await window.add(store.migrate_receipt(receipt, seq, ledger_ttl), count_receipt)
+    async for record in snapshot.keys():
+        await window.add(store.migrate_key(record, ledger_ttl), count_key)
+    async for address in snapshot.locks():
+        await window.add(store.lock(address), lambda _: None)
+        counts["locks"] += 1
+    async for address, issued_at in snapshot.floors():
+        await window.add(store.migrate_floor(address, issued_at), lambda _: None)
+        counts["key_floors"] += 1
+    async for token_hash, address, expires_at in snapshot.tokens(now_ms()):
+        await window.add(store.save_token(token_hash, address, expires_at, max_tokens), lambda _: None)
+        counts["tokens"] += 1
     await window.drain()

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from ..store import Receipt
+from ..store import RECEIPT_BYTES, Receipt
 from . import scripts
 from .connection import Commands
 from .core import StoreCore
@@ -39,6 +39,7 @@ class RedisReceipts:
             return -1
         for r, seq in zip(receipts, reply[1:]):
             r.seq = int(seq)
+        self.core.other_bytes += (len(receipts) - int(reply[0])) * RECEIPT_BYTES
         return int(reply[0])
 
     async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
@@ -63,4 +64,5 @@ class RedisReceipts:
         removed = 0
         for part in chunks([str(s) for s in dict.fromkeys(seqs)], ID_CHUNK):
             removed += int(await self.core.recipient_write(scripts.REMOVE_RECEIPTS, recipient, *part))
+        self.core.other_bytes -= removed * RECEIPT_BYTES
         return removed

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..store import RECEIPT_BYTES
 from . import scripts
 from .connection import Commands
 from .core import StoreCore
@@ -74,6 +75,7 @@ class RedisRetention:
             messages, receipts, totals, forgotten = await self.core.recipient_write(
                 scripts.EXPIRE, address, before_ms, self.expire_chunk)
             self.core.apply_totals(address, totals)
+            self.core.other_bytes -= int(receipts) * RECEIPT_BYTES
             removed += int(messages)
             if max(int(messages), int(receipts), int(forgotten)) < self.expire_chunk:
                 return removed

@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from ..store import KEY_OVERHEAD_BYTES
+
 
 @dataclass(frozen=True)
 class Script:
@@ -501,11 +503,13 @@ if gone > 0 then settle(c0, b0, c0, b0, -gone) end
 return gone
 """)
 
-# KEYS: key record, slot stats, migration ledger, key floor.
+# KEYS: key record, slot stats, migration ledger, key floor, the slot's unsigned keys. The record's field b holds
+# what it counts in the storage budget (records stored before it existed count 0, and come into the count when
+# written again).
 # ARGV: mode (put | migrate), created_at, migration member, ledger ttl ms, updated_at, issued_at of a signed key
 # ('' when unsigned), then field/value pairs (created_at excluded). A signed key raises the floor (never lowers
 # it); a migrated key never replaces one that is as new or newer.
-# Returns {outcome, created_at}; outcome is stored, migrated or newer.
+# Returns {outcome, created_at, the change of the slot's kbytes}; outcome is stored, migrated or newer.
 PUT_KEY = Script("put_key", r"""
 local K, STATS, MIG, FLOOR = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, created = ARGV[1], ARGV[2]
@@ -519,17 +523,27 @@ if mode == 'migrate' then
   if current and tonumber(current) >= tonumber(ARGV[5]) then return {'newer', current} end
 end
 local old = redis.call('HGET', K, 'created_at')
+local size = -tonumber(redis.call('HGET', K, 'b') or '0')
 if old then created = old else redis.call('HINCRBY', STATS, 'keys', 1) end
 redis.call('DEL', K)
 local fields = {'created_at', created}
 for k = 7, #ARGV do fields[#fields + 1] = ARGV[k] end
 redis.call('HSET', K, unpack(fields))
+local counted = redis.call('HSTRLEN', K, 'public_key') + redis.call('HSTRLEN', K, 'signature') + KEY_OVERHEAD
+redis.call('HSET', K, 'b', counted)
+size = size + counted
+if size ~= 0 then redis.call('HINCRBY', STATS, 'kbytes', size) end
+if redis.call('HEXISTS', K, 'signature') == 1 then
+  redis.call('ZREM', KEYS[5], K)
+else
+  redis.call('ZADD', KEYS[5], ARGV[5], K)
+end
 if mode == 'migrate' then
   redis.call('SADD', MIG, ARGV[3])
   redis.call('PEXPIRE', MIG, ARGV[4])
 end
-return {'stored', created}
-""")
+return {'stored', created, size}
+""".replace("KEY_OVERHEAD", str(KEY_OVERHEAD_BYTES)))
 
 # KEYS: key floor. ARGV: issued_at. Raises the floor (``relayd migrate`` copies floors of deleted keys).
 RAISE_FLOOR = Script("raise_floor", r"""
@@ -538,13 +552,46 @@ if not floor or tonumber(ARGV[1]) > tonumber(floor) then redis.call('SET', KEYS[
 return 1
 """)
 
-# KEYS: key record, slot stats. Returns 1 when a key was deleted (its floor stays).
-DELETE_KEY = Script("delete_key", r"""
-if redis.call('DEL', KEYS[1]) == 1 then
+_FORGET_KEY = r"""
+local function forget_key()
+  local size = tonumber(redis.call('HGET', KEYS[1], 'b') or '0')
+  redis.call('ZREM', KEYS[3], KEYS[1])
+  if redis.call('DEL', KEYS[1]) == 0 then return {0, 0} end
   redis.call('HINCRBY', KEYS[2], 'keys', -1)
-  return 1
+  if size > 0 then redis.call('HINCRBY', KEYS[2], 'kbytes', -size) end
+  return {1, size}
 end
-return 0
+"""
+
+# The three scripts below return {1, what the key counted in the storage budget} when they deleted it, else {0, 0}.
+# KEYS: key record, slot stats, the slot's unsigned keys. Deletes the key (its floor stays).
+DELETE_KEY = Script("delete_key", _FORGET_KEY + "return forget_key()")
+
+# KEYS: key record, slot stats, the slot's unsigned keys. Deletes the key when it is unsigned.
+DROP_UNSIGNED_KEY = Script("drop_unsigned_key", _FORGET_KEY + r"""
+if redis.call('HEXISTS', KEYS[1], 'signature') == 1 then return {0, 0} end
+return forget_key()
+""")
+
+# KEYS: key record, slot stats, the slot's unsigned keys. ARGV: before (ms). Deletes the key when it is unsigned
+# and was last uploaded or looked up before ``before``. Its entry in the index goes either way.
+EXPIRE_KEY = Script("expire_key", _FORGET_KEY + r"""
+local last = redis.call('ZSCORE', KEYS[3], KEYS[1])
+if not last or tonumber(last) >= tonumber(ARGV[1]) then return {0, 0} end
+if redis.call('HEXISTS', KEYS[1], 'signature') == 1 then
+  redis.call('ZREM', KEYS[3], KEYS[1])
+  return {0, 0}
+end
+return forget_key()
+""")
+
+# KEYS: the slot's unsigned keys. ARGV: now (ms), key record names looked up. Marks those still listed as used.
+TOUCH_KEYS = Script("touch_keys", r"""
+for k = 2, #ARGV do
+  local last = redis.call('ZSCORE', KEYS[1], ARGV[k])
+  if last and tonumber(last) < tonumber(ARGV[1]) then redis.call('ZADD', KEYS[1], ARGV[1], ARGV[k]) end
+end
+return 1
 """)
 
 # KEYS: lock. ARGV: locked_at. Locks are permanent; the first stamp stays.
@@ -597,5 +644,87 @@ ADD_SLOTS = Script("add_slots", "return redis.call('SADD', KEYS[1], unpack(ARGV)
 # KEYS: this instance's probe key. ARGV: value, ttl ms. A write, so refused writes show up without traffic.
 PROBE = Script("probe", "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1")
 
+# Push subscriptions. KEYS (``Layout.push``): the address's HASH id -> record, ZSET id -> created_at, STRING
+# expires_at, then the slot's stats and push expiry index (ZSET address -> expires_at). A record is
+# [provider, target, p256dh, auth, bytes], bytes being what it counts in the slot's pbytes (records stored
+# before it existed count 0). Nothing expires by Redis TTL: ``EXPIRE_PUSH``, run by the relay's housekeeping,
+# deletes them and takes them out of pbytes, so the count stays exact.
+_PUSH_PRELUDE = r"""
+local R, C, X, STATS, IDX = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local function counted(raw)
+  if not raw then return 0 end
+  return tonumber(cjson.decode(raw)[5] or 0)
+end
+local function keep_until(expires, who)
+  redis.call('SET', X, expires)
+  for i = 1, 3 do redis.call('PERSIST', KEYS[i]) end
+  redis.call('ZADD', IDX, expires, who)
+end
+local function counts(grown)
+  if grown ~= 0 then redis.call('HINCRBY', STATS, 'pbytes', grown) end
+end
+"""
+
+# ARGV: id, record, created_at, max per address, expires_at, bytes, address. Past the cap the oldest go.
+# Returns {the created_at kept, the change of the slot's pbytes}.
+PUT_PUSH = Script("put_push", _PUSH_PRELUDE + r"""
+local created = redis.call('ZSCORE', C, ARGV[1]) or ARGV[3]
+local grown = tonumber(ARGV[6]) - counted(redis.call('HGET', R, ARGV[1]))
+redis.call('HSET', R, ARGV[1], ARGV[2])
+redis.call('ZADD', C, created, ARGV[1])
+local n, cap = redis.call('ZCARD', C), tonumber(ARGV[4])
+if n > cap then
+  local gone = redis.call('ZREVRANGE', C, cap, -1)
+  for _, id in ipairs(gone) do grown = grown - counted(redis.call('HGET', R, id)) end
+  redis.call('ZREM', C, unpack(gone))
+  redis.call('HDEL', R, unpack(gone))
+end
+keep_until(ARGV[5], ARGV[7])
+counts(grown)
+return {created, grown}
+""")
+
+# ARGV: id, address. Returns {1 when it was there, what it counted}.
+DELETE_PUSH = Script("delete_push", _PUSH_PRELUDE + r"""
+local raw = redis.call('HGET', R, ARGV[1])
+redis.call('ZREM', C, ARGV[1])
+if not raw then return {0, 0} end
+redis.call('HDEL', R, ARGV[1])
+if redis.call('HLEN', R) == 0 then
+  redis.call('DEL', C, X)
+  redis.call('ZREM', IDX, ARGV[2])
+end
+local size = counted(raw)
+counts(-size)
+return {1, size}
+""")
+
+# ARGV: expires_at, address.
+EXTEND_PUSH = Script("extend_push", _PUSH_PRELUDE + r"""
+if redis.call('EXISTS', R) == 0 then return 0 end
+keep_until(ARGV[1], ARGV[2])
+return 1
+""")
+
+# ARGV: now (ms), address. Deletes every subscription of the address when they expired at ``now`` (else the
+# index learns their expiry). Returns {how many went, what they counted}.
+EXPIRE_PUSH = Script("expire_push", _PUSH_PRELUDE + r"""
+local expires = redis.call('GET', X)
+if expires and tonumber(expires) > tonumber(ARGV[1]) and redis.call('EXISTS', R) == 1 then
+  redis.call('ZADD', IDX, expires, ARGV[2])
+  return {0, 0}
+end
+local n, size = 0, 0
+for _, raw in ipairs(redis.call('HVALS', R)) do
+  n = n + 1
+  size = size + counted(raw)
+end
+redis.call('DEL', R, C, X)
+redis.call('ZREM', IDX, ARGV[2])
+counts(-size)
+return {n, size}
+""")
+
 ALL = (ENQUEUE, RESTORE, REMOVE, RECORD_DELIVERED, EXPIRE, SHIFT_TIMES, ADD_RECEIPTS, REMOVE_RECEIPTS, PUT_KEY,
-       RAISE_FLOOR, DELETE_KEY, LOCK, SAVE_TOKEN, OWN_TOKEN, DROP_TOKENS, EXPIRE_TOKENS, ADD_SLOTS, PROBE)
+       RAISE_FLOOR, DELETE_KEY, LOCK, SAVE_TOKEN, OWN_TOKEN, DROP_TOKENS, EXPIRE_TOKENS, ADD_SLOTS, PROBE,
+       PUT_PUSH, DELETE_PUSH, EXTEND_PUSH, EXPIRE_PUSH)

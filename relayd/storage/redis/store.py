@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..store import EnqueueResult, HistoryPage, KeyRecord, QueuedMessage, QueueLimits, Receipt
+from ..store import EnqueueResult, HistoryPage, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt
 from . import records, scripts
 from .connection import Commands, RedisLink
 from .core import Pipe, StoreCore
 from .history import RedisHistory
 from .keys import RedisKeys
+from .push import RedisPush
 from .layout import Layout
 from .lifecycle import Durability, RedisLifecycle
 from .messages import RESULTS, RedisMessages
@@ -57,6 +58,7 @@ class RedisStore:
         self.messages = RedisMessages(self.core)
         self.receipt_store = RedisReceipts(self.core)
         self.keys = RedisKeys(self.core)
+        self.push = RedisPush(self.core)
         self.retention = RedisRetention(self.core, expire_chunk)
         self.kept = RedisHistory(self.core)
         self._history_ms = 0
@@ -74,6 +76,12 @@ class RedisStore:
     def durability(self) -> Durability | None:
         """What ``queued`` means on this Redis (read at open)."""
         return self.lifecycle.durability
+
+    @property
+    def maxmemory(self) -> int | None:
+        """Redis's ``maxmemory`` (the smallest primary's; 0: none), or None until the server was reached: what
+        the automatic storage budget is derived from."""
+        return self.lifecycle.durability.maxmemory if self.lifecycle.durability else None
 
     def pipeline(self, client: Commands) -> Pipe:
         return self.core.pipeline(client)
@@ -157,8 +165,9 @@ class RedisStore:
         return max(self.core.totals.messages, 0)
 
     def stored_bytes(self) -> int:
-        """Content bytes in all queues, kept like ``total()``."""
-        return max(self.core.totals.bytes, 0)
+        """Content bytes in all queues, kept like ``total()``, and what receipts, keys and push subscriptions
+        count (from the statistics read every ``refresh_interval_s``, plus this instance's writes since)."""
+        return max(self.core.totals.bytes + self.core.other_bytes, 0)
 
     async def stats(self) -> dict[str, int]:
         return await self.core.stats()
@@ -225,6 +234,12 @@ class RedisStore:
     async def delete_key(self, address: str) -> bool:
         return await self.keys.delete_key(address)
 
+    async def drop_unsigned_key(self, address: str) -> bool:
+        return await self.keys.drop_unsigned_key(address)
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        return await self.keys.expire_keys(before_ms, now_ms)
+
     async def key_floor(self, address: str) -> int | None:
         return await self.keys.key_floor(address)
 
@@ -242,6 +257,21 @@ class RedisStore:
 
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:
         return await self.keys.token_address(token_hash, now_ms)
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        return await self.push.put(sub, max_per_address)
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        return await self.push.of(address, now_ms)
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        return await self.push.delete(address, sub_id)
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        await self.push.extend(address, expires_at_ms)
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        return await self.push.expire(now_ms)
 
     # Migration (``relayd migrate``): each copy is remembered for ``ledger_ttl_ms``, so a re-run copies
     # nothing twice, not even what was delivered and deleted since.

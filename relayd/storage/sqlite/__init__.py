@@ -1,2 +1,2 @@
 """The SQLite backend: one file, one writer thread, the store contract (``store``) with its queue, key
-directory, writer, schema and file-level tools (backup, stats)."""
+directory, push subscriptions (``push``), writer, schema and file-level tools (backup, stats)."""

@@ -6,6 +6,7 @@ relayd and never changes a file that is not relayd's.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -55,6 +56,22 @@ def read_only_uri(path: Path) -> str:
     return uri
 
 
+CONTAINER_UID = 10001
+"""The uid (and gid) of the ``relayd`` user in the container image (Dockerfile)."""
+
+
+def permission_hint(directory: Path) -> str:
+    """Who needs write access, said so that a bind-mounted volume of the container can be fixed at once."""
+    uid, gid = os.getuid(), os.getgid()
+    hint = f"relayd runs as uid {uid}, gid {gid}"
+    if uid == CONTAINER_UID:
+        hint += (f" (the container image's relayd user): give it the directory on the host with "
+                 f"`chown -R {CONTAINER_UID}:{CONTAINER_UID} DIR`, or use a named volume")
+    else:
+        hint += f": `chown -R {uid}:{gid} {directory}` gives it the directory"
+    return hint
+
+
 def inspect(path: Path) -> int | None:
     """Check that ``path`` is absent, empty or relayd's, without writing to it.
 
@@ -69,7 +86,8 @@ def inspect(path: Path) -> int | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StoreOpenError(f"cannot read database {path}: {exc.strerror or exc}") from exc
+        hint = f"; {permission_hint(path.parent)}" if isinstance(exc, PermissionError) else ""
+        raise StoreOpenError(f"cannot read database {path}: {exc.strerror or exc}{hint}") from exc
     if not header:
         return None
     if len(header) < 100 or not header.startswith(SQLITE_MAGIC):

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 from ...frames import utf8_len
-from ..store import EnqueueResult, QueuedMessage, QueueLimits, Receipt, StorageUnavailable
+from ..store import RECEIPT_BYTES, EnqueueResult, QueuedMessage, QueueLimits, Receipt, StorageUnavailable
 from . import history
 from .writer import NONE, Delta
 
@@ -240,7 +240,7 @@ def expire_chunk(conn: sqlite3.Connection, before_ms: int) -> tuple[tuple[int, i
     removed, delta = delete_rows(conn, old)
     gone = conn.execute("SELECT seq, recipient FROM receipts WHERE timestamp < ? ORDER BY timestamp LIMIT ?",
                         (before_ms, EXPIRE_CHUNK)).fetchall()
-    _delete_receipts(conn, gone)
+    delta = (delta[0], delta[1] - _delete_receipts(conn, gone))
     forgotten = conn.execute(
         "DELETE FROM delivered WHERE (recipient, message_id, sender) IN (SELECT recipient, message_id, sender "
         "FROM delivered WHERE queued_at < ? ORDER BY queued_at LIMIT ?)", (before_ms, EXPIRE_CHUNK)).rowcount
@@ -277,7 +277,7 @@ def add_receipt_rows(conn: sqlite3.Connection, receipts: list[Receipt], cap: int
                                 (recipient, excess)).fetchall()
             _delete_receipts(conn, rows)
             dropped += len(rows)
-    return dropped, NONE
+    return dropped, (0, (len(receipts) - dropped) * RECEIPT_BYTES)
 
 
 def remove_receipt_rows(conn: sqlite3.Connection, recipient: str, seqs: list[int]) -> tuple[int, Delta]:
@@ -285,11 +285,11 @@ def remove_receipt_rows(conn: sqlite3.Connection, recipient: str, seqs: list[int
     for part in chunks(seqs):
         rows += conn.execute(f"SELECT seq, recipient FROM receipts WHERE recipient = ? AND seq IN "
                              f"({marks(len(part))})", (recipient, *part)).fetchall()
-    _delete_receipts(conn, rows)
-    return len(rows), NONE
+    return len(rows), (0, -_delete_receipts(conn, rows))
 
 
-def _delete_receipts(conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
+def _delete_receipts(conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> int:
+    """Delete these receipts; the bytes the storage budget counted for them."""
     per_recipient: dict[str, int] = {}
     for _, recipient in rows:
         per_recipient[recipient] = per_recipient.get(recipient, 0) + 1
@@ -298,3 +298,4 @@ def _delete_receipts(conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> N
     for recipient, count in per_recipient.items():
         conn.execute("UPDATE queues SET receipts = receipts - ? WHERE recipient = ?", (count, recipient))
         _forget_empty_queue(conn, recipient)
+    return len(rows) * RECEIPT_BYTES

@@ -120,6 +120,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (recipient, message_id, sender)) WITHOUT ROWID""",
         "CREATE INDEX delivered_queued_at ON delivered (queued_at)",
     ),
+    (   # push subscriptions: where to wake an offline address's devices
+        """CREATE TABLE push_subscriptions (
+            address TEXT NOT NULL,
+            id TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            target TEXT NOT NULL,
+            p256dh TEXT NOT NULL,
+            auth TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            PRIMARY KEY (address, id)) WITHOUT ROWID""",
+        "CREATE INDEX push_subscriptions_expires_at ON push_subscriptions (expires_at)",
+    ),
+    (   # unsigned keys nobody uploaded or looked up for a long time expire: when one was last looked up
+        "ALTER TABLE keys ADD COLUMN used_at INTEGER",
+        "CREATE INDEX keys_unsigned_last_use ON keys (max(updated_at, COALESCE(used_at, 0))) "
+        "WHERE signature IS NULL",
+    ),
     (   # message history ([history] days): delivered messages kept as stored, once per message, for their
         # recipient
         """CREATE TABLE history (

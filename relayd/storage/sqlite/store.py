@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .file import count_stats, describe_error, inspect
-from .keys import KeyDirectory
+from .file import count_stats, describe_error, inspect, permission_hint
+from .keys import KEY_BYTES_SQL, KeyDirectory
 from .owner import OwnerLock
+from .push import PushTable, push_bytes_total
 from .queue import (
     EXPIRE_CHUNK,
     SeqCounter,
@@ -36,9 +37,11 @@ from . import history
 from .schema import migrate
 from .writer import NONE, Delta, SQLiteWriter
 from ..store import (
+    RECEIPT_BYTES,
     EnqueueResult,
     HistoryPage,
     KeyRecord,
+    PushSubscription,
     QueuedMessage,
     QueueLimits,
     Receipt,
@@ -64,6 +67,7 @@ class SQLiteStore:
         self._owner = OwnerLock(Path(path))
         self._writer = SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path)
         self._keys = KeyDirectory(self._writer)
+        self._push = PushTable(self._writer)
         self._seqs = SeqCounter(0)  # set from the database on the writer thread when it opens
         self._history_ms = 0
 
@@ -103,13 +107,14 @@ class SQLiteStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreOpenError(f"cannot create directory {path.parent}: {exc.strerror or exc}") from exc
+            hint = f"; {permission_hint(path.parent)}" if isinstance(exc, PermissionError) else ""
+            raise StoreOpenError(f"cannot create directory {path.parent}: {exc.strerror or exc}{hint}") from exc
         inspect(path)
         for place in (path, path.parent):
             if place.exists() and not os.access(place, os.W_OK):
                 raise StoreOpenError(f"database {path} is read-only: relayd needs to write "
                                      f"{'it' if place == path else f'its directory {place}'} (permissions, or a "
-                                     "read-only file system)")
+                                     f"read-only file system); {permission_hint(path.parent)}")
         self._owner.acquire()
         try:
             return self._open_locked(path)
@@ -129,8 +134,11 @@ class SQLiteStore:
                 raise StoreOpenError(f"cannot switch {path} to WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             migrate(conn)
-            total, nbytes = conn.execute("SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) "
-                                         "FROM queues").fetchone()
+            total, nbytes, receipts = conn.execute(
+                "SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0), COALESCE(SUM(receipts), 0) "
+                "FROM queues").fetchone()
+            nbytes += receipts * RECEIPT_BYTES + conn.execute(
+                f"SELECT COALESCE(SUM({KEY_BYTES_SQL}), 0) FROM keys").fetchone()[0] + push_bytes_total(conn)
             nbytes += history.stored_bytes(conn)
             self._seqs = SeqCounter(0)
             self._seqs.resync(conn)
@@ -308,8 +316,17 @@ class SQLiteStore:
     async def delete_key(self, address: str) -> bool:
         return await self._keys.delete_key(address)
 
+    async def drop_unsigned_key(self, address: str) -> bool:
+        return await self._keys.drop_unsigned_key(address)
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        return await self._keys.expire_keys(before_ms, now_ms)
+
     async def key_floor(self, address: str) -> int | None:
         return await self._keys.key_floor(address)
+
+    async def raise_key_floor(self, address: str, issued_at: int) -> None:
+        await self._keys.raise_key_floor(address, issued_at)
 
     async def key_count(self) -> int:
         return await self._keys.key_count()
@@ -325,3 +342,18 @@ class SQLiteStore:
 
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:
         return await self._keys.token_address(token_hash, now_ms)
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        return await self._push.put(sub, max_per_address)
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        return await self._push.of(address, now_ms)
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        return await self._push.delete(address, sub_id)
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        await self._push.extend(address, expires_at_ms)
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        return await self._push.expire(now_ms)

@@ -1,0 +1,5 @@
+"""The PostgreSQL backend (optional extra ``relayd[postgres]``, driver asyncpg): ``PostgresStore``."""
+
+from .store import PostgresStore
+
+__all__ = ["PostgresStore"]

@@ -1,0 +1,327 @@
+"""The link to PostgreSQL: a bounded asyncpg pool, each failure turned into the contract's errors, and health.
+
+Every operation of the store is a job run on one pooled connection. What
+went wrong decides the error: nothing could be sent (no connection, the pool
+exhausted past ``connect_timeout_s``, the server refusing or shutting down,
+a transaction rolled back) is ``StorageUnavailable``; a write whose commit or
+single statement was sent but never answered (a timeout, the connection lost
+mid-reply) is ``StorageOutcomeUnknown``. A failure makes the link unhealthy
+with a reason until an operation succeeds; a probe runs every
+``probe_interval_s`` so health (and ``/health/ready``) follows the server
+within about a second either way, without a restart.
+
+The URL goes to asyncpg as it is, so libpq's ``PG*`` variables and
+``~/.pgpass`` (or ``PGPASSFILE``) fill in what it leaves out. The URL is never
+logged or put in an error: ``redact_url`` drops its password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ...config.redact import redact_url
+from ...extras import install_hint
+from ..store import StorageOutcomeUnknown, StorageUnavailable, StoreOpenError
+from .owner import AnotherOwner, PgOwner
+from .schema import migrate
+
+log = logging.getLogger("relayd.storage")
+# While the server is away, asyncpg's pool logs a warning with a traceback each time it fails to reopen its
+# minimum of connections; the link logs the reason once (and the recovery), so only its errors are kept.
+logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
+
+T = TypeVar("T")
+Job = Callable[[Any], Awaitable[T]]
+
+# SQLSTATE classes that mean the server cannot serve right now, not that the request was wrong
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "58", "40")
+_UNAVAILABLE_STATES = ("25006",)
+_RETRYABLE = ("40P01", "40001")  # deadlock victim, serialization failure: rolled back, safe to run again
+_DEADLOCK_RETRIES = 3
+
+
+class _Retry(Exception):
+    """The transaction was rolled back by the server for a reason that a second run may not meet."""  # read-only transaction (a standby, or default_transaction_read_only)
+
+
+def describe(exc: BaseException) -> str:
+    """A human reason for an operator; never the URL's password, never message data."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "PostgreSQL did not answer in time"
+    if isinstance(exc, ConnectionRefusedError):
+        return "PostgreSQL refuses connections (is it running?)"
+    if isinstance(exc, OSError) and not sqlstate:
+        return f"cannot reach PostgreSQL: {exc.strerror or exc}"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"PostgreSQL: {text}" + (f" ({sqlstate})" if sqlstate else "")
+
+
+def server_cannot_serve(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server or the link failed (as opposed to a bug in a statement)."""
+    import asyncpg
+    if isinstance(exc, (OSError, asyncio.TimeoutError, TimeoutError, asyncpg.InterfaceError,
+                        asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.InternalClientError)):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and (sqlstate[:2] in _UNAVAILABLE_CLASSES
+                                                         or sqlstate in _UNAVAILABLE_STATES)
+
+
+class PgLink:
+    """A pool of at most ``pool_size`` connections, its health, and the probe that keeps health current."""
+
+    def __init__(self, url: str, *, pool_min: int = 1, pool_size: int = 10, connect_timeout_s: float = 5.0,
+                 command_timeout_s: float = 5.0, probe_interval_s: float = 1.0) -> None:
+        self.url = url
+        self.pool_min = max(0, min(pool_min, pool_size))
+        self.pool_size = max(1, pool_size)
+        self.connect_timeout_s = connect_timeout_s
+        self.command_timeout_s = command_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self._pool: Any = None
+        self._problem: str | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._owner = PgOwner()
+        self.on_failure: Callable[[], None] | None = None
+        self.on_recovery: Callable[[], None] | None = None
+        """Called when an operation succeeds after a failure (the store reads its totals again)."""
+
+    @property
+    def healthy(self) -> bool:
+        return self._problem is None
+
+    @property
+    def problem(self) -> str | None:
+        return self._problem
+
+    async def open(self) -> None:
+        """Connect, migrate the schema and start the probe; raises StoreOpenError naming what is wrong.
+
+        A server that cannot be reached yet is not an error: the store starts unhealthy and the probe connects
+        (and migrates) as soon as it answers, as relayd on Redis does.
+        """
+        try:
+            import asyncpg  # noqa: F401
+        except ImportError:
+            raise StoreOpenError("the PostgreSQL backend needs the optional extra postgres: "
+                                 f"{install_hint('postgres')}") from None
+        try:
+            await self._connect()
+        except StoreOpenError:
+            raise
+        except Exception as exc:
+            if not server_cannot_serve(exc):
+                raise StoreOpenError(f"cannot open PostgreSQL database {redact_url(self.url)}: "
+                                     f"{describe(exc)}") from None
+            self._fail(exc, unknown=False)
+        self._probe = asyncio.get_running_loop().create_task(self._probe_loop(), name="relayd-pg-probe")
+
+    async def _connect(self) -> None:
+        """Create the pool and bring the schema up to date; the pool is kept only when both worked."""
+        import asyncpg
+        pool = await asyncpg.create_pool(
+            self.url or None, min_size=self.pool_min, max_size=self.pool_size,
+            timeout=self.connect_timeout_s, command_timeout=self.command_timeout_s,
+            server_settings={"application_name": "relayd"})
+        try:
+            async with pool.acquire(timeout=self.connect_timeout_s) as conn:
+                await migrate(conn)
+            await self._owner.acquire(self._connect_one)
+        except BaseException:
+            pool.terminate()
+            raise
+        self._pool = pool
+
+    async def _connect_one(self) -> Any:
+        """A connection outside the pool (the owner lock's)."""
+        import asyncpg
+        return await asyncpg.connect(self.url or None, timeout=self.connect_timeout_s,
+                                     command_timeout=self.command_timeout_s,
+                                     server_settings={"application_name": "relayd"})
+
+    async def close(self) -> None:
+        await self._owner.release()
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            try:
+                await probe
+            except asyncio.CancelledError:
+                pass
+        await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout=self.connect_timeout_s)
+        except Exception:
+            pool.terminate()
+
+    async def run(self, job: Job[T], *, write: bool, transaction: bool = False) -> T:
+        """Run ``job(connection)``; in one transaction when ``transaction``, else each statement commits alone.
+
+        Raises StorageUnavailable when nothing was applied, StorageOutcomeUnknown when a write may have been.
+        """
+        if self._pool is None:
+            raise StorageUnavailable(self._problem or "the PostgreSQL store is closed")
+        if not self._owner.held:
+            raise StorageUnavailable(self._problem or "the connection holding this relay's database lock was lost; "
+                                     "taking it again")
+        try:
+            conn = await self._pool.acquire(timeout=self.connect_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise self._fail_reason(f"no PostgreSQL connection within {self.connect_timeout_s:g} s (pool_size "
+                                    f"{self.pool_size} busy, or the server does not answer)", unknown=False) from None
+        except Exception as exc:
+            if not server_cannot_serve(exc):
+                raise
+            raise self._fail(exc, unknown=False) from None
+        try:
+            for attempt in range(_DEADLOCK_RETRIES):
+                try:
+                    result = await (self._in_transaction(conn, job, write) if transaction else
+                                    self._alone(conn, job, write))
+                    break
+                except _Retry:
+                    log.warning("a PostgreSQL transaction was rolled back as a deadlock victim; retrying (%d)",
+                                attempt + 1)
+            else:
+                raise self._fail_reason("PostgreSQL kept rolling back a transaction as a deadlock victim",
+                                        unknown=False)
+        finally:
+            try:
+                await self._pool.release(conn, timeout=self.connect_timeout_s)
+            except Exception:
+                pass  # a connection that cannot be reset is closed by the pool, which opens a new one when needed
+        self._succeeded()
+        return result
+
+    async def _alone(self, conn: Any, job: Job[T], write: bool) -> T:
+        try:
+            return await job(conn)
+        except Exception as exc:
+            if not server_cannot_serve(exc):
+                raise
+            raise self._fail(exc, unknown=write and _was_sent(exc)) from None
+
+    async def _in_transaction(self, conn: Any, job: Job[T], write: bool) -> T:
+        tr = conn.transaction()
+        try:
+            await tr.start()
+            result = await job(conn)
+        except BaseException as exc:
+            await _rollback(tr)
+            if getattr(exc, "sqlstate", None) in _RETRYABLE:
+                raise _Retry() from exc
+            if isinstance(exc, Exception) and server_cannot_serve(exc):
+                raise self._fail(exc, unknown=False) from None
+            raise
+        try:
+            await tr.commit()
+        except Exception as exc:
+            if not server_cannot_serve(exc):
+                raise
+            raise self._fail(exc, unknown=write and _was_sent(exc)) from None
+        return result
+
+    def _fail(self, exc: BaseException, *, unknown: bool) -> StorageUnavailable:
+        return self._fail_reason(describe(exc), unknown=unknown)
+
+    def _fail_reason(self, reason: str, *, unknown: bool) -> StorageUnavailable:
+        if reason != self._problem:
+            log.error("storage unavailable: %s", reason)
+        self._problem = reason
+        if self.on_failure is not None:
+            self.on_failure()
+        return StorageOutcomeUnknown(reason) if unknown else StorageUnavailable(reason)
+
+    def _succeeded(self) -> None:
+        if self._problem is None:
+            return
+        log.warning("storage recovered (was: %s)", self._problem)
+        self._problem = None
+        if self.on_recovery is not None:
+            self.on_recovery()
+
+    async def _probe_loop(self) -> None:
+        """One trivial query a tick: a server that went away (or came back) shows in health within a tick."""
+        while True:
+            started = time.monotonic()
+            try:
+                if self._pool is None:
+                    await self._connect_later()
+                elif not self._owner.held:
+                    await self._take_lock_again()
+                else:
+                    await self.run(_select_one, write=False)
+            except StorageUnavailable:
+                pass
+            except Exception:
+                log.exception("PostgreSQL health probe failed")
+            await asyncio.sleep(max(0.05, self.probe_interval_s - (time.monotonic() - started)))
+
+
+    async def _take_lock_again(self) -> None:
+        """The owner lock's connection dropped (an outage): take the lock again before anything is written."""
+        try:
+            await self._owner.acquire(self._connect_one)
+        except AnotherOwner as exc:
+            if str(exc) != self._problem:
+                log.error("%s; this relay writes nothing to it until restarted", exc)
+            self._problem = str(exc)
+            return
+        except Exception as exc:
+            if not server_cannot_serve(exc):
+                raise
+            self._fail(exc, unknown=False)
+            return
+        self._succeeded()
+
+    async def _connect_later(self) -> None:
+        """The server could not be reached at start-up: try again (a success counts as a recovery)."""
+        try:
+            await self._connect()
+        except StoreOpenError as exc:
+            self._problem = str(exc)
+            log.error("PostgreSQL store cannot open: %s", exc)
+            return
+        except Exception as exc:
+            if not server_cannot_serve(exc):
+                self._problem = f"cannot open PostgreSQL database {redact_url(self.url)}: {describe(exc)}"
+                log.error("%s", self._problem)
+                return
+            self._fail(exc, unknown=False)
+            return
+        self._succeeded()
+
+
+async def _select_one(conn: Any) -> None:
+    await conn.fetchval("SELECT 1")
+
+
+async def _rollback(tr: Any) -> None:
+    try:
+        await tr.rollback()
+    except Exception:
+        pass  # the connection is gone: the server rolled back for us
+
+
+def _was_sent(exc: BaseException) -> bool:
+    """False only for errors raised before anything reached the server (a connection already closed)."""
+    import asyncpg
+    if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc) and "middle" not in str(exc):
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        return False  # the server answered with an error: the statement or transaction was not applied
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        return False  # the connection broke (the server's shutdown notice) before the statement could be sent
+    return True

@@ -1,0 +1,90 @@
+"""A PostgreSQL relay's data for ``relayd migrate``: one read-only, repeatable-read transaction, read by cursors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ...config.redact import redact_url
+from ...extras import install_hint
+from ..store import KeyRecord, QueuedMessage, Receipt, StoreOpenError
+from .link import describe
+from .queue import from_pg
+from .schema import SCHEMA_VERSION
+
+_PREFETCH = 1000
+
+
+class PgSnapshot:
+    """The ``Snapshot`` of a relayd database on PostgreSQL (see ``storage.snapshot``)."""
+
+    def __init__(self, conn: Any, transaction: Any) -> None:
+        self._conn = conn
+        self._transaction = transaction
+
+    @classmethod
+    async def open(cls, url: str) -> PgSnapshot:
+        """Connect and start the snapshot; raises StoreOpenError naming what is wrong (never the password)."""
+        try:
+            import asyncpg
+        except ImportError:
+            raise StoreOpenError(f"reading PostgreSQL needs the optional extra postgres: {install_hint('postgres')}") \
+                from None
+        try:
+            conn = await asyncpg.connect(url, timeout=10)
+        except Exception as exc:
+            raise StoreOpenError(f"cannot open PostgreSQL database {redact_url(url)}: {describe(exc)}") from None
+        try:
+            version = await conn.fetchval("SELECT CASE WHEN to_regclass('relayd_schema_version') IS NULL THEN 0 "
+                                          "ELSE (SELECT COALESCE(MAX(version), 0) FROM relayd_schema_version) END")
+            if not version:
+                raise StoreOpenError(f"{redact_url(url)} holds no relayd data: nothing to migrate")
+            if version > SCHEMA_VERSION:
+                raise StoreOpenError(f"{redact_url(url)} has relayd schema version {version}, newer than "
+                                     f"{SCHEMA_VERSION}; upgrade relayd")
+            transaction = conn.transaction(isolation="repeatable_read", readonly=True)
+            await transaction.start()
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, transaction)
+
+    async def _rows(self, sql: str, *args: Any) -> AsyncIterator[Any]:
+        async for row in self._conn.cursor(sql, *args, prefetch=_PREFETCH):
+            yield row
+
+    async def messages(self) -> AsyncIterator[QueuedMessage]:
+        async for r in self._rows("SELECT recipient, sender, message_id, content, timestamp, queued_at FROM messages "
+                                  "ORDER BY recipient, seq"):
+            yield QueuedMessage(r["recipient"], r["sender"], from_pg(r["message_id"]), from_pg(r["content"]),
+                                int(r["timestamp"]), int(r["queued_at"]))
+
+    async def receipts(self) -> AsyncIterator[tuple[Receipt, int]]:
+        async for r in self._rows("SELECT seq, recipient, reader, message_id, timestamp FROM receipts "
+                                  "ORDER BY recipient, seq"):
+            yield Receipt(r["recipient"], r["reader"], from_pg(r["message_id"]), int(r["timestamp"])), int(r["seq"])
+
+    async def keys(self) -> AsyncIterator[KeyRecord]:
+        async for r in self._rows("SELECT address, public_key, created_at, updated_at, key_type, issued_at, format, "
+                                  "signature FROM keys ORDER BY address"):
+            yield KeyRecord(r["address"], r["public_key"], int(r["created_at"]), int(r["updated_at"]), r["key_type"],
+                            None if r["issued_at"] is None else int(r["issued_at"]), r["format"], r["signature"])
+
+    async def locks(self) -> AsyncIterator[str]:
+        async for r in self._rows("SELECT address FROM locks ORDER BY address"):
+            yield str(r["address"])
+
+    async def floors(self) -> AsyncIterator[tuple[str, int]]:
+        async for r in self._rows("SELECT address, issued_at FROM key_floors ORDER BY address"):
+            yield str(r["address"]), int(r["issued_at"])
+
+    async def tokens(self, now_ms: int) -> AsyncIterator[tuple[str, str, int]]:
+        async for r in self._rows("SELECT hash, address, expires_at FROM tokens WHERE expires_at > $1 "
+                                  "ORDER BY expires_at", now_ms):
+            yield str(r["hash"]), str(r["address"]), int(r["expires_at"])
+
+    async def close(self) -> None:
+        try:
+            await self._transaction.rollback()
+        finally:
+            await self._conn.close()

@@ -1,0 +1,297 @@
+"""The PostgreSQL backend: the whole ``Store`` contract on one database (one relayd per database for now, ``owner``).
+
+Each operation is a job on the link's pool (``link``); an awaited write has
+committed. An enqueue is one call of the ``relayd_enqueue`` function (one
+round trip, see ``schema``), a batch one call of ``relayd_enqueue_many`` (one
+statement: none of it is stored when it fails). The queue's SQL is in
+``queue``, keys, locks and tokens in ``keys``, push subscriptions in
+``push``. ``total()`` and ``stored_bytes()`` are kept in ``totals``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from .keys import KEY_BYTES_SQL, PgKeyDirectory
+from .link import PgLink
+from .push import PgPushTable
+from .totals import Totals
+from .queue import (
+    EXPIRE_CHUNK,
+    MESSAGE_COLUMNS,
+    Delta,
+    NumberingCollision,
+    add_receipt_rows,
+    delete_messages,
+    enqueue_row,
+    enqueue_rows,
+    from_pg,
+    to_pg,
+    expire_chunk,
+    message_from,
+    record_delivered_rows,
+    remove_receipt_rows,
+    restore_rows,
+    resync_numbering,
+    shift_rows,
+)
+from ..store import RECEIPT_BYTES, EnqueueResult, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt
+
+log = logging.getLogger("relayd.storage")
+T = TypeVar("T")
+
+
+class PostgresStore:
+    """A ``Store`` on PostgreSQL; see the module docstring."""
+
+    name = "postgres"
+
+    def __init__(self, url: str, *, pool_min: int = 1, pool_size: int = 10, connect_timeout_s: float = 5.0,
+                 command_timeout_s: float = 5.0, probe_interval_s: float = 1.0) -> None:
+        self._link = PgLink(url, pool_min=pool_min, pool_size=pool_size, connect_timeout_s=connect_timeout_s,
+                            command_timeout_s=command_timeout_s, probe_interval_s=probe_interval_s)
+        self._link.on_recovery = self._totals_stale
+        self._totals = Totals()
+        self._keys = PgKeyDirectory(self._link, self._totals)
+        self._push = PgPushTable(self._link, self._totals)
+
+    @property
+    def link(self) -> PgLink:
+        return self._link
+
+    @property
+    def healthy(self) -> bool:
+        return self._link.healthy
+
+    @property
+    def problem(self) -> str | None:
+        return self._link.problem
+
+    async def open(self) -> None:
+        await self._link.open()
+        if self._link.healthy:
+            await self._read_totals()
+        else:
+            self._totals.stale = True
+
+    async def close(self) -> None:
+        await self._link.close()
+
+    def _totals_stale(self) -> None:
+        self._totals.stale = True
+
+    async def _read_totals(self) -> None:
+        async def job(conn: Any) -> tuple[int, int]:
+            row = await conn.fetchrow(
+                "SELECT COALESCE(SUM(count), 0) AS n, COALESCE(SUM(bytes), 0) AS b, COALESCE(SUM(receipts), 0) AS r, "
+                f"(SELECT COALESCE(SUM({KEY_BYTES_SQL}), 0) FROM keys) AS k, {PgPushTable.bytes_sql()} AS p "
+                "FROM queues")
+            return int(row["n"]), int(row["b"]) + int(row["r"]) * RECEIPT_BYTES + int(row["k"]) + int(row["p"])
+        mark = self._totals.mark()
+        messages, nbytes = await self._link.run(job, write=False)
+        self._totals.refresh(mark, messages, nbytes)
+
+    async def _tracked(self, run: Awaitable[tuple[T, Delta]]) -> T:
+        """Await a write that returns (value, delta) and count its delta once (see ``totals``)."""
+        self._totals.begin()
+        delta: Delta = (0, 0)
+        try:
+            value, delta = await run
+            return value
+        finally:
+            self._totals.end(*delta)
+
+    # Messages
+
+    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
+        return (await self.enqueue_many([msg], limits))[0]
+
+    async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
+        if not messages:
+            return []
+        if self._totals.stale:
+            await self._read_totals()
+
+        async def job(conn: Any) -> tuple[list[tuple[EnqueueResult, int]], Delta]:
+            if len(messages) == 1:
+                outcome, delta = await enqueue_row(conn, messages[0], limits, self._totals.bytes)
+                return [outcome], delta
+            return await enqueue_rows(conn, messages, limits, self._totals.bytes)
+        try:
+            results = await self._tracked(self._link.run(job, write=True))
+        except NumberingCollision:
+            last = await self._link.run(resync_numbering, write=True)
+            log.error("a message seq was already taken: something else numbered messages in this database; the "
+                      "write failed and new messages now start after seq %d", last)
+            raise
+        for msg, (result, seq) in zip(messages, results):
+            if result is EnqueueResult.QUEUED or result is EnqueueResult.DUPLICATE:
+                msg.seq = seq
+        return [result for result, _ in results]
+
+    async def restore(self, messages: list[QueuedMessage]) -> int:
+        if not messages:
+            return 0
+        return await self._tracked(self._link.run(lambda c: restore_rows(c, messages), write=True, transaction=True))
+
+    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
+        if messages:
+            await self._link.run(lambda c: record_delivered_rows(c, messages), write=True)
+
+    async def pending(self, recipient: str, limit: int, after_seq: int = 0,
+                      max_bytes: int | None = None) -> list[QueuedMessage]:
+        async def job(conn: Any) -> list[QueuedMessage]:
+            if max_bytes is None:
+                rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE recipient = $1 AND seq > $2 "
+                                        "ORDER BY seq LIMIT $3", recipient, after_seq, max(limit, 0))
+            else:  # the running total of sizes picks the page before any content is read
+                rows = await conn.fetch(
+                    f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE recipient = $1 AND seq IN (SELECT seq FROM "
+                    "(SELECT seq, size, SUM(size) OVER (ORDER BY seq) AS running FROM (SELECT seq, size FROM "
+                    "messages WHERE recipient = $1 AND seq > $2 ORDER BY seq LIMIT $3) page) sized "
+                    "WHERE running - size < $4) ORDER BY seq", recipient, after_seq, max(limit, 0), max(max_bytes, 1))
+            return [message_from(row) for row in rows]
+        return await self._link.run(job, write=False)
+
+    async def remove(self, recipient: str, seqs: list[int]) -> int:
+        if not seqs:
+            return 0
+        return await self._delete(recipient, "seq = ANY($2::bigint[])", list(dict.fromkeys(seqs)), delivered=True)
+
+    async def ack(self, recipient: str, message_ids: list[str]) -> int:
+        if not message_ids:
+            return 0
+        return await self._delete(recipient, "message_id = ANY($2::text[])",
+                                  list(dict.fromkeys(to_pg(m) for m in message_ids)), delivered=True)
+
+    async def clear(self, recipient: str) -> int:
+        return await self._delete(recipient, "$2::int IS NULL", None, delivered=False)
+
+    async def _delete(self, recipient: str, where: str, values: Any, *, delivered: bool) -> int:
+        return await self._tracked(self._link.run(
+            lambda c: delete_messages(c, recipient, where, values, delivered=delivered), write=True, transaction=True))
+
+    async def size(self, recipient: str) -> int:
+        return (await self.backlog_size(recipient))[0]
+
+    async def backlog_size(self, recipient: str) -> tuple[int, int]:
+        async def job(conn: Any) -> tuple[int, int]:
+            row = await conn.fetchrow("SELECT count, receipts FROM queues WHERE recipient = $1", recipient)
+            return (int(row["count"]), int(row["receipts"])) if row else (0, 0)
+        return await self._link.run(job, write=False)
+
+    def total(self) -> int:
+        return self._totals.messages
+
+    def stored_bytes(self) -> int:
+        return self._totals.bytes
+
+    async def stats(self) -> dict[str, int]:
+        async def job(conn: Any) -> dict[str, int]:
+            row = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM queues WHERE count > 0) AS recipients, "
+                "(SELECT COALESCE(SUM(count), 0) FROM queues) AS messages, "
+                "(SELECT COALESCE(SUM(bytes), 0) FROM queues) AS bytes, "
+                "(SELECT COALESCE(SUM(receipts), 0) FROM queues) AS receipts, (SELECT count(*) FROM keys) AS keys")
+            return {name: int(row[name]) for name in ("recipients", "messages", "bytes", "receipts", "keys")}
+        counts = await self._link.run(job, write=False)
+        await self._read_totals()
+        return counts
+
+    async def expire(self, before_ms: int) -> int:
+        """Delete old messages, receipts, delivered records and tokens a chunk per transaction."""
+        removed = 0
+        while True:
+            counts = await self._tracked(self._link.run(lambda c: expire_chunk(c, before_ms), write=True,
+                                                        transaction=True))
+            removed += counts[0]
+            if max(counts) < EXPIRE_CHUNK:
+                return removed
+
+    async def shift_times(self, before_ms: int, delta_ms: int) -> int:
+        return await self._link.run(lambda c: shift_rows(c, before_ms, delta_ms), write=True, transaction=True)
+
+    async def add_receipts(self, receipts: list[Receipt], max_per_recipient: int) -> int:
+        if not receipts:
+            return 0
+        async def job(conn: Any) -> tuple[int, Delta]:
+            dropped = await add_receipt_rows(conn, receipts, max_per_recipient)
+            return dropped, (0, (len(receipts) - dropped) * RECEIPT_BYTES)
+        return await self._tracked(self._link.run(job, write=True, transaction=True))
+
+    async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
+        async def job(conn: Any) -> list[Receipt]:
+            rows = await conn.fetch("SELECT seq, reader, message_id, timestamp FROM receipts WHERE recipient = $1 "
+                                    "ORDER BY seq LIMIT $2", recipient, max(limit, 0))
+            return [Receipt(recipient, r["reader"], from_pg(r["message_id"]), int(r["timestamp"]), int(r["seq"]))
+                    for r in rows]
+        return await self._link.run(job, write=False)
+
+    async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
+        if not seqs:
+            return 0
+        wanted = list(dict.fromkeys(seqs))
+        async def job(conn: Any) -> tuple[int, Delta]:
+            removed = await remove_receipt_rows(conn, recipient, wanted)
+            return removed, (0, -removed * RECEIPT_BYTES)
+        return await self._tracked(self._link.run(job, write=True, transaction=True))
+
+    # Keys, ownership locks and tokens: the key directory's
+
+    async def get_key(self, address: str) -> KeyRecord | None:
+        return await self._keys.get_key(address)
+
+    async def get_keys(self, addresses: list[str]) -> dict[str, KeyRecord]:
+        return await self._keys.get_keys(addresses)
+
+    async def put_key(self, record: KeyRecord) -> KeyRecord:
+        return await self._keys.put_key(record)
+
+    async def delete_key(self, address: str) -> bool:
+        return await self._keys.delete_key(address)
+
+    async def drop_unsigned_key(self, address: str) -> bool:
+        return await self._keys.drop_unsigned_key(address)
+
+    async def expire_keys(self, before_ms: int, now_ms: int) -> int:
+        return await self._keys.expire_keys(before_ms, now_ms)
+
+    async def key_floor(self, address: str) -> int | None:
+        return await self._keys.key_floor(address)
+
+    async def raise_key_floor(self, address: str, issued_at: int) -> None:
+        await self._keys.raise_key_floor(address, issued_at)
+
+    async def key_count(self) -> int:
+        return await self._keys.key_count()
+
+    async def is_locked(self, address: str) -> bool:
+        return await self._keys.is_locked(address)
+
+    async def lock(self, address: str) -> None:
+        await self._keys.lock(address)
+
+    async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
+        await self._keys.save_token(token_hash, address, expires_at_ms, max_per_address)
+
+    async def token_address(self, token_hash: str, now_ms: int) -> str | None:
+        return await self._keys.token_address(token_hash, now_ms)
+
+    # Push subscriptions
+
+    async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
+        return await self._push.put(sub, max_per_address)
+
+    async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:
+        return await self._push.of(address, now_ms)
+
+    async def delete_push_subscription(self, address: str, sub_id: str) -> bool:
+        return await self._push.delete(address, sub_id)
+
+    async def extend_push_subscriptions(self, address: str, expires_at_ms: int) -> None:
+        await self._push.extend(address, expires_at_ms)
+
+    async def expire_push_subscriptions(self, now_ms: int) -> int:
+        return await self._push.expire(now_ms)
