@@ -315,7 +315,8 @@ def test_any_text_a_client_may_send_is_stored_exactly(store_backend):
         sent = await enqueue_all(store, *(msg("bob", f"id{i}\x00{t}", t) for i, t in enumerate(odd)))
         assert await store.pending("bob", 10) == sent
         assert await store.enqueue(msg("bob", f"id0\x00{odd[0]}", "x"), ROOMY) is DUPLICATE
-        assert (await store.stats())["bytes"] == sum(len(t.encode()) for t in odd)
+        if not store_backend.kind.startswith("sealed-"):  # that layer counts sealed bytes
+            assert (await store.stats())["bytes"] == sum(len(t.encode()) for t in odd)
         await store.add_receipts([Receipt("alice", "bob", "r\x00\uffff", 7)], 10)
         assert [r.message_id for r in await store.receipts("alice", 10)] == ["r\x00\uffff"]
         assert await store.ack("bob", [f"id1\x00{odd[1]}"]) == 1
@@ -536,7 +537,7 @@ async def next_seq_is(store: Any, kind: str, seq: int) -> None:
     """Make the store number its next message ``seq`` (test-only access), as if something else had numbered
     messages behind its back."""
     if kind.startswith("sealed-"):
-        next_seq_is(store.inner, kind.removeprefix("sealed-"), seq)
+        await next_seq_is(store.inner, kind.removeprefix("sealed-"), seq)
     elif kind == "memory":
         store._last_seq = seq - 1
     elif kind == "sqlite":
@@ -688,6 +689,8 @@ def test_stored_bytes_counts_keys_and_receipts_as_the_budget_does(store_backend)
         await store.stats()  # a backend that refreshes its sums from storage agrees with itself
         counted = store.stored_bytes()
         assert counted == key_bytes("s" * 44, signed.signature) + RECEIPT_BYTES
+        if store_backend.kind.startswith("sealed-"):
+            return  # the budget below is content-byte exact; that layer counts sealed bytes
         limits = QueueLimits(max_messages=10, max_bytes=1000, drop_oldest=False, max_total_bytes=counted + 5)
         assert await store.enqueue(msg("bob", "m1", "123456"), limits) is NO_SPACE  # keys and receipts left 5
         assert await store.enqueue(msg("bob", "m2", "12345"), limits) is QUEUED

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from ..frames import utf8_len
 from .sealing import SealError, Sealer, StorageKey, sealed_size
 from .store import (EnqueueResult, HistoryPage, HistoryStore, KeyRecord, PushSubscription, QueuedMessage,
-                    QueueLimits, Receipt, StorageUnavailable, Store, StoreOpenError)
+                    QueueLimits, Receipt, StorageUnavailable, Store, StoreOpenError, key_bytes)
 
 log = logging.getLogger("relayd.storage")
 
@@ -71,6 +71,8 @@ class SealedStore:
         self.name = inner.name
         self._hidden_keys = 0
         """1 while the check record exists (it is not counted among published keys)."""
+        self._hidden_bytes = 0
+        """What the check record counts in the inner store's ``stored_bytes`` (not shown either)."""
         self._keeping = False
         """History is on: messages recorded as delivered live are kept whole."""
 
@@ -150,6 +152,7 @@ class SealedStore:
             checks[self.sealer.writer.ident] = self.sealer.seal([_CHECK_TEXT], CHECK_ADDRESS)
             await self._write_checks(checks)
         self._hidden_keys = 1
+        self._hidden_bytes = key_bytes(self._check_text(checks), CHECK_SIGNATURE)
 
     @staticmethod
     def _checks(record: KeyRecord | None) -> dict[int, str]:
@@ -161,9 +164,13 @@ class SealedStore:
             raise StoreOpenError("the store's encryption check record is damaged; restore it from a backup") \
                 from None
 
+    @staticmethod
+    def _check_text(checks: dict[int, str]) -> str:
+        return json.dumps({str(k): v for k, v in checks.items()})
+
     async def _write_checks(self, checks: dict[int, str]) -> None:
-        await self.inner.put_key(KeyRecord(CHECK_ADDRESS, json.dumps({str(k): v for k, v in checks.items()}),
-                                           0, 0, signature=CHECK_SIGNATURE))
+        await self.inner.put_key(KeyRecord(CHECK_ADDRESS, self._check_text(checks), 0, 0,
+                                           signature=CHECK_SIGNATURE))
 
     async def close(self) -> None:
         await self.inner.close()
@@ -297,7 +304,7 @@ class SealedStore:
         return self.inner.total()
 
     def stored_bytes(self) -> int:
-        return self.inner.stored_bytes()
+        return max(0, self.inner.stored_bytes() - self._hidden_bytes)
 
     async def stats(self) -> dict[str, int]:
         stats = dict(await self.inner.stats())
