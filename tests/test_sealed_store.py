@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import sqlite3
 import stat
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -359,3 +361,43 @@ def test_several_instances_on_sealed_redis_deliver_live_and_stored(tmp_path, fre
     dump = rdb_dump(fresh_redis)
     for secret in (alice, bob, carol, "across instances", "for later", "stored-1"):
         assert secret.encode() not in dump and secret[2:].encode() not in dump
+
+
+# PostgreSQL, end to end
+
+
+def test_a_pg_dump_under_load_shows_no_address_message_id_or_content(tmp_path, pg_server, pg_database):
+    """With history on, a delivered message's kept copy and a stored receipt are in the dump too."""
+    pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
+    keys = key_file(tmp_path)
+    env = {**redis_env("", keys), "RELAYD_STORAGE_BACKEND": "postgres", "RELAYD_POSTGRES_URL": pg_database,
+           "RELAYD_HISTORY_DAYS": "7"}
+    del env["RELAYD_REDIS_URL"]
+    load = Load()
+    relay = ProcessRelay(tmp_path / "one", env=env)
+    try:
+        load.run(relay)
+        reader = load.recipients[0]
+        writer, first, _ = load.sent[reader][0]
+        with connect(relay, reader, ack=True) as ws:  # delivered: kept in history, sealed
+            frames = read_backlog(ws)
+            ws.send({"type": "ack", "messageIds": ids_of(frames)})
+            ws.send({"type": "read_receipt", "to": writer, "messageId": first})
+            frames_until_pong(ws)
+    finally:
+        assert relay.stop() == 0
+    load.sent[reader] = []
+    database = pg_database.rsplit("/", 1)[1]
+    assert int(pg_server.psql("SELECT count(*) FROM history", database)) > 0
+    assert int(pg_server.psql("SELECT count(*) FROM receipts", database)) == 1
+    dump = subprocess.run([os.path.join(pg_server.bindir, "pg_dump"), "-h", "127.0.0.1", "-p", str(pg_server.port),
+                           "-U", "postgres", "-d", database], capture_output=True, timeout=120, check=True).stdout
+    assert b"COPY public.history" in dump and b"COPY public.messages" in dump
+    load.assert_absent(dump, "the pg_dump")
+    relay = ProcessRelay(tmp_path / "two", env=env)
+    try:
+        load.assert_delivered(relay)
+        with connect(relay, writer) as ws:
+            assert_read(ws.recv_type("read", timeout=10), reader, first)
+    finally:
+        relay.stop()

@@ -6,7 +6,7 @@ round trip, see ``schema``), a batch one call of ``relayd_enqueue_many`` (one
 statement: none of it is stored when it fails). The queue's SQL is in
 ``queue``, keys, locks and tokens in ``keys``, push subscriptions in
 ``push``, message history in ``history``. ``total()`` and ``stored_bytes()``
-are kept in ``totals``.
+are kept in ``totals``; one address's writes keep their order (``order``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from . import history
 from .keys import KEY_BYTES_SQL, PgKeyDirectory
 from .link import PgLink
+from .order import AddressOrder
 from .push import PgPushTable
 from .totals import Totals
 from .queue import (
@@ -61,6 +62,7 @@ class PostgresStore:
         self._keys = PgKeyDirectory(self._link, self._totals)
         self._push = PgPushTable(self._link, self._totals)
         self._history_ms = 0
+        self._order = AddressOrder()
 
     @property
     def link(self) -> PgLink:
@@ -117,6 +119,9 @@ class PostgresStore:
     async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
         if not messages:
             return []
+        return await self._order.run((m.recipient for m in messages), lambda: self._enqueue_many(messages, limits))
+
+    async def _enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
         if self._totals.stale:
             await self._read_totals()
 
@@ -146,7 +151,8 @@ class PostgresStore:
             for msg in messages:  # put back: its delivery did not happen, so history keeps no copy
                 nbytes -= await history.forget(conn, msg)
             return restored, (count, nbytes)
-        return await self._tracked(self._link.run(job, write=True, transaction=True))
+        return await self._order.run((m.recipient for m in messages), lambda: self._tracked(
+            self._link.run(job, write=True, transaction=True)))
 
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
         if not messages:
@@ -156,7 +162,8 @@ class PostgresStore:
         async def job(conn: Any) -> tuple[None, Delta]:
             await record_delivered_rows(conn, messages)
             return None, (await history.keep_live(conn, messages, until) if until else (0, 0))
-        await self._tracked(self._link.run(job, write=True, transaction=bool(until)))
+        await self._order.run((m.recipient for m in messages), lambda: self._tracked(
+            self._link.run(job, write=True, transaction=bool(until))))
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
@@ -194,7 +201,8 @@ class PostgresStore:
             kept = await history.keep_stored(conn, recipient, where, values, until) if until else 0
             removed, (count, nbytes) = await delete_messages(conn, recipient, where, values, delivered=delivered)
             return removed, (count, nbytes + kept)
-        return await self._tracked(self._link.run(job, write=True, transaction=True))
+        return await self._order.run((recipient,), lambda: self._tracked(
+            self._link.run(job, write=True, transaction=True)))
 
     async def size(self, recipient: str) -> int:
         return (await self.backlog_size(recipient))[0]
@@ -242,7 +250,8 @@ class PostgresStore:
         async def job(conn: Any) -> tuple[int, Delta]:
             dropped = await add_receipt_rows(conn, receipts, max_per_recipient)
             return dropped, (0, (len(receipts) - dropped) * RECEIPT_BYTES)
-        return await self._tracked(self._link.run(job, write=True, transaction=True))
+        return await self._order.run((r.recipient for r in receipts), lambda: self._tracked(
+            self._link.run(job, write=True, transaction=True)))
 
     async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
         async def job(conn: Any) -> list[Receipt]:
@@ -259,7 +268,8 @@ class PostgresStore:
         async def job(conn: Any) -> tuple[int, Delta]:
             removed = await remove_receipt_rows(conn, recipient, wanted)
             return removed, (0, -removed * RECEIPT_BYTES)
-        return await self._tracked(self._link.run(job, write=True, transaction=True))
+        return await self._order.run((recipient,), lambda: self._tracked(
+            self._link.run(job, write=True, transaction=True)))
 
     # History
 
