@@ -401,3 +401,26 @@ def test_a_pg_dump_under_load_shows_no_address_message_id_or_content(tmp_path, p
             assert_read(ws.recv_type("read", timeout=10), reader, first)
     finally:
         relay.stop()
+
+
+def test_relayd_migrate_copies_a_sealed_sqlite_store_to_postgres_as_stored(tmp_path, pg_database):
+    """Records are copied as stored (sealed, blind-indexed, the check record with them): the PostgreSQL copy
+    opens with the same key, delivers everything and still shows nothing in clear."""
+    pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
+    keys = key_file(tmp_path)
+    load = Load(per_sender=10)
+    relay = ProcessRelay(tmp_path / "sqlite", config_text=CONFIG.format(keys=keys))
+    try:
+        load.run(relay)
+    finally:
+        assert relay.stop() == 0
+    db = tmp_path / "sqlite" / "relayd-data" / "relayd.db"
+    env = {**redis_env("", keys), "RELAYD_STORAGE_BACKEND": "postgres", "RELAYD_POSTGRES_URL": pg_database}
+    del env["RELAYD_REDIS_URL"]
+    done = cli_ok(tmp_path, "migrate", "--from", f"sqlite:{db}", "--to", pg_database, env=clean_env(**env))
+    assert '"messages_copied": 40' in done.stdout, done.stdout
+    relay = ProcessRelay(tmp_path / "pg", env=env)
+    try:
+        load.assert_delivered(relay)
+    finally:
+        relay.stop()

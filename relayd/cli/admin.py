@@ -248,7 +248,9 @@ def _migrate_into_store(args: argparse.Namespace, open_snapshot: Callable[[str],
     else:
         overrides = [("storage", "backend", "postgres"), ("postgres", "url", args.dest)]
     config = load_config_with_sources(args.config, overrides=[*overrides_from(args), *overrides])[0]
-    store = make_store(config)
+    # records are copied as stored: sealed ones stay sealed under the same key(s), the check record with them
+    store = make_store(dataclasses.replace(config, storage=dataclasses.replace(config.storage,
+                                                                               encryption_key_file=())))
 
     async def run() -> dict[str, int]:
         snapshot = await open_snapshot(args.source)
