@@ -1,10 +1,11 @@
-"""One address's writes applied in the order they were submitted, although the pool runs writes side by side.
+"""One recipient's enqueues applied in the order they were submitted, although the pool runs writes side by side.
 
 The protocol relies on it (``relayd.protocol.writes``): a sender's pipelined
 messages to one recipient are stored by successive batches, each its own
 task; on a pool, a later batch could otherwise take a connection first and
-commit its seqs before the earlier one. Writes of disjoint addresses still
-run in parallel.
+commit its seqs before the earlier one. Enqueues for disjoint recipients
+still run in parallel. (Only enqueues are ordered so: deletes and receipts
+keep running side by side, as before.)
 """
 
 from __future__ import annotations

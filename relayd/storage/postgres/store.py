@@ -6,7 +6,7 @@ round trip, see ``schema``), a batch one call of ``relayd_enqueue_many`` (one
 statement: none of it is stored when it fails). The queue's SQL is in
 ``queue``, keys, locks and tokens in ``keys``, push subscriptions in
 ``push``, message history in ``history``. ``total()`` and ``stored_bytes()``
-are kept in ``totals``; one address's writes keep their order (``order``).
+are kept in ``totals``; one recipient's enqueues keep their order (``order``).
 """
 
 from __future__ import annotations
@@ -151,8 +151,7 @@ class PostgresStore:
             for msg in messages:  # put back: its delivery did not happen, so history keeps no copy
                 nbytes -= await history.forget(conn, msg)
             return restored, (count, nbytes)
-        return await self._order.run((m.recipient for m in messages), lambda: self._tracked(
-            self._link.run(job, write=True, transaction=True)))
+        return await self._tracked(self._link.run(job, write=True, transaction=True))
 
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
         if not messages:
@@ -162,8 +161,7 @@ class PostgresStore:
         async def job(conn: Any) -> tuple[None, Delta]:
             await record_delivered_rows(conn, messages)
             return None, (await history.keep_live(conn, messages, until) if until else (0, 0))
-        await self._order.run((m.recipient for m in messages), lambda: self._tracked(
-            self._link.run(job, write=True, transaction=bool(until))))
+        await self._tracked(self._link.run(job, write=True, transaction=bool(until)))
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
@@ -201,8 +199,7 @@ class PostgresStore:
             kept = await history.keep_stored(conn, recipient, where, values, until) if until else 0
             removed, (count, nbytes) = await delete_messages(conn, recipient, where, values, delivered=delivered)
             return removed, (count, nbytes + kept)
-        return await self._order.run((recipient,), lambda: self._tracked(
-            self._link.run(job, write=True, transaction=True)))
+        return await self._tracked(self._link.run(job, write=True, transaction=True))
 
     async def size(self, recipient: str) -> int:
         return (await self.backlog_size(recipient))[0]
@@ -250,8 +247,7 @@ class PostgresStore:
         async def job(conn: Any) -> tuple[int, Delta]:
             dropped = await add_receipt_rows(conn, receipts, max_per_recipient)
             return dropped, (0, (len(receipts) - dropped) * RECEIPT_BYTES)
-        return await self._order.run((r.recipient for r in receipts), lambda: self._tracked(
-            self._link.run(job, write=True, transaction=True)))
+        return await self._tracked(self._link.run(job, write=True, transaction=True))
 
     async def receipts(self, recipient: str, limit: int) -> list[Receipt]:
         async def job(conn: Any) -> list[Receipt]:
@@ -268,8 +264,7 @@ class PostgresStore:
         async def job(conn: Any) -> tuple[int, Delta]:
             removed = await remove_receipt_rows(conn, recipient, wanted)
             return removed, (0, -removed * RECEIPT_BYTES)
-        return await self._order.run((recipient,), lambda: self._tracked(
-            self._link.run(job, write=True, transaction=True)))
+        return await self._tracked(self._link.run(job, write=True, transaction=True))
 
     # History
 
