@@ -164,16 +164,29 @@ def test_a_wrong_or_missing_key_refuses_to_start_and_changes_nothing(tmp_path):
 # The layer itself: rotation, reseal, sizes
 
 
-def sealed(path: Path, *keys: str) -> SealedStore:
+def sealed(path: Path | str, *keys: str) -> SealedStore:
+    """The sealing layer over a SQLite file, or over the PostgreSQL database a ``postgresql://`` URL names."""
+    if isinstance(path, str):
+        from relayd.storage.postgres import PostgresStore
+        return SealedStore(PostgresStore(path, pool_size=4), load_keys(keys))
     return SealedStore(SQLiteStore(str(path), commit_interval_ms=0.5), load_keys(keys))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a rotation test's store lives: a SQLite file, or a PostgreSQL database of its own."""
+    if request.param == "postgres":
+        pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
+        return str(request.getfixturevalue("pg_database"))
+    return tmp_path / "store.db"
 
 
 def message(to: str, mid: str, content: str = "hello", sender: str = "0xAbC") -> QueuedMessage:
     return QueuedMessage(to, sender, mid, content, 1, now_ms())
 
 
-def test_rotation_reads_old_records_writes_new_ones_and_reseal_loses_nothing(tmp_path):
-    db, old, new = tmp_path / "r.db", key_file(tmp_path, "old.key"), key_file(tmp_path, "new.key")
+def test_rotation_reads_old_records_writes_new_ones_and_reseal_loses_nothing(tmp_path, database):
+    db, old, new = database, key_file(tmp_path, "old.key"), key_file(tmp_path, "new.key")
 
     async def body() -> None:
         store = sealed(db, old)
@@ -210,8 +223,8 @@ def test_rotation_reads_old_records_writes_new_ones_and_reseal_loses_nothing(tmp
     asyncio.run(body())
 
 
-def test_history_kept_under_an_old_key_stays_readable_and_keeps_that_key_required(tmp_path):
-    db, old, new = tmp_path / "h.db", key_file(tmp_path, "old.key"), key_file(tmp_path, "new.key")
+def test_history_kept_under_an_old_key_stays_readable_and_keeps_that_key_required(tmp_path, database):
+    db, old, new = database, key_file(tmp_path, "old.key"), key_file(tmp_path, "new.key")
 
     async def body() -> None:
         store = sealed(db, old)
