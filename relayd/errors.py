@@ -30,6 +30,7 @@ class ErrorCode(str, enum.Enum):
     AUTH_FAILED = "auth_failed"
     AUTH_REQUIRED = "auth_required"
     STALE_STATEMENT = "stale_statement"
+    NOT_VERIFIED = "not_verified"
     # Delivery
     QUEUE_FULL = "queue_full"
     STORAGE_UNAVAILABLE = "storage_unavailable"
@@ -100,6 +101,8 @@ _DEFAULTS: dict[ErrorCode, tuple[str, HTTPStatus]] = {
     ErrorCode.ORIGIN_NOT_ALLOWED: ("Origin not allowed", HTTPStatus.FORBIDDEN),
     ErrorCode.ACCESS_DENIED: ("Access denied by this relay's operator", HTTPStatus.FORBIDDEN),
     ErrorCode.DISABLED: ("This endpoint is disabled on this relay", HTTPStatus.NOT_FOUND),
+    ErrorCode.NOT_VERIFIED: ("Sign in with a signature first: only a verified session reads or deletes its "
+                             "history", HTTPStatus.FORBIDDEN),
     ErrorCode.INTERNAL_ERROR: ("Internal server error", HTTPStatus.INTERNAL_SERVER_ERROR),
 }
 

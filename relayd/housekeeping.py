@@ -16,7 +16,7 @@ from .config import Config
 from .ops.allocator import release_free_memory
 from .ops.metrics import RelayMetrics
 from .ops.summary import ActivitySummary
-from .storage.store import Store
+from .storage.store import HistoryStore, Store
 
 log = logging.getLogger("relayd.server")
 
@@ -83,6 +83,7 @@ class Housekeeping:
             if now >= next_expiry:
                 next_expiry = now + self.expiry_interval
                 await self._expire_messages()
+                await self._expire_history()
             if now >= next_stats:
                 next_stats = now + STATS_INTERVAL_S
                 await self._refresh_queue_stats()
@@ -130,6 +131,18 @@ class Housekeeping:
         self.metrics.queue_bytes.set(stats["bytes"])
         self.metrics.queue_recipients.set(stats["recipients"])
         self.metrics.queue_receipts.set(stats["receipts"])
+
+    async def _expire_history(self) -> None:
+        """Forget kept messages past ``[history] days`` (also after history was turned off: they still go)."""
+        if not isinstance(self.store, HistoryStore):
+            return
+        try:
+            removed = await self.store.expire_history(wall_ms(self.clock))
+        except Exception as exc:
+            log.error("history expiry failed: %s", exc)
+            return
+        if removed:
+            log.info("forgot %d kept messages past [history] days", removed)
 
     async def _expire_messages(self) -> None:
         cutoff = wall_ms(self.clock) - self.retention_ms

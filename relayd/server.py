@@ -33,7 +33,8 @@ from .protocol.router import Router
 from .protocol.seams import NO_PEERS, NO_PUSH, MessagePath, Peers, Presence, PushRegistry, Routes
 from .storage.backends import automatic_budget
 from .storage.memory import MemoryStore
-from .storage.store import Store
+from .storage.sealed import CHECK_ADDRESS, SealedStore
+from .storage.store import HistoryStore, StorageUnavailable, Store, StoreOpenError
 from .protocol.writes import AddressWrites
 
 if TYPE_CHECKING:
@@ -60,8 +61,13 @@ class RelayServer:
         if self.store.name == "redis":  # the cluster and the Redis store need the redis extra: imported here
             from .cluster import Cluster
             from .storage.redis.store import RedisStore
-            assert isinstance(self.store, RedisStore)
-            self.cluster = Cluster(config, self.store, writes, clock)
+            if isinstance(self.store, SealedStore):
+                assert isinstance(self.store.inner, RedisStore)
+                self.cluster = Cluster(config, self.store.inner, writes, clock, sealed=self.store,
+                                       queue_key=self.store.queue)
+            else:
+                assert isinstance(self.store, RedisStore)
+                self.cluster = Cluster(config, self.store, writes, clock)
             self.presence = routes = self.cluster.presence
             peers = self.cluster.peers
         else:
@@ -113,6 +119,8 @@ class RelayServer:
         self.config = config
         self.authenticator.configure(config, self.public_url)
         self.router.configure(config)
+        with contextlib.suppress(StoreOpenError):  # a reload cannot turn history on where start-up refused it
+            self._keep_history(config)
         self.api.configure(config)
         self.admission.configure(config)
         self.housekeeping.configure(config)
@@ -161,9 +169,15 @@ class RelayServer:
 
     async def start(self, *, sock: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         """Open the store, then listen; raises ``StoreOpenError`` or ``OSError`` when either fails."""
-        if hasattr(self.store, "commit_observer"):
-            self.store.commit_observer = self.metrics.commit_latency.observe
+        backing = self.store.inner if isinstance(self.store, SealedStore) else self.store
+        if hasattr(backing, "commit_observer"):
+            backing.commit_observer = self.metrics.commit_latency.observe
+        self._keep_history(self.config)
         await self.store.open()
+        if not isinstance(self.store, SealedStore) and await self._sealed_without_key():
+            await self.store.close()
+            raise StoreOpenError("the store is sealed (encryption at rest) but [storage] encryption_key_file is "
+                                 "not set: start with the key file(s) it was written with (nothing was changed)")
         if self.cluster is not None:
             await self.cluster.start()
         budget = automatic_budget(self.config, self.store)
@@ -182,6 +196,22 @@ class RelayServer:
         await self.gateway.start(sock=sock, ssl_context=ssl_context)
         self.authenticator.configure(self.config, self.public_url)
         self.housekeeping.start()
+
+    def _keep_history(self, config: Config) -> None:
+        """Tell the store how long to keep delivered messages; raises ``StoreOpenError`` on a backend without
+        history (one that does not implement ``HistoryStore``)."""
+        ms = config.history.days * 86_400_000
+        if isinstance(self.store, HistoryStore):
+            self.store.keep_history(ms)
+        elif ms:
+            raise StoreOpenError(f"[history] days = {config.history.days}: the {self.store.name} backend keeps "
+                                 "no message history yet (use sqlite, or days = 0)")
+
+    async def _sealed_without_key(self) -> bool:
+        try:
+            return await self.store.get_key(CHECK_ADDRESS) is not None
+        except StorageUnavailable:  # Redis down at start-up: relayd starts and recovers; the check waits
+            return False
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

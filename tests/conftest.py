@@ -273,12 +273,21 @@ def no_optional_backends(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.Mon
 StoreBody = Callable[[Store], Any]
 
 
-STORE_BACKENDS = ["memory", "sqlite", "redis", "redis-cluster", "postgres"]
-"""Every backend must pass the store contract (Redis on one server and on a local three-master Cluster)."""
+STORE_BACKENDS = ["memory", "sqlite", "redis", "redis-cluster", "postgres", "sealed-sqlite", "sealed-redis",
+                  "sealed-postgres"]
+"""Every backend must pass the store contract (Redis on one server and on a local three-master Cluster), and so
+must the encryption-at-rest layer over SQLite, Redis and PostgreSQL."""
 
 
 def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     """A new, unopened store of one backend; Redis ones get a key prefix of their own."""
+    if kind.startswith("sealed-"):
+        from relayd.storage.sealed import SealedStore
+        from relayd.storage.sealing import generate_key_file, load_keys
+        key = tmp_path / "storage.key"
+        if not key.exists():
+            generate_key_file(str(key))
+        return SealedStore(make_store(kind.removeprefix("sealed-"), request, tmp_path), load_keys([str(key)]))
     if kind == "memory":
         return MemoryStore()
     if kind == "sqlite":

@@ -1109,6 +1109,16 @@ def challenge_of(client: WsClient) -> dict[str, Any]:
     return frame
 
 
+def signed_login(relay: Any, key: bytes, *, fmt: str = "doubleHash", **extra: Any) -> tuple[Any, dict[str, Any]]:
+    """Open a connection and sign in with ``key``; return (client, auth_success)."""
+    client = relay.ws()
+    ch = challenge_of(client)
+    client.send({**signed_auth_frame(key, ch, fmt=fmt), **extra})
+    reply = client.recv()
+    assert reply["type"] == "auth_success", reply
+    return client, reply
+
+
 def auth_text(ch: dict[str, Any], address: str, *, relay: str | None = None, nonce: str | None = None,
               issued: int | None = None) -> str:
     """The statement a client signs for challenge ``ch``; each part may be replaced to forge a wrong one."""

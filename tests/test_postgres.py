@@ -349,6 +349,24 @@ def test_one_relayd_per_database_until_its_holder_dies(tmp_path, pg_database):
         first.stop()
 
 
+def test_a_senders_pipelined_messages_to_one_recipient_are_stored_in_order(tmp_path, pg_database):
+    """Each loop iteration's messages are one batch, stored by its own task: on the pool a later batch must not
+    commit its seqs before an earlier one (per address, writes keep the order they were submitted in)."""
+    relay = start_pg_relay(tmp_path, pg_database, RELAYD_LIMITS_FRAMES_PER_S="0")
+    try:
+        with relay.ws() as sender:
+            sender.auth(A)
+            sent = [f"m{i}" for i in range(300)]
+            for i, mid in enumerate(sent):
+                sender.send(msg(B, mid, f"c{i}"))
+            assert {sender.recv()["type"] for _ in sent} == {"queued"}
+        with relay.ws() as receiver:
+            receiver.auth(B)
+            assert [receiver.recv_type("message")["messageId"] for _ in sent] == sent
+    finally:
+        relay.stop()
+
+
 def test_totals_read_while_a_write_is_in_flight_are_not_taken():
     """A write counted after its commit must not be counted twice by a read of the totals that saw the commit."""
     from relayd.storage.postgres.totals import Totals

@@ -455,7 +455,7 @@ def test_schema_4_database_learns_delivered_message_ids(tmp_path: Path) -> None:
         assert await store.enqueue(new, ROOMY) is QUEUED and new.seq == 8
         await store.close()
     asyncio.run(main())
-    assert read_stats(str(db))["schema_version"] == SCHEMA_VERSION == 7
+    assert read_stats(str(db))["schema_version"] == SCHEMA_VERSION == 8
 
 
 def test_enqueue_lookups_use_the_indexes(tmp_path: Path) -> None:

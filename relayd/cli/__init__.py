@@ -20,6 +20,7 @@ from .admin import (
     cmd_config,
     cmd_example_config,
     cmd_migrate,
+    cmd_reseal,
     cmd_run,
     cmd_stats,
 )
@@ -39,7 +40,8 @@ from .options import (
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "config": cmd_config, "example-config": cmd_example_config, "backup": cmd_backup,
     "stats": cmd_stats, "send": cmd_send, "listen": cmd_listen, "status": cmd_status, "keygen": cmd_keygen,
-    "check": cmd_check, "migrate": cmd_migrate, "instances": cmd_instances, "push-test": cmd_push_test,
+    "check": cmd_check, "migrate": cmd_migrate, "reseal": cmd_reseal, "instances": cmd_instances,
+    "push-test": cmd_push_test,
 }
 
 

@@ -248,7 +248,9 @@ def _migrate_into_store(args: argparse.Namespace, open_snapshot: Callable[[str],
     else:
         overrides = [("storage", "backend", "postgres"), ("postgres", "url", args.dest)]
     config = load_config_with_sources(args.config, overrides=[*overrides_from(args), *overrides])[0]
-    store = make_store(config)
+    # records are copied as stored: sealed ones stay sealed under the same key(s), the check record with them
+    store = make_store(dataclasses.replace(config, storage=dataclasses.replace(config.storage,
+                                                                               encryption_key_file=())))
 
     async def run() -> dict[str, int]:
         snapshot = await open_snapshot(args.source)
@@ -294,3 +296,21 @@ def _migrate_into_redis(args: argparse.Namespace, open_snapshot: Callable[[str],
             await source.close()
             await store.close()
     return _print_counts(run)
+
+
+def cmd_reseal(args: argparse.Namespace) -> int:
+    """``relayd reseal``: exit 0 done (counts printed), 1 failed, 2 no key configured."""
+    from ..storage.sealed import SealedStore
+    from ..storage.store import StorageUnavailable
+    config, _ = load_from(args)
+    if not config.storage.encryption_key_file:
+        raise UsageError("relayd reseal: needs [storage] encryption_key_file (the key to seal with first)")
+    store = make_store(config)
+    assert isinstance(store, SealedStore)
+    try:
+        counts = asyncio.run(store.reseal())
+    except (StoreOpenError, StorageUnavailable, OSError, sqlite3.Error) as exc:
+        print(f"relayd reseal: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(counts, indent=2))
+    return EXIT_FAILURE if counts["unreadable"] else EXIT_OK

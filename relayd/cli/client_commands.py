@@ -169,6 +169,8 @@ def cmd_instances(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    if args.storage_key is not None:
+        return _storage_keygen(args.storage_key)
     from ..identity.signing import KeyFileError, SigningKey, write_key_file
     key = SigningKey.generate()
     if args.out is None:
@@ -182,6 +184,19 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         print(f"relayd keygen: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     _print_json({"address": key.address, "keyFile": args.out})
+    return EXIT_OK
+
+
+def _storage_keygen(path: str) -> int:
+    from ..storage.sealing import generate_key_file
+    if os.path.lexists(path):
+        raise UsageError(f"relayd keygen: {path} already exists; not overwriting a key file")
+    try:
+        generate_key_file(path)
+    except OSError as exc:
+        print(f"relayd keygen: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    _print_json({"storageKeyFile": path})
     return EXIT_OK
 
 

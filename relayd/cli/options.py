@@ -27,11 +27,11 @@ DEFAULT_CLIENT_TIMEOUT = 10.0
 
 FLAG_KEYS = {"host": ("server", "host"), "port": ("server", "port"), "log_level": ("log", "level"),
              "storage": ("storage", "backend"), "db": ("storage", "path")}
-CONFIG_COMMANDS = ("run", "config", "backup", "stats", "migrate", "push-test")
+CONFIG_COMMANDS = ("run", "config", "backup", "stats", "migrate", "push-test", "reseal")
 """Commands that read relayd's configuration; the others talk to a relay or need nothing."""
 LISTENING_FLAGS = ("host", "port")
 """Flags that only say where the daemon listens: meaningless to the database commands."""
-OFFLINE_COMMANDS = ("backup", "stats", "migrate")
+OFFLINE_COMMANDS = ("backup", "stats", "migrate", "reseal")
 
 
 class UsageError(Exception):
@@ -200,10 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a file holding the relay's [access] status_token")
     _client_options(instances)
 
-    keygen = sub.add_parser("keygen", help="create a signing key",
+    keygen = sub.add_parser("keygen", help="create a signing key (or a storage encryption key)",
                             description="Create a random private key; print it, or write it to --out "
-                                        "(mode 0600, never overwriting) and print its address.")
-    keygen.add_argument("--out", metavar="FILE", help="write the key to this new file")
+                                        "(mode 0600, never overwriting) and print its address. With "
+                                        "--storage-key, write 32 random bytes for [storage] "
+                                        "encryption_key_file instead.")
+    made = keygen.add_mutually_exclusive_group()
+    made.add_argument("--out", metavar="FILE", help="write the key to this new file")
+    made.add_argument("--storage-key", metavar="FILE",
+                      help="write a storage encryption key to this new file (mode 0600)")
+    reseal = sub.add_parser("reseal", parents=[inherited], help="seal stored records with the first storage key",
+                            description="Rewrite every stored message and receipt not sealed with the first "
+                                        "[storage] encryption_key_file (an older key's, or stored before "
+                                        "encryption was on) with it; then older key files may be dropped. Run "
+                                        "it with the relay stopped; safe to re-run.")
 
     check = sub.add_parser("check", help="end-to-end smoke test of a relay",
                            description="Two throwaway identities exchange a live and a queued message, a read "

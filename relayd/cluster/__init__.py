@@ -14,8 +14,8 @@ instances; ``scripts``: their Lua. ``Cluster`` builds them for the server.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from ..clock import Clock
 from ..config import Config
@@ -23,15 +23,19 @@ from ..protocol.delivery import Delivery
 from ..protocol.router import Router
 from ..protocol.writes import AddressWrites
 from ..storage.redis.store import RedisStore
-from ..storage.store import QueuedMessage
+from ..storage.store import QueuedMessage, Store
 from .bus import Bus
 from .delivery import ClusterDelivery
 from .offers import Offers
-from .peers import ClusterPeers
+from .peers import ClusterPeers, RoutedQueues
 from .presence import ClusterPresence
 from .refresh import Refresh
 
 __all__ = ["Cluster"]
+
+
+class SealedQueues(Store, RoutedQueues, Protocol):
+    """A store that also writes messages with the recipient's presence (the sealing layer over Redis)."""
 
 
 class _ThisInstance:
@@ -66,24 +70,27 @@ class _ThisInstance:
 class Cluster:
     """This instance's part of the cluster: its inbox, its presence (``Routes`` and ``Presence``) and its link
     to its peers. ``instance`` is ``[cluster] node_id`` plus a random suffix of this run, so a restarted
-    instance never inherits what a dead one left in Redis."""
+    instance never inherits what a dead one left in Redis. With encryption at rest, ``sealed`` is the sealing
+    layer over ``store`` (messages are read and written through it) and ``queue_key`` its blind index."""
 
-    def __init__(self, config: Config, store: RedisStore, writes: AddressWrites, clock: Clock) -> None:
+    def __init__(self, config: Config, store: RedisStore, writes: AddressWrites, clock: Clock, *,
+                 sealed: SealedQueues | None = None, queue_key: Callable[[str], str] = str) -> None:
         c = config.cluster
         self.config = config
         self.clock = clock
         self.instance = f"{c.resolved_node_id(config.server.port)}#{secrets.token_hex(4)}"
         self.store = store
+        self.messages: Store = sealed if sealed is not None else store
         self.writes = writes
         self.bus = Bus(store.link, store.layout.prefix, self.instance, c.reply_timeout_ms / 1000)
         self.presence = ClusterPresence(store, self.bus, self.instance, writes, clock, heartbeat_s=c.heartbeat_s,
-                                        presence_ttl_s=c.presence_ttl_s)
-        self.peers = ClusterPeers(store, self.presence, self.bus)
+                                        presence_ttl_s=c.presence_ttl_s, queue_key=queue_key)
+        self.peers = ClusterPeers(store, self.presence, self.bus, sealed)
         self.refresh: Refresh | None = None
 
     def delivery(self, local: Delivery) -> ClusterDelivery:
         """The message path with peers, built on this instance's ``local`` one."""
-        self.refresh = Refresh(self.presence, self.presence.local.online_addresses, self.store, self.writes,
+        self.refresh = Refresh(self.presence, self.presence.local.online_addresses, self.messages, self.writes,
                                local.metrics, local.answers, local.remove_delivered)
         return ClusterDelivery(self.config, local, self.peers, self.refresh, self.clock)
 

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..storage.redis.records import PresenceEntries
 from ..storage.redis.store import RedisStore
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from ..tasks import TaskSet
@@ -167,12 +168,25 @@ def _unpack(recipient: str, packed: list[Any]) -> QueuedMessage:
                          int(seq))
 
 
+class RoutedQueues(Protocol):
+    """Writes of messages that read the recipient's presence in the same atomic step (``RedisStore``'s, or
+    ``relayd.storage.sealed.SealedStore``'s over it)."""
+
+    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
+                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, PresenceEntries]: ...
+
+    async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, PresenceEntries]]: ...
+
+
 class ClusterPeers:
     """``PeerLink`` over the bus and Redis (also the protocol's ``seams.Peers``), and the handler of the bus's
     incoming messages."""
 
-    def __init__(self, store: RedisStore, presence: ClusterPresence, bus: Bus) -> None:
+    def __init__(self, store: RedisStore, presence: ClusterPresence, bus: Bus,
+                 queues: RoutedQueues | None = None) -> None:
         self.store = store
+        self.queues: RoutedQueues = queues if queues is not None else store
+        """Where messages are written with the recipient's presence: the store, or its sealing layer."""
         self.presence = presence
         self.bus = bus
         self.here: ThisInstance | None = None
@@ -253,7 +267,7 @@ class ClusterPeers:
         return Taken(count, any(bool(r.get("a")) for r in replies.values()), silent)
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, PeerSessions]:
-        result, found = await self.store.enqueue_routed(msg, limits, watcher=self.presence.instance,
+        result, found = await self.queues.enqueue_routed(msg, limits, watcher=self.presence.instance,
                                                         watch_ttl_ms=WATCH_TTL_MS)
         self.presence.fill(msg.recipient, found)
         lapsed = self.presence.lapsed_holders(found)
@@ -262,14 +276,16 @@ class ClusterPeers:
         return result, self.presence.peer_sessions(found)
 
     async def restore(self, messages: list[QueuedMessage]) -> None:
-        _, found = await self.store.restore_routed(messages)
+        _, found = await self.queues.restore_routed(messages)
         for recipient, entries in found.items():
             seqs = tuple(m.seq for m in messages if m.recipient == recipient and m.seq > 0)
             self.hint(self.presence.peer_sessions(entries), recipient, min(seqs, default=0) - 1 if seqs else -1, seqs)
 
     async def spend(self, key: str, recipient: str, budget: int) -> bool:
-        name = f"{self.store.layout.prefix}{{nq:{key}}}"
-        return int(await self.store.link.write(scripts.SPEND, [name], [recipient, budget, BUDGET_WINDOW_MS])) == 1
+        blind = self.presence.queue_key  # no address in clear in a budget either (with encryption at rest)
+        name = f"{self.store.layout.prefix}{{nq:{blind(key)}}}"
+        return int(await self.store.link.write(scripts.SPEND, [name], [blind(recipient), budget,
+                                                                      BUDGET_WINDOW_MS])) == 1
 
     # seams.Peers
 

@@ -76,8 +76,11 @@ class ClusterPresence:
     """``Routes`` and ``Presence`` of one instance among several on one Redis (see the module docstring)."""
 
     def __init__(self, store: RedisStore, bus: Bus, instance: str, writes: AddressWrites, clock: Clock, *,
-                 heartbeat_s: float, presence_ttl_s: float) -> None:
+                 heartbeat_s: float, presence_ttl_s: float, queue_key: Callable[[str], str] = str) -> None:
         self.store = store
+        self.queue_key = queue_key
+        """An address's queue key in the store (its blind index with encryption at rest): its presence entry
+        shares that key's hash tag, so a message's write reads it in the same step."""
         self.link = store.link
         self.layout = store.layout
         self.bus = bus
@@ -107,8 +110,9 @@ class ClusterPresence:
 
     def _keys(self, address: str) -> tuple[str, str, str]:
         """(presence HASH, watchers SET, this instance's SET of addresses in that slot)."""
-        keys = self.layout.recipient(address)
-        return keys.presence, keys.watchers, self._mine(self.layout.slot_of(address), self.instance)
+        queue = self.queue_key(address)
+        keys = self.layout.recipient(queue)
+        return keys.presence, keys.watchers, self._mine(self.layout.slot_of(queue), self.instance)
 
     def _mine(self, slot: int, instance: str) -> str:
         return f"{self.layout.prefix}{{{slot_tag(slot)}}}:on:{instance}"
@@ -148,7 +152,7 @@ class ClusterPresence:
         else:
             self._kinds.pop(address, None)
         self._unsynced.discard(address)
-        self.store.note_slot(self.layout.slot_of(address))
+        self.store.note_slot(self.layout.slot_of(self.queue_key(address)))
         try:
             joined = self.link.post(scripts.JOIN, self._keys(address), [address, self.instance, kind, WATCH_TTL_MS])
         except StorageUnavailable:

@@ -187,9 +187,23 @@ class StorageSection:
                              "Redis half of maxmemory, or 1 GiB without maxmemory; memory none. 0: no "
                              "budget).", min=-1, max=1 << 50,
                          reload=True)
+    encryption_key_file: tuple[str, ...] = opt((), "Encryption at rest: file(s) of 32 random bytes (relayd keygen "
+                                               "--storage-key PATH), comma-separated; the first seals new "
+                                               "records, the others still open old ones (relayd reseal moves "
+                                               "them to the first). Addresses, messageIds, contents and "
+                                               "receipts are stored unreadable without it; needs the optional "
+                                               "extra encryption. Empty: stored as sent.")
     unsigned_key_ttl_days: float = opt(90.0, "An unsigned key nobody uploaded again or looked up for this long "
                                              "is deleted (0: never); signed keys stay, they are their owners'.",
                                        min=0, max=36500, reload=True)
+
+
+@dataclass(frozen=True)
+class HistorySection:
+    days: int = opt(0, "Message history: keep each delivered message, as stored (ciphertext and metadata), this many "
+                       "days, so a signed-in session (another device of the address) can page through what it "
+                       "received and delete it. 0 (default): nothing is kept after delivery. Counted in "
+                       "[storage] max_bytes.", min=0, max=3650, reload=True)
 
 
 @dataclass(frozen=True)
@@ -352,6 +366,7 @@ SECTIONS: dict[str, type] = {
     "limits": LimitsSection,
     "queue": QueueSection,
     "storage": StorageSection,
+    "history": HistorySection,
     "redis": RedisSection,
     "postgres": PostgresSection,
     "cluster": ClusterSection,
@@ -371,6 +386,7 @@ class Config:
     limits: LimitsSection = field(default_factory=LimitsSection)
     queue: QueueSection = field(default_factory=QueueSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    history: HistorySection = field(default_factory=HistorySection)
     redis: RedisSection = field(default_factory=RedisSection)
     postgres: PostgresSection = field(default_factory=PostgresSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)

@@ -103,7 +103,8 @@ class Backlog:
 
     def stored(self, recipient: str) -> None:
         """A message for ``recipient`` was stored because no session of it was ready: a preparing one must
-        flush, even if its size read came back empty (that read may have been served before the write)."""
+        flush, even if its size read came back empty, and a flushing one must read again before it is ready,
+        even if its last read came back empty (either read may have been served before the write)."""
         for session in self.routes.sessions(recipient):
             if session in self._stored_meanwhile:
                 self._stored_meanwhile[session] = True
@@ -214,8 +215,14 @@ class Backlog:
         """True once the whole backlog was written and the session is ready."""
         after = 0
         while not session.closed:
-            batch = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
+            self._stored_meanwhile[session] = False
+            try:
+                batch = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
+            finally:
+                stored = self._stored_meanwhile.pop(session, False)
             if not batch:
+                if stored:  # stored while that read ran (on a pool it may have been served before the commit)
+                    continue
                 session.ready = True
                 self.on_flushed(session, after)
                 return True

@@ -17,6 +17,7 @@ from typing import Any
 from .backlog import Backlog
 from ..clock import Clock, wall_ms
 from ..config import Config
+from .history import History
 from .delivery import Delivery
 from ..errors import CLOSE_CODES, CloseCode, ErrorCode, RelayError
 from ..frames import decode, field_address, field_bool, message_id_of, utf8_len
@@ -55,6 +56,7 @@ class Router:
                                       else Delivery(config, routes, store, metrics, clock, writes))
         self.backlog = Backlog(config, routes, store, metrics, clock, writes, peers)
         self.delivery.on_stored = self.backlog.stored
+        self.history = History(config, store)
         self.push = PushFrames(config, push)
         self.max_preauth = 0
         self._handlers: dict[str, Handler] = {
@@ -64,6 +66,8 @@ class Router:
             "read_receipt": self.delivery.read_receipt,
             "ping": self._on_ping,
             "ack": self.backlog.ack,
+            "history": self.history.page,
+            "history_delete": self.history.delete,
             "push_subscribe": self.push.subscribe,
             "push_unsubscribe": self.push.unsubscribe,
         }
@@ -74,6 +78,7 @@ class Router:
         self.max_preauth = config.limits.max_preauth_frame_bytes
         self.delivery.configure(config)
         self.backlog.configure(config)
+        self.history.configure(config)
         self.push.configure(config)
 
     # Events from the connection layer

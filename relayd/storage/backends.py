@@ -27,7 +27,20 @@ MISSING_POSTGRES_EXTRA = f"the PostgreSQL backend needs the optional extra postg
 
 
 def make_store(config: Config) -> Store:
-    """The configured backend; raises ConfigError when ``backend = redis`` lacks its optional extra."""
+    """The configured backend, sealed when ``[storage] encryption_key_file`` is set; raises ConfigError when an
+    optional extra is missing or a key file cannot be used."""
+    store = _backend(config)
+    if not config.storage.encryption_key_file:
+        return store
+    from .sealed import SealedStore
+    from .sealing import StorageKeyError, load_keys
+    try:
+        return SealedStore(store, load_keys(config.storage.encryption_key_file))
+    except StorageKeyError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _backend(config: Config) -> Store:
     if config.storage.backend == "memory":
         from .memory import MemoryStore
         return MemoryStore()

@@ -12,12 +12,14 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import time
 
 from ..frames import utf8_len
 from .store import (
     KEY_LOOKUPS_REMEMBERED,
     RECEIPT_BYTES,
     EnqueueResult,
+    HistoryPage,
     KeyRecord,
     PushSubscription,
     QueuedMessage,
@@ -101,6 +103,9 @@ class MemoryStore:
         self._last_seq = 0
         self._total = 0
         self._bytes = 0
+        self._history_ms = 0
+        self._history: dict[str, dict[tuple[str, str], tuple[QueuedMessage, int]]] = {}
+        """Per recipient, by (sender lower-cased, messageId): (the message, kept until (epoch ms))."""
         self._other_bytes = 0
         """What receipts, keys and push subscriptions count in the storage budget."""
 
@@ -182,6 +187,7 @@ class MemoryStore:
         del self._stored[ident]
         if delivered:
             self._delivered.record(ident, msg.queued_at)
+            self._keep(msg)
         self._total -= 1
         self._bytes -= size
 
@@ -193,6 +199,8 @@ class MemoryStore:
             if ident in self._stored:
                 continue
             self._delivered.forget(ident)
+            if msg.recipient in self._history:  # its delivery did not happen after all
+                await self.delete_history_of(msg)
             queue = self._queues.get(msg.recipient)
             if queue is None:
                 queue = self._queues[msg.recipient] = _Queue()
@@ -216,6 +224,58 @@ class MemoryStore:
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
         for msg in messages:
             self._delivered.record(_ident(msg), msg.queued_at)
+            self._keep(dataclasses.replace(msg, seq=msg.seq or self._next_seq()))
+
+    # History
+
+    def keep_history(self, ms: int) -> None:
+        self._history_ms = ms
+
+    def _keep(self, msg: QueuedMessage) -> None:
+        if not self._history_ms:
+            return
+        kept = self._history.setdefault(msg.recipient, {})
+        key = (msg.sender.lower(), msg.message_id)
+        if key not in kept:
+            self._bytes += utf8_len(msg.content)
+            kept[key] = (msg, int(time.time() * 1000) + self._history_ms)
+
+    async def history(self, recipient: str, limit: int, before_ms: int | None = None,
+                      sender: str | None = None) -> HistoryPage:
+        kept = self._history.get(recipient, {})
+        found = sorted((entry for key, entry in kept.items()
+                        if (before_ms is None or entry[0].timestamp < before_ms)
+                        and (sender is None or key[0] == sender.lower())),
+                       key=lambda e: (e[0].timestamp, e[0].seq), reverse=True)
+        return HistoryPage([dataclasses.replace(m) for m, _ in found[:limit]], len(found) > limit)
+
+    async def delete_history(self, recipient: str, message_ids: list[str] | None) -> int:
+        kept = self._history.get(recipient, {})
+        wanted = None if message_ids is None else set(message_ids)
+        gone = [key for key in kept if wanted is None or key[1] in wanted]
+        for key in gone:
+            self._bytes -= utf8_len(kept.pop(key)[0].content)
+        if not kept:
+            self._history.pop(recipient, None)
+        return len(gone)
+
+    async def delete_history_of(self, msg: QueuedMessage) -> None:
+        kept = self._history.get(msg.recipient, {})
+        entry = kept.pop((msg.sender.lower(), msg.message_id), None)
+        if entry is not None:
+            self._bytes -= utf8_len(entry[0].content)
+
+    async def expire_history(self, now_ms: int) -> int:
+        removed = 0
+        for recipient, kept in list(self._history.items()):
+            for key, (msg, until) in list(kept.items()):
+                if until <= now_ms:
+                    del kept[key]
+                    self._bytes -= utf8_len(msg.content)
+                    removed += 1
+            if not kept:
+                del self._history[recipient]
+        return removed
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
@@ -339,6 +399,9 @@ class MemoryStore:
         else:
             del self._receipts[recipient]
         return len(receipts) - len(kept)
+
+    async def queue_keys(self) -> list[str]:
+        return list(dict.fromkeys([*self._queues, *self._receipts, *self._history]))
 
     # Keys
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 RECEIPT_BYTES = 256
@@ -278,6 +278,47 @@ class MessageStore(Protocol):
 
     async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
         """Delete these receipts of ``recipient``; returns how many went."""
+        ...
+
+    async def queue_keys(self) -> list[str]:
+        """Every recipient that has stored messages, receipts or kept history, each once, in no particular order.
+
+        For maintenance that must visit every record (``relayd reseal``); may scan the whole store.
+        """
+        ...
+
+
+@dataclass(slots=True)
+class HistoryPage:
+    """Delivered messages of one recipient, newest first, and whether older ones remain."""
+
+    messages: list[QueuedMessage]
+    more: bool
+
+
+@runtime_checkable
+class HistoryStore(Protocol):
+    """Message history (``[history] days``): with ``keep_history(ms > 0)``, a message that leaves the store as
+    delivered (``remove``, ``ack``) or is recorded delivered live (``record_delivered``) is kept, as stored,
+    for ``ms`` after its delivery, in ``stored_bytes`` (the storage budget) but not in ``total``. ``clear``
+    and expiry of undelivered messages keep nothing. Read and deleted only by its recipient."""
+
+    def keep_history(self, ms: int) -> None:
+        """Keep what is delivered from now on for ``ms`` (0: keep nothing; what is kept stays until it expires)."""
+        ...
+
+    async def history(self, recipient: str, limit: int, before_ms: int | None = None,
+                      sender: str | None = None) -> HistoryPage:
+        """Up to ``limit`` kept messages of ``recipient`` with ``timestamp < before_ms`` (all when None), from
+        ``sender`` only when given (compared case-insensitively), newest first (by timestamp, then seq)."""
+        ...
+
+    async def delete_history(self, recipient: str, message_ids: list[str] | None) -> int:
+        """Forget ``recipient``'s kept messages with these messageIds (None: all of them); how many went."""
+        ...
+
+    async def expire_history(self, now_ms: int) -> int:
+        """Forget kept messages whose time ran out by ``now_ms``; how many went (bounded batches)."""
         ...
 
 

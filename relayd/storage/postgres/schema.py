@@ -171,6 +171,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         _ENQUEUE,
         _ENQUEUE_MANY,
     ),
+    (   # message history ([history] days): delivered messages kept as stored, once per message, for their
+        # recipient
+        """CREATE TABLE history (
+            recipient TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            sender_key TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            content TEXT NOT NULL,
+            timestamp BIGINT NOT NULL,
+            queued_at BIGINT NOT NULL,
+            seq BIGINT NOT NULL,
+            kept_until BIGINT NOT NULL,
+            size BIGINT NOT NULL,
+            PRIMARY KEY (recipient, message_id, sender_key))""",
+        "CREATE INDEX history_page ON history (recipient, timestamp, seq)",
+        "CREATE INDEX history_kept_until ON history (kept_until)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

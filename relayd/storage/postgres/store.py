@@ -5,17 +5,21 @@ committed. An enqueue is one call of the ``relayd_enqueue`` function (one
 round trip, see ``schema``), a batch one call of ``relayd_enqueue_many`` (one
 statement: none of it is stored when it fails). The queue's SQL is in
 ``queue``, keys, locks and tokens in ``keys``, push subscriptions in
-``push``. ``total()`` and ``stored_bytes()`` are kept in ``totals``.
+``push``, message history in ``history``. ``total()`` and ``stored_bytes()``
+are kept in ``totals``; one recipient's enqueues keep their order (``order``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from . import history
 from .keys import KEY_BYTES_SQL, PgKeyDirectory
 from .link import PgLink
+from .order import AddressOrder
 from .push import PgPushTable
 from .totals import Totals
 from .queue import (
@@ -37,7 +41,8 @@ from .queue import (
     resync_numbering,
     shift_rows,
 )
-from ..store import RECEIPT_BYTES, EnqueueResult, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt
+from ..store import (RECEIPT_BYTES, EnqueueResult, HistoryPage, KeyRecord, PushSubscription, QueuedMessage,
+                     QueueLimits, Receipt)
 
 log = logging.getLogger("relayd.storage")
 T = TypeVar("T")
@@ -56,6 +61,8 @@ class PostgresStore:
         self._totals = Totals()
         self._keys = PgKeyDirectory(self._link, self._totals)
         self._push = PgPushTable(self._link, self._totals)
+        self._history_ms = 0
+        self._order = AddressOrder()
 
     @property
     def link(self) -> PgLink:
@@ -86,9 +93,10 @@ class PostgresStore:
         async def job(conn: Any) -> tuple[int, int]:
             row = await conn.fetchrow(
                 "SELECT COALESCE(SUM(count), 0) AS n, COALESCE(SUM(bytes), 0) AS b, COALESCE(SUM(receipts), 0) AS r, "
-                f"(SELECT COALESCE(SUM({KEY_BYTES_SQL}), 0) FROM keys) AS k, {PgPushTable.bytes_sql()} AS p "
-                "FROM queues")
-            return int(row["n"]), int(row["b"]) + int(row["r"]) * RECEIPT_BYTES + int(row["k"]) + int(row["p"])
+                f"(SELECT COALESCE(SUM({KEY_BYTES_SQL}), 0) FROM keys) AS k, {PgPushTable.bytes_sql()} AS p, "
+                f"{history.BYTES_SQL} AS h FROM queues")
+            return int(row["n"]), (int(row["b"]) + int(row["r"]) * RECEIPT_BYTES + int(row["k"]) + int(row["p"])
+                                   + int(row["h"]))
         mark = self._totals.mark()
         messages, nbytes = await self._link.run(job, write=False)
         self._totals.refresh(mark, messages, nbytes)
@@ -111,6 +119,9 @@ class PostgresStore:
     async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
         if not messages:
             return []
+        return await self._order.run((m.recipient for m in messages), lambda: self._enqueue_many(messages, limits))
+
+    async def _enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
         if self._totals.stale:
             await self._read_totals()
 
@@ -134,11 +145,23 @@ class PostgresStore:
     async def restore(self, messages: list[QueuedMessage]) -> int:
         if not messages:
             return 0
-        return await self._tracked(self._link.run(lambda c: restore_rows(c, messages), write=True, transaction=True))
+
+        async def job(conn: Any) -> tuple[int, Delta]:
+            restored, (count, nbytes) = await restore_rows(conn, messages)
+            for msg in messages:  # put back: its delivery did not happen, so history keeps no copy
+                nbytes -= await history.forget(conn, msg)
+            return restored, (count, nbytes)
+        return await self._tracked(self._link.run(job, write=True, transaction=True))
 
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
-        if messages:
-            await self._link.run(lambda c: record_delivered_rows(c, messages), write=True)
+        if not messages:
+            return
+        until = self._keep_until()
+
+        async def job(conn: Any) -> tuple[None, Delta]:
+            await record_delivered_rows(conn, messages)
+            return None, (await history.keep_live(conn, messages, until) if until else (0, 0))
+        await self._tracked(self._link.run(job, write=True, transaction=bool(until)))
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
@@ -170,8 +193,13 @@ class PostgresStore:
         return await self._delete(recipient, "$2::int IS NULL", None, delivered=False)
 
     async def _delete(self, recipient: str, where: str, values: Any, *, delivered: bool) -> int:
-        return await self._tracked(self._link.run(
-            lambda c: delete_messages(c, recipient, where, values, delivered=delivered), write=True, transaction=True))
+        until = self._keep_until() if delivered else 0
+
+        async def job(conn: Any) -> tuple[int, Delta]:
+            kept = await history.keep_stored(conn, recipient, where, values, until) if until else 0
+            removed, (count, nbytes) = await delete_messages(conn, recipient, where, values, delivered=delivered)
+            return removed, (count, nbytes + kept)
+        return await self._tracked(self._link.run(job, write=True, transaction=True))
 
     async def size(self, recipient: str) -> int:
         return (await self.backlog_size(recipient))[0]
@@ -237,6 +265,36 @@ class PostgresStore:
             removed = await remove_receipt_rows(conn, recipient, wanted)
             return removed, (0, -removed * RECEIPT_BYTES)
         return await self._tracked(self._link.run(job, write=True, transaction=True))
+
+    # History
+
+    def keep_history(self, ms: int) -> None:
+        self._history_ms = ms
+
+    def _keep_until(self) -> int:
+        return int(time.time() * 1000) + self._history_ms if self._history_ms else 0
+
+    async def history(self, recipient: str, limit: int, before_ms: int | None = None,
+                      sender: str | None = None) -> HistoryPage:
+        return await self._link.run(lambda c: history.page(c, recipient, limit, before_ms, sender), write=False)
+
+    async def delete_history(self, recipient: str, message_ids: list[str] | None) -> int:
+        return await self._tracked(self._link.run(lambda c: history.delete(c, recipient, message_ids), write=True))
+
+    async def expire_history(self, now_ms: int) -> int:
+        removed = 0
+        while True:
+            gone = await self._tracked(self._link.run(lambda c: history.expire(c, now_ms), write=True))
+            removed += gone
+            if gone < history.EXPIRE_CHUNK:
+                return removed
+
+    async def queue_keys(self) -> list[str]:
+        async def job(conn: Any) -> list[str]:
+            rows = await conn.fetch("SELECT recipient FROM queues WHERE count > 0 OR receipts > 0 "
+                                    "UNION SELECT DISTINCT recipient FROM history")
+            return [r["recipient"] for r in rows]
+        return await self._link.run(job, write=False)
 
     # Keys, ownership locks and tokens: the key directory's
 

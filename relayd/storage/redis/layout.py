@@ -62,11 +62,16 @@ class RecipientKeys:
     presence: str   # HASH instance -> session kind, written by relayd.cluster (read here: who to tell)
     watchers: str   # SET of instances that cached the presence (relayd.cluster tells them when it changes)
     delivered: str  # ZSET "lower-cased sender\nmessageId" -> queued_at of what left as delivered (idempotency)
+    history: str    # HASH "lower-cased sender\nmessageId" -> "seq live record" of a message kept after delivery
+    history_order: str  # ZSET same member -> timestamp (pages, newest first)
+    history_until: str  # ZSET same member -> kept until (ms)
+    history_expiry: str  # per slot: ZSET address -> earliest kept until of its history
 
     def all(self) -> list[str]:
         return [self.queue, self.times, self.messages, self.ids, self.counters, self.receipt_queue,
                 self.receipt_times, self.receipts, self.expiry, self.stats, self.migrated, self.presence,
-                self.watchers, self.delivered]
+                self.watchers, self.delivered, self.history, self.history_order, self.history_until,
+                self.history_expiry]
 
 
 class Layout:
@@ -99,7 +104,12 @@ class Layout:
         return RecipientKeys(own(address, "q"), own(address, "t"), own(address, "m"), own(address, "i"),
                              own(address, "n"), own(address, "rq"), own(address, "rt"), own(address, "rm"),
                              expiry, stats, own(address, "mig"), own(address, "on"), own(address, "w"),
-                             own(address, "d"))
+                             own(address, "d"), own(address, "h"), own(address, "ho"), own(address, "hu"),
+                             self.history_expiry(self.slot_of(address)))
+
+    def history_expiry(self, slot: int) -> str:
+        """Per slot: ZSET address -> the earliest time one of its kept messages expires."""
+        return f"{self.prefix}{{{slot_tag(slot)}}}:hexpiry"
 
     def key(self, address: str) -> tuple[str, str, str, str]:
         """(public key record, slot statistics, migration ledger, key floor) of one address."""

@@ -73,16 +73,24 @@ class RedisMessages:
                 presence[recipient] = pairs(found)
         return restored, presence
 
-    async def record_delivered(self, messages: list[QueuedMessage]) -> None:
-        """One script per recipient, all submitted together: one round trip (per Cluster node)."""
+    async def record_delivered(self, messages: list[QueuedMessage], keep_until: int = 0) -> None:
+        """One script per recipient, all submitted together: one round trip (per Cluster node). With
+        ``keep_until``, history keeps them until then."""
         calls: list[tuple[scripts.Script, list[str], list[Any]]] = []
+        recipients: list[str] = []
         for recipient, group in by_recipient(messages, lambda m: m.recipient).items():
             self.core.note_slot(self.core.layout.slot_of(recipient))
             for part in chunks(group, DELIVERED_CHUNK):
-                args = [recipient, *(v for m in part for v in (m.sender, m.message_id, m.queued_at))]
+                args: list[Any] = [recipient, keep_until]
+                for m in part:
+                    size = utf8_len(m.content) if keep_until else 0
+                    args += [m.sender, m.message_id, m.queued_at, m.timestamp, size,
+                             encode_message(m, size) if keep_until else ""]
                 calls.append((scripts.RECORD_DELIVERED, self.core.layout.recipient(recipient).all(), args))
+                recipients.append(recipient)
         if calls:
-            await self.core.link.write_many(calls)
+            for recipient, (_, totals) in zip(recipients, await self.core.link.write_many(calls)):
+                self.core.apply_totals(recipient, totals)
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
@@ -108,11 +116,12 @@ class RedisMessages:
             return page
         return await self.core.link.read(work)
 
-    async def remove(self, recipient: str, mode: str, items: list[str]) -> int:
-        """Remove by ``seq`` or ``id`` (as delivered), or ``all`` (not)."""
+    async def remove(self, recipient: str, mode: str, items: list[str], keep_until: int = 0) -> int:
+        """Remove by ``seq`` or ``id`` (as delivered, kept in history until ``keep_until`` when set), or ``all``
+        (not)."""
         removed = 0
         for part in chunks(items, ID_CHUNK) if mode != "all" else [[]]:
-            count, totals = await self.core.recipient_write(scripts.REMOVE, recipient, mode, *part)
+            count, totals = await self.core.recipient_write(scripts.REMOVE, recipient, mode, keep_until, *part)
             self.core.apply_totals(recipient, totals)
             removed += int(count)
         return removed

@@ -39,14 +39,17 @@ class Script:
 
 # KEYS (RecipientKeys.all()): 1 queue, 2 times, 3 messages, 4 ids, 5 counters, 6 receipt_queue,
 # 7 receipt_times, 8 receipts, 9 expiry (slot), 10 stats (slot), 11 migrated, 12 presence, 13 watchers,
-# 14 delivered.
+# 14 delivered, 15 history, 16 history order, 17 history until, 18 history expiry (slot).
 # ARGV[1]: the address.
+# History (``[history] days``) keeps a message that leaves as delivered under "lower-cased sender\nmessageId":
+# "seq record", ordered by its timestamp, until a time in ms; its
+# bytes count in the slot's ``bytes`` (the storage budget) but not in the address's queue counters.
 # A message record is "[sender, messageId, size, timestamp, queued_at]\n" followed by the content; the ids
 # index maps a messageId to [[sender as the client spelled it, seq], ...] and compares senders lower-cased.
 # The delivered index holds "lower-cased sender\nmessageId" of messages that left as delivered, scored by their
 # queued_at, until expiry forgets them: a resend meanwhile is answered 'delivered'.
 _RECIPIENT_PRELUDE = r"""
-local Q, T, M, I, N, RQ, RT, RM, EXP, STATS, MIG, ON, W, D = unpack(KEYS)
+local Q, T, M, I, N, RQ, RT, RM, EXP, STATS, MIG, ON, W, D, H, HO, HU, HEXP = unpack(KEYS)
 local who = ARGV[1]
 
 local function fmt(n) return string.format('%.0f', n) end
@@ -106,21 +109,60 @@ local function unindex(mid, s)
   if #kept == 0 then redis.call('HDEL', I, mid) else redis.call('HSET', I, mid, cjson.encode(kept)) end
 end
 
--- Deletes one message (remembered as delivered when ``delivered``); returns its content size, or nil when
--- there is no such message.
-local function drop_message(s, delivered)
+-- Keeps a delivered message's record in history until ``keep_to``; returns the bytes it adds (0: kept already).
+local function keep(id, s, rec, size, timestamp, keep_to)
+  if redis.call('HSETNX', H, id, s .. ' ' .. rec) == 0 then return 0 end
+  redis.call('ZADD', HO, timestamp, id)
+  redis.call('ZADD', HU, keep_to, id)
+  return size
+end
+
+-- Forgets kept messages by id; returns the bytes freed.
+local function unkeep(ids)
+  local freed = 0
+  for _, id in ipairs(ids) do
+    local raw = redis.call('HGET', H, id)
+    if raw then
+      local rec = string.sub(raw, string.find(raw, ' ', 1, true) + 1)
+      local meta = cjson.decode(string.sub(rec, 1, string.find(rec, '\n', 1, true) - 1))
+      freed = freed + tonumber(meta[3])
+      redis.call('HDEL', H, id)
+      redis.call('ZREM', HO, id)
+      redis.call('ZREM', HU, id)
+    end
+  end
+  return freed
+end
+
+-- After history changed by ``delta`` bytes: the slot's bytes and its history expiry index.
+local function settle_history(delta)
+  if delta ~= 0 then
+    redis.call('HINCRBY', STATS, 'bytes', delta)
+    redis.call('HINCRBY', STATS, 'ver', 1)
+  end
+  local first = redis.call('ZRANGE', HU, 0, 0, 'WITHSCORES')
+  if first[2] then redis.call('ZADD', HEXP, first[2], who) else redis.call('ZREM', HEXP, who) end
+end
+
+-- Deletes one message (remembered as delivered when ``delivered``, and kept in history until ``until`` when it
+-- is not 0); returns its content size and the bytes history kept, or nil when there is no such message.
+local function drop_message(s, delivered, keep_to)
   local rec = redis.call('HGET', M, s)
-  if not rec then return nil end
+  if not rec then return nil, 0 end
   local meta = cjson.decode(string.sub(rec, 1, string.find(rec, '\n', 1, true) - 1))
   local queued_at = redis.call('ZSCORE', T, s)
   redis.call('HDEL', M, s)
   redis.call('ZREM', Q, s)
   redis.call('ZREM', T, s)
   unindex(meta[2], s)
+  local kept = 0
   if delivered then
     remember_delivered(string.lower(meta[1]), meta[2], queued_at or fmt(meta[5]))
+    if keep_to and keep_to ~= '0' then
+      kept = keep(delivered_id(string.lower(meta[1]), meta[2]), s, rec, meta[3], fmt(meta[4]), keep_to)
+    end
   end
-  return meta[3]
+  return meta[3], kept
 end
 
 local function drop_receipt(s)
@@ -238,7 +280,7 @@ return {'queued', s, dropped, slot_totals(), presence()}
 # Returns {restored, {seq or '0' per message}, slot totals or {}, presence}.
 RESTORE = Script("restore", _RECIPIENT_PRELUDE + r"""
 local c0, b0 = counters()
-local count, used, restored, seqs = c0, b0, 0, {}
+local count, used, restored, seqs, forgotten = c0, b0, 0, {}, 0
 local last = tonumber(redis.call('HGET', N, 'last') or '0')
 for k = 2, #ARGV, 6 do
   local s, sender, mid, size = ARGV[k], ARGV[k + 1], ARGV[k + 2], tonumber(ARGV[k + 3])
@@ -255,31 +297,34 @@ for k = 2, #ARGV, 6 do
     redis.call('ZADD', T, ARGV[k + 4], s)
     redis.call('HSET', M, s, ARGV[k + 5])
     redis.call('ZREM', D, delivered_id(string.lower(sender), mid))
+    forgotten = forgotten + unkeep({delivered_id(string.lower(sender), mid)})
     index(mid, sender, s)
     count, used, restored = count + 1, used + size, restored + 1
     seqs[#seqs + 1] = s
   end
 end
 settle(c0, b0, count, used, 0)
+if forgotten > 0 then settle_history(-forgotten) end
 local totals = {}
 if restored > 0 then totals = slot_totals() end
 return {restored, seqs, totals, presence()}
 """)
 
-# ARGV: who, mode (seq | id: as delivered; all: not), then seqs or messageIds. Returns {removed, slot totals
-# or {}}.
+# ARGV: who, mode (seq | id: as delivered; all: not), kept until ('0': no history), then seqs or messageIds.
+# Returns {removed, slot totals or {}}.
 REMOVE = Script("remove", _RECIPIENT_PRELUDE + r"""
 local c0, b0 = counters()
-local count, used, removed = c0, b0, 0
+local count, used, removed, kept = c0, b0, 0, 0
+local keep_to = ARGV[3]
 local function take(s)
-  local size = drop_message(s, true)
-  if size then count, used, removed = count - 1, used - size, removed + 1 end
+  local size, k = drop_message(s, true, keep_to)
+  if size then count, used, removed, kept = count - 1, used - size, removed + 1, kept + k end
 end
 local mode = ARGV[2]
 if mode == 'seq' then
-  for k = 3, #ARGV do take(ARGV[k]) end
+  for k = 4, #ARGV do take(ARGV[k]) end
 elseif mode == 'id' then
-  for k = 3, #ARGV do
+  for k = 4, #ARGV do
     local raw = redis.call('HGET', I, ARGV[k])
     if raw then
       for _, e in ipairs(cjson.decode(raw)) do take(e[2]) end
@@ -292,6 +337,7 @@ elseif mode == 'all' then
 end
 if removed == 0 then return {0, {}} end
 settle(c0, b0, count, used, 0)
+if keep_to ~= '0' then settle_history(kept) end
 return {removed, slot_totals()}
 """)
 
@@ -365,20 +411,57 @@ end
 return {moved, last}
 """)
 
-# ARGV: who, then per message: sender, messageId, queued_at. Remembers messages delivered without being stored
-# as delivered (a copy still stored answers 'duplicate' first, and is remembered from the later time once it
-# leaves as delivered). Returns how many were recorded.
+# ARGV: who, kept until ('0': no history), then per message: sender, messageId, queued_at, timestamp, size,
+# record ('' without history). Remembers messages delivered without being stored as delivered (a copy still
+# stored answers 'duplicate' first, and is remembered from the later time once it leaves as delivered), and
+# keeps them in history. Returns {how many were recorded, slot totals or {}}.
 RECORD_DELIVERED = Script("record_delivered", _RECIPIENT_PRELUDE + r"""
-local recorded = 0
-for k = 2, #ARGV, 3 do
-  remember_delivered(string.lower(ARGV[k]), ARGV[k + 1], ARGV[k + 2])
+local recorded, kept, keep_to = 0, 0, ARGV[2]
+for k = 3, #ARGV, 6 do
+  local lsender = string.lower(ARGV[k])
+  remember_delivered(lsender, ARGV[k + 1], ARGV[k + 2])
+  if keep_to ~= '0' then
+    kept = kept + keep(delivered_id(lsender, ARGV[k + 1]), '0', ARGV[k + 5], tonumber(ARGV[k + 4]),
+                       ARGV[k + 3], keep_to)
+  end
   recorded = recorded + 1
 end
 if recorded > 0 then
   local c0, b0 = counters()
   settle(c0, b0, c0, b0, 0)
 end
-return recorded
+if keep_to ~= '0' then settle_history(kept) end
+local totals = {}
+if kept > 0 then totals = slot_totals() end
+return {recorded, totals}
+""")
+
+# ARGV: who, 'all' or 'id', then messageIds. Forgets the address's kept messages (all, or those with these
+# messageIds from any sender). Returns {deleted, slot totals or {}}.
+DELETE_HISTORY = Script("delete_history", _RECIPIENT_PRELUDE + r"""
+local ids = {}
+if ARGV[2] == 'all' then
+  ids = redis.call('HKEYS', H)
+else
+  local wanted = {}
+  for k = 3, #ARGV do wanted[ARGV[k]] = true end
+  for _, id in ipairs(redis.call('HKEYS', H)) do
+    if wanted[string.sub(id, string.find(id, '\n', 1, true) + 1)] then ids[#ids + 1] = id end
+  end
+end
+if #ids == 0 then return {0, {}} end
+settle_history(-unkeep(ids))
+return {#ids, slot_totals()}
+""")
+
+# ARGV: who, now (ms), limit. Forgets up to limit kept messages whose time ran out. Returns {forgotten, slot
+# totals or {}}.
+EXPIRE_HISTORY = Script("expire_history", _RECIPIENT_PRELUDE + r"""
+local ids = redis.call('ZRANGEBYSCORE', HU, '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+local freed = unkeep(ids)
+settle_history(-freed)
+if #ids == 0 then return {0, {}} end
+return {#ids, slot_totals()}
 """)
 
 # ARGV: who, cap, migration member, ledger ttl ms, then per receipt: record "[reader, messageId, timestamp]",

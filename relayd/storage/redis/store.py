@@ -25,10 +25,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..store import EnqueueResult, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt
-from . import scripts
+from ..store import EnqueueResult, HistoryPage, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt
+from . import records, scripts
 from .connection import Commands, RedisLink
 from .core import Pipe, StoreCore
+from .history import RedisHistory
 from .keys import RedisKeys
 from .push import RedisPush
 from .layout import Layout
@@ -59,6 +60,8 @@ class RedisStore:
         self.keys = RedisKeys(self.core)
         self.push = RedisPush(self.core)
         self.retention = RedisRetention(self.core, expire_chunk)
+        self.kept = RedisHistory(self.core)
+        self._history_ms = 0
         self.lifecycle = RedisLifecycle(self.core, node_id=node_id, probe_interval_s=probe_interval_s,
                                         refresh_interval_s=refresh_interval_s)
 
@@ -138,13 +141,14 @@ class RedisStore:
         return await self.messages.pending(recipient, limit, after_seq, max_bytes)
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
-        return await self.messages.remove(recipient, "seq", [str(s) for s in dict.fromkeys(seqs)])
+        return await self.messages.remove(recipient, "seq", [str(s) for s in dict.fromkeys(seqs)],
+                                          self._keep_until())
 
     async def ack(self, recipient: str, message_ids: list[str]) -> int:
-        return await self.messages.remove(recipient, "id", list(dict.fromkeys(message_ids)))
+        return await self.messages.remove(recipient, "id", list(dict.fromkeys(message_ids)), self._keep_until())
 
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
-        await self.messages.record_delivered(messages)
+        await self.messages.record_delivered(messages, self._keep_until())
 
     async def clear(self, recipient: str) -> int:
         return await self.messages.remove(recipient, "all", [])
@@ -184,6 +188,37 @@ class RedisStore:
 
     async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
         return await self.receipt_store.remove_receipts(recipient, seqs)
+
+    # History
+
+    def keep_history(self, ms: int) -> None:
+        self._history_ms = ms
+
+    def _keep_until(self) -> int:
+        return records.now_ms() + self._history_ms if self._history_ms else 0
+
+    async def history(self, recipient: str, limit: int, before_ms: int | None = None,
+                      sender: str | None = None) -> HistoryPage:
+        return await self.kept.page(recipient, limit, before_ms, sender)
+
+    async def delete_history(self, recipient: str, message_ids: list[str] | None) -> int:
+        return await self.kept.delete(recipient, message_ids)
+
+    async def expire_history(self, now_ms: int) -> int:
+        return await self.kept.expire(now_ms)
+
+    async def queue_keys(self) -> list[str]:
+        """The members of every slot's expiry indexes (they list each address with messages, receipts or kept
+        history)."""
+        found: dict[str, None] = {}
+        for slot in await self.core.slots():
+            for index in (self.layout.slot_keys(slot)[0], self.layout.history_expiry(slot)):
+
+                async def work(client: Commands, key: str = index) -> list[Any]:
+                    return list(await client.zrange(key, 0, -1))
+                found.update(dict.fromkeys(m if isinstance(m, str) else m.decode()
+                                           for m in await self.link.read(work)))
+        return list(found)
 
     # Keys, locks, tokens
 

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from ...frames import utf8_len
 from ..store import RECEIPT_BYTES, EnqueueResult, QueuedMessage, QueueLimits, Receipt, StorageUnavailable
+from . import history
 from .writer import NONE, Delta
 
 log = logging.getLogger("relayd.storage")
@@ -174,30 +175,34 @@ def restore_rows(conn: sqlite3.Connection, messages: list[QueuedMessage], seqs: 
         msg.seq = seq
         conn.execute(_FORGET_DELIVERED, (msg.recipient, msg.message_id, msg.sender))
         conn.execute(_COUNT, (msg.recipient, 1, size))
-        restored, added = restored + 1, added + size
+        restored, added = restored + 1, added + size - history.forget(conn, [msg])
     return restored, (restored, added)
 
 
-def record_delivered_rows(conn: sqlite3.Connection, messages: list[QueuedMessage]) -> tuple[None, Delta]:
-    """Remember messages as delivered (a second record of one keeps the later ``queued_at``)."""
+def record_delivered_rows(conn: sqlite3.Connection, messages: list[QueuedMessage],
+                          keep_until: int = 0) -> tuple[None, Delta]:
+    """Remember messages as delivered (a second record of one keeps the later ``queued_at``), and with
+    ``keep_until`` keep them in history."""
     conn.executemany(_RECORD_DELIVERED, [(m.recipient, m.message_id, m.sender, m.queued_at) for m in messages])
-    return None, NONE
+    return history.keep_live(conn, messages, keep_until) if keep_until else (None, NONE)
 
 
 def delete_where(conn: sqlite3.Connection, recipient: str, column: str,
-                 values: Sequence[int | str]) -> tuple[int, Delta]:
-    """Delete ``recipient``'s messages whose ``column`` is one of ``values``, as delivered."""
+                 values: Sequence[int | str], keep_until: int = 0) -> tuple[int, Delta]:
+    """Delete ``recipient``'s messages whose ``column`` is one of ``values``, as delivered (kept in history
+    until ``keep_until`` when it is set)."""
     rows: list[tuple[int, str, int]] = []
     for part in chunks(values):
         rows += conn.execute(f"SELECT seq, recipient, size FROM messages WHERE recipient = ? "
                              f"AND {column} IN ({marks(len(part))})", (recipient, *part)).fetchall()
-    return delete_rows(conn, rows, delivered=True)
+    return delete_rows(conn, rows, delivered=True, keep_until=keep_until)
 
 
 def delete_rows(conn: sqlite3.Connection, rows: list[tuple[int, str, int]], *,
-                delivered: bool = False) -> tuple[int, Delta]:
+                delivered: bool = False, keep_until: int = 0) -> tuple[int, Delta]:
     """Delete messages given as (seq, recipient, size) and keep the counters exact; ``delivered``: remember
-    their (recipient, messageId, sender) as delivered."""
+    their (recipient, messageId, sender) as delivered, and with ``keep_until`` keep a copy in history (whose
+    bytes stay in the byte total)."""
     per_recipient: dict[str, list[int]] = {}
     freed = 0
     for _, recipient, size in rows:
@@ -206,6 +211,8 @@ def delete_rows(conn: sqlite3.Connection, rows: list[tuple[int, str, int]], *,
         counts[1] += size
         freed += size
     for part in chunks([r[0] for r in rows]):
+        if delivered and keep_until:
+            freed -= history.keep_stored(conn, part, marks(len(part)), keep_until)
         if delivered:
             conn.execute(f"INSERT INTO delivered (recipient, message_id, sender, queued_at) "
                          f"SELECT recipient, message_id, lower(sender), queued_at FROM messages "

@@ -138,6 +138,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX keys_unsigned_last_use ON keys (max(updated_at, COALESCE(used_at, 0))) "
         "WHERE signature IS NULL",
     ),
+    (   # message history ([history] days): delivered messages kept as stored, once per message, for their
+        # recipient
+        """CREATE TABLE history (
+            recipient TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            sender_key TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            content TEXT NOT NULL,
+            timestamp INTEGER NOT NULL,
+            queued_at INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            kept_until INTEGER NOT NULL,
+            size INTEGER NOT NULL)""",
+        "CREATE UNIQUE INDEX history_ident ON history (recipient, message_id, sender_key)",
+        "CREATE INDEX history_page ON history (recipient, timestamp, seq)",
+        "CREATE INDEX history_kept_until ON history (kept_until)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,11 +33,13 @@ from .queue import (
     restore_rows,
     shift_rows,
 )
+from . import history
 from .schema import migrate
 from .writer import NONE, Delta, SQLiteWriter
 from ..store import (
     RECEIPT_BYTES,
     EnqueueResult,
+    HistoryPage,
     KeyRecord,
     PushSubscription,
     QueuedMessage,
@@ -66,6 +69,7 @@ class SQLiteStore:
         self._keys = KeyDirectory(self._writer)
         self._push = PushTable(self._writer)
         self._seqs = SeqCounter(0)  # set from the database on the writer thread when it opens
+        self._history_ms = 0
 
     @property
     def healthy(self) -> bool:
@@ -135,6 +139,7 @@ class SQLiteStore:
                 "FROM queues").fetchone()
             nbytes += receipts * RECEIPT_BYTES + conn.execute(
                 f"SELECT COALESCE(SUM({KEY_BYTES_SQL}), 0) FROM keys").fetchone()[0] + push_bytes_total(conn)
+            nbytes += history.stored_bytes(conn)
             self._seqs = SeqCounter(0)
             self._seqs.resync(conn)
         except StoreOpenError:
@@ -175,7 +180,9 @@ class SQLiteStore:
 
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
         if messages:
-            await self._writer.submit(lambda c: record_delivered_rows(c, messages), write=True, health=False)
+            until = self._keep_until()
+            await self._writer.submit(lambda c: record_delivered_rows(c, messages, until), write=True,
+                                      health=False)
 
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
@@ -201,7 +208,8 @@ class SQLiteStore:
     async def _delete(self, recipient: str, column: str, values: list[int] | list[str]) -> int:
         if not values:
             return 0
-        return await self._writer.submit(lambda c: delete_where(c, recipient, column, values), write=True)
+        until = self._keep_until()
+        return await self._writer.submit(lambda c: delete_where(c, recipient, column, values, until), write=True)
 
     async def clear(self, recipient: str) -> int:
         def job(conn: sqlite3.Connection) -> tuple[int, Delta]:
@@ -262,6 +270,37 @@ class SQLiteStore:
     async def remove_receipts(self, recipient: str, seqs: list[int]) -> int:
         wanted = list(dict.fromkeys(seqs))
         return await self._writer.submit(lambda c: remove_receipt_rows(c, recipient, wanted), write=True)
+
+    # History
+
+    def keep_history(self, ms: int) -> None:
+        self._history_ms = ms
+
+    def _keep_until(self) -> int:
+        return int(time.time() * 1000) + self._history_ms if self._history_ms else 0
+
+    async def history(self, recipient: str, limit: int, before_ms: int | None = None,
+                      sender: str | None = None) -> HistoryPage:
+        return await self._writer.submit(lambda c: history.page(c, recipient, limit, before_ms, sender),
+                                         write=False)
+
+    async def delete_history(self, recipient: str, message_ids: list[str] | None) -> int:
+        return await self._writer.submit(lambda c: history.delete(c, recipient, message_ids), write=True)
+
+    async def expire_history(self, now_ms: int) -> int:
+        removed = 0
+        while True:
+            gone = await self._writer.submit(lambda c: history.expire(c, now_ms, EXPIRE_CHUNK), write=True)
+            removed += gone
+            if gone < EXPIRE_CHUNK:
+                return removed
+
+    async def queue_keys(self) -> list[str]:
+        def job(conn: sqlite3.Connection) -> tuple[list[str], Delta]:
+            rows = conn.execute("SELECT recipient FROM queues WHERE count > 0 OR receipts > 0 "
+                                "UNION SELECT DISTINCT recipient FROM history")
+            return [r for (r,) in rows], NONE
+        return await self._writer.submit(job, write=False)
 
     # Keys, ownership locks and tokens: the key directory's
 
