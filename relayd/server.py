@@ -59,9 +59,10 @@ class RelayServer:
         peers: Peers = NO_PEERS
         if self.store.name == "redis":  # the cluster and the Redis store need the redis extra: imported here
             from .cluster import Cluster
+            from .cluster.redis_backplane import RedisBackplane
             from .storage.redis.store import RedisStore
             assert isinstance(self.store, RedisStore)
-            self.cluster = Cluster(config, self.store, writes, clock)
+            self.cluster = Cluster(config, self.store, RedisBackplane(self.store), writes, clock)
             self.presence = routes = self.cluster.presence
             peers = self.cluster.peers
         else:

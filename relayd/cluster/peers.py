@@ -28,10 +28,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..storage.redis.store import RedisStore
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from ..tasks import TaskSet
-from . import scripts
+from .backplane import Backplane
 from .bus import Bus, Message
 from .presence import WATCH_TTL_MS, ClusterPresence, PeerSessions
 
@@ -171,8 +170,8 @@ class ClusterPeers:
     """``PeerLink`` over the bus and Redis (also the protocol's ``seams.Peers``), and the handler of the bus's
     incoming messages."""
 
-    def __init__(self, store: RedisStore, presence: ClusterPresence, bus: Bus) -> None:
-        self.store = store
+    def __init__(self, backplane: Backplane, presence: ClusterPresence, bus: Bus) -> None:
+        self.backplane = backplane
         self.presence = presence
         self.bus = bus
         self.here: ThisInstance | None = None
@@ -253,7 +252,7 @@ class ClusterPeers:
         return Taken(count, any(bool(r.get("a")) for r in replies.values()), silent)
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, PeerSessions]:
-        result, found = await self.store.enqueue_routed(msg, limits, watcher=self.presence.instance,
+        result, found = await self.backplane.enqueue_routed(msg, limits, watcher=self.presence.instance,
                                                         watch_ttl_ms=WATCH_TTL_MS)
         self.presence.fill(msg.recipient, found)
         lapsed = self.presence.lapsed_holders(found)
@@ -262,14 +261,13 @@ class ClusterPeers:
         return result, self.presence.peer_sessions(found)
 
     async def restore(self, messages: list[QueuedMessage]) -> None:
-        _, found = await self.store.restore_routed(messages)
+        found = await self.backplane.restore_routed(messages)
         for recipient, entries in found.items():
             seqs = tuple(m.seq for m in messages if m.recipient == recipient and m.seq > 0)
             self.hint(self.presence.peer_sessions(entries), recipient, min(seqs, default=0) - 1 if seqs else -1, seqs)
 
     async def spend(self, key: str, recipient: str, budget: int) -> bool:
-        name = f"{self.store.layout.prefix}{{nq:{key}}}"
-        return int(await self.store.link.write(scripts.SPEND, [name], [recipient, budget, BUDGET_WINDOW_MS])) == 1
+        return await self.backplane.spend(key, recipient, budget, BUDGET_WINDOW_MS)
 
     # seams.Peers
 
