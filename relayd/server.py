@@ -53,7 +53,7 @@ class RelayServer:
         self.metrics = RelayMetrics()
         writes = AddressWrites()
         self.cluster: Cluster | None = None
-        """The peers on the same Redis (``relayd.cluster``, imported only for a Redis store)."""
+        """The peers on the same Redis or PostgreSQL database (``relayd.cluster``, imported only for those)."""
         self.presence: Presence
         routes: Routes
         peers: Peers = NO_PEERS
@@ -63,6 +63,13 @@ class RelayServer:
             from .storage.redis.store import RedisStore
             assert isinstance(self.store, RedisStore)
             self.cluster = Cluster(config, self.store, RedisBackplane(self.store), writes, clock)
+        elif self.store.name == "postgres" and config.postgres.cluster:  # else one instance per database (a lock)
+            from .cluster import Cluster
+            from .cluster.postgres_backplane import PostgresBackplane
+            from .storage.postgres.store import PostgresStore
+            assert isinstance(self.store, PostgresStore)
+            self.cluster = Cluster(config, self.store, PostgresBackplane(self.store), writes, clock)
+        if self.cluster is not None:
             self.presence = routes = self.cluster.presence
             peers = self.cluster.peers
         else:

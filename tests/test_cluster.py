@@ -34,8 +34,8 @@ def received(ws: Any, mid: str, sender: str, content: str = "Y2lwaGVy", queued: 
 # Live traffic
 
 
-def test_a_message_crosses_instances_live_and_the_sender_gets_delivered(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_a_message_crosses_instances_live_and_the_sender_gets_delivered(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     with connect(x, A) as a, connect(y, B) as b:
         for i in range(3):  # the first is routed by the store's presence, the later ones by the cache
             send_answered(a, B, f"ab{i}", "delivered")
@@ -47,8 +47,8 @@ def test_a_message_crosses_instances_live_and_the_sender_gets_delivered(relay_cl
     assert queue_size(x, B) == 0 and queue_size(y, A) == 0
 
 
-def test_typing_and_read_receipts_cross_instances(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_typing_and_read_receipts_cross_instances(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     with connect(x, A) as a, connect(y, B) as b:
         send_answered(a, B, "m1", "delivered")
         received(b, "m1", A)
@@ -60,8 +60,8 @@ def test_typing_and_read_receipts_cross_instances(relay_cluster, redis_server):
         pong_next(a)
 
 
-def test_every_device_on_every_instance_gets_every_live_frame(relay_cluster, redis_server):
-    x, y, z = relay_cluster(redis_server, 3)
+def test_every_device_on_every_instance_gets_every_live_frame(relay_cluster, backplane):
+    x, y, z = relay_cluster(backplane, 3)
     with connect(x, A) as a, connect(x, B) as b1, connect(y, B) as b2, connect(z, B) as b3, connect(z, C) as c:
         devices = (b1, b2, b3)
         send_answered(a, B, "m1", "delivered")
@@ -81,8 +81,8 @@ def test_every_device_on_every_instance_gets_every_live_frame(relay_cluster, red
             received(device, "m2", C)
 
 
-def test_presence_status_batch_and_online_list_are_the_same_on_every_instance(relay_cluster, redis_server):
-    relays = relay_cluster(redis_server, 3, RELAYD_PRIVACY_EXPOSE_ONLINE_LIST="true")
+def test_presence_status_batch_and_online_list_are_the_same_on_every_instance(relay_cluster, backplane):
+    relays = relay_cluster(backplane, 3, RELAYD_PRIVACY_EXPOSE_ONLINE_LIST="true")
     b, c = new_address(), new_address()
     with connect(relays[1], b), connect(relays[2], c):
         for relay in relays:
@@ -93,8 +93,8 @@ def test_presence_status_batch_and_online_list_are_the_same_on_every_instance(re
             assert set(listed["users"]) == {b, c} and listed["count"] == 2
 
 
-def test_an_address_stays_online_until_its_last_session_on_any_instance_closes(relay_cluster, redis_server):
-    relays = relay_cluster(redis_server, 3)
+def test_an_address_stays_online_until_its_last_session_on_any_instance_closes(relay_cluster, backplane):
+    relays = relay_cluster(backplane, 3)
     b = new_address()
     first, second = connect(relays[0], b), connect(relays[1], b)
     second.close()
@@ -105,8 +105,8 @@ def test_an_address_stays_online_until_its_last_session_on_any_instance_closes(r
         wait_until(lambda relay=relay: not online(relay, b), "the address offline everywhere")
 
 
-def test_one_senders_messages_keep_their_order_across_instances(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2, **OPEN)
+def test_one_senders_messages_keep_their_order_across_instances(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2, **OPEN)
     count = 150
     with connect(x, A) as a:
         with connect(y, B) as b:
@@ -126,8 +126,8 @@ def test_one_senders_messages_keep_their_order_across_instances(relay_cluster, r
 # Shared storage
 
 
-def test_the_offline_queue_and_the_ack_extension_are_shared(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_the_offline_queue_and_the_ack_extension_are_shared(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     b = new_address()
     with connect(x, A) as a:
         for i in range(3):
@@ -141,8 +141,8 @@ def test_the_offline_queue_and_the_ack_extension_are_shared(relay_cluster, redis
         assert [f["messageId"] for f in read_backlog(reader)] == ["q2"]
 
 
-def test_a_resent_message_id_is_idempotent_across_instances(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_a_resent_message_id_is_idempotent_across_instances(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     b = new_address()
     with connect(x, A) as a:
         send_answered(a, b, "once", "queued")
@@ -161,8 +161,8 @@ def test_a_resent_message_id_is_idempotent_across_instances(relay_cluster, redis
         pong_next(receiver)  # ... and the recipient does not get it twice
 
 
-def test_queue_caps_and_new_queue_budgets_hold_for_the_whole_cluster(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2, RELAYD_QUEUE_MAX_OFFLINE_MESSAGES="2",
+def test_queue_caps_and_new_queue_budgets_hold_for_the_whole_cluster(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2, RELAYD_QUEUE_MAX_OFFLINE_MESSAGES="2",
                          RELAYD_LIMITS_NEW_QUEUES_PER_SENDER_PER_HOUR="2")
     sender, full, r1, r2, r3 = (new_address() for _ in range(5))
     with connect(x, sender) as a:
@@ -195,8 +195,8 @@ def test_the_storage_budget_holds_for_the_whole_cluster(relay_cluster, redis_ser
         assert_error(b.recv(), "storage_unavailable", "over-y")
 
 
-def test_stored_read_receipts_are_shared(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_stored_read_receipts_are_shared(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     a = new_address()
     with connect(y, B) as b:
         b.send({"type": "read_receipt", "to": a, "messageId": "m1"})
@@ -216,8 +216,8 @@ def test_retention_expires_what_any_instance_queued(relay_cluster, redis_server)
     wait_until(lambda: queue_size(y, b) == 0, "retention expiry (3.6 s)", timeout=15)
 
 
-def test_keys_locks_tokens_and_evictions_are_shared(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_keys_locks_tokens_and_evictions_are_shared(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     unsigned = connect(y, ADDR_A)  # a plain claim of the address, on the other instance
     with x.ws() as signer:
         signer.send(signed_auth_frame(KEY_A, challenge_of(signer)))
@@ -265,8 +265,8 @@ def test_per_ip_limits_are_per_instance(relay_cluster, redis_server):
 
 
 def test_an_instance_killed_under_load_loses_nothing_it_answered_and_its_presence_goes(relay_cluster,
-                                                                                      redis_server):
-    x, y = relay_cluster(redis_server, 2, **OPEN)
+                                                                                      backplane):
+    x, y = relay_cluster(backplane, 2, **OPEN)
     count = 400
     live: list[str] = []
     b = connect(y, B)

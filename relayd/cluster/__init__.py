@@ -1,8 +1,10 @@
-"""Several relayd instances on one shared server acting as one relay (``[storage] backend = redis``).
+"""Several relayd instances on one shared server acting as one relay (``[storage] backend = redis``, or
+``postgres`` with ``[postgres] cluster = true``).
 
 Imported only for a backend that can carry a cluster. ``backplane``: what the
-cluster needs of that server (``redis_backplane``: Redis, imported only with
-the optional extra ``redis``); ``bus``: each instance's inbox and bounded
+cluster needs of that server (``redis_backplane``: Redis Pub/Sub and Lua;
+``postgres_backplane``: LISTEN/NOTIFY and SQL functions; each imported only
+with its optional extra); ``bus``: each instance's inbox and bounded
 request/reply; ``presence``: who is online on which instance (a heartbeat with
 a TTL, a watched cache); ``peers``: what this instance asks of its peers and
 what they ask of it; ``delivery``: the message path with peers (this
@@ -114,3 +116,4 @@ class Cluster:
             await self.refresh.settle()
         await self.presence.stop()
         await self.bus.close()
+        await self.backplane.close()

@@ -70,6 +70,10 @@ class Backplane(Protocol):
         """Call ``callback`` when the link to the server recovers from an outage (notices may have been lost)."""
         ...
 
+    async def close(self) -> None:
+        """Close what the backplane opened besides the store (after the bus closed)."""
+        ...
+
     # Presence
 
     def join(self, address: str, instance: str, kind: str,

@@ -141,6 +141,9 @@ class RedisBackplane:
     def on_recovery(self, callback: Callable[[], None]) -> None:
         self.link.health.on_recovery = callback
 
+    async def close(self) -> None:
+        """Nothing of its own: publishes use the store's link, which the store closes."""
+
     # Presence
 
     def join(self, address: str, instance: str, kind: str,
