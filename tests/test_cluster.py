@@ -47,6 +47,21 @@ def test_a_message_crosses_instances_live_and_the_sender_gets_delivered(relay_cl
     assert queue_size(x, B) == 0 and queue_size(y, A) == 0
 
 
+def test_a_message_larger_than_a_notice_crosses_instances_live_and_stored(relay_cluster, backplane):
+    """PostgreSQL's NOTIFY carries at most 8000 bytes: a longer offer travels in chunks, in order."""
+    x, y = relay_cluster(backplane, 2)
+    big = [("Q" + "x" * 100_000, "big1"), ("Y" * 24_000 + "=", "big2")]
+    with connect(x, A) as a, connect(y, B) as b:
+        for content, mid in big:
+            send_answered(a, B, mid, "delivered", content)
+            received(b, mid, A, content)
+    offline = new_address()
+    with connect(y, A) as a:
+        send_answered(a, offline, "big3", "queued", big[0][0])
+    with connect(x, offline, ack=True) as reader:
+        assert [f["content"] for f in read_backlog(reader)] == [big[0][0]]
+
+
 def test_typing_and_read_receipts_cross_instances(relay_cluster, backplane):
     x, y = relay_cluster(backplane, 2)
     with connect(x, A) as a, connect(y, B) as b:
@@ -340,6 +355,61 @@ def test_redis_restart_under_load_503_everywhere_local_delivery_goes_on_and_all_
     assert x.proc.poll() is None and y.proc.poll() is None
     with connect(y, offline, ack=True) as reader:
         assert [f["messageId"] for f in read_backlog(reader)] == ["kept", "after"]
+
+
+@pytest.mark.parametrize("how", ["restart", "crash"])
+def test_postgres_restarted_under_load_loses_nothing_answered_and_the_cluster_recovers(relay_cluster, fresh_pg,
+                                                                                     how):
+    """PostgreSQL stopped (fast shutdown) or crashed (kill -9: its unlogged presence tables come back empty) while
+    two instances route a sender's stream across them: 503 everywhere while it is gone, clear errors for what
+    needs it, every answered message reaches the recipient, and live delivery across instances comes back."""
+    x, y = relay_cluster(fresh_pg.new_database(), 2, **OPEN)
+    live: list[str] = []
+    b = connect(y, B)
+
+    def read_live() -> None:
+        try:
+            while True:
+                frame = b.recv(timeout=30)
+                if frame["type"] == "message":
+                    live.append(frame["messageId"])
+        except Exception:  # closed at the end of the test
+            return
+    reader = threading.Thread(target=read_live, daemon=True)
+    reader.start()
+    answers: list[dict[str, Any]] = []
+    with connect(x, A) as a:
+        def burst(start: int, count: int) -> None:
+            for i in range(start, start + count):
+                a.send(msg(B, f"m{i}"))
+            answers.extend(a.recv(timeout=30) for _ in range(count))
+        burst(0, 100)
+        if how == "crash":
+            fresh_pg.crash()
+        else:
+            fresh_pg.stop()
+        for relay in (x, y):
+            wait_until(lambda relay=relay: relay.http("GET", "/health/ready").status == 503, "not ready",
+                       timeout=10)
+        burst(100, 50)  # needs PostgreSQL: refused, never answered queued
+        fresh_pg.start()
+        for relay in (x, y):
+            wait_until(lambda relay=relay: relay.http("GET", "/health/ready").status == 200, "ready again",
+                       timeout=20)
+        burst(150, 100)
+    answered = [f["messageId"] for f in answers if f["type"] in ("delivered", "queued")]
+    for frame in answers:
+        if frame["type"] not in ("delivered", "queued"):
+            assert frame.get("code") in ("storage_unavailable", "storage_timeout"), frame
+    assert all(m in answered for m in (f"m{i}" for i in range(100))), "before the outage, everything is answered"
+    assert any(f["type"] == "delivered" for f in answers[150:]), "live delivery across instances again"
+    b.close()  # what was on its way to it is put back in its queue
+    reader.join(scaled(10))
+    with connect(x, B, ack=True) as again:
+        stored = [f["messageId"] for f in read_backlog(again)]
+    lost = set(answered) - set(live) - set(stored)
+    assert not lost, f"{len(lost)} answered messages lost: {sorted(lost)[:10]}"
+    assert x.proc.poll() is None and y.proc.poll() is None
 
 
 def test_relayd_instances_on_a_redis_cluster(relay_cluster, redis_cluster):
