@@ -1,4 +1,4 @@
-"""This instance's link to its peers (the other relayd instances on the same Redis): what it asks of them, and
+"""This instance's link to its peers (the other relayd instances on the same backplane): what it asks of them, and
 what they ask of it.
 
 Outgoing: offers of messages (request and reply), copies of live frames,
@@ -62,15 +62,15 @@ class PeerLink(Protocol):
 
     Every coroutine is bounded in time: a peer that does not answer within
     ``[cluster] reply_timeout_ms`` counts as having taken nothing. Those that
-    need Redis raise StorageUnavailable.
+    need the backplane raise StorageUnavailable.
     """
 
     def cached(self, address: str) -> PeerSessions | None:
-        """Where ``address`` has sessions on peers, when known without asking Redis; None: call ``lookup``."""
+        """Where ``address`` has sessions on peers, when known without asking the backplane; None: call ``lookup``."""
         ...
 
     async def lookup(self, address: str) -> PeerSessions:
-        """Ask Redis, and keep the answer until the address's presence changes."""
+        """Ask the backplane, and keep the answer until the address's presence changes."""
         ...
 
     async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int,
@@ -167,7 +167,7 @@ def _unpack(recipient: str, packed: list[Any]) -> QueuedMessage:
 
 
 class ClusterPeers:
-    """``PeerLink`` over the bus and Redis (also the protocol's ``seams.Peers``), and the handler of the bus's
+    """``PeerLink`` over the bus and the backplane (also the protocol's ``seams.Peers``), and the handler of the bus's
     incoming messages."""
 
     def __init__(self, backplane: Backplane, presence: ClusterPresence, bus: Bus) -> None:
@@ -198,7 +198,7 @@ class ClusterPeers:
         return await self.presence.lookup(address)
 
     async def _where(self, address: str) -> PeerSessions:
-        """Cached or looked up; nowhere when Redis cannot say."""
+        """Cached or looked up; nowhere when the backplane cannot say."""
         where = self.presence.cached(address)
         if where is not None:
             return where
@@ -248,7 +248,7 @@ class ClusterPeers:
     def _taken(self, address: str, replies: dict[str, Message], silent: tuple[str, ...]) -> Taken:
         count = sum(int(r.get("n", 0)) for r in replies.values())
         if silent or any(int(r.get("n", 0)) == 0 and not r.get("a") for r in replies.values()):
-            self.presence.invalidate(address)  # a peer had nobody for it: ask Redis next time
+            self.presence.invalidate(address)  # a peer had nobody for it: ask the backplane next time
         return Taken(count, any(bool(r.get("a")) for r in replies.values()), silent)
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, PeerSessions]:

@@ -77,8 +77,8 @@ async def enqueue_row(conn: Any, msg: QueuedMessage, limits: QueueLimits,
     return (result, int(row["o_seq"])), (int(row["o_added"]), int(row["o_added_bytes"]))
 
 
-ENQUEUE_ROUTED = ("SELECT o_result, o_seq, o_added, o_added_bytes, o_presence FROM relayd_enqueue_routed($1, $2, $3, $4, "
-                  "$5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
+ENQUEUE_ROUTED = ("SELECT o_result, o_seq, o_added, o_added_bytes, o_presence FROM relayd_enqueue_routed($1, $2, $3, "
+                  "$4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
 
 
 async def enqueue_routed_row(conn: Any, msg: QueuedMessage, limits: QueueLimits, stored_total: int, watcher: str,

@@ -298,8 +298,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE UNLOGGED TABLE cluster_watchers (address TEXT NOT NULL, instance TEXT NOT NULL, "
         "expires_at BIGINT NOT NULL, PRIMARY KEY (address, instance))",
         "CREATE INDEX cluster_watchers_expires_at ON cluster_watchers (expires_at)",
-        "CREATE UNLOGGED TABLE cluster_budgets (key TEXT NOT NULL, recipient TEXT NOT NULL, expires_at BIGINT NOT NULL, "
-        "PRIMARY KEY (key, recipient))",
+        "CREATE UNLOGGED TABLE cluster_budgets (key TEXT NOT NULL, recipient TEXT NOT NULL, "
+        "expires_at BIGINT NOT NULL, PRIMARY KEY (key, recipient))",
         "CREATE INDEX cluster_budgets_expires_at ON cluster_budgets (expires_at)",
         _PRESENCE,
         _JOIN,
