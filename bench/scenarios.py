@@ -811,6 +811,7 @@ def s10_postgres(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     redis = None if RedisProcess.missing() else RedisProcess(ctx.tmpdir("redis")).start()
     try:
         _s10_queued(ctx, rep, p, pg, redis)
+        _s10_live(ctx, rep, p, pg, redis)
     finally:
         pg.destroy()
         if redis is not None:
@@ -861,7 +862,67 @@ def _s10_queued(ctx: Any, rep: Report, p: dict[str, Any], pg: Any, redis: RedisP
     load_rows(sec, rounds, "load")
     sec.note("PostgreSQL with fsync on and synchronous_commit on (each batch of messages one committed call of "
              "relayd_enqueue_many); SQLite with synchronous = normal and group commit; Redis without persistence. "
-             "Cross-instance routing on PostgreSQL alone is not built yet, so there is no cross-instance figure")
+             "Cross-instance routing: 10b")
+    discarded_note(sec, rounds)
+
+
+def _s10_live(ctx: Any, rep: Report, p: dict[str, Any], pg: Any, redis: RedisProcess | None) -> None:
+    """Live routing across two instances on PostgreSQL alone ([postgres] cluster = true) against two on Redis:
+    senders on one instance, receivers on the other; CPU per message of both instances and of the server."""
+    pg_label, redis_label = "two on postgres", "two on redis"
+    pg_env = (("RELAYD_POSTGRES_URL", pg.url), ("RELAYD_POSTGRES_CLUSTER", "true"))
+    variants = [Variant(pg_label, "relayd", "postgres", tuple(sorted({"relayd_env": pg_env}.items())))]
+    if redis is not None:
+        variants.append(_s9_variant(redis_label, redis))
+    P, W = p["pairs"], p["window"]
+
+    def one(srv: Server, procs: int) -> dict[str, Any]:
+        backend = srv.variant.backend
+        if backend == "redis" and redis is not None:
+            redis.flush()
+        peer = ctx.server(srv.variant)
+        try:
+            args = [["live", "--pairs", str(n), "--window", str(W), "--count", str(p["count"]),
+                     "--warmup", str(p["warmup"]), "--content-bytes", str(p["content_bytes"]),
+                     "--max-duration", str(p["max_duration"]), "--receiver-port", str(peer.port)]
+                    for n in split(P, procs)]
+            probes: list[Any] = [PeerProbe({"peer": peer.pid}, redis if backend == "redis" else None, ["max"])]
+            if backend == "postgres":
+                probes.append(PgCpuProbe(pg.proc.pid, ["max"]))
+            run = run_loadgen(srv, args, 3 * p["max_duration"] + 120, windows={"max": ("max_start", "max_end")},
+                              probes=probes, cores=ctx.cores)
+        finally:
+            peer.stop()
+        figures, rs, received, sent = live_phase(ctx, run, "max", f"10b/{srv.label}")
+        win = run.windows["max"]
+        db_cpu = win.get("pg_cpu_s") if backend == "postgres" else win.get("redis_cpu_s")
+        return {**figures, "_windows": run.windows,
+                "cpu_us": per(win["cpu_s"] + win.get("peer_cpu_s", 0.0), received, 1e6),
+                "cpu_sender_us": per(win["cpu_s"], received, 1e6),
+                "cpu_receiver_us": per(win.get("peer_cpu_s", 0.0), received, 1e6),
+                "db_cpu_us": per(db_cpu, received, 1e6),
+                "delivered": per(sum(r["acks"].get("delivered", 0) for r in rs), sent)}
+
+    rounds = run_rounds(ctx, "10b", variants, one, saturation_window="max", max_procs=ctx.max_procs)
+    rep.raw["10_live"] = dataclasses.asdict(rounds)
+    labels = [pg_label, redis_label]
+    absent = {} if redis is not None else {redis_label: "n/a"}
+    sec = rep.section(f"10b. live routing across two instances on PostgreSQL alone and on Redis ({P} pairs x "
+                      f"{p['count']:,} messages, {W} in flight per sender, {p['content_bytes']} B; senders on one "
+                      f"instance, receivers on the other; {ctx.rounds_text()})", labels, [(pg_label, redis_label)],
+                      absent)
+    sec.rounds_row("routed messages/s at max rate", rounds, "max_rate", note="higher is better")
+    sec.rounds_row("relayd CPU us / message (both instances)", rounds, "cpu_us")
+    sec.rounds_row("  of which the sender's instance", rounds, "cpu_sender_us", ratios=False)
+    sec.rounds_row("  of which the receiver's instance", rounds, "cpu_receiver_us", ratios=False)
+    sec.rounds_row("database server CPU us / message", rounds, "db_cpu_us",
+                   note="PostgreSQL: the postmaster and its backends; Redis: redis-server")
+    sec.rounds_row("p50 latency at max rate (ms)", rounds, "max_p50_ms", digits=2)
+    sec.rounds_row("p99 latency at max rate (ms)", rounds, "max_p99_ms", digits=2)
+    sec.rounds_row("answered delivered (share)", rounds, "delivered", digits=3, ratios=False)
+    load_rows(sec, rounds, "max")
+    sec.note("across instances each message is one notice to the receiver's instance and one back: SPUBLISH on "
+             "Redis, pg_notify on PostgreSQL (batched per round trip on a connection of its own)")
     discarded_note(sec, rounds)
 
 
@@ -910,7 +971,9 @@ SCENARIOS: list[Scenario] = [
                    "connections": 10000},
              scaled=("count", "duration", "connections")),
     Scenario(10, "PostgreSQL", s10_postgres,
-             quick={"senders": 20, "window": 16, "duration": 2.0, "recipients": 5000, "queued_count": 100000},
-             full={"senders": 50, "window": 16, "duration": 10.0, "recipients": 50000, "queued_count": 1000000},
-             scaled=("duration",)),
+             quick={"senders": 20, "window": 16, "duration": 2.0, "recipients": 5000, "queued_count": 100000,
+                    "pairs": 20, "count": 1000, "warmup": 100, "content_bytes": 200, "max_duration": 30},
+             full={"senders": 50, "window": 16, "duration": 10.0, "recipients": 50000, "queued_count": 1000000,
+                   "pairs": 20, "count": 2000, "warmup": 200, "content_bytes": 200, "max_duration": 60},
+             scaled=("duration", "count")),
 ]

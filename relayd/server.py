@@ -54,20 +54,27 @@ class RelayServer:
         self.metrics = RelayMetrics()
         writes = AddressWrites()
         self.cluster: Cluster | None = None
-        """The peers on the same Redis (``relayd.cluster``, imported only for a Redis store)."""
+        """The peers on the same Redis or PostgreSQL database (``relayd.cluster``, imported only for those)."""
         self.presence: Presence
         routes: Routes
         peers: Peers = NO_PEERS
         if self.store.name == "redis":  # the cluster and the Redis store need the redis extra: imported here
             from .cluster import Cluster
+            from .cluster.redis_backplane import RedisBackplane
             from .storage.redis.store import RedisStore
-            if isinstance(self.store, SealedStore):
-                assert isinstance(self.store.inner, RedisStore)
-                self.cluster = Cluster(config, self.store.inner, writes, clock, sealed=self.store,
-                                       queue_key=self.store.queue)
-            else:
-                assert isinstance(self.store, RedisStore)
-                self.cluster = Cluster(config, self.store, writes, clock)
+            sealed = self.store if isinstance(self.store, SealedStore) else None
+            backing = sealed.inner if sealed is not None else self.store
+            assert isinstance(backing, RedisStore)
+            backplane = (RedisBackplane(backing, sealed=sealed, queue_key=sealed.queue) if sealed is not None
+                         else RedisBackplane(backing))
+            self.cluster = Cluster(config, self.store, backplane, writes, clock)
+        elif self.store.name == "postgres" and config.postgres.cluster:  # else one instance per database (a lock)
+            from .cluster import Cluster
+            from .cluster.postgres_backplane import PostgresBackplane
+            from .storage.postgres.store import PostgresStore
+            assert isinstance(self.store, PostgresStore)  # not sealed: the loader refuses that pair
+            self.cluster = Cluster(config, self.store, PostgresBackplane(self.store), writes, clock)
+        if self.cluster is not None:
             self.presence = routes = self.cluster.presence
             peers = self.cluster.peers
         else:

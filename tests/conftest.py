@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from support import (HostileRelay, ErrorLog, ManualClock, NotifySocket, ProcessRelays, ThreadRelay, WsClient,  # noqa: E402
-                     cluster_env, make_config, scaled)
+                     cluster_env, make_config, pg_cluster_env, scaled)
 
 from relayd.clock import SYSTEM_CLOCK, Clock  # noqa: E402
 from relayd.identity.signatures import select_backend  # noqa: E402
@@ -149,16 +149,29 @@ def process_relays() -> Iterator[ProcessRelays]:
 
 @pytest.fixture
 def relay_cluster(tmp_path: Path, process_relays: ProcessRelays, redis_prefix: str) -> Callable[..., list[Any]]:
-    """``relay_cluster(redis, count=2, **env)``: ``count`` relayd processes (``ProcessRelay``) sharing the Redis
-    ``redis`` (a ``RedisServer`` or a ``RedisCluster``) under this test's key prefix, node ids ``node0``, ...;
-    ``env`` (``RELAYD_...`` variables) goes to every one. All are stopped after the test."""
+    """``relay_cluster(shared, count=2, **env)``: ``count`` relayd processes (``ProcessRelay``) sharing ``shared``:
+    a Redis (a ``RedisServer`` or a ``RedisCluster``, under this test's key prefix) or a PostgreSQL database (its
+    URL, ``[postgres] cluster = true``), node ids ``node0``, ...; ``env`` (``RELAYD_...`` variables) goes to every
+    one. All are stopped after the test."""
     from redis_support import RedisCluster
 
-    def start(redis: Any, count: int = 2, **env: str) -> list[Any]:
+    def start(shared: Any, count: int = 2, **env: str) -> list[Any]:
+        if isinstance(shared, str):
+            return [process_relays(tmp_path / f"node{i}", env=pg_cluster_env(shared, f"node{i}", **env))
+                    for i in range(count)]
         return [process_relays(tmp_path / f"node{i}", env=cluster_env(
-            redis.url, redis_prefix, f"node{i}", redis_cluster=isinstance(redis, RedisCluster), **env))
+            shared.url, redis_prefix, f"node{i}", redis_cluster=isinstance(shared, RedisCluster), **env))
             for i in range(count)]
     return start
+
+
+@pytest.fixture(params=["redis", "postgres"])
+def backplane(request: pytest.FixtureRequest) -> Any:
+    """What a cluster test's instances share, for ``relay_cluster``: the session's redis-server, or a PostgreSQL
+    database of this test's own."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_server")
+    return request.getfixturevalue("pg_database")
 
 
 @pytest.fixture

@@ -941,6 +941,15 @@ def cluster_env(url: str, prefix: str, node_id: str, *, redis_cluster: bool = Fa
     return {**env, **extra}
 
 
+def pg_cluster_env(url: str, node_id: str, **extra: str) -> dict[str, str]:
+    """``cluster_env`` for an instance among several on the PostgreSQL database at ``url``."""
+    env = {"RELAYD_STORAGE_BACKEND": "postgres", "RELAYD_POSTGRES_URL": url, "RELAYD_POSTGRES_CLUSTER": "true",
+           "RELAYD_CLUSTER_NODE_ID": node_id, "RELAYD_CLUSTER_HEARTBEAT_S": "0.2",
+           "RELAYD_CLUSTER_PRESENCE_TTL_S": "1", "RELAYD_POSTGRES_CONNECT_TIMEOUT_S": "1",
+           "RELAYD_POSTGRES_COMMAND_TIMEOUT_S": "2"}
+    return {**env, **extra}
+
+
 class ProcessRelays:
     """Starts ``ProcessRelay``s (``process_relays(tmp, **kwargs)``) and stops every one in ``stop_all``."""
 

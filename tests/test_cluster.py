@@ -34,8 +34,8 @@ def received(ws: Any, mid: str, sender: str, content: str = "Y2lwaGVy", queued: 
 # Live traffic
 
 
-def test_a_message_crosses_instances_live_and_the_sender_gets_delivered(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_a_message_crosses_instances_live_and_the_sender_gets_delivered(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     with connect(x, A) as a, connect(y, B) as b:
         for i in range(3):  # the first is routed by the store's presence, the later ones by the cache
             send_answered(a, B, f"ab{i}", "delivered")
@@ -47,8 +47,23 @@ def test_a_message_crosses_instances_live_and_the_sender_gets_delivered(relay_cl
     assert queue_size(x, B) == 0 and queue_size(y, A) == 0
 
 
-def test_typing_and_read_receipts_cross_instances(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_a_message_larger_than_a_notice_crosses_instances_live_and_stored(relay_cluster, backplane):
+    """PostgreSQL's NOTIFY carries at most 8000 bytes: a longer offer travels in chunks, in order."""
+    x, y = relay_cluster(backplane, 2)
+    big = [("Q" + "x" * 100_000, "big1"), ("Y" * 24_000 + "=", "big2")]
+    with connect(x, A) as a, connect(y, B) as b:
+        for content, mid in big:
+            send_answered(a, B, mid, "delivered", content)
+            received(b, mid, A, content)
+    offline = new_address()
+    with connect(y, A) as a:
+        send_answered(a, offline, "big3", "queued", big[0][0])
+    with connect(x, offline, ack=True) as reader:
+        assert [f["content"] for f in read_backlog(reader)] == [big[0][0]]
+
+
+def test_typing_and_read_receipts_cross_instances(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     with connect(x, A) as a, connect(y, B) as b:
         send_answered(a, B, "m1", "delivered")
         received(b, "m1", A)
@@ -60,8 +75,8 @@ def test_typing_and_read_receipts_cross_instances(relay_cluster, redis_server):
         pong_next(a)
 
 
-def test_every_device_on_every_instance_gets_every_live_frame(relay_cluster, redis_server):
-    x, y, z = relay_cluster(redis_server, 3)
+def test_every_device_on_every_instance_gets_every_live_frame(relay_cluster, backplane):
+    x, y, z = relay_cluster(backplane, 3)
     with connect(x, A) as a, connect(x, B) as b1, connect(y, B) as b2, connect(z, B) as b3, connect(z, C) as c:
         devices = (b1, b2, b3)
         send_answered(a, B, "m1", "delivered")
@@ -81,8 +96,8 @@ def test_every_device_on_every_instance_gets_every_live_frame(relay_cluster, red
             received(device, "m2", C)
 
 
-def test_presence_status_batch_and_online_list_are_the_same_on_every_instance(relay_cluster, redis_server):
-    relays = relay_cluster(redis_server, 3, RELAYD_PRIVACY_EXPOSE_ONLINE_LIST="true")
+def test_presence_status_batch_and_online_list_are_the_same_on_every_instance(relay_cluster, backplane):
+    relays = relay_cluster(backplane, 3, RELAYD_PRIVACY_EXPOSE_ONLINE_LIST="true")
     b, c = new_address(), new_address()
     with connect(relays[1], b), connect(relays[2], c):
         for relay in relays:
@@ -93,8 +108,8 @@ def test_presence_status_batch_and_online_list_are_the_same_on_every_instance(re
             assert set(listed["users"]) == {b, c} and listed["count"] == 2
 
 
-def test_an_address_stays_online_until_its_last_session_on_any_instance_closes(relay_cluster, redis_server):
-    relays = relay_cluster(redis_server, 3)
+def test_an_address_stays_online_until_its_last_session_on_any_instance_closes(relay_cluster, backplane):
+    relays = relay_cluster(backplane, 3)
     b = new_address()
     first, second = connect(relays[0], b), connect(relays[1], b)
     second.close()
@@ -105,8 +120,8 @@ def test_an_address_stays_online_until_its_last_session_on_any_instance_closes(r
         wait_until(lambda relay=relay: not online(relay, b), "the address offline everywhere")
 
 
-def test_one_senders_messages_keep_their_order_across_instances(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2, **OPEN)
+def test_one_senders_messages_keep_their_order_across_instances(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2, **OPEN)
     count = 150
     with connect(x, A) as a:
         with connect(y, B) as b:
@@ -126,8 +141,8 @@ def test_one_senders_messages_keep_their_order_across_instances(relay_cluster, r
 # Shared storage
 
 
-def test_the_offline_queue_and_the_ack_extension_are_shared(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_the_offline_queue_and_the_ack_extension_are_shared(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     b = new_address()
     with connect(x, A) as a:
         for i in range(3):
@@ -141,8 +156,8 @@ def test_the_offline_queue_and_the_ack_extension_are_shared(relay_cluster, redis
         assert [f["messageId"] for f in read_backlog(reader)] == ["q2"]
 
 
-def test_a_resent_message_id_is_idempotent_across_instances(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_a_resent_message_id_is_idempotent_across_instances(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     b = new_address()
     with connect(x, A) as a:
         send_answered(a, b, "once", "queued")
@@ -161,8 +176,8 @@ def test_a_resent_message_id_is_idempotent_across_instances(relay_cluster, redis
         pong_next(receiver)  # ... and the recipient does not get it twice
 
 
-def test_queue_caps_and_new_queue_budgets_hold_for_the_whole_cluster(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2, RELAYD_QUEUE_MAX_OFFLINE_MESSAGES="2",
+def test_queue_caps_and_new_queue_budgets_hold_for_the_whole_cluster(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2, RELAYD_QUEUE_MAX_OFFLINE_MESSAGES="2",
                          RELAYD_LIMITS_NEW_QUEUES_PER_SENDER_PER_HOUR="2")
     sender, full, r1, r2, r3 = (new_address() for _ in range(5))
     with connect(x, sender) as a:
@@ -195,8 +210,8 @@ def test_the_storage_budget_holds_for_the_whole_cluster(relay_cluster, redis_ser
         assert_error(b.recv(), "storage_unavailable", "over-y")
 
 
-def test_stored_read_receipts_are_shared(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_stored_read_receipts_are_shared(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     a = new_address()
     with connect(y, B) as b:
         b.send({"type": "read_receipt", "to": a, "messageId": "m1"})
@@ -216,8 +231,8 @@ def test_retention_expires_what_any_instance_queued(relay_cluster, redis_server)
     wait_until(lambda: queue_size(y, b) == 0, "retention expiry (3.6 s)", timeout=15)
 
 
-def test_keys_locks_tokens_and_evictions_are_shared(relay_cluster, redis_server):
-    x, y = relay_cluster(redis_server, 2)
+def test_keys_locks_tokens_and_evictions_are_shared(relay_cluster, backplane):
+    x, y = relay_cluster(backplane, 2)
     unsigned = connect(y, ADDR_A)  # a plain claim of the address, on the other instance
     with x.ws() as signer:
         signer.send(signed_auth_frame(KEY_A, challenge_of(signer)))
@@ -265,8 +280,8 @@ def test_per_ip_limits_are_per_instance(relay_cluster, redis_server):
 
 
 def test_an_instance_killed_under_load_loses_nothing_it_answered_and_its_presence_goes(relay_cluster,
-                                                                                      redis_server):
-    x, y = relay_cluster(redis_server, 2, **OPEN)
+                                                                                      backplane):
+    x, y = relay_cluster(backplane, 2, **OPEN)
     count = 400
     live: list[str] = []
     b = connect(y, B)
@@ -340,6 +355,68 @@ def test_redis_restart_under_load_503_everywhere_local_delivery_goes_on_and_all_
     assert x.proc.poll() is None and y.proc.poll() is None
     with connect(y, offline, ack=True) as reader:
         assert [f["messageId"] for f in read_backlog(reader)] == ["kept", "after"]
+
+
+@pytest.mark.parametrize("how", ["restart", "crash"])
+def test_postgres_restarted_under_load_loses_nothing_answered_and_the_cluster_recovers(relay_cluster, fresh_pg,
+                                                                                     how):
+    """PostgreSQL stopped (fast shutdown) or crashed (kill -9: its unlogged presence tables come back empty) while
+    two instances route a sender's stream across them: 503 everywhere while it is gone, clear errors for what
+    needs it, every answered message reaches the recipient, and live delivery across instances comes back."""
+    x, y = relay_cluster(fresh_pg.new_database(), 2, **OPEN)
+    live: list[str] = []
+    b = connect(y, B)
+
+    def read_live() -> None:
+        try:
+            while True:
+                frame = b.recv(timeout=30)
+                if frame["type"] == "message":
+                    live.append(frame["messageId"])
+        except Exception:  # closed at the end of the test
+            return
+    reader = threading.Thread(target=read_live, daemon=True)
+    reader.start()
+    answers: list[dict[str, Any]] = []
+    with connect(x, A) as a:
+        def burst(start: int, count: int) -> None:
+            for i in range(start, start + count):
+                a.send(msg(B, f"m{i}"))
+            answers.extend(a.recv(timeout=30) for _ in range(count))
+        burst(0, 100)
+        if how == "crash":
+            fresh_pg.crash()
+        else:
+            fresh_pg.stop()
+        for relay in (x, y):
+            wait_until(lambda relay=relay: relay.http("GET", "/health/ready").status == 503, "not ready",
+                       timeout=10)
+        burst(100, 50)  # needs PostgreSQL: refused, never answered queued
+        fresh_pg.start()
+        for relay in (x, y):
+            wait_until(lambda relay=relay: relay.http("GET", "/health/ready").status == 200, "ready again",
+                       timeout=20)
+        retries = iter(range(1000, 2000))
+
+        def crosses() -> bool:  # after a crash, until y has written its presence again, x stores (queued)
+            mid = f"m{next(retries)}"
+            a.send(msg(B, mid))
+            answers.append(a.recv(timeout=30))
+            return answers[-1]["type"] == "delivered"
+        wait_until(crosses, "live delivery across instances again", timeout=15, interval=0.1)
+        burst(150, 100)
+    answered = [f["messageId"] for f in answers if f["type"] in ("delivered", "queued")]
+    for frame in answers:
+        if frame["type"] not in ("delivered", "queued"):
+            assert frame.get("code") in ("storage_unavailable", "storage_timeout"), frame
+    assert all(m in answered for m in (f"m{i}" for i in range(100))), "before the outage, everything is answered"
+    b.close()  # what was on its way to it is put back in its queue
+    reader.join(scaled(10))
+    with connect(x, B, ack=True) as again:
+        stored = [f["messageId"] for f in read_backlog(again)]
+    lost = set(answered) - set(live) - set(stored)
+    assert not lost, f"{len(lost)} answered messages lost: {sorted(lost)[:10]}"
+    assert x.proc.poll() is None and y.proc.poll() is None
 
 
 def test_relayd_instances_on_a_redis_cluster(relay_cluster, redis_cluster):

@@ -329,13 +329,13 @@ def test_migrate_into_postgres_usage_errors(tmp_path, pg_database, source, needl
 
 
 def test_one_relayd_per_database_until_its_holder_dies(tmp_path, pg_database):
-    """A second relayd on the same database exits 2 naming the first (cross-instance delivery on PostgreSQL is not
-    built yet); the lock dies with its holder, so after a kill -9 a new relayd starts at once."""
+    """Without ``[postgres] cluster = true``, a second relayd on the same database exits 2 naming the first; the lock
+    dies with its holder, so after a kill -9 a new relayd starts at once."""
     first = start_pg_relay(tmp_path / "first", pg_database)
     try:
         second = run_cli(tmp_path, "run", env=clean_env(**pg_env(pg_database), RELAYD_SERVER_PORT="0"), timeout=30)
         assert second.returncode == 2, second.stderr
-        assert f"in use by relayd PID {first.proc.pid}" in second.stderr and "one instance per database" in \
+        assert f"in use by relayd PID {first.proc.pid}" in second.stderr and "without [postgres] cluster = true" in \
             second.stderr
         migrate = run_cli(tmp_path, "migrate", "--from", f"sqlite:{tmp_path / 'none.db'}", "--to", pg_database)
         assert migrate.returncode == 1
@@ -381,3 +381,38 @@ def test_totals_read_while_a_write_is_in_flight_are_not_taken():
     assert (totals.messages, totals.bytes) == (2, 200)
     mark = totals.mark()
     assert totals.refresh(mark, 5, 500) and (totals.messages, totals.bytes) == (5, 500)
+
+
+# Several instances on one database (relayd.cluster on PostgresBackplane; the cross-instance tests are in
+# test_cluster.py, parametrized over Redis and PostgreSQL)
+
+def test_cluster_notices_longer_than_a_notify_payload_go_in_chunks_joined_per_sender():
+    import itertools
+    from relayd.cluster.postgres_backplane import Joiner, chunks
+    counter = itertools.count(1)
+    long, short = "a" * 20_000, "b"
+    parts, single = chunks(long, counter), chunks(short, counter)
+    assert len(parts) == 3 and all(len(p.encode()) < 8000 for p in parts)
+    assert len(set(parts + single + chunks(short, counter))) == 5, "a repeated notice must not be dropped"
+    got: list[str] = []
+    joiner = Joiner(got.append)
+    joiner.heard(1, parts[0])
+    joiner.heard(2, single[0])  # another sender's notice between the chunks
+    joiner.heard(1, parts[1])
+    joiner.heard(1, parts[2])
+    assert got == [short, long]
+    joiner.heard(3, parts[1])  # a sender's middle chunk without its first (it was lost): ignored
+    joiner.heard(3, parts[2])
+    assert got == [short, long]
+
+
+def test_the_cluster_lifts_the_one_instance_lock(pg_database, process_relays, tmp_path):
+    """With ``[postgres] cluster = true``, several instances serve from one database and see each other."""
+    token = {"Authorization": "Bearer s3cret-token-for-status"}
+    relays = [process_relays(tmp_path / f"node{i}", env=pg_env(
+        pg_database, RELAYD_POSTGRES_CLUSTER="true", RELAYD_CLUSTER_NODE_ID=f"node{i}",
+        RELAYD_ACCESS_STATUS_TOKEN=token["Authorization"].split()[1])) for i in range(2)]
+    for relay in relays:
+        assert relay.http("GET", "/health/ready").status == 200
+        wait_until(lambda relay=relay: len(relay.http("GET", "/health/instances", headers=token).json["instances"])
+                   == 2, "both instances registered")

@@ -664,14 +664,15 @@ def test_waitaof_is_detected_as_the_installed_redis_has_it(durable_redis):
 
 def test_the_inbox_resubscribes_after_a_redis_restart_and_says_so(fresh_redis):
     from relayd.cluster.bus import Bus
+    from relayd.cluster.redis_backplane import RedisBackplane
 
     async def body(store: RedisStore) -> None:
-        bus = Bus(store.link, "relayd:", "i1", reply_timeout_s=1.0)
+        bus = Bus(RedisBackplane(store), "i1", reply_timeout_s=1.0)
         confirmed: list[float] = []
         heard: list[dict[str, Any]] = []
         bus.on_subscribed = lambda: confirmed.append(time.monotonic())
         bus.handler = heard.append
-        await bus.start(sharded=store.server_version >= (7, 0))
+        await bus.start()
         try:
             assert bus.subscribed and len(confirmed) == 1
             bus.send("i1", {"k": "hello"})

@@ -1,7 +1,10 @@
-"""Several relayd instances on one Redis acting as one relay (``[storage] backend = redis``).
+"""Several relayd instances on one shared server acting as one relay (``[storage] backend = redis``, or
+``postgres`` with ``[postgres] cluster = true``).
 
-Imported only for the Redis backend (it needs the optional extra ``redis``).
-``bus``: each instance's inbox channel (sharded Pub/Sub) and bounded
+Imported only for a backend that can carry a cluster. ``backplane``: what the
+cluster needs of that server (``redis_backplane``: Redis Pub/Sub and Lua;
+``postgres_backplane``: LISTEN/NOTIFY and SQL functions; each imported only
+with its optional extra); ``bus``: each instance's inbox and bounded
 request/reply; ``presence``: who is online on which instance (a heartbeat with
 a TTL, a watched cache); ``peers``: what this instance asks of its peers and
 what they ask of it; ``delivery``: the message path with peers (this
@@ -14,28 +17,24 @@ instances; ``scripts``: their Lua. ``Cluster`` builds them for the server.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable
+from typing import Any
 
 from ..clock import Clock
 from ..config import Config
 from ..protocol.delivery import Delivery
 from ..protocol.router import Router
 from ..protocol.writes import AddressWrites
-from ..storage.redis.store import RedisStore
 from ..storage.store import QueuedMessage, Store
+from .backplane import Backplane
 from .bus import Bus
 from .delivery import ClusterDelivery
 from .offers import Offers
-from .peers import ClusterPeers, RoutedQueues
+from .peers import ClusterPeers
 from .presence import ClusterPresence
 from .refresh import Refresh
 
 __all__ = ["Cluster"]
-
-
-class SealedQueues(Store, RoutedQueues, Protocol):
-    """A store that also writes messages with the recipient's presence (the sealing layer over Redis)."""
 
 
 class _ThisInstance:
@@ -70,27 +69,26 @@ class _ThisInstance:
 class Cluster:
     """This instance's part of the cluster: its inbox, its presence (``Routes`` and ``Presence``) and its link
     to its peers. ``instance`` is ``[cluster] node_id`` plus a random suffix of this run, so a restarted
-    instance never inherits what a dead one left in Redis. With encryption at rest, ``sealed`` is the sealing
-    layer over ``store`` (messages are read and written through it) and ``queue_key`` its blind index."""
+    instance never inherits what a dead one left on the backplane."""
 
-    def __init__(self, config: Config, store: RedisStore, writes: AddressWrites, clock: Clock, *,
-                 sealed: SealedQueues | None = None, queue_key: Callable[[str], str] = str) -> None:
+    def __init__(self, config: Config, store: Store, backplane: Backplane, writes: AddressWrites,
+                 clock: Clock) -> None:
         c = config.cluster
         self.config = config
         self.clock = clock
         self.instance = f"{c.resolved_node_id(config.server.port)}#{secrets.token_hex(4)}"
         self.store = store
-        self.messages: Store = sealed if sealed is not None else store
+        self.backplane = backplane
         self.writes = writes
-        self.bus = Bus(store.link, store.layout.prefix, self.instance, c.reply_timeout_ms / 1000)
-        self.presence = ClusterPresence(store, self.bus, self.instance, writes, clock, heartbeat_s=c.heartbeat_s,
-                                        presence_ttl_s=c.presence_ttl_s, queue_key=queue_key)
-        self.peers = ClusterPeers(store, self.presence, self.bus, sealed)
+        self.bus = Bus(backplane, self.instance, c.reply_timeout_ms / 1000)
+        self.presence = ClusterPresence(backplane, self.bus, self.instance, writes, clock, heartbeat_s=c.heartbeat_s,
+                                        presence_ttl_s=c.presence_ttl_s)
+        self.peers = ClusterPeers(backplane, self.presence, self.bus)
         self.refresh: Refresh | None = None
 
     def delivery(self, local: Delivery) -> ClusterDelivery:
         """The message path with peers, built on this instance's ``local`` one."""
-        self.refresh = Refresh(self.presence, self.presence.local.online_addresses, self.messages, self.writes,
+        self.refresh = Refresh(self.presence, self.presence.local.online_addresses, self.store, self.writes,
                                local.metrics, local.answers, local.remove_delivered)
         return ClusterDelivery(self.config, local, self.peers, self.refresh, self.clock)
 
@@ -104,11 +102,11 @@ class Cluster:
         self.peers.bind(_ThisInstance(router, local, offers, self.refresh))
         self.presence.on_lapse = self.refresh.refresh_all
         self.bus.on_subscribed = self.refresh.refresh_all
-        self.store.link.health.on_recovery = self.refresh.refresh_all
+        self.backplane.on_recovery(self.refresh.refresh_all)
 
     async def start(self) -> None:
-        """Subscribe the inbox and send the first heartbeat (each bounded; Redis down is retried later)."""
-        await self.bus.start(sharded=not self.store.server_version or self.store.server_version >= (7, 0))
+        """Subscribe the inbox and send the first heartbeat (each bounded; a server down is retried later)."""
+        await self.bus.start()
         await self.presence.start()
 
     async def stop(self) -> None:
@@ -118,3 +116,4 @@ class Cluster:
             await self.refresh.settle()
         await self.presence.stop()
         await self.bus.close()
+        await self.backplane.close()

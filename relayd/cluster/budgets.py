@@ -1,6 +1,6 @@
-"""The hourly budgets for offline recipients (``protocol.budgets``) for the whole cluster, counted in Redis; the
-byte budgets count per instance, like the other per-IP limits (a Redis round trip per stored message would
-cost more than the bound is worth)."""
+"""The hourly budgets for offline recipients (``protocol.budgets``) for the whole cluster, counted on the backplane
+(Redis or PostgreSQL); the byte budgets count per instance, like the other per-IP limits (a round trip per stored
+message would cost more than the bound is worth)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from ..clock import Clock
 from ..config import Config
 from ..errors import RelayError
 from ..ops.metrics import RelayMetrics
-from ..protocol.budgets import NewQueueBudget, OfflineBytes, bytes_spent, spent
+from ..protocol.budgets import NewQueueBudget, OfflineBytes, spent
 
 Spend = Callable[[str, str, int], Awaitable[bool]]
 """``spend(key, recipient, budget)``: record ``recipient`` in a cluster-wide budget; False when it is spent."""
 
 
 class ClusterBudget:
-    """Recipients already counted this hour on this instance need no round trip; others are counted in Redis."""
+    """Recipients already counted this hour on this instance need no round trip; others are counted on the backplane."""
 
     def __init__(self, config: Config, clock: Clock, metrics: RelayMetrics, spend: Spend,
                  offline_bytes: OfflineBytes) -> None:
@@ -36,7 +36,7 @@ class ClusterBudget:
     async def spend(self, sender: str, ip: str, to: str, size: int, message_id: str,
                     room: int | None = None) -> None:
         """Count a message of ``size`` bytes for offline ``to``; raises ``RATE_LIMITED`` (its message says which
-        budget), or ``StorageUnavailable`` when Redis cannot say. Recipients already counted this hour here need
+        budget), or ``StorageUnavailable`` when the backplane cannot say. Recipients already counted this hour here need
         no round trip. ``room``: see ``protocol.budgets.low_room``."""
         now = self.clock.monotonic()
         try:

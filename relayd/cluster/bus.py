@@ -1,16 +1,10 @@
-"""Per-instance inboxes on Redis Pub/Sub, and requests whose replies are awaited for a bounded time.
+"""Per-instance inboxes, and requests whose replies are awaited for a bounded time.
 
-Each instance subscribes to one channel, ``PREFIX{INSTANCE}:inbox``, and the
-others publish to it. On Redis 7 and later these are shard channels
-(``SSUBSCRIBE``/``SPUBLISH``): on a Cluster a message travels to the one shard
-that owns the inbox's slot instead of being broadcast to every node; older
-servers get plain ``SUBSCRIBE``/``PUBLISH``. Publishes go through the store's
-ordered write queue (``RedisLink``), so one instance's messages to another
-arrive in the order they were sent and share round trips with its writes.
-The inbox is read with redis-py's PubSub on a connection of its own; when it
-is lost it is subscribed again within about a second of Redis answering, and
-``on_subscribed`` is called after every (re)subscription, since whatever was
-published meanwhile is gone.
+Each instance subscribes to its own inbox on the backplane (``backplane``:
+Redis Pub/Sub, or PostgreSQL LISTEN/NOTIFY), and the others publish to it in
+order. When the subscription is lost it is made again within about a second
+of the server answering, and ``on_subscribed`` is called after every
+(re)subscription, since whatever was published meanwhile is gone.
 
 Everything sent to one instance in one loop iteration travels as one publish
 (``{"f": sender instance, "b": [messages]}``), so a busy pair of instances
@@ -28,19 +22,12 @@ import functools
 import itertools
 import json
 import logging
-import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from redis import exceptions as rx
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import RedisCluster
-
 from .. import tasks
-from ..storage.redis.connection import RedisLink
-from ..storage.redis.reasons import describe
 from ..storage.store import StorageUnavailable
+from .backplane import Backplane
 
 log = logging.getLogger("relayd.cluster")
 
@@ -89,13 +76,10 @@ class _Pending:
 class Bus:
     """This instance's inbox, and messages and requests to the others' (see the module docstring)."""
 
-    def __init__(self, link: RedisLink, prefix: str, instance: str, reply_timeout_s: float) -> None:
-        self.link = link
-        self.prefix = prefix
+    def __init__(self, backplane: Backplane, instance: str, reply_timeout_s: float) -> None:
+        self.backplane = backplane
         self.instance = instance
         self.reply_timeout_s = reply_timeout_s
-        self.channel = self.inbox(instance)
-        self.sharded = True
         self.handler: Callable[[Message], None] = lambda message: None
         """Called with every message that is not a reply (set by the cluster's routes)."""
         self.heard = 0.0
@@ -114,10 +98,8 @@ class Bus:
         self.failures = 0
         """Subscription attempts that failed in a row."""
         self._warned_at = float("-inf")
+        self._backoff = MIN_BACKOFF_S
         self._listener: asyncio.Task[None] | None = None
-
-    def inbox(self, instance: str) -> str:
-        return f"{self.prefix}{{{instance}}}:inbox"
 
     @property
     def subscribed(self) -> bool:
@@ -125,12 +107,11 @@ class Bus:
 
     # Lifecycle
 
-    async def start(self, sharded: bool) -> None:
+    async def start(self) -> None:
         """Subscribe in the background; waits (bounded) for the first subscription, never raises."""
-        self.sharded = sharded
         self._listener = asyncio.get_running_loop().create_task(self._listen())
         try:
-            async with asyncio.timeout(self.link.deadline_s):
+            async with asyncio.timeout(self.backplane.deadline_s):
                 await self._subscribed.wait()
         except TimeoutError:
             log.warning("the cluster inbox is not subscribed yet; relayd keeps trying")
@@ -138,7 +119,7 @@ class Bus:
     async def close(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
-            await tasks.stop(listener, self.link.deadline_s)
+            await tasks.stop(listener, self.backplane.deadline_s)
 
     def resubscribe(self) -> None:
         """Drop the subscription and make a new one (the inbox went quiet: the connection may be stale)."""
@@ -161,11 +142,10 @@ class Bus:
     def _publish(self) -> None:
         outbox, self._outbox = self._outbox, {}
         for instance, batch in outbox.items():
-            channel = self.inbox(instance)
             data = json.dumps({"f": self.instance, "b": [body for body, _ in batch]}, separators=(",", ":"))
             callbacks = [unheard for _, unheard in batch if unheard is not None]
             try:
-                sent = self.link.post_command("SPUBLISH" if self.sharded else "PUBLISH", channel, data, key=channel)
+                sent = self.backplane.publish(instance, data)
             except StorageUnavailable:
                 for unheard in callbacks:
                     unheard()
@@ -221,7 +201,8 @@ class Bus:
 
     # Receiving
 
-    def _dispatch(self, data: str) -> None:
+    def received(self, data: str) -> None:
+        """``InboxEvents``: an envelope arrived."""
         self.heard = asyncio.get_running_loop().time()
         try:
             envelope = json.loads(data)
@@ -246,51 +227,23 @@ class Bus:
             log.exception("cluster message %r failed", message.get("k"))
 
     async def _listen(self) -> None:
-        """Subscribe with redis-py's PubSub and read until the connection fails or the inbox's slot moves; then
-        again after a short backoff (at most ``MAX_BACKOFF_S``, so a lost inbox is back within about a second of
-        Redis)."""
-        backoff = MIN_BACKOFF_S
+        """Subscribe and read until the subscription ends or fails; then again after a short backoff (at most
+        ``MAX_BACKOFF_S``, so a lost inbox is back within about a second of the server)."""
+        self._backoff = MIN_BACKOFF_S
         while True:
-            client: Redis[str] | None = None
-            pubsub: PubSub | None = None
             try:
-                client = await self._subscriber()
-                pubsub = client.pubsub()
-                async with asyncio.timeout(self.link.deadline_s):
-                    if self.sharded:  # ssubscribe: redis-py >= 5 (not in the types-redis stubs)
-                        await pubsub.ssubscribe(self.channel)  # type: ignore[attr-defined]
-                    else:
-                        await pubsub.subscribe(self.channel)
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)  # None: nothing within 1 s
-                    if message is None:
-                        continue
-                    kind = message.get("type")
-                    if kind in ("message", "smessage"):
-                        self._dispatch(message["data"])
-                    elif kind in ("subscribe", "ssubscribe"):
-                        backoff = MIN_BACKOFF_S
-                        self._confirmed()
-                    elif kind in ("sunsubscribe", "unsubscribe"):  # the slot moved: subscribe again
-                        break
+                await self.backplane.listen(self.instance, self)
             except asyncio.CancelledError:
                 raise
-            except rx.ResponseError as exc:
-                if self.sharded and "unknown command" in str(exc).lower():
-                    log.warning("Redis has no sharded Pub/Sub (Redis 7): the cluster uses plain Pub/Sub")
-                    self.sharded = False
-                    continue
-                self._failed(describe(exc))
-            except (rx.RedisError, OSError, TimeoutError, StorageUnavailable) as exc:
-                self._failed(str(exc) if isinstance(exc, StorageUnavailable) else describe(exc))
+            except StorageUnavailable as exc:
+                self._failed(str(exc))
             except Exception:
                 log.exception("cluster inbox failed; subscribing again")
                 self.problem = "the cluster inbox failed (see the log)"
             finally:
                 self._subscribed.clear()
-                await _close_quietly(pubsub, client, self.link.deadline_s)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
 
     def _failed(self, reason: str) -> None:
         """Log a failed subscription when its reason changes, else at most every ``REPEAT_WARNING_S``."""
@@ -303,7 +256,9 @@ class Bus:
             self._warned_at = now
         self.problem = reason
 
-    def _confirmed(self) -> None:
+    def confirmed(self) -> None:
+        """``InboxEvents``: the inbox is subscribed."""
+        self._backoff = MIN_BACKOFF_S
         self.heard = asyncio.get_running_loop().time()
         if self.failures:
             log.info("cluster inbox subscribed again after %d failed attempt%s", self.failures,
@@ -314,23 +269,6 @@ class Bus:
             self.on_subscribed()
         except Exception:
             log.exception("the cluster inbox's on_subscribed hook failed")
-
-    async def _subscriber(self) -> Redis[str]:
-        """A client of its own to the server, or to the Cluster node that owns the inbox's slot."""
-        url = None
-        client = self.link.client
-        if isinstance(client, RedisCluster):
-            async def initialize(_: Any) -> None:
-                await client.initialize()
-            await self.link.read(initialize)
-            node = client.get_node_from_key(self.channel)
-            if node is None:
-                raise StorageUnavailable("the Redis Cluster has no node for the inbox's slot")
-            parts = urllib.parse.urlsplit(self.link.url)
-            auth = parts.netloc.rpartition("@")[0]
-            host = f"[{node.host}]" if ":" in node.host else node.host
-            url = urllib.parse.urlunsplit(parts._replace(netloc=f"{auth + '@' if auth else ''}{host}:{node.port}"))
-        return self.link.subscriber(url)
 
 
 def _tell_unheard(sent: asyncio.Future[Any], *, callbacks: list[Callable[[], None]]) -> None:
@@ -347,14 +285,3 @@ def _unheard(sent: asyncio.Future[Any]) -> bool:
         return int(sent.result()) == 0
     except (TypeError, ValueError):
         return False
-
-
-async def _close_quietly(pubsub: PubSub | None, client: Redis[str] | None, timeout: float) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            if pubsub is not None:
-                await pubsub.aclose()  # type: ignore[attr-defined]  # redis-py >= 5; not in the types-redis stubs
-            if client is not None:
-                await client.aclose(close_connection_pool=True)  # type: ignore[attr-defined]
-    except (rx.RedisError, OSError, TimeoutError):
-        pass

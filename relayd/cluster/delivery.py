@@ -65,7 +65,7 @@ class ClusterDelivery:
 
     def __init__(self, config: Config, local: Delivery, peers: PeerLink, refresh: Refresh, clock: Clock) -> None:
         self.answer_within_s = config.redis.socket_timeout_s
-        """Storing answers within this long, even while Redis hangs (a hang also makes storage unhealthy
+        """Storing answers within this long, even while the backplane hangs (a hang also makes storage unhealthy
         within about a second, and then a message is answered at once)."""
         self.local = local
         self.peers = peers
@@ -192,7 +192,7 @@ class ClusterDelivery:
         try:
             where = await self.peers.lookup(msg.recipient)
         except StorageUnavailable:
-            where = NO_PEER_SESSIONS  # live delivery here still works; storing will say what Redis says
+            where = NO_PEER_SESSIONS  # live delivery here still works; storing will say what the backplane says
         pending = self._route_known(session, ident, msg, targets, where)
         if pending is not None:
             await pending

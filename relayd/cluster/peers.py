@@ -1,4 +1,4 @@
-"""This instance's link to its peers (the other relayd instances on the same Redis): what it asks of them, and
+"""This instance's link to its peers (the other relayd instances on the same backplane): what it asks of them, and
 what they ask of it.
 
 Outgoing: offers of messages (request and reply), copies of live frames,
@@ -28,11 +28,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..storage.redis.records import PresenceEntries
-from ..storage.redis.store import RedisStore
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from ..tasks import TaskSet
-from . import scripts
+from .backplane import Backplane
 from .bus import Bus, Message
 from .presence import WATCH_TTL_MS, ClusterPresence, PeerSessions
 
@@ -64,15 +62,15 @@ class PeerLink(Protocol):
 
     Every coroutine is bounded in time: a peer that does not answer within
     ``[cluster] reply_timeout_ms`` counts as having taken nothing. Those that
-    need Redis raise StorageUnavailable.
+    need the backplane raise StorageUnavailable.
     """
 
     def cached(self, address: str) -> PeerSessions | None:
-        """Where ``address`` has sessions on peers, when known without asking Redis; None: call ``lookup``."""
+        """Where ``address`` has sessions on peers, when known without asking the backplane; None: call ``lookup``."""
         ...
 
     async def lookup(self, address: str) -> PeerSessions:
-        """Ask Redis, and keep the answer until the address's presence changes."""
+        """Ask the backplane, and keep the answer until the address's presence changes."""
         ...
 
     async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int,
@@ -168,25 +166,12 @@ def _unpack(recipient: str, packed: list[Any]) -> QueuedMessage:
                          int(seq))
 
 
-class RoutedQueues(Protocol):
-    """Writes of messages that read the recipient's presence in the same atomic step (``RedisStore``'s, or
-    ``relayd.storage.sealed.SealedStore``'s over it)."""
-
-    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
-                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, PresenceEntries]: ...
-
-    async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, PresenceEntries]]: ...
-
-
 class ClusterPeers:
-    """``PeerLink`` over the bus and Redis (also the protocol's ``seams.Peers``), and the handler of the bus's
+    """``PeerLink`` over the bus and the backplane (also the protocol's ``seams.Peers``), and the handler of the bus's
     incoming messages."""
 
-    def __init__(self, store: RedisStore, presence: ClusterPresence, bus: Bus,
-                 queues: RoutedQueues | None = None) -> None:
-        self.store = store
-        self.queues: RoutedQueues = queues if queues is not None else store
-        """Where messages are written with the recipient's presence: the store, or its sealing layer."""
+    def __init__(self, backplane: Backplane, presence: ClusterPresence, bus: Bus) -> None:
+        self.backplane = backplane
         self.presence = presence
         self.bus = bus
         self.here: ThisInstance | None = None
@@ -213,7 +198,7 @@ class ClusterPeers:
         return await self.presence.lookup(address)
 
     async def _where(self, address: str) -> PeerSessions:
-        """Cached or looked up; nowhere when Redis cannot say."""
+        """Cached or looked up; nowhere when the backplane cannot say."""
         where = self.presence.cached(address)
         if where is not None:
             return where
@@ -263,11 +248,11 @@ class ClusterPeers:
     def _taken(self, address: str, replies: dict[str, Message], silent: tuple[str, ...]) -> Taken:
         count = sum(int(r.get("n", 0)) for r in replies.values())
         if silent or any(int(r.get("n", 0)) == 0 and not r.get("a") for r in replies.values()):
-            self.presence.invalidate(address)  # a peer had nobody for it: ask Redis next time
+            self.presence.invalidate(address)  # a peer had nobody for it: ask the backplane next time
         return Taken(count, any(bool(r.get("a")) for r in replies.values()), silent)
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, PeerSessions]:
-        result, found = await self.queues.enqueue_routed(msg, limits, watcher=self.presence.instance,
+        result, found = await self.backplane.enqueue_routed(msg, limits, watcher=self.presence.instance,
                                                         watch_ttl_ms=WATCH_TTL_MS)
         self.presence.fill(msg.recipient, found)
         lapsed = self.presence.lapsed_holders(found)
@@ -276,16 +261,13 @@ class ClusterPeers:
         return result, self.presence.peer_sessions(found)
 
     async def restore(self, messages: list[QueuedMessage]) -> None:
-        _, found = await self.queues.restore_routed(messages)
+        found = await self.backplane.restore_routed(messages)
         for recipient, entries in found.items():
             seqs = tuple(m.seq for m in messages if m.recipient == recipient and m.seq > 0)
             self.hint(self.presence.peer_sessions(entries), recipient, min(seqs, default=0) - 1 if seqs else -1, seqs)
 
     async def spend(self, key: str, recipient: str, budget: int) -> bool:
-        blind = self.presence.queue_key  # no address in clear in a budget either (with encryption at rest)
-        name = f"{self.store.layout.prefix}{{nq:{blind(key)}}}"
-        return int(await self.store.link.write(scripts.SPEND, [name], [blind(recipient), budget,
-                                                                      BUDGET_WINDOW_MS])) == 1
+        return await self.backplane.spend(key, recipient, budget, BUDGET_WINDOW_MS)
 
     # seams.Peers
 

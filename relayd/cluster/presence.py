@@ -1,25 +1,24 @@
-"""Presence across instances: sessions here, every instance's entries in Redis, a heartbeat, a watched cache.
+"""Presence across instances: sessions here, every instance's entries on the backplane, a heartbeat, a cache.
 
-Sessions live in this process (``LocalPresence``). Redis holds, per address,
-which instances have sessions of it and whether one of them acks
-(``{address}:on``: instance -> ``p`` or ``a``), plus, per hash slot, each
-instance's set of addresses (so a dead instance's entries can be found). An
-instance writes its entry when its first session of an address attaches (or
+Sessions live in this process (``LocalPresence``). The backplane holds, per
+address, which instances have sessions of it and whether one of them acks
+(instance -> ``p`` or ``a``), and which instance has which addresses (so a
+dead instance's entries can be found). An instance writes its entry when its first session of an address attaches (or
 the kind changes) and removes it when its last one detaches: one write per
 address and instance, not per session.
 
 Every instance renews its heartbeat in a registry every ``heartbeat_s`` (by
-the Redis clock, so instances need not agree on time). Everyone ignores the
+the backplane's clock, so instances need not agree on time). Everyone ignores the
 entries of an instance whose heartbeat is older than ``presence_ttl_s`` (an
 instance it has not heard of yet is taken as live: it just started): after
 a ``kill -9`` its sessions are offline everywhere within ``presence_ttl_s +
 heartbeat_s``. A survivor removes the dead instance's entries after
 ``FORGET_AFTER_S``. An instance that finds its own heartbeat lapsed (it
-stalled, or Redis lost its data) writes its entries again and has its ready
+stalled, or the backplane lost its data) writes its entries again and has its ready
 sessions catch up with what was stored for them meanwhile.
 
 Where an address has sessions elsewhere is cached here. The lookup *watches*
-the address in Redis, and the instance that next changes the address's
+the address on the backplane, and the instance that next changes the address's
 presence tells every watcher (through the bus) and waits (bounded) until they
 dropped their copy before its session reads its backlog, so once a session has
 its ``auth_success``, every instance routes to it. A message routed in the
@@ -33,7 +32,7 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,12 +40,9 @@ from .. import tasks
 from ..clock import Clock
 from ..protocol.presence import LocalPresence
 from ..protocol.session import Session
-from ..storage.redis.layout import slot_tag
-from ..storage.redis.records import PresenceEntries
-from ..storage.redis.store import RedisStore
 from ..storage.store import StorageUnavailable
 from ..protocol.writes import AddressWrites
-from . import scripts
+from .backplane import Backplane, PresenceEntries
 from .bus import Bus
 
 log = logging.getLogger("relayd.cluster")
@@ -57,7 +53,6 @@ WATCH_TTL_MS = 60_000
 CACHE_SIZE = 100_000
 FORGET_AFTER_S = 60.0
 FORGET_CHUNK = 100
-SLOT_BATCH = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,21 +63,12 @@ class PeerSessions:
     ack: bool = False
 
 
-def entries(flat: Sequence[Any]) -> PresenceEntries:
-    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
-
-
 class ClusterPresence:
-    """``Routes`` and ``Presence`` of one instance among several on one Redis (see the module docstring)."""
+    """``Routes`` and ``Presence`` of one instance among several on one backplane (see the module docstring)."""
 
-    def __init__(self, store: RedisStore, bus: Bus, instance: str, writes: AddressWrites, clock: Clock, *,
-                 heartbeat_s: float, presence_ttl_s: float, queue_key: Callable[[str], str] = str) -> None:
-        self.store = store
-        self.queue_key = queue_key
-        """An address's queue key in the store (its blind index with encryption at rest): its presence entry
-        shares that key's hash tag, so a message's write reads it in the same step."""
-        self.link = store.link
-        self.layout = store.layout
+    def __init__(self, backplane: Backplane, bus: Bus, instance: str, writes: AddressWrites, clock: Clock, *,
+                 heartbeat_s: float, presence_ttl_s: float) -> None:
+        self.backplane = backplane
         self.bus = bus
         self.instance = instance
         self.writes = writes
@@ -90,9 +76,6 @@ class ClusterPresence:
         self.heartbeat_s = heartbeat_s
         self.ttl_ms = int(presence_ttl_s * 1000)
         self.local = LocalPresence()
-        self.registry = f"{self.layout.prefix}cluster:nodes"
-        self.counts_key = f"{self.layout.prefix}cluster:counts"
-        """HASH instance -> its connection counts (JSON), written with each heartbeat, for operators."""
         self.counts: Callable[[], dict[str, int]] = dict
         """This instance's counts to publish (the composition root sets it: connections, sessions)."""
         self._live: tuple[str, ...] = ()
@@ -106,18 +89,7 @@ class ClusterPresence:
         self._beats: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
 
-    # Keys
-
-    def _keys(self, address: str) -> tuple[str, str, str]:
-        """(presence HASH, watchers SET, this instance's SET of addresses in that slot)."""
-        queue = self.queue_key(address)
-        keys = self.layout.recipient(queue)
-        return keys.presence, keys.watchers, self._mine(self.layout.slot_of(queue), self.instance)
-
-    def _mine(self, slot: int, instance: str) -> str:
-        return f"{self.layout.prefix}{{{slot_tag(slot)}}}:on:{instance}"
-
-    # Routes: sessions of this instance, each address's entry kept in Redis
+    # Routes: sessions of this instance, each address's entry kept on the backplane
 
     def attach(self, session: Session) -> None:
         self.local.attach(session)
@@ -152,9 +124,8 @@ class ClusterPresence:
         else:
             self._kinds.pop(address, None)
         self._unsynced.discard(address)
-        self.store.note_slot(self.layout.slot_of(self.queue_key(address)))
         try:
-            joined = self.link.post(scripts.JOIN, self._keys(address), [address, self.instance, kind, WATCH_TTL_MS])
+            joined = self.backplane.join(address, self.instance, kind, WATCH_TTL_MS)
         except StorageUnavailable:
             self._unsynced.add(address)
             return
@@ -163,13 +134,13 @@ class ClusterPresence:
         task.add_done_callback(self._tasks.discard)
         self.writes.note(address, task)
 
-    async def _joined(self, address: str, joined: asyncio.Future[Any]) -> None:
+    async def _joined(self, address: str, joined: asyncio.Future[tuple[list[str], PresenceEntries]]) -> None:
         try:
             watchers, found = await joined
         except StorageUnavailable:
-            self._unsynced.add(address)  # written again by the next heartbeat once Redis is back
+            self._unsynced.add(address)  # written again by the next heartbeat once the backplane is back
             return
-        self._fill(address, entries(found))
+        self._fill(address, found)
         others = [w for w in watchers if w != self.instance]
         if others:
             await self.bus.request(others, {"k": "inv", "a": address})
@@ -190,8 +161,7 @@ class ClusterPresence:
         return remote
 
     async def lookup(self, address: str) -> PeerSessions:
-        presence, watchers = self._keys(address)[:2]
-        found = entries(await self.link.write(scripts.LOOKUP, [presence, watchers], [self.instance, WATCH_TTL_MS]))
+        found = await self.backplane.lookup(address, self.instance, WATCH_TTL_MS)
         self._fill(address, found)
         return self._peer_sessions(found)
 
@@ -229,38 +199,22 @@ class ClusterPresence:
         out = {a: True for a in addresses if self.local.sessions(a)}
         rest = [a for a in dict.fromkeys(addresses) if a not in out]
         if rest:
-            async def work(client: Any) -> list[Any]:
-                pipe = self.store.pipeline(client)
-                for address in rest:
-                    pipe.hgetall(self._keys(address)[0])
-                return list(await pipe.execute())
-            for address, found in zip(rest, await self.link.read(work)):
-                out[address] = bool(self._peer_sessions(dict(found or {})).instances)
+            for address, found in zip(rest, await self.backplane.presence_of(rest)):
+                out[address] = bool(self._peer_sessions(found).instances)
         return {a: out.get(a, False) for a in addresses}
 
     async def online_list(self) -> list[str]:
         found = dict.fromkeys(self.local.online_addresses())
-        registered = await self.link.read(lambda c: c.zrange(self.registry, 0, -1))
+        registered = await self.backplane.registered()
         others = [i for i in registered if i != self.instance and i not in self._lapsed]
         if others:
-            slots = [s for s in await self.store.slots()]
-            pairs = [(s, i) for s in slots for i in others]
-            for start in range(0, len(pairs), SLOT_BATCH):
-                part = pairs[start:start + SLOT_BATCH]
-
-                async def work(client: Any, part: list[tuple[int, str]] = part) -> list[Any]:
-                    pipe = self.store.pipeline(client)
-                    for slot, instance in part:
-                        pipe.smembers(self._mine(slot, instance))
-                    return list(await pipe.execute())
-                for members in await self.link.read(work):
-                    found.update(dict.fromkeys(sorted(members)))
+            found.update(dict.fromkeys(await self.backplane.addresses_of(others)))
         return list(found)
 
     # Heartbeat
 
     async def start(self) -> None:
-        """The first heartbeat (bounded; a Redis that is down is retried by the loop), then the loop."""
+        """The first heartbeat (bounded; a backplane that is down is retried by the loop), then the loop."""
         try:
             await self.beat()
         except StorageUnavailable as exc:
@@ -271,17 +225,16 @@ class ClusterPresence:
         """Leave the registry at once, so the others stop routing here (entries go as sessions detach)."""
         beats, self._beats = self._beats, None
         if beats is not None:
-            await tasks.stop(beats, self.link.deadline_s)
+            await tasks.stop(beats, self.backplane.deadline_s)
         try:
-            await self.link.write(scripts.LEAVE_REGISTRY, [self.registry], [self.instance])
-            await self.link.command("HDEL", self.counts_key, self.instance, key=self.counts_key)
+            await self.backplane.leave(self.instance)
         except StorageUnavailable:
             pass
 
     async def instance_counts(self) -> dict[str, dict[str, int]]:
         """Each live instance's counts as of its last heartbeat (this one's as of now). Raises
         StorageUnavailable."""
-        stored = await self.link.read(lambda c: c.hgetall(self.counts_key))
+        stored = await self.backplane.counts()
         out: dict[str, dict[str, int]] = {}
         for instance in sorted(set(self._live) | {self.instance}):
             if instance == self.instance:
@@ -308,18 +261,17 @@ class ClusterPresence:
         entries again after a lapse, check the inbox, and forget long-dead instances."""
         if not self.bus.subscribed:
             return
-        age, live, lapsed, dead = await self.link.write(
-            scripts.HEARTBEAT, [self.registry], [self.instance, self.ttl_ms, int(FORGET_AFTER_S * 1000)])
-        self._live = tuple(live)
-        await self.link.command("HSET", self.counts_key, self.instance, json.dumps(self.counts()),
-                                key=self.counts_key)
-        peers_changed = frozenset(lapsed) != self._lapsed
+        beat = await self.backplane.heartbeat(self.instance, self.ttl_ms, int(FORGET_AFTER_S * 1000))
+        self._live = beat.live
+        await self.backplane.put_counts(self.instance, json.dumps(self.counts()))
+        peers_changed = frozenset(beat.lapsed) != self._lapsed
         if peers_changed:
-            self._lapsed = frozenset(lapsed)
-        own_lapse = age == "" or int(age) > self.ttl_ms
+            self._lapsed = frozenset(beat.lapsed)
+        age = beat.age_ms
+        own_lapse = age is None or age > self.ttl_ms
         if own_lapse and self._kinds:
             log.warning("this instance's presence had lapsed (%s); writing it again",
-                        "not registered" if age == "" else f"last heartbeat {int(age)} ms ago")
+                        "not registered" if age is None else f"last heartbeat {age} ms ago")
             self._unsynced.update(self._kinds)
         for address in list(self._unsynced):
             self._register(address)
@@ -330,27 +282,19 @@ class ClusterPresence:
             log.warning("the cluster inbox heard nothing, not even its own heartbeat; subscribing again")
             self.bus.resubscribe()
         self.bus.send(self.instance, {"k": "ping"})
-        for instance in dead:
+        for instance in beat.dead:
             if instance != self.instance:
                 await self._forget(instance)
 
     async def _forget(self, instance: str) -> None:
-        """Remove a long-dead instance's entries, slot by slot, and tell their watchers; then its heartbeat."""
+        """Remove a long-dead instance's entries, a chunk at a time, and tell their watchers; then its heartbeat."""
         log.info("removing the presence entries of instance %s (no heartbeat for %.0f s)", instance,
                  FORGET_AFTER_S)
-        for slot in await self.store.slots():
-            mine = self._mine(slot, instance)
-            members = sorted(await self.link.read(lambda c: c.smembers(mine)))
-            for start in range(0, len(members), FORGET_CHUNK):
-                part = members[start:start + FORGET_CHUNK]
-                keys = [mine]
-                for address in part:
-                    keys += self._keys(address)[:2]
-                for watcher in set(await self.link.write(scripts.FORGET, keys, [instance, *part])):
-                    if watcher != self.instance:
-                        for address in part:
-                            self.bus.send(watcher, {"k": "inv", "a": address})
-                for address in part:
-                    self.invalidate(address)
-        await self.link.write(scripts.LEAVE_REGISTRY, [self.registry], [instance])
-        await self.link.command("HDEL", self.counts_key, instance, key=self.counts_key)
+        async for part, watchers in self.backplane.forget(instance, FORGET_CHUNK):
+            for watcher in watchers:
+                if watcher != self.instance:
+                    for address in part:
+                        self.bus.send(watcher, {"k": "inv", "a": address})
+            for address in part:
+                self.invalidate(address)
+        await self.backplane.leave(instance)

@@ -3,12 +3,12 @@ session that is already open, whatever notices were lost.
 
 A peer that stores a message for an address with sessions here hints this
 instance (an offer of the stored message, or a ``pull``). A hint may be lost
-(the inbox was resubscribing after a Redis blip, the storing peer died between
+(the inbox was resubscribing after a blip of the backplane, the storing peer died between
 its write and its hint, heartbeats lapsed), so a hint only saves time: the
 queue is read again, in seq order, whenever one may have been missed. That
 is, when asked by a peer; when an offer names an earlier stored message of its
 sender (``after``) that has not reached the sessions here (``caught_up``);
-after the inbox subscribed again; when the link to Redis recovers from a
+after the inbox subscribed again; when the link to the backplane recovers from a
 failure; and whenever any instance's heartbeat lapsed or came back
 (``refresh_all``).
 

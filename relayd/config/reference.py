@@ -17,7 +17,7 @@ _SECTION_ROLES = {
     "queue": "offline queues: their size, retention, overflow and when a session gets its backlog",
     "storage": "the storage backend, the SQLite file and its durability, the storage budget",
     "redis": "the Redis server of `backend = redis`",
-    "cluster": "one instance among several on one Redis",
+    "cluster": "one instance among several on one Redis or PostgreSQL database",
     "auth": "sign-in modes and signature checks",
     "privacy": "what the REST API may reveal",
     "metrics": "Prometheus metrics",

@@ -240,13 +240,17 @@ class PostgresSection:
     command_timeout_s: float = opt(5.0, "Longest wait for PostgreSQL to answer one statement; past it a write is "
                                         "storage_timeout (it may have been applied), never a hang.",
                                    min=0.1, max=300)
+    cluster: bool = opt(False, "true: several relayd instances on this database act as one relay (presence with "
+                               "heartbeats, notices over LISTEN/NOTIFY; see [cluster]). false: one instance per "
+                               "database, which a second one is refused.")
 
 
 @dataclass(frozen=True)
 class ClusterSection:
-    node_id: str = opt("", "This instance's name among several relayd sharing one Redis (backend = redis). "
-                           "Empty: hostname:port at start.")
-    heartbeat_s: float = opt(1.0, "How often this instance renews its heartbeat in Redis.", min=0.1, max=3600)
+    node_id: str = opt("", "This instance's name among several relayd sharing one Redis (backend = redis) or "
+                           "one PostgreSQL database ([postgres] cluster = true). Empty: hostname:port at start.")
+    heartbeat_s: float = opt(1.0, "How often this instance renews its heartbeat in Redis or PostgreSQL.", min=0.1,
+                             max=3600)
     presence_ttl_s: float = opt(4.0, "An instance whose heartbeat is older than this counts as gone: its "
                                      "sessions are offline everywhere within presence_ttl_s + heartbeat_s "
                                      "(e.g. after a kill -9). Above heartbeat_s.", min=0.2, max=86400)

@@ -76,7 +76,7 @@ def make_postgres_store(config: Config) -> Store:
     from .postgres import PostgresStore
     p = config.postgres
     return PostgresStore(p.url, pool_min=p.pool_min, pool_size=p.pool_size, connect_timeout_s=p.connect_timeout_s,
-                         command_timeout_s=p.command_timeout_s)
+                         command_timeout_s=p.command_timeout_s, exclusive=not p.cluster)
 
 
 SIZE_SHARE = 2

@@ -76,8 +76,10 @@ class PgLink:
     """A pool of at most ``pool_size`` connections, its health, and the probe that keeps health current."""
 
     def __init__(self, url: str, *, pool_min: int = 1, pool_size: int = 10, connect_timeout_s: float = 5.0,
-                 command_timeout_s: float = 5.0, probe_interval_s: float = 1.0) -> None:
+                 command_timeout_s: float = 5.0, probe_interval_s: float = 1.0, exclusive: bool = True) -> None:
         self.url = url
+        self.exclusive = exclusive
+        """Hold the one-instance lock (``owner``); False when several instances share the database as a cluster."""
         self.pool_min = max(0, min(pool_min, pool_size))
         self.pool_size = max(1, pool_size)
         self.connect_timeout_s = connect_timeout_s
@@ -87,6 +89,9 @@ class PgLink:
         self._problem: str | None = None
         self._probe: asyncio.Task[None] | None = None
         self._owner = PgOwner()
+        self.writing: set[asyncio.Future[None]] = set()
+        """One future per write under way, done when it ends either way: the cluster's notices wait for the
+        writes made before them (``relayd.cluster.postgres_backplane``), as they queue behind them on Redis."""
         self.on_failure: Callable[[], None] | None = None
         self.on_recovery: Callable[[], None] | None = None
         """Called when an operation succeeds after a failure (the store reads its totals again)."""
@@ -131,18 +136,19 @@ class PgLink:
         try:
             async with pool.acquire(timeout=self.connect_timeout_s) as conn:
                 await migrate(conn)
-            await self._owner.acquire(self._connect_one)
+            if self.exclusive:
+                await self._owner.acquire(self.connect_one)
         except BaseException:
             pool.terminate()
             raise
         self._pool = pool
 
-    async def _connect_one(self) -> Any:
-        """A connection outside the pool (the owner lock's)."""
+    async def connect_one(self, application_name: str = "relayd") -> Any:
+        """A connection outside the pool (the owner lock's, the cluster inbox's)."""
         import asyncpg
         return await asyncpg.connect(self.url or None, timeout=self.connect_timeout_s,
                                      command_timeout=self.command_timeout_s,
-                                     server_settings={"application_name": "relayd"})
+                                     server_settings={"application_name": application_name})
 
     async def close(self) -> None:
         await self._owner.release()
@@ -169,9 +175,20 @@ class PgLink:
 
         Raises StorageUnavailable when nothing was applied, StorageOutcomeUnknown when a write may have been.
         """
+        if not write:
+            return await self._run(job, write=False, transaction=transaction)
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.writing.add(ended)
+        try:
+            return await self._run(job, write=True, transaction=transaction)
+        finally:
+            self.writing.discard(ended)
+            ended.set_result(None)
+
+    async def _run(self, job: Job[T], *, write: bool, transaction: bool) -> T:
         if self._pool is None:
             raise StorageUnavailable(self._problem or "the PostgreSQL store is closed")
-        if not self._owner.held:
+        if self.exclusive and not self._owner.held:
             raise StorageUnavailable(self._problem or "the connection holding this relay's database lock was lost; "
                                      "taking it again")
         try:
@@ -257,7 +274,7 @@ class PgLink:
             try:
                 if self._pool is None:
                     await self._connect_later()
-                elif not self._owner.held:
+                elif self.exclusive and not self._owner.held:
                     await self._take_lock_again()
                 else:
                     await self.run(_select_one, write=False)
@@ -271,7 +288,7 @@ class PgLink:
     async def _take_lock_again(self) -> None:
         """The owner lock's connection dropped (an outage): take the lock again before anything is written."""
         try:
-            await self._owner.acquire(self._connect_one)
+            await self._owner.acquire(self.connect_one)
         except AnotherOwner as exc:
             if str(exc) != self._problem:
                 log.error("%s; this relay writes nothing to it until restarted", exc)

@@ -1,9 +1,11 @@
-"""One relayd per PostgreSQL database, for now: a session advisory lock that the server drops when its holder dies.
+"""One relayd per PostgreSQL database unless ``[postgres] cluster``: a session advisory lock the server drops when its
+holder dies.
 
-Several instances on one database would share the queues safely but not their
-sessions (the cross-instance notices over ``LISTEN``/``NOTIFY`` are not built
-yet): a message for a recipient connected to the other instance would wait in
-its queue until that recipient reconnects. So the store holds
+Several instances on one database share the queues safely, but only the
+cluster (``relayd.cluster`` on ``PostgresBackplane``: presence and notices
+over ``LISTEN``/``NOTIFY``) shares their sessions: without it a message for a
+recipient connected to the other instance would wait in its queue until that
+recipient reconnects. So, without ``[postgres] cluster = true``, the store holds
 ``pg_advisory_lock`` on a connection of its own, outside the pool, and names
 itself (host, PID, since when) in ``relayd_owner`` for the message a second
 relay exits with. The server releases the lock with that connection, so a
@@ -48,8 +50,8 @@ class PgOwner:
                 holder = "another relayd" if row is None else (
                     f"relayd PID {row['pid']} on {row['host']} (since "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(row['since'] / 1000))} UTC)")
-                raise AnotherOwner(f"this PostgreSQL database is in use by {holder}: relayd on PostgreSQL runs one "
-                                   "instance per database for now (several instances: backend = redis)")
+                raise AnotherOwner(f"this PostgreSQL database is in use by {holder}: without [postgres] cluster = "
+                                   "true, relayd on PostgreSQL runs one instance per database")
             await conn.execute("INSERT INTO relayd_owner (id, host, pid, since) VALUES (1, $1, $2, $3) ON CONFLICT "
                                "(id) DO UPDATE SET host = excluded.host, pid = excluded.pid, since = excluded.since",
                                socket.gethostname(), os.getpid(), int(time.time() * 1000))

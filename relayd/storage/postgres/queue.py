@@ -77,6 +77,34 @@ async def enqueue_row(conn: Any, msg: QueuedMessage, limits: QueueLimits,
     return (result, int(row["o_seq"])), (int(row["o_added"]), int(row["o_added_bytes"]))
 
 
+ENQUEUE_ROUTED = ("SELECT o_result, o_seq, o_added, o_added_bytes, o_presence FROM relayd_enqueue_routed($1, $2, $3, "
+                  "$4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
+
+
+async def enqueue_routed_row(conn: Any, msg: QueuedMessage, limits: QueueLimits, stored_total: int, watcher: str,
+                             watch_ttl_ms: int) -> tuple[tuple[EnqueueResult, int], Delta, list[str]]:
+    """``enqueue_row``, and the recipient's presence (flat: instance, kind, ...) read under its presence lock,
+    watched for ``watcher`` (``''``: none) for ``watch_ttl_ms``; one statement, so one transaction."""
+    import asyncpg
+    try:
+        row = await conn.fetchrow(ENQUEUE_ROUTED, msg.recipient, msg.sender, to_pg(msg.message_id), msg.timestamp,
+                                  msg.queued_at, to_pg(msg.content), utf8_len(msg.content), limits.max_messages,
+                                  limits.max_bytes, limits.drop_oldest, limits.max_total_bytes, stored_total,
+                                  watcher, watch_ttl_ms)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != "messages_pkey":
+            raise
+        raise NumberingCollision("message numbering collided with a stored message; nothing was written") from exc
+    return ((_RESULTS[row["o_result"]], int(row["o_seq"])), (int(row["o_added"]), int(row["o_added_bytes"])),
+            list(row["o_presence"] or ()))
+
+
+def pairs(flat: Any) -> dict[str, str]:
+    """A presence as ``relayd_presence`` returns it (instance, kind, ...) as instance -> kind."""
+    items = list(flat or ())
+    return {str(items[i]): str(items[i + 1]) for i in range(0, len(items) - 1, 2)}
+
+
 ENQUEUE_MANY = ("SELECT o_result, o_seq, o_added, o_added_bytes FROM relayd_enqueue_many($1::text[], $2::text[], "
                 "$3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[], $8, $9, $10, $11, $12)")
 

@@ -101,6 +101,123 @@ BEGIN
 END
 $fn$"""
 
+_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+CLUSTER_LOCK = 0x524C5943  # "RLYC": per-address advisory locks that order presence writes against routed enqueues
+BUDGET_LOCK = 0x524C5942  # "RLYB": per-budget advisory locks
+
+_PRESENCE = r"""
+CREATE FUNCTION relayd_presence(p_address text, p_watcher text, p_ttl bigint) RETURNS text[]
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    -- after this lock, a join of the address either committed (and is read below) or waits for this transaction
+    PERFORM pg_advisory_xact_lock(%(lock)d, hashtext(p_address));
+    IF p_watcher <> '' THEN
+        INSERT INTO cluster_watchers (address, instance, expires_at) VALUES (p_address, p_watcher, %(now)s + p_ttl)
+            ON CONFLICT (address, instance) DO UPDATE SET expires_at = excluded.expires_at;
+    END IF;
+    RETURN (SELECT coalesce(array_agg(v.x ORDER BY p.instance, v.o), '{}') FROM cluster_presence p,
+            LATERAL (VALUES (1, p.instance), (2, p.kind)) AS v(o, x) WHERE p.address = p_address);
+END
+$fn$""" % {"lock": CLUSTER_LOCK, "now": _NOW_MS}
+
+_JOIN = r"""
+CREATE FUNCTION relayd_join(p_address text, p_instance text, p_kind text, p_ttl bigint,
+    OUT o_watchers text[], OUT o_presence text[])
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    now_ms bigint := %(now)s;
+BEGIN
+    PERFORM pg_advisory_xact_lock(%(lock)d, hashtext(p_address));
+    IF p_kind = '' THEN
+        DELETE FROM cluster_presence WHERE address = p_address AND instance = p_instance;
+    ELSE
+        INSERT INTO cluster_presence (address, instance, kind) VALUES (p_address, p_instance, p_kind)
+            ON CONFLICT (address, instance) DO UPDATE SET kind = excluded.kind;
+    END IF;
+    WITH gone AS (DELETE FROM cluster_watchers WHERE address = p_address RETURNING instance, expires_at)
+        SELECT coalesce(array_agg(instance), '{}') INTO o_watchers FROM gone WHERE expires_at > now_ms;
+    INSERT INTO cluster_watchers (address, instance, expires_at) VALUES (p_address, p_instance, now_ms + p_ttl);
+    o_presence := relayd_presence(p_address, '', 0);
+END
+$fn$""" % {"lock": CLUSTER_LOCK, "now": _NOW_MS}
+
+_ENQUEUE_ROUTED = r"""
+CREATE FUNCTION relayd_enqueue_routed(p_recipient text, p_sender text, p_message_id text, p_timestamp bigint,
+    p_queued_at bigint, p_content text, p_size bigint, p_max_messages bigint, p_max_bytes bigint,
+    p_drop_oldest boolean, p_max_total bigint, p_stored_total bigint, p_watcher text, p_ttl bigint,
+    OUT o_result text, OUT o_seq bigint, OUT o_added bigint, OUT o_added_bytes bigint, OUT o_presence text[])
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    SELECT e.o_result, e.o_seq, e.o_added, e.o_added_bytes INTO o_result, o_seq, o_added, o_added_bytes
+        FROM relayd_enqueue(p_recipient, p_sender, p_message_id, p_timestamp, p_queued_at, p_content, p_size,
+                            p_max_messages, p_max_bytes, p_drop_oldest, p_max_total, p_stored_total) AS e;
+    o_presence := relayd_presence(p_recipient, p_watcher, p_ttl);
+END
+$fn$"""
+
+_HEARTBEAT = r"""
+CREATE FUNCTION relayd_heartbeat(p_instance text, p_ttl bigint, p_forget bigint,
+    OUT o_age bigint, OUT o_live text[], OUT o_lapsed text[], OUT o_dead text[])
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    now_ms bigint := %(now)s;
+BEGIN
+    SELECT now_ms - beat_at INTO o_age FROM cluster_instances WHERE instance = p_instance;
+    INSERT INTO cluster_instances (instance, beat_at) VALUES (p_instance, now_ms)
+        ON CONFLICT (instance) DO UPDATE SET beat_at = excluded.beat_at;
+    o_live := ARRAY(SELECT instance FROM cluster_instances WHERE beat_at >= now_ms - p_ttl ORDER BY instance);
+    o_lapsed := ARRAY(SELECT instance FROM cluster_instances WHERE beat_at < now_ms - p_ttl ORDER BY instance);
+    o_dead := ARRAY(SELECT instance FROM cluster_instances WHERE beat_at < now_ms - p_forget ORDER BY beat_at
+                    LIMIT 10);
+    -- expired watches and budgets; rows another instance is deleting are left to it (never a lock wait)
+    DELETE FROM cluster_watchers WHERE (address, instance) IN (SELECT address, instance FROM cluster_watchers
+        WHERE expires_at < now_ms LIMIT 1000 FOR UPDATE SKIP LOCKED);
+    DELETE FROM cluster_budgets WHERE (key, recipient) IN (SELECT key, recipient FROM cluster_budgets
+        WHERE expires_at <= now_ms LIMIT 1000 FOR UPDATE SKIP LOCKED);
+END
+$fn$""" % {"now": _NOW_MS}
+
+_FORGET = r"""
+CREATE FUNCTION relayd_forget(p_instance text, p_limit integer, OUT o_addresses text[], OUT o_watchers text[])
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    h integer;
+BEGIN
+    o_addresses := ARRAY(SELECT address FROM cluster_presence WHERE instance = p_instance ORDER BY address
+                         LIMIT p_limit);
+    FOR h IN SELECT DISTINCT hashtext(a) FROM unnest(o_addresses) AS u(a) ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(%(lock)d, h);
+    END LOOP;
+    o_watchers := ARRAY(SELECT DISTINCT instance FROM cluster_watchers
+                        WHERE address = ANY(o_addresses) AND expires_at > %(now)s ORDER BY 1);
+    DELETE FROM cluster_watchers WHERE address = ANY(o_addresses);
+    DELETE FROM cluster_presence WHERE instance = p_instance AND address = ANY(o_addresses);
+END
+$fn$""" % {"lock": CLUSTER_LOCK, "now": _NOW_MS}
+
+_SPEND = r"""
+CREATE FUNCTION relayd_spend(p_key text, p_recipient text, p_budget bigint, p_window bigint) RETURNS boolean
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    now_ms bigint := %(now)s;
+    n bigint;
+    window_end bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(%(lock)d, hashtext(p_key));
+    DELETE FROM cluster_budgets WHERE key = p_key AND expires_at <= now_ms;
+    IF EXISTS (SELECT 1 FROM cluster_budgets WHERE key = p_key AND recipient = p_recipient) THEN
+        RETURN true;
+    END IF;
+    SELECT count(*), min(expires_at) INTO n, window_end FROM cluster_budgets WHERE key = p_key;
+    IF n >= p_budget THEN
+        RETURN false;
+    END IF;
+    INSERT INTO cluster_budgets (key, recipient, expires_at) VALUES (p_key, p_recipient,
+        coalesce(window_end, now_ms + p_window));
+    RETURN true;
+END
+$fn$""" % {"lock": BUDGET_LOCK, "now": _NOW_MS}
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "CREATE SEQUENCE message_seq",
@@ -187,6 +304,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (recipient, message_id, sender_key))""",
         "CREATE INDEX history_page ON history (recipient, timestamp, seq)",
         "CREATE INDEX history_kept_until ON history (kept_until)",
+    ),
+    (  # several instances on one database (relayd.cluster): presence, watches, heartbeats, shared budgets;
+       # unlogged: after a crash they are empty, and every instance writes its presence again (a lapse)
+        "CREATE UNLOGGED TABLE cluster_instances (instance TEXT PRIMARY KEY, beat_at BIGINT NOT NULL, "
+        "counts TEXT NOT NULL DEFAULT '{}')",
+        "CREATE UNLOGGED TABLE cluster_presence (address TEXT NOT NULL, instance TEXT NOT NULL, kind TEXT NOT NULL, "
+        "PRIMARY KEY (address, instance))",
+        "CREATE INDEX cluster_presence_instance ON cluster_presence (instance, address)",
+        "CREATE UNLOGGED TABLE cluster_watchers (address TEXT NOT NULL, instance TEXT NOT NULL, "
+        "expires_at BIGINT NOT NULL, PRIMARY KEY (address, instance))",
+        "CREATE INDEX cluster_watchers_expires_at ON cluster_watchers (expires_at)",
+        "CREATE UNLOGGED TABLE cluster_budgets (key TEXT NOT NULL, recipient TEXT NOT NULL, "
+        "expires_at BIGINT NOT NULL, PRIMARY KEY (key, recipient))",
+        "CREATE INDEX cluster_budgets_expires_at ON cluster_budgets (expires_at)",
+        _PRESENCE,
+        _JOIN,
+        _ENQUEUE_ROUTED,
+        _HEARTBEAT,
+        _FORGET,
+        _SPEND,
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,4 +1,5 @@
-"""The PostgreSQL backend: the whole ``Store`` contract on one database (one relayd per database for now, ``owner``).
+"""The PostgreSQL backend: the whole ``Store`` contract on one database (one relayd per database unless the cluster
+runs on it, ``owner``).
 
 Each operation is a job on the link's pool (``link``); an awaited write has
 committed. An enqueue is one call of the ``relayd_enqueue`` function (one
@@ -29,8 +30,10 @@ from .queue import (
     NumberingCollision,
     add_receipt_rows,
     delete_messages,
+    enqueue_routed_row,
     enqueue_row,
     enqueue_rows,
+    pairs,
     from_pg,
     to_pg,
     expire_chunk,
@@ -54,9 +57,10 @@ class PostgresStore:
     name = "postgres"
 
     def __init__(self, url: str, *, pool_min: int = 1, pool_size: int = 10, connect_timeout_s: float = 5.0,
-                 command_timeout_s: float = 5.0, probe_interval_s: float = 1.0) -> None:
+                 command_timeout_s: float = 5.0, probe_interval_s: float = 1.0, exclusive: bool = True) -> None:
         self._link = PgLink(url, pool_min=pool_min, pool_size=pool_size, connect_timeout_s=connect_timeout_s,
-                            command_timeout_s=command_timeout_s, probe_interval_s=probe_interval_s)
+                            command_timeout_s=command_timeout_s, probe_interval_s=probe_interval_s,
+                            exclusive=exclusive)
         self._link.on_recovery = self._totals_stale
         self._totals = Totals()
         self._keys = PgKeyDirectory(self._link, self._totals)
@@ -141,6 +145,42 @@ class PostgresStore:
             if result is EnqueueResult.QUEUED or result is EnqueueResult.DUPLICATE:
                 msg.seq = seq
         return [result for result, _ in results]
+
+    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
+                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, dict[str, str]]:
+        """``enqueue``, and the recipient's presence (``relayd.cluster``) read in the same transaction, under the
+        recipient's presence lock: a session registered after this commit reads its backlog after it; one
+        registered before is in the returned presence. ``watcher`` is told when that presence next changes."""
+        if self._totals.stale:
+            await self._read_totals()
+
+        async def job(conn: Any) -> tuple[tuple[EnqueueResult, int, list[str]], Delta]:
+            outcome, delta, presence = await enqueue_routed_row(conn, msg, limits, self._totals.bytes, watcher,
+                                                                watch_ttl_ms)
+            return (outcome[0], outcome[1], presence), delta
+        try:
+            result, seq, presence = await self._tracked(self._link.run(job, write=True))
+        except NumberingCollision:
+            last = await self._link.run(resync_numbering, write=True)
+            log.error("a message seq was already taken: something else numbered messages in this database; the "
+                      "write failed and new messages now start after seq %d", last)
+            raise
+        if result is EnqueueResult.QUEUED or result is EnqueueResult.DUPLICATE:
+            msg.seq = seq
+        return result, pairs(presence)
+
+    async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, dict[str, str]]]:
+        """``restore``, and each recipient's presence read in the same transaction (see ``enqueue_routed``)."""
+        if not messages:
+            return 0, {}
+
+        async def job(conn: Any) -> tuple[tuple[int, dict[str, dict[str, str]]], Delta]:
+            restored, delta = await restore_rows(conn, messages)
+            found: dict[str, dict[str, str]] = {}
+            for recipient in sorted({m.recipient for m in messages}):  # the queue rows are held: no lock cycle
+                found[recipient] = pairs(await conn.fetchval("SELECT relayd_presence($1, '', 0)", recipient))
+            return (restored, found), delta
+        return await self._tracked(self._link.run(job, write=True, transaction=True))
 
     async def restore(self, messages: list[QueuedMessage]) -> int:
         if not messages:

@@ -1,0 +1,340 @@
+"""The cluster's ``Backplane`` on PostgreSQL: inboxes over LISTEN/NOTIFY, presence and budgets in (unlogged) tables.
+
+Each instance LISTENs on a channel of its own, on a connection of its own
+outside the pool, whose ``application_name`` names the inbox: a publish
+counts the listeners it reached by looking that name up in
+``pg_stat_activity`` in the same round trip (an instance that is gone or
+resubscribing took nothing, at once, as on Redis).
+
+Publishes leave in order on one publishing connection, also outside the
+pool: everything queued while a round trip is under way goes together in the
+next one (one ``pg_notify`` per notice, in order, in one statement). A
+publish leaves only once the writes this instance began before it have
+ended, as it would queue behind them on Redis's ordered link: a peer told of
+something finds it written.
+PostgreSQL delivers one transaction's notifications in order, and drops a
+repeated (channel, payload) within one transaction, so each payload starts
+with a counter. A payload may hold at most 8000 bytes: a longer envelope is
+sent as consecutive chunks, which the listener joins per sending backend.
+
+Budget spends, routed enqueues and restores of one recipient run one after
+the other, in the order they were made (Redis applies an instance's writes,
+and answers them, in order; a pool would not): a sender's messages are
+stored in send order and get their seqs in it, which is the order a peer
+reading the queue delivers them in.
+
+Presence, watches, heartbeats and budgets are the SQL functions of schema
+version 2 (``relayd.storage.postgres.schema``): one round trip each, the
+clock PostgreSQL's, and every write of an address's presence ordered against
+routed enqueues of it by a per-address advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from ..storage.postgres.link import describe, server_cannot_serve
+from ..storage.postgres.queue import pairs
+from ..storage.postgres.store import PostgresStore
+from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
+from .backplane import Beat, InboxEvents, PresenceEntries
+
+log = logging.getLogger("relayd.cluster")
+T = TypeVar("T")
+
+CHUNK = 7900
+"""Characters of an envelope per notification (ASCII JSON: bytes), leaving room for the header under 8000."""
+CHECK_S = 1.0
+"""How often a quiet inbox connection is checked for having closed."""
+PUBLISH = ("SELECT (SELECT count(pg_notify(c, p)) FROM unnest($1::text[], $2::text[]) AS u(c, p)) AS sent, "
+           "ARRAY(SELECT DISTINCT application_name FROM pg_stat_activity WHERE application_name = ANY($3::text[])) "
+           "AS heard")
+"""The notices of one batch in order, and which of the inboxes they went to listen (one round trip)."""
+
+
+def _name(instance: str) -> str:
+    return hashlib.sha256(instance.encode()).hexdigest()[:32]
+
+
+def chunks(data: str, counter: itertools.count[int]) -> list[str]:
+    """``data`` as notification payloads: ``<n><flag> <part>``; the flag is ``=`` (whole), ``<`` (first of
+    several), ``+`` (more follow) or ``>`` (last)."""
+    if len(data) <= CHUNK:
+        return [f"{next(counter)}= {data}"]
+    parts = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]
+    flags = ["<"] + ["+"] * (len(parts) - 2) + [">"]
+    return [f"{next(counter)}{flag} {part}" for flag, part in zip(flags, parts)]
+
+
+class Joiner:
+    """Joins the chunks of envelopes, per sending backend; calls ``deliver`` with each whole envelope."""
+
+    def __init__(self, deliver: Callable[[str], None]) -> None:
+        self.deliver = deliver
+        self.partial: dict[int, list[str]] = {}
+
+    def heard(self, pid: int, payload: str) -> None:
+        head, _, part = payload.partition(" ")
+        flag = head[-1:]
+        if flag == "=":
+            self.deliver(part)
+        elif flag == "<":
+            self.partial[pid] = [part]
+        elif pid in self.partial:
+            self.partial[pid].append(part)
+            if flag == ">":
+                self.deliver("".join(self.partial.pop(pid)))
+        else:
+            log.warning("ignoring a cluster notice whose first part was lost")
+
+
+class PostgresBackplane:
+    """``Backplane`` on the store's PostgreSQL database (see the module docstring)."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self.link = store.link
+        self.deadline_s = self.link.connect_timeout_s + self.link.command_timeout_s
+        self._counter = itertools.count(1)
+        self._outbox: list[tuple[str, list[str], str, asyncio.Future[int], list[asyncio.Future[None]]]] = []
+        self._wake: asyncio.Event | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        self._tails: dict[str, asyncio.Future[None]] = {}
+        """Per recipient, the end of its last routed write made so far (the next one starts after it)."""
+
+    @staticmethod
+    def channel(instance: str) -> str:
+        return f"relayd_inbox_{_name(instance)}"
+
+    @staticmethod
+    def application_name(instance: str) -> str:
+        return f"relayd inbox {_name(instance)}"
+
+    async def _run(self, sql: str, *args: Any) -> Any:
+        return await self.link.run(lambda c: c.fetchrow(sql, *args), write=True)
+
+    # Inboxes
+
+    def publish(self, instance: str, data: str) -> asyncio.Future[int]:
+        if not self.link.healthy:
+            raise StorageUnavailable(self.link.problem or "PostgreSQL is unavailable")
+        sent: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        sent.add_done_callback(_retrieve)
+        self._outbox.append((self.channel(instance), chunks(data, self._counter), self.application_name(instance),
+                             sent, list(self.link.writing)))
+        if self._publisher is None or self._publisher.done():
+            self._wake = asyncio.Event()
+            self._publisher = asyncio.get_running_loop().create_task(self._publish_loop(), name="relayd-pg-publish")
+        assert self._wake is not None
+        self._wake.set()
+        return sent
+
+    async def _publish_loop(self) -> None:
+        """Send what is queued, in order, one round trip at a time, on a connection of its own."""
+        assert self._wake is not None
+        conn: Any = None
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self._outbox = self._outbox, []
+                if not batch:
+                    continue
+                earlier = [w for *_, writes in batch for w in writes if not w.done()]
+                if earlier:  # a notice leaves after the writes made before it, as on Redis's ordered link
+                    await asyncio.wait(earlier, timeout=self.deadline_s)
+                channels, payloads = [], []
+                for channel, parts, *_ in batch:
+                    channels += [channel] * len(parts)
+                    payloads += parts
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await self.link.connect_one("relayd")
+                    row = await conn.fetchrow(PUBLISH, channels, payloads, sorted({b[2] for b in batch}))
+                except Exception as exc:
+                    if not server_cannot_serve(exc):
+                        log.exception("publishing cluster notices failed")
+                    await _close(conn)
+                    conn = None
+                    failure = StorageUnavailable(describe(exc))
+                    for _, _, _, sent, _ in batch:
+                        if not sent.done():
+                            sent.set_exception(failure)
+                    continue
+                heard = set(row["heard"] or ())
+                for _, _, name, sent, _ in batch:
+                    if not sent.done():
+                        sent.set_result(1 if name in heard else 0)
+        finally:
+            await _close(conn)
+
+    async def listen(self, instance: str, events: InboxEvents) -> None:
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[None] = loop.create_future()
+        joiner = Joiner(events.received)
+        try:
+            conn = await self.link.connect_one(self.application_name(instance))
+        except Exception as exc:
+            if server_cannot_serve(exc):
+                raise StorageUnavailable(describe(exc)) from None
+            raise
+
+        def terminated(_: Any) -> None:
+            if not lost.done():
+                lost.set_result(None)
+        try:
+            conn.add_termination_listener(terminated)
+            async with asyncio.timeout(self.deadline_s):
+                await conn.add_listener(self.channel(instance),
+                                        lambda _c, pid, _ch, payload: joiner.heard(pid, payload))
+            events.confirmed()
+            while not lost.done() and not conn.is_closed():
+                try:
+                    await asyncio.wait_for(asyncio.shield(lost), CHECK_S)
+                except TimeoutError:
+                    pass
+            raise StorageUnavailable("the cluster inbox's PostgreSQL connection closed")
+        except (OSError, TimeoutError) as exc:
+            raise StorageUnavailable(describe(exc)) from None
+        except Exception as exc:
+            if isinstance(exc, StorageUnavailable) or not server_cannot_serve(exc):
+                raise
+            raise StorageUnavailable(describe(exc)) from None
+        finally:
+            await _close(conn)
+
+    def on_recovery(self, callback: Callable[[], None]) -> None:
+        before = self.link.on_recovery
+
+        def both() -> None:
+            if before is not None:
+                before()
+            callback()
+        self.link.on_recovery = both
+
+    async def close(self) -> None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.cancel()
+            try:
+                await publisher
+            except asyncio.CancelledError:
+                pass
+
+    # Presence
+
+    def join(self, address: str, instance: str, kind: str,
+             watch_ttl_ms: int) -> asyncio.Future[tuple[list[str], PresenceEntries]]:
+        if not self.link.healthy:
+            raise StorageUnavailable(self.link.problem or "PostgreSQL is unavailable")
+        return asyncio.ensure_future(self._join(address, instance, kind, watch_ttl_ms))
+
+    async def _join(self, address: str, instance: str, kind: str,
+                    watch_ttl_ms: int) -> tuple[list[str], PresenceEntries]:
+        row = await self._run("SELECT o_watchers, o_presence FROM relayd_join($1, $2, $3, $4)", address, instance,
+                              kind, watch_ttl_ms)
+        return [str(w) for w in row["o_watchers"] or ()], pairs(row["o_presence"])
+
+    async def lookup(self, address: str, instance: str, watch_ttl_ms: int) -> PresenceEntries:
+        row = await self._run("SELECT relayd_presence($1, $2, $3) AS p", address, instance, watch_ttl_ms)
+        return pairs(row["p"])
+
+    async def presence_of(self, addresses: list[str]) -> list[PresenceEntries]:
+        rows = await self.link.run(lambda c: c.fetch(
+            "SELECT address, instance, kind FROM cluster_presence WHERE address = ANY($1::text[])", addresses),
+            write=False)
+        found: dict[str, PresenceEntries] = {}
+        for row in rows:
+            found.setdefault(row["address"], {})[row["instance"]] = row["kind"]
+        return [found.get(a, {}) for a in addresses]
+
+    async def registered(self) -> list[str]:
+        rows = await self.link.run(lambda c: c.fetch("SELECT instance FROM cluster_instances ORDER BY beat_at"),
+                                   write=False)
+        return [str(r["instance"]) for r in rows]
+
+    async def addresses_of(self, instances: list[str]) -> list[str]:
+        rows = await self.link.run(lambda c: c.fetch(
+            "SELECT DISTINCT address FROM cluster_presence WHERE instance = ANY($1::text[]) ORDER BY address",
+            instances), write=False)
+        return [str(r["address"]) for r in rows]
+
+    async def heartbeat(self, instance: str, ttl_ms: int, forget_after_ms: int) -> Beat:
+        row = await self._run("SELECT o_age, o_live, o_lapsed, o_dead FROM relayd_heartbeat($1, $2, $3)", instance,
+                              ttl_ms, forget_after_ms)
+        age = row["o_age"]
+        return Beat(None if age is None else int(age), tuple(row["o_live"] or ()), tuple(row["o_lapsed"] or ()),
+                    tuple(row["o_dead"] or ()))
+
+    async def put_counts(self, instance: str, counts: str) -> None:
+        await self.link.run(lambda c: c.execute("UPDATE cluster_instances SET counts = $2 WHERE instance = $1",
+                                                instance, counts), write=True)
+
+    async def counts(self) -> dict[str, str]:
+        rows = await self.link.run(lambda c: c.fetch("SELECT instance, counts FROM cluster_instances"), write=False)
+        return {str(r["instance"]): str(r["counts"]) for r in rows}
+
+    async def leave(self, instance: str) -> None:
+        await self.link.run(lambda c: c.execute("DELETE FROM cluster_instances WHERE instance = $1", instance),
+                            write=True)
+
+    async def forget(self, instance: str, chunk: int) -> AsyncIterator[tuple[list[str], list[str]]]:
+        while True:
+            row = await self._run("SELECT o_addresses, o_watchers FROM relayd_forget($1, $2)", instance, chunk)
+            addresses = [str(a) for a in row["o_addresses"] or ()]
+            if not addresses:
+                return
+            yield addresses, [str(w) for w in row["o_watchers"] or ()]
+
+    # Storage routed by presence, and shared counters
+
+    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str,
+                             watch_ttl_ms: int) -> tuple[EnqueueResult, PresenceEntries]:
+        return await self._in_order([msg.recipient], lambda: self.store.enqueue_routed(
+            msg, limits, watcher=watcher, watch_ttl_ms=watch_ttl_ms))
+
+    async def restore_routed(self, messages: list[QueuedMessage]) -> dict[str, PresenceEntries]:
+        _, found = await self._in_order(sorted({m.recipient for m in messages}),
+                                        lambda: self.store.restore_routed(messages))
+        return found
+
+    async def _in_order(self, recipients: list[str], write: Callable[[], Awaitable[T]]) -> T:
+        """Run ``write`` once the routed writes of these recipients made before it have ended (either way)."""
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        before = {self._tails[r] for r in recipients if r in self._tails}
+        for recipient in recipients:
+            self._tails[recipient] = mine
+        try:
+            if before:
+                await asyncio.wait(before)
+            return await write()
+        finally:
+            mine.set_result(None)
+            for recipient in recipients:
+                if self._tails.get(recipient) is mine:
+                    del self._tails[recipient]
+
+    async def spend(self, key: str, recipient: str, budget: int, window_ms: int) -> bool:
+        row = await self._in_order([recipient], lambda: self._run("SELECT relayd_spend($1, $2, $3, $4) AS ok", key,
+                                                                  recipient, budget, window_ms))
+        return bool(row["ok"])
+
+
+def _retrieve(sent: asyncio.Future[int]) -> None:
+    """A publish nobody awaits must not log "exception never retrieved"."""
+    if not sent.cancelled():
+        sent.exception()
+
+
+async def _close(conn: Any) -> None:
+    if conn is None:
+        return
+    try:
+        await asyncio.wait_for(conn.close(), 2)
+    except Exception:
+        conn.terminate()

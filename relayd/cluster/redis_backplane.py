@@ -1,0 +1,257 @@
+"""The cluster's ``Backplane`` on Redis: inboxes on (sharded) Pub/Sub, presence and budgets in Lua scripts.
+
+Each instance's inbox is the channel ``PREFIX{INSTANCE}:inbox``. On Redis 7
+and later these are shard channels (``SSUBSCRIBE``/``SPUBLISH``): on a
+Cluster a message travels to the one shard that owns the inbox's slot instead
+of being broadcast to every node; older servers get plain
+``SUBSCRIBE``/``PUBLISH``. Publishes go through the store's ordered write
+queue (``RedisLink``), so one instance's messages to another arrive in the
+order they were sent and share round trips with its writes. The inbox is read
+with redis-py's PubSub on a connection of its own.
+
+Redis holds, per address, which instances have sessions of it
+(``{address}:on``: instance -> kind) and who watches it, plus, per hash slot,
+each instance's set of addresses (so a dead instance's entries can be found),
+and a registry of heartbeats (a ZSET scored by the Redis clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+from redis import exceptions as rx
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+
+from ..storage.redis.layout import slot_tag
+from ..storage.redis.reasons import describe
+from ..storage.redis.store import RedisStore
+from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
+from . import scripts
+from .backplane import Beat, InboxEvents, PresenceEntries
+
+log = logging.getLogger("relayd.cluster")
+
+SLOT_BATCH = 500
+
+
+def entries(flat: Sequence[Any]) -> PresenceEntries:
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+class RoutedQueues(Protocol):
+    """Writes of messages that read the recipient's presence in the same atomic step (``RedisStore``'s, or
+    ``relayd.storage.sealed.SealedStore``'s over it)."""
+
+    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
+                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, PresenceEntries]: ...
+
+    async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, PresenceEntries]]: ...
+
+
+class RedisBackplane:
+    """``Backplane`` on the store's Redis (see the module docstring). With encryption at rest, ``sealed`` is the
+    sealing layer over ``store`` (messages are written through it) and ``queue_key`` its blind index: an
+    address's presence shares its queue's hash tag, and the shared budgets name no address in clear."""
+
+    def __init__(self, store: RedisStore, *, sealed: RoutedQueues | None = None,
+                 queue_key: Callable[[str], str] = str) -> None:
+        self.store = store
+        self.queues: RoutedQueues = sealed if sealed is not None else store
+        self.queue_key = queue_key
+        self.link = store.link
+        self.layout = store.layout
+        self.deadline_s = store.link.deadline_s
+        self.registry = f"{self.layout.prefix}cluster:nodes"
+        self.counts_key = f"{self.layout.prefix}cluster:counts"
+        """HASH instance -> its connection counts (JSON), written with each heartbeat, for operators."""
+        self._sharded: bool | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """Shard channels, unless the server is older than Redis 7 (known once the store opened)."""
+        if self._sharded is None:
+            version = self.store.server_version
+            self._sharded = not version or version >= (7, 0)
+        return self._sharded
+
+    def inbox(self, instance: str) -> str:
+        return f"{self.layout.prefix}{{{instance}}}:inbox"
+
+    def _keys(self, address: str, instance: str) -> tuple[str, str, str]:
+        """(presence HASH, watchers SET, the instance's SET of addresses in that slot), in the slot of the
+        address's queue."""
+        queue = self.queue_key(address)
+        keys = self.layout.recipient(queue)
+        return keys.presence, keys.watchers, self._mine(self.layout.slot_of(queue), instance)
+
+    def _mine(self, slot: int, instance: str) -> str:
+        return f"{self.layout.prefix}{{{slot_tag(slot)}}}:on:{instance}"
+
+    # Inboxes
+
+    def publish(self, instance: str, data: str) -> asyncio.Future[int]:
+        channel = self.inbox(instance)
+        sent: asyncio.Future[int] = self.link.post_command("SPUBLISH" if self.sharded else "PUBLISH", channel,
+                                                           data, key=channel)
+        return sent
+
+    async def listen(self, instance: str, events: InboxEvents) -> None:
+        """Subscribe with redis-py's PubSub and read until the connection fails or the inbox's slot moves."""
+        channel = self.inbox(instance)
+        while True:
+            client: Redis[str] | None = None
+            pubsub: PubSub | None = None
+            try:
+                client = await self._subscriber(channel)
+                pubsub = client.pubsub()
+                async with asyncio.timeout(self.deadline_s):
+                    if self.sharded:  # ssubscribe: redis-py >= 5 (not in the types-redis stubs)
+                        await pubsub.ssubscribe(channel)  # type: ignore[attr-defined]
+                    else:
+                        await pubsub.subscribe(channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)  # None: nothing within 1 s
+                    if message is None:
+                        continue
+                    kind = message.get("type")
+                    if kind in ("message", "smessage"):
+                        events.received(message["data"])
+                    elif kind in ("subscribe", "ssubscribe"):
+                        events.confirmed()
+                    elif kind in ("sunsubscribe", "unsubscribe"):  # the slot moved: subscribe again
+                        return
+            except rx.ResponseError as exc:
+                if self.sharded and "unknown command" in str(exc).lower():
+                    log.warning("Redis has no sharded Pub/Sub (Redis 7): the cluster uses plain Pub/Sub")
+                    self._sharded = False
+                    continue
+                raise StorageUnavailable(describe(exc)) from exc
+            except (rx.RedisError, OSError, TimeoutError) as exc:
+                raise StorageUnavailable(describe(exc)) from exc
+            finally:
+                await _close_quietly(pubsub, client, self.deadline_s)
+
+    async def _subscriber(self, channel: str) -> Redis[str]:
+        """A client of its own to the server, or to the Cluster node that owns the inbox's slot."""
+        url = None
+        client = self.link.client
+        if isinstance(client, RedisCluster):
+            async def initialize(_: Any) -> None:
+                await client.initialize()
+            await self.link.read(initialize)
+            node = client.get_node_from_key(channel)
+            if node is None:
+                raise StorageUnavailable("the Redis Cluster has no node for the inbox's slot")
+            parts = urllib.parse.urlsplit(self.link.url)
+            auth = parts.netloc.rpartition("@")[0]
+            host = f"[{node.host}]" if ":" in node.host else node.host
+            url = urllib.parse.urlunsplit(parts._replace(netloc=f"{auth + '@' if auth else ''}{host}:{node.port}"))
+        return self.link.subscriber(url)
+
+    def on_recovery(self, callback: Callable[[], None]) -> None:
+        self.link.health.on_recovery = callback
+
+    async def close(self) -> None:
+        """Nothing of its own: publishes use the store's link, which the store closes."""
+
+    # Presence
+
+    def join(self, address: str, instance: str, kind: str,
+             watch_ttl_ms: int) -> asyncio.Future[tuple[list[str], PresenceEntries]]:
+        self.store.note_slot(self.layout.slot_of(self.queue_key(address)))
+        posted = self.link.post(scripts.JOIN, self._keys(address, instance), [address, instance, kind, watch_ttl_ms])
+        return asyncio.ensure_future(_joined(posted))
+
+    async def lookup(self, address: str, instance: str, watch_ttl_ms: int) -> PresenceEntries:
+        presence, watchers = self._keys(address, instance)[:2]
+        return entries(await self.link.write(scripts.LOOKUP, [presence, watchers], [instance, watch_ttl_ms]))
+
+    async def presence_of(self, addresses: list[str]) -> list[PresenceEntries]:
+        async def work(client: Any) -> list[Any]:
+            pipe = self.store.pipeline(client)
+            for address in addresses:
+                pipe.hgetall(self.layout.recipient(self.queue_key(address)).presence)
+            return list(await pipe.execute())
+        return [dict(found or {}) for found in await self.link.read(work)]
+
+    async def registered(self) -> list[str]:
+        return list(await self.link.read(lambda c: c.zrange(self.registry, 0, -1)))
+
+    async def addresses_of(self, instances: list[str]) -> list[str]:
+        out: list[str] = []
+        pairs = [(s, i) for s in await self.store.slots() for i in instances]
+        for start in range(0, len(pairs), SLOT_BATCH):
+            part = pairs[start:start + SLOT_BATCH]
+
+            async def work(client: Any, part: list[tuple[int, str]] = part) -> list[Any]:
+                pipe = self.store.pipeline(client)
+                for slot, instance in part:
+                    pipe.smembers(self._mine(slot, instance))
+                return list(await pipe.execute())
+            for members in await self.link.read(work):
+                out.extend(sorted(members))
+        return out
+
+    async def heartbeat(self, instance: str, ttl_ms: int, forget_after_ms: int) -> Beat:
+        age, live, lapsed, dead = await self.link.write(scripts.HEARTBEAT, [self.registry],
+                                                        [instance, ttl_ms, forget_after_ms])
+        return Beat(None if age == "" else int(age), tuple(live), tuple(lapsed), tuple(dead))
+
+    async def put_counts(self, instance: str, counts: str) -> None:
+        await self.link.command("HSET", self.counts_key, instance, counts, key=self.counts_key)
+
+    async def counts(self) -> dict[str, str]:
+        return dict(await self.link.read(lambda c: c.hgetall(self.counts_key)))
+
+    async def leave(self, instance: str) -> None:
+        await self.link.write(scripts.LEAVE_REGISTRY, [self.registry], [instance])
+        await self.link.command("HDEL", self.counts_key, instance, key=self.counts_key)
+
+    async def forget(self, instance: str, chunk: int) -> AsyncIterator[tuple[list[str], list[str]]]:
+        for slot in await self.store.slots():
+            mine = self._mine(slot, instance)
+            members = sorted(await self.link.read(lambda c: c.smembers(mine)))
+            for start in range(0, len(members), chunk):
+                part = members[start:start + chunk]
+                keys = [mine]
+                for address in part:
+                    keys += self._keys(address, instance)[:2]
+                watchers = set(await self.link.write(scripts.FORGET, keys, [instance, *part]))
+                yield part, sorted(watchers)
+
+    # Storage routed by presence, and shared counters
+
+    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str,
+                             watch_ttl_ms: int) -> tuple[EnqueueResult, PresenceEntries]:
+        return await self.queues.enqueue_routed(msg, limits, watcher=watcher, watch_ttl_ms=watch_ttl_ms)
+
+    async def restore_routed(self, messages: list[QueuedMessage]) -> dict[str, PresenceEntries]:
+        _, found = await self.queues.restore_routed(messages)
+        return found
+
+    async def spend(self, key: str, recipient: str, budget: int, window_ms: int) -> bool:
+        blind = self.queue_key  # no address in clear in a budget either (with encryption at rest)
+        name = f"{self.layout.prefix}{{nq:{blind(key)}}}"
+        return int(await self.link.write(scripts.SPEND, [name], [blind(recipient), budget, window_ms])) == 1
+
+
+async def _joined(posted: asyncio.Future[Any]) -> tuple[list[str], PresenceEntries]:
+    watchers, found = await posted
+    return [str(w) for w in watchers], entries(found)
+
+
+async def _close_quietly(pubsub: PubSub | None, client: Redis[str] | None, timeout: float) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            if pubsub is not None:
+                await pubsub.aclose()  # type: ignore[attr-defined]  # redis-py >= 5; not in the types-redis stubs
+            if client is not None:
+                await client.aclose(close_connection_pool=True)  # type: ignore[attr-defined]
+    except (rx.RedisError, OSError, TimeoutError):
+        pass
