@@ -20,6 +20,7 @@ import re
 import hashlib
 import base64
 import http.client
+import importlib.util
 import json
 import logging
 import os
@@ -35,6 +36,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+import pytest
 
 from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -57,6 +60,20 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_FACTOR = float(os.environ.get("RELAYD_TEST_TIMEOUT_FACTOR", "1"))
 
 T = TypeVar("T")
+
+
+HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
+EVENT_LOOPS = [pytest.param("asyncio"),
+               pytest.param("uvloop", marks=pytest.mark.skipif(not HAS_UVLOOP, reason="uvloop is not installed"))]
+"""Parameters for a fixture that runs its relay on each ``[server] event_loop`` (the test extra installs uvloop)."""
+
+
+def new_loop(event_loop: str = "asyncio") -> asyncio.AbstractEventLoop:
+    """A fresh loop of the kind ``[server] event_loop`` names, for a relay run in this process."""
+    if event_loop == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def scaled(timeout: float) -> float:
@@ -368,8 +385,10 @@ def make_config(**sections: dict[str, Any]) -> Config:
     """``make_config(server={"auth_timeout_s": "1"})``: defaults plus overrides, memory storage, 127.0.0.1:0."""
     # A session that has not sent a frame gets its backlog after [queue] flush_delay_ms (the app listens late);
     # tests that are not about that hold start with it off, so a fresh session takes its backlog at once.
+    # RELAYD_TEST_EVENT_LOOP=uvloop runs every in-process relay on uvloop (ThreadRelay reads the key).
     overrides = [("storage", "backend", "memory"), ("server", "host", "127.0.0.1"), ("server", "port", "0"),
-                 ("queue", "flush_delay_ms", "0")]
+                 ("queue", "flush_delay_ms", "0"),
+                 ("server", "event_loop", os.environ.get("RELAYD_TEST_EVENT_LOOP", "asyncio"))]
     for section, values in sections.items():
         overrides += [(section, k, str(v)) for k, v in values.items()]
     return load_config(None, environ={}, overrides=overrides)
@@ -782,7 +801,7 @@ class ThreadRelay(_Endpoints):
     """A RelayServer on its own event loop in a daemon thread (start with the ``start_relay`` fixture)."""
 
     def __init__(self, config: Config, store: Store | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_loop(config.server.event_loop)
         self.server = RelayServer(config, store, clock)
         started = threading.Event()
         self.error: BaseException | None = None

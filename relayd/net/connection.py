@@ -21,7 +21,7 @@ from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import Server
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import DATA_OPCODES, CloseCode, Frame, Opcode
-from websockets.protocol import OPEN
+from websockets.protocol import CLOSED, OPEN
 from websockets.server import ServerProtocol
 
 from ..ratelimit import FrameLimiter, Verdict
@@ -108,7 +108,9 @@ class RelayConnection(HttpConnection):
         finally:
             if opened:
                 end_batch()
-        if self.protocol.state is OPEN and self.transport.get_write_buffer_size() > self.limits.max_outbound:
+        # CLOSING too: websockets answers pings until the peer's close frame comes, which a flooding peer never
+        # sends, so unread pongs would pile up for the whole close_timeout.
+        if self.protocol.state is not CLOSED and self.transport.get_write_buffer_size() > self.limits.max_outbound:
             self.cut("its peer sends without reading (control frames pile up)")
             return
         self._recharge()
