@@ -121,6 +121,8 @@ class HttpConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if not self.request_rcvd.done():  # the handshake loop waits on this one future only
+            self.request_rcvd.set_result(None)
         if self.counted:
             self.context.released(self)
 
@@ -223,6 +225,9 @@ class HttpConnection(ServerConnection):
                 await self._accept_websocket(server_header)
                 return
             served += 1
+            if not item.keep_alive and not self._requests and not self.protocol.reader.buffer:
+                await self._answer_and_close(response)
+                return
             if (not item.keep_alive or served >= self.limits.max_requests or not self.server.is_serving()
                     or self.transport.is_closing()):
                 await self._answer_last(response)
@@ -241,15 +246,32 @@ class HttpConnection(ServerConnection):
 
     async def _next_request(self, timeout: float) -> ParsedRequest | BadRequest | None:
         if not self._requests:
-            self.request_rcvd = self.loop.create_future()
+            if self.connection_lost_waiter.done():
+                return None
+            self.request_rcvd = self.loop.create_future()  # set by the next request, or by connection_lost
             try:
                 async with asyncio.timeout(timeout):
-                    await asyncio.wait([self.request_rcvd, self.connection_lost_waiter],
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await self.request_rcvd
             except TimeoutError:
                 self.transport.abort() if self.in_head else self.transport.close()
                 return None
         return self._requests.pop(0) if self._requests else None
+
+    async def _answer_and_close(self, response: Response) -> None:
+        """The answer to a request that asked to close (the app's key lookups), when nothing follows it: written,
+        then the socket closes once the answer is flushed. A plain close, not websockets' way below (a half-close,
+        then a wait for the client's FIN): that costs a shutdown(), a wake-up, a read and the EOF's callbacks more
+        per request, and the client sent all it will. Bytes it sends anyway would turn the FIN into a reset."""
+        self.protocol.send_response(response)  # the protocol's state moves on as websockets' way does
+        for data in self.protocol.data_to_send():
+            if data:  # the empty one is its EOF: close() below sends the FIN
+                self.transport.write(data)
+        self.transport.close()
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await asyncio.shield(self.connection_lost_waiter)
+        except TimeoutError:  # the client does not read the answer
+            self.transport.abort()
 
     async def _answer_last(self, response: Response) -> None:
         """The connection's last answer: sent with EOF, then the client is given time to close."""
