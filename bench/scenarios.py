@@ -124,7 +124,7 @@ def queued_phase(ctx: Any, run: Any, tag: str) -> tuple[dict[str, Any], int]:
 
 
 def s1_live(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
-    labels = ["relayd/memory", "baseline", "node"]
+    labels = ["relayd/memory", "relayd/uvloop", "baseline", "node"]
     variants = ctx.variants(labels)
     P, W = p["pairs"], p["window"]
 
@@ -160,7 +160,8 @@ def s1_live(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     rep.raw["1_live"] = dataclasses.asdict(rounds)
     sec = rep.section(f"1. live routing ({P} pairs x {p['count']:,} messages, {W} in flight per sender, "
                       f"{p['content_bytes']} B content; relayd memory backend; {ctx.rounds_text()})",
-                      labels, [("relayd/memory", "baseline"), ("relayd/memory", "node")], ctx.absent(labels))
+                      labels, [("relayd/memory", "baseline"), ("relayd/memory", "node"), ("relayd/uvloop", "node")],
+                      ctx.absent(labels))
     sec.rounds_row("routed messages/s at max rate", rounds, "max_rate", note="higher is better")
     sec.rounds_row("server CPU us / routed message, max rate", rounds, "max_cpu_us", note="lower is better")
     sec.rounds_row("server CPU us / routed message, half rate", rounds, "paced_cpu_us", note="lower is better")
@@ -171,6 +172,7 @@ def s1_live(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     sec.rounds_row("p50 latency at half rate (ms)", rounds, "paced_p50_ms", digits=2)
     sec.rounds_row("p99 latency at half rate (ms)", rounds, "paced_p99_ms", digits=2,
                    verdict=target("relayd/memory", lambda v: v < 50, "relayd < 50 ms"))
+    sec.note("relayd/memory runs on asyncio's loop (the pure default), relayd/uvloop on uvloop (the fast extra)")
     if ctx.perf_ok:
         sec.rounds_row("write syscalls / routed message, max rate", rounds, "max_writes", digits=2,
                        note="write+writev+sendto+sendmsg, counted by perf; 2 = one per frame")
@@ -198,7 +200,7 @@ def discarded_note(sec: Section, rounds: Rounds) -> None:
 # 2. Idle connections
 
 def s2_idle(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
-    labels = ["relayd/memory", "baseline", "node"]
+    labels = ["relayd/memory", "relayd/uvloop", "baseline", "node"]
     n = p["connections"]
 
     def one(srv: Server, procs: int) -> dict[str, Any]:
@@ -213,7 +215,8 @@ def s2_idle(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     rep.raw["2_idle"] = dataclasses.asdict(rounds)
     sec = rep.section(f"2. idle connections ({n:,} authenticated and idle; relayd memory backend; "
                       f"{ctx.rounds_text()})", labels,
-                      [("relayd/memory", "baseline"), ("relayd/memory", "node")], ctx.absent(labels))
+                      [("relayd/memory", "baseline"), ("relayd/memory", "node"), ("relayd/uvloop", "node")],
+                      ctx.absent(labels))
 
     sec.rounds_row("RSS growth per connection (KiB)", rounds, "per_conn_kb", digits=2, note="lower is better",
                    verdict=ratio_target("relayd/memory", "node", lambda r: r <= 1.5, "relayd <= 1.5 x node"))
@@ -227,7 +230,7 @@ def s2_idle(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
 # 3. Offline path
 
 def s3_offline(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
-    labels = ["relayd/sqlite", "relayd/memory", "baseline", "node"]
+    labels = ["relayd/sqlite", "relayd/sqlite+uvloop", "relayd/memory", "baseline", "node"]
     variants = ctx.variants(labels, queue_max=10_000_000)
 
     def one(srv: Server, procs: int) -> dict[str, Any]:
@@ -241,8 +244,8 @@ def s3_offline(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     rep.raw["3_offline"] = dataclasses.asdict(rounds)
     sec = rep.section(f"3. offline path ({p['senders']} senders x {p['window']} in flight to {p['recipients']:,} "
                       f"distinct offline recipients, {p['duration']:g} s; {ctx.rounds_text()})", labels,
-                      [("relayd/sqlite", "relayd/memory"), ("relayd/sqlite", "node"), ("relayd/memory", "node")],
-                      ctx.absent(labels))
+                      [("relayd/sqlite", "relayd/memory"), ("relayd/sqlite", "node"), ("relayd/sqlite+uvloop", "node"),
+                       ("relayd/memory", "node")], ctx.absent(labels))
     sec.rounds_row("queued/s", rounds, "rate", note="higher is better",
                    verdict=target("relayd/sqlite", lambda v: v >= 20000, "sqlite >= 20,000/s"))
     sec.rounds_row("server CPU us / queued message", rounds, "cpu_us", note="incl. the SQLite writer thread")
@@ -254,7 +257,7 @@ def s3_offline(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
 # 4. Reconnect flush
 
 def s4_flush(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
-    labels = ["relayd/sqlite", "relayd/memory", "baseline", "node"]
+    labels = ["relayd/sqlite", "relayd/sqlite+uvloop", "relayd/memory", "baseline", "node"]
     n = p["messages"]
 
     def one(srv: Server, procs: int) -> dict[str, Any]:
@@ -271,8 +274,8 @@ def s4_flush(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     rep.raw["4_flush"] = dataclasses.asdict(rounds)
     sec = rep.section(f"4. reconnect flush (one recipient, {n:,} queued messages from 4 senders x 32 in flight; "
                       f"{ctx.rounds_text()})", labels,
-                      [("relayd/sqlite", "node"), ("relayd/memory", "baseline"), ("relayd/memory", "node")],
-                      ctx.absent(labels))
+                      [("relayd/sqlite", "node"), ("relayd/sqlite+uvloop", "node"), ("relayd/memory", "baseline"),
+                       ("relayd/memory", "node")], ctx.absent(labels))
     sec.rounds_row("time to receive all (s)", rounds, "all_s", digits=3, note="from sending auth; lower is better")
     sec.rounds_row("first message after auth (ms)", rounds, "first_ms", digits=2)
     sec.rounds_row("server CPU us / flushed message", rounds, "cpu_us")
@@ -285,7 +288,7 @@ def s4_flush(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
 # 5. REST
 
 def s5_rest(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
-    labels = ["relayd/sqlite", "baseline", "node"]
+    labels = ["relayd/sqlite", "relayd/sqlite+uvloop", "baseline", "node"]
     phases = {"relayd": ["public-keys", "public-keys:close", "live"], "baseline": ["live"],
               "node": ["public-keys", "public-keys:close"]}
 
@@ -314,7 +317,8 @@ def s5_rest(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     rep.raw["5_rest"] = dataclasses.asdict(rounds)
     sec = rep.section(f"5. REST ({p['concurrency']} concurrent clients, {p['duration']:g} s per phase; relayd "
                       f"sqlite backend (its default); {ctx.rounds_text()})", labels,
-                      [("relayd/sqlite", "node"), ("relayd/sqlite", "baseline")], ctx.absent(labels))
+                      [("relayd/sqlite", "node"), ("relayd/sqlite+uvloop", "node"), ("relayd/sqlite", "baseline")],
+                      ctx.absent(labels))
     sec.rounds_row("GET /api/public-keys/:a req/s, keep-alive requested", rounds, "public-keys_rate",
                    verdict=target("relayd/sqlite", lambda v: v >= 2000, "relayd >= 2,000"))
     sec.rounds_row("  requests per TCP connection", rounds, "public-keys_per_conn",
