@@ -16,6 +16,7 @@ import asyncio
 import email.utils
 import http
 import logging
+import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -293,9 +294,21 @@ class HttpConnection(ServerConnection):
         self.response = None
 
 
+_date = (0, "")
+
+
+def http_date() -> str:
+    """The Date header's value, formatted once a second (formatdate costs about as much as a key lookup)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    return _date[1]
+
+
 def to_response(resp: HttpResponse, head: bool) -> Response:
     """The websockets ``Response`` for a REST answer (no body for HEAD)."""
-    headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close")])
+    headers = Headers([("Date", http_date()), ("Connection", "close")])
     if resp.content_type:
         headers["Content-Type"] = resp.content_type
     if resp.status not in (204, 304):
