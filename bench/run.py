@@ -226,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     QUIET["budget"] = args.quiet_budget if args.quiet_budget is not None else \
         (180.0 if args.scale == "full" else 60.0)
 
-    conns = params.get(2, {}).get("connections", 0)
+    conns = max(params.get(2, {}).get("connections", 0), params.get(10, {}).get("connections", 0))
     nofile = raise_nofile(conns + 1024)
     if conns and nofile < conns + 256:
-        print(f"warning: RLIMIT_NOFILE is {nofile}; scenario 2 needs about {conns + 256} "
+        print(f"warning: RLIMIT_NOFILE is {nofile}; scenarios 2 and 10 need about {conns + 256} "
               "(raise the hard limit: ulimit -Hn)", file=sys.stderr)
 
     limits_off = configure_relayd(args.relayd_env)

@@ -776,6 +776,50 @@ class Scenario:
     scaled: tuple[str, ...] = ()
 
 
+# 10. Many connections
+
+def s10_crowd(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
+    labels = ["relayd/memory", "relayd/uvloop", "node"]
+    n, P, W = p["connections"], p["pairs"], p["window"]
+
+    def one(srv: Server, procs: int) -> dict[str, Any]:
+        args = [["live", "--crowd", str(n), "--pairs", str(P), "--window", str(W), "--count", str(p["count"]),
+                 "--warmup", str(p["warmup"]), "--content-bytes", str(p["content_bytes"]),
+                 "--max-duration", str(p["max_duration"])]]
+        windows = {"crowd": ("crowd_start", "crowd_ready"), "max": ("max_start", "max_end"),
+                   "paced": ("paced_start", "paced_end")}
+        run = run_loadgen(srv, args, 3 * p["max_duration"] + 240 + n / 50, windows=windows, cores=ctx.cores)
+        before, after = run.marks["crowd_start"]["rss_kb"], run.marks["crowd_ready"]["rss_kb"]
+        f: dict[str, Any] = {"per_conn_kb": (after - before) / n, "crowd_mib": after / 1024,
+                             "connect_cpu_us": per(run.windows["crowd"]["cpu_s"], n, 1e6),
+                             "connects_s": run.results[0].get("crowd_connects_per_s"), "_windows": run.windows}
+        for phase in ("max", "paced"):
+            figures, _, received, _ = live_phase(ctx, run, phase, f"10/{srv.label}")
+            f.update(figures)
+            f[f"{phase}_cpu_us"] = per(run.windows[phase]["cpu_s"], received, 1e6)
+        return f
+
+    rounds = run_rounds(ctx, "10", ctx.variants(labels), one, max_procs=1)
+    rep.raw["10_crowd"] = dataclasses.asdict(rounds)
+    sec = rep.section(f"10. many connections ({n:,} authenticated idle connections from 127.1.0.0/16, 1,000 per "
+                      f"source address, then live routing between {P} more pairs ({W} in flight, {p['count']:,} "
+                      f"messages each) while they stay; {ctx.rounds_text()})", labels,
+                      [("relayd/memory", "node"), ("relayd/uvloop", "node")], ctx.absent(labels))
+    sec.rounds_row("RSS growth per idle connection (KiB)", rounds, "per_conn_kb", digits=2,
+                   verdict=ratio_target("relayd/uvloop", "node", lambda r: r <= 1.0, "relayd <= node"))
+    sec.rounds_row(f"RSS with {n:,} connected (MiB)", rounds, "crowd_mib")
+    sec.rounds_row("server CPU us per connect+auth", rounds, "connect_cpu_us")
+    sec.rounds_row("connects+auth per s", rounds, "connects_s", note="100 handshakes in flight")
+    sec.rounds_row("routed messages/s at max rate, meanwhile", rounds, "max_rate")
+    sec.rounds_row("server CPU us / routed message, max rate", rounds, "max_cpu_us")
+    sec.rounds_row("server CPU us / routed message, half rate", rounds, "paced_cpu_us")
+    sec.rounds_row("p50 latency at half rate (ms)", rounds, "paced_p50_ms", digits=2)
+    sec.rounds_row("p99 latency at half rate (ms)", rounds, "paced_p99_ms", digits=2,
+                   verdict=target("relayd/uvloop", lambda v: v < 50, "relayd < 50 ms"))
+    sec.note("one load process holds the idle connections and drives the pairs; the process's descriptor limit "
+             "caps the count (each side needs one per connection)")
+
+
 SCENARIOS: list[Scenario] = [
     Scenario(1, "live routing", s1_live,
              quick={"pairs": 20, "window": 16, "count": 1000, "warmup": 100, "content_bytes": 200, "max_duration": 30},
@@ -803,4 +847,10 @@ SCENARIOS: list[Scenario] = [
                    "senders": 50, "duration": 10.0, "recipients": 50000, "queued_count": 1000000,
                    "connections": 10000},
              scaled=("count", "duration", "connections")),
+    Scenario(10, "many connections", s10_crowd,
+             quick={"connections": 10000, "pairs": 100, "window": 4, "count": 200, "warmup": 20, "content_bytes": 200,
+                    "max_duration": 30},
+             full={"connections": 100000, "pairs": 100, "window": 4, "count": 500, "warmup": 50, "content_bytes": 200,
+                   "max_duration": 60},
+             scaled=("connections",)),
 ]
