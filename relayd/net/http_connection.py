@@ -159,8 +159,12 @@ class HttpConnection(ServerConnection):
                     yield
             protocol.events.append(parsed)  # type: ignore[arg-type]
             if parsed.upgrade:
-                del parsed  # this frame lives as long as the connection: it keeps no handshake request
-                yield from WsProtocol.parse(protocol)
+                # websockets' frame parser takes over the reader and this generator ends (it is not resumed
+                # again): an idle connection keeps one parser frame rather than both, and no handshake request.
+                del parsed
+                protocol.parser = WsProtocol.parse(protocol)
+                next(protocol.parser)
+                yield
                 return
             while not self._want_next:
                 if len(protocol.reader.buffer) > self.limits.max_body + 65536:
