@@ -816,8 +816,9 @@ def s10_crowd(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     sec.rounds_row("p50 latency at half rate (ms)", rounds, "paced_p50_ms", digits=2)
     sec.rounds_row("p99 latency at half rate (ms)", rounds, "paced_p99_ms", digits=2,
                    verdict=target("relayd/uvloop", lambda v: v < 50, "relayd < 50 ms"))
-    sec.note("one load process holds the idle connections and drives the pairs; the process's descriptor limit "
-             "caps the count (each side needs one per connection)")
+    sec.note("one load process holds the idle connections and drives the pairs; the descriptor limit caps the "
+             "count: each side needs one per connection, and relayd refuses connections past 95 % of its limit "
+             "(a reserve that keeps accept() working), so N + 200 must stay under that")
 
 
 SCENARIOS: list[Scenario] = [
