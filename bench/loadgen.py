@@ -110,14 +110,23 @@ async def auth(ws: ClientConnection, address: str, timeout: float = CONNECT_TIME
                 raise RuntimeError(f"auth refused: {answer}")
 
 
-async def open_authed(url: str, addresses: list[str], concurrency: int, **kw: Any) -> list[ClientConnection]:
-    """Open and authenticate one connection per address, ``concurrency`` at a time."""
+def crowd_source(i: int) -> str:
+    """The source address of the crowd's ``i``-th connection: 1,000 per address over 127.1.0.0/16, as phones
+    behind many NATs (one source address has fewer ports than 100,000 connections need)."""
+    n = i // 1000
+    return f"127.1.{n // 250}.{n % 250 + 1}"
+
+
+async def open_authed(url: str, addresses: list[str], concurrency: int, source: Any = None,
+                      **kw: Any) -> list[ClientConnection]:
+    """Open and authenticate one connection per address, ``concurrency`` at a time (from ``source(i)`` when
+    given: a function of the connection's index)."""
     sem = asyncio.Semaphore(concurrency)
     out: list[ClientConnection | None] = [None] * len(addresses)
 
     async def one(i: int, address: str) -> None:
         async with sem:
-            ws = await open_ws(url, **kw)
+            ws = await open_ws(url, **kw) if source is None else await open_ws(url, local_addr=(source(i), 0), **kw)
             out[i] = ws
             await auth(ws, address)
 
@@ -226,6 +235,18 @@ async def live(args: argparse.Namespace) -> dict[str, Any]:
     P, W = args.pairs, args.window
     senders = [make_address(1, tag, i) for i in range(P)]
     receivers = [make_address(2, tag, i) for i in range(P)]
+    crowd: list[ClientConnection] = []
+    if args.crowd:  # scenario 11: this many authenticated idle connections stay open through both phases
+        nofile = raise_nofile(args.crowd + 2 * P + 256)
+        if nofile < args.crowd + 2 * P + 64:
+            raise RuntimeError(f"RLIMIT_NOFILE is {nofile}; need about {args.crowd + 2 * P + 64}")
+        mark("crowd_start")
+        t0 = time.monotonic()
+        crowd = await open_authed(url, [make_address(4, tag, i) for i in range(args.crowd)], 100,
+                                  source=crowd_source, max_queue=4)
+        crowd_s = time.monotonic() - t0
+        await asyncio.sleep(1)
+        mark("crowd_ready")
     r_ws = await open_authed(f"ws://{HOST}:{args.receiver_port or args.port}", receivers, 50)
     s_ws = await open_authed(url, senders, 50)
     pairs = [Pair(i, s_ws[i], r_ws[i], senders[i], receivers[i]) for i in range(P)]
@@ -296,7 +317,9 @@ async def live(args: argparse.Namespace) -> dict[str, Any]:
         for p in pairs:
             p.sent = p.acked = 0
 
-    out: dict[str, Any] = {"pairs": P, "window": W, "content_bytes": args.content_bytes}
+    out: dict[str, Any] = {"pairs": P, "window": W, "content_bytes": args.content_bytes, "crowd": len(crowd)}
+    if crowd:
+        out["crowd_connects_per_s"] = round(len(crowd) / crowd_s, 1)
     try:
         # Warm-up at full speed, not measured: first-use costs (and a JIT's compilation) stay out.
         st.mode, st.limit, st.deadline = "closed", max(1, args.warmup), time.monotonic() + args.max_duration
@@ -346,7 +369,7 @@ async def live(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for t in readers:
             t.cancel()
-        abort_all(s_ws + r_ws)
+        abort_all(s_ws + r_ws + crowd)
     return out
 
 
@@ -854,6 +877,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trace", metavar="FILE", help="write every receipt's time and latency (diagnosis)")
     s.add_argument("--receiver-port", type=int, default=0,
                    help="receivers connect to this port (another instance of a cluster); 0: --port")
+    s.add_argument("--crowd", type=int, default=0,
+                   help="first open this many authenticated idle connections (sources over 127.1.0.0/16) and "
+                        "keep them through both phases (scenario 11)")
 
     s = sub.add_parser("idle", help="scenario 2: idle authenticated connections")
     s.add_argument("--connections", type=int, default=2000)

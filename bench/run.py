@@ -18,6 +18,7 @@ marks, probes, rounds), report.py (the tables), scenarios.py.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -36,9 +37,13 @@ from report import Report
 from scenarios import SCENARIOS, Scenario
 from servers import PY, RELAYD_BASE_ENV, ROOT, NodeRelay, Server, Variant, configure_relayd
 
-VARIANTS = {
-    "relayd/memory": Variant("relayd/memory", "relayd", "memory"),
-    "relayd/sqlite": Variant("relayd/sqlite", "relayd", "sqlite"),
+ASYNCIO = (("relayd_env", (("RELAYD_SERVER_EVENT_LOOP", "asyncio"),)),)
+UVLOOP = (("relayd_env", (("RELAYD_SERVER_EVENT_LOOP", "uvloop"),)),)
+VARIANTS = {  # relayd/memory and relayd/sqlite: the pure default (asyncio's loop); +uvloop: the fast extra's loop
+    "relayd/memory": Variant("relayd/memory", "relayd", "memory", ASYNCIO),
+    "relayd/uvloop": Variant("relayd/uvloop", "relayd", "memory", UVLOOP),
+    "relayd/sqlite": Variant("relayd/sqlite", "relayd", "sqlite", ASYNCIO),
+    "relayd/sqlite+uvloop": Variant("relayd/sqlite+uvloop", "relayd", "sqlite", UVLOOP),
     "baseline": Variant("baseline", "baseline"),
     "node": Variant("node", "node"),
 }
@@ -136,7 +141,9 @@ class Ctx:
         return d
 
     def available(self, label: str) -> bool:
-        if label == "relayd/sqlite":
+        if "uvloop" in label and importlib.util.find_spec("uvloop") is None:
+            return False
+        if label.startswith("relayd/sqlite"):
             return self.sqlite_ok
         if label == "node":
             return self.node.usable
@@ -148,8 +155,8 @@ class Ctx:
         for label in labels:
             if self.available(label):
                 v = VARIANTS[label]
-                items = tuple(sorted((k, tuple(sorted(x.items())) if isinstance(x, dict) else x)
-                                     for k, x in settings.items()))
+                items = tuple(sorted((*v.settings, *((k, tuple(sorted(x.items())) if isinstance(x, dict) else x)
+                                                    for k, x in settings.items()))))
                 out.append(Variant(v.label, v.kind, v.backend, items))
         return out
 
@@ -219,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     QUIET["budget"] = args.quiet_budget if args.quiet_budget is not None else \
         (180.0 if args.scale == "full" else 60.0)
 
-    conns = params.get(2, {}).get("connections", 0)
+    conns = max(params.get(2, {}).get("connections", 0), params.get(10, {}).get("connections", 0))
     nofile = raise_nofile(conns + 1024)
     if conns and nofile < conns + 256:
-        print(f"warning: RLIMIT_NOFILE is {nofile}; scenario 2 needs about {conns + 256} "
+        print(f"warning: RLIMIT_NOFILE is {nofile}; scenarios 2 and 10 need about {conns + 256} "
               "(raise the hard limit: ulimit -Hn)", file=sys.stderr)
 
     limits_off = configure_relayd(args.relayd_env)

@@ -124,7 +124,7 @@ def queued_phase(ctx: Any, run: Any, tag: str) -> tuple[dict[str, Any], int]:
 
 
 def s1_live(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
-    labels = ["relayd/memory", "baseline", "node"]
+    labels = ["relayd/memory", "relayd/uvloop", "baseline", "node"]
     variants = ctx.variants(labels)
     P, W = p["pairs"], p["window"]
 
@@ -160,7 +160,8 @@ def s1_live(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     rep.raw["1_live"] = dataclasses.asdict(rounds)
     sec = rep.section(f"1. live routing ({P} pairs x {p['count']:,} messages, {W} in flight per sender, "
                       f"{p['content_bytes']} B content; relayd memory backend; {ctx.rounds_text()})",
-                      labels, [("relayd/memory", "baseline"), ("relayd/memory", "node")], ctx.absent(labels))
+                      labels, [("relayd/memory", "baseline"), ("relayd/memory", "node"), ("relayd/uvloop", "node")],
+                      ctx.absent(labels))
     sec.rounds_row("routed messages/s at max rate", rounds, "max_rate", note="higher is better")
     sec.rounds_row("server CPU us / routed message, max rate", rounds, "max_cpu_us", note="lower is better")
     sec.rounds_row("server CPU us / routed message, half rate", rounds, "paced_cpu_us", note="lower is better")
@@ -171,6 +172,7 @@ def s1_live(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     sec.rounds_row("p50 latency at half rate (ms)", rounds, "paced_p50_ms", digits=2)
     sec.rounds_row("p99 latency at half rate (ms)", rounds, "paced_p99_ms", digits=2,
                    verdict=target("relayd/memory", lambda v: v < 50, "relayd < 50 ms"))
+    sec.note("relayd/memory runs on asyncio's loop (the pure default), relayd/uvloop on uvloop (the fast extra)")
     if ctx.perf_ok:
         sec.rounds_row("write syscalls / routed message, max rate", rounds, "max_writes", digits=2,
                        note="write+writev+sendto+sendmsg, counted by perf; 2 = one per frame")
@@ -198,7 +200,7 @@ def discarded_note(sec: Section, rounds: Rounds) -> None:
 # 2. Idle connections
 
 def s2_idle(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
-    labels = ["relayd/memory", "baseline", "node"]
+    labels = ["relayd/memory", "relayd/uvloop", "baseline", "node"]
     n = p["connections"]
 
     def one(srv: Server, procs: int) -> dict[str, Any]:
@@ -213,7 +215,8 @@ def s2_idle(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     rep.raw["2_idle"] = dataclasses.asdict(rounds)
     sec = rep.section(f"2. idle connections ({n:,} authenticated and idle; relayd memory backend; "
                       f"{ctx.rounds_text()})", labels,
-                      [("relayd/memory", "baseline"), ("relayd/memory", "node")], ctx.absent(labels))
+                      [("relayd/memory", "baseline"), ("relayd/memory", "node"), ("relayd/uvloop", "node")],
+                      ctx.absent(labels))
 
     sec.rounds_row("RSS growth per connection (KiB)", rounds, "per_conn_kb", digits=2, note="lower is better",
                    verdict=ratio_target("relayd/memory", "node", lambda r: r <= 1.5, "relayd <= 1.5 x node"))
@@ -227,7 +230,7 @@ def s2_idle(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
 # 3. Offline path
 
 def s3_offline(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
-    labels = ["relayd/sqlite", "relayd/memory", "baseline", "node"]
+    labels = ["relayd/sqlite", "relayd/sqlite+uvloop", "relayd/memory", "baseline", "node"]
     variants = ctx.variants(labels, queue_max=10_000_000)
 
     def one(srv: Server, procs: int) -> dict[str, Any]:
@@ -241,8 +244,8 @@ def s3_offline(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     rep.raw["3_offline"] = dataclasses.asdict(rounds)
     sec = rep.section(f"3. offline path ({p['senders']} senders x {p['window']} in flight to {p['recipients']:,} "
                       f"distinct offline recipients, {p['duration']:g} s; {ctx.rounds_text()})", labels,
-                      [("relayd/sqlite", "relayd/memory"), ("relayd/sqlite", "node"), ("relayd/memory", "node")],
-                      ctx.absent(labels))
+                      [("relayd/sqlite", "relayd/memory"), ("relayd/sqlite", "node"), ("relayd/sqlite+uvloop", "node"),
+                       ("relayd/memory", "node")], ctx.absent(labels))
     sec.rounds_row("queued/s", rounds, "rate", note="higher is better",
                    verdict=target("relayd/sqlite", lambda v: v >= 20000, "sqlite >= 20,000/s"))
     sec.rounds_row("server CPU us / queued message", rounds, "cpu_us", note="incl. the SQLite writer thread")
@@ -254,7 +257,7 @@ def s3_offline(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
 # 4. Reconnect flush
 
 def s4_flush(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
-    labels = ["relayd/sqlite", "relayd/memory", "baseline", "node"]
+    labels = ["relayd/sqlite", "relayd/sqlite+uvloop", "relayd/memory", "baseline", "node"]
     n = p["messages"]
 
     def one(srv: Server, procs: int) -> dict[str, Any]:
@@ -271,8 +274,8 @@ def s4_flush(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     rep.raw["4_flush"] = dataclasses.asdict(rounds)
     sec = rep.section(f"4. reconnect flush (one recipient, {n:,} queued messages from 4 senders x 32 in flight; "
                       f"{ctx.rounds_text()})", labels,
-                      [("relayd/sqlite", "node"), ("relayd/memory", "baseline"), ("relayd/memory", "node")],
-                      ctx.absent(labels))
+                      [("relayd/sqlite", "node"), ("relayd/sqlite+uvloop", "node"), ("relayd/memory", "baseline"),
+                       ("relayd/memory", "node")], ctx.absent(labels))
     sec.rounds_row("time to receive all (s)", rounds, "all_s", digits=3, note="from sending auth; lower is better")
     sec.rounds_row("first message after auth (ms)", rounds, "first_ms", digits=2)
     sec.rounds_row("server CPU us / flushed message", rounds, "cpu_us")
@@ -285,7 +288,7 @@ def s4_flush(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
 # 5. REST
 
 def s5_rest(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
-    labels = ["relayd/sqlite", "baseline", "node"]
+    labels = ["relayd/sqlite", "relayd/sqlite+uvloop", "baseline", "node"]
     phases = {"relayd": ["public-keys", "public-keys:close", "live"], "baseline": ["live"],
               "node": ["public-keys", "public-keys:close"]}
 
@@ -314,7 +317,8 @@ def s5_rest(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     rep.raw["5_rest"] = dataclasses.asdict(rounds)
     sec = rep.section(f"5. REST ({p['concurrency']} concurrent clients, {p['duration']:g} s per phase; relayd "
                       f"sqlite backend (its default); {ctx.rounds_text()})", labels,
-                      [("relayd/sqlite", "node"), ("relayd/sqlite", "baseline")], ctx.absent(labels))
+                      [("relayd/sqlite", "node"), ("relayd/sqlite+uvloop", "node"), ("relayd/sqlite", "baseline")],
+                      ctx.absent(labels))
     sec.rounds_row("GET /api/public-keys/:a req/s, keep-alive requested", rounds, "public-keys_rate",
                    verdict=target("relayd/sqlite", lambda v: v >= 2000, "relayd >= 2,000"))
     sec.rounds_row("  requests per TCP connection", rounds, "public-keys_per_conn",
@@ -943,6 +947,51 @@ class Scenario:
     scaled: tuple[str, ...] = ()
 
 
+# 10. Many connections
+
+def s10_crowd(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
+    labels = ["relayd/memory", "relayd/uvloop", "node"]
+    n, P, W = p["connections"], p["pairs"], p["window"]
+
+    def one(srv: Server, procs: int) -> dict[str, Any]:
+        args = [["live", "--crowd", str(n), "--pairs", str(P), "--window", str(W), "--count", str(p["count"]),
+                 "--warmup", str(p["warmup"]), "--content-bytes", str(p["content_bytes"]),
+                 "--max-duration", str(p["max_duration"])]]
+        windows = {"crowd": ("crowd_start", "crowd_ready"), "max": ("max_start", "max_end"),
+                   "paced": ("paced_start", "paced_end")}
+        run = run_loadgen(srv, args, 3 * p["max_duration"] + 240 + n / 50, windows=windows, cores=ctx.cores)
+        before, after = run.marks["crowd_start"]["rss_kb"], run.marks["crowd_ready"]["rss_kb"]
+        f: dict[str, Any] = {"per_conn_kb": (after - before) / n, "crowd_mib": after / 1024,
+                             "connect_cpu_us": per(run.windows["crowd"]["cpu_s"], n, 1e6),
+                             "connects_s": run.results[0].get("crowd_connects_per_s"), "_windows": run.windows}
+        for phase in ("max", "paced"):
+            figures, _, received, _ = live_phase(ctx, run, phase, f"10/{srv.label}")
+            f.update(figures)
+            f[f"{phase}_cpu_us"] = per(run.windows[phase]["cpu_s"], received, 1e6)
+        return f
+
+    rounds = run_rounds(ctx, "10", ctx.variants(labels), one, max_procs=1)
+    rep.raw["10_crowd"] = dataclasses.asdict(rounds)
+    sec = rep.section(f"10. many connections ({n:,} authenticated idle connections from 127.1.0.0/16, 1,000 per "
+                      f"source address, then live routing between {P} more pairs ({W} in flight, {p['count']:,} "
+                      f"messages each) while they stay; {ctx.rounds_text()})", labels,
+                      [("relayd/memory", "node"), ("relayd/uvloop", "node")], ctx.absent(labels))
+    sec.rounds_row("RSS growth per idle connection (KiB)", rounds, "per_conn_kb", digits=2,
+                   verdict=ratio_target("relayd/uvloop", "node", lambda r: r <= 1.0, "relayd <= node"))
+    sec.rounds_row(f"RSS with {n:,} connected (MiB)", rounds, "crowd_mib")
+    sec.rounds_row("server CPU us per connect+auth", rounds, "connect_cpu_us")
+    sec.rounds_row("connects+auth per s", rounds, "connects_s", note="100 handshakes in flight")
+    sec.rounds_row("routed messages/s at max rate, meanwhile", rounds, "max_rate")
+    sec.rounds_row("server CPU us / routed message, max rate", rounds, "max_cpu_us")
+    sec.rounds_row("server CPU us / routed message, half rate", rounds, "paced_cpu_us")
+    sec.rounds_row("p50 latency at half rate (ms)", rounds, "paced_p50_ms", digits=2)
+    sec.rounds_row("p99 latency at half rate (ms)", rounds, "paced_p99_ms", digits=2,
+                   verdict=target("relayd/uvloop", lambda v: v < 50, "relayd < 50 ms"))
+    sec.note("one load process holds the idle connections and drives the pairs; the descriptor limit caps the "
+             "count: each side needs one per connection, and relayd refuses connections past 95 % of its limit "
+             "(a reserve that keeps accept() working), so N + 200 must stay under that")
+
+
 SCENARIOS: list[Scenario] = [
     Scenario(1, "live routing", s1_live,
              quick={"pairs": 20, "window": 16, "count": 1000, "warmup": 100, "content_bytes": 200, "max_duration": 30},
@@ -976,4 +1025,10 @@ SCENARIOS: list[Scenario] = [
              full={"senders": 50, "window": 16, "duration": 10.0, "recipients": 50000, "queued_count": 1000000,
                    "pairs": 20, "count": 2000, "warmup": 200, "content_bytes": 200, "max_duration": 60},
              scaled=("duration", "count")),
+    Scenario(11, "many connections", s10_crowd,
+             quick={"connections": 10000, "pairs": 100, "window": 4, "count": 200, "warmup": 20, "content_bytes": 200,
+                    "max_duration": 30},
+             full={"connections": 100000, "pairs": 100, "window": 4, "count": 500, "warmup": 50, "content_bytes": 200,
+                   "max_duration": 60},
+             scaled=("connections",)),
 ]

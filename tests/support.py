@@ -20,6 +20,7 @@ import re
 import hashlib
 import base64
 import http.client
+import importlib.util
 import itertools
 import json
 import logging
@@ -38,6 +39,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+import pytest
 
 from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -62,6 +65,20 @@ TIMEOUT_FACTOR = float(os.environ.get("RELAYDTEST_TIMEOUT_FACTOR")
 """``RELAYD_TEST_TIMEOUT_FACTOR`` is the old name, still read (the daemon ignores ``RELAYD_TEST_*``)."""
 
 T = TypeVar("T")
+
+
+HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
+EVENT_LOOPS = [pytest.param("asyncio"),
+               pytest.param("uvloop", marks=pytest.mark.skipif(not HAS_UVLOOP, reason="uvloop is not installed"))]
+"""Parameters for a fixture that runs its relay on each ``[server] event_loop`` (the test extra installs uvloop)."""
+
+
+def new_loop(event_loop: str = "asyncio") -> asyncio.AbstractEventLoop:
+    """A fresh loop of the kind ``[server] event_loop`` names, for a relay run in this process."""
+    if event_loop == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def scaled(timeout: float) -> float:
@@ -373,8 +390,10 @@ def make_config(**sections: dict[str, Any]) -> Config:
     """``make_config(server={"auth_timeout_s": "1"})``: defaults plus overrides, memory storage, 127.0.0.1:0."""
     # A session that has not sent a frame gets its backlog after [queue] flush_delay_ms (the app listens late);
     # tests that are not about that hold start with it off, so a fresh session takes its backlog at once.
+    # RELAYD_TEST_EVENT_LOOP=uvloop runs every in-process relay on uvloop (ThreadRelay reads the key).
     overrides = [("storage", "backend", "memory"), ("server", "host", "127.0.0.1"), ("server", "port", "0"),
-                 ("queue", "flush_delay_ms", "0")]
+                 ("queue", "flush_delay_ms", "0"),
+                 ("server", "event_loop", os.environ.get("RELAYD_TEST_EVENT_LOOP", "asyncio"))]
     for section, values in sections.items():
         overrides += [(section, k, str(v)) for k, v in values.items()]
     return load_config(None, environ={}, overrides=overrides)
@@ -797,7 +816,7 @@ class ThreadRelay(_Endpoints):
     """A RelayServer on its own event loop in a daemon thread (start with the ``start_relay`` fixture)."""
 
     def __init__(self, config: Config, store: Store | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_loop(config.server.event_loop)
         self.server = RelayServer(config, store, clock)
         started = threading.Event()
         self.error: BaseException | None = None
@@ -1142,16 +1161,6 @@ def signed_auth_frame(key: bytes, ch: dict[str, Any], *, address: str | None = N
     address = address or address_of_private(key)
     return {"type": "auth", "address": address, "nonce": ch["nonce"],
             "signature": sign_text(key, auth_text(ch, address, **text_overrides), fmt), "format": fmt}
-
-
-def signed_login(relay: Any, key: bytes, *, fmt: str = "doubleHash", **extra: Any) -> tuple[Any, dict[str, Any]]:
-    """Open a connection and sign in with ``key``; return (client, auth_success)."""
-    client = relay.ws()
-    ch = challenge_of(client)
-    client.send({**signed_auth_frame(key, ch, fmt=fmt), **extra})
-    reply = client.recv()
-    assert reply["type"] == "auth_success", reply
-    return client, reply
 
 
 def key_body(key: bytes, public_key: str, issued: int, *, key_type: Any = "x25519", fmt: str = "doubleHash",

@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 import pytest
-from support import (KEY_A, KEY_B, RawWs, addr, assert_error, assert_exchange, backlog_bytes, key_body, online,
-                     pong_next, queue_size, read_backlog, read_until_closed, signed_auth_frame, wait_until)
+from support import (EVENT_LOOPS, KEY_A, KEY_B, RawWs, addr, assert_error, assert_exchange, backlog_bytes, key_body,
+                     online, pong_next, queue_size, read_backlog, read_until_closed, signed_auth_frame, wait_until)
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 SENDER = "0x" + "51" * 20
@@ -278,10 +278,12 @@ def test_preauth_limit_counts_bytes_not_characters(relay) -> None:
 # Readers that stop reading
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 @pytest.mark.parametrize("ack", [True, False], ids=["ack", "plain"])
-def test_reader_that_never_reads_is_cut_off(start_relay, ack: bool) -> None:
+def test_reader_that_never_reads_is_cut_off(start_relay, ack: bool, event_loop: str) -> None:
     relay = start_relay(limits={"max_message_bytes": BIG, "max_outbound_bytes": 2 * BIG + 16384,
-                                "max_inbound_bytes": 2 * BIG + 16384}, queue={"max_offline_bytes": 64 * 1024 * 1024})
+                                "max_inbound_bytes": 2 * BIG + 16384}, queue={"max_offline_bytes": 64 * 1024 * 1024},
+                        server={"event_loop": event_loop})
     reader = RawWs(relay.port, rcvbuf=4096)
     try:
         assert reader.recv_json()["type"] == "challenge"

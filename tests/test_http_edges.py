@@ -238,6 +238,19 @@ def test_the_last_request_allowed_on_a_connection_is_answered_with_close(start_r
         conn.close()
 
 
+def test_a_request_that_asks_to_close_is_answered_and_its_connection_released_at_once(start_relay):
+    """The app's key lookups: the relay closes after its answer without waiting for the client's own close, so
+    the connection's slot is free while the client still holds its socket."""
+    relay = start_open(start_relay, limits={"max_connections_per_ip": 1, "connections_per_ip_per_s": 0})
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+        s.sendall(http_head("GET", "/health/live"))
+        data = b""
+        while block := s.recv(65536):  # the whole answer, then EOF
+            data += block
+        assert data.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in data, data
+        assert relay.http("GET", "/health/live").status == 200  # not 429: the slot was released
+
+
 def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(start_relay):
     relay = start_open(start_relay, server={"http_idle_timeout_s": 0.2})
     with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from support import (
+    EVENT_LOOPS,
     A,
     B,
     C,
@@ -39,11 +40,13 @@ BIG = 200_000  # characters of one large message, below the 256 KiB default cont
 CONFIG = "[auth]\nmode = open\n"
 
 
-@pytest.fixture
+@pytest.fixture(params=EVENT_LOOPS)
 def relay(tmp_path: Path, request: pytest.FixtureRequest):
-    """A relayd process on defaults (open mode); ``extra`` config lines from the test's marker."""
+    """A relayd process on defaults (open mode), on each event loop; ``extra`` config lines from the test's
+    marker."""
     marker = request.node.get_closest_marker("config")
     relay = ProcessRelay(tmp_path, config_text=CONFIG + (marker.args[0] if marker else ""),
+                         env={"RELAYD_SERVER_EVENT_LOOP": request.param},
                          nofile=marker.kwargs.get("nofile") if marker else None)
     yield relay
     relay.stop()

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (ROOT, ProcessRelay, RawWs, WsClient, assert_closed_with, cli_ok, client_context, frames_until_pong,
-                     free_port, http_request, make_cert, make_config, metric_families, msg, new_address, new_mid, online,
-                     pong_next, run_cli, wait_until)
+from support import (EVENT_LOOPS, HAS_UVLOOP, ROOT, ProcessRelay, RawWs, WsClient, assert_closed_with, clean_env,
+                     cli_ok, client_context, frames_until_pong, free_port, http_request, make_cert, make_config,
+                     metric_families, msg, new_address, new_mid, online, pong_next, run_cli, wait_until)
 
 from relayd import __version__
 
@@ -716,6 +716,28 @@ def test_start_up_says_version_urls_sources_storage_and_auth(process_relays, tmp
     assert "INFO relayd.daemon: auth: mixed (signatures optional; an address that ever signed must always sign); " \
            "signature verification: " in text
     assert "WARNING" not in text
+
+
+@pytest.mark.parametrize("setting", ["auto", *EVENT_LOOPS])
+def test_start_up_names_the_event_loop_it_runs_on(process_relays, tmp_path, setting):
+    relay = process_relays(tmp_path, env={"RELAYD_SERVER_EVENT_LOOP": setting}, args=("--log-level", "info"))
+    first = start_lines(relay)[0]
+    runs = "uvloop" if setting == "uvloop" or (setting == "auto" and HAS_UVLOOP) else "asyncio"
+    assert re.search(rf"websockets [^,]+, event loop {runs}( \d[\w.]*)?\)$", first), first
+    with relay.ws() as ws:  # and serves on it
+        assert ws.recv()["type"] == "challenge"
+
+
+def test_uvloop_asked_for_but_missing_stops_the_start_with_the_install_hint(tmp_path):
+    sitecustomize = tmp_path / "hide" / "sitecustomize.py"  # makes ``import uvloop`` fail, as where it is missing
+    sitecustomize.parent.mkdir()
+    sitecustomize.write_text("import sys\nsys.modules['uvloop'] = None\n")
+    result = subprocess.run([sys.executable, str(ROOT / "relayd.py"), "--check-config"], cwd=tmp_path,
+                            env=clean_env(PYTHONPATH=str(sitecustomize.parent), RELAYD_SERVER_EVENT_LOOP="uvloop"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "[server] event_loop = uvloop, but uvloop is not installed" in result.stderr
+    assert "[fast]" in result.stderr
 
 
 @pytest.mark.parametrize("extra,warned", [("", True), ("trusted_proxies = 127.0.0.1\n", False)])

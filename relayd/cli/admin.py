@@ -25,6 +25,7 @@ from ..config import (
     redacted,
 )
 from ..identity.auth import MAX_TOKENS_PER_ADDRESS
+from ..ops.eventloop import loop_factory
 from ..ops.logsetup import configure_logging
 from ..storage.backends import MISSING_REDIS_EXTRA, make_redis_store, make_store
 from ..storage.store import StoreOpenError
@@ -95,6 +96,7 @@ def applied_sources(sources: Sources, args: argparse.Namespace) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config, sources = load_from(args)
+    factory = loop_factory(config.server.event_loop)
     if args.check_config:
         from ..preflight import preflight
         checked = preflight(config)
@@ -107,7 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     configure_logging(config.log.level, config.log.format)
     try:
-        return asyncio.run(serve(config, lambda: load_from(args)[0], applied_sources(sources, args)))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(serve(config, lambda: load_from(args)[0], applied_sources(sources, args)))
     except KeyboardInterrupt:
         return EXIT_OK
 

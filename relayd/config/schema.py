@@ -70,6 +70,9 @@ class ServerSection:
                                            min=1, max=10_000_000, reload=True)
     stall_timeout_s: float = opt(30.0, "Cut a WebSocket, or a kept-alive REST connection, whose send buffer "
                                  "stays full this long (its peer stopped reading).", min=1, max=3600, reload=True)
+    event_loop: str = opt("auto", "auto: uvloop when installed (the fast extra), else asyncio's loop; asyncio or "
+                                  "uvloop to choose (uvloop when missing stops the start with an install hint).",
+                          choices=("auto", "asyncio", "uvloop"))
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,9 @@ class RelayConnection(HttpConnection):
 
     def check_liveness(self, now: float, ping_interval: float, ping_timeout: float, stall_timeout: float) -> None:
         """Ping a quiet peer, cut one that did not answer or whose send buffer stayed full too long."""
+        if (self.ping_sent_at is None and (now - self.last_heard < ping_interval or not ping_interval)
+                and self.sent.settled):
+            return  # the common case, every tick for every idle connection: heard from lately, nothing in flight
         if self.protocol.state is not OPEN:
             return
         if self.sent.stalled(now) > stall_timeout:

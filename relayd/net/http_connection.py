@@ -16,6 +16,7 @@ import asyncio
 import email.utils
 import http
 import logging
+import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -126,6 +127,8 @@ class HttpConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if not self.request_rcvd.done():  # the handshake loop waits on this one future only
+            self.request_rcvd.set_result(None)
         if self.counted:
             self.context.released(self)
 
@@ -245,6 +248,9 @@ class HttpConnection(ServerConnection):
                 return
             served += 1
             refused = refused + 1 if response.status_code == http.HTTPStatus.TOO_MANY_REQUESTS else 0
+            if not item.keep_alive and not self._requests and not self.protocol.reader.buffer:
+                await self._answer_and_close(response)
+                return
             if (not item.keep_alive or served >= self.limits.max_requests or not self.server.is_serving()
                     or self.transport.is_closing() or refused >= self.limits.refused_close_after):
                 await self._answer_last(response)
@@ -290,15 +296,32 @@ class HttpConnection(ServerConnection):
 
     async def _next_request(self, timeout: float) -> ParsedRequest | BadRequest | None:
         if not self._requests:
-            self.request_rcvd = self.loop.create_future()
+            if self.connection_lost_waiter.done():
+                return None
+            self.request_rcvd = self.loop.create_future()  # set by the next request, or by connection_lost
             try:
                 async with asyncio.timeout(timeout):
-                    await asyncio.wait([self.request_rcvd, self.connection_lost_waiter],
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await self.request_rcvd
             except TimeoutError:
                 self.transport.abort() if self.in_head else self.transport.close()
                 return None
         return self._requests.pop(0) if self._requests else None
+
+    async def _answer_and_close(self, response: Response) -> None:
+        """The answer to a request that asked to close (the app's key lookups), when nothing follows it: written,
+        then the socket closes once the answer is flushed. A plain close, not websockets' way below (a half-close,
+        then a wait for the client's FIN): that costs a shutdown(), a wake-up, a read and the EOF's callbacks more
+        per request, and the client sent all it will. Bytes it sends anyway would turn the FIN into a reset."""
+        self.protocol.send_response(response)  # the protocol's state moves on as websockets' way does
+        for data in self.protocol.data_to_send():
+            if data:  # the empty one is its EOF: close() below sends the FIN
+                self.transport.write(data)
+        self.transport.close()
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await asyncio.shield(self.connection_lost_waiter)
+        except TimeoutError:  # the client does not read the answer
+            self.transport.abort()
 
     async def _answer_last(self, response: Response) -> None:
         """The connection's last answer: sent with EOF, then the client is given time to close."""
@@ -324,9 +347,21 @@ class HttpConnection(ServerConnection):
         self.response = None
 
 
+_date = (0, "")
+
+
+def http_date() -> str:
+    """The Date header's value, formatted once a second (formatdate costs about as much as a key lookup)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    return _date[1]
+
+
 def to_response(resp: HttpResponse, head: bool) -> Response:
     """The websockets ``Response`` for a REST answer (no body for HEAD)."""
-    headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close")])
+    headers = Headers([("Date", http_date()), ("Connection", "close")])
     if resp.content_type:
         headers["Content-Type"] = resp.content_type
     if resp.status not in (204, 304):

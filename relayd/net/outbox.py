@@ -167,5 +167,10 @@ class SentBytes:
         return [parcel for end, parcel in parcels if end > acked]
 
     @property
+    def settled(self) -> bool:
+        """Every byte written was seen acknowledged and no message is tracked: nothing to check or prune."""
+        return self._seen >= self.written and not self._parcels
+
+    @property
     def tracking(self) -> bool:
         return bool(self._parcels)

@@ -7,6 +7,7 @@ and a warning when the relay is exposed without TLS in front of it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import platform
@@ -18,6 +19,7 @@ import websockets
 from .. import __version__
 from ..config import Config
 from ..config.redact import redact_url
+from .eventloop import loop_name
 
 ALL_INTERFACES = ("0.0.0.0", "::", "")
 
@@ -78,12 +80,12 @@ def storage_line(config: Config, budget: int, budget_how: str = "") -> str:
 
 def startup_report(config: Config, sources: list[str], addresses: list[tuple[str, int]], *, crypto: str,
                    budget: int, budget_how: str = "") -> list[tuple[int, str]]:
-    """The block's lines with their log levels, in order."""
+    """The block's lines with their log levels, in order (called on the running loop, which it names)."""
     tls = bool(config.tls.certfile)
     urls = listen_urls(addresses, tls)
     lines = [
         (logging.INFO, f"relayd {__version__} (Python {platform.python_version()}, websockets "
-                       f"{websockets.__version__})"),
+                       f"{websockets.__version__}, event loop {loop_name(asyncio.get_running_loop())})"),
         (logging.INFO, f"relayd listening on {', '.join(urls)} (WebSocket and REST on one port)"),
     ]
     if config.server.public_url:
