@@ -2,7 +2,7 @@
 promtool, the Grafana dashboard (deploy/grafana), whose every metric a real relay exports, and the certificate
 expiry metric the certificate alerts read.
 
-promtool comes with Debian's ``prometheus`` package (scripts/run-tests installs it); the test fails, never
+promtool comes with Debian's ``prometheus`` package (.ci/run installs it); the test fails, never
 skips, without it.
 """
 
@@ -37,7 +37,7 @@ PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     if shutil.which("promtool") is None:
-        pytest.fail("promtool is missing: apt-get install prometheus (scripts/run-tests does)")
+        pytest.fail("promtool is missing: apt-get install prometheus (.ci/run does)")
     return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120, cwd=RULES.parent)
 
 
