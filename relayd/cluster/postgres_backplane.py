@@ -209,13 +209,13 @@ class PostgresBackplane:
             await _close(conn)
 
     def on_recovery(self, callback: Callable[[], None]) -> None:
-        before = self.link.on_recovery
+        before = self.link.health.on_recovery
 
         def both() -> None:
             if before is not None:
                 before()
             callback()
-        self.link.on_recovery = both
+        self.link.health.on_recovery = both
 
     async def close(self) -> None:
         publisher, self._publisher = self._publisher, None

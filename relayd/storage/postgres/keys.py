@@ -9,7 +9,6 @@ never write. Every change of the keys' size goes into the store's ``Totals``
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
 from typing import Any
 
 from ..store import KEY_LOOKUPS_REMEMBERED, KEY_OVERHEAD_BYTES, KeyRecord
@@ -73,18 +72,8 @@ class PgKeyDirectory:
             if record.signed and record.issued_at is not None:
                 await conn.execute(_RAISE_FLOOR, record.address, record.issued_at)
             return int(row["created_at"]), int(row["size"]) - int(old or 0)
-        record.created_at = await self._sized(self._link.run(job, write=True, transaction=True))
+        record.created_at = await self._totals.sized(self._link.run(job, write=True, transaction=True))
         return record
-
-    async def _sized(self, run: Awaitable[tuple[Any, int]]) -> Any:
-        """Await a key write returning (value, change of the keys' bytes); count the change once."""
-        self._totals.begin()
-        delta = 0
-        try:
-            value, delta = await run
-            return value
-        finally:
-            self._totals.end(0, delta)
 
     async def delete_key(self, address: str) -> bool:
         return await self._delete(address, "")
@@ -97,7 +86,7 @@ class PgKeyDirectory:
             size = await conn.fetchval(f"DELETE FROM keys WHERE address = $1{condition} RETURNING {KEY_BYTES_SQL}",
                                        address)
             return size is not None, -int(size or 0)
-        return bool(await self._sized(self._link.run(job, write=True)))
+        return bool(await self._totals.sized(self._link.run(job, write=True)))
 
     async def expire_keys(self, before_ms: int, now_ms: int) -> int:
         looked_up, self._looked_up = list(self._looked_up), set()
@@ -116,7 +105,7 @@ class PgKeyDirectory:
             await self._link.run(mark, write=True)
         removed = 0
         while True:
-            gone = int(await self._sized(self._link.run(chunk, write=True)))
+            gone = int(await self._totals.sized(self._link.run(chunk, write=True)))
             removed += gone
             if gone < EXPIRE_KEYS_CHUNK:
                 return removed

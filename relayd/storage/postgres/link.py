@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 
 from ...config.redact import redact_url
 from ...extras import install_hint
-from ..store import StorageOutcomeUnknown, StorageUnavailable, StoreOpenError
+from ..health import Health
+from ..store import StorageUnavailable, StoreOpenError
 from .owner import AnotherOwner, PgOwner
 from .schema import migrate
 
@@ -86,23 +87,22 @@ class PgLink:
         self.command_timeout_s = command_timeout_s
         self.probe_interval_s = probe_interval_s
         self._pool: Any = None
-        self._problem: str | None = None
+        self.health = Health(command_timeout_s)
+        """Failures and recoveries; its ``on_recovery`` is called when an operation succeeds after a failure
+        (the store reads its totals again)."""
         self._probe: asyncio.Task[None] | None = None
         self._owner = PgOwner()
         self.writing: set[asyncio.Future[None]] = set()
         """One future per write under way, done when it ends either way: the cluster's notices wait for the
         writes made before them (``relayd.cluster.postgres_backplane``), as they queue behind them on Redis."""
-        self.on_failure: Callable[[], None] | None = None
-        self.on_recovery: Callable[[], None] | None = None
-        """Called when an operation succeeds after a failure (the store reads its totals again)."""
 
     @property
     def healthy(self) -> bool:
-        return self._problem is None
+        return self.health.healthy
 
     @property
     def problem(self) -> str | None:
-        return self._problem
+        return self.health.problem
 
     async def open(self) -> None:
         """Connect, migrate the schema and start the probe; raises StoreOpenError naming what is wrong.
@@ -187,9 +187,9 @@ class PgLink:
 
     async def _run(self, job: Job[T], *, write: bool, transaction: bool) -> T:
         if self._pool is None:
-            raise StorageUnavailable(self._problem or "the PostgreSQL store is closed")
+            raise StorageUnavailable(self.health.problem or "the PostgreSQL store is closed")
         if self.exclusive and not self._owner.held:
-            raise StorageUnavailable(self._problem or "the connection holding this relay's database lock was lost; "
+            raise StorageUnavailable(self.health.problem or "the connection holding this relay's database lock was lost; "
                                      "taking it again")
         try:
             conn = await self._pool.acquire(timeout=self.connect_timeout_s)
@@ -252,20 +252,10 @@ class PgLink:
         return self._fail_reason(describe(exc), unknown=unknown)
 
     def _fail_reason(self, reason: str, *, unknown: bool) -> StorageUnavailable:
-        if reason != self._problem:
-            log.error("storage unavailable: %s", reason)
-        self._problem = reason
-        if self.on_failure is not None:
-            self.on_failure()
-        return StorageOutcomeUnknown(reason) if unknown else StorageUnavailable(reason)
+        return self.health.fail(reason, unknown=unknown)
 
     def _succeeded(self) -> None:
-        if self._problem is None:
-            return
-        log.warning("storage recovered (was: %s)", self._problem)
-        self._problem = None
-        if self.on_recovery is not None:
-            self.on_recovery()
+        self.health.succeeded()
 
     async def _probe_loop(self) -> None:
         """One trivial query a tick: a server that went away (or came back) shows in health within a tick."""
@@ -290,9 +280,7 @@ class PgLink:
         try:
             await self._owner.acquire(self.connect_one)
         except AnotherOwner as exc:
-            if str(exc) != self._problem:
-                log.error("%s; this relay writes nothing to it until restarted", exc)
-            self._problem = str(exc)
+            self.health.fail(f"{exc}; this relay writes nothing to it until restarted")
             return
         except Exception as exc:
             if not server_cannot_serve(exc):
@@ -306,13 +294,11 @@ class PgLink:
         try:
             await self._connect()
         except StoreOpenError as exc:
-            self._problem = str(exc)
-            log.error("PostgreSQL store cannot open: %s", exc)
+            self.health.fail(f"the PostgreSQL store cannot open: {exc}")
             return
         except Exception as exc:
             if not server_cannot_serve(exc):
-                self._problem = f"cannot open PostgreSQL database {redact_url(self.url)}: {describe(exc)}"
-                log.error("%s", self._problem)
+                self.health.fail(f"cannot open PostgreSQL database {redact_url(self.url)}: {describe(exc)}")
                 return
             self._fail(exc, unknown=False)
             return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from typing import Any
 
 from ..store import PUSH_OVERHEAD_BYTES, PushSubscription
@@ -27,16 +26,6 @@ class PgPushTable:
         self._link = link
         self._totals = totals
 
-    async def _sized(self, run: Awaitable[tuple[Any, int]]) -> Any:
-        """Await a write returning (value, change of the subscriptions' bytes); count the change once."""
-        self._totals.begin()
-        delta = 0
-        try:
-            value, delta = await run
-            return value
-        finally:
-            self._totals.end(0, delta)
-
     async def put(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
         async def job(conn: Any) -> tuple[int, int]:
             old = await conn.fetchval(f"SELECT {PUSH_BYTES_SQL} FROM push_subscriptions WHERE address = $1 AND id = $2",
@@ -55,7 +44,7 @@ class PgPushTable:
             await conn.execute("UPDATE push_subscriptions SET expires_at = $2 WHERE address = $1", sub.address,
                                sub.expires_at)
             return int(created_at), sub.size() - int(old or 0) - int(pruned)
-        created_at = await self._sized(self._link.run(job, write=True, transaction=True))
+        created_at = await self._totals.sized(self._link.run(job, write=True, transaction=True))
         return PushSubscription(sub.id, sub.address, sub.provider, sub.target, sub.p256dh, sub.auth, created_at,
                                 sub.expires_at)
 
@@ -71,7 +60,7 @@ class PgPushTable:
             size = await conn.fetchval(f"DELETE FROM push_subscriptions WHERE address = $1 AND id = $2 "
                                        f"RETURNING {PUSH_BYTES_SQL}", address, sub_id)
             return size is not None, -int(size or 0)
-        return bool(await self._sized(self._link.run(job, write=True)))
+        return bool(await self._totals.sized(self._link.run(job, write=True)))
 
     async def extend(self, address: str, expires_at_ms: int) -> None:
         async def job(conn: Any) -> None:
@@ -86,7 +75,7 @@ class PgPushTable:
                 f"FROM push_subscriptions WHERE expires_at <= $1 LIMIT $2) RETURNING {PUSH_BYTES_SQL} AS size) "
                 "SELECT count(*) AS n, COALESCE(SUM(size), 0) AS b FROM gone", now_ms, EXPIRE_BATCH)
             return int(row["n"]), -int(row["b"])
-        return int(await self._sized(self._link.run(job, write=True, transaction=True)))
+        return int(await self._totals.sized(self._link.run(job, write=True, transaction=True)))
 
     @staticmethod
     def bytes_sql() -> str:

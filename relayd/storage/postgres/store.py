@@ -61,7 +61,7 @@ class PostgresStore:
         self._link = PgLink(url, pool_min=pool_min, pool_size=pool_size, connect_timeout_s=connect_timeout_s,
                             command_timeout_s=command_timeout_s, probe_interval_s=probe_interval_s,
                             exclusive=exclusive)
-        self._link.on_recovery = self._totals_stale
+        self._link.health.on_recovery = self._totals_stale
         self._totals = Totals()
         self._keys = PgKeyDirectory(self._link, self._totals)
         self._push = PgPushTable(self._link, self._totals)

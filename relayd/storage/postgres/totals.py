@@ -7,6 +7,11 @@ since such a write may be in the read and then be added again.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class Totals:
     """Messages and budget bytes (content, receipts, keys), with the writes in flight that may change them."""
@@ -40,3 +45,13 @@ class Totals:
             return False
         self.messages, self.bytes, self.stale = messages, nbytes, False
         return True
+
+    async def sized(self, run: Awaitable[tuple[T, int]]) -> T:
+        """Await a write returning (value, change of the budget bytes) and count the change once."""
+        self.begin()
+        delta = 0
+        try:
+            value, delta = await run
+            return value
+        finally:
+            self.end(0, delta)

@@ -23,7 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..store import StorageUnavailable
-from .health import Health
+from ..health import Health
 from .reasons import describe
 from .scripts import Script
 from .write_queue import Acks, Client, WriteQueue

@@ -35,7 +35,7 @@ from redis.asyncio.connection import Connection, Encoder
 
 from ... import tasks
 from ..store import StorageOutcomeUnknown, StorageUnavailable
-from .health import Health
+from ..health import Health
 from .reasons import describe
 from .scripts import Script
 

@@ -1,4 +1,5 @@
-"""Whether Redis takes writes right now: the last failure, and writes that wait longer than they should.
+"""Whether a store's server (Redis, PostgreSQL) takes writes right now: the last failure, and writes that wait
+longer than they should.
 
 Health is what /health/ready reports. A failure (a refusal, a timeout, a lost
 connection) makes it unhealthy with a reason until a write succeeds. A hang is
@@ -14,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..store import StorageOutcomeUnknown, StorageUnavailable
+from .store import StorageOutcomeUnknown, StorageUnavailable
 
 log = logging.getLogger("relayd.storage")
 
@@ -26,11 +27,12 @@ class Health:
         self.overdue_s = overdue_s
         self._problem: str | None = None
         self.on_failure: Callable[[], None] | None = None
-        """Called after every failure (the store forgets what it assumed Redis holds)."""
+        """Called after every failure (the Redis store forgets what it assumed Redis holds)."""
         self.on_recovery: Callable[[], None] | None = None
-        """Called when a write succeeds after a failure (``relayd.cluster`` reads its open queues again:
-        notices may have been lost meanwhile)."""
+        """Called when a write succeeds after a failure (``relayd.cluster`` reads its open queues again: notices
+        may have been lost meanwhile; the PostgreSQL store reads its totals again)."""
         self.oldest_write: Callable[[], float | None] = lambda: None
+        """When the oldest unanswered write was submitted (Redis's ordered write queue says; None: unknown)."""
 
     @property
     def healthy(self) -> bool:
