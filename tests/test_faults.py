@@ -431,9 +431,18 @@ FAULTS: dict[str, tuple[Callable[[Workload, History], None], dict[str, Any], int
 def run_fault(tmp: Path, relays: ProcessRelays, prefix: str, name: str, seed: int) -> History:
     inject, redis_options, _ = FAULTS[name]
     redis = RedisServer(tmp / "redis", **redis_options)
+    try:
+        return run_under_load(relays, lambda: Cluster(tmp, relays, redis, prefix), inject, seed)
+    finally:
+        redis.stop()
+
+
+def run_under_load(relays: ProcessRelays, start: Callable[[], Cluster],
+                   inject: Callable[[Workload, History], None], seed: int) -> History:
+    """The cluster ``start`` makes, under the workload: 2 s of load, the fault, 2.5 s of load, then the drain."""
     cluster = workload = None
     try:
-        cluster = Cluster(tmp, relays, redis, prefix)
+        cluster = start()
         history = History()
         workload = Workload(cluster, history, seed=seed)
         workload.start()
@@ -451,7 +460,6 @@ def run_fault(tmp: Path, relays: ProcessRelays, prefix: str, name: str, seed: in
         relays.stop_all()
         if cluster is not None:
             cluster.stop()
-        redis.stop()
 
 
 OPEN_FINDINGS: dict[str, str] = {}

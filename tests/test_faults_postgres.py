@@ -22,7 +22,8 @@ import pytest
 from history import History, check, counts, stats, summary
 from support import ProcessRelay, ProcessRelays, pg_cluster_env, scaled
 from tcp_proxy import TcpProxy
-from test_faults import (Cluster, Workload, _hold, _keep_if_failed, hard_timeout, kill_instance, proxy_cut,
+from test_faults import (Cluster, Workload, _keep_if_failed, hard_timeout, kill_instance, proxy_cut,
+                         run_under_load,
                          rolling_restart, stop_instance)
 
 __all__ = ["hard_timeout"]  # the fixture, used by name
@@ -83,26 +84,7 @@ FAULT_PARAMS = [pytest.param(name, r, id=f"{name}-{r}",
 
 
 def run_fault(tmp: Path, relays: ProcessRelays, pg: Any, name: str, seed: int) -> History:
-    cluster = workload = None
-    try:
-        cluster = PgCluster(tmp, relays, pg)
-        history = History()
-        workload = Workload(cluster, history, seed=seed)
-        workload.start()
-        workload.wait_receivers_online()
-        workload.probing.set()
-        _hold(2.0)  # load before the fault
-        FAULTS[name](workload, history)
-        _hold(2.5)  # load after the heal
-        workload.probing.clear()
-        workload.drain()
-        return history
-    finally:
-        if workload is not None:
-            workload.stop()
-        relays.stop_all()
-        if cluster is not None:
-            cluster.stop()
+    return run_under_load(relays, lambda: PgCluster(tmp, relays, pg), FAULTS[name], seed)
 
 
 @pytest.mark.parametrize(("fault", "round"), FAULT_PARAMS)
