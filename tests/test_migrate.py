@@ -1,0 +1,158 @@
+"""``relayd migrate`` between any two persistent backends (SQLite, Redis, PostgreSQL), safe to re-run.
+
+Every pair: a real relay fills the source (queued messages, a message delivered live and kept in history, a
+stored receipt, a signed key and its lock, a push subscription); ``relayd migrate`` runs twice and the second run
+changes nothing (the destination reads back the same, record for record); a relay on the destination delivers
+every message once and in order, serves the key, the receipt, the history and the push subscription, and answers
+a resend of a delivered messageId as the first one was. Sealed stores (encryption at rest) migrate as stored under
+the same key, and a destination sealed with another key is refused before anything is copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from support import (ADDR_B, KEY_B, assert_read, clean_env, connect, frames_until_pong, key_body, msg, new_address,
+                     run_cli, signed_login, wait_until)
+
+from relayd.storage.snapshot import open_snapshot
+from relayd.storage.store import PushSubscription, Store
+
+BACKENDS = ("sqlite", "redis", "postgres")
+PAIRS = [(source, dest) for source in BACKENDS for dest in BACKENDS if source != dest]
+PUB_KEY = base64.b64encode(bytes(range(32))).decode()
+DAY_MS = 86_400_000
+
+
+@dataclass
+class Place:
+    """One backend's database: what the CLI names it by, and a new (unopened) store on it."""
+
+    cli: str
+    store: Callable[[], Store]
+
+
+def place(kind: str, tmp: Path, request: pytest.FixtureRequest, prefix: str, *, own_redis: bool = False) -> Place:
+    if kind == "sqlite":
+        from relayd.storage.sqlite.store import SQLiteStore
+        path = str(tmp / f"{tmp.name}.db")
+        return Place(f"sqlite:{path}", lambda: SQLiteStore(path, commit_interval_ms=0.5))
+    if kind == "postgres":
+        from relayd.storage.postgres import PostgresStore
+        url = request.getfixturevalue("pg_server").new_database()
+        return Place(url, lambda: PostgresStore(url, pool_size=4))
+    from relayd.storage.redis import RedisStore
+    url = request.getfixturevalue("fresh_redis" if own_redis else "redis_server").url
+    return Place(url, lambda: RedisStore(url, key_prefix=prefix))
+
+
+def read_back(where: str, prefix: str) -> dict[str, Any]:
+    """Everything a store holds, as ``relayd migrate`` reads it (the same read for every backend)."""
+    async def main() -> dict[str, Any]:
+        snapshot = await open_snapshot(where, key_prefix=prefix)
+        try:
+            return {"messages": [m async for m in snapshot.messages()],
+                    "receipts": [r async for r in snapshot.receipts()],
+                    "keys": sorted([k async for k in snapshot.keys()], key=lambda k: k.address),
+                    "locks": sorted([a async for a in snapshot.locks()]),
+                    "floors": sorted([f async for f in snapshot.floors()]),
+                    "tokens": [t async for t in snapshot.tokens(0)],
+                    "delivered": sorted([(d.recipient, d.sender, d.message_id, d.queued_at)
+                                         async for d in snapshot.delivered()]),
+                    "history": sorted([(repr(m), until) async for m, until in snapshot.history()]),
+                    "push": [p async for p in snapshot.push_subscriptions()]}
+        finally:
+            await snapshot.close()
+    return asyncio.run(main())
+
+
+def migrate(tmp: Path, source: str, dest: str, prefix: str, **env: str) -> dict[str, int]:
+    done = run_cli(tmp, "migrate", "--from", source, "--to", dest,
+                   env=clean_env(RELAYD_REDIS_KEY_PREFIX=prefix, **env))
+    assert done.returncode == 0, done.stderr
+    counts: dict[str, int] = json.loads(done.stdout)
+    return counts
+
+
+def fill(relay: Any, sender: str, reader: str, push: PushSubscription) -> dict[str, Any]:
+    """Through a real relay: d0 delivered live to B (kept in history), q0..q2 queued for B, a receipt of d0
+    stored for the sender (offline), B's signed key (and lock); a push subscription through the store API."""
+    b, _ = signed_login(relay, KEY_B)
+    with b, connect(relay, sender) as c:
+        c.send(msg(ADDR_B, "d0", "delivered live", timestamp=1_700_000_000_000))
+        assert c.recv()["type"] in ("delivered", "queued")  # SQLite stores first, then pushes
+        assert b.recv_type("message")["messageId"] == "d0"
+        store = relay.server.store
+        wait_until(lambda: relay.call(store.history(ADDR_B, 10)).messages, "d0 kept in history")
+    with connect(relay, sender) as c:
+        for i in range(3):
+            c.send(msg(ADDR_B, f"q{i}", f"queued {i}", timestamp=1_700_000_000_001 + i))
+            assert c.recv_type("queued")["messageId"] == f"q{i}"
+    with connect(relay, reader) as r:
+        r.send({"type": "read_receipt", "to": sender, "messageId": "d0"})
+        wait_until(lambda: relay.call(store.receipts(sender, 10)), "the receipt stored for the offline sender")
+    assert relay.http("POST", "/api/public-keys", key_body(KEY_B, PUB_KEY, int(time.time()))).status == 200
+    relay.call(store.put_push_subscription(push, 5))
+    key: dict[str, Any] = relay.http("GET", f"/api/public-keys/{ADDR_B}").json
+    return key
+
+
+def check_destination(relay: Any, sender: str, reader: str, push: PushSubscription, key: dict[str, Any]) -> None:
+    assert relay.http("GET", f"/api/public-keys/{ADDR_B}").json == key
+    assert relay.call(relay.server.store.push_subscriptions(ADDR_B, int(time.time() * 1000))) == [push]
+    with relay.ws() as plain:  # the lock came along: B's unsigned sign-in is refused
+        plain.send({"type": "auth", "address": ADDR_B})
+        assert plain.recv_type("error")["code"] == "auth_required"
+    b, _ = signed_login(relay, KEY_B, ack=True)
+    with b:
+        got = [b.recv_type("message") for _ in range(3)]
+        assert [(m["messageId"], m["content"]) for m in got] == [(f"q{i}", f"queued {i}") for i in range(3)]
+        b.recv_type("queue_empty")
+        b.send({"type": "ack", "messageIds": ["q0", "q1", "q2"]})
+        b.send({"type": "history"})
+        kept = b.recv_type("history")["messages"]
+        assert [m["messageId"] for m in kept if m["messageId"] == "d0"] == ["d0"], kept
+        with connect(relay, sender) as c:
+            assert_read(c.recv_type("read"), reader, "d0")
+            for mid in ("d0", "q0"):  # delivered before (d0 on the source, q0 just now): answered as then
+                c.send(msg(ADDR_B, mid, "sent again"))
+                assert c.recv()["type"] == "delivered"
+        assert frames_until_pong(b) == []  # and not delivered again
+
+
+@pytest.mark.parametrize("source,dest", PAIRS)
+def test_migrate_every_pair_twice_then_serve_from_the_destination(source, dest, tmp_path, request, redis_prefix,
+                                                                  start_relay):
+    sender, reader = new_address(), new_address()
+    now = int(time.time() * 1000)
+    push = PushSubscription("p1", ADDR_B, "fcm", "device-token-b", created_at=now, expires_at=now + DAY_MS)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    src = place(source, tmp_path / "src", request, redis_prefix, own_redis=source == dest == "redis")
+    dst = place(dest, tmp_path / "dst", request, redis_prefix)
+
+    relay = start_relay(store=src.store(), history={"days": 7})
+    key = fill(relay, sender, reader, push)
+    relay.stop()
+
+    first = migrate(tmp_path, src.cli, dst.cli, redis_prefix)
+    assert {k: first[k] for k in ("messages_copied", "receipts_copied", "keys_copied", "history_copied",
+                                  "push_subscriptions")} == {"messages_copied": 3, "receipts_copied": 1,
+                                                             "keys_copied": 1, "history_copied": 1,
+                                                             "push_subscriptions": 1}, first
+    assert first["locks"] == 1 and first["key_floors"] == 1 and first["delivered_records"] == 1, first
+    copied = read_back(dst.cli, redis_prefix)
+    again = migrate(tmp_path, src.cli, dst.cli, redis_prefix)
+    assert again["messages_copied"] == again["receipts_copied"] == again["keys_copied"] == 0, again
+    assert again["messages_already_copied"] == 3 and again["history_already_copied"] == 1, again
+    assert read_back(dst.cli, redis_prefix) == copied, "a second run changed the destination"
+    assert [m.message_id for m in copied["messages"]] == ["q0", "q1", "q2"]
+
+    check_destination(start_relay(store=dst.store(), history={"days": 7}), sender, reader, push, key)
