@@ -156,3 +156,71 @@ def test_migrate_every_pair_twice_then_serve_from_the_destination(source, dest, 
     assert [m.message_id for m in copied["messages"]] == ["q0", "q1", "q2"]
 
     check_destination(start_relay(store=dst.store(), history={"days": 7}), sender, reader, push, key)
+
+
+def sealed(make: Callable[[], Store], key: str) -> Store:
+    from relayd.storage.sealed import SealedStore
+    from relayd.storage.sealing import load_keys
+    return SealedStore(make(), load_keys([key]))  # type: ignore[return-value]
+
+
+def key_file(tmp: Path, name: str) -> str:
+    from relayd.storage.sealing import generate_key_file
+    generate_key_file(str(tmp / name))
+    return str(tmp / name)
+
+
+def test_sealed_records_migrate_as_stored_to_a_destination_with_the_same_key(tmp_path, request, redis_prefix,
+                                                                             start_relay):
+    """Redis (blind-indexed keys) to PostgreSQL, both sealed with one key: copied as stored, twice without a change,
+    and a relay with that key serves everything, while the copy shows no address in clear."""
+    pytest.importorskip("cryptography")
+    key = key_file(tmp_path, "storage.key")
+    sender, reader = new_address(), new_address()
+    now = int(time.time() * 1000)
+    push = PushSubscription("p1", ADDR_B, "webpush", "https://push.example/b", "p256", "auth", now, now + DAY_MS)
+    src = place("redis", tmp_path, request, redis_prefix)
+    dst = place("postgres", tmp_path, request, redis_prefix)
+    relay = start_relay(store=sealed(src.store, key), history={"days": 7})
+    answer = fill(relay, sender, reader, push)
+    relay.stop()
+
+    first = migrate(tmp_path, src.cli, dst.cli, redis_prefix)
+    assert (first["messages_copied"], first["history_copied"], first["receipts_copied"]) == (3, 1, 1), first
+    copied = read_back(dst.cli, redis_prefix)
+    migrate(tmp_path, src.cli, dst.cli, redis_prefix)
+    assert read_back(dst.cli, redis_prefix) == copied
+    clear = repr([copied[part] for part in ("messages", "receipts", "delivered", "history")])
+    assert ADDR_B not in clear and sender not in clear and "q1" not in clear and "queued 1" not in clear
+
+    check_destination(start_relay(store=sealed(dst.store, key), history={"days": 7}), sender, reader, push, answer)
+
+
+def test_a_destination_that_would_not_open_the_records_is_refused_before_anything_is_copied(tmp_path, start_relay):
+    """Sealed with another key, or sealed while the source is in clear (and the other way round): exit 1 with the
+    reason and what to do; the destination is left as it was."""
+    pytest.importorskip("cryptography")
+    from relayd.storage.sqlite.store import SQLiteStore
+    one, other = key_file(tmp_path, "one.key"), key_file(tmp_path, "other.key")
+    paths = {name: str(tmp_path / f"{name}.db") for name in ("sealed", "clear", "elsewhere", "clear-dest")}
+
+    def store_on(name: str, key: str | None = None) -> Callable[[], Store]:
+        make = lambda: SQLiteStore(paths[name], commit_interval_ms=0.5)  # noqa: E731
+        return (lambda: sealed(make, key)) if key else make
+
+    for name, key in (("sealed", one), ("clear", None), ("elsewhere", other), ("clear-dest", None)):
+        relay = start_relay(store=store_on(name, key)())
+        with connect(relay, new_address()) as c:
+            c.send(msg(ADDR_B, f"m-{name}", "secret"))
+            assert c.recv_type("queued")
+        relay.stop()
+
+    for source, dest, needle in (
+            ("sealed", "elsewhere", "sealed with key id"),
+            ("clear", "elsewhere", "the source's are not"),
+            ("sealed", "clear-dest", "holds records in clear")):
+        before = read_back(f"sqlite:{paths[dest]}", "relayd:")
+        done = run_cli(tmp_path, "migrate", "--from", f"sqlite:{paths[source]}", "--to", f"sqlite:{paths[dest]}",
+                       env=clean_env())
+        assert done.returncode == 1 and needle in done.stderr and "nothing was copied" in done.stderr, done.stderr
+        assert read_back(f"sqlite:{paths[dest]}", "relayd:") == before

@@ -241,7 +241,7 @@ def _cutoff_ms(config: Config) -> int:
     return int(time.time() * 1000 - config.queue.message_retention_hours * 3_600_000)
 
 
-def _migrate_into_store(args: argparse.Namespace, open_snapshot: Callable[[str], Any]) -> int:
+def _migrate_into_store(args: argparse.Namespace, open_snapshot: Callable[..., Any]) -> int:
     from ..storage.copy import MigrationTarget, copy_into
     from ..storage.store import StorageUnavailable
     if args.dest.startswith("sqlite:"):
@@ -273,7 +273,7 @@ def _migrate_into_store(args: argparse.Namespace, open_snapshot: Callable[[str],
     return _print_counts(run)
 
 
-def _migrate_into_redis(args: argparse.Namespace, open_snapshot: Callable[[str], Any]) -> int:
+def _migrate_into_redis(args: argparse.Namespace, open_snapshot: Callable[..., Any]) -> int:
     from ..storage.store import StorageUnavailable
     config = load_config_with_sources(args.config, overrides=[*overrides_from(args), ("redis", "url", args.dest)])[0]
     try:
