@@ -224,3 +224,50 @@ def test_a_destination_that_would_not_open_the_records_is_refused_before_anythin
                        env=clean_env())
         assert done.returncode == 1 and needle in done.stderr and "nothing was copied" in done.stderr, done.stderr
         assert read_back(f"sqlite:{paths[dest]}", "relayd:") == before
+
+
+def test_a_redis_cluster_is_read_on_every_primary(tmp_path, redis_cluster, redis_prefix):
+    """Queues spread over the three primaries (one hash slot per address) all come along, each in order, with
+    the delivered records and kept history of every node."""
+    from relayd.storage.redis import RedisStore
+    from relayd.storage.store import QueuedMessage, QueueLimits
+    roomy = QueueLimits(max_messages=100, max_bytes=1_000_000, drop_oldest=False)
+    recipients = [new_address() for _ in range(12)]
+    sender = new_address()
+
+    async def fill() -> None:
+        store = RedisStore(redis_cluster.url, key_prefix=redis_prefix, cluster=True)
+        store.keep_history(DAY_MS)
+        await store.open()
+        try:
+            now = int(time.time() * 1000)
+            for to in recipients:
+                for i in range(3):
+                    assert (await store.enqueue(QueuedMessage(to, sender, f"{to}-{i}", f"c{i}", now + i, now),
+                                                roomy)).value == "queued"
+                await store.record_delivered([QueuedMessage(to, sender, f"{to}-live", "kept", now, now)])
+        finally:
+            await store.close()
+    asyncio.run(fill())
+    holding = [n for n in redis_cluster.nodes
+               if any(n.cli("EXISTS", f"{redis_prefix}{{{to}}}:q") == "1" for to in recipients)]
+    assert len(holding) > 1, "the queues should sit on several primaries"
+    db = tmp_path / "copy.db"
+    counts = migrate(tmp_path, redis_cluster.url, f"sqlite:{db}", redis_prefix)
+    assert (counts["messages_copied"], counts["delivered_records"], counts["history_copied"]) == (36, 12, 12), counts
+    copied = read_back(f"sqlite:{db}", redis_prefix)
+    assert sorted(m.message_id for m in copied["messages"]) == sorted(f"{to}-{i}" for to in recipients
+                                                                      for i in range(3))
+    for to in recipients:
+        assert [m.content for m in copied["messages"] if m.recipient == to] == ["c0", "c1", "c2"]
+
+
+def test_a_redis_source_with_nothing_under_the_prefix_or_unreachable_is_a_clear_failure(tmp_path, redis_server,
+                                                                                        redis_prefix):
+    from support import free_port
+    for source, needle in ((redis_server.url, f"holds no relayd data under the key prefix '{redis_prefix}'"),
+                           (f"redis://127.0.0.1:{free_port()}/0", "cannot read Redis")):
+        done = run_cli(tmp_path, "migrate", "--from", source, "--to", f"sqlite:{tmp_path / 'x.db'}",
+                       env=clean_env(RELAYD_REDIS_KEY_PREFIX=redis_prefix))
+        assert done.returncode == 1 and needle in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "x.db").exists()

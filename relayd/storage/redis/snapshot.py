@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from redis import exceptions as rx
 from redis.asyncio import Redis
@@ -35,6 +36,19 @@ _WANTED = ("q", "rq", "key", "kf", "lock", "tok", "d", "h", "push")
 """The per-address keys that say an address has something to copy."""
 
 
+def _connect(url: str) -> Redis[str]:
+    client: Redis[str] = Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=10)
+    return client
+
+
+def _at(url: str, host: str, port: int) -> str:
+    """``url`` (its credentials, TLS and options) pointed at another node."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{where}" if userinfo else where))
+
+
 def _glob_escape(text: str) -> str:
     return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
@@ -53,13 +67,11 @@ class RedisSnapshot:
         """Connect (to every primary of a Cluster) and list what is stored; raises StoreOpenError."""
         nodes: list[Redis[str]] = []
         try:
-            seed: Redis[str] = Redis.from_url(url, decode_responses=True, socket_timeout=10,
-                                              socket_connect_timeout=10)
+            seed = _connect(url)
             nodes.append(seed)
             info = await seed.info("cluster")
             if info.get("cluster_enabled"):
-                nodes = [seed, *[Redis(**{**seed.connection_pool.connection_kwargs, "host": host, "port": port})
-                                 for host, port in await cls._other_primaries(seed)]]
+                nodes += [_connect(_at(url, host, port)) for host, port in await cls._other_primaries(seed)]
             snapshot = cls(nodes, prefix, [])
             snapshot._found = [await snapshot._scan(node) for node in nodes]
         except (rx.RedisError, OSError) as exc:
