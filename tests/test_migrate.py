@@ -1,13 +1,13 @@
 """``relayd migrate`` between any two persistent backends (SQLite, Redis, PostgreSQL), safe to re-run.
 
 Every pair: a real relay fills the source (queued messages, a message delivered live and kept in history, a
-stored receipt, a signed key and its lock, a push subscription); ``relayd migrate`` runs twice and the second run
-changes nothing (the destination reads back the same, record for record); a relay on the destination delivers
-every message once and in order, serves the key, the receipt, the history and the push subscription, and answers
-a resend of a delivered messageId as the first one was. Sealed stores (encryption at rest) migrate as stored under
-the same key, and a destination sealed with another key is refused before anything is copied.
+stored receipt, a signed key and its lock, a push subscription); ``relayd migrate`` runs twice; the copy reads
+back as its source (every record, read the same way from each backend) and the second run changes nothing; a
+relay on the destination delivers every message once and in order, serves the key, the receipt, the history and
+the push subscription, and answers a resend of a delivered messageId as the first one was. Sealed stores
+(encryption at rest) migrate as stored under the same key, and a destination sealed with another key is refused
+before anything is copied.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -71,6 +71,13 @@ def read_back(where: str, prefix: str) -> dict[str, Any]:
         finally:
             await snapshot.close()
     return asyncio.run(main())
+
+
+def as_kept(data: dict[str, Any]) -> dict[str, Any]:
+    """What must be the same in a source and its copy (seqs of queued messages and receipts are the store's)."""
+    return {**data, "messages": [(m.recipient, m.sender, m.message_id, m.content, m.timestamp, m.queued_at)
+                                 for m in data["messages"]],
+            "receipts": sorted((r.recipient, r.reader, r.message_id, r.timestamp) for r, _ in data["receipts"])}
 
 
 def migrate(tmp: Path, source: str, dest: str, prefix: str, **env: str) -> dict[str, int]:
@@ -149,6 +156,8 @@ def test_migrate_every_pair_twice_then_serve_from_the_destination(source, dest, 
                                                              "push_subscriptions": 1}, first
     assert first["locks"] == 1 and first["key_floors"] == 1 and first["delivered_records"] == 1, first
     copied = read_back(dst.cli, redis_prefix)
+    assert as_kept(copied) == as_kept(read_back(src.cli, redis_prefix)), "the copy differs from its source"
+    assert copied["tokens"] and copied["delivered"] and copied["history"]
     again = migrate(tmp_path, src.cli, dst.cli, redis_prefix)
     assert again["messages_copied"] == again["receipts_copied"] == again["keys_copied"] == 0, again
     assert again["messages_already_copied"] == 3 and again["history_already_copied"] == 1, again

@@ -17,7 +17,7 @@ would not open them with the same key(s).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol, TypeVar
 
 from .sealed import CHECK_ADDRESS, check_key_ids
@@ -88,13 +88,17 @@ async def check_sealing(snapshot: Snapshot, store: KeptTarget) -> None:
                               f"start it with the source's key file ({nothing})")
 
 
-async def _in_batches(items: list[T], flush: Callable[[list[T]], Awaitable[object]], item: T | None) -> None:
-    """Add ``item`` (None: none left) and flush a full (or the last) batch."""
-    if item is not None:
-        items.append(item)
-    if items and (item is None or len(items) >= BATCH):
-        await flush(list(items))
-        items.clear()
+async def _batches(items: AsyncIterator[T], wanted: Callable[[T], bool]) -> AsyncIterator[list[T]]:
+    """The ``wanted`` ones of ``items``, ``BATCH`` at a time."""
+    batch: list[T] = []
+    async for item in items:
+        if wanted(item):
+            batch.append(item)
+            if len(batch) >= BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
 
 
 async def copy_kept(snapshot: Snapshot, store: KeptTarget, counts: dict[str, int], *, cutoff_ms: int) -> None:
@@ -103,26 +107,13 @@ async def copy_kept(snapshot: Snapshot, store: KeptTarget, counts: dict[str, int
     now = int(time.time() * 1000)
     for name in ("delivered_records", "history_copied", "history_already_copied", "push_subscriptions"):
         counts.setdefault(name, 0)
-
-    async def record(batch: list[QueuedMessage]) -> None:
-        await store.record_delivered(batch)
-        counts["delivered_records"] += len(batch)
-
-    async def keep(batch: list[tuple[QueuedMessage, int]]) -> None:
-        copied = await store.copy_history(batch)
+    async for delivered in _batches(snapshot.delivered(), lambda m: m.queued_at >= cutoff_ms):
+        await store.record_delivered(delivered)
+        counts["delivered_records"] += len(delivered)
+    async for kept in _batches(snapshot.history(), lambda entry: entry[1] > now):
+        copied = await store.copy_history(kept)
         counts["history_copied"] += copied
-        counts["history_already_copied"] += len(batch) - copied
-
-    delivered: list[QueuedMessage] = []
-    async for msg in snapshot.delivered():
-        if msg.queued_at >= cutoff_ms:
-            await _in_batches(delivered, record, msg)
-    await _in_batches(delivered, record, None)
-    kept: list[tuple[QueuedMessage, int]] = []
-    async for entry in snapshot.history():
-        if entry[1] > now:
-            await _in_batches(kept, keep, entry)
-    await _in_batches(kept, keep, None)
+        counts["history_already_copied"] += len(kept) - copied
     async for sub in snapshot.push_subscriptions():
         if sub.expires_at > now:
             await store.put_push_subscription(sub, PUSH_CAP)
