@@ -280,3 +280,35 @@ def test_a_redis_source_with_nothing_under_the_prefix_or_unreachable_is_a_clear_
                        env=clean_env(RELAYD_REDIS_KEY_PREFIX=redis_prefix))
         assert done.returncode == 1 and needle in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+def test_a_source_that_fails_while_it_is_read_is_storage_unavailable_naming_it(kind, tmp_path, request,
+                                                                                redis_prefix):
+    """The copy stops with the reason (exit 1 in the CLI), never a traceback; closing the source still works."""
+    from relayd.storage.store import QueuedMessage, QueueLimits, StorageUnavailable
+    source = place(kind, tmp_path, request, redis_prefix, own_redis=True)
+
+    async def main() -> None:
+        store = source.store()
+        await store.open()
+        try:
+            await store.enqueue(QueuedMessage(ADDR_B, new_address(), "m1", "c", 1, int(time.time() * 1000)),
+                                QueueLimits(max_messages=10, max_bytes=1000, drop_oldest=False))
+        finally:
+            await store.close()
+        snapshot = await open_snapshot(source.cli, key_prefix=redis_prefix)
+        try:
+            if kind == "redis":
+                request.getfixturevalue("fresh_redis").stop()
+            else:
+                pid = snapshot._conn.get_server_pid()  # type: ignore[attr-defined]
+                request.getfixturevalue("pg_server").psql(f"SELECT pg_terminate_backend({pid})",
+                                                          source.cli.rsplit("/", 1)[1])
+            named = "Redis" if kind == "redis" else "PostgreSQL"
+            with pytest.raises(StorageUnavailable, match=f"reading the source {named} failed"):
+                async for _ in snapshot.messages():
+                    pass
+        finally:
+            await snapshot.close()
+    asyncio.run(main())

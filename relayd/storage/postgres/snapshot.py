@@ -7,13 +7,23 @@ from typing import Any
 
 from ...config.redact import redact_url
 from ...extras import install_hint
-from ..store import KeyRecord, PushSubscription, QueuedMessage, Receipt, StoreOpenError
+from ..store import KeyRecord, PushSubscription, QueuedMessage, Receipt, StorageUnavailable, StoreOpenError
 from .link import describe
 from .queue import from_pg
 from .schema import SCHEMA_VERSION
 
 _PREFETCH = 1000
 _KEY_COLUMNS = "address, public_key, created_at, updated_at, key_type, issued_at, format, signature"
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """What a source failing while it is read raises (asyncpg is imported with the extra)."""
+    import asyncpg
+    return asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError
+
+
+def _failed(exc: BaseException) -> StorageUnavailable:
+    return StorageUnavailable(f"reading the source PostgreSQL failed: {describe(exc)}")
 
 
 def _key(r: Any) -> KeyRecord:
@@ -56,8 +66,12 @@ class PgSnapshot:
         return cls(conn, transaction)
 
     async def _rows(self, sql: str, *args: Any) -> AsyncIterator[Any]:
-        async for row in self._conn.cursor(sql, *args, prefetch=_PREFETCH):
-            yield row
+        """The rows of ``sql``; the source failing meanwhile is ``StorageUnavailable`` naming it."""
+        try:
+            async for row in self._conn.cursor(sql, *args, prefetch=_PREFETCH):
+                yield row
+        except _failures() as exc:
+            raise _failed(exc) from None
 
     async def messages(self) -> AsyncIterator[QueuedMessage]:
         async for r in self._rows("SELECT recipient, sender, message_id, content, timestamp, queued_at FROM messages "
@@ -75,7 +89,10 @@ class PgSnapshot:
             yield _key(r)
 
     async def key(self, address: str) -> KeyRecord | None:
-        row = await self._conn.fetchrow(f"SELECT {_KEY_COLUMNS} FROM keys WHERE address = $1", address)
+        try:
+            row = await self._conn.fetchrow(f"SELECT {_KEY_COLUMNS} FROM keys WHERE address = $1", address)
+        except _failures() as exc:
+            raise _failed(exc) from None
         return None if row is None else _key(row)
 
     async def locks(self) -> AsyncIterator[str]:
@@ -110,5 +127,7 @@ class PgSnapshot:
     async def close(self) -> None:
         try:
             await self._transaction.rollback()
+        except _failures():
+            pass  # a connection that failed holds no transaction any more
         finally:
             await self._conn.close()
