@@ -73,9 +73,9 @@ async def check_sealing(snapshot: Snapshot, store: KeptTarget) -> None:
         return
     if dest is None:
         if await store.queue_keys():
-            raise SealingMismatch(f"the source's records are sealed (encryption at rest, key id {_ids(source or set())}) "
-                                  f"but the destination holds records in clear: migrate into an empty destination "
-                                  f"({nothing})")
+            raise SealingMismatch(f"the source's records are sealed (encryption at rest, key id "
+                                  f"{_ids(source or set())}) but the destination holds records in clear: migrate "
+                                  f"into an empty destination ({nothing})")
         return
     if source is None:
         raise SealingMismatch(f"the destination's records are sealed (encryption at rest, key id {_ids(dest)}) but "
