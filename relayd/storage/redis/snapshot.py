@@ -71,12 +71,15 @@ class RedisSnapshot:
             nodes.append(seed)
             info = await seed.info("cluster")
             if info.get("cluster_enabled"):
-                nodes += [_connect(_at(url, host, port)) for host, port in await cls._other_primaries(seed)]
+                primaries = await cls._primaries(seed)
+                nodes = [seed if myself else _connect(_at(url, host, port)) for host, port, myself in primaries]
+                if seed not in nodes:  # the URL names a replica: only primaries are read
+                    await seed.aclose()  # type: ignore[attr-defined]  # redis-py >= 5 (stubs predate it)
             snapshot = cls(nodes, prefix, [])
             snapshot._found = [await snapshot._scan(node) for node in nodes]
         except (rx.RedisError, OSError) as exc:
             for node in nodes:
-                await node.aclose()  # type: ignore[attr-defined]  # redis-py >= 5 (stubs predate it)
+                await node.aclose()  # type: ignore[attr-defined]
             raise StoreOpenError(f"cannot read Redis {redact_url(url)}: {describe(exc)}") from None
         if not any(any(found.values()) for found in snapshot._found):
             await snapshot.close()
@@ -85,16 +88,16 @@ class RedisSnapshot:
         return snapshot
 
     @staticmethod
-    async def _other_primaries(seed: Redis[str]) -> list[tuple[str, int]]:
-        """The Cluster's primaries other than ``seed`` (the node the URL names), from CLUSTER NODES."""
+    async def _primaries(seed: Redis[str]) -> list[tuple[str, int, bool]]:
+        """The Cluster's live primaries as (host, port, whether it is ``seed``), from CLUSTER NODES."""
         nodes: dict[str, dict[str, Any]] = await seed.execute_command(  # type: ignore[no-untyped-call]
             "CLUSTER NODES")  # parsed by redis-py: "host:port" -> fields
         primaries = []
         for address, node in nodes.items():
-            flags = str(node.get("flags", "")).split(",")
-            if "master" in flags and "myself" not in flags and not {"fail", "fail?", "noaddr"} & set(flags):
+            flags = set(str(node.get("flags", "")).split(","))
+            if "master" in flags and not {"fail", "fail?", "noaddr"} & flags:
                 host, _, port = address.split("@")[0].rpartition(":")
-                primaries.append((host, int(port)))
+                primaries.append((host, int(port), "myself" in flags))
         return primaries
 
     async def _scan(self, node: Redis[str]) -> dict[str, set[str]]:
@@ -165,17 +168,19 @@ class RedisSnapshot:
                         reader, message_id, timestamp = json.loads(record)
                         yield Receipt(address, reader, message_id, int(timestamp)), int(seq)
 
-    async def _keys(self, only: str | None = None) -> AsyncIterator[KeyRecord]:
+    async def _keys(self) -> AsyncIterator[KeyRecord]:
         async for node, address in self._having("key"):
-            if only is not None and address != only:
-                continue
             record = await self._key_of(node, address)
             if record is not None:
                 yield record
 
     async def key(self, address: str) -> KeyRecord | None:
-        async for record in _guarded(self._keys(only=address)):
-            return record
+        for node, found in zip(self._nodes, self._found):
+            if address in found["key"]:
+                try:
+                    return await self._key_of(node, address)
+                except (rx.RedisError, OSError) as exc:
+                    raise _failed(exc) from None
         return None
 
     async def _key_of(self, node: Redis[str], address: str) -> KeyRecord | None:
@@ -236,4 +241,8 @@ async def _guarded(items: AsyncIterator[T]) -> AsyncIterator[T]:
         async for item in items:
             yield item
     except (rx.RedisError, OSError) as exc:
-        raise StorageUnavailable(f"reading the source Redis failed: {describe(exc)}") from None
+        raise _failed(exc) from None
+
+
+def _failed(exc: BaseException) -> StorageUnavailable:
+    return StorageUnavailable(f"reading the source Redis failed: {describe(exc)}")
