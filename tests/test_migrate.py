@@ -312,3 +312,25 @@ def test_a_source_that_fails_while_it_is_read_is_storage_unavailable_naming_it(k
         finally:
             await snapshot.close()
     asyncio.run(main())
+
+
+def test_a_postgres_source_of_schema_version_1_has_no_history_and_still_migrates(tmp_path, pg_database):
+    """A database an older relayd wrote (before message history) is read as it is, never upgraded."""
+    asyncpg = pytest.importorskip("asyncpg")
+    from relayd.storage.postgres.schema import MIGRATIONS
+
+    async def old_relayd() -> None:
+        conn = await asyncpg.connect(pg_database)
+        try:
+            await conn.execute("CREATE TABLE relayd_schema_version (version INTEGER PRIMARY KEY, "
+                               "applied_at BIGINT NOT NULL)")
+            for statement in MIGRATIONS[0]:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO relayd_schema_version VALUES (1, 0)")
+            await conn.execute("INSERT INTO messages VALUES (1, $1, $2, 'm1', 1, $3, 1, 'c')", ADDR_B,
+                               new_address(), int(time.time() * 1000))
+        finally:
+            await conn.close()
+    asyncio.run(old_relayd())
+    counts = migrate(tmp_path, pg_database, f"sqlite:{tmp_path / 'x.db'}", "relayd:")
+    assert (counts["messages_copied"], counts["history_copied"]) == (1, 0), counts

@@ -13,6 +13,8 @@ from .queue import from_pg
 from .schema import SCHEMA_VERSION
 
 _PREFETCH = 1000
+HISTORY_VERSION = 2
+"""The schema version that added message history."""
 _KEY_COLUMNS = "address, public_key, created_at, updated_at, key_type, issued_at, format, signature"
 
 
@@ -34,9 +36,11 @@ def _key(r: Any) -> KeyRecord:
 class PgSnapshot:
     """The ``Snapshot`` of a relayd database on PostgreSQL (see ``storage.snapshot``)."""
 
-    def __init__(self, conn: Any, transaction: Any) -> None:
+    def __init__(self, conn: Any, transaction: Any, version: int = SCHEMA_VERSION) -> None:
         self._conn = conn
         self._transaction = transaction
+        self._version = version
+        """The source's schema version: one written by an older relayd has no ``history`` table (version 1)."""
 
     @classmethod
     async def open(cls, url: str) -> PgSnapshot:
@@ -63,7 +67,7 @@ class PgSnapshot:
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, transaction)
+        return cls(conn, transaction, int(version))
 
     async def _rows(self, sql: str, *args: Any) -> AsyncIterator[Any]:
         """The rows of ``sql``; the source failing meanwhile is ``StorageUnavailable`` naming it."""
@@ -113,6 +117,8 @@ class PgSnapshot:
             yield QueuedMessage(r["recipient"], r["sender"], from_pg(r["message_id"]), "", 0, int(r["queued_at"]))
 
     async def history(self) -> AsyncIterator[tuple[QueuedMessage, int]]:
+        if self._version < HISTORY_VERSION:
+            return
         async for r in self._rows("SELECT recipient, sender, message_id, content, timestamp, queued_at, seq, "
                                   "kept_until FROM history ORDER BY recipient, timestamp, seq"):
             yield QueuedMessage(r["recipient"], r["sender"], from_pg(r["message_id"]), from_pg(r["content"]),
