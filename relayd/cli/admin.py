@@ -210,8 +210,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """``relayd migrate --from SOURCE --to DEST``: exit 0 done, 1 failed, 2 bad usage.
 
-    SOURCE is ``sqlite:PATH`` or a ``postgresql://`` URL; DEST a ``redis://``/``rediss://`` URL (copied with
-    Redis's own ledger), a ``postgresql://`` URL or ``sqlite:PATH`` (copied through the store contract).
+    SOURCE and DEST are each ``sqlite:PATH``, a ``postgresql://`` URL or a ``redis://``/``rediss://`` URL (Redis
+    under ``[redis] key_prefix``). Into Redis the copy goes with Redis's own ledger, into the others through the
+    store contract.
     """
     from ..storage.snapshot import open_snapshot, parse_source
     try:
@@ -240,7 +241,7 @@ def _cutoff_ms(config: Config) -> int:
     return int(time.time() * 1000 - config.queue.message_retention_hours * 3_600_000)
 
 
-def _migrate_into_store(args: argparse.Namespace, open_snapshot: Callable[[str], Any]) -> int:
+def _migrate_into_store(args: argparse.Namespace, open_snapshot: Callable[..., Any]) -> int:
     from ..storage.copy import MigrationTarget, copy_into
     from ..storage.store import StorageUnavailable
     if args.dest.startswith("sqlite:"):
@@ -256,7 +257,7 @@ def _migrate_into_store(args: argparse.Namespace, open_snapshot: Callable[[str],
                                                                                encryption_key_file=())))
 
     async def run() -> dict[str, int]:
-        snapshot = await open_snapshot(args.source)
+        snapshot = await open_snapshot(args.source, key_prefix=config.redis.key_prefix)
         try:
             await store.open()
             try:
@@ -272,7 +273,7 @@ def _migrate_into_store(args: argparse.Namespace, open_snapshot: Callable[[str],
     return _print_counts(run)
 
 
-def _migrate_into_redis(args: argparse.Namespace, open_snapshot: Callable[[str], Any]) -> int:
+def _migrate_into_redis(args: argparse.Namespace, open_snapshot: Callable[..., Any]) -> int:
     from ..storage.store import StorageUnavailable
     config = load_config_with_sources(args.config, overrides=[*overrides_from(args), ("redis", "url", args.dest)])[0]
     try:
@@ -283,7 +284,7 @@ def _migrate_into_redis(args: argparse.Namespace, open_snapshot: Callable[[str],
         raise UsageError(f"relayd migrate: {MISSING_REDIS_EXTRA}") from None
 
     async def run() -> dict[str, int]:
-        source = await open_snapshot(args.source)
+        source = await open_snapshot(args.source, key_prefix=config.redis.key_prefix)
         from ..storage.redis.store import RedisStore
         store = make_redis_store(config)
         assert isinstance(store, RedisStore)

@@ -158,14 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a Web Push PushSubscription JSON, or {\"provider\": \"fcm\"|\"apns\", "
                                 "\"token\": ...}, inline or in a file")
     migrate = sub.add_parser("migrate", parents=[inherited], help="copy a relay's data into another backend",
-                             description="Copy a relay's queues (in order, with their queuedAt), stored "
-                                         "receipts, keys, ownership locks, key floors and tokens from SQLite or "
-                                         "PostgreSQL into Redis ([redis] key_prefix and cluster apply), PostgreSQL "
-                                         "or SQLite. Safe to re-run: nothing is copied twice.")
+                             description="Copy a relay's data from one backend into another (SQLite, PostgreSQL, "
+                                         "Redis, in any direction): the queues (in order, with their queuedAt), "
+                                         "stored receipts, keys, ownership locks, key floors, tokens, the "
+                                         "messageIds remembered as delivered (a resend is still answered "
+                                         "'delivered'), kept message history and push subscriptions. Records are "
+                                         "copied as stored: sealed ones (encryption at rest) only into a "
+                                         "destination set up with the same key, or an empty one. Redis is read "
+                                         "and written under [redis] key_prefix ([redis] cluster applies to a "
+                                         "Redis destination; a Cluster source is found by itself). Safe to "
+                                         "re-run: nothing is copied twice.")
     migrate.add_argument("--from", dest="source", metavar="SOURCE", required=True,
-                         help="sqlite:PATH or a postgresql:// URL (read without disturbing its relay)")
+                         help="sqlite:PATH, a postgresql:// URL or a redis:// (rediss://) URL (read without "
+                              "stopping its relay)")
     migrate.add_argument("--to", dest="dest", metavar="DEST", required=True,
-                         help="a redis:// or rediss:// URL, a postgresql:// URL, or sqlite:PATH")
+                         help="sqlite:PATH, a postgresql:// URL or a redis:// (rediss://) URL")
 
     send = sub.add_parser("send", help="send one message and print the relay's answer",
                           description="Sign in as --from, send TEXT to --to and print the answer frame "

@@ -51,6 +51,12 @@ never deletes it."""
 _CHECK_TEXT = "relayd storage check v1"
 
 
+def check_key_ids(record: KeyRecord | None) -> set[int] | None:
+    """The ids of the keys a store's check record names (None: the store was never sealed); raises
+    StoreOpenError when it is damaged."""
+    return None if record is None else set(SealedStore.checks(record))
+
+
 class _Routed(Protocol):
     """What ``relayd.cluster`` asks of the Redis store beyond the contract (the recipient's presence read in
     the same atomic step as the write)."""
@@ -134,7 +140,7 @@ class SealedStore:
         """Refuse to start unless every key that may have sealed stored records is configured; record the
         writing key's check value before it writes anything."""
         record = await self.inner.get_key(CHECK_ADDRESS)
-        checks = self._checks(record)
+        checks = self.checks(record)
         if record is None and await self.inner.queue_keys():
             raise StoreOpenError("[storage] encryption_key_file is set but the store holds records written "
                                  "without encryption: run relayd reseal with this configuration to seal them "
@@ -155,7 +161,7 @@ class SealedStore:
         self._hidden_bytes = key_bytes(self._check_text(checks), CHECK_SIGNATURE)
 
     @staticmethod
-    def _checks(record: KeyRecord | None) -> dict[int, str]:
+    def checks(record: KeyRecord | None) -> dict[int, str]:
         if record is None:
             return {}
         try:
@@ -409,7 +415,7 @@ class SealedStore:
         """
         await self.inner.open()
         try:
-            checks = self._checks(await self.inner.get_key(CHECK_ADDRESS))
+            checks = self.checks(await self.inner.get_key(CHECK_ADDRESS))
             for ident, value in checks.items():
                 try:
                     self.sealer.open(value, CHECK_ADDRESS)

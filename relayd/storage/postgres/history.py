@@ -33,15 +33,21 @@ async def keep_stored(conn: Any, recipient: str, where: str, values: Any, until:
 
 async def keep_live(conn: Any, messages: list[QueuedMessage], until: int) -> Delta:
     """Keep messages delivered live (never stored)."""
-    added = await conn.fetchval(
-        f"WITH kept AS (INSERT INTO history ({_COLUMNS}) SELECT r, m, lower(s), s, c, t, q, n, $8, z FROM "
+    return (await keep_copies(conn, [(m, until) for m in messages]))[1]
+
+
+async def keep_copies(conn: Any, kept: list[tuple[QueuedMessage, int]]) -> tuple[int, Delta]:
+    """Keep each message until its own time (``relayd migrate``'s copies keep the source's); how many were new."""
+    messages = [m for m, _ in kept]
+    row = await conn.fetchrow(
+        f"WITH kept AS (INSERT INTO history ({_COLUMNS}) SELECT r, m, lower(s), s, c, t, q, n, k, z FROM "
         "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], "
-        "$9::bigint[]) AS u(r, m, s, c, t, q, n, z) ON CONFLICT DO NOTHING RETURNING size) "
-        "SELECT COALESCE(SUM(size), 0) FROM kept",
+        "$8::bigint[], $9::bigint[]) AS u(r, m, s, c, t, q, n, k, z) ON CONFLICT DO NOTHING RETURNING size) "
+        "SELECT count(*) AS n, COALESCE(SUM(size), 0) AS b FROM kept",
         [m.recipient for m in messages], [to_pg(m.message_id) for m in messages], [m.sender for m in messages],
         [to_pg(m.content) for m in messages], [m.timestamp for m in messages], [m.queued_at for m in messages],
-        [m.seq for m in messages], until, [utf8_len(m.content) for m in messages])
-    return 0, int(added)
+        [m.seq for m in messages], [until for _, until in kept], [utf8_len(m.content) for m in messages])
+    return int(row["n"]), (0, int(row["b"]))
 
 
 async def forget(conn: Any, msg: QueuedMessage) -> int:

@@ -329,6 +329,13 @@ class PostgresStore:
             if gone < history.EXPIRE_CHUNK:
                 return removed
 
+    async def copy_history(self, kept: list[tuple[QueuedMessage, int]]) -> int:
+        """``relayd migrate``: keep these messages, each until its time (ms), unless kept already; how many
+        were new."""
+        if not kept:
+            return 0
+        return await self._tracked(self._link.run(lambda c: history.keep_copies(c, kept), write=True))
+
     async def queue_keys(self) -> list[str]:
         async def job(conn: Any) -> list[str]:
             rows = await conn.fetch("SELECT recipient FROM queues WHERE count > 0 OR receipts > 0 "

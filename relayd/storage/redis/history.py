@@ -12,14 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ...frames import utf8_len
 from ..store import HistoryPage, QueuedMessage
 from . import scripts
 from .connection import Commands
 from .core import SLOT_BATCH, StoreCore
-from .records import chunks, decode_message
+from .records import by_recipient, chunks, decode_message, encode_message
 
 PAGE_SCAN = 200   # kept messages read at a time while a sender filter skips others
 EXPIRE_CHUNK = 500
+COPY_CHUNK = 200  # kept messages one copy script takes
 
 
 class RedisHistory:
@@ -49,6 +51,22 @@ class RedisHistory:
                 offset += PAGE_SCAN
         kept, more = await self.core.link.read(work)
         return HistoryPage(kept, more)
+
+    async def copy(self, kept: list[tuple[QueuedMessage, int]]) -> int:
+        """``relayd migrate``: keep these messages, each until its time (ms), unless kept already; how many
+        were new."""
+        copied = 0
+        for recipient, group in by_recipient(kept, lambda entry: entry[0].recipient).items():
+            self.core.note_slot(self.core.layout.slot_of(recipient))
+            for part in chunks(group, COPY_CHUNK):
+                args: list[Any] = []
+                for m, until in part:
+                    size = utf8_len(m.content)
+                    args += [m.sender.lower(), m.message_id, m.seq, encode_message(m, size), size, m.timestamp, until]
+                count, totals = await self.core.recipient_write(scripts.COPY_HISTORY, recipient, *args)
+                self.core.apply_totals(recipient, totals)
+                copied += int(count)
+        return copied
 
     async def delete(self, recipient: str, message_ids: list[str] | None) -> int:
         deleted = 0

@@ -1,13 +1,16 @@
-"""``relayd migrate`` into Redis: copy a relay's snapshot (a SQLite file or a PostgreSQL database) into Redis.
+"""``relayd migrate`` into Redis: copy a relay's snapshot (a SQLite file, a PostgreSQL database or another Redis)
+into Redis.
 
 The source is read without disturbing its relay (``storage.snapshot``). Queues
 keep their per-recipient order and original ``queued_at``; receipts, keys
 (signed fields included, ``created_at`` kept), ownership locks, the floors of
-signed keys (so a deleted key's statement stays unpublishable) and unexpired
-REST tokens come along.
-Every copied item is remembered in Redis for ``ledger_ttl_ms``, so a re-run
-copies nothing twice, even what the Redis relays delivered and deleted since.
-Messages already past retention are not copied.
+signed keys (so a deleted key's statement stays unpublishable), unexpired
+REST tokens, the messageIds remembered as delivered, kept history and push
+subscriptions come along (the last three as ``copy.copy_kept`` copies them).
+Every copied message, receipt and key is remembered in Redis for
+``ledger_ttl_ms``, so a re-run copies nothing twice, even what the Redis
+relays delivered and deleted since. Messages already past retention are not
+copied; sealed records only into a Redis that opens them (``copy.check_sealing``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from ..copy import check_sealing, copy_kept
 from ..snapshot import Snapshot
 from .store import RedisStore
 
@@ -67,7 +71,8 @@ class _Window:
 
 async def migrate(snapshot: Snapshot, store: RedisStore, *, cutoff_ms: int,
                   ledger_ttl: int, max_tokens_per_address: int) -> dict[str, int]:
-    """Copy everything; returns counts by outcome. Raises StorageUnavailable when Redis fails.
+    """Copy everything; returns counts by outcome. Raises StorageUnavailable when Redis fails, and
+    ``copy.SealingMismatch`` (before copying anything) when Redis would not open the source's sealed records.
 
     ``max_tokens_per_address``: the sign-in's cap on bearer tokens per address, kept as tokens are copied.
     """
@@ -85,12 +90,14 @@ async def migrate(snapshot: Snapshot, store: RedisStore, *, cutoff_ms: int,
     def count_key(outcome: str) -> None:
         counts[{"stored": "keys_copied", "newer": "keys_newer_in_redis"}.get(outcome, "keys_already_copied")] += 1
 
+    await check_sealing(snapshot, store)
     window = _Window()
     try:
         await _copy(snapshot, store, window, cutoff_ms, ledger_ttl, max_tokens_per_address, counts, count_message,
                     count_receipt, count_key)
     finally:
         window.cancel()
+    await copy_kept(snapshot, store, counts, cutoff_ms=cutoff_ms)
     return counts
 
 

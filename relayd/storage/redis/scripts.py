@@ -436,6 +436,24 @@ if kept > 0 then totals = slot_totals() end
 return {recorded, totals}
 """)
 
+# ARGV: who, then per message: lower-cased sender, messageId, seq, record, size, timestamp, kept until (ms).
+# ``relayd migrate``: keeps copied messages in history, each until its own time, unless kept already.
+# Returns {how many were new, slot totals or {}}.
+COPY_HISTORY = Script("copy_history", _RECIPIENT_PRELUDE + r"""
+local copied, added = 0, 0
+for k = 2, #ARGV, 7 do
+  local id = delivered_id(ARGV[k], ARGV[k + 1])
+  if redis.call('HEXISTS', H, id) == 0 then
+    added = added + keep(id, ARGV[k + 2], ARGV[k + 3], tonumber(ARGV[k + 4]), ARGV[k + 5], ARGV[k + 6])
+    copied = copied + 1
+  end
+end
+settle_history(added)
+local totals = {}
+if added > 0 then totals = slot_totals() end
+return {copied, totals}
+""")
+
 # ARGV: who, 'all' or 'id', then messageIds. Forgets the address's kept messages (all, or those with these
 # messageIds from any sender). Returns {deleted, slot totals or {}}.
 DELETE_HISTORY = Script("delete_history", _RECIPIENT_PRELUDE + r"""
@@ -725,6 +743,6 @@ counts(-size)
 return {n, size}
 """)
 
-ALL = (ENQUEUE, RESTORE, REMOVE, RECORD_DELIVERED, EXPIRE, SHIFT_TIMES, ADD_RECEIPTS, REMOVE_RECEIPTS, PUT_KEY,
-       RAISE_FLOOR, DELETE_KEY, LOCK, SAVE_TOKEN, OWN_TOKEN, DROP_TOKENS, EXPIRE_TOKENS, ADD_SLOTS, PROBE,
+ALL = (ENQUEUE, RESTORE, REMOVE, RECORD_DELIVERED, COPY_HISTORY, EXPIRE, SHIFT_TIMES, ADD_RECEIPTS, REMOVE_RECEIPTS,
+       PUT_KEY, RAISE_FLOOR, DELETE_KEY, LOCK, SAVE_TOKEN, OWN_TOKEN, DROP_TOKENS, EXPIRE_TOKENS, ADD_SLOTS, PROBE,
        PUT_PUSH, DELETE_PUSH, EXTEND_PUSH, EXPIRE_PUSH)

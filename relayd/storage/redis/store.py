@@ -207,6 +207,11 @@ class RedisStore:
     async def expire_history(self, now_ms: int) -> int:
         return await self.kept.expire(now_ms)
 
+    async def copy_history(self, kept: list[tuple[QueuedMessage, int]]) -> int:
+        """``relayd migrate``: keep these messages, each until its time (ms), unless kept already; how many
+        were new."""
+        return await self.kept.copy(kept)
+
     async def queue_keys(self) -> list[str]:
         """The members of every slot's expiry indexes (they list each address with messages, receipts or kept
         history)."""

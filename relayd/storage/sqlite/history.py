@@ -33,15 +33,21 @@ def keep_stored(conn: sqlite3.Connection, seqs: Sequence[int], marks: str, until
 
 def keep_live(conn: sqlite3.Connection, messages: list[QueuedMessage], until: int) -> tuple[None, Delta]:
     """Keep messages delivered live (never stored)."""
-    added = 0
-    for m in messages:
+    return None, keep_copies(conn, [(m, until) for m in messages])[1]
+
+
+def keep_copies(conn: sqlite3.Connection, kept: list[tuple[QueuedMessage, int]]) -> tuple[int, Delta]:
+    """Keep each message until its own time (``relayd migrate``'s copies keep the source's); how many were new."""
+    added = count = 0
+    for m, until in kept:
         size = utf8_len(m.content)
         cur = conn.execute("INSERT OR IGNORE INTO history (recipient, message_id, sender_key, sender, content, "
                            "timestamp, queued_at, seq, kept_until, size) VALUES (?, ?, lower(?), ?, ?, ?, ?, ?, ?, ?)",
                            (m.recipient, m.message_id, m.sender, m.sender, m.content, m.timestamp, m.queued_at,
                             m.seq, until, size))
-        added += size if cur.rowcount > 0 else 0
-    return None, (0, added)
+        if cur.rowcount > 0:
+            count, added = count + 1, added + size
+    return count, (0, added)
 
 
 def forget(conn: sqlite3.Connection, messages: list[QueuedMessage]) -> int:

@@ -295,6 +295,13 @@ class SQLiteStore:
             if gone < EXPIRE_CHUNK:
                 return removed
 
+    async def copy_history(self, kept: list[tuple[QueuedMessage, int]]) -> int:
+        """``relayd migrate``: keep these messages, each until its time (ms), unless kept already; how many
+        were new."""
+        if not kept:
+            return 0
+        return await self._writer.submit(lambda c: history.keep_copies(c, kept), write=True)
+
     async def queue_keys(self) -> list[str]:
         def job(conn: sqlite3.Connection) -> tuple[list[str], Delta]:
             rows = conn.execute("SELECT recipient FROM queues WHERE count > 0 OR receipts > 0 "
