@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 from support import (ProcessRelay, assert_read, clean_env, cli_ok, connect, frames_until_pong, ids_of, msg, new_address, now_ms,
-                     read_backlog, run_cli, status_frame, wait_until, without_modules)
+                     read_backlog, run_cli, status_frame, storage_key, wait_until, without_modules)
 
 from relayd.storage.sealed import CHECK_ADDRESS, SealedStore
-from relayd.storage.sealing import generate_key_file, load_keys
+from relayd.storage.sealing import load_keys
 from relayd.storage.sqlite.store import SQLiteStore
 from relayd.storage.store import EnqueueResult, QueuedMessage, QueueLimits, Receipt, StoreOpenError
 
@@ -40,12 +40,6 @@ connections_per_ip_per_s = 0
 max_bytes = 0
 encryption_key_file = {keys}
 """
-
-
-def key_file(tmp: Path, name: str = "storage.key") -> str:
-    path = tmp / name
-    generate_key_file(str(path))
-    return str(path)
 
 
 class Load:
@@ -109,7 +103,7 @@ def files_of(db: Path) -> bytes:
 
 
 def test_a_sqlite_file_under_load_shows_no_address_message_id_or_content(tmp_path):
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     load = Load()
     relay = ProcessRelay(tmp_path, config_text=CONFIG.format(keys=keys))
     load.run(relay)
@@ -134,7 +128,7 @@ def test_a_sqlite_file_under_load_shows_no_address_message_id_or_content(tmp_pat
 
 
 def test_a_wrong_or_missing_key_refuses_to_start_and_changes_nothing(tmp_path):
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     relay = ProcessRelay(tmp_path, config_text=CONFIG.format(keys=keys))
     to, mid = new_address(), str(uuid.uuid4())
     with connect(relay, new_address()) as ws:
@@ -143,7 +137,7 @@ def test_a_wrong_or_missing_key_refuses_to_start_and_changes_nothing(tmp_path):
     assert relay.stop() == 0
     db = tmp_path / "relayd-data" / "relayd.db"
     before = hashlib.sha256(db.read_bytes()).hexdigest()
-    other = key_file(tmp_path, "other.key")
+    other = storage_key(tmp_path, "other.key")
     for text, says in ((CONFIG.format(keys=other), "none of the configured key files"),
                        (CONFIG.format(keys=""), "encryption_key_file is not set"),
                        (CONFIG.format(keys=tmp_path / "gone.key"), "gone.key")):
@@ -186,7 +180,7 @@ def message(to: str, mid: str, content: str = "hello", sender: str = "0xAbC") ->
 
 
 def test_rotation_reads_old_records_writes_new_ones_and_reseal_loses_nothing(tmp_path, database):
-    db, old, new = database, key_file(tmp_path, "old.key"), key_file(tmp_path, "new.key")
+    db, old, new = database, storage_key(tmp_path, "old.key"), storage_key(tmp_path, "new.key")
 
     async def body() -> None:
         store = sealed(db, old)
@@ -224,7 +218,7 @@ def test_rotation_reads_old_records_writes_new_ones_and_reseal_loses_nothing(tmp
 
 
 def test_history_kept_under_an_old_key_stays_readable_and_keeps_that_key_required(tmp_path, database):
-    db, old, new = database, key_file(tmp_path, "old.key"), key_file(tmp_path, "new.key")
+    db, old, new = database, storage_key(tmp_path, "old.key"), storage_key(tmp_path, "new.key")
 
     async def body() -> None:
         store = sealed(db, old)
@@ -253,7 +247,7 @@ def test_history_kept_under_an_old_key_stays_readable_and_keeps_that_key_require
 
 
 def test_reseal_seals_a_store_written_without_encryption(tmp_path):
-    db, key = tmp_path / "plain.db", key_file(tmp_path)
+    db, key = tmp_path / "plain.db", storage_key(tmp_path)
 
     async def body() -> None:
         plain = SQLiteStore(str(db))
@@ -278,7 +272,7 @@ def test_reseal_seals_a_store_written_without_encryption(tmp_path):
 
 def test_caps_count_what_fits_and_stats_hide_the_check_record(tmp_path):
     async def body() -> None:
-        store = sealed(tmp_path / "s.db", key_file(tmp_path))
+        store = sealed(tmp_path / "s.db", storage_key(tmp_path))
         await store.open()
         tight = QueueLimits(max_messages=10, max_bytes=100, drop_oldest=False)
         assert await store.enqueue(message("bob", "fits", "x" * 100), tight) is EnqueueResult.QUEUED
@@ -310,7 +304,7 @@ def test_keygen_writes_a_storage_key_with_mode_0600_and_never_overwrites(tmp_pat
 
 
 def test_a_key_without_the_encryption_extra_is_a_clear_start_up_error(tmp_path):
-    env = clean_env(**without_modules(tmp_path, "cryptography"), RELAYD_STORAGE_ENCRYPTION_KEY_FILE=key_file(tmp_path))
+    env = clean_env(**without_modules(tmp_path, "cryptography"), RELAYD_STORAGE_ENCRYPTION_KEY_FILE=storage_key(tmp_path))
     result = run_cli(tmp_path, env=env)
     assert result.returncode == 2 and "optional extra encryption" in result.stderr, result.stderr
 
@@ -336,7 +330,7 @@ def rdb_dump(redis: Any) -> bytes:
 
 
 def test_a_redis_dump_under_load_shows_no_address_message_id_or_content(tmp_path, fresh_redis):
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     load = Load()
     relay = ProcessRelay(tmp_path / "one", env=redis_env(fresh_redis.url, keys))
     try:
@@ -351,13 +345,13 @@ def test_a_redis_dump_under_load_shows_no_address_message_id_or_content(tmp_path
         load.assert_delivered(relay)
     finally:
         relay.stop()
-    other = key_file(tmp_path, "other.key")
+    other = storage_key(tmp_path, "other.key")
     result = run_cli(tmp_path, env=clean_env(**redis_env(fresh_redis.url, other), RELAYD_SERVER_PORT="0"))
     assert result.returncode == 2 and "none of the configured key files" in result.stderr, result.stderr
 
 
 def test_several_instances_on_sealed_redis_deliver_live_and_stored(tmp_path, fresh_redis, relay_cluster):
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     one, two = relay_cluster(fresh_redis, RELAYD_STORAGE_ENCRYPTION_KEY_FILE=keys, RELAYD_AUTH_MODE="open")
     alice, bob, carol = new_address(), new_address(), new_address()
     with connect(one, alice) as a, connect(two, bob) as b:
@@ -382,7 +376,7 @@ def test_several_instances_on_sealed_redis_deliver_live_and_stored(tmp_path, fre
 def test_a_pg_dump_under_load_shows_no_address_message_id_or_content(tmp_path, pg_server, pg_database):
     """With history on, a delivered message's kept copy and a stored receipt are in the dump too."""
     pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     env = {**redis_env("", keys), "RELAYD_STORAGE_BACKEND": "postgres", "RELAYD_POSTGRES_URL": pg_database,
            "RELAYD_HISTORY_DAYS": "7"}
     del env["RELAYD_REDIS_URL"]
@@ -420,7 +414,7 @@ def test_relayd_migrate_copies_a_sealed_sqlite_store_to_postgres_as_stored(tmp_p
     """Records are copied as stored (sealed, blind-indexed, the check record with them): the PostgreSQL copy
     opens with the same key, delivers everything and still shows nothing in clear."""
     pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     load = Load(per_sender=10)
     relay = ProcessRelay(tmp_path / "sqlite", config_text=CONFIG.format(keys=keys))
     try:
