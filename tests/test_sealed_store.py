@@ -1,8 +1,9 @@
 """Encryption at rest (``[storage] encryption_key_file``): what a stolen disk or dump shows, restarts, rotation.
 
 The store files and dumps are searched byte for byte for every address,
-messageId and content sent; relays are real child processes on SQLite and on
-a real redis-server (several instances for the cluster's presence).
+messageId and content sent; relays are real child processes on SQLite, on a
+real redis-server and on a real PostgreSQL server (several instances for the
+cluster's presence).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (ProcessRelay, assert_read, clean_env, cli_ok, connect, frames_until_pong, ids_of, msg, new_address, now_ms,
-                     read_backlog, run_cli, status_frame, storage_key, wait_until, without_modules)
+from support import (ProcessRelay, SealedDatabase, assert_read, clean_env, cli_ok, connect, frames_until_pong, ids_of,
+                     msg, new_address, now_ms, read_backlog, run_cli, status_frame, storage_key, wait_until,
+                     without_modules)
 
 from relayd.storage.sealed import CHECK_ADDRESS, SealedStore
 from relayd.storage.sealing import load_keys
@@ -51,10 +53,13 @@ class Load:
         self.per_sender = per_sender
         self.sent: dict[str, list[tuple[str, str, str]]] = {r: [] for r in self.recipients}
         """Per recipient: (sender, messageId, content), in the order sent."""
+        self.others: list[str] = []
+        """Addresses, messageIds and contents of other traffic (live messages) a dump must not show either."""
 
-    def run(self, relay: Any) -> None:
-        """Each sender pipelines all its messages, then reads every answer (each must be ``queued``)."""
-        clients = [connect(relay, s) for s in self.senders]
+    def run(self, *relays: Any) -> None:
+        """Each sender (on the relays in turn) pipelines all its messages, then reads every answer (each must be
+        ``queued``)."""
+        clients = [connect(relays[i % len(relays)], s) for i, s in enumerate(self.senders)]
         try:
             for i in range(self.per_sender):
                 for sender, ws in zip(self.senders, clients):
@@ -72,21 +77,22 @@ class Load:
 
     def secrets(self) -> list[bytes]:
         found = []
-        for address in [*self.senders, *self.recipients]:
+        for address in [*self.senders, *self.recipients, *(o for o in self.others if o.startswith("0x"))]:
             found += [address.encode(), address[2:].encode(), bytes.fromhex(address[2:])]
         for stored in self.sent.values():
             for _, mid, content in stored:
                 found += [mid.encode(), content.encode()]
-        return found
+        return found + [o.encode() for o in self.others if not o.startswith("0x")]
 
     def assert_absent(self, blob: bytes, what: str) -> None:
         shown = [s for s in self.secrets() if s in blob]
         assert not shown, f"{what} shows {len(shown)} secrets, e.g. {shown[:3]}"
 
-    def assert_delivered(self, relay: Any) -> None:
-        """Every recipient, signing in with ack, gets exactly what was sent to it, in order, as sent."""
-        for to, stored in self.sent.items():
-            with connect(relay, to, ack=True) as ws:
+    def assert_delivered(self, *relays: Any) -> None:
+        """Every recipient (on the relays in turn), signing in with ack, gets exactly what was sent to it, in
+        order, as sent."""
+        for i, (to, stored) in enumerate(self.sent.items()):
+            with connect(relays[i % len(relays)], to, ack=True) as ws:
                 frames = read_backlog(ws)
                 got = [(f["from"], f["messageId"], f["content"]) for f in frames]
                 assert sorted(got) == sorted(stored)
@@ -373,6 +379,12 @@ def test_several_instances_on_sealed_redis_deliver_live_and_stored(tmp_path, fre
 # PostgreSQL, end to end
 
 
+def pg_dump(pg_server: Any, url: str) -> bytes:
+    database = url.rsplit("/", 1)[1]
+    return subprocess.run([os.path.join(pg_server.bindir, "pg_dump"), "-h", "127.0.0.1", "-p", str(pg_server.port),
+                           "-U", "postgres", "-d", database], capture_output=True, timeout=120, check=True).stdout
+
+
 def test_a_pg_dump_under_load_shows_no_address_message_id_or_content(tmp_path, pg_server, pg_database):
     """With history on, a delivered message's kept copy and a stored receipt are in the dump too."""
     pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
@@ -397,8 +409,7 @@ def test_a_pg_dump_under_load_shows_no_address_message_id_or_content(tmp_path, p
     database = pg_database.rsplit("/", 1)[1]
     assert int(pg_server.psql("SELECT count(*) FROM history", database)) > 0
     assert int(pg_server.psql("SELECT count(*) FROM receipts", database)) == 1
-    dump = subprocess.run([os.path.join(pg_server.bindir, "pg_dump"), "-h", "127.0.0.1", "-p", str(pg_server.port),
-                           "-U", "postgres", "-d", database], capture_output=True, timeout=120, check=True).stdout
+    dump = pg_dump(pg_server, pg_database)
     assert b"COPY public.history" in dump and b"COPY public.messages" in dump
     load.assert_absent(dump, "the pg_dump")
     relay = ProcessRelay(tmp_path / "two", env=env)
@@ -431,3 +442,87 @@ def test_relayd_migrate_copies_a_sealed_sqlite_store_to_postgres_as_stored(tmp_p
         load.assert_delivered(relay)
     finally:
         relay.stop()
+
+
+# PostgreSQL: several instances on one sealed database ([postgres] cluster = true)
+
+OPEN = {"RELAYD_AUTH_MODE": "open", "RELAYD_LIMITS_FRAMES_PER_S": "0", "RELAYD_LIMITS_CONNECTIONS_PER_IP_PER_S": "0"}
+
+
+def test_a_pg_dump_of_a_sealed_cluster_under_load_shows_no_address_message_id_or_content(tmp_path, pg_server,
+                                                                                      pg_database, relay_cluster):
+    """Taken while sessions are online on both instances (presence, watches), after live messages, typing and a
+    read receipt across instances, offline messages queued through both and read on the other, and a stored
+    receipt; PostgreSQL's notification queue (``pg_notify/``, which reaches the disk) is searched too. Both
+    instances restarted with the key then deliver everything."""
+    pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
+    db = SealedDatabase(pg_database, storage_key(tmp_path))
+    one, two = relay_cluster(db, 2, RELAYD_HISTORY_DAYS="7", **OPEN)
+    load = Load()
+    load.run(one, two)
+    alice, bob = new_address(), new_address()
+    load.others += [alice, bob]
+    reader = load.recipients[0]
+    writer, first, _ = load.sent[reader][0]
+    with connect(one, alice) as a, connect(two, bob) as b, connect(two, reader, ack=True) as r:
+        for _ in range(20):  # 600 kB of notices: more than PostgreSQL's notification buffers, some reach the disk
+            mid, secret = str(uuid.uuid4()), f"live-{uuid.uuid4().hex}"
+            load.others += [mid, secret]
+            content = secret + "." * 30_000
+            a.send(msg(bob, mid, content))
+            status_frame(a.recv(), "delivered", mid, bob)
+            assert b.recv_type("message")["content"] == content
+        b.send({"type": "typing", "to": alice, "isTyping": True})
+        assert a.recv() == {"type": "typing", "from": bob, "isTyping": True}
+        b.send({"type": "read_receipt", "to": alice, "messageId": mid})
+        assert_read(a.recv_type("read"), bob, mid)
+        frames = read_backlog(r)  # queued through both instances, read on one: kept in history, sealed
+        assert len(frames) == len(load.sent[reader])
+        r.send({"type": "ack", "messageIds": ids_of(frames)})
+        r.send({"type": "read_receipt", "to": writer, "messageId": first})  # the writer is offline: stored
+        frames_until_pong(r)
+        database = pg_database.rsplit("/", 1)[1]
+        wait_until(lambda: int(pg_server.psql("SELECT count(*) FROM cluster_presence", database)) == 3,
+                   "the three online addresses in presence")
+        assert int(pg_server.psql("SELECT count(*) FROM receipts", database)) == 1
+        dump = pg_dump(pg_server, pg_database)
+    assert b"COPY public.cluster_presence" in dump and b"COPY public.history" in dump
+    load.assert_absent(dump, "the pg_dump of the cluster")
+    notify = pg_server.data / "pg_notify"
+    load.assert_absent(b"".join(p.read_bytes() for p in notify.iterdir()), "PostgreSQL's notification queue")
+    load.sent[reader] = []
+    for relay in (one, two):
+        assert relay.stop() == 0
+    one, two = relay_cluster(db, 2, RELAYD_HISTORY_DAYS="7", **OPEN)
+    load.assert_delivered(two, one)
+    with connect(one, writer) as ws:
+        assert_read(ws.recv_type("read", timeout=10), reader, first)
+
+
+def test_rotating_the_key_of_a_sealed_postgres_cluster_loses_nothing(tmp_path, pg_database, relay_cluster):
+    """Old key; then the new key listed first on every instance (new records sealed with it, live traffic across
+    instances); then ``relayd reseal`` with the cluster stopped; then the new key alone delivers everything."""
+    pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
+    old, new = storage_key(tmp_path, "old.key"), storage_key(tmp_path, "new.key")
+    before, during = Load(per_sender=10), Load(per_sender=10)
+    relays = relay_cluster(SealedDatabase(pg_database, old), 2, **OPEN)
+    before.run(*relays)
+    for relay in relays:
+        assert relay.stop() == 0
+    rotated = SealedDatabase(pg_database, f"{new},{old}")
+    relays = relay_cluster(rotated, 2, **OPEN)
+    during.run(*reversed(relays))
+    alice, bob = new_address(), new_address()
+    with connect(relays[0], alice) as a, connect(relays[1], bob) as b:
+        a.send(msg(bob, "live-after-rotation", "across"))
+        status_frame(a.recv(), "delivered", "live-after-rotation", bob)
+        assert b.recv_type("message")["content"] == "across"
+    for relay in relays:
+        assert relay.stop() == 0
+    env = {"RELAYD_STORAGE_BACKEND": "postgres", "RELAYD_POSTGRES_URL": pg_database, "RELAYD_POSTGRES_CLUSTER": "true",
+           **rotated.env}
+    done = cli_ok(tmp_path, "reseal", env=clean_env(**env))
+    assert '"messages": 40' in done.stdout and '"unreadable": 0' in done.stdout, done.stdout
+    relays = relay_cluster(SealedDatabase(pg_database, new), 2, **OPEN)
+    before.assert_delivered(*relays)
+    during.assert_delivered(*reversed(relays))
