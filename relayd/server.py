@@ -72,8 +72,12 @@ class RelayServer:
             from .cluster import Cluster
             from .cluster.postgres_backplane import PostgresBackplane
             from .storage.postgres.store import PostgresStore
-            assert isinstance(self.store, PostgresStore)  # not sealed: the loader refuses that pair
-            self.cluster = Cluster(config, self.store, PostgresBackplane(self.store), writes, clock)
+            sealed = self.store if isinstance(self.store, SealedStore) else None
+            backing = sealed.inner if sealed is not None else self.store
+            assert isinstance(backing, PostgresStore)
+            pg_backplane = (PostgresBackplane(backing, sealed=sealed, queue_key=sealed.queue, seals=sealed.sealer)
+                            if sealed is not None else PostgresBackplane(backing))
+            self.cluster = Cluster(config, self.store, pg_backplane, writes, clock)
         if self.cluster is not None:
             self.presence = routes = self.cluster.presence
             peers = self.cluster.peers

@@ -25,8 +25,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from support import (HostileRelay, ErrorLog, ManualClock, NotifySocket, ProcessRelays, ThreadRelay, WsClient,  # noqa: E402
-                     cluster_env, make_config, pg_cluster_env, scaled)
+from support import (HostileRelay, ErrorLog, ManualClock, NotifySocket, ProcessRelays, SealedDatabase,  # noqa: E402
+                     ThreadRelay, WsClient, cluster_env, make_config, pg_cluster_env, scaled, storage_key)
 
 from relayd.clock import SYSTEM_CLOCK, Clock  # noqa: E402
 from relayd.identity.signatures import select_backend  # noqa: E402
@@ -157,6 +157,7 @@ def relay_cluster(tmp_path: Path, process_relays: ProcessRelays, redis_prefix: s
 
     def start(shared: Any, count: int = 2, **env: str) -> list[Any]:
         if isinstance(shared, str):
+            env = {**getattr(shared, "env", {}), **env}  # a SealedDatabase's key file
             return [process_relays(tmp_path / f"node{i}", env=pg_cluster_env(shared, f"node{i}", **env))
                     for i in range(count)]
         return [process_relays(tmp_path / f"node{i}", env=cluster_env(
@@ -165,13 +166,28 @@ def relay_cluster(tmp_path: Path, process_relays: ProcessRelays, redis_prefix: s
     return start
 
 
-@pytest.fixture(params=["redis", "postgres"])
-def backplane(request: pytest.FixtureRequest) -> Any:
-    """What a cluster test's instances share, for ``relay_cluster``: the session's redis-server, or a PostgreSQL
-    database of this test's own."""
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test using ``backplane`` runs on Redis and on PostgreSQL, and also on a sealed PostgreSQL database when
+    marked ``sealed_backplane``."""
+    if "backplane" in metafunc.fixturenames:
+        kinds = ["redis", "postgres"]
+        if metafunc.definition.get_closest_marker("sealed_backplane"):
+            kinds.append("sealed-postgres")
+        metafunc.parametrize("backplane", kinds, indirect=True)
+
+
+@pytest.fixture
+def backplane(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """What a cluster test's instances share, for ``relay_cluster``: the session's redis-server, a PostgreSQL
+    database of this test's own, or one whose instances seal what they store (encryption at rest, a key file of
+    this test's own: a ``SealedDatabase``)."""
     if request.param == "redis":
         return request.getfixturevalue("redis_server")
-    return request.getfixturevalue("pg_database")
+    url = request.getfixturevalue("pg_database")
+    if request.param == "sealed-postgres":
+        pytest.importorskip("cryptography", reason="encryption at rest needs pip install 'relayd[encryption]'")
+        return SealedDatabase(url, storage_key(tmp_path))
+    return url
 
 
 @pytest.fixture

@@ -969,6 +969,26 @@ def pg_cluster_env(url: str, node_id: str, **extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+class SealedDatabase(str):
+    """A PostgreSQL database URL for ``relay_cluster`` whose instances run with encryption at rest: ``env`` names
+    the key file."""
+
+    env: dict[str, str]
+
+    def __new__(cls, url: str, key_file: str) -> SealedDatabase:
+        made = super().__new__(cls, url)
+        made.env = {"RELAYD_STORAGE_ENCRYPTION_KEY_FILE": key_file}
+        return made
+
+
+def storage_key(tmp: Path, name: str = "storage.key") -> str:
+    """A new storage key file (32 random bytes, mode 0600) in ``tmp``."""
+    from relayd.storage.sealing import generate_key_file
+    path = tmp / name
+    generate_key_file(str(path))
+    return str(path)
+
+
 class ProcessRelays:
     """Starts ``ProcessRelay``s (``process_relays(tmp, **kwargs)``) and stops every one in ``stop_all``."""
 

@@ -1,7 +1,9 @@
 """Several relayd processes on one Redis act as one relay, whichever instance each client is on.
 
 Every test starts real ``python relayd.py`` processes (``relay_cluster``) on a real redis-server (or a local
-three-master Redis Cluster) and talks to them over real sockets on 127.0.0.1.
+three-master Redis Cluster) and talks to them over real sockets on 127.0.0.1. Those taking ``backplane`` run on
+Redis and on PostgreSQL (``[postgres] cluster = true``); those marked ``sealed_backplane`` also on PostgreSQL
+with encryption at rest (presence by blind index, notices sealed).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def received(ws: Any, mid: str, sender: str, content: str = "Y2lwaGVy", queued: 
 # Live traffic
 
 
+@pytest.mark.sealed_backplane
 def test_a_message_crosses_instances_live_and_the_sender_gets_delivered(relay_cluster, backplane):
     x, y = relay_cluster(backplane, 2)
     with connect(x, A) as a, connect(y, B) as b:
@@ -47,6 +50,7 @@ def test_a_message_crosses_instances_live_and_the_sender_gets_delivered(relay_cl
     assert queue_size(x, B) == 0 and queue_size(y, A) == 0
 
 
+@pytest.mark.sealed_backplane
 def test_a_message_larger_than_a_notice_crosses_instances_live_and_stored(relay_cluster, backplane):
     """PostgreSQL's NOTIFY carries at most 8000 bytes: a longer offer travels in chunks, in order."""
     x, y = relay_cluster(backplane, 2)
@@ -62,6 +66,7 @@ def test_a_message_larger_than_a_notice_crosses_instances_live_and_stored(relay_
         assert [f["content"] for f in read_backlog(reader)] == [big[0][0]]
 
 
+@pytest.mark.sealed_backplane
 def test_typing_and_read_receipts_cross_instances(relay_cluster, backplane):
     x, y = relay_cluster(backplane, 2)
     with connect(x, A) as a, connect(y, B) as b:
@@ -75,6 +80,7 @@ def test_typing_and_read_receipts_cross_instances(relay_cluster, backplane):
         pong_next(a)
 
 
+@pytest.mark.sealed_backplane
 def test_every_device_on_every_instance_gets_every_live_frame(relay_cluster, backplane):
     x, y, z = relay_cluster(backplane, 3)
     with connect(x, A) as a, connect(x, B) as b1, connect(y, B) as b2, connect(z, B) as b3, connect(z, C) as c:
@@ -96,6 +102,7 @@ def test_every_device_on_every_instance_gets_every_live_frame(relay_cluster, bac
             received(device, "m2", C)
 
 
+@pytest.mark.sealed_backplane
 def test_presence_status_batch_and_online_list_are_the_same_on_every_instance(relay_cluster, backplane):
     relays = relay_cluster(backplane, 3, RELAYD_PRIVACY_EXPOSE_ONLINE_LIST="true")
     b, c = new_address(), new_address()
@@ -120,6 +127,7 @@ def test_an_address_stays_online_until_its_last_session_on_any_instance_closes(r
         wait_until(lambda relay=relay: not online(relay, b), "the address offline everywhere")
 
 
+@pytest.mark.sealed_backplane
 def test_one_senders_messages_keep_their_order_across_instances(relay_cluster, backplane):
     x, y = relay_cluster(backplane, 2, **OPEN)
     count = 150
@@ -141,6 +149,7 @@ def test_one_senders_messages_keep_their_order_across_instances(relay_cluster, b
 # Shared storage
 
 
+@pytest.mark.sealed_backplane
 def test_the_offline_queue_and_the_ack_extension_are_shared(relay_cluster, backplane):
     x, y = relay_cluster(backplane, 2)
     b = new_address()
@@ -176,6 +185,7 @@ def test_a_resent_message_id_is_idempotent_across_instances(relay_cluster, backp
         pong_next(receiver)  # ... and the recipient does not get it twice
 
 
+@pytest.mark.sealed_backplane
 def test_queue_caps_and_new_queue_budgets_hold_for_the_whole_cluster(relay_cluster, backplane):
     x, y = relay_cluster(backplane, 2, RELAYD_QUEUE_MAX_OFFLINE_MESSAGES="2",
                          RELAYD_LIMITS_NEW_QUEUES_PER_SENDER_PER_HOUR="2")
@@ -210,6 +220,7 @@ def test_the_storage_budget_holds_for_the_whole_cluster(relay_cluster, redis_ser
         assert_error(b.recv(), "storage_unavailable", "over-y")
 
 
+@pytest.mark.sealed_backplane
 def test_stored_read_receipts_are_shared(relay_cluster, backplane):
     x, y = relay_cluster(backplane, 2)
     a = new_address()
@@ -279,6 +290,7 @@ def test_per_ip_limits_are_per_instance(relay_cluster, redis_server):
 # Faults
 
 
+@pytest.mark.sealed_backplane
 def test_an_instance_killed_under_load_loses_nothing_it_answered_and_its_presence_goes(relay_cluster,
                                                                                       backplane):
     x, y = relay_cluster(backplane, 2, **OPEN)

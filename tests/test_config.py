@@ -180,9 +180,9 @@ def test_default_section_is_refused_like_any_unknown_section(tmp_path):
     assert "[DEFAULT]" in str(info.value)
 
 
-def test_a_sealed_store_cannot_yet_be_shared_by_instances_on_postgresql(tmp_path):
+def test_a_sealed_store_may_be_shared_by_instances_on_postgresql(tmp_path):
     key = tmp_path / "storage.key"
     key.write_bytes(b"k" * 32)
     path = ini(tmp_path, f"[storage]\nbackend = postgres\nencryption_key_file = {key}\n[postgres]\ncluster = true\n")
-    with pytest.raises(ConfigError, match=r"\[postgres\] cluster = true does not work with"):
-        load_config(path, environ={})
+    config = load_config(path, environ={})
+    assert config.postgres.cluster and config.storage.encryption_key_file == (str(key),)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (ADDR_A, A, B, C, ProcessRelay, clean_env, frames_until_pong, msg, pong_next, run_cli, scaled,
-                     wait_until, without_modules)
+from support import (ADDR_A, A, B, C, ProcessRelay, clean_env, frames_until_pong, msg, new_address, pong_next, run_cli,
+                     scaled, storage_key, wait_until, without_modules)
 
 pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
 
@@ -404,6 +404,76 @@ def test_cluster_notices_longer_than_a_notify_payload_go_in_chunks_joined_per_se
     joiner.heard(3, parts[1])  # a sender's middle chunk without its first (it was lost): ignored
     joiner.heard(3, parts[2])
     assert got == [short, long]
+
+
+def test_a_sealed_backplane_keeps_only_blind_keys_and_sealed_values_and_reads_addresses_back(pg_database, tmp_path):
+    """With encryption at rest: presence, watches and notices as the cluster uses them, on a real database, whose
+    presence table holds no address; the online list and forgetting a dead instance give the addresses back; an
+    entry written by the version before (a 4-argument ``relayd_join``, no label) still reads; a notice sealed
+    with another key is dropped."""
+    pytest.importorskip("cryptography", reason="encryption at rest needs pip install 'relayd[encryption]'")
+    from relayd.cluster.postgres_backplane import PostgresBackplane
+    from relayd.storage.sealed import SealedStore
+    from relayd.storage.sealing import Sealer, load_keys
+
+    class Inbox:
+        def __init__(self) -> None:
+            self.got: list[str] = []
+            self.ready = asyncio.Event()
+
+        def received(self, data: str) -> None:
+            self.got.append(data)
+
+        def confirmed(self) -> None:
+            self.ready.set()
+
+    async def body() -> None:
+        store = SealedStore(PostgresStore(pg_database, pool_size=4), load_keys([storage_key(tmp_path)]))
+        await store.open()
+        try:
+            plane = PostgresBackplane(store.inner, sealed=store, queue_key=store.queue, seals=store.sealer)
+            alice, bob, carol = new_address(), new_address(), new_address()
+            await plane.join(alice, "i1", "p", 60_000)
+            await plane.join(bob, "i1", "a", 60_000)
+            assert await plane.lookup(alice, "i2", 60_000) == {"i1": "p"}  # i2 now watches alice
+            assert await plane.presence_of([bob, alice, carol]) == [{"i1": "a"}, {"i1": "p"}, {}]
+            assert await plane.addresses_of(["i1"]) == sorted([alice, bob])
+            rows = await store.inner.link.run(lambda c: c.fetch(
+                "SELECT p.*, w.instance AS watcher FROM cluster_presence p JOIN cluster_watchers w USING (address)"),
+                write=False)
+            shown = repr([dict(r) for r in rows]).lower()  # blind keys, sealed labels, instance ids
+            assert len(rows) == 3 and not any(a[2:] in shown for a in (alice, bob))
+
+            chunks = [chunk async for chunk in plane.forget("i1", 1)]  # i1 is dead: one address at a time
+            assert sorted(a for part, _ in chunks for a in part) == sorted([alice, bob])
+            assert {part[0]: watchers for part, watchers in chunks} == {alice: ["i1", "i2"], bob: ["i1"]}
+            assert await plane.presence_of([alice, bob]) == [{}, {}]
+
+            plain = PostgresBackplane(store.inner)  # an instance of the version before writes clear entries
+            await plain._run("SELECT * FROM relayd_join($1, $2, $3, $4)", carol, "i3", "p", 60_000)
+            assert await plain.addresses_of(["i3"]) == [carol]
+            assert [chunk async for chunk in plain.forget("i3", 10)] == [([carol], ["i3"])]
+
+            inbox = Inbox()
+            listening = asyncio.ensure_future(plane.listen("i1", inbox))
+            await asyncio.wait_for(inbox.ready.wait(), scaled(10))
+            foreign = PostgresBackplane(store.inner, seals=Sealer(load_keys([storage_key(tmp_path, "other.key")])))
+            assert await foreign.publish("i1", '{"k": "ping", "a": "' + carol + '"}') == 1  # heard, not opened
+            assert await plane.publish("i1", '{"k": "inv", "a": "' + alice + '"}') == 1
+            await asyncio.wait_for(_until(lambda: inbox.got), scaled(10))
+            assert inbox.got == ['{"k": "inv", "a": "' + alice + '"}']
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
+            await plane.close()
+            await foreign.close()
+        finally:
+            await store.close()
+    run(body())
+
+
+async def _until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
 
 
 def test_the_cluster_lifts_the_one_instance_lock(pg_database, process_relays, tmp_path):

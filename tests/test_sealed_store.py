@@ -1,8 +1,9 @@
 """Encryption at rest (``[storage] encryption_key_file``): what a stolen disk or dump shows, restarts, rotation.
 
 The store files and dumps are searched byte for byte for every address,
-messageId and content sent; relays are real child processes on SQLite and on
-a real redis-server (several instances for the cluster's presence).
+messageId and content sent; relays are real child processes on SQLite, on a
+real redis-server and on a real PostgreSQL server (several instances for the
+cluster's presence).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (ProcessRelay, assert_read, clean_env, cli_ok, connect, frames_until_pong, ids_of, msg, new_address, now_ms,
-                     read_backlog, run_cli, status_frame, wait_until, without_modules)
+from support import (ProcessRelay, SealedDatabase, assert_read, clean_env, cli_ok, connect, frames_until_pong, ids_of,
+                     msg, new_address, now_ms, read_backlog, run_cli, status_frame, storage_key, wait_until,
+                     without_modules)
 
 from relayd.storage.sealed import CHECK_ADDRESS, SealedStore
-from relayd.storage.sealing import generate_key_file, load_keys
+from relayd.storage.sealing import load_keys
 from relayd.storage.sqlite.store import SQLiteStore
 from relayd.storage.store import EnqueueResult, QueuedMessage, QueueLimits, Receipt, StoreOpenError
 
@@ -42,12 +44,6 @@ encryption_key_file = {keys}
 """
 
 
-def key_file(tmp: Path, name: str = "storage.key") -> str:
-    path = tmp / name
-    generate_key_file(str(path))
-    return str(path)
-
-
 class Load:
     """Senders that queue messages for offline recipients; remembers every secret a dump must not show."""
 
@@ -57,10 +53,13 @@ class Load:
         self.per_sender = per_sender
         self.sent: dict[str, list[tuple[str, str, str]]] = {r: [] for r in self.recipients}
         """Per recipient: (sender, messageId, content), in the order sent."""
+        self.others: list[str] = []
+        """Addresses, messageIds and contents of other traffic (live messages) a dump must not show either."""
 
-    def run(self, relay: Any) -> None:
-        """Each sender pipelines all its messages, then reads every answer (each must be ``queued``)."""
-        clients = [connect(relay, s) for s in self.senders]
+    def run(self, *relays: Any) -> None:
+        """Each sender (on the relays in turn) pipelines all its messages, then reads every answer (each must be
+        ``queued``)."""
+        clients = [connect(relays[i % len(relays)], s) for i, s in enumerate(self.senders)]
         try:
             for i in range(self.per_sender):
                 for sender, ws in zip(self.senders, clients):
@@ -78,21 +77,22 @@ class Load:
 
     def secrets(self) -> list[bytes]:
         found = []
-        for address in [*self.senders, *self.recipients]:
+        for address in [*self.senders, *self.recipients, *(o for o in self.others if o.startswith("0x"))]:
             found += [address.encode(), address[2:].encode(), bytes.fromhex(address[2:])]
         for stored in self.sent.values():
             for _, mid, content in stored:
                 found += [mid.encode(), content.encode()]
-        return found
+        return found + [o.encode() for o in self.others if not o.startswith("0x")]
 
     def assert_absent(self, blob: bytes, what: str) -> None:
         shown = [s for s in self.secrets() if s in blob]
         assert not shown, f"{what} shows {len(shown)} secrets, e.g. {shown[:3]}"
 
-    def assert_delivered(self, relay: Any) -> None:
-        """Every recipient, signing in with ack, gets exactly what was sent to it, in order, as sent."""
-        for to, stored in self.sent.items():
-            with connect(relay, to, ack=True) as ws:
+    def assert_delivered(self, *relays: Any) -> None:
+        """Every recipient (on the relays in turn), signing in with ack, gets exactly what was sent to it, in
+        order, as sent."""
+        for i, (to, stored) in enumerate(self.sent.items()):
+            with connect(relays[i % len(relays)], to, ack=True) as ws:
                 frames = read_backlog(ws)
                 got = [(f["from"], f["messageId"], f["content"]) for f in frames]
                 assert sorted(got) == sorted(stored)
@@ -109,7 +109,7 @@ def files_of(db: Path) -> bytes:
 
 
 def test_a_sqlite_file_under_load_shows_no_address_message_id_or_content(tmp_path):
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     load = Load()
     relay = ProcessRelay(tmp_path, config_text=CONFIG.format(keys=keys))
     load.run(relay)
@@ -134,7 +134,7 @@ def test_a_sqlite_file_under_load_shows_no_address_message_id_or_content(tmp_pat
 
 
 def test_a_wrong_or_missing_key_refuses_to_start_and_changes_nothing(tmp_path):
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     relay = ProcessRelay(tmp_path, config_text=CONFIG.format(keys=keys))
     to, mid = new_address(), str(uuid.uuid4())
     with connect(relay, new_address()) as ws:
@@ -143,7 +143,7 @@ def test_a_wrong_or_missing_key_refuses_to_start_and_changes_nothing(tmp_path):
     assert relay.stop() == 0
     db = tmp_path / "relayd-data" / "relayd.db"
     before = hashlib.sha256(db.read_bytes()).hexdigest()
-    other = key_file(tmp_path, "other.key")
+    other = storage_key(tmp_path, "other.key")
     for text, says in ((CONFIG.format(keys=other), "none of the configured key files"),
                        (CONFIG.format(keys=""), "encryption_key_file is not set"),
                        (CONFIG.format(keys=tmp_path / "gone.key"), "gone.key")):
@@ -186,7 +186,7 @@ def message(to: str, mid: str, content: str = "hello", sender: str = "0xAbC") ->
 
 
 def test_rotation_reads_old_records_writes_new_ones_and_reseal_loses_nothing(tmp_path, database):
-    db, old, new = database, key_file(tmp_path, "old.key"), key_file(tmp_path, "new.key")
+    db, old, new = database, storage_key(tmp_path, "old.key"), storage_key(tmp_path, "new.key")
 
     async def body() -> None:
         store = sealed(db, old)
@@ -224,7 +224,7 @@ def test_rotation_reads_old_records_writes_new_ones_and_reseal_loses_nothing(tmp
 
 
 def test_history_kept_under_an_old_key_stays_readable_and_keeps_that_key_required(tmp_path, database):
-    db, old, new = database, key_file(tmp_path, "old.key"), key_file(tmp_path, "new.key")
+    db, old, new = database, storage_key(tmp_path, "old.key"), storage_key(tmp_path, "new.key")
 
     async def body() -> None:
         store = sealed(db, old)
@@ -253,7 +253,7 @@ def test_history_kept_under_an_old_key_stays_readable_and_keeps_that_key_require
 
 
 def test_reseal_seals_a_store_written_without_encryption(tmp_path):
-    db, key = tmp_path / "plain.db", key_file(tmp_path)
+    db, key = tmp_path / "plain.db", storage_key(tmp_path)
 
     async def body() -> None:
         plain = SQLiteStore(str(db))
@@ -278,7 +278,7 @@ def test_reseal_seals_a_store_written_without_encryption(tmp_path):
 
 def test_caps_count_what_fits_and_stats_hide_the_check_record(tmp_path):
     async def body() -> None:
-        store = sealed(tmp_path / "s.db", key_file(tmp_path))
+        store = sealed(tmp_path / "s.db", storage_key(tmp_path))
         await store.open()
         tight = QueueLimits(max_messages=10, max_bytes=100, drop_oldest=False)
         assert await store.enqueue(message("bob", "fits", "x" * 100), tight) is EnqueueResult.QUEUED
@@ -310,7 +310,7 @@ def test_keygen_writes_a_storage_key_with_mode_0600_and_never_overwrites(tmp_pat
 
 
 def test_a_key_without_the_encryption_extra_is_a_clear_start_up_error(tmp_path):
-    env = clean_env(**without_modules(tmp_path, "cryptography"), RELAYD_STORAGE_ENCRYPTION_KEY_FILE=key_file(tmp_path))
+    env = clean_env(**without_modules(tmp_path, "cryptography"), RELAYD_STORAGE_ENCRYPTION_KEY_FILE=storage_key(tmp_path))
     result = run_cli(tmp_path, env=env)
     assert result.returncode == 2 and "optional extra encryption" in result.stderr, result.stderr
 
@@ -336,7 +336,7 @@ def rdb_dump(redis: Any) -> bytes:
 
 
 def test_a_redis_dump_under_load_shows_no_address_message_id_or_content(tmp_path, fresh_redis):
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     load = Load()
     relay = ProcessRelay(tmp_path / "one", env=redis_env(fresh_redis.url, keys))
     try:
@@ -351,13 +351,13 @@ def test_a_redis_dump_under_load_shows_no_address_message_id_or_content(tmp_path
         load.assert_delivered(relay)
     finally:
         relay.stop()
-    other = key_file(tmp_path, "other.key")
+    other = storage_key(tmp_path, "other.key")
     result = run_cli(tmp_path, env=clean_env(**redis_env(fresh_redis.url, other), RELAYD_SERVER_PORT="0"))
     assert result.returncode == 2 and "none of the configured key files" in result.stderr, result.stderr
 
 
 def test_several_instances_on_sealed_redis_deliver_live_and_stored(tmp_path, fresh_redis, relay_cluster):
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     one, two = relay_cluster(fresh_redis, RELAYD_STORAGE_ENCRYPTION_KEY_FILE=keys, RELAYD_AUTH_MODE="open")
     alice, bob, carol = new_address(), new_address(), new_address()
     with connect(one, alice) as a, connect(two, bob) as b:
@@ -379,10 +379,16 @@ def test_several_instances_on_sealed_redis_deliver_live_and_stored(tmp_path, fre
 # PostgreSQL, end to end
 
 
+def pg_dump(pg_server: Any, url: str) -> bytes:
+    database = url.rsplit("/", 1)[1]
+    return subprocess.run([os.path.join(pg_server.bindir, "pg_dump"), "-h", "127.0.0.1", "-p", str(pg_server.port),
+                           "-U", "postgres", "-d", database], capture_output=True, timeout=120, check=True).stdout
+
+
 def test_a_pg_dump_under_load_shows_no_address_message_id_or_content(tmp_path, pg_server, pg_database):
     """With history on, a delivered message's kept copy and a stored receipt are in the dump too."""
     pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     env = {**redis_env("", keys), "RELAYD_STORAGE_BACKEND": "postgres", "RELAYD_POSTGRES_URL": pg_database,
            "RELAYD_HISTORY_DAYS": "7"}
     del env["RELAYD_REDIS_URL"]
@@ -403,8 +409,7 @@ def test_a_pg_dump_under_load_shows_no_address_message_id_or_content(tmp_path, p
     database = pg_database.rsplit("/", 1)[1]
     assert int(pg_server.psql("SELECT count(*) FROM history", database)) > 0
     assert int(pg_server.psql("SELECT count(*) FROM receipts", database)) == 1
-    dump = subprocess.run([os.path.join(pg_server.bindir, "pg_dump"), "-h", "127.0.0.1", "-p", str(pg_server.port),
-                           "-U", "postgres", "-d", database], capture_output=True, timeout=120, check=True).stdout
+    dump = pg_dump(pg_server, pg_database)
     assert b"COPY public.history" in dump and b"COPY public.messages" in dump
     load.assert_absent(dump, "the pg_dump")
     relay = ProcessRelay(tmp_path / "two", env=env)
@@ -420,7 +425,7 @@ def test_relayd_migrate_copies_a_sealed_sqlite_store_to_postgres_as_stored(tmp_p
     """Records are copied as stored (sealed, blind-indexed, the check record with them): the PostgreSQL copy
     opens with the same key, delivers everything and still shows nothing in clear."""
     pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
-    keys = key_file(tmp_path)
+    keys = storage_key(tmp_path)
     load = Load(per_sender=10)
     relay = ProcessRelay(tmp_path / "sqlite", config_text=CONFIG.format(keys=keys))
     try:
@@ -437,3 +442,87 @@ def test_relayd_migrate_copies_a_sealed_sqlite_store_to_postgres_as_stored(tmp_p
         load.assert_delivered(relay)
     finally:
         relay.stop()
+
+
+# PostgreSQL: several instances on one sealed database ([postgres] cluster = true)
+
+OPEN = {"RELAYD_AUTH_MODE": "open", "RELAYD_LIMITS_FRAMES_PER_S": "0", "RELAYD_LIMITS_CONNECTIONS_PER_IP_PER_S": "0"}
+
+
+def test_a_pg_dump_of_a_sealed_cluster_under_load_shows_no_address_message_id_or_content(tmp_path, pg_server,
+                                                                                      pg_database, relay_cluster):
+    """Taken while sessions are online on both instances (presence, watches), after live messages, typing and a
+    read receipt across instances, offline messages queued through both and read on the other, and a stored
+    receipt; PostgreSQL's notification queue (``pg_notify/``, which reaches the disk) is searched too. Both
+    instances restarted with the key then deliver everything."""
+    pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
+    db = SealedDatabase(pg_database, storage_key(tmp_path))
+    one, two = relay_cluster(db, 2, RELAYD_HISTORY_DAYS="7", **OPEN)
+    load = Load()
+    load.run(one, two)
+    alice, bob = new_address(), new_address()
+    load.others += [alice, bob]
+    reader = load.recipients[0]
+    writer, first, _ = load.sent[reader][0]
+    with connect(one, alice) as a, connect(two, bob) as b, connect(two, reader, ack=True) as r:
+        for _ in range(20):  # 600 kB of notices: more than PostgreSQL's notification buffers, some reach the disk
+            mid, secret = str(uuid.uuid4()), f"live-{uuid.uuid4().hex}"
+            load.others += [mid, secret]
+            content = secret + "." * 30_000
+            a.send(msg(bob, mid, content))
+            status_frame(a.recv(), "delivered", mid, bob)
+            assert b.recv_type("message")["content"] == content
+        b.send({"type": "typing", "to": alice, "isTyping": True})
+        assert a.recv() == {"type": "typing", "from": bob, "isTyping": True}
+        b.send({"type": "read_receipt", "to": alice, "messageId": mid})
+        assert_read(a.recv_type("read"), bob, mid)
+        frames = read_backlog(r)  # queued through both instances, read on one: kept in history, sealed
+        assert len(frames) == len(load.sent[reader])
+        r.send({"type": "ack", "messageIds": ids_of(frames)})
+        r.send({"type": "read_receipt", "to": writer, "messageId": first})  # the writer is offline: stored
+        frames_until_pong(r)
+        database = pg_database.rsplit("/", 1)[1]
+        wait_until(lambda: int(pg_server.psql("SELECT count(*) FROM cluster_presence", database)) == 3,
+                   "the three online addresses in presence")
+        assert int(pg_server.psql("SELECT count(*) FROM receipts", database)) == 1
+        dump = pg_dump(pg_server, pg_database)
+    assert b"COPY public.cluster_presence" in dump and b"COPY public.history" in dump
+    load.assert_absent(dump, "the pg_dump of the cluster")
+    notify = pg_server.data / "pg_notify"
+    load.assert_absent(b"".join(p.read_bytes() for p in notify.iterdir()), "PostgreSQL's notification queue")
+    load.sent[reader] = []
+    for relay in (one, two):
+        assert relay.stop() == 0
+    one, two = relay_cluster(db, 2, RELAYD_HISTORY_DAYS="7", **OPEN)
+    load.assert_delivered(two, one)
+    with connect(one, writer) as ws:
+        assert_read(ws.recv_type("read", timeout=10), reader, first)
+
+
+def test_rotating_the_key_of_a_sealed_postgres_cluster_loses_nothing(tmp_path, pg_database, relay_cluster):
+    """Old key; then the new key listed first on every instance (new records sealed with it, live traffic across
+    instances); then ``relayd reseal`` with the cluster stopped; then the new key alone delivers everything."""
+    pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
+    old, new = storage_key(tmp_path, "old.key"), storage_key(tmp_path, "new.key")
+    before, during = Load(per_sender=10), Load(per_sender=10)
+    relays = relay_cluster(SealedDatabase(pg_database, old), 2, **OPEN)
+    before.run(*relays)
+    for relay in relays:
+        assert relay.stop() == 0
+    rotated = SealedDatabase(pg_database, f"{new},{old}")
+    relays = relay_cluster(rotated, 2, **OPEN)
+    during.run(*reversed(relays))
+    alice, bob = new_address(), new_address()
+    with connect(relays[0], alice) as a, connect(relays[1], bob) as b:
+        a.send(msg(bob, "live-after-rotation", "across"))
+        status_frame(a.recv(), "delivered", "live-after-rotation", bob)
+        assert b.recv_type("message")["content"] == "across"
+    for relay in relays:
+        assert relay.stop() == 0
+    env = {"RELAYD_STORAGE_BACKEND": "postgres", "RELAYD_POSTGRES_URL": pg_database, "RELAYD_POSTGRES_CLUSTER": "true",
+           **rotated.env}
+    done = cli_ok(tmp_path, "reseal", env=clean_env(**env))
+    assert '"messages": 40' in done.stdout and '"unreadable": 0' in done.stdout, done.stdout
+    relays = relay_cluster(SealedDatabase(pg_database, new), 2, **OPEN)
+    before.assert_delivered(*relays)
+    during.assert_delivered(*reversed(relays))

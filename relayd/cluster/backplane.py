@@ -35,6 +35,16 @@ class Beat:
     dead: tuple[str, ...]
 
 
+class RoutedQueues(Protocol):
+    """Writes of messages that read the recipient's presence in the same atomic step (the Redis or PostgreSQL
+    store's, or ``relayd.storage.sealed.SealedStore``'s over it, which keys the presence by blind index)."""
+
+    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
+                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, PresenceEntries]: ...
+
+    async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, PresenceEntries]]: ...
+
+
 class InboxEvents(Protocol):
     """What a subscription reports to its bus."""
 

@@ -24,9 +24,19 @@ stored in send order and get their seqs in it, which is the order a peer
 reading the queue delivers them in.
 
 Presence, watches, heartbeats and budgets are the SQL functions of schema
-version 2 (``relayd.storage.postgres.schema``): one round trip each, the
-clock PostgreSQL's, and every write of an address's presence ordered against
-routed enqueues of it by a per-address advisory lock.
+versions 3 and 4 (``relayd.storage.postgres.schema``): one round trip each,
+the clock PostgreSQL's, and every write of an address's presence ordered
+against routed enqueues of it by a per-address advisory lock.
+
+With encryption at rest (``relayd.storage.sealed``) nothing that crosses to
+PostgreSQL names an address, a messageId or a content: presence, watches and
+budgets are keyed by the sealing layer's blind index (so a routed enqueue,
+which the sealing layer writes under that index, finds the recipient's
+presence), a presence entry carries its address sealed (the online list and
+forgetting a dead instance read it back), and every notice is sealed before
+``pg_notify``: PostgreSQL keeps its notification queue in ``pg_notify/`` in
+its data directory, on disk once it outgrows its buffers. Instance ids stay
+clear.
 """
 
 from __future__ import annotations
@@ -36,13 +46,14 @@ import hashlib
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..storage.postgres.link import describe, server_cannot_serve
 from ..storage.postgres.queue import pairs
 from ..storage.postgres.store import PostgresStore
+from ..storage.sealing import SealError
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
-from .backplane import Beat, InboxEvents, PresenceEntries
+from .backplane import Beat, InboxEvents, PresenceEntries, RoutedQueues
 
 log = logging.getLogger("relayd.cluster")
 T = TypeVar("T")
@@ -71,6 +82,14 @@ def chunks(data: str, counter: itertools.count[int]) -> list[str]:
     return [f"{next(counter)}{flag} {part}" for flag, part in zip(flags, parts)]
 
 
+class Seals(Protocol):
+    """Sealed values that only the key opens (``relayd.storage.sealing.Sealer``), each bound to where it is kept."""
+
+    def seal(self, fields: list[str], bound_to: str) -> str: ...
+
+    def open(self, value: str, bound_to: str) -> list[str]: ...
+
+
 class Joiner:
     """Joins the chunks of envelopes, per sending backend; calls ``deliver`` with each whole envelope."""
 
@@ -94,10 +113,16 @@ class Joiner:
 
 
 class PostgresBackplane:
-    """``Backplane`` on the store's PostgreSQL database (see the module docstring)."""
+    """``Backplane`` on the store's PostgreSQL database (see the module docstring). With encryption at rest,
+    ``sealed`` is the sealing layer over ``store`` (messages are written through it), ``queue_key`` its blind
+    index and ``seals`` its sealer (presence labels and notices)."""
 
-    def __init__(self, store: PostgresStore) -> None:
+    def __init__(self, store: PostgresStore, *, sealed: RoutedQueues | None = None,
+                 queue_key: Callable[[str], str] = str, seals: Seals | None = None) -> None:
         self.store = store
+        self.queues: RoutedQueues = sealed if sealed is not None else store
+        self.queue_key = queue_key
+        self.seals = seals
         self.link = store.link
         self.deadline_s = self.link.connect_timeout_s + self.link.command_timeout_s
         self._counter = itertools.count(1)
@@ -125,8 +150,11 @@ class PostgresBackplane:
             raise StorageUnavailable(self.link.problem or "PostgreSQL is unavailable")
         sent: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         sent.add_done_callback(_retrieve)
-        self._outbox.append((self.channel(instance), chunks(data, self._counter), self.application_name(instance),
-                             sent, list(self.link.writing)))
+        channel = self.channel(instance)
+        if self.seals is not None:
+            data = self.seals.seal([data], channel)
+        self._outbox.append((channel, chunks(data, self._counter), self.application_name(instance), sent,
+                             list(self.link.writing)))
         if self._publisher is None or self._publisher.done():
             self._wake = asyncio.Event()
             self._publisher = asyncio.get_running_loop().create_task(self._publish_loop(), name="relayd-pg-publish")
@@ -176,7 +204,8 @@ class PostgresBackplane:
     async def listen(self, instance: str, events: InboxEvents) -> None:
         loop = asyncio.get_running_loop()
         lost: asyncio.Future[None] = loop.create_future()
-        joiner = Joiner(events.received)
+        channel = self.channel(instance)
+        joiner = Joiner(events.received if self.seals is None else self._opener(channel, events))
         try:
             conn = await self.link.connect_one(self.application_name(instance))
         except Exception as exc:
@@ -190,8 +219,7 @@ class PostgresBackplane:
         try:
             conn.add_termination_listener(terminated)
             async with asyncio.timeout(self.deadline_s):
-                await conn.add_listener(self.channel(instance),
-                                        lambda _c, pid, _ch, payload: joiner.heard(pid, payload))
+                await conn.add_listener(channel, lambda _c, pid, _ch, payload: joiner.heard(pid, payload))
             events.confirmed()
             while not lost.done() and not conn.is_closed():
                 try:
@@ -207,6 +235,19 @@ class PostgresBackplane:
             raise StorageUnavailable(describe(exc)) from None
         finally:
             await _close(conn)
+
+    def _opener(self, channel: str, events: InboxEvents) -> Callable[[str], None]:
+        seals = self.seals
+        assert seals is not None
+
+        def received(data: str) -> None:
+            try:
+                [envelope] = seals.open(data, channel)
+            except (SealError, ValueError) as exc:  # another key (a cluster must share its key files) or damage
+                log.warning("ignoring a cluster notice that does not open: %s", exc)
+                return
+            events.received(envelope)
+        return received
 
     def on_recovery(self, callback: Callable[[], None]) -> None:
         before = self.link.health.on_recovery
@@ -236,22 +277,38 @@ class PostgresBackplane:
 
     async def _join(self, address: str, instance: str, kind: str,
                     watch_ttl_ms: int) -> tuple[list[str], PresenceEntries]:
-        row = await self._run("SELECT o_watchers, o_presence FROM relayd_join($1, $2, $3, $4)", address, instance,
-                              kind, watch_ttl_ms)
+        key = self.queue_key(address)
+        label = None if self.seals is None or not kind else self.seals.seal([address], key)
+        row = await self._run("SELECT o_watchers, o_presence FROM relayd_join($1, $2, $3, $4, $5)", key, instance,
+                              kind, watch_ttl_ms, label)
         return [str(w) for w in row["o_watchers"] or ()], pairs(row["o_presence"])
 
+    def _read_label(self, key: str, label: str) -> str | None:
+        """The address a presence entry's label names (None: it does not open with the configured keys)."""
+        if self.seals is None:
+            return label
+        try:
+            [address] = self.seals.open(label, key)
+        except (SealError, ValueError):
+            log.warning("a presence entry's address does not open with the configured key files (an instance with "
+                        "other keys?); it is skipped")
+            return None
+        return address
+
     async def lookup(self, address: str, instance: str, watch_ttl_ms: int) -> PresenceEntries:
-        row = await self._run("SELECT relayd_presence($1, $2, $3) AS p", address, instance, watch_ttl_ms)
+        row = await self._run("SELECT relayd_presence($1, $2, $3) AS p", self.queue_key(address), instance,
+                              watch_ttl_ms)
         return pairs(row["p"])
 
     async def presence_of(self, addresses: list[str]) -> list[PresenceEntries]:
+        keys = [self.queue_key(a) for a in addresses]
         rows = await self.link.run(lambda c: c.fetch(
-            "SELECT address, instance, kind FROM cluster_presence WHERE address = ANY($1::text[])", addresses),
+            "SELECT address, instance, kind FROM cluster_presence WHERE address = ANY($1::text[])", keys),
             write=False)
         found: dict[str, PresenceEntries] = {}
         for row in rows:
             found.setdefault(row["address"], {})[row["instance"]] = row["kind"]
-        return [found.get(a, {}) for a in addresses]
+        return [found.get(k, {}) for k in keys]
 
     async def registered(self) -> list[str]:
         rows = await self.link.run(lambda c: c.fetch("SELECT instance FROM cluster_instances ORDER BY beat_at"),
@@ -260,9 +317,10 @@ class PostgresBackplane:
 
     async def addresses_of(self, instances: list[str]) -> list[str]:
         rows = await self.link.run(lambda c: c.fetch(
-            "SELECT DISTINCT address FROM cluster_presence WHERE instance = ANY($1::text[]) ORDER BY address",
-            instances), write=False)
-        return [str(r["address"]) for r in rows]
+            "SELECT address, coalesce(label, address) AS label FROM cluster_presence "
+            "WHERE instance = ANY($1::text[])", instances), write=False)
+        found = {self._read_label(str(r["address"]), str(r["label"])) for r in rows}
+        return sorted(a for a in found if a is not None)
 
     async def heartbeat(self, instance: str, ttl_ms: int, forget_after_ms: int) -> Beat:
         row = await self._run("SELECT o_age, o_live, o_lapsed, o_dead FROM relayd_heartbeat($1, $2, $3)", instance,
@@ -285,22 +343,24 @@ class PostgresBackplane:
 
     async def forget(self, instance: str, chunk: int) -> AsyncIterator[tuple[list[str], list[str]]]:
         while True:
-            row = await self._run("SELECT o_addresses, o_watchers FROM relayd_forget($1, $2)", instance, chunk)
-            addresses = [str(a) for a in row["o_addresses"] or ()]
-            if not addresses:
+            row = await self._run("SELECT o_addresses, o_labels, o_watchers FROM relayd_forget($1, $2)", instance,
+                                  chunk)
+            keys = [str(a) for a in row["o_addresses"] or ()]
+            if not keys:
                 return
-            yield addresses, [str(w) for w in row["o_watchers"] or ()]
+            addresses = [self._read_label(k, str(label)) for k, label in zip(keys, row["o_labels"] or ())]
+            yield [a for a in addresses if a is not None], [str(w) for w in row["o_watchers"] or ()]
 
     # Storage routed by presence, and shared counters
 
     async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str,
                              watch_ttl_ms: int) -> tuple[EnqueueResult, PresenceEntries]:
-        return await self._in_order([msg.recipient], lambda: self.store.enqueue_routed(
+        return await self._in_order([msg.recipient], lambda: self.queues.enqueue_routed(
             msg, limits, watcher=watcher, watch_ttl_ms=watch_ttl_ms))
 
     async def restore_routed(self, messages: list[QueuedMessage]) -> dict[str, PresenceEntries]:
         _, found = await self._in_order(sorted({m.recipient for m in messages}),
-                                        lambda: self.store.restore_routed(messages))
+                                        lambda: self.queues.restore_routed(messages))
         return found
 
     async def _in_order(self, recipients: list[str], write: Callable[[], Awaitable[T]]) -> T:
@@ -320,8 +380,9 @@ class PostgresBackplane:
                     del self._tails[recipient]
 
     async def spend(self, key: str, recipient: str, budget: int, window_ms: int) -> bool:
-        row = await self._in_order([recipient], lambda: self._run("SELECT relayd_spend($1, $2, $3, $4) AS ok", key,
-                                                                  recipient, budget, window_ms))
+        blind = self.queue_key  # no address (nor IP address) in clear in a budget either
+        row = await self._in_order([recipient], lambda: self._run("SELECT relayd_spend($1, $2, $3, $4) AS ok",
+                                                                  blind(key), blind(recipient), budget, window_ms))
         return bool(row["ok"])
 
 

@@ -21,7 +21,7 @@ import asyncio
 import urllib.parse
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from redis import exceptions as rx
 from redis.asyncio import Redis
@@ -33,7 +33,7 @@ from ..storage.redis.reasons import describe
 from ..storage.redis.store import RedisStore
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from . import scripts
-from .backplane import Beat, InboxEvents, PresenceEntries
+from .backplane import Beat, InboxEvents, PresenceEntries, RoutedQueues
 
 log = logging.getLogger("relayd.cluster")
 
@@ -42,16 +42,6 @@ SLOT_BATCH = 500
 
 def entries(flat: Sequence[Any]) -> PresenceEntries:
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
-
-
-class RoutedQueues(Protocol):
-    """Writes of messages that read the recipient's presence in the same atomic step (``RedisStore``'s, or
-    ``relayd.storage.sealed.SealedStore``'s over it)."""
-
-    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
-                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, PresenceEntries]: ...
-
-    async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, PresenceEntries]]: ...
 
 
 class RedisBackplane:

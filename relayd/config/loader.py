@@ -143,9 +143,6 @@ def _validate_postgres(config: Config) -> None:
     if config.postgres.pool_min > config.postgres.pool_size:
         raise ConfigError(f"[postgres] pool_min ({config.postgres.pool_min}) must not exceed pool_size "
                           f"({config.postgres.pool_size})")
-    if config.postgres.cluster and config.storage.encryption_key_file and config.storage.backend == "postgres":
-        raise ConfigError("[postgres] cluster = true does not work with [storage] encryption_key_file yet: run one "
-                          "instance on PostgreSQL, or several on Redis")
 
 
 MISSING_PUSH_EXTRA = f"push notifications need the optional extra push: {install_hint('push')}"

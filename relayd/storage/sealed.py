@@ -58,8 +58,8 @@ def check_key_ids(record: KeyRecord | None) -> set[int] | None:
 
 
 class _Routed(Protocol):
-    """What ``relayd.cluster`` asks of the Redis store beyond the contract (the recipient's presence read in
-    the same atomic step as the write)."""
+    """What ``relayd.cluster`` asks of the Redis or PostgreSQL store beyond the contract (the recipient's presence
+    read in the same atomic step as the write)."""
 
     async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
                              watch_ttl_ms: int = 0) -> tuple[EnqueueResult, Any]: ...
@@ -227,8 +227,8 @@ class SealedStore:
 
     async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
                              watch_ttl_ms: int = 0) -> tuple[EnqueueResult, Any]:
-        """The Redis store's ``enqueue_routed`` (the cluster's), sealed: presence is kept under the same queue
-        key (``relayd.cluster`` is given ``queue`` as its index)."""
+        """The Redis or PostgreSQL store's ``enqueue_routed`` (the cluster's), sealed: presence is kept under the
+        same queue key (``relayd.cluster`` is given ``queue`` as its index)."""
         routed: _Routed = self.inner  # type: ignore[assignment]
         inner_limits = self._inner_limits(limits)
         if utf8_len(msg.content) > limits.max_bytes:  # FULL, with the presence read all the same

@@ -218,6 +218,48 @@ BEGIN
 END
 $fn$""" % {"lock": BUDGET_LOCK, "now": _NOW_MS}
 
+_JOIN_LABELLED = r"""
+CREATE FUNCTION relayd_join(p_address text, p_instance text, p_kind text, p_ttl bigint, p_label text DEFAULT NULL,
+    OUT o_watchers text[], OUT o_presence text[])
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    now_ms bigint := %(now)s;
+BEGIN
+    PERFORM pg_advisory_xact_lock(%(lock)d, hashtext(p_address));
+    IF p_kind = '' THEN
+        DELETE FROM cluster_presence WHERE address = p_address AND instance = p_instance;
+    ELSE
+        INSERT INTO cluster_presence (address, instance, kind, label) VALUES (p_address, p_instance, p_kind, p_label)
+            ON CONFLICT (address, instance) DO UPDATE SET kind = excluded.kind, label = excluded.label;
+    END IF;
+    WITH gone AS (DELETE FROM cluster_watchers WHERE address = p_address RETURNING instance, expires_at)
+        SELECT coalesce(array_agg(instance), '{}') INTO o_watchers FROM gone WHERE expires_at > now_ms;
+    INSERT INTO cluster_watchers (address, instance, expires_at) VALUES (p_address, p_instance, now_ms + p_ttl);
+    o_presence := relayd_presence(p_address, '', 0);
+END
+$fn$""" % {"lock": CLUSTER_LOCK, "now": _NOW_MS}
+
+_FORGET_LABELLED = r"""
+CREATE FUNCTION relayd_forget(p_instance text, p_limit integer, OUT o_addresses text[], OUT o_watchers text[],
+    OUT o_labels text[])
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    h integer;
+BEGIN
+    SELECT coalesce(array_agg(address ORDER BY address), '{}'), coalesce(array_agg(coalesce(label, address)
+           ORDER BY address), '{}') INTO o_addresses, o_labels
+        FROM (SELECT address, label FROM cluster_presence WHERE instance = p_instance ORDER BY address
+              LIMIT p_limit) AS mine;
+    FOR h IN SELECT DISTINCT hashtext(a) FROM unnest(o_addresses) AS u(a) ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(%(lock)d, h);
+    END LOOP;
+    o_watchers := ARRAY(SELECT DISTINCT instance FROM cluster_watchers
+                        WHERE address = ANY(o_addresses) AND expires_at > %(now)s ORDER BY 1);
+    DELETE FROM cluster_watchers WHERE address = ANY(o_addresses);
+    DELETE FROM cluster_presence WHERE instance = p_instance AND address = ANY(o_addresses);
+END
+$fn$""" % {"lock": CLUSTER_LOCK, "now": _NOW_MS}
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "CREATE SEQUENCE message_seq",
@@ -324,6 +366,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         _HEARTBEAT,
         _FORGET,
         _SPEND,
+    ),
+    (  # encryption at rest on a cluster: presence is keyed by the blind index of the address (the sealing
+       # layer's queue key) and each entry carries its address sealed (``label``), for the online list and for
+       # forgetting a dead instance's entries; NULL: ``address`` is the address (no encryption, or an instance
+       # of the version before, whose 4-argument calls still work)
+        "ALTER TABLE cluster_presence ADD COLUMN label TEXT",
+        "DROP FUNCTION relayd_join(text, text, text, bigint)",
+        _JOIN_LABELLED,
+        "DROP FUNCTION relayd_forget(text, integer)",
+        _FORGET_LABELLED,
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
