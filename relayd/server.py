@@ -65,7 +65,8 @@ class RelayServer:
             sealed = self.store if isinstance(self.store, SealedStore) else None
             backing = sealed.inner if sealed is not None else self.store
             assert isinstance(backing, RedisStore)
-            backplane = (RedisBackplane(backing, sealed=sealed, queue_key=sealed.queue) if sealed is not None
+            backplane = (RedisBackplane(backing, sealed=sealed, queue_key=sealed.queue, seals=sealed.sealer)
+                         if sealed is not None
                          else RedisBackplane(backing))
             self.cluster = Cluster(config, self.store, backplane, writes, clock)
         elif self.store.name == "postgres" and config.postgres.cluster:  # else one instance per database (a lock)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from support import (HostileRelay, ErrorLog, ManualClock, NotifySocket, ProcessRelays, SealedDatabase,  # noqa: E402
-                     ThreadRelay, WsClient, cluster_env, make_config, pg_cluster_env, scaled, storage_key)
+                     SealedRedis, ThreadRelay, WsClient, cluster_env, make_config, pg_cluster_env, scaled, storage_key)
 
 from relayd.clock import SYSTEM_CLOCK, Clock  # noqa: E402
 from relayd.identity.signatures import select_backend  # noqa: E402
@@ -156,8 +156,8 @@ def relay_cluster(tmp_path: Path, process_relays: ProcessRelays, redis_prefix: s
     from redis_support import RedisCluster
 
     def start(shared: Any, count: int = 2, **env: str) -> list[Any]:
+        env = {**getattr(shared, "env", {}), **env}  # a SealedDatabase's or SealedRedis's key file
         if isinstance(shared, str):
-            env = {**getattr(shared, "env", {}), **env}  # a SealedDatabase's key file
             return [process_relays(tmp_path / f"node{i}", env=pg_cluster_env(shared, f"node{i}", **env))
                     for i in range(count)]
         return [process_relays(tmp_path / f"node{i}", env=cluster_env(
@@ -167,22 +167,25 @@ def relay_cluster(tmp_path: Path, process_relays: ProcessRelays, redis_prefix: s
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """A test using ``backplane`` runs on Redis and on PostgreSQL, and also on a sealed PostgreSQL database when
-    marked ``sealed_backplane``."""
+    """A test using ``backplane`` runs on Redis and on PostgreSQL, and also on a sealed Redis and a sealed
+    PostgreSQL database when marked ``sealed_backplane``."""
     if "backplane" in metafunc.fixturenames:
         kinds = ["redis", "postgres"]
         if metafunc.definition.get_closest_marker("sealed_backplane"):
-            kinds.append("sealed-postgres")
+            kinds += ["sealed-redis", "sealed-postgres"]
         metafunc.parametrize("backplane", kinds, indirect=True)
 
 
 @pytest.fixture
 def backplane(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     """What a cluster test's instances share, for ``relay_cluster``: the session's redis-server, a PostgreSQL
-    database of this test's own, or one whose instances seal what they store (encryption at rest, a key file of
-    this test's own: a ``SealedDatabase``)."""
+    database of this test's own, or either of them with instances that seal what they store (encryption at rest,
+    a key file of this test's own: a ``SealedRedis``, a ``SealedDatabase``)."""
     if request.param == "redis":
         return request.getfixturevalue("redis_server")
+    if request.param == "sealed-redis":
+        pytest.importorskip("cryptography", reason="encryption at rest needs pip install 'relayd[encryption]'")
+        return SealedRedis(request.getfixturevalue("redis_server"), storage_key(tmp_path))
     url = request.getfixturevalue("pg_database")
     if request.param == "sealed-postgres":
         pytest.importorskip("cryptography", reason="encryption at rest needs pip install 'relayd[encryption]'")

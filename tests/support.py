@@ -981,6 +981,18 @@ class SealedDatabase(str):
         return made
 
 
+class SealedRedis:
+    """A Redis server for ``relay_cluster`` whose instances run with encryption at rest: ``env`` names the key
+    file; everything else is the server's."""
+
+    def __init__(self, server: Any, key_file: str) -> None:
+        self.server = server
+        self.env = {"RELAYD_STORAGE_ENCRYPTION_KEY_FILE": key_file}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)
+
+
 def storage_key(tmp: Path, name: str = "storage.key") -> str:
     """A new storage key file (32 random bytes, mode 0600) in ``tmp``."""
     from relayd.storage.sealing import generate_key_file

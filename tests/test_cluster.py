@@ -2,8 +2,8 @@
 
 Every test starts real ``python relayd.py`` processes (``relay_cluster``) on a real redis-server (or a local
 three-master Redis Cluster) and talks to them over real sockets on 127.0.0.1. Those taking ``backplane`` run on
-Redis and on PostgreSQL (``[postgres] cluster = true``); those marked ``sealed_backplane`` also on PostgreSQL
-with encryption at rest (presence by blind index, notices sealed).
+Redis and on PostgreSQL (``[postgres] cluster = true``); those marked ``sealed_backplane`` also on both with
+encryption at rest (presence by blind index with sealed addresses; on PostgreSQL, notices sealed).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ cluster's presence).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -341,9 +342,13 @@ def test_a_redis_dump_under_load_shows_no_address_message_id_or_content(tmp_path
     relay = ProcessRelay(tmp_path / "one", env=redis_env(fresh_redis.url, keys))
     try:
         load.run(relay)
-        # online addresses are in Redis in clear while connected (presence); the senders have left
-        wait_until(lambda: not fresh_redis.cli("KEYS", "*:on:*").strip(), "presence entries to go")
-        load.assert_absent(rdb_dump(fresh_redis), "the Redis dump")
+        online = [new_address() for _ in range(3)]
+        load.others += online
+        with contextlib.ExitStack() as stack:  # the presence registry holds them while they are connected
+            for address in online:
+                stack.enter_context(connect(relay, address))
+            wait_until(lambda: fresh_redis.cli("KEYS", "*:on:*").strip(), "this instance's presence entries")
+            load.assert_absent(rdb_dump(fresh_redis), "the Redis dump")
     finally:
         assert relay.stop() == 0
     relay = ProcessRelay(tmp_path / "two", env=redis_env(fresh_redis.url, keys))
@@ -371,9 +376,53 @@ def test_several_instances_on_sealed_redis_deliver_live_and_stored(tmp_path, fre
             a.send(msg(carol, "live-2", "now"))
             assert a.recv()["type"] in ("delivered", "queued")
             assert c.recv_type("message")["content"] == "now"
-    dump = rdb_dump(fresh_redis)
+            dump = rdb_dump(fresh_redis)  # all three online: presence entries on both instances, watches
     for secret in (alice, bob, carol, "across instances", "for later", "stored-1"):
         assert secret.encode() not in dump and secret[2:].encode() not in dump
+
+
+def test_a_sealed_redis_backplane_keeps_no_address_and_reads_addresses_back(redis_server, redis_prefix, tmp_path):
+    """With encryption at rest, presence and watches as the cluster uses them, on a real Redis, whose keys and
+    values show no address; the online list and forgetting a dead instance give the addresses back; an entry
+    that does not open with the key (an instance with other keys) is skipped, not fatal."""
+    from relayd.cluster.redis_backplane import RedisBackplane
+    from relayd.storage.redis.store import RedisStore
+    from relayd.storage.sealing import Sealer
+
+    async def body() -> None:
+        store = SealedStore(RedisStore(redis_server.url, key_prefix=redis_prefix), load_keys([storage_key(tmp_path)]))
+        await store.open()
+        try:
+            inner = store.inner
+            assert isinstance(inner, RedisStore)
+            plane = RedisBackplane(inner, sealed=store, queue_key=store.queue, seals=store.sealer)
+            alice, bob, carol = new_address(), new_address(), new_address()
+            await plane.join(alice, "i1", "p", 60_000)
+            await plane.join(bob, "i1", "a", 60_000)
+            assert await plane.lookup(alice, "i2", 60_000) == {"i1": "p"}  # i2 now watches alice
+            assert await plane.presence_of([bob, alice, carol]) == [{"i1": "a"}, {"i1": "p"}, {}]
+            assert await plane.addresses_of(["i1"]) == sorted([alice, bob])
+            shown = redis_server.cli("--no-raw", "EVAL", "local out = {} for _, k in ipairs(redis.call('KEYS', "
+                                     "ARGV[1])) do out[#out + 1] = k; out[#out + 1] = redis.call('DUMP', k) end "
+                                     "return out", "0", redis_prefix + "*").lower()
+            assert ":on:" in shown and not any(a[2:] in shown for a in (alice, bob))
+
+            foreign = RedisBackplane(inner, sealed=store, queue_key=store.queue,
+                                     seals=Sealer(load_keys([storage_key(tmp_path, "other.key")])))
+            assert await foreign.addresses_of(["i1"]) == []  # the labels do not open with another key: skipped
+
+            chunks = [chunk async for chunk in plane.forget("i1", 1)]  # i1 is dead: one address at a time
+            assert sorted(a for part, _ in chunks for a in part) == sorted([alice, bob])
+            assert {part[0]: watchers for part, watchers in chunks} == {alice: ["i1", "i2"], bob: ["i1"]}
+            assert await plane.presence_of([alice, bob]) == [{}, {}]
+            assert await plane.addresses_of(["i1"]) == []
+
+            await plane.join(carol, "i3", "p", 60_000)
+            await plane.join(carol, "i3", "", 60_000)  # its last session left: no entry, no label left behind
+            assert await plane.addresses_of(["i3"]) == [] and [c async for c in plane.forget("i3", 10)] == []
+        finally:
+            await store.close()
+    asyncio.run(body())
 
 
 # PostgreSQL, end to end

@@ -14,11 +14,15 @@ kind of its sessions there (``p``: plain, ``a``: one of them acks).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..storage.sealing import SealError
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits
+
+log = logging.getLogger("relayd.cluster")
 
 PresenceEntries = dict[str, str]
 """An address's presence: instance -> ``p`` or ``a``."""
@@ -33,6 +37,40 @@ class Beat:
     live: tuple[str, ...]
     lapsed: tuple[str, ...]
     dead: tuple[str, ...]
+
+
+class Seals(Protocol):
+    """Sealed values that only the key opens (``relayd.storage.sealing.Sealer``), each bound to where it is kept."""
+
+    def seal(self, fields: list[str], bound_to: str) -> str: ...
+
+    def open(self, value: str, bound_to: str) -> list[str]: ...
+
+
+class AddressLabels:
+    """How the presence registry names the addresses an instance has sessions of. Entries are keyed by the
+    address's queue key; with encryption at rest that key is a blind index, and the entry carries the address
+    sealed (bound to the key) as its label, so a dump of the registry shows no address while the online list and
+    the forgetting of a dead instance can still read it back. Without it the key is the address and the label is
+    empty."""
+
+    def __init__(self, seals: Seals | None) -> None:
+        self.seals = seals
+
+    def label(self, address: str, key: str) -> str:
+        return "" if self.seals is None else self.seals.seal([address], key)
+
+    def read(self, key: str, label: str | None) -> str | None:
+        """The address an entry names (None: its label does not open with the configured keys)."""
+        if self.seals is None:
+            return key
+        try:
+            [address] = self.seals.open(label or "", key)
+        except (SealError, ValueError):
+            log.warning("a presence entry's address does not open with the configured key files (an instance with "
+                        "other keys, or without encryption at rest?); it is skipped")
+            return None
+        return address
 
 
 class RoutedQueues(Protocol):

@@ -46,14 +46,14 @@ import hashlib
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from ..storage.postgres.link import describe, server_cannot_serve
 from ..storage.postgres.queue import pairs
 from ..storage.postgres.store import PostgresStore
 from ..storage.sealing import SealError
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
-from .backplane import Beat, InboxEvents, PresenceEntries, RoutedQueues
+from .backplane import AddressLabels, Beat, InboxEvents, PresenceEntries, RoutedQueues, Seals
 
 log = logging.getLogger("relayd.cluster")
 T = TypeVar("T")
@@ -80,14 +80,6 @@ def chunks(data: str, counter: itertools.count[int]) -> list[str]:
     parts = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]
     flags = ["<"] + ["+"] * (len(parts) - 2) + [">"]
     return [f"{next(counter)}{flag} {part}" for flag, part in zip(flags, parts)]
-
-
-class Seals(Protocol):
-    """Sealed values that only the key opens (``relayd.storage.sealing.Sealer``), each bound to where it is kept."""
-
-    def seal(self, fields: list[str], bound_to: str) -> str: ...
-
-    def open(self, value: str, bound_to: str) -> list[str]: ...
 
 
 class Joiner:
@@ -123,6 +115,7 @@ class PostgresBackplane:
         self.queues: RoutedQueues = sealed if sealed is not None else store
         self.queue_key = queue_key
         self.seals = seals
+        self.labels = AddressLabels(seals)
         self.link = store.link
         self.deadline_s = self.link.connect_timeout_s + self.link.command_timeout_s
         self._counter = itertools.count(1)
@@ -278,22 +271,10 @@ class PostgresBackplane:
     async def _join(self, address: str, instance: str, kind: str,
                     watch_ttl_ms: int) -> tuple[list[str], PresenceEntries]:
         key = self.queue_key(address)
-        label = None if self.seals is None or not kind else self.seals.seal([address], key)
+        label = self.labels.label(address, key) if kind and self.seals is not None else None
         row = await self._run("SELECT o_watchers, o_presence FROM relayd_join($1, $2, $3, $4, $5)", key, instance,
                               kind, watch_ttl_ms, label)
         return [str(w) for w in row["o_watchers"] or ()], pairs(row["o_presence"])
-
-    def _read_label(self, key: str, label: str) -> str | None:
-        """The address a presence entry's label names (None: it does not open with the configured keys)."""
-        if self.seals is None:
-            return label
-        try:
-            [address] = self.seals.open(label, key)
-        except (SealError, ValueError):
-            log.warning("a presence entry's address does not open with the configured key files (an instance with "
-                        "other keys?); it is skipped")
-            return None
-        return address
 
     async def lookup(self, address: str, instance: str, watch_ttl_ms: int) -> PresenceEntries:
         row = await self._run("SELECT relayd_presence($1, $2, $3) AS p", self.queue_key(address), instance,
@@ -317,9 +298,8 @@ class PostgresBackplane:
 
     async def addresses_of(self, instances: list[str]) -> list[str]:
         rows = await self.link.run(lambda c: c.fetch(
-            "SELECT address, coalesce(label, address) AS label FROM cluster_presence "
-            "WHERE instance = ANY($1::text[])", instances), write=False)
-        found = {self._read_label(str(r["address"]), str(r["label"])) for r in rows}
+            "SELECT address, label FROM cluster_presence WHERE instance = ANY($1::text[])", instances), write=False)
+        found = {self.labels.read(str(r["address"]), r["label"]) for r in rows}
         return sorted(a for a in found if a is not None)
 
     async def heartbeat(self, instance: str, ttl_ms: int, forget_after_ms: int) -> Beat:
@@ -348,7 +328,7 @@ class PostgresBackplane:
             keys = [str(a) for a in row["o_addresses"] or ()]
             if not keys:
                 return
-            addresses = [self._read_label(k, str(label)) for k, label in zip(keys, row["o_labels"] or ())]
+            addresses = [self.labels.read(k, label) for k, label in zip(keys, row["o_labels"] or ())]
             yield [a for a in addresses if a is not None], [str(w) for w in row["o_watchers"] or ()]
 
     # Storage routed by presence, and shared counters

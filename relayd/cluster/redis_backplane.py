@@ -11,8 +11,10 @@ with redis-py's PubSub on a connection of its own.
 
 Redis holds, per address, which instances have sessions of it
 (``{address}:on``: instance -> kind) and who watches it, plus, per hash slot,
-each instance's set of addresses (so a dead instance's entries can be found),
-and a registry of heartbeats (a ZSET scored by the Redis clock).
+each instance's addresses (a HASH from the address's queue key to its label,
+``AddressLabels``: so a dead instance's entries can be found), and a registry
+of heartbeats (a ZSET scored by the Redis clock). With encryption at rest the
+keys are blind indexes and the labels sealed addresses: no address in clear.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ..storage.redis.reasons import describe
 from ..storage.redis.store import RedisStore
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from . import scripts
-from .backplane import Beat, InboxEvents, PresenceEntries, RoutedQueues
+from .backplane import AddressLabels, Beat, InboxEvents, PresenceEntries, RoutedQueues, Seals
 
 log = logging.getLogger("relayd.cluster")
 
@@ -46,14 +48,16 @@ def entries(flat: Sequence[Any]) -> PresenceEntries:
 
 class RedisBackplane:
     """``Backplane`` on the store's Redis (see the module docstring). With encryption at rest, ``sealed`` is the
-    sealing layer over ``store`` (messages are written through it) and ``queue_key`` its blind index: an
-    address's presence shares its queue's hash tag, and the shared budgets name no address in clear."""
+    sealing layer over ``store`` (messages are written through it), ``queue_key`` its blind index and ``seals``
+    its sealer: an address's presence shares its queue's hash tag, and neither the presence registry nor the
+    shared budgets name an address in clear."""
 
     def __init__(self, store: RedisStore, *, sealed: RoutedQueues | None = None,
-                 queue_key: Callable[[str], str] = str) -> None:
+                 queue_key: Callable[[str], str] = str, seals: Seals | None = None) -> None:
         self.store = store
         self.queues: RoutedQueues = sealed if sealed is not None else store
         self.queue_key = queue_key
+        self.labels = AddressLabels(seals)
         self.link = store.link
         self.layout = store.layout
         self.deadline_s = store.link.deadline_s
@@ -73,10 +77,9 @@ class RedisBackplane:
     def inbox(self, instance: str) -> str:
         return f"{self.layout.prefix}{{{instance}}}:inbox"
 
-    def _keys(self, address: str, instance: str) -> tuple[str, str, str]:
-        """(presence HASH, watchers SET, the instance's SET of addresses in that slot), in the slot of the
-        address's queue."""
-        queue = self.queue_key(address)
+    def _keys(self, queue: str, instance: str) -> tuple[str, str, str]:
+        """(presence HASH, watchers SET, the instance's HASH of addresses in that slot), in the slot of the
+        address's queue ``queue`` (its queue key)."""
         keys = self.layout.recipient(queue)
         return keys.presence, keys.watchers, self._mine(self.layout.slot_of(queue), instance)
 
@@ -154,12 +157,14 @@ class RedisBackplane:
 
     def join(self, address: str, instance: str, kind: str,
              watch_ttl_ms: int) -> asyncio.Future[tuple[list[str], PresenceEntries]]:
-        self.store.note_slot(self.layout.slot_of(self.queue_key(address)))
-        posted = self.link.post(scripts.JOIN, self._keys(address, instance), [address, instance, kind, watch_ttl_ms])
+        queue = self.queue_key(address)
+        self.store.note_slot(self.layout.slot_of(queue))
+        label = self.labels.label(address, queue) if kind else ""
+        posted = self.link.post(scripts.JOIN, self._keys(queue, instance), [queue, instance, kind, watch_ttl_ms, label])
         return asyncio.ensure_future(_joined(posted))
 
     async def lookup(self, address: str, instance: str, watch_ttl_ms: int) -> PresenceEntries:
-        presence, watchers = self._keys(address, instance)[:2]
+        presence, watchers = self._keys(self.queue_key(address), instance)[:2]
         return entries(await self.link.write(scripts.LOOKUP, [presence, watchers], [instance, watch_ttl_ms]))
 
     async def presence_of(self, addresses: list[str]) -> list[PresenceEntries]:
@@ -174,7 +179,7 @@ class RedisBackplane:
         return list(await self.link.read(lambda c: c.zrange(self.registry, 0, -1)))
 
     async def addresses_of(self, instances: list[str]) -> list[str]:
-        out: list[str] = []
+        out: set[str | None] = set()
         pairs = [(s, i) for s in await self.store.slots() for i in instances]
         for start in range(0, len(pairs), SLOT_BATCH):
             part = pairs[start:start + SLOT_BATCH]
@@ -182,11 +187,11 @@ class RedisBackplane:
             async def work(client: Any, part: list[tuple[int, str]] = part) -> list[Any]:
                 pipe = self.store.pipeline(client)
                 for slot, instance in part:
-                    pipe.smembers(self._mine(slot, instance))
+                    pipe.hgetall(self._mine(slot, instance))
                 return list(await pipe.execute())
             for members in await self.link.read(work):
-                out.extend(sorted(members))
-        return out
+                out.update(self.labels.read(k, label) for k, label in members.items())
+        return sorted(a for a in out if a is not None)
 
     async def heartbeat(self, instance: str, ttl_ms: int, forget_after_ms: int) -> Beat:
         age, live, lapsed, dead = await self.link.write(scripts.HEARTBEAT, [self.registry],
@@ -206,14 +211,15 @@ class RedisBackplane:
     async def forget(self, instance: str, chunk: int) -> AsyncIterator[tuple[list[str], list[str]]]:
         for slot in await self.store.slots():
             mine = self._mine(slot, instance)
-            members = sorted(await self.link.read(lambda c: c.smembers(mine)))
+            members = sorted((await self.link.read(lambda c: c.hgetall(mine))).items())
             for start in range(0, len(members), chunk):
                 part = members[start:start + chunk]
                 keys = [mine]
-                for address in part:
-                    keys += self._keys(address, instance)[:2]
-                watchers = set(await self.link.write(scripts.FORGET, keys, [instance, *part]))
-                yield part, sorted(watchers)
+                for queue, _ in part:
+                    keys += self._keys(queue, instance)[:2]
+                watchers = set(await self.link.write(scripts.FORGET, keys, [instance, *(q for q, _ in part)]))
+                addresses = (self.labels.read(queue, label) for queue, label in part)
+                yield [a for a in addresses if a is not None], sorted(watchers)
 
     # Storage routed by presence, and shared counters
 

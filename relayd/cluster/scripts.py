@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from ..storage.redis.scripts import Script
 
-# KEYS: presence HASH (instance -> kind), watchers SET, this instance's SET of addresses in the address's slot.
-# ARGV: address, instance, kind ('' when the instance has no session of the address left), watch ttl ms.
+# KEYS: presence HASH (instance -> kind), watchers SET, this instance's HASH of addresses in the address's slot
+# (queue key -> label: the address sealed with encryption at rest, else '').
+# ARGV: queue key, instance, kind ('' when the instance has no session of the address left), watch ttl ms, label.
 # Records (or drops) the instance's sessions of the address and watches the address for the instance. Returns
 # {watchers to tell that the presence changed, presence afterwards (flat)}.
 JOIN = Script("join", r"""
 local ON, W, MINE = KEYS[1], KEYS[2], KEYS[3]
 if ARGV[3] == '' then
   redis.call('HDEL', ON, ARGV[2])
-  redis.call('SREM', MINE, ARGV[1])
+  redis.call('HDEL', MINE, ARGV[1])
 else
   redis.call('HSET', ON, ARGV[2], ARGV[3])
-  redis.call('SADD', MINE, ARGV[1])
+  redis.call('HSET', MINE, ARGV[1], ARGV[5])
 end
 local watchers = redis.call('SMEMBERS', W)
 redis.call('DEL', W)
@@ -56,15 +57,15 @@ return {age, live, lapsed, dead}
 # KEYS: the instance registry. ARGV: instance. An instance that stops cleanly leaves at once.
 LEAVE_REGISTRY = Script("leave_registry", "return redis.call('ZREM', KEYS[1], ARGV[1])")
 
-# KEYS: a dead instance's SET of addresses in one slot, then per address its presence HASH and watchers SET.
-# ARGV: the dead instance, then the addresses (in the order of KEYS). Returns the watchers to tell (flat).
+# KEYS: a dead instance's HASH of addresses in one slot, then per address its presence HASH and watchers SET.
+# ARGV: the dead instance, then the queue keys (in the order of KEYS). Returns the watchers to tell (flat).
 FORGET = Script("forget", r"""
 local out = {}
 for k = 2, #KEYS, 2 do
   redis.call('HDEL', KEYS[k], ARGV[1])
   for _, w in ipairs(redis.call('SMEMBERS', KEYS[k + 1])) do out[#out + 1] = w end
   redis.call('DEL', KEYS[k + 1])
-  redis.call('SREM', KEYS[1], ARGV[k / 2 + 1])
+  redis.call('HDEL', KEYS[1], ARGV[k / 2 + 1])
 end
 return out
 """)
