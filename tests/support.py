@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import pytest
 
@@ -991,6 +991,25 @@ class SealedRedis:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.server, name)
+
+
+async def present_and_forgotten(plane: Any, dump: Callable[[], Awaitable[str]]) -> list[str]:
+    """Drive a sealed backplane's presence as the cluster does: two addresses join on instance i1, i2 watches one;
+    ``dump`` (what the server holds, as text) must name neither; the online list, then forgetting the dead i1,
+    give both back with their watchers. Returns the three addresses used (the third never joined)."""
+    alice, bob, carol = new_address(), new_address(), new_address()
+    await plane.join(alice, "i1", "p", 60_000)
+    await plane.join(bob, "i1", "a", 60_000)
+    assert await plane.lookup(alice, "i2", 60_000) == {"i1": "p"}  # i2 now watches alice
+    assert await plane.presence_of([bob, alice, carol]) == [{"i1": "a"}, {"i1": "p"}, {}]
+    assert await plane.addresses_of(["i1"]) == sorted([alice, bob])
+    shown = (await dump()).lower()
+    assert shown and not any(a[2:] in shown for a in (alice, bob)), "the presence shows an address in clear"
+    chunks = [chunk async for chunk in plane.forget("i1", 1)]  # i1 is dead: one address at a time
+    assert sorted(a for part, _ in chunks for a in part) == sorted([alice, bob])
+    assert {part[0]: watchers for part, watchers in chunks} == {alice: ["i1", "i2"], bob: ["i1"]}
+    assert await plane.presence_of([alice, bob]) == [{}, {}]
+    return [alice, bob, carol]
 
 
 def storage_key(tmp: Path, name: str = "storage.key") -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (ADDR_A, A, B, C, ProcessRelay, clean_env, frames_until_pong, msg, new_address, pong_next, run_cli,
-                     scaled, storage_key, wait_until, without_modules)
+from support import (ADDR_A, A, B, C, ProcessRelay, clean_env, frames_until_pong, msg, new_address, pong_next,
+                     present_and_forgotten, run_cli, scaled, storage_key, wait_until, without_modules)
 
 pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
 
@@ -432,22 +432,15 @@ def test_a_sealed_backplane_keeps_only_blind_keys_and_sealed_values_and_reads_ad
         await store.open()
         try:
             plane = PostgresBackplane(store.inner, sealed=store, queue_key=store.queue, seals=store.sealer)
-            alice, bob, carol = new_address(), new_address(), new_address()
-            await plane.join(alice, "i1", "p", 60_000)
-            await plane.join(bob, "i1", "a", 60_000)
-            assert await plane.lookup(alice, "i2", 60_000) == {"i1": "p"}  # i2 now watches alice
-            assert await plane.presence_of([bob, alice, carol]) == [{"i1": "a"}, {"i1": "p"}, {}]
-            assert await plane.addresses_of(["i1"]) == sorted([alice, bob])
-            rows = await store.inner.link.run(lambda c: c.fetch(
-                "SELECT p.*, w.instance AS watcher FROM cluster_presence p JOIN cluster_watchers w USING (address)"),
-                write=False)
-            shown = repr([dict(r) for r in rows]).lower()  # blind keys, sealed labels, instance ids
-            assert len(rows) == 3 and not any(a[2:] in shown for a in (alice, bob))
 
-            chunks = [chunk async for chunk in plane.forget("i1", 1)]  # i1 is dead: one address at a time
-            assert sorted(a for part, _ in chunks for a in part) == sorted([alice, bob])
-            assert {part[0]: watchers for part, watchers in chunks} == {alice: ["i1", "i2"], bob: ["i1"]}
-            assert await plane.presence_of([alice, bob]) == [{}, {}]
+            async def dump() -> str:  # blind keys, sealed labels, instance ids
+                rows = await store.inner.link.run(lambda c: c.fetch(
+                    "SELECT p.*, w.instance AS watcher FROM cluster_presence p "
+                    "JOIN cluster_watchers w USING (address)"), write=False)
+                assert len(rows) == 3
+                return repr([dict(r) for r in rows])
+
+            alice, _, carol = await present_and_forgotten(plane, dump)
 
             plain = PostgresBackplane(store.inner)  # an instance of the version before writes clear entries
             await plain._run("SELECT * FROM relayd_join($1, $2, $3, $4)", carol, "i3", "p", 60_000)
