@@ -1,12 +1,14 @@
 """Encryption at rest and message history: stored messages per second and CPU per message with ``SealedStore``,
-and with ``[history] days`` on, vs the same backend with neither, in the same run (memory, SQLite, and Redis
-when redis-server is on PATH).
+and with ``[history] days`` on, vs the same backend with neither, in the same run (memory, SQLite, Redis when
+redis-server is on PATH, PostgreSQL when its server binaries and relayd's postgres extra are installed: a server
+of the run's own, fsync on, started as the tests start it).
 
 Each round, for each backend, plain and sealed in turn (the order alternates by round): N messages of
 ``--content`` bytes for 1000 recipients, enqueued in batches of ``--batch`` as the relay's delivery does
 (``enqueue_many`` once per loop turn), then each recipient's queue read and removed (a flush: with history
 on, the removal keeps a copy of each message). Reported:
-queued/s and CPU of this process per message (the sealing work is here; Redis's own CPU is not counted), for
+queued/s and CPU of this process per message (the sealing work is here; the database server's own CPU is not
+counted), for
 the writes and for the reads; every figure is the median over the rounds.
 
 Run from the repository root: ``python bench/sealed_bench.py [--messages 20000] [--rounds 3]``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import platform
 import shutil
@@ -76,7 +79,9 @@ def main() -> int:
     args = ap.parse_args()
     content = "y" * args.content
     tmp = tempfile.mkdtemp(prefix="sealed-bench-")
+    load_before = os.getloadavg()[0]
     redis: Any = None
+    pg: Any = None
     try:
         key = os.path.join(tmp, "storage.key")
         generate_key_file(key)
@@ -86,6 +91,14 @@ def main() -> int:
             "sqlite": lambda tag: SQLiteStore(os.path.join(tmp, f"{tag}.db")),
         }
         redis_version = "not measured (no redis-server on PATH)"
+        pg_version = "not measured (no PostgreSQL server binaries, or no relayd[postgres])"
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from pg_support import PgServer, pg_bindir
+        if pg_bindir() is not None and importlib.util.find_spec("asyncpg") is not None:
+            from relayd.storage.postgres.store import PostgresStore
+            pg = PgServer(fsync=True)
+            backends["postgres"] = lambda tag: PostgresStore(pg.new_database())
+            pg_version = Path(str(pg_bindir())).parent.name
         if shutil.which("redis-server"):
             from relayd.storage.redis import RedisStore
             redis, port = start_redis(tmp)
@@ -115,8 +128,10 @@ def main() -> int:
         print(f"# bench/sealed_bench.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
               f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
               f"cryptography {cryptography.__version__}, redis-py {redis_py.__version__}, Redis server "
-              f"{redis_version}; {args.messages} messages of {args.content} bytes, batches of {args.batch}, "
+              f"{redis_version}, PostgreSQL {pg_version}; {args.messages} messages of {args.content} bytes, batches of {args.batch}, "
               f"{RECIPIENTS} recipients, median of {args.rounds} rounds")
+        print(f"# load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
+              f"{os.cpu_count()} cores")
         metrics = ["queued/s", "write cpu us/msg", "flushed/s", "read cpu us/msg"]
         print(f"{'':16}" + "".join(f"{m:>18}" for m in metrics))
         for label, values in figures.items():
@@ -137,6 +152,8 @@ def main() -> int:
         if redis is not None:
             os.kill(redis.pid, signal.SIGTERM)
             redis.wait(10)
+        if pg is not None:
+            pg.destroy()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
