@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import ssl
@@ -20,6 +19,7 @@ from .net.http_values import HttpResponse, error_response
 from .net.http_connection import to_response
 from .ops.allocator import tune_allocator
 from .ops.certificate import CertificateError, certificate_not_after
+from .ops.collector import Collector
 from .ops.logsetup import configure_logging
 from .ops.prometheus import CONTENT_TYPE
 from .ops.sdnotify import Notifier
@@ -78,6 +78,8 @@ class Daemon:
         self.ssl_context = make_ssl_context(config)
         self._watch_certificate(config.tls.certfile if self.ssl_context is not None else "")
         self._metrics_server: Server | None = None
+        self.collector: Collector | None = None
+        """Set once the loop runs: whether it may freeze depends on the loop (``relayd.ops.collector``)."""
         self._done = asyncio.Event()
         self._tasks: set[asyncio.Task[bool]] = set()
         self._next_status = 0.0
@@ -88,11 +90,12 @@ class Daemon:
         interval = self.notifier.watchdog_interval_s
         if interval is not None:
             housekeeping.max_tick = min(housekeeping.max_tick, interval / 2)
-        asyncio.get_running_loop().set_exception_handler(AcceptErrors())
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(AcceptErrors())
         await self.server.start(ssl_context=self.ssl_context)
-        # What exists now (modules, configuration, the listening server) lives as long as the process: keep it
-        # out of the garbage collector's full passes, so that their pauses of the loop stay short.
-        gc.freeze()
+        self.collector = Collector(loop.time, freezing=type(loop).__module__.startswith("uvloop"))
+        self.collector.install()
+        housekeeping.tick_callbacks.append(self.collector.tick)
         for level, line in startup_report(self.config, self.sources, self.server.addresses,
                                           crypto=self.server.crypto,
                                           budget=self.server.router.delivery.limits.max_total_bytes,
@@ -104,7 +107,6 @@ class Daemon:
                                                process_request=self._serve_metrics)
             log.info("metrics on http://%s/metrics", self.config.metrics.listen)
         housekeeping.tick_callbacks.append(self._tick)
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._done.set)
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
@@ -116,6 +118,8 @@ class Daemon:
         if self._metrics_server is not None:
             self._metrics_server.close()
         await self.server.stop()
+        if self.collector is not None:
+            self.collector.uninstall()
         self.notifier.close()
 
     def _status(self) -> str:

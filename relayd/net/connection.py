@@ -14,6 +14,8 @@ handing back the messages whose bytes never reached the peer.
 from __future__ import annotations
 
 import asyncio
+import types
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, cast
 
@@ -53,6 +55,31 @@ class _Frames(list[Frame]):
 
     def extendleft(self, frames: Iterable[Frame]) -> None:
         self[:0] = list(frames)[::-1]
+
+
+def _weakly(conn: RelayConnection, method: Callable[[RelayConnection], None]) -> Callable[[], None]:
+    """``method`` of ``conn`` as a callback that does not keep ``conn`` alive (the Assembler's flow control)."""
+    ref = weakref.ref(conn)
+
+    def call() -> None:
+        target = ref()
+        if target is not None:
+            method(target)
+    return call
+
+
+def _retire_parser(protocol: ServerProtocol) -> None:
+    """Let websockets' frame parser go once the connection is lost. The parser is a generator suspended inside
+    its protocol, and the error that ended a parse (a peer gone without a closing handshake) keeps the parse's
+    frame in its traceback: either forms a reference cycle with the protocol that only the garbage collector
+    would free. Nothing feeds the parser after ``connection_lost`` (websockets' own ``receive_eof`` there is its
+    last step), and the error keeps its type and message."""
+    parser = getattr(protocol, "parser", None)
+    if isinstance(parser, types.GeneratorType):
+        parser.close()
+    error = getattr(protocol, "parser_exc", None)
+    if isinstance(error, BaseException):
+        error.__traceback__ = None
 
 
 class RelayConnection(HttpConnection):
@@ -99,7 +126,8 @@ class RelayConnection(HttpConnection):
         self.last_heard = asyncio.get_running_loop().time()
         super().connection_made(transport)
         self.recv_messages = Assembler(self.max_queue_high, self.max_queue_low,
-                                       pause=self._pause_for_frames, resume=self._resume_for_frames)
+                                       pause=_weakly(self, RelayConnection._pause_for_frames),
+                                       resume=_weakly(self, RelayConnection._resume_for_frames))
         self.recv_messages.frames.queue = _Frames()  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
@@ -119,6 +147,11 @@ class RelayConnection(HttpConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         self._hand_back()
         super().connection_lost(exc)
+        # Nothing reaches the session through ``events`` from now on: dropping them leaves the connection in no
+        # reference cycle, so it is freed as its handler ends, not by a later pass of the garbage collector (a full
+        # pass walks every open session: tens of milliseconds per thousand).
+        self.events = None
+        _retire_parser(self.protocol)
 
     def send_data(self) -> None:
         """Write what websockets has to send (the handshake answer, pongs, the close frame), counted with the

@@ -1,0 +1,72 @@
+"""When CPython's cyclic garbage collector walks every object, and how to keep that from stalling the loop.
+
+A full collection visits every tracked object, and each open session holds a
+few dozen: with tens of thousands of sessions a full pass stops the loop for
+hundreds of milliseconds (docs/scaling.md measured 709 ms at 12,000). CPython
+starts one whenever the objects that survived into the oldest generation have
+grown by a quarter since the last, which a relay gaining or cycling sessions
+does all the time.
+
+``Collector`` freezes what a full collection left alive (``gc.freeze``): the
+next passes walk only what came since. Frozen objects are still freed when
+their last reference goes, so this is safe for everything that dies by
+reference counting; a closed connection does (relayd.net.connection breaks its
+cycles), but only on an event loop whose transports hold no cycle of their own.
+uvloop's do not; asyncio's selector transports do (a bound method of
+themselves), so there a frozen closed connection would wait for the next thaw.
+Hence ``freezing`` is only on for uvloop. Whatever else turns into cyclic
+garbage while frozen is found at the next thaw: every ``thaw_s`` everything is
+handed back to the collector, whose next full pass sees it all once.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from typing import Any
+
+THAW_S = 3600.0
+"""How long frozen objects stay out of the collector's sight: one long full pass per hour at most."""
+
+
+class Collector:
+    """See the module docstring. ``tick`` runs on the housekeeping timer (on the loop); the collector's callback
+    only raises a flag, since it may run in any thread, in the middle of any allocation."""
+
+    def __init__(self, monotonic: Callable[[], float], *, freezing: bool, thaw_s: float = THAW_S) -> None:
+        self.monotonic = monotonic
+        self.freezing = freezing
+        self.thaw_s = thaw_s
+        self.full_passes = 0
+        """Full collections seen since ``install``."""
+        self._collected = False
+        self._thawed_at = monotonic()
+        self._installed = False
+
+    def install(self) -> None:
+        """Freeze what exists now (modules, configuration, the listening server: it lives as long as the process)
+        and, when ``freezing``, watch for full collections."""
+        gc.freeze()
+        if self.freezing and not self._installed:
+            gc.callbacks.append(self._on_gc)
+            self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            gc.callbacks.remove(self._on_gc)
+            self._installed = False
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop" and info.get("generation") == 2:
+            self._collected = True
+
+    def tick(self, now: float) -> None:
+        if not self._installed:
+            return
+        if self._collected:
+            self._collected = False
+            self.full_passes += 1
+            gc.freeze()
+        if now - self._thawed_at >= self.thaw_s:
+            self._thawed_at = now
+            gc.unfreeze()
