@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import sqlite3
 import statistics
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -949,6 +951,25 @@ class Scenario:
 
 # 10. Many connections
 
+def gc_pauses(port: int) -> dict[str, float]:
+    """relayd's full garbage-collector passes so far, from its /metrics: how many, their total length, and the
+    upper bound of the bucket of the longest (ms)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    buckets: list[tuple[float, float]] = []
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("relayd_gc_full_pause_seconds_bucket"):
+            bound = name.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((math.inf if bound == "+Inf" else float(bound), float(value)))
+        elif name in ("relayd_gc_full_pause_seconds_count", "relayd_gc_full_pause_seconds_sum"):
+            found[name.rsplit("_", 1)[1]] = float(value)
+    count = found.get("count", 0.0)
+    longest = next((bound for bound, n in sorted(buckets) if n >= count), math.inf) if count else 0.0
+    return {"gc_full_passes": count, "gc_full_ms": found.get("sum", 0.0) * 1000, "gc_longest_ms": longest * 1000}
+
+
 def s10_crowd(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     labels = ["relayd/memory", "relayd/uvloop", "node"]
     n, P, W = p["connections"], p["pairs"], p["window"]
@@ -968,6 +989,8 @@ def s10_crowd(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
             figures, _, received, _ = live_phase(ctx, run, phase, f"10/{srv.label}")
             f.update(figures)
             f[f"{phase}_cpu_us"] = per(run.windows[phase]["cpu_s"], received, 1e6)
+        if srv.kind == "relayd":
+            f.update(gc_pauses(srv.port))
         return f
 
     rounds = run_rounds(ctx, "10", ctx.variants(labels), one, max_procs=1)
@@ -987,6 +1010,10 @@ def s10_crowd(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
     sec.rounds_row("p50 latency at half rate (ms)", rounds, "paced_p50_ms", digits=2)
     sec.rounds_row("p99 latency at half rate (ms)", rounds, "paced_p99_ms", digits=2,
                    verdict=target("relayd/uvloop", lambda v: v < 50, "relayd < 50 ms"))
+    sec.rounds_row("full GC passes over the run (relayd)", rounds, "gc_full_passes")
+    sec.rounds_row("their pauses, in all (ms)", rounds, "gc_full_ms", digits=1)
+    sec.rounds_row("longest pause at most (ms, histogram bucket)", rounds, "gc_longest_ms",
+                   note="relayd_gc_full_pause_seconds from /metrics at the end of the run")
     sec.note("one load process holds the idle connections and drives the pairs; the descriptor limit caps the "
              "count: each side needs one per connection, and relayd refuses connections past 95 % of its limit "
              "(a reserve that keeps accept() working), so N + 200 must stay under that")

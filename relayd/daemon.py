@@ -93,7 +93,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(AcceptErrors())
         await self.server.start(ssl_context=self.ssl_context)
-        self.collector = Collector(loop.time, freezing=type(loop).__module__.startswith("uvloop"))
+        self.collector = Collector(loop.time, freezing=type(loop).__module__.startswith("uvloop"),
+                                   observe=self.server.metrics.gc_full_pause.observe)
         self.collector.install()
         housekeeping.tick_callbacks.append(self.collector.tick)
         for level, line in startup_report(self.config, self.sources, self.server.addresses,

@@ -140,6 +140,8 @@ TELEMETRY_FAMILIES = {
     "relayd_queue_recipients": "gauge",
     "relayd_storage_commit_seconds": "histogram",
     "relayd_event_loop_lag_seconds": "histogram",
+    "relayd_gc_full_pause_seconds": "histogram",
+    "relayd_gc_frozen_objects": "gauge",
     "relayd_storage_healthy": "gauge",
     "relayd_ready": "gauge",
     "process_cpu_seconds_total": "counter",

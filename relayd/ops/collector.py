@@ -16,12 +16,14 @@ uvloop's do not; asyncio's selector transports do (a bound method of
 themselves), so there a frozen closed connection would wait for the next thaw.
 Hence ``freezing`` is only on for uvloop. Whatever else turns into cyclic
 garbage while frozen is found at the next thaw: every ``thaw_s`` everything is
-handed back to the collector, whose next full pass sees it all once.
+handed back to the collector, whose next full pass sees it all once. On every
+loop, each full pass is timed for /metrics.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,23 +33,28 @@ THAW_S = 3600.0
 
 class Collector:
     """See the module docstring. ``tick`` runs on the housekeeping timer (on the loop); the collector's callback
-    only raises a flag, since it may run in any thread, in the middle of any allocation."""
+    only times full passes and raises a flag, since it may run in any thread, in the middle of any allocation.
+    ``observe`` receives the length of each full pass in seconds (the ``relayd_gc_full_pause_seconds``
+    histogram)."""
 
-    def __init__(self, monotonic: Callable[[], float], *, freezing: bool, thaw_s: float = THAW_S) -> None:
+    def __init__(self, monotonic: Callable[[], float], *, freezing: bool, thaw_s: float = THAW_S,
+                 observe: Callable[[float], None] = lambda seconds: None) -> None:
         self.monotonic = monotonic
         self.freezing = freezing
         self.thaw_s = thaw_s
+        self.observe = observe
         self.full_passes = 0
-        """Full collections seen since ``install``."""
+        """Ticks that followed full collections (several between two ticks count once)."""
         self._collected = False
+        self._started = 0.0
         self._thawed_at = monotonic()
         self._installed = False
 
     def install(self) -> None:
         """Freeze what exists now (modules, configuration, the listening server: it lives as long as the process)
-        and, when ``freezing``, watch for full collections."""
+        and watch for full collections."""
         gc.freeze()
-        if self.freezing and not self._installed:
+        if not self._installed:
             gc.callbacks.append(self._on_gc)
             self._installed = True
 
@@ -57,16 +64,21 @@ class Collector:
             self._installed = False
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "stop" and info.get("generation") == 2:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.observe(time.perf_counter() - self._started)
             self._collected = True
 
     def tick(self, now: float) -> None:
-        if not self._installed:
+        if not self._collected:
+            if self.freezing and now - self._thawed_at >= self.thaw_s:
+                self._thawed_at = now
+                gc.unfreeze()
             return
-        if self._collected:
-            self._collected = False
-            self.full_passes += 1
+        self._collected = False
+        self.full_passes += 1
+        if self.freezing:
             gc.freeze()
-        if now - self._thawed_at >= self.thaw_s:
-            self._thawed_at = now
-            gc.unfreeze()
