@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import types
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, cast
 
@@ -57,15 +56,8 @@ class _Frames(list[Frame]):
         self[:0] = list(frames)[::-1]
 
 
-def _weakly(conn: RelayConnection, method: Callable[[RelayConnection], None]) -> Callable[[], None]:
-    """``method`` of ``conn`` as a callback that does not keep ``conn`` alive (the Assembler's flow control)."""
-    ref = weakref.ref(conn)
-
-    def call() -> None:
-        target = ref()
-        if target is not None:
-            method(target)
-    return call
+def _nothing() -> None:
+    """Flow control for a connection that is gone: there is no reading left to pause or resume."""
 
 
 def _retire_parser(protocol: ServerProtocol) -> None:
@@ -126,8 +118,7 @@ class RelayConnection(HttpConnection):
         self.last_heard = asyncio.get_running_loop().time()
         super().connection_made(transport)
         self.recv_messages = Assembler(self.max_queue_high, self.max_queue_low,
-                                       pause=_weakly(self, RelayConnection._pause_for_frames),
-                                       resume=_weakly(self, RelayConnection._resume_for_frames))
+                                       pause=self._pause_for_frames, resume=self._resume_for_frames)
         self.recv_messages.frames.queue = _Frames()  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
@@ -151,6 +142,7 @@ class RelayConnection(HttpConnection):
         # reference cycle, so it is freed as its handler ends, not by a later pass of the garbage collector (a full
         # pass walks every open session: tens of milliseconds per thousand).
         self.events = None
+        self.recv_messages.pause = self.recv_messages.resume = _nothing  # its flow control holds this connection
         _retire_parser(self.protocol)
 
     def send_data(self) -> None:
