@@ -197,7 +197,6 @@ class Delivery:
 
     def answer(self, session: Session, ident: Ident, msg: QueuedMessage, answer: str) -> None:
         """Remember ``answer`` for the message and send it to the sender."""
-        self.answers.remember(ident, answer)
         session.push(self.answer_text(ident, msg, answer))
 
     def answer_text(self, ident: Ident, msg: QueuedMessage, answer: str) -> str:

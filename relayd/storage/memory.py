@@ -187,7 +187,8 @@ class MemoryStore:
         del self._stored[ident]
         if delivered:
             self._delivered.record(ident, msg.queued_at)
-            self._keep(msg)
+            if self._history_ms:
+                self._keep(msg)
         self._total -= 1
         self._bytes -= size
 
@@ -224,7 +225,8 @@ class MemoryStore:
     async def record_delivered(self, messages: list[QueuedMessage]) -> None:
         for msg in messages:
             self._delivered.record(_ident(msg), msg.queued_at)
-            self._keep(dataclasses.replace(msg, seq=msg.seq or self._next_seq()))
+            if self._history_ms:  # a copy only for history (every live message passes here)
+                self._keep(dataclasses.replace(msg, seq=msg.seq or self._next_seq()))
 
     # History
 
@@ -232,8 +234,7 @@ class MemoryStore:
         self._history_ms = ms
 
     def _keep(self, msg: QueuedMessage) -> None:
-        if not self._history_ms:
-            return
+        """Keep a delivered message for its recipient's history (callers check that history is on)."""
         kept = self._history.setdefault(msg.recipient, {})
         key = (msg.sender.lower(), msg.message_id)
         if key not in kept:
