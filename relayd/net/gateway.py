@@ -2,7 +2,7 @@
 
 This module only moves bytes and events. It is the context every
 ``RelayConnection`` reports to (accept, head, budget, release), it answers
-REST requests in ``process_request`` through its ``RequestHandler`` (returning
+REST requests (``respond``) through its ``RequestHandler`` (returning
 None only for admitted WebSocket upgrades), and it hands a session's frames
 and its close to its ``SessionHandler``. The composition root
 (``relayd.server``) passes the REST API and the router as these two: the
@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from websockets.asyncio.server import Server, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+from websockets.http11 import Request
 
 from ..access import denied
 from ..clock import Clock
@@ -33,7 +33,7 @@ from ..ratelimit import FrameLimiter, Verdict
 from .admission import Admission
 from .clientip import ClientIpResolver
 from .connection import RelayConnection
-from .http_connection import ConnectionLimits, HttpConnection, to_response
+from .http_connection import ConnectionLimits, HttpConnection
 from .http_values import HttpRequest, HttpResponse, error_response, header_value
 from .listen import plan
 from .origins import OriginPolicy
@@ -150,7 +150,6 @@ class Gateway:
         # connections it then hands to the other two, so they get RelayConnections.
         self.server = await serve(
             self._handle_session,  # type: ignore[arg-type]
-            process_request=self._process_request,  # type: ignore[arg-type]
             create_connection=partial(RelayConnection, context=self),  # type: ignore[arg-type]
             compression=None,
             open_timeout=None,  # RelayConnection times the head and idle keep-alive itself
@@ -212,7 +211,7 @@ class Gateway:
 
     # REST and the handshake
 
-    async def _process_request(self, conn: HttpConnection, request: Request) -> Response | None:
+    async def respond(self, conn: HttpConnection, request: Request, body: bytes) -> HttpResponse | None:
         client_ip = self.ip_resolver.resolve(conn.peer_ip, header_value(request.headers, "x-forwarded-for"))
         if client_ip != conn.client_ip:
             self.admission.untrack(conn.client_ip, conn)
@@ -220,20 +219,19 @@ class Gateway:
             self.admission.track(client_ip, conn)
         refusal = self.admission.refuses(client_ip)
         if refusal is not None:
-            return to_response(error_response(refusal), request.method == "HEAD")
+            return error_response(refusal)
         if request.method == "GET" and any(v.strip().lower() == "websocket"
                                            for v in request.headers.get_all("Upgrade")):
             origin = header_value(request.headers, "origin")
             if not self.origins.allows(origin):
-                return to_response(error_response(RelayError(ErrorCode.ORIGIN_NOT_ALLOWED,
-                                                             f"Origin not allowed: {origin}")), False)
+                return error_response(RelayError(ErrorCode.ORIGIN_NOT_ALLOWED, f"Origin not allowed: {origin}"))
             refusal = self.admission.admit_upgrade(client_ip)
             if refusal is not None:
-                return to_response(error_response(refusal), False)
+                return error_response(refusal)
             return None
-        req = HttpRequest.from_target(request.method, request.path, request.headers, conn.request_body, client_ip)
+        req = HttpRequest.from_target(request.method, request.path, request.headers, body, client_ip)
         async with self.turns.turn(client_ip):
-            return to_response(await self.requests.handle(req), request.method == "HEAD")
+            return await self.requests.handle(req)
 
     async def _handle_session(self, conn: RelayConnection) -> None:
         session = Session(next(self._ids), conn.client_ip, self.clock.monotonic(), conn)

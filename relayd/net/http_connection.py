@@ -3,7 +3,7 @@
 ``HttpConnection`` specialises websockets' ``ServerConnection`` at its
 seams: it replaces the protocol's handshake parser by ``http_framing``'s
 strict one (bodies, keep-alive, pipelining) and runs the handshake loop that
-answers REST requests through ``process_request`` until one upgrades. Every
+answers REST requests through its context's ``respond`` until one upgrades. Every
 connection is counted from accept by its ``ConnectionContext`` (the
 gateway); a refused one gets its answer (429/503) once its first request head
 arrives, or is closed. ``RelayConnection`` adds the WebSocket side. The
@@ -82,6 +82,10 @@ class ConnectionContext(Protocol):
         """A counted connection is gone."""
         ...
 
+    def respond(self, conn: HttpConnection, request: Request, body: bytes) -> Awaitable[HttpResponse | None]:
+        """The answer to a request on ``conn``; None when it is a WebSocket upgrade that may proceed."""
+        ...
+
 
 class HttpConnection(ServerConnection):
     """See the module docstring."""
@@ -89,7 +93,7 @@ class HttpConnection(ServerConnection):
     # Slots keep relayd's fields out of the instance dict, which then holds few enough keys (websockets' own)
     # to stay a small shared-key dict: about 1 KiB less per idle connection.
     __slots__ = ("context", "limits", "peer_ip", "client_ip", "trusted_peer", "counted", "refusal", "in_head",
-                 "held", "request_body", "_requests", "_want_next", "_upgraded")
+                 "held", "_requests", "_want_next", "_upgraded")
 
     protocol: ServerProtocol
 
@@ -106,7 +110,6 @@ class HttpConnection(ServerConnection):
         self.in_head = True
         self.held = 0
         """Bytes this connection buffers, as last charged to its client's budget (the WebSocket side counts)."""
-        self.request_body = b""
         self._requests: list[ParsedRequest | BadRequest] = []
         self._want_next = False
         self._upgraded = False
@@ -238,25 +241,22 @@ class HttpConnection(ServerConnection):
                 await self._answer_last(to_response(error_response(RelayError(item.code, str(item))), False))
                 return
             self.request = item.request
-            self.request_body = item.body
-            response = process_request(self, item.request) if process_request is not None else None
-            if isinstance(response, Awaitable):
-                response = await response
-            self.request_body = b""
-            if response is None:
+            answer = await self.context.respond(self, item.request, item.body)
+            if answer is None:
                 await self._accept_websocket(server_header)
                 return
+            head = item.request.method == "HEAD"
             served += 1
-            refused = refused + 1 if response.status_code == http.HTTPStatus.TOO_MANY_REQUESTS else 0
+            refused = refused + 1 if answer.status == http.HTTPStatus.TOO_MANY_REQUESTS else 0
             if not item.keep_alive and not self._requests and not self.protocol.reader.buffer:
-                await self._answer_and_close(response)
+                await self._answer_and_close(to_response(answer, head))
                 return
             if (not item.keep_alive or served >= self.limits.max_requests or not self.server.is_serving()
                     or self.transport.is_closing() or refused >= self.limits.refused_close_after):
-                await self._answer_last(response)
+                await self._answer_last(to_response(answer, head))
                 return
-            self._answer_kept_alive(response)
-            del response, item  # while its bytes wait for the peer, nothing else of the answer stays referenced
+            self._answer_kept_alive(render(answer, head, close=False))
+            del answer, item  # while its bytes wait for the peer, nothing else of the answer stays referenced
             if self.paused:
                 if not await self._drained():
                     return
@@ -264,10 +264,9 @@ class HttpConnection(ServerConnection):
                 await asyncio.sleep(0)  # pipelined requests take turns with every other connection's
             timeout = self.limits.idle_timeout
 
-    def _answer_kept_alive(self, response: Response) -> None:
+    def _answer_kept_alive(self, data: bytes) -> None:
         """Write an answer that keeps the connection open, charge its bytes, and frame the next request."""
-        del response.headers["Connection"]
-        self.transport.write(response.serialize())
+        self.transport.write(data)
         self.request = None
         self._want_next = True
         self.transport.resume_reading()
@@ -357,6 +356,38 @@ def http_date() -> str:
     if _date[0] != now:
         _date = (now, email.utils.formatdate(now, usegmt=True))
     return _date[1]
+
+
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("iso-8859-1") for s in http.HTTPStatus}
+_dated = (0, b"")
+
+
+def _date_line() -> bytes:
+    """The Date header line, encoded once a second."""
+    global _dated
+    now = int(time.time())
+    if _dated[0] != now:
+        _dated = (now, b"Date: " + http_date().encode("ascii") + b"\r\n")
+    return _dated[1]
+
+
+def render(resp: HttpResponse, head: bool, close: bool) -> bytes:
+    """A REST answer's bytes, as ``to_response(resp, head).serialize()`` writes them (without ``Connection:
+    close`` when ``close`` is false), built straight from the value: the answer of every kept-alive or
+    one-shot REST request, where websockets' ``Headers`` and ``Response`` cost as much as the lookup."""
+    status = resp.status
+    fields = []
+    if close:
+        fields.append("Connection: close\r\n")
+    if resp.content_type:
+        fields.append(f"Content-Type: {resp.content_type}\r\n")
+    if status != 204 and status != 304:
+        fields.append(f"Content-Length: {len(resp.body)}\r\n")
+    for name, value in resp.headers:
+        fields.append(f"{name}: {value}\r\n")
+    fields.append("\r\n")
+    line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()
+    return b"".join((line, _date_line(), "".join(fields).encode("iso-8859-1"), b"" if head else resp.body))
 
 
 def to_response(resp: HttpResponse, head: bool) -> Response:
