@@ -50,6 +50,21 @@ class ConnectionLimits:
     """A kept-alive REST connection whose peer takes none of its answers for this long is cut."""
     refused_close_after: int
     """Answers refused with 429 in a row after which the connection is closed."""
+    close_timeout: float = 5.0
+    """How long a closing connection waits for its peer to take the last answer (or to close too)."""
+
+
+class Accepted(Protocol):
+    """A connection as its context counts it from accept: an ``HttpConnection``, or the ``PlainRequest`` that
+    accepted it before any handover."""
+
+    peer_ip: str
+    client_ip: str
+    trusted_peer: bool
+    in_head: bool
+    held: int
+
+    def cut(self, reason: str) -> None: ...
 
 
 class ConnectionContext(Protocol):
@@ -58,33 +73,49 @@ class ConnectionContext(Protocol):
     connection_limits: ConnectionLimits
     clock: Clock
 
-    def accepted(self, conn: HttpConnection) -> RelayError | None:
+    def accepted(self, conn: Accepted) -> RelayError | None:
         """A TCP connection was accepted; the refusal to answer when it must not stay."""
         ...
 
-    def may_linger(self, conn: HttpConnection) -> bool:
+    def may_linger(self, conn: Accepted) -> bool:
         """May a refused connection stay to be answered (it holds a descriptor meanwhile)?"""
         ...
 
-    def lingered(self, conn: HttpConnection) -> None:
+    def lingered(self, conn: Accepted) -> None:
         """A refused connection got its answer."""
         ...
 
-    def head_done(self, conn: HttpConnection) -> None:
+    def head_done(self, conn: Accepted) -> None:
         """The connection's first request head arrived."""
         ...
 
-    def charge(self, conn: HttpConnection, delta: int) -> None:
+    def charge(self, conn: Accepted, delta: int) -> None:
         """The connection buffers ``delta`` more bytes (or fewer, when negative)."""
         ...
 
-    def released(self, conn: HttpConnection) -> None:
+    def released(self, conn: Accepted) -> None:
         """A counted connection is gone."""
         ...
 
-    def respond(self, conn: HttpConnection, request: Request, body: bytes) -> Awaitable[HttpResponse | None]:
+    def respond(self, conn: Accepted, request: Request, body: bytes) -> Awaitable[HttpResponse | None]:
         """The answer to a request on ``conn``; None when it is a WebSocket upgrade that may proceed."""
         ...
+
+    def handed_over(self, front: Accepted, conn: HttpConnection) -> None:
+        """``conn`` took over the connection ``front`` accepted (and counted, unless it was refused)."""
+        ...
+
+    def answering(self, task: asyncio.Task[None]) -> None:
+        """A plain request is being answered by ``task`` (shutdown waits for it)."""
+        ...
+
+
+class Adoptable(Accepted, Protocol):
+    """What ``HttpConnection.adopt`` takes over (``relayd.net.plain_request.PlainRequest``)."""
+
+    transport: asyncio.Transport
+    counted: bool
+    head_deadline: float
 
 
 class HttpConnection(ServerConnection):
@@ -93,7 +124,7 @@ class HttpConnection(ServerConnection):
     # Slots keep relayd's fields out of the instance dict, which then holds few enough keys (websockets' own)
     # to stay a small shared-key dict: about 1 KiB less per idle connection.
     __slots__ = ("context", "limits", "peer_ip", "client_ip", "trusted_peer", "counted", "refusal", "in_head",
-                 "held", "_requests", "_want_next", "_upgraded")
+                 "held", "head_deadline", "_adopted", "_requests", "_want_next", "_upgraded")
 
     protocol: ServerProtocol
 
@@ -110,6 +141,9 @@ class HttpConnection(ServerConnection):
         self.in_head = True
         self.held = 0
         """Bytes this connection buffers, as last charged to its client's budget (the WebSocket side counts)."""
+        self.head_deadline: float | None = None
+        """When the first request head is due (loop time), for a connection adopted before it arrived."""
+        self._adopted = False
         self._requests: list[ParsedRequest | BadRequest] = []
         self._want_next = False
         self._upgraded = False
@@ -118,15 +152,39 @@ class HttpConnection(ServerConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._adopted:
+            return
         peer = transport.get_extra_info("peername")
         self.peer_ip = self.client_ip = peer[0] if peer else "unknown"
-        refusal = self.context.accepted(self)
+        self._admit(self.context.accepted(self))
+
+    def _admit(self, refusal: RelayError | None) -> None:
         if refusal is None:
             self.counted = True
         elif self.context.may_linger(self):
             self.refusal = refusal  # answered at once by handshake(), then closed the lingering way
         else:
             self.transport.abort()
+
+    def adopt(self, front: Adoptable, first: ParsedRequest | None, data: bytes, refusal: RelayError | None) -> None:
+        """Take over the connection ``front`` accepted: its admission (or refusal), what is left of its head
+        deadline, its first request when it framed one, and the bytes it read past it (or all it read)."""
+        self.peer_ip, self.client_ip, self.trusted_peer = front.peer_ip, front.client_ip, front.trusted_peer
+        self.in_head, self.head_deadline, self._adopted = front.in_head, front.head_deadline, True
+        transport = front.transport
+        transport.set_protocol(self)
+        self.connection_made(transport)
+        if front.counted:
+            self.counted = True
+            self.context.handed_over(front, self)
+        else:
+            self._admit(refusal)
+        if first is not None:
+            self.protocol.parser = self._parse_requests(first)
+            next(self.protocol.parser)
+            self._advance_parser()
+        if data and not transport.is_closing():
+            self.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -162,12 +220,14 @@ class HttpConnection(ServerConnection):
 
     # Reading: HTTP requests, then frames
 
-    def _parse_requests(self) -> Generator[None, None, None]:
-        """The protocol's parser: requests one at a time, frames after an upgrade."""
+    def _parse_requests(self, first: ParsedRequest | None = None) -> Generator[None, None, None]:
+        """The protocol's parser: requests one at a time (``first`` framed already), frames after an upgrade."""
         protocol = self.protocol
         while True:
             try:
-                parsed = yield from read_request(protocol.reader, self.limits.max_body, self._continue)
+                parsed = (first if first is not None
+                          else (yield from read_request(protocol.reader, self.limits.max_body, self._continue)))
+                first = None
             except EOFError:
                 protocol.send_eof()
                 protocol.parser = protocol.discard()
@@ -229,7 +289,8 @@ class HttpConnection(ServerConnection):
                 self.context.lingered(self)
             return
         served = refused = 0
-        timeout = self.limits.head_timeout
+        timeout = (self.limits.head_timeout if self.head_deadline is None
+                   else max(0.0, self.head_deadline - self.loop.time()))
         while not self.transport.is_closing():
             item = await self._next_request(timeout)
             if item is None:
