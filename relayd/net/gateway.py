@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 from websockets.asyncio.server import Server, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
 from ..access import denied
@@ -36,6 +35,7 @@ from .admission import Admission
 from .clientip import ClientIpResolver
 from .connection import RelayConnection
 from .http_connection import Accepted, ConnectionLimits, HttpConnection
+from .http_framing import ParsedRequest
 from .http_values import HttpRequest, HttpResponse, error_response, header_value
 from .listen import plan
 from .origins import OriginPolicy
@@ -235,7 +235,8 @@ class Gateway:
 
     # REST and the handshake
 
-    async def respond(self, conn: Accepted, request: Request, body: bytes) -> HttpResponse | None:
+    async def respond(self, conn: Accepted, parsed: ParsedRequest) -> HttpResponse | None:
+        request = parsed.request
         client_ip = self.ip_resolver.resolve(conn.peer_ip, header_value(request.headers, "x-forwarded-for"))
         if client_ip != conn.client_ip:
             self.admission.untrack(conn.client_ip, conn)
@@ -244,8 +245,7 @@ class Gateway:
         refusal = self.admission.refuses(client_ip)
         if refusal is not None:
             return error_response(refusal)
-        if request.method == "GET" and any(v.strip().lower() == "websocket"
-                                           for v in request.headers.get_all("Upgrade")):
+        if parsed.upgrade:
             origin = header_value(request.headers, "origin")
             if not self.origins.allows(origin):
                 return error_response(RelayError(ErrorCode.ORIGIN_NOT_ALLOWED, f"Origin not allowed: {origin}"))
@@ -253,7 +253,7 @@ class Gateway:
             if refusal is not None:
                 return error_response(refusal)
             return None
-        req = HttpRequest.from_target(request.method, request.path, request.headers, body, client_ip)
+        req = HttpRequest.from_target(request.method, request.path, request.headers, parsed.body, client_ip)
         async with self.turns.turn(client_ip):
             return await self.requests.handle(req)
 

@@ -97,7 +97,7 @@ class ConnectionContext(Protocol):
         """A counted connection is gone."""
         ...
 
-    def respond(self, conn: Accepted, request: Request, body: bytes) -> Awaitable[HttpResponse | None]:
+    def respond(self, conn: Accepted, parsed: ParsedRequest) -> Awaitable[HttpResponse | None]:
         """The answer to a request on ``conn``; None when it is a WebSocket upgrade that may proceed."""
         ...
 
@@ -302,7 +302,7 @@ class HttpConnection(ServerConnection):
                 await self._answer_last(to_response(error_response(RelayError(item.code, str(item))), False))
                 return
             self.request = item.request
-            answer = await self.context.respond(self, item.request, item.body)
+            answer = await self.context.respond(self, item)
             if answer is None:
                 await self._accept_websocket(server_header)
                 return

@@ -137,7 +137,7 @@ class PlainRequest(asyncio.Protocol):
         request = parsed.request
         transport = self.transport
         try:
-            answer = await self.context.respond(self, request, parsed.body)
+            answer = await self.context.respond(self, parsed)
         except Exception:  # respond() answers refusals and errors itself: this is a bug, not a client's doing
             log.exception("internal error answering a %s request", request.method)
             transport.abort()
