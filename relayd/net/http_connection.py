@@ -124,7 +124,7 @@ class HttpConnection(ServerConnection):
     # Slots keep relayd's fields out of the instance dict, which then holds few enough keys (websockets' own)
     # to stay a small shared-key dict: about 1 KiB less per idle connection.
     __slots__ = ("context", "limits", "peer_ip", "client_ip", "trusted_peer", "counted", "refusal", "in_head",
-                 "held", "head_deadline", "_adopted", "_requests", "_want_next", "_upgraded")
+                 "held", "head_deadline", "_requests", "_want_next", "_upgraded")
 
     protocol: ServerProtocol
 
@@ -142,8 +142,7 @@ class HttpConnection(ServerConnection):
         self.held = 0
         """Bytes this connection buffers, as last charged to its client's budget (the WebSocket side counts)."""
         self.head_deadline: float | None = None
-        """When the first request head is due (loop time), for a connection adopted before it arrived."""
-        self._adopted = False
+        """When the first request head is due (loop time): set only on a connection adopted from its acceptor."""
         self._requests: list[ParsedRequest | BadRequest] = []
         self._want_next = False
         self._upgraded = False
@@ -152,7 +151,7 @@ class HttpConnection(ServerConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self._adopted:
+        if self.head_deadline is not None:  # adopted: admitted already
             return
         peer = transport.get_extra_info("peername")
         self.peer_ip = self.client_ip = peer[0] if peer else "unknown"
@@ -170,7 +169,7 @@ class HttpConnection(ServerConnection):
         """Take over the connection ``front`` accepted: its admission (or refusal), what is left of its head
         deadline, its first request when it framed one, and the bytes it read past it (or all it read)."""
         self.peer_ip, self.client_ip, self.trusted_peer = front.peer_ip, front.client_ip, front.trusted_peer
-        self.in_head, self.head_deadline, self._adopted = front.in_head, front.head_deadline, True
+        self.in_head, self.head_deadline = front.in_head, front.head_deadline
         transport = front.transport
         transport.set_protocol(self)
         self.connection_made(transport)
