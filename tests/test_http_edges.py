@@ -3,16 +3,20 @@ slashes, rate limiting behind proxies, CORS and the WebSocket Origin check."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
+import threading
 import time
 from typing import Any
 
 import pytest
 from support import (A, B, JSON, RawWs, assert_auth_success, assert_refused, chunked, http_head, raw_http, scaled,
-                     start_open)
+                     start_open, wait_until)
 from websockets.exceptions import InvalidStatus
+
+from relayd.storage.memory import MemoryStore
 
 
 def methods(header: str) -> set[str]:
@@ -509,3 +513,35 @@ def test_a_head_trickling_in_is_timed_from_accept_not_from_its_first_bytes(start
             pass
         cut_after = time.monotonic() - accepted
     assert cut_after < timeout * 1.5, f"cut {cut_after:.2f} s after accept (head timeout {timeout:g} s)"
+
+
+class HeldKeyLookups(MemoryStore):
+    """Key lookups wait until the test lets them go: an answer still being built when the relay stops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = threading.Event()
+        self.go = asyncio.Event()
+
+    async def get_key(self, address: str) -> Any:
+        if address == A:
+            self.asked.set()
+            await self.go.wait()
+        return await super().get_key(address)
+
+
+def test_stopping_waits_for_a_plain_request_being_answered(start_relay):
+    store = HeldKeyLookups()
+    relay = start_open(start_relay, store=store)
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=scaled(10)) as s:
+        s.sendall(http_head("GET", f"/api/public-keys/{A}"))
+        assert store.asked.wait(scaled(5)), "the lookup did not start"
+        stopping = threading.Thread(target=relay.stop)
+        stopping.start()
+        wait_until(lambda: not relay.server.gateway.server.is_serving(), "the relay to stop listening")
+        relay.loop.call_soon_threadsafe(store.go.set)
+        reply = b""
+        while block := s.recv(65536):
+            reply += block
+        stopping.join(scaled(20))
+    assert reply.startswith(b"HTTP/1.1 404 ") and b'"key_not_found"' in reply
