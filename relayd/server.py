@@ -250,6 +250,8 @@ class RelayServer:
                     conn.transport.abort()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 1.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.gateway.answered(), timeout)
         self.housekeeping.stop()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.router.settle(), timeout)

@@ -3,14 +3,20 @@ slashes, rate limiting behind proxies, CORS and the WebSocket Origin check."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
+import threading
+import time
 from typing import Any
 
 import pytest
-from support import A, B, JSON, RawWs, assert_auth_success, assert_refused, chunked, http_head, raw_http, start_open
+from support import (A, B, JSON, RawWs, assert_auth_success, assert_refused, chunked, http_head, raw_http, scaled,
+                     start_open, wait_until)
 from websockets.exceptions import InvalidStatus
+
+from relayd.storage.memory import MemoryStore
 
 
 def methods(header: str) -> set[str]:
@@ -457,3 +463,85 @@ def test_websocket_origin_port_wildcard(start_relay):
     for origin in ("http://localhost.evil:1", "http://localhost.evil", "https://localhost:5173"):
         with RawWs(relay.port, headers={"Origin": origin}) as raw:
             assert raw.status == 403, origin
+
+
+# A new connection's first request: answered on its own when whole, plain and closing; handed over otherwise
+
+
+def test_a_closing_lookup_reads_the_same_in_one_read_as_in_pieces(open_relay):
+    assert open_relay.http("POST", "/api/public-keys", {"address": A, "publicKey": "a2V5"}).status == 200
+    request = http_head("GET", f"/api/public-keys/{A}")
+    whole = raw_http(open_relay.port, request)
+    pieces = raw_http(open_relay.port, request[:9], chunks=[request[9:30], request[30:]])
+    assert whole.status == pieces.status == 200
+    assert whole.headers.keys() == pieces.headers.keys() and whole.json == pieces.json
+    assert whole.headers["connection"] == "close"
+    assert int(whole.headers["content-length"]) == len(whole.body)
+
+
+def test_a_head_request_on_its_own_connection_has_headers_and_no_body(open_relay):
+    reply = raw_http(open_relay.port, http_head("HEAD", "/health"))
+    assert reply.status == 200 and reply.body == b""
+    assert int(reply.headers["content-length"]) > 0 and reply.headers["connection"] == "close"
+
+
+def test_bytes_after_a_closing_request_in_the_same_read_do_not_cost_its_answer(open_relay):
+    reply = raw_http(open_relay.port, http_head("GET", "/health/live") + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.status == 200 and reply.raw.count(b"HTTP/1.1 ") == 1
+
+
+def test_a_keep_alive_request_then_a_closing_one_share_the_connection(open_relay):
+    first = http_head("GET", "/health/live", {"Connection": "keep-alive"})
+    reply = raw_http(open_relay.port, first, chunks=[http_head("GET", "/health/live")])
+    assert reply.raw.count(b"HTTP/1.1 200 ") == 2
+    assert reply.raw.count(b"Connection: close") == 1
+
+
+def test_a_head_trickling_in_is_timed_from_accept_not_from_its_first_bytes(start_relay):
+    """The first read of a connection decides whether it is served on its own or handed to the full connection;
+    the handed-over one keeps the deadline counted from accept, so a slow head cannot restart it."""
+    timeout = scaled(2)
+    relay = start_open(start_relay, server={"head_timeout_s": timeout})
+    with socket.create_connection(("127.0.0.1", relay.port)) as s:
+        accepted = time.monotonic()
+        time.sleep(timeout * 0.6)  # the traffic under test: a client silent for most of the head timeout
+        s.sendall(b"GET /health/live HTTP/1.1\r\n")
+        s.settimeout(timeout * 3)
+        try:
+            assert s.recv(4096) == b""
+        except ConnectionResetError:
+            pass
+        cut_after = time.monotonic() - accepted
+    assert cut_after < timeout * 1.5, f"cut {cut_after:.2f} s after accept (head timeout {timeout:g} s)"
+
+
+class HeldKeyLookups(MemoryStore):
+    """Key lookups wait until the test lets them go: an answer still being built when the relay stops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = threading.Event()
+        self.go = asyncio.Event()
+
+    async def get_key(self, address: str) -> Any:
+        if address == A:
+            self.asked.set()
+            await self.go.wait()
+        return await super().get_key(address)
+
+
+def test_stopping_waits_for_a_plain_request_being_answered(start_relay):
+    store = HeldKeyLookups()
+    relay = start_open(start_relay, store=store)
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=scaled(10)) as s:
+        s.sendall(http_head("GET", f"/api/public-keys/{A}"))
+        assert store.asked.wait(scaled(5)), "the lookup did not start"
+        stopping = threading.Thread(target=relay.stop)
+        stopping.start()
+        wait_until(lambda: not relay.server.gateway.server.is_serving(), "the relay to stop listening")
+        relay.loop.call_soon_threadsafe(store.go.set)
+        reply = b""
+        while block := s.recv(65536):
+            reply += block
+        stopping.join(scaled(20))
+    assert reply.startswith(b"HTTP/1.1 404 ") and b'"key_not_found"' in reply

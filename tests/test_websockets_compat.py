@@ -245,6 +245,18 @@ def test_a_refusal_sends_eof_and_discards_the_rest():
         f"send_response of a non-101 answer no longer sends the answer then EOF: {sent!r}")
 
 
+def test_serve_makes_the_asyncio_protocol_with_create_connection_and_returns_it_as_is():
+    # Gateway._accept hands serve() a PlainRequest for every accepted connection (a full RelayConnection only when
+    # the first request needs one): serve() must call create_connection(protocol, server, **options) and give asyncio
+    # its result, touching nothing of it in between.
+    from websockets.asyncio import server
+    factory = inspect.getsource(server).split("def protocol_factory", 1)[1].split("\n    async def ", 1)[0]
+    made = re.search(r"connection = create_connection\(\s*protocol,\s*server,", factory)
+    assert made and factory.rstrip().endswith("return connection"), broken(
+        "serve()'s protocol factory no longer returns create_connection(protocol, server, ...) as is")
+    assert "connection." not in factory[made.end():], broken("serve()'s protocol factory now uses the connection")
+
+
 def test_handshake_is_called_as_relayd_overrides_it():
     params = list(inspect.signature(ServerConnection.handshake).parameters)
     assert params == ["self", "process_request", "process_response", "server_header"], broken(

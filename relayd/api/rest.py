@@ -42,6 +42,11 @@ def _segments(path: str) -> list[str]:
     return [unquote(p) for p in parts] if "%" in stripped else parts
 
 
+def _allowed(methods: dict[str, Route]) -> list[str]:
+    """The methods a path answers, for ``Allow``: its routes', ``OPTIONS``, and ``HEAD`` where ``GET`` is."""
+    return sorted({*methods, "OPTIONS"} | ({"HEAD"} if "GET" in methods else set()))
+
+
 class HttpApi:
     """Routes requests to handlers; applies CORS, the per-IP budgets, ``HEAD`` and ``OPTIONS``.
 
@@ -132,12 +137,11 @@ class HttpApi:
         else:
             budget = route.budget if route is not None else Budget.WRITE
         self.limits.charge(budget, req.client_ip, now)
-        allowed = sorted({*methods, "OPTIONS"} | ({"HEAD"} if "GET" in methods else set()))
         if req.method == "OPTIONS":
-            return self._preflight(req, allowed)
+            return self._preflight(req, _allowed(methods))
         if route is None:
             raise RelayError(ErrorCode.METHOD_NOT_ALLOWED, f"Method {req.method} not allowed on {req.path}",
-                             headers=(("Allow", ", ".join(allowed)),))
+                             headers=(("Allow", ", ".join(_allowed(methods))),))
         try:
             return await route.handler(req, args)
         except StorageUnavailable as exc:

@@ -53,6 +53,16 @@ Parsing (``http_connection.HttpConnection``, ``http_framing``)
   ``test_protocol_seams_relay_connection_uses``,
   ``test_a_refusal_sends_eof_and_discards_the_rest``.
 
+Accepting (``gateway.Gateway._accept``, ``plain_request``)
+
+- ``serve(create_connection=...)``: called as ``create_connection(protocol,
+  server, **options)`` for every accepted connection, its result given to
+  asyncio as the connection's protocol untouched. relayd returns a
+  ``PlainRequest`` there, which answers a plain closing request by itself
+  and otherwise makes the ``RelayConnection`` with those arguments and
+  moves the transport to it (asyncio's public ``set_protocol``). Tripwire:
+  ``test_serve_makes_the_asyncio_protocol_with_create_connection_and_returns_it_as_is``.
+
 The handshake (``http_connection.HttpConnection.handshake``)
 
 - ``ServerConnection.handshake``: overridden to answer requests until one

@@ -2,7 +2,7 @@
 
 This module only moves bytes and events. It is the context every
 ``RelayConnection`` reports to (accept, head, budget, release), it answers
-REST requests in ``process_request`` through its ``RequestHandler`` (returning
+REST requests (``respond``) through its ``RequestHandler`` (returning
 None only for admitted WebSocket upgrades), and it hands a session's frames
 and its close to its ``SessionHandler``. The composition root
 (``relayd.server``) passes the REST API and the router as these two: the
@@ -11,6 +11,7 @@ transport imports neither.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 
 from websockets.asyncio.server import Server, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
 
 from ..access import denied
 from ..clock import Clock
@@ -33,10 +34,12 @@ from ..ratelimit import FrameLimiter, Verdict
 from .admission import Admission
 from .clientip import ClientIpResolver
 from .connection import RelayConnection
-from .http_connection import ConnectionLimits, HttpConnection, to_response
+from .http_connection import Accepted, ConnectionLimits, HttpConnection
+from .http_framing import ParsedRequest
 from .http_values import HttpRequest, HttpResponse, error_response, header_value
 from .listen import plan
 from .origins import OriginPolicy
+from .plain_request import PlainRequest
 from .turns import Turns
 
 log = logging.getLogger("relayd.server")
@@ -108,6 +111,8 @@ class Gateway:
         self.server: Server | None = None
         self._ids = itertools.count(1)
         self.connection_limits = ConnectionLimits(0, 0, 0, 0.0, 0.0, 0, 0.0, 0)
+        self.answers: set[asyncio.Task[None]] = set()
+        """Plain requests being answered (``PlainRequest``)."""
         self.turns = Turns()
         self.configure(config)
 
@@ -121,6 +126,7 @@ class Gateway:
         cl.head_timeout, cl.idle_timeout = server.head_timeout_s, server.http_idle_timeout_s
         cl.max_requests = server.max_requests_per_connection
         cl.stall_timeout, cl.refused_close_after = server.stall_timeout_s, limits.rate_limited_close_after
+        cl.close_timeout = min(CLOSE_TIMEOUT, server.ping_timeout_s)
         self.close_denied()
 
     def close_denied(self) -> None:
@@ -150,13 +156,12 @@ class Gateway:
         # connections it then hands to the other two, so they get RelayConnections.
         self.server = await serve(
             self._handle_session,  # type: ignore[arg-type]
-            process_request=self._process_request,  # type: ignore[arg-type]
-            create_connection=partial(RelayConnection, context=self),  # type: ignore[arg-type]
+            create_connection=self._accept,  # type: ignore[arg-type]
             compression=None,
             open_timeout=None,  # RelayConnection times the head and idle keep-alive itself
             ping_interval=None,  # one shared timer pings quiet peers: see check_liveness
             ping_timeout=None,
-            close_timeout=min(CLOSE_TIMEOUT, cfg.ping_timeout_s),
+            close_timeout=self.connection_limits.close_timeout,
             max_size=self.config.max_frame_bytes,
             max_queue=MAX_QUEUE,
             write_limit=WRITE_LIMIT,
@@ -187,32 +192,51 @@ class Gateway:
 
     # The connection context
 
-    def accepted(self, conn: HttpConnection) -> RelayError | None:
+    def _accept(self, protocol: ServerProtocol, server: Server, **kwargs: Any) -> PlainRequest:
+        """Every accepted connection starts as a ``PlainRequest``, which makes the full connection only when
+        the first request needs it (websockets' ``serve`` calls this with what it would give a connection)."""
+        return PlainRequest(self, partial(RelayConnection, protocol, server, context=self, **kwargs))
+
+    def accepted(self, conn: Accepted) -> RelayError | None:
         conn.trusted_peer = self.ip_resolver.is_trusted(conn.peer_ip)
         refusal = self.admission.accept(conn.peer_ip, conn.trusted_peer)
         if refusal is None:
             self.admission.track(conn.client_ip, conn)
         return refusal
 
-    def may_linger(self, conn: HttpConnection) -> bool:
+    def may_linger(self, conn: Accepted) -> bool:
         return self.admission.start_lingering()
 
-    def lingered(self, conn: HttpConnection) -> None:
+    def lingered(self, conn: Accepted) -> None:
         self.admission.stop_lingering()
 
-    def head_done(self, conn: HttpConnection) -> None:
+    def head_done(self, conn: Accepted) -> None:
         self.admission.head_done(conn.peer_ip)
 
-    def charge(self, conn: HttpConnection, delta: int) -> None:
+    def charge(self, conn: Accepted, delta: int) -> None:
         self.admission.charge(conn.client_ip, delta)
 
-    def released(self, conn: HttpConnection) -> None:
+    def released(self, conn: Accepted) -> None:
         self.admission.untrack(conn.client_ip, conn)
         self.admission.closed(conn.peer_ip, conn.in_head)
 
+    def handed_over(self, front: Accepted, conn: HttpConnection) -> None:
+        self.admission.untrack(front.client_ip, front)
+        self.admission.track(conn.client_ip, conn)
+
+    def answering(self, task: asyncio.Task[None]) -> None:
+        self.answers.add(task)
+        task.add_done_callback(self.answers.discard)
+
+    async def answered(self) -> None:
+        """Until every plain request being answered is (the server's handlers cover the others)."""
+        while self.answers:
+            await asyncio.wait(list(self.answers))
+
     # REST and the handshake
 
-    async def _process_request(self, conn: HttpConnection, request: Request) -> Response | None:
+    async def respond(self, conn: Accepted, parsed: ParsedRequest) -> HttpResponse | None:
+        request = parsed.request
         client_ip = self.ip_resolver.resolve(conn.peer_ip, header_value(request.headers, "x-forwarded-for"))
         if client_ip != conn.client_ip:
             self.admission.untrack(conn.client_ip, conn)
@@ -220,20 +244,18 @@ class Gateway:
             self.admission.track(client_ip, conn)
         refusal = self.admission.refuses(client_ip)
         if refusal is not None:
-            return to_response(error_response(refusal), request.method == "HEAD")
-        if request.method == "GET" and any(v.strip().lower() == "websocket"
-                                           for v in request.headers.get_all("Upgrade")):
+            return error_response(refusal)
+        if parsed.upgrade:
             origin = header_value(request.headers, "origin")
             if not self.origins.allows(origin):
-                return to_response(error_response(RelayError(ErrorCode.ORIGIN_NOT_ALLOWED,
-                                                             f"Origin not allowed: {origin}")), False)
+                return error_response(RelayError(ErrorCode.ORIGIN_NOT_ALLOWED, f"Origin not allowed: {origin}"))
             refusal = self.admission.admit_upgrade(client_ip)
             if refusal is not None:
-                return to_response(error_response(refusal), False)
+                return error_response(refusal)
             return None
-        req = HttpRequest.from_target(request.method, request.path, request.headers, conn.request_body, client_ip)
+        req = HttpRequest.from_target(request.method, request.path, request.headers, parsed.body, client_ip)
         async with self.turns.turn(client_ip):
-            return to_response(await self.requests.handle(req), request.method == "HEAD")
+            return await self.requests.handle(req)
 
     async def _handle_session(self, conn: RelayConnection) -> None:
         session = Session(next(self._ids), conn.client_ip, self.clock.monotonic(), conn)

@@ -3,7 +3,7 @@
 ``HttpConnection`` specialises websockets' ``ServerConnection`` at its
 seams: it replaces the protocol's handshake parser by ``http_framing``'s
 strict one (bodies, keep-alive, pipelining) and runs the handshake loop that
-answers REST requests through ``process_request`` until one upgrades. Every
+answers REST requests through its context's ``respond`` until one upgrades. Every
 connection is counted from accept by its ``ConnectionContext`` (the
 gateway); a refused one gets its answer (429/503) once its first request head
 arrives, or is closed. ``RelayConnection`` adds the WebSocket side. The
@@ -50,6 +50,21 @@ class ConnectionLimits:
     """A kept-alive REST connection whose peer takes none of its answers for this long is cut."""
     refused_close_after: int
     """Answers refused with 429 in a row after which the connection is closed."""
+    close_timeout: float = 5.0
+    """How long a closing connection waits for its peer to take the last answer (or to close too)."""
+
+
+class Accepted(Protocol):
+    """A connection as its context counts it from accept: an ``HttpConnection``, or the ``PlainRequest`` that
+    accepted it before any handover."""
+
+    peer_ip: str
+    client_ip: str
+    trusted_peer: bool
+    in_head: bool
+    held: int
+
+    def cut(self, reason: str) -> None: ...
 
 
 class ConnectionContext(Protocol):
@@ -58,29 +73,49 @@ class ConnectionContext(Protocol):
     connection_limits: ConnectionLimits
     clock: Clock
 
-    def accepted(self, conn: HttpConnection) -> RelayError | None:
+    def accepted(self, conn: Accepted) -> RelayError | None:
         """A TCP connection was accepted; the refusal to answer when it must not stay."""
         ...
 
-    def may_linger(self, conn: HttpConnection) -> bool:
+    def may_linger(self, conn: Accepted) -> bool:
         """May a refused connection stay to be answered (it holds a descriptor meanwhile)?"""
         ...
 
-    def lingered(self, conn: HttpConnection) -> None:
+    def lingered(self, conn: Accepted) -> None:
         """A refused connection got its answer."""
         ...
 
-    def head_done(self, conn: HttpConnection) -> None:
+    def head_done(self, conn: Accepted) -> None:
         """The connection's first request head arrived."""
         ...
 
-    def charge(self, conn: HttpConnection, delta: int) -> None:
+    def charge(self, conn: Accepted, delta: int) -> None:
         """The connection buffers ``delta`` more bytes (or fewer, when negative)."""
         ...
 
-    def released(self, conn: HttpConnection) -> None:
+    def released(self, conn: Accepted) -> None:
         """A counted connection is gone."""
         ...
+
+    def respond(self, conn: Accepted, parsed: ParsedRequest) -> Awaitable[HttpResponse | None]:
+        """The answer to a request on ``conn``; None when it is a WebSocket upgrade that may proceed."""
+        ...
+
+    def handed_over(self, front: Accepted, conn: HttpConnection) -> None:
+        """``conn`` took over the connection ``front`` accepted (and counted, unless it was refused)."""
+        ...
+
+    def answering(self, task: asyncio.Task[None]) -> None:
+        """A plain request is being answered by ``task`` (shutdown waits for it)."""
+        ...
+
+
+class Adoptable(Accepted, Protocol):
+    """What ``HttpConnection.adopt`` takes over (``relayd.net.plain_request.PlainRequest``)."""
+
+    transport: asyncio.Transport
+    counted: bool
+    head_deadline: float
 
 
 class HttpConnection(ServerConnection):
@@ -89,7 +124,7 @@ class HttpConnection(ServerConnection):
     # Slots keep relayd's fields out of the instance dict, which then holds few enough keys (websockets' own)
     # to stay a small shared-key dict: about 1 KiB less per idle connection.
     __slots__ = ("context", "limits", "peer_ip", "client_ip", "trusted_peer", "counted", "refusal", "in_head",
-                 "held", "request_body", "_requests", "_want_next", "_upgraded")
+                 "held", "head_deadline", "_requests", "_want_next", "_upgraded")
 
     protocol: ServerProtocol
 
@@ -106,7 +141,8 @@ class HttpConnection(ServerConnection):
         self.in_head = True
         self.held = 0
         """Bytes this connection buffers, as last charged to its client's budget (the WebSocket side counts)."""
-        self.request_body = b""
+        self.head_deadline: float | None = None
+        """When the first request head is due (loop time): set only on a connection adopted from its acceptor."""
         self._requests: list[ParsedRequest | BadRequest] = []
         self._want_next = False
         self._upgraded = False
@@ -115,15 +151,39 @@ class HttpConnection(ServerConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self.head_deadline is not None:  # adopted: admitted already
+            return
         peer = transport.get_extra_info("peername")
         self.peer_ip = self.client_ip = peer[0] if peer else "unknown"
-        refusal = self.context.accepted(self)
+        self._admit(self.context.accepted(self))
+
+    def _admit(self, refusal: RelayError | None) -> None:
         if refusal is None:
             self.counted = True
         elif self.context.may_linger(self):
             self.refusal = refusal  # answered at once by handshake(), then closed the lingering way
         else:
             self.transport.abort()
+
+    def adopt(self, front: Adoptable, first: ParsedRequest | None, data: bytes, refusal: RelayError | None) -> None:
+        """Take over the connection ``front`` accepted: its admission (or refusal), what is left of its head
+        deadline, its first request when it framed one, and the bytes it read past it (or all it read)."""
+        self.peer_ip, self.client_ip, self.trusted_peer = front.peer_ip, front.client_ip, front.trusted_peer
+        self.in_head, self.head_deadline = front.in_head, front.head_deadline
+        transport = front.transport
+        transport.set_protocol(self)
+        self.connection_made(transport)
+        if front.counted:
+            self.counted = True
+            self.context.handed_over(front, self)
+        else:
+            self._admit(refusal)
+        if first is not None:
+            self.protocol.parser = self._parse_requests(first)
+            next(self.protocol.parser)
+            self._advance_parser()
+        if data and not transport.is_closing():
+            self.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -159,12 +219,14 @@ class HttpConnection(ServerConnection):
 
     # Reading: HTTP requests, then frames
 
-    def _parse_requests(self) -> Generator[None, None, None]:
-        """The protocol's parser: requests one at a time, frames after an upgrade."""
+    def _parse_requests(self, first: ParsedRequest | None = None) -> Generator[None, None, None]:
+        """The protocol's parser: requests one at a time (``first`` framed already), frames after an upgrade."""
         protocol = self.protocol
         while True:
             try:
-                parsed = yield from read_request(protocol.reader, self.limits.max_body, self._continue)
+                parsed = (first if first is not None
+                          else (yield from read_request(protocol.reader, self.limits.max_body, self._continue)))
+                first = None
             except EOFError:
                 protocol.send_eof()
                 protocol.parser = protocol.discard()
@@ -226,7 +288,8 @@ class HttpConnection(ServerConnection):
                 self.context.lingered(self)
             return
         served = refused = 0
-        timeout = self.limits.head_timeout
+        timeout = (self.limits.head_timeout if self.head_deadline is None
+                   else max(0.0, self.head_deadline - self.loop.time()))
         while not self.transport.is_closing():
             item = await self._next_request(timeout)
             if item is None:
@@ -238,25 +301,22 @@ class HttpConnection(ServerConnection):
                 await self._answer_last(to_response(error_response(RelayError(item.code, str(item))), False))
                 return
             self.request = item.request
-            self.request_body = item.body
-            response = process_request(self, item.request) if process_request is not None else None
-            if isinstance(response, Awaitable):
-                response = await response
-            self.request_body = b""
-            if response is None:
+            answer = await self.context.respond(self, item)
+            if answer is None:
                 await self._accept_websocket(server_header)
                 return
+            head = item.request.method == "HEAD"
             served += 1
-            refused = refused + 1 if response.status_code == http.HTTPStatus.TOO_MANY_REQUESTS else 0
+            refused = refused + 1 if answer.status == http.HTTPStatus.TOO_MANY_REQUESTS else 0
             if not item.keep_alive and not self._requests and not self.protocol.reader.buffer:
-                await self._answer_and_close(response)
+                await self._answer_and_close(to_response(answer, head))
                 return
             if (not item.keep_alive or served >= self.limits.max_requests or not self.server.is_serving()
                     or self.transport.is_closing() or refused >= self.limits.refused_close_after):
-                await self._answer_last(response)
+                await self._answer_last(to_response(answer, head))
                 return
-            self._answer_kept_alive(response)
-            del response, item  # while its bytes wait for the peer, nothing else of the answer stays referenced
+            self._answer_kept_alive(render(answer, head, close=False))
+            del answer, item  # while its bytes wait for the peer, nothing else of the answer stays referenced
             if self.paused:
                 if not await self._drained():
                     return
@@ -264,10 +324,9 @@ class HttpConnection(ServerConnection):
                 await asyncio.sleep(0)  # pipelined requests take turns with every other connection's
             timeout = self.limits.idle_timeout
 
-    def _answer_kept_alive(self, response: Response) -> None:
+    def _answer_kept_alive(self, data: bytes) -> None:
         """Write an answer that keeps the connection open, charge its bytes, and frame the next request."""
-        del response.headers["Connection"]
-        self.transport.write(response.serialize())
+        self.transport.write(data)
         self.request = None
         self._want_next = True
         self.transport.resume_reading()
@@ -357,6 +416,38 @@ def http_date() -> str:
     if _date[0] != now:
         _date = (now, email.utils.formatdate(now, usegmt=True))
     return _date[1]
+
+
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("iso-8859-1") for s in http.HTTPStatus}
+_dated = (0, b"")
+
+
+def _date_line() -> bytes:
+    """The Date header line, encoded once a second."""
+    global _dated
+    now = int(time.time())
+    if _dated[0] != now:
+        _dated = (now, b"Date: " + http_date().encode("ascii") + b"\r\n")
+    return _dated[1]
+
+
+def render(resp: HttpResponse, head: bool, close: bool) -> bytes:
+    """A REST answer's bytes, as ``to_response(resp, head).serialize()`` writes them (without ``Connection:
+    close`` when ``close`` is false), built straight from the value: the answer of every kept-alive or
+    one-shot REST request, where websockets' ``Headers`` and ``Response`` cost as much as the lookup."""
+    status = resp.status
+    fields = []
+    if close:
+        fields.append("Connection: close\r\n")
+    if resp.content_type:
+        fields.append(f"Content-Type: {resp.content_type}\r\n")
+    if status != 204 and status != 304:
+        fields.append(f"Content-Length: {len(resp.body)}\r\n")
+    for name, value in resp.headers:
+        fields.append(f"{name}: {value}\r\n")
+    fields.append("\r\n")
+    line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()
+    return b"".join((line, _date_line(), "".join(fields).encode("iso-8859-1"), b"" if head else resp.body))
 
 
 def to_response(resp: HttpResponse, head: bool) -> Response:

@@ -40,7 +40,7 @@ class HttpRequest:
     @classmethod
     def from_target(cls, method: str, target: str, headers: Headers, body: bytes, client_ip: str) -> HttpRequest:
         path, _, qs = target.partition("?")
-        return cls(method.upper(), path, headers, body, client_ip, parse_qs(qs, keep_blank_values=True))
+        return cls(method.upper(), path, headers, body, client_ip, parse_qs(qs, keep_blank_values=True) if qs else {})
 
     def header(self, name: str) -> str | None:
         return header_value(self.headers, name)

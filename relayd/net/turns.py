@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from ..ratelimit import limit_key
 
@@ -34,6 +33,23 @@ class _Ip:
         return self.started < PER_IP and self.running < PER_IP
 
 
+class Turn:
+    """One answer's turn, as ``async with``: a plain class, since every REST request takes one."""
+
+    __slots__ = ("turns", "key")
+
+    def __init__(self, turns: Turns, key: str) -> None:
+        self.turns = turns
+        self.key = key
+
+    async def __aenter__(self) -> None:
+        await self.turns._take(self.key)
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.turns._done(self.key)
+
+
 class Turns:
     """Per client IP: answers started in this iteration, answers being built, and the requests waiting."""
 
@@ -41,18 +57,15 @@ class Turns:
         self._ips: dict[str, _Ip] = {}
         self._next_scheduled = False
 
-    @asynccontextmanager
-    async def turn(self, client_ip: str) -> AsyncIterator[None]:
+    def turn(self, client_ip: str) -> Turn:
         """Wait for ``client_ip``'s turn, then build the answer inside the block."""
-        key = limit_key(client_ip)
-        await self._take(key)
-        try:
-            yield
-        finally:
-            ip = self._ips[key]
-            ip.running -= 1
-            if ip.waiting:
-                self._schedule()
+        return Turn(self, limit_key(client_ip))
+
+    def _done(self, key: str) -> None:
+        ip = self._ips[key]
+        ip.running -= 1
+        if ip.waiting:
+            self._schedule()
 
     async def _take(self, key: str) -> None:
         ip = self._ips.get(key)
