@@ -197,8 +197,10 @@ def test_unread_rest_answers_count_against_the_per_ip_buffer_budget(backend_rela
     with PeakRss(relay) as peak:
         socks = unread_lookups(relay, addresses)
     try:
-        # The 8 MiB budget, plus at most 4 answers of one IP being built (about 5 MB each), plus allocator slack.
-        assert peak.value - before < 48 * MiB, f"28 unread answers grew RSS by {(peak.value - before) >> 20} MiB"
+        # The 8 MiB budget, plus at most 4 answers of one IP being built (each up to about 10 MB while its 4.4 MB
+        # of JSON text and the bytes written coexist), plus allocator slack; unbounded, it was +156 MiB. (48 MiB
+        # was exceeded by 3 MiB in 1 run of 4 on Redis under a loaded machine.)
+        assert peak.value - before < 56 * MiB, f"28 unread answers grew RSS by {(peak.value - before) >> 20} MiB"
         cut = sum(is_cut(s, timeout=0.1) for s in socks)
         assert cut >= 1, "no connection was cut past the IP's 8 MiB budget"
         assert "rate_limit_hits_total{limit=\"buffered_per_ip\"}" in relay.http("GET", "/metrics").body.decode()

@@ -2,8 +2,10 @@
 
 This module only moves bytes and events. It is the context every
 ``RelayConnection`` reports to (accept, head, budget, release), it answers
-REST requests (``respond``) through its ``RequestHandler`` (returning
-None only for admitted WebSocket upgrades), and it hands a session's frames
+REST requests in ``respond``, the websockets server's ``process_request``
+hook, through its ``RequestHandler`` (returning None only for admitted
+WebSocket upgrades; a plain closing request's ``PlainRequest`` calls the same
+hook before any of websockets' machinery exists), and it hands a session's frames
 and its close to its ``SessionHandler``. The composition root
 (``relayd.server``) passes the REST API and the router as these two: the
 transport imports neither.
@@ -156,6 +158,7 @@ class Gateway:
         # connections it then hands to the other two, so they get RelayConnections.
         self.server = await serve(
             self._handle_session,  # type: ignore[arg-type]
+            process_request=self.respond,  # type: ignore[arg-type]  # relayd's handshake calls it with its own types
             create_connection=self._accept,  # type: ignore[arg-type]
             compression=None,
             open_timeout=None,  # RelayConnection times the head and idle keep-alive itself

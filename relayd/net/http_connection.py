@@ -3,7 +3,8 @@
 ``HttpConnection`` specialises websockets' ``ServerConnection`` at its
 seams: it replaces the protocol's handshake parser by ``http_framing``'s
 strict one (bodies, keep-alive, pipelining) and runs the handshake loop that
-answers REST requests through its context's ``respond`` until one upgrades. Every
+answers REST requests through the server's ``process_request`` hook (the
+gateway's ``respond``) until one upgrades. Every
 connection is counted from accept by its ``ConnectionContext`` (the
 gateway); a refused one gets its answer (429/503) once its first request head
 arrives, or is closed. ``RelayConnection`` adds the WebSocket side. The
@@ -98,7 +99,8 @@ class ConnectionContext(Protocol):
         ...
 
     def respond(self, conn: Accepted, parsed: ParsedRequest) -> Awaitable[HttpResponse | None]:
-        """The answer to a request on ``conn``; None when it is a WebSocket upgrade that may proceed."""
+        """The answer to a request on ``conn``; None when it is a WebSocket upgrade that may proceed. The same
+        function is the websockets server's ``process_request`` hook, which ``handshake`` is given."""
         ...
 
     def handed_over(self, front: Accepted, conn: HttpConnection) -> None:
@@ -265,10 +267,9 @@ class HttpConnection(ServerConnection):
 
     # The handshake: REST requests until one upgrades
 
-    async def handshake(
+    async def handshake(  # type: ignore[override]  # the hook takes relayd's framed request, answers its value
         self,
-        process_request: Callable[[ServerConnection, Request], Awaitable[Response | None] | Response | None]
-        | None = None,
+        process_request: Callable[[Accepted, ParsedRequest], Awaitable[HttpResponse | None]] | None = None,
         process_response: Callable[[ServerConnection, Request, Response], Awaitable[Response | None] | Response
                                    | None] | None = None,
         server_header: str | None = None,
@@ -301,7 +302,7 @@ class HttpConnection(ServerConnection):
                 await self._answer_last(to_response(error_response(RelayError(item.code, str(item))), False))
                 return
             self.request = item.request
-            answer = await self.context.respond(self, item)
+            answer = await process_request(self, item) if process_request is not None else None
             if answer is None:
                 await self._accept_websocket(server_header)
                 return
