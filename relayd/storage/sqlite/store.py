@@ -26,7 +26,7 @@ from .queue import (
     add_receipt_rows,
     delete_rows,
     delete_where,
-    enqueue_row,
+    enqueue_rows,
     expire_chunk,
     record_delivered_rows,
     remove_receipt_rows,
@@ -159,15 +159,10 @@ class SQLiteStore:
         return (await self.enqueue_many([msg], limits))[0]
 
     async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
-        def job(conn: sqlite3.Connection) -> tuple[list[tuple[EnqueueResult, int]], Delta]:
-            out, added, added_bytes = [], 0, 0
-            for msg in messages:
-                outcome, (n, nbytes) = enqueue_row(conn, msg, limits, self._seqs, self._writer.bytes + added_bytes)
-                out.append(outcome)
-                added, added_bytes = added + n, added_bytes + nbytes
-            return out, (added, added_bytes)
-
-        results = await self._writer.submit(job, write=True)
+        if not messages:
+            return []
+        results = await self._writer.submit(
+            lambda c: enqueue_rows(c, messages, limits, self._seqs, self._writer.bytes), write=True)
         for msg, (result, seq) in zip(messages, results):
             if result is EnqueueResult.QUEUED or result is EnqueueResult.DUPLICATE:
                 msg.seq = seq
