@@ -182,16 +182,18 @@ class SQLiteStore:
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
         def job(conn: sqlite3.Connection) -> tuple[list[QueuedMessage], Delta]:
-            if max_bytes is None:
-                rows = conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND seq > ? "
-                                    "ORDER BY seq LIMIT ?", (recipient, after_seq, max(limit, 0)))
-            else:  # the running total of sizes picks the page before any content is read
-                rows = conn.execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE seq IN (SELECT seq FROM (SELECT seq, size, "
-                    "SUM(size) OVER (ORDER BY seq) AS running FROM messages WHERE recipient = ? AND seq > ? "
-                    "ORDER BY seq LIMIT ?) WHERE running - size < ?) ORDER BY seq",
-                    (recipient, after_seq, max(limit, 0), max(max_bytes, 1)))
-            return [QueuedMessage(r, s, m, c, t, q, seq) for seq, r, s, m, c, t, q in rows], NONE
+            """One ordered read, stopped once the page holds ``max_bytes`` of content (at least one message)."""
+            cursor = conn.execute(f"SELECT {_MESSAGE_COLUMNS}, size FROM messages WHERE recipient = ? AND seq > ? "
+                                  "ORDER BY seq LIMIT ?", (recipient, after_seq, max(limit, 0)))
+            page, room = [], max(max_bytes, 1) if max_bytes is not None else None
+            for seq, r, s, m, c, t, q, size in cursor:
+                page.append(QueuedMessage(r, s, m, c, t, q, seq))
+                if room is not None:
+                    room -= size
+                    if room <= 0:
+                        break
+            cursor.close()
+            return page, NONE
         return await self._writer.submit(job, write=False)
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
