@@ -209,10 +209,11 @@ class SQLiteWriter:
         return batch, None
 
     def _execute(self, batch: list[_Job[Any]]) -> list[_JobOutcome]:
-        """Run the batch in one transaction. Savepoints cost two statements per job and jobs seldom raise, so
-        only if a write job raises is the transaction rolled back and run again with each write in a savepoint,
-        that job failing with what it raised (it does not run twice: its first run may have moved state kept
-        outside the database, such as the seq counter)."""
+        """Run the batch in one transaction. Within a savepoint SQLite first copies every page a job changes
+        (a sixth of an enqueue's CPU), and jobs seldom raise, so only if a write job raises is the transaction
+        rolled back and run again with each write in a savepoint, that job failing with what it raised (it
+        does not run twice: its first run may have moved state kept outside the database, such as the seq
+        counter)."""
         conn = self._conn
         assert conn is not None
         writes = any(job.write for job in batch)
