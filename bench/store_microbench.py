@@ -1,6 +1,8 @@
 """Enqueue throughput of MemoryStore vs SQLiteStore, and open() time on a 1M-message file.
 
-Run from the repository root: ``python bench/store_microbench.py [--seconds 3]``.
+Run from the repository root: ``python bench/store_microbench.py [--seconds 3]``. Single enqueues from many
+producers (the writer groups their jobs), then ``enqueue_many`` batches as the message path sends them (one per
+loop iteration); CPU is the whole process's (the writer thread included) per message.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ LIMITS = QueueLimits(max_messages=10**9, max_bytes=10**12, drop_oldest=False)
 CONTENT = "x" * 200
 
 
-async def throughput(store: Store, producers: int, seconds: float) -> float:
+async def throughput(store: Store, producers: int, seconds: float, batch: int = 1) -> tuple[float, float]:
+    """(messages/s, process CPU µs per message); ``batch`` > 1: each producer stores that many at a time, to
+    as many recipients."""
     await store.open()
     ids = itertools.count()
     deadline = time.perf_counter() + seconds
@@ -33,19 +37,21 @@ async def throughput(store: Store, producers: int, seconds: float) -> float:
 
     async def produce(n: int) -> None:
         nonlocal done
-        recipient = f"0x{n:040x}"
+        recipients = [f"0x{n * batch + k:040x}" for k in range(batch)]
         while time.perf_counter() < deadline:
-            i = next(ids)
             now = int(time.time() * 1000)
-            await store.enqueue(QueuedMessage(recipient, "0xsender", f"m{i}", CONTENT, now, now),
-                                LIMITS)
-            done += 1
+            messages = [QueuedMessage(r, "0xsender", f"m{next(ids)}", CONTENT, now, now) for r in recipients]
+            if batch == 1:
+                await store.enqueue(messages[0], LIMITS)
+            else:
+                await store.enqueue_many(messages, LIMITS)
+            done += batch
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(produce(n) for n in range(producers)))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     await store.close()
-    return done / elapsed
+    return done / elapsed, cpu / done * 1e6
 
 
 def build_big(path: Path, rows: int, recipients: int) -> None:
@@ -91,16 +97,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--producers", type=int, default=64)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--batch", type=int, default=16, help="messages per enqueue_many in the batch rows")
+    parser.add_argument("--batch-producers", type=int, default=20, help="producers in the batch rows")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        memory = asyncio.run(throughput(MemoryStore(), args.producers, args.seconds))
-        print(f"{'memory':<21} {memory:9,.0f} msg/s")
-        for sync, interval in (("normal", 2.0), ("full", 2.0), ("normal", 0.0)):
-            store = SQLiteStore(f"{tmp}/{sync}{interval}.db", synchronous=sync,
+        memory, memory_cpu = asyncio.run(throughput(MemoryStore(), args.producers, args.seconds))
+        print(f"{'memory':<32} {memory:9,.0f} msg/s  {memory_cpu:6.1f} us CPU/msg")
+        rows = [(sync, interval, 1, args.producers) for sync, interval in
+                (("normal", 2.0), ("full", 2.0), ("normal", 0.0))]
+        rows.append(("normal", 2.0, args.batch, args.batch_producers))
+        for sync, interval, batch, producers in rows:
+            store = SQLiteStore(f"{tmp}/{sync}{interval}-{batch}.db", synchronous=sync,
                                 commit_interval_ms=interval)
-            rate = asyncio.run(throughput(store, args.producers, args.seconds))
-            label = f"sqlite {sync} {interval:g}ms"
-            print(f"{label:<21} {rate:9,.0f} msg/s   sqlite/memory = {rate / memory:.3f}")
+            rate, cpu = asyncio.run(throughput(store, producers, args.seconds, batch))
+            label = f"sqlite {sync} {interval:g}ms" + (f", {producers} x {batch}" if batch > 1 else "")
+            print(f"{label:<32} {rate:9,.0f} msg/s  {cpu:6.1f} us CPU/msg   sqlite/memory = {rate / memory:.3f}")
         big = Path(tmp) / "big.db"
         start = time.perf_counter()
         build_big(big, args.rows, recipients=1000)

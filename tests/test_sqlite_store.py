@@ -21,7 +21,8 @@ from relayd.storage.memory import MemoryStore
 from relayd.storage.sqlite.store import SQLiteStore
 from relayd.storage.sqlite.file import backup_database, read_stats
 from relayd.storage.sqlite.owner import lock_path
-from relayd.storage.sqlite.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+from relayd.storage.sqlite import queue as sqlite_queue
+from relayd.storage.sqlite.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, migrate
 from relayd.storage.store import (KEY_OVERHEAD_BYTES, RECEIPT_BYTES, EnqueueResult, KeyRecord, QueuedMessage,
                                   QueueLimits, Receipt, StorageUnavailable, StoreOpenError)
 
@@ -384,6 +385,49 @@ def _plant(seq: int, message_id: str) -> str:
     """SQL for a message row numbered ``seq`` by something other than the store's counter."""
     return (f"INSERT INTO messages (seq, recipient, sender, message_id, timestamp, queued_at, size, content) "
             f"VALUES ({seq}, 'bob', 'mallory', '{message_id}', 1, 1, 1, 'x')")
+
+
+_BATCH_MESSAGES = st.builds(
+    msg, st.sampled_from(["m1", "m2", "m3", "m4"]), st.sampled_from(["", "abc", "abcdefgh", "\u00e9t\u00e9", "x" * 15]),
+    recipient=st.sampled_from(["bob", "carol", "dave"]), sender=st.sampled_from(["alice", "Alice", "erin"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(earlier=st.lists(_BATCH_MESSAGES, max_size=8), delivered=st.lists(_BATCH_MESSAGES, max_size=3),
+       batch=st.lists(_BATCH_MESSAGES, min_size=sqlite_queue.FEW, max_size=16),
+       max_messages=st.integers(1, 5), max_bytes=st.integers(5, 40), drop_oldest=st.booleans(),
+       max_total_bytes=st.sampled_from([0, 30, 60, 120]))
+def test_a_batch_is_enqueued_as_its_messages_one_by_one(earlier: list[QueuedMessage], delivered: list[QueuedMessage],
+                                                        batch: list[QueuedMessage], max_messages: int,
+                                                        max_bytes: int, drop_oldest: bool,
+                                                        max_total_bytes: int) -> None:
+    """enqueue_rows (batched reads, executemany) gives each message the result, seq and stored state that
+    enqueue_row gives it one at a time: duplicates in and across batches, delivered ones, caps, dropping."""
+    limits = QueueLimits(max_messages, max_bytes, drop_oldest, max_total_bytes)
+    outcomes = []
+    for batched in (False, True):
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        migrate(conn)
+        seqs = sqlite_queue.SeqCounter(0)
+        stored = 0
+        for m in earlier:
+            stored += sqlite_queue.enqueue_row(conn, m, ROOMY, seqs, 0)[1][1]
+        sqlite_queue.record_delivered_rows(conn, delivered)
+        copies = [QueuedMessage(m.recipient, m.sender, m.message_id, m.content, m.timestamp, m.queued_at)
+                  for m in batch]
+        if batched:
+            results, delta = sqlite_queue.enqueue_rows(conn, copies, limits, seqs, stored)
+        else:
+            results, delta = [], (0, 0)
+            for m in copies:
+                result, change = sqlite_queue.enqueue_row(conn, m, limits, seqs, stored + delta[1])
+                results.append(result)
+                delta = (delta[0] + change[0], delta[1] + change[1])
+        outcomes.append((results, delta,
+                         conn.execute("SELECT * FROM messages ORDER BY seq").fetchall(),
+                         conn.execute("SELECT * FROM queues ORDER BY recipient").fetchall()))
+        conn.close()
+    assert outcomes[1] == outcomes[0]
 
 
 def test_a_taken_seq_fails_the_write_is_logged_and_numbering_moves_past_it(tmp_path: Path,

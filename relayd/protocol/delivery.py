@@ -292,6 +292,7 @@ class Delivery:
         except Exception:
             log.exception("internal error storing messages")
             results, refusal = [], RelayError(ErrorCode.INTERNAL_ERROR)
+        now = wall_ms(self.clock)  # one answer time for the batch: it was committed at once
         for i, item in enumerate(batch):
             item.pipeline.release(item.session, item.size)
             result = results[i] if refusal is None else None
@@ -307,7 +308,7 @@ class Delivery:
             else:
                 answer = self._deliver_stored(item.msg)
             self.answers.remember(item.ident, answer)
-            item.session.push(answer_text(answer, item.msg.message_id, item.msg.recipient, wall_ms(self.clock)))
+            item.session.push(answer_text(answer, item.msg.message_id, item.msg.recipient, now))
 
     def _deliver_stored(self, msg: QueuedMessage) -> str:
         """Push a just-committed message to whoever became ready meanwhile.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from ...frames import utf8_len
 from ..store import RECEIPT_BYTES, EnqueueResult, QueuedMessage, QueueLimits, Receipt, StorageUnavailable
@@ -30,6 +30,8 @@ log = logging.getLogger("relayd.storage")
 IN_CHUNK = 500  # stays far below SQLite's bound-parameter limit on old builds
 DROP_CHUNK = 64
 EXPIRE_CHUNK = 1000
+FEW = 4
+"""Batches smaller than this are enqueued a message at a time (see ``enqueue_rows``)."""
 
 T = TypeVar("T")
 _INSERT = ("INSERT INTO messages (seq, recipient, sender, message_id, timestamp, queued_at, size, content) "
@@ -109,6 +111,104 @@ def enqueue_row(conn: sqlite3.Connection, msg: QueuedMessage, limits: QueueLimit
     return (EnqueueResult.QUEUED, seq), (1 - dropped, size - freed)
 
 
+def enqueue_rows(conn: sqlite3.Connection, messages: list[QueuedMessage], limits: QueueLimits, seqs: SeqCounter,
+                 stored_bytes: int) -> tuple[list[tuple[EnqueueResult, int]], Delta]:
+    """``enqueue_row`` for each message in order, with the same results, in a few statements per batch.
+
+    One read finds which messages of the batch are delivered or stored already, one the counters of their
+    recipients; a message that surely fits (neither, within the caps, its identity new in the batch) joins a
+    run inserted by ``executemany``, any other goes through ``enqueue_row`` once the run before it is written.
+    No savepoint: one costs a copy of every page the run changes. Below ``FEW`` messages the batch reads cost
+    more than they save, and each goes through ``enqueue_row``.
+    """
+    results: list[tuple[EnqueueResult, int]] = []
+    added = added_bytes = run_bytes = 0
+    if len(messages) < FEW:
+        for msg in messages:
+            outcome, (n, nbytes) = enqueue_row(conn, msg, limits, seqs, stored_bytes + added_bytes)
+            results.append(outcome)
+            added, added_bytes = added + n, added_bytes + nbytes
+        return results, (added, added_bytes)
+    known = _known_among(conn, messages)
+    counters = _counters(conn, {m.recipient for m in messages})
+    run: list[tuple[QueuedMessage, int]] = []
+    seen: set[tuple[str, str, str]] = set()
+
+    def write_run() -> None:
+        nonlocal added, added_bytes, run_bytes
+        if run:
+            for seq, size in _insert_run(conn, run, seqs):
+                results.append((EnqueueResult.QUEUED, seq))
+                added, added_bytes = added + 1, added_bytes + size
+            run.clear()
+            run_bytes = 0
+
+    for msg in messages:
+        size = utf8_len(msg.content)
+        count, used = counters.get(msg.recipient, (0, 0))
+        ident = (msg.recipient, msg.message_id, msg.sender.lower())
+        fits = ((msg.recipient, msg.message_id, msg.sender) not in known and ident not in seen
+                and size <= limits.max_bytes and count < limits.max_messages and used + size <= limits.max_bytes
+                and not (limits.max_total_bytes
+                         and stored_bytes + added_bytes + run_bytes + size > limits.max_total_bytes))
+        seen.add(ident)
+        if fits:
+            run.append((msg, size))
+            run_bytes += size
+            counters[msg.recipient] = (count + 1, used + size)
+            continue
+        write_run()
+        outcome, (n, nbytes) = enqueue_row(conn, msg, limits, seqs, stored_bytes + added_bytes)
+        results.append(outcome)
+        added, added_bytes = added + n, added_bytes + nbytes
+        counters.update(_counters(conn, {msg.recipient}))
+    write_run()
+    return results, (added, added_bytes)
+
+
+def _known_among(conn: sqlite3.Connection, messages: list[QueuedMessage]) -> set[tuple[str, str, str]]:
+    """The (recipient, messageId, sender as given) of these messages that are recorded as delivered or are
+    stored."""
+    found: set[tuple[str, str, str]] = set()
+    for part in chunks(messages, IN_CHUNK // 3):
+        found.update(conn.execute(
+            f"SELECT column1, column2, column3 FROM (VALUES {','.join(['(?, ?, ?)'] * len(part))}) WHERE EXISTS "
+            "(SELECT 1 FROM delivered WHERE recipient = column1 AND message_id = column2 AND sender = lower(column3)) "
+            "OR EXISTS (SELECT 1 FROM messages WHERE recipient = column1 AND message_id = column2 "
+            "AND lower(sender) = lower(column3))",
+            [value for m in part for value in (m.recipient, m.message_id, m.sender)]))
+    return found
+
+
+def _counters(conn: sqlite3.Connection, recipients: set[str]) -> dict[str, tuple[int, int]]:
+    """The stored (count, bytes) of these recipients' queues (a recipient without a queue is absent)."""
+    counters: dict[str, tuple[int, int]] = {}
+    for part in chunks(list(recipients)):
+        for recipient, count, used in conn.execute(
+                f"SELECT recipient, count, bytes FROM queues WHERE recipient IN ({marks(len(part))})", part):
+            counters[recipient] = (count, used)
+    return counters
+
+
+def _insert_run(conn: sqlite3.Connection, run: list[tuple[QueuedMessage, int]],
+                seqs: SeqCounter) -> list[tuple[int, int]]:
+    """Insert and count messages known to be new and to fit: their (seq, size). A refused insert can only be a
+    taken seq, which fails the job as in ``_insert``."""
+    rows = [(seqs.take(), m.recipient, m.sender, m.message_id, m.timestamp, m.queued_at, size, m.content)
+            for m, size in run]
+    per_recipient: dict[str, list[int]] = {}
+    for m, size in run:
+        counts = per_recipient.setdefault(m.recipient, [0, 0])
+        counts[0] += 1
+        counts[1] += size
+    try:
+        conn.executemany(_INSERT, rows)
+    except sqlite3.IntegrityError as exc:
+        _collided(conn, f"one of the message seqs {rows[0][0]}-{rows[-1][0]} is", exc, seqs)
+    conn.executemany(_COUNT, [(recipient, count, nbytes) for recipient, (count, nbytes) in per_recipient.items()])
+    return [(row[0], size) for row, (_, size) in zip(rows, run)]
+
+
 def _stored_seq(conn: sqlite3.Connection, msg: QueuedMessage) -> int | None:
     row = conn.execute(_STORED, (msg.recipient, msg.message_id, msg.sender)).fetchone()
     return None if row is None else int(row[0])
@@ -128,10 +228,15 @@ def _insert(conn: sqlite3.Connection, msg: QueuedMessage, seq: int, size: int, s
         stored = _stored_seq(conn, msg)
         if stored is not None:
             return stored
-        seqs.resync(conn)
-        log.error("message seq %d is already taken (%s): something else numbered messages in this database; "
-                  "the write failed and new messages now start at seq %d", seq, exc, seqs.last + 1)
-        raise StorageUnavailable("message numbering collided with a stored message; nothing was written") from exc
+        _collided(conn, f"message seq {seq} is", exc, seqs)
+
+
+def _collided(conn: sqlite3.Connection, taken: str, exc: sqlite3.IntegrityError, seqs: SeqCounter) -> NoReturn:
+    """An insert met a taken seq: move the counter past every stored one and fail the job."""
+    seqs.resync(conn)
+    log.error("%s already taken (%s): something else numbered messages in this database; "
+              "the write failed and new messages now start at seq %d", taken, exc, seqs.last + 1)
+    raise StorageUnavailable("message numbering collided with a stored message; nothing was written") from exc
 
 
 def _drop_oldest(conn: sqlite3.Connection, recipient: str, count: int, used: int, size: int,

@@ -26,7 +26,7 @@ from .queue import (
     add_receipt_rows,
     delete_rows,
     delete_where,
-    enqueue_row,
+    enqueue_rows,
     expire_chunk,
     record_delivered_rows,
     remove_receipt_rows,
@@ -159,15 +159,10 @@ class SQLiteStore:
         return (await self.enqueue_many([msg], limits))[0]
 
     async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
-        def job(conn: sqlite3.Connection) -> tuple[list[tuple[EnqueueResult, int]], Delta]:
-            out, added, added_bytes = [], 0, 0
-            for msg in messages:
-                outcome, (n, nbytes) = enqueue_row(conn, msg, limits, self._seqs, self._writer.bytes + added_bytes)
-                out.append(outcome)
-                added, added_bytes = added + n, added_bytes + nbytes
-            return out, (added, added_bytes)
-
-        results = await self._writer.submit(job, write=True)
+        if not messages:
+            return []
+        results = await self._writer.submit(
+            lambda c: enqueue_rows(c, messages, limits, self._seqs, self._writer.bytes), write=True)
         for msg, (result, seq) in zip(messages, results):
             if result is EnqueueResult.QUEUED or result is EnqueueResult.DUPLICATE:
                 msg.seq = seq
@@ -187,16 +182,18 @@ class SQLiteStore:
     async def pending(self, recipient: str, limit: int, after_seq: int = 0,
                       max_bytes: int | None = None) -> list[QueuedMessage]:
         def job(conn: sqlite3.Connection) -> tuple[list[QueuedMessage], Delta]:
-            if max_bytes is None:
-                rows = conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND seq > ? "
-                                    "ORDER BY seq LIMIT ?", (recipient, after_seq, max(limit, 0)))
-            else:  # the running total of sizes picks the page before any content is read
-                rows = conn.execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE seq IN (SELECT seq FROM (SELECT seq, size, "
-                    "SUM(size) OVER (ORDER BY seq) AS running FROM messages WHERE recipient = ? AND seq > ? "
-                    "ORDER BY seq LIMIT ?) WHERE running - size < ?) ORDER BY seq",
-                    (recipient, after_seq, max(limit, 0), max(max_bytes, 1)))
-            return [QueuedMessage(r, s, m, c, t, q, seq) for seq, r, s, m, c, t, q in rows], NONE
+            """One ordered read, stopped once the page holds ``max_bytes`` of content (at least one message)."""
+            cursor = conn.execute(f"SELECT {_MESSAGE_COLUMNS}, size FROM messages WHERE recipient = ? AND seq > ? "
+                                  "ORDER BY seq LIMIT ?", (recipient, after_seq, max(limit, 0)))
+            page, room = [], max(max_bytes, 1) if max_bytes is not None else None
+            for seq, r, s, m, c, t, q, size in cursor:
+                page.append(QueuedMessage(r, s, m, c, t, q, seq))
+                if room is not None:
+                    room -= size
+                    if room <= 0:
+                        break
+            cursor.close()
+            return page, NONE
         return await self._writer.submit(job, write=False)
 
     async def remove(self, recipient: str, seqs: list[int]) -> int:
