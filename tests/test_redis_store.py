@@ -453,10 +453,13 @@ def test_pack_matches_redis_py_and_refuses_what_redis_would_misread():
     from redis.asyncio.connection import Connection
     from redis.exceptions import DataError
 
-    from relayd.storage.redis.write_queue import pack
+    from relayd.storage.redis.layout import ScriptKeys
+    from relayd.storage.redis.write_queue import flat, pack
     conn = Connection(decode_responses=True)
     commands = [("EVALSHA", "ab" * 20, 1, "k\u00e9y", b"raw\r\n", 0, -7, 1.5, 10**18, ""), ("PING",)]
     assert pack(commands, conn.encoder) == b"".join(conn.pack_commands(commands))
+    keyed = [("EVALSHA", "ab" * 20, 2, ScriptKeys(["{\u00e9}:q", "{x}:n"]), "arg", 3), ("PING",)]
+    assert pack(keyed, conn.encoder) == b"".join(conn.pack_commands([flat(c) for c in keyed]))
     for bad in (True, None, object()):
         with pytest.raises(DataError):
             pack([("SET", "k", bad)], conn.encoder)

@@ -9,6 +9,7 @@ it, so a resend is answered DELIVERED instead of being stored again.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from ...frames import utf8_len
@@ -76,7 +77,7 @@ class RedisMessages:
     async def record_delivered(self, messages: list[QueuedMessage], keep_until: int = 0) -> None:
         """One script per recipient, all submitted together: one round trip (per Cluster node). With
         ``keep_until``, history keeps them until then."""
-        calls: list[tuple[scripts.Script, list[str], list[Any]]] = []
+        calls: list[tuple[scripts.Script, Sequence[str], list[Any]]] = []
         recipients: list[str] = []
         for recipient, group in by_recipient(messages, lambda m: m.recipient).items():
             self.core.note_slot(self.core.layout.slot_of(recipient))
@@ -86,7 +87,7 @@ class RedisMessages:
                     size = utf8_len(m.content) if keep_until else 0
                     args += [m.sender, m.message_id, m.queued_at, m.timestamp, size,
                              encode_message(m, size) if keep_until else ""]
-                calls.append((scripts.RECORD_DELIVERED, self.core.layout.recipient(recipient).all(), args))
+                calls.append((scripts.RECORD_DELIVERED, self.core.layout.script_keys(recipient), args))
                 recipients.append(recipient)
         if calls:
             for recipient, (_, totals) in zip(recipients, await self.core.link.write_many(calls)):

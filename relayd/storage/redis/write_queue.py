@@ -38,6 +38,7 @@ from redis.asyncio.connection import Connection, Encoder
 from ... import tasks
 from ..store import StorageOutcomeUnknown, StorageUnavailable
 from ..health import Health
+from .layout import ScriptKeys
 from .reasons import describe
 from .scripts import Script
 
@@ -53,6 +54,7 @@ Client: TypeAlias = Union["Redis[str]", "RedisCluster[str]"]
 def pack(commands: Sequence[Sequence[Any]], encoder: Encoder) -> bytes:
     """Commands in RESP, as one buffer, exactly as redis-py's ``pack_commands`` packs them.
 
+    A ``ScriptKeys`` argument stands for its keys, whose RESP form it holds.
     str, bytes, int and float (all the store sends) are packed here; anything
     else goes to redis-py's own ``encoder``, which refuses what Redis would
     misread (a bool, None, other objects) with ``DataError``. Kept because
@@ -63,9 +65,15 @@ def pack(commands: Sequence[Sequence[Any]], encoder: Encoder) -> bytes:
     """
     out: list[bytes] = []
     for args in commands:
-        out.append(b"*%d\r\n" % len(args))
+        header = len(out)
+        out.append(b"")
+        count = len(args)
         for arg in args:
             kind = type(arg)
+            if kind is ScriptKeys:
+                out.append(arg.resp)
+                count += len(arg) - 1
+                continue
             if kind is str:
                 data = arg.encode()
             elif kind is bytes:
@@ -75,7 +83,25 @@ def pack(commands: Sequence[Sequence[Any]], encoder: Encoder) -> bytes:
             else:
                 data = bytes(encoder.encode(arg))
             out += (b"$%d\r\n" % len(data), data, b"\r\n")
+        out[header] = b"*%d\r\n" % count
     return b"".join(out)
+
+
+def flat(args: Sequence[Any]) -> tuple[Any, ...]:
+    """The arguments with a ``ScriptKeys`` spelled out (for redis-py's own packing on a Cluster)."""
+    out: list[Any] = []
+    for arg in args:
+        if type(arg) is ScriptKeys:
+            out += arg
+        else:
+            out.append(arg)
+    return tuple(out)
+
+
+def _script_call(script: Script, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+    if type(keys) is ScriptKeys:
+        return ("EVALSHA", script.sha, len(keys), keys, *args)
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -193,13 +219,12 @@ class WriteQueue:
         Raises StorageUnavailable (Redis refused, failed, or the write could not be sent in time) or
         StorageOutcomeUnknown (sent, but not answered in time).
         """
-        return await self._enqueue(("EVALSHA", script.sha, len(keys), *keys, *args), keys[0], script).future
+        return await self._enqueue(_script_call(script, keys, args), keys[0], script).future
 
     async def write_many(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Run several write scripts, queued at once so they share a round trip; their results in order.
         Raises the first failure (as ``write`` does) once all were answered."""
-        writes = [self._enqueue(("EVALSHA", script.sha, len(keys), *keys, *args), keys[0], script)
-                  for script, keys, args in calls]
+        writes = [self._enqueue(_script_call(script, keys, args), keys[0], script) for script, keys, args in calls]
         outcomes = await asyncio.gather(*(w.future for w in writes), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -214,7 +239,7 @@ class WriteQueue:
         """Queue a write script without waiting: it goes out in order with the writes queued after it, often
         in the same round trip. The future holds its result or the error; raises StorageUnavailable at once
         when the store is not open."""
-        return self._enqueue(("EVALSHA", script.sha, len(keys), *keys, *args), keys[0], script).future
+        return self._enqueue(_script_call(script, keys, args), keys[0], script).future
 
     def post_command(self, *args: Any, key: str) -> asyncio.Future[Any]:
         """``post`` for a single write command."""
@@ -419,7 +444,7 @@ class WriteQueue:
                 continue
             by_node.setdefault(node, []).append(i)
         async def run(node: ClusterNode, part: list[int]) -> None:
-            commands = [PipelineCommand(n, *(batch[i].eval_args() if eval_source else batch[i].args))
+            commands = [PipelineCommand(n, *flat(batch[i].eval_args() if eval_source else batch[i].args))
                         for n, i in enumerate(part)]
             acks = self.acks.command if any(batch[i].script is not None for i in part) else None
             if acks is not None:
