@@ -36,6 +36,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 """Each kind's fields, in the order a compact message carries them (``peers`` and ``bus`` name them)."""
 
+_KNOWN = {kind: frozenset(("k", *fields)) for kind, fields in FIELDS.items()}
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
@@ -45,10 +46,9 @@ class Malformed(ValueError):
 
 def _pack(message: Message) -> list[Any] | Message:
     kind = message.get("k")
-    fields = FIELDS.get(kind) if isinstance(kind, str) else None
-    if fields is None or any(name not in fields for name in message if name != "k"):
+    if not isinstance(kind, str) or kind not in FIELDS or not message.keys() <= _KNOWN[kind]:
         return message
-    packed = [kind, *(message.get(name) for name in fields)]
+    packed = [kind, *map(message.get, FIELDS[kind])]
     while len(packed) > 1 and packed[-1] is None:
         packed.pop()
     return packed
