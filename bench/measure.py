@@ -259,7 +259,8 @@ class PeerProbe:
     ``peers`` maps a name to a PID; per window it adds ``{name}_cpu_s`` and,
     with ``redis``, ``redis_cpu_s`` (server CPU), ``redis_calls`` (top-level
     commands, see REDIS_TOP_LEVEL), ``redis_calls_by_command`` and
-    ``redis_net_bytes`` (in + out).
+    ``redis_net_bytes`` (in + out). ``own_cpu_s`` sums their CPU: it is the
+    run's own work, so the window's background load leaves it out.
     """
 
     def __init__(self, peers: dict[str, int], redis: Any, windows: list[str]) -> None:
@@ -288,11 +289,13 @@ class PeerProbe:
             return
         a, b = self.before[window], self._sample()
         fig: dict[str, Any] = {f"{name}_cpu_s": cpu_delta(a[name], b[name]) for name in self.peers}
+        fig["own_cpu_s"] = sum(fig.values())
         if self.redis is not None:
             calls = {k: v - a["redis_calls"].get(k, 0) for k, v in b["redis_calls"].items()}
             fig.update(redis_cpu_s=b["redis_cpu"] - a["redis_cpu"], redis_net_bytes=b["redis_net"] - a["redis_net"],
                        redis_calls=sum(calls.get(k, 0) for k in REDIS_TOP_LEVEL),
                        redis_calls_by_command={k: v for k, v in calls.items() if v})
+            fig["own_cpu_s"] += fig["redis_cpu_s"]
         self.result[window] = fig
 
     def finish(self) -> dict[str, dict[str, Any]]:
@@ -408,23 +411,26 @@ def run_loadgen(server: Server, proc_args: list[list[str]], timeout: float, *,
         i, r = failed[0]
         raise BenchError(f"loadgen {proc_args[i][0]} failed: {(r or {}).get('error')}\n"
                          f"{err_paths[i].read_text(errors='replace')[-1000:]}")
-    computed = {w: {**window_figures(marks, a, b, cores), **extra.get(w, {})} for w, (a, b) in windows.items()
-                if a in marks and b in marks}
+    computed = {w: {**window_figures(marks, a, b, cores, extra.get(w, {}).get("own_cpu_s", 0.0)), **extra.get(w, {})}
+                for w, (a, b) in windows.items() if a in marks and b in marks}
     return LoadRun([r for r in results if r is not None], marks, computed)
 
 
-def window_figures(marks: dict[str, dict[str, Any]], start: str, end: str, cores: int | None) -> dict[str, Any]:
-    """Server CPU, loadgen CPU (sum and busiest process), RSS, write syscalls from /proc, background load."""
+def window_figures(marks: dict[str, dict[str, Any]], start: str, end: str, cores: int | None,
+                   own_cpu_s: float = 0.0) -> dict[str, Any]:
+    """Server CPU, loadgen CPU (sum and busiest process), RSS, write syscalls from /proc, background load.
+    ``own_cpu_s``: CPU of the run's other processes (a second instance, redis-server), not background."""
     a, b = marks[start], marks[end]
     wall = max(1e-9, b["t"] - a["t"])
     lg = [cpu_delta(x, y) for x, y in zip(a["lg_cpu"], b["lg_cpu"])]
     server_cpu = cpu_delta(a["cpu"], b["cpu"])
-    background = max(0.0, (b["busy"] - a["busy"] - server_cpu - sum(lg)) / wall)
+    background = max(0.0, (b["busy"] - a["busy"] - server_cpu - sum(lg) - own_cpu_s) / wall)
     if wall >= 0.5:
         BACKGROUND.append(background)
     out = {"wall_s": wall, "cpu_s": server_cpu, "cpu_pct": 100 * server_cpu / wall,
            "lg_cpu_pct": 100 * sum(lg) / wall, "lg_max_pct": 100 * max(lg, default=0.0) / wall,
            "lg_procs": len(lg), "rss_kb": b["rss_kb"], "background_cores": background,
+           "own_cpu_pct": 100 * own_cpu_s / wall,
            "syscw": None if a.get("syscw") is None or b.get("syscw") is None else b["syscw"] - a["syscw"]}
     out["bottleneck"] = bottleneck(out, cores or os.cpu_count() or 1)
     return out
@@ -436,7 +442,7 @@ def bottleneck(w: dict[str, Any], cores: int) -> str:
         return "server"
     if w["lg_max_pct"] >= SATURATED_PCT:
         return "loadgen"
-    if w["cpu_pct"] + w["lg_cpu_pct"] + 100 * w["background_cores"] >= 0.9 * 100 * cores:
+    if w["cpu_pct"] + w["lg_cpu_pct"] + w.get("own_cpu_pct", 0.0) + 100 * w["background_cores"] >= 0.9 * 100 * cores:
         return "machine"
     return "neither (waits)"
 

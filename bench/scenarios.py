@@ -80,8 +80,12 @@ def load_rows(sec: Section, rounds: Rounds, window: str | Callable[[dict[str, An
                    note="more when one saturated a core and the server did not")
     sec.rounds_row("bottleneck", rounds, w("bottleneck"), ratios=False,
                    note="server / loadgen: >= 85% of a core; machine: all cores busy")
+    if any(isinstance(f, dict) and f["_windows"][window(f) if callable(window) else window].get("own_cpu_pct")
+           for runs in rounds.runs.values() for f in runs):
+        sec.rounds_row("the run's other processes CPU %", rounds, w("own_cpu_pct"), digits=0, ratios=False,
+                       note="a second instance, redis-server")
     sec.rounds_row("background load (cores)", rounds, w("background_cores"), digits=2, ratios=False,
-                   note="other processes on the machine")
+                   note="other processes on the machine (not the run's own)")
 
 
 def share_rows(sec: Section, rounds: Rounds, window: str, prefix: str = "") -> None:

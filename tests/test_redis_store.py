@@ -453,10 +453,13 @@ def test_pack_matches_redis_py_and_refuses_what_redis_would_misread():
     from redis.asyncio.connection import Connection
     from redis.exceptions import DataError
 
-    from relayd.storage.redis.write_queue import pack
+    from relayd.storage.redis.layout import ScriptKeys
+    from relayd.storage.redis.write_queue import flat, pack
     conn = Connection(decode_responses=True)
     commands = [("EVALSHA", "ab" * 20, 1, "k\u00e9y", b"raw\r\n", 0, -7, 1.5, 10**18, ""), ("PING",)]
     assert pack(commands, conn.encoder) == b"".join(conn.pack_commands(commands))
+    keyed = [("EVALSHA", "ab" * 20, 2, ScriptKeys(["{\u00e9}:q", "{x}:n"]), "arg", 3), ("PING",)]
+    assert pack(keyed, conn.encoder) == b"".join(conn.pack_commands([flat(c) for c in keyed]))
     for bad in (True, None, object()):
         with pytest.raises(DataError):
             pack([("SET", "k", bad)], conn.encoder)
@@ -689,6 +692,86 @@ def test_the_inbox_resubscribes_after_a_redis_restart_and_says_so(fresh_redis):
         finally:
             await bus.close()
     with_store(fresh_redis.url, body, probe_interval_s=3600)
+
+
+def test_instances_of_the_older_envelope_form_and_of_the_compact_one_understand_each_other(redis_server):
+    """A rolling upgrade: an older instance sends and reads only objects ({"f", "b"}). A newer one reads them,
+    answers it in objects, and speaks compact arrays only with a peer that said it reads them."""
+    import json
+
+    from redis.asyncio import Redis
+
+    from relayd.cluster.bus import Bus
+    from relayd.cluster.redis_backplane import RedisBackplane
+
+    async def body(store: RedisStore) -> None:
+        backplane = RedisBackplane(store)
+        new, peer = Bus(backplane, "new#1", reply_timeout_s=2.0), Bus(backplane, "new#2", reply_timeout_s=2.0)
+        heard: list[dict[str, Any]] = []
+        new.handler = heard.append
+        peer.handler = lambda message: peer.reply(message, {"n": 1})
+        old_inbox: list[Any] = []
+        wire: list[Any] = []  # what reaches new#2's inbox, seen by a second subscriber
+        raw = Redis.from_url(redis_server.url, decode_responses=True)
+        pubsub = raw.pubsub()
+        channels = backplane.inbox("old#1"), backplane.inbox("new#2")
+        if backplane.sharded:  # as the instances' inboxes are (Redis 7)
+            await pubsub.ssubscribe(*channels)
+        else:
+            await pubsub.subscribe(*channels)
+
+        async def read_raw() -> None:
+            while True:
+                m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if m is not None:
+                    target = old_inbox if m["channel"] == backplane.inbox("old#1") else wire
+                    target.append(json.loads(m["data"]))
+        reader = asyncio.get_running_loop().create_task(read_raw())
+        await new.start()
+        await peer.start()
+        try:
+            await raw.execute_command("SPUBLISH" if backplane.sharded else "PUBLISH", backplane.inbox("new#1"),
+                                      json.dumps({"f": "old#1", "b": [{"k": "offer", "to": "0xabc", "s": 0, "w": 0,
+                                                                        "rid": "5"}]}))
+            await eventually(lambda: _is(len(heard) == 1), what="the older instance's envelope to be read")
+            assert heard[0]["k"] == "offer" and heard[0]["from"] == "old#1" and heard[0]["rid"] == "5"
+            new.reply(heard[0], {"n": 1, "a": 0})
+            await eventually(lambda: _is(len(old_inbox) == 1), what="the answer to the older instance")
+            answer = old_inbox[0]
+            assert isinstance(answer, dict) and answer["f"] == "new#1", answer
+            assert answer["b"] == [{"n": 1, "a": 0, "k": "re", "rid": "5"}]
+
+            for attempt in range(2):  # the first request says "I read compact"; the next one is compact
+                replies, silent = await new.request(["new#2"], {"k": "drain", "to": "0xabc"})
+                assert silent == () and replies["new#2"]["n"] == 1
+            await eventually(lambda: _is(len(wire) == 2), what="both requests on the wire")
+            assert isinstance(wire[0], dict) and wire[0]["v"] == 2, wire[0]
+            assert isinstance(wire[1], list) and wire[1][0] == "new#1" and wire[1][1][0] == "drain", wire[1]
+        finally:
+            reader.cancel()
+            await new.close()
+            await peer.close()
+            await pubsub.aclose()
+            await raw.aclose()
+    with_store(redis_server.url, body, probe_interval_s=3600, key_prefix="envelopes:")
+
+
+def test_compact_envelopes_carry_every_kind_and_leave_unknown_ones_as_objects():
+    from relayd.cluster import envelope
+
+    messages = [{"k": "offer", "to": "0xa", "m": ["0xb", "m1", "c", 1, 2, 0], "s": 0, "w": 3, "rid": "9", "o": 4},
+                {"k": "offer", "to": "0xa", "m": ["0xb", "m2", "c", 1, 2, 7], "s": 1, "w": 0, "keep": 1},
+                {"k": "re", "rid": "9", "n": 1, "a": 0}, {"k": "re", "rid": "10"}, {"k": "ping"},
+                {"k": "pull", "to": "0xa", "since": -1, "seqs": [1, 2]}, {"k": "inv", "a": "0xa"},
+                {"k": "later", "x": 1}, {"k": "push", "to": "0xa", "m": [], "s": 0, "extra": True}]
+    data = envelope.encode("i#1", messages, compact=True)
+    assert data.startswith('["i#1",["offer",') and '"later"' in data
+    assert envelope.decode(data) == ("i#1", messages, True)
+    assert envelope.decode(envelope.encode("i#1", messages, compact=False)) == ("i#1", messages, True)
+    assert envelope.decode('{"f":"old","b":[{"k":"ping"},3]}') == ("old", [{"k": "ping"}], False)
+    for bad in ("", "[]", "{}", '{"f":"x"}', "[1]", "null"):
+        with pytest.raises(envelope.Malformed):
+            envelope.decode(bad)
 
 
 def test_acknowledgements_wait_and_waitaof_and_their_shortfalls():

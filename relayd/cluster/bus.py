@@ -7,8 +7,8 @@ of the server answering, and ``on_subscribed`` is called after every
 (re)subscription, since whatever was published meanwhile is gone.
 
 Everything sent to one instance in one loop iteration travels as one publish
-(``{"f": sender instance, "b": [messages]}``), so a busy pair of instances
-pays one round trip for many messages. A publish that reached no subscriber (the instance is gone
+(an envelope: the sender instance and the messages, see ``envelope``), so a
+busy pair of instances pays one round trip for many messages. A publish that reached no subscriber (the instance is gone
 or resubscribing) counts as an instance that took nothing, at once; one that
 reached it but got no reply within ``reply_timeout_s`` counts the same after
 that time. Messages are JSON objects with a kind ``k``; requests carry ``rid``
@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import json
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import tasks
 from ..storage.store import StorageUnavailable
+from . import envelope
 from .backplane import Backplane
 
 log = logging.getLogger("relayd.cluster")
@@ -37,7 +37,10 @@ REPEAT_WARNING_S = 300.0
 """A subscription that keeps failing for the same reason is logged again at most this often (with a count)."""
 SWEEPS = 10
 """Checks for unanswered requests per reply timeout."""
-Message = dict[str, Any]
+Message = envelope.Message
+MAX_COMPACT_PEERS = 1024
+"""Peers remembered as reading compact envelopes (instance names change at every start: forgotten past this,
+then learned again from their next envelope)."""
 
 
 Replies = Callable[[dict[str, Message], tuple[str, ...]], None]
@@ -92,6 +95,8 @@ class Bus:
         self._sweeper: asyncio.TimerHandle | None = None
         self._outbox: dict[str, list[tuple[Message, Callable[[], None] | None]]] = {}
         self._ids = itertools.count(1)
+        self._compact = {instance}
+        """Instances known to read compact envelopes (the others get objects: ``envelope``)."""
         self._subscribed = asyncio.Event()
         self.problem: str | None = None
         """Why the inbox is not subscribed, while it is not (for readiness), e.g. refused credentials."""
@@ -142,7 +147,7 @@ class Bus:
     def _publish(self) -> None:
         outbox, self._outbox = self._outbox, {}
         for instance, batch in outbox.items():
-            data = json.dumps({"f": self.instance, "b": [body for body, _ in batch]}, separators=(",", ":"))
+            data = envelope.encode(self.instance, [body for body, _ in batch], compact=instance in self._compact)
             callbacks = [unheard for _, unheard in batch if unheard is not None]
             try:
                 sent = self.backplane.publish(instance, data)
@@ -205,15 +210,17 @@ class Bus:
         """``InboxEvents``: an envelope arrived."""
         self.heard = asyncio.get_running_loop().time()
         try:
-            envelope = json.loads(data)
-            sender, messages = str(envelope["f"]), envelope["b"]
-        except (ValueError, KeyError, TypeError):
+            sender, messages, compact = envelope.decode(data)
+        except envelope.Malformed:
             log.warning("ignoring a malformed cluster message")
             return
-        for message in messages if isinstance(messages, list) else ():
-            if isinstance(message, dict):
-                message["from"] = sender
-                self._apply(message)
+        if compact and sender not in self._compact:
+            if len(self._compact) >= MAX_COMPACT_PEERS:
+                self._compact = {self.instance}
+            self._compact.add(sender)
+        for message in messages:
+            message["from"] = sender
+            self._apply(message)
 
     def _apply(self, message: Message) -> None:
         if message.get("k") == "re":

@@ -7,7 +7,10 @@ of being broadcast to every node; older servers get plain
 ``SUBSCRIBE``/``PUBLISH``. Publishes go through the store's ordered write
 queue (``RedisLink``), so one instance's messages to another arrive in the
 order they were sent and share round trips with its writes. The inbox is read
-with redis-py's PubSub on a connection of its own.
+on a redis-py connection of its own, reply by reply, without a read timeout:
+the bus's own heartbeat through the inbox notices a connection gone quiet
+(redis-py's PubSub wrapper cost a few µs per envelope, with two envelopes per
+message across instances).
 
 Redis holds, per address, which instances have sessions of it
 (``{address}:on``: instance -> kind) and who watches it, plus, per hash slot,
@@ -27,8 +30,8 @@ from typing import Any
 
 from redis import exceptions as rx
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 
 from ..storage.redis.layout import slot_tag
 from ..storage.redis.reasons import describe
@@ -95,26 +98,22 @@ class RedisBackplane:
         return sent
 
     async def listen(self, instance: str, events: InboxEvents) -> None:
-        """Subscribe with redis-py's PubSub and read until the connection fails or the inbox's slot moves."""
+        """Subscribe on a connection of its own and read until it fails or the inbox's slot moves."""
         channel = self.inbox(instance)
         while True:
             client: Redis[str] | None = None
-            pubsub: PubSub | None = None
+            conn: AbstractConnection | None = None
             try:
                 client = await self._subscriber(channel)
-                pubsub = client.pubsub()
+                conn = client.connection_pool.make_connection()
                 async with asyncio.timeout(self.deadline_s):
-                    if self.sharded:  # ssubscribe: redis-py >= 5 (not in the types-redis stubs)
-                        await pubsub.ssubscribe(channel)  # type: ignore[attr-defined]
-                    else:
-                        await pubsub.subscribe(channel)
+                    await conn.connect()
+                    await conn.send_command("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", channel)
                 while True:
-                    message = await pubsub.get_message(timeout=1.0)  # None: nothing within 1 s
-                    if message is None:
-                        continue
-                    kind = message.get("type")
+                    reply: Any = await conn.read_response()  # no timeout: the bus's heartbeat notices silence
+                    kind = reply[0] if isinstance(reply, list) and len(reply) == 3 else None
                     if kind in ("message", "smessage"):
-                        events.received(message["data"])
+                        events.received(reply[2])
                     elif kind in ("subscribe", "ssubscribe"):
                         events.confirmed()
                     elif kind in ("sunsubscribe", "unsubscribe"):  # the slot moved: subscribe again
@@ -128,7 +127,7 @@ class RedisBackplane:
             except (rx.RedisError, OSError, TimeoutError) as exc:
                 raise StorageUnavailable(describe(exc)) from exc
             finally:
-                await _close_quietly(pubsub, client, self.deadline_s)
+                await _close_quietly(conn, client, self.deadline_s)
 
     async def _subscriber(self, channel: str) -> Redis[str]:
         """A client of its own to the server, or to the Cluster node that owns the inbox's slot."""
@@ -242,11 +241,11 @@ async def _joined(posted: asyncio.Future[Any]) -> tuple[list[str], PresenceEntri
     return [str(w) for w in watchers], entries(found)
 
 
-async def _close_quietly(pubsub: PubSub | None, client: Redis[str] | None, timeout: float) -> None:
+async def _close_quietly(conn: AbstractConnection | None, client: Redis[str] | None, timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
-            if pubsub is not None:
-                await pubsub.aclose()  # type: ignore[attr-defined]  # redis-py >= 5; not in the types-redis stubs
+            if conn is not None:
+                await conn.disconnect()
             if client is not None:
                 await client.aclose(close_connection_pool=True)  # type: ignore[attr-defined]
     except (rx.RedisError, OSError, TimeoutError):

@@ -71,7 +71,7 @@ class StoreCore:
 
     async def recipient_write(self, script: scripts.Script, address: str, *args: Any) -> Any:
         """Run ``script`` on ``address``'s keys (one hash slot), in write order."""
-        return await self.link.write(script, self.layout.recipient(address).all(), [address, *args])
+        return await self.link.write(script, self.layout.script_keys(address), [address, *args])
 
     def apply_totals(self, address: str, totals: Sequence[Any]) -> None:
         """Take the totals a script returned for ``address``'s slot."""

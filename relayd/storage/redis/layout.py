@@ -43,6 +43,18 @@ def slot_tag(slot: int) -> str:
     return _slot_tags[slot]
 
 
+class ScriptKeys(tuple[str, ...]):
+    """The keys a script declares, with their RESP form built once (``resp``): an address's keys are the same
+    for every write to it, and packing them was most of packing a write (``write_queue.pack``)."""
+
+    resp: bytes
+
+    def __new__(cls, keys: list[str]) -> "ScriptKeys":
+        self = super().__new__(cls, keys)
+        self.resp = b"".join(b"$%d\r\n%s\r\n" % (len(raw), raw) for raw in (k.encode() for k in keys))
+        return self
+
+
 @dataclass(frozen=True, slots=True)
 class RecipientKeys:
     """The keys one message/receipt script works on, in the order the scripts declare them."""
@@ -86,6 +98,7 @@ class Layout:
         # Every write names its address's keys and slot: recently used ones are kept, not rebuilt.
         self.slot_of = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.slot_of)  # type: ignore[method-assign]
         self.recipient = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.recipient)  # type: ignore[method-assign]
+        self.script_keys = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.script_keys)  # type: ignore[method-assign]
 
     def _own(self, address: str, name: str) -> str:
         return f"{self.prefix}{{{address}}}:{name}"
@@ -106,6 +119,10 @@ class Layout:
                              expiry, stats, own(address, "mig"), own(address, "on"), own(address, "w"),
                              own(address, "d"), own(address, "h"), own(address, "ho"), own(address, "hu"),
                              self.history_expiry(self.slot_of(address)))
+
+    def script_keys(self, address: str) -> ScriptKeys:
+        """``recipient(address).all()``, as the message and receipt scripts declare them, packed once."""
+        return ScriptKeys(self.recipient(address).all())
 
     def history_expiry(self, slot: int) -> str:
         """Per slot: ZSET address -> the earliest time one of its kept messages expires."""

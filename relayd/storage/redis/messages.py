@@ -9,6 +9,8 @@ it, so a resend is answered DELIVERED instead of being stored again.
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Sequence
 from typing import Any
 
 from ...frames import utf8_len
@@ -43,10 +45,10 @@ class RedisMessages:
         size = utf8_len(msg.content)
         over = bool(limits.max_total_bytes) and core.totals.bytes + core.other_bytes + size > limits.max_total_bytes
         core.note_slot(core.layout.slot_of(msg.recipient))
-        outcome, seq, _dropped, totals, presence = await core.recipient_write(
+        outcome, seq, _dropped, totals, presence = json.loads(await core.recipient_write(
             scripts.ENQUEUE, msg.recipient, msg.sender, msg.message_id, encode_message(msg, size), size,
             msg.queued_at, limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK,
-            1 if over else 0, ledger, ledger_ttl_ms, watcher, watch_ttl_ms)
+            1 if over else 0, ledger, ledger_ttl_ms, watcher, watch_ttl_ms))
         if outcome in ("queued", "duplicate"):
             msg.seq = int(seq)
         if outcome == "queued":
@@ -76,7 +78,7 @@ class RedisMessages:
     async def record_delivered(self, messages: list[QueuedMessage], keep_until: int = 0) -> None:
         """One script per recipient, all submitted together: one round trip (per Cluster node). With
         ``keep_until``, history keeps them until then."""
-        calls: list[tuple[scripts.Script, list[str], list[Any]]] = []
+        calls: list[tuple[scripts.Script, Sequence[str], list[Any]]] = []
         recipients: list[str] = []
         for recipient, group in by_recipient(messages, lambda m: m.recipient).items():
             self.core.note_slot(self.core.layout.slot_of(recipient))
@@ -86,7 +88,7 @@ class RedisMessages:
                     size = utf8_len(m.content) if keep_until else 0
                     args += [m.sender, m.message_id, m.queued_at, m.timestamp, size,
                              encode_message(m, size) if keep_until else ""]
-                calls.append((scripts.RECORD_DELIVERED, self.core.layout.recipient(recipient).all(), args))
+                calls.append((scripts.RECORD_DELIVERED, self.core.layout.script_keys(recipient), args))
                 recipients.append(recipient)
         if calls:
             for recipient, (_, totals) in zip(recipients, await self.core.link.write_many(calls)):

@@ -10,7 +10,7 @@ from ..store import RECEIPT_BYTES, Receipt
 from . import scripts
 from .connection import Commands
 from .core import StoreCore
-from .records import by_recipient, chunks
+from .records import by_recipient, chunks, compact_json
 
 RECEIPT_CHUNK = 500  # receipts per add_receipts script
 ID_CHUNK = 1000      # seqs per removal script
@@ -32,7 +32,7 @@ class RedisReceipts:
         """Store one recipient's receipts; returns how many were dropped, or -1 when migrated before."""
         args: list[Any] = []
         for r in receipts:
-            args += [json.dumps([r.reader, r.message_id, r.timestamp], separators=(",", ":")), r.timestamp]
+            args += [compact_json([r.reader, r.message_id, r.timestamp]), r.timestamp]
         self.core.note_slot(self.core.layout.slot_of(recipient))
         reply = await self.core.recipient_write(scripts.ADD_RECEIPTS, recipient, cap, ledger, ledger_ttl_ms, *args)
         if int(reply[0]) < 0:

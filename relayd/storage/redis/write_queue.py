@@ -11,7 +11,9 @@ Every write is answered within ``answer_s`` (``socket_timeout_s``, plus the
 WAIT/WAITAOF budget when configured) of being submitted, however Redis
 behaves: one that was never sent is refused (``StorageUnavailable``), one that
 was sent but not answered in time (a timeout, a connection lost mid-reply) is
-``StorageOutcomeUnknown``, since Redis may have applied it. Write batches are
+``StorageOutcomeUnknown``, since Redis may have applied it. One timer for
+the whole queue, set for the oldest unanswered write, does that (a timer per
+write cost more than a tenth of a queued message's CPU). Write batches are
 never retried by the client library for the same reason. On a single server
 they go over one connection of their own, packed by ``pack`` and read without
 per-command timers (the batch's deadline covers it).
@@ -36,6 +38,7 @@ from redis.asyncio.connection import Connection, Encoder
 from ... import tasks
 from ..store import StorageOutcomeUnknown, StorageUnavailable
 from ..health import Health
+from .layout import ScriptKeys
 from .reasons import describe
 from .scripts import Script
 
@@ -51,6 +54,7 @@ Client: TypeAlias = Union["Redis[str]", "RedisCluster[str]"]
 def pack(commands: Sequence[Sequence[Any]], encoder: Encoder) -> bytes:
     """Commands in RESP, as one buffer, exactly as redis-py's ``pack_commands`` packs them.
 
+    A ``ScriptKeys`` argument stands for its keys, whose RESP form it holds.
     str, bytes, int and float (all the store sends) are packed here; anything
     else goes to redis-py's own ``encoder``, which refuses what Redis would
     misread (a bool, None, other objects) with ``DataError``. Kept because
@@ -61,9 +65,15 @@ def pack(commands: Sequence[Sequence[Any]], encoder: Encoder) -> bytes:
     """
     out: list[bytes] = []
     for args in commands:
-        out.append(b"*%d\r\n" % len(args))
+        header = len(out)
+        out.append(b"")
+        count = len(args)
         for arg in args:
             kind = type(arg)
+            if kind is ScriptKeys:
+                out.append(arg.resp)
+                count += len(arg) - 1
+                continue
             if kind is str:
                 data = arg.encode()
             elif kind is bytes:
@@ -73,7 +83,25 @@ def pack(commands: Sequence[Sequence[Any]], encoder: Encoder) -> bytes:
             else:
                 data = bytes(encoder.encode(arg))
             out += (b"$%d\r\n" % len(data), data, b"\r\n")
+        out[header] = b"*%d\r\n" % count
     return b"".join(out)
+
+
+def flat(args: Sequence[Any]) -> tuple[Any, ...]:
+    """The arguments with a ``ScriptKeys`` spelled out (for redis-py's own packing on a Cluster)."""
+    out: list[Any] = []
+    for arg in args:
+        if type(arg) is ScriptKeys:
+            out += arg
+        else:
+            out.append(arg)
+    return tuple(out)
+
+
+def _script_call(script: Script, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+    if type(keys) is ScriptKeys:
+        return ("EVALSHA", script.sha, len(keys), keys, *args)
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -164,6 +192,8 @@ class WriteQueue:
         self._queue: collections.deque[Write] = collections.deque()
         self._batch: list[Write] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        """The one timer that answers overdue writes (``_expire``), set while any write is unanswered."""
         self._refresh_nodes = False
         self.batches = 0
         """Write batches sent (each one pipeline per node): for tests and benchmarks."""
@@ -189,14 +219,13 @@ class WriteQueue:
         Raises StorageUnavailable (Redis refused, failed, or the write could not be sent in time) or
         StorageOutcomeUnknown (sent, but not answered in time).
         """
-        return await self._submit(("EVALSHA", script.sha, len(keys), *keys, *args), keys[0], script)
+        return await self._enqueue(_script_call(script, keys, args), keys[0], script).future
 
     async def write_many(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Run several write scripts, queued at once so they share a round trip; their results in order.
         Raises the first failure (as ``write`` does) once all were answered."""
-        writes = [self._enqueue(("EVALSHA", script.sha, len(keys), *keys, *args), keys[0], script)
-                  for script, keys, args in calls]
-        outcomes = await asyncio.gather(*(self._answer(w) for w in writes), return_exceptions=True)
+        writes = [self._enqueue(_script_call(script, keys, args), keys[0], script) for script, keys, args in calls]
+        outcomes = await asyncio.gather(*(w.future for w in writes), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -204,13 +233,13 @@ class WriteQueue:
 
     async def command(self, *args: Any, key: str) -> Any:
         """Run one write command (routed by ``key`` on a Cluster) in the same ordered queue as scripts."""
-        return await self._submit(args, key, None)
+        return await self._enqueue(args, key, None).future
 
     def post(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue a write script without waiting: it goes out in order with the writes queued after it, often
         in the same round trip. The future holds its result or the error; raises StorageUnavailable at once
         when the store is not open."""
-        return self._enqueue(("EVALSHA", script.sha, len(keys), *keys, *args), keys[0], script).future
+        return self._enqueue(_script_call(script, keys, args), keys[0], script).future
 
     def post_command(self, *args: Any, key: str) -> asyncio.Future[Any]:
         """``post`` for a single write command."""
@@ -225,36 +254,38 @@ class WriteQueue:
         self._queue.append(write)
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
+        if self._deadline is None:
+            self._deadline = loop.call_later(self.answer_s, self._expire)
         return write
 
-    async def _submit(self, args: tuple[Any, ...], key: str, script: Script | None) -> Any:
-        return await self._answer(self._enqueue(args, key, script))
+    # Deadlines
 
-    async def _answer(self, write: Write) -> Any:
-        """The write's result, or its failure, within ``answer_s``."""
-        try:
-            async with asyncio.timeout(self.answer_s):
-                return await asyncio.shield(write.future)
-        except TimeoutError:
-            if write.future.done():  # settled as the timer fired
-                return write.future.result()
-            if not write.sent:
-                try:
-                    self._queue.remove(write)
-                except ValueError:
-                    pass
-                write.future.cancel()
-                raise self.health.fail("Redis writes are backed up: a write could not be sent within [redis] "
-                                       "socket_timeout_s") from None
-            raise self.health.fail("Redis did not answer a write within [redis] socket_timeout_s (it may have "
-                                   "been applied)", unknown=True) from None
+    def _expire(self) -> None:
+        """Answer every write that waited ``answer_s``: unsent, refused (and taken off the queue); sent, its
+        outcome unknown. Then wait for the oldest one left: one timer for the whole queue, not one per write."""
+        self._deadline = None
+        now = time.monotonic()
+        self._refuse_stale(now)
+        overdue = [w for w in self._batch if not w.future.done() and now - w.submitted >= self.answer_s]
+        unsent = [w for w in overdue if not w.sent]
+        if unsent:
+            self._settle(unsent, self.health.fail("Redis writes are backed up: a write could not be sent within "
+                                                  "[redis] socket_timeout_s"))
+        if len(unsent) < len(overdue):
+            self._settle([w for w in overdue if w.sent], self.health.fail(
+                "Redis did not answer a write within [redis] socket_timeout_s (it may have been applied)",
+                unknown=True))
+        oldest = self.oldest_write()
+        if oldest is not None:
+            self._deadline = asyncio.get_running_loop().call_later(
+                max(0.0, oldest + self.answer_s - time.monotonic()), self._expire)
 
     # Sending
 
     async def _flush(self) -> None:
         """Send queued writes, a batch at a time, until the queue is empty."""
         while self._queue:
-            self._refuse_stale()
+            self._refuse_stale(time.monotonic())
             batch = self._batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
             if not batch:
                 break
@@ -275,13 +306,12 @@ class WriteQueue:
                 self._batch = []
             self.batches += 1
 
-    def _refuse_stale(self) -> None:
-        """Refuse, unsent, the writes that waited longer than ``answer_s`` for their turn (posted ones have no
-        caller to time them out)."""
+    def _refuse_stale(self, now: float) -> None:
+        """Refuse, unsent, the queued writes that waited ``answer_s`` for their turn."""
         stale: list[Write] = []
-        now = time.monotonic()
-        while self._queue and now - self._queue[0].submitted > self.answer_s:
+        while self._queue and now - self._queue[0].submitted >= self.answer_s:
             stale.append(self._queue.popleft())
+        stale = [w for w in stale if not w.future.done()]
         if stale:
             self._settle(stale, self.health.fail("Redis writes are backed up: a write could not be sent within "
                                                  "[redis] socket_timeout_s"))
@@ -314,6 +344,9 @@ class WriteQueue:
             await tasks.stop(flusher, stop_s)
         queued, self._queue = list(self._queue), collections.deque()
         self._settle(queued, StorageUnavailable("store is closed"))
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def _deliver(self, batch: Sequence[Write], results: Sequence[Any]) -> None:
         """Hand each write its result; a refusal fails that write and marks the link unhealthy."""
@@ -411,7 +444,7 @@ class WriteQueue:
                 continue
             by_node.setdefault(node, []).append(i)
         async def run(node: ClusterNode, part: list[int]) -> None:
-            commands = [PipelineCommand(n, *(batch[i].eval_args() if eval_source else batch[i].args))
+            commands = [PipelineCommand(n, *flat(batch[i].eval_args() if eval_source else batch[i].args))
                         for n, i in enumerate(part)]
             acks = self.acks.command if any(batch[i].script is not None for i in part) else None
             if acks is not None:

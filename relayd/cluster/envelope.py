@@ -1,0 +1,90 @@
+"""How the bus's envelopes look on the wire: compact JSON arrays, and the older objects, both read.
+
+Compact (this version): ``[sender, message, ...]``, each message an array
+``[kind, field, ...]`` with the kind's fields in the order of ``FIELDS``
+(trailing absent ones left out, absent ones in between ``null``); a message
+of a kind not in ``FIELDS`` travels as an object. Older instances send and
+read only objects, ``{"f": sender, "b": [messages]}``: an instance sends
+objects to a peer until it has heard from that peer that it reads arrays
+(a compact envelope, or an object with ``"v": 2``, which older instances
+ignore), so instances of both versions work together during a rolling
+upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+Message = dict[str, Any]
+
+COMPACT = 2
+"""The ``v`` an instance that reads compact envelopes puts in the objects it sends."""
+
+FIELDS: dict[str, tuple[str, ...]] = {
+    "offer": ("to", "m", "s", "w", "rid", "o", "keep"),
+    "re": ("rid", "n", "a"),
+    "push": ("to", "m", "s"),
+    "pull": ("to", "since", "seqs"),
+    "frame": ("to", "f", "rid"),
+    "drain": ("to", "rid"),
+    "evict": ("to",),
+    "key": ("to",),
+    "inv": ("a", "rid"),
+    "ping": (),
+}
+"""Each kind's fields, in the order a compact message carries them (``peers`` and ``bus`` name them)."""
+
+_KNOWN = {kind: frozenset(("k", *fields)) for kind, fields in FIELDS.items()}
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class Malformed(ValueError):
+    """An envelope that is neither form."""
+
+
+def _pack(message: Message) -> list[Any] | Message:
+    kind = message.get("k")
+    if not isinstance(kind, str) or kind not in FIELDS or not message.keys() <= _KNOWN[kind]:
+        return message
+    packed = [kind, *map(message.get, FIELDS[kind])]
+    while len(packed) > 1 and packed[-1] is None:
+        packed.pop()
+    return packed
+
+
+def _unpack(packed: Any) -> Message | None:
+    if isinstance(packed, dict):
+        return packed
+    if not isinstance(packed, list) or not packed or not isinstance(packed[0], str):
+        return None
+    fields = FIELDS.get(packed[0])
+    if fields is None:
+        return None
+    message: Message = {"k": packed[0]}
+    for name, value in zip(fields, packed[1:]):
+        if value is not None:
+            message[name] = value
+    return message
+
+
+def encode(sender: str, messages: Iterable[Message], *, compact: bool) -> str:
+    """One envelope: compact for a peer known to read it, else an object that says this instance does."""
+    if compact:
+        return _dumps([sender, *(_pack(m) for m in messages)])
+    return _dumps({"f": sender, "b": list(messages), "v": COMPACT})
+
+
+def decode(data: str | bytes) -> tuple[str, list[Message], bool]:
+    """(sender, its messages, whether the sender reads compact envelopes). Raises Malformed."""
+    try:
+        envelope = json.loads(data)
+    except ValueError:
+        raise Malformed("not JSON") from None
+    if isinstance(envelope, list) and envelope and isinstance(envelope[0], str):
+        return envelope[0], [m for m in map(_unpack, envelope[1:]) if m is not None], True
+    if isinstance(envelope, dict) and "f" in envelope and isinstance(envelope.get("b"), list):
+        return (str(envelope["f"]), [m for m in envelope["b"] if isinstance(m, dict)],
+                envelope.get("v") == COMPACT)
+    raise Malformed("neither a compact nor an object envelope")
