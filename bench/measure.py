@@ -479,10 +479,12 @@ def run_rounds(ctx: Any, tag: str, variants: list[Any], one_run: RunOne, *, roun
     ``one_run(server, procs)`` drives the load with ``procs`` load processes
     and returns flat figures; with ``saturation_window`` (a window name, or
     a function of the figures that names it) it also returns ``_windows``
-    (window name -> window figures). When the busiest load
-    process used SATURATED_PCT of a core while the server did not, that run
-    is discarded and repeated with one more process (up to ``max_procs``),
-    and the variant keeps that many for its later rounds.
+    (window name -> window figures). When the busiest load process used
+    SATURATED_PCT of a core while the server did not, that run is discarded
+    and the whole round is run again with one more process (up to
+    ``max_procs``): every server of a round, and of every later round, gets
+    the same number of load processes, so a phase paced at a fraction of each
+    one's maximum is compared under the same load on the machine.
     """
     rounds = rounds or ctx.rounds
     labels = [v.label for v in variants]
@@ -490,30 +492,33 @@ def run_rounds(ctx: Any, tag: str, variants: list[Any], one_run: RunOne, *, roun
     n = len(variants)
     for r in range(rounds):
         order = variants[r % n:] + variants[:r % n] if n else []
-        for v in order:
-            key = f"{tag}:{v.label}"
-            procs = ctx.procs_plan.get(key, 1)
-            while True:
+        while True:
+            procs = ctx.procs_plan.get(tag, 1)
+            results: dict[str, Any] = {}
+            for v in order:
                 try:
                     with ctx.server(v) as srv:
                         figures = one_run(srv, procs)
                 except Exception as exc:
                     ctx.problems.append(f"{tag}/{v.label}/round {r + 1} failed: {exc}".rstrip())
-                    out.runs[v.label].append("error")
-                    break
+                    results[v.label] = "error"
+                    continue
                 name = saturation_window(figures) if callable(saturation_window) else saturation_window
                 w = (figures.get("_windows") or {}).get(name) if name else None
                 if (w and procs < max_procs and w["lg_max_pct"] >= SATURATED_PCT
                         and w["cpu_pct"] < SATURATED_PCT):
                     out.discarded.append({"label": v.label, "round": r + 1, "procs": procs,
                                           "reason": f"one load process at {w['lg_max_pct']:.0f}% of a core, "
-                                                    f"server at {w['cpu_pct']:.0f}%"})
-                    procs += 1
-                    ctx.procs_plan[key] = procs
-                    continue
+                                                    f"server at {w['cpu_pct']:.0f}%: the round runs again with "
+                                                    f"{procs + 1} for every server"})
+                    ctx.procs_plan[tag] = procs + 1
+                    break
                 figures["_procs"] = procs
-                out.runs[v.label].append(figures)
+                results[v.label] = figures
+            else:
                 break
+        for v in variants:
+            out.runs[v.label].append(results[v.label])
             out.procs[v.label] = procs
     return out
 
