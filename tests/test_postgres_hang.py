@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support import A, B, C, ProcessRelay, frames_until_pong, msg, pong_next, scaled, wait_until
+from support import A, B, C, ProcessRelay, frames_until_pong, msg, pg_cluster_env, pong_next, scaled, wait_until
 from tcp_proxy import TcpProxy
 
 pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
@@ -162,3 +162,41 @@ def test_every_call_is_answered_in_bounded_time_while_postgres_hangs_and_all_rec
         relay.stop()
         proxy.stop()
 
+
+
+def test_the_cluster_inbox_notices_its_stalled_link_and_is_back_after_the_heal(tmp_path, fresh_pg, process_relays):
+    """A LISTEN connection on a stalled link never closes: node0 must ask (a ping within command_timeout_s), give
+    the inbox up, and subscribe again once the link works, without a restart; a message from node1 to a session
+    on node0 arrives before and after."""
+    proxy = TcpProxy(fresh_pg.port)
+    url = fresh_pg.new_database()
+    proxied = f"postgresql://postgres@127.0.0.1:{proxy.port}/{url.rsplit('/', 1)[1]}"
+    envs = [pg_cluster_env(proxied, "node0"), pg_cluster_env(url, "node1")]
+    command_s = float(envs[0]["RELAYD_POSTGRES_COMMAND_TIMEOUT_S"])
+    nodes = [process_relays(tmp_path / f"node{i}", env=env, wait=False) for i, env in enumerate(envs)]
+    try:
+        for node in nodes:
+            node.wait_ready()
+        with nodes[0].ws() as receiver, nodes[1].ws() as sender:
+            receiver.auth(B)
+            sender.auth(A)
+            sender.send(msg(B, "m0"))
+            assert _answer(sender, "m0") in ("delivered", "queued")
+            assert receiver.recv_type("message")["messageId"] == "m0"
+
+            proxy.stall("client->server")
+            proxy.stall("server->client")
+            try:
+                nodes[0].wait_log("cluster inbox lost (the cluster inbox's PostgreSQL connection did not answer",
+                                  timeout=1.0 + command_s + scaled(2.0))
+            finally:
+                proxy.heal()
+            wait_until(lambda: nodes[0].http("GET", "/health/ready").status == 200, "node0 ready after the heal",
+                       timeout=scaled(10))
+
+            sender.send(msg(B, "m1"))
+            assert _answer(sender, "m1") in ("delivered", "queued")
+            assert receiver.recv_type("message", timeout=5)["messageId"] == "m1"
+        assert all(node.proc.poll() is None for node in nodes), "no restart"
+    finally:
+        proxy.stop()
