@@ -158,11 +158,12 @@ class PgLink:
             return bound[1]
         return asyncio.get_running_loop().time() + self.deadline_s
 
-    def _server_settings(self, application_name: str) -> dict[str, str]:
-        """Startup parameters: the server gives up on what relayd has stopped waiting for."""
-        return {"application_name": application_name,
-                "statement_timeout": str(max(1, int(self.command_timeout_s * 1000))),
-                "idle_in_transaction_session_timeout": str(max(1, int(self.deadline_s * 1000)))}
+    @property
+    def _server_timeouts(self) -> str:
+        """The server gives up on what relayd has stopped waiting for. Set by ``SET`` (not as startup parameters,
+        which PgBouncer refuses), again after each reset of a pooled connection (``RESET ALL`` drops them)."""
+        return (f"SET statement_timeout = {max(1, int(self.command_timeout_s * 1000))}; "
+                f"SET idle_in_transaction_session_timeout = {max(1, int(self.deadline_s * 1000))}")
 
     @property
     def problem(self) -> str | None:
@@ -196,7 +197,8 @@ class PgLink:
         pool = await asyncpg.create_pool(
             self.url or None, min_size=self.pool_min, max_size=self.pool_size,
             timeout=self.connect_timeout_s, command_timeout=self.command_timeout_s,
-            server_settings=self._server_settings("relayd"))
+            server_settings={"application_name": "relayd"}, init=self._set_timeouts,
+            connection_class=_keeping(self._server_timeouts))
         try:
             async with pool.acquire(timeout=self.connect_timeout_s) as conn:
                 await migrate(conn)
@@ -210,9 +212,18 @@ class PgLink:
     async def connect_one(self, application_name: str = "relayd") -> Any:
         """A connection outside the pool (the owner lock's, the cluster inbox's)."""
         import asyncpg
-        return await asyncpg.connect(self.url or None, timeout=self.connect_timeout_s,
+        conn = await asyncpg.connect(self.url or None, timeout=self.connect_timeout_s,
                                      command_timeout=self.command_timeout_s,
-                                     server_settings=self._server_settings(application_name))
+                                     server_settings={"application_name": application_name})
+        try:
+            await self._set_timeouts(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _set_timeouts(self, conn: Any) -> None:
+        await conn.execute(self._server_timeouts)
 
     async def close(self) -> None:
         await self._owner.release()
@@ -415,6 +426,18 @@ class PgLink:
 
 async def _select_one(conn: Any) -> None:
     await conn.fetchval("SELECT 1")
+
+
+def _keeping(settings: str) -> Any:
+    """asyncpg's connection class, whose reset before going back to the pool applies ``settings`` again (asyncpg's
+    documented way: ``get_reset_query``)."""
+    import asyncpg
+
+    class Connection(asyncpg.Connection):  # type: ignore[misc]
+        def get_reset_query(self) -> str:
+            reset = super().get_reset_query()
+            return f"{reset}; {settings}" if reset else settings
+    return Connection
 
 
 def _drop(conn: Any) -> None:
