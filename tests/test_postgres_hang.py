@@ -10,6 +10,7 @@ A hang is worse than an outage: nothing is refused, nothing answers. With ``conn
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -200,3 +201,37 @@ def test_the_cluster_inbox_notices_its_stalled_link_and_is_back_after_the_heal(t
         assert all(node.proc.poll() is None for node in nodes), "no restart"
     finally:
         proxy.stop()
+
+
+def test_a_write_that_waits_past_its_deadline_fails_unsent_and_the_next_still_waits_for_the_earlier_one():
+    """``AddressOrder`` with deadlines: a hung write of one recipient makes the next one fail (unsent) at its own
+    deadline rather than after the hung one's; a third, submitted meanwhile, still starts only after the first."""
+    from relayd.storage.postgres.order import AddressOrder
+    from relayd.storage.store import StorageUnavailable
+
+    async def body() -> list[str]:
+        loop = asyncio.get_running_loop()
+        order = AddressOrder(lambda: StorageUnavailable("late"))
+        events: list[str] = []
+        release = asyncio.Event()
+
+        async def write(name: str) -> str:
+            events.append(f"{name} runs")
+            if name == "first":
+                await release.wait()
+            events.append(f"{name} ends")
+            return name
+        first = asyncio.ensure_future(order.run(["bob"], lambda: write("first")))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(order.run(["bob"], lambda: write("second"), loop.time() + 0.05))
+        await asyncio.sleep(0)
+        third = asyncio.ensure_future(order.run(["bob"], lambda: write("third"), loop.time() + 5))
+        with pytest.raises(StorageUnavailable):
+            await second
+        events.append("second failed")
+        await asyncio.sleep(0.05)
+        assert not third.done()
+        release.set()
+        assert await first == "first" and await third == "third"
+        return events
+    assert asyncio.run(body()) == ["first runs", "second failed", "first ends", "third runs", "third ends"]
