@@ -129,7 +129,13 @@ FAULTS: dict[str, Callable[[Workload, History], None]] = {
 }
 ROUNDS = 2
 
-OPEN_FINDINGS: dict[str, str] = {}
+OPEN_FINDINGS: dict[str, str] = {
+    "table_lock": "1 run in 5 (2026-12-07): one order finding. A message answered queued through node1 as the lock "
+                  "ended reached its recipient's session on node0 30 ms after the sender's next message, sent later "
+                  "through node2 and delivered live; every instance's inbox had resubscribed ('heard nothing, not "
+                  "even its own heartbeat': its self-ping waits behind the writes the lock holds), so node0's queue "
+                  "read and the notices race there. Not understood yet.",
+}
 """Faults whose check failed in the last runs and are not yet understood: run, reported, not required."""
 FAULT_PARAMS = [pytest.param(name, r, id=f"{name}-{r}",
                              marks=[pytest.mark.xfail(strict=False, reason=OPEN_FINDINGS[name])]

@@ -119,10 +119,11 @@ class PgLink:
         self.deadline_s = connect_timeout_s + command_timeout_s
         """The longest an operation waits, from its submission to its answer."""
         self.health = Health(min(OVERDUE_S, command_timeout_s), server="PostgreSQL", waiting="operation")
-        self._in_flight: dict[object, float] = {}
-        self.health.oldest_write = self._oldest
         """Failures and recoveries; its ``on_recovery`` is called when an operation succeeds after a failure
         (the store reads its totals again)."""
+        self._in_flight: dict[object, float] = {}
+        """When each operation under way was submitted (monotonic): the oldest tells a hang (``Health``)."""
+        self.health.oldest_write = self._oldest
         self._probe: asyncio.Task[None] | None = None
         self._owner = PgOwner()
         self.writing: set[asyncio.Future[None]] = set()
