@@ -130,7 +130,7 @@ class PostgresBackplane:
         self._outbox: list[tuple[str, list[str], str, asyncio.Future[int], list[asyncio.Future[None]]]] = []
         self._wake: asyncio.Event | None = None
         self._publisher: asyncio.Task[None] | None = None
-        self._routed = AddressOrder(self.link.late)
+        self._routed = AddressOrder()
         """Per recipient, routed writes and spends one after the other, in the order they were made."""
 
     @staticmethod
@@ -377,8 +377,8 @@ class PostgresBackplane:
     async def _in_order(self, recipients: list[str], write: Callable[[], Awaitable[T]]) -> T:
         """Run ``write`` once the routed writes of these recipients made before it have ended (either way), all
         within one deadline of the link's (a hang answers each in time, not one after the other's timeout)."""
-        with self.link.bounded() as deadline:
-            return await self._routed.run(recipients, write, deadline)
+        with self.link.bounded():
+            return await self._routed.run(recipients, write)
 
     async def spend(self, key: str, recipient: str, budget: int, window_ms: int) -> bool:
         blind = self.queue_key  # no address (nor IP address) in clear in a budget either

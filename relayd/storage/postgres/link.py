@@ -140,7 +140,8 @@ class PgLink:
     @contextmanager
     def bounded(self) -> Iterator[float]:
         """This task's operations from here on (waits for earlier writes included) end by one deadline,
-        ``deadline_s`` from now unless an outer ``bounded`` set an earlier one; yields it (the loop's clock)."""
+        ``deadline_s`` from now unless an outer ``bounded`` set an earlier one; yields it (the loop's clock). An
+        operation started past it fails at once without being sent."""
         task = asyncio.current_task()
         outer = _DEADLINE.get()
         if outer is not None and outer[0] is task:
@@ -279,8 +280,8 @@ class PgLink:
     async def _on_a_connection(self, job: Job[T], write: bool, transaction: bool, deadline: float,
                                loop: asyncio.AbstractEventLoop) -> T:
         left = deadline - loop.time()
-        if left <= 0:  # the earlier writes it had to wait for took its time
-            raise self.late()
+        if left <= 0:  # the earlier writes it had to wait for took its time: nothing is sent
+            raise self._fail_reason(self._late(), unknown=False)
         try:
             conn = await self._pool.acquire(timeout=min(self.connect_timeout_s, left))
         except (asyncio.TimeoutError, TimeoutError):
@@ -309,9 +310,6 @@ class PgLink:
     def _late(self) -> str:
         return f"PostgreSQL did not answer within {self.deadline_s:g} s (connect_timeout_s + command_timeout_s)"
 
-    def late(self) -> StorageUnavailable:
-        """The error of an operation whose deadline passed before it was sent (earlier writes took its time)."""
-        return self._fail_reason(self._late(), unknown=False)
 
     async def _attempts(self, conn: Any, job: Job[T], write: bool, transaction: bool, attempt: _Attempt) -> T:
         for n in range(_DEADLOCK_RETRIES):

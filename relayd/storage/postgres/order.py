@@ -7,9 +7,9 @@ commit its seqs before the earlier one. Enqueues for disjoint recipients
 still run in parallel. (Only enqueues are ordered so: deletes and receipts
 keep running side by side, as before.)
 
-A write waits for the earlier ones only until its deadline (the link's
-``bounded``): past it, it fails without being sent (``late()``), and the
-writes after it still wait for those earlier ones to end.
+A write that waited for earlier ones past its deadline (the link's
+``bounded``) fails without being sent, once they have ended: the answers of
+one recipient's writes keep their order too.
 """
 
 from __future__ import annotations
@@ -22,39 +22,26 @@ T = TypeVar("T")
 
 
 class AddressOrder:
-    """Each write waits for the writes submitted before it that touch one of its addresses; ``late()`` is the
-    error of one that waited past its deadline."""
+    """Each write waits for the writes submitted before it that touch one of its addresses."""
 
-    def __init__(self, late: Callable[[], Exception]) -> None:
+    def __init__(self) -> None:
         self._last: dict[str, asyncio.Future[None]] = {}
-        self._late = late
 
-    async def run(self, addresses: Iterable[str], job: Callable[[], Awaitable[T]], until: float | None = None) -> T:
-        """Await ``job()`` once every earlier write of ``addresses`` is over (failed or cancelled ones too); raise
-        ``late()`` instead when they are not over by ``until`` (the loop's clock).
+    async def run(self, addresses: Iterable[str], job: Callable[[], Awaitable[T]]) -> T:
+        """Await ``job()`` once every earlier write of ``addresses`` is over (failed or cancelled ones too).
 
         Its place is taken when this coroutine starts, before it first waits."""
-        loop = asyncio.get_running_loop()
-        mine: asyncio.Future[None] = loop.create_future()
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         touched = set(addresses)
         earlier = [prev for a in touched if (prev := self._last.get(a)) is not None]
         for address in touched:
             self._last[address] = mine
-        pending: set[asyncio.Future[None]] = set()
         try:
             if earlier:
-                _, pending = await asyncio.wait(earlier, timeout=None if until is None else until - loop.time())
-                if pending:
-                    raise self._late()
+                await asyncio.wait(earlier)
             return await job()
         finally:
-            if pending:  # the writes after this one still start after the earlier ones
-                asyncio.gather(*pending).add_done_callback(lambda _: self._over(mine, touched))
-            else:
-                self._over(mine, touched)
-
-    def _over(self, mine: asyncio.Future[None], touched: set[str]) -> None:
-        mine.set_result(None)
-        for address in touched:
-            if self._last.get(address) is mine:
-                del self._last[address]
+            mine.set_result(None)
+            for address in touched:
+                if self._last.get(address) is mine:
+                    del self._last[address]

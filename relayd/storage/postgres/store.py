@@ -66,7 +66,7 @@ class PostgresStore:
         self._keys = PgKeyDirectory(self._link, self._totals)
         self._push = PgPushTable(self._link, self._totals)
         self._history_ms = 0
-        self._order = AddressOrder(self._link.late)
+        self._order = AddressOrder()
 
     @property
     def link(self) -> PgLink:
@@ -123,9 +123,8 @@ class PostgresStore:
     async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
         if not messages:
             return []
-        with self._link.bounded() as deadline:
-            return await self._order.run((m.recipient for m in messages), lambda: self._enqueue_many(messages, limits),
-                                         deadline)
+        with self._link.bounded():
+            return await self._order.run((m.recipient for m in messages), lambda: self._enqueue_many(messages, limits))
 
     async def _enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
         if self._totals.stale:
