@@ -147,8 +147,8 @@ class PostgresBackplane:
     # Inboxes
 
     def publish(self, instance: str, data: str) -> asyncio.Future[int]:
-        if not self.link.healthy:
-            raise StorageUnavailable(self.link.problem or "PostgreSQL is unavailable")
+        if self.link.health.failure is not None:  # not merely slow: a notice goes on a connection of its own
+            raise StorageUnavailable(self.link.health.failure)
         sent: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         sent.add_done_callback(_retrieve)
         channel = self.channel(instance)
@@ -282,8 +282,8 @@ class PostgresBackplane:
 
     def join(self, address: str, instance: str, kind: str,
              watch_ttl_ms: int) -> asyncio.Future[tuple[list[str], PresenceEntries]]:
-        if not self.link.healthy:
-            raise StorageUnavailable(self.link.problem or "PostgreSQL is unavailable")
+        if self.link.health.failure is not None:
+            raise StorageUnavailable(self.link.health.failure)
         return asyncio.ensure_future(self._join(address, instance, kind, watch_ttl_ms))
 
     async def _join(self, address: str, instance: str, kind: str,

@@ -42,6 +42,12 @@ class Health:
         return self.problem is None
 
     @property
+    def failure(self) -> str | None:
+        """The last failure's reason until a write succeeds; unlike ``problem``, not a write that is merely slow
+        (a link that answers slowly still carries what else is sent on it)."""
+        return self._problem
+
+    @property
     def problem(self) -> str | None:
         if self._problem is not None:
             return self._problem
