@@ -129,17 +129,7 @@ FAULTS: dict[str, Callable[[Workload, History], None]] = {
 }
 ROUNDS = 2
 
-OPEN_FINDINGS: dict[str, str] = {
-    "table_lock": "2 runs in 8 (2026-12-07): one order finding each. A message answered queued through node1 as the "
-                  "lock ended reached its recipient's session on node0 after the sender's next message, sent later "
-                  "through node2 and delivered live; every instance's inbox had resubscribed ('heard nothing, not "
-                  "even its own heartbeat': its self-ping waits behind the writes the lock holds), so node0's queue "
-                  "read and the notices race there. Not understood yet.",
-    "pg_freeze": "1 run in 8 (2026-12-07): late_behind_open_session=2. Two messages answered queued during the "
-                 "freeze reached their recipient only 4.7 s later, on its next session, not on the one open; the "
-                 "instances' presence had lapsed and two inboxes had resubscribed ('heard nothing') at the thaw. "
-                 "Not understood yet.",
-}
+OPEN_FINDINGS: dict[str, str] = {}
 """Faults whose check failed in the last runs and are not yet understood: run, reported, not required."""
 FAULT_PARAMS = [pytest.param(name, r, id=f"{name}-{r}",
                              marks=[pytest.mark.xfail(strict=False, reason=OPEN_FINDINGS[name])]
