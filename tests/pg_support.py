@@ -80,6 +80,7 @@ class PgServer:
                 os.chown(place, *self.user)
         self.port = free_port()
         self.fsync = fsync
+        self._frozen: list[int] = []
         self.max_connections = max_connections
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.root / "postgres.log"
@@ -164,6 +165,7 @@ class PgServer:
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> None:
         """Stop by PID: SIGINT is ``pg_ctl stop -m fast`` (clients cut, a clean checkpoint), SIGKILL a crash."""
+        self.thaw()
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -188,6 +190,36 @@ class PgServer:
         wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in children),
                    "the server's processes gone", timeout=10)
 
+    def freeze(self) -> None:
+        """SIGSTOP the postmaster, then every process it started: a hung server (connections stay open, nothing
+        answers, new connections wait in the listen queue); ``thaw()`` ends it."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)  # first: it starts no backend while its children stop
+        self._frozen = [self.proc.pid, *_children(self.proc.pid)]
+        for pid in self._frozen[1:]:
+            _signal(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT every process ``freeze()`` stopped (safe to call when nothing is frozen)."""
+        frozen, self._frozen = self._frozen, []
+        for pid in reversed(frozen):
+            _signal(pid, signal.SIGCONT)
+
+    def hold_lock(self, table: str, database: str, seconds: float) -> subprocess.Popen[bytes]:
+        """A separate session that holds ``LOCK TABLE table IN ACCESS EXCLUSIVE MODE`` for ``seconds`` (a blocked
+        server: every statement on the table waits); returns once the lock is granted. Wait on the process."""
+        psql = os.path.join(self.bindir, "psql")
+        if not os.access(psql, os.X_OK):
+            psql = shutil.which("psql") or "psql"
+        proc = subprocess.Popen([psql, "-X", "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d",
+                                 database, "-c", f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE; "
+                                 f"SELECT pg_sleep({seconds}); COMMIT;"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.psql(f"SELECT count(*) FROM pg_locks WHERE granted AND mode = 'AccessExclusiveLock' "
+                                     f"AND relation = '{table}'::regclass", database) == "1",
+                   f"LOCK TABLE {table} granted", timeout=10, interval=0.02)
+        return proc
+
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -205,6 +237,13 @@ def _children(parent: int) -> list[int]:
             except (OSError, ValueError, IndexError):
                 continue
     return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _alive(pid: int) -> bool:

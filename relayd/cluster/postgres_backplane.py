@@ -49,6 +49,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..storage.postgres.link import describe, server_cannot_serve
+from ..storage.postgres.order import AddressOrder
 from ..storage.postgres.queue import pairs
 from ..storage.postgres.store import PostgresStore
 from ..storage.sealing import SealError
@@ -61,7 +62,7 @@ T = TypeVar("T")
 CHUNK = 7900
 """Characters of an envelope per notification (ASCII JSON: bytes), leaving room for the header under 8000."""
 CHECK_S = 1.0
-"""How often a quiet inbox connection is checked for having closed."""
+"""How often a quiet inbox connection is checked for having closed, or hung (``PostgresBackplane._ping``)."""
 PUBLISH = ("SELECT (SELECT count(pg_notify(c, p)) FROM unnest($1::text[], $2::text[]) AS u(c, p)) AS sent, "
            "ARRAY(SELECT DISTINCT application_name FROM pg_stat_activity WHERE application_name = ANY($3::text[])) "
            "AS heard")
@@ -122,8 +123,8 @@ class PostgresBackplane:
         self._outbox: list[tuple[str, list[str], str, asyncio.Future[int], list[asyncio.Future[None]]]] = []
         self._wake: asyncio.Event | None = None
         self._publisher: asyncio.Task[None] | None = None
-        self._tails: dict[str, asyncio.Future[None]] = {}
-        """Per recipient, the end of its last routed write made so far (the next one starts after it)."""
+        self._routed = AddressOrder()
+        """Per recipient, routed writes and spends one after the other, in the order they were made."""
 
     @staticmethod
     def channel(instance: str) -> str:
@@ -139,8 +140,8 @@ class PostgresBackplane:
     # Inboxes
 
     def publish(self, instance: str, data: str) -> asyncio.Future[int]:
-        if not self.link.healthy:
-            raise StorageUnavailable(self.link.problem or "PostgreSQL is unavailable")
+        if self.link.health.failure is not None:  # not merely slow: a notice goes on a connection of its own
+            raise StorageUnavailable(self.link.health.failure)
         sent: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         sent.add_done_callback(_retrieve)
         channel = self.channel(instance)
@@ -180,7 +181,8 @@ class PostgresBackplane:
                 except Exception as exc:
                     if not server_cannot_serve(exc):
                         log.exception("publishing cluster notices failed")
-                    await _close(conn)
+                    if conn is not None:
+                        conn.terminate()  # lost or hung: a graceful close would hold up the next batch
                     conn = None
                     failure = StorageUnavailable(describe(exc))
                     for _, _, _, sent, _ in batch:
@@ -218,16 +220,25 @@ class PostgresBackplane:
                 try:
                     await asyncio.wait_for(asyncio.shield(lost), CHECK_S)
                 except TimeoutError:
-                    pass
+                    await self._ping(conn)
             raise StorageUnavailable("the cluster inbox's PostgreSQL connection closed")
-        except (OSError, TimeoutError) as exc:
-            raise StorageUnavailable(describe(exc)) from None
         except Exception as exc:
-            if isinstance(exc, StorageUnavailable) or not server_cannot_serve(exc):
-                raise
-            raise StorageUnavailable(describe(exc)) from None
+            conn.terminate()  # lost or hung: a graceful close would wait on it too
+            if isinstance(exc, (OSError, TimeoutError)) or (not isinstance(exc, StorageUnavailable)
+                                                            and server_cannot_serve(exc)):
+                raise StorageUnavailable(describe(exc)) from None
+            raise
         finally:
             await _close(conn)
+
+    async def _ping(self, conn: Any) -> None:
+        """A round trip on the inbox's connection: a stalled link or a hung server never closes it, so silence
+        is told from a quiet inbox by asking (within ``command_timeout_s``)."""
+        try:
+            await conn.fetchval("SELECT 1", timeout=self.link.command_timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise StorageUnavailable(f"the cluster inbox's PostgreSQL connection did not answer within "
+                                     f"{self.link.command_timeout_s:g} s") from None
 
     def _opener(self, channel: str, events: InboxEvents) -> Callable[[str], None]:
         seals = self.seals
@@ -264,8 +275,8 @@ class PostgresBackplane:
 
     def join(self, address: str, instance: str, kind: str,
              watch_ttl_ms: int) -> asyncio.Future[tuple[list[str], PresenceEntries]]:
-        if not self.link.healthy:
-            raise StorageUnavailable(self.link.problem or "PostgreSQL is unavailable")
+        if self.link.health.failure is not None:
+            raise StorageUnavailable(self.link.health.failure)
         return asyncio.ensure_future(self._join(address, instance, kind, watch_ttl_ms))
 
     async def _join(self, address: str, instance: str, kind: str,
@@ -344,20 +355,10 @@ class PostgresBackplane:
         return found
 
     async def _in_order(self, recipients: list[str], write: Callable[[], Awaitable[T]]) -> T:
-        """Run ``write`` once the routed writes of these recipients made before it have ended (either way)."""
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        before = {self._tails[r] for r in recipients if r in self._tails}
-        for recipient in recipients:
-            self._tails[recipient] = mine
-        try:
-            if before:
-                await asyncio.wait(before)
-            return await write()
-        finally:
-            mine.set_result(None)
-            for recipient in recipients:
-                if self._tails.get(recipient) is mine:
-                    del self._tails[recipient]
+        """Run ``write`` once the routed writes of these recipients made before it have ended (either way), all
+        within one deadline of the link's (a hang answers each in time, not one after the other's timeout)."""
+        with self.link.bounded():
+            return await self._routed.run(recipients, write)
 
     async def spend(self, key: str, recipient: str, budget: int, window_ms: int) -> bool:
         blind = self.queue_key  # no address (nor IP address) in clear in a budget either

@@ -5,8 +5,8 @@ Health is what /health/ready reports. A failure (a refusal, a timeout, a lost
 connection) makes it unhealthy with a reason until a write succeeds. A hang is
 noticed before any timeout fires: a write (the periodic probe's or a client's)
 in flight longer than ``overdue_s`` makes it unhealthy at once, so readiness
-turns 503 within about a second of Redis freezing rather than after
-``socket_timeout_s``.
+turns 503 within about a second of Redis (or PostgreSQL) freezing rather than
+after ``socket_timeout_s`` (``command_timeout_s``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ log = logging.getLogger("relayd.storage")
 class Health:
     """The link's health; ``oldest_write`` tells when the oldest unanswered write was submitted (monotonic)."""
 
-    def __init__(self, overdue_s: float) -> None:
+    def __init__(self, overdue_s: float, *, server: str = "Redis", waiting: str = "write") -> None:
         self.overdue_s = overdue_s
+        self.server = server
+        self.waiting = waiting
+        """What ``oldest_write`` tracks, for the reason given."""
         self._problem: str | None = None
         self.on_failure: Callable[[], None] | None = None
         """Called after every failure (the Redis store forgets what it assumed Redis holds)."""
@@ -39,12 +42,19 @@ class Health:
         return self.problem is None
 
     @property
+    def failure(self) -> str | None:
+        """The last failure's reason until a write succeeds; unlike ``problem``, not a write that is merely slow
+        (a link that answers slowly still carries what else is sent on it)."""
+        return self._problem
+
+    @property
     def problem(self) -> str | None:
         if self._problem is not None:
             return self._problem
         since = self.oldest_write()
         if since is not None and time.monotonic() - since > self.overdue_s:
-            return f"a Redis write has waited {time.monotonic() - since:.1f} s for an answer (Redis hangs?)"
+            return (f"a {self.server} {self.waiting} has waited {time.monotonic() - since:.1f} s for an answer "
+                    f"({self.server} hangs?)")
         return None
 
     def fail(self, reason: str, *, unknown: bool = False) -> StorageUnavailable:

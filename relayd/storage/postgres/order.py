@@ -6,6 +6,10 @@ task; on a pool, a later batch could otherwise take a connection first and
 commit its seqs before the earlier one. Enqueues for disjoint recipients
 still run in parallel. (Only enqueues are ordered so: deletes and receipts
 keep running side by side, as before.)
+
+A write that waited for earlier ones past its deadline (the link's
+``bounded``) fails without being sent, once they have ended: the answers of
+one recipient's writes keep their order too.
 """
 
 from __future__ import annotations

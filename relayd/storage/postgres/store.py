@@ -123,7 +123,8 @@ class PostgresStore:
     async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
         if not messages:
             return []
-        return await self._order.run((m.recipient for m in messages), lambda: self._enqueue_many(messages, limits))
+        with self._link.bounded():
+            return await self._order.run((m.recipient for m in messages), lambda: self._enqueue_many(messages, limits))
 
     async def _enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
         if self._totals.stale:
