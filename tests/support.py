@@ -1013,11 +1013,20 @@ async def present_and_forgotten(plane: Any, dump: Callable[[], Awaitable[str]]) 
 
 
 def storage_key(tmp: Path, name: str = "storage.key") -> str:
-    """A new storage key file (32 random bytes, mode 0600) in ``tmp``."""
-    from relayd.storage.sealing import generate_key_file
+    """A new storage key file (32 random bytes, mode 0600) in ``tmp``, with a key id none of the other key files
+    there has: a key id is one byte, so two random keys share one once in 256 pairs, which relayd refuses (a test
+    of rotation would then fail by chance)."""
+    from relayd.storage.sealing import generate_key_file, load_keys
+
+    def ident(path: Path) -> int:
+        return load_keys([str(path)])[0].ident
+    taken = {ident(other) for other in tmp.glob("*.key") if other.name != name}
     path = tmp / name
-    generate_key_file(str(path))
-    return str(path)
+    while True:
+        generate_key_file(str(path))
+        if ident(path) not in taken:
+            return str(path)
+        path.unlink()
 
 
 class ProcessRelays:

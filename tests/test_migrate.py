@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import pytest
 from support import (ADDR_B, KEY_B, assert_read, clean_env, connect, frames_until_pong, key_body, msg, new_address,
-                     run_cli, signed_login, wait_until)
+                     run_cli, signed_login, storage_key, wait_until)
 
 from relayd.storage.snapshot import open_snapshot
 from relayd.storage.store import PushSubscription, Store
@@ -173,18 +173,12 @@ def sealed(make: Callable[[], Store], key: str) -> Store:
     return SealedStore(make(), load_keys([key]))  # type: ignore[return-value]
 
 
-def key_file(tmp: Path, name: str) -> str:
-    from relayd.storage.sealing import generate_key_file
-    generate_key_file(str(tmp / name))
-    return str(tmp / name)
-
-
 def test_sealed_records_migrate_as_stored_to_a_destination_with_the_same_key(tmp_path, request, redis_prefix,
                                                                              start_relay):
     """Redis (blind-indexed keys) to PostgreSQL, both sealed with one key: copied as stored, twice without a change,
     and a relay with that key serves everything, while the copy shows no address in clear."""
     pytest.importorskip("cryptography")
-    key = key_file(tmp_path, "storage.key")
+    key = storage_key(tmp_path, "storage.key")
     sender, reader = new_address(), new_address()
     now = int(time.time() * 1000)
     push = PushSubscription("p1", ADDR_B, "webpush", "https://push.example/b", "p256", "auth", now, now + DAY_MS)
@@ -211,7 +205,7 @@ def test_a_destination_that_would_not_open_the_records_is_refused_before_anythin
     reason and what to do; the destination is left as it was."""
     pytest.importorskip("cryptography")
     from relayd.storage.sqlite.store import SQLiteStore
-    one, other = key_file(tmp_path, "one.key"), key_file(tmp_path, "other.key")
+    one, other = storage_key(tmp_path, "one.key"), storage_key(tmp_path, "other.key")
     paths = {name: str(tmp_path / f"{name}.db") for name in ("sealed", "clear", "elsewhere", "clear-dest")}
 
     def store_on(name: str, key: str | None = None) -> Callable[[], Store]:
