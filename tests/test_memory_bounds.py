@@ -197,7 +197,11 @@ def test_never_reading_ack_sessions_on_a_big_backlog_hold_bounded_memory_and_rel
     for r in readers:
         r.close()
     wait_until(lambda: not online(relay, A), "the readers to be gone")
-    wait_until(lambda: relay.rss() - before < 16 * MiB, "memory to come back after they closed", timeout=30)
+    try:
+        wait_until(lambda: relay.rss() - before < 16 * MiB, "memory to come back after they closed", timeout=30)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: RSS still {(relay.rss() - before) >> 20} MiB above the start "
+                             f"(peak +{(peak - before) >> 20} MiB)") from None
     assert queue_size(relay, A) == 60  # ack mode: nothing was acked, nothing lost
 
 
