@@ -263,7 +263,9 @@ def test_another_ip_is_served_while_300_connections_of_one_ip_pipeline_metrics_u
     one IP starts a few answers per loop iteration, so the others' wait is short."""
     with UnreadPipelines(relay.port, "127.0.0.1", connections=300, requests=1000):
         latencies = [live_latency(relay.port, "127.0.0.2") for _ in range(10)]
-    assert max(latencies) < scaled(2), f"another IP's /health/live took {max(latencies):.2f} s"
+    # About 0.75 s alone on 2 cores, 2.15 s once beside the rest of the suite at -n 4: the bound is for the
+    # 20 s it was, not a timing goal (those live in bench/abuse_transport.py).
+    assert max(latencies) < scaled(5), f"another IP's /health/live took {max(latencies):.2f} s"
     # still serving afterwards (asked from a third IP: the flooding one may have spent its probe budget)
     assert http_request(relay.port, "GET", "/health/live", source="127.0.0.3").status == 200
 
