@@ -648,6 +648,25 @@ def pong_next(ws: WsClient) -> None:
     assert frames_until_pong(ws) == []
 
 
+def received_once(relay: Any, address: str, queued: set[str], unknown: set[str], timeout: float = 15,
+                  done: Callable[[], bool] = lambda: True) -> list[str]:
+    """Sign ``address`` in on a fresh session and read until every messageId answered ``queued`` arrived (and
+    ``done``): each arrives once, and nothing arrives that was not answered ``queued`` or ``storage_timeout``
+    (``unknown``: it may have been stored). Returns the messageIds in arrival order. ``timeout`` is unscaled."""
+    with relay.ws() as receiver:
+        receiver.auth(address)
+        got: list[str] = []
+
+        def everything_arrived() -> bool:
+            got.extend(f["messageId"] for f in frames_until_pong(receiver) if f["type"] == "message")
+            return queued <= set(got) and done()
+        wait_until(everything_arrived, "every queued message delivered", timeout=scaled(timeout))
+        pong_next(receiver)
+    assert len(got) == len(set(got)), "delivered once"
+    assert set(got) <= queued | unknown, sorted(set(got) - queued - unknown)
+    return got
+
+
 def read_backlog(ws: WsClient, timeout: float = 15) -> list[dict[str, Any]]:
     """An ack-mode session's stored messages, up to ``queue_empty`` (exactly); anything else fails."""
     deadline = time.monotonic() + scaled(timeout)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (ADDR_A, A, B, C, ProcessRelay, clean_env, frames_until_pong, msg, new_address, pong_next,
-                     present_and_forgotten, run_cli, scaled, storage_key, wait_until, without_modules)
+from support import (ADDR_A, A, B, C, ProcessRelay, clean_env, msg, present_and_forgotten, received_once,
+                     run_cli, scaled, storage_key, wait_until, without_modules)
 
 pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
 
@@ -238,19 +238,8 @@ def test_postgres_stopped_and_started_under_load_loses_nothing_answered_queued(t
         assert "storage_unavailable" in kinds or "storage_timeout" in kinds
         queued = [mid for mid, kind in answers.items() if kind == "queued"]
         unknown = {mid for mid, kind in answers.items() if kind == "storage_timeout"}
-        with relay.ws() as receiver:
-            receiver.auth(B)
-            got: list[str] = []
-
-            def everything_arrived() -> bool:
-                got.extend(f["messageId"] for f in frames_until_pong(receiver) if f["type"] == "message")
-                return set(queued) <= set(got) and relay.http(
-                    "GET", f"/api/messages/{B}/queue-size").json["queueSize"] == 0
-            wait_until(everything_arrived, "every queued message delivered", timeout=scaled(30))
-            pong_next(receiver)
-        assert len(got) == len(set(got)), "delivered once"
-        assert set(queued) <= set(got), sorted(set(queued) - set(got))
-        assert set(got) <= set(queued) | unknown
+        received_once(relay, B, set(queued), unknown, timeout=30,
+                      done=lambda: relay.http("GET", f"/api/messages/{B}/queue-size").json["queueSize"] == 0)
         assert "storage recovered" in relay.log()
         assert relay.proc.poll() is None
     finally:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support import A, B, C, ProcessRelay, frames_until_pong, msg, pg_cluster_env, pong_next, scaled, wait_until
+from support import A, B, C, ProcessRelay, msg, pg_cluster_env, received_once, scaled, wait_until
 from tcp_proxy import TcpProxy
 
 pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg (pip install 'relayd[postgres]')")
@@ -143,17 +143,7 @@ def test_every_call_is_answered_in_bounded_time_while_postgres_hangs_and_all_rec
 
         queued = {mid for mid, a in answers.items() if a == "queued"}
         unknown = {mid for mid, a in answers.items() if a == "storage_timeout"}
-        with relay.ws() as receiver:
-            receiver.auth(B)
-            got: list[str] = []
-
-            def everything_arrived() -> bool:
-                got.extend(f["messageId"] for f in frames_until_pong(receiver) if f["type"] == "message")
-                return queued <= set(got)
-            wait_until(everything_arrived, "every queued message delivered", timeout=scaled(15))
-            pong_next(receiver)
-        assert len(got) == len(set(got)), "delivered once"
-        assert set(got) <= queued | unknown, sorted(set(got) - queued - unknown)
+        received_once(relay, B, queued, unknown)
         assert relay.proc.poll() is None, "no restart"
     finally:
         if hung:
