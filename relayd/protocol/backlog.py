@@ -28,7 +28,7 @@ from ..frames import message_text
 from ..ops.metrics import RelayMetrics
 from .seams import NO_PEERS, Peers, Routes
 from .session import Session
-from ..storage.store import QueuedMessage, StorageOutcomeUnknown, StorageUnavailable, Store
+from ..storage.store import StorageOutcomeUnknown, StorageUnavailable, Store
 from ..tasks import TaskSet
 from .writes import AddressWrites
 
@@ -36,8 +36,7 @@ log = logging.getLogger("relayd.protocol.router")
 
 FLUSH_BATCH = 256
 FLUSH_PAGE_BYTES = 256 * 1024
-"""Content read from the store per flush page; a flush holds two (the next is read while one is written): what
-one session may hold beyond its socket's buffers."""
+"""Content read from the store per flush page: what one session may hold beyond its socket's buffers."""
 MAX_ACK_IDS = 1000
 DRAIN_WAIT_S = 2.0
 """Longest a new session waits for its address's closing sessions to finish their last frames."""
@@ -213,65 +212,36 @@ class Backlog:
             session.send({"type": "queue_empty"})
 
     async def _flush_messages(self, session: Session, address: str) -> bool:
-        """True once the whole backlog was written and the session is ready.
-
-        Pipelined: the next page is read while this one is written to the session, and a plain session's
-        removal of a page runs while the next is written (one at a time, noted as a write of the address;
-        the last one lands before the session is ready).
-        """
+        """True once the whole backlog was written and the session is ready."""
         after = 0
-        reading = self._read_page(session, address, after)
-        removing: asyncio.Future[None] | None = None
-        try:
-            while not session.closed:
-                batch = await reading
-                if not batch:
-                    if removing is not None:
-                        await removing
-                        removing = None
-                    if self._stored_meanwhile.pop(session, False):
-                        # stored since that read began (on a pool it may have been served before the commit)
-                        reading = self._read_page(session, address, after)
-                        continue
-                    session.ready = True
-                    self.on_flushed(session, after)
-                    return True
-                after = batch[-1].seq
-                reading = self._read_page(session, address, after)
-                written = []
-                for msg in batch:
-                    waiter = session.outbox.congested()
-                    if waiter is not None:
-                        await waiter
-                    if not session.push(message_text(msg.sender, msg.content, msg.message_id, msg.timestamp,
-                                                     queued=True), None if session.ack else msg):
-                        break
-                    written.append(msg.seq)
-                self.metrics.flushed.inc(len(written))
-                if removing is not None:
-                    await removing
-                    removing = None
-                if not session.ack and written:
-                    removing = self.tasks.spawn(self.store.remove(address, written))
-                    self.writes.note(address, removing)
-                if len(written) < len(batch):
+        while not session.closed:
+            self._stored_meanwhile[session] = False
+            try:
+                batch = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
+            finally:
+                stored = self._stored_meanwhile.pop(session, False)
+            if not batch:
+                if stored:  # stored while that read ran (on a pool it may have been served before the commit)
+                    continue
+                session.ready = True
+                self.on_flushed(session, after)
+                return True
+            written = []
+            for msg in batch:
+                waiter = session.outbox.congested()
+                if waiter is not None:
+                    await waiter
+                if not session.push(message_text(msg.sender, msg.content, msg.message_id, msg.timestamp,
+                                                 queued=True), None if session.ack else msg):
                     break
-            if removing is not None:
-                await removing
-                removing = None
-            return False
-        finally:
-            self._stored_meanwhile.pop(session, None)
-            for left in (reading, removing):  # not awaited here (this flush ends early): their errors are not its
-                if left is not None:
-                    left.add_done_callback(_retrieved)
-            reading.cancel()
-
-    def _read_page(self, session: Session, address: str, after: int) -> asyncio.Future[list[QueuedMessage]]:
-        """Start reading the page after seq ``after``. Until the flush has looked at an empty page, ``stored``
-        notes what is stored for the address meanwhile (it may be missing from that page)."""
-        self._stored_meanwhile[session] = False
-        return asyncio.ensure_future(self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES))
+                written.append(msg.seq)
+            self.metrics.flushed.inc(len(written))
+            after = batch[-1].seq
+            if not session.ack and written:
+                await self.store.remove(address, written)
+            if len(written) < len(batch):
+                return False
+        return False
 
     async def _flush_receipts(self, session: Session, address: str) -> None:
         while not session.closed:
@@ -336,11 +306,6 @@ class Backlog:
                                         "Storage is unavailable; ack not recorded").frame())
             return
         self.metrics.acked.inc(removed)
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
