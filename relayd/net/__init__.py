@@ -108,4 +108,10 @@ The WebSocket side (``connection.RelayConnection``)
   unmasked text frames itself and ``RelayConnection.flush`` writes them to
   the transport. Tripwires: ``test_relayd_builds_text_frames_as_websockets_does``,
   ``test_frames_and_responses_serialize_as_relayd_writes_them``.
+- At ``connection_lost`` the reference cycles websockets leaves are cut:
+  the Assembler's ``pause``/``resume`` are replaced by a no-op, the
+  protocol's ``parser`` generator is closed and ``parser_exc`` loses its
+  traceback, so a closed connection is freed without the garbage
+  collector. Tripwire:
+  ``test_a_closed_connection_is_freed_without_the_garbage_collector``.
 """

@@ -310,7 +310,6 @@ class PgLink:
     def _late(self) -> str:
         return f"PostgreSQL did not answer within {self.deadline_s:g} s (connect_timeout_s + command_timeout_s)"
 
-
     async def _attempts(self, conn: Any, job: Job[T], write: bool, transaction: bool, attempt: _Attempt) -> T:
         for n in range(_DEADLOCK_RETRIES):
             try:
