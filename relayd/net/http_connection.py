@@ -397,8 +397,16 @@ class HttpConnection(ServerConnection):
         if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS and not self.server.is_serving():
             response = self.protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n")
         if self.state is State.CONNECTING:
-            async with self.send_context(expected_state=State.CONNECTING):
+            if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
+                # The upgrade leaves nothing to wait for: websockets' ``send_context`` would only write and drain
+                # here, and its async context manager costs about a twentieth of a sign-in.
                 self.protocol.send_response(response)
+                self.send_data()
+                if self.paused:
+                    await self.drain()
+            else:
+                async with self.send_context(expected_state=State.CONNECTING):
+                    self.protocol.send_response(response)
         if self.protocol.state is State.OPEN:  # frames that came with the request are parsed now
             self._upgraded = True
             self._advance_parser()

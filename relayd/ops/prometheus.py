@@ -87,8 +87,10 @@ class Family:
         self.help = help
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], Value] = {}
+        self._single: Value | None = None
+        """The one sample of an unlabelled family, held directly: counters on every frame's path skip a lookup."""
         if not self.labelnames:
-            self._children[()] = Value()
+            self._single = self._children[()] = Value()
 
     def labels(self, **values: str) -> Value:
         """The sample for these label values; keep it to skip the lookup on hot paths."""
@@ -99,12 +101,12 @@ class Family:
         return child
 
     def _only(self) -> Value:
-        if self.labelnames:
+        if self._single is None:
             raise ValueError(f"{self.name} has labels {self.labelnames}; use .labels()")
-        return self._children[()]
+        return self._single
 
     def inc(self, n: float = 1) -> None:
-        self._only().inc(n)
+        (self._single or self._only()).value += n
 
     def set(self, v: float) -> None:
         self._only().set(v)

@@ -56,6 +56,9 @@ log = logging.getLogger("relayd.protocol.delivery")
 REMOVE_RETRY_S = (0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 """When a delivered message could not be removed, it is tried again after these pauses (about 7 s in all); the
 recipient's next backlog read waits for that, as for any pending write of its address."""
+RECORD_DELAY_S = 0.005
+"""Live deliveries are recorded in the store in batches this far apart at most: messages that come one at a time
+then cost one write per batch, not one (and a task) each; a resend before it is answered from ``Answers``."""
 
 
 @dataclass(slots=True)
@@ -172,7 +175,7 @@ class Delivery:
         ident, msg = accepted
         targets = self.routes.ready_sessions(msg.recipient)
         pipeline = self.pipelines.get(session)
-        if targets and not (pipeline and pipeline.in_flight) and not any(s.ack for s in targets):
+        if targets and not (pipeline and pipeline.in_flight) and not _any_ack(targets):
             if self.push_live(targets, msg):
                 self.answer(session, ident, msg, "delivered")
                 return None
@@ -217,9 +220,9 @@ class Delivery:
 
     def delivered_live(self, msg: QueuedMessage) -> None:
         """Record a message delivered without being stored, so a resend within the retention period is answered
-        ``delivered`` by the store too (one write per loop iteration, after the answer)."""
+        ``delivered`` by the store too (one write per batch, within ``RECORD_DELAY_S`` after the answer)."""
         if not self._delivered:
-            asyncio.get_running_loop().call_soon(self._record_delivered)
+            asyncio.get_running_loop().call_later(RECORD_DELAY_S, self._record_delivered)
         self._delivered.append(msg)
 
     def _record_delivered(self) -> None:
@@ -386,6 +389,14 @@ async def keep_trying(write: Callable[[], Awaitable[Any]], what: str) -> bool:
         except StorageUnavailable as exc:
             problem = exc
     log.error("could not %s: %s", what, problem)
+    return False
+
+
+def _any_ack(targets: tuple[Session, ...]) -> bool:
+    """Whether any target acks what it gets (a loop: ``any()`` over a generator costs more on every message)."""
+    for target in targets:
+        if target.ack:
+            return True
     return False
 
 

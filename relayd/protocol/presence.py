@@ -33,6 +33,9 @@ class LocalPresence:
         sessions = self._by_address.get(address)
         if not sessions:
             return ()
+        if len(sessions) == 1:  # one device: the common case, on the path of every routed message
+            only = sessions[0]
+            return (only,) if only.ready else ()
         return tuple(s for s in sessions if s.ready)
 
     def sessions(self, address: str) -> tuple[Session, ...]:
