@@ -131,6 +131,7 @@ class Authenticator:
         signature = frame.get("signature")
         if signature is None or self.mode == "open":
             await self._check_unsigned(address)
+            self._challenges.pop(session_id, None)  # signed in: a session cannot sign in again
             return SignIn({"verified": False}, proven=False)
         nonce = field_str(frame, "nonce")
         if not isinstance(signature, str):

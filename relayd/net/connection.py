@@ -79,7 +79,7 @@ class RelayConnection(HttpConnection):
 
     __slots__ = ("limiter", "_monotonic", "events", "direct", "handling", "_busy", "last_heard", "ping_sent_at",
                  "_pending", "_pending_bytes", "_pending_parcels", "_flush_scheduled", "sent", "_inbound", "_kept", "_inbound_sizes",
-                 "_verdict", "_message_size", "_frames_paused", "_bytes_paused")
+                 "_verdict", "_message_size", "_frames_paused", "_bytes_paused", "_wake")
 
     sent: SentBytes
     """Set once the transport exists (``connection_made``)."""
@@ -110,6 +110,8 @@ class RelayConnection(HttpConnection):
         self._message_size = 0
         self._frames_paused = False
         self._bytes_paused = False
+        self._wake: asyncio.Future[None] | None = None
+        """What ``idle()`` handed out, resolved by the next whole message queued or by the connection's end."""
 
     # asyncio.Protocol
 
@@ -144,6 +146,7 @@ class RelayConnection(HttpConnection):
         self.events = None
         self.recv_messages.pause = self.recv_messages.resume = _nothing  # its flow control holds this connection
         _retire_parser(self.protocol)
+        self._wake_session()
 
     def send_data(self) -> None:
         """Write what websockets has to send (the handshake answer, pongs, the close frame), counted with the
@@ -189,12 +192,26 @@ class RelayConnection(HttpConnection):
             if frame.fin:
                 self._inbound += self._message_size
                 self._inbound_sizes.append((self._message_size, self._verdict))
+                self._wake_session()
                 self._message_size = 0
                 if self._inbound > self.limits.max_inbound and not self._bytes_paused:
                     self._bytes_paused = True
                     self._update_reading()
         elif verdict is Verdict.CLOSE and self.events is not None:  # a flood of pings or pongs
             self.events.throttled(verdict)
+
+    def idle(self) -> asyncio.Future[None] | None:
+        """For the session loop: a future that resolves once a whole message is queued or the connection is
+        lost, or None when one is already (``recv()`` then returns it, or raises ``ConnectionClosed``)."""
+        if self._inbound_sizes or self.recv_messages.closed:
+            return None
+        self._wake = wake = self.loop.create_future()
+        return wake
+
+    def _wake_session(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     def _applied(self, task: asyncio.Future[None]) -> None:
         self._busy = None

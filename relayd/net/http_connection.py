@@ -126,7 +126,7 @@ class HttpConnection(ServerConnection):
     # Slots keep relayd's fields out of the instance dict, which then holds few enough keys (websockets' own)
     # to stay a small shared-key dict: about 1 KiB less per idle connection.
     __slots__ = ("context", "limits", "peer_ip", "client_ip", "trusted_peer", "counted", "refusal", "in_head",
-                 "held", "head_deadline", "_requests", "_want_next", "_upgraded")
+                 "held", "head_deadline", "_requests", "_want_next")
 
     protocol: ServerProtocol
 
@@ -147,7 +147,6 @@ class HttpConnection(ServerConnection):
         """When the first request head is due (loop time): set only on a connection adopted from its acceptor."""
         self._requests: list[ParsedRequest | BadRequest] = []
         self._want_next = False
-        self._upgraded = False
         protocol.parser = self._parse_requests()
         next(protocol.parser)
 
@@ -222,7 +221,7 @@ class HttpConnection(ServerConnection):
     # Reading: HTTP requests, then frames
 
     def _parse_requests(self, first: ParsedRequest | None = None) -> Generator[None, None, None]:
-        """The protocol's parser: requests one at a time (``first`` framed already), frames after an upgrade."""
+        """The protocol's parser: requests one at a time (``first`` framed already), until ``_to_frames``."""
         protocol = self.protocol
         while True:
             try:
@@ -243,14 +242,12 @@ class HttpConnection(ServerConnection):
                     yield
             protocol.events.append(parsed)  # type: ignore[arg-type]
             del parsed  # this frame lives as long as the connection: it keeps no handshake request
-            # Until the request is answered: only an accepted upgrade switches to frames, whatever it carried.
-            while not self._want_next and not self._upgraded:
+            # Until the request is answered: only an accepted upgrade switches to frames (``_to_frames``),
+            # whatever it carried.
+            while not self._want_next:
                 if len(protocol.reader.buffer) > self.limits.max_body + 65536:
                     self.transport.pause_reading()
                 yield
-            if self._upgraded:
-                yield from WsProtocol.parse(protocol)
-                return
             self._want_next = False
 
     def _continue(self) -> None:
@@ -348,6 +345,12 @@ class HttpConnection(ServerConnection):
             self._recharge()
         return not self.transport.is_closing()
 
+    def _to_frames(self) -> None:
+        """Hand the reader to websockets' frame parser, in place of the request parser: it then runs for the
+        connection's life without a generator of relayd's around it (a quarter of a KiB per connection)."""
+        requests, self.protocol.parser = self.protocol.parser, WsProtocol.parse(self.protocol)
+        requests.close()
+
     def _advance_parser(self) -> None:
         """Let the parser go on with what was received meanwhile, and take the events it makes."""
         next(self.protocol.parser)
@@ -408,7 +411,7 @@ class HttpConnection(ServerConnection):
                 async with self.send_context(expected_state=State.CONNECTING):
                     self.protocol.send_response(response)
         if self.protocol.state is State.OPEN:  # frames that came with the request are parsed now
-            self._upgraded = True
+            self._to_frames()
             self._advance_parser()
             self.send_data()
         self.request = None  # an idle connection keeps neither the request nor the response
