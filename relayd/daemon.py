@@ -16,6 +16,7 @@ from .config import Config, ConfigError, merge_reload
 from .errors import ErrorCode, RelayError
 from .net.admission import raise_descriptor_limit
 from .net.http_values import HttpResponse, error_response
+from .net import transports
 from .net.http_connection import to_response
 from .ops.allocator import tune_allocator
 from .ops.certificate import CertificateError, certificate_not_after
@@ -93,7 +94,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(AcceptErrors())
         await self.server.start(ssl_context=self.ssl_context)
-        self.collector = Collector(loop.time, freezing=type(loop).__module__.startswith("uvloop"),
+        self.collector = Collector(loop.time, freezing=transports.freezes_safely(loop, self.ssl_context is not None),
                                    observe=self.server.metrics.gc_full_pause.observe)
         self.collector.install()
         housekeeping.tick_callbacks.append(self.collector.tick)

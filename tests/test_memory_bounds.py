@@ -8,6 +8,7 @@ what a closed connection leaves for the garbage collector.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import gc
 import socket
@@ -40,6 +41,7 @@ from support import (
 from websockets.frames import Frame, Opcode
 
 from relayd.config import load_config
+from relayd.net import transports
 from relayd.ops.collector import Collector
 
 MiB = 1 << 20
@@ -302,7 +304,7 @@ def test_a_descriptor_reserve_keeps_accept_working_and_the_log_quiet(relay) -> N
 def test_a_closed_connection_is_freed_without_the_garbage_collector(start_relay, event_loop) -> None:
     """Sessions (with a message each way; half of them dropped without a closing handshake) and REST requests on
     connections of their own, all closed: none of
-    relayd's or websockets' objects of theirs is left in a reference cycle. A cycle would wait for a pass of the
+    relayd's, websockets' or asyncio's transport objects of theirs is left in a reference cycle. A cycle would wait for a pass of the
     collector, and the full pass, with tens of thousands of sessions open, stalls the loop for as long as it
     walks them all."""
     relay = start_relay(auth={"mode": "open"}, limits={"frames_per_s": 0, "connections_per_ip_per_s": 0},
@@ -329,7 +331,8 @@ def test_a_closed_connection_is_freed_without_the_garbage_collector(start_relay,
             wait_until(lambda: len(relay.server.gateway.sessions) == 1, "the sessions to close")
             gc.collect()
             left = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage
-                                       if type(o).__module__.startswith(("relayd", "websockets.server", "websockets.asyncio")))
+                                       if type(o).__module__.startswith(("relayd", "websockets.server", "websockets.asyncio",
+                                                                         "asyncio.selector_events")))
         finally:
             gc.garbage.clear()
             gc.set_debug(was)
@@ -398,3 +401,18 @@ def test_on_a_loop_whose_transports_hold_cycles_the_collector_only_times_full_pa
     finally:
         collector.uninstall()
         gc.unfreeze()
+
+
+def test_freezing_is_on_where_closed_transports_are_freed_by_reference_counting() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        assert transports.freezes_safely(loop, tls=False)
+        assert not transports.freezes_safely(loop, tls=True)  # asyncio's sslproto keeps cycles of its own
+    finally:
+        loop.close()
+    uvloop = pytest.importorskip("uvloop")
+    fast = uvloop.new_event_loop()
+    try:
+        assert transports.freezes_safely(fast, tls=True)
+    finally:
+        fast.close()

@@ -177,6 +177,9 @@ def test_connection_seams_relay_connection_overrides_or_calls():
     for attr in ("self.paused", "self.max_queue_high", "self.connection_lost_waiter"):
         assert attr in source, broken(f"Connection no longer sets {attr}")
     assert "request_rcvd" in inspect.getsource(ServerConnection.__init__), broken("request_rcvd is gone")
+    assert "self.closed = True" in inspect.getsource(Assembler.close), broken("Assembler.close no longer sets closed")
+    assert "recv_messages.close()" in inspect.getsource(Connection.connection_lost), \
+        broken("connection_lost no longer closes recv_messages (RelayConnection.idle waits for it)")
     params = inspect.signature(Assembler.__init__).parameters
     assert {"pause", "resume"} <= set(params), broken(f"Assembler(pause=, resume=) changed: {list(params)}")
     serve_params = inspect.signature(serve).parameters

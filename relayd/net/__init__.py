@@ -21,8 +21,9 @@ one breaks a seam.
 Parsing (``http_connection.HttpConnection``, ``http_framing``)
 
 - ``ServerProtocol.parser``: replaced by ``HttpConnection._parse_requests``
-  (primed with ``next``), which frames requests with ``read_request`` and
-  after an upgrade delegates to ``Protocol.parse`` (the frame parser) itself.
+  (primed with ``next``), which frames requests with ``read_request``; an
+  upgrade replaces it by ``Protocol.parse`` (the frame parser) itself
+  (``HttpConnection._to_frames``).
   Tripwires: ``test_protocol_seams_relay_connection_uses``,
   ``test_kept_alive_rest_requests_then_an_upgrade_on_one_connection``.
 - ``ServerProtocol.reader`` (a ``StreamReader``: ``read_line``,
@@ -74,8 +75,10 @@ The handshake (``http_connection.HttpConnection.handshake``)
   ``test_handshake_is_called_as_relayd_overrides_it``.
 - ``ServerConnection.request_rcvd``, ``Connection.connection_lost_waiter``:
   awaited for the next request; ``request``, ``response`` set and cleared;
-  ``protocol.accept`` / ``reject`` / ``send_response`` inside
-  ``send_context(expected_state=CONNECTING)``. Tripwires:
+  ``protocol.accept`` / ``reject`` / ``send_response`` (a refusal inside
+  ``send_context(expected_state=CONNECTING)``; the 101 answer, which opens
+  the connection and leaves nothing to wait for, written with
+  ``send_data()`` and drained only while paused). Tripwires:
   ``test_connection_seams_relay_connection_overrides_or_calls``,
   ``test_handshake_is_called_as_relayd_overrides_it``.
 
@@ -113,5 +116,17 @@ The WebSocket side (``connection.RelayConnection``)
   protocol's ``parser`` generator is closed and ``parser_exc`` loses its
   traceback, so a closed connection is freed without the garbage
   collector. Tripwire:
+  ``test_a_closed_connection_is_freed_without_the_garbage_collector``.
+- ``Connection.recv()`` is entered only when a whole message is queued or
+  the connection is lost (``RelayConnection.idle``): an idle session waits on
+  one future of relayd's, and relies on ``recv_messages.closed`` turning True
+  at ``connection_lost``. Tripwire:
+  ``test_connection_seams_relay_connection_overrides_or_calls``.
+
+asyncio's own seam (``transports``)
+
+- ``_SelectorSocketTransport._read_ready_cb`` is dropped at
+  ``connection_lost``: the one reference cycle of asyncio's selector
+  transports. Tripwire:
   ``test_a_closed_connection_is_freed_without_the_garbage_collector``.
 """

@@ -33,6 +33,7 @@ from ..clock import Clock
 from ..errors import RelayError
 from .http_framing import BadRequest, ParsedRequest, read_request
 from .http_values import HttpResponse, error_response
+from .transports import release
 
 log = logging.getLogger("relayd.server")
 
@@ -188,6 +189,7 @@ class HttpConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        release(self.transport)
         if not self.request_rcvd.done():  # the handshake loop waits on this one future only
             self.request_rcvd.set_result(None)
         if self.counted:

@@ -27,6 +27,7 @@ from websockets.streams import StreamReader
 from ..errors import RelayError
 from .http_connection import ConnectionContext, HttpConnection, render
 from .http_framing import BadRequest, ParsedRequest, read_request
+from .transports import release
 
 log = logging.getLogger("relayd.server")
 
@@ -105,6 +106,7 @@ class PlainRequest(asyncio.Protocol):
         if self._stage is _Stage.HANDED_OVER:
             return
         self._stage = _Stage.CLOSING
+        release(self.transport)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

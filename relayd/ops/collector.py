@@ -11,10 +11,10 @@ does all the time.
 next passes walk only what came since. Frozen objects are still freed when
 their last reference goes, so this is safe for everything that dies by
 reference counting; a closed connection does (relayd.net.connection breaks its
-cycles), but only on an event loop whose transports hold no cycle of their own.
-uvloop's do not; asyncio's selector transports do (a bound method of
-themselves), so there a frozen closed connection would wait for the next thaw.
-Hence ``freezing`` is only on for uvloop. Whatever else turns into cyclic
+cycles, and relayd.net.transports the one asyncio's selector transports keep),
+but not behind asyncio's TLS, whose transports keep cycles of their own: there a
+frozen closed connection would wait for the next thaw, so ``freezing`` is off
+(``transports.freezes_safely``). Whatever else turns into cyclic
 garbage while frozen is found at the next thaw: every ``thaw_s`` everything is
 handed back to the collector, whose next full pass sees it all once. On every
 loop, each full pass is timed for /metrics.
