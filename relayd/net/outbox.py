@@ -9,8 +9,9 @@ peer and which a dying connection must hand back to be stored again.
 
 from __future__ import annotations
 
-import collections
+import bisect
 import fcntl
+import operator
 import struct
 import termios
 from asyncio import WriteTransport
@@ -26,6 +27,7 @@ PRUNE_AFTER = 256
 _OUTQ = struct.Struct("i")
 _SHORT, _MEDIUM, _LONG = struct.Struct("!BB"), struct.Struct("!BBH"), struct.Struct("!BBQ")
 
+_END = operator.itemgetter(0)
 _last: tuple[str | None, bytes] = (None, b"")
 
 
@@ -106,14 +108,16 @@ class SentBytes:
         self.written = 0
         self.stalled_since: float | None = None
         self._seen = 0
-        self._parcels: collections.deque[tuple[int, object]] | None = None
+        self._parcels: list[tuple[int, object]] | None = None
+        """By end offset, ascending (frames are written in order)."""
         self._prune_at = PRUNE_AFTER
 
     def track(self, end: int, parcel: object) -> None:
         """``parcel``'s frame ends at byte ``end`` of the connection's output."""
         if self._parcels is None:
-            self._parcels = collections.deque()
-        self._parcels.append((end, parcel))
+            self._parcels = [(end, parcel)]
+        else:
+            self._parcels.append((end, parcel))
 
     def wrote(self, n: int) -> None:
         """``n`` more bytes went to the transport (every byte written must be counted: the kernel's count of
@@ -142,9 +146,7 @@ class SentBytes:
         parcels = self._parcels
         if not parcels:
             return
-        acked = self.acked()
-        while parcels and parcels[0][0] <= acked:
-            parcels.popleft()
+        del parcels[:bisect.bisect_right(parcels, self.acked(), key=_END)]
 
     def stalled(self, now: float) -> float:
         """For how long the peer has taken none of the bytes on their way to it (0 while it takes some)."""

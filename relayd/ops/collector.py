@@ -35,12 +35,16 @@ class Collector:
     """See the module docstring. ``tick`` runs on the housekeeping timer (on the loop); the collector's callback
     only times full passes and raises a flag, since it may run in any thread, in the middle of any allocation.
     ``observe`` receives the length of each full pass in seconds (the ``relayd_gc_full_pause_seconds``
-    histogram)."""
+    histogram). ``freeze`` and ``unfreeze`` are the interpreter's (one frozen set per process, shared by every
+    collector in it: tests pass their own)."""
 
     def __init__(self, monotonic: Callable[[], float], *, freezing: bool, thaw_s: float = THAW_S,
-                 observe: Callable[[float], None] = lambda seconds: None) -> None:
+                 observe: Callable[[float], None] = lambda seconds: None,
+                 freeze: Callable[[], None] = gc.freeze, unfreeze: Callable[[], None] = gc.unfreeze) -> None:
         self.monotonic = monotonic
         self.freezing = freezing
+        self.freeze = freeze
+        self.unfreeze = unfreeze
         self.thaw_s = thaw_s
         self.observe = observe
         self.full_passes = 0
@@ -53,7 +57,7 @@ class Collector:
     def install(self) -> None:
         """Freeze what exists now (modules, configuration, the listening server: it lives as long as the process)
         and watch for full collections."""
-        gc.freeze()
+        self.freeze()
         if not self._installed:
             gc.callbacks.append(self._on_gc)
             self._installed = True
@@ -76,9 +80,9 @@ class Collector:
         if not self._collected:
             if self.freezing and now - self._thawed_at >= self.thaw_s:
                 self._thawed_at = now
-                gc.unfreeze()
+                self.unfreeze()
             return
         self._collected = False
         self.full_passes += 1
         if self.freezing:
-            gc.freeze()
+            self.freeze()
