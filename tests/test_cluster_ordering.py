@@ -465,6 +465,33 @@ def test_rule_3_nothing_is_taken_live_while_a_queue_read_is_under_way():
     run(scenario())
 
 
+def test_rule_3_a_message_stored_here_while_a_queue_read_waits_is_pushed_after_what_that_read_finds():
+    """The pg_freeze finding: after a blip the read of B's queue waits for B's writes still landing (a removal
+    being tried again); a sender that just moved here has its message stored meanwhile (nothing is taken live
+    while the read is under way), and that message must reach the session after the one the read finds, not
+    be pushed past it as soon as it is committed."""
+    async def scenario() -> None:
+        here = Instance()
+        here.peers.where = PeerSessions()  # B's only session is here
+        plain = here.session(B)
+        await here.store.enqueue(stored_msg("m1"), LIMITS)  # stored through another instance; its notice was lost
+        landing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        here.local.writes.note(B, landing)
+        here.refresh.refresh_all()  # what the recovery starts; it waits for B's write to land
+        assert here.refresh.reading(B)
+        sender = here.session(A)
+        await here.send(sender, B, "m2")
+        for _ in range(20):  # m2 is stored (the memory store answers at once)
+            await asyncio.sleep(0)
+        assert received(plain) == []  # m2 waits for the read, which is still held back
+        landing.set_result(None)
+        await here.settle()
+        await here.refresh.settle()
+        assert received(plain) == ["m1", "m2"]
+        assert ("delivered", "m2") in answers(sender)
+    run(scenario())
+
+
 class LossyBus:
     """A ``Bus`` whose first ``lost`` publishes fail (this instance's link to Redis is down)."""
 
