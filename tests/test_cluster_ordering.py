@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from support import A, B, FakeConnection, ManualClock, make_config
 
 from relayd.cluster.delivery import ClusterDelivery
@@ -17,6 +18,7 @@ from relayd.cluster.peers import ClusterPeers, Taken
 from relayd.cluster.presence import PeerSessions
 from relayd.cluster.refresh import Refresh
 from relayd.ops.metrics import RelayMetrics
+from relayd.protocol.backlog import Backlog
 from relayd.protocol.delivery import Delivery
 from relayd.protocol.presence import LocalPresence
 from relayd.protocol.writes import AddressWrites
@@ -493,18 +495,25 @@ def test_rule_3_a_message_stored_here_while_a_queue_read_waits_is_pushed_after_w
 
 
 class BlippingReads(MemoryStore):
-    """A memory store whose next ``failures`` queue reads fail, as during a blip."""
+    """A memory store whose next ``failures`` queue reads (or backlog sizes) fail, as during a blip."""
 
     def __init__(self) -> None:
         super().__init__()
         self.failures = 0
 
-    async def pending(self, recipient: str, limit: int, after_seq: int = 0,
-                      max_bytes: int | None = None) -> list[QueuedMessage]:
+    def _blip(self) -> None:
         if self.failures:
             self.failures -= 1
             raise StorageUnavailable("a blip")
+
+    async def pending(self, recipient: str, limit: int, after_seq: int = 0,
+                      max_bytes: int | None = None) -> list[QueuedMessage]:
+        self._blip()
         return await super().pending(recipient, limit, after_seq, max_bytes)
+
+    async def backlog_size(self, recipient: str) -> tuple[int, int]:
+        self._blip()
+        return await super().backlog_size(recipient)
 
 
 def test_rule_3_after_a_failed_queue_read_nothing_is_taken_live_until_a_read_succeeds():
@@ -527,6 +536,40 @@ def test_rule_3_after_a_failed_queue_read_nothing_is_taken_live_until_a_read_suc
         assert received(plain) == ["m1", "m2"]
         assert ("delivered", "m2") in answers(sender)
         assert not here.refresh.reading(B)
+    run(scenario())
+
+
+@pytest.mark.parametrize("failing", ["backlog size", "flush"])
+def test_a_session_made_ready_without_its_backlog_gets_it_before_anything_pushed_live_past_it(failing):
+    """The pg_freeze finding: a session of B signs in as the store hangs, so its backlog (m1) cannot be read (its
+    size, or its first page) and it is made ready for live traffic only. m2, sent after m1, must not reach it
+    before m1: a read of the queue delivers m1 first, and until one succeeds m2 is stored behind it rather than
+    pushed live."""
+    async def scenario() -> None:
+        store = BlippingReads()
+        here = Instance(store)
+        here.peers.where = PeerSessions()
+        backlog = Backlog(here.config, here.routes, store, here.metrics, here.clock, here.local.writes)
+        backlog.on_flushed, backlog.on_unflushed = here.refresh.flushed, here.refresh.unflushed
+        await store.enqueue(stored_msg("m1"), LIMITS)  # while B was offline
+        plain = here.session(B, ready=False)
+        if failing == "flush":
+            assert not await backlog.prepare(plain.session)
+        store.failures = 2  # the backlog's size or first page, and the read that starts then
+        if failing == "flush":
+            await backlog.flush(plain.session)
+            assert [f["code"] for f in plain.take()] == ["storage_unavailable"]
+        else:
+            with pytest.raises(StorageUnavailable):
+                await backlog.prepare(plain.session)
+        assert plain.session.ready
+        await here.refresh.settle()
+        sender = here.session(A)
+        await here.send(sender, B, "m2")
+        await here.settle()
+        await here.refresh.settle()
+        assert received(plain) == ["m1", "m2"]
+        assert answers(sender) == [("delivered", "m2")]
     run(scenario())
 
 

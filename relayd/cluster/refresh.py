@@ -101,6 +101,15 @@ class Refresh:
             state.floor = last_seq
             state.pushed = {s for s in state.pushed if s > last_seq}
 
+    def unflushed(self, session: Session, last_seq: int) -> None:
+        """A session was made ready without (the rest of) its backlog, sent up to ``last_seq``, the store failing:
+        nothing of its address is pushed live past what waits stored until a read succeeds, which delivers it
+        (one starts now)."""
+        assert session.address is not None
+        self.flushed(session, last_seq)
+        self._of(session.address).unread = True
+        self.request(session.address)
+
     def pushed(self, address: str, seq: int) -> None:
         """A stored message was pushed to the address's ready sessions here (a peer's offer)."""
         state = self._of(address)
