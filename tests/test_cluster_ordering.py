@@ -494,6 +494,29 @@ def test_rule_3_a_message_stored_here_while_a_queue_read_waits_is_pushed_after_w
     run(scenario())
 
 
+@pytest.mark.xfail(strict=True, reason="open: nothing tells this instance that m1 waits until its next read (the "
+                   "storing instance's hint, a lapse, a resubscription); see the docstring")
+def test_a_sender_that_moves_to_a_healthy_instance_before_any_read_there_keeps_its_order():
+    """Still open: the sender's m1 was stored through another instance just as a blip hit, and its notice to this
+    instance was lost; this instance saw no failure itself, so no read of B's queue is under way. The sender moves
+    here, beside B's session, and m2 goes live, before m1 (which the next read delivers). Closing it takes a
+    sender's first message through an instance to be stored and delivered by a read (its seq naming itself in
+    offers), which costs local delivery while the store is down, and a read that must not let one instance's
+    removal of what its plain sessions took count as delivered on another."""
+    async def scenario() -> None:
+        here = Instance()
+        here.peers.where = PeerSessions()
+        plain = here.session(B)
+        await here.store.enqueue(stored_msg("m1"), LIMITS)
+        sender = here.session(A)
+        await here.send(sender, B, "m2")
+        await here.settle()
+        here.refresh.refresh_all()  # the next trigger: the storing instance's hint, a lapse, a resubscription
+        await here.refresh.settle()
+        assert received(plain) == ["m1", "m2"]
+    run(scenario())
+
+
 class BlippingReads(MemoryStore):
     """A memory store whose next ``failures`` queue reads (or backlog sizes) fail, as during a blip."""
 
