@@ -129,10 +129,7 @@ FAULTS: dict[str, Callable[[Workload, History], None]] = {
 }
 ROUNDS = 2
 
-OPEN_FINDINGS: dict[str, str] = {
-    "pg_freeze": "one order finding in a CI replica on 2026-12-07 (a stored message after the next one in one session, "
-                 "while the inboxes resubscribed after the 2 s freeze), after 8 clean runs; not yet understood",
-}
+OPEN_FINDINGS: dict[str, str] = {}
 """Faults whose check failed in the last runs and are not yet understood: run, reported, not required."""
 FAULT_PARAMS = [pytest.param(name, r, id=f"{name}-{r}",
                              marks=[pytest.mark.xfail(strict=False, reason=OPEN_FINDINGS[name])]

@@ -10,9 +10,12 @@ A hang is worse than an outage: nothing is refused, nothing answers. With ``conn
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -190,3 +193,51 @@ def test_the_cluster_inbox_notices_its_stalled_link_and_is_back_after_the_heal(t
     finally:
         proxy.stop()
 
+
+
+class _HeldLink:
+    """A ``PgLink`` stand-in whose operations each wait until the test lets them through (``gates``, in
+    submission order), then record the presence kind they write."""
+
+    connect_timeout_s = command_timeout_s = 1.0
+    health = SimpleNamespace(failure=None)
+
+    def __init__(self) -> None:
+        self.gates: list[asyncio.Future[None]] = []
+        self.written: list[str] = []
+
+    @contextmanager
+    def bounded(self) -> Iterator[float]:
+        yield 0.0
+
+    async def run(self, job: Any, *, write: bool, transaction: bool = False) -> Any:
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.gates.append(gate)
+        await gate
+        return await job(self)
+
+    async def fetchrow(self, sql: str, *args: Any) -> dict[str, Any]:
+        self.written.append(args[2])
+        return {"o_watchers": [], "o_presence": []}
+
+
+def test_an_instances_presence_writes_of_one_address_land_in_the_order_they_were_made():
+    """The last session of B left during a hang (its entry's removal waits for the server) and a new one signed in
+    just after the heal: on two pooled connections the removal could land last and leave B without its entry
+    here, so nothing stored for B would be offered or hinted to this instance (a late finding of pg_freeze)."""
+    from relayd.cluster.postgres_backplane import PostgresBackplane
+
+    async def scenario() -> list[str]:
+        link = _HeldLink()
+        backplane = PostgresBackplane(SimpleNamespace(link=link))  # type: ignore[arg-type]
+        left = backplane.join(B, "node0#1", "", 1000)
+        joined = backplane.join(B, "node0#1", "a", 1000)
+        while not (left.done() and joined.done()):
+            await asyncio.sleep(0)
+            for gate in reversed(link.gates):  # the server answers the newest first
+                if not gate.done():
+                    gate.set_result(None)
+                    break
+        return link.written
+
+    assert asyncio.run(scenario()) == ["", "a"]

@@ -99,6 +99,7 @@ class Cluster:
                         max_offer_age_ms=self.config.cluster.reply_timeout_ms // 2)
         offers.on_stored = router.backlog.stored
         router.backlog.on_flushed = self.refresh.flushed
+        router.backlog.on_unflushed = self.refresh.unflushed
         self.peers.bind(_ThisInstance(router, local, offers, self.refresh))
         self.presence.on_lapse = self.refresh.refresh_all
         self.bus.on_subscribed = self.refresh.refresh_all

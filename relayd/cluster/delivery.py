@@ -350,7 +350,9 @@ class ClusterDelivery:
     async def _deliver_stored(self, msg: QueuedMessage, where: PeerSessions, after: int) -> str:
         """Push a committed message to the recipient's ready sessions here and offer it to its peers."""
         targets = self.routes.ready_sessions(msg.recipient)
-        if self.refresh.caught_up(msg.recipient, msg.seq):
+        if targets and self.refresh.reading(msg.recipient):
+            taken = await self._pushed_by_a_read(msg)
+        elif self.refresh.caught_up(msg.recipient, msg.seq):
             taken = list(targets)  # a read of the queue here pushed it already
         else:
             taken = self.local.push_stored(targets, msg)
@@ -370,3 +372,16 @@ class ClusterDelivery:
         if taken and not keep and not far.ack:  # a peer removes what only its plain sessions took
             self.local.remove_soon(msg)
         return "delivered"
+
+    async def _pushed_by_a_read(self, msg: QueuedMessage) -> list[Session]:
+        """A read of the recipient's queue is under way here (after a blip, a lapse or a hint): it may find stored
+        messages of this sender whose notices were lost, so this one is left to the next read, which pushes it
+        after them, in seq order (rule 3 of ``offers``). The sessions that took it; none when the read did not
+        end within ``answer_within_s`` (it is stored, and that read delivers it)."""
+        try:
+            async with asyncio.timeout(self.answer_within_s):
+                await self.refresh.read(msg.recipient, seen=msg.seq)
+        except TimeoutError:
+            return []
+        targets = self.routes.ready_sessions(msg.recipient)
+        return list(targets) if self.refresh.caught_up(msg.recipient, msg.seq) else []

@@ -17,11 +17,15 @@ repeated (channel, payload) within one transaction, so each payload starts
 with a counter. A payload may hold at most 8000 bytes: a longer envelope is
 sent as consecutive chunks, which the listener joins per sending backend.
 
-Budget spends, routed enqueues and restores of one recipient run one after
-the other, in the order they were made (Redis applies an instance's writes,
-and answers them, in order; a pool would not): a sender's messages are
-stored in send order and get their seqs in it, which is the order a peer
-reading the queue delivers them in.
+Budget spends, routed enqueues, restores and this instance's presence writes
+of one address run one after the other, in the order they were made (Redis
+applies an instance's writes, and answers them, in order; a pool would not):
+a sender's messages are stored in send order and get their seqs in it, which
+is the order a peer reading the queue delivers them in; and the entry written
+when a session signs in is never undone by the removal its address's last
+session asked for when it left earlier (during a hang, both wait for the
+server, and on two pooled connections the removal could land last, leaving
+the address without its entry: nothing would be offered or hinted here).
 
 Presence, watches, heartbeats and budgets are the SQL functions of schema
 versions 3 and 4 (``relayd.storage.postgres.schema``): one round trip each,
@@ -277,7 +281,8 @@ class PostgresBackplane:
              watch_ttl_ms: int) -> asyncio.Future[tuple[list[str], PresenceEntries]]:
         if self.link.health.failure is not None:
             raise StorageUnavailable(self.link.health.failure)
-        return asyncio.ensure_future(self._join(address, instance, kind, watch_ttl_ms))
+        return asyncio.ensure_future(self._in_order([address], lambda: self._join(address, instance, kind,
+                                                                                  watch_ttl_ms)))
 
     async def _join(self, address: str, instance: str, kind: str,
                     watch_ttl_ms: int) -> tuple[list[str], PresenceEntries]:

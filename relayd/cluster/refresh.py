@@ -46,12 +46,15 @@ PARALLEL_READS = 32
 class _Address:
     """What this instance knows of one address's stored queue (see the module docstring)."""
 
-    __slots__ = ("floor", "pushed", "running", "again", "seen", "waiting", "next_waiting")
+    __slots__ = ("floor", "pushed", "running", "unread", "again", "seen", "waiting", "next_waiting")
 
     def __init__(self) -> None:
         self.floor = 0
         self.pushed: set[int] = set()
         self.running = False
+        self.unread = False
+        """The last read failed: what it was to find may still wait, so until a read succeeds nothing is pushed
+        live past it (the next message for the address is stored and asks for that read)."""
         self.again: int | None = None
         """Another read was asked for while one ran: from this seq (-1: from the floor when it starts)."""
         self.seen = 0
@@ -98,6 +101,15 @@ class Refresh:
             state.floor = last_seq
             state.pushed = {s for s in state.pushed if s > last_seq}
 
+    def unflushed(self, session: Session, last_seq: int) -> None:
+        """A session was made ready without (the rest of) its backlog, sent up to ``last_seq``, the store failing:
+        nothing of its address is pushed live past what waits stored until a read succeeds, which delivers it
+        (one starts now)."""
+        assert session.address is not None
+        self.flushed(session, last_seq)
+        self._of(session.address).unread = True
+        self.request(session.address)
+
     def pushed(self, address: str, seq: int) -> None:
         """A stored message was pushed to the address's ready sessions here (a peer's offer)."""
         state = self._of(address)
@@ -119,10 +131,10 @@ class Refresh:
             del self._addresses[address]
 
     def reading(self, address: str) -> bool:
-        """Whether a read of the address's queue is under way (after a blip, a lapse or a hint): until it is
-        done, nothing of the address is pushed live past what it may find."""
+        """Whether a read of the address's queue is under way (after a blip, a lapse or a hint), or the last one
+        failed: until one is done, nothing of the address is pushed live past what it may find."""
         state = self._addresses.get(address)
-        return state is not None and state.running
+        return state is not None and (state.running or state.unread)
 
     def caught_up(self, address: str, seq: int) -> bool:
         """Whether the stored message ``seq`` (0: none) has reached the address's sessions here, or left the
@@ -180,9 +192,11 @@ class Refresh:
                     try:
                         await self._read(address, state, start, seen)
                     except StorageUnavailable as exc:
-                        log.warning("cannot read the queue of an open session: %s; read again on the next hint",
-                                    exc)
+                        state.unread = True
+                        log.warning("cannot read the queue of an open session: %s; read again on the next hint "
+                                    "or message for it", exc)
                         return
+                    state.unread = False
                 _resolve(state.waiting)
                 state.waiting, state.next_waiting = state.next_waiting, []
                 if state.again is None:

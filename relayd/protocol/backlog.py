@@ -61,6 +61,10 @@ class Backlog:
         self.on_flushed: Callable[[Session, int], None] = lambda session, last_seq: None
         """Told when a session has received its whole backlog and is ready, with the last seq it read (0:
         none): from there on, what is stored for it reaches it only live or through ``relayd.cluster``."""
+        self.on_unflushed: Callable[[Session, int], None] = lambda session, last_seq: None
+        """Told when a session was made ready without (the rest of) its backlog, the store failing, with the last
+        seq it was sent (0: none): it takes live messages, so ``relayd.cluster`` must read the queue for it
+        before it pushes any past what waits there."""
         self.flush_delay = 0.0
         self.key_upload_margin = 0.0
         self.configure(config)
@@ -95,6 +99,7 @@ class Backlog:
             messages, receipts = await self.store.backlog_size(address)
         except StorageUnavailable:
             session.ready = True
+            self.on_unflushed(session, 0)
             raise
         finally:
             stored = self._stored_meanwhile.pop(session)
@@ -212,36 +217,43 @@ class Backlog:
             session.send({"type": "queue_empty"})
 
     async def _flush_messages(self, session: Session, address: str) -> bool:
-        """True once the whole backlog was written and the session is ready."""
+        """True once the whole backlog was written and the session is ready. When the store fails, the session is
+        made ready for live traffic, and ``on_unflushed`` told how far it got."""
         after = 0
-        while not session.closed:
-            self._stored_meanwhile[session] = False
-            try:
-                batch = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
-            finally:
-                stored = self._stored_meanwhile.pop(session, False)
-            if not batch:
-                if stored:  # stored while that read ran (on a pool it may have been served before the commit)
-                    continue
+        try:
+            while not session.closed:
+                self._stored_meanwhile[session] = False
+                try:
+                    batch = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
+                finally:
+                    stored = self._stored_meanwhile.pop(session, False)
+                if not batch:
+                    if stored:  # stored while that read ran (on a pool it may have been served before the commit)
+                        continue
+                    session.ready = True
+                    self.on_flushed(session, after)
+                    return True
+                written = []
+                for msg in batch:
+                    waiter = session.outbox.congested()
+                    if waiter is not None:
+                        await waiter
+                    if not session.push(message_text(msg.sender, msg.content, msg.message_id, msg.timestamp,
+                                                     queued=True), None if session.ack else msg):
+                        break
+                    written.append(msg.seq)
+                self.metrics.flushed.inc(len(written))
+                after = batch[-1].seq
+                if not session.ack and written:
+                    await self.store.remove(address, written)
+                if len(written) < len(batch):
+                    return False
+            return False
+        except StorageUnavailable:
+            if not session.closed:
                 session.ready = True
-                self.on_flushed(session, after)
-                return True
-            written = []
-            for msg in batch:
-                waiter = session.outbox.congested()
-                if waiter is not None:
-                    await waiter
-                if not session.push(message_text(msg.sender, msg.content, msg.message_id, msg.timestamp,
-                                                 queued=True), None if session.ack else msg):
-                    break
-                written.append(msg.seq)
-            self.metrics.flushed.inc(len(written))
-            after = batch[-1].seq
-            if not session.ack and written:
-                await self.store.remove(address, written)
-            if len(written) < len(batch):
-                return False
-        return False
+                self.on_unflushed(session, after)
+            raise
 
     async def _flush_receipts(self, session: Session, address: str) -> None:
         while not session.closed:
