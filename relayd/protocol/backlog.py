@@ -223,10 +223,12 @@ class Backlog:
         reading: asyncio.Future[list[QueuedMessage]] | None = None
         try:
             while not session.closed:
-                if reading is None:
-                    reading = self._read_page(session, address, after)
                 try:
-                    batch = await reading
+                    if reading is None:
+                        self._stored_meanwhile[session] = False
+                        batch = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
+                    else:
+                        batch = await reading
                 finally:
                     reading = None
                     stored = self._stored_meanwhile.pop(session, False)
@@ -262,8 +264,8 @@ class Backlog:
                 reading.cancel()
 
     def _read_page(self, session: Session, address: str, after: int) -> asyncio.Future[list[QueuedMessage]]:
-        """Start reading the page after seq ``after``; until it is looked at, ``stored`` notes what is stored for
-        the address meanwhile (it may be missing from that page)."""
+        """Start reading the page after seq ``after`` (it goes to the store at the loop's next turn); until it is
+        looked at, ``stored`` notes what is stored for the address meanwhile (it may be missing from that page)."""
         self._stored_meanwhile[session] = False
         return asyncio.ensure_future(self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES))
 

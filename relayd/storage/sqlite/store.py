@@ -49,7 +49,6 @@ from ..store import (
 )
 
 _SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
-_MESSAGE_COLUMNS = "seq, recipient, sender, message_id, content, timestamp, queued_at"
 
 
 class SQLiteStore:
@@ -183,11 +182,12 @@ class SQLiteStore:
                       max_bytes: int | None = None) -> list[QueuedMessage]:
         def job(conn: sqlite3.Connection) -> tuple[list[QueuedMessage], Delta]:
             """One ordered read, stopped once the page holds ``max_bytes`` of content (at least one message)."""
-            cursor = conn.execute(f"SELECT {_MESSAGE_COLUMNS}, size FROM messages WHERE recipient = ? AND seq > ? "
-                                  "ORDER BY seq LIMIT ?", (recipient, after_seq, max(limit, 0)))
+            cursor = conn.execute("SELECT seq, sender, message_id, content, timestamp, queued_at, size FROM messages "
+                                  "WHERE recipient = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                  (recipient, after_seq, max(limit, 0)))
             page, room = [], max(max_bytes, 1) if max_bytes is not None else None
-            for seq, r, s, m, c, t, q, size in cursor:
-                page.append(QueuedMessage(r, s, m, c, t, q, seq))
+            for seq, s, m, c, t, q, size in cursor:
+                page.append(QueuedMessage(recipient, s, m, c, t, q, seq))
                 if room is not None:
                     room -= size
                     if room <= 0:

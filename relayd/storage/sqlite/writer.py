@@ -63,7 +63,10 @@ class _Raised:
     exc: Exception
 
 
-def _resolve(outcomes: list[Outcome]) -> None:
+def _resolve(outcomes: list[Outcome], observe: Callable[[float], None] | None = None, took: float = 0.0) -> None:
+    """Resolve the futures of a batch's jobs; ``observe``: also tell it how long the batch's commit took."""
+    if observe is not None:
+        observe(took)
     for future, value, exc in outcomes:
         if future.done():
             continue
@@ -101,6 +104,8 @@ class SQLiteWriter:
         """Committed write transactions; lets tests and metrics see group commit work."""
         self.commit_observer: Callable[[float], None] | None = None
         """Called on the event loop with each write transaction's duration (for metrics)."""
+        self._took: float | None = None
+        """The duration of the batch just committed (writer thread only)."""
 
     async def start(self) -> None:
         """Open the database on a new thread; raises ``StoreOpenError`` when it cannot be opened."""
@@ -171,11 +176,12 @@ class SQLiteWriter:
             batch, carry = self._collect(jobs, carry)
             if batch[0].fn is None:
                 break
+            self._took = None
             try:
                 outcomes = self._execute(batch)
             except Exception as exc:  # keep the thread alive whatever happens
                 outcomes = self._fail(batch, exc)
-            self._post(outcomes)
+            self._post(outcomes, self._took)
         self._close()
         self._post([(batch[0], None, None)])
 
@@ -231,8 +237,7 @@ class SQLiteWriter:
             if writes:
                 conn.execute("COMMIT")
                 self.commits += 1
-                if self.commit_observer is not None:
-                    _call_soon(batch[0].loop, self.commit_observer, time.perf_counter() - started)
+                self._took = time.perf_counter() - started
         except Exception as exc:
             return self._fail(batch, exc)
         self.total += messages
@@ -294,12 +299,19 @@ class SQLiteWriter:
             self.healthy, self.problem = False, reason
         return [(job, None, StorageUnavailable(reason)) for job in batch]
 
-    def _post(self, outcomes: list[_JobOutcome]) -> None:
+    def _post(self, outcomes: list[_JobOutcome], took: float | None = None) -> None:
+        """Hand the outcomes to their loops, one call per loop; the first job's loop also gets the commit's
+        duration ``took`` for ``commit_observer`` (a write batch that committed)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
         for job, value, exc in outcomes:
             by_loop.setdefault(job.loop, []).append((job.future, value, exc))
+        observe = self.commit_observer if took is not None and outcomes else None
+        first = outcomes[0][0].loop if observe is not None else None
         for loop, items in by_loop.items():
-            _call_soon(loop, _resolve, items)
+            if loop is first:
+                _call_soon(loop, _resolve, items, observe, took)
+            else:
+                _call_soon(loop, _resolve, items)
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
