@@ -35,6 +35,8 @@ from .writes import AddressWrites
 log = logging.getLogger("relayd.protocol.router")
 
 FLUSH_BATCH = 256
+FLUSH_FIRST_PAGE = 32
+"""Messages of a flush's first page: a short read puts the first message on the wire sooner."""
 FLUSH_PAGE_BYTES = 256 * 1024
 """Content read from the store per flush page: what one session may hold beyond its socket's buffers."""
 MAX_ACK_IDS = 1000
@@ -226,7 +228,8 @@ class Backlog:
                 try:
                     if reading is None:
                         self._stored_meanwhile[session] = False
-                        batch = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
+                        batch = await self.store.pending(address, FLUSH_FIRST_PAGE if not after else FLUSH_BATCH,
+                                                         after, FLUSH_PAGE_BYTES)
                     else:
                         batch = await reading
                 finally:
