@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .checkpoint import BACKSTOP_PAGES, DEFAULT_AUTOCHECKPOINT, Checkpointer
 from .file import count_stats, describe_error, inspect, permission_hint
 from .keys import KEY_BYTES_SQL, KeyDirectory
 from .owner import OwnerLock
@@ -64,7 +65,8 @@ class SQLiteStore:
         self._synchronous = _SYNC_MODES[synchronous.lower()]
         self._busy_timeout_ms = int(busy_timeout_ms)
         self._owner = OwnerLock(Path(path))
-        self._writer = SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path)
+        self._checkpoints = Checkpointer(path)
+        self._writer = SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path, self._checkpoints)
         self._keys = KeyDirectory(self._writer)
         self._push = PushTable(self._writer)
         self._seqs = SeqCounter(0)  # set from the database on the writer thread when it opens
@@ -141,6 +143,9 @@ class SQLiteStore:
             nbytes += history.stored_bytes(conn)
             self._seqs = SeqCounter(0)
             self._seqs.resync(conn)
+            conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+            if not self._checkpoints.start(path, self._synchronous):  # last: nothing after it can fail
+                conn.execute(f"PRAGMA wal_autocheckpoint = {DEFAULT_AUTOCHECKPOINT}")
         except StoreOpenError:
             conn.close()
             raise

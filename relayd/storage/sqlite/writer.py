@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from .checkpoint import Checkpointer
 from .file import describe_error, is_storage_error
 from ..store import StorageUnavailable, StoreOpenError
 
@@ -86,8 +87,11 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: 
 class SQLiteWriter:
     """The writer thread and its job queue; ``healthy``/``problem`` say whether the last write worked."""
 
-    def __init__(self, connect: Connect, interval_s: float, label: str) -> None:
+    def __init__(self, connect: Connect, interval_s: float, label: str,
+                 checkpoints: Checkpointer | None = None) -> None:
         self._connect = connect
+        self._checkpoints = checkpoints
+        """Told of each commit, stopped before the connection closes (``connect`` starts it)."""
         self._interval = interval_s
         self._label = label
         self._jobs: queue.SimpleQueue[_Job[Any]] = queue.SimpleQueue()
@@ -238,6 +242,8 @@ class SQLiteWriter:
                 conn.execute("COMMIT")
                 self.commits += 1
                 self._took = time.perf_counter() - started
+                if self._checkpoints is not None:
+                    self._checkpoints.grew(conn)
         except Exception as exc:
             return self._fail(batch, exc)
         self.total += messages
@@ -317,6 +323,8 @@ class SQLiteWriter:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
         try:
             conn.execute("PRAGMA optimize")
         except sqlite3.Error:
