@@ -247,7 +247,7 @@ def test_the_log_is_checkpointed_by_its_own_thread_and_the_writer_only_as_a_back
     async def main() -> None:
         store = await opened(tmp_path / "relay.db")
         assert await run_job(store, "PRAGMA wal_autocheckpoint") == [(BACKSTOP_PAGES,)]
-        sent = [msg(f"m{i}", "x" * 500, recipient=f"r{i % 50}") for i in range(2000)]
+        sent = [msg(f"m{i}", "x" * 500, recipient=f"r{i % 50}") for i in range(4000)]
         for start in range(0, len(sent), 100):
             assert await store.enqueue_many(sent[start:start + 100], ROOMY) == [QUEUED] * 100
         await wait_for_state(lambda: store._checkpoints.checkpoints > 0, "a checkpoint on the checkpoint thread")
@@ -255,7 +255,7 @@ def test_the_log_is_checkpointed_by_its_own_thread_and_the_writer_only_as_a_back
         assert not any(t.name == "relayd-sqlite-checkpoint" for t in threading.enumerate())
         assert not (tmp_path / "relay.db-wal").exists()  # the last connection closed checkpointed it all
         store = await opened(tmp_path / "relay.db")
-        assert store.total() == 2000 and await store.size("r7") == 40
+        assert store.total() == 4000 and await store.size("r7") == 80
         await store.close()
     asyncio.run(main())
 
