@@ -8,6 +8,7 @@ import os
 import socket
 import sqlite3
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import WriteLock, sqlite_file
+from support import WriteLock, sqlite_file, wait_for_state
 
 from relayd.storage.memory import MemoryStore
 from relayd.storage.sqlite.store import SQLiteStore
+from relayd.storage.sqlite.checkpoint import BACKSTOP_PAGES
 from relayd.storage.sqlite.file import backup_database, read_stats
 from relayd.storage.sqlite.owner import lock_path
 from relayd.storage.sqlite import queue as sqlite_queue
@@ -237,6 +239,23 @@ def test_group_commit_groups_concurrent_writes(tmp_path: Path) -> None:
         assert store.commits - before <= 10
         assert len({m.seq for m in sent}) == 200
         assert store.total() == 200
+        await store.close()
+    asyncio.run(main())
+
+
+def test_the_log_is_checkpointed_by_its_own_thread_and_the_writer_only_as_a_backstop(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await opened(tmp_path / "relay.db")
+        assert await run_job(store, "PRAGMA wal_autocheckpoint") == [(BACKSTOP_PAGES,)]
+        sent = [msg(f"m{i}", "x" * 500, recipient=f"r{i % 50}") for i in range(4000)]
+        for start in range(0, len(sent), 100):
+            assert await store.enqueue_many(sent[start:start + 100], ROOMY) == [QUEUED] * 100
+        await wait_for_state(lambda: store._checkpoints.checkpoints > 0, "a checkpoint on the checkpoint thread")
+        await store.close()
+        assert not any(t.name == "relayd-sqlite-checkpoint" for t in threading.enumerate())
+        assert not (tmp_path / "relay.db-wal").exists()  # the last connection closed checkpointed it all
+        store = await opened(tmp_path / "relay.db")
+        assert store.total() == 4000 and await store.size("r7") == 80
         await store.close()
     asyncio.run(main())
 

@@ -28,13 +28,15 @@ from ..frames import message_text
 from ..ops.metrics import RelayMetrics
 from .seams import NO_PEERS, Peers, Routes
 from .session import Session
-from ..storage.store import StorageOutcomeUnknown, StorageUnavailable, Store
+from ..storage.store import QueuedMessage, StorageOutcomeUnknown, StorageUnavailable, Store
 from ..tasks import TaskSet
 from .writes import AddressWrites
 
 log = logging.getLogger("relayd.protocol.router")
 
 FLUSH_BATCH = 256
+FLUSH_FIRST_PAGE = 32
+"""Messages of a flush's first page: a short read puts the first message on the wire sooner."""
 FLUSH_PAGE_BYTES = 256 * 1024
 """Content read from the store per flush page: what one session may hold beyond its socket's buffers."""
 MAX_ACK_IDS = 1000
@@ -218,14 +220,26 @@ class Backlog:
 
     async def _flush_messages(self, session: Session, address: str) -> bool:
         """True once the whole backlog was written and the session is ready. When the store fails, the session is
-        made ready for live traffic, and ``on_unflushed`` told how far it got."""
+        made ready for live traffic, and ``on_unflushed`` told how far it got.
+
+        A plain session's page is removed from the store before the next one is read, as one job after the
+        other: the read is started just before the removal is submitted, so a store with one writer (SQLite)
+        runs both in one batch instead of the removal lingering alone for writes to group with. The next page
+        is read only once this one was written, so a flush still holds at most one page.
+        """
         after = 0
+        reading: asyncio.Future[list[QueuedMessage]] | None = None
         try:
             while not session.closed:
-                self._stored_meanwhile[session] = False
                 try:
-                    batch = await self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES)
+                    if reading is None:
+                        self._stored_meanwhile[session] = False
+                        batch = await self.store.pending(address, FLUSH_FIRST_PAGE if not after else FLUSH_BATCH,
+                                                         after, FLUSH_PAGE_BYTES)
+                    else:
+                        batch = await reading
                 finally:
+                    reading = None
                     stored = self._stored_meanwhile.pop(session, False)
                 if not batch:
                     if stored:  # stored while that read ran (on a pool it may have been served before the commit)
@@ -244,9 +258,12 @@ class Backlog:
                     written.append(msg.seq)
                 self.metrics.flushed.inc(len(written))
                 after = batch[-1].seq
+                whole = len(written) == len(batch)
                 if not session.ack and written:
-                    await self.store.remove(address, written)
-                if len(written) < len(batch):
+                    if whole:
+                        reading = self._read_page(session, address, after)
+                    await self.store.remove(address, written)  # submitted now, ahead of the read
+                if not whole:
                     return False
             return False
         except StorageUnavailable:
@@ -254,6 +271,17 @@ class Backlog:
                 session.ready = True
                 self.on_unflushed(session, after)
             raise
+        finally:
+            self._stored_meanwhile.pop(session, None)
+            if reading is not None:  # the removal failed or the session closed: that read is not the flush's
+                reading.add_done_callback(_retrieved)
+                reading.cancel()
+
+    def _read_page(self, session: Session, address: str, after: int) -> asyncio.Future[list[QueuedMessage]]:
+        """Start reading the page after seq ``after`` (it goes to the store at the loop's next turn); until it is
+        looked at, ``stored`` notes what is stored for the address meanwhile (it may be missing from that page)."""
+        self._stored_meanwhile[session] = False
+        return asyncio.ensure_future(self.store.pending(address, FLUSH_BATCH, after, FLUSH_PAGE_BYTES))
 
     async def _flush_receipts(self, session: Session, address: str) -> None:
         while not session.closed:
@@ -323,3 +351,8 @@ class Backlog:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -31,6 +31,8 @@ IN_CHUNK = 500  # stays far below SQLite's bound-parameter limit on old builds
 DROP_CHUNK = 64
 EXPIRE_CHUNK = 1000
 FEW = 4
+SHAPED_ROWS = 128
+"""Most rows of a batch read (three bound values each, far below SQLite's limit on old builds)."""
 """Batches smaller than this are enqueued a message at a time (see ``enqueue_rows``)."""
 
 T = TypeVar("T")
@@ -75,6 +77,17 @@ class SeqCounter:
 def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def shaped(items: Sequence[T], most: int) -> Iterable[Sequence[T]]:
+    """``items`` in chunks whose sizes are powers of two (largest first, none above ``most``): a statement built
+    for a chunk then has one of a few shapes, which stay prepared in the connection's statement cache (a shape
+    per batch size overflows it, and preparing a statement of many rows costs more than running it)."""
+    start = 0
+    while start < len(items):
+        size = 1 << min(len(items) - start, most).bit_length() - 1
+        yield items[start:start + size]
+        start += size
 
 
 def marks(n: int) -> str:
@@ -170,7 +183,7 @@ def _known_among(conn: sqlite3.Connection, messages: list[QueuedMessage]) -> set
     """The (recipient, messageId, sender as given) of these messages that are recorded as delivered or are
     stored."""
     found: set[tuple[str, str, str]] = set()
-    for part in chunks(messages, IN_CHUNK // 3):
+    for part in shaped(messages, SHAPED_ROWS):
         found.update(conn.execute(
             f"SELECT column1, column2, column3 FROM (VALUES {','.join(['(?, ?, ?)'] * len(part))}) WHERE EXISTS "
             "(SELECT 1 FROM delivered WHERE recipient = column1 AND message_id = column2 AND sender = lower(column3)) "
@@ -183,7 +196,7 @@ def _known_among(conn: sqlite3.Connection, messages: list[QueuedMessage]) -> set
 def _counters(conn: sqlite3.Connection, recipients: set[str]) -> dict[str, tuple[int, int]]:
     """The stored (count, bytes) of these recipients' queues (a recipient without a queue is absent)."""
     counters: dict[str, tuple[int, int]] = {}
-    for part in chunks(list(recipients)):
+    for part in shaped(list(recipients), SHAPED_ROWS):
         for recipient, count, used in conn.execute(
                 f"SELECT recipient, count, bytes FROM queues WHERE recipient IN ({marks(len(part))})", part):
             counters[recipient] = (count, used)

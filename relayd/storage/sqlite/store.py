@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .checkpoint import BACKSTOP_PAGES, DEFAULT_AUTOCHECKPOINT, Checkpointer
 from .file import count_stats, describe_error, inspect, permission_hint
 from .keys import KEY_BYTES_SQL, KeyDirectory
 from .owner import OwnerLock
@@ -49,7 +50,6 @@ from ..store import (
 )
 
 _SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
-_MESSAGE_COLUMNS = "seq, recipient, sender, message_id, content, timestamp, queued_at"
 
 
 class SQLiteStore:
@@ -65,7 +65,8 @@ class SQLiteStore:
         self._synchronous = _SYNC_MODES[synchronous.lower()]
         self._busy_timeout_ms = int(busy_timeout_ms)
         self._owner = OwnerLock(Path(path))
-        self._writer = SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path)
+        self._checkpoints = Checkpointer(path)
+        self._writer = SQLiteWriter(self._connect, max(0.0, commit_interval_ms) / 1000, path, self._checkpoints)
         self._keys = KeyDirectory(self._writer)
         self._push = PushTable(self._writer)
         self._seqs = SeqCounter(0)  # set from the database on the writer thread when it opens
@@ -142,6 +143,9 @@ class SQLiteStore:
             nbytes += history.stored_bytes(conn)
             self._seqs = SeqCounter(0)
             self._seqs.resync(conn)
+            conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+            if not self._checkpoints.start(path, self._synchronous):  # last: nothing after it can fail
+                conn.execute(f"PRAGMA wal_autocheckpoint = {DEFAULT_AUTOCHECKPOINT}")
         except StoreOpenError:
             conn.close()
             raise
@@ -183,11 +187,12 @@ class SQLiteStore:
                       max_bytes: int | None = None) -> list[QueuedMessage]:
         def job(conn: sqlite3.Connection) -> tuple[list[QueuedMessage], Delta]:
             """One ordered read, stopped once the page holds ``max_bytes`` of content (at least one message)."""
-            cursor = conn.execute(f"SELECT {_MESSAGE_COLUMNS}, size FROM messages WHERE recipient = ? AND seq > ? "
-                                  "ORDER BY seq LIMIT ?", (recipient, after_seq, max(limit, 0)))
+            cursor = conn.execute("SELECT seq, sender, message_id, content, timestamp, queued_at, size FROM messages "
+                                  "WHERE recipient = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                  (recipient, after_seq, max(limit, 0)))
             page, room = [], max(max_bytes, 1) if max_bytes is not None else None
-            for seq, r, s, m, c, t, q, size in cursor:
-                page.append(QueuedMessage(r, s, m, c, t, q, seq))
+            for seq, s, m, c, t, q, size in cursor:
+                page.append(QueuedMessage(recipient, s, m, c, t, q, seq))
                 if room is not None:
                     room -= size
                     if room <= 0:

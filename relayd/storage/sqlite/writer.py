@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from .checkpoint import Checkpointer
 from .file import describe_error, is_storage_error
 from ..store import StorageUnavailable, StoreOpenError
 
@@ -63,7 +64,10 @@ class _Raised:
     exc: Exception
 
 
-def _resolve(outcomes: list[Outcome]) -> None:
+def _resolve(outcomes: list[Outcome], observe: Callable[[float], None] | None = None, took: float = 0.0) -> None:
+    """Resolve the futures of a batch's jobs; ``observe``: also tell it how long the batch's commit took."""
+    if observe is not None:
+        observe(took)
     for future, value, exc in outcomes:
         if future.done():
             continue
@@ -83,8 +87,11 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: 
 class SQLiteWriter:
     """The writer thread and its job queue; ``healthy``/``problem`` say whether the last write worked."""
 
-    def __init__(self, connect: Connect, interval_s: float, label: str) -> None:
+    def __init__(self, connect: Connect, interval_s: float, label: str,
+                 checkpoints: Checkpointer | None = None) -> None:
         self._connect = connect
+        self._checkpoints = checkpoints
+        """Told of each commit, stopped before the connection closes (``connect`` starts it)."""
         self._interval = interval_s
         self._label = label
         self._jobs: queue.SimpleQueue[_Job[Any]] = queue.SimpleQueue()
@@ -101,6 +108,8 @@ class SQLiteWriter:
         """Committed write transactions; lets tests and metrics see group commit work."""
         self.commit_observer: Callable[[float], None] | None = None
         """Called on the event loop with each write transaction's duration (for metrics)."""
+        self._took: float | None = None
+        """The duration of the batch just committed (writer thread only)."""
 
     async def start(self) -> None:
         """Open the database on a new thread; raises ``StoreOpenError`` when it cannot be opened."""
@@ -171,11 +180,12 @@ class SQLiteWriter:
             batch, carry = self._collect(jobs, carry)
             if batch[0].fn is None:
                 break
+            self._took = None
             try:
                 outcomes = self._execute(batch)
             except Exception as exc:  # keep the thread alive whatever happens
                 outcomes = self._fail(batch, exc)
-            self._post(outcomes)
+            self._post(outcomes, self._took)
         self._close()
         self._post([(batch[0], None, None)])
 
@@ -231,8 +241,9 @@ class SQLiteWriter:
             if writes:
                 conn.execute("COMMIT")
                 self.commits += 1
-                if self.commit_observer is not None:
-                    _call_soon(batch[0].loop, self.commit_observer, time.perf_counter() - started)
+                self._took = time.perf_counter() - started
+                if self._checkpoints is not None:
+                    self._checkpoints.grew(conn)
         except Exception as exc:
             return self._fail(batch, exc)
         self.total += messages
@@ -294,17 +305,26 @@ class SQLiteWriter:
             self.healthy, self.problem = False, reason
         return [(job, None, StorageUnavailable(reason)) for job in batch]
 
-    def _post(self, outcomes: list[_JobOutcome]) -> None:
+    def _post(self, outcomes: list[_JobOutcome], took: float | None = None) -> None:
+        """Hand the outcomes to their loops, one call per loop; the first job's loop also gets the commit's
+        duration ``took`` for ``commit_observer`` (a write batch that committed)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
         for job, value, exc in outcomes:
             by_loop.setdefault(job.loop, []).append((job.future, value, exc))
+        observe = self.commit_observer if took is not None and outcomes else None
+        first = outcomes[0][0].loop if observe is not None else None
         for loop, items in by_loop.items():
-            _call_soon(loop, _resolve, items)
+            if loop is first:
+                _call_soon(loop, _resolve, items, observe, took)
+            else:
+                _call_soon(loop, _resolve, items)
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
         try:
             conn.execute("PRAGMA optimize")
         except sqlite3.Error:
