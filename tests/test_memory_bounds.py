@@ -385,6 +385,8 @@ def test_the_collector_freezes_what_a_full_pass_left_and_thaws_it_in_time() -> N
         assert calls == ["freeze", "freeze"]
         collector.tick(now[0] + 60)  # thawed: the collector's next full pass sees everything once
         assert calls == ["freeze", "freeze", "unfreeze"]
+        collector.uninstall()
+        assert calls == ["freeze", "freeze", "unfreeze", "unfreeze"]  # a stopped relay leaves nothing frozen
     finally:
         collector.uninstall()
 

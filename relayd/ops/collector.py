@@ -63,9 +63,12 @@ class Collector:
             self._installed = True
 
     def uninstall(self) -> None:
+        """Stop watching, and hand what was frozen back to the collector (a relay stopped inside a longer-lived
+        process, as in the tests, leaves nothing out of its sight)."""
         if self._installed:
             gc.callbacks.remove(self._on_gc)
             self._installed = False
+            self.unfreeze()
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if info["generation"] != 2:
