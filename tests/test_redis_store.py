@@ -242,6 +242,23 @@ def test_scripts_reload_after_script_flush(fresh_redis):
     with_store(fresh_redis.url, body)
 
 
+def test_pipelined_writes_keep_their_order_across_a_script_flush(fresh_redis):
+    """Batches in flight when Redis forgot the scripts fail with NOSCRIPT and go again as EVAL; nothing sent
+    after that overtakes them."""
+    async def body(store: RedisStore) -> None:
+        assert await enqueue_succeeds(store, "m0")
+        fresh_redis.cli("SCRIPT", "FLUSH")
+        posted: list[asyncio.Future[Any]] = []
+        for tick in range(60):  # a few writes per loop turn: one batch each, several in flight
+            posted += [asyncio.ensure_future(store.enqueue(msg(BOB, f"t{tick}-{i}"), ROOMY)) for i in range(3)]
+            await asyncio.sleep(0)
+        assert set(await asyncio.gather(*posted)) == {EnqueueResult.QUEUED}
+        expected = ["m0"] + [f"t{tick}-{i}" for tick in range(60) for i in range(3)]
+        assert [m.message_id for m in await store.pending(BOB, 1000)] == expected
+        assert store.link.batches > 2
+    with_store(fresh_redis.url, body)
+
+
 def test_every_key_is_under_the_prefix_and_one_address_is_one_slot(fresh_redis):
     async def body(store: RedisStore) -> None:
         for who in (BOB, CAROL):
