@@ -297,6 +297,31 @@ def test_cluster_keys_of_one_address_live_on_one_node(redis_cluster, redis_prefi
     assert len(set().union(*holders.values())) == 3, "twenty addresses should spread over all three masters"
 
 
+def test_the_retention_index_holds_each_address_s_oldest_entry_whatever_order_messages_come_in(fresh_redis):
+    """An enqueue that only adds a message updates the index from what it held (no scan of the queue), so the
+    index must stay exact through enqueues out of time order, drops and expiry."""
+    now = int(time.time() * 1000)
+
+    async def body(store: RedisStore) -> None:
+        expiry = store.layout.recipient(BOB).expiry
+
+        def oldest() -> int | None:
+            score = fresh_redis.cli("ZSCORE", expiry, BOB)
+            return int(float(score)) if score else None
+        for at in (now - 3000, now - 5000, now - 4000):
+            await store.enqueue(msg(BOB, f"m{at}", queued_at=at), ROOMY)
+        assert oldest() == now - 5000
+        assert await store.expire(now - 4500) == 1
+        assert oldest() == now - 4000
+        capped = QueueLimits(max_messages=2, max_bytes=1_000_000, drop_oldest=True)
+        await store.enqueue(msg(BOB, "late", queued_at=now), capped)  # drops the first queued (now - 3000)
+        assert [m.message_id for m in await store.pending(BOB, 10)] == [f"m{now - 4000}", "late"]
+        assert oldest() == now - 4000
+        assert await store.expire(now + 1) == 2
+        assert oldest() is None
+    with_store(fresh_redis.url, body)
+
+
 def test_expiry_touches_only_old_recipients_in_bounded_batches(fresh_redis):
     now = int(time.time() * 1000)
     fresh_redis.cli("SCRIPT", "LOAD", scripts.EXPIRE.source)
