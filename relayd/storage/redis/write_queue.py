@@ -242,8 +242,12 @@ class WriteQueue:
 
     def oldest_write(self) -> float | None:
         """When the oldest write not yet answered was submitted (monotonic), or None."""
-        for group in (*(sent for sent, _ in self._held), *self._in_flight):
-            for write in group.writes:
+        for sent, _ in self._held:
+            for write in sent.writes:
+                if not write.future.done():
+                    return write.submitted
+        for sent in self._in_flight:
+            for write in sent.writes:
                 if not write.future.done():
                     return write.submitted
         for write in self._batch:
@@ -253,13 +257,15 @@ class WriteQueue:
 
     # Submitting
 
-    async def write(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run one write script; returns once Redis (and what ``acks`` asks for) acknowledged it.
+    def write(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Run one write script: the future is done once Redis (and what ``acks`` asks for) acknowledged it. A
+        future rather than a coroutine: no frame per write to resume.
 
-        Raises StorageUnavailable (Redis refused, failed, or the write could not be sent in time) or
-        StorageOutcomeUnknown (sent, but not answered in time).
+        Its error: StorageUnavailable (Redis refused, failed, or the write could not be sent in time) or
+        StorageOutcomeUnknown (sent, but not answered in time); StorageUnavailable at once when the store is
+        not open.
         """
-        return await self._enqueue(_script_call(script, keys, args), keys[0], script).future
+        return self._enqueue(_script_call(script, keys, args), keys[0], script).future
 
     async def write_many(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Run several write scripts, queued at once so they share a round trip; their results in order.
@@ -271,9 +277,9 @@ class WriteQueue:
                 raise outcome
         return outcomes
 
-    async def command(self, *args: Any, key: str) -> Any:
+    def command(self, *args: Any, key: str) -> asyncio.Future[Any]:
         """Run one write command (routed by ``key`` on a Cluster) in the same ordered queue as scripts."""
-        return await self._enqueue(args, key, None).future
+        return self._enqueue(args, key, None).future
 
     def post(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue a write script without waiting: it goes out in order with the writes queued after it, often
