@@ -57,6 +57,9 @@ class ScriptKeys(tuple[str, ...]):
         return self
 
 
+ENQUEUE_KEYS = 14
+"""The keys ``scripts.ENQUEUE`` declares: ``RecipientKeys`` up to ``delivered`` (it never touches history): a
+fifth fewer bytes to send and parse on the busiest write."""
 _OWN_FIRST = ("q", "t", "m", "i", "n", "rq", "rt", "rm")
 _OWN_LAST = ("mig", "on", "w", "d", "h", "ho", "hu")
 """An address's own keys in ``RecipientKeys``, before and after its slot's expiry index and statistics."""
@@ -106,6 +109,7 @@ class Layout:
         self.slot_of = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.slot_of)  # type: ignore[method-assign]
         self.recipient = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.recipient)  # type: ignore[method-assign]
         self.script_keys = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.script_keys)  # type: ignore[method-assign]
+        self.enqueue_keys = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.enqueue_keys)  # type: ignore[method-assign]
 
     def _own(self, address: str, name: str) -> str:
         return f"{self.prefix}{{{address}}}:{name}"
@@ -131,6 +135,10 @@ class Layout:
         keys += [own + name for name in _OWN_LAST]
         keys.append(slot + "hexpiry")
         return ScriptKeys(keys)
+
+    def enqueue_keys(self, address: str) -> ScriptKeys:
+        """The first ``ENQUEUE_KEYS`` of ``script_keys(address)``, packed once."""
+        return ScriptKeys(list(self.script_keys(address)[:ENQUEUE_KEYS]))
 
     def history_expiry(self, slot: int) -> str:
         """Per slot: ZSET address -> the earliest time one of its kept messages expires."""

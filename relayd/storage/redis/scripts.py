@@ -239,6 +239,7 @@ local function remember_migrated(member, ttl_ms)
 end
 """
 
+# KEYS: the first 14 (``layout.ENQUEUE_KEYS``, up to D): it never touches history (H, HO, HU, HEXP are nil).
 # ARGV: who, sender, messageId, record, size, queued_at, max_messages, max_bytes, drop_oldest (1/0),
 # drop chunk, over the storage budget (1/0), migration member ('' when not migrating), ledger ttl ms,
 # watcher instance ('' for none), watch ttl ms.
