@@ -242,6 +242,23 @@ def test_scripts_reload_after_script_flush(fresh_redis):
     with_store(fresh_redis.url, body)
 
 
+def test_pipelined_writes_keep_their_order_across_a_script_flush(fresh_redis):
+    """Batches in flight when Redis forgot the scripts fail with NOSCRIPT and go again as EVAL; nothing sent
+    after that overtakes them."""
+    async def body(store: RedisStore) -> None:
+        assert await enqueue_succeeds(store, "m0")
+        fresh_redis.cli("SCRIPT", "FLUSH")
+        posted: list[asyncio.Future[Any]] = []
+        for tick in range(60):  # a few writes per loop turn: one batch each, several in flight
+            posted += [asyncio.ensure_future(store.enqueue(msg(BOB, f"t{tick}-{i}"), ROOMY)) for i in range(3)]
+            await asyncio.sleep(0)
+        assert set(await asyncio.gather(*posted)) == {EnqueueResult.QUEUED}
+        expected = ["m0"] + [f"t{tick}-{i}" for tick in range(60) for i in range(3)]
+        assert [m.message_id for m in await store.pending(BOB, 1000)] == expected
+        assert store.link.batches > 2
+    with_store(fresh_redis.url, body)
+
+
 def test_every_key_is_under_the_prefix_and_one_address_is_one_slot(fresh_redis):
     async def body(store: RedisStore) -> None:
         for who in (BOB, CAROL):
@@ -278,6 +295,31 @@ def test_cluster_keys_of_one_address_live_on_one_node(redis_cluster, redis_prefi
     assert len(addresses) == 20
     assert all(len(nodes) == 1 for nodes in holders.values())
     assert len(set().union(*holders.values())) == 3, "twenty addresses should spread over all three masters"
+
+
+def test_the_retention_index_holds_each_address_s_oldest_entry_whatever_order_messages_come_in(fresh_redis):
+    """An enqueue that only adds a message updates the index from what it held (no scan of the queue), so the
+    index must stay exact through enqueues out of time order, drops and expiry."""
+    now = int(time.time() * 1000)
+
+    async def body(store: RedisStore) -> None:
+        expiry = store.layout.recipient(BOB).expiry
+
+        def oldest() -> int | None:
+            score = fresh_redis.cli("ZSCORE", expiry, BOB)
+            return int(float(score)) if score else None
+        for at in (now - 3000, now - 5000, now - 4000):
+            await store.enqueue(msg(BOB, f"m{at}", queued_at=at), ROOMY)
+        assert oldest() == now - 5000
+        assert await store.expire(now - 4500) == 1
+        assert oldest() == now - 4000
+        capped = QueueLimits(max_messages=2, max_bytes=1_000_000, drop_oldest=True)
+        await store.enqueue(msg(BOB, "late", queued_at=now), capped)  # drops the first queued (now - 3000)
+        assert [m.message_id for m in await store.pending(BOB, 10)] == [f"m{now - 4000}", "late"]
+        assert oldest() == now - 4000
+        assert await store.expire(now + 1) == 2
+        assert oldest() is None
+    with_store(fresh_redis.url, body)
 
 
 def test_expiry_touches_only_old_recipients_in_bounded_batches(fresh_redis):

@@ -31,6 +31,7 @@ from ..protocol.senders import Ident, Pipeline
 from ..protocol.session import Session
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from .budgets import ClusterBudget
+from .deadlines import Deadlines
 from .peers import NO_PEER_SESSIONS, PeerLink, Taken
 from .presence import PeerSessions
 from .receipts import ClusterReceipts
@@ -64,7 +65,7 @@ class ClusterDelivery:
     """``seams.MessagePath`` across instances (see the module docstring)."""
 
     def __init__(self, config: Config, local: Delivery, peers: PeerLink, refresh: Refresh, clock: Clock) -> None:
-        self.answer_within_s = config.redis.socket_timeout_s
+        self.answer_within = Deadlines(config.redis.socket_timeout_s)
         """Storing answers within this long, even while the backplane hangs (a hang also makes storage unhealthy
         within about a second, and then a message is answered at once)."""
         self.local = local
@@ -316,7 +317,7 @@ class ClusterDelivery:
         try:
             if not self.local.store.healthy:  # answer now rather than after another timeout
                 raise StorageUnavailable(self.local.store.problem or "storage is unavailable")
-            async with asyncio.timeout(self.answer_within_s):
+            async with self.answer_within.limit():
                 await self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
                                         msg.message_id, low_room(self.local.limits.max_total_bytes,
                                                                  self.local.store.stored_bytes()))

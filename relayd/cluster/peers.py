@@ -32,7 +32,7 @@ from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUn
 from ..tasks import TaskSet
 from .backplane import Backplane
 from .bus import Bus, Message
-from .presence import WATCH_TTL_MS, ClusterPresence, PeerSessions
+from .presence import NOWHERE, WATCH_TTL_MS, ClusterPresence, PeerSessions
 
 log = logging.getLogger("relayd.cluster")
 
@@ -54,7 +54,7 @@ class Taken:
     silent: tuple[str, ...] = ()
 
 
-NO_PEER_SESSIONS = PeerSessions()
+NO_PEER_SESSIONS = NOWHERE
 
 
 class PeerLink(Protocol):
@@ -255,6 +255,8 @@ class ClusterPeers:
         result, found = await self.backplane.enqueue_routed(msg, limits, watcher=self.presence.instance,
                                                         watch_ttl_ms=WATCH_TTL_MS)
         self.presence.fill(msg.recipient, found)
+        if not found:
+            return result, NO_PEER_SESSIONS
         lapsed = self.presence.lapsed_holders(found)
         if lapsed and result is EnqueueResult.QUEUED:  # only slow, perhaps: it reads the queue when it hears this
             self.hint(PeerSessions(lapsed), msg.recipient)

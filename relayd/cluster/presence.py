@@ -63,6 +63,10 @@ class PeerSessions:
     ack: bool = False
 
 
+NOWHERE = PeerSessions()
+"""No sessions on peers (most stored messages' recipients): one object for all of them."""
+
+
 class ClusterPresence:
     """``Routes`` and ``Presence`` of one instance among several on one backplane (see the module docstring)."""
 
@@ -167,7 +171,7 @@ class ClusterPresence:
 
     def lapsed_holders(self, found: PresenceEntries) -> tuple[str, ...]:
         """The instances in an address's entries whose heartbeat lapsed (they may be only slow, not dead)."""
-        return tuple(i for i in found if i != self.instance and i in self._lapsed)
+        return tuple(i for i in found if i != self.instance and i in self._lapsed) if found else ()
 
     def peer_sessions(self, found: PresenceEntries) -> PeerSessions:
         """The live instances other than this one in an address's entries."""
@@ -181,6 +185,8 @@ class ClusterPresence:
         self._cache.pop(address, None)
 
     def _peer_sessions(self, found: PresenceEntries) -> PeerSessions:
+        if not found:
+            return NOWHERE
         instances = tuple(i for i in found if i != self.instance and i not in self._lapsed)
         return PeerSessions(instances, any(found[i] == "a" for i in instances))
 

@@ -156,17 +156,17 @@ class RedisLink:
         self.reads += 1
         return await self._guarded(work)
 
-    async def write(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def write(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
         """``WriteQueue.write``: one write script, in order, answered within ``socket_timeout_s``."""
-        return await self.writes.write(script, keys, args)
+        return self.writes.write(script, keys, args)
 
     async def write_many(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """``WriteQueue.write_many``: several write scripts in one round trip."""
         return await self.writes.write_many(calls)
 
-    async def command(self, *args: Any, key: str) -> Any:
+    def command(self, *args: Any, key: str) -> asyncio.Future[Any]:
         """``WriteQueue.command``: one write command, in the same order as scripts."""
-        return await self.writes.command(*args, key=key)
+        return self.writes.command(*args, key=key)
 
     def post(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
         """``WriteQueue.post``: a write script queued without waiting."""

@@ -69,9 +69,9 @@ class StoreCore:
             return sorted(int(m) for m in await client.smembers(self.layout.slots))
         return await self.link.read(work)
 
-    async def recipient_write(self, script: scripts.Script, address: str, *args: Any) -> Any:
-        """Run ``script`` on ``address``'s keys (one hash slot), in write order."""
-        return await self.link.write(script, self.layout.script_keys(address), [address, *args])
+    def recipient_write(self, script: scripts.Script, address: str, *args: Any) -> asyncio.Future[Any]:
+        """Run ``script`` on ``address``'s keys (one hash slot), in write order (``RedisLink.write``)."""
+        return self.link.write(script, self.layout.script_keys(address), (address, *args))
 
     def apply_totals(self, address: str, totals: Sequence[Any]) -> None:
         """Take the totals a script returned for ``address``'s slot."""

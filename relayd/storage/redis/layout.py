@@ -51,8 +51,18 @@ class ScriptKeys(tuple[str, ...]):
 
     def __new__(cls, keys: list[str]) -> "ScriptKeys":
         self = super().__new__(cls, keys)
-        self.resp = b"".join(b"$%d\r\n%s\r\n" % (len(raw), raw) for raw in (k.encode() for k in keys))
+        text = "".join([f"${len(k)}\r\n{k}\r\n" for k in keys])  # lengths in characters: bytes when ASCII
+        self.resp = text.encode() if text.isascii() else b"".join(
+            b"$%d\r\n%s\r\n" % (len(raw), raw) for raw in (k.encode() for k in keys))
         return self
+
+
+ENQUEUE_KEYS = 14
+"""The keys ``scripts.ENQUEUE`` declares: ``RecipientKeys`` up to ``delivered`` (it never touches history): a
+fifth fewer bytes to send and parse on the busiest write."""
+_OWN_FIRST = ("q", "t", "m", "i", "n", "rq", "rt", "rm")
+_OWN_LAST = ("mig", "on", "w", "d", "h", "ho", "hu")
+"""An address's own keys in ``RecipientKeys``, before and after its slot's expiry index and statistics."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +109,7 @@ class Layout:
         self.slot_of = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.slot_of)  # type: ignore[method-assign]
         self.recipient = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.recipient)  # type: ignore[method-assign]
         self.script_keys = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.script_keys)  # type: ignore[method-assign]
+        self.enqueue_keys = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.enqueue_keys)  # type: ignore[method-assign]
 
     def _own(self, address: str, name: str) -> str:
         return f"{self.prefix}{{{address}}}:{name}"
@@ -112,17 +123,22 @@ class Layout:
         return f"{self.prefix}{{{tag}}}:expiry", f"{self.prefix}{{{tag}}}:stats"
 
     def recipient(self, address: str) -> RecipientKeys:
-        expiry, stats = self.slot_keys(self.slot_of(address))
-        own = self._own
-        return RecipientKeys(own(address, "q"), own(address, "t"), own(address, "m"), own(address, "i"),
-                             own(address, "n"), own(address, "rq"), own(address, "rt"), own(address, "rm"),
-                             expiry, stats, own(address, "mig"), own(address, "on"), own(address, "w"),
-                             own(address, "d"), own(address, "h"), own(address, "ho"), own(address, "hu"),
-                             self.history_expiry(self.slot_of(address)))
+        return RecipientKeys(*self.script_keys(address))
 
     def script_keys(self, address: str) -> ScriptKeys:
-        """``recipient(address).all()``, as the message and receipt scripts declare them, packed once."""
-        return ScriptKeys(self.recipient(address).all())
+        """``recipient(address).all()``, as the message and receipt scripts declare them, packed once (built
+        here: a first write to an address built them field by field for about a tenth of its CPU)."""
+        own = f"{self.prefix}{{{address}}}:"
+        slot = f"{self.prefix}{{{slot_tag(self.slot_of(address))}}}:"
+        keys = [own + name for name in _OWN_FIRST]
+        keys += (slot + "expiry", slot + "stats")
+        keys += [own + name for name in _OWN_LAST]
+        keys.append(slot + "hexpiry")
+        return ScriptKeys(keys)
+
+    def enqueue_keys(self, address: str) -> ScriptKeys:
+        """The first ``ENQUEUE_KEYS`` of ``script_keys(address)``, packed once."""
+        return ScriptKeys(list(self.script_keys(address)[:ENQUEUE_KEYS]))
 
     def history_expiry(self, slot: int) -> str:
         """Per slot: ZSET address -> the earliest time one of its kept messages expires."""

@@ -45,10 +45,11 @@ class RedisMessages:
         size = utf8_len(msg.content)
         over = bool(limits.max_total_bytes) and core.totals.bytes + core.other_bytes + size > limits.max_total_bytes
         core.note_slot(core.layout.slot_of(msg.recipient))
-        outcome, seq, _dropped, totals, presence = json.loads(await core.recipient_write(
-            scripts.ENQUEUE, msg.recipient, msg.sender, msg.message_id, encode_message(msg, size), size,
-            msg.queued_at, limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK,
-            1 if over else 0, ledger, ledger_ttl_ms, watcher, watch_ttl_ms))
+        outcome, seq, _dropped, totals, presence = json.loads(await core.link.write(
+            scripts.ENQUEUE, core.layout.enqueue_keys(msg.recipient), (
+                msg.recipient, msg.sender, msg.message_id, encode_message(msg, size), size, msg.queued_at,
+                limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK, 1 if over else 0,
+                ledger, ledger_ttl_ms, watcher, watch_ttl_ms)))
         if outcome in ("queued", "duplicate"):
             msg.seq = int(seq)
         if outcome == "queued":

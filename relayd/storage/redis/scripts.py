@@ -181,8 +181,9 @@ local function retime(rec, when)
   return string.match(meta, '^(.*),[^,]*%]$') .. ',' .. fmt(when) .. ']' .. rest
 end
 
--- After a change: the address's counters, its slot's statistics and retention index.
-local function settle(c0, b0, c1, b1, receipts_delta)
+-- After a change: the address's counters, its slot's statistics and retention index. ``added_at``: the change
+-- only added a message queued then (nothing left T, RT or D), so the index keeps the older of it and what it had.
+local function settle(c0, b0, c1, b1, receipts_delta, added_at)
   if c1 ~= c0 or b1 ~= b0 then
     if c1 > 0 then redis.call('HSET', N, 'count', c1, 'bytes', b1) else redis.call('HDEL', N, 'count', 'bytes') end
     redis.call('HINCRBY', STATS, 'messages', c1 - c0)
@@ -192,6 +193,11 @@ local function settle(c0, b0, c1, b1, receipts_delta)
     if c0 > 0 and c1 == 0 then redis.call('HINCRBY', STATS, 'recipients', -1) end
   end
   if receipts_delta ~= 0 then redis.call('HINCRBY', STATS, 'receipts', receipts_delta) end
+  if added_at then
+    local known = redis.call('ZSCORE', EXP, who)
+    if not known or tonumber(added_at) < tonumber(known) then redis.call('ZADD', EXP, added_at, who) end
+    return
+  end
   local oldest = nil
   for _, times in ipairs({T, RT, D}) do
     local first = redis.call('ZRANGE', times, 0, 0, 'WITHSCORES')
@@ -233,6 +239,7 @@ local function remember_migrated(member, ttl_ms)
 end
 """
 
+# KEYS: the first 14 (``layout.ENQUEUE_KEYS``, up to D): it never touches history (H, HO, HU, HEXP are nil).
 # ARGV: who, sender, messageId, record, size, queued_at, max_messages, max_bytes, drop_oldest (1/0),
 # drop chunk, over the storage budget (1/0), migration member ('' when not migrating), ledger ttl ms,
 # watcher instance ('' for none), watch ttl ms.
@@ -272,7 +279,7 @@ redis.call('ZADD', T, queued_at, s)
 redis.call('HSET', M, s, record)
 index(mid, sender, s)
 remember_migrated(ARGV[12], ARGV[13])
-settle(c0, b0, count + 1, used + size, 0)
+settle(c0, b0, count + 1, used + size, 0, dropped == 0 and queued_at or nil)
 return {'queued', s, dropped, slot_totals(), presence()}
 end
 return cjson.encode(enqueue())

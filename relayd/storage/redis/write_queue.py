@@ -1,11 +1,19 @@
 """The ordered write queue every Redis write goes through: batched, in order, then WAIT/WAITAOF if configured.
 
-Writes (scripts and single commands) go through one queue: everything
-submitted while a batch is on its way is sent as the next batch, one pipeline
-per Redis node, and only one batch is in flight at a time. Redis runs a
-connection's pipeline in order, so writes keep the order they were submitted
-in (for one address, and so for one connection's messages) while many share a
-round trip.
+Writes (scripts and single commands) go through one queue: what was
+submitted by the time the sender runs (about one event-loop turn's writes)
+goes out as one batch. On a single server batches are pipelined on the
+writes' own connection (``MAX_IN_FLIGHT`` and ``MAX_BATCH`` bound what is unanswered; a batch goes while
+another is in flight only with ``MIN_PIPELINED`` writes), and one reader
+takes their replies in order: Redis works on one batch while relayd reads the
+frames of the next, rather than each waiting for the other (one batch at a
+time made the queued path a relay race of relayd, Redis and the clients). On
+a Cluster one batch is in flight at a time, one pipeline per node. Redis runs
+a connection's commands in order, so writes keep the order they were
+submitted in (for one address, and so for one connection's messages) while
+many share a round trip. A script Redis does not know (NOSCRIPT, after a
+restart or SCRIPT FLUSH) is sent again as EVAL; until those are answered no
+new batch is sent, so they keep their place before later writes.
 
 Every write is answered within ``answer_s`` (``socket_timeout_s``, plus the
 WAIT/WAITAOF budget when configured) of being submitted, however Redis
@@ -45,7 +53,13 @@ from .scripts import Script
 log = logging.getLogger("relayd.storage")
 
 MAX_BATCH = 256
-"""Writes sent in one pipeline at most; what came later waits for the next one."""
+"""Writes sent and not yet answered at most (in one batch, or on a single server in all those in flight): what
+came later waits. A Redis that stops answering leaves no more than these with an unknown outcome."""
+MAX_IN_FLIGHT = 8
+"""Batches sent and not yet answered at most, on a single server."""
+MIN_PIPELINED = 16
+"""Writes that go out while another batch is in flight, at least (fewer wait for its answer): a send to Redis
+cost a quarter of a receiving instance's CPU when each loop turn's one or two publishes went alone."""
 
 Client: TypeAlias = Union["Redis[str]", "RedisCluster[str]"]
 """The redis-py client of a single server or of a Cluster (decoding replies to str)."""
@@ -129,6 +143,18 @@ class Write:
         return ("EVAL", self.script.source, *self.args[2:])
 
 
+class Sent:
+    """A batch sent on the writes' connection whose replies are not all read yet (an acknowledgement follows
+    the writes when ``acks``); read by ``deadline`` (loop time) or the connection is given up."""
+
+    __slots__ = ("writes", "acks", "deadline")
+
+    def __init__(self, writes: list[Write], acks: bool, deadline: float) -> None:
+        self.writes = writes
+        self.acks = acks
+        self.deadline = deadline
+
+
 @dataclass(slots=True)
 class Acks:
     """What a batch with scripts (the store's writes) waits for after them: ``replicas`` replicas (WAIT), or with
@@ -191,7 +217,15 @@ class WriteQueue:
         """The writes' own connection to a single server (None on a Cluster: one pipeline per node)."""
         self._queue: collections.deque[Write] = collections.deque()
         self._batch: list[Write] = []
+        """The batch being sent on a Cluster (on a single server: the batch until it is in ``_in_flight``)."""
+        self._in_flight: collections.deque[Sent] = collections.deque()
+        """Batches sent on a single server's writes' connection, oldest first, whose replies ``_read`` takes."""
+        self._held: list[tuple[Sent, list[Any]]] = []
+        """Answered batches held back, in order, while NOSCRIPT ones are sent again (no batch is sent meanwhile)."""
+        self._room: asyncio.Future[None] | None = None
+        """What the sender waits on while it may not send (``_may_send``)."""
         self._flusher: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
         self._deadline: asyncio.TimerHandle | None = None
         """The one timer that answers overdue writes (``_expire``), set while any write is unanswered."""
         self._refresh_nodes = False
@@ -204,8 +238,22 @@ class WriteQueue:
         """Longest a caller waits for a write's answer."""
         return self.socket_timeout_s + self.acks.wait_s
 
+    def _unanswered(self) -> list[Write]:
+        """Every write taken off the queue and not yet answered, oldest first."""
+        writes = [w for sent, _ in self._held for w in sent.writes]
+        writes += [w for sent in self._in_flight for w in sent.writes]
+        return [w for w in writes + self._batch if not w.future.done()]
+
     def oldest_write(self) -> float | None:
         """When the oldest write not yet answered was submitted (monotonic), or None."""
+        for sent, _ in self._held:
+            for write in sent.writes:
+                if not write.future.done():
+                    return write.submitted
+        for sent in self._in_flight:
+            for write in sent.writes:
+                if not write.future.done():
+                    return write.submitted
         for write in self._batch:
             if not write.future.done():
                 return write.submitted
@@ -213,13 +261,15 @@ class WriteQueue:
 
     # Submitting
 
-    async def write(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run one write script; returns once Redis (and what ``acks`` asks for) acknowledged it.
+    def write(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Run one write script: the future is done once Redis (and what ``acks`` asks for) acknowledged it. A
+        future rather than a coroutine: no frame per write to resume.
 
-        Raises StorageUnavailable (Redis refused, failed, or the write could not be sent in time) or
-        StorageOutcomeUnknown (sent, but not answered in time).
+        Its error: StorageUnavailable (Redis refused, failed, or the write could not be sent in time) or
+        StorageOutcomeUnknown (sent, but not answered in time); StorageUnavailable at once when the store is
+        not open.
         """
-        return await self._enqueue(_script_call(script, keys, args), keys[0], script).future
+        return self._enqueue(_script_call(script, keys, args), keys[0], script).future
 
     async def write_many(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Run several write scripts, queued at once so they share a round trip; their results in order.
@@ -231,9 +281,9 @@ class WriteQueue:
                 raise outcome
         return outcomes
 
-    async def command(self, *args: Any, key: str) -> Any:
+    def command(self, *args: Any, key: str) -> asyncio.Future[Any]:
         """Run one write command (routed by ``key`` on a Cluster) in the same ordered queue as scripts."""
-        return await self._enqueue(args, key, None).future
+        return self._enqueue(args, key, None).future
 
     def post(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue a write script without waiting: it goes out in order with the writes queued after it, often
@@ -252,6 +302,8 @@ class WriteQueue:
         write = Write(args, key, script, loop.create_future())
         write.future.add_done_callback(_retrieved)  # a posted write nobody awaits must not warn when it fails
         self._queue.append(write)
+        if len(self._queue) == MIN_PIPELINED:
+            self._make_room()
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         if self._deadline is None:
@@ -266,7 +318,7 @@ class WriteQueue:
         self._deadline = None
         now = time.monotonic()
         self._refuse_stale(now)
-        overdue = [w for w in self._batch if not w.future.done() and now - w.submitted >= self.answer_s]
+        overdue = [w for w in self._unanswered() if now - w.submitted >= self.answer_s]
         unsent = [w for w in overdue if not w.sent]
         if unsent:
             self._settle(unsent, self.health.fail("Redis writes are backed up: a write could not be sent within "
@@ -285,8 +337,13 @@ class WriteQueue:
     async def _flush(self) -> None:
         """Send queued writes, a batch at a time, until the queue is empty."""
         while self._queue:
+            if not self._may_send():
+                self._room = asyncio.get_running_loop().create_future()
+                await self._room
+                continue
             self._refuse_stale(time.monotonic())
-            batch = self._batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            room = MAX_BATCH - sum(len(sent.writes) for sent in self._in_flight)
+            batch = self._batch = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
             if not batch:
                 break
             try:
@@ -305,6 +362,25 @@ class WriteQueue:
             finally:
                 self._batch = []
             self.batches += 1
+
+    def _may_send(self) -> bool:
+        """Whether the next batch may go: on a single server, nothing in flight or ``MIN_PIPELINED`` writes
+        waiting, room in flight (``MAX_IN_FLIGHT`` batches, ``MAX_BATCH`` writes), no NOSCRIPT ones being sent
+        again, and a connection that carries what is in flight (a lost one is reconnected once that was
+        settled)."""
+        if self.cluster:
+            return True
+        if self._in_flight and len(self._queue) < MIN_PIPELINED:
+            return False
+        if self._held or len(self._in_flight) >= MAX_IN_FLIGHT or sum(
+                len(sent.writes) for sent in self._in_flight) >= MAX_BATCH:
+            return False
+        return not self._in_flight or (self.writer is not None and self.writer.is_connected)
+
+    def _make_room(self) -> None:
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
 
     def _refuse_stale(self, now: float) -> None:
         """Refuse, unsent, the queued writes that waited ``answer_s`` for their turn."""
@@ -338,10 +414,11 @@ class WriteQueue:
 
     async def drain(self, wait_s: float, stop_s: float) -> None:
         """Let queued writes finish (for at most ``wait_s``), then refuse what is left unsent."""
-        flusher = self._flusher
-        if flusher is not None and not flusher.done():
-            await asyncio.wait([flusher], timeout=wait_s)
-            await tasks.stop(flusher, stop_s)
+        running = [t for t in (self._flusher, self._reader) if t is not None and not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=wait_s)
+            for task in running:
+                await tasks.stop(task, stop_s)
         queued, self._queue = list(self._queue), collections.deque()
         self._settle(queued, StorageUnavailable("store is closed"))
         if self._deadline is not None:
@@ -365,51 +442,124 @@ class WriteQueue:
             self.health.succeeded()
 
     async def _send(self, batch: list[Write]) -> None:
-        """One pipeline on a single Redis (then the NOSCRIPT ones again as EVAL)."""
-        results = await self._pipeline(batch, [w.args for w in batch])
-        again = [i for i, r in enumerate(results) if isinstance(r, rx.NoScriptError)]
-        if again:
-            retried = await self._pipeline([batch[i] for i in again], [batch[i].eval_args() for i in again])
-            for i, result in zip(again, retried):
-                results[i] = result
-        self._deliver(batch, results)
-
-    async def _pipeline(self, writes: list[Write], commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send the commands (and the acknowledgement) in one write on the writes' connection, then read every
-        reply; a refusal is that command's result. Raises what breaks the connection. A plain command's result
-        is handed over as soon as it is read: only scripts wait for the acknowledgement."""
+        """Pipeline a batch on a single Redis: it is in flight (``_read`` takes its replies) once this returns."""
         conn = self.writer
         if conn is None:
             raise StorageUnavailable("store is not open")
-        acks = self.acks.command if any(w.script is not None for w in writes) else None
+        if not self._in_flight:
+            if conn.is_connected:  # an idle connection the server closed meanwhile would take the batch, then fail
+                await asyncio.sleep(0)  # let the loop take in an end of stream that already arrived
+                try:
+                    if await conn.can_read():  # type: ignore[attr-defined]  # redis-py 8; not in types-redis
+                        raise rx.ConnectionError("unexpected data on the writes' connection")
+                except (rx.ConnectionError, OSError):
+                    await conn.disconnect(nowait=True)
+            await conn.connect()  # a failure here: nothing was sent
+        acks = self.acks.command if any(w.script is not None for w in batch) else None
+        commands = [w.args for w in batch]
         if acks is not None:
-            commands = [*commands, acks]
-        if conn.is_connected:  # a connection the server closed meanwhile would take the batch, then fail
-            await asyncio.sleep(0)  # let the loop take in an end of stream that already arrived
-            try:
-                if await conn.can_read():  # type: ignore[attr-defined]  # redis-py 8; not in types-redis
-                    raise rx.ConnectionError("unexpected data on the writes' connection")
-            except (rx.ConnectionError, OSError):
-                await conn.disconnect(nowait=True)
-        await conn.connect()  # a failure here: nothing was sent
+            commands.append(acks)
         packed = pack(commands, conn.encoder)
-        for write in writes:
+        for write in batch:
             write.sent = True
+        loop = asyncio.get_running_loop()
+        self._in_flight.append(Sent(batch, acks is not None, loop.time() + self.answer_s))
+        self._batch = []
+        if self._reader is None or self._reader.done():
+            self._reader = loop.create_task(self._read(conn))
         await conn.send_packed_command(packed, check_health=False)
+
+    async def _read(self, conn: Connection) -> None:
+        """Take the replies of the batches in flight, in order, and answer their writes; a batch not answered by
+        its deadline, or a broken connection, loses every batch in flight (their outcome is unknown)."""
+        while self._in_flight:
+            sent = self._in_flight[0]
+            try:
+                async with asyncio.timeout_at(sent.deadline):
+                    results = await self._replies(conn, sent.writes, sent.acks)
+            except asyncio.CancelledError:
+                self._give_up(StorageUnavailable("store is closed"))
+                raise
+            except (rx.RedisError, OSError, TimeoutError) as exc:
+                await self._lose_in_flight(conn, describe(exc))
+                continue
+            except Exception as exc:  # a bug must not leave writers waiting
+                log.exception("reading Redis write replies failed unexpectedly")
+                await self._lose_in_flight(conn, f"Redis error: {type(exc).__name__}")
+                continue
+            self._in_flight.popleft()
+            if self._held or any(isinstance(r, rx.NoScriptError) for r in results):
+                self._held.append((sent, results))
+                if not self._in_flight:
+                    await self._send_again(conn)
+            else:
+                self._deliver(sent.writes, results)
+            self._make_room()
+        self._make_room()
+
+    async def _replies(self, conn: Connection, writes: list[Write], acks: bool) -> list[Any]:
+        """Read a batch's replies (and its acknowledgement's); a refusal is that write's result. A plain command's
+        result is handed over as soon as it is read: only scripts wait for the acknowledgement."""
         results: list[Any] = []
-        for i in range(len(commands)):
+        for write in writes:
             reply: Any
             try:
                 reply = await conn.read_response(timeout=math.inf)
             except rx.ResponseError as exc:
                 reply = exc
             results.append(reply)
-            if acks is not None and i < len(writes) and writes[i].script is None and not isinstance(
-                    reply, BaseException) and not writes[i].future.done():
-                writes[i].future.set_result(reply)
-        if acks is not None:
-            results = self.acks.apply(results.pop(), results)
+            if acks and write.script is None and not isinstance(reply, BaseException) and not write.future.done():
+                write.future.set_result(reply)
+        if acks:
+            try:
+                ack: Any = await conn.read_response(timeout=math.inf)
+            except rx.ResponseError as exc:
+                ack = exc
+            results = self.acks.apply(ack, results)
         return results
+
+    async def _send_again(self, conn: Connection) -> None:
+        """Nothing in flight, no batch sent meanwhile: send the held batches' NOSCRIPT writes again as EVAL (which
+        loads their scripts), in order, then answer the held batches in order."""
+        again = [(results, i, sent.writes[i]) for sent, results in self._held
+                 for i, r in enumerate(results) if isinstance(r, rx.NoScriptError)]
+        writes = [write for _, _, write in again]
+        acks = self.acks.command if writes else None
+        commands = [write.eval_args() for write in writes]
+        replies: list[Any]
+        try:
+            async with asyncio.timeout(self.answer_s):
+                await conn.send_packed_command(pack([*commands, acks] if acks else commands, conn.encoder),
+                                               check_health=False)
+                replies = await self._replies(conn, writes, acks is not None)
+        except asyncio.CancelledError:
+            self._give_up(StorageUnavailable("store is closed"))
+            raise
+        except (rx.RedisError, OSError, TimeoutError) as exc:
+            replies = [StorageOutcomeUnknown(describe(exc))] * len(writes)
+            await _disconnect(conn)
+        for (results, i, _), reply in zip(again, replies):
+            results[i] = reply
+        held, self._held = self._held, []
+        for sent, results in held:
+            self._deliver(sent.writes, results)
+
+    def _give_up(self, outcome: BaseException) -> None:
+        """Answer every write in flight with ``outcome``; the held batches' with what Redis answered, those that
+        were to go again as EVAL with ``outcome`` too."""
+        held, self._held = self._held, []
+        for sent, results in held:
+            self._deliver(sent.writes, [outcome if isinstance(r, rx.NoScriptError) else r for r in results])
+        in_flight = [w for sent in self._in_flight for w in sent.writes]
+        self._in_flight.clear()
+        self._settle(in_flight, outcome)
+        self._make_room()
+
+    async def _lose_in_flight(self, conn: Connection, reason: str) -> None:
+        """The connection broke or stalled: what is in flight or held may have been applied (unknown); the
+        connection, whose replies are out of step now, is dropped."""
+        self._give_up(self.health.fail(reason, unknown=True))
+        await _disconnect(conn)
 
     async def _send_cluster(self, batch: list[Write]) -> None:
         """One pipeline per master node, concurrently; writes a slot move redirected go once more."""
@@ -470,6 +620,13 @@ class WriteQueue:
             for i, reply in zip(part, replies):
                 results[i] = reply
         await asyncio.gather(*(run(node, part) for node, part in by_node.items()))
+
+
+async def _disconnect(conn: Connection) -> None:
+    try:
+        await conn.disconnect(nowait=True)
+    except (rx.RedisError, OSError):
+        pass
 
 
 def _unsent(exc: BaseException) -> bool:
