@@ -378,9 +378,9 @@ class ClusterDelivery:
         """A read of the recipient's queue is under way here (after a blip, a lapse or a hint): it may find stored
         messages of this sender whose notices were lost, so this one is left to the next read, which pushes it
         after them, in seq order (rule 3 of ``offers``). The sessions that took it; none when the read did not
-        end within ``answer_within_s`` (it is stored, and that read delivers it)."""
+        end within ``answer_within``'s time (it is stored, and that read delivers it)."""
         try:
-            async with asyncio.timeout(self.answer_within_s):
+            async with self.answer_within.limit():
                 await self.refresh.read(msg.recipient, seen=msg.seq)
         except TimeoutError:
             return []
