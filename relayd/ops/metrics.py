@@ -57,8 +57,9 @@ class RelayMetrics:
                                     "How late the housekeeping timer fired.", buckets=LAG_BUCKETS)
         self.gc_full_pause = r.histogram("relayd_gc_full_pause_seconds", "How long each full pass of Python's "
                                          "cyclic garbage collector stopped the loop.", buckets=LAG_BUCKETS)
-        r.gauge("relayd_gc_frozen_objects", "Objects frozen out of the collector's full passes (uvloop: what a "
-                "full pass left alive, thawed hourly; see docs/scaling.md).", fn=gc.get_freeze_count)
+        r.gauge("relayd_gc_frozen_objects", "Objects frozen out of the collector's full passes (what a full "
+                "pass left alive, thawed hourly; none past start-up behind relayd's own TLS on asyncio; see "
+                "docs/scaling.md).", fn=gc.get_freeze_count)
         self.queue_receipts = r.gauge("relayd_queue_receipts", "Read receipts waiting for offline senders "
                                       "(refreshed every few seconds).")
         self.storage_bytes = r.gauge("relayd_storage_bytes", "Bytes the storage budget counts: queued content, "
