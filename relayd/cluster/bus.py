@@ -123,13 +123,17 @@ class Bus:
 
     async def close(self) -> None:
         listener, self._listener = self._listener, None
+        self._subscribed.clear()
         if listener is not None:
             await tasks.stop(listener, self.backplane.deadline_s)
 
     def resubscribe(self) -> None:
-        """Drop the subscription and make a new one (the inbox went quiet: the connection may be stale)."""
+        """Drop the subscription and make a new one (the inbox went quiet: the connection may be stale). The old
+        listener may take a while to end (its connection's close waits on a link that was stalled): from here on
+        only the new one says whether the inbox is subscribed."""
         if self._listener is not None and not self._listener.done():
             self._listener.cancel()
+            self._subscribed.clear()
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     # Sending
@@ -248,7 +252,8 @@ class Bus:
                 log.exception("cluster inbox failed; subscribing again")
                 self.problem = "the cluster inbox failed (see the log)"
             finally:
-                self._subscribed.clear()
+                if asyncio.current_task() is self._listener:  # not a listener replaced meanwhile
+                    self._subscribed.clear()
             await asyncio.sleep(self._backoff)
             self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
 
@@ -264,7 +269,9 @@ class Bus:
         self.problem = reason
 
     def confirmed(self) -> None:
-        """``InboxEvents``: the inbox is subscribed."""
+        """``InboxEvents``: the inbox is subscribed (unless a listener replaced by ``resubscribe`` says so)."""
+        if asyncio.current_task() is not self._listener:
+            return
         self._backoff = MIN_BACKOFF_S
         self.heard = asyncio.get_running_loop().time()
         if self.failures:
