@@ -32,7 +32,7 @@ from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUn
 from ..tasks import TaskSet
 from .backplane import Backplane
 from .bus import Bus, Message
-from .presence import NOWHERE, WATCH_TTL_MS, ClusterPresence, PeerSessions
+from .presence import NO_PEER_SESSIONS, WATCH_TTL_MS, ClusterPresence, PeerSessions
 
 log = logging.getLogger("relayd.cluster")
 
@@ -52,9 +52,6 @@ class Taken:
     count: int = 0
     ack: bool = False
     silent: tuple[str, ...] = ()
-
-
-NO_PEER_SESSIONS = NOWHERE
 
 
 class PeerLink(Protocol):

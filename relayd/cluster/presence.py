@@ -63,7 +63,7 @@ class PeerSessions:
     ack: bool = False
 
 
-NOWHERE = PeerSessions()
+NO_PEER_SESSIONS = PeerSessions()
 """No sessions on peers (most stored messages' recipients): one object for all of them."""
 
 
@@ -186,7 +186,7 @@ class ClusterPresence:
 
     def _peer_sessions(self, found: PresenceEntries) -> PeerSessions:
         if not found:
-            return NOWHERE
+            return NO_PEER_SESSIONS
         instances = tuple(i for i in found if i != self.instance and i not in self._lapsed)
         return PeerSessions(instances, any(found[i] == "a" for i in instances))
 

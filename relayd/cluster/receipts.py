@@ -8,7 +8,8 @@ from ..protocol.receipts import Receipts
 from ..protocol.session import Session
 from ..storage.store import StorageUnavailable
 from ..tasks import TaskSet
-from .peers import NO_PEER_SESSIONS, PeerLink
+from .peers import PeerLink
+from .presence import NO_PEER_SESSIONS
 
 
 class ClusterReceipts:
