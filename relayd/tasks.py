@@ -43,6 +43,13 @@ async def stop(task: asyncio.Task[Any] | None, timeout: float) -> bool:
     return True
 
 
+def retrieved(future: asyncio.Future[Any]) -> None:
+    """A done callback for a future nobody may await: its error counts as seen, so asyncio does not log
+    "exception was never retrieved" (whoever cares about it was told elsewhere)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class TaskSet:
     """Tasks started for work that must finish before shutdown (writes, notices): kept until done, and
     awaitable as a whole (``settle``) so a stop waits for them instead of dropping them."""

@@ -58,6 +58,7 @@ from ..storage.postgres.queue import pairs
 from ..storage.postgres.store import PostgresStore
 from ..storage.sealing import SealError
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
+from ..tasks import retrieved
 from .backplane import AddressLabels, Beat, InboxEvents, PresenceEntries, RoutedQueues, Seals
 
 log = logging.getLogger("relayd.cluster")
@@ -147,7 +148,7 @@ class PostgresBackplane:
         if self.link.health.failure is not None:  # not merely slow: a notice goes on a connection of its own
             raise StorageUnavailable(self.link.health.failure)
         sent: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        sent.add_done_callback(_retrieve)
+        sent.add_done_callback(retrieved)  # a publish nobody awaits
         channel = self.channel(instance)
         if self.seals is not None:
             data = self.seals.seal([data], channel)
@@ -370,12 +371,6 @@ class PostgresBackplane:
         row = await self._in_order([recipient], lambda: self._run("SELECT relayd_spend($1, $2, $3, $4) AS ok",
                                                                   blind(key), blind(recipient), budget, window_ms))
         return bool(row["ok"])
-
-
-def _retrieve(sent: asyncio.Future[int]) -> None:
-    """A publish nobody awaits must not log "exception never retrieved"."""
-    if not sent.cancelled():
-        sent.exception()
 
 
 async def _close(conn: Any) -> None:

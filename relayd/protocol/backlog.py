@@ -29,7 +29,7 @@ from ..ops.metrics import RelayMetrics
 from .seams import NO_PEERS, Peers, Routes
 from .session import Session
 from ..storage.store import QueuedMessage, StorageOutcomeUnknown, StorageUnavailable, Store
-from ..tasks import TaskSet
+from ..tasks import TaskSet, retrieved
 from .writes import AddressWrites
 
 log = logging.getLogger("relayd.protocol.router")
@@ -274,7 +274,7 @@ class Backlog:
         finally:
             self._stored_meanwhile.pop(session, None)
             if reading is not None:  # the removal failed or the session closed: that read is not the flush's
-                reading.add_done_callback(_retrieved)
+                reading.add_done_callback(retrieved)
                 reading.cancel()
 
     def _read_page(self, session: Session, address: str, after: int) -> asyncio.Future[list[QueuedMessage]]:
@@ -351,8 +351,3 @@ class Backlog:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()

@@ -118,11 +118,6 @@ def _script_call(script: Script, keys: Sequence[str], args: Sequence[Any]) -> tu
     return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 class Write:
     """One queued write: the command, the key that routes it, and who waits for its result."""
 
@@ -300,7 +295,7 @@ class WriteQueue:
             raise StorageUnavailable("store is not open")
         loop = asyncio.get_running_loop()
         write = Write(args, key, script, loop.create_future())
-        write.future.add_done_callback(_retrieved)  # a posted write nobody awaits must not warn when it fails
+        write.future.add_done_callback(tasks.retrieved)  # a posted write nobody awaits must not warn when it fails
         self._queue.append(write)
         if len(self._queue) == MIN_PIPELINED:
             self._make_room()
