@@ -34,7 +34,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, Union
 
@@ -233,25 +233,18 @@ class WriteQueue:
         """Longest a caller waits for a write's answer."""
         return self.socket_timeout_s + self.acks.wait_s
 
-    def _unanswered(self) -> list[Write]:
+    def _unanswered(self) -> Iterator[Write]:
         """Every write taken off the queue and not yet answered, oldest first."""
-        writes = [w for sent, _ in self._held for w in sent.writes]
-        writes += [w for sent in self._in_flight for w in sent.writes]
-        return [w for w in writes + self._batch if not w.future.done()]
+        for sent, _ in self._held:
+            yield from (w for w in sent.writes if not w.future.done())
+        for sent in self._in_flight:
+            yield from (w for w in sent.writes if not w.future.done())
+        yield from (w for w in self._batch if not w.future.done())
 
     def oldest_write(self) -> float | None:
         """When the oldest write not yet answered was submitted (monotonic), or None."""
-        for sent, _ in self._held:
-            for write in sent.writes:
-                if not write.future.done():
-                    return write.submitted
-        for sent in self._in_flight:
-            for write in sent.writes:
-                if not write.future.done():
-                    return write.submitted
-        for write in self._batch:
-            if not write.future.done():
-                return write.submitted
+        for write in self._unanswered():
+            return write.submitted
         return self._queue[0].submitted if self._queue else None
 
     # Submitting
