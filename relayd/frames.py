@@ -14,6 +14,7 @@ from .addresses import normalize_address
 from .errors import ErrorCode, RelayError
 
 encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_string = json.encoder.encode_basestring  # the C escaper ``encode`` uses for str
 _decoder = json.JSONDecoder()
 _scan = json.scanner.make_scanner(_decoder)  # type: ignore[arg-type]  # typeshed types the context as a scanner
 
@@ -27,7 +28,6 @@ def _decode(text: str) -> Any:
     except StopIteration:
         return _decoder.decode(text)
     return value if end == len(text) else _decoder.decode(text)
-_string = json.encoder.encode_basestring  # the C escaper ``encode`` uses for str
 
 
 def message_text(sender: str, content: str, message_id: str, timestamp: int, *, queued: bool) -> str:

@@ -8,7 +8,6 @@ through an index by messageId.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import heapq
 import itertools
@@ -51,40 +50,27 @@ class _Queue:
 class _Delivered:
     """Idents of messages delivered, each until the ``queued_at`` it carries expires."""
 
-    __slots__ = ("since", "_order", "_late")
+    __slots__ = ("since", "_order")
 
     def __init__(self) -> None:
         self.since: dict[Ident, int] = {}
-        self._order: collections.deque[tuple[int, Ident]] = collections.deque()
-        """By queued_at, appended: live deliveries come in time order. Entries of idents forgotten or recorded again
-        meanwhile are skipped."""
-        self._late: list[tuple[int, Ident]] = []
-        """A heap of the entries older than ``_order``'s last (a stored message delivered later)."""
+        self._order: list[tuple[int, Ident]] = []
+        """A heap by queued_at; entries of idents forgotten or recorded again meanwhile are skipped."""
 
     def record(self, ident: Ident, queued_at: int) -> None:
-        since = self.since
-        before = since.get(ident)
-        when = queued_at if before is None or before < queued_at else before
-        since[ident] = when
-        order = self._order
-        if not order or order[-1][0] <= when:
-            order.append((when, ident))
-        else:
-            heapq.heappush(self._late, (when, ident))
+        when = max(queued_at, self.since.get(ident, queued_at))
+        self.since[ident] = when
+        heapq.heappush(self._order, (when, ident))
 
     def forget(self, ident: Ident) -> None:
         self.since.pop(ident, None)
 
     def expire(self, before_ms: int) -> None:
-        since, order, late = self.since, self._order, self._late
+        order = self._order
         while order and order[0][0] < before_ms:
-            when, ident = order.popleft()
-            if since.get(ident) == when:
-                del since[ident]
-        while late and late[0][0] < before_ms:
-            when, ident = heapq.heappop(late)
-            if since.get(ident) == when:
-                del since[ident]
+            when, ident = heapq.heappop(order)
+            if self.since.get(ident) == when:
+                del self.since[ident]
 
     def shift(self, before_ms: int, delta_ms: int) -> int:
         moved = 0
@@ -92,8 +78,8 @@ class _Delivered:
             if when < before_ms:
                 self.since[ident] = when + delta_ms
                 moved += 1
-        self._order = collections.deque(sorted((when, ident) for ident, when in self.since.items()))
-        self._late = []
+        self._order = [(when, ident) for ident, when in self.since.items()]
+        heapq.heapify(self._order)
         return moved
 
 

@@ -31,9 +31,9 @@ IN_CHUNK = 500  # stays far below SQLite's bound-parameter limit on old builds
 DROP_CHUNK = 64
 EXPIRE_CHUNK = 1000
 FEW = 4
+"""Batches smaller than this are enqueued a message at a time (see ``enqueue_rows``)."""
 SHAPED_ROWS = 128
 """Most rows of a batch read (three bound values each, far below SQLite's limit on old builds)."""
-"""Batches smaller than this are enqueued a message at a time (see ``enqueue_rows``)."""
 
 T = TypeVar("T")
 _INSERT = ("INSERT INTO messages (seq, recipient, sender, message_id, timestamp, queued_at, size, content) "
