@@ -108,8 +108,6 @@ class SQLiteWriter:
         """Committed write transactions; lets tests and metrics see group commit work."""
         self.commit_observer: Callable[[float], None] | None = None
         """Called on the event loop with each write transaction's duration (for metrics)."""
-        self._took: float | None = None
-        """The duration of the batch just committed (writer thread only)."""
 
     async def start(self) -> None:
         """Open the database on a new thread; raises ``StoreOpenError`` when it cannot be opened."""
@@ -180,12 +178,11 @@ class SQLiteWriter:
             batch, carry = self._collect(jobs, carry)
             if batch[0].fn is None:
                 break
-            self._took = None
             try:
-                outcomes = self._execute(batch)
+                outcomes, took = self._execute(batch)
             except Exception as exc:  # keep the thread alive whatever happens
-                outcomes = self._fail(batch, exc)
-            self._post(outcomes, self._took)
+                outcomes, took = self._fail(batch, exc), None
+            self._post(outcomes, took)
         self._close()
         self._post([(batch[0], None, None)])
 
@@ -218,16 +215,18 @@ class SQLiteWriter:
             linger = linger and job.write
         return batch, None
 
-    def _execute(self, batch: list[_Job[Any]]) -> list[_JobOutcome]:
-        """Run the batch in one transaction. Within a savepoint SQLite first copies every page a job changes
-        (a sixth of an enqueue's CPU), and jobs seldom raise, so only if a write job raises is the transaction
-        rolled back and run again with each write in a savepoint, that job failing with what it raised (it
-        does not run twice: its first run may have moved state kept outside the database, such as the seq
-        counter)."""
+    def _execute(self, batch: list[_Job[Any]]) -> tuple[list[_JobOutcome], float | None]:
+        """Run the batch in one transaction: the outcomes, and how long its commit took (None: nothing committed).
+
+        Within a savepoint SQLite first copies every page a job changes (a sixth of an enqueue's CPU), and jobs
+        seldom raise, so only if a write job raises is the transaction rolled back and run again with each write
+        in a savepoint, that job failing with what it raised (it does not run twice: its first run may have moved
+        state kept outside the database, such as the seq counter)."""
         conn = self._conn
         assert conn is not None
         writes = any(job.write for job in batch)
         started = time.perf_counter()
+        took = None
         try:
             if writes:
                 conn.execute("BEGIN IMMEDIATE")
@@ -241,17 +240,17 @@ class SQLiteWriter:
             if writes:
                 conn.execute("COMMIT")
                 self.commits += 1
-                self._took = time.perf_counter() - started
+                took = time.perf_counter() - started
                 if self._checkpoints is not None:
                     self._checkpoints.grew(conn)
         except Exception as exc:
-            return self._fail(batch, exc)
+            return self._fail(batch, exc), None
         self.total += messages
         self.bytes += nbytes
         if not self.healthy and any(job.write and job.health for job in batch):
             log.warning("storage recovered (was: %s)", self.problem)
             self.healthy, self.problem = True, None
-        return outcomes
+        return outcomes, took
 
     @staticmethod
     def _run_jobs(conn: sqlite3.Connection, batch: list[_Job[Any]],
