@@ -11,7 +11,8 @@ what they ask of it; ``delivery``: the message path with peers (this
 instance's senders), ``offers``: peers' messages for sessions here and the
 ordering rules, ``refresh``: reading a stored queue again for open sessions;
 ``receipts`` and ``budgets``: read receipts and new-queue budgets across
-instances; ``deadlines``: storing's time limit under one timer; ``scripts``: their Lua. ``Cluster`` builds them for the server.
+instances; ``deadlines``: storing's time limit under one timer; ``scripts``:
+their Lua. ``Cluster`` builds them for the server.
 """
 
 from __future__ import annotations
