@@ -1,8 +1,8 @@
 """The suite's one toolkit: real relays, clients, raw wire helpers, waits and exact-shape checks.
 
 Fixtures live in ``conftest.py``; everything they and the tests share is here,
-one home per helper. Every relay listens on 127.0.0.1 on an ephemeral port and
-is driven with real sockets.
+one home per helper. Every relay listens on 127.0.0.1 on a port from
+``free_port`` (or one the kernel chose) and is driven with real sockets.
 
 Timeouts: every ``timeout`` a helper here takes is in seconds *on a normal
 machine* and is multiplied by ``TIMEOUT_FACTOR``, read from the environment
@@ -414,11 +414,45 @@ def client_socket(source: str) -> socket.socket:
     return sock
 
 
+def _port_block() -> tuple[int, int]:
+    """This pytest worker's share of the ports below the kernel's ephemeral range.
+
+    A port taken from the ephemeral range can be handed to some client's
+    outgoing connection before the relay binds it ("address already in use";
+    CI saw it once in 1,753 tests). No connect picks a port below the range,
+    and each xdist worker draws from its own block, so only a listener that
+    is still open can hold a port we pick, and ``free_port`` checks for that.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    low = max(low, PORT_FLOOR + 2 * PORT_BLOCKS)
+    worker = re.fullmatch(r"gw(\d+)", os.environ.get("PYTEST_XDIST_WORKER", ""))
+    size = (low - PORT_FLOOR) // PORT_BLOCKS
+    start = PORT_FLOOR + (int(worker.group(1)) % PORT_BLOCKS if worker else PORT_BLOCKS - 1) * size
+    return start, size
+
+
+PORT_FLOOR = 12000  # below: registered services a developer may be running
+PORT_BLOCKS = 16    # enough for -n 15 plus a run without xdist
+_port_lock = threading.Lock()
+_port_start, _port_size = _port_block()
+_port_next = itertools.count(secrets.randbelow(_port_size))  # another session on this machine starts elsewhere
+
+
 def free_port() -> int:
     """A port free on every interface, so a relay may bind it on 127.0.0.1 or on 0.0.0.0."""
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
+    with _port_lock:
+        for _ in range(_port_size):
+            port = _port_start + next(_port_next) % _port_size
+            with socket.socket() as s:
+                try:
+                    s.bind(("0.0.0.0", port))
+                except OSError:
+                    continue
+            return port
+    raise AssertionError(f"no free port in {_port_start}..{_port_start + _port_size - 1}")
 
 
 # Variables a child relayd must not inherit from the test's environment.
