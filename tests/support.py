@@ -415,30 +415,32 @@ def client_socket(source: str) -> socket.socket:
 
 
 def _port_block() -> tuple[int, int]:
-    """This pytest worker's share of the ports below the kernel's ephemeral range.
+    """This pytest worker's share of the ports outside the kernel's ephemeral range (size 0: there is no room).
 
     A port taken from the ephemeral range can be handed to some client's
     outgoing connection before the relay binds it ("address already in use";
-    CI saw it once in 1,753 tests). No connect picks a port below the range,
+    CI saw it once in 1,753 tests). No connect picks a port outside the range,
     and each xdist worker draws from its own block, so only a listener that
     is still open can hold a port we pick, and ``free_port`` checks for that.
     """
     try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    low = max(low, PORT_FLOOR + 2 * PORT_BLOCKS)
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    first, last = max((PORT_FLOOR, low - 1), (high + 1, 65535), key=lambda r: r[1] - r[0])
+    size = (last - first) // PORT_BLOCKS
+    if size < MIN_BLOCK:
+        return 0, 0
     worker = re.fullmatch(r"gw(\d+)", os.environ.get("PYTEST_XDIST_WORKER", ""))
-    size = (low - PORT_FLOOR) // PORT_BLOCKS
-    start = PORT_FLOOR + (int(worker.group(1)) % PORT_BLOCKS if worker else PORT_BLOCKS - 1) * size
-    return start, size
+    return first + (int(worker.group(1)) % PORT_BLOCKS if worker else PORT_BLOCKS - 1) * size, size
 
 
 PORT_FLOOR = 12000  # below: registered services a developer may be running
 PORT_BLOCKS = 16    # enough for -n 15 plus a run without xdist
+MIN_BLOCK = 256
 _port_lock = threading.Lock()
 _port_start, _port_size = _port_block()
-_port_next = itertools.count(secrets.randbelow(_port_size))  # another session on this machine starts elsewhere
+_port_next = itertools.count(secrets.randbelow(max(1, _port_size)))  # another session here starts elsewhere
 
 
 def free_port() -> int:
@@ -452,7 +454,9 @@ def free_port() -> int:
                 except OSError:
                     continue
             return port
-    raise AssertionError(f"no free port in {_port_start}..{_port_start + _port_size - 1}")
+    with socket.socket() as s:  # no room outside the ephemeral range, or all of this worker's block taken
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
 
 
 # Variables a child relayd must not inherit from the test's environment.
