@@ -25,6 +25,7 @@ COMPACT = 2
 FIELDS: dict[str, tuple[str, ...]] = {
     "offer": ("to", "m", "s", "w", "rid", "o", "keep"),
     "re": ("rid", "n", "a"),
+    "res": ("r",),
     "push": ("to", "m", "s"),
     "pull": ("to", "since", "seqs"),
     "frame": ("to", "f", "rid"),
