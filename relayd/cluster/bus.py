@@ -52,17 +52,20 @@ Replies = Callable[[dict[str, Message], tuple[str, ...]], None]
 
 class _Pending:
     """One request: the instances asked and still to answer, the answers, its deadline (loop time), and what to
-    call when done."""
+    call when done; it leaves ``requests`` (the bus's, by rid) then."""
 
-    __slots__ = ("asked", "waiting", "replies", "then", "deadline", "finished")
+    __slots__ = ("asked", "waiting", "replies", "then", "deadline", "finished", "rid", "requests")
 
-    def __init__(self, instances: list[str], deadline: float, then: Replies) -> None:
+    def __init__(self, instances: list[str], deadline: float, then: Replies, rid: int,
+                 requests: dict[int, _Pending]) -> None:
         self.asked = instances
         self.waiting = set(instances)
         self.replies: dict[str, Message] = {}
         self.then = then
         self.deadline = deadline
         self.finished = False
+        self.rid = rid
+        self.requests = requests
 
     def answered(self, instance: str, reply: Message | None) -> None:
         if instance in self.waiting:
@@ -76,6 +79,7 @@ class _Pending:
         if self.finished:
             return
         self.finished = True
+        self.requests.pop(self.rid, None)
         self.then(self.replies, tuple(i for i in self.asked if i not in self.replies))
 
 
@@ -177,7 +181,7 @@ class Bus:
         loop = asyncio.get_running_loop()
         asked = list(instances)
         pending = _Pending(asked if len(asked) < 2 else list(dict.fromkeys(asked)),
-                           loop.time() + self.reply_timeout_s, functools.partial(self._done, rid, then))
+                           loop.time() + self.reply_timeout_s, then, rid, self._pending)
         self._pending[rid] = pending
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.reply_timeout_s / SWEEPS, self._sweep)
@@ -185,10 +189,6 @@ class Bus:
             self.send(instance, body, functools.partial(pending.answered, instance, None))
         if not pending.asked:
             pending._finish()
-
-    def _done(self, rid: int, then: Replies, replies: dict[str, Message], silent: tuple[str, ...]) -> None:
-        self._pending.pop(rid, None)
-        then(replies, silent)
 
     def _sweep(self) -> None:
         """End the requests past their deadline (one timer for all: at most ``reply_timeout_s / SWEEPS`` late)."""
