@@ -80,7 +80,8 @@ class _Pending:
             return
         self.finished = True
         self.requests.pop(self.rid, None)
-        self.then(self.replies, tuple(i for i in self.asked if i not in self.replies))
+        replies = self.replies
+        self.then(replies, () if len(replies) == len(self.asked) else tuple(i for i in self.asked if i not in replies))
 
 
 class Bus:
