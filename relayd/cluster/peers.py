@@ -17,7 +17,7 @@ or read frame, a reply when asked); ``pull`` (stored messages may wait for
 the address: read its queue; ``since``: from that seq, ``seqs``: messages put
 back); ``drain`` (reply once the address's closing sessions here are done);
 ``evict``; ``key``; ``inv`` (``a``: drop the cached presence of that address);
-``ping``.
+``ping``. Replies (``re``, or ``res`` batched) are the bus's own.
 """
 
 from __future__ import annotations
