@@ -783,6 +783,16 @@ def test_instances_of_the_older_envelope_form_and_of_the_compact_one_understand_
             assert isinstance(answer, dict) and answer["f"] == "new#1", answer
             assert answer["b"] == [{"n": 1, "a": 0, "k": "re", "rid": "5"}]
 
+            # the newer one's request carries a numeric rid; the older one echoes it in its one-message answer
+            asked = asyncio.ensure_future(new.request(["old#1"], {"k": "drain", "to": "0xabc"}))
+            await eventually(lambda: _is(len(old_inbox) == 2), what="the request to the older instance")
+            [request] = old_inbox[1]["b"]
+            assert type(request["rid"]) is int, request
+            await raw.execute_command("SPUBLISH" if backplane.sharded else "PUBLISH", backplane.inbox("new#1"),
+                                      json.dumps({"f": "old#1", "b": [{"n": 1, "k": "re", "rid": request["rid"]}]}))
+            replies, silent = await asyncio.wait_for(asked, 5)
+            assert silent == () and replies["old#1"]["n"] == 1
+
             for attempt in range(2):  # the first request says "I read compact"; the next one is compact
                 replies, silent = await new.request(["new#2"], {"k": "drain", "to": "0xabc"})
                 assert silent == () and replies["new#2"]["n"] == 1
