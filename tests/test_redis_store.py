@@ -783,6 +783,16 @@ def test_instances_of_the_older_envelope_form_and_of_the_compact_one_understand_
             assert isinstance(answer, dict) and answer["f"] == "new#1", answer
             assert answer["b"] == [{"n": 1, "a": 0, "k": "re", "rid": "5"}]
 
+            # the newer one's request carries a numeric rid; the older one echoes it in its one-message answer
+            asked = asyncio.ensure_future(new.request(["old#1"], {"k": "drain", "to": "0xabc"}))
+            await eventually(lambda: _is(len(old_inbox) == 2), what="the request to the older instance")
+            [request] = old_inbox[1]["b"]
+            assert type(request["rid"]) is int, request
+            await raw.execute_command("SPUBLISH" if backplane.sharded else "PUBLISH", backplane.inbox("new#1"),
+                                      json.dumps({"f": "old#1", "b": [{"n": 1, "k": "re", "rid": request["rid"]}]}))
+            replies, silent = await asyncio.wait_for(asked, 5)
+            assert silent == () and replies["old#1"]["n"] == 1
+
             for attempt in range(2):  # the first request says "I read compact"; the next one is compact
                 replies, silent = await new.request(["new#2"], {"k": "drain", "to": "0xabc"})
                 assert silent == () and replies["new#2"]["n"] == 1
@@ -798,12 +808,72 @@ def test_instances_of_the_older_envelope_form_and_of_the_compact_one_understand_
     with_store(redis_server.url, body, probe_interval_s=3600, key_prefix="envelopes:")
 
 
+def test_replies_made_in_one_loop_iteration_travel_as_one_batched_message(redis_server):
+    """A request's numeric rid says its sender reads batched replies: the replies a peer makes to it in one loop
+    iteration go back as one ``res`` message (rid, n, a triples), in order with what else is sent; a string rid
+    (an older instance's) gets one ``re`` each."""
+    import json
+
+    from redis.asyncio import Redis
+
+    from relayd.cluster.bus import Bus
+    from relayd.cluster.redis_backplane import RedisBackplane
+
+    async def body(store: RedisStore) -> None:
+        backplane = RedisBackplane(store)
+        asker, peer = Bus(backplane, "new#1", reply_timeout_s=2.0), Bus(backplane, "new#2", reply_timeout_s=2.0)
+        peer.handler = lambda message: peer.reply(message, {"n": 1 if message["to"] != "0xnone" else 0, "a": 0})
+        wire: list[Any] = []  # what reaches new#1's inbox, seen by a second subscriber
+        raw = Redis.from_url(redis_server.url, decode_responses=True)
+        pubsub = raw.pubsub()
+        if backplane.sharded:
+            await pubsub.ssubscribe(backplane.inbox("new#1"))
+        else:
+            await pubsub.subscribe(backplane.inbox("new#1"))
+
+        async def read_raw() -> None:
+            while True:
+                m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if m is not None:
+                    wire.append(json.loads(m["data"]))
+        reader = asyncio.get_running_loop().create_task(read_raw())
+        await asker.start()
+        await peer.start()
+        try:
+            await asker.request(["new#2"], {"k": "drain", "to": "0xa"})  # each learns the other reads compact
+            await eventually(lambda: _is(len(wire) == 1), what="the first reply")
+            wire.clear()
+            outcomes = await asyncio.gather(*(asker.request(["new#2"], {"k": "drain", "to": to})
+                                              for to in ("0xa", "0xnone", "0xb")))
+            assert [(replies["new#2"]["n"], silent) for replies, silent in outcomes] == [(1, ()), (0, ()), (1, ())]
+            await eventually(lambda: _is(len(wire) == 1), what="the batched reply")
+            [envelope_] = wire
+            assert envelope_[0] == "new#2" and len(envelope_) == 2 and envelope_[1][0] == "res", envelope_
+            rids, ns, acks = envelope_[1][1][0::3], envelope_[1][1][1::3], envelope_[1][1][2::3]
+            assert all(type(r) is int for r in rids) and rids == sorted(rids) and ns == [1, 0, 1] and acks == [0] * 3
+
+            peer.send("new#1", {"k": "ping"})  # a reply made after another message joins no batch before it
+            peer.reply({"rid": 1000, "from": "new#1", "k": "drain"}, {"n": 1})
+            peer.reply({"rid": "7", "from": "new#1", "k": "drain"}, {"n": 1})  # an older instance's request
+            peer.reply({"rid": 1001, "from": "new#1", "k": "drain"}, {"n": 2, "a": 1})
+            await eventually(lambda: _is(len(wire) == 2), what="the mixed envelope")
+            assert wire[1][1:] == [["ping"], ["res", [1000, 1, 0]], ["re", "7", 1], ["res", [1001, 2, 1]]], wire[1]
+        finally:
+            reader.cancel()
+            await asker.close()
+            await peer.close()
+            await pubsub.aclose()
+            await raw.aclose()
+    with_store(redis_server.url, body, probe_interval_s=3600, key_prefix="batched:")
+
+
 def test_compact_envelopes_carry_every_kind_and_leave_unknown_ones_as_objects():
     from relayd.cluster import envelope
 
     messages = [{"k": "offer", "to": "0xa", "m": ["0xb", "m1", "c", 1, 2, 0], "s": 0, "w": 3, "rid": "9", "o": 4},
                 {"k": "offer", "to": "0xa", "m": ["0xb", "m2", "c", 1, 2, 7], "s": 1, "w": 0, "keep": 1},
                 {"k": "re", "rid": "9", "n": 1, "a": 0}, {"k": "re", "rid": "10"}, {"k": "ping"},
+                {"k": "res", "r": [11, 1, 0, 12, 0, 1]},
                 {"k": "pull", "to": "0xa", "since": -1, "seqs": [1, 2]}, {"k": "inv", "a": "0xa"},
                 {"k": "later", "x": 1}, {"k": "push", "to": "0xa", "m": [], "s": 0, "extra": True}]
     data = envelope.encode("i#1", messages, compact=True)

@@ -12,7 +12,10 @@ busy pair of instances pays one round trip for many messages. A publish that rea
 or resubscribing) counts as an instance that took nothing, at once; one that
 reached it but got no reply within ``reply_timeout_s`` counts the same after
 that time. Messages are JSON objects with a kind ``k``; requests carry ``rid``
-and ``from``.
+and ``from``. A request's ``rid`` is a number (older instances: a string):
+that says its sender reads replies batched, so the replies to it made in one
+loop iteration travel as one ``res`` message (``rid, n, a`` triples) instead
+of one ``re`` message each.
 """
 
 from __future__ import annotations
@@ -49,17 +52,20 @@ Replies = Callable[[dict[str, Message], tuple[str, ...]], None]
 
 class _Pending:
     """One request: the instances asked and still to answer, the answers, its deadline (loop time), and what to
-    call when done."""
+    call when done; it leaves ``requests`` (the bus's, by rid) then."""
 
-    __slots__ = ("asked", "waiting", "replies", "then", "deadline", "finished")
+    __slots__ = ("asked", "waiting", "replies", "then", "deadline", "finished", "rid", "requests")
 
-    def __init__(self, instances: list[str], deadline: float, then: Replies) -> None:
+    def __init__(self, instances: list[str], deadline: float, then: Replies, rid: int,
+                 requests: dict[int, _Pending]) -> None:
         self.asked = instances
         self.waiting = set(instances)
         self.replies: dict[str, Message] = {}
         self.then = then
         self.deadline = deadline
         self.finished = False
+        self.rid = rid
+        self.requests = requests
 
     def answered(self, instance: str, reply: Message | None) -> None:
         if instance in self.waiting:
@@ -73,7 +79,9 @@ class _Pending:
         if self.finished:
             return
         self.finished = True
-        self.then(self.replies, tuple(i for i in self.asked if i not in self.replies))
+        self.requests.pop(self.rid, None)
+        replies = self.replies
+        self.then(replies, () if len(replies) == len(self.asked) else tuple(i for i in self.asked if i not in replies))
 
 
 class Bus:
@@ -90,10 +98,12 @@ class Bus:
         self.on_subscribed: Callable[[], None] = lambda: None
         """Called after every successful (re)subscribe: what was published meanwhile is lost, so the owner
         re-reads what it stored (e.g. queues) then."""
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[int, _Pending] = {}
         """Requests waiting for replies, oldest first (so the sweep stops at the first one not yet due)."""
         self._sweeper: asyncio.TimerHandle | None = None
         self._outbox: dict[str, list[tuple[Message, Callable[[], None] | None]]] = {}
+        self._replies: dict[str, list[Any]] = {}
+        """Per instance, the ``res`` triples last in its outbox batch (replies after it join them, in order)."""
         self._ids = itertools.count(1)
         self._compact = {instance}
         """Instances known to read compact envelopes (the others get objects: ``envelope``)."""
@@ -147,9 +157,11 @@ class Bus:
                 asyncio.get_running_loop().call_soon(self._publish)
             batch = self._outbox[instance] = []
         batch.append((body, unheard))
+        self._replies.pop(instance, None)
 
     def _publish(self) -> None:
         outbox, self._outbox = self._outbox, {}
+        self._replies.clear()
         for instance, batch in outbox.items():
             data = envelope.encode(self.instance, [body for body, _ in batch], compact=instance in self._compact)
             callbacks = [unheard for _, unheard in batch if unheard is not None]
@@ -163,23 +175,21 @@ class Bus:
                 sent.add_done_callback(functools.partial(_tell_unheard, callbacks=callbacks))
 
     def ask(self, instances: Iterable[str], body: Message, then: Replies) -> None:
-        """Send ``body`` to each instance; ``then`` gets their replies once all replied or ``reply_timeout_s``
-        passed (never later), from the event loop."""
-        rid = f"{next(self._ids)}"
+        """Send ``body`` (the bus's from here on: it gets the ``rid``) to each instance; ``then`` gets their
+        replies once all replied or ``reply_timeout_s`` passed (never later), from the event loop."""
+        rid = next(self._ids)
+        body["rid"] = rid
         loop = asyncio.get_running_loop()
-        pending = _Pending(list(dict.fromkeys(instances)), loop.time() + self.reply_timeout_s,
-                           functools.partial(self._done, rid, then))
+        asked = list(instances)
+        pending = _Pending(asked if len(asked) < 2 else list(dict.fromkeys(asked)),
+                           loop.time() + self.reply_timeout_s, then, rid, self._pending)
         self._pending[rid] = pending
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.reply_timeout_s / SWEEPS, self._sweep)
         for instance in pending.asked:
-            self.send(instance, {**body, "rid": rid}, functools.partial(pending.answered, instance, None))
+            self.send(instance, body, functools.partial(pending.answered, instance, None))
         if not pending.asked:
             pending._finish()
-
-    def _done(self, rid: str, then: Replies, replies: dict[str, Message], silent: tuple[str, ...]) -> None:
-        self._pending.pop(rid, None)
-        then(replies, silent)
 
     def _sweep(self) -> None:
         """End the requests past their deadline (one timer for all: at most ``reply_timeout_s / SWEEPS`` late)."""
@@ -204,9 +214,19 @@ class Bus:
         return await done
 
     def reply(self, request: Message, body: Message) -> None:
-        """Answer a request received through the inbox."""
-        if "rid" in request and "from" in request:
-            self.send(request["from"], {**body, "k": "re", "rid": request["rid"]})
+        """Answer a request received through the inbox (``n`` and ``a`` are all a batched reply carries)."""
+        rid, instance = request.get("rid"), request.get("from")
+        if rid is None or instance is None:
+            return
+        if type(rid) is not int:  # an older instance's request: one reply message each
+            self.send(instance, {**body, "k": "re", "rid": rid})
+            return
+        triples = self._replies.get(instance)
+        if triples is None:
+            triples = []
+            self.send(instance, {"k": "res", "r": triples})
+            self._replies[instance] = triples
+        triples += (rid, body.get("n", 0), body.get("a", 0))
 
     # Receiving
 
@@ -227,15 +247,30 @@ class Bus:
             self._apply(message)
 
     def _apply(self, message: Message) -> None:
-        if message.get("k") == "re":
-            pending = self._pending.get(str(message.get("rid")))
+        kind = message.get("k")
+        if kind == "re":
+            rid = message.get("rid")
+            pending = self._pending.get(rid) if type(rid) is int else None
             if pending is not None:
                 pending.answered(str(message.get("from")), message)
+            return
+        if kind == "res":
+            self._answered(str(message.get("from")), message.get("r"))
             return
         try:
             self.handler(message)
         except Exception:
             log.exception("cluster message %r failed", message.get("k"))
+
+    def _answered(self, instance: str, triples: Any) -> None:
+        """A batched reply: ``rid, n, a`` for each request answered."""
+        if not isinstance(triples, list):
+            return
+        pending_of = self._pending.get
+        for i in range(0, len(triples) - 2, 3):
+            pending = pending_of(triples[i])
+            if pending is not None:
+                pending.answered(instance, {"n": triples[i + 1], "a": triples[i + 2]})
 
     async def _listen(self) -> None:
         """Subscribe and read until the subscription ends or fails; then again after a short backoff (at most

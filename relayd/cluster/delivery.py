@@ -161,12 +161,12 @@ class ClusterDelivery:
         """The seq of the sender's last message to this recipient stored from here (0: none known)."""
         return self._tails.get((msg.sender.lower(), msg.recipient), 0)
 
-    def _count_offer(self, msg: QueuedMessage) -> int:
-        """This instance's number for its next unstored offer of the (sender, recipient) pair (from 1)."""
+    def _next_offer(self, msg: QueuedMessage) -> tuple[int, int]:
+        """(``_tail``, this instance's number for its next unstored offer of the pair, from 1)."""
         key = (msg.sender.lower(), msg.recipient)
         number = self._offers.get(key, 0) + 1
         _keep_recent(self._offers, key, number)
-        return number
+        return self._tails.get(key, 0), number
 
     def _stored(self, msg: QueuedMessage) -> None:
         key = (msg.sender.lower(), msg.recipient)
@@ -263,7 +263,7 @@ class ClusterDelivery:
                 answered.set_result(None)
             else:
                 self.local.tasks.spawn(_answer_after(session, answer, previous, answered))
-        self.peers.offer_soon(where, msg, self._tail(msg), self._count_offer(msg), done)
+        self.peers.offer_soon(where, msg, *self._next_offer(msg), done)
         return None
 
     def _store(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:

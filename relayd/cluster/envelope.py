@@ -8,7 +8,9 @@ read only objects, ``{"f": sender, "b": [messages]}``: an instance sends
 objects to a peer until it has heard from that peer that it reads arrays
 (a compact envelope, or an object with ``"v": 2``, which older instances
 ignore), so instances of both versions work together during a rolling
-upgrade.
+upgrade. Replies travel batched (``res``: ``rid, n, a`` triples) only to an
+instance whose requests carry numeric rids (``bus``); older ones get one
+``re`` each.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ COMPACT = 2
 FIELDS: dict[str, tuple[str, ...]] = {
     "offer": ("to", "m", "s", "w", "rid", "o", "keep"),
     "re": ("rid", "n", "a"),
+    "res": ("r",),
     "push": ("to", "m", "s"),
     "pull": ("to", "since", "seqs"),
     "frame": ("to", "f", "rid"),

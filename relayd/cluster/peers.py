@@ -17,7 +17,7 @@ or read frame, a reply when asked); ``pull`` (stored messages may wait for
 the address: read its queue; ``since``: from that seq, ``seqs``: messages put
 back); ``drain`` (reply once the address's closing sessions here are done);
 ``evict``; ``key``; ``inv`` (``a``: drop the cached presence of that address);
-``ping``.
+``ping``. Replies (``re``, or ``res`` batched) are the bus's own.
 """
 
 from __future__ import annotations
@@ -243,10 +243,15 @@ class ClusterPeers:
             self.bus.send(instance, {"k": "frame", "to": to, "f": frame})
 
     def _taken(self, address: str, replies: dict[str, Message], silent: tuple[str, ...]) -> Taken:
-        count = sum(int(r.get("n", 0)) for r in replies.values())
-        if silent or any(int(r.get("n", 0)) == 0 and not r.get("a") for r in replies.values()):
+        count, ack, nobody = 0, False, bool(silent)
+        for reply in replies.values():
+            n, a = int(reply.get("n", 0)), bool(reply.get("a"))
+            count += n
+            ack = ack or a
+            nobody = nobody or (n == 0 and not a)
+        if nobody:
             self.presence.invalidate(address)  # a peer had nobody for it: ask the backplane next time
-        return Taken(count, any(bool(r.get("a")) for r in replies.values()), silent)
+        return Taken(count, ack, silent)
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, PeerSessions]:
         result, found = await self.backplane.enqueue_routed(msg, limits, watcher=self.presence.instance,
