@@ -39,6 +39,8 @@ class FakePeers:
         self.offers: list[tuple[str, bool, int, Callable[[Taken], None] | asyncio.Future[Taken]]] = []
         self.hints: list[str] = []
         self.pushed: list[str] = []
+        self.spends: list[asyncio.Future[bool]] | None = None
+        """When a list: every budget round trip waits there until the test answers it."""
 
     def cached(self, address: str) -> PeerSessions | None:
         return self.where
@@ -84,7 +86,11 @@ class FakePeers:
         await self.store.restore(messages)
 
     async def spend(self, key: str, recipient: str, budget: int) -> bool:
-        return True
+        if self.spends is None:
+            return True
+        reply: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.spends.append(reply)
+        return await reply
 
 
 class Instance:
@@ -138,6 +144,15 @@ def answers(conn: FakeConnection) -> list[tuple[str, str]]:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+async def wait_for(predicate: Callable[[], object], turns: int = 200) -> None:
+    """Let the loop turn until ``predicate()`` holds (no clock: each turn runs what is ready)."""
+    for _ in range(turns):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the scenario did not get there")
 
 
 # Offers: what peers offer this instance
@@ -285,6 +300,32 @@ def test_an_offer_that_falls_back_to_storing_keeps_its_place_and_answers_keep_se
         await here.settle()
         assert answers(sender) == [("queued", "m1"), ("delivered", "m2"), ("queued", "m3")]
         assert [m.message_id for m in await here.store.pending(B, 10)] == ["m1", "m3"]
+    run(scenario())
+
+
+def test_a_senders_stores_keep_send_order_when_a_later_one_needs_no_budget_round_trip():
+    """The first messages to a new recipient each wait for the cluster-wide budget's round trip; once the first
+    one's returns, the recipient counts as spent and a later message needs none. It still writes after the ones
+    whose round trips are slower (they once got larger seqs than it: the recipient read them after it)."""
+    async def scenario() -> None:
+        here = Instance()
+        here.peers.where = PeerSessions(())  # B has no sessions: every message is stored
+        here.peers.spends = spends = []
+        sender = here.session(A)
+        for mid in ("m1", "m2", "m3"):
+            await here.send(sender, B, mid)
+        await wait_for(lambda: len(spends) == 6)  # two budgets (sender, IP) for each
+        for reply in spends[:2]:
+            reply.set_result(True)
+        await wait_for(lambda: [f.get("messageId") for f in sender.frames] == ["m1"])  # m1 stored and answered
+        await here.send(sender, B, "m4")  # B is counted now: no round trip
+        for _ in range(20):
+            await asyncio.sleep(0)
+        for reply in spends[2:]:
+            reply.set_result(True)
+        await here.settle()
+        assert [m.message_id for m in await here.store.pending(B, 10)] == ["m1", "m2", "m3", "m4"]
+        assert answers(sender) == [("queued", mid) for mid in ("m1", "m2", "m3", "m4")]
     run(scenario())
 
 

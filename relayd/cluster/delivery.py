@@ -27,7 +27,7 @@ from ..errors import ErrorCode, RelayError
 from ..frames import encode, utf8_len
 from ..protocol.budgets import low_room
 from ..protocol.delivery import Delivery, keep_trying, refusal_of, storage_error
-from ..protocol.senders import Ident, Pipeline
+from ..protocol.senders import Ident, Pipeline, WriteTurn
 from ..protocol.session import Session
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from .budgets import ClusterBudget
@@ -246,14 +246,16 @@ class ClusterDelivery:
         settled: asyncio.Future[None] = loop.create_future()
         pipeline.answered = answered
         pipeline.offer = pipeline.tail = settled
+        turn = pipeline.write_turn()  # kept for its fallback store
 
         def done(taken: Taken) -> None:
             if not taken.count:  # nobody took it: store it, in its place, and answer then
                 pipeline.stores += 1  # the sender's next messages are stored behind it, not offered past it
                 task = self.local.tasks.spawn(self._store_and_answer(
-                    session, pipeline, ident, msg, size, barrier, previous, answered, silent=taken.silent))
+                    session, pipeline, ident, msg, size, barrier, turn, previous, answered, silent=taken.silent))
                 task.add_done_callback(lambda _: settled.set_result(None))
                 return
+            turn.release()
             pipeline.release(session, size)
             self.metrics.routed_live.inc()
             answer = self.local.answer_text(ident, msg, "delivered")
@@ -277,20 +279,21 @@ class ClusterDelivery:
         previous, pipeline.answered = pipeline.answered, asyncio.get_running_loop().create_future()
         pipeline.stores += 1
         task = self.local.tasks.spawn(self._store_and_answer(
-            session, pipeline, ident, msg, size, barrier, previous, pipeline.answered))
+            session, pipeline, ident, msg, size, barrier, pipeline.write_turn(), previous, pipeline.answered))
         pipeline.tail = task
         return None
 
     async def _store_and_answer(self, session: Session, pipeline: Pipeline, ident: Ident, msg: QueuedMessage,
-                                size: int, barrier: asyncio.Future[None] | None,
+                                size: int, barrier: asyncio.Future[None] | None, turn: WriteTurn,
                                 previous: asyncio.Future[None] | None, answered: asyncio.Future[None], *,
                                 silent: tuple[str, ...] = ()) -> None:
-        """After the sender's previous offer settled: the cluster-wide new-queue budget, the store (which also
-        says where the recipient is now, ``silent`` peers left out), then the answer after the previous
-        message's (each step is bounded, so these waits are too). The caller counted it in ``stores``."""
+        """After the sender's previous offer settled: the cluster-wide new-queue budget, the store in ``turn``
+        (which also says where the recipient is now, ``silent`` peers left out), then the answer after the
+        previous message's (each step is bounded, so these waits are too). The caller counted it in
+        ``stores``."""
         answer: str | None = None
         try:
-            answer = await self._deliver(session, ident, msg, barrier, silent)
+            answer = await self._deliver(session, ident, msg, barrier, turn, silent)
         except RelayError as err:
             self.metrics.refused.labels(code=err.code.value).inc()
             answer = encode(err.frame())
@@ -298,6 +301,7 @@ class ClusterDelivery:
             log.exception("internal error storing a message")
             answer = encode(RelayError(ErrorCode.INTERNAL_ERROR, message_id=msg.message_id).frame())
         finally:
+            turn.release()
             pipeline.release(session, size)
             pipeline.stores -= 1
             if previous is not None and not previous.done():
@@ -307,10 +311,10 @@ class ClusterDelivery:
             answered.set_result(None)
 
     async def _deliver(self, session: Session, ident: Ident, msg: QueuedMessage,
-                       barrier: asyncio.Future[None] | None, silent: tuple[str, ...]) -> str:
+                       barrier: asyncio.Future[None] | None, turn: WriteTurn, silent: tuple[str, ...]) -> str:
         """Store, then offer to whoever holds the recipient; returns the answer frame. Raises RelayError for
         refusals. Storing waits for the sender's previous offer to be settled, so a message that falls back to
-        storing is stored before later ones."""
+        storing is stored before later ones, and for its write turn, so stores keep send order."""
         if barrier is not None and not barrier.done():
             await asyncio.wait([barrier])
         sent = False
@@ -321,7 +325,9 @@ class ClusterDelivery:
                 await self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
                                         msg.message_id, low_room(self.local.limits.max_total_bytes,
                                                                  self.local.store.stored_bytes()))
+                await turn.wait()
                 sent = True
+                turn.release()
                 result, where = await self.peers.enqueue(msg, self.local.limits)
         except (StorageUnavailable, TimeoutError) as exc:
             if silent or (sent and not isinstance(exc, StorageUnavailable)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from typing import NamedTuple
 
 from .session import Session
 
@@ -34,15 +35,32 @@ class Answers:
             recent.popitem(last=False)
 
 
+class WriteTurn(NamedTuple):
+    """A message's place among its sender's writes to the store (``Pipeline.write_turn``)."""
+
+    after: asyncio.Future[None] | None
+    """Resolved once the sender's previous message was written, or will not be."""
+    mine: asyncio.Future[None]
+
+    async def wait(self) -> None:
+        if self.after is not None and not self.after.done():
+            await asyncio.wait([self.after])
+
+    def release(self) -> None:
+        """This message's write is on its way (the store takes writes in the order they come), or will not be."""
+        if not self.mine.done():
+            self.mine.set_result(None)
+
+
 class Pipeline:
     """One sender's stored-but-unanswered messages: how many, how large, and when the last one is answered.
 
     With peers it also counts ``stores`` (messages being stored: later ones are stored behind them
     rather than offered past them), the last ``offer`` to peers (a message stored after it waits for
-    it, so an offer that falls back to storing keeps its place) and the last ``answered`` (answers keep send
-    order)."""
+    it, so an offer that falls back to storing keeps its place), the last ``answered`` (answers keep send
+    order) and the last write turn taken (writes keep send order)."""
 
-    __slots__ = ("in_flight", "bytes", "tail", "stores", "offer", "answered")
+    __slots__ = ("in_flight", "bytes", "tail", "stores", "offer", "answered", "written")
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -51,6 +69,14 @@ class Pipeline:
         self.stores = 0
         self.offer: asyncio.Future[None] | None = None
         self.answered: asyncio.Future[None] | None = None
+        self.written: asyncio.Future[None] | None = None
+
+    def write_turn(self) -> WriteTurn:
+        """The next message's turn to write, taken in send order by every message that may be stored: it writes
+        once the previous one's write is on its way, whatever each waited for before (a budget's round trip
+        for the first message to a recipient), so the store numbers a sender's messages in send order."""
+        after, self.written = self.written, asyncio.get_running_loop().create_future()
+        return WriteTurn(after, self.written)
 
     @property
     def full(self) -> bool:
