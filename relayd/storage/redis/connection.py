@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 
 from ..store import StorageUnavailable
 from ..health import Health
+from .layout import ScriptKeys
 from .reasons import describe
 from .scripts import Script
 from .write_queue import Acks, Client, WriteQueue
@@ -164,6 +165,11 @@ class RedisLink:
         """``WriteQueue.write_many``: several write scripts in one round trip."""
         return await self.writes.write_many(calls)
 
+    def merge(self, script: Script, keys: ScriptKeys, common: tuple[Any, ...],
+              own: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """``WriteQueue.merge``: one call of a script that takes many, merged with the queued ones when it can."""
+        return self.writes.merge(script, keys, common, own)
+
     def command(self, *args: Any, key: str) -> asyncio.Future[Any]:
         """``WriteQueue.command``: one write command, in the same order as scripts."""
         return self.writes.command(*args, key=key)
@@ -171,6 +177,10 @@ class RedisLink:
     def post(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
         """``WriteQueue.post``: a write script queued without waiting."""
         return self.writes.post(script, keys, args)
+
+    def post_early(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """``WriteQueue.post_early``: a write script queued without waiting, before a merged write being filled."""
+        return self.writes.post_early(script, keys, args)
 
     def post_command(self, *args: Any, key: str) -> asyncio.Future[Any]:
         """``WriteQueue.post_command``: a write command queued without waiting."""
