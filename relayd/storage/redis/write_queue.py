@@ -303,18 +303,28 @@ class WriteQueue:
         """Longest a caller waits for a write's answer."""
         return self.socket_timeout_s + self.acks.wait_s
 
+    def _taken(self) -> Iterator[list[Write]]:
+        """The writes taken off the queue and not all answered, a batch at a time, oldest first."""
+        for sent, _ in self._held:
+            yield sent.writes
+        for sent in self._in_flight:
+            yield sent.writes
+        yield self._batch
+
     def _unanswered(self) -> Iterator[Write]:
         """Every write taken off the queue and not yet answered, oldest first."""
-        for sent, _ in self._held:
-            yield from (w for w in sent.writes if not w.future.done())
-        for sent in self._in_flight:
-            yield from (w for w in sent.writes if not w.future.done())
-        yield from (w for w in self._batch if not w.future.done())
+        for writes in self._taken():
+            for write in writes:
+                if not write.future.done():
+                    yield write
 
     def oldest_write(self) -> float | None:
-        """When the oldest write not yet answered was submitted (monotonic), or None."""
-        for write in self._unanswered():
-            return write.submitted
+        """When the oldest write not yet answered was submitted (monotonic), or None. Asked before each message
+        is stored (``Health.problem``): plain loops, no generator per write."""
+        for writes in self._taken():
+            for write in writes:
+                if not write.future.done():
+                    return write.submitted
         return self._queue[0].submitted if self._queue else None
 
     # Submitting
