@@ -293,6 +293,21 @@ def test_enqueues_submitted_together_share_one_script_call_with_every_answer_exa
     with_store(fresh_redis.url, body)
 
 
+def test_first_enqueues_into_new_slots_note_them_in_one_call_before_theirs(fresh_redis):
+    """Each first write into a hash slot notes the slot; enqueues submitted together into 40 new slots are one
+    call noting the slots and one enqueueing the messages, and every slot is listed."""
+    async def body(store: RedisStore) -> None:
+        await store.enqueue(msg(BOB, "warm"), ROOMY)  # both scripts loaded
+        recipients = [f"0x{i:040x}" for i in range(40)]
+        slots = {store.layout.slot_of(who) for who in recipients} - {store.layout.slot_of(BOB)}
+        before = _evalsha_calls(fresh_redis)
+        results = await asyncio.gather(*(store.enqueue(msg(who, "m1"), ROOMY) for who in recipients))
+        assert results == [EnqueueResult.QUEUED] * 40
+        assert _evalsha_calls(fresh_redis) - before <= 2
+        assert slots <= set(await store.core.slots())
+    with_store(fresh_redis.url, body)
+
+
 def test_a_refused_enqueue_in_a_merged_call_fails_alone(fresh_redis):
     """Redis refusing one message's command (a key of the wrong type) answers that message with an error; the
     others in the same script call are stored and answered as usual."""

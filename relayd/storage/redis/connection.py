@@ -165,10 +165,10 @@ class RedisLink:
         """``WriteQueue.write_many``: several write scripts in one round trip."""
         return await self.writes.write_many(calls)
 
-    def merge(self, script: Script, keys: ScriptKeys, common: tuple[Any, ...],
-              own: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def merge(self, script: Script, keys: ScriptKeys, common: tuple[Any, ...], own: tuple[Any, ...], *,
+              early: bool = False) -> asyncio.Future[Any]:
         """``WriteQueue.merge``: one call of a script that takes many, merged with the queued ones when it can."""
-        return self.writes.merge(script, keys, common, own)
+        return self.writes.merge(script, keys, common, own, early=early)
 
     def command(self, *args: Any, key: str) -> asyncio.Future[Any]:
         """``WriteQueue.command``: one write command, in the same order as scripts."""
@@ -177,10 +177,6 @@ class RedisLink:
     def post(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
         """``WriteQueue.post``: a write script queued without waiting."""
         return self.writes.post(script, keys, args)
-
-    def post_early(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """``WriteQueue.post_early``: a write script queued without waiting, before a merged write being filled."""
-        return self.writes.post_early(script, keys, args)
 
     def post_command(self, *args: Any, key: str) -> asyncio.Future[Any]:
         """``WriteQueue.post_command``: a write command queued without waiting."""

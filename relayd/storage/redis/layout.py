@@ -109,6 +109,8 @@ class Layout:
         self.prefix = prefix
         self.slots = f"{prefix}slots"
         """SET of slot numbers that hold per-slot data (bounded by 16384)."""
+        self.slots_keys = ScriptKeys([self.slots])
+        """``slots`` as ``scripts.ADD_SLOTS`` declares it, once per call."""
         # Every write names its address's keys and slot: recently used ones are kept, not rebuilt.
         self.slot_of = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.slot_of)  # type: ignore[method-assign]
         self.recipient = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.recipient)  # type: ignore[method-assign]

@@ -684,8 +684,14 @@ end
 return out
 """)
 
-# KEYS: the set of slots holding data. ARGV: slot numbers.
-ADD_SLOTS = Script("add_slots", "return redis.call('SADD', KEYS[1], unpack(ARGV))")
+# Any number of calls (``WriteQueue.merge``). KEYS: the set of slots holding data, once per call. ARGV: a slot
+# number per call. Returns one JSON string: an array with 1 per call.
+ADD_SLOTS = Script("add_slots", r"""
+redis.call('SADD', KEYS[1], unpack(ARGV))
+local out = {}
+for i = 1, #ARGV do out[i] = 1 end
+return cjson.encode(out)
+""")
 
 # KEYS: this instance's probe key. ARGV: value, ttl ms. A write, so refused writes show up without traffic.
 PROBE = Script("probe", "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1")

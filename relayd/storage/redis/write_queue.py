@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
 import math
@@ -363,38 +364,47 @@ class WriteQueue:
         """``post`` for a single write command."""
         return self._enqueue(args, key, None).future
 
-    def post_early(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """``post`` a write that only has to go before the writes submitted after it (idempotent, and
-        independent of those queued before it): it goes before a merged write still being filled, so it does not
-        split it (a slot noted before each first write to it, ``StoreCore.note_slot``)."""
-        return self._enqueue(_script_call(script, keys, args), keys[0], script, early=True).future
-
-    def merge(self, script: Script, keys: ScriptKeys, common: tuple[Any, ...],
-              own: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def merge(self, script: Script, keys: ScriptKeys, common: tuple[Any, ...], own: tuple[Any, ...], *,
+              early: bool = False) -> asyncio.Future[Any]:
         """``write`` a call of a script that takes any number of calls at once: KEYS are each call's ``keys`` in
         turn, ARGV the ``common`` arguments then each call's ``own``, and it returns a JSON array with an entry
         per call (``{"err": message}`` for one that failed). On a single server a call joins the last queued
         write when that is an unsent call of the same script with the same ``common`` arguments (up to
         ``MAX_MERGED``): one EVALSHA and one reply for many callers, in their order. On a Cluster each call
-        goes alone (keys of several addresses need not share a slot). The future holds the call's entry."""
+        goes alone (keys of several addresses need not share a slot). The future holds the call's entry.
+
+        ``early``: a call that only has to go before the writes submitted after it (idempotent, independent of
+        those queued before it; a slot noted before each first write to it, ``StoreCore.note_slot``), posted
+        without waiting: it may join the write before the last, and otherwise goes before a merged write still
+        being filled rather than split it."""
         if self.client is None:
             raise StorageUnavailable("store is not open")
         future = asyncio.get_running_loop().create_future()
-        tail = self._queue[-1] if self._queue else None
-        if (type(tail) is Merged and tail.script is script and tail.calls < MAX_MERGED and tail.common == common
-                and not self.cluster):
-            tail.add(keys, own, future)
+        if early:
+            future.add_done_callback(tasks.retrieved)
+        target = self._merge_target(script, common, 2 if early else 1)
+        if target is not None:
+            target.add(keys, own, future)
             self._queued(1)
         else:
-            self._add(Merged(script, keys, common, own, future))
+            self._add(Merged(script, keys, common, own, future), early=early)
         return future
 
-    def _enqueue(self, args: tuple[Any, ...], key: str, script: Script | None, *, early: bool = False) -> Write:
+    def _merge_target(self, script: Script, common: tuple[Any, ...], depth: int) -> Merged | None:
+        """The queued write among the last ``depth`` that a call of ``script`` may join, or None."""
+        if self.cluster:
+            return None
+        for write in itertools.islice(reversed(self._queue), depth):
+            if type(write) is Merged and write.script is script and write.calls < MAX_MERGED and write.common == common:
+                return write
+        return None
+
+    def _enqueue(self, args: tuple[Any, ...], key: str, script: Script | None) -> Write:
         if self.client is None:
             raise StorageUnavailable("store is not open")
         write = Write(args, key, script, asyncio.get_running_loop().create_future())
         write.future.add_done_callback(tasks.retrieved)  # a posted write nobody awaits must not warn when it fails
-        self._add(write, early=early)
+        self._add(write)
         return write
 
     def _queued(self, calls: int) -> None:
