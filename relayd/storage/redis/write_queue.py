@@ -212,11 +212,11 @@ class Sent:
 
     __slots__ = ("writes", "acks", "deadline", "calls")
 
-    def __init__(self, writes: list[Write], acks: bool, deadline: float) -> None:
+    def __init__(self, writes: list[Write], calls: int, acks: bool, deadline: float) -> None:
         self.writes = writes
+        self.calls = calls
         self.acks = acks
         self.deadline = deadline
-        self.calls = sum(write.calls for write in writes)
 
 
 @dataclass(slots=True)
@@ -282,6 +282,8 @@ class WriteQueue:
         self._queue: collections.deque[Write] = collections.deque()
         self._queued_calls = 0
         """Calls the writes in ``_queue`` answer."""
+        self._sent_calls = 0
+        """Calls the batches in ``_in_flight`` answer."""
         self._batch: list[Write] = []
         """The batch being sent on a Cluster (on a single server: the batch until it is in ``_in_flight``)."""
         self._in_flight: collections.deque[Sent] = collections.deque()
@@ -385,7 +387,9 @@ class WriteQueue:
         target = self._merge_target(script, common, 2 if early else 1)
         if target is not None:
             target.add(keys, own, future)
-            self._queued(1)
+            self._queued_calls += 1
+            if self._queued_calls == MIN_PIPELINED:
+                self._make_room()
         else:
             self._add(Merged(script, keys, common, own, future), early=early)
         return future
@@ -407,20 +411,17 @@ class WriteQueue:
         self._add(write)
         return write
 
-    def _queued(self, calls: int) -> None:
-        before, self._queued_calls = self._queued_calls, self._queued_calls + calls
-        if before < MIN_PIPELINED <= self._queued_calls:
-            self._make_room()
-
     def _add(self, write: Write, *, early: bool = False) -> None:
         loop = write.future.get_loop()
-        tail = self._queue[-1] if self._queue else None
-        if early and type(tail) is Merged:
-            write.submitted = tail.submitted  # its deadline, so the queue stays oldest first
-            self._queue.insert(len(self._queue) - 1, write)
+        queue = self._queue
+        if early and queue and type(queue[-1]) is Merged:
+            write.submitted = queue[-1].submitted  # its deadline, so the queue stays oldest first
+            queue.insert(len(queue) - 1, write)
         else:
-            self._queue.append(write)
-        self._queued(1)
+            queue.append(write)
+        self._queued_calls += 1
+        if self._queued_calls == MIN_PIPELINED:
+            self._make_room()
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         if self._deadline is None:
@@ -466,16 +467,22 @@ class WriteQueue:
                 await self._room
                 continue
             self._refuse_stale(time.monotonic())
-            room = MAX_BATCH - self._calls_in_flight()
+            room = calls = MAX_BATCH - self._sent_calls
             batch = self._batch = []
-            while self._queue and self._queue[0].calls <= room:
-                room -= self._queue[0].calls
-                batch.append(self._take())
+            queue = self._queue
+            while queue and queue[0].calls <= room:
+                write = queue.popleft()
+                room -= write.calls
+                if type(write) is Merged:
+                    write.seal()
+                batch.append(write)
+            calls -= room
+            self._queued_calls -= calls
             if not batch:
                 break
             try:
                 async with asyncio.timeout(self.answer_s):
-                    await (self._send_cluster(batch) if self.cluster else self._send(batch))
+                    await (self._send_cluster(batch) if self.cluster else self._send(batch, calls))
             except asyncio.CancelledError:
                 self._settle(batch, StorageUnavailable("store is closed"))
                 raise
@@ -500,12 +507,9 @@ class WriteQueue:
         if self._in_flight and self._queued_calls < MIN_PIPELINED:
             return False
         if self._held or len(self._in_flight) >= MAX_IN_FLIGHT or (
-                self._queue and self._calls_in_flight() + self._queue[0].calls > MAX_BATCH):
+                self._queue and self._sent_calls + self._queue[0].calls > MAX_BATCH):
             return False
         return not self._in_flight or (self.writer is not None and self.writer.is_connected)
-
-    def _calls_in_flight(self) -> int:
-        return sum(sent.calls for sent in self._in_flight)
 
     def _make_room(self) -> None:
         room = self._room
@@ -576,7 +580,7 @@ class WriteQueue:
         reason = str(result) if isinstance(result, StorageUnavailable) else describe(result)
         return self.health.fail(reason, unknown=unknown)
 
-    async def _send(self, batch: list[Write]) -> None:
+    async def _send(self, batch: list[Write], calls: int) -> None:
         """Pipeline a batch on a single Redis: it is in flight (``_read`` takes its replies) once this returns."""
         conn = self.writer
         if conn is None:
@@ -590,11 +594,13 @@ class WriteQueue:
                 except (rx.ConnectionError, OSError):
                     await conn.disconnect(nowait=True)
             await conn.connect()  # a failure here: nothing was sent
-        # A write refused meanwhile (unsent past its deadline, ``_expire``) must stay unsent: it was answered
-        # storage_unavailable, which says it was not stored.
-        batch = [w for w in batch if not w.future.done()]
-        if not batch:
-            return
+            # A write refused meanwhile (unsent past its deadline, ``_expire``) must stay unsent: it was answered
+            # storage_unavailable, which says it was not stored. None was unless the oldest is past its deadline.
+            if time.monotonic() - batch[0].submitted >= self.answer_s:
+                batch = [w for w in batch if not w.future.done()]
+                calls = sum(w.calls for w in batch)
+                if not batch:
+                    return
         acks = self.acks.command if any(w.script is not None for w in batch) else None
         commands = [w.args for w in batch]
         if acks is not None:
@@ -603,7 +609,8 @@ class WriteQueue:
         for write in batch:
             write.sent = True
         loop = asyncio.get_running_loop()
-        self._in_flight.append(Sent(batch, acks is not None, loop.time() + self.answer_s))
+        self._in_flight.append(Sent(batch, calls, acks is not None, loop.time() + self.answer_s))
+        self._sent_calls += calls
         self._batch = []
         if self._reader is None or self._reader.done():
             self._reader = loop.create_task(self._read(conn))
@@ -627,7 +634,7 @@ class WriteQueue:
                 log.exception("reading Redis write replies failed unexpectedly")
                 await self._lose_in_flight(conn, f"Redis error: {type(exc).__name__}")
                 continue
-            self._in_flight.popleft()
+            self._sent_calls -= self._in_flight.popleft().calls
             if self._held or any(isinstance(r, rx.NoScriptError) for r in results):
                 self._held.append((sent, results))
                 if not self._in_flight:
@@ -692,6 +699,7 @@ class WriteQueue:
             self._deliver(sent.writes, [outcome if isinstance(r, rx.NoScriptError) else r for r in results])
         in_flight = [w for sent in self._in_flight for w in sent.writes]
         self._in_flight.clear()
+        self._sent_calls = 0
         self._settle(in_flight, outcome)
         self._make_room()
 
