@@ -13,7 +13,10 @@ a connection's commands in order, so writes keep the order they were
 submitted in (for one address, and so for one connection's messages) while
 many share a round trip. A script Redis does not know (NOSCRIPT, after a
 restart or SCRIPT FLUSH) is sent again as EVAL; until those are answered no
-new batch is sent, so they keep their place before later writes.
+new batch is sent, so they keep their place before later writes. Calls of a
+script that takes many at once (``merge``: the enqueues, the slot notes) join
+the one still queued, on a single server: one EVALSHA and one reply for many
+callers.
 
 Every write is answered within ``answer_s`` (``socket_timeout_s``, plus the
 WAIT/WAITAOF budget when configured) of being submitted, however Redis
