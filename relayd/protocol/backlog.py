@@ -34,7 +34,10 @@ from .writes import AddressWrites
 
 log = logging.getLogger("relayd.protocol.router")
 
-FLUSH_BATCH = 256
+FLUSH_BATCH = 1024
+"""Messages of a later page (within ``FLUSH_PAGE_BYTES``): on SQLite a page's removal is one commit, and the index
+pages it rewrites are shared by more messages in a larger page (10,000 of one recipient: 0.45 WAL pages per message
+in pages of 256, 0.26 in pages of 1,024)."""
 FLUSH_FIRST_PAGE = 32
 """Messages of a flush's first page: a short read puts the first message on the wire sooner."""
 FLUSH_PAGE_BYTES = 256 * 1024
