@@ -45,6 +45,7 @@ class Housekeeping:
         self.tick_callbacks: list[Callable[[float], None]] = []
         self.max_tick = 1.0
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self._wall_offset = clock.wall() - clock.monotonic()
         self.configure(config)
 
@@ -59,7 +60,15 @@ class Housekeeping:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def stop(self) -> None:
+        """Cancel the jobs, and end the loop at its next tick should a job swallow the cancellation (a library
+        that catches it, or ``asyncio.timeout`` on Python 3.11 when its deadline and the cancel coincide): the
+        loop then ran on, and ``asyncio.run`` waited for it forever at exit."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
 
@@ -67,10 +76,12 @@ class Housekeeping:
         loop = asyncio.get_running_loop()
         next_expiry = next_sweep = next_stats = 0.0
         last_summary = loop.time()
-        while True:
+        while not self._stopped:
             tick = max(MIN_TICK_S, min(self.max_tick, self.auth_timeout / 4))
             planned = loop.time() + tick
             await asyncio.sleep(tick)
+            if self._stopped:
+                return
             now = loop.time()
             self.metrics.loop_lag.observe(max(0.0, now - planned))
             await self._follow_clock_steps()
