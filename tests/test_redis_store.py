@@ -849,6 +849,39 @@ def test_the_inbox_resubscribes_after_a_redis_restart_and_says_so(fresh_redis):
     with_store(fresh_redis.url, body, probe_interval_s=3600)
 
 
+class InboxTap:
+    """A second subscriber to instances' inboxes on the Redis at ``url``: ``async with`` gives, per instance,
+    the envelopes that reached its inbox so far, decoded, in order."""
+
+    def __init__(self, url: str, backplane: Any, *instances: str) -> None:
+        self.url = url
+        self.channels = {backplane.inbox(instance): instance for instance in instances}
+        self.sharded = backplane.sharded  # as the instances' inboxes are (Redis 7)
+        self.seen: dict[str, list[Any]] = {instance: [] for instance in instances}
+
+    async def __aenter__(self) -> dict[str, list[Any]]:
+        from redis.asyncio import Redis
+
+        self.raw = Redis.from_url(self.url, decode_responses=True)
+        self.pubsub = self.raw.pubsub()
+        await (self.pubsub.ssubscribe if self.sharded else self.pubsub.subscribe)(*self.channels)
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+        return self.seen
+
+    async def _read(self) -> None:
+        import json
+
+        while True:
+            m = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if m is not None:
+                self.seen[self.channels[m["channel"]]].append(json.loads(m["data"]))
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.reader.cancel()
+        await self.pubsub.aclose()
+        await self.raw.aclose()
+
+
 def test_instances_of_the_older_envelope_form_and_of_the_compact_one_understand_each_other(redis_server):
     """A rolling upgrade: an older instance sends and reads only objects ({"f", "b"}). A newer one reads them,
     answers it in objects, and speaks compact arrays only with a peer that said it reads them."""
@@ -865,59 +898,42 @@ def test_instances_of_the_older_envelope_form_and_of_the_compact_one_understand_
         heard: list[dict[str, Any]] = []
         new.handler = heard.append
         peer.handler = lambda message: peer.reply(message, {"n": 1})
-        old_inbox: list[Any] = []
-        wire: list[Any] = []  # what reaches new#2's inbox, seen by a second subscriber
-        raw = Redis.from_url(redis_server.url, decode_responses=True)
-        pubsub = raw.pubsub()
-        channels = backplane.inbox("old#1"), backplane.inbox("new#2")
-        if backplane.sharded:  # as the instances' inboxes are (Redis 7)
-            await pubsub.ssubscribe(*channels)
-        else:
-            await pubsub.subscribe(*channels)
+        async with InboxTap(redis_server.url, backplane, "old#1", "new#2") as seen, Redis.from_url(
+                redis_server.url, decode_responses=True) as raw:
+            old_inbox, wire = seen["old#1"], seen["new#2"]
+            await new.start()
+            await peer.start()
+            try:
+                await raw.execute_command("SPUBLISH" if backplane.sharded else "PUBLISH", backplane.inbox("new#1"),
+                                          json.dumps({"f": "old#1", "b": [{"k": "offer", "to": "0xabc", "s": 0, "w": 0,
+                                                                            "rid": "5"}]}))
+                await eventually(lambda: _is(len(heard) == 1), what="the older instance's envelope to be read")
+                assert heard[0]["k"] == "offer" and heard[0]["from"] == "old#1" and heard[0]["rid"] == "5"
+                new.reply(heard[0], {"n": 1, "a": 0})
+                await eventually(lambda: _is(len(old_inbox) == 1), what="the answer to the older instance")
+                answer = old_inbox[0]
+                assert isinstance(answer, dict) and answer["f"] == "new#1", answer
+                assert answer["b"] == [{"n": 1, "a": 0, "k": "re", "rid": "5"}]
 
-        async def read_raw() -> None:
-            while True:
-                m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if m is not None:
-                    target = old_inbox if m["channel"] == backplane.inbox("old#1") else wire
-                    target.append(json.loads(m["data"]))
-        reader = asyncio.get_running_loop().create_task(read_raw())
-        await new.start()
-        await peer.start()
-        try:
-            await raw.execute_command("SPUBLISH" if backplane.sharded else "PUBLISH", backplane.inbox("new#1"),
-                                      json.dumps({"f": "old#1", "b": [{"k": "offer", "to": "0xabc", "s": 0, "w": 0,
-                                                                        "rid": "5"}]}))
-            await eventually(lambda: _is(len(heard) == 1), what="the older instance's envelope to be read")
-            assert heard[0]["k"] == "offer" and heard[0]["from"] == "old#1" and heard[0]["rid"] == "5"
-            new.reply(heard[0], {"n": 1, "a": 0})
-            await eventually(lambda: _is(len(old_inbox) == 1), what="the answer to the older instance")
-            answer = old_inbox[0]
-            assert isinstance(answer, dict) and answer["f"] == "new#1", answer
-            assert answer["b"] == [{"n": 1, "a": 0, "k": "re", "rid": "5"}]
+                # the newer one's request carries a numeric rid; the older one echoes it in its one-message answer
+                asked = asyncio.ensure_future(new.request(["old#1"], {"k": "drain", "to": "0xabc"}))
+                await eventually(lambda: _is(len(old_inbox) == 2), what="the request to the older instance")
+                [request] = old_inbox[1]["b"]
+                assert type(request["rid"]) is int, request
+                await raw.execute_command("SPUBLISH" if backplane.sharded else "PUBLISH", backplane.inbox("new#1"),
+                                          json.dumps({"f": "old#1", "b": [{"n": 1, "k": "re", "rid": request["rid"]}]}))
+                replies, silent = await asyncio.wait_for(asked, 5)
+                assert silent == () and replies["old#1"]["n"] == 1
 
-            # the newer one's request carries a numeric rid; the older one echoes it in its one-message answer
-            asked = asyncio.ensure_future(new.request(["old#1"], {"k": "drain", "to": "0xabc"}))
-            await eventually(lambda: _is(len(old_inbox) == 2), what="the request to the older instance")
-            [request] = old_inbox[1]["b"]
-            assert type(request["rid"]) is int, request
-            await raw.execute_command("SPUBLISH" if backplane.sharded else "PUBLISH", backplane.inbox("new#1"),
-                                      json.dumps({"f": "old#1", "b": [{"n": 1, "k": "re", "rid": request["rid"]}]}))
-            replies, silent = await asyncio.wait_for(asked, 5)
-            assert silent == () and replies["old#1"]["n"] == 1
-
-            for attempt in range(2):  # the first request says "I read compact"; the next one is compact
-                replies, silent = await new.request(["new#2"], {"k": "drain", "to": "0xabc"})
-                assert silent == () and replies["new#2"]["n"] == 1
-            await eventually(lambda: _is(len(wire) == 2), what="both requests on the wire")
-            assert isinstance(wire[0], dict) and wire[0]["v"] == 2, wire[0]
-            assert isinstance(wire[1], list) and wire[1][0] == "new#1" and wire[1][1][0] == "drain", wire[1]
-        finally:
-            reader.cancel()
-            await new.close()
-            await peer.close()
-            await pubsub.aclose()
-            await raw.aclose()
+                for attempt in range(2):  # the first request says "I read compact"; the next one is compact
+                    replies, silent = await new.request(["new#2"], {"k": "drain", "to": "0xabc"})
+                    assert silent == () and replies["new#2"]["n"] == 1
+                await eventually(lambda: _is(len(wire) == 2), what="both requests on the wire")
+                assert isinstance(wire[0], dict) and wire[0]["v"] == 2, wire[0]
+                assert isinstance(wire[1], list) and wire[1][0] == "new#1" and wire[1][1][0] == "drain", wire[1]
+            finally:
+                await new.close()
+                await peer.close()
     with_store(redis_server.url, body, probe_interval_s=3600, key_prefix="envelopes:")
 
 
@@ -925,10 +941,6 @@ def test_replies_made_in_one_loop_iteration_travel_as_one_batched_message(redis_
     """A request's numeric rid says its sender reads batched replies: the replies a peer makes to it in one loop
     iteration go back as one ``res`` message (rid, n, a triples), in order with what else is sent; a string rid
     (an older instance's) gets one ``re`` each."""
-    import json
-
-    from redis.asyncio import Redis
-
     from relayd.cluster.bus import Bus
     from relayd.cluster.redis_backplane import RedisBackplane
 
@@ -936,47 +948,32 @@ def test_replies_made_in_one_loop_iteration_travel_as_one_batched_message(redis_
         backplane = RedisBackplane(store)
         asker, peer = Bus(backplane, "new#1", reply_timeout_s=2.0), Bus(backplane, "new#2", reply_timeout_s=2.0)
         peer.handler = lambda message: peer.reply(message, {"n": 1 if message["to"] != "0xnone" else 0, "a": 0})
-        wire: list[Any] = []  # what reaches new#1's inbox, seen by a second subscriber
-        raw = Redis.from_url(redis_server.url, decode_responses=True)
-        pubsub = raw.pubsub()
-        if backplane.sharded:
-            await pubsub.ssubscribe(backplane.inbox("new#1"))
-        else:
-            await pubsub.subscribe(backplane.inbox("new#1"))
+        async with InboxTap(redis_server.url, backplane, "new#1") as seen:
+            wire = seen["new#1"]  # what reaches new#1's inbox
+            await asker.start()
+            await peer.start()
+            try:
+                await asker.request(["new#2"], {"k": "drain", "to": "0xa"})  # each learns the other reads compact
+                await eventually(lambda: _is(len(wire) == 1), what="the first reply")
+                wire.clear()
+                outcomes = await asyncio.gather(*(asker.request(["new#2"], {"k": "drain", "to": to})
+                                                  for to in ("0xa", "0xnone", "0xb")))
+                assert [(replies["new#2"]["n"], silent) for replies, silent in outcomes] == [(1, ()), (0, ()), (1, ())]
+                await eventually(lambda: _is(len(wire) == 1), what="the batched reply")
+                [envelope_] = wire
+                assert envelope_[0] == "new#2" and len(envelope_) == 2 and envelope_[1][0] == "res", envelope_
+                rids, ns, acks = envelope_[1][1][0::3], envelope_[1][1][1::3], envelope_[1][1][2::3]
+                assert all(type(r) is int for r in rids) and rids == sorted(rids) and ns == [1, 0, 1] and acks == [0] * 3
 
-        async def read_raw() -> None:
-            while True:
-                m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if m is not None:
-                    wire.append(json.loads(m["data"]))
-        reader = asyncio.get_running_loop().create_task(read_raw())
-        await asker.start()
-        await peer.start()
-        try:
-            await asker.request(["new#2"], {"k": "drain", "to": "0xa"})  # each learns the other reads compact
-            await eventually(lambda: _is(len(wire) == 1), what="the first reply")
-            wire.clear()
-            outcomes = await asyncio.gather(*(asker.request(["new#2"], {"k": "drain", "to": to})
-                                              for to in ("0xa", "0xnone", "0xb")))
-            assert [(replies["new#2"]["n"], silent) for replies, silent in outcomes] == [(1, ()), (0, ()), (1, ())]
-            await eventually(lambda: _is(len(wire) == 1), what="the batched reply")
-            [envelope_] = wire
-            assert envelope_[0] == "new#2" and len(envelope_) == 2 and envelope_[1][0] == "res", envelope_
-            rids, ns, acks = envelope_[1][1][0::3], envelope_[1][1][1::3], envelope_[1][1][2::3]
-            assert all(type(r) is int for r in rids) and rids == sorted(rids) and ns == [1, 0, 1] and acks == [0] * 3
-
-            peer.send("new#1", {"k": "ping"})  # a reply made after another message joins no batch before it
-            peer.reply({"rid": 1000, "from": "new#1", "k": "drain"}, {"n": 1})
-            peer.reply({"rid": "7", "from": "new#1", "k": "drain"}, {"n": 1})  # an older instance's request
-            peer.reply({"rid": 1001, "from": "new#1", "k": "drain"}, {"n": 2, "a": 1})
-            await eventually(lambda: _is(len(wire) == 2), what="the mixed envelope")
-            assert wire[1][1:] == [["ping"], ["res", [1000, 1, 0]], ["re", "7", 1], ["res", [1001, 2, 1]]], wire[1]
-        finally:
-            reader.cancel()
-            await asker.close()
-            await peer.close()
-            await pubsub.aclose()
-            await raw.aclose()
+                peer.send("new#1", {"k": "ping"})  # a reply made after another message joins no batch before it
+                peer.reply({"rid": 1000, "from": "new#1", "k": "drain"}, {"n": 1})
+                peer.reply({"rid": "7", "from": "new#1", "k": "drain"}, {"n": 1})  # an older instance's request
+                peer.reply({"rid": 1001, "from": "new#1", "k": "drain"}, {"n": 2, "a": 1})
+                await eventually(lambda: _is(len(wire) == 2), what="the mixed envelope")
+                assert wire[1][1:] == [["ping"], ["res", [1000, 1, 0]], ["re", "7", 1], ["res", [1001, 2, 1]]], wire[1]
+            finally:
+                await asker.close()
+                await peer.close()
     with_store(redis_server.url, body, probe_interval_s=3600, key_prefix="batched:")
 
 
