@@ -35,6 +35,12 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 SOCKET_TIMEOUT_S = 1.0  # cluster_env's [redis] socket_timeout_s
+REPLY_TIMEOUT_S = 1.0  # [cluster] reply_timeout_ms's default
+HUNG_REDIS_ANSWER_S = REPLY_TIMEOUT_S + SOCKET_TIMEOUT_S
+"""The longest a message waits for its answer while Redis hangs: an offer to another instance that gets no reply
+(its publish hangs too) is stored after ``reply_timeout_ms``, and the store is answered within
+``socket_timeout_s`` (docs/scaling.md). A store that notices the hang first answers sooner; the bound used to
+leave out the offer, and CI once saw a message answered 2.05 s after it was sent."""
 ANSWER_WAIT_S = 4.0  # a sender's patience before it resends through another instance
 HARD_TIMEOUT_S = 60
 
@@ -367,7 +373,7 @@ def redis_kill(w: Workload, h: History) -> None:
 
 def debug_sleep(w: Workload, h: History) -> None:
     c = w.cluster
-    h.answer_bound_s = SOCKET_TIMEOUT_S + scaled(1.0)
+    h.answer_bound_s = HUNG_REDIS_ANSWER_S + scaled(1.0)
     h.expect_not_ready = (0, 1, 2)
     fault = h.fault("DEBUG SLEEP 3")
     c.redis.cli("DEBUG", "SLEEP", "3", timeout=15)
@@ -376,7 +382,7 @@ def debug_sleep(w: Workload, h: History) -> None:
 
 def client_pause(w: Workload, h: History) -> None:
     c = w.cluster
-    h.answer_bound_s = SOCKET_TIMEOUT_S + scaled(1.0)
+    h.answer_bound_s = HUNG_REDIS_ANSWER_S + scaled(1.0)
     h.expect_not_ready = (0, 1, 2)
     fault = h.fault("CLIENT PAUSE 3000 WRITE")
     c.redis.cli("CLIENT", "PAUSE", "3000", "WRITE")
@@ -624,7 +630,7 @@ def test_replies_stalled_and_every_message_resent_through_another_instance(
             "online"), "node0 sees the recipient online")
         live = new_mid()
         _send(history, first, 0, sender, online_, live)
-        history.answer_bound_s = SOCKET_TIMEOUT_S + scaled(1.0)  # a stalled link is a hung Redis to node0
+        history.answer_bound_s = HUNG_REDIS_ANSWER_S + scaled(1.0)  # a stalled link is a hung Redis to node0
         fault = history.fault("node0-redis replies stalled 1.5 s")
         cluster.link.stall("server->client")
 
