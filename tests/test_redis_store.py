@@ -259,6 +259,38 @@ def test_pipelined_writes_keep_their_order_across_a_script_flush(fresh_redis):
     with_store(fresh_redis.url, body)
 
 
+def test_a_write_refused_while_its_connection_was_being_made_is_never_sent(fresh_redis):
+    """A batch waits for the writes' connection to be made again; a write whose deadline passed meanwhile (it
+    had waited its turn before) is answered storage_unavailable, not stored, so it must not go out once the
+    connection is there."""
+    async def body(store: RedisStore) -> None:
+        assert await enqueue_succeeds(store, "m1")
+        writer = store.link.writes.writer
+        assert writer is not None
+        connect, answer_s = writer.connect, store.link.writes.answer_s
+
+        async def slow_connect() -> None:
+            await asyncio.sleep(answer_s * 0.8)
+            await connect()
+
+        async def stale() -> bool:  # as if the server had closed the idle connection: made again, slowly
+            return True
+        writer.connect = slow_connect  # type: ignore[method-assign]
+        writer.can_read = stale  # type: ignore[method-assign]
+        first = asyncio.ensure_future(store.enqueue(msg(BOB, "m2"), ROOMY))
+        await asyncio.sleep(answer_s / 3)
+        second = asyncio.ensure_future(store.enqueue(msg(BOB, "m3"), ROOMY))
+        assert await first is EnqueueResult.QUEUED
+        with pytest.raises(StorageUnavailable) as refused:
+            await second
+        assert not isinstance(refused.value, StorageOutcomeUnknown)
+        writer.connect = connect  # type: ignore[method-assign]
+        del writer.can_read
+        await eventually(lambda: enqueue_succeeds(store, "m4"), what="a write after the refusal")
+        assert [m.message_id for m in await store.pending(BOB, 10)] == ["m1", "m2", "m4"]
+    with_store(fresh_redis.url, body, socket_timeout_s=1.0, probe_interval_s=3600)
+
+
 def test_every_key_is_under_the_prefix_and_one_address_is_one_slot(fresh_redis):
     async def body(store: RedisStore) -> None:
         for who in (BOB, CAROL):

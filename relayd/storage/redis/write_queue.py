@@ -443,6 +443,11 @@ class WriteQueue:
                 except (rx.ConnectionError, OSError):
                     await conn.disconnect(nowait=True)
             await conn.connect()  # a failure here: nothing was sent
+        # A write refused meanwhile (unsent past its deadline, ``_expire``) must stay unsent: it was answered
+        # storage_unavailable, which says it was not stored.
+        batch = [w for w in batch if not w.future.done()]
+        if not batch:
+            return
         acks = self.acks.command if any(w.script is not None for w in batch) else None
         commands = [w.args for w in batch]
         if acks is not None:
@@ -576,6 +581,8 @@ class WriteQueue:
                               results: list[Any], *, eval_source: bool) -> None:
         by_node: dict[ClusterNode, list[int]] = {}
         for i in indexes:
+            if batch[i].future.done():  # answered meanwhile (refused unsent past its deadline): not sent now
+                continue
             node = client.get_node_from_key(batch[i].key)
             if node is None:
                 results[i] = StorageUnavailable("the Redis Cluster has no node for a key's slot")
