@@ -259,6 +259,55 @@ def test_pipelined_writes_keep_their_order_across_a_script_flush(fresh_redis):
     with_store(fresh_redis.url, body)
 
 
+def _evalsha_calls(server: RedisServer) -> int:
+    stats = server.info("commandstats").get("cmdstat_evalsha", "calls=0")
+    return int(str(stats).split("calls=")[1].split(",")[0])
+
+
+def test_enqueues_submitted_together_share_one_script_call_with_every_answer_exact(fresh_redis):
+    """Enqueues queued in one loop turn go as one merged ENQUEUE (a slot note goes before it): the answers are
+    those of one call per message, caps and duplicates within the batch included, order kept per recipient."""
+    capped = QueueLimits(max_messages=2, max_bytes=1_000_000, drop_oldest=False)
+
+    async def body(store: RedisStore) -> None:
+        await store.enqueue(msg(CAROL, "warm"), ROOMY)  # scripts loaded, slots of BOB and CAROL noted
+        await store.enqueue(msg(BOB, "warm"), ROOMY)
+        recipients = [f"0x{i:040x}" for i in range(40)]
+        for who in recipients:
+            await store.enqueue(msg(who, "warm"), ROOMY)
+        before = _evalsha_calls(fresh_redis)
+        batch = [msg(who, "m1") for who in recipients] + [msg(BOB, f"b{i}") for i in range(5)]
+        batch += [msg(BOB, "b1"), msg(CAROL, "c1"), msg(CAROL, "c2")]
+        results = await asyncio.gather(*(store.enqueue(m, ROOMY) for m in batch[:-2]),
+                                       *(store.enqueue(m, capped) for m in batch[-2:]))
+        calls = _evalsha_calls(fresh_redis) - before
+        assert results == [EnqueueResult.QUEUED] * 45 + [EnqueueResult.DUPLICATE, EnqueueResult.QUEUED,
+                                                         EnqueueResult.FULL]
+        assert batch[-3].seq == batch[41].seq  # the duplicate answers with the stored one's seq
+        assert calls <= 3, calls  # two limits: two merged calls (and perhaps one more as the sender was busy)
+        assert [m.message_id for m in await store.pending(BOB, 10)] == ["warm", "b0", "b1", "b2", "b3", "b4"]
+        assert [m.message_id for m in await store.pending(CAROL, 10)] == ["warm", "c1"]
+        for who in recipients:
+            assert [m.message_id for m in await store.pending(who, 10)] == ["warm", "m1"]
+        assert (await store.stats())["messages"] == 2 + 40 * 2 + 5 + 1
+    with_store(fresh_redis.url, body)
+
+
+def test_first_enqueues_into_new_slots_note_them_in_one_call_before_theirs(fresh_redis):
+    """Each first write into a hash slot notes the slot; enqueues submitted together into 40 new slots are one
+    call noting the slots and one enqueueing the messages, and every slot is listed."""
+    async def body(store: RedisStore) -> None:
+        await store.enqueue(msg(BOB, "warm"), ROOMY)  # both scripts loaded
+        recipients = [f"0x{i:040x}" for i in range(40)]
+        slots = {store.layout.slot_of(who) for who in recipients} - {store.layout.slot_of(BOB)}
+        before = _evalsha_calls(fresh_redis)
+        results = await asyncio.gather(*(store.enqueue(msg(who, "m1"), ROOMY) for who in recipients))
+        assert results == [EnqueueResult.QUEUED] * 40
+        assert _evalsha_calls(fresh_redis) - before <= 2
+        assert slots <= set(await store.core.slots())
+    with_store(fresh_redis.url, body)
+
+
 def test_a_write_refused_while_its_connection_was_being_made_is_never_sent(fresh_redis):
     """A batch waits for the writes' connection to be made again; a write whose deadline passed meanwhile (it
     had waited its turn before) is answered storage_unavailable, not stored, so it must not go out once the
@@ -289,6 +338,25 @@ def test_a_write_refused_while_its_connection_was_being_made_is_never_sent(fresh
         await eventually(lambda: enqueue_succeeds(store, "m4"), what="a write after the refusal")
         assert [m.message_id for m in await store.pending(BOB, 10)] == ["m1", "m2", "m4"]
     with_store(fresh_redis.url, body, socket_timeout_s=1.0, probe_interval_s=3600)
+
+
+def test_a_refused_enqueue_in_a_merged_call_fails_alone(fresh_redis):
+    """Redis refusing one message's command (a key of the wrong type) answers that message with an error; the
+    others in the same script call are stored and answered as usual."""
+    async def body(store: RedisStore) -> None:
+        await store.enqueue(msg(BOB, "warm"), ROOMY)
+        await store.enqueue(msg(CAROL, "warm"), ROOMY)
+        fresh_redis.cli("DEL", store.layout.recipient(CAROL).counters)
+        fresh_redis.cli("SET", store.layout.recipient(CAROL).counters, "not a hash")
+        results = await asyncio.gather(store.enqueue(msg(BOB, "b1"), ROOMY), store.enqueue(msg(CAROL, "c1"), ROOMY),
+                                       store.enqueue(msg(BOB, "b2"), ROOMY), return_exceptions=True)
+        assert results[0] is EnqueueResult.QUEUED and results[2] is EnqueueResult.QUEUED, results
+        assert isinstance(results[1], StorageUnavailable) and "WRONGTYPE" in str(results[1]), results
+        assert [m.message_id for m in await store.pending(BOB, 10)] == ["warm", "b1", "b2"]
+        fresh_redis.cli("DEL", store.layout.recipient(CAROL).counters)
+        assert await store.enqueue(msg(BOB, "b3"), ROOMY) is EnqueueResult.QUEUED
+        assert store.healthy
+    with_store(fresh_redis.url, body)
 
 
 def test_every_key_is_under_the_prefix_and_one_address_is_one_slot(fresh_redis):
@@ -327,6 +395,19 @@ def test_cluster_keys_of_one_address_live_on_one_node(redis_cluster, redis_prefi
     assert len(addresses) == 20
     assert all(len(nodes) == 1 for nodes in holders.values())
     assert len(set().union(*holders.values())) == 3, "twenty addresses should spread over all three masters"
+
+
+def test_cluster_enqueues_submitted_together_each_reach_their_own_node(redis_cluster, redis_prefix):
+    """On a Cluster calls of the merged ENQUEUE go one per message (addresses need not share a slot)."""
+    recipients = [f"0x{i:040x}" for i in range(30)]
+
+    async def body(store: RedisStore) -> None:
+        results = await asyncio.gather(*(store.enqueue(msg(who, f"m{n}"), ROOMY)
+                                         for n in range(2) for who in recipients))
+        assert results == [EnqueueResult.QUEUED] * 60
+        for who in recipients:
+            assert [m.message_id for m in await store.pending(who, 10)] == ["m0", "m1"]
+    with_store(redis_cluster.url, body, cluster=True, key_prefix=redis_prefix)
 
 
 def test_the_retention_index_holds_each_address_s_oldest_entry_whatever_order_messages_come_in(fresh_redis):

@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 
 from ..store import StorageUnavailable
 from ..health import Health
+from .layout import ScriptKeys
 from .reasons import describe
 from .scripts import Script
 from .write_queue import Acks, Client, WriteQueue
@@ -163,6 +164,11 @@ class RedisLink:
     async def write_many(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """``WriteQueue.write_many``: several write scripts in one round trip."""
         return await self.writes.write_many(calls)
+
+    def merge(self, script: Script, keys: ScriptKeys, common: tuple[Any, ...], own: tuple[Any, ...], *,
+              early: bool = False) -> asyncio.Future[Any]:
+        """``WriteQueue.merge``: one call of a script that takes many, merged with the queued ones when it can."""
+        return self.writes.merge(script, keys, common, own, early=early)
 
     def command(self, *args: Any, key: str) -> asyncio.Future[Any]:
         """``WriteQueue.command``: one write command, in the same order as scripts."""

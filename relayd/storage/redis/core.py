@@ -51,11 +51,12 @@ class StoreCore:
 
     def note_slot(self, slot: int) -> asyncio.Future[Any] | None:
         """Record a slot in the set expiry, statistics and the cluster's presence walk (once per process, and
-        again after a failure): queued, not awaited, so it shares the round trip of the write that follows."""
+        again after a failure): queued, not awaited, so it shares the round trip of the write that follows (a call
+        of one merged script call with the slots noted meanwhile, before the merged enqueue being filled)."""
         if slot in self._known_slots:
             return None
         self._known_slots.add(slot)
-        noted = self.link.post(scripts.ADD_SLOTS, [self.layout.slots], [slot])
+        noted = self.link.merge(scripts.ADD_SLOTS, self.layout.slots_keys, (), (slot,), early=True)
 
         def forget(f: asyncio.Future[Any]) -> None:
             if f.cancelled() or f.exception() is not None:

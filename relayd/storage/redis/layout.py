@@ -36,11 +36,15 @@ def key_slot(key: str) -> int:
 
 
 def slot_tag(slot: int) -> str:
-    """A short tag that hashes to ``slot``; the same on every instance (the first ``~N`` that does)."""
-    while slot not in _slot_tags:
-        tag = f"~{next(_candidates)}"
-        _slot_tags.setdefault(key_slot("{%s}" % tag), tag)
-    return _slot_tags[slot]
+    """A short tag that hashes to ``slot``; the same on every instance (the first ``~N`` that does). Found by
+    trying candidates in order (about 160,000 for all slots), hashed here directly: half the time of going
+    through ``key_slot`` (83 against 162 ms for all slots), which a fresh instance spends as it meets new slots."""
+    tag = _slot_tags.get(slot)
+    while tag is None:
+        n = next(_candidates)
+        _slot_tags.setdefault(binascii.crc_hqx(b"~%d" % n, 0) % SLOTS, f"~{n}")
+        tag = _slot_tags.get(slot)
+    return tag
 
 
 class ScriptKeys(tuple[str, ...]):
@@ -105,6 +109,8 @@ class Layout:
         self.prefix = prefix
         self.slots = f"{prefix}slots"
         """SET of slot numbers that hold per-slot data (bounded by 16384)."""
+        self.slots_keys = ScriptKeys([self.slots])
+        """``slots`` as ``scripts.ADD_SLOTS`` declares it, once per call."""
         # Every write names its address's keys and slot: recently used ones are kept, not rebuilt.
         self.slot_of = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.slot_of)  # type: ignore[method-assign]
         self.recipient = functools.lru_cache(maxsize=CACHED_ADDRESSES)(self.recipient)  # type: ignore[method-assign]

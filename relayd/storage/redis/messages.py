@@ -9,7 +9,6 @@ it, so a resend is answered DELIVERED instead of being stored again.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,11 +44,12 @@ class RedisMessages:
         size = utf8_len(msg.content)
         over = bool(limits.max_total_bytes) and core.totals.bytes + core.other_bytes + size > limits.max_total_bytes
         core.note_slot(core.layout.slot_of(msg.recipient))
-        outcome, seq, _dropped, totals, presence = json.loads(await core.link.write(
-            scripts.ENQUEUE, core.layout.enqueue_keys(msg.recipient), (
-                msg.recipient, msg.sender, msg.message_id, encode_message(msg, size), size, msg.queued_at,
-                limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK, 1 if over else 0,
-                ledger, ledger_ttl_ms, watcher, watch_ttl_ms)))
+        outcome, seq, _dropped, totals, presence = await core.link.merge(
+            scripts.ENQUEUE, core.layout.enqueue_keys(msg.recipient),
+            (limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK, ledger_ttl_ms,
+             watcher, watch_ttl_ms),
+            (msg.recipient, msg.sender, msg.message_id, encode_message(msg, size), size, msg.queued_at,
+             1 if over else 0, ledger))
         if outcome in ("queued", "duplicate"):
             msg.seq = int(seq)
         if outcome == "queued":

@@ -78,7 +78,7 @@ class SlotTotals:
     def apply(self, slot: int, totals: Sequence[Any], *, force: bool = False) -> None:
         if len(totals) < 3:
             return
-        messages, nbytes, ver = (int(v or 0) for v in totals[:3])
+        messages, nbytes, ver = int(totals[0] or 0), int(totals[1] or 0), int(totals[2] or 0)
         old = self._slots.get(slot)
         if old is not None and ver <= old[2] and not force:
             return

@@ -239,25 +239,32 @@ local function remember_migrated(member, ttl_ms)
 end
 """
 
-# KEYS: the first 14 (``layout.ENQUEUE_KEYS``, up to D): it never touches history (H, HO, HU, HEXP are nil).
-# ARGV: who, sender, messageId, record, size, queued_at, max_messages, max_bytes, drop_oldest (1/0),
-# drop chunk, over the storage budget (1/0), migration member ('' when not migrating), ledger ttl ms,
-# watcher instance ('' for none), watch ttl ms.
-# Returns {outcome, seq, dropped, slot totals or {}, presence} as one JSON string (an empty table is {}); outcome
-# is queued, duplicate (seq: the stored one's), delivered, no_space, full or migrated. One string, because
-# redis-py reads nested replies in Python: the nested form cost the client about a tenth of a queued message.
+# Any number of messages, each to its own address (``WriteQueue.merge``): a batch is one call and one reply.
+# KEYS: per message the first 14 of its address's keys (``layout.ENQUEUE_KEYS``, up to D): it never touches
+# history (H, HO, HU, HEXP are not its keys).
+# ARGV: max_messages, max_bytes, drop_oldest (1/0), drop chunk, ledger ttl ms, watcher instance ('' for none),
+# watch ttl ms; then per message: who, sender, messageId, record, size, queued_at, over the storage budget (1/0),
+# migration member ('' when not migrating).
+# Returns one JSON string: an array with per message {outcome, seq, dropped, slot totals or {}, presence} (an
+# empty table is {}), or {"err": message} when Redis refused one of its commands (the messages before it are
+# stored, the ones after it are tried). Outcome is queued, duplicate (seq: the stored one's), delivered,
+# no_space, full or migrated. One string, because redis-py reads nested replies in Python: the nested form cost
+# the client about a tenth of a queued message.
 ENQUEUE = Script("enqueue", _RECIPIENT_PRELUDE + r"""
-local function enqueue()
-watch(ARGV[14], ARGV[15])
-local sender, mid, record = ARGV[2], ARGV[3], ARGV[4]
-local size, queued_at = tonumber(ARGV[5]), ARGV[6]
-local max_messages, max_bytes = tonumber(ARGV[7]), tonumber(ARGV[8])
-local drop_oldest, chunk = ARGV[9] == '1', tonumber(ARGV[10])
-if already_migrated(ARGV[12]) then return {'migrated', '0', 0, {}, presence()} end
+local max_messages, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
+local drop_oldest, chunk = ARGV[3] == '1', tonumber(ARGV[4])
+local ledger_ttl, watcher, watch_ttl = ARGV[5], ARGV[6], ARGV[7]
+
+local function enqueue(k)
+watch(watcher, watch_ttl)
+local sender, mid, record = ARGV[k + 1], ARGV[k + 2], ARGV[k + 3]
+local size, queued_at = tonumber(ARGV[k + 4]), ARGV[k + 5]
+local ledger = ARGV[k + 7]
+if already_migrated(ledger) then return {'migrated', '0', 0, {}, presence()} end
 local stored = stored_as(mid, string.lower(sender))
 if stored then return {'duplicate', stored, 0, {}, presence()} end
 if was_delivered(mid, string.lower(sender)) then return {'delivered', '0', 0, {}, presence()} end
-if ARGV[11] == '1' then return {'no_space', '0', 0, {}, presence()} end
+if ARGV[k + 6] == '1' then return {'no_space', '0', 0, {}, presence()} end
 if size > max_bytes then return {'full', '0', 0, {}, presence()} end
 local c0, b0 = counters()
 local count, used, dropped = c0, b0, 0
@@ -278,11 +285,21 @@ redis.call('ZADD', Q, s, s)
 redis.call('ZADD', T, queued_at, s)
 redis.call('HSET', M, s, record)
 index(mid, sender, s)
-remember_migrated(ARGV[12], ARGV[13])
+remember_migrated(ledger, ledger_ttl)
 settle(c0, b0, count + 1, used + size, 0, dropped == 0 and queued_at or nil)
 return {'queued', s, dropped, slot_totals(), presence()}
 end
-return cjson.encode(enqueue())
+
+local out = {}
+for n = 1, #KEYS / 14 do
+  Q, T, M, I, N, RQ, RT, RM, EXP, STATS, MIG, ON, W, D = unpack(KEYS, n * 14 - 13, n * 14)
+  local k = n * 8
+  who = ARGV[k]
+  local ok, result = pcall(enqueue, k)
+  if not ok then result = {err = type(result) == 'table' and result.err or tostring(result)} end
+  out[n] = result
+end
+return cjson.encode(out)
 """)
 
 # ARGV: who, then per message: seq ('0': a new one), sender, messageId, size, queued_at, record.
@@ -667,8 +684,14 @@ end
 return out
 """)
 
-# KEYS: the set of slots holding data. ARGV: slot numbers.
-ADD_SLOTS = Script("add_slots", "return redis.call('SADD', KEYS[1], unpack(ARGV))")
+# Any number of calls (``WriteQueue.merge``). KEYS: the set of slots holding data, once per call. ARGV: a slot
+# number per call. Returns one JSON string: an array with 1 per call.
+ADD_SLOTS = Script("add_slots", r"""
+redis.call('SADD', KEYS[1], unpack(ARGV))
+local out = {}
+for i = 1, #ARGV do out[i] = 1 end
+return cjson.encode(out)
+""")
 
 # KEYS: this instance's probe key. ARGV: value, ttl ms. A write, so refused writes show up without traffic.
 PROBE = Script("probe", "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1")

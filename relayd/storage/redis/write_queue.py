@@ -13,7 +13,10 @@ a connection's commands in order, so writes keep the order they were
 submitted in (for one address, and so for one connection's messages) while
 many share a round trip. A script Redis does not know (NOSCRIPT, after a
 restart or SCRIPT FLUSH) is sent again as EVAL; until those are answered no
-new batch is sent, so they keep their place before later writes.
+new batch is sent, so they keep their place before later writes. Calls of a
+script that takes many at once (``merge``: the enqueues, the slot notes) join
+the one still queued, on a single server: one EVALSHA and one reply for many
+callers.
 
 Every write is answered within ``answer_s`` (``socket_timeout_s``, plus the
 WAIT/WAITAOF budget when configured) of being submitted, however Redis
@@ -31,10 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
+import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, Union
 
@@ -53,13 +58,17 @@ from .scripts import Script
 log = logging.getLogger("relayd.storage")
 
 MAX_BATCH = 256
-"""Writes sent and not yet answered at most (in one batch, or on a single server in all those in flight): what
-came later waits. A Redis that stops answering leaves no more than these with an unknown outcome."""
+"""Writes sent and not yet answered at most (in one batch, or on a single server in all those in flight; a
+merged write counts its calls): what came later waits. A Redis that stops answering leaves no more than these
+with an unknown outcome."""
 MAX_IN_FLIGHT = 8
 """Batches sent and not yet answered at most, on a single server."""
 MIN_PIPELINED = 16
 """Writes that go out while another batch is in flight, at least (fewer wait for its answer): a send to Redis
 cost a quarter of a receiving instance's CPU when each loop turn's one or two publishes went alone."""
+MAX_MERGED = 64
+"""Calls merged into one script call at most (``WriteQueue.merge``): Redis runs them as one script, so this
+bounds how long one blocks its other clients (about 1.5 ms of enqueues)."""
 
 Client: TypeAlias = Union["Redis[str]", "RedisCluster[str]"]
 """The redis-py client of a single server or of a Cluster (decoding replies to str)."""
@@ -121,7 +130,7 @@ def _script_call(script: Script, keys: Sequence[str], args: Sequence[Any]) -> tu
 class Write:
     """One queued write: the command, the key that routes it, and who waits for its result."""
 
-    __slots__ = ("args", "key", "script", "future", "sent", "submitted")
+    __slots__ = ("args", "key", "script", "future", "sent", "submitted", "calls")
 
     def __init__(self, args: tuple[Any, ...], key: str, script: Script | None,
                  future: asyncio.Future[Any]) -> None:
@@ -131,21 +140,84 @@ class Write:
         self.future = future
         self.sent = False
         self.submitted = time.monotonic()
+        self.calls = 1
+        """Callers answered by this write (several for a ``Merged`` one): what ``MAX_BATCH`` counts."""
 
     def eval_args(self) -> tuple[Any, ...]:
         """The same script call as EVAL with its source (after NOSCRIPT)."""
         assert self.script is not None
         return ("EVAL", self.script.source, *self.args[2:])
 
+    def fail(self, outcome: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(outcome)
+
+
+class Merged(Write):
+    """Calls of one script merged into one script call while queued (``WriteQueue.merge``): each call's keys and
+    own arguments appended, the shared arguments once. Its reply, a JSON array with an entry per call (an object
+    ``{"err": message}`` for a call Redis refused), is split among the callers' futures."""
+
+    __slots__ = ("common", "keys", "own", "futures")
+
+    def __init__(self, script: Script, keys: ScriptKeys, common: tuple[Any, ...], own: tuple[Any, ...],
+                 future: asyncio.Future[Any]) -> None:
+        super().__init__((), keys[0], script, future.get_loop().create_future())
+        self.common = common
+        self.keys = [keys]
+        self.own = list(own)
+        self.futures = [future]
+
+    def add(self, keys: ScriptKeys, own: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+        self.keys.append(keys)
+        self.own += own
+        self.futures.append(future)
+        self.calls += 1
+
+    def seal(self) -> None:
+        """Build the script call (once it left the queue: nothing is added after that)."""
+        assert self.script is not None
+        count = sum(len(keys) for keys in self.keys)
+        self.args = ("EVALSHA", self.script.sha, count, *self.keys, *self.common, *self.own)
+
+    def fail(self, outcome: BaseException) -> None:
+        for future in self.futures:
+            if not future.done():
+                future.set_exception(outcome)
+        if not self.future.done():
+            self.future.set_result(None)
+
+    def split(self, reply: Any, refusal: Callable[[BaseException], BaseException]) -> bool:
+        """Answer each call from the reply (``refusal`` makes a call's error); whether any failed."""
+        try:
+            entries = json.loads(reply)
+            if type(entries) is not list or len(entries) != len(self.futures):
+                raise ValueError("not one entry per call")
+        except (TypeError, ValueError) as exc:
+            self.fail(refusal(StorageOutcomeUnknown(f"unexpected reply to a merged script call: {exc}")))
+            return True
+        failed = False
+        for future, entry in zip(self.futures, entries):
+            if future.done():
+                continue
+            if type(entry) is dict:
+                failed = True
+                future.set_exception(refusal(rx.ResponseError(str(entry.get("err")))))
+            else:
+                future.set_result(entry)
+        self.future.set_result(None)
+        return failed
+
 
 class Sent:
     """A batch sent on the writes' connection whose replies are not all read yet (an acknowledgement follows
     the writes when ``acks``); read by ``deadline`` (loop time) or the connection is given up."""
 
-    __slots__ = ("writes", "acks", "deadline")
+    __slots__ = ("writes", "acks", "deadline", "calls")
 
-    def __init__(self, writes: list[Write], acks: bool, deadline: float) -> None:
+    def __init__(self, writes: list[Write], calls: int, acks: bool, deadline: float) -> None:
         self.writes = writes
+        self.calls = calls
         self.acks = acks
         self.deadline = deadline
 
@@ -211,6 +283,10 @@ class WriteQueue:
         self.writer: Connection | None = None
         """The writes' own connection to a single server (None on a Cluster: one pipeline per node)."""
         self._queue: collections.deque[Write] = collections.deque()
+        self._queued_calls = 0
+        """Calls the writes in ``_queue`` answer."""
+        self._sent_calls = 0
+        """Calls the batches in ``_in_flight`` answer."""
         self._batch: list[Write] = []
         """The batch being sent on a Cluster (on a single server: the batch until it is in ``_in_flight``)."""
         self._in_flight: collections.deque[Sent] = collections.deque()
@@ -233,18 +309,28 @@ class WriteQueue:
         """Longest a caller waits for a write's answer."""
         return self.socket_timeout_s + self.acks.wait_s
 
+    def _taken(self) -> Iterator[list[Write]]:
+        """The writes taken off the queue and not all answered, a batch at a time, oldest first."""
+        for sent, _ in self._held:
+            yield sent.writes
+        for sent in self._in_flight:
+            yield sent.writes
+        yield self._batch
+
     def _unanswered(self) -> Iterator[Write]:
         """Every write taken off the queue and not yet answered, oldest first."""
-        for sent, _ in self._held:
-            yield from (w for w in sent.writes if not w.future.done())
-        for sent in self._in_flight:
-            yield from (w for w in sent.writes if not w.future.done())
-        yield from (w for w in self._batch if not w.future.done())
+        for writes in self._taken():
+            for write in writes:
+                if not write.future.done():
+                    yield write
 
     def oldest_write(self) -> float | None:
-        """When the oldest write not yet answered was submitted (monotonic), or None."""
-        for write in self._unanswered():
-            return write.submitted
+        """When the oldest write not yet answered was submitted (monotonic), or None. Asked before each message
+        is stored (``Health.problem``): plain loops, no generator per write."""
+        for writes in self._taken():
+            for write in writes:
+                if not write.future.done():
+                    return write.submitted
         return self._queue[0].submitted if self._queue else None
 
     # Submitting
@@ -283,19 +369,73 @@ class WriteQueue:
         """``post`` for a single write command."""
         return self._enqueue(args, key, None).future
 
+    def merge(self, script: Script, keys: ScriptKeys, common: tuple[Any, ...], own: tuple[Any, ...], *,
+              early: bool = False) -> asyncio.Future[Any]:
+        """``write`` a call of a script that takes any number of calls at once: KEYS are each call's ``keys`` in
+        turn, ARGV the ``common`` arguments then each call's ``own``, and it returns a JSON array with an entry
+        per call (``{"err": message}`` for one that failed). On a single server a call joins the last queued
+        write when that is an unsent call of the same script with the same ``common`` arguments (up to
+        ``MAX_MERGED``): one EVALSHA and one reply for many callers, in their order. On a Cluster each call
+        goes alone (keys of several addresses need not share a slot). The future holds the call's entry.
+
+        ``early``: a call that only has to go before the writes submitted after it (idempotent, independent of
+        those queued before it; a slot noted before each first write to it, ``StoreCore.note_slot``), posted
+        without waiting: it may join the write before the last, and otherwise goes before a merged write still
+        being filled rather than split it."""
+        if self.client is None:
+            raise StorageUnavailable("store is not open")
+        future = asyncio.get_running_loop().create_future()
+        if early:
+            future.add_done_callback(tasks.retrieved)
+        target = self._merge_target(script, common, 2 if early else 1)
+        if target is not None:
+            target.add(keys, own, future)
+            self._queued_calls += 1
+            if self._queued_calls == MIN_PIPELINED:
+                self._make_room()
+        else:
+            self._add(Merged(script, keys, common, own, future), early=early)
+        return future
+
+    def _merge_target(self, script: Script, common: tuple[Any, ...], depth: int) -> Merged | None:
+        """The queued write among the last ``depth`` that a call of ``script`` may join, or None."""
+        if self.cluster:
+            return None
+        for write in itertools.islice(reversed(self._queue), depth):
+            if type(write) is Merged and write.script is script and write.calls < MAX_MERGED and write.common == common:
+                return write
+        return None
+
     def _enqueue(self, args: tuple[Any, ...], key: str, script: Script | None) -> Write:
         if self.client is None:
             raise StorageUnavailable("store is not open")
-        loop = asyncio.get_running_loop()
-        write = Write(args, key, script, loop.create_future())
+        write = Write(args, key, script, asyncio.get_running_loop().create_future())
         write.future.add_done_callback(tasks.retrieved)  # a posted write nobody awaits must not warn when it fails
-        self._queue.append(write)
-        if len(self._queue) == MIN_PIPELINED:
+        self._add(write)
+        return write
+
+    def _add(self, write: Write, *, early: bool = False) -> None:
+        loop = write.future.get_loop()
+        queue = self._queue
+        if early and queue and type(queue[-1]) is Merged:
+            write.submitted = queue[-1].submitted  # its deadline, so the queue stays oldest first
+            queue.insert(len(queue) - 1, write)
+        else:
+            queue.append(write)
+        self._queued_calls += 1
+        if self._queued_calls == MIN_PIPELINED:
             self._make_room()
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         if self._deadline is None:
             self._deadline = loop.call_later(self.answer_s, self._expire)
+
+    def _take(self) -> Write:
+        """The first queued write, off the queue (a merged one complete now)."""
+        write = self._queue.popleft()
+        self._queued_calls -= write.calls
+        if type(write) is Merged:
+            write.seal()
         return write
 
     # Deadlines
@@ -330,13 +470,22 @@ class WriteQueue:
                 await self._room
                 continue
             self._refuse_stale(time.monotonic())
-            room = MAX_BATCH - sum(len(sent.writes) for sent in self._in_flight)
-            batch = self._batch = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            room = calls = MAX_BATCH - self._sent_calls
+            batch = self._batch = []
+            queue = self._queue
+            while queue and queue[0].calls <= room:
+                write = queue.popleft()
+                room -= write.calls
+                if type(write) is Merged:
+                    write.seal()
+                batch.append(write)
+            calls -= room
+            self._queued_calls -= calls
             if not batch:
                 break
             try:
                 async with asyncio.timeout(self.answer_s):
-                    await (self._send_cluster(batch) if self.cluster else self._send(batch))
+                    await (self._send_cluster(batch) if self.cluster else self._send(batch, calls))
             except asyncio.CancelledError:
                 self._settle(batch, StorageUnavailable("store is closed"))
                 raise
@@ -353,15 +502,15 @@ class WriteQueue:
 
     def _may_send(self) -> bool:
         """Whether the next batch may go: on a single server, nothing in flight or ``MIN_PIPELINED`` writes
-        waiting, room in flight (``MAX_IN_FLIGHT`` batches, ``MAX_BATCH`` writes), no NOSCRIPT ones being sent
+        waiting, room in flight (``MAX_IN_FLIGHT`` batches, ``MAX_BATCH`` calls), no NOSCRIPT ones being sent
         again, and a connection that carries what is in flight (a lost one is reconnected once that was
         settled)."""
         if self.cluster:
             return True
-        if self._in_flight and len(self._queue) < MIN_PIPELINED:
+        if self._in_flight and self._queued_calls < MIN_PIPELINED:
             return False
-        if self._held or len(self._in_flight) >= MAX_IN_FLIGHT or sum(
-                len(sent.writes) for sent in self._in_flight) >= MAX_BATCH:
+        if self._held or len(self._in_flight) >= MAX_IN_FLIGHT or (
+                self._queue and self._sent_calls + self._queue[0].calls > MAX_BATCH):
             return False
         return not self._in_flight or (self.writer is not None and self.writer.is_connected)
 
@@ -374,7 +523,7 @@ class WriteQueue:
         """Refuse, unsent, the queued writes that waited ``answer_s`` for their turn."""
         stale: list[Write] = []
         while self._queue and now - self._queue[0].submitted >= self.answer_s:
-            stale.append(self._queue.popleft())
+            stale.append(self._take())
         stale = [w for w in stale if not w.future.done()]
         if stale:
             self._settle(stale, self.health.fail("Redis writes are backed up: a write could not be sent within "
@@ -397,8 +546,7 @@ class WriteQueue:
 
     def _settle(self, batch: Sequence[Write], outcome: BaseException) -> None:
         for write in batch:
-            if not write.future.done():
-                write.future.set_exception(outcome)
+            write.fail(outcome)
 
     async def drain(self, wait_s: float, stop_s: float) -> None:
         """Let queued writes finish (for at most ``wait_s``), then refuse what is left unsent."""
@@ -407,7 +555,7 @@ class WriteQueue:
             await asyncio.wait(running, timeout=wait_s)
             for task in running:
                 await tasks.stop(task, stop_s)
-        queued, self._queue = list(self._queue), collections.deque()
+        queued, self._queue, self._queued_calls = list(self._queue), collections.deque(), 0
         self._settle(queued, StorageUnavailable("store is closed"))
         if self._deadline is not None:
             self._deadline.cancel()
@@ -421,15 +569,21 @@ class WriteQueue:
                 continue
             if isinstance(result, BaseException):
                 failed = True
-                unknown = isinstance(result, StorageOutcomeUnknown)
-                reason = str(result) if isinstance(result, StorageUnavailable) else describe(result)
-                write.future.set_exception(self.health.fail(reason, unknown=unknown))
+                write.fail(self._refusal(result))
+            elif type(write) is Merged:
+                failed = write.split(result, self._refusal) or failed
             else:
                 write.future.set_result(result)
         if not failed:
             self.health.succeeded()
 
-    async def _send(self, batch: list[Write]) -> None:
+    def _refusal(self, result: BaseException) -> BaseException:
+        """What a write Redis refused or failed is answered with (the link is marked unhealthy)."""
+        unknown = isinstance(result, StorageOutcomeUnknown)
+        reason = str(result) if isinstance(result, StorageUnavailable) else describe(result)
+        return self.health.fail(reason, unknown=unknown)
+
+    async def _send(self, batch: list[Write], calls: int) -> None:
         """Pipeline a batch on a single Redis: it is in flight (``_read`` takes its replies) once this returns."""
         conn = self.writer
         if conn is None:
@@ -443,11 +597,13 @@ class WriteQueue:
                 except (rx.ConnectionError, OSError):
                     await conn.disconnect(nowait=True)
             await conn.connect()  # a failure here: nothing was sent
-        # A write refused meanwhile (unsent past its deadline, ``_expire``) must stay unsent: it was answered
-        # storage_unavailable, which says it was not stored.
-        batch = [w for w in batch if not w.future.done()]
-        if not batch:
-            return
+            # A write refused meanwhile (unsent past its deadline, ``_expire``) must stay unsent: it was answered
+            # storage_unavailable, which says it was not stored. None was unless the oldest is past its deadline.
+            if time.monotonic() - batch[0].submitted >= self.answer_s:
+                batch = [w for w in batch if not w.future.done()]
+                calls = sum(w.calls for w in batch)
+                if not batch:
+                    return
         acks = self.acks.command if any(w.script is not None for w in batch) else None
         commands = [w.args for w in batch]
         if acks is not None:
@@ -456,7 +612,8 @@ class WriteQueue:
         for write in batch:
             write.sent = True
         loop = asyncio.get_running_loop()
-        self._in_flight.append(Sent(batch, acks is not None, loop.time() + self.answer_s))
+        self._in_flight.append(Sent(batch, calls, acks is not None, loop.time() + self.answer_s))
+        self._sent_calls += calls
         self._batch = []
         if self._reader is None or self._reader.done():
             self._reader = loop.create_task(self._read(conn))
@@ -480,7 +637,7 @@ class WriteQueue:
                 log.exception("reading Redis write replies failed unexpectedly")
                 await self._lose_in_flight(conn, f"Redis error: {type(exc).__name__}")
                 continue
-            self._in_flight.popleft()
+            self._sent_calls -= self._in_flight.popleft().calls
             if self._held or any(isinstance(r, rx.NoScriptError) for r in results):
                 self._held.append((sent, results))
                 if not self._in_flight:
@@ -545,6 +702,7 @@ class WriteQueue:
             self._deliver(sent.writes, [outcome if isinstance(r, rx.NoScriptError) else r for r in results])
         in_flight = [w for sent in self._in_flight for w in sent.writes]
         self._in_flight.clear()
+        self._sent_calls = 0
         self._settle(in_flight, outcome)
         self._make_room()
 
