@@ -325,12 +325,9 @@ class WriteQueue:
                     yield write
 
     def oldest_write(self) -> float | None:
-        """When the oldest write not yet answered was submitted (monotonic), or None. Asked before each message
-        is stored (``Health.problem``): plain loops, no generator per write."""
-        for writes in self._taken():
-            for write in writes:
-                if not write.future.done():
-                    return write.submitted
+        """When the oldest write not yet answered was submitted (monotonic), or None."""
+        for write in self._unanswered():
+            return write.submitted
         return self._queue[0].submitted if self._queue else None
 
     # Submitting
@@ -470,17 +467,12 @@ class WriteQueue:
                 await self._room
                 continue
             self._refuse_stale(time.monotonic())
-            room = calls = MAX_BATCH - self._sent_calls
+            room, calls = MAX_BATCH - self._sent_calls, 0
             batch = self._batch = []
-            queue = self._queue
-            while queue and queue[0].calls <= room:
-                write = queue.popleft()
-                room -= write.calls
-                if type(write) is Merged:
-                    write.seal()
+            while self._queue and calls + self._queue[0].calls <= room:
+                write = self._take()
+                calls += write.calls
                 batch.append(write)
-            calls -= room
-            self._queued_calls -= calls
             if not batch:
                 break
             try:
