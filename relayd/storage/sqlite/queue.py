@@ -332,9 +332,7 @@ def _delete_delivered(conn: sqlite3.Connection, recipient: str, column: str,
         sizes = conn.execute(f"DELETE FROM messages WHERE {where} RETURNING size", (recipient, *part)).fetchall()
         removed, freed = removed + len(sizes), freed + sum(size for size, in sizes)
     if removed:
-        conn.execute("UPDATE queues SET count = count - ?, bytes = bytes - ? WHERE recipient = ?",
-                     (removed, freed, recipient))
-        _forget_empty_queue(conn, recipient)
+        _uncount(conn, recipient, removed, freed)
     return removed, (-removed, -freed)
 
 
@@ -359,10 +357,15 @@ def delete_rows(conn: sqlite3.Connection, rows: list[tuple[int, str, int]], *,
                          f"WHERE seq IN ({marks(len(part))}) {_LATER_DELIVERY}", part)
         conn.execute(f"DELETE FROM messages WHERE seq IN ({marks(len(part))})", part)
     for recipient, (count, size) in per_recipient.items():
-        conn.execute("UPDATE queues SET count = count - ?, bytes = bytes - ? WHERE recipient = ?",
-                     (count, size, recipient))
-        _forget_empty_queue(conn, recipient)
+        _uncount(conn, recipient, count, size)
     return len(rows), (-len(rows), -freed)
+
+
+def _uncount(conn: sqlite3.Connection, recipient: str, count: int, size: int) -> None:
+    """Take ``count`` messages of ``size`` bytes off the recipient's counters (the row goes once it is empty)."""
+    conn.execute("UPDATE queues SET count = count - ?, bytes = bytes - ? WHERE recipient = ?",
+                 (count, size, recipient))
+    _forget_empty_queue(conn, recipient)
 
 
 def _forget_empty_queue(conn: sqlite3.Connection, recipient: str) -> None:
