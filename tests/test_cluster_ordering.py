@@ -288,10 +288,7 @@ def test_an_offer_that_falls_back_to_storing_keeps_its_place_and_answers_keep_se
         here.peers.answer(0, 0)  # m1 refused: stored
         await asyncio.sleep(0)
         await here.send(sender, B, "m3")  # while m1 is being stored, m3 is stored behind it, not offered
-        for _ in range(50):
-            if len(here.peers.offers) >= 4:
-                break
-            await asyncio.sleep(0)
+        await wait_for(lambda: len(here.peers.offers) >= 4)
         m1_seq = (await here.store.pending(B, 10))[0].seq
         # Both go out stored, m3 naming m1: a peer that missed m1 reads the queue before taking m3.
         assert [offer[:3] for offer in here.peers.offers[2:]] == [("m1", True, 0), ("m3", True, m1_seq)]
@@ -319,7 +316,7 @@ def test_a_senders_stores_keep_send_order_when_a_later_one_needs_no_budget_round
             reply.set_result(True)
         await wait_for(lambda: [f.get("messageId") for f in sender.frames] == ["m1"])  # m1 stored and answered
         await here.send(sender, B, "m4")  # B is counted now: no round trip
-        for _ in range(20):
+        for _ in range(20):  # loop turns in which m4, with no round trip to wait for, was written before m2 and m3
             await asyncio.sleep(0)
         for reply in spends[2:]:
             reply.set_result(True)
@@ -335,10 +332,7 @@ def test_offers_name_the_senders_last_stored_message_to_that_recipient():
         sender = here.session(A)
         await here.send(sender, B, "m1")
         here.peers.answer(0, 0)
-        for _ in range(50):
-            if len(here.peers.offers) >= 2:
-                break
-            await asyncio.sleep(0)
+        await wait_for(lambda: len(here.peers.offers) >= 2)
         here.peers.answer(1, 0)
         await here.settle()
         seq = (await here.store.pending(B, 10))[0].seq
@@ -370,16 +364,10 @@ def test_a_peer_that_did_not_answer_an_offer_is_hinted_to_read_the_queue():
         sender = here.session(A)
         await here.send(sender, B, "m1")
         here.peers.answer(0, 0, silent=True)  # the unstored offer: no answer; stored, and the peer hinted
-        for _ in range(50):
-            if here.peers.hints:
-                break
-            await asyncio.sleep(0)
+        await wait_for(lambda: here.peers.hints)
         assert here.peers.hints == [B]
         await here.send(sender, B, "m2")
-        for _ in range(50):
-            if len(here.peers.offers) >= 2:
-                break
-            await asyncio.sleep(0)
+        await wait_for(lambda: len(here.peers.offers) >= 2)
         here.peers.answer(1, 0, silent=True)  # m2 stored behind m1 and offered stored: no answer either
         await here.settle()
         assert here.peers.hints == [B, B]
