@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from support import make_config
+from support import make_config, wait_for_state
 
 from relayd.clock import SYSTEM_CLOCK
 from relayd.housekeeping import Housekeeping
@@ -38,9 +38,5 @@ def test_housekeeping_stops_even_when_a_job_swallows_the_cancellation():
         housekeeping.start()
         await asyncio.wait_for(store.expiring.wait(), 10)  # the first tick runs retention expiry
         housekeeping.stop()
-
-        async def ended() -> None:
-            while housekeeping.running:
-                await asyncio.sleep(0.01)
-        await asyncio.wait_for(ended(), 10)  # within a tick (0.25 s here); before, never
+        await wait_for_state(lambda: not housekeeping.running, "housekeeping to stop")  # a tick here; before, never
     asyncio.run(scenario())
