@@ -76,7 +76,7 @@ class Housekeeping:
         loop = asyncio.get_running_loop()
         next_expiry = next_sweep = next_stats = 0.0
         last_summary = loop.time()
-        while not self._stopped:
+        while True:
             tick = max(MIN_TICK_S, min(self.max_tick, self.auth_timeout / 4))
             planned = loop.time() + tick
             await asyncio.sleep(tick)
