@@ -597,6 +597,17 @@ def test_push_subscriptions_are_kept_per_address_capped_and_replaced_by_id(store
     store_backend(body)
 
 
+def test_a_new_push_subscription_is_kept_when_it_ties_with_older_ones(store_backend):
+    """Subscriptions made in the same millisecond tie on ``created_at``: past the cap one of the earlier goes,
+    never the one just stored (CI once saw its id sort first and the new one go)."""
+    async def body(store: Store) -> None:
+        now = int(time.time() * 1000)
+        for sub_id in ("z1", "z2", "a0"):
+            await store.put_push_subscription(push_sub(sub_id, created_at=now, expires_at=now + 60_000), 2)
+        assert [s.id for s in await store.push_subscriptions("bob", now)] == ["a0", "z2"]
+    store_backend(body)
+
+
 def test_push_subscriptions_expire_unless_their_address_signs_in(store_backend):
     async def body(store: Store) -> None:
         now = int(time.time() * 1000)

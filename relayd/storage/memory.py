@@ -484,7 +484,8 @@ class MemoryStore:
             self._other_bytes -= old.size()
         self._other_bytes += stored.size()
         subs[sub.id] = stored
-        for gone in sorted(subs.values(), key=lambda s: (s.created_at, s.id))[:-max_per_address]:
+        others = sorted((s for s in subs.values() if s.id != sub.id), key=lambda s: (s.created_at, s.id))
+        for gone in others[:max(0, len(others) - (max_per_address - 1))]:
             self._forget_push(subs, gone.id)
         for each in subs.values():
             each.expires_at = sub.expires_at

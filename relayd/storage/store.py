@@ -399,8 +399,9 @@ class PushStore(Protocol):
 
     async def put_push_subscription(self, sub: PushSubscription, max_per_address: int) -> PushSubscription:
         """Store ``sub``; one of the same address, provider and target is replaced and keeps its ``id`` and
-        ``created_at``. Past ``max_per_address`` the address's oldest (by ``created_at``) go. Every
-        subscription of the address gets ``sub.expires_at``. Returns the subscription as stored."""
+        ``created_at``. Past ``max_per_address`` the address's oldest others (by ``created_at``, then ``id``)
+        go, never ``sub`` itself, though it may tie with them. Every subscription of the address gets
+        ``sub.expires_at``. Returns the subscription as stored."""
         ...
 
     async def push_subscriptions(self, address: str, now_ms: int) -> list[PushSubscription]:

@@ -38,9 +38,9 @@ class PgPushTable:
                 sub.created_at, sub.expires_at)
             pruned = await conn.fetchval(
                 f"WITH gone AS (DELETE FROM push_subscriptions WHERE address = $1 AND id IN (SELECT id FROM "
-                "push_subscriptions WHERE address = $1 ORDER BY created_at DESC, id DESC OFFSET $2) "
+                "push_subscriptions WHERE address = $1 ORDER BY id = $3 DESC, created_at DESC, id DESC OFFSET $2) "
                 f"RETURNING {PUSH_BYTES_SQL} AS size) SELECT COALESCE(SUM(size), 0) FROM gone",
-                sub.address, max_per_address)
+                sub.address, max_per_address, sub.id)
             await conn.execute("UPDATE push_subscriptions SET expires_at = $2 WHERE address = $1", sub.address,
                                sub.expires_at)
             return int(created_at), sub.size() - int(old or 0) - int(pruned)

@@ -717,20 +717,21 @@ local function counts(grown)
 end
 """
 
-# ARGV: id, record, created_at, max per address, expires_at, bytes, address. Past the cap the oldest go.
+# ARGV: id, record, created_at, max per address, expires_at, bytes, address. Past the cap the oldest others go.
 # Returns {the created_at kept, the change of the slot's pbytes}.
 PUT_PUSH = Script("put_push", _PUSH_PRELUDE + r"""
 local created = redis.call('ZSCORE', C, ARGV[1]) or ARGV[3]
 local grown = tonumber(ARGV[6]) - counted(redis.call('HGET', R, ARGV[1]))
 redis.call('HSET', R, ARGV[1], ARGV[2])
-redis.call('ZADD', C, created, ARGV[1])
-local n, cap = redis.call('ZCARD', C), tonumber(ARGV[4])
+redis.call('ZREM', C, ARGV[1])
+local n, cap = redis.call('ZCARD', C), tonumber(ARGV[4]) - 1
 if n > cap then
   local gone = redis.call('ZREVRANGE', C, cap, -1)
   for _, id in ipairs(gone) do grown = grown - counted(redis.call('HGET', R, id)) end
   redis.call('ZREM', C, unpack(gone))
   redis.call('HDEL', R, unpack(gone))
 end
+redis.call('ZADD', C, created, ARGV[1])
 keep_until(ARGV[5], ARGV[7])
 counts(grown)
 return {created, grown}

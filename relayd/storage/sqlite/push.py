@@ -36,9 +36,9 @@ class PushTable:
                          (sub.id, sub.address, sub.provider, sub.target, sub.p256dh, sub.auth, created_at,
                           sub.expires_at))
             gone = conn.execute(f"DELETE FROM push_subscriptions WHERE address = ? AND id IN (SELECT id FROM "
-                                "push_subscriptions WHERE address = ? ORDER BY created_at DESC, id DESC LIMIT -1 "
-                                f"OFFSET ?) RETURNING {PUSH_BYTES_SQL}",
-                                (sub.address, sub.address, max_per_address)).fetchall()
+                                "push_subscriptions WHERE address = ? ORDER BY id = ? DESC, created_at DESC, id DESC "
+                                f"LIMIT -1 OFFSET ?) RETURNING {PUSH_BYTES_SQL}",
+                                (sub.address, sub.address, sub.id, max_per_address)).fetchall()
             conn.execute("UPDATE push_subscriptions SET expires_at = ? WHERE address = ?",
                          (sub.expires_at, sub.address))
             return created_at, (0, grown - sum(int(r[0]) for r in gone))
