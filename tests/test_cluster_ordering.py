@@ -41,6 +41,7 @@ class FakePeers:
         self.pushed: list[str] = []
         self.spends: list[asyncio.Future[bool]] | None = None
         """When a list: every budget round trip waits there until the test answers it."""
+        self.enqueued: list[str] = []
 
     def cached(self, address: str) -> PeerSessions | None:
         return self.where
@@ -80,6 +81,7 @@ class FakePeers:
         pass
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, PeerSessions]:
+        self.enqueued.append(msg.message_id)
         return await self.store.enqueue(msg, limits), self.where
 
     async def restore(self, messages: list[QueuedMessage]) -> None:
@@ -287,13 +289,18 @@ def test_an_offer_that_falls_back_to_storing_keeps_its_place_and_answers_keep_se
         here.peers.answer(1, 1)  # m2 taken at once
         here.peers.answer(0, 0)  # m1 refused: stored
         await asyncio.sleep(0)
-        await here.send(sender, B, "m3")  # while m1 is being stored, m3 is stored behind it, not offered
-        await wait_for(lambda: len(here.peers.offers) >= 4)
+        await here.send(sender, B, "m3")  # while m1 is being stored, m3 waits for it, not offered past it
+        await wait_for(lambda: len(here.peers.offers) >= 3)
         m1_seq = (await here.store.pending(B, 10))[0].seq
-        # Both go out stored, m3 naming m1: a peer that missed m1 reads the queue before taking m3.
-        assert [offer[:3] for offer in here.peers.offers[2:]] == [("m1", True, 0), ("m3", True, m1_seq)]
+        assert [offer[:3] for offer in here.peers.offers[2:]] == [("m1", True, 0)]
         here.peers.answer(2, 0)
-        here.peers.answer(3, 0)
+        await wait_for(lambda: len(here.peers.offers) >= 4)
+        # m3 goes out once m1 settled, naming m1: a peer that missed m1 reads the queue before taking m3.
+        assert here.peers.offers[3][:3] == ("m3", False, m1_seq)
+        here.peers.answer(3, 0)  # refused: stored, then offered stored
+        await wait_for(lambda: len(here.peers.offers) >= 5)
+        assert here.peers.offers[4][:3] == ("m3", True, m1_seq)
+        here.peers.answer(4, 0)
         await here.settle()
         assert answers(sender) == [("queued", "m1"), ("delivered", "m2"), ("queued", "m3")]
         assert [m.message_id for m in await here.store.pending(B, 10)] == ["m1", "m3"]
@@ -520,6 +527,35 @@ def test_rule_3_a_message_stored_here_while_a_queue_read_waits_is_pushed_after_w
         await here.refresh.settle()
         assert received(plain) == ["m1", "m2"]
         assert ("delivered", "m2") in answers(sender)
+    run(scenario())
+
+
+def test_a_sender_that_keeps_sending_while_its_message_is_stored_goes_live_again_after_it():
+    """The one-instance-on-Redis finding: a read of B's queue (after a lapse) sends the sender's m1 through
+    storage. Its later messages used to be stored too while any of its stores was under way, so a sender that
+    kept sending faster than one store took never got back to the live path (every message a round trip to
+    Redis, latency growing without end). They wait for m1 instead, in order, and then go live."""
+    async def scenario() -> None:
+        here = Instance()
+        here.peers.where = PeerSessions()  # B's only session is here
+        plain = here.session(B)
+        landing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        here.local.writes.note(B, landing)
+        here.refresh.refresh_all()  # the read after the lapse, held back by a write to B still landing
+        sender = here.session(A)
+        await here.send(sender, B, "m1")  # stored: a read is under way
+        await wait_for(lambda: here.peers.enqueued == ["m1"])
+        landing.set_result(None)  # the read ends (it pushes m1) while the sender keeps sending
+        for i in range(2, 8):
+            await here.send(sender, B, f"m{i}")
+            await asyncio.sleep(0)
+        await here.settle()
+        await here.refresh.settle()
+        sent = [f"m{i}" for i in range(1, 8)]
+        assert received(plain) == sent
+        assert here.peers.enqueued == ["m1"]
+        assert answers(sender) == [("delivered", mid) for mid in sent]
+        assert await here.store.pending(B, 10) == []
     run(scenario())
 
 

@@ -180,6 +180,12 @@ class ClusterDelivery:
         if accepted is None:
             return None
         ident, msg = accepted
+        pipeline = self.local.pipelines.get(session)
+        if pipeline is not None and pipeline.deferred:
+            return self._defer(session, pipeline, ident, msg)
+        return self._route(session, ident, msg)
+
+    def _route(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
         targets = self.routes.ready_sessions(msg.recipient)
         where = self.peers.cached(msg.recipient)
         if where is None and not targets:
@@ -201,10 +207,12 @@ class ClusterDelivery:
     def _route_known(self, session: Session, ident: Ident, msg: QueuedMessage, targets: tuple[Session, ...],
                      where: PeerSessions) -> Awaitable[None] | None:
         """Live here when a ready session here takes it (a copy goes to the recipient's peers); else offered to
-        those peers first (stored if none takes it); else stored. Ack sessions anywhere, or messages of this
-        sender being stored, mean storing first."""
+        those peers first (stored if none takes it); else stored. Ack sessions anywhere mean storing first;
+        messages of this sender being stored mean waiting for them before trying the live path."""
         pipeline = self.local.pipelines.get(session)
-        if not (pipeline and pipeline.stores) and not where.ack and not any(s.ack for s in targets):
+        if not where.ack and not any(s.ack for s in targets) and (targets or where.instances):
+            if pipeline is not None and pipeline.stores:
+                return self._defer(session, pipeline, ident, msg)
             if targets and not self.refresh.reading(msg.recipient) and self.local.push_live(targets, msg):
                 if where.instances:
                     self.peers.push(where, msg)
@@ -213,6 +221,33 @@ class ClusterDelivery:
             if where.instances:
                 return self._offer_then_answer(session, ident, msg, where)
         return self._store(session, ident, msg)
+
+    def _defer(self, session: Session, pipeline: Pipeline, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
+        """Hold ``msg``, behind the sender's other held ones, until none of its messages is being stored, then
+        route it. Storing it instead (as before) kept a sender that sends faster than a store takes on the
+        storage path for good: each new message found the previous one still being stored."""
+        if pipeline.full:
+            return self._when_room(pipeline, lambda: self._defer(session, pipeline, ident, msg))
+        pipeline.hold(session, len(msg.content))
+        pipeline.deferred.append((ident, msg))
+        if pipeline.draining is None or pipeline.draining.done():
+            pipeline.draining = self.local.tasks.spawn(self._drain(session, pipeline))
+        pipeline.tail = pipeline.draining
+        return None
+
+    async def _drain(self, session: Session, pipeline: Pipeline) -> None:
+        while pipeline.deferred:
+            await pipeline.no_stores()
+            ident, msg = pipeline.deferred.popleft()
+            pipeline.release(session, len(msg.content))
+            try:
+                pending = self._route(session, ident, msg)
+                if pending is not None:
+                    await pending
+            except Exception:
+                log.exception("internal error routing a message")
+                self._answer_in_order(session, pipeline, encode(RelayError(
+                    ErrorCode.INTERNAL_ERROR, message_id=msg.message_id).frame()))
 
     def _answer_in_order(self, session: Session, pipeline: Pipeline | None, answer: str) -> None:
         """Send an answer now, or after the answers to this sender's earlier messages still on their way."""
@@ -250,7 +285,7 @@ class ClusterDelivery:
 
         def done(taken: Taken) -> None:
             if not taken.count:  # nobody took it: store it, in its place, and answer then
-                pipeline.stores += 1  # the sender's next messages are stored behind it, not offered past it
+                pipeline.store_started()  # the sender's next messages wait for it, not offered past it
                 task = self.local.tasks.spawn(self._store_and_answer(
                     session, pipeline, ident, msg, size, barrier, turn, previous, answered, silent=taken.silent))
                 task.add_done_callback(lambda _: settled.set_result(None))
@@ -277,7 +312,7 @@ class ClusterDelivery:
         pipeline.hold(session, size)
         barrier = pipeline.offer if pipeline.offer is not None and not pipeline.offer.done() else None
         previous, pipeline.answered = pipeline.answered, asyncio.get_running_loop().create_future()
-        pipeline.stores += 1
+        pipeline.store_started()
         task = self.local.tasks.spawn(self._store_and_answer(
             session, pipeline, ident, msg, size, barrier, pipeline.write_turn(), previous, pipeline.answered))
         pipeline.tail = task
@@ -303,7 +338,7 @@ class ClusterDelivery:
         finally:
             turn.release()
             pipeline.release(session, size)
-            pipeline.stores -= 1
+            pipeline.store_ended()
             if previous is not None and not previous.done():
                 await asyncio.wait([previous])
             if answer is not None:

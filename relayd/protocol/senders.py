@@ -4,9 +4,10 @@ and its write pipeline (so its stored messages are answered in send order, with 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import NamedTuple
 
+from ..storage.store import QueuedMessage
 from .session import Session
 
 RECENT_IDS = 16384
@@ -55,12 +56,13 @@ class WriteTurn(NamedTuple):
 class Pipeline:
     """One sender's stored-but-unanswered messages: how many, how large, and when the last one is answered.
 
-    With peers it also counts ``stores`` (messages being stored: later ones are stored behind them
-    rather than offered past them), the last ``offer`` to peers (a message stored after it waits for
-    it, so an offer that falls back to storing keeps its place), the last ``answered`` (answers keep send
-    order) and the last write turn taken (writes keep send order)."""
+    With peers it also counts ``stores`` (messages being stored: later ones that would go live are
+    ``deferred`` until none is, rather than offered or pushed past them), the last ``offer`` to peers (a
+    message stored after it waits for it, so an offer that falls back to storing keeps its place), the last
+    ``answered`` (answers keep send order) and the last write turn taken (writes keep send order)."""
 
-    __slots__ = ("in_flight", "bytes", "tail", "stores", "offer", "answered", "written")
+    __slots__ = ("in_flight", "bytes", "tail", "stores", "offer", "answered", "written", "deferred", "draining",
+                 "_no_stores")
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -70,6 +72,27 @@ class Pipeline:
         self.offer: asyncio.Future[None] | None = None
         self.answered: asyncio.Future[None] | None = None
         self.written: asyncio.Future[None] | None = None
+        self.deferred: deque[tuple[Ident, QueuedMessage]] = deque()
+        """Messages held, in send order, until none of the sender's is being stored (counted in flight)."""
+        self.draining: asyncio.Future[None] | None = None
+        """The task that routes ``deferred`` messages."""
+        self._no_stores: asyncio.Future[None] | None = None
+
+    def store_started(self) -> None:
+        self.stores += 1
+
+    def store_ended(self) -> None:
+        self.stores -= 1
+        if not self.stores and self._no_stores is not None:
+            self._no_stores.set_result(None)
+            self._no_stores = None
+
+    async def no_stores(self) -> None:
+        """Return once none of the sender's messages is being stored."""
+        while self.stores:
+            if self._no_stores is None:
+                self._no_stores = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._no_stores])
 
     def write_turn(self) -> WriteTurn:
         """The next message's turn to write, taken in send order by every message that may be stored: it writes
@@ -81,9 +104,10 @@ class Pipeline:
     @property
     def full(self) -> bool:
         """Past ``MAX_IN_FLIGHT`` unanswered writes (or ``MAX_IN_FLIGHT_BYTES``) the sender waits for its oldest,
-        which bounds what one connection pins."""
+        which bounds what one connection pins. Never for the task asking (the one that routes ``deferred``
+        messages, admitted already)."""
         return ((self.in_flight >= MAX_IN_FLIGHT or self.bytes >= MAX_IN_FLIGHT_BYTES)
-                and self.tail is not None and not self.tail.done())
+                and self.tail is not None and not self.tail.done() and self.tail is not asyncio.current_task())
 
     async def room(self) -> None:
         """Return once the pipeline has room (waiting for its oldest write each time)."""
