@@ -198,6 +198,12 @@ class ReplicatedRedisCluster:
     def kill(self, node: RedisServer) -> None:
         node.stop(signal.SIGKILL)
 
+    def rejoin(self, node: RedisServer) -> None:
+        """Start a killed node again: it comes back as a replica of the master that took its place."""
+        node.start()
+        wait_until(lambda: all(n.info("replication").get("connected_slaves") == "1" for n in self.masters()),
+                   "a connected replica for every master", timeout=30, interval=0.1)
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
