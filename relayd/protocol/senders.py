@@ -103,14 +103,15 @@ class Pipeline:
 
     @property
     def full(self) -> bool:
-        """Past ``MAX_IN_FLIGHT`` unanswered writes (or ``MAX_IN_FLIGHT_BYTES``) the sender waits for its oldest,
-        which bounds what one connection pins. Never for the task asking (the one that routes ``deferred``
+        """Past ``MAX_IN_FLIGHT`` unanswered writes (or ``MAX_IN_FLIGHT_BYTES``) the sender waits for ``tail``, its
+        newest, which bounds what one connection pins. Never for the task asking (the one that routes ``deferred``
         messages, admitted already)."""
         return ((self.in_flight >= MAX_IN_FLIGHT or self.bytes >= MAX_IN_FLIGHT_BYTES)
                 and self.tail is not None and not self.tail.done() and self.tail is not asyncio.current_task())
 
     async def room(self) -> None:
-        """Return once the pipeline has room (waiting for its oldest write each time)."""
+        """Return once the pipeline has room (waiting for its newest write each time: the window drains rather
+        than slides)."""
         while self.full:
             assert self.tail is not None
             await asyncio.wait([self.tail])
