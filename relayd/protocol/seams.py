@@ -104,7 +104,7 @@ class MessagePath(Protocol):
     def closed(self, session: Session) -> None: ...
 
     def in_flight(self, session: Session) -> int:
-        """How many of ``session``'s messages are being stored and not yet answered."""
+        """How many of ``session``'s messages are being stored (or wait for its stores) and not yet answered."""
         ...
 
     async def settle(self) -> None:
