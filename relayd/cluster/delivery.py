@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -229,6 +229,8 @@ class ClusterDelivery:
         if pipeline.full:
             return self._when_room(pipeline, lambda: self._defer(session, pipeline, ident, msg))
         pipeline.hold(session, len(msg.content))
+        if pipeline.deferred is None:
+            pipeline.deferred = deque()
         pipeline.deferred.append((ident, msg))
         if pipeline.draining is None or pipeline.draining.done():
             pipeline.draining = self.local.tasks.spawn(self._drain(session, pipeline))
@@ -236,9 +238,11 @@ class ClusterDelivery:
         return None
 
     async def _drain(self, session: Session, pipeline: Pipeline) -> None:
-        while pipeline.deferred:
+        deferred = pipeline.deferred
+        assert deferred is not None
+        while deferred:
             await pipeline.no_stores()
-            ident, msg = pipeline.deferred.popleft()
+            ident, msg = deferred.popleft()
             pipeline.release(session, len(msg.content))
             try:
                 pending = self._route(session, ident, msg)
@@ -248,6 +252,7 @@ class ClusterDelivery:
                 log.exception("internal error routing a message")
                 self._answer_in_order(session, pipeline, encode(RelayError(
                     ErrorCode.INTERNAL_ERROR, message_id=msg.message_id).frame()))
+        pipeline.deferred = None
 
     def _answer_in_order(self, session: Session, pipeline: Pipeline | None, answer: str) -> None:
         """Send an answer now, or after the answers to this sender's earlier messages still on their way."""

@@ -72,8 +72,9 @@ class Pipeline:
         self.offer: asyncio.Future[None] | None = None
         self.answered: asyncio.Future[None] | None = None
         self.written: asyncio.Future[None] | None = None
-        self.deferred: deque[tuple[Ident, QueuedMessage]] = deque()
-        """Messages held, in send order, until none of the sender's is being stored (counted in flight)."""
+        self.deferred: deque[tuple[Ident, QueuedMessage]] | None = None
+        """Messages held, in send order, until none of the sender's is being stored (counted in flight); made
+        only while there are some (an empty deque is 760 bytes, and every sending session has a pipeline)."""
         self.draining: asyncio.Future[None] | None = None
         """The task that routes ``deferred`` messages."""
         self._no_stores: asyncio.Future[None] | None = None
