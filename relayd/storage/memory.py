@@ -466,8 +466,9 @@ class MemoryStore:
 
     async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
         self._tokens[token_hash] = (address, expires_at_ms)
-        owned = sorted((expires, token) for token, (owner, expires) in self._tokens.items() if owner == address)
-        for _, token in owned[:-max_per_address]:
+        others = sorted((expires, token) for token, (owner, expires) in self._tokens.items()
+                        if owner == address and token != token_hash)
+        for _, token in others[:max(0, len(others) - (max_per_address - 1))]:
             del self._tokens[token]
 
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:

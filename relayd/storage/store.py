@@ -384,7 +384,8 @@ class TokenStore(Protocol):
     async def save_token(self, token_hash: str, address: str, expires_at_ms: int, max_per_address: int) -> None:
         """Remember a bearer token (by its hash) for ``address`` until ``expires_at_ms`` (epoch ms).
 
-        An address keeps at most ``max_per_address`` tokens: the ones expiring first are forgotten.
+        An address keeps at most ``max_per_address`` tokens: of the others, the ones expiring first are forgotten
+        (never this one, though it may tie with them).
         """
         ...
 

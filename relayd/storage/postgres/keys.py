@@ -146,7 +146,8 @@ class PgKeyDirectory:
                                "(hash) DO UPDATE SET address = excluded.address, expires_at = excluded.expires_at",
                                token_hash, address, expires_at_ms)
             await conn.execute("DELETE FROM tokens WHERE address = $1 AND hash NOT IN (SELECT hash FROM tokens "
-                               "WHERE address = $1 ORDER BY expires_at DESC LIMIT $2)", address, max_per_address)
+                               "WHERE address = $1 ORDER BY hash = $3 DESC, expires_at DESC, hash DESC LIMIT $2)",
+                               address, max_per_address, token_hash)
         await self._link.run(job, write=True, transaction=True)
 
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:

@@ -651,13 +651,16 @@ return 1
 """)
 
 # KEYS: the address's ZSET hash -> expires. ARGV: hash, expires, max per address.
-# Returns the hashes forgotten to stay within the cap (those expiring first).
+# Returns the hashes forgotten to stay within the cap (of the others, those expiring first; never this one).
 OWN_TOKEN = Script("own_token", r"""
+redis.call('ZREM', KEYS[1], ARGV[1])
+local n, cap = redis.call('ZCARD', KEYS[1]), tonumber(ARGV[3]) - 1
+local gone = {}
+if n > cap then
+  gone = redis.call('ZRANGE', KEYS[1], 0, n - cap - 1)
+  redis.call('ZREM', KEYS[1], unpack(gone))
+end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-local n, cap = redis.call('ZCARD', KEYS[1]), tonumber(ARGV[3])
-if n <= cap then return {} end
-local gone = redis.call('ZRANGE', KEYS[1], 0, n - cap - 1)
-redis.call('ZREM', KEYS[1], unpack(gone))
 return gone
 """)
 

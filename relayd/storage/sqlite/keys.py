@@ -190,7 +190,8 @@ class KeyDirectory:
             conn.execute("INSERT OR REPLACE INTO tokens (hash, address, expires_at) VALUES (?, ?, ?)",
                          (token_hash, address, expires_at_ms))
             conn.execute("DELETE FROM tokens WHERE address = ? AND hash NOT IN (SELECT hash FROM tokens "
-                         "WHERE address = ? ORDER BY expires_at DESC LIMIT ?)", (address, address, max_per_address))
+                         "WHERE address = ? ORDER BY hash = ? DESC, expires_at DESC, hash DESC LIMIT ?)",
+                         (address, address, token_hash, max_per_address))
             return None, NONE
         await self._writer.submit(job, write=True)
 
