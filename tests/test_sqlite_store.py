@@ -662,6 +662,10 @@ def test_a_page_is_removed_by_its_range_only_when_it_holds_every_message_of_it(t
         for removed in ("m1", "m8", "m11"):  # bob[0], bob[5], bob[7]
             assert await store.enqueue(msg(removed, recipient="bob"), ROOMY) is EnqueueResult.DELIVERED
         assert await store.enqueue(msg("m7", recipient="bob"), ROOMY) is EnqueueResult.DUPLICATE  # bob[4]
+        for sql in (sqlite_queue._RANGE_ROWS, sqlite_queue._RANGE_DELIVERED, sqlite_queue._RANGE_DELETE):
+            bound = sql.replace("?", "'bob'", 1).replace("?", "1").replace("LIMIT 1", "LIMIT 2")
+            plan = " | ".join(row[-1] for row in await run_job(store, "EXPLAIN QUERY PLAN " + bound))
+            assert "SEARCH messages USING INDEX messages_recipient_seq" in plan and "SCAN messages" not in plan, plan
         await store.close()
     asyncio.run(main())
 

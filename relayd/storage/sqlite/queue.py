@@ -50,7 +50,10 @@ _LATER_DELIVERY = ("ON CONFLICT (recipient, message_id, sender) DO UPDATE SET "
                    "queued_at = max(queued_at, excluded.queued_at)")
 """A message recorded as delivered twice is remembered from the later ``queued_at``."""
 _RANGE = "recipient = ? AND seq BETWEEN ? AND ?"
-_RANGE_ROWS = f"SELECT seq, size FROM messages WHERE {_RANGE} ORDER BY seq LIMIT ?"
+_RANGE_ROWS = (f"SELECT group_concat(seq), sum(size) FROM (SELECT seq, size FROM messages WHERE {_RANGE} "
+               "ORDER BY seq LIMIT ?)")
+"""The range's first seqs, one more than asked for (a range of many others is not read through), as one string in
+the order they are read in (were it ever another, the range would only go unused), and their sizes."""
 _RANGE_DELIVERED = ("INSERT INTO delivered (recipient, message_id, sender, queued_at) SELECT recipient, message_id, "
                     f"lower(sender), queued_at FROM messages WHERE {_RANGE} " + _LATER_DELIVERY)
 _RANGE_DELETE = f"DELETE FROM messages WHERE {_RANGE}"
@@ -334,17 +337,18 @@ def _delete_delivered_range(conn: sqlite3.Connection, recipient: str,
                             seqs: Sequence[int | str]) -> tuple[int, Delta] | None:
     """Delete these seqs as delivered when they are every message of ``recipient`` from the first to the last (a
     flushed page: the usual case), by that range: no list of values for SQLite to search, and the sizes come
-    from the one read that checks it; None (nothing done) when they are not."""
-    wanted = sorted(int(seq) for seq in seqs)
+    from the one read that checks it (the range's seqs as one string, compared with theirs: no row reaches
+    Python); None (nothing done) when they are not."""
+    wanted = sorted(map(int, seqs))
     span = (recipient, wanted[0], wanted[-1])
-    rows = conn.execute(_RANGE_ROWS, (*span, len(wanted) + 1)).fetchall()
-    if len(rows) != len(wanted) or any(row[0] != seq for row, seq in zip(rows, wanted)):
+    found, freed = conn.execute(_RANGE_ROWS, (*span, len(wanted) + 1)).fetchone()
+    if found != ",".join(map(str, wanted)):  # another of the recipient's messages between them, or one gone
         return None
+    freed = int(freed)
     conn.execute(_RANGE_DELIVERED, span)
     conn.execute(_RANGE_DELETE, span)
-    freed = sum(size for _, size in rows)
-    _uncount(conn, recipient, len(rows), freed)
-    return len(rows), (-len(rows), -freed)
+    _uncount(conn, recipient, len(wanted), freed)
+    return len(wanted), (-len(wanted), -freed)
 
 
 def _delete_delivered(conn: sqlite3.Connection, recipient: str, column: str,
