@@ -641,6 +641,35 @@ def test_total_stays_exact(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_page_is_removed_by_its_range_only_when_it_holds_every_message_of_it(tmp_path: Path) -> None:
+    """A flushed page (every message of the recipient from its first seq to its last, other recipients' between)
+    goes by range; a list that skips one of the recipient's messages, or names one gone, removes only those named.
+    Either way the removed are known as delivered and the counters stay exact."""
+    async def main() -> None:
+        store = await opened(tmp_path / "relay.db")
+        sent = [msg(f"m{i}", recipient="bob" if i % 3 else "carol") for i in range(30)]
+        for m in sent:
+            await store.enqueue(m, ROOMY)
+        bob = [m.seq for m in sent if m.recipient == "bob"]
+        assert await store.remove("bob", [bob[2], bob[0], bob[1], bob[1]]) == 3
+        assert await store.remove("bob", [bob[3], bob[5]]) == 2  # skips bob[4]
+        assert await store.remove("bob", [bob[6], bob[7], 10**9]) == 2
+        assert await store.remove("carol", bob[8:12]) == 0
+        assert [m.seq for m in await store.pending("bob", 100)] == [bob[4], *bob[8:]]
+        assert len(await store.pending("carol", 100)) == 10
+        assert store.total() == (await store.stats())["messages"] == 10 + len(bob) - 7
+        assert await store.size("bob") == len(bob) - 7
+        for removed in ("m1", "m8", "m11"):  # bob[0], bob[5], bob[7]
+            assert await store.enqueue(msg(removed, recipient="bob"), ROOMY) is EnqueueResult.DELIVERED
+        assert await store.enqueue(msg("m7", recipient="bob"), ROOMY) is EnqueueResult.DUPLICATE  # bob[4]
+        for sql in (sqlite_queue._RANGE_ROWS, sqlite_queue._RANGE_DELIVERED, sqlite_queue._RANGE_DELETE):
+            bound = sql.replace("?", "'bob'", 1).replace("?", "1").replace("LIMIT 1", "LIMIT 2")
+            plan = " | ".join(row[-1] for row in await run_job(store, "EXPLAIN QUERY PLAN " + bound))
+            assert "SEARCH messages USING INDEX messages_recipient_seq" in plan and "SCAN messages" not in plan, plan
+        await store.close()
+    asyncio.run(main())
+
+
 def test_expire_works_in_batches_and_lets_other_jobs_through(tmp_path: Path) -> None:
     rows = 20_000
 

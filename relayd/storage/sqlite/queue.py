@@ -49,6 +49,14 @@ _FORGET_DELIVERED = "DELETE FROM delivered WHERE recipient = ? AND message_id = 
 _LATER_DELIVERY = ("ON CONFLICT (recipient, message_id, sender) DO UPDATE SET "
                    "queued_at = max(queued_at, excluded.queued_at)")
 """A message recorded as delivered twice is remembered from the later ``queued_at``."""
+_RANGE = "recipient = ? AND seq BETWEEN ? AND ?"
+_RANGE_ROWS = (f"SELECT group_concat(seq), sum(size) FROM (SELECT seq, size FROM messages WHERE {_RANGE} "
+               "ORDER BY seq LIMIT ?)")
+"""The range's first seqs, one more than asked for (a range of many others is not read through), as one string in
+the order they are read in (were it ever another, the range would only go unused), and their sizes."""
+_RANGE_DELIVERED = ("INSERT INTO delivered (recipient, message_id, sender, queued_at) SELECT recipient, message_id, "
+                    f"lower(sender), queued_at FROM messages WHERE {_RANGE} " + _LATER_DELIVERY)
+_RANGE_DELETE = f"DELETE FROM messages WHERE {_RANGE}"
 _RECORD_DELIVERED = ("INSERT INTO delivered (recipient, message_id, sender, queued_at) VALUES (?, ?, lower(?), ?) "
                      + _LATER_DELIVERY)
 
@@ -313,12 +321,34 @@ def delete_where(conn: sqlite3.Connection, recipient: str, column: str,
     Without history a chunk is two statements, the delivered records copied from the rows and the rows deleted
     (a flush's removal and an ack, the hot paths); with it, the rows are read first, for ``delete_rows``."""
     if not keep_until:
+        if column == "seq":
+            ranged = _delete_delivered_range(conn, recipient, values)
+            if ranged is not None:
+                return ranged
         return _delete_delivered(conn, recipient, column, values)
     rows: list[tuple[int, str, int]] = []
     for part in chunks(values):
         rows += conn.execute(f"SELECT seq, recipient, size FROM messages WHERE recipient = ? "
                              f"AND {column} IN ({marks(len(part))})", (recipient, *part)).fetchall()
     return delete_rows(conn, rows, delivered=True, keep_until=keep_until)
+
+
+def _delete_delivered_range(conn: sqlite3.Connection, recipient: str,
+                            seqs: Sequence[int | str]) -> tuple[int, Delta] | None:
+    """Delete these seqs as delivered when they are every message of ``recipient`` from the first to the last (a
+    flushed page: the usual case), by that range: no list of values for SQLite to search, and the sizes come
+    from the one read that checks it (the range's seqs as one string, compared with theirs: no row reaches
+    Python); None (nothing done) when they are not."""
+    wanted = sorted(map(int, seqs))
+    span = (recipient, wanted[0], wanted[-1])
+    found, freed = conn.execute(_RANGE_ROWS, (*span, len(wanted) + 1)).fetchone()
+    if found != ",".join(map(str, wanted)):  # another of the recipient's messages between them, or one gone
+        return None
+    freed = int(freed)
+    conn.execute(_RANGE_DELIVERED, span)
+    conn.execute(_RANGE_DELETE, span)
+    _uncount(conn, recipient, len(wanted), freed)
+    return len(wanted), (-len(wanted), -freed)
 
 
 def _delete_delivered(conn: sqlite3.Connection, recipient: str, column: str,
