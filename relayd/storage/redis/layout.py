@@ -63,12 +63,20 @@ class ScriptKeys(tuple[str, ...]):
         self.resp = resp
         return self
 
+    def first(self, count: int) -> "ScriptKeys":
+        """The first ``count`` keys (the same strings), their RESP form cut from this one's."""
+        keys = self[:count]
+        end = 0
+        for key in keys:
+            size = len(key) if key.isascii() else len(key.encode())
+            end += len(str(size)) + size + 5  # $<size>\r\n<key>\r\n
+        return ScriptKeys(list(keys), self.resp[:end])
+
 
 class AddressKeys:
     """The names of a script's keys, each under its address's own prefix or under its slot's (``names``:
     (of the slot?, name) in the order the script declares them), built for an address with their RESP form
-    from one template per length of the two prefixes: a first write to an address built the RESP form key by
-    key, and at full bench scale (more recipients than ``CACHED_ADDRESSES``) every queued message did."""
+    from one template per length of the two prefixes (rather than key by key)."""
 
     def __init__(self, names: tuple[tuple[bool, str], ...]) -> None:
         self.names = names
@@ -93,7 +101,6 @@ _SCRIPT_KEYS = AddressKeys((*((False, name) for name in ("q", "t", "m", "i", "n"
                             (True, "expiry"), (True, "stats"),
                             *((False, name) for name in ("mig", "on", "w", "d", "h", "ho", "hu")), (True, "hexpiry")))
 """``RecipientKeys``: an address's own keys, its slot's expiry index and statistics among them."""
-_ENQUEUE_KEYS = AddressKeys(_SCRIPT_KEYS.names[:ENQUEUE_KEYS])
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,16 +168,13 @@ class Layout:
     def script_keys(self, address: str) -> ScriptKeys:
         """``recipient(address).all()``, as the message and receipt scripts declare them, packed once (built
         here: a first write to an address built them field by field for about a tenth of its CPU)."""
-        return _SCRIPT_KEYS.build(*self._prefixes(address))
+        slot = slot_tag(self.slot_of(address))
+        return _SCRIPT_KEYS.build(f"{self.prefix}{{{address}}}:", f"{self.prefix}{{{slot}}}:")
 
     def enqueue_keys(self, address: str) -> ScriptKeys:
-        """The first ``ENQUEUE_KEYS`` of ``script_keys(address)``, packed once (built apart: a recipient that is
-        only written to by enqueues never needs the others)."""
-        return _ENQUEUE_KEYS.build(*self._prefixes(address))
-
-    def _prefixes(self, address: str) -> tuple[str, str]:
-        """(the address's own key prefix, its slot's)."""
-        return f"{self.prefix}{{{address}}}:", f"{self.prefix}{{{slot_tag(self.slot_of(address))}}}:"
+        """The first ``ENQUEUE_KEYS`` of ``script_keys(address)``, packed once (the same strings: both are
+        cached)."""
+        return self.script_keys(address).first(ENQUEUE_KEYS)
 
     def history_expiry(self, slot: int) -> str:
         """Per slot: ZSET address -> the earliest time one of its kept messages expires."""
