@@ -35,7 +35,12 @@ class Health:
         """Called when a write succeeds after a failure (``relayd.cluster`` reads its open queues again: notices
         may have been lost meanwhile; the PostgreSQL store reads its totals again)."""
         self.oldest_write: Callable[[], float | None] = lambda: None
-        """When the oldest unanswered write was submitted (Redis's ordered write queue says; None: unknown)."""
+        """When the oldest unanswered write was submitted (Redis's ordered write queue says; None: unknown). It
+        never moves back: writes are submitted at the time they are, and answering one leaves only later ones."""
+        self._answered_before = 0.0
+        """Every write submitted before this (monotonic) was answered when ``problem`` last asked: until
+        ``overdue_s`` after it, no write can be overdue, and ``problem`` (asked before each stored message) does
+        not walk the writes again."""
 
     @property
     def healthy(self) -> bool:
@@ -51,10 +56,13 @@ class Health:
     def problem(self) -> str | None:
         if self._problem is not None:
             return self._problem
+        now = time.monotonic()
+        if now - self._answered_before <= self.overdue_s:
+            return None
         since = self.oldest_write()
-        if since is not None and time.monotonic() - since > self.overdue_s:
-            return (f"a {self.server} {self.waiting} has waited {time.monotonic() - since:.1f} s for an answer "
-                    f"({self.server} hangs?)")
+        self._answered_before = now if since is None else since
+        if since is not None and now - since > self.overdue_s:
+            return f"a {self.server} {self.waiting} has waited {now - since:.1f} s for an answer ({self.server} hangs?)"
         return None
 
     def fail(self, reason: str, *, unknown: bool = False) -> StorageUnavailable:

@@ -47,6 +47,14 @@ def commands(client: Client) -> Commands:
     return cast("Redis[str]", client)
 
 
+async def read_script(client: Commands, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    """Run a read-only script on a single server (EVALSHA, or EVAL when Redis does not know it yet)."""
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+    except rx.NoScriptError:
+        return await client.eval(script.source, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+
+
 class RedisLink:
     """The client, its ``health`` and its ordered ``writes`` (batched, in order, then WAIT/WAITAOF if
     configured)."""

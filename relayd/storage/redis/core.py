@@ -7,6 +7,8 @@ each hold this one object; ``RedisStore`` holds them all.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
@@ -14,7 +16,7 @@ from typing import Any, TypeAlias
 from redis.asyncio.client import Pipeline
 
 from . import scripts
-from .connection import Commands, RedisLink
+from .connection import Commands, RedisLink, read_script
 from .layout import Layout
 from .records import SlotTotals, chunks
 from ..store import RECEIPT_BYTES
@@ -84,14 +86,20 @@ class StoreCore:
         force, self.totals.trust_next_read = self.totals.trust_next_read, False
         slots = await self.slots()
         for part in chunks(slots, SLOT_BATCH):
-            async def work(client: Commands, part: Sequence[int] = part) -> list[Any]:
-                pipe = self.pipeline(client)
-                for slot in part:
-                    pipe.hmget(self.layout.slot_keys(slot)[1], [*STAT_FIELDS, "ver"])
-                return list(await pipe.execute())
-            for slot, row in zip(part, await self.link.read(work)):
+            for slot, row in zip(part, await self.link.read(functools.partial(self._slot_stats, part))):
                 for name, value in zip(STAT_FIELDS, row):
                     sums[name] += int(value or 0)
                 self.totals.apply(slot, (row[1], row[2], row[len(STAT_FIELDS)]), force=force)
         self.other_bytes = sums["receipts"] * RECEIPT_BYTES + sums.pop("kbytes") + sums.pop("pbytes")
         return sums
+
+    async def _slot_stats(self, part: Sequence[int], client: Commands) -> list[Any]:
+        """The statistics of these slots (``STAT_FIELDS`` and ``ver`` each): one script call on a single server,
+        a pipeline on a Cluster (one slot per command there)."""
+        keys = [self.layout.slot_keys(slot)[1] for slot in part]
+        if not self.link.cluster:
+            return list(json.loads(await read_script(client, scripts.SLOT_STATS, keys, (*STAT_FIELDS, "ver"))))
+        pipe = self.pipeline(client)
+        for key in keys:
+            pipe.hmget(key, [*STAT_FIELDS, "ver"])
+        return list(await pipe.execute())

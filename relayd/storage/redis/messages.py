@@ -43,7 +43,8 @@ class RedisMessages:
         core = self.core
         size = utf8_len(msg.content)
         over = bool(limits.max_total_bytes) and core.totals.bytes + core.other_bytes + size > limits.max_total_bytes
-        core.note_slot(core.layout.slot_of(msg.recipient))
+        slot = core.layout.slot_of(msg.recipient)
+        core.note_slot(slot)
         outcome, seq, _dropped, totals, presence = await core.link.merge(
             scripts.ENQUEUE, core.layout.enqueue_keys(msg.recipient),
             (limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK, ledger_ttl_ms,
@@ -53,8 +54,8 @@ class RedisMessages:
         if outcome in ("queued", "duplicate"):
             msg.seq = int(seq)
         if outcome == "queued":
-            core.apply_totals(msg.recipient, totals)
-        return str(outcome), pairs(presence)
+            core.totals.apply(slot, totals)
+        return str(outcome), pairs(presence) if presence else {}
 
     async def restore(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, PresenceEntries]]:
         core = self.core

@@ -696,6 +696,16 @@ for i = 1, #ARGV do out[i] = 1 end
 return cjson.encode(out)
 """)
 
+# Read only, on a single Redis (a Cluster's slots do not share one): any number of slots. KEYS: the slots'
+# statistics hashes. ARGV: the fields. Returns one JSON string: an array with each hash's values of those fields
+# (false for a missing one). One reply for them all: read as a pipeline of HMGETs, redis-py took 37 us of
+# relayd's CPU per slot, 0.2 s for 5,000 slots at every refresh.
+SLOT_STATS = Script("slot_stats", r"""
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HMGET', key, unpack(ARGV)) end
+return cjson.encode(out)
+""")
+
 # KEYS: this instance's probe key. ARGV: value, ttl ms. A write, so refused writes show up without traffic.
 PROBE = Script("probe", "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1")
 
