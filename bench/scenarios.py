@@ -618,8 +618,13 @@ def s9_redis(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
         redis.stop()
 
 
+PURE_LOOP = (("RELAYD_SERVER_EVENT_LOOP", "asyncio"),)
+"""Redis and PostgreSQL variants run on asyncio's loop, as relayd/sqlite and relayd/memory do, which they are
+compared with (the default ``auto`` would pick uvloop where the fast extra is installed)."""
+
+
 def _s9_variant(label: str, redis: RedisProcess, **settings: Any) -> Variant:
-    env = (("RELAYD_REDIS_URL", redis.url), ("RELAYD_REDIS_KEY_PREFIX", "bench:"))
+    env = (("RELAYD_REDIS_URL", redis.url), ("RELAYD_REDIS_KEY_PREFIX", "bench:"), *PURE_LOOP)
     return Variant(label, "relayd", "redis", tuple(sorted({"relayd_env": env, **settings}.items())))
 
 
@@ -830,7 +835,7 @@ def s10_postgres(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
 
 def _s10_queued(ctx: Any, rep: Report, p: dict[str, Any], pg: Any, redis: RedisProcess | None) -> None:
     labels = ["relayd/postgres", "relayd/sqlite", "relayd/redis"]
-    pg_env = (("RELAYD_POSTGRES_URL", pg.url),)
+    pg_env = (("RELAYD_POSTGRES_URL", pg.url), *PURE_LOOP)
     variants = [Variant("relayd/postgres", "relayd", "postgres",
                         tuple(sorted({"relayd_env": pg_env, "queue_max": 10_000_000}.items())))]
     variants += ctx.variants(["relayd/sqlite"], queue_max=10_000_000)
@@ -880,7 +885,7 @@ def _s10_live(ctx: Any, rep: Report, p: dict[str, Any], pg: Any, redis: RedisPro
     """Live routing across two instances on PostgreSQL alone ([postgres] cluster = true) against two on Redis:
     senders on one instance, receivers on the other; CPU per message of both instances and of the server."""
     pg_label, redis_label = "two on postgres", "two on redis"
-    pg_env = (("RELAYD_POSTGRES_URL", pg.url), ("RELAYD_POSTGRES_CLUSTER", "true"))
+    pg_env = (("RELAYD_POSTGRES_URL", pg.url), ("RELAYD_POSTGRES_CLUSTER", "true"), *PURE_LOOP)
     variants = [Variant(pg_label, "relayd", "postgres", tuple(sorted({"relayd_env": pg_env}.items())))]
     if redis is not None:
         variants.append(_s9_variant(redis_label, redis))
