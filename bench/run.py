@@ -35,9 +35,9 @@ from typing import Any
 from measure import BACKGROUND, QUIET, log, perf_available
 from report import Report
 from scenarios import SCENARIOS, Scenario
-from servers import PY, RELAYD_BASE_ENV, ROOT, NodeRelay, Server, Variant, configure_relayd
+from servers import PURE_LOOP, PY, RELAYD_BASE_ENV, ROOT, NodeRelay, Server, Variant, configure_relayd
 
-ASYNCIO = (("relayd_env", (("RELAYD_SERVER_EVENT_LOOP", "asyncio"),)),)
+ASYNCIO = (("relayd_env", PURE_LOOP),)
 UVLOOP = (("relayd_env", (("RELAYD_SERVER_EVENT_LOOP", "uvloop"),)),)
 VARIANTS = {  # relayd/memory and relayd/sqlite: the pure default (asyncio's loop); +uvloop: the fast extra's loop
     "relayd/memory": Variant("relayd/memory", "relayd", "memory", ASYNCIO),

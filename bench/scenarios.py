@@ -24,7 +24,7 @@ from typing import Any, Callable
 from measure import (LagProbe, PeerProbe, Rounds, SyscallCounter, paired_ratios, run_loadgen, run_rounds, split,
                      summary, wait_for_quiet)
 from report import Report, Section
-from servers import ROOT, BenchError, RedisProcess, Server, Variant, http_get, http_json, rss_kb
+from servers import PURE_LOOP, ROOT, BenchError, RedisProcess, Server, Variant, http_get, http_json, rss_kb
 
 COLD_TARGET_ROWS = 1_000_000
 COLD_PER_RECIPIENT = 100
@@ -616,11 +616,6 @@ def s9_redis(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
         _s9_sign_ins(ctx, rep, p, redis)
     finally:
         redis.stop()
-
-
-PURE_LOOP = (("RELAYD_SERVER_EVENT_LOOP", "asyncio"),)
-"""Redis and PostgreSQL variants run on asyncio's loop, as relayd/sqlite and relayd/memory do, which they are
-compared with (the default ``auto`` would pick uvloop where the fast extra is installed)."""
 
 
 def _s9_variant(label: str, redis: RedisProcess, **settings: Any) -> Variant:

@@ -436,6 +436,11 @@ class NodeRelay:
 
 # Servers
 
+PURE_LOOP = (("RELAYD_SERVER_EVENT_LOOP", "asyncio"),)
+"""relayd on asyncio's loop, the pure default: the memory and SQLite variants, and the Redis and PostgreSQL ones
+compared with them (relayd's ``auto`` would pick uvloop where the fast extra is installed)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One server configuration a scenario measures: a column of its table.
