@@ -13,6 +13,7 @@ import heapq
 import itertools
 import logging
 import time
+from typing import TypeVar
 
 from ..frames import utf8_len
 from .store import (
@@ -32,6 +33,14 @@ from .store import (
 log = logging.getLogger("relayd.storage")
 
 Ident = tuple[str, str, str]
+
+
+_T = TypeVar("_T")
+
+
+def _past_cap(others: list[_T], cap: int) -> list[_T]:
+    """Of an address's others, oldest first, those that go so that they and the one just stored fit in ``cap``."""
+    return others[:max(0, len(others) - (cap - 1))]
 
 
 def _ident(msg: QueuedMessage) -> Ident:
@@ -468,7 +477,7 @@ class MemoryStore:
         self._tokens[token_hash] = (address, expires_at_ms)
         others = sorted((expires, token) for token, (owner, expires) in self._tokens.items()
                         if owner == address and token != token_hash)
-        for _, token in others[:max(0, len(others) - (max_per_address - 1))]:
+        for _, token in _past_cap(others, max_per_address):
             del self._tokens[token]
 
     async def token_address(self, token_hash: str, now_ms: int) -> str | None:
@@ -486,7 +495,7 @@ class MemoryStore:
         self._other_bytes += stored.size()
         subs[sub.id] = stored
         others = sorted((s for s in subs.values() if s.id != sub.id), key=lambda s: (s.created_at, s.id))
-        for gone in others[:max(0, len(others) - (max_per_address - 1))]:
+        for gone in _past_cap(others, max_per_address):
             self._forget_push(subs, gone.id)
         for each in subs.values():
             each.expires_at = sub.expires_at
