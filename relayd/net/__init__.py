@@ -22,10 +22,17 @@ Parsing (``http_connection.HttpConnection``, ``http_framing``)
 
 - ``ServerProtocol.parser``: replaced by ``HttpConnection._parse_requests``
   (primed with ``next``), which frames requests with ``read_request``; an
-  upgrade replaces it by ``Protocol.parse`` (the frame parser) itself
-  (``HttpConnection._to_frames``).
+  upgrade replaces it by ``frame_parser.FrameParser`` (``Protocol.parse``
+  where an extension was negotiated; ``HttpConnection._to_frames``).
   Tripwires: ``test_protocol_seams_relay_connection_uses``,
   ``test_kept_alive_rest_requests_then_an_upgrade_on_one_connection``.
+- ``FrameParser`` does what ``Protocol.parse`` does with the protocol's
+  ``reader`` (``buffer``, ``eof``), ``recv_frame``, ``fail``,
+  ``parser_exc``, ``current_size``, ``max_message_size`` /
+  ``max_fragment_size``, ``debug`` and ``logger``, and websockets' ``Frame``,
+  ``Opcode``, ``apply_mask`` and ``PayloadTooBig.set_current_size``. Tripwire:
+  ``tests/test_frame_parser.py`` runs both parsers on the same streams, split
+  at every byte, and compares frames, answers, states and errors.
 - ``ServerProtocol.reader`` (a ``StreamReader``: ``read_line``,
   ``read_exact``, ``buffer``, ``eof``) and ``http11.parse_headers`` /
   ``MAX_LINE_LENGTH``, driven as generators by ``read_request``; the reader's

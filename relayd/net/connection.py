@@ -14,8 +14,7 @@ handing back the messages whose bytes never reached the peer.
 from __future__ import annotations
 
 import asyncio
-import types
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any, Protocol, cast
 
 from websockets.asyncio.messages import Assembler
@@ -61,13 +60,13 @@ def _nothing() -> None:
 
 
 def _retire_parser(protocol: ServerProtocol) -> None:
-    """Let websockets' frame parser go once the connection is lost. The parser is a generator suspended inside
-    its protocol, and the error that ended a parse (a peer gone without a closing handshake) keeps the parse's
+    """Let the frame parser go once the connection is lost. The parser (websockets' generator suspended inside
+    its protocol, or relayd's ``FrameParser``) holds its protocol, and the error that ended a parse (a peer gone without a closing handshake) keeps the parse's
     frame in its traceback: either forms a reference cycle with the protocol that only the garbage collector
     would free. Nothing feeds the parser after ``connection_lost`` (websockets' own ``receive_eof`` there is its
     last step), and the error keeps its type and message."""
     parser = getattr(protocol, "parser", None)
-    if isinstance(parser, types.GeneratorType):
+    if isinstance(parser, Generator):  # websockets' generators, or relayd's FrameParser
         parser.close()
     error = getattr(protocol, "parser_exc", None)
     if isinstance(error, BaseException):

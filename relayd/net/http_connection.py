@@ -31,6 +31,7 @@ from websockets.server import ServerProtocol
 
 from ..clock import Clock
 from ..errors import RelayError
+from .frame_parser import FrameParser
 from .http_framing import BadRequest, ParsedRequest, read_request
 from .http_values import HttpResponse, error_response
 from .transports import release
@@ -348,9 +349,11 @@ class HttpConnection(ServerConnection):
         return not self.transport.is_closing()
 
     def _to_frames(self) -> None:
-        """Hand the reader to websockets' frame parser, in place of the request parser: it then runs for the
-        connection's life without a generator of relayd's around it (a quarter of a KiB per connection)."""
-        requests, self.protocol.parser = self.protocol.parser, WsProtocol.parse(self.protocol)
+        """Hand the reader to the frame parser, in place of the request parser, for the connection's life:
+        relayd's flat one (``frame_parser``), or websockets' own where an extension was negotiated."""
+        protocol = self.protocol
+        requests = protocol.parser
+        protocol.parser = WsProtocol.parse(protocol) if protocol.extensions else FrameParser(protocol)
         requests.close()
 
     def _advance_parser(self) -> None:
