@@ -47,7 +47,8 @@ class FrameParser(Generator[None, None, None]):
     def __init__(self, protocol: Protocol) -> None:
         self.protocol: Protocol | None = protocol
 
-    def send(self, value: None) -> None:
+    def __next__(self) -> None:
+        """One step (``next()``, as the protocol steps its parser): not the ABC's, which goes through ``send``."""
         protocol = self.protocol
         if protocol is None:
             raise StopIteration
@@ -70,6 +71,9 @@ class FrameParser(Generator[None, None, None]):
             protocol.logger.error("parser failed", exc_info=True)
             protocol.fail(CloseCode.INTERNAL_ERROR)  # no details: they may be sensitive
             protocol.parser_exc = exc
+
+    def send(self, value: None) -> None:
+        self.__next__()
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> None:
         """As a generator's: the exception comes back out, and the parser is done (``close()`` goes here)."""
