@@ -37,6 +37,7 @@ from .http_values import HttpResponse, error_response
 from .transports import release
 
 log = logging.getLogger("relayd.server")
+_WEBSOCKETS_LOG = logging.getLogger("websockets.server")
 
 
 @dataclass(slots=True)
@@ -135,6 +136,9 @@ class HttpConnection(ServerConnection):
     def __init__(self, protocol: ServerProtocol, server: Server, *, context: ConnectionContext,
                  **kwargs: Any) -> None:
         super().__init__(protocol, server, **kwargs)
+        # websockets wraps its logger per connection, in an adapter that names the connection through a weak
+        # proxy (about a third of a KiB per connection); relayd's log format does not show it.
+        protocol.logger = self.logger = _WEBSOCKETS_LOG
         self.context = context
         self.limits: ConnectionLimits = context.connection_limits
         self.peer_ip = "unknown"
@@ -191,8 +195,9 @@ class HttpConnection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         release(self.transport)
-        if not self.request_rcvd.done():  # the handshake loop waits on this one future only
-            self.request_rcvd.set_result(None)
+        rcvd = self.request_rcvd
+        if rcvd is not None and not rcvd.done():  # the handshake loop waits on this one future only
+            rcvd.set_result(None)
         if self.counted:
             self.context.released(self)
 
@@ -419,8 +424,9 @@ class HttpConnection(ServerConnection):
             self._to_frames()
             self._advance_parser()
             self.send_data()
-        self.request = None  # an idle connection keeps neither the request nor the response
+        self.request = None  # an idle connection keeps neither the request nor the response,
         self.response = None
+        self.request_rcvd = None  # type: ignore[assignment]  # nor a future for the next request
 
 
 _date = (0, "")
