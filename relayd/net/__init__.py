@@ -81,7 +81,10 @@ The handshake (``http_connection.HttpConnection.handshake``)
   ``test_connection_seams_relay_connection_overrides_or_calls``,
   ``test_handshake_is_called_as_relayd_overrides_it``.
 - ``ServerConnection.request_rcvd``, ``Connection.connection_lost_waiter``:
-  awaited for the next request; ``request``, ``response`` set and cleared;
+  awaited for the next request; ``request``, ``response`` and
+  ``request_rcvd`` set and cleared (None once open); ``Connection.logger``
+  and ``protocol.logger`` replaced by the shared ``websockets.server``
+  logger;
   ``protocol.accept`` / ``reject`` / ``send_response`` (a refusal inside
   ``send_context(expected_state=CONNECTING)``; the 101 answer, which opens
   the connection and leaves nothing to wait for, written with
