@@ -318,3 +318,34 @@ def test_expect_100_continue_is_answered_before_the_body(open_relay):
             assert block, broken(f"no answer after the body: {data!r}")
             data += block
         assert data.startswith(b"HTTP/1.1 200"), broken(f"the body after 100 Continue was answered {data[:80]!r}")
+
+
+@pytest.mark.parametrize("subprotocol", [None, "relay"])
+@pytest.mark.parametrize("server_header", [None, "relayd/0.1"])
+def test_relayd_builds_the_upgrade_answer_as_websockets_accept_does(subprotocol, server_header):
+    # HttpConnection answers a valid upgrade with switching_protocols(), which runs websockets' own check
+    # (process_request) and writes the 101 answer itself: byte for byte what accept() + serialize() write.
+    from relayd.net import http_connection
+
+    def request():
+        headers = Headers([("Host", "relay.example"), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                           ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")])
+        if subprotocol:
+            headers["Sec-WebSocket-Protocol"] = subprotocol
+        return Request("/", headers)
+
+    options = {"subprotocols": [subprotocol]} if subprotocol else {}
+    ours = http_connection.switching_protocols(ServerProtocol(**options), request(), server_header)
+    response = ServerProtocol(**options).accept(request())
+    if server_header is not None:
+        response.headers["Server"] = server_header
+    theirs = response.serialize()
+    date = re.compile(rb"Date: [^\r]*\r\n")
+    assert ours is not None and date.sub(b"", ours) == date.sub(b"", theirs), broken(
+        f"accept() now answers {theirs!r}, relayd writes {ours!r}")
+    found = date.search(ours)
+    assert found is not None and re.fullmatch(rb"Date: \w{3}, \d{2} \w{3} \d{4} \d{2}:\d{2}:\d{2} GMT\r\n",
+                                              found.group())
+    bad = request()
+    del bad.headers["Sec-WebSocket-Key"]
+    assert http_connection.switching_protocols(ServerProtocol(), bad, None) is None

@@ -85,6 +85,10 @@ The handshake (``http_connection.HttpConnection.handshake``)
   ``request_rcvd`` set and cleared (None once open); ``Connection.logger``
   and ``protocol.logger`` replaced by the shared ``websockets.server``
   logger;
+  ``protocol.process_request`` (a valid upgrade's 101 answer is written by
+  ``switching_protocols``, as ``accept`` + ``serialize`` write it, with
+  ``send_response``'s change of state; tripwire
+  ``test_relayd_builds_the_upgrade_answer_as_websockets_accept_does``),
   ``protocol.accept`` / ``reject`` / ``send_response`` (a refusal inside
   ``send_context(expected_state=CONNECTING)``; the 101 answer, which opens
   the connection and leaves nothing to wait for, written with

@@ -404,22 +404,34 @@ class HttpConnection(ServerConnection):
 
     async def _accept_websocket(self, server_header: str | None) -> None:
         assert self.request is not None
-        response = self.protocol.accept(self.request)
-        if server_header is not None:
-            response.headers["Server"] = server_header
-        if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS and not self.server.is_serving():
-            response = self.protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n")
-        if self.state is State.CONNECTING:
-            if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
-                # The upgrade leaves nothing to wait for: websockets' ``send_context`` would only write and drain
-                # here, and its async context manager costs about a twentieth of a sign-in.
-                self.protocol.send_response(response)
-                self.send_data()
-                if self.paused:
-                    await self.drain()
-            else:
-                async with self.send_context(expected_state=State.CONNECTING):
-                    self.protocol.send_response(response)
+        protocol = self.protocol
+        upgrade = (switching_protocols(protocol, self.request, server_header)
+                   if self.state is State.CONNECTING and self.server.is_serving() and not protocol.debug else None)
+        if upgrade is not None:
+            # What ``send_response`` does with a 101 answer; the upgrade leaves nothing to wait for (websockets'
+            # ``send_context`` would only write and drain here, and its async context manager costs about a
+            # twentieth of a sign-in).
+            protocol.writes.append(upgrade)
+            protocol.state = State.OPEN
+            protocol.logger.info("connection open")
+            self.send_data()
+            if self.paused:
+                await self.drain()
+        else:  # a refusal (or a debug log of the answer): websockets' own way
+            response = protocol.accept(self.request)
+            if server_header is not None:
+                response.headers["Server"] = server_header
+            if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS and not self.server.is_serving():
+                response = protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n")
+            if self.state is State.CONNECTING:
+                if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
+                    protocol.send_response(response)
+                    self.send_data()
+                    if self.paused:
+                        await self.drain()
+                else:
+                    async with self.send_context(expected_state=State.CONNECTING):
+                        protocol.send_response(response)
         if self.protocol.state is State.OPEN:  # frames that came with the request are parsed now
             self._to_frames()
             self._advance_parser()
@@ -441,6 +453,27 @@ def http_date() -> str:
     return _date[1]
 
 
+def switching_protocols(protocol: ServerProtocol, request: Request, server_header: str | None) -> bytes | None:
+    """The bytes of the 101 answer to a valid upgrade request, as ``protocol.accept(request)`` (with the
+    ``Server`` header added) serializes them, or None when websockets' check (``process_request``) refuses the
+    request: ``accept`` then builds the refusal. websockets' ``Headers`` and its Date formatting cost about a
+    tenth of a sign-in; here the Date line is the one of this second."""
+    protocol.accept_called = True
+    try:
+        accept, extensions, subprotocol = protocol.process_request(request)
+    except Exception:  # noqa: BLE001  # whatever it raised, accept() raises it again and answers it
+        return None
+    head = [_UPGRADE_LINES, _date_line(), b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+            accept.encode("ascii"), b"\r\n"]
+    for name, value in (("Sec-WebSocket-Extensions", extensions), ("Sec-WebSocket-Protocol", subprotocol),
+                        ("Server", server_header)):
+        if value is not None:
+            head.append(f"{name}: {value}\r\n".encode())
+    head.append(b"\r\n")
+    return b"".join(head)
+
+
+_UPGRADE_LINES = b"HTTP/1.1 101 Switching Protocols\r\n"
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("iso-8859-1") for s in http.HTTPStatus}
 _dated = (0, b"")
 
