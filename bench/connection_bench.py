@@ -1,11 +1,16 @@
-"""CPU per inbound frame: relayd's flat frame parser against websockets' generator chain, in one process.
+"""CPU of two pieces of every connection, relayd's way against websockets' own, in one process.
 
-Feeds the same masked text frame (a live message's size) to two open ``ServerProtocol`` objects, one with
-websockets' ``Protocol.parse``, one with ``relayd.net.frame_parser.FrameParser``, one frame per
-``receive_data`` (as live traffic arrives) and eight per call, and takes the events each time as a connection
-does. Prints process CPU per frame, the best of ``--repeat`` runs of each, interleaved.
+1. An inbound frame: the same masked text frame (a live message's size) fed to two open ``ServerProtocol``
+   objects, one with websockets' ``Protocol.parse``, one with ``relayd.net.frame_parser.FrameParser``, one frame
+   per ``receive_data`` (as live traffic arrives) and eight per call, taking the events each time as a
+   connection does.
+2. The answer to a valid upgrade request: websockets' ``accept`` + ``send_response`` (its ``Headers``, Date
+   formatting and serialization) against ``http_connection.switching_protocols`` (websockets' own check, then the
+   bytes written directly), beyond making the protocol and the request, which both pay.
 
-    .venv/bin/python bench/frame_parser_bench.py [--frames 100000] [--repeat 5]
+Prints process CPU per operation, the best of ``--repeat`` runs of each, interleaved.
+
+    .venv/bin/python bench/connection_bench.py [--frames 100000] [--upgrades 20000] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from websockets.datastructures import Headers  # noqa: E402
 from websockets.frames import Frame, Opcode  # noqa: E402
+from websockets.http11 import Request  # noqa: E402
 from websockets.protocol import OPEN, Protocol  # noqa: E402
 from websockets.server import ServerProtocol  # noqa: E402
 
 from relayd.net.frame_parser import FrameParser  # noqa: E402
+from relayd.net.http_connection import switching_protocols  # noqa: E402
 
 CONTENT = (b'{"type":"message","to":"0x' + b"a" * 40 + b'","content":"' + b"x" * 200
            + b'","messageId":"bench-0123456789"}')
@@ -47,9 +55,33 @@ def cpu_per_frame(kind: str, data: bytes, frames: int, per_call: int) -> float:
     return (time.process_time() - started) / frames * 1e6
 
 
+def upgrade_request() -> Request:
+    return Request("/", Headers([("Host", "127.0.0.1:3000"), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                 ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"),
+                                 ("User-Agent", "Python/3.11 websockets/17.4")]))
+
+
+def cpu_per_upgrade(kind: str, upgrades: int) -> float:
+    started = time.process_time()
+    for _ in range(upgrades):
+        protocol = ServerProtocol()
+        request = upgrade_request()
+        if kind == "websockets":
+            response = protocol.accept(request)
+            response.headers["Server"] = "relayd"
+            protocol.send_response(response)
+        elif kind == "relayd":
+            answer = switching_protocols(protocol, request, "relayd")
+            assert answer is not None
+            protocol.writes.append(answer)
+        protocol.data_to_send()
+    return (time.process_time() - started) / upgrades * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=100_000)
+    ap.add_argument("--upgrades", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     data = client_frame(CONTENT)
@@ -63,6 +95,13 @@ def main() -> None:
         w, r = best["websockets"], best["relayd"]
         print(f"{per_call} frame(s) per read: websockets' parser {w:.2f} us/frame, relayd's {r:.2f} us/frame "
               f"({r / w:.2f}x, {w - r:.2f} us less)")
+    best = {"websockets": float("inf"), "relayd": float("inf"), "neither": float("inf")}
+    for _ in range(args.repeat):
+        for kind in best:
+            best[kind] = min(best[kind], cpu_per_upgrade(kind, args.upgrades))
+    w, r = best["websockets"] - best["neither"], best["relayd"] - best["neither"]
+    print(f"upgrade answer (beyond making the protocol and request, {best['neither']:.2f} us): websockets' accept "
+          f"{w:.2f} us, relayd's switching_protocols {r:.2f} us ({r / w:.2f}x, {w - r:.2f} us less)")
 
 
 if __name__ == "__main__":
