@@ -25,7 +25,7 @@ from websockets.asyncio.messages import Assembler, SimpleQueue
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.datastructures import Headers
-from websockets.http11 import Request, Response, parse_headers
+from websockets.http11 import MAX_LINE_LENGTH, Request, Response, parse_headers
 from websockets.protocol import Protocol
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
@@ -349,3 +349,54 @@ def test_relayd_builds_the_upgrade_answer_as_websockets_accept_does(subprotocol,
     bad = request()
     del bad.headers["Sec-WebSocket-Key"]
     assert http_connection.switching_protocols(ServerProtocol(), bad, None) is None
+
+
+HEADER_SECTIONS = {
+    "a handshake's": (b"Host: 127.0.0.1:3000\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                      b"User-Agent: Python/3.11 websockets/17.4\r\n\r\n"),
+    "none": b"\r\n",
+    "spaces, tabs, empty and repeated values, obs-text": (b"A:  x \t\r\nB:\r\nA: y\r\nC: caf\xe9\r\n"
+                                                          b"X-Token: !#$%&'*+-.^_`|~09azAZ\r\n\r\n"),
+    "128 fields": b"".join(b"F%d: v\r\n" % i for i in range(128)) + b"\r\n",
+    "129 fields": b"".join(b"F%d: v\r\n" % i for i in range(129)) + b"\r\n",
+    "the longest line": b"A: " + b"x" * (MAX_LINE_LENGTH - 5) + b"\r\n\r\n",
+    "a line too long": b"A: " + b"x" * (MAX_LINE_LENGTH - 4) + b"\r\n\r\n",
+    "a bare LF": b"A: x\nB: y\r\n\r\n",
+    "no colon": b"A x\r\n\r\n",
+    "space before the colon": b"A : x\r\n\r\n",
+    "obs-fold": b"A: x\r\n y\r\n\r\n",
+    "a NUL": b"A: x\x00y\r\n\r\n",
+    "a CR": b"A: x\ry\r\n\r\n",
+    "a body after it": b"Content-Length: 2\r\n\r\n{}",
+    "not all in": b"A: x\r\nB: y\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADER_SECTIONS))
+def test_whole_headers_reads_what_parse_headers_reads(name):
+    # http_framing reads a header section that is all in the buffer in one pass (whole_headers), or leaves it
+    # to websockets' parse_headers: where it reads one, it must read what parse_headers reads, to the byte.
+    from relayd.net.http_framing import whole_headers
+    data = HEADER_SECTIONS[name]
+    ours = StreamReader()
+    ours.feed_data(data)
+    fast = whole_headers(ours)
+    theirs = StreamReader()
+    theirs.feed_data(data)
+    parser = parse_headers(theirs.read_line)
+    expected: object = "waits for more"
+    try:
+        for _ in range(200):  # every line is in: it ends or waits
+            next(parser)
+    except StopIteration as stop:
+        expected = list(stop.value.raw_items())
+    except Exception as exc:  # noqa: BLE001
+        expected = exc
+    if fast is None:
+        assert bytes(ours.buffer) == data, "a section left to parse_headers must stay unread"
+        assert name not in ("a handshake's", "none", "spaces, tabs, empty and repeated values, obs-text",
+                            "128 fields", "the longest line", "a body after it"), "a plain section went the slow way"
+        return
+    assert list(fast.raw_items()) == expected, broken(f"parse_headers now reads {name} as {expected!r}")
+    assert bytes(ours.buffer) == bytes(theirs.buffer)

@@ -3,7 +3,9 @@
 ``read_request`` is a generator-based coroutine over websockets'
 ``StreamReader``: fed bytes, it yields until one whole request (head and
 body) has arrived, then returns it. Header lines are parsed by websockets'
-own ``parse_headers`` (every line counts against its limit of 128; a name
+own ``parse_headers``, or, when the whole section is in and every line is
+one it takes as it is, the same way in one pass (``whole_headers``;
+every line counts against its limit of 128; a name
 with whitespace before the colon, or an obs-fold continuation line, is not a
 token and is refused). Bodies are read here, which websockets' handshake
 parser does not do: ``Content-Length`` of plain digits, or ``chunked`` with
@@ -19,13 +21,15 @@ from typing import Callable, Generator
 
 from websockets.datastructures import Headers
 from websockets.exceptions import SecurityError
-from websockets.http11 import MAX_LINE_LENGTH, Request, parse_headers
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request, parse_headers
 from websockets.streams import StreamReader
 
 from ..errors import ErrorCode
 
 MAX_CHUNK_LINE = 128
-_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"[\x09\x20-\x7e\x80-\xff]*")
+"""RFC 9110's field-value with obs-text, as ``parse_headers`` checks it."""
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 _DIGITS = re.compile(r"[0-9]{1,16}")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(;[^\r\n]*)?")
@@ -59,7 +63,37 @@ def _line(reader: StreamReader, limit: int, too_long: ErrorCode, what: str) -> G
     return bytes(line[:-2])
 
 
+def whole_headers(reader: StreamReader) -> Headers | None:
+    """The header section, when all of it is in the buffer and every line is one ``parse_headers`` takes as it
+    is (then removed from the buffer); None otherwise, and nothing is read: ``parse_headers`` then reads it line
+    by line and says what is wrong. The same fields, in the same order, without a generator per line (a
+    handshake's or a key lookup's head is in one read)."""
+    buffer = reader.buffer
+    if buffer[:2] == b"\r\n":
+        del buffer[:2]
+        return Headers()
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buffer[:end]).split(b"\r\n")
+    if len(lines) > MAX_NUM_HEADERS:
+        return None
+    fields = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if (not colon or len(line) + 2 > MAX_LINE_LENGTH or not _TOKEN.fullmatch(name)
+                or not _FIELD_VALUE.fullmatch(value)):  # a bare LF is neither
+            return None
+        fields.append((name.decode("ascii"), value.decode("latin-1")))
+    del buffer[:end + 4]
+    return Headers(fields)
+
+
 def _headers(reader: StreamReader) -> Generator[None, None, Headers]:
+    whole = whole_headers(reader)
+    if whole is not None:
+        return whole
     try:
         return (yield from parse_headers(reader.read_line))
     except EOFError:
@@ -85,7 +119,7 @@ def read_request(reader: StreamReader, max_body: int,
         if start:
             break
     parts = start.split(b" ")
-    if len(parts) != 3 or not _METHOD.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
         raise BadRequest(ErrorCode.BAD_REQUEST, "malformed request line")
     method, target, version = parts
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
