@@ -4,7 +4,9 @@
    objects, one with websockets' ``Protocol.parse``, one with ``relayd.net.frame_parser.FrameParser``, one frame
    per ``receive_data`` (as live traffic arrives) and eight per call, taking the events each time as a
    connection does.
-2. The answer to a valid upgrade request: websockets' ``accept`` + ``send_response`` (its ``Headers``, Date
+2. A request head's header section, all in one read: websockets' ``parse_headers`` (a generator per line) against
+   ``http_framing.whole_headers`` (one pass, the same checks).
+3. The answer to a valid upgrade request: websockets' ``accept`` + ``send_response`` (its ``Headers``, Date
    formatting and serialization) against ``http_connection.switching_protocols`` (websockets' own check, then the
    bytes written directly), beyond making the protocol and the request, which both pay.
 
@@ -25,12 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from websockets.datastructures import Headers  # noqa: E402
 from websockets.frames import Frame, Opcode  # noqa: E402
-from websockets.http11 import Request  # noqa: E402
+from websockets.http11 import Request, parse_headers  # noqa: E402
 from websockets.protocol import OPEN, Protocol  # noqa: E402
 from websockets.server import ServerProtocol  # noqa: E402
 
 from relayd.net.frame_parser import FrameParser  # noqa: E402
 from relayd.net.http_connection import switching_protocols  # noqa: E402
+from relayd.net.http_framing import whole_headers  # noqa: E402
+from websockets.streams import StreamReader  # noqa: E402
+
+HANDSHAKE_HEADERS = (b"Host: 127.0.0.1:3000\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                     b"User-Agent: Python/3.11 websockets/17.4\r\n\r\n")
 
 CONTENT = (b'{"type":"message","to":"0x' + b"a" * 40 + b'","content":"' + b"x" * 200
            + b'","messageId":"bench-0123456789"}')
@@ -53,6 +61,22 @@ def cpu_per_frame(kind: str, data: bytes, frames: int, per_call: int) -> float:
         protocol.receive_data(chunk)
         protocol.events_received()
     return (time.process_time() - started) / frames * 1e6
+
+
+def cpu_per_head(kind: str, heads: int) -> float:
+    started = time.process_time()
+    for _ in range(heads):
+        reader = StreamReader()
+        reader.feed_data(HANDSHAKE_HEADERS)
+        if kind == "websockets":
+            parser = parse_headers(reader.read_line)
+            try:
+                next(parser)
+            except StopIteration:
+                pass
+        elif kind == "relayd":
+            assert whole_headers(reader) is not None
+    return (time.process_time() - started) / heads * 1e6
 
 
 def upgrade_request() -> Request:
@@ -95,6 +119,13 @@ def main() -> None:
         w, r = best["websockets"], best["relayd"]
         print(f"{per_call} frame(s) per read: websockets' parser {w:.2f} us/frame, relayd's {r:.2f} us/frame "
               f"({r / w:.2f}x, {w - r:.2f} us less)")
+    best = {"websockets": float("inf"), "relayd": float("inf"), "neither": float("inf")}
+    for _ in range(args.repeat):
+        for kind in best:
+            best[kind] = min(best[kind], cpu_per_head(kind, args.upgrades))
+    w, r = best["websockets"] - best["neither"], best["relayd"] - best["neither"]
+    print(f"a handshake's 6 header lines: websockets' parse_headers {w:.2f} us, relayd's whole_headers {r:.2f} us "
+          f"({r / w:.2f}x, {w - r:.2f} us less)")
     best = {"websockets": float("inf"), "relayd": float("inf"), "neither": float("inf")}
     for _ in range(args.repeat):
         for kind in best:
