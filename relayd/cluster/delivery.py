@@ -32,7 +32,8 @@ from ..protocol.session import Session
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from .budgets import ClusterBudget
 from .deadlines import Deadlines
-from .peers import PeerLink, Taken
+from .bus import Taken
+from .peers import PeerLink
 from .presence import NO_PEER_SESSIONS, PeerSessions
 from .receipts import ClusterReceipts
 from .refresh import Refresh
