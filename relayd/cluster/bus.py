@@ -204,7 +204,10 @@ class Bus:
             batch = self._outbox[instance] = []
         batch.append(body)
         if unheard is not None:
-            self._unheard.setdefault(instance, []).append(unheard)
+            callbacks = self._unheard.get(instance)
+            if callbacks is None:
+                callbacks = self._unheard[instance] = []
+            callbacks.append(unheard)
         if self._replies:
             self._replies.pop(instance, None)
 

@@ -76,7 +76,7 @@ def _unpack(packed: Any) -> Message | None:
 def encode(sender: str, messages: Iterable[Message], *, compact: bool) -> str:
     """One envelope: compact for a peer known to read it, else an object that says this instance does."""
     if compact:
-        return _dumps([sender, *(_pack(m) for m in messages)])
+        return _dumps([sender, *map(_pack, messages)])
     return _dumps({"f": sender, "b": list(messages), "v": COMPACT})
 
 
