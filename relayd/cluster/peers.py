@@ -23,6 +23,7 @@ back); ``drain`` (reply once the address's closing sessions here are done);
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -201,10 +202,11 @@ class ClusterPeers:
 
     def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, number: int,
                    then: Callable[[Taken], None]) -> None:
-        def answered(taken: Taken) -> None:
-            then(self._taken(msg.recipient, taken))
         self.bus.ask(where.instances, {"k": "offer", "to": msg.recipient, "m": _pack(msg), "s": 0, "w": after,
-                                       "o": number}, answered)
+                                       "o": number}, functools.partial(self._answered, msg.recipient, then))
+
+    def _answered(self, address: str, then: Callable[[Taken], None], taken: Taken) -> None:
+        then(self._taken(address, taken))
 
     def push(self, where: PeerSessions, msg: QueuedMessage) -> None:
         for instance in where.instances:
