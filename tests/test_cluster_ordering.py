@@ -669,11 +669,11 @@ class LossyBus:
         self.heard: list[dict[str, Any]] = []
         self.handler: Callable[[dict[str, Any]], None] = lambda message: None
 
-    def send(self, instance: str, body: dict[str, Any], unheard: Callable[[], None] | None = None) -> None:
+    def send(self, instance: str, body: dict[str, Any], unheard: Callable[[str], None] | None = None) -> None:
         if self.lost > 0:
             self.lost -= 1
             if unheard is not None:
-                unheard()
+                unheard(instance)
             return
         self.heard.append(body)
 

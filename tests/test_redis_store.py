@@ -897,7 +897,7 @@ def test_instances_of_the_older_envelope_form_and_of_the_compact_one_understand_
         new, peer = Bus(backplane, "new#1", reply_timeout_s=2.0), Bus(backplane, "new#2", reply_timeout_s=2.0)
         heard: list[dict[str, Any]] = []
         new.handler = heard.append
-        peer.handler = lambda message: peer.reply(message, {"n": 1})
+        peer.handler = lambda message: peer.reply(message, 1)
         async with InboxTap(redis_server.url, backplane, "old#1", "new#2") as seen, Redis.from_url(
                 redis_server.url, decode_responses=True) as raw:
             old_inbox, wire = seen["old#1"], seen["new#2"]
@@ -909,11 +909,11 @@ def test_instances_of_the_older_envelope_form_and_of_the_compact_one_understand_
                                                                             "rid": "5"}]}))
                 await eventually(lambda: _is(len(heard) == 1), what="the older instance's envelope to be read")
                 assert heard[0]["k"] == "offer" and heard[0]["from"] == "old#1" and heard[0]["rid"] == "5"
-                new.reply(heard[0], {"n": 1, "a": 0})
+                new.reply(heard[0], 1, False)
                 await eventually(lambda: _is(len(old_inbox) == 1), what="the answer to the older instance")
                 answer = old_inbox[0]
                 assert isinstance(answer, dict) and answer["f"] == "new#1", answer
-                assert answer["b"] == [{"n": 1, "a": 0, "k": "re", "rid": "5"}]
+                assert answer["b"] == [{"n": 1, "k": "re", "rid": "5"}]
 
                 # the newer one's request carries a numeric rid; the older one echoes it in its one-message answer
                 asked = asyncio.ensure_future(new.request(["old#1"], {"k": "drain", "to": "0xabc"}))
@@ -922,12 +922,12 @@ def test_instances_of_the_older_envelope_form_and_of_the_compact_one_understand_
                 assert type(request["rid"]) is int, request
                 await raw.execute_command("SPUBLISH" if backplane.sharded else "PUBLISH", backplane.inbox("new#1"),
                                           json.dumps({"f": "old#1", "b": [{"n": 1, "k": "re", "rid": request["rid"]}]}))
-                replies, silent = await asyncio.wait_for(asked, 5)
-                assert silent == () and replies["old#1"]["n"] == 1
+                taken = await asyncio.wait_for(asked, 5)
+                assert taken.silent == () and taken.count == 1
 
                 for attempt in range(2):  # the first request says "I read compact"; the next one is compact
-                    replies, silent = await new.request(["new#2"], {"k": "drain", "to": "0xabc"})
-                    assert silent == () and replies["new#2"]["n"] == 1
+                    taken = await new.request(["new#2"], {"k": "drain", "to": "0xabc"})
+                    assert taken.silent == () and taken.count == 1
                 await eventually(lambda: _is(len(wire) == 2), what="both requests on the wire")
                 assert isinstance(wire[0], dict) and wire[0]["v"] == 2, wire[0]
                 assert isinstance(wire[1], list) and wire[1][0] == "new#1" and wire[1][1][0] == "drain", wire[1]
@@ -947,7 +947,7 @@ def test_replies_made_in_one_loop_iteration_travel_as_one_batched_message(redis_
     async def body(store: RedisStore) -> None:
         backplane = RedisBackplane(store)
         asker, peer = Bus(backplane, "new#1", reply_timeout_s=2.0), Bus(backplane, "new#2", reply_timeout_s=2.0)
-        peer.handler = lambda message: peer.reply(message, {"n": 1 if message["to"] != "0xnone" else 0, "a": 0})
+        peer.handler = lambda message: peer.reply(message, 1 if message["to"] != "0xnone" else 0)
         async with InboxTap(redis_server.url, backplane, "new#1") as seen:
             wire = seen["new#1"]  # what reaches new#1's inbox
             await asker.start()
@@ -958,7 +958,8 @@ def test_replies_made_in_one_loop_iteration_travel_as_one_batched_message(redis_
                 wire.clear()
                 outcomes = await asyncio.gather(*(asker.request(["new#2"], {"k": "drain", "to": to})
                                                   for to in ("0xa", "0xnone", "0xb")))
-                assert [(replies["new#2"]["n"], silent) for replies, silent in outcomes] == [(1, ()), (0, ()), (1, ())]
+                assert [(taken.count, taken.silent, taken.nobody) for taken in outcomes] == [(1, (), False), (0, (), True),
+                                                                                           (1, (), False)]
                 await eventually(lambda: _is(len(wire) == 1), what="the batched reply")
                 [envelope_] = wire
                 assert envelope_[0] == "new#2" and len(envelope_) == 2 and envelope_[1][0] == "res", envelope_
@@ -966,9 +967,9 @@ def test_replies_made_in_one_loop_iteration_travel_as_one_batched_message(redis_
                 assert all(type(r) is int for r in rids) and rids == sorted(rids) and ns == [1, 0, 1] and acks == [0] * 3
 
                 peer.send("new#1", {"k": "ping"})  # a reply made after another message joins no batch before it
-                peer.reply({"rid": 1000, "from": "new#1", "k": "drain"}, {"n": 1})
-                peer.reply({"rid": "7", "from": "new#1", "k": "drain"}, {"n": 1})  # an older instance's request
-                peer.reply({"rid": 1001, "from": "new#1", "k": "drain"}, {"n": 2, "a": 1})
+                peer.reply({"rid": 1000, "from": "new#1", "k": "drain"}, 1)
+                peer.reply({"rid": "7", "from": "new#1", "k": "drain"}, 1)  # an older instance's request
+                peer.reply({"rid": 1001, "from": "new#1", "k": "drain"}, 2, True)
                 await eventually(lambda: _is(len(wire) == 2), what="the mixed envelope")
                 assert wire[1][1:] == [["ping"], ["res", [1000, 1, 0]], ["re", "7", 1], ["res", [1001, 2, 1]]], wire[1]
             finally:

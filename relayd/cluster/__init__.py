@@ -18,7 +18,6 @@ their Lua. ``Cluster`` builds them for the server.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable
 from typing import Any
 
 from ..clock import Clock
@@ -26,7 +25,7 @@ from ..config import Config
 from ..protocol.delivery import Delivery
 from ..protocol.router import Router
 from ..protocol.writes import AddressWrites
-from ..storage.store import QueuedMessage, Store
+from ..storage.store import Store
 from .backplane import Backplane
 from .bus import Bus
 from .delivery import ClusterDelivery
@@ -44,12 +43,8 @@ class _ThisInstance:
     def __init__(self, router: Router, local: Delivery, offers: Offers, refresh: Refresh) -> None:
         self.router = router
         self.local = local
-        self.offers = offers
+        self.offered = offers.offered  # ThisInstance.offered: every offer from a peer, with no call in between
         self._refresh = refresh
-
-    def offered(self, msg: QueuedMessage, *, stored: bool, after: int, keep: bool,
-                origin: str = "", number: int = 0) -> tuple[int, bool] | Awaitable[tuple[int, bool]]:
-        return self.offers.offered(msg, stored=stored, after=after, keep=keep, origin=origin, number=number)
 
     def forward_here(self, frame: dict[str, Any], to: str) -> int:
         return self.local.forward(frame, to)

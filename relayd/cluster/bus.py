@@ -41,37 +41,77 @@ REPEAT_WARNING_S = 300.0
 SWEEPS = 10
 """Checks for unanswered requests per reply timeout."""
 Message = envelope.Message
+Unheard = Callable[[str], None]
+"""Called with an instance a message was meant for when its publish failed or reached no subscriber."""
 MAX_COMPACT_PEERS = 1024
 """Peers remembered as reading compact envelopes (instance names change at every start: forgotten past this,
 then learned again from their next envelope)."""
 
 
-Replies = Callable[[dict[str, Message], tuple[str, ...]], None]
-"""Called with (replies by instance, instances that did not reply) once every instance replied or the time is up."""
+class Taken:
+    """What the instances asked did with a request: how many sessions took it (their replies' ``n`` summed),
+    whether one of them acks (``a``), the instances that did not answer in time (they took nothing, as far as
+    the asker knows), and whether one that answered had nobody for it (took nothing, no ack)."""
+
+    __slots__ = ("count", "ack", "silent", "nobody")
+
+    def __init__(self, count: int = 0, ack: bool = False, silent: tuple[str, ...] = (),
+                 nobody: bool = False) -> None:
+        self.count = count
+        self.ack = ack
+        self.silent = silent
+        self.nobody = nobody
+
+    def __repr__(self) -> str:
+        return f"Taken(count={self.count}, ack={self.ack}, silent={self.silent}, nobody={self.nobody})"
+
+
+Replies = Callable[[Taken], None]
+"""Called with what the instances did once every one replied or the time is up."""
 
 
 class _Pending:
-    """One request: the instances asked and still to answer, the answers, its deadline (loop time), and what to
-    call when done; it leaves ``requests`` (the bus's, by rid) then."""
+    """One request: the instances asked and those still to answer, the answers summed so far, its deadline (loop
+    time), and what to call when done; it leaves ``requests`` (the bus's, by rid) then. Replies are summed as
+    they come: no reply object is kept per instance (a live offer's answer is two numbers)."""
 
-    __slots__ = ("asked", "waiting", "replies", "then", "deadline", "finished", "rid", "requests")
+    __slots__ = ("asked", "waiting", "count", "ack", "nobody", "lost", "then", "deadline", "finished", "rid",
+                 "requests")
 
-    def __init__(self, instances: list[str], deadline: float, then: Replies, rid: int,
+    def __init__(self, instances: tuple[str, ...], deadline: float, then: Replies, rid: int,
                  requests: dict[int, _Pending]) -> None:
         self.asked = instances
         self.waiting = set(instances)
-        self.replies: dict[str, Message] = {}
+        self.count = 0
+        self.ack = False
+        self.nobody = False
+        self.lost: list[str] | None = None
+        """Instances that count as silent before the time is up (the publish to them reached nobody)."""
         self.then = then
         self.deadline = deadline
         self.finished = False
         self.rid = rid
         self.requests = requests
 
-    def answered(self, instance: str, reply: Message | None) -> None:
+    def answered(self, instance: str, n: int, a: bool) -> None:
+        waiting = self.waiting
+        if instance in waiting:
+            waiting.discard(instance)
+            self.count += n
+            if a:
+                self.ack = True
+            elif not n:
+                self.nobody = True
+            if not waiting:
+                self._finish()
+
+    def unheard(self, instance: str) -> None:
+        """The publish to ``instance`` failed or reached no subscriber: it counts as silent at once."""
         if instance in self.waiting:
             self.waiting.discard(instance)
-            if reply is not None:
-                self.replies[instance] = reply
+            if self.lost is None:
+                self.lost = []
+            self.lost.append(instance)
             if not self.waiting:
                 self._finish()
 
@@ -80,8 +120,11 @@ class _Pending:
             return
         self.finished = True
         self.requests.pop(self.rid, None)
-        replies = self.replies
-        self.then(replies, () if len(replies) == len(self.asked) else tuple(i for i in self.asked if i not in replies))
+        silent: tuple[str, ...] = ()
+        if self.waiting or self.lost:
+            lost, waiting = self.lost or (), self.waiting
+            silent = tuple(i for i in self.asked if i in waiting or i in lost)
+        self.then(Taken(self.count, self.ack, silent, self.nobody))
 
 
 class Bus:
@@ -101,7 +144,9 @@ class Bus:
         self._pending: dict[int, _Pending] = {}
         """Requests waiting for replies, oldest first (so the sweep stops at the first one not yet due)."""
         self._sweeper: asyncio.TimerHandle | None = None
-        self._outbox: dict[str, list[tuple[Message, Callable[[], None] | None]]] = {}
+        self._outbox: dict[str, list[Message]] = {}
+        self._unheard: dict[str, list[Unheard]] = {}
+        """Per instance, what to call if its outbox batch's publish is not heard."""
         self._replies: dict[str, list[Any]] = {}
         """Per instance, the ``res`` triples last in its outbox batch (replies after it join them, in order)."""
         self._ids = itertools.count(1)
@@ -148,47 +193,55 @@ class Bus:
 
     # Sending
 
-    def send(self, instance: str, body: Message, unheard: Callable[[], None] | None = None) -> None:
+    def send(self, instance: str, body: Message, unheard: Unheard | None = None) -> None:
         """Queue ``body`` for an instance's inbox; it goes out at the end of this loop iteration, with whatever
-        else is sent there meanwhile. ``unheard`` is called if the publish fails or reaches no subscriber."""
+        else is sent there meanwhile. ``unheard`` is called with the instance if the publish fails or reaches no
+        subscriber."""
         batch = self._outbox.get(instance)
         if batch is None:
             if not self._outbox:
                 asyncio.get_running_loop().call_soon(self._publish)
             batch = self._outbox[instance] = []
-        batch.append((body, unheard))
-        self._replies.pop(instance, None)
+        batch.append(body)
+        if unheard is not None:
+            callbacks = self._unheard.get(instance)
+            if callbacks is None:
+                callbacks = self._unheard[instance] = []
+            callbacks.append(unheard)
+        if self._replies:
+            self._replies.pop(instance, None)
 
     def _publish(self) -> None:
         outbox, self._outbox = self._outbox, {}
+        unheard, self._unheard = self._unheard, {}
         self._replies.clear()
         for instance, batch in outbox.items():
-            data = envelope.encode(self.instance, [body for body, _ in batch], compact=instance in self._compact)
-            callbacks = [unheard for _, unheard in batch if unheard is not None]
+            data = envelope.encode(self.instance, batch, compact=instance in self._compact)
+            callbacks = unheard.get(instance)
             try:
                 sent = self.backplane.publish(instance, data)
             except StorageUnavailable:
-                for unheard in callbacks:
-                    unheard()
+                for callback in callbacks or ():
+                    callback(instance)
                 continue
             if callbacks:
-                sent.add_done_callback(functools.partial(_tell_unheard, callbacks=callbacks))
+                sent.add_done_callback(functools.partial(_tell_unheard, instance=instance, callbacks=callbacks))
 
     def ask(self, instances: Iterable[str], body: Message, then: Replies) -> None:
-        """Send ``body`` (the bus's from here on: it gets the ``rid``) to each instance; ``then`` gets their
-        replies once all replied or ``reply_timeout_s`` passed (never later), from the event loop."""
+        """Send ``body`` (the bus's from here on: it gets the ``rid``) to each instance; ``then`` gets what they
+        did once all replied or ``reply_timeout_s`` passed (never later), from the event loop."""
         rid = next(self._ids)
         body["rid"] = rid
+        asked = instances if type(instances) is tuple and len(instances) < 2 else tuple(dict.fromkeys(instances))
         loop = asyncio.get_running_loop()
-        asked = list(instances)
-        pending = _Pending(asked if len(asked) < 2 else list(dict.fromkeys(asked)),
-                           loop.time() + self.reply_timeout_s, then, rid, self._pending)
+        pending = _Pending(asked, loop.time() + self.reply_timeout_s, then, rid, self._pending)
         self._pending[rid] = pending
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.reply_timeout_s / SWEEPS, self._sweep)
-        for instance in pending.asked:
-            self.send(instance, body, functools.partial(pending.answered, instance, None))
-        if not pending.asked:
+        unheard = pending.unheard
+        for instance in asked:
+            self.send(instance, body, unheard)
+        if not asked:
             pending._finish()
 
     def _sweep(self) -> None:
@@ -204,29 +257,30 @@ class Bus:
         self._sweeper = (asyncio.get_running_loop().call_later(self.reply_timeout_s / SWEEPS, self._sweep)
                          if self._pending else None)
 
-    async def request(self, instances: Iterable[str], body: Message) -> tuple[dict[str, Message], tuple[str, ...]]:
-        """``ask``, awaited: (replies by instance, instances that did not reply). Never raises for a missing one."""
-        done: asyncio.Future[tuple[dict[str, Message], tuple[str, ...]]] = asyncio.get_running_loop().create_future()
-        def then(replies: dict[str, Message], silent: tuple[str, ...]) -> None:
+    async def request(self, instances: Iterable[str], body: Message) -> Taken:
+        """``ask``, awaited: what the instances did. Never raises for a missing one."""
+        done: asyncio.Future[Taken] = asyncio.get_running_loop().create_future()
+        def then(taken: Taken) -> None:
             if not done.done():
-                done.set_result((replies, silent))
+                done.set_result(taken)
         self.ask(instances, body, then)
         return await done
 
-    def reply(self, request: Message, body: Message) -> None:
-        """Answer a request received through the inbox (``n`` and ``a`` are all a batched reply carries)."""
+    def reply(self, request: Message, n: int = 0, a: bool = False) -> None:
+        """Answer a request received through the inbox: ``n`` sessions took it, ``a`` one of them acks (all a
+        reply says)."""
         rid, instance = request.get("rid"), request.get("from")
         if rid is None or instance is None:
             return
         if type(rid) is not int:  # an older instance's request: one reply message each
-            self.send(instance, {**body, "k": "re", "rid": rid})
+            self.send(instance, {"n": n, "a": 1, "k": "re", "rid": rid} if a else {"n": n, "k": "re", "rid": rid})
             return
         triples = self._replies.get(instance)
         if triples is None:
             triples = []
             self.send(instance, {"k": "res", "r": triples})
             self._replies[instance] = triples
-        triples += (rid, body.get("n", 0), body.get("a", 0))
+        triples += (rid, n, 1 if a else 0)
 
     # Receiving
 
@@ -248,14 +302,14 @@ class Bus:
 
     def _apply(self, message: Message) -> None:
         kind = message.get("k")
+        if kind == "res":
+            self._answered(str(message.get("from")), message.get("r"))
+            return
         if kind == "re":
             rid = message.get("rid")
             pending = self._pending.get(rid) if type(rid) is int else None
             if pending is not None:
-                pending.answered(str(message.get("from")), message)
-            return
-        if kind == "res":
-            self._answered(str(message.get("from")), message.get("r"))
+                pending.answered(str(message.get("from")), _number(message.get("n", 0)), bool(message.get("a")))
             return
         try:
             self.handler(message)
@@ -270,7 +324,8 @@ class Bus:
         for i in range(0, len(triples) - 2, 3):
             pending = pending_of(triples[i])
             if pending is not None:
-                pending.answered(instance, {"n": triples[i + 1], "a": triples[i + 2]})
+                n = triples[i + 1]
+                pending.answered(instance, n if type(n) is int else _number(n), bool(triples[i + 2]))
 
     async def _listen(self) -> None:
         """Subscribe and read until the subscription ends or fails; then again after a short backoff (at most
@@ -320,10 +375,18 @@ class Bus:
             log.exception("the cluster inbox's on_subscribed hook failed")
 
 
-def _tell_unheard(sent: asyncio.Future[Any], *, callbacks: list[Callable[[], None]]) -> None:
+def _tell_unheard(sent: asyncio.Future[Any], *, instance: str, callbacks: list[Unheard]) -> None:
     if _unheard(sent):
         for callback in callbacks:
-            callback()
+            callback(instance)
+
+
+def _number(value: Any) -> int:
+    """A reply's ``n`` as sent by any version (0 for anything that is not a count)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _unheard(sent: asyncio.Future[Any]) -> bool:

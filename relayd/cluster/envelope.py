@@ -48,34 +48,35 @@ class Malformed(ValueError):
 
 
 def _pack(message: Message) -> list[Any] | Message:
-    kind = message.get("k")
-    if not isinstance(kind, str) or kind not in FIELDS or not message.keys() <= _KNOWN[kind]:
+    kind: Any = message.get("k")
+    fields = FIELDS.get(kind) if type(kind) is str else None
+    if fields is None or not message.keys() <= _KNOWN[kind]:
         return message
-    packed = [kind, *map(message.get, FIELDS[kind])]
-    while len(packed) > 1 and packed[-1] is None:
-        packed.pop()
+    packed = [kind, *map(message.get, fields)]
+    if packed[-1] is None:
+        while len(packed) > 1 and packed[-1] is None:
+            packed.pop()
     return packed
 
 
 def _unpack(packed: Any) -> Message | None:
-    if isinstance(packed, dict):
-        return packed
-    if not isinstance(packed, list) or not packed or not isinstance(packed[0], str):
-        return None
-    fields = FIELDS.get(packed[0])
+    if type(packed) is not list:
+        return packed if isinstance(packed, dict) else None
+    kind = packed[0] if packed else None
+    fields = FIELDS.get(kind) if type(kind) is str else None
     if fields is None:
         return None
-    message: Message = {"k": packed[0]}
-    for name, value in zip(fields, packed[1:]):
-        if value is not None:
-            message[name] = value
+    message: Message = dict(zip(fields, packed[1:]))  # absent ones (null) are left out, as an object has them
+    if None in message.values():
+        message = {name: value for name, value in message.items() if value is not None}
+    message["k"] = kind
     return message
 
 
 def encode(sender: str, messages: Iterable[Message], *, compact: bool) -> str:
     """One envelope: compact for a peer known to read it, else an object that says this instance does."""
     if compact:
-        return _dumps([sender, *(_pack(m) for m in messages)])
+        return _dumps([sender, *map(_pack, messages)])
     return _dumps({"f": sender, "b": list(messages), "v": COMPACT})
 
 

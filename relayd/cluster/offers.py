@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable
 
 from ..clock import Clock, wall_ms
 from ..ops.metrics import RelayMetrics
-from ..protocol.delivery import Delivery
+from ..protocol.delivery import Delivery, any_ack
 from ..protocol.seams import Routes
 from ..storage.store import QueuedMessage
 from .refresh import Refresh
@@ -83,7 +83,7 @@ class Offers:
                 self.local.remove_soon(msg)  # its live copy was taken here
             return 1, False
         targets = self.routes.ready_sessions(msg.recipient)
-        ack = any(s.ack for s in targets)
+        ack = any_ack(targets)
         if stored:
             self._refused.pop(pair, None)
         else:

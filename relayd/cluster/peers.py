@@ -23,15 +23,15 @@ back); ``drain`` (reply once the address's closing sessions here are done);
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from ..tasks import TaskSet
 from .backplane import Backplane
-from .bus import Bus, Message
+from .bus import Bus, Message, Taken as Taken  # Taken: what PeerLink's offers return
 from .presence import NO_PEER_SESSIONS, WATCH_TTL_MS, ClusterPresence, PeerSessions
 
 log = logging.getLogger("relayd.cluster")
@@ -42,16 +42,6 @@ HINT_RETRY_S = 0.2
 HINT_RETRIES = 50
 """...this many times (about 10 s): past that, the holder's inbox or this instance's link has been down long
 enough that the holder reads every open queue itself when its inbox or its lapsed peers come back."""
-
-
-@dataclass(frozen=True, slots=True)
-class Taken:
-    """What peers did with an offer: how many sessions took it, whether one of them acks, and the instances
-    that did not answer in time (they took nothing, as far as the sender knows)."""
-
-    count: int = 0
-    ack: bool = False
-    silent: tuple[str, ...] = ()
 
 
 class PeerLink(Protocol):
@@ -206,16 +196,17 @@ class ClusterPeers:
 
     async def offer(self, where: PeerSessions, msg: QueuedMessage, *, stored: bool, after: int,
                     keep: bool = False) -> Taken:
-        replies, silent = await self.bus.request(where.instances, {
+        return self._taken(msg.recipient, await self.bus.request(where.instances, {
             "k": "offer", "to": msg.recipient, "m": _pack(msg), "s": 1 if stored else 0, "w": after,
-            "keep": 1 if keep else 0})
-        return self._taken(msg.recipient, replies, silent)
+            "keep": 1 if keep else 0}))
 
     def offer_soon(self, where: PeerSessions, msg: QueuedMessage, after: int, number: int,
                    then: Callable[[Taken], None]) -> None:
         self.bus.ask(where.instances, {"k": "offer", "to": msg.recipient, "m": _pack(msg), "s": 0, "w": after,
-                                       "o": number},
-                     lambda replies, silent: then(self._taken(msg.recipient, replies, silent)))
+                                       "o": number}, functools.partial(self._answered, msg.recipient, then))
+
+    def _answered(self, address: str, then: Callable[[Taken], None], taken: Taken) -> None:
+        then(self._taken(address, taken))
 
     def push(self, where: PeerSessions, msg: QueuedMessage) -> None:
         for instance in where.instances:
@@ -229,29 +220,22 @@ class ClusterPeers:
             self._hint(instance, body, HINT_RETRIES)
 
     def _hint(self, instance: str, body: Message, retries: int) -> None:
-        def unheard() -> None:
+        def unheard(_: str) -> None:
             if retries > 0 and not self.closing:
                 asyncio.get_running_loop().call_later(HINT_RETRY_S, self._hint, instance, body, retries - 1)
         self.bus.send(instance, body, unheard)
 
     async def relay_frame(self, where: PeerSessions, to: str, frame: dict[str, Any]) -> Taken:
-        replies, silent = await self.bus.request(where.instances, {"k": "frame", "to": to, "f": frame})
-        return self._taken(to, replies, silent)
+        return self._taken(to, await self.bus.request(where.instances, {"k": "frame", "to": to, "f": frame}))
 
     def forward(self, where: PeerSessions, to: str, frame: dict[str, Any]) -> None:
         for instance in where.instances:
             self.bus.send(instance, {"k": "frame", "to": to, "f": frame})
 
-    def _taken(self, address: str, replies: dict[str, Message], silent: tuple[str, ...]) -> Taken:
-        count, ack, nobody = 0, False, bool(silent)
-        for reply in replies.values():
-            n, a = int(reply.get("n", 0)), bool(reply.get("a"))
-            count += n
-            ack = ack or a
-            nobody = nobody or (n == 0 and not a)
-        if nobody:
+    def _taken(self, address: str, taken: Taken) -> Taken:
+        if taken.nobody or taken.silent:
             self.presence.invalidate(address)  # a peer had nobody for it: ask the backplane next time
-        return Taken(count, ack, silent)
+        return taken
 
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> tuple[EnqueueResult, PeerSessions]:
         result, found = await self.backplane.enqueue_routed(msg, limits, watcher=self.presence.instance,
@@ -299,7 +283,7 @@ class ClusterPeers:
             return
         if kind == "inv":
             self.presence.invalidate(str(message.get("a")))
-            self.bus.reply(message, {})
+            self.bus.reply(message)
             return
         if here is None or not isinstance(to, str):
             return
@@ -314,7 +298,7 @@ class ClusterPeers:
                 self.tasks.spawn(self._taken_later(message, kind, outcome))
         elif kind == "frame":
             taken = here.forward_here(dict(message["f"]), to)
-            self.bus.reply(message, {"n": taken})
+            self.bus.reply(message, taken)
         elif kind == "pull":
             here.refresh(to, int(message.get("since", -1)), tuple(int(s) for s in message.get("seqs", ())))
         elif kind == "drain":
@@ -325,8 +309,7 @@ class ClusterPeers:
             here.key_uploaded_here(to)
 
     def _reply_taken(self, message: Message, outcome: tuple[int, bool]) -> None:
-        taken, ack = outcome
-        self.bus.reply(message, {"n": taken, "a": 1 if ack else 0})
+        self.bus.reply(message, *outcome)
 
     async def _taken_later(self, message: Message, kind: Any, outcome: Awaitable[tuple[int, bool]]) -> None:
         try:
@@ -341,4 +324,4 @@ class ClusterPeers:
         try:
             await here.drained(address)
         finally:
-            self.bus.reply(message, {"n": 0})
+            self.bus.reply(message)

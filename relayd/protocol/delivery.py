@@ -175,7 +175,7 @@ class Delivery:
         ident, msg = accepted
         targets = self.routes.ready_sessions(msg.recipient)
         pipeline = self.pipelines.get(session)
-        if targets and not (pipeline and pipeline.in_flight) and not _any_ack(targets):
+        if targets and not (pipeline and pipeline.in_flight) and not any_ack(targets):
             if self.push_live(targets, msg):
                 self.answer(session, ident, msg, "delivered")
                 return None
@@ -392,7 +392,7 @@ async def keep_trying(write: Callable[[], Awaitable[Any]], what: str) -> bool:
     return False
 
 
-def _any_ack(targets: tuple[Session, ...]) -> bool:
+def any_ack(targets: tuple[Session, ...]) -> bool:
     """Whether any target acks what it gets (a loop: ``any()`` over a generator costs more on every message)."""
     for target in targets:
         if target.ack:
