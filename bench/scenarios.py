@@ -999,7 +999,7 @@ def s10_crowd(ctx: Any, rep: Report, p: dict[str, Any]) -> None:
 
     rounds = run_rounds(ctx, "10", ctx.variants(labels), one, max_procs=1)
     rep.raw["10_crowd"] = dataclasses.asdict(rounds)
-    sec = rep.section(f"10. many connections ({n:,} authenticated idle connections from 127.1.0.0/16, 1,000 per "
+    sec = rep.section(f"11. many connections ({n:,} authenticated idle connections from 127.1.0.0/16, 1,000 per "
                       f"source address, then live routing between {P} more pairs ({W} in flight, {p['count']:,} "
                       f"messages each) while they stay; {ctx.rounds_text()})", labels,
                       [("relayd/memory", "node"), ("relayd/uvloop", "node")], ctx.absent(labels))
