@@ -253,6 +253,7 @@ class RelayServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.gateway.answered(), timeout)
         self.housekeeping.stop()
+        self.gateway.stop_liveness()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.router.settle(), timeout)
         if self.push is not None:

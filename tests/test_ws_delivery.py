@@ -4,9 +4,13 @@ devices per address, idempotent messageIds, queue limits and the ack extension."
 from __future__ import annotations
 
 import pytest
-from support import (A, B, C, RawWs, assert_answered, assert_auth_success, assert_auth_timed_out, assert_error,
+from support import (A, B, C, D, E, RawWs, assert_answered, assert_auth_success, assert_auth_timed_out, assert_error,
                      assert_ms, assert_read, backlog_bytes, connect, connections, message_frame, msg, online, pong_next,
                      queue_size, start_open, unauthenticated_probe, wait_until)
+
+from websockets.frames import Opcode
+
+from relayd.net import gateway
 
 
 # The offline queue
@@ -372,3 +376,23 @@ def test_auth_ack_must_be_a_boolean(open_relay):
         b.send({"type": "auth", "address": B, "ack": False})
         assert_auth_success(b.recv(), B)
         pong_next(b)  # no queue_empty without the opt-in
+
+
+def test_a_liveness_pass_in_slices_reaches_every_session(start_relay, monkeypatch):
+    """The housekeeping pass over sessions (auth deadlines, pings) checks a slice of sessions per loop
+    iteration; with slices of two, each of five quiet sessions is still pinged, and the pass ends."""
+    monkeypatch.setattr(gateway, "LIVENESS_SLICE", 2)
+    relay = start_open(start_relay, server={"ping_interval_s": 0.3, "ping_timeout_s": 30})
+    sessions = [RawWs(relay.port) for _ in range(5)]
+    try:
+        for ws, address in zip(sessions, (A, B, C, D, E)):
+            ws.send_json({"type": "auth", "address": address})
+            assert_auth_success(ws.recv_json(), address)
+        for ws in sessions:
+            frame = ws.recv_frame(timeout=10)
+            while frame.opcode is not Opcode.PING:
+                frame = ws.recv_frame(timeout=10)
+        wait_until(lambda: relay.server.gateway._liveness is None, "the pass to end")
+    finally:
+        for ws in sessions:
+            ws.close()
