@@ -361,10 +361,12 @@ class ClusterDelivery:
         try:
             if not self.local.store.healthy:  # answer now rather than after another timeout
                 raise StorageUnavailable(self.local.store.problem or "storage is unavailable")
-            async with self.answer_within.limit():
-                await self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
-                                        msg.message_id, low_room(self.local.limits.max_total_bytes,
-                                                                 self.local.store.stored_bytes()))
+            with self.answer_within.limit():
+                spending = self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
+                                             msg.message_id, low_room(self.local.limits.max_total_bytes,
+                                                                      self.local.store.stored_bytes()))
+                if spending is not None:
+                    await spending
                 await turn.wait()
                 sent = True
                 turn.release()
@@ -426,7 +428,7 @@ class ClusterDelivery:
         after them, in seq order (rule 3 of ``offers``). The sessions that took it; none when the read did not
         end within ``answer_within``'s time (it is stored, and that read delivers it)."""
         try:
-            async with self.answer_within.limit():
+            with self.answer_within.limit():
                 await self.refresh.read(msg.recipient, seen=msg.seq)
         except TimeoutError:
             return []
