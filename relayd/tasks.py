@@ -65,7 +65,7 @@ class TaskSet:
         return task
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
-        return self.track(asyncio.ensure_future(coro))
+        return self.track(asyncio.get_running_loop().create_task(coro))
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -10,7 +10,7 @@ from relayd.cluster.deadlines import Deadlines
 
 
 async def _guarded(deadlines: Deadlines, wait: asyncio.Future[None]) -> str:
-    async with deadlines.limit():
+    with deadlines.limit():
         await wait
     return "done"
 
@@ -48,7 +48,7 @@ def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
 
 def test_an_error_inside_the_block_passes_through_and_the_limit_is_left() -> None:
     async def failing(deadlines: Deadlines) -> None:
-        async with deadlines.limit():
+        with deadlines.limit():
             raise ValueError("inside")
 
     async def body() -> None:

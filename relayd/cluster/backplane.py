@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,8 +77,8 @@ class RoutedQueues(Protocol):
     """Writes of messages that read the recipient's presence in the same atomic step (the Redis or PostgreSQL
     store's, or ``relayd.storage.sealed.SealedStore``'s over it, which keys the presence by blind index)."""
 
-    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
-                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, PresenceEntries]: ...
+    def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
+                       watch_ttl_ms: int = 0) -> Awaitable[tuple[EnqueueResult, PresenceEntries]]: ...
 
     async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, PresenceEntries]]: ...
 
@@ -170,8 +170,8 @@ class Backplane(Protocol):
 
     # Storage routed by presence, and shared counters
 
-    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str,
-                             watch_ttl_ms: int) -> tuple[EnqueueResult, PresenceEntries]:
+    def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str,
+                       watch_ttl_ms: int) -> Awaitable[tuple[EnqueueResult, PresenceEntries]]:
         """Store a message and read its recipient's presence in the same atomic step, watching it for
         ``watcher``: an instance that registers a session after the write reads its backlog after it."""
         ...

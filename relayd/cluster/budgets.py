@@ -33,11 +33,12 @@ class ClusterBudget:
         self.local.configure(config)
         self.bytes.configure(config)
 
-    async def spend(self, sender: str, ip: str, to: str, size: int, message_id: str,
-                    room: int | None = None) -> None:
+    def spend(self, sender: str, ip: str, to: str, size: int, message_id: str,
+              room: int | None = None) -> Awaitable[None] | None:
         """Count a message of ``size`` bytes for offline ``to``; raises ``RATE_LIMITED`` (its message says which
-        budget), or ``StorageUnavailable`` when the backplane cannot say. Recipients already counted this hour here need
-        no round trip. ``room``: see ``protocol.budgets.low_room``."""
+        budget). None when counted here: recipients already counted this hour (and budgets that are off) need
+        no round trip, and no coroutine; else the round trip to await, which raises ``RATE_LIMITED``, or
+        ``StorageUnavailable`` when the backplane cannot say. ``room``: see ``protocol.budgets.low_room``."""
         now = self.clock.monotonic()
         try:
             byte_keys = self.bytes.check(sender, ip, size, now, message_id, room)
@@ -46,10 +47,16 @@ class ClusterBudget:
             raise
         spends = [(key, budget) for key, budget in self.local.budgets(sender, ip, now)
                   if not self.local.counted(key, to)]
-        if spends:
-            allowed = await asyncio.gather(*(self._spend(key, to, budget) for key, budget in spends))  # one trip
-            if not all(allowed):
-                self.metrics.rate_limited.labels(limit="new_queues").inc()
-                raise spent(message_id)
-            self.local.record([key for key, _ in spends], to)
+        if not spends:
+            self.bytes.add(byte_keys, size)
+            return None
+        return self._spend_on_backplane(spends, to, message_id, byte_keys, size)
+
+    async def _spend_on_backplane(self, spends: list[tuple[str, int]], to: str, message_id: str,
+                                  byte_keys: list[str], size: int) -> None:
+        allowed = await asyncio.gather(*(self._spend(key, to, budget) for key, budget in spends))  # one trip
+        if not all(allowed):
+            self.metrics.rate_limited.labels(limit="new_queues").inc()
+            raise spent(message_id)
+        self.local.record([key for key, _ in spends], to)
         self.bytes.add(byte_keys, size)

@@ -42,6 +42,7 @@ log = logging.getLogger("relayd.cluster")
 
 MAX_TAILS = 100_000
 """(sender, recipient) pairs whose last stored seq is remembered for offers' ``after``."""
+NOT_OFFERED = Taken()
 
 
 def _keep_recent(table: OrderedDict[tuple[str, str], int], key: tuple[str, str], value: int) -> None:
@@ -160,22 +161,22 @@ class ClusterDelivery:
 
     # Messages from this instance's senders
 
-    def _tail(self, msg: QueuedMessage) -> int:
-        """The seq of the sender's last message to this recipient stored from here (0: none known)."""
-        return self._tails.get((msg.sender.lower(), msg.recipient), 0)
-
     def _next_offer(self, ident: Ident) -> tuple[int, int]:
-        """(``_tail`` of the message ``ident``, this instance's number for its pair's next unstored offer, from
-        1)."""
+        """(The seq of the sender's last message to this recipient stored from here, 0: none known; this
+        instance's number for its next unstored offer of the pair, from 1)."""
         key = ident[0], ident[1]
         number = self._offers.get(key, 0) + 1
         _keep_recent(self._offers, key, number)
         return self._tails.get(key, 0), number
 
-    def _stored(self, msg: QueuedMessage) -> None:
+    def _stored(self, msg: QueuedMessage) -> int:
+        """Remember ``msg`` as the sender's last message to its recipient stored from here; the seq of the one
+        before it (0: none known)."""
         key = (msg.sender.lower(), msg.recipient)
-        if msg.seq > self._tails.get(key, 0):
+        before = self._tails.get(key, 0)
+        if msg.seq > before:
             _keep_recent(self._tails, key, msg.seq)
+        return before
 
     def message(self, session: Session, frame: dict[str, Any]) -> Awaitable[None] | None:
         """Route one ``message`` frame (``Delivery.message``'s contract). Synchronous (no task per message)
@@ -339,10 +340,12 @@ class ClusterDelivery:
         try:
             if not self.local.store.healthy:  # answer now rather than after another timeout
                 raise StorageUnavailable(self.local.store.problem or "storage is unavailable")
-            async with self.answer_within.limit():
-                await self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
-                                        msg.message_id, low_room(self.local.limits.max_total_bytes,
-                                                                 self.local.store.stored_bytes()))
+            with self.answer_within.limit():
+                spending = self.budget.spend(session.address or "", session.ip, msg.recipient, utf8_len(msg.content),
+                                             msg.message_id, low_room(self.local.limits.max_total_bytes,
+                                                                      self.local.store.stored_bytes()))
+                if spending is not None:
+                    await spending
                 await turn.wait()
                 sent = True
                 turn.release()
@@ -359,8 +362,7 @@ class ClusterDelivery:
             raise RelayError(refusal.code, refusal.message, message_id=msg.message_id)
         if result is EnqueueResult.DELIVERED:
             return self.local.answer_text(ident, msg, "delivered")
-        after = self._tail(msg)
-        self._stored(msg)
+        after = self._stored(msg)
         if result is EnqueueResult.DUPLICATE:
             # A resend of a stored message: its first notice may be lost (its instance died after the write).
             self.refresh.request(msg.recipient)
@@ -369,7 +371,8 @@ class ClusterDelivery:
             return self.local.answer_text(ident, msg, "queued")
         if silent:  # they did not answer the unstored offer (it may be lost): they read the queue instead
             self.peers.hint(PeerSessions(silent), msg.recipient)
-        where = PeerSessions(tuple(i for i in where.instances if i not in silent), where.ack)
+        if silent:
+            where = PeerSessions(tuple(i for i in where.instances if i not in silent), where.ack)
         return self.local.answer_text(ident, msg, await self._deliver_stored(msg, where, after))
 
     async def _deliver_stored(self, msg: QueuedMessage, where: PeerSessions, after: int) -> str:
@@ -384,7 +387,7 @@ class ClusterDelivery:
             if taken:
                 self.refresh.pushed(msg.recipient, msg.seq)
         keep = where.ack or any(s.ack for s in taken)
-        far = Taken()
+        far = NOT_OFFERED
         if where.instances:
             far = await self.peers.offer(where, msg, stored=True, after=after, keep=keep)
             if far.silent:  # the offer or its answer was lost: make sure those sessions' instances read the queue
@@ -404,7 +407,7 @@ class ClusterDelivery:
         after them, in seq order (rule 3 of ``offers``). The sessions that took it; none when the read did not
         end within ``answer_within``'s time (it is stored, and that read delivers it)."""
         try:
-            async with self.answer_within.limit():
+            with self.answer_within.limit():
                 await self.refresh.read(msg.recipient, seen=msg.seq)
         except TimeoutError:
             return []

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import urllib.parse
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from redis import exceptions as rx
@@ -222,9 +222,9 @@ class RedisBackplane:
 
     # Storage routed by presence, and shared counters
 
-    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str,
-                             watch_ttl_ms: int) -> tuple[EnqueueResult, PresenceEntries]:
-        return await self.queues.enqueue_routed(msg, limits, watcher=watcher, watch_ttl_ms=watch_ttl_ms)
+    def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str,
+                       watch_ttl_ms: int) -> Awaitable[tuple[EnqueueResult, PresenceEntries]]:
+        return self.queues.enqueue_routed(msg, limits, watcher=watcher, watch_ttl_ms=watch_ttl_ms)
 
     async def restore_routed(self, messages: list[QueuedMessage]) -> dict[str, PresenceEntries]:
         _, found = await self.queues.restore_routed(messages)

@@ -9,7 +9,6 @@ addresses whose kept messages expire first, so expiry visits only those.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from ...frames import utf8_len
@@ -78,16 +77,12 @@ class RedisHistory:
         return deleted
 
     async def expire(self, now_ms: int) -> int:
-        """Read the per-slot indexes in pipelines of ``SLOT_BATCH`` slots, then expire each address listed."""
+        """Read the per-slot indexes ``SLOT_BATCH`` slots at a time, then expire each address listed."""
         removed = 0
         due: list[str] = []
         for part in chunks(await self.core.slots(), SLOT_BATCH):
-            async def work(client: Commands, part: Sequence[int] = part) -> list[Any]:
-                pipe = self.core.pipeline(client)
-                for slot in part:
-                    pipe.zrangebyscore(self.core.layout.history_expiry(slot), "-inf", now_ms)
-                return list(await pipe.execute())
-            due += [_text(a) for names in await self.core.link.read(work) for a in names]
+            indexes = [self.core.layout.history_expiry(slot) for slot in part]
+            due += [_text(a) for names in await self.core.due_members(indexes, str(now_ms), -1) for a in names]
         for address in due:
             while True:
                 count, totals = await self.core.recipient_write(scripts.EXPIRE_HISTORY, address, now_ms,

@@ -15,7 +15,7 @@ from .connection import Commands
 from .core import StoreCore
 from .records import KEY_OPTIONAL, by_recipient, chunks, decode_key, now_ms
 
-SLOT_BATCH = 500  # keys read in one pipeline
+SLOT_BATCH = 500  # keys or slots read at once
 EXPIRE_KEYS_SCAN = 100  # expired unsigned keys read from one slot's index at a time
 
 
@@ -87,24 +87,25 @@ class RedisKeys:
 
     async def expire_keys(self, before_ms: int, now_ms: int) -> int:
         """Lookups are written first (a script per slot); then each slot's index of unsigned keys is read
-        from its oldest, and each key older than ``before_ms`` goes in a script of its own."""
+        from its oldest (``SLOT_BATCH`` slots at a time), and each key older than ``before_ms`` goes in a script
+        of its own."""
         looked_up, self._looked_up = self._looked_up, set()
         for slot, names in by_recipient([self.layout.key(a)[0] for a in looked_up],
                                         lambda name: self.layout.slot_of(self.layout.address_of_key(name))).items():
             for part in chunks(names, SLOT_BATCH):
                 await self.link.write(scripts.TOUCH_KEYS, [self.layout.unsigned_keys(slot)], [now_ms, *part])
         removed = 0
-        for slot in await self.core.slots():
-            index = self.layout.unsigned_keys(slot)
-            while True:
-                async def work(client: Commands) -> list[str]:
-                    return await client.zrangebyscore(index, "-inf", f"({before_ms}", start=0, num=EXPIRE_KEYS_SCAN)
-                names = await self.link.read(work)
+        todo = await self.core.slots()
+        while todo:
+            slots, todo = todo[:SLOT_BATCH], todo[SLOT_BATCH:]
+            indexes = [self.layout.unsigned_keys(slot) for slot in slots]
+            pages = await self.core.due_members(indexes, f"({before_ms}", EXPIRE_KEYS_SCAN)
+            for slot, index, names in zip(slots, indexes, pages):
                 for name in names:
                     stats = self.layout.key(self.layout.address_of_key(name))[1]
                     removed += await self._forget(scripts.EXPIRE_KEY, name, stats, index, before_ms)
-                if len(names) < EXPIRE_KEYS_SCAN:
-                    break
+                if len(names) == EXPIRE_KEYS_SCAN:  # those went from the index: read it from its oldest again
+                    todo.append(slot)
         return removed
 
     async def key_floor(self, address: str) -> int | None:

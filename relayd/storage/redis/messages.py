@@ -40,21 +40,39 @@ class RedisMessages:
     async def enqueue(self, msg: QueuedMessage, limits: QueueLimits, ledger: str, ledger_ttl_ms: int,
                       watcher: str = "", watch_ttl_ms: int = 0) -> tuple[str, PresenceEntries]:
         """The script's outcome (a key of ``RESULTS``, or ``migrated``) and the recipient's presence."""
+        slot, posted = self._post(msg, limits, ledger, ledger_ttl_ms, watcher, watch_ttl_ms)
+        return self._settle(msg, slot, await posted)
+
+    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, watcher: str,
+                             watch_ttl_ms: int) -> tuple[EnqueueResult, PresenceEntries]:
+        """``enqueue`` as ``RedisStore.enqueue_routed`` answers it, in the one coroutine of the cluster's every
+        stored message (a layer that only awaits another costs a coroutine and its frame per message)."""
+        slot, posted = self._post(msg, limits, "", 0, watcher, watch_ttl_ms)
+        outcome, presence = self._settle(msg, slot, await posted)
+        return RESULTS[outcome], presence
+
+    def _post(self, msg: QueuedMessage, limits: QueueLimits, ledger: str, ledger_ttl_ms: int, watcher: str,
+              watch_ttl_ms: int) -> tuple[int, asyncio.Future[Any]]:
+        """Queue the message's call of the merged enqueue script: its recipient's slot, and the call's entry."""
         core = self.core
         size = utf8_len(msg.content)
         over = bool(limits.max_total_bytes) and core.totals.bytes + core.other_bytes + size > limits.max_total_bytes
         slot = core.layout.slot_of(msg.recipient)
         core.note_slot(slot)
-        outcome, seq, _dropped, totals, presence = await core.link.merge(
+        return slot, core.link.merge(
             scripts.ENQUEUE, core.layout.enqueue_keys(msg.recipient),
             (limits.max_messages, limits.max_bytes, 1 if limits.drop_oldest else 0, DROP_CHUNK, ledger_ttl_ms,
              watcher, watch_ttl_ms),
             (msg.recipient, msg.sender, msg.message_id, encode_message(msg, size), size, msg.queued_at,
              1 if over else 0, ledger))
+
+    def _settle(self, msg: QueuedMessage, slot: int, entry: Any) -> tuple[str, PresenceEntries]:
+        """Take a call's entry: the message's seq, the slot's totals; its outcome and the presence."""
+        outcome, seq, _dropped, totals, presence = entry
         if outcome in ("queued", "duplicate"):
             msg.seq = int(seq)
         if outcome == "queued":
-            core.totals.apply(slot, totals)
+            self.core.totals.apply(slot, totals)
         return str(outcome), pairs(presence) if presence else {}
 
     async def restore(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, PresenceEntries]]:

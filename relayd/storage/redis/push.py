@@ -9,7 +9,6 @@ not decrement a counter.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from ..store import PushSubscription
@@ -73,16 +72,12 @@ class RedisPush:
         await self.link.write(scripts.EXTEND_PUSH, list(self.layout.push(address)), [expires_at_ms, address])
 
     async def expire(self, now_ms: int) -> int:
-        """Each slot's index is read from its oldest (many slots in one pipeline); each expired address goes
+        """Each slot's index is read from its oldest (``SLOT_BATCH`` slots at a time); each expired address goes
         in a script of its own. Returns once ``EXPIRE_BATCH`` went, or every slot was read."""
         removed = 0
         for part in chunks(await self.core.slots(), SLOT_BATCH):
-            async def work(client: Commands, part: Sequence[int] = part) -> list[Any]:
-                pipe = self.core.pipeline(client)
-                for slot in part:
-                    pipe.zrangebyscore(self.layout.push_expiry(slot), "-inf", now_ms, start=0, num=EXPIRE_SCAN)
-                return list(await pipe.execute())
-            for addresses in await self.link.read(work):
+            indexes = [self.layout.push_expiry(slot) for slot in part]
+            for addresses in await self.core.due_members(indexes, str(now_ms), EXPIRE_SCAN):
                 for address in addresses:
                     count, size = await self.link.write(scripts.EXPIRE_PUSH, list(self.layout.push(address)),
                                                         [now_ms, address])

@@ -9,16 +9,14 @@ something old.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from ..store import RECEIPT_BYTES
 from . import scripts
-from .connection import Commands
 from .core import StoreCore
 from .records import chunks
 
 EXPIRE_SCAN = 100   # recipients read from one slot's retention index at a time
-SLOT_BATCH = 500    # per-slot keys read in one pipeline
+SLOT_BATCH = 500    # per-slot keys read at once
 
 
 class RedisRetention:
@@ -44,16 +42,11 @@ class RedisRetention:
         await self._expire_tokens(slots, before_ms)
         return removed
 
-    async def _index_pages(self, slots: Sequence[int], before_ms: int, offsets: dict[int, int]) -> list[Any]:
+    async def _index_pages(self, slots: Sequence[int], before_ms: int, offsets: dict[int, int]) -> list[list[str]]:
         """One page (``EXPIRE_SCAN`` addresses from each slot's offset) of the retention indexes: the
         addresses holding something older than ``before_ms``, per slot."""
-        async def work(client: Commands) -> list[Any]:
-            pipe = self.core.pipeline(client)
-            for slot in slots:
-                pipe.zrangebyscore(self.core.layout.slot_keys(slot)[0], "-inf", f"({before_ms}",
-                                   start=offsets[slot], num=EXPIRE_SCAN)
-            return list(await pipe.execute())
-        return await self.core.link.read(work)
+        return await self.core.due_members([self.core.layout.slot_keys(slot)[0] for slot in slots], f"({before_ms}",
+                                           EXPIRE_SCAN, [offsets[slot] for slot in slots])
 
     async def _all_old_addresses(self, before_ms: int) -> list[str]:
         """Every address the retention indexes list as holding something older than ``before_ms``."""
@@ -83,20 +76,17 @@ class RedisRetention:
     async def _expire_tokens(self, slots: list[int], before_ms: int) -> None:
         link, layout = self.core.link, self.core.layout
         for part in chunks(slots, SLOT_BATCH):
-            async def work(client: Commands, part: Sequence[int] = part) -> list[Any]:
-                pipe = self.core.pipeline(client)
-                for slot in part:
-                    pipe.zcount(layout.token_slot_keys(slot)[1], "-inf", before_ms)
-                return list(await pipe.execute())
-            for slot, due in zip(part, await link.read(work)):
-                while int(due or 0) > 0:
+            firsts = await self.core.due_members([layout.token_slot_keys(slot)[1] for slot in part], str(before_ms), 1)
+            for slot, first in zip(part, firsts):
+                due = bool(first)
+                while due:
                     gone = await link.write(scripts.EXPIRE_TOKENS, list(layout.token_slot_keys(slot)),
                                             [before_ms, self.expire_chunk])
                     for i in range(0, len(gone) - 1, 2):
                         if gone[i + 1]:
                             link.post_command("ZREM", layout.tokens_of(gone[i + 1]), gone[i],
                                               key=layout.tokens_of(gone[i + 1]))
-                    due = 0 if len(gone) < 2 * self.expire_chunk else due
+                    due = len(gone) >= 2 * self.expire_chunk
 
     async def shift_times(self, before_ms: int, delta_ms: int) -> int:
         """Move the times of what was stored before ``before_ms``: every address the retention indexes

@@ -706,6 +706,18 @@ for i, key in ipairs(KEYS) do out[i] = redis.call('HMGET', key, unpack(ARGV)) en
 return cjson.encode(out)
 """)
 
+# Read only, on a single Redis (a Cluster's slots do not share one): any number of per-slot indexes. KEYS: the
+# indexes (sorted sets). ARGV: the highest score (a ZRANGEBYSCORE bound: "(n" leaves n out), how many members
+# at most (-1: all), then each index's offset (none: 0). Returns an array per index: its members scored up to
+# that, lowest first. One reply for them all (see SLOT_STATS): housekeeping reads an index of every slot.
+DUE_MEMBERS = Script("due_members", r"""
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('ZRANGEBYSCORE', key, '-inf', ARGV[1], 'LIMIT', ARGV[2 + i] or 0, ARGV[2])
+end
+return out
+""")
+
 # KEYS: this instance's probe key. ARGV: value, ttl ms. A write, so refused writes show up without traffic.
 PROBE = Script("probe", "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1")
 

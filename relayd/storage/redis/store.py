@@ -23,6 +23,7 @@ slot bookkeeping) and do the work.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 from ..store import EnqueueResult, HistoryPage, KeyRecord, PushSubscription, QueuedMessage, QueueLimits, Receipt
@@ -34,7 +35,7 @@ from .keys import RedisKeys
 from .push import RedisPush
 from .layout import Layout
 from .lifecycle import Durability, RedisLifecycle
-from .messages import RESULTS, RedisMessages
+from .messages import RedisMessages
 from .receipts import RedisReceipts
 from .records import PresenceEntries
 from .retention import RedisRetention
@@ -92,8 +93,8 @@ class RedisStore:
     async def slots(self) -> list[int]:
         return await self.core.slots()
 
-    async def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
-                             watch_ttl_ms: int = 0) -> tuple[EnqueueResult, PresenceEntries]:
+    def enqueue_routed(self, msg: QueuedMessage, limits: QueueLimits, *, watcher: str = "",
+                       watch_ttl_ms: int = 0) -> Awaitable[tuple[EnqueueResult, PresenceEntries]]:
         """``enqueue``, and the recipient's presence read in the same atomic step.
 
         An instance that registers a session for the recipient after this
@@ -102,8 +103,7 @@ class RedisStore:
         ``watcher`` (an instance of ``relayd.cluster``) is told when that
         presence next changes, for ``watch_ttl_ms``.
         """
-        outcome, presence = await self.messages.enqueue(msg, limits, "", 0, watcher, watch_ttl_ms)
-        return RESULTS[outcome], presence
+        return self.messages.enqueue_routed(msg, limits, watcher, watch_ttl_ms)
 
     async def restore_routed(self, messages: list[QueuedMessage]) -> tuple[int, dict[str, PresenceEntries]]:
         """``restore``, and each recipient's presence read in the same atomic step (see ``enqueue_routed``)."""
