@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -102,6 +103,15 @@ def cpu_per_upgrade(kind: str, upgrades: int) -> float:
     return (time.process_time() - started) / upgrades * 1e6
 
 
+def best_of(measure: Callable[[str], float], kinds: tuple[str, ...], repeat: int) -> dict[str, float]:
+    """The least CPU per operation of each kind over ``repeat`` interleaved runs."""
+    best = dict.fromkeys(kinds, float("inf"))
+    for _ in range(repeat):
+        for kind in kinds:
+            best[kind] = min(best[kind], measure(kind))
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=100_000)
@@ -111,25 +121,17 @@ def main() -> None:
     data = client_frame(CONTENT)
     print(f"frame of {len(data)} bytes ({len(CONTENT)} of payload); best of {args.repeat} runs of "
           f"{args.frames:,} frames each; Python {sys.version.split()[0]}, pid {os.getpid()}")
+    both, three = ("websockets", "relayd"), ("websockets", "relayd", "neither")
     for per_call in (1, 8):
-        best = {"websockets": float("inf"), "relayd": float("inf")}
-        for _ in range(args.repeat):
-            for kind in best:
-                best[kind] = min(best[kind], cpu_per_frame(kind, data, args.frames, per_call))
+        best = best_of(lambda kind: cpu_per_frame(kind, data, args.frames, per_call), both, args.repeat)
         w, r = best["websockets"], best["relayd"]
         print(f"{per_call} frame(s) per read: websockets' parser {w:.2f} us/frame, relayd's {r:.2f} us/frame "
               f"({r / w:.2f}x, {w - r:.2f} us less)")
-    best = {"websockets": float("inf"), "relayd": float("inf"), "neither": float("inf")}
-    for _ in range(args.repeat):
-        for kind in best:
-            best[kind] = min(best[kind], cpu_per_head(kind, args.upgrades))
+    best = best_of(lambda kind: cpu_per_head(kind, args.upgrades), three, args.repeat)
     w, r = best["websockets"] - best["neither"], best["relayd"] - best["neither"]
     print(f"a handshake's 6 header lines: websockets' parse_headers {w:.2f} us, relayd's whole_headers {r:.2f} us "
           f"({r / w:.2f}x, {w - r:.2f} us less)")
-    best = {"websockets": float("inf"), "relayd": float("inf"), "neither": float("inf")}
-    for _ in range(args.repeat):
-        for kind in best:
-            best[kind] = min(best[kind], cpu_per_upgrade(kind, args.upgrades))
+    best = best_of(lambda kind: cpu_per_upgrade(kind, args.upgrades), three, args.repeat)
     w, r = best["websockets"] - best["neither"], best["relayd"] - best["neither"]
     print(f"upgrade answer (beyond making the protocol and request, {best['neither']:.2f} us): websockets' accept "
           f"{w:.2f} us, relayd's switching_protocols {r:.2f} us ({r / w:.2f}x, {w - r:.2f} us less)")
