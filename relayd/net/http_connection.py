@@ -407,16 +407,10 @@ class HttpConnection(ServerConnection):
         protocol = self.protocol
         upgrade = (switching_protocols(protocol, self.request, server_header)
                    if self.state is State.CONNECTING and self.server.is_serving() and not protocol.debug else None)
-        if upgrade is not None:
-            # What ``send_response`` does with a 101 answer; the upgrade leaves nothing to wait for (websockets'
-            # ``send_context`` would only write and drain here, and its async context manager costs about a
-            # twentieth of a sign-in).
+        if upgrade is not None:  # what ``send_response`` does with a 101 answer
             protocol.writes.append(upgrade)
             protocol.state = State.OPEN
             protocol.logger.info("connection open")
-            self.send_data()
-            if self.paused:
-                await self.drain()
         else:  # a refusal (or a debug log of the answer): websockets' own way
             response = protocol.accept(self.request)
             if server_header is not None:
@@ -426,12 +420,15 @@ class HttpConnection(ServerConnection):
             if self.state is State.CONNECTING:
                 if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
                     protocol.send_response(response)
-                    self.send_data()
-                    if self.paused:
-                        await self.drain()
                 else:
                     async with self.send_context(expected_state=State.CONNECTING):
                         protocol.send_response(response)
+        if protocol.state is State.OPEN:
+            # The upgrade leaves nothing to wait for: websockets' ``send_context`` would only write and drain
+            # here, and its async context manager costs about a twentieth of a sign-in.
+            self.send_data()
+            if self.paused:
+                await self.drain()
         if self.protocol.state is State.OPEN:  # frames that came with the request are parsed now
             self._to_frames()
             self._advance_parser()
