@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from support import A, B, FakeConnection, ManualClock, make_config
 
+from relayd.cluster.bus import Taken
 from relayd.cluster.delivery import ClusterDelivery
 from relayd.cluster.offers import REFUSAL_HOLD_S, Offers
-from relayd.cluster.peers import ClusterPeers, Taken
+from relayd.cluster.peers import ClusterPeers
 from relayd.cluster.presence import PeerSessions
 from relayd.cluster.refresh import Refresh
 from relayd.ops.metrics import RelayMetrics

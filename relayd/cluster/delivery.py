@@ -43,6 +43,7 @@ log = logging.getLogger("relayd.cluster")
 MAX_TAILS = 100_000
 """(sender, recipient) pairs whose last stored seq is remembered for offers' ``after``."""
 NOT_OFFERED = Taken()
+"""What a stored message offered to no peer was taken by (read only, shared)."""
 
 
 def _keep_recent(table: OrderedDict[tuple[str, str], int], key: tuple[str, str], value: int) -> None:

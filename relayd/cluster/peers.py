@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from ..tasks import TaskSet
 from .backplane import Backplane
-from .bus import Bus, Message, Taken as Taken  # Taken: what PeerLink's offers return
+from .bus import Bus, Message, Taken
 from .presence import NO_PEER_SESSIONS, WATCH_TTL_MS, ClusterPresence, PeerSessions
 
 log = logging.getLogger("relayd.cluster")
