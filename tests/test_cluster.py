@@ -185,6 +185,23 @@ def test_a_resent_message_id_is_idempotent_across_instances(relay_cluster, backp
         pong_next(receiver)  # ... and the recipient does not get it twice
 
 
+def test_a_resend_through_a_third_instance_after_the_recipients_flush_is_not_delivered_twice(relay_cluster,
+                                                                                              backplane):
+    """The instance that flushed the message to the recipient's open session remembers it: the resend's live
+    offer from an instance that never saw it is answered from there (CI's stalled-replies fault test)."""
+    x, y, z = relay_cluster(backplane, 3)
+    b = new_address()
+    with connect(x, A) as a:
+        send_answered(a, b, "flushed", "queued")
+    with connect(y, b) as receiver:
+        received(receiver, "flushed", A, queued=True)
+        with connect(z, A) as a:
+            send_answered(a, b, "new", "delivered")  # z now knows where b is: a message to b is offered live
+            received(receiver, "new", A)
+            send_answered(a, b, "flushed", "delivered")  # the sender lost the first answer and resends it here
+        pong_next(receiver)
+
+
 @pytest.mark.sealed_backplane
 def test_queue_caps_and_new_queue_budgets_hold_for_the_whole_cluster(relay_cluster, backplane):
     x, y = relay_cluster(backplane, 2, RELAYD_QUEUE_MAX_OFFLINE_MESSAGES="2",

@@ -262,6 +262,24 @@ def test_a_read_after_a_lost_notice_delivers_to_an_open_plain_session_and_remove
     run(scenario())
 
 
+def test_a_live_copy_whose_bytes_were_lost_is_not_taken_for_delivered_by_the_next_read():
+    """Rule 4 must not skip a message that came back: its live copy was pushed here (remembered as delivered),
+    then the connection ended before its bytes left, and it was stored again (``undelivered``)."""
+    async def scenario() -> None:
+        here = Instance()
+        plain = here.session(B)
+        m1 = stored_msg("m1")
+        assert here.offers.offered(m1, stored=False, after=0) == (1, False)
+        assert received(plain) == ["m1"]
+        here.delivery.undelivered(plain.session, [m1])
+        await here.settle()
+        await here.refresh.settle()
+        assert received(plain) == ["m1"]
+        assert here.offers.offered(stored_msg("m1"), stored=False, after=0) == (1, False)  # a resend now
+        assert received(plain) == []
+    run(scenario())
+
+
 def test_put_back_messages_are_sent_again_by_the_next_read():
     async def scenario() -> None:
         here = Instance()
@@ -393,6 +411,31 @@ def test_rule_4_a_stored_offer_of_what_a_queue_read_pushed_already_is_not_pushed
         await here.refresh.settle()
         assert received(plain) == ["m1"]
         assert here.offers.offered(m1, stored=True, after=0) == (1, False)
+        assert received(plain) == []
+    run(scenario())
+
+
+@pytest.mark.parametrize("how", ["queue read", "backlog flush"])
+def test_rule_4_a_resend_offered_unstored_after_a_read_or_flush_pushed_it_here_is_not_pushed_again(how):
+    """CI's stalled-replies fault test: a message stored by one instance reached B's session here through a read
+    of the queue (or its session's flush); its sender, who lost the answer, resent it through a third instance,
+    whose unstored offer knows no seq. It counts as taken and is not pushed a second time."""
+    async def scenario() -> None:
+        here = Instance()
+        m1 = stored_msg("m1")
+        await here.store.enqueue(m1, LIMITS)
+        if how == "queue read":
+            plain = here.session(B)
+            here.refresh.refresh_all()
+            await here.refresh.settle()
+        else:
+            backlog = Backlog(here.config, here.routes, here.store, here.metrics, here.clock, here.local.writes,
+                              answers=here.local.answers)
+            plain = here.session(B, ready=False)
+            assert not await backlog.prepare(plain.session)  # False: there is a backlog
+            await backlog.flush(plain.session)
+        assert received(plain) == ["m1"]
+        assert here.offers.offered(stored_msg("m1"), stored=False, after=0) == (1, False)
         assert received(plain) == []
     run(scenario())
 

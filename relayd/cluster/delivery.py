@@ -149,6 +149,7 @@ class ClusterDelivery:
     def undelivered(self, session: Session, messages: list[QueuedMessage]) -> None:
         """A plain session's connection ended before these messages' bytes reached its peer: store them again,
         and have the recipients' sessions here and on peers read them."""
+        self.local.stored_again(messages)
         self.metrics.restored.inc(len(messages))
         task = self.local.tasks.spawn(self._restore(messages))
         self.local.writes.note(messages[0].recipient, task)

@@ -21,9 +21,11 @@ The ordering rules, each tested in ``tests/test_cluster_ordering.py``:
    under way for any reason (after a blip or a lapse, messages whose notices
    were lost may be waiting, of any sender, one that just moved here too).
 4. A message delivered here counts as taken when offered again: by its
-   messageId (a resend through another instance, or the stored fallback of
-   an unstored offer taken here whose answer came too late), and stored, by
-   its seq (a read of the queue here may have pushed it before its offer).
+   messageId, whatever brought it here (an offer, a read of the queue, a
+   session's flush), for a resend through another instance or the stored
+   fallback of an unstored offer taken here whose answer came too late; and
+   stored, by its seq (a read of the queue here may have pushed it before its
+   offer).
 5. A lost unstored offer holds the pair's later ones back: each sending
    instance numbers its unstored offers per pair, and an offer whose number
    does not follow the last one seen from that instance (one went missing

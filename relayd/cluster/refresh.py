@@ -228,12 +228,14 @@ class Refresh:
             for msg in page:
                 if msg.seq in state.pushed:
                     continue
-                if self.answers.get((msg.sender.lower(), address, msg.message_id)) == "delivered":
+                ident = (msg.sender.lower(), address, msg.message_id)
+                if self.answers.get(ident) == "delivered":
                     removed.append(msg.seq)  # the stored fallback of a live copy taken here
                 elif self._push(targets, msg):
                     state.pushed.add(msg.seq)
-                    if not any(s.ack for s in targets):
+                    if not any(s.ack for s in targets):  # it leaves the store: a resend offered later is taken
                         removed.append(msg.seq)
+                        self.answers.remember(ident, "delivered")
             after = page[-1].seq
             self.metrics.flushed.inc(len(removed))
             if removed:

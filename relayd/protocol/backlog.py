@@ -27,6 +27,7 @@ from ..errors import ErrorCode, RelayError
 from ..frames import message_text
 from ..ops.metrics import RelayMetrics
 from .seams import NO_PEERS, Peers, Routes
+from .senders import Answers
 from .session import Session
 from ..storage.store import QueuedMessage, StorageOutcomeUnknown, StorageUnavailable, Store
 from ..tasks import TaskSet, retrieved
@@ -51,8 +52,11 @@ class Backlog:
     """Flushes stored messages and receipts to new sessions; applies acks."""
 
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics, clock: Clock,
-                 writes: AddressWrites, peers: Peers = NO_PEERS) -> None:
+                 writes: AddressWrites, peers: Peers = NO_PEERS, answers: Answers | None = None) -> None:
+        """``answers``: the instance's memory of answered and delivered messageIds (``Delivery.answers``),
+        where a flush records what it pushed."""
         self.routes = routes
+        self.answers = answers if answers is not None else Answers()
         self.peers = peers
         self.store = store
         self.metrics = metrics
@@ -251,6 +255,7 @@ class Backlog:
                     self.on_flushed(session, after)
                     return True
                 written = []
+                remember = self.answers.remember
                 for msg in batch:
                     waiter = session.outbox.congested()
                     if waiter is not None:
@@ -259,6 +264,8 @@ class Backlog:
                                                      queued=True), None if session.ack else msg):
                         break
                     written.append(msg.seq)
+                    if not session.ack:  # it leaves the store (an ack session's stays): a resend offered is taken
+                        remember((msg.sender.lower(), address, msg.message_id), "delivered")
                 self.metrics.flushed.inc(len(written))
                 after = batch[-1].seq
                 whole = len(written) == len(batch)

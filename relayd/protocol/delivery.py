@@ -368,10 +368,18 @@ class Delivery:
 
     def undelivered(self, session: Session, messages: list[QueuedMessage]) -> None:
         """A plain session's connection ended before these messages' bytes reached its peer: store them again."""
+        self.stored_again(messages)
         self.metrics.restored.inc(len(messages))
         log.debug("keeping %d messages a closed connection never received", len(messages))
         task = self.tasks.spawn(self._restore(messages))
         self.writes.note(messages[0].recipient, task)
+
+    def stored_again(self, messages: list[QueuedMessage]) -> None:
+        """Remember messages that are stored again as ``queued``: remembered as ``delivered``, a read of the queue
+        or an offer here would take them for copies already delivered and drop them."""
+        remember = self.answers.remember
+        for msg in messages:
+            remember((msg.sender.lower(), msg.recipient, msg.message_id), "queued")
 
     async def _restore(self, messages: list[QueuedMessage]) -> None:
         await keep_trying(lambda: self.store.restore(messages), f"keep {len(messages)} undelivered messages")

@@ -24,6 +24,7 @@ from ..frames import decode, field_address, field_bool, message_id_of, utf8_len
 from ..identity.auth import SignIn
 from ..ops.metrics import RelayMetrics
 from .push import PushFrames
+from .senders import Answers
 from .seams import NO_PEERS, NO_PUSH, MessagePath, Peers, PushRegistry, Routes, SignInService
 from ..ratelimit import Verdict
 from .session import Session
@@ -42,19 +43,22 @@ class Router:
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics,
                  authenticator: SignInService, clock: Clock, *, delivery: MessagePath | None = None,
                  peers: Peers = NO_PEERS, writes: AddressWrites | None = None,
-                 push: PushRegistry = NO_PUSH) -> None:
+                 push: PushRegistry = NO_PUSH, answers: Answers | None = None) -> None:
         """``delivery``: the message path (``Delivery`` on this instance when None); ``peers``: the other
         instances sharing the store; ``writes``: the pending writes per address, shared with whatever else
-        writes for an address (a backlog read awaits them); ``push``: push subscriptions."""
+        writes for an address (a backlog read awaits them); ``push``: push subscriptions; ``answers``: the local
+        message path's memory of messageIds (``Delivery.answers``; that of the ``Delivery`` built here when None)."""
         self.routes = routes
         self.peers = peers
         self.metrics = metrics
         self.authenticator = authenticator
         self.clock = clock
         writes = writes if writes is not None else AddressWrites()
-        self.delivery: MessagePath = (delivery if delivery is not None
-                                      else Delivery(config, routes, store, metrics, clock, writes))
-        self.backlog = Backlog(config, routes, store, metrics, clock, writes, peers)
+        if delivery is None:
+            delivery = local = Delivery(config, routes, store, metrics, clock, writes)
+            answers = local.answers
+        self.delivery: MessagePath = delivery
+        self.backlog = Backlog(config, routes, store, metrics, clock, writes, peers, answers)
         self.delivery.on_stored = self.backlog.stored
         self.history = History(config, store)
         self.push = PushFrames(config, push)
