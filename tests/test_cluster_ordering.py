@@ -24,7 +24,7 @@ from relayd.protocol.delivery import Delivery
 from relayd.protocol.presence import LocalPresence
 from relayd.protocol.writes import AddressWrites
 from relayd.storage.memory import MemoryStore
-from relayd.storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
+from relayd.storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageOutcomeUnknown, StorageUnavailable
 
 C = "0x" + "c3" * 20
 ELSEWHERE = PeerSessions(("peer#1",))
@@ -702,6 +702,47 @@ def test_a_session_made_ready_without_its_backlog_gets_it_before_anything_pushed
         await here.refresh.settle()
         assert received(plain) == ["m1", "m2"]
         assert answers(sender) == [("delivered", "m2")]
+    run(scenario())
+
+
+class LandsUnconfirmed(MemoryStore):
+    """A memory store whose next ``unconfirmed`` writes land but are not confirmed in time (a hung link's reply)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unconfirmed = 0
+
+    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
+        result = await super().enqueue(msg, limits)
+        if self.unconfirmed:
+            self.unconfirmed -= 1
+            raise StorageOutcomeUnknown("no reply in time")
+        return result
+
+
+def test_a_resend_after_storage_timeout_is_stored_and_read_not_pushed_live_beside_the_copy_that_landed():
+    """m1's write landed unconfirmed while B's session was not ready; it is ready (its flush missed m1) when the
+    resend comes. The resend is stored: a duplicate, so B's queue is read, which pushes the landed copy once;
+    pushed live, B's next session would get m1 a second time from its flush."""
+    async def scenario() -> None:
+        store = LandsUnconfirmed()
+        here = Instance(store)
+        here.peers.where = PeerSessions()
+        sender, plain = here.session(A), here.session(B, ready=False)
+        store.unconfirmed = 1
+        await here.send(sender, B, "m1")
+        await here.settle()
+        assert [(f["type"], f.get("code")) for f in sender.take()] == [("error", "storage_timeout")]
+        plain.session.ready = True
+        await here.send(sender, B, "m1")
+        await here.settle()
+        await here.refresh.settle()
+        assert answers(sender) == [("queued", "m1")]
+        assert received(plain) == ["m1"]
+        backlog = Backlog(here.config, here.routes, store, here.metrics, here.clock, here.local.writes)
+        await here.local.settle()
+        later = here.session(B, ready=False)
+        assert await backlog.prepare(later.session)  # True: nothing stored any more
     run(scenario())
 
 

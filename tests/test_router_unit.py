@@ -9,7 +9,7 @@ import asyncio
 import json
 from typing import Any
 
-from support import A, B, MIXED, FakeConnection as Peer, make_config
+from support import A, B, C, MIXED, FakeConnection as Peer, make_config
 
 from relayd.errors import ErrorCode, RelayError
 from relayd.storage.memory import MemoryStore
@@ -17,7 +17,7 @@ from relayd.protocol.presence import LocalPresence
 from relayd.ratelimit import FrameLimiter, Verdict
 from relayd.protocol.router import Router
 from relayd.protocol.session import Session
-from relayd.storage.store import StorageUnavailable
+from relayd.storage.store import StorageOutcomeUnknown, StorageUnavailable
 from relayd.ops.metrics import RelayMetrics
 from relayd.clock import SYSTEM_CLOCK
 from relayd.identity.auth import Authenticator, SignIn
@@ -234,6 +234,46 @@ def test_storage_failure_refuses_the_message_and_is_not_remembered():
         await relay.send(a, message(B, "m1", timestamp=1))  # the retry is accepted, not answered from memory
         assert strip_ts(a.take()[0]) == {"type": "queued", "messageId": "m1", "to": B}
         assert await store.size(B) == 1
+    run(scenario())
+
+
+class LandsUnconfirmed(MemoryStore):
+    """A backend whose next ``unconfirmed`` writes land but are not confirmed in time (a hung link's reply)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unconfirmed = 0
+
+    async def enqueue_many(self, messages: Any, limits: Any) -> Any:
+        results = await super().enqueue_many(messages, limits)
+        if self.unconfirmed:
+            self.unconfirmed -= 1
+            raise StorageOutcomeUnknown("no reply in time")
+        return results
+
+
+def test_a_resend_after_storage_timeout_is_stored_not_pushed_live_beside_the_copy_that_landed():
+    """m1 went to the store behind m0 (A's pipeline was busy) although B was online, and its write landed
+    unconfirmed. Pushed live on the resend, B would get it now and its landed copy again on its next session."""
+    async def scenario() -> None:
+        store = LandsUnconfirmed()
+        relay, a, b = Relay(store), Peer(), Peer()
+        await relay.auth(a, A)
+        await relay.auth(b, B)
+        a.take(), b.take()
+        store.unconfirmed = 1
+        await relay.receive(a, message(C, "m0", timestamp=1))
+        await relay.receive(a, message(B, "m1", timestamp=2))  # stored behind m0, in the same write
+        await relay.router.settle()
+        assert [(f["type"], f.get("code"), f["messageId"]) for f in a.take()] == [
+            ("error", "storage_timeout", "m0"), ("error", "storage_timeout", "m1")]
+        await relay.send(a, message(B, "m1", timestamp=2))
+        assert strip_ts(a.take()[0]) == {"type": "queued", "messageId": "m1", "to": B}  # the copy that landed
+        assert b.take() == []
+        again = Peer()
+        await relay.auth(again, B)
+        assert [f["messageId"] for f in again.take() if f["type"] == "message"] == ["m1"]
+        assert await store.size(B) == 0
     run(scenario())
 
 

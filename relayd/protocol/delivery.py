@@ -47,7 +47,7 @@ from ..tasks import TaskSet
 from .budgets import NewQueueBudget, OfflineBytes, low_room
 from .receipts import Receipts
 from .seams import Routes
-from .senders import Answers, Ident, Pipeline, Pipelines
+from .senders import UNSURE, Answers, Ident, Pipeline, Pipelines
 from .session import Session
 from .writes import AddressWrites
 
@@ -175,7 +175,7 @@ class Delivery:
         ident, msg = accepted
         targets = self.routes.ready_sessions(msg.recipient)
         pipeline = self.pipelines.get(session)
-        if targets and not (pipeline and pipeline.in_flight) and not any_ack(targets):
+        if targets and not (pipeline and pipeline.in_flight) and not any_ack(targets) and not self.unsure(ident):
             if self.push_live(targets, msg):
                 self.answer(session, ident, msg, "delivered")
                 return None
@@ -193,10 +193,14 @@ class Delivery:
         ident = (sender, to, mid)
         answer = self.answers.get(ident)
         now = wall_ms(self.clock)
-        if answer is not None:
+        if answer is not None and answer != UNSURE:
             session.push(answer_text(answer, mid, to, now))
             return None
         return ident, QueuedMessage(to, session.spelling, mid, content, now if stamp is None else stamp, now)
+
+    def unsure(self, ident: Ident) -> bool:
+        """Whether the message was answered ``storage_timeout`` here: a resend must be stored, not pushed live."""
+        return self.answers.get(ident) == UNSURE
 
     def answer(self, session: Session, ident: Ident, msg: QueuedMessage, answer: str) -> None:
         """Remember ``answer`` for the message and send it to the sender."""
@@ -292,6 +296,9 @@ class Delivery:
             results = await self.store.enqueue_many([item.msg for item in batch], self.limits)
         except StorageUnavailable as exc:
             results, refusal = [], storage_error(exc)
+            if isinstance(exc, StorageOutcomeUnknown):
+                for item in batch:
+                    self.answers.remember(item.ident, UNSURE)
         except Exception:
             log.exception("internal error storing messages")
             results, refusal = [], RelayError(ErrorCode.INTERNAL_ERROR)

@@ -16,6 +16,9 @@ MAX_IN_FLIGHT_BYTES = 1 << 20
 
 Ident = tuple[str, str, str]
 """(sender, recipient, messageId), addresses lower-cased: what makes a message the same message."""
+UNSURE = "unsure"
+"""Remembered instead of an answer for a message answered ``storage_timeout``: its write may have landed, so a
+resend of it is stored (the store answers it as a duplicate if so), never pushed live beside a stored copy."""
 
 
 class Answers:
