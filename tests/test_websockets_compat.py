@@ -187,6 +187,20 @@ def test_connection_seams_relay_connection_overrides_or_calls():
         assert name in serve_params, broken(f"serve() no longer accepts {name}=")
 
 
+def test_websockets_uses_a_connections_id_only_where_relayd_replaces_it():
+    """relayd gives every connection the same ``id`` (websockets' fresh UUID costs about 110 bytes per connection):
+    websockets must only set it, in ``Protocol.__init__`` and ``Connection.__init__``, and name connections in logs
+    that relayd replaced."""
+    import websockets.asyncio.connection as connection_module
+    import websockets.asyncio.server as server_module
+    import websockets.protocol as protocol_module
+    import websockets.server as sans_io_server_module
+    uses = [line.strip() for module in (connection_module, server_module, protocol_module, sans_io_server_module)
+            for line in inspect.getsource(module).splitlines() if re.search(r"\.id\b", line)]
+    assert uses == ["self.id: uuid.UUID = self.protocol.id", "self.id: uuid.UUID = uuid.uuid4()"], \
+        broken(f"websockets reads a connection's id elsewhere now: {uses}")
+
+
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 300_000])
 def test_relayd_builds_text_frames_as_websockets_does(size):
     text = "é" * (size // 2) + "x" * (size % 2)

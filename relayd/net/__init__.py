@@ -84,7 +84,8 @@ The handshake (``http_connection.HttpConnection.handshake``)
   awaited for the next request; ``request``, ``response`` and
   ``request_rcvd`` set and cleared (None once open); ``Connection.logger``
   and ``protocol.logger`` replaced by the shared ``websockets.server``
-  logger;
+  logger, and ``Connection.id`` / ``protocol.id`` by one shared UUID
+  (tripwire ``test_websockets_uses_a_connections_id_only_where_relayd_replaces_it``);
   ``protocol.process_request`` (a valid upgrade's 101 answer is written by
   ``switching_protocols``, as ``accept`` + ``serialize`` write it, with
   ``send_response``'s change of state; tripwire

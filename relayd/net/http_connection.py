@@ -18,6 +18,7 @@ import email.utils
 import http
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +39,8 @@ from .transports import release
 
 log = logging.getLogger("relayd.server")
 _WEBSOCKETS_LOG = logging.getLogger("websockets.server")
+_UNNAMED = uuid.UUID(int=0)
+"""Every connection's websockets id (see ``HttpConnection.__init__``)."""
 
 
 @dataclass(slots=True)
@@ -139,6 +142,9 @@ class HttpConnection(ServerConnection):
         # websockets wraps its logger per connection, in an adapter that names the connection through a weak
         # proxy (about a third of a KiB per connection); relayd's log format does not show it.
         protocol.logger = self.logger = _WEBSOCKETS_LOG
+        # It also names each connection with a fresh UUID for those logs (about 110 bytes kept per connection);
+        # relayd names sessions by their own number.
+        protocol.id = self.id = _UNNAMED
         self.context = context
         self.limits: ConnectionLimits = context.connection_limits
         self.peer_ip = "unknown"
