@@ -95,7 +95,8 @@ class RelayServer:
             from .push.service import PushService
             self.push = registry = PushService(config, self.store, self.metrics, clock, self.storage_budget)
         self.router = Router(config, routes, self.store, self.metrics, self.authenticator, clock,
-                             delivery=delivery, peers=peers, writes=writes, push=registry, answers=local.answers)
+                             delivery=delivery, peers=peers, writes=writes, push=registry,
+                             answers=local.answers if self.cluster is not None else None)
         if self.push is not None:
             # Only the instance that stored a message calls on_stored, and only when no session of the
             # recipient was ready on any instance: one push per event, and the message path never waits.

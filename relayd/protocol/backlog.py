@@ -54,9 +54,10 @@ class Backlog:
     def __init__(self, config: Config, routes: Routes, store: Store, metrics: RelayMetrics, clock: Clock,
                  writes: AddressWrites, peers: Peers = NO_PEERS, answers: Answers | None = None) -> None:
         """``answers``: the instance's memory of answered and delivered messageIds (``Delivery.answers``),
-        where a flush records what it pushed."""
+        where a flush records what it pushed to a plain session, for peers that offer a resend of it here (None:
+        no peers, nothing recorded; the sender's own instance answers its resends)."""
         self.routes = routes
-        self.answers = answers if answers is not None else Answers()
+        self.answers = answers
         self.peers = peers
         self.store = store
         self.metrics = metrics
@@ -255,7 +256,7 @@ class Backlog:
                     self.on_flushed(session, after)
                     return True
                 written = []
-                remember = self.answers.remember
+                remember = self.answers.remember if self.answers is not None and not session.ack else None
                 for msg in batch:
                     waiter = session.outbox.congested()
                     if waiter is not None:
@@ -264,7 +265,7 @@ class Backlog:
                                                      queued=True), None if session.ack else msg):
                         break
                     written.append(msg.seq)
-                    if not session.ack:  # it leaves the store (an ack session's stays): a resend offered is taken
+                    if remember is not None:  # it leaves the store (an ack session's stays): a resend offered is taken
                         remember((msg.sender.lower(), address, msg.message_id), "delivered")
                 self.metrics.flushed.inc(len(written))
                 after = batch[-1].seq

@@ -46,8 +46,8 @@ class Router:
                  push: PushRegistry = NO_PUSH, answers: Answers | None = None) -> None:
         """``delivery``: the message path (``Delivery`` on this instance when None); ``peers``: the other
         instances sharing the store; ``writes``: the pending writes per address, shared with whatever else
-        writes for an address (a backlog read awaits them); ``push``: push subscriptions; ``answers``: the local
-        message path's memory of messageIds (``Delivery.answers``; that of the ``Delivery`` built here when None)."""
+        writes for an address (a backlog read awaits them); ``push``: push subscriptions; ``answers``: with peers,
+        the local message path's memory of messageIds (``Delivery.answers``), where a flush records what it pushed."""
         self.routes = routes
         self.peers = peers
         self.metrics = metrics
@@ -55,8 +55,7 @@ class Router:
         self.clock = clock
         writes = writes if writes is not None else AddressWrites()
         if delivery is None:
-            delivery = local = Delivery(config, routes, store, metrics, clock, writes)
-            answers = local.answers
+            delivery = Delivery(config, routes, store, metrics, clock, writes)
         self.delivery: MessagePath = delivery
         self.backlog = Backlog(config, routes, store, metrics, clock, writes, peers, answers)
         self.delivery.on_stored = self.backlog.stored
