@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import inspect
 import socket
 import threading
 import time
@@ -41,6 +42,7 @@ from support import (
 from websockets.frames import Frame, Opcode
 
 from relayd.config import load_config
+from relayd import reads
 from relayd.net import transports
 from relayd.ops.collector import Collector
 
@@ -298,6 +300,27 @@ def test_a_descriptor_reserve_keeps_accept_working_and_the_log_quiet(relay) -> N
         assert_exchange(b, c, C, "after-fd-flood")
     log = relay.log()
     assert "out of system resource" not in log and "Traceback" not in log, log[-2000:]
+
+
+def test_asyncio_reads_a_fresh_bytes_of_max_size_as_relayd_assumes() -> None:
+    """Tripwire for ``relayd.reads``: asyncio's selector transport reads ``self.max_size`` bytes into
+    a new ``bytes`` each time (256 KiB by default, past glibc's mmap threshold)."""
+    cls = asyncio.selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+    assert type(cls.max_size) is int and cls.max_size > reads.READ_SIZE
+    assert "self._sock.recv(self.max_size)" in inspect.getsource(cls._read_ready__data_received)
+
+
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_connections_read_at_most_read_size_at_a_time(start_relay, event_loop) -> None:
+    """Under glibc's mmap threshold (128 KiB), so a read costs no mmap, mremap and munmap (bench/results/
+    2026-12-08-read-size.txt); uvloop's transports read into a buffer of their own and are left as they are."""
+    relay = start_relay(auth={"mode": "open"}, server={"event_loop": event_loop})
+    assert reads.READ_SIZE < 128 * 1024
+    with connect(relay, new_address()):
+        wait_until(lambda: relay.server.gateway.sessions, "the session")
+        [conn] = relay.server.gateway.sessions.values()
+        size = getattr(conn.transport, "max_size", None)
+        assert size == (reads.READ_SIZE if event_loop == "asyncio" else None)
 
 
 @pytest.mark.parametrize("event_loop", EVENT_LOOPS)

@@ -233,6 +233,25 @@ def test_min_replicas_with_a_replica_acknowledges(fresh_redis, tmp_path):
         replica.stop()
 
 
+def test_the_stores_connections_read_from_the_heap(fresh_redis):
+    """relayd.reads: reads and writes, over TCP and over a Unix socket (the subscriber's connections are made the
+    same way)."""
+    from relayd.reads import READ_SIZE
+    from relayd.storage.redis.connection import HeapConnection, HeapUnixConnection
+
+    async def body(store: RedisStore) -> None:
+        assert await enqueue_succeeds(store, "m1")
+        assert await store.size(BOB) == 1
+        client, writer = store.link.client, store.link.writes.writer
+        assert client is not None and writer is not None
+        pool = client.connection_pool  # type: ignore[union-attr]
+        assert pool.connection_class in (HeapConnection, HeapUnixConnection)
+        assert type(writer) in (HeapConnection, HeapUnixConnection)
+        sizes = {c._writer.transport.max_size for c in [*pool._available_connections, writer]}
+        assert sizes == {READ_SIZE}
+    with_store(fresh_redis.url, body)
+
+
 def test_scripts_reload_after_script_flush(fresh_redis):
     async def body(store: RedisStore) -> None:
         assert await enqueue_succeeds(store, "m1")

@@ -25,6 +25,7 @@ from typing import cast
 from websockets.streams import StreamReader
 
 from ..errors import RelayError
+from ..reads import read_from_heap
 from .http_connection import ConnectionContext, HttpConnection, render
 from .http_framing import BadRequest, ParsedRequest, read_request
 from .transports import release
@@ -65,6 +66,7 @@ class PlainRequest(asyncio.Protocol):
         self._eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        read_from_heap(transport)
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer_ip = self.client_ip = peer[0] if peer else "unknown"

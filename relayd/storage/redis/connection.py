@@ -19,9 +19,11 @@ from typing import Any, TypeAlias, TypeVar, cast
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ...reads import read_from_heap
 from ..store import StorageUnavailable
 from ..health import Health
 from .layout import ScriptKeys
@@ -35,6 +37,37 @@ T = TypeVar("T")
 MAX_CONNECTIONS = 64
 OVERDUE_S = 1.0
 """A write unanswered for longer (plus the WAIT/WAITAOF budget) makes the link unhealthy at once."""
+
+
+class _HeapReads:
+    """A redis-py connection whose transport reads from the heap (``relayd.reads``)."""
+
+    _writer: asyncio.StreamWriter | None
+
+    async def _connect(self) -> None:
+        await super()._connect()  # type: ignore[misc]
+        if self._writer is not None:
+            read_from_heap(self._writer.transport)
+
+
+class HeapConnection(_HeapReads, Connection):
+    pass
+
+
+class HeapUnixConnection(_HeapReads, UnixDomainSocketConnection):
+    pass
+
+
+_HEAP_CLASSES: dict[type[Any], type[Any]] = {Connection: HeapConnection, UnixDomainSocketConnection: HeapUnixConnection}
+
+
+def _reading_from_heap(pool: T) -> T:
+    """``pool`` making its TCP and Unix connections read from the heap (``from_url`` picks the class by the URL's
+    scheme; a TLS connection reads through its own protocol and is left as it is)."""
+    cls = getattr(pool, "connection_class", None)
+    if cls in _HEAP_CLASSES:
+        setattr(pool, "connection_class", _HEAP_CLASSES[cls])
+    return pool
 
 
 Commands: TypeAlias = "Redis[str]"
@@ -108,18 +141,18 @@ class RedisLink:
                 self.url, max_connections=MAX_CONNECTIONS, **self._settings(
                     socket_timeout=self.socket_timeout_s + self.wait_timeout_ms / 1000 + 1.0))
             return
-        pool: BlockingConnectionPool[Any] = BlockingConnectionPool.from_url(
+        pool: BlockingConnectionPool[Any] = _reading_from_heap(BlockingConnectionPool.from_url(
             self.url, max_connections=MAX_CONNECTIONS, timeout=self.socket_timeout_s,
-            retry=Retry(NoBackoff(), 1, (rx.ConnectionError,)), **self._settings())
+            retry=Retry(NoBackoff(), 1, (rx.ConnectionError,)), **self._settings()))
         self.client = self.writes.client = Redis(connection_pool=pool, decode_responses=True)
-        self.writes.writer = ConnectionPool.from_url(
-            self.url, **self._settings(socket_timeout=None, retry=Retry(NoBackoff(), 0))).make_connection()
+        self.writes.writer = _reading_from_heap(ConnectionPool.from_url(
+            self.url, **self._settings(socket_timeout=None, retry=Retry(NoBackoff(), 0)))).make_connection()
 
     def subscriber(self, url: str | None = None) -> Redis[str]:
         """A client of its own for Pub/Sub to the server (or to ``url``, e.g. one Cluster node), outside every
         pool, never retrying by itself; RESP2, without a read timeout (the subscriber polls)."""
-        pool: ConnectionPool[Any] = ConnectionPool.from_url(url or self.url, **self._settings(
-            socket_timeout=None, protocol=2, retry=Retry(NoBackoff(), 0), max_connections=2))
+        pool: ConnectionPool[Any] = _reading_from_heap(ConnectionPool.from_url(url or self.url, **self._settings(
+            socket_timeout=None, protocol=2, retry=Retry(NoBackoff(), 0), max_connections=2)))
         return Redis(connection_pool=pool, decode_responses=True)
 
     async def close(self) -> None:
