@@ -72,6 +72,24 @@ def test_the_schema_is_versioned_migrated_once_and_kept_across_reopening(pg_data
                           name) == ",".join(str(v) for v in range(1, SCHEMA_VERSION + 1))
 
 
+def test_pooled_and_single_connections_read_from_the_heap(pg_database):
+    """relayd.reads, through asyncpg's ``_transport`` (the pool's connections and those outside it)."""
+    from relayd.reads import READ_SIZE
+
+    async def body() -> None:
+        store = PostgresStore(pg_database)
+        await store.open()
+        try:
+            async with store.link._pool.acquire() as conn:
+                assert conn._transport.max_size == READ_SIZE
+            single = await store.link.connect_one()
+            assert single._transport.max_size == READ_SIZE
+            await single.close()
+        finally:
+            await store.close()
+    run(body())
+
+
 def test_a_database_from_a_newer_relayd_or_someone_elses_is_refused_at_open(pg_server):
     newer = pg_server.new_database()
     run(_open_close(newer))

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from ...config.redact import redact_url
 from ...extras import install_hint
+from ...reads import read_from_heap
 from ..health import Health
 from ..store import StorageUnavailable, StoreOpenError
 from .owner import AnotherOwner, PgOwner
@@ -225,6 +226,9 @@ class PgLink:
         return conn
 
     async def _set_timeouts(self, conn: Any) -> None:
+        """Prepare a new connection: the server's timeouts, and reads from the heap (``relayd.reads``; asyncpg
+        keeps its transport as ``_transport``, checked by a test)."""
+        read_from_heap(conn._transport)
         await conn.execute(self._server_timeouts)
 
     async def close(self) -> None:
