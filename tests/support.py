@@ -57,7 +57,8 @@ from relayd.identity.signing import address_of_private, sign_text
 from relayd.identity.statements import auth_statement, key_statement
 from relayd.protocol.session import Session
 from relayd.server import RelayServer
-from relayd.storage.store import Store
+from relayd.storage.memory import MemoryStore
+from relayd.storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageOutcomeUnknown, Store
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_FACTOR = float(os.environ.get("RELAYDTEST_TIMEOUT_FACTOR")
@@ -261,6 +262,30 @@ class FakeConnection:
     def take(self) -> list[dict[str, Any]]:
         out, self.frames = self.frames, []
         return out
+
+
+class LandsUnconfirmed(MemoryStore):
+    """A memory store whose next ``unconfirmed`` message writes land but are not confirmed in time (a hung link's
+    reply): ``StorageOutcomeUnknown`` after the write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unconfirmed = 0
+
+    def _unconfirmed(self) -> None:
+        if self.unconfirmed:
+            self.unconfirmed -= 1
+            raise StorageOutcomeUnknown("no reply in time")
+
+    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
+        result = await super().enqueue(msg, limits)
+        self._unconfirmed()
+        return result
+
+    async def enqueue_many(self, messages: list[QueuedMessage], limits: QueueLimits) -> list[EnqueueResult]:
+        results = await super().enqueue_many(messages, limits)
+        self._unconfirmed()
+        return results
 
 
 # A hostile relay, for the client

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support import A, B, FakeConnection, ManualClock, make_config
+from support import A, B, FakeConnection, LandsUnconfirmed, ManualClock, make_config
 
 from relayd.cluster.bus import Taken
 from relayd.cluster.delivery import ClusterDelivery
@@ -24,7 +24,7 @@ from relayd.protocol.delivery import Delivery
 from relayd.protocol.presence import LocalPresence
 from relayd.protocol.writes import AddressWrites
 from relayd.storage.memory import MemoryStore
-from relayd.storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageOutcomeUnknown, StorageUnavailable
+from relayd.storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 
 C = "0x" + "c3" * 20
 ELSEWHERE = PeerSessions(("peer#1",))
@@ -703,21 +703,6 @@ def test_a_session_made_ready_without_its_backlog_gets_it_before_anything_pushed
         assert received(plain) == ["m1", "m2"]
         assert answers(sender) == [("delivered", "m2")]
     run(scenario())
-
-
-class LandsUnconfirmed(MemoryStore):
-    """A memory store whose next ``unconfirmed`` writes land but are not confirmed in time (a hung link's reply)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.unconfirmed = 0
-
-    async def enqueue(self, msg: QueuedMessage, limits: QueueLimits) -> EnqueueResult:
-        result = await super().enqueue(msg, limits)
-        if self.unconfirmed:
-            self.unconfirmed -= 1
-            raise StorageOutcomeUnknown("no reply in time")
-        return result
 
 
 def test_a_resend_after_storage_timeout_is_stored_and_read_not_pushed_live_beside_the_copy_that_landed():

@@ -9,7 +9,7 @@ import asyncio
 import json
 from typing import Any
 
-from support import A, B, C, MIXED, FakeConnection as Peer, make_config
+from support import A, B, C, MIXED, FakeConnection as Peer, LandsUnconfirmed, make_config
 
 from relayd.errors import ErrorCode, RelayError
 from relayd.storage.memory import MemoryStore
@@ -17,7 +17,7 @@ from relayd.protocol.presence import LocalPresence
 from relayd.ratelimit import FrameLimiter, Verdict
 from relayd.protocol.router import Router
 from relayd.protocol.session import Session
-from relayd.storage.store import StorageOutcomeUnknown, StorageUnavailable
+from relayd.storage.store import StorageUnavailable
 from relayd.ops.metrics import RelayMetrics
 from relayd.clock import SYSTEM_CLOCK
 from relayd.identity.auth import Authenticator, SignIn
@@ -235,21 +235,6 @@ def test_storage_failure_refuses_the_message_and_is_not_remembered():
         assert strip_ts(a.take()[0]) == {"type": "queued", "messageId": "m1", "to": B}
         assert await store.size(B) == 1
     run(scenario())
-
-
-class LandsUnconfirmed(MemoryStore):
-    """A backend whose next ``unconfirmed`` writes land but are not confirmed in time (a hung link's reply)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.unconfirmed = 0
-
-    async def enqueue_many(self, messages: Any, limits: Any) -> Any:
-        results = await super().enqueue_many(messages, limits)
-        if self.unconfirmed:
-            self.unconfirmed -= 1
-            raise StorageOutcomeUnknown("no reply in time")
-        return results
 
 
 def test_a_resend_after_storage_timeout_is_stored_not_pushed_live_beside_the_copy_that_landed():
