@@ -12,21 +12,25 @@ class LocalPresence:
     takes a newer one offline."""
 
     def __init__(self) -> None:
-        self._by_address: dict[str, list[Session]] = {}
+        self._by_address: dict[str, tuple[Session, ...]] = {}
+        """Tuples, not lists: 40 bytes less per online address, and the one-device case hands its tuple out as it
+        is rather than building one per routed message."""
 
     def attach(self, session: Session) -> None:
         assert session.address is not None
-        self._by_address.setdefault(session.address, []).append(session)
+        self._by_address[session.address] = (*self._by_address.get(session.address, ()), session)
 
     def detach(self, session: Session) -> bool:
         """Forget one session; True when its address has no session left."""
-        sessions = self._by_address.get(session.address) if session.address else None
-        if not sessions or session not in sessions:
+        address = session.address
+        sessions = self._by_address.get(address) if address is not None else None
+        if address is None or not sessions or session not in sessions:
             return False
-        sessions.remove(session)
-        if sessions:
+        left = tuple(s for s in sessions if s is not session)
+        if left:
+            self._by_address[address] = left
             return False
-        del self._by_address[session.address]  # type: ignore[arg-type]
+        del self._by_address[address]
         return True
 
     def ready_sessions(self, address: str) -> tuple[Session, ...]:
@@ -34,12 +38,11 @@ class LocalPresence:
         if not sessions:
             return ()
         if len(sessions) == 1:  # one device: the common case, on the path of every routed message
-            only = sessions[0]
-            return (only,) if only.ready else ()
+            return sessions if sessions[0].ready else ()
         return tuple(s for s in sessions if s.ready)
 
     def sessions(self, address: str) -> tuple[Session, ...]:
-        return tuple(self._by_address.get(address, ()))
+        return self._by_address.get(address, ())
 
     def is_online(self, address: str) -> bool:
         return address in self._by_address
