@@ -72,6 +72,22 @@ def test_plain_sign_in_live_message(start_relay, mode):
     run(scenario())
 
 
+def test_the_clients_connection_reads_from_the_heap(start_relay):
+    from relayd.client.endpoint import Endpoint
+    from relayd.client.transport import FrameStream
+    from relayd.client.values import Deadline, Limits
+    from relayd.reads import READ_SIZE
+    relay = start_relay(auth={"mode": "open"})
+
+    async def scenario() -> None:
+        stream = await FrameStream.open(Endpoint.parse(relay.url), Limits(), Deadline(TIMEOUT))
+        try:
+            assert stream.ws.transport.max_size == READ_SIZE
+        finally:
+            await stream.ws.close()
+    run(scenario())
+
+
 def test_signed_identity_on_an_open_relay_signs_in_unverified(start_relay):
     relay = start_relay(auth={"mode": "open"})
 

@@ -16,6 +16,7 @@ from websockets.exceptions import (
 )
 from websockets.frames import CloseCode
 
+from ..reads import read_from_heap
 from .decoding import parse_object
 from .display import shown
 from .endpoint import Endpoint
@@ -42,12 +43,17 @@ def _refused_by_client(ws: ClientConnection) -> bool:
 
 
 class _DroppingConnection(ClientConnection):
-    """A connection dropped as soon as the client refuses what the relay sent.
+    """A connection dropped as soon as the client refuses what the relay sent (reading from the heap, as
+    ``relayd.reads`` says).
 
     websockets would otherwise wait up to its close timeout for the relay to
     finish the closing handshake, while a hostile relay keeps sending; the
     calls waiting on the connection learn why at once instead.
     """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        read_from_heap(transport)
+        super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
