@@ -27,7 +27,7 @@ from ..errors import ErrorCode, RelayError
 from ..frames import encode, utf8_len
 from ..protocol.budgets import low_room
 from ..protocol.delivery import Delivery, any_ack, keep_trying, refusal_of, storage_error
-from ..protocol.senders import UNSURE, Ident, Pipeline, WriteTurn
+from ..protocol.senders import Ident, Pipeline, WriteTurn
 from ..protocol.session import Session
 from ..storage.store import EnqueueResult, QueuedMessage, QueueLimits, StorageUnavailable
 from .budgets import ClusterBudget
@@ -193,7 +193,7 @@ class ClusterDelivery:
         return self._route(session, ident, msg)
 
     def _route(self, session: Session, ident: Ident, msg: QueuedMessage) -> Awaitable[None] | None:
-        if self.local.unsure(ident):  # answered storage_timeout here: the store says whether it landed
+        if self.local.answers.unsure(ident):  # answered storage_timeout here: the store says whether it landed
             return self._store(session, ident, msg)
         targets = self.routes.ready_sessions(msg.recipient)
         where = self.peers.cached(msg.recipient)
@@ -320,7 +320,7 @@ class ClusterDelivery:
         except RelayError as err:
             self.metrics.refused.labels(code=err.code.value).inc()
             if err.code is ErrorCode.STORAGE_TIMEOUT:
-                self.local.answers.remember(ident, UNSURE)
+                self.local.answers.mark_unsure(ident)
             answer = encode(err.frame())
         except Exception:
             log.exception("internal error storing a message")
@@ -377,7 +377,6 @@ class ClusterDelivery:
             return self.local.answer_text(ident, msg, "queued")
         if silent:  # they did not answer the unstored offer (it may be lost): they read the queue instead
             self.peers.hint(PeerSessions(silent), msg.recipient)
-        if silent:
             where = PeerSessions(tuple(i for i in where.instances if i not in silent), where.ack)
         return self.local.answer_text(ident, msg, await self._deliver_stored(msg, where, after))
 

@@ -48,6 +48,7 @@ from ..clock import Clock, wall_ms
 from ..ops.metrics import RelayMetrics
 from ..protocol.delivery import Delivery, any_ack
 from ..protocol.seams import Routes
+from ..protocol.senders import ident_of
 from ..storage.store import QueuedMessage
 from .refresh import Refresh
 
@@ -78,7 +79,7 @@ class Offers:
         """(sessions here that took it, whether one of them acks), or an awaitable of it when the queue must be
         read first (rule 3). ``keep``: a stored message stays stored when only plain sessions here take it (an
         ack session takes it elsewhere)."""
-        ident = (msg.sender.lower(), msg.recipient, msg.message_id)
+        ident = ident_of(msg)
         pair = ident[0], ident[1]
         if self.local.answers.get(ident) == "delivered":
             if stored:

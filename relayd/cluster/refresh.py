@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from ..ops.metrics import RelayMetrics
 from ..protocol.backlog import FLUSH_BATCH, FLUSH_PAGE_BYTES
 from ..protocol.seams import Routes
-from ..protocol.senders import Answers
+from ..protocol.senders import Answers, ident_of
 from ..protocol.session import Session
 from ..protocol.writes import AddressWrites
 from ..frames import message_text
@@ -228,7 +228,7 @@ class Refresh:
             for msg in page:
                 if msg.seq in state.pushed:
                     continue
-                ident = (msg.sender.lower(), address, msg.message_id)
+                ident = ident_of(msg)
                 if self.answers.get(ident) == "delivered":
                     removed.append(msg.seq)  # the stored fallback of a live copy taken here
                 elif self._push(targets, msg):

@@ -27,7 +27,7 @@ from ..errors import ErrorCode, RelayError
 from ..frames import message_text
 from ..ops.metrics import RelayMetrics
 from .seams import NO_PEERS, Peers, Routes
-from .senders import Answers
+from .senders import Answers, ident_of
 from .session import Session
 from ..storage.store import QueuedMessage, StorageOutcomeUnknown, StorageUnavailable, Store
 from ..tasks import TaskSet, retrieved
@@ -266,7 +266,7 @@ class Backlog:
                         break
                     written.append(msg.seq)
                     if remember is not None:  # it leaves the store (an ack session's stays): a resend offered is taken
-                        remember((msg.sender.lower(), address, msg.message_id), "delivered")
+                        remember(ident_of(msg), "delivered")
                 self.metrics.flushed.inc(len(written))
                 after = batch[-1].seq
                 whole = len(written) == len(batch)

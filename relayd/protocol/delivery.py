@@ -47,7 +47,7 @@ from ..tasks import TaskSet
 from .budgets import NewQueueBudget, OfflineBytes, low_room
 from .receipts import Receipts
 from .seams import Routes
-from .senders import UNSURE, Answers, Ident, Pipeline, Pipelines
+from .senders import Answers, Ident, Pipeline, Pipelines, ident_of
 from .session import Session
 from .writes import AddressWrites
 
@@ -175,7 +175,7 @@ class Delivery:
         ident, msg = accepted
         targets = self.routes.ready_sessions(msg.recipient)
         pipeline = self.pipelines.get(session)
-        if targets and not (pipeline and pipeline.in_flight) and not any_ack(targets) and not self.unsure(ident):
+        if targets and not (pipeline and pipeline.in_flight) and not any_ack(targets) and not self.answers.unsure(ident):
             if self.push_live(targets, msg):
                 self.answer(session, ident, msg, "delivered")
                 return None
@@ -193,14 +193,10 @@ class Delivery:
         ident = (sender, to, mid)
         answer = self.answers.get(ident)
         now = wall_ms(self.clock)
-        if answer is not None and answer != UNSURE:
+        if answer is not None:
             session.push(answer_text(answer, mid, to, now))
             return None
         return ident, QueuedMessage(to, session.spelling, mid, content, now if stamp is None else stamp, now)
-
-    def unsure(self, ident: Ident) -> bool:
-        """Whether the message was answered ``storage_timeout`` here: a resend must be stored, not pushed live."""
-        return self.answers.get(ident) == UNSURE
 
     def answer(self, session: Session, ident: Ident, msg: QueuedMessage, answer: str) -> None:
         """Remember ``answer`` for the message and send it to the sender."""
@@ -298,7 +294,7 @@ class Delivery:
             results, refusal = [], storage_error(exc)
             if isinstance(exc, StorageOutcomeUnknown):
                 for item in batch:
-                    self.answers.remember(item.ident, UNSURE)
+                    self.answers.mark_unsure(item.ident)
         except Exception:
             log.exception("internal error storing messages")
             results, refusal = [], RelayError(ErrorCode.INTERNAL_ERROR)
@@ -386,7 +382,7 @@ class Delivery:
         or an offer here would take them for copies already delivered and drop them."""
         remember = self.answers.remember
         for msg in messages:
-            remember((msg.sender.lower(), msg.recipient, msg.message_id), "queued")
+            remember(ident_of(msg), "queued")
 
     async def _restore(self, messages: list[QueuedMessage]) -> None:
         await keep_trying(lambda: self.store.restore(messages), f"keep {len(messages)} undelivered messages")

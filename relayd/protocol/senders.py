@@ -16,18 +16,22 @@ MAX_IN_FLIGHT_BYTES = 1 << 20
 
 Ident = tuple[str, str, str]
 """(sender, recipient, messageId), addresses lower-cased: what makes a message the same message."""
-UNSURE = "unsure"
-"""Remembered instead of an answer for a message answered ``storage_timeout``: its write may have landed, so a
-resend of it is stored (the store answers it as a duplicate if so), never pushed live beside a stored copy."""
+
+
+def ident_of(msg: QueuedMessage) -> Ident:
+    return msg.sender.lower(), msg.recipient, msg.message_id
 
 
 class Answers:
-    """The answers (``delivered``/``queued``) given to the most recent messages, by ``Ident``."""
+    """The answers (``delivered``/``queued``) given to the most recent messages, by ``Ident``; and the messages
+    answered ``storage_timeout`` (``unsure``): their write may have landed, so a resend of one is stored (the store
+    answers it as a duplicate if so), never pushed live beside a stored copy, until an answer is remembered."""
 
-    __slots__ = ("_recent",)
+    __slots__ = ("_recent", "_unsure")
 
     def __init__(self) -> None:
         self._recent: OrderedDict[Ident, str] = OrderedDict()
+        self._unsure: OrderedDict[Ident, None] = OrderedDict()
 
     def get(self, ident: Ident) -> str | None:
         return self._recent.get(ident)
@@ -37,6 +41,18 @@ class Answers:
         recent[ident] = answer
         if len(recent) > RECENT_IDS:
             recent.popitem(last=False)
+        if self._unsure:
+            self._unsure.pop(ident, None)
+
+    def mark_unsure(self, ident: Ident) -> None:
+        unsure = self._unsure
+        unsure[ident] = None
+        if len(unsure) > RECENT_IDS:
+            unsure.popitem(last=False)
+
+    def unsure(self, ident: Ident) -> bool:
+        """Checked on every live message: free while no write is in doubt."""
+        return bool(self._unsure) and ident in self._unsure
 
 
 class WriteTurn(NamedTuple):
